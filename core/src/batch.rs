@@ -1,0 +1,443 @@
+//! The unit of data that flows through a pipeline: a list of OTLP `ResourceMetrics` or
+//! `ResourceSpans`, shared copy-on-write so that fan-out to several consumers costs a reference
+//! count, and only a consumer that mutates pays for a copy.
+
+use std::fmt;
+use std::sync::Arc;
+
+use opentelemetry_proto::tonic::metrics::v1::{metric::Data, Metric, ResourceMetrics, ScopeMetrics};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+/// The kinds of telemetry a pipeline carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Signal {
+    Metrics,
+    Traces,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 2] = [Signal::Metrics, Signal::Traces];
+
+    /// The name used in configuration (`service.pipelines.metrics`) and in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Metrics => "metrics",
+            Signal::Traces => "traces",
+        }
+    }
+
+    /// What one counted item of this signal is, for messages and docs.
+    pub fn item_name(self) -> &'static str {
+        match self {
+            Signal::Metrics => "data points",
+            Signal::Traces => "spans",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Signal> {
+        Signal::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A batch of OTLP data of one signal.
+///
+/// Cloning is cheap (reference count). Use [`Batch::metrics_mut`] / [`Batch::traces_mut`] to
+/// mutate: they copy the data only when another consumer still holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Batch {
+    Metrics(Arc<Vec<ResourceMetrics>>),
+    Traces(Arc<Vec<ResourceSpans>>),
+}
+
+impl Batch {
+    pub fn metrics(resource_metrics: Vec<ResourceMetrics>) -> Batch {
+        Batch::Metrics(Arc::new(resource_metrics))
+    }
+
+    pub fn traces(resource_spans: Vec<ResourceSpans>) -> Batch {
+        Batch::Traces(Arc::new(resource_spans))
+    }
+
+    pub fn empty(signal: Signal) -> Batch {
+        match signal {
+            Signal::Metrics => Batch::metrics(Vec::new()),
+            Signal::Traces => Batch::traces(Vec::new()),
+        }
+    }
+
+    pub fn signal(&self) -> Signal {
+        match self {
+            Batch::Metrics(_) => Signal::Metrics,
+            Batch::Traces(_) => Signal::Traces,
+        }
+    }
+
+    /// Items as the Collector counts them: data points for metrics, spans for traces.
+    pub fn item_count(&self) -> usize {
+        match self {
+            Batch::Metrics(rms) => rms.iter().map(resource_metrics_points).sum(),
+            Batch::Traces(rss) => rss.iter().map(resource_spans_count).sum(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.item_count() == 0
+    }
+
+    /// Mutable access to metrics; copies only if the data is shared. `None` for a traces batch.
+    pub fn metrics_mut(&mut self) -> Option<&mut Vec<ResourceMetrics>> {
+        match self {
+            Batch::Metrics(rms) => Some(Arc::make_mut(rms)),
+            Batch::Traces(_) => None,
+        }
+    }
+
+    /// Mutable access to spans; copies only if the data is shared. `None` for a metrics batch.
+    pub fn traces_mut(&mut self) -> Option<&mut Vec<ResourceSpans>> {
+        match self {
+            Batch::Traces(rss) => Some(Arc::make_mut(rss)),
+            Batch::Metrics(_) => None,
+        }
+    }
+
+    /// Appends `other` (same signal) to this batch. Batches of different signals are a bug of the
+    /// caller, reported as an error rather than mixed.
+    pub fn append(&mut self, other: Batch) -> Result<(), Batch> {
+        match (self, other) {
+            (Batch::Metrics(a), Batch::Metrics(b)) => {
+                Arc::make_mut(a).extend(take_or_clone(b));
+                Ok(())
+            }
+            (Batch::Traces(a), Batch::Traces(b)) => {
+                Arc::make_mut(a).extend(take_or_clone(b));
+                Ok(())
+            }
+            (_, other) => Err(other),
+        }
+    }
+
+    /// Splits into batches of at most `max_items` items each (data points or spans), keeping
+    /// resource, scope and metric descriptions on every piece. `max_items == 0` means no limit.
+    pub fn split(self, max_items: usize) -> Vec<Batch> {
+        if max_items == 0 || self.item_count() <= max_items {
+            return vec![self];
+        }
+        match self {
+            Batch::Metrics(rms) => split_metrics(take_or_clone(rms), max_items)
+                .into_iter()
+                .map(Batch::metrics)
+                .collect(),
+            Batch::Traces(rss) => split_traces(take_or_clone(rss), max_items)
+                .into_iter()
+                .map(Batch::traces)
+                .collect(),
+        }
+    }
+}
+
+fn take_or_clone<T: Clone>(shared: Arc<Vec<T>>) -> Vec<T> {
+    Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone())
+}
+
+fn resource_metrics_points(rm: &ResourceMetrics) -> usize {
+    rm.scope_metrics
+        .iter()
+        .flat_map(|sm| sm.metrics.iter())
+        .map(metric_points)
+        .sum()
+}
+
+fn resource_spans_count(rs: &ResourceSpans) -> usize {
+    rs.scope_spans.iter().map(|ss| ss.spans.len()).sum()
+}
+
+/// Number of data points in one metric.
+pub fn metric_points(metric: &Metric) -> usize {
+    match &metric.data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
+}
+
+/// Removes up to `n` data points from the front of `metric`, returning a metric with the same
+/// description holding them.
+fn take_points(metric: &mut Metric, n: usize) -> Metric {
+    fn take<T>(points: &mut Vec<T>, n: usize) -> Vec<T> {
+        let n = n.min(points.len());
+        points.drain(..n).collect()
+    }
+    let data = match &mut metric.data {
+        Some(Data::Gauge(g)) => {
+            let mut part = g.clone();
+            part.data_points = take(&mut g.data_points, n);
+            Some(Data::Gauge(part))
+        }
+        Some(Data::Sum(s)) => Some(Data::Sum(
+            opentelemetry_proto::tonic::metrics::v1::Sum {
+                data_points: take(&mut s.data_points, n),
+                aggregation_temporality: s.aggregation_temporality,
+                is_monotonic: s.is_monotonic,
+            },
+        )),
+        Some(Data::Histogram(h)) => Some(Data::Histogram(
+            opentelemetry_proto::tonic::metrics::v1::Histogram {
+                data_points: take(&mut h.data_points, n),
+                aggregation_temporality: h.aggregation_temporality,
+            },
+        )),
+        Some(Data::ExponentialHistogram(h)) => Some(Data::ExponentialHistogram(
+            opentelemetry_proto::tonic::metrics::v1::ExponentialHistogram {
+                data_points: take(&mut h.data_points, n),
+                aggregation_temporality: h.aggregation_temporality,
+            },
+        )),
+        Some(Data::Summary(s)) => Some(Data::Summary(
+            opentelemetry_proto::tonic::metrics::v1::Summary {
+                data_points: take(&mut s.data_points, n),
+            },
+        )),
+        None => None,
+    };
+    Metric {
+        name: metric.name.clone(),
+        description: metric.description.clone(),
+        unit: metric.unit.clone(),
+        metadata: metric.metadata.clone(),
+        data,
+    }
+}
+
+fn split_metrics(rms: Vec<ResourceMetrics>, max_items: usize) -> Vec<Vec<ResourceMetrics>> {
+    let mut out: Vec<Vec<ResourceMetrics>> = Vec::new();
+    let mut current: Vec<ResourceMetrics> = Vec::new();
+    let mut room = max_items;
+    for rm in rms {
+        let mut rm_part = ResourceMetrics {
+            resource: rm.resource.clone(),
+            scope_metrics: Vec::new(),
+            schema_url: rm.schema_url.clone(),
+        };
+        for sm in rm.scope_metrics {
+            let mut sm_part = ScopeMetrics {
+                scope: sm.scope.clone(),
+                metrics: Vec::new(),
+                schema_url: sm.schema_url.clone(),
+            };
+            for mut metric in sm.metrics {
+                loop {
+                    let points = metric_points(&metric);
+                    if points <= room {
+                        room -= points;
+                        sm_part.metrics.push(metric);
+                        break;
+                    }
+                    sm_part.metrics.push(take_points(&mut metric, room));
+                    // The current batch is full: close every open level and start again.
+                    let full_scope = std::mem::replace(
+                        &mut sm_part,
+                        ScopeMetrics {
+                            scope: sm.scope.clone(),
+                            metrics: Vec::new(),
+                            schema_url: sm.schema_url.clone(),
+                        },
+                    );
+                    rm_part.scope_metrics.push(full_scope);
+                    let full_resource = std::mem::replace(
+                        &mut rm_part,
+                        ResourceMetrics {
+                            resource: rm.resource.clone(),
+                            scope_metrics: Vec::new(),
+                            schema_url: rm.schema_url.clone(),
+                        },
+                    );
+                    current.push(full_resource);
+                    out.push(std::mem::take(&mut current));
+                    room = max_items;
+                }
+            }
+            if !sm_part.metrics.is_empty() {
+                rm_part.scope_metrics.push(sm_part);
+            }
+        }
+        if !rm_part.scope_metrics.is_empty() {
+            current.push(rm_part);
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+fn split_traces(rss: Vec<ResourceSpans>, max_items: usize) -> Vec<Vec<ResourceSpans>> {
+    let mut out: Vec<Vec<ResourceSpans>> = Vec::new();
+    let mut current: Vec<ResourceSpans> = Vec::new();
+    let mut room = max_items;
+    for rs in rss {
+        let mut rs_part = ResourceSpans {
+            resource: rs.resource.clone(),
+            scope_spans: Vec::new(),
+            schema_url: rs.schema_url.clone(),
+        };
+        for ss in rs.scope_spans {
+            let mut spans = ss.spans.into_iter().peekable();
+            while spans.peek().is_some() {
+                let chunk: Vec<_> = spans.by_ref().take(room).collect();
+                room -= chunk.len();
+                rs_part.scope_spans.push(ScopeSpans {
+                    scope: ss.scope.clone(),
+                    spans: chunk,
+                    schema_url: ss.schema_url.clone(),
+                });
+                if room == 0 {
+                    let full_resource = std::mem::replace(
+                        &mut rs_part,
+                        ResourceSpans {
+                            resource: rs.resource.clone(),
+                            scope_spans: Vec::new(),
+                            schema_url: rs.schema_url.clone(),
+                        },
+                    );
+                    current.push(full_resource);
+                    out.push(std::mem::take(&mut current));
+                    room = max_items;
+                }
+            }
+        }
+        if !rs_part.scope_spans.is_empty() {
+            current.push(rs_part);
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry_proto::tonic::metrics::v1::{Gauge, NumberDataPoint};
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    fn gauge(name: &str, points: usize) -> Metric {
+        Metric {
+            name: name.into(),
+            data: Some(Data::Gauge(Gauge {
+                data_points: (0..points)
+                    .map(|i| NumberDataPoint {
+                        time_unix_nano: i as u64,
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn metrics_batch(resources: usize, metrics: usize, points: usize) -> Batch {
+        Batch::metrics(
+            (0..resources)
+                .map(|_| ResourceMetrics {
+                    scope_metrics: vec![ScopeMetrics {
+                        metrics: (0..metrics).map(|m| gauge(&format!("m{m}"), points)).collect(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn counts_data_points_and_spans() {
+        assert_eq!(metrics_batch(2, 3, 4).item_count(), 24);
+        let traces = Batch::traces(vec![ResourceSpans {
+            scope_spans: vec![
+                ScopeSpans {
+                    spans: vec![Span::default(); 3],
+                    ..Default::default()
+                },
+                ScopeSpans {
+                    spans: vec![Span::default(); 2],
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }]);
+        assert_eq!(traces.item_count(), 5);
+        assert_eq!(traces.signal(), Signal::Traces);
+    }
+
+    #[test]
+    fn split_metrics_keeps_every_point_and_respects_the_limit() {
+        let batch = metrics_batch(3, 2, 5); // 30 points
+        let parts = batch.clone().split(7);
+        let sizes: Vec<usize> = parts.iter().map(Batch::item_count).collect();
+        assert_eq!(sizes, vec![7, 7, 7, 7, 2]);
+        // The points come out in the original order, each under its original metric name.
+        let flatten = |b: &Batch| -> Vec<(String, u64)> {
+            let Batch::Metrics(rms) = b else { unreachable!() };
+            rms.iter()
+                .flat_map(|rm| rm.scope_metrics.iter())
+                .flat_map(|sm| sm.metrics.iter())
+                .flat_map(|m| {
+                    let Some(Data::Gauge(g)) = &m.data else { unreachable!() };
+                    g.data_points.iter().map(|p| (m.name.clone(), p.time_unix_nano))
+                })
+                .collect()
+        };
+        let rejoined: Vec<_> = parts.iter().flat_map(flatten).collect();
+        assert_eq!(rejoined, flatten(&batch));
+    }
+
+    #[test]
+    fn split_traces_respects_the_limit() {
+        let batch = Batch::traces(vec![
+            ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span::default(); 5],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            2
+        ]);
+        let sizes: Vec<usize> = batch.split(4).iter().map(Batch::item_count).collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
+    }
+
+    #[test]
+    fn split_with_no_limit_or_small_batch_is_identity() {
+        let batch = metrics_batch(1, 1, 3);
+        assert_eq!(batch.clone().split(0), vec![batch.clone()]);
+        assert_eq!(batch.clone().split(3), vec![batch]);
+    }
+
+    #[test]
+    fn mutation_copies_only_shared_data() {
+        let mut a = metrics_batch(1, 1, 1);
+        let b = a.clone();
+        a.metrics_mut().unwrap().clear();
+        assert_eq!(a.item_count(), 0);
+        assert_eq!(b.item_count(), 1, "the other holder keeps its data");
+    }
+
+    #[test]
+    fn append_refuses_mixed_signals() {
+        let mut a = metrics_batch(1, 1, 2);
+        a.append(metrics_batch(1, 1, 3)).unwrap();
+        assert_eq!(a.item_count(), 5);
+        assert!(a.append(Batch::traces(vec![])).is_err());
+    }
+}

@@ -1,0 +1,255 @@
+//! Components, their factories and the registry table's row types.
+//!
+//! A component is a **config** (serde, validated), a **factory** row (type name, description,
+//! signals, a `create` function that parses and validates the config) and a **runtime** built
+//! from the validated config. The config struct itself is the builder: `create` returns it boxed
+//! as a [`ReceiverBuilder`] / [`ProcessorBuilder`] / [`ExporterBuilder`], and the service calls
+//! `build` once the pipeline graph knows where the component's output goes.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::batch::Signal;
+use crate::config::{parse_component_config, ComponentConfig, FieldError};
+use crate::consumer::Consumer;
+use crate::health::Readiness;
+use crate::telemetry::AgentTelemetry;
+
+/// Receiver, processor or exporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ComponentKind {
+    Receiver,
+    Processor,
+    Exporter,
+}
+
+impl ComponentKind {
+    /// The config section that holds components of this kind (`receivers`, …).
+    pub fn section(self) -> &'static str {
+        match self {
+            ComponentKind::Receiver => "receivers",
+            ComponentKind::Processor => "processors",
+            ComponentKind::Exporter => "exporters",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentKind::Receiver => "receiver",
+            ComponentKind::Processor => "processor",
+            ComponentKind::Exporter => "exporter",
+        }
+    }
+}
+
+/// A component id as written in config: `type[/name]`, e.g. `otlp`, `otlp/jaeger`, `batch/2`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ComponentId {
+    type_name: String,
+    name: Option<String>,
+}
+
+impl ComponentId {
+    pub fn new(type_name: impl Into<String>, name: Option<String>) -> Self {
+        ComponentId {
+            type_name: type_name.into(),
+            name,
+        }
+    }
+
+    /// Parses `type[/name]`. The type is `[a-z0-9_]+` starting with a letter; the name may be any
+    /// non-empty text without `/` or whitespace.
+    pub fn parse(id: &str) -> Result<Self, String> {
+        let (type_name, name) = match id.split_once('/') {
+            Some((t, n)) => (t, Some(n)),
+            None => (id, None),
+        };
+        let type_ok = type_name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase())
+            && type_name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !type_ok {
+            return Err(format!(
+                "invalid component id {id:?}: the type must be lowercase letters, digits and '_', starting with a letter"
+            ));
+        }
+        if let Some(n) = name {
+            if n.is_empty() || n.contains('/') || n.chars().any(char::is_whitespace) {
+                return Err(format!(
+                    "invalid component id {id:?}: the name after '/' must be non-empty, without '/' or spaces"
+                ));
+            }
+        }
+        Ok(ComponentId::new(type_name, name.map(str::to_string)))
+    }
+
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+}
+
+impl fmt::Display for ComponentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{}/{}", self.type_name, n),
+            None => f.write_str(&self.type_name),
+        }
+    }
+}
+
+/// What a component gets from the service when it is built.
+#[derive(Clone)]
+pub struct BuildContext {
+    pub id: ComponentId,
+    /// Set for processors, which are built once per pipeline (`metrics`, `traces/2`, …).
+    pub pipeline: Option<String>,
+    /// The machine's host name (`host.name`).
+    pub host_name: String,
+    pub telemetry: AgentTelemetry,
+    pub readiness: Readiness,
+}
+
+impl BuildContext {
+    /// A context for tests and benchmarks: its own telemetry registry, the machine's host name.
+    pub fn for_tests(id: &str) -> Self {
+        BuildContext {
+            id: ComponentId::parse(id).expect("valid test component id"),
+            pipeline: None,
+            host_name: "test-host".to_string(),
+            telemetry: AgentTelemetry::new(),
+            readiness: Readiness::default(),
+        }
+    }
+}
+
+/// Lifecycle shared by every component. `shutdown` must be safe to call without `start` and must
+/// flush what the component holds (a batch in progress, a queue) before returning.
+#[async_trait]
+pub trait Component: Send + Sync {
+    async fn start(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    async fn shutdown(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// A receiver produces batches into the consumers it was built with.
+pub trait Receiver: Component {}
+
+/// What a processor does to data, so that the service and fan-out know what to expect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The processor changes batches it receives (it copies shared data before writing).
+    pub mutates_data: bool,
+}
+
+/// A processor is a consumer that forwards (possibly changed, merged or filtered) batches to the
+/// next consumer it was built with.
+pub trait Processor: Component + Consumer {
+    fn capabilities(&self) -> Capabilities;
+}
+
+/// An exporter is the last consumer of a pipeline.
+pub trait Exporter: Component + Consumer {}
+
+/// Where a receiver sends each signal it produces: the pipelines that list it. `None` for a
+/// signal no pipeline takes from this receiver.
+#[derive(Clone, Default)]
+pub struct ReceiverConsumers {
+    pub metrics: Option<Arc<dyn Consumer>>,
+    pub traces: Option<Arc<dyn Consumer>>,
+}
+
+impl ReceiverConsumers {
+    pub fn get(&self, signal: Signal) -> Option<&Arc<dyn Consumer>> {
+        match signal {
+            Signal::Metrics => self.metrics.as_ref(),
+            Signal::Traces => self.traces.as_ref(),
+        }
+    }
+}
+
+pub trait ReceiverBuilder: Send {
+    fn build(
+        self: Box<Self>,
+        ctx: BuildContext,
+        next: ReceiverConsumers,
+    ) -> anyhow::Result<Box<dyn Receiver>>;
+}
+
+pub trait ProcessorBuilder: Send {
+    fn build(
+        self: Box<Self>,
+        ctx: BuildContext,
+        signal: Signal,
+        next: Arc<dyn Consumer>,
+    ) -> anyhow::Result<Arc<dyn Processor>>;
+}
+
+pub trait ExporterBuilder: Send {
+    fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>>;
+}
+
+/// Parses and validates a component's raw config section (`null` means all defaults).
+pub type CreateFn<B> = fn(serde_json::Value) -> Result<Box<B>, Vec<FieldError>>;
+
+/// One row of the registry table, for each kind.
+pub struct Factory<B: ?Sized> {
+    pub type_name: &'static str,
+    /// One line for `podscope components`.
+    pub description: &'static str,
+    pub signals: &'static [Signal],
+    pub create: CreateFn<B>,
+}
+
+pub type ReceiverFactory = Factory<dyn ReceiverBuilder>;
+pub type ProcessorFactory = Factory<dyn ProcessorBuilder>;
+pub type ExporterFactory = Factory<dyn ExporterBuilder>;
+
+/// `create` for a receiver whose config struct builds it.
+pub fn create_receiver<C: ComponentConfig + ReceiverBuilder>(
+    raw: serde_json::Value,
+) -> Result<Box<dyn ReceiverBuilder>, Vec<FieldError>> {
+    Ok(Box::new(parse_component_config::<C>(raw)?))
+}
+
+/// `create` for a processor whose config struct builds it.
+pub fn create_processor<C: ComponentConfig + ProcessorBuilder>(
+    raw: serde_json::Value,
+) -> Result<Box<dyn ProcessorBuilder>, Vec<FieldError>> {
+    Ok(Box::new(parse_component_config::<C>(raw)?))
+}
+
+/// `create` for an exporter whose config struct builds it.
+pub fn create_exporter<C: ComponentConfig + ExporterBuilder>(
+    raw: serde_json::Value,
+) -> Result<Box<dyn ExporterBuilder>, Vec<FieldError>> {
+    Ok(Box::new(parse_component_config::<C>(raw)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn component_ids_parse_like_the_collector() {
+        let id = ComponentId::parse("otlp/jaeger").unwrap();
+        assert_eq!((id.type_name(), id.name()), ("otlp", Some("jaeger")));
+        assert_eq!(id.to_string(), "otlp/jaeger");
+        assert_eq!(ComponentId::parse("batch").unwrap().name(), None);
+        for bad in ["", "Otlp", "otlp/", "otlp/a/b", "1otlp", "ot-lp", "otlp/a b"] {
+            assert!(ComponentId::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! The one table of every component podscope can run. Adding a component = one line here.
+
+use podscope_core::{ExporterFactory, ProcessorFactory, ReceiverFactory};
+
+pub fn receivers() -> Vec<&'static ReceiverFactory> {
+    vec![]
+}
+
+pub fn processors() -> Vec<&'static ProcessorFactory> {
+    vec![]
+}
+
+pub fn exporters() -> Vec<&'static ExporterFactory> {
+    vec![]
+}
+
+pub fn receiver(type_name: &str) -> Option<&'static ReceiverFactory> {
+    receivers().into_iter().find(|f| f.type_name == type_name)
+}
+
+pub fn processor(type_name: &str) -> Option<&'static ProcessorFactory> {
+    processors().into_iter().find(|f| f.type_name == type_name)
+}
+
+pub fn exporter(type_name: &str) -> Option<&'static ExporterFactory> {
+    exporters().into_iter().find(|f| f.type_name == type_name)
+}

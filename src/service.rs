@@ -1,0 +1,1 @@
+//! Builds pipelines from a validated config and runs them.

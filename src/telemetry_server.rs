@@ -1,0 +1,1 @@
+//! The agent telemetry listener: `/metrics`, `/healthz`, `/readyz`.
