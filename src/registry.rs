@@ -7,7 +7,7 @@ pub fn receivers() -> Vec<&'static ReceiverFactory> {
 }
 
 pub fn processors() -> Vec<&'static ProcessorFactory> {
-    vec![]
+    vec![&podscope_processors::batch::FACTORY]
 }
 
 pub fn exporters() -> Vec<&'static ExporterFactory> {

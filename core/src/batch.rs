@@ -5,7 +5,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::metrics::v1::{metric::Data, Metric, ResourceMetrics, ScopeMetrics};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric::Data, Metric, ResourceMetrics, ScopeMetrics,
+};
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 
 /// The kinds of telemetry a pipeline carries.
@@ -182,13 +184,11 @@ fn take_points(metric: &mut Metric, n: usize) -> Metric {
             part.data_points = take(&mut g.data_points, n);
             Some(Data::Gauge(part))
         }
-        Some(Data::Sum(s)) => Some(Data::Sum(
-            opentelemetry_proto::tonic::metrics::v1::Sum {
-                data_points: take(&mut s.data_points, n),
-                aggregation_temporality: s.aggregation_temporality,
-                is_monotonic: s.is_monotonic,
-            },
-        )),
+        Some(Data::Sum(s)) => Some(Data::Sum(opentelemetry_proto::tonic::metrics::v1::Sum {
+            data_points: take(&mut s.data_points, n),
+            aggregation_temporality: s.aggregation_temporality,
+            is_monotonic: s.is_monotonic,
+        })),
         Some(Data::Histogram(h)) => Some(Data::Histogram(
             opentelemetry_proto::tonic::metrics::v1::Histogram {
                 data_points: take(&mut h.data_points, n),
@@ -350,7 +350,9 @@ mod tests {
             (0..resources)
                 .map(|_| ResourceMetrics {
                     scope_metrics: vec![ScopeMetrics {
-                        metrics: (0..metrics).map(|m| gauge(&format!("m{m}"), points)).collect(),
+                        metrics: (0..metrics)
+                            .map(|m| gauge(&format!("m{m}"), points))
+                            .collect(),
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -387,13 +389,19 @@ mod tests {
         assert_eq!(sizes, vec![7, 7, 7, 7, 2]);
         // The points come out in the original order, each under its original metric name.
         let flatten = |b: &Batch| -> Vec<(String, u64)> {
-            let Batch::Metrics(rms) = b else { unreachable!() };
+            let Batch::Metrics(rms) = b else {
+                unreachable!()
+            };
             rms.iter()
                 .flat_map(|rm| rm.scope_metrics.iter())
                 .flat_map(|sm| sm.metrics.iter())
                 .flat_map(|m| {
-                    let Some(Data::Gauge(g)) = &m.data else { unreachable!() };
-                    g.data_points.iter().map(|p| (m.name.clone(), p.time_unix_nano))
+                    let Some(Data::Gauge(g)) = &m.data else {
+                        unreachable!()
+                    };
+                    g.data_points
+                        .iter()
+                        .map(|p| (m.name.clone(), p.time_unix_nano))
                 })
                 .collect()
         };

@@ -248,8 +248,13 @@ mod tests {
         assert_eq!((id.type_name(), id.name()), ("otlp", Some("jaeger")));
         assert_eq!(id.to_string(), "otlp/jaeger");
         assert_eq!(ComponentId::parse("batch").unwrap().name(), None);
-        for bad in ["", "Otlp", "otlp/", "otlp/a/b", "1otlp", "ot-lp", "otlp/a b"] {
-            assert!(ComponentId::parse(bad).is_err(), "{bad:?} should be refused");
+        for bad in [
+            "", "Otlp", "otlp/", "otlp/a/b", "1otlp", "ot-lp", "otlp/a b",
+        ] {
+            assert!(
+                ComponentId::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 }

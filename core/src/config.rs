@@ -171,7 +171,11 @@ mod tests {
         .unwrap_err();
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].path, "queue.when_ful");
-        assert!(errors[0].message.contains("unknown field `when_ful`"), "{}", errors[0].message);
+        assert!(
+            errors[0].message.contains("unknown field `when_ful`"),
+            "{}",
+            errors[0].message
+        );
     }
 
     #[test]

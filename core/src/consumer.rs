@@ -49,7 +49,9 @@ impl ConsumeError {
 
     pub fn reason(&self) -> &'static str {
         match self {
-            ConsumeError::Retryable { reason, .. } | ConsumeError::Permanent { reason, .. } => reason,
+            ConsumeError::Retryable { reason, .. } | ConsumeError::Permanent { reason, .. } => {
+                reason
+            }
         }
     }
 }

@@ -19,7 +19,9 @@ struct ReadinessInner {
 
 impl Readiness {
     pub fn set_pipelines_started(&self, started: bool) {
-        self.inner.pipelines_started.store(started, Ordering::SeqCst);
+        self.inner
+            .pipelines_started
+            .store(started, Ordering::SeqCst);
     }
 
     /// A component says it is not ready, and why.
@@ -47,6 +49,9 @@ impl Readiness {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
         // A poisoned lock only means a panic elsewhere; the map itself is still consistent.
-        self.inner.not_ready.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner
+            .not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod component;
 pub mod config;
 pub mod consumer;
+pub mod delivery;
 pub mod health;
 pub mod queue;
 pub mod telemetry;

@@ -29,7 +29,8 @@ struct Shared {
 
 impl Shared {
     fn update_size_gauge(&self) {
-        let used = self.settings.capacity - self.room.available_permits().min(self.settings.capacity);
+        let used =
+            self.settings.capacity - self.room.available_permits().min(self.settings.capacity);
         self.telemetry
             .queue_size
             .get_or_create(&QueueLabels {
@@ -102,7 +103,9 @@ impl QueueSender {
                             "queue_full",
                             format!(
                                 "queue {} is full ({} items) and stayed full for {:?}",
-                                shared.name, shared.settings.capacity, shared.settings.block_timeout
+                                shared.name,
+                                shared.settings.capacity,
+                                shared.settings.block_timeout
                             ),
                         ))
                     }
@@ -125,10 +128,7 @@ impl QueueSender {
             },
         };
         self.tx
-            .send(Entry {
-                batch,
-                _room: room,
-            })
+            .send(Entry { batch, _room: room })
             .await
             .map_err(|_| self.closed_error())?;
         shared.update_size_gauge();
@@ -148,7 +148,10 @@ impl QueueSender {
     fn closed_error(&self) -> ConsumeError {
         ConsumeError::retryable(
             "shutting_down",
-            format!("queue {} is closed: the agent is shutting down", self.shared.name),
+            format!(
+                "queue {} is closed: the agent is shutting down",
+                self.shared.name
+            ),
         )
     }
 }
@@ -172,7 +175,12 @@ impl QueueReceiver {
 
     /// Items waiting.
     pub fn len_items(&self) -> usize {
-        self.shared.settings.capacity - self.shared.room.available_permits().min(self.shared.settings.capacity)
+        self.shared.settings.capacity
+            - self
+                .shared
+                .room
+                .available_permits()
+                .min(self.shared.settings.capacity)
     }
 }
 
@@ -235,7 +243,11 @@ mod tests {
     #[tokio::test]
     async fn drop_newest_counts_what_it_drops() {
         let telemetry = AgentTelemetry::new();
-        let (tx, rx) = bounded_queue("exporter/debug", &settings(5, WhenFull::DropNewest), &telemetry);
+        let (tx, rx) = bounded_queue(
+            "exporter/debug",
+            &settings(5, WhenFull::DropNewest),
+            &telemetry,
+        );
         tx.send(spans(5)).await.unwrap();
         tx.send(spans(2)).await.unwrap(); // dropped
         tx.close();
@@ -243,7 +255,9 @@ mod tests {
         assert!(rx.recv().await.is_none());
         let text = telemetry.encode_text();
         assert!(
-            text.contains("podscope_queue_dropped_items_total{queue=\"exporter/debug\",signal=\"traces\"} 2"),
+            text.contains(
+                "podscope_queue_dropped_items_total{queue=\"exporter/debug\",signal=\"traces\"} 2"
+            ),
             "{text}"
         );
     }
@@ -256,7 +270,10 @@ mod tests {
             tx.send(spans(1)).await.unwrap();
         }
         tx.close();
-        assert_eq!(tx.send(spans(1)).await.unwrap_err().reason(), "shutting_down");
+        assert_eq!(
+            tx.send(spans(1)).await.unwrap_err().reason(),
+            "shutting_down"
+        );
         let mut drained = 0;
         while let Some(b) = rx.recv().await {
             drained += b.item_count();

@@ -76,7 +76,7 @@ pub struct AgentTelemetry {
     /// Items a receiver's pipelines refused (the sender was told to retry or that they are bad).
     pub receiver_refused: Family<ItemLabels, Counter>,
     /// Items a processor dropped on purpose or lost to a permanent error downstream.
-    pub processor_dropped: Family<ItemLabels, Counter>,
+    pub processor_dropped: Family<ItemReasonLabels, Counter>,
     /// Items a full `drop_newest` queue dropped.
     pub queue_dropped: Family<QueueItemLabels, Counter>,
     pub queue_size: Family<QueueLabels, Gauge>,
@@ -127,7 +127,7 @@ impl AgentTelemetry {
         );
         registry.register(
             "processor_dropped_items",
-            "Items a processor dropped",
+            "Items a processor or pipeline stage dropped, by reason",
             t.processor_dropped.clone(),
         );
         registry.register(
@@ -135,7 +135,11 @@ impl AgentTelemetry {
             "Items a full drop_newest queue dropped",
             t.queue_dropped.clone(),
         );
-        registry.register("queue_size", "Items waiting in a queue", t.queue_size.clone());
+        registry.register(
+            "queue_size",
+            "Items waiting in a queue",
+            t.queue_size.clone(),
+        );
         registry.register(
             "queue_capacity",
             "Items a queue holds at most",
