@@ -1,1 +1,348 @@
 //! Builds pipelines from a validated config and runs them.
+//!
+//! Graph (per pipeline): receivers → the pipeline's bounded entry queue → processors, in order →
+//! fan-out to the exporters. A receiver or exporter named in several pipelines is one instance
+//! shared by them; processors are built once per pipeline, as in the Collector.
+//!
+//! Lifecycle: start exporters, then processors (last first), then the pipeline queues' workers,
+//! then receivers, so every stage starts with a live consumer. Shutdown runs the other way round:
+//! receivers stop, each pipeline queue drains into its processors, processors flush, exporters
+//! drain — all within `service.shutdown_timeout`; whatever is still held when the deadline passes
+//! is dropped and counted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use podscope_core::delivery::deliver_or_count;
+use podscope_core::health::Readiness;
+use podscope_core::queue::{bounded_queue, QueueReceiver, QueueSender};
+use podscope_core::telemetry::AgentTelemetry;
+use podscope_core::{
+    Batch, BuildContext, ComponentId, ConsumeError, Consumer, Exporter, Processor, Receiver,
+    ReceiverConsumers, Signal,
+};
+use podscope_core::consumer::Fanout;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::registry;
+
+/// A pipeline's entry queue and the task that feeds its first stage.
+struct RunningPipeline {
+    name: String,
+    queue: QueueSender,
+    receiver: Option<QueueReceiver>,
+    head: Arc<dyn Consumer>,
+    /// First processor first.
+    processors: Vec<(ComponentId, Arc<dyn Processor>)>,
+    worker: Option<JoinHandle<()>>,
+}
+
+/// Everything built from one config, ready to start.
+pub struct Service {
+    receivers: Vec<(ComponentId, Box<dyn Receiver>)>,
+    pipelines: Vec<RunningPipeline>,
+    exporters: Vec<(ComponentId, Arc<dyn Exporter>)>,
+    telemetry: AgentTelemetry,
+    readiness: Readiness,
+    shutdown_timeout: Duration,
+    /// Fired when the shutdown deadline is reached: stages stop retrying, drop and count.
+    deadline: CancellationToken,
+}
+
+/// What shutdown managed within its deadline.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// False when the deadline passed before every stage had flushed.
+    pub completed_in_time: bool,
+    /// Components whose shutdown returned an error, with the error.
+    pub errors: Vec<String>,
+}
+
+impl Service {
+    /// Builds every component of every pipeline. Nothing runs until [`Service::start`].
+    pub fn build(
+        config: &AgentConfig,
+        telemetry: AgentTelemetry,
+        readiness: Readiness,
+    ) -> anyhow::Result<Service> {
+        let host_name = host_name();
+        let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
+            id: id.clone(),
+            pipeline: pipeline.map(str::to_string),
+            host_name: host_name.clone(),
+            telemetry: telemetry.clone(),
+            readiness: readiness.clone(),
+        };
+
+        // Exporters: one instance per id used by any pipeline.
+        let mut exporters: BTreeMap<ComponentId, Arc<dyn Exporter>> = BTreeMap::new();
+        for pipeline in &config.service.pipelines {
+            for id in &pipeline.exporters {
+                if exporters.contains_key(id) {
+                    continue;
+                }
+                let factory = registry::exporter(id.type_name())
+                    .with_context(|| format!("exporter {id}: unknown type"))?;
+                let builder = (factory.create)(component_section(&config.exporters, id))
+                    .map_err(|e| anyhow::anyhow!("exporter {id}: {}", join_field_errors(&e)))?;
+                let exporter = builder
+                    .build(context(id, None))
+                    .with_context(|| format!("building exporter {id}"))?;
+                exporters.insert(id.clone(), exporter);
+            }
+        }
+
+        // Pipelines: processors chained from the last to the first, then the entry queue.
+        let mut pipelines = Vec::new();
+        for pipeline in &config.service.pipelines {
+            let exporter_consumers: Vec<Arc<dyn Consumer>> = pipeline
+                .exporters
+                .iter()
+                .map(|id| exporters[id].clone() as Arc<dyn Consumer>)
+                .collect();
+            let mut next = Fanout::of(exporter_consumers);
+            let mut processors = Vec::new();
+            for id in pipeline.processors.iter().rev() {
+                let factory = registry::processor(id.type_name())
+                    .with_context(|| format!("processor {id}: unknown type"))?;
+                let builder = (factory.create)(component_section(&config.processors, id))
+                    .map_err(|e| anyhow::anyhow!("processor {id}: {}", join_field_errors(&e)))?;
+                let processor = builder
+                    .build(context(id, Some(&pipeline.name)), pipeline.signal, next)
+                    .with_context(|| format!("building processor {id} in pipeline {}", pipeline.name))?;
+                next = processor.clone() as Arc<dyn Consumer>;
+                processors.push((id.clone(), processor));
+            }
+            processors.reverse();
+            let (queue, receiver) = bounded_queue(
+                format!("pipeline/{}", pipeline.name),
+                &pipeline.queue,
+                &telemetry,
+            );
+            pipelines.push(RunningPipeline {
+                name: pipeline.name.clone(),
+                queue,
+                receiver: Some(receiver),
+                head: next,
+                processors,
+                worker: None,
+            });
+        }
+
+        // Receivers: one instance per id; each signal goes to every pipeline that lists it.
+        let mut receiver_ids: Vec<&ComponentId> = Vec::new();
+        for pipeline in &config.service.pipelines {
+            for id in &pipeline.receivers {
+                if !receiver_ids.contains(&id) {
+                    receiver_ids.push(id);
+                }
+            }
+        }
+        let mut receivers = Vec::new();
+        for id in receiver_ids {
+            let mut consumers = ReceiverConsumers::default();
+            for signal in Signal::ALL {
+                let queues: Vec<Arc<dyn Consumer>> = config
+                    .service
+                    .pipelines
+                    .iter()
+                    .zip(&pipelines)
+                    .filter(|(p, _)| p.signal == signal && p.receivers.contains(id))
+                    .map(|(_, running)| Arc::new(running.queue.clone()) as Arc<dyn Consumer>)
+                    .collect();
+                if queues.is_empty() {
+                    continue;
+                }
+                let observed: Arc<dyn Consumer> = Arc::new(ObservedReceiverOutput {
+                    receiver: id.to_string(),
+                    next: Fanout::of(queues),
+                    telemetry: telemetry.clone(),
+                });
+                match signal {
+                    Signal::Metrics => consumers.metrics = Some(observed),
+                    Signal::Traces => consumers.traces = Some(observed),
+                }
+            }
+            let factory = registry::receiver(id.type_name())
+                .with_context(|| format!("receiver {id}: unknown type"))?;
+            let builder = (factory.create)(component_section(&config.receivers, id))
+                .map_err(|e| anyhow::anyhow!("receiver {id}: {}", join_field_errors(&e)))?;
+            let receiver = builder
+                .build(context(id, None), consumers)
+                .with_context(|| format!("building receiver {id}"))?;
+            receivers.push((id.clone(), receiver));
+        }
+
+        Ok(Service {
+            receivers,
+            pipelines,
+            exporters: exporters.into_iter().collect(),
+            telemetry,
+            readiness,
+            shutdown_timeout: config.service.shutdown_timeout,
+            deadline: CancellationToken::new(),
+        })
+    }
+
+    /// Starts exporters, processors, pipeline queues and receivers, in that order. On error the
+    /// stages already started are shut down again.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        if let Err(error) = self.start_all().await {
+            self.shutdown().await;
+            return Err(error);
+        }
+        self.readiness.set_pipelines_started(true);
+        tracing::info!(
+            pipelines = self.pipelines.len(),
+            receivers = self.receivers.len(),
+            exporters = self.exporters.len(),
+            "everything is ready; data is flowing"
+        );
+        Ok(())
+    }
+
+    async fn start_all(&mut self) -> anyhow::Result<()> {
+        for (id, exporter) in &self.exporters {
+            exporter
+                .start()
+                .await
+                .with_context(|| format!("starting exporter {id}"))?;
+        }
+        for pipeline in &mut self.pipelines {
+            for (id, processor) in pipeline.processors.iter().rev() {
+                processor
+                    .start()
+                    .await
+                    .with_context(|| format!("starting processor {id} in pipeline {}", pipeline.name))?;
+            }
+            let receiver = pipeline.receiver.take().expect("started once");
+            pipeline.worker = Some(tokio::spawn(feed_pipeline(
+                receiver,
+                pipeline.head.clone(),
+                format!("pipeline/{}", pipeline.name),
+                self.telemetry.clone(),
+                self.deadline.clone(),
+            )));
+        }
+        for (id, receiver) in &self.receivers {
+            receiver
+                .start()
+                .await
+                .with_context(|| format!("starting receiver {id}"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops receivers, drains pipelines and flushes exporters within `shutdown_timeout`. Safe to
+    /// call on a service that was never started.
+    pub async fn shutdown(&mut self) -> ShutdownReport {
+        self.readiness.set_pipelines_started(false);
+        let mut errors = Vec::new();
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        let completed_in_time = tokio::time::timeout_at(deadline, self.shutdown_stages(&mut errors))
+            .await
+            .is_ok();
+        if !completed_in_time {
+            tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown deadline reached; dropping what is left");
+            // Stages still retrying give up, count what they hold and return.
+            self.deadline.cancel();
+            let grace = Duration::from_secs(1);
+            let _ = tokio::time::timeout(grace, self.shutdown_stages(&mut errors)).await;
+        }
+        ShutdownReport {
+            completed_in_time,
+            errors,
+        }
+    }
+
+    async fn shutdown_stages(&mut self, errors: &mut Vec<String>) {
+        for (id, receiver) in &self.receivers {
+            if let Err(e) = receiver.shutdown().await {
+                errors.push(format!("receiver {id}: {e:#}"));
+            }
+        }
+        for pipeline in &mut self.pipelines {
+            pipeline.queue.close();
+            if let Some(worker) = pipeline.worker.as_mut() {
+                if let Err(e) = worker.await {
+                    errors.push(format!("pipeline {}: {e}", pipeline.name));
+                }
+                pipeline.worker = None;
+            }
+            for (id, processor) in &pipeline.processors {
+                if let Err(e) = processor.shutdown().await {
+                    errors.push(format!("processor {id} in pipeline {}: {e:#}", pipeline.name));
+                }
+            }
+        }
+        for (id, exporter) in &self.exporters {
+            if let Err(e) = exporter.shutdown().await {
+                errors.push(format!("exporter {id}: {e:#}"));
+            }
+        }
+    }
+}
+
+/// Moves batches from a pipeline's entry queue into its first stage until the queue is closed
+/// and empty.
+async fn feed_pipeline(
+    queue: QueueReceiver,
+    head: Arc<dyn Consumer>,
+    stage: String,
+    telemetry: AgentTelemetry,
+    deadline: CancellationToken,
+) {
+    while let Some(batch) = queue.recv().await {
+        deliver_or_count(head.as_ref(), batch, &stage, &telemetry, &deadline).await;
+    }
+}
+
+/// Counts what a receiver's pipelines accept and refuse, so no receiver has to.
+struct ObservedReceiverOutput {
+    receiver: String,
+    next: Arc<dyn Consumer>,
+    telemetry: AgentTelemetry,
+}
+
+#[async_trait]
+impl Consumer for ObservedReceiverOutput {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        let items = batch.item_count() as u64;
+        let labels = AgentTelemetry::items(&self.receiver, batch.signal());
+        let result = self.next.consume(batch).await;
+        match &result {
+            Ok(()) => self.telemetry.receiver_accepted.get_or_create(&labels).inc_by(items),
+            Err(_) => self.telemetry.receiver_refused.get_or_create(&labels).inc_by(items),
+        };
+        result
+    }
+}
+
+fn component_section(
+    sections: &BTreeMap<ComponentId, serde_json::Value>,
+    id: &ComponentId,
+) -> serde_json::Value {
+    sections.get(id).cloned().unwrap_or(serde_json::Value::Null)
+}
+
+fn join_field_errors(errors: &[podscope_core::FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The machine's host name, for `host.name`. Falls back to `localhost` rather than failing.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
