@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building and testing podscope needs on a Debian/Ubuntu machine, and nothing that
+# is already there. Safe to run again. Needs root (or sudo) for apt.
+set -euo pipefail
+
+# Debian packages: the eBPF toolchain (clang compiles ebpf/src/bpf/*.bpf.c, llvm-strip keeps BTF,
+# libbpf-dev gives bpf_helpers.h, bpftool regenerates vmlinux.h), Prometheus + promtool (the real
+# backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
+# namespaces in TCP tests).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool prometheus bpftrace iproute2 pkg-config ca-certificates curl)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Rust: the project builds with stable >= 1.85 (aya 0.14 is the newest aya this toolchain builds).
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -x "$HOME/.cargo/bin/cargo" ] || {
+    echo "install-deps: installing Rust with rustup" >&2
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+  }
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if command -v rustup >/dev/null 2>&1; then
+  for component in clippy rustfmt; do
+    rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+  done
+fi

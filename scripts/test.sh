@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project: formatting, lints, unit tests, the root-only eBPF
+# tests and the end-to-end tests against real backends. Installs what is missing first.
+# Needs root (eBPF programs, cgroups, network namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test" >&2
+cargo test --workspace --all-targets --locked
