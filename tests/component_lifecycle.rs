@@ -1,0 +1,202 @@
+//! One lifecycle test over every registered component: build from its default config (or the
+//! minimal settings below where a default cannot work, e.g. a required path) → start → consume →
+//! shutdown; and shutdown without start is safe. A new component with required settings fails
+//! here until it is given an entry in `settings_for`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opentelemetry_proto::tonic::metrics::v1::{metric, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use podscope::registry;
+use podscope_core::{
+    Batch, BuildContext, ComponentKind, ConsumeError, Consumer, ReceiverConsumers, Signal,
+};
+use serde_json::{json, Value};
+
+/// Settings for components whose defaults need something from the environment (a path, a port
+/// that must not clash with a real agent on this machine).
+fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> Value {
+    let no_retry = json!({"enabled": false});
+    match (kind, type_name) {
+        (ComponentKind::Receiver, "otlp") => json!({"protocols": {
+            "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}),
+        (ComponentKind::Exporter, "file") => json!({"path": dir.join(format!("{type_name}.jsonl"))}),
+        (ComponentKind::Exporter, "prometheus") => json!({"endpoint": "127.0.0.1:0"}),
+        // Backends that are not running: the exporter must still start and shut down cleanly.
+        (ComponentKind::Exporter, "otlp" | "jaeger") => {
+            json!({"endpoint": "127.0.0.1:9", "retry_on_failure": no_retry, "tls": {"insecure": true}})
+        }
+        (ComponentKind::Exporter, "otlphttp") => {
+            json!({"endpoint": "http://127.0.0.1:9", "retry_on_failure": no_retry})
+        }
+        (ComponentKind::Exporter, "prometheusremotewrite") => {
+            json!({"endpoint": "http://127.0.0.1:9/api/v1/write", "retry_on_failure": no_retry})
+        }
+        _ => Value::Null,
+    }
+}
+
+#[derive(Default)]
+struct Collected(Mutex<Vec<Batch>>);
+
+#[async_trait]
+impl Consumer for Collected {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        self.0.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
+impl Collected {
+    fn items(&self) -> usize {
+        self.0.lock().unwrap().iter().map(Batch::item_count).sum()
+    }
+}
+
+fn sample(signal: Signal) -> Batch {
+    match signal {
+        Signal::Metrics => Batch::metrics(vec![ResourceMetrics {
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "lifecycle.gauge".into(),
+                    data: Some(metric::Data::Gauge(Gauge {
+                        data_points: vec![NumberDataPoint::default(); 3],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]),
+        Signal::Traces => Batch::traces(vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans: vec![
+                    Span {
+                        name: "lifecycle".into(),
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        ..Default::default()
+                    };
+                    3
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]),
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took longer than {LIMIT:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_receiver_starts_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    for factory in registry::receivers() {
+        let name = factory.type_name;
+        let settings = settings_for(ComponentKind::Receiver, name, dir.path());
+        let consumers = || {
+            let mut c = ReceiverConsumers::default();
+            for s in factory.signals {
+                let collected: Arc<dyn Consumer> = Arc::new(Collected::default());
+                match s {
+                    Signal::Metrics => c.metrics = Some(collected),
+                    Signal::Traces => c.traces = Some(collected),
+                }
+            }
+            c
+        };
+        let build = || {
+            (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("receiver {name}: test settings refused: {e:?}"))
+                .build(BuildContext::for_tests(name), consumers())
+                .unwrap_or_else(|e| panic!("receiver {name}: build failed: {e:#}"))
+        };
+        let never_started = build();
+        within(name, never_started.shutdown()).await.unwrap();
+        let receiver = build();
+        within(name, receiver.start())
+            .await
+            .unwrap_or_else(|e| panic!("receiver {name}: start failed: {e:#}"));
+        within(name, receiver.shutdown())
+            .await
+            .unwrap_or_else(|e| panic!("receiver {name}: shutdown failed: {e:#}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_processor_forwards_what_it_consumes() {
+    let dir = tempfile::tempdir().unwrap();
+    for factory in registry::processors() {
+        let name = factory.type_name;
+        for &signal in factory.signals {
+            let settings = settings_for(ComponentKind::Processor, name, dir.path());
+            let next = Arc::new(Collected::default());
+            let build = |next: Arc<Collected>| {
+                (factory.create)(settings.clone())
+                    .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"))
+                    .build(BuildContext::for_tests(name), signal, next)
+                    .unwrap_or_else(|e| panic!("processor {name}: build failed: {e:#}"))
+            };
+            within(name, build(Arc::new(Collected::default())).shutdown())
+                .await
+                .unwrap();
+            let processor = build(next.clone());
+            within(name, processor.start()).await.unwrap();
+            within(name, processor.consume(sample(signal)))
+                .await
+                .unwrap_or_else(|e| panic!("processor {name} refused {signal}: {e}"));
+            within(name, processor.shutdown()).await.unwrap();
+            assert_eq!(next.items(), 3, "processor {name} forwarded every {signal} item by shutdown");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_exporter_consumes_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    for factory in registry::exporters() {
+        let name = factory.type_name;
+        let settings = settings_for(ComponentKind::Exporter, name, dir.path());
+        let build = || {
+            (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("exporter {name}: test settings refused: {e:?}"))
+                .build(BuildContext::for_tests(name))
+                .unwrap_or_else(|e| panic!("exporter {name}: build failed: {e:#}"))
+        };
+        within(name, build().shutdown()).await.unwrap();
+        let exporter = build();
+        within(name, exporter.start())
+            .await
+            .unwrap_or_else(|e| panic!("exporter {name}: start failed: {e:#}"));
+        for &signal in factory.signals {
+            // A backend that is down may refuse; what matters is no hang and no panic.
+            let _ = within(name, exporter.consume(sample(signal))).await;
+        }
+        within(name, exporter.shutdown())
+            .await
+            .unwrap_or_else(|e| panic!("exporter {name}: shutdown failed: {e:#}"));
+    }
+}
+
+#[test]
+fn registry_types_are_unique_and_described() {
+    let mut seen = std::collections::BTreeSet::new();
+    let rows = registry::receivers()
+        .into_iter()
+        .map(|f| ("receiver", f.type_name, f.description, f.signals))
+        .chain(registry::processors().into_iter().map(|f| ("processor", f.type_name, f.description, f.signals)))
+        .chain(registry::exporters().into_iter().map(|f| ("exporter", f.type_name, f.description, f.signals)));
+    for (kind, type_name, description, signals) in rows {
+        assert!(seen.insert((kind, type_name)), "{kind} {type_name} registered twice");
+        assert!(!description.is_empty() && !description.contains('\n'), "{kind} {type_name}: one-line description");
+        assert!(!signals.is_empty(), "{kind} {type_name}: handles some signal");
+    }
+}
