@@ -137,6 +137,19 @@ service:
         }
         export += 1;
         if export == 40 && !sigterm_sent {
+            // The agent's own metrics count exactly what its receiver acknowledged.
+            let metrics = reqwest::get(format!("http://127.0.0.1:{telemetry_port}/metrics"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for (signal, acked) in [("traces", acked_spans.len()), ("metrics", acked_points.len())] {
+                let line = format!(
+                    "podscope_receiver_accepted_items_total{{component=\"otlp\",signal=\"{signal}\"}} {acked}"
+                );
+                assert!(metrics.lines().any(|l| l == line), "missing {line:?} in:\n{metrics}");
+            }
             agent.sigterm();
             sigterm_sent = true;
         }
