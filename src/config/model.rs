@@ -15,6 +15,8 @@ pub struct AgentConfig {
     pub processors: BTreeMap<ComponentId, serde_json::Value>,
     pub exporters: BTreeMap<ComponentId, serde_json::Value>,
     pub service: ServiceConfig,
+    /// Things worth a log line that do not stop the agent (a component no pipeline uses).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
