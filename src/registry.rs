@@ -11,7 +11,11 @@ pub fn processors() -> Vec<&'static ProcessorFactory> {
 }
 
 pub fn exporters() -> Vec<&'static ExporterFactory> {
-    vec![]
+    vec![
+        &podscope_exporters::debug::FACTORY,
+        &podscope_exporters::file::FACTORY,
+        &podscope_exporters::nop::FACTORY,
+    ]
 }
 
 pub fn receiver(type_name: &str) -> Option<&'static ReceiverFactory> {

@@ -1,1 +1,11 @@
-//! placeholder
+//! podscope exporters. Each folder is one component (config, runtime, tests); `helper` is the
+//! sending queue / retry / timeout machinery every network exporter reuses.
+//!
+//! - `debug`: logs a summary or a dump of every batch.
+//! - `file`: OTLP-JSON lines, one export request per line, with size-based rotation.
+//! - `nop`: discards everything (benchmarks, processor-only pipelines).
+
+pub mod debug;
+pub mod file;
+pub mod helper;
+pub mod nop;
