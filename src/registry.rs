@@ -3,7 +3,7 @@
 use podscope_core::{ExporterFactory, ProcessorFactory, ReceiverFactory};
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
-    vec![]
+    vec![&podscope_receiver::otlp::FACTORY]
 }
 
 pub fn processors() -> Vec<&'static ProcessorFactory> {
