@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
 use opentelemetry::InstrumentationScope;
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -158,6 +159,7 @@ service:
         }
         assert!(export < 100_000, "the agent never stopped receiving after SIGTERM");
     }
+    eprintln!("acknowledged {} spans and {} points over {export} exports", acked_spans.len(), acked_points.len());
     let status = agent.wait(Duration::from_secs(60)).await;
     assert!(status.success(), "podscope exited with {status:?}");
 
