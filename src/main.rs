@@ -88,21 +88,37 @@ fn main() -> ExitCode {
 }
 
 fn print_components() {
-    let signals = |s: &[Signal]| {
-        s.iter()
-            .map(|s| s.as_str())
-            .collect::<Vec<_>>()
-            .join(",")
-    };
-    println!("{:<10} {:<22} {:<16} DESCRIPTION", "KIND", "TYPE", "SIGNALS");
+    let signals = |s: &[Signal]| s.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",");
+    println!(
+        "{:<10} {:<22} {:<16} DESCRIPTION",
+        "KIND", "TYPE", "SIGNALS"
+    );
     for f in registry::receivers() {
-        println!("{:<10} {:<22} {:<16} {}", "receiver", f.type_name, signals(f.signals), f.description);
+        println!(
+            "{:<10} {:<22} {:<16} {}",
+            "receiver",
+            f.type_name,
+            signals(f.signals),
+            f.description
+        );
     }
     for f in registry::processors() {
-        println!("{:<10} {:<22} {:<16} {}", "processor", f.type_name, signals(f.signals), f.description);
+        println!(
+            "{:<10} {:<22} {:<16} {}",
+            "processor",
+            f.type_name,
+            signals(f.signals),
+            f.description
+        );
     }
     for f in registry::exporters() {
-        println!("{:<10} {:<22} {:<16} {}", "exporter", f.type_name, signals(f.signals), f.description);
+        println!(
+            "{:<10} {:<22} {:<16} {}",
+            "exporter",
+            f.type_name,
+            signals(f.signals),
+            f.description
+        );
     }
 }
 
@@ -177,7 +193,9 @@ async fn run_service(config: AgentConfig) -> anyhow::Result<()> {
     if report.completed_in_time {
         tracing::info!("stopped; everything held was flushed");
     } else {
-        tracing::warn!("stopped at the shutdown deadline; undelivered data was dropped and counted");
+        tracing::warn!(
+            "stopped at the shutdown deadline; undelivered data was dropped and counted"
+        );
     }
     telemetry_server.stop().await;
     Ok(())

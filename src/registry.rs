@@ -1,6 +1,10 @@
 //! The one table of every component podscope can run. Adding a component = one line here.
+//!
+//! [`Registry`] is that table as a value, so tests can add components of their own.
 
-use podscope_core::{ExporterFactory, ProcessorFactory, ReceiverFactory};
+use podscope_core::{
+    ComponentKind, ExporterFactory, FieldError, ProcessorFactory, ReceiverFactory, Signal,
+};
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
     vec![&podscope_receiver::otlp::FACTORY]
@@ -18,14 +22,75 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
     ]
 }
 
-pub fn receiver(type_name: &str) -> Option<&'static ReceiverFactory> {
-    receivers().into_iter().find(|f| f.type_name == type_name)
+/// A set of component factories to validate configs against and build services from.
+#[derive(Clone)]
+pub struct Registry {
+    pub receivers: Vec<&'static ReceiverFactory>,
+    pub processors: Vec<&'static ProcessorFactory>,
+    pub exporters: Vec<&'static ExporterFactory>,
 }
 
-pub fn processor(type_name: &str) -> Option<&'static ProcessorFactory> {
-    processors().into_iter().find(|f| f.type_name == type_name)
-}
+impl Registry {
+    /// Every component podscope ships.
+    pub fn builtin() -> Registry {
+        Registry {
+            receivers: receivers(),
+            processors: processors(),
+            exporters: exporters(),
+        }
+    }
 
-pub fn exporter(type_name: &str) -> Option<&'static ExporterFactory> {
-    exporters().into_iter().find(|f| f.type_name == type_name)
+    pub fn receiver(&self, type_name: &str) -> Option<&'static ReceiverFactory> {
+        self.receivers
+            .iter()
+            .copied()
+            .find(|f| f.type_name == type_name)
+    }
+
+    pub fn processor(&self, type_name: &str) -> Option<&'static ProcessorFactory> {
+        self.processors
+            .iter()
+            .copied()
+            .find(|f| f.type_name == type_name)
+    }
+
+    pub fn exporter(&self, type_name: &str) -> Option<&'static ExporterFactory> {
+        self.exporters
+            .iter()
+            .copied()
+            .find(|f| f.type_name == type_name)
+    }
+
+    /// The signals a component type handles; `None` for an unknown type.
+    pub fn signals(&self, kind: ComponentKind, type_name: &str) -> Option<&'static [Signal]> {
+        match kind {
+            ComponentKind::Receiver => self.receiver(type_name).map(|f| f.signals),
+            ComponentKind::Processor => self.processor(type_name).map(|f| f.signals),
+            ComponentKind::Exporter => self.exporter(type_name).map(|f| f.signals),
+        }
+    }
+
+    /// Parses and validates a component's settings; `None` for an unknown type.
+    pub fn check_config(
+        &self,
+        kind: ComponentKind,
+        type_name: &str,
+        raw: serde_json::Value,
+    ) -> Option<Result<(), Vec<FieldError>>> {
+        match kind {
+            ComponentKind::Receiver => self.receiver(type_name).map(|f| (f.create)(raw).map(drop)),
+            ComponentKind::Processor => {
+                self.processor(type_name).map(|f| (f.create)(raw).map(drop))
+            }
+            ComponentKind::Exporter => self.exporter(type_name).map(|f| (f.create)(raw).map(drop)),
+        }
+    }
+
+    pub fn type_names(&self, kind: ComponentKind) -> Vec<&'static str> {
+        match kind {
+            ComponentKind::Receiver => self.receivers.iter().map(|f| f.type_name).collect(),
+            ComponentKind::Processor => self.processors.iter().map(|f| f.type_name).collect(),
+            ComponentKind::Exporter => self.exporters.iter().map(|f| f.type_name).collect(),
+        }
+    }
 }

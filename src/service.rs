@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
+use podscope_core::consumer::Fanout;
 use podscope_core::delivery::deliver_or_count;
 use podscope_core::health::Readiness;
 use podscope_core::queue::{bounded_queue, QueueReceiver, QueueSender};
@@ -24,12 +25,11 @@ use podscope_core::{
     Batch, BuildContext, ComponentId, ConsumeError, Consumer, Exporter, Processor, Receiver,
     ReceiverConsumers, Signal,
 };
-use podscope_core::consumer::Fanout;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::registry;
+use crate::registry::Registry;
 
 /// A pipeline's entry queue and the task that feeds its first stage.
 struct RunningPipeline {
@@ -70,6 +70,16 @@ impl Service {
         telemetry: AgentTelemetry,
         readiness: Readiness,
     ) -> anyhow::Result<Service> {
+        Self::build_with(config, &Registry::builtin(), telemetry, readiness)
+    }
+
+    /// [`Service::build`] from a given registry (tests add components of their own).
+    pub fn build_with(
+        config: &AgentConfig,
+        registry: &Registry,
+        telemetry: AgentTelemetry,
+        readiness: Readiness,
+    ) -> anyhow::Result<Service> {
         let host_name = host_name();
         let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
             id: id.clone(),
@@ -86,7 +96,8 @@ impl Service {
                 if exporters.contains_key(id) {
                     continue;
                 }
-                let factory = registry::exporter(id.type_name())
+                let factory = registry
+                    .exporter(id.type_name())
                     .with_context(|| format!("exporter {id}: unknown type"))?;
                 let builder = (factory.create)(component_section(&config.exporters, id))
                     .map_err(|e| anyhow::anyhow!("exporter {id}: {}", join_field_errors(&e)))?;
@@ -108,13 +119,16 @@ impl Service {
             let mut next = Fanout::of(exporter_consumers);
             let mut processors = Vec::new();
             for id in pipeline.processors.iter().rev() {
-                let factory = registry::processor(id.type_name())
+                let factory = registry
+                    .processor(id.type_name())
                     .with_context(|| format!("processor {id}: unknown type"))?;
                 let builder = (factory.create)(component_section(&config.processors, id))
                     .map_err(|e| anyhow::anyhow!("processor {id}: {}", join_field_errors(&e)))?;
                 let processor = builder
                     .build(context(id, Some(&pipeline.name)), pipeline.signal, next)
-                    .with_context(|| format!("building processor {id} in pipeline {}", pipeline.name))?;
+                    .with_context(|| {
+                        format!("building processor {id} in pipeline {}", pipeline.name)
+                    })?;
                 next = processor.clone() as Arc<dyn Consumer>;
                 processors.push((id.clone(), processor));
             }
@@ -168,7 +182,8 @@ impl Service {
                     Signal::Traces => consumers.traces = Some(observed),
                 }
             }
-            let factory = registry::receiver(id.type_name())
+            let factory = registry
+                .receiver(id.type_name())
                 .with_context(|| format!("receiver {id}: unknown type"))?;
             let builder = (factory.create)(component_section(&config.receivers, id))
                 .map_err(|e| anyhow::anyhow!("receiver {id}: {}", join_field_errors(&e)))?;
@@ -215,10 +230,9 @@ impl Service {
         }
         for pipeline in &mut self.pipelines {
             for (id, processor) in pipeline.processors.iter().rev() {
-                processor
-                    .start()
-                    .await
-                    .with_context(|| format!("starting processor {id} in pipeline {}", pipeline.name))?;
+                processor.start().await.with_context(|| {
+                    format!("starting processor {id} in pipeline {}", pipeline.name)
+                })?;
             }
             let receiver = pipeline.receiver.take().expect("started once");
             pipeline.worker = Some(tokio::spawn(feed_pipeline(
@@ -244,9 +258,10 @@ impl Service {
         self.readiness.set_pipelines_started(false);
         let mut errors = Vec::new();
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        let completed_in_time = tokio::time::timeout_at(deadline, self.shutdown_stages(&mut errors))
-            .await
-            .is_ok();
+        let completed_in_time =
+            tokio::time::timeout_at(deadline, self.shutdown_stages(&mut errors))
+                .await
+                .is_ok();
         if !completed_in_time {
             tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown deadline reached; dropping what is left");
             // Stages still retrying give up, count what they hold and return.
@@ -276,7 +291,10 @@ impl Service {
             }
             for (id, processor) in &pipeline.processors {
                 if let Err(e) = processor.shutdown().await {
-                    errors.push(format!("processor {id} in pipeline {}: {e:#}", pipeline.name));
+                    errors.push(format!(
+                        "processor {id} in pipeline {}: {e:#}",
+                        pipeline.name
+                    ));
                 }
             }
         }
@@ -316,8 +334,16 @@ impl Consumer for ObservedReceiverOutput {
         let labels = AgentTelemetry::items(&self.receiver, batch.signal());
         let result = self.next.consume(batch).await;
         match &result {
-            Ok(()) => self.telemetry.receiver_accepted.get_or_create(&labels).inc_by(items),
-            Err(_) => self.telemetry.receiver_refused.get_or_create(&labels).inc_by(items),
+            Ok(()) => self
+                .telemetry
+                .receiver_accepted
+                .get_or_create(&labels)
+                .inc_by(items),
+            Err(_) => self
+                .telemetry
+                .receiver_refused
+                .get_or_create(&labels)
+                .inc_by(items),
         };
         result
     }

@@ -37,7 +37,9 @@ impl TelemetryServer {
     ) -> anyhow::Result<TelemetryServer> {
         let listener = tokio::net::TcpListener::bind(address)
             .await
-            .with_context(|| format!("service.telemetry.metrics.address: cannot listen on {address}"))?;
+            .with_context(|| {
+                format!("service.telemetry.metrics.address: cannot listen on {address}")
+            })?;
         let local_addr = listener.local_addr()?;
         let app = Router::new()
             .route("/metrics", get(metrics))

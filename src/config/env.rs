@@ -13,14 +13,21 @@ pub struct EnvError {
 }
 
 /// Replaces references in every scalar value (not keys) of `node`, using `lookup` for variables.
-pub fn substitute(node: &mut Node, lookup: &dyn Fn(&str) -> Option<String>, errors: &mut Vec<EnvError>) {
+pub fn substitute(
+    node: &mut Node,
+    lookup: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<EnvError>,
+) {
     match &mut node.value {
         Value::Scalar { text, quoted } => {
             if !text.contains('$') {
                 return;
             }
             match expand(text, lookup) {
-                Ok(Expanded { text: new_text, whole_reference }) => {
+                Ok(Expanded {
+                    text: new_text,
+                    whole_reference,
+                }) => {
                     *text = new_text;
                     // A quoted value stays a string; a plain one that was a single reference
                     // resolves its type from the value; anything spliced is text.
@@ -101,7 +108,9 @@ fn resolve(body: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid_name {
-        return Err(format!("invalid environment variable name {name:?} in ${{{body}}}"));
+        return Err(format!(
+            "invalid environment variable name {name:?} in ${{{body}}}"
+        ));
     }
     match (lookup(name), default) {
         (Some(value), _) => Ok(value),
@@ -152,10 +161,17 @@ mod tests {
     #[test]
     fn unset_variables_and_bad_references_are_errors_with_positions() {
         let (_, e) = run("a: 1\nb: ${env:NOPE}\nc: ${file:/etc/x}\nd: ${env:OPEN\n");
-        let lines: Vec<_> = e.iter().map(|e| (e.position.line, e.position.column)).collect();
+        let lines: Vec<_> = e
+            .iter()
+            .map(|e| (e.position.line, e.position.column))
+            .collect();
         assert_eq!(lines, vec![(2, 4), (3, 4), (4, 4)]);
         assert!(e[0].message.contains("NOPE is not set"), "{}", e[0].message);
-        assert!(e[1].message.contains("unsupported reference"), "{}", e[1].message);
+        assert!(
+            e[1].message.contains("unsupported reference"),
+            "{}",
+            e[1].message
+        );
         assert!(e[2].message.contains("unterminated"), "{}", e[2].message);
     }
 }

@@ -9,6 +9,9 @@ mod env;
 mod model;
 mod yaml;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
@@ -21,7 +24,7 @@ use serde::Deserialize;
 pub use model::{AgentConfig, LogEncoding, PipelineConfig, ServiceConfig, TelemetryConfig};
 use yaml::{Key, Node, Position};
 
-use crate::registry;
+use crate::registry::Registry;
 
 /// The default config, compiled into the binary (`podscope run` with no `--config`).
 pub const DEFAULT_CONFIG: &str = include_str!("../../configs/default.yaml");
@@ -79,17 +82,22 @@ pub fn load_default() -> Result<AgentConfig, ConfigErrors> {
 }
 
 pub fn load_str(text: &str, source: &str) -> Result<AgentConfig, ConfigErrors> {
-    load_with_env(text, source, &|name| std::env::var(name).ok())
+    load_with(text, source, &Registry::builtin(), &|name| {
+        std::env::var(name).ok()
+    })
 }
 
-/// [`load_str`] with an explicit environment, for tests.
-pub fn load_with_env(
+/// [`load_str`] against a given registry and environment (tests use their own).
+pub fn load_with(
     text: &str,
     source: &str,
+    registry: &Registry,
     lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<AgentConfig, ConfigErrors> {
     let mut loader = Loader {
         source: source.to_string(),
+        registry,
+        unresolved: Vec::new(),
         errors: Vec::new(),
     };
     let config = loader.load(text, lookup);
@@ -97,14 +105,18 @@ pub fn load_with_env(
         Ok(config.expect("a config when there are no errors"))
     } else {
         let mut errors = loader.errors;
-        errors.sort_by(|a, b| (a.line, a.column, &a.path).cmp(&(b.line, b.column, &b.path)));
+        errors.sort_by_key(|e| (e.line, e.column));
         errors.dedup();
         Err(ConfigErrors(errors))
     }
 }
 
-struct Loader {
+struct Loader<'r> {
     source: String,
+    registry: &'r Registry,
+    /// Where `${env:…}` references could not be resolved: settings holding one are not
+    /// validated further, as their value is not known.
+    unresolved: Vec<Position>,
     errors: Vec<ConfigError>,
 }
 
@@ -113,7 +125,7 @@ struct Defined {
     raw: serde_json::Value,
 }
 
-impl Loader {
+impl Loader<'_> {
     fn error(&mut self, position: Position, path: impl Into<String>, message: impl Into<String>) {
         self.errors.push(ConfigError {
             source: self.source.clone(),
@@ -130,7 +142,11 @@ impl Loader {
             return &[];
         }
         let Some(entries) = node.as_mapping() else {
-            self.error(node.position, path, format!("expected a mapping, found {}", node.kind_name()));
+            self.error(
+                node.position,
+                path,
+                format!("expected a mapping, found {}", node.kind_name()),
+            );
             return &[];
         };
         let mut seen = BTreeSet::new();
@@ -152,10 +168,11 @@ impl Loader {
         };
         let mut env_errors = Vec::new();
         env::substitute(&mut root, lookup, &mut env_errors);
-        for e in env_errors {
+        for e in &env_errors {
             let path = path_at(&root, e.position);
-            self.error(e.position, path, e.message);
+            self.error(e.position, path, e.message.clone());
         }
+        self.unresolved = env_errors.iter().map(|e| e.position).collect();
 
         let mut sections: BTreeMap<&str, &Node> = BTreeMap::new();
         for (key, value) in self.mapping(&root, "") {
@@ -176,14 +193,19 @@ impl Loader {
             }
         }
 
-        let receivers = self.components(ComponentKind::Receiver, sections.get("receivers").copied());
-        let processors = self.components(ComponentKind::Processor, sections.get("processors").copied());
-        let exporters = self.components(ComponentKind::Exporter, sections.get("exporters").copied());
+        let receivers =
+            self.components(ComponentKind::Receiver, sections.get("receivers").copied());
+        let processors = self.components(
+            ComponentKind::Processor,
+            sections.get("processors").copied(),
+        );
+        let exporters =
+            self.components(ComponentKind::Exporter, sections.get("exporters").copied());
         let service = match sections.get("service") {
             Some(node) => self.service(node, &receivers, &processors, &exporters),
             None => {
                 self.error(
-                    root.position,
+                    Position { line: 1, column: 1 },
                     "service",
                     "missing: a config needs service.pipelines with at least one pipeline",
                 );
@@ -194,7 +216,10 @@ impl Loader {
         let mut warnings = Vec::new();
         if let Some(service) = &service {
             for (kind, defined) in [
-                (ComponentKind::Receiver, receivers.keys().collect::<Vec<_>>()),
+                (
+                    ComponentKind::Receiver,
+                    receivers.keys().collect::<Vec<_>>(),
+                ),
                 (ComponentKind::Processor, processors.keys().collect()),
                 (ComponentKind::Exporter, exporters.keys().collect()),
             ] {
@@ -251,18 +276,24 @@ impl Loader {
                 }
             };
             let raw = value.to_json();
-            let created = match kind {
-                ComponentKind::Receiver => registry::receiver(id.type_name()).map(|f| (f.create)(raw.clone()).map(drop)),
-                ComponentKind::Processor => registry::processor(id.type_name()).map(|f| (f.create)(raw.clone()).map(drop)),
-                ComponentKind::Exporter => registry::exporter(id.type_name()).map(|f| (f.create)(raw.clone()).map(drop)),
-            };
+            if self.unresolved.iter().any(|p| value.contains(*p)) {
+                out.insert(id, (key.position, Defined { raw }));
+                continue;
+            }
+            let created = self
+                .registry
+                .check_config(kind, id.type_name(), raw.clone());
             match created {
                 None => {
-                    let known = known_types(kind).join(", ");
+                    let known = self.registry.type_names(kind).join(", ");
                     self.error(
                         key.position,
                         path,
-                        format!("unknown {} type {:?}; known types: {known}", kind.as_str(), id.type_name()),
+                        format!(
+                            "unknown {} type {:?}; known types: {known}",
+                            kind.as_str(),
+                            id.type_name()
+                        ),
                     );
                     continue;
                 }
@@ -276,10 +307,24 @@ impl Loader {
         out
     }
 
-    fn field_errors(&mut self, node: &Node, path: &str, key_position: Position, errors: Vec<FieldError>) {
+    fn field_errors(
+        &mut self,
+        node: &Node,
+        path: &str,
+        key_position: Position,
+        errors: Vec<FieldError>,
+    ) {
         for e in errors {
-            let position = if e.path.is_empty() { key_position } else { node.locate(&e.path) };
-            let full = if e.path.is_empty() { path.to_string() } else { join(path, &e.path) };
+            let position = if e.path.is_empty() {
+                key_position
+            } else {
+                node.locate(&e.path, key_position)
+            };
+            let full = if e.path.is_empty() {
+                path.to_string()
+            } else {
+                join(path, &e.path)
+            };
             self.error(position, full, e.message);
         }
     }
@@ -310,13 +355,24 @@ impl Loader {
                         };
                     }
                 }
-                "shutdown_timeout" => match value.to_json().as_str().map(humantime::parse_duration) {
+                "shutdown_timeout" => match value.to_json().as_str().map(humantime::parse_duration)
+                {
                     Some(Ok(d)) if !d.is_zero() => shutdown_timeout = d,
                     Some(Ok(_)) => self.error(value.position, path, "must be greater than 0"),
-                    Some(Err(e)) => self.error(value.position, path, format!("invalid duration: {e}")),
-                    None => self.error(value.position, path, "expected a duration such as 10s or 1m30s"),
+                    Some(Err(e)) => {
+                        self.error(value.position, path, format!("invalid duration: {e}"))
+                    }
+                    None => self.error(
+                        value.position,
+                        path,
+                        "expected a duration such as 10s or 1m30s",
+                    ),
                 },
-                "extensions" => self.error(key.position, path, "extensions are not supported by podscope"),
+                "extensions" => self.error(
+                    key.position,
+                    path,
+                    "extensions are not supported by podscope",
+                ),
                 _ => self.error(
                     key.position,
                     path,
@@ -325,13 +381,21 @@ impl Loader {
             }
         }
         let Some((pipelines_key, pipelines_value)) = pipelines_node else {
-            self.error(node.position, "service.pipelines", "missing: at least one pipeline is needed");
+            self.error(
+                node.position,
+                "service.pipelines",
+                "missing: at least one pipeline is needed",
+            );
             return None;
         };
         let mut pipelines = Vec::new();
         let entries = self.mapping(pipelines_value, "service.pipelines");
         if entries.is_empty() {
-            self.error(pipelines_key.position, "service.pipelines", "at least one pipeline is needed");
+            self.error(
+                pipelines_key.position,
+                "service.pipelines",
+                "at least one pipeline is needed",
+            );
         }
         for (key, value) in entries {
             if let Some(p) = self.pipeline(key, value, receivers, processors, exporters) {
@@ -358,7 +422,11 @@ impl Loader {
         let signal = match Signal::parse(signal_name) {
             Some(s) => Some(s),
             None => {
-                let hint = if signal_name == "logs" { " (logs are not supported yet)" } else { "" };
+                let hint = if signal_name == "logs" {
+                    " (logs are not supported yet)"
+                } else {
+                    ""
+                };
                 self.error(
                     key.position,
                     path.clone(),
@@ -367,8 +435,16 @@ impl Loader {
                 None
             }
         };
-        if key.text.split_once('/').is_some_and(|(_, name)| name.is_empty() || name.contains('/')) {
-            self.error(key.position, path.clone(), "invalid pipeline id: the name after '/' must be non-empty, without '/'");
+        if key
+            .text
+            .split_once('/')
+            .is_some_and(|(_, name)| name.is_empty() || name.contains('/'))
+        {
+            self.error(
+                key.position,
+                path.clone(),
+                "invalid pipeline id: the name after '/' must be non-empty, without '/'",
+            );
         }
         let mut lists: BTreeMap<&str, Vec<ComponentId>> = BTreeMap::new();
         let mut queue = QueueSettings::default();
@@ -399,10 +475,18 @@ impl Loader {
         let receivers_list = lists.remove("receivers").unwrap_or_default();
         let exporters_list = lists.remove("exporters").unwrap_or_default();
         if receivers_list.is_empty() {
-            self.error(key.position, join(&path, "receivers"), "a pipeline needs at least one receiver");
+            self.error(
+                key.position,
+                join(&path, "receivers"),
+                "a pipeline needs at least one receiver",
+            );
         }
         if exporters_list.is_empty() {
-            self.error(key.position, join(&path, "exporters"), "a pipeline needs at least one exporter");
+            self.error(
+                key.position,
+                join(&path, "exporters"),
+                "a pipeline needs at least one exporter",
+            );
         }
         Some(PipelineConfig {
             name: key.text.clone(),
@@ -426,7 +510,15 @@ impl Loader {
             yaml::Value::Sequence(items) => items.iter().collect(),
             _ if node.is_null() => Vec::new(),
             _ => {
-                self.error(node.position, path, format!("expected a list of {} ids, found {}", kind.as_str(), node.kind_name()));
+                self.error(
+                    node.position,
+                    path,
+                    format!(
+                        "expected a list of {} ids, found {}",
+                        kind.as_str(),
+                        node.kind_name()
+                    ),
+                );
                 return Vec::new();
             }
         };
@@ -436,7 +528,15 @@ impl Loader {
             let text = match &item.value {
                 yaml::Value::Scalar { text, .. } => text.clone(),
                 _ => {
-                    self.error(item.position, item_path, format!("expected a {} id, found {}", kind.as_str(), item.kind_name()));
+                    self.error(
+                        item.position,
+                        item_path,
+                        format!(
+                            "expected a {} id, found {}",
+                            kind.as_str(),
+                            item.kind_name()
+                        ),
+                    );
                     continue;
                 }
             };
@@ -455,21 +555,24 @@ impl Loader {
                 self.error(
                     item.position,
                     item_path,
-                    format!("{} {id} is not defined in the {} section", kind.as_str(), kind.section()),
+                    format!(
+                        "{} {id} is not defined in the {} section",
+                        kind.as_str(),
+                        kind.section()
+                    ),
                 );
             } else if let Some(signal) = signal {
-                let signals = match kind {
-                    ComponentKind::Receiver => registry::receiver(id.type_name()).map(|f| f.signals),
-                    ComponentKind::Processor => registry::processor(id.type_name()).map(|f| f.signals),
-                    ComponentKind::Exporter => registry::exporter(id.type_name()).map(|f| f.signals),
-                };
-                if let Some(signals) = signals {
+                if let Some(signals) = self.registry.signals(kind, id.type_name()) {
                     if !signals.contains(&signal) {
                         let handles: Vec<&str> = signals.iter().map(|s| s.as_str()).collect();
                         self.error(
                             item.position,
                             item_path,
-                            format!("{} {id} does not handle {signal} (it handles {})", kind.as_str(), handles.join(", ")),
+                            format!(
+                                "{} {id} does not handle {signal} (it handles {})",
+                                kind.as_str(),
+                                handles.join(", ")
+                            ),
                         );
                     }
                 }
@@ -480,7 +583,12 @@ impl Loader {
     }
 
     /// Deserializes a service-level section with serde, reporting errors at their keys.
-    fn typed<T: ComponentConfig>(&mut self, node: &Node, path: &str, key_position: Position) -> Option<T> {
+    fn typed<T: ComponentConfig>(
+        &mut self,
+        node: &Node,
+        path: &str,
+        key_position: Position,
+    ) -> Option<T> {
         match parse_component_config::<T>(node.to_json()) {
             Ok(t) => Some(t),
             Err(errors) => {
@@ -493,14 +601,6 @@ impl Loader {
 
 fn join(prefix: &str, key: &str) -> String {
     podscope_core::config::join_path(prefix, key)
-}
-
-fn known_types(kind: ComponentKind) -> Vec<&'static str> {
-    match kind {
-        ComponentKind::Receiver => registry::receivers().iter().map(|f| f.type_name).collect(),
-        ComponentKind::Processor => registry::processors().iter().map(|f| f.type_name).collect(),
-        ComponentKind::Exporter => registry::exporters().iter().map(|f| f.type_name).collect(),
-    }
 }
 
 /// The key path of the value standing at `position` (for errors found before paths are known).
@@ -534,13 +634,24 @@ struct TelemetrySection {
 impl ComponentConfig for TelemetrySection {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        if self.metrics.address.parse::<std::net::SocketAddr>().is_err()
-            && self.metrics.address.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err())
+        if self
+            .metrics
+            .address
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+            && self
+                .metrics
+                .address
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
         {
             errors.push(FieldError::new("metrics.address", "expected host:port"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logs.level) {
-            errors.push(FieldError::new("logs.level", format!("invalid level or filter: {e}")));
+            errors.push(FieldError::new(
+                "logs.level",
+                format!("invalid level or filter: {e}"),
+            ));
         }
         errors
     }
@@ -583,7 +694,6 @@ enum LogEncodingName {
     Console,
     Json,
 }
-
 
 #[derive(Deserialize)]
 #[serde(transparent)]

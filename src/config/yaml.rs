@@ -33,7 +33,10 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
     /// A scalar as written; `quoted` scalars are always strings.
-    Scalar { text: String, quoted: bool },
+    Scalar {
+        text: String,
+        quoted: bool,
+    },
     Sequence(Vec<Node>),
     /// Entries in file order; duplicates are kept here and reported by the loader.
     Mapping(Vec<(Key, Node)>),
@@ -56,6 +59,16 @@ impl Node {
     /// A plain `~`, `null` or empty scalar.
     pub fn is_null(&self) -> bool {
         matches!(&self.value, Value::Scalar { text, quoted: false } if is_null_text(text))
+    }
+
+    /// Whether this node or one inside it stands at `position`.
+    pub fn contains(&self, position: Position) -> bool {
+        self.position == position
+            || match &self.value {
+                Value::Scalar { .. } => false,
+                Value::Sequence(items) => items.iter().any(|i| i.contains(position)),
+                Value::Mapping(entries) => entries.iter().any(|(_, v)| v.contains(position)),
+            }
     }
 
     pub fn kind_name(&self) -> &'static str {
@@ -89,10 +102,10 @@ impl Node {
     }
 
     /// Where a serde key path (`protocols.grpc.endpoint`, `probes[0].symbol`) points in this
-    /// node: the deepest key or item found along the path.
-    pub fn locate(&self, path: &str) -> Position {
+    /// node: the deepest key or item found along the path, or `fallback` if none is.
+    pub fn locate(&self, path: &str, fallback: Position) -> Position {
         let mut node = self;
-        let mut position = self.position;
+        let mut position = fallback;
         for segment in path_segments(path) {
             let next = match (&node.value, segment) {
                 (Value::Mapping(entries), PathSegment::Key(key)) => entries
@@ -192,12 +205,10 @@ pub struct SyntaxError {
 pub fn parse(text: &str) -> Result<Node, SyntaxError> {
     let mut builder = TreeBuilder::default();
     let mut parser = Parser::new_from_str(text);
-    parser
-        .load(&mut builder, false)
-        .map_err(|e| SyntaxError {
-            position: (*e.marker()).into(),
-            message: e.info().to_string(),
-        })?;
+    parser.load(&mut builder, false).map_err(|e| SyntaxError {
+        position: (*e.marker()).into(),
+        message: e.info().to_string(),
+    })?;
     if let Some(error) = builder.error {
         return Err(error);
     }
@@ -333,10 +344,13 @@ mod tests {
             root.to_json(),
             serde_json::json!({"a": {"b": 1, "c": ["x", "true", true]}, "d": null})
         );
-        assert_eq!(root.locate("a.b"), Position { line: 2, column: 3 });
-        assert_eq!(root.locate("a.c[1]"), Position { line: 3, column: 10 });
-        // A missing key points at the deepest existing one.
-        assert_eq!(root.locate("a.nope.deeper"), Position { line: 1, column: 1 });
+        let at = |line, column| Position { line, column };
+        let none = Position::default();
+        assert_eq!(root.locate("a.b", none), at(2, 3));
+        assert_eq!(root.locate("a.c[1]", none), at(3, 10));
+        // A missing key points at the deepest existing one, or the fallback.
+        assert_eq!(root.locate("a.nope.deeper", none), at(1, 1));
+        assert_eq!(root.locate("nope", none), none);
     }
 
     #[test]
@@ -357,7 +371,10 @@ mod tests {
         assert_eq!(resolve_plain_scalar("10s"), serde_json::json!("10s"));
         assert_eq!(resolve_plain_scalar("4317"), serde_json::json!(4317));
         assert_eq!(resolve_plain_scalar("1.5"), serde_json::json!(1.5));
-        assert_eq!(resolve_plain_scalar("0.0.0.0:4317"), serde_json::json!("0.0.0.0:4317"));
+        assert_eq!(
+            resolve_plain_scalar("0.0.0.0:4317"),
+            serde_json::json!("0.0.0.0:4317")
+        );
         assert_eq!(resolve_plain_scalar("-3"), serde_json::json!(-3));
     }
 }

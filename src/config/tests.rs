@@ -1,0 +1,191 @@
+//! Config files as users write them: every example loads, every refusal has its exact message
+//! and position, and every problem of a file is reported at once.
+
+use std::path::{Path, PathBuf};
+
+use podscope_core::component::create_receiver;
+use podscope_core::{
+    BuildContext, ComponentConfig, Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory,
+    Signal,
+};
+use serde::Deserialize;
+
+use super::*;
+
+fn yaml_files(dir: &str) -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no YAML files in {}", dir.display());
+    files
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+#[test]
+fn every_shipped_config_and_valid_example_loads() {
+    let files = yaml_files("configs")
+        .into_iter()
+        .chain(yaml_files("configs/testdata/valid"));
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        if let Err(errors) = load_with(
+            &text,
+            &file.display().to_string(),
+            &Registry::builtin(),
+            &no_env,
+        ) {
+            panic!("{} should load:\n{errors}", file.display());
+        }
+    }
+}
+
+#[test]
+fn every_refusal_has_its_exact_messages_and_positions() {
+    for file in yaml_files("configs/testdata/invalid") {
+        let name = file.file_name().unwrap().to_str().unwrap().to_string();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expected = std::fs::read_to_string(file.with_extension("expected"))
+            .unwrap_or_else(|_| panic!("{name}: add {name}.expected with the error lines"));
+        let errors = load_with(&text, &name, &Registry::builtin(), &no_env)
+            .err()
+            .unwrap_or_else(|| panic!("{name} should be refused"));
+        assert_eq!(errors.to_string(), expected.trim_end(), "{name}");
+    }
+}
+
+#[test]
+fn the_default_config_is_otlp_batch_debug() {
+    let config = load_default().unwrap();
+    assert_eq!(config.source, "<embedded default>");
+    let names: Vec<_> = config
+        .service
+        .pipelines
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["metrics", "traces"]);
+    for p in &config.service.pipelines {
+        let ids = |v: &Vec<ComponentId>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(ids(&p.receivers), vec!["otlp"]);
+        assert_eq!(ids(&p.processors), vec!["batch"]);
+        assert_eq!(ids(&p.exporters), vec!["debug"]);
+    }
+}
+
+#[test]
+fn service_settings_and_pipeline_queues_are_read() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/testdata/valid/everything.yaml"),
+    )
+    .unwrap();
+    let config = load_with(&text, "everything.yaml", &Registry::builtin(), &no_env).unwrap();
+    assert_eq!(config.service.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(
+        config.service.telemetry,
+        TelemetryConfig {
+            metrics_address: "127.0.0.1:18888".into(),
+            log_level: "info,podscope=debug".into(),
+            log_encoding: LogEncoding::Json,
+        }
+    );
+    let traces = &config.service.pipelines[0];
+    assert_eq!(traces.signal, Signal::Traces);
+    assert_eq!(traces.queue.capacity, 50_000);
+    assert_eq!(
+        traces.queue.when_full,
+        podscope_core::config::WhenFull::DropNewest
+    );
+    let internal = &config.service.pipelines[2];
+    assert_eq!(internal.name, "metrics/internal");
+    assert_eq!(internal.queue.block_timeout, Duration::from_secs(1));
+    assert_eq!(
+        internal.queue.capacity, 10_000,
+        "defaults fill what is not set"
+    );
+    // The default for the unset variable was used.
+    assert_eq!(
+        config.receivers[&ComponentId::parse("otlp").unwrap()]["protocols"]["grpc"]["endpoint"],
+        "127.0.0.1:4317"
+    );
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn env_values_are_substituted_with_their_types() {
+    let text = "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: ${env:HOST}:${env:PORT}\n        max_recv_msg_size_mib: ${env:MIB}\nexporters:\n  debug:\nservice:\n  pipelines:\n    traces: {receivers: [otlp], exporters: [debug]}\n";
+    let env = |name: &str| match name {
+        "HOST" => Some("127.0.0.1".to_string()),
+        "PORT" => Some("5317".to_string()),
+        "MIB" => Some("16".to_string()),
+        _ => None,
+    };
+    let config = load_with(text, "env.yaml", &Registry::builtin(), &env).unwrap();
+    let grpc = &config.receivers[&ComponentId::parse("otlp").unwrap()]["protocols"]["grpc"];
+    assert_eq!(grpc["endpoint"], "127.0.0.1:5317");
+    assert_eq!(grpc["max_recv_msg_size_mib"], 16);
+}
+
+#[test]
+fn unused_components_are_warnings_not_errors() {
+    let text = "receivers:\n  otlp: {protocols: {grpc: {}}}\nexporters:\n  debug:\n  nop:\nservice:\n  pipelines:\n    traces: {receivers: [otlp], exporters: [debug]}\n";
+    let config = load_with(text, "w.yaml", &Registry::builtin(), &no_env).unwrap();
+    assert_eq!(
+        config.warnings,
+        vec!["exporters.nop is defined but no pipeline uses it"]
+    );
+}
+
+/// A receiver that produces metrics only, to test signal checks.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsOnlyConfig {}
+
+impl ComponentConfig for MetricsOnlyConfig {}
+
+impl ReceiverBuilder for MetricsOnlyConfig {
+    fn build(
+        self: Box<Self>,
+        _: BuildContext,
+        _: ReceiverConsumers,
+    ) -> anyhow::Result<Box<dyn Receiver>> {
+        anyhow::bail!("not built in these tests")
+    }
+}
+
+static METRICS_ONLY: ReceiverFactory = ReceiverFactory {
+    type_name: "metricsonly",
+    description: "test receiver",
+    signals: &[Signal::Metrics],
+    create: create_receiver::<MetricsOnlyConfig>,
+};
+
+#[test]
+fn a_component_in_a_pipeline_of_a_signal_it_cannot_handle_is_refused() {
+    let mut registry = Registry::builtin();
+    registry.receivers.push(&METRICS_ONLY);
+    let text = "receivers:\n  metricsonly:\nexporters:\n  debug:\nservice:\n  pipelines:\n    traces:\n      receivers: [metricsonly]\n      exporters: [debug]\n";
+    let errors = load_with(text, "s.yaml", &registry, &no_env).unwrap_err();
+    assert_eq!(
+        errors.to_string(),
+        "s.yaml:8:19: service.pipelines.traces.receivers[0]: receiver metricsonly does not handle traces (it handles metrics)"
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_one_error_naming_it() {
+    let errors = load_file(Path::new("/nonexistent/podscope.yaml")).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert!(
+        errors
+            .to_string()
+            .starts_with("/nonexistent/podscope.yaml:0:0: cannot read the config file"),
+        "{errors}"
+    );
+}
