@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opentelemetry_proto::tonic::metrics::v1::{metric, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+};
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope::registry;
 use podscope_core::{
@@ -22,7 +24,9 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
     match (kind, type_name) {
         (ComponentKind::Receiver, "otlp") => json!({"protocols": {
             "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}),
-        (ComponentKind::Exporter, "file") => json!({"path": dir.join(format!("{type_name}.jsonl"))}),
+        (ComponentKind::Exporter, "file") => {
+            json!({"path": dir.join(format!("{type_name}.jsonl"))})
+        }
         (ComponentKind::Exporter, "prometheus") => json!({"endpoint": "127.0.0.1:0"}),
         // Backends that are not running: the exporter must still start and shut down cleanly.
         (ComponentKind::Exporter, "otlp" | "jaeger") => {
@@ -154,7 +158,11 @@ async fn every_processor_forwards_what_it_consumes() {
                 .await
                 .unwrap_or_else(|e| panic!("processor {name} refused {signal}: {e}"));
             within(name, processor.shutdown()).await.unwrap();
-            assert_eq!(next.items(), 3, "processor {name} forwarded every {signal} item by shutdown");
+            assert_eq!(
+                next.items(),
+                3,
+                "processor {name} forwarded every {signal} item by shutdown"
+            );
         }
     }
 }
@@ -192,11 +200,28 @@ fn registry_types_are_unique_and_described() {
     let rows = registry::receivers()
         .into_iter()
         .map(|f| ("receiver", f.type_name, f.description, f.signals))
-        .chain(registry::processors().into_iter().map(|f| ("processor", f.type_name, f.description, f.signals)))
-        .chain(registry::exporters().into_iter().map(|f| ("exporter", f.type_name, f.description, f.signals)));
+        .chain(
+            registry::processors()
+                .into_iter()
+                .map(|f| ("processor", f.type_name, f.description, f.signals)),
+        )
+        .chain(
+            registry::exporters()
+                .into_iter()
+                .map(|f| ("exporter", f.type_name, f.description, f.signals)),
+        );
     for (kind, type_name, description, signals) in rows {
-        assert!(seen.insert((kind, type_name)), "{kind} {type_name} registered twice");
-        assert!(!description.is_empty() && !description.contains('\n'), "{kind} {type_name}: one-line description");
-        assert!(!signals.is_empty(), "{kind} {type_name}: handles some signal");
+        assert!(
+            seen.insert((kind, type_name)),
+            "{kind} {type_name} registered twice"
+        );
+        assert!(
+            !description.is_empty() && !description.contains('\n'),
+            "{kind} {type_name}: one-line description"
+        );
+        assert!(
+            !signals.is_empty(),
+            "{kind} {type_name}: handles some signal"
+        );
     }
 }

@@ -72,7 +72,10 @@ impl AgentProcess {
             if let Some(status) = self.child.try_wait().expect("wait for podscope") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "podscope did not exit within {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "podscope did not exit within {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::InstrumentationScope;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -145,11 +147,17 @@ service:
                 .text()
                 .await
                 .unwrap();
-            for (signal, acked) in [("traces", acked_spans.len()), ("metrics", acked_points.len())] {
+            for (signal, acked) in [
+                ("traces", acked_spans.len()),
+                ("metrics", acked_points.len()),
+            ] {
                 let line = format!(
                     "podscope_receiver_accepted_items_total{{component=\"otlp\",signal=\"{signal}\"}} {acked}"
                 );
-                assert!(metrics.lines().any(|l| l == line), "missing {line:?} in:\n{metrics}");
+                assert!(
+                    metrics.lines().any(|l| l == line),
+                    "missing {line:?} in:\n{metrics}"
+                );
             }
             agent.sigterm();
             sigterm_sent = true;
@@ -157,9 +165,16 @@ service:
         if sigterm_sent && !spans_ok && !points_ok {
             break; // the receiver has stopped
         }
-        assert!(export < 100_000, "the agent never stopped receiving after SIGTERM");
+        assert!(
+            export < 100_000,
+            "the agent never stopped receiving after SIGTERM"
+        );
     }
-    eprintln!("acknowledged {} spans and {} points over {export} exports", acked_spans.len(), acked_points.len());
+    eprintln!(
+        "acknowledged {} spans and {} points over {export} exports",
+        acked_spans.len(),
+        acked_points.len()
+    );
     let status = agent.wait(Duration::from_secs(60)).await;
     assert!(status.success(), "podscope exited with {status:?}");
 
@@ -180,7 +195,9 @@ service:
                 for m in sm["metrics"].as_array().into_iter().flatten() {
                     for p in m["gauge"]["dataPoints"].as_array().into_iter().flatten() {
                         let t = &p["timeUnixNano"];
-                        let id = t.as_u64().or_else(|| t.as_str().and_then(|s| s.parse().ok()));
+                        let id = t
+                            .as_u64()
+                            .or_else(|| t.as_str().and_then(|s| s.parse().ok()));
                         point_ids.push(id.expect("timeUnixNano is a number or a decimal string"));
                     }
                 }
@@ -189,14 +206,31 @@ service:
     }
     let written_spans: BTreeSet<String> = span_names.iter().cloned().collect();
     let written_points: BTreeSet<u64> = point_ids.iter().copied().collect();
-    assert_eq!(written_spans.len(), span_names.len(), "no span is written twice");
-    assert_eq!(written_points.len(), point_ids.len(), "no point is written twice");
+    assert_eq!(
+        written_spans.len(),
+        span_names.len(),
+        "no span is written twice"
+    );
+    assert_eq!(
+        written_points.len(),
+        point_ids.len(),
+        "no point is written twice"
+    );
     let lost_spans: Vec<_> = acked_spans.difference(&written_spans).collect();
     let lost_points: Vec<_> = acked_points.difference(&written_points).collect();
-    assert!(lost_spans.is_empty(), "acknowledged spans missing from the file: {lost_spans:?}");
-    assert!(lost_points.is_empty(), "acknowledged points missing: {lost_points:?}");
+    assert!(
+        lost_spans.is_empty(),
+        "acknowledged spans missing from the file: {lost_spans:?}"
+    );
+    assert!(
+        lost_points.is_empty(),
+        "acknowledged points missing: {lost_points:?}"
+    );
     // Only an export in flight when the receiver stopped may be written without its ack.
     assert!(written_spans.len() as u64 <= acked_spans.len() as u64 + SPANS_PER_EXPORT);
     assert!(written_points.len() as u64 <= acked_points.len() as u64 + POINTS_PER_EXPORT);
-    assert!(acked_spans.len() as u64 >= 40 * SPANS_PER_EXPORT, "data flowed before SIGTERM");
+    assert!(
+        acked_spans.len() as u64 >= 40 * SPANS_PER_EXPORT,
+        "data flowed before SIGTERM"
+    );
 }
