@@ -1,0 +1,214 @@
+//! Spans (and metric data points) per second per core through the real agent:
+//! `otlp` receiver (gRPC) → `batch` → `nop` exporter, in a separate `podscope` process.
+//!
+//! A load client in this process sends pre-built requests on several concurrent gRPC streams; the
+//! agent's CPU time is read from `/proc/<pid>/stat` before and after, so "per core" means items
+//! per CPU-second spent by the agent alone, whatever the client costs.
+//!
+//! Run: `cargo bench --bench otlp_throughput` (env `BENCH_SECONDS`, default 10).
+//! Under `cargo test` (`--bench` absent) it does a 1-second smoke run.
+
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use podscope_integration::agent::{free_port, AgentProcess};
+
+const ITEMS_PER_REQUEST: usize = 500;
+const STREAMS: usize = 4;
+
+fn attr(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        key_strindex: 0,
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+    }
+}
+
+fn resource() -> Option<Resource> {
+    Some(Resource {
+        attributes: vec![
+            attr("service.name", "checkout"),
+            attr("k8s.namespace.name", "shop"),
+            attr("k8s.pod.name", "checkout-7d9f8b6c5-x2x7q"),
+        ],
+        ..Default::default()
+    })
+}
+
+fn spans_request() -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: resource(),
+            scope_spans: vec![ScopeSpans {
+                spans: (0..ITEMS_PER_REQUEST)
+                    .map(|i| Span {
+                        trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
+                        span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+                        name: "GET /api/cart".into(),
+                        kind: 2,
+                        start_time_unix_nano: 1_700_000_000_000_000_000 + i as u64,
+                        end_time_unix_nano: 1_700_000_000_003_000_000 + i as u64,
+                        attributes: vec![
+                            attr("http.request.method", "GET"),
+                            attr("http.route", "/api/cart"),
+                            attr("url.path", "/api/cart/42"),
+                        ],
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+fn metrics_request() -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: resource(),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "podscope.syscalls".into(),
+                    unit: "{syscall}".into(),
+                    data: Some(metric::Data::Sum(Sum {
+                        aggregation_temporality: 2,
+                        is_monotonic: true,
+                        data_points: (0..ITEMS_PER_REQUEST)
+                            .map(|i| NumberDataPoint {
+                                attributes: vec![attr("syscall", &format!("sys_{i}"))],
+                                time_unix_nano: 1_700_000_000_000_000_000,
+                                value: Some(number_data_point::Value::AsInt(i as i64)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+struct Measured {
+    items: u64,
+    wall: Duration,
+    agent_cpu: f64,
+}
+
+async fn drive(endpoint: &str, signal: &str, seconds: u64, pid: i32) -> Measured {
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let stop_at = started + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for _ in 0..STREAMS {
+        let endpoint = endpoint.to_string();
+        let signal = signal.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            if signal == "traces" {
+                let mut client = TraceServiceClient::connect(endpoint).await.unwrap();
+                let request = spans_request();
+                while Instant::now() < stop_at {
+                    client.export(request.clone()).await.expect("agent accepts");
+                    sent += ITEMS_PER_REQUEST as u64;
+                }
+            } else {
+                let mut client = MetricsServiceClient::connect(endpoint).await.unwrap();
+                let request = metrics_request();
+                while Instant::now() < stop_at {
+                    client.export(request.clone()).await.expect("agent accepts");
+                    sent += ITEMS_PER_REQUEST as u64;
+                }
+            }
+            sent
+        }));
+    }
+    let mut items = 0;
+    for t in tasks {
+        items += t.await.unwrap();
+    }
+    Measured {
+        items,
+        wall: started.elapsed(),
+        agent_cpu: cpu_seconds(pid) - cpu_before,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let seconds: u64 = if benchmarking {
+        std::env::var("BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10)
+    } else {
+        1
+    };
+    let grpc_port = free_port();
+    let telemetry_port = free_port();
+    let config = format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc: {{ endpoint: "127.0.0.1:{grpc_port}" }}
+processors:
+  batch: {{ send_batch_size: 8192, timeout: 200ms }}
+exporters:
+  nop:
+service:
+  telemetry: {{ metrics: {{ address: "127.0.0.1:{telemetry_port}" }}, logs: {{ level: warn }} }}
+  pipelines:
+    traces: {{ receivers: [otlp], processors: [batch], exporters: [nop] }}
+    metrics: {{ receivers: [otlp], processors: [batch], exporters: [nop] }}
+"#
+    );
+    let agent = AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
+    let endpoint = format!("http://127.0.0.1:{grpc_port}");
+    println!(
+        "{:<8} {:>12} {:>14} {:>16} {:>18}",
+        "signal", "items", "items/s", "agent cores", "items/s per core"
+    );
+    for signal in ["traces", "metrics"] {
+        let m = drive(&endpoint, signal, seconds, agent.pid()).await;
+        let per_sec = m.items as f64 / m.wall.as_secs_f64();
+        println!(
+            "{:<8} {:>12} {:>14.0} {:>16.2} {:>18.0}",
+            signal,
+            m.items,
+            per_sec,
+            m.agent_cpu / m.wall.as_secs_f64(),
+            m.items as f64 / m.agent_cpu.max(0.001)
+        );
+        assert!(m.items > 0, "the agent accepted no {signal}");
+    }
+    agent.sigterm();
+    let status = agent.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "agent exited with {status:?}");
+}
