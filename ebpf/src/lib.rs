@@ -1,5 +1,22 @@
-//! podscope's kernel side: C eBPF programs (`*.bpf.c`, CO-RE) compiled by `build.rs` and embedded
-//! in the binary, and the Rust view of the structs they share with userspace.
+//! podscope's kernel side: the C eBPF programs in `src/bpf/*.bpf.c` (CO-RE, compiled by
+//! `build.rs` with clang and embedded here), and [`abi`], the Rust mirror of the structs in
+//! `src/bpf/podscope.h` that cross the kernel boundary.
 //!
-//! The programs arrive with the eBPF receiver; until then this crate only holds its place in the
-//! workspace.
+//! This crate only carries the programs; loading and attaching them is the eBPF receiver's work.
+
+pub mod abi;
+
+/// One embedded eBPF object per probe.
+pub mod objects {
+    macro_rules! object {
+        ($name:literal) => {
+            aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/", $name, ".bpf.o"))
+        };
+    }
+
+    pub static PROCESS: &[u8] = object!("process");
+    pub static SYSCALLS: &[u8] = object!("syscalls");
+    pub static FILES: &[u8] = object!("files");
+    pub static SCHED: &[u8] = object!("sched");
+    pub static BLOCK_IO: &[u8] = object!("block_io");
+}

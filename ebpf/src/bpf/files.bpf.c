@@ -1,0 +1,104 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * files: opens (openat, openat2) per cgroup and result (0 or errno), and, with `capture_paths`,
+ * opens per cgroup and path for the current interval (userspace reads and clears it).
+ * The syscall numbers come from the loader, which takes them from the `syscalls` crate.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include "podscope.h"
+
+const volatile __u32 nr_openat = 0;
+const volatile __u32 nr_openat2 = 0;
+const volatile __u32 capture_paths = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct open_key);
+	__type(value, __u64);
+} opens SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct open_path_key);
+	__type(value, __u64);
+} open_paths SEC(".maps");
+
+/* thread id → user pointer to the path being opened */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} open_inflight SEC(".maps");
+
+/* Scratch space: a path key is too large for the BPF stack next to everything else. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct open_path_key);
+} path_scratch SEC(".maps");
+
+static __always_inline int is_open(long nr)
+{
+	return nr >= 0 && ((__u32)nr == nr_openat || (__u32)nr == nr_openat2);
+}
+
+SEC("raw_tp/sys_enter")
+int podscope_files_enter(struct bpf_raw_tracepoint_args *ctx)
+{
+	if (!capture_paths || !is_open(ctx->args[1]) || podscope_skip_current())
+		return 0;
+	if (podscope_skip_cgroup(bpf_get_current_cgroup_id()))
+		return 0;
+	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+	__u64 path = BPF_CORE_READ(regs, si); /* 2nd argument of openat and openat2 */
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	bpf_map_update_elem(&open_inflight, &tid, &path, BPF_ANY);
+	return 0;
+}
+
+SEC("raw_tp/sys_exit")
+int podscope_files_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+	long nr = BPF_CORE_READ(regs, orig_ax);
+	if (!is_open(nr) || podscope_skip_current())
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (podscope_skip_cgroup(cgroup_id))
+		return 0;
+	long ret = (long)ctx->args[1];
+	struct open_key key = {
+		.cgroup_id = cgroup_id,
+		.err = (ret < 0 && ret >= -4095) ? (__u32)(-ret) : 0,
+	};
+	podscope_count(&opens, &key);
+
+	if (!capture_paths)
+		return 0;
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *path = bpf_map_lookup_elem(&open_inflight, &tid);
+	if (!path)
+		return 0;
+	__u64 user_path = *path;
+	bpf_map_delete_elem(&open_inflight, &tid);
+	if (key.err != 0)
+		return 0;
+	__u32 zero = 0;
+	struct open_path_key *pk = bpf_map_lookup_elem(&path_scratch, &zero);
+	if (!pk)
+		return 0;
+	__builtin_memset(pk, 0, sizeof(*pk));
+	pk->cgroup_id = cgroup_id;
+	if (bpf_probe_read_user_str(pk->path, sizeof(pk->path), (const void *)user_path) <= 0)
+		return 0;
+	podscope_count(&open_paths, pk);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,130 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * process: exec, fork (new processes, not threads) and exit (with exit code and lifetime) per
+ * cgroup, counted in maps; exec and exit also go out as events on a ring buffer so userspace can
+ * keep a pid → cgroup table. Wake-ups are batched: userspace is woken only once
+ * `wakeup_bytes` are waiting, and polls on a timer for the rest (see shared/notes: a wake-up per
+ * event costs about three times more).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "podscope.h"
+
+const volatile __u64 wakeup_bytes = 65536;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct process_key);
+	__type(value, __u64);
+} process_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct podscope_hist);
+} process_lifetime SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} process_events SEC(".maps");
+
+/* Events that did not fit in the ring buffer (index 0), summed over CPUs by userspace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} process_events_lost SEC(".maps");
+
+static struct podscope_hist zero_hist;
+
+static __always_inline __u64 task_cgroup_id(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+}
+
+static __always_inline void emit(struct task_struct *task, __u64 cgroup_id, __u32 kind, __s32 exit_code, __u64 lifetime)
+{
+	struct process_event *e = bpf_ringbuf_reserve(&process_events, sizeof(*e), 0);
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *lost = bpf_map_lookup_elem(&process_events_lost, &zero);
+		if (lost)
+			*lost += 1;
+		return;
+	}
+	e->cgroup_id = cgroup_id;
+	e->timestamp_ns = bpf_ktime_get_ns();
+	e->lifetime_ns = lifetime;
+	e->kind = kind;
+	e->pid = BPF_CORE_READ(task, tgid);
+	e->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	e->exit_code = exit_code;
+	bpf_probe_read_kernel_str(e->comm, sizeof(e->comm), task->comm);
+	__u64 waiting = bpf_ringbuf_query(&process_events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(e, waiting >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(podscope_process_exec, struct task_struct *task, pid_t old_pid, struct linux_binprm *bprm)
+{
+	if (podscope_skip_current())
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (podscope_skip_cgroup(cgroup_id))
+		return 0;
+	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_EXEC };
+	podscope_count(&process_counts, &key);
+	emit(task, cgroup_id, PROCESS_EXEC, 0, 0);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_fork")
+int BPF_PROG(podscope_process_fork, struct task_struct *parent, struct task_struct *child)
+{
+	/* A new thread shares its parent's thread group: not a new process. */
+	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
+		return 0;
+	if (podscope_skip_current())
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (podscope_skip_cgroup(cgroup_id))
+		return 0;
+	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_FORK };
+	podscope_count(&process_counts, &key);
+	return 0;
+}
+
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(podscope_process_exit, struct task_struct *task)
+{
+	/* One exit per process: the thread group leader's. */
+	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
+		return 0;
+	if (podscope_skip_current())
+		return 0;
+	__u64 cgroup_id = task_cgroup_id(task);
+	if (podscope_skip_cgroup(cgroup_id))
+		return 0;
+	int raw = BPF_CORE_READ(task, exit_code);
+	/* As a shell reports it: the exit status, or 128 + the signal that killed the process. */
+	__s32 code = (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
+	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_EXIT, .exit_code = code };
+	podscope_count(&process_counts, &key);
+
+	__u64 now = bpf_ktime_get_ns();
+	__u64 start = BPF_CORE_READ(task, start_time);
+	__u64 lifetime = now > start ? now - start : 0;
+	struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, &cgroup_id, &zero_hist);
+	if (h)
+		podscope_hist_add(h, lifetime);
+	emit(task, cgroup_id, PROCESS_EXIT, code, lifetime);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * sched: run-queue latency per cgroup (from the moment a task becomes runnable — woken, or
+ * preempted while still runnable — to the moment it is switched in) as a log2 histogram, and
+ * context switches per cgroup, voluntary (the task blocked) or involuntary (preempted).
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "podscope.h"
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct podscope_hist);
+} runq_latency SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct switch_key);
+	__type(value, __u64);
+} context_switches SEC(".maps");
+
+/* thread id → when it became runnable */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u64);
+} runnable_since SEC(".maps");
+
+static struct podscope_hist zero_hist;
+
+static __always_inline __u64 task_cgroup_id(struct task_struct *task)
+{
+	return BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+}
+
+static __always_inline int observed(struct task_struct *task, __u64 cgroup_id)
+{
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+	if (agent_tgid != 0 && tgid == agent_tgid)
+		return 0;
+	/* The idle task (pid 0) is not a workload. */
+	if (BPF_CORE_READ(task, pid) == 0)
+		return 0;
+	return !podscope_skip_cgroup(cgroup_id);
+}
+
+static __always_inline void mark_runnable(struct task_struct *task)
+{
+	if (!observed(task, task_cgroup_id(task)))
+		return;
+	__u32 tid = BPF_CORE_READ(task, pid);
+	__u64 now = bpf_ktime_get_ns();
+	bpf_map_update_elem(&runnable_since, &tid, &now, BPF_ANY);
+}
+
+SEC("tp_btf/sched_wakeup")
+int BPF_PROG(podscope_sched_wakeup, struct task_struct *task)
+{
+	mark_runnable(task);
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int BPF_PROG(podscope_sched_wakeup_new, struct task_struct *task)
+{
+	mark_runnable(task);
+	return 0;
+}
+
+SEC("tp_btf/sched_switch")
+int BPF_PROG(podscope_sched_switch, bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)
+{
+	__u64 prev_cgroup = task_cgroup_id(prev);
+	if (observed(prev, prev_cgroup)) {
+		/* TASK_RUNNING is 0: a task switched out while runnable was preempted. */
+		int involuntary = preempt || prev_state == 0;
+		struct switch_key key = {
+			.cgroup_id = prev_cgroup,
+			.kind = involuntary ? SWITCH_INVOLUNTARY : SWITCH_VOLUNTARY,
+		};
+		podscope_count(&context_switches, &key);
+		if (involuntary)
+			mark_runnable(prev);
+	}
+
+	__u64 next_cgroup = task_cgroup_id(next);
+	if (!observed(next, next_cgroup))
+		return 0;
+	__u32 tid = BPF_CORE_READ(next, pid);
+	__u64 *since = bpf_map_lookup_elem(&runnable_since, &tid);
+	if (!since)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 waited = now > *since ? now - *since : 0;
+	bpf_map_delete_elem(&runnable_since, &tid);
+	struct podscope_hist *h = podscope_lookup_or_init(&runq_latency, &next_cgroup, &zero_hist);
+	if (h)
+		podscope_hist_add(h, waited);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
