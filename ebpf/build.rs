@@ -14,7 +14,12 @@ fn find_tool(env_var: &str, candidates: &[&str]) -> Option<String> {
     }
     candidates
         .iter()
-        .find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .map(|c| c.to_string())
 }
 
@@ -38,7 +43,9 @@ fn main() {
     let arch = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
         Ok("x86_64") => "x86",
         Ok("aarch64") => "arm64",
-        Ok(other) => panic!("podscope-ebpf: no vmlinux.h for target arch {other} (see ebpf/README.md)"),
+        Ok(other) => {
+            panic!("podscope-ebpf: no vmlinux.h for target arch {other} (see ebpf/README.md)")
+        }
         Err(_) => "x86",
     };
     let vmlinux_dir = manifest.join(match arch {
@@ -46,13 +53,31 @@ fn main() {
         _ => "include/aarch64",
     });
 
-    let Some(clang) = find_tool("CLANG", &["clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14", "clang"]) else {
+    let Some(clang) = find_tool(
+        "CLANG",
+        &[
+            "clang-19", "clang-18", "clang-17", "clang-16", "clang-15", "clang-14", "clang",
+        ],
+    ) else {
         panic!("podscope-ebpf: clang not found; install it: {INSTALL_HINT}");
     };
-    let Some(strip) = find_tool("LLVM_STRIP", &["llvm-strip-19", "llvm-strip-18", "llvm-strip-17", "llvm-strip-16", "llvm-strip-15", "llvm-strip-14", "llvm-strip"]) else {
+    let Some(strip) = find_tool(
+        "LLVM_STRIP",
+        &[
+            "llvm-strip-19",
+            "llvm-strip-18",
+            "llvm-strip-17",
+            "llvm-strip-16",
+            "llvm-strip-15",
+            "llvm-strip-14",
+            "llvm-strip",
+        ],
+    ) else {
         panic!("podscope-ebpf: llvm-strip not found; install it: {INSTALL_HINT}");
     };
-    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() && std::env::var("LIBBPF_INCLUDE").is_err() {
+    if !Path::new("/usr/include/bpf/bpf_helpers.h").exists()
+        && std::env::var("LIBBPF_INCLUDE").is_err()
+    {
         panic!("podscope-ebpf: libbpf headers (bpf/bpf_helpers.h) not found; install them: {INSTALL_HINT}");
     }
 
@@ -68,7 +93,11 @@ fn main() {
         .collect();
     sources.sort();
     for source in &sources {
-        let name = source.file_name().unwrap().to_string_lossy().replace(".bpf.c", ".bpf.o");
+        let name = source
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".bpf.c", ".bpf.o");
         let object = out.join(&name);
         let mut compile = Command::new(&clang);
         compile
@@ -84,7 +113,10 @@ fn main() {
         compile.arg("-c").arg(source).arg("-o").arg(&object);
         run(&mut compile, &format!("clang on {}", source.display()));
         // Keeps BTF (needed for CO-RE and maps), drops DWARF (most of the size).
-        run(Command::new(&strip).arg("-g").arg(&object), &format!("llvm-strip on {name}"));
+        run(
+            Command::new(&strip).arg("-g").arg(&object),
+            &format!("llvm-strip on {name}"),
+        );
     }
 
     // The C compiler's view of the ABI structs: compile a host program against the header and

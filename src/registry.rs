@@ -7,7 +7,10 @@ use podscope_core::{
 };
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
-    vec![&podscope_receiver::otlp::FACTORY]
+    vec![
+        &podscope_receiver::ebpf::FACTORY,
+        &podscope_receiver::otlp::FACTORY,
+    ]
 }
 
 pub fn processors() -> Vec<&'static ProcessorFactory> {

@@ -100,7 +100,11 @@ impl ProcessEvent {
     }
 
     pub fn comm(&self) -> String {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        let end = self
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.comm.len());
         String::from_utf8_lossy(&self.comm[..end]).into_owned()
     }
 }
@@ -162,7 +166,10 @@ mod tests {
             .lines()
             .map(|line| {
                 let f: Vec<&str> = line.split_whitespace().collect();
-                ((f[0].to_string(), f[1].to_string()), (f[2].parse().unwrap(), f[3].parse().unwrap()))
+                (
+                    (f[0].to_string(), f[1].to_string()),
+                    (f[2].parse().unwrap(), f[3].parse().unwrap()),
+                )
             })
             .collect()
     }
@@ -188,11 +195,35 @@ mod tests {
         let mut rust = BTreeMap::new();
         rust_layout!(rust, "podscope_hist", Hist, [zero_count, sum, slots]);
         rust_layout!(rust, "syscall_key", SyscallKey, [cgroup_id, nr, _pad]);
-        rust_layout!(rust, "syscall_stats", SyscallStats, [count, errors, latency_ns]);
+        rust_layout!(
+            rust,
+            "syscall_stats",
+            SyscallStats,
+            [count, errors, latency_ns]
+        );
         rust_layout!(rust, "open_key", OpenKey, [cgroup_id, err, _pad]);
         rust_layout!(rust, "open_path_key", OpenPathKey, [cgroup_id, path]);
-        rust_layout!(rust, "process_key", ProcessKey, [cgroup_id, kind, exit_code]);
-        rust_layout!(rust, "process_event", ProcessEvent, [cgroup_id, timestamp_ns, lifetime_ns, kind, pid, ppid, exit_code, comm]);
+        rust_layout!(
+            rust,
+            "process_key",
+            ProcessKey,
+            [cgroup_id, kind, exit_code]
+        );
+        rust_layout!(
+            rust,
+            "process_event",
+            ProcessEvent,
+            [
+                cgroup_id,
+                timestamp_ns,
+                lifetime_ns,
+                kind,
+                pid,
+                ppid,
+                exit_code,
+                comm
+            ]
+        );
         rust_layout!(rust, "switch_key", SwitchKey, [cgroup_id, kind, _pad]);
         rust_layout!(rust, "block_key", BlockKey, [dev, op]);
         rust_layout!(rust, "block_stats", BlockStats, [bytes, latency_ns]);
@@ -211,7 +242,10 @@ mod tests {
         bytes.extend_from_slice(&3i32.to_ne_bytes()); // exit_code
         bytes.extend_from_slice(b"bash\0\0\0\0\0\0\0\0\0\0\0\0");
         let e = ProcessEvent::from_bytes(&bytes).unwrap();
-        assert_eq!((e.cgroup_id, e.kind, e.pid, e.ppid, e.exit_code), (42, PROCESS_EXIT, 1234, 1, 3));
+        assert_eq!(
+            (e.cgroup_id, e.kind, e.pid, e.ppid, e.exit_code),
+            (42, PROCESS_EXIT, 1234, 1, 3)
+        );
         assert_eq!(e.lifetime_ns, 1_000);
         assert_eq!(e.comm(), "bash");
         assert!(ProcessEvent::from_bytes(&bytes[..bytes.len() - 1]).is_none());

@@ -1,5 +1,7 @@
 //! podscope receivers. Each folder is one component: its config, its runtime and its tests.
 //!
+//! - `ebpf`: kernel probes aggregated in eBPF maps, as metrics per cgroup.
 //! - `otlp`: OTLP over gRPC and HTTP (protobuf and JSON), metrics and traces.
 
+pub mod ebpf;
 pub mod otlp;

@@ -51,11 +51,11 @@ static __always_inline int is_open(long nr)
 SEC("raw_tp/sys_enter")
 int podscope_files_enter(struct bpf_raw_tracepoint_args *ctx)
 {
-	if (!capture_paths || !is_open(ctx->args[1]) || podscope_skip_current())
+	if (!capture_paths || !is_open(podscope_raw_arg(ctx, 1)) || podscope_skip_current())
 		return 0;
 	if (podscope_skip_cgroup(bpf_get_current_cgroup_id()))
 		return 0;
-	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+	struct pt_regs *regs = (struct pt_regs *)podscope_raw_arg(ctx, 0);
 	__u64 path = BPF_CORE_READ(regs, si); /* 2nd argument of openat and openat2 */
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	bpf_map_update_elem(&open_inflight, &tid, &path, BPF_ANY);
@@ -65,14 +65,14 @@ int podscope_files_enter(struct bpf_raw_tracepoint_args *ctx)
 SEC("raw_tp/sys_exit")
 int podscope_files_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
+	struct pt_regs *regs = (struct pt_regs *)podscope_raw_arg(ctx, 0);
 	long nr = BPF_CORE_READ(regs, orig_ax);
 	if (!is_open(nr) || podscope_skip_current())
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
-	long ret = (long)ctx->args[1];
+	long ret = (long)podscope_raw_arg(ctx, 1);
 	struct open_key key = {
 		.cgroup_id = cgroup_id,
 		.err = (ret < 0 && ret >= -4095) ? (__u32)(-ret) : 0,

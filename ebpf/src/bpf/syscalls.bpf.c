@@ -49,8 +49,8 @@ int podscope_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
-	struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-	long ret = (long)ctx->args[1];
+	struct pt_regs *regs = (struct pt_regs *)podscope_raw_arg(ctx, 0);
+	long ret = (long)podscope_raw_arg(ctx, 1);
 	long nr = BPF_CORE_READ(regs, orig_ax);
 	if (nr < 0)
 		return 0;

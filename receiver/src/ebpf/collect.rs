@@ -1,0 +1,430 @@
+//! Reading the probes' maps into OTLP metrics: one `ResourceMetrics` per cgroup (and one for the
+//! host, for per-device data), cumulative sums and exponential histograms with the receiver's
+//! start time as every series' start time (the maps count from the moment they were created).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, AggregationTemporality, ExponentialHistogram, Metric,
+    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use podscope_ebpf::abi::{
+    BlockKey, BlockStats, Hist, OpenKey, OpenPathKey, ProcessKey, SwitchKey, SyscallKey,
+    SyscallStats, BLOCK_DISCARD, BLOCK_FLUSH, BLOCK_READ, BLOCK_WRITE, PROCESS_EXEC, PROCESS_EXIT,
+    PROCESS_FORK, SWITCH_VOLUNTARY,
+};
+
+use super::catalog::{self, MetricDoc, MetricKind};
+use super::cgroups::{container_id, CgroupIndex};
+use super::histogram::exponential_point;
+
+pub fn string_attr(key: &str, value: impl Into<String>) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        key_strindex: 0,
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+    }
+}
+
+pub fn int_attr(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        key_strindex: 0,
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+    }
+}
+
+/// Where data points belong: a cgroup, or the host itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Owner {
+    Cgroup(u64),
+    Host,
+}
+
+/// Collects data points and groups them into resources and metrics.
+pub struct MetricsBuilder<'a> {
+    host_name: &'a str,
+    index: &'a CgroupIndex,
+    start_ns: u64,
+    now_ns: u64,
+    metrics: BTreeMap<Owner, BTreeMap<&'static str, Metric>>,
+}
+
+impl<'a> MetricsBuilder<'a> {
+    pub fn new(host_name: &'a str, index: &'a CgroupIndex, start_ns: u64, now_ns: u64) -> Self {
+        MetricsBuilder {
+            host_name,
+            index,
+            start_ns,
+            now_ns,
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    fn metric(&mut self, owner: Owner, doc: &MetricDoc) -> &mut Metric {
+        self.metrics
+            .entry(owner)
+            .or_default()
+            .entry(doc.name)
+            .or_insert_with(|| Metric {
+                name: doc.name.to_string(),
+                description: doc.description.to_string(),
+                unit: doc.unit.to_string(),
+                data: Some(match doc.kind {
+                    MetricKind::Counter | MetricKind::DeltaCounter => metric::Data::Sum(Sum {
+                        data_points: Vec::new(),
+                        aggregation_temporality: if doc.kind == MetricKind::Counter {
+                            AggregationTemporality::Cumulative as i32
+                        } else {
+                            AggregationTemporality::Delta as i32
+                        },
+                        is_monotonic: true,
+                    }),
+                    MetricKind::Distribution => {
+                        metric::Data::ExponentialHistogram(ExponentialHistogram {
+                            data_points: Vec::new(),
+                            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                        })
+                    }
+                }),
+                ..Default::default()
+            })
+    }
+
+    pub fn count(&mut self, owner: Owner, doc: &MetricDoc, attributes: Vec<KeyValue>, value: u64) {
+        let start = self.start_ns;
+        let now = self.now_ns;
+        if let Some(metric::Data::Sum(sum)) = &mut self.metric(owner, doc).data {
+            sum.data_points.push(NumberDataPoint {
+                attributes,
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                value: Some(number_data_point::Value::AsInt(value as i64)),
+                ..Default::default()
+            });
+        }
+    }
+
+    pub fn distribution(
+        &mut self,
+        owner: Owner,
+        doc: &MetricDoc,
+        attributes: Vec<KeyValue>,
+        hist: &Hist,
+    ) {
+        let start = self.start_ns;
+        let now = self.now_ns;
+        if let Some(metric::Data::ExponentialHistogram(h)) = &mut self.metric(owner, doc).data {
+            let mut point = exponential_point(hist);
+            point.attributes = attributes;
+            point.start_time_unix_nano = start;
+            point.time_unix_nano = now;
+            h.data_points.push(point);
+        }
+    }
+
+    fn resource(&self, owner: Owner) -> Resource {
+        let mut attributes = vec![string_attr("host.name", self.host_name)];
+        if let Owner::Cgroup(id) = owner {
+            attributes.push(int_attr("podscope.cgroup.id", id as i64));
+            if let Some(path) = self.index.path(id) {
+                attributes.push(string_attr("podscope.cgroup.path", path));
+                if let Some(container) = container_id(path) {
+                    attributes.push(string_attr("container.id", container));
+                }
+            }
+        }
+        Resource {
+            attributes,
+            ..Default::default()
+        }
+    }
+
+    pub fn finish(self) -> Vec<ResourceMetrics> {
+        let scope = InstrumentationScope {
+            name: "podscope.receiver.ebpf".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        };
+        self.metrics
+            .iter()
+            .map(|(owner, metrics)| ResourceMetrics {
+                resource: Some(self.resource(*owner)),
+                scope_metrics: vec![ScopeMetrics {
+                    scope: Some(scope.clone()),
+                    metrics: metrics.values().cloned().collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect()
+    }
+}
+
+pub fn syscall_name(nr: u32) -> String {
+    syscalls::Sysno::new(nr as usize)
+        .map(|s| s.name().to_string())
+        .unwrap_or_else(|| format!("syscall_{nr}"))
+}
+
+pub fn errno_name(errno: u32) -> String {
+    syscalls::Errno::new(errno as i32)
+        .name()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("errno_{errno}"))
+}
+
+pub fn add_process(
+    b: &mut MetricsBuilder<'_>,
+    counts: &HashMap<ProcessKey, u64>,
+    lifetimes: &HashMap<u64, Hist>,
+) {
+    for (key, &count) in counts {
+        let owner = Owner::Cgroup(key.cgroup_id);
+        match key.kind {
+            PROCESS_EXEC => b.count(owner, &catalog::EXECS, vec![], count),
+            PROCESS_FORK => b.count(owner, &catalog::FORKS, vec![], count),
+            PROCESS_EXIT => b.count(
+                owner,
+                &catalog::EXITS,
+                vec![int_attr("process.exit.code", key.exit_code as i64)],
+                count,
+            ),
+            _ => {}
+        }
+    }
+    for (cgroup, hist) in lifetimes {
+        b.distribution(Owner::Cgroup(*cgroup), &catalog::LIFETIME, vec![], hist);
+    }
+}
+
+pub fn add_syscalls(
+    b: &mut MetricsBuilder<'_>,
+    stats: &HashMap<SyscallKey, SyscallStats>,
+    latency: bool,
+) {
+    for (key, s) in stats {
+        let owner = Owner::Cgroup(key.cgroup_id);
+        let name = syscall_name(key.nr);
+        b.count(
+            owner,
+            &catalog::SYSCALLS,
+            vec![string_attr("syscall.name", &name)],
+            s.count,
+        );
+        if s.errors > 0 {
+            b.count(
+                owner,
+                &catalog::SYSCALL_ERRORS,
+                vec![string_attr("syscall.name", &name)],
+                s.errors,
+            );
+        }
+        if latency && s.latency_ns.count() > 0 {
+            b.distribution(
+                owner,
+                &catalog::SYSCALL_LATENCY,
+                vec![string_attr("syscall.name", &name)],
+                &s.latency_ns,
+            );
+        }
+    }
+}
+
+pub fn add_files(b: &mut MetricsBuilder<'_>, opens: &HashMap<OpenKey, u64>) {
+    let mut totals: BTreeMap<u64, u64> = BTreeMap::new();
+    for (key, &count) in opens {
+        *totals.entry(key.cgroup_id).or_default() += count;
+        if key.err != 0 {
+            b.count(
+                Owner::Cgroup(key.cgroup_id),
+                &catalog::OPEN_ERRORS,
+                vec![string_attr("error.type", errno_name(key.err))],
+                count,
+            );
+        }
+    }
+    for (cgroup, total) in totals {
+        b.count(Owner::Cgroup(cgroup), &catalog::OPENS, vec![], total);
+    }
+}
+
+/// Opens by path of the last interval: the `top` most opened per cgroup, the rest as `other`.
+pub fn add_top_paths(b: &mut MetricsBuilder<'_>, paths: &HashMap<OpenPathKey, u64>, top: usize) {
+    let mut per_cgroup: BTreeMap<u64, Vec<(String, u64)>> = BTreeMap::new();
+    for (key, &count) in paths {
+        let end = key
+            .path
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(key.path.len());
+        let path = String::from_utf8_lossy(&key.path[..end]).into_owned();
+        per_cgroup
+            .entry(key.cgroup_id)
+            .or_default()
+            .push((path, count));
+    }
+    for (cgroup, mut list) in per_cgroup {
+        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let other: u64 = list.iter().skip(top).map(|(_, c)| c).sum();
+        for (path, count) in list.into_iter().take(top) {
+            b.count(
+                Owner::Cgroup(cgroup),
+                &catalog::PATH_OPENS,
+                vec![string_attr("file.path", path)],
+                count,
+            );
+        }
+        if other > 0 {
+            b.count(
+                Owner::Cgroup(cgroup),
+                &catalog::PATH_OPENS,
+                vec![string_attr("file.path", "other")],
+                other,
+            );
+        }
+    }
+}
+
+pub fn add_sched(
+    b: &mut MetricsBuilder<'_>,
+    runq: &HashMap<u64, Hist>,
+    switches: &HashMap<SwitchKey, u64>,
+) {
+    for (cgroup, hist) in runq {
+        b.distribution(Owner::Cgroup(*cgroup), &catalog::RUNQ_LATENCY, vec![], hist);
+    }
+    for (key, &count) in switches {
+        let kind = if key.kind == SWITCH_VOLUNTARY {
+            "voluntary"
+        } else {
+            "involuntary"
+        };
+        b.count(
+            Owner::Cgroup(key.cgroup_id),
+            &catalog::CONTEXT_SWITCHES,
+            vec![string_attr("podscope.sched.switch", kind)],
+            count,
+        );
+    }
+}
+
+pub fn block_operation(op: u32) -> &'static str {
+    match op {
+        BLOCK_READ => "read",
+        BLOCK_WRITE => "write",
+        BLOCK_FLUSH => "flush",
+        BLOCK_DISCARD => "discard",
+        _ => "other",
+    }
+}
+
+/// The device name for a kernel dev_t (major << 20 | minor), from sysfs; `major:minor` if unknown.
+pub fn device_name(dev: u32) -> String {
+    let (major, minor) = (dev >> 20, dev & 0xfffff);
+    std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/uevent"))
+        .ok()
+        .and_then(|uevent| {
+            uevent
+                .lines()
+                .find_map(|l| l.strip_prefix("DEVNAME=").map(str::to_string))
+        })
+        .unwrap_or_else(|| format!("{major}:{minor}"))
+}
+
+pub fn add_block(b: &mut MetricsBuilder<'_>, stats: &HashMap<BlockKey, BlockStats>) {
+    for (key, s) in stats {
+        let attributes = vec![
+            string_attr("system.device", device_name(key.dev)),
+            string_attr("podscope.block.operation", block_operation(key.op)),
+        ];
+        b.count(
+            Owner::Host,
+            &catalog::BLOCK_BYTES,
+            attributes.clone(),
+            s.bytes,
+        );
+        b.distribution(
+            Owner::Host,
+            &catalog::BLOCK_LATENCY,
+            attributes,
+            &s.latency_ns,
+        );
+    }
+}
+
+/// Cgroup ids in `ids` that the index does not know (after a refresh): removed cgroups.
+pub fn gone(ids: impl IntoIterator<Item = u64>, index: &CgroupIndex) -> HashSet<u64> {
+    ids.into_iter()
+        .filter(|id| index.path(*id).is_none())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_come_from_the_syscall_and_errno_tables() {
+        assert_eq!(syscall_name(syscalls::Sysno::openat.id() as u32), "openat");
+        assert_eq!(syscall_name(100_000), "syscall_100000");
+        assert_eq!(errno_name(2), "ENOENT");
+        assert_eq!(errno_name(13), "EACCES");
+    }
+
+    #[test]
+    fn top_paths_keep_the_most_opened_and_sum_the_rest() {
+        let key = |path: &str| {
+            let mut k = OpenPathKey {
+                cgroup_id: 9,
+                path: [0; podscope_ebpf::abi::PATH_LEN],
+            };
+            k.path[..path.len()].copy_from_slice(path.as_bytes());
+            k
+        };
+        let paths: HashMap<_, _> = [
+            (key("/a"), 5),
+            (key("/b"), 9),
+            (key("/c"), 1),
+            (key("/d"), 2),
+        ]
+        .into_iter()
+        .collect();
+        let index = CgroupIndex::default();
+        let mut b = MetricsBuilder::new("h", &index, 1, 2);
+        add_top_paths(&mut b, &paths, 2);
+        let rms = b.finish();
+        let Some(metric::Data::Sum(sum)) = &rms[0].scope_metrics[0].metrics[0].data else {
+            panic!()
+        };
+        let got: Vec<(String, i64)> = sum
+            .data_points
+            .iter()
+            .map(|p| {
+                let Some(any_value::Value::StringValue(path)) =
+                    p.attributes[0].value.clone().unwrap().value
+                else {
+                    panic!()
+                };
+                let Some(number_data_point::Value::AsInt(v)) = p.value else {
+                    panic!()
+                };
+                (path, v)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("/b".into(), 9), ("/a".into(), 5), ("other".into(), 3)]
+        );
+        assert_eq!(
+            sum.aggregation_temporality,
+            AggregationTemporality::Delta as i32
+        );
+    }
+}

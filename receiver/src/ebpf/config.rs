@@ -1,0 +1,202 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use podscope_core::{ComponentConfig, FieldError};
+use serde::{Deserialize, Deserializer};
+
+/// `receivers: ebpf:` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EbpfReceiverConfig {
+    /// How often the kernel's maps become data points. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub collection_interval: Duration,
+    /// Kernel BTF for CO-RE relocations. Default `/sys/kernel/btf/vmlinux`; point it at a BTF file
+    /// (e.g. from BTFHub) on kernels that do not ship one.
+    pub btf_path: PathBuf,
+    /// Which cgroups are observed, by cgroup path glob (relative to the cgroup2 mount, e.g.
+    /// `/kubepods.slice/**`). Unselected cgroups cost one map lookup in the kernel.
+    pub cgroup_filter: CgroupFilterConfig,
+    /// The probes to run. A probe is on when listed, even empty (`sched:`), unless
+    /// `enabled: false`.
+    pub probes: ProbesConfig,
+}
+
+impl Default for EbpfReceiverConfig {
+    fn default() -> Self {
+        EbpfReceiverConfig {
+            collection_interval: Duration::from_secs(10),
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            cgroup_filter: CgroupFilterConfig::default(),
+            probes: ProbesConfig::default(),
+        }
+    }
+}
+
+/// `cgroup_filter:` — `*` matches within one path segment, `**` across segments.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CgroupFilterConfig {
+    /// Observe only cgroups matching one of these globs (empty: all).
+    pub include: Vec<String>,
+    /// Never observe cgroups matching one of these globs.
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    #[serde(deserialize_with = "present_means_on")]
+    pub process: Option<ProcessProbeConfig>,
+    #[serde(deserialize_with = "present_means_on")]
+    pub syscalls: Option<SyscallsProbeConfig>,
+    #[serde(deserialize_with = "present_means_on")]
+    pub files: Option<FilesProbeConfig>,
+    #[serde(deserialize_with = "present_means_on")]
+    pub sched: Option<BasicProbeConfig>,
+    #[serde(deserialize_with = "present_means_on")]
+    pub block_io: Option<BasicProbeConfig>,
+}
+
+/// Settings every probe has.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BasicProbeConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Fail startup if the probe cannot attach (default false: log one line and go on).
+    pub required: bool,
+}
+
+impl Default for BasicProbeConfig {
+    fn default() -> Self {
+        BasicProbeConfig {
+            enabled: true,
+            required: false,
+        }
+    }
+}
+
+/// `probes.process:`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessProbeConfig {
+    pub enabled: bool,
+    pub required: bool,
+    /// Bytes of exec/exit events that wake the agent early; below that it reads them every
+    /// `event_poll_interval`. Default 65536.
+    pub wakeup_bytes: u64,
+    /// Default 200ms.
+    #[serde(with = "humantime_serde")]
+    pub event_poll_interval: Duration,
+}
+
+impl Default for ProcessProbeConfig {
+    fn default() -> Self {
+        ProcessProbeConfig {
+            enabled: true,
+            required: false,
+            wakeup_bytes: 65536,
+            event_poll_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// `probes.syscalls:`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyscallsProbeConfig {
+    pub enabled: bool,
+    pub required: bool,
+    /// Measure enter → exit latency (adds a hook on syscall entry). Default true; false keeps
+    /// only counts and errors, at about half the cost.
+    pub latency: bool,
+}
+
+impl Default for SyscallsProbeConfig {
+    fn default() -> Self {
+        SyscallsProbeConfig {
+            enabled: true,
+            required: false,
+            latency: true,
+        }
+    }
+}
+
+/// `probes.files:`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesProbeConfig {
+    pub enabled: bool,
+    pub required: bool,
+    /// Count opens per path (successful opens only). Default false: paths can be sensitive and
+    /// numerous.
+    pub capture_paths: bool,
+    /// With `capture_paths`: the paths reported per cgroup and interval, most opened first; the
+    /// rest are summed as `other`. Default 20.
+    pub top_paths: usize,
+}
+
+impl Default for FilesProbeConfig {
+    fn default() -> Self {
+        FilesProbeConfig {
+            enabled: true,
+            required: false,
+            capture_paths: false,
+            top_paths: 20,
+        }
+    }
+}
+
+fn present_means_on<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(
+        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
+    ))
+}
+
+impl ComponentConfig for EbpfReceiverConfig {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.collection_interval < Duration::from_millis(100) {
+            errors.push(FieldError::new(
+                "collection_interval",
+                "must be at least 100ms",
+            ));
+        }
+        let p = &self.probes;
+        if p.process.is_none()
+            && p.syscalls.is_none()
+            && p.files.is_none()
+            && p.sched.is_none()
+            && p.block_io.is_none()
+        {
+            errors.push(FieldError::new(
+                "probes",
+                "list at least one probe: process, syscalls, files, sched, block_io",
+            ));
+        }
+        if let Some(files) = &p.files {
+            if files.capture_paths && files.top_paths == 0 {
+                errors.push(FieldError::new(
+                    "probes.files.top_paths",
+                    "must be at least 1 with capture_paths",
+                ));
+            }
+        }
+        for (i, glob) in self.cgroup_filter.include.iter().enumerate() {
+            if let Err(e) = super::cgroups::CgroupGlob::new(glob) {
+                errors.push(FieldError::new(format!("cgroup_filter.include[{i}]"), e));
+            }
+        }
+        for (i, glob) in self.cgroup_filter.exclude.iter().enumerate() {
+            if let Err(e) = super::cgroups::CgroupGlob::new(glob) {
+                errors.push(FieldError::new(format!("cgroup_filter.exclude[{i}]"), e));
+            }
+        }
+        errors
+    }
+}

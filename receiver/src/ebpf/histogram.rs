@@ -1,0 +1,125 @@
+//! Kernel log2 distributions as OTLP exponential histograms (scale 0), and exponential
+//! histograms as classic explicit-bucket ones for backends that need them.
+//!
+//! Kernel slot k holds values in (2^(k−1), 2^k] (slot 0 holds 1), which is exactly the OTLP
+//! scale-0 bucket with index k − 1, so the conversion is a shift, not an approximation.
+
+use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets;
+use opentelemetry_proto::tonic::metrics::v1::{ExponentialHistogramDataPoint, HistogramDataPoint};
+use podscope_ebpf::abi::Hist;
+
+/// The exponential-histogram data point for a kernel histogram (attributes and times left empty).
+pub fn exponential_point(hist: &Hist) -> ExponentialHistogramDataPoint {
+    let last = hist.slots.iter().rposition(|&c| c != 0);
+    let first = hist.slots.iter().position(|&c| c != 0);
+    let positive = match (first, last) {
+        (Some(first), Some(last)) => Some(Buckets {
+            offset: first as i32 - 1,
+            bucket_counts: hist.slots[first..=last].to_vec(),
+        }),
+        _ => None,
+    };
+    ExponentialHistogramDataPoint {
+        count: hist.count(),
+        sum: Some(hist.sum as f64),
+        scale: 0,
+        zero_count: hist.zero_count,
+        positive,
+        ..Default::default()
+    }
+}
+
+/// A classic histogram with the given upper bounds (ascending) from an exponential one. Each
+/// exponential bucket's count goes to the first explicit bucket whose bound is at or above the
+/// exponential bucket's upper edge, so counts are never placed below their true value; with
+/// power-of-two bounds at scale 0 this is exact.
+pub fn to_explicit(point: &ExponentialHistogramDataPoint, bounds: &[f64]) -> HistogramDataPoint {
+    let base = 2f64.powf(2f64.powi(-point.scale));
+    let mut counts = vec![0u64; bounds.len() + 1];
+    let bucket_for = |upper: f64| {
+        bounds
+            .iter()
+            .position(|&b| upper <= b)
+            .unwrap_or(bounds.len())
+    };
+    counts[bucket_for(0.0)] += point.zero_count;
+    if let Some(positive) = &point.positive {
+        for (i, &count) in positive.bucket_counts.iter().enumerate() {
+            let index = positive.offset as i64 + i as i64;
+            let upper = base.powf(index as f64 + 1.0);
+            counts[bucket_for(upper)] += count;
+        }
+    }
+    HistogramDataPoint {
+        attributes: point.attributes.clone(),
+        start_time_unix_nano: point.start_time_unix_nano,
+        time_unix_nano: point.time_unix_nano,
+        count: point.count,
+        sum: point.sum,
+        bucket_counts: counts,
+        explicit_bounds: bounds.to_vec(),
+        min: point.min,
+        max: point.max,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's slot for a value (mirror of podscope_hist_add).
+    fn slot(v: u64) -> usize {
+        if v == 1 {
+            0
+        } else {
+            64 - (v - 1).leading_zeros() as usize
+        }
+    }
+
+    #[test]
+    fn kernel_slots_are_otlp_scale_zero_buckets() {
+        let mut h = Hist::default();
+        for v in [0u64, 1, 2, 3, 4, 5, 1000, 1024, 1025] {
+            if v == 0 {
+                h.zero_count += 1;
+            } else {
+                h.slots[slot(v)] += 1;
+            }
+            h.sum += v;
+        }
+        let p = exponential_point(&h);
+        assert_eq!(p.count, 9);
+        assert_eq!(p.zero_count, 1);
+        assert_eq!(p.sum, Some(3064.0));
+        let b = p.positive.unwrap();
+        // index -1: (0.5, 1] = {1}; 0: (1, 2] = {2}; 1: (2, 4] = {3, 4}; 2: (4, 8] = {5};
+        // 9: (512, 1024] = {1000, 1024}; 10: (1024, 2048] = {1025}
+        assert_eq!(b.offset, -1);
+        assert_eq!(b.bucket_counts, vec![1, 1, 2, 1, 0, 0, 0, 0, 0, 0, 2, 1]);
+    }
+
+    #[test]
+    fn empty_histograms_have_no_buckets() {
+        let p = exponential_point(&Hist::default());
+        assert_eq!((p.count, p.positive), (0, None));
+    }
+
+    #[test]
+    fn explicit_conversion_keeps_counts_and_places_them_at_or_above_their_value() {
+        let point = ExponentialHistogramDataPoint {
+            count: 6,
+            sum: Some(100.0),
+            zero_count: 1,
+            positive: Some(Buckets {
+                offset: 0,
+                bucket_counts: vec![2, 0, 3],
+            }), // (1,2]:2 (4,8]:3
+            ..Default::default()
+        };
+        let h = to_explicit(&point, &[1.0, 4.0, 8.0]);
+        assert_eq!(h.bucket_counts, vec![1, 2, 3, 0]);
+        assert_eq!(h.count, 6);
+        assert_eq!(h.bucket_counts.iter().sum::<u64>(), 6);
+    }
+}

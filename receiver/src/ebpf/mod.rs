@@ -1,0 +1,685 @@
+//! The `ebpf` receiver: C eBPF probes (from `podscope-ebpf`) aggregate in the kernel — counts and
+//! log2 distributions per cgroup in maps — and this receiver turns the maps into OTLP metrics
+//! every `collection_interval`: cumulative sums and exponential histograms (scale 0), one
+//! resource per cgroup (`host.name`, `podscope.cgroup.id`, `podscope.cgroup.path`,
+//! `container.id` when the path names one).
+//!
+//! Probes: `process` (exec, fork, exit, lifetime; an exec/exit event stream feeding a pid table),
+//! `syscalls` (count, errors, latency per syscall), `files` (opens, errors by errno, top paths),
+//! `sched` (run-queue latency, context switches), `block_io` (latency and bytes per device and
+//! operation). Each loads on its own: one this kernel refuses is logged in one line and skipped,
+//! unless it is `required`. The agent's own threads are never observed.
+
+mod catalog;
+mod cgroups;
+mod collect;
+mod config;
+pub mod histogram;
+mod probes;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use aya::maps::{PerCpuArray, RingBuf};
+use aya::Ebpf;
+use podscope_core::component::create_receiver;
+use podscope_core::{
+    Batch, BuildContext, Component, Consumer, Receiver, ReceiverBuilder, ReceiverConsumers,
+    ReceiverFactory, Signal,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use catalog::{markdown_table as metrics_markdown_table, MetricDoc, ALL as METRICS};
+pub use cgroups::{cgroup2_mount, container_id, CgroupIndex};
+pub use config::{
+    BasicProbeConfig, CgroupFilterConfig, EbpfReceiverConfig, FilesProbeConfig, ProbesConfig,
+    ProcessProbeConfig, SyscallsProbeConfig,
+};
+pub use probes::{Hook, ProbeError};
+
+use probes::{CgroupFilter, Global, KernelFeatures, ProbeSpec};
+
+pub const FACTORY: ReceiverFactory = ReceiverFactory {
+    type_name: "ebpf",
+    description: "Kernel probes (process, syscalls, files, sched, block_io) aggregated in eBPF maps, as metrics per cgroup",
+    signals: &[Signal::Metrics],
+    create: create_receiver::<EbpfReceiverConfig>,
+};
+
+impl ReceiverBuilder for EbpfReceiverConfig {
+    fn build(
+        self: Box<Self>,
+        ctx: BuildContext,
+        next: ReceiverConsumers,
+    ) -> anyhow::Result<Box<dyn Receiver>> {
+        Ok(Box::new(EbpfReceiver::new(*self, ctx, next)?))
+    }
+}
+
+/// What the process probe knows of a live process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub cgroup_id: u64,
+    pub ppid: u32,
+    pub comm: String,
+}
+
+/// pid → process, kept from the exec/exit event stream (later features resolve pids with it).
+#[derive(Clone, Default)]
+pub struct ProcessTable(Arc<Mutex<HashMap<u32, ProcessInfo>>>);
+
+/// Entries at most: a bound against a fork bomb, not a limit real nodes reach.
+const PROCESS_TABLE_LIMIT: usize = 1 << 20;
+
+impl ProcessTable {
+    pub fn get(&self, pid: u32) -> Option<ProcessInfo> {
+        self.lock().get(&pid).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, ProcessInfo>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, event: &podscope_ebpf::abi::ProcessEvent) {
+        let mut table = self.lock();
+        match event.kind {
+            podscope_ebpf::abi::PROCESS_EXEC
+                if table.len() < PROCESS_TABLE_LIMIT || table.contains_key(&event.pid) =>
+            {
+                table.insert(
+                    event.pid,
+                    ProcessInfo {
+                        cgroup_id: event.cgroup_id,
+                        ppid: event.ppid,
+                        comm: event.comm(),
+                    },
+                );
+            }
+            podscope_ebpf::abi::PROCESS_EXIT => {
+                table.remove(&event.pid);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RingLabels {
+    ring: String,
+}
+
+/// The loaded probes, owned by the collection task.
+#[derive(Default)]
+struct Loaded {
+    process: Option<Ebpf>,
+    syscalls: Option<Ebpf>,
+    files: Option<Ebpf>,
+    sched: Option<Ebpf>,
+    block_io: Option<Ebpf>,
+}
+
+impl Loaded {
+    fn all_mut(&mut self) -> impl Iterator<Item = &mut Ebpf> {
+        [
+            &mut self.process,
+            &mut self.syscalls,
+            &mut self.files,
+            &mut self.sched,
+            &mut self.block_io,
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
+struct Running {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    collect_now: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+pub struct EbpfReceiver {
+    config: EbpfReceiverConfig,
+    ctx: BuildContext,
+    next: Arc<dyn Consumer>,
+    processes: ProcessTable,
+    running: tokio::sync::Mutex<Option<Running>>,
+    /// Probes that could not attach, with why (for tests and status).
+    skipped: Mutex<Vec<ProbeError>>,
+    ring_events: Family<RingLabels, Counter>,
+    ring_lost: Family<RingLabels, Counter>,
+}
+
+impl EbpfReceiver {
+    pub fn new(
+        config: EbpfReceiverConfig,
+        ctx: BuildContext,
+        next: ReceiverConsumers,
+    ) -> anyhow::Result<Self> {
+        let next = next.metrics.ok_or_else(|| {
+            anyhow::anyhow!(
+                "receiver {}: produces metrics but is in no metrics pipeline",
+                ctx.id
+            )
+        })?;
+        let ring_events = Family::<RingLabels, Counter>::default();
+        let ring_lost = Family::<RingLabels, Counter>::default();
+        ctx.telemetry.register(
+            "ebpf_ringbuf_events",
+            "Events read from eBPF ring buffers",
+            ring_events.clone(),
+        );
+        ctx.telemetry.register(
+            "ebpf_ringbuf_lost_events",
+            "Events the kernel could not put on a full eBPF ring buffer",
+            ring_lost.clone(),
+        );
+        Ok(EbpfReceiver {
+            config,
+            ctx,
+            next,
+            processes: ProcessTable::default(),
+            running: tokio::sync::Mutex::new(None),
+            skipped: Mutex::new(Vec::new()),
+            ring_events,
+            ring_lost,
+        })
+    }
+
+    /// pid → process, from the process probe's event stream.
+    pub fn processes(&self) -> ProcessTable {
+        self.processes.clone()
+    }
+
+    /// The probes that were skipped at start, and why.
+    pub fn skipped_probes(&self) -> Vec<ProbeError> {
+        self.skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reads the maps and sends the data points now; returns once the pipeline took them.
+    pub async fn collect_now(&self) -> anyhow::Result<()> {
+        let sender = match self.running.lock().await.as_ref() {
+            Some(running) => running.collect_now.clone(),
+            None => anyhow::bail!("the ebpf receiver is not running"),
+        };
+        let (ack, done) = oneshot::channel();
+        sender
+            .send(ack)
+            .await
+            .map_err(|_| anyhow::anyhow!("collection task stopped"))?;
+        done.await
+            .map_err(|_| anyhow::anyhow!("collection task stopped"))?;
+        Ok(())
+    }
+
+    fn load_probes(&self) -> anyhow::Result<(Loaded, CgroupFilter)> {
+        let features = KernelFeatures::detect(&self.config.btf_path);
+        let filter = CgroupFilter::new(
+            &self.config.cgroup_filter.include,
+            &self.config.cgroup_filter.exclude,
+        );
+        let agent_tgid = std::process::id();
+        let common = |extra: Vec<Global>| {
+            let mut globals = vec![
+                Global::U32("agent_tgid", agent_tgid),
+                Global::U32("filter_mode", filter.mode),
+            ];
+            globals.extend(extra);
+            globals
+        };
+        let probes = &self.config.probes;
+        let mut loaded = Loaded::default();
+        let mut skipped = Vec::new();
+        let mut try_load = |spec: &ProbeSpec,
+                            on: bool,
+                            required: bool,
+                            globals: Vec<Global>,
+                            skip: &[&str]|
+         -> anyhow::Result<Option<Ebpf>> {
+            if !on {
+                return Ok(None);
+            }
+            match probes::load(spec, &features, &globals, skip) {
+                Ok(ebpf) => {
+                    tracing::info!(receiver = %self.ctx.id, probe = spec.name, "probe attached");
+                    Ok(Some(ebpf))
+                }
+                Err(error) if required => anyhow::bail!("{error} (the probe is required)"),
+                Err(error) => {
+                    tracing::warn!(receiver = %self.ctx.id, "{error}; skipped");
+                    skipped.push(error);
+                    Ok(None)
+                }
+            }
+        };
+        if let Some(p) = &probes.process {
+            loaded.process = try_load(
+                &probes::PROCESS,
+                p.enabled,
+                p.required,
+                common(vec![Global::U64("wakeup_bytes", p.wakeup_bytes)]),
+                &[],
+            )?;
+        }
+        if let Some(p) = &probes.syscalls {
+            let skip: &[&str] = if p.latency {
+                &[]
+            } else {
+                &["podscope_sys_enter"]
+            };
+            loaded.syscalls = try_load(
+                &probes::SYSCALLS,
+                p.enabled,
+                p.required,
+                common(vec![Global::U32("measure_latency", p.latency as u32)]),
+                skip,
+            )?;
+        }
+        if let Some(p) = &probes.files {
+            let skip: &[&str] = if p.capture_paths {
+                &[]
+            } else {
+                &["podscope_files_enter"]
+            };
+            let globals = common(vec![
+                Global::U32("nr_openat", syscalls::Sysno::openat.id() as u32),
+                Global::U32("nr_openat2", syscalls::Sysno::openat2.id() as u32),
+                Global::U32("capture_paths", p.capture_paths as u32),
+            ]);
+            loaded.files = try_load(&probes::FILES, p.enabled, p.required, globals, skip)?;
+        }
+        if let Some(p) = &probes.sched {
+            loaded.sched = try_load(&probes::SCHED, p.enabled, p.required, common(vec![]), &[])?;
+        }
+        if let Some(p) = &probes.block_io {
+            loaded.block_io = try_load(
+                &probes::BLOCK_IO,
+                p.enabled,
+                p.required,
+                common(vec![]),
+                &[],
+            )?;
+        }
+        *self.skipped.lock().unwrap_or_else(|e| e.into_inner()) = skipped;
+        Ok((loaded, filter))
+    }
+}
+
+#[async_trait]
+impl Component for EbpfReceiver {
+    async fn start(&self) -> anyhow::Result<()> {
+        let mut running = self.running.lock().await;
+        if running.is_some() {
+            anyhow::bail!("receiver {} started twice", self.ctx.id);
+        }
+        let root = cgroup2_mount().ok_or_else(|| {
+            anyhow::anyhow!(
+                "receiver {}: no cgroup2 mount found in /proc/self/mountinfo",
+                self.ctx.id
+            )
+        })?;
+        let (mut loaded, filter) = self.load_probes()?;
+        let cancel = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        if let Some(process) = loaded.process.as_mut() {
+            let ring = process
+                .take_map("process_events")
+                .ok_or_else(|| anyhow::anyhow!("process probe has no process_events map"))?;
+            let ring = RingBuf::try_from(ring)?;
+            // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for as long as
+            // the AsyncFd (its only owner) lives.
+            let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
+            let reader = EventReader {
+                ring,
+                table: self.processes.clone(),
+                events: self
+                    .ring_events
+                    .get_or_create(&RingLabels {
+                        ring: "process_events".into(),
+                    })
+                    .clone(),
+                poll: self
+                    .config
+                    .probes
+                    .process
+                    .as_ref()
+                    .map(|p| p.event_poll_interval)
+                    .unwrap_or(Duration::from_millis(200)),
+            };
+            tasks.push(tokio::spawn(reader.run(cancel.clone())));
+        }
+
+        let (collect_now, requests) = mpsc::channel(4);
+        let collector = Collector {
+            loaded,
+            filter,
+            index: CgroupIndex::new(root),
+            next: self.next.clone(),
+            host_name: self.ctx.host_name.clone(),
+            receiver: self.ctx.id.to_string(),
+            start_ns: unix_nanos(),
+            syscall_latency: self
+                .config
+                .probes
+                .syscalls
+                .as_ref()
+                .is_some_and(|s| s.latency),
+            top_paths: self
+                .config
+                .probes
+                .files
+                .as_ref()
+                .filter(|f| f.capture_paths)
+                .map(|f| f.top_paths),
+            ring_lost: self
+                .ring_lost
+                .get_or_create(&RingLabels {
+                    ring: "process_events".into(),
+                })
+                .clone(),
+            lost_seen: 0,
+        };
+        tasks.push(tokio::spawn(collector.run(
+            self.config.collection_interval,
+            requests,
+            cancel.clone(),
+        )));
+        *running = Some(Running {
+            cancel,
+            tasks,
+            collect_now,
+        });
+        Ok(())
+    }
+
+    /// Sends a last collection, then detaches every probe.
+    async fn shutdown(&self) -> anyhow::Result<()> {
+        let Some(running) = self.running.lock().await.take() else {
+            return Ok(());
+        };
+        running.cancel.cancel();
+        for task in running.tasks {
+            task.await?;
+        }
+        Ok(())
+    }
+}
+
+impl Receiver for EbpfReceiver {}
+
+fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads exec/exit events: woken by the kernel once enough bytes wait, and on a timer for the rest.
+struct EventReader {
+    ring: AsyncFd<RingBuf<aya::maps::MapData>>,
+    table: ProcessTable,
+    events: Counter,
+    poll: Duration,
+}
+
+impl EventReader {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.poll);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.drain();
+                    return;
+                }
+                readable = self.ring.readable_mut() => match readable {
+                    Ok(mut guard) => {
+                        let ring = guard.get_inner_mut();
+                        let n = drain_ring(ring, &self.table);
+                        self.events.inc_by(n);
+                        guard.clear_ready();
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "process event ring buffer cannot be polled; reading on the timer only");
+                        ticker.tick().await;
+                        self.drain();
+                    }
+                },
+                _ = ticker.tick() => self.drain(),
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        let n = drain_ring(self.ring.get_mut(), &self.table);
+        self.events.inc_by(n);
+    }
+}
+
+fn drain_ring(ring: &mut RingBuf<aya::maps::MapData>, table: &ProcessTable) -> u64 {
+    let mut n = 0;
+    while let Some(item) = ring.next() {
+        if let Some(event) = podscope_ebpf::abi::ProcessEvent::from_bytes(&item) {
+            table.apply(&event);
+        }
+        n += 1;
+    }
+    n
+}
+
+/// Reads the maps every interval (or on request) and sends the data points.
+struct Collector {
+    loaded: Loaded,
+    filter: CgroupFilter,
+    index: CgroupIndex,
+    next: Arc<dyn Consumer>,
+    host_name: String,
+    receiver: String,
+    start_ns: u64,
+    syscall_latency: bool,
+    top_paths: Option<usize>,
+    ring_lost: Counter,
+    lost_seen: u64,
+}
+
+impl Collector {
+    async fn run(
+        mut self,
+        interval: Duration,
+        mut requests: mpsc::Receiver<oneshot::Sender<()>>,
+        cancel: CancellationToken,
+    ) {
+        self.refresh_cgroups();
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    self.collect().await;
+                    return;
+                }
+                _ = ticker.tick() => self.collect().await,
+                Some(ack) = requests.recv() => {
+                    self.collect().await;
+                    let _ = ack.send(());
+                }
+            }
+        }
+    }
+
+    fn refresh_cgroups(&mut self) {
+        self.index.refresh();
+        if self.filter.mode != 0 {
+            let ids = self.filter.listed_ids(&self.index);
+            let filter = self.filter.clone();
+            for ebpf in self.loaded.all_mut() {
+                if let Err(e) = filter.sync(ebpf, &ids) {
+                    tracing::warn!(receiver = %self.receiver, error = %e, "cannot update the kernel cgroup filter");
+                }
+            }
+        }
+    }
+
+    async fn collect(&mut self) {
+        self.refresh_cgroups();
+        let now = unix_nanos();
+        let mut builder =
+            collect::MetricsBuilder::new(&self.host_name, &self.index, self.start_ns, now);
+        let mut cgroups_seen: HashSet<u64> = HashSet::new();
+
+        if let Some(ebpf) = &self.loaded.process {
+            let counts = probes::read_hash(ebpf, "process_counts");
+            let lifetimes = probes::read_hash(ebpf, "process_lifetime");
+            cgroups_seen.extend(
+                counts
+                    .keys()
+                    .map(|k: &podscope_ebpf::abi::ProcessKey| k.cgroup_id),
+            );
+            cgroups_seen.extend(lifetimes.keys().copied());
+            collect::add_process(&mut builder, &counts, &lifetimes);
+            let lost = read_lost(ebpf);
+            if lost > self.lost_seen {
+                self.ring_lost.inc_by(lost - self.lost_seen);
+                self.lost_seen = lost;
+            }
+        }
+        if let Some(ebpf) = &self.loaded.syscalls {
+            let stats = probes::read_hash(ebpf, "syscall_stats");
+            cgroups_seen.extend(
+                stats
+                    .keys()
+                    .map(|k: &podscope_ebpf::abi::SyscallKey| k.cgroup_id),
+            );
+            collect::add_syscalls(&mut builder, &stats, self.syscall_latency);
+        }
+        let mut paths_read = Vec::new();
+        if let Some(ebpf) = &self.loaded.files {
+            let opens = probes::read_hash(ebpf, "opens");
+            cgroups_seen.extend(
+                opens
+                    .keys()
+                    .map(|k: &podscope_ebpf::abi::OpenKey| k.cgroup_id),
+            );
+            collect::add_files(&mut builder, &opens);
+            if let Some(top) = self.top_paths {
+                let paths = probes::read_hash(ebpf, "open_paths");
+                collect::add_top_paths(&mut builder, &paths, top);
+                paths_read = paths.into_keys().collect();
+            }
+        }
+        if let Some(ebpf) = &self.loaded.sched {
+            let runq = probes::read_hash(ebpf, "runq_latency");
+            let switches = probes::read_hash(ebpf, "context_switches");
+            cgroups_seen.extend(runq.keys().copied());
+            cgroups_seen.extend(
+                switches
+                    .keys()
+                    .map(|k: &podscope_ebpf::abi::SwitchKey| k.cgroup_id),
+            );
+            collect::add_sched(&mut builder, &runq, &switches);
+        }
+        if let Some(ebpf) = &self.loaded.block_io {
+            collect::add_block(&mut builder, &probes::read_hash(ebpf, "block_stats"));
+        }
+        let resource_metrics = builder.finish();
+
+        // Path counts are per interval: clear what was reported.
+        if let Some(ebpf) = self.loaded.files.as_mut() {
+            probes::remove_keys::<podscope_ebpf::abi::OpenPathKey, u64>(
+                ebpf,
+                "open_paths",
+                paths_read,
+            );
+        }
+        // Series of removed cgroups were reported one last time; free their map entries.
+        let gone = collect::gone(cgroups_seen, &self.index);
+        if !gone.is_empty() {
+            self.forget(&gone);
+        }
+
+        if resource_metrics.is_empty() {
+            return;
+        }
+        if let Err(e) = self.next.consume(Batch::metrics(resource_metrics)).await {
+            tracing::warn!(receiver = %self.receiver, error = %e, "pipeline refused this interval's data points");
+        }
+    }
+
+    fn forget(&mut self, gone: &HashSet<u64>) {
+        use podscope_ebpf::abi::{OpenKey, ProcessKey, SwitchKey, SyscallKey, SyscallStats};
+        if let Some(ebpf) = self.loaded.process.as_mut() {
+            let keys: Vec<ProcessKey> =
+                probes::read_hash::<ProcessKey, u64>(ebpf, "process_counts")
+                    .into_keys()
+                    .filter(|k| gone.contains(&k.cgroup_id))
+                    .collect();
+            probes::remove_keys::<ProcessKey, u64>(ebpf, "process_counts", keys);
+            probes::remove_keys::<u64, podscope_ebpf::abi::Hist>(
+                ebpf,
+                "process_lifetime",
+                gone.iter().copied(),
+            );
+        }
+        if let Some(ebpf) = self.loaded.syscalls.as_mut() {
+            let keys: Vec<SyscallKey> =
+                probes::read_hash::<SyscallKey, SyscallStats>(ebpf, "syscall_stats")
+                    .into_keys()
+                    .filter(|k| gone.contains(&k.cgroup_id))
+                    .collect();
+            probes::remove_keys::<SyscallKey, SyscallStats>(ebpf, "syscall_stats", keys);
+        }
+        if let Some(ebpf) = self.loaded.files.as_mut() {
+            let keys: Vec<OpenKey> = probes::read_hash::<OpenKey, u64>(ebpf, "opens")
+                .into_keys()
+                .filter(|k| gone.contains(&k.cgroup_id))
+                .collect();
+            probes::remove_keys::<OpenKey, u64>(ebpf, "opens", keys);
+        }
+        if let Some(ebpf) = self.loaded.sched.as_mut() {
+            probes::remove_keys::<u64, podscope_ebpf::abi::Hist>(
+                ebpf,
+                "runq_latency",
+                gone.iter().copied(),
+            );
+            let keys: Vec<SwitchKey> =
+                probes::read_hash::<SwitchKey, u64>(ebpf, "context_switches")
+                    .into_keys()
+                    .filter(|k| gone.contains(&k.cgroup_id))
+                    .collect();
+            probes::remove_keys::<SwitchKey, u64>(ebpf, "context_switches", keys);
+        }
+    }
+}
+
+fn read_lost(ebpf: &Ebpf) -> u64 {
+    let Some(map) = ebpf.map("process_events_lost") else {
+        return 0;
+    };
+    let Ok(array) = PerCpuArray::<_, u64>::try_from(map) else {
+        return 0;
+    };
+    array
+        .get(&0, 0)
+        .map(|values| values.iter().sum())
+        .unwrap_or(0)
+}

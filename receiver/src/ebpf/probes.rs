@@ -1,0 +1,317 @@
+//! The probe table and the loader: which programs each probe has, on which hooks, and loading
+//! them with the load-time settings. Each probe loads and attaches on its own, so one that this
+//! kernel refuses does not take the others down.
+
+use std::collections::{HashMap as StdHashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+
+use aya::maps::HashMap;
+use aya::programs::{BtfTracePoint, RawTracePoint};
+use aya::{Btf, Ebpf, EbpfLoader};
+use podscope_ebpf::objects;
+
+use super::cgroups::{CgroupGlob, CgroupIndex};
+
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// raw tracepoint: the cheapest hook on hot paths; CO-RE reads still need BTF.
+    RawTp(&'static str),
+    /// BTF-typed tracepoint: typed arguments, needs kernel BTF.
+    TpBtf(&'static str),
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hook::RawTp(tp) => write!(f, "raw_tp/{tp}"),
+            Hook::TpBtf(tp) => write!(f, "tp_btf/{tp}"),
+        }
+    }
+}
+
+/// A program of a probe: its C function name and hook.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgramSpec {
+    pub function: &'static str,
+    pub hook: Hook,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSpec {
+    pub name: &'static str,
+    pub object: &'static [u8],
+    pub programs: &'static [ProgramSpec],
+}
+
+const fn raw_tp(function: &'static str, tp: &'static str) -> ProgramSpec {
+    ProgramSpec {
+        function,
+        hook: Hook::RawTp(tp),
+    }
+}
+
+const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
+    ProgramSpec {
+        function,
+        hook: Hook::TpBtf(tp),
+    }
+}
+
+pub const PROCESS: ProbeSpec = ProbeSpec {
+    name: "process",
+    object: objects::PROCESS,
+    programs: &[
+        tp_btf("podscope_process_exec", "sched_process_exec"),
+        tp_btf("podscope_process_fork", "sched_process_fork"),
+        tp_btf("podscope_process_exit", "sched_process_exit"),
+    ],
+};
+
+pub const SYSCALLS: ProbeSpec = ProbeSpec {
+    name: "syscalls",
+    object: objects::SYSCALLS,
+    programs: &[
+        raw_tp("podscope_sys_enter", "sys_enter"),
+        raw_tp("podscope_sys_exit", "sys_exit"),
+    ],
+};
+
+pub const FILES: ProbeSpec = ProbeSpec {
+    name: "files",
+    object: objects::FILES,
+    programs: &[
+        raw_tp("podscope_files_enter", "sys_enter"),
+        raw_tp("podscope_files_exit", "sys_exit"),
+    ],
+};
+
+pub const SCHED: ProbeSpec = ProbeSpec {
+    name: "sched",
+    object: objects::SCHED,
+    programs: &[
+        tp_btf("podscope_sched_wakeup", "sched_wakeup"),
+        tp_btf("podscope_sched_wakeup_new", "sched_wakeup_new"),
+        tp_btf("podscope_sched_switch", "sched_switch"),
+    ],
+};
+
+pub const BLOCK_IO: ProbeSpec = ProbeSpec {
+    name: "block_io",
+    object: objects::BLOCK_IO,
+    programs: &[
+        tp_btf("podscope_block_issue", "block_rq_issue"),
+        tp_btf("podscope_block_complete", "block_rq_complete"),
+    ],
+};
+
+/// Why a probe could not run: which probe, which hook, what is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    pub probe: &'static str,
+    pub hook: Option<Hook>,
+    pub reason: String,
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.hook {
+            Some(hook) => write!(
+                f,
+                "probe {}: cannot attach {hook}: {}",
+                self.probe, self.reason
+            ),
+            None => write!(f, "probe {}: cannot load: {}", self.probe, self.reason),
+        }
+    }
+}
+
+/// What the kernel offers, detected once at start.
+pub struct KernelFeatures {
+    pub btf: Result<Btf, String>,
+}
+
+impl KernelFeatures {
+    pub fn detect(btf_path: &Path) -> KernelFeatures {
+        let btf = Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|e| {
+            format!(
+                "kernel BTF is not available at {} ({e}); CO-RE programs need it (set btf_path)",
+                btf_path.display()
+            )
+        });
+        KernelFeatures { btf }
+    }
+}
+
+/// A load-time setting (`const volatile` global in the C program).
+pub enum Global {
+    U32(&'static str, u32),
+    U64(&'static str, u64),
+}
+
+/// Loads `spec`'s object with `globals`, then loads and attaches every program not in `skip`.
+pub fn load(
+    spec: &ProbeSpec,
+    features: &KernelFeatures,
+    globals: &[Global],
+    skip: &[&str],
+) -> Result<Ebpf, ProbeError> {
+    let btf = features.btf.as_ref().map_err(|reason| ProbeError {
+        probe: spec.name,
+        hook: spec.programs.first().map(|p| p.hook),
+        reason: reason.clone(),
+    })?;
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(btf));
+    for global in globals {
+        // Settings every probe's object may or may not use: absent ones are not an error.
+        match global {
+            Global::U32(name, value) => loader.override_global(name, value, false),
+            Global::U64(name, value) => loader.override_global(name, value, false),
+        };
+    }
+    let mut ebpf = loader.load(spec.object).map_err(|e| ProbeError {
+        probe: spec.name,
+        hook: None,
+        reason: error_chain(&e),
+    })?;
+    for program in spec.programs.iter().filter(|p| !skip.contains(&p.function)) {
+        attach(&mut ebpf, program, btf).map_err(|reason| ProbeError {
+            probe: spec.name,
+            hook: Some(program.hook),
+            reason,
+        })?;
+    }
+    Ok(ebpf)
+}
+
+fn attach(ebpf: &mut Ebpf, program: &ProgramSpec, btf: &Btf) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(program.function)
+        .ok_or_else(|| format!("program {} missing from the object", program.function))?;
+    let describe = |e: &dyn std::error::Error| error_chain(e);
+    match program.hook {
+        Hook::RawTp(tp) => {
+            let p: &mut RawTracePoint = prog.try_into().map_err(|e| describe(&e))?;
+            p.load().map_err(|e| describe(&e))?;
+            p.attach(tp).map_err(|e| describe(&e))?;
+        }
+        Hook::TpBtf(tp) => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| describe(&e))?;
+            p.load(tp, btf).map_err(|e| describe(&e))?;
+            p.attach().map_err(|e| describe(&e))?;
+        }
+    }
+    Ok(())
+}
+
+/// An error and its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The kernel-side cgroup filter: mode 0 (everything), 1 (only listed ids), 2 (all but listed).
+#[derive(Clone)]
+pub struct CgroupFilter {
+    pub mode: u32,
+    include: Vec<CgroupGlob>,
+    exclude: Vec<CgroupGlob>,
+}
+
+impl CgroupFilter {
+    pub fn new(include: &[String], exclude: &[String]) -> CgroupFilter {
+        let globs = |list: &[String]| {
+            list.iter()
+                .filter_map(|g| CgroupGlob::new(g).ok())
+                .collect::<Vec<_>>()
+        };
+        let (include, exclude) = (globs(include), globs(exclude));
+        let mode = if !include.is_empty() {
+            1
+        } else if !exclude.is_empty() {
+            2
+        } else {
+            0
+        };
+        CgroupFilter {
+            mode,
+            include,
+            exclude,
+        }
+    }
+
+    /// The ids to put in the kernel map for the current cgroups.
+    pub fn listed_ids(&self, index: &CgroupIndex) -> HashSet<u64> {
+        index
+            .iter()
+            .filter(|(_, path)| match self.mode {
+                1 => {
+                    self.include.iter().any(|g| g.matches(path))
+                        && !self.exclude.iter().any(|g| g.matches(path))
+                }
+                2 => self.exclude.iter().any(|g| g.matches(path)),
+                _ => false,
+            })
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// Brings a probe's `cgroup_filter` map to exactly `ids`.
+    pub fn sync(&self, ebpf: &mut Ebpf, ids: &HashSet<u64>) -> Result<(), String> {
+        if self.mode == 0 {
+            return Ok(());
+        }
+        let map = ebpf
+            .map_mut("cgroup_filter")
+            .ok_or("no cgroup_filter map")?;
+        let mut map: HashMap<_, u64, u8> = HashMap::try_from(map).map_err(|e| e.to_string())?;
+        let present: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
+        for stale in present.difference(ids) {
+            let _ = map.remove(stale);
+        }
+        for id in ids.difference(&present) {
+            map.insert(id, 1, 0).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads every entry of a hash map, skipping entries deleted while iterating.
+pub fn read_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &str,
+) -> StdHashMap<K, V> {
+    let Some(map) = ebpf.map(name) else {
+        return StdHashMap::new();
+    };
+    let Ok(map) = HashMap::<_, K, V>::try_from(map) else {
+        return StdHashMap::new();
+    };
+    map.iter().filter_map(Result::ok).collect()
+}
+
+/// Removes `keys` from a hash map (entries of cgroups that no longer exist, or a per-interval
+/// map being cleared).
+pub fn remove_keys<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    keys: impl IntoIterator<Item = K>,
+) {
+    let Some(map) = ebpf.map_mut(name) else {
+        return;
+    };
+    let Ok(mut map) = HashMap::<_, K, V>::try_from(map) else {
+        return;
+    };
+    for key in keys {
+        let _ = map.remove(&key);
+    }
+}
