@@ -1,0 +1,702 @@
+//! The eBPF probes against real kernel activity (root only; CI runs as root).
+//!
+//! Each test makes a kubelet-style pod cgroup, forks a child that moves itself into it and then
+//! does exactly known work with raw syscalls only (no allocation, no dynamic loading, nothing the
+//! test did not ask for), and asserts the receiver's data points for that cgroup.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, ExponentialHistogramDataPoint, ResourceMetrics,
+};
+use podscope_core::config::parse_component_config;
+use podscope_core::{
+    Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
+};
+use podscope_receiver::ebpf::{cgroup2_mount, EbpfReceiver, EbpfReceiverConfig};
+
+/// A pod cgroup that exists for the test's lifetime and is removed leaf-first afterwards.
+struct PodCgroup {
+    dirs: Vec<PathBuf>,
+    leaf: PathBuf,
+}
+
+impl PodCgroup {
+    fn new() -> PodCgroup {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "these tests load eBPF programs and need root"
+        );
+        let root = cgroup2_mount().expect("a cgroup2 mount");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let unique = format!("{:016x}{:08x}", nanos as u64, std::process::id());
+        let uid = format!(
+            "{}_{}_{}_{}_{}",
+            &unique[0..8],
+            &unique[8..12],
+            &unique[12..16],
+            &unique[16..20],
+            "000000000000"
+        );
+        let container = format!("{unique}{unique}{unique}{unique}")[..64].to_string();
+        let dirs = vec![
+            root.join("kubepods.slice"),
+            root.join("kubepods.slice/kubepods-besteffort.slice"),
+            root.join(format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice")),
+            root.join(format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/cri-containerd-{container}.scope"
+            )),
+        ];
+        for dir in &dirs {
+            // Parents are shared with tests running at the same time: they may appear or vanish.
+            for _ in 0..50 {
+                match std::fs::create_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => break,
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+        let leaf = dirs.last().unwrap().clone();
+        assert!(leaf.is_dir(), "could not create {}", leaf.display());
+        PodCgroup { dirs, leaf }
+    }
+
+    fn id(&self) -> u64 {
+        std::fs::metadata(&self.leaf).unwrap().ino()
+    }
+
+    /// Forks a child that joins this cgroup, runs `work` and exits with its return value.
+    /// `work` must only make raw syscalls (it runs between fork and exit of a threaded process).
+    fn run(&self, work: impl FnOnce() -> i32) -> i32 {
+        let procs = CString::new(self.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
+        // SAFETY: the child only calls async-signal-safe functions before _exit.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(99);
+                }
+                libc::close(fd);
+                libc::_exit(work());
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            assert!(
+                libc::WIFEXITED(status),
+                "child did not exit normally: {status}"
+            );
+            libc::WEXITSTATUS(status)
+        }
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for dir in self.dirs.iter().rev() {
+            // Shared parents stay while another test still uses them.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Collected(Mutex<Vec<Batch>>);
+
+#[async_trait]
+impl Consumer for Collected {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        self.0.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
+impl Collected {
+    fn last(&self) -> Vec<ResourceMetrics> {
+        match self.0.lock().unwrap().last() {
+            Some(Batch::Metrics(rms)) => rms.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+async fn start(probes: serde_json::Value) -> (EbpfReceiver, Arc<Collected>) {
+    let config: EbpfReceiverConfig =
+        parse_component_config(serde_json::json!({"collection_interval": "1h", "probes": probes}))
+            .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    assert!(
+        receiver.skipped_probes().is_empty(),
+        "{:?}",
+        receiver.skipped_probes()
+    );
+    (receiver, collected)
+}
+
+fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
+    attributes
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+}
+
+fn text(v: Option<&any_value::Value>) -> String {
+    match v {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// (metric name, data point attributes as `k=v,…`) → value, for one cgroup's resource.
+fn counters(rms: &[ResourceMetrics], cgroup_id: u64) -> BTreeMap<(String, String), i64> {
+    let mut out = BTreeMap::new();
+    for rm in resources_of(rms, Some(cgroup_id)) {
+        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            if let Some(metric::Data::Sum(sum)) = &m.data {
+                for p in &sum.data_points {
+                    let key = p
+                        .attributes
+                        .iter()
+                        .map(|a| {
+                            format!(
+                                "{}={}",
+                                a.key,
+                                text(a.value.as_ref().and_then(|v| v.value.as_ref()))
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    let Some(number_data_point::Value::AsInt(v)) = p.value else {
+                        panic!("int sums")
+                    };
+                    out.insert((m.name.clone(), key), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn distribution(
+    rms: &[ResourceMetrics],
+    owner: Option<u64>,
+    name: &str,
+    attrs: &[(&str, &str)],
+) -> Option<ExponentialHistogramDataPoint> {
+    resources_of(rms, owner)
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| &s.metrics))
+        .filter(|m| m.name == name)
+        .find_map(|m| match &m.data {
+            Some(metric::Data::ExponentialHistogram(h)) => h
+                .data_points
+                .iter()
+                .find(|p| {
+                    attrs
+                        .iter()
+                        .all(|(k, v)| text(attr(&p.attributes, k)) == *v)
+                })
+                .cloned(),
+            _ => None,
+        })
+}
+
+/// The resources of a cgroup (`Some(id)`) or of the host (`None`).
+fn resources_of(
+    rms: &[ResourceMetrics],
+    cgroup_id: Option<u64>,
+) -> impl Iterator<Item = &ResourceMetrics> {
+    rms.iter().filter(move |rm| {
+        let id = rm
+            .resource
+            .as_ref()
+            .and_then(|r| attr(&r.attributes, "podscope.cgroup.id").cloned());
+        match cgroup_id {
+            Some(want) => id == Some(any_value::Value::IntValue(want as i64)),
+            None => id.is_none(),
+        }
+    })
+}
+
+fn get(c: &BTreeMap<(String, String), i64>, name: &str, attrs: &str) -> i64 {
+    c.get(&(name.to_string(), attrs.to_string()))
+        .copied()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_counts_exact_opens_and_failures_by_errno() {
+    let (receiver, collected) =
+        start(serde_json::json!({"files": {"capture_paths": true, "top_paths": 5}})).await;
+    let pod = PodCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("named-file");
+    std::fs::write(&file, b"x").unwrap();
+    let file = CString::new(file.to_str().unwrap()).unwrap();
+    let missing = CString::new(dir.path().join("missing").to_str().unwrap()).unwrap();
+    let code = pod.run(|| unsafe {
+        for _ in 0..7 {
+            let fd = libc::open(file.as_ptr(), libc::O_RDONLY);
+            libc::close(fd);
+        }
+        for _ in 0..3 {
+            libc::open(missing.as_ptr(), libc::O_RDONLY); // ENOENT
+        }
+        0
+    });
+    assert_eq!(code, 0);
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(get(&c, "podscope.files.opens", ""), 10, "{c:#?}");
+    assert_eq!(
+        get(&c, "podscope.files.open_errors", "error.type=ENOENT"),
+        3,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(
+            &c,
+            "podscope.files.path_opens",
+            &format!("file.path={}", file.to_str().unwrap())
+        ),
+        7,
+        "{c:#?}"
+    );
+    // The resource names the container from the cgroup path.
+    let rms = collected.last();
+    let resource = resources_of(&rms, Some(pod.id()))
+        .next()
+        .unwrap()
+        .resource
+        .clone()
+        .unwrap();
+    let container = text(attr(&resource.attributes, "container.id"));
+    assert!(pod
+        .leaf
+        .to_str()
+        .unwrap()
+        .ends_with(&format!("cri-containerd-{container}.scope")));
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_counts_a_chosen_syscall_exactly_with_errors_and_latency() {
+    let (receiver, collected) = start(serde_json::json!({"syscalls": {"latency": true}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..1000 {
+            libc::syscall(libc::SYS_getppid);
+        }
+        for _ in 0..5 {
+            libc::syscall(libc::SYS_close, -1i64); // EBADF
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=getppid"),
+        1000,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.syscalls.errors", "syscall.name=getppid"),
+        0
+    );
+    // 5 failing closes, plus the one that closed cgroup.procs after joining.
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=close"),
+        6,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.syscalls.errors", "syscall.name=close"),
+        5,
+        "{c:#?}"
+    );
+    let latency = distribution(
+        &rms,
+        Some(pod.id()),
+        "podscope.syscalls.latency",
+        &[("syscall.name", "getppid")],
+    )
+    .unwrap();
+    assert_eq!(latency.count, 1000);
+    // getppid takes well under a millisecond: every bucket is below 2^20 ns.
+    let buckets = latency.positive.unwrap();
+    assert!(
+        buckets.offset + buckets.bucket_counts.len() as i32 <= 20,
+        "{buckets:?}"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_counts_execs_forks_and_exit_codes() {
+    let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
+    let pod = PodCgroup::new();
+    let sh = CString::new("/bin/sh").unwrap();
+    let dash_c = CString::new("-c").unwrap();
+    let script = CString::new("exit 3").unwrap();
+    pod.run(|| unsafe {
+        for _ in 0..4 {
+            let pid = libc::fork();
+            if pid == 0 {
+                let argv = [
+                    sh.as_ptr(),
+                    dash_c.as_ptr(),
+                    script.as_ptr(),
+                    std::ptr::null(),
+                ];
+                libc::execv(sh.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(get(&c, "podscope.process.forks", ""), 4, "{c:#?}");
+    assert_eq!(get(&c, "podscope.process.execs", ""), 4, "{c:#?}");
+    assert_eq!(
+        get(&c, "podscope.process.exits", "process.exit.code=3"),
+        4,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.process.exits", "process.exit.code=0"),
+        1,
+        "the forked child itself: {c:#?}"
+    );
+    let lifetime = distribution(&rms, Some(pod.id()), "podscope.process.lifetime", &[]).unwrap();
+    assert_eq!(lifetime.count, 5);
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sched_sees_run_queue_waits_of_two_threads_on_one_cpu() {
+    let (receiver, collected) = start(serde_json::json!({"sched": {}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        // Two busy processes pinned to CPU 0 for 300 ms each must wait for each other.
+        let mut children = [0; 2];
+        for child in &mut children {
+            let pid = libc::fork();
+            if pid == 0 {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                let mut start: libc::timespec = std::mem::zeroed();
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut start);
+                loop {
+                    let mut now: libc::timespec = std::mem::zeroed();
+                    libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+                    let elapsed_ms = (now.tv_sec - start.tv_sec) * 1000
+                        + (now.tv_nsec - start.tv_nsec) / 1_000_000;
+                    if elapsed_ms >= 300 {
+                        break;
+                    }
+                }
+                libc::_exit(0);
+            }
+            *child = pid;
+        }
+        for pid in children {
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert!(
+        get(
+            &c,
+            "podscope.sched.context_switches",
+            "podscope.sched.switch=involuntary"
+        ) >= 2,
+        "{c:#?}"
+    );
+    assert!(
+        get(
+            &c,
+            "podscope.sched.context_switches",
+            "podscope.sched.switch=voluntary"
+        ) >= 1,
+        "waitpid blocks: {c:#?}"
+    );
+    let runq = distribution(&rms, Some(pod.id()), "podscope.sched.runqueue.latency", &[]).unwrap();
+    assert!(runq.count >= 2, "{runq:?}");
+    // Sharing one CPU for 300 ms each, they waited tens of milliseconds in total at least.
+    assert!(runq.sum.unwrap() >= 50e6, "{runq:?}");
+    receiver.shutdown().await.unwrap();
+}
+
+/// A loop device over a temp file, detached on drop.
+struct LoopDevice {
+    path: String,
+    _backing: tempfile::NamedTempFile,
+}
+
+impl LoopDevice {
+    fn new(bytes: usize) -> Option<LoopDevice> {
+        let backing = tempfile::NamedTempFile::new().unwrap();
+        backing.as_file().set_len(bytes as u64).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(backing.path())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(LoopDevice {
+            path: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+            _backing: backing,
+        })
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.path])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_io_counts_direct_reads_on_a_loop_device() {
+    let device = LoopDevice::new(4 << 20).expect("a loop device (losetup, root)");
+    let name = device.path.trim_start_matches("/dev/").to_string();
+    let (receiver, collected) = start(serde_json::json!({"block_io": {}})).await;
+    let before = {
+        receiver.collect_now().await.unwrap();
+        distribution(
+            &collected.last(),
+            None,
+            "podscope.block.latency",
+            &[
+                ("system.device", &name),
+                ("podscope.block.operation", "read"),
+            ],
+        )
+        .map(|p| p.count)
+        .unwrap_or(0)
+    };
+    let pod = PodCgroup::new();
+    let path = CString::new(device.path.clone()).unwrap();
+    let code = pod.run(|| unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_DIRECT);
+        if fd < 0 {
+            return 1;
+        }
+        let mut buffer: *mut libc::c_void = std::ptr::null_mut();
+        if libc::posix_memalign(&mut buffer, 4096, 4096) != 0 {
+            return 2;
+        }
+        for i in 0..16 {
+            if libc::pread(fd, buffer, 4096, i * 8192) != 4096 {
+                return 3;
+            }
+        }
+        libc::close(fd);
+        0
+    });
+    assert_eq!(code, 0, "direct reads failed");
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let latency = distribution(
+        &rms,
+        None,
+        "podscope.block.latency",
+        &[
+            ("system.device", &name),
+            ("podscope.block.operation", "read"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(latency.count - before, 16, "{latency:?}");
+    let bytes = counters_host(&rms, "podscope.block.io", &name, "read");
+    assert!(bytes >= 16 * 4096, "{bytes}");
+    receiver.shutdown().await.unwrap();
+}
+
+fn counters_host(rms: &[ResourceMetrics], name: &str, device: &str, op: &str) -> i64 {
+    resources_of(rms, None)
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| &s.metrics))
+        .filter(|m| m.name == name)
+        .filter_map(|m| match &m.data {
+            Some(metric::Data::Sum(s)) => s
+                .data_points
+                .iter()
+                .find(|p| {
+                    text(attr(&p.attributes, "system.device")) == device
+                        && text(attr(&p.attributes, "podscope.block.operation")) == op
+                })
+                .and_then(|p| match p.value {
+                    Some(number_data_point::Value::AsInt(v)) => Some(v),
+                    _ => None,
+                }),
+            _ => None,
+        })
+        .next()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
+    let pod = PodCgroup::new();
+    let other = PodCgroup::new();
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": {"syscalls": {"latency": false}}
+    }))
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    for p in [&pod, &other] {
+        p.run(|| unsafe {
+            for _ in 0..10 {
+                libc::syscall(libc::SYS_getppid);
+            }
+            0
+        });
+    }
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    assert_eq!(
+        get(
+            &counters(&rms, pod.id()),
+            "podscope.syscalls",
+            "syscall.name=getppid"
+        ),
+        10
+    );
+    assert!(
+        counters(&rms, other.id()).is_empty(),
+        "the other cgroup is filtered out"
+    );
+    assert_eq!(
+        resources_of(&rms, Some(1)).count(),
+        0,
+        "the root cgroup is filtered out"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_probe_whose_kernel_feature_is_missing_is_skipped_with_a_clear_line_or_fails_when_required(
+) {
+    let config = |required: bool| -> EbpfReceiverConfig {
+        parse_component_config(serde_json::json!({
+            "btf_path": "/nonexistent/vmlinux",
+            "probes": {"process": {"required": required}, "sched": {}}
+        }))
+        .unwrap()
+    };
+    let consumers = || ReceiverConsumers {
+        metrics: Some(Arc::new(Collected::default())),
+        traces: None,
+    };
+    let receiver =
+        EbpfReceiver::new(config(false), BuildContext::for_tests("ebpf"), consumers()).unwrap();
+    receiver.start().await.unwrap();
+    let skipped: Vec<String> = receiver
+        .skipped_probes()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(
+        skipped[0].starts_with("probe process: cannot attach tp_btf/sched_process_exec: kernel BTF is not available at /nonexistent/vmlinux"),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped[1].starts_with("probe sched: cannot attach tp_btf/sched_wakeup: kernel BTF"),
+        "{skipped:?}"
+    );
+    receiver.shutdown().await.unwrap();
+
+    let receiver =
+        EbpfReceiver::new(config(true), BuildContext::for_tests("ebpf"), consumers()).unwrap();
+    let error = receiver.start().await.unwrap_err().to_string();
+    assert!(
+        error.starts_with(
+            "probe process: cannot attach tp_btf/sched_process_exec: kernel BTF is not available"
+        ),
+        "{error}"
+    );
+    assert!(error.ends_with("(the probe is required)"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_events_feed_the_process_table() {
+    let (receiver, _collected) =
+        start(serde_json::json!({"process": {"event_poll_interval": "20ms"}})).await;
+    let mut child = std::process::Command::new("/bin/sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let table = receiver.processes();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while table.get(pid).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec of pid {pid} never reached the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(table.get(pid).unwrap().comm, "sleep");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    while table.get(pid).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exit of pid {pid} never reached the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    receiver.shutdown().await.unwrap();
+}
