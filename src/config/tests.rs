@@ -61,7 +61,7 @@ fn every_refusal_has_its_exact_messages_and_positions() {
 }
 
 #[test]
-fn the_default_config_is_otlp_batch_debug() {
+fn the_default_config_runs_ebpf_and_otlp_through_batch_to_debug() {
     let config = load_default().unwrap();
     assert_eq!(config.source, "<embedded default>");
     let names: Vec<_> = config
@@ -71,12 +71,17 @@ fn the_default_config_is_otlp_batch_debug() {
         .map(|p| p.name.as_str())
         .collect();
     assert_eq!(names, vec!["metrics", "traces"]);
-    for p in &config.service.pipelines {
-        let ids = |v: &Vec<ComponentId>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-        assert_eq!(ids(&p.receivers), vec!["otlp"]);
+    let ids = |v: &Vec<ComponentId>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let [metrics, traces] = &config.service.pipelines[..] else { unreachable!() };
+    assert_eq!(ids(&metrics.receivers), vec!["ebpf", "otlp"]);
+    assert_eq!(ids(&traces.receivers), vec!["otlp"]);
+    for p in [metrics, traces] {
         assert_eq!(ids(&p.processors), vec!["batch"]);
         assert_eq!(ids(&p.exporters), vec!["debug"]);
     }
+    let probes = &config.receivers[&ComponentId::parse("ebpf").unwrap()]["probes"];
+    let listed: Vec<&String> = probes.as_object().unwrap().keys().collect();
+    assert_eq!(listed, vec!["block_io", "files", "process", "sched", "syscalls"]);
 }
 
 #[test]
