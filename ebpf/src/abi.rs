@@ -29,6 +29,15 @@ impl Hist {
     pub fn count(&self) -> u64 {
         self.zero_count + self.slots.iter().sum::<u64>()
     }
+
+    /// Adds `other`'s counts (per-CPU values are summed this way).
+    pub fn merge(&mut self, other: &Hist) {
+        self.zero_count += other.zero_count;
+        self.sum += other.sum;
+        for (a, b) in self.slots.iter_mut().zip(other.slots.iter()) {
+            *a += b;
+        }
+    }
 }
 
 #[repr(C)]
@@ -45,6 +54,15 @@ pub struct SyscallStats {
     pub count: u64,
     pub errors: u64,
     pub latency_ns: Hist,
+}
+
+impl SyscallStats {
+    /// Adds `other` (per-CPU values are summed this way).
+    pub fn merge(&mut self, other: &SyscallStats) {
+        self.count += other.count;
+        self.errors += other.errors;
+        self.latency_ns.merge(&other.latency_ns);
+    }
 }
 
 #[repr(C)]

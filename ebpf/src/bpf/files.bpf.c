@@ -3,10 +3,11 @@
  * files: opens (openat, openat2) per cgroup and result (0 or errno), and, with `capture_paths`,
  * opens per cgroup and path for the current interval (userspace reads and clears it).
  * The syscall numbers come from the loader, which takes them from the `syscalls` crate.
+ * tp_btf: typed, direct access to the registers, no probe_read helper on the syscall path.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
 #include "podscope.h"
 
 const volatile __u32 nr_openat = 0;
@@ -48,31 +49,28 @@ static __always_inline int is_open(long nr)
 	return nr >= 0 && ((__u32)nr == nr_openat || (__u32)nr == nr_openat2);
 }
 
-SEC("raw_tp/sys_enter")
-int podscope_files_enter(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/sys_enter")
+int BPF_PROG(podscope_files_enter, struct pt_regs *regs, long id)
 {
-	if (!capture_paths || !is_open(podscope_raw_arg(ctx, 1)) || podscope_skip_current())
+	if (!capture_paths || !is_open(id) || podscope_skip_current())
 		return 0;
 	if (podscope_skip_cgroup(bpf_get_current_cgroup_id()))
 		return 0;
-	struct pt_regs *regs = (struct pt_regs *)podscope_raw_arg(ctx, 0);
-	__u64 path = BPF_CORE_READ(regs, si); /* 2nd argument of openat and openat2 */
+	__u64 path = regs->si; /* 2nd argument of openat and openat2 */
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	bpf_map_update_elem(&open_inflight, &tid, &path, BPF_ANY);
 	return 0;
 }
 
-SEC("raw_tp/sys_exit")
-int podscope_files_exit(struct bpf_raw_tracepoint_args *ctx)
+SEC("tp_btf/sys_exit")
+int BPF_PROG(podscope_files_exit, struct pt_regs *regs, long ret)
 {
-	struct pt_regs *regs = (struct pt_regs *)podscope_raw_arg(ctx, 0);
-	long nr = BPF_CORE_READ(regs, orig_ax);
+	long nr = regs->orig_ax;
 	if (!is_open(nr) || podscope_skip_current())
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
-	long ret = (long)podscope_raw_arg(ctx, 1);
 	struct open_key key = {
 		.cgroup_id = cgroup_id,
 		.err = (ret < 0 && ret >= -4095) ? (__u32)(-ret) : 0,

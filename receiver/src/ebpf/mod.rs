@@ -564,7 +564,11 @@ impl Collector {
             }
         }
         if let Some(ebpf) = &self.loaded.syscalls {
-            let stats = probes::read_hash(ebpf, "syscall_stats");
+            let stats = probes::read_per_cpu_hash(
+                ebpf,
+                "syscall_stats",
+                podscope_ebpf::abi::SyscallStats::merge,
+            );
             cgroups_seen.extend(
                 stats
                     .keys()
@@ -641,12 +645,15 @@ impl Collector {
             );
         }
         if let Some(ebpf) = self.loaded.syscalls.as_mut() {
-            let keys: Vec<SyscallKey> =
-                probes::read_hash::<SyscallKey, SyscallStats>(ebpf, "syscall_stats")
-                    .into_keys()
-                    .filter(|k| gone.contains(&k.cgroup_id))
-                    .collect();
-            probes::remove_keys::<SyscallKey, SyscallStats>(ebpf, "syscall_stats", keys);
+            let keys: Vec<SyscallKey> = probes::read_per_cpu_hash::<SyscallKey, SyscallStats>(
+                ebpf,
+                "syscall_stats",
+                SyscallStats::merge,
+            )
+            .into_keys()
+            .filter(|k| gone.contains(&k.cgroup_id))
+            .collect();
+            probes::remove_per_cpu_keys::<SyscallKey, SyscallStats>(ebpf, "syscall_stats", keys);
         }
         if let Some(ebpf) = self.loaded.files.as_mut() {
             let keys: Vec<OpenKey> = probes::read_hash::<OpenKey, u64>(ebpf, "opens")

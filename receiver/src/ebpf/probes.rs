@@ -45,13 +45,6 @@ pub struct ProbeSpec {
     pub programs: &'static [ProgramSpec],
 }
 
-const fn raw_tp(function: &'static str, tp: &'static str) -> ProgramSpec {
-    ProgramSpec {
-        function,
-        hook: Hook::RawTp(tp),
-    }
-}
-
 const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
     ProgramSpec {
         function,
@@ -73,8 +66,8 @@ pub const SYSCALLS: ProbeSpec = ProbeSpec {
     name: "syscalls",
     object: objects::SYSCALLS,
     programs: &[
-        raw_tp("podscope_sys_enter", "sys_enter"),
-        raw_tp("podscope_sys_exit", "sys_exit"),
+        tp_btf("podscope_sys_enter", "sys_enter"),
+        tp_btf("podscope_sys_exit", "sys_exit"),
     ],
 };
 
@@ -82,8 +75,8 @@ pub const FILES: ProbeSpec = ProbeSpec {
     name: "files",
     object: objects::FILES,
     programs: &[
-        raw_tp("podscope_files_enter", "sys_enter"),
-        raw_tp("podscope_files_exit", "sys_exit"),
+        tp_btf("podscope_files_enter", "sys_enter"),
+        tp_btf("podscope_files_exit", "sys_exit"),
     ],
 };
 
@@ -163,7 +156,8 @@ pub fn load(
         reason: reason.clone(),
     })?;
     let mut loader = EbpfLoader::new();
-    loader.btf(Some(btf));
+    // Task storage (syscall entry times) has no aya wrapper; only the kernel side uses it.
+    loader.btf(Some(btf)).allow_unsupported_maps();
     for global in globals {
         // Settings every probe's object may or may not use: absent ones are not an error.
         match global {
@@ -296,6 +290,48 @@ pub fn read_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
         return StdHashMap::new();
     };
     map.iter().filter_map(Result::ok).collect()
+}
+
+/// Reads every entry of a per-CPU hash map, merging each key's per-CPU values with `merge`.
+pub fn read_per_cpu_hash<K: aya::Pod + Eq + std::hash::Hash, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &str,
+    merge: impl Fn(&mut V, &V),
+) -> StdHashMap<K, V> {
+    let Some(map) = ebpf.map(name) else {
+        return StdHashMap::new();
+    };
+    let Ok(map) = aya::maps::PerCpuHashMap::<_, K, V>::try_from(map) else {
+        return StdHashMap::new();
+    };
+    map.iter()
+        .filter_map(Result::ok)
+        .filter_map(|(key, values)| {
+            let mut iter = values.iter();
+            let mut total = *iter.next()?;
+            for v in iter {
+                merge(&mut total, v);
+            }
+            Some((key, total))
+        })
+        .collect()
+}
+
+/// Removes `keys` from a per-CPU hash map.
+pub fn remove_per_cpu_keys<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    keys: impl IntoIterator<Item = K>,
+) {
+    let Some(map) = ebpf.map_mut(name) else {
+        return;
+    };
+    let Ok(mut map) = aya::maps::PerCpuHashMap::<_, K, V>::try_from(map) else {
+        return;
+    };
+    for key in keys {
+        let _ = map.remove(&key);
+    }
 }
 
 /// Removes `keys` from a hash map (entries of cgroups that no longer exist, or a per-interval
