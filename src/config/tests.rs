@@ -72,7 +72,9 @@ fn the_default_config_runs_ebpf_and_otlp_through_batch_to_debug() {
         .collect();
     assert_eq!(names, vec!["metrics", "traces"]);
     let ids = |v: &Vec<ComponentId>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
-    let [metrics, traces] = &config.service.pipelines[..] else { unreachable!() };
+    let [metrics, traces] = &config.service.pipelines[..] else {
+        unreachable!()
+    };
     assert_eq!(ids(&metrics.receivers), vec!["ebpf", "otlp"]);
     assert_eq!(ids(&traces.receivers), vec!["otlp"]);
     for p in [metrics, traces] {
@@ -81,7 +83,10 @@ fn the_default_config_runs_ebpf_and_otlp_through_batch_to_debug() {
     }
     let probes = &config.receivers[&ComponentId::parse("ebpf").unwrap()]["probes"];
     let listed: Vec<&String> = probes.as_object().unwrap().keys().collect();
-    assert_eq!(listed, vec!["block_io", "files", "process", "sched", "syscalls"]);
+    assert_eq!(
+        listed,
+        vec!["block_io", "files", "process", "sched", "syscalls"]
+    );
 }
 
 #[test]
