@@ -148,7 +148,7 @@ const LAYOUT_PROGRAM: &str = r#"
 int main(void) {
     S(podscope_hist); F(podscope_hist, zero_count); F(podscope_hist, sum); F(podscope_hist, slots);
     S(syscall_key); F(syscall_key, cgroup_id); F(syscall_key, nr); F(syscall_key, _pad);
-    S(syscall_stats); F(syscall_stats, count); F(syscall_stats, errors); F(syscall_stats, latency_ns);
+    S(syscall_counts); F(syscall_counts, count); F(syscall_counts, errors);
     S(open_key); F(open_key, cgroup_id); F(open_key, err); F(open_key, _pad);
     S(open_path_key); F(open_path_key, cgroup_id); F(open_path_key, path);
     S(process_key); F(process_key, cgroup_id); F(process_key, kind); F(process_key, exit_code);

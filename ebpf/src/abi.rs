@@ -48,20 +48,35 @@ pub struct SyscallKey {
     pub _pad: u32,
 }
 
+/// Syscall numbers a per-cgroup count array covers (x86_64 and arm64 stay well below).
+pub const SYSCALL_SLOTS: usize = 512;
+
+/// Per cgroup: counts and errors indexed by syscall number.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SyscallStats {
-    pub count: u64,
-    pub errors: u64,
-    pub latency_ns: Hist,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyscallCounts {
+    pub count: [u64; SYSCALL_SLOTS],
+    pub errors: [u64; SYSCALL_SLOTS],
 }
 
-impl SyscallStats {
+impl Default for SyscallCounts {
+    fn default() -> Self {
+        SyscallCounts {
+            count: [0; SYSCALL_SLOTS],
+            errors: [0; SYSCALL_SLOTS],
+        }
+    }
+}
+
+impl SyscallCounts {
     /// Adds `other` (per-CPU values are summed this way).
-    pub fn merge(&mut self, other: &SyscallStats) {
-        self.count += other.count;
-        self.errors += other.errors;
-        self.latency_ns.merge(&other.latency_ns);
+    pub fn merge(&mut self, other: &SyscallCounts) {
+        for (a, b) in self.count.iter_mut().zip(other.count.iter()) {
+            *a += b;
+        }
+        for (a, b) in self.errors.iter_mut().zip(other.errors.iter()) {
+            *a += b;
+        }
     }
 }
 
@@ -163,7 +178,7 @@ pub struct BlockStats {
 // bit pattern, which is what aya::Pod requires of map keys and values.
 unsafe impl aya::Pod for Hist {}
 unsafe impl aya::Pod for SyscallKey {}
-unsafe impl aya::Pod for SyscallStats {}
+unsafe impl aya::Pod for SyscallCounts {}
 unsafe impl aya::Pod for OpenKey {}
 unsafe impl aya::Pod for OpenPathKey {}
 unsafe impl aya::Pod for ProcessKey {}
@@ -213,12 +228,7 @@ mod tests {
         let mut rust = BTreeMap::new();
         rust_layout!(rust, "podscope_hist", Hist, [zero_count, sum, slots]);
         rust_layout!(rust, "syscall_key", SyscallKey, [cgroup_id, nr, _pad]);
-        rust_layout!(
-            rust,
-            "syscall_stats",
-            SyscallStats,
-            [count, errors, latency_ns]
-        );
+        rust_layout!(rust, "syscall_counts", SyscallCounts, [count, errors]);
         rust_layout!(rust, "open_key", OpenKey, [cgroup_id, err, _pad]);
         rust_layout!(rust, "open_path_key", OpenPathKey, [cgroup_id, path]);
         rust_layout!(

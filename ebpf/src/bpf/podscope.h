@@ -19,17 +19,19 @@ struct podscope_hist {
 	__u64 slots[PODSCOPE_HIST_SLOTS];
 };
 
-/* syscalls probe: per cgroup and syscall number. */
+/* syscalls probe. Counts live in one value per cgroup, indexed by syscall number, so the hot
+ * path does one lookup on an 8-byte key; latency histograms are per cgroup and syscall. */
+#define PODSCOPE_SYSCALL_SLOTS 512
+
+struct syscall_counts {
+	__u64 count[PODSCOPE_SYSCALL_SLOTS];
+	__u64 errors[PODSCOPE_SYSCALL_SLOTS];
+};
+
 struct syscall_key {
 	__u64 cgroup_id;
 	__u32 nr;
 	__u32 _pad;
-};
-
-struct syscall_stats {
-	__u64 count;
-	__u64 errors;
-	struct podscope_hist latency_ns;
 };
 
 /* files probe: opens per cgroup and result (0 = success, else errno). */

@@ -4,8 +4,9 @@
  * [-4095, -1]) and, when `measure_latency` is set, the enter → exit latency as a log2 histogram.
  *
  * Cost matters here: every syscall on the machine runs this. tp_btf gives typed, direct access to
- * the registers (no probe_read helper), the stats map is per-CPU (plain increments, no atomics),
- * and the entry timestamp lives in task storage (no hashing on the hot path).
+ * the registers (no probe_read helper); counts are per-CPU (plain increments, no atomics) in one
+ * value per cgroup indexed by syscall number (one lookup, 8-byte key); the entry timestamp lives
+ * in task storage (no hashing).
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -16,10 +17,17 @@ const volatile __u32 measure_latency = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct syscall_counts);
+} syscall_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct syscall_key);
-	__type(value, struct syscall_stats);
-} syscall_stats SEC(".maps");
+	__type(value, struct podscope_hist);
+} syscall_latency SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
@@ -28,7 +36,8 @@ struct {
 	__type(value, __u64);
 } syscall_start SEC(".maps");
 
-static struct syscall_stats zero_stats;
+static struct syscall_counts zero_counts;
+static struct podscope_hist zero_hist;
 
 static __always_inline void hist_add_local(struct podscope_hist *h, __u64 v)
 {
@@ -65,21 +74,22 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
 	long nr = regs->orig_ax;
-	if (nr < 0)
+	if (nr < 0 || nr >= PODSCOPE_SYSCALL_SLOTS)
 		return 0;
-	struct syscall_key key = { .cgroup_id = cgroup_id, .nr = (__u32)nr };
-	struct syscall_stats *stats = podscope_lookup_or_init(&syscall_stats, &key, &zero_stats);
-	if (!stats)
+	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, &cgroup_id, &zero_counts);
+	if (!counts)
 		return 0;
-	stats->count++;
+	counts->count[nr]++;
 	if (ret < 0 && ret >= -4095)
-		stats->errors++;
+		counts->errors[nr]++;
 	if (measure_latency) {
 		__u64 *start = bpf_task_storage_get(&syscall_start, bpf_get_current_task_btf(), 0, 0);
 		if (start && *start) {
 			__u64 now = bpf_ktime_get_ns();
-			if (now > *start)
-				hist_add_local(&stats->latency_ns, now - *start);
+			struct syscall_key key = { .cgroup_id = cgroup_id, .nr = (__u32)nr };
+			struct podscope_hist *h = podscope_lookup_or_init(&syscall_latency, &key, &zero_hist);
+			if (h && now > *start)
+				hist_add_local(h, now - *start);
 			*start = 0;
 		}
 	}

@@ -11,8 +11,8 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use podscope_ebpf::abi::{
-    BlockKey, BlockStats, Hist, OpenKey, OpenPathKey, ProcessKey, SwitchKey, SyscallKey,
-    SyscallStats, BLOCK_DISCARD, BLOCK_FLUSH, BLOCK_READ, BLOCK_WRITE, PROCESS_EXEC, PROCESS_EXIT,
+    BlockKey, BlockStats, Hist, OpenKey, OpenPathKey, ProcessKey, SwitchKey, SyscallCounts,
+    SyscallKey, BLOCK_DISCARD, BLOCK_FLUSH, BLOCK_READ, BLOCK_WRITE, PROCESS_EXEC, PROCESS_EXIT,
     PROCESS_FORK, SWITCH_VOLUNTARY,
 };
 
@@ -206,32 +206,40 @@ pub fn add_process(
 
 pub fn add_syscalls(
     b: &mut MetricsBuilder<'_>,
-    stats: &HashMap<SyscallKey, SyscallStats>,
-    latency: bool,
+    counts: &HashMap<u64, SyscallCounts>,
+    latency: &HashMap<SyscallKey, Hist>,
 ) {
-    for (key, s) in stats {
-        let owner = Owner::Cgroup(key.cgroup_id);
-        let name = syscall_name(key.nr);
-        b.count(
-            owner,
-            &catalog::SYSCALLS,
-            vec![string_attr("syscall.name", &name)],
-            s.count,
-        );
-        if s.errors > 0 {
+    for (&cgroup, c) in counts {
+        let owner = Owner::Cgroup(cgroup);
+        for (nr, (&count, &errors)) in c.count.iter().zip(c.errors.iter()).enumerate() {
+            if count == 0 {
+                continue;
+            }
+            let name = syscall_name(nr as u32);
             b.count(
                 owner,
-                &catalog::SYSCALL_ERRORS,
+                &catalog::SYSCALLS,
                 vec![string_attr("syscall.name", &name)],
-                s.errors,
+                count,
             );
+            if errors > 0 {
+                b.count(
+                    owner,
+                    &catalog::SYSCALL_ERRORS,
+                    vec![string_attr("syscall.name", &name)],
+                    errors,
+                );
+            }
         }
-        if latency && s.latency_ns.count() > 0 {
+    }
+    for (key, hist) in latency {
+        if hist.count() > 0 {
+            let name = syscall_name(key.nr);
             b.distribution(
-                owner,
+                Owner::Cgroup(key.cgroup_id),
                 &catalog::SYSCALL_LATENCY,
-                vec![string_attr("syscall.name", &name)],
-                &s.latency_ns,
+                vec![string_attr("syscall.name", name)],
+                hist,
             );
         }
     }

@@ -564,17 +564,16 @@ impl Collector {
             }
         }
         if let Some(ebpf) = &self.loaded.syscalls {
-            let stats = probes::read_per_cpu_hash(
-                ebpf,
-                "syscall_stats",
-                podscope_ebpf::abi::SyscallStats::merge,
-            );
-            cgroups_seen.extend(
-                stats
-                    .keys()
-                    .map(|k: &podscope_ebpf::abi::SyscallKey| k.cgroup_id),
-            );
-            collect::add_syscalls(&mut builder, &stats, self.syscall_latency);
+            use podscope_ebpf::abi::{Hist, SyscallCounts, SyscallKey};
+            let counts: HashMap<u64, SyscallCounts> =
+                probes::read_per_cpu_hash(ebpf, "syscall_counts", SyscallCounts::merge);
+            let latency: HashMap<SyscallKey, Hist> = if self.syscall_latency {
+                probes::read_per_cpu_hash(ebpf, "syscall_latency", Hist::merge)
+            } else {
+                HashMap::new()
+            };
+            cgroups_seen.extend(counts.keys().copied());
+            collect::add_syscalls(&mut builder, &counts, &latency);
         }
         let mut paths_read = Vec::new();
         if let Some(ebpf) = &self.loaded.files {
@@ -630,7 +629,7 @@ impl Collector {
     }
 
     fn forget(&mut self, gone: &HashSet<u64>) {
-        use podscope_ebpf::abi::{OpenKey, ProcessKey, SwitchKey, SyscallKey, SyscallStats};
+        use podscope_ebpf::abi::{OpenKey, ProcessKey, SwitchKey, SyscallKey};
         if let Some(ebpf) = self.loaded.process.as_mut() {
             let keys: Vec<ProcessKey> =
                 probes::read_hash::<ProcessKey, u64>(ebpf, "process_counts")
@@ -645,15 +644,18 @@ impl Collector {
             );
         }
         if let Some(ebpf) = self.loaded.syscalls.as_mut() {
-            let keys: Vec<SyscallKey> = probes::read_per_cpu_hash::<SyscallKey, SyscallStats>(
+            use podscope_ebpf::abi::{Hist, SyscallCounts};
+            probes::remove_per_cpu_keys::<u64, SyscallCounts>(
                 ebpf,
-                "syscall_stats",
-                SyscallStats::merge,
-            )
-            .into_keys()
-            .filter(|k| gone.contains(&k.cgroup_id))
-            .collect();
-            probes::remove_per_cpu_keys::<SyscallKey, SyscallStats>(ebpf, "syscall_stats", keys);
+                "syscall_counts",
+                gone.iter().copied(),
+            );
+            let keys: Vec<SyscallKey> =
+                probes::read_per_cpu_hash::<SyscallKey, Hist>(ebpf, "syscall_latency", Hist::merge)
+                    .into_keys()
+                    .filter(|k| gone.contains(&k.cgroup_id))
+                    .collect();
+            probes::remove_per_cpu_keys::<SyscallKey, Hist>(ebpf, "syscall_latency", keys);
         }
         if let Some(ebpf) = self.loaded.files.as_mut() {
             let keys: Vec<OpenKey> = probes::read_hash::<OpenKey, u64>(ebpf, "opens")
