@@ -177,6 +177,18 @@ async fn main() {
     rows.push(("no-op raw_tp (floor)".into(), median(calls)));
     drop(noop);
 
+    let btf = aya::Btf::from_sys_fs().unwrap();
+    let mut noop_btf = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
+    let prog: &mut aya::programs::BtfTracePoint = noop_btf
+        .program_mut("podscope_bench_noop_btf")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load("sys_exit", &btf).unwrap();
+    prog.attach().unwrap();
+    rows.push(("no-op tp_btf on sys_exit".into(), median(calls)));
+    drop(noop_btf);
+
     let (counting, _) = receiver(serde_json::json!({"syscalls": {"latency": false}})).await;
     rows.push(("podscope syscalls, counting".into(), median(calls)));
     counting.shutdown().await.unwrap();

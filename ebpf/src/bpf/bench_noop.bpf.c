@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* The floor for benchmarks: a raw_tp program on sys_enter that does nothing. */
+/* Floors for benchmarks: programs on the syscall path that do nothing. */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 
@@ -10,3 +10,10 @@ int podscope_bench_noop(void *ctx)
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* The same on tp_btf, to separate the cost of the hook from the cost of a program's work. */
+SEC("tp_btf/sys_exit")
+int podscope_bench_noop_btf(void *ctx)
+{
+	return 0;
+}
