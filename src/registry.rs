@@ -22,6 +22,7 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
         &podscope_exporters::debug::FACTORY,
         &podscope_exporters::file::FACTORY,
         &podscope_exporters::nop::FACTORY,
+        &podscope_exporters::prometheus::FACTORY,
     ]
 }
 

@@ -1,3 +1,4 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
 pub mod agent;
+pub mod prometheus;

@@ -61,7 +61,7 @@ fn every_refusal_has_its_exact_messages_and_positions() {
 }
 
 #[test]
-fn the_default_config_runs_ebpf_and_otlp_through_batch_to_debug() {
+fn the_default_config_runs_ebpf_and_otlp_through_batch_to_prometheus_and_debug() {
     let config = load_default().unwrap();
     assert_eq!(config.source, "<embedded default>");
     let names: Vec<_> = config
@@ -79,8 +79,9 @@ fn the_default_config_runs_ebpf_and_otlp_through_batch_to_debug() {
     assert_eq!(ids(&traces.receivers), vec!["otlp"]);
     for p in [metrics, traces] {
         assert_eq!(ids(&p.processors), vec!["batch"]);
-        assert_eq!(ids(&p.exporters), vec!["debug"]);
     }
+    assert_eq!(ids(&metrics.exporters), vec!["prometheus", "debug"]);
+    assert_eq!(ids(&traces.exporters), vec!["debug"]);
     let probes = &config.receivers[&ComponentId::parse("ebpf").unwrap()]["probes"];
     let listed: Vec<&String> = probes.as_object().unwrap().keys().collect();
     assert_eq!(

@@ -1,0 +1,86 @@
+use std::time::Duration;
+
+use podscope_core::{ComponentConfig, FieldError};
+use serde::Deserialize;
+
+/// `exporters: prometheus:` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusConfig {
+    /// host:port serving `/metrics`. Default `0.0.0.0:9464`.
+    pub endpoint: String,
+    /// Prefix for every metric name (e.g. `node`), empty by default.
+    pub namespace: String,
+    /// Series not updated for this long disappear from the page. Default 5m.
+    #[serde(with = "humantime_serde")]
+    pub metric_expiration: Duration,
+    /// Unit suffixes (`_seconds`, `_bytes`) and `_total` on counters, as the OpenTelemetry
+    /// specification translates names. Default true.
+    pub add_metric_suffixes: bool,
+    pub resource_to_telemetry_conversion: ResourceToTelemetry,
+    /// Resource attributes copied onto every series as labels (the rest go to `target_info`).
+    /// Default: `host.name`, `container.id`, `podscope.cgroup.path`, `k8s.namespace.name`,
+    /// `k8s.pod.name`, `k8s.container.name` — what tells podscope's per-container series apart.
+    pub promoted_resource_attributes: Vec<String>,
+}
+
+/// `resource_to_telemetry_conversion:` — copy every resource attribute onto every series.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourceToTelemetry {
+    /// Default false.
+    pub enabled: bool,
+}
+
+impl Default for PrometheusConfig {
+    fn default() -> Self {
+        PrometheusConfig {
+            endpoint: "0.0.0.0:9464".to_string(),
+            namespace: String::new(),
+            metric_expiration: Duration::from_secs(300),
+            add_metric_suffixes: true,
+            resource_to_telemetry_conversion: ResourceToTelemetry::default(),
+            promoted_resource_attributes: [
+                "host.name",
+                "container.id",
+                "podscope.cgroup.path",
+                "k8s.namespace.name",
+                "k8s.pod.name",
+                "k8s.container.name",
+            ]
+            .map(str::to_string)
+            .to_vec(),
+        }
+    }
+}
+
+impl ComponentConfig for PrometheusConfig {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let ok = self
+            .endpoint
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !ok {
+            errors.push(FieldError::new(
+                "endpoint",
+                format!("{:?} is not host:port (e.g. 0.0.0.0:9464)", self.endpoint),
+            ));
+        }
+        if self.metric_expiration.is_zero() {
+            errors.push(FieldError::new(
+                "metric_expiration",
+                "must be greater than 0",
+            ));
+        }
+        if !self.namespace.is_empty()
+            && super::translate::sanitize_name(&self.namespace) != self.namespace
+        {
+            errors.push(FieldError::new(
+                "namespace",
+                "may contain only letters, digits and '_', not starting with a digit",
+            ));
+        }
+        errors
+    }
+}

@@ -1,0 +1,175 @@
+//! The `prometheus` exporter: a scrape endpoint (`/metrics`) serving every series it received,
+//! translated as the OpenTelemetry specification describes (names and labels sanitized, unit
+//! suffixes, `_total` on monotonic counters, `otel_scope_*` labels, resource attributes in
+//! `target_info` with the configured ones promoted to labels), exponential histograms as classic
+//! buckets, deltas accumulated, values in base units. Text format 0.0.4, or OpenMetrics 1.0 when
+//! the scraper's `Accept` asks for it. Series not updated for `metric_expiration` disappear.
+
+mod config;
+mod store;
+#[cfg(test)]
+mod tests;
+pub mod translate;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use axum::extract::State;
+use axum::http::{header, HeaderMap};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use podscope_core::component::create_exporter;
+use podscope_core::telemetry::AgentTelemetry;
+use podscope_core::{
+    Batch, BuildContext, Component, ConsumeError, Consumer, Exporter, ExporterBuilder,
+    ExporterFactory, Signal,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{PrometheusConfig, ResourceToTelemetry};
+pub use store::{Settings, Store};
+
+pub const FACTORY: ExporterFactory = ExporterFactory {
+    type_name: "prometheus",
+    description: "Serves metrics on a Prometheus scrape endpoint (text 0.0.4 or OpenMetrics 1.0)",
+    signals: &[Signal::Metrics],
+    create: create_exporter::<PrometheusConfig>,
+};
+
+impl ExporterBuilder for PrometheusConfig {
+    fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
+        Ok(Arc::new(PrometheusExporter::new(*self, &ctx)))
+    }
+}
+
+pub struct PrometheusExporter {
+    id: String,
+    endpoint: String,
+    store: Arc<Mutex<Store>>,
+    telemetry: AgentTelemetry,
+    stop: CancellationToken,
+    server: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    bound: Mutex<Option<SocketAddr>>,
+}
+
+impl PrometheusExporter {
+    pub fn new(config: PrometheusConfig, ctx: &BuildContext) -> Self {
+        let settings = Settings {
+            namespace: config.namespace.clone(),
+            add_metric_suffixes: config.add_metric_suffixes,
+            all_resource_attributes: config.resource_to_telemetry_conversion.enabled,
+            promoted: config.promoted_resource_attributes.clone(),
+            expiration: config.metric_expiration,
+        };
+        PrometheusExporter {
+            id: ctx.id.to_string(),
+            endpoint: config.endpoint,
+            store: Arc::new(Mutex::new(Store::new(settings))),
+            telemetry: ctx.telemetry.clone(),
+            stop: CancellationToken::new(),
+            server: tokio::sync::Mutex::new(None),
+            bound: Mutex::new(None),
+        }
+    }
+
+    /// Where `/metrics` is served, once started.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        *self.bound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The page a scraper would get now.
+    pub fn render(&self, openmetrics: bool) -> String {
+        let mut store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        store.expire(Instant::now());
+        store.render(openmetrics)
+    }
+}
+
+#[async_trait]
+impl Consumer for PrometheusExporter {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        let Batch::Metrics(resource_metrics) = &batch else {
+            return Err(ConsumeError::permanent(
+                "wrong_signal",
+                "the prometheus exporter takes metrics only",
+            ));
+        };
+        self.store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(resource_metrics, Instant::now());
+        self.telemetry
+            .exporter_sent
+            .get_or_create(&AgentTelemetry::items(&self.id, Signal::Metrics))
+            .inc_by(batch.item_count() as u64);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Component for PrometheusExporter {
+    async fn start(&self) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(&self.endpoint)
+            .await
+            .with_context(|| {
+                format!(
+                    "exporters.{}.endpoint: cannot listen on {}",
+                    self.id, self.endpoint
+                )
+            })?;
+        let address = listener.local_addr()?;
+        *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(address);
+        let app = Router::new()
+            .route("/metrics", get(scrape))
+            .with_state(self.store.clone());
+        let stop = self.stop.clone();
+        let id = self.id.clone();
+        *self.server.lock().await = Some(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+            {
+                tracing::error!(exporter = %id, error = %e, "Prometheus endpoint stopped");
+            }
+        }));
+        tracing::info!(exporter = %self.id, %address, "Prometheus metrics at /metrics");
+        Ok(())
+    }
+
+    async fn shutdown(&self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        if let Some(server) = self.server.lock().await.take() {
+            server.await?;
+        }
+        Ok(())
+    }
+}
+
+impl Exporter for PrometheusExporter {}
+
+const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn scrape(State(store): State<Arc<Mutex<Store>>>, headers: HeaderMap) -> impl IntoResponse {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("application/openmetrics-text"));
+    let body = {
+        let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+        store.expire(Instant::now());
+        store.render(openmetrics)
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            if openmetrics { OPENMETRICS } else { TEXT },
+        )],
+        body,
+    )
+}
