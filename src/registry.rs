@@ -22,6 +22,9 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
         &podscope_exporters::debug::FACTORY,
         &podscope_exporters::file::FACTORY,
         &podscope_exporters::nop::FACTORY,
+        &podscope_exporters::otlp::OTLP,
+        &podscope_exporters::otlp::OTLP_HTTP,
+        &podscope_exporters::otlp::JAEGER,
         &podscope_exporters::prometheus::FACTORY,
     ]
 }

@@ -4,10 +4,12 @@
 //! - `debug`: logs a summary or a dump of every batch.
 //! - `file`: OTLP-JSON lines, one export request per line, with size-based rotation.
 //! - `nop`: discards everything (benchmarks, processor-only pipelines).
+//! - `otlp`, `otlphttp`, `jaeger`: OTLP over gRPC or HTTP, with TLS, retries and a sending queue.
 //! - `prometheus`: a scrape endpoint in Prometheus text or OpenMetrics format.
 
 pub mod debug;
 pub mod file;
 pub mod helper;
 pub mod nop;
+pub mod otlp;
 pub mod prometheus;

@@ -1,0 +1,313 @@
+//! The OTLP exporters against podscope's own `otlp` receiver (exact round trips) and against
+//! small HTTP servers that answer with the faults the exporter must handle.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+};
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use podscope_core::config::parse_component_config;
+use podscope_core::{
+    Batch, BuildContext, Component as _, ConsumeError, Consumer, ExporterBuilder, ReceiverConsumers,
+};
+use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
+
+use super::{OtlpGrpcConfig, OtlpHttpConfig};
+
+#[derive(Default)]
+struct Collected(Mutex<Vec<Batch>>);
+
+#[async_trait]
+impl Consumer for Collected {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        self.0.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
+fn spans() -> Batch {
+    Batch::traces(vec![ResourceSpans {
+        scope_spans: vec![ScopeSpans {
+            spans: vec![Span {
+                name: "GET /cart".into(),
+                trace_id: vec![7; 16],
+                span_id: vec![1; 8],
+                start_time_unix_nano: 10,
+                end_time_unix_nano: 20,
+                attributes: vec![KeyValue {
+                    key: "k".into(),
+                    key_strindex: 0,
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::IntValue(3)),
+                    }),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+fn points() -> Batch {
+    Batch::metrics(vec![ResourceMetrics {
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![Metric {
+                name: "g".into(),
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: vec![NumberDataPoint {
+                        time_unix_nano: 5,
+                        value: Some(number_data_point::Value::AsDouble(1.5)),
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+async fn receiver() -> (OtlpReceiver, Arc<Collected>, Arc<Collected>) {
+    let config: OtlpReceiverConfig = parse_component_config(serde_json::json!({"protocols": {
+        "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}))
+    .unwrap();
+    let (m, t) = (
+        Arc::new(Collected::default()),
+        Arc::new(Collected::default()),
+    );
+    let r = OtlpReceiver::new(
+        config,
+        &BuildContext::for_tests("otlp"),
+        ReceiverConsumers {
+            metrics: Some(m.clone()),
+            traces: Some(t.clone()),
+        },
+    );
+    r.start().await.unwrap();
+    (r, m, t)
+}
+
+#[tokio::test]
+async fn grpc_round_trip_is_exact() {
+    let (r, m, t) = receiver().await;
+    let endpoint = format!("http://{}", r.bound_addresses().grpc.unwrap());
+    let config: OtlpGrpcConfig = parse_component_config(
+        serde_json::json!({"endpoint": endpoint, "headers": {"x-tenant": "a"}}),
+    )
+    .unwrap();
+    let exporter = Box::new(config)
+        .build(BuildContext::for_tests("otlp"))
+        .unwrap();
+    exporter.start().await.unwrap();
+    exporter.consume(spans()).await.unwrap();
+    exporter.consume(points()).await.unwrap();
+    exporter.shutdown().await.unwrap(); // drains the sending queue
+    assert_eq!(*t.0.lock().unwrap(), vec![spans()]);
+    assert_eq!(*m.0.lock().unwrap(), vec![points()]);
+    r.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn http_round_trip_is_exact_in_protobuf_and_json() {
+    let (r, m, t) = receiver().await;
+    let base = format!("http://{}", r.bound_addresses().http.unwrap());
+    for encoding in ["proto", "json"] {
+        let config: OtlpHttpConfig =
+            parse_component_config(serde_json::json!({"endpoint": base, "encoding": encoding}))
+                .unwrap();
+        let exporter = Box::new(config)
+            .build(BuildContext::for_tests("otlphttp"))
+            .unwrap();
+        exporter.start().await.unwrap();
+        exporter.consume(spans()).await.unwrap();
+        exporter.consume(points()).await.unwrap();
+        exporter.shutdown().await.unwrap();
+    }
+    assert_eq!(*t.0.lock().unwrap(), vec![spans(), spans()]);
+    assert_eq!(*m.0.lock().unwrap(), vec![points(), points()]);
+    r.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
+        "endpoint": format!("http://127.0.0.1:{port}"),
+        "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms", "randomization_factor": 0.0}
+    }))
+    .unwrap();
+    let ctx = BuildContext::for_tests("otlp");
+    let telemetry = ctx.telemetry.clone();
+    let exporter = Box::new(config).build(ctx).unwrap();
+    exporter.start().await.unwrap();
+    exporter.consume(spans()).await.unwrap(); // queued while nothing listens
+    let failed = "podscope_exporter_send_failures_total{component=\"otlp\",reason=\"unavailable\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !telemetry.encode_text().contains(failed) {
+        assert!(
+            Instant::now() < deadline,
+            "no failed attempt while the backend was down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Bring the backend up on that port.
+    let config: OtlpReceiverConfig = parse_component_config(
+        serde_json::json!({"protocols": {"grpc": {"endpoint": format!("127.0.0.1:{port}")}}}),
+    )
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let r = OtlpReceiver::new(
+        config,
+        &BuildContext::for_tests("otlp"),
+        ReceiverConsumers {
+            metrics: None,
+            traces: Some(collected.clone()),
+        },
+    );
+    r.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while collected.0.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "queued spans never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    exporter.shutdown().await.unwrap();
+    assert_eq!(*collected.0.lock().unwrap(), vec![spans()]);
+    let text = telemetry.encode_text();
+    assert!(
+        text.contains("podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 1"),
+        "{text}"
+    );
+    r.shutdown().await.unwrap();
+}
+
+/// An OTLP/HTTP endpoint answering from a script of statuses, then 200.
+async fn scripted_http(
+    script: Vec<(u16, Option<&'static str>)>,
+) -> (String, Arc<Mutex<Vec<Instant>>>) {
+    use axum::http::StatusCode;
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let script = Arc::new(Mutex::new(script.into_iter().rev().collect::<Vec<_>>()));
+    let seen = attempts.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move || {
+            let seen = seen.clone();
+            let script = script.clone();
+            async move {
+                seen.lock().unwrap().push(Instant::now());
+                let (status, retry_after) = script.lock().unwrap().pop().unwrap_or((200, None));
+                let mut response = axum::response::IntoResponse::into_response((
+                    StatusCode::from_u16(status).unwrap(),
+                    "scripted",
+                ));
+                if let Some(v) = retry_after {
+                    response
+                        .headers_mut()
+                        .insert("retry-after", v.parse().unwrap());
+                }
+                response
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (address, attempts)
+}
+
+#[tokio::test]
+async fn http_429_with_retry_after_is_honoured_and_400_is_not_retried() {
+    let (address, attempts) = scripted_http(vec![(429, Some("1")), (400, None)]).await;
+    let config: OtlpHttpConfig = parse_component_config(serde_json::json!({
+        "endpoint": address,
+        "sending_queue": {"enabled": false},
+        "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms", "randomization_factor": 0.0}
+    }))
+    .unwrap();
+    let exporter = Box::new(config)
+        .build(BuildContext::for_tests("otlphttp"))
+        .unwrap();
+    exporter.start().await.unwrap();
+    // 429 (wait the 1 s it asks for, not the 10 ms backoff) → 400: permanent, not retried.
+    let error = exporter.consume(spans()).await.unwrap_err();
+    assert_eq!(error.reason(), "http_400");
+    let times = attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 2, "one retry after 429, none after 400");
+    assert!(
+        times[1] - times[0] >= Duration::from_millis(950),
+        "Retry-After honoured: {:?}",
+        times[1] - times[0]
+    );
+    exporter.consume(spans()).await.unwrap();
+    assert_eq!(attempts.lock().unwrap().len(), 3);
+}
+
+#[test]
+fn status_classification_follows_the_specification() {
+    use tonic::Code;
+    for (code, retryable) in [
+        (Code::Unavailable, true),
+        (Code::ResourceExhausted, true),
+        (Code::DeadlineExceeded, true),
+        (Code::Aborted, true),
+        (Code::InvalidArgument, false),
+        (Code::Unauthenticated, false),
+        (Code::Internal, false),
+    ] {
+        assert_eq!(
+            super::classify_grpc_status(&tonic::Status::new(code, "x")).is_retryable(),
+            retryable,
+            "{code:?}"
+        );
+    }
+    for (status, retryable) in [
+        (429, true),
+        (502, true),
+        (503, true),
+        (504, true),
+        (400, false),
+        (401, false),
+        (500, false),
+    ] {
+        let e =
+            super::classify_http_status(reqwest::StatusCode::from_u16(status).unwrap(), None, "");
+        assert_eq!(e.is_retryable(), retryable, "{status}");
+    }
+    assert_eq!(super::retry_after("7"), Some(Duration::from_secs(7)));
+    assert_eq!(
+        super::retry_after("Thu, 01 Jan 1970 00:00:00 GMT"),
+        Some(Duration::ZERO)
+    );
+}
+
+#[test]
+fn endpoints_and_tls_settings_are_validated() {
+    let errors = parse_component_config::<OtlpGrpcConfig>(serde_json::json!({
+        "endpoint": "no-port", "tls": {"cert_file": "/nonexistent.pem"}
+    }))
+    .unwrap_err();
+    let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, vec!["endpoint", "tls", "tls.cert_file"]);
+    let config: OtlpGrpcConfig =
+        parse_component_config(serde_json::json!({"endpoint": "collector:4317"})).unwrap();
+    assert_eq!(
+        config.url(),
+        ("https://collector:4317".to_string(), true),
+        "bare host:port means TLS, as in the Collector"
+    );
+    let config: OtlpGrpcConfig = parse_component_config(
+        serde_json::json!({"endpoint": "collector:4317", "tls": {"insecure": true}}),
+    )
+    .unwrap();
+    assert_eq!(config.url(), ("http://collector:4317".to_string(), false));
+}
