@@ -6,6 +6,7 @@
 //! - `nop`: discards everything (benchmarks, processor-only pipelines).
 //! - `otlp`, `otlphttp`, `jaeger`: OTLP over gRPC or HTTP, with TLS, retries and a sending queue.
 //! - `prometheus`: a scrape endpoint in Prometheus text or OpenMetrics format.
+//! - `prometheusremotewrite`: Prometheus remote write 1.0.
 
 pub mod debug;
 pub mod file;
@@ -13,3 +14,4 @@ pub mod helper;
 pub mod nop;
 pub mod otlp;
 pub mod prometheus;
+pub mod prometheusremotewrite;

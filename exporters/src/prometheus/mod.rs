@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{PrometheusConfig, ResourceToTelemetry};
-pub use store::{Settings, Store};
+pub use store::{Labels, Settings, Store};
 
 pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "prometheus",

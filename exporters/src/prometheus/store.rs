@@ -53,7 +53,7 @@ enum Value {
 }
 
 /// Sorted label pairs.
-type Labels = Vec<(String, String)>;
+pub type Labels = Vec<(String, String)>;
 
 struct Series {
     value: Value,
@@ -404,6 +404,62 @@ impl Store {
             }
             None => {}
         }
+    }
+
+    /// Every sample of the series updated by the last `apply`, flattened as Prometheus stores
+    /// them (histograms as `_bucket`/`_sum`/`_count`), each with its `__name__` label; labels
+    /// sorted by name. For remote write.
+    pub fn updated_samples(&self) -> Vec<(Labels, f64)> {
+        let mut out = Vec::new();
+        for (name, family) in &self.families {
+            for (labels, series) in family.series.iter().filter(|(_, s)| s.updated == self.now) {
+                let with = |metric: &str, extra: Option<(&str, String)>| {
+                    let mut all: Vec<(String, String)> = labels.clone();
+                    all.push(("__name__".to_string(), metric.to_string()));
+                    if let Some((k, v)) = extra {
+                        all.push((k.to_string(), v));
+                    }
+                    all.sort();
+                    all
+                };
+                match &series.value {
+                    Value::Number(v) => out.push((with(name, None), *v)),
+                    Value::Histogram {
+                        buckets,
+                        sum,
+                        count,
+                    } => {
+                        for (bound, cumulative) in buckets {
+                            out.push((
+                                with(
+                                    &format!("{name}_bucket"),
+                                    Some(("le", format_float(*bound))),
+                                ),
+                                *cumulative as f64,
+                            ));
+                        }
+                        out.push((
+                            with(&format!("{name}_bucket"), Some(("le", "+Inf".into()))),
+                            *count as f64,
+                        ));
+                        out.push((with(&format!("{name}_sum"), None), *sum));
+                        out.push((with(&format!("{name}_count"), None), *count as f64));
+                    }
+                    Value::Summary {
+                        quantiles,
+                        sum,
+                        count,
+                    } => {
+                        for (q, v) in quantiles {
+                            out.push((with(name, Some(("quantile", format_float(*q)))), *v));
+                        }
+                        out.push((with(&format!("{name}_sum"), None), *sum));
+                        out.push((with(&format!("{name}_count"), None), *count as f64));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Drops series not updated within the expiration.

@@ -1,0 +1,97 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use podscope_core::{ComponentConfig, FieldError};
+use serde::Deserialize;
+
+use crate::helper::{HelperSettings, RetrySettings, SendingQueueSettings};
+use crate::otlp::TlsSettings;
+
+/// `exporters: prometheusremotewrite:` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteWriteConfig {
+    /// The remote-write URL (required), e.g. `http://prometheus:9090/api/v1/write`.
+    pub endpoint: String,
+    /// HTTP headers sent with every request (e.g. authorization, tenant).
+    pub headers: BTreeMap<String, String>,
+    /// Labels added to every series (a label of the data with the same name wins).
+    pub external_labels: BTreeMap<String, String>,
+    /// Prefix for every metric name, empty by default.
+    pub namespace: String,
+    /// Samples per request at most; larger batches are split. Default 2000.
+    pub max_samples_per_request: usize,
+    /// Resource attributes copied onto every series (see the prometheus exporter).
+    pub promoted_resource_attributes: Vec<String>,
+    pub resource_to_telemetry_conversion: crate::prometheus::ResourceToTelemetry,
+    pub tls: TlsSettings,
+    /// Time one request may take. Default 5s.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries on 5xx and 429 (never on other 4xx).
+    pub retry_on_failure: RetrySettings,
+    pub sending_queue: SendingQueueSettings,
+}
+
+impl Default for RemoteWriteConfig {
+    fn default() -> Self {
+        RemoteWriteConfig {
+            endpoint: String::new(),
+            headers: BTreeMap::new(),
+            external_labels: BTreeMap::new(),
+            namespace: String::new(),
+            max_samples_per_request: 2000,
+            promoted_resource_attributes: crate::prometheus::PrometheusConfig::default()
+                .promoted_resource_attributes,
+            resource_to_telemetry_conversion: Default::default(),
+            tls: TlsSettings::default(),
+            timeout: Duration::from_secs(5),
+            retry_on_failure: RetrySettings::default(),
+            sending_queue: SendingQueueSettings::default(),
+        }
+    }
+}
+
+impl RemoteWriteConfig {
+    pub fn helper_settings(&self) -> HelperSettings {
+        HelperSettings {
+            sending_queue: self.sending_queue.clone(),
+            retry_on_failure: self.retry_on_failure.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+impl ComponentConfig for RemoteWriteConfig {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = self.helper_settings().validate();
+        let ok = reqwest::Url::parse(&self.endpoint)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !ok {
+            errors.push(FieldError::new(
+                "endpoint",
+                format!(
+                    "{:?} is not an http:// or https:// URL (required)",
+                    self.endpoint
+                ),
+            ));
+        }
+        if self.max_samples_per_request == 0 {
+            errors.push(FieldError::new(
+                "max_samples_per_request",
+                "must be at least 1",
+            ));
+        }
+        for name in self.external_labels.keys() {
+            if crate::prometheus::translate::sanitize_label(name) != *name || name.starts_with("__")
+            {
+                errors.push(FieldError::new(
+                    format!("external_labels.{name}"),
+                    "not a valid Prometheus label name",
+                ));
+            }
+        }
+        self.tls.validate(&mut errors);
+        errors
+    }
+}

@@ -1,0 +1,149 @@
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
+    ScopeMetrics, Sum,
+};
+use podscope_core::config::parse_component_config;
+use podscope_core::{Batch, BuildContext, ExporterBuilder};
+use prost::Message as _;
+
+use super::request::WriteRequest;
+use super::RemoteWriteConfig;
+
+fn delta(value: i64) -> Batch {
+    Batch::metrics(vec![ResourceMetrics {
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![Metric {
+                name: "opens".into(),
+                unit: "{open}".into(),
+                data: Some(metric::Data::Sum(Sum {
+                    is_monotonic: true,
+                    aggregation_temporality: AggregationTemporality::Delta as i32,
+                    data_points: vec![NumberDataPoint {
+                        value: Some(number_data_point::Value::AsInt(value)),
+                        ..Default::default()
+                    }],
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+/// A remote-write endpoint answering from a script of statuses (then 204), recording what it got.
+async fn endpoint(
+    script: Vec<u16>,
+) -> (
+    String,
+    Arc<Mutex<Vec<(u16, WriteRequest, Vec<(String, String)>)>>>,
+) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let script = Arc::new(Mutex::new(script.into_iter().rev().collect::<Vec<_>>()));
+    let seen = log.clone();
+    let app = axum::Router::new().route(
+        "/api/v1/write",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let seen = seen.clone();
+                let script = script.clone();
+                async move {
+                    let status = script.lock().unwrap().pop().unwrap_or(204);
+                    let raw = snap::raw::Decoder::new().decompress_vec(&body).unwrap();
+                    let request = WriteRequest::decode(raw.as_slice()).unwrap();
+                    let hs = [
+                        "content-encoding",
+                        "content-type",
+                        "x-prometheus-remote-write-version",
+                    ]
+                    .iter()
+                    .map(|h| (h.to_string(), headers[*h].to_str().unwrap().to_string()))
+                    .collect();
+                    seen.lock().unwrap().push((status, request, hs));
+                    axum::http::StatusCode::from_u16(status).unwrap()
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/v1/write", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, log)
+}
+
+fn value_of(request: &WriteRequest) -> f64 {
+    request.timeseries[0].samples[0].value
+}
+
+#[tokio::test]
+async fn retries_on_503_resend_the_same_samples_and_deltas_are_not_counted_twice() {
+    let (url, log) = endpoint(vec![503]).await;
+    let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+        "endpoint": url,
+        "external_labels": {"cluster": "test"},
+        "sending_queue": {"enabled": false},
+        "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms"}
+    }))
+    .unwrap();
+    let exporter = Box::new(config)
+        .build(BuildContext::for_tests("prometheusremotewrite"))
+        .unwrap();
+    exporter.start().await.unwrap();
+    exporter.consume(delta(3)).await.unwrap();
+    exporter.consume(delta(4)).await.unwrap();
+    let log = log.lock().unwrap();
+    let statuses: Vec<u16> = log.iter().map(|e| e.0).collect();
+    assert_eq!(statuses, vec![503, 204, 204]);
+    // The retry carried the same cumulative value; the next batch added its delta once.
+    assert_eq!(
+        log.iter().map(|e| value_of(&e.1)).collect::<Vec<_>>(),
+        vec![3.0, 3.0, 7.0]
+    );
+    let labels: Vec<(String, String)> = log[1].1.timeseries[0]
+        .labels
+        .iter()
+        .map(|l| (l.name.clone(), l.value.clone()))
+        .collect();
+    assert_eq!(
+        labels,
+        vec![
+            ("__name__".into(), "opens_total".into()),
+            ("cluster".into(), "test".into())
+        ]
+    );
+    assert_eq!(
+        log[1].2,
+        vec![
+            ("content-encoding".into(), "snappy".into()),
+            ("content-type".into(), "application/x-protobuf".into()),
+            ("x-prometheus-remote-write-version".into(), "0.1.0".into()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_400_is_not_retried_and_is_counted_as_dropped() {
+    let (url, log) = endpoint(vec![400]).await;
+    let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+        "endpoint": url, "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms"}
+    }))
+    .unwrap();
+    let ctx = BuildContext::for_tests("prometheusremotewrite");
+    let telemetry = ctx.telemetry.clone();
+    let exporter = Box::new(config).build(ctx).unwrap();
+    exporter.start().await.unwrap();
+    exporter.consume(delta(1)).await.unwrap(); // queued
+    exporter.shutdown().await.unwrap();
+    assert_eq!(log.lock().unwrap().len(), 1);
+    assert!(telemetry.encode_text().contains(
+        "podscope_exporter_dropped_items_total{component=\"prometheusremotewrite\",signal=\"metrics\",reason=\"http_400\"} 1"
+    ));
+}
+
+#[test]
+fn endpoint_is_required() {
+    let errors = parse_component_config::<RemoteWriteConfig>(serde_json::Value::Null).unwrap_err();
+    assert_eq!(errors[0].path, "endpoint");
+}
