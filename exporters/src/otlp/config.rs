@@ -29,6 +29,8 @@ pub struct TlsSettings {
     pub key_file: Option<PathBuf>,
     /// Server name to verify instead of the endpoint's host.
     pub server_name_override: Option<String>,
+    /// Accept any server certificate (testing only: it defeats TLS). HTTP exporters only.
+    pub insecure_skip_verify: bool,
 }
 
 impl TlsSettings {
@@ -144,6 +146,12 @@ impl ComponentConfig for OtlpGrpcConfig {
         }
         validate_headers(&self.headers, &mut errors);
         self.tls.validate(&mut errors);
+        if self.tls.insecure_skip_verify {
+            errors.push(FieldError::new(
+                "tls.insecure_skip_verify",
+                "not supported by the gRPC exporter; give the server's CA in tls.ca_file instead",
+            ));
+        }
         errors
     }
 }

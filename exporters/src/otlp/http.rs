@@ -38,6 +38,9 @@ impl HttpSender {
         let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .connect_timeout(Duration::from_secs(5));
+        if config.tls.insecure_skip_verify {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
         if let Some(ca) = &config.tls.ca_file {
             builder =
                 builder.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);

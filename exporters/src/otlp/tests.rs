@@ -311,3 +311,144 @@ fn endpoints_and_tls_settings_are_validated() {
     .unwrap();
     assert_eq!(config.url(), ("http://collector:4317".to_string(), false));
 }
+
+mod tls {
+    //! TLS and mutual TLS against a tonic OTLP server with certificates from a test CA.
+
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+    #[derive(Default, Clone)]
+    struct Recorder(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Recorder {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.0.lock().unwrap().push(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    struct Pki {
+        dir: tempfile::TempDir,
+        ca_pem: String,
+        server: (String, String),
+    }
+
+    fn pki() -> Pki {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "podscope test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |name: &str| {
+            let key = KeyPair::generate().unwrap();
+            let params = CertificateParams::new(vec![name.to_string()]).unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let server = leaf("localhost");
+        let client = leaf("podscope-client");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("client.pem"), &client.0).unwrap();
+        std::fs::write(dir.path().join("client.key"), &client.1).unwrap();
+        Pki {
+            dir,
+            ca_pem: ca_cert.pem(),
+            server,
+        }
+    }
+
+    async fn tls_server(pki: &Pki, require_client_cert: bool) -> (u16, Recorder) {
+        let recorder = Recorder::default();
+        let mut tls =
+            ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.0, &pki.server.1));
+        if require_client_cert {
+            tls = tls.client_ca_root(Certificate::from_pem(&pki.ca_pem));
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let service = TraceServiceServer::new(recorder.clone())
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        tokio::spawn(async move {
+            Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .unwrap()
+        });
+        (port, recorder)
+    }
+
+    async fn export_once(config: serde_json::Value) -> Result<(), ConsumeError> {
+        let config: OtlpGrpcConfig = parse_component_config(config).unwrap();
+        let exporter = Box::new(config)
+            .build(BuildContext::for_tests("otlp"))
+            .unwrap();
+        exporter.start().await.unwrap();
+        exporter.consume(spans()).await
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_test_ca_and_mutual_tls() {
+        let pki = pki();
+        let path = |f: &str| pki.dir.path().join(f).display().to_string();
+        let no_retry = serde_json::json!({"enabled": false});
+
+        let (port, recorder) = tls_server(&pki, false).await;
+        export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"), "tls": {"ca_file": path("ca.pem")},
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await
+        .unwrap();
+        assert_eq!(
+            recorder.0.lock().unwrap().len(),
+            1,
+            "TLS, server verified against the test CA"
+        );
+
+        // Without the CA the server's certificate is not trusted.
+        let untrusted = export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"),
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await;
+        assert!(untrusted.is_err());
+
+        let (port, recorder) = tls_server(&pki, true).await;
+        let without_client_cert = export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"), "tls": {"ca_file": path("ca.pem")},
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await;
+        assert!(
+            without_client_cert.is_err(),
+            "mTLS server refuses a client without a certificate"
+        );
+        export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"),
+            "tls": {"ca_file": path("ca.pem"), "cert_file": path("client.pem"), "key_file": path("client.key")},
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await
+        .unwrap();
+        assert_eq!(recorder.0.lock().unwrap().len(), 1, "mutual TLS");
+    }
+}

@@ -46,6 +46,9 @@ impl ExporterBuilder for RemoteWriteConfig {
         let mut client = reqwest::Client::builder()
             .default_headers(headers)
             .connect_timeout(Duration::from_secs(5));
+        if self.tls.insecure_skip_verify {
+            client = client.danger_accept_invalid_certs(true);
+        }
         if let Some(ca) = &self.tls.ca_file {
             client =
                 client.add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(ca)?)?);
