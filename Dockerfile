@@ -1,0 +1,35 @@
+# podscope's container image: the agent binary on a small base, nothing else.
+#
+#   docker build -t <registry>/podscope:0.1.0 .
+#
+# Stage 1 builds with Rust and the eBPF toolchain (ebpf/build.rs compiles the C probes with
+# clang-19 and keeps their BTF with llvm-strip-19; libbpf-dev gives bpf_helpers.h). Stage 2 is
+# distroless "cc": glibc and libgcc, which the binary links against, and no shell or package
+# manager. linux/amd64 only: the pinned vmlinux.h is x86_64's (ebpf/include/x86_64).
+
+# Debian 12 (bookworm), whose main archive has clang-19. Rust 1.88: the newest rust-version among
+# the crates pinned in Cargo.lock (tonic 0.14, time 0.3.55); raise it when Cargo.lock needs more.
+FROM rust:1.88-bookworm AS build
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+       clang-19 llvm-19 libbpf-dev pkg-config \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+# --locked: exactly the dependency versions the tests ran with (Cargo.lock).
+RUN cargo build --release --locked --bin podscope \
+    && cp target/release/podscope /podscope
+
+# glibc and libgcc only; the same Debian release the binary was built on, so glibc matches.
+FROM gcr.io/distroless/cc-debian12
+COPY --from=build /podscope /usr/bin/podscope
+WORKDIR /
+# Prometheus scrape endpoint, OTLP gRPC and HTTP, the agent's own telemetry (in the chart's config).
+EXPOSE 9464 4317 4318 8888
+# Runs as root (uid 0): loading eBPF needs CAP_BPF / CAP_PERFMON, which the chart grants to root
+# alone, dropping every other capability.
+USER 0
+ENTRYPOINT ["/usr/bin/podscope"]
+# The embedded default config; the chart passes `run --config /etc/podscope/config.yaml` (its
+# ConfigMap).
+CMD ["run"]
