@@ -452,3 +452,106 @@ mod tls {
         assert_eq!(recorder.0.lock().unwrap().len(), 1, "mutual TLS");
     }
 }
+
+fn spans_n(n: usize) -> Batch {
+    Batch::traces(vec![ResourceSpans {
+        scope_spans: vec![ScopeSpans {
+            spans: vec![
+                Span {
+                    name: "s".into(),
+                    ..Default::default()
+                };
+                n
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Collected>) {
+    let config: OtlpReceiverConfig = parse_component_config(
+        serde_json::json!({"protocols": {"grpc": {"endpoint": format!("127.0.0.1:{port}")}}}),
+    )
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let r = OtlpReceiver::new(
+        config,
+        &BuildContext::for_tests("otlp"),
+        ReceiverConsumers {
+            metrics: None,
+            traces: Some(collected.clone()),
+        },
+    );
+    r.start().await.unwrap();
+    (r, collected)
+}
+
+fn received(c: &Collected) -> usize {
+    c.0.lock().unwrap().iter().map(Batch::item_count).sum()
+}
+
+#[tokio::test]
+async fn a_backend_down_mid_stream_gets_what_was_queued_and_overflow_is_counted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (first, before) = grpc_receiver_on(port).await;
+    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
+        "endpoint": format!("http://127.0.0.1:{port}"),
+        "sending_queue": {"queue_size": 100, "num_consumers": 1, "when_full": "drop_newest"},
+        "retry_on_failure": {"initial_interval": "50ms", "max_interval": "100ms", "randomization_factor": 0.0, "max_elapsed_time": "0s"}
+    }))
+    .unwrap();
+    let ctx = BuildContext::for_tests("otlp");
+    let telemetry = ctx.telemetry.clone();
+    let exporter = Box::new(config).build(ctx).unwrap();
+    exporter.start().await.unwrap();
+    exporter.consume(spans_n(10)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while received(&before) < 10 {
+        assert!(Instant::now() < deadline, "first batch never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.shutdown().await.unwrap();
+
+    // Down: one batch is taken by the sender and retried; the queue holds 100 more; the rest overflow.
+    exporter.consume(spans_n(50)).await.unwrap();
+    let failed = "podscope_exporter_send_failures_total{component=\"otlp\",reason=\"unavailable\"}";
+    while !telemetry.encode_text().contains(failed) {
+        assert!(
+            Instant::now() < deadline,
+            "no failed attempt while the backend was down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..3 {
+        exporter.consume(spans_n(50)).await.unwrap(); // 2 fit in the queue, 1 overflows
+    }
+    assert!(
+        telemetry.encode_text().contains(
+            "podscope_queue_dropped_items_total{queue=\"exporter/otlp\",signal=\"traces\"} 50"
+        ),
+        "{}",
+        telemetry.encode_text()
+    );
+
+    let (second, after) = grpc_receiver_on(port).await;
+    while received(&after) < 150 {
+        assert!(
+            Instant::now() < deadline,
+            "queued spans never arrived: {}",
+            received(&after)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    exporter.shutdown().await.unwrap();
+    assert_eq!(
+        received(&after),
+        150,
+        "the retried batch and the two queued ones, nothing else"
+    );
+    second.shutdown().await.unwrap();
+}

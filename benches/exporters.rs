@@ -1,0 +1,231 @@
+//! Exporter throughput, in one run:
+//! - OTLP/gRPC encode + send: spans/s and metric points/s from podscope's `otlp` exporter (in this
+//!   process, sending queue on, 4 consumers) to a real `podscope` agent (`otlp` → `nop`) in
+//!   another process; "per core" divides by this process's CPU time (the exporter's side).
+//! - Prometheus remote write: samples/s through translation, protobuf, snappy and HTTP to a sink.
+//! - `/metrics` render time and size for 100,000 series.
+//!
+//! Run: `cargo bench --bench exporters`. Under `cargo test` it is a quick smoke run.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use podscope_core::config::parse_component_config;
+use podscope_core::{Batch, BuildContext, Exporter, ExporterBuilder};
+use podscope_exporters::otlp::OtlpGrpcConfig;
+use podscope_exporters::prometheus::{PrometheusConfig, Settings, Store};
+use podscope_exporters::prometheusremotewrite::RemoteWriteConfig;
+use podscope_integration::agent::{free_port, AgentProcess};
+
+const ITEMS_PER_BATCH: usize = 500;
+
+fn attr(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        key_strindex: 0,
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+    }
+}
+
+fn spans() -> Batch {
+    Batch::traces(vec![ResourceSpans {
+        resource: Some(Resource {
+            attributes: vec![attr("service.name", "checkout")],
+            ..Default::default()
+        }),
+        scope_spans: vec![ScopeSpans {
+            spans: (0..ITEMS_PER_BATCH)
+                .map(|i| Span {
+                    trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
+                    span_id: (i as u64 + 1).to_be_bytes().to_vec(),
+                    name: "GET /api/cart".into(),
+                    kind: 2,
+                    start_time_unix_nano: 1_700_000_000_000_000_000,
+                    end_time_unix_nano: 1_700_000_000_003_000_000,
+                    attributes: vec![
+                        attr("http.request.method", "GET"),
+                        attr("http.route", "/api/cart"),
+                    ],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+fn points(series_offset: usize, n: usize) -> Batch {
+    Batch::metrics(vec![ResourceMetrics {
+        resource: Some(Resource {
+            attributes: vec![attr("host.name", "node-1"), attr("k8s.pod.name", "cart-1")],
+            ..Default::default()
+        }),
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![Metric {
+                name: "podscope.syscalls".into(),
+                unit: "{syscall}".into(),
+                data: Some(metric::Data::Sum(Sum {
+                    is_monotonic: true,
+                    aggregation_temporality: 2,
+                    data_points: (0..n)
+                        .map(|i| NumberDataPoint {
+                            attributes: vec![attr(
+                                "syscall.name",
+                                &format!("sys_{}", series_offset + i),
+                            )],
+                            time_unix_nano: 1_700_000_000_000_000_000,
+                            value: Some(number_data_point::Value::AsInt(i as i64)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+/// CPU seconds used by this process so far.
+fn own_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+async fn drive(exporter: &Arc<dyn Exporter>, batch: &Batch, batches: usize) -> (f64, f64) {
+    let (cpu0, t0) = (own_cpu(), Instant::now());
+    for _ in 0..batches {
+        exporter
+            .consume(batch.clone())
+            .await
+            .expect("queue accepts");
+    }
+    exporter.shutdown().await.expect("drains");
+    (t0.elapsed().as_secs_f64(), own_cpu() - cpu0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let batches = if full { 4000 } else { 20 };
+
+    let grpc_port = free_port();
+    let telemetry_port = free_port();
+    let config = format!(
+        "receivers:\n  otlp: {{protocols: {{grpc: {{endpoint: \"127.0.0.1:{grpc_port}\", max_recv_msg_size_mib: 64}}}}}}\nexporters:\n  nop:\nservice:\n  telemetry: {{metrics: {{address: \"127.0.0.1:{telemetry_port}\"}}, logs: {{level: warn}}}}\n  pipelines:\n    traces: {{receivers: [otlp], exporters: [nop]}}\n    metrics: {{receivers: [otlp], exporters: [nop]}}\n"
+    );
+    let agent = AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
+    let otlp = |compression: &str| -> Arc<dyn Exporter> {
+        let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{grpc_port}"),
+            "compression": compression,
+            "sending_queue": {"queue_size": 200_000, "num_consumers": 4}
+        }))
+        .unwrap();
+        Box::new(config)
+            .build(BuildContext::for_tests("otlp"))
+            .unwrap()
+    };
+    println!("{:<44} {:>14} {:>16}", "", "items/s", "items/s per core");
+    for compression in ["none", "gzip"] {
+        for (name, batch) in [
+            ("spans", spans()),
+            ("metric points", points(0, ITEMS_PER_BATCH)),
+        ] {
+            let exporter = otlp(compression);
+            exporter.start().await.unwrap();
+            let (wall, cpu) = drive(&exporter, &batch, batches).await;
+            let items = (batches * ITEMS_PER_BATCH) as f64;
+            println!(
+                "{:<44} {:>14.0} {:>16.0}",
+                format!("otlp/gRPC {name}, compression {compression}"),
+                items / wall,
+                items / cpu.max(1e-3)
+            );
+        }
+    }
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(30)).await.success());
+
+    // Remote write into a sink that counts what it got.
+    let received = Arc::new(AtomicU64::new(0));
+    let counter = received.clone();
+    let app = axum::Router::new().route(
+        "/write",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/write", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+        "endpoint": url, "sending_queue": {"queue_size": 200_000, "num_consumers": 2}
+    }))
+    .unwrap();
+    let exporter: Arc<dyn Exporter> = Box::new(config)
+        .build(BuildContext::for_tests("prometheusremotewrite"))
+        .unwrap();
+    exporter.start().await.unwrap();
+    let rw_batches = batches / 4;
+    let batch = points(0, 2000);
+    let (wall, cpu) = drive(&exporter, &batch, rw_batches).await;
+    let samples = (rw_batches * 2000) as f64;
+    println!(
+        "{:<44} {:>14.0} {:>16.0}",
+        "remote write samples (2000 series/batch)",
+        samples / wall,
+        samples / cpu.max(1e-3)
+    );
+    assert!(received.load(Ordering::Relaxed) > 0);
+
+    // /metrics with 100,000 series.
+    let defaults = PrometheusConfig::default();
+    let mut store = Store::new(Settings {
+        namespace: String::new(),
+        add_metric_suffixes: true,
+        all_resource_attributes: false,
+        promoted: defaults.promoted_resource_attributes,
+        expiration: Duration::from_secs(300),
+    });
+    let series = if full { 100_000 } else { 1_000 };
+    for offset in (0..series).step_by(10_000.min(series)) {
+        let Batch::Metrics(rms) = points(offset, 10_000.min(series)) else {
+            unreachable!()
+        };
+        store.apply(&rms, Instant::now());
+    }
+    let runs = if full { 10 } else { 1 };
+    let t0 = Instant::now();
+    let mut bytes = 0;
+    for _ in 0..runs {
+        bytes = store.render(false).len();
+    }
+    println!(
+        "/metrics render, {} series: {:.1} ms, {:.1} MiB",
+        store.series_count(),
+        t0.elapsed().as_secs_f64() * 1000.0 / runs as f64,
+        bytes as f64 / 1048576.0
+    );
+}
