@@ -121,7 +121,10 @@ impl RemoteWriteSender {
         let address = batch_address(batch);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !state.pending.iter().any(|t| t.batch == address) {
-            state.store.apply(rms, Instant::now());
+            let now = Instant::now();
+            // Only deltas need the history; forget series not seen for an hour.
+            state.store.expire(now);
+            state.store.apply(rms, now);
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
