@@ -151,6 +151,8 @@ for helm_major in 3 4; do
   done
   check "helm$helm_major refuses a loopback telemetry address" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set config.service.telemetry.metrics.address=127.0.0.1:8888 2>\"$OUT/refusal.log\" && grep -q 'is loopback; in a pod it must listen on 0.0.0.0' \"$OUT/refusal.log\""
+  check "helm$helm_major refuses a misspelt value (values.schema.json)" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set security.privilegd=true 2>\"$OUT/refusal.log\" && grep -q 'privilegd' \"$OUT/refusal.log\""
   check "helm$helm_major refuses serviceMonitor without service" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set serviceMonitor.enabled=true --set service.enabled=false 2>\"$OUT/refusal.log\" && grep -q 'serviceMonitor.enabled needs service.enabled' \"$OUT/refusal.log\""
 done

@@ -24,6 +24,21 @@ EXTRA_CAPS = {"uprobes-netadmin": {"SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN"}
 PRIVILEGED_CASES = {"privileged"}
 HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
 DEFAULT_HOST_PATHS = {"/sys/fs/cgroup"}
+# Container ports exactly, where the case fixes them (the rest are checked against the config).
+ALL_PORTS = {"telemetry": 8888, "metrics": 9464, "otlp-grpc": 4317, "otlp-http": 4318}
+NO_SCRAPE_PORTS = {"telemetry": 8888, "otlp-grpc": 4317, "otlp-http": 4318}
+EXACT_PORTS = {
+    "default": ALL_PORTS,
+    "jaeger": ALL_PORTS,
+    "prometheus-operator": ALL_PORTS,
+    # `prometheus: null` in these examples removes the chart's default exporter.
+    "otlp-backend": NO_SCRAPE_PORTS,
+    "prometheus-remote-write": NO_SCRAPE_PORTS,
+}
+# Cases with hostPorts.otlp: only the OTLP ports are bound on the node.
+HOST_PORT_CASES = {"jaeger"}
+# ClusterRole resources exactly, where the case fixes them.
+EXACT_API_RESOURCES = {"default": {"pods"}, "otlp-backend": {"pods", "namespaces"}}
 
 
 def load(path):
@@ -174,6 +189,11 @@ def check_invariants(docs, case):
     want_ports = expected_ports(config)
     got_ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     expect(got_ports == want_ports, f"container ports {got_ports}, config says {want_ports}")
+    host_ports = {p["name"]: p["hostPort"] for p in container.get("ports", []) if "hostPort" in p}
+    want_host = {n: got_ports[n] for n in ("otlp-grpc", "otlp-http") if n in got_ports} if case in HOST_PORT_CASES else {}
+    expect(host_ports == want_host, f"host ports {host_ports}, want {want_host}")
+    if case in EXACT_PORTS:
+        expect(got_ports == EXACT_PORTS[case], f"container ports {got_ports}, want {EXACT_PORTS[case]}")
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
         get = container[probe]["httpGet"]
         expect(get == {"path": path, "port": "telemetry"}, f"{probe}: {get}")
@@ -200,6 +220,8 @@ def check_invariants(docs, case):
 
     # RBAC: read-only, exactly the resources the config's k8sattributes processors read.
     want_resources = expected_api_resources(config)
+    if case in EXACT_API_RESOURCES:
+        expect(want_resources == EXACT_API_RESOURCES[case], f"config reads {sorted(want_resources)} from the API server, want {sorted(EXACT_API_RESOURCES[case])}")
     role = one(docs, "ClusterRole")
     if want_resources:
         expect(role is not None, "a ClusterRole is needed for " + ", ".join(sorted(want_resources)))
