@@ -189,12 +189,17 @@ async fn main() {
     rows.push(("no-op tp_btf on sys_exit".into(), median(calls)));
     drop(noop_btf);
 
-    let (counting, _) = receiver(serde_json::json!({"syscalls": {"latency": false}})).await;
+    let (counting, _) =
+        receiver(serde_json::json!({"syscalls": {"latency": false, "errors": false}})).await;
     rows.push(("podscope syscalls, counting".into(), median(calls)));
     counting.shutdown().await.unwrap();
 
+    let (errors, _) = receiver(serde_json::json!({"syscalls": {"latency": false}})).await;
+    rows.push(("podscope syscalls, counting + errors".into(), median(calls)));
+    errors.shutdown().await.unwrap();
+
     let (latency, _) = receiver(serde_json::json!({"syscalls": {"latency": true}})).await;
-    rows.push(("podscope syscalls, with latency".into(), median(calls)));
+    rows.push(("podscope syscalls, errors + latency".into(), median(calls)));
     latency.shutdown().await.unwrap();
 
     if full {
@@ -217,7 +222,8 @@ async fn main() {
             .find(|r| r.0.starts_with(name))
             .map(|r| r.1 - base)
     };
-    if let (Some(floor), Some(ours)) = (added("no-op"), added("podscope syscalls, counting")) {
+    if let (Some(floor), Some(ours)) = (added("no-op raw_tp"), added("podscope syscalls, counting"))
+    {
         println!("  podscope counting / no-op floor: {:.2}x", ours / floor);
         if let Some(bt) = added("bpftrace") {
             println!("  podscope counting / bpftrace:    {:.2}x", ours / bt);

@@ -700,3 +700,46 @@ async fn exec_events_feed_the_process_table() {
     }
     receiver.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_counting_only_mode_counts_exactly_from_the_entry_hook() {
+    let (receiver, collected) =
+        start(serde_json::json!({"syscalls": {"latency": false, "errors": false}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..500 {
+            libc::syscall(libc::SYS_getppid);
+        }
+        for _ in 0..5 {
+            libc::syscall(libc::SYS_close, -1i64);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=getppid"),
+        500,
+        "{c:#?}"
+    );
+    // Counted on entry: the 5 failing closes, and the close of cgroup.procs after joining.
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=close"),
+        6,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.syscalls.errors", "syscall.name=close"),
+        0,
+        "errors are off"
+    );
+    assert!(distribution(
+        &rms,
+        Some(pod.id()),
+        "podscope.syscalls.latency",
+        &[("syscall.name", "getppid")]
+    )
+    .is_none());
+    receiver.shutdown().await.unwrap();
+}

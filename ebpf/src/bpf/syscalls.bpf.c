@@ -3,6 +3,8 @@
  * syscalls: per cgroup and syscall number, the count, the errors (return value in
  * [-4095, -1]) and, when `measure_latency` is set, the enter → exit latency as a log2 histogram.
  *
+ * With neither errors nor latency wanted, only `podscope_sys_count` runs, on entry.
+ *
  * Cost matters here: every syscall on the machine runs this. tp_btf gives typed, direct access to
  * the registers (no probe_read helper); counts are per-CPU (plain increments, no atomics) in one
  * value per cgroup indexed by syscall number (one lookup, 8-byte key); the entry timestamp lives
@@ -14,6 +16,7 @@
 #include "podscope.h"
 
 const volatile __u32 measure_latency = 1;
+const volatile __u32 count_errors = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -80,7 +83,7 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 	if (!counts)
 		return 0;
 	counts->count[nr]++;
-	if (ret < 0 && ret >= -4095)
+	if (count_errors && ret < 0 && ret >= -4095)
 		counts->errors[nr]++;
 	if (measure_latency) {
 		__u64 *start = bpf_task_storage_get(&syscall_start, bpf_get_current_task_btf(), 0, 0);
@@ -93,6 +96,25 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 			*start = 0;
 		}
 	}
+	return 0;
+}
+
+/* Counts only (no errors, no latency): one raw_tp hook on entry, where the syscall number is an
+ * argument and no register needs reading. The cheapest way to count. */
+SEC("raw_tp/sys_enter")
+int podscope_sys_count(struct bpf_raw_tracepoint_args *ctx)
+{
+	if (podscope_skip_current())
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (podscope_skip_cgroup(cgroup_id))
+		return 0;
+	long nr = (long)podscope_raw_arg(ctx, 1);
+	if (nr < 0 || nr >= PODSCOPE_SYSCALL_SLOTS)
+		return 0;
+	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, &cgroup_id, &zero_counts);
+	if (counts)
+		counts->count[nr]++;
 	return 0;
 }
 

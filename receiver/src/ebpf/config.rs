@@ -111,6 +111,9 @@ pub struct SyscallsProbeConfig {
     /// Measure enter → exit latency (adds a hook on syscall entry). Default true; false keeps
     /// only counts and errors, at about half the cost.
     pub latency: bool,
+    /// Count failed syscalls (needs the exit hook). Default true. With `errors: false` and
+    /// `latency: false` the probe only counts, from one raw_tp hook on entry: the cheapest mode.
+    pub errors: bool,
 }
 
 impl Default for SyscallsProbeConfig {
@@ -119,6 +122,7 @@ impl Default for SyscallsProbeConfig {
             enabled: true,
             required: false,
             latency: true,
+            errors: true,
         }
     }
 }

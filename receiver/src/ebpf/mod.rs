@@ -282,16 +282,20 @@ impl EbpfReceiver {
             )?;
         }
         if let Some(p) = &probes.syscalls {
-            let skip: &[&str] = if p.latency {
-                &[]
-            } else {
-                &["podscope_sys_enter"]
+            // Counting only needs the entry hook; errors and latency need the exit one.
+            let skip: &[&str] = match (p.latency, p.errors) {
+                (false, false) => &["podscope_sys_enter", "podscope_sys_exit"],
+                (false, true) => &["podscope_sys_enter", "podscope_sys_count"],
+                (true, _) => &["podscope_sys_count"],
             };
             loaded.syscalls = try_load(
                 &probes::SYSCALLS,
                 p.enabled,
                 p.required,
-                common(vec![Global::U32("measure_latency", p.latency as u32)]),
+                common(vec![
+                    Global::U32("measure_latency", p.latency as u32),
+                    Global::U32("count_errors", p.errors as u32),
+                ]),
                 skip,
             )?;
         }

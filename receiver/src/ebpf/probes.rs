@@ -45,6 +45,13 @@ pub struct ProbeSpec {
     pub programs: &'static [ProgramSpec],
 }
 
+const fn raw_tp(function: &'static str, tp: &'static str) -> ProgramSpec {
+    ProgramSpec {
+        function,
+        hook: Hook::RawTp(tp),
+    }
+}
+
 const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
     ProgramSpec {
         function,
@@ -68,6 +75,7 @@ pub const SYSCALLS: ProbeSpec = ProbeSpec {
     programs: &[
         tp_btf("podscope_sys_enter", "sys_enter"),
         tp_btf("podscope_sys_exit", "sys_exit"),
+        raw_tp("podscope_sys_count", "sys_enter"),
     ],
 };
 
