@@ -157,6 +157,19 @@ for helm_major in 3 4; do
     "! \"$helm\" template podscope \"$CHART\" --set serviceMonitor.enabled=true --set service.enabled=false 2>\"$OUT/refusal.log\" && grep -q 'serviceMonitor.enabled needs service.enabled' \"$OUT/refusal.log\""
 done
 
+# The agent as the DaemonSet runs it: the default values' config and only the container's
+# capabilities (root + eBPF needed). The control run without PERFMON must fail the same check.
+skipped=0
+if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
+  check "agent runs with the chart's capabilities only: every probe attached, /healthz and /readyz 200, clean SIGTERM" \
+    "$PY" "$CHECKER" agent "$OUT/default.helm3.yaml" "$PODSCOPE"
+  check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
+    "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
+else
+  echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
+  skipped=$((skipped + 2))
+fi
+
 # Both Helm majors must render the same manifests.
 for case in "${cases[@]}"; do
   name=${case%%:*}
@@ -167,5 +180,9 @@ if [ ${#failures[@]} -gt 0 ]; then
   echo "failed:"
   printf '  %s\n' "${failures[@]}"
 fi
-echo "$passed passed, $failed failed"
+if [ "$skipped" -gt 0 ]; then
+  echo "$passed passed, $failed failed, $skipped skipped"
+else
+  echo "$passed passed, $failed failed"
+fi
 [ "$failed" -eq 0 ]

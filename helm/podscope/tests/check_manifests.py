@@ -9,10 +9,27 @@
                                             host mounts, ports from the config, RBAC), with exact
                                             expectations for the named values case
 
+  check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP]
+                                            runs the agent as the DaemonSet would: the rendered
+                                            config (listen addresses moved to 127.0.0.1:0), uid 0
+                                            with only the container's capabilities (minus
+                                            WITHOUT_CAP, to show the check can fail), no_new_privs;
+                                            every configured probe must attach, /healthz and
+                                            /readyz must answer 200, SIGTERM must stop it cleanly
+
 Exits 1 with one line per problem.
 """
 
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 
 import yaml
 
@@ -247,6 +264,110 @@ def check_invariants(docs, case):
     return problems
 
 
+CAP_NUMBERS = {"DAC_READ_SEARCH": 2, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
+LISTEN_KEYS = {"endpoint", "address"}
+
+
+def loopback_listeners(node, path=""):
+    """The config with every listen address of receivers, the prometheus exporter and telemetry
+    on 127.0.0.1:0 (tests never bind fixed ports; exporters' remote endpoints are left alone)."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else key
+            listens = where.startswith("receivers.") or where.startswith("service.telemetry.") or re.match(r"exporters\.prometheus(/[^.]*)?\.endpoint$", where)
+            if key in LISTEN_KEYS and isinstance(value, str) and listens:
+                out[key] = "127.0.0.1:0"
+            else:
+                out[key] = loopback_listeners(value, where)
+        return out
+    return node
+
+
+def bounding_caps():
+    with open("/proc/self/status") as f:
+        mask = int(re.search(r"^CapBnd:\s*([0-9a-f]+)$", f.read(), re.M).group(1), 16)
+    return {name for name, bit in CAP_NUMBERS.items() if mask >> bit & 1}
+
+
+def run_agent(docs, podscope, without):
+    daemonset = one(docs, "DaemonSet")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    caps = set((container["securityContext"].get("capabilities") or {}).get("add") or [])
+    caps.discard(without)
+    here = bounding_caps()
+    missing = caps - here
+    if missing:
+        # This sandbox may withhold some (e.g. SYS_RESOURCE, which kernels >= 5.11 do not need for BPF).
+        print(f"note: not available here, run without: {sorted(missing)}", file=sys.stderr)
+    caps &= here
+    config = loopback_listeners(config_of(docs))
+    config.setdefault("service", {}).setdefault("telemetry", {}).setdefault("logs", {})["encoding"] = "json"
+    probes = sorted(((config.get("receivers") or {}).get("ebpf") or {}).get("probes") or {})
+    work = tempfile.mkdtemp()
+    config_path = os.path.join(work, "config.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(config, f)
+    cap_list = ",".join(["-all"] + ["+" + c.lower() for c in sorted(caps)])
+    argv = ["setpriv", f"--inh-caps={cap_list}", f"--ambient-caps={cap_list}", f"--bounding-set={cap_list}",
+            "--no-new-privs", podscope, "run", "--config", config_path]
+    env = dict(os.environ)
+    env.update({"NODE_NAME": os.uname().nodename, "HOST_IP": "127.0.0.1", "POD_NAME": "podscope-test", "POD_NAMESPACE": "observability"})
+    for var in container.get("env", []):
+        env.setdefault(var["name"], "stand-in-for-" + var["name"])
+    print(f"capabilities: {sorted(caps)}", file=sys.stderr)
+    log_path = os.path.join(work, "agent.log")
+    problems = []
+    with open(log_path, "w") as log:
+        agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        events, ready, telemetry = [], False, None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and agent.poll() is None and not ready:
+            events = []
+            with open(log_path) as f:
+                for line in f:
+                    try:
+                        events.append(json.loads(line))
+                    except ValueError:
+                        pass
+            for event in events:
+                fields = event.get("fields", {})
+                if fields.get("message", "").startswith("agent telemetry at"):
+                    telemetry = fields.get("address")
+                if fields.get("message", "").startswith("everything is ready"):
+                    ready = True
+            time.sleep(0.1)
+        if not ready:
+            problems.append(f"the agent did not become ready (exit status {agent.poll()})")
+        attached = sorted(e["fields"]["probe"] for e in events if e.get("fields", {}).get("message") == "probe attached")
+        if attached != probes:
+            problems.append(f"probes attached: {attached}, configured: {probes}")
+        for path in ("/healthz", "/readyz") if telemetry else ():
+            try:
+                with urllib.request.urlopen(f"http://{telemetry}{path}", timeout=5) as response:
+                    status = response.status
+            except Exception as e:  # HTTPError carries the status; anything else is a failure too
+                status = getattr(e, "code", repr(e))
+            if status != 200:
+                problems.append(f"GET {path}: {status}")
+    finally:
+        if agent.poll() is None:
+            agent.send_signal(signal.SIGTERM)
+        try:
+            code = agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            code = "killed after 30s"
+    if code != 0:
+        problems.append(f"exit status after SIGTERM: {code}")
+    if problems:
+        with open(log_path) as f:
+            problems.append("agent log:\n" + f.read()[-4000:])
+    shutil.rmtree(work, ignore_errors=True)
+    return problems
+
+
 def main(argv):
     command, path = argv[1], argv[2]
     docs = load(path)
@@ -264,6 +385,8 @@ def main(argv):
                 for var in container.get("env", []):
                     print(var["name"])
             problems = []
+    elif command == "agent":
+        problems = run_agent(docs, argv[3], argv[4] if len(argv) > 4 else None)
     elif command == "invariants":
         problems = check_invariants(docs, argv[3])
     else:
