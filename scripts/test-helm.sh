@@ -16,6 +16,9 @@
 # Kubernetes schemas offline; cloudcoil's prometheus-operator models describe ServiceMonitor).
 # Ends with the line "N passed, M failed"; exits non-zero on any failure.
 set -euo pipefail
+# The binary path is the caller's, relative to where they stand.
+PODSCOPE=${1:-}
+if [ -n "$PODSCOPE" ] && [ -e "$PODSCOPE" ]; then PODSCOPE=$(realpath "$PODSCOPE"); fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CHART=$ROOT/helm/podscope
@@ -74,7 +77,6 @@ if [ ! -f "$VENV/.installed" ] || [ "$(cat "$VENV/.installed")" != "${PY_PACKAGE
 fi
 PY=$VENV/bin/python
 
-PODSCOPE=${1:-}
 if [ -z "$PODSCOPE" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
   echo "test-helm: building podscope" >&2
