@@ -66,18 +66,29 @@ impl GrpcSender {
     }
 }
 
-/// gRPC status → retryable or permanent, as the OTLP specification lists them.
+/// gRPC status → retryable or permanent, as the OTLP specification lists them. A `RetryInfo`
+/// detail sets the wait; RESOURCE_EXHAUSTED is retryable only with one (the server says it can
+/// recover), else permanent.
 pub fn classify(status: &tonic::Status) -> ConsumeError {
     use tonic::Code::*;
+    use tonic_types::StatusExt as _;
     let message = format!("{}: {}", status.code(), status.message());
+    let retry_info = status.get_details_retry_info();
+    let hint = retry_info.as_ref().and_then(|r| r.retry_delay);
+    let retryable = |reason: &'static str, message: String| ConsumeError::Retryable {
+        reason,
+        message,
+        retry_after: hint,
+    };
     match status.code() {
-        Unavailable => ConsumeError::retryable("unavailable", message),
-        DeadlineExceeded => ConsumeError::retryable("deadline_exceeded", message),
-        Aborted => ConsumeError::retryable("aborted", message),
-        Cancelled => ConsumeError::retryable("cancelled", message),
-        OutOfRange => ConsumeError::retryable("out_of_range", message),
-        DataLoss => ConsumeError::retryable("data_loss", message),
-        ResourceExhausted => ConsumeError::retryable("resource_exhausted", message),
+        ResourceExhausted if retry_info.is_some() => retryable("resource_exhausted", message),
+        ResourceExhausted => ConsumeError::permanent("resource_exhausted", message),
+        Unavailable => retryable("unavailable", message),
+        DeadlineExceeded => retryable("deadline_exceeded", message),
+        Aborted => retryable("aborted", message),
+        Cancelled => retryable("cancelled", message),
+        OutOfRange => retryable("out_of_range", message),
+        DataLoss => retryable("data_loss", message),
         InvalidArgument => ConsumeError::permanent("invalid_argument", message),
         Unauthenticated => ConsumeError::permanent("unauthenticated", message),
         PermissionDenied => ConsumeError::permanent("permission_denied", message),

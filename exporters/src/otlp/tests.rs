@@ -257,7 +257,7 @@ fn status_classification_follows_the_specification() {
     use tonic::Code;
     for (code, retryable) in [
         (Code::Unavailable, true),
-        (Code::ResourceExhausted, true),
+        (Code::ResourceExhausted, false),
         (Code::DeadlineExceeded, true),
         (Code::Aborted, true),
         (Code::InvalidArgument, false),
