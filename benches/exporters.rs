@@ -205,6 +205,7 @@ async fn main() {
     let mut store = Store::new(Settings {
         namespace: String::new(),
         add_metric_suffixes: true,
+        add_scope_labels: true,
         all_resource_attributes: false,
         promoted: defaults.promoted_resource_attributes,
         expiration: Duration::from_secs(300),

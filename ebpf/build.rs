@@ -157,6 +157,7 @@ int main(void) {
     S(switch_key); F(switch_key, cgroup_id); F(switch_key, kind); F(switch_key, _pad);
     S(block_key); F(block_key, dev); F(block_key, op);
     S(block_stats); F(block_stats, bytes); F(block_stats, latency_ns);
+    S(uprobe_key); F(uprobe_key, cgroup_id); F(uprobe_key, pid); F(uprobe_key, value_len); F(uprobe_key, value);
     return 0;
 }
 "#;

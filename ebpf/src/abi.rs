@@ -153,6 +153,25 @@ pub struct SwitchKey {
     pub _pad: u32,
 }
 
+pub const UPROBE_VALUE_LEN: usize = 256;
+
+/// A uprobe hit's key: cgroup, process, captured value (string bytes, or an integer's 8 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UprobeKey {
+    pub cgroup_id: u64,
+    pub pid: u32,
+    pub value_len: u32,
+    pub value: [u8; UPROBE_VALUE_LEN],
+}
+
+impl UprobeKey {
+    /// The captured bytes (never longer than the buffer, whatever `value_len` says).
+    pub fn value_bytes(&self) -> &[u8] {
+        &self.value[..(self.value_len as usize).min(UPROBE_VALUE_LEN)]
+    }
+}
+
 pub const BLOCK_READ: u32 = 0;
 pub const BLOCK_WRITE: u32 = 1;
 pub const BLOCK_FLUSH: u32 = 2;
@@ -185,6 +204,7 @@ unsafe impl aya::Pod for ProcessKey {}
 unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}
 unsafe impl aya::Pod for BlockKey {}
+unsafe impl aya::Pod for UprobeKey {}
 unsafe impl aya::Pod for BlockStats {}
 
 #[cfg(test)]
@@ -254,6 +274,12 @@ mod tests {
         );
         rust_layout!(rust, "switch_key", SwitchKey, [cgroup_id, kind, _pad]);
         rust_layout!(rust, "block_key", BlockKey, [dev, op]);
+        rust_layout!(
+            rust,
+            "uprobe_key",
+            UprobeKey,
+            [cgroup_id, pid, value_len, value]
+        );
         rust_layout!(rust, "block_stats", BlockStats, [bytes, latency_ns]);
         assert_eq!(rust, c_layout());
     }

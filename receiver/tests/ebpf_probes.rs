@@ -743,3 +743,173 @@ async fn syscalls_counting_only_mode_counts_exactly_from_the_entry_hook() {
     .is_none());
     receiver.shutdown().await.unwrap();
 }
+
+/// Runs `bash -i` on a pseudo-terminal inside `pod` (readline only reads from a terminal), types
+/// `lines` one per prompt, and waits for it to exit.
+fn interactive_bash(pod: &PodCgroup, lines: &[&str]) {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::FromRawFd as _;
+    let procs = CString::new(pod.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
+    let bash = CString::new("/bin/bash").unwrap();
+    let args = [
+        CString::new("bash").unwrap(),
+        CString::new("--norc").unwrap(),
+        CString::new("--noprofile").unwrap(),
+        CString::new("-i").unwrap(),
+    ];
+    let env = [
+        CString::new("TERM=dumb").unwrap(),
+        CString::new("PS1=ready> ").unwrap(),
+    ];
+    // SAFETY: openpty/fork/exec with owned descriptors; the child only makes raw syscalls.
+    unsafe {
+        let (mut master, mut slave) = (0, 0);
+        assert_eq!(
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null()
+            ),
+            0
+        );
+        let pid = libc::fork();
+        if pid == 0 {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(99);
+            }
+            libc::close(fd);
+            libc::setsid();
+            libc::ioctl(slave, libc::TIOCSCTTY, 0);
+            for target in 0..3 {
+                libc::dup2(slave, target);
+            }
+            libc::close(master);
+            let argv = [
+                args[0].as_ptr(),
+                args[1].as_ptr(),
+                args[2].as_ptr(),
+                args[3].as_ptr(),
+                std::ptr::null(),
+            ];
+            let envp = [env[0].as_ptr(), env[1].as_ptr(), std::ptr::null()];
+            libc::execve(bash.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+        libc::close(slave);
+        let mut terminal = std::fs::File::from_raw_fd(master);
+        let mut seen = String::new();
+        let mut buffer = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for line in lines.iter().chain(std::iter::once(&"exit")) {
+            // Wait for the prompt, then type the line.
+            let prompts = seen.matches("ready> ").count();
+            while seen.matches("ready> ").count() == prompts || seen.is_empty() && prompts == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "bash never prompted: {seen:?}"
+                );
+                let n = terminal.read(&mut buffer).expect("read the terminal");
+                seen.push_str(&String::from_utf8_lossy(&buffer[..n]));
+                if seen.matches("ready> ").count() > prompts {
+                    break;
+                }
+            }
+            terminal.write_all(format!("{line}\n").as_bytes()).unwrap();
+        }
+        // Keep draining until bash exits so it never blocks on a full terminal.
+        std::thread::spawn(move || while matches!(terminal.read(&mut buffer), Ok(n) if n > 0) {});
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_the_others() {
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {"uprobes": [
+            {
+                "binary": "/bin/bash", "symbol": "readline", "return": true,
+                "capture": {"value": "retval", "type": "string", "max_len": 80},
+                "metric": {"name": "commands_count", "description": "The number of times a command is invoked via bash",
+                           "labels": {"value": "command", "pid": "pid", "node": "nodename"}},
+                "redact": ["(?i)password=\\S+"]
+            },
+            {"binary": "/bin/bash", "symbol": "podscope_no_such_symbol", "metric": {"name": "never"}}
+        ]}
+    }))
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    let skipped: Vec<String> = receiver
+        .skipped_probes()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(skipped.len(), 1, "{skipped:?}");
+    assert!(
+        skipped[0].starts_with(
+            "probe uprobes: cannot load: uprobes[1] /bin/bash:podscope_no_such_symbol:"
+        ),
+        "{skipped:?}"
+    );
+
+    let pod = PodCgroup::new();
+    let bash = std::thread::scope(|s| {
+        s.spawn(|| {
+            interactive_bash(
+                &pod,
+                &["echo one", "echo two", "echo one", "true password=hunter2"],
+            )
+        })
+        .join()
+    });
+    bash.unwrap();
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    let commands: BTreeMap<String, i64> = c
+        .iter()
+        .filter(|((name, _), _)| name == "commands_count")
+        .map(|((_, attrs), v)| {
+            (
+                attrs
+                    .split(',')
+                    .find_map(|a| a.strip_prefix("command="))
+                    .unwrap()
+                    .to_string(),
+                *v,
+            )
+        })
+        .fold(BTreeMap::new(), |mut m, (k, v)| {
+            *m.entry(k).or_default() += v;
+            m
+        });
+    let expected: BTreeMap<String, i64> = [
+        ("echo one", 2),
+        ("echo two", 1),
+        ("true <redacted>", 1),
+        ("exit", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(commands, expected, "{c:#?}");
+    let any = c.keys().find(|(name, _)| name == "commands_count").unwrap();
+    assert!(
+        any.1.contains("nodename=test-host") && any.1.contains("pid="),
+        "{any:?}"
+    );
+    receiver.shutdown().await.unwrap();
+}

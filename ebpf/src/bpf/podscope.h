@@ -104,6 +104,17 @@ struct block_stats {
 	struct podscope_hist latency_ns;
 };
 
+/* uprobes probe: hits per cgroup, process and captured value (a string, or an integer's 8
+ * bytes). One object is loaded per configured uprobe. */
+#define PODSCOPE_UPROBE_VALUE_LEN 256
+
+struct uprobe_key {
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 value_len;
+	char value[PODSCOPE_UPROBE_VALUE_LEN];
+};
+
 #ifdef __BPF__
 /* ---- kernel side only ---- */
 

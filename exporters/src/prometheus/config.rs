@@ -17,6 +17,8 @@ pub struct PrometheusConfig {
     /// Unit suffixes (`_seconds`, `_bytes`) and `_total` on counters, as the OpenTelemetry
     /// specification translates names. Default true.
     pub add_metric_suffixes: bool,
+    /// `otel_scope_name` / `otel_scope_version` labels on every series. Default true.
+    pub add_scope_labels: bool,
     pub resource_to_telemetry_conversion: ResourceToTelemetry,
     /// Resource attributes copied onto every series as labels (the rest go to `target_info`).
     /// Default: `host.name`, `container.id`, `podscope.cgroup.path`, `k8s.namespace.name`,
@@ -39,6 +41,7 @@ impl Default for PrometheusConfig {
             namespace: String::new(),
             metric_expiration: Duration::from_secs(300),
             add_metric_suffixes: true,
+            add_scope_labels: true,
             resource_to_telemetry_conversion: ResourceToTelemetry::default(),
             promoted_resource_attributes: [
                 "host.name",

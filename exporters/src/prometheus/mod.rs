@@ -62,6 +62,7 @@ impl PrometheusExporter {
         let settings = Settings {
             namespace: config.namespace.clone(),
             add_metric_suffixes: config.add_metric_suffixes,
+            add_scope_labels: config.add_scope_labels,
             all_resource_attributes: config.resource_to_telemetry_conversion.enabled,
             promoted: config.promoted_resource_attributes.clone(),
             expiration: config.metric_expiration,

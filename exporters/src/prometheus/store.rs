@@ -71,6 +71,7 @@ struct Family {
 pub struct Settings {
     pub namespace: String,
     pub add_metric_suffixes: bool,
+    pub add_scope_labels: bool,
     pub all_resource_attributes: bool,
     pub promoted: Vec<String>,
     pub expiration: Duration,
@@ -254,7 +255,7 @@ impl Store {
 
             for sm in &rm.scope_metrics {
                 let mut scope_labels = resource_labels.clone();
-                if let Some(scope) = &sm.scope {
+                if let Some(scope) = sm.scope.as_ref().filter(|_| self.settings.add_scope_labels) {
                     if !scope.name.is_empty() {
                         scope_labels.insert("otel_scope_name".into(), scope.name.clone());
                     }

@@ -87,6 +87,7 @@ fn settings() -> Settings {
     Settings {
         namespace: c.namespace,
         add_metric_suffixes: c.add_metric_suffixes,
+        add_scope_labels: true,
         all_resource_attributes: false,
         promoted: c.promoted_resource_attributes,
         expiration: c.metric_expiration,

@@ -61,6 +61,7 @@ impl ExporterBuilder for RemoteWriteConfig {
         let store = Store::new(Settings {
             namespace: self.namespace.clone(),
             add_metric_suffixes: true,
+            add_scope_labels: true,
             all_resource_attributes: self.resource_to_telemetry_conversion.enabled,
             promoted: self.promoted_resource_attributes.clone(),
             expiration: Duration::from_secs(3600),

@@ -53,7 +53,7 @@ pub struct MetricsBuilder<'a> {
     index: &'a CgroupIndex,
     start_ns: u64,
     now_ns: u64,
-    metrics: BTreeMap<Owner, BTreeMap<&'static str, Metric>>,
+    metrics: BTreeMap<Owner, BTreeMap<String, Metric>>,
 }
 
 impl<'a> MetricsBuilder<'a> {
@@ -68,18 +68,29 @@ impl<'a> MetricsBuilder<'a> {
     }
 
     fn metric(&mut self, owner: Owner, doc: &MetricDoc) -> &mut Metric {
+        self.metric_named(owner, doc.name, doc.description, doc.unit, doc.kind)
+    }
+
+    fn metric_named(
+        &mut self,
+        owner: Owner,
+        name: &str,
+        description: &str,
+        unit: &str,
+        kind: MetricKind,
+    ) -> &mut Metric {
         self.metrics
             .entry(owner)
             .or_default()
-            .entry(doc.name)
+            .entry(name.to_string())
             .or_insert_with(|| Metric {
-                name: doc.name.to_string(),
-                description: doc.description.to_string(),
-                unit: doc.unit.to_string(),
-                data: Some(match doc.kind {
+                name: name.to_string(),
+                description: description.to_string(),
+                unit: unit.to_string(),
+                data: Some(match kind {
                     MetricKind::Counter | MetricKind::DeltaCounter => metric::Data::Sum(Sum {
                         data_points: Vec::new(),
-                        aggregation_temporality: if doc.kind == MetricKind::Counter {
+                        aggregation_temporality: if kind == MetricKind::Counter {
                             AggregationTemporality::Cumulative as i32
                         } else {
                             AggregationTemporality::Delta as i32
@@ -95,6 +106,31 @@ impl<'a> MetricsBuilder<'a> {
                 }),
                 ..Default::default()
             })
+    }
+
+    /// A cumulative counter whose name comes from configuration (uprobes).
+    pub fn count_named(
+        &mut self,
+        owner: Owner,
+        name: &str,
+        description: &str,
+        unit: &str,
+        attributes: Vec<KeyValue>,
+        value: u64,
+    ) {
+        let (start, now) = (self.start_ns, self.now_ns);
+        if let Some(metric::Data::Sum(sum)) = &mut self
+            .metric_named(owner, name, description, unit, MetricKind::Counter)
+            .data
+        {
+            sum.data_points.push(NumberDataPoint {
+                attributes,
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                value: Some(number_data_point::Value::AsInt(value as i64)),
+                ..Default::default()
+            });
+        }
     }
 
     pub fn count(&mut self, owner: Owner, doc: &MetricDoc, attributes: Vec<KeyValue>, value: u64) {

@@ -56,6 +56,8 @@ pub struct ProbesConfig {
     pub sched: Option<BasicProbeConfig>,
     #[serde(deserialize_with = "present_means_on")]
     pub block_io: Option<BasicProbeConfig>,
+    /// User functions to count, with a captured argument or return value (see `uprobes`).
+    pub uprobes: Vec<super::uprobes::UprobeConfig>,
 }
 
 /// Settings every probe has.
@@ -177,11 +179,15 @@ impl ComponentConfig for EbpfReceiverConfig {
             && p.files.is_none()
             && p.sched.is_none()
             && p.block_io.is_none()
+            && p.uprobes.is_empty()
         {
             errors.push(FieldError::new(
                 "probes",
-                "list at least one probe: process, syscalls, files, sched, block_io",
+                "list at least one probe: process, syscalls, files, sched, block_io, uprobes",
             ));
+        }
+        for (i, entry) in p.uprobes.iter().enumerate() {
+            entry.validate(&format!("probes.uprobes[{i}]"), &mut errors);
         }
         if let Some(files) = &p.files {
             if files.capture_paths && files.top_paths == 0 {

@@ -16,6 +16,7 @@ mod collect;
 mod config;
 pub mod histogram;
 mod probes;
+mod uprobes;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -133,6 +134,7 @@ struct Loaded {
     files: Option<Ebpf>,
     sched: Option<Ebpf>,
     block_io: Option<Ebpf>,
+    uprobes: Vec<uprobes::LoadedUprobe>,
 }
 
 impl Loaded {
@@ -146,6 +148,7 @@ impl Loaded {
         ]
         .into_iter()
         .flatten()
+        .chain(self.uprobes.iter_mut().map(uprobes::LoadedUprobe::ebpf_mut))
     }
 }
 
@@ -165,6 +168,7 @@ pub struct EbpfReceiver {
     skipped: Mutex<Vec<ProbeError>>,
     ring_events: Family<RingLabels, Counter>,
     ring_lost: Family<RingLabels, Counter>,
+    uprobe_overflow: Counter,
 }
 
 impl EbpfReceiver {
@@ -191,6 +195,12 @@ impl EbpfReceiver {
             "Events the kernel could not put on a full eBPF ring buffer",
             ring_lost.clone(),
         );
+        let uprobe_overflow = Counter::default();
+        ctx.telemetry.register(
+            "ebpf_uprobe_overflow",
+            "Uprobe hits counted in the `other` series because an entry reached max_series",
+            uprobe_overflow.clone(),
+        );
         Ok(EbpfReceiver {
             config,
             ctx,
@@ -200,6 +210,7 @@ impl EbpfReceiver {
             skipped: Mutex::new(Vec::new()),
             ring_events,
             ring_lost,
+            uprobe_overflow,
         })
     }
 
@@ -324,6 +335,26 @@ impl EbpfReceiver {
                 &[],
             )?;
         }
+        for (i, entry) in probes.uprobes.iter().enumerate() {
+            match uprobes::load(entry, &features, agent_tgid, filter.mode) {
+                Ok(u) => {
+                    tracing::info!(receiver = %self.ctx.id, uprobe = %entry.location(), "uprobe attached");
+                    loaded.uprobes.push(u);
+                }
+                Err(reason) => {
+                    let error = ProbeError {
+                        probe: "uprobes",
+                        hook: None,
+                        reason: format!("uprobes[{i}] {}: {reason}", entry.location()),
+                    };
+                    if entry.required {
+                        anyhow::bail!("{error} (the uprobe is required)");
+                    }
+                    tracing::warn!(receiver = %self.ctx.id, "{error}; skipped");
+                    skipped.push(error);
+                }
+            }
+        }
         *self.skipped.lock().unwrap_or_else(|e| e.into_inner()) = skipped;
         Ok((loaded, filter))
     }
@@ -403,6 +434,7 @@ impl Component for EbpfReceiver {
                 })
                 .clone(),
             lost_seen: 0,
+            uprobe_overflow: self.uprobe_overflow.clone(),
         };
         tasks.push(tokio::spawn(collector.run(
             self.config.collection_interval,
@@ -504,6 +536,8 @@ struct Collector {
     top_paths: Option<usize>,
     ring_lost: Counter,
     lost_seen: u64,
+    /// Uprobe hits folded into `other` by the cardinality cap.
+    uprobe_overflow: Counter,
 }
 
 impl Collector {
@@ -607,6 +641,12 @@ impl Collector {
         }
         if let Some(ebpf) = &self.loaded.block_io {
             collect::add_block(&mut builder, &probes::read_hash(ebpf, "block_stats"));
+        }
+        for entry in &mut self.loaded.uprobes {
+            let overflowed = entry.collect(&mut builder, &self.host_name);
+            if overflowed > 0 {
+                self.uprobe_overflow.inc_by(overflowed);
+            }
         }
         let resource_metrics = builder.finish();
 

@@ -1,0 +1,94 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * uprobes: a user function's entry (argument N) or return (return value), captured as a string
+ * (read from user memory, up to `max_len` bytes) or as an integer, counted per cgroup, process
+ * and value. One copy of this object is loaded per configured uprobe, with its own settings.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include "podscope.h"
+
+#define CAPTURE_NONE 0
+#define CAPTURE_STRING 1
+#define CAPTURE_INT 2
+
+const volatile __u32 capture_kind = CAPTURE_NONE;
+const volatile __u32 capture_arg = 0; /* 1..6; the return value for uretprobes */
+const volatile __u32 max_len = 80;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct uprobe_key);
+	__type(value, __u64);
+} uprobe_hits SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct uprobe_key);
+} uprobe_scratch SEC(".maps");
+
+static __always_inline int record(__u64 raw)
+{
+	if (podscope_skip_current())
+		return 0;
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (podscope_skip_cgroup(cgroup_id))
+		return 0;
+	__u32 zero = 0;
+	struct uprobe_key *key = bpf_map_lookup_elem(&uprobe_scratch, &zero);
+	if (!key)
+		return 0;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->cgroup_id = cgroup_id;
+	key->pid = bpf_get_current_pid_tgid() >> 32;
+	if (capture_kind == CAPTURE_STRING) {
+		/* 1..256, a bound the verifier can see. */
+		__u32 n = ((max_len - 1) & (PODSCOPE_UPROBE_VALUE_LEN - 1)) + 1;
+		long got = bpf_probe_read_user_str(key->value, n, (const void *)raw);
+		if (got <= 0)
+			return 0;
+		key->value_len = got - 1;
+	} else if (capture_kind == CAPTURE_INT) {
+		__builtin_memcpy(key->value, &raw, sizeof(raw));
+		key->value_len = sizeof(raw);
+	}
+	podscope_count(&uprobe_hits, key);
+	return 0;
+}
+
+static __always_inline __u64 argument(struct pt_regs *ctx)
+{
+	switch (capture_arg) {
+	case 1: return PT_REGS_PARM1(ctx);
+	case 2: return PT_REGS_PARM2(ctx);
+	case 3: return PT_REGS_PARM3(ctx);
+	case 4: return PT_REGS_PARM4(ctx);
+	case 5: return PT_REGS_PARM5(ctx);
+	case 6:
+#if defined(__TARGET_ARCH_x86)
+		/* libbpf 1.1 has no PT_REGS_PARM6; the 6th argument is in r9. */
+		return ctx->r9;
+#else
+		return 0;
+#endif
+	default: return 0;
+	}
+}
+
+SEC("uprobe")
+int podscope_uprobe(struct pt_regs *ctx)
+{
+	return record(argument(ctx));
+}
+
+SEC("uretprobe")
+int podscope_uretprobe(struct pt_regs *ctx)
+{
+	return record(PT_REGS_RC(ctx));
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
