@@ -157,6 +157,12 @@ int main(void) {
     S(switch_key); F(switch_key, cgroup_id); F(switch_key, kind); F(switch_key, _pad);
     S(block_key); F(block_key, dev); F(block_key, op);
     S(block_stats); F(block_stats, bytes); F(block_stats, latency_ns);
+    S(podscope_tcp_key); F(podscope_tcp_key, cgroup_id); F(podscope_tcp_key, peer); F(podscope_tcp_key, server_port);
+    F(podscope_tcp_key, family); F(podscope_tcp_key, role); F(podscope_tcp_key, _pad);
+    S(podscope_tcp_stats); F(podscope_tcp_stats, opened); F(podscope_tcp_stats, closed); F(podscope_tcp_stats, failed_refused);
+    F(podscope_tcp_stats, failed_timeout); F(podscope_tcp_stats, failed_reset); F(podscope_tcp_stats, failed_other);
+    F(podscope_tcp_stats, bytes_sent); F(podscope_tcp_stats, bytes_received); F(podscope_tcp_stats, retransmits);
+    F(podscope_tcp_stats, duration_ns); F(podscope_tcp_stats, srtt_ns);
     S(uprobe_key); F(uprobe_key, cgroup_id); F(uprobe_key, pid); F(uprobe_key, value_len); F(uprobe_key, value);
     return 0;
 }

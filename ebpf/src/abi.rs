@@ -172,6 +172,56 @@ impl UprobeKey {
     }
 }
 
+pub const TCP_ROLE_CLIENT: u8 = 1;
+pub const TCP_ROLE_SERVER: u8 = 2;
+
+/// A TCP connection's aggregation key: the socket's cgroup, the peer, the server port, the role.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TcpKey {
+    pub cgroup_id: u64,
+    /// IPv4 in the first 4 bytes (network order).
+    pub peer: [u8; 16],
+    pub server_port: u16,
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u8,
+    pub role: u8,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TcpStats {
+    pub opened: u64,
+    pub closed: u64,
+    pub failed_refused: u64,
+    pub failed_timeout: u64,
+    pub failed_reset: u64,
+    pub failed_other: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+    pub duration_ns: Hist,
+    pub srtt_ns: Hist,
+}
+
+impl TcpStats {
+    /// Adds `other` (folding several peers into one `other` series).
+    pub fn merge(&mut self, other: &TcpStats) {
+        self.opened += other.opened;
+        self.closed += other.closed;
+        self.failed_refused += other.failed_refused;
+        self.failed_timeout += other.failed_timeout;
+        self.failed_reset += other.failed_reset;
+        self.failed_other += other.failed_other;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+        self.retransmits += other.retransmits;
+        self.duration_ns.merge(&other.duration_ns);
+        self.srtt_ns.merge(&other.srtt_ns);
+    }
+}
+
 pub const BLOCK_READ: u32 = 0;
 pub const BLOCK_WRITE: u32 = 1;
 pub const BLOCK_FLUSH: u32 = 2;
@@ -205,6 +255,8 @@ unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}
 unsafe impl aya::Pod for BlockKey {}
 unsafe impl aya::Pod for UprobeKey {}
+unsafe impl aya::Pod for TcpKey {}
+unsafe impl aya::Pod for TcpStats {}
 unsafe impl aya::Pod for BlockStats {}
 
 #[cfg(test)]
@@ -274,6 +326,30 @@ mod tests {
         );
         rust_layout!(rust, "switch_key", SwitchKey, [cgroup_id, kind, _pad]);
         rust_layout!(rust, "block_key", BlockKey, [dev, op]);
+        rust_layout!(
+            rust,
+            "podscope_tcp_key",
+            TcpKey,
+            [cgroup_id, peer, server_port, family, role, _pad]
+        );
+        rust_layout!(
+            rust,
+            "podscope_tcp_stats",
+            TcpStats,
+            [
+                opened,
+                closed,
+                failed_refused,
+                failed_timeout,
+                failed_reset,
+                failed_other,
+                bytes_sent,
+                bytes_received,
+                retransmits,
+                duration_ns,
+                srtt_ns
+            ]
+        );
         rust_layout!(
             rust,
             "uprobe_key",

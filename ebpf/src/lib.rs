@@ -20,6 +20,7 @@ pub mod objects {
     pub static SCHED: &[u8] = object!("sched");
     pub static BLOCK_IO: &[u8] = object!("block_io");
     pub static UPROBES: &[u8] = object!("uprobes");
+    pub static TCP: &[u8] = object!("tcp");
     /// A do-nothing raw_tp program on sys_enter: the cost floor in benchmarks.
     pub static BENCH_NOOP: &[u8] = object!("bench_noop");
 }

@@ -913,3 +913,126 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
     );
     receiver.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
+    use std::io::Read as _;
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let mut received = 0;
+        for _ in 0..3 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buffer = Vec::new();
+            stream.read_to_end(&mut buffer).unwrap();
+            received += buffer.len();
+        }
+        received
+    });
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // dropped: nothing listens
+    let pod = PodCgroup::new();
+    let payload = [7u8; 1000];
+    let code = pod.run(|| unsafe {
+        let connect = |port: u16| {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            let rc = libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            );
+            (fd, rc)
+        };
+        for _ in 0..3 {
+            let (fd, rc) = connect(port);
+            if rc != 0 || libc::write(fd, payload.as_ptr().cast(), payload.len()) != 1000 {
+                return 1;
+            }
+            // Orderly close after the peer acknowledged everything.
+            libc::shutdown(fd, libc::SHUT_WR);
+            let mut byte = 0u8;
+            libc::read(fd, (&mut byte as *mut u8).cast(), 1);
+            libc::close(fd);
+        }
+        let (fd, rc) = connect(closed_port);
+        libc::close(fd);
+        if rc == 0 {
+            2
+        } else {
+            0
+        }
+    });
+    assert_eq!(code, 0, "the workload's connections did not go as planned");
+    assert_eq!(server.join().unwrap(), 3000);
+    // Closing happens asynchronously in the kernel: poll until the three closes are counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let base = format!("network.transport=tcp,network.type=ipv4,network.peer.address=127.0.0.1,server.port={port},podscope.tcp.role=client");
+    loop {
+        receiver.collect_now().await.unwrap();
+        let c = counters(&collected.last(), pod.id());
+        if get(&c, "podscope.tcp.connections.closed", &base) == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closes not counted: {c:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(
+        get(&c, "podscope.tcp.connections.opened", &base),
+        3,
+        "{c:#?}"
+    );
+    let io = |direction: &str| {
+        c.iter()
+            .find(|((name, attrs), _)| {
+                name == "podscope.tcp.io"
+                    && attrs.contains(&format!("server.port={port}"))
+                    && attrs.contains(&format!("network.io.direction={direction}"))
+            })
+            .map(|(_, v)| *v)
+    };
+    assert_eq!(
+        io("transmit"),
+        Some(3000),
+        "payload only, not SYN/FIN sequence space: {c:#?}"
+    );
+    assert_eq!(
+        io("receive"),
+        Some(0),
+        "the server sent nothing back: {c:#?}"
+    );
+    let refused = c
+        .iter()
+        .find(|((name, attrs), _)| {
+            name == "podscope.tcp.connections.failed"
+                && attrs.contains(&format!("server.port={closed_port}"))
+        })
+        .map(|((_, attrs), v)| (attrs.clone(), *v));
+    let (attrs, count) = refused.expect("the refused connection is counted");
+    assert_eq!(count, 1);
+    assert!(attrs.contains("error.type=refused"), "{attrs}");
+    let duration = distribution(
+        &rms,
+        Some(pod.id()),
+        "podscope.tcp.connection.duration",
+        &[("server.port", &port.to_string())],
+    );
+    assert_eq!(duration.map(|d| d.count), Some(3));
+    receiver.shutdown().await.unwrap();
+}

@@ -86,7 +86,7 @@ fn the_default_config_runs_ebpf_and_otlp_through_batch_to_prometheus_and_debug()
     let listed: Vec<&String> = probes.as_object().unwrap().keys().collect();
     assert_eq!(
         listed,
-        vec!["block_io", "files", "process", "sched", "syscalls"]
+        vec!["block_io", "files", "process", "sched", "syscalls", "tcp"]
     );
 }
 

@@ -115,6 +115,35 @@ struct uprobe_key {
 	char value[PODSCOPE_UPROBE_VALUE_LEN];
 };
 
+/* tcp probe: per cgroup (the socket's) and peer. */
+enum tcp_role {
+	TCP_ROLE_CLIENT = 1, /* active open: connect() */
+	TCP_ROLE_SERVER = 2, /* passive open: accept() */
+};
+
+struct podscope_tcp_key {
+	__u64 cgroup_id;
+	__u8 peer[16];     /* IPv4 in the first 4 bytes */
+	__u16 server_port; /* the peer's port for clients, the local port for servers */
+	__u8 family;       /* AF_INET 2, AF_INET6 10 */
+	__u8 role;
+	__u32 _pad;
+};
+
+struct podscope_tcp_stats {
+	__u64 opened;
+	__u64 closed;
+	__u64 failed_refused;
+	__u64 failed_timeout;
+	__u64 failed_reset;
+	__u64 failed_other;
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u64 retransmits;
+	struct podscope_hist duration_ns;
+	struct podscope_hist srtt_ns; /* smoothed RTT at close */
+};
+
 #ifdef __BPF__
 /* ---- kernel side only ---- */
 

@@ -146,6 +146,86 @@ pub const BLOCK_BYTES: MetricDoc = MetricDoc {
     attributes: &["system.device", "podscope.block.operation"],
 };
 
+const TCP_ATTRIBUTES: &[&str] = &[
+    "network.transport",
+    "network.type",
+    "network.peer.address",
+    "server.port",
+    "podscope.tcp.role",
+];
+
+pub const TCP_OPENED: MetricDoc = MetricDoc {
+    name: "podscope.tcp.connections.opened",
+    probe: "tcp",
+    kind: MetricKind::Counter,
+    unit: "{connection}",
+    description: "TCP connections established, as client (connect) or server (accept), by peer",
+    attributes: TCP_ATTRIBUTES,
+};
+pub const TCP_CLOSED: MetricDoc = MetricDoc {
+    name: "podscope.tcp.connections.closed",
+    probe: "tcp",
+    kind: MetricKind::Counter,
+    unit: "{connection}",
+    description: "Established TCP connections that closed, by peer",
+    attributes: TCP_ATTRIBUTES,
+};
+pub const TCP_FAILED: MetricDoc = MetricDoc {
+    name: "podscope.tcp.connections.failed",
+    probe: "tcp",
+    kind: MetricKind::Counter,
+    unit: "{connection}",
+    description:
+        "Connection attempts that failed, by peer and reason (refused, timeout, reset, other)",
+    attributes: &[
+        "network.transport",
+        "network.type",
+        "network.peer.address",
+        "server.port",
+        "podscope.tcp.role",
+        "error.type",
+    ],
+};
+pub const TCP_IO: MetricDoc = MetricDoc {
+    name: "podscope.tcp.io",
+    probe: "tcp",
+    kind: MetricKind::Counter,
+    unit: "By",
+    description: "Bytes sent (acknowledged by the peer) and received on connections that closed",
+    attributes: &[
+        "network.transport",
+        "network.type",
+        "network.peer.address",
+        "server.port",
+        "podscope.tcp.role",
+        "network.io.direction",
+    ],
+};
+pub const TCP_RETRANSMITS: MetricDoc = MetricDoc {
+    name: "podscope.tcp.retransmits",
+    probe: "tcp",
+    kind: MetricKind::Counter,
+    unit: "{segment}",
+    description: "TCP segments retransmitted, by peer",
+    attributes: TCP_ATTRIBUTES,
+};
+pub const TCP_DURATION: MetricDoc = MetricDoc {
+    name: "podscope.tcp.connection.duration",
+    probe: "tcp",
+    kind: MetricKind::Distribution,
+    unit: "ns",
+    description: "Lifetime of TCP connections from established to closed, by peer",
+    attributes: TCP_ATTRIBUTES,
+};
+pub const TCP_RTT: MetricDoc = MetricDoc {
+    name: "podscope.tcp.rtt",
+    probe: "tcp",
+    kind: MetricKind::Distribution,
+    unit: "ns",
+    description: "Smoothed round-trip time of TCP connections when they closed, by peer",
+    attributes: TCP_ATTRIBUTES,
+};
+
 pub const ALL: &[MetricDoc] = &[
     EXECS,
     FORKS,
@@ -161,6 +241,13 @@ pub const ALL: &[MetricDoc] = &[
     CONTEXT_SWITCHES,
     BLOCK_LATENCY,
     BLOCK_BYTES,
+    TCP_OPENED,
+    TCP_CLOSED,
+    TCP_FAILED,
+    TCP_IO,
+    TCP_RETRANSMITS,
+    TCP_DURATION,
+    TCP_RTT,
 ];
 
 /// The metrics table of `docs/metrics.md`.

@@ -472,3 +472,123 @@ mod tests {
         );
     }
 }
+
+/// A TCP peer as its label reads: the address, or `other` for peers beyond the cap.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TcpSeries {
+    pub cgroup_id: u64,
+    pub peer: String,
+    pub server_port: u16,
+    pub ipv6: bool,
+    pub role: u8,
+}
+
+pub fn peer_address(key: &podscope_ebpf::abi::TcpKey) -> String {
+    if key.family == 10 {
+        std::net::Ipv6Addr::from(key.peer).to_string()
+    } else {
+        std::net::Ipv4Addr::new(key.peer[0], key.peer[1], key.peer[2], key.peer[3]).to_string()
+    }
+}
+
+/// Folds the kernel's per-peer stats into series, keeping at most `max_peers` (sticky: the first
+/// seen) per cgroup and summing the rest as peer `other`.
+pub fn tcp_series(
+    stats: &HashMap<podscope_ebpf::abi::TcpKey, podscope_ebpf::abi::TcpStats>,
+    known: &mut BTreeMap<u64, HashSet<(String, u16, u8, bool)>>,
+    max_peers: usize,
+) -> BTreeMap<TcpSeries, podscope_ebpf::abi::TcpStats> {
+    let mut keys: Vec<_> = stats.keys().collect();
+    keys.sort_by_key(|k| (k.cgroup_id, k.peer, k.server_port, k.role, k.family));
+    let mut out: BTreeMap<TcpSeries, podscope_ebpf::abi::TcpStats> = BTreeMap::new();
+    for key in keys {
+        let address = peer_address(key);
+        let ipv6 = key.family == 10;
+        let seen = known.entry(key.cgroup_id).or_default();
+        let identity = (address.clone(), key.server_port, key.role, ipv6);
+        let keep = seen.contains(&identity) || seen.len() < max_peers;
+        if keep {
+            seen.insert(identity);
+        }
+        let series = TcpSeries {
+            cgroup_id: key.cgroup_id,
+            peer: if keep { address } else { "other".to_string() },
+            server_port: if keep { key.server_port } else { 0 },
+            ipv6,
+            role: key.role,
+        };
+        out.entry(series).or_default().merge(&stats[key]);
+    }
+    out
+}
+
+pub fn add_tcp(
+    b: &mut MetricsBuilder<'_>,
+    series: &BTreeMap<TcpSeries, podscope_ebpf::abi::TcpStats>,
+) {
+    for (s, stats) in series {
+        let owner = Owner::Cgroup(s.cgroup_id);
+        let base = || {
+            let mut attributes = vec![
+                string_attr("network.transport", "tcp"),
+                string_attr("network.type", if s.ipv6 { "ipv6" } else { "ipv4" }),
+                string_attr("network.peer.address", &s.peer),
+            ];
+            if s.server_port != 0 {
+                attributes.push(int_attr("server.port", s.server_port as i64));
+            }
+            attributes.push(string_attr(
+                "podscope.tcp.role",
+                if s.role == podscope_ebpf::abi::TCP_ROLE_CLIENT {
+                    "client"
+                } else {
+                    "server"
+                },
+            ));
+            attributes
+        };
+        let with = |key: &str, value: &str| {
+            let mut attributes = base();
+            attributes.push(string_attr(key, value));
+            attributes
+        };
+        if stats.opened > 0 {
+            b.count(owner, &catalog::TCP_OPENED, base(), stats.opened);
+        }
+        if stats.closed > 0 {
+            b.count(owner, &catalog::TCP_CLOSED, base(), stats.closed);
+            b.count(
+                owner,
+                &catalog::TCP_IO,
+                with("network.io.direction", "transmit"),
+                stats.bytes_sent,
+            );
+            b.count(
+                owner,
+                &catalog::TCP_IO,
+                with("network.io.direction", "receive"),
+                stats.bytes_received,
+            );
+            b.distribution(owner, &catalog::TCP_DURATION, base(), &stats.duration_ns);
+            b.distribution(owner, &catalog::TCP_RTT, base(), &stats.srtt_ns);
+        }
+        for (reason, count) in [
+            ("refused", stats.failed_refused),
+            ("timeout", stats.failed_timeout),
+            ("reset", stats.failed_reset),
+            ("other", stats.failed_other),
+        ] {
+            if count > 0 {
+                b.count(
+                    owner,
+                    &catalog::TCP_FAILED,
+                    with("error.type", reason),
+                    count,
+                );
+            }
+        }
+        if stats.retransmits > 0 {
+            b.count(owner, &catalog::TCP_RETRANSMITS, base(), stats.retransmits);
+        }
+    }
+}

@@ -56,6 +56,8 @@ pub struct ProbesConfig {
     pub sched: Option<BasicProbeConfig>,
     #[serde(deserialize_with = "present_means_on")]
     pub block_io: Option<BasicProbeConfig>,
+    #[serde(deserialize_with = "present_means_on")]
+    pub tcp: Option<TcpProbeConfig>,
     /// User functions to count, with a captured argument or return value (see `uprobes`).
     pub uprobes: Vec<super::uprobes::UprobeConfig>,
 }
@@ -129,6 +131,27 @@ impl Default for SyscallsProbeConfig {
     }
 }
 
+/// `probes.tcp:`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpProbeConfig {
+    pub enabled: bool,
+    pub required: bool,
+    /// Distinct (peer address, server port) pairs kept per cgroup; further peers are summed as
+    /// `other`, so a port scan cannot blow up the series count. Default 100.
+    pub max_peers: usize,
+}
+
+impl Default for TcpProbeConfig {
+    fn default() -> Self {
+        TcpProbeConfig {
+            enabled: true,
+            required: false,
+            max_peers: 100,
+        }
+    }
+}
+
 /// `probes.files:`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -179,15 +202,22 @@ impl ComponentConfig for EbpfReceiverConfig {
             && p.files.is_none()
             && p.sched.is_none()
             && p.block_io.is_none()
+            && p.tcp.is_none()
             && p.uprobes.is_empty()
         {
             errors.push(FieldError::new(
                 "probes",
-                "list at least one probe: process, syscalls, files, sched, block_io, uprobes",
+                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes",
             ));
         }
         for (i, entry) in p.uprobes.iter().enumerate() {
             entry.validate(&format!("probes.uprobes[{i}]"), &mut errors);
+        }
+        if p.tcp.as_ref().is_some_and(|t| t.max_peers == 0) {
+            errors.push(FieldError::new(
+                "probes.tcp.max_peers",
+                "must be at least 1",
+            ));
         }
         if let Some(files) = &p.files {
             if files.capture_paths && files.top_paths == 0 {

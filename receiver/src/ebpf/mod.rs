@@ -18,7 +18,7 @@ pub mod histogram;
 mod probes;
 mod uprobes;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -134,6 +134,7 @@ struct Loaded {
     files: Option<Ebpf>,
     sched: Option<Ebpf>,
     block_io: Option<Ebpf>,
+    tcp: Option<Ebpf>,
     uprobes: Vec<uprobes::LoadedUprobe>,
 }
 
@@ -145,6 +146,7 @@ impl Loaded {
             &mut self.files,
             &mut self.sched,
             &mut self.block_io,
+            &mut self.tcp,
         ]
         .into_iter()
         .flatten()
@@ -335,6 +337,9 @@ impl EbpfReceiver {
                 &[],
             )?;
         }
+        if let Some(p) = &probes.tcp {
+            loaded.tcp = try_load(&probes::TCP, p.enabled, p.required, common(vec![]), &[])?;
+        }
         for (i, entry) in probes.uprobes.iter().enumerate() {
             match uprobes::load(entry, &features, agent_tgid, filter.mode) {
                 Ok(u) => {
@@ -435,6 +440,14 @@ impl Component for EbpfReceiver {
                 .clone(),
             lost_seen: 0,
             uprobe_overflow: self.uprobe_overflow.clone(),
+            tcp_peers: BTreeMap::new(),
+            tcp_max_peers: self
+                .config
+                .probes
+                .tcp
+                .as_ref()
+                .map(|t| t.max_peers)
+                .unwrap_or(100),
         };
         tasks.push(tokio::spawn(collector.run(
             self.config.collection_interval,
@@ -538,6 +551,9 @@ struct Collector {
     lost_seen: u64,
     /// Uprobe hits folded into `other` by the cardinality cap.
     uprobe_overflow: Counter,
+    /// TCP peers kept per cgroup (the cap is sticky: the first `tcp_max_peers` seen).
+    tcp_peers: BTreeMap<u64, HashSet<(String, u16, u8, bool)>>,
+    tcp_max_peers: usize,
 }
 
 impl Collector {
@@ -642,6 +658,16 @@ impl Collector {
         if let Some(ebpf) = &self.loaded.block_io {
             collect::add_block(&mut builder, &probes::read_hash(ebpf, "block_stats"));
         }
+        if let Some(ebpf) = &self.loaded.tcp {
+            let stats = probes::read_hash(ebpf, "tcp_conn_stats");
+            cgroups_seen.extend(
+                stats
+                    .keys()
+                    .map(|k: &podscope_ebpf::abi::TcpKey| k.cgroup_id),
+            );
+            let series = collect::tcp_series(&stats, &mut self.tcp_peers, self.tcp_max_peers);
+            collect::add_tcp(&mut builder, &series);
+        }
         for entry in &mut self.loaded.uprobes {
             let overflowed = entry.collect(&mut builder, &self.host_name);
             if overflowed > 0 {
@@ -673,6 +699,15 @@ impl Collector {
     }
 
     fn forget(&mut self, gone: &HashSet<u64>) {
+        if let Some(ebpf) = self.loaded.tcp.as_mut() {
+            use podscope_ebpf::abi::{TcpKey, TcpStats};
+            let keys: Vec<TcpKey> = probes::read_hash::<TcpKey, TcpStats>(ebpf, "tcp_conn_stats")
+                .into_keys()
+                .filter(|k| gone.contains(&k.cgroup_id))
+                .collect();
+            probes::remove_keys::<TcpKey, TcpStats>(ebpf, "tcp_conn_stats", keys);
+            self.tcp_peers.retain(|id, _| !gone.contains(id));
+        }
         use podscope_ebpf::abi::{OpenKey, ProcessKey, SwitchKey, SyscallKey};
         if let Some(ebpf) = self.loaded.process.as_mut() {
             let keys: Vec<ProcessKey> =

@@ -98,6 +98,15 @@ pub const SCHED: ProbeSpec = ProbeSpec {
     ],
 };
 
+pub const TCP: ProbeSpec = ProbeSpec {
+    name: "tcp",
+    object: objects::TCP,
+    programs: &[
+        tp_btf("podscope_tcp_state", "inet_sock_set_state"),
+        tp_btf("podscope_tcp_retransmit", "tcp_retransmit_skb"),
+    ],
+};
+
 pub const BLOCK_IO: ProbeSpec = ProbeSpec {
     name: "block_io",
     object: objects::BLOCK_IO,

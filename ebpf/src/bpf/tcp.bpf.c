@@ -1,0 +1,156 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * tcp: connection lifecycle from sock:inet_sock_set_state (tp_btf, CO-RE reads of the socket) and
+ * retransmissions from tcp:tcp_retransmit_skb, per cgroup (the socket's, as state changes often
+ * run in softirq context where "current" means nothing) and peer: opened as client or server,
+ * failed (refused, timeout, reset), closed with bytes, smoothed RTT and duration.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "podscope.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define IPPROTO_TCP 6
+#define ECONNRESET 104
+#define ETIMEDOUT 110
+#define ECONNREFUSED 111
+#define RCV_SHUTDOWN 1
+#define SEND_SHUTDOWN 2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct podscope_tcp_key);
+	__type(value, struct podscope_tcp_stats);
+} tcp_conn_stats SEC(".maps");
+
+/* socket → when it was established, and its role */
+struct podscope_tcp_live {
+	__u64 since_ns;
+	__u32 role;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct podscope_tcp_live);
+} tcp_live SEC(".maps");
+
+static struct podscope_tcp_stats zero_stats;
+
+static __always_inline int make_key(const struct sock *sk, __u32 role, struct podscope_tcp_key *key)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return -1;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	key->family = family;
+	key->role = role;
+	if (family == AF_INET) {
+		__u32 daddr = BPF_CORE_READ(sk, __sk_common.skc_daddr);
+		__builtin_memcpy(key->peer, &daddr, 4);
+	} else {
+		BPF_CORE_READ_INTO(&key->peer, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	}
+	if (role == TCP_ROLE_CLIENT)
+		key->server_port = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	else
+		key->server_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	return 0;
+}
+
+static __always_inline struct podscope_tcp_stats *stats_for(const struct sock *sk, __u32 role)
+{
+	struct podscope_tcp_key key;
+	if (make_key(sk, role, &key))
+		return 0;
+	if (podscope_skip_cgroup(key.cgroup_id))
+		return 0;
+	return podscope_lookup_or_init(&tcp_conn_stats, &key, &zero_stats);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+		return 0;
+	__u64 id = (__u64)sk;
+
+	if (newstate == TCP_ESTABLISHED && (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
+		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
+		struct podscope_tcp_stats *stats = stats_for(sk, role);
+		if (!stats)
+			return 0;
+		__sync_fetch_and_add(&stats->opened, 1);
+		struct podscope_tcp_live live = { .since_ns = bpf_ktime_get_ns(), .role = role };
+		bpf_map_update_elem(&tcp_live, &id, &live, BPF_ANY);
+		return 0;
+	}
+
+	if (newstate != TCP_CLOSE)
+		return 0;
+
+	if (oldstate == TCP_SYN_SENT) {
+		struct podscope_tcp_stats *stats = stats_for(sk, TCP_ROLE_CLIENT);
+		if (!stats)
+			return 0;
+		int err = BPF_CORE_READ(sk, sk_err);
+		if (err == ECONNREFUSED)
+			__sync_fetch_and_add(&stats->failed_refused, 1);
+		else if (err == ETIMEDOUT)
+			__sync_fetch_and_add(&stats->failed_timeout, 1);
+		else if (err == ECONNRESET)
+			__sync_fetch_and_add(&stats->failed_reset, 1);
+		else
+			__sync_fetch_and_add(&stats->failed_other, 1);
+		return 0;
+	}
+
+	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
+	if (!live)
+		return 0;
+	__u32 role = live->role;
+	__u64 duration = bpf_ktime_get_ns() - live->since_ns;
+	bpf_map_delete_elem(&tcp_live, &id);
+	struct podscope_tcp_stats *stats = stats_for(sk, role);
+	if (!stats)
+		return 0;
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	/* bytes_acked and bytes_received count sequence space: the SYN, and a FIN in either
+	 * direction, take one each. Report payload only. */
+	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
+	__u64 received = BPF_CORE_READ(tp, bytes_received);
+	__u8 shutdown = BPF_CORE_READ(sk, sk_shutdown);
+	int fin_acked = (shutdown & SEND_SHUTDOWN) && BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq);
+	__u64 control_out = (role == TCP_ROLE_CLIENT || acked > 0 ? 1 : 0) + (fin_acked ? 1 : 0);
+	__u64 control_in = (shutdown & RCV_SHUTDOWN) ? 1 : 0;
+	__sync_fetch_and_add(&stats->closed, 1);
+	__sync_fetch_and_add(&stats->bytes_sent, acked > control_out ? acked - control_out : 0);
+	__sync_fetch_and_add(&stats->bytes_received, received > control_in ? received - control_in : 0);
+	podscope_hist_add(&stats->duration_ns, duration);
+	/* srtt_us holds 8 × the smoothed RTT in µs. */
+	__u64 srtt_ns = (__u64)(BPF_CORE_READ(tp, srtt_us) >> 3) * 1000;
+	podscope_hist_add(&stats->srtt_ns, srtt_ns);
+	return 0;
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buff *skb)
+{
+	__u64 id = (__u64)sk;
+	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
+	/* A retransmitted SYN has no established connection yet: count it for the client. */
+	__u32 role = live ? live->role : TCP_ROLE_CLIENT;
+	struct podscope_tcp_stats *stats = stats_for(sk, role);
+	if (stats)
+		__sync_fetch_and_add(&stats->retransmits, 1);
+	return 0;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
