@@ -1036,3 +1036,247 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     assert_eq!(duration.map(|d| d.count), Some(3));
     receiver.shutdown().await.unwrap();
 }
+
+/// Two network namespaces joined by a veth pair (IPv4 and IPv6), removed on drop.
+struct NetnsPair {
+    a: String,
+    b: String,
+    veth_b: String,
+}
+
+impl NetnsPair {
+    fn new(tag: &str) -> NetnsPair {
+        let id = format!("{:x}", std::process::id() % 0xffff);
+        let (a, b) = (format!("ps{tag}a{id}"), format!("ps{tag}b{id}"));
+        let (veth_a, veth_b) = (format!("v{tag}a{id}"), format!("v{tag}b{id}"));
+        let ip = |args: &str| {
+            let status = std::process::Command::new("ip")
+                .args(args.split_whitespace())
+                .status()
+                .expect("ip (iproute2)");
+            assert!(status.success(), "ip {args}");
+        };
+        ip(&format!("netns add {a}"));
+        ip(&format!("netns add {b}"));
+        let pair = NetnsPair {
+            a: a.clone(),
+            b: b.clone(),
+            veth_b: veth_b.clone(),
+        };
+        ip(&format!("link add {veth_a} type veth peer name {veth_b}"));
+        ip(&format!("link set {veth_a} netns {a}"));
+        ip(&format!("link set {veth_b} netns {b}"));
+        ip(&format!("-n {a} addr add 10.251.0.1/24 dev {veth_a}"));
+        ip(&format!("-n {b} addr add 10.251.0.2/24 dev {veth_b}"));
+        ip(&format!("-n {a} -6 addr add fd51::1/64 dev {veth_a} nodad"));
+        ip(&format!("-n {b} -6 addr add fd51::2/64 dev {veth_b} nodad"));
+        for (ns, dev) in [(&a, &veth_a), (&b, &veth_b)] {
+            ip(&format!("-n {ns} link set {dev} up"));
+            ip(&format!("-n {ns} link set lo up"));
+        }
+        pair
+    }
+
+    fn ns_fd(name: &str) -> std::fs::File {
+        std::fs::File::open(format!("/var/run/netns/{name}")).expect("netns file")
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", ns])
+                .status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
+    use std::io::Read as _;
+    use std::os::fd::AsRawFd as _;
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let net = NetnsPair::new("t");
+    // The server lives in namespace b, on a thread that joined it.
+    let b_fd = NetnsPair::ns_fd(&net.b);
+    let (ports_tx, ports_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with an open namespace fd.
+        assert_eq!(
+            unsafe { libc::setns(b_fd.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        let v4 = std::net::TcpListener::bind("10.251.0.2:0").unwrap();
+        let v6 = std::net::TcpListener::bind("[fd51::2]:0").unwrap();
+        ports_tx
+            .send((
+                v4.local_addr().unwrap().port(),
+                v6.local_addr().unwrap().port(),
+            ))
+            .unwrap();
+        let mut total = 0;
+        // IPv6 first: taking the link down later drops IPv6 addresses (keep_addr_on_down=0).
+        for listener in [&v6, &v4] {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buffer = Vec::new();
+            stream.read_to_end(&mut buffer).unwrap();
+            total += buffer.len();
+        }
+        total
+    });
+    let (port4, port6) = ports_rx.recv().unwrap();
+    let a_fd = NetnsPair::ns_fd(&net.a);
+    let pod = PodCgroup::new();
+    // The client pauses between connect and write (a pipe says when) so the link can go down.
+    let pipe = || {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        (fds[0], fds[1])
+    };
+    let ((ready_r, ready_w), (go_r, go_w)) = (pipe(), pipe());
+    let a_raw = a_fd.as_raw_fd();
+    let flapper = std::thread::spawn({
+        let b = net.b.clone();
+        let veth = net.veth_b.clone();
+        move || unsafe {
+            let mut byte = 0u8;
+            libc::read(ready_r, (&mut byte as *mut u8).cast(), 1); // client connected
+            let down = std::process::Command::new("ip")
+                .args(["-n", &b, "link", "set", &veth, "down"])
+                .status()
+                .unwrap();
+            assert!(down.success());
+            libc::write(go_w, b"g".as_ptr().cast(), 1);
+            std::thread::sleep(Duration::from_millis(1500)); // several RTOs (200 ms minimum)
+            let up = std::process::Command::new("ip")
+                .args(["-n", &b, "link", "set", &veth, "up"])
+                .status()
+                .unwrap();
+            assert!(up.success());
+        }
+    });
+    let payload = [1u8; 2000];
+    let code = pod.run(|| unsafe {
+        if libc::setns(a_raw, libc::CLONE_NEWNET) != 0 {
+            return 10;
+        }
+        let mut byte = 0u8;
+        // IPv6 first, no outage.
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0);
+        let mut addr6: libc::sockaddr_in6 = std::mem::zeroed();
+        addr6.sin6_family = libc::AF_INET6 as u16;
+        addr6.sin6_port = port6.to_be();
+        addr6.sin6_addr.s6_addr = [0xfd, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        if libc::connect(
+            fd,
+            (&addr6 as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as u32,
+        ) != 0
+        {
+            return 13;
+        }
+        libc::write(fd, payload.as_ptr().cast(), 500);
+        libc::shutdown(fd, libc::SHUT_WR);
+        libc::read(fd, (&mut byte as *mut u8).cast(), 1);
+        libc::close(fd);
+        // IPv4, through the outage.
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port4.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes([10, 251, 0, 2]),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            return 11;
+        }
+        libc::write(ready_w, b"r".as_ptr().cast(), 1);
+        libc::read(go_r, (&mut byte as *mut u8).cast(), 1);
+        if libc::write(fd, payload.as_ptr().cast(), payload.len()) != 2000 {
+            return 12;
+        }
+        libc::shutdown(fd, libc::SHUT_WR);
+        libc::read(fd, (&mut byte as *mut u8).cast(), 1); // returns once the peer closed
+        libc::close(fd);
+        0
+    });
+    flapper.join().unwrap();
+    assert_eq!(code, 0, "client workload failed");
+    assert_eq!(server.join().unwrap(), 2500);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let find = |c: &BTreeMap<(String, String), i64>, name: &str, needle: &str| {
+        c.iter()
+            .filter(|((n, attrs), _)| n == name && attrs.contains(needle))
+            .map(|(_, v)| *v)
+            .sum::<i64>()
+    };
+    loop {
+        receiver.collect_now().await.unwrap();
+        let c = counters(&collected.last(), pod.id());
+        if find(&c, "podscope.tcp.connections.closed", "network.type=ipv6") == 1
+            && find(&c, "podscope.tcp.connections.closed", "network.type=ipv4") == 1
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closes not counted: {c:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(
+        find(
+            &c,
+            "podscope.tcp.connections.opened",
+            "network.peer.address=fd51::2"
+        ),
+        1,
+        "{c:#?}"
+    );
+    assert_eq!(
+        find(
+            &c,
+            "podscope.tcp.connections.opened",
+            "network.peer.address=10.251.0.2"
+        ),
+        1,
+        "{c:#?}"
+    );
+    assert!(
+        find(
+            &c,
+            "podscope.tcp.retransmits",
+            "network.peer.address=10.251.0.2"
+        ) >= 1,
+        "the outage forced retransmissions: {c:#?}"
+    );
+    assert_eq!(
+        find(
+            &c,
+            "podscope.tcp.io",
+            &format!("server.port={port4},podscope.tcp.role=client,network.io.direction=transmit")
+        ),
+        2000,
+        "{c:#?}"
+    );
+    assert_eq!(
+        find(
+            &c,
+            "podscope.tcp.io",
+            &format!("server.port={port6},podscope.tcp.role=client,network.io.direction=transmit")
+        ),
+        500,
+        "{c:#?}"
+    );
+    receiver.shutdown().await.unwrap();
+}
