@@ -167,9 +167,29 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
     "$PY" "$CHECKER" agent "$OUT/default.helm3.yaml" "$PODSCOPE"
   check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
     "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
+
+  # Uprobes as in a pod (examples/bash-commands.yaml, security.uprobes): the binary lives in
+  # another mount namespace, reached through /proc/<pid>/root, in a directory only uid 1000 may
+  # enter. Each of the three capabilities security.uprobes adds must be needed.
+  unshare -m --propagation private sh -c 'mount -t tmpfs podscope-test /mnt && mkdir -p /mnt/host/bin &&
+    cp /bin/bash /mnt/host/bin/bash && chown -R 1000:1000 /mnt/host && chmod 700 /mnt/host &&
+    exec sleep 300' &
+  target_pid=$!
+  deadline=$((SECONDS + 20))
+  until [ -e "/proc/$target_pid/root/mnt/host/bin/bash" ] || [ $SECONDS -ge $deadline ]; do sleep 0.1; done
+  export PODSCOPE_TEST_HOST_ROOT=/proc/$target_pid/root/mnt/host
+  check "agent with security.uprobes: a uprobe on a binary in another mount namespace attaches" \
+    "$PY" "$CHECKER" agent "$OUT/bash-commands.helm3.yaml" "$PODSCOPE"
+  for cap in SYS_PTRACE DAC_READ_SEARCH SYS_ADMIN; do
+    check "control: without $cap the uprobe does not attach" bash -c \
+      "! \"$PY\" \"$CHECKER\" agent \"$OUT/bash-commands.helm3.yaml\" \"$PODSCOPE\" $cap >\"$OUT/control.log\" 2>&1 && grep -q 'probe uprobes: cannot load' \"$OUT/control.log\""
+  done
+  unset PODSCOPE_TEST_HOST_ROOT
+  kill "$target_pid" 2>/dev/null || true
+  wait "$target_pid" 2>/dev/null || true
 else
   echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
-  skipped=$((skipped + 2))
+  skipped=$((skipped + 6))
 fi
 
 # Both Helm majors must render the same manifests.

@@ -15,7 +15,9 @@
                                             with only the container's capabilities (minus
                                             WITHOUT_CAP, to show the check can fail), no_new_privs;
                                             every configured probe must attach, /healthz and
-                                            /readyz must answer 200, SIGTERM must stop it cleanly
+                                            /readyz must answer 200, SIGTERM must stop it cleanly;
+                                            uprobe binaries under /proc/1/root/ are looked up under
+                                            $PODSCOPE_TEST_HOST_ROOT instead when it is set
 
 Exits 1 with one line per problem.
 """
@@ -37,7 +39,8 @@ import yaml
 CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service"}
 BASE_CAPS = {"BPF", "PERFMON", "SYS_RESOURCE"}
 # Values cases (see scripts/test-helm.sh) that change what the invariants expect.
-EXTRA_CAPS = {"uprobes-netadmin": {"SYS_PTRACE", "DAC_READ_SEARCH", "NET_ADMIN"}}
+UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
+EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN"}, "bash-commands": UPROBE_CAPS}
 PRIVILEGED_CASES = {"privileged"}
 HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
 DEFAULT_HOST_PATHS = {"/sys/fs/cgroup"}
@@ -264,7 +267,7 @@ def check_invariants(docs, case):
     return problems
 
 
-CAP_NUMBERS = {"DAC_READ_SEARCH": 2, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
+CAP_NUMBERS = {"DAC_READ_SEARCH": 2, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21, "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
 LISTEN_KEYS = {"endpoint", "address"}
 
 
@@ -302,6 +305,13 @@ def run_agent(docs, podscope, without):
         print(f"note: not available here, run without: {sorted(missing)}", file=sys.stderr)
     caps &= here
     config = loopback_listeners(config_of(docs))
+    # In the pod /proc/1/root is the host's root (hostPID); here the test names the mount
+    # namespace standing in for the host or a container.
+    host_root = os.environ.get("PODSCOPE_TEST_HOST_ROOT")
+    uprobes = (((config.get("receivers") or {}).get("ebpf") or {}).get("probes") or {}).get("uprobes") or []
+    for entry in uprobes if host_root else []:
+        if str(entry.get("binary", "")).startswith("/proc/1/root/"):
+            entry["binary"] = host_root + entry["binary"][len("/proc/1/root"):]
     config.setdefault("service", {}).setdefault("telemetry", {}).setdefault("logs", {})["encoding"] = "json"
     probes = sorted(((config.get("receivers") or {}).get("ebpf") or {}).get("probes") or {})
     work = tempfile.mkdtemp()
@@ -340,7 +350,12 @@ def run_agent(docs, podscope, without):
             time.sleep(0.1)
         if not ready:
             problems.append(f"the agent did not become ready (exit status {agent.poll()})")
-        attached = sorted(e["fields"]["probe"] for e in events if e.get("fields", {}).get("message") == "probe attached")
+        attached = [e["fields"]["probe"] for e in events if e.get("fields", {}).get("message") == "probe attached"]
+        # Each uprobe entry reports itself; the probe is attached when all of them are.
+        uprobes_attached = [e["fields"]["uprobe"] for e in events if e.get("fields", {}).get("message") == "uprobe attached"]
+        if uprobes and len(uprobes_attached) == len(uprobes) and "uprobes" not in attached:
+            attached.append("uprobes")
+        attached.sort()
         if attached != probes:
             problems.append(f"probes attached: {attached}, configured: {probes}")
         for path in ("/healthz", "/readyz") if telemetry else ():
