@@ -6,8 +6,8 @@ set -euo pipefail
 # Debian packages: the eBPF toolchain (clang compiles ebpf/src/bpf/*.bpf.c, llvm-strip keeps BTF,
 # libbpf-dev gives bpf_helpers.h, bpftool regenerates vmlinux.h), Prometheus + promtool (the real
 # backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
-# namespaces in TCP tests).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool prometheus bpftrace iproute2 pkg-config ca-certificates curl)
+# namespaces in TCP tests), iperf3 (the TCP probe benchmark).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool prometheus bpftrace iproute2 iperf3 pkg-config ca-certificates curl)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

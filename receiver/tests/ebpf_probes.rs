@@ -1280,3 +1280,71 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
     );
     receiver.shutdown().await.unwrap();
 }
+
+/// A function for uprobes on this test binary's own code; `no_mangle` keeps its symbol.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn podscope_test_target(value: u64, label: *const libc::c_char) -> u64 {
+    std::hint::black_box(label);
+    std::hint::black_box(value).wrapping_add(1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uprobes_capture_integer_and_string_arguments_on_entry() {
+    let exe = std::env::current_exe().unwrap();
+    let entry = |capture: serde_json::Value, name: &str| serde_json::json!({"binary": exe, "symbol": "podscope_test_target", "capture": capture, "metric": {"name": name}});
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {"uprobes": [
+            entry(serde_json::json!({"value": "arg1", "type": "int"}), "target_by_value"),
+            entry(serde_json::json!({"value": "arg2", "type": "string", "max_len": 4}), "target_by_label"),
+        ]}
+    }))
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    assert!(
+        receiver.skipped_probes().is_empty(),
+        "{:?}",
+        receiver.skipped_probes()
+    );
+    let pod = PodCgroup::new();
+    let (alpha, beta) = (
+        CString::new("alpha").unwrap(),
+        CString::new("beta").unwrap(),
+    );
+    let f: extern "C" fn(u64, *const libc::c_char) -> u64 =
+        std::hint::black_box(podscope_test_target);
+    pod.run(|| {
+        for _ in 0..5 {
+            f(7, alpha.as_ptr());
+        }
+        for _ in 0..3 {
+            f(9, beta.as_ptr());
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    let sum = |name: &str, value: &str| -> i64 {
+        c.iter()
+            .filter(|((n, attrs), _)| n == name && attrs.starts_with(&format!("value={value},")))
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    assert_eq!(sum("target_by_value", "7"), 5, "{c:#?}");
+    assert_eq!(sum("target_by_value", "9"), 3, "{c:#?}");
+    // max_len 4 keeps the first 4 bytes.
+    assert_eq!(sum("target_by_label", "alph"), 5, "{c:#?}");
+    assert_eq!(sum("target_by_label", "beta"), 3, "{c:#?}");
+    receiver.shutdown().await.unwrap();
+}

@@ -17,3 +17,10 @@ int podscope_bench_noop_btf(void *ctx)
 {
 	return 0;
 }
+
+/* A uprobe that does nothing: the floor for uprobe costs. */
+SEC("uprobe")
+int podscope_bench_noop_uprobe(void *ctx)
+{
+	return 0;
+}

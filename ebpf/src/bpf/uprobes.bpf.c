@@ -7,6 +7,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
 #include "podscope.h"
 
 #define CAPTURE_NONE 0
@@ -46,8 +47,12 @@ static __always_inline int record(__u64 raw)
 	key->cgroup_id = cgroup_id;
 	key->pid = bpf_get_current_pid_tgid() >> 32;
 	if (capture_kind == CAPTURE_STRING) {
-		/* 1..256, a bound the verifier can see. */
-		__u32 n = ((max_len - 1) & (PODSCOPE_UPROBE_VALUE_LEN - 1)) + 1;
+		/* max_len characters and the terminating zero, at most the buffer: a bound the
+		 * verifier can see. */
+		__u32 n = max_len;
+		if (n > PODSCOPE_UPROBE_VALUE_LEN - 1)
+			n = PODSCOPE_UPROBE_VALUE_LEN - 1;
+		n += 1;
 		long got = bpf_probe_read_user_str(key->value, n, (const void *)raw);
 		if (got <= 0)
 			return 0;
@@ -60,18 +65,20 @@ static __always_inline int record(__u64 raw)
 	return 0;
 }
 
+/* Read through probe_read (the _CORE variants): with direct loads the compiler merges the
+ * cases into one load at a computed context offset, which the verifier refuses. */
 static __always_inline __u64 argument(struct pt_regs *ctx)
 {
 	switch (capture_arg) {
-	case 1: return PT_REGS_PARM1(ctx);
-	case 2: return PT_REGS_PARM2(ctx);
-	case 3: return PT_REGS_PARM3(ctx);
-	case 4: return PT_REGS_PARM4(ctx);
-	case 5: return PT_REGS_PARM5(ctx);
+	case 1: return PT_REGS_PARM1_CORE(ctx);
+	case 2: return PT_REGS_PARM2_CORE(ctx);
+	case 3: return PT_REGS_PARM3_CORE(ctx);
+	case 4: return PT_REGS_PARM4_CORE(ctx);
+	case 5: return PT_REGS_PARM5_CORE(ctx);
 	case 6:
 #if defined(__TARGET_ARCH_x86)
 		/* libbpf 1.1 has no PT_REGS_PARM6; the 6th argument is in r9. */
-		return ctx->r9;
+		return BPF_CORE_READ(ctx, r9);
 #else
 		return 0;
 #endif

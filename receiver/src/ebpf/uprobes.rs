@@ -58,7 +58,7 @@ pub struct CaptureConfig {
     /// `string` (read from the process's memory) or `int`.
     #[serde(rename = "type")]
     pub kind: CaptureKind,
-    /// Longest string kept, in bytes (1–256). Default 80.
+    /// Longest string kept, in bytes (1–255). Default 80.
     #[serde(default = "default_max_len")]
     pub max_len: u32,
 }
@@ -133,8 +133,8 @@ impl UprobeConfig {
                     "retval goes with return: true, arg1 … arg6 with return: false",
                 ));
             }
-            if !(1..=256).contains(&capture.max_len) {
-                errors.push(FieldError::new(at("capture.max_len"), "must be 1 to 256"));
+            if !(1..=255).contains(&capture.max_len) {
+                errors.push(FieldError::new(at("capture.max_len"), "must be 1 to 255"));
             }
         }
         if self.metric.name.is_empty() {
