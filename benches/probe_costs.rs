@@ -2,7 +2,7 @@
 //! - ns per call of a probed user function (in a forked child, so the agent's own-process filter
 //!   does not hide it): no probe, a no-op uprobe (the kernel's uprobe floor), podscope's uprobe
 //!   counting per process, and the same capturing an integer argument;
-//! - ns per TCP connection (connect + close on loopback) without and with the tcp probe;
+//! - ns per TCP connection (connect + abortive close on loopback) without and with the tcp probe;
 //! - iperf3 throughput on loopback without and with the tcp probe (its per-MB cost).
 //!
 //! Run: `cargo bench --bench probe_costs` (root). Under `cargo test` it is a quick smoke run.
@@ -101,6 +101,19 @@ fn connections(n: u64, port: u16) -> f64 {
                         fd,
                         (&addr as *const libc::sockaddr_in).cast(),
                         std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    );
+                    // Abortive close: no TIME_WAIT, so thousands of connections do not exhaust
+                    // the ephemeral ports and slow connect() down for the rows that follow.
+                    let linger = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&linger as *const libc::linger).cast(),
+                        std::mem::size_of::<libc::linger>() as u32,
                     );
                     libc::close(fd);
                 })
@@ -231,7 +244,7 @@ async fn main() {
     tcp.shutdown().await.unwrap();
     let without_again = connections(conns, port);
     println!(
-        "ns per TCP connection (connect + close on loopback, {conns} connections, median of 3):"
+        "ns per TCP connection (connect + abortive close on loopback, {conns} connections, median of 3):"
     );
     println!("  without the tcp probe {without:>10.0} ns");
     println!(
