@@ -23,7 +23,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Rust: the project builds with stable >= 1.85 (aya 0.14 is the newest aya this toolchain builds).
+# Rust: the project builds with stable >= 1.88 (tonic 0.14 needs it; aya 0.14 is the newest aya
+# that builds on the toolchain here).
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] || {
     echo "install-deps: installing Rust with rustup" >&2
