@@ -23,7 +23,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# Rust: the project builds with stable >= 1.88 (tonic 0.14 needs it; aya 0.14 is the newest aya
+# Rust: the project builds with stable >= 1.89 (kube 5 needs it; aya 0.14 is the newest aya
 # that builds on the toolchain here).
 if ! command -v cargo >/dev/null 2>&1; then
   [ -x "$HOME/.cargo/bin/cargo" ] || {

@@ -14,7 +14,10 @@ pub fn receivers() -> Vec<&'static ReceiverFactory> {
 }
 
 pub fn processors() -> Vec<&'static ProcessorFactory> {
-    vec![&podscope_processors::batch::FACTORY]
+    vec![
+        &podscope_processors::batch::FACTORY,
+        &podscope_processors::k8sattributes::FACTORY,
+    ]
 }
 
 pub fn exporters() -> Vec<&'static ExporterFactory> {

@@ -81,12 +81,14 @@ impl Service {
         readiness: Readiness,
     ) -> anyhow::Result<Service> {
         let host_name = host_name();
+        let shared = podscope_core::SharedState::default();
         let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
             id: id.clone(),
             pipeline: pipeline.map(str::to_string),
             host_name: host_name.clone(),
             telemetry: telemetry.clone(),
             readiness: readiness.clone(),
+            shared: shared.clone(),
         };
 
         // Exporters: one instance per id used by any pipeline.

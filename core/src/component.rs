@@ -116,6 +116,40 @@ pub struct BuildContext {
     pub host_name: String,
     pub telemetry: AgentTelemetry,
     pub readiness: Readiness,
+    /// State one component id shares across the pipelines it is built for (one Kubernetes
+    /// watch for `k8sattributes` in both the metrics and traces pipelines).
+    pub shared: SharedState,
+}
+
+/// One agent's per-component shared state, keyed by component id.
+#[derive(Clone, Default)]
+pub struct SharedState {
+    inner: Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<ComponentId, Arc<dyn std::any::Any + Send + Sync>>,
+        >,
+    >,
+}
+
+impl SharedState {
+    /// The state of `id`, made by `make` the first time. `None` if another type was stored
+    /// under `id` (two component types cannot share an id, so this is a bug).
+    pub fn get_or_insert<T: Send + Sync + 'static>(
+        &self,
+        id: &ComponentId,
+        make: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<Arc<T>> {
+        let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = map.get(id) {
+            return existing
+                .clone()
+                .downcast::<T>()
+                .map_err(|_| anyhow::anyhow!("{id}: shared state of another type"));
+        }
+        let state = Arc::new(make()?);
+        map.insert(id.clone(), state.clone());
+        Ok(state)
+    }
 }
 
 impl BuildContext {
@@ -127,6 +161,7 @@ impl BuildContext {
             host_name: "test-host".to_string(),
             telemetry: AgentTelemetry::new(),
             readiness: Readiness::default(),
+            shared: SharedState::default(),
         }
     }
 }

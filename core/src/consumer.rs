@@ -107,3 +107,30 @@ impl Consumer for Discard {
         Ok(())
     }
 }
+
+/// A consumer that keeps every batch it is given: the end of a pipeline in tests and benchmarks.
+#[derive(Default)]
+pub struct Recorder {
+    batches: std::sync::Mutex<Vec<Batch>>,
+}
+
+impl Recorder {
+    /// Every batch so far, in arrival order.
+    pub fn batches(&self) -> Vec<Batch> {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+#[async_trait]
+impl Consumer for Recorder {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        self.batches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(batch);
+        Ok(())
+    }
+}

@@ -6,6 +6,7 @@
 //! in `receiver/`, `processors/` and `exporters/`, and the root crate wires them together.
 
 pub mod batch;
+pub mod cgroup;
 pub mod component;
 pub mod config;
 pub mod consumer;
@@ -18,7 +19,7 @@ pub use batch::{Batch, Signal};
 pub use component::{
     BuildContext, Capabilities, Component, ComponentId, ComponentKind, Exporter, ExporterBuilder,
     ExporterFactory, Processor, ProcessorBuilder, ProcessorFactory, Receiver, ReceiverBuilder,
-    ReceiverConsumers, ReceiverFactory,
+    ReceiverConsumers, ReceiverFactory, SharedState,
 };
 pub use config::{ComponentConfig, FieldError};
 pub use consumer::{ConsumeError, Consumer};

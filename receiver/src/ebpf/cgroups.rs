@@ -2,80 +2,10 @@
 //! directory's inode number, what `bpf_get_current_cgroup_id()` returns) to path, path globs
 //! for the filter, and the container id found in a path.
 //!
-//! The container id parser here covers the common runtime scope names; the Kubernetes processor
-//! resolves pods and containers in full.
+//! The index and the container id parser live in `podscope_core::cgroup`, shared with the
+//! Kubernetes processor; the globs of `cgroup_filter` are here.
 
-use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-
-/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
-/// hybrid ones. Read from `/proc/self/mountinfo`.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        // ... mount-point ... - fstype source options
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(mount_point))
-    })
-}
-
-/// cgroup id → path relative to the cgroup2 mount (`/kubepods.slice/…`), rebuilt by walking the
-/// mount.
-#[derive(Debug, Default, Clone)]
-pub struct CgroupIndex {
-    root: PathBuf,
-    paths: HashMap<u64, String>,
-}
-
-impl CgroupIndex {
-    pub fn new(root: PathBuf) -> Self {
-        CgroupIndex {
-            root,
-            paths: HashMap::new(),
-        }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    /// Walks the whole mount again (a few thousand directories on a busy node).
-    pub fn refresh(&mut self) {
-        let mut paths = HashMap::new();
-        let mut stack = vec![self.root.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(meta) = std::fs::metadata(&dir) else {
-                continue;
-            };
-            let relative = dir
-                .strip_prefix(&self.root)
-                .map(|p| format!("/{}", p.display()))
-                .unwrap_or_else(|_| "/".to_string());
-            paths.insert(meta.ino(), relative);
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(entry.path());
-                }
-            }
-        }
-        self.paths = paths;
-    }
-
-    pub fn path(&self, cgroup_id: u64) -> Option<&str> {
-        self.paths.get(&cgroup_id).map(String::as_str)
-    }
-
-    /// Every (id, path) known.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &str)> {
-        self.paths.iter().map(|(id, p)| (*id, p.as_str()))
-    }
-}
+pub use podscope_core::cgroup::{cgroup2_mount, container_id, CgroupIndex};
 
 /// A cgroup path glob: `*` matches within one segment, `**` any number of segments.
 #[derive(Debug, Clone)]
@@ -143,24 +73,6 @@ fn match_one(pattern: &str, text: &str) -> bool {
     true
 }
 
-/// The container id in a cgroup path's last segment: `cri-containerd-<id>.scope`,
-/// `crio-<id>.scope`, `docker-<id>.scope`, `cri-o-<id>.scope`, or a bare 64-hex id (cgroupfs).
-pub fn container_id(path: &str) -> Option<&str> {
-    let last = path.rsplit('/').next()?;
-    let id = last.strip_suffix(".scope").unwrap_or(last);
-    let id = [
-        "cri-containerd-",
-        "crio-",
-        "cri-o-",
-        "docker-",
-        "containerd-",
-    ]
-    .iter()
-    .find_map(|prefix| id.strip_prefix(prefix))
-    .unwrap_or(id);
-    (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,43 +90,5 @@ mod tests {
         let g = CgroupGlob::new("/**/cri-containerd-*.scope").unwrap();
         assert!(g.matches("/kubepods.slice/a.slice/cri-containerd-abc.scope"));
         assert!(CgroupGlob::new("kubepods").is_err());
-    }
-
-    #[test]
-    fn container_ids() {
-        let id = "4f1c9b0e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
-        assert_eq!(
-            container_id(&format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-{id}.scope")),
-            Some(id)
-        );
-        assert_eq!(
-            container_id(&format!("/system.slice/docker-{id}.scope")),
-            Some(id)
-        );
-        assert_eq!(
-            container_id(&format!("/kubepods/burstable/pod1/{id}")),
-            Some(id)
-        );
-        assert_eq!(
-            container_id("/user.slice/user-0.slice/session-1.scope"),
-            None
-        );
-        assert_eq!(container_id("/"), None);
-    }
-
-    #[test]
-    fn the_index_maps_directory_inodes_to_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("a.slice/b.scope")).unwrap();
-        let mut index = CgroupIndex::new(dir.path().to_path_buf());
-        index.refresh();
-        let ino = std::fs::metadata(dir.path().join("a.slice/b.scope"))
-            .unwrap()
-            .ino();
-        assert_eq!(index.path(ino), Some("/a.slice/b.scope"));
-        assert_eq!(
-            index.path(std::fs::metadata(dir.path()).unwrap().ino()),
-            Some("/")
-        );
     }
 }

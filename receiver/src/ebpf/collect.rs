@@ -172,7 +172,7 @@ impl<'a> MetricsBuilder<'a> {
             if let Some(path) = self.index.path(id) {
                 attributes.push(string_attr("podscope.cgroup.path", path));
                 if let Some(container) = container_id(path) {
-                    attributes.push(string_attr("container.id", container));
+                    attributes.push(string_attr("container.id", &container));
                 }
             }
         }

@@ -1,0 +1,376 @@
+use std::time::Duration;
+
+use podscope_core::{ComponentConfig, FieldError};
+use regex::Regex;
+use serde::Deserialize;
+
+/// `processors: k8sattributes:` settings, in the shape of the OpenTelemetry Collector's
+/// k8sattributes processor.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct K8sAttributesConfig {
+    /// How to reach the API server. Unset: in-cluster service account when running in a pod,
+    /// else the kubeconfig (`KUBECONFIG` or `~/.kube/config`), else no API server (host mode).
+    pub auth_type: Option<AuthType>,
+    /// Which pods to watch. On a node, only the node's own pods.
+    pub filter: FilterConfig,
+    /// Which attributes to add.
+    pub extract: ExtractConfig,
+    /// How a resource is matched to a pod, in order; the first rule that finds a pod wins.
+    pub pod_association: Vec<AssociationRule>,
+    /// How long a deleted pod's metadata is kept, so that late data from it is still enriched.
+    #[serde(with = "humantime_serde")]
+    pub pod_delete_delay: Duration,
+    /// How often the cgroup id → path index is walked again (it is also walked on a miss, at
+    /// most once per `cgroup_refresh_min_interval`).
+    #[serde(with = "humantime_serde")]
+    pub cgroup_refresh_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub cgroup_refresh_min_interval: Duration,
+}
+
+impl Default for K8sAttributesConfig {
+    fn default() -> Self {
+        K8sAttributesConfig {
+            auth_type: None,
+            filter: FilterConfig::default(),
+            extract: ExtractConfig::default(),
+            pod_association: default_association(),
+            pod_delete_delay: Duration::from_secs(60),
+            cgroup_refresh_interval: Duration::from_secs(30),
+            cgroup_refresh_min_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum AuthType {
+    /// The pod's service account token and the `KUBERNETES_SERVICE_HOST` API server.
+    #[serde(rename = "serviceAccount")]
+    ServiceAccount,
+    /// `KUBECONFIG`, else `~/.kube/config`.
+    #[serde(rename = "kubeConfig")]
+    KubeConfig,
+    /// No API server: host mode (`container.id`, `host.name`).
+    #[serde(rename = "none")]
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilterConfig {
+    /// The node whose pods are watched (`spec.nodeName`). Takes precedence over
+    /// `node_from_env_var`.
+    pub node: Option<String>,
+    /// The environment variable holding the node name (the Helm chart sets it from
+    /// `spec.nodeName` with the downward API). Default `NODE_NAME`.
+    pub node_from_env_var: String,
+    /// Only pods of this namespace.
+    pub namespace: Option<String>,
+    /// Only pods whose labels match all of these rules.
+    pub labels: Vec<LabelFilter>,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        FilterConfig {
+            node: None,
+            node_from_env_var: "NODE_NAME".to_string(),
+            namespace: None,
+            labels: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelFilter {
+    pub key: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub op: LabelOp,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LabelOp {
+    #[default]
+    Equals,
+    NotEquals,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExtractConfig {
+    /// Resource attributes to set, from the list in [`METADATA_KEYS`]. Default: all of them.
+    pub metadata: Vec<String>,
+    pub labels: Vec<FieldExtract>,
+    pub annotations: Vec<FieldExtract>,
+}
+
+impl Default for ExtractConfig {
+    fn default() -> Self {
+        ExtractConfig {
+            metadata: METADATA_KEYS.iter().map(|k| k.to_string()).collect(),
+            labels: Vec::new(),
+            annotations: Vec::new(),
+        }
+    }
+}
+
+/// Every attribute `extract.metadata` may name.
+pub const METADATA_KEYS: &[&str] = &[
+    "k8s.namespace.name",
+    "k8s.pod.name",
+    "k8s.pod.uid",
+    "k8s.pod.start_time",
+    "k8s.pod.ip",
+    "k8s.container.name",
+    "k8s.container.restart_count",
+    "container.id",
+    "container.image.name",
+    "container.image.tags",
+    "k8s.node.name",
+    "k8s.deployment.name",
+    "k8s.replicaset.name",
+    "k8s.statefulset.name",
+    "k8s.daemonset.name",
+    "k8s.job.name",
+    "k8s.cronjob.name",
+    "service.name",
+    "service.namespace",
+    "service.version",
+];
+
+/// One `extract.labels[]` / `extract.annotations[]` rule.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldExtract {
+    /// The attribute name. Default `k8s.<from>.label.<key>` (`.annotation.` for annotations);
+    /// with `key_regex`, `$1`… refer to its groups.
+    #[serde(default)]
+    pub tag_name: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// A regular expression matched against the whole key.
+    #[serde(default)]
+    pub key_regex: Option<String>,
+    #[serde(default)]
+    pub from: FieldSource,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldSource {
+    #[default]
+    Pod,
+    Namespace,
+    Node,
+}
+
+impl FieldSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldSource::Pod => "pod",
+            FieldSource::Namespace => "namespace",
+            FieldSource::Node => "node",
+        }
+    }
+}
+
+/// One `pod_association[]` rule: all its sources together identify a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssociationRule {
+    pub sources: Vec<AssociationSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssociationSource {
+    pub from: AssociationFrom,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssociationFrom {
+    ResourceAttribute,
+    /// The peer address of the connection that brought the data (the Collector's `connection`).
+    Connection,
+}
+
+/// Resource attributes a single-source rule may name, and how each leads to a pod.
+pub const ASSOCIATION_ATTRIBUTES: &[&str] = &[
+    "container.id",
+    "podscope.cgroup.path",
+    "podscope.cgroup.id",
+    "process.pid",
+    "k8s.pod.uid",
+    "k8s.pod.ip",
+];
+
+fn default_association() -> Vec<AssociationRule> {
+    let single = |name: &str| AssociationRule {
+        sources: vec![AssociationSource {
+            from: AssociationFrom::ResourceAttribute,
+            name: Some(name.to_string()),
+        }],
+    };
+    let mut rules: Vec<AssociationRule> =
+        ASSOCIATION_ATTRIBUTES.iter().map(|a| single(a)).collect();
+    rules.push(AssociationRule {
+        sources: vec![
+            AssociationSource {
+                from: AssociationFrom::ResourceAttribute,
+                name: Some("k8s.pod.name".to_string()),
+            },
+            AssociationSource {
+                from: AssociationFrom::ResourceAttribute,
+                name: Some("k8s.namespace.name".to_string()),
+            },
+        ],
+    });
+    rules
+}
+
+/// What a validated association rule looks up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Association {
+    ContainerId,
+    CgroupPath,
+    CgroupId,
+    ProcessPid,
+    PodUid,
+    PodIp,
+    PodNameAndNamespace,
+}
+
+impl AssociationRule {
+    pub fn resolve(&self) -> Result<Association, String> {
+        let mut names = Vec::new();
+        for source in &self.sources {
+            match (source.from, source.name.as_deref()) {
+                (AssociationFrom::Connection, _) => {
+                    return Err("from: connection is not supported: podscope's receivers do not record the sender's address; use from: resource_attribute".to_string())
+                }
+                (AssociationFrom::ResourceAttribute, None) => {
+                    return Err("from: resource_attribute needs a name".to_string())
+                }
+                (AssociationFrom::ResourceAttribute, Some(name)) => names.push(name),
+            }
+        }
+        names.sort_unstable();
+        Ok(match names.as_slice() {
+            ["container.id"] => Association::ContainerId,
+            ["podscope.cgroup.path"] => Association::CgroupPath,
+            ["podscope.cgroup.id"] => Association::CgroupId,
+            ["process.pid"] => Association::ProcessPid,
+            ["k8s.pod.uid"] => Association::PodUid,
+            ["k8s.pod.ip"] => Association::PodIp,
+            ["k8s.namespace.name", "k8s.pod.name"] => Association::PodNameAndNamespace,
+            [] => return Err("a rule needs at least one source".to_string()),
+            other => {
+                return Err(format!(
+                    "cannot identify a pod from {other:?}: use one of {ASSOCIATION_ATTRIBUTES:?}, or k8s.pod.name with k8s.namespace.name"
+                ))
+            }
+        })
+    }
+}
+
+impl FieldExtract {
+    pub fn compiled_regex(&self) -> Result<Option<Regex>, String> {
+        match &self.key_regex {
+            None => Ok(None),
+            Some(re) => Regex::new(&format!("^(?:{re})$"))
+                .map(Some)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl K8sAttributesConfig {
+    /// Whether any rule reads namespace (or node) labels/annotations: those need a watch on
+    /// namespaces (nodes) too, and the matching RBAC.
+    pub fn needs_source(&self, source: FieldSource) -> bool {
+        self.extract
+            .labels
+            .iter()
+            .chain(&self.extract.annotations)
+            .any(|rule| rule.from == source)
+    }
+}
+
+impl ComponentConfig for K8sAttributesConfig {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        for (i, key) in self.extract.metadata.iter().enumerate() {
+            if !METADATA_KEYS.contains(&key.as_str()) {
+                errors.push(FieldError::new(
+                    format!("extract.metadata[{i}]"),
+                    format!(
+                        "unknown attribute {key:?}; one of {}",
+                        METADATA_KEYS.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (section, rules) in [
+            ("labels", &self.extract.labels),
+            ("annotations", &self.extract.annotations),
+        ] {
+            for (i, rule) in rules.iter().enumerate() {
+                let at = format!("extract.{section}[{i}]");
+                match (&rule.key, &rule.key_regex) {
+                    (None, None) => errors.push(FieldError::new(&at, "needs key or key_regex")),
+                    (Some(_), Some(_)) => {
+                        errors.push(FieldError::new(&at, "key and key_regex are exclusive"))
+                    }
+                    _ => {}
+                }
+                if let Err(e) = rule.compiled_regex() {
+                    errors.push(FieldError::new(format!("{at}.key_regex"), e));
+                }
+                if rule.tag_name.as_deref() == Some("") {
+                    errors.push(FieldError::new(
+                        format!("{at}.tag_name"),
+                        "must not be empty",
+                    ));
+                }
+            }
+        }
+        for (i, rule) in self.pod_association.iter().enumerate() {
+            if let Err(e) = rule.resolve() {
+                errors.push(FieldError::new(format!("pod_association[{i}]"), e));
+            }
+        }
+        for (i, label) in self.filter.labels.iter().enumerate() {
+            let needs_value = matches!(label.op, LabelOp::Equals | LabelOp::NotEquals);
+            if needs_value != label.value.is_some() {
+                errors.push(FieldError::new(
+                    format!("filter.labels[{i}]"),
+                    if needs_value {
+                        "op equals / not-equals needs a value"
+                    } else {
+                        "op exists / does-not-exist takes no value"
+                    },
+                ));
+            }
+        }
+        if self.filter.node.as_deref() == Some("") {
+            errors.push(FieldError::new("filter.node", "must not be empty"));
+        }
+        if self.cgroup_refresh_interval.is_zero() {
+            errors.push(FieldError::new(
+                "cgroup_refresh_interval",
+                "must be greater than 0",
+            ));
+        }
+        errors
+    }
+}

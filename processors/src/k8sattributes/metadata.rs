@@ -1,0 +1,440 @@
+//! From a Kubernetes Pod (Namespace, Node) to the trimmed record the store keeps: the resource
+//! attributes it will add, computed once when the object arrives, and the keys it is found by.
+//!
+//! Owners are resolved without watching ReplicaSets or Jobs cluster-wide:
+//! - **Deployment**: a ReplicaSet made by a Deployment is named `<deployment>-<pod-template-hash>`
+//!   and its pods carry the `pod-template-hash` label; when the owning ReplicaSet's name ends
+//!   with `-<that hash>`, the rest is the Deployment. Wrong only for a ReplicaSet made by hand
+//!   that imitates that naming (its pods would be said to belong to a Deployment that does not
+//!   exist).
+//! - **CronJob**: a Job made by a CronJob is named `<cronjob>-<scheduled time in minutes since
+//!   the epoch>`; when the owning Job's name ends with `-` and 8 or more digits, the rest is the
+//!   CronJob. Wrong for a Job made by hand with such a suffix (`backup-20240101`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use podscope_core::proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
+use regex::Regex;
+
+use super::config::{FieldExtract, FieldSource, K8sAttributesConfig};
+
+/// A container as the store keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerMeta {
+    /// Without the `containerd://` prefix; `None` until the container has started.
+    pub id: Option<String>,
+    pub name: String,
+    /// Pod attributes followed by this container's.
+    pub attributes: Arc<[KeyValue]>,
+}
+
+/// A pod as the store keeps it: only what enrichment and lookups need.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodMeta {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// Pod IPs, empty for host-network pods (their IP is the node's and names no pod).
+    pub ips: Vec<String>,
+    /// Labels, kept for namespace/label selectors (the receiver's kernel-side filter).
+    pub labels: BTreeMap<String, String>,
+    /// Attributes for data that names the pod but no container.
+    pub attributes: Arc<[KeyValue]>,
+    pub containers: Vec<ContainerMeta>,
+}
+
+/// The part of the config that turns objects into attributes, compiled once.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    metadata: Vec<String>,
+    labels: Vec<CompiledRule>,
+    annotations: Vec<CompiledRule>,
+}
+
+#[derive(Debug, Clone)]
+struct CompiledRule {
+    rule: FieldExtract,
+    regex: Option<Regex>,
+}
+
+pub const SERVICE_NAME_ANNOTATION: &str = "resource.opentelemetry.io/service.name";
+pub const SERVICE_NAMESPACE_ANNOTATION: &str = "resource.opentelemetry.io/service.namespace";
+pub const SERVICE_VERSION_ANNOTATION: &str = "resource.opentelemetry.io/service.version";
+pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub const VERSION_LABEL: &str = "app.kubernetes.io/version";
+
+/// The workload a pod belongs to, resolved from its controller reference.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Owners {
+    pub replicaset: Option<String>,
+    pub deployment: Option<String>,
+    pub statefulset: Option<String>,
+    pub daemonset: Option<String>,
+    pub job: Option<String>,
+    pub cronjob: Option<String>,
+}
+
+impl Owners {
+    /// The name `service.name` falls back to: the outermost workload.
+    fn workload_name(&self) -> Option<&str> {
+        self.deployment
+            .as_deref()
+            .or(self.replicaset.as_deref())
+            .or(self.statefulset.as_deref())
+            .or(self.daemonset.as_deref())
+            .or(self.cronjob.as_deref())
+            .or(self.job.as_deref())
+    }
+}
+
+pub fn owners(pod: &Pod) -> Owners {
+    let mut owners = Owners::default();
+    let refs = pod.metadata.owner_references.as_deref().unwrap_or_default();
+    let Some(owner) = refs
+        .iter()
+        .find(|r| r.controller == Some(true))
+        .or(refs.first())
+    else {
+        return owners;
+    };
+    let labels = pod.metadata.labels.as_ref();
+    match owner.kind.as_str() {
+        "ReplicaSet" => {
+            owners.deployment = labels
+                .and_then(|l| l.get("pod-template-hash"))
+                .and_then(|hash| deployment_from_replicaset(&owner.name, hash));
+            owners.replicaset = Some(owner.name.clone());
+        }
+        "StatefulSet" => owners.statefulset = Some(owner.name.clone()),
+        "DaemonSet" => owners.daemonset = Some(owner.name.clone()),
+        "Job" => {
+            owners.cronjob = cronjob_from_job(&owner.name);
+            owners.job = Some(owner.name.clone());
+        }
+        _ => {}
+    }
+    owners
+}
+
+/// `web-7d4b9c8f6` with hash `7d4b9c8f6` → `web`.
+pub fn deployment_from_replicaset(replicaset: &str, pod_template_hash: &str) -> Option<String> {
+    let name = replicaset
+        .strip_suffix(pod_template_hash)?
+        .strip_suffix('-')?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// `backup-29012345` → `backup`.
+pub fn cronjob_from_job(job: &str) -> Option<String> {
+    let (name, suffix) = job.rsplit_once('-')?;
+    (!name.is_empty() && suffix.len() >= 8 && suffix.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| name.to_string())
+}
+
+/// `registry:5000/team/app:1.2@sha256:…` → (`registry:5000/team/app`, Some(`1.2`)).
+pub fn split_image(image: &str) -> (String, Option<String>) {
+    let without_digest = image.split('@').next().unwrap_or(image);
+    // A ':' after the last '/' separates the tag; one before it is a registry port.
+    let last_slash = without_digest.rfind('/').map_or(0, |i| i + 1);
+    match without_digest[last_slash..].rfind(':') {
+        Some(i) => {
+            let at = last_slash + i;
+            (
+                without_digest[..at].to_string(),
+                Some(without_digest[at + 1..].to_string()),
+            )
+        }
+        None => (without_digest.to_string(), None),
+    }
+}
+
+/// Strips the runtime scheme from `status.containerStatuses[].containerID`.
+pub fn bare_container_id(id: &str) -> &str {
+    id.split_once("://").map_or(id, |(_, bare)| bare)
+}
+
+pub fn string_kv(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_string())),
+        }),
+        ..Default::default()
+    }
+}
+
+fn int_kv(key: &str, value: i64) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::IntValue(value)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn string_array_kv(key: &str, values: &[String]) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::ArrayValue(ArrayValue {
+                values: values
+                    .iter()
+                    .map(|v| AnyValue {
+                        value: Some(any_value::Value::StringValue(v.clone())),
+                    })
+                    .collect(),
+            })),
+        }),
+        ..Default::default()
+    }
+}
+
+impl Extractor {
+    pub fn new(config: &K8sAttributesConfig) -> Result<Extractor, String> {
+        let compile = |rules: &[FieldExtract]| {
+            rules
+                .iter()
+                .map(|rule| {
+                    Ok(CompiledRule {
+                        rule: rule.clone(),
+                        regex: rule.compiled_regex()?,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        };
+        Ok(Extractor {
+            metadata: config.extract.metadata.clone(),
+            labels: compile(&config.extract.labels)?,
+            annotations: compile(&config.extract.annotations)?,
+        })
+    }
+
+    fn wants(&self, key: &str) -> bool {
+        self.metadata.iter().any(|k| k == key)
+    }
+
+    /// Attributes from `extract.labels` / `extract.annotations` rules of one source.
+    fn fields(
+        &self,
+        source: FieldSource,
+        labels: Option<&BTreeMap<String, String>>,
+        annotations: Option<&BTreeMap<String, String>>,
+    ) -> Vec<KeyValue> {
+        let mut out = Vec::new();
+        for (kind, rules, map) in [
+            ("label", &self.labels, labels),
+            ("annotation", &self.annotations, annotations),
+        ] {
+            let Some(map) = map else { continue };
+            for compiled in rules.iter().filter(|c| c.rule.from == source) {
+                let rule = &compiled.rule;
+                let default_name = |key: &str| format!("k8s.{}.{kind}.{key}", source.as_str());
+                if let Some(key) = &rule.key {
+                    if let Some(value) = map.get(key) {
+                        let name = rule.tag_name.clone().unwrap_or_else(|| default_name(key));
+                        out.push(string_kv(&name, value));
+                    }
+                } else if let Some(regex) = &compiled.regex {
+                    for (key, value) in map {
+                        let Some(captures) = regex.captures(key) else {
+                            continue;
+                        };
+                        let name = match &rule.tag_name {
+                            Some(template) => {
+                                let mut name = String::new();
+                                captures.expand(template, &mut name);
+                                name
+                            }
+                            None => default_name(key),
+                        };
+                        out.push(string_kv(&name, value));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Trims a pod to what the store keeps. `None` for a pod without namespace, name or UID.
+    pub fn pod(&self, pod: &Pod) -> Option<PodMeta> {
+        let meta = &pod.metadata;
+        let (namespace, name, uid) = (
+            meta.namespace.clone()?,
+            meta.name.clone()?,
+            meta.uid.clone()?,
+        );
+        let status = pod.status.as_ref();
+        let spec = pod.spec.as_ref();
+        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
+        let ips: Vec<String> = if host_network {
+            Vec::new()
+        } else {
+            let mut ips: Vec<String> = status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
+                .unwrap_or_default();
+            if let Some(ip) = status.and_then(|s| s.pod_ip.clone()) {
+                if !ips.contains(&ip) {
+                    ips.insert(0, ip);
+                }
+            }
+            ips
+        };
+        let labels = meta.labels.clone().unwrap_or_default();
+        let annotations = meta.annotations.as_ref();
+        let owners = owners(pod);
+
+        let mut attrs = Vec::new();
+        let mut put = |key: &str, value: Option<&str>| {
+            if let Some(value) = value {
+                if self.wants(key) {
+                    attrs.push(string_kv(key, value));
+                }
+            }
+        };
+        put("k8s.namespace.name", Some(&namespace));
+        put("k8s.pod.name", Some(&name));
+        put("k8s.pod.uid", Some(&uid));
+        let start_time = status
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0.to_string());
+        put("k8s.pod.start_time", start_time.as_deref());
+        put("k8s.pod.ip", ips.first().map(String::as_str));
+        put("k8s.node.name", spec.and_then(|s| s.node_name.as_deref()));
+        put("k8s.deployment.name", owners.deployment.as_deref());
+        put("k8s.replicaset.name", owners.replicaset.as_deref());
+        put("k8s.statefulset.name", owners.statefulset.as_deref());
+        put("k8s.daemonset.name", owners.daemonset.as_deref());
+        put("k8s.job.name", owners.job.as_deref());
+        put("k8s.cronjob.name", owners.cronjob.as_deref());
+        let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
+        let pod_service_name = annotation(SERVICE_NAME_ANNOTATION)
+            .or(labels.get(NAME_LABEL).map(String::as_str))
+            .or(owners.workload_name());
+        put(
+            "service.namespace",
+            Some(annotation(SERVICE_NAMESPACE_ANNOTATION).unwrap_or(&namespace)),
+        );
+        let pod_service_version = annotation(SERVICE_VERSION_ANNOTATION)
+            .or(labels.get(VERSION_LABEL).map(String::as_str));
+        attrs.extend(self.fields(FieldSource::Pod, Some(&labels), annotations));
+
+        // The pod-level record: service.name falls back to the pod's name when no workload says.
+        let mut pod_attrs = attrs.clone();
+        if self.wants("service.name") {
+            pod_attrs.push(string_kv("service.name", pod_service_name.unwrap_or(&name)));
+        }
+        if let (true, Some(version)) = (self.wants("service.version"), pod_service_version) {
+            pod_attrs.push(string_kv("service.version", version));
+        }
+
+        let statuses = status
+            .into_iter()
+            .flat_map(|s| {
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.init_container_statuses.iter().flatten())
+                    .chain(s.ephemeral_container_statuses.iter().flatten())
+            })
+            .collect::<Vec<_>>();
+        let spec_images: BTreeMap<&str, &str> = spec
+            .into_iter()
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
+            .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
+            .collect();
+        let mut containers = Vec::new();
+        let mut names: Vec<&str> = spec_images.keys().copied().collect();
+        for status in &statuses {
+            if !names.contains(&status.name.as_str()) {
+                names.push(&status.name);
+            }
+        }
+        for container_name in names {
+            let status = statuses.iter().find(|s| s.name == container_name);
+            let id = status
+                .and_then(|s| s.container_id.as_deref())
+                .map(|id| bare_container_id(id).to_string())
+                .filter(|id| !id.is_empty());
+            // The spec's image is what the user wrote; the status's may be resolved to a digest.
+            let image = spec_images
+                .get(container_name)
+                .copied()
+                .or(status.map(|s| s.image.as_str()));
+            let (image_name, tag) = image.map(split_image).unzip();
+            let tag = tag.flatten();
+            let mut c = attrs.clone();
+            if self.wants("k8s.container.name") {
+                c.push(string_kv("k8s.container.name", container_name));
+            }
+            if let (true, Some(status)) = (self.wants("k8s.container.restart_count"), status) {
+                c.push(int_kv(
+                    "k8s.container.restart_count",
+                    i64::from(status.restart_count),
+                ));
+            }
+            if let (true, Some(id)) = (self.wants("container.id"), &id) {
+                c.push(string_kv("container.id", id));
+            }
+            if let (true, Some(image_name)) = (self.wants("container.image.name"), &image_name) {
+                c.push(string_kv("container.image.name", image_name));
+            }
+            if let (true, Some(tag)) = (self.wants("container.image.tags"), &tag) {
+                c.push(string_array_kv(
+                    "container.image.tags",
+                    std::slice::from_ref(tag),
+                ));
+            }
+            if self.wants("service.name") {
+                let service = pod_service_name.unwrap_or(&name);
+                c.push(string_kv("service.name", service));
+            }
+            if self.wants("service.version") {
+                if let Some(version) = pod_service_version.or(tag.as_deref()) {
+                    c.push(string_kv("service.version", version));
+                }
+            }
+            containers.push(ContainerMeta {
+                id,
+                name: container_name.to_string(),
+                attributes: c.into(),
+            });
+        }
+        Some(PodMeta {
+            uid,
+            namespace,
+            name,
+            ips,
+            labels,
+            attributes: pod_attrs.into(),
+            containers,
+        })
+    }
+
+    /// Attributes from a namespace's labels and annotations (`from: namespace` rules).
+    pub fn namespace(&self, namespace: &Namespace) -> Arc<[KeyValue]> {
+        self.fields(
+            FieldSource::Namespace,
+            namespace.metadata.labels.as_ref(),
+            namespace.metadata.annotations.as_ref(),
+        )
+        .into()
+    }
+
+    /// Attributes from the node's labels and annotations (`from: node` rules).
+    pub fn node(&self, node: &Node) -> Arc<[KeyValue]> {
+        self.fields(
+            FieldSource::Node,
+            node.metadata.labels.as_ref(),
+            node.metadata.annotations.as_ref(),
+        )
+        .into()
+    }
+}
