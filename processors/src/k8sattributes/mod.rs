@@ -74,6 +74,12 @@ struct ProcessorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct PodLabels {
+    processor: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct UnresolvedLabels {
     processor: String,
     reason: &'static str,
@@ -96,7 +102,8 @@ pub struct Shared {
     enriched: Counter,
     unresolved: Family<UnresolvedLabels, Counter>,
     watch_errors: Family<watch::WatchLabels, Counter>,
-    pods: Gauge,
+    /// Live pods, deleted pods kept for the delay.
+    pods: [Gauge; 2],
     /// Pipelines started; the watch runs from the first start to the last shutdown.
     started: AtomicUsize,
     watch: tokio::sync::Mutex<Option<(CancellationToken, Vec<tokio::task::JoinHandle<()>>)>>,
@@ -142,7 +149,15 @@ impl Shared {
             processor: component.clone(),
         };
         let enriched_family = Family::<ProcessorLabels, Counter>::default();
-        let pods_family = Family::<ProcessorLabels, Gauge>::default();
+        let pods_family = Family::<PodLabels, Gauge>::default();
+        let pods_in_state = |state| {
+            pods_family
+                .get_or_create(&PodLabels {
+                    processor: component.clone(),
+                    state,
+                })
+                .clone()
+        };
         let shared = Shared {
             rules,
             component: component.clone(),
@@ -161,7 +176,7 @@ impl Shared {
             enriched: enriched_family.get_or_create(&labels).clone(),
             unresolved: Family::default(),
             watch_errors: Family::default(),
-            pods: pods_family.get_or_create(&labels).clone(),
+            pods: [pods_in_state("live"), pods_in_state("deleted")],
             started: AtomicUsize::new(0),
             watch: tokio::sync::Mutex::new(None),
             config,
@@ -184,7 +199,7 @@ impl Shared {
         );
         t.register(
             "k8sattributes_pods",
-            "Pods in the k8sattributes cache, including deleted ones kept for pod_delete_delay",
+            "Pods in the k8sattributes cache: live, and deleted but kept for pod_delete_delay",
             pods_family,
         );
         Ok(shared)

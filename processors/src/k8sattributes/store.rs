@@ -216,6 +216,16 @@ impl PodStore {
         self.by_uid.len()
     }
 
+    /// (live, deleted but still kept) pods.
+    pub fn counts(&self) -> (usize, usize) {
+        let deleted = self
+            .by_uid
+            .values()
+            .filter(|e| e.deleted_at.is_some())
+            .count();
+        (self.by_uid.len() - deleted, deleted)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.by_uid.is_empty()
     }

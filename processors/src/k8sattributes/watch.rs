@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt as _;
 use kube::{Api, Client};
 use podscope_core::health::Readiness;
 use prometheus_client::metrics::counter::Counter;
@@ -116,9 +115,18 @@ pub struct WatchContext {
     /// The component as `/readyz` names it.
     pub component: String,
     pub watch_errors: prometheus_client::metrics::family::Family<WatchLabels, Counter>,
-    pub pods: prometheus_client::metrics::gauge::Gauge,
+    /// Pods in the store: live, and deleted but kept for the delay.
+    pub pods: [prometheus_client::metrics::gauge::Gauge; 2],
     /// Set at the first complete listing of pods.
     pub synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WatchContext {
+    fn count_pods(&self, store: &PodStore) {
+        let (live, deleted) = store.counts();
+        self.pods[0].set(live as i64);
+        self.pods[1].set(deleted as i64);
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
@@ -226,6 +234,83 @@ impl FailureLog {
     }
 }
 
+/// Backoff between watch restarts after a failure: 500 ms doubling to 30 s, with up to 25 %
+/// jitter so a fleet of agents does not return to the API server in step. Reset by a complete
+/// list.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn take(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
+    }
+}
+
+/// Runs a watch until cancelled. On an error the watch is dropped and, after a backoff, started
+/// again from a fresh list: the cache then reflects a complete list taken after the failure, which
+/// is what "synced" means (resuming from a resourceVersion would give no sign that it is
+/// current again). `handle` returns true at the end of a complete list.
+async fn run_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    ctx: &WatchContext,
+    resource: &'static str,
+    cancel: &CancellationToken,
+    mut on_error: impl FnMut(&watcher::Error),
+    mut handle: impl FnMut(Event<K>) -> bool,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut failures = FailureLog::new(resource);
+    let mut backoff = Backoff::new();
+    loop {
+        let stream = watcher::watcher(api.clone(), config.clone());
+        futures::pin_mut!(stream);
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => return,
+                event = stream.next() => event,
+            };
+            match event {
+                None => break,
+                Some(Err(error)) => {
+                    failures.failed(ctx, &error);
+                    on_error(&error);
+                    break;
+                }
+                Some(Ok(event)) => {
+                    if handle(event) {
+                        failures.recovered(ctx);
+                        backoff.reset();
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff.take()) => {}
+        }
+    }
+}
+
 async fn watch_pods(
     api: Api<Pod>,
     config: watcher::Config,
@@ -233,48 +318,54 @@ async fn watch_pods(
     delete_delay: Duration,
     cancel: CancellationToken,
 ) {
-    let stream = watcher::watcher(api, config).default_backoff();
-    futures::pin_mut!(stream);
-    let mut purge = tokio::time::interval(
-        (delete_delay / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
-    );
-    let mut failures = FailureLog::new("pods");
-    let mut synced_once = false;
-    loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = purge.tick() => {
-                let mut store = write(&ctx.store);
-                store.purge(Instant::now());
-                ctx.pods.set(store.len() as i64);
-                continue;
-            }
-            event = stream.next() => event,
-        };
-        match event {
-            None => return,
-            Some(Err(error)) => {
-                failures.failed(&ctx, &error);
-                ctx.readiness.set_not_ready(
-                    &ctx.component,
-                    format!("pod metadata not synced: watch failing: {error}"),
-                );
-            }
-            Some(Ok(event)) => {
-                let mut store = write(&ctx.store);
-                if apply_pod_event(&mut store, &ctx.extractor, event, Instant::now()) {
-                    failures.recovered(&ctx);
-                    ctx.readiness.set_ready(&ctx.component);
-                    if !synced_once {
-                        synced_once = true;
-                        ctx.synced.store(true, std::sync::atomic::Ordering::Relaxed);
-                        tracing::info!(processor = %ctx.component, pods = store.len(), "pod metadata synced");
-                    }
+    // Deleted pods are forgotten by a purge on a timer, beside the watch.
+    let purge_ctx = ctx.clone();
+    let purge_cancel = cancel.clone();
+    let purge = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(
+            (delete_delay / 4).clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
+        loop {
+            tokio::select! {
+                _ = purge_cancel.cancelled() => return,
+                _ = tick.tick() => {
+                    let mut store = write(&purge_ctx.store);
+                    store.purge(Instant::now());
+                    purge_ctx.count_pods(&store);
                 }
-                ctx.pods.set(store.len() as i64);
             }
         }
-    }
+    });
+    let mut synced_once = false;
+    run_watch(
+        api,
+        config,
+        &ctx,
+        "pods",
+        &cancel,
+        |error| {
+            ctx.readiness.set_not_ready(
+                &ctx.component,
+                format!("pod metadata not synced: watch failing: {error}"),
+            )
+        },
+        |event| {
+            let mut store = write(&ctx.store);
+            let listed = apply_pod_event(&mut store, &ctx.extractor, event, Instant::now());
+            if listed {
+                ctx.readiness.set_ready(&ctx.component);
+                if !synced_once {
+                    synced_once = true;
+                    ctx.synced.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(processor = %ctx.component, pods = store.len(), "pod metadata synced");
+                }
+            }
+            ctx.count_pods(&store);
+            listed
+        },
+    )
+    .await;
+    let _ = purge.await;
 }
 
 /// Applies one pod watch event to the store. Returns true when a (re)list is complete.
@@ -305,32 +396,34 @@ pub fn apply_pod_event(
 }
 
 async fn watch_namespaces(api: Api<Namespace>, ctx: WatchContext, cancel: CancellationToken) {
-    let stream = watcher::watcher(api, watcher::Config::default()).default_backoff();
-    futures::pin_mut!(stream);
-    let mut failures = FailureLog::new("namespaces");
-    loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => return,
-            event = stream.next() => event,
-        };
-        match event {
-            None => return,
-            Some(Err(error)) => failures.failed(&ctx, &error),
-            Some(Ok(Event::InitApply(ns) | Event::Apply(ns))) => {
-                if let Some(name) = ns.metadata.name.clone() {
-                    let attributes = ctx.extractor.namespace(&ns);
-                    write(&ctx.store).set_namespace(name, attributes);
+    let config = watcher::Config::default();
+    run_watch(
+        api,
+        config,
+        &ctx,
+        "namespaces",
+        &cancel,
+        |_| {},
+        |event| {
+            let mut store = write(&ctx.store);
+            match event {
+                Event::InitApply(ns) | Event::Apply(ns) => {
+                    if let Some(name) = ns.metadata.name.clone() {
+                        store.set_namespace(name, ctx.extractor.namespace(&ns));
+                    }
                 }
-            }
-            Some(Ok(Event::Delete(ns))) => {
-                if let Some(name) = &ns.metadata.name {
-                    write(&ctx.store).remove_namespace(name);
+                Event::Delete(ns) => {
+                    if let Some(name) = &ns.metadata.name {
+                        store.remove_namespace(name);
+                    }
                 }
+                Event::InitDone => return true,
+                Event::Init => {}
             }
-            Some(Ok(Event::InitDone)) => failures.recovered(&ctx),
-            Some(Ok(Event::Init)) => {}
-        }
-    }
+            false
+        },
+    )
+    .await;
 }
 
 async fn watch_node(
@@ -339,26 +432,27 @@ async fn watch_node(
     ctx: WatchContext,
     cancel: CancellationToken,
 ) {
-    let stream = watcher::watcher(api, config).default_backoff();
-    futures::pin_mut!(stream);
-    let mut failures = FailureLog::new("nodes");
-    loop {
-        let event = tokio::select! {
-            _ = cancel.cancelled() => return,
-            event = stream.next() => event,
-        };
-        match event {
-            None => return,
-            Some(Err(error)) => failures.failed(&ctx, &error),
-            Some(Ok(Event::InitApply(node) | Event::Apply(node))) => {
-                let attributes = ctx.extractor.node(&node);
-                write(&ctx.store).set_node(Some(attributes));
+    run_watch(
+        api,
+        config,
+        &ctx,
+        "nodes",
+        &cancel,
+        |_| {},
+        |event| {
+            let mut store = write(&ctx.store);
+            match event {
+                Event::InitApply(node) | Event::Apply(node) => {
+                    store.set_node(Some(ctx.extractor.node(&node)));
+                }
+                Event::Delete(_) => store.set_node(None),
+                Event::InitDone => return true,
+                Event::Init => {}
             }
-            Some(Ok(Event::Delete(_))) => write(&ctx.store).set_node(None),
-            Some(Ok(Event::InitDone)) => failures.recovered(&ctx),
-            Some(Ok(Event::Init)) => {}
-        }
-    }
+            false
+        },
+    )
+    .await;
 }
 
 fn write(store: &RwLock<PodStore>) -> std::sync::RwLockWriteGuard<'_, PodStore> {
