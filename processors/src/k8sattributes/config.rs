@@ -287,9 +287,18 @@ impl FieldExtract {
     pub fn compiled_regex(&self) -> Result<Option<Regex>, String> {
         match &self.key_regex {
             None => Ok(None),
-            Some(re) => Regex::new(&format!("^(?:{re})$"))
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            Some(re) => Regex::new(&format!("^(?:{re})$")).map(Some).map_err(|e| {
+                // The regex crate's syntax errors are several lines with a caret diagram; the
+                // last line says what is wrong.
+                let text = e.to_string();
+                let what = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or(&text)
+                    .trim_start_matches("error: ");
+                format!("invalid regular expression {re:?}: {what}")
+            }),
         }
     }
 }
