@@ -11,7 +11,7 @@
 //!   the epoch>`; when the owning Job's name ends with `-` and 8 or more digits, the rest is the
 //!   CronJob. Wrong for a Job made by hand with such a suffix (`backup-20240101`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
@@ -20,29 +20,97 @@ use regex::Regex;
 
 use super::config::{FieldExtract, FieldSource, K8sAttributesConfig};
 
+/// One attribute as the store keeps it: key and value shared through the [`Interner`] (a
+/// namespace, node, workload or image name is stored once for all its pods), turned into an
+/// OTLP `KeyValue` only when added to data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attr {
+    pub key: Arc<str>,
+    pub value: AttrValue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(Arc<str>),
+    Int(i64),
+    /// A one-element string array (`container.image.tags`).
+    StrList(Arc<str>),
+}
+
+impl Attr {
+    pub fn to_key_value(&self) -> KeyValue {
+        let value = match &self.value {
+            AttrValue::Str(s) => any_value::Value::StringValue(s.to_string()),
+            AttrValue::Int(i) => any_value::Value::IntValue(*i),
+            AttrValue::StrList(s) => any_value::Value::ArrayValue(ArrayValue {
+                values: vec![AnyValue {
+                    value: Some(any_value::Value::StringValue(s.to_string())),
+                }],
+            }),
+        };
+        KeyValue {
+            key: self.key.to_string(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+}
+
+/// Shares equal strings between pods. Strings no pod uses any more are dropped by
+/// [`Interner::shrink`].
+#[derive(Debug, Default)]
+pub struct Interner {
+    strings: HashSet<Arc<str>>,
+}
+
+impl Interner {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(existing) = self.strings.get(s) {
+            return existing.clone();
+        }
+        let new: Arc<str> = Arc::from(s);
+        self.strings.insert(new.clone());
+        new
+    }
+
+    /// Forgets strings only the interner holds.
+    pub fn shrink(&mut self) {
+        self.strings.retain(|s| Arc::strong_count(s) > 1);
+    }
+}
+
 /// A container as the store keeps it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContainerMeta {
     /// Without the `containerd://` prefix; `None` until the container has started.
-    pub id: Option<String>,
-    pub name: String,
-    /// Pod attributes followed by this container's.
-    pub attributes: Arc<[KeyValue]>,
+    pub id: Option<Arc<str>>,
+    pub name: Arc<str>,
+    /// This container's own attributes; the pod's come first (see [`PodMeta::attributes`]).
+    pub attributes: Box<[Attr]>,
 }
 
 /// A pod as the store keeps it: only what enrichment and lookups need.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PodMeta {
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
+    pub uid: Arc<str>,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
     /// Pod IPs, empty for host-network pods (their IP is the node's and names no pod).
-    pub ips: Vec<String>,
+    pub ips: Box<[Arc<str>]>,
     /// Labels, kept for namespace/label selectors (the receiver's kernel-side filter).
-    pub labels: BTreeMap<String, String>,
-    /// Attributes for data that names the pod but no container.
-    pub attributes: Arc<[KeyValue]>,
-    pub containers: Vec<ContainerMeta>,
+    pub labels: Box<[(Arc<str>, Arc<str>)]>,
+    /// Attributes of the pod, for data of any of its containers or of none.
+    pub attributes: Box<[Attr]>,
+    pub containers: Box<[ContainerMeta]>,
+}
+
+impl PodMeta {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| &**k == key)
+            .map(|(_, v)| &**v)
+    }
 }
 
 /// The part of the config that turns objects into attributes, compiled once.
@@ -155,38 +223,18 @@ pub fn bare_container_id(id: &str) -> &str {
     id.split_once("://").map_or(id, |(_, bare)| bare)
 }
 
+fn str_attr(interner: &mut Interner, key: &str, value: &str) -> Attr {
+    Attr {
+        key: interner.get(key),
+        value: AttrValue::Str(interner.get(value)),
+    }
+}
+
 pub fn string_kv(key: &str, value: &str) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue {
             value: Some(any_value::Value::StringValue(value.to_string())),
-        }),
-        ..Default::default()
-    }
-}
-
-fn int_kv(key: &str, value: i64) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::IntValue(value)),
-        }),
-        ..Default::default()
-    }
-}
-
-fn string_array_kv(key: &str, values: &[String]) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::ArrayValue(ArrayValue {
-                values: values
-                    .iter()
-                    .map(|v| AnyValue {
-                        value: Some(any_value::Value::StringValue(v.clone())),
-                    })
-                    .collect(),
-            })),
         }),
         ..Default::default()
     }
@@ -222,7 +270,8 @@ impl Extractor {
         source: FieldSource,
         labels: Option<&BTreeMap<String, String>>,
         annotations: Option<&BTreeMap<String, String>>,
-    ) -> Vec<KeyValue> {
+        interner: &mut Interner,
+    ) -> Vec<Attr> {
         let mut out = Vec::new();
         for (kind, rules, map) in [
             ("label", &self.labels, labels),
@@ -235,7 +284,7 @@ impl Extractor {
                 if let Some(key) = &rule.key {
                     if let Some(value) = map.get(key) {
                         let name = rule.tag_name.clone().unwrap_or_else(|| default_name(key));
-                        out.push(string_kv(&name, value));
+                        out.push(str_attr(interner, &name, value));
                     }
                 } else if let Some(regex) = &compiled.regex {
                     for (key, value) in map {
@@ -250,7 +299,7 @@ impl Extractor {
                             }
                             None => default_name(key),
                         };
-                        out.push(string_kv(&name, value));
+                        out.push(str_attr(interner, &name, value));
                     }
                 }
             }
@@ -259,77 +308,73 @@ impl Extractor {
     }
 
     /// Trims a pod to what the store keeps. `None` for a pod without namespace, name or UID.
-    pub fn pod(&self, pod: &Pod) -> Option<PodMeta> {
+    pub fn pod(&self, pod: &Pod, interner: &mut Interner) -> Option<PodMeta> {
         let meta = &pod.metadata;
         let (namespace, name, uid) = (
-            meta.namespace.clone()?,
-            meta.name.clone()?,
-            meta.uid.clone()?,
+            meta.namespace.as_deref()?,
+            meta.name.as_deref()?,
+            meta.uid.as_deref()?,
         );
         let status = pod.status.as_ref();
         let spec = pod.spec.as_ref();
         let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        let ips: Vec<String> = if host_network {
-            Vec::new()
-        } else {
-            let mut ips: Vec<String> = status
-                .and_then(|s| s.pod_ips.as_ref())
-                .map(|ips| ips.iter().map(|ip| ip.ip.clone()).collect())
-                .unwrap_or_default();
-            if let Some(ip) = status.and_then(|s| s.pod_ip.clone()) {
-                if !ips.contains(&ip) {
-                    ips.insert(0, ip);
+        let mut ips: Vec<&str> = Vec::new();
+        if !host_network {
+            if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
+                ips.push(ip);
+            }
+            for ip in status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten() {
+                if !ips.contains(&ip.ip.as_str()) {
+                    ips.push(&ip.ip);
                 }
             }
-            ips
-        };
-        let labels = meta.labels.clone().unwrap_or_default();
+        }
+        let empty = BTreeMap::new();
+        let labels = meta.labels.as_ref().unwrap_or(&empty);
         let annotations = meta.annotations.as_ref();
         let owners = owners(pod);
 
         let mut attrs = Vec::new();
-        let mut put = |key: &str, value: Option<&str>| {
+        let mut put = |interner: &mut Interner, key: &str, value: Option<&str>| {
             if let Some(value) = value {
                 if self.wants(key) {
-                    attrs.push(string_kv(key, value));
+                    attrs.push(str_attr(interner, key, value));
                 }
             }
         };
-        put("k8s.namespace.name", Some(&namespace));
-        put("k8s.pod.name", Some(&name));
-        put("k8s.pod.uid", Some(&uid));
+        put(interner, "k8s.namespace.name", Some(namespace));
+        put(interner, "k8s.pod.name", Some(name));
+        put(interner, "k8s.pod.uid", Some(uid));
         let start_time = status
             .and_then(|s| s.start_time.as_ref())
             .map(|t| t.0.to_string());
-        put("k8s.pod.start_time", start_time.as_deref());
-        put("k8s.pod.ip", ips.first().map(String::as_str));
-        put("k8s.node.name", spec.and_then(|s| s.node_name.as_deref()));
-        put("k8s.deployment.name", owners.deployment.as_deref());
-        put("k8s.replicaset.name", owners.replicaset.as_deref());
-        put("k8s.statefulset.name", owners.statefulset.as_deref());
-        put("k8s.daemonset.name", owners.daemonset.as_deref());
-        put("k8s.job.name", owners.job.as_deref());
-        put("k8s.cronjob.name", owners.cronjob.as_deref());
+        put(interner, "k8s.pod.start_time", start_time.as_deref());
+        put(interner, "k8s.pod.ip", ips.first().copied());
+        put(interner, "k8s.node.name", spec.and_then(|s| s.node_name.as_deref()));
+        put(interner, "k8s.deployment.name", owners.deployment.as_deref());
+        put(interner, "k8s.replicaset.name", owners.replicaset.as_deref());
+        put(interner, "k8s.statefulset.name", owners.statefulset.as_deref());
+        put(interner, "k8s.daemonset.name", owners.daemonset.as_deref());
+        put(interner, "k8s.job.name", owners.job.as_deref());
+        put(interner, "k8s.cronjob.name", owners.cronjob.as_deref());
         let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
-        let pod_service_name = annotation(SERVICE_NAME_ANNOTATION)
+        // service.name: the annotation, the app.kubernetes.io/name label, the workload, the pod.
+        let service_name = annotation(SERVICE_NAME_ANNOTATION)
             .or(labels.get(NAME_LABEL).map(String::as_str))
-            .or(owners.workload_name());
+            .or(owners.workload_name())
+            .unwrap_or(name);
+        put(interner, "service.name", Some(service_name));
         put(
+            interner,
             "service.namespace",
-            Some(annotation(SERVICE_NAMESPACE_ANNOTATION).unwrap_or(&namespace)),
+            Some(annotation(SERVICE_NAMESPACE_ANNOTATION).unwrap_or(namespace)),
         );
-        let pod_service_version = annotation(SERVICE_VERSION_ANNOTATION)
-            .or(labels.get(VERSION_LABEL).map(String::as_str));
-        attrs.extend(self.fields(FieldSource::Pod, Some(&labels), annotations));
-
-        // The pod-level record: service.name falls back to the pod's name when no workload says.
-        let mut pod_attrs = attrs.clone();
-        if self.wants("service.name") {
-            pod_attrs.push(string_kv("service.name", pod_service_name.unwrap_or(&name)));
-        }
-        if let (true, Some(version)) = (self.wants("service.version"), pod_service_version) {
-            pod_attrs.push(string_kv("service.version", version));
-        }
+        // service.version: the annotation, the app.kubernetes.io/version label, else (per
+        // container) the image tag.
+        let pod_version =
+            annotation(SERVICE_VERSION_ANNOTATION).or(labels.get(VERSION_LABEL).map(String::as_str));
+        put(interner, "service.version", pod_version);
+        attrs.extend(self.fields(FieldSource::Pod, Some(labels), annotations, interner));
 
         let statuses = status
             .into_iter()
@@ -343,25 +388,21 @@ impl Extractor {
             .collect::<Vec<_>>();
         let spec_images: BTreeMap<&str, &str> = spec
             .into_iter()
-            .flat_map(|s| {
-                s.containers
-                    .iter()
-                    .chain(s.init_containers.iter().flatten())
-            })
+            .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
             .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
             .collect();
-        let mut containers = Vec::new();
         let mut names: Vec<&str> = spec_images.keys().copied().collect();
         for status in &statuses {
             if !names.contains(&status.name.as_str()) {
                 names.push(&status.name);
             }
         }
+        let mut containers = Vec::with_capacity(names.len());
         for container_name in names {
             let status = statuses.iter().find(|s| s.name == container_name);
             let id = status
                 .and_then(|s| s.container_id.as_deref())
-                .map(|id| bare_container_id(id).to_string())
+                .map(bare_container_id)
                 .filter(|id| !id.is_empty());
             // The spec's image is what the user wrote; the status's may be resolved to a digest.
             let image = spec_images
@@ -370,70 +411,78 @@ impl Extractor {
                 .or(status.map(|s| s.image.as_str()));
             let (image_name, tag) = image.map(split_image).unzip();
             let tag = tag.flatten();
-            let mut c = attrs.clone();
-            if self.wants("k8s.container.name") {
-                c.push(string_kv("k8s.container.name", container_name));
-            }
-            if let (true, Some(status)) = (self.wants("k8s.container.restart_count"), status) {
-                c.push(int_kv(
+            let mut c = Vec::new();
+            let mut put = |interner: &mut Interner, key: &str, value: AttrValue| {
+                if self.wants(key) {
+                    c.push(Attr {
+                        key: interner.get(key),
+                        value,
+                    });
+                }
+            };
+            let value = AttrValue::Str(interner.get(container_name));
+            put(interner, "k8s.container.name", value);
+            if let Some(status) = status {
+                put(
+                    interner,
                     "k8s.container.restart_count",
-                    i64::from(status.restart_count),
-                ));
+                    AttrValue::Int(i64::from(status.restart_count)),
+                );
             }
-            if let (true, Some(id)) = (self.wants("container.id"), &id) {
-                c.push(string_kv("container.id", id));
+            if let Some(id) = id {
+                // Unique per container: not worth interning.
+                put(interner, "container.id", AttrValue::Str(Arc::from(id)));
             }
-            if let (true, Some(image_name)) = (self.wants("container.image.name"), &image_name) {
-                c.push(string_kv("container.image.name", image_name));
+            if let Some(image_name) = &image_name {
+                let value = AttrValue::Str(interner.get(image_name));
+                put(interner, "container.image.name", value);
             }
-            if let (true, Some(tag)) = (self.wants("container.image.tags"), &tag) {
-                c.push(string_array_kv(
-                    "container.image.tags",
-                    std::slice::from_ref(tag),
-                ));
-            }
-            if self.wants("service.name") {
-                let service = pod_service_name.unwrap_or(&name);
-                c.push(string_kv("service.name", service));
-            }
-            if self.wants("service.version") {
-                if let Some(version) = pod_service_version.or(tag.as_deref()) {
-                    c.push(string_kv("service.version", version));
+            if let Some(tag) = &tag {
+                let value = AttrValue::StrList(interner.get(tag));
+                put(interner, "container.image.tags", value);
+                if pod_version.is_none() {
+                    let value = AttrValue::Str(interner.get(tag));
+                    put(interner, "service.version", value);
                 }
             }
             containers.push(ContainerMeta {
-                id,
-                name: container_name.to_string(),
+                id: id.map(Arc::from),
+                name: interner.get(container_name),
                 attributes: c.into(),
             });
         }
         Some(PodMeta {
-            uid,
-            namespace,
-            name,
-            ips,
-            labels,
-            attributes: pod_attrs.into(),
-            containers,
+            uid: Arc::from(uid),
+            namespace: interner.get(namespace),
+            name: Arc::from(name),
+            ips: ips.into_iter().map(Arc::from).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (interner.get(k), interner.get(v)))
+                .collect(),
+            attributes: attrs.into(),
+            containers: containers.into(),
         })
     }
 
     /// Attributes from a namespace's labels and annotations (`from: namespace` rules).
-    pub fn namespace(&self, namespace: &Namespace) -> Arc<[KeyValue]> {
+    pub fn namespace(&self, namespace: &Namespace, interner: &mut Interner) -> Arc<[Attr]> {
         self.fields(
             FieldSource::Namespace,
             namespace.metadata.labels.as_ref(),
             namespace.metadata.annotations.as_ref(),
+            interner,
         )
         .into()
     }
 
     /// Attributes from the node's labels and annotations (`from: node` rules).
-    pub fn node(&self, node: &Node) -> Arc<[KeyValue]> {
+    pub fn node(&self, node: &Node, interner: &mut Interner) -> Arc<[Attr]> {
         self.fields(
             FieldSource::Node,
             node.metadata.labels.as_ref(),
             node.metadata.annotations.as_ref(),
+            interner,
         )
         .into()
     }

@@ -263,6 +263,28 @@ impl Shared {
         self.readiness.set_ready(&self.component);
     }
 
+    /// Applies pod watch events as the watch would (tests and benchmarks fill the cache this
+    /// way); a complete list marks the cache synced.
+    pub fn apply_pod_events(&self, events: impl IntoIterator<Item = kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Pod>>) {
+        let mut store = self.store.write().unwrap_or_else(|e| e.into_inner());
+        for event in events {
+            if watch::apply_pod_event(&mut store, &self.extractor, event, Instant::now()) {
+                self.synced.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Pods in the cache.
+    pub fn cached_pods(&self) -> usize {
+        self.store.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The pod (and container) `attributes` belong to, without changing them.
+    pub fn find(&self, attributes: &[KeyValue]) -> Option<Found> {
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner());
+        self.associate(attributes, &store).0
+    }
+
     /// Adds the attributes of the pod (and container) `attributes` belongs to.
     pub fn enrich(&self, attributes: &mut Vec<KeyValue>) {
         let store = self.store.read().unwrap_or_else(|e| e.into_inner());
@@ -272,14 +294,13 @@ impl Shared {
             Some(found) => {
                 self.enriched.inc();
                 let [namespace, node] = store.context_attributes(&found.pod);
-                for kv in found
+                for attr in found
                     .attributes()
-                    .iter()
                     .chain(namespace.into_iter().flat_map(|a| a.iter()))
                     .chain(node.into_iter().flat_map(|a| a.iter()))
                 {
-                    if !has(attributes, &kv.key) {
-                        attributes.push(kv.clone());
+                    if !has(attributes, &attr.key) {
+                        attributes.push(attr.to_key_value());
                     }
                 }
             }

@@ -6,9 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use podscope_core::proto::tonic::common::v1::KeyValue;
-
-use super::metadata::PodMeta;
+use super::metadata::{Attr, Interner, PodMeta};
 
 /// What a lookup found: the attributes to add, pod (and container) first, then the namespace's
 /// and node's extracted labels.
@@ -20,11 +18,13 @@ pub struct Found {
 }
 
 impl Found {
-    pub fn attributes(&self) -> &[KeyValue] {
-        match self.container {
-            Some(i) => &self.pod.containers[i].attributes,
-            None => &self.pod.attributes,
-        }
+    /// The pod's attributes, then the container's.
+    pub fn attributes(&self) -> impl Iterator<Item = &Attr> {
+        let container = self
+            .container
+            .map(|i| &*self.pod.containers[i].attributes)
+            .unwrap_or_default();
+        self.pod.attributes.iter().chain(container)
     }
 }
 
@@ -38,14 +38,16 @@ struct Entry {
 #[derive(Debug)]
 pub struct PodStore {
     delete_delay: Duration,
-    by_uid: HashMap<String, Entry>,
-    by_container: HashMap<String, (String, usize)>,
-    by_ip: HashMap<String, String>,
-    by_name: HashMap<(String, String), String>,
-    namespaces: HashMap<String, Arc<[KeyValue]>>,
-    node: Option<Arc<[KeyValue]>>,
+    by_uid: HashMap<Arc<str>, Entry>,
+    by_container: HashMap<Arc<str>, (Arc<str>, usize)>,
+    by_ip: HashMap<Arc<str>, Arc<str>>,
+    by_name: HashMap<(Arc<str>, Arc<str>), Arc<str>>,
+    namespaces: HashMap<String, Arc<[Attr]>>,
+    node: Option<Arc<[Attr]>>,
     /// UIDs listed since the current relist began (`None` outside a relist).
-    relisting: Option<HashSet<String>>,
+    relisting: Option<HashSet<Arc<str>>>,
+    /// Strings shared between pods (namespaces, workloads, images, label keys).
+    pub interner: Interner,
 }
 
 impl PodStore {
@@ -59,6 +61,7 @@ impl PodStore {
             namespaces: HashMap::new(),
             node: None,
             relisting: None,
+            interner: Interner::default(),
         }
     }
 
@@ -109,7 +112,7 @@ impl PodStore {
             return;
         };
         for (uid, entry) in &mut self.by_uid {
-            if !seen.contains(uid) {
+            if !seen.contains(&**uid) {
                 entry.deleted_at.get_or_insert(now);
             }
         }
@@ -117,7 +120,7 @@ impl PodStore {
 
     /// Forgets pods deleted more than `delete_delay` ago. Returns how many.
     pub fn purge(&mut self, now: Instant) -> usize {
-        let expired: Vec<String> = self
+        let expired: Vec<Arc<str>> = self
             .by_uid
             .iter()
             .filter(|(_, e)| {
@@ -130,6 +133,9 @@ impl PodStore {
             if let Some(entry) = self.by_uid.remove(uid) {
                 self.unindex(&entry.pod);
             }
+        }
+        if !expired.is_empty() {
+            self.interner.shrink();
         }
         expired.len()
     }
@@ -158,7 +164,7 @@ impl PodStore {
         }
     }
 
-    pub fn set_namespace(&mut self, name: String, attributes: Arc<[KeyValue]>) {
+    pub fn set_namespace(&mut self, name: String, attributes: Arc<[Attr]>) {
         self.namespaces.insert(name, attributes);
     }
 
@@ -166,13 +172,13 @@ impl PodStore {
         self.namespaces.remove(name);
     }
 
-    pub fn set_node(&mut self, attributes: Option<Arc<[KeyValue]>>) {
+    pub fn set_node(&mut self, attributes: Option<Arc<[Attr]>>) {
         self.node = attributes;
     }
 
     /// The namespace's and node's extracted attributes for a pod.
-    pub fn context_attributes(&self, pod: &PodMeta) -> [Option<&Arc<[KeyValue]>>; 2] {
-        [self.namespaces.get(&pod.namespace), self.node.as_ref()]
+    pub fn context_attributes(&self, pod: &PodMeta) -> [Option<&Arc<[Attr]>>; 2] {
+        [self.namespaces.get(&*pod.namespace), self.node.as_ref()]
     }
 
     fn found(&self, uid: &str, container: Option<usize>) -> Option<Found> {
@@ -207,7 +213,7 @@ impl PodStore {
     pub fn by_name(&self, namespace: &str, name: &str) -> Option<Found> {
         let uid = self
             .by_name
-            .get(&(namespace.to_string(), name.to_string()))?;
+            .get(&(Arc::<str>::from(namespace), Arc::<str>::from(name)))?;
         self.found(uid, None)
     }
 

@@ -10,6 +10,7 @@ use podscope_core::proto::tonic::common::v1::{any_value, KeyValue};
 
 use super::config::{AssociationFrom, AssociationRule, AssociationSource};
 use super::watch::apply_pod_event;
+use super::metadata::{Attr, Interner};
 use super::*;
 
 const NODE: &str = "node-a";
@@ -131,6 +132,11 @@ fn pairs(attributes: &[KeyValue]) -> Vec<(String, String)> {
         .collect()
 }
 
+fn found_pairs(found: &Found) -> Vec<(String, String)> {
+    let kvs: Vec<KeyValue> = found.attributes().map(Attr::to_key_value).collect();
+    pairs(&kvs)
+}
+
 fn expected(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -147,7 +153,7 @@ fn a_deployment_container_gets_every_attribute() {
         .by_container_id(APP_ID)
         .expect("app container indexed");
     assert_eq!(
-        pairs(found.attributes()),
+        found_pairs(&found),
         expected(&[
             ("k8s.namespace.name", "shop"),
             ("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
@@ -157,27 +163,27 @@ fn a_deployment_container_gets_every_attribute() {
             ("k8s.node.name", NODE),
             ("k8s.deployment.name", "web"),
             ("k8s.replicaset.name", "web-7d4b9c8f6"),
+            ("service.name", "web"),
             ("service.namespace", "shop"),
             ("k8s.container.name", "app"),
             ("k8s.container.restart_count", "2"),
             ("container.id", APP_ID),
             ("container.image.name", "registry.example.com:5000/shop/web"),
             ("container.image.tags", "[1.4.2]"),
-            ("service.name", "web"),
             ("service.version", "1.4.2"),
         ])
     );
     // A digest-only image has no tag, so no service.version either.
     let proxy = store.by_container_id(SIDECAR_ID).unwrap();
-    let proxy = pairs(proxy.attributes());
+    let proxy = found_pairs(&proxy);
     assert!(proxy.contains(&("container.image.name".into(), "envoyproxy/envoy".into())));
     assert!(!proxy
         .iter()
         .any(|(k, _)| k == "container.image.tags" || k == "service.version"));
     // Both IPs find the pod; pod-level attributes have no container ones.
     let by_ip = store.by_ip("fd00::3").unwrap();
-    assert_eq!(by_ip.pod.uid, UID);
-    assert!(!pairs(by_ip.attributes())
+    assert_eq!(&*by_ip.pod.uid, UID);
+    assert!(!found_pairs(&by_ip)
         .iter()
         .any(|(k, _)| k == "k8s.container.name"));
 }
@@ -201,7 +207,12 @@ fn owners_and_service_name_follow_the_documented_rules() {
     ];
     let cfg = config(serde_json::json!({"extract": {"metadata": only}}));
     let extractor = Extractor::new(&cfg).unwrap();
-    let attrs = |pod: Pod| pairs(&extractor.pod(&pod).unwrap().attributes);
+    let mut interner = Interner::default();
+    let mut attrs = |pod: Pod| {
+        let meta = extractor.pod(&pod, &mut interner).unwrap();
+        let kvs: Vec<KeyValue> = meta.attributes.iter().map(Attr::to_key_value).collect();
+        pairs(&kvs)
+    };
     assert_eq!(
         attrs(with_owner("StatefulSet", "db")),
         expected(&[("k8s.statefulset.name", "db"), ("service.name", "db")])
@@ -293,17 +304,16 @@ fn label_and_annotation_rules_from_pod_and_namespace() {
         }
     }));
     let (mut store, extractor) = store_with(&cfg, vec![Event::Apply(web_pod())]);
-    store.set_namespace(
-        "shop".into(),
-        extractor.namespace(&Namespace {
-            metadata: ObjectMeta {
-                name: Some("shop".into()),
-                labels: Some(BTreeMap::from([("env".into(), "prod".into())])),
-                ..Default::default()
-            },
+    let namespace = Namespace {
+        metadata: ObjectMeta {
+            name: Some("shop".into()),
+            labels: Some(BTreeMap::from([("env".into(), "prod".into())])),
             ..Default::default()
-        }),
-    );
+        },
+        ..Default::default()
+    };
+    let namespace_attrs = extractor.namespace(&namespace, &mut store.interner);
+    store.set_namespace("shop".into(), namespace_attrs);
     let processor = shared_for_tests(cfg, store);
     let mut attrs = vec![kv("container.id", APP_ID)];
     processor.enrich(&mut attrs);
@@ -472,12 +482,12 @@ fn a_new_pod_reusing_a_deleted_pods_ip_keeps_it_after_the_purge() {
     next.status.as_mut().unwrap().container_statuses = None;
     apply_pod_event(&mut store, &extractor, Event::Apply(next), t0);
     assert_eq!(
-        store.by_ip("10.1.2.3").unwrap().pod.name,
+        &*store.by_ip("10.1.2.3").unwrap().pod.name,
         "web-7d4b9c8f6-zzzzz"
     );
     store.purge(t0 + Duration::from_secs(3600));
     assert_eq!(
-        store.by_ip("10.1.2.3").unwrap().pod.name,
+        &*store.by_ip("10.1.2.3").unwrap().pod.name,
         "web-7d4b9c8f6-zzzzz"
     );
     assert_eq!(store.len(), 1);

@@ -378,7 +378,7 @@ pub fn apply_pod_event(
     match event {
         Event::Init => store.relist_started(),
         Event::InitApply(pod) | Event::Apply(pod) => {
-            if let Some(meta) = extractor.pod(&pod) {
+            if let Some(meta) = extractor.pod(&pod, &mut store.interner) {
                 store.apply(meta);
             }
         }
@@ -409,7 +409,8 @@ async fn watch_namespaces(api: Api<Namespace>, ctx: WatchContext, cancel: Cancel
             match event {
                 Event::InitApply(ns) | Event::Apply(ns) => {
                     if let Some(name) = ns.metadata.name.clone() {
-                        store.set_namespace(name, ctx.extractor.namespace(&ns));
+                        let attributes = ctx.extractor.namespace(&ns, &mut store.interner);
+                    store.set_namespace(name, attributes);
                     }
                 }
                 Event::Delete(ns) => {
@@ -443,7 +444,8 @@ async fn watch_node(
             let mut store = write(&ctx.store);
             match event {
                 Event::InitApply(node) | Event::Apply(node) => {
-                    store.set_node(Some(ctx.extractor.node(&node)));
+                    let attributes = ctx.extractor.node(&node, &mut store.interner);
+                store.set_node(Some(attributes));
                 }
                 Event::Delete(_) => store.set_node(None),
                 Event::InitDone => return true,
