@@ -24,6 +24,16 @@ impl AgentProcess {
     /// Starts `binary run --config <config>` and waits until `/readyz` on the telemetry port
     /// answers 200 (at most 60 s), failing the test with the agent's output otherwise.
     pub async fn start(binary: &str, config: &str, telemetry_port: u16) -> AgentProcess {
+        Self::start_with_env(binary, config, telemetry_port, &[]).await
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables (`KUBECONFIG`, `NODE_NAME`).
+    pub async fn start_with_env(
+        binary: &str,
+        config: &str,
+        telemetry_port: u16,
+        env: &[(&str, &str)],
+    ) -> AgentProcess {
         let mut file = tempfile::Builder::new()
             .suffix(".yaml")
             .tempfile()
@@ -32,6 +42,7 @@ impl AgentProcess {
         let child = Command::new(binary)
             .args(["run", "--config"])
             .arg(file.path())
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("start podscope");

@@ -1,4 +1,6 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
 pub mod agent;
+pub mod fake_kube;
+pub mod pod_cgroup;
 pub mod prometheus;

@@ -20,7 +20,9 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use podscope_core::consumer::Discard;
-use podscope_core::{Batch, BuildContext, ComponentConfig as _, Consumer as _, ProcessorBuilder as _, Signal};
+use podscope_core::{
+    Batch, BuildContext, ComponentConfig as _, Consumer as _, ProcessorBuilder as _, Signal,
+};
 use podscope_processors::k8sattributes::{K8sAttributesConfig, K8sAttributesProcessor};
 
 const PODS: usize = 10_000;
@@ -54,7 +56,10 @@ fn pod(i: usize) -> Pod {
                 ("tier".into(), "backend".into()),
             ])),
             annotations: Some(BTreeMap::from([
-                ("kubectl.kubernetes.io/restartedAt".into(), "2026-11-30T08:00:00Z".into()),
+                (
+                    "kubectl.kubernetes.io/restartedAt".into(),
+                    "2026-11-30T08:00:00Z".into(),
+                ),
                 ("prometheus.io/scrape".into(), "true".into()),
                 ("prometheus.io/port".into(), "9090".into()),
             ])),
@@ -89,7 +94,10 @@ fn pod(i: usize) -> Pod {
                         name: format!("container-{c}"),
                         container_id: Some(format!("containerd://{}", container_id(i, c))),
                         image: format!("registry.example.com/shop/{deployment}-{c}:2.3.1"),
-                        image_id: format!("registry.example.com/shop/{deployment}-{c}@sha256:{:064x}", i),
+                        image_id: format!(
+                            "registry.example.com/shop/{deployment}-{c}@sha256:{:064x}",
+                            i
+                        ),
                         ready: true,
                         restart_count: 0,
                         ..Default::default()
@@ -188,7 +196,9 @@ fn filled() -> Arc<K8sAttributesProcessor> {
     let processor = processor();
     processor.shared().apply_pod_events([Event::Init]);
     for i in 0..PODS {
-        processor.shared().apply_pod_events([Event::InitApply(pod(i))]);
+        processor
+            .shared()
+            .apply_pod_events([Event::InitApply(pod(i))]);
     }
     processor.shared().apply_pod_events([Event::InitDone]);
     processor
@@ -228,7 +238,9 @@ fn lookups(c: &mut Criterion) {
     // What the processor does to a batch (50 resources of 20 points each), per data point;
     // the batch is built and dropped outside the measurement.
     let resources = 50;
-    group.throughput(Throughput::Elements((resources * POINTS_PER_RESOURCE) as u64));
+    group.throughput(Throughput::Elements(
+        (resources * POINTS_PER_RESOURCE) as u64,
+    ));
     let Batch::Metrics(input) = batch(resources) else {
         unreachable!("a metrics batch")
     };

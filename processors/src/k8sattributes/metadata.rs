@@ -323,7 +323,11 @@ impl Extractor {
             if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
                 ips.push(ip);
             }
-            for ip in status.and_then(|s| s.pod_ips.as_ref()).into_iter().flatten() {
+            for ip in status
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+            {
                 if !ips.contains(&ip.ip.as_str()) {
                     ips.push(&ip.ip);
                 }
@@ -350,10 +354,26 @@ impl Extractor {
             .map(|t| t.0.to_string());
         put(interner, "k8s.pod.start_time", start_time.as_deref());
         put(interner, "k8s.pod.ip", ips.first().copied());
-        put(interner, "k8s.node.name", spec.and_then(|s| s.node_name.as_deref()));
-        put(interner, "k8s.deployment.name", owners.deployment.as_deref());
-        put(interner, "k8s.replicaset.name", owners.replicaset.as_deref());
-        put(interner, "k8s.statefulset.name", owners.statefulset.as_deref());
+        put(
+            interner,
+            "k8s.node.name",
+            spec.and_then(|s| s.node_name.as_deref()),
+        );
+        put(
+            interner,
+            "k8s.deployment.name",
+            owners.deployment.as_deref(),
+        );
+        put(
+            interner,
+            "k8s.replicaset.name",
+            owners.replicaset.as_deref(),
+        );
+        put(
+            interner,
+            "k8s.statefulset.name",
+            owners.statefulset.as_deref(),
+        );
         put(interner, "k8s.daemonset.name", owners.daemonset.as_deref());
         put(interner, "k8s.job.name", owners.job.as_deref());
         put(interner, "k8s.cronjob.name", owners.cronjob.as_deref());
@@ -371,8 +391,8 @@ impl Extractor {
         );
         // service.version: the annotation, the app.kubernetes.io/version label, else (per
         // container) the image tag.
-        let pod_version =
-            annotation(SERVICE_VERSION_ANNOTATION).or(labels.get(VERSION_LABEL).map(String::as_str));
+        let pod_version = annotation(SERVICE_VERSION_ANNOTATION)
+            .or(labels.get(VERSION_LABEL).map(String::as_str));
         put(interner, "service.version", pod_version);
         attrs.extend(self.fields(FieldSource::Pod, Some(labels), annotations, interner));
 
@@ -388,7 +408,11 @@ impl Extractor {
             .collect::<Vec<_>>();
         let spec_images: BTreeMap<&str, &str> = spec
             .into_iter()
-            .flat_map(|s| s.containers.iter().chain(s.init_containers.iter().flatten()))
+            .flat_map(|s| {
+                s.containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+            })
             .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
             .collect();
         let mut names: Vec<&str> = spec_images.keys().copied().collect();

@@ -265,7 +265,10 @@ impl Shared {
 
     /// Applies pod watch events as the watch would (tests and benchmarks fill the cache this
     /// way); a complete list marks the cache synced.
-    pub fn apply_pod_events(&self, events: impl IntoIterator<Item = kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Pod>>) {
+    pub fn apply_pod_events(
+        &self,
+        events: impl IntoIterator<Item = kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Pod>>,
+    ) {
         let mut store = self.store.write().unwrap_or_else(|e| e.into_inner());
         for event in events {
             if watch::apply_pod_event(&mut store, &self.extractor, event, Instant::now()) {

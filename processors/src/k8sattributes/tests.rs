@@ -9,8 +9,8 @@ use kube::runtime::watcher::Event;
 use podscope_core::proto::tonic::common::v1::{any_value, KeyValue};
 
 use super::config::{AssociationFrom, AssociationRule, AssociationSource};
-use super::watch::apply_pod_event;
 use super::metadata::{Attr, Interner};
+use super::watch::apply_pod_event;
 use super::*;
 
 const NODE: &str = "node-a";

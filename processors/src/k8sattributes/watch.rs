@@ -410,7 +410,7 @@ async fn watch_namespaces(api: Api<Namespace>, ctx: WatchContext, cancel: Cancel
                 Event::InitApply(ns) | Event::Apply(ns) => {
                     if let Some(name) = ns.metadata.name.clone() {
                         let attributes = ctx.extractor.namespace(&ns, &mut store.interner);
-                    store.set_namespace(name, attributes);
+                        store.set_namespace(name, attributes);
                     }
                 }
                 Event::Delete(ns) => {
@@ -445,7 +445,7 @@ async fn watch_node(
             match event {
                 Event::InitApply(node) | Event::Apply(node) => {
                     let attributes = ctx.extractor.node(&node, &mut store.interner);
-                store.set_node(Some(attributes));
+                    store.set_node(Some(attributes));
                 }
                 Event::Delete(_) => store.set_node(None),
                 Event::InitDone => return true,

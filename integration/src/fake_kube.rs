@@ -1,0 +1,1319 @@
+//! A fake Kubernetes API server for tests: the subset of the real API that kube-rs watchers and
+//! kubectl use (discovery, get, list, watch of pods, namespaces and nodes), spoken as real
+//! Kubernetes JSON over plain HTTP on 127.0.0.1.
+//!
+//! It keeps the semantics clients depend on: a global resourceVersion, list snapshots with
+//! `limit`/`continue`, field and label selectors, watches that replay history after a
+//! resourceVersion, `410 Expired` once that history is gone, bookmarks, `timeoutSeconds`, and
+//! `Status` bodies on every error. Tests drive it from the outside (`apply_*`, `delete_*`,
+//! `expire_history`, `fail_next`, `stop`/`restart`) and check what a client saw.
+//!
+//! It must not grow into an API server: there is no write API over HTTP, no admission, no
+//! validation of objects beyond what keying them needs, and only GET is served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::Query;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    APIGroupList, APIResource, APIResourceList, APIVersions, ListMeta, ServerAddressByClientCIDR,
+    Status, StatusDetails, Time,
+};
+use k8s_openapi::apimachinery::pkg::version::Info;
+use serde_json::{json, Value};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+/// Bearer token written into the kubeconfig; a request carrying any other token gets 401.
+const TOKEN: &str = "podscope-fake-kube-token";
+/// The first resourceVersion handed out: not 1, so clients that treat small numbers specially
+/// (or "0" as "any") are not accidentally exercised.
+const FIRST_RESOURCE_VERSION: u64 = 1000;
+/// How often watches that asked for bookmarks get one. The real server sends them about once a
+/// minute; tests want progress within a second.
+const BOOKMARK_INTERVAL: Duration = Duration::from_secs(1);
+/// Events a watcher may fall behind by before it is closed, as the real server closes
+/// unresponsive watchers rather than buffering without bound.
+const EVENT_BUFFER: usize = 4096;
+
+/// Handle to a running fake API server; cheap to clone, every clone drives the same server.
+#[derive(Clone)]
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    addr: SocketAddr,
+    state: Mutex<State>,
+    /// The accept loop while serving; `None` between `stop` and `restart`.
+    serving: Mutex<Option<Serving>>,
+}
+
+struct Serving {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    resource_version: u64,
+    objects: BTreeMap<ObjectKey, Arc<Value>>,
+    /// Every change since `oldest_watchable`, oldest first: replayed to watches that start from
+    /// a resourceVersion, and undone to rebuild list snapshots for `continue` tokens.
+    history: Vec<Arc<Change>>,
+    /// Watches and snapshots from a resourceVersion below this answer 410 Expired.
+    oldest_watchable: u64,
+    /// Published under the state lock, so a watcher that subscribes under the lock sees every
+    /// later change exactly once and none it already replayed.
+    events: broadcast::Sender<Message>,
+    next_uid: u64,
+    fail_remaining: usize,
+    fail_status: u16,
+    requests: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Pod,
+    Namespace,
+    Node,
+}
+
+/// Kind, namespace ("" when cluster-scoped) and name: ordered like the real server's storage
+/// keys, so lists come out sorted by namespace then name.
+type ObjectKey = (Kind, String, String);
+
+struct Change {
+    resource_version: u64,
+    key: ObjectKey,
+    /// The object before the change, with its old resourceVersion.
+    before: Option<Arc<Value>>,
+    /// The object after the change; `None` when it was deleted.
+    after: Option<Arc<Value>>,
+}
+
+#[derive(Clone)]
+enum Message {
+    Change(Arc<Change>),
+    /// History before this resourceVersion was compacted: open watches end with 410 Expired.
+    Expired {
+        oldest: u64,
+    },
+}
+
+impl Kind {
+    fn from_plural(plural: &str) -> Option<Kind> {
+        match plural {
+            "pods" => Some(Kind::Pod),
+            "namespaces" => Some(Kind::Namespace),
+            "nodes" => Some(Kind::Node),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
+            Kind::Node => "Node",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::Namespace => "namespaces",
+            Kind::Node => "nodes",
+        }
+    }
+
+    fn singular(self) -> &'static str {
+        match self {
+            Kind::Pod => "pod",
+            Kind::Namespace => "namespace",
+            Kind::Node => "node",
+        }
+    }
+
+    fn short_name(self) -> &'static str {
+        match self {
+            Kind::Pod => "po",
+            Kind::Namespace => "ns",
+            Kind::Node => "no",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        self == Kind::Pod
+    }
+
+    /// The fields the real server lets each kind be selected on; anything else is a 400 there,
+    /// so it is one here too, and a client relying on an unsupported field fails in tests.
+    fn selectable_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Pod => &[
+                "metadata.name",
+                "metadata.namespace",
+                "spec.nodeName",
+                "spec.restartPolicy",
+                "spec.schedulerName",
+                "spec.serviceAccountName",
+                "status.phase",
+                "status.nominatedNodeName",
+            ],
+            Kind::Namespace => &["metadata.name", "metadata.namespace", "status.phase"],
+            Kind::Node => &["metadata.name", "metadata.namespace"],
+        }
+    }
+}
+
+impl FakeApiServer {
+    /// Starts serving on a free loopback port.
+    pub async fn start() -> FakeApiServer {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port for the fake API server");
+        let addr = listener.local_addr().expect("local address");
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let shared = Arc::new(Shared {
+            addr,
+            state: Mutex::new(State {
+                resource_version: FIRST_RESOURCE_VERSION,
+                objects: BTreeMap::new(),
+                history: Vec::new(),
+                oldest_watchable: FIRST_RESOURCE_VERSION,
+                events,
+                next_uid: 1,
+                fail_remaining: 0,
+                fail_status: 0,
+                requests: Vec::new(),
+            }),
+            serving: Mutex::new(None),
+        });
+        let server = FakeApiServer { shared };
+        server.serve(listener);
+        server
+    }
+
+    /// `http://127.0.0.1:PORT`; stays the same across `stop`/`restart`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.addr)
+    }
+
+    /// The bearer token the kubeconfig carries; requests with another token get 401.
+    pub fn token(&self) -> &'static str {
+        TOKEN
+    }
+
+    /// Writes a kubeconfig whose current context points at this server with a token user, as
+    /// kubectl and kube-rs (`Config::from_kubeconfig`, `KUBECONFIG`) read it.
+    pub fn write_kubeconfig(&self, path: &Path) {
+        let kubeconfig = format!(
+            "apiVersion: v1\n\
+             kind: Config\n\
+             clusters:\n\
+             - name: fake\n  cluster:\n    server: {url}\n\
+             users:\n\
+             - name: fake\n  user:\n    token: {TOKEN}\n\
+             contexts:\n\
+             - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
+             current-context: fake\n\
+             preferences: {{}}\n",
+            url = self.url()
+        );
+        std::fs::write(path, kubeconfig).expect("write kubeconfig");
+    }
+
+    /// Creates or replaces a pod (by namespace, "default" if unset, and name).
+    pub fn apply_pod(&self, pod: Pod) {
+        self.apply(Kind::Pod, serde_json::to_value(pod).expect("pod to JSON"));
+    }
+
+    /// Creates or replaces a namespace (by name).
+    pub fn apply_namespace(&self, namespace: Namespace) {
+        self.apply(
+            Kind::Namespace,
+            serde_json::to_value(namespace).expect("namespace to JSON"),
+        );
+    }
+
+    /// Creates or replaces a node (by name).
+    pub fn apply_node(&self, node: Node) {
+        self.apply(
+            Kind::Node,
+            serde_json::to_value(node).expect("node to JSON"),
+        );
+    }
+
+    /// Deletes a pod at once (as with a zero grace period); false if there was none.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> bool {
+        self.delete((Kind::Pod, namespace.to_string(), name.to_string()))
+    }
+
+    /// Deletes a namespace at once (its pods stay: there is no namespace controller here).
+    pub fn delete_namespace(&self, name: &str) -> bool {
+        self.delete((Kind::Namespace, String::new(), name.to_string()))
+    }
+
+    /// Deletes a node; false if there was none.
+    pub fn delete_node(&self, name: &str) -> bool {
+        self.delete((Kind::Node, String::new(), name.to_string()))
+    }
+
+    /// The resourceVersion of the latest change (what a list returns now).
+    pub fn resource_version(&self) -> u64 {
+        self.state().resource_version
+    }
+
+    /// Forgets all change history, as the real server does after etcd compaction: watches and
+    /// `continue` tokens from an older resourceVersion get 410 Expired, and open watches are
+    /// ended with an ERROR event carrying that Status.
+    pub fn expire_history(&self) {
+        let mut state = self.state();
+        state.history.clear();
+        state.oldest_watchable = state.resource_version;
+        // No receivers is fine: there is no open watch to tell.
+        let oldest = state.oldest_watchable;
+        let _ = state.events.send(Message::Expired { oldest });
+    }
+
+    /// The next `count` requests (of any kind) answer with `status` and a `Status` body.
+    pub fn fail_next(&self, count: usize, status: u16) {
+        assert!(
+            (400..600).contains(&status),
+            "fail_next wants an error status, got {status}"
+        );
+        let mut state = self.state();
+        state.fail_remaining = count;
+        state.fail_status = status;
+    }
+
+    /// Every request received so far, as `METHOD path?query` with the query exactly as sent
+    /// (still percent-encoded, e.g. `fieldSelector=spec.nodeName%3Dnode-a`).
+    pub fn requests(&self) -> Vec<String> {
+        self.state().requests.clone()
+    }
+
+    /// Stops listening and drops every open connection, so watches see their stream cut and
+    /// new connections are refused. State is kept for `restart`.
+    pub async fn stop(&self) {
+        let serving = self
+            .shared
+            .serving
+            .lock()
+            .expect("serving lock poisoned")
+            .take();
+        if let Some(serving) = serving {
+            serving.cancel.cancel();
+            // The accept loop drops the listener and aborts connections before it returns.
+            let _ = serving.task.await;
+        }
+    }
+
+    /// Listens again on the same port with the same objects and history. A no-op if serving.
+    pub async fn restart(&self) {
+        if self
+            .shared
+            .serving
+            .lock()
+            .expect("serving lock poisoned")
+            .is_some()
+        {
+            return;
+        }
+        let socket = TcpSocket::new_v4().expect("socket");
+        // Connections cut by `stop` may linger in TIME_WAIT on this port.
+        socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+        socket
+            .bind(self.shared.addr)
+            .unwrap_or_else(|e| panic!("rebind {}: {e}", self.shared.addr));
+        let listener = socket.listen(1024).expect("listen");
+        self.serve(listener);
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().expect("fake API state poisoned")
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(self.shared.clone(), listener, cancel.clone()));
+        *self.shared.serving.lock().expect("serving lock poisoned") =
+            Some(Serving { cancel, task });
+    }
+
+    fn apply(&self, kind: Kind, mut object: Value) {
+        let metadata = object
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .expect("object has metadata");
+        let name = metadata
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| panic!("a {} needs metadata.name", kind.name()))
+            .to_string();
+        let namespace = if kind.namespaced() {
+            let namespace = metadata
+                .get("namespace")
+                .and_then(Value::as_str)
+                .filter(|ns| !ns.is_empty())
+                .unwrap_or("default")
+                .to_string();
+            metadata.insert("namespace".into(), json!(namespace));
+            namespace
+        } else {
+            metadata.remove("namespace");
+            String::new()
+        };
+        let key = (kind, namespace, name);
+
+        let mut state = self.state();
+        let before = state.objects.get(&key).cloned();
+        // The server owns uid and creationTimestamp: kept across replaces, set on create
+        // unless the test chose a uid it wants to look up.
+        let kept = |field: &str| {
+            before
+                .as_ref()
+                .and_then(|b| b["metadata"].get(field).cloned())
+        };
+        if !metadata.contains_key("uid") {
+            let uid = kept("uid").unwrap_or_else(|| {
+                let uid = format!("00000000-0000-4000-8000-{:012x}", state.next_uid);
+                state.next_uid += 1;
+                json!(uid)
+            });
+            metadata.insert("uid".into(), uid);
+        }
+        if !metadata.contains_key("creationTimestamp") {
+            let created = kept("creationTimestamp")
+                .unwrap_or_else(|| serde_json::to_value(Time(now())).expect("time to JSON"));
+            metadata.insert("creationTimestamp".into(), created);
+        }
+        state.resource_version += 1;
+        let resource_version = state.resource_version;
+        metadata.insert(
+            "resourceVersion".into(),
+            json!(resource_version.to_string()),
+        );
+        let after = Arc::new(object);
+        state.objects.insert(key.clone(), after.clone());
+        state.record(Change {
+            resource_version,
+            key,
+            before,
+            after: Some(after),
+        });
+    }
+
+    fn delete(&self, key: ObjectKey) -> bool {
+        let mut state = self.state();
+        let Some(before) = state.objects.remove(&key) else {
+            return false;
+        };
+        state.resource_version += 1;
+        let resource_version = state.resource_version;
+        state.record(Change {
+            resource_version,
+            key,
+            before: Some(before),
+            after: None,
+        });
+        true
+    }
+}
+
+impl State {
+    fn record(&mut self, change: Change) {
+        let change = Arc::new(change);
+        self.history.push(change.clone());
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(Message::Change(change));
+    }
+
+    /// The objects as they were at `resource_version`, rebuilt by undoing later changes;
+    /// `None` if that is older than the retained history.
+    fn snapshot(&self, resource_version: u64) -> Option<BTreeMap<ObjectKey, Arc<Value>>> {
+        if resource_version < self.oldest_watchable || resource_version > self.resource_version {
+            return None;
+        }
+        let mut objects = self.objects.clone();
+        for change in self.history.iter().rev() {
+            if change.resource_version <= resource_version {
+                break;
+            }
+            match &change.before {
+                Some(before) => objects.insert(change.key.clone(), before.clone()),
+                None => objects.remove(&change.key),
+            };
+        }
+        Some(objects)
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let shared = shared.clone();
+                let cancel = cancel.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let shared = shared.clone();
+                        let cancel = cancel.clone();
+                        async move { Ok::<_, Infallible>(handle(&shared, &cancel, request)) }
+                    });
+                    // A client going away mid-request is not the server's problem.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    // Closing the listener first makes new connections fail; aborting the connection tasks
+    // drops their sockets, which is what a client sees when an API server goes away.
+    drop(listener);
+    connections.shutdown().await;
+}
+
+type HttpResponse = Response<Body>;
+
+fn handle(shared: &Shared, cancel: &CancellationToken, request: Request<Incoming>) -> HttpResponse {
+    let path_and_query = request
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+    {
+        let mut state = shared.state.lock().expect("fake API state poisoned");
+        state
+            .requests
+            .push(format!("{} {path_and_query}", request.method()));
+        if state.fail_remaining > 0 {
+            state.fail_remaining -= 1;
+            return injected_failure(state.fail_status);
+        }
+    }
+
+    // A credential, if sent, must be the kubeconfig's token (kube-rs always sends it). None is
+    // fine: client-go drops user credentials for plain-HTTP servers, so kubectl talks to this
+    // like to `kubectl proxy`, which needs none.
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.strip_prefix("Bearer ").unwrap_or(value));
+    if token.is_some_and(|token| token != TOKEN) {
+        return status_response(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+            None,
+        );
+    }
+
+    if request.method() != Method::GET {
+        return status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!(
+                "the server does not allow this method on the requested resource ({} is not served by the fake)",
+                request.method()
+            ),
+            None,
+        );
+    }
+
+    let params: HashMap<String, String> = match Query::try_from_uri(request.uri()) {
+        Ok(Query(params)) => params,
+        Err(error) => {
+            return status_response(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                &error.body_text(),
+                None,
+            )
+        }
+    };
+    let path = request.uri().path();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["version"] => json_response(StatusCode::OK, &version_info()),
+        ["api"] => json_response(StatusCode::OK, &api_versions(shared.addr)),
+        ["apis"] => json_response(StatusCode::OK, &APIGroupList { groups: Vec::new() }),
+        ["api", "v1"] => json_response(StatusCode::OK, &core_v1_resources()),
+        ["api", "v1", plural] => match Kind::from_plural(plural) {
+            Some(kind) => collection(shared, cancel, kind, None, &params),
+            None => not_found_path(),
+        },
+        ["api", "v1", plural, name] => match Kind::from_plural(plural) {
+            Some(kind) if !kind.namespaced() => {
+                get_object(shared, (kind, String::new(), name.to_string()))
+            }
+            _ => not_found_path(),
+        },
+        ["api", "v1", "namespaces", namespace, plural] => match Kind::from_plural(plural) {
+            Some(kind) if kind.namespaced() => {
+                collection(shared, cancel, kind, Some(namespace), &params)
+            }
+            _ => not_found_path(),
+        },
+        ["api", "v1", "namespaces", namespace, plural, name] => match Kind::from_plural(plural) {
+            Some(kind) if kind.namespaced() => {
+                get_object(shared, (kind, namespace.to_string(), name.to_string()))
+            }
+            _ => not_found_path(),
+        },
+        _ => not_found_path(),
+    }
+}
+
+fn get_object(shared: &Shared, key: ObjectKey) -> HttpResponse {
+    let state = shared.state.lock().expect("fake API state poisoned");
+    match state.objects.get(&key) {
+        Some(object) => json_response(StatusCode::OK, object.as_ref()),
+        None => {
+            let (kind, _, name) = key;
+            status_response(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("{} \"{name}\" not found", kind.plural()),
+                Some(StatusDetails {
+                    name: Some(name),
+                    kind: Some(kind.plural().to_string()),
+                    ..StatusDetails::default()
+                }),
+            )
+        }
+    }
+}
+
+fn collection(
+    shared: &Shared,
+    cancel: &CancellationToken,
+    kind: Kind,
+    namespace: Option<&str>,
+    params: &HashMap<String, String>,
+) -> HttpResponse {
+    let param = |name: &str| params.get(name).map(String::as_str).unwrap_or("");
+    let selector = match Selector::parse(
+        kind,
+        namespace,
+        param("fieldSelector"),
+        param("labelSelector"),
+    ) {
+        Ok(selector) => selector,
+        Err(message) => {
+            return status_response(StatusCode::BAD_REQUEST, "BadRequest", &message, None)
+        }
+    };
+    // "0" means "any version" to the real server, the same as unset for what the fake serves.
+    let requested_version = match param("resourceVersion") {
+        "" | "0" => None,
+        text => match text.parse::<u64>() {
+            Ok(version) => Some(version),
+            Err(_) => {
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    &format!("invalid resource version: {text}"),
+                    None,
+                )
+            }
+        },
+    };
+    if matches!(param("watch"), "true" | "1") {
+        let watch = WatchRequest {
+            kind,
+            selector,
+            resource_version: requested_version,
+            initial_events: param("sendInitialEvents") == "true",
+            bookmarks: param("allowWatchBookmarks") == "true",
+            timeout: param("timeoutSeconds")
+                .parse::<u64>()
+                .ok()
+                .filter(|seconds| *seconds > 0)
+                .map(Duration::from_secs),
+        };
+        return start_watch(shared, cancel, watch);
+    }
+    let limit = param("limit").parse::<usize>().unwrap_or(0);
+    list(
+        shared,
+        kind,
+        &selector,
+        requested_version,
+        param("resourceVersionMatch"),
+        limit,
+        param("continue"),
+    )
+}
+
+fn list(
+    shared: &Shared,
+    kind: Kind,
+    selector: &Selector,
+    requested_version: Option<u64>,
+    version_match: &str,
+    limit: usize,
+    continue_token: &str,
+) -> HttpResponse {
+    let state = shared.state.lock().expect("fake API state poisoned");
+    let (resource_version, after) = if continue_token.is_empty() {
+        // Only an exact match pins an older snapshot; "" and "0" and NotOlderThan all accept
+        // the latest state, which is what the real server's cache serves.
+        let version = match (version_match, requested_version) {
+            ("Exact", Some(version)) => version,
+            _ => state.resource_version,
+        };
+        if requested_version.is_some_and(|v| v > state.resource_version) {
+            return too_large_resource_version(
+                requested_version.unwrap_or(0),
+                state.resource_version,
+            );
+        }
+        (version, None)
+    } else {
+        match decode_continue(continue_token) {
+            Some((version, key)) => (version, Some(key)),
+            None => {
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "continue key is not valid: the continue token could not be decoded",
+                    None,
+                )
+            }
+        }
+    };
+    let Some(objects) = state.snapshot(resource_version) else {
+        let message = if after.is_some() {
+            "The provided continue parameter is too old to display a consistent list result. \
+             You can start a new list without the continue parameter, or use the continue value \
+             from the response."
+                .to_string()
+        } else {
+            format!(
+                "too old resource version: {resource_version} ({})",
+                state.oldest_watchable
+            )
+        };
+        return status_response(StatusCode::GONE, "Expired", &message, None);
+    };
+    drop(state);
+
+    let matching: Vec<(&ObjectKey, &Arc<Value>)> = objects
+        .iter()
+        .filter(|(key, object)| key.0 == kind && selector.matches(object))
+        .filter(|(key, _)| {
+            after
+                .as_ref()
+                .is_none_or(|(ns, name)| (&key.1, &key.2) > (ns, name))
+        })
+        .collect();
+    let page_len = if limit == 0 {
+        matching.len()
+    } else {
+        limit.min(matching.len())
+    };
+    let remaining = matching.len() - page_len;
+    let mut metadata = ListMeta {
+        resource_version: Some(resource_version.to_string()),
+        ..ListMeta::default()
+    };
+    if remaining > 0 {
+        let (_, namespace, name) = matching[page_len - 1].0;
+        metadata.continue_ = Some(encode_continue(resource_version, namespace, name));
+        // The real server can count what is left only when nothing is filtered.
+        if selector.is_empty() {
+            metadata.remaining_item_count = Some(remaining as i64);
+        }
+    }
+    let items: Vec<Value> = matching[..page_len]
+        .iter()
+        .map(|(_, object)| {
+            // Items of a real list carry neither kind nor apiVersion: the list says it once.
+            let mut item = object.as_ref().clone();
+            if let Some(fields) = item.as_object_mut() {
+                fields.remove("kind");
+                fields.remove("apiVersion");
+            }
+            item
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "kind": format!("{}List", kind.name()),
+            "apiVersion": "v1",
+            "metadata": metadata,
+            "items": items,
+        }),
+    )
+}
+
+/// Continue tokens are opaque to clients; this one carries the snapshot's resourceVersion and
+/// the last key returned, hex-encoded so it survives any URL encoding.
+fn encode_continue(resource_version: u64, namespace: &str, name: &str) -> String {
+    format!("{resource_version}/{namespace}/{name}")
+        .bytes()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+fn decode_continue(token: &str) -> Option<(u64, (String, String))> {
+    if !token.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let mut parts = text.splitn(3, '/');
+    let version = parts.next()?.parse().ok()?;
+    let namespace = parts.next()?.to_string();
+    let name = parts.next()?.to_string();
+    Some((version, (namespace, name)))
+}
+
+struct WatchRequest {
+    kind: Kind,
+    selector: Selector,
+    resource_version: Option<u64>,
+    initial_events: bool,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+}
+
+fn start_watch(shared: &Shared, cancel: &CancellationToken, watch: WatchRequest) -> HttpResponse {
+    let (lines, events, progress) = {
+        let state = shared.state.lock().expect("fake API state poisoned");
+        let mut lines = Vec::new();
+        match watch.resource_version {
+            Some(version) if version > state.resource_version => {
+                return too_large_resource_version(version, state.resource_version);
+            }
+            // Too old: the real server answers 200 and ends the stream with this ERROR event,
+            // which is what makes clients fall back to a fresh list.
+            Some(version) if version < state.oldest_watchable && !watch.initial_events => {
+                lines.push(expired_event(version, state.oldest_watchable));
+                return watch_response(stream_of_lines(lines));
+            }
+            // From a version: replay what happened after it.
+            Some(version) if !watch.initial_events => {
+                for change in state
+                    .history
+                    .iter()
+                    .filter(|c| c.resource_version > version)
+                {
+                    if let Some(line) = watch_line(&watch, change) {
+                        lines.push(line);
+                    }
+                }
+            }
+            // "", "0" or sendInitialEvents: the current state as synthetic ADDED events.
+            _ => {
+                for (key, object) in &state.objects {
+                    if key.0 == watch.kind && watch.selector.matches(object) {
+                        lines.push(event_line("ADDED", object));
+                    }
+                }
+                if watch.initial_events {
+                    lines.push(bookmark_line(watch.kind, state.resource_version, true));
+                }
+            }
+        }
+        (lines, state.events.subscribe(), state.resource_version)
+    };
+
+    let (sender, receiver) = mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(run_watch(
+        watch,
+        lines,
+        events,
+        progress,
+        sender,
+        cancel.clone(),
+    ));
+    watch_response(Body::from_stream(ReceiverStream::new(receiver)))
+}
+
+async fn run_watch(
+    watch: WatchRequest,
+    initial: Vec<Bytes>,
+    mut events: broadcast::Receiver<Message>,
+    mut progress: u64,
+    sender: mpsc::Sender<Result<Bytes, Infallible>>,
+    cancel: CancellationToken,
+) {
+    for line in initial {
+        if sender.send(Ok(line)).await.is_err() {
+            return;
+        }
+    }
+    let deadline = watch
+        .timeout
+        .map(|timeout| tokio::time::Instant::now() + timeout);
+    let mut bookmarks = tokio::time::interval_at(
+        tokio::time::Instant::now() + BOOKMARK_INTERVAL,
+        BOOKMARK_INTERVAL,
+    );
+    loop {
+        let line = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = sender.closed() => return,
+            _ = sleep_until_deadline(deadline) => return,
+            _ = bookmarks.tick(), if watch.bookmarks => {
+                // `progress` only moves when this watcher has taken the change off its queue,
+                // so a client resuming from the bookmark cannot skip an undelivered event.
+                bookmark_line(watch.kind, progress, false)
+            }
+            message = events.recv() => match message {
+                Ok(Message::Change(change)) => {
+                    progress = change.resource_version;
+                    match watch_line(&watch, &change) {
+                        Some(line) => line,
+                        None => continue,
+                    }
+                }
+                Ok(Message::Expired { oldest }) => {
+                    // Ends the watch, as an apiserver does when the revision it follows is
+                    // compacted away: the client must relist.
+                    let _ = sender.send(Ok(expired_event(progress, oldest))).await;
+                    return;
+                }
+                // Lagged: the real server closes watchers that fall behind; Closed: gone.
+                Err(_) => return,
+            },
+        };
+        if sender.send(Ok(line)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn sleep_until_deadline(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What one watcher sees of a change: the type depends on whether the object matched the
+/// watcher's selector before and after, as in the real server's watch cache.
+fn watch_line(watch: &WatchRequest, change: &Change) -> Option<Bytes> {
+    if change.key.0 != watch.kind {
+        return None;
+    }
+    let matched_before = change
+        .before
+        .as_ref()
+        .is_some_and(|before| watch.selector.matches(before));
+    let matches_now = change
+        .after
+        .as_ref()
+        .is_some_and(|after| watch.selector.matches(after));
+    match (matched_before, matches_now, &change.after) {
+        (false, true, Some(after)) => Some(event_line("ADDED", after)),
+        (true, true, Some(after)) => Some(event_line("MODIFIED", after)),
+        (true, false, _) => {
+            // Gone from this watcher's view (deleted, or no longer selected): the last state it
+            // matched in, stamped with the change's resourceVersion so the client advances.
+            let mut last = change.before.as_ref()?.as_ref().clone();
+            last["metadata"]["resourceVersion"] = json!(change.resource_version.to_string());
+            Some(event_line("DELETED", &last))
+        }
+        _ => None,
+    }
+}
+
+fn event_line(event_type: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": event_type, "object": object}))
+        .expect("watch event to JSON");
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn bookmark_line(kind: Kind, resource_version: u64, initial_events_end: bool) -> Bytes {
+    let mut metadata = json!({"resourceVersion": resource_version.to_string()});
+    if initial_events_end {
+        metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    event_line(
+        "BOOKMARK",
+        &json!({"kind": kind.name(), "apiVersion": "v1", "metadata": metadata}),
+    )
+}
+
+fn expired_event(requested: u64, oldest: u64) -> Bytes {
+    let status = failure_status(
+        410,
+        "Expired",
+        &format!("too old resource version: {requested} ({oldest})"),
+        None,
+    );
+    event_line(
+        "ERROR",
+        &serde_json::to_value(status).expect("status to JSON"),
+    )
+}
+
+fn stream_of_lines(lines: Vec<Bytes>) -> Body {
+    Body::from_stream(futures::stream::iter(
+        lines.into_iter().map(Ok::<_, Infallible>),
+    ))
+}
+
+fn watch_response(body: Body) -> HttpResponse {
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .expect("watch response")
+}
+
+fn too_large_resource_version(requested: u64, current: u64) -> HttpResponse {
+    status_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        "Timeout",
+        &format!("Too large resource version: {requested}, current: {current}"),
+        Some(StatusDetails {
+            retry_after_seconds: Some(1),
+            ..StatusDetails::default()
+        }),
+    )
+}
+
+/// Field and label requirements of one request, plus the namespace from its path.
+struct Selector {
+    namespace: Option<String>,
+    fields: Vec<FieldRequirement>,
+    labels: Vec<LabelRequirement>,
+}
+
+struct FieldRequirement {
+    field: String,
+    value: String,
+    equal: bool,
+}
+
+enum LabelRequirement {
+    Equals(String, String),
+    NotEquals(String, String),
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Selector {
+    fn parse(
+        kind: Kind,
+        namespace: Option<&str>,
+        fields: &str,
+        labels: &str,
+    ) -> Result<Selector, String> {
+        let fields = parse_field_selector(kind, fields).map_err(|error| {
+            format!(
+                "Unable to find \"/v1, Resource={}\" that match label selector \"{labels}\", field selector \"{fields}\": {error}",
+                kind.plural()
+            )
+        })?;
+        Ok(Selector {
+            namespace: namespace.map(str::to_string),
+            fields,
+            labels: parse_label_selector(labels)?,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.fields.is_empty() && self.labels.is_empty()
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let metadata = &object["metadata"];
+        if let Some(namespace) = &self.namespace {
+            if metadata["namespace"].as_str() != Some(namespace) {
+                return false;
+            }
+        }
+        let fields_match = self.fields.iter().all(|requirement| {
+            let actual = requirement
+                .field
+                .split('.')
+                .fold(object, |value, part| &value[part]);
+            // An unset field selects as the empty string, as on the real server.
+            (actual.as_str().unwrap_or("") == requirement.value) == requirement.equal
+        });
+        let label = |key: &str| metadata["labels"][key].as_str();
+        fields_match
+            && self.labels.iter().all(|requirement| match requirement {
+                LabelRequirement::Equals(key, value) => label(key) == Some(value),
+                LabelRequirement::NotEquals(key, value) => label(key) != Some(value),
+                LabelRequirement::In(key, values) => {
+                    label(key).is_some_and(|v| values.iter().any(|value| value == v))
+                }
+                LabelRequirement::NotIn(key, values) => {
+                    label(key).is_none_or(|v| values.iter().all(|value| value != v))
+                }
+                LabelRequirement::Exists(key) => label(key).is_some(),
+                LabelRequirement::DoesNotExist(key) => label(key).is_none(),
+            })
+    }
+}
+
+fn parse_field_selector(kind: Kind, selector: &str) -> Result<Vec<FieldRequirement>, String> {
+    let mut requirements = Vec::new();
+    for term in selector.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+        let (field, value, equal) = if let Some((field, value)) = term.split_once("!=") {
+            (field, value, false)
+        } else if let Some((field, value)) = term.split_once("==") {
+            (field, value, true)
+        } else if let Some((field, value)) = term.split_once('=') {
+            (field, value, true)
+        } else {
+            return Err(format!(
+                "invalid selector: '{selector}'; can't understand '{term}'"
+            ));
+        };
+        let field = field.trim();
+        if !kind.selectable_fields().contains(&field) {
+            return Err(format!("field label not supported: {field}"));
+        }
+        requirements.push(FieldRequirement {
+            field: field.to_string(),
+            value: value.trim().to_string(),
+            equal,
+        });
+    }
+    Ok(requirements)
+}
+
+fn parse_label_selector(selector: &str) -> Result<Vec<LabelRequirement>, String> {
+    let invalid =
+        |term: &str| format!("unable to parse requirement: found '{term}', expected: identifier");
+    let valid_key = |key: &str| {
+        !key.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
+    };
+    let mut requirements = Vec::new();
+    for term in split_outside_parentheses(selector) {
+        let term = term.trim();
+        if term.is_empty() {
+            continue;
+        }
+        let requirement = if let Some(key) = term.strip_prefix('!') {
+            LabelRequirement::DoesNotExist(key.trim().to_string())
+        } else if let Some((head, rest)) = term.split_once('(') {
+            let values = rest
+                .strip_suffix(')')
+                .ok_or_else(|| invalid(term))?
+                .split(',')
+                .map(|value| value.trim().to_string())
+                .collect();
+            match head.split_whitespace().collect::<Vec<_>>().as_slice() {
+                [key, "in"] => LabelRequirement::In(key.to_string(), values),
+                [key, "notin"] => LabelRequirement::NotIn(key.to_string(), values),
+                _ => return Err(invalid(term)),
+            }
+        } else if let Some((key, value)) = term.split_once("!=") {
+            LabelRequirement::NotEquals(key.trim().to_string(), value.trim().to_string())
+        } else if let Some((key, value)) = term.split_once("==") {
+            LabelRequirement::Equals(key.trim().to_string(), value.trim().to_string())
+        } else if let Some((key, value)) = term.split_once('=') {
+            LabelRequirement::Equals(key.trim().to_string(), value.trim().to_string())
+        } else {
+            LabelRequirement::Exists(term.to_string())
+        };
+        let key = match &requirement {
+            LabelRequirement::Equals(key, _)
+            | LabelRequirement::NotEquals(key, _)
+            | LabelRequirement::In(key, _)
+            | LabelRequirement::NotIn(key, _)
+            | LabelRequirement::Exists(key)
+            | LabelRequirement::DoesNotExist(key) => key,
+        };
+        if !valid_key(key) {
+            return Err(invalid(term));
+        }
+        requirements.push(requirement);
+    }
+    Ok(requirements)
+}
+
+/// Splits `a=b,c in (d,e)` at the commas between requirements, not those inside a value set.
+fn split_outside_parentheses(selector: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in selector.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(&selector[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&selector[start..]);
+    parts
+}
+
+fn now() -> k8s_openapi::jiff::Timestamp {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    k8s_openapi::jiff::Timestamp::from_second(since_epoch.as_secs() as i64)
+        .expect("a representable time")
+}
+
+fn version_info() -> Info {
+    Info {
+        major: "1".into(),
+        minor: "33".into(),
+        emulation_major: Some("1".into()),
+        emulation_minor: Some("33".into()),
+        min_compatibility_major: Some("1".into()),
+        min_compatibility_minor: Some("32".into()),
+        git_version: "v1.33.0".into(),
+        git_commit: "60a317eadfcb839692a68eab88b2096f4d708f4f".into(),
+        git_tree_state: "clean".into(),
+        build_date: "2025-04-23T13:00:00Z".into(),
+        go_version: "go1.24.2".into(),
+        compiler: "gc".into(),
+        platform: "linux/amd64".into(),
+    }
+}
+
+fn api_versions(addr: SocketAddr) -> APIVersions {
+    APIVersions {
+        versions: vec!["v1".into()],
+        server_address_by_client_cidrs: vec![ServerAddressByClientCIDR {
+            client_cidr: "0.0.0.0/0".into(),
+            server_address: addr.to_string(),
+        }],
+    }
+}
+
+fn core_v1_resources() -> APIResourceList {
+    let resource = |kind: Kind| APIResource {
+        name: kind.plural().into(),
+        singular_name: kind.singular().into(),
+        namespaced: kind.namespaced(),
+        kind: kind.name().into(),
+        // Only what the fake serves: a client that would write gets told so by discovery.
+        verbs: vec!["get".into(), "list".into(), "watch".into()],
+        short_names: Some(vec![kind.short_name().into()]),
+        categories: (kind == Kind::Pod).then(|| vec!["all".into()]),
+        ..APIResource::default()
+    };
+    APIResourceList {
+        group_version: "v1".into(),
+        resources: vec![
+            resource(Kind::Namespace),
+            resource(Kind::Node),
+            resource(Kind::Pod),
+        ],
+    }
+}
+
+fn failure_status(
+    code: u16,
+    reason: &str,
+    message: &str,
+    details: Option<StatusDetails>,
+) -> Status {
+    Status {
+        status: Some("Failure".into()),
+        code: Some(i32::from(code)),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        details,
+        ..Status::default()
+    }
+}
+
+fn status_response(
+    code: StatusCode,
+    reason: &str,
+    message: &str,
+    details: Option<StatusDetails>,
+) -> HttpResponse {
+    json_response(
+        code,
+        &failure_status(code.as_u16(), reason, message, details),
+    )
+}
+
+fn not_found_path() -> HttpResponse {
+    status_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "the server could not find the requested resource",
+        Some(StatusDetails::default()),
+    )
+}
+
+/// A failure injected by `fail_next`, shaped like the real server's for that status.
+fn injected_failure(status: u16) -> HttpResponse {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (reason, message) = match code.as_u16() {
+        400 => ("BadRequest", "the server rejected our request for an unknown reason"),
+        401 => ("Unauthorized", "Unauthorized"),
+        403 => ("Forbidden", "forbidden"),
+        404 => ("NotFound", "the server could not find the requested resource"),
+        409 => ("Conflict", "the object has been modified; please apply your changes to the latest version and try again"),
+        410 => ("Expired", "too old resource version"),
+        429 => ("TooManyRequests", "the server has received too many requests and has asked us to try again later"),
+        503 => ("ServiceUnavailable", "the server is currently unable to handle the request"),
+        504 => ("Timeout", "the server was unable to return a response in the time allotted, but may still be processing the request"),
+        _ => ("InternalError", "an error on the server has prevented the request from succeeding"),
+    };
+    let retry = matches!(code.as_u16(), 429 | 503 | 504);
+    let details = retry.then(|| StatusDetails {
+        retry_after_seconds: Some(1),
+        ..StatusDetails::default()
+    });
+    let mut response = json_response(
+        code,
+        &failure_status(code.as_u16(), reason, message, details),
+    );
+    if retry {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn json_response(code: StatusCode, body: &impl serde::Serialize) -> HttpResponse {
+    Response::builder()
+        .status(code)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            serde_json::to_vec(body).expect("response to JSON"),
+        ))
+        .expect("response")
+}

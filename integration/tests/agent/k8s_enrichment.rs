@@ -1,0 +1,295 @@
+//! End to end through the real `podscope` binary and a Kubernetes API server reached through a
+//! kubeconfig (the fake in `podscope_integration::fake_kube`, checked against kubectl in its own
+//! test): a shell runs in a kubelet-style cgroup made by the test, the API server serves its pod
+//! (owned by ReplicaSet `web-7d4b9c8f6` of Deployment `web`), and the eBPF receiver's data for
+//! that cgroup leaves the agent carrying the pod's `k8s.*` attributes. Then the API server goes
+//! away (data keeps flowing, still enriched, `/readyz` says why it is not ready), comes back
+//! (ready again), and the pod is deleted (data within `pod_delete_delay` is still enriched).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod, PodSpec, PodStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use podscope_integration::agent::{free_port, AgentProcess};
+use podscope_integration::fake_kube::FakeApiServer;
+use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+
+const NODE: &str = "node-e2e";
+
+fn pod(name: &str, uid: &str, node: &str, container_id: &str) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("shop".into()),
+            uid: Some(uid.into()),
+            labels: Some(BTreeMap::from([
+                ("pod-template-hash".into(), "7d4b9c8f6".into()),
+                ("app".into(), "web".into()),
+            ])),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "apps/v1".into(),
+                kind: "ReplicaSet".into(),
+                name: "web-7d4b9c8f6".into(),
+                uid: "5f0c1e2d-0000-4000-8000-000000000001".into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![Container {
+                name: "app".into(),
+                image: Some("registry.example.com/shop/web:1.4.2".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.244.1.7".into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "app".into(),
+                container_id: Some(format!("containerd://{container_id}")),
+                image: "registry.example.com/shop/web:1.4.2".into(),
+                image_id: "registry.example.com/shop/web@sha256:00".into(),
+                ready: true,
+                restart_count: 1,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Resource attributes of every ResourceMetrics in the file from line `from` on, as strings.
+fn resources(out: &Path, from: usize) -> Vec<BTreeMap<String, String>> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let mut found = Vec::new();
+    // The last line may still be being written: only whole lines.
+    let complete = text.rsplit_once('\n').map_or("", |(whole, _)| whole);
+    for line in complete.lines().skip(from) {
+        let value: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+        for rm in value["resourceMetrics"].as_array().into_iter().flatten() {
+            let mut attrs = BTreeMap::new();
+            for kv in rm["resource"]["attributes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let v = &kv["value"];
+                let text = v["stringValue"]
+                    .as_str()
+                    .map(str::to_string)
+                    .or_else(|| v["intValue"].as_str().map(str::to_string))
+                    .or_else(|| v["intValue"].as_i64().map(|i| i.to_string()))
+                    .unwrap_or_else(|| v.to_string());
+                attrs.insert(kv["key"].as_str().unwrap().to_string(), text);
+            }
+            found.push(attrs);
+        }
+    }
+    found
+}
+
+fn line_count(out: &Path) -> usize {
+    std::fs::read_to_string(out)
+        .map(|t| t.matches('\n').count())
+        .unwrap_or(0)
+}
+
+/// Waits (at most 60 s) for a resource of `cgroup_path` written after line `from`.
+async fn next_resource_of(out: &Path, from: usize, cgroup_path: &str) -> BTreeMap<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(r) = resources(out, from)
+            .into_iter()
+            .find(|r| r.get("podscope.cgroup.path").map(String::as_str) == Some(cgroup_path))
+        {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no data for {cgroup_path} after line {from} within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn agent_metrics(port: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .expect("agent /metrics")
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Waits (at most 60 s) until the agent's `/metrics` contains `line`.
+async fn wait_for_metric(port: u16, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent_metrics(port).await.contains(line) {
+        assert!(
+            Instant::now() < deadline,
+            "no {line:?} in /metrics within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits (at most 60 s) until `/readyz` answers `ready`, returning its last body.
+async fn wait_for_readyz(port: u16, ready: bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .expect("agent /readyz");
+        let ok = response.status().is_success();
+        let body = response.text().await.unwrap();
+        if ok == ready {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz still {body:?} after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_enriched(r: &BTreeMap<String, String>, uid: &str, container_id: &str, when: &str) {
+    let expected = [
+        ("k8s.namespace.name", "shop"),
+        ("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
+        ("k8s.pod.uid", uid),
+        ("k8s.pod.ip", "10.244.1.7"),
+        ("k8s.node.name", NODE),
+        ("k8s.container.name", "app"),
+        ("k8s.container.restart_count", "1"),
+        ("container.id", container_id),
+        ("container.image.name", "registry.example.com/shop/web"),
+        ("k8s.deployment.name", "web"),
+        ("k8s.replicaset.name", "web-7d4b9c8f6"),
+        ("service.name", "web"),
+        ("service.namespace", "shop"),
+        ("service.version", "1.4.2"),
+    ];
+    for (key, value) in expected {
+        assert_eq!(
+            r.get(key).map(String::as_str),
+            Some(value),
+            "{when}: {key} in {r:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_data_is_enriched_through_an_api_outage_and_after_the_pod_is_deleted() {
+    let (uid, container_id) = unique_ids();
+    let mut cgroup = PodCgroup::new(&uid, &container_id);
+    let cgroup_path = cgroup.relative_path().to_string();
+    cgroup.spawn_shell("while :; do cat /proc/loadavg >/dev/null; sleep 0.05; done");
+
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("web-7d4b9c8f6-x2x7k", &uid, NODE, &container_id));
+    // Another node's pod: the agent must not even receive it.
+    api.apply_pod(pod(
+        "web-7d4b9c8f6-other",
+        "5f0c1e2d-0000-4000-8000-0000000000ff",
+        "node-elsewhere",
+        &"f".repeat(64),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let out = dir.path().join("out.jsonl");
+    let telemetry_port = free_port();
+    let config = format!(
+        r#"
+receivers:
+  ebpf:
+    collection_interval: 300ms
+    cgroup_filter:
+      include: ["{cgroup_path}"]
+    probes:
+      syscalls: {{ latency: false, errors: false, required: true }}
+processors:
+  k8sattributes:
+    auth_type: kubeConfig
+    pod_delete_delay: 120s
+exporters:
+  file:
+    path: {out}
+service:
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{telemetry_port}
+  pipelines:
+    metrics:
+      receivers: [ebpf]
+      processors: [k8sattributes]
+      exporters: [file]
+"#,
+        out = out.display()
+    );
+    // Ready means the pod list is synced: the first data is enriched.
+    let agent = AgentProcess::start_with_env(
+        env!("CARGO_BIN_EXE_podscope"),
+        &config,
+        telemetry_port,
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("NODE_NAME", NODE),
+        ],
+    )
+    .await;
+    let first = next_resource_of(&out, 0, &cgroup_path).await;
+    assert_enriched(&first, &uid, &container_id, "with the API server up");
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.contains("/api/v1/pods?")
+                && r.contains("fieldSelector=spec.nodeName%3Dnode-e2e")),
+        "the pod list must be scoped to the node: {:?}",
+        api.requests()
+    );
+    let metrics = agent_metrics(telemetry_port).await;
+    assert!(
+        metrics.contains(
+            r#"podscope_k8sattributes_pods{processor="processor/k8sattributes",state="live"} 1"#
+        ),
+        "only this node's pod is cached:\n{metrics}"
+    );
+
+    // The API server goes away: data keeps flowing, enriched from the cache.
+    api.stop().await;
+    let why = wait_for_readyz(telemetry_port, false).await;
+    assert!(why.contains("pod metadata not synced"), "{why}");
+    let during = next_resource_of(&out, line_count(&out), &cgroup_path).await;
+    assert_enriched(&during, &uid, &container_id, "with the API server down");
+
+    // It comes back: the watch resumes and the agent is ready again.
+    api.restart().await;
+    wait_for_readyz(telemetry_port, true).await;
+
+    // The pod is deleted: within pod_delete_delay its data is still enriched.
+    assert!(api.delete_pod("shop", "web-7d4b9c8f6-x2x7k"));
+    wait_for_metric(
+        telemetry_port,
+        r#"podscope_k8sattributes_pods{processor="processor/k8sattributes",state="deleted"} 1"#,
+    )
+    .await;
+    let after = next_resource_of(&out, line_count(&out), &cgroup_path).await;
+    assert_enriched(&after, &uid, &container_id, "after the pod was deleted");
+
+    let metrics = agent_metrics(telemetry_port).await;
+    assert!(
+        metrics.contains(r#"podscope_k8sattributes_watch_errors_total{processor="processor/k8sattributes",resource="pods"}"#),
+        "the outage is counted:\n{metrics}"
+    );
+    agent.sigterm();
+    let status = agent.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "podscope exited with {status:?}");
+}
