@@ -12,6 +12,7 @@ pub mod config;
 pub mod consumer;
 pub mod delivery;
 pub mod health;
+pub mod pods;
 pub mod queue;
 pub mod telemetry;
 

@@ -293,3 +293,108 @@ service:
     let status = agent.wait(Duration::from_secs(30)).await;
     assert!(status.success(), "podscope exited with {status:?}");
 }
+
+/// `cgroup_filter.pods` selects cgroups in the kernel by namespace and labels, through the
+/// k8sattributes cache, and follows pods as they come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_filter_selects_pods_by_namespace_and_labels_and_follows_new_pods() {
+    let script = "while :; do cat /proc/loadavg >/dev/null; sleep 0.05; done";
+    let (web_uid, web_container) = unique_ids();
+    let mut web = PodCgroup::new(&web_uid, &web_container);
+    web.spawn_shell(script);
+    // Same labels, other namespace: never selected.
+    let (db_uid, db_container) = (
+        "5f0c1e2d-0000-4000-8000-0000000000db".to_string(),
+        "db".repeat(32),
+    );
+    let mut db = PodCgroup::new(&db_uid, &db_container);
+    db.spawn_shell(script);
+    // A pod the API server does not know yet, running already.
+    let (late_uid, late_container) = (
+        "5f0c1e2d-0000-4000-8000-0000000000a7".to_string(),
+        "a7".repeat(32),
+    );
+    let mut late = PodCgroup::new(&late_uid, &late_container);
+    late.spawn_shell(script);
+
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("web-7d4b9c8f6-x2x7k", &web_uid, NODE, &web_container));
+    let mut other = pod("web-7d4b9c8f6-db000", &db_uid, NODE, &db_container);
+    other.metadata.namespace = Some("backoffice".into());
+    api.apply_pod(other);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let out = dir.path().join("out.jsonl");
+    let telemetry_port = free_port();
+    let config = format!(
+        r#"
+receivers:
+  ebpf:
+    collection_interval: 300ms
+    cgroup_filter:
+      pods:
+        namespaces: [shop]
+        labels: app=web,pod-template-hash
+    probes:
+      syscalls: {{ latency: false, errors: false, required: true }}
+processors:
+  k8sattributes:
+    auth_type: kubeConfig
+    filter:
+      node: {NODE}
+exporters:
+  file:
+    path: {out}
+service:
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{telemetry_port}
+  pipelines:
+    metrics:
+      receivers: [ebpf]
+      processors: [k8sattributes]
+      exporters: [file]
+"#,
+        out = out.display()
+    );
+    let agent = AgentProcess::start_with_env(
+        env!("CARGO_BIN_EXE_podscope"),
+        &config,
+        telemetry_port,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let first = next_resource_of(&out, 0, web.relative_path()).await;
+    assert_enriched(&first, &web_uid, &web_container, "selected pod");
+    // Three more collections of the selected pod, and still nothing of the others.
+    for _ in 0..3 {
+        next_resource_of(&out, line_count(&out), web.relative_path()).await;
+    }
+    let seen: Vec<String> = resources(&out, 0)
+        .into_iter()
+        .filter_map(|r| r.get("podscope.cgroup.path").cloned())
+        .collect();
+    assert!(
+        seen.iter().all(|p| p == web.relative_path()),
+        "only the selected pod's cgroup is observed: {seen:?}"
+    );
+
+    // The late pod appears in the API: the kernel filter takes it in without a restart.
+    api.apply_pod(pod("web-7d4b9c8f6-late0", &late_uid, NODE, &late_container));
+    let late_data = next_resource_of(&out, line_count(&out), late.relative_path()).await;
+    assert_eq!(
+        late_data.get("k8s.pod.name").map(String::as_str),
+        Some("web-7d4b9c8f6-late0")
+    );
+    assert!(
+        !resources(&out, 0)
+            .iter()
+            .any(|r| r.get("podscope.cgroup.path").map(String::as_str) == Some(db.relative_path())),
+        "the other namespace's pod is never observed"
+    );
+
+    agent.sigterm();
+    let status = agent.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "podscope exited with {status:?}");
+}

@@ -60,6 +60,7 @@ impl ProcessorBuilder for K8sAttributesConfig {
         let shared = ctx
             .shared
             .get_or_insert(&ctx.id, || Shared::new(config, &ctx))?;
+        ctx.shared.publish_pod_directory(&ctx.id, shared.clone());
         Ok(Arc::new(K8sAttributesProcessor {
             shared,
             signal,
@@ -104,6 +105,8 @@ pub struct Shared {
     watch_errors: Family<watch::WatchLabels, Counter>,
     /// Live pods, deleted pods kept for the delay.
     pods: [Gauge; 2],
+    /// Bumped on every pod change, for components that select pods (see `PodDirectory`).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Pipelines started; the watch runs from the first start to the last shutdown.
     started: AtomicUsize,
     watch: tokio::sync::Mutex<Option<(CancellationToken, Vec<tokio::task::JoinHandle<()>>)>>,
@@ -177,6 +180,7 @@ impl Shared {
             unresolved: Family::default(),
             watch_errors: Family::default(),
             pods: [pods_in_state("live"), pods_in_state("deleted")],
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             started: AtomicUsize::new(0),
             watch: tokio::sync::Mutex::new(None),
             config,
@@ -236,6 +240,7 @@ impl Shared {
                         watch_errors: self.watch_errors.clone(),
                         pods: self.pods.clone(),
                         synced: self.synced.clone(),
+                        changes: self.changes.clone(),
                     },
                     cancel.clone(),
                 );
@@ -275,6 +280,7 @@ impl Shared {
                 self.synced.store(true, Ordering::SeqCst);
             }
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Pods in the cache.
@@ -432,6 +438,26 @@ fn int_attr(attributes: &[KeyValue], key: &str) -> Option<i64> {
             _ => None,
         }
     })
+}
+
+impl podscope_core::pods::PodDirectory for Shared {
+    fn pod_matches(
+        &self,
+        pod_uid: &str,
+        namespaces: &[String],
+        labels: &[podscope_core::pods::LabelRequirement],
+    ) -> bool {
+        let store = self.store.read().unwrap_or_else(|e| e.into_inner());
+        let Some(pod) = store.live_pod(pod_uid) else {
+            return false;
+        };
+        (namespaces.is_empty() || namespaces.iter().any(|ns| **ns == *pod.namespace))
+            && labels.iter().all(|r| r.matches(|k| pod.label(k)))
+    }
+
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
 }
 
 pub struct K8sAttributesProcessor {

@@ -217,6 +217,14 @@ impl PodStore {
         self.found(uid, None)
     }
 
+    /// The pod with this UID, unless it was deleted.
+    pub fn live_pod(&self, uid: &str) -> Option<&Arc<PodMeta>> {
+        self.by_uid
+            .get(uid)
+            .filter(|e| e.deleted_at.is_none())
+            .map(|e| &e.pod)
+    }
+
     /// Pods kept, including deleted ones still within the delay.
     pub fn len(&self) -> usize {
         self.by_uid.len()

@@ -119,6 +119,8 @@ pub struct WatchContext {
     pub pods: [prometheus_client::metrics::gauge::Gauge; 2],
     /// Set at the first complete listing of pods.
     pub synced: Arc<std::sync::atomic::AtomicBool>,
+    /// Bumped when pods change (the receiver's kernel-side filter follows it).
+    pub changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl WatchContext {
@@ -361,6 +363,8 @@ async fn watch_pods(
                 }
             }
             ctx.count_pods(&store);
+            drop(store);
+            ctx.changes.send_modify(|n| *n = n.wrapping_add(1));
             listed
         },
     )

@@ -41,6 +41,31 @@ pub struct CgroupFilterConfig {
     pub include: Vec<String>,
     /// Never observe cgroups matching one of these globs.
     pub exclude: Vec<String>,
+    /// Also observe the cgroups of these pods, selected through a `k8sattributes` processor's
+    /// cache and kept current as pods come and go.
+    pub pods: Option<PodFilterConfig>,
+}
+
+/// `cgroup_filter.pods:` — pods by namespace and labels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodFilterConfig {
+    /// The `k8sattributes` processor (in this agent's config) whose cache knows the pods.
+    pub processor: String,
+    /// Pods in any of these namespaces (any namespace when empty).
+    pub namespaces: Vec<String>,
+    /// An equality-based label selector, as `kubectl -l` takes it: `app=web,tier!=batch`.
+    pub labels: Option<String>,
+}
+
+impl Default for PodFilterConfig {
+    fn default() -> Self {
+        PodFilterConfig {
+            processor: "k8sattributes".to_string(),
+            namespaces: Vec::new(),
+            labels: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -230,6 +255,21 @@ impl ComponentConfig for EbpfReceiverConfig {
         for (i, glob) in self.cgroup_filter.include.iter().enumerate() {
             if let Err(e) = super::cgroups::CgroupGlob::new(glob) {
                 errors.push(FieldError::new(format!("cgroup_filter.include[{i}]"), e));
+            }
+        }
+        if let Some(pods) = &self.cgroup_filter.pods {
+            match podscope_core::ComponentId::parse(&pods.processor) {
+                Ok(id) if id.type_name() == "k8sattributes" => {}
+                Ok(_) => errors.push(FieldError::new(
+                    "cgroup_filter.pods.processor",
+                    format!("{:?} is not a k8sattributes processor id", pods.processor),
+                )),
+                Err(e) => errors.push(FieldError::new("cgroup_filter.pods.processor", e)),
+            }
+            if let Some(labels) = &pods.labels {
+                if let Err(e) = podscope_core::pods::parse_label_selector(labels) {
+                    errors.push(FieldError::new("cgroup_filter.pods.labels", e));
+                }
             }
         }
         for (i, glob) in self.cgroup_filter.exclude.iter().enumerate() {

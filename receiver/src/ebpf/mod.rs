@@ -245,11 +245,37 @@ impl EbpfReceiver {
         Ok(())
     }
 
+    /// `cgroup_filter.pods` resolved to the named processor's pod cache.
+    fn pod_selection(&self) -> anyhow::Result<Option<probes::PodSelection>> {
+        let Some(pods) = &self.config.cgroup_filter.pods else {
+            return Ok(None);
+        };
+        let id = podscope_core::ComponentId::parse(&pods.processor).map_err(anyhow::Error::msg)?;
+        let directory = self.ctx.shared.pod_directory(&id).ok_or_else(|| {
+            anyhow::anyhow!(
+                "receiver {}: cgroup_filter.pods selects pods through processor {id}, which is not in any pipeline of this config; add it (processors: {id}: ...) to a pipeline",
+                self.ctx.id
+            )
+        })?;
+        let labels = match &pods.labels {
+            Some(selector) => {
+                podscope_core::pods::parse_label_selector(selector).map_err(anyhow::Error::msg)?
+            }
+            None => Vec::new(),
+        };
+        Ok(Some(probes::PodSelection {
+            directory,
+            namespaces: pods.namespaces.clone(),
+            labels,
+        }))
+    }
+
     fn load_probes(&self) -> anyhow::Result<(Loaded, CgroupFilter)> {
         let features = KernelFeatures::detect(&self.config.btf_path);
         let filter = CgroupFilter::new(
             &self.config.cgroup_filter.include,
             &self.config.cgroup_filter.exclude,
+            self.pod_selection()?,
         );
         let agent_tgid = std::process::id();
         let common = |extra: Vec<Global>| {
@@ -411,7 +437,9 @@ impl Component for EbpfReceiver {
         }
 
         let (collect_now, requests) = mpsc::channel(4);
+        let pod_changes = filter.pod_changes();
         let collector = Collector {
+            pod_changes,
             loaded,
             filter,
             index: CgroupIndex::new(root),
@@ -536,6 +564,23 @@ fn drain_ring(ring: &mut RingBuf<aya::maps::MapData>, table: &ProcessTable) -> u
     n
 }
 
+/// How long pod changes are gathered before the kernel filter is brought up to date.
+const POD_CHANGE_SETTLE: Duration = Duration::from_millis(200);
+
+/// The next pod change; never, without a pod selection (or once its cache is gone).
+async fn pod_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match changes {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(()),
+            Err(_) => {
+                *changes = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads the maps every interval (or on request) and sends the data points.
 struct Collector {
     loaded: Loaded,
@@ -554,6 +599,8 @@ struct Collector {
     /// TCP peers kept per cgroup (the cap is sticky: the first `tcp_max_peers` seen).
     tcp_peers: BTreeMap<u64, HashSet<(String, u16, u8, bool)>>,
     tcp_max_peers: usize,
+    /// Pod changes in the cache `cgroup_filter.pods` selects through.
+    pod_changes: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl Collector {
@@ -576,6 +623,15 @@ impl Collector {
                 Some(ack) = requests.recv() => {
                     self.collect().await;
                     let _ = ack.send(());
+                }
+                Some(()) = pod_changed(&mut self.pod_changes) => {
+                    // A list or a rollout changes many pods at once: let them settle, then walk
+                    // the cgroups once.
+                    tokio::time::sleep(POD_CHANGE_SETTLE).await;
+                    if let Some(changes) = &mut self.pod_changes {
+                        changes.mark_unchanged();
+                    }
+                    self.refresh_cgroups();
                 }
             }
         }

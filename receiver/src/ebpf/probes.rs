@@ -229,23 +229,43 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Pods the filter includes, resolved through a Kubernetes processor's cache.
+#[derive(Clone)]
+pub struct PodSelection {
+    pub directory: std::sync::Arc<dyn podscope_core::pods::PodDirectory>,
+    pub namespaces: Vec<String>,
+    pub labels: Vec<podscope_core::pods::LabelRequirement>,
+}
+
+impl PodSelection {
+    fn selects(&self, path: &str) -> bool {
+        podscope_core::cgroup::parse_container_cgroup(path)
+            .and_then(|c| c.pod_uid)
+            .is_some_and(|uid| {
+                self.directory
+                    .pod_matches(&uid, &self.namespaces, &self.labels)
+            })
+    }
+}
+
 /// The kernel-side cgroup filter: mode 0 (everything), 1 (only listed ids), 2 (all but listed).
 #[derive(Clone)]
 pub struct CgroupFilter {
     pub mode: u32,
     include: Vec<CgroupGlob>,
     exclude: Vec<CgroupGlob>,
+    pods: Option<PodSelection>,
 }
 
 impl CgroupFilter {
-    pub fn new(include: &[String], exclude: &[String]) -> CgroupFilter {
+    pub fn new(include: &[String], exclude: &[String], pods: Option<PodSelection>) -> CgroupFilter {
         let globs = |list: &[String]| {
             list.iter()
                 .filter_map(|g| CgroupGlob::new(g).ok())
                 .collect::<Vec<_>>()
         };
         let (include, exclude) = (globs(include), globs(exclude));
-        let mode = if !include.is_empty() {
+        let mode = if !include.is_empty() || pods.is_some() {
             1
         } else if !exclude.is_empty() {
             2
@@ -256,7 +276,13 @@ impl CgroupFilter {
             mode,
             include,
             exclude,
+            pods,
         }
+    }
+
+    /// Changes of the pod cache the filter selects pods through.
+    pub fn pod_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.pods.as_ref().map(|p| p.directory.changes())
     }
 
     /// The ids to put in the kernel map for the current cgroups.
@@ -265,7 +291,8 @@ impl CgroupFilter {
             .iter()
             .filter(|(_, path)| match self.mode {
                 1 => {
-                    self.include.iter().any(|g| g.matches(path))
+                    (self.include.iter().any(|g| g.matches(path))
+                        || self.pods.as_ref().is_some_and(|p| p.selects(path)))
                         && !self.exclude.iter().any(|g| g.matches(path))
                 }
                 2 => self.exclude.iter().any(|g| g.matches(path)),
