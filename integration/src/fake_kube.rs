@@ -24,7 +24,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     APIGroupList, APIResource, APIResourceList, APIVersions, ListMeta, ServerAddressByClientCIDR,
     Status, StatusDetails, Time,
@@ -89,6 +89,7 @@ enum Kind {
     Pod,
     Namespace,
     Node,
+    Service,
 }
 
 /// Kind, namespace ("" when cluster-scoped) and name: ordered like the real server's storage
@@ -119,6 +120,7 @@ impl Kind {
             "pods" => Some(Kind::Pod),
             "namespaces" => Some(Kind::Namespace),
             "nodes" => Some(Kind::Node),
+            "services" => Some(Kind::Service),
             _ => None,
         }
     }
@@ -128,6 +130,7 @@ impl Kind {
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
             Kind::Node => "Node",
+            Kind::Service => "Service",
         }
     }
 
@@ -136,6 +139,7 @@ impl Kind {
             Kind::Pod => "pods",
             Kind::Namespace => "namespaces",
             Kind::Node => "nodes",
+            Kind::Service => "services",
         }
     }
 
@@ -144,6 +148,7 @@ impl Kind {
             Kind::Pod => "pod",
             Kind::Namespace => "namespace",
             Kind::Node => "node",
+            Kind::Service => "service",
         }
     }
 
@@ -152,11 +157,12 @@ impl Kind {
             Kind::Pod => "po",
             Kind::Namespace => "ns",
             Kind::Node => "no",
+            Kind::Service => "svc",
         }
     }
 
     fn namespaced(self) -> bool {
-        self == Kind::Pod
+        matches!(self, Kind::Pod | Kind::Service)
     }
 
     /// The fields the real server lets each kind be selected on; anything else is a 400 there,
@@ -175,6 +181,12 @@ impl Kind {
             ],
             Kind::Namespace => &["metadata.name", "metadata.namespace", "status.phase"],
             Kind::Node => &["metadata.name", "metadata.namespace"],
+            Kind::Service => &[
+                "metadata.name",
+                "metadata.namespace",
+                "spec.clusterIP",
+                "spec.type",
+            ],
         }
     }
 }
@@ -255,6 +267,19 @@ impl FakeApiServer {
             Kind::Node,
             serde_json::to_value(node).expect("node to JSON"),
         );
+    }
+
+    /// Creates or replaces a service (by namespace, "default" if unset, and name).
+    pub fn apply_service(&self, service: Service) {
+        self.apply(
+            Kind::Service,
+            serde_json::to_value(service).expect("service to JSON"),
+        );
+    }
+
+    /// Deletes a service; false if there was none.
+    pub fn delete_service(&self, namespace: &str, name: &str) -> bool {
+        self.delete((Kind::Service, namespace.to_string(), name.to_string()))
     }
 
     /// Deletes a pod at once (as with a zero grace period); false if there was none.
@@ -1226,7 +1251,7 @@ fn core_v1_resources() -> APIResourceList {
         // Only what the fake serves: a client that would write gets told so by discovery.
         verbs: vec!["get".into(), "list".into(), "watch".into()],
         short_names: Some(vec![kind.short_name().into()]),
-        categories: (kind == Kind::Pod).then(|| vec!["all".into()]),
+        categories: matches!(kind, Kind::Pod | Kind::Service).then(|| vec!["all".into()]),
         ..APIResource::default()
     };
     APIResourceList {
@@ -1235,6 +1260,7 @@ fn core_v1_resources() -> APIResourceList {
             resource(Kind::Namespace),
             resource(Kind::Node),
             resource(Kind::Pod),
+            resource(Kind::Service),
         ],
     }
 }

@@ -784,7 +784,7 @@ async fn errors_carry_status_bodies() {
 
     let response = get(&server, "/api/v1/pods?fieldSelector=spec.hostname%3Dx").await;
     assert_eq!(response.status(), 400);
-    let response = get(&server, "/api/v1/services").await;
+    let response = get(&server, "/api/v1/configmaps").await;
     assert_eq!(response.status(), 404);
 
     // A wrong credential is refused; none at all is how kubectl talks to a plain-HTTP server.

@@ -398,3 +398,180 @@ service:
     let status = agent.wait(Duration::from_secs(30)).await;
     assert!(status.success(), "podscope exited with {status:?}");
 }
+
+/// `peers.enabled`: data naming a peer address says which pod (on any node) or Service it is,
+/// from a cluster-wide watch of pods and services. The data arrives over OTLP from a real client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_addresses_are_named_after_their_pod_or_service() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    };
+
+    let api = FakeApiServer::start().await;
+    let mut remote = pod(
+        "web-7d4b9c8f6-remote",
+        "5f0c1e2d-0000-4000-8000-00000000beef",
+        "node-elsewhere",
+        &"e".repeat(64),
+    );
+    remote.status.as_mut().unwrap().pod_ip = Some("10.244.2.9".into());
+    api.apply_pod(remote);
+    api.apply_service(k8s_openapi::api::core::v1::Service {
+        metadata: ObjectMeta {
+            name: Some("cart".into()),
+            namespace: Some("shop".into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: Some("10.96.0.10".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let out = dir.path().join("out.jsonl");
+    let (telemetry_port, grpc_port) = (free_port(), free_port());
+    let config = format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{grpc_port}
+processors:
+  k8sattributes:
+    auth_type: kubeConfig
+    filter:
+      node: {NODE}
+    peers:
+      enabled: true
+exporters:
+  file:
+    path: {out}
+service:
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{telemetry_port}
+  pipelines:
+    metrics:
+      receivers: [otlp]
+      processors: [k8sattributes]
+      exporters: [file]
+"#,
+        out = out.display()
+    );
+    // Ready once the node's pods and the cluster's pods and services are listed.
+    let agent = AgentProcess::start_with_env(
+        env!("CARGO_BIN_EXE_podscope"),
+        &config,
+        telemetry_port,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let point = |peer: &str| NumberDataPoint {
+        attributes: vec![KeyValue {
+            key: "network.peer.address".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(peer.into())),
+            }),
+            ..Default::default()
+        }],
+        time_unix_nano: 1,
+        value: Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)),
+        ..Default::default()
+    };
+    let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+        .await
+        .unwrap();
+    client
+        .export(ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: vec![Metric {
+                        name: "app.connections".into(),
+                        data: Some(metric::Data::Sum(Sum {
+                            data_points: vec![
+                                point("10.244.2.9"),
+                                point("10.96.0.10"),
+                                point("10.1.1.1"),
+                            ],
+                            aggregation_temporality: 2,
+                            is_monotonic: true,
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("the agent accepts the metrics");
+    agent.sigterm();
+    let status = agent.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "podscope exited with {status:?}");
+
+    let text = std::fs::read_to_string(&out).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let points = &line["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"];
+    let attrs: Vec<BTreeMap<String, String>> = points
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            p["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|kv| {
+                    (
+                        kv["key"].as_str().unwrap().to_string(),
+                        kv["value"]["stringValue"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let expect = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        attrs,
+        vec![
+            expect(&[
+                ("network.peer.address", "10.244.2.9"),
+                ("k8s.peer.namespace.name", "shop"),
+                ("k8s.peer.pod.name", "web-7d4b9c8f6-remote"),
+                ("k8s.peer.workload.name", "web"),
+                ("k8s.peer.workload.kind", "Deployment"),
+            ]),
+            expect(&[
+                ("network.peer.address", "10.96.0.10"),
+                ("k8s.peer.namespace.name", "shop"),
+                ("k8s.peer.service.name", "cart"),
+            ]),
+            expect(&[("network.peer.address", "10.1.1.1")]),
+        ]
+    );
+    let requests = api.requests();
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/services?")),
+        "services are watched cluster-wide: {requests:?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("fieldSelector")),
+        "pods are watched cluster-wide for peers: {requests:?}"
+    );
+}

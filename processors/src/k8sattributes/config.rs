@@ -18,6 +18,8 @@ pub struct K8sAttributesConfig {
     pub extract: ExtractConfig,
     /// How a resource is matched to a pod, in order; the first rule that finds a pod wins.
     pub pod_association: Vec<AssociationRule>,
+    /// Opt-in: name the pod or Service at the other end of network data.
+    pub peers: PeersConfig,
     /// How long a deleted pod's metadata is kept, so that late data from it is still enriched.
     #[serde(with = "humantime_serde")]
     pub pod_delete_delay: Duration,
@@ -36,9 +38,29 @@ impl Default for K8sAttributesConfig {
             filter: FilterConfig::default(),
             extract: ExtractConfig::default(),
             pod_association: default_association(),
+            peers: PeersConfig::default(),
             pod_delete_delay: Duration::from_secs(60),
             cgroup_refresh_interval: Duration::from_secs(30),
             cgroup_refresh_min_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// `peers:` — a cluster-wide index of pod IPs and Service cluster IPs (needs list/watch on pods
+/// and services in every namespace).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    pub enabled: bool,
+    /// The data point / span attribute holding the peer's IP address.
+    pub attribute: String,
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        PeersConfig {
+            enabled: false,
+            attribute: "network.peer.address".to_string(),
         }
     }
 }
@@ -373,6 +395,9 @@ impl ComponentConfig for K8sAttributesConfig {
         }
         if self.filter.node.as_deref() == Some("") {
             errors.push(FieldError::new("filter.node", "must not be empty"));
+        }
+        if self.peers.attribute.is_empty() {
+            errors.push(FieldError::new("peers.attribute", "must not be empty"));
         }
         if self.cgroup_refresh_interval.is_zero() {
             errors.push(FieldError::new(

@@ -12,6 +12,7 @@
 
 mod config;
 mod metadata;
+mod peers;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,9 @@ pub use config::{
     K8sAttributesConfig, METADATA_KEYS,
 };
 pub use metadata::{cronjob_from_job, deployment_from_replicaset, split_image, Extractor, PodMeta};
+pub use peers::{
+    PeerIndex, PEER_NAMESPACE, PEER_POD, PEER_SERVICE, PEER_WORKLOAD_KIND, PEER_WORKLOAD_NAME,
+};
 pub use store::{Found, PodStore};
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
@@ -105,6 +109,8 @@ pub struct Shared {
     watch_errors: Family<watch::WatchLabels, Counter>,
     /// Live pods, deleted pods kept for the delay.
     pods: [Gauge; 2],
+    /// Cluster-wide pod and Service IPs (`peers.enabled`).
+    peers: Arc<RwLock<peers::PeerIndex>>,
     /// Bumped on every pod change, for components that select pods (see `PodDirectory`).
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     /// Pipelines started; the watch runs from the first start to the last shutdown.
@@ -181,6 +187,7 @@ impl Shared {
             watch_errors: Family::default(),
             pods: [pods_in_state("live"), pods_in_state("deleted")],
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+            peers: Arc::default(),
             started: AtomicUsize::new(0),
             watch: tokio::sync::Mutex::new(None),
             config,
@@ -241,6 +248,7 @@ impl Shared {
                         pods: self.pods.clone(),
                         synced: self.synced.clone(),
                         changes: self.changes.clone(),
+                        peers: self.peers.clone(),
                     },
                     cancel.clone(),
                 );
@@ -286,6 +294,39 @@ impl Shared {
     /// Pods in the cache.
     pub fn cached_pods(&self) -> usize {
         self.store.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Adds the peer pod or Service named by the `peers.attribute` address, if known.
+    pub fn enrich_peer(&self, attributes: &mut Vec<KeyValue>) {
+        let Some(ip) = string_attr(attributes, &self.config.peers.attribute) else {
+            return;
+        };
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        let Some(found) = peers.lookup(ip) else {
+            return;
+        };
+        for attr in found.iter() {
+            if !attributes.iter().any(|kv| *kv.key == *attr.key) {
+                attributes.push(attr.to_key_value());
+            }
+        }
+    }
+
+    /// Applies cluster-wide pod and Service events to the peer index (tests fill it this way).
+    pub fn apply_peer_events(
+        &self,
+        pods: impl IntoIterator<Item = kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Pod>>,
+        services: impl IntoIterator<
+            Item = kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Service>,
+        >,
+    ) {
+        let mut peers = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        for event in pods {
+            peers.apply_pod_event(event);
+        }
+        for event in services {
+            peers.apply_service_event(event);
+        }
     }
 
     /// The pod (and container) `attributes` belong to, without changing them.
@@ -420,6 +461,24 @@ fn from_cgroup_path(path: &str, store: &PodStore, identity: &mut Identity) -> Op
     store.by_pod_uid(uid, parsed.container_id.as_deref())
 }
 
+/// Calls `f` with the attributes of every data point of `metric`, whatever its type.
+fn for_each_point_attributes(
+    metric: &mut podscope_core::proto::tonic::metrics::v1::Metric,
+    mut f: impl FnMut(&mut Vec<KeyValue>),
+) {
+    use podscope_core::proto::tonic::metrics::v1::metric::Data;
+    match &mut metric.data {
+        Some(Data::Gauge(g)) => g.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+        Some(Data::Sum(s)) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+        Some(Data::Histogram(h)) => h.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+        Some(Data::ExponentialHistogram(h)) => {
+            h.data_points.iter_mut().for_each(|p| f(&mut p.attributes))
+        }
+        Some(Data::Summary(s)) => s.data_points.iter_mut().for_each(|p| f(&mut p.attributes)),
+        None => {}
+    }
+}
+
 fn string_attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
     attributes.iter().find(|kv| kv.key == key).and_then(|kv| {
         match kv.value.as_ref()?.value.as_ref()? {
@@ -487,15 +546,26 @@ impl Consumer for K8sAttributesProcessor {
                 ),
             ));
         }
+        let peers = self.shared.config.peers.enabled;
         if let Some(metrics) = batch.metrics_mut() {
             for rm in metrics {
                 let resource = rm.resource.get_or_insert_with(Default::default);
                 self.shared.enrich(&mut resource.attributes);
+                if peers {
+                    for metric in rm.scope_metrics.iter_mut().flat_map(|s| &mut s.metrics) {
+                        for_each_point_attributes(metric, |attrs| self.shared.enrich_peer(attrs));
+                    }
+                }
             }
         } else if let Some(traces) = batch.traces_mut() {
             for rs in traces {
                 let resource = rs.resource.get_or_insert_with(Default::default);
                 self.shared.enrich(&mut resource.attributes);
+                if peers {
+                    for span in rs.scope_spans.iter_mut().flat_map(|s| &mut s.spans) {
+                        self.shared.enrich_peer(&mut span.attributes);
+                    }
+                }
             }
         }
         self.next.consume(batch).await

@@ -596,3 +596,128 @@ async fn host_mode_adds_container_id_and_host_name() {
         ])
     );
 }
+
+fn service(namespace: &str, name: &str, cluster_ip: &str) -> k8s_openapi::api::core::v1::Service {
+    k8s_openapi::api::core::v1::Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            cluster_ips: Some(vec![cluster_ip.into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn peers_name_the_pod_or_service_at_the_other_end() {
+    let cfg = config(serde_json::json!({"auth_type": "none", "peers": {"enabled": true}}));
+    let sink = Arc::new(podscope_core::consumer::Recorder::default());
+    let ctx = BuildContext::for_tests("k8sattributes");
+    let state = ctx.shared.clone();
+    let processor = Box::new(cfg)
+        .build(ctx, Signal::Metrics, sink.clone())
+        .unwrap();
+    let mut host_net = web_pod();
+    host_net.metadata.name = Some("node-exporter".into());
+    host_net.spec.as_mut().unwrap().host_network = Some(true);
+    host_net.status.as_mut().unwrap().pod_ip = Some("192.168.0.10".into());
+    host_net.status.as_mut().unwrap().pod_ips = None;
+    let mut stale = web_pod();
+    stale.metadata.name = Some("gone".into());
+    stale.status.as_mut().unwrap().pod_ip = Some("10.9.9.9".into());
+    stale.status.as_mut().unwrap().pod_ips = None;
+    // The processor's shared state, as every pipeline's instance finds it.
+    let shared: Arc<Shared> = state
+        .get_or_insert(&processor_id(), || anyhow::bail!("built above"))
+        .unwrap();
+    shared.apply_peer_events(
+        [
+            Event::Init,
+            Event::InitApply(stale.clone()),
+            Event::InitDone,
+            // A relist that no longer has `stale`.
+            Event::Init,
+            Event::InitApply(web_pod()),
+            Event::InitApply(host_net),
+            Event::InitDone,
+        ],
+        [
+            Event::Init,
+            Event::InitApply(service("shop", "cart", "10.96.0.12")),
+            Event::InitApply(service("shop", "headless", "None")),
+            Event::InitDone,
+        ],
+    );
+    let point = |peer: &str| podscope_core::proto::tonic::metrics::v1::NumberDataPoint {
+        attributes: vec![kv("network.peer.address", peer)],
+        ..Default::default()
+    };
+    let batch = Batch::metrics(vec![
+        podscope_core::proto::tonic::metrics::v1::ResourceMetrics {
+            scope_metrics: vec![podscope_core::proto::tonic::metrics::v1::ScopeMetrics {
+                metrics: vec![podscope_core::proto::tonic::metrics::v1::Metric {
+                    name: "podscope.tcp.connections".into(),
+                    data: Some(podscope_core::proto::tonic::metrics::v1::metric::Data::Sum(
+                        podscope_core::proto::tonic::metrics::v1::Sum {
+                            data_points: vec![
+                                point("fd00::3"),
+                                point("10.96.0.12"),
+                                point("192.168.0.10"),
+                                point("10.9.9.9"),
+                            ],
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ]);
+    processor.consume(batch).await.unwrap();
+    let got = sink.batches();
+    let Batch::Metrics(rms) = &got[0] else {
+        panic!("metrics")
+    };
+    let Some(podscope_core::proto::tonic::metrics::v1::metric::Data::Sum(sum)) =
+        &rms[0].scope_metrics[0].metrics[0].data
+    else {
+        panic!("a sum")
+    };
+    let points: Vec<Vec<(String, String)>> = sum
+        .data_points
+        .iter()
+        .map(|p| pairs(&p.attributes))
+        .collect();
+    assert_eq!(
+        points,
+        vec![
+            expected(&[
+                ("network.peer.address", "fd00::3"),
+                ("k8s.peer.namespace.name", "shop"),
+                ("k8s.peer.pod.name", "web-7d4b9c8f6-x2x7k"),
+                ("k8s.peer.workload.name", "web"),
+                ("k8s.peer.workload.kind", "Deployment"),
+            ]),
+            expected(&[
+                ("network.peer.address", "10.96.0.12"),
+                ("k8s.peer.namespace.name", "shop"),
+                ("k8s.peer.service.name", "cart"),
+            ]),
+            // The host-network pod's IP is the node's: not a pod.
+            expected(&[("network.peer.address", "192.168.0.10")]),
+            // Gone from the relist: forgotten at once (IPs are reused).
+            expected(&[("network.peer.address", "10.9.9.9")]),
+        ]
+    );
+}
+
+fn processor_id() -> podscope_core::ComponentId {
+    podscope_core::ComponentId::parse("k8sattributes").unwrap()
+}

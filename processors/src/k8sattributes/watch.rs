@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use podscope_core::health::Readiness;
@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{AuthType, FieldSource, K8sAttributesConfig, LabelOp};
 use super::metadata::Extractor;
+use super::peers::PeerIndex;
 use super::store::PodStore;
 
 /// Where the processor gets pod metadata from.
@@ -121,6 +122,8 @@ pub struct WatchContext {
     pub synced: Arc<std::sync::atomic::AtomicBool>,
     /// Bumped when pods change (the receiver's kernel-side filter follows it).
     pub changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Cluster-wide pod and Service IPs, when `peers.enabled`.
+    pub peers: Arc<RwLock<PeerIndex>>,
 }
 
 impl WatchContext {
@@ -172,6 +175,14 @@ pub fn spawn_watches(
         let api: Api<Namespace> = Api::all(client.clone());
         tasks.push(tokio::spawn(watch_namespaces(
             api,
+            ctx.clone(),
+            cancel.clone(),
+        )));
+    }
+    if config.peers.enabled {
+        tasks.push(tokio::spawn(watch_peers(
+            Api::all(client.clone()),
+            Api::all(client.clone()),
             ctx.clone(),
             cancel.clone(),
         )));
@@ -459,6 +470,75 @@ async fn watch_node(
         },
     )
     .await;
+}
+
+/// The peer index: every pod and Service in the cluster, trimmed to what names a peer.
+async fn watch_peers(
+    pods: Api<Pod>,
+    services: Api<Service>,
+    ctx: WatchContext,
+    cancel: CancellationToken,
+) {
+    let readiness_key = format!("{}/peers", ctx.component);
+    ctx.readiness
+        .set_not_ready(&readiness_key, "peer index not synced yet");
+    let listed = [
+        std::sync::atomic::AtomicBool::new(false),
+        std::sync::atomic::AtomicBool::new(false),
+    ];
+    let mark_listed = |which: usize| {
+        listed[which].store(true, std::sync::atomic::Ordering::Relaxed);
+        if listed
+            .iter()
+            .all(|l| l.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            ctx.readiness.set_ready(&readiness_key);
+        }
+    };
+    let not_ready = |error: &watcher::Error| {
+        ctx.readiness.set_not_ready(
+            &readiness_key,
+            format!("peer index not synced: watch failing: {error}"),
+        )
+    };
+    let peers = &ctx.peers;
+    let pod_watch = run_watch(
+        pods,
+        watcher::Config::default(),
+        &ctx,
+        "peer pods",
+        &cancel,
+        not_ready,
+        |event| {
+            let done = peers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply_pod_event(event);
+            if done {
+                mark_listed(0);
+            }
+            done
+        },
+    );
+    let service_watch = run_watch(
+        services,
+        watcher::Config::default(),
+        &ctx,
+        "services",
+        &cancel,
+        not_ready,
+        |event| {
+            let done = peers
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .apply_service_event(event);
+            if done {
+                mark_listed(1);
+            }
+            done
+        },
+    );
+    futures::join!(pod_watch, service_watch);
 }
 
 fn write(store: &RwLock<PodStore>) -> std::sync::RwLockWriteGuard<'_, PodStore> {
