@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -747,10 +747,23 @@ async fn syscalls_counting_only_mode_counts_exactly_from_the_entry_hook() {
 /// Runs `bash -i` on a pseudo-terminal inside `pod` (readline only reads from a terminal), types
 /// `lines` one per prompt, and waits for it to exit.
 fn interactive_bash(pod: &PodCgroup, lines: &[&str]) {
+    interactive_bash_in(pod, None, "/bin/bash", lines, None)
+}
+
+/// [`interactive_bash`] with a root to `chroot` into (a fake container image), and a handshake
+/// at the first prompt: `handshake.0` is told bash's pid, and typing waits for `handshake.1`.
+fn interactive_bash_in(
+    pod: &PodCgroup,
+    root: Option<&Path>,
+    bash: &str,
+    lines: &[&str],
+    handshake: Option<(std::sync::mpsc::Sender<i32>, std::sync::mpsc::Receiver<()>)>,
+) {
     use std::io::{Read as _, Write as _};
+    let root = root.map(|r| CString::new(r.to_str().unwrap()).unwrap());
     use std::os::fd::FromRawFd as _;
     let procs = CString::new(pod.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
-    let bash = CString::new("/bin/bash").unwrap();
+    let bash = CString::new(bash).unwrap();
     let args = [
         CString::new("bash").unwrap(),
         CString::new("--norc").unwrap(),
@@ -781,6 +794,11 @@ fn interactive_bash(pod: &PodCgroup, lines: &[&str]) {
                 libc::_exit(99);
             }
             libc::close(fd);
+            if let Some(root) = &root {
+                if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                    libc::_exit(98);
+                }
+            }
             libc::setsid();
             libc::ioctl(slave, libc::TIOCSCTTY, 0);
             for target in 0..3 {
@@ -803,6 +821,7 @@ fn interactive_bash(pod: &PodCgroup, lines: &[&str]) {
         let mut seen = String::new();
         let mut buffer = [0u8; 4096];
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut handshake = handshake;
         for line in lines.iter().chain(std::iter::once(&"exit")) {
             // Wait for the prompt, then type the line.
             let prompts = seen.matches("ready> ").count();
@@ -816,6 +835,10 @@ fn interactive_bash(pod: &PodCgroup, lines: &[&str]) {
                 if seen.matches("ready> ").count() > prompts {
                     break;
                 }
+            }
+            if let Some((up, go)) = handshake.take() {
+                up.send(pid).unwrap();
+                go.recv().unwrap();
             }
             terminal.write_all(format!("{line}\n").as_bytes()).unwrap();
         }
@@ -1346,5 +1369,248 @@ async fn uprobes_capture_integer_and_string_arguments_on_entry() {
     // max_len 4 keeps the first 4 bytes.
     assert_eq!(sum("target_by_label", "alph"), 5, "{c:#?}");
     assert_eq!(sum("target_by_label", "beta"), 3, "{c:#?}");
+    receiver.shutdown().await.unwrap();
+}
+
+/// A fake container image: the host's bash at `bash` and the libraries it loads, copied under
+/// `root` (their own inodes, so a probe on the host's bash cannot see them).
+fn fake_image_with_bash(root: &Path, bash: &str) {
+    let image_bash = root.join(bash.trim_start_matches('/'));
+    std::fs::create_dir_all(image_bash.parent().unwrap()).unwrap();
+    std::fs::copy("/bin/bash", &image_bash).unwrap();
+    let mut files = Vec::new();
+    let ldd = std::process::Command::new("ldd")
+        .arg("/bin/bash")
+        .output()
+        .expect("ldd");
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(path) = path {
+            files.push(PathBuf::from(path));
+        }
+    }
+    for file in files {
+        let real = std::fs::canonicalize(&file).unwrap();
+        for target in [&file, &real] {
+            let dest = root.join(target.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            if !dest.exists() {
+                std::fs::copy(&real, &dest).unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {"uprobes": [{
+            "binary": "container:/bin/bash", "symbol": "readline", "return": true,
+            "capture": {"value": "retval", "type": "string"},
+            "metric": {"name": "commands_count", "labels": {"value": "command"}}
+        }]}
+    }))
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = Arc::new(
+        EbpfReceiver::new(
+            config,
+            BuildContext::for_tests("ebpf"),
+            ReceiverConsumers {
+                metrics: Some(collected.clone()),
+                traces: None,
+            },
+        )
+        .unwrap(),
+    );
+    receiver.start().await.unwrap();
+    assert_eq!(
+        receiver.skipped_probes().len(),
+        0,
+        "{:?}",
+        receiver
+            .skipped_probes()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    );
+
+    let image = tempfile::tempdir().unwrap();
+    fake_image_with_bash(image.path(), "/bin/bash");
+    let pod = PodCgroup::new();
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let root = image.path().to_path_buf();
+    let bash = std::thread::spawn({
+        let leaf = pod.leaf.clone();
+        move || {
+            let pod = PodCgroup {
+                dirs: Vec::new(),
+                leaf,
+            };
+            interactive_bash_in(
+                &pod,
+                Some(&root),
+                "/bin/bash",
+                &[
+                    "echo before",
+                    "echo in-container",
+                    "echo in-container",
+                    "true",
+                ],
+                Some((up_tx, go_rx)),
+            );
+        }
+    });
+    // bash is up in its container: the next scan attaches to its binary, then it gets typed at.
+    tokio::task::spawn_blocking(move || up_rx.recv().unwrap())
+        .await
+        .unwrap();
+    receiver.collect_now().await.unwrap();
+    go_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || bash.join().unwrap())
+        .await
+        .unwrap();
+    receiver.collect_now().await.unwrap();
+
+    let c = counters(&collected.last(), pod.id());
+    let commands: BTreeMap<String, i64> = c
+        .iter()
+        .filter(|((name, _), _)| name == "commands_count")
+        .map(|((_, attrs), v)| {
+            (
+                attrs
+                    .split(',')
+                    .find_map(|a| a.strip_prefix("command="))
+                    .unwrap()
+                    .to_string(),
+                *v,
+            )
+        })
+        .fold(BTreeMap::new(), |mut m, (k, v)| {
+            *m.entry(k).or_default() += v;
+            m
+        });
+    // `echo before` returns from the readline call that was already waiting when the probe
+    // attached: a uretprobe catches only calls entered after it is in place.
+    let expected: BTreeMap<String, i64> = [("echo in-container", 2), ("true", 1), ("exit", 1)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(commands, expected);
+    receiver.shutdown().await.unwrap();
+}
+
+/// Where the image of the next test keeps bash: a path no other container here has, so that
+/// only the test's own container can count as an attachment.
+const UNIQUE_BASH: &str = "/opt/podscope-test-image/bin/bash";
+
+/// With the process probe on, a container's first exec makes `container:` uprobes look at it at
+/// once, without waiting for the next collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() {
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {
+            "process": {"event_poll_interval": "20ms"},
+            "uprobes": [{
+                "binary": format!("container:{UNIQUE_BASH}"), "symbol": "readline", "return": true,
+                "capture": {"value": "retval", "type": "string"},
+                "metric": {"name": "readline_returns", "labels": {"value": "command"}}
+            }]
+        }
+    }))
+    .unwrap();
+    let ctx = BuildContext::for_tests("ebpf");
+    let telemetry = ctx.telemetry.clone();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        ctx,
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    let attachments = || {
+        telemetry
+            .encode_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("podscope_ebpf_uprobe_container_attachments_total "))
+            .map(|v| v.trim().to_string())
+    };
+    // Whatever containers exist already were looked at when the receiver started.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let before: u64 = loop {
+        if let Some(v) = attachments() {
+            break v.parse().unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no attachment counter"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let image = tempfile::tempdir().unwrap();
+    fake_image_with_bash(image.path(), UNIQUE_BASH);
+    let pod = PodCgroup::new();
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let root = image.path().to_path_buf();
+    let leaf = pod.leaf.clone();
+    let bash = std::thread::spawn(move || {
+        let pod = PodCgroup {
+            dirs: Vec::new(),
+            leaf,
+        };
+        interactive_bash_in(
+            &pod,
+            Some(&root),
+            UNIQUE_BASH,
+            &["echo first", "echo second"],
+            Some((up_tx, go_rx)),
+        );
+    });
+    let bash_pid = tokio::task::spawn_blocking(move || up_rx.recv().unwrap())
+        .await
+        .unwrap();
+    // No collection is asked for: the exec event alone leads to the attachment (no other
+    // container has this path, so the count is this container's).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while attachments().map(|v| v.parse::<u64>().unwrap()) != Some(before + 1) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "bash in the new container (pid {bash_pid}) was not attached: {:?} (before: {before})",
+            attachments()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    go_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || bash.join().unwrap())
+        .await
+        .unwrap();
+    // Calls entered after the attachment are counted. Whether the first readline call (waiting
+    // at the first prompt) was entered before or after the attachment is a race, so `echo first`
+    // is not checked; `echo second` and `exit` come from calls entered later.
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    let count = |command: &str| -> i64 {
+        c.iter()
+            .filter(|((name, attrs), _)| {
+                name == "readline_returns"
+                    && attrs.split(',').any(|a| a == format!("command={command}"))
+            })
+            .map(|(_, v)| *v)
+            .sum()
+    };
+    assert_eq!((count("echo second"), count("exit")), (1, 1), "{c:?}");
     receiver.shutdown().await.unwrap();
 }

@@ -171,6 +171,7 @@ pub struct EbpfReceiver {
     ring_events: Family<RingLabels, Counter>,
     ring_lost: Family<RingLabels, Counter>,
     uprobe_overflow: Counter,
+    container_attachments: Counter,
 }
 
 impl EbpfReceiver {
@@ -203,6 +204,12 @@ impl EbpfReceiver {
             "Uprobe hits counted in the `other` series because an entry reached max_series",
             uprobe_overflow.clone(),
         );
+        let container_attachments = Counter::default();
+        ctx.telemetry.register(
+            "ebpf_uprobe_container_attachments",
+            "Files inside containers that container:<path> uprobes attached to",
+            container_attachments.clone(),
+        );
         Ok(EbpfReceiver {
             config,
             ctx,
@@ -213,6 +220,7 @@ impl EbpfReceiver {
             ring_events,
             ring_lost,
             uprobe_overflow,
+            container_attachments,
         })
     }
 
@@ -408,6 +416,12 @@ impl Component for EbpfReceiver {
         let cancel = CancellationToken::new();
         let mut tasks = Vec::new();
 
+        // `container:` uprobes attach in new containers as their first process execs.
+        let container_scan = loaded
+            .uprobes
+            .iter()
+            .any(|u| matches!(u.config.target(), uprobes::Target::Container(_)))
+            .then(|| Arc::new(tokio::sync::Notify::new()));
         if let Some(process) = loaded.process.as_mut() {
             let ring = process
                 .take_map("process_events")
@@ -432,6 +446,8 @@ impl Component for EbpfReceiver {
                     .as_ref()
                     .map(|p| p.event_poll_interval)
                     .unwrap_or(Duration::from_millis(200)),
+                new_cgroup: container_scan.clone(),
+                seen_cgroups: HashSet::new(),
             };
             tasks.push(tokio::spawn(reader.run(cancel.clone())));
         }
@@ -440,6 +456,8 @@ impl Component for EbpfReceiver {
         let pod_changes = filter.pod_changes();
         let collector = Collector {
             pod_changes,
+            container_scan,
+            container_attachments: self.container_attachments.clone(),
             loaded,
             filter,
             index: CgroupIndex::new(root),
@@ -518,7 +536,14 @@ struct EventReader {
     table: ProcessTable,
     events: Counter,
     poll: Duration,
+    /// Told when a process starts in a cgroup not seen before (a new container), for
+    /// `container:` uprobes.
+    new_cgroup: Option<Arc<tokio::sync::Notify>>,
+    seen_cgroups: HashSet<u64>,
 }
+
+/// Cgroups the event reader remembers before it starts over (each new one costs a /proc scan).
+const SEEN_CGROUPS_LIMIT: usize = 100_000;
 
 impl EventReader {
     async fn run(mut self, cancel: CancellationToken) {
@@ -532,9 +557,10 @@ impl EventReader {
                 readable = self.ring.readable_mut() => match readable {
                     Ok(mut guard) => {
                         let ring = guard.get_inner_mut();
-                        let n = drain_ring(ring, &self.table);
+                        let (n, execs) = drain_ring(ring, &self.table);
                         self.events.inc_by(n);
                         guard.clear_ready();
+                        self.note_execs(execs);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "process event ring buffer cannot be polled; reading on the timer only");
@@ -548,24 +574,54 @@ impl EventReader {
     }
 
     fn drain(&mut self) {
-        let n = drain_ring(self.ring.get_mut(), &self.table);
+        let (n, execs) = drain_ring(self.ring.get_mut(), &self.table);
         self.events.inc_by(n);
+        self.note_execs(execs);
+    }
+
+    fn note_execs(&mut self, exec_cgroups: Vec<u64>) {
+        let Some(notify) = &self.new_cgroup else {
+            return;
+        };
+        if self.seen_cgroups.len() > SEEN_CGROUPS_LIMIT {
+            self.seen_cgroups.clear();
+        }
+        let mut new = false;
+        for cgroup in exec_cgroups {
+            new |= self.seen_cgroups.insert(cgroup);
+        }
+        if new {
+            notify.notify_one();
+        }
     }
 }
 
-fn drain_ring(ring: &mut RingBuf<aya::maps::MapData>, table: &ProcessTable) -> u64 {
+/// Applies every event in the ring to the table; returns how many, and the cgroups of execs.
+fn drain_ring(ring: &mut RingBuf<aya::maps::MapData>, table: &ProcessTable) -> (u64, Vec<u64>) {
     let mut n = 0;
+    let mut exec_cgroups = Vec::new();
     while let Some(item) = ring.next() {
         if let Some(event) = podscope_ebpf::abi::ProcessEvent::from_bytes(&item) {
             table.apply(&event);
+            if event.kind == podscope_ebpf::abi::PROCESS_EXEC {
+                exec_cgroups.push(event.cgroup_id);
+            }
         }
         n += 1;
     }
-    n
+    (n, exec_cgroups)
 }
 
 /// How long pod changes are gathered before the kernel filter is brought up to date.
 const POD_CHANGE_SETTLE: Duration = Duration::from_millis(200);
+
+/// The next notification; never, without a notifier.
+async fn notified(notify: &Option<Arc<tokio::sync::Notify>>) {
+    match notify {
+        Some(notify) => notify.notified().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// The next pod change; never, without a pod selection (or once its cache is gone).
 async fn pod_changed(changes: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
@@ -601,6 +657,9 @@ struct Collector {
     tcp_max_peers: usize,
     /// Pod changes in the cache `cgroup_filter.pods` selects through.
     pod_changes: Option<tokio::sync::watch::Receiver<u64>>,
+    /// New containers, for `container:` uprobes (with the process probe on).
+    container_scan: Option<Arc<tokio::sync::Notify>>,
+    container_attachments: Counter,
 }
 
 impl Collector {
@@ -611,6 +670,7 @@ impl Collector {
         cancel: CancellationToken,
     ) {
         self.refresh_cgroups();
+        self.scan_containers();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -624,6 +684,7 @@ impl Collector {
                     self.collect().await;
                     let _ = ack.send(());
                 }
+                _ = notified(&self.container_scan) => self.scan_containers(),
                 Some(()) = pod_changed(&mut self.pod_changes) => {
                     // A list or a rollout changes many pods at once: let them settle, then walk
                     // the cgroups once.
@@ -650,8 +711,17 @@ impl Collector {
         }
     }
 
+    /// `container:` uprobes: attach in containers started since the last scan.
+    fn scan_containers(&mut self) {
+        for entry in &mut self.loaded.uprobes {
+            let attached = entry.scan_containers(std::path::Path::new("/proc"));
+            self.container_attachments.inc_by(attached as u64);
+        }
+    }
+
     async fn collect(&mut self) {
         self.refresh_cgroups();
+        self.scan_containers();
         let now = unix_nanos();
         let mut builder =
             collect::MetricsBuilder::new(&self.host_name, &self.index, self.start_ns, now);

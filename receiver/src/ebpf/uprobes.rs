@@ -7,8 +7,9 @@
 //! `max_series` distinct series: hits beyond that go to one `other` series and are counted in
 //! `podscope_ebpf_uprobe_overflow_total`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
 
 use aya::programs::UProbe;
 use aya::{Ebpf, EbpfLoader};
@@ -23,7 +24,9 @@ use super::probes::{self, KernelFeatures};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UprobeConfig {
-    /// The binary or shared library on the host (e.g. `/bin/bash`, `/usr/lib/x86_64-linux-gnu/libreadline.so.8`).
+    /// The binary or shared library on the host (e.g. `/bin/bash`,
+    /// `/usr/lib/x86_64-linux-gnu/libreadline.so.8`), or `container:<path>` for that path inside
+    /// every container (see [`ContainerTargets`]).
     pub binary: PathBuf,
     /// The function, looked up in the ELF's dynamic and static symbol tables.
     pub symbol: String,
@@ -110,13 +113,14 @@ impl UprobeConfig {
     /// Problems, with paths under `prefix` (`probes.uprobes[0]`).
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
         let at = |key: &str| format!("{prefix}.{key}");
-        if self.binary.to_string_lossy().starts_with("container:") {
+        let path = match self.target() {
+            Target::Host(path) | Target::Container(path) => path,
+        };
+        if !path.is_absolute() {
             errors.push(FieldError::new(
                 at("binary"),
-                "container:<path> binaries are not supported yet; give the path on the host",
+                "must be an absolute path, or container:<absolute path inside the container>",
             ));
-        } else if !self.binary.is_absolute() {
-            errors.push(FieldError::new(at("binary"), "must be an absolute path"));
         }
         if self.symbol.is_empty() {
             errors.push(FieldError::new(at("symbol"), "must not be empty"));
@@ -153,6 +157,18 @@ impl UprobeConfig {
         }
     }
 
+    /// Where the binary is: on the host, or inside containers.
+    pub fn target(&self) -> Target<'_> {
+        match self
+            .binary
+            .to_str()
+            .and_then(|b| b.strip_prefix("container:"))
+        {
+            Some(inner) => Target::Container(Path::new(inner)),
+            None => Target::Host(&self.binary),
+        }
+    }
+
     /// `binary:symbol`, and `%return` for uretprobes, for messages.
     pub fn location(&self) -> String {
         format!(
@@ -164,10 +180,39 @@ impl UprobeConfig {
     }
 }
 
+/// Where an entry's binary is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    Host(&'a Path),
+    /// A path inside each container, reached as `/proc/<pid>/root/<path>`.
+    Container(&'a Path),
+}
+
+/// The containers a `container:<path>` entry has looked at. Each container is checked once per
+/// root directory, through the first of its processes seen in `/proc` with that root: a runtime
+/// moves a container's first process into its cgroup before switching to the container's root,
+/// so a process seen in between shows the host's root and must not settle the container.
+/// The probe attaches once per distinct file (device and inode): containers of one image share
+/// the binary's file through the image layer, so one attachment serves them all, and their hits
+/// are still told apart by cgroup. A container whose binary is missing is skipped; one that only
+/// gets the binary later (installed at run time) is not attached.
+#[derive(Debug, Default)]
+pub struct ContainerTargets {
+    /// (container id, root device, root inode) already looked at.
+    checked: HashSet<(String, u64, u64)>,
+    /// (pid, root device, root inode) already looked at, pruned to the live processes at each
+    /// scan. With the root in the key, a process seen before it switched root is looked at again.
+    seen: HashSet<(u32, u64, u64)>,
+    /// (device, inode) of every file attached.
+    files: HashSet<(u64, u64)>,
+}
+
 /// A loaded entry and what it needs at collection time.
 pub struct LoadedUprobe {
     pub config: UprobeConfig,
     ebpf: Ebpf,
+    /// For `container:<path>` entries.
+    containers: Option<ContainerTargets>,
     redact: Vec<regex::Regex>,
     /// Series seen so far (value, pid, cgroup): the cardinality cap counts these.
     known: BTreeSet<(String, u32, u64)>,
@@ -183,8 +228,10 @@ pub fn load(
     filter_mode: u32,
 ) -> Result<LoadedUprobe, String> {
     let btf = features.btf.as_ref().map_err(Clone::clone)?;
-    if !config.binary.exists() {
-        return Err(format!("{}: no such file", config.binary.display()));
+    if let Target::Host(binary) = config.target() {
+        if !binary.exists() {
+            return Err(format!("{}: no such file", binary.display()));
+        }
     }
     let (kind, arg) = match &config.capture {
         None => (0u32, 0u32),
@@ -219,25 +266,18 @@ pub fn load(
         .try_into()
         .map_err(|e: aya::programs::ProgramError| e.to_string())?;
     program.load().map_err(|e| e.to_string())?;
-    program
-        .attach(
-            config.symbol.as_str(),
-            &config.binary,
-            aya::programs::uprobe::UProbeScope::AllProcesses,
-        )
-        .map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                text.push_str(": ");
-                text.push_str(&s.to_string());
-                source = s.source();
-            }
-            text
-        })?;
+    let containers = match config.target() {
+        Target::Host(binary) => {
+            attach(program, &config.symbol, binary)?;
+            None
+        }
+        // Attached per container by `scan_containers`, now and as containers start.
+        Target::Container(_) => Some(ContainerTargets::default()),
+    };
     Ok(LoadedUprobe {
         config: config.clone(),
         ebpf,
+        containers,
         redact: config
             .redact
             .iter()
@@ -248,9 +288,101 @@ pub fn load(
     })
 }
 
+fn attach(program: &mut UProbe, symbol: &str, binary: &Path) -> Result<(), String> {
+    program
+        .attach(
+            symbol,
+            binary,
+            aya::programs::uprobe::UProbeScope::AllProcesses,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            text
+        })
+}
+
 impl LoadedUprobe {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// For a `container:<path>` entry: attaches to the binary in containers not looked at yet.
+    /// Returns how many new files were attached.
+    pub fn scan_containers(&mut self, proc_root: &Path) -> usize {
+        let Target::Container(inner) = self.config.target() else {
+            return 0;
+        };
+        let inner = inner.strip_prefix("/").unwrap_or(inner).to_path_buf();
+        let Some(targets) = self.containers.as_mut() else {
+            return 0;
+        };
+        let Ok(entries) = std::fs::read_dir(proc_root) else {
+            return 0;
+        };
+        let live: HashSet<u32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        targets.seen.retain(|(pid, _, _)| live.contains(pid));
+        let function = if self.config.on_return {
+            "podscope_uretprobe"
+        } else {
+            "podscope_uprobe"
+        };
+        let mut attached = 0;
+        for pid in live {
+            let root = proc_root.join(pid.to_string()).join("root");
+            let Ok(root_meta) = std::fs::metadata(&root) else {
+                continue;
+            };
+            if !targets.seen.insert((pid, root_meta.dev(), root_meta.ino())) {
+                continue;
+            }
+            let Some(container) = podscope_core::cgroup::process_cgroup_path(proc_root, pid)
+                .and_then(|path| podscope_core::cgroup::container_id(&path))
+            else {
+                continue;
+            };
+            if !targets
+                .checked
+                .insert((container.clone(), root_meta.dev(), root_meta.ino()))
+            {
+                continue;
+            }
+            let file = root.join(&inner);
+            let Ok(meta) = std::fs::metadata(&file) else {
+                tracing::debug!(uprobe = %self.config.location(), container = %container, "binary not in this container");
+                continue;
+            };
+            if !targets.files.insert((meta.dev(), meta.ino())) {
+                // Same file as a container already attached (one image layer): covered.
+                continue;
+            }
+            let Some(program) = self
+                .ebpf
+                .program_mut(function)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            else {
+                return attached;
+            };
+            match attach(program, &self.config.symbol, &file) {
+                Ok(()) => {
+                    attached += 1;
+                    tracing::info!(uprobe = %self.config.location(), container = %container, pid, "uprobe attached in container");
+                }
+                Err(e) => {
+                    tracing::warn!(uprobe = %self.config.location(), container = %container, error = %e, "cannot attach the uprobe in this container");
+                }
+            }
+        }
+        attached
     }
 
     fn value_text(&self, key: &UprobeKey) -> String {
