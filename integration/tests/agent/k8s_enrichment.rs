@@ -274,6 +274,16 @@ service:
     api.restart().await;
     wait_for_readyz(telemetry_port, true).await;
 
+    // History compacted (410 Expired on the open watch) and the relist meets 503s: the agent
+    // relists through them and is ready again, still enriching.
+    api.fail_next(3, 503);
+    api.expire_history();
+    let why = wait_for_readyz(telemetry_port, false).await;
+    assert!(why.contains("pod metadata not synced"), "{why}");
+    wait_for_readyz(telemetry_port, true).await;
+    let relisted = next_resource_of(&out, line_count(&out), &cgroup_path).await;
+    assert_enriched(&relisted, &uid, &container_id, "after 410 and 503s");
+
     // The pod is deleted: within pod_delete_delay its data is still enriched.
     assert!(api.delete_pod("shop", "web-7d4b9c8f6-x2x7k"));
     wait_for_metric(
