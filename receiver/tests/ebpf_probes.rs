@@ -1614,3 +1614,108 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
     assert_eq!((count("echo second"), count("exit")), (1, 1), "{c:?}");
     receiver.shutdown().await.unwrap();
 }
+
+/// The RTT of a connection that stays open is sampled at every collection (one sample per open
+/// connection), not only when it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
+    use std::io::Read as _;
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (accepted_tx, accepted_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+        accepted_tx.send(()).unwrap();
+        release_rx.recv().unwrap();
+        // Dropping the stream closes it: the client's read returns and it exits.
+    });
+    let pod = PodCgroup::new();
+    let pod_id = pod.id();
+    let leaf = pod.leaf.clone();
+    let client = std::thread::spawn(move || {
+        let pod = PodCgroup {
+            dirs: Vec::new(),
+            leaf,
+        };
+        pod.run(|| unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let addr = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            if libc::connect(
+                fd,
+                (&addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as u32,
+            ) != 0
+                || libc::write(fd, b"x".as_ptr().cast(), 1) != 1
+            {
+                return 1;
+            }
+            // Held open until the server lets go.
+            let mut byte = 0u8;
+            libc::read(fd, (&mut byte as *mut u8).cast(), 1);
+            libc::close(fd);
+            0
+        })
+    });
+    tokio::task::spawn_blocking(move || accepted_rx.recv().unwrap())
+        .await
+        .unwrap();
+    let port_text = port.to_string();
+    let open_rtt = |rms: &[ResourceMetrics]| {
+        distribution(
+            rms,
+            Some(pod_id),
+            "podscope.tcp.rtt.open",
+            &[("server.port", &port_text), ("podscope.tcp.role", "client")],
+        )
+    };
+    for _ in 0..2 {
+        receiver.collect_now().await.unwrap();
+        let sample = open_rtt(&collected.last()).expect("the open connection is sampled");
+        assert_eq!(
+            sample.count, 1,
+            "one open connection, one sample per collection"
+        );
+    }
+    release_tx.send(()).unwrap();
+    server.join().unwrap();
+    let code = tokio::task::spawn_blocking(move || client.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    // Closed now: no open sample, and its RTT at close is in the closing distribution.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        receiver.collect_now().await.unwrap();
+        let rms = collected.last();
+        let closed = distribution(
+            &rms,
+            Some(pod_id),
+            "podscope.tcp.rtt",
+            &[("server.port", &port_text)],
+        );
+        if closed.is_some_and(|d| d.count == 1) {
+            assert!(
+                open_rtt(&rms).is_none(),
+                "a closed connection is not sampled"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the close was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    receiver.shutdown().await.unwrap();
+}

@@ -3,7 +3,9 @@
  * tcp: connection lifecycle from sock:inet_sock_set_state (tp_btf, CO-RE reads of the socket) and
  * retransmissions from tcp:tcp_retransmit_skb, per cgroup (the socket's, as state changes often
  * run in softirq context where "current" means nothing) and peer: opened as client or server,
- * failed (refused, timeout, reset), closed with bytes, smoothed RTT and duration.
+ * failed (refused, timeout, reset), closed with bytes, smoothed RTT and duration. An iterator
+ * over the kernel's TCP sockets (iter/tcp), run by the agent at every collection, samples the
+ * smoothed RTT of connections still open.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -41,7 +43,17 @@ struct {
 	__type(value, struct podscope_tcp_live);
 } tcp_live SEC(".maps");
 
+/* connection key → smoothed RTTs of its open connections, sampled by the iterator below;
+ * emptied by the agent before each run */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct podscope_tcp_key);
+	__type(value, struct podscope_hist);
+} tcp_live_rtt SEC(".maps");
+
 static struct podscope_tcp_stats zero_stats;
+static struct podscope_hist zero_hist;
 
 static __always_inline int make_key(const struct sock *sk, __u32 role, struct podscope_tcp_key *key)
 {
@@ -150,6 +162,36 @@ int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buf
 	struct podscope_tcp_stats *stats = stats_for(sk, role);
 	if (stats)
 		__sync_fetch_and_add(&stats->retransmits, 1);
+	return 0;
+}
+
+/* Runs once per TCP socket when the agent reads the iterator (once per collection): the smoothed
+ * RTT of every established connection this probe saw open. Writes nothing to the seq file. */
+SEC("iter/tcp")
+int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	if (!skc)
+		return 0;
+	if (BPF_CORE_READ(skc, skc_state) != TCP_ESTABLISHED)
+		return 0;
+	/* Established sockets are full sockets: struct sock begins with its sock_common. */
+	const struct sock *sk = (const struct sock *)skc;
+	__u64 id = (__u64)sk;
+	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
+	/* Connections opened before the probe was loaded have no known role: not sampled. */
+	if (!live)
+		return 0;
+	struct podscope_tcp_key key;
+	if (make_key(sk, live->role, &key))
+		return 0;
+	if (podscope_skip_cgroup(key.cgroup_id))
+		return 0;
+	struct podscope_hist *hist = podscope_lookup_or_init(&tcp_live_rtt, &key, &zero_hist);
+	if (!hist)
+		return 0;
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+	podscope_hist_add(hist, (__u64)(BPF_CORE_READ(tp, srtt_us) >> 3) * 1000);
 	return 0;
 }
 

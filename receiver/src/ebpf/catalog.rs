@@ -21,6 +21,8 @@ pub enum MetricKind {
     DeltaCounter,
     /// Cumulative exponential histogram, scale 0.
     Distribution,
+    /// Delta exponential histogram, scale 0: values sampled at one collection.
+    SampledDistribution,
 }
 
 impl MetricKind {
@@ -29,6 +31,9 @@ impl MetricKind {
             MetricKind::Counter => "sum (monotonic, cumulative)",
             MetricKind::DeltaCounter => "sum (monotonic, delta)",
             MetricKind::Distribution => "exponential histogram (scale 0, cumulative)",
+            MetricKind::SampledDistribution => {
+                "exponential histogram (scale 0, delta: sampled at each collection)"
+            }
         }
     }
 }
@@ -151,6 +156,7 @@ const TCP_ATTRIBUTES: &[&str] = &[
     "network.type",
     "network.peer.address",
     "server.port",
+    "network.local.port",
     "podscope.tcp.role",
 ];
 
@@ -197,6 +203,7 @@ pub const TCP_IO: MetricDoc = MetricDoc {
         "network.type",
         "network.peer.address",
         "server.port",
+        "network.local.port",
         "podscope.tcp.role",
         "network.io.direction",
     ],
@@ -225,6 +232,14 @@ pub const TCP_RTT: MetricDoc = MetricDoc {
     description: "Smoothed round-trip time of TCP connections when they closed, by peer",
     attributes: TCP_ATTRIBUTES,
 };
+pub const TCP_RTT_OPEN: MetricDoc = MetricDoc {
+    name: "podscope.tcp.rtt.open",
+    probe: "tcp",
+    kind: MetricKind::SampledDistribution,
+    unit: "ns",
+    description: "Smoothed round-trip time of open TCP connections, one sample per connection at each collection, by peer",
+    attributes: TCP_ATTRIBUTES,
+};
 
 pub const ALL: &[MetricDoc] = &[
     EXECS,
@@ -248,6 +263,7 @@ pub const ALL: &[MetricDoc] = &[
     TCP_RETRANSMITS,
     TCP_DURATION,
     TCP_RTT,
+    TCP_RTT_OPEN,
 ];
 
 /// The metrics table of `docs/metrics.md`.

@@ -103,6 +103,12 @@ impl<'a> MetricsBuilder<'a> {
                             aggregation_temporality: AggregationTemporality::Cumulative as i32,
                         })
                     }
+                    MetricKind::SampledDistribution => {
+                        metric::Data::ExponentialHistogram(ExponentialHistogram {
+                            data_points: Vec::new(),
+                            aggregation_temporality: AggregationTemporality::Delta as i32,
+                        })
+                    }
                 }),
                 ..Default::default()
             })
@@ -493,14 +499,14 @@ pub fn peer_address(key: &podscope_ebpf::abi::TcpKey) -> String {
 
 /// Folds the kernel's per-peer stats into series, keeping at most `max_peers` (sticky: the first
 /// seen) per cgroup and summing the rest as peer `other`.
-pub fn tcp_series(
-    stats: &HashMap<podscope_ebpf::abi::TcpKey, podscope_ebpf::abi::TcpStats>,
+pub fn tcp_series<V: Default + Merge>(
+    stats: &HashMap<podscope_ebpf::abi::TcpKey, V>,
     known: &mut BTreeMap<u64, HashSet<(String, u16, u8, bool)>>,
     max_peers: usize,
-) -> BTreeMap<TcpSeries, podscope_ebpf::abi::TcpStats> {
+) -> BTreeMap<TcpSeries, V> {
     let mut keys: Vec<_> = stats.keys().collect();
     keys.sort_by_key(|k| (k.cgroup_id, k.peer, k.server_port, k.role, k.family));
-    let mut out: BTreeMap<TcpSeries, podscope_ebpf::abi::TcpStats> = BTreeMap::new();
+    let mut out: BTreeMap<TcpSeries, V> = BTreeMap::new();
     for key in keys {
         let address = peer_address(key);
         let ipv6 = key.family == 10;
@@ -517,9 +523,65 @@ pub fn tcp_series(
             ipv6,
             role: key.role,
         };
-        out.entry(series).or_default().merge(&stats[key]);
+        out.entry(series).or_default().merge_from(&stats[key]);
     }
     out
+}
+
+/// Values that fold into one series (several peers into `other`).
+pub trait Merge {
+    fn merge_from(&mut self, other: &Self);
+}
+
+impl Merge for podscope_ebpf::abi::TcpStats {
+    fn merge_from(&mut self, other: &Self) {
+        self.merge(other);
+    }
+}
+
+impl Merge for Hist {
+    fn merge_from(&mut self, other: &Self) {
+        self.merge(other);
+    }
+}
+
+/// The attributes every TCP series has: transport, address family, peer, server port, role.
+fn tcp_attributes(s: &TcpSeries) -> Vec<KeyValue> {
+    let mut attributes = vec![
+        string_attr("network.transport", "tcp"),
+        string_attr("network.type", if s.ipv6 { "ipv6" } else { "ipv4" }),
+        string_attr("network.peer.address", &s.peer),
+    ];
+    let server = s.role != podscope_ebpf::abi::TCP_ROLE_CLIENT;
+    if s.server_port != 0 {
+        attributes.push(int_attr("server.port", s.server_port as i64));
+        // On the server side the local port is the server's; a client's local port is
+        // ephemeral and never a label.
+        if server {
+            attributes.push(int_attr("network.local.port", s.server_port as i64));
+        }
+    }
+    attributes.push(string_attr(
+        "podscope.tcp.role",
+        if s.role == podscope_ebpf::abi::TCP_ROLE_CLIENT {
+            "client"
+        } else {
+            "server"
+        },
+    ));
+    attributes
+}
+
+/// RTT samples of open connections, one distribution per series.
+pub fn add_tcp_open_rtt(b: &mut MetricsBuilder<'_>, series: &BTreeMap<TcpSeries, Hist>) {
+    for (s, hist) in series {
+        b.distribution(
+            Owner::Cgroup(s.cgroup_id),
+            &catalog::TCP_RTT_OPEN,
+            tcp_attributes(s),
+            hist,
+        );
+    }
 }
 
 pub fn add_tcp(
@@ -528,25 +590,7 @@ pub fn add_tcp(
 ) {
     for (s, stats) in series {
         let owner = Owner::Cgroup(s.cgroup_id);
-        let base = || {
-            let mut attributes = vec![
-                string_attr("network.transport", "tcp"),
-                string_attr("network.type", if s.ipv6 { "ipv6" } else { "ipv4" }),
-                string_attr("network.peer.address", &s.peer),
-            ];
-            if s.server_port != 0 {
-                attributes.push(int_attr("server.port", s.server_port as i64));
-            }
-            attributes.push(string_attr(
-                "podscope.tcp.role",
-                if s.role == podscope_ebpf::abi::TCP_ROLE_CLIENT {
-                    "client"
-                } else {
-                    "server"
-                },
-            ));
-            attributes
-        };
+        let base = || tcp_attributes(s);
         let with = |key: &str, value: &str| {
             let mut attributes = base();
             attributes.push(string_attr(key, value));

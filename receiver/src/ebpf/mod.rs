@@ -135,6 +135,8 @@ struct Loaded {
     sched: Option<Ebpf>,
     block_io: Option<Ebpf>,
     tcp: Option<Ebpf>,
+    /// The tcp probe's iterator over open connections is loaded.
+    tcp_open_rtt: bool,
     uprobes: Vec<uprobes::LoadedUprobe>,
 }
 
@@ -373,6 +375,16 @@ impl EbpfReceiver {
         }
         if let Some(p) = &probes.tcp {
             loaded.tcp = try_load(&probes::TCP, p.enabled, p.required, common(vec![]), &[])?;
+            if let Some(tcp) = loaded.tcp.as_mut() {
+                match probes::load_tcp_iterator(tcp, &features) {
+                    Ok(()) => loaded.tcp_open_rtt = true,
+                    Err(reason) => tracing::info!(
+                        receiver = %self.ctx.id,
+                        reason = %reason,
+                        "tcp: the RTT of open connections is not sampled (iter/tcp cannot be loaded); RTT at close still is"
+                    ),
+                }
+            }
         }
         for (i, entry) in probes.uprobes.iter().enumerate() {
             match uprobes::load(entry, &features, agent_tgid, filter.mode) {
@@ -793,6 +805,18 @@ impl Collector {
             );
             let series = collect::tcp_series(&stats, &mut self.tcp_peers, self.tcp_max_peers);
             collect::add_tcp(&mut builder, &series);
+        }
+        if let (true, Some(ebpf)) = (self.loaded.tcp_open_rtt, self.loaded.tcp.as_mut()) {
+            match probes::sample_open_tcp_rtt(ebpf) {
+                Ok(samples) => {
+                    let series =
+                        collect::tcp_series(&samples, &mut self.tcp_peers, self.tcp_max_peers);
+                    collect::add_tcp_open_rtt(&mut builder, &series);
+                }
+                Err(e) => {
+                    tracing::warn!(receiver = %self.receiver, error = %e, "cannot sample the RTT of open TCP connections")
+                }
+            }
         }
         for entry in &mut self.loaded.uprobes {
             let overflowed = entry.collect(&mut builder, &self.host_name);

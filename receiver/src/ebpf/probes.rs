@@ -217,6 +217,43 @@ fn attach(ebpf: &mut Ebpf, program: &ProgramSpec, btf: &Btf) -> Result<(), Strin
     Ok(())
 }
 
+/// Loads the tcp probe's iterator over the kernel's TCP sockets (run at each collection).
+pub fn load_tcp_iterator(ebpf: &mut Ebpf, features: &KernelFeatures) -> Result<(), String> {
+    let btf = features.btf.as_ref().map_err(Clone::clone)?;
+    let program: &mut aya::programs::Iter = ebpf
+        .program_mut(TCP_OPEN_RTT)
+        .ok_or("program missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+    program.load("tcp", btf).map_err(|e| error_chain(&e))
+}
+
+/// The iterator program sampling open connections' RTT.
+const TCP_OPEN_RTT: &str = "podscope_tcp_live_rtt";
+
+/// Runs the iterator once: the smoothed RTT of every open connection the probe saw established,
+/// per connection key. The map is emptied first, so it holds exactly this run's samples.
+pub fn sample_open_tcp_rtt(
+    ebpf: &mut Ebpf,
+) -> Result<StdHashMap<podscope_ebpf::abi::TcpKey, podscope_ebpf::abi::Hist>, String> {
+    use podscope_ebpf::abi::{Hist, TcpKey};
+    let stale: Vec<TcpKey> = read_hash::<TcpKey, Hist>(ebpf, "tcp_live_rtt")
+        .into_keys()
+        .collect();
+    remove_keys::<TcpKey, Hist>(ebpf, "tcp_live_rtt", stale);
+    let program: &mut aya::programs::Iter = ebpf
+        .program_mut(TCP_OPEN_RTT)
+        .ok_or("program missing from the object")?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+    let link = program.attach().map_err(|e| error_chain(&e))?;
+    let link = program.take_link(link).map_err(|e| error_chain(&e))?;
+    let mut output = link.into_file().map_err(|e| error_chain(&e))?;
+    // Reading runs the program over every socket; it writes nothing.
+    std::io::copy(&mut output, &mut std::io::sink()).map_err(|e| e.to_string())?;
+    Ok(read_hash(ebpf, "tcp_live_rtt"))
+}
+
 /// An error and its sources, on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
