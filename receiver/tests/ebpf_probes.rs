@@ -1719,3 +1719,53 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
     }
     receiver.shutdown().await.unwrap();
 }
+
+/// Symbols of shared libraries resolve like those of executables: a uprobe on libc's `getpid`
+/// (the libc this test process has mapped) counts a child's calls exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let libc_path = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libc.so") || p.contains("/libc-"))
+        .expect("libc mapped")
+        .to_string();
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {"uprobes": [{
+            "binary": libc_path, "symbol": "getpid",
+            "metric": {"name": "getpid_calls"}
+        }]}
+    }))
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    assert!(receiver.skipped_probes().is_empty());
+    let pod = PodCgroup::new();
+    let code = pod.run(|| {
+        for _ in 0..5 {
+            // SAFETY: getpid has no preconditions; it goes through libc's wrapper.
+            unsafe { libc::getpid() };
+        }
+        0
+    });
+    assert_eq!(code, 0);
+    receiver.collect_now().await.unwrap();
+    let calls: i64 = counters(&collected.last(), pod.id())
+        .iter()
+        .filter(|((name, _), _)| name == "getpid_calls")
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(calls, 5);
+    receiver.shutdown().await.unwrap();
+}
