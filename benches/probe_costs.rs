@@ -2,7 +2,8 @@
 //! - ns per call of a probed user function (in a forked child, so the agent's own-process filter
 //!   does not hide it): no probe, a no-op uprobe (the kernel's uprobe floor), podscope's uprobe
 //!   counting per process, and the same capturing an integer argument;
-//! - ns per TCP connection (connect + abortive close on loopback) without and with the tcp probe;
+//! - ns per TCP connection (connect, a byte from the server, abortive close, on loopback) without
+//!   and with the tcp probe;
 //! - iperf3 throughput on loopback without and with the tcp probe (its per-MB cost).
 //!
 //! Run: `cargo bench --bench probe_costs` (root). Under `cargo test` it is a quick smoke run.
@@ -102,6 +103,12 @@ fn connections(n: u64, port: u16) -> f64 {
                         (&addr as *const libc::sockaddr_in).cast(),
                         std::mem::size_of::<libc::sockaddr_in>() as u32,
                     );
+                    // Wait for the server's byte: the connection was accepted, so the accept
+                    // queue never overflows (a full queue drops SYNs, and each retry costs a
+                    // second: that, not the probe, slowed earlier runs down after a few
+                    // thousand connections).
+                    let mut byte = 0u8;
+                    libc::read(fd, (&mut byte as *mut u8).cast(), 1);
                     // Abortive close: no TIME_WAIT, so thousands of connections do not exhaust
                     // the ephemeral ports and slow connect() down for the rows that follow.
                     let linger = libc::linger {
@@ -232,19 +239,19 @@ async fn main() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
+        use std::io::Write as _;
+        for mut stream in listener.incoming().flatten() {
+            let _ = stream.write_all(b"x");
         }
     });
-    // Few enough that TIME_WAIT sockets do not exhaust the ephemeral ports across the runs.
-    let conns = if full { 3_000 } else { 500 };
+    let conns = if full { 20_000 } else { 500 };
     let without = connections(conns, port);
     let tcp = receiver(serde_json::json!({"tcp": {}})).await;
     let with = connections(conns, port);
     tcp.shutdown().await.unwrap();
     let without_again = connections(conns, port);
     println!(
-        "ns per TCP connection (connect + abortive close on loopback, {conns} connections, median of 3):"
+        "ns per TCP connection (connect, one byte from the server, abortive close on loopback, {conns} connections, median of 3):"
     );
     println!("  without the tcp probe {without:>10.0} ns");
     println!(

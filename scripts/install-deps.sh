@@ -6,8 +6,9 @@ set -euo pipefail
 # Debian packages: the eBPF toolchain (clang compiles ebpf/src/bpf/*.bpf.c, llvm-strip keeps BTF,
 # libbpf-dev gives bpf_helpers.h, bpftool regenerates vmlinux.h), Prometheus + promtool (the real
 # backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
-# namespaces in TCP tests), iperf3 (the TCP probe benchmark).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool prometheus bpftrace iproute2 iperf3 pkg-config ca-certificates curl)
+# namespaces in TCP tests), iperf3 (the TCP probe benchmark), python3-venv (the oteltest OTLP
+# sink the exporter tests send to, below).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev bpftool prometheus bpftrace iproute2 iperf3 pkg-config ca-certificates curl python3 python3-venv)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -39,6 +40,16 @@ if command -v rustup >/dev/null 2>&1; then
   for component in clippy rustfmt; do
     rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
   done
+fi
+
+# An OTLP receiver this project did not write, for exporters/tests/otlp_third_party.rs: the sinks
+# of oteltest (the OpenTelemetry Python project's test harness), in a venv of the project's.
+OTELTEST_VENV="$(dirname "$0")/../.cache/oteltest"
+if ! "$OTELTEST_VENV/bin/python" -c "import oteltest.sink" >/dev/null 2>&1; then
+  echo "install-deps: installing oteltest into .cache/oteltest" >&2
+  rm -rf "$OTELTEST_VENV"
+  python3 -m venv "$OTELTEST_VENV"
+  "$OTELTEST_VENV/bin/pip" install -q oteltest==0.49.0
 fi
 
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
