@@ -1001,7 +1001,7 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     assert_eq!(server.join().unwrap(), 3000);
     // Closing happens asynchronously in the kernel: poll until the three closes are counted.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let base = format!("network.transport=tcp,network.type=ipv4,network.peer.address=127.0.0.1,server.port={port},podscope.tcp.role=client");
+    let base = format!("network.transport=tcp,network.type=ipv4,network.peer.address=127.0.0.1,server.port={port},network.peer.port={port},podscope.tcp.role=client");
     loop {
         receiver.collect_now().await.unwrap();
         let c = counters(&collected.last(), pod.id());

@@ -26,6 +26,25 @@ pub struct GrpcSender {
 impl GrpcSender {
     pub fn new(config: &OtlpGrpcConfig, partial: PartialSuccess) -> anyhow::Result<GrpcSender> {
         let (url, tls) = config.url();
+        if tls && config.tls.insecure_skip_verify {
+            // Our connector does the TLS; tonic must not (see `insecure.rs`).
+            let plain = url.replacen("https://", "http://", 1);
+            let endpoint = Endpoint::from_shared(plain)?.connect_timeout(Duration::from_secs(5));
+            let identity = match (&config.tls.cert_file, &config.tls.key_file) {
+                (Some(cert), Some(key)) => Some((std::fs::read(cert)?, std::fs::read(key)?)),
+                _ => None,
+            };
+            let connector = super::insecure::SkipVerifyConnector::new(
+                identity,
+                config.tls.server_name_override.clone(),
+            )?;
+            return Ok(GrpcSender {
+                channel: endpoint.connect_with_connector_lazy(connector),
+                metadata: metadata(config)?,
+                compression: config.compression,
+                partial,
+            });
+        }
         let mut endpoint =
             Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(5));
         if tls {
@@ -46,14 +65,9 @@ impl GrpcSender {
         }
         // Lazy: a backend that is down at start is retried like any other failure.
         let channel = endpoint.connect_lazy();
-        let mut metadata = MetadataMap::new();
-        for (name, value) in &config.headers {
-            let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())?;
-            metadata.insert(key, MetadataValue::try_from(value.as_str())?);
-        }
         Ok(GrpcSender {
             channel,
-            metadata,
+            metadata: metadata(config)?,
             compression: config.compression,
             partial,
         })
@@ -64,6 +78,16 @@ impl GrpcSender {
         *request.metadata_mut() = self.metadata.clone();
         request
     }
+}
+
+/// `headers:` as gRPC metadata.
+fn metadata(config: &OtlpGrpcConfig) -> anyhow::Result<MetadataMap> {
+    let mut metadata = MetadataMap::new();
+    for (name, value) in &config.headers {
+        let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())?;
+        metadata.insert(key, MetadataValue::try_from(value.as_str())?);
+    }
+    Ok(metadata)
 }
 
 /// gRPC status → retryable or permanent, as the OTLP specification lists them. A `RetryInfo`

@@ -6,6 +6,7 @@
 mod config;
 mod grpc;
 mod http;
+mod insecure;
 mod partial;
 #[cfg(test)]
 mod tests;

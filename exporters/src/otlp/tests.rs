@@ -451,6 +451,38 @@ mod tls {
         .unwrap();
         assert_eq!(recorder.0.lock().unwrap().len(), 1, "mutual TLS");
     }
+
+    #[tokio::test]
+    async fn insecure_skip_verify_trusts_any_server_certificate() {
+        let pki = pki();
+        let path = |f: &str| pki.dir.path().join(f).display().to_string();
+        let no_retry = serde_json::json!({"enabled": false});
+        let (port, recorder) = tls_server(&pki, false).await;
+        // No CA given: only skipping verification lets the export through.
+        export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"), "tls": {"insecure_skip_verify": true},
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await
+        .unwrap();
+        assert_eq!(recorder.0.lock().unwrap().len(), 1);
+        // And it still presents a client certificate to a server that requires one.
+        let (port, recorder) = tls_server(&pki, true).await;
+        let without_client_cert = export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"), "tls": {"insecure_skip_verify": true},
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await;
+        assert!(without_client_cert.is_err());
+        export_once(serde_json::json!({
+            "endpoint": format!("localhost:{port}"),
+            "tls": {"insecure_skip_verify": true, "cert_file": path("client.pem"), "key_file": path("client.key")},
+            "sending_queue": {"enabled": false}, "retry_on_failure": no_retry
+        }))
+        .await
+        .unwrap();
+        assert_eq!(recorder.0.lock().unwrap().len(), 1);
+    }
 }
 
 fn spans_n(n: usize) -> Batch {

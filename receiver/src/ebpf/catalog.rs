@@ -156,6 +156,7 @@ const TCP_ATTRIBUTES: &[&str] = &[
     "network.type",
     "network.peer.address",
     "server.port",
+    "network.peer.port",
     "network.local.port",
     "podscope.tcp.role",
 ];
@@ -188,6 +189,7 @@ pub const TCP_FAILED: MetricDoc = MetricDoc {
         "network.type",
         "network.peer.address",
         "server.port",
+        "network.peer.port",
         "podscope.tcp.role",
         "error.type",
     ],
@@ -203,6 +205,7 @@ pub const TCP_IO: MetricDoc = MetricDoc {
         "network.type",
         "network.peer.address",
         "server.port",
+        "network.peer.port",
         "network.local.port",
         "podscope.tcp.role",
         "network.io.direction",

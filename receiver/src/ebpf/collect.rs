@@ -555,11 +555,14 @@ fn tcp_attributes(s: &TcpSeries) -> Vec<KeyValue> {
     let server = s.role != podscope_ebpf::abi::TCP_ROLE_CLIENT;
     if s.server_port != 0 {
         attributes.push(int_attr("server.port", s.server_port as i64));
-        // On the server side the local port is the server's; a client's local port is
-        // ephemeral and never a label.
-        if server {
-            attributes.push(int_attr("network.local.port", s.server_port as i64));
-        }
+        // The server's port is the local one on the server side and the peer's on the client
+        // side; the other end's port is ephemeral and never a label.
+        let side = if server {
+            "network.local.port"
+        } else {
+            "network.peer.port"
+        };
+        attributes.push(int_attr(side, s.server_port as i64));
     }
     attributes.push(string_attr(
         "podscope.tcp.role",
