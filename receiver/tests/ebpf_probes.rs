@@ -241,6 +241,27 @@ fn resources_of(
     })
 }
 
+/// A counter's values summed by one attribute (`label`), e.g. uprobe hits by command.
+fn counts_by(
+    c: &BTreeMap<(String, String), i64>,
+    metric: &str,
+    label: &str,
+) -> BTreeMap<String, i64> {
+    let prefix = format!("{label}=");
+    let mut out = BTreeMap::new();
+    for ((name, attrs), v) in c {
+        if name != metric {
+            continue;
+        }
+        let value = attrs
+            .split(',')
+            .find_map(|a| a.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("{metric} without {label}: {attrs}"));
+        *out.entry(value.to_string()).or_default() += v;
+    }
+    out
+}
+
 fn get(c: &BTreeMap<(String, String), i64>, name: &str, attrs: &str) -> i64 {
     c.get(&(name.to_string(), attrs.to_string()))
         .copied()
@@ -902,23 +923,7 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
     bash.unwrap();
     receiver.collect_now().await.unwrap();
     let c = counters(&collected.last(), pod.id());
-    let commands: BTreeMap<String, i64> = c
-        .iter()
-        .filter(|((name, _), _)| name == "commands_count")
-        .map(|((_, attrs), v)| {
-            (
-                attrs
-                    .split(',')
-                    .find_map(|a| a.strip_prefix("command="))
-                    .unwrap()
-                    .to_string(),
-                *v,
-            )
-        })
-        .fold(BTreeMap::new(), |mut m, (k, v)| {
-            *m.entry(k).or_default() += v;
-            m
-        });
+    let commands = counts_by(&c, "commands_count", "command");
     let expected: BTreeMap<String, i64> = [
         ("echo one", 2),
         ("echo two", 1),
@@ -1287,7 +1292,7 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
         find(
             &c,
             "podscope.tcp.io",
-            &format!("server.port={port4},podscope.tcp.role=client,network.io.direction=transmit")
+            &format!("server.port={port4},network.peer.port={port4},podscope.tcp.role=client,network.io.direction=transmit")
         ),
         2000,
         "{c:#?}"
@@ -1296,7 +1301,7 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
         find(
             &c,
             "podscope.tcp.io",
-            &format!("server.port={port6},podscope.tcp.role=client,network.io.direction=transmit")
+            &format!("server.port={port6},network.peer.port={port6},podscope.tcp.role=client,network.io.direction=transmit")
         ),
         500,
         "{c:#?}"
@@ -1480,23 +1485,7 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
     receiver.collect_now().await.unwrap();
 
     let c = counters(&collected.last(), pod.id());
-    let commands: BTreeMap<String, i64> = c
-        .iter()
-        .filter(|((name, _), _)| name == "commands_count")
-        .map(|((_, attrs), v)| {
-            (
-                attrs
-                    .split(',')
-                    .find_map(|a| a.strip_prefix("command="))
-                    .unwrap()
-                    .to_string(),
-                *v,
-            )
-        })
-        .fold(BTreeMap::new(), |mut m, (k, v)| {
-            *m.entry(k).or_default() += v;
-            m
-        });
+    let commands = counts_by(&c, "commands_count", "command");
     // `echo before` returns from the readline call that was already waiting when the probe
     // attached: a uretprobe catches only calls entered after it is in place.
     let expected: BTreeMap<String, i64> = [("echo in-container", 2), ("true", 1), ("exit", 1)]
@@ -1602,16 +1591,12 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
     // is not checked; `echo second` and `exit` come from calls entered later.
     receiver.collect_now().await.unwrap();
     let c = counters(&collected.last(), pod.id());
-    let count = |command: &str| -> i64 {
-        c.iter()
-            .filter(|((name, attrs), _)| {
-                name == "readline_returns"
-                    && attrs.split(',').any(|a| a == format!("command={command}"))
-            })
-            .map(|(_, v)| *v)
-            .sum()
-    };
-    assert_eq!((count("echo second"), count("exit")), (1, 1), "{c:?}");
+    let commands = counts_by(&c, "readline_returns", "command");
+    assert_eq!(
+        (commands.get("echo second"), commands.get("exit")),
+        (Some(&1), Some(&1)),
+        "{c:?}"
+    );
     receiver.shutdown().await.unwrap();
 }
 
