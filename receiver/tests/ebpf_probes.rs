@@ -1120,6 +1120,10 @@ impl Drop for NetnsPair {
     }
 }
 
+/// Two hosts joined by a veth pair: an IPv6 connection, and an IPv4 one that meets an outage.
+/// Retransmissions are provoked by taking the veth down for 1.5 s (several RTOs), not with
+/// `tc netem` loss: this kernel has no netem qdisc (`tc qdisc add … netem` answers "Specified
+/// qdisc kind is unknown", and it ships no modules to load).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
     use std::io::Read as _;
