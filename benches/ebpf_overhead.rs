@@ -1,7 +1,8 @@
 //! What the eBPF receiver costs, measured side by side in one run:
-//! - ns added per syscall (getppid, in a separate process) with nothing attached, a no-op raw_tp
-//!   program (the floor), podscope's `syscalls` probe counting only, the same with latency, and
-//!   bpftrace `tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }`;
+//! - ns added per syscall (getppid, in a separate process) by a no-op raw_tp program (the floor),
+//!   podscope's `syscalls` probe counting only, with errors, with latency, and bpftrace
+//!   `tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }`, each against its own pair of
+//!   "nothing attached" baselines, rows interleaved over rounds (medians reported);
 //! - load + attach time of the default probes;
 //! - the agent's RSS and CPU while idle (the real binary, default config, 30 s).
 //!
@@ -75,11 +76,102 @@ impl FromRawFdChecked for std::fs::File {
     }
 }
 
-/// Median of 3 measurements.
-fn median(calls: u64) -> f64 {
-    let mut v: Vec<f64> = (0..3).map(|_| ns_per_syscall(calls)).collect();
+fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[1]
+    v[v.len() / 2]
+}
+
+/// What a row attaches to the syscall path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Row {
+    NoopRawTp,
+    NoopTpBtf,
+    Counting,
+    CountingErrors,
+    Latency,
+    Bpftrace,
+}
+
+/// Something attached, until `detach`.
+enum Attached {
+    Ebpf(aya::Ebpf),
+    Receiver(Box<EbpfReceiver>),
+    Bpftrace(std::process::Child),
+}
+
+impl Attached {
+    async fn detach(self) {
+        match self {
+            Attached::Ebpf(ebpf) => drop(ebpf),
+            Attached::Receiver(receiver) => receiver.shutdown().await.unwrap(),
+            Attached::Bpftrace(mut child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+impl Row {
+    fn name(self) -> &'static str {
+        match self {
+            Row::NoopRawTp => "no-op raw_tp on sys_enter (floor)",
+            Row::NoopTpBtf => "no-op tp_btf on sys_exit",
+            Row::Counting => "podscope syscalls, counting",
+            Row::CountingErrors => "podscope syscalls, counting + errors",
+            Row::Latency => "podscope syscalls, errors + latency",
+            Row::Bpftrace => "bpftrace @[cgroup] = count()",
+        }
+    }
+
+    async fn attach(self) -> Option<Attached> {
+        let syscalls = |probe: serde_json::Value| serde_json::json!({ "syscalls": probe });
+        Some(match self {
+            Row::NoopRawTp => {
+                let mut noop = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
+                let prog: &mut RawTracePoint = noop
+                    .program_mut("podscope_bench_noop")
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                prog.load().unwrap();
+                prog.attach("sys_enter").unwrap();
+                Attached::Ebpf(noop)
+            }
+            Row::NoopTpBtf => {
+                let btf = aya::Btf::from_sys_fs().unwrap();
+                let mut noop = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
+                let prog: &mut aya::programs::BtfTracePoint = noop
+                    .program_mut("podscope_bench_noop_btf")
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                prog.load("sys_exit", &btf).unwrap();
+                prog.attach().unwrap();
+                Attached::Ebpf(noop)
+            }
+            Row::Counting => Attached::Receiver(Box::new(
+                receiver(syscalls(
+                    serde_json::json!({"latency": false, "errors": false}),
+                ))
+                .await
+                .0,
+            )),
+            Row::CountingErrors => Attached::Receiver(Box::new(
+                receiver(syscalls(serde_json::json!({"latency": false})))
+                    .await
+                    .0,
+            )),
+            Row::Latency => Attached::Receiver(Box::new(
+                receiver(syscalls(serde_json::json!({"latency": true})))
+                    .await
+                    .0,
+            )),
+            Row::Bpftrace => Attached::Bpftrace(bpftrace(
+                "tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }",
+            )?),
+        })
+    }
 }
 
 async fn receiver(probes: serde_json::Value) -> (EbpfReceiver, Duration) {
@@ -161,73 +253,81 @@ fn cpu_seconds(pid: i32) -> f64 {
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let calls: u64 = if full { 5_000_000 } else { 200_000 };
-    let mut rows: Vec<(String, f64)> = Vec::new();
-
-    let base = median(calls);
-    rows.push(("nothing attached".into(), base));
-
-    let mut noop = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
-    let prog: &mut RawTracePoint = noop
-        .program_mut("podscope_bench_noop")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    prog.load().unwrap();
-    prog.attach("sys_enter").unwrap();
-    rows.push(("no-op raw_tp (floor)".into(), median(calls)));
-    drop(noop);
-
-    let btf = aya::Btf::from_sys_fs().unwrap();
-    let mut noop_btf = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
-    let prog: &mut aya::programs::BtfTracePoint = noop_btf
-        .program_mut("podscope_bench_noop_btf")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    prog.load("sys_exit", &btf).unwrap();
-    prog.attach().unwrap();
-    rows.push(("no-op tp_btf on sys_exit".into(), median(calls)));
-    drop(noop_btf);
-
-    let (counting, _) =
-        receiver(serde_json::json!({"syscalls": {"latency": false, "errors": false}})).await;
-    rows.push(("podscope syscalls, counting".into(), median(calls)));
-    counting.shutdown().await.unwrap();
-
-    let (errors, _) = receiver(serde_json::json!({"syscalls": {"latency": false}})).await;
-    rows.push(("podscope syscalls, counting + errors".into(), median(calls)));
-    errors.shutdown().await.unwrap();
-
-    let (latency, _) = receiver(serde_json::json!({"syscalls": {"latency": true}})).await;
-    rows.push(("podscope syscalls, errors + latency".into(), median(calls)));
-    latency.shutdown().await.unwrap();
-
-    if full {
-        match bpftrace("tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }") {
-            Some(mut child) => {
-                rows.push(("bpftrace @[cgroup] = count()".into(), median(calls)));
-                let _ = child.kill();
-                let _ = child.wait();
+    // Paired and interleaved, because this shared VM drifts within a run: every row is measured
+    // right after its own "nothing attached" baseline and right before a second one, its added
+    // cost is the difference to their mean, and the rows take turns over ROUNDS rounds; each
+    // row's figure is the median over the rounds (so is each ratio).
+    let rounds = if full { 5 } else { 1 };
+    let kinds = [
+        Row::NoopRawTp,
+        Row::NoopTpBtf,
+        Row::Counting,
+        Row::CountingErrors,
+        Row::Latency,
+        Row::Bpftrace,
+    ];
+    let mut added: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+    let mut baselines = Vec::new();
+    for _ in 0..rounds {
+        for (i, kind) in kinds.iter().enumerate() {
+            if *kind == Row::Bpftrace && !full {
+                continue;
             }
-            None => eprintln!("bpftrace unavailable: row skipped"),
+            let before = ns_per_syscall(calls);
+            let Some(attached) = kind.attach().await else {
+                eprintln!("{}: unavailable, row skipped", kind.name());
+                continue;
+            };
+            let with = ns_per_syscall(calls);
+            attached.detach().await;
+            let after = ns_per_syscall(calls);
+            baselines.push((before + after) / 2.0);
+            added[i].push(with - (before + after) / 2.0);
         }
     }
-
-    println!("ns per getppid ({calls} calls, median of 3), added over nothing attached:");
-    for (name, ns) in &rows {
-        println!("  {name:<36} {ns:>8.1} ns   +{:>6.1} ns", ns - base);
+    println!(
+        "ns added per getppid ({calls} calls per measurement, median of {rounds} paired rounds; nothing attached: {:.1} ns):",
+        median_of(baselines.clone())
+    );
+    for (kind, values) in kinds.iter().zip(&added) {
+        if values.is_empty() {
+            continue;
+        }
+        println!(
+            "  {:<36} +{:>6.1} ns   (rounds: {})",
+            kind.name(),
+            median_of(values.clone()),
+            values
+                .iter()
+                .map(|v| format!("{v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
-    let added = |name: &str| {
-        rows.iter()
-            .find(|r| r.0.starts_with(name))
-            .map(|r| r.1 - base)
+    let ratios = |a: usize, b: usize| -> Vec<f64> {
+        added[a].iter().zip(&added[b]).map(|(x, y)| x / y).collect()
     };
-    if let (Some(floor), Some(ours)) = (added("no-op raw_tp"), added("podscope syscalls, counting"))
-    {
-        println!("  podscope counting / no-op floor: {:.2}x", ours / floor);
-        if let Some(bt) = added("bpftrace") {
-            println!("  podscope counting / bpftrace:    {:.2}x", ours / bt);
-        }
+    let floor_ratios = ratios(2, 0);
+    println!(
+        "  podscope counting / no-op floor: {:.2}x   (rounds: {})",
+        median_of(floor_ratios.clone()),
+        floor_ratios
+            .iter()
+            .map(|v| format!("{v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    if !added[5].is_empty() {
+        let bt_ratios = ratios(2, 5);
+        println!(
+            "  podscope counting / bpftrace:    {:.2}x   (rounds: {})",
+            median_of(bt_ratios.clone()),
+            bt_ratios
+                .iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
 
     let (all, took) = receiver(serde_json::json!({"process": {}, "syscalls": {}, "files": {}, "sched": {}, "block_io": {}})).await;

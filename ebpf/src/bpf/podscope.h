@@ -172,13 +172,6 @@ static __always_inline int podscope_skip_current(void)
 	return agent_tgid != 0 && tgid == agent_tgid;
 }
 
-/* Argument i of a raw tracepoint. Read through a plain pointer: vmlinux.h declares args[] as a
- * zero-length array with CO-RE access, which the loader would reject as out of bounds. */
-static __always_inline __u64 podscope_raw_arg(struct bpf_raw_tracepoint_args *ctx, int i)
-{
-	return ((__u64 *)ctx)[i];
-}
-
 static __always_inline __u32 podscope_log2(__u64 v)
 {
 	__u32 r = 0;

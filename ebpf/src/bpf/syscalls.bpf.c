@@ -99,17 +99,18 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 	return 0;
 }
 
-/* Counts only (no errors, no latency): one raw_tp hook on entry, where the syscall number is an
- * argument and no register needs reading. The cheapest way to count. */
-SEC("raw_tp/sys_enter")
-int podscope_sys_count(struct bpf_raw_tracepoint_args *ctx)
+/* Counts only (no errors, no latency): one hook on entry, where the syscall number is an
+ * argument. The cheapest way to count: the own-process check and the cgroup id are direct loads
+ * from the current task (BTF-typed, no helper call each), and counts are per-CPU increments. */
+SEC("tp_btf/sys_enter")
+int BPF_PROG(podscope_sys_count, struct pt_regs *regs, long nr)
 {
-	if (podscope_skip_current())
+	struct task_struct *task = bpf_get_current_task_btf();
+	if (agent_tgid != 0 && task->tgid == agent_tgid)
 		return 0;
-	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	__u64 cgroup_id = task->cgroups->dfl_cgrp->kn->id;
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
-	long nr = (long)podscope_raw_arg(ctx, 1);
 	if (nr < 0 || nr >= PODSCOPE_SYSCALL_SLOTS)
 		return 0;
 	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, &cgroup_id, &zero_counts);

@@ -141,7 +141,7 @@ pub struct SyscallsProbeConfig {
     /// only counts and errors, at about half the cost.
     pub latency: bool,
     /// Count failed syscalls (needs the exit hook). Default true. With `errors: false` and
-    /// `latency: false` the probe only counts, from one raw_tp hook on entry: the cheapest mode.
+    /// `latency: false` the probe only counts, from one tp_btf hook on entry: the cheapest mode.
     pub errors: bool,
 }
 
