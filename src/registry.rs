@@ -3,7 +3,8 @@
 //! [`Registry`] is that table as a value, so tests can add components of their own.
 
 use podscope_core::{
-    ComponentKind, ExporterFactory, FieldError, ProcessorFactory, ReceiverFactory, Signal,
+    ComponentKind, ComponentReference, ExporterFactory, FieldError, ProcessorFactory,
+    ReceiverFactory, Signal,
 };
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
@@ -87,13 +88,17 @@ impl Registry {
         kind: ComponentKind,
         type_name: &str,
         raw: serde_json::Value,
-    ) -> Option<Result<(), Vec<FieldError>>> {
+    ) -> Option<Result<Vec<ComponentReference>, Vec<FieldError>>> {
         match kind {
-            ComponentKind::Receiver => self.receiver(type_name).map(|f| (f.create)(raw).map(drop)),
-            ComponentKind::Processor => {
-                self.processor(type_name).map(|f| (f.create)(raw).map(drop))
-            }
-            ComponentKind::Exporter => self.exporter(type_name).map(|f| (f.create)(raw).map(drop)),
+            ComponentKind::Receiver => self
+                .receiver(type_name)
+                .map(|f| (f.create)(raw).map(|b| b.references())),
+            ComponentKind::Processor => self
+                .processor(type_name)
+                .map(|f| (f.create)(raw).map(|_| Vec::new())),
+            ComponentKind::Exporter => self
+                .exporter(type_name)
+                .map(|f| (f.create)(raw).map(|_| Vec::new())),
         }
     }
 

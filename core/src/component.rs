@@ -242,12 +242,27 @@ impl ReceiverConsumers {
     }
 }
 
+/// A setting that names another component (e.g. the eBPF receiver's `cgroup_filter.pods.processor`):
+/// the config loader checks that the component is defined and in a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentReference {
+    /// Key path within the referring component's settings.
+    pub field: String,
+    pub kind: ComponentKind,
+    pub id: ComponentId,
+}
+
 pub trait ReceiverBuilder: Send {
     fn build(
         self: Box<Self>,
         ctx: BuildContext,
         next: ReceiverConsumers,
     ) -> anyhow::Result<Box<dyn Receiver>>;
+
+    /// Other components this one's settings name.
+    fn references(&self) -> Vec<ComponentReference> {
+        Vec::new()
+    }
 }
 
 pub trait ProcessorBuilder: Send {

@@ -99,6 +99,7 @@ pub fn load_with(
         registry,
         unresolved: Vec::new(),
         errors: Vec::new(),
+        references: Vec::new(),
     };
     let config = loader.load(text, lookup);
     if loader.errors.is_empty() {
@@ -118,6 +119,8 @@ struct Loader<'r> {
     /// validated further, as their value is not known.
     unresolved: Vec<Position>,
     errors: Vec<ConfigError>,
+    /// Settings that name another component: where, their full key path, what they name.
+    references: Vec<(Position, String, podscope_core::ComponentReference)>,
 }
 
 /// A component section as found: its id, where its key stands, and its settings.
@@ -242,6 +245,34 @@ impl Loader<'_> {
             }
         }
 
+        if let Some(service) = &service {
+            for (position, path, reference) in std::mem::take(&mut self.references) {
+                let defined = match reference.kind {
+                    ComponentKind::Receiver => receivers.contains_key(&reference.id),
+                    ComponentKind::Processor => processors.contains_key(&reference.id),
+                    ComponentKind::Exporter => exporters.contains_key(&reference.id),
+                };
+                let in_pipeline = service.pipelines.iter().any(|p| {
+                    match reference.kind {
+                        ComponentKind::Receiver => &p.receivers,
+                        ComponentKind::Processor => &p.processors,
+                        ComponentKind::Exporter => &p.exporters,
+                    }
+                    .contains(&reference.id)
+                });
+                let (section, id) = (reference.kind.section(), &reference.id);
+                if !defined {
+                    self.error(position, path, format!("{section}.{id} is not defined"));
+                } else if !in_pipeline {
+                    self.error(
+                        position,
+                        path,
+                        format!("{section}.{id} is defined but in no pipeline, so it never runs"),
+                    );
+                }
+            }
+        }
+
         let service = service?;
         let raw = |m: BTreeMap<ComponentId, (Position, Defined)>| -> BTreeMap<ComponentId, serde_json::Value> {
             m.into_iter().map(|(id, (_, d))| (id, d.raw)).collect()
@@ -300,7 +331,13 @@ impl Loader<'_> {
                 Some(Err(field_errors)) => {
                     self.field_errors(value, &path, key.position, field_errors);
                 }
-                Some(Ok(())) => {}
+                Some(Ok(references)) => {
+                    for reference in references {
+                        let position = value.locate(&reference.field, key.position);
+                        let full = join(&path, &reference.field);
+                        self.references.push((position, full, reference));
+                    }
+                }
             }
             out.insert(id, (key.position, Defined { raw }));
         }

@@ -64,6 +64,21 @@ impl ReceiverBuilder for EbpfReceiverConfig {
     ) -> anyhow::Result<Box<dyn Receiver>> {
         Ok(Box::new(EbpfReceiver::new(*self, ctx, next)?))
     }
+
+    /// `cgroup_filter.pods.processor` names the k8sattributes processor whose cache it uses.
+    fn references(&self) -> Vec<podscope_core::ComponentReference> {
+        self.cgroup_filter
+            .pods
+            .as_ref()
+            .and_then(|pods| podscope_core::ComponentId::parse(&pods.processor).ok())
+            .map(|id| podscope_core::ComponentReference {
+                field: "cgroup_filter.pods.processor".to_string(),
+                kind: podscope_core::ComponentKind::Processor,
+                id,
+            })
+            .into_iter()
+            .collect()
+    }
 }
 
 /// What the process probe knows of a live process.
