@@ -11,14 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
-use podscope_core::{Batch, BuildContext, Exporter, ExporterBuilder};
+use podscope_core::{fake_otlp, Batch, BuildContext, Exporter, ExporterBuilder};
 use podscope_exporters::otlp::OtlpGrpcConfig;
 use podscope_exporters::prometheus::{PrometheusConfig, Settings, Store};
 use podscope_exporters::prometheusremotewrite::RemoteWriteConfig;
@@ -26,75 +20,16 @@ use podscope_integration::agent::{free_port, AgentProcess};
 
 const ITEMS_PER_BATCH: usize = 500;
 
-fn attr(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        key_strindex: 0,
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-    }
-}
-
 fn spans() -> Batch {
-    Batch::traces(vec![ResourceSpans {
-        resource: Some(Resource {
-            attributes: vec![attr("service.name", "checkout")],
-            ..Default::default()
-        }),
-        scope_spans: vec![ScopeSpans {
-            spans: (0..ITEMS_PER_BATCH)
-                .map(|i| Span {
-                    trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
-                    span_id: (i as u64 + 1).to_be_bytes().to_vec(),
-                    name: "GET /api/cart".into(),
-                    kind: 2,
-                    start_time_unix_nano: 1_700_000_000_000_000_000,
-                    end_time_unix_nano: 1_700_000_000_003_000_000,
-                    attributes: vec![
-                        attr("http.request.method", "GET"),
-                        attr("http.route", "/api/cart"),
-                    ],
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }])
+    fake_otlp::spans(ITEMS_PER_BATCH, &[("service.name", "checkout")])
 }
 
 fn points(series_offset: usize, n: usize) -> Batch {
-    Batch::metrics(vec![ResourceMetrics {
-        resource: Some(Resource {
-            attributes: vec![attr("host.name", "node-1"), attr("k8s.pod.name", "cart-1")],
-            ..Default::default()
-        }),
-        scope_metrics: vec![ScopeMetrics {
-            metrics: vec![Metric {
-                name: "podscope.syscalls".into(),
-                unit: "{syscall}".into(),
-                data: Some(metric::Data::Sum(Sum {
-                    is_monotonic: true,
-                    aggregation_temporality: 2,
-                    data_points: (0..n)
-                        .map(|i| NumberDataPoint {
-                            attributes: vec![attr(
-                                "syscall.name",
-                                &format!("sys_{}", series_offset + i),
-                            )],
-                            time_unix_nano: 1_700_000_000_000_000_000,
-                            value: Some(number_data_point::Value::AsInt(i as i64)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }])
+    fake_otlp::syscall_points(
+        n,
+        series_offset,
+        &[("host.name", "node-1"), ("k8s.pod.name", "cart-1")],
+    )
 }
 
 /// CPU seconds used by this process so far.

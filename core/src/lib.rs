@@ -11,6 +11,7 @@ pub mod component;
 pub mod config;
 pub mod consumer;
 pub mod delivery;
+pub mod fake_otlp;
 pub mod health;
 pub mod pods;
 pub mod queue;

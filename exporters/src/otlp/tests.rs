@@ -486,19 +486,7 @@ mod tls {
 }
 
 fn spans_n(n: usize) -> Batch {
-    Batch::traces(vec![ResourceSpans {
-        scope_spans: vec![ScopeSpans {
-            spans: vec![
-                Span {
-                    name: "s".into(),
-                    ..Default::default()
-                };
-                n
-            ],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }])
+    podscope_core::fake_otlp::spans(n, &[])
 }
 
 async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Collected>) {
