@@ -137,9 +137,20 @@ impl PodCgroup {
 
 impl Drop for PodCgroup {
     fn drop(&mut self) {
+        // Killing the shells is not enough: what they started (a `sleep`) would keep the cgroup
+        // busy and the directory could not be removed. cgroup.kill ends every process in it.
+        let _ = std::fs::write(self.leaf.join("cgroup.kill"), "1");
         for child in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        // The kernel empties the cgroup asynchronously: wait (bounded) until it says so.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(self.leaf.join("cgroup.events"))
+            .is_ok_and(|events| events.contains("populated 1"))
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         for dir in self.dirs.iter().rev() {
             // Shared parents stay while another test still uses them.
