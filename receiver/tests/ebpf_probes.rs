@@ -966,23 +966,7 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     let pod = PodCgroup::new();
     let payload = [7u8; 1000];
     let code = pod.run(|| unsafe {
-        let connect = |port: u16| {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-                },
-                sin_zero: [0; 8],
-            };
-            let rc = libc::connect(
-                fd,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            );
-            (fd, rc)
-        };
+        let connect = |port: u16| connect_v4([127, 0, 0, 1], port);
         for _ in 0..3 {
             let (fd, rc) = connect(port);
             if rc != 0 || libc::write(fd, payload.as_ptr().cast(), payload.len()) != 1000 {
@@ -1063,6 +1047,32 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     );
     assert_eq!(duration.map(|d| d.count), Some(3));
     receiver.shutdown().await.unwrap();
+}
+
+/// A TCP socket connected (or not: the return code says) to `ip:port`, with raw syscalls only,
+/// for workloads that run between fork and exit.
+///
+/// # Safety
+/// Plain socket syscalls; the caller closes the returned descriptor.
+unsafe fn connect_v4(ip: [u8; 4], port: u16) -> (i32, i32) {
+    // SAFETY: see the function's contract; `addr` outlives the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(ip),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        (fd, rc)
+    }
 }
 
 /// Two network namespaces joined by a veth pair (IPv4 and IPv6), removed on drop.
@@ -1214,21 +1224,8 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
         libc::read(fd, (&mut byte as *mut u8).cast(), 1);
         libc::close(fd);
         // IPv4, through the outage.
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: port4.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes([10, 251, 0, 2]),
-            },
-            sin_zero: [0; 8],
-        };
-        if libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        ) != 0
-        {
+        let (fd, rc) = connect_v4([10, 251, 0, 2], port4);
+        if rc != 0 {
             return 11;
         }
         libc::write(ready_w, b"r".as_ptr().cast(), 1);
@@ -1631,22 +1628,8 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
             leaf,
         };
         pod.run(|| unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-                },
-                sin_zero: [0; 8],
-            };
-            if libc::connect(
-                fd,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            ) != 0
-                || libc::write(fd, b"x".as_ptr().cast(), 1) != 1
-            {
+            let (fd, rc) = connect_v4([127, 0, 0, 1], port);
+            if rc != 0 || libc::write(fd, b"x".as_ptr().cast(), 1) != 1 {
                 return 1;
             }
             // Held open until the server lets go.
