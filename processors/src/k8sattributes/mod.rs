@@ -84,6 +84,10 @@ struct PodLabels {
     state: &'static str,
 }
 
+/// Why a resource was not matched to a pod: nothing to go by; host mode or the first list not
+/// done; not in the cache.
+const UNRESOLVED_REASONS: [&str; 3] = ["no_identity", "not_synced", "not_found"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct UnresolvedLabels {
     processor: String,
@@ -105,7 +109,8 @@ pub struct Shared {
     /// Set once the pod watch has listed every pod; host mode leaves it false.
     synced: Arc<std::sync::atomic::AtomicBool>,
     enriched: Counter,
-    unresolved: Family<UnresolvedLabels, Counter>,
+    /// Unresolved resources by reason, in the order of [`UNRESOLVED_REASONS`].
+    unresolved: [Counter; 3],
     watch_errors: Family<watch::WatchLabels, Counter>,
     /// Live pods, deleted pods kept for the delay.
     pods: [Gauge; 2],
@@ -158,6 +163,15 @@ impl Shared {
             processor: component.clone(),
         };
         let enriched_family = Family::<ProcessorLabels, Counter>::default();
+        let unresolved_family = Family::<UnresolvedLabels, Counter>::default();
+        let unresolved = UNRESOLVED_REASONS.map(|reason| {
+            unresolved_family
+                .get_or_create(&UnresolvedLabels {
+                    processor: component.clone(),
+                    reason,
+                })
+                .clone()
+        });
         let pods_family = Family::<PodLabels, Gauge>::default();
         let pods_in_state = |state| {
             pods_family
@@ -183,7 +197,7 @@ impl Shared {
             proc_root: PathBuf::from("/proc"),
             synced: Arc::default(),
             enriched: enriched_family.get_or_create(&labels).clone(),
-            unresolved: Family::default(),
+            unresolved,
             watch_errors: Family::default(),
             pods: [pods_in_state("live"), pods_in_state("deleted")],
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
@@ -201,7 +215,7 @@ impl Shared {
         t.register(
             "k8sattributes_unresolved_resources",
             "Resources the k8sattributes processor could not match to a pod, by reason (no_identity: no container, pod or cgroup attribute to go by; not_synced: host mode, or pod metadata not listed yet; not_found: not in the pod cache)",
-            shared.unresolved.clone(),
+            unresolved_family,
         );
         t.register(
             "k8sattributes_watch_errors",
@@ -355,19 +369,15 @@ impl Shared {
                 }
             }
             None => {
+                // Indexes into UNRESOLVED_REASONS.
                 let reason = if !identity.identified {
-                    "no_identity"
+                    0
                 } else if !self.synced.load(Ordering::Relaxed) {
-                    "not_synced"
+                    1
                 } else {
-                    "not_found"
+                    2
                 };
-                self.unresolved
-                    .get_or_create(&UnresolvedLabels {
-                        processor: self.component.clone(),
-                        reason,
-                    })
-                    .inc();
+                self.unresolved[reason].inc();
             }
         }
         drop(store);
