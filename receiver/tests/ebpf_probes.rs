@@ -1741,3 +1741,45 @@ async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
     assert_eq!(calls, 5);
     receiver.shutdown().await.unwrap();
 }
+
+#[test]
+fn a_map_that_is_missing_or_of_another_type_is_a_load_error_naming_it() {
+    use podscope_receiver::ebpf::object::{
+        KernelFeatures, MapDef, ObjectSettings, ProbeObject, ProbeSpec,
+    };
+    let spec = ProbeSpec {
+        name: "process",
+        object: podscope_ebpf::objects::PROCESS,
+        programs: &[],
+    };
+    let features = KernelFeatures::detect(Path::new("/sys/kernel/btf/vmlinux"));
+    let settings = ObjectSettings {
+        globals: Vec::new(),
+        skip: &[],
+    };
+    let mut object = ProbeObject::load(&spec, &features, &[], &settings).unwrap();
+    let error = |r: Result<_, podscope_receiver::ebpf::ProbeError>| r.err().unwrap().to_string();
+
+    assert_eq!(
+        error(
+            object
+                .hash::<u64, u64>(&MapDef::new("process_count"))
+                .map(drop)
+        ),
+        "probe process: cannot load: map process_count: missing from the object"
+    );
+    // process_counts is keyed by a 16-byte struct.
+    assert_eq!(
+        error(object.hash::<u64, u64>(&MapDef::new("process_counts")).map(drop)),
+        "probe process: cannot load: map process_counts: not a hash map of the probe's key and value types (invalid key size 8, expected 16)"
+    );
+    // process_lifetime is a plain hash map (type 1), not a per-CPU one.
+    assert_eq!(
+        error(
+            object
+                .per_cpu_hash::<u64, u64>(&MapDef::new("process_lifetime"), |a, b| *a += b)
+                .map(drop)
+        ),
+        "probe process: cannot load: map process_lifetime: not a per-CPU hash map of the probe's key and value types (invalid map type 1)"
+    );
+}

@@ -2,7 +2,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use podscope_core::{ComponentConfig, FieldError};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+pub use super::probes::ProbesConfig;
 
 /// `receivers: ebpf:` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -68,150 +70,6 @@ impl Default for PodFilterConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProbesConfig {
-    #[serde(deserialize_with = "present_means_on")]
-    pub process: Option<ProcessProbeConfig>,
-    #[serde(deserialize_with = "present_means_on")]
-    pub syscalls: Option<SyscallsProbeConfig>,
-    #[serde(deserialize_with = "present_means_on")]
-    pub files: Option<FilesProbeConfig>,
-    #[serde(deserialize_with = "present_means_on")]
-    pub sched: Option<BasicProbeConfig>,
-    #[serde(deserialize_with = "present_means_on")]
-    pub block_io: Option<BasicProbeConfig>,
-    #[serde(deserialize_with = "present_means_on")]
-    pub tcp: Option<TcpProbeConfig>,
-    /// User functions to count, with a captured argument or return value (see `uprobes`).
-    pub uprobes: Vec<super::uprobes::UprobeConfig>,
-}
-
-/// Settings every probe has.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BasicProbeConfig {
-    /// Default true.
-    pub enabled: bool,
-    /// Fail startup if the probe cannot attach (default false: log one line and go on).
-    pub required: bool,
-}
-
-impl Default for BasicProbeConfig {
-    fn default() -> Self {
-        BasicProbeConfig {
-            enabled: true,
-            required: false,
-        }
-    }
-}
-
-/// `probes.process:`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProcessProbeConfig {
-    pub enabled: bool,
-    pub required: bool,
-    /// Bytes of exec/exit events that wake the agent early; below that it reads them every
-    /// `event_poll_interval`. Default 65536.
-    pub wakeup_bytes: u64,
-    /// Default 200ms.
-    #[serde(with = "humantime_serde")]
-    pub event_poll_interval: Duration,
-}
-
-impl Default for ProcessProbeConfig {
-    fn default() -> Self {
-        ProcessProbeConfig {
-            enabled: true,
-            required: false,
-            wakeup_bytes: 65536,
-            event_poll_interval: Duration::from_millis(200),
-        }
-    }
-}
-
-/// `probes.syscalls:`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SyscallsProbeConfig {
-    pub enabled: bool,
-    pub required: bool,
-    /// Measure enter → exit latency (adds a hook on syscall entry). Default true; false keeps
-    /// only counts and errors, at about half the cost.
-    pub latency: bool,
-    /// Count failed syscalls (needs the exit hook). Default true. With `errors: false` and
-    /// `latency: false` the probe only counts, from one tp_btf hook on entry: the cheapest mode.
-    pub errors: bool,
-}
-
-impl Default for SyscallsProbeConfig {
-    fn default() -> Self {
-        SyscallsProbeConfig {
-            enabled: true,
-            required: false,
-            latency: true,
-            errors: true,
-        }
-    }
-}
-
-/// `probes.tcp:`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TcpProbeConfig {
-    pub enabled: bool,
-    pub required: bool,
-    /// Distinct (peer address, server port) pairs kept per cgroup; further peers are summed as
-    /// `other`, so a port scan cannot blow up the series count. Default 100.
-    pub max_peers: usize,
-}
-
-impl Default for TcpProbeConfig {
-    fn default() -> Self {
-        TcpProbeConfig {
-            enabled: true,
-            required: false,
-            max_peers: 100,
-        }
-    }
-}
-
-/// `probes.files:`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilesProbeConfig {
-    pub enabled: bool,
-    pub required: bool,
-    /// Count opens per path (successful opens only). Default false: paths can be sensitive and
-    /// numerous.
-    pub capture_paths: bool,
-    /// With `capture_paths`: the paths reported per cgroup and interval, most opened first; the
-    /// rest are summed as `other`. Default 20.
-    pub top_paths: usize,
-}
-
-impl Default for FilesProbeConfig {
-    fn default() -> Self {
-        FilesProbeConfig {
-            enabled: true,
-            required: false,
-            capture_paths: false,
-            top_paths: 20,
-        }
-    }
-}
-
-fn present_means_on<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + Default,
-{
-    Ok(Some(
-        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
-    ))
-}
-
 impl ComponentConfig for EbpfReceiverConfig {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
@@ -221,37 +79,13 @@ impl ComponentConfig for EbpfReceiverConfig {
                 "must be at least 100ms",
             ));
         }
-        let p = &self.probes;
-        if p.process.is_none()
-            && p.syscalls.is_none()
-            && p.files.is_none()
-            && p.sched.is_none()
-            && p.block_io.is_none()
-            && p.tcp.is_none()
-            && p.uprobes.is_empty()
-        {
+        if !self.probes.any_listed() {
             errors.push(FieldError::new(
                 "probes",
                 "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes",
             ));
         }
-        for (i, entry) in p.uprobes.iter().enumerate() {
-            entry.validate(&format!("probes.uprobes[{i}]"), &mut errors);
-        }
-        if p.tcp.as_ref().is_some_and(|t| t.max_peers == 0) {
-            errors.push(FieldError::new(
-                "probes.tcp.max_peers",
-                "must be at least 1",
-            ));
-        }
-        if let Some(files) = &p.files {
-            if files.capture_paths && files.top_paths == 0 {
-                errors.push(FieldError::new(
-                    "probes.files.top_paths",
-                    "must be at least 1 with capture_paths",
-                ));
-            }
-        }
+        self.probes.validate(&mut errors);
         for (i, glob) in self.cgroup_filter.include.iter().enumerate() {
             if let Err(e) = super::cgroups::CgroupGlob::new(glob) {
                 errors.push(FieldError::new(format!("cgroup_filter.include[{i}]"), e));

@@ -1,0 +1,364 @@
+//! One probe's eBPF object, loaded: load-time settings (`const volatile` globals), its programs
+//! attached, and typed handles to its maps. Each map is taken by name once, at load, into the
+//! handle type the probe reads it with; a map that is missing, or whose type, key or value size
+//! differs from what the probe expects, is a load error naming the map (never an empty read).
+//!
+//! Every object includes `podscope.h`, so every object has the `cgroup_filter` map; this module
+//! takes it for the receiver. It must not know any particular probe.
+
+use std::collections::{HashMap as StdHashMap, HashSet};
+use std::fmt;
+use std::hash::Hash;
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::programs::{BtfTracePoint, Program};
+use aya::{Btf, Ebpf, EbpfLoader, Pod};
+
+/// Where a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// BTF-typed tracepoint: typed arguments and direct loads from kernel structs (no helper
+    /// call per field), needs kernel BTF. Every probe uses it: measured cheaper than raw_tp with
+    /// helper calls on the hottest path (see BENCHMARKS.md).
+    TpBtf(&'static str),
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Hook::TpBtf(tp) => write!(f, "tp_btf/{tp}"),
+        }
+    }
+}
+
+/// A program of a probe: its C function name and hook.
+#[derive(Debug, Clone, Copy)]
+pub struct ProgramSpec {
+    pub function: &'static str,
+    pub hook: Hook,
+}
+
+pub const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
+    ProgramSpec {
+        function,
+        hook: Hook::TpBtf(tp),
+    }
+}
+
+/// A probe's object and the programs the loader attaches (others, such as uprobes and iterators,
+/// the probe attaches itself).
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeSpec {
+    pub name: &'static str,
+    pub object: &'static [u8],
+    pub programs: &'static [ProgramSpec],
+}
+
+/// A map of a probe's object, named once: the probe takes its handle through this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapDef {
+    pub name: &'static str,
+}
+
+impl MapDef {
+    pub const fn new(name: &'static str) -> MapDef {
+        MapDef { name }
+    }
+}
+
+/// Why a probe could not run: which probe, which hook, what is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeError {
+    pub probe: &'static str,
+    pub hook: Option<Hook>,
+    pub reason: String,
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.hook {
+            Some(hook) => write!(
+                f,
+                "probe {}: cannot attach {hook}: {}",
+                self.probe, self.reason
+            ),
+            None => write!(f, "probe {}: cannot load: {}", self.probe, self.reason),
+        }
+    }
+}
+
+/// What the kernel offers, detected once at start.
+pub struct KernelFeatures {
+    pub btf: Result<Btf, String>,
+}
+
+impl KernelFeatures {
+    pub fn detect(btf_path: &Path) -> KernelFeatures {
+        let btf = Btf::parse_file(btf_path, aya::Endianness::default()).map_err(|e| {
+            format!(
+                "kernel BTF is not available at {} ({e}); CO-RE programs need it (set btf_path)",
+                btf_path.display()
+            )
+        });
+        KernelFeatures { btf }
+    }
+}
+
+/// A load-time setting (`const volatile` global in the C program).
+#[derive(Debug, Clone, Copy)]
+pub enum Global {
+    U32(&'static str, u32),
+    U64(&'static str, u64),
+}
+
+/// What one object is loaded with.
+#[derive(Default)]
+pub struct ObjectSettings<'a> {
+    /// Globals of this object; the receiver adds those every object has (`agent_tgid`,
+    /// `filter_mode`).
+    pub globals: Vec<Global>,
+    /// Programs of the spec not to attach (a mode that does not need them).
+    pub skip: &'a [&'static str],
+}
+
+/// The map every object has (from `podscope.h`): the cgroup ids the filter lists.
+const CGROUP_FILTER: MapDef = MapDef::new("cgroup_filter");
+
+/// A loaded object with its programs attached and its maps being taken by the probe.
+pub struct ProbeObject {
+    probe: &'static str,
+    ebpf: Ebpf,
+    cgroup_filter: HashMap<MapData, u64, u8>,
+}
+
+impl ProbeObject {
+    /// Loads `spec`'s object with `globals`, then loads and attaches every program not in
+    /// `settings.skip`.
+    pub fn load(
+        spec: &ProbeSpec,
+        features: &KernelFeatures,
+        globals: &[Global],
+        settings: &ObjectSettings<'_>,
+    ) -> Result<ProbeObject, ProbeError> {
+        let btf = features.btf.as_ref().map_err(|reason| ProbeError {
+            probe: spec.name,
+            hook: spec.programs.first().map(|p| p.hook),
+            reason: reason.clone(),
+        })?;
+        let mut loader = EbpfLoader::new();
+        // Task storage (syscall entry times) has no aya wrapper; only the kernel side uses it.
+        loader.btf(Some(btf)).allow_unsupported_maps();
+        for global in globals.iter().chain(&settings.globals) {
+            // The receiver's settings may be unused by an object: absent ones are not an error.
+            match global {
+                Global::U32(name, value) => loader.override_global(name, value, false),
+                Global::U64(name, value) => loader.override_global(name, value, false),
+            };
+        }
+        let mut ebpf = loader.load(spec.object).map_err(|e| ProbeError {
+            probe: spec.name,
+            hook: None,
+            reason: error_chain(&e),
+        })?;
+        for program in spec
+            .programs
+            .iter()
+            .filter(|p| !settings.skip.contains(&p.function))
+        {
+            attach(&mut ebpf, program, btf).map_err(|reason| ProbeError {
+                probe: spec.name,
+                hook: Some(program.hook),
+                reason,
+            })?;
+        }
+        let cgroup_filter = take(spec.name, &mut ebpf, &CGROUP_FILTER, "hash map")?;
+        Ok(ProbeObject {
+            probe: spec.name,
+            ebpf,
+            cgroup_filter,
+        })
+    }
+
+    /// A hash (or LRU hash) map.
+    pub fn hash<K: Pod + Eq + Hash, V: Pod>(
+        &mut self,
+        def: &MapDef,
+    ) -> Result<HashTable<K, V>, ProbeError> {
+        Ok(HashTable(take(
+            self.probe,
+            &mut self.ebpf,
+            def,
+            "hash map",
+        )?))
+    }
+
+    /// A per-CPU hash map; each key's per-CPU values are summed with `merge` when read.
+    pub fn per_cpu_hash<K: Pod + Eq + Hash, V: Pod>(
+        &mut self,
+        def: &MapDef,
+        merge: fn(&mut V, &V),
+    ) -> Result<PerCpuHashTable<K, V>, ProbeError> {
+        Ok(PerCpuHashTable {
+            map: take(self.probe, &mut self.ebpf, def, "per-CPU hash map")?,
+            merge,
+        })
+    }
+
+    /// A per-CPU array of counters, read as the sum over CPUs.
+    pub fn per_cpu_counters(&mut self, def: &MapDef) -> Result<PerCpuCounters, ProbeError> {
+        Ok(PerCpuCounters(take(
+            self.probe,
+            &mut self.ebpf,
+            def,
+            "per-CPU array",
+        )?))
+    }
+
+    pub fn ring_buf(&mut self, def: &MapDef) -> Result<RingBuf<MapData>, ProbeError> {
+        take(self.probe, &mut self.ebpf, def, "ring buffer")
+    }
+
+    /// A program the probe loads and attaches itself (uprobes, iterators).
+    pub fn program_mut(&mut self, function: &str) -> Result<&mut Program, String> {
+        self.ebpf
+            .program_mut(function)
+            .ok_or_else(|| format!("program {function} missing from the object"))
+    }
+
+    /// The kernel's `cgroup_filter` map of this object.
+    pub fn cgroup_filter_mut(&mut self) -> &mut HashMap<MapData, u64, u8> {
+        &mut self.cgroup_filter
+    }
+}
+
+/// Takes map `def` out of `ebpf` as a `T` (a `handle`, for messages).
+fn take<T>(
+    probe: &'static str,
+    ebpf: &mut Ebpf,
+    def: &MapDef,
+    handle: &str,
+) -> Result<T, ProbeError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let error = |reason: String| ProbeError {
+        probe,
+        hook: None,
+        reason: format!("map {}: {reason}", def.name),
+    };
+    let map = ebpf
+        .take_map(def.name)
+        .ok_or_else(|| error("missing from the object".to_string()))?;
+    T::try_from(map).map_err(|e| {
+        error(format!(
+            "not a {handle} of the probe's key and value types ({})",
+            error_chain(&e)
+        ))
+    })
+}
+
+fn attach(ebpf: &mut Ebpf, program: &ProgramSpec, btf: &Btf) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(program.function)
+        .ok_or_else(|| format!("program {} missing from the object", program.function))?;
+    let describe = |e: &dyn std::error::Error| error_chain(e);
+    match program.hook {
+        Hook::TpBtf(tp) => {
+            let p: &mut BtfTracePoint = prog.try_into().map_err(|e| describe(&e))?;
+            p.load(tp, btf).map_err(|e| describe(&e))?;
+            p.attach().map_err(|e| describe(&e))?;
+        }
+    }
+    Ok(())
+}
+
+/// An error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A hash map of the kernel, read whole at each collection.
+pub struct HashTable<K: Pod, V: Pod>(HashMap<MapData, K, V>);
+
+impl<K: Pod + Eq + Hash, V: Pod> HashTable<K, V> {
+    /// Every entry (entries deleted while iterating are skipped).
+    pub fn entries(&self) -> StdHashMap<K, V> {
+        self.0.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Removes `keys` (entries of cgroups that no longer exist, or a per-interval map cleared).
+    pub fn remove(&mut self, keys: impl IntoIterator<Item = K>) {
+        for key in keys {
+            let _ = self.0.remove(&key);
+        }
+    }
+
+    /// Removes every entry whose key belongs to a cgroup in `gone`.
+    pub fn forget(&mut self, gone: &HashSet<u64>, cgroup: impl Fn(&K) -> u64) {
+        let keys: Vec<K> = self
+            .0
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&cgroup(k)))
+            .collect();
+        self.remove(keys);
+    }
+}
+
+/// A per-CPU hash map of the kernel; a key's values are summed over CPUs when read.
+pub struct PerCpuHashTable<K: Pod, V: Pod> {
+    map: PerCpuHashMap<MapData, K, V>,
+    merge: fn(&mut V, &V),
+}
+
+impl<K: Pod + Eq + Hash, V: Pod> PerCpuHashTable<K, V> {
+    /// Every entry, its per-CPU values merged.
+    pub fn entries(&self) -> StdHashMap<K, V> {
+        self.map
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(key, values)| {
+                let mut iter = values.iter();
+                let mut total = *iter.next()?;
+                for v in iter {
+                    (self.merge)(&mut total, v);
+                }
+                Some((key, total))
+            })
+            .collect()
+    }
+
+    /// Removes every entry whose key belongs to a cgroup in `gone`.
+    pub fn forget(&mut self, gone: &HashSet<u64>, cgroup: impl Fn(&K) -> u64) {
+        let keys: Vec<K> = self
+            .map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| gone.contains(&cgroup(k)))
+            .collect();
+        for key in keys {
+            let _ = self.map.remove(&key);
+        }
+    }
+}
+
+/// A per-CPU array of `u64` counters.
+pub struct PerCpuCounters(PerCpuArray<MapData, u64>);
+
+impl PerCpuCounters {
+    /// Counter `index`, summed over CPUs (0 if unreadable).
+    pub fn get(&self, index: u32) -> u64 {
+        self.0
+            .get(&index, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
+    }
+}

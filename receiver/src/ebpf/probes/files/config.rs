@@ -1,0 +1,28 @@
+use serde::Deserialize;
+
+/// `probes.files:`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesProbeConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Fail startup if the probe cannot attach (default false: log one line and go on).
+    pub required: bool,
+    /// Count opens per path (successful opens only). Default false: paths can be sensitive and
+    /// numerous.
+    pub capture_paths: bool,
+    /// With `capture_paths`: the paths reported per cgroup and interval, most opened first; the
+    /// rest are summed as `other`. Default 20.
+    pub top_paths: usize,
+}
+
+impl Default for FilesProbeConfig {
+    fn default() -> Self {
+        FilesProbeConfig {
+            enabled: true,
+            required: false,
+            capture_paths: false,
+            top_paths: 20,
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The files probe's metrics and how its map entries become data points.
+
+use std::collections::{BTreeMap, HashMap};
+
+use podscope_ebpf::abi::{OpenKey, OpenPathKey};
+
+use crate::ebpf::builder::{string_attr, MetricsBuilder, Owner};
+use crate::ebpf::catalog::{MetricDoc, MetricKind};
+
+pub const OPENS: MetricDoc = MetricDoc {
+    name: "podscope.files.opens",
+    kind: MetricKind::Counter,
+    unit: "{open}",
+    description: "File opens (openat, openat2), successful or not",
+    attributes: &[],
+};
+pub const OPEN_ERRORS: MetricDoc = MetricDoc {
+    name: "podscope.files.open_errors",
+    kind: MetricKind::Counter,
+    unit: "{open}",
+    description: "File opens that failed, by errno name",
+    attributes: &["error.type"],
+};
+pub const PATH_OPENS: MetricDoc = MetricDoc {
+    name: "podscope.files.path_opens",
+    kind: MetricKind::DeltaCounter,
+    unit: "{open}",
+    description: "Successful opens in the last interval for the top `top_paths` paths, the rest as `other` (with `capture_paths: true`)",
+    attributes: &["file.path"],
+};
+
+pub const METRICS: &[MetricDoc] = &[OPENS, OPEN_ERRORS, PATH_OPENS];
+
+pub fn errno_name(errno: u32) -> String {
+    syscalls::Errno::new(errno as i32)
+        .name()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("errno_{errno}"))
+}
+
+pub fn add_opens(b: &mut MetricsBuilder<'_>, opens: &HashMap<OpenKey, u64>) {
+    let mut totals: BTreeMap<u64, u64> = BTreeMap::new();
+    for (key, &count) in opens {
+        *totals.entry(key.cgroup_id).or_default() += count;
+        if key.err != 0 {
+            b.count(
+                Owner::Cgroup(key.cgroup_id),
+                &OPEN_ERRORS,
+                vec![string_attr("error.type", errno_name(key.err))],
+                count,
+            );
+        }
+    }
+    for (cgroup, total) in totals {
+        b.count(Owner::Cgroup(cgroup), &OPENS, vec![], total);
+    }
+}
+
+/// Opens by path of the last interval: the `top` most opened per cgroup, the rest as `other`.
+pub fn add_top_paths(b: &mut MetricsBuilder<'_>, paths: &HashMap<OpenPathKey, u64>, top: usize) {
+    let mut per_cgroup: BTreeMap<u64, Vec<(String, u64)>> = BTreeMap::new();
+    for (key, &count) in paths {
+        let end = key
+            .path
+            .iter()
+            .position(|&c| c == 0)
+            .unwrap_or(key.path.len());
+        let path = String::from_utf8_lossy(&key.path[..end]).into_owned();
+        per_cgroup
+            .entry(key.cgroup_id)
+            .or_default()
+            .push((path, count));
+    }
+    for (cgroup, mut list) in per_cgroup {
+        list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let other: u64 = list.iter().skip(top).map(|(_, c)| c).sum();
+        for (path, count) in list.into_iter().take(top) {
+            b.count(
+                Owner::Cgroup(cgroup),
+                &PATH_OPENS,
+                vec![string_attr("file.path", path)],
+                count,
+            );
+        }
+        if other > 0 {
+            b.count(
+                Owner::Cgroup(cgroup),
+                &PATH_OPENS,
+                vec![string_attr("file.path", "other")],
+                other,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ebpf::cgroups::CgroupIndex;
+    use opentelemetry_proto::tonic::common::v1::any_value;
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, number_data_point, AggregationTemporality,
+    };
+
+    #[test]
+    fn names_come_from_the_errno_table() {
+        assert_eq!(errno_name(2), "ENOENT");
+        assert_eq!(errno_name(13), "EACCES");
+    }
+
+    #[test]
+    fn top_paths_keep_the_most_opened_and_sum_the_rest() {
+        let key = |path: &str| {
+            let mut k = OpenPathKey {
+                cgroup_id: 9,
+                path: [0; podscope_ebpf::abi::PATH_LEN],
+            };
+            k.path[..path.len()].copy_from_slice(path.as_bytes());
+            k
+        };
+        let paths: HashMap<_, _> = [
+            (key("/a"), 5),
+            (key("/b"), 9),
+            (key("/c"), 1),
+            (key("/d"), 2),
+        ]
+        .into_iter()
+        .collect();
+        let index = CgroupIndex::default();
+        let mut b = MetricsBuilder::new("h", &index, 1, 2);
+        add_top_paths(&mut b, &paths, 2);
+        let rms = b.finish();
+        let Some(metric::Data::Sum(sum)) = &rms[0].scope_metrics[0].metrics[0].data else {
+            panic!()
+        };
+        let got: Vec<(String, i64)> = sum
+            .data_points
+            .iter()
+            .map(|p| {
+                let Some(any_value::Value::StringValue(path)) =
+                    p.attributes[0].value.clone().unwrap().value
+                else {
+                    panic!()
+                };
+                let Some(number_data_point::Value::AsInt(v)) = p.value else {
+                    panic!()
+                };
+                (path, v)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![("/b".into(), 9), ("/a".into(), 5), ("other".into(), 3)]
+        );
+        assert_eq!(
+            sum.aggregation_temporality,
+            AggregationTemporality::Delta as i32
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! The kernel probes: one folder each, behind two traits. [`ProbeKind`] is a probe's static side
+//! (its `probes.<name>` settings, metrics and maps, and how it loads); [`Probe`] is a loaded
+//! probe, owned by the collection task (read its maps into data points, free the entries of
+//! removed cgroups). [`probe_table!`] lists every kind once: it makes the `probes:` settings and
+//! the loader's list from that line.
+//!
+//! Each probe loads on its own: one this kernel refuses is logged in one line and skipped, unless
+//! it is `required`. Nothing here knows a particular probe beyond its line in the table.
+
+pub mod block_io;
+pub mod files;
+pub mod process;
+pub mod sched;
+pub mod syscalls;
+pub mod tcp;
+pub mod uprobes;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use podscope_core::FieldError;
+use serde::{Deserialize, Deserializer};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::builder::MetricsBuilder;
+use super::catalog::MetricDoc;
+use super::events::ProcessTable;
+use super::object::{Global, KernelFeatures, ObjectSettings, ProbeError, ProbeObject, ProbeSpec};
+use super::telemetry::EbpfTelemetry;
+
+/// A kind of kernel probe: its settings, what it emits and how it loads.
+pub trait ProbeKind {
+    /// `probes.<name>:`
+    type Config: for<'de> Deserialize<'de> + Default + Clone + std::fmt::Debug;
+    /// The key under `probes:`.
+    const NAME: &'static str;
+    /// Every metric it emits (`docs/metrics.md` is generated from these).
+    const METRICS: &'static [MetricDoc];
+
+    /// Whether the settings turn the probe on.
+    fn enabled(config: &Self::Config) -> bool;
+    /// Whether the settings name something to run (`uprobes: []` does not), on or off.
+    fn listed(_config: &Self::Config) -> bool {
+        true
+    }
+    /// Problems beyond what the types say, with paths under `prefix` (`probes.<name>`).
+    fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
+    /// Loads and attaches (only called when enabled). A probe that cannot load is skipped with a
+    /// line or fails startup when required: [`LoadContext::attempt`].
+    fn load(
+        config: &Self::Config,
+        ctx: &mut LoadContext<'_>,
+    ) -> anyhow::Result<Vec<Box<dyn Probe>>>;
+}
+
+/// A loaded probe.
+pub trait Probe: Send {
+    /// Its loaded objects (one, or one per uprobe entry).
+    fn objects_mut(&mut self) -> Vec<&mut ProbeObject>;
+
+    /// Reads its maps into `out`, noting every cgroup it has entries for.
+    fn collect(&mut self, out: &mut Collection<'_>);
+
+    /// Frees the entries of cgroups that no longer exist (their series were reported a last time).
+    fn forget(&mut self, _gone: &HashSet<u64>) {}
+
+    /// Starts the tasks it runs beside the collection (the process probe's event reader).
+    fn spawn(
+        &mut self,
+        _ctx: &StartContext,
+        _cancel: &CancellationToken,
+    ) -> anyhow::Result<Vec<JoinHandle<()>>> {
+        Ok(Vec::new())
+    }
+
+    /// Whether it wants to hear about new containers (`container:` uprobes).
+    fn watches_containers(&self) -> bool {
+        false
+    }
+
+    /// Looks for new targets (containers started since the last look): at start, at every
+    /// collection, and when a new container appears.
+    fn rescan(&mut self) {}
+}
+
+/// What probes load with.
+pub struct LoadContext<'a> {
+    pub receiver: &'a str,
+    pub features: &'a KernelFeatures,
+    pub telemetry: &'a EbpfTelemetry,
+    /// The receiver's settings every object gets (`agent_tgid`, `filter_mode`).
+    pub common: Vec<Global>,
+    /// Probes that were skipped, and why.
+    pub skipped: Vec<ProbeError>,
+}
+
+impl LoadContext<'_> {
+    /// Loads `spec`'s object with the receiver's settings and `settings`.
+    pub fn object(
+        &self,
+        spec: &ProbeSpec,
+        settings: &ObjectSettings<'_>,
+    ) -> Result<ProbeObject, ProbeError> {
+        ProbeObject::load(spec, self.features, &self.common, settings)
+    }
+
+    /// Runs `load`: its probe, or, when it fails, an error if `required` (`what` says what is
+    /// required), else `None` after one log line (the probe is listed as skipped).
+    pub fn attempt<T>(
+        &mut self,
+        required: bool,
+        what: &str,
+        load: impl FnOnce(&mut Self) -> Result<T, ProbeError>,
+    ) -> anyhow::Result<Option<T>> {
+        match load(self) {
+            Ok(probe) => Ok(Some(probe)),
+            Err(error) if required => anyhow::bail!("{error} (the {what} is required)"),
+            Err(error) => {
+                tracing::warn!(receiver = %self.receiver, "{error}; skipped");
+                self.skipped.push(error);
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The usual kind of probe: one object, on when `enabled`; one that cannot load is skipped with a
+/// line, or fails startup when `required`. Every kind but `uprobes` is one.
+pub trait SingleObjectProbe {
+    type Config: ProbeSwitch + for<'de> Deserialize<'de> + Default + Clone + std::fmt::Debug;
+    const NAME: &'static str;
+    const METRICS: &'static [MetricDoc];
+
+    fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
+    fn open(config: &Self::Config, ctx: &mut LoadContext<'_>)
+        -> Result<Box<dyn Probe>, ProbeError>;
+}
+
+impl<K: SingleObjectProbe> ProbeKind for K {
+    type Config = K::Config;
+    const NAME: &'static str = K::NAME;
+    const METRICS: &'static [MetricDoc] = K::METRICS;
+
+    fn enabled(config: &K::Config) -> bool {
+        config.enabled()
+    }
+
+    fn validate(config: &K::Config, prefix: &str, errors: &mut Vec<FieldError>) {
+        K::validate(config, prefix, errors);
+    }
+
+    fn load(config: &K::Config, ctx: &mut LoadContext<'_>) -> anyhow::Result<Vec<Box<dyn Probe>>> {
+        let probe = ctx.attempt(config.required(), "probe", |ctx| K::open(config, ctx))?;
+        if probe.is_some() {
+            tracing::info!(receiver = %ctx.receiver, probe = K::NAME, "probe attached");
+        }
+        Ok(probe.into_iter().collect())
+    }
+}
+
+/// `enabled` and `required`, which every single-object probe's settings have.
+pub trait ProbeSwitch {
+    fn enabled(&self) -> bool;
+    fn required(&self) -> bool;
+}
+
+macro_rules! probe_switch {
+    ($($config:ty),+ $(,)?) => {
+        $(impl ProbeSwitch for $config {
+            fn enabled(&self) -> bool {
+                self.enabled
+            }
+            fn required(&self) -> bool {
+                self.required
+            }
+        })+
+    };
+}
+
+probe_switch!(
+    BasicProbeConfig,
+    process::ProcessProbeConfig,
+    syscalls::SyscallsProbeConfig,
+    files::FilesProbeConfig,
+    tcp::TcpProbeConfig,
+);
+
+/// What probes start their tasks with.
+pub struct StartContext {
+    pub processes: ProcessTable,
+    /// Told when a process starts in a cgroup not seen before, if a probe watches containers.
+    pub new_containers: Option<Arc<Notify>>,
+}
+
+/// One collection: the data points being built and the cgroups with entries in any map.
+pub struct Collection<'a> {
+    pub metrics: MetricsBuilder<'a>,
+    pub host_name: &'a str,
+    pub receiver: &'a str,
+    cgroups: HashSet<u64>,
+}
+
+impl<'a> Collection<'a> {
+    pub fn new(metrics: MetricsBuilder<'a>, host_name: &'a str, receiver: &'a str) -> Self {
+        Collection {
+            metrics,
+            host_name,
+            receiver,
+            cgroups: HashSet::new(),
+        }
+    }
+
+    /// Notes cgroups that have map entries (to free them once the cgroup is removed).
+    pub fn saw(&mut self, cgroups: impl IntoIterator<Item = u64>) {
+        self.cgroups.extend(cgroups);
+    }
+
+    pub fn finish(self) -> (MetricsBuilder<'a>, HashSet<u64>) {
+        (self.metrics, self.cgroups)
+    }
+}
+
+/// Settings of a probe that has no others (`sched`, `block_io`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BasicProbeConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Fail startup if the probe cannot attach (default false: log one line and go on).
+    pub required: bool,
+}
+
+impl Default for BasicProbeConfig {
+    fn default() -> Self {
+        BasicProbeConfig {
+            enabled: true,
+            required: false,
+        }
+    }
+}
+
+fn present_means_on<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(
+        Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
+    ))
+}
+
+/// The probe table: one line per probe, `key: kind`, in load order. It makes `ProbesConfig` (a
+/// field per probe, on when listed) and the loader's and the catalog's lists.
+macro_rules! probe_table {
+    ($($(#[doc = $doc:literal])* $name:ident: $kind:ty,)+) => {
+        /// `probes:` — a probe is on when listed, even empty (`sched:`), unless `enabled: false`.
+        #[derive(Debug, Clone, Default, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct ProbesConfig {
+            $(
+                $(#[doc = $doc])*
+                #[serde(deserialize_with = "present_means_on")]
+                pub $name: Option<<$kind as ProbeKind>::Config>,
+            )+
+        }
+
+        impl ProbesConfig {
+            /// Whether any probe is listed (on or off).
+            pub fn any_listed(&self) -> bool {
+                false $(|| self.$name.as_ref().is_some_and(<$kind as ProbeKind>::listed))+
+            }
+
+            pub fn validate(&self, errors: &mut Vec<FieldError>) {
+                $(if let Some(config) = &self.$name {
+                    <$kind as ProbeKind>::validate(config, concat!("probes.", stringify!($name)), errors);
+                })+
+            }
+
+            /// Loads every probe that is on, in table order.
+            pub fn load(&self, ctx: &mut LoadContext<'_>) -> anyhow::Result<Vec<Box<dyn Probe>>> {
+                let mut probes = Vec::new();
+                $(if let Some(config) = self.$name.as_ref().filter(|c| <$kind as ProbeKind>::enabled(c)) {
+                    probes.extend(<$kind as ProbeKind>::load(config, ctx)?);
+                })+
+                Ok(probes)
+            }
+        }
+
+        /// Every probe's key and metrics, in table order.
+        pub const KINDS: &[(&str, &[MetricDoc])] = &[$((stringify!($name), <$kind as ProbeKind>::METRICS)),+];
+
+        #[cfg(test)]
+        const KIND_NAMES: &[(&str, &str)] = &[$((stringify!($name), <$kind as ProbeKind>::NAME)),+];
+    };
+}
+
+probe_table! {
+    process: process::Process,
+    syscalls: syscalls::Syscalls,
+    files: files::Files,
+    sched: sched::Sched,
+    block_io: block_io::BlockIo,
+    tcp: tcp::Tcp,
+    /// User functions to count, with a captured argument or return value.
+    uprobes: uprobes::Uprobes,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_table_key_is_its_probes_name() {
+        for (key, name) in super::KIND_NAMES {
+            assert_eq!(key, name);
+        }
+    }
+}

@@ -1,0 +1,30 @@
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// `probes.process:`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessProbeConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Fail startup if the probe cannot attach (default false: log one line and go on).
+    pub required: bool,
+    /// Bytes of exec/exit events that wake the agent early; below that it reads them every
+    /// `event_poll_interval`. Default 65536.
+    pub wakeup_bytes: u64,
+    /// Default 200ms.
+    #[serde(with = "humantime_serde")]
+    pub event_poll_interval: Duration,
+}
+
+impl Default for ProcessProbeConfig {
+    fn default() -> Self {
+        ProcessProbeConfig {
+            enabled: true,
+            required: false,
+            wakeup_bytes: 65536,
+            event_poll_interval: Duration::from_millis(200),
+        }
+    }
+}

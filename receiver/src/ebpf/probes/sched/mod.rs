@@ -1,0 +1,79 @@
+//! `sched`: run-queue latency (runnable → running) and context switches (voluntary,
+//! involuntary) per cgroup.
+
+mod metrics;
+
+use std::collections::HashSet;
+
+use podscope_ebpf::abi::{Hist, SwitchKey};
+use podscope_ebpf::objects;
+
+use super::{BasicProbeConfig, Collection, LoadContext, Probe, SingleObjectProbe};
+use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::object::{
+    tp_btf, HashTable, MapDef, ObjectSettings, ProbeError, ProbeObject, ProbeSpec,
+};
+
+const SPEC: ProbeSpec = ProbeSpec {
+    name: "sched",
+    object: objects::SCHED,
+    programs: &[
+        tp_btf("podscope_sched_wakeup", "sched_wakeup"),
+        tp_btf("podscope_sched_wakeup_new", "sched_wakeup_new"),
+        tp_btf("podscope_sched_switch", "sched_switch"),
+    ],
+};
+
+const RUNQ_LATENCY: MapDef = MapDef::new("runq_latency");
+const SWITCHES: MapDef = MapDef::new("context_switches");
+
+pub struct Sched;
+
+impl SingleObjectProbe for Sched {
+    type Config = BasicProbeConfig;
+    const NAME: &'static str = "sched";
+    const METRICS: &'static [MetricDoc] = metrics::METRICS;
+
+    fn open(
+        _config: &BasicProbeConfig,
+        ctx: &mut LoadContext<'_>,
+    ) -> Result<Box<dyn Probe>, ProbeError> {
+        Ok(Box::new(Loaded::load(ctx)?))
+    }
+}
+
+struct Loaded {
+    object: ProbeObject,
+    runq: HashTable<u64, Hist>,
+    switches: HashTable<SwitchKey, u64>,
+}
+
+impl Loaded {
+    fn load(ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
+        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
+        Ok(Loaded {
+            runq: object.hash(&RUNQ_LATENCY)?,
+            switches: object.hash(&SWITCHES)?,
+            object,
+        })
+    }
+}
+
+impl Probe for Loaded {
+    fn objects_mut(&mut self) -> Vec<&mut ProbeObject> {
+        vec![&mut self.object]
+    }
+
+    fn collect(&mut self, out: &mut Collection<'_>) {
+        let runq = self.runq.entries();
+        let switches = self.switches.entries();
+        out.saw(runq.keys().copied());
+        out.saw(switches.keys().map(|k| k.cgroup_id));
+        metrics::add(&mut out.metrics, &runq, &switches);
+    }
+
+    fn forget(&mut self, gone: &HashSet<u64>) {
+        self.runq.remove(gone.iter().copied());
+        self.switches.forget(gone, |k| k.cgroup_id);
+    }
+}
