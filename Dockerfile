@@ -3,7 +3,8 @@
 #   docker build -t <registry>/podscope:0.1.0 .
 #
 # Stage 1 builds with Rust and the eBPF toolchain (ebpf/build.rs compiles the C probes with
-# clang-19 and keeps their BTF with llvm-strip-19; libbpf-dev gives bpf_helpers.h). Stage 2 is
+# clang-19 and keeps their BTF with llvm-strip-19; libbpf-dev gives bpf_helpers.h; bindgen loads
+# libclang-19 to generate the Rust types of podscope.h). Stage 2 is
 # distroless "cc": glibc and libgcc, which the binary links against, and no shell or package
 # manager. linux/amd64 only: the pinned vmlinux.h is x86_64's (ebpf/include/x86_64).
 
@@ -12,7 +13,7 @@
 FROM rust:1.89-bookworm AS build
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       clang-19 llvm-19 libbpf-dev pkg-config \
+       clang-19 llvm-19 libbpf-dev libclang-19-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .

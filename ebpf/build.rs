@@ -1,12 +1,13 @@
-//! Compiles every `src/bpf/*.bpf.c` with clang into OUT_DIR (BTF kept, DWARF stripped), and
-//! records the layout of the structs in `podscope.h` as the C compiler sees it, so a test can
-//! check the Rust mirror in `src/abi.rs` field by field.
+//! Compiles every `src/bpf/*.bpf.c` with clang into OUT_DIR (BTF kept, DWARF stripped) and lists
+//! them in `objects.rs` (one embedded object per C file), and generates the Rust types of
+//! `src/bpf/podscope.h` with bindgen into `abi.rs`: structs, `#define` constants and enum
+//! constants, so the header is the only place they are written.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const INSTALL_HINT: &str =
-    "apt-get install -y clang-19 llvm-19 libbpf-dev (or run scripts/install-deps.sh)";
+    "apt-get install -y clang-19 llvm-19 libbpf-dev libclang-19-dev (or run scripts/install-deps.sh)";
 
 fn find_tool(env_var: &str, candidates: &[&str]) -> Option<String> {
     if let Ok(explicit) = std::env::var(env_var) {
@@ -40,18 +41,15 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     let bpf_dir = manifest.join("src/bpf");
-    let arch = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
-        Ok("x86_64") => "x86",
-        Ok("aarch64") => "arm64",
-        Ok(other) => {
-            panic!("podscope-ebpf: no vmlinux.h for target arch {other} (see ebpf/README.md)")
-        }
-        Err(_) => "x86",
-    };
-    let vmlinux_dir = manifest.join(match arch {
-        "x86" => "include/x86_64",
-        _ => "include/aarch64",
-    });
+    // Only x86_64 has what the programs need: a vmlinux.h, and the syscall-argument register
+    // access (`PODSCOPE_SYSCALL_*` in podscope.h) written for its `struct pt_regs`.
+    let target_arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap();
+    if target_arch != "x86_64" {
+        panic!(
+            "podscope-ebpf: target arch {target_arch} is not supported yet: it needs ebpf/include/{target_arch}/vmlinux.h and the syscall-argument register access (PODSCOPE_SYSCALL_* in ebpf/src/bpf/podscope.h) for {target_arch}"
+        );
+    }
+    let vmlinux_dir = manifest.join("include/x86_64");
 
     let Some(clang) = find_tool(
         "CLANG",
@@ -85,6 +83,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", vmlinux_dir.display());
     println!("cargo:rerun-if-env-changed=CLANG");
     println!("cargo:rerun-if-env-changed=LLVM_STRIP");
+    println!("cargo:rerun-if-env-changed=LIBBPF_INCLUDE");
 
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&bpf_dir)
         .expect("src/bpf")
@@ -92,17 +91,19 @@ fn main() {
         .filter(|p| p.to_string_lossy().ends_with(".bpf.c"))
         .collect();
     sources.sort();
+    let mut objects = String::new();
     for source in &sources {
-        let name = source
+        let stem = source
             .file_name()
             .unwrap()
             .to_string_lossy()
-            .replace(".bpf.c", ".bpf.o");
-        let object = out.join(&name);
+            .trim_end_matches(".bpf.c")
+            .to_string();
+        let object = out.join(format!("{stem}.bpf.o"));
         let mut compile = Command::new(&clang);
         compile
             .args(["-g", "-O2", "-target", "bpf", "-Wall", "-Werror"])
-            .arg(format!("-D__TARGET_ARCH_{arch}"))
+            .arg("-D__TARGET_ARCH_x86")
             .arg("-I")
             .arg(&vmlinux_dir)
             .arg("-I")
@@ -115,55 +116,32 @@ fn main() {
         // Keeps BTF (needed for CO-RE and maps), drops DWARF (most of the size).
         run(
             Command::new(&strip).arg("-g").arg(&object),
-            &format!("llvm-strip on {name}"),
+            &format!("llvm-strip on {stem}.bpf.o"),
         );
+        objects.push_str(&format!(
+            "/// `src/bpf/{stem}.bpf.c`, compiled.\npub static {}: &[u8] = aya::include_bytes_aligned!(concat!(env!(\"OUT_DIR\"), \"/{stem}.bpf.o\"));\n",
+            stem.to_uppercase()
+        ));
     }
+    std::fs::write(out.join("objects.rs"), objects).unwrap();
 
-    // The C compiler's view of the ABI structs: compile a host program against the header and
-    // run it. Host and BPF agree on these layouts (fixed-size fields, no implicit padding).
-    let layout_c = out.join("abi_layout.c");
-    std::fs::write(&layout_c, LAYOUT_PROGRAM).unwrap();
-    let layout_bin = out.join("abi_layout");
-    run(
-        Command::new(&clang)
-            .arg("-I")
-            .arg(&bpf_dir)
-            .arg(&layout_c)
-            .arg("-o")
-            .arg(&layout_bin),
-        "clang on the ABI layout program",
-    );
-    let printed = Command::new(&layout_bin).output().expect("run abi_layout");
-    std::fs::write(out.join("abi_layout.txt"), printed.stdout).unwrap();
+    // The header as the host compiler sees it (`__BPF__` unset, so only the shared types): the
+    // same layouts as for the BPF target, as both are 64-bit little-endian with the same
+    // alignment rules, and the header has fixed-size fields and no implicit padding.
+    let bindings = bindgen::Builder::default()
+        .header_contents(
+            "podscope_abi.h",
+            "#include <linux/types.h>\n#include \"podscope.h\"\n",
+        )
+        .clang_arg(format!("-I{}", bpf_dir.display()))
+        .allowlist_file(".*/podscope\\.h")
+        .prepend_enum_name(false)
+        .derive_default(true)
+        .derive_eq(true)
+        .derive_hash(true)
+        .generate()
+        .unwrap_or_else(|e| panic!("podscope-ebpf: bindgen on src/bpf/podscope.h failed: {e}"));
+    bindings
+        .write_to_file(out.join("abi.rs"))
+        .expect("write abi.rs");
 }
-
-/// Prints `struct field offset size` for every field, and `struct - 0 sizeof` for every struct.
-const LAYOUT_PROGRAM: &str = r#"
-#include <stddef.h>
-#include <stdio.h>
-#include <linux/types.h>
-#include "podscope.h"
-#define S(s) printf("%s - 0 %zu\n", #s, sizeof(struct s))
-#define F(s, f) printf("%s %s %zu %zu\n", #s, #f, offsetof(struct s, f), sizeof(((struct s *)0)->f))
-int main(void) {
-    S(podscope_hist); F(podscope_hist, zero_count); F(podscope_hist, sum); F(podscope_hist, slots);
-    S(syscall_key); F(syscall_key, cgroup_id); F(syscall_key, nr); F(syscall_key, _pad);
-    S(syscall_counts); F(syscall_counts, count); F(syscall_counts, errors);
-    S(open_key); F(open_key, cgroup_id); F(open_key, err); F(open_key, _pad);
-    S(open_path_key); F(open_path_key, cgroup_id); F(open_path_key, path);
-    S(process_key); F(process_key, cgroup_id); F(process_key, kind); F(process_key, exit_code);
-    S(process_event); F(process_event, cgroup_id); F(process_event, timestamp_ns); F(process_event, lifetime_ns);
-    F(process_event, kind); F(process_event, pid); F(process_event, ppid); F(process_event, exit_code); F(process_event, comm);
-    S(switch_key); F(switch_key, cgroup_id); F(switch_key, kind); F(switch_key, _pad);
-    S(block_key); F(block_key, dev); F(block_key, op);
-    S(block_stats); F(block_stats, bytes); F(block_stats, latency_ns);
-    S(podscope_tcp_key); F(podscope_tcp_key, cgroup_id); F(podscope_tcp_key, peer); F(podscope_tcp_key, server_port);
-    F(podscope_tcp_key, family); F(podscope_tcp_key, role); F(podscope_tcp_key, _pad);
-    S(podscope_tcp_stats); F(podscope_tcp_stats, opened); F(podscope_tcp_stats, closed); F(podscope_tcp_stats, failed_refused);
-    F(podscope_tcp_stats, failed_timeout); F(podscope_tcp_stats, failed_reset); F(podscope_tcp_stats, failed_other);
-    F(podscope_tcp_stats, bytes_sent); F(podscope_tcp_stats, bytes_received); F(podscope_tcp_stats, retransmits);
-    F(podscope_tcp_stats, duration_ns); F(podscope_tcp_stats, srtt_ns);
-    S(uprobe_key); F(uprobe_key, cgroup_id); F(uprobe_key, pid); F(uprobe_key, value_len); F(uprobe_key, value);
-    return 0;
-}
-"#;

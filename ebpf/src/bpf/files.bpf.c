@@ -56,7 +56,7 @@ int BPF_PROG(podscope_files_enter, struct pt_regs *regs, long id)
 		return 0;
 	if (podscope_skip_cgroup(bpf_get_current_cgroup_id()))
 		return 0;
-	__u64 path = regs->si; /* 2nd argument of openat and openat2 */
+	__u64 path = PODSCOPE_SYSCALL_ARG2(regs); /* the path, for openat and openat2 */
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	bpf_map_update_elem(&open_inflight, &tid, &path, BPF_ANY);
 	return 0;
@@ -65,7 +65,7 @@ int BPF_PROG(podscope_files_enter, struct pt_regs *regs, long id)
 SEC("tp_btf/sys_exit")
 int BPF_PROG(podscope_files_exit, struct pt_regs *regs, long ret)
 {
-	long nr = regs->orig_ax;
+	long nr = PODSCOPE_SYSCALL_NR(regs);
 	if (!is_open(nr) || podscope_skip_current())
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();

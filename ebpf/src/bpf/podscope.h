@@ -1,10 +1,11 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * Every struct that crosses the kernel/userspace boundary, and the helpers the probes share.
+ * Every struct and constant that crosses the kernel/userspace boundary, and the helpers the probes
+ * share.
  *
- * Rules: fixed-size fields only, no implicit padding (explicit _pad fields), no bool. The Rust side
- * (ebpf/src/abi.rs) mirrors these structs and a test checks size and every field offset against
- * the offsets this header's ABI_LAYOUT section prints (see build.rs).
+ * Rules: fixed-size fields only, no implicit padding (explicit _pad fields), no bool, bytes as
+ * __u8 (not char). The Rust side (podscope_ebpf::abi) is generated from this header by bindgen in
+ * build.rs: structs, #define constants and enum constants are written here only.
  */
 #ifndef PODSCOPE_H
 #define PODSCOPE_H
@@ -45,7 +46,7 @@ struct open_key {
 
 struct open_path_key {
 	__u64 cgroup_id;
-	char path[PODSCOPE_PATH_LEN];
+	__u8 path[PODSCOPE_PATH_LEN];
 };
 
 /* process probe: counters per cgroup, kind and exit code. */
@@ -70,7 +71,7 @@ struct process_event {
 	__u32 pid;
 	__u32 ppid;
 	__s32 exit_code;
-	char comm[16];
+	__u8 comm[16];
 };
 
 /* sched probe: context switches per cgroup and kind. */
@@ -112,7 +113,7 @@ struct uprobe_key {
 	__u64 cgroup_id;
 	__u32 pid;
 	__u32 value_len;
-	char value[PODSCOPE_UPROBE_VALUE_LEN];
+	__u8 value[PODSCOPE_UPROBE_VALUE_LEN];
 };
 
 /* tcp probe: per cgroup (the socket's) and peer. */
@@ -146,6 +147,15 @@ struct podscope_tcp_stats {
 
 #ifdef __BPF__
 /* ---- kernel side only ---- */
+
+/* The syscall number and arguments in the registers saved at syscall entry (struct pt_regs of
+ * tp_btf sys_enter / sys_exit). Written for x86_64 only: another architecture needs its own. */
+#if defined(__TARGET_ARCH_x86)
+#define PODSCOPE_SYSCALL_NR(regs) ((regs)->orig_ax)
+#define PODSCOPE_SYSCALL_ARG2(regs) ((regs)->si)
+#else
+#error "podscope.h: the syscall-argument register access is written for x86_64 only"
+#endif
 
 /* Set by the loader. */
 const volatile __u32 agent_tgid = 0;   /* never observe the agent itself */

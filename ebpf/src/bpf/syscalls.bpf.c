@@ -76,7 +76,7 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
-	long nr = regs->orig_ax;
+	long nr = PODSCOPE_SYSCALL_NR(regs);
 	if (nr < 0 || nr >= PODSCOPE_SYSCALL_SLOTS)
 		return 0;
 	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, &cgroup_id, &zero_counts);

@@ -113,7 +113,7 @@ mod tests {
         let key = |path: &str| {
             let mut k = OpenPathKey {
                 cgroup_id: 9,
-                path: [0; podscope_ebpf::abi::PATH_LEN],
+                path: [0; podscope_ebpf::abi::PODSCOPE_PATH_LEN as usize],
             };
             k.path[..path.len()].copy_from_slice(path.as_bytes());
             k

@@ -178,7 +178,7 @@ fn tcp_attributes(s: &TcpSeries) -> Vec<KeyValue> {
         string_attr("network.type", if s.ipv6 { "ipv6" } else { "ipv4" }),
         string_attr("network.peer.address", &s.peer),
     ];
-    let server = s.role != TCP_ROLE_CLIENT;
+    let server = u32::from(s.role) != TCP_ROLE_CLIENT;
     if s.server_port != 0 {
         attributes.push(int_attr("server.port", s.server_port as i64));
         // The server's port is the local one on the server side and the peer's on the client
@@ -192,11 +192,7 @@ fn tcp_attributes(s: &TcpSeries) -> Vec<KeyValue> {
     }
     attributes.push(string_attr(
         "podscope.tcp.role",
-        if s.role == TCP_ROLE_CLIENT {
-            "client"
-        } else {
-            "server"
-        },
+        if server { "server" } else { "client" },
     ));
     attributes
 }
