@@ -7,14 +7,6 @@
 //! Each probe loads on its own: one this kernel refuses is logged in one line and skipped, unless
 //! it is `required`. Nothing here knows a particular probe beyond its line in the table.
 
-pub mod block_io;
-pub mod files;
-pub mod process;
-pub mod sched;
-pub mod syscalls;
-pub mod tcp;
-pub mod uprobes;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -166,26 +158,22 @@ pub trait ProbeSwitch {
     fn required(&self) -> bool;
 }
 
+/// `impl ProbeSwitch` for settings with `enabled` and `required` fields.
 macro_rules! probe_switch {
-    ($($config:ty),+ $(,)?) => {
-        $(impl ProbeSwitch for $config {
+    ($config:ty) => {
+        impl $crate::ebpf::probes::ProbeSwitch for $config {
             fn enabled(&self) -> bool {
                 self.enabled
             }
             fn required(&self) -> bool {
                 self.required
             }
-        })+
+        }
     };
 }
+pub(crate) use probe_switch;
 
-probe_switch!(
-    BasicProbeConfig,
-    process::ProcessProbeConfig,
-    syscalls::SyscallsProbeConfig,
-    files::FilesProbeConfig,
-    tcp::TcpProbeConfig,
-);
+probe_switch!(BasicProbeConfig);
 
 /// What probes start their tasks with.
 pub struct StartContext {
@@ -251,10 +239,15 @@ where
     ))
 }
 
-/// The probe table: one line per probe, `key: kind`, in load order. It makes `ProbesConfig` (a
-/// field per probe, on when listed) and the loader's and the catalog's lists.
+/// The probe table: one line per probe, `key: Kind` (the folder `probes/<key>/` and the
+/// [`ProbeKind`] in it), in load order. It declares the module and makes `ProbesConfig` (a field
+/// per probe, on when listed) and the loader's and the catalog's lists.
 macro_rules! probe_table {
-    ($($(#[doc = $doc:literal])* $name:ident: $kind:ty,)+) => {
+    ($($(#[doc = $doc:literal])* $name:ident: $kind_name:ident,)+) => {
+        $(pub mod $name;)+
+        probe_table!(@lists $($(#[doc = $doc])* $name: $name::$kind_name,)+);
+    };
+    (@lists $($(#[doc = $doc:literal])* $name:ident: $kind:ty,)+) => {
         /// `probes:` — a probe is on when listed, even empty (`sched:`), unless `enabled: false`.
         #[derive(Debug, Clone, Default, Deserialize)]
         #[serde(deny_unknown_fields, default)]
@@ -297,14 +290,14 @@ macro_rules! probe_table {
 }
 
 probe_table! {
-    process: process::Process,
-    syscalls: syscalls::Syscalls,
-    files: files::Files,
-    sched: sched::Sched,
-    block_io: block_io::BlockIo,
-    tcp: tcp::Tcp,
+    process: Process,
+    syscalls: Syscalls,
+    files: Files,
+    sched: Sched,
+    block_io: BlockIo,
+    tcp: Tcp,
     /// User functions to count, with a captured argument or return value.
-    uprobes: uprobes::Uprobes,
+    uprobes: Uprobes,
 }
 
 #[cfg(test)]

@@ -26,3 +26,5 @@ impl Default for FilesProbeConfig {
         }
     }
 }
+
+crate::ebpf::probes::probe_switch!(FilesProbeConfig);

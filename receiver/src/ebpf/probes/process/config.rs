@@ -28,3 +28,5 @@ impl Default for ProcessProbeConfig {
         }
     }
 }
+
+crate::ebpf::probes::probe_switch!(ProcessProbeConfig);

@@ -26,3 +26,5 @@ impl Default for SyscallsProbeConfig {
         }
     }
 }
+
+crate::ebpf::probes::probe_switch!(SyscallsProbeConfig);

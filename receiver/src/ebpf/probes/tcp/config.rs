@@ -22,3 +22,5 @@ impl Default for TcpProbeConfig {
         }
     }
 }
+
+crate::ebpf::probes::probe_switch!(TcpProbeConfig);
