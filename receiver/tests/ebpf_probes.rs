@@ -1747,39 +1747,210 @@ fn a_map_that_is_missing_or_of_another_type_is_a_load_error_naming_it() {
     use podscope_receiver::ebpf::object::{
         KernelFeatures, MapDef, ObjectSettings, ProbeObject, ProbeSpec,
     };
-    let spec = ProbeSpec {
+    let spec = |maps: &'static [MapDef]| ProbeSpec {
         name: "process",
         object: podscope_ebpf::objects::PROCESS,
         programs: &[],
+        maps,
     };
     let features = KernelFeatures::detect(Path::new("/sys/kernel/btf/vmlinux"));
-    let settings = ObjectSettings {
-        globals: Vec::new(),
-        skip: &[],
+    let load = |spec: &ProbeSpec| {
+        ProbeObject::load(
+            spec,
+            &features,
+            &[],
+            &Default::default(),
+            &ObjectSettings::default(),
+        )
     };
-    let mut object = ProbeObject::load(&spec, &features, &[], &settings).unwrap();
     let error = |r: Result<_, podscope_receiver::ebpf::ProbeError>| r.err().unwrap().to_string();
 
+    // A map the probe declares but the object lacks.
+    const MISSPELT: &[MapDef] = &[MapDef::entries("process_count")];
+    assert_eq!(
+        error(load(&spec(MISSPELT)).map(drop)),
+        "probe process: cannot load: map process_count: missing from the object"
+    );
+    let mut object = load(&spec(&[])).unwrap();
     assert_eq!(
         error(
             object
-                .hash::<u64, u64>(&MapDef::new("process_count"))
+                .hash::<u64, u64>(&MapDef::entries("process_count"))
                 .map(drop)
         ),
         "probe process: cannot load: map process_count: missing from the object"
     );
     // process_counts is keyed by a 16-byte struct.
     assert_eq!(
-        error(object.hash::<u64, u64>(&MapDef::new("process_counts")).map(drop)),
+        error(object.hash::<u64, u64>(&MapDef::entries("process_counts")).map(drop)),
         "probe process: cannot load: map process_counts: not a hash map of the probe's key and value types (invalid key size 8, expected 16)"
     );
     // process_lifetime is a plain hash map (type 1), not a per-CPU one.
     assert_eq!(
         error(
             object
-                .per_cpu_hash::<u64, u64>(&MapDef::new("process_lifetime"), |a, b| *a += b)
+                .per_cpu_hash::<u64, u64>(&MapDef::entries("process_lifetime"), |a, b| *a += b)
                 .map(drop)
         ),
         "probe process: cannot load: map process_lifetime: not a per-CPU hash map of the probe's key and value types (invalid map type 1)"
     );
+}
+
+/// A receiver that also hands back the agent telemetry it registers into.
+async fn start_with_telemetry(
+    config: serde_json::Value,
+) -> (
+    EbpfReceiver,
+    Arc<Collected>,
+    podscope_core::telemetry::AgentTelemetry,
+) {
+    let config: EbpfReceiverConfig = parse_component_config(config).unwrap();
+    let ctx = BuildContext::for_tests("ebpf");
+    let telemetry = ctx.telemetry.clone();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        ctx,
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    assert!(
+        receiver.skipped_probes().is_empty(),
+        "{:?}",
+        receiver.skipped_probes()
+    );
+    (receiver, collected, telemetry)
+}
+
+/// The value of one series in the Prometheus text exposition (`name{labels}` as written).
+fn exposed(text: &str, series: &str) -> Option<i64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_map_memory_is_reported_as_bpftool_reads_it() {
+    // A filter that selects no cgroup: no map gains or loses entries while the figures are
+    // compared (block_io is not filtered by cgroup, so it is left out).
+    let (receiver, _collected, telemetry) = start_with_telemetry(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": ["/podscope-test-selects-nothing"]},
+        "probes": {"process": {}, "syscalls": {}, "files": {}, "sched": {}, "tcp": {}}
+    }))
+    .await;
+    receiver.collect_now().await.unwrap();
+    let maps = receiver.map_memory();
+    let bpftool = std::process::Command::new("bpftool")
+        .args(["map", "show", "-j"])
+        .output()
+        .expect("bpftool (scripts/install-deps.sh installs it)");
+    assert!(bpftool.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&bpftool.stdout).unwrap();
+    let memlock_of = |id: u32| {
+        shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .and_then(|m| m["bytes_memlock"].as_u64())
+    };
+
+    let probes: std::collections::BTreeSet<&str> = maps.iter().map(|m| m.probe).collect();
+    assert_eq!(
+        probes.into_iter().collect::<Vec<_>>(),
+        ["files", "process", "sched", "syscalls", "tcp"]
+    );
+    let text = telemetry.encode_text();
+    let mut total = 0;
+    for m in &maps {
+        assert_eq!(
+            memlock_of(m.id),
+            Some(m.bytes),
+            "{}/{} (map id {}): bpftool's bytes_memlock",
+            m.probe,
+            m.map,
+            m.id
+        );
+        assert_eq!(
+            exposed(
+                &text,
+                &format!(
+                    "podscope_ebpf_map_memory_bytes{{probe=\"{}\",map=\"{}\"}}",
+                    m.probe, m.map
+                )
+            ),
+            Some(m.bytes as i64),
+            "{text}"
+        );
+        total += m.bytes;
+    }
+    // Every probe map is there, and the big preallocated ones weigh what bpftool says.
+    for (probe, map) in [
+        ("process", "process_counts"),
+        ("process", "process_events"),
+        ("syscalls", "syscall_counts"),
+        ("syscalls", "syscall_latency"),
+        ("sched", "runnable_since"),
+        ("tcp", "tcp_live"),
+    ] {
+        assert!(
+            maps.iter().any(|m| m.probe == probe && m.map == map),
+            "{probe}/{map} missing from {maps:?}"
+        );
+    }
+    assert_eq!(
+        exposed(&text, "podscope_ebpf_map_memory_total_bytes"),
+        Some(total as i64)
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_map_counts_every_refused_insert() {
+    let pod = PodCgroup::new();
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    // Room for two (kind, exit code) keys of the pod's cgroup.
+    let (receiver, collected, telemetry) = start_with_telemetry(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": {"process": {"max_entries": {"process_counts": 2}}}
+    }))
+    .await;
+    // The kernel filter lists the pod once a collection ran.
+    receiver.collect_now().await.unwrap();
+    let series = "podscope_ebpf_map_full_total{probe=\"process\",map=\"process_counts\"}";
+    assert_eq!(exposed(&telemetry.encode_text(), series), Some(0));
+
+    // Five children exit with codes 1 to 5, then the pod's process with 0: the fork key and the
+    // exit-code-1 key fill the map; the exits with 2, 3, 4, 5 and 0 find it full.
+    let status = pod.run(|| unsafe {
+        for code in 1..=5 {
+            let pid = libc::fork();
+            if pid == 0 {
+                libc::_exit(code);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    assert_eq!(status, 0);
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(get(&c, "podscope.process.forks", ""), 5, "{c:#?}");
+    assert_eq!(
+        get(&c, "podscope.process.exits", "process.exit.code=1"),
+        1,
+        "{c:#?}"
+    );
+    assert_eq!(c.len(), 2, "only the two keys that fit: {c:#?}");
+    assert_eq!(exposed(&telemetry.encode_text(), series), Some(5));
+    receiver.shutdown().await.unwrap();
 }

@@ -16,6 +16,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 1024);
 	__type(key, struct block_key);
 	__type(value, struct block_stats);
@@ -24,6 +25,7 @@ struct {
 /* request address → issue time */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, __u64);
@@ -36,7 +38,7 @@ int BPF_PROG(podscope_block_issue, struct request *rq)
 {
 	__u64 id = (__u64)rq;
 	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&block_start, &id, &now, BPF_ANY);
+	podscope_insert(&block_start, BLOCK_IO_MAP_START, &id, &now, BPF_ANY);
 	return 0;
 }
 
@@ -59,7 +61,7 @@ int BPF_PROG(podscope_block_complete, struct request *rq, blk_status_t error, un
 		.dev = (major << MINORBITS) | minor,
 		.op = op <= BLOCK_DISCARD ? op : BLOCK_OTHER,
 	};
-	struct block_stats *stats = podscope_lookup_or_init(&block_stats, &key, &zero_stats);
+	struct block_stats *stats = podscope_lookup_or_init(&block_stats, BLOCK_IO_MAP_STATS, &key, &zero_stats);
 	if (!stats)
 		return 0;
 	__sync_fetch_and_add(&stats->bytes, nr_bytes);

@@ -16,6 +16,7 @@ const volatile __u32 capture_paths = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct open_key);
 	__type(value, __u64);
@@ -31,6 +32,7 @@ struct {
 /* thread id → user pointer to the path being opened */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, __u32);
 	__type(value, __u64);
@@ -58,7 +60,7 @@ int BPF_PROG(podscope_files_enter, struct pt_regs *regs, long id)
 		return 0;
 	__u64 path = PODSCOPE_SYSCALL_ARG2(regs); /* the path, for openat and openat2 */
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	bpf_map_update_elem(&open_inflight, &tid, &path, BPF_ANY);
+	podscope_insert(&open_inflight, FILES_MAP_INFLIGHT, &tid, &path, BPF_ANY);
 	return 0;
 }
 
@@ -75,7 +77,7 @@ int BPF_PROG(podscope_files_exit, struct pt_regs *regs, long ret)
 		.cgroup_id = cgroup_id,
 		.err = (ret < 0 && ret >= -4095) ? (__u32)(-ret) : 0,
 	};
-	podscope_count(&opens, &key);
+	podscope_count(&opens, FILES_MAP_OPENS, &key);
 
 	if (!capture_paths)
 		return 0;
@@ -95,7 +97,7 @@ int BPF_PROG(podscope_files_exit, struct pt_regs *regs, long ret)
 	pk->cgroup_id = cgroup_id;
 	if (bpf_probe_read_user_str(pk->path, sizeof(pk->path), (const void *)user_path) <= 0)
 		return 0;
-	podscope_count(&open_paths, pk);
+	podscope_count(&open_paths, FILES_MAP_PATHS, pk);
 	return 0;
 }
 

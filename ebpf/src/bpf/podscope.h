@@ -145,6 +145,48 @@ struct podscope_tcp_stats {
 	struct podscope_hist srtt_ns; /* smoothed RTT at close */
 };
 
+/* Failed map inserts (a full map, or no memory for a new entry) are counted per map, in the
+ * object's map_full per-CPU array, at the map's slot: each probe numbers its maps here, and its
+ * Rust MapDefs name the slot with the map. */
+#define PODSCOPE_MAP_SLOTS 8
+
+enum process_map_slot {
+	PROCESS_MAP_COUNTS = 0,
+	PROCESS_MAP_LIFETIME = 1,
+};
+
+enum syscalls_map_slot {
+	SYSCALLS_MAP_COUNTS = 0,
+	SYSCALLS_MAP_LATENCY = 1,
+};
+
+enum files_map_slot {
+	FILES_MAP_OPENS = 0,
+	FILES_MAP_PATHS = 1,
+	FILES_MAP_INFLIGHT = 2,
+};
+
+enum sched_map_slot {
+	SCHED_MAP_RUNQ_LATENCY = 0,
+	SCHED_MAP_SWITCHES = 1,
+	SCHED_MAP_RUNNABLE_SINCE = 2,
+};
+
+enum block_io_map_slot {
+	BLOCK_IO_MAP_STATS = 0,
+	BLOCK_IO_MAP_START = 1,
+};
+
+enum tcp_map_slot {
+	TCP_MAP_CONN_STATS = 0,
+	TCP_MAP_LIVE = 1,
+	TCP_MAP_LIVE_RTT = 2,
+};
+
+enum uprobes_map_slot {
+	UPROBES_MAP_HITS = 0,
+};
+
 #ifdef __BPF__
 /* ---- kernel side only ---- */
 
@@ -163,10 +205,38 @@ const volatile __u32 filter_mode = 0;  /* 0 all cgroups, 1 only those in cgroup_
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, __u8);
 } cgroup_filter SEC(".maps");
+
+/* Failed inserts per map slot (see PODSCOPE_MAP_SLOTS), summed over CPUs by the agent. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, PODSCOPE_MAP_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} map_full SEC(".maps");
+
+#define PODSCOPE_EEXIST 17
+
+static __always_inline void podscope_count_failed_insert(__u32 slot)
+{
+	__u64 *failed = bpf_map_lookup_elem(&map_full, &slot);
+	if (failed)
+		*failed += 1;
+}
+
+/* bpf_map_update_elem, with a failure counted at `slot` (-EEXIST under BPF_NOEXIST is not one:
+ * another CPU created the entry first). */
+static __always_inline long podscope_insert(void *map, __u32 slot, const void *key, const void *value, __u64 flags)
+{
+	long err = bpf_map_update_elem(map, key, value, flags);
+	if (err && err != -PODSCOPE_EEXIST)
+		podscope_count_failed_insert(slot);
+	return err;
+}
 
 static __always_inline int podscope_skip_cgroup(__u64 cgroup_id)
 {
@@ -207,7 +277,8 @@ static __always_inline void podscope_hist_add(struct podscope_hist *h, __u64 v)
 	__sync_fetch_and_add(&h->slots[slot], 1);
 }
 
-static __always_inline void podscope_count(void *map, const void *key)
+/* Adds one to `key`'s counter in `map` (map slot `slot`), creating it if absent. */
+static __always_inline void podscope_count(void *map, __u32 slot, const void *key)
 {
 	__u64 *count = bpf_map_lookup_elem(map, key);
 	if (count) {
@@ -215,21 +286,22 @@ static __always_inline void podscope_count(void *map, const void *key)
 		return;
 	}
 	__u64 one = 1;
-	if (bpf_map_update_elem(map, key, &one, BPF_NOEXIST) != 0) {
-		/* Another CPU created it first. */
+	if (podscope_insert(map, slot, key, &one, BPF_NOEXIST) != 0) {
+		/* Another CPU created it first, or the map is full (counted). */
 		count = bpf_map_lookup_elem(map, key);
 		if (count)
 			__sync_fetch_and_add(count, 1);
 	}
 }
 
-/* A zeroed value for `key` in `map`, created if absent. */
-static __always_inline void *podscope_lookup_or_init(void *map, const void *key, const void *zero)
+/* A zeroed value for `key` in `map` (map slot `slot`), created if absent; NULL (and counted) when
+ * the map has no room for it. */
+static __always_inline void *podscope_lookup_or_init(void *map, __u32 slot, const void *key, const void *zero)
 {
 	void *value = bpf_map_lookup_elem(map, key);
 	if (value)
 		return value;
-	bpf_map_update_elem(map, key, zero, BPF_NOEXIST);
+	podscope_insert(map, slot, key, zero, BPF_NOEXIST);
 	return bpf_map_lookup_elem(map, key);
 }
 #endif /* __BPF__ */

@@ -16,6 +16,7 @@ const volatile __u64 wakeup_bytes = 65536;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct process_key);
 	__type(value, __u64);
@@ -23,6 +24,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct podscope_hist);
@@ -79,7 +81,7 @@ int BPF_PROG(podscope_process_exec, struct task_struct *task, pid_t old_pid, str
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
 	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_EXEC };
-	podscope_count(&process_counts, &key);
+	podscope_count(&process_counts, PROCESS_MAP_COUNTS, &key);
 	emit(task, cgroup_id, PROCESS_EXEC, 0, 0);
 	return 0;
 }
@@ -96,7 +98,7 @@ int BPF_PROG(podscope_process_fork, struct task_struct *parent, struct task_stru
 	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
 	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_FORK };
-	podscope_count(&process_counts, &key);
+	podscope_count(&process_counts, PROCESS_MAP_COUNTS, &key);
 	return 0;
 }
 
@@ -115,12 +117,12 @@ int BPF_PROG(podscope_process_exit, struct task_struct *task)
 	/* As a shell reports it: the exit status, or 128 + the signal that killed the process. */
 	__s32 code = (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
 	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_EXIT, .exit_code = code };
-	podscope_count(&process_counts, &key);
+	podscope_count(&process_counts, PROCESS_MAP_COUNTS, &key);
 
 	__u64 now = bpf_ktime_get_ns();
 	__u64 start = BPF_CORE_READ(task, start_time);
 	__u64 lifetime = now > start ? now - start : 0;
-	struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, &cgroup_id, &zero_hist);
+	struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, PROCESS_MAP_LIFETIME, &cgroup_id, &zero_hist);
 	if (h)
 		podscope_hist_add(h, lifetime);
 	emit(task, cgroup_id, PROCESS_EXIT, code, lifetime);

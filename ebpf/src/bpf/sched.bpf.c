@@ -12,6 +12,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
 	__type(value, struct podscope_hist);
@@ -19,12 +20,14 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct switch_key);
 	__type(value, __u64);
 } context_switches SEC(".maps");
 
-/* thread id → when it became runnable */
+/* thread id → when it became runnable. Preallocated although entries come and go: every wakeup
+ * and context switch writes it, and the cost of allocating there is not measured yet. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
@@ -56,7 +59,7 @@ static __always_inline void mark_runnable(struct task_struct *task)
 		return;
 	__u32 tid = BPF_CORE_READ(task, pid);
 	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&runnable_since, &tid, &now, BPF_ANY);
+	podscope_insert(&runnable_since, SCHED_MAP_RUNNABLE_SINCE, &tid, &now, BPF_ANY);
 }
 
 SEC("tp_btf/sched_wakeup")
@@ -84,7 +87,7 @@ int BPF_PROG(podscope_sched_switch, bool preempt, struct task_struct *prev, stru
 			.cgroup_id = prev_cgroup,
 			.kind = involuntary ? SWITCH_INVOLUNTARY : SWITCH_VOLUNTARY,
 		};
-		podscope_count(&context_switches, &key);
+		podscope_count(&context_switches, SCHED_MAP_SWITCHES, &key);
 		if (involuntary)
 			mark_runnable(prev);
 	}
@@ -99,7 +102,7 @@ int BPF_PROG(podscope_sched_switch, bool preempt, struct task_struct *prev, stru
 	__u64 now = bpf_ktime_get_ns();
 	__u64 waited = now > *since ? now - *since : 0;
 	bpf_map_delete_elem(&runnable_since, &tid);
-	struct podscope_hist *h = podscope_lookup_or_init(&runq_latency, &next_cgroup, &zero_hist);
+	struct podscope_hist *h = podscope_lookup_or_init(&runq_latency, SCHED_MAP_RUNQ_LATENCY, &next_cgroup, &zero_hist);
 	if (h)
 		podscope_hist_add(h, waited);
 	return 0;

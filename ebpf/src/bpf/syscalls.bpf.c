@@ -18,6 +18,8 @@
 const volatile __u32 measure_latency = 1;
 const volatile __u32 count_errors = 1;
 
+/* Both per-CPU hashes stay preallocated: every syscall writes them, and a failed insert here is
+ * counted (map_full) rather than allocated on the hot path. Their size is the next budget step. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 4096);
@@ -79,7 +81,7 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 	long nr = PODSCOPE_SYSCALL_NR(regs);
 	if (nr < 0 || nr >= PODSCOPE_SYSCALL_SLOTS)
 		return 0;
-	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, &cgroup_id, &zero_counts);
+	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, SYSCALLS_MAP_COUNTS, &cgroup_id, &zero_counts);
 	if (!counts)
 		return 0;
 	counts->count[nr]++;
@@ -90,7 +92,7 @@ int BPF_PROG(podscope_sys_exit, struct pt_regs *regs, long ret)
 		if (start && *start) {
 			__u64 now = bpf_ktime_get_ns();
 			struct syscall_key key = { .cgroup_id = cgroup_id, .nr = (__u32)nr };
-			struct podscope_hist *h = podscope_lookup_or_init(&syscall_latency, &key, &zero_hist);
+			struct podscope_hist *h = podscope_lookup_or_init(&syscall_latency, SYSCALLS_MAP_LATENCY, &key, &zero_hist);
 			if (h && now > *start)
 				hist_add_local(h, now - *start);
 			*start = 0;
@@ -113,7 +115,7 @@ int BPF_PROG(podscope_sys_count, struct pt_regs *regs, long nr)
 		return 0;
 	if (nr < 0 || nr >= PODSCOPE_SYSCALL_SLOTS)
 		return 0;
-	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, &cgroup_id, &zero_counts);
+	struct syscall_counts *counts = podscope_lookup_or_init(&syscall_counts, SYSCALLS_MAP_COUNTS, &cgroup_id, &zero_counts);
 	if (counts)
 		counts->count[nr]++;
 	return 0;

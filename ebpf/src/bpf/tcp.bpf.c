@@ -24,6 +24,7 @@
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct podscope_tcp_key);
 	__type(value, struct podscope_tcp_stats);
@@ -38,6 +39,7 @@ struct podscope_tcp_live {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct podscope_tcp_live);
@@ -47,6 +49,7 @@ struct {
  * emptied by the agent before each run */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct podscope_tcp_key);
 	__type(value, struct podscope_hist);
@@ -84,7 +87,7 @@ static __always_inline struct podscope_tcp_stats *stats_for(const struct sock *s
 		return 0;
 	if (podscope_skip_cgroup(key.cgroup_id))
 		return 0;
-	return podscope_lookup_or_init(&tcp_conn_stats, &key, &zero_stats);
+	return podscope_lookup_or_init(&tcp_conn_stats, TCP_MAP_CONN_STATS, &key, &zero_stats);
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -101,7 +104,7 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 			return 0;
 		__sync_fetch_and_add(&stats->opened, 1);
 		struct podscope_tcp_live live = { .since_ns = bpf_ktime_get_ns(), .role = role };
-		bpf_map_update_elem(&tcp_live, &id, &live, BPF_ANY);
+		podscope_insert(&tcp_live, TCP_MAP_LIVE, &id, &live, BPF_ANY);
 		return 0;
 	}
 
@@ -187,7 +190,7 @@ int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 		return 0;
 	if (podscope_skip_cgroup(key.cgroup_id))
 		return 0;
-	struct podscope_hist *hist = podscope_lookup_or_init(&tcp_live_rtt, &key, &zero_hist);
+	struct podscope_hist *hist = podscope_lookup_or_init(&tcp_live_rtt, TCP_MAP_LIVE_RTT, &key, &zero_hist);
 	if (!hist)
 		return 0;
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;

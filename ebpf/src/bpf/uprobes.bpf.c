@@ -20,6 +20,7 @@ const volatile __u32 max_len = 80;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct uprobe_key);
 	__type(value, __u64);
@@ -61,7 +62,7 @@ static __always_inline int record(__u64 raw)
 		__builtin_memcpy(key->value, &raw, sizeof(raw));
 		key->value_len = sizeof(raw);
 	}
-	podscope_count(&uprobe_hits, key);
+	podscope_count(&uprobe_hits, UPROBES_MAP_HITS, key);
 	return 0;
 }
 

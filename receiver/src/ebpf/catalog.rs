@@ -75,23 +75,124 @@ pub fn markdown_table() -> String {
 
 #[cfg(test)]
 mod tests {
-    /// `docs/metrics.md` holds the table between markers; `UPDATE_DOCS=1 cargo test` rewrites it.
-    #[test]
-    fn docs_metrics_md_lists_every_metric() {
+    use crate::ebpf::object::MapSize;
+    use crate::ebpf::probes::SPECS;
+
+    /// Rewrites (`UPDATE_DOCS=1`) or checks the part of `docs/metrics.md` between the markers.
+    fn check_docs_section(marker: &str, table: &str) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
         let text = std::fs::read_to_string(&path).unwrap();
         let (begin, end) = (
-            "<!-- metrics-table:begin -->\n",
-            "<!-- metrics-table:end -->",
+            format!("<!-- {marker}:begin -->\n"),
+            format!("<!-- {marker}:end -->"),
         );
-        let start = text.find(begin).expect("begin marker") + begin.len();
-        let stop = text.find(end).expect("end marker");
-        let table = super::markdown_table();
+        let start = text.find(&begin).expect("begin marker") + begin.len();
+        let stop = text.find(&end).expect("end marker");
         if std::env::var_os("UPDATE_DOCS").is_some() {
             let updated = format!("{}{}{}", &text[..start], table, &text[stop..]);
             std::fs::write(&path, updated).unwrap();
             return;
         }
         assert_eq!(&text[start..stop], table, "docs/metrics.md is stale: run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics");
+    }
+
+    /// `docs/metrics.md` holds the table between markers; `UPDATE_DOCS=1 cargo test` rewrites it.
+    #[test]
+    fn docs_metrics_md_lists_every_metric() {
+        check_docs_section("metrics-table", &super::markdown_table());
+    }
+
+    fn map_type_name(map_type: u32) -> &'static str {
+        match map_type {
+            1 => "hash",
+            2 => "array",
+            5 => "per-CPU hash",
+            6 => "per-CPU array",
+            9 => "LRU hash",
+            27 => "ring buffer",
+            29 => "task storage",
+            _ => "other",
+        }
+    }
+
+    /// Every map of every probe, from the compiled objects: the defaults its `max_entries`
+    /// settings replace.
+    #[test]
+    fn docs_metrics_md_lists_every_kernel_map_with_its_default_size() {
+        const BPF_F_NO_PREALLOC: u32 = 1;
+        let mut table = String::from(
+            "| probe | map | type | default `max_entries` | preallocated | `max_entries` setting | failed inserts counted |\n|---|---|---|---|---|---|---|\n",
+        );
+        for (probe, spec) in SPECS {
+            let object = aya_obj::Object::parse(spec.object).unwrap();
+            for def in spec.maps {
+                let map = &object.maps[def.name];
+                let hashed = matches!(map.map_type(), 1 | 5 | 9);
+                table.push_str(&format!(
+                    "| {probe} | `{}` | {} | {} | {} | {} | {} |\n",
+                    def.name,
+                    map_type_name(map.map_type()),
+                    map.max_entries(),
+                    if !hashed {
+                        "—"
+                    } else if map.map_flags() & BPF_F_NO_PREALLOC != 0 {
+                        "no"
+                    } else {
+                        "yes"
+                    },
+                    match def.size {
+                        MapSize::Fixed => "—",
+                        MapSize::Entries => "entries",
+                        MapSize::RingBytes => "bytes",
+                    },
+                    if def.full_slot.is_some() {
+                        "yes"
+                    } else {
+                        "—"
+                    },
+                ));
+            }
+        }
+        check_docs_section("kernel-maps", &table);
+    }
+
+    /// The Rust side names every map of each object once, with the kind of size its type takes,
+    /// and each counted map has its own slot within the object's `map_full` array.
+    #[test]
+    fn every_map_of_every_object_has_one_definition_that_fits_its_type() {
+        for (probe, spec) in SPECS {
+            let object = aya_obj::Object::parse(spec.object).unwrap();
+            let mut names: Vec<&str> = object
+                .maps
+                .keys()
+                .map(String::as_str)
+                .filter(|name| {
+                    !name.starts_with('.') && !["cgroup_filter", "map_full"].contains(name)
+                })
+                .collect();
+            names.sort();
+            let mut defined: Vec<&str> = spec.maps.iter().map(|m| m.name).collect();
+            defined.sort();
+            assert_eq!(names, defined, "{probe}: the maps of its object");
+            let mut slots = Vec::new();
+            for def in spec.maps {
+                let map_type = object.maps[def.name].map_type();
+                let fits = match def.size {
+                    MapSize::Entries => matches!(map_type, 1 | 5 | 9),
+                    MapSize::RingBytes => map_type == 27,
+                    MapSize::Fixed => !matches!(map_type, 1 | 5 | 9 | 27),
+                };
+                assert!(fits, "{probe}: {} is of type {map_type}", def.name);
+                if let Some(slot) = def.full_slot {
+                    assert!(
+                        slot < podscope_ebpf::abi::PODSCOPE_MAP_SLOTS,
+                        "{probe}: {}",
+                        def.name
+                    );
+                    assert!(!slots.contains(&slot), "{probe}: slot {slot} twice");
+                    slots.push(slot);
+                }
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! entries of removed cgroups.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use podscope_core::{Batch, Consumer};
@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use super::builder::MetricsBuilder;
 use super::cgroups::CgroupIndex;
 use super::filter::CgroupFilter;
+use super::object::MapMemory;
 use super::probes::{Collection, Probe};
+use super::telemetry::EbpfTelemetry;
 
 /// How long pod changes are gathered before the kernel filter is brought up to date.
 const POD_CHANGE_SETTLE: Duration = Duration::from_millis(200);
@@ -30,6 +32,9 @@ pub struct Collector {
     pub pod_changes: Option<tokio::sync::watch::Receiver<u64>>,
     /// New containers, when a probe watches them.
     pub new_containers: Option<Arc<Notify>>,
+    pub telemetry: EbpfTelemetry,
+    /// The maps' kernel memory at the last collection.
+    pub map_memory: Arc<Mutex<Vec<MapMemory>>>,
 }
 
 impl Collector {
@@ -41,6 +46,7 @@ impl Collector {
     ) {
         self.refresh_cgroups();
         self.rescan();
+        self.account_kernel_maps();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -99,6 +105,7 @@ impl Collector {
         }
         let (builder, cgroups) = collection.finish();
         let resource_metrics = builder.finish();
+        self.account_kernel_maps();
 
         // Series of removed cgroups were reported one last time; free their map entries.
         let gone: HashSet<u64> = cgroups
@@ -117,6 +124,24 @@ impl Collector {
         if let Err(e) = self.next.consume(Batch::metrics(resource_metrics)).await {
             tracing::warn!(receiver = %self.receiver, error = %e, "pipeline refused this interval's data points");
         }
+    }
+}
+
+impl Collector {
+    /// The maps' kernel memory and refused inserts into the receiver's telemetry.
+    fn account_kernel_maps(&mut self) {
+        let mut memory = Vec::new();
+        for probe in &mut self.probes {
+            for object in probe.objects_mut() {
+                memory.extend(object.map_memory());
+                let name = object.probe();
+                for (map, failed) in object.failed_inserts() {
+                    self.telemetry.add_map_full(name, map, failed);
+                }
+            }
+        }
+        self.telemetry.set_map_memory(&memory);
+        *self.map_memory.lock().unwrap_or_else(|e| e.into_inner()) = memory;
     }
 }
 

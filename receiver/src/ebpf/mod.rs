@@ -41,7 +41,7 @@ pub use catalog::{markdown_table as metrics_markdown_table, MetricDoc};
 pub use cgroups::{cgroup2_mount, container_id, CgroupIndex};
 pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, ProbesConfig};
 pub use events::{ProcessInfo, ProcessTable};
-pub use object::{Hook, ProbeError};
+pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
     files::FilesProbeConfig, process::ProcessProbeConfig, syscalls::SyscallsProbeConfig,
     tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
@@ -100,6 +100,7 @@ pub struct EbpfReceiver {
     /// Probes that could not attach, with why (for tests and status).
     skipped: Mutex<Vec<ProbeError>>,
     telemetry: EbpfTelemetry,
+    map_memory: Arc<Mutex<Vec<MapMemory>>>,
 }
 
 impl EbpfReceiver {
@@ -123,7 +124,17 @@ impl EbpfReceiver {
             running: tokio::sync::Mutex::new(None),
             skipped: Mutex::new(Vec::new()),
             telemetry,
+            map_memory: Arc::default(),
         })
+    }
+
+    /// The kernel memory of every map of the loaded probes, as read at start and at the last
+    /// collection (what `podscope_ebpf_map_memory_bytes` shows, with each map's kernel id).
+    pub fn map_memory(&self) -> Vec<MapMemory> {
+        self.map_memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// pid → process, from the process probe's event stream.
@@ -166,6 +177,7 @@ impl EbpfReceiver {
                 Global::U32("agent_tgid", std::process::id()),
                 Global::U32("filter_mode", filter.mode),
             ],
+            max_entries: Default::default(),
             skipped: Vec::new(),
         };
         let probes = self.config.probes.load(&mut ctx)?;
@@ -217,6 +229,8 @@ impl Component for EbpfReceiver {
             host_name: self.ctx.host_name.clone(),
             receiver: self.ctx.id.to_string(),
             start_ns: unix_nanos(),
+            telemetry: self.telemetry.clone(),
+            map_memory: self.map_memory.clone(),
         };
         tasks.push(tokio::spawn(collector.run(
             self.config.collection_interval,

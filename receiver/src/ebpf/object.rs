@@ -3,12 +3,15 @@
 //! handle type the probe reads it with; a map that is missing, or whose type, key or value size
 //! differs from what the probe expects, is a load error naming the map (never an empty read).
 //!
-//! Every object includes `podscope.h`, so every object has the `cgroup_filter` map; this module
-//! takes it for the receiver. It must not know any particular probe.
+//! Every object includes `podscope.h`, so every object has the `cgroup_filter` map and the
+//! `map_full` counters of failed inserts; this module takes them for the receiver. It also sets
+//! map sizes from config (`max_entries`) and reads what each map costs the kernel, the way
+//! bpftool does (`memlock:` in the map fd's fdinfo). It must not know any particular probe.
 
-use std::collections::{HashMap as StdHashMap, HashSet};
+use std::collections::{BTreeMap, HashMap as StdHashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
+use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
@@ -46,26 +49,78 @@ pub const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
     }
 }
 
-/// A probe's object and the programs the loader attaches (others, such as uprobes and iterators,
-/// the probe attaches itself).
+/// A probe's object, the programs the loader attaches (others, such as uprobes and iterators,
+/// the probe attaches itself) and its maps.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeSpec {
     pub name: &'static str,
     pub object: &'static [u8],
     pub programs: &'static [ProgramSpec],
+    /// Every map of the object but those of `podscope.h` and the globals' sections.
+    pub maps: &'static [MapDef],
 }
 
 /// A map of a probe's object, named once: the probe takes its handle through this.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MapDef {
     pub name: &'static str,
+    /// What its `max_entries` setting means, if it has one.
+    pub size: MapSize,
+    /// Its slot in the object's `map_full` array (the `*_map_slot` enums of `podscope.h`), when
+    /// the probe counts its failed inserts.
+    pub full_slot: Option<u32>,
+}
+
+/// What `max_entries` sets for a map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapSize {
+    /// Not settable (scratch space, fixed-size arrays).
+    Fixed,
+    /// Entries (hash maps).
+    Entries,
+    /// Bytes (ring buffers: a power of two, at least a page).
+    RingBytes,
 }
 
 impl MapDef {
-    pub const fn new(name: &'static str) -> MapDef {
-        MapDef { name }
+    /// A hash map, sized by `max_entries`.
+    pub const fn entries(name: &'static str) -> MapDef {
+        MapDef {
+            name,
+            size: MapSize::Entries,
+            full_slot: None,
+        }
+    }
+
+    /// A map whose size is fixed.
+    pub const fn fixed(name: &'static str) -> MapDef {
+        MapDef {
+            name,
+            size: MapSize::Fixed,
+            full_slot: None,
+        }
+    }
+
+    /// A ring buffer, sized in bytes by `max_entries`.
+    pub const fn ring(name: &'static str) -> MapDef {
+        MapDef {
+            name,
+            size: MapSize::RingBytes,
+            full_slot: None,
+        }
+    }
+
+    /// The same map, its failed inserts counted at `slot`.
+    pub const fn counted(self, slot: u32) -> MapDef {
+        MapDef {
+            full_slot: Some(slot),
+            ..self
+        }
     }
 }
+
+/// Smallest ring buffer: one page (x86_64).
+pub const RING_MIN_BYTES: u32 = 4096;
 
 /// Why a probe could not run: which probe, which hook, what is missing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,23 +177,43 @@ pub struct ObjectSettings<'a> {
     pub skip: &'a [&'static str],
 }
 
-/// The map every object has (from `podscope.h`): the cgroup ids the filter lists.
-const CGROUP_FILTER: MapDef = MapDef::new("cgroup_filter");
+/// The maps every object has (from `podscope.h`): the cgroup ids the filter lists, and the
+/// failed inserts per map slot.
+const CGROUP_FILTER: MapDef = MapDef::fixed("cgroup_filter");
+const MAP_FULL: MapDef = MapDef::fixed("map_full");
+
+/// What a map of a loaded object costs the kernel now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapMemory {
+    pub probe: &'static str,
+    pub map: String,
+    /// The kernel's id of the map (`bpftool map show id N`).
+    pub id: u32,
+    /// `memlock:` of its fdinfo, what bpftool shows as `bytes_memlock`.
+    pub bytes: u64,
+}
 
 /// A loaded object with its programs attached and its maps being taken by the probe.
 pub struct ProbeObject {
     probe: &'static str,
     ebpf: Ebpf,
     cgroup_filter: HashMap<MapData, u64, u8>,
+    map_full: PerCpuCounters,
+    /// Counted maps: slot, name and the failed inserts already reported.
+    counted: Vec<(u32, &'static str, u64)>,
+    /// Every map of the object, with a descriptor of its own (the handles move into the probe).
+    maps: Vec<(String, OwnedFd)>,
 }
 
 impl ProbeObject {
-    /// Loads `spec`'s object with `globals`, then loads and attaches every program not in
-    /// `settings.skip`.
+    /// Loads `spec`'s object with `globals` and the map sizes `max_entries` (map name →
+    /// `max_entries`, checked against the spec's maps by config validation), then loads and
+    /// attaches every program not in `settings.skip`.
     pub fn load(
         spec: &ProbeSpec,
         features: &KernelFeatures,
         globals: &[Global],
+        max_entries: &BTreeMap<String, u32>,
         settings: &ObjectSettings<'_>,
     ) -> Result<ProbeObject, ProbeError> {
         let btf = features.btf.as_ref().map_err(|reason| ProbeError {
@@ -149,6 +224,9 @@ impl ProbeObject {
         let mut loader = EbpfLoader::new();
         // Task storage (syscall entry times) has no aya wrapper; only the kernel side uses it.
         loader.btf(Some(btf)).allow_unsupported_maps();
+        for (map, entries) in max_entries {
+            loader.map_max_entries(map, *entries);
+        }
         for global in globals.iter().chain(&settings.globals) {
             // The receiver's settings may be unused by an object: absent ones are not an error.
             match global {
@@ -172,11 +250,41 @@ impl ProbeObject {
                 reason,
             })?;
         }
+        let mut maps = Vec::new();
+        for (name, map) in ebpf.maps() {
+            if let Some(fd) = map_fd(map) {
+                let fd = fd.try_clone_to_owned().map_err(|e| ProbeError {
+                    probe: spec.name,
+                    hook: None,
+                    reason: format!("map {name}: cannot keep a descriptor: {e}"),
+                })?;
+                maps.push((name.to_string(), fd));
+            }
+        }
+        if let Some(missing) = spec
+            .maps
+            .iter()
+            .find(|def| !maps.iter().any(|(name, _)| name == def.name))
+        {
+            return Err(ProbeError {
+                probe: spec.name,
+                hook: None,
+                reason: format!("map {}: missing from the object", missing.name),
+            });
+        }
         let cgroup_filter = take(spec.name, &mut ebpf, &CGROUP_FILTER, "hash map")?;
+        let map_full = PerCpuCounters(take(spec.name, &mut ebpf, &MAP_FULL, "per-CPU array")?);
         Ok(ProbeObject {
             probe: spec.name,
             ebpf,
             cgroup_filter,
+            map_full,
+            counted: spec
+                .maps
+                .iter()
+                .filter_map(|def| Some((def.full_slot?, def.name, 0)))
+                .collect(),
+            maps,
         })
     }
 
@@ -229,6 +337,61 @@ impl ProbeObject {
     /// The kernel's `cgroup_filter` map of this object.
     pub fn cgroup_filter_mut(&mut self) -> &mut HashMap<MapData, u64, u8> {
         &mut self.cgroup_filter
+    }
+
+    /// What each map of the object costs the kernel now (maps without preallocation change with
+    /// their entries). A map whose fdinfo cannot be read is left out.
+    pub fn map_memory(&self) -> Vec<MapMemory> {
+        self.maps
+            .iter()
+            .filter_map(|(name, fd)| {
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+                    .ok()?;
+                let field = |key: &str| -> Option<u64> {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.trim().parse().ok())
+                };
+                Some(MapMemory {
+                    probe: self.probe,
+                    map: name.clone(),
+                    id: field("map_id:")? as u32,
+                    bytes: field("memlock:")?,
+                })
+            })
+            .collect()
+    }
+
+    pub fn probe(&self) -> &'static str {
+        self.probe
+    }
+
+    /// Failed inserts of each counted map since the last call (the kernel's counts only grow).
+    pub fn failed_inserts(&mut self) -> Vec<(&'static str, u64)> {
+        self.counted
+            .iter_mut()
+            .map(|(slot, name, reported)| {
+                let total = self.map_full.get(*slot);
+                let new = total.saturating_sub(*reported);
+                *reported = total.max(*reported);
+                (*name, new)
+            })
+            .collect()
+    }
+}
+
+/// A map's descriptor, for the kinds podscope's objects have.
+fn map_fd(map: &Map) -> Option<std::os::fd::BorrowedFd<'_>> {
+    match map {
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::PerCpuHashMap(m)
+        | Map::PerCpuLruHashMap(m)
+        | Map::RingBuf(m)
+        | Map::Unsupported(m) => Some(m.fd().as_fd()),
+        _ => None,
     }
 }
 

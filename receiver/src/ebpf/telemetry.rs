@@ -1,14 +1,25 @@
 //! The eBPF receiver's own metrics (in the agent's telemetry, `docs/metrics.md` lists them),
 //! registered once per receiver and handed to the probes that count into them.
 
+use std::collections::BTreeMap;
+
 use podscope_core::telemetry::AgentTelemetry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+
+use super::object::MapMemory;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RingLabels {
     pub ring: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub probe: String,
+    pub map: String,
 }
 
 #[derive(Clone)]
@@ -17,6 +28,11 @@ pub struct EbpfTelemetry {
     pub ring_lost: Family<RingLabels, Counter>,
     pub uprobe_overflow: Counter,
     pub container_attachments: Counter,
+    /// Kernel memory of each map (summed over a probe's objects: uprobe entries).
+    pub map_memory: Family<MapLabels, Gauge>,
+    pub map_memory_total: Gauge,
+    /// Inserts the kernel refused (map full, or no memory for a new entry).
+    pub map_full: Family<MapLabels, Counter>,
 }
 
 impl EbpfTelemetry {
@@ -26,6 +42,9 @@ impl EbpfTelemetry {
             ring_lost: Family::default(),
             uprobe_overflow: Counter::default(),
             container_attachments: Counter::default(),
+            map_memory: Family::default(),
+            map_memory_total: Gauge::default(),
+            map_full: Family::default(),
         };
         telemetry.register(
             "ebpf_ringbuf_events",
@@ -47,7 +66,50 @@ impl EbpfTelemetry {
             "Files inside containers that container:<path> uprobes attached to",
             t.container_attachments.clone(),
         );
+        telemetry.register(
+            "ebpf_map_memory_bytes",
+            "Kernel memory of each eBPF map of the agent (bytes_memlock, as bpftool shows it)",
+            t.map_memory.clone(),
+        );
+        telemetry.register(
+            "ebpf_map_memory_total_bytes",
+            "Kernel memory of all eBPF maps of the receiver",
+            t.map_memory_total.clone(),
+        );
+        telemetry.register(
+            "ebpf_map_full",
+            "Inserts into an eBPF map that the kernel refused (map full or out of memory): data lost in the kernel",
+            t.map_full.clone(),
+        );
         t
+    }
+
+    /// Sets the memory gauges to `maps` (this receiver's maps, now).
+    pub fn set_map_memory(&self, maps: &[MapMemory]) {
+        let mut by_map: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+        for m in maps {
+            *by_map.entry((m.probe, &m.map)).or_default() += m.bytes;
+        }
+        for ((probe, map), bytes) in &by_map {
+            self.map_memory
+                .get_or_create(&MapLabels {
+                    probe: probe.to_string(),
+                    map: map.to_string(),
+                })
+                .set(*bytes as i64);
+        }
+        self.map_memory_total
+            .set(by_map.values().sum::<u64>() as i64);
+    }
+
+    /// Adds `failed` refused inserts of `probe`'s `map` (0 makes the series appear).
+    pub fn add_map_full(&self, probe: &str, map: &str, failed: u64) {
+        self.map_full
+            .get_or_create(&MapLabels {
+                probe: probe.to_string(),
+                map: map.to_string(),
+            })
+            .inc_by(failed);
     }
 
     /// The events and losses counters of ring buffer `ring`.

@@ -7,7 +7,7 @@
 //! Each probe loads on its own: one this kernel refuses is logged in one line and skipped, unless
 //! it is `required`. Nothing here knows a particular probe beyond its line in the table.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use podscope_core::FieldError;
@@ -19,15 +19,18 @@ use tokio_util::sync::CancellationToken;
 use super::builder::MetricsBuilder;
 use super::catalog::MetricDoc;
 use super::events::ProcessTable;
-use super::object::{Global, KernelFeatures, ObjectSettings, ProbeError, ProbeObject, ProbeSpec};
+use super::object::{
+    Global, KernelFeatures, MapDef, MapSize, ObjectSettings, ProbeError, ProbeObject, ProbeSpec,
+    RING_MIN_BYTES,
+};
 use super::telemetry::EbpfTelemetry;
 
 /// A kind of kernel probe: its settings, what it emits and how it loads.
 pub trait ProbeKind {
     /// `probes.<name>:`
     type Config: for<'de> Deserialize<'de> + Default + Clone + std::fmt::Debug;
-    /// The key under `probes:`.
-    const NAME: &'static str;
+    /// Its object, programs and maps; its name is the key under `probes:`.
+    const SPEC: ProbeSpec;
     /// Every metric it emits (`docs/metrics.md` is generated from these).
     const METRICS: &'static [MetricDoc];
 
@@ -84,18 +87,26 @@ pub struct LoadContext<'a> {
     pub telemetry: &'a EbpfTelemetry,
     /// The receiver's settings every object gets (`agent_tgid`, `filter_mode`).
     pub common: Vec<Global>,
+    /// The `max_entries` settings of the probe being loaded.
+    pub max_entries: MapSizes,
     /// Probes that were skipped, and why.
     pub skipped: Vec<ProbeError>,
 }
 
 impl LoadContext<'_> {
-    /// Loads `spec`'s object with the receiver's settings and `settings`.
+    /// Loads `spec`'s object with the receiver's settings, the probe's map sizes and `settings`.
     pub fn object(
         &self,
         spec: &ProbeSpec,
         settings: &ObjectSettings<'_>,
     ) -> Result<ProbeObject, ProbeError> {
-        ProbeObject::load(spec, self.features, &self.common, settings)
+        ProbeObject::load(
+            spec,
+            self.features,
+            &self.common,
+            &self.max_entries.0,
+            settings,
+        )
     }
 
     /// Runs `load`: its probe, or, when it fails, an error if `required` (`what` says what is
@@ -121,8 +132,9 @@ impl LoadContext<'_> {
 /// The usual kind of probe: one object, on when `enabled`; one that cannot load is skipped with a
 /// line, or fails startup when `required`. Every kind but `uprobes` is one.
 pub trait SingleObjectProbe {
-    type Config: ProbeSwitch + for<'de> Deserialize<'de> + Default + Clone + std::fmt::Debug;
-    const NAME: &'static str;
+    type Config: ProbeSettings + for<'de> Deserialize<'de> + Default + Clone + std::fmt::Debug;
+    /// Its object, programs and maps (the spec's name is the probe's).
+    const SPEC: ProbeSpec;
     const METRICS: &'static [MetricDoc];
 
     fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
@@ -132,7 +144,7 @@ pub trait SingleObjectProbe {
 
 impl<K: SingleObjectProbe> ProbeKind for K {
     type Config = K::Config;
-    const NAME: &'static str = K::NAME;
+    const SPEC: ProbeSpec = K::SPEC;
     const METRICS: &'static [MetricDoc] = K::METRICS;
 
     fn enabled(config: &K::Config) -> bool {
@@ -140,40 +152,90 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     }
 
     fn validate(config: &K::Config, prefix: &str, errors: &mut Vec<FieldError>) {
+        config
+            .max_entries()
+            .validate(K::SPEC.maps, &format!("{prefix}.max_entries"), errors);
         K::validate(config, prefix, errors);
     }
 
     fn load(config: &K::Config, ctx: &mut LoadContext<'_>) -> anyhow::Result<Vec<Box<dyn Probe>>> {
+        ctx.max_entries = config.max_entries().clone();
         let probe = ctx.attempt(config.required(), "probe", |ctx| K::open(config, ctx))?;
         if probe.is_some() {
-            tracing::info!(receiver = %ctx.receiver, probe = K::NAME, "probe attached");
+            tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, "probe attached");
         }
         Ok(probe.into_iter().collect())
     }
 }
 
-/// `enabled` and `required`, which every single-object probe's settings have.
-pub trait ProbeSwitch {
+/// `enabled`, `required` and `max_entries`, which every single-object probe's settings have.
+pub trait ProbeSettings {
     fn enabled(&self) -> bool;
     fn required(&self) -> bool;
+    fn max_entries(&self) -> &MapSizes;
 }
 
-/// `impl ProbeSwitch` for settings with `enabled` and `required` fields.
-macro_rules! probe_switch {
+/// `impl ProbeSettings` for settings with `enabled`, `required` and `max_entries` fields.
+macro_rules! probe_settings {
     ($config:ty) => {
-        impl $crate::ebpf::probes::ProbeSwitch for $config {
+        impl $crate::ebpf::probes::ProbeSettings for $config {
             fn enabled(&self) -> bool {
                 self.enabled
             }
             fn required(&self) -> bool {
                 self.required
             }
+            fn max_entries(&self) -> &$crate::ebpf::probes::MapSizes {
+                &self.max_entries
+            }
         }
     };
 }
-pub(crate) use probe_switch;
+pub(crate) use probe_settings;
 
-probe_switch!(BasicProbeConfig);
+probe_settings!(BasicProbeConfig);
+
+/// `max_entries:` of a probe — kernel map sizes by map name, instead of the sizes compiled into
+/// the probe (`docs/metrics.md` lists every map with its default): entries for hash maps, bytes
+/// for ring buffers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct MapSizes(pub BTreeMap<String, u32>);
+
+impl MapSizes {
+    /// Every name must be a sizable map of `maps`, every size one the kernel takes.
+    pub fn validate(&self, maps: &[MapDef], prefix: &str, errors: &mut Vec<FieldError>) {
+        for (name, &size) in &self.0 {
+            let at = format!("{prefix}.{name}");
+            match maps.iter().find(|m| m.name == name).map(|m| m.size) {
+                None | Some(MapSize::Fixed) => {
+                    let sizable: Vec<&str> = maps
+                        .iter()
+                        .filter(|m| m.size != MapSize::Fixed)
+                        .map(|m| m.name)
+                        .collect();
+                    errors.push(FieldError::new(
+                        at,
+                        format!(
+                            "not a map of this probe that can be sized; those are: {}",
+                            sizable.join(", ")
+                        ),
+                    ));
+                }
+                Some(MapSize::Entries) if size == 0 => {
+                    errors.push(FieldError::new(at, "must be at least 1"));
+                }
+                Some(MapSize::RingBytes) if size < RING_MIN_BYTES || !size.is_power_of_two() => {
+                    errors.push(FieldError::new(
+                        at,
+                        format!("a ring buffer's size in bytes is a power of two, at least {RING_MIN_BYTES}"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+}
 
 /// What probes start their tasks with.
 pub struct StartContext {
@@ -218,6 +280,8 @@ pub struct BasicProbeConfig {
     pub enabled: bool,
     /// Fail startup if the probe cannot attach (default false: log one line and go on).
     pub required: bool,
+    /// Kernel map sizes by map name (see [`MapSizes`]).
+    pub max_entries: MapSizes,
 }
 
 impl Default for BasicProbeConfig {
@@ -225,6 +289,7 @@ impl Default for BasicProbeConfig {
         BasicProbeConfig {
             enabled: true,
             required: false,
+            max_entries: MapSizes::default(),
         }
     }
 }
@@ -284,8 +349,9 @@ macro_rules! probe_table {
         /// Every probe's key and metrics, in table order.
         pub const KINDS: &[(&str, &[MetricDoc])] = &[$((stringify!($name), <$kind as ProbeKind>::METRICS)),+];
 
+        /// Every probe's key and spec (object and maps), in table order.
         #[cfg(test)]
-        const KIND_NAMES: &[(&str, &str)] = &[$((stringify!($name), <$kind as ProbeKind>::NAME)),+];
+        pub const SPECS: &[(&str, ProbeSpec)] = &[$((stringify!($name), <$kind as ProbeKind>::SPEC)),+];
     };
 }
 
@@ -304,8 +370,8 @@ probe_table! {
 mod tests {
     #[test]
     fn every_table_key_is_its_probes_name() {
-        for (key, name) in super::KIND_NAMES {
-            assert_eq!(key, name);
+        for (key, spec) in super::SPECS {
+            assert_eq!(key, &spec.name);
         }
     }
 }

@@ -4,7 +4,7 @@
 mod metrics;
 
 use podscope_ebpf::abi::{BlockKey, BlockStats};
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 
 use super::{BasicProbeConfig, Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
@@ -19,15 +19,18 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_block_issue", "block_rq_issue"),
         tp_btf("podscope_block_complete", "block_rq_complete"),
     ],
+    maps: &[STATS, START],
 };
 
-const STATS: MapDef = MapDef::new("block_stats");
+const STATS: MapDef = MapDef::entries("block_stats").counted(abi::BLOCK_IO_MAP_STATS);
+/// Request → issue time.
+const START: MapDef = MapDef::entries("block_start").counted(abi::BLOCK_IO_MAP_START);
 
 pub struct BlockIo;
 
 impl SingleObjectProbe for BlockIo {
     type Config = BasicProbeConfig;
-    const NAME: &'static str = "block_io";
+    const SPEC: ProbeSpec = SPEC;
     const METRICS: &'static [MetricDoc] = metrics::METRICS;
 
     fn open(

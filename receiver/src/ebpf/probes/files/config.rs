@@ -1,5 +1,7 @@
 use serde::Deserialize;
 
+use crate::ebpf::probes::MapSizes;
+
 /// `probes.files:`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -8,6 +10,8 @@ pub struct FilesProbeConfig {
     pub enabled: bool,
     /// Fail startup if the probe cannot attach (default false: log one line and go on).
     pub required: bool,
+    /// Kernel map sizes by map name (see [`MapSizes`]).
+    pub max_entries: MapSizes,
     /// Count opens per path (successful opens only). Default false: paths can be sensitive and
     /// numerous.
     pub capture_paths: bool,
@@ -21,10 +25,11 @@ impl Default for FilesProbeConfig {
         FilesProbeConfig {
             enabled: true,
             required: false,
+            max_entries: MapSizes::default(),
             capture_paths: false,
             top_paths: 20,
         }
     }
 }
 
-crate::ebpf::probes::probe_switch!(FilesProbeConfig);
+crate::ebpf::probes::probe_settings!(FilesProbeConfig);

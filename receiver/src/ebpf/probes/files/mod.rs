@@ -7,7 +7,7 @@ mod metrics;
 use std::collections::HashSet;
 
 use podscope_ebpf::abi::{OpenKey, OpenPathKey};
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 
 pub use config::FilesProbeConfig;
 
@@ -22,20 +22,24 @@ const SPEC: ProbeSpec = ProbeSpec {
     name: "files",
     object: objects::FILES,
     programs: &[tp_btf(ENTER, "sys_enter"), tp_btf(EXIT, "sys_exit")],
+    maps: &[OPENS, PATHS, INFLIGHT, PATH_SCRATCH],
 };
 
 /// Notes the path argument (only with `capture_paths`).
 const ENTER: &str = "podscope_files_enter";
 const EXIT: &str = "podscope_files_exit";
 
-const OPENS: MapDef = MapDef::new("opens");
-const PATHS: MapDef = MapDef::new("open_paths");
+const OPENS: MapDef = MapDef::entries("opens").counted(abi::FILES_MAP_OPENS);
+const PATHS: MapDef = MapDef::entries("open_paths").counted(abi::FILES_MAP_PATHS);
+/// Thread → path being opened, between entry and exit.
+const INFLIGHT: MapDef = MapDef::entries("open_inflight").counted(abi::FILES_MAP_INFLIGHT);
+const PATH_SCRATCH: MapDef = MapDef::fixed("path_scratch");
 
 pub struct Files;
 
 impl SingleObjectProbe for Files {
     type Config = FilesProbeConfig;
-    const NAME: &'static str = "files";
+    const SPEC: ProbeSpec = SPEC;
     const METRICS: &'static [MetricDoc] = metrics::METRICS;
 
     fn validate(config: &FilesProbeConfig, prefix: &str, errors: &mut Vec<FieldError>) {

@@ -2,6 +2,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ebpf::probes::MapSizes;
+
 /// `probes.process:`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -10,6 +12,8 @@ pub struct ProcessProbeConfig {
     pub enabled: bool,
     /// Fail startup if the probe cannot attach (default false: log one line and go on).
     pub required: bool,
+    /// Kernel map sizes by map name (see [`MapSizes`]).
+    pub max_entries: MapSizes,
     /// Bytes of exec/exit events that wake the agent early; below that it reads them every
     /// `event_poll_interval`. Default 65536.
     pub wakeup_bytes: u64,
@@ -23,10 +27,11 @@ impl Default for ProcessProbeConfig {
         ProcessProbeConfig {
             enabled: true,
             required: false,
+            max_entries: MapSizes::default(),
             wakeup_bytes: 65536,
             event_poll_interval: Duration::from_millis(200),
         }
     }
 }
 
-crate::ebpf::probes::probe_switch!(ProcessProbeConfig);
+crate::ebpf::probes::probe_settings!(ProcessProbeConfig);

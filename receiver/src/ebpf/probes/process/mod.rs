@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
 use podscope_ebpf::abi::{Hist, ProcessKey};
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 use prometheus_client::metrics::counter::Counter;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -32,19 +32,20 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_process_fork", "sched_process_fork"),
         tp_btf("podscope_process_exit", "sched_process_exit"),
     ],
+    maps: &[COUNTS, LIFETIME, EVENTS, EVENTS_LOST],
 };
 
-const COUNTS: MapDef = MapDef::new("process_counts");
-const LIFETIME: MapDef = MapDef::new("process_lifetime");
-const EVENTS: MapDef = MapDef::new("process_events");
+const COUNTS: MapDef = MapDef::entries("process_counts").counted(abi::PROCESS_MAP_COUNTS);
+const LIFETIME: MapDef = MapDef::entries("process_lifetime").counted(abi::PROCESS_MAP_LIFETIME);
+const EVENTS: MapDef = MapDef::ring("process_events");
 /// Events that did not fit in the ring buffer (index 0).
-const EVENTS_LOST: MapDef = MapDef::new("process_events_lost");
+const EVENTS_LOST: MapDef = MapDef::fixed("process_events_lost");
 
 pub struct Process;
 
 impl SingleObjectProbe for Process {
     type Config = ProcessProbeConfig;
-    const NAME: &'static str = "process";
+    const SPEC: ProbeSpec = SPEC;
     const METRICS: &'static [MetricDoc] = metrics::METRICS;
 
     fn open(

@@ -6,7 +6,7 @@ mod metrics;
 use std::collections::HashSet;
 
 use podscope_ebpf::abi::{Hist, SwitchKey};
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 
 use super::{BasicProbeConfig, Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
@@ -22,16 +22,20 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_sched_wakeup_new", "sched_wakeup_new"),
         tp_btf("podscope_sched_switch", "sched_switch"),
     ],
+    maps: &[RUNQ_LATENCY, SWITCHES, RUNNABLE_SINCE],
 };
 
-const RUNQ_LATENCY: MapDef = MapDef::new("runq_latency");
-const SWITCHES: MapDef = MapDef::new("context_switches");
+const RUNQ_LATENCY: MapDef = MapDef::entries("runq_latency").counted(abi::SCHED_MAP_RUNQ_LATENCY);
+const SWITCHES: MapDef = MapDef::entries("context_switches").counted(abi::SCHED_MAP_SWITCHES);
+/// Thread → when it became runnable.
+const RUNNABLE_SINCE: MapDef =
+    MapDef::entries("runnable_since").counted(abi::SCHED_MAP_RUNNABLE_SINCE);
 
 pub struct Sched;
 
 impl SingleObjectProbe for Sched {
     type Config = BasicProbeConfig;
-    const NAME: &'static str = "sched";
+    const SPEC: ProbeSpec = SPEC;
     const METRICS: &'static [MetricDoc] = metrics::METRICS;
 
     fn open(

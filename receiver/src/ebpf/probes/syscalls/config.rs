@@ -1,5 +1,7 @@
 use serde::Deserialize;
 
+use crate::ebpf::probes::MapSizes;
+
 /// `probes.syscalls:`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -8,6 +10,8 @@ pub struct SyscallsProbeConfig {
     pub enabled: bool,
     /// Fail startup if the probe cannot attach (default false: log one line and go on).
     pub required: bool,
+    /// Kernel map sizes by map name (see [`MapSizes`]).
+    pub max_entries: MapSizes,
     /// Measure enter → exit latency (adds a hook on syscall entry). Default true; false keeps
     /// only counts and errors, at about half the cost.
     pub latency: bool,
@@ -21,10 +25,11 @@ impl Default for SyscallsProbeConfig {
         SyscallsProbeConfig {
             enabled: true,
             required: false,
+            max_entries: MapSizes::default(),
             latency: true,
             errors: true,
         }
     }
 }
 
-crate::ebpf::probes::probe_switch!(SyscallsProbeConfig);
+crate::ebpf::probes::probe_settings!(SyscallsProbeConfig);

@@ -8,7 +8,7 @@ mod metrics;
 use std::collections::HashSet;
 
 use podscope_ebpf::abi::{Hist, SyscallCounts, SyscallKey};
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 
 pub use config::SyscallsProbeConfig;
 
@@ -26,6 +26,7 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf(EXIT, "sys_exit"),
         tp_btf(COUNT, "sys_enter"),
     ],
+    maps: &[COUNTS, LATENCY, START],
 };
 
 /// Times the entry (latency).
@@ -35,14 +36,16 @@ const EXIT: &str = "podscope_sys_exit";
 /// Counts only, on entry.
 const COUNT: &str = "podscope_sys_count";
 
-const COUNTS: MapDef = MapDef::new("syscall_counts");
-const LATENCY: MapDef = MapDef::new("syscall_latency");
+const COUNTS: MapDef = MapDef::entries("syscall_counts").counted(abi::SYSCALLS_MAP_COUNTS);
+const LATENCY: MapDef = MapDef::entries("syscall_latency").counted(abi::SYSCALLS_MAP_LATENCY);
+/// Entry times, in task storage (sized by the kernel: one per task).
+const START: MapDef = MapDef::fixed("syscall_start");
 
 pub struct Syscalls;
 
 impl SingleObjectProbe for Syscalls {
     type Config = SyscallsProbeConfig;
-    const NAME: &'static str = "syscalls";
+    const SPEC: ProbeSpec = SPEC;
     const METRICS: &'static [MetricDoc] = metrics::METRICS;
 
     fn open(

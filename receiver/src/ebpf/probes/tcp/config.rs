@@ -1,5 +1,7 @@
 use serde::Deserialize;
 
+use crate::ebpf::probes::MapSizes;
+
 /// `probes.tcp:`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -8,6 +10,8 @@ pub struct TcpProbeConfig {
     pub enabled: bool,
     /// Fail startup if the probe cannot attach (default false: log one line and go on).
     pub required: bool,
+    /// Kernel map sizes by map name (see [`MapSizes`]).
+    pub max_entries: MapSizes,
     /// Distinct (peer address, server port) pairs kept per cgroup; further peers are summed as
     /// `other`, so a port scan cannot blow up the series count. Default 100.
     pub max_peers: usize,
@@ -18,9 +22,10 @@ impl Default for TcpProbeConfig {
         TcpProbeConfig {
             enabled: true,
             required: false,
+            max_entries: MapSizes::default(),
             max_peers: 100,
         }
     }
 }
 
-crate::ebpf::probes::probe_switch!(TcpProbeConfig);
+crate::ebpf::probes::probe_settings!(TcpProbeConfig);

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use aya::programs::Iter;
 use podscope_core::FieldError;
 use podscope_ebpf::abi::{Hist, TcpKey, TcpStats};
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 
 pub use config::TcpProbeConfig;
 
@@ -28,20 +28,23 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_tcp_state", "inet_sock_set_state"),
         tp_btf("podscope_tcp_retransmit", "tcp_retransmit_skb"),
     ],
+    maps: &[CONN_STATS, LIVE, OPEN_RTT],
 };
 
 /// The iterator program sampling open connections' RTT.
 const OPEN_RTT_ITERATOR: &str = "podscope_tcp_live_rtt";
 
-const CONN_STATS: MapDef = MapDef::new("tcp_conn_stats");
+const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats").counted(abi::TCP_MAP_CONN_STATS);
+/// Socket → when it was established, and its role.
+const LIVE: MapDef = MapDef::entries("tcp_live").counted(abi::TCP_MAP_LIVE);
 /// Filled by the iterator, emptied before each run.
-const OPEN_RTT: MapDef = MapDef::new("tcp_live_rtt");
+const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt").counted(abi::TCP_MAP_LIVE_RTT);
 
 pub struct Tcp;
 
 impl SingleObjectProbe for Tcp {
     type Config = TcpProbeConfig;
-    const NAME: &'static str = "tcp";
+    const SPEC: ProbeSpec = SPEC;
     const METRICS: &'static [MetricDoc] = metrics::METRICS;
 
     fn validate(config: &TcpProbeConfig, prefix: &str, errors: &mut Vec<FieldError>) {

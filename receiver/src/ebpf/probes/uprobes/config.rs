@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 use podscope_core::FieldError;
 use serde::Deserialize;
 
+use crate::ebpf::probes::MapSizes;
+
 /// One entry of `probes.uprobes`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,6 +31,9 @@ pub struct UprobeConfig {
     /// Fail startup if this entry cannot attach. Default false.
     #[serde(default)]
     pub required: bool,
+    /// Kernel map sizes of this entry's object by map name (see [`MapSizes`]).
+    #[serde(default)]
+    pub max_entries: MapSizes,
 }
 
 fn default_max_series() -> usize {
@@ -130,6 +135,8 @@ impl UprobeConfig {
         if self.max_series == 0 {
             errors.push(FieldError::new(at("max_series"), "must be at least 1"));
         }
+        self.max_entries
+            .validate(super::SPEC.maps, &at("max_entries"), errors);
         for (i, pattern) in self.redact.iter().enumerate() {
             if let Err(e) = regex::Regex::new(pattern) {
                 errors.push(FieldError::new(

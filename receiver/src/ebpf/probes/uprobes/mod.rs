@@ -16,7 +16,7 @@ use std::path::Path;
 use aya::programs::UProbe;
 use podscope_core::FieldError;
 use podscope_ebpf::abi::UprobeKey;
-use podscope_ebpf::objects;
+use podscope_ebpf::{abi, objects};
 use prometheus_client::metrics::counter::Counter;
 
 pub use config::{CaptureKind, Target, UprobeConfig};
@@ -33,18 +33,20 @@ const SPEC: ProbeSpec = ProbeSpec {
     name: "uprobes",
     object: objects::UPROBES,
     programs: &[],
+    maps: &[HITS, SCRATCH],
 };
 
 const ENTRY: &str = "podscope_uprobe";
 const RETURN: &str = "podscope_uretprobe";
 
-const HITS: MapDef = MapDef::new("uprobe_hits");
+const HITS: MapDef = MapDef::entries("uprobe_hits").counted(abi::UPROBES_MAP_HITS);
+const SCRATCH: MapDef = MapDef::fixed("uprobe_scratch");
 
 pub struct Uprobes;
 
 impl ProbeKind for Uprobes {
     type Config = Vec<UprobeConfig>;
-    const NAME: &'static str = "uprobes";
+    const SPEC: ProbeSpec = SPEC;
     /// Each entry names its own counter.
     const METRICS: &'static [MetricDoc] = &[];
 
@@ -69,9 +71,10 @@ impl ProbeKind for Uprobes {
     ) -> anyhow::Result<Vec<Box<dyn Probe>>> {
         let mut probes: Vec<Box<dyn Probe>> = Vec::new();
         for (i, entry) in config.iter().enumerate() {
+            ctx.max_entries = entry.max_entries.clone();
             let loaded = ctx.attempt(entry.required, "uprobe", |ctx| {
                 LoadedUprobe::load(entry, ctx).map_err(|reason| ProbeError {
-                    probe: Self::NAME,
+                    probe: SPEC.name,
                     hook: None,
                     reason: format!("uprobes[{i}] {}: {reason}", entry.location()),
                 })
