@@ -134,13 +134,27 @@ impl Collected {
 }
 
 async fn start(probes: serde_json::Value) -> (EbpfReceiver, Arc<Collected>) {
-    let config: EbpfReceiverConfig =
-        parse_component_config(serde_json::json!({"collection_interval": "1h", "probes": probes}))
-            .unwrap();
+    let (receiver, collected, _) =
+        start_config(serde_json::json!({"collection_interval": "1h", "probes": probes})).await;
+    (receiver, collected)
+}
+
+/// A started receiver with every probe of `config` attached, its data points and the agent
+/// telemetry it registers into.
+async fn start_config(
+    config: serde_json::Value,
+) -> (
+    EbpfReceiver,
+    Arc<Collected>,
+    podscope_core::telemetry::AgentTelemetry,
+) {
+    let config: EbpfReceiverConfig = parse_component_config(config).unwrap();
+    let ctx = BuildContext::for_tests("ebpf");
+    let telemetry = ctx.telemetry.clone();
     let collected = Arc::new(Collected::default());
     let receiver = EbpfReceiver::new(
         config,
-        BuildContext::for_tests("ebpf"),
+        ctx,
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
@@ -153,7 +167,7 @@ async fn start(probes: serde_json::Value) -> (EbpfReceiver, Arc<Collected>) {
         "{:?}",
         receiver.skipped_probes()
     );
-    (receiver, collected)
+    (receiver, collected, telemetry)
 }
 
 fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
@@ -1505,7 +1519,7 @@ const UNIQUE_BASH: &str = "/opt/podscope-test-image/bin/bash";
 /// once, without waiting for the next collection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() {
-    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+    let (receiver, collected, telemetry) = start_config(serde_json::json!({
         "collection_interval": "1h",
         "probes": {
             "process": {"event_poll_interval": "20ms"},
@@ -1516,20 +1530,7 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
             }]
         }
     }))
-    .unwrap();
-    let ctx = BuildContext::for_tests("ebpf");
-    let telemetry = ctx.telemetry.clone();
-    let collected = Arc::new(Collected::default());
-    let receiver = EbpfReceiver::new(
-        config,
-        ctx,
-        ReceiverConsumers {
-            metrics: Some(collected.clone()),
-            traces: None,
-        },
-    )
-    .unwrap();
-    receiver.start().await.unwrap();
+    .await;
     let attachments = || {
         telemetry
             .encode_text()
@@ -1796,36 +1797,6 @@ fn a_map_that_is_missing_or_of_another_type_is_a_load_error_naming_it() {
     );
 }
 
-/// A receiver that also hands back the agent telemetry it registers into.
-async fn start_with_telemetry(
-    config: serde_json::Value,
-) -> (
-    EbpfReceiver,
-    Arc<Collected>,
-    podscope_core::telemetry::AgentTelemetry,
-) {
-    let config: EbpfReceiverConfig = parse_component_config(config).unwrap();
-    let ctx = BuildContext::for_tests("ebpf");
-    let telemetry = ctx.telemetry.clone();
-    let collected = Arc::new(Collected::default());
-    let receiver = EbpfReceiver::new(
-        config,
-        ctx,
-        ReceiverConsumers {
-            metrics: Some(collected.clone()),
-            traces: None,
-        },
-    )
-    .unwrap();
-    receiver.start().await.unwrap();
-    assert!(
-        receiver.skipped_probes().is_empty(),
-        "{:?}",
-        receiver.skipped_probes()
-    );
-    (receiver, collected, telemetry)
-}
-
 /// The value of one series in the Prometheus text exposition (`name{labels}` as written).
 fn exposed(text: &str, series: &str) -> Option<i64> {
     text.lines().find_map(|line| {
@@ -1839,7 +1810,7 @@ fn exposed(text: &str, series: &str) -> Option<i64> {
 async fn kernel_map_memory_is_reported_as_bpftool_reads_it() {
     // A filter that selects no cgroup: no map gains or loses entries while the figures are
     // compared (block_io is not filtered by cgroup, so it is left out).
-    let (receiver, _collected, telemetry) = start_with_telemetry(serde_json::json!({
+    let (receiver, _collected, telemetry) = start_config(serde_json::json!({
         "collection_interval": "1h",
         "cgroup_filter": {"include": ["/podscope-test-selects-nothing"]},
         "probes": {"process": {}, "syscalls": {}, "files": {}, "sched": {}, "tcp": {}}
@@ -1917,7 +1888,7 @@ async fn a_full_map_counts_every_refused_insert() {
     let pod = PodCgroup::new();
     let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
     // Room for two (kind, exit code) keys of the pod's cgroup.
-    let (receiver, collected, telemetry) = start_with_telemetry(serde_json::json!({
+    let (receiver, collected, telemetry) = start_config(serde_json::json!({
         "collection_interval": "1h",
         "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
         "probes": {"process": {"max_entries": {"process_counts": 2}}}

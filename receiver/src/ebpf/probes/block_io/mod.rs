@@ -37,23 +37,17 @@ impl SingleObjectProbe for BlockIo {
         _config: &BasicProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        Ok(Box::new(Loaded::load(ctx)?))
+        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
+        Ok(Box::new(Loaded {
+            stats: object.hash(&STATS)?,
+            object,
+        }))
     }
 }
 
 struct Loaded {
     object: ProbeObject,
     stats: HashTable<BlockKey, BlockStats>,
-}
-
-impl Loaded {
-    fn load(ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
-        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
-        Ok(Loaded {
-            stats: object.hash(&STATS)?,
-            object,
-        })
-    }
 }
 
 impl Probe for Loaded {

@@ -55,20 +55,6 @@ impl SingleObjectProbe for Files {
         config: &FilesProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        Ok(Box::new(Loaded::load(config, ctx)?))
-    }
-}
-
-struct Loaded {
-    object: ProbeObject,
-    opens: HashTable<OpenKey, u64>,
-    paths: HashTable<OpenPathKey, u64>,
-    /// With `capture_paths`: paths reported per cgroup and interval.
-    top_paths: Option<usize>,
-}
-
-impl Loaded {
-    fn load(config: &FilesProbeConfig, ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
         let settings = ObjectSettings {
             globals: vec![
                 Global::U32("nr_openat", syscalls::Sysno::openat.id() as u32),
@@ -78,13 +64,21 @@ impl Loaded {
             skip: if config.capture_paths { &[] } else { &[ENTER] },
         };
         let mut object = ctx.object(&SPEC, &settings)?;
-        Ok(Loaded {
+        Ok(Box::new(Loaded {
             opens: object.hash(&OPENS)?,
             paths: object.hash(&PATHS)?,
             object,
             top_paths: config.capture_paths.then_some(config.top_paths),
-        })
+        }))
     }
+}
+
+struct Loaded {
+    object: ProbeObject,
+    opens: HashTable<OpenKey, u64>,
+    paths: HashTable<OpenPathKey, u64>,
+    /// With `capture_paths`: paths reported per cgroup and interval.
+    top_paths: Option<usize>,
 }
 
 impl Probe for Loaded {

@@ -52,7 +52,23 @@ impl SingleObjectProbe for Process {
         config: &ProcessProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        Ok(Box::new(Loaded::load(config, ctx)?))
+        let settings = ObjectSettings {
+            globals: vec![Global::U64("wakeup_bytes", config.wakeup_bytes)],
+            skip: &[],
+        };
+        let mut object = ctx.object(&SPEC, &settings)?;
+        let (ring_events, ring_lost) = ctx.telemetry.ring(EVENTS.name);
+        Ok(Box::new(Loaded {
+            counts: object.hash(&COUNTS)?,
+            lifetime: object.hash(&LIFETIME)?,
+            events: Some(object.ring_buf(&EVENTS)?),
+            events_lost: object.per_cpu_counters(&EVENTS_LOST)?,
+            object,
+            poll: config.event_poll_interval,
+            ring_events,
+            ring_lost,
+            lost_seen: 0,
+        }))
     }
 }
 
@@ -67,28 +83,6 @@ struct Loaded {
     ring_events: Counter,
     ring_lost: Counter,
     lost_seen: u64,
-}
-
-impl Loaded {
-    fn load(config: &ProcessProbeConfig, ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
-        let settings = ObjectSettings {
-            globals: vec![Global::U64("wakeup_bytes", config.wakeup_bytes)],
-            skip: &[],
-        };
-        let mut object = ctx.object(&SPEC, &settings)?;
-        let (ring_events, ring_lost) = ctx.telemetry.ring(EVENTS.name);
-        Ok(Loaded {
-            counts: object.hash(&COUNTS)?,
-            lifetime: object.hash(&LIFETIME)?,
-            events: Some(object.ring_buf(&EVENTS)?),
-            events_lost: object.per_cpu_counters(&EVENTS_LOST)?,
-            object,
-            poll: config.event_poll_interval,
-            ring_events,
-            ring_lost,
-            lost_seen: 0,
-        })
-    }
 }
 
 impl Probe for Loaded {

@@ -42,7 +42,12 @@ impl SingleObjectProbe for Sched {
         _config: &BasicProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        Ok(Box::new(Loaded::load(ctx)?))
+        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
+        Ok(Box::new(Loaded {
+            runq: object.hash(&RUNQ_LATENCY)?,
+            switches: object.hash(&SWITCHES)?,
+            object,
+        }))
     }
 }
 
@@ -50,17 +55,6 @@ struct Loaded {
     object: ProbeObject,
     runq: HashTable<u64, Hist>,
     switches: HashTable<SwitchKey, u64>,
-}
-
-impl Loaded {
-    fn load(ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
-        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
-        Ok(Loaded {
-            runq: object.hash(&RUNQ_LATENCY)?,
-            switches: object.hash(&SWITCHES)?,
-            object,
-        })
-    }
 }
 
 impl Probe for Loaded {

@@ -52,19 +52,6 @@ impl SingleObjectProbe for Syscalls {
         config: &SyscallsProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        Ok(Box::new(Loaded::load(config, ctx)?))
-    }
-}
-
-struct Loaded {
-    object: ProbeObject,
-    counts: PerCpuHashTable<u64, SyscallCounts>,
-    latency: PerCpuHashTable<SyscallKey, Hist>,
-    measure_latency: bool,
-}
-
-impl Loaded {
-    fn load(config: &SyscallsProbeConfig, ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
         // Counting only needs the entry hook; errors and latency need the exit one.
         let skip: &[&str] = match (config.latency, config.errors) {
             (false, false) => &[ENTER, EXIT],
@@ -79,13 +66,20 @@ impl Loaded {
             skip,
         };
         let mut object = ctx.object(&SPEC, &settings)?;
-        Ok(Loaded {
+        Ok(Box::new(Loaded {
             counts: object.per_cpu_hash(&COUNTS, SyscallCounts::merge)?,
             latency: object.per_cpu_hash(&LATENCY, Hist::merge)?,
             object,
             measure_latency: config.latency,
-        })
+        }))
     }
+}
+
+struct Loaded {
+    object: ProbeObject,
+    counts: PerCpuHashTable<u64, SyscallCounts>,
+    latency: PerCpuHashTable<SyscallKey, Hist>,
+    measure_latency: bool,
 }
 
 impl Probe for Loaded {

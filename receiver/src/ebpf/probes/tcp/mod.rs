@@ -60,7 +60,26 @@ impl SingleObjectProbe for Tcp {
         config: &TcpProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        Ok(Box::new(Loaded::load(config, ctx)?))
+        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
+        let samples_open_rtt = match load_iterator(&mut object, ctx.features) {
+            Ok(()) => true,
+            Err(reason) => {
+                tracing::info!(
+                    receiver = %ctx.receiver,
+                    reason = %reason,
+                    "tcp: the RTT of open connections is not sampled (iter/tcp cannot be loaded); RTT at close still is"
+                );
+                false
+            }
+        };
+        Ok(Box::new(Loaded {
+            stats: object.hash(&CONN_STATS)?,
+            open_rtt: object.hash(&OPEN_RTT)?,
+            object,
+            samples_open_rtt,
+            peers: BTreeMap::new(),
+            max_peers: config.max_peers,
+        }))
     }
 }
 
@@ -76,29 +95,6 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn load(config: &TcpProbeConfig, ctx: &mut LoadContext<'_>) -> Result<Loaded, ProbeError> {
-        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
-        let samples_open_rtt = match load_iterator(&mut object, ctx.features) {
-            Ok(()) => true,
-            Err(reason) => {
-                tracing::info!(
-                    receiver = %ctx.receiver,
-                    reason = %reason,
-                    "tcp: the RTT of open connections is not sampled (iter/tcp cannot be loaded); RTT at close still is"
-                );
-                false
-            }
-        };
-        Ok(Loaded {
-            stats: object.hash(&CONN_STATS)?,
-            open_rtt: object.hash(&OPEN_RTT)?,
-            object,
-            samples_open_rtt,
-            peers: BTreeMap::new(),
-            max_peers: config.max_peers,
-        })
-    }
-
     /// Runs the iterator once: the smoothed RTT of every open connection the probe saw
     /// established, per connection key. The map is emptied first, so it holds exactly this run's
     /// samples.
