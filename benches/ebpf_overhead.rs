@@ -4,7 +4,7 @@
 //!   `tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }`, each against its own pair of
 //!   "nothing attached" baselines, rows interleaved over rounds (medians reported);
 //! - load + attach time of the default probes;
-//! - the agent's RSS and CPU while idle (the real binary, default config, 30 s).
+//! - the agent's RSS, kernel map memory and CPU while idle (the real binary, default config, 30 s).
 //!
 //! Run: `cargo bench --bench ebpf_overhead` (root). Under `cargo test` it is a quick smoke run.
 
@@ -349,9 +349,22 @@ async fn main() {
         let window = Duration::from_secs(30);
         tokio::time::sleep(window).await;
         let cpu = (cpu_seconds(agent.pid()) - cpu_before) / window.as_secs_f64();
+        // Kernel map memory is not in RSS: the agent reports it (bytes_memlock of its maps).
+        let telemetry = reqwest::get(format!("http://127.0.0.1:{telemetry_port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let kernel_maps: u64 = telemetry
+            .lines()
+            .find_map(|l| l.strip_prefix("podscope_ebpf_map_memory_total_bytes "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("podscope_ebpf_map_memory_total_bytes in the agent's telemetry");
         println!(
-            "agent idle (release, all probes, 10s interval): RSS {} MiB, CPU {:.2} % of a core",
+            "agent idle (release, all probes, 10s interval): RSS {} MiB + kernel maps {} MiB, CPU {:.2} % of a core",
             rss_kib(agent.pid()) / 1024,
+            kernel_maps >> 20,
             cpu * 100.0
         );
         agent.sigterm();
