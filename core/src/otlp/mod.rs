@@ -328,23 +328,10 @@ impl tonic::codec::Decoder for RawCodec {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry_proto::tonic::trace::v1::{ScopeSpans, Span};
-
     use super::*;
 
     fn spans() -> Batch {
-        Batch::traces(vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    name: "GET /".into(),
-                    trace_id: vec![1; 16],
-                    span_id: vec![2; 8],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }])
+        crate::fake_otlp::spans(3, &[("service.name", "cart")])
     }
 
     #[test]

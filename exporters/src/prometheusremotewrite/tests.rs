@@ -147,3 +147,52 @@ fn endpoint_is_required() {
     let errors = parse_component_config::<RemoteWriteConfig>(serde_json::Value::Null).unwrap_err();
     assert_eq!(errors[0].path, "endpoint");
 }
+
+#[tokio::test]
+async fn every_5xx_and_429_is_retried_and_other_statuses_are_not() {
+    for (status, retried) in [
+        (429, true),
+        (500, true),
+        (501, true),
+        (502, true),
+        (503, true),
+        (504, true),
+        (507, true),
+        (400, false),
+        (401, false),
+        (403, false),
+        (404, false),
+        (409, false),
+        (413, false),
+        (422, false),
+    ] {
+        let (url, log) = endpoint(vec![status]).await;
+        let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+            "endpoint": url,
+            "sending_queue": {"enabled": false},
+            "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms"}
+        }))
+        .unwrap();
+        let ctx = BuildContext::for_tests("prometheusremotewrite");
+        let telemetry = ctx.telemetry.clone();
+        let exporter = Box::new(config).build(ctx).unwrap();
+        exporter.start().await.unwrap();
+        let _ = exporter.consume(delta(1)).await;
+        exporter.shutdown().await.unwrap();
+        let statuses: Vec<u16> = log.lock().unwrap().iter().map(|e| e.0).collect();
+        let text = telemetry.encode_text();
+        if retried {
+            assert_eq!(statuses, vec![status, 204], "{status} is retried");
+            assert!(
+                text.contains("podscope_exporter_sent_items_total{component=\"prometheusremotewrite\",signal=\"metrics\"} 1"),
+                "{status}: {text}"
+            );
+        } else {
+            assert_eq!(statuses, vec![status], "{status} is not retried");
+            assert!(
+                text.contains(&format!("podscope_exporter_dropped_items_total{{component=\"prometheusremotewrite\",signal=\"metrics\",reason=\"http_{status}\"}} 1")),
+                "{status}: {text}"
+            );
+        }
+    }
+}
