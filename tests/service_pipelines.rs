@@ -317,6 +317,18 @@ async fn stalled_http_client(port: u16) -> tokio::net::TcpStream {
     stream
 }
 
+/// What the stalled client is told once it is dropped by the receiver: the status line.
+async fn answer_to(mut stream: tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen)).await;
+    String::from_utf8_lossy(&seen)
+        .lines()
+        .filter(|l| l.starts_with("HTTP/1.1") && !l.contains("100 Continue"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A TCP server that accepts connections and never answers (an OTLP backend that hangs).
 struct SilentBackend {
     port: u16,
@@ -386,4 +398,34 @@ service:
     );
     assert_eq!(sent_and_dropped(&text, "otlp/silent"), (0, 100), "{text}");
     drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http_client_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let config = format!(
+        r#"
+receivers:
+  otlp: {{ protocols: {{ http: {{ endpoint: "127.0.0.1:{http}" }} }} }}
+exporters:
+  file: {{ path: {file} }}
+service:
+  shutdown_timeout: 20s
+  pipelines:
+    traces: {{ receivers: [otlp], exporters: [file] }}
+"#,
+        file = dir.path().join("out.jsonl").display(),
+    );
+    let config = load_str(&config, "stalled-client.yaml").unwrap();
+    let mut service = Service::build(&config, AgentTelemetry::new(), Readiness::default()).unwrap();
+    service.start().await.unwrap();
+    let stalled = stalled_http_client(http).await;
+    let report = service.shutdown().await;
+    assert!(
+        report.completed_in_time && report.errors.is_empty(),
+        "{report:?}"
+    );
+    // The client is told to send its request again (elsewhere): 503, as for a full pipeline.
+    assert_eq!(answer_to(stalled).await, "HTTP/1.1 503 Service Unavailable");
 }
