@@ -24,7 +24,7 @@ pub struct Series {
     generation: u64,
     /// When its latest point was observed (0: not said).
     pub time_unix_nano: u64,
-    /// Data points of the last `apply` that went into it.
+    /// Data points of the last `apply` that went into it (`target_info` stands for none).
     pub points: usize,
 }
 
@@ -89,7 +89,7 @@ impl Store {
                     updated: now,
                     generation,
                     time_unix_nano: o.time_unix_nano,
-                    points: 1,
+                    points: usize::from(o.is_point),
                 });
             }
             Entry::Occupied(mut known) => {
@@ -97,7 +97,7 @@ impl Store {
                 if series.generation != generation {
                     series.points = 0;
                 }
-                series.points += 1;
+                series.points += usize::from(o.is_point);
                 if o.delta {
                     add(&mut series.value, o.value);
                 } else {

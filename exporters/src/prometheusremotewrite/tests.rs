@@ -196,3 +196,65 @@ async fn every_5xx_and_429_is_retried_and_other_statuses_are_not() {
         }
     }
 }
+
+#[tokio::test]
+async fn sent_and_dropped_add_up_to_the_data_points_of_the_batch() {
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let (url, log) = endpoint(vec![]).await;
+    let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+        "endpoint": url, "sending_queue": {"enabled": false}
+    }))
+    .unwrap();
+    let ctx = BuildContext::for_tests("prometheusremotewrite");
+    let telemetry = ctx.telemetry.clone();
+    let exporter = Box::new(config).build(ctx).unwrap();
+    exporter.start().await.unwrap();
+    // Three points, one without a value; the resource also makes a target_info series.
+    let mut batch = delta(1);
+    if let Batch::Metrics(rms) = &mut batch {
+        let rm = &mut std::sync::Arc::make_mut(rms)[0];
+        rm.resource = Some(Resource {
+            attributes: vec![KeyValue {
+                key: "os.type".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("linux".into())),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        if let Some(metric::Data::Sum(sum)) = &mut rm.scope_metrics[0].metrics[0].data {
+            let mut other = sum.data_points[0].clone();
+            other.attributes.push(KeyValue {
+                key: "path".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("/etc".into())),
+                }),
+                ..Default::default()
+            });
+            sum.data_points.push(other);
+            sum.data_points.push(NumberDataPoint::default());
+        }
+    }
+    assert_eq!(batch.item_count(), 3);
+    exporter.consume(batch).await.unwrap();
+    exporter.shutdown().await.unwrap();
+    let names: Vec<String> = log.lock().unwrap()[0]
+        .1
+        .timeseries
+        .iter()
+        .map(|ts| {
+            ts.labels
+                .iter()
+                .find(|l| l.name == "__name__")
+                .unwrap()
+                .value
+                .clone()
+        })
+        .collect();
+    assert_eq!(names, vec!["opens_total", "opens_total", "target_info"]);
+    let text = telemetry.encode_text();
+    assert!(text.contains("podscope_exporter_sent_items_total{component=\"prometheusremotewrite\",signal=\"metrics\"} 2"), "{text}");
+    assert!(text.contains("podscope_exporter_dropped_items_total{component=\"prometheusremotewrite\",signal=\"metrics\",reason=\"untranslatable\"} 1"), "{text}");
+}
