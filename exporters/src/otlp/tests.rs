@@ -11,8 +11,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, Component as _, ConsumeError, Consumer, ExporterBuilder, ReceiverConsumers,
+    Batch, BuildContext, Component as _, ComponentConfig, ConsumeError, Consumer, Exporter,
+    ExporterBuilder, ReceiverConsumers,
 };
 use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
 
@@ -38,23 +40,30 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A started `otlp` exporter to `127.0.0.1:port` retrying every 50 to 200 ms, and its metrics.
-async fn fast_retrying_exporter_to(
-    port: u16,
-) -> (
-    Arc<dyn podscope_core::Exporter>,
-    podscope_core::telemetry::AgentTelemetry,
-) {
-    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
-        "endpoint": format!("http://127.0.0.1:{port}"),
-        "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms", "randomization_factor": 0.0}
-    }))
-    .unwrap();
-    let ctx = BuildContext::for_tests("otlp");
+/// The exporter `settings` describe (an `otlp` or `otlphttp` config), built as component `id`
+/// and started, with its metrics.
+async fn started<C: ComponentConfig + ExporterBuilder>(
+    settings: serde_json::Value,
+    id: &str,
+) -> (Arc<dyn Exporter>, AgentTelemetry) {
+    let config: C = parse_component_config(settings).unwrap();
+    let ctx = BuildContext::for_tests(id);
     let telemetry = ctx.telemetry.clone();
     let exporter = Box::new(config).build(ctx).unwrap();
     exporter.start().await.unwrap();
     (exporter, telemetry)
+}
+
+/// A started `otlp` exporter to `127.0.0.1:port` retrying every 50 to 200 ms, and its metrics.
+async fn fast_retrying_exporter_to(port: u16) -> (Arc<dyn Exporter>, AgentTelemetry) {
+    started::<OtlpGrpcConfig>(
+        serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{port}"),
+            "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms", "randomization_factor": 0.0}
+        }),
+        "otlp",
+    )
+    .await
 }
 
 fn spans() -> Batch {
@@ -244,16 +253,15 @@ async fn scripted_http(
 #[tokio::test]
 async fn http_429_with_retry_after_is_honoured_and_400_is_not_retried() {
     let (address, attempts) = scripted_http(vec![(429, Some("1")), (400, None)]).await;
-    let config: OtlpHttpConfig = parse_component_config(serde_json::json!({
-        "endpoint": address,
-        "sending_queue": {"enabled": false},
-        "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms", "randomization_factor": 0.0}
-    }))
-    .unwrap();
-    let ctx = BuildContext::for_tests("otlphttp");
-    let telemetry = ctx.telemetry.clone();
-    let exporter = Box::new(config).build(ctx).unwrap();
-    exporter.start().await.unwrap();
+    let (exporter, telemetry) = started::<OtlpHttpConfig>(
+        serde_json::json!({
+            "endpoint": address,
+            "sending_queue": {"enabled": false},
+            "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms", "randomization_factor": 0.0}
+        }),
+        "otlphttp",
+    )
+    .await;
     // 429 (wait the 1 s it asks for, not the 10 ms backoff) → 400: permanent, not retried.
     exporter.consume(spans()).await.unwrap();
     assert!(telemetry.encode_text().contains(
@@ -413,11 +421,7 @@ mod tls {
 
     /// Whether one export went through (with no retries, a failure is dropped at once).
     async fn export_once(config: serde_json::Value) -> Result<(), String> {
-        let config: OtlpGrpcConfig = parse_component_config(config).unwrap();
-        let ctx = BuildContext::for_tests("otlp");
-        let telemetry = ctx.telemetry.clone();
-        let exporter = Box::new(config).build(ctx).unwrap();
-        exporter.start().await.unwrap();
+        let (exporter, telemetry) = started::<OtlpGrpcConfig>(config, "otlp").await;
         exporter.consume(spans()).await.unwrap();
         let text = telemetry.encode_text();
         if text
@@ -539,16 +543,15 @@ fn received(c: &Collected) -> usize {
 async fn a_backend_down_mid_stream_gets_what_was_queued_and_overflow_is_counted() {
     let port = free_port();
     let (first, before) = grpc_receiver_on(port).await;
-    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
-        "endpoint": format!("http://127.0.0.1:{port}"),
-        "sending_queue": {"queue_size": 100, "num_consumers": 1, "when_full": "drop_newest"},
-        "retry_on_failure": {"initial_interval": "50ms", "max_interval": "100ms", "randomization_factor": 0.0, "max_elapsed_time": "0s"}
-    }))
-    .unwrap();
-    let ctx = BuildContext::for_tests("otlp");
-    let telemetry = ctx.telemetry.clone();
-    let exporter = Box::new(config).build(ctx).unwrap();
-    exporter.start().await.unwrap();
+    let (exporter, telemetry) = started::<OtlpGrpcConfig>(
+        serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{port}"),
+            "sending_queue": {"queue_size": 100, "num_consumers": 1, "when_full": "drop_newest"},
+            "retry_on_failure": {"initial_interval": "50ms", "max_interval": "100ms", "randomization_factor": 0.0, "max_elapsed_time": "0s"}
+        }),
+        "otlp",
+    )
+    .await;
     exporter.consume(spans_n(10)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while received(&before) < 10 {
@@ -815,18 +818,13 @@ mod partial_success {
             ("grpc", format!("http://{grpc}")),
             ("http", format!("http://{http}")),
         ] {
-            let ctx = BuildContext::for_tests("otlp");
-            let telemetry = ctx.telemetry.clone();
             let settings =
                 serde_json::json!({"endpoint": endpoint, "sending_queue": {"enabled": false}});
-            let exporter = if kind == "grpc" {
-                let config: OtlpGrpcConfig = parse_component_config(settings).unwrap();
-                Box::new(config).build(ctx).unwrap()
+            let (exporter, telemetry) = if kind == "grpc" {
+                started::<OtlpGrpcConfig>(settings, "otlp").await
             } else {
-                let config: OtlpHttpConfig = parse_component_config(settings).unwrap();
-                Box::new(config).build(ctx).unwrap()
+                started::<OtlpHttpConfig>(settings, "otlp").await
             };
-            exporter.start().await.unwrap();
             exporter.consume(spans_n(5)).await.unwrap();
             exporter.shutdown().await.unwrap();
             let text = telemetry.encode_text();
