@@ -4,11 +4,16 @@
 //! fan-out to the exporters. A receiver or exporter named in several pipelines is one instance
 //! shared by them; processors are built once per pipeline, as in the Collector.
 //!
+//! Fan-out never repeats data (see ARCHITECTURE.md, "Fan-out"): a receiver's batch enters the
+//! entry queues of all its pipelines or of none ([`QueueGroup`]), and a pipeline delivers to each
+//! of its exporters on its own ([`Fanout`]), counting what one exporter never takes as that
+//! exporter's drop.
+//!
 //! Lifecycle: start exporters, then processors (last first), then the pipeline queues' workers,
 //! then receivers, so every stage starts with a live consumer. Shutdown runs the other way round:
 //! receivers stop, each pipeline queue drains into its processors, processors flush, exporters
 //! drain — all within `service.shutdown_timeout`; whatever is still held when the deadline passes
-//! is dropped and counted.
+//! is dropped and counted before `shutdown` returns.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,14 +21,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use podscope_core::consumer::Fanout;
-use podscope_core::delivery::deliver_or_count;
+use podscope_core::delivery::{deliver_or_count, DropCounter, Fanout};
 use podscope_core::health::Readiness;
-use podscope_core::queue::{bounded_queue, QueueReceiver, QueueSender};
+use podscope_core::queue::{bounded_queue, QueueGroup, QueueReceiver, QueueSender};
 use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, ComponentId, ConsumeError, Consumer, Exporter, Processor, Receiver,
-    ReceiverConsumers, Signal,
+    Batch, BuildContext, Component, ComponentId, ConsumeError, Consumer, Exporter, Processor,
+    Receiver, ReceiverConsumers, Signal,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -34,8 +38,8 @@ use crate::registry::Registry;
 /// A pipeline's entry queue and the task that feeds its first stage.
 struct RunningPipeline {
     name: String,
-    queue: QueueSender,
-    receiver: Option<QueueReceiver>,
+    queue: QueueSender<Batch>,
+    receiver: Option<QueueReceiver<Batch>>,
     head: Arc<dyn Consumer>,
     /// First processor first.
     processors: Vec<(ComponentId, Arc<dyn Processor>)>,
@@ -82,6 +86,7 @@ impl Service {
     ) -> anyhow::Result<Service> {
         let host_name = host_name();
         let shared = podscope_core::SharedState::default();
+        let deadline = CancellationToken::new();
         let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
             id: id.clone(),
             pipeline: pipeline.map(str::to_string),
@@ -113,12 +118,17 @@ impl Service {
         // Pipelines: processors chained from the last to the first, then the entry queue.
         let mut pipelines = Vec::new();
         for pipeline in &config.service.pipelines {
-            let exporter_consumers: Vec<Arc<dyn Consumer>> = pipeline
+            let branches = pipeline
                 .exporters
                 .iter()
-                .map(|id| exporters[id].clone() as Arc<dyn Consumer>)
+                .map(|id| {
+                    (
+                        exporters[id].clone() as Arc<dyn Consumer>,
+                        DropCounter::exporter(&telemetry, &id.to_string()),
+                    )
+                })
                 .collect();
-            let mut next = Fanout::of(exporter_consumers);
+            let mut next: Arc<dyn Consumer> = Arc::new(Fanout::new(branches, deadline.clone()));
             let mut processors = Vec::new();
             for id in pipeline.processors.iter().rev() {
                 let factory = registry
@@ -163,20 +173,20 @@ impl Service {
         for id in receiver_ids {
             let mut consumers = ReceiverConsumers::default();
             for signal in Signal::ALL {
-                let queues: Vec<Arc<dyn Consumer>> = config
+                let queues: Vec<QueueSender<Batch>> = config
                     .service
                     .pipelines
                     .iter()
                     .zip(&pipelines)
                     .filter(|(p, _)| p.signal == signal && p.receivers.contains(id))
-                    .map(|(_, running)| Arc::new(running.queue.clone()) as Arc<dyn Consumer>)
+                    .map(|(_, running)| running.queue.clone())
                     .collect();
                 if queues.is_empty() {
                     continue;
                 }
                 let observed: Arc<dyn Consumer> = Arc::new(ObservedReceiverOutput {
                     receiver: id.to_string(),
-                    next: Fanout::of(queues),
+                    next: Arc::new(QueueGroup::new(queues)),
                     telemetry: telemetry.clone(),
                 });
                 match signal {
@@ -202,7 +212,7 @@ impl Service {
             telemetry,
             readiness,
             shutdown_timeout: config.service.shutdown_timeout,
-            deadline: CancellationToken::new(),
+            deadline,
         })
     }
 
@@ -256,20 +266,24 @@ impl Service {
 
     /// Stops receivers, drains pipelines and flushes exporters within `shutdown_timeout`. Safe to
     /// call on a service that was never started.
+    ///
+    /// Past the deadline every stage gives up: pipeline deliveries see the deadline token, and
+    /// components give up when their unfinished `shutdown` is dropped. So all of them are asked
+    /// at once, dropped, and asked again to return once they have counted what they dropped: at
+    /// most [`GIVE_UP`] and [`COUNT_DROPS`] more.
     pub async fn shutdown(&mut self) -> ShutdownReport {
         self.readiness.set_pipelines_started(false);
         let mut errors = Vec::new();
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         let completed_in_time =
-            tokio::time::timeout_at(deadline, self.shutdown_stages(&mut errors))
+            tokio::time::timeout(self.shutdown_timeout, self.shutdown_in_order(&mut errors))
                 .await
                 .is_ok();
         if !completed_in_time {
             tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown deadline reached; dropping what is left");
-            // Stages still retrying give up, count what they hold and return.
             self.deadline.cancel();
-            let grace = Duration::from_secs(1);
-            let _ = tokio::time::timeout(grace, self.shutdown_stages(&mut errors)).await;
+            for grace in [GIVE_UP, COUNT_DROPS] {
+                let _ = tokio::time::timeout(grace, self.shutdown_at_once(&mut errors)).await;
+            }
         }
         ShutdownReport {
             completed_in_time,
@@ -277,41 +291,91 @@ impl Service {
         }
     }
 
-    async fn shutdown_stages(&mut self, errors: &mut Vec<String>) {
+    async fn shutdown_in_order(&mut self, errors: &mut Vec<String>) {
         for (id, receiver) in &self.receivers {
-            if let Err(e) = receiver.shutdown().await {
-                errors.push(format!("receiver {id}: {e:#}"));
-            }
+            note_all(errors, shut_down("receiver", id, receiver.as_ref()).await);
         }
         for pipeline in &mut self.pipelines {
-            pipeline.queue.close();
-            if let Some(worker) = pipeline.worker.as_mut() {
-                if let Err(e) = worker.await {
-                    errors.push(format!("pipeline {}: {e}", pipeline.name));
-                }
-                pipeline.worker = None;
-            }
-            for (id, processor) in &pipeline.processors {
-                if let Err(e) = processor.shutdown().await {
-                    errors.push(format!(
-                        "processor {id} in pipeline {}: {e:#}",
-                        pipeline.name
-                    ));
-                }
-            }
+            note_all(errors, pipeline.drain().await);
         }
         for (id, exporter) in &self.exporters {
-            if let Err(e) = exporter.shutdown().await {
-                errors.push(format!("exporter {id}: {e:#}"));
+            note_all(errors, shut_down("exporter", id, exporter.as_ref()).await);
+        }
+    }
+
+    /// Every stage's shutdown at once, for after the deadline.
+    async fn shutdown_at_once(&mut self, errors: &mut Vec<String>) {
+        let receivers = futures::future::join_all(
+            self.receivers
+                .iter()
+                .map(|(id, receiver)| shut_down("receiver", id, receiver.as_ref())),
+        );
+        let pipelines =
+            futures::future::join_all(self.pipelines.iter_mut().map(RunningPipeline::drain));
+        let exporters = futures::future::join_all(
+            self.exporters
+                .iter()
+                .map(|(id, exporter)| shut_down("exporter", id, exporter.as_ref())),
+        );
+        let (receivers, pipelines, exporters) = tokio::join!(receivers, pipelines, exporters);
+        note_all(errors, receivers.into_iter().flatten());
+        note_all(errors, pipelines.into_iter().flatten());
+        note_all(errors, exporters.into_iter().flatten());
+    }
+}
+
+/// Shuts one component down; its error, if any, named.
+async fn shut_down(kind: &str, id: &ComponentId, component: &dyn Component) -> Option<String> {
+    component
+        .shutdown()
+        .await
+        .err()
+        .map(|e| format!("{kind} {id}: {e:#}"))
+}
+
+/// How long stages get, once the deadline passed, to give up what they hold.
+const GIVE_UP: Duration = Duration::from_millis(250);
+/// How long they then get to count what they gave up.
+const COUNT_DROPS: Duration = Duration::from_secs(1);
+
+impl RunningPipeline {
+    /// Closes the entry queue, lets the worker feed what is queued to the processors, and shuts
+    /// the processors down (first first, so each flushes into a live one). Returns the errors.
+    async fn drain(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        self.queue.close();
+        if let Some(worker) = self.worker.as_mut() {
+            if let Err(e) = worker.await {
+                errors.push(format!("pipeline {}: {e}", self.name));
+            }
+            self.worker = None;
+        }
+        for (id, processor) in &self.processors {
+            if let Err(e) = processor.shutdown().await {
+                errors.push(format!("processor {id} in pipeline {}: {e:#}", self.name));
             }
         }
+        errors
+    }
+}
+
+/// Adds an error once (stages asked again after the deadline may repeat theirs).
+fn note(errors: &mut Vec<String>, error: String) {
+    if !errors.contains(&error) {
+        errors.push(error);
+    }
+}
+
+fn note_all(errors: &mut Vec<String>, new: impl IntoIterator<Item = String>) {
+    for error in new {
+        note(errors, error);
     }
 }
 
 /// Moves batches from a pipeline's entry queue into its first stage until the queue is closed
 /// and empty.
 async fn feed_pipeline(
-    queue: QueueReceiver,
+    queue: QueueReceiver<Batch>,
     head: Arc<dyn Consumer>,
     stage: String,
     telemetry: AgentTelemetry,

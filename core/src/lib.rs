@@ -5,6 +5,7 @@
 //! This crate must stay small and free of any particular receiver, processor or exporter: those live
 //! in `receiver/`, `processors/` and `exporters/`, and the root crate wires them together.
 
+pub mod backoff;
 pub mod batch;
 pub mod cgroup;
 pub mod component;
@@ -13,6 +14,7 @@ pub mod consumer;
 pub mod delivery;
 pub mod fake_otlp;
 pub mod health;
+pub mod otlp;
 pub mod pods;
 pub mod queue;
 pub mod telemetry;
