@@ -31,6 +31,9 @@ use podscope_integration::agent::{free_port, AgentProcess};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codegen::Bytes;
 
+mod proc_stat;
+use proc_stat::cpu_seconds;
+
 const ITEMS_PER_REQUEST: usize = 500;
 const CLIENTS: usize = 4;
 
@@ -121,17 +124,6 @@ impl Collector {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// utime + stime of a running process, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("collector stat");
-    // The fields after the command name, which is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// The podscope under test: this build's, or `PODSCOPE_BIN` (to compare two builds in one run).
@@ -408,7 +400,7 @@ async fn main() {
             Signal::Traces => fake_otlp::service_spans(ITEMS_PER_REQUEST),
             Signal::Metrics => fake_otlp::service_points(ITEMS_PER_REQUEST),
         };
-        Bytes::from(otlp(signal).encode_request(&batch, Encoding::Protobuf))
+        otlp(signal).encode_request(&batch, Encoding::Protobuf)
     };
     let bodies = [body(Signal::Traces), body(Signal::Metrics)];
     let body_of = |signal: Signal| &bodies[(signal == Signal::Metrics) as usize];

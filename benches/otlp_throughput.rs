@@ -17,6 +17,9 @@ use podscope_integration::agent::{free_port, AgentProcess};
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codegen::Bytes;
 
+mod proc_stat;
+use proc_stat::cpu_seconds;
+
 const ITEMS_PER_REQUEST: usize = 500;
 const STREAMS: usize = 4;
 
@@ -26,18 +29,7 @@ fn request_body(signal: Signal) -> Bytes {
         Signal::Traces => fake_otlp::service_spans(ITEMS_PER_REQUEST),
         Signal::Metrics => fake_otlp::service_points(ITEMS_PER_REQUEST),
     };
-    Bytes::from(otlp(signal).encode_request(&batch, Encoding::Protobuf))
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    otlp(signal).encode_request(&batch, Encoding::Protobuf)
 }
 
 struct Measured {
