@@ -1,0 +1,579 @@
+//! The host probes (`process`, `syscalls`, `files`, `sched`) and the receiver's own behaviour
+//! (cgroup filter and identity, map loading, kernel memory, full maps) against real kernel
+//! activity (root only; CI runs as root). `ebpf_probes.rs` tests `tcp`, `uprobes` and `block_io`;
+//! both use `common/`.
+//!
+//! Each test makes a kubelet-style pod cgroup, forks a child that moves itself into it and then
+//! does exactly known work with raw syscalls only (no allocation, no dynamic loading, nothing the
+//! test did not ask for), and asserts the receiver's data points for that cgroup.
+
+mod common;
+
+use std::ffi::CString;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use podscope_core::config::parse_component_config;
+use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
+use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_counts_exact_opens_and_failures_by_errno() {
+    let (receiver, collected) =
+        start(serde_json::json!({"files": {"capture_paths": true, "top_paths": 5}})).await;
+    let pod = PodCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("named-file");
+    std::fs::write(&file, b"x").unwrap();
+    let file = CString::new(file.to_str().unwrap()).unwrap();
+    let missing = CString::new(dir.path().join("missing").to_str().unwrap()).unwrap();
+    let code = pod.run(|| unsafe {
+        for _ in 0..7 {
+            let fd = libc::open(file.as_ptr(), libc::O_RDONLY);
+            libc::close(fd);
+        }
+        for _ in 0..3 {
+            libc::open(missing.as_ptr(), libc::O_RDONLY); // ENOENT
+        }
+        0
+    });
+    assert_eq!(code, 0);
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(get(&c, "podscope.files.opens", ""), 10, "{c:#?}");
+    assert_eq!(
+        get(&c, "podscope.files.open_errors", "error.type=ENOENT"),
+        3,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(
+            &c,
+            "podscope.files.path_opens",
+            &format!("file.path={}", file.to_str().unwrap())
+        ),
+        7,
+        "{c:#?}"
+    );
+    // The resource names the container from the cgroup path.
+    let rms = collected.last();
+    let resource = resources_of(&rms, Some(pod.id()))
+        .next()
+        .unwrap()
+        .resource
+        .clone()
+        .unwrap();
+    let container = text(attr(&resource.attributes, "container.id"));
+    assert!(pod
+        .leaf
+        .to_str()
+        .unwrap()
+        .ends_with(&format!("cri-containerd-{container}.scope")));
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_counts_a_chosen_syscall_exactly_with_errors_and_latency() {
+    let (receiver, collected) = start(serde_json::json!({"syscalls": {"latency": true}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..1000 {
+            libc::syscall(libc::SYS_getppid);
+        }
+        for _ in 0..5 {
+            libc::syscall(libc::SYS_close, -1i64); // EBADF
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=getppid"),
+        1000,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.syscalls.errors", "syscall.name=getppid"),
+        0
+    );
+    // 5 failing closes, plus the one that closed cgroup.procs after joining.
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=close"),
+        6,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.syscalls.errors", "syscall.name=close"),
+        5,
+        "{c:#?}"
+    );
+    let latency = distribution(
+        &rms,
+        Some(pod.id()),
+        "podscope.syscalls.latency",
+        &[("syscall.name", "getppid")],
+    )
+    .unwrap();
+    assert_eq!(latency.count, 1000);
+    // getppid takes well under a millisecond: every bucket is below 2^20 ns.
+    let buckets = latency.positive.unwrap();
+    assert!(
+        buckets.offset + buckets.bucket_counts.len() as i32 <= 20,
+        "{buckets:?}"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_counts_execs_forks_and_exit_codes() {
+    let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
+    let pod = PodCgroup::new();
+    let sh = CString::new("/bin/sh").unwrap();
+    let dash_c = CString::new("-c").unwrap();
+    let script = CString::new("exit 3").unwrap();
+    pod.run(|| unsafe {
+        for _ in 0..4 {
+            let pid = libc::fork();
+            if pid == 0 {
+                let argv = [
+                    sh.as_ptr(),
+                    dash_c.as_ptr(),
+                    script.as_ptr(),
+                    std::ptr::null(),
+                ];
+                libc::execv(sh.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(get(&c, "podscope.process.forks", ""), 4, "{c:#?}");
+    assert_eq!(get(&c, "podscope.process.execs", ""), 4, "{c:#?}");
+    assert_eq!(
+        get(&c, "podscope.process.exits", "process.exit.code=3"),
+        4,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.process.exits", "process.exit.code=0"),
+        1,
+        "the forked child itself: {c:#?}"
+    );
+    let lifetime = distribution(&rms, Some(pod.id()), "podscope.process.lifetime", &[]).unwrap();
+    assert_eq!(lifetime.count, 5);
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sched_sees_run_queue_waits_of_two_threads_on_one_cpu() {
+    let (receiver, collected) = start(serde_json::json!({"sched": {}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        // Two busy processes pinned to CPU 0 for 300 ms each must wait for each other.
+        let mut children = [0; 2];
+        for child in &mut children {
+            let pid = libc::fork();
+            if pid == 0 {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(0, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                let mut start: libc::timespec = std::mem::zeroed();
+                libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut start);
+                loop {
+                    let mut now: libc::timespec = std::mem::zeroed();
+                    libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+                    let elapsed_ms = (now.tv_sec - start.tv_sec) * 1000
+                        + (now.tv_nsec - start.tv_nsec) / 1_000_000;
+                    if elapsed_ms >= 300 {
+                        break;
+                    }
+                }
+                libc::_exit(0);
+            }
+            *child = pid;
+        }
+        for pid in children {
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert!(
+        get(
+            &c,
+            "podscope.sched.context_switches",
+            "podscope.sched.switch=involuntary"
+        ) >= 2,
+        "{c:#?}"
+    );
+    assert!(
+        get(
+            &c,
+            "podscope.sched.context_switches",
+            "podscope.sched.switch=voluntary"
+        ) >= 1,
+        "waitpid blocks: {c:#?}"
+    );
+    let runq = distribution(&rms, Some(pod.id()), "podscope.sched.runqueue.latency", &[]).unwrap();
+    assert!(runq.count >= 2, "{runq:?}");
+    // Sharing one CPU for 300 ms each, they waited tens of milliseconds in total at least.
+    assert!(runq.sum.unwrap() >= 50e6, "{runq:?}");
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
+    let pod = PodCgroup::new();
+    let other = PodCgroup::new();
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": {"syscalls": {"latency": false}}
+    }))
+    .unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    for p in [&pod, &other] {
+        p.run(|| unsafe {
+            for _ in 0..10 {
+                libc::syscall(libc::SYS_getppid);
+            }
+            0
+        });
+    }
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    assert_eq!(
+        get(
+            &counters(&rms, pod.id()),
+            "podscope.syscalls",
+            "syscall.name=getppid"
+        ),
+        10
+    );
+    assert!(
+        counters(&rms, other.id()).is_empty(),
+        "the other cgroup is filtered out"
+    );
+    assert_eq!(
+        resources_of(&rms, Some(1)).count(),
+        0,
+        "the root cgroup is filtered out"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_probe_whose_kernel_feature_is_missing_is_skipped_with_a_clear_line_or_fails_when_required(
+) {
+    let config = |required: bool| -> EbpfReceiverConfig {
+        parse_component_config(serde_json::json!({
+            "btf_path": "/nonexistent/vmlinux",
+            "probes": {"process": {"required": required}, "sched": {}}
+        }))
+        .unwrap()
+    };
+    let consumers = || ReceiverConsumers {
+        metrics: Some(Arc::new(Collected::default())),
+        traces: None,
+    };
+    let receiver =
+        EbpfReceiver::new(config(false), BuildContext::for_tests("ebpf"), consumers()).unwrap();
+    receiver.start().await.unwrap();
+    let skipped: Vec<String> = receiver
+        .skipped_probes()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert!(
+        skipped[0].starts_with("probe process: cannot attach tp_btf/sched_process_exec: kernel BTF is not available at /nonexistent/vmlinux"),
+        "{skipped:?}"
+    );
+    assert!(
+        skipped[1].starts_with("probe sched: cannot attach tp_btf/sched_wakeup: kernel BTF"),
+        "{skipped:?}"
+    );
+    receiver.shutdown().await.unwrap();
+
+    let receiver =
+        EbpfReceiver::new(config(true), BuildContext::for_tests("ebpf"), consumers()).unwrap();
+    let error = receiver.start().await.unwrap_err().to_string();
+    assert!(
+        error.starts_with(
+            "probe process: cannot attach tp_btf/sched_process_exec: kernel BTF is not available"
+        ),
+        "{error}"
+    );
+    assert!(error.ends_with("(the probe is required)"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_events_feed_the_process_table() {
+    let (receiver, _collected) =
+        start(serde_json::json!({"process": {"event_poll_interval": "20ms"}})).await;
+    let mut child = std::process::Command::new("/bin/sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let table = receiver.processes();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while table.get(pid).is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exec of pid {pid} never reached the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(table.get(pid).unwrap().comm, "sleep");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    while table.get(pid).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "exit of pid {pid} never reached the table"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_counting_only_mode_counts_exactly_from_the_entry_hook() {
+    let (receiver, collected) =
+        start(serde_json::json!({"syscalls": {"latency": false, "errors": false}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..500 {
+            libc::syscall(libc::SYS_getppid);
+        }
+        for _ in 0..5 {
+            libc::syscall(libc::SYS_close, -1i64);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=getppid"),
+        500,
+        "{c:#?}"
+    );
+    // Counted on entry: the 5 failing closes, and the close of cgroup.procs after joining.
+    assert_eq!(
+        get(&c, "podscope.syscalls", "syscall.name=close"),
+        6,
+        "{c:#?}"
+    );
+    assert_eq!(
+        get(&c, "podscope.syscalls.errors", "syscall.name=close"),
+        0,
+        "errors are off"
+    );
+    assert!(distribution(
+        &rms,
+        Some(pod.id()),
+        "podscope.syscalls.latency",
+        &[("syscall.name", "getppid")]
+    )
+    .is_none());
+    receiver.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_map_that_is_missing_or_of_another_type_is_a_load_error_naming_it() {
+    use podscope_receiver::ebpf::object::{
+        KernelFeatures, MapDef, ObjectSettings, ProbeObject, ProbeSpec,
+    };
+    let spec = |maps: &'static [MapDef]| ProbeSpec {
+        name: "process",
+        object: podscope_ebpf::objects::PROCESS,
+        programs: &[],
+        maps,
+    };
+    let features = KernelFeatures::detect(Path::new("/sys/kernel/btf/vmlinux"));
+    let load = |spec: &ProbeSpec| {
+        ProbeObject::load(
+            spec,
+            &features,
+            &[],
+            &Default::default(),
+            &ObjectSettings::default(),
+        )
+    };
+    let error = |r: Result<_, podscope_receiver::ebpf::ProbeError>| r.err().unwrap().to_string();
+
+    // A map the probe declares but the object lacks.
+    const MISSPELT: &[MapDef] = &[MapDef::entries("process_count")];
+    assert_eq!(
+        error(load(&spec(MISSPELT)).map(drop)),
+        "probe process: cannot load: map process_count: missing from the object"
+    );
+    let mut object = load(&spec(&[])).unwrap();
+    assert_eq!(
+        error(
+            object
+                .hash::<u64, u64>(&MapDef::entries("process_count"))
+                .map(drop)
+        ),
+        "probe process: cannot load: map process_count: missing from the object"
+    );
+    // process_counts is keyed by a 16-byte struct.
+    assert_eq!(
+        error(object.hash::<u64, u64>(&MapDef::entries("process_counts")).map(drop)),
+        "probe process: cannot load: map process_counts: not a hash map of the probe's key and value types (invalid key size 8, expected 16)"
+    );
+    // process_lifetime is a plain hash map (type 1), not a per-CPU one.
+    assert_eq!(
+        error(
+            object
+                .per_cpu_hash::<u64, u64>(&MapDef::entries("process_lifetime"), |a, b| *a += b)
+                .map(drop)
+        ),
+        "probe process: cannot load: map process_lifetime: not a per-CPU hash map of the probe's key and value types (invalid map type 1)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_map_memory_is_reported_as_bpftool_reads_it() {
+    // A filter that selects no cgroup: no map gains or loses entries while the figures are
+    // compared (block_io is not filtered by cgroup, so it is left out).
+    let (receiver, _collected, telemetry) = start_config(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": ["/podscope-test-selects-nothing"]},
+        "probes": {"process": {}, "syscalls": {}, "files": {}, "sched": {}, "tcp": {}}
+    }))
+    .await;
+    receiver.collect_now().await.unwrap();
+    let maps = receiver.map_memory();
+    let bpftool = std::process::Command::new("bpftool")
+        .args(["map", "show", "-j"])
+        .output()
+        .expect("bpftool (scripts/install-deps.sh installs it)");
+    assert!(bpftool.status.success());
+    let shown: serde_json::Value = serde_json::from_slice(&bpftool.stdout).unwrap();
+    let memlock_of = |id: u32| {
+        shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .and_then(|m| m["bytes_memlock"].as_u64())
+    };
+
+    let probes: std::collections::BTreeSet<&str> = maps.iter().map(|m| m.probe).collect();
+    assert_eq!(
+        probes.into_iter().collect::<Vec<_>>(),
+        ["files", "process", "sched", "syscalls", "tcp"]
+    );
+    let text = telemetry.encode_text();
+    let mut total = 0;
+    for m in &maps {
+        assert_eq!(
+            memlock_of(m.id),
+            Some(m.bytes),
+            "{}/{} (map id {}): bpftool's bytes_memlock",
+            m.probe,
+            m.map,
+            m.id
+        );
+        assert_eq!(
+            exposed(
+                &text,
+                &format!(
+                    "podscope_ebpf_map_memory_bytes{{probe=\"{}\",map=\"{}\"}}",
+                    m.probe, m.map
+                )
+            ),
+            Some(m.bytes as i64),
+            "{text}"
+        );
+        total += m.bytes;
+    }
+    // Every probe map is there, and the big preallocated ones weigh what bpftool says.
+    for (probe, map) in [
+        ("process", "process_counts"),
+        ("process", "process_events"),
+        ("syscalls", "syscall_counts"),
+        ("syscalls", "syscall_latency"),
+        ("sched", "runnable_since"),
+        ("tcp", "tcp_live"),
+    ] {
+        assert!(
+            maps.iter().any(|m| m.probe == probe && m.map == map),
+            "{probe}/{map} missing from {maps:?}"
+        );
+    }
+    assert_eq!(
+        exposed(&text, "podscope_ebpf_map_memory_total_bytes"),
+        Some(total as i64)
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_map_counts_every_refused_insert() {
+    let pod = PodCgroup::new();
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    // Room for two (kind, exit code) keys of the pod's cgroup.
+    let (receiver, collected, telemetry) = start_config(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": {"process": {"max_entries": {"process_counts": 2}}}
+    }))
+    .await;
+    // The kernel filter lists the pod once a collection ran.
+    receiver.collect_now().await.unwrap();
+    let series = "podscope_ebpf_map_full_total{probe=\"process\",map=\"process_counts\"}";
+    assert_eq!(exposed(&telemetry.encode_text(), series), Some(0));
+
+    // Five children exit with codes 1 to 5, then the pod's process with 0: the fork key and the
+    // exit-code-1 key fill the map; the exits with 2, 3, 4, 5 and 0 find it full.
+    let status = pod.run(|| unsafe {
+        for code in 1..=5 {
+            let pid = libc::fork();
+            if pid == 0 {
+                libc::_exit(code);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    assert_eq!(status, 0);
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(get(&c, "podscope.process.forks", ""), 5, "{c:#?}");
+    assert_eq!(
+        get(&c, "podscope.process.exits", "process.exit.code=1"),
+        1,
+        "{c:#?}"
+    );
+    assert_eq!(c.len(), 2, "only the two keys that fit: {c:#?}");
+    assert_eq!(exposed(&telemetry.encode_text(), series), Some(5));
+    receiver.shutdown().await.unwrap();
+}
