@@ -577,3 +577,96 @@ async fn a_full_map_counts_every_refused_insert() {
     assert_eq!(exposed(&telemetry.encode_text(), series), Some(5));
     receiver.shutdown().await.unwrap();
 }
+/// Issue 21 point 8: every open syscall of the architecture is counted — musl (Alpine) calls
+/// open(2), and creat(2) and open_by_handle_at(2) open files too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_counts_every_open_syscall_of_the_architecture() {
+    let (receiver, collected) =
+        start(serde_json::json!({"files": {"capture_paths": true, "top_paths": 5}})).await;
+    let pod = PodCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("named-file");
+    std::fs::write(&file, b"x").unwrap();
+    let created = CString::new(dir.path().join("created").to_str().unwrap()).unwrap();
+    let file = CString::new(file.to_str().unwrap()).unwrap();
+    // A file handle and a descriptor on its filesystem, made before the fork (they need memory).
+    let mount = std::fs::File::open(dir.path()).unwrap();
+    let mut handle = vec![0u8; 8 + 128];
+    handle[..4].copy_from_slice(&128u32.to_ne_bytes());
+    let mut mount_id = 0;
+    // SAFETY: the buffer holds a struct file_handle with 128 bytes of room, as its first field says.
+    let named = unsafe {
+        libc::syscall(
+            libc::SYS_name_to_handle_at,
+            libc::AT_FDCWD,
+            file.as_ptr(),
+            handle.as_mut_ptr(),
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(
+        named,
+        0,
+        "name_to_handle_at: {}",
+        std::io::Error::last_os_error()
+    );
+    // struct open_how: flags, mode, resolve.
+    let how: [u64; 3] = [libc::O_RDONLY as u64, 0, 0];
+    use std::os::fd::AsRawFd as _;
+    let mount_fd = mount.as_raw_fd();
+    let code = pod.run(|| unsafe {
+        let opened = |fd: libc::c_long| {
+            if fd < 0 {
+                libc::_exit(1);
+            }
+            libc::close(fd as i32);
+        };
+        for _ in 0..3 {
+            opened(libc::syscall(libc::SYS_open, file.as_ptr(), libc::O_RDONLY));
+        }
+        for _ in 0..4 {
+            opened(libc::syscall(libc::SYS_creat, created.as_ptr(), 0o600));
+        }
+        for _ in 0..5 {
+            opened(libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                file.as_ptr(),
+                libc::O_RDONLY,
+            ));
+        }
+        for _ in 0..6 {
+            opened(libc::syscall(
+                libc::SYS_openat2,
+                libc::AT_FDCWD,
+                file.as_ptr(),
+                how.as_ptr(),
+                std::mem::size_of_val(&how),
+            ));
+        }
+        for _ in 0..7 {
+            opened(libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mount_fd,
+                handle.as_ptr(),
+                libc::O_RDONLY,
+            ));
+        }
+        0
+    });
+    assert_eq!(code, 0, "an open failed in the child");
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(
+        get(&c, "podscope.files.opens", ""),
+        3 + 4 + 5 + 6 + 7,
+        "{c:#?}"
+    );
+    assert!(
+        !c.keys()
+            .any(|(name, _)| name == "podscope.files.open_errors"),
+        "{c:#?}"
+    );
+    receiver.shutdown().await.unwrap();
+}

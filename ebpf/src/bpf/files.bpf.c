@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * files: opens (openat, openat2) per cgroup and result (0 or errno), and, with `capture_paths`,
+ * files: opens (every open syscall: open, creat, openat, openat2, open_by_handle_at) per cgroup
+ * and result (0 or errno), and, with `capture_paths`,
  * opens per cgroup and path for the current interval (userspace reads and clears it).
  * The syscall numbers come from the loader, which takes them from the `syscalls` crate.
  * tp_btf: typed, direct access to the registers, no probe_read helper on the syscall path.
@@ -10,8 +11,12 @@
 #include <bpf/bpf_tracing.h>
 #include "podscope.h"
 
-const volatile __u32 nr_openat = 0;
-const volatile __u32 nr_openat2 = 0;
+/* The open syscalls' numbers; ~0 where the architecture lacks one. */
+const volatile __u32 nr_open = ~0U;
+const volatile __u32 nr_creat = ~0U;
+const volatile __u32 nr_openat = ~0U;
+const volatile __u32 nr_openat2 = ~0U;
+const volatile __u32 nr_open_by_handle_at = ~0U;
 const volatile __u32 capture_paths = 0;
 
 struct {
@@ -48,7 +53,9 @@ struct {
 
 static __always_inline int is_open(long nr)
 {
-	return nr >= 0 && ((__u32)nr == nr_openat || (__u32)nr == nr_openat2);
+	__u32 n = (__u32)nr;
+	return nr >= 0 && (n == nr_openat || n == nr_open || n == nr_openat2 || n == nr_creat ||
+			   n == nr_open_by_handle_at);
 }
 
 SEC("tp_btf/sys_enter")
@@ -58,7 +65,11 @@ int BPF_PROG(podscope_files_enter, struct pt_regs *regs, long id)
 		return 0;
 	if (podscope_skip_cgroup(bpf_get_current_cgroup_id()))
 		return 0;
-	__u64 path = PODSCOPE_SYSCALL_ARG2(regs); /* the path, for openat and openat2 */
+	/* open_by_handle_at names no path. */
+	if ((__u32)id == nr_open_by_handle_at)
+		return 0;
+	__u64 path = (__u32)id == nr_open || (__u32)id == nr_creat ? PODSCOPE_SYSCALL_ARG1(regs)
+								 : PODSCOPE_SYSCALL_ARG2(regs);
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	podscope_insert(&open_inflight, FILES_MAP_INFLIGHT, &tid, &path, BPF_ANY);
 	return 0;

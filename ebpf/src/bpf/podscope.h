@@ -194,6 +194,7 @@ enum uprobes_map_slot {
  * tp_btf sys_enter / sys_exit). Written for x86_64 only: another architecture needs its own. */
 #if defined(__TARGET_ARCH_x86)
 #define PODSCOPE_SYSCALL_NR(regs) ((regs)->orig_ax)
+#define PODSCOPE_SYSCALL_ARG1(regs) ((regs)->di)
 #define PODSCOPE_SYSCALL_ARG2(regs) ((regs)->si)
 #else
 #error "podscope.h: the syscall-argument register access is written for x86_64 only"

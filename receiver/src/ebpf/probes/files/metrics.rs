@@ -11,7 +11,7 @@ pub const OPENS: MetricDoc = MetricDoc {
     name: "podscope.files.opens",
     kind: MetricKind::Counter,
     unit: "{open}",
-    description: "File opens (openat, openat2), successful or not",
+    description: "File opens (open, creat, openat, openat2, open_by_handle_at), successful or not",
     attributes: &[],
 };
 pub const OPEN_ERRORS: MetricDoc = MetricDoc {

@@ -1,4 +1,4 @@
-//! `files`: opens (openat, openat2) per cgroup and result, and with `capture_paths` the most
+//! `files`: opens (every open syscall of the architecture) per cgroup and result, and with `capture_paths` the most
 //! opened paths per cgroup and interval (the kernel map is cleared after each collection).
 
 mod config;
@@ -57,8 +57,14 @@ impl SingleObjectProbe for Files {
     ) -> Result<Box<dyn Probe>, ProbeError> {
         let settings = ObjectSettings {
             globals: vec![
+                Global::U32("nr_open", syscalls::Sysno::open.id() as u32),
+                Global::U32("nr_creat", syscalls::Sysno::creat.id() as u32),
                 Global::U32("nr_openat", syscalls::Sysno::openat.id() as u32),
                 Global::U32("nr_openat2", syscalls::Sysno::openat2.id() as u32),
+                Global::U32(
+                    "nr_open_by_handle_at",
+                    syscalls::Sysno::open_by_handle_at.id() as u32,
+                ),
                 Global::U32("capture_paths", config.capture_paths as u32),
             ],
             skip: if config.capture_paths { &[] } else { &[ENTER] },
