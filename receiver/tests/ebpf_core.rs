@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::path::Path;
 use std::sync::Arc;
@@ -669,4 +670,169 @@ async fn files_counts_every_open_syscall_of_the_architecture() {
         "{c:#?}"
     );
     receiver.shutdown().await.unwrap();
+}
+/// Starts a thread of the calling process on `stack` running `f` (raw clone: between fork and
+/// exit no allocation is allowed). The thread shares the caller's TLS: `f` makes raw syscalls
+/// only.
+///
+/// # Safety
+/// `stack` must outlive the thread.
+unsafe fn clone_thread(
+    stack: &mut [u8],
+    f: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+) -> bool {
+    // One past the end, rounded down to 16 bytes: the new thread's stack top.
+    let top = (stack.as_mut_ptr() as usize + stack.len()) & !15;
+    let flags = libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM;
+    // SAFETY: see the function's contract.
+    unsafe { libc::clone(f, top as *mut libc::c_void, flags, std::ptr::null_mut()) >= 0 }
+}
+
+/// nanosleep(2), raw.
+fn sleep_raw(nanos: i64) {
+    let time = libc::timespec {
+        tv_sec: nanos / 1_000_000_000,
+        tv_nsec: nanos % 1_000_000_000,
+    };
+    // SAFETY: a valid timespec; no remainder wanted.
+    unsafe {
+        libc::syscall(
+            libc::SYS_nanosleep,
+            &time,
+            std::ptr::null_mut::<libc::timespec>(),
+        )
+    };
+}
+
+/// The process of issue 21 point 7: its main thread leaves alone after 0.2 s (SYS_exit), the
+/// process lives on in another thread, which ends it with exit_group(7) at 0.8 s.
+fn leader_exits_first(stack: &mut [u8]) -> i32 {
+    extern "C" fn last_thread(_: *mut libc::c_void) -> libc::c_int {
+        sleep_raw(800_000_000);
+        // SAFETY: a raw syscall.
+        unsafe { libc::syscall(libc::SYS_exit_group, 7) };
+        0
+    }
+    // SAFETY: the stack outlives the process (the parent waits for it).
+    if !unsafe { clone_thread(stack, last_thread) } {
+        return 1;
+    }
+    sleep_raw(200_000_000);
+    // SAFETY: a raw syscall: the main thread exits, the other lives on.
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+    2
+}
+
+/// A process of four threads that all exit at once: three spin, the main one calls
+/// exit_group(3).
+fn threads_exit_together(stacks: &mut [Vec<u8>]) -> i32 {
+    extern "C" fn spin(_: *mut libc::c_void) -> libc::c_int {
+        loop {
+            std::hint::spin_loop();
+        }
+    }
+    for stack in stacks.iter_mut() {
+        // SAFETY: the stacks outlive the process.
+        if !unsafe { clone_thread(stack, spin) } {
+            return 1;
+        }
+    }
+    sleep_raw(50_000_000);
+    // SAFETY: a raw syscall.
+    unsafe { libc::syscall(libc::SYS_exit_group, 3) };
+    2
+}
+
+/// Issue 21 point 7: a process whose main thread exits first is counted once, when its last
+/// thread exits, with the code its parent sees and the lifetime of the whole process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_exit_is_counted_when_its_last_thread_exits() {
+    let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
+    let pod = PodCgroup::new();
+    let mut stack = vec![0u8; 256 << 10];
+    let status = pod.run(|| leader_exits_first(&mut stack));
+    assert_eq!(status, 7, "waitpid sees the last thread's exit_group(7)");
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, pod.id());
+    let exits = counts_by(&c, "podscope.process.exits", "process.exit.code");
+    assert_eq!(
+        exits,
+        [("7".to_string(), 1)].into_iter().collect(),
+        "{c:#?}"
+    );
+    let lifetime = distribution(&rms, Some(pod.id()), "podscope.process.lifetime", &[]).unwrap();
+    assert_eq!(lifetime.count, 1);
+    let seconds = lifetime.sum.unwrap() / 1e9;
+    assert!(
+        (0.8..5.0).contains(&seconds),
+        "lifetime {seconds} s: the last thread slept 0.8 s"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+/// Both exit programs — for kernels whose exit tracepoint says whether the thread group died, and
+/// the fallback for older ones, which looks for the last live thread — count each process once,
+/// however its threads exit: one after another, or all at once.
+#[test]
+fn both_exit_programs_count_each_process_once() {
+    use podscope_ebpf::abi::{ProcessKey, PROCESS_EXIT};
+    use podscope_receiver::ebpf::object::{
+        tp_btf, KernelFeatures, MapDef, ObjectSettings, ProbeObject, ProbeSpec, ProgramSpec,
+    };
+    // The fork program too: it clears the fallback's record of a reused signal struct.
+    const GROUP_DEAD: &[ProgramSpec] = &[
+        tp_btf("podscope_process_exit", "sched_process_exit"),
+        tp_btf("podscope_process_fork", "sched_process_fork"),
+    ];
+    const LAST_LIVE: &[ProgramSpec] = &[
+        tp_btf("podscope_process_exit_last_live", "sched_process_exit"),
+        tp_btf("podscope_process_fork", "sched_process_fork"),
+    ];
+    let features = KernelFeatures::detect(Path::new("/sys/kernel/btf/vmlinux"));
+    for programs in [GROUP_DEAD, LAST_LIVE] {
+        let spec = ProbeSpec {
+            name: "process",
+            object: podscope_ebpf::objects::PROCESS,
+            programs,
+            maps: &[],
+        };
+        let globals = [podscope_receiver::ebpf::object::Global::U32(
+            "agent_tgid",
+            std::process::id(),
+        )];
+        let mut object = ProbeObject::load(
+            &spec,
+            &features,
+            &globals,
+            &Default::default(),
+            &ObjectSettings::default(),
+        )
+        .unwrap();
+        let pod = PodCgroup::new();
+        let mut stack = vec![0u8; 256 << 10];
+        assert_eq!(pod.run(|| leader_exits_first(&mut stack)), 7);
+        let mut stacks = vec![vec![0u8; 64 << 10]; 3];
+        // Signal structs are reused at once: the fallback's records must not mistake one process
+        // for the last.
+        for _ in 0..10 {
+            assert_eq!(pod.run(|| threads_exit_together(&mut stacks)), 3);
+        }
+        let counts = object
+            .hash::<ProcessKey, u64>(&MapDef::entries("process_counts"))
+            .unwrap()
+            .entries();
+        let exits: BTreeMap<i32, u64> = counts
+            .iter()
+            .filter(|(k, _)| k.cgroup_id == pod.id() && k.kind == PROCESS_EXIT)
+            .map(|(k, v)| (k.exit_code, *v))
+            .collect();
+        let want: BTreeMap<i32, u64> = [(3, 10), (7, 1)].into_iter().collect();
+        assert_eq!(exits, want, "{}", programs[0].function);
+    }
 }

@@ -221,6 +221,8 @@ struct {
 } map_full SEC(".maps");
 
 #define PODSCOPE_EEXIST 17
+/* signal_struct.flags: the thread group is exiting as a whole (exit_group, a fatal signal). */
+#define PODSCOPE_SIGNAL_GROUP_EXIT 0x00000004
 
 static __always_inline void podscope_count_failed_insert(__u32 slot)
 {

@@ -40,12 +40,26 @@ impl fmt::Display for Hook {
 pub struct ProgramSpec {
     pub function: &'static str,
     pub hook: Hook,
+    /// A program for the same hook to attach instead when this one cannot load (a kernel whose
+    /// tracepoint lacks an argument it reads).
+    pub fallback: Option<&'static str>,
 }
 
 pub const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
     ProgramSpec {
         function,
         hook: Hook::TpBtf(tp),
+        fallback: None,
+    }
+}
+
+impl ProgramSpec {
+    /// The same program, with `function` attached instead when it cannot load.
+    pub const fn or(self, function: &'static str) -> ProgramSpec {
+        ProgramSpec {
+            fallback: Some(function),
+            ..self
+        }
     }
 }
 
@@ -244,7 +258,15 @@ impl ProbeObject {
             .iter()
             .filter(|p| !settings.skip.contains(&p.function))
         {
-            attach(&mut ebpf, program, btf).map_err(|reason| ProbeError {
+            let attached = attach(&mut ebpf, program.function, program.hook, btf);
+            let attached = match (attached, program.fallback) {
+                (Err(reason), Some(fallback)) => {
+                    tracing::info!(probe = spec.name, program = program.function, %reason, fallback, "this kernel refuses a program; its fallback attaches instead");
+                    attach(&mut ebpf, fallback, program.hook, btf)
+                }
+                (attached, _) => attached,
+            };
+            attached.map_err(|reason| ProbeError {
                 probe: spec.name,
                 hook: Some(program.hook),
                 reason,
@@ -421,12 +443,12 @@ where
     })
 }
 
-fn attach(ebpf: &mut Ebpf, program: &ProgramSpec, btf: &Btf) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, function: &str, hook: Hook, btf: &Btf) -> Result<(), String> {
     let prog = ebpf
-        .program_mut(program.function)
-        .ok_or_else(|| format!("program {} missing from the object", program.function))?;
+        .program_mut(function)
+        .ok_or_else(|| format!("program {function} missing from the object"))?;
     let describe = |e: &dyn std::error::Error| error_chain(e);
-    match program.hook {
+    match hook {
         Hook::TpBtf(tp) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(|e| describe(&e))?;
             p.load(tp, btf).map_err(|e| describe(&e))?;
