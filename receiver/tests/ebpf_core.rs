@@ -836,3 +836,88 @@ fn both_exit_programs_count_each_process_once() {
         assert_eq!(exits, want, "{}", programs[0].function);
     }
 }
+/// Runs a loaded raw_tp program once (BPF_PROG_TEST_RUN) with `args` as its arguments.
+fn test_run(program: &aya::programs::RawTracePoint, args: &[u64]) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    /// The BPF_PROG_TEST_RUN part of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestRunAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        _pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let attr = TestRunAttr {
+        prog_fd: program.fd().unwrap().as_fd().as_raw_fd() as u32,
+        ctx_size_in: std::mem::size_of_val(args) as u32,
+        ctx_in: args.as_ptr() as u64,
+        ..Default::default()
+    };
+    // SAFETY: attr is a valid BPF_PROG_TEST_RUN attribute; ctx_in points at `args`, alive here.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_TEST_RUN,
+            &attr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_TEST_RUN: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Issue 21 point 12: a duration beyond what the old last slot held (2^47 ns, 39 hours) lands
+/// in the bucket that holds it, up to the largest u64, so every value lies inside its OTLP bucket
+/// and the buckets and the sum describe the same values.
+#[test]
+fn distributions_bucket_every_value_a_u64_holds_without_clamping() {
+    let mut ebpf = aya::Ebpf::load(podscope_ebpf::objects::HIST_CHECK).unwrap();
+    let program: &mut aya::programs::RawTracePoint = ebpf
+        .program_mut("podscope_hist_check")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    program.load().unwrap();
+    let values = [0u64, 1, 3, (1 << 47) + 1, (1 << 62) + 5, (1 << 63) + 1];
+    for value in values {
+        test_run(program, &[value]);
+    }
+    let map: aya::maps::Array<_, podscope_ebpf::abi::Hist> =
+        aya::maps::Array::try_from(ebpf.map("hist_check").unwrap()).unwrap();
+    let hist = map.get(&0, 0).unwrap();
+    let point = podscope_receiver::ebpf::histogram::exponential_point(&hist);
+    assert_eq!(point.count, values.len() as u64);
+    assert_eq!(point.zero_count, 1);
+    assert_eq!(point.sum, Some(values.iter().sum::<u64>() as f64));
+    // Bucket index i holds (2^i, 2^(i+1)].
+    let buckets = point.positive.unwrap();
+    let got: BTreeMap<i32, u64> = buckets
+        .bucket_counts
+        .iter()
+        .enumerate()
+        .filter(|(_, &count)| count > 0)
+        .map(|(i, &count)| (buckets.offset + i as i32, count))
+        .collect();
+    let want: BTreeMap<i32, u64> = [(-1, 1), (1, 1), (47, 1), (62, 1), (63, 1)]
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
+}

@@ -11,8 +11,10 @@
 #define PODSCOPE_H
 
 /* Log2 distribution slots. Slot 0 holds the value 1, slot k (k >= 1) holds (2^(k-1), 2^k], so
- * slot k is the OTLP exponential-histogram (scale 0) bucket index k - 1. Zeros are counted apart. */
-#define PODSCOPE_HIST_SLOTS 48
+ * slot k is the OTLP exponential-histogram (scale 0) bucket index k - 1. Zeros are counted apart.
+ * 65 slots hold every value a __u64 can (slot 64 is (2^63, 2^64)): no duration is ever clamped
+ * into a bucket below it. */
+#define PODSCOPE_HIST_SLOTS 65
 
 struct podscope_hist {
 	__u64 zero_count;
@@ -275,7 +277,7 @@ static __always_inline void podscope_hist_add(struct podscope_hist *h, __u64 v)
 		return;
 	}
 	__u32 slot = v == 1 ? 0 : podscope_log2(v - 1) + 1;
-	if (slot >= PODSCOPE_HIST_SLOTS)
+	if (slot >= PODSCOPE_HIST_SLOTS) /* never true: the bound is for the verifier */
 		slot = PODSCOPE_HIST_SLOTS - 1;
 	__sync_fetch_and_add(&h->slots[slot], 1);
 }

@@ -53,7 +53,7 @@ static __always_inline void hist_add_local(struct podscope_hist *h, __u64 v)
 		return;
 	}
 	__u32 slot = v == 1 ? 0 : podscope_log2(v - 1) + 1;
-	if (slot >= PODSCOPE_HIST_SLOTS)
+	if (slot >= PODSCOPE_HIST_SLOTS) /* never true: the bound is for the verifier */
 		slot = PODSCOPE_HIST_SLOTS - 1;
 	h->slots[slot]++;
 }
