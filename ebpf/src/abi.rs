@@ -34,6 +34,8 @@ pub type UprobeKey = uprobe_key;
 /// A TCP connection's aggregation key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
 pub type TcpStats = podscope_tcp_stats;
+/// A removed cgroup's path, as the kernel recorded it when the directory went.
+pub type RemovedCgroup = removed_cgroup;
 
 impl Hist {
     pub fn count(&self) -> u64 {
@@ -83,6 +85,18 @@ impl ProcessEvent {
     }
 }
 
+impl RemovedCgroup {
+    /// The path up to its NUL (lossy UTF-8: cgroup names are bytes).
+    pub fn path(&self) -> String {
+        let end = self
+            .path
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.path.len());
+        String::from_utf8_lossy(&self.path[..end]).into_owned()
+    }
+}
+
 impl UprobeKey {
     /// The captured bytes (never longer than the buffer, whatever `value_len` says).
     pub fn value_bytes(&self) -> &[u8] {
@@ -123,6 +137,7 @@ unsafe impl aya::Pod for UprobeKey {}
 unsafe impl aya::Pod for TcpKey {}
 unsafe impl aya::Pod for TcpStats {}
 unsafe impl aya::Pod for BlockStats {}
+unsafe impl aya::Pod for RemovedCgroup {}
 
 #[cfg(test)]
 mod tests {

@@ -489,7 +489,7 @@ async fn kernel_map_memory_is_reported_as_bpftool_reads_it() {
     let probes: std::collections::BTreeSet<&str> = maps.iter().map(|m| m.probe).collect();
     assert_eq!(
         probes.into_iter().collect::<Vec<_>>(),
-        ["files", "process", "sched", "syscalls", "tcp"]
+        ["cgroups", "files", "process", "sched", "syscalls", "tcp"]
     );
     let text = telemetry.encode_text();
     let mut total = 0;
@@ -920,4 +920,249 @@ fn distributions_bucket_every_value_a_u64_holds_without_clamping() {
         .into_iter()
         .collect();
     assert_eq!(got, want);
+}
+/// The resource attributes of a cgroup's data points, as `key=value` strings.
+fn resource_attributes(
+    rms: &[opentelemetry_proto::tonic::metrics::v1::ResourceMetrics],
+    cgroup_id: u64,
+) -> Vec<String> {
+    resources_of(rms, Some(cgroup_id))
+        .flat_map(|rm| rm.resource.iter().flat_map(|r| &r.attributes))
+        .map(|a| {
+            format!(
+                "{}={}",
+                a.key,
+                text(a.value.as_ref().and_then(|v| v.value.as_ref()))
+            )
+        })
+        .collect()
+}
+
+/// Issue 21 point 1: a container that lived less than one interval (a Job, an init container,
+/// a crash loop) is reported with its identity — path and container id — once, and then
+/// forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_removed_within_one_interval_keeps_its_identity() {
+    let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
+    receiver.collect_now().await.unwrap();
+    let pod = PodCgroup::new();
+    let (id, path, container) = (pod.id(), pod.relative_path(), pod.container_id());
+    let true_ = CString::new("/bin/true").unwrap();
+    pod.run(|| unsafe {
+        for _ in 0..20 {
+            let pid = libc::fork();
+            if pid == 0 {
+                let argv = [true_.as_ptr(), std::ptr::null()];
+                libc::execv(true_.as_ptr(), argv.as_ptr());
+                libc::_exit(127);
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        0
+    });
+    let leaf = pod.leaf.clone();
+    drop(pod);
+    assert!(
+        !leaf.exists(),
+        "the container's cgroup is gone before the collection"
+    );
+
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let c = counters(&rms, id);
+    assert_eq!(get(&c, "podscope.process.execs", ""), 20, "{c:#?}");
+    let attributes = resource_attributes(&rms, id);
+    assert!(
+        attributes.contains(&format!("podscope.cgroup.path={path}")),
+        "{attributes:?}"
+    );
+    assert!(
+        attributes.contains(&format!("container.id={container}")),
+        "{attributes:?}"
+    );
+    // Reported once: its entries are freed, and the next collection has nothing of it (or
+    // nothing at all: an empty collection sends no batch).
+    let batches = collected.len();
+    receiver.collect_now().await.unwrap();
+    assert_eq!(resources_of(&collected.since(batches), Some(id)).count(), 0);
+    receiver.shutdown().await.unwrap();
+}
+
+/// (metric, data point attributes) → (start time, time, value) of a cgroup's sums.
+fn sum_points(
+    rms: &[opentelemetry_proto::tonic::metrics::v1::ResourceMetrics],
+    cgroup_id: u64,
+) -> BTreeMap<(String, String), (u64, u64, i64)> {
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+    let mut out = BTreeMap::new();
+    for m in resources_of(rms, Some(cgroup_id))
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| &s.metrics))
+    {
+        if let Some(metric::Data::Sum(sum)) = &m.data {
+            for p in &sum.data_points {
+                let attrs: Vec<String> = p
+                    .attributes
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}={}",
+                            a.key,
+                            text(a.value.as_ref().and_then(|v| v.value.as_ref()))
+                        )
+                    })
+                    .collect();
+                let Some(number_data_point::Value::AsInt(v)) = p.value else {
+                    panic!("int sums")
+                };
+                out.insert(
+                    (m.name.clone(), attrs.join(",")),
+                    (p.start_time_unix_nano, p.time_unix_nano, v),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Issue 21 point 4: data that arrives after a removed cgroup was reported and forgotten (its
+/// sockets outlive it) keeps the cgroup's identity, and its series restart with a new start
+/// time (no earlier than the report before): a cumulative counter never goes backwards under the
+/// same start time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
+    use std::io::{Read as _, Write as _};
+    use std::os::fd::FromRawFd as _;
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Per connection: read the 500-byte request, answer one byte, read until the peer is gone.
+    std::thread::spawn(move || {
+        for _ in 0..3 {
+            let (mut stream, _) = listener.accept().unwrap();
+            std::thread::spawn(move || {
+                let mut request = [0u8; 500];
+                stream.read_exact(&mut request).unwrap();
+                stream.write_all(b"!").unwrap();
+                let _ = stream.read_to_end(&mut Vec::new());
+            });
+        }
+    });
+    let pod = PodCgroup::new();
+    let (id, path) = (pod.id(), pod.relative_path());
+    // The third connection outlives the container: its process hands it over (pidfd_getfd)
+    // through this thread before exiting.
+    let mut to_parent = [0; 2];
+    let mut to_child = [0; 2];
+    // SAFETY: pipe(2) into arrays of two descriptors.
+    unsafe {
+        assert_eq!(libc::pipe(to_parent.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
+    }
+    let taker = std::thread::spawn(move || {
+        let mut pid_and_fd = [0i32; 2];
+        // SAFETY: raw syscalls on descriptors this test owns.
+        unsafe {
+            let n = libc::read(to_parent[0], pid_and_fd.as_mut_ptr().cast(), 8);
+            assert_eq!(n, 8);
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid_and_fd[0], 0);
+            assert!(
+                pidfd >= 0,
+                "pidfd_open: {}",
+                std::io::Error::last_os_error()
+            );
+            let socket = libc::syscall(libc::SYS_pidfd_getfd, pidfd, pid_and_fd[1], 0);
+            assert!(
+                socket >= 0,
+                "pidfd_getfd: {}",
+                std::io::Error::last_os_error()
+            );
+            libc::close(pidfd as i32);
+            assert_eq!(libc::write(to_child[1], b"x".as_ptr().cast(), 1), 1);
+            socket as i32
+        }
+    });
+    let request = [7u8; 500];
+    let code = pod.run(|| unsafe {
+        let mut last = -1;
+        for _ in 0..3 {
+            let (fd, rc) = connect_v4([127, 0, 0, 1], port);
+            let mut answer = 0u8;
+            if rc != 0
+                || libc::write(fd, request.as_ptr().cast(), 500) != 500
+                || libc::read(fd, (&mut answer as *mut u8).cast(), 1) != 1
+            {
+                return 1;
+            }
+            last = fd;
+        }
+        // Two connections close here (abortively: everything was acknowledged), one lives on.
+        for fd in [last - 2, last - 1] {
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            );
+            libc::close(fd);
+        }
+        let pid_and_fd = [libc::syscall(libc::SYS_getpid) as i32, last];
+        libc::write(to_parent[1], pid_and_fd.as_ptr().cast(), 8);
+        let mut go = 0u8;
+        libc::read(to_child[0], (&mut go as *mut u8).cast(), 1);
+        0
+    });
+    assert_eq!(code, 0, "the container's connections did not go as planned");
+    // SAFETY: the taker thread returns a descriptor it got for this test, owned from here on.
+    let survivor = unsafe { std::net::TcpStream::from_raw_fd(taker.join().unwrap()) };
+    drop(pod);
+
+    receiver.collect_now().await.unwrap();
+    let first = sum_points(&collected.last(), id);
+    let closed = first
+        .iter()
+        .find(|((name, _), _)| name == "podscope.tcp.connections.closed")
+        .map(|(_, (_, _, v))| *v);
+    assert_eq!(closed, Some(2), "{first:#?}");
+
+    // The surviving connection closes in the agent's process, after its cgroup was forgotten.
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt on a socket this test owns, with a linger struct that outlives the call.
+    unsafe {
+        libc::setsockopt(
+            survivor.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+    drop(survivor);
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let late = sum_points(&rms, id);
+    assert!(!late.is_empty(), "the late close was reported");
+    let attributes = resource_attributes(&rms, id);
+    assert!(
+        attributes.contains(&format!("podscope.cgroup.path={path}")),
+        "late data keeps the cgroup's identity: {attributes:?}"
+    );
+    for (series, (start, _, value)) in &late {
+        if let Some((first_start, first_time, first_value)) = first.get(series) {
+            assert!(
+                start >= first_time || (start == first_start && value >= first_value),
+                "{series:?}: {first_value} (start {first_start}) then {value} (start {start})"
+            );
+        }
+    }
+    receiver.shutdown().await.unwrap();
 }

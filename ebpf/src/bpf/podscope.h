@@ -147,10 +147,23 @@ struct podscope_tcp_stats {
 	struct podscope_hist srtt_ns; /* smoothed RTT at close */
 };
 
+/* The receiver's record of a removed cgroup v2 directory (cgroups.bpf.c): its path below the
+ * hierarchy's root, NUL-terminated (the kernel hands `cgroup_rmdir` the path of a cgroup at most
+ * 1023 bytes long; longer records are cut). */
+#define PODSCOPE_CGROUP_PATH_LEN 512
+
+struct removed_cgroup {
+	__u8 path[PODSCOPE_CGROUP_PATH_LEN];
+};
+
 /* Failed map inserts (a full map, or no memory for a new entry) are counted per map, in the
  * object's map_full per-CPU array, at the map's slot: each probe numbers its maps here, and its
  * Rust MapDefs name the slot with the map. */
 #define PODSCOPE_MAP_SLOTS 8
+
+enum cgroups_map_slot {
+	CGROUPS_MAP_REMOVED = 0,
+};
 
 enum process_map_slot {
 	PROCESS_MAP_COUNTS = 0,

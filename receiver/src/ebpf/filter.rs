@@ -8,9 +8,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use aya::maps::{HashMap, MapData};
 use podscope_core::pods::{LabelRequirement, PodDirectory};
 use podscope_core::BuildContext;
+
+use aya::maps::{HashMap, MapData};
 
 use super::cgroups::{CgroupGlob, CgroupIndex};
 use super::config::CgroupFilterConfig;
@@ -99,17 +100,28 @@ impl CgroupFilter {
         self.pods.as_ref().map(|p| p.directory.changes())
     }
 
-    /// The ids to put in the kernel map for the current cgroups.
+    /// Whether the probes' data for the cgroup at `path` is wanted (always, without a filter).
+    pub fn observes(&self, path: &str) -> bool {
+        let excluded = || self.exclude.iter().any(|g| g.matches(path));
+        match self.mode {
+            1 => {
+                (self.include.iter().any(|g| g.matches(path))
+                    || self.pods.as_ref().is_some_and(|p| p.selects(path)))
+                    && !excluded()
+            }
+            2 => !excluded(),
+            _ => true,
+        }
+    }
+
+    /// The ids to put in the kernel map for the current cgroups: those observed (mode 1) or those
+    /// not (mode 2).
     pub fn listed_ids(&self, index: &CgroupIndex) -> HashSet<u64> {
         index
             .iter()
             .filter(|(_, path)| match self.mode {
-                1 => {
-                    (self.include.iter().any(|g| g.matches(path))
-                        || self.pods.as_ref().is_some_and(|p| p.selects(path)))
-                        && !self.exclude.iter().any(|g| g.matches(path))
-                }
-                2 => self.exclude.iter().any(|g| g.matches(path)),
+                1 => self.observes(path),
+                2 => !self.observes(path),
                 _ => false,
             })
             .map(|(id, _)| id)

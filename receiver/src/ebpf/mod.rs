@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use catalog::{markdown_table as metrics_markdown_table, MetricDoc};
 pub use cgroups::{cgroup2_mount, container_id, CgroupIndex};
+use cgroups::{CgroupTable, RemovedCgroups};
 pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, ProbesConfig};
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
@@ -83,6 +84,11 @@ impl ReceiverBuilder for EbpfReceiverConfig {
             .into_iter()
             .collect()
     }
+}
+
+struct LoadedProbes {
+    probes: Vec<Box<dyn Probe>>,
+    removed: Option<RemovedCgroups>,
 }
 
 struct Running {
@@ -166,7 +172,9 @@ impl EbpfReceiver {
         Ok(())
     }
 
-    fn load_probes(&self, filter: &CgroupFilter) -> anyhow::Result<Vec<Box<dyn Probe>>> {
+    /// The probes, and the kernel's record of removed cgroups beside them (without it, data of a
+    /// container removed within one interval is reported without its identity).
+    fn load_probes(&self, filter: &CgroupFilter) -> anyhow::Result<LoadedProbes> {
         let features = KernelFeatures::detect(&self.config.btf_path);
         let receiver = self.ctx.id.to_string();
         let mut ctx = LoadContext {
@@ -182,7 +190,18 @@ impl EbpfReceiver {
         };
         let probes = self.config.probes.load(&mut ctx)?;
         *self.skipped.lock().unwrap_or_else(|e| e.into_inner()) = ctx.skipped;
-        Ok(probes)
+        let removed = if probes.is_empty() {
+            None
+        } else {
+            match RemovedCgroups::load(&features, &ctx.common) {
+                Ok(removed) => Some(removed),
+                Err(e) => {
+                    tracing::warn!(receiver = %receiver, "{e}; data of a container removed within one collection interval is reported without its path and container id");
+                    None
+                }
+            }
+        };
+        Ok(LoadedProbes { probes, removed })
     }
 }
 
@@ -203,7 +222,10 @@ impl Component for EbpfReceiver {
             &self.config.cgroup_filter,
             PodSelection::resolve(&self.config.cgroup_filter, &self.ctx)?,
         );
-        let mut probes = self.load_probes(&filter)?;
+        let LoadedProbes {
+            mut probes,
+            removed,
+        } = self.load_probes(&filter)?;
         let cancel = CancellationToken::new();
         let start = StartContext {
             processes: self.processes.clone(),
@@ -224,11 +246,12 @@ impl Component for EbpfReceiver {
             new_containers: start.new_containers,
             probes,
             filter,
-            index: CgroupIndex::new(root),
+            cgroups: CgroupTable::new(CgroupIndex::new(root), unix_nanos()),
+            removed,
+            held: Default::default(),
             next: self.next.clone(),
             host_name: self.ctx.host_name.clone(),
             receiver: self.ctx.id.to_string(),
-            start_ns: unix_nanos(),
             telemetry: self.telemetry.clone(),
             map_memory: self.map_memory.clone(),
         };

@@ -79,6 +79,20 @@ impl PodCgroup {
         PodCgroup { dirs, leaf }
     }
 
+    /// The path below the cgroup2 mount, as the receiver reports it (`podscope.cgroup.path`).
+    pub fn relative_path(&self) -> String {
+        let root = cgroup2_mount().expect("a cgroup2 mount");
+        format!("/{}", self.leaf.strip_prefix(root).unwrap().display())
+    }
+
+    /// The container id the cgroup's name carries.
+    pub fn container_id(&self) -> String {
+        let name = self.leaf.file_name().unwrap().to_str().unwrap();
+        name.trim_start_matches("cri-containerd-")
+            .trim_end_matches(".scope")
+            .to_string()
+    }
+
     pub fn id(&self) -> u64 {
         std::fs::metadata(&self.leaf).unwrap().ino()
     }
@@ -131,6 +145,25 @@ impl Consumer for Collected {
 }
 
 impl Collected {
+    /// How many batches arrived so far.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+
+    /// Every resource of the batches after the first `skip`.
+    pub fn since(&self, skip: usize) -> Vec<ResourceMetrics> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .skip(skip)
+            .flat_map(|batch| match batch {
+                Batch::Metrics(rms) => rms.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
     pub fn last(&self) -> Vec<ResourceMetrics> {
         match self.0.lock().unwrap().last() {
             Some(Batch::Metrics(rms)) => rms.to_vec(),

@@ -96,7 +96,6 @@ pub fn add_top_paths(b: &mut MetricsBuilder<'_>, paths: &HashMap<OpenPathKey, u6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ebpf::cgroups::CgroupIndex;
     use opentelemetry_proto::tonic::common::v1::any_value;
     use opentelemetry_proto::tonic::metrics::v1::{
         metric, number_data_point, AggregationTemporality,
@@ -126,10 +125,14 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let index = CgroupIndex::default();
-        let mut b = MetricsBuilder::new("h", &index, 1, 2);
+        let mut b = MetricsBuilder::new("h", 2);
         add_top_paths(&mut b, &paths, 2);
-        let rms = b.finish();
+        let rms = b.finish(|_| {
+            Some(crate::ebpf::builder::Identity {
+                path: None,
+                start_ns: 1,
+            })
+        });
         let Some(metric::Data::Sum(sum)) = &rms[0].scope_metrics[0].metrics[0].data else {
             panic!()
         };
