@@ -160,6 +160,8 @@ struct removed_cgroup {
  * object's map_full per-CPU array, at the map's slot: each probe numbers its maps here, and its
  * Rust MapDefs name the slot with the map. */
 #define PODSCOPE_MAP_SLOTS 8
+/* Every object's cgroup_filter (the kernel inserts admitted cgroups): the last slot. */
+#define PODSCOPE_MAP_SLOT_CGROUP_FILTER 7
 
 enum cgroups_map_slot {
 	CGROUPS_MAP_REMOVED = 0,
@@ -204,6 +206,8 @@ enum uprobes_map_slot {
 
 #ifdef __BPF__
 /* ---- kernel side only ---- */
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
 
 /* The syscall number and arguments in the registers saved at syscall entry (struct pt_regs of
  * tp_btf sys_enter / sys_exit). Written for x86_64 only: another architecture needs its own. */
@@ -227,6 +231,18 @@ struct {
 	__type(value, __u8);
 } cgroup_filter SEC(".maps");
 
+/* With filter_mode 1: cgroups whose new descendants are listed in cgroup_filter as they are
+ * created (by podscope_cgroup_admit below), so a new container is counted from its first event,
+ * before the receiver's next walk decides on it — the subtrees the filter can select in (an
+ * include glob's fixed prefix, the kubelet's pod tree). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, __u8);
+} cgroup_filter_roots SEC(".maps");
+
 /* Failed inserts per map slot (see PODSCOPE_MAP_SLOTS), summed over CPUs by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -236,6 +252,11 @@ struct {
 } map_full SEC(".maps");
 
 #define PODSCOPE_EEXIST 17
+/* cgroup_filter values: listed by the receiver, or by the kernel when the cgroup was created. */
+#define PODSCOPE_CGROUP_LISTED 1
+#define PODSCOPE_CGROUP_ADMITTED 2
+/* Deepest cgroup nesting podscope_cgroup_admit looks through (the kubelet's is 4 or 5). */
+#define PODSCOPE_CGROUP_MAX_DEPTH 16
 /* signal_struct.flags: the thread group is exiting as a whole (exit_group, a fatal signal). */
 #define PODSCOPE_SIGNAL_GROUP_EXIT 0x00000004
 
@@ -262,6 +283,29 @@ static __always_inline int podscope_skip_cgroup(__u64 cgroup_id)
 		return 0;
 	int listed = bpf_map_lookup_elem(&cgroup_filter, &cgroup_id) != 0;
 	return filter_mode == 1 ? !listed : listed;
+}
+
+/* A new cgroup v2 directory under one of cgroup_filter_roots is listed at once (with
+ * filter_mode 1; the loader attaches this program to every probe object then). */
+SEC("tp_btf/cgroup_mkdir")
+int BPF_PROG(podscope_cgroup_admit, struct cgroup *cgrp, const char *path)
+{
+	if (filter_mode != 1 || BPF_CORE_READ(cgrp, root, hierarchy_id) != 0)
+		return 0;
+	int level = BPF_CORE_READ(cgrp, level);
+	/* ancestors[0] is the root, ancestors[level] the new cgroup itself. */
+	for (int i = 0; i < PODSCOPE_CGROUP_MAX_DEPTH && i < level; i++) {
+		struct cgroup *ancestor = 0;
+		bpf_core_read(&ancestor, sizeof(ancestor), &cgrp->ancestors[i]);
+		__u64 id = BPF_CORE_READ(ancestor, kn, id);
+		if (bpf_map_lookup_elem(&cgroup_filter_roots, &id)) {
+			__u64 self = BPF_CORE_READ(cgrp, kn, id);
+			__u8 admitted = PODSCOPE_CGROUP_ADMITTED;
+			podscope_insert(&cgroup_filter, PODSCOPE_MAP_SLOT_CGROUP_FILTER, &self, &admitted, BPF_NOEXIST);
+			return 0;
+		}
+	}
+	return 0;
 }
 
 static __always_inline int podscope_skip_current(void)

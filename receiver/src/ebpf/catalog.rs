@@ -176,7 +176,8 @@ mod tests {
                 .keys()
                 .map(String::as_str)
                 .filter(|name| {
-                    !name.starts_with('.') && !["cgroup_filter", "map_full"].contains(name)
+                    !name.starts_with('.')
+                        && !["cgroup_filter", "cgroup_filter_roots", "map_full"].contains(name)
                 })
                 .collect();
             names.sort();

@@ -249,6 +249,11 @@ impl CgroupTable {
         self.start_ns
     }
 
+    /// The highest cgroup id any walk found (the filter has decided on every cgroup up to it).
+    pub fn walked_up_to(&self) -> u64 {
+        self.walked_up_to
+    }
+
     /// Every live (id, path).
     pub fn live(&self) -> &CgroupIndex {
         &self.live
@@ -275,6 +280,17 @@ impl CgroupGlob {
                 .map(str::to_string)
                 .collect(),
         })
+    }
+
+    /// The glob's segments before its first wildcard, as a path (`/` when it starts with one).
+    pub fn fixed_prefix(&self) -> String {
+        let fixed: Vec<&str> = self
+            .segments
+            .iter()
+            .take_while(|s| !s.contains('*'))
+            .map(String::as_str)
+            .collect();
+        format!("/{}", fixed.join("/"))
     }
 
     pub fn matches(&self, path: &str) -> bool {
@@ -382,6 +398,9 @@ mod tests {
         assert!(!g.matches("/system.slice/cron.socket"));
         let g = CgroupGlob::new("/**/cri-containerd-*.scope").unwrap();
         assert!(g.matches("/kubepods.slice/a.slice/cri-containerd-abc.scope"));
+        assert_eq!(g.fixed_prefix(), "/");
+        let g = CgroupGlob::new("/kubepods.slice/kubepods-burstable.slice/**").unwrap();
+        assert_eq!(g.fixed_prefix(), "/kubepods.slice/kubepods-burstable.slice");
         assert!(CgroupGlob::new("kubepods").is_err());
     }
 }

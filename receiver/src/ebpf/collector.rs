@@ -48,7 +48,6 @@ impl Collector {
         mut requests: mpsc::Receiver<oneshot::Sender<()>>,
         cancel: CancellationToken,
     ) {
-        self.refresh_cgroups();
         self.rescan();
         self.account_kernel_maps();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -78,13 +77,17 @@ impl Collector {
         }
     }
 
-    fn refresh_cgroups(&mut self) {
+    /// Walks the cgroups and brings the kernel filter up to date (the receiver's start calls it
+    /// once before the first collection).
+    pub fn refresh_cgroups(&mut self) {
         self.cgroups.refresh(self.removed.as_mut());
         if self.filter.mode != 0 {
             let ids = self.filter.listed_ids(self.cgroups.live());
+            let roots = self.filter.roots(self.cgroups.live());
+            let walked = self.cgroups.walked_up_to();
             for probe in &mut self.probes {
                 for object in probe.objects_mut() {
-                    if let Err(e) = self.filter.sync(object.cgroup_filter_mut(), &ids) {
+                    if let Err(e) = self.filter.sync(object, &ids, &roots, walked) {
                         tracing::warn!(receiver = %self.receiver, error = %e, "cannot update the kernel cgroup filter");
                     }
                 }

@@ -241,7 +241,7 @@ impl Component for EbpfReceiver {
         }
 
         let (collect_now, requests) = mpsc::channel(4);
-        let collector = Collector {
+        let mut collector = Collector {
             pod_changes: filter.pod_changes(),
             new_containers: start.new_containers,
             probes,
@@ -255,6 +255,9 @@ impl Component for EbpfReceiver {
             telemetry: self.telemetry.clone(),
             map_memory: self.map_memory.clone(),
         };
+        // Before the receiver reports itself started: the kernel filter lists the selected
+        // cgroups, and admits the ones created from now on until the collector decides.
+        collector.refresh_cgroups();
         tasks.push(tokio::spawn(collector.run(
             self.config.collection_interval,
             requests,

@@ -3,7 +3,7 @@
 //! handle type the probe reads it with; a map that is missing, or whose type, key or value size
 //! differs from what the probe expects, is a load error naming the map (never an empty read).
 //!
-//! Every object includes `podscope.h`, so every object has the `cgroup_filter` map and the
+//! Every object includes `podscope.h`, so every object has the `cgroup_filter` maps and the
 //! `map_full` counters of failed inserts; this module takes them for the receiver. It also sets
 //! map sizes from config (`max_entries`) and reads what each map costs the kernel, the way
 //! bpftool does (`memlock:` in the map fd's fdinfo). It must not know any particular probe.
@@ -194,6 +194,9 @@ pub struct ObjectSettings<'a> {
 /// The maps every object has (from `podscope.h`): the cgroup ids the filter lists, and the
 /// failed inserts per map slot.
 const CGROUP_FILTER: MapDef = MapDef::fixed("cgroup_filter");
+const CGROUP_FILTER_ROOTS: MapDef = MapDef::fixed("cgroup_filter_roots");
+/// Lists new cgroups under `cgroup_filter_roots` as they are created (with an include filter).
+const CGROUP_ADMIT: &str = "podscope_cgroup_admit";
 const MAP_FULL: MapDef = MapDef::fixed("map_full");
 
 /// What a map of a loaded object costs the kernel now.
@@ -212,6 +215,7 @@ pub struct ProbeObject {
     probe: &'static str,
     ebpf: Ebpf,
     cgroup_filter: HashMap<MapData, u64, u8>,
+    cgroup_filter_roots: HashMap<MapData, u64, u8>,
     map_full: PerCpuCounters,
     /// Counted maps: slot, name and the failed inserts already reported.
     counted: Vec<(u32, &'static str, u64)>,
@@ -272,6 +276,19 @@ impl ProbeObject {
                 reason,
             })?;
         }
+        // An include filter lists new cgroups as they are created (see podscope.h).
+        if globals
+            .iter()
+            .any(|g| matches!(g, Global::U32("filter_mode", 1)))
+        {
+            attach(&mut ebpf, CGROUP_ADMIT, Hook::TpBtf("cgroup_mkdir"), btf).map_err(
+                |reason| ProbeError {
+                    probe: spec.name,
+                    hook: Some(Hook::TpBtf("cgroup_mkdir")),
+                    reason,
+                },
+            )?;
+        }
         let mut maps = Vec::new();
         for (name, map) in ebpf.maps() {
             if let Some(fd) = map_fd(map) {
@@ -295,16 +312,23 @@ impl ProbeObject {
             });
         }
         let cgroup_filter = take(spec.name, &mut ebpf, &CGROUP_FILTER, "hash map")?;
+        let cgroup_filter_roots = take(spec.name, &mut ebpf, &CGROUP_FILTER_ROOTS, "hash map")?;
         let map_full = PerCpuCounters(take(spec.name, &mut ebpf, &MAP_FULL, "per-CPU array")?);
         Ok(ProbeObject {
             probe: spec.name,
             ebpf,
             cgroup_filter,
+            cgroup_filter_roots,
             map_full,
             counted: spec
                 .maps
                 .iter()
                 .filter_map(|def| Some((def.full_slot?, def.name, 0)))
+                .chain([(
+                    podscope_ebpf::abi::PODSCOPE_MAP_SLOT_CGROUP_FILTER,
+                    CGROUP_FILTER.name,
+                    0,
+                )])
                 .collect(),
             maps,
         })
@@ -359,6 +383,12 @@ impl ProbeObject {
     /// The kernel's `cgroup_filter` map of this object.
     pub fn cgroup_filter_mut(&mut self) -> &mut HashMap<MapData, u64, u8> {
         &mut self.cgroup_filter
+    }
+
+    /// The kernel's `cgroup_filter_roots` map of this object: cgroups whose new descendants it
+    /// lists in `cgroup_filter` as they are created.
+    pub fn cgroup_filter_roots_mut(&mut self) -> &mut HashMap<MapData, u64, u8> {
+        &mut self.cgroup_filter_roots
     }
 
     /// What each map of the object costs the kernel now (maps without preallocation change with

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,27 +100,72 @@ impl PodCgroup {
     /// Forks a child that joins this cgroup, runs `work` and exits with its return value.
     /// `work` must only make raw syscalls (it runs between fork and exit of a threaded process).
     pub fn run(&self, work: impl FnOnce() -> i32) -> i32 {
-        let procs = CString::new(self.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
-        // SAFETY: the child only calls async-signal-safe functions before _exit.
-        unsafe {
-            let pid = libc::fork();
-            assert!(pid >= 0, "fork failed");
-            if pid == 0 {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    libc::_exit(99);
-                }
-                libc::close(fd);
-                libc::_exit(work());
+        run_in_cgroup(&self.leaf, work)
+    }
+}
+
+/// Forks a child that joins the cgroup at `dir`, runs `work` and exits with its return value
+/// (asserted normal). `work` must only make raw syscalls (it runs between fork and exit of a
+/// threaded process).
+pub fn run_in_cgroup(dir: &Path, work: impl FnOnce() -> i32) -> i32 {
+    let procs = CString::new(dir.join("cgroup.procs").to_str().unwrap()).unwrap();
+    // SAFETY: the child only calls async-signal-safe functions before _exit.
+    unsafe {
+        let pid = libc::fork();
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                libc::_exit(99);
             }
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, 0);
-            assert!(
-                libc::WIFEXITED(status),
-                "child did not exit normally: {status}"
-            );
-            libc::WEXITSTATUS(status)
+            libc::close(fd);
+            libc::_exit(work());
         }
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        assert!(
+            libc::WIFEXITED(status),
+            "child did not exit normally: {status}"
+        );
+        libc::WEXITSTATUS(status)
+    }
+}
+
+/// A cgroup of its own at the top of the tree, outside the kubelet's (no other test's cgroup is
+/// ever created below it), removed on drop.
+pub struct HostCgroup(pub PathBuf);
+
+impl HostCgroup {
+    pub fn new() -> HostCgroup {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir = cgroup2_mount()
+            .expect("a cgroup2 mount")
+            .join(format!("podscope-test-{nanos:x}"));
+        std::fs::create_dir(&dir).unwrap();
+        HostCgroup(dir)
+    }
+
+    pub fn id(&self) -> u64 {
+        std::fs::metadata(&self.0).unwrap().ino()
+    }
+
+    /// The path below the cgroup2 mount (`/podscope-test-…`).
+    pub fn relative_path(&self) -> String {
+        format!("/{}", self.0.file_name().unwrap().to_str().unwrap())
+    }
+
+    /// [`run_in_cgroup`] in this cgroup.
+    pub fn run(&self, work: impl FnOnce() -> i32) -> i32 {
+        run_in_cgroup(&self.0, work)
+    }
+}
+
+impl Drop for HostCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
     }
 }
 
