@@ -19,8 +19,8 @@ pub use generated::*;
 /// Log2 distribution: slot 0 holds the value 1, slot k ≥ 1 holds (2^(k-1), 2^k]; slot k is the
 /// OTLP exponential-histogram (scale 0) bucket index k − 1. Zeros are counted apart.
 pub type Hist = podscope_hist;
+/// A syscall entry's key: cgroup and slot (a syscall group, or the syscall number).
 pub type SyscallKey = syscall_key;
-/// Per cgroup: counts and errors indexed by syscall number.
 pub type SyscallCounts = syscall_counts;
 pub type OpenKey = open_key;
 pub type OpenPathKey = open_path_key;
@@ -55,12 +55,8 @@ impl Hist {
 impl SyscallCounts {
     /// Adds `other` (per-CPU values are summed this way).
     pub fn merge(&mut self, other: &SyscallCounts) {
-        for (a, b) in self.count.iter_mut().zip(other.count.iter()) {
-            *a += b;
-        }
-        for (a, b) in self.errors.iter_mut().zip(other.errors.iter()) {
-            *a += b;
-        }
+        self.count += other.count;
+        self.errors += other.errors;
     }
 }
 

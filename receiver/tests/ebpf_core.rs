@@ -1231,3 +1231,136 @@ async fn with_an_include_filter_a_new_container_is_counted_from_its_start() {
     );
     receiver.shutdown().await.unwrap();
 }
+
+/// `by: group`: counts and errors per syscall group, exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_by_group_count_each_group_exactly() {
+    let (receiver, collected) =
+        start(serde_json::json!({"syscalls": {"by": "group", "latency": false}})).await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..100 {
+            libc::syscall(libc::SYS_getppid);
+        }
+        for _ in 0..5 {
+            libc::syscall(libc::SYS_close, -1i64); // EBADF
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    // Counted on exit: the write that moved the child into the cgroup returned there, and so
+    // did the close after it; exit_group never returns.
+    let want = [("fd", 6), ("io.write", 1), ("process", 100)];
+    assert_eq!(
+        counts_by(&c, "podscope.syscalls", "podscope.syscall.group"),
+        want.iter().map(|(g, n)| (g.to_string(), *n)).collect(),
+        "{c:#?}"
+    );
+    assert_eq!(
+        counts_by(&c, "podscope.syscalls.errors", "podscope.syscall.group"),
+        [("fd".to_string(), 5)].into_iter().collect(),
+        "{c:#?}"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+/// `latency_syscalls`: the chosen syscalls' latency, on their own tracepoints; the others have
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syscalls_measure_the_latency_of_chosen_syscalls_only() {
+    let (receiver, collected) = start(serde_json::json!({"syscalls": {
+        "latency": false, "latency_syscalls": ["getppid"]
+    }}))
+    .await;
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..300 {
+            libc::syscall(libc::SYS_getppid);
+        }
+        for _ in 0..5 {
+            libc::syscall(libc::SYS_close, -1i64);
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let latency = |name: &str| {
+        distribution(
+            &rms,
+            Some(pod.id()),
+            "podscope.syscalls.latency",
+            &[("syscall.name", name)],
+        )
+    };
+    assert_eq!(latency("getppid").map(|h| h.count), Some(300));
+    assert_eq!(latency("close"), None);
+    assert_eq!(
+        get(
+            &counters(&rms, pod.id()),
+            "podscope.syscalls",
+            "syscall.name=close"
+        ),
+        6
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+/// Without tracefs, chosen syscalls are timed by the programs on every syscall, which time only
+/// those the `timed` table names.
+#[test]
+fn the_every_syscall_programs_time_only_the_syscalls_they_are_told() {
+    use podscope_ebpf::abi::{Hist, SyscallKey, PODSCOPE_SYSCALL_NRS};
+    use podscope_receiver::ebpf::object::{
+        tp_btf, Global, KernelFeatures, MapDef, ObjectSettings, ProbeObject, ProbeSpec, ProgramSpec,
+    };
+    const PROGRAMS: &[ProgramSpec] = &[
+        tp_btf("podscope_sys_enter", "sys_enter"),
+        tp_btf("podscope_sys_exit", "sys_exit"),
+    ];
+    let spec = ProbeSpec {
+        name: "syscalls",
+        object: podscope_ebpf::objects::SYSCALLS,
+        programs: PROGRAMS,
+        maps: &[],
+    };
+    let nrs = PODSCOPE_SYSCALL_NRS as usize;
+    let mut timed = vec![0u8; nrs];
+    timed[libc::SYS_getppid as usize] = 1;
+    let globals = [
+        Global::U32("agent_tgid", std::process::id()),
+        Global::U32("measure_latency", 1),
+        Global::U16s("slot_of", (0..nrs as u16).collect()),
+        Global::U8s("timed", timed),
+    ];
+    let features = KernelFeatures::detect(Path::new("/sys/kernel/btf/vmlinux"));
+    let mut object = ProbeObject::load(
+        &spec,
+        &features,
+        &globals,
+        &Default::default(),
+        &ObjectSettings::default(),
+    )
+    .unwrap();
+    let pod = PodCgroup::new();
+    pod.run(|| unsafe {
+        for _ in 0..200 {
+            libc::syscall(libc::SYS_getppid);
+            libc::syscall(libc::SYS_getpid);
+        }
+        0
+    });
+    let latency = object
+        .hash::<SyscallKey, Hist>(&MapDef::entries("syscall_latency"))
+        .unwrap()
+        .entries();
+    let timed: BTreeMap<u32, u64> = latency
+        .iter()
+        .filter(|(k, _)| k.cgroup_id == pod.id())
+        .map(|(k, h)| (k.slot, h.count()))
+        .collect();
+    assert_eq!(
+        timed,
+        [(libc::SYS_getppid as u32, 200)].into_iter().collect()
+    );
+}

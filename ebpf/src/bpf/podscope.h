@@ -22,19 +22,20 @@ struct podscope_hist {
 	__u64 slots[PODSCOPE_HIST_SLOTS];
 };
 
-/* syscalls probe. Counts live in one value per cgroup, indexed by syscall number, so the hot
- * path does one lookup on an 8-byte key; latency histograms are per cgroup and syscall. */
-#define PODSCOPE_SYSCALL_SLOTS 512
-
-struct syscall_counts {
-	__u64 count[PODSCOPE_SYSCALL_SLOTS];
-	__u64 errors[PODSCOPE_SYSCALL_SLOTS];
-};
+/* syscalls probe: per cgroup and slot (a syscall's group, or the syscall itself: the loader's
+ * slot_of table), the count and the errors, in one per-CPU entry. Syscall numbers from 0 to
+ * PODSCOPE_SYSCALL_NRS - 1 are counted (x86_64's reach 462). */
+#define PODSCOPE_SYSCALL_NRS 512
 
 struct syscall_key {
 	__u64 cgroup_id;
-	__u32 nr;
+	__u32 slot;
 	__u32 _pad;
+};
+
+struct syscall_counts {
+	__u64 count;
+	__u64 errors;
 };
 
 /* files probe: opens per cgroup and result (0 = success, else errno). */

@@ -9,9 +9,10 @@
 //! The agent's own threads are never observed.
 //!
 //! Modules: `object` (loading one probe object, typed maps), `events` (the exec/exit ring buffer
-//! and the pid table), `filter` (cgroup and pod selection), `collector` (the collection task),
-//! `builder` (data points into OTLP), `catalog` (the metric docs), `telemetry` (the receiver's own
-//! metrics).
+//! and the pid table), `cgroups` (cgroup identity over time), `filter` (cgroup and pod
+//! selection), `collector` (the collection task), `builder` (data points into OTLP), `catalog`
+//! (the metric docs), `telemetry` (the receiver's own metrics), `tracefs` (what classic
+//! tracepoints need).
 
 mod builder;
 mod catalog;
@@ -24,6 +25,7 @@ pub mod histogram;
 pub mod object;
 mod probes;
 mod telemetry;
+mod tracefs;
 
 use std::sync::{Arc, Mutex};
 

@@ -15,7 +15,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{BtfTracePoint, Program};
+use aya::programs::{BtfTracePoint, Program, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 
 /// Where a program attaches.
@@ -175,10 +175,13 @@ impl KernelFeatures {
 }
 
 /// A load-time setting (`const volatile` global in the C program).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Global {
     U32(&'static str, u32),
     U64(&'static str, u64),
+    /// An array (a table indexed by syscall number).
+    U16s(&'static str, Vec<u16>),
+    U8s(&'static str, Vec<u8>),
 }
 
 /// What one object is loaded with.
@@ -250,6 +253,10 @@ impl ProbeObject {
             match global {
                 Global::U32(name, value) => loader.override_global(name, value, false),
                 Global::U64(name, value) => loader.override_global(name, value, false),
+                Global::U16s(name, values) => {
+                    loader.override_global(name, values.as_slice(), false)
+                }
+                Global::U8s(name, values) => loader.override_global(name, values.as_slice(), false),
             };
         }
         let mut ebpf = loader.load(spec.object).map_err(|e| ProbeError {
@@ -371,6 +378,27 @@ impl ProbeObject {
 
     pub fn ring_buf(&mut self, def: &MapDef) -> Result<RingBuf<MapData>, ProbeError> {
         take(self.probe, &mut self.ebpf, def, "ring buffer")
+    }
+
+    /// Attaches program `function` (of type `tracepoint`, loaded on first use) to the classic
+    /// tracepoint `category:name`: tracefs must be there ([`super::tracefs::available`]).
+    pub fn attach_tracepoint(
+        &mut self,
+        function: &str,
+        category: &str,
+        name: &str,
+    ) -> Result<(), String> {
+        let program: &mut TracePoint = self
+            .program_mut(function)?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| error_chain(&e))?;
+        }
+        program
+            .attach(category, name)
+            .map(drop)
+            .map_err(|e| format!("{category}:{name}: {}", error_chain(&e)))
     }
 
     /// A program the probe loads and attaches itself (uprobes, iterators).

@@ -55,6 +55,12 @@ pub trait Probe: Send {
     /// Its loaded objects (one, or one per uprobe entry).
     fn objects_mut(&mut self) -> Vec<&mut ProbeObject>;
 
+    /// Where it is attached when it is not evident from its spec (a hook chosen at load time, with
+    /// the reason), for the start-up line; empty otherwise.
+    fn hooks(&self) -> String {
+        String::new()
+    }
+
     /// Reads its maps into `out`, noting every cgroup it has entries for.
     fn collect(&mut self, out: &mut Collection<'_>);
 
@@ -161,8 +167,13 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     fn load(config: &K::Config, ctx: &mut LoadContext<'_>) -> anyhow::Result<Vec<Box<dyn Probe>>> {
         ctx.max_entries = config.max_entries().clone();
         let probe = ctx.attempt(config.required(), "probe", |ctx| K::open(config, ctx))?;
-        if probe.is_some() {
-            tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, "probe attached");
+        if let Some(probe) = &probe {
+            let hooks = probe.hooks();
+            if hooks.is_empty() {
+                tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, "probe attached");
+            } else {
+                tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, %hooks, "probe attached");
+            }
         }
         Ok(probe.into_iter().collect())
     }
