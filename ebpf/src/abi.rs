@@ -24,6 +24,9 @@ pub type SyscallKey = syscall_key;
 pub type SyscallCounts = syscall_counts;
 pub type OpenKey = open_key;
 pub type OpenPathKey = open_path_key;
+pub type OpenPathCgroupKey = open_path_key_cgroup;
+/// Per cgroup and epoch: distinct paths tracked, and opens counted as `other`.
+pub type OpenPathCgroup = open_path_cgroup;
 pub type ProcessKey = process_key;
 pub type ProcessEvent = process_event;
 pub type SwitchKey = switch_key;
@@ -125,6 +128,8 @@ unsafe impl aya::Pod for SyscallKey {}
 unsafe impl aya::Pod for SyscallCounts {}
 unsafe impl aya::Pod for OpenKey {}
 unsafe impl aya::Pod for OpenPathKey {}
+unsafe impl aya::Pod for OpenPathCgroupKey {}
+unsafe impl aya::Pod for OpenPathCgroup {}
 unsafe impl aya::Pod for ProcessKey {}
 unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}

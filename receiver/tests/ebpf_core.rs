@@ -50,6 +50,9 @@ async fn files_counts_exact_opens_and_failures_by_errno() {
         3,
         "{c:#?}"
     );
+    // An interval's path counts are reported at the end of the next.
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
     assert_eq!(
         get(
             &c,
@@ -601,94 +604,109 @@ async fn a_full_map_counts_every_refused_insert() {
 /// open(2), and creat(2) and open_by_handle_at(2) open files too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_counts_every_open_syscall_of_the_architecture() {
-    let (receiver, collected) =
-        start(serde_json::json!({"files": {"capture_paths": true, "top_paths": 5}})).await;
-    let pod = PodCgroup::new();
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("named-file");
-    std::fs::write(&file, b"x").unwrap();
-    let created = CString::new(dir.path().join("created").to_str().unwrap()).unwrap();
-    let file = CString::new(file.to_str().unwrap()).unwrap();
-    // A file handle and a descriptor on its filesystem, made before the fork (they need memory).
-    let mount = std::fs::File::open(dir.path()).unwrap();
-    let mut handle = vec![0u8; 8 + 128];
-    handle[..4].copy_from_slice(&128u32.to_ne_bytes());
-    let mut mount_id = 0;
-    // SAFETY: the buffer holds a struct file_handle with 128 bytes of room, as its first field says.
-    let named = unsafe {
-        libc::syscall(
-            libc::SYS_name_to_handle_at,
-            libc::AT_FDCWD,
-            file.as_ptr(),
-            handle.as_mut_ptr(),
-            &mut mount_id,
-            0,
+    // On the open syscalls' own tracepoints, and on every syscall's (without tracefs).
+    for hooks in ["tracepoints", "tp_btf"] {
+        let (receiver, collected) = start(
+            serde_json::json!({"files": {"capture_paths": true, "top_paths": 5, "hooks": hooks}}),
         )
-    };
-    assert_eq!(
-        named,
-        0,
-        "name_to_handle_at: {}",
-        std::io::Error::last_os_error()
-    );
-    // struct open_how: flags, mode, resolve.
-    let how: [u64; 3] = [libc::O_RDONLY as u64, 0, 0];
-    use std::os::fd::AsRawFd as _;
-    let mount_fd = mount.as_raw_fd();
-    let code = pod.run(|| unsafe {
-        let opened = |fd: libc::c_long| {
-            if fd < 0 {
-                libc::_exit(1);
-            }
-            libc::close(fd as i32);
+        .await;
+        let pod = PodCgroup::new();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("named-file");
+        std::fs::write(&file, b"x").unwrap();
+        let created = CString::new(dir.path().join("created").to_str().unwrap()).unwrap();
+        let file = CString::new(file.to_str().unwrap()).unwrap();
+        // A file handle and a descriptor on its filesystem, made before the fork (they need memory).
+        let mount = std::fs::File::open(dir.path()).unwrap();
+        let mut handle = vec![0u8; 8 + 128];
+        handle[..4].copy_from_slice(&128u32.to_ne_bytes());
+        let mut mount_id = 0;
+        // SAFETY: the buffer holds a struct file_handle with 128 bytes of room, as its first field says.
+        let named = unsafe {
+            libc::syscall(
+                libc::SYS_name_to_handle_at,
+                libc::AT_FDCWD,
+                file.as_ptr(),
+                handle.as_mut_ptr(),
+                &mut mount_id,
+                0,
+            )
         };
-        for _ in 0..3 {
-            opened(libc::syscall(libc::SYS_open, file.as_ptr(), libc::O_RDONLY));
-        }
-        for _ in 0..4 {
-            opened(libc::syscall(libc::SYS_creat, created.as_ptr(), 0o600));
-        }
-        for _ in 0..5 {
-            opened(libc::syscall(
-                libc::SYS_openat,
-                libc::AT_FDCWD,
-                file.as_ptr(),
-                libc::O_RDONLY,
-            ));
-        }
-        for _ in 0..6 {
-            opened(libc::syscall(
-                libc::SYS_openat2,
-                libc::AT_FDCWD,
-                file.as_ptr(),
-                how.as_ptr(),
-                std::mem::size_of_val(&how),
-            ));
-        }
-        for _ in 0..7 {
-            opened(libc::syscall(
-                libc::SYS_open_by_handle_at,
-                mount_fd,
-                handle.as_ptr(),
-                libc::O_RDONLY,
-            ));
-        }
-        0
-    });
-    assert_eq!(code, 0, "an open failed in the child");
-    receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
-    assert_eq!(
-        get(&c, "podscope.files.opens", ""),
-        3 + 4 + 5 + 6 + 7,
-        "{c:#?}"
-    );
-    assert!(
-        !c.keys()
-            .any(|(name, _)| name == "podscope.files.open_errors"),
-        "{c:#?}"
-    );
-    receiver.shutdown().await.unwrap();
+        assert_eq!(
+            named,
+            0,
+            "name_to_handle_at: {}",
+            std::io::Error::last_os_error()
+        );
+        // struct open_how: flags, mode, resolve.
+        let how: [u64; 3] = [libc::O_RDONLY as u64, 0, 0];
+        use std::os::fd::AsRawFd as _;
+        let mount_fd = mount.as_raw_fd();
+        let code = pod.run(|| unsafe {
+            let opened = |fd: libc::c_long| {
+                if fd < 0 {
+                    libc::_exit(1);
+                }
+                libc::close(fd as i32);
+            };
+            for _ in 0..3 {
+                opened(libc::syscall(libc::SYS_open, file.as_ptr(), libc::O_RDONLY));
+            }
+            for _ in 0..4 {
+                opened(libc::syscall(libc::SYS_creat, created.as_ptr(), 0o600));
+            }
+            for _ in 0..5 {
+                opened(libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    file.as_ptr(),
+                    libc::O_RDONLY,
+                ));
+            }
+            for _ in 0..6 {
+                opened(libc::syscall(
+                    libc::SYS_openat2,
+                    libc::AT_FDCWD,
+                    file.as_ptr(),
+                    how.as_ptr(),
+                    std::mem::size_of_val(&how),
+                ));
+            }
+            for _ in 0..7 {
+                opened(libc::syscall(
+                    libc::SYS_open_by_handle_at,
+                    mount_fd,
+                    handle.as_ptr(),
+                    libc::O_RDONLY,
+                ));
+            }
+            0
+        });
+        assert_eq!(code, 0, "an open failed in the child");
+        receiver.collect_now().await.unwrap();
+        let c = counters(&collected.last(), pod.id());
+        assert_eq!(
+            get(&c, "podscope.files.opens", ""),
+            3 + 4 + 5 + 6 + 7,
+            "{c:#?}"
+        );
+        assert!(
+            !c.keys()
+                .any(|(name, _)| name == "podscope.files.open_errors"),
+            "{c:#?}"
+        );
+        // Paths come from each syscall's own argument (open_by_handle_at names none); an interval's
+        // path counts are reported at the end of the next.
+        receiver.collect_now().await.unwrap();
+        let c = counters(&collected.last(), pod.id());
+        let paths = counts_by(&c, "podscope.files.path_opens", "file.path");
+        let want = [
+            (file.to_str().unwrap().to_string(), 3 + 5 + 6),
+            (created.to_str().unwrap().to_string(), 4),
+        ];
+        assert_eq!(paths, want.into_iter().collect(), "{hooks}: {c:#?}");
+        receiver.shutdown().await.unwrap();
+    }
 }
 /// Starts a thread of the calling process on `stack` running `f` (raw clone: between fork and
 /// exit no allocation is allowed). The thread shares the caller's TLS: `f` makes raw syscalls
@@ -1363,4 +1381,71 @@ fn the_every_syscall_programs_time_only_the_syscalls_they_are_told() {
         timed,
         [(libc::SYS_getppid as u32, 200)].into_iter().collect()
     );
+}
+
+/// Issue 11 point 3: where the kernel caps what it tracks — room in the path map, distinct paths
+/// per cgroup — opens beyond it are counted in the cgroup's `other`, in the kernel, so the path
+/// series add up to every successful open; a full map's refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_of_paths_beyond_the_kernels_room_add_up_in_other() {
+    // A cgroup of its own: only its opens reach the small maps.
+    let cgroup = HostCgroup::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<CString> = (0..10)
+        .map(|i| {
+            let path = dir.path().join(format!("file{i}"));
+            std::fs::write(&path, b"x").unwrap();
+            CString::new(path.to_str().unwrap()).unwrap()
+        })
+        .collect();
+    let name = |i: usize| files[i].to_str().unwrap().to_string();
+    // (room in open_paths, paths tracked per cgroup) → the first paths opened are tracked: file0
+    // once, file1 twice, … file9 ten times, 55 opens.
+    for (room, tracked, want_top, want_refused) in [
+        (4, 64, [(name(3), 4), (name(2), 3)], 45),
+        (16384, 3, [(name(2), 3), (name(1), 2)], 0),
+    ] {
+        let (receiver, collected, telemetry) = start_config(serde_json::json!({
+            "collection_interval": "1h",
+            "cgroup_filter": {"include": [cgroup.relative_path()]},
+            "probes": {"files": {
+                "capture_paths": true, "top_paths": 2, "tracked_paths": tracked,
+                "max_entries": {"open_paths": room}
+            }}
+        }))
+        .await;
+        let code = cgroup.run(|| unsafe {
+            for (i, file) in files.iter().enumerate() {
+                for _ in 0..=i {
+                    let fd = libc::open(file.as_ptr(), libc::O_RDONLY);
+                    if fd < 0 {
+                        return 1;
+                    }
+                    libc::close(fd);
+                }
+            }
+            0
+        });
+        assert_eq!(code, 0);
+        // An interval's path counts are reported at the end of the next.
+        receiver.collect_now().await.unwrap();
+        receiver.collect_now().await.unwrap();
+        let c = counters(&collected.last(), cgroup.id());
+        let mut want: BTreeMap<String, i64> = want_top.iter().cloned().collect();
+        want.insert("other".to_string(), 55 - want.values().sum::<i64>());
+        assert_eq!(
+            counts_by(&c, "podscope.files.path_opens", "file.path"),
+            want,
+            "room {room}, tracked {tracked}: {c:#?}"
+        );
+        assert_eq!(
+            exposed(
+                &telemetry.encode_text(),
+                "podscope_ebpf_map_full_total{probe=\"files\",map=\"open_paths\"}"
+            ),
+            Some(want_refused),
+            "room {room}"
+        );
+        receiver.shutdown().await.unwrap();
+    }
 }

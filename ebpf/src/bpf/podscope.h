@@ -45,11 +45,30 @@ struct open_key {
 	__u32 _pad;
 };
 
+/* files probe, capture_paths: successful opens per cgroup, collection epoch (the agent reads an
+ * epoch once the kernel has moved on to the next, so no count races the read) and path. */
 #define PODSCOPE_PATH_LEN 128
+#define PODSCOPE_PATH_EPOCHS 3
 
 struct open_path_key {
 	__u64 cgroup_id;
+	__u32 epoch;
+	__u32 _pad;
 	__u8 path[PODSCOPE_PATH_LEN];
+};
+
+/* Per cgroup and epoch: distinct paths tracked (at most `tracked_paths`), and the opens of any
+ * other path, in the kernel, so the paths plus `other` always add up to the opens. */
+struct open_path_key_cgroup {
+	__u64 cgroup_id;
+	__u32 epoch;
+	__u32 _pad;
+};
+
+struct open_path_cgroup {
+	__u32 distinct;
+	__u32 _pad;
+	__u64 other;
 };
 
 /* process probe: counters per cgroup, kind and exit code. */
@@ -181,7 +200,7 @@ enum syscalls_map_slot {
 enum files_map_slot {
 	FILES_MAP_OPENS = 0,
 	FILES_MAP_PATHS = 1,
-	FILES_MAP_INFLIGHT = 2,
+	FILES_MAP_PATH_CGROUPS = 2,
 };
 
 enum sched_map_slot {
@@ -219,6 +238,23 @@ enum uprobes_map_slot {
 #else
 #error "podscope.h: the syscall-argument register access is written for x86_64 only"
 #endif
+
+/* The records of the per-syscall tracepoints (syscalls:sys_enter_<name>, sys_exit_<name>), as
+ * their format files lay them out: the ctx of a tracepoint program, read at fixed offsets (no
+ * CO-RE: the kernel's own struct ends in a flexible array CO-RE cannot index). */
+struct podscope_syscall_enter {
+	__u64 common;
+	__s32 nr;
+	__u32 _pad;
+	__u64 args[6];
+};
+
+struct podscope_syscall_exit {
+	__u64 common;
+	__s32 nr;
+	__u32 _pad;
+	__s64 ret;
+};
 
 /* Set by the loader. */
 const volatile __u32 agent_tgid = 0;   /* never observe the agent itself */

@@ -146,7 +146,7 @@ int BPF_PROG(podscope_sys_enter, struct pt_regs *regs, long nr)
 /* The latency of chosen syscalls, on their own tracepoints (syscalls:sys_enter_<name>,
  * syscalls:sys_exit_<name>): other syscalls run neither. */
 SEC("tracepoint")
-int podscope_latency_enter(struct syscall_trace_enter *ctx)
+int podscope_latency_enter(struct podscope_syscall_enter *ctx)
 {
 	if (observed_cgroup(bpf_get_current_task_btf()))
 		start_latency();
@@ -154,7 +154,7 @@ int podscope_latency_enter(struct syscall_trace_enter *ctx)
 }
 
 SEC("tracepoint")
-int podscope_latency_exit(struct syscall_trace_exit *ctx)
+int podscope_latency_exit(struct podscope_syscall_exit *ctx)
 {
 	__u64 cgroup_id = observed_cgroup(bpf_get_current_task_btf());
 	if (cgroup_id)

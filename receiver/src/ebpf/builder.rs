@@ -156,6 +156,26 @@ impl<'a> MetricsBuilder<'a> {
         }
     }
 
+    /// A delta count over the interval from `start_ns` to `end_ns` (not the collection's).
+    pub fn count_over(
+        &mut self,
+        owner: Owner,
+        doc: &MetricDoc,
+        attributes: Vec<KeyValue>,
+        value: u64,
+        (start_ns, end_ns): (u64, u64),
+    ) {
+        if let Some(metric::Data::Sum(sum)) = &mut self.metric(owner, doc).data {
+            sum.data_points.push(NumberDataPoint {
+                attributes,
+                start_time_unix_nano: start_ns,
+                time_unix_nano: end_ns,
+                value: Some(number_data_point::Value::AsInt(value as i64)),
+                ..Default::default()
+            });
+        }
+    }
+
     pub fn distribution(
         &mut self,
         owner: Owner,

@@ -14,7 +14,7 @@ use std::hash::Hash;
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, Program, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 
@@ -364,6 +364,11 @@ impl ProbeObject {
             map: take(self.probe, &mut self.ebpf, def, "per-CPU hash map")?,
             merge,
         })
+    }
+
+    /// An array (settings the probe writes at run time).
+    pub fn array<V: Pod>(&mut self, def: &MapDef) -> Result<Array<MapData, V>, ProbeError> {
+        take(self.probe, &mut self.ebpf, def, "array")
     }
 
     /// A per-CPU array of counters, read as the sum over CPUs.

@@ -115,6 +115,12 @@ impl LoadContext<'_> {
         )
     }
 
+    /// Sizes `map` at `entries` unless the probe's `max_entries` setting does: for maps the
+    /// probe's settings leave unused (one entry then, instead of the compiled default).
+    pub fn size_unless_set(&mut self, map: &str, entries: u32) {
+        self.max_entries.0.entry(map.to_string()).or_insert(entries);
+    }
+
     /// Runs `load`: its probe, or, when it fails, an error if `required` (`what` says what is
     /// required), else `None` after one log line (the probe is listed as skipped).
     pub fn attempt<T>(

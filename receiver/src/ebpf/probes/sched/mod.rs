@@ -27,9 +27,10 @@ const SPEC: ProbeSpec = ProbeSpec {
 
 const RUNQ_LATENCY: MapDef = MapDef::entries("runq_latency").counted(abi::SCHED_MAP_RUNQ_LATENCY);
 const SWITCHES: MapDef = MapDef::entries("context_switches").counted(abi::SCHED_MAP_SWITCHES);
-/// Thread → when it became runnable.
+/// Per thread (task storage): when it became runnable; a thread the kernel could not give an entry
+/// is counted as a refused insert.
 const RUNNABLE_SINCE: MapDef =
-    MapDef::entries("runnable_since").counted(abi::SCHED_MAP_RUNNABLE_SINCE);
+    MapDef::fixed("runnable_since").counted(abi::SCHED_MAP_RUNNABLE_SINCE);
 
 pub struct Sched;
 
