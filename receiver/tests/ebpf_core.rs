@@ -10,6 +10,8 @@
 mod common;
 
 use std::collections::BTreeMap;
+
+use podscope_receiver::ebpf::kernel_memory;
 use std::ffi::CString;
 use std::path::Path;
 use std::sync::Arc;
@@ -1448,4 +1450,221 @@ async fn opens_of_paths_beyond_the_kernels_room_add_up_in_other() {
         );
         receiver.shutdown().await.unwrap();
     }
+}
+
+/// `configs/default.yaml`'s eBPF receiver settings, as JSON (what the receiver parses).
+fn default_config_ebpf() -> serde_json::Value {
+    fn json(yaml: &yaml_rust2::Yaml) -> serde_json::Value {
+        use yaml_rust2::Yaml;
+        match yaml {
+            Yaml::Hash(map) => map
+                .iter()
+                .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), json(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            Yaml::Array(items) => items.iter().map(json).collect(),
+            Yaml::String(s) => s.clone().into(),
+            Yaml::Integer(i) => (*i).into(),
+            Yaml::Boolean(b) => (*b).into(),
+            Yaml::Real(r) => r.parse::<f64>().unwrap().into(),
+            _ => serde_json::Value::Null,
+        }
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text).unwrap();
+    json(&docs[0]["receivers"]["ebpf"])
+}
+
+/// Possible CPUs (per-CPU maps hold a value for each), from the kernel's list (`0-1`, `0,2-5`).
+fn possible_cpus() -> u64 {
+    let list = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    list.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// `bpftool … -j`, parsed.
+fn bpftool(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .arg("-j")
+        .output()
+        .expect("bpftool (scripts/install-deps.sh installs it)");
+    assert!(out.status.success(), "bpftool {args:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Issue 11 point 1: every map of the default config costs the kernel what
+/// `kernel_memory` computes from its shape, the CPUs and its entries; the default fits 24 MiB
+/// here and, by the formula, 64 MiB on a 64-CPU node with 1,000 cgroups. `docs/metrics.md`
+/// lists the figures (`UPDATE_DOCS=1` rewrites them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_configs_kernel_memory_follows_the_formula_and_fits_its_budget() {
+    use podscope_receiver::ebpf::kernel_memory::{MapShape, Node, Typical};
+    let mut config = default_config_ebpf();
+    config["collection_interval"] = "1h".into();
+    let (receiver, _collected, _) = start_config(config).await;
+    receiver.collect_now().await.unwrap();
+    let cpus = possible_cpus();
+    let maps = receiver.map_memory();
+    let mut rows = Vec::new();
+    for m in &maps {
+        let id = m.id.to_string();
+        // Entries come and go with the host's activity: count them between two looks at the
+        // map's memory that agree.
+        let mut attempts = 0;
+        let (shape, entries, kernel) = loop {
+            let before = bpftool(&["map", "show", "id", &id]);
+            let map_type = match before["type"].as_str().unwrap() {
+                "hash" => kernel_memory::HASH,
+                "array" => kernel_memory::ARRAY,
+                "percpu_hash" => kernel_memory::PERCPU_HASH,
+                "percpu_array" => kernel_memory::PERCPU_ARRAY,
+                "lru_hash" => kernel_memory::LRU_HASH,
+                "ringbuf" => kernel_memory::RINGBUF,
+                "task_storage" => kernel_memory::TASK_STORAGE,
+                other => panic!("{}/{}: a {other} map", m.probe, m.map),
+            };
+            let number = |key: &str| before[key].as_u64().unwrap() as u32;
+            let shape = MapShape {
+                map_type,
+                key_size: number("bytes_key"),
+                value_size: number("bytes_value"),
+                max_entries: number("max_entries"),
+                flags: number("flags"),
+            };
+            let hashed = matches!(
+                map_type,
+                kernel_memory::HASH | kernel_memory::PERCPU_HASH | kernel_memory::LRU_HASH
+            );
+            let entries = if hashed {
+                bpftool(&["map", "dump", "id", &id])
+                    .as_array()
+                    .unwrap()
+                    .len() as u64
+            } else {
+                0
+            };
+            let after = bpftool(&["map", "show", "id", &id]);
+            if before["bytes_memlock"] == after["bytes_memlock"] {
+                break (shape, entries, after["bytes_memlock"].as_u64().unwrap());
+            }
+            attempts += 1;
+            assert!(attempts < 20, "{}/{} never held still", m.probe, m.map);
+        };
+        assert_eq!(
+            shape.bytes(cpus, entries),
+            Some(kernel),
+            "{}/{}: {shape:?} with {entries} entries on {cpus} CPUs",
+            m.probe,
+            m.map
+        );
+        rows.push((m.probe, m.map.clone(), shape, m.bytes));
+    }
+
+    // The figures for other nodes: each map's typical entries there (the filter's maps hold
+    // nothing without a filter; arrays and rings are full).
+    let typical = |probe: &str, map: &str, shape: &MapShape| {
+        podscope_receiver::ebpf::map_defs()
+            .find(|(p, def)| *p == probe && def.name == map)
+            .map(|(_, def)| def.typical)
+            .unwrap_or(match shape.map_type {
+                kernel_memory::HASH => Typical::PerNode(0),
+                _ => Typical::Full,
+            })
+    };
+    let small = Node {
+        cpus: 2,
+        cgroups: 100,
+    };
+    let large = Node {
+        cpus: 64,
+        cgroups: 1000,
+    };
+    let on = |node: Node, full: bool| {
+        move |(probe, map, shape): (&str, &str, &MapShape)| {
+            let entries = if full {
+                shape.max_entries as u64
+            } else {
+                typical(probe, map, shape).entries(node, shape.max_entries)
+            };
+            shape.bytes(node.cpus, entries).unwrap()
+        }
+    };
+    let mib = |bytes: u64| format!("{:.2} MiB", bytes as f64 / (1 << 20) as f64);
+    let kib = |bytes: u64| format!("{:.1} KiB", bytes as f64 / 1024.0);
+    let mut table = String::from(
+        "| probe | map | key + value bytes | `max_entries` | entries on a node | 2 CPUs, 100 cgroups | 64 CPUs, 1000 cgroups | 64 CPUs, every map full |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    rows.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut totals = [0u64; 3];
+    let mut probe_totals: BTreeMap<&str, [u64; 3]> = Default::default();
+    // The maps every object has (settings, the filter, refused-insert counters) in one row each.
+    let mut common: BTreeMap<&str, [u64; 3]> = Default::default();
+    for (probe, map, shape, _) in &rows {
+        let figures = [
+            on(small, false)((probe, map, shape)),
+            on(large, false)((probe, map, shape)),
+            on(large, true)((probe, map, shape)),
+        ];
+        for (i, f) in figures.iter().enumerate() {
+            totals[i] += f;
+            probe_totals.entry(probe).or_default()[i] += f;
+        }
+        let own =
+            podscope_receiver::ebpf::map_defs().any(|(p, def)| p == *probe && def.name == map);
+        if !own {
+            for (i, f) in figures.iter().enumerate() {
+                common.entry(probe).or_default()[i] += f;
+            }
+            continue;
+        }
+        let entries = match (shape.max_entries, typical(probe, map, shape)) {
+            (0, _) => "per thread, apart".to_string(),
+            (_, t) => t.to_string(),
+        };
+        table.push_str(&format!(
+            "| {probe} | `{map}` | {} + {} | {} | {entries} | {} | {} | {} |\n",
+            shape.key_size,
+            shape.value_size,
+            shape.max_entries,
+            kib(figures[0]),
+            kib(figures[1]),
+            kib(figures[2]),
+        ));
+    }
+    for (probe, f) in &common {
+        table.push_str(&format!(
+            "| {probe} | settings, filter, refused-insert counters | | | | {} | {} | {} |\n",
+            kib(f[0]),
+            kib(f[1]),
+            kib(f[2])
+        ));
+    }
+    for (probe, t) in &probe_totals {
+        table.push_str(&format!(
+            "| **{probe}** | | | | | **{}** | **{}** | **{}** |\n",
+            mib(t[0]),
+            mib(t[1]),
+            mib(t[2])
+        ));
+    }
+    table.push_str(&format!(
+        "| **all** | | | | | **{}** | **{}** | **{}** |\n",
+        mib(totals[0]),
+        mib(totals[1]),
+        mib(totals[2])
+    ));
+    if let Err(e) = podscope_receiver::ebpf::sync_docs_section("kernel-memory", &table) {
+        panic!("{e}");
+    }
+    let here: u64 = maps.iter().map(|m| m.bytes).sum();
+    assert!(here <= 24 << 20, "{} here", mib(here));
+    assert!(totals[1] <= 64 << 20, "{} on 64 CPUs", mib(totals[1]));
+    receiver.shutdown().await.unwrap();
 }

@@ -73,6 +73,31 @@ pub fn markdown_table() -> String {
     out
 }
 
+/// Checks the part of `docs/metrics.md` between `<!-- marker:begin -->` and `<!-- marker:end -->`
+/// against `table`, or rewrites it when `UPDATE_DOCS` is set (the docs tests' generated tables).
+pub fn sync_docs_section(marker: &str, table: &str) -> Result<(), String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let (begin, end) = (
+        format!("<!-- {marker}:begin -->\n"),
+        format!("<!-- {marker}:end -->"),
+    );
+    let (Some(start), Some(stop)) = (text.find(&begin), text.find(&end)) else {
+        return Err(format!("docs/metrics.md has no {marker} markers"));
+    };
+    let start = start + begin.len();
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        let updated = format!("{}{}{}", &text[..start], table, &text[stop..]);
+        return std::fs::write(&path, updated).map_err(|e| e.to_string());
+    }
+    if &text[start..stop] != table {
+        return Err(format!(
+            "docs/metrics.md is stale ({marker}): run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics (as root for the kernel memory table)\nwant:\n{table}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::ebpf::cgroups::REMOVED_CGROUPS_SPEC;
@@ -87,22 +112,10 @@ mod tests {
             .chain([(REMOVED_CGROUPS_SPEC.name, REMOVED_CGROUPS_SPEC)])
     }
 
-    /// Rewrites (`UPDATE_DOCS=1`) or checks the part of `docs/metrics.md` between the markers.
     fn check_docs_section(marker: &str, table: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let (begin, end) = (
-            format!("<!-- {marker}:begin -->\n"),
-            format!("<!-- {marker}:end -->"),
-        );
-        let start = text.find(&begin).expect("begin marker") + begin.len();
-        let stop = text.find(&end).expect("end marker");
-        if std::env::var_os("UPDATE_DOCS").is_some() {
-            let updated = format!("{}{}{}", &text[..start], table, &text[stop..]);
-            std::fs::write(&path, updated).unwrap();
-            return;
+        if let Err(e) = super::sync_docs_section(marker, table) {
+            panic!("{e}");
         }
-        assert_eq!(&text[start..stop], table, "docs/metrics.md is stale: run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics");
     }
 
     /// `docs/metrics.md` holds the table between markers; `UPDATE_DOCS=1 cargo test` rewrites it.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use podscope_ebpf::abi::RemovedCgroup;
 use podscope_ebpf::{abi, objects};
 
+use super::kernel_memory::Typical;
 use super::object::{
     tp_btf, Global, HashTable, KernelFeatures, MapDef, ObjectSettings, ProbeError, ProbeObject,
     ProbeSpec,
@@ -36,7 +37,9 @@ pub const REMOVED_CGROUPS_SPEC: ProbeSpec = ProbeSpec {
 };
 
 /// Removed cgroup id → path, until the receiver reads it.
-const REMOVED: MapDef = MapDef::entries("removed_cgroups").counted(abi::CGROUPS_MAP_REMOVED);
+const REMOVED: MapDef = MapDef::entries("removed_cgroups")
+    .counted(abi::CGROUPS_MAP_REMOVED)
+    .typically(Typical::PerNode(100));
 const REMOVED_SCRATCH: MapDef = MapDef::fixed("removed_scratch");
 
 /// The kernel's record of removed cgroups, read at every walk.

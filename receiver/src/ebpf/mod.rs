@@ -22,6 +22,7 @@ mod config;
 mod events;
 mod filter;
 pub mod histogram;
+pub mod kernel_memory;
 pub mod object;
 mod probes;
 mod telemetry;
@@ -39,7 +40,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use catalog::{markdown_table as metrics_markdown_table, MetricDoc};
+pub use catalog::{markdown_table as metrics_markdown_table, sync_docs_section, MetricDoc};
 pub use cgroups::{cgroup2_mount, container_id, CgroupIndex};
 use cgroups::{CgroupTable, RemovedCgroups};
 pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, ProbesConfig};
@@ -86,6 +87,19 @@ impl ReceiverBuilder for EbpfReceiverConfig {
             .into_iter()
             .collect()
     }
+}
+
+/// Every map the receiver's objects define, by probe (`cgroups` is the receiver's own record of
+/// removed cgroups): what [`kernel_memory`] sizes a node with.
+pub fn map_defs() -> impl Iterator<Item = (&'static str, &'static object::MapDef)> {
+    probes::SPECS
+        .iter()
+        .map(|(probe, spec)| (*probe, spec.maps))
+        .chain([(
+            cgroups::REMOVED_CGROUPS_SPEC.name,
+            cgroups::REMOVED_CGROUPS_SPEC.maps,
+        )])
+        .flat_map(|(probe, maps)| maps.iter().map(move |map| (probe, map)))
 }
 
 struct LoadedProbes {

@@ -18,6 +18,8 @@ use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashM
 use aya::programs::{BtfTracePoint, Program, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 
+use super::kernel_memory::Typical;
+
 /// Where a program attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -83,6 +85,9 @@ pub struct MapDef {
     /// Its slot in the object's `map_full` array (the `*_map_slot` enums of `podscope.h`), when
     /// the probe counts its failed inserts.
     pub full_slot: Option<u32>,
+    /// How many entries it holds on a node (for the kernel memory figures of
+    /// [`super::kernel_memory`]).
+    pub typical: Typical,
 }
 
 /// What `max_entries` sets for a map.
@@ -103,6 +108,7 @@ impl MapDef {
             name,
             size: MapSize::Entries,
             full_slot: None,
+            typical: Typical::PerCgroup(1),
         }
     }
 
@@ -112,6 +118,7 @@ impl MapDef {
             name,
             size: MapSize::Fixed,
             full_slot: None,
+            typical: Typical::Full,
         }
     }
 
@@ -121,7 +128,14 @@ impl MapDef {
             name,
             size: MapSize::RingBytes,
             full_slot: None,
+            typical: Typical::Full,
         }
+    }
+
+    /// The same map, holding `typical` entries on a node (a hash map holds one per cgroup unless
+    /// said otherwise).
+    pub const fn typically(self, typical: Typical) -> MapDef {
+        MapDef { typical, ..self }
     }
 
     /// The same map, its failed inserts counted at `slot`.
@@ -243,8 +257,23 @@ impl ProbeObject {
             reason: reason.clone(),
         })?;
         let mut loader = EbpfLoader::new();
-        // Task storage (syscall entry times) has no aya wrapper; only the kernel side uses it.
+        // Task storage (per-thread state) has no aya wrapper; only the kernel side uses it.
         loader.btf(Some(btf)).allow_unsupported_maps();
+        // The filter's maps hold nothing without a filter, and its roots only with an include
+        // one (podscope.h): one entry then instead of their compiled size.
+        let filter_mode = globals
+            .iter()
+            .find_map(|g| match g {
+                Global::U32("filter_mode", mode) => Some(*mode),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if filter_mode == 0 {
+            loader.map_max_entries(CGROUP_FILTER.name, 1);
+        }
+        if filter_mode != 1 {
+            loader.map_max_entries(CGROUP_FILTER_ROOTS.name, 1);
+        }
         for (map, entries) in max_entries {
             loader.map_max_entries(map, *entries);
         }
@@ -284,10 +313,7 @@ impl ProbeObject {
             })?;
         }
         // An include filter lists new cgroups as they are created (see podscope.h).
-        if globals
-            .iter()
-            .any(|g| matches!(g, Global::U32("filter_mode", 1)))
-        {
+        if filter_mode == 1 {
             attach(&mut ebpf, CGROUP_ADMIT, Hook::TpBtf("cgroup_mkdir"), btf).map_err(
                 |reason| ProbeError {
                     probe: spec.name,

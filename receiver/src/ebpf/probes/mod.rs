@@ -367,7 +367,6 @@ macro_rules! probe_table {
         pub const KINDS: &[(&str, &[MetricDoc])] = &[$((stringify!($name), <$kind as ProbeKind>::METRICS)),+];
 
         /// Every probe's key and spec (object and maps), in table order.
-        #[cfg(test)]
         pub const SPECS: &[(&str, ProbeSpec)] = &[$((stringify!($name), <$kind as ProbeKind>::SPEC)),+];
     };
 }

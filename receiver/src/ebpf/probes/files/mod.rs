@@ -24,6 +24,7 @@ pub use config::{FilesHooks, FilesProbeConfig};
 use super::{Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
 use crate::ebpf::collector::unix_nanos;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     error_chain, tp_btf, Global, HashTable, MapDef, ObjectSettings, ProbeError, ProbeObject,
     ProbeSpec,
@@ -61,11 +62,17 @@ const OPEN_SYSCALLS: [syscalls::Sysno; 5] = [
     syscalls::Sysno::open_by_handle_at,
 ];
 
-const OPENS: MapDef = MapDef::entries("opens").counted(abi::FILES_MAP_OPENS);
-const PATHS: MapDef = MapDef::entries("open_paths").counted(abi::FILES_MAP_PATHS);
+const OPENS: MapDef = MapDef::entries("opens")
+    .counted(abi::FILES_MAP_OPENS)
+    .typically(Typical::PerCgroup(2));
+const PATHS: MapDef = MapDef::entries("open_paths")
+    .counted(abi::FILES_MAP_PATHS)
+    .typically(Typical::PerCgroup(40));
 /// Per cgroup and epoch: distinct paths tracked and opens counted as `other`.
 const PATH_CGROUPS: MapDef =
-    MapDef::entries("open_path_cgroups").counted(abi::FILES_MAP_PATH_CGROUPS);
+    MapDef::entries("open_path_cgroups")
+    .counted(abi::FILES_MAP_PATH_CGROUPS)
+    .typically(Typical::PerCgroup(2));
 const PATH_EPOCH: MapDef = MapDef::fixed("path_epoch");
 /// Per thread (task storage): the path being opened, between entry and exit.
 const PATH_ARG: MapDef = MapDef::fixed("open_path_arg");

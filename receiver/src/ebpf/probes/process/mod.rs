@@ -20,6 +20,7 @@ pub use config::ProcessProbeConfig;
 use super::{Collection, LoadContext, Probe, SingleObjectProbe, StartContext};
 use crate::ebpf::catalog::MetricDoc;
 use crate::ebpf::events::EventReader;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, Global, HashTable, MapDef, ObjectSettings, PerCpuCounters, ProbeError, ProbeObject,
     ProbeSpec,
@@ -36,12 +37,14 @@ const SPEC: ProbeSpec = ProbeSpec {
     maps: &[COUNTS, LIFETIME, EVENTS, EXITED_GROUPS, EVENTS_LOST],
 };
 
-const COUNTS: MapDef = MapDef::entries("process_counts").counted(abi::PROCESS_MAP_COUNTS);
+const COUNTS: MapDef = MapDef::entries("process_counts")
+    .counted(abi::PROCESS_MAP_COUNTS)
+    .typically(Typical::PerCgroup(4));
 const LIFETIME: MapDef = MapDef::entries("process_lifetime").counted(abi::PROCESS_MAP_LIFETIME);
 const EVENTS: MapDef = MapDef::ring("process_events");
 /// Processes whose exit was counted, on kernels whose exit tracepoint does not say which thread
 /// is a process's last (a few hundred entries only need to outlive threads exiting together).
-const EXITED_GROUPS: MapDef = MapDef::entries("exited_groups");
+const EXITED_GROUPS: MapDef = MapDef::entries("exited_groups").typically(Typical::Full);
 /// Events that did not fit in the ring buffer (index 0).
 const EVENTS_LOST: MapDef = MapDef::fixed("process_events_lost");
 

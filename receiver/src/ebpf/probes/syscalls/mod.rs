@@ -18,6 +18,7 @@ pub use config::{SyscallsBy, SyscallsProbeConfig};
 
 use super::{Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, Global, HashTable, MapDef, ObjectSettings, PerCpuHashTable, ProbeError, ProbeObject,
     ProbeSpec,
@@ -45,8 +46,12 @@ const ENTER: &str = "podscope_sys_enter";
 const LATENCY_ENTER: &str = "podscope_latency_enter";
 const LATENCY_EXIT: &str = "podscope_latency_exit";
 
-const COUNTS: MapDef = MapDef::entries("syscall_counts").counted(abi::SYSCALLS_MAP_COUNTS);
-const LATENCY: MapDef = MapDef::entries("syscall_latency").counted(abi::SYSCALLS_MAP_LATENCY);
+const COUNTS: MapDef = MapDef::entries("syscall_counts")
+    .counted(abi::SYSCALLS_MAP_COUNTS)
+    .typically(Typical::PerCgroup(10));
+const LATENCY: MapDef = MapDef::entries("syscall_latency")
+    .counted(abi::SYSCALLS_MAP_LATENCY)
+    .typically(Typical::PerCgroup(2));
 /// Entry times, in task storage (sized by the kernel: one per task).
 const START: MapDef = MapDef::fixed("syscall_start");
 
@@ -110,6 +115,9 @@ impl SingleObjectProbe for Syscalls {
             SyscallsBy::Syscall => (0..nrs as u16).collect(),
             SyscallsBy::Group => groups::group_slots(nrs),
         };
+        if !config.latency && chosen.is_none() {
+            ctx.size_unless_set(LATENCY.name, 1);
+        }
         let settings = ObjectSettings {
             globals: vec![
                 Global::U32("measure_latency", on_every_entry as u32),

@@ -16,6 +16,7 @@ pub use config::TcpProbeConfig;
 
 use super::{Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     error_chain, tp_btf, HashTable, KernelFeatures, MapDef, ObjectSettings, ProbeError,
     ProbeObject, ProbeSpec,
@@ -34,11 +35,17 @@ const SPEC: ProbeSpec = ProbeSpec {
 /// The iterator program sampling open connections' RTT.
 const OPEN_RTT_ITERATOR: &str = "podscope_tcp_live_rtt";
 
-const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats").counted(abi::TCP_MAP_CONN_STATS);
+const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats")
+    .counted(abi::TCP_MAP_CONN_STATS)
+    .typically(Typical::PerCgroup(10));
 /// Socket → when it was established, and its role.
-const LIVE: MapDef = MapDef::entries("tcp_live").counted(abi::TCP_MAP_LIVE);
+const LIVE: MapDef = MapDef::entries("tcp_live")
+    .counted(abi::TCP_MAP_LIVE)
+    .typically(Typical::PerNode(10_000));
 /// Filled by the iterator, emptied before each run.
-const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt").counted(abi::TCP_MAP_LIVE_RTT);
+const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt")
+    .counted(abi::TCP_MAP_LIVE_RTT)
+    .typically(Typical::PerCgroup(10));
 
 pub struct Tcp;
 
