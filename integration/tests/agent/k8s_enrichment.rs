@@ -585,3 +585,271 @@ service:
         "pods are watched cluster-wide for peers: {requests:?}"
     );
 }
+
+/// A pod IP reused by a new pod while the finished pod that had it is still listed (a Job's pod
+/// keeps `status.podIP` after it succeeded), then deleted: the IP names the running pod, in the
+/// node's own cache (`k8s.pod.ip` association) and in the cluster-wide peer index, whatever the
+/// order of updates. Data arrives over OTLP from a real client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_pod_ip_names_the_running_pod_not_the_finished_one() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+
+    const REUSED: &str = "10.244.1.50";
+    let running_uid = "5f0c1e2d-0000-4000-8000-0000000000a1";
+    let finished_uid = "5f0c1e2d-0000-4000-8000-0000000000f1";
+    let running = |ip: &str| {
+        let mut p = pod("web-7d4b9c8f6-reuse", running_uid, NODE, &"a1".repeat(32));
+        p.status.as_mut().unwrap().pod_ip = Some(ip.into());
+        p
+    };
+    let finished = |label: &str| {
+        let mut p = pod("backup-29012345-x1", finished_uid, NODE, &"f1".repeat(32));
+        p.metadata.owner_references.as_mut().unwrap()[0].kind = "Job".into();
+        p.metadata.owner_references.as_mut().unwrap()[0].name = "backup-29012345".into();
+        p.metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert("revision".into(), label.into());
+        let status = p.status.as_mut().unwrap();
+        status.phase = Some("Succeeded".into());
+        status.pod_ip = Some(REUSED.into());
+        p
+    };
+    let api = FakeApiServer::start().await;
+    api.apply_pod(finished("1"));
+    api.apply_pod(running(REUSED));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let out = dir.path().join("out.jsonl");
+    let (telemetry_port, grpc_port) = (free_port(), free_port());
+    let config = format!(
+        r#"
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{grpc_port}
+processors:
+  k8sattributes:
+    auth_type: kubeConfig
+    filter:
+      node: {NODE}
+    pod_association:
+      - sources: [{{ from: resource_attribute, name: k8s.pod.ip }}]
+    pod_delete_delay: 1s
+    peers:
+      enabled: true
+exporters:
+  file:
+    path: {out}
+service:
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{telemetry_port}
+  pipelines:
+    metrics:
+      receivers: [otlp]
+      processors: [k8sattributes]
+      exporters: [file]
+"#,
+        out = out.display()
+    );
+    let agent = AgentProcess::start_with_env(
+        env!("CARGO_BIN_EXE_podscope"),
+        &config,
+        telemetry_port,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+        .await
+        .unwrap();
+    let expect = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let running_resource = expect(&[
+        ("host.name", "sender"),
+        ("k8s.pod.ip", REUSED),
+        ("k8s.namespace.name", "shop"),
+        ("k8s.pod.name", "web-7d4b9c8f6-reuse"),
+        ("k8s.pod.uid", running_uid),
+        ("k8s.node.name", NODE),
+        ("k8s.deployment.name", "web"),
+        ("k8s.replicaset.name", "web-7d4b9c8f6"),
+        ("service.name", "web"),
+        ("service.namespace", "shop"),
+    ]);
+    let running_peer = expect(&[
+        ("network.peer.address", REUSED),
+        ("k8s.peer.namespace.name", "shop"),
+        ("k8s.peer.pod.name", "web-7d4b9c8f6-reuse"),
+        ("k8s.peer.workload.name", "web"),
+        ("k8s.peer.workload.kind", "Deployment"),
+    ]);
+    assert_eq!(
+        export_by_ip(&mut client, &out, REUSED).await,
+        (running_resource.clone(), running_peer.clone()),
+        "both listed: the running pod owns the IP"
+    );
+
+    // The finished pod changes after the running one (its owner relabels it): the IP stays with
+    // the running pod.
+    api.apply_pod(finished("2"));
+    wait_until_seen(&mut client, &out, &api, "10.244.1.61").await;
+    assert_eq!(
+        export_by_ip(&mut client, &out, REUSED).await,
+        (running_resource.clone(), running_peer.clone()),
+        "after the finished pod was updated"
+    );
+
+    // The finished pod is deleted, and purged after pod_delete_delay: the IP stays too.
+    assert!(api.delete_pod("shop", "backup-29012345-x1"));
+    wait_until_seen(&mut client, &out, &api, "10.244.1.62").await;
+    assert_eq!(
+        export_by_ip(&mut client, &out, REUSED).await,
+        (running_resource.clone(), running_peer.clone()),
+        "after the finished pod was deleted"
+    );
+    wait_for_metric(
+        telemetry_port,
+        r#"podscope_k8sattributes_pods{processor="processor/k8sattributes",state="deleted"} 0"#,
+    )
+    .await;
+    assert_eq!(
+        export_by_ip(&mut client, &out, REUSED).await,
+        (running_resource, running_peer),
+        "after the finished pod was purged"
+    );
+
+    agent.sigterm();
+    let status = agent.wait(Duration::from_secs(30)).await;
+    assert!(status.success(), "podscope exited with {status:?}");
+}
+
+type MetricsClient =
+    opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient<
+        tonic::transport::Channel,
+    >;
+
+/// Exports one data point whose resource has `k8s.pod.ip` = `ip` and whose attribute
+/// `network.peer.address` = `ip`, and returns both attribute sets as the agent wrote them.
+async fn export_by_ip(
+    client: &mut MetricsClient,
+    out: &Path,
+    ip: &str,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{
+        metric, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    };
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let kv = |key: &str, value: &str| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.into())),
+        }),
+        ..Default::default()
+    };
+    let before = line_count(out);
+    client
+        .export(ExportMetricsServiceRequest {
+            resource_metrics: vec![ResourceMetrics {
+                resource: Some(Resource {
+                    attributes: vec![kv("host.name", "sender"), kv("k8s.pod.ip", ip)],
+                    ..Default::default()
+                }),
+                scope_metrics: vec![ScopeMetrics {
+                    metrics: vec![Metric {
+                        name: "app.connections".into(),
+                        data: Some(metric::Data::Sum(Sum {
+                            data_points: vec![NumberDataPoint {
+                                attributes: vec![kv("network.peer.address", ip)],
+                                time_unix_nano: 1,
+                                value: Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)),
+                                ..Default::default()
+                            }],
+                            aggregation_temporality: 2,
+                            is_monotonic: true,
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        })
+        .await
+        .expect("the agent accepts the metrics");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while line_count(out) == before {
+        assert!(Instant::now() < deadline, "nothing written within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = std::fs::read_to_string(out).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().nth(before).unwrap()).unwrap();
+    let strings = |attributes: &serde_json::Value| -> BTreeMap<String, String> {
+        attributes
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| {
+                (
+                    kv["key"].as_str().unwrap().to_string(),
+                    kv["value"]["stringValue"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let rm = &line["resourceMetrics"][0];
+    let point = &rm["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"][0];
+    (
+        strings(&rm["resource"]["attributes"]),
+        strings(&point["attributes"]),
+    )
+}
+
+/// Applies a running pod on the node with IP `marker` and waits until both the node's cache and
+/// the peer index name it: watch events arrive in order, so every change made before is applied.
+async fn wait_until_seen(
+    client: &mut MetricsClient,
+    out: &Path,
+    api: &FakeApiServer,
+    marker: &str,
+) {
+    let name = format!("marker-{}", marker.replace('.', "-"));
+    let mut p = pod(
+        &name,
+        &format!(
+            "5f0c1e2d-0000-4000-8000-{:012}",
+            marker
+                .replace('.', "")
+                .parse::<u64>()
+                .expect("an IPv4 address")
+        ),
+        NODE,
+        &"0".repeat(64),
+    );
+    p.status.as_mut().unwrap().container_statuses = None;
+    p.status.as_mut().unwrap().pod_ip = Some(marker.into());
+    api.apply_pod(p);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (resource, peer) = export_by_ip(client, out, marker).await;
+        if resource.get("k8s.pod.name") == Some(&name)
+            && peer.get("k8s.peer.pod.name") == Some(&name)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} not seen by the agent within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -79,7 +79,8 @@ impl PodStore {
                 self.by_container.insert(id.clone(), (uid.clone(), i));
             }
         }
-        // A newer pod may reuse a deleted pod's IP: the index points at the newest.
+        // A new pod may take the IP of one deleted but still kept for the delay: the index points
+        // at the newest, and the old pod's purge removes only what it still owns (`unindex`).
         for ip in &pod.ips {
             self.by_ip.insert(ip.clone(), uid.clone());
         }

@@ -493,6 +493,102 @@ fn a_new_pod_reusing_a_deleted_pods_ip_keeps_it_after_the_purge() {
     assert_eq!(store.len(), 1);
 }
 
+/// `web_pod` finished (a Job's pod that succeeded): still listed, with its old IP.
+fn finished_pod() -> Pod {
+    let mut pod = web_pod();
+    pod.metadata.uid = Some("11111111-2222-3333-4444-555555555555".into());
+    pod.metadata.name = Some("backup-29012345-x1".into());
+    pod.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    pod.status.as_mut().unwrap().container_statuses = None;
+    pod
+}
+
+#[test]
+fn a_finished_pod_keeps_no_ip_a_running_pod_took() {
+    let cfg = K8sAttributesConfig::default();
+    let mut running = web_pod();
+    running.status.as_mut().unwrap().phase = Some("Running".into());
+    // The finished pod is updated after the running one took its IP, in both orders of listing.
+    for events in [
+        vec![Event::Apply(finished_pod()), Event::Apply(running.clone())],
+        vec![Event::Apply(running.clone()), Event::Apply(finished_pod())],
+    ] {
+        let (mut store, extractor) = store_with(&cfg, events);
+        assert_eq!(
+            &*store.by_ip("10.1.2.3").unwrap().pod.name,
+            "web-7d4b9c8f6-x2x7k"
+        );
+        // Its data is still described with the IP it had.
+        let finished = store.by_name("shop", "backup-29012345-x1").unwrap();
+        assert!(found_pairs(&finished).contains(&("k8s.pod.ip".into(), "10.1.2.3".into())));
+        let t0 = Instant::now();
+        apply_pod_event(&mut store, &extractor, Event::Delete(finished_pod()), t0);
+        store.purge(t0 + cfg.pod_delete_delay);
+        assert_eq!(
+            &*store.by_ip("10.1.2.3").unwrap().pod.name,
+            "web-7d4b9c8f6-x2x7k"
+        );
+        // The running pod finishes in turn: nobody holds the IP.
+        let mut done = running.clone();
+        done.status.as_mut().unwrap().phase = Some("Failed".into());
+        apply_pod_event(&mut store, &extractor, Event::Apply(done), t0);
+        assert!(store.by_ip("10.1.2.3").is_none());
+    }
+}
+
+#[test]
+fn a_peer_ip_names_the_pod_that_holds_it() {
+    let peer_name = |index: &PeerIndex, ip: &str| {
+        index.lookup(ip).and_then(|attrs| {
+            attrs
+                .iter()
+                .find(|a| &*a.key == PEER_POD)
+                .map(|a| value(&a.to_key_value()))
+        })
+    };
+    let mut index = PeerIndex::default();
+    index.apply_pod_event(Event::Init);
+    index.apply_pod_event(Event::InitApply(finished_pod()));
+    index.apply_pod_event(Event::InitApply(web_pod()));
+    index.apply_pod_event(Event::InitDone);
+    assert_eq!(
+        peer_name(&index, "10.1.2.3").as_deref(),
+        Some("web-7d4b9c8f6-x2x7k")
+    );
+    // The finished pod changes, then is deleted: the IP stays with the running pod.
+    index.apply_pod_event(Event::Apply(finished_pod()));
+    assert_eq!(
+        peer_name(&index, "10.1.2.3").as_deref(),
+        Some("web-7d4b9c8f6-x2x7k")
+    );
+    index.apply_pod_event(Event::Delete(finished_pod()));
+    assert_eq!(
+        peer_name(&index, "10.1.2.3").as_deref(),
+        Some("web-7d4b9c8f6-x2x7k")
+    );
+    assert_eq!(
+        peer_name(&index, "fd00::3").as_deref(),
+        Some("web-7d4b9c8f6-x2x7k")
+    );
+    // A new pod takes the IP before the old one's delete arrives: the delete leaves it alone.
+    let mut successor = web_pod();
+    successor.metadata.uid = Some("22222222-2222-3333-4444-555555555555".into());
+    successor.metadata.name = Some("web-7d4b9c8f6-next0".into());
+    index.apply_pod_event(Event::Apply(successor));
+    index.apply_pod_event(Event::Delete(web_pod()));
+    assert_eq!(
+        peer_name(&index, "10.1.2.3").as_deref(),
+        Some("web-7d4b9c8f6-next0")
+    );
+    // A pod that finishes gives its IPs up.
+    let mut done = web_pod();
+    done.metadata.uid = Some("22222222-2222-3333-4444-555555555555".into());
+    done.metadata.name = Some("web-7d4b9c8f6-next0".into());
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    index.apply_pod_event(Event::Apply(done));
+    assert_eq!(index.len(), (0, 0));
+}
+
 #[test]
 fn a_relist_marks_pods_it_no_longer_lists_as_deleted() {
     let cfg = K8sAttributesConfig::default();
