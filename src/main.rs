@@ -181,11 +181,12 @@ async fn run_service(config: AgentConfig) -> anyhow::Result<()> {
         readiness.clone(),
     )
     .await?;
-    let mut service = Service::build(&config, telemetry, readiness)?;
+    let shutdown_timeout = config.service.shutdown_timeout;
+    let mut service = Service::build(config, telemetry, readiness)?;
     service.start().await?;
 
     let signal = wait_for_stop_signal().await?;
-    tracing::info!(signal, timeout = ?config.service.shutdown_timeout, "stopping: receivers first, then draining pipelines");
+    tracing::info!(signal, timeout = ?shutdown_timeout, "stopping: receivers first, then draining pipelines");
     let report = service.shutdown().await;
     for error in &report.errors {
         tracing::warn!("shutdown: {error}");

@@ -2,10 +2,7 @@
 //!
 //! [`Registry`] is that table as a value, so tests can add components of their own.
 
-use podscope_core::{
-    ComponentKind, ComponentReference, ExporterFactory, FieldError, ProcessorFactory,
-    ReceiverFactory, Signal,
-};
+use podscope_core::{ComponentKind, ExporterFactory, ProcessorFactory, ReceiverFactory, Signal};
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
     vec![
@@ -79,34 +76,6 @@ impl Registry {
             ComponentKind::Receiver => self.receiver(type_name).map(|f| f.signals),
             ComponentKind::Processor => self.processor(type_name).map(|f| f.signals),
             ComponentKind::Exporter => self.exporter(type_name).map(|f| f.signals),
-        }
-    }
-
-    /// Parses and validates a component's settings; `None` for an unknown type.
-    pub fn check_config(
-        &self,
-        kind: ComponentKind,
-        type_name: &str,
-        raw: serde_json::Value,
-    ) -> Option<Result<Vec<ComponentReference>, Vec<FieldError>>> {
-        match kind {
-            ComponentKind::Receiver => self
-                .receiver(type_name)
-                .map(|f| (f.create)(raw).map(|b| b.references())),
-            ComponentKind::Processor => self
-                .processor(type_name)
-                .map(|f| (f.create)(raw).map(|_| Vec::new())),
-            ComponentKind::Exporter => self
-                .exporter(type_name)
-                .map(|f| (f.create)(raw).map(|_| Vec::new())),
-        }
-    }
-
-    pub fn type_names(&self, kind: ComponentKind) -> Vec<&'static str> {
-        match kind {
-            ComponentKind::Receiver => self.receivers.iter().map(|f| f.type_name).collect(),
-            ComponentKind::Processor => self.processors.iter().map(|f| f.type_name).collect(),
-            ComponentKind::Exporter => self.exporters.iter().map(|f| f.type_name).collect(),
         }
     }
 }

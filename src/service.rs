@@ -29,7 +29,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::registry::Registry;
 
 /// A pipeline's entry queue and the task that feeds its first stage.
 struct RunningPipeline {
@@ -64,19 +63,10 @@ pub struct ShutdownReport {
 }
 
 impl Service {
-    /// Builds every component of every pipeline. Nothing runs until [`Service::start`].
+    /// Builds every component of every pipeline from the builders the config loader validated.
+    /// Nothing runs until [`Service::start`].
     pub fn build(
-        config: &AgentConfig,
-        telemetry: AgentTelemetry,
-        readiness: Readiness,
-    ) -> anyhow::Result<Service> {
-        Self::build_with(config, &Registry::builtin(), telemetry, readiness)
-    }
-
-    /// [`Service::build`] from a given registry (tests add components of their own).
-    pub fn build_with(
-        config: &AgentConfig,
-        registry: &Registry,
+        mut config: AgentConfig,
         telemetry: AgentTelemetry,
         readiness: Readiness,
     ) -> anyhow::Result<Service> {
@@ -98,11 +88,10 @@ impl Service {
                 if exporters.contains_key(id) {
                     continue;
                 }
-                let factory = registry
-                    .exporter(id.type_name())
-                    .with_context(|| format!("exporter {id}: unknown type"))?;
-                let builder = (factory.create)(component_section(&config.exporters, id))
-                    .map_err(|e| anyhow::anyhow!("exporter {id}: {}", join_field_errors(&e)))?;
+                let builder = config
+                    .exporters
+                    .remove(id)
+                    .with_context(|| format!("exporter {id} is not defined"))?;
                 let exporter = builder
                     .build(context(id, None))
                     .with_context(|| format!("building exporter {id}"))?;
@@ -121,11 +110,10 @@ impl Service {
             let mut next = Fanout::of(exporter_consumers);
             let mut processors = Vec::new();
             for id in pipeline.processors.iter().rev() {
-                let factory = registry
-                    .processor(id.type_name())
-                    .with_context(|| format!("processor {id}: unknown type"))?;
-                let builder = (factory.create)(component_section(&config.processors, id))
-                    .map_err(|e| anyhow::anyhow!("processor {id}: {}", join_field_errors(&e)))?;
+                let builder = config
+                    .processors
+                    .get(id)
+                    .with_context(|| format!("processor {id} is not defined"))?;
                 let processor = builder
                     .build(context(id, Some(&pipeline.name)), pipeline.signal, next)
                     .with_context(|| {
@@ -184,11 +172,10 @@ impl Service {
                     Signal::Traces => consumers.traces = Some(observed),
                 }
             }
-            let factory = registry
-                .receiver(id.type_name())
-                .with_context(|| format!("receiver {id}: unknown type"))?;
-            let builder = (factory.create)(component_section(&config.receivers, id))
-                .map_err(|e| anyhow::anyhow!("receiver {id}: {}", join_field_errors(&e)))?;
+            let builder = config
+                .receivers
+                .remove(id)
+                .with_context(|| format!("receiver {id} is not defined"))?;
             let receiver = builder
                 .build(context(id, None), consumers)
                 .with_context(|| format!("building receiver {id}"))?;
@@ -349,21 +336,6 @@ impl Consumer for ObservedReceiverOutput {
         };
         result
     }
-}
-
-fn component_section(
-    sections: &BTreeMap<ComponentId, serde_json::Value>,
-    id: &ComponentId,
-) -> serde_json::Value {
-    sections.get(id).cloned().unwrap_or(serde_json::Value::Null)
-}
-
-fn join_field_errors(errors: &[podscope_core::FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// The machine's host name, for `host.name`. Falls back to `localhost` rather than failing.

@@ -77,7 +77,7 @@ service:
     let config = load_str(&config, "fanout.yaml").unwrap();
     let telemetry = AgentTelemetry::new();
     let readiness = Readiness::default();
-    let mut service = Service::build(&config, telemetry.clone(), readiness.clone()).unwrap();
+    let mut service = Service::build(config, telemetry.clone(), readiness.clone()).unwrap();
     assert!(readiness.check().is_err(), "not ready before start");
     service.start().await.unwrap();
     assert_eq!(readiness.check(), Ok(()));
@@ -134,7 +134,7 @@ service:
     );
     let config = load_str(&config, "clash.yaml").unwrap();
     let readiness = Readiness::default();
-    let mut service = Service::build(&config, AgentTelemetry::new(), readiness.clone()).unwrap();
+    let mut service = Service::build(config, AgentTelemetry::new(), readiness.clone()).unwrap();
     let error = format!("{:#}", service.start().await.unwrap_err());
     assert!(
         error.contains(&format!("receivers.otlp/second.protocols.grpc.endpoint: cannot listen on 127.0.0.1:{taken_port}")),

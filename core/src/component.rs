@@ -3,8 +3,9 @@
 //! A component is a **config** (serde, validated), a **factory** row (type name, description,
 //! signals, a `create` function that parses and validates the config) and a **runtime** built
 //! from the validated config. The config struct itself is the builder: `create` returns it boxed
-//! as a [`ReceiverBuilder`] / [`ProcessorBuilder`] / [`ExporterBuilder`], and the service calls
-//! `build` once the pipeline graph knows where the component's output goes.
+//! as a [`ReceiverBuilder`] / [`ProcessorBuilder`] / [`ExporterBuilder`], the config loader keeps
+//! it, and the service calls `build` once the pipeline graph knows where the component's output
+//! goes. Builders are `Any` so that tests can look at the settings they hold.
 
 use std::fmt;
 use std::sync::Arc;
@@ -252,7 +253,7 @@ pub struct ComponentReference {
     pub id: ComponentId,
 }
 
-pub trait ReceiverBuilder: Send {
+pub trait ReceiverBuilder: Send + std::any::Any {
     fn build(
         self: Box<Self>,
         ctx: BuildContext,
@@ -265,16 +266,18 @@ pub trait ReceiverBuilder: Send {
     }
 }
 
-pub trait ProcessorBuilder: Send {
+/// Processors are built once per pipeline that lists them, so `build` may be called several
+/// times.
+pub trait ProcessorBuilder: Send + std::any::Any {
     fn build(
-        self: Box<Self>,
+        &self,
         ctx: BuildContext,
         signal: Signal,
         next: Arc<dyn Consumer>,
     ) -> anyhow::Result<Arc<dyn Processor>>;
 }
 
-pub trait ExporterBuilder: Send {
+pub trait ExporterBuilder: Send + std::any::Any {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>>;
 }
 

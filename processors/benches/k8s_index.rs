@@ -114,7 +114,7 @@ fn processor() -> Arc<K8sAttributesProcessor> {
         serde_json::from_value(serde_json::json!({"auth_type": "none"})).expect("config");
     assert!(config.validate().is_empty());
     let ctx = BuildContext::for_tests("k8sattributes");
-    let built = Box::new(config)
+    let built = config
         .build(ctx, Signal::Metrics, Arc::new(Discard))
         .expect("build");
     // The concrete type, for the cache-filling and lookup entry points.

@@ -3,11 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use podscope_core::component::create_receiver;
 use podscope_core::{
-    BuildContext, ComponentConfig, Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory,
-    Signal,
+    BuildContext, ComponentConfig, ComponentId, ComponentKind, Receiver, ReceiverBuilder,
+    ReceiverConsumers, ReceiverFactory, Signal,
 };
+use podscope_receiver::ebpf::EbpfReceiverConfig;
+use podscope_receiver::otlp::OtlpReceiverConfig;
 use serde::Deserialize;
 
 use super::*;
@@ -82,11 +86,21 @@ fn the_default_config_runs_ebpf_and_otlp_through_k8sattributes_and_batch_to_prom
     }
     assert_eq!(ids(&metrics.exporters), vec!["prometheus", "debug"]);
     assert_eq!(ids(&traces.exporters), vec!["debug"]);
-    let probes = &config.receivers[&ComponentId::parse("ebpf").unwrap()]["probes"];
-    let listed: Vec<&String> = probes.as_object().unwrap().keys().collect();
+    let ebpf: &EbpfReceiverConfig = config.settings(ComponentKind::Receiver, "ebpf").unwrap();
+    let probes = &ebpf.probes;
+    let on = [
+        ("process", probes.process.is_some()),
+        ("syscalls", probes.syscalls.is_some()),
+        ("files", probes.files.is_some()),
+        ("sched", probes.sched.is_some()),
+        ("block_io", probes.block_io.is_some()),
+        ("tcp", probes.tcp.is_some()),
+        ("uprobes", !probes.uprobes.is_empty()),
+    ];
+    let listed: Vec<&str> = on.iter().filter(|(_, on)| *on).map(|(p, _)| *p).collect();
     assert_eq!(
         listed,
-        vec!["block_io", "files", "process", "sched", "syscalls", "tcp"]
+        vec!["process", "syscalls", "files", "sched", "block_io", "tcp"]
     );
 }
 
@@ -121,8 +135,9 @@ fn service_settings_and_pipeline_queues_are_read() {
         "defaults fill what is not set"
     );
     // The default for the unset variable was used.
+    let otlp: &OtlpReceiverConfig = config.settings(ComponentKind::Receiver, "otlp").unwrap();
     assert_eq!(
-        config.receivers[&ComponentId::parse("otlp").unwrap()]["protocols"]["grpc"]["endpoint"],
+        otlp.protocols.grpc.as_ref().unwrap().endpoint,
         "127.0.0.1:4317"
     );
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
@@ -138,9 +153,10 @@ fn env_values_are_substituted_with_their_types() {
         _ => None,
     };
     let config = load_with(text, "env.yaml", &Registry::builtin(), &env).unwrap();
-    let grpc = &config.receivers[&ComponentId::parse("otlp").unwrap()]["protocols"]["grpc"];
-    assert_eq!(grpc["endpoint"], "127.0.0.1:5317");
-    assert_eq!(grpc["max_recv_msg_size_mib"], 16);
+    let otlp: &OtlpReceiverConfig = config.settings(ComponentKind::Receiver, "otlp").unwrap();
+    let grpc = otlp.protocols.grpc.as_ref().unwrap();
+    assert_eq!(grpc.endpoint, "127.0.0.1:5317");
+    assert_eq!(grpc.max_recv_msg_size_mib, 16);
 }
 
 #[test]

@@ -55,15 +55,14 @@ pub const FACTORY: ProcessorFactory = ProcessorFactory {
 
 impl ProcessorBuilder for K8sAttributesConfig {
     fn build(
-        self: Box<Self>,
+        &self,
         ctx: BuildContext,
         signal: Signal,
         next: Arc<dyn Consumer>,
     ) -> anyhow::Result<Arc<dyn Processor>> {
-        let config = *self;
         let shared = ctx
             .shared
-            .get_or_insert(&ctx.id, || Shared::new(config, &ctx))?;
+            .get_or_insert(&ctx.id, || Shared::new(self.clone(), &ctx))?;
         ctx.shared.publish_pod_directory(&ctx.id, shared.clone());
         Ok(Arc::new(K8sAttributesProcessor {
             shared,

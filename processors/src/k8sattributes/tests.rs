@@ -662,9 +662,7 @@ async fn host_mode_adds_container_id_and_host_name() {
     let cfg = config(serde_json::json!({"auth_type": "none"}));
     let ctx = BuildContext::for_tests("k8sattributes");
     let sink = Arc::new(podscope_core::consumer::Recorder::default());
-    let processor = Box::new(cfg)
-        .build(ctx, Signal::Metrics, sink.clone())
-        .unwrap();
+    let processor = cfg.build(ctx, Signal::Metrics, sink.clone()).unwrap();
     processor.start().await.unwrap();
     let path = format!("/kubepods/burstable/pod{UID}/{APP_ID}");
     let batch = Batch::metrics(vec![
@@ -715,9 +713,7 @@ async fn peers_name_the_pod_or_service_at_the_other_end() {
     let sink = Arc::new(podscope_core::consumer::Recorder::default());
     let ctx = BuildContext::for_tests("k8sattributes");
     let state = ctx.shared.clone();
-    let processor = Box::new(cfg)
-        .build(ctx, Signal::Metrics, sink.clone())
-        .unwrap();
+    let processor = cfg.build(ctx, Signal::Metrics, sink.clone()).unwrap();
     let mut host_net = web_pod();
     host_net.metadata.name = Some("node-exporter".into());
     host_net.spec.as_mut().unwrap().host_network = Some(true);
