@@ -120,6 +120,13 @@ fn print_components() {
             f.description
         );
     }
+    // Extensions are in no pipeline, so they handle no signal.
+    for f in registry::extensions() {
+        println!(
+            "{:<10} {:<22} {:<16} {}",
+            "extension", f.type_name, "-", f.description
+        );
+    }
 }
 
 fn run(

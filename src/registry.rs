@@ -2,7 +2,9 @@
 //!
 //! [`Registry`] is that table as a value, so tests can add components of their own.
 
-use podscope_core::{ComponentKind, ExporterFactory, ProcessorFactory, ReceiverFactory, Signal};
+use podscope_core::{
+    ComponentKind, ExporterFactory, ExtensionFactory, ProcessorFactory, ReceiverFactory, Signal,
+};
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
     vec![
@@ -31,12 +33,17 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
     ]
 }
 
-/// A set of component factories to validate configs against and build services from.
+pub fn extensions() -> Vec<&'static ExtensionFactory> {
+    vec![]
+}
+
+/// A set of component factories to validate configs against.
 #[derive(Clone)]
 pub struct Registry {
     pub receivers: Vec<&'static ReceiverFactory>,
     pub processors: Vec<&'static ProcessorFactory>,
     pub exporters: Vec<&'static ExporterFactory>,
+    pub extensions: Vec<&'static ExtensionFactory>,
 }
 
 impl Registry {
@@ -46,6 +53,7 @@ impl Registry {
             receivers: receivers(),
             processors: processors(),
             exporters: exporters(),
+            extensions: extensions(),
         }
     }
 
@@ -70,12 +78,20 @@ impl Registry {
             .find(|f| f.type_name == type_name)
     }
 
+    pub fn extension(&self, type_name: &str) -> Option<&'static ExtensionFactory> {
+        self.extensions
+            .iter()
+            .copied()
+            .find(|f| f.type_name == type_name)
+    }
+
     /// The signals a component type handles; `None` for an unknown type.
     pub fn signals(&self, kind: ComponentKind, type_name: &str) -> Option<&'static [Signal]> {
         match kind {
             ComponentKind::Receiver => self.receiver(type_name).map(|f| f.signals),
             ComponentKind::Processor => self.processor(type_name).map(|f| f.signals),
             ComponentKind::Exporter => self.exporter(type_name).map(|f| f.signals),
+            ComponentKind::Extension => self.extension(type_name).map(|f| f.signals),
         }
     }
 }

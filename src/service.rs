@@ -4,11 +4,15 @@
 //! fan-out to the exporters. A receiver or exporter named in several pipelines is one instance
 //! shared by them; processors are built once per pipeline, as in the Collector.
 //!
-//! Lifecycle: start exporters, then processors (last first), then the pipeline queues' workers,
-//! then receivers, so every stage starts with a live consumer. Shutdown runs the other way round:
-//! receivers stop, each pipeline queue drains into its processors, processors flush, exporters
-//! drain — all within `service.shutdown_timeout`; whatever is still held when the deadline passes
-//! is dropped and counted.
+//! Extensions are built first, in `service.extensions` order, and handed to every other
+//! component in its [`BuildContext`] with what each uses.
+//!
+//! Lifecycle: start extensions, exporters, then processors (last first), then the pipeline
+//! queues' workers, then receivers, so every stage starts with a live consumer. Shutdown runs
+//! the other way round: receivers stop, each pipeline queue drains into its processors,
+//! processors flush, exporters drain, extensions stop (last started first) — all within
+//! `service.shutdown_timeout`; whatever is still held when the deadline passes is dropped and
+//! counted.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,8 +26,8 @@ use podscope_core::health::Readiness;
 use podscope_core::queue::{bounded_queue, QueueReceiver, QueueSender};
 use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, ComponentId, ConsumeError, Consumer, Exporter, Processor, Receiver,
-    ReceiverConsumers, Signal,
+    Batch, BuildContext, ComponentId, ConsumeError, Consumer, Exporter, Extension, Extensions,
+    Processor, Receiver, ReceiverConsumers, Signal,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +47,8 @@ struct RunningPipeline {
 
 /// Everything built from one config, ready to start.
 pub struct Service {
+    /// In start order.
+    extensions: Vec<(ComponentId, Arc<dyn Extension>)>,
     receivers: Vec<(ComponentId, Box<dyn Receiver>)>,
     pipelines: Vec<RunningPipeline>,
     exporters: Vec<(ComponentId, Arc<dyn Exporter>)>,
@@ -72,14 +78,37 @@ impl Service {
     ) -> anyhow::Result<Service> {
         let host_name = host_name();
         let shared = podscope_core::SharedState::default();
-        let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
-            id: id.clone(),
-            pipeline: pipeline.map(str::to_string),
-            host_name: host_name.clone(),
-            telemetry: telemetry.clone(),
-            readiness: readiness.clone(),
-            shared: shared.clone(),
-        };
+        let mut extensions = Extensions::default();
+        let context =
+            |id: &ComponentId, pipeline: Option<&str>, extensions: &Extensions| BuildContext {
+                id: id.clone(),
+                pipeline: pipeline.map(str::to_string),
+                host_name: host_name.clone(),
+                telemetry: telemetry.clone(),
+                readiness: readiness.clone(),
+                shared: shared.clone(),
+                extensions: extensions.clone(),
+            };
+
+        // Extensions first: the other components look up the ones they use while they are built.
+        let mut extension_order = Vec::new();
+        for id in &config.service.extensions {
+            let builder = config
+                .extensions
+                .remove(id)
+                .with_context(|| format!("extension {id} is not defined"))?;
+            let extension = builder
+                .build(context(id, None, &Extensions::default()))
+                .with_context(|| format!("building extension {id}"))?;
+            extensions.insert(id.clone(), extension.clone());
+            extension_order.push((id.clone(), extension));
+        }
+        for ((kind, id), uses) in &config.extension_users {
+            for extension in uses {
+                extensions.add_user(*kind, id.clone(), extension.clone());
+            }
+        }
+        let context = |id: &ComponentId, pipeline: Option<&str>| context(id, pipeline, &extensions);
 
         // Exporters: one instance per id used by any pipeline.
         let mut exporters: BTreeMap<ComponentId, Arc<dyn Exporter>> = BTreeMap::new();
@@ -183,6 +212,7 @@ impl Service {
         }
 
         Ok(Service {
+            extensions: extension_order,
             receivers,
             pipelines,
             exporters: exporters.into_iter().collect(),
@@ -211,6 +241,12 @@ impl Service {
     }
 
     async fn start_all(&mut self) -> anyhow::Result<()> {
+        for (id, extension) in &self.extensions {
+            extension
+                .start()
+                .await
+                .with_context(|| format!("starting extension {id}"))?;
+        }
         for (id, exporter) in &self.exporters {
             exporter
                 .start()
@@ -290,6 +326,11 @@ impl Service {
         for (id, exporter) in &self.exporters {
             if let Err(e) = exporter.shutdown().await {
                 errors.push(format!("exporter {id}: {e:#}"));
+            }
+        }
+        for (id, extension) in self.extensions.iter().rev() {
+            if let Err(e) = extension.shutdown().await {
+                errors.push(format!("extension {id}: {e:#}"));
             }
         }
     }

@@ -197,6 +197,29 @@ async fn every_exporter_consumes_and_shuts_down() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_extension_starts_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    for factory in registry::extensions() {
+        let name = factory.type_name;
+        let settings = settings_for(ComponentKind::Extension, name, dir.path());
+        let build = || {
+            (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("extension {name}: test settings refused: {e:?}"))
+                .build(BuildContext::for_tests(name))
+                .unwrap_or_else(|e| panic!("extension {name}: build failed: {e:#}"))
+        };
+        within(name, build().shutdown()).await.unwrap();
+        let extension = build();
+        within(name, extension.start())
+            .await
+            .unwrap_or_else(|e| panic!("extension {name}: start failed: {e:#}"));
+        within(name, extension.shutdown())
+            .await
+            .unwrap_or_else(|e| panic!("extension {name}: shutdown failed: {e:#}"));
+    }
+}
+
 #[test]
 fn registry_types_are_unique_and_described() {
     let mut seen = std::collections::BTreeSet::new();
@@ -212,6 +235,11 @@ fn registry_types_are_unique_and_described() {
             registry::exporters()
                 .into_iter()
                 .map(|f| ("exporter", f.type_name, f.description, f.signals)),
+        )
+        .chain(
+            registry::extensions()
+                .into_iter()
+                .map(|f| ("extension", f.type_name, f.description, f.signals)),
         );
     for (kind, type_name, description, signals) in rows {
         assert!(
@@ -222,9 +250,11 @@ fn registry_types_are_unique_and_described() {
             !description.is_empty() && !description.contains('\n'),
             "{kind} {type_name}: one-line description"
         );
-        assert!(
-            !signals.is_empty(),
-            "{kind} {type_name}: handles some signal"
+        // Extensions are in no pipeline; every other component handles some signal.
+        assert_eq!(
+            signals.is_empty(),
+            kind == "extension",
+            "{kind} {type_name}: signals {signals:?}"
         );
     }
 }

@@ -20,8 +20,9 @@ pub mod telemetry;
 pub use batch::{Batch, Signal};
 pub use component::{
     BuildContext, Capabilities, Component, ComponentId, ComponentKind, ComponentReference,
-    Exporter, ExporterBuilder, ExporterFactory, Processor, ProcessorBuilder, ProcessorFactory,
-    Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory, SharedState,
+    Exporter, ExporterBuilder, ExporterFactory, Extension, ExtensionBuilder, ExtensionFactory,
+    Extensions, Processor, ProcessorBuilder, ProcessorFactory, Receiver, ReceiverBuilder,
+    ReceiverConsumers, ReceiverFactory, SharedState,
 };
 pub use config::{ComponentConfig, FieldError};
 pub use consumer::{ConsumeError, Consumer};

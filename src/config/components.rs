@@ -18,6 +18,8 @@ pub(super) struct Section<B: ?Sized> {
 }
 
 pub(super) struct Defined<B: ?Sized> {
+    /// Where the component's key stands.
+    pub key: Position,
     /// `None` when the settings were refused (or hold an unresolved `${env:…}`): the id still
     /// counts as defined for the pipelines, and the errors say what is wrong.
     pub builder: Option<Box<B>>,
@@ -62,6 +64,7 @@ impl Loader<'_> {
                 }
             };
             let mut defined = Defined {
+                key: key.position,
                 builder: None,
                 references: Vec::new(),
             };

@@ -141,18 +141,18 @@ impl<'r> Loader<'r> {
         let mut sections = std::collections::BTreeMap::new();
         for (key, value) in self.mapping(&root, "") {
             match key.text.as_str() {
-                "receivers" | "processors" | "exporters" | "service" => {
+                "receivers" | "processors" | "exporters" | "extensions" | "service" => {
                     sections.insert(key.text.as_str(), value);
                 }
-                "extensions" | "connectors" => self.error(
+                "connectors" => self.error(
                     key.position,
                     key.text.clone(),
-                    format!("{} are not supported by podscope", key.text),
+                    "connectors are not supported by podscope",
                 ),
                 other => self.error(
                     key.position,
                     other.to_string(),
-                    "unknown top-level key; expected receivers, processors, exporters or service",
+                    "unknown top-level key; expected receivers, processors, exporters, extensions or service",
                 ),
             }
         }
@@ -168,12 +168,18 @@ impl<'r> Loader<'r> {
             ComponentKind::Processor,
             sections.get("processors").copied(),
             &registry.processors,
-            |_| Vec::new(),
+            |b| b.references(),
         );
         let exporters = self.components(
             ComponentKind::Exporter,
             sections.get("exporters").copied(),
             &registry.exporters,
+            |_| Vec::new(),
+        );
+        let extensions = self.components(
+            ComponentKind::Extension,
+            sections.get("extensions").copied(),
+            &registry.extensions,
             |_| Vec::new(),
         );
         let Some(service_node) = sections.get("service") else {
@@ -188,13 +194,26 @@ impl<'r> Loader<'r> {
         graph.add(&receivers);
         graph.add(&processors);
         graph.add(&exporters);
-        let service = self.service(service_node, &graph)?;
+        graph.add(&extensions);
+        let mut service = self.service(service_node, &graph)?;
         let warnings = self.check_graph(&graph, &service);
+        let mut running_extensions = extensions.into_builders();
+        running_extensions.retain(|id, _| service.extensions.contains(id));
+        let mut extension_users = graph.extension_users();
+        self.implicit_extensions(
+            &processors,
+            &graph,
+            &mut service,
+            &mut running_extensions,
+            &mut extension_users,
+        );
         Some(AgentConfig {
             source: self.source.clone(),
             receivers: receivers.into_builders(),
             processors: processors.into_builders(),
             exporters: exporters.into_builders(),
+            extensions: running_extensions,
+            extension_users,
             service,
             warnings,
         })
@@ -203,6 +222,7 @@ impl<'r> Loader<'r> {
     /// `service:` — its own settings here, the pipelines in `graph.rs`.
     fn service(&mut self, node: &Node, graph: &ServiceGraph) -> Option<ServiceConfig> {
         let mut pipelines_node = None;
+        let mut extensions = Vec::new();
         let mut telemetry = TelemetryConfig::default();
         let mut shutdown_timeout = Duration::from_secs(10);
         for (key, value) in self.mapping(node, "service") {
@@ -234,15 +254,11 @@ impl<'r> Loader<'r> {
                         "expected a duration such as 10s or 1m30s",
                     ),
                 },
-                "extensions" => self.error(
-                    key.position,
-                    path,
-                    "extensions are not supported by podscope",
-                ),
+                "extensions" => extensions = self.extension_list(value, &path, graph),
                 _ => self.error(
                     key.position,
                     path,
-                    "unknown key; expected pipelines, telemetry or shutdown_timeout",
+                    "unknown key; expected extensions, pipelines, telemetry or shutdown_timeout",
                 ),
             }
         }
@@ -256,6 +272,7 @@ impl<'r> Loader<'r> {
         };
         let pipelines = self.pipelines(pipelines_key, pipelines_value, graph);
         Some(ServiceConfig {
+            extensions,
             pipelines,
             telemetry,
             shutdown_timeout,

@@ -6,7 +6,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use podscope_core::config::{ComponentConfig, QueueSettings};
-use podscope_core::{ComponentId, ComponentKind, ComponentReference, FieldError, Signal};
+use podscope_core::{
+    ComponentId, ComponentKind, ComponentReference, ExtensionBuilder, FieldError, ProcessorBuilder,
+    Signal,
+};
 use serde::Deserialize;
 
 use super::components::Section;
@@ -18,7 +21,15 @@ use super::yaml::{self, Key, Node, Position};
 /// between components found in their settings.
 pub(super) struct ServiceGraph {
     defined: BTreeMap<ComponentKind, BTreeSet<ComponentId>>,
-    references: Vec<(Position, String, ComponentReference)>,
+    references: Vec<Reference>,
+}
+
+/// A setting of component `from` that names another component.
+struct Reference {
+    from: (ComponentKind, ComponentId),
+    position: Position,
+    path: String,
+    names: ComponentReference,
 }
 
 impl ServiceGraph {
@@ -33,25 +44,56 @@ impl ServiceGraph {
         let ids = self.defined.entry(section.kind).or_default();
         for (id, defined) in &section.defined {
             ids.insert(id.clone());
-            self.references.extend(defined.references.iter().cloned());
+            for (position, path, names) in &defined.references {
+                self.references.push(Reference {
+                    from: (section.kind, id.clone()),
+                    position: *position,
+                    path: path.clone(),
+                    names: names.clone(),
+                });
+            }
         }
     }
 
     fn is_defined(&self, kind: ComponentKind, id: &ComponentId) -> bool {
         self.defined.get(&kind).is_some_and(|ids| ids.contains(id))
     }
+
+    /// The extensions components name in their settings, by component.
+    pub fn extension_users(&self) -> BTreeMap<(ComponentKind, ComponentId), Vec<ComponentId>> {
+        let mut users: BTreeMap<_, Vec<ComponentId>> = BTreeMap::new();
+        for reference in &self.references {
+            if reference.names.kind == ComponentKind::Extension {
+                users
+                    .entry(reference.from.clone())
+                    .or_default()
+                    .push(reference.names.id.clone());
+            }
+        }
+        users
+    }
 }
 
-/// Whether a pipeline lists `id` as a component of `kind`.
-fn in_pipeline(service: &ServiceConfig, kind: ComponentKind, id: &ComponentId) -> bool {
-    service.pipelines.iter().any(|p| {
-        match kind {
-            ComponentKind::Receiver => &p.receivers,
-            ComponentKind::Processor => &p.processors,
-            ComponentKind::Exporter => &p.exporters,
-        }
-        .contains(id)
-    })
+/// Whether component `id` of `kind` runs: a pipeline lists it, or for an extension,
+/// `service.extensions` does.
+fn runs(service: &ServiceConfig, kind: ComponentKind, id: &ComponentId) -> bool {
+    let listed = |list: fn(&PipelineConfig) -> &Vec<ComponentId>| {
+        service.pipelines.iter().any(|p| list(p).contains(id))
+    };
+    match kind {
+        ComponentKind::Receiver => listed(|p| &p.receivers),
+        ComponentKind::Processor => listed(|p| &p.processors),
+        ComponentKind::Exporter => listed(|p| &p.exporters),
+        ComponentKind::Extension => service.extensions.contains(id),
+    }
+}
+
+/// Why a component of `kind` that does not run does not, for messages.
+fn not_running(kind: ComponentKind) -> &'static str {
+    match kind {
+        ComponentKind::Extension => "not in service.extensions",
+        _ => "in no pipeline",
+    }
 }
 
 impl Loader<'_> {
@@ -76,6 +118,16 @@ impl Loader<'_> {
             .collect()
     }
 
+    /// `service.extensions`: the extensions to run, each defined and listed once.
+    pub(super) fn extension_list(
+        &mut self,
+        node: &Node,
+        path: &str,
+        graph: &ServiceGraph,
+    ) -> Vec<ComponentId> {
+        self.id_list(node, path, ComponentKind::Extension, graph, None)
+    }
+
     /// After the whole file is read: every reference between components names one that is
     /// defined and runs; returns a warning for each component that never runs.
     pub(super) fn check_graph(
@@ -83,30 +135,79 @@ impl Loader<'_> {
         graph: &ServiceGraph,
         service: &ServiceConfig,
     ) -> Vec<String> {
-        for (position, path, reference) in &graph.references {
-            let (section, id) = (reference.kind.section(), &reference.id);
-            if !graph.is_defined(reference.kind, id) {
-                self.error(*position, path, format!("{section}.{id} is not defined"));
-            } else if !in_pipeline(service, reference.kind, id) {
+        for reference in &graph.references {
+            let (kind, id) = (reference.names.kind, &reference.names.id);
+            let section = kind.section();
+            if !graph.is_defined(kind, id) {
                 self.error(
-                    *position,
-                    path,
-                    format!("{section}.{id} is defined but in no pipeline, so it never runs"),
+                    reference.position,
+                    &reference.path,
+                    format!("{section}.{id} is not defined"),
+                );
+            } else if !runs(service, kind, id) {
+                self.error(
+                    reference.position,
+                    &reference.path,
+                    format!(
+                        "{section}.{id} is defined but {}, so it never runs",
+                        not_running(kind)
+                    ),
                 );
             }
         }
         let mut warnings = Vec::new();
         for (kind, ids) in &graph.defined {
             for id in ids {
-                if !in_pipeline(service, *kind, id) {
-                    warnings.push(format!(
-                        "{}.{id} is defined but no pipeline uses it",
-                        kind.section()
-                    ));
+                if !runs(service, *kind, id) {
+                    let unused = match kind {
+                        ComponentKind::Extension => "is not in service.extensions",
+                        _ => "no pipeline uses it",
+                    };
+                    warnings.push(format!("{}.{id} is defined but {unused}", kind.section()));
                 }
             }
         }
         warnings
+    }
+
+    /// The extensions processors in a pipeline make for themselves (a `k8sattributes` without
+    /// `extension:` gets its own `k8s_metadata`): added to those that run, after the listed
+    /// ones, with the processor as their user.
+    pub(super) fn implicit_extensions(
+        &mut self,
+        processors: &Section<dyn ProcessorBuilder>,
+        graph: &ServiceGraph,
+        service: &mut ServiceConfig,
+        running: &mut BTreeMap<ComponentId, Box<dyn ExtensionBuilder>>,
+        users: &mut BTreeMap<(ComponentKind, ComponentId), Vec<ComponentId>>,
+    ) {
+        for (id, defined) in &processors.defined {
+            let Some(builder) = &defined.builder else {
+                continue;
+            };
+            if !runs(service, ComponentKind::Processor, id) {
+                continue;
+            }
+            let Some((extension_id, extension)) = builder.implicit_extension(id) else {
+                continue;
+            };
+            if graph.is_defined(ComponentKind::Extension, &extension_id) {
+                self.error(
+                    defined.key,
+                    join("processors", &id.to_string()),
+                    format!(
+                        "names no extension, so it makes its own, extensions.{extension_id}, but this file defines an extension of that id: name it with `extension:`, or give it another id"
+                    ),
+                );
+                continue;
+            }
+            service.extensions.push(extension_id.clone());
+            running.insert(extension_id.clone(), extension);
+            users
+                .entry((ComponentKind::Processor, id.clone()))
+                .or_default()
+                .push(extension_id);
+        }
     }
 
     fn pipeline(&mut self, key: &Key, node: &Node, graph: &ServiceGraph) -> Option<PipelineConfig> {

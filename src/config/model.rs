@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use podscope_core::config::QueueSettings;
 use podscope_core::{
-    ComponentId, ComponentKind, ExporterBuilder, ProcessorBuilder, ReceiverBuilder, Signal,
+    ComponentId, ComponentKind, ExporterBuilder, ExtensionBuilder, ProcessorBuilder,
+    ReceiverBuilder, Signal,
 };
 
 /// A whole config file, every part validated against the registry: each component's settings
@@ -18,6 +19,11 @@ pub struct AgentConfig {
     pub receivers: BTreeMap<ComponentId, Box<dyn ReceiverBuilder>>,
     pub processors: BTreeMap<ComponentId, Box<dyn ProcessorBuilder>>,
     pub exporters: BTreeMap<ComponentId, Box<dyn ExporterBuilder>>,
+    /// The extensions that run: those `service.extensions` lists, and those processors made
+    /// for themselves (see `ProcessorBuilder::implicit_extension`).
+    pub extensions: BTreeMap<ComponentId, Box<dyn ExtensionBuilder>>,
+    /// Which extensions each component uses: named in its settings, or made for it.
+    pub extension_users: BTreeMap<(ComponentKind, ComponentId), Vec<ComponentId>>,
     pub service: ServiceConfig,
     /// Things worth a log line that do not stop the agent (a component no pipeline uses).
     pub warnings: Vec<String>,
@@ -32,6 +38,7 @@ impl AgentConfig {
             ComponentKind::Receiver => self.receivers.get(&id)?.as_ref(),
             ComponentKind::Processor => self.processors.get(&id)?.as_ref(),
             ComponentKind::Exporter => self.exporters.get(&id)?.as_ref(),
+            ComponentKind::Extension => self.extensions.get(&id)?.as_ref(),
         };
         builder.downcast_ref()
     }
@@ -45,6 +52,7 @@ impl fmt::Debug for AgentConfig {
             .field("receivers", &ids(self.receivers.keys().collect()))
             .field("processors", &ids(self.processors.keys().collect()))
             .field("exporters", &ids(self.exporters.keys().collect()))
+            .field("extensions", &ids(self.extensions.keys().collect()))
             .field("service", &self.service)
             .field("warnings", &self.warnings)
             .finish()
@@ -53,6 +61,9 @@ impl fmt::Debug for AgentConfig {
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
+    /// The extensions to run, in start order: `service.extensions` as written, then those
+    /// processors made for themselves.
+    pub extensions: Vec<ComponentId>,
     /// In file order.
     pub pipelines: Vec<PipelineConfig>,
     pub telemetry: TelemetryConfig,
