@@ -34,7 +34,7 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
 }
 
 pub fn extensions() -> Vec<&'static ExtensionFactory> {
-    vec![]
+    vec![&podscope_k8s::k8s_metadata::FACTORY]
 }
 
 /// A set of component factories to validate configs against.

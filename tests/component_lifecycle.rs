@@ -145,22 +145,40 @@ async fn every_processor_forwards_what_it_consumes() {
         let name = factory.type_name;
         for &signal in factory.signals {
             let settings = settings_for(ComponentKind::Processor, name, dir.path());
+            let builder = (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"));
+            // The extension a processor makes for itself runs around it, as in the service.
+            let mut ctx = BuildContext::for_tests(name);
+            let own = builder.implicit_extension(&ctx.id).map(|(id, extension)| {
+                let extension = extension
+                    .build(BuildContext::for_tests(&id.to_string()))
+                    .unwrap_or_else(|e| panic!("processor {name}: its extension: {e:#}"));
+                ctx.extensions.insert(id.clone(), extension.clone());
+                ctx.extensions
+                    .add_user(ComponentKind::Processor, ctx.id.clone(), id);
+                extension
+            });
             let next = Arc::new(Collected::default());
             let build = |next: Arc<Collected>| {
-                (factory.create)(settings.clone())
-                    .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"))
-                    .build(BuildContext::for_tests(name), signal, next)
+                builder
+                    .build(ctx.clone(), signal, next)
                     .unwrap_or_else(|e| panic!("processor {name}: build failed: {e:#}"))
             };
             within(name, build(Arc::new(Collected::default())).shutdown())
                 .await
                 .unwrap();
             let processor = build(next.clone());
+            if let Some(extension) = &own {
+                within(name, extension.start()).await.unwrap();
+            }
             within(name, processor.start()).await.unwrap();
             within(name, processor.consume(sample(signal)))
                 .await
                 .unwrap_or_else(|e| panic!("processor {name} refused {signal}: {e}"));
             within(name, processor.shutdown()).await.unwrap();
+            if let Some(extension) = &own {
+                within(name, extension.shutdown()).await.unwrap();
+            }
             assert_eq!(
                 next.items(),
                 3,

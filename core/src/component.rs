@@ -137,12 +137,6 @@ pub struct SharedState {
             std::collections::HashMap<ComponentId, Arc<dyn std::any::Any + Send + Sync>>,
         >,
     >,
-    /// Kubernetes metadata caches other components may select pods with, by processor id.
-    pod_directories: Arc<
-        std::sync::Mutex<
-            std::collections::HashMap<ComponentId, Arc<dyn crate::pods::PodDirectory>>,
-        >,
-    >,
 }
 
 impl SharedState {
@@ -163,27 +157,6 @@ impl SharedState {
         let state = Arc::new(make()?);
         map.insert(id.clone(), state.clone());
         Ok(state)
-    }
-
-    /// A Kubernetes processor offers its pod cache under its id.
-    pub fn publish_pod_directory(
-        &self,
-        id: &ComponentId,
-        directory: Arc<dyn crate::pods::PodDirectory>,
-    ) {
-        self.pod_directories
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), directory);
-    }
-
-    /// The pod cache of processor `id`, once it is built.
-    pub fn pod_directory(&self, id: &ComponentId) -> Option<Arc<dyn crate::pods::PodDirectory>> {
-        self.pod_directories
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
     }
 }
 

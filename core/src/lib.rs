@@ -6,14 +6,12 @@
 //! in `receiver/`, `processors/` and `exporters/`, and the root crate wires them together.
 
 pub mod batch;
-pub mod cgroup;
 pub mod component;
 pub mod config;
 pub mod consumer;
 pub mod delivery;
 pub mod fake_otlp;
 pub mod health;
-pub mod pods;
 pub mod queue;
 pub mod telemetry;
 

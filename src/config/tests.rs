@@ -50,6 +50,27 @@ fn every_shipped_config_and_valid_example_loads() {
     }
 }
 
+/// What podscope validate prints for them: nothing but OK. A `k8sattributes` that names no
+/// extension runs its own without a word.
+#[test]
+fn shipped_configs_load_without_warnings() {
+    for file in yaml_files("configs") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let config = load_with(&text, "f.yaml", &Registry::builtin(), &no_env).unwrap();
+        assert_eq!(config.warnings, Vec::<String>::new(), "{}", file.display());
+    }
+    let config = load_default().unwrap();
+    let own = ComponentId::parse("k8s_metadata/k8sattributes").unwrap();
+    assert_eq!(config.service.extensions, vec![own.clone()]);
+    assert_eq!(
+        config.extension_users[&(
+            ComponentKind::Processor,
+            ComponentId::parse("k8sattributes").unwrap()
+        )],
+        vec![own]
+    );
+}
+
 #[test]
 fn every_refusal_has_its_exact_messages_and_positions() {
     for file in yaml_files("configs/testdata/invalid") {

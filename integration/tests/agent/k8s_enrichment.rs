@@ -258,7 +258,7 @@ service:
     let metrics = agent_metrics(telemetry_port).await;
     assert!(
         metrics.contains(
-            r#"podscope_k8sattributes_pods{processor="processor/k8sattributes",state="live"} 1"#
+            r#"podscope_k8s_metadata_pods{extension="extension/k8s_metadata/k8sattributes",state="live"} 1"#
         ),
         "only this node's pod is cached:\n{metrics}"
     );
@@ -288,7 +288,7 @@ service:
     assert!(api.delete_pod("shop", "web-7d4b9c8f6-x2x7k"));
     wait_for_metric(
         telemetry_port,
-        r#"podscope_k8sattributes_pods{processor="processor/k8sattributes",state="deleted"} 1"#,
+        r#"podscope_k8s_metadata_pods{extension="extension/k8s_metadata/k8sattributes",state="deleted"} 1"#,
     )
     .await;
     let after = next_resource_of(&out, line_count(&out), &cgroup_path).await;
@@ -296,7 +296,7 @@ service:
 
     let metrics = agent_metrics(telemetry_port).await;
     assert!(
-        metrics.contains(r#"podscope_k8sattributes_watch_errors_total{processor="processor/k8sattributes",resource="pods"}"#),
+        metrics.contains(r#"podscope_k8s_metadata_watch_errors_total{extension="extension/k8s_metadata/k8sattributes",resource="pods"}"#),
         "the outage is counted:\n{metrics}"
     );
     agent.sigterm();
@@ -305,40 +305,12 @@ service:
 }
 
 /// `cgroup_filter.pods` selects cgroups in the kernel by namespace and labels, through the
-/// k8sattributes cache, and follows pods as they come.
+/// k8sattributes processor's own extension, and follows pods as they come.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_kernel_filter_selects_pods_by_namespace_and_labels_and_follows_new_pods() {
-    let script = "while :; do cat /proc/loadavg >/dev/null; sleep 0.05; done";
-    let (web_uid, web_container) = unique_ids();
-    let mut web = PodCgroup::new(&web_uid, &web_container);
-    web.spawn_shell(script);
-    // Same labels, other namespace: never selected.
-    let (db_uid, db_container) = (
-        "5f0c1e2d-0000-4000-8000-0000000000db".to_string(),
-        "db".repeat(32),
-    );
-    let mut db = PodCgroup::new(&db_uid, &db_container);
-    db.spawn_shell(script);
-    // A pod the API server does not know yet, running already.
-    let (late_uid, late_container) = (
-        "5f0c1e2d-0000-4000-8000-0000000000a7".to_string(),
-        "a7".repeat(32),
-    );
-    let mut late = PodCgroup::new(&late_uid, &late_container);
-    late.spawn_shell(script);
-
-    let api = FakeApiServer::start().await;
-    api.apply_pod(pod("web-7d4b9c8f6-x2x7k", &web_uid, NODE, &web_container));
-    let mut other = pod("web-7d4b9c8f6-db000", &db_uid, NODE, &db_container);
-    other.metadata.namespace = Some("backoffice".into());
-    api.apply_pod(other);
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig);
-    let out = dir.path().join("out.jsonl");
-    let telemetry_port = free_port();
-    let config = format!(
-        r#"
+async fn the_kernel_filter_selects_pods_through_the_processors_extension() {
+    let config = |out: &str, telemetry_port: u16| {
+        format!(
+            r#"
 receivers:
   ebpf:
     collection_interval: 300ms
@@ -365,9 +337,84 @@ service:
       receivers: [ebpf]
       processors: [k8sattributes]
       exporters: [file]
-"#,
-        out = out.display()
-    );
+"#
+        )
+    };
+    the_kernel_filter_selects_pods_and_follows_new_pods(config).await;
+}
+
+/// The same with a `k8s_metadata` extension both the receiver and the processor name, and a
+/// set-based selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kernel_filter_selects_pods_through_a_named_extension() {
+    let config = |out: &str, telemetry_port: u16| {
+        format!(
+            r#"
+extensions:
+  k8s_metadata/node:
+    auth_type: kubeConfig
+    filter:
+      node: {NODE}
+receivers:
+  ebpf:
+    collection_interval: 300ms
+    cgroup_filter:
+      pods:
+        extension: k8s_metadata/node
+        namespaces: [shop]
+        labels: app in (web, api),pod-template-hash
+    probes:
+      syscalls: {{ latency: false, errors: false, required: true }}
+processors:
+  k8sattributes:
+    extension: k8s_metadata/node
+exporters:
+  file:
+    path: {out}
+service:
+  extensions: [k8s_metadata/node]
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{telemetry_port}
+  pipelines:
+    metrics:
+      receivers: [ebpf]
+      processors: [k8sattributes]
+      exporters: [file]
+"#
+        )
+    };
+    the_kernel_filter_selects_pods_and_follows_new_pods(config).await;
+}
+
+/// Three pods in kubelet-style cgroups: one the filter selects, one of another namespace, one
+/// the API server lists only later; `config` gives the agent's config for an output file and a
+/// telemetry port.
+async fn the_kernel_filter_selects_pods_and_follows_new_pods(config: impl Fn(&str, u16) -> String) {
+    let script = "while :; do cat /proc/loadavg >/dev/null; sleep 0.05; done";
+    let (web_uid, web_container) = unique_ids();
+    let mut web = PodCgroup::new(&web_uid, &web_container);
+    web.spawn_shell(script);
+    // Same labels, other namespace: never selected.
+    let (db_uid, db_container) = unique_ids();
+    let mut db = PodCgroup::new(&db_uid, &db_container);
+    db.spawn_shell(script);
+    // A pod the API server does not know yet, running already.
+    let (late_uid, late_container) = unique_ids();
+    let mut late = PodCgroup::new(&late_uid, &late_container);
+    late.spawn_shell(script);
+
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("web-7d4b9c8f6-x2x7k", &web_uid, NODE, &web_container));
+    let mut other = pod("web-7d4b9c8f6-db000", &db_uid, NODE, &db_container);
+    other.metadata.namespace = Some("backoffice".into());
+    api.apply_pod(other);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let out = dir.path().join("out.jsonl");
+    let telemetry_port = free_port();
+    let config = config(&out.display().to_string(), telemetry_port);
     let agent = AgentProcess::start_with_env(
         env!("CARGO_BIN_EXE_podscope"),
         &config,
@@ -717,7 +764,7 @@ service:
     );
     wait_for_metric(
         telemetry_port,
-        r#"podscope_k8sattributes_pods{processor="processor/k8sattributes",state="deleted"} 0"#,
+        r#"podscope_k8s_metadata_pods{extension="extension/k8s_metadata/k8sattributes",state="deleted"} 0"#,
     )
     .await;
     assert_eq!(

@@ -65,19 +65,24 @@ impl ReceiverBuilder for EbpfReceiverConfig {
         Ok(Box::new(EbpfReceiver::new(*self, ctx, next)?))
     }
 
-    /// `cgroup_filter.pods.processor` names the k8sattributes processor whose cache it uses.
+    /// `cgroup_filter.pods` names the k8s_metadata extension whose cache it uses, or the
+    /// k8sattributes processor whose extension that is.
     fn references(&self) -> Vec<podscope_core::ComponentReference> {
-        self.cgroup_filter
-            .pods
-            .as_ref()
-            .and_then(|pods| podscope_core::ComponentId::parse(&pods.processor).ok())
-            .map(|id| podscope_core::ComponentReference {
-                field: "cgroup_filter.pods.processor".to_string(),
-                kind: podscope_core::ComponentKind::Processor,
-                id,
-            })
-            .into_iter()
-            .collect()
+        let source = self.cgroup_filter.pods.as_ref().map(|pods| pods.source());
+        let (field, kind, id) = match source {
+            Some(Ok(config::PodSource::Extension(id))) => {
+                ("extension", podscope_core::ComponentKind::Extension, id)
+            }
+            Some(Ok(config::PodSource::Processor(id))) => {
+                ("processor", podscope_core::ComponentKind::Processor, id)
+            }
+            _ => return Vec::new(),
+        };
+        vec![podscope_core::ComponentReference {
+            field: format!("cgroup_filter.pods.{field}"),
+            kind,
+            id,
+        }]
     }
 }
 
@@ -270,28 +275,31 @@ impl EbpfReceiver {
         Ok(())
     }
 
-    /// `cgroup_filter.pods` resolved to the named processor's pod cache.
+    /// `cgroup_filter.pods` resolved to the named extension's pod cache (or the extension of the
+    /// named processor).
     fn pod_selection(&self) -> anyhow::Result<Option<probes::PodSelection>> {
         let Some(pods) = &self.config.cgroup_filter.pods else {
             return Ok(None);
         };
-        let id = podscope_core::ComponentId::parse(&pods.processor).map_err(anyhow::Error::msg)?;
-        let directory = self.ctx.shared.pod_directory(&id).ok_or_else(|| {
-            anyhow::anyhow!(
-                "receiver {}: cgroup_filter.pods selects pods through processor {id}, which is not in any pipeline of this config; add it (processors: {id}: ...) to a pipeline",
-                self.ctx.id
-            )
-        })?;
+        let extensions = &self.ctx.extensions;
+        let metadata = match pods.source().map_err(|e| anyhow::anyhow!("{e}"))? {
+            config::PodSource::Extension(id) => extensions.get::<podscope_k8s::K8sMetadata>(&id),
+            config::PodSource::Processor(id) => extensions
+                .used_by::<podscope_k8s::K8sMetadata>(podscope_core::ComponentKind::Processor, &id),
+        }
+        .map_err(|e| anyhow::anyhow!("receiver {}: cgroup_filter.pods: {e}", self.ctx.id))?;
         let labels = match &pods.labels {
             Some(selector) => {
-                podscope_core::pods::parse_label_selector(selector).map_err(anyhow::Error::msg)?
+                podscope_k8s::labels::parse_selector(selector).map_err(anyhow::Error::msg)?
             }
-            None => Vec::new(),
+            None => Default::default(),
         };
         Ok(Some(probes::PodSelection {
-            directory,
-            namespaces: pods.namespaces.clone(),
-            labels,
+            metadata,
+            selector: podscope_k8s::PodSelector {
+                namespaces: pods.namespaces.clone(),
+                labels,
+            },
         }))
     }
 

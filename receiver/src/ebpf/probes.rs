@@ -253,22 +253,18 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Pods the filter includes, resolved through a Kubernetes processor's cache.
+/// Pods the filter includes, resolved through a `k8s_metadata` extension's cache.
 #[derive(Clone)]
 pub struct PodSelection {
-    pub directory: std::sync::Arc<dyn podscope_core::pods::PodDirectory>,
-    pub namespaces: Vec<String>,
-    pub labels: Vec<podscope_core::pods::LabelRequirement>,
+    pub metadata: std::sync::Arc<podscope_k8s::K8sMetadata>,
+    pub selector: podscope_k8s::PodSelector,
 }
 
 impl PodSelection {
     fn selects(&self, path: &str) -> bool {
-        podscope_core::cgroup::parse_container_cgroup(path)
+        podscope_k8s::cgroup::parse_container_cgroup(path)
             .and_then(|c| c.pod_uid)
-            .is_some_and(|uid| {
-                self.directory
-                    .pod_matches(&uid, &self.namespaces, &self.labels)
-            })
+            .is_some_and(|uid| self.metadata.pod_selected(&uid, &self.selector))
     }
 }
 
@@ -306,7 +302,7 @@ impl CgroupFilter {
 
     /// Changes of the pod cache the filter selects pods through.
     pub fn pod_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.pods.as_ref().map(|p| p.directory.changes())
+        self.pods.as_ref().map(|p| p.metadata.changes())
     }
 
     /// The ids to put in the kernel map for the current cgroups.

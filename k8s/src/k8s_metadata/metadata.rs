@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use podscope_core::proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use regex::Regex;
 
-use super::config::{FieldExtract, FieldSource, K8sAttributesConfig};
+use super::config::{ExtractConfig, FieldExtract, FieldSource};
 
 /// One attribute as the store keeps it: key and value shared through the [`Interner`] (a
 /// namespace, node, workload or image name is stored once for all its pods), turned into an
@@ -98,7 +98,7 @@ pub struct PodMeta {
     /// The IPs the pod holds, by which data may name it: empty for host-network pods (their IP
     /// is the node's) and for finished pods (see [`has_finished`]).
     pub ips: Box<[Arc<str>]>,
-    /// Labels, kept for namespace/label selectors (the receiver's kernel-side filter).
+    /// Labels, kept for pod selectors (the eBPF receiver's kernel-side filter).
     pub labels: Box<[(Arc<str>, Arc<str>)]>,
     /// Attributes of the pod, for data of any of its containers or of none.
     pub attributes: Box<[Attr]>,
@@ -281,7 +281,7 @@ pub fn string_kv(key: &str, value: &str) -> KeyValue {
 }
 
 impl Extractor {
-    pub fn new(config: &K8sAttributesConfig) -> Result<Extractor, String> {
+    pub fn new(extract: &ExtractConfig) -> Result<Extractor, String> {
         let compile = |rules: &[FieldExtract]| {
             rules
                 .iter()
@@ -294,9 +294,9 @@ impl Extractor {
                 .collect::<Result<Vec<_>, String>>()
         };
         Ok(Extractor {
-            metadata: config.extract.metadata.clone(),
-            labels: compile(&config.extract.labels)?,
-            annotations: compile(&config.extract.annotations)?,
+            metadata: extract.metadata.clone(),
+            labels: compile(&extract.labels)?,
+            annotations: compile(&extract.annotations)?,
         })
     }
 
