@@ -390,6 +390,11 @@ impl FakeApiServer {
         state.fail_status = status;
     }
 
+    /// Watches open now (each has subscribed to the changes it will be sent).
+    pub fn open_watches(&self) -> usize {
+        self.state().events.receiver_count()
+    }
+
     /// Every request received so far, as `METHOD path?query` with the query exactly as sent
     /// (still percent-encoded, e.g. `fieldSelector=spec.nodeName%3Dnode-a`).
     pub fn requests(&self) -> Vec<String> {

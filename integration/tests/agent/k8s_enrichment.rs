@@ -275,7 +275,14 @@ service:
     wait_for_readyz(telemetry_port, true).await;
 
     // History compacted (410 Expired on the open watch) and the relist meets 503s: the agent
-    // relists through them and is ready again, still enriching.
+    // relists through them and is ready again, still enriching. Ready means listed; the watch
+    // that follows must be open, or there is nothing to expire (and kube's client retries the
+    // 503s of a watch request itself, so nothing would fail).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while api.open_watches() == 0 {
+        assert!(Instant::now() < deadline, "no watch open again within 60 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     api.fail_next(3, 503);
     api.expire_history();
     let why = wait_for_readyz(telemetry_port, false).await;
