@@ -468,11 +468,6 @@ async fn the_kernel_filter_selects_pods_and_follows_new_pods(config: impl Fn(&st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_addresses_are_named_after_their_pod_or_service() {
     use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-    use opentelemetry_proto::tonic::metrics::v1::{
-        metric, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-    };
 
     let api = FakeApiServer::start().await;
     let mut remote = pod(
@@ -537,92 +532,35 @@ service:
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
     .await;
-    let point = |peer: &str| NumberDataPoint {
-        attributes: vec![KeyValue {
-            key: "network.peer.address".into(),
-            value: Some(AnyValue {
-                value: Some(any_value::Value::StringValue(peer.into())),
-            }),
-            ..Default::default()
-        }],
-        time_unix_nano: 1,
-        value: Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)),
-        ..Default::default()
-    };
     let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
         .await
         .unwrap();
-    client
-        .export(ExportMetricsServiceRequest {
-            resource_metrics: vec![ResourceMetrics {
-                scope_metrics: vec![ScopeMetrics {
-                    metrics: vec![Metric {
-                        name: "app.connections".into(),
-                        data: Some(metric::Data::Sum(Sum {
-                            data_points: vec![
-                                point("10.244.2.9"),
-                                point("10.96.0.10"),
-                                point("10.1.1.1"),
-                            ],
-                            aggregation_temporality: 2,
-                            is_monotonic: true,
-                        })),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        })
-        .await
-        .expect("the agent accepts the metrics");
+    let (_, attrs) = export_points(
+        &mut client,
+        &out,
+        &[],
+        &["10.244.2.9", "10.96.0.10", "10.1.1.1"],
+    )
+    .await;
     agent.sigterm();
     let status = agent.wait(Duration::from_secs(30)).await;
     assert!(status.success(), "podscope exited with {status:?}");
-
-    let text = std::fs::read_to_string(&out).unwrap();
-    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    let points = &line["resourceMetrics"][0]["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"];
-    let attrs: Vec<BTreeMap<String, String>> = points
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            p["attributes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|kv| {
-                    (
-                        kv["key"].as_str().unwrap().to_string(),
-                        kv["value"]["stringValue"].as_str().unwrap().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .collect();
-    let expect = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    };
     assert_eq!(
         attrs,
         vec![
-            expect(&[
+            attributes(&[
                 ("network.peer.address", "10.244.2.9"),
                 ("k8s.peer.namespace.name", "shop"),
                 ("k8s.peer.pod.name", "web-7d4b9c8f6-remote"),
                 ("k8s.peer.workload.name", "web"),
                 ("k8s.peer.workload.kind", "Deployment"),
             ]),
-            expect(&[
+            attributes(&[
                 ("network.peer.address", "10.96.0.10"),
                 ("k8s.peer.namespace.name", "shop"),
                 ("k8s.peer.service.name", "cart"),
             ]),
-            expect(&[("network.peer.address", "10.1.1.1")]),
+            attributes(&[("network.peer.address", "10.1.1.1")]),
         ]
     );
     let requests = api.requests();
@@ -720,13 +658,7 @@ service:
     let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
         .await
         .unwrap();
-    let expect = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    };
-    let running_resource = expect(&[
+    let running_resource = attributes(&[
         ("host.name", "sender"),
         ("k8s.pod.ip", REUSED),
         ("k8s.namespace.name", "shop"),
@@ -738,7 +670,7 @@ service:
         ("service.name", "web"),
         ("service.namespace", "shop"),
     ]);
-    let running_peer = expect(&[
+    let running_peer = attributes(&[
         ("network.peer.address", REUSED),
         ("k8s.peer.namespace.name", "shop"),
         ("k8s.peer.pod.name", "web-7d4b9c8f6-reuse"),
@@ -785,6 +717,14 @@ service:
     assert!(status.success(), "podscope exited with {status:?}");
 }
 
+/// `pairs` as the string attributes the tests compare.
+fn attributes(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 type MetricsClient =
     opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient<
         tonic::transport::Channel,
@@ -797,16 +737,30 @@ async fn export_by_ip(
     out: &Path,
     ip: &str,
 ) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let resource = [("host.name", "sender"), ("k8s.pod.ip", ip)];
+    let (resource, mut points) = export_points(client, out, &resource, &[ip]).await;
+    (resource, points.remove(0))
+}
+
+/// Exports one resource with attributes `resource` and a data point per address in `peers`
+/// (`network.peer.address`), and returns the resource's and each point's attributes as the agent
+/// wrote them to `out`.
+async fn export_points(
+    client: &mut MetricsClient,
+    out: &Path,
+    resource: &[(&str, &str)],
+    peers: &[&str],
+) -> (BTreeMap<String, String>, Vec<BTreeMap<String, String>>) {
     use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
     use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
     use opentelemetry_proto::tonic::metrics::v1::{
         metric, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
     };
     use opentelemetry_proto::tonic::resource::v1::Resource;
-    let kv = |key: &str, value: &str| KeyValue {
-        key: key.into(),
+    let kv = |(key, value): &(&str, &str)| KeyValue {
+        key: key.to_string(),
         value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
+            value: Some(any_value::Value::StringValue(value.to_string())),
         }),
         ..Default::default()
     };
@@ -815,19 +769,22 @@ async fn export_by_ip(
         .export(ExportMetricsServiceRequest {
             resource_metrics: vec![ResourceMetrics {
                 resource: Some(Resource {
-                    attributes: vec![kv("host.name", "sender"), kv("k8s.pod.ip", ip)],
+                    attributes: resource.iter().map(kv).collect(),
                     ..Default::default()
                 }),
                 scope_metrics: vec![ScopeMetrics {
                     metrics: vec![Metric {
                         name: "app.connections".into(),
                         data: Some(metric::Data::Sum(Sum {
-                            data_points: vec![NumberDataPoint {
-                                attributes: vec![kv("network.peer.address", ip)],
-                                time_unix_nano: 1,
-                                value: Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)),
-                                ..Default::default()
-                            }],
+                            data_points: peers
+                                .iter()
+                                .map(|peer| NumberDataPoint {
+                                    attributes: vec![kv(&("network.peer.address", peer))],
+                                    time_unix_nano: 1,
+                                    value: Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(1)),
+                                    ..Default::default()
+                                })
+                                .collect(),
                             aggregation_temporality: 2,
                             is_monotonic: true,
                         })),
@@ -861,11 +818,13 @@ async fn export_by_ip(
             .collect()
     };
     let rm = &line["resourceMetrics"][0];
-    let point = &rm["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"][0];
-    (
-        strings(&rm["resource"]["attributes"]),
-        strings(&point["attributes"]),
-    )
+    let points = rm["scopeMetrics"][0]["metrics"][0]["sum"]["dataPoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| strings(&p["attributes"]))
+        .collect();
+    (strings(&rm["resource"]["attributes"]), points)
 }
 
 /// Applies a running pod on the node with IP `marker` and waits until both the node's cache and
