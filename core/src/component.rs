@@ -266,11 +266,6 @@ impl Extensions {
                 )
             })
     }
-
-    /// Every extension, in id order.
-    pub fn iter(&self) -> impl Iterator<Item = (&ComponentId, &Arc<dyn Extension>)> {
-        self.by_id.iter()
-    }
 }
 
 /// `K8sMetadata` for `podscope_k8s::K8sMetadata`, for messages.
