@@ -244,12 +244,4 @@ impl PodStore {
     pub fn is_empty(&self) -> bool {
         self.by_uid.is_empty()
     }
-
-    /// Every pod not deleted: for selectors (the receiver's kernel-side filter).
-    pub fn live_pods(&self) -> impl Iterator<Item = &Arc<PodMeta>> {
-        self.by_uid
-            .values()
-            .filter(|e| e.deleted_at.is_none())
-            .map(|e| &e.pod)
-    }
 }
