@@ -10,7 +10,7 @@
 //! carries the time they were freed as its start time, so a cumulative series never goes back
 //! under the same start time.
 //!
-//! The index and the container id parser live in `podscope_core::cgroup`, shared with the
+//! The index and the container id parser live in `podscope_k8s::cgroup`, shared with the
 //! Kubernetes processor; what this module adds is the receiver's own.
 
 use std::collections::{HashMap, HashSet};
@@ -25,7 +25,7 @@ use super::object::{
     ProbeSpec,
 };
 
-pub use podscope_core::cgroup::{cgroup2_mount, container_id, CgroupIndex};
+pub use podscope_k8s::cgroup::{cgroup2_mount, container_id, CgroupIndex};
 
 /// The kernel side of the removed-cgroup record (`cgroups.bpf.c`): not a probe, loaded by the
 /// receiver beside them.

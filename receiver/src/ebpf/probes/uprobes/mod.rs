@@ -246,8 +246,8 @@ impl LoadedUprobe {
             if !targets.seen.insert((pid, root_meta.dev(), root_meta.ino())) {
                 continue;
             }
-            let Some(container) = podscope_core::cgroup::process_cgroup_path(proc_root, pid)
-                .and_then(|path| podscope_core::cgroup::container_id(&path))
+            let Some(container) = podscope_k8s::cgroup::process_cgroup_path(proc_root, pid)
+                .and_then(|path| podscope_k8s::cgroup::container_id(&path))
             else {
                 continue;
             };
