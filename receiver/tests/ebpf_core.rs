@@ -83,7 +83,8 @@ async fn files_counts_exact_opens_and_failures_by_errno() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syscalls_counts_a_chosen_syscall_exactly_with_errors_and_latency() {
-    let (receiver, collected) = start(serde_json::json!({"syscalls": {"latency": true}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"syscalls": {"by": "syscall", "latency": true}})).await;
     let pod = PodCgroup::new();
     pod.run(|| unsafe {
         for _ in 0..1000 {
@@ -136,7 +137,7 @@ async fn syscalls_counts_a_chosen_syscall_exactly_with_errors_and_latency() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_counts_execs_forks_and_exit_codes() {
-    let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
+    let (receiver, collected) = start(serde_json::json!({"process": {"lifetime": true}})).await;
     let pod = PodCgroup::new();
     let sh = CString::new("/bin/sh").unwrap();
     let dash_c = CString::new("-c").unwrap();
@@ -247,7 +248,7 @@ async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
     let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
         "collection_interval": "1h",
         "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
-        "probes": {"syscalls": {"latency": false}}
+        "probes": {"syscalls": {"by": "syscall"}}
     }))
     .unwrap();
     let collected = Arc::new(Collected::default());
@@ -370,7 +371,7 @@ async fn exec_events_feed_the_process_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syscalls_counting_only_mode_counts_exactly_from_the_entry_hook() {
     let (receiver, collected) =
-        start(serde_json::json!({"syscalls": {"latency": false, "errors": false}})).await;
+        start(serde_json::json!({"syscalls": {"by": "syscall", "errors": false}})).await;
     let pod = PodCgroup::new();
     pod.run(|| unsafe {
         for _ in 0..500 {
@@ -791,7 +792,7 @@ fn threads_exit_together(stacks: &mut [Vec<u8>]) -> i32 {
 /// thread exits, with the code its parent sees and the lifetime of the whole process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_exit_is_counted_when_its_last_thread_exits() {
-    let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
+    let (receiver, collected) = start(serde_json::json!({"process": {"lifetime": true}})).await;
     let pod = PodCgroup::new();
     let mut stack = vec![0u8; 256 << 10];
     let status = pod.run(|| leader_exits_first(&mut stack));
@@ -1222,7 +1223,7 @@ async fn with_an_include_filter_a_new_container_is_counted_from_its_start() {
     let (receiver, collected, _) = start_config(serde_json::json!({
         "collection_interval": "1h",
         "cgroup_filter": {"include": ["/kubepods.slice/**"]},
-        "probes": {"syscalls": {"latency": false}}
+        "probes": {"syscalls": {"by": "syscall"}}
     }))
     .await;
     receiver.collect_now().await.unwrap();
@@ -1252,11 +1253,10 @@ async fn with_an_include_filter_a_new_container_is_counted_from_its_start() {
     receiver.shutdown().await.unwrap();
 }
 
-/// `by: group`: counts and errors per syscall group, exact.
+/// The default, `by: group`: counts and errors per syscall group, exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syscalls_by_group_count_each_group_exactly() {
-    let (receiver, collected) =
-        start(serde_json::json!({"syscalls": {"by": "group", "latency": false}})).await;
+    let (receiver, collected) = start(serde_json::json!({"syscalls": {}})).await;
     let pod = PodCgroup::new();
     pod.run(|| unsafe {
         for _ in 0..100 {
@@ -1290,7 +1290,7 @@ async fn syscalls_by_group_count_each_group_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syscalls_measure_the_latency_of_chosen_syscalls_only() {
     let (receiver, collected) = start(serde_json::json!({"syscalls": {
-        "latency": false, "latency_syscalls": ["getppid"]
+        "by": "syscall", "latency_syscalls": ["getppid"]
     }}))
     .await;
     let pod = PodCgroup::new();

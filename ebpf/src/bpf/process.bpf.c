@@ -13,6 +13,8 @@
 #include "podscope.h"
 
 const volatile __u64 wakeup_bytes = 65536;
+/* Keep each cgroup's distribution of process lifetimes (process_lifetime). */
+const volatile __u32 measure_lifetime = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -139,9 +141,11 @@ static __always_inline void count_process_exit(struct task_struct *task)
 	__u64 now = bpf_ktime_get_ns();
 	__u64 start = BPF_CORE_READ(task, group_leader, start_time);
 	__u64 lifetime = now > start ? now - start : 0;
-	struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, PROCESS_MAP_LIFETIME, &cgroup_id, &zero_hist);
-	if (h)
-		podscope_hist_add(h, lifetime);
+	if (measure_lifetime) {
+		struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, PROCESS_MAP_LIFETIME, &cgroup_id, &zero_hist);
+		if (h)
+			podscope_hist_add(h, lifetime);
+	}
 	emit(BPF_CORE_READ(task, group_leader), cgroup_id, PROCESS_EXIT, code, lifetime);
 }
 

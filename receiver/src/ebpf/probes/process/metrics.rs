@@ -32,7 +32,7 @@ pub const LIFETIME: MetricDoc = MetricDoc {
     name: "podscope.process.lifetime",
     kind: MetricKind::Distribution,
     unit: "ns",
-    description: "Lifetime of processes that exited, from the start of the process to the exit of its last thread",
+    description: "Lifetime of processes that exited, from the start of the process to the exit of its last thread (with `lifetime: true`)",
     attributes: &[],
 };
 

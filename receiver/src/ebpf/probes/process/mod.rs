@@ -59,8 +59,14 @@ impl SingleObjectProbe for Process {
         config: &ProcessProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
+        if !config.lifetime {
+            ctx.size_unless_set(LIFETIME.name, 1);
+        }
         let settings = ObjectSettings {
-            globals: vec![Global::U64("wakeup_bytes", config.wakeup_bytes)],
+            globals: vec![
+                Global::U64("wakeup_bytes", config.wakeup_bytes),
+                Global::U32("measure_lifetime", config.lifetime as u32),
+            ],
             skip: &[],
         };
         let mut object = ctx.object(&SPEC, &settings)?;

@@ -12,16 +12,17 @@ pub struct SyscallsProbeConfig {
     pub required: bool,
     /// Kernel map sizes by map name (see [`MapSizes`]).
     pub max_entries: MapSizes,
-    /// What counts, errors and latencies are kept by: `syscall` (`syscall.name`, one series per
-    /// syscall a container makes, often a hundred) or `group` (`podscope.syscall.group`: io.read,
-    /// io.write, fd, net.io, wait, … about a dozen). Default `syscall`.
+    /// What counts, errors and latencies are kept by: `group` (`podscope.syscall.group`: io.read,
+    /// io.write, fd, net.io, wait, … a dozen at most) or `syscall` (`syscall.name`, one series per
+    /// syscall a container makes, often a hundred). Default `group`.
     pub by: SyscallsBy,
     /// Count failed syscalls (return value in -4095..-1): the probe counts on syscall exit, where
     /// the result is known. Default true; with `errors: false` (and no `latency`) it counts on
     /// entry.
     pub errors: bool,
     /// Measure the enter → exit latency of every syscall. Adds a program on every syscall's
-    /// entry, about three times the cost of counting (BENCHMARKS.md). Default true.
+    /// entry and a histogram update on exit, several times the cost of counting
+    /// (BENCHMARKS.md). Default false.
     pub latency: bool,
     /// Measure the latency of these syscalls only (names as `syscall.name` shows them, e.g.
     /// `[read, write, fsync]`), on their own tracepoints: other syscalls pay nothing for it. Needs
@@ -44,9 +45,9 @@ impl Default for SyscallsProbeConfig {
             enabled: true,
             required: false,
             max_entries: MapSizes::default(),
-            by: SyscallsBy::Syscall,
+            by: SyscallsBy::Group,
             errors: true,
-            latency: true,
+            latency: false,
             latency_syscalls: Vec::new(),
         }
     }
