@@ -1660,7 +1660,33 @@ async fn the_default_configs_kernel_memory_follows_the_formula_and_fits_its_budg
         mib(totals[1]),
         mib(totals[2])
     ));
-    if let Err(e) = podscope_receiver::ebpf::sync_docs_section("kernel-memory", &table) {
+    if let Err(e) =
+        podscope_receiver::ebpf::sync_docs_section("docs/metrics.md", "kernel-memory", &table)
+    {
+        panic!("{e}");
+    }
+    // The chart's sizing table: the default config's kernel memory by node size.
+    let mut sizing = String::from(
+        "| possible CPUs | cgroups with data | kernel maps, typical | kernel maps, every map full |\n|---|---|---|---|\n",
+    );
+    for (cpus, cgroups) in [(2, 100), (16, 300), (64, 1000), (128, 2000)] {
+        let node = Node { cpus, cgroups };
+        let sum = |full: bool| -> u64 {
+            rows.iter()
+                .map(|(probe, map, shape, _)| on(node, full)((probe, map, shape)))
+                .sum()
+        };
+        sizing.push_str(&format!(
+            "| {cpus} | {cgroups} | {} | {} |\n",
+            mib(sum(false)),
+            mib(sum(true))
+        ));
+    }
+    if let Err(e) = podscope_receiver::ebpf::sync_docs_section(
+        "helm/podscope/README.md",
+        "kernel-memory",
+        &sizing,
+    ) {
         panic!("{e}");
     }
     let here: u64 = maps.iter().map(|m| m.bytes).sum();

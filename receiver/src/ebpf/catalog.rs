@@ -73,17 +73,20 @@ pub fn markdown_table() -> String {
     out
 }
 
-/// Checks the part of `docs/metrics.md` between `<!-- marker:begin -->` and `<!-- marker:end -->`
-/// against `table`, or rewrites it when `UPDATE_DOCS` is set (the docs tests' generated tables).
-pub fn sync_docs_section(marker: &str, table: &str) -> Result<(), String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+/// Checks the part of `file` (relative to the repository) between `<!-- marker:begin -->` and
+/// `<!-- marker:end -->` against `table`, or rewrites it when `UPDATE_DOCS` is set (the docs
+/// tests' generated tables).
+pub fn sync_docs_section(file: &str, marker: &str, table: &str) -> Result<(), String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(file);
     let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
     let (begin, end) = (
         format!("<!-- {marker}:begin -->\n"),
         format!("<!-- {marker}:end -->"),
     );
     let (Some(start), Some(stop)) = (text.find(&begin), text.find(&end)) else {
-        return Err(format!("docs/metrics.md has no {marker} markers"));
+        return Err(format!("{file} has no {marker} markers"));
     };
     let start = start + begin.len();
     if std::env::var_os("UPDATE_DOCS").is_some() {
@@ -92,7 +95,7 @@ pub fn sync_docs_section(marker: &str, table: &str) -> Result<(), String> {
     }
     if &text[start..stop] != table {
         return Err(format!(
-            "docs/metrics.md is stale ({marker}): run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics (as root for the kernel memory table)\nwant:\n{table}"
+            "{file} is stale ({marker}): run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics, and as root UPDATE_DOCS=1 cargo test -p podscope-receiver --test ebpf_core kernel_memory for the kernel memory tables\nwant:\n{table}"
         ));
     }
     Ok(())
@@ -113,7 +116,7 @@ mod tests {
     }
 
     fn check_docs_section(marker: &str, table: &str) {
-        if let Err(e) = super::sync_docs_section(marker, table) {
+        if let Err(e) = super::sync_docs_section("docs/metrics.md", marker, table) {
             panic!("{e}");
         }
     }
