@@ -1324,6 +1324,290 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
     receiver.shutdown().await.unwrap();
 }
 
+/// A pipe's (read, write) descriptors, closed on exec, for handshakes with forked workloads.
+fn pipe() -> (i32, i32) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    (fds[0], fds[1])
+}
+
+/// A listening TCP socket on IPv4 address `ipv4`, or on `[::]` with `IPV6_V6ONLY` off when
+/// `None` (dual-stack: IPv4 clients arrive as `::ffff:a.b.c.d`), port `port` (0: any), with raw
+/// syscalls only; returns the descriptor (negative on failure) and the port.
+fn listen_tcp(ipv4: Option<[u8; 4]>, port: u16) -> (i32, u16) {
+    // SAFETY: plain socket syscalls on live, correctly sized socket addresses.
+    unsafe {
+        let (fd, rc) = match ipv4 {
+            Some(ip) => {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let addr = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as u16,
+                    sin_port: port.to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(ip),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let rc = libc::bind(
+                    fd,
+                    (&addr as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                );
+                (fd, rc)
+            }
+            None => {
+                let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM, 0);
+                let off: libc::c_int = 0;
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_V6ONLY,
+                    (&off as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                );
+                let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+                addr.sin6_family = libc::AF_INET6 as u16;
+                addr.sin6_port = port.to_be();
+                let rc = libc::bind(
+                    fd,
+                    (&addr as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                );
+                (fd, rc)
+            }
+        };
+        if fd < 0 || rc != 0 || libc::listen(fd, 64) != 0 {
+            return (-1, 0);
+        }
+        // Both address families keep the port at the same offset.
+        let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_in6>() as u32;
+        if libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in6).cast(), &mut len) != 0 {
+            return (-1, 0);
+        }
+        (fd, u16::from_be(addr.sin6_port))
+    }
+}
+
+/// Reads until the peer shuts down its side; the bytes read, or -1 on an error.
+fn read_to_end(fd: i32) -> isize {
+    let mut buffer = [0u8; 1024];
+    let mut total = 0;
+    loop {
+        // SAFETY: reads into a live buffer of its length.
+        let n = unsafe { libc::read(fd, buffer.as_mut_ptr().cast(), buffer.len()) };
+        match n {
+            0 => return total,
+            n if n < 0 => return -1,
+            n => total += n,
+        }
+    }
+}
+
+/// Writes `len` bytes; whether all were written.
+fn write_bytes(fd: i32, mut len: usize) -> bool {
+    let buffer = [7u8; 1024];
+    while len > 0 {
+        // SAFETY: writes from a live buffer, at most its length.
+        let n = unsafe { libc::write(fd, buffer.as_ptr().cast(), len.min(buffer.len())) };
+        if n <= 0 {
+            return false;
+        }
+        len -= n as usize;
+    }
+    true
+}
+
+/// A TCP connection from `from` (any local address if `None`) to `ip:port`, with raw syscalls
+/// only; the descriptor and connect's return code.
+fn connect_v4_from(from: Option<[u8; 4]>, ip: [u8; 4], port: u16) -> (i32, i32) {
+    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+    // SAFETY: plain socket syscalls on live, correctly sized socket addresses.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if let Some(source) = from {
+            let addr = sockaddr(source, 0);
+            if libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len) != 0 {
+                return (fd, -1);
+            }
+        }
+        let addr = sockaddr(ip, port);
+        let rc = libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+        (fd, rc)
+    }
+}
+
+/// A TCP server running in a pod: a forked child, in network namespace `netns` if given.
+struct PodServer {
+    port: u16,
+    done: std::thread::JoinHandle<i32>,
+}
+
+impl PodServer {
+    /// Listens on `ipv4`:`port` (see [`listen_tcp`]), then for each of `connections`: accepts,
+    /// reads until the client shuts down its side, answers `reply` bytes and closes.
+    fn start(
+        pod: &PodCgroup,
+        netns: Option<i32>,
+        ipv4: Option<[u8; 4]>,
+        port: u16,
+        connections: usize,
+        reply: usize,
+    ) -> PodServer {
+        let (port_r, port_w) = pipe();
+        let leaf = pod.leaf.clone();
+        let done = std::thread::spawn(move || {
+            let pod = PodCgroup {
+                dirs: Vec::new(),
+                leaf,
+            };
+            let code = pod.run(|| unsafe {
+                if let Some(ns) = netns {
+                    if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
+                        return 10;
+                    }
+                }
+                let (fd, port) = listen_tcp(ipv4, port);
+                if fd < 0 {
+                    return 11;
+                }
+                libc::write(port_w, port.to_ne_bytes().as_ptr().cast(), 2);
+                for _ in 0..connections {
+                    let conn = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+                    if conn < 0 {
+                        return 12;
+                    }
+                    if read_to_end(conn) < 0 || !write_bytes(conn, reply) {
+                        return 13;
+                    }
+                    libc::close(conn);
+                }
+                0
+            });
+            // SAFETY: our copy of the write end: the port reader sees the end if none came.
+            unsafe { libc::close(port_w) };
+            code
+        });
+        let mut port = [0u8; 2];
+        // SAFETY: reads two bytes into a live buffer.
+        let n = unsafe { libc::read(port_r, port.as_mut_ptr().cast(), 2) };
+        // SAFETY: our descriptor, no longer needed.
+        unsafe { libc::close(port_r) };
+        assert_eq!(n, 2, "the server did not start: {:?}", done.join());
+        PodServer {
+            port: u16::from_ne_bytes(port),
+            done,
+        }
+    }
+
+    /// The server's exit code (0: every connection went as planned).
+    fn wait(self) -> i32 {
+        self.done.join().unwrap()
+    }
+}
+
+/// The sum of a counter's data points whose attributes contain every one of `needles`.
+fn sum_where(c: &BTreeMap<(String, String), i64>, metric: &str, needles: &[&str]) -> i64 {
+    c.iter()
+        .filter(|((name, attrs), _)| {
+            name == metric && needles.iter().all(|n| attrs.split(',').any(|a| a == *n))
+        })
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// Collects until `done` holds for the last data points, or the deadline passed (the caller's
+/// assertions then say what is missing); returns the last data points.
+async fn collect_until(
+    receiver: &EbpfReceiver,
+    collected: &Collected,
+    done: impl Fn(&[ResourceMetrics]) -> bool,
+) -> Vec<ResourceMetrics> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        receiver.collect_now().await.unwrap();
+        let rms = collected.last();
+        if done(&rms) || std::time::Instant::now() > deadline {
+            return rms;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+/// Payload bytes are exact on both ends of a connection: sent and received, client and server,
+/// without the SYN and FIN that take sequence space (issue 21: the server's sent bytes were one
+/// short per connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_counts_payload_bytes_exactly_on_the_client_and_the_server() {
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let (client, server_pod) = (PodCgroup::new(), PodCgroup::new());
+    let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, 3, 300);
+    let port = server.port;
+    let code = client.run(|| {
+        for _ in 0..3 {
+            let (fd, rc) = connect_v4_from(None, [127, 0, 0, 1], port);
+            if rc != 0 || !write_bytes(fd, 1000) {
+                return 1;
+            }
+            // SAFETY: our connected socket.
+            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            if read_to_end(fd) != 300 {
+                return 2;
+            }
+            // SAFETY: our socket, closed once.
+            unsafe { libc::close(fd) };
+        }
+        0
+    });
+    assert_eq!(code, 0, "client workload");
+    assert_eq!(server.wait(), 0, "server workload");
+    let (client_id, server_id) = (client.id(), server_pod.id());
+    let closed = |rms: &[ResourceMetrics], id: u64| {
+        sum_where(&counters(rms, id), "podscope.tcp.connections.closed", &[])
+    };
+    let rms = collect_until(&receiver, &collected, |rms| {
+        closed(rms, client_id) == 3 && closed(rms, server_id) == 3
+    })
+    .await;
+    let io = |id: u64, role: &str, direction: &str| {
+        sum_where(
+            &counters(&rms, id),
+            "podscope.tcp.io",
+            &[
+                &format!("podscope.tcp.role={role}"),
+                &format!("network.io.direction={direction}"),
+            ],
+        )
+    };
+    assert_eq!(
+        (
+            io(client_id, "client", "transmit"),
+            io(client_id, "client", "receive")
+        ),
+        (3000, 900),
+        "client: {:#?}",
+        counters(&rms, client_id)
+    );
+    assert_eq!(
+        (
+            io(server_id, "server", "transmit"),
+            io(server_id, "server", "receive")
+        ),
+        (900, 3000),
+        "server: {:#?}",
+        counters(&rms, server_id)
+    );
+    receiver.shutdown().await.unwrap();
+}
+
 /// A function for uprobes on this test binary's own code; `no_mangle` keeps its symbol.
 #[no_mangle]
 #[inline(never)]

@@ -137,13 +137,14 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (!stats)
 		return 0;
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-	/* bytes_acked and bytes_received count sequence space: the SYN, and a FIN in either
-	 * direction, take one each. Report payload only. */
+	/* bytes_acked and bytes_received count sequence space: a FIN in either direction takes one,
+	 * and so does the client's SYN in bytes_acked (the passive side's SYN-ACK is not in it: the
+	 * accepted socket starts with it acknowledged). Report payload only. */
 	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
 	__u64 received = BPF_CORE_READ(tp, bytes_received);
 	__u8 shutdown = BPF_CORE_READ(sk, sk_shutdown);
 	int fin_acked = (shutdown & SEND_SHUTDOWN) && BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq);
-	__u64 control_out = (role == TCP_ROLE_CLIENT || acked > 0 ? 1 : 0) + (fin_acked ? 1 : 0);
+	__u64 control_out = (role == TCP_ROLE_CLIENT ? 1 : 0) + (fin_acked ? 1 : 0);
 	__u64 control_in = (shutdown & RCV_SHUTDOWN) ? 1 : 0;
 	__sync_fetch_and_add(&stats->closed, 1);
 	__sync_fetch_and_add(&stats->bytes_sent, acked > control_out ? acked - control_out : 0);
