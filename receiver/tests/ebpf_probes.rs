@@ -1515,6 +1515,40 @@ impl PodServer {
     }
 }
 
+/// Every TCP data point (sums and distributions) of a cgroup: metric name and attributes as
+/// `k=v` strings.
+fn tcp_points(rms: &[ResourceMetrics], cgroup_id: u64) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for rm in resources_of(rms, Some(cgroup_id)) {
+        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            if !m.name.starts_with("podscope.tcp.") {
+                continue;
+            }
+            let attributes: Vec<&Vec<KeyValue>> = match &m.data {
+                Some(metric::Data::Sum(s)) => s.data_points.iter().map(|p| &p.attributes).collect(),
+                Some(metric::Data::ExponentialHistogram(h)) => {
+                    h.data_points.iter().map(|p| &p.attributes).collect()
+                }
+                _ => Vec::new(),
+            };
+            for attrs in attributes {
+                let pairs = attrs
+                    .iter()
+                    .map(|a| {
+                        format!(
+                            "{}={}",
+                            a.key,
+                            text(a.value.as_ref().and_then(|v| v.value.as_ref()))
+                        )
+                    })
+                    .collect();
+                out.push((m.name.clone(), pairs));
+            }
+        }
+    }
+    out
+}
+
 /// The sum of a counter's data points whose attributes contain every one of `needles`.
 fn sum_where(c: &BTreeMap<(String, String), i64>, metric: &str, needles: &[&str]) -> i64 {
     c.iter()
@@ -1605,6 +1639,59 @@ async fn tcp_counts_payload_bytes_exactly_on_the_client_and_the_server() {
         "server: {:#?}",
         counters(&rms, server_id)
     );
+    receiver.shutdown().await.unwrap();
+}
+
+/// Every series of a server carries its listening port, closes, bytes, durations and RTTs
+/// included: at close the kernel has already released the port (issue 21), so it is the one
+/// recorded when the connection was established.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_server_series_keep_the_listening_port_after_close() {
+    use std::io::{Read as _, Write as _};
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let server_pod = PodCgroup::new();
+    let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, 2, 10);
+    let port = server.port;
+    for _ in 0..2 {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(b"hello").unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply.len(), 10);
+    }
+    assert_eq!(server.wait(), 0, "server workload");
+    let id = server_pod.id();
+    let rms = collect_until(&receiver, &collected, |rms| {
+        sum_where(&counters(rms, id), "podscope.tcp.connections.closed", &[]) == 2
+    })
+    .await;
+    let points = tcp_points(&rms, id);
+    let names: std::collections::BTreeSet<&str> =
+        points.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(
+        names.into_iter().collect::<Vec<_>>(),
+        [
+            "podscope.tcp.connection.duration",
+            "podscope.tcp.connections.closed",
+            "podscope.tcp.connections.opened",
+            "podscope.tcp.io",
+            "podscope.tcp.rtt"
+        ],
+        "{points:#?}"
+    );
+    for (name, attributes) in &points {
+        for wanted in [
+            format!("server.port={port}"),
+            format!("network.local.port={port}"),
+            "podscope.tcp.role=server".to_string(),
+        ] {
+            assert!(
+                attributes.contains(&wanted),
+                "{name} {attributes:?} lacks {wanted}"
+            );
+        }
+    }
     receiver.shutdown().await.unwrap();
 }
 

@@ -30,11 +30,13 @@ struct {
 	__type(value, struct podscope_tcp_stats);
 } tcp_conn_stats SEC(".maps");
 
-/* socket → when it was established, and its role */
+/* socket → when it was established, its role and its server port (recorded then: at close the
+ * kernel has already released the local port, skc_num reads 0) */
 struct podscope_tcp_live {
 	__u64 since_ns;
 	__u32 role;
-	__u32 _pad;
+	__u16 server_port;
+	__u16 _pad;
 };
 
 struct {
@@ -58,7 +60,15 @@ struct {
 static struct podscope_tcp_stats zero_stats;
 static struct podscope_hist zero_hist;
 
-static __always_inline int make_key(const struct sock *sk, __u32 role, struct podscope_tcp_key *key)
+/* The server's port: the peer's for a client, the local one for a server. */
+static __always_inline __u16 server_port_of(const struct sock *sk, __u32 role)
+{
+	if (role == TCP_ROLE_CLIENT)
+		return __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	return BPF_CORE_READ(sk, __sk_common.skc_num);
+}
+
+static __always_inline int make_key(const struct sock *sk, __u32 role, __u16 server_port, struct podscope_tcp_key *key)
 {
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
@@ -73,17 +83,14 @@ static __always_inline int make_key(const struct sock *sk, __u32 role, struct po
 	} else {
 		BPF_CORE_READ_INTO(&key->peer, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	}
-	if (role == TCP_ROLE_CLIENT)
-		key->server_port = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	else
-		key->server_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	key->server_port = server_port;
 	return 0;
 }
 
-static __always_inline struct podscope_tcp_stats *stats_for(const struct sock *sk, __u32 role)
+static __always_inline struct podscope_tcp_stats *stats_for(const struct sock *sk, __u32 role, __u16 server_port)
 {
 	struct podscope_tcp_key key;
-	if (make_key(sk, role, &key))
+	if (make_key(sk, role, server_port, &key))
 		return 0;
 	if (podscope_skip_cgroup(key.cgroup_id))
 		return 0;
@@ -99,11 +106,16 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 
 	if (newstate == TCP_ESTABLISHED && (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
 		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
-		struct podscope_tcp_stats *stats = stats_for(sk, role);
+		__u16 server_port = server_port_of(sk, role);
+		struct podscope_tcp_stats *stats = stats_for(sk, role, server_port);
 		if (!stats)
 			return 0;
 		__sync_fetch_and_add(&stats->opened, 1);
-		struct podscope_tcp_live live = { .since_ns = bpf_ktime_get_ns(), .role = role };
+		struct podscope_tcp_live live = {
+			.since_ns = bpf_ktime_get_ns(),
+			.role = role,
+			.server_port = server_port,
+		};
 		podscope_insert(&tcp_live, TCP_MAP_LIVE, &id, &live, BPF_ANY);
 		return 0;
 	}
@@ -112,7 +124,7 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 		return 0;
 
 	if (oldstate == TCP_SYN_SENT) {
-		struct podscope_tcp_stats *stats = stats_for(sk, TCP_ROLE_CLIENT);
+		struct podscope_tcp_stats *stats = stats_for(sk, TCP_ROLE_CLIENT, server_port_of(sk, TCP_ROLE_CLIENT));
 		if (!stats)
 			return 0;
 		int err = BPF_CORE_READ(sk, sk_err);
@@ -131,9 +143,10 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (!live)
 		return 0;
 	__u32 role = live->role;
+	__u16 server_port = live->server_port;
 	__u64 duration = bpf_ktime_get_ns() - live->since_ns;
 	bpf_map_delete_elem(&tcp_live, &id);
-	struct podscope_tcp_stats *stats = stats_for(sk, role);
+	struct podscope_tcp_stats *stats = stats_for(sk, role, server_port);
 	if (!stats)
 		return 0;
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
@@ -163,7 +176,8 @@ int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buf
 	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
 	/* A retransmitted SYN has no established connection yet: count it for the client. */
 	__u32 role = live ? live->role : TCP_ROLE_CLIENT;
-	struct podscope_tcp_stats *stats = stats_for(sk, role);
+	__u16 server_port = live ? live->server_port : server_port_of(sk, role);
+	struct podscope_tcp_stats *stats = stats_for(sk, role, server_port);
 	if (stats)
 		__sync_fetch_and_add(&stats->retransmits, 1);
 	return 0;
@@ -187,7 +201,7 @@ int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 	if (!live)
 		return 0;
 	struct podscope_tcp_key key;
-	if (make_key(sk, live->role, &key))
+	if (make_key(sk, live->role, live->server_port, &key))
 		return 0;
 	if (podscope_skip_cgroup(key.cgroup_id))
 		return 0;
