@@ -1695,6 +1695,49 @@ async fn tcp_server_series_keep_the_listening_port_after_close() {
     receiver.shutdown().await.unwrap();
 }
 
+/// IPv4 clients of a dual-stack (`[::]`) listener are IPv4 peers, not `::ffff:a.b.c.d` ones, so
+/// they match the peer's IPv4 address everywhere else (issue 21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_ipv4_clients_of_a_dual_stack_listener_are_ipv4_peers() {
+    use std::io::{Read as _, Write as _};
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let server_pod = PodCgroup::new();
+    let server = PodServer::start(&server_pod, None, None, 0, 1, 10);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream.write_all(b"hello").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    drop(stream);
+    assert_eq!(server.wait(), 0, "server workload");
+    let id = server_pod.id();
+    let rms = collect_until(&receiver, &collected, |rms| {
+        sum_where(&counters(rms, id), "podscope.tcp.connections.closed", &[]) == 1
+    })
+    .await;
+    let c = counters(&rms, id);
+    assert_eq!(
+        sum_where(
+            &c,
+            "podscope.tcp.connections.opened",
+            &["network.type=ipv4", "network.peer.address=127.0.0.1"]
+        ),
+        1,
+        "{c:#?}"
+    );
+    let points = tcp_points(&rms, id);
+    assert!(!points.is_empty());
+    for (name, attributes) in &points {
+        assert!(
+            !attributes
+                .iter()
+                .any(|a| a == "network.type=ipv6" || a.contains("::ffff:")),
+            "{name} {attributes:?}"
+        );
+    }
+    receiver.shutdown().await.unwrap();
+}
+
 /// A function for uprobes on this test binary's own code; `no_mangle` keeps its symbol.
 #[no_mangle]
 #[inline(never)]

@@ -82,6 +82,14 @@ static __always_inline int make_key(const struct sock *sk, __u32 role, __u16 ser
 		__builtin_memcpy(key->peer, &daddr, 4);
 	} else {
 		BPF_CORE_READ_INTO(&key->peer, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		/* An IPv4 peer of a dual-stack socket (::ffff:a.b.c.d) is an IPv4 peer. */
+		__u32 words[4];
+		__builtin_memcpy(words, key->peer, sizeof(words));
+		if (words[0] == 0 && words[1] == 0 && words[2] == __builtin_bswap32(0xffff)) {
+			__builtin_memset(key->peer, 0, sizeof(key->peer));
+			__builtin_memcpy(key->peer, &words[3], 4);
+			key->family = AF_INET;
+		}
 	}
 	key->server_port = server_port;
 	return 0;
