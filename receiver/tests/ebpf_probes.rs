@@ -1093,6 +1093,7 @@ unsafe fn connect_v4(ip: [u8; 4], port: u16) -> (i32, i32) {
 struct NetnsPair {
     a: String,
     b: String,
+    veth_a: String,
     veth_b: String,
 }
 
@@ -1113,6 +1114,7 @@ impl NetnsPair {
         let pair = NetnsPair {
             a: a.clone(),
             b: b.clone(),
+            veth_a: veth_a.clone(),
             veth_b: veth_b.clone(),
         };
         ip(&format!("link add {veth_a} type veth peer name {veth_b}"));
@@ -1330,6 +1332,19 @@ fn pipe() -> (i32, i32) {
     // SAFETY: pipe2 fills the two descriptors.
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     (fds[0], fds[1])
+}
+
+/// Sends one byte through a pipe (raw syscalls only: usable in a forked workload).
+fn signal(fd: i32) -> bool {
+    // SAFETY: writes one byte from a live buffer.
+    unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) == 1 }
+}
+
+/// Waits for one byte from a pipe (raw syscalls only: usable in a forked workload).
+fn wait_signal(fd: i32) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: reads one byte into a live buffer.
+    unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) == 1 }
 }
 
 /// A listening TCP socket on IPv4 address `ipv4`, or on `[::]` with `IPV6_V6ONLY` off when
@@ -1733,6 +1748,135 @@ async fn tcp_ipv4_clients_of_a_dual_stack_listener_are_ipv4_peers() {
                 .iter()
                 .any(|a| a == "network.type=ipv6" || a.contains("::ffff:")),
             "{name} {attributes:?}"
+        );
+    }
+    receiver.shutdown().await.unwrap();
+}
+
+/// Retransmissions on a connection that was open before the agent started: its role comes from
+/// the socket (a local port the kernel picked for connect() is a client's, one a listener bound
+/// is a server's), so neither side ever labels the client's ephemeral port as `server.port`
+/// (issue 21).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() {
+    use std::os::fd::AsRawFd as _;
+    const PORT: u16 = 8080;
+    let net = NetnsPair::new("o");
+    let (a_fd, b_fd) = (NetnsPair::ns_fd(&net.a), NetnsPair::ns_fd(&net.b));
+    let (a_raw, b_raw) = (a_fd.as_raw_fd(), b_fd.as_raw_fd());
+    let (server_pod, client_pod) = (PodCgroup::new(), PodCgroup::new());
+    let (listening_r, listening_w) = pipe();
+    let (connected_r, connected_w) = pipe();
+    let (go_r, go_w) = pipe();
+    let in_pod = |pod: &PodCgroup, work: Box<dyn FnOnce() -> i32 + Send>| {
+        let leaf = pod.leaf.clone();
+        std::thread::spawn(move || {
+            PodCgroup {
+                dirs: Vec::new(),
+                leaf,
+            }
+            .run(work)
+        })
+    };
+    // Both ends exchange a byte, wait for the outage, then each sends 2000 bytes through it.
+    let server = in_pod(
+        &server_pod,
+        Box::new(move || unsafe {
+            if libc::setns(b_raw, libc::CLONE_NEWNET) != 0 {
+                return 10;
+            }
+            let (fd, _) = listen_tcp(Some([10, 251, 0, 2]), PORT);
+            if fd < 0 || !signal(listening_w) {
+                return 11;
+            }
+            let conn = libc::accept(fd, std::ptr::null_mut(), std::ptr::null_mut());
+            let mut byte = 0u8;
+            if conn < 0 || libc::read(conn, (&mut byte as *mut u8).cast(), 1) != 1 {
+                return 12;
+            }
+            if !write_bytes(conn, 1) || !wait_signal(go_r) || !write_bytes(conn, 2000) {
+                return 13;
+            }
+            if read_to_end(conn) != 2000 {
+                return 14;
+            }
+            libc::close(conn);
+            0
+        }),
+    );
+    assert!(wait_signal(listening_r), "the server did not listen");
+    let client = in_pod(
+        &client_pod,
+        Box::new(move || unsafe {
+            if libc::setns(a_raw, libc::CLONE_NEWNET) != 0 {
+                return 20;
+            }
+            let (fd, rc) = connect_v4_from(None, [10, 251, 0, 2], PORT);
+            let mut byte = 0u8;
+            if rc != 0
+                || !write_bytes(fd, 1)
+                || libc::read(fd, (&mut byte as *mut u8).cast(), 1) != 1
+            {
+                return 21;
+            }
+            if !signal(connected_w) || !wait_signal(go_r) || !write_bytes(fd, 2000) {
+                return 22;
+            }
+            libc::shutdown(fd, libc::SHUT_WR);
+            if read_to_end(fd) != 2000 {
+                return 23;
+            }
+            libc::close(fd);
+            0
+        }),
+    );
+    assert!(wait_signal(connected_r), "the client did not connect");
+
+    // The agent starts with the connection already open; then each side's packets are dropped in
+    // turn (the peer's veth is down: a sender's own link going down would fail its route
+    // lookup, and such a retransmission is never sent nor traced) while both send.
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let link = |ns: &str, dev: &str, state: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["-n", ns, "link", "set", dev, state])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip -n {ns} link set {dev} {state}");
+    };
+    let (server_id, client_id) = (server_pod.id(), client_pod.id());
+    let retransmitted = |rms: &[ResourceMetrics], id: u64| {
+        sum_where(&counters(rms, id), "podscope.tcp.retransmits", &[]) > 0
+    };
+    link(&net.a, &net.veth_a, "down");
+    assert!(signal(go_w) && signal(go_w));
+    collect_until(&receiver, &collected, |rms| retransmitted(rms, server_id)).await;
+    link(&net.a, &net.veth_a, "up");
+    link(&net.b, &net.veth_b, "down");
+    collect_until(&receiver, &collected, |rms| retransmitted(rms, client_id)).await;
+    link(&net.b, &net.veth_b, "up");
+    assert_eq!(server.join().unwrap(), 0, "server workload");
+    assert_eq!(client.join().unwrap(), 0, "client workload");
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    for (id, role, peer) in [
+        (server_id, "server", "10.251.0.1"),
+        (client_id, "client", "10.251.0.2"),
+    ] {
+        let c = counters(&rms, id);
+        let retransmits: Vec<&String> = c
+            .keys()
+            .filter(|(name, _)| name == "podscope.tcp.retransmits")
+            .map(|(_, attrs)| attrs)
+            .collect();
+        let side = if role == "server" {
+            "network.local.port"
+        } else {
+            "network.peer.port"
+        };
+        assert_eq!(
+            retransmits,
+            [&format!("network.transport=tcp,network.type=ipv4,network.peer.address={peer},server.port={PORT},{side}={PORT},podscope.tcp.role={role}")],
+            "{role}: {c:#?}"
         );
     }
     receiver.shutdown().await.unwrap();

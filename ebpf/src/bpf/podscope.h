@@ -118,14 +118,15 @@ struct uprobe_key {
 
 /* tcp probe: per cgroup (the socket's) and peer. */
 enum tcp_role {
-	TCP_ROLE_CLIENT = 1, /* active open: connect() */
-	TCP_ROLE_SERVER = 2, /* passive open: accept() */
+	TCP_ROLE_CLIENT = 1,  /* active open: connect() */
+	TCP_ROLE_SERVER = 2,  /* passive open: accept() */
+	TCP_ROLE_UNKNOWN = 3, /* open before the probe, and its socket does not say (no server port) */
 };
 
 struct podscope_tcp_key {
 	__u64 cgroup_id;
 	__u8 peer[16];     /* IPv4 in the first 4 bytes */
-	__u16 server_port; /* the peer's port for clients, the local port for servers */
+	__u16 server_port; /* the peer's port for clients, the local port for servers, else 0 */
 	__u8 family;       /* AF_INET 2, AF_INET6 10 */
 	__u8 role;
 	__u32 _pad;

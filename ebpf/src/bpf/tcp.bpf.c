@@ -177,14 +177,31 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	return 0;
 }
 
+/* The role of a connection this probe did not see established (open before it loaded, or
+ * still sending its SYN), from its socket: an accepted socket is a copy of its listener and keeps
+ * the listen() backlog (a socket that connects never listened), so it is a server's; a SYN still
+ * being sent, or a local port the kernel picked for connect() (connect() alone makes bind buckets
+ * marked fastreuse -1), is a client's. Anything else (a client that bound its port itself, a
+ * listener with backlog 0) is unknown, and has no server port. */
+static __always_inline __u32 role_from_socket(const struct sock *sk)
+{
+	if (BPF_CORE_READ(sk, sk_max_ack_backlog) > 0)
+		return TCP_ROLE_SERVER;
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_SYN_SENT)
+		return TCP_ROLE_CLIENT;
+	const struct inet_bind_bucket *bucket = BPF_CORE_READ((const struct inet_connection_sock *)sk, icsk_bind_hash);
+	if (bucket && BPF_CORE_READ(bucket, fastreuse) < 0)
+		return TCP_ROLE_CLIENT;
+	return TCP_ROLE_UNKNOWN;
+}
+
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buff *skb)
 {
 	__u64 id = (__u64)sk;
 	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
-	/* A retransmitted SYN has no established connection yet: count it for the client. */
-	__u32 role = live ? live->role : TCP_ROLE_CLIENT;
-	__u16 server_port = live ? live->server_port : server_port_of(sk, role);
+	__u32 role = live ? live->role : role_from_socket(sk);
+	__u16 server_port = live ? live->server_port : role == TCP_ROLE_UNKNOWN ? 0 : server_port_of(sk, role);
 	struct podscope_tcp_stats *stats = stats_for(sk, role, server_port);
 	if (stats)
 		__sync_fetch_and_add(&stats->retransmits, 1);

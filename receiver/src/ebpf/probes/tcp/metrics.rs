@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use podscope_ebpf::abi::{Hist, TcpKey, TcpStats, TCP_ROLE_CLIENT};
+use podscope_ebpf::abi::{Hist, TcpKey, TcpStats, TCP_ROLE_CLIENT, TCP_ROLE_SERVER};
 
 use crate::ebpf::builder::{int_attr, string_attr, MetricsBuilder, Owner};
 use crate::ebpf::catalog::{MetricDoc, MetricKind};
@@ -171,30 +171,36 @@ impl Merge for Hist {
     }
 }
 
-/// The attributes every TCP series has: transport, address family, peer, server port, role.
+/// The attributes every TCP series has: transport, address family, peer, server port (when the
+/// role is known), role.
 fn tcp_attributes(s: &TcpSeries) -> Vec<KeyValue> {
     let mut attributes = vec![
         string_attr("network.transport", "tcp"),
         string_attr("network.type", if s.ipv6 { "ipv6" } else { "ipv4" }),
         string_attr("network.peer.address", &s.peer),
     ];
-    let server = u32::from(s.role) != TCP_ROLE_CLIENT;
+    let role = u32::from(s.role);
     if s.server_port != 0 {
         attributes.push(int_attr("server.port", s.server_port as i64));
         // The server's port is the local one on the server side and the peer's on the client
         // side; the other end's port is ephemeral and never a label.
-        let side = if server {
-            "network.local.port"
-        } else {
+        let side = if role == TCP_ROLE_CLIENT {
             "network.peer.port"
+        } else {
+            "network.local.port"
         };
         attributes.push(int_attr(side, s.server_port as i64));
     }
-    attributes.push(string_attr(
-        "podscope.tcp.role",
-        if server { "server" } else { "client" },
-    ));
+    attributes.push(string_attr("podscope.tcp.role", role_name(role)));
     attributes
+}
+
+fn role_name(role: u32) -> &'static str {
+    match role {
+        TCP_ROLE_CLIENT => "client",
+        TCP_ROLE_SERVER => "server",
+        _ => "unknown",
+    }
 }
 
 /// RTT samples of open connections, one distribution per series.
