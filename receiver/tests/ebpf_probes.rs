@@ -1340,11 +1340,24 @@ fn signal(fd: i32) -> bool {
     unsafe { libc::write(fd, b"!".as_ptr().cast(), 1) == 1 }
 }
 
-/// Waits for one byte from a pipe (raw syscalls only: usable in a forked workload).
+/// How long a forked workload waits for the test (a handshake, a connection): bounded, so a test
+/// that failed halfway leaves no process behind.
+const WORKLOAD_WAIT_MS: i32 = 30_000;
+
+/// Waits (at most [`WORKLOAD_WAIT_MS`]) for one byte from a pipe (raw syscalls only: usable in a
+/// forked workload).
 fn wait_signal(fd: i32) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     let mut byte = 0u8;
-    // SAFETY: reads one byte into a live buffer.
-    unsafe { libc::read(fd, (&mut byte as *mut u8).cast(), 1) == 1 }
+    // SAFETY: polls one live pollfd, then reads one byte into a live buffer.
+    unsafe {
+        libc::poll(&mut poll, 1, WORKLOAD_WAIT_MS) == 1
+            && libc::read(fd, (&mut byte as *mut u8).cast(), 1) == 1
+    }
 }
 
 /// A listening TCP socket on IPv4 address `ipv4`, or on `[::]` with `IPV6_V6ONLY` off when
@@ -1392,6 +1405,18 @@ fn listen_tcp(ipv4: Option<[u8; 4]>, port: u16) -> (i32, u16) {
                 (fd, rc)
             }
         };
+        // accept() and reads on the accepted sockets (which inherit it) give up in time.
+        let timeout = libc::timeval {
+            tv_sec: (WORKLOAD_WAIT_MS / 1000).into(),
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
         if fd < 0 || rc != 0 || libc::listen(fd, 64) != 0 {
             return (-1, 0);
         }
@@ -1882,6 +1907,207 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
     receiver.shutdown().await.unwrap();
 }
 
+/// A server that sees more distinct clients than `max_peers`: the cap holds in the kernel (the
+/// server's cgroup has `max_peers` entries, not one per client), the clients beyond it are counted
+/// in the cgroup's `other` entry there, and every total stays exact (issue 11: the map filled with
+/// one entry per client address until TCP accounting stopped for the whole node).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_a_server_with_more_clients_than_max_peers_keeps_exact_totals() {
+    use std::os::fd::AsRawFd as _;
+    const CLIENTS: u8 = 10;
+    let (receiver, collected) = start(serde_json::json!({"tcp": {"max_peers": 4}})).await;
+    let net = NetnsPair::new("m");
+    // Ten client hosts: ten addresses on namespace a's side of the link.
+    for host in 0..CLIENTS {
+        let status = std::process::Command::new("ip")
+            .args([
+                "-n",
+                &net.a,
+                "addr",
+                "add",
+                &format!("10.251.0.{}/24", 11 + host),
+                "dev",
+                &net.veth_a,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let (a_fd, b_fd) = (NetnsPair::ns_fd(&net.a), NetnsPair::ns_fd(&net.b));
+    let (server_pod, client_pod) = (PodCgroup::new(), PodCgroup::new());
+    let server = PodServer::start(
+        &server_pod,
+        Some(b_fd.as_raw_fd()),
+        Some([10, 251, 0, 2]),
+        0,
+        CLIENTS as usize,
+        100,
+    );
+    let (port, a_raw) = (server.port, a_fd.as_raw_fd());
+    let code = client_pod.run(|| {
+        // SAFETY: setns on this (forked, single-threaded) process with an open namespace fd.
+        if unsafe { libc::setns(a_raw, libc::CLONE_NEWNET) } != 0 {
+            return 1;
+        }
+        for host in 0..CLIENTS {
+            let (fd, rc) = connect_v4_from(Some([10, 251, 0, 11 + host]), [10, 251, 0, 2], port);
+            if rc != 0 || !write_bytes(fd, 50) {
+                return 2;
+            }
+            // SAFETY: our connected socket.
+            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            if read_to_end(fd) != 100 {
+                return 3;
+            }
+            // SAFETY: our socket, closed once.
+            unsafe { libc::close(fd) };
+        }
+        0
+    });
+    assert_eq!(code, 0, "client workload");
+    assert_eq!(server.wait(), 0, "server workload");
+    let id = server_pod.id();
+    let rms = collect_until(&receiver, &collected, |rms| {
+        sum_where(&counters(rms, id), "podscope.tcp.connections.closed", &[]) == CLIENTS as i64
+    })
+    .await;
+    let c = counters(&rms, id);
+    let per_peer = counts_by(
+        &c,
+        "podscope.tcp.connections.opened",
+        "network.peer.address",
+    );
+    assert_eq!(per_peer.len(), 5, "four peers and other: {c:#?}");
+    assert_eq!(per_peer["other"], 6, "{c:#?}");
+    assert!(
+        per_peer
+            .iter()
+            .all(|(peer, n)| peer == "other" || peer.starts_with("10.251.0.") && *n == 1),
+        "{per_peer:?}"
+    );
+    for (metric, needles, total) in [
+        ("podscope.tcp.connections.opened", vec![], 10),
+        ("podscope.tcp.connections.closed", vec![], 10),
+        ("podscope.tcp.io", vec!["network.io.direction=receive"], 500),
+        (
+            "podscope.tcp.io",
+            vec!["network.io.direction=transmit"],
+            1000,
+        ),
+    ] {
+        assert_eq!(
+            sum_where(&c, metric, &needles),
+            total,
+            "{metric} {needles:?}: {c:#?}"
+        );
+    }
+    let durations: u64 = resources_of(&rms, Some(id))
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| &s.metrics))
+        .filter(|m| m.name == "podscope.tcp.connection.duration")
+        .filter_map(|m| match &m.data {
+            Some(metric::Data::ExponentialHistogram(h)) => {
+                Some(h.data_points.iter().map(|p| p.count).sum::<u64>())
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(durations, 10);
+    assert_eq!(
+        kernel_entries_of(map_id(&receiver, "tcp", "tcp_conn_stats"), id),
+        4,
+        "the server's cgroup holds max_peers peer entries in the kernel"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+/// A TCP map configured too small for the peers seen: what does not fit is counted in the
+/// cgroup's `other` entry, never lost, and each refused insert is counted (issue 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_tcp_map_loses_no_connection_and_counts_the_refused_inserts() {
+    use std::io::Read as _;
+    let pod = PodCgroup::new();
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    let (receiver, collected, telemetry) = start_config(serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": {"tcp": {"max_entries": {"tcp_conn_stats": 3}}}
+    }))
+    .await;
+    // The kernel filter lists the pod once a collection ran.
+    receiver.collect_now().await.unwrap();
+    // Six servers: six peers (address and port) for the pod's client.
+    let listeners: Vec<std::net::TcpListener> = (0..6)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    let servers: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            std::thread::spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut buffer = Vec::new();
+                stream.read_to_end(&mut buffer).unwrap();
+                buffer.len()
+            })
+        })
+        .collect();
+    let code = pod.run(|| {
+        for &port in &ports {
+            let (fd, rc) = connect_v4_from(None, [127, 0, 0, 1], port);
+            if rc != 0 || !write_bytes(fd, 100) {
+                return 1;
+            }
+            // SAFETY: our connected socket.
+            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+            if read_to_end(fd) != 0 {
+                return 2;
+            }
+            // SAFETY: our socket, closed once.
+            unsafe { libc::close(fd) };
+        }
+        0
+    });
+    assert_eq!(code, 0, "client workload");
+    for server in servers {
+        assert_eq!(server.join().unwrap(), 100);
+    }
+    let id = pod.id();
+    let rms = collect_until(&receiver, &collected, |rms| {
+        sum_where(&counters(rms, id), "podscope.tcp.connections.closed", &[]) == 6
+    })
+    .await;
+    let c = counters(&rms, id);
+    let per_peer = counts_by(
+        &c,
+        "podscope.tcp.connections.opened",
+        "network.peer.address",
+    );
+    assert_eq!(
+        per_peer,
+        [("127.0.0.1".to_string(), 3), ("other".to_string(), 3)]
+            .into_iter()
+            .collect(),
+        "{c:#?}"
+    );
+    assert_eq!(sum_where(&c, "podscope.tcp.connections.closed", &[]), 6);
+    assert_eq!(
+        sum_where(&c, "podscope.tcp.io", &["network.io.direction=transmit"]),
+        600,
+        "{c:#?}"
+    );
+    assert_eq!(
+        telemetry_value(
+            &telemetry,
+            "podscope_ebpf_map_full_total{probe=\"tcp\",map=\"tcp_conn_stats\"}"
+        ),
+        3
+    );
+    receiver.shutdown().await.unwrap();
+}
+
 /// A function for uprobes on this test binary's own code; `no_mangle` keeps its symbol.
 #[no_mangle]
 #[inline(never)]
@@ -2158,6 +2384,51 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
         "{c:?}"
     );
     receiver.shutdown().await.unwrap();
+}
+
+/// Kernel map entries whose key starts with `cgroup_id` (every podscope key does), read with
+/// bpftool from the map with kernel id `map_id`.
+fn kernel_entries_of(map_id: u32, cgroup_id: u64) -> usize {
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "id", &map_id.to_string(), "-j"])
+        .output()
+        .expect("bpftool (scripts/install-deps.sh installs it)");
+    assert!(dump.status.success(), "bpftool map dump id {map_id}");
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            // Without BTF for the key, bpftool prints it as hex byte strings.
+            let key: Vec<u8> = e["key"]
+                .as_array()
+                .map(|bytes| {
+                    bytes
+                        .iter()
+                        .filter_map(|b| {
+                            u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            key.len() >= 8 && u64::from_ne_bytes(key[..8].try_into().unwrap()) == cgroup_id
+        })
+        .count()
+}
+
+/// The kernel id of a loaded probe's map.
+fn map_id(receiver: &EbpfReceiver, probe: &str, map: &str) -> u32 {
+    let maps = receiver.map_memory();
+    maps.iter()
+        .find(|m| m.probe == probe && m.map == map)
+        .unwrap_or_else(|| panic!("{probe}/{map} not in {maps:?}"))
+        .id
+}
+
+/// The value of the agent's own counter `series` (`name{labels}` as exposed), 0 if absent.
+fn telemetry_value(telemetry: &podscope_core::telemetry::AgentTelemetry, series: &str) -> i64 {
+    exposed(&telemetry.encode_text(), series).unwrap_or(0)
 }
 
 /// The RTT of a connection that stays open is sampled at every collection (one sample per open
