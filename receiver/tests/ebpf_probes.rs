@@ -2426,9 +2426,165 @@ fn map_id(receiver: &EbpfReceiver, probe: &str, map: &str) -> u32 {
         .id
 }
 
+/// A uprobe entry on this test binary's `podscope_test_target` capturing its first argument,
+/// for a receiver that only sees `pod` (other tests call the function too).
+fn target_calls_config(pod: &PodCgroup, entry: serde_json::Value) -> serde_json::Value {
+    let exe = std::env::current_exe().unwrap();
+    let mut uprobe = serde_json::json!({
+        "binary": exe, "symbol": "podscope_test_target",
+        "capture": {"value": "arg1", "type": "int"},
+        "metric": {"name": "target_calls"}
+    });
+    uprobe
+        .as_object_mut()
+        .unwrap()
+        .extend(entry.as_object().unwrap().clone());
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": {"uprobes": [uprobe]}
+    })
+}
+
+/// Calls `podscope_test_target(v)` v times for v = 1 … 5 in `pod`: 15 calls, 5 values.
+fn call_target_with_five_values(pod: &PodCgroup) {
+    let label = CString::new("x").unwrap();
+    let f: extern "C" fn(u64, *const libc::c_char) -> u64 =
+        std::hint::black_box(podscope_test_target);
+    let code = pod.run(|| {
+        for value in 1..=5u64 {
+            for _ in 0..value {
+                f(value, label.as_ptr());
+            }
+        }
+        0
+    });
+    assert_eq!(code, 0);
+}
+
 /// The value of the agent's own counter `series` (`name{labels}` as exposed), 0 if absent.
 fn telemetry_value(telemetry: &podscope_core::telemetry::AgentTelemetry, series: &str) -> i64 {
     exposed(&telemetry.encode_text(), series).unwrap_or(0)
+}
+
+/// `max_series` holds in the kernel: hits of further values go to the cgroup's `other` entry
+/// there, so the map never holds more series than allowed and the series plus `other` add up to
+/// every call (issue 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uprobes_keep_max_series_in_the_kernel_and_count_the_rest_as_other() {
+    let pod = PodCgroup::new();
+    let (receiver, collected, telemetry) = start_config(target_calls_config(
+        &pod,
+        serde_json::json!({"max_series": 2}),
+    ))
+    .await;
+    // The kernel filter lists the pod once a collection ran.
+    receiver.collect_now().await.unwrap();
+    call_target_with_five_values(&pod);
+    // Read before the collection, which removes the series of the process (it exited).
+    assert_eq!(
+        kernel_entries_of(map_id(&receiver, "uprobes", "uprobe_hits"), pod.id()),
+        2,
+        "the kernel map holds the two series only"
+    );
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    let expected: BTreeMap<String, i64> = [("1", 1), ("2", 2), ("other", 12)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(counts_by(&c, "target_calls", "value"), expected, "{c:#?}");
+    assert_eq!(
+        telemetry_value(&telemetry, "podscope_ebpf_uprobe_overflow_total"),
+        12
+    );
+    assert_eq!(
+        telemetry_value(
+            &telemetry,
+            "podscope_ebpf_map_full_total{probe=\"uprobes\",map=\"uprobe_hits\"}"
+        ),
+        0
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+/// A uprobe map configured too small for the values seen: what does not fit is counted in the
+/// cgroup's `other` entry, never lost, and every refused insert is counted (issue 11).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_uprobe_map_loses_no_call_and_counts_the_refused_inserts() {
+    let pod = PodCgroup::new();
+    let (receiver, collected, telemetry) = start_config(target_calls_config(
+        &pod,
+        serde_json::json!({"max_entries": {"uprobe_hits": 2}}),
+    ))
+    .await;
+    receiver.collect_now().await.unwrap();
+    call_target_with_five_values(&pod);
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    let expected: BTreeMap<String, i64> = [("1", 1), ("2", 2), ("other", 12)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(counts_by(&c, "target_calls", "value"), expected, "{c:#?}");
+    // Each of the 12 calls that found the map full tried to insert its value.
+    assert_eq!(
+        telemetry_value(
+            &telemetry,
+            "podscope_ebpf_map_full_total{probe=\"uprobes\",map=\"uprobe_hits\"}"
+        ),
+        12
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+/// Series of processes that exited are reported one last time, then removed from the kernel map,
+/// and their room goes to new processes: with `max_series: 2`, a third process after two that
+/// exited still gets its own series (issue 11: keys by pid were never removed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uprobe_series_of_exited_processes_are_removed_and_free_their_room() {
+    let pod = PodCgroup::new();
+    let mut config = target_calls_config(&pod, serde_json::json!({"max_series": 2}));
+    // Counted per process only.
+    config["probes"]["uprobes"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("capture");
+    let (receiver, collected, _) = start_config(config).await;
+    receiver.collect_now().await.unwrap();
+    let label = CString::new("x").unwrap();
+    let f: extern "C" fn(u64, *const libc::c_char) -> u64 =
+        std::hint::black_box(podscope_test_target);
+    let calls = |n: u64| {
+        pod.run(|| {
+            for _ in 0..n {
+                f(n, label.as_ptr());
+            }
+            0
+        })
+    };
+    let per_process = |c: &BTreeMap<(String, String), i64>| -> Vec<i64> {
+        c.iter()
+            .filter(|((name, _), _)| name == "target_calls")
+            .map(|((_, attrs), v)| {
+                assert!(attrs.contains("process.pid="), "{attrs}");
+                *v
+            })
+            .collect()
+    };
+    assert_eq!((calls(3), calls(3)), (0, 0));
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(per_process(&c), [3, 3], "{c:#?}");
+    // Both exited: their series were reported a last time and left the kernel.
+    let hits = map_id(&receiver, "uprobes", "uprobe_hits");
+    assert_eq!(kernel_entries_of(hits, pod.id()), 0);
+    assert_eq!(calls(4), 0);
+    receiver.collect_now().await.unwrap();
+    let c = counters(&collected.last(), pod.id());
+    assert_eq!(per_process(&c), [4], "{c:#?}");
+    receiver.shutdown().await.unwrap();
 }
 
 /// The RTT of a connection that stays open is sampled at every collection (one sample per open

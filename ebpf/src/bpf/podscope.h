@@ -106,7 +106,8 @@ struct block_stats {
 };
 
 /* uprobes probe: hits per cgroup, process and captured value (a string, or an integer's 8
- * bytes). One object is loaded per configured uprobe. */
+ * bytes), for at most max_series keys; hits of further keys, and of keys a full map refused,
+ * are counted per cgroup as `other`. One object is loaded per configured uprobe. */
 #define PODSCOPE_UPROBE_VALUE_LEN 256
 
 struct uprobe_key {
@@ -214,6 +215,14 @@ enum tcp_map_slot {
 
 enum uprobes_map_slot {
 	UPROBES_MAP_HITS = 0,
+	UPROBES_MAP_OTHER = 1,
+};
+
+/* The uprobe_series array: series the kernel admitted into uprobe_hits (it adds), and series the
+ * agent removed from it (it writes); their difference is what the map holds. */
+enum uprobe_series_slot {
+	UPROBE_SERIES_ADMITTED = 0,
+	UPROBE_SERIES_RELEASED = 1,
 };
 
 #ifdef __BPF__
