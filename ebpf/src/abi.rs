@@ -31,6 +31,8 @@ pub type BlockKey = block_key;
 pub type BlockStats = block_stats;
 /// A uprobe hit's key: cgroup, process, captured value (string bytes, or an integer's 8 bytes).
 pub type UprobeKey = uprobe_key;
+/// A mapping of the agent and the file the kernel sees behind it (`container:` uprobes).
+pub type MappedFile = podscope_mapped_file;
 /// A TCP peer's key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
 pub type TcpCounts = podscope_tcp_counts;
@@ -69,15 +71,21 @@ impl SyscallCounts {
     }
 }
 
+/// A record the kernel wrote (a ring-buffer event, an iterator's output) decoded from its bytes;
+/// `None` if too short (never trust the length).
+fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; the records are repr(C), made of integers and bytes, valid
+    // for any bit pattern (aya::Pod); read_unaligned copes with any alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 impl ProcessEvent {
-    /// Decodes an event from ring-buffer bytes; `None` if too short (never trust the length).
+    /// Decodes an event from ring-buffer bytes; `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<ProcessEvent> {
-        if bytes.len() < std::mem::size_of::<ProcessEvent>() {
-            return None;
-        }
-        // SAFETY: the length is checked; ProcessEvent is repr(C), made of integers and bytes,
-        // valid for any bit pattern; read_unaligned copes with any alignment.
-        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) })
+        from_bytes(bytes)
     }
 
     pub fn comm(&self) -> String {
@@ -87,6 +95,13 @@ impl ProcessEvent {
             .position(|&b| b == 0)
             .unwrap_or(self.comm.len());
         String::from_utf8_lossy(&self.comm[..end]).into_owned()
+    }
+}
+
+impl MappedFile {
+    /// Decodes a record of the mapped-files iterator; `None` if too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<MappedFile> {
+        from_bytes(bytes)
     }
 }
 
@@ -118,6 +133,7 @@ unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}
 unsafe impl aya::Pod for BlockKey {}
 unsafe impl aya::Pod for UprobeKey {}
+unsafe impl aya::Pod for MappedFile {}
 unsafe impl aya::Pod for TcpKey {}
 unsafe impl aya::Pod for TcpCounts {}
 unsafe impl aya::Pod for TcpDistKey {}

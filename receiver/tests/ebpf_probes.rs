@@ -2587,6 +2587,195 @@ async fn uprobe_series_of_exited_processes_are_removed_and_free_their_room() {
     receiver.shutdown().await.unwrap();
 }
 
+/// A container's root filesystem as a runtime mounts it: overlayfs with its own upper layer over
+/// a shared image directory. Unmounted and removed on drop.
+struct OverlayRoot {
+    merged: PathBuf,
+    _dirs: tempfile::TempDir,
+}
+
+impl OverlayRoot {
+    fn new(image: &Path) -> OverlayRoot {
+        let dirs = tempfile::tempdir().unwrap();
+        let (upper, work, merged) = (
+            dirs.path().join("upper"),
+            dirs.path().join("work"),
+            dirs.path().join("merged"),
+        );
+        for dir in [&upper, &work, &merged] {
+            std::fs::create_dir(dir).unwrap();
+        }
+        let options = CString::new(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            image.display(),
+            upper.display(),
+            work.display()
+        ))
+        .unwrap();
+        let target = CString::new(merged.to_str().unwrap()).unwrap();
+        // SAFETY: mount(2) with live C strings.
+        let rc = unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                target.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount overlay: {}", std::io::Error::last_os_error());
+        OverlayRoot {
+            merged,
+            _dirs: dirs,
+        }
+    }
+}
+
+impl Drop for OverlayRoot {
+    fn drop(&mut self) {
+        let target = CString::new(self.merged.to_str().unwrap()).unwrap();
+        // SAFETY: umount2(2) with a live C string.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// A container's first process: it joins `pod`, changes root to `root` and waits until dropped
+/// (then killed), so the container lives while other processes run in it.
+struct ContainerInit {
+    pid: i32,
+}
+
+impl ContainerInit {
+    fn start(pod: &PodCgroup, root: &Path) -> ContainerInit {
+        let procs = CString::new(pod.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
+        let root = CString::new(root.to_str().unwrap()).unwrap();
+        let (ready_r, ready_w) = pipe();
+        // SAFETY: the child only makes raw syscalls on memory prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            // SAFETY: as above; the child never returns.
+            unsafe {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0
+                    || libc::write(fd, b"0".as_ptr().cast(), 1) != 1
+                    || libc::chroot(root.as_ptr()) != 0
+                    || libc::chdir(c"/".as_ptr()) != 0
+                    || !signal(ready_w)
+                {
+                    libc::_exit(99);
+                }
+                loop {
+                    libc::pause();
+                }
+            }
+        }
+        let ready = wait_signal(ready_r);
+        // SAFETY: our descriptors, closed once.
+        unsafe {
+            libc::close(ready_r);
+            libc::close(ready_w);
+        }
+        let init = ContainerInit { pid };
+        assert!(ready, "the container's first process did not start");
+        init
+    }
+}
+
+impl Drop for ContainerInit {
+    fn drop(&mut self) {
+        // SAFETY: our child, killed and reaped once.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
+
+/// Runs `argv` (an absolute path first) in `pod`, changing root to `root` if given; returns its
+/// exit code.
+fn run_in_container(pod: &PodCgroup, root: Option<&Path>, argv: &[&str]) -> i32 {
+    let root = root.map(|r| CString::new(r.to_str().unwrap()).unwrap());
+    let args: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
+    let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+    arg_ptrs.push(std::ptr::null());
+    let env = [c"PATH=/bin:/usr/bin".as_ptr(), std::ptr::null()];
+    pod.run(|| {
+        // SAFETY: raw syscalls on memory prepared before the fork; execve replaces the child.
+        unsafe {
+            if let Some(root) = &root {
+                if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                    return 98;
+                }
+            }
+            libc::execve(arg_ptrs[0], arg_ptrs.as_ptr(), env.as_ptr());
+        }
+        127
+    })
+}
+
+/// The loop each container of the next test runs: `execute_command` is called 200 times.
+const THE_LOOP: &str = "for ((i = 0; i < 200; i++)); do :; done";
+
+/// `container:` uprobes attach once per file the kernel probes, which on overlayfs is the image
+/// layer's file, not the per-container overlay one (issue 21: three containers of one image,
+/// each running the same 200-iteration loop, counted 200, 400, 600). Here three containers of
+/// one image, each an overlay mount, overlap in time (each starts while the one before still
+/// runs) and count 200 each; the probe stays attached while any of them lives, and once the last
+/// is gone it is detached from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_uprobe_counts_each_call_once_across_containers_of_one_image() {
+    let (receiver, collected, _) = start_config(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {"uprobes": [{
+            "binary": "container:/bin/bash", "symbol": "execute_command",
+            "metric": {"name": "bash_commands"}
+        }]}
+    }))
+    .await;
+    let image = tempfile::tempdir().unwrap();
+    fake_image_with_bash(image.path(), "/bin/bash");
+    let commands = |pod_id: u64| {
+        counters(&collected.last(), pod_id)
+            .iter()
+            .filter(|((name, _), _)| name == "bash_commands")
+            .map(|(_, v)| *v)
+            .sum::<i64>()
+    };
+    let mut running: Vec<(ContainerInit, OverlayRoot, PodCgroup)> = Vec::new();
+    for round in 1..=3 {
+        let root = OverlayRoot::new(image.path());
+        let pod = PodCgroup::new();
+        let init = ContainerInit::start(&pod, &root.merged);
+        // The container is up: this collection's scan looks at it (and attaches, the first time).
+        receiver.collect_now().await.unwrap();
+        let code = run_in_container(&pod, Some(&root.merged), &["/bin/bash", "-c", THE_LOOP]);
+        assert_eq!(code, 0, "round {round}");
+        receiver.collect_now().await.unwrap();
+        assert_eq!(commands(pod.id()), 200, "round {round}");
+        running.push((init, root, pod));
+        // The container before the last one leaves: the file stays attached for the others.
+        if running.len() > 2 {
+            running.remove(0);
+        }
+    }
+    // The last containers are gone: the next scan detaches the probe from the image's bash, so
+    // the same file run outside any container counts nothing.
+    running.clear();
+    receiver.collect_now().await.unwrap();
+    let pod = PodCgroup::new();
+    let image_bash = image.path().join("bin/bash");
+    let code = run_in_container(&pod, None, &[image_bash.to_str().unwrap(), "-c", THE_LOOP]);
+    assert_eq!(code, 0);
+    receiver.collect_now().await.unwrap();
+    assert_eq!(
+        commands(pod.id()),
+        0,
+        "still attached after the last container left"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
 /// The RTT of a connection that stays open is sampled at every collection (one sample per open
 /// connection), not only when it closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -117,6 +117,16 @@ struct uprobe_key {
 	__u8 value[PODSCOPE_UPROBE_VALUE_LEN];
 };
 
+/* uprobes probe, `container:` entries: which file the kernel sees behind each mapping of the
+ * agent's own process (on overlayfs, the layer's file, the one a uprobe attaches to), written
+ * by its iterator over the agent's mappings. */
+struct podscope_mapped_file {
+	__u64 start;
+	__u64 ino;
+	__u32 dev; /* the kernel's dev_t */
+	__u32 _pad;
+};
+
 /* tcp probe. Counters per cgroup (the socket's) and peer, for at most max_peers peers per
  * cgroup; the cgroup's other peers, and what a full map refuses, go to its tcp_other entry (per
  * address family and role). Distributions per cgroup, role and server port: 800 bytes each, per

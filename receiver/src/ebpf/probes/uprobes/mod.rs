@@ -10,9 +10,9 @@
 //! time, then removed from the kernel map, and their room given back.
 
 mod config;
+mod containers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 
 use aya::maps::{Array, MapData};
@@ -23,6 +23,7 @@ use podscope_ebpf::{abi, objects};
 use prometheus_client::metrics::counter::Counter;
 
 pub use config::{CaptureKind, Target, UprobeConfig};
+use containers::ContainerTargets;
 
 use super::{Collection, LoadContext, Probe, ProbeKind};
 use crate::ebpf::builder::{int_attr, string_attr, MetricsBuilder, Owner};
@@ -102,25 +103,6 @@ impl ProbeKind for Uprobes {
     }
 }
 
-/// The containers a `container:<path>` entry has looked at. Each container is checked once per
-/// root directory, through the first of its processes seen in `/proc` with that root: a runtime
-/// moves a container's first process into its cgroup before switching to the container's root,
-/// so a process seen in between shows the host's root and must not settle the container.
-/// The probe attaches once per distinct file (device and inode): containers of one image share
-/// the binary's file through the image layer, so one attachment serves them all, and their hits
-/// are still told apart by cgroup. A container whose binary is missing is skipped; one that only
-/// gets the binary later (installed at run time) is not attached.
-#[derive(Debug, Default)]
-pub struct ContainerTargets {
-    /// (container id, root device, root inode) already looked at.
-    checked: HashSet<(String, u64, u64)>,
-    /// (pid, root device, root inode) already looked at, pruned to the live processes at each
-    /// scan. With the root in the key, a process seen before it switched root is looked at again.
-    seen: HashSet<(u32, u64, u64)>,
-    /// (device, inode) of every file attached.
-    files: HashSet<(u64, u64)>,
-}
-
 /// A loaded entry and what it needs at collection time.
 pub struct LoadedUprobe {
     config: UprobeConfig,
@@ -183,7 +165,14 @@ impl LoadedUprobe {
                 None
             }
             // Attached per container by `rescan`, now and as containers start.
-            Target::Container(_) => Some(ContainerTargets::default()),
+            Target::Container(inner) => Some(ContainerTargets::new(
+                &mut object,
+                ctx.features,
+                inner,
+                &config.symbol,
+                function,
+                config.location(),
+            )),
         };
         Ok(LoadedUprobe {
             config: config.clone(),
@@ -262,80 +251,14 @@ impl Probe for LoadedUprobe {
     }
 
     fn rescan(&mut self) {
-        let attached = self.scan_containers(Path::new("/proc"));
-        self.container_attachments.inc_by(attached as u64);
+        if let Some(containers) = &mut self.containers {
+            let attached = containers.scan(&mut self.object, Path::new("/proc"));
+            self.container_attachments.inc_by(attached as u64);
+        }
     }
 }
 
 impl LoadedUprobe {
-    /// For a `container:<path>` entry: attaches to the binary in containers not looked at yet.
-    /// Returns how many new files were attached.
-    fn scan_containers(&mut self, proc_root: &Path) -> usize {
-        let Target::Container(inner) = self.config.target() else {
-            return 0;
-        };
-        let inner = inner.strip_prefix("/").unwrap_or(inner).to_path_buf();
-        let Some(targets) = self.containers.as_mut() else {
-            return 0;
-        };
-        let Ok(entries) = std::fs::read_dir(proc_root) else {
-            return 0;
-        };
-        let live: HashSet<u32> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
-        targets.seen.retain(|(pid, _, _)| live.contains(pid));
-        let function = if self.config.on_return { RETURN } else { ENTRY };
-        let mut attached = 0;
-        for pid in live {
-            let root = proc_root.join(pid.to_string()).join("root");
-            let Ok(root_meta) = std::fs::metadata(&root) else {
-                continue;
-            };
-            if !targets.seen.insert((pid, root_meta.dev(), root_meta.ino())) {
-                continue;
-            }
-            let Some(container) = podscope_core::cgroup::process_cgroup_path(proc_root, pid)
-                .and_then(|path| podscope_core::cgroup::container_id(&path))
-            else {
-                continue;
-            };
-            if !targets
-                .checked
-                .insert((container.clone(), root_meta.dev(), root_meta.ino()))
-            {
-                continue;
-            }
-            let file = root.join(&inner);
-            let Ok(meta) = std::fs::metadata(&file) else {
-                tracing::debug!(uprobe = %self.config.location(), container = %container, "binary not in this container");
-                continue;
-            };
-            if !targets.files.insert((meta.dev(), meta.ino())) {
-                // Same file as a container already attached (one image layer): covered.
-                continue;
-            }
-            let Ok(program) = self
-                .object
-                .program_mut(function)
-                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-            else {
-                return attached;
-            };
-            match attach(program, &self.config.symbol, &file) {
-                Ok(()) => {
-                    attached += 1;
-                    tracing::info!(uprobe = %self.config.location(), container = %container, pid, "uprobe attached in container");
-                }
-                Err(e) => {
-                    tracing::warn!(uprobe = %self.config.location(), container = %container, error = %e, "cannot attach the uprobe in this container");
-                }
-            }
-        }
-        attached
-    }
-
     fn value_text(&self, key: &UprobeKey) -> String {
         let bytes = key.value_bytes();
         let text = match self.config.capture.as_ref().map(|c| c.kind) {
