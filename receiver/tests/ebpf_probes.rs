@@ -1069,24 +1069,7 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
 /// # Safety
 /// Plain socket syscalls; the caller closes the returned descriptor.
 unsafe fn connect_v4(ip: [u8; 4], port: u16) -> (i32, i32) {
-    // SAFETY: see the function's contract; `addr` outlives the call.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(ip),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::connect(
-            fd,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
-        );
-        (fd, rc)
-    }
+    connect_v4_from(None, ip, port)
 }
 
 /// Two network namespaces joined by a veth pair (IPv4 and IPv6), removed on drop.
@@ -1369,14 +1352,7 @@ fn listen_tcp(ipv4: Option<[u8; 4]>, port: u16) -> (i32, u16) {
         let (fd, rc) = match ipv4 {
             Some(ip) => {
                 let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                let addr = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as u16,
-                    sin_port: port.to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(ip),
-                    },
-                    sin_zero: [0; 8],
-                };
+                let addr = sockaddr_v4(ip, port);
                 let rc = libc::bind(
                     fd,
                     (&addr as *const libc::sockaddr_in).cast(),
@@ -1459,31 +1435,50 @@ fn write_bytes(fd: i32, mut len: usize) -> bool {
     true
 }
 
-/// A TCP connection from `from` (any local address if `None`) to `ip:port`, with raw syscalls
-/// only; the descriptor and connect's return code.
-fn connect_v4_from(from: Option<[u8; 4]>, ip: [u8; 4], port: u16) -> (i32, i32) {
-    let sockaddr = |ip: [u8; 4], port: u16| libc::sockaddr_in {
+fn sockaddr_v4(ip: [u8; 4], port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
         sin_family: libc::AF_INET as u16,
         sin_port: port.to_be(),
         sin_addr: libc::in_addr {
             s_addr: u32::from_ne_bytes(ip),
         },
         sin_zero: [0; 8],
-    };
+    }
+}
+
+/// A TCP connection from `from` (any local address if `None`) to `ip:port`, with raw syscalls
+/// only; the descriptor and connect's return code.
+fn connect_v4_from(from: Option<[u8; 4]>, ip: [u8; 4], port: u16) -> (i32, i32) {
     let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
     // SAFETY: plain socket syscalls on live, correctly sized socket addresses.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
         if let Some(source) = from {
-            let addr = sockaddr(source, 0);
+            let addr = sockaddr_v4(source, 0);
             if libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len) != 0 {
                 return (fd, -1);
             }
         }
-        let addr = sockaddr(ip, port);
+        let addr = sockaddr_v4(ip, port);
         let rc = libc::connect(fd, (&addr as *const libc::sockaddr_in).cast(), len);
         (fd, rc)
     }
+}
+
+/// One request and its answer, as a client (raw syscalls only: usable in a forked workload):
+/// connects from `from` to `ip:port`, sends `send` bytes, shuts down its side, reads until the
+/// server closes and closes; whether all went well and the answer was `answer` bytes.
+fn exchange(from: Option<[u8; 4]>, ip: [u8; 4], port: u16, send: usize, answer: isize) -> bool {
+    let (fd, rc) = connect_v4_from(from, ip, port);
+    if rc != 0 || !write_bytes(fd, send) {
+        return false;
+    }
+    // SAFETY: our connected socket, shut down and closed once.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let answered = read_to_end(fd);
+    // SAFETY: as above.
+    unsafe { libc::close(fd) };
+    answered == answer
 }
 
 /// A TCP server running in a pod: a forked child, in network namespace `netns` if given.
@@ -1616,6 +1611,76 @@ async fn collect_until(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+/// Kernel map entries whose key starts with `cgroup_id` (every podscope key does), read with
+/// bpftool from the map with kernel id `map_id`.
+fn kernel_entries_of(map_id: u32, cgroup_id: u64) -> usize {
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "id", &map_id.to_string(), "-j"])
+        .output()
+        .expect("bpftool (scripts/install-deps.sh installs it)");
+    assert!(dump.status.success(), "bpftool map dump id {map_id}");
+    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            // Without BTF for the key, bpftool prints it as hex byte strings.
+            let key: Vec<u8> = e["key"]
+                .as_array()
+                .map(|bytes| {
+                    bytes
+                        .iter()
+                        .filter_map(|b| {
+                            u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            key.len() >= 8 && u64::from_ne_bytes(key[..8].try_into().unwrap()) == cgroup_id
+        })
+        .count()
+}
+
+/// The kernel id of a loaded probe's map.
+fn map_id(receiver: &EbpfReceiver, probe: &str, map: &str) -> u32 {
+    let maps = receiver.map_memory();
+    maps.iter()
+        .find(|m| m.probe == probe && m.map == map)
+        .unwrap_or_else(|| panic!("{probe}/{map} not in {maps:?}"))
+        .id
+}
+
+/// A receiver config with `probes` that sees only `pod` (once a collection ran: the kernel filter
+/// lists cgroups then), so other tests' activity does not reach its maps.
+fn seeing_only(pod: &PodCgroup, probes: serde_json::Value) -> serde_json::Value {
+    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    serde_json::json!({
+        "collection_interval": "1h",
+        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
+        "probes": probes
+    })
+}
+
+/// What [`call_target_with_five_values`] leaves when two series fit: values 1 and 2, and the
+/// other 12 calls as `other`.
+fn assert_two_series_and_other(c: &BTreeMap<(String, String), i64>) {
+    let expected: BTreeMap<String, i64> = [("1", 1), ("2", 2), ("other", 12)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(counts_by(c, "target_calls", "value"), expected, "{c:#?}");
+}
+
+/// The refused inserts into uprobe entries' `uprobe_hits` maps, as the agent exposes them.
+const UPROBE_HITS_REFUSED: &str =
+    "podscope_ebpf_map_full_total{probe=\"uprobes\",map=\"uprobe_hits\"}";
+
+/// The value of the agent's own counter `series` (`name{labels}` as exposed), 0 if absent.
+fn telemetry_value(telemetry: &podscope_core::telemetry::AgentTelemetry, series: &str) -> i64 {
+    exposed(&telemetry.encode_text(), series).unwrap_or(0)
+}
+
 /// Payload bytes are exact on both ends of a connection: sent and received, client and server,
 /// without the SYN and FIN that take sequence space (issue 21: the server's sent bytes were one
 /// short per connection).
@@ -1627,17 +1692,9 @@ async fn tcp_counts_payload_bytes_exactly_on_the_client_and_the_server() {
     let port = server.port;
     let code = client.run(|| {
         for _ in 0..3 {
-            let (fd, rc) = connect_v4_from(None, [127, 0, 0, 1], port);
-            if rc != 0 || !write_bytes(fd, 1000) {
+            if !exchange(None, [127, 0, 0, 1], port, 1000, 300) {
                 return 1;
             }
-            // SAFETY: our connected socket.
-            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-            if read_to_end(fd) != 300 {
-                return 2;
-            }
-            // SAFETY: our socket, closed once.
-            unsafe { libc::close(fd) };
         }
         0
     });
@@ -1687,18 +1744,12 @@ async fn tcp_counts_payload_bytes_exactly_on_the_client_and_the_server() {
 /// recorded when the connection was established.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_server_series_keep_the_listening_port_after_close() {
-    use std::io::{Read as _, Write as _};
     let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
     let server_pod = PodCgroup::new();
     let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, 2, 10);
     let port = server.port;
     for _ in 0..2 {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.write_all(b"hello").unwrap();
-        stream.shutdown(std::net::Shutdown::Write).unwrap();
-        let mut reply = Vec::new();
-        stream.read_to_end(&mut reply).unwrap();
-        assert_eq!(reply.len(), 10);
+        assert!(exchange(None, [127, 0, 0, 1], port, 5, 10));
     }
     assert_eq!(server.wait(), 0, "server workload");
     let id = server_pod.id();
@@ -1739,16 +1790,10 @@ async fn tcp_server_series_keep_the_listening_port_after_close() {
 /// they match the peer's IPv4 address everywhere else (issue 21).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_ipv4_clients_of_a_dual_stack_listener_are_ipv4_peers() {
-    use std::io::{Read as _, Write as _};
     let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
     let server_pod = PodCgroup::new();
     let server = PodServer::start(&server_pod, None, None, 0, 1, 10);
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    stream.write_all(b"hello").unwrap();
-    stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).unwrap();
-    drop(stream);
+    assert!(exchange(None, [127, 0, 0, 1], server.port, 5, 10));
     assert_eq!(server.wait(), 0, "server workload");
     let id = server_pod.id();
     let rms = collect_until(&receiver, &collected, |rms| {
@@ -1950,17 +1995,15 @@ async fn tcp_a_server_with_more_clients_than_max_peers_keeps_exact_totals() {
             return 1;
         }
         for host in 0..CLIENTS {
-            let (fd, rc) = connect_v4_from(Some([10, 251, 0, 11 + host]), [10, 251, 0, 2], port);
-            if rc != 0 || !write_bytes(fd, 50) {
+            if !exchange(
+                Some([10, 251, 0, 11 + host]),
+                [10, 251, 0, 2],
+                port,
+                50,
+                100,
+            ) {
                 return 2;
             }
-            // SAFETY: our connected socket.
-            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-            if read_to_end(fd) != 100 {
-                return 3;
-            }
-            // SAFETY: our socket, closed once.
-            unsafe { libc::close(fd) };
         }
         0
     });
@@ -2026,12 +2069,10 @@ async fn tcp_a_server_with_more_clients_than_max_peers_keeps_exact_totals() {
 async fn a_full_tcp_map_loses_no_connection_and_counts_the_refused_inserts() {
     use std::io::Read as _;
     let pod = PodCgroup::new();
-    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
-    let (receiver, collected, telemetry) = start_config(serde_json::json!({
-        "collection_interval": "1h",
-        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
-        "probes": {"tcp": {"max_entries": {"tcp_conn_stats": 3}}}
-    }))
+    let (receiver, collected, telemetry) = start_config(seeing_only(
+        &pod,
+        serde_json::json!({"tcp": {"max_entries": {"tcp_conn_stats": 3}}}),
+    ))
     .await;
     // The kernel filter lists the pod once a collection ran.
     receiver.collect_now().await.unwrap();
@@ -2056,17 +2097,9 @@ async fn a_full_tcp_map_loses_no_connection_and_counts_the_refused_inserts() {
         .collect();
     let code = pod.run(|| {
         for &port in &ports {
-            let (fd, rc) = connect_v4_from(None, [127, 0, 0, 1], port);
-            if rc != 0 || !write_bytes(fd, 100) {
+            if !exchange(None, [127, 0, 0, 1], port, 100, 0) {
                 return 1;
             }
-            // SAFETY: our connected socket.
-            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-            if read_to_end(fd) != 0 {
-                return 2;
-            }
-            // SAFETY: our socket, closed once.
-            unsafe { libc::close(fd) };
         }
         0
     });
@@ -2386,46 +2419,6 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
     receiver.shutdown().await.unwrap();
 }
 
-/// Kernel map entries whose key starts with `cgroup_id` (every podscope key does), read with
-/// bpftool from the map with kernel id `map_id`.
-fn kernel_entries_of(map_id: u32, cgroup_id: u64) -> usize {
-    let dump = std::process::Command::new("bpftool")
-        .args(["map", "dump", "id", &map_id.to_string(), "-j"])
-        .output()
-        .expect("bpftool (scripts/install-deps.sh installs it)");
-    assert!(dump.status.success(), "bpftool map dump id {map_id}");
-    let entries: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
-    entries
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| {
-            // Without BTF for the key, bpftool prints it as hex byte strings.
-            let key: Vec<u8> = e["key"]
-                .as_array()
-                .map(|bytes| {
-                    bytes
-                        .iter()
-                        .filter_map(|b| {
-                            u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            key.len() >= 8 && u64::from_ne_bytes(key[..8].try_into().unwrap()) == cgroup_id
-        })
-        .count()
-}
-
-/// The kernel id of a loaded probe's map.
-fn map_id(receiver: &EbpfReceiver, probe: &str, map: &str) -> u32 {
-    let maps = receiver.map_memory();
-    maps.iter()
-        .find(|m| m.probe == probe && m.map == map)
-        .unwrap_or_else(|| panic!("{probe}/{map} not in {maps:?}"))
-        .id
-}
-
 /// A uprobe entry on this test binary's `podscope_test_target` capturing its first argument,
 /// for a receiver that only sees `pod` (other tests call the function too).
 fn target_calls_config(pod: &PodCgroup, entry: serde_json::Value) -> serde_json::Value {
@@ -2439,12 +2432,7 @@ fn target_calls_config(pod: &PodCgroup, entry: serde_json::Value) -> serde_json:
         .as_object_mut()
         .unwrap()
         .extend(entry.as_object().unwrap().clone());
-    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
-    serde_json::json!({
-        "collection_interval": "1h",
-        "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
-        "probes": {"uprobes": [uprobe]}
-    })
+    seeing_only(pod, serde_json::json!({"uprobes": [uprobe]}))
 }
 
 /// Calls `podscope_test_target(v)` v times for v = 1 … 5 in `pod`: 15 calls, 5 values.
@@ -2461,11 +2449,6 @@ fn call_target_with_five_values(pod: &PodCgroup) {
         0
     });
     assert_eq!(code, 0);
-}
-
-/// The value of the agent's own counter `series` (`name{labels}` as exposed), 0 if absent.
-fn telemetry_value(telemetry: &podscope_core::telemetry::AgentTelemetry, series: &str) -> i64 {
-    exposed(&telemetry.encode_text(), series).unwrap_or(0)
 }
 
 /// `max_series` holds in the kernel: hits of further values go to the cgroup's `other` entry
@@ -2489,23 +2472,12 @@ async fn uprobes_keep_max_series_in_the_kernel_and_count_the_rest_as_other() {
         "the kernel map holds the two series only"
     );
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
-    let expected: BTreeMap<String, i64> = [("1", 1), ("2", 2), ("other", 12)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    assert_eq!(counts_by(&c, "target_calls", "value"), expected, "{c:#?}");
+    assert_two_series_and_other(&counters(&collected.last(), pod.id()));
     assert_eq!(
         telemetry_value(&telemetry, "podscope_ebpf_uprobe_overflow_total"),
         12
     );
-    assert_eq!(
-        telemetry_value(
-            &telemetry,
-            "podscope_ebpf_map_full_total{probe=\"uprobes\",map=\"uprobe_hits\"}"
-        ),
-        0
-    );
+    assert_eq!(telemetry_value(&telemetry, UPROBE_HITS_REFUSED), 0);
     receiver.shutdown().await.unwrap();
 }
 
@@ -2522,20 +2494,9 @@ async fn a_full_uprobe_map_loses_no_call_and_counts_the_refused_inserts() {
     receiver.collect_now().await.unwrap();
     call_target_with_five_values(&pod);
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
-    let expected: BTreeMap<String, i64> = [("1", 1), ("2", 2), ("other", 12)]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-    assert_eq!(counts_by(&c, "target_calls", "value"), expected, "{c:#?}");
+    assert_two_series_and_other(&counters(&collected.last(), pod.id()));
     // Each of the 12 calls that found the map full tried to insert its value.
-    assert_eq!(
-        telemetry_value(
-            &telemetry,
-            "podscope_ebpf_map_full_total{probe=\"uprobes\",map=\"uprobe_hits\"}"
-        ),
-        12
-    );
+    assert_eq!(telemetry_value(&telemetry, UPROBE_HITS_REFUSED), 12);
     receiver.shutdown().await.unwrap();
 }
 

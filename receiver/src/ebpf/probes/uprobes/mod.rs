@@ -17,6 +17,7 @@ use std::path::Path;
 
 use aya::maps::{Array, MapData};
 use aya::programs::UProbe;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use podscope_core::FieldError;
 use podscope_ebpf::abi::UprobeKey;
 use podscope_ebpf::{abi, objects};
@@ -309,27 +310,20 @@ impl LoadedUprobe {
             };
             *series.entry((key.cgroup_id, key.pid, value)).or_default() += count;
         }
+        let mut points: Vec<(u64, Vec<KeyValue>, u64)> = Vec::new();
         for ((cgroup, pid, value), count) in series {
             let mut attributes = Vec::new();
             if self.config.capture.is_some() {
                 attributes.push(string_attr(&labels.value, value));
             }
             attributes.push(int_attr(&labels.pid, pid as i64));
-            if !labels.node.is_empty() {
-                attributes.push(string_attr(&labels.node, host_name));
-            }
-            builder.count_named(
-                Owner::Cgroup(cgroup),
-                &metric.name,
-                &metric.description,
-                "{call}",
-                attributes,
-                count,
-            );
+            points.push((cgroup, attributes, count));
         }
         let other: BTreeMap<u64, u64> = other.iter().map(|(k, v)| (*k, *v)).collect();
         for (cgroup, count) in other {
-            let mut attributes = vec![string_attr(&labels.value, "other")];
+            points.push((cgroup, vec![string_attr(&labels.value, "other")], count));
+        }
+        for (cgroup, mut attributes, count) in points {
             if !labels.node.is_empty() {
                 attributes.push(string_attr(&labels.node, host_name));
             }
