@@ -568,6 +568,11 @@ impl<K: Pod + Eq + Hash, V: Pod> HashTable<K, V> {
         self.0.iter().filter_map(Result::ok).collect()
     }
 
+    /// Every key (entries deleted while iterating are skipped).
+    pub fn keys(&self) -> Vec<K> {
+        self.0.keys().filter_map(Result::ok).collect()
+    }
+
     /// Removes `keys` (entries of cgroups that no longer exist, or a per-interval map cleared).
     pub fn remove(&mut self, keys: impl IntoIterator<Item = K>) {
         for key in keys {
@@ -575,15 +580,16 @@ impl<K: Pod + Eq + Hash, V: Pod> HashTable<K, V> {
         }
     }
 
-    /// Removes every entry whose key belongs to a cgroup in `gone`.
-    pub fn forget(&mut self, gone: &HashSet<u64>, cgroup: impl Fn(&K) -> u64) {
+    /// Removes every entry whose key belongs to a cgroup in `gone`; returns how many.
+    pub fn forget(&mut self, gone: &HashSet<u64>, cgroup: impl Fn(&K) -> u64) -> usize {
         let keys: Vec<K> = self
-            .0
             .keys()
-            .filter_map(Result::ok)
+            .into_iter()
             .filter(|k| gone.contains(&cgroup(k)))
             .collect();
+        let removed = keys.len();
         self.remove(keys);
+        removed
     }
 }
 
