@@ -11,6 +11,8 @@
 #     (loopback telemetry address, unknown auth_type, filter.namespace from an env var);
 #   - as root: the agent run as the DaemonSet runs it (its capabilities only, its service-account
 #     files, an API server that authorizes with the rendered RBAC), with control runs that must fail;
+#   - the dashboards and alert rules equal what scripts/generate-dashboards.py generates, the rules
+#     pass `promtool check rules` and their unit tests (tests/alerts.test.yaml) `promtool test rules`;
 #   - the Dockerfile's Rust is at least the workspace's rust-version (the image is not built here).
 #
 # Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
@@ -136,6 +138,7 @@ done
 cases+=("privileged::--set security.privileged=true")
 cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true")
 cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
+cases+=("dashboards-rules::--set dashboards.enabled=true --set dashboards.annotations.grafana_folder=podscope --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack")
 # Kubernetes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
 for values in "$CHART"/tests/values/*.yaml; do
   cases+=("$(basename "$values" .yaml):-f $values:")
@@ -195,6 +198,13 @@ for helm_major in 3 4; do
   check "helm$helm_major refuses filter.namespace from an env var" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""
 done
+
+# Dashboards and alert rules: generated from one source, valid, and each alert fires on the
+# synthetic series of its unit test (integration/tests/agent/dashboards.rs runs every query
+# against a real agent).
+check "dashboards and rules are what scripts/generate-dashboards.py generates" python3 "$ROOT/scripts/generate-dashboards.py" --check
+check "promtool check rules rules/podscope-alerts.yaml" promtool check rules "$CHART/rules/podscope-alerts.yaml"
+check "promtool test rules tests/alerts.test.yaml (each alert fires on its synthetic series)" bash -c "cd \"$CHART/tests\" && promtool test rules alerts.test.yaml"
 
 # The agent as the DaemonSet runs it: the rendered config, only the container's capabilities
 # (root + eBPF needed), the service-account token only if the pod mounts it, and an API server

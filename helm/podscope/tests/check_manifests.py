@@ -1,12 +1,14 @@
 """Checks on the chart's rendered manifests, run by scripts/test-helm.sh.
 
-  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors match the
-                                            Prometheus Operator's model exactly (no unknown field)
+  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors and
+                                            PrometheusRules match the Prometheus Operator's models
+                                            exactly (no unknown field)
   check_manifests.py extract-config FILE OUT  writes the ConfigMap's config.yaml to OUT and
                                             prints the agent container's env var names (the
                                             config may use them as ${env:NAME})
   check_manifests.py invariants FILE CASE   what the chart promises (least privilege, read-only
-                                            host mounts, ports from the config, RBAC), with exact
+                                            host mounts, ports from the config, RBAC, dashboards
+                                            and rules equal to the generated files), with exact
                                             expectations for the named values case
 
   check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP] [+VERB|-VERB]...
@@ -78,6 +80,9 @@ EXACT_API_ACCESS = {
     # A named extension: its settings decide, the processor reading it adds nothing.
     "k8s-extension": ({"nodes"}, {"shop": {"pods"}}),
 }
+# Cases that turn on the dashboards' ConfigMaps and the PrometheusRule.
+DASHBOARD_CASES = {"dashboards-rules"}
+CHART = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The k8s_metadata extension lists and watches (kube-rs watcher); it never gets one object.
 API_VERBS = ["list", "watch"]
 
@@ -92,9 +97,14 @@ def one(docs, kind):
     return found[0] if len(found) == 1 else None
 
 
+def config_map(docs):
+    """The ConfigMap holding the agent's config (the dashboards' ConfigMaps are others)."""
+    found = [d for d in docs if d.get("kind") == "ConfigMap" and "config.yaml" in d.get("data", {})]
+    return found[0] if len(found) == 1 else None
+
+
 def config_of(docs):
-    configmap = one(docs, "ConfigMap")
-    return yaml.safe_load(configmap["data"]["config.yaml"])
+    return yaml.safe_load(config_map(docs)["data"]["config.yaml"])
 
 
 def unknown_keys(given, parsed, path=""):
@@ -119,16 +129,16 @@ def check_schemas(docs):
         kind = doc.get("kind")
         if kind in CORE_KINDS:
             continue  # kubernetes-validate --strict checked it
-        if kind == "ServiceMonitor" and doc.get("apiVersion") == "monitoring.coreos.com/v1":
+        if kind in ("ServiceMonitor", "PrometheusRule") and doc.get("apiVersion") == "monitoring.coreos.com/v1":
             from cloudcoil.models.prometheus_operator import v1
 
             try:
-                model = v1.ServiceMonitor.model_validate(doc)
+                model = getattr(v1, kind).model_validate(doc)
             except Exception as e:  # pydantic.ValidationError, reported as is
-                problems.append(f"ServiceMonitor: {e}")
+                problems.append(f"{kind}: {e}")
                 continue
             dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
-            problems += [f"ServiceMonitor: {p}" for p in unknown_keys(doc, dumped)]
+            problems += [f"{kind}: {p}" for p in unknown_keys(doc, dumped)]
         else:
             problems.append(f"{doc.get('apiVersion')} {kind}: no schema to validate it against")
     return problems
@@ -214,6 +224,31 @@ def node_name_vars(config):
     return names
 
 
+def check_dashboards_and_rules(docs, case, expect):
+    """Off by default; when on, one ConfigMap per dashboards/*.json with the sidecar's label and
+    the file's JSON unchanged, and a PrometheusRule whose groups are rules/podscope-alerts.yaml's."""
+    dashboards = {}
+    for d in docs:
+        if d.get("kind") == "ConfigMap" and "config.yaml" not in d.get("data", {}):
+            dashboards.update({name: (d["metadata"], text) for name, text in d["data"].items()})
+    rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    if case not in DASHBOARD_CASES:
+        expect(not dashboards and not rules, "dashboards and the PrometheusRule are off by default")
+        return
+    files = sorted(os.listdir(os.path.join(CHART, "dashboards")))
+    expect(sorted(dashboards) == files, f"dashboard ConfigMaps hold {sorted(dashboards)}, want {files}")
+    for name, (meta, text) in dashboards.items():
+        with open(os.path.join(CHART, "dashboards", name)) as f:
+            expect(json.loads(text) == json.load(f), f"{name}: the ConfigMap's JSON differs from the file")
+        expect(meta["labels"].get("grafana_dashboard") == "1", f"{name}: no grafana_dashboard: \"1\" label")
+        expect(meta.get("annotations") == {"grafana_folder": "podscope"}, f"{name}: annotations {meta.get('annotations')}")
+    with open(os.path.join(CHART, "rules", "podscope-alerts.yaml")) as f:
+        want = yaml.safe_load(f)
+    expect(len(rules) == 1 and rules[0]["spec"] == want, "the PrometheusRule's spec must be rules/podscope-alerts.yaml")
+    expect(len(rules) == 1 and rules[0]["metadata"]["labels"].get("release") == "kube-prometheus-stack",
+           "prometheusRule.labels must reach the PrometheusRule")
+
+
 def check_invariants(docs, case):
     problems = []
 
@@ -291,6 +326,8 @@ def check_invariants(docs, case):
             expect(port["targetPort"] in got_ports, f"Service port {port['name']} targets unknown {port['targetPort']}")
             expect(port["port"] == got_ports.get(port["targetPort"]), f"Service port {port['name']}: {port['port']} != container's")
         expect({p["name"] for p in service["spec"]["ports"]} == set(got_ports), "the Service exposes every container port")
+
+    check_dashboards_and_rules(docs, case, expect)
 
     monitor = one(docs, "ServiceMonitor")
     if monitor is not None:
@@ -612,9 +649,9 @@ def main(argv):
     if command == "schemas":
         problems = check_schemas(docs)
     elif command == "extract-config":
-        configmap = one(docs, "ConfigMap")
+        configmap = config_map(docs)
         if configmap is None:
-            problems = ["exactly one ConfigMap expected"]
+            problems = ["exactly one ConfigMap with config.yaml expected"]
         else:
             with open(argv[3], "w") as out:
                 out.write(configmap["data"]["config.yaml"])
