@@ -13,7 +13,11 @@
 #     files, an API server that authorizes with the rendered RBAC), with control runs that must fail;
 #   - the dashboards and alert rules equal what scripts/generate-dashboards.py generates, the rules
 #     pass `promtool check rules` and their unit tests (tests/alerts.test.yaml) `promtool test rules`;
-#   - the Dockerfile's Rust is at least the workspace's rust-version (the image is not built here).
+#   - as root with podman: the image built here (scripts/image.sh, FROM scratch, no registry) and
+#     run by podman + runc exactly as the DaemonSet's container (tests/check_manifests.py
+#     container): every probe attached and data at the Prometheus endpoint, and without BPF or
+#     PERFMON every probe says why it was skipped;
+#   - the Dockerfile's Rust is at least the workspace's rust-version.
 #
 # Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
 #   Without a path it builds one with `cargo build --bin podscope`. The agent runs use the fake
@@ -136,7 +140,7 @@ for example in "$CHART"/examples/*.yaml; do
   cases+=("$(basename "$example" .yaml):-f $example:")
 done
 cases+=("privileged::--set security.privileged=true")
-cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true")
+cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true --set security.sysResource=true")
 cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
 cases+=("dashboards-rules::--set dashboards.enabled=true --set dashboards.annotations.grafana_folder=podscope --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack")
 # Kubernetes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
@@ -249,8 +253,27 @@ else
   skipped=$((skipped + 13))
 fi
 
-# The image (Dockerfile) is not built here (no container engine), but its Rust must be at least
-# the workspace's rust-version, or `cargo build --locked` in it fails.
+# The image, built from the binary under test and run as the DaemonSet's container (the chart
+# rendered without an API server to read: the k8s-no-api case). Seccomp: unconfined — this
+# machine has no profile equal to containerd's RuntimeDefault yet (see the chart's README).
+if [ "$(id -u)" -eq 0 ] && command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1; then
+  image=localhost/podscope:test-helm-$$
+  check "image built without Docker or a registry (scripts/image.sh, FROM scratch)" \
+    bash -c "\"$ROOT/scripts/image.sh\" \"$PODSCOPE\" $image"
+  check "image run with the chart's security context: every probe attached, /healthz and /readyz 200, data at the Prometheus endpoint, clean SIGTERM" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" unconfined
+  for cap in BPF PERFMON; do
+    check "image run without $cap: every probe reports why it was skipped (log and podscope_ebpf_probe_skipped)" \
+      "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" unconfined "$cap"
+  done
+  podman rmi --force "$image" >/dev/null 2>&1 || true
+else
+  echo "skip the image runs (need root, podman and runc: scripts/install-deps.sh)"
+  skipped=$((skipped + 4))
+fi
+
+# The multi-stage Dockerfile (for users; not built here): its Rust must be at least the
+# workspace's rust-version, or `cargo build --locked` in it fails.
 dockerfile_rust_is_new_enough() {
   local want have
   want=$(sed -n 's/^rust-version = "\([0-9.]*\)"$/\1/p' "$ROOT/Cargo.toml")
