@@ -15,8 +15,8 @@
 #     pass `promtool check rules` and their unit tests (tests/alerts.test.yaml) `promtool test rules`;
 #   - as root with podman: the image built here (scripts/image.sh, FROM scratch, no registry) and
 #     run by podman + runc exactly as the DaemonSet's container (tests/check_manifests.py
-#     container): every probe attached and data at the Prometheus endpoint, and without BPF or
-#     PERFMON every probe says why it was skipped;
+#     container) under containerd's RuntimeDefault seccomp profile: every probe attached and data
+#     at the Prometheus endpoint, and without BPF or PERFMON every probe says why it was skipped;
 #   - the Dockerfile's Rust is at least the workspace's rust-version.
 #
 # Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
@@ -254,22 +254,28 @@ else
 fi
 
 # The image, built from the binary under test and run as the DaemonSet's container (the chart
-# rendered without an API server to read: the k8s-no-api case). Seccomp: unconfined — this
-# machine has no profile equal to containerd's RuntimeDefault yet (see the chart's README).
+# rendered without an API server to read: the k8s-no-api case), under containerd's RuntimeDefault
+# seccomp profile for that container's capabilities (tests/seccomp/README.md says where from).
+SECCOMP=$CHART/tests/seccomp/containerd-2.1.9
 if [ "$(id -u)" -eq 0 ] && command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1; then
   image=localhost/podscope:test-helm-$$
   check "image built without Docker or a registry (scripts/image.sh, FROM scratch)" \
     bash -c "\"$ROOT/scripts/image.sh\" \"$PODSCOPE\" $image"
-  check "image run with the chart's security context: every probe attached, /healthz and /readyz 200, data at the Prometheus endpoint, clean SIGTERM" \
-    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" unconfined
-  for cap in BPF PERFMON; do
-    check "image run without $cap: every probe reports why it was skipped (log and podscope_ebpf_probe_skipped)" \
-      "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" unconfined "$cap"
-  done
+  check "image run with the chart's security context and containerd's RuntimeDefault seccomp: every probe attached, /healthz and /readyz 200, data at the Prometheus endpoint, clean SIGTERM" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" "$SECCOMP-BPF-PERFMON.json"
+  # Without a capability, containerd's profile also lacks that capability's syscall.
+  check "image run without BPF: every probe reports why it was skipped (log and podscope_ebpf_probe_skipped)" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" "$SECCOMP-PERFMON.json" BPF
+  check "image run without PERFMON: every probe reports why it was skipped (log and podscope_ebpf_probe_skipped)" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" "$SECCOMP-BPF.json" PERFMON
+  # The profile is enforced: with both capabilities but the profile containerd makes without
+  # CAP_BPF (no bpf() rule), the first map cannot be created.
+  check "control: under containerd's profile without its CAP_BPF rule the same run fails (bpf() refused)" bash -c \
+    "! \"$PY\" \"$CHECKER\" container \"$OUT/k8s-no-api.helm3.yaml\" $image \"$SECCOMP-PERFMON.json\" >\"$OUT/control.log\" 2>&1 && grep -q 'failed to create map .*Operation not permitted' \"$OUT/control.log\""
   podman rmi --force "$image" >/dev/null 2>&1 || true
 else
   echo "skip the image runs (need root, podman and runc: scripts/install-deps.sh)"
-  skipped=$((skipped + 4))
+  skipped=$((skipped + 5))
 fi
 
 # The multi-stage Dockerfile (for users; not built here): its Rust must be at least the
