@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::FakeApiServer;
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_integration::prometheus::PrometheusServer;
+use podscope_testkit::pod_cgroup::unique_ids;
+use podscope_testkit::PodCgroup;
 
 const NODE: &str = "node-dashboards";
 const NAMESPACE: &str = "shop";
@@ -221,7 +222,7 @@ async fn query(
 async fn every_dashboard_and_alert_query_returns_series_from_a_real_agent() {
     // The pod and its workload.
     let (uid, container_id) = unique_ids();
-    let mut cgroup = PodCgroup::new(&uid, &container_id);
+    let mut cgroup = PodCgroup::with_ids(&uid, &container_id);
     // Accepts and holds every connection (the pod always has one open, renewed each round, so
     // each collection samples an open connection's RTT).
     let server = TcpListener::bind("127.0.0.1:0").expect("a loopback listener");
