@@ -4,7 +4,7 @@
 //! Each collector runs `otlp → batch (8192 items, 200 ms) → discard` or `→ OTLP/gRPC export`
 //! (compression `none` or `gzip`) to a sink (a podscope agent, `otlp → nop`, whose CPU is not
 //! counted). Four clients in this process send pre-encoded requests of 500 items
-//! (`podscope_core::fake_otlp::service_spans` / `service_points`: a resource with 4 attributes,
+//! (`podscope_testkit::fake_otlp::service_spans` / `service_points`: a resource with 4 attributes,
 //! 6 attributes per span, 4 per data point, a quarter of the points histograms) over OTLP/HTTP
 //! protobuf or OTLP/gRPC, each waiting for its answer before it sends again.
 //!
@@ -26,8 +26,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use podscope_core::otlp::{otlp, Encoding, RawCodec};
-use podscope_core::{fake_otlp, Signal};
+use podscope_core::Signal;
 use podscope_integration::agent::{free_port, AgentProcess};
+use podscope_testkit::fake_otlp;
 use tonic::codegen::http::uri::PathAndQuery;
 use tonic::codegen::Bytes;
 

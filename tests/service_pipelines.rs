@@ -77,7 +77,7 @@ service:
     let config = load_str(&config, "fanout.yaml").unwrap();
     let telemetry = AgentTelemetry::new();
     let readiness = Readiness::default();
-    let mut service = Service::build(&config, telemetry.clone(), readiness.clone()).unwrap();
+    let mut service = Service::build(config, telemetry.clone(), readiness.clone()).unwrap();
     assert!(readiness.check().is_err(), "not ready before start");
     service.start().await.unwrap();
     assert_eq!(readiness.check(), Ok(()));
@@ -134,7 +134,7 @@ service:
     );
     let config = load_str(&config, "clash.yaml").unwrap();
     let readiness = Readiness::default();
-    let mut service = Service::build(&config, AgentTelemetry::new(), readiness.clone()).unwrap();
+    let mut service = Service::build(config, AgentTelemetry::new(), readiness.clone()).unwrap();
     let error = format!("{:#}", service.start().await.unwrap_err());
     assert!(
         error.contains(&format!("receivers.otlp/second.protocols.grpc.endpoint: cannot listen on 127.0.0.1:{taken_port}")),
@@ -242,7 +242,7 @@ service:
     );
     let config = load_str(&config, "one-exporter-down.yaml").unwrap();
     let telemetry = AgentTelemetry::new();
-    let mut service = Service::build(&config, telemetry.clone(), Readiness::default()).unwrap();
+    let mut service = Service::build(config, telemetry.clone(), Readiness::default()).unwrap();
     service.start().await.unwrap();
     let refused = export_with_client_retries(port, requests, per_request).await;
     let report = service.shutdown().await;
@@ -377,7 +377,7 @@ service:
     );
     let config = load_str(&config, "silent-backend.yaml").unwrap();
     let telemetry = AgentTelemetry::new();
-    let mut service = Service::build(&config, telemetry.clone(), Readiness::default()).unwrap();
+    let mut service = Service::build(config, telemetry.clone(), Readiness::default()).unwrap();
     service.start().await.unwrap();
     export_with_client_retries(grpc, 10, 10).await;
     let stalled = stalled_http_client(http).await;
@@ -418,7 +418,7 @@ service:
         file = dir.path().join("out.jsonl").display(),
     );
     let config = load_str(&config, "stalled-client.yaml").unwrap();
-    let mut service = Service::build(&config, AgentTelemetry::new(), Readiness::default()).unwrap();
+    let mut service = Service::build(config, AgentTelemetry::new(), Readiness::default()).unwrap();
     service.start().await.unwrap();
     let stalled = stalled_http_client(http).await;
     let report = service.shutdown().await;

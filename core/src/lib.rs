@@ -7,23 +7,21 @@
 
 pub mod backoff;
 pub mod batch;
-pub mod cgroup;
 pub mod component;
 pub mod config;
 pub mod consumer;
 pub mod delivery;
-pub mod fake_otlp;
 pub mod health;
 pub mod otlp;
-pub mod pods;
 pub mod queue;
 pub mod telemetry;
 
 pub use batch::{Batch, Signal};
 pub use component::{
     BuildContext, Capabilities, Component, ComponentId, ComponentKind, ComponentReference,
-    Exporter, ExporterBuilder, ExporterFactory, Processor, ProcessorBuilder, ProcessorFactory,
-    Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory, SharedState,
+    Exporter, ExporterBuilder, ExporterFactory, Extension, ExtensionBuilder, ExtensionFactory,
+    Extensions, Processor, ProcessorBuilder, ProcessorFactory, Receiver, ReceiverBuilder,
+    ReceiverConsumers, ReceiverFactory, SharedState,
 };
 pub use config::{ComponentConfig, FieldError};
 pub use consumer::{ConsumeError, Consumer};

@@ -1,12 +1,14 @@
 """Checks on the chart's rendered manifests, run by scripts/test-helm.sh.
 
-  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors match the
-                                            Prometheus Operator's model exactly (no unknown field)
+  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors and
+                                            PrometheusRules match the Prometheus Operator's models
+                                            exactly (no unknown field)
   check_manifests.py extract-config FILE OUT  writes the ConfigMap's config.yaml to OUT and
                                             prints the agent container's env var names (the
                                             config may use them as ${env:NAME})
   check_manifests.py invariants FILE CASE   what the chart promises (least privilege, read-only
-                                            host mounts, ports from the config, RBAC), with exact
+                                            host mounts, ports from the config, RBAC, dashboards
+                                            and rules equal to the generated files), with exact
                                             expectations for the named values case
 
   check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP] [+VERB|-VERB]...
@@ -15,9 +17,10 @@
                                             with only the container's capabilities (minus
                                             WITHOUT_CAP, to show the check can fail), no_new_privs,
                                             the service-account files only when the pod mounts
-                                            the token, and an API server (fake_apiserver.py) that
-                                            authorizes with the rendered RBAC (with VERB added to
-                                            or removed from every rule, for control runs);
+                                            the token, and an API server (the Rust fake,
+                                            podscope-fake-apiserver, from $PODSCOPE_FAKE_APISERVER)
+                                            that authorizes with the rendered RBAC (with VERB
+                                            added to or removed from every rule, for control runs);
                                             every configured probe must attach, /healthz and
                                             /readyz must answer 200, SIGTERM must stop it cleanly,
                                             and the agent must use every grant and be refused
@@ -31,6 +34,7 @@ Exits 1 with one line per problem.
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -41,17 +45,15 @@ import urllib.request
 
 import yaml
 
-from fake_apiserver import FakeApiServer, Rbac, cluster_objects
-
 # Kinds kubernetes-validate has schemas for (core API); anything else needs a checker here.
 CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service"}
-BASE_CAPS = {"BPF", "PERFMON", "SYS_RESOURCE"}
+BASE_CAPS = {"BPF", "PERFMON"}
 # Values cases (see scripts/test-helm.sh) that change what the invariants expect.
 UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
-EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN"}, "bash-commands": UPROBE_CAPS}
+EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN", "SYS_RESOURCE"}, "bash-commands": UPROBE_CAPS}
 PRIVILEGED_CASES = {"privileged"}
 HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
-DEFAULT_HOST_PATHS = {"/sys/fs/cgroup"}
+DEFAULT_HOST_PATHS = {"/sys/fs/cgroup", "/sys/kernel/tracing"}
 # Container ports exactly, where the case fixes them (the rest are checked against the config).
 ALL_PORTS = {"telemetry": 8888, "metrics": 9464, "otlp-grpc": 4317, "otlp-http": 4318}
 NO_SCRAPE_PORTS = {"telemetry": 8888, "otlp-grpc": 4317, "otlp-http": 4318}
@@ -75,8 +77,13 @@ EXACT_API_ACCESS = {
     "k8s-no-api": (set(), {}),
     # peers need every pod, which makes the Role for filter.namespace redundant.
     "k8s-peers": ({"pods", "services"}, {}),
+    # A named extension: its settings decide, the processor reading it adds nothing.
+    "k8s-extension": ({"nodes"}, {"shop": {"pods"}}),
 }
-# The k8sattributes processor lists and watches (kube-rs watcher); it never gets one object.
+# Cases that turn on the dashboards' ConfigMaps and the PrometheusRule.
+DASHBOARD_CASES = {"dashboards-rules"}
+CHART = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The k8s_metadata extension lists and watches (kube-rs watcher); it never gets one object.
 API_VERBS = ["list", "watch"]
 
 
@@ -90,9 +97,14 @@ def one(docs, kind):
     return found[0] if len(found) == 1 else None
 
 
+def config_map(docs):
+    """The ConfigMap holding the agent's config (the dashboards' ConfigMaps are others)."""
+    found = [d for d in docs if d.get("kind") == "ConfigMap" and "config.yaml" in d.get("data", {})]
+    return found[0] if len(found) == 1 else None
+
+
 def config_of(docs):
-    configmap = one(docs, "ConfigMap")
-    return yaml.safe_load(configmap["data"]["config.yaml"])
+    return yaml.safe_load(config_map(docs)["data"]["config.yaml"])
 
 
 def unknown_keys(given, parsed, path=""):
@@ -117,16 +129,16 @@ def check_schemas(docs):
         kind = doc.get("kind")
         if kind in CORE_KINDS:
             continue  # kubernetes-validate --strict checked it
-        if kind == "ServiceMonitor" and doc.get("apiVersion") == "monitoring.coreos.com/v1":
+        if kind in ("ServiceMonitor", "PrometheusRule") and doc.get("apiVersion") == "monitoring.coreos.com/v1":
             from cloudcoil.models.prometheus_operator import v1
 
             try:
-                model = v1.ServiceMonitor.model_validate(doc)
+                model = getattr(v1, kind).model_validate(doc)
             except Exception as e:  # pydantic.ValidationError, reported as is
-                problems.append(f"ServiceMonitor: {e}")
+                problems.append(f"{kind}: {e}")
                 continue
             dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
-            problems += [f"ServiceMonitor: {p}" for p in unknown_keys(doc, dumped)]
+            problems += [f"{kind}: {p}" for p in unknown_keys(doc, dumped)]
         else:
             problems.append(f"{doc.get('apiVersion')} {kind}: no schema to validate it against")
     return problems
@@ -156,25 +168,32 @@ def expected_ports(config):
     return ports
 
 
-def k8sattributes_in_use(config):
-    """The k8sattributes processors a pipeline names, {id: settings}: the agent starts no other."""
-    named = set()
-    for pipeline in ((config.get("service") or {}).get("pipelines") or {}).values():
-        named.update((pipeline or {}).get("processors") or [])
-    return {
-        component_id: settings or {}
-        for component_id, settings in (config.get("processors") or {}).items()
-        if component_id.split("/")[0] == "k8sattributes" and component_id in named
+def k8s_metadata_in_use(config):
+    """The k8s_metadata extensions that run, {config path: settings}: those service.extensions
+    lists, and the one each k8sattributes processor a pipeline names runs for itself when it
+    names no `extension` (with the processor's settings). The agent starts no other."""
+    service = config.get("service") or {}
+    in_use = {
+        f"extensions.{ext_id}": (config.get("extensions") or {}).get(ext_id) or {}
+        for ext_id in service.get("extensions") or []
+        if ext_id.split("/")[0] == "k8s_metadata"
     }
+    named = set()
+    for pipeline in (service.get("pipelines") or {}).values():
+        named.update((pipeline or {}).get("processors") or [])
+    for component_id, settings in (config.get("processors") or {}).items():
+        if component_id.split("/")[0] == "k8sattributes" and component_id in named and "extension" not in (settings or {}):
+            in_use[f"processors.{component_id}"] = settings or {}
+    return in_use
 
 
 def expected_api_access(config):
     """(cluster-wide resources, {namespace: resources}) the service account needs, from the
-    processor's behaviour: auth_type serviceAccount or unset (in-cluster in a pod) reads with the
+    k8s_metadata extensions' behaviour: auth_type serviceAccount or unset (in-cluster in a pod) reads with the
     pod's token; pods cluster-wide, or in filter.namespace; all namespaces for `from: namespace`
     rules, the node for `from: node` rules; every pod and service with peers.enabled."""
     cluster, namespaced = set(), {}
-    for settings in k8sattributes_in_use(config).values():
+    for settings in k8s_metadata_in_use(config).values():
         if settings.get("auth_type", "serviceAccount") != "serviceAccount":
             continue
         namespace = (settings.get("filter") or {}).get("namespace")
@@ -196,13 +215,38 @@ def expected_api_access(config):
 
 
 def node_name_vars(config):
-    """Env vars the processors take the node name from (none with filter.node or host mode)."""
+    """Env vars the extensions take the node name from (none with filter.node or host mode)."""
     names = set()
-    for settings in k8sattributes_in_use(config).values():
+    for settings in k8s_metadata_in_use(config).values():
         node_filter = settings.get("filter") or {}
         if settings.get("auth_type") != "none" and not node_filter.get("node"):
             names.add(node_filter.get("node_from_env_var", "NODE_NAME"))
     return names
+
+
+def check_dashboards_and_rules(docs, case, expect):
+    """Off by default; when on, one ConfigMap per dashboards/*.json with the sidecar's label and
+    the file's JSON unchanged, and a PrometheusRule whose groups are rules/podscope-alerts.yaml's."""
+    dashboards = {}
+    for d in docs:
+        if d.get("kind") == "ConfigMap" and "config.yaml" not in d.get("data", {}):
+            dashboards.update({name: (d["metadata"], text) for name, text in d["data"].items()})
+    rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    if case not in DASHBOARD_CASES:
+        expect(not dashboards and not rules, "dashboards and the PrometheusRule are off by default")
+        return
+    files = sorted(os.listdir(os.path.join(CHART, "dashboards")))
+    expect(sorted(dashboards) == files, f"dashboard ConfigMaps hold {sorted(dashboards)}, want {files}")
+    for name, (meta, text) in dashboards.items():
+        with open(os.path.join(CHART, "dashboards", name)) as f:
+            expect(json.loads(text) == json.load(f), f"{name}: the ConfigMap's JSON differs from the file")
+        expect(meta["labels"].get("grafana_dashboard") == "1", f"{name}: no grafana_dashboard: \"1\" label")
+        expect(meta.get("annotations") == {"grafana_folder": "podscope"}, f"{name}: annotations {meta.get('annotations')}")
+    with open(os.path.join(CHART, "rules", "podscope-alerts.yaml")) as f:
+        want = yaml.safe_load(f)
+    expect(len(rules) == 1 and rules[0]["spec"] == want, "the PrometheusRule's spec must be rules/podscope-alerts.yaml")
+    expect(len(rules) == 1 and rules[0]["metadata"]["labels"].get("release") == "kube-prometheus-stack",
+           "prometheusRule.labels must reach the PrometheusRule")
 
 
 def check_invariants(docs, case):
@@ -237,7 +281,7 @@ def check_invariants(docs, case):
         got = caps.get("add") or []
         expect(sorted(got) == sorted(want), f"capabilities.add must be {sorted(want)}, got {got}")
 
-    # The node name from the downward API: the k8sattributes watch is scoped by it. NODE_NAME
+    # The node name from the downward API: the k8s_metadata watch is scoped by it. NODE_NAME
     # always (the documented default), and whatever filter.node_from_env_var names.
     env = {e["name"]: e for e in container.get("env", [])}
     for name in node_name_vars(config) | {"NODE_NAME"}:
@@ -283,6 +327,8 @@ def check_invariants(docs, case):
             expect(port["port"] == got_ports.get(port["targetPort"]), f"Service port {port['name']}: {port['port']} != container's")
         expect({p["name"] for p in service["spec"]["ports"]} == set(got_ports), "the Service exposes every container port")
 
+    check_dashboards_and_rules(docs, case, expect)
+
     monitor = one(docs, "ServiceMonitor")
     if monitor is not None:
         expect(service is not None, "a ServiceMonitor needs the Service")
@@ -291,8 +337,8 @@ def check_invariants(docs, case):
         expect(endpoints == want, f"ServiceMonitor endpoints {endpoints}, want {want}")
         expect(monitor["spec"]["selector"]["matchLabels"] == daemonset["spec"]["selector"]["matchLabels"], "ServiceMonitor selects the agents' Service")
 
-    # RBAC: list + watch, exactly the resources the config's k8sattributes processors read, in
-    # the narrowest scope (a Role where filter.namespace confines the processor).
+    # RBAC: list + watch, exactly the resources the config's k8s_metadata extensions read, in
+    # the narrowest scope (a Role where filter.namespace confines the extension).
     want_cluster, want_namespaced = expected_api_access(config)
     if case in EXACT_API_ACCESS:
         expect((want_cluster, want_namespaced) == EXACT_API_ACCESS[case],
@@ -397,6 +443,79 @@ def api_settled(fake, grants):
     return grants <= seen and listed <= watched
 
 
+def cluster_objects(node, namespaces, agent_namespace, agent_pod):
+    """A node, the namespaces, and in each a running pod on the node (in the agent's namespace,
+    the agent's own pod) and a Service, plus one pod on another node that a node-scoped watch
+    must not get."""
+
+    def meta(name, namespace=None):
+        m = {"name": name, "uid": f"uid-{namespace or 'cluster'}-{name}",
+             "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {"team": "checkout"},
+             "annotations": {"topology.kubernetes.io/zone": "zone-a"}}
+        if namespace:
+            m["namespace"] = namespace
+        return m
+
+    def pod(name, namespace, on_node):
+        container_id = "containerd://" + secrets.token_hex(32)
+        return {
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta(name, namespace),
+            "spec": {"nodeName": on_node, "containers": [{"name": "main", "image": "registry.example/app:1.0"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.10", "startTime": "2026-01-01T00:00:00Z",
+                       "containerStatuses": [{"name": "main", "image": "registry.example/app:1.0",
+                                              "imageID": "", "containerID": container_id, "ready": True,
+                                              "restartCount": 0, "started": True}]},
+        }
+
+    pods = [pod(agent_pod if ns == agent_namespace else "app", ns, node) for ns in namespaces]
+    pods.append(pod("elsewhere", agent_namespace, node + "-other"))
+    return {
+        "pods": pods,
+        "services": [{"apiVersion": "v1", "kind": "Service", "metadata": meta("app", ns),
+                      "spec": {"type": "ClusterIP", "clusterIP": f"10.96.0.{i + 10}", "clusterIPs": [f"10.96.0.{i + 10}"],
+                               "ports": [{"port": 80, "protocol": "TCP"}]}, "status": {}}
+                     for i, ns in enumerate(namespaces)],
+        "namespaces": [{"apiVersion": "v1", "kind": "Namespace", "metadata": meta(ns), "spec": {},
+                        "status": {"phase": "Active"}} for ns in namespaces],
+        "nodes": [{"apiVersion": "v1", "kind": "Node", "metadata": meta(node), "spec": {}, "status": {}}],
+    }
+
+
+class FakeApiServer:
+    """The Rust fake API server (podscope-fake-apiserver) as a process: HTTPS to the pod's
+    service account, the rendered RBAC enforced, `objects` served; what it grants and every
+    request it answered, read back here."""
+
+    def __init__(self, work, rbac_docs, namespace, account, objects):
+        binary = os.environ.get("PODSCOPE_FAKE_APISERVER")
+        if not binary or not os.access(binary, os.X_OK):
+            raise RuntimeError(f"PODSCOPE_FAKE_APISERVER={binary!r} is not an executable (scripts/test-helm.sh sets it)")
+        paths = {name: os.path.join(work, name) for name in ("rbac.json", "objects.json", "requests.jsonl")}
+        for name, value in (("rbac.json", rbac_docs), ("objects.json", objects)):
+            with open(paths[name], "w") as f:
+                json.dump(value, f)
+        self.secrets = os.path.join(work, "serviceaccount")
+        self._log = paths["requests.jsonl"]
+        self._process = subprocess.Popen(
+            [binary, "--service-account", f"{namespace}/{account}", "--rbac", paths["rbac.json"],
+             "--objects", paths["objects.json"], "--secrets", self.secrets, "--log", self._log],
+            stdout=subprocess.PIPE, text=True)
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"podscope-fake-apiserver exited with {self._process.wait()}")
+        ready = json.loads(line)
+        self.port = int(ready["url"].rsplit(":", 1)[1])
+        self.grants = {(g["verb"], g["resource"], g["scope"]) for g in ready["grants"]}
+
+    def recorded(self):
+        with open(self._log) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+
+    def stop(self):
+        self._process.send_signal(signal.SIGTERM)
+        self._process.wait(timeout=30)
+
+
 def run_agent(docs, podscope, without, rbac_edits):
     daemonset = one(docs, "DaemonSet")
     pod_spec = daemonset["spec"]["template"]["spec"]
@@ -432,16 +551,16 @@ def run_agent(docs, podscope, without, rbac_edits):
         for doc in rbac_docs:
             for rule in doc.get("rules") or []:
                 rule["verbs"] = [v for v in rule["verbs"] if v != edit[1:]] + ([edit[1:]] if edit[0] == "+" else [])
-    rbac = Rbac(rbac_docs, namespace, pod_spec["serviceAccountName"])
-    grants = rbac.grants()
     node = os.uname().nodename
-    watched_namespaces = {(s.get("filter") or {}).get("namespace") for s in k8sattributes_in_use(config).values()}
-    fake = FakeApiServer(work, rbac, cluster_objects(node, sorted({namespace, "default"} | watched_namespaces - {None}), namespace, pod_name))
+    watched_namespaces = {(s.get("filter") or {}).get("namespace") for s in k8s_metadata_in_use(config).values()}
+    objects = cluster_objects(node, sorted({namespace, "default"} | watched_namespaces - {None}), namespace, pod_name)
+    fake = FakeApiServer(work, rbac_docs, namespace, pod_spec["serviceAccountName"], objects)
+    grants = fake.grants
     # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, only when the pod
-    # spec asks for the token. /run is a fresh tmpfs in the agent's mount namespace: in the pod
-    # it is the image's own, not the host's.
-    if pod_spec.get("automountServiceAccountToken"):
-        fake.service_account_files(os.path.join(work, "serviceaccount"), namespace)
+    # spec asks for the token (the fake wrote it to its secrets directory). /run is a fresh tmpfs
+    # in the agent's mount namespace: in the pod it is the image's own, not the host's.
+    if not pod_spec.get("automountServiceAccountToken"):
+        shutil.rmtree(fake.secrets)
     mount_run = ('mount -t tmpfs podscope-test-run /var/run && if [ -d "$1/serviceaccount" ]; then '
                  'mkdir -p /var/run/secrets/kubernetes.io && cp -r "$1/serviceaccount" /var/run/secrets/kubernetes.io/; fi && '
                  'shift && exec "$@"')
@@ -503,7 +622,7 @@ def run_agent(docs, podscope, without, rbac_edits):
         settle = time.monotonic() + 3
         while ready and time.monotonic() < settle and not api_settled(fake, grants):
             time.sleep(0.05)
-        peers = any((p.get("peers") or {}).get("enabled") for p in k8sattributes_in_use(config).values())
+        peers = any((p.get("peers") or {}).get("enabled") for p in k8s_metadata_in_use(config).values())
         problems += check_api_use(fake, node, grants, peers)
     finally:
         if agent.poll() is None:
@@ -524,15 +643,152 @@ def run_agent(docs, podscope, without, rbac_edits):
     return problems
 
 
+def podman_args(docs, config_dir, without):
+    """`podman run` options for the rendered DaemonSet's container, exactly: its capabilities
+    (minus `without`), user, read-only root, no_new_privs, host PID, its volume mounts (host
+    paths read-only, the emptyDir as a tmpfs of its size limit, the ConfigMap from
+    `config_dir`) and its environment. The pod's own network namespace: none but loopback."""
+    daemonset = one(docs, "DaemonSet")
+    pod_spec = daemonset["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    security = container["securityContext"]
+    args = ["--network", "none", "--read-only", "--read-only-tmpfs=false", "--user", str(security["runAsUser"])]
+    if pod_spec.get("hostPID"):
+        args += ["--pid", "host"]
+    if security.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    caps = security["capabilities"]
+    args += ["--cap-drop", ",".join(caps["drop"])]
+    added = [c for c in caps.get("add") or [] if c != without]
+    if added:
+        args += ["--cap-add", ",".join(added)]
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "hostPath" in volume:
+            mode = "ro" if mount.get("readOnly") else "rw"
+            args += ["--volume", f"{volume['hostPath']['path']}:{mount['mountPath']}:{mode}"]
+        elif "emptyDir" in volume:
+            size = volume["emptyDir"].get("sizeLimit", "64Mi").replace("Mi", "m")
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,size={size}"]
+        elif "configMap" in volume:
+            args += ["--volume", f"{config_dir}:{mount['mountPath']}:ro"]
+        else:
+            raise SystemExit(f"volume {mount['name']}: no podman equivalent written yet")
+    for var in container.get("env", []):
+        field = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        value = downward_value(field, "podscope-image-test", daemonset["metadata"]["namespace"]) if field else var.get("value", "")
+        args += ["--env", f"{var['name']}={value}"]
+    return args, container["args"]
+
+
+def run_container(docs, image, seccomp, without):
+    """Runs `image` as the DaemonSet's container under podman (runc) with `seccomp` (a profile
+    file, or `unconfined`), and checks what a user relies on: with all its capabilities every
+    configured probe attaches, /healthz and /readyz answer 200 and eBPF data is at the Prometheus
+    endpoint; without one (`without`), every probe reports in its log line why it was skipped,
+    and podscope_ebpf_probe_skipped says 1 for it."""
+    config = config_of(docs)
+    config.setdefault("service", {}).setdefault("telemetry", {}).setdefault("logs", {})["encoding"] = "json"
+    probes = sorted(((config.get("receivers") or {}).get("ebpf") or {}).get("probes") or {})
+    work = tempfile.mkdtemp()
+    with open(os.path.join(work, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    options, args = podman_args(docs, work, without)
+    name = f"podscope-image-test-{os.getpid()}"
+    # runc: crun refuses this machine's hybrid cgroup layout. The ulimits: at most this
+    # sandbox's own, which it cannot raise (no CAP_SYS_RESOURCE).
+    run = ["podman", "run", "--detach", "--name", name, "--runtime", "runc",
+           "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+           "--security-opt", f"seccomp={seccomp}"] + options + [image] + args
+    print("podman " + " ".join(run[1:]), file=sys.stderr)
+    problems = []
+    started = subprocess.run(run, capture_output=True, text=True)
+    if started.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        return [f"podman run failed: {started.stderr.strip()}"]
+
+    def events():
+        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+        found = []
+        for line in (logs.stdout + logs.stderr).splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                pass
+        return found
+
+    def inside(url):
+        """GET url from inside the container's network namespace (it has only loopback)."""
+        pid = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True, text=True).stdout.strip()
+        got = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "curl", "-s", "-o", "-", "-w", "\n%{http_code}", url],
+                             capture_output=True, text=True)
+        body, _, code = got.stdout.rpartition("\n")
+        return code, body
+
+    try:
+        ready, seen = False, []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ready:
+            seen = events()
+            ready = any(e.get("fields", {}).get("message", "").startswith("everything is ready") for e in seen)
+            time.sleep(0.2)
+        if not ready:
+            problems.append("the agent did not become ready")
+        attached = sorted(e["fields"]["probe"] for e in seen if e.get("fields", {}).get("message") == "probe attached")
+        skipped = [e["fields"]["message"] for e in seen if e.get("fields", {}).get("message", "").endswith("; skipped")]
+        telemetry_port = port_of(config["service"]["telemetry"]["metrics"]["address"])
+        prometheus_port = port_of(config["exporters"]["prometheus"]["endpoint"])
+        if without is None:
+            if attached != probes:
+                problems.append(f"probes attached: {attached}, configured: {probes}; skipped: {skipped}")
+            for path in ("/healthz", "/readyz"):
+                code, body = inside(f"http://127.0.0.1:{telemetry_port}{path}")
+                if code != "200":
+                    problems.append(f"GET {path}: {code} {body}")
+            # eBPF data at the Prometheus endpoint: the syscalls probe's counters (the first
+            # collection comes one interval after the start).
+            deadline = time.monotonic() + 30
+            while True:
+                code, body = inside(f"http://127.0.0.1:{prometheus_port}/metrics")
+                if "podscope_syscalls_total{" in body or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            if "podscope_syscalls_total{" not in body:
+                problems.append(f"no podscope_syscalls_total at the Prometheus endpoint ({code})")
+        else:
+            # Each probe says why it was skipped (the kernel's refusal without the capability).
+            for probe in probes:
+                lines = [m for m in skipped if f"probe {probe}:" in m]
+                if not lines or not any("Operation not permitted" in m or "Permission denied" in m for m in lines):
+                    problems.append(f"without {without}: probe {probe} did not report a refusal: {lines or skipped}")
+            code, body = inside(f"http://127.0.0.1:{telemetry_port}/metrics")
+            for probe in probes:
+                if f'podscope_ebpf_probe_skipped{{probe="{probe}"}} 1' not in body:
+                    problems.append(f"without {without}: podscope_ebpf_probe_skipped is not 1 for {probe}")
+            if attached:
+                problems.append(f"without {without}: probes attached anyway: {attached}")
+    finally:
+        subprocess.run(["podman", "stop", "--time", "30", name], capture_output=True)
+        state = subprocess.run(["podman", "inspect", "--format", "{{.State.ExitCode}}", name], capture_output=True, text=True).stdout.strip()
+        if problems:
+            problems.append("agent log:\n" + "\n".join(json.dumps(e) for e in events())[-4000:])
+        subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    if state != "0":
+        problems.append(f"exit status after SIGTERM: {state}")
+    return problems
+
+
 def main(argv):
     command, path = argv[1], argv[2]
     docs = load(path)
     if command == "schemas":
         problems = check_schemas(docs)
     elif command == "extract-config":
-        configmap = one(docs, "ConfigMap")
+        configmap = config_map(docs)
         if configmap is None:
-            problems = ["exactly one ConfigMap expected"]
+            problems = ["exactly one ConfigMap with config.yaml expected"]
         else:
             with open(argv[3], "w") as out:
                 out.write(configmap["data"]["config.yaml"])
@@ -545,6 +801,8 @@ def main(argv):
         extra = argv[4:]
         without = next((a for a in extra if a[0] not in "+-"), None)
         problems = run_agent(docs, argv[3], without, [a for a in extra if a[0] in "+-"])
+    elif command == "container":
+        problems = run_container(docs, argv[3], argv[4], argv[5] if len(argv) > 5 else None)
     elif command == "invariants":
         problems = check_invariants(docs, argv[3])
     else:

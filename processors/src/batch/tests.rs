@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ConsumeError, Consumer, ProcessorBuilder, Signal};
+use podscope_testkit::BuildContextForTests as _;
 use tokio::sync::mpsc;
 
 use super::BatchConfig;
@@ -44,8 +45,8 @@ impl Consumer for RefuseForever {
     }
 }
 
-fn config(yaml_like: serde_json::Value) -> Box<BatchConfig> {
-    Box::new(parse_component_config::<BatchConfig>(yaml_like).expect("valid config"))
+fn config(yaml_like: serde_json::Value) -> BatchConfig {
+    parse_component_config::<BatchConfig>(yaml_like).expect("valid config")
 }
 
 #[tokio::test]

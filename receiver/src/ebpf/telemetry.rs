@@ -22,6 +22,11 @@ pub struct MapLabels {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: String,
+}
+
 #[derive(Clone)]
 pub struct EbpfTelemetry {
     pub ring_events: Family<RingLabels, Counter>,
@@ -33,6 +38,9 @@ pub struct EbpfTelemetry {
     pub map_memory_total: Gauge,
     /// Inserts the kernel refused (map full, or no memory for a new entry).
     pub map_full: Family<MapLabels, Counter>,
+    /// 1 for each enabled probe the kernel refused (skipped), 0 for each that attached: alerts
+    /// need a series that exists before anything goes wrong.
+    pub probe_skipped: Family<ProbeLabels, Gauge>,
 }
 
 impl EbpfTelemetry {
@@ -45,6 +53,7 @@ impl EbpfTelemetry {
             map_memory: Family::default(),
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
+            probe_skipped: Family::default(),
         };
         telemetry.register(
             "ebpf_ringbuf_events",
@@ -58,7 +67,7 @@ impl EbpfTelemetry {
         );
         telemetry.register(
             "ebpf_uprobe_overflow",
-            "Uprobe hits counted in the `other` series because an entry reached max_series",
+            "Uprobe hits counted in an `other` series: beyond an entry's max_series, or refused by its full uprobe_hits map",
             t.uprobe_overflow.clone(),
         );
         telemetry.register(
@@ -81,7 +90,21 @@ impl EbpfTelemetry {
             "Inserts into an eBPF map that the kernel refused (map full or out of memory): data lost in the kernel",
             t.map_full.clone(),
         );
+        telemetry.register(
+            "ebpf_probe_skipped",
+            "1 when an enabled probe could not attach and was skipped (its log line says why), 0 when it attached",
+            t.probe_skipped.clone(),
+        );
         t
+    }
+
+    /// Records whether enabled probe `probe` was skipped (true) or attached (false).
+    pub fn set_probe_skipped(&self, probe: &str, skipped: bool) {
+        self.probe_skipped
+            .get_or_create(&ProbeLabels {
+                probe: probe.to_string(),
+            })
+            .set(i64::from(skipped));
     }
 
     /// Sets the memory gauges to `maps` (this receiver's maps, now).

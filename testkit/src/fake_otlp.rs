@@ -15,7 +15,7 @@ use opentelemetry_proto::tonic::trace::v1::{
     span, status, ResourceSpans, ScopeSpans, Span, Status,
 };
 
-use crate::Batch;
+use podscope_core::Batch;
 
 /// A string attribute.
 pub fn string_kv(key: &str, value: &str) -> KeyValue {
@@ -328,7 +328,10 @@ mod tests {
             panic!("metrics")
         };
         let metrics = &rms[0].scope_metrics[0].metrics;
-        let per_metric: Vec<usize> = metrics.iter().map(crate::batch::metric_points).collect();
+        let per_metric: Vec<usize> = metrics
+            .iter()
+            .map(podscope_core::batch::metric_points)
+            .collect();
         assert_eq!(per_metric, vec![126, 125, 125, 125]);
         let Some(metric::Data::Histogram(h)) = &metrics[0].data else {
             panic!("a histogram first")
