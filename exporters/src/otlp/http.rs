@@ -4,6 +4,7 @@
 use std::io::Write as _;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use podscope_core::otlp::Encoding;
 use podscope_core::{Batch, ConsumeError, Signal};
 
@@ -49,13 +50,14 @@ pub fn is_retryable(status: u16) -> bool {
     matches!(status, 429 | 502 | 503 | 504)
 }
 
-fn gzip(body: Vec<u8>) -> Vec<u8> {
+fn gzip(body: Bytes) -> Bytes {
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(body.len() / 4),
         flate2::Compression::fast(),
     );
     gz.write_all(&body)
         .and_then(|_| gz.finish())
+        .map(Bytes::from)
         .expect("writing to a Vec cannot fail")
 }
 

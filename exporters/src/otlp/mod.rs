@@ -62,17 +62,11 @@ pub struct OtlpRequest {
 fn request_for(
     batch: &Batch,
     encoding: Encoding,
-    compress: impl FnOnce(Vec<u8>) -> Vec<u8>,
+    compress: impl FnOnce(Bytes) -> Bytes,
 ) -> Request<OtlpRequest> {
     let signal = podscope_core::otlp::otlp(batch.signal());
     let body = compress(signal.encode_request(batch, encoding));
-    Request::unordered(
-        OtlpRequest {
-            signal,
-            body: Bytes::from(body),
-        },
-        batch.item_count(),
-    )
+    Request::unordered(OtlpRequest { signal, body }, batch.item_count())
 }
 
 /// What the backend's (successful) response says it rejected: logged here, counted by the
