@@ -184,6 +184,7 @@ async fn receiver(probes: serde_json::Value) -> (EbpfReceiver, Duration) {
         ReceiverConsumers {
             metrics: Some(Arc::new(Discard)),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();

@@ -92,6 +92,7 @@ fn sample(signal: Signal) -> Batch {
             }],
             ..Default::default()
         }]),
+        Signal::Profiles => podscope_core::fake_otlp::cpu_profile(3, &[]),
     }
 }
 
@@ -116,6 +117,7 @@ async fn every_receiver_starts_and_shuts_down() {
                 match s {
                     Signal::Metrics => c.metrics = Some(collected),
                     Signal::Traces => c.traces = Some(collected),
+                    Signal::Profiles => c.profiles = Some(collected),
                 }
             }
             c

@@ -14,6 +14,7 @@ pub mod delivery;
 pub mod fake_otlp;
 pub mod health;
 pub mod otlp;
+pub mod profiles;
 pub mod queue;
 pub mod telemetry;
 

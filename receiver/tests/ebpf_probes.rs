@@ -158,6 +158,7 @@ async fn start_config(
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -626,6 +627,7 @@ async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -673,6 +675,7 @@ async fn a_probe_whose_kernel_feature_is_missing_is_skipped_with_a_clear_line_or
     let consumers = || ReceiverConsumers {
         metrics: Some(Arc::new(Collected::default())),
         traces: None,
+        profiles: None,
     };
     let receiver =
         EbpfReceiver::new(config(false), BuildContext::for_tests("ebpf"), consumers()).unwrap();
@@ -907,6 +910,7 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -1351,6 +1355,7 @@ async fn uprobes_capture_integer_and_string_arguments_on_entry() {
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -1445,6 +1450,7 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
             ReceiverConsumers {
                 metrics: Some(collected.clone()),
                 traces: None,
+                profiles: None,
             },
         )
         .unwrap(),
@@ -1719,6 +1725,7 @@ async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();

@@ -124,6 +124,7 @@ async fn receiver() -> (OtlpReceiver, Arc<Collected>, Arc<Collected>) {
         ReceiverConsumers {
             metrics: Some(m.clone()),
             traces: Some(t.clone()),
+            profiles: None,
         },
     );
     r.start().await.unwrap();
@@ -197,6 +198,7 @@ async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
         ReceiverConsumers {
             metrics: None,
             traces: Some(collected.clone()),
+            profiles: None,
         },
     );
     r.start().await.unwrap();
@@ -529,6 +531,7 @@ async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Collected>) {
         ReceiverConsumers {
             metrics: None,
             traces: Some(collected.clone()),
+            profiles: None,
         },
     );
     r.start().await.unwrap();
