@@ -1,7 +1,8 @@
-//! Data points into OTLP metrics: one `ResourceMetrics` per cgroup (and one for the host, for
-//! per-device data), cumulative sums and exponential histograms with the receiver's start time as
-//! every series' start time (the maps count from the moment they were created). The probes add
-//! their data points here; this module knows no probe.
+//! Data points into OTLP metrics: one `ResourceMetrics` per cgroup (its [`resource`], which the
+//! cgroup's profiles share) and one for the host, for per-device data; cumulative sums and
+//! exponential histograms with the receiver's start time as every series' start time (the maps
+//! count from the moment they were created). The probes add their data points here; this module
+//! knows no probe.
 
 use std::collections::BTreeMap;
 
@@ -168,23 +169,6 @@ impl<'a> MetricsBuilder<'a> {
         }
     }
 
-    fn resource(&self, owner: Owner) -> Resource {
-        let mut attributes = vec![string_attr("host.name", self.host_name)];
-        if let Owner::Cgroup(id) = owner {
-            attributes.push(int_attr("podscope.cgroup.id", id as i64));
-            if let Some(path) = self.index.path(id) {
-                attributes.push(string_attr("podscope.cgroup.path", path));
-                if let Some(container) = container_id(path) {
-                    attributes.push(string_attr("container.id", &container));
-                }
-            }
-        }
-        Resource {
-            attributes,
-            ..Default::default()
-        }
-    }
-
     pub fn finish(self) -> Vec<ResourceMetrics> {
         let scope = InstrumentationScope {
             name: "podscope.receiver.ebpf".to_string(),
@@ -194,7 +178,7 @@ impl<'a> MetricsBuilder<'a> {
         self.metrics
             .iter()
             .map(|(owner, metrics)| ResourceMetrics {
-                resource: Some(self.resource(*owner)),
+                resource: Some(resource(self.host_name, self.index, *owner)),
                 scope_metrics: vec![ScopeMetrics {
                     scope: Some(scope.clone()),
                     metrics: metrics.values().cloned().collect(),
@@ -203,5 +187,24 @@ impl<'a> MetricsBuilder<'a> {
                 ..Default::default()
             })
             .collect()
+    }
+}
+
+/// The resource of an owner's data (metrics, profiles): `host.name`, and for a cgroup its id,
+/// path and the container id the path names.
+pub fn resource(host_name: &str, index: &CgroupIndex, owner: Owner) -> Resource {
+    let mut attributes = vec![string_attr("host.name", host_name)];
+    if let Owner::Cgroup(id) = owner {
+        attributes.push(int_attr("podscope.cgroup.id", id as i64));
+        if let Some(path) = index.path(id) {
+            attributes.push(string_attr("podscope.cgroup.path", path));
+            if let Some(container) = container_id(path) {
+                attributes.push(string_attr("container.id", &container));
+            }
+        }
+    }
+    Resource {
+        attributes,
+        ..Default::default()
     }
 }

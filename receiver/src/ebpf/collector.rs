@@ -24,7 +24,8 @@ pub struct Collector {
     pub probes: Vec<Box<dyn Probe>>,
     pub filter: CgroupFilter,
     pub index: CgroupIndex,
-    pub next: Arc<dyn Consumer>,
+    /// The metrics pipelines; without them the collection still frees removed cgroups' entries.
+    pub next: Option<Arc<dyn Consumer>>,
     pub host_name: String,
     pub receiver: String,
     pub start_ns: u64,
@@ -118,10 +119,10 @@ impl Collector {
             }
         }
 
-        if resource_metrics.is_empty() {
+        let Some(next) = self.next.as_ref().filter(|_| !resource_metrics.is_empty()) else {
             return;
-        }
-        if let Err(e) = self.next.consume(Batch::metrics(resource_metrics)).await {
+        };
+        if let Err(e) = next.consume(Batch::metrics(resource_metrics)).await {
             tracing::warn!(receiver = %self.receiver, error = %e, "pipeline refused this interval's data points");
         }
     }

@@ -99,7 +99,10 @@ struct Running {
 pub struct EbpfReceiver {
     config: EbpfReceiverConfig,
     ctx: BuildContext,
-    next: Arc<dyn Consumer>,
+    /// The metrics pipelines, if any list this receiver.
+    next: Option<Arc<dyn Consumer>>,
+    /// The profiles pipelines, if any list this receiver (profiles come from the profiling probe).
+    profiles: Option<Arc<dyn Consumer>>,
     processes: ProcessTable,
     running: tokio::sync::Mutex<Option<Running>>,
     /// Probes that could not attach, with why (for tests and status).
@@ -114,17 +117,24 @@ impl EbpfReceiver {
         ctx: BuildContext,
         next: ReceiverConsumers,
     ) -> anyhow::Result<Self> {
-        let next = next.metrics.ok_or_else(|| {
-            anyhow::anyhow!(
-                "receiver {}: produces metrics but is in no metrics pipeline",
+        if next.metrics.is_none() && next.profiles.is_none() {
+            anyhow::bail!(
+                "receiver {}: produces metrics (and profiles) but is in no metrics or profiles pipeline",
                 ctx.id
-            )
-        })?;
+            );
+        }
+        if next.profiles.is_some() && !config.probes.makes_profiles() {
+            anyhow::bail!(
+                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:)",
+                ctx.id
+            );
+        }
         let telemetry = EbpfTelemetry::register(&ctx.telemetry);
         Ok(EbpfReceiver {
             config,
             ctx,
-            next,
+            next: next.metrics,
+            profiles: next.profiles,
             processes: ProcessTable::default(),
             running: tokio::sync::Mutex::new(None),
             skipped: Mutex::new(Vec::new()),
@@ -211,6 +221,10 @@ impl Component for EbpfReceiver {
         let mut probes = self.load_probes(&filter)?;
         let cancel = CancellationToken::new();
         let start = StartContext {
+            profiles: self.profiles.clone(),
+            collection_interval: self.config.collection_interval,
+            host_name: self.ctx.host_name.clone(),
+            cgroup_root: root.clone(),
             processes: self.processes.clone(),
             // `container:` uprobes attach in new containers as their first process execs.
             new_containers: probes
