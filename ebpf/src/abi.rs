@@ -34,6 +34,9 @@ pub type UprobeKey = uprobe_key;
 /// A TCP connection's aggregation key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
 pub type TcpStats = podscope_tcp_stats;
+/// A stack sample's fixed part; the copied user stack follows it on the ring buffer.
+pub type ProfileSampleHead = profile_sample_head;
+pub type ProfilePending = profile_pending;
 
 impl Hist {
     pub fn count(&self) -> u64 {
@@ -74,13 +77,39 @@ impl ProcessEvent {
     }
 
     pub fn comm(&self) -> String {
-        let end = self
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+        nul_terminated(&self.comm)
     }
+}
+
+impl ProfileSampleHead {
+    /// Decodes the head of a ring-buffer record and returns it with the bytes after it (the
+    /// copied user stack); `None` if too short (never trust the length).
+    pub fn from_bytes(bytes: &[u8]) -> Option<(ProfileSampleHead, &[u8])> {
+        let size = std::mem::size_of::<ProfileSampleHead>();
+        if bytes.len() < size {
+            return None;
+        }
+        // SAFETY: the length is checked; the head is repr(C), made of integers and bytes, valid
+        // for any bit pattern; read_unaligned copes with any alignment.
+        let head = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProfileSampleHead>()) };
+        Some((head, &bytes[size..]))
+    }
+
+    /// The kernel frames recorded (never more than the array holds).
+    pub fn kernel_frames(&self) -> &[u64] {
+        let n = (self.kstack_bytes as usize / 8).min(self.kstack.len());
+        &self.kstack[..n]
+    }
+
+    pub fn thread_name(&self) -> String {
+        nul_terminated(&self.comm)
+    }
+}
+
+/// A kernel `comm` (up to its first NUL, all of it without one) as text.
+fn nul_terminated(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 impl UprobeKey {
@@ -123,6 +152,7 @@ unsafe impl aya::Pod for UprobeKey {}
 unsafe impl aya::Pod for TcpKey {}
 unsafe impl aya::Pod for TcpStats {}
 unsafe impl aya::Pod for BlockStats {}
+unsafe impl aya::Pod for ProfilePending {}
 
 #[cfg(test)]
 mod tests {

@@ -43,7 +43,7 @@ pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, Probes
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
-    files::FilesProbeConfig, process::ProcessProbeConfig, syscalls::SyscallsProbeConfig,
+    files::FilesProbeConfig, process::ProcessProbeConfig, profiling, syscalls::SyscallsProbeConfig,
     tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
 };
 
@@ -55,8 +55,8 @@ use telemetry::EbpfTelemetry;
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "ebpf",
-    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup",
-    signals: &[Signal::Metrics],
+    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; stack profiles per cgroup (profiling)",
+    signals: &[Signal::Metrics, Signal::Profiles],
     create: create_receiver::<EbpfReceiverConfig>,
 };
 

@@ -379,6 +379,8 @@ probe_table! {
     tcp: Tcp,
     /// User functions to count, with a captured argument or return value.
     uprobes: Uprobes,
+    /// On- and off-CPU stack profiles (a profiles pipeline takes them).
+    profiling: Profiling,
 }
 
 #[cfg(test)]
