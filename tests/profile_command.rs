@@ -9,7 +9,7 @@ use std::process::Command;
 
 use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_integration::pprof_format;
-use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN};
+use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN, SLEEPER_C};
 
 struct Burning {
     _dir: tempfile::TempDir,
@@ -37,6 +37,14 @@ fn burning_in_a_pod() -> Burning {
 
 /// Runs `podscope profile ARGS --duration 3s -o OUTPUT`; returns the total it reports.
 fn profile(args: &[&str], output: &Path) -> i64 {
+    profile_summary(args, output)
+        .parse()
+        .expect("a sample count")
+}
+
+/// Runs `podscope profile ARGS --duration 3s -o OUTPUT`; returns the total from its summary
+/// line (`wrote <path>: <total> samples in <m> stacks (<l> lost)`) as printed.
+fn profile_summary(args: &[&str], output: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_podscope"))
         .arg("profile")
         .args(args)
@@ -51,15 +59,16 @@ fn profile(args: &[&str], output: &Path) -> i64 {
         stderr.contains("recording") && stderr.contains("samples read"),
         "a progress line while recording: {stderr}"
     );
-    // "wrote <path>: <n> samples in <m> stacks (<l> lost)"
     let total = stdout
         .split(": ")
         .nth(1)
         .and_then(|rest| rest.split(' ').next())
-        .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("a summary line: {stdout}"));
-    assert!(total > 0, "samples were recorded: {stdout}");
-    total
+    assert!(
+        total.parse::<f64>().is_ok_and(|t| t > 0.0),
+        "something was recorded: {stdout}"
+    );
+    total.to_string()
 }
 
 #[test]
@@ -172,4 +181,48 @@ fn a_bad_output_name_or_target_is_a_clear_error() {
     assert!(run(&["--container", "ffffffffffff", "-o", "x.svg"])
         .contains("--container ffffffffffff: no container cgroup with that id"));
     assert!(run(&["--pid", "1", "--cgroup", "/x", "-o", "x.svg"]).contains("cannot be used with"));
+}
+
+#[test]
+fn off_cpu_folded_stacks_hold_the_blocked_time_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sleeper = compile_c(
+        dir.path(),
+        "sleeper",
+        SLEEPER_C,
+        &["-O2", "-fomit-frame-pointer"],
+    );
+    let (uid, container) = unique_ids();
+    let mut pod = PodCgroup::new(&uid, &container);
+    // 24 sleeps of 250 ms: it blocks for the whole recording.
+    let pid = pod.spawn_shell(&format!("exec {} 24 250", sleeper.display()));
+    let output = dir.path().join("off.folded");
+    let seconds: f64 = profile_summary(&["--pid", &pid.to_string(), "--off-cpu"], &output)
+        .parse()
+        .expect("seconds blocked");
+    let text = std::fs::read_to_string(&output).unwrap();
+    let mut total = 0i64;
+    let mut in_sleep = 0i64;
+    for line in text.lines() {
+        let (stack, ns) = line.rsplit_once(' ').expect("`stack ns` lines");
+        let ns: i64 = ns.parse().expect("nanoseconds");
+        total += ns;
+        if stack.contains(";main;wait_outer;wait_in_sleep;") {
+            in_sleep += ns;
+        }
+    }
+    // The summary prints seconds with 3 decimals.
+    assert!(
+        (total as f64 / 1e9 - seconds).abs() <= 0.0005,
+        "{total} ns vs {seconds} s"
+    );
+    // Blocks end while recording: at least 2 of the 3 s, all in the known function.
+    assert!(
+        in_sleep >= 2_000_000_000,
+        "{in_sleep} ns in wait_in_sleep: {text}"
+    );
+    assert!(
+        in_sleep as f64 >= 0.99 * total as f64,
+        "{in_sleep} of {total} ns"
+    );
 }

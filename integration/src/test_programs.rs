@@ -56,3 +56,23 @@ pub fn compile_c(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBu
     assert!(status.success(), "cc failed on {name}.c");
     out
 }
+
+/// Blocks in a known chain — main → wait_outer → wait_in_sleep → nanosleep — for argv[1]
+/// sleeps of argv[2] ms each, and burns no CPU.
+pub const SLEEPER_C: &str = r#"
+#include <stdlib.h>
+#include <time.h>
+__attribute__((noinline)) int wait_in_sleep(long ms) {
+    struct timespec t = { ms / 1000, (ms % 1000) * 1000000L };
+    int r = nanosleep(&t, 0);
+    return r + 1;
+}
+__attribute__((noinline)) int wait_outer(long ms) { return wait_in_sleep(ms) * 2; }
+int main(int argc, char **argv) {
+    int sleeps = atoi(argv[1]);
+    long ms = atol(argv[2]);
+    int sum = 0;
+    for (int i = 0; i < sleeps; i++) sum += wait_outer(ms);
+    return sum == 0;
+}
+"#;

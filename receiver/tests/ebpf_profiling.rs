@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
-use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN};
+use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN, SLEEPER_C};
 use podscope_receiver::ebpf::profiling::{LocalProfile, ProfileTarget, ProfilingProbeConfig};
 
 /// One sample as a test reads it: its frames (leaf first) and its value.
@@ -458,4 +458,52 @@ fn jit_frames_are_named_from_the_perf_map() {
         &samples[..samples.len().min(3)]
     );
     drop(perf_map);
+}
+
+#[test]
+fn off_cpu_time_of_a_known_block_is_measured_within_10_percent() {
+    let dir = workdir();
+    let sleeper = compile_c(
+        dir.path(),
+        "sleeper",
+        SLEEPER_C,
+        &["-O2", "-fomit-frame-pointer"],
+    );
+    let (pod_uid, container) = unique_ids();
+    let mut pod = PodCgroup::new(&pod_uid, &container);
+    let pod_path = pod.path().to_path_buf();
+    // 8 sleeps of 250 ms: 2 s blocked in wait_in_sleep.
+    let config = ProfilingProbeConfig {
+        off_cpu: true,
+        ..profiling_config(19)
+    };
+    let (profiles, _) = profile_run(ProfileTarget::Cgroup(pod_path), &config, || {
+        pod.spawn_shell(&format!("exec {} 8 250", sleeper.display()))
+    });
+    let samples: Vec<ReadSample> = profiles.iter().flat_map(read_samples).collect();
+    let off_cpu: Vec<&ReadSample> = samples
+        .iter()
+        .filter(|s| s.sample_type == "off_cpu")
+        .collect();
+    let in_sleep: i64 = off_cpu
+        .iter()
+        .filter(|s| {
+            let names: Vec<&str> = s
+                .functions
+                .iter()
+                .map(|f| f.as_deref().unwrap_or("?"))
+                .collect();
+            names
+                .windows(3)
+                .any(|w| w == ["wait_in_sleep", "wait_outer", "main"])
+        })
+        .map(|s| s.value)
+        .sum();
+    let expected = 2_000_000_000f64;
+    eprintln!("{:.4} s blocked in wait_in_sleep", in_sleep as f64 / 1e9);
+    assert!(
+        (in_sleep as f64 - expected).abs() <= 0.1 * expected,
+        "{:.3} s blocked in wait_in_sleep, expected 2 s; off-CPU samples: {off_cpu:#?}",
+        in_sleep as f64 / 1e9
+    );
 }
