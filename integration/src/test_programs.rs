@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A C program whose only hot code is one known call chain: main → outer_loop → middle_step →
-/// inner_work → burn_leaf, each a real call (no inlining, no tail calls), for argv[1] seconds.
+/// inner_work → burn_leaf, each a real call (no inlining, no tail calls), until it used argv[1]
+/// seconds of CPU (CPU time, not wall time: on a shared machine it gets the same number of
+/// samples however busy the machine is).
 pub const BURN_C: &str = r#"
 #include <stdlib.h>
 #include <time.h>
@@ -20,7 +22,7 @@ __attribute__((noinline)) unsigned long middle_step(unsigned long n) { return in
 __attribute__((noinline)) unsigned long outer_loop(unsigned long n) { return middle_step(n * 2) - 5; }
 static double now(void) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
 }
 int main(int argc, char **argv) {

@@ -200,7 +200,7 @@ fn assert_chain_share(samples: &[ReadSample], chain: &[&str]) {
 fn c_program_without_frame_pointers_unwinds_its_whole_chain_in_a_pod_cgroup() {
     let dir = workdir();
     let burn = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
-    let (samples, cpu, _) = profile_in_pod(&format!("exec {} 3", burn.display()), 99);
+    let (samples, cpu, _) = profile_in_pod(&format!("exec {} 2", burn.display()), 99);
     assert_sample_total(&samples, cpu, 99);
     assert_chain_share(&samples, &CHAIN);
     let sample = samples
@@ -216,10 +216,24 @@ fn c_program_without_frame_pointers_unwinds_its_whole_chain_in_a_pod_cgroup() {
     );
 }
 
-/// The Rust twin of `BURN_C`: the same chain, names demangled (`burn_rs::burn_leaf`).
+/// The Rust twin of `BURN_C` (CPU seconds too): the same chain, names demangled
+/// (`burn_rs::burn_leaf`).
 const BURN_RS: &str = r#"
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+extern "C" {
+    fn clock_gettime(clock: i32, t: *mut Timespec) -> i32;
+}
+/// CPU seconds used (CLOCK_PROCESS_CPUTIME_ID): the same samples however busy the machine.
+fn cpu_seconds() -> f64 {
+    let mut t = Timespec { sec: 0, nsec: 0 };
+    unsafe { clock_gettime(2, &mut t) };
+    t.sec as f64 + t.nsec as f64 / 1e9
+}
 #[inline(never)]
 fn burn_leaf(n: u64) -> u64 {
     let mut x = n;
@@ -236,9 +250,9 @@ fn middle_step(n: u64) -> u64 { black_box(inner_work(n + 1).wrapping_add(3)) }
 fn outer_loop(n: u64) -> u64 { black_box(middle_step(n.wrapping_mul(2)).wrapping_sub(5)) }
 fn main() {
     let seconds: f64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(3.0);
-    let start = Instant::now();
+    let start = cpu_seconds();
     let mut n = 0u64;
-    while start.elapsed() < Duration::from_secs_f64(seconds) {
+    while cpu_seconds() - start < seconds {
         n = n.wrapping_add(outer_loop(n));
     }
     black_box(n);
@@ -258,7 +272,7 @@ fn rust_program_unwinds_with_demangled_names() {
         .status()
         .expect("rustc runs");
     assert!(status.success(), "rustc failed");
-    let (samples, cpu, _) = profile_in_pod(&format!("exec {} 3", out.display()), 99);
+    let (samples, cpu, _) = profile_in_pod(&format!("exec {} 2", out.display()), 99);
     assert_sample_total(&samples, cpu, 99);
     assert_chain_share(
         &samples,
@@ -319,7 +333,7 @@ fn a_stripped_binary_keeps_build_id_and_file_offsets() {
         .expect("strip runs");
     assert!(status.success());
     let offsets = function_offsets(&burn);
-    let (samples, _, _) = profile_in_pod(&format!("exec {} 3", stripped.display()), 99);
+    let (samples, _, _) = profile_in_pod(&format!("exec {} 2", stripped.display()), 99);
     let total: i64 = samples.iter().map(|s| s.value).sum();
     let expected_id = build_id(&burn);
     // Unnamed on the node, but each of the chain's frames is the stripped file at an offset
@@ -358,7 +372,7 @@ fn a_binary_in_a_container_root_is_symbolized_through_the_process() {
     let inside = rootfs.join("burn-in-container");
     let (samples, cpu, _) = profile_in_pod(
         &format!(
-            "exec unshare --mount --propagation private sh -c 'mount -t tmpfs tmpfs {root} && cp {burn} {inside} && exec {inside} 3'",
+            "exec unshare --mount --propagation private sh -c 'mount -t tmpfs tmpfs {root} && cp {burn} {inside} && exec {inside} 2'",
             root = rootfs.display(),
             burn = burn.display(),
             inside = inside.display(),
@@ -380,7 +394,8 @@ fn a_binary_in_a_container_root_is_symbolized_through_the_process() {
 }
 
 /// A "JIT": copies a counting loop into anonymous executable memory, names it in its perf map
-/// (`/tmp/perf-<pid>.map`, as Node and the JVM's agent write it) and runs it for argv[1] seconds.
+/// (`/tmp/perf-<pid>.map`, as Node and the JVM's agent write it) and runs it for argv[1] seconds
+/// of CPU.
 const JIT_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
@@ -390,7 +405,7 @@ const JIT_C: &str = r#"
 #include <unistd.h>
 static double now(void) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
 }
 int main(int argc, char **argv) {
@@ -436,7 +451,7 @@ fn jit_frames_are_named_from_the_perf_map() {
         ProfileTarget::Cgroup(pod_path),
         &profiling_config(99),
         || {
-            pid = pod.spawn_shell(&format!("exec {} 3", jit.display()));
+            pid = pod.spawn_shell(&format!("exec {} 2", jit.display()));
             perf_map = Some(RemoveOnDrop(PathBuf::from(format!("/tmp/perf-{pid}.map"))));
             pid
         },
@@ -472,13 +487,15 @@ fn off_cpu_time_of_a_known_block_is_measured_within_10_percent() {
     let (pod_uid, container) = unique_ids();
     let mut pod = PodCgroup::new(&pod_uid, &container);
     let pod_path = pod.path().to_path_buf();
-    // 8 sleeps of 250 ms: 2 s blocked in wait_in_sleep.
+    // 4 sleeps of 500 ms: 2 s blocked in wait_in_sleep. Off-CPU time runs from switch-out to
+    // switch-in, so it includes the wait for a CPU after each wake-up: few wake-ups keep that
+    // small on a busy machine.
     let config = ProfilingProbeConfig {
         off_cpu: true,
         ..profiling_config(19)
     };
     let (profiles, _) = profile_run(ProfileTarget::Cgroup(pod_path), &config, || {
-        pod.spawn_shell(&format!("exec {} 8 250", sleeper.display()))
+        pod.spawn_shell(&format!("exec {} 4 500", sleeper.display()))
     });
     let samples: Vec<ReadSample> = profiles.iter().flat_map(read_samples).collect();
     let off_cpu: Vec<&ReadSample> = samples

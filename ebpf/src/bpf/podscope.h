@@ -170,6 +170,7 @@ struct profile_sample_head {
 	__u64 user_ip;
 	__u64 user_sp;
 	__u64 user_bp;
+	__u64 exec_id; /* the task's self_exec_id: changes when the process execs (new mappings) */
 	__u32 pid; /* thread group id */
 	__u32 tid;
 	__u32 kind;

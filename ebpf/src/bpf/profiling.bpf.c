@@ -166,6 +166,7 @@ static __always_inline struct profile_sample *new_sample(struct task_struct *tas
 	s->head.user_ip = 0;
 	s->head.user_sp = 0;
 	s->head.user_bp = 0;
+	s->head.exec_id = BPF_CORE_READ(task, self_exec_id);
 	s->head.pid = task->tgid;
 	s->head.tid = task->pid;
 	s->head.kind = kind;

@@ -19,8 +19,9 @@ use super::stacks::Frame;
 /// Frames of one user stack at most (a deeper stack is cut and counted as truncated).
 pub const MAX_USER_FRAMES: usize = 128;
 
-/// How soon a process's maps are read again when a sample lands outside them.
-const MAPS_REREAD_AFTER: Duration = Duration::from_secs(1);
+/// How soon a process's maps are read again when a sample lands outside them (a library
+/// loaded since, JIT code).
+const MAPS_REREAD_AFTER: Duration = Duration::from_millis(100);
 
 /// What one executable mapping holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +74,7 @@ pub struct Unwound {
 }
 
 struct ProcessState {
+    exec_id: u64,
     mappings: Vec<Mapping>,
     unwinder: UnwinderX86_64<Arc<[u8]>>,
     maps_read: Instant,
@@ -94,11 +96,12 @@ impl Processes {
         }
     }
 
-    /// Unwinds `pid`'s user stack from registers `ip`, `sp`, `bp` through `stack`.
+    /// Unwinds the user stack of `pid` (in its `exec_id`-th program: the kernel's
+    /// `self_exec_id`) from registers `ip`, `sp`, `bp` through `stack`.
     pub fn unwind(
         &mut self,
         modules: &mut ModuleCache,
-        pid: u32,
+        (pid, exec_id): (u32, u64),
         (ip, sp, bp): (u64, u64, u64),
         stack: &StackCopy<'_>,
     ) -> Unwound {
@@ -106,9 +109,13 @@ impl Processes {
         let state = self
             .states
             .entry(pid)
-            .or_insert_with(|| ProcessState::read(&proc_root, pid, modules));
-        if state.mapping(ip).is_none() && state.maps_read.elapsed() >= MAPS_REREAD_AFTER {
-            *state = ProcessState::read(&proc_root, pid, modules);
+            .or_insert_with(|| ProcessState::read(&proc_root, pid, exec_id, modules));
+        // After an exec every mapping is new: read them at once, or the samples right after it
+        // would be unwound through the old program's.
+        let stale = state.exec_id != exec_id
+            || (state.mapping(ip).is_none() && state.maps_read.elapsed() >= MAPS_REREAD_AFTER);
+        if stale {
+            *state = ProcessState::read(&proc_root, pid, exec_id, modules);
         }
         let mut read_stack = |address: u64| stack.read_u64(address).ok_or(());
         let mut frames = state.unwinder.iter_frames(
@@ -157,7 +164,7 @@ impl Processes {
 }
 
 impl ProcessState {
-    fn read(proc_root: &Path, pid: u32, modules: &mut ModuleCache) -> ProcessState {
+    fn read(proc_root: &Path, pid: u32, exec_id: u64, modules: &mut ModuleCache) -> ProcessState {
         let maps = std::fs::read_to_string(proc_root.join(pid.to_string()).join("maps"))
             .unwrap_or_default();
         let mut mappings = Vec::new();
@@ -207,6 +214,7 @@ impl ProcessState {
         }
         mappings.sort_by_key(|m| m.start);
         ProcessState {
+            exec_id,
             mappings,
             unwinder,
             maps_read: Instant::now(),

@@ -259,7 +259,7 @@ fn handle(
         };
         let unwound = processes.unwind(
             modules,
-            head.pid,
+            (head.pid, head.exec_id),
             (head.user_ip, head.user_sp, head.user_bp),
             &copy,
         );
