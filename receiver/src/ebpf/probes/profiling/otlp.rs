@@ -86,7 +86,11 @@ pub fn profiles(counts: &StackCounts, ctx: &ProfileContext<'_>) -> ProfilesData 
             });
         }
         resource_profiles.push(ResourceProfiles {
-            resource: Some(resource(ctx.host_name, ctx.index, Owner::Cgroup(cgroup))),
+            resource: Some(resource(
+                ctx.host_name,
+                Owner::Cgroup(cgroup),
+                ctx.index.path(cgroup),
+            )),
             scope_profiles: vec![ScopeProfiles {
                 scope: Some(scope.clone()),
                 profiles,
