@@ -524,3 +524,96 @@ fn off_cpu_time_of_a_known_block_is_measured_within_10_percent() {
         in_sleep as f64 / 1e9
     );
 }
+
+/// Keeps the profiles the receiver sends.
+#[derive(Default)]
+struct CollectedProfiles(std::sync::Mutex<Vec<ProfilesData>>);
+
+#[async_trait::async_trait]
+impl podscope_core::Consumer for CollectedProfiles {
+    async fn consume(
+        &self,
+        batch: podscope_core::Batch,
+    ) -> Result<(), podscope_core::ConsumeError> {
+        if let podscope_core::Batch::Profiles(data) = batch {
+            self.0.lock().unwrap().push((*data).clone());
+        }
+        Ok(())
+    }
+}
+
+/// The probe inside the receiver: a profiles pipeline gets one profile per interval for the
+/// cgroups `cgroup_filter` selects, and nothing of a pod it leaves out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_receiver_sends_profiles_of_selected_cgroups_only() {
+    use podscope_core::Component as _;
+    let dir = workdir();
+    let burn = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
+    let (uid, selected_container) = unique_ids();
+    let mut selected = PodCgroup::new(&uid, &selected_container);
+    let (other_uid, other_container) = unique_ids();
+    let mut other = PodCgroup::new(&other_uid, &other_container);
+    let config: podscope_receiver::ebpf::EbpfReceiverConfig =
+        podscope_core::config::parse_component_config(serde_json::json!({
+            "collection_interval": "1s",
+            "cgroup_filter": {"include": [selected.relative_path()]},
+            "probes": {"profiling": {"frequency": 99}},
+        }))
+        .unwrap();
+    let collected = std::sync::Arc::new(CollectedProfiles::default());
+    let receiver = podscope_receiver::ebpf::EbpfReceiver::new(
+        config,
+        podscope_core::BuildContext::for_tests("ebpf"),
+        podscope_core::ReceiverConsumers {
+            metrics: None,
+            traces: None,
+            profiles: Some(collected.clone()),
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    assert!(
+        receiver.skipped_probes().is_empty(),
+        "{:?}",
+        receiver.skipped_probes()
+    );
+    let selected_pid = selected.spawn_shell(&format!("exec {} 1.5", burn.display()));
+    let other_pid = other.spawn_shell(&format!("exec {} 1.5", burn.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(ended(selected_pid) && ended(other_pid)) {
+        assert!(Instant::now() < deadline, "the programs did not finish");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cpu = cpu_seconds(selected_pid);
+    // The last interval's profiles come at the next collection: poll for them.
+    let samples = loop {
+        let samples: Vec<ReadSample> = collected
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(read_samples)
+            .collect();
+        let total: i64 = samples.iter().map(|s| s.value).sum();
+        if total as f64 >= cpu * 99.0 * 0.8 || Instant::now() >= deadline {
+            break samples;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    receiver.shutdown().await.unwrap();
+    assert!(
+        samples
+            .iter()
+            .all(|s| s.container_id.as_deref() == Some(selected_container.as_str())),
+        "only the selected pod's container: {:?}",
+        samples
+            .iter()
+            .map(|s| &s.container_id)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(!samples
+        .iter()
+        .any(|s| s.container_id.as_deref() == Some(other_container.as_str())));
+    assert_sample_total(&samples, cpu, 99);
+    assert_chain_share(&samples, &CHAIN);
+}
