@@ -617,3 +617,38 @@ async fn the_receiver_sends_profiles_of_selected_cgroups_only() {
     assert_sample_total(&samples, cpu, 99);
     assert_chain_share(&samples, &CHAIN);
 }
+
+#[test]
+fn a_binary_replaced_on_disk_is_read_through_its_mapping() {
+    let dir = workdir();
+    let burn = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
+    let (uid, container) = unique_ids();
+    let mut pod = PodCgroup::new(&uid, &container);
+    let pid = pod.spawn_shell(&format!("exec {} 2", burn.display()));
+    // Wait for the exec, then replace the file under the running program (as a redeploy does)
+    // before the profiler starts: its path now names another file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .as_deref()
+        != Some(burn.as_path())
+    {
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(&burn).unwrap();
+    std::fs::copy("/bin/true", &burn).unwrap();
+    let (profiles, _) = profile_run(
+        ProfileTarget::Cgroup(pod.path().to_path_buf()),
+        &profiling_config(99),
+        || pid,
+    );
+    let samples: Vec<ReadSample> = profiles.iter().flat_map(read_samples).collect();
+    assert_chain_share(&samples, &CHAIN);
+    let leaf = samples
+        .iter()
+        .find(|s| s.functions.first().and_then(|f| f.as_deref()) == Some("burn_leaf"))
+        .expect("a sample in burn_leaf");
+    // The mapping names the file as the kernel does now.
+    assert_eq!(leaf.locations[0].0, format!("{} (deleted)", burn.display()));
+}
