@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_integration::pprof_format;
 use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN, SLEEPER_C};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 
 struct Burning {
     _dir: tempfile::TempDir,
@@ -24,7 +24,7 @@ fn burning_in_a_pod() -> Burning {
     let dir = tempfile::tempdir().unwrap();
     let binary = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
     let (uid, container) = unique_ids();
-    let mut pod = PodCgroup::new(&uid, &container);
+    let mut pod = PodCgroup::with_ids(&uid, &container);
     let pid = pod.spawn_shell(&format!("exec {} 10", binary.display()));
     Burning {
         _dir: dir,
@@ -193,7 +193,7 @@ fn off_cpu_folded_stacks_hold_the_blocked_time_reported() {
         &["-O2", "-fomit-frame-pointer"],
     );
     let (uid, container) = unique_ids();
-    let mut pod = PodCgroup::new(&uid, &container);
+    let mut pod = PodCgroup::with_ids(&uid, &container);
     // 24 sleeps of 250 ms: it blocks for the whole recording.
     let pid = pod.spawn_shell(&format!("exec {} 24 250", sleeper.display()));
     let output = dir.path().join("off.folded");

@@ -4,6 +4,7 @@
 //! that crate's generated request type (protobuf) or its serde mapping (JSON). What arrives must
 //! be exactly what was exported.
 
+use podscope_testkit::BuildContextForTests as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +39,7 @@ impl ProfilesService for Sink {
 }
 
 fn profile() -> (Batch, ProfilesData) {
-    let batch = podscope_core::fake_otlp::cpu_profile(4, &[("container.id", "abc")]);
+    let batch = podscope_testkit::fake_otlp::cpu_profile(4, &[("container.id", "abc")]);
     let Batch::Profiles(data) = &batch else {
         unreachable!()
     };

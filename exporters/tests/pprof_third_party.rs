@@ -2,10 +2,10 @@
 //! sample types, stacks, values, labels and build ids.
 
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
-use podscope_core::fake_otlp::cpu_profile;
 use podscope_core::Batch;
 use podscope_exporters::pprof::{encode_gzip, PprofBuilder};
 use podscope_integration::pprof_format;
+use podscope_testkit::fake_otlp::cpu_profile;
 
 fn profiles(n: usize, container: &str) -> ProfilesData {
     match cpu_profile(n, &[("container.id", container)]) {

@@ -2,15 +2,16 @@
 //! from source with a known call chain, run in a kubelet-style pod cgroup, profiled through the
 //! real kernel programs, unwound and symbolized on the node; the tests read the OTLP profiles.
 
+use podscope_testkit::BuildContextForTests as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN, SLEEPER_C};
 use podscope_receiver::ebpf::profiling::{LocalProfile, ProfileTarget, ProfilingProbeConfig};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 
 /// One sample as a test reads it: its frames (leaf first) and its value.
 #[derive(Debug, Clone)]
@@ -157,7 +158,7 @@ fn profiling_config(frequency: u64) -> ProfilingProbeConfig {
 /// container id.
 fn profile_in_pod(command: &str, frequency: u64) -> (Vec<ReadSample>, f64, String) {
     let (pod_uid, container) = unique_ids();
-    let mut pod = PodCgroup::new(&pod_uid, &container);
+    let mut pod = PodCgroup::with_ids(&pod_uid, &container);
     let pod_path = pod.path().to_path_buf();
     let (profiles, cpu) = profile_run(
         ProfileTarget::Cgroup(pod_path),
@@ -443,7 +444,7 @@ fn jit_frames_are_named_from_the_perf_map() {
     let dir = workdir();
     let jit = compile_c(dir.path(), "jit", JIT_C, &["-O2"]);
     let (pod_uid, container) = unique_ids();
-    let mut pod = PodCgroup::new(&pod_uid, &container);
+    let mut pod = PodCgroup::with_ids(&pod_uid, &container);
     let pod_path = pod.path().to_path_buf();
     let mut pid = 0;
     let mut perf_map = None;
@@ -485,7 +486,7 @@ fn off_cpu_time_of_a_known_block_is_measured_within_10_percent() {
         &["-O2", "-fomit-frame-pointer"],
     );
     let (pod_uid, container) = unique_ids();
-    let mut pod = PodCgroup::new(&pod_uid, &container);
+    let mut pod = PodCgroup::with_ids(&pod_uid, &container);
     let pod_path = pod.path().to_path_buf();
     // 4 sleeps of 500 ms: 2 s blocked in wait_in_sleep. Off-CPU time runs from switch-out to
     // switch-in, so it includes the wait for a CPU after each wake-up: few wake-ups keep that
@@ -550,9 +551,9 @@ async fn the_receiver_sends_profiles_of_selected_cgroups_only() {
     let dir = workdir();
     let burn = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
     let (uid, selected_container) = unique_ids();
-    let mut selected = PodCgroup::new(&uid, &selected_container);
+    let mut selected = PodCgroup::with_ids(&uid, &selected_container);
     let (other_uid, other_container) = unique_ids();
-    let mut other = PodCgroup::new(&other_uid, &other_container);
+    let mut other = PodCgroup::with_ids(&other_uid, &other_container);
     let config: podscope_receiver::ebpf::EbpfReceiverConfig =
         podscope_core::config::parse_component_config(serde_json::json!({
             "collection_interval": "1s",
@@ -623,7 +624,7 @@ fn a_binary_replaced_on_disk_is_read_through_its_mapping() {
     let dir = workdir();
     let burn = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
     let (uid, container) = unique_ids();
-    let mut pod = PodCgroup::new(&uid, &container);
+    let mut pod = PodCgroup::with_ids(&uid, &container);
     let pid = pod.spawn_shell(&format!("exec {} 2", burn.display()));
     // Wait for the exec, then replace the file under the running program (as a redeploy does)
     // before the profiler starts: its path now names another file.

@@ -7,6 +7,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ExporterBuilder};
+use podscope_testkit::BuildContextForTests as _;
 
 use super::{encode_json_line, FileConfig};
 
@@ -94,7 +95,7 @@ fn lines_are_otlp_json_and_decode_back_exactly() {
 
 #[test]
 fn profiles_are_one_otlp_json_line_with_their_dictionary() {
-    let batch = podscope_core::fake_otlp::cpu_profile(3, &[("container.id", "abc")]);
+    let batch = podscope_testkit::fake_otlp::cpu_profile(3, &[("container.id", "abc")]);
     let line = encode_json_line(&batch);
     let text = std::str::from_utf8(&line).unwrap();
     assert!(text.starts_with(r#"{"resourceProfiles":"#), "{text}");

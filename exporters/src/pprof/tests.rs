@@ -1,8 +1,8 @@
 use std::collections::BTreeMap;
 
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
-use podscope_core::fake_otlp::cpu_profile;
 use podscope_core::Batch;
+use podscope_testkit::fake_otlp::cpu_profile;
 use prost::Message as _;
 
 use super::*;

@@ -14,6 +14,7 @@ use podscope_core::proto::tonic::metrics::v1::{
 use podscope_core::proto::tonic::resource::v1::Resource;
 use podscope_core::{Batch, BuildContext, ComponentConfig as _, ComponentId};
 use podscope_k8s::k8s_metadata::string_kv;
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 use serde_json::json;
 
 use super::*;
@@ -396,7 +397,7 @@ async fn processed(
     metadata: &Arc<K8sMetadata>,
     batch: Batch,
 ) -> Batch {
-    let sink = Arc::new(podscope_core::consumer::Recorder::default());
+    let sink = Arc::new(Recorder::default());
     let processor = config
         .build(context(id, metadata), batch.signal(), sink.clone())
         .unwrap();
@@ -506,7 +507,7 @@ async fn processors_naming_one_extension_read_one_cache() {
 async fn profiles_of_a_container_get_its_pod_attributes() {
     let cfg = config(json!({}));
     let metadata = own_extension(&cfg, vec![web_pod()]);
-    let batch = podscope_core::fake_otlp::cpu_profile(2, &[("container.id", APP_ID)]);
+    let batch = podscope_testkit::fake_otlp::cpu_profile(2, &[("container.id", APP_ID)]);
     let out = processed(&cfg, "k8sattributes", &metadata, batch.clone()).await;
     let (Batch::Profiles(before), Batch::Profiles(after)) = (&batch, &out) else {
         panic!("profiles")
