@@ -5,7 +5,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use podscope_core::otlp::{otlp, Encoding};
 use podscope_core::{Batch, Signal};
 use podscope_testkit::fake_otlp;
-use prost::Message as _;
 
 fn spans() -> Batch {
     fake_otlp::spans(3, &[("service.name", "cart")])
@@ -20,18 +19,27 @@ fn requests_are_the_generated_messages_byte_for_byte() {
     let generated = ExportTraceServiceRequest {
         resource_spans: rss.to_vec(),
     };
-    let wire = otlp(Signal::Traces);
+    assert_request_is_the_generated_message(Signal::Traces, &batch, &generated);
+}
+
+/// `batch`'s request bytes are `generated`'s, in protobuf and JSON, and decode back to `batch`.
+fn assert_request_is_the_generated_message(
+    signal: Signal,
+    batch: &Batch,
+    generated: &(impl prost::Message + serde::Serialize),
+) {
+    let wire = otlp(signal);
     assert_eq!(
-        wire.encode_request(&batch, Encoding::Protobuf),
+        wire.encode_request(batch, Encoding::Protobuf),
         generated.encode_to_vec()
     );
     assert_eq!(
-        wire.encode_request(&batch, Encoding::Json),
-        serde_json::to_vec(&generated).unwrap()
+        wire.encode_request(batch, Encoding::Json),
+        serde_json::to_vec(generated).unwrap()
     );
     for encoding in [Encoding::Protobuf, Encoding::Json] {
-        let body = wire.encode_request(&batch, encoding);
-        assert_eq!(wire.decode_request(&body, encoding).unwrap(), batch);
+        let body = wire.encode_request(batch, encoding);
+        assert_eq!(&wire.decode_request(&body, encoding).unwrap(), batch);
     }
 }
 
@@ -46,18 +54,9 @@ fn profiles_requests_are_the_generated_message_with_its_dictionary() {
         resource_profiles: data.resource_profiles.clone(),
         dictionary: data.dictionary.clone(),
     };
-    let wire = otlp(Signal::Profiles);
-    assert_eq!(wire.http_path(), "/v1development/profiles");
     assert_eq!(
-        wire.encode_request(&batch, Encoding::Protobuf),
-        generated.encode_to_vec()
+        otlp(Signal::Profiles).http_path(),
+        "/v1development/profiles"
     );
-    assert_eq!(
-        wire.encode_request(&batch, Encoding::Json),
-        serde_json::to_vec(&generated).unwrap()
-    );
-    for encoding in [Encoding::Protobuf, Encoding::Json] {
-        let body = wire.encode_request(&batch, encoding);
-        assert_eq!(wire.decode_request(&body, encoding).unwrap(), batch);
-    }
+    assert_request_is_the_generated_message(Signal::Profiles, &batch, &generated);
 }
