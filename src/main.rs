@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use podscope::config::{self, AgentConfig, LogEncoding};
+use podscope::profile::{self, ProfileOptions, TargetArg};
 use podscope::registry;
 use podscope::service::Service;
 use podscope::telemetry_server::TelemetryServer;
@@ -45,8 +46,53 @@ enum Command {
     },
     /// List every component podscope can run, with the signals it handles.
     Components,
+    /// Profile a process, cgroup or container for a while, without a config or a cluster, and
+    /// write a flame graph (.svg), pprof (.pb.gz) or folded stacks (.folded). Needs root.
+    Profile {
+        #[command(flatten)]
+        target: ProfileTargetArgs,
+        /// How long to record (e.g. 30s, 2m).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Record where threads block and for how long (off-CPU time) instead of on-CPU samples.
+        #[arg(long)]
+        off_cpu: bool,
+        /// On-CPU samples per second and CPU.
+        #[arg(long, default_value_t = 99)]
+        frequency: u64,
+        /// The output; its name gives the format: .svg, .pb.gz or .folded.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+    },
     /// Print the version.
     Version,
+}
+
+/// Exactly one of them.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct ProfileTargetArgs {
+    /// A process (all its threads).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// A cgroup directory (absolute, or relative to the cgroup2 mount) and those below it.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// A container id, or a unique prefix of one.
+    #[arg(long)]
+    container: Option<String>,
+}
+
+impl ProfileTargetArgs {
+    fn target(self) -> TargetArg {
+        match (self.pid, self.cgroup, self.container) {
+            (Some(pid), _, _) => TargetArg::Pid(pid),
+            (_, Some(cgroup), _) => TargetArg::Cgroup(cgroup),
+            (_, _, Some(container)) => TargetArg::Container(container),
+            // clap requires exactly one of them.
+            (None, None, None) => unreachable!("clap requires a target"),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -79,6 +125,41 @@ fn main() -> ExitCode {
         Command::Components => {
             print_components();
             ExitCode::SUCCESS
+        }
+        Command::Profile {
+            target,
+            duration,
+            off_cpu,
+            frequency,
+            output,
+        } => {
+            let options = ProfileOptions {
+                target: target.target(),
+                duration,
+                off_cpu,
+                frequency,
+                output,
+            };
+            match profile::run(&options, &mut std::io::stderr()) {
+                Ok(summary) => {
+                    let what = if off_cpu {
+                        format!("{:.3} s blocked", summary.total as f64 / 1e9)
+                    } else {
+                        format!("{} samples", summary.total)
+                    };
+                    println!(
+                        "wrote {}: {what} in {} stacks ({} lost)",
+                        options.output.display(),
+                        summary.stacks,
+                        summary.lost
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("podscope profile: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Version => {
             println!("podscope {}", env!("CARGO_PKG_VERSION"));

@@ -22,7 +22,8 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
     match (kind, type_name) {
         // Every probe loads for real (CI runs as root); no interval passes during the test.
         (ComponentKind::Receiver, "ebpf") => json!({"collection_interval": "1h", "probes": {
-            "process": {}, "syscalls": {}, "files": {"capture_paths": true}, "sched": {}, "block_io": {}, "tcp": {}}}),
+            "process": {}, "syscalls": {}, "files": {"capture_paths": true}, "sched": {}, "block_io": {}, "tcp": {},
+            "profiling": {"off_cpu": true}}}),
         (ComponentKind::Receiver, "otlp") => json!({"protocols": {
             "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}),
         (ComponentKind::Exporter, "file") => {
@@ -73,6 +74,7 @@ fn sample(signal: Signal) -> Batch {
             }],
             ..Default::default()
         }]),
+        Signal::Profiles => podscope_testkit::fake_otlp::cpu_profile(3, &[]),
     }
 }
 
@@ -97,6 +99,7 @@ async fn every_receiver_starts_and_shuts_down() {
                 match s {
                     Signal::Metrics => c.metrics = Some(collected),
                     Signal::Traces => c.traces = Some(collected),
+                    Signal::Profiles => c.profiles = Some(collected),
                 }
             }
             c

@@ -1,6 +1,7 @@
 //! The unit of data that flows through a pipeline: a list of OTLP `ResourceMetrics` or
-//! `ResourceSpans`, shared copy-on-write so that fan-out to several consumers costs a reference
-//! count, and only a consumer that mutates pays for a copy.
+//! `ResourceSpans`, or one OTLP profiles message (its resources and their one dictionary),
+//! shared copy-on-write so that fan-out to several consumers costs a reference count, and only a
+//! consumer that mutates pays for a copy.
 //!
 //! Items received as OTLP protobuf stay encoded until something reads them ([`Items`]): a
 //! pipeline whose processors and exporters only group and forward them never decodes them.
@@ -15,23 +16,29 @@ use prost::Message;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric::Data, Metric, ResourceMetrics, ScopeMetrics,
 };
+use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+use crate::profiles;
 
 /// The kinds of telemetry a pipeline carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Signal {
     Metrics,
     Traces,
+    /// OTLP profiles, the development version of the protocol (experimental).
+    Profiles,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 2] = [Signal::Metrics, Signal::Traces];
+    pub const ALL: [Signal; 3] = [Signal::Metrics, Signal::Traces, Signal::Profiles];
 
     /// The name used in configuration (`service.pipelines.metrics`) and in metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::Metrics => "metrics",
             Signal::Traces => "traces",
+            Signal::Profiles => "profiles",
         }
     }
 
@@ -40,6 +47,7 @@ impl Signal {
         match self {
             Signal::Metrics => "data points",
             Signal::Traces => "spans",
+            Signal::Profiles => "samples",
         }
     }
 
@@ -200,12 +208,14 @@ impl<T: Message + Default + fmt::Debug> fmt::Debug for Items<T> {
 
 /// A batch of OTLP data of one signal.
 ///
-/// Cloning is cheap (reference count). Use [`Batch::metrics_mut`] / [`Batch::traces_mut`] to
-/// mutate: they copy the data only when another consumer still holds it.
+/// Cloning is cheap (reference count). Use [`Batch::metrics_mut`] / [`Batch::traces_mut`] /
+/// [`Batch::profiles_mut`] to mutate: they copy the data only when another consumer still holds
+/// it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Batch {
     Metrics(Arc<Items<ResourceMetrics>>),
     Traces(Arc<Items<ResourceSpans>>),
+    Profiles(Arc<ProfilesData>),
 }
 
 impl Batch {
@@ -218,11 +228,14 @@ impl Batch {
     }
 
     /// A batch still as the protobuf export request `body` of `signal` (checked by
-    /// `otlp::scan`, made only of its `repeated` items field) holds it, with its item count.
-    pub fn encoded(signal: Signal, body: Bytes, items: usize) -> Batch {
+    /// `otlp::scan`, made only of its `repeated` items field) holds it, with its item count;
+    /// `None` for profiles, whose items share the request's dictionary and so cannot be joined as
+    /// bytes.
+    pub fn encoded(signal: Signal, body: Bytes, items: usize) -> Option<Batch> {
         match signal {
-            Signal::Metrics => Batch::Metrics(Arc::new(Items::encoded(body, items))),
-            Signal::Traces => Batch::Traces(Arc::new(Items::encoded(body, items))),
+            Signal::Metrics => Some(Batch::Metrics(Arc::new(Items::encoded(body, items)))),
+            Signal::Traces => Some(Batch::Traces(Arc::new(Items::encoded(body, items)))),
+            Signal::Profiles => None,
         }
     }
 
@@ -232,13 +245,19 @@ impl Batch {
         match self {
             Batch::Metrics(rms) => rms.encoded_bodies(),
             Batch::Traces(rss) => rss.encoded_bodies(),
+            Batch::Profiles(_) => None,
         }
+    }
+
+    pub fn profiles(data: ProfilesData) -> Batch {
+        Batch::Profiles(Arc::new(data))
     }
 
     pub fn empty(signal: Signal) -> Batch {
         match signal {
             Signal::Metrics => Batch::metrics(Vec::new()),
             Signal::Traces => Batch::traces(Vec::new()),
+            Signal::Profiles => Batch::profiles(ProfilesData::default()),
         }
     }
 
@@ -246,10 +265,12 @@ impl Batch {
         match self {
             Batch::Metrics(_) => Signal::Metrics,
             Batch::Traces(_) => Signal::Traces,
+            Batch::Profiles(_) => Signal::Profiles,
         }
     }
 
-    /// Items as the Collector counts them: data points for metrics, spans for traces.
+    /// Items as the Collector counts them: data points for metrics, spans for traces, samples
+    /// for profiles.
     pub fn item_count(&self) -> usize {
         match self {
             Batch::Metrics(rms) => rms
@@ -258,6 +279,7 @@ impl Batch {
             Batch::Traces(rss) => rss
                 .encoded_items()
                 .unwrap_or_else(|| rss.iter().map(resource_spans_count).sum()),
+            Batch::Profiles(data) => profiles::sample_count(data),
         }
     }
 
@@ -265,19 +287,27 @@ impl Batch {
         self.item_count() == 0
     }
 
-    /// Mutable access to metrics; copies only if the data is shared. `None` for a traces batch.
+    /// Mutable access to metrics; copies only if the data is shared. `None` for another signal.
     pub fn metrics_mut(&mut self) -> Option<&mut Vec<ResourceMetrics>> {
         match self {
             Batch::Metrics(rms) => Some(Arc::make_mut(rms).deref_mut()),
-            Batch::Traces(_) => None,
+            _ => None,
         }
     }
 
-    /// Mutable access to spans; copies only if the data is shared. `None` for a metrics batch.
+    /// Mutable access to spans; copies only if the data is shared. `None` for another signal.
     pub fn traces_mut(&mut self) -> Option<&mut Vec<ResourceSpans>> {
         match self {
             Batch::Traces(rss) => Some(Arc::make_mut(rss).deref_mut()),
-            Batch::Metrics(_) => None,
+            _ => None,
+        }
+    }
+
+    /// Mutable access to profiles; copies only if the data is shared. `None` for another signal.
+    pub fn profiles_mut(&mut self) -> Option<&mut ProfilesData> {
+        match self {
+            Batch::Profiles(data) => Some(Arc::make_mut(data)),
+            _ => None,
         }
     }
 
@@ -293,12 +323,17 @@ impl Batch {
                 Arc::make_mut(a).append(take_or_clone(b));
                 Ok(())
             }
+            (Batch::Profiles(a), Batch::Profiles(b)) => {
+                let b = Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone());
+                profiles::append(Arc::make_mut(a), b);
+                Ok(())
+            }
             (_, other) => Err(other),
         }
     }
 
-    /// Splits into batches of at most `max_items` items each (data points or spans), keeping
-    /// resource, scope and metric descriptions on every piece. `max_items == 0` means no limit.
+    /// Splits into batches of at most `max_items` items each (data points, spans or samples),
+    /// keeping resource, scope and metric (profile) descriptions on every piece. `max_items == 0` means no limit.
     pub fn split(self, max_items: usize) -> Vec<Batch> {
         if max_items == 0 || self.item_count() <= max_items {
             return vec![self];
@@ -312,6 +347,13 @@ impl Batch {
                 .into_iter()
                 .map(Batch::traces)
                 .collect(),
+            Batch::Profiles(data) => {
+                let data = Arc::try_unwrap(data).unwrap_or_else(|shared| (*shared).clone());
+                profiles::split(data, max_items)
+                    .into_iter()
+                    .map(Batch::profiles)
+                    .collect()
+            }
         }
     }
 }

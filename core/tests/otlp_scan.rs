@@ -248,6 +248,7 @@ fn schema(signal: Signal) -> &'static MessageSchema {
     match signal {
         Signal::Traces => &RESOURCE_SPANS,
         Signal::Metrics => &RESOURCE_METRICS,
+        Signal::Profiles => unreachable!("profiles are decoded, never scanned"),
     }
 }
 
@@ -262,6 +263,7 @@ fn prost_items(signal: Signal, body: &[u8]) -> Option<usize> {
                 .ok()?
                 .resource_metrics,
         ),
+        Signal::Profiles => unreachable!("profiles are decoded, never scanned"),
     };
     Some(batch.item_count())
 }

@@ -2,4 +2,6 @@
 
 pub mod agent;
 pub mod fake_kube;
+pub mod pprof_format;
 pub mod prometheus;
+pub mod test_programs;

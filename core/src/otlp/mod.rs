@@ -1,7 +1,9 @@
 //! The OTLP wire protocol, per signal: what the `otlp` receiver and the OTLP exporters (gRPC,
 //! HTTP, file) need to know about a signal — its gRPC service and HTTP path, and how its export
 //! requests and responses are encoded in protobuf and JSON. Written once for every signal:
-//! adding one (profiles) is one [`SignalMessages`] impl and one arm in [`otlp`].
+//! adding one is one [`SignalMessages`] impl and one arm in [`otlp`]. Profiles, whose request
+//! carries a dictionary beside its resources, implement [`OtlpSignal`] on their own
+//! ([`Profiles`]).
 //!
 //! Pure encoding and decoding; no I/O here.
 
@@ -12,10 +14,14 @@ use bytes::{Buf, BufMut, Bytes};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::profiles::v1development::{
+    ExportProfilesPartialSuccess, ExportProfilesServiceRequest, ExportProfilesServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
+use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 use serde::de::DeserializeOwned;
@@ -85,6 +91,7 @@ pub fn otlp(signal: Signal) -> &'static dyn OtlpSignal {
     match signal {
         Signal::Metrics => &Wire::<Metrics>(std::marker::PhantomData),
         Signal::Traces => &Wire::<Traces>(std::marker::PhantomData),
+        Signal::Profiles => &Profiles,
     }
 }
 
@@ -261,7 +268,9 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
         let request = match encoding {
             Encoding::Protobuf => {
                 if let Ok(items) = scan::count_request_items(M::ITEM_SCHEMA, &body) {
-                    return Ok(Batch::encoded(M::SIGNAL, body, items));
+                    if let Some(batch) = Batch::encoded(M::SIGNAL, body.clone(), items) {
+                        return Ok(batch);
+                    }
                 }
                 M::Request::decode(body).map_err(|e| format!("malformed OTLP protobuf: {e}"))?
             }
@@ -295,6 +304,89 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
                 .map_err(|e| format!("malformed OTLP JSON response: {e}"))?,
         };
         Ok(M::partial(&response).filter(|p| p.rejected > 0 || !p.message.is_empty()))
+    }
+}
+
+/// OTLP profiles (development version): the request is the batch's message itself
+/// (`ProfilesData` and `ExportProfilesServiceRequest` have the same fields and numbers), its
+/// resources and its dictionary.
+pub struct Profiles;
+
+impl OtlpSignal for Profiles {
+    fn signal(&self) -> Signal {
+        Signal::Profiles
+    }
+
+    fn grpc_service(&self) -> &'static str {
+        "opentelemetry.proto.collector.profiles.v1development.ProfilesService"
+    }
+
+    fn grpc_export_path(&self) -> &'static str {
+        "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
+    }
+
+    fn http_path(&self) -> &'static str {
+        "/v1development/profiles"
+    }
+
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Bytes {
+        let empty = ProfilesData::default();
+        let data = match batch {
+            Batch::Profiles(data) => data,
+            _ => &empty,
+        };
+        Bytes::from(match encoding {
+            Encoding::Protobuf => data.encode_to_vec(),
+            Encoding::Json => json::to_vec(data),
+        })
+    }
+
+    fn decode_request(&self, body: Bytes, encoding: Encoding) -> Result<Batch, String> {
+        let request: ExportProfilesServiceRequest = match encoding {
+            Encoding::Protobuf => ExportProfilesServiceRequest::decode(body)
+                .map_err(|e| format!("malformed OTLP protobuf: {e}"))?,
+            Encoding::Json => {
+                serde_json::from_slice(&body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
+            }
+        };
+        Ok(Batch::profiles(ProfilesData {
+            resource_profiles: request.resource_profiles,
+            dictionary: request.dictionary,
+        }))
+    }
+
+    fn encode_response(&self, partial: Option<&PartialSuccess>, encoding: Encoding) -> Vec<u8> {
+        let response = ExportProfilesServiceResponse {
+            partial_success: partial.map(|p| ExportProfilesPartialSuccess {
+                rejected_profiles: p.rejected,
+                error_message: p.message.clone(),
+            }),
+        };
+        match encoding {
+            Encoding::Protobuf => response.encode_to_vec(),
+            Encoding::Json => json::to_vec(&response),
+        }
+    }
+
+    fn decode_response(
+        &self,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<Option<PartialSuccess>, String> {
+        let response: ExportProfilesServiceResponse = match encoding {
+            Encoding::Protobuf => ExportProfilesServiceResponse::decode(body)
+                .map_err(|e| format!("malformed OTLP response: {e}"))?,
+            Encoding::Json if body.iter().all(u8::is_ascii_whitespace) => Default::default(),
+            Encoding::Json => serde_json::from_slice(body)
+                .map_err(|e| format!("malformed OTLP JSON response: {e}"))?,
+        };
+        Ok(response
+            .partial_success
+            .map(|p| PartialSuccess {
+                rejected: p.rejected_profiles,
+                message: p.error_message,
+            })
+            .filter(|p| p.rejected > 0 || !p.message.is_empty()))
     }
 }
 

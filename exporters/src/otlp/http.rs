@@ -18,6 +18,7 @@ pub struct HttpSender {
     client: reqwest::Client,
     metrics_url: String,
     traces_url: String,
+    profiles_url: String,
     encoding: Encoding,
     compression: Compression,
 }
@@ -29,6 +30,7 @@ impl HttpSender {
             client: http_client::build(&config.headers, &config.tls, config.proxy_url.as_deref())?,
             metrics_url: config.signal_url(Signal::Metrics),
             traces_url: config.signal_url(Signal::Traces),
+            profiles_url: config.signal_url(Signal::Profiles),
             encoding: match config.encoding {
                 HttpEncoding::Proto => Encoding::Protobuf,
                 HttpEncoding::Json => Encoding::Json,
@@ -41,6 +43,7 @@ impl HttpSender {
         match signal {
             Signal::Metrics => &self.metrics_url,
             Signal::Traces => &self.traces_url,
+            Signal::Profiles => &self.profiles_url,
         }
     }
 }

@@ -33,15 +33,17 @@ use crate::helper::{QueuedExporter, Request, Sent};
 
 pub const OTLP: ExporterFactory = ExporterFactory {
     type_name: "otlp",
-    description: "Sends metrics and traces over OTLP/gRPC (gzip, TLS, retries, sending queue)",
-    signals: &[Signal::Metrics, Signal::Traces],
+    description:
+        "Sends metrics, traces and profiles over OTLP/gRPC (gzip, TLS, retries, sending queue)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<OtlpGrpcConfig>,
 };
 
 pub const OTLP_HTTP: ExporterFactory = ExporterFactory {
     type_name: "otlphttp",
-    description: "Sends metrics and traces over OTLP/HTTP, protobuf or JSON (gzip, TLS, retries)",
-    signals: &[Signal::Metrics, Signal::Traces],
+    description:
+        "Sends metrics, traces and profiles over OTLP/HTTP, protobuf or JSON (gzip, TLS, retries)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<OtlpHttpConfig>,
 };
 

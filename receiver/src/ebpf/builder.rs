@@ -192,23 +192,6 @@ impl<'a> MetricsBuilder<'a> {
         }
     }
 
-    fn resource(&self, owner: Owner, identity: &Identity) -> Resource {
-        let mut attributes = vec![string_attr("host.name", self.host_name)];
-        if let Owner::Cgroup(id) = owner {
-            attributes.push(int_attr("podscope.cgroup.id", id as i64));
-            if let Some(path) = &identity.path {
-                attributes.push(string_attr("podscope.cgroup.path", path));
-                if let Some(container) = container_id(path) {
-                    attributes.push(string_attr("container.id", &container));
-                }
-            }
-        }
-        Resource {
-            attributes,
-            ..Default::default()
-        }
-    }
-
     /// The resources of the owners `identify` names (the others' points are left out), every
     /// point that has no start time yet given its owner's.
     pub fn finish(self, identify: impl Fn(Owner) -> Option<Identity>) -> Vec<ResourceMetrics> {
@@ -227,7 +210,7 @@ impl<'a> MetricsBuilder<'a> {
                 set_missing_start(metric, identity.start_ns);
             }
             out.push(ResourceMetrics {
-                resource: Some(self.resource(*owner, &identity)),
+                resource: Some(resource(self.host_name, *owner, identity.path.as_deref())),
                 scope_metrics: vec![ScopeMetrics {
                     scope: Some(scope.clone()),
                     metrics,
@@ -257,5 +240,24 @@ fn set_missing_start(metric: &mut Metric, start_ns: u64) {
             .iter_mut()
             .for_each(|p| fill(&mut p.start_time_unix_nano)),
         _ => {}
+    }
+}
+
+/// The resource of an owner's data (metrics, and a cgroup's profiles alike): `host.name`, and
+/// for a cgroup its id, its path (when known) and the container id the path names.
+pub fn resource(host_name: &str, owner: Owner, path: Option<&str>) -> Resource {
+    let mut attributes = vec![string_attr("host.name", host_name)];
+    if let Owner::Cgroup(id) = owner {
+        attributes.push(int_attr("podscope.cgroup.id", id as i64));
+        if let Some(path) = path {
+            attributes.push(string_attr("podscope.cgroup.path", path));
+            if let Some(container) = container_id(path) {
+                attributes.push(string_attr("container.id", &container));
+            }
+        }
+    }
+    Resource {
+        attributes,
+        ..Default::default()
     }
 }

@@ -29,7 +29,8 @@ pub struct Collector {
     pub removed: Option<RemovedCgroups>,
     /// Cgroups whose data the last collection held back (created after its walk).
     pub held: HashSet<u64>,
-    pub next: Arc<dyn Consumer>,
+    /// The metrics pipelines; without them the collection still frees removed cgroups' entries.
+    pub next: Option<Arc<dyn Consumer>>,
     pub host_name: String,
     pub receiver: String,
     /// Pod changes in the cache `cgroup_filter.pods` selects through.
@@ -184,10 +185,10 @@ impl Collector {
         }
         self.account_kernel_maps();
 
-        if resource_metrics.is_empty() {
+        let Some(next) = self.next.as_ref().filter(|_| !resource_metrics.is_empty()) else {
             return;
-        }
-        if let Err(e) = self.next.consume(Batch::metrics(resource_metrics)).await {
+        };
+        if let Err(e) = next.consume(Batch::metrics(resource_metrics)).await {
             tracing::warn!(receiver = %self.receiver, error = %e, "pipeline refused this interval's data points");
         }
     }

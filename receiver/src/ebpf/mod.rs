@@ -47,7 +47,7 @@ pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, Probes
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
-    files::FilesProbeConfig, process::ProcessProbeConfig, syscalls::SyscallsProbeConfig,
+    files::FilesProbeConfig, process::ProcessProbeConfig, profiling, syscalls::SyscallsProbeConfig,
     tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
 };
 
@@ -59,8 +59,8 @@ use telemetry::EbpfTelemetry;
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "ebpf",
-    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup",
-    signals: &[Signal::Metrics],
+    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; stack profiles per cgroup (profiling)",
+    signals: &[Signal::Metrics, Signal::Profiles],
     create: create_receiver::<EbpfReceiverConfig>,
 };
 
@@ -121,7 +121,10 @@ struct Running {
 pub struct EbpfReceiver {
     config: EbpfReceiverConfig,
     ctx: BuildContext,
-    next: Arc<dyn Consumer>,
+    /// The metrics pipelines, if any list this receiver.
+    next: Option<Arc<dyn Consumer>>,
+    /// The profiles pipelines, if any list this receiver (profiles come from the profiling probe).
+    profiles: Option<Arc<dyn Consumer>>,
     processes: ProcessTable,
     running: tokio::sync::Mutex<Option<Running>>,
     /// Probes that could not attach, with why (for tests and status).
@@ -136,17 +139,24 @@ impl EbpfReceiver {
         ctx: BuildContext,
         next: ReceiverConsumers,
     ) -> anyhow::Result<Self> {
-        let next = next.metrics.ok_or_else(|| {
-            anyhow::anyhow!(
-                "receiver {}: produces metrics but is in no metrics pipeline",
+        if next.metrics.is_none() && next.profiles.is_none() {
+            anyhow::bail!(
+                "receiver {}: produces metrics (and profiles) but is in no metrics or profiles pipeline",
                 ctx.id
-            )
-        })?;
+            );
+        }
+        if next.profiles.is_some() && !config.probes.makes_profiles() {
+            anyhow::bail!(
+                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:)",
+                ctx.id
+            );
+        }
         let telemetry = EbpfTelemetry::register(&ctx.telemetry);
         Ok(EbpfReceiver {
             config,
             ctx,
-            next,
+            next: next.metrics,
+            profiles: next.profiles,
             processes: ProcessTable::default(),
             running: tokio::sync::Mutex::new(None),
             skipped: Mutex::new(Vec::new()),
@@ -249,6 +259,10 @@ impl Component for EbpfReceiver {
         } = self.load_probes(&filter)?;
         let cancel = CancellationToken::new();
         let start = StartContext {
+            profiles: self.profiles.clone(),
+            collection_interval: self.config.collection_interval,
+            host_name: self.ctx.host_name.clone(),
+            cgroup_root: root.clone(),
             processes: self.processes.clone(),
             // `container:` uprobes attach in new containers as their first process execs.
             new_containers: probes

@@ -33,6 +33,8 @@ pub trait ProbeKind {
     const SPEC: ProbeSpec;
     /// Every metric it emits (`docs/metrics.md` is generated from these).
     const METRICS: &'static [MetricDoc];
+    /// Whether it makes profiles (the receiver's profiles signal).
+    const MAKES_PROFILES: bool = false;
 
     /// Whether the settings turn the probe on.
     fn enabled(config: &Self::Config) -> bool;
@@ -149,6 +151,7 @@ pub trait SingleObjectProbe {
     /// Its object, programs and maps (the spec's name is the probe's).
     const SPEC: ProbeSpec;
     const METRICS: &'static [MetricDoc];
+    const MAKES_PROFILES: bool = false;
 
     fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
     fn open(config: &Self::Config, ctx: &mut LoadContext<'_>)
@@ -159,6 +162,7 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     type Config = K::Config;
     const SPEC: ProbeSpec = K::SPEC;
     const METRICS: &'static [MetricDoc] = K::METRICS;
+    const MAKES_PROFILES: bool = K::MAKES_PROFILES;
 
     fn enabled(config: &K::Config) -> bool {
         config.enabled()
@@ -258,6 +262,12 @@ impl MapSizes {
 
 /// What probes start their tasks with.
 pub struct StartContext {
+    /// Where profiles go: the receiver's profiles pipelines, if any.
+    pub profiles: Option<Arc<dyn podscope_core::Consumer>>,
+    pub collection_interval: std::time::Duration,
+    /// `host.name` and the cgroup2 mount, for the resources of what probes send themselves.
+    pub host_name: String,
+    pub cgroup_root: std::path::PathBuf,
     pub processes: ProcessTable,
     /// Told when a process starts in a cgroup not seen before, if a probe watches containers.
     pub new_containers: Option<Arc<Notify>>,
@@ -344,6 +354,11 @@ macro_rules! probe_table {
         }
 
         impl ProbesConfig {
+            /// Whether a probe that makes profiles is on.
+            pub fn makes_profiles(&self) -> bool {
+                false $(|| (<$kind as ProbeKind>::MAKES_PROFILES && self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled)))+
+            }
+
             /// Whether any probe is listed (on or off).
             pub fn any_listed(&self) -> bool {
                 false $(|| self.$name.as_ref().is_some_and(<$kind as ProbeKind>::listed))+
@@ -382,6 +397,8 @@ probe_table! {
     tcp: Tcp,
     /// User functions to count, with a captured argument or return value.
     uprobes: Uprobes,
+    /// On- and off-CPU stack profiles (a profiles pipeline takes them).
+    profiling: Profiling,
 }
 
 #[cfg(test)]
