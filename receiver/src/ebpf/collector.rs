@@ -132,6 +132,7 @@ impl Collector {
     fn account_kernel_maps(&mut self) {
         let mut memory = Vec::new();
         for probe in &mut self.probes {
+            memory.extend(probe.extra_map_memory());
             for object in probe.objects_mut() {
                 memory.extend(object.map_memory());
                 let name = object.probe();
