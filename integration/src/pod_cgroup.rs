@@ -125,6 +125,40 @@ impl PodCgroup {
         self.children.push(child);
         pid
     }
+
+    /// Forks a child that joins the cgroup, runs `work` and exits with its return value, which
+    /// this returns. `work` must only make raw syscalls: it runs between fork and exit of a
+    /// threaded process (no allocation, no locks), so what it does is exactly what it asks.
+    pub fn run(&self, work: impl FnOnce() -> i32) -> i32 {
+        let procs = std::ffi::CString::new(
+            self.leaf
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .expect("no NUL in a cgroup path");
+        // SAFETY: the child only calls async-signal-safe functions (open, write, close, what
+        // `work` does) before _exit.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(99);
+                }
+                libc::close(fd);
+                libc::_exit(work());
+            }
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+            assert!(
+                libc::WIFEXITED(status),
+                "child did not exit normally: {status}"
+            );
+            libc::WEXITSTATUS(status)
+        }
+    }
 }
 
 impl Drop for PodCgroup {

@@ -5,7 +5,8 @@
 
 use std::collections::BTreeSet;
 
-use kube::core::{Expression, Selector};
+use kube::core::Expression;
+pub use kube::core::Selector;
 
 /// Parses a label selector as `kubectl -l` and the API server's `labelSelector` take it:
 /// `k=v` (or `k==v`), `k!=v`, `k`, `!k`, `k in (v1,v2)`, `k notin (v1,v2)`, joined by commas.

@@ -23,6 +23,7 @@ mod filter;
 pub mod histogram;
 pub mod object;
 mod probes;
+pub mod programs;
 mod telemetry;
 
 use std::sync::{Arc, Mutex};
@@ -72,21 +73,39 @@ impl ReceiverBuilder for EbpfReceiverConfig {
     /// `cgroup_filter.pods` names the `k8s_metadata` extension whose pod cache it selects from
     /// (`extension`), or the `k8sattributes` processor whose extension that is (`processor`).
     fn references(&self) -> Vec<podscope_core::ComponentReference> {
+        let mut references = Vec::new();
         let source = self.cgroup_filter.pods.as_ref().map(|pods| pods.source());
-        let (field, kind, id) = match source {
+        match source {
             Some(Ok(config::PodSource::Extension(id))) => {
-                ("extension", podscope_core::ComponentKind::Extension, id)
+                references.push(podscope_core::ComponentReference {
+                    field: "cgroup_filter.pods.extension".to_string(),
+                    kind: podscope_core::ComponentKind::Extension,
+                    id,
+                })
             }
             Some(Ok(config::PodSource::Processor(id))) => {
-                ("processor", podscope_core::ComponentKind::Processor, id)
+                references.push(podscope_core::ComponentReference {
+                    field: "cgroup_filter.pods.processor".to_string(),
+                    kind: podscope_core::ComponentKind::Processor,
+                    id,
+                })
             }
-            _ => return Vec::new(),
-        };
-        vec![podscope_core::ComponentReference {
-            field: format!("cgroup_filter.pods.{field}"),
-            kind,
-            id,
-        }]
+            _ => {}
+        }
+        // User programs: their EbpfProgram objects and pod selections.
+        if let Some(Ok(id)) = self
+            .user_programs
+            .extension
+            .as_deref()
+            .map(podscope_core::ComponentId::parse)
+        {
+            references.push(podscope_core::ComponentReference {
+                field: "user_programs.extension".to_string(),
+                kind: podscope_core::ComponentKind::Extension,
+                id,
+            });
+        }
+        references
     }
 }
 
@@ -106,6 +125,8 @@ pub struct EbpfReceiver {
     skipped: Mutex<Vec<ProbeError>>,
     telemetry: EbpfTelemetry,
     map_memory: Arc<Mutex<Vec<MapMemory>>>,
+    /// Users' programs running in this receiver.
+    programs: programs::ProgramSet,
 }
 
 impl EbpfReceiver {
@@ -130,6 +151,7 @@ impl EbpfReceiver {
             skipped: Mutex::new(Vec::new()),
             telemetry,
             map_memory: Arc::default(),
+            programs: programs::ProgramSet::default(),
         })
     }
 
@@ -140,6 +162,11 @@ impl EbpfReceiver {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Users' programs and their status.
+    pub fn programs(&self) -> programs::ProgramSet {
+        self.programs.clone()
     }
 
     /// pid → process, from the process probe's event stream.
@@ -171,12 +198,15 @@ impl EbpfReceiver {
         Ok(())
     }
 
-    fn load_probes(&self, filter: &CgroupFilter) -> anyhow::Result<Vec<Box<dyn Probe>>> {
-        let features = KernelFeatures::detect(&self.config.btf_path);
+    fn load_probes(
+        &self,
+        filter: &CgroupFilter,
+        features: &KernelFeatures,
+    ) -> anyhow::Result<Vec<Box<dyn Probe>>> {
         let receiver = self.ctx.id.to_string();
         let mut ctx = LoadContext {
             receiver: &receiver,
-            features: &features,
+            features,
             telemetry: &self.telemetry,
             common: vec![
                 Global::U32("agent_tgid", std::process::id()),
@@ -208,7 +238,21 @@ impl Component for EbpfReceiver {
             &self.config.cgroup_filter,
             PodSelection::resolve(&self.config.cgroup_filter, &self.ctx)?,
         );
-        let mut probes = self.load_probes(&filter)?;
+        let features = KernelFeatures::detect(&self.config.btf_path);
+        let mut probes = self.load_probes(&filter, &features)?;
+        if !self.config.programs.is_empty() || self.config.user_programs.extension.is_some() {
+            programs::load_local(
+                &self.ctx.id.to_string(),
+                &self.config.programs,
+                &self.programs,
+                &self.config.user_programs.limits,
+                features.btf.as_ref(),
+            );
+            probes.push(Box::new(programs::ProgramsProbe {
+                set: self.programs.clone(),
+                overflow: self.telemetry.program_overflow.clone(),
+            }));
+        }
         let cancel = CancellationToken::new();
         let start = StartContext {
             processes: self.processes.clone(),

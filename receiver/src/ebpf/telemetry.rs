@@ -33,6 +33,8 @@ pub struct EbpfTelemetry {
     pub map_memory_total: Gauge,
     /// Inserts the kernel refused (map full, or no memory for a new entry).
     pub map_full: Family<MapLabels, Counter>,
+    /// Label sets of user programs' metrics refused by `maxSeries`.
+    pub program_overflow: Family<super::programs::SeriesLabels, Counter>,
 }
 
 impl EbpfTelemetry {
@@ -45,6 +47,7 @@ impl EbpfTelemetry {
             map_memory: Family::default(),
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
+            program_overflow: Family::default(),
         };
         telemetry.register(
             "ebpf_ringbuf_events",
@@ -80,6 +83,11 @@ impl EbpfTelemetry {
             "ebpf_map_full",
             "Inserts into an eBPF map that the kernel refused (map full or out of memory): data lost in the kernel",
             t.map_full.clone(),
+        );
+        telemetry.register(
+            "ebpf_program_series_overflow",
+            "Label sets of a user program's metric not exported because the metric reached its maxSeries",
+            t.program_overflow.clone(),
         );
         t
     }

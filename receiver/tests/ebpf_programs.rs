@@ -1,0 +1,487 @@
+//! Users' own eBPF programs (`receivers.ebpf.programs`) against real kernel activity (root only;
+//! CI runs as root). Each program is C compiled here with clang, as a user would build it; a
+//! forked child in a kubelet-style pod cgroup does exactly known work with raw syscalls, and the
+//! metrics the spec names are asserted with exact values.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric, ResourceMetrics};
+use podscope_core::config::parse_component_config;
+use podscope_core::{
+    Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
+};
+use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_receiver::ebpf::programs::Phase;
+use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
+
+/// Compiles `source` as a user would (`clang -g -O2 -target bpf`), into `dir`.
+pub fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let clang = ["clang-19", "clang-18", "clang-17", "clang-16", "clang"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .expect("clang (scripts/install-deps.sh installs clang-19)");
+    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf/include/x86_64");
+    let c = dir.join(format!("{name}.bpf.c"));
+    let object = dir.join(format!("{name}.bpf.o"));
+    std::fs::write(&c, source).unwrap();
+    let output = Command::new(clang)
+        .args([
+            "-g",
+            "-O2",
+            "-target",
+            "bpf",
+            "-D__TARGET_ARCH_x86",
+            "-Wall",
+            "-I",
+        ])
+        .arg(&include)
+        .arg("-c")
+        .arg(&c)
+        .arg("-o")
+        .arg(&object)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "clang: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    object
+}
+
+const PREAMBLE: &str = r#"
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+"#;
+
+/// getppid calls per cgroup, on the classic tracepoint; the syscall is a global set by the spec.
+const CGROUP_COUNTER: &str = r#"
+const volatile __u32 only_tgid = 0;
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1024);
+    __type(key, __u64);
+    __type(value, __u64);
+} calls SEC(".maps");
+
+SEC("tracepoint/syscalls/sys_enter_getppid")
+int count_getppid(void *ctx)
+{
+    __u64 cgroup = bpf_get_current_cgroup_id();
+    __u64 one = 1, *count = bpf_map_lookup_elem(&calls, &cgroup);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        bpf_map_update_elem(&calls, &cgroup, &one, BPF_NOEXIST);
+    return 0;
+}
+"#;
+
+/// getppid calls per cgroup and command name (a struct key with a string field), from the
+/// raw tracepoint, in a per-CPU hash.
+const COMM_COUNTER: &str = r#"
+const volatile long syscall_nr = -1;
+struct comm_key {
+    __u64 cgroup_id;
+    char comm[16];
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+    __uint(max_entries, 1024);
+    __type(key, struct comm_key);
+    __type(value, __u64);
+} by_comm SEC(".maps");
+
+SEC("raw_tp/sys_enter")
+int count_by_comm(void *ctx)
+{
+    /* raw_tp/sys_enter: args[0] the registers, args[1] the syscall number */
+    if (((long *)ctx)[1] != syscall_nr)
+        return 0;
+    struct comm_key key = { .cgroup_id = bpf_get_current_cgroup_id() };
+    bpf_get_current_comm(&key.comm, sizeof(key.comm));
+    __u64 one = 1, *count = bpf_map_lookup_elem(&by_comm, &key);
+    if (count)
+        *count += 1;
+    else
+        bpf_map_update_elem(&by_comm, &key, &one, BPF_NOEXIST);
+    return 0;
+}
+"#;
+
+/// write(999, …) sizes as an exp2 histogram per cgroup (bucket k: (2^(k-1), 2^k]), on tp_btf.
+const WRITE_SIZES: &str = r#"
+struct size_key {
+    __u64 cgroup_id;
+    __u32 bucket;
+    __u32 pad;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 4096);
+    __type(key, struct size_key);
+    __type(value, __u64);
+} write_sizes SEC(".maps");
+
+static __always_inline __u32 exp2_bucket(__u64 v)
+{
+    __u32 k = 0;
+    if (v <= 1)
+        return 0;
+    v -= 1;
+    while (v && k < 64) {
+        v >>= 1;
+        k++;
+    }
+    return k;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(on_write, struct pt_regs *regs, long id)
+{
+    if (id != 1 || regs->di != 999)
+        return 0;
+    struct size_key key = { .cgroup_id = bpf_get_current_cgroup_id(), .bucket = exp2_bucket(regs->dx) };
+    __u64 one = 1, *count = bpf_map_lookup_elem(&write_sizes, &key);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+    else
+        bpf_map_update_elem(&write_sizes, &key, &one, BPF_NOEXIST);
+    return 0;
+}
+"#;
+
+#[derive(Default)]
+struct Collected(Mutex<Vec<Batch>>);
+
+#[async_trait]
+impl Consumer for Collected {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        self.0.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
+impl Collected {
+    fn last(&self) -> Vec<ResourceMetrics> {
+        match self.0.lock().unwrap().last() {
+            Some(Batch::Metrics(rms)) => rms.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+async fn start(config: serde_json::Value) -> (EbpfReceiver, Arc<Collected>) {
+    let config: EbpfReceiverConfig = parse_component_config(config).unwrap();
+    let collected = Arc::new(Collected::default());
+    let receiver = EbpfReceiver::new(
+        config,
+        BuildContext::for_tests("ebpf"),
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    (receiver, collected)
+}
+
+/// The metrics of the resource of cgroup `id`.
+fn metrics_of(rms: &[ResourceMetrics], id: u64) -> Vec<Metric> {
+    rms.iter()
+        .filter(|rm| {
+            rm.resource.as_ref().is_some_and(|r| {
+                r.attributes.iter().any(|a| {
+                    a.key == "podscope.cgroup.id"
+                        && matches!(a.value.as_ref().and_then(|v| v.value.as_ref()), Some(any_value::Value::IntValue(i)) if *i as u64 == id)
+                })
+            })
+        })
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.clone()))
+        .collect()
+}
+
+/// Counter points of `name` as `k=v,…` → value.
+fn counter(metrics: &[Metric], name: &str) -> BTreeMap<String, i64> {
+    let mut out = BTreeMap::new();
+    for m in metrics.iter().filter(|m| m.name == name) {
+        if let Some(metric::Data::Sum(sum)) = &m.data {
+            for p in &sum.data_points {
+                let labels: Vec<String> = p
+                    .attributes
+                    .iter()
+                    .map(|a| match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(any_value::Value::StringValue(s)) => format!("{}={s}", a.key),
+                        other => format!("{}={other:?}", a.key),
+                    })
+                    .collect();
+                let value = match p.value {
+                    Some(number_data_point::Value::AsInt(i)) => i,
+                    _ => -1,
+                };
+                out.insert(labels.join(","), value);
+            }
+        }
+    }
+    out
+}
+
+const GETPPID: libc::c_long = libc::SYS_getppid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_cgroup_tracepoint_counter_and_a_struct_key_with_a_string_count_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter_object = compile(
+        dir.path(),
+        "counter",
+        &format!("{PREAMBLE}{CGROUP_COUNTER}"),
+    );
+    let comm_object = compile(dir.path(), "comm", &format!("{PREAMBLE}{COMM_COUNTER}"));
+    let (uid, container) = unique_ids();
+    let pod = PodCgroup::new(&uid, &container);
+    let (receiver, collected) = start(serde_json::json!({
+        "collection_interval": "1h",
+        "programs": {
+            "getppid": {
+                "object": {"file": counter_object},
+                "metrics": {"counters": [{
+                    "name": "test.getppid.calls", "unit": "{call}", "map": "calls",
+                    "labels": [{"decoder": "cgroup"}],
+                }]},
+            },
+            "by-comm": {
+                "object": {"file": comm_object},
+                "globals": {"syscall_nr": GETPPID},
+                "metrics": {"counters": [{
+                    "name": "test.calls.by_comm", "map": "by_comm",
+                    "labels": [
+                        {"field": "cgroup_id", "decoder": "cgroup"},
+                        {"name": "process.command", "field": "comm", "decoder": "string"},
+                    ],
+                }]},
+            },
+        },
+    }))
+    .await;
+    let statuses = receiver.programs().statuses();
+    for (name, status) in &statuses {
+        assert_eq!(status.phase, Phase::Loaded, "{name}: {}", status.message);
+    }
+    assert_eq!(
+        statuses["getppid"].attached,
+        ["tracepoint/syscalls/sys_enter_getppid (count_getppid)"]
+    );
+
+    let exit = pod.run(|| {
+        // SAFETY: prctl and getppid with valid arguments; raw syscalls only (see `run`).
+        unsafe {
+            libc::prctl(libc::PR_SET_NAME, c"podscope-t1".as_ptr());
+            for _ in 0..37 {
+                libc::syscall(GETPPID);
+            }
+        }
+        0
+    });
+    assert_eq!(exit, 0);
+    receiver.collect_now().await.unwrap();
+    let metrics = metrics_of(&collected.last(), pod.id());
+    assert_eq!(
+        counter(&metrics, "test.getppid.calls"),
+        BTreeMap::from([(String::new(), 37)])
+    );
+    assert_eq!(
+        counter(&metrics, "test.calls.by_comm"),
+        BTreeMap::from([("process.command=podscope-t1".to_string(), 37)])
+    );
+    let unit = metrics
+        .iter()
+        .find(|m| m.name == "test.getppid.calls")
+        .unwrap()
+        .unit
+        .clone();
+    assert_eq!(unit, "{call}");
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exp2_histogram_map_becomes_an_exponential_histogram() {
+    let dir = tempfile::tempdir().unwrap();
+    let object = compile(dir.path(), "sizes", &format!("{PREAMBLE}{WRITE_SIZES}"));
+    let (uid, container) = unique_ids();
+    let pod = PodCgroup::new(&uid, &container);
+    let (receiver, collected) = start(serde_json::json!({
+        "collection_interval": "1h",
+        "programs": {"sizes": {
+            "object": {"file": object},
+            "metrics": {"histograms": [{
+                "name": "test.write.size", "unit": "By", "map": "write_sizes",
+                "bucketType": "exp2", "bucketField": "bucket",
+                "labels": [{"field": "cgroup_id", "decoder": "cgroup"}],
+            }]},
+        }},
+    }))
+    .await;
+    let status = &receiver.programs().statuses()["sizes"];
+    assert_eq!(status.phase, Phase::Loaded, "{}", status.message);
+    pod.run(|| {
+        let buffer = [0u8; 2048];
+        for size in [1usize, 2, 3, 4, 5, 1000, 1024, 1025] {
+            // SAFETY: write(2) on a closed descriptor (EBADF) from a valid buffer.
+            unsafe { libc::syscall(libc::SYS_write, 999, buffer.as_ptr(), size) };
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let metrics = metrics_of(&collected.last(), pod.id());
+    let histogram = metrics
+        .iter()
+        .find(|m| m.name == "test.write.size")
+        .expect("the histogram");
+    let Some(metric::Data::ExponentialHistogram(h)) = &histogram.data else {
+        panic!("not an exponential histogram: {histogram:?}");
+    };
+    let point = &h.data_points[0];
+    assert_eq!((point.count, point.scale, point.zero_count), (8, 0, 0));
+    let buckets = point.positive.as_ref().unwrap();
+    // OTLP scale 0, index i = (2^i, 2^(i+1)]: 1 → -1, 2 → 0, 3 and 4 → 1, 5 → 2, 1000 and
+    // 1024 → 9, 1025 → 10.
+    assert_eq!(buckets.offset, -1);
+    assert_eq!(
+        buckets.bucket_counts,
+        vec![1, 1, 2, 1, 0, 0, 0, 0, 0, 0, 2, 1]
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_programs_fail_alone_with_the_reason_while_a_good_one_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = compile(dir.path(), "good", &format!("{PREAMBLE}{CGROUP_COUNTER}"));
+    let garbage = dir.path().join("garbage.bpf.o");
+    std::fs::write(&garbage, b"this is not an ELF object, just bytes").unwrap();
+    let unknown = compile(
+        dir.path(),
+        "unknown",
+        &format!("{PREAMBLE}SEC(\"bogus/section\") int nothing(void *ctx) {{ return 0; }}\n"),
+    );
+    // Reads a map value without checking it for NULL: the verifier refuses.
+    let rejected = compile(
+        dir.path(),
+        "rejected",
+        &format!(
+            "{PREAMBLE}{}",
+            r#"
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 16);
+    __type(key, __u64);
+    __type(value, __u64);
+} calls SEC(".maps");
+SEC("tracepoint/syscalls/sys_enter_getppid")
+int unchecked(void *ctx)
+{
+    __u64 key = 0;
+    __u64 *count = bpf_map_lookup_elem(&calls, &key);
+    *count += 1;
+    return 0;
+}
+"#
+        ),
+    );
+    let spec = |object: &Path| {
+        serde_json::json!({
+            "object": {"file": object},
+            "metrics": {"counters": [{"name": "test.calls", "map": "calls", "labels": [{"decoder": "cgroup"}]}]},
+        })
+    };
+    let (uid, container) = unique_ids();
+    let pod = PodCgroup::new(&uid, &container);
+    let (receiver, collected) = start(serde_json::json!({
+        "collection_interval": "1h",
+        "probes": {"sched": {}},
+        "programs": {
+            "good": spec(&good),
+            "garbage": spec(&garbage),
+            "unknown": spec(&unknown),
+            "rejected": spec(&rejected),
+        },
+    }))
+    .await;
+    let statuses = receiver.programs().statuses();
+    assert_eq!(
+        statuses["good"].phase,
+        Phase::Loaded,
+        "{}",
+        statuses["good"].message
+    );
+    for (name, reason) in [
+        ("garbage", "not an ELF object"),
+        (
+            "unknown",
+            "program nothing: unknown section \"bogus/section\"",
+        ),
+        ("rejected", "the verifier rejected it"),
+    ] {
+        let status = &statuses[name];
+        assert_eq!(status.phase, Phase::Failed, "{name}");
+        assert!(
+            status.message.contains(reason),
+            "{name}: {}",
+            status.message
+        );
+        assert!(status.attached.is_empty());
+    }
+    // The verifier's own words, trimmed to its last lines.
+    let verifier = &statuses["rejected"].message;
+    assert!(
+        verifier.contains("invalid mem access 'map_value_or_null'"),
+        "{verifier}"
+    );
+    assert!(verifier.len() < 2048, "{} bytes", verifier.len());
+    assert_eq!(receiver.programs().loaded(), ["good"]);
+
+    pod.run(|| {
+        for _ in 0..11 {
+            // SAFETY: getppid has no arguments.
+            unsafe { libc::syscall(GETPPID) };
+        }
+        0
+    });
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    let metrics = metrics_of(&rms, pod.id());
+    assert_eq!(
+        counter(&metrics, "test.calls"),
+        BTreeMap::from([(String::new(), 11)])
+    );
+    // The built-in probe beside them still runs.
+    assert!(
+        rms.iter()
+            .flat_map(|rm| &rm.scope_metrics)
+            .flat_map(|s| &s.metrics)
+            .any(|m| m.name == "podscope.sched.context_switches"),
+        "the sched probe still reports"
+    );
+    // Its maps are in the kernel budget.
+    let memory = receiver.map_memory();
+    assert!(
+        memory
+            .iter()
+            .any(|m| m.probe == "programs" && m.map == "good/calls" && m.bytes > 0),
+        "{memory:?}"
+    );
+    receiver.shutdown().await.unwrap();
+}
