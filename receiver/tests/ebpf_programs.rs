@@ -4,8 +4,7 @@
 //! metrics the spec names are asserted with exact values.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -15,56 +14,10 @@ use podscope_core::config::parse_component_config;
 use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
+use podscope_integration::bpf::{compile, PREAMBLE};
 use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_receiver::ebpf::programs::Phase;
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-
-/// Compiles `source` as a user would (`clang -g -O2 -target bpf`), into `dir`.
-pub fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
-    let clang = ["clang-19", "clang-18", "clang-17", "clang-16", "clang"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("clang (scripts/install-deps.sh installs clang-19)");
-    let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf/include/x86_64");
-    let c = dir.join(format!("{name}.bpf.c"));
-    let object = dir.join(format!("{name}.bpf.o"));
-    std::fs::write(&c, source).unwrap();
-    let output = Command::new(clang)
-        .args([
-            "-g",
-            "-O2",
-            "-target",
-            "bpf",
-            "-D__TARGET_ARCH_x86",
-            "-Wall",
-            "-I",
-        ])
-        .arg(&include)
-        .arg("-c")
-        .arg(&c)
-        .arg("-o")
-        .arg(&object)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "clang: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    object
-}
-
-const PREAMBLE: &str = r#"
-#include "vmlinux.h"
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_tracing.h>
-char LICENSE[] SEC("license") = "Dual BSD/GPL";
-"#;
 
 /// getppid calls per cgroup, on the classic tracepoint; the syscall is a global set by the spec.
 const CGROUP_COUNTER: &str = r#"

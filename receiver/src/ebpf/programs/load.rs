@@ -221,6 +221,7 @@ pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, String> {
                 map_type: map.map_type(),
                 key_size: map.key_size() as usize,
                 value_size: map.value_size() as usize,
+                max_entries: map.max_entries(),
                 key_type,
                 value_type,
             }

@@ -26,6 +26,7 @@ pub struct MapLayout {
     pub map_type: u32,
     pub key_size: usize,
     pub value_size: usize,
+    pub max_entries: u32,
     /// BTF type ids of key and value (absent for maps declared without BTF).
     pub key_type: Option<TypeId>,
     pub value_type: Option<TypeId>,

@@ -3,7 +3,8 @@
 //! section names, its maps read at each collection into the metrics its spec names, with key
 //! and value layouts from the object's BTF. See `docs/programs.md`.
 //!
-//! Modules: `spec` (the spec, shared by local programs and `EbpfProgram` objects), `btf` (the
+//! Modules: `spec` (the spec, shared by local programs and `EbpfProgram` objects), `check`
+//! (`podscope program check`), `btf` (the
 //! object's type information), `load` (checks, limits, loading and attaching), `maps` (maps read
 //! as bytes), `decode` (label decoders), `metrics` (maps into OTLP data points), `set` (the
 //! running programs and their status, read by the collection task as one probe).
@@ -12,6 +13,7 @@
 //! message naming what is wrong; the agent, the built-in probes and other programs go on.
 
 mod btf;
+mod check;
 mod decode;
 mod load;
 mod maps;
@@ -24,6 +26,7 @@ use std::collections::BTreeMap;
 use podscope_core::FieldError;
 use serde::Deserialize;
 
+pub use check::check;
 pub use load::{
     inspect, load, sha256_hex, Limits, LoadSettings, LoadedProgram, ObjectInfo, POD_FILTER_MAP,
     PROGRAM_TYPES,
