@@ -132,7 +132,11 @@ impl ComponentConfig for EbpfReceiverConfig {
                 "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes (or a user program)",
             ));
         }
-        super::programs::validate_local(&self.programs, &mut errors);
+        super::programs::validate_local(
+            &self.programs,
+            self.user_programs.extension.is_some(),
+            &mut errors,
+        );
         self.user_programs.validate(&mut errors);
         self.probes.validate(&mut errors);
         for (i, glob) in self.cgroup_filter.include.iter().enumerate() {

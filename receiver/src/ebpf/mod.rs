@@ -198,6 +198,41 @@ impl EbpfReceiver {
         Ok(())
     }
 
+    /// The task keeping users' programs in step with the cluster and their pod filters with
+    /// the pods, when `user_programs.extension` names a `k8s_metadata` extension.
+    async fn program_sync(
+        &self,
+        features: &KernelFeatures,
+        cgroup_root: &std::path::Path,
+    ) -> anyhow::Result<Option<programs::ProgramSync>> {
+        let Some(extension) = &self.config.user_programs.extension else {
+            return Ok(None);
+        };
+        let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
+        let metadata = self
+            .ctx
+            .extensions
+            .get::<podscope_k8s::K8sMetadata>(&id)
+            .map_err(|e| {
+                anyhow::anyhow!("receiver {}: user_programs.extension: {e}", self.ctx.id)
+            })?;
+        let cluster = metadata.cluster_programs().await;
+        if cluster.is_none() {
+            tracing::info!(receiver = %self.ctx.id, extension = %id, "no Kubernetes API server: local programs only");
+        }
+        Ok(Some(programs::ProgramSync {
+            receiver: self.ctx.id.to_string(),
+            set: self.programs.clone(),
+            limits: self.config.user_programs.limits.clone(),
+            kernel_btf: features.btf.clone(),
+            cluster,
+            metadata,
+            index: CgroupIndex::new(cgroup_root.to_path_buf()),
+            local: self.config.programs.clone(),
+            applied: Default::default(),
+        }))
+    }
+
     fn load_probes(
         &self,
         filter: &CgroupFilter,
@@ -265,6 +300,10 @@ impl Component for EbpfReceiver {
         let mut tasks = Vec::new();
         for probe in &mut probes {
             tasks.extend(probe.spawn(&start, &cancel)?);
+        }
+
+        if let Some(sync) = self.program_sync(&features, &root).await? {
+            tasks.push(tokio::spawn(sync.run(cancel.clone())));
         }
 
         let (collect_now, requests) = mpsc::channel(4);

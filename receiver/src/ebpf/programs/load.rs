@@ -311,7 +311,7 @@ pub fn check(
 ) -> Result<(ObjectInfo, Vec<CompiledMetric>), String> {
     if bytes.len() as u64 > limits.max_object_bytes {
         return Err(format!(
-            "the object is {} bytes, over the limit of {} (user_programs.max_object_bytes)",
+            "the object is {} bytes, over the limit of {} (user_programs.limits.max_object_bytes)",
             bytes.len(),
             limits.max_object_bytes
         ));
@@ -329,7 +329,7 @@ pub fn check(
         if let Ok(kind) = &p.kind {
             if !limits.allowed_types.iter().any(|t| t == kind.type_name()) {
                 return Err(format!(
-                    "program {} ({}): {} programs are not allowed here (user_programs.allowed_types: {})",
+                    "program {} ({}): {} programs are not allowed here (user_programs.limits.allowed_types: {})",
                     p.function,
                     p.section,
                     kind.type_name(),
@@ -405,7 +405,7 @@ pub fn load(
         .saturating_sub(settings.map_memory_in_use);
     if memory > available {
         return Err(format!(
-            "its maps take {memory} bytes of kernel memory; user programs may hold {} bytes together (user_programs.max_map_memory_bytes) and others hold {} already",
+            "its maps take {memory} bytes of kernel memory; user programs may hold {} bytes together (user_programs.limits.max_map_memory_bytes) and others hold {} already",
             settings.limits.max_map_memory_bytes, settings.map_memory_in_use
         ));
     }

@@ -20,6 +20,7 @@ mod maps;
 mod metrics;
 mod set;
 pub mod spec;
+mod sync;
 
 use std::collections::BTreeMap;
 
@@ -33,6 +34,7 @@ pub use load::{
 };
 pub use set::{Phase, ProgramSet, ProgramStatus, ProgramsProbe, SeriesLabels};
 pub use spec::ProgramSpec;
+pub use sync::ProgramSync;
 
 /// `user_programs:` — where programs come from besides `programs:`, and the agent's limits.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -67,10 +69,21 @@ impl UserProgramsConfig {
     }
 }
 
-/// `programs:` entries checked without their objects.
-pub fn validate_local(programs: &BTreeMap<String, ProgramSpec>, errors: &mut Vec<FieldError>) {
+/// `programs:` entries checked without their objects; `pods` says whether an extension gives
+/// pod selectors their pods.
+pub fn validate_local(
+    programs: &BTreeMap<String, ProgramSpec>,
+    pods: bool,
+    errors: &mut Vec<FieldError>,
+) {
     for (name, spec) in programs {
         spec.validate(&format!("programs.{name}"), errors);
+        if !pods && (spec.pod_selector.is_some() || spec.namespace_selector.is_some()) {
+            errors.push(FieldError::new(
+                format!("programs.{name}.podSelector"),
+                "pod selection needs user_programs.extension (the k8s_metadata extension whose pod cache it reads)",
+            ));
+        }
         if spec.object.config_map.is_some() {
             errors.push(FieldError::new(
                 format!("programs.{name}.object.configMap"),
@@ -86,8 +99,8 @@ pub fn validate_local(programs: &BTreeMap<String, ProgramSpec>, errors: &mut Vec
     }
 }
 
-/// The object bytes of a local program (a file, or inline base64).
-pub fn local_object(spec: &ProgramSpec, limits: &Limits) -> Result<Vec<u8>, String> {
+/// The object bytes of a program given as a file (on this node) or inline base64.
+pub fn object_bytes(spec: &ProgramSpec, limits: &Limits) -> Result<Vec<u8>, String> {
     if let Some(path) = &spec.object.file {
         return load::read_file(path, limits);
     }
@@ -98,7 +111,7 @@ pub fn local_object(spec: &ProgramSpec, limits: &Limits) -> Result<Vec<u8>, Stri
             .decode(cleaned)
             .map_err(|e| format!("object.base64: {e}"));
     }
-    Err("object: a local program's object is a file or base64".to_string())
+    Err("object: neither a file nor base64".to_string())
 }
 
 /// Loads every local program into `set` (each fails alone, with a log line).
@@ -111,7 +124,7 @@ pub fn load_local(
 ) {
     for (name, spec) in programs {
         let result = kernel_btf.map_err(Clone::clone).and_then(|btf| {
-            let bytes = local_object(spec, limits)?;
+            let bytes = object_bytes(spec, limits)?;
             load(
                 name,
                 spec,
