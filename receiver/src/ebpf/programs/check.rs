@@ -113,9 +113,22 @@ pub async fn check(
         );
         return Ok(out);
     }
+    let mut index = CgroupIndex::new(cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()));
+    index.refresh();
+    // No pod cache here: a program's pod filter gets every cgroup, so it counts what it would
+    // for the pods it selects.
+    if let Some(pods) = &program.pods {
+        for (id, _) in index.iter() {
+            let _ = pods.insert(&id.to_ne_bytes(), &[1]);
+        }
+        let _ = writeln!(
+            out,
+            "pod filter map {}: every cgroup of this machine",
+            super::POD_FILTER_MAP
+        );
+    }
     tokio::time::sleep(wait).await;
     program.run_iterators().map_err(|e| (out.clone(), e))?;
-    let mut index = CgroupIndex::new(cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into()));
     index.refresh();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let mut builder = MetricsBuilder::new(host.trim(), &index, program.loaded_ns, unix_nanos());
