@@ -438,3 +438,311 @@ int unchecked(void *ctx)
     );
     receiver.shutdown().await.unwrap();
 }
+
+/// The function the uprobe test program watches. `no_mangle` keeps its name in the symbol table.
+#[no_mangle]
+#[inline(never)]
+pub extern "C" fn podscope_test_probed_function(x: u64) -> u64 {
+    std::hint::black_box(x).wrapping_mul(3)
+}
+
+/// A uprobe and a uretprobe counting into an array (index 0 entries, 1 returns), the uprobe's
+/// argument bucketed linearly (width 10, 5 buckets) into a second array, perf_event samples
+/// in a per-CPU array, and a task iterator counting the tasks of one process (a global) each
+/// time it runs.
+const OTHER_KINDS: &str = r#"
+const volatile __u32 target_tgid = 0;
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, __u64);
+} calls SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 5);
+    __type(key, __u32);
+    __type(value, __u64);
+} arg_buckets SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} samples SEC(".maps");
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} tasks_seen SEC(".maps");
+
+static __always_inline void add(void *map, __u32 index)
+{
+    __u64 *count = bpf_map_lookup_elem(map, &index);
+    if (count)
+        __sync_fetch_and_add(count, 1);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(on_entry, __u64 x)
+{
+    add(&calls, 0);
+    __u32 k = x == 0 ? 0 : (__u32)((x + 9) / 10);
+    add(&arg_buckets, k > 4 ? 4 : k);
+    return 0;
+}
+
+SEC("uretprobe")
+int on_return(void *ctx)
+{
+    add(&calls, 1);
+    return 0;
+}
+
+SEC("perf_event")
+int on_sample(void *ctx)
+{
+    __u32 zero = 0;
+    __u64 *count = bpf_map_lookup_elem(&samples, &zero);
+    if (count)
+        *count += 1;
+    return 0;
+}
+
+SEC("iter/task")
+int count_tasks(struct bpf_iter__task *ctx)
+{
+    struct task_struct *task = ctx->task;
+    if (task && task->tgid == target_tgid)
+        add(&tasks_seen, 0);
+    return 0;
+}
+"#;
+
+/// Every data point of counter `name` in `rms` as `labels → value` (all resources).
+fn counter_everywhere(rms: &[ResourceMetrics], name: &str) -> BTreeMap<String, i64> {
+    let metrics: Vec<Metric> = rms
+        .iter()
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.clone()))
+        .collect();
+    counter(&metrics, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uprobes_perf_events_iterators_array_maps_and_linear_histograms() {
+    let dir = tempfile::tempdir().unwrap();
+    let object = compile(dir.path(), "kinds", &format!("{PREAMBLE}{OTHER_KINDS}"));
+    // One single-threaded process for the iterator to find, stopped when the test ends.
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sleeper = Kill(&mut sleeper);
+    let exe = std::env::current_exe().unwrap();
+    let ctx = BuildContext::for_tests("ebpf");
+    let telemetry = ctx.telemetry.clone();
+    let collected = Arc::new(Collected::default());
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "programs": {"kinds": {
+            "object": {"file": object},
+            "globals": {"target_tgid": sleeper.0.id()},
+            "attach": [
+                {"program": "on_entry", "binary": exe, "symbol": "podscope_test_probed_function"},
+                {"program": "on_return", "binary": exe, "symbol": "podscope_test_probed_function"},
+                {"program": "on_sample", "frequency": 997},
+            ],
+            "metrics": {
+                "counters": [
+                    {"name": "test.calls", "map": "calls",
+                     "labels": [{"name": "phase", "decoder": "static_map", "values": {"0": "entry", "1": "return"}}]},
+                    {"name": "test.calls.capped", "map": "calls", "maxSeries": 1,
+                     "labels": [{"name": "index", "decoder": "uint"}]},
+                    {"name": "test.samples", "map": "samples"},
+                    {"name": "test.tasks", "map": "tasks_seen"},
+                ],
+                "histograms": [
+                    {"name": "test.arg", "map": "arg_buckets", "bucketType": "linear",
+                     "bucketWidth": 10, "bucketCount": 5},
+                ],
+            },
+        }},
+    }))
+    .unwrap();
+    let receiver = EbpfReceiver::new(
+        config,
+        ctx,
+        ReceiverConsumers {
+            metrics: Some(collected.clone()),
+            traces: None,
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    let status = &receiver.programs().statuses()["kinds"];
+    assert_eq!(status.phase, Phase::Loaded, "{}", status.message);
+    assert_eq!(
+        status.attached,
+        [
+            "iter/task (count_tasks)",
+            "uprobe (on_entry)",
+            "uretprobe (on_return)",
+            "perf_event (on_sample)",
+        ]
+    );
+
+    for x in [5, 10, 15, 100, 0, 23, 7] {
+        std::hint::black_box(podscope_test_probed_function(std::hint::black_box(x)));
+    }
+    // CPU time for the sampler: a busy second at most, until a sample is seen.
+    let spin_until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < spin_until {
+        std::hint::black_box((0..10_000u64).sum::<u64>());
+    }
+    receiver.collect_now().await.unwrap();
+    let rms = collected.last();
+    assert_eq!(
+        counter_everywhere(&rms, "test.calls"),
+        BTreeMap::from([
+            ("phase=entry".to_string(), 7),
+            ("phase=return".to_string(), 7)
+        ])
+    );
+    // maxSeries 1: the first label set is kept, the other counted as overflow.
+    assert_eq!(counter_everywhere(&rms, "test.calls.capped").len(), 1);
+    let overflow = "podscope_ebpf_program_series_overflow_total{program=\"kinds\",metric=\"test.calls.capped\"}";
+    let text = telemetry.encode_text();
+    assert!(text.contains(&format!("{overflow} 1")), "{text}");
+    // The iterator ran once, at this collection, and saw the sleeper's one task.
+    assert_eq!(
+        counter_everywhere(&rms, "test.tasks"),
+        BTreeMap::from([(String::new(), 1)])
+    );
+    let samples = counter_everywhere(&rms, "test.samples")[""];
+    assert!(samples > 0, "perf_event samples per-CPU summed: {samples}");
+    let histogram = rms
+        .iter()
+        .flat_map(|rm| rm.scope_metrics.iter().flat_map(|s| s.metrics.clone()))
+        .find(|m| m.name == "test.arg")
+        .expect("the linear histogram");
+    let Some(metric::Data::Histogram(h)) = &histogram.data else {
+        panic!("not an explicit histogram: {histogram:?}");
+    };
+    let point = &h.data_points[0];
+    // Bounds 0, 10, 20, 30: 0 → ≤0; 5, 10, 7 → (0,10]; 15 → (10,20]; 23 → (20,30]; 100 → the rest.
+    assert_eq!(point.explicit_bounds, vec![0.0, 10.0, 20.0, 30.0]);
+    assert_eq!(point.bucket_counts, vec![1, 3, 1, 1, 1]);
+    assert_eq!(point.count, 7);
+
+    receiver.collect_now().await.unwrap();
+    assert_eq!(
+        counter_everywhere(&collected.last(), "test.tasks"),
+        BTreeMap::from([(String::new(), 2)]),
+        "the iterator runs at each collection"
+    );
+    receiver.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_limits_and_a_wrong_sha256_fail_a_program_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = compile(
+        dir.path(),
+        "counter",
+        &format!("{PREAMBLE}{CGROUP_COUNTER}"),
+    );
+    // 1 M preallocated entries of 16 bytes: far over a 1 MiB budget.
+    let big = compile(
+        dir.path(),
+        "big",
+        &format!(
+            "{PREAMBLE}{}",
+            r#"
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1048576);
+    __type(key, __u64);
+    __type(value, __u64);
+} calls SEC(".maps");
+SEC("tracepoint/syscalls/sys_enter_getppid")
+int big(void *ctx)
+{
+    __u64 key = 0, one = 1;
+    bpf_map_update_elem(&calls, &key, &one, BPF_ANY);
+    return 0;
+}
+"#
+        ),
+    );
+    let bytes = std::fs::read(&counter).unwrap();
+    let spec = |object: &Path| {
+        serde_json::json!({
+            "object": {"file": object},
+            "metrics": {"counters": [{"name": "test.calls", "map": "calls", "labels": [{"decoder": "cgroup"}]}]},
+        })
+    };
+    let mut wrong_sum = spec(&counter);
+    wrong_sum["sha256"] = "0".repeat(64).into();
+    let mut right_sum = spec(&counter);
+    right_sum["sha256"] = podscope_receiver::ebpf::programs::sha256_hex(&bytes).into();
+    let too_large = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(vec![0u8; bytes.len() + 4097])
+    };
+    let (receiver, _collected) = start(serde_json::json!({
+        "collection_interval": "1h",
+        "user_programs": {"limits": {
+            "allowed_types": ["tracepoint"],
+            "max_map_memory_bytes": 1048576,
+            "max_object_bytes": bytes.len() + 4096,
+        }},
+        "programs": {
+            "right-sum": right_sum,
+            "wrong-sum": wrong_sum,
+            "big-map": spec(&big),
+            "raw-tp": {
+                "object": {"file": compile(dir.path(), "comm", &format!("{PREAMBLE}{COMM_COUNTER}"))},
+                "metrics": {"counters": [{"name": "test.by_comm", "map": "by_comm"}]},
+            },
+            "too-large": {
+                "object": {"base64": too_large},
+                "metrics": {"counters": [{"name": "test.calls", "map": "calls"}]},
+            },
+        },
+    }))
+    .await;
+    let statuses = receiver.programs().statuses();
+    assert_eq!(
+        statuses["right-sum"].phase,
+        Phase::Loaded,
+        "{}",
+        statuses["right-sum"].message
+    );
+    for (name, reason) in [
+        ("wrong-sum", "the object's SHA-256 is"),
+        ("big-map", "user programs may hold 1048576 bytes together"),
+        (
+            "raw-tp",
+            "program count_by_comm (raw_tp/sys_enter): raw_tp programs are not allowed here",
+        ),
+        ("too-large", "(user_programs.limits.max_object_bytes)"),
+    ] {
+        let status = &statuses[name];
+        assert_eq!(status.phase, Phase::Failed, "{name}: {}", status.message);
+        assert!(
+            status.message.contains(reason),
+            "{name}: {}",
+            status.message
+        );
+    }
+    assert_eq!(receiver.programs().loaded(), ["right-sum"]);
+    receiver.shutdown().await.unwrap();
+}
