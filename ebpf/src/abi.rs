@@ -19,11 +19,14 @@ pub use generated::*;
 /// Log2 distribution: slot 0 holds the value 1, slot k ≥ 1 holds (2^(k-1), 2^k]; slot k is the
 /// OTLP exponential-histogram (scale 0) bucket index k − 1. Zeros are counted apart.
 pub type Hist = podscope_hist;
+/// A syscall entry's key: cgroup and slot (a syscall group, or the syscall number).
 pub type SyscallKey = syscall_key;
-/// Per cgroup: counts and errors indexed by syscall number.
 pub type SyscallCounts = syscall_counts;
 pub type OpenKey = open_key;
 pub type OpenPathKey = open_path_key;
+pub type OpenPathCgroupKey = open_path_key_cgroup;
+/// Per cgroup and epoch: distinct paths tracked, and opens counted as `other`.
+pub type OpenPathCgroup = open_path_cgroup;
 pub type ProcessKey = process_key;
 pub type ProcessEvent = process_event;
 pub type SwitchKey = switch_key;
@@ -31,9 +34,20 @@ pub type BlockKey = block_key;
 pub type BlockStats = block_stats;
 /// A uprobe hit's key: cgroup, process, captured value (string bytes, or an integer's 8 bytes).
 pub type UprobeKey = uprobe_key;
-/// A TCP connection's aggregation key: the socket's cgroup, the peer, the server port, the role.
+/// A mapping of the agent and the file the kernel sees behind it (`container:` uprobes).
+pub type MappedFile = podscope_mapped_file;
+/// A TCP peer's key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
-pub type TcpStats = podscope_tcp_stats;
+pub type TcpCounts = podscope_tcp_counts;
+/// TCP distributions' key: the socket's cgroup, the role, the server port.
+pub type TcpDistKey = podscope_tcp_dist_key;
+pub type TcpDists = podscope_tcp_dists;
+/// A cgroup's TCP connections beyond its `max_peers` peers (or refused by a full map), per
+/// address family and role.
+pub type TcpOtherKey = podscope_tcp_other_key;
+pub type TcpOther = podscope_tcp_other;
+/// A removed cgroup's path, as the kernel recorded it when the directory went.
+pub type RemovedCgroup = removed_cgroup;
 
 impl Hist {
     pub fn count(&self) -> u64 {
@@ -53,24 +67,26 @@ impl Hist {
 impl SyscallCounts {
     /// Adds `other` (per-CPU values are summed this way).
     pub fn merge(&mut self, other: &SyscallCounts) {
-        for (a, b) in self.count.iter_mut().zip(other.count.iter()) {
-            *a += b;
-        }
-        for (a, b) in self.errors.iter_mut().zip(other.errors.iter()) {
-            *a += b;
-        }
+        self.count += other.count;
+        self.errors += other.errors;
     }
 }
 
+/// A record the kernel wrote (a ring-buffer event, an iterator's output) decoded from its bytes;
+/// `None` if too short (never trust the length).
+fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; the records are repr(C), made of integers and bytes, valid
+    // for any bit pattern (aya::Pod); read_unaligned copes with any alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 impl ProcessEvent {
-    /// Decodes an event from ring-buffer bytes; `None` if too short (never trust the length).
+    /// Decodes an event from ring-buffer bytes; `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<ProcessEvent> {
-        if bytes.len() < std::mem::size_of::<ProcessEvent>() {
-            return None;
-        }
-        // SAFETY: the length is checked; ProcessEvent is repr(C), made of integers and bytes,
-        // valid for any bit pattern; read_unaligned copes with any alignment.
-        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) })
+        from_bytes(bytes)
     }
 
     pub fn comm(&self) -> String {
@@ -83,6 +99,25 @@ impl ProcessEvent {
     }
 }
 
+impl RemovedCgroup {
+    /// The path up to its NUL (lossy UTF-8: cgroup names are bytes).
+    pub fn path(&self) -> String {
+        let end = self
+            .path
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.path.len());
+        String::from_utf8_lossy(&self.path[..end]).into_owned()
+    }
+}
+
+impl MappedFile {
+    /// Decodes a record of the mapped-files iterator; `None` if too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<MappedFile> {
+        from_bytes(bytes)
+    }
+}
+
 impl UprobeKey {
     /// The captured bytes (never longer than the buffer, whatever `value_len` says).
     pub fn value_bytes(&self) -> &[u8] {
@@ -90,18 +125,9 @@ impl UprobeKey {
     }
 }
 
-impl TcpStats {
-    /// Adds `other` (folding several peers into one `other` series).
-    pub fn merge(&mut self, other: &TcpStats) {
-        self.opened += other.opened;
-        self.closed += other.closed;
-        self.failed_refused += other.failed_refused;
-        self.failed_timeout += other.failed_timeout;
-        self.failed_reset += other.failed_reset;
-        self.failed_other += other.failed_other;
-        self.bytes_sent += other.bytes_sent;
-        self.bytes_received += other.bytes_received;
-        self.retransmits += other.retransmits;
+impl TcpDists {
+    /// Adds `other`'s samples (the `other` entries of two address families share a series).
+    pub fn merge(&mut self, other: &TcpDists) {
         self.duration_ns.merge(&other.duration_ns);
         self.srtt_ns.merge(&other.srtt_ns);
     }
@@ -115,14 +141,22 @@ unsafe impl aya::Pod for SyscallKey {}
 unsafe impl aya::Pod for SyscallCounts {}
 unsafe impl aya::Pod for OpenKey {}
 unsafe impl aya::Pod for OpenPathKey {}
+unsafe impl aya::Pod for OpenPathCgroupKey {}
+unsafe impl aya::Pod for OpenPathCgroup {}
 unsafe impl aya::Pod for ProcessKey {}
 unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}
 unsafe impl aya::Pod for BlockKey {}
 unsafe impl aya::Pod for UprobeKey {}
+unsafe impl aya::Pod for MappedFile {}
 unsafe impl aya::Pod for TcpKey {}
-unsafe impl aya::Pod for TcpStats {}
+unsafe impl aya::Pod for TcpCounts {}
+unsafe impl aya::Pod for TcpDistKey {}
+unsafe impl aya::Pod for TcpDists {}
+unsafe impl aya::Pod for TcpOtherKey {}
+unsafe impl aya::Pod for TcpOther {}
 unsafe impl aya::Pod for BlockStats {}
+unsafe impl aya::Pod for RemovedCgroup {}
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::core::{Expression, Selector};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
+use podscope_core::backoff::{Backoff, BackoffPolicy};
 use podscope_core::health::Readiness;
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
@@ -251,34 +252,16 @@ impl FailureLog {
     }
 }
 
-/// Backoff between watch restarts after a failure: 500 ms doubling to 30 s, with up to 25 %
-/// jitter so a fleet of agents does not return to the API server in step. Reset by a complete
-/// list.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    fn take(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-    }
-}
+/// Waits between watch restarts after a failure: 500 ms doubling to 30 s, randomized by ± 25 % so
+/// a fleet of agents does not return to the API server in step; never given up. Reset by a
+/// complete list.
+const WATCH_RESTART: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+    multiplier: 2.0,
+    randomization_factor: 0.25,
+    max_elapsed: None,
+};
 
 /// Runs a watch until cancelled. On an error the watch is dropped and, after a backoff, started
 /// again from a fresh list: the cache then reflects a complete list taken after the failure, which
@@ -296,7 +279,7 @@ pub(super) async fn run_watch<K>(
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let mut failures = FailureLog::new(resource);
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(WATCH_RESTART);
     loop {
         let stream = watcher::watcher(api.clone(), config.clone());
         futures::pin_mut!(stream);
@@ -322,7 +305,7 @@ pub(super) async fn run_watch<K>(
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff.take()) => {}
+            _ = tokio::time::sleep(backoff.next_wait(None).unwrap_or(WATCH_RESTART.max)) => {}
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::load::{self, Limits, LoadSettings};
 use super::maps::readable_kind;
 use super::spec::{MetricsSpec, ObjectSource, ProgramSpec};
-use crate::ebpf::builder::MetricsBuilder;
+use crate::ebpf::builder::{Identity, MetricsBuilder, Owner};
 use crate::ebpf::cgroups::{cgroup2_mount, CgroupIndex};
 use crate::ebpf::collector::unix_nanos;
 
@@ -131,7 +131,7 @@ pub async fn check(
     program.run_iterators().map_err(|e| (out.clone(), e))?;
     index.refresh();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let mut builder = MetricsBuilder::new(host.trim(), &index, program.loaded_ns, unix_nanos());
+    let mut builder = MetricsBuilder::new(host.trim(), unix_nanos());
     let entries: Vec<(String, Vec<super::maps::Entry>)> = program
         .maps()
         .iter()
@@ -146,7 +146,18 @@ pub async fn check(
     for metric in &program.metrics {
         let _ = writeln!(out, "  {}", metric.describe());
     }
-    for rm in builder.finish() {
+    // Every owner is reported, cgroups under their path (the agent leaves out unselected ones).
+    let loaded_ns = program.loaded_ns;
+    let identify = |owner| {
+        Some(Identity {
+            path: match owner {
+                Owner::Cgroup(id) => index.path(id).map(str::to_string),
+                Owner::Host => None,
+            },
+            start_ns: loaded_ns,
+        })
+    };
+    for rm in builder.finish(identify) {
         let resource = rm
             .resource
             .iter()
