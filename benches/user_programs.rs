@@ -21,9 +21,10 @@ use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
 use podscope_integration::bpf::{compile, PREAMBLE};
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_receiver::ebpf::programs::Phase;
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::BuildContextForTests as _;
 use std::sync::{Arc, Mutex};
 
 /// write(999, NULL, len) calls counted by (cgroup, len), in a hash and a per-CPU hash: a child
@@ -346,7 +347,7 @@ async fn main() {
     .unwrap();
     let syscount = compile(dir.path(), "syscount", &example);
     let (uid, container) = unique_ids();
-    let pod = PodCgroup::new(&uid, &container);
+    let pod = PodCgroup::with_ids(&uid, &container);
     if full {
         load_to_first_metric(&object, &pod, 9).await;
         collection_cost(&object, &pod, &[1_000, 10_000, 50_000], 20).await;

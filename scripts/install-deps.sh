@@ -8,8 +8,11 @@ set -euo pipefail
 # bindgen loads to generate the Rust types of podscope.h, the same LLVM as clang-19), Prometheus + promtool (the real
 # backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
 # namespaces in TCP tests), iperf3 (the TCP probe benchmark), wrk (the HTTP load of the workload
-# cost benchmark), python3-venv (the oteltest OTLP sink the exporter tests send to, below).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv)
+# cost benchmark), python3-venv (the oteltest OTLP sink the exporter tests send to, below),
+# podman + buildah + runc (scripts/test-helm.sh builds the agent's image without Docker and runs it
+# as the chart's container; runc because crun refuses hybrid cgroup hosts), util-linux (nsenter
+# into that container's network namespace).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

@@ -3,5 +3,4 @@
 pub mod agent;
 pub mod bpf;
 pub mod fake_kube;
-pub mod pod_cgroup;
 pub mod prometheus;

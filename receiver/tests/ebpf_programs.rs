@@ -15,9 +15,10 @@ use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
 use podscope_integration::bpf::{compile, PREAMBLE};
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_receiver::ebpf::programs::Phase;
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::BuildContextForTests as _;
 
 /// getppid calls per cgroup, on the classic tracepoint; the syscall is a global set by the spec.
 const CGROUP_COUNTER: &str = r#"
@@ -204,7 +205,7 @@ async fn a_per_cgroup_tracepoint_counter_and_a_struct_key_with_a_string_count_ex
     );
     let comm_object = compile(dir.path(), "comm", &format!("{PREAMBLE}{COMM_COUNTER}"));
     let (uid, container) = unique_ids();
-    let pod = PodCgroup::new(&uid, &container);
+    let pod = PodCgroup::with_ids(&uid, &container);
     let (receiver, collected) = start(serde_json::json!({
         "collection_interval": "1h",
         "programs": {
@@ -274,7 +275,7 @@ async fn an_exp2_histogram_map_becomes_an_exponential_histogram() {
     let dir = tempfile::tempdir().unwrap();
     let object = compile(dir.path(), "sizes", &format!("{PREAMBLE}{WRITE_SIZES}"));
     let (uid, container) = unique_ids();
-    let pod = PodCgroup::new(&uid, &container);
+    let pod = PodCgroup::with_ids(&uid, &container);
     let (receiver, collected) = start(serde_json::json!({
         "collection_interval": "1h",
         "programs": {"sizes": {
@@ -361,7 +362,7 @@ int unchecked(void *ctx)
         })
     };
     let (uid, container) = unique_ids();
-    let pod = PodCgroup::new(&uid, &container);
+    let pod = PodCgroup::with_ids(&uid, &container);
     let (receiver, collected) = start(serde_json::json!({
         "collection_interval": "1h",
         "probes": {"sched": {}},

@@ -17,7 +17,7 @@ use k8s_openapi::ByteString;
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::bpf::{compile, PREAMBLE};
 use podscope_integration::fake_kube::FakeApiServer;
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 use serde_json::{json, Value};
 
 const NODE: &str = "node-programs";
@@ -336,9 +336,9 @@ async fn ebpf_programs_from_the_cluster_count_selected_pods_report_status_and_fo
     .unwrap();
 
     let (web_uid, web_container) = unique_ids();
-    let web = PodCgroup::new(&web_uid, &web_container);
+    let web = PodCgroup::with_ids(&web_uid, &web_container);
     let (db_uid, db_container) = unique_ids();
-    let db = PodCgroup::new(&db_uid, &db_container);
+    let db = PodCgroup::with_ids(&db_uid, &db_container);
 
     let api = FakeApiServer::start().await;
     api.apply_node(node(&[("podscope.dev/programs", "on")]));
