@@ -64,6 +64,11 @@ enum Command {
         #[arg(long, short = 'o')]
         output: PathBuf,
     },
+    /// Users' own eBPF programs.
+    Program {
+        #[command(subcommand)]
+        command: ProgramCommand,
+    },
     /// Print the version.
     Version,
 }
@@ -93,6 +98,24 @@ impl ProfileTargetArgs {
             (None, None, None) => unreachable!("clap requires a target"),
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ProgramCommand {
+    /// Load an object on this machine (root): list its programs, maps with their BTF layouts
+    /// and globals, run the verifier and attach, then print the metrics the spec makes of a few
+    /// seconds of activity; or the exact error.
+    Check {
+        /// The compiled object (`clang -g -O2 -target bpf -c prog.bpf.c -o prog.bpf.o`).
+        object: PathBuf,
+        /// A program spec in YAML, or an EbpfProgram manifest (its `spec`); its `object` is
+        /// replaced by OBJECT.
+        #[arg(long)]
+        spec: Option<PathBuf>,
+        /// How long to let the programs count before reading the maps.
+        #[arg(long, default_value = "5s")]
+        wait: humantime::Duration,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -161,11 +184,81 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Program {
+            command: ProgramCommand::Check { object, spec, wait },
+        } => program_check(&object, spec.as_deref(), wait.into()),
         Command::Version => {
             println!("podscope {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `podscope program check`: the report on stdout; an error on stderr after what was found.
+fn program_check(
+    object: &std::path::Path,
+    spec: Option<&std::path::Path>,
+    wait: std::time::Duration,
+) -> ExitCode {
+    let object = &std::path::absolute(object).unwrap_or_else(|_| object.to_path_buf());
+    let spec = match spec.map(|path| read_program_spec(path, object)).transpose() {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(podscope_receiver::ebpf::programs::check(object, spec, wait)) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err((found, error)) => {
+            // What was found before the error goes to stdout, the error itself to stderr.
+            print!("{found}");
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A spec file: a program spec, or an EbpfProgram manifest whose `spec` is one; checked as the
+/// agent checks it.
+fn read_program_spec(
+    path: &std::path::Path,
+    object: &std::path::Path,
+) -> Result<podscope_receiver::ebpf::programs::ProgramSpec, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut value = config::yaml_to_json(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    if value["kind"] == "EbpfProgram" {
+        value = value["spec"].take();
+    }
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("object".into(), serde_json::json!({ "file": object }));
+    }
+    let spec: podscope_receiver::ebpf::programs::ProgramSpec =
+        serde_path_to_error::deserialize(value)
+            .map_err(|e| format!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
+    let mut errors = Vec::new();
+    spec.validate("spec", &mut errors);
+    if !errors.is_empty() {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| format!("{}: {e}", path.display()))
+            .collect();
+        return Err(lines.join("\n"));
+    }
+    Ok(spec)
 }
 
 fn print_components() {

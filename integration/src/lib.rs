@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
 pub mod agent;
+pub mod bpf;
 pub mod fake_kube;
 pub mod pprof_format;
 pub mod prometheus;

@@ -120,6 +120,21 @@ impl<'a> MetricsBuilder<'a> {
             })
     }
 
+    /// The metric `name` of `owner`, made by `create` when absent: for metrics whose shape and
+    /// start time are their own (user programs' maps, loaded after the receiver started).
+    pub fn metric_entry(
+        &mut self,
+        owner: Owner,
+        name: &str,
+        create: impl FnOnce() -> Metric,
+    ) -> &mut Metric {
+        self.metrics
+            .entry(owner)
+            .or_default()
+            .entry(name.to_string())
+            .or_insert_with(create)
+    }
+
     /// A cumulative counter whose name comes from configuration (uprobes).
     pub fn count_named(
         &mut self,

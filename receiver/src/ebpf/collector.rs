@@ -213,6 +213,9 @@ impl Collector {
     /// The maps' kernel memory and refused inserts into the receiver's telemetry.
     fn account_kernel_maps(&mut self) {
         let mut memory = Vec::new();
+        for probe in &mut self.probes {
+            memory.extend(probe.extra_map_memory());
+        }
         let removed = self.removed.as_mut().map(RemovedCgroups::object_mut);
         let objects = self
             .probes

@@ -41,6 +41,8 @@ pub struct EbpfTelemetry {
     pub map_full: Family<MapLabels, Counter>,
     /// The profiling probe's.
     pub profiler: ProfilerCounters,
+    /// Label sets of user programs' metrics refused by `maxSeries`.
+    pub program_overflow: Family<super::programs::SeriesLabels, Counter>,
     /// 1 for each enabled probe the kernel refused (skipped), 0 for each that attached: alerts
     /// need a series that exists before anything goes wrong.
     pub probe_skipped: Family<ProbeLabels, Gauge>,
@@ -57,6 +59,7 @@ impl EbpfTelemetry {
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
             profiler: ProfilerCounters::default(),
+            program_overflow: Family::default(),
             probe_skipped: Family::default(),
         };
         telemetry.register(
@@ -124,6 +127,11 @@ impl EbpfTelemetry {
             "ebpf_profile_symbol_cache_bytes",
             "Memory the profiling probe's symbol and unwind tables hold",
             p.symbol_cache_bytes.clone(),
+        );
+        telemetry.register(
+            "ebpf_program_series_overflow",
+            "Label sets of a user program's metric not exported because the metric reached its maxSeries",
+            t.program_overflow.clone(),
         );
         telemetry.register(
             "ebpf_probe_skipped",

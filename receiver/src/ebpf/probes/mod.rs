@@ -69,6 +69,11 @@ pub trait Probe: Send {
     /// Frees the entries of cgroups that no longer exist (their series were reported a last time).
     fn forget(&mut self, _gone: &HashSet<u64>) {}
 
+    /// Kernel memory of maps it holds outside `objects_mut` (users' programs).
+    fn extra_map_memory(&self) -> Vec<super::object::MapMemory> {
+        Vec::new()
+    }
+
     /// Starts the tasks it runs beside the collection (the process probe's event reader).
     fn spawn(
         &mut self,
