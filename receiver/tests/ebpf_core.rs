@@ -1134,8 +1134,10 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
     });
     let request = [7u8; 500];
     let code = pod.run(|| unsafe {
-        let mut last = -1;
-        for _ in 0..3 {
+        // The descriptors as connect_v4 returned them: they need not be consecutive (the forked
+        // child inherits whatever the test process's other threads had open at the fork).
+        let mut fds = [-1; 3];
+        for slot in &mut fds {
             let (fd, rc) = connect_v4([127, 0, 0, 1], port);
             let mut answer = 0u8;
             if rc != 0
@@ -1144,10 +1146,11 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
             {
                 return 1;
             }
-            last = fd;
+            *slot = fd;
         }
+        let [first, second, last] = fds;
         // Two connections close here (abortively: everything was acknowledged), one lives on.
-        for fd in [last - 2, last - 1] {
+        for fd in [first, second] {
             let linger = libc::linger {
                 l_onoff: 1,
                 l_linger: 0,
