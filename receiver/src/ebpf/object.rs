@@ -15,7 +15,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
-use aya::programs::{BtfTracePoint, Program};
+use aya::programs::{BtfTracePoint, Program, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 
 /// Where a program attaches.
@@ -25,12 +25,17 @@ pub enum Hook {
     /// call per field), needs kernel BTF. Every probe uses it: measured cheaper than raw_tp with
     /// helper calls on the hottest path (see BENCHMARKS.md).
     TpBtf(&'static str),
+    /// Classic tracepoint (`category:name`), e.g. one syscall's `syscalls:sys_enter_write`:
+    /// unlike the raw `sys_enter`, other syscalls run no program. Needs tracefs
+    /// ([`KernelFeatures::tracefs`] mounts it when missing).
+    TracePoint(&'static str, &'static str),
 }
 
 impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Hook::TpBtf(tp) => write!(f, "tp_btf/{tp}"),
+            Hook::TracePoint(category, name) => write!(f, "tracepoint/{category}/{name}"),
         }
     }
 }
@@ -46,6 +51,17 @@ pub const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
     ProgramSpec {
         function,
         hook: Hook::TpBtf(tp),
+    }
+}
+
+pub const fn tracepoint(
+    function: &'static str,
+    category: &'static str,
+    name: &'static str,
+) -> ProgramSpec {
+    ProgramSpec {
+        function,
+        hook: Hook::TracePoint(category, name),
     }
 }
 
@@ -146,7 +162,18 @@ impl fmt::Display for ProbeError {
 /// What the kernel offers, detected once at start.
 pub struct KernelFeatures {
     pub btf: Result<Btf, String>,
+    tracefs: std::sync::OnceLock<Result<Tracefs, String>>,
 }
+
+/// Where tracefs is, and whether the agent mounted it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tracefs {
+    Mounted(&'static str),
+    MountedByAgent(&'static str),
+}
+
+/// Where tracefs is looked for, and mounted when missing (aya looks in the same places).
+const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 impl KernelFeatures {
     pub fn detect(btf_path: &Path) -> KernelFeatures {
@@ -156,8 +183,55 @@ impl KernelFeatures {
                 btf_path.display()
             )
         });
-        KernelFeatures { btf }
+        KernelFeatures {
+            btf,
+            tracefs: std::sync::OnceLock::new(),
+        }
     }
+
+    /// tracefs, which classic tracepoints need: found, or mounted at `/sys/kernel/tracing` when
+    /// missing and `mount` allows it (machines booted without systemd may not have it). Decided
+    /// once, before anything attaches (aya remembers where tracefs is at its first attach).
+    pub fn tracefs(&self, mount: bool) -> Result<Tracefs, String> {
+        self.tracefs
+            .get_or_init(|| find_or_mount_tracefs(mount))
+            .clone()
+    }
+}
+
+fn tracefs_has_events(path: &str) -> bool {
+    Path::new(path).join("events").is_dir()
+}
+
+fn find_or_mount_tracefs(mount: bool) -> Result<Tracefs, String> {
+    if let Some(path) = TRACEFS_PATHS.into_iter().find(|p| tracefs_has_events(p)) {
+        return Ok(Tracefs::Mounted(path));
+    }
+    if !mount {
+        return Err("tracefs is not mounted (and mounting it is not allowed)".to_string());
+    }
+    let target = TRACEFS_PATHS[0];
+    let (source, fstype, dir) = (c"tracefs", c"tracefs", c"/sys/kernel/tracing");
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call and no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "tracefs is not mounted and mounting it at {target} failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if !tracefs_has_events(target) {
+        return Err(format!("tracefs mounted at {target} has no events/"));
+    }
+    Ok(Tracefs::MountedByAgent(target))
 }
 
 /// A load-time setting (`const volatile` global in the C program).
@@ -431,6 +505,11 @@ fn attach(ebpf: &mut Ebpf, program: &ProgramSpec, btf: &Btf) -> Result<(), Strin
             let p: &mut BtfTracePoint = prog.try_into().map_err(|e| describe(&e))?;
             p.load(tp, btf).map_err(|e| describe(&e))?;
             p.attach().map_err(|e| describe(&e))?;
+        }
+        Hook::TracePoint(category, name) => {
+            let p: &mut TracePoint = prog.try_into().map_err(|e| describe(&e))?;
+            p.load().map_err(|e| describe(&e))?;
+            p.attach(category, name).map_err(|e| describe(&e))?;
         }
     }
     Ok(())
