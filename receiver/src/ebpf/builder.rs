@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, AggregationTemporality, ExponentialHistogram, Metric,
-    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    metric, number_data_point, AggregationTemporality, ExponentialHistogram,
+    ExponentialHistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use podscope_ebpf::abi::Hist;
@@ -34,6 +34,34 @@ pub fn int_attr(key: &str, value: i64) -> KeyValue {
         value: Some(AnyValue {
             value: Some(any_value::Value::IntValue(value)),
         }),
+    }
+}
+
+/// The receiver's instrumentation scope, on its metrics and spans.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "podscope.receiver.ebpf".to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ..Default::default()
+    }
+}
+
+/// The resource of `owner`'s data (metrics and spans alike): the host, and for a cgroup its id,
+/// path and container id, from which the Kubernetes processor finds the pod.
+pub fn resource(host_name: &str, index: &CgroupIndex, owner: Owner) -> Resource {
+    let mut attributes = vec![string_attr("host.name", host_name)];
+    if let Owner::Cgroup(id) = owner {
+        attributes.push(int_attr("podscope.cgroup.id", id as i64));
+        if let Some(path) = index.path(id) {
+            attributes.push(string_attr("podscope.cgroup.path", path));
+            if let Some(container) = container_id(path) {
+                attributes.push(string_attr("container.id", &container));
+            }
+        }
+    }
+    Resource {
+        attributes,
+        ..Default::default()
     }
 }
 
@@ -94,7 +122,7 @@ impl<'a> MetricsBuilder<'a> {
                         },
                         is_monotonic: true,
                     }),
-                    MetricKind::Distribution => {
+                    MetricKind::Distribution | MetricKind::Duration => {
                         metric::Data::ExponentialHistogram(ExponentialHistogram {
                             data_points: Vec::new(),
                             aggregation_temporality: AggregationTemporality::Cumulative as i32,
@@ -168,33 +196,26 @@ impl<'a> MetricsBuilder<'a> {
         }
     }
 
-    fn resource(&self, owner: Owner) -> Resource {
-        let mut attributes = vec![string_attr("host.name", self.host_name)];
-        if let Owner::Cgroup(id) = owner {
-            attributes.push(int_attr("podscope.cgroup.id", id as i64));
-            if let Some(path) = self.index.path(id) {
-                attributes.push(string_attr("podscope.cgroup.path", path));
-                if let Some(container) = container_id(path) {
-                    attributes.push(string_attr("container.id", &container));
-                }
-            }
-        }
-        Resource {
-            attributes,
-            ..Default::default()
+    /// An exponential-histogram data point made by the probe (a scale other than the kernel's).
+    pub fn exponential(
+        &mut self,
+        owner: Owner,
+        doc: &MetricDoc,
+        mut point: ExponentialHistogramDataPoint,
+    ) {
+        point.start_time_unix_nano = self.start_ns;
+        point.time_unix_nano = self.now_ns;
+        if let Some(metric::Data::ExponentialHistogram(h)) = &mut self.metric(owner, doc).data {
+            h.data_points.push(point);
         }
     }
 
     pub fn finish(self) -> Vec<ResourceMetrics> {
-        let scope = InstrumentationScope {
-            name: "podscope.receiver.ebpf".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            ..Default::default()
-        };
+        let scope = scope();
         self.metrics
             .iter()
             .map(|(owner, metrics)| ResourceMetrics {
-                resource: Some(self.resource(*owner)),
+                resource: Some(resource(self.host_name, self.index, *owner)),
                 scope_metrics: vec![ScopeMetrics {
                     scope: Some(scope.clone()),
                     metrics: metrics.values().cloned().collect(),
