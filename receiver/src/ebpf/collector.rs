@@ -24,7 +24,9 @@ pub struct Collector {
     pub probes: Vec<Box<dyn Probe>>,
     pub filter: CgroupFilter,
     pub index: CgroupIndex,
-    pub next: Arc<dyn Consumer>,
+    /// The metrics pipelines; without one, data points are read (map entries of removed cgroups
+    /// are still freed) but not sent.
+    pub next: Option<Arc<dyn Consumer>>,
     pub host_name: String,
     pub receiver: String,
     pub start_ns: u64,
@@ -118,10 +120,13 @@ impl Collector {
             }
         }
 
+        let Some(next) = &self.next else {
+            return;
+        };
         if resource_metrics.is_empty() {
             return;
         }
-        if let Err(e) = self.next.consume(Batch::metrics(resource_metrics)).await {
+        if let Err(e) = next.consume(Batch::metrics(resource_metrics)).await {
             tracing::warn!(receiver = %self.receiver, error = %e, "pipeline refused this interval's data points");
         }
     }

@@ -56,7 +56,7 @@ use telemetry::EbpfTelemetry;
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "ebpf",
     description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup",
-    signals: &[Signal::Metrics],
+    signals: &[Signal::Metrics, Signal::Traces],
     create: create_receiver::<EbpfReceiverConfig>,
 };
 
@@ -94,7 +94,10 @@ struct Running {
 pub struct EbpfReceiver {
     config: EbpfReceiverConfig,
     ctx: BuildContext,
-    next: Arc<dyn Consumer>,
+    /// The metrics pipelines, if any list this receiver.
+    next: Option<Arc<dyn Consumer>>,
+    /// The traces pipelines, if any list this receiver (spans come from the http probe).
+    traces: Option<Arc<dyn Consumer>>,
     processes: ProcessTable,
     running: tokio::sync::Mutex<Option<Running>>,
     /// Probes that could not attach, with why (for tests and status).
@@ -109,17 +112,24 @@ impl EbpfReceiver {
         ctx: BuildContext,
         next: ReceiverConsumers,
     ) -> anyhow::Result<Self> {
-        let next = next.metrics.ok_or_else(|| {
-            anyhow::anyhow!(
-                "receiver {}: produces metrics but is in no metrics pipeline",
+        if next.metrics.is_none() && next.traces.is_none() {
+            anyhow::bail!(
+                "receiver {}: produces metrics (and spans) but is in no metrics or traces pipeline",
                 ctx.id
-            )
-        })?;
+            );
+        }
+        if next.traces.is_some() && !config.probes.makes_spans() {
+            anyhow::bail!(
+                "receiver {}: is in a traces pipeline, but only the http probe makes spans and it is not on (probes: http:)",
+                ctx.id
+            );
+        }
         let telemetry = EbpfTelemetry::register(&ctx.telemetry);
         Ok(EbpfReceiver {
             config,
             ctx,
-            next,
+            next: next.metrics,
+            traces: next.traces,
             processes: ProcessTable::default(),
             running: tokio::sync::Mutex::new(None),
             skipped: Mutex::new(Vec::new()),
@@ -206,6 +216,9 @@ impl Component for EbpfReceiver {
         let mut probes = self.load_probes(&filter)?;
         let cancel = CancellationToken::new();
         let start = StartContext {
+            traces: self.traces.clone(),
+            host_name: self.ctx.host_name.clone(),
+            cgroup_root: root.clone(),
             processes: self.processes.clone(),
             // `container:` uprobes attach in new containers as their first process execs.
             new_containers: probes

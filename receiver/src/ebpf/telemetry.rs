@@ -33,6 +33,8 @@ pub struct EbpfTelemetry {
     pub map_memory_total: Gauge,
     /// Inserts the kernel refused (map full, or no memory for a new entry).
     pub map_full: Family<MapLabels, Counter>,
+    /// Where a probe registers metrics of its own (`register_counter`).
+    agent: AgentTelemetry,
 }
 
 impl EbpfTelemetry {
@@ -45,6 +47,7 @@ impl EbpfTelemetry {
             map_memory: Family::default(),
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
+            agent: telemetry.clone(),
         };
         telemetry.register(
             "ebpf_ringbuf_events",
@@ -82,6 +85,13 @@ impl EbpfTelemetry {
             t.map_full.clone(),
         );
         t
+    }
+
+    /// A counter of a probe's own, `podscope_<name>_total` in the agent's telemetry.
+    pub fn register_counter(&self, name: &str, help: &str) -> Counter {
+        let counter = Counter::default();
+        self.agent.register(name, help, counter.clone());
+        counter
     }
 
     /// Sets the memory gauges to `maps` (this receiver's maps, now).

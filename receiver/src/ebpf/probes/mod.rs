@@ -33,6 +33,8 @@ pub trait ProbeKind {
     const SPEC: ProbeSpec;
     /// Every metric it emits (`docs/metrics.md` is generated from these).
     const METRICS: &'static [MetricDoc];
+    /// Whether it makes spans (the receiver's traces signal).
+    const MAKES_SPANS: bool = false;
 
     /// Whether the settings turn the probe on.
     fn enabled(config: &Self::Config) -> bool;
@@ -136,6 +138,7 @@ pub trait SingleObjectProbe {
     /// Its object, programs and maps (the spec's name is the probe's).
     const SPEC: ProbeSpec;
     const METRICS: &'static [MetricDoc];
+    const MAKES_SPANS: bool = false;
 
     fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
     fn open(config: &Self::Config, ctx: &mut LoadContext<'_>)
@@ -146,6 +149,7 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     type Config = K::Config;
     const SPEC: ProbeSpec = K::SPEC;
     const METRICS: &'static [MetricDoc] = K::METRICS;
+    const MAKES_SPANS: bool = K::MAKES_SPANS;
 
     fn enabled(config: &K::Config) -> bool {
         config.enabled()
@@ -239,6 +243,11 @@ impl MapSizes {
 
 /// What probes start their tasks with.
 pub struct StartContext {
+    /// Where spans go: the receiver's traces pipelines, if any.
+    pub traces: Option<Arc<dyn podscope_core::Consumer>>,
+    /// `host.name` and the cgroup2 mount, for the resources of spans.
+    pub host_name: String,
+    pub cgroup_root: std::path::PathBuf,
     pub processes: ProcessTable,
     /// Told when a process starts in a cgroup not seen before, if a probe watches containers.
     pub new_containers: Option<Arc<Notify>>,
@@ -325,6 +334,11 @@ macro_rules! probe_table {
         }
 
         impl ProbesConfig {
+            /// Whether a probe that makes spans is on.
+            pub fn makes_spans(&self) -> bool {
+                false $(|| (<$kind as ProbeKind>::MAKES_SPANS && self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled)))+
+            }
+
             /// Whether any probe is listed (on or off).
             pub fn any_listed(&self) -> bool {
                 false $(|| self.$name.as_ref().is_some_and(<$kind as ProbeKind>::listed))+
