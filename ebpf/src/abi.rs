@@ -34,6 +34,8 @@ pub type UprobeKey = uprobe_key;
 /// A TCP connection's aggregation key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
 pub type TcpStats = podscope_tcp_stats;
+/// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
+pub type HttpEventHead = http_event_head;
 
 impl Hist {
     pub fn count(&self) -> u64 {
@@ -80,6 +82,23 @@ impl ProcessEvent {
             .position(|&b| b == 0)
             .unwrap_or(self.comm.len());
         String::from_utf8_lossy(&self.comm[..end]).into_owned()
+    }
+}
+
+impl HttpEventHead {
+    /// Decodes an event from ring-buffer bytes: its head and captured bytes (never more than
+    /// the record holds, whatever `captured` says); `None` if shorter than a head.
+    pub fn from_bytes(bytes: &[u8]) -> Option<(HttpEventHead, &[u8])> {
+        let size = std::mem::size_of::<HttpEventHead>();
+        if bytes.len() < size {
+            return None;
+        }
+        // SAFETY: the length is checked; the head is repr(C), integers and bytes only, valid for
+        // any bit pattern; read_unaligned copes with any alignment.
+        let head = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<HttpEventHead>()) };
+        let data = &bytes[size..];
+        let data = &data[..(head.captured as usize).min(data.len())];
+        Some((head, data))
     }
 }
 

@@ -82,7 +82,7 @@ impl ComponentConfig for EbpfReceiverConfig {
         if !self.probes.any_listed() {
             errors.push(FieldError::new(
                 "probes",
-                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes",
+                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes, http",
             ));
         }
         self.probes.validate(&mut errors);

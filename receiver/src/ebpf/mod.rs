@@ -43,8 +43,8 @@ pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, Probes
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
-    files::FilesProbeConfig, process::ProcessProbeConfig, syscalls::SyscallsProbeConfig,
-    tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
+    files::FilesProbeConfig, http::HttpProbeConfig, process::ProcessProbeConfig,
+    syscalls::SyscallsProbeConfig, tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
 };
 
 use collector::{unix_nanos, Collector};
@@ -55,7 +55,7 @@ use telemetry::EbpfTelemetry;
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "ebpf",
-    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup",
+    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes, http) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; HTTP and gRPC requests as spans",
     signals: &[Signal::Metrics, Signal::Traces],
     create: create_receiver::<EbpfReceiverConfig>,
 };

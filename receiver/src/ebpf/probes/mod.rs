@@ -378,6 +378,8 @@ probe_table! {
     tcp: Tcp,
     /// User functions to count, with a captured argument or return value.
     uprobes: Uprobes,
+    /// HTTP and gRPC requests served and made, as spans and RED metrics.
+    http: Http,
 }
 
 #[cfg(test)]

@@ -1,0 +1,448 @@
+//! From the probe's events to exchanges (a request and its response): the state of every
+//! HTTP connection of every process, in event order. Request heads are put together from the
+//! reads they were split over, responses are paired with requests in order (keep-alive and
+//! pipelining), and each request gets its span ids when its head is complete:
+//! - an incoming `traceparent` makes the SERVER span its child;
+//! - a request a process makes on a thread that is serving a request is a CLIENT child of that
+//!   SERVER span, unless the request carries a `traceparent` of its own (an instrumented
+//!   application), which wins;
+//! - when both ends of a connection are on this node, the callee's SERVER span is the child of
+//!   the caller's CLIENT span (the same connection seen from both ends, the n-th request on it).
+//!
+//! It must not touch the kernel or build OTLP: events in, exchanges out.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use podscope_ebpf::abi::{
+    HttpEventHead, HTTP_DIR_IN, HTTP_EVENT_CLOSE, HTTP_EVENT_DATA, HTTP_FLAG_CONTINUATION,
+    HTTP_FLAG_TLS, HTTP_PROTO_HTTP1,
+};
+
+use super::http1::{self, HeadParse, RequestHead};
+use super::trace_context::{IdGenerator, SpanIds, TraceParent};
+
+/// Which end of the exchange the process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SpanKind {
+    /// It read the request and wrote the response.
+    Server,
+    /// It wrote the request and read the response.
+    Client,
+}
+
+/// One end of a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+/// The connection as the process sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Socket {
+    pub local: Endpoint,
+    pub remote: Endpoint,
+}
+
+/// A request and its response, as one end saw them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exchange {
+    pub kind: SpanKind,
+    pub cgroup: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Kernel monotonic times: the request's first bytes read (server) or written (client), and
+    /// the response's.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub socket: Socket,
+    pub tls: bool,
+    pub request: RequestHead,
+    pub status: u16,
+    pub ids: SpanIds,
+}
+
+/// What the tracker could not use, since the last `take_counts`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrackerCounts {
+    /// Message starts that did not parse as HTTP.
+    pub not_parsed: u64,
+    /// Requests whose head never completed before the response or the close (half-written).
+    pub incomplete: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    tgid: u32,
+    fd: u32,
+}
+
+/// A request whose head is being put together.
+struct PartialHead {
+    direction: u8,
+    bytes: Vec<u8>,
+    start_ns: u64,
+    tid: u32,
+}
+
+/// A request waiting for its response.
+struct Pending {
+    kind: SpanKind,
+    start_ns: u64,
+    tid: u32,
+    head: RequestHead,
+    ids: SpanIds,
+}
+
+struct Connection {
+    socket: Socket,
+    cgroup: u64,
+    tls: bool,
+    partial: Option<PartialHead>,
+    pending: VecDeque<Pending>,
+    /// Requests whose head completed on this connection: the next one's index.
+    requests: u64,
+    /// Switched protocols (101): no longer HTTP/1.
+    upgraded: bool,
+    last_seen_ns: u64,
+}
+
+/// Both ends of a connection, the client's first: the same key from either end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct JoinKey {
+    client: Endpoint,
+    server: Endpoint,
+    index: u64,
+}
+
+/// How long a CLIENT request waits for the server end to show up on this node.
+const JOIN_WINDOW_NS: u64 = 30_000_000_000;
+/// CLIENT requests remembered for joining at most (the callee may be on another node).
+const JOIN_LIMIT: usize = 65_536;
+/// Connections not seen for this long are forgotten (their close event was lost).
+const IDLE_CONNECTION_NS: u64 = 600_000_000_000;
+/// Pending requests per connection at most (pipelining depth).
+const PENDING_LIMIT: usize = 64;
+
+pub struct Tracker {
+    capture_bytes: usize,
+    connections: HashMap<ConnKey, Connection>,
+    /// The SERVER span each thread is serving: (tgid, tid) → its ids.
+    serving: HashMap<(u32, u32), SpanIds>,
+    joins: HashMap<JoinKey, SpanIds>,
+    join_order: VecDeque<(JoinKey, u64)>,
+    ids: IdGenerator,
+    counts: TrackerCounts,
+}
+
+fn address(family: u8, raw: &[u8; 16]) -> IpAddr {
+    if family == 2 {
+        return IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]));
+    }
+    let v6 = Ipv6Addr::from(*raw);
+    // A dual-stack socket talking IPv4 shows the peer as ::ffff:a.b.c.d.
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn socket_of(head: &HttpEventHead) -> Socket {
+    Socket {
+        local: Endpoint {
+            address: address(head.family, &head.local_addr),
+            port: head.local_port,
+        },
+        remote: Endpoint {
+            address: address(head.family, &head.remote_addr),
+            port: head.remote_port,
+        },
+    }
+}
+
+/// Whether `data` starts an HTTP/1 request (the methods the kernel looks for).
+fn starts_request(data: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] = [
+        b"GET ", b"POST ", b"PUT ", b"PATCH ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"CONNECT ",
+        b"TRACE ",
+    ];
+    METHODS.iter().any(|m| data.starts_with(m))
+}
+
+impl Tracker {
+    pub fn new(capture_bytes: u32) -> Tracker {
+        Tracker {
+            capture_bytes: capture_bytes as usize,
+            connections: HashMap::new(),
+            serving: HashMap::new(),
+            joins: HashMap::new(),
+            join_order: VecDeque::new(),
+            ids: IdGenerator::new(),
+            counts: TrackerCounts::default(),
+        }
+    }
+
+    pub fn take_counts(&mut self) -> TrackerCounts {
+        std::mem::take(&mut self.counts)
+    }
+
+    /// Applies one event; a completed exchange goes to `out`.
+    pub fn on_event(&mut self, head: &HttpEventHead, data: &[u8], out: &mut Vec<Exchange>) {
+        let key = ConnKey {
+            tgid: head.tgid,
+            fd: head.fd,
+        };
+        match u32::from(head.kind) {
+            HTTP_EVENT_CLOSE => self.close(key),
+            HTTP_EVENT_DATA if u32::from(head.protocol) == HTTP_PROTO_HTTP1 => {
+                self.http1(key, head, data, out)
+            }
+            _ => {}
+        }
+    }
+
+    fn close(&mut self, key: ConnKey) {
+        let Some(conn) = self.connections.remove(&key) else {
+            return;
+        };
+        if conn.partial.is_some() {
+            self.counts.incomplete += 1;
+        }
+        for pending in conn.pending {
+            self.stop_serving(key.tgid, &pending);
+        }
+    }
+
+    fn stop_serving(&mut self, tgid: u32, pending: &Pending) {
+        if pending.kind == SpanKind::Server
+            && self
+                .serving
+                .get(&(tgid, pending.tid))
+                .is_some_and(|ids| ids.span_id == pending.ids.span_id)
+        {
+            self.serving.remove(&(tgid, pending.tid));
+        }
+    }
+
+    fn http1(&mut self, key: ConnKey, head: &HttpEventHead, data: &[u8], out: &mut Vec<Exchange>) {
+        let conn = self.connections.entry(key).or_insert_with(|| Connection {
+            socket: socket_of(head),
+            cgroup: head.cgroup_id,
+            tls: u32::from(head.flags) & HTTP_FLAG_TLS != 0,
+            partial: None,
+            pending: VecDeque::new(),
+            requests: 0,
+            upgraded: false,
+            last_seen_ns: head.timestamp_ns,
+        });
+        conn.last_seen_ns = head.timestamp_ns;
+        if conn.upgraded {
+            return;
+        }
+        let direction = head.direction;
+        if u32::from(head.flags) & HTTP_FLAG_CONTINUATION != 0 {
+            match &mut conn.partial {
+                Some(partial) if partial.direction == direction => {
+                    let room = self.capture_bytes.saturating_sub(partial.bytes.len());
+                    partial.bytes.extend_from_slice(&data[..data.len().min(room)]);
+                }
+                _ => return,
+            }
+        } else if starts_request(data) {
+            if conn.partial.take().is_some() {
+                self.counts.incomplete += 1;
+            }
+            conn.partial = Some(PartialHead {
+                direction,
+                bytes: data[..data.len().min(self.capture_bytes)].to_vec(),
+                start_ns: head.timestamp_ns,
+                tid: head.tid,
+            });
+        } else if data.starts_with(b"HTTP/1.") {
+            self.response(key, head, data, out);
+            return;
+        } else {
+            return;
+        }
+        self.try_complete_head(key, head.tgid);
+    }
+
+    /// Parses the head being put together; once complete, the request gets its ids and waits
+    /// for its response.
+    fn try_complete_head(&mut self, key: ConnKey, tgid: u32) {
+        let Some(conn) = self.connections.get_mut(&key) else {
+            return;
+        };
+        let Some(partial) = &conn.partial else {
+            return;
+        };
+        let truncated = partial.bytes.len() >= self.capture_bytes;
+        let head = match http1::parse_request(&partial.bytes, truncated) {
+            HeadParse::Partial => return,
+            HeadParse::Invalid => {
+                conn.partial = None;
+                self.counts.not_parsed += 1;
+                return;
+            }
+            HeadParse::Complete(head) => head,
+        };
+        let Some(partial) = conn.partial.take() else {
+            return;
+        };
+        let kind = if u32::from(partial.direction) == HTTP_DIR_IN {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        };
+        let index = conn.requests;
+        conn.requests += 1;
+        let socket = conn.socket;
+        let ids = self.assign_ids(kind, tgid, partial.tid, &head, socket, index, partial.start_ns);
+        if kind == SpanKind::Server {
+            self.serving.insert((tgid, partial.tid), ids);
+        }
+        let Some(conn) = self.connections.get_mut(&key) else {
+            return;
+        };
+        if conn.pending.len() >= PENDING_LIMIT {
+            conn.pending.pop_front();
+        }
+        conn.pending.push_back(Pending {
+            kind,
+            start_ns: partial.start_ns,
+            tid: partial.tid,
+            head,
+            ids,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assign_ids(
+        &mut self,
+        kind: SpanKind,
+        tgid: u32,
+        tid: u32,
+        head: &RequestHead,
+        socket: Socket,
+        index: u64,
+        now_ns: u64,
+    ) -> SpanIds {
+        let span_id = self.ids.span_id();
+        let propagated = head.traceparent.as_deref().and_then(TraceParent::parse);
+        match kind {
+            SpanKind::Server => {
+                let join = JoinKey {
+                    client: socket.remote,
+                    server: socket.local,
+                    index,
+                };
+                let joined = self.joins.remove(&join);
+                let (trace_id, parent) = match (propagated, joined) {
+                    (Some(p), _) => (p.trace_id, Some(p.parent_id)),
+                    (None, Some(caller)) => (caller.trace_id, Some(caller.span_id)),
+                    (None, None) => (self.ids.trace_id(), None),
+                };
+                SpanIds {
+                    trace_id,
+                    span_id,
+                    parent_span_id: parent,
+                }
+            }
+            SpanKind::Client => {
+                let serving = self.serving.get(&(tgid, tid)).copied();
+                let (trace_id, parent) = match (propagated, serving) {
+                    (Some(p), _) => (p.trace_id, Some(p.parent_id)),
+                    (None, Some(server)) => (server.trace_id, Some(server.span_id)),
+                    (None, None) => (self.ids.trace_id(), None),
+                };
+                let ids = SpanIds {
+                    trace_id,
+                    span_id,
+                    parent_span_id: parent,
+                };
+                self.remember_for_join(
+                    JoinKey {
+                        client: socket.local,
+                        server: socket.remote,
+                        index,
+                    },
+                    ids,
+                    now_ns,
+                );
+                ids
+            }
+        }
+    }
+
+    fn remember_for_join(&mut self, key: JoinKey, ids: SpanIds, now_ns: u64) {
+        while let Some((old, at)) = self.join_order.front().copied() {
+            if self.join_order.len() < JOIN_LIMIT && now_ns.saturating_sub(at) < JOIN_WINDOW_NS {
+                break;
+            }
+            self.join_order.pop_front();
+            self.joins.remove(&old);
+        }
+        self.joins.insert(key, ids);
+        self.join_order.push_back((key, now_ns));
+    }
+
+    fn response(&mut self, key: ConnKey, head: &HttpEventHead, data: &[u8], out: &mut Vec<Exchange>) {
+        let Some(status) = http1::parse_status(data) else {
+            self.counts.not_parsed += 1;
+            return;
+        };
+        let Some(conn) = self.connections.get_mut(&key) else {
+            return;
+        };
+        if (100..200).contains(&status) {
+            // Interim (100 Continue, 103 Early Hints): the final response follows. After 101
+            // the connection speaks another protocol.
+            if status == 101 {
+                conn.upgraded = true;
+            }
+            return;
+        }
+        // A request still being put together when its answer comes was never whole.
+        if conn
+            .partial
+            .as_ref()
+            .is_some_and(|p| p.direction != head.direction)
+        {
+            conn.partial = None;
+            self.counts.incomplete += 1;
+            return;
+        }
+        let Some(pending) = conn.pending.pop_front() else {
+            return;
+        };
+        let exchange = Exchange {
+            kind: pending.kind,
+            cgroup: conn.cgroup,
+            tgid: key.tgid,
+            tid: pending.tid,
+            start_ns: pending.start_ns,
+            end_ns: head.timestamp_ns,
+            socket: conn.socket,
+            tls: conn.tls,
+            request: pending.head.clone(),
+            status,
+            ids: pending.ids,
+        };
+        self.stop_serving(key.tgid, &pending);
+        out.push(exchange);
+    }
+
+    /// Forgets connections idle for long (their close was never seen).
+    pub fn expire(&mut self, now_ns: u64) {
+        let stale: Vec<ConnKey> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| now_ns.saturating_sub(c.last_seen_ns) > IDLE_CONNECTION_NS)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            self.close(key);
+        }
+    }
+}
