@@ -107,6 +107,69 @@ pub struct ContainerTargets {
     files: HashSet<(u64, u64)>,
 }
 
+impl ContainerTargets {
+    /// Looks at the containers not looked at yet: in each, the files `files(root)` names
+    /// (inside the container's root, as seen from here) that exist and were not attached before
+    /// are given to `attach`. `what` names the probe in log lines. Returns how many attached.
+    pub fn scan(
+        &mut self,
+        proc_root: &Path,
+        what: &str,
+        files: impl Fn(&Path) -> Vec<std::path::PathBuf>,
+        mut attach: impl FnMut(&Path) -> Result<(), String>,
+    ) -> usize {
+        let Ok(entries) = std::fs::read_dir(proc_root) else {
+            return 0;
+        };
+        let live: HashSet<u32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        self.seen.retain(|(pid, _, _)| live.contains(pid));
+        let mut attached = 0;
+        for pid in live {
+            let root = proc_root.join(pid.to_string()).join("root");
+            let Ok(root_meta) = std::fs::metadata(&root) else {
+                continue;
+            };
+            if !self.seen.insert((pid, root_meta.dev(), root_meta.ino())) {
+                continue;
+            }
+            let Some(container) = podscope_core::cgroup::process_cgroup_path(proc_root, pid)
+                .and_then(|path| podscope_core::cgroup::container_id(&path))
+            else {
+                continue;
+            };
+            if !self
+                .checked
+                .insert((container.clone(), root_meta.dev(), root_meta.ino()))
+            {
+                continue;
+            }
+            for file in files(&root) {
+                let Ok(meta) = std::fs::metadata(&file) else {
+                    tracing::debug!(probe = %what, container = %container, file = %file.display(), "not in this container");
+                    continue;
+                };
+                if !self.files.insert((meta.dev(), meta.ino())) {
+                    // Same file as a container already attached (one image layer): covered.
+                    continue;
+                }
+                match attach(&file) {
+                    Ok(()) => {
+                        attached += 1;
+                        tracing::info!(probe = %what, container = %container, pid, file = %file.display(), "uprobe attached in container");
+                    }
+                    Err(e) => {
+                        tracing::warn!(probe = %what, container = %container, file = %file.display(), error = %e, "cannot attach the uprobe in this container");
+                    }
+                }
+            }
+        }
+        attached
+    }
+}
+
 /// A loaded entry and what it needs at collection time.
 pub struct LoadedUprobe {
     config: UprobeConfig,
@@ -228,62 +291,23 @@ impl LoadedUprobe {
         let Some(targets) = self.containers.as_mut() else {
             return 0;
         };
-        let Ok(entries) = std::fs::read_dir(proc_root) else {
-            return 0;
-        };
-        let live: HashSet<u32> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
-        targets.seen.retain(|(pid, _, _)| live.contains(pid));
         let function = if self.config.on_return { RETURN } else { ENTRY };
-        let mut attached = 0;
-        for pid in live {
-            let root = proc_root.join(pid.to_string()).join("root");
-            let Ok(root_meta) = std::fs::metadata(&root) else {
-                continue;
-            };
-            if !targets.seen.insert((pid, root_meta.dev(), root_meta.ino())) {
-                continue;
-            }
-            let Some(container) = podscope_core::cgroup::process_cgroup_path(proc_root, pid)
-                .and_then(|path| podscope_core::cgroup::container_id(&path))
-            else {
-                continue;
-            };
-            if !targets
-                .checked
-                .insert((container.clone(), root_meta.dev(), root_meta.ino()))
-            {
-                continue;
-            }
-            let file = root.join(&inner);
-            let Ok(meta) = std::fs::metadata(&file) else {
-                tracing::debug!(uprobe = %self.config.location(), container = %container, "binary not in this container");
-                continue;
-            };
-            if !targets.files.insert((meta.dev(), meta.ino())) {
-                // Same file as a container already attached (one image layer): covered.
-                continue;
-            }
-            let Ok(program) = self
-                .object
-                .program_mut(function)
-                .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))
-            else {
-                return attached;
-            };
-            match attach(program, &self.config.symbol, &file) {
-                Ok(()) => {
-                    attached += 1;
-                    tracing::info!(uprobe = %self.config.location(), container = %container, pid, "uprobe attached in container");
-                }
-                Err(e) => {
-                    tracing::warn!(uprobe = %self.config.location(), container = %container, error = %e, "cannot attach the uprobe in this container");
-                }
-            }
-        }
-        attached
+        let (object, symbol, location) = (
+            &mut self.object,
+            &self.config.symbol,
+            self.config.location(),
+        );
+        targets.scan(
+            proc_root,
+            &location,
+            |root| vec![root.join(&inner)],
+            |file| {
+                let program = object
+                    .program_mut(function)
+                    .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))?;
+                attach(program, symbol, file)
+            },
+        )
     }
 
     fn value_text(&self, key: &UprobeKey) -> String {
