@@ -580,3 +580,120 @@ async fn red_metrics_count_every_request_even_when_no_span_is_sampled() {
         "sampling_ratio 0 sends no span"
     );
 }
+
+/// nginx (Debian's) serving `/status/<code>` and 200 elsewhere, on a free port, over TLS with a
+/// self-signed certificate when `tls`; its files live in `dir`.
+fn nginx(pod: &mut PodCgroup, dir: &std::path::Path, tls: bool) -> u16 {
+    let port = free_port();
+    let ssl = if tls {
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+            ])
+            .arg("/CN=localhost")
+            .arg("-keyout")
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (apt: openssl)");
+        assert!(status.success(), "openssl req");
+        format!(
+            "ssl_certificate {0}/cert.pem; ssl_certificate_key {0}/key.pem;",
+            dir.display()
+        )
+    } else {
+        String::new()
+    };
+    let conf = format!(
+        "user root; worker_processes 1; daemon off; pid {0}/nginx.pid; error_log {0}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{ access_log off; client_body_temp_path {0}; proxy_temp_path {0}; fastcgi_temp_path {0}; uwsgi_temp_path {0}; scgi_temp_path {0};\n\
+           server {{ listen 127.0.0.1:{port}{1}; {ssl}\n\
+             location = /status/404 {{ return 404; }} location = /status/500 {{ return 500; }}\n\
+             location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+        dir.display(),
+        if tls { " ssl" } else { "" },
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    pod.spawn_shell(&format!(
+        "exec nginx -p {0} -c {0}/nginx.conf",
+        dir.display()
+    ));
+    wait_listening(port);
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = pod();
+    let mut client = pod();
+    let started = start(serde_json::json!({})).await;
+    let port = nginx(&mut server, dir.path(), true);
+    let status = run_in(
+        &mut client,
+        &format!(
+            "curl -sk --http1.1 -o /dev/null -o /dev/null -o /dev/null \
+             https://127.0.0.1:{port}/users/42 https://127.0.0.1:{port}/status/404 \
+             https://127.0.0.1:{port}/status/500"
+        ),
+    );
+    assert_eq!(status, 0);
+    let spans = wait_spans(&started.spans, &[server.id(), client.id()], 6).await;
+    started.receiver.shutdown().await.unwrap();
+    let mut summaries: Vec<String> = spans
+        .iter()
+        .map(|s| format!("{} {}", s.summary(), s.attr("url.scheme")))
+        .collect();
+    summaries.sort();
+    assert_eq!(
+        summaries,
+        [
+            "CLIENT GET /status/404 - 404 https",
+            "CLIENT GET /status/500 - 500 https",
+            "CLIENT GET /users/42 - 200 https",
+            "SERVER GET /status/404 /status/{id} 404 https",
+            "SERVER GET /status/500 /status/{id} 500 https",
+            "SERVER GET /users/42 /users/{id} 200 https",
+        ]
+    );
+    // The same-node join works over TLS too: the sockets are the same.
+    for server_span in spans.iter().filter(|s| s.cgroup == server.id()) {
+        let client_span = spans
+            .iter()
+            .find(|c| c.cgroup == client.id() && c.attr("url.path") == server_span.attr("url.path"))
+            .unwrap();
+        assert_eq!(server_span.parent(), client_span.span_id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_over_plain_http_with_curl() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = pod();
+    let mut client = pod();
+    let started = start(serde_json::json!({})).await;
+    let port = nginx(&mut server, dir.path(), false);
+    run_in(
+        &mut client,
+        &format!(
+            "curl -s -o /dev/null -o /dev/null http://127.0.0.1:{port}/a/1 http://127.0.0.1:{port}/status/404"
+        ),
+    );
+    let spans = wait_spans(&started.spans, &[server.id(), client.id()], 4).await;
+    started.receiver.shutdown().await.unwrap();
+    let mut summaries: Vec<String> = spans.iter().map(SeenSpan::summary).collect();
+    summaries.sort();
+    assert_eq!(
+        summaries,
+        [
+            "CLIENT GET /a/1 - 200",
+            "CLIENT GET /status/404 - 404",
+            "SERVER GET /a/1 /a/{id} 200",
+            "SERVER GET /status/404 /status/{id} 404",
+        ]
+    );
+}

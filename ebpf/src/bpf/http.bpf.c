@@ -66,7 +66,7 @@ struct http_conn {
 	/* HTTP/1: head bytes still to capture in `budget_dir` (a head split over several reads). */
 	__u8 budget_dir;
 	__u32 budget;
-	__u32 _pad;
+	__u32 tls; /* bound to an SSL object: its syscalls carry ciphertext, the uprobes plaintext */
 };
 
 struct {
@@ -102,6 +102,45 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } http_counters SEC(".maps");
+
+/* An OpenSSL call in progress on a thread (key: pid_tgid): what the uprobe at its entry saw. */
+struct ssl_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 readbytes; /* SSL_read_ex: where the byte count goes */
+	__u32 num;
+	__u8 direction;
+	__u8 is_ex;
+	__u8 consumed; /* SSL_write: the plaintext went out with the call's syscall */
+	__u8 _pad;
+	__u32 fd; /* the socket, once a syscall inside the call showed it (NO_FD until then) */
+	__u32 _pad2;
+};
+
+#define NO_FD 0xffffffff
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct ssl_call);
+} http_ssl_calls SEC(".maps");
+
+/* (tgid, SSL object) → the socket it was seen on. */
+struct ssl_key {
+	__u32 tgid;
+	__u32 _pad;
+	__u64 ssl;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 16384);
+	__type(key, struct ssl_key);
+	__type(value, __u32);
+} http_ssl_fds SEC(".maps");
 
 static __always_inline void count(__u32 counter)
 {
@@ -295,18 +334,17 @@ static __always_inline int ends_head(const __u8 *data, __u32 captured)
 	return data[at] == '\r' && data[at + 1] == '\n' && data[at + 2] == '\r' && data[at + 3] == '\n';
 }
 
-/* Bytes a process read from or wrote to connection `fd`. */
-static __always_inline void on_data(__u32 fd, __u8 direction, const struct source *src)
+/* Application bytes a process read from or wrote to connection `fd`: what its syscall carried,
+ * or the plaintext of an SSL call on it (`tls`). */
+static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 direction, const struct source *src, int tls)
 {
-	if (src->len == 0)
-		return;
-	__u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, fd);
-	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
-	if (!conn || conn->protocol == HTTP_PROTO_OTHER || conn->protocol == HTTP_PROTO_TLS)
+	if (src->len == 0 || conn->protocol == HTTP_PROTO_OTHER || conn->protocol == HTTP_PROTO_TLS)
 		return;
 	struct http_event *e = start_event(conn, fd, HTTP_EVENT_DATA, direction);
 	if (!e)
 		return;
+	if (tls)
+		e->head.flags |= HTTP_FLAG_TLS;
 	e->head.total_len = src->len;
 	__u32 got = copy_source(src, e->data, DETECT_BYTES);
 	if (got < DETECT_BYTES) {
@@ -355,16 +393,58 @@ static __always_inline void on_data(__u32 fd, __u8 direction, const struct sourc
 	submit(e, captured);
 }
 
+/* Binds the SSL call in progress on this thread, if any, to connection `fd`: its syscalls
+ * carry ciphertext, so they are not read as application bytes; the call's plaintext is. Returns
+ * whether the syscall belongs to an SSL call. */
+static __always_inline int ssl_call_syscall(struct http_conn *conn, __u32 fd, __u8 direction)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *call = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	if (!call)
+		return 0;
+	if (!conn->tls) {
+		/* What was seen of the handshake decided nothing: the plaintext decides. */
+		conn->tls = 1;
+		conn->protocol = HTTP_PROTO_UNKNOWN;
+		conn->ssl = call->ssl;
+		struct ssl_key key = { .tgid = id >> 32, .ssl = call->ssl };
+		podscope_insert(&http_ssl_fds, HTTP_MAP_SSL_FDS, &key, &fd, BPF_ANY);
+	}
+	call->fd = fd;
+	if (call->direction == HTTP_DIR_OUT && direction == HTTP_DIR_OUT && !call->consumed) {
+		call->consumed = 1;
+		struct source plain = { .ptr = (const void *)call->buf, .len = call->num };
+		on_stream(conn, fd, HTTP_DIR_OUT, &plain, 1);
+	}
+	return 1;
+}
+
+/* Bytes a process read from or wrote to descriptor `fd` with a syscall. */
+static __always_inline void on_data(__u32 fd, __u8 direction, const struct source *src)
+{
+	__u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, fd);
+	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
+	if (!conn)
+		return;
+	if (ssl_call_syscall(conn, fd, direction) || conn->tls)
+		return;
+	on_stream(conn, fd, direction, src, 0);
+}
+
 static __always_inline void on_close(__u32 fd)
 {
 	__u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, fd);
 	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
 	if (!conn)
 		return;
-	if (conn->protocol == HTTP_PROTO_HTTP1 || conn->protocol == HTTP_PROTO_HTTP2 || conn->ssl) {
+	if (conn->protocol == HTTP_PROTO_HTTP1 || conn->protocol == HTTP_PROTO_HTTP2) {
 		struct http_event *e = start_event(conn, fd, HTTP_EVENT_CLOSE, 0);
 		if (e)
 			submit(e, 0);
+	}
+	if (conn->ssl) {
+		struct ssl_key ssl = { .tgid = key >> 32, .ssl = conn->ssl };
+		bpf_map_delete_elem(&http_ssl_fds, &ssl);
 	}
 	bpf_map_delete_elem(&http_conns, &key);
 }
@@ -539,6 +619,108 @@ int BPF_PROG(podscope_http_sys_exit, struct pt_regs *regs, long ret)
 	default:
 		return 0;
 	}
+}
+
+/* ---- OpenSSL: SSL_read/SSL_write (and _ex) in libssl ---- */
+
+/* The connection an SSL object was seen on, or NULL. */
+static __always_inline struct http_conn *conn_of_ssl(__u64 ssl, __u32 *fd)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct ssl_key key = { .tgid = tgid, .ssl = ssl };
+	__u32 *bound = bpf_map_lookup_elem(&http_ssl_fds, &key);
+	if (!bound)
+		return 0;
+	*fd = *bound;
+	__u64 ckey = conn_key(tgid, *fd);
+	return bpf_map_lookup_elem(&http_conns, &ckey);
+}
+
+static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u32 num, __u64 readbytes, __u8 direction, __u8 is_ex)
+{
+	if (podscope_skip_current())
+		return 0;
+	if (direction == HTTP_DIR_OUT) {
+		/* Known socket: the plaintext goes now; else with the call's first syscall. */
+		__u32 fd;
+		struct http_conn *conn = conn_of_ssl(ssl, &fd);
+		if (conn) {
+			struct source plain = { .ptr = (const void *)buf, .len = num };
+			on_stream(conn, fd, HTTP_DIR_OUT, &plain, 1);
+			return 0;
+		}
+	}
+	struct ssl_call call = {
+		.ssl = ssl, .buf = buf, .readbytes = readbytes, .num = num,
+		.direction = direction, .is_ex = is_ex, .fd = NO_FD,
+	};
+	__u64 id = bpf_get_current_pid_tgid();
+	podscope_insert(&http_ssl_calls, HTTP_MAP_SSL_CALLS, &id, &call, BPF_ANY);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(podscope_http_ssl_write, void *ssl, const void *buf, int num)
+{
+	return ssl_enter((__u64)ssl, (__u64)buf, num > 0 ? num : 0, 0, HTTP_DIR_OUT, 0);
+}
+
+/* SSL_write and SSL_write_ex return: the call is over (its plaintext went out, or the socket
+ * was never seen). */
+SEC("uretprobe")
+int BPF_KRETPROBE(podscope_http_ssl_write_return)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	bpf_map_delete_elem(&http_ssl_calls, &id);
+	return 0;
+}
+
+SEC("uprobe")
+int BPF_KPROBE(podscope_http_ssl_read, void *ssl, void *buf, int num)
+{
+	return ssl_enter((__u64)ssl, (__u64)buf, num > 0 ? num : 0, 0, HTTP_DIR_IN, 0);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(podscope_http_ssl_read_ex, void *ssl, void *buf, __u64 num, __u64 *readbytes)
+{
+	return ssl_enter((__u64)ssl, (__u64)buf, num > 0xffffffff ? 0xffffffff : num, (__u64)readbytes, HTTP_DIR_IN, 1);
+}
+
+/* SSL_read and SSL_read_ex return: the plaintext is in the buffer now. */
+SEC("uretprobe")
+int BPF_KRETPROBE(podscope_http_ssl_read_return, long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *call = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	if (!call)
+		return 0;
+	__u64 got = 0;
+	if (call->is_ex) {
+		if (ret == 1 && call->readbytes)
+			bpf_probe_read_user(&got, sizeof(got), (const void *)call->readbytes);
+	} else if (ret > 0) {
+		got = ret;
+	}
+	__u32 fd = call->fd;
+	__u64 buf = call->buf;
+	__u64 ssl = call->ssl;
+	bpf_map_delete_elem(&http_ssl_calls, &id);
+	if (got == 0)
+		return 0;
+	struct http_conn *conn;
+	if (fd != NO_FD) {
+		__u64 key = conn_key(id >> 32, fd);
+		conn = bpf_map_lookup_elem(&http_conns, &key);
+	} else {
+		/* Decrypted from what an earlier call read off the socket. */
+		conn = conn_of_ssl(ssl, &fd);
+	}
+	if (!conn)
+		return 0;
+	struct source plain = { .ptr = (const void *)buf, .len = got > 0xffffffff ? 0xffffffff : got };
+	on_stream(conn, fd, HTTP_DIR_IN, &plain, 1);
+	return 0;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

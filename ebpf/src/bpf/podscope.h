@@ -255,6 +255,8 @@ enum uprobes_map_slot {
 
 enum http_map_slot {
 	HTTP_MAP_CONNS = 0,
+	HTTP_MAP_SSL_CALLS = 1,
+	HTTP_MAP_SSL_FDS = 2,
 };
 
 #ifdef __BPF__

@@ -16,6 +16,7 @@ mod reader;
 mod red;
 mod route;
 mod spans;
+mod tls;
 mod trace_context;
 mod tracker;
 
@@ -40,6 +41,7 @@ use crate::ebpf::object::{
 };
 use red::RedTable;
 use route::{RoutePattern, Router};
+use tls::TlsProbes;
 
 /// The per-syscall tracepoint programs.
 const TRACEPOINT_PROGRAMS: [&str; 12] = [
@@ -78,7 +80,7 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_http_sys_enter", "sys_enter"),
         tp_btf("podscope_http_sys_exit", "sys_exit"),
     ],
-    maps: &[CONNS, EVENTS, SCRATCH, COUNTERS],
+    maps: &[CONNS, EVENTS, SCRATCH, COUNTERS, SSL_CALLS, SSL_FDS],
 };
 
 /// (process, descriptor) → the connection: its addresses, role and protocol.
@@ -87,6 +89,10 @@ const EVENTS: MapDef = MapDef::ring("http_events");
 const SCRATCH: MapDef = MapDef::fixed("http_scratch");
 /// `enum http_counter`: connections that were not HTTP, events lost.
 const COUNTERS: MapDef = MapDef::fixed("http_counters");
+/// Thread → the OpenSSL call it is in.
+const SSL_CALLS: MapDef = MapDef::entries("http_ssl_calls").counted(abi::HTTP_MAP_SSL_CALLS);
+/// (process, SSL object) → its socket's descriptor.
+const SSL_FDS: MapDef = MapDef::entries("http_ssl_fds").counted(abi::HTTP_MAP_SSL_FDS);
 
 pub struct Http;
 
@@ -113,7 +119,28 @@ impl SingleObjectProbe for Http {
             skip,
         };
         let mut object = ctx.object(&SPEC, &settings)?;
-        tracing::info!(receiver = %ctx.receiver, probe = SPEC.name, hooks = %hooks, "http: socket syscalls hooked");
+        let tls = if config.tls.enabled {
+            match TlsProbes::load(&mut object, &config.tls.libraries) {
+                Ok(tls) => Some(tls),
+                Err(reason) => {
+                    tracing::warn!(receiver = %ctx.receiver, reason = %reason, "http: HTTPS is not traced (the libssl uprobes cannot load)");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let tls_line = match &tls {
+            None => "off".to_string(),
+            Some(tls) if tls.attached().is_empty() => "no libssl on the host".to_string(),
+            Some(tls) => tls
+                .attached()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
+        tracing::info!(receiver = %ctx.receiver, probe = SPEC.name, hooks = %hooks, tls = %tls_line, "http: socket syscalls hooked");
         let (ring_events, ring_lost) = ctx.telemetry.ring(EVENTS.name);
         let counters = Counters {
             ring_events,
@@ -146,6 +173,8 @@ impl SingleObjectProbe for Http {
             config.routes.max_per_container,
         );
         Ok(Box::new(Loaded {
+            tls,
+            container_attachments: ctx.telemetry.container_attachments.clone(),
             events: Some(object.ring_buf(&EVENTS)?),
             kernel_counters: object.per_cpu_counters(&COUNTERS)?,
             object,
@@ -215,6 +244,8 @@ struct Counters {
 
 struct Loaded {
     object: ProbeObject,
+    tls: Option<TlsProbes>,
+    container_attachments: Counter,
     config: HttpProbeConfig,
     /// Until the reader task takes it.
     events: Option<RingBuf<MapData>>,
@@ -270,6 +301,17 @@ impl Probe for Loaded {
             let total = self.kernel_counters.get(index);
             counter.inc_by(total.saturating_sub(self.kernel_seen[i]));
             self.kernel_seen[i] = total.max(self.kernel_seen[i]);
+        }
+    }
+
+    fn watches_containers(&self) -> bool {
+        self.tls.as_ref().is_some_and(TlsProbes::watches_containers)
+    }
+
+    fn rescan(&mut self) {
+        if let Some(tls) = &mut self.tls {
+            let attached = tls.rescan(&mut self.object, std::path::Path::new("/proc"));
+            self.container_attachments.inc_by(attached as u64);
         }
     }
 

@@ -168,6 +168,13 @@ impl ContainerTargets {
         }
         attached
     }
+
+    /// Marks a file as attached (on the host), so containers sharing it are not attached again.
+    pub fn attached_on_host(&mut self, file: &Path) {
+        if let Ok(meta) = std::fs::metadata(file) {
+            self.files.insert((meta.dev(), meta.ino()));
+        }
+    }
 }
 
 /// A loaded entry and what it needs at collection time.
