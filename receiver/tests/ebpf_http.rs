@@ -697,3 +697,75 @@ async fn nginx_over_plain_http_with_curl() {
         ]
     );
 }
+
+/// A pod running `grpc_peer.py server` on a free port (TLS with `cert` and `key`).
+fn grpc_server(pod: &mut PodCgroup, tls: Option<(&std::path::Path, &std::path::Path)>) -> u16 {
+    let port = free_port();
+    let tls = tls
+        .map(|(cert, key)| format!(" {} {}", cert.display(), key.display()))
+        .unwrap_or_default();
+    pod.spawn_shell(&format!(
+        "exec /usr/bin/python3 {} server {port}{tls}",
+        tests_dir().join("grpc_peer.py").display()
+    ));
+    wait_listening(port);
+    port
+}
+
+fn grpc_summary(s: &SeenSpan) -> String {
+    format!(
+        "{} {} {} {} {}",
+        if s.span.kind == 2 { "SERVER" } else { "CLIENT" },
+        s.span.name,
+        s.attr("rpc.system"),
+        s.attr("rpc.grpc.status_code"),
+        s.span.status.as_ref().map(|st| st.code).unwrap_or(0),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_give_rpc_spans_with_status_codes() {
+    let mut server = pod();
+    let mut client = pod();
+    let started = start(serde_json::json!({})).await;
+    let port = grpc_server(&mut server, None);
+    assert_eq!(
+        run_in(
+            &mut client,
+            &format!(
+                "/usr/bin/python3 {} client {port} Add Fail Add",
+                tests_dir().join("grpc_peer.py").display()
+            )
+        ),
+        0
+    );
+    let spans = wait_spans(&started.spans, &[server.id(), client.id()], 6).await;
+    started.receiver.shutdown().await.unwrap();
+    let mut summaries: Vec<String> = spans.iter().map(grpc_summary).collect();
+    summaries.sort();
+    // NOT_FOUND is an error for the client, not for the server (semantic conventions).
+    assert_eq!(
+        summaries,
+        [
+            "CLIENT shop.Cart/Add grpc 0 0",
+            "CLIENT shop.Cart/Add grpc 0 0",
+            "CLIENT shop.Cart/Fail grpc 5 2",
+            "SERVER shop.Cart/Add grpc 0 0",
+            "SERVER shop.Cart/Add grpc 0 0",
+            "SERVER shop.Cart/Fail grpc 5 0",
+        ]
+    );
+    for s in &spans {
+        assert_eq!(s.attr("rpc.service"), "shop.Cart");
+        assert_eq!(s.attr("network.protocol.version"), "2");
+    }
+    // Stream ids are the same at both ends: each server span joins its client span.
+    for server_span in spans.iter().filter(|s| s.cgroup == server.id()) {
+        assert!(
+            spans
+                .iter()
+                .any(|c| c.cgroup == client.id() && c.span_id() == server_span.parent()),
+            "{server_span:#?}"
+        );
+    }
+}

@@ -8,6 +8,7 @@
  * of the message head (and the rest of a head split over several reads, up to capture_bytes);
  * for HTTP/2 every read and write does, as userspace follows the frames. Userspace parses and
  * pairs; the kernel gives the time of each message: reads at syscall exit, writes at entry.
+ * HTTP/2 is recognised by the client's preface or the server's first SETTINGS frame.
  *
  * Two ways to hook the same handlers: the per-syscall tracepoints (syscalls:sys_enter_write,
  * sys_exit_read, ...), so other syscalls run none of this probe's programs, or, where tracefs
@@ -46,8 +47,10 @@
 
 /* Bytes of a response kept: the status line is all userspace reads. */
 #define RESPONSE_CAPTURE 32
-/* iovecs looked at per readv/writev/recvmsg/sendmsg. */
-#define MAX_IOVECS 8
+/* iovecs copied from per readv/writev/recvmsg/sendmsg, and summed for a write's length (more
+ * and the length is unknown: HTTP/2 userspace then gives the direction up). */
+#define MAX_IOVECS 32
+#define MAX_IOVECS_SUMMED 64
 
 const volatile __u32 capture_bytes = 512;  /* of a request head (HTTP/1), of each call (HTTP/2) */
 const volatile __u64 wakeup_bytes = 65536; /* waiting bytes that wake the agent early */
@@ -276,6 +279,14 @@ static __always_inline int is_http2_preface(const __u8 *b)
 	return starts_with(b, "PRI * HTTP/2.0\r\n", 16);
 }
 
+/* A server's first HTTP/2 frame: SETTINGS (not an ACK) on stream 0, a whole number of settings.
+ * A gRPC server writes it as soon as it accepts, before it reads the client's preface, so it can
+ * be the first bytes of either end. */
+static __always_inline int is_http2_settings(const __u8 *b)
+{
+	return b[0] == 0 && b[2] % 6 == 0 && b[3] == 0x04 && b[4] == 0 && b[5] == 0 && b[6] == 0 && b[7] == 0 && b[8] == 0;
+}
+
 /* A TLS handshake or application-data record header. */
 static __always_inline int is_tls_record(const __u8 *b)
 {
@@ -357,6 +368,8 @@ static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 dir
 		if (is_request_start(e->data) || is_response_start(e->data)) {
 			conn->protocol = HTTP_PROTO_HTTP1;
 		} else if (is_http2_preface(e->data)) {
+			conn->protocol = HTTP_PROTO_HTTP2;
+		} else if (got >= 9 && is_http2_settings(e->data)) {
 			conn->protocol = HTTP_PROTO_HTTP2;
 		} else if (got >= 3 && is_tls_record(e->data)) {
 			conn->protocol = HTTP_PROTO_TLS;
@@ -480,7 +493,7 @@ static __always_inline void on_enter(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3)
 		/* The bytes asked to be written: the sum of the iovecs looked at. */
 		const struct iovec *iov = src.ptr;
 		__u64 total = 0;
-		for (int i = 0; i < MAX_IOVECS; i++) {
+		for (int i = 0; i < MAX_IOVECS_SUMMED; i++) {
 			if (i >= src.iovcnt)
 				break;
 			struct iovec vec;
@@ -488,6 +501,8 @@ static __always_inline void on_enter(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3)
 				break;
 			total += vec.iov_len;
 		}
+		if (src.iovcnt > MAX_IOVECS_SUMMED)
+			total = 0xffffffff;
 		src.len = total > 0xffffffff ? 0xffffffff : total;
 	}
 	on_data(fd, HTTP_DIR_OUT, &src);

@@ -33,4 +33,45 @@ pub const HTTP_CLIENT_DURATION: MetricDoc = MetricDoc {
     ],
 };
 
-pub const METRICS: &[MetricDoc] = &[HTTP_SERVER_DURATION, HTTP_CLIENT_DURATION];
+pub const RPC_SERVER_DURATION: MetricDoc = MetricDoc {
+    name: "rpc.server.call.duration",
+    kind: MetricKind::Duration,
+    unit: "s",
+    description: "Duration of gRPC calls served, from the request's headers read to its status (trailers) written; the count is every call (never sampled)",
+    attributes: &[
+        "rpc.system",
+        "rpc.service",
+        "rpc.method",
+        "rpc.grpc.status_code",
+        "error.type",
+    ],
+};
+
+pub const RPC_CLIENT_DURATION: MetricDoc = MetricDoc {
+    name: "rpc.client.call.duration",
+    kind: MetricKind::Duration,
+    unit: "s",
+    description: "Duration of gRPC calls made, from the request's headers written to its status (trailers) read; the count is every call (never sampled)",
+    attributes: &[
+        "rpc.system",
+        "rpc.service",
+        "rpc.method",
+        "server.address",
+        "server.port",
+        "rpc.grpc.status_code",
+        "error.type",
+    ],
+};
+
+/// Indexes of these in [`METRICS`] (RED series name their metric by index).
+pub const HTTP_SERVER: usize = 0;
+pub const HTTP_CLIENT: usize = 1;
+pub const RPC_SERVER: usize = 2;
+pub const RPC_CLIENT: usize = 3;
+
+pub const METRICS: &[MetricDoc] = &[
+    HTTP_SERVER_DURATION,
+    HTTP_CLIENT_DURATION,
+    RPC_SERVER_DURATION,
+    RPC_CLIENT_DURATION,
+];

@@ -11,6 +11,7 @@
 
 mod config;
 mod http1;
+mod http2;
 mod metrics;
 mod reader;
 mod red;

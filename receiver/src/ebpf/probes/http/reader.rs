@@ -16,7 +16,8 @@ use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 
 use super::config::HttpProbeConfig;
-use super::red::RedKey;
+use super::metrics;
+use super::red::{is_error, is_grpc_error, AttrValue, RedKey};
 use super::spans::{build_span, known_method, resource_spans};
 use super::trace_context::Sampler;
 use super::tracker::{Exchange, SpanKind, Tracker};
@@ -78,35 +79,83 @@ impl ExchangePipeline {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         for exchange in self.exchanges.drain(..) {
             let path = shared.router.redact(&exchange.request.path);
-            let (target, port) = match exchange.kind {
-                SpanKind::Server => (
-                    shared.router.route(exchange.cgroup, &exchange.request.path),
-                    0,
-                ),
-                SpanKind::Client => (
-                    exchange.socket.remote.address.to_string(),
-                    exchange.socket.remote.port,
-                ),
+            let route = match (exchange.kind, &exchange.rpc) {
+                (SpanKind::Server, None) => {
+                    shared.router.route(exchange.cgroup, &exchange.request.path)
+                }
+                _ => String::new(),
             };
             let seconds = exchange.end_ns.saturating_sub(exchange.start_ns) as f64 / 1e9;
-            shared.red.record(
-                RedKey {
-                    cgroup: exchange.cgroup,
-                    kind: exchange.kind,
-                    method: known_method(&exchange.request.method).to_string(),
-                    target: target.clone(),
-                    port,
-                    status: exchange.status,
-                    tls: exchange.tls,
-                    version: exchange.request.version,
-                },
-                seconds,
-            );
+            shared.red.record(red_key(&exchange, &route), seconds);
             if self.sampler.keeps(&exchange.ids.trace_id) {
-                let span = build_span(&exchange, &path, &target, self.clock_offset_ns);
+                let span = build_span(&exchange, &path, &route, self.clock_offset_ns);
                 self.spans.push((exchange.cgroup, span));
             }
         }
+    }
+}
+
+/// The RED series of an exchange: per the conventions' attributes of its metric.
+fn red_key(exchange: &Exchange, route: &str) -> RedKey {
+    let text = |s: &str| AttrValue::Text(s.to_string());
+    let server = exchange.socket.remote;
+    let (metric, mut attributes) = match (&exchange.rpc, exchange.kind) {
+        (Some(rpc), kind) => {
+            let mut attributes = vec![
+                ("rpc.system", text("grpc")),
+                ("rpc.service", text(&rpc.service)),
+                ("rpc.method", text(&rpc.method)),
+            ];
+            if kind == SpanKind::Client {
+                attributes.push(("server.address", text(&server.address.to_string())));
+                attributes.push(("server.port", AttrValue::Int(i64::from(server.port))));
+            }
+            attributes.push(("rpc.grpc.status_code", AttrValue::Int(rpc.status_code)));
+            if is_grpc_error(kind, rpc.status_code) {
+                attributes.push(("error.type", text(&rpc.status_code.to_string())));
+            }
+            let metric = match kind {
+                SpanKind::Server => metrics::RPC_SERVER,
+                SpanKind::Client => metrics::RPC_CLIENT,
+            };
+            return RedKey {
+                cgroup: exchange.cgroup,
+                metric,
+                attributes,
+            };
+        }
+        (None, SpanKind::Server) => (
+            metrics::HTTP_SERVER,
+            vec![
+                ("http.request.method", text(known_method(&exchange.request.method))),
+                ("http.route", text(route)),
+            ],
+        ),
+        (None, SpanKind::Client) => (
+            metrics::HTTP_CLIENT,
+            vec![
+                ("http.request.method", text(known_method(&exchange.request.method))),
+                ("server.address", text(&server.address.to_string())),
+                ("server.port", AttrValue::Int(i64::from(server.port))),
+            ],
+        ),
+    };
+    attributes.push((
+        "http.response.status_code",
+        AttrValue::Int(i64::from(exchange.status)),
+    ));
+    attributes.push((
+        "url.scheme",
+        text(if exchange.tls { "https" } else { "http" }),
+    ));
+    attributes.push(("network.protocol.version", text(exchange.request.version)));
+    if is_error(exchange.kind, exchange.status) {
+        attributes.push(("error.type", text(&exchange.status.to_string())));
+    }
+    RedKey {
+        cgroup: exchange.cgroup,
+        metric,
+        attributes,
     }
 }
 

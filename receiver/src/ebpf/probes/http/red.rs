@@ -79,27 +79,38 @@ impl DurationHistogram {
     }
 }
 
-/// What a RED series is per: the container and the exchange's identity.
+/// An attribute value of a RED series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttrValue {
+    Text(String),
+    Int(i64),
+}
+
+/// What a RED series is per: the container, the metric and its attributes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RedKey {
     pub cgroup: u64,
-    pub kind: SpanKind,
-    pub method: String,
-    /// `http.route` (servers) or `server.address` (clients).
-    pub target: String,
-    /// `server.port` (clients).
-    pub port: u16,
-    pub status: u16,
-    pub tls: bool,
-    pub version: &'static str,
+    /// Index into [`super::metrics::METRICS`].
+    pub metric: usize,
+    pub attributes: Vec<(&'static str, AttrValue)>,
 }
 
-/// Whether a status code is an error for that end (semantic conventions: 5xx for servers, 4xx
-/// and 5xx for clients).
+/// Whether an HTTP status code is an error for that end (semantic conventions: 5xx for
+/// servers, 4xx and 5xx for clients).
 pub fn is_error(kind: SpanKind, status: u16) -> bool {
     match kind {
         SpanKind::Server => status >= 500,
         SpanKind::Client => status >= 400,
+    }
+}
+
+/// Whether a gRPC status code is an error for that end (semantic conventions: any but OK for
+/// clients; UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE and DATA_LOSS for
+/// servers).
+pub fn is_grpc_error(kind: SpanKind, code: i64) -> bool {
+    match kind {
+        SpanKind::Server => matches!(code, 2 | 4 | 12 | 13 | 14 | 15),
+        SpanKind::Client => code != 0,
     }
 }
 
@@ -110,7 +121,10 @@ pub struct RedTable {
 
 impl RedTable {
     pub fn record(&mut self, key: RedKey, seconds: f64) {
-        self.series.entry(key).or_default().record(seconds);
+        match self.series.get_mut(&key) {
+            Some(histogram) => histogram.record(seconds),
+            None => self.series.entry(key).or_default().record(seconds),
+        }
     }
 
     /// Forgets the series of removed containers (reported a last time before).
@@ -124,24 +138,15 @@ impl RedTable {
 
     pub fn add_to(&self, b: &mut MetricsBuilder<'_>) {
         for (key, histogram) in &self.series {
-            let mut attributes = vec![string_attr("http.request.method", &key.method)];
-            let doc = match key.kind {
-                SpanKind::Server => {
-                    attributes.push(string_attr("http.route", &key.target));
-                    &super::metrics::HTTP_SERVER_DURATION
-                }
-                SpanKind::Client => {
-                    attributes.push(string_attr("server.address", &key.target));
-                    attributes.push(int_attr("server.port", i64::from(key.port)));
-                    &super::metrics::HTTP_CLIENT_DURATION
-                }
-            };
-            attributes.push(int_attr("http.response.status_code", i64::from(key.status)));
-            attributes.push(string_attr("url.scheme", if key.tls { "https" } else { "http" }));
-            attributes.push(string_attr("network.protocol.version", key.version));
-            if is_error(key.kind, key.status) {
-                attributes.push(string_attr("error.type", key.status.to_string()));
-            }
+            let attributes = key
+                .attributes
+                .iter()
+                .map(|(name, value)| match value {
+                    AttrValue::Text(text) => string_attr(name, text),
+                    AttrValue::Int(n) => int_attr(name, *n),
+                })
+                .collect::<Vec<KeyValue>>();
+            let doc = &super::metrics::METRICS[key.metric];
             b.exponential(Owner::Cgroup(key.cgroup), doc, histogram.point(attributes));
         }
     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
 
-use super::red::is_error;
+use super::red::{is_error, is_grpc_error};
 use super::tracker::{Exchange, SpanKind};
 use crate::ebpf::builder::{int_attr, resource, scope, string_attr, Owner};
 use crate::ebpf::CgroupIndex;
@@ -35,6 +35,9 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
 
 /// The span of one exchange. `path` is the redacted path, `route` the server's route.
 pub fn build_span(exchange: &Exchange, path: &str, route: &str, clock_offset_ns: u64) -> Span {
+    if exchange.rpc.is_some() {
+        return build_rpc_span(exchange, clock_offset_ns);
+    }
     let request = &exchange.request;
     let method = known_method(&request.method);
     let socket = &exchange.socket;
@@ -79,6 +82,59 @@ pub fn build_span(exchange: &Exchange, path: &str, route: &str, clock_offset_ns:
     if error {
         attributes.push(string_attr("error.type", exchange.status.to_string()));
     }
+    span_of(exchange, name, kind, attributes, error, clock_offset_ns)
+}
+
+/// A gRPC call's span: `rpc.*` attributes, named `service/method`.
+fn build_rpc_span(exchange: &Exchange, clock_offset_ns: u64) -> Span {
+    let Some(rpc) = &exchange.rpc else {
+        return Span::default();
+    };
+    let socket = &exchange.socket;
+    let error = is_grpc_error(exchange.kind, rpc.status_code);
+    let mut attributes = vec![
+        string_attr("rpc.system", "grpc"),
+        string_attr("rpc.service", &rpc.service),
+        string_attr("rpc.method", &rpc.method),
+        int_attr("rpc.grpc.status_code", rpc.status_code),
+        string_attr("network.protocol.version", exchange.request.version),
+    ];
+    let kind = match exchange.kind {
+        SpanKind::Server => {
+            attributes.push(string_attr("server.address", socket.local.address.to_string()));
+            attributes.push(int_attr("server.port", i64::from(socket.local.port)));
+            attributes.push(string_attr("client.address", socket.remote.address.to_string()));
+            attributes.push(int_attr("client.port", i64::from(socket.remote.port)));
+            span::SpanKind::Server
+        }
+        SpanKind::Client => {
+            attributes.push(string_attr("server.address", socket.remote.address.to_string()));
+            attributes.push(int_attr("server.port", i64::from(socket.remote.port)));
+            span::SpanKind::Client
+        }
+    };
+    attributes.push(string_attr(
+        "network.peer.address",
+        socket.remote.address.to_string(),
+    ));
+    attributes.push(int_attr("network.peer.port", i64::from(socket.remote.port)));
+    attributes.push(int_attr("process.pid", i64::from(exchange.tgid)));
+    if error {
+        attributes.push(string_attr("error.type", rpc.status_code.to_string()));
+    }
+    let name = format!("{}/{}", rpc.service, rpc.method);
+    span_of(exchange, name, kind, attributes, error, clock_offset_ns)
+}
+
+fn span_of(
+    exchange: &Exchange,
+    name: String,
+    kind: span::SpanKind,
+    attributes: Vec<opentelemetry_proto::tonic::common::v1::KeyValue>,
+    error: bool,
+    clock_offset_ns: u64,
+) -> Span {
+    let request = &exchange.request;
     Span {
         trace_id: exchange.ids.trace_id.to_vec(),
         span_id: exchange.ids.span_id.to_vec(),

@@ -16,10 +16,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use podscope_ebpf::abi::{
     HttpEventHead, HTTP_DIR_IN, HTTP_EVENT_CLOSE, HTTP_EVENT_DATA, HTTP_FLAG_CONTINUATION,
-    HTTP_FLAG_TLS, HTTP_PROTO_HTTP1,
+    HTTP_FLAG_TLS, HTTP_PROTO_HTTP1, HTTP_PROTO_HTTP2,
 };
 
 use super::http1::{self, HeadParse, RequestHead};
+use super::http2::{self, FrameEvent};
 use super::trace_context::{IdGenerator, SpanIds, TraceParent};
 
 /// Which end of the exchange the process is.
@@ -59,8 +60,32 @@ pub struct Exchange {
     pub socket: Socket,
     pub tls: bool,
     pub request: RequestHead,
+    /// The HTTP status code (200 for a gRPC call whose response had none).
     pub status: u16,
+    /// A gRPC call's service, method and status.
+    pub rpc: Option<Rpc>,
     pub ids: SpanIds,
+}
+
+/// What a gRPC call was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rpc {
+    pub service: String,
+    pub method: String,
+    pub status_code: i64,
+}
+
+impl Rpc {
+    /// A gRPC `:path` (`/package.Service/Method`) into service and method.
+    fn from_path(path: &str, status_code: i64) -> Rpc {
+        let trimmed = path.trim_start_matches('/');
+        let (service, method) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+        Rpc {
+            service: service.to_string(),
+            method: method.to_string(),
+            status_code,
+        }
+    }
 }
 
 /// What the tracker could not use, since the last `take_counts`.
@@ -106,7 +131,27 @@ struct Connection {
     /// Switched protocols (101): no longer HTTP/1.
     upgraded: bool,
     last_seen_ns: u64,
+    /// HTTP/2: both directions' frames and the streams in flight.
+    h2: Option<H2Connection>,
 }
+
+struct H2Connection {
+    /// Received and sent bytes, from the first event of each direction.
+    received: Option<http2::Direction>,
+    sent: Option<http2::Direction>,
+    /// The direction requests travel in (the one that starts with the preface), once seen.
+    request_direction: u8,
+    streams: HashMap<u32, H2Stream>,
+}
+
+struct H2Stream {
+    pending: Pending,
+    grpc: bool,
+    status: Option<u16>,
+}
+
+/// Streams in flight per HTTP/2 connection at most.
+const STREAM_LIMIT: usize = 1024;
 
 /// Both ends of a connection, the client's first: the same key from either end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -198,6 +243,9 @@ impl Tracker {
             HTTP_EVENT_DATA if u32::from(head.protocol) == HTTP_PROTO_HTTP1 => {
                 self.http1(key, head, data, out)
             }
+            HTTP_EVENT_DATA if u32::from(head.protocol) == HTTP_PROTO_HTTP2 => {
+                self.http2(key, head, data, out)
+            }
             _ => {}
         }
     }
@@ -212,6 +260,9 @@ impl Tracker {
         for pending in conn.pending {
             self.stop_serving(key.tgid, &pending);
         }
+        for (_, stream) in conn.h2.map(|h2| h2.streams).unwrap_or_default() {
+            self.stop_serving(key.tgid, &stream.pending);
+        }
     }
 
     fn stop_serving(&mut self, tgid: u32, pending: &Pending) {
@@ -225,8 +276,12 @@ impl Tracker {
         }
     }
 
-    fn http1(&mut self, key: ConnKey, head: &HttpEventHead, data: &[u8], out: &mut Vec<Exchange>) {
-        let conn = self.connections.entry(key).or_insert_with(|| Connection {
+    fn connection<'a>(
+        connections: &'a mut HashMap<ConnKey, Connection>,
+        key: ConnKey,
+        head: &HttpEventHead,
+    ) -> &'a mut Connection {
+        let conn = connections.entry(key).or_insert_with(|| Connection {
             socket: socket_of(head),
             cgroup: head.cgroup_id,
             tls: u32::from(head.flags) & HTTP_FLAG_TLS != 0,
@@ -235,8 +290,14 @@ impl Tracker {
             requests: 0,
             upgraded: false,
             last_seen_ns: head.timestamp_ns,
+            h2: None,
         });
         conn.last_seen_ns = head.timestamp_ns;
+        conn
+    }
+
+    fn http1(&mut self, key: ConnKey, head: &HttpEventHead, data: &[u8], out: &mut Vec<Exchange>) {
+        let conn = Self::connection(&mut self.connections, key, head);
         if conn.upgraded {
             return;
         }
@@ -427,6 +488,187 @@ impl Tracker {
             tls: conn.tls,
             request: pending.head.clone(),
             status,
+            rpc: None,
+            ids: pending.ids,
+        };
+        self.stop_serving(key.tgid, &pending);
+        out.push(exchange);
+    }
+
+    fn http2(&mut self, key: ConnKey, head: &HttpEventHead, data: &[u8], out: &mut Vec<Exchange>) {
+        let conn = Self::connection(&mut self.connections, key, head);
+        let h2 = conn.h2.get_or_insert_with(|| H2Connection {
+            received: None,
+            sent: None,
+            request_direction: 0,
+            streams: HashMap::new(),
+        });
+        let slot = if u32::from(head.direction) == HTTP_DIR_IN {
+            &mut h2.received
+        } else {
+            &mut h2.sent
+        };
+        // The client's bytes start with the preface; a gRPC server's SETTINGS may come first.
+        let direction = slot.get_or_insert_with(|| {
+            let preface = data.starts_with(http2::PREFACE);
+            if preface {
+                h2.request_direction = head.direction;
+            }
+            http2::Direction::new(preface)
+        });
+        let was_broken = direction.is_broken();
+        let Ok(events) = direction.feed(data, head.total_len as usize) else {
+            if !was_broken {
+                self.counts.not_parsed += 1;
+            }
+            return;
+        };
+        if h2.request_direction == 0 {
+            return;
+        }
+        let is_request = head.direction == h2.request_direction;
+        let socket = conn.socket;
+        for event in events {
+            match event {
+                FrameEvent::Reset { stream } => {
+                    let removed = self
+                        .connections
+                        .get_mut(&key)
+                        .and_then(|c| c.h2.as_mut())
+                        .and_then(|h2| h2.streams.remove(&stream));
+                    if let Some(stream) = removed {
+                        self.stop_serving(key.tgid, &stream.pending);
+                    }
+                }
+                FrameEvent::Headers {
+                    stream, headers, ..
+                } if is_request => self.h2_request(key, head, socket, stream, &headers),
+                FrameEvent::Headers {
+                    stream, headers, ..
+                } => self.h2_response(key, head, stream, &headers, out),
+            }
+        }
+    }
+
+    fn h2_request(
+        &mut self,
+        key: ConnKey,
+        head: &HttpEventHead,
+        socket: Socket,
+        stream: u32,
+        headers: &[(String, String)],
+    ) {
+        let find = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        // Trailers of a request (no :method) say nothing new.
+        let Some(method) = find(":method") else {
+            return;
+        };
+        let request = RequestHead {
+            method,
+            path: http1::path_of(&find(":path").unwrap_or_default()),
+            version: "2",
+            host: find(":authority"),
+            traceparent: find("traceparent"),
+            tracestate: find("tracestate"),
+        };
+        let grpc = find("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+        let kind = if u32::from(head.direction) == HTTP_DIR_IN {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        };
+        let ids = self.assign_ids(
+            kind,
+            key.tgid,
+            head.tid,
+            &request,
+            socket,
+            u64::from(stream),
+            head.timestamp_ns,
+        );
+        if kind == SpanKind::Server {
+            self.serving.insert((key.tgid, head.tid), ids);
+        }
+        let Some(h2) = self.connections.get_mut(&key).and_then(|c| c.h2.as_mut()) else {
+            return;
+        };
+        if h2.streams.len() >= STREAM_LIMIT {
+            return;
+        }
+        h2.streams.insert(
+            stream,
+            H2Stream {
+                pending: Pending {
+                    kind,
+                    start_ns: head.timestamp_ns,
+                    tid: head.tid,
+                    head: request,
+                    ids,
+                },
+                grpc,
+                status: None,
+            },
+        );
+    }
+
+    fn h2_response(
+        &mut self,
+        key: ConnKey,
+        head: &HttpEventHead,
+        stream: u32,
+        headers: &[(String, String)],
+        out: &mut Vec<Exchange>,
+    ) {
+        let Some(conn) = self.connections.get_mut(&key) else {
+            return;
+        };
+        let (socket, cgroup, tls) = (conn.socket, conn.cgroup, conn.tls);
+        let Some(h2) = conn.h2.as_mut() else {
+            return;
+        };
+        let Some(entry) = h2.streams.get_mut(&stream) else {
+            return;
+        };
+        let find = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        if let Some(status) = find(":status").and_then(|s| s.parse::<u16>().ok()) {
+            if (100..200).contains(&status) {
+                return;
+            }
+            entry.status = Some(status);
+        }
+        let rpc = match (entry.grpc, find("grpc-status")) {
+            (true, Some(code)) => Some(Rpc::from_path(
+                &entry.pending.head.path,
+                code.trim().parse().unwrap_or(2),
+            )),
+            // A gRPC call ends with its status, in the trailers (or trailers-only headers).
+            (true, None) => return,
+            (false, _) if entry.status.is_some() => None,
+            (false, _) => return,
+        };
+        let Some(H2Stream {
+            pending, status, ..
+        }) = h2.streams.remove(&stream)
+        else {
+            return;
+        };
+        let exchange = Exchange {
+            kind: pending.kind,
+            cgroup,
+            tgid: key.tgid,
+            tid: pending.tid,
+            start_ns: pending.start_ns,
+            end_ns: head.timestamp_ns,
+            socket,
+            tls,
+            request: pending.head.clone(),
+            status: status.unwrap_or(200),
+            rpc,
             ids: pending.ids,
         };
         self.stop_serving(key.tgid, &pending);
