@@ -94,7 +94,8 @@ impl TlsProbes {
                 match attach_file(object, &file) {
                     Ok(()) => {
                         probes.containers.attached_on_host(&file);
-                        probes.attached.push(file);
+                        // The file's own name rather than a symlink to it (libssl.so).
+                        probes.attached.push(std::fs::canonicalize(&file).unwrap_or(file));
                     }
                     Err(e) => {
                         tracing::debug!(file = %file.display(), error = %e, "http: not a libssl to probe")
