@@ -769,3 +769,96 @@ async fn grpc_calls_give_rpc_spans_with_status_codes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raw_syscall_hooks_give_the_same_spans() {
+    let mut server = pod();
+    let mut client = pod();
+    let started = start(serde_json::json!({"syscall_hooks": "raw"})).await;
+    let port = python_server(&mut server);
+    run_in(
+        &mut client,
+        &format!(
+            "curl -s -o /dev/null -o /dev/null http://127.0.0.1:{port}/a/1 http://127.0.0.1:{port}/status/500"
+        ),
+    );
+    let spans = wait_spans(&started.spans, &[server.id(), client.id()], 4).await;
+    started.receiver.shutdown().await.unwrap();
+    let mut summaries: Vec<String> = spans.iter().map(SeenSpan::summary).collect();
+    summaries.sort();
+    assert_eq!(
+        summaries,
+        [
+            "CLIENT GET /a/1 - 200",
+            "CLIENT GET /status/500 - 500",
+            "SERVER GET /a/1 /a/{id} 200",
+            "SERVER GET /status/500 /status/{id} 500",
+        ]
+    );
+}
+
+/// wrk's own count of the requests it completed (`N requests in …`).
+fn wrk_requests(output: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in ")?.0.parse().ok())
+        .unwrap_or_else(|| panic!("no request count in wrk's output:\n{output}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrk_against_nginx_gives_one_client_span_per_request_wrk_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = pod();
+    let mut client = pod();
+    // wrk and nginx take both CPUs: a ring buffer that holds the whole second of events, so that
+    // none is lost while the reader waits for a CPU (losses are counted, not asserted away).
+    let started = start(serde_json::json!({"max_entries": {"http_events": 16 << 20}})).await;
+    let port = nginx(&mut server, dir.path(), false);
+    let out = dir.path().join("wrk.out");
+    run_in(
+        &mut client,
+        &format!(
+            "wrk -t1 -c2 -d1s http://127.0.0.1:{port}/items/9 > {}",
+            out.display()
+        ),
+    );
+    let counted = wrk_requests(&std::fs::read_to_string(&out).unwrap());
+    assert!(counted > 10, "wrk made {counted} requests");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (clients, servers) = loop {
+        let spans = started.spans.spans();
+        let clients = spans.iter().filter(|s| s.cgroup == client.id()).count() as u64;
+        let servers = spans.iter().filter(|s| s.cgroup == server.id()).count() as u64;
+        if (clients >= counted && servers >= counted) || Instant::now() > deadline {
+            break (clients, servers);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    started.receiver.shutdown().await.unwrap();
+    // wrk counts the responses it read: so many CLIENT spans. nginx may have answered the
+    // requests still in flight when wrk stopped (at most one per connection).
+    assert_eq!(
+        clients,
+        counted,
+        "{}",
+        started
+            .telemetry
+            .encode_text()
+            .lines()
+            .filter(|l| l.contains("http") && !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(
+        (counted..=counted + 2).contains(&servers),
+        "{servers} server spans for {counted} requests"
+    );
+    for s in started
+        .spans
+        .spans()
+        .iter()
+        .filter(|s| s.cgroup == server.id())
+    {
+        assert_eq!(s.summary(), "SERVER GET /items/9 /items/{id} 200");
+    }
+}
