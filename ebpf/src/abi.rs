@@ -100,6 +100,19 @@ impl HttpEventHead {
         let data = &data[..(head.captured as usize).min(data.len())];
         Some((head, data))
     }
+
+    /// The ring-buffer record of this head and `data` (what the kernel writes; for tests and
+    /// benchmarks). `captured` is set to the data's length.
+    pub fn to_record(&self, data: &[u8]) -> Vec<u8> {
+        let mut head = *self;
+        head.captured = data.len().min(usize::from(u16::MAX)) as u16;
+        let size = std::mem::size_of::<HttpEventHead>();
+        let mut record = vec![0u8; size];
+        // SAFETY: `record` has room for one head; write_unaligned copes with any alignment.
+        unsafe { std::ptr::write_unaligned(record.as_mut_ptr().cast::<HttpEventHead>(), head) };
+        record.extend_from_slice(&data[..usize::from(head.captured)]);
+        record
+    }
 }
 
 impl UprobeKey {

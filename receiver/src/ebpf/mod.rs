@@ -43,8 +43,9 @@ pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, Probes
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
-    files::FilesProbeConfig, http::HttpProbeConfig, process::ProcessProbeConfig,
-    syscalls::SyscallsProbeConfig, tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
+    files::FilesProbeConfig, http::HttpProbeConfig, http::RecordedEvents as HttpRecordedEvents,
+    process::ProcessProbeConfig, syscalls::SyscallsProbeConfig, tcp::TcpProbeConfig,
+    uprobes::UprobeConfig, BasicProbeConfig,
 };
 
 use collector::{unix_nanos, Collector};

@@ -190,6 +190,48 @@ impl SingleObjectProbe for Http {
     }
 }
 
+/// The probe's userspace side without the kernel: ring-buffer records in, exchanges paired,
+/// routed, recorded in the RED histograms and made into spans. For benchmarks (recorded events)
+/// and tests.
+pub struct RecordedEvents {
+    pipeline: reader::ExchangePipeline,
+}
+
+impl RecordedEvents {
+    pub fn new(config: &HttpProbeConfig) -> RecordedEvents {
+        let shared = Arc::new(Mutex::new(Shared {
+            red: RedTable::default(),
+            router: Router::new(
+                config
+                    .routes
+                    .rules
+                    .iter()
+                    .filter_map(|r| RoutePattern::new(r).ok())
+                    .collect(),
+                Vec::new(),
+                config.routes.max_per_container,
+            ),
+        }));
+        RecordedEvents {
+            pipeline: reader::ExchangePipeline::new(config, shared),
+        }
+    }
+
+    /// Applies one record as the reader task does; whether it decoded.
+    pub fn apply(&mut self, record: &[u8]) -> bool {
+        self.pipeline.on_record(record)
+    }
+
+    /// Finishes the exchanges completed so far (RED, routes, spans) and returns the spans.
+    pub fn finish(&mut self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.pipeline.finish_exchanges();
+        std::mem::take(&mut self.pipeline.spans)
+            .into_iter()
+            .map(|(_, span)| span)
+            .collect()
+    }
+}
+
 /// The programs not to attach, and the hooks in use for the start-up line.
 fn choose_hooks(
     wanted: SyscallHooks,

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::HttpProbeConfig;
 use super::metrics;
-use super::red::{is_error, is_grpc_error, AttrValue, RedKey};
+use super::red::{is_error, is_grpc_error, AttrRef, RedTable};
 use super::spans::{build_span, known_method, resource_spans};
 use super::trace_context::Sampler;
 use super::tracker::{Exchange, SpanKind, Tracker};
@@ -86,77 +86,85 @@ impl ExchangePipeline {
                 _ => String::new(),
             };
             let seconds = exchange.end_ns.saturating_sub(exchange.start_ns) as f64 / 1e9;
-            shared.red.record(red_key(&exchange, &route), seconds);
+            record_red(&mut shared.red, &exchange, &route, seconds);
             if self.sampler.keeps(&exchange.ids.trace_id) {
-                let span = build_span(&exchange, &path, &route, self.clock_offset_ns);
+                let span = build_span(&exchange, path, route, self.clock_offset_ns);
                 self.spans.push((exchange.cgroup, span));
             }
         }
     }
 }
 
-/// The RED series of an exchange: per the conventions' attributes of its metric.
-fn red_key(exchange: &Exchange, route: &str) -> RedKey {
-    let text = |s: &str| AttrValue::Text(s.to_string());
+/// Records an exchange in its RED series: the conventions' attributes of its metric.
+fn record_red(red: &mut RedTable, exchange: &Exchange, route: &str, seconds: f64) {
     let server = exchange.socket.remote;
-    let (metric, mut attributes) = match (&exchange.rpc, exchange.kind) {
+    // Text made only where a series needs it: this runs for every request.
+    let address = match exchange.kind {
+        SpanKind::Client => server.address.to_string(),
+        SpanKind::Server => String::new(),
+    };
+    let status = if is_error(exchange.kind, exchange.status) {
+        exchange.status.to_string()
+    } else {
+        String::new()
+    };
+    let mut attributes: Vec<(&'static str, AttrRef<'_>)> = Vec::with_capacity(8);
+    let metric = match (&exchange.rpc, exchange.kind) {
         (Some(rpc), kind) => {
-            let mut attributes = vec![
-                ("rpc.system", text("grpc")),
-                ("rpc.service", text(&rpc.service)),
-                ("rpc.method", text(&rpc.method)),
-            ];
+            attributes.push(("rpc.system", AttrRef::Text("grpc")));
+            attributes.push(("rpc.service", AttrRef::Text(&rpc.service)));
+            attributes.push(("rpc.method", AttrRef::Text(&rpc.method)));
             if kind == SpanKind::Client {
-                attributes.push(("server.address", text(&server.address.to_string())));
-                attributes.push(("server.port", AttrValue::Int(i64::from(server.port))));
+                attributes.push(("server.address", AttrRef::Text(&address)));
+                attributes.push(("server.port", AttrRef::Int(i64::from(server.port))));
             }
-            attributes.push(("rpc.grpc.status_code", AttrValue::Int(rpc.status_code)));
-            if is_grpc_error(kind, rpc.status_code) {
-                attributes.push(("error.type", text(&rpc.status_code.to_string())));
+            attributes.push(("rpc.grpc.status_code", AttrRef::Int(rpc.status_code)));
+            let code = if is_grpc_error(kind, rpc.status_code) {
+                rpc.status_code.to_string()
+            } else {
+                String::new()
+            };
+            if !code.is_empty() {
+                attributes.push(("error.type", AttrRef::Text(&code)));
             }
             let metric = match kind {
                 SpanKind::Server => metrics::RPC_SERVER,
                 SpanKind::Client => metrics::RPC_CLIENT,
             };
-            return RedKey {
-                cgroup: exchange.cgroup,
-                metric,
-                attributes,
-            };
+            red.record(exchange.cgroup, metric, &attributes, seconds);
+            return;
         }
-        (None, SpanKind::Server) => (
-            metrics::HTTP_SERVER,
-            vec![
-                ("http.request.method", text(known_method(&exchange.request.method))),
-                ("http.route", text(route)),
-            ],
-        ),
-        (None, SpanKind::Client) => (
-            metrics::HTTP_CLIENT,
-            vec![
-                ("http.request.method", text(known_method(&exchange.request.method))),
-                ("server.address", text(&server.address.to_string())),
-                ("server.port", AttrValue::Int(i64::from(server.port))),
-            ],
-        ),
+        (None, SpanKind::Server) => {
+            attributes.push((
+                "http.request.method",
+                AttrRef::Text(known_method(&exchange.request.method)),
+            ));
+            attributes.push(("http.route", AttrRef::Text(route)));
+            metrics::HTTP_SERVER
+        }
+        (None, SpanKind::Client) => {
+            attributes.push((
+                "http.request.method",
+                AttrRef::Text(known_method(&exchange.request.method)),
+            ));
+            attributes.push(("server.address", AttrRef::Text(&address)));
+            attributes.push(("server.port", AttrRef::Int(i64::from(server.port))));
+            metrics::HTTP_CLIENT
+        }
     };
     attributes.push((
         "http.response.status_code",
-        AttrValue::Int(i64::from(exchange.status)),
+        AttrRef::Int(i64::from(exchange.status)),
     ));
     attributes.push((
         "url.scheme",
-        text(if exchange.tls { "https" } else { "http" }),
+        AttrRef::Text(if exchange.tls { "https" } else { "http" }),
     ));
-    attributes.push(("network.protocol.version", text(exchange.request.version)));
+    attributes.push(("network.protocol.version", AttrRef::Text(exchange.request.version)));
     if is_error(exchange.kind, exchange.status) {
-        attributes.push(("error.type", text(&exchange.status.to_string())));
+        attributes.push(("error.type", AttrRef::Text(&status)));
     }
-    RedKey {
-        cgroup: exchange.cgroup,
-        metric,
-        attributes,
-    }
+    red.record(exchange.cgroup, metric, &attributes, seconds);
 }
 
 /// Unix time minus the kernel's monotonic clock (what `bpf_ktime_get_ns` reads), now.

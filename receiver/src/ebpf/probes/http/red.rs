@@ -3,7 +3,7 @@
 //! quantile read from them is within 4.4 % of the true one. Every exchange is recorded, sampled
 //! spans or not.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets;
@@ -86,6 +86,30 @@ pub enum AttrValue {
     Int(i64),
 }
 
+/// An attribute value as an exchange has it: series are looked up without allocating.
+#[derive(Debug, Clone, Copy)]
+pub enum AttrRef<'a> {
+    Text(&'a str),
+    Int(i64),
+}
+
+impl AttrRef<'_> {
+    fn matches(&self, owned: &AttrValue) -> bool {
+        match (self, owned) {
+            (AttrRef::Text(a), AttrValue::Text(b)) => *a == b,
+            (AttrRef::Int(a), AttrValue::Int(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    fn to_value(self) -> AttrValue {
+        match self {
+            AttrRef::Text(t) => AttrValue::Text(t.to_string()),
+            AttrRef::Int(n) => AttrValue::Int(n),
+        }
+    }
+}
+
 /// What a RED series is per: the container, the metric and its attributes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RedKey {
@@ -93,6 +117,19 @@ pub struct RedKey {
     /// Index into [`super::metrics::METRICS`].
     pub metric: usize,
     pub attributes: Vec<(&'static str, AttrValue)>,
+}
+
+impl RedKey {
+    fn matches(&self, cgroup: u64, metric: usize, attributes: &[(&'static str, AttrRef<'_>)]) -> bool {
+        self.cgroup == cgroup
+            && self.metric == metric
+            && self.attributes.len() == attributes.len()
+            && self
+                .attributes
+                .iter()
+                .zip(attributes)
+                .all(|((k, v), (name, value))| k == name && value.matches(v))
+    }
 }
 
 /// Whether an HTTP status code is an error for that end (semantic conventions: 5xx for
@@ -114,30 +151,67 @@ pub fn is_grpc_error(kind: SpanKind, code: i64) -> bool {
     }
 }
 
+/// Every RED series, by a hash of its key (series with the same hash share a bucket).
 #[derive(Default)]
 pub struct RedTable {
-    series: BTreeMap<RedKey, DurationHistogram>,
+    series: std::collections::HashMap<u64, Vec<(RedKey, DurationHistogram)>>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl RedTable {
-    pub fn record(&mut self, key: RedKey, seconds: f64) {
-        match self.series.get_mut(&key) {
-            Some(histogram) => histogram.record(seconds),
-            None => self.series.entry(key).or_default().record(seconds),
+    /// Records one duration in the series of (`cgroup`, `metric`, `attributes`).
+    pub fn record(
+        &mut self,
+        cgroup: u64,
+        metric: usize,
+        attributes: &[(&'static str, AttrRef<'_>)],
+        seconds: f64,
+    ) {
+        use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+        let mut hasher = self.hasher.build_hasher();
+        cgroup.hash(&mut hasher);
+        metric.hash(&mut hasher);
+        for (name, value) in attributes {
+            name.hash(&mut hasher);
+            match value {
+                AttrRef::Text(t) => t.hash(&mut hasher),
+                AttrRef::Int(n) => n.hash(&mut hasher),
+            }
         }
+        let bucket = self.series.entry(hasher.finish()).or_default();
+        if let Some((_, histogram)) = bucket
+            .iter_mut()
+            .find(|(key, _)| key.matches(cgroup, metric, attributes))
+        {
+            histogram.record(seconds);
+            return;
+        }
+        let mut histogram = DurationHistogram::default();
+        histogram.record(seconds);
+        let key = RedKey {
+            cgroup,
+            metric,
+            attributes: attributes.iter().map(|(k, v)| (*k, v.to_value())).collect(),
+        };
+        bucket.push((key, histogram));
     }
 
     /// Forgets the series of removed containers (reported a last time before).
     pub fn forget(&mut self, gone: &HashSet<u64>) {
-        self.series.retain(|k, _| !gone.contains(&k.cgroup));
+        for bucket in self.series.values_mut() {
+            bucket.retain(|(k, _)| !gone.contains(&k.cgroup));
+        }
+        self.series.retain(|_, bucket| !bucket.is_empty());
     }
 
     pub fn cgroups(&self) -> impl Iterator<Item = u64> + '_ {
-        self.series.keys().map(|k| k.cgroup)
+        self.series.values().flatten().map(|(k, _)| k.cgroup)
     }
 
     pub fn add_to(&self, b: &mut MetricsBuilder<'_>) {
-        for (key, histogram) in &self.series {
+        let mut series: Vec<&(RedKey, DurationHistogram)> = self.series.values().flatten().collect();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, histogram) in series {
             let attributes = key
                 .attributes
                 .iter()

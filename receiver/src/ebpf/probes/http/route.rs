@@ -3,7 +3,8 @@
 //! per container, so a crawler cannot multiply series. Query strings never get here (the caller
 //! cuts them off) and `redact` regexes apply to what is reported.
 
-use std::collections::{HashMap, HashSet};
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
 
 /// The route reported for routes beyond a container's cap.
 pub const OVERFLOW_ROUTE: &str = "{other}";
@@ -124,7 +125,7 @@ impl Router {
             rules,
             redact,
             max_per_container,
-            kept: HashMap::new(),
+            kept: HashMap::default(),
             overflowed: 0,
         }
     }

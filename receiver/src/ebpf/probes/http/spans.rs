@@ -33,8 +33,9 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// The span of one exchange. `path` is the redacted path, `route` the server's route.
-pub fn build_span(exchange: &Exchange, path: &str, route: &str, clock_offset_ns: u64) -> Span {
+/// The span of one exchange. `path` is the redacted path, `route` the server's route (both moved
+/// into the span: a span is built for every sampled request, and each copy is an allocation).
+pub fn build_span(exchange: &Exchange, path: String, route: String, clock_offset_ns: u64) -> Span {
     if exchange.rpc.is_some() {
         return build_rpc_span(exchange, clock_offset_ns);
     }
@@ -42,16 +43,18 @@ pub fn build_span(exchange: &Exchange, path: &str, route: &str, clock_offset_ns:
     let method = known_method(&request.method);
     let socket = &exchange.socket;
     let error = is_error(exchange.kind, exchange.status);
-    let mut attributes = vec![
+    let mut attributes = Vec::with_capacity(12);
+    attributes.extend([
         string_attr("http.request.method", method),
         string_attr("url.path", path),
         string_attr("url.scheme", if exchange.tls { "https" } else { "http" }),
         int_attr("http.response.status_code", i64::from(exchange.status)),
         string_attr("network.protocol.version", request.version),
-    ];
+    ]);
     let host = request.host.as_deref().map(split_host);
     let (name, kind) = match exchange.kind {
         SpanKind::Server => {
+            let name = format!("{method} {route}");
             attributes.push(string_attr("http.route", route));
             let (address, port) = match host {
                 Some((name, port)) => (name.to_string(), port.unwrap_or(socket.local.port)),
@@ -59,9 +62,9 @@ pub fn build_span(exchange: &Exchange, path: &str, route: &str, clock_offset_ns:
             };
             attributes.push(string_attr("server.address", address));
             attributes.push(int_attr("server.port", i64::from(port)));
+            // The peer is the client here: network.peer.* would repeat client.*.
             attributes.push(string_attr("client.address", socket.remote.address.to_string()));
-            attributes.push(int_attr("client.port", i64::from(socket.remote.port)));
-            (format!("{method} {route}"), span::SpanKind::Server)
+            (name, span::SpanKind::Server)
         }
         SpanKind::Client => {
             let address = match host {
@@ -70,14 +73,14 @@ pub fn build_span(exchange: &Exchange, path: &str, route: &str, clock_offset_ns:
             };
             attributes.push(string_attr("server.address", address));
             attributes.push(int_attr("server.port", i64::from(socket.remote.port)));
+            attributes.push(string_attr(
+                "network.peer.address",
+                socket.remote.address.to_string(),
+            ));
+            attributes.push(int_attr("network.peer.port", i64::from(socket.remote.port)));
             (method.to_string(), span::SpanKind::Client)
         }
     };
-    attributes.push(string_attr(
-        "network.peer.address",
-        socket.remote.address.to_string(),
-    ));
-    attributes.push(int_attr("network.peer.port", i64::from(socket.remote.port)));
     attributes.push(int_attr("process.pid", i64::from(exchange.tgid)));
     if error {
         attributes.push(string_attr("error.type", exchange.status.to_string()));
@@ -104,20 +107,19 @@ fn build_rpc_span(exchange: &Exchange, clock_offset_ns: u64) -> Span {
             attributes.push(string_attr("server.address", socket.local.address.to_string()));
             attributes.push(int_attr("server.port", i64::from(socket.local.port)));
             attributes.push(string_attr("client.address", socket.remote.address.to_string()));
-            attributes.push(int_attr("client.port", i64::from(socket.remote.port)));
             span::SpanKind::Server
         }
         SpanKind::Client => {
             attributes.push(string_attr("server.address", socket.remote.address.to_string()));
             attributes.push(int_attr("server.port", i64::from(socket.remote.port)));
+            attributes.push(string_attr(
+                "network.peer.address",
+                socket.remote.address.to_string(),
+            ));
+            attributes.push(int_attr("network.peer.port", i64::from(socket.remote.port)));
             span::SpanKind::Client
         }
     };
-    attributes.push(string_attr(
-        "network.peer.address",
-        socket.remote.address.to_string(),
-    ));
-    attributes.push(int_attr("network.peer.port", i64::from(socket.remote.port)));
     attributes.push(int_attr("process.pid", i64::from(exchange.tgid)));
     if error {
         attributes.push(string_attr("error.type", rpc.status_code.to_string()));

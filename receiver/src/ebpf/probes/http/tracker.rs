@@ -11,7 +11,7 @@
 //!
 //! It must not touch the kernel or build OTLP: events in, exchanges out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use podscope_ebpf::abi::{
@@ -22,6 +22,8 @@ use podscope_ebpf::abi::{
 use super::http1::{self, HeadParse, RequestHead};
 use super::http2::{self, FrameEvent};
 use super::trace_context::{IdGenerator, SpanIds, TraceParent};
+
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Which end of the exchange the process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -219,9 +221,9 @@ impl Tracker {
     pub fn new(capture_bytes: u32) -> Tracker {
         Tracker {
             capture_bytes: capture_bytes as usize,
-            connections: HashMap::new(),
-            serving: HashMap::new(),
-            joins: HashMap::new(),
+            connections: HashMap::default(),
+            serving: HashMap::default(),
+            joins: HashMap::default(),
             join_order: VecDeque::new(),
             ids: IdGenerator::new(),
             counts: TrackerCounts::default(),
@@ -486,12 +488,19 @@ impl Tracker {
             end_ns: head.timestamp_ns,
             socket: conn.socket,
             tls: conn.tls,
-            request: pending.head.clone(),
+            request: pending.head,
             status,
             rpc: None,
             ids: pending.ids,
         };
-        self.stop_serving(key.tgid, &pending);
+        if exchange.kind == SpanKind::Server
+            && self
+                .serving
+                .get(&(key.tgid, exchange.tid))
+                .is_some_and(|ids| ids.span_id == exchange.ids.span_id)
+        {
+            self.serving.remove(&(key.tgid, exchange.tid));
+        }
         out.push(exchange);
     }
 
@@ -501,7 +510,7 @@ impl Tracker {
             received: None,
             sent: None,
             request_direction: 0,
-            streams: HashMap::new(),
+            streams: HashMap::default(),
         });
         let slot = if u32::from(head.direction) == HTTP_DIR_IN {
             &mut h2.received
@@ -686,5 +695,148 @@ impl Tracker {
         for key in stale {
             self.close(key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use podscope_ebpf::abi::{HTTP_DIR_OUT, HTTP_ROLE_SERVER};
+
+    /// An event of connection (tgid 1, fd 5), 127.0.0.1:8080 ← 127.0.0.1:40000.
+    fn event(direction: u32, t: u64, flags: u32) -> HttpEventHead {
+        let mut head = HttpEventHead {
+            timestamp_ns: t,
+            cgroup_id: 9,
+            tgid: 1,
+            tid: 2,
+            fd: 5,
+            kind: HTTP_EVENT_DATA as u8,
+            direction: direction as u8,
+            protocol: HTTP_PROTO_HTTP1 as u8,
+            role: HTTP_ROLE_SERVER as u8,
+            family: 2,
+            flags: flags as u8,
+            local_port: 8080,
+            remote_port: 40000,
+            ..Default::default()
+        };
+        head.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        head.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        head
+    }
+
+    fn feed(tracker: &mut Tracker, events: &[(HttpEventHead, &[u8])]) -> Vec<Exchange> {
+        let mut out = Vec::new();
+        for (head, data) in events {
+            let mut head = *head;
+            head.total_len = data.len() as u32;
+            tracker.on_event(&head, data, &mut out);
+        }
+        out
+    }
+
+    fn summary(exchanges: &[Exchange]) -> Vec<(String, u16, u64, u64)> {
+        exchanges
+            .iter()
+            .map(|e| (e.request.path.clone(), e.status, e.start_ns, e.end_ns))
+            .collect()
+    }
+
+    #[test]
+    fn keep_alive_and_pipelined_requests_pair_with_their_responses_in_order() {
+        let mut t = Tracker::new(512);
+        let out = feed(
+            &mut t,
+            &[
+                (event(HTTP_DIR_IN, 10, 0), b"GET /a HTTP/1.1\r\n\r\n"),
+                (event(HTTP_DIR_IN, 11, 0), b"GET /b HTTP/1.1\r\n\r\n"),
+                (event(HTTP_DIR_OUT, 20, 0), b"HTTP/1.1 200 OK\r\n"),
+                (event(HTTP_DIR_OUT, 21, 0), b"HTTP/1.1 404 Not Found\r\n"),
+                (event(HTTP_DIR_IN, 30, 0), b"GET /c HTTP/1.1\r\n\r\n"),
+                (event(HTTP_DIR_OUT, 40, 0), b"HTTP/1.1 500 Oops\r\n"),
+            ],
+        );
+        assert_eq!(
+            summary(&out),
+            [
+                ("/a".into(), 200, 10, 20),
+                ("/b".into(), 404, 11, 21),
+                ("/c".into(), 500, 30, 40)
+            ]
+        );
+        assert!(out.iter().all(|e| e.kind == SpanKind::Server));
+    }
+
+    #[test]
+    fn a_head_split_over_reads_and_an_interim_100_continue_give_one_exchange() {
+        let mut t = Tracker::new(512);
+        let out = feed(
+            &mut t,
+            &[
+                (event(HTTP_DIR_IN, 10, 0), b"POST /upload HT"),
+                (
+                    event(HTTP_DIR_IN, 11, HTTP_FLAG_CONTINUATION),
+                    b"TP/1.1\r\nExpect: 100-continue\r\n\r\n",
+                ),
+                (event(HTTP_DIR_OUT, 12, 0), b"HTTP/1.1 100 Continue\r\n\r\n"),
+                (event(HTTP_DIR_OUT, 30, 0), b"HTTP/1.1 201 Created\r\n"),
+            ],
+        );
+        assert_eq!(summary(&out), [("/upload".into(), 201, 10, 30)]);
+        assert_eq!(out[0].request.method, "POST");
+    }
+
+    #[test]
+    fn half_written_heads_garbage_and_a_close_give_no_exchange() {
+        let mut t = Tracker::new(512);
+        let out = feed(
+            &mut t,
+            &[
+                (event(HTTP_DIR_IN, 10, 0), b"GET /half HTTP/1.1\r\nHost: x\r\n"),
+                (event(HTTP_DIR_OUT, 11, 0), b"HTTP/1.1 400 Bad Request\r\n"),
+                (event(HTTP_DIR_IN, 12, 0), b"GET \x00\x01 HTTP/1.1\r\n\r\n"),
+                (event(HTTP_DIR_OUT, 13, 0), b"HTTP/1.1 2000\r\n"),
+                (event(HTTP_DIR_IN, 14, 0), b"GET /never HTTP/1.1\r\n\r\n"),
+            ],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        let mut close = event(HTTP_DIR_IN, 15, 0);
+        close.kind = HTTP_EVENT_CLOSE as u8;
+        assert!(feed(&mut t, &[(close, b"")]).is_empty());
+        assert_eq!(
+            t.take_counts(),
+            TrackerCounts {
+                not_parsed: 2,
+                incomplete: 1
+            }
+        );
+        assert!(t.connections.is_empty());
+        assert!(t.serving.is_empty(), "the unanswered request no longer serves");
+    }
+
+    #[test]
+    fn a_client_request_on_a_serving_thread_is_the_child_of_its_server_span() {
+        let mut t = Tracker::new(512);
+        let mut outgoing = event(HTTP_DIR_OUT, 20, 0);
+        outgoing.fd = 6;
+        outgoing.remote_port = 9090;
+        let mut answer = event(HTTP_DIR_IN, 30, 0);
+        answer.fd = 6;
+        answer.remote_port = 9090;
+        let out = feed(
+            &mut t,
+            &[
+                (event(HTTP_DIR_IN, 10, 0), b"GET /front HTTP/1.1\r\n\r\n"),
+                (outgoing, b"GET /back HTTP/1.1\r\n\r\n"),
+                (answer, b"HTTP/1.1 200 OK\r\n"),
+                (event(HTTP_DIR_OUT, 40, 0), b"HTTP/1.1 200 OK\r\n"),
+            ],
+        );
+        let (client, server) = (&out[0], &out[1]);
+        assert_eq!((client.kind, server.kind), (SpanKind::Client, SpanKind::Server));
+        assert_eq!(client.ids.trace_id, server.ids.trace_id);
+        assert_eq!(client.ids.parent_span_id, Some(server.ids.span_id));
+        assert_eq!(server.ids.parent_span_id, None);
     }
 }
