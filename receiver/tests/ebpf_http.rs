@@ -862,3 +862,56 @@ async fn wrk_against_nginx_gives_one_client_span_per_request_wrk_counted() {
         assert_eq!(s.summary(), "SERVER GET /items/9 /items/{id} 200");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_gives_the_same_rpc_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    let mut server = pod();
+    let mut client = pod();
+    let started = start(serde_json::json!({})).await;
+    let port = grpc_server(&mut server, Some((&cert, &key)));
+    assert_eq!(
+        run_in(
+            &mut client,
+            &format!(
+                "/usr/bin/python3 {} client {port} {} Add Fail",
+                tests_dir().join("grpc_peer.py").display(),
+                cert.display()
+            )
+        ),
+        0
+    );
+    let spans = wait_spans(&started.spans, &[server.id(), client.id()], 4).await;
+    started.receiver.shutdown().await.unwrap();
+    let mut summaries: Vec<String> = spans.iter().map(grpc_summary).collect();
+    summaries.sort();
+    assert_eq!(
+        summaries,
+        [
+            "CLIENT shop.Cart/Add grpc 0 0",
+            "CLIENT shop.Cart/Fail grpc 5 2",
+            "SERVER shop.Cart/Add grpc 0 0",
+            "SERVER shop.Cart/Fail grpc 5 0",
+        ]
+    );
+}

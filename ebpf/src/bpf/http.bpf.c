@@ -120,7 +120,7 @@ struct ssl_call {
 	__u32 _pad2;
 };
 
-#define NO_FD 0xffffffff
+#define NO_FD HTTP_NO_FD
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -130,11 +130,18 @@ struct {
 	__type(value, struct ssl_call);
 } http_ssl_calls SEC(".maps");
 
-/* (tgid, SSL object) → the socket it was seen on. */
+/* (tgid, SSL object) → the socket it was seen on (NO_FD until then), and the protocol its first
+ * plaintext showed. */
 struct ssl_key {
 	__u32 tgid;
 	__u32 _pad;
 	__u64 ssl;
+};
+
+struct ssl_state {
+	__u32 fd;
+	__u8 protocol;
+	__u8 _pad[3];
 };
 
 struct {
@@ -142,8 +149,24 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct ssl_key);
-	__type(value, __u32);
+	__type(value, struct ssl_state);
 } http_ssl_fds SEC(".maps");
+
+/* Per thread, for libraries that feed OpenSSL through memory buffers and do the socket I/O
+ * themselves (gRPC's C core): the TLS socket it last read ciphertext from, and the SSL object
+ * whose plaintext it last encrypted without a socket. The next such read or write ties them. */
+struct tls_thread {
+	__u32 read_fd;
+	__u32 _pad;
+	__u64 written_ssl;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct tls_thread);
+} http_tls_threads SEC(".maps");
 
 static __always_inline void count(__u32 counter)
 {
@@ -212,6 +235,7 @@ static __always_inline void track(__u32 fd, __u8 role)
 struct source {
 	const void *ptr;
 	__u64 iovcnt; /* 0: `ptr` is the buffer itself */
+	__u64 ssl;    /* the SSL object whose plaintext this is, or 0 */
 	__u32 len;    /* bytes read, or asked to be written */
 };
 
@@ -321,6 +345,7 @@ static __always_inline struct http_event *start_event(const struct http_conn *co
 	e->head.tgid = id >> 32;
 	e->head.tid = (__u32)id;
 	e->head.fd = fd;
+	e->head.ssl = 0;
 	e->head.total_len = 0;
 	e->head.captured = 0;
 	e->head.kind = kind;
@@ -354,8 +379,10 @@ static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 dir
 	struct http_event *e = start_event(conn, fd, HTTP_EVENT_DATA, direction);
 	if (!e)
 		return;
-	if (tls)
+	if (tls) {
 		e->head.flags |= HTTP_FLAG_TLS;
+		e->head.ssl = src->ssl;
+	}
 	e->head.total_len = src->len;
 	__u32 got = copy_source(src, e->data, DETECT_BYTES);
 	if (got < DETECT_BYTES) {
@@ -406,30 +433,69 @@ static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 dir
 	submit(e, captured);
 }
 
-/* Binds the SSL call in progress on this thread, if any, to connection `fd`: its syscalls
- * carry ciphertext, so they are not read as application bytes; the call's plaintext is. Returns
- * whether the syscall belongs to an SSL call. */
+/* Ties SSL object `ssl` to connection `fd`: its syscalls carry ciphertext, so they are not read
+ * as application bytes; its plaintext is, with the protocol its first plaintext showed (if any
+ * went out before the socket was known: userspace is told to take it). */
+static __always_inline void bind_ssl(struct http_conn *conn, __u32 fd, __u64 ssl)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct ssl_key key = { .tgid = tgid, .ssl = ssl };
+	struct ssl_state *known = bpf_map_lookup_elem(&http_ssl_fds, &key);
+	conn->tls = 1;
+	conn->ssl = ssl;
+	/* What was seen of the handshake decided nothing: the plaintext decides. */
+	conn->protocol = known ? known->protocol : HTTP_PROTO_UNKNOWN;
+	struct ssl_state state = { .fd = fd, .protocol = conn->protocol };
+	podscope_insert(&http_ssl_fds, HTTP_MAP_SSL_FDS, &key, &state, BPF_ANY);
+	if (known) {
+		struct http_event *e = start_event(conn, fd, HTTP_EVENT_BIND, 0);
+		if (e) {
+			e->head.ssl = ssl;
+			submit(e, 0);
+		}
+	}
+}
+
+/* Binds the SSL call in progress on this thread, if any, to connection `fd`, and sends the
+ * plaintext of an SSL_write it belongs to. Returns whether the syscall belongs to an SSL call. */
 static __always_inline int ssl_call_syscall(struct http_conn *conn, __u32 fd, __u8 direction)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct ssl_call *call = bpf_map_lookup_elem(&http_ssl_calls, &id);
 	if (!call)
 		return 0;
-	if (!conn->tls) {
-		/* What was seen of the handshake decided nothing: the plaintext decides. */
-		conn->tls = 1;
-		conn->protocol = HTTP_PROTO_UNKNOWN;
-		conn->ssl = call->ssl;
-		struct ssl_key key = { .tgid = id >> 32, .ssl = call->ssl };
-		podscope_insert(&http_ssl_fds, HTTP_MAP_SSL_FDS, &key, &fd, BPF_ANY);
-	}
+	if (!conn->tls)
+		bind_ssl(conn, fd, call->ssl);
 	call->fd = fd;
 	if (call->direction == HTTP_DIR_OUT && direction == HTTP_DIR_OUT && !call->consumed) {
 		call->consumed = 1;
-		struct source plain = { .ptr = (const void *)call->buf, .len = call->num };
+		struct source plain = { .ptr = (const void *)call->buf, .len = call->num, .ssl = call->ssl };
 		on_stream(conn, fd, HTTP_DIR_OUT, &plain, 1);
 	}
 	return 1;
+}
+
+/* Ciphertext a thread reads or writes outside any SSL call, on a TLS connection not tied to its
+ * SSL object yet: what a library that does its own socket I/O does. A write right after that
+ * thread encrypted plaintext for an unknown socket ties the two; a read is remembered for the
+ * SSL_read that will decrypt it. */
+static __always_inline void tls_io_outside_ssl(struct http_conn *conn, __u32 fd, __u8 direction)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct tls_thread *thread = bpf_map_lookup_elem(&http_tls_threads, &id);
+	if (direction == HTTP_DIR_IN) {
+		struct tls_thread fresh = { .read_fd = fd };
+		if (thread)
+			thread->read_fd = fd;
+		else
+			bpf_map_update_elem(&http_tls_threads, &id, &fresh, BPF_ANY);
+		return;
+	}
+	if (thread && thread->written_ssl) {
+		__u64 ssl = thread->written_ssl;
+		thread->written_ssl = 0;
+		bind_ssl(conn, fd, ssl);
+	}
 }
 
 /* Bytes a process read from or wrote to descriptor `fd` with a syscall. */
@@ -441,6 +507,10 @@ static __always_inline void on_data(__u32 fd, __u8 direction, const struct sourc
 		return;
 	if (ssl_call_syscall(conn, fd, direction) || conn->tls)
 		return;
+	if (conn->protocol == HTTP_PROTO_TLS) {
+		tls_io_outside_ssl(conn, fd, direction);
+		return;
+	}
 	on_stream(conn, fd, direction, src, 0);
 }
 
@@ -643,10 +713,10 @@ static __always_inline struct http_conn *conn_of_ssl(__u64 ssl, __u32 *fd)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct ssl_key key = { .tgid = tgid, .ssl = ssl };
-	__u32 *bound = bpf_map_lookup_elem(&http_ssl_fds, &key);
-	if (!bound)
+	struct ssl_state *bound = bpf_map_lookup_elem(&http_ssl_fds, &key);
+	if (!bound || bound->fd == NO_FD)
 		return 0;
-	*fd = *bound;
+	*fd = bound->fd;
 	__u64 ckey = conn_key(tgid, *fd);
 	return bpf_map_lookup_elem(&http_conns, &ckey);
 }
@@ -660,7 +730,7 @@ static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u32 num, __u64 read
 		__u32 fd;
 		struct http_conn *conn = conn_of_ssl(ssl, &fd);
 		if (conn) {
-			struct source plain = { .ptr = (const void *)buf, .len = num };
+			struct source plain = { .ptr = (const void *)buf, .len = num, .ssl = ssl };
 			on_stream(conn, fd, HTTP_DIR_OUT, &plain, 1);
 			return 0;
 		}
@@ -680,13 +750,64 @@ int BPF_KPROBE(podscope_http_ssl_write, void *ssl, const void *buf, int num)
 	return ssl_enter((__u64)ssl, (__u64)buf, num > 0 ? num : 0, 0, HTTP_DIR_OUT, 0);
 }
 
-/* SSL_write and SSL_write_ex return: the call is over (its plaintext went out, or the socket
- * was never seen). */
+/* Plaintext of an SSL object whose socket is not known yet (it encrypts into memory): sent with
+ * the object instead of a socket, for userspace to keep until the object is tied to one. The
+ * first such plaintext decides the protocol. */
+static __always_inline void unbound_plaintext(__u64 ssl, __u64 buf, __u32 len, __u8 direction)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_key key = { .tgid = id >> 32, .ssl = ssl };
+	struct ssl_state *state = bpf_map_lookup_elem(&http_ssl_fds, &key);
+	struct http_conn none = { .cgroup_id = bpf_get_current_cgroup_id() };
+	if (state) {
+		none.protocol = state->protocol;
+	} else {
+		__u8 first[DETECT_BYTES] = {};
+		if (len < DETECT_BYTES || bpf_probe_read_user(first, sizeof(first), (const void *)buf))
+			return;
+		if (is_http2_preface(first) || is_http2_settings(first))
+			none.protocol = HTTP_PROTO_HTTP2;
+		else if (is_request_start(first) || is_response_start(first))
+			none.protocol = HTTP_PROTO_HTTP1;
+		else
+			none.protocol = HTTP_PROTO_OTHER;
+		struct ssl_state fresh = { .fd = NO_FD, .protocol = none.protocol };
+		podscope_insert(&http_ssl_fds, HTTP_MAP_SSL_FDS, &key, &fresh, BPF_ANY);
+	}
+	if (none.protocol == HTTP_PROTO_OTHER)
+		return;
+	struct http_event *e = start_event(&none, NO_FD, HTTP_EVENT_DATA, direction);
+	if (!e)
+		return;
+	e->head.flags |= HTTP_FLAG_TLS;
+	e->head.ssl = ssl;
+	e->head.total_len = len;
+	struct source plain = { .ptr = (const void *)buf, .len = len };
+	submit(e, copy_source(&plain, e->data, capture_bytes));
+}
+
+/* SSL_write and SSL_write_ex return: the call is over. Plaintext that no syscall of the call
+ * took, for a socket not known yet, goes out now; this thread's next TLS write ties them. */
 SEC("uretprobe")
 int BPF_KRETPROBE(podscope_http_ssl_write_return)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	struct ssl_call *call = bpf_map_lookup_elem(&http_ssl_calls, &id);
+	if (!call)
+		return 0;
+	__u64 ssl = call->ssl, buf = call->buf;
+	__u32 num = call->num, consumed = call->consumed;
 	bpf_map_delete_elem(&http_ssl_calls, &id);
+	__u32 fd;
+	if (consumed || conn_of_ssl(ssl, &fd))
+		return 0;
+	unbound_plaintext(ssl, buf, num, HTTP_DIR_OUT);
+	struct tls_thread fresh = { .read_fd = NO_FD, .written_ssl = ssl };
+	struct tls_thread *thread = bpf_map_lookup_elem(&http_tls_threads, &id);
+	if (thread)
+		thread->written_ssl = ssl;
+	else
+		bpf_map_update_elem(&http_tls_threads, &id, &fresh, BPF_ANY);
 	return 0;
 }
 
@@ -710,12 +831,14 @@ int BPF_KRETPROBE(podscope_http_ssl_read_return, long ret)
 	struct ssl_call *call = bpf_map_lookup_elem(&http_ssl_calls, &id);
 	if (!call)
 		return 0;
+	/* Both return an int: the upper half of the register is not part of it. */
+	int rc = (int)ret;
 	__u64 got = 0;
 	if (call->is_ex) {
-		if (ret == 1 && call->readbytes)
+		if (rc == 1 && call->readbytes)
 			bpf_probe_read_user(&got, sizeof(got), (const void *)call->readbytes);
-	} else if (ret > 0) {
-		got = ret;
+	} else if (rc > 0) {
+		got = rc;
 	}
 	__u32 fd = call->fd;
 	__u64 buf = call->buf;
@@ -731,9 +854,19 @@ int BPF_KRETPROBE(podscope_http_ssl_read_return, long ret)
 		/* Decrypted from what an earlier call read off the socket. */
 		conn = conn_of_ssl(ssl, &fd);
 	}
-	if (!conn)
-		return 0;
-	struct source plain = { .ptr = (const void *)buf, .len = got > 0xffffffff ? 0xffffffff : got };
+	if (!conn) {
+		/* Decrypted from memory its library filled: the TLS socket this thread last read. */
+		struct tls_thread *thread = bpf_map_lookup_elem(&http_tls_threads, &id);
+		if (!thread || thread->read_fd == NO_FD)
+			return 0;
+		fd = thread->read_fd;
+		__u64 key = conn_key(id >> 32, fd);
+		conn = bpf_map_lookup_elem(&http_conns, &key);
+		if (!conn || conn->tls || conn->protocol != HTTP_PROTO_TLS)
+			return 0;
+		bind_ssl(conn, fd, ssl);
+	}
+	struct source plain = { .ptr = (const void *)buf, .len = got > 0xffffffff ? 0xffffffff : got, .ssl = ssl };
 	on_stream(conn, fd, HTTP_DIR_IN, &plain, 1);
 	return 0;
 }

@@ -153,6 +153,7 @@ struct podscope_tcp_stats {
 enum http_event_kind {
 	HTTP_EVENT_DATA = 1,  /* bytes read or written on a connection */
 	HTTP_EVENT_CLOSE = 2, /* the connection's descriptor was closed */
+	HTTP_EVENT_BIND = 3,  /* the SSL object `ssl` uses this connection (its earlier plaintext too) */
 };
 
 enum http_direction {
@@ -181,6 +182,7 @@ enum http_event_flag {
 struct http_event_head {
 	__u64 timestamp_ns; /* bpf_ktime_get_ns(): read at syscall exit, write at syscall entry */
 	__u64 cgroup_id;
+	__u64 ssl; /* TLS plaintext: the SSL object; with fd HTTP_NO_FD its socket is not known yet */
 	__u32 tgid;
 	__u32 tid;
 	__u32 fd;
@@ -197,6 +199,8 @@ struct http_event_head {
 	__u8 local_addr[16]; /* IPv4 in the first 4 bytes */
 	__u8 remote_addr[16];
 };
+
+#define HTTP_NO_FD 0xffffffff
 
 /* What goes on the ring buffer: the head and `captured` bytes of data. */
 struct http_event {

@@ -81,7 +81,7 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_http_sys_enter", "sys_enter"),
         tp_btf("podscope_http_sys_exit", "sys_exit"),
     ],
-    maps: &[CONNS, EVENTS, SCRATCH, COUNTERS, SSL_CALLS, SSL_FDS],
+    maps: &[CONNS, EVENTS, SCRATCH, COUNTERS, SSL_CALLS, SSL_FDS, TLS_THREADS],
 };
 
 /// (process, descriptor) → the connection: its addresses, role and protocol.
@@ -92,8 +92,11 @@ const SCRATCH: MapDef = MapDef::fixed("http_scratch");
 const COUNTERS: MapDef = MapDef::fixed("http_counters");
 /// Thread → the OpenSSL call it is in.
 const SSL_CALLS: MapDef = MapDef::entries("http_ssl_calls").counted(abi::HTTP_MAP_SSL_CALLS);
-/// (process, SSL object) → its socket's descriptor.
+/// (process, SSL object) → its socket's descriptor, and its protocol.
 const SSL_FDS: MapDef = MapDef::entries("http_ssl_fds").counted(abi::HTTP_MAP_SSL_FDS);
+/// Thread → the TLS socket it last read and the SSL object it last encrypted for no known
+/// socket (LRU: evicts, never refuses).
+const TLS_THREADS: MapDef = MapDef::entries("http_tls_threads");
 
 pub struct Http;
 

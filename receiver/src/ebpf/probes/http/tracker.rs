@@ -15,8 +15,8 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use podscope_ebpf::abi::{
-    HttpEventHead, HTTP_DIR_IN, HTTP_EVENT_CLOSE, HTTP_EVENT_DATA, HTTP_FLAG_CONTINUATION,
-    HTTP_FLAG_TLS, HTTP_PROTO_HTTP1, HTTP_PROTO_HTTP2,
+    HttpEventHead, HTTP_DIR_IN, HTTP_EVENT_BIND, HTTP_EVENT_CLOSE, HTTP_EVENT_DATA,
+    HTTP_FLAG_CONTINUATION, HTTP_FLAG_TLS, HTTP_NO_FD, HTTP_PROTO_HTTP1, HTTP_PROTO_HTTP2,
 };
 
 use super::http1::{self, HeadParse, RequestHead};
@@ -171,6 +171,12 @@ const JOIN_LIMIT: usize = 65_536;
 const IDLE_CONNECTION_NS: u64 = 600_000_000_000;
 /// Pending requests per connection at most (pipelining depth).
 const PENDING_LIMIT: usize = 64;
+/// An event kept for later, with its bytes.
+type KeptEvent = (HttpEventHead, Vec<u8>);
+
+/// TLS plaintext kept per SSL object until its socket is known, and SSL objects waiting.
+const UNBOUND_EVENTS: usize = 64;
+const UNBOUND_OBJECTS: usize = 1024;
 
 pub struct Tracker {
     capture_bytes: usize,
@@ -179,6 +185,9 @@ pub struct Tracker {
     serving: HashMap<(u32, u32), SpanIds>,
     joins: HashMap<JoinKey, SpanIds>,
     join_order: VecDeque<(JoinKey, u64)>,
+    /// (tgid, SSL object) → plaintext it encrypted or decrypted before its socket was known
+    /// (a library doing its own socket I/O), replayed when the kernel ties them.
+    unbound: HashMap<(u32, u64), Vec<KeptEvent>>,
     ids: IdGenerator,
     counts: TrackerCounts,
 }
@@ -225,6 +234,7 @@ impl Tracker {
             serving: HashMap::default(),
             joins: HashMap::default(),
             join_order: VecDeque::new(),
+            unbound: HashMap::default(),
             ids: IdGenerator::new(),
             counts: TrackerCounts::default(),
         }
@@ -240,8 +250,13 @@ impl Tracker {
             tgid: head.tgid,
             fd: head.fd,
         };
+        if head.fd == HTTP_NO_FD {
+            self.keep_unbound(head, data);
+            return;
+        }
         match u32::from(head.kind) {
             HTTP_EVENT_CLOSE => self.close(key),
+            HTTP_EVENT_BIND => self.bind(head, out),
             HTTP_EVENT_DATA if u32::from(head.protocol) == HTTP_PROTO_HTTP1 => {
                 self.http1(key, head, data, out)
             }
@@ -249,6 +264,38 @@ impl Tracker {
                 self.http2(key, head, data, out)
             }
             _ => {}
+        }
+    }
+
+    fn keep_unbound(&mut self, head: &HttpEventHead, data: &[u8]) {
+        if !self.unbound.contains_key(&(head.tgid, head.ssl))
+            && self.unbound.len() >= UNBOUND_OBJECTS
+        {
+            return;
+        }
+        let kept = self.unbound.entry((head.tgid, head.ssl)).or_default();
+        if kept.len() < UNBOUND_EVENTS {
+            kept.push((*head, data.to_vec()));
+        }
+    }
+
+    /// The kernel tied an SSL object to a connection: its plaintext so far is that
+    /// connection's, in order.
+    fn bind(&mut self, bind: &HttpEventHead, out: &mut Vec<Exchange>) {
+        let Some(kept) = self.unbound.remove(&(bind.tgid, bind.ssl)) else {
+            return;
+        };
+        for (mut head, data) in kept {
+            head.fd = bind.fd;
+            head.protocol = bind.protocol;
+            head.role = bind.role;
+            head.family = bind.family;
+            head.local_port = bind.local_port;
+            head.remote_port = bind.remote_port;
+            head.local_addr = bind.local_addr;
+            head.remote_addr = bind.remote_addr;
+            head.cgroup_id = bind.cgroup_id;
+            self.on_event(&head, &data, out);
         }
     }
 
@@ -684,8 +731,14 @@ impl Tracker {
         out.push(exchange);
     }
 
-    /// Forgets connections idle for long (their close was never seen).
+    /// Forgets connections idle for long (their close was never seen), and plaintext of SSL
+    /// objects never tied to a socket.
     pub fn expire(&mut self, now_ns: u64) {
+        self.unbound.retain(|_, kept| {
+            kept.first().is_some_and(|(head, _)| {
+                now_ns.saturating_sub(head.timestamp_ns) <= IDLE_CONNECTION_NS
+            })
+        });
         let stale: Vec<ConnKey> = self
             .connections
             .iter()
