@@ -326,9 +326,15 @@ static __always_inline void submit(struct http_event *e, __u32 captured)
 	if (captured > PODSCOPE_HTTP_CAPTURE_MAX)
 		captured = PODSCOPE_HTTP_CAPTURE_MAX;
 	e->head.captured = captured;
+	/* Wake the agent each time the waiting bytes cross a multiple of wakeup_bytes: once per
+	 * batch, and again while it is behind, never per event. A wake-up is a self-interrupt (a
+	 * VM exit on virtual machines): one per event once the agent fell behind cost more than
+	 * everything else here (measured: 2 µs per call with nginx under wrk). */
+	__u64 size = offsetof(struct http_event, data) + captured;
 	__u64 waiting = bpf_ringbuf_query(&http_events, BPF_RB_AVAIL_DATA);
-	__u64 flags = waiting >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-	if (bpf_ringbuf_output(&http_events, e, offsetof(struct http_event, data) + captured, flags))
+	__u64 every = wakeup_bytes ? wakeup_bytes : 1;
+	__u64 flags = (waiting + size) / every != waiting / every ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	if (bpf_ringbuf_output(&http_events, e, size, flags))
 		count(HTTP_COUNTER_EVENTS_LOST);
 }
 

@@ -153,6 +153,9 @@ impl HttpProbeConfig {
                 ),
             ));
         }
+        if self.wakeup_bytes == 0 {
+            errors.push(FieldError::new(at("wakeup_bytes"), "must be at least 1"));
+        }
         if self.event_poll_interval < Duration::from_millis(1) {
             errors.push(FieldError::new(
                 at("event_poll_interval"),

@@ -229,6 +229,10 @@ impl EventReader {
                     Ok(mut guard) => {
                         drain(guard.get_inner_mut(), &mut self.pipeline, &self.counters);
                         guard.clear_ready();
+                        // The kernel wakes the agent once per crossing of wakeup_bytes: what
+                        // came between the drain and clear_ready would otherwise wait for the
+                        // timer.
+                        drain(self.ring.get_mut(), &mut self.pipeline, &self.counters);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "http event ring buffer cannot be polled; reading on the timer only");
