@@ -581,25 +581,38 @@ async fn red_metrics_count_every_request_even_when_no_span_is_sampled() {
     );
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1, made with openssl in `dir`: its
+/// certificate and key files.
+fn self_signed(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl (scripts/install-deps.sh installs it)");
+    assert!(status.success(), "openssl req");
+    (cert, key)
+}
+
 /// nginx (Debian's) serving `/status/<code>` and 200 elsewhere, on a free port, over TLS with a
 /// self-signed certificate when `tls`; its files live in `dir`.
 fn nginx(pod: &mut PodCgroup, dir: &std::path::Path, tls: bool) -> u16 {
     let port = free_port();
     let ssl = if tls {
-        let status = std::process::Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-            ])
-            .arg("/CN=localhost")
-            .arg("-keyout")
-            .arg(dir.join("key.pem"))
-            .arg("-out")
-            .arg(dir.join("cert.pem"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("openssl (apt: openssl)");
-        assert!(status.success(), "openssl req");
+        self_signed(dir);
         format!(
             "ssl_certificate {0}/cert.pem; ssl_certificate_key {0}/key.pem;",
             dir.display()
@@ -866,26 +879,7 @@ async fn wrk_against_nginx_gives_one_client_span_per_request_wrk_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_over_tls_gives_the_same_rpc_spans() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl");
-    assert!(status.success());
+    let (cert, key) = self_signed(dir.path());
     let mut server = pod();
     let mut client = pod();
     let started = start(serde_json::json!({})).await;

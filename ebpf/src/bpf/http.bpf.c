@@ -540,6 +540,17 @@ static __always_inline void on_close(__u32 fd)
 
 /* ---- the handlers, by syscall ---- */
 
+/* The iovecs of a sendmsg/recvmsg message header; nonzero if unreadable. */
+static __always_inline int from_msghdr(struct source *src, __u64 msg_ptr)
+{
+	struct user_msghdr msg;
+	if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msg_ptr))
+		return -1;
+	src->ptr = msg.msg_iov;
+	src->iovcnt = msg.msg_iovlen;
+	return 0;
+}
+
 static __always_inline void on_enter(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3)
 {
 	struct source src = { .ptr = (const void *)arg2 };
@@ -551,14 +562,10 @@ static __always_inline void on_enter(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3)
 	case NR_WRITEV:
 		src.iovcnt = arg3;
 		break;
-	case NR_SENDMSG: {
-		struct user_msghdr msg;
-		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)arg2))
+	case NR_SENDMSG:
+		if (from_msghdr(&src, arg2))
 			return;
-		src.ptr = msg.msg_iov;
-		src.iovcnt = msg.msg_iovlen;
 		break;
-	}
 	case NR_CLOSE:
 		on_close(fd);
 		return;
@@ -609,14 +616,10 @@ static __always_inline void on_exit(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3, 
 	case NR_READV:
 		src.iovcnt = arg3;
 		break;
-	case NR_RECVMSG: {
-		struct user_msghdr msg;
-		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)arg2))
+	case NR_RECVMSG:
+		if (from_msghdr(&src, arg2))
 			return;
-		src.ptr = msg.msg_iov;
-		src.iovcnt = msg.msg_iovlen;
 		break;
-	}
 	default:
 		return;
 	}

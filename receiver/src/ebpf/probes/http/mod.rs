@@ -162,20 +162,7 @@ impl SingleObjectProbe for Http {
                 "HTTP probe: requests reported under route {other} because their container reached routes.max_per_container",
             ),
         };
-        let router = Router::new(
-            config
-                .routes
-                .rules
-                .iter()
-                .filter_map(|r| RoutePattern::new(r).ok())
-                .collect(),
-            config
-                .redact
-                .iter()
-                .filter_map(|r| regex::Regex::new(r).ok())
-                .collect(),
-            config.routes.max_per_container,
-        );
+        let router = router_of(config);
         Ok(Box::new(Loaded {
             tls,
             container_attachments: ctx.telemetry.container_attachments.clone(),
@@ -193,6 +180,24 @@ impl SingleObjectProbe for Http {
     }
 }
 
+/// The routes and redaction of the settings (validated before, so nothing is dropped here).
+fn router_of(config: &HttpProbeConfig) -> Router {
+    Router::new(
+        config
+            .routes
+            .rules
+            .iter()
+            .filter_map(|r| RoutePattern::new(r).ok())
+            .collect(),
+        config
+            .redact
+            .iter()
+            .filter_map(|r| regex::Regex::new(r).ok())
+            .collect(),
+        config.routes.max_per_container,
+    )
+}
+
 /// The probe's userspace side without the kernel: ring-buffer records in, exchanges paired,
 /// routed, recorded in the RED histograms and made into spans. For benchmarks (recorded events)
 /// and tests.
@@ -204,16 +209,7 @@ impl RecordedEvents {
     pub fn new(config: &HttpProbeConfig) -> RecordedEvents {
         let shared = Arc::new(Mutex::new(Shared {
             red: RedTable::default(),
-            router: Router::new(
-                config
-                    .routes
-                    .rules
-                    .iter()
-                    .filter_map(|r| RoutePattern::new(r).ok())
-                    .collect(),
-                Vec::new(),
-                config.routes.max_per_container,
-            ),
+            router: router_of(config),
         }));
         RecordedEvents {
             pipeline: reader::ExchangePipeline::new(config, shared),
