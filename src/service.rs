@@ -4,11 +4,20 @@
 //! fan-out to the exporters. A receiver or exporter named in several pipelines is one instance
 //! shared by them; processors are built once per pipeline, as in the Collector.
 //!
-//! Lifecycle: start exporters, then processors (last first), then the pipeline queues' workers,
-//! then receivers, so every stage starts with a live consumer. Shutdown runs the other way round:
-//! receivers stop, each pipeline queue drains into its processors, processors flush, exporters
-//! drain — all within `service.shutdown_timeout`; whatever is still held when the deadline passes
-//! is dropped and counted.
+//! Fan-out never repeats data (see ARCHITECTURE.md, "Fan-out"): a receiver's batch enters the
+//! entry queues of all its pipelines or of none ([`QueueGroup`]), and a pipeline delivers to each
+//! of its exporters on its own ([`Fanout`]), counting what one exporter never takes as that
+//! exporter's drop.
+//!
+//! Extensions are built first, in `service.extensions` order, and handed to every other
+//! component in its [`BuildContext`] with what each uses.
+//!
+//! Lifecycle: start extensions, exporters, then processors (last first), then the pipeline
+//! queues' workers, then receivers, so every stage starts with a live consumer. Shutdown runs
+//! the other way round: receivers stop, each pipeline queue drains into its processors,
+//! processors flush, exporters drain — all within `service.shutdown_timeout`; whatever is still
+//! held when the deadline passes is dropped and counted before `shutdown` returns. Extensions
+//! stop last (last started first), once nothing uses them any more.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,26 +25,24 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
-use podscope_core::consumer::Fanout;
-use podscope_core::delivery::deliver_or_count;
+use podscope_core::delivery::{deliver_or_count, DropCounter, Fanout};
 use podscope_core::health::Readiness;
-use podscope_core::queue::{bounded_queue, QueueReceiver, QueueSender};
+use podscope_core::queue::{bounded_queue, QueueGroup, QueueReceiver, QueueSender};
 use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, ComponentId, ConsumeError, Consumer, Exporter, Processor, Receiver,
-    ReceiverConsumers, Signal,
+    Batch, BuildContext, Component, ComponentId, ConsumeError, Consumer, Exporter, Extension,
+    Extensions, Processor, Receiver, ReceiverConsumers, Signal,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::registry::Registry;
 
 /// A pipeline's entry queue and the task that feeds its first stage.
 struct RunningPipeline {
     name: String,
-    queue: QueueSender,
-    receiver: Option<QueueReceiver>,
+    queue: QueueSender<Batch>,
+    receiver: Option<QueueReceiver<Batch>>,
     head: Arc<dyn Consumer>,
     /// First processor first.
     processors: Vec<(ComponentId, Arc<dyn Processor>)>,
@@ -44,6 +51,8 @@ struct RunningPipeline {
 
 /// Everything built from one config, ready to start.
 pub struct Service {
+    /// In start order.
+    extensions: Vec<(ComponentId, Arc<dyn Extension>)>,
     receivers: Vec<(ComponentId, Box<dyn Receiver>)>,
     pipelines: Vec<RunningPipeline>,
     exporters: Vec<(ComponentId, Arc<dyn Exporter>)>,
@@ -64,32 +73,47 @@ pub struct ShutdownReport {
 }
 
 impl Service {
-    /// Builds every component of every pipeline. Nothing runs until [`Service::start`].
+    /// Builds every component of every pipeline from the builders the config loader validated.
+    /// Nothing runs until [`Service::start`].
     pub fn build(
-        config: &AgentConfig,
-        telemetry: AgentTelemetry,
-        readiness: Readiness,
-    ) -> anyhow::Result<Service> {
-        Self::build_with(config, &Registry::builtin(), telemetry, readiness)
-    }
-
-    /// [`Service::build`] from a given registry (tests add components of their own).
-    pub fn build_with(
-        config: &AgentConfig,
-        registry: &Registry,
+        mut config: AgentConfig,
         telemetry: AgentTelemetry,
         readiness: Readiness,
     ) -> anyhow::Result<Service> {
         let host_name = host_name();
         let shared = podscope_core::SharedState::default();
-        let context = |id: &ComponentId, pipeline: Option<&str>| BuildContext {
-            id: id.clone(),
-            pipeline: pipeline.map(str::to_string),
-            host_name: host_name.clone(),
-            telemetry: telemetry.clone(),
-            readiness: readiness.clone(),
-            shared: shared.clone(),
-        };
+        let deadline = CancellationToken::new();
+        let mut extensions = Extensions::default();
+        let context =
+            |id: &ComponentId, pipeline: Option<&str>, extensions: &Extensions| BuildContext {
+                id: id.clone(),
+                pipeline: pipeline.map(str::to_string),
+                host_name: host_name.clone(),
+                telemetry: telemetry.clone(),
+                readiness: readiness.clone(),
+                shared: shared.clone(),
+                extensions: extensions.clone(),
+            };
+
+        // Extensions first: the other components look up the ones they use while they are built.
+        let mut extension_order = Vec::new();
+        for id in &config.service.extensions {
+            let builder = config
+                .extensions
+                .remove(id)
+                .with_context(|| format!("extension {id} is not defined"))?;
+            let extension = builder
+                .build(context(id, None, &Extensions::default()))
+                .with_context(|| format!("building extension {id}"))?;
+            extensions.insert(id.clone(), extension.clone());
+            extension_order.push((id.clone(), extension));
+        }
+        for ((kind, id), uses) in &config.extension_users {
+            for extension in uses {
+                extensions.add_user(*kind, id.clone(), extension.clone());
+            }
+        }
+        let context = |id: &ComponentId, pipeline: Option<&str>| context(id, pipeline, &extensions);
 
         // Exporters: one instance per id used by any pipeline.
         let mut exporters: BTreeMap<ComponentId, Arc<dyn Exporter>> = BTreeMap::new();
@@ -98,11 +122,10 @@ impl Service {
                 if exporters.contains_key(id) {
                     continue;
                 }
-                let factory = registry
-                    .exporter(id.type_name())
-                    .with_context(|| format!("exporter {id}: unknown type"))?;
-                let builder = (factory.create)(component_section(&config.exporters, id))
-                    .map_err(|e| anyhow::anyhow!("exporter {id}: {}", join_field_errors(&e)))?;
+                let builder = config
+                    .exporters
+                    .remove(id)
+                    .with_context(|| format!("exporter {id} is not defined"))?;
                 let exporter = builder
                     .build(context(id, None))
                     .with_context(|| format!("building exporter {id}"))?;
@@ -113,19 +136,23 @@ impl Service {
         // Pipelines: processors chained from the last to the first, then the entry queue.
         let mut pipelines = Vec::new();
         for pipeline in &config.service.pipelines {
-            let exporter_consumers: Vec<Arc<dyn Consumer>> = pipeline
+            let branches = pipeline
                 .exporters
                 .iter()
-                .map(|id| exporters[id].clone() as Arc<dyn Consumer>)
+                .map(|id| {
+                    (
+                        exporters[id].clone() as Arc<dyn Consumer>,
+                        DropCounter::exporter(&telemetry, &id.to_string()),
+                    )
+                })
                 .collect();
-            let mut next = Fanout::of(exporter_consumers);
+            let mut next: Arc<dyn Consumer> = Arc::new(Fanout::new(branches, deadline.clone()));
             let mut processors = Vec::new();
             for id in pipeline.processors.iter().rev() {
-                let factory = registry
-                    .processor(id.type_name())
-                    .with_context(|| format!("processor {id}: unknown type"))?;
-                let builder = (factory.create)(component_section(&config.processors, id))
-                    .map_err(|e| anyhow::anyhow!("processor {id}: {}", join_field_errors(&e)))?;
+                let builder = config
+                    .processors
+                    .get(id)
+                    .with_context(|| format!("processor {id} is not defined"))?;
                 let processor = builder
                     .build(context(id, Some(&pipeline.name)), pipeline.signal, next)
                     .with_context(|| {
@@ -163,20 +190,20 @@ impl Service {
         for id in receiver_ids {
             let mut consumers = ReceiverConsumers::default();
             for signal in Signal::ALL {
-                let queues: Vec<Arc<dyn Consumer>> = config
+                let queues: Vec<QueueSender<Batch>> = config
                     .service
                     .pipelines
                     .iter()
                     .zip(&pipelines)
                     .filter(|(p, _)| p.signal == signal && p.receivers.contains(id))
-                    .map(|(_, running)| Arc::new(running.queue.clone()) as Arc<dyn Consumer>)
+                    .map(|(_, running)| running.queue.clone())
                     .collect();
                 if queues.is_empty() {
                     continue;
                 }
                 let observed: Arc<dyn Consumer> = Arc::new(ObservedReceiverOutput {
                     receiver: id.to_string(),
-                    next: Fanout::of(queues),
+                    next: Arc::new(QueueGroup::new(queues)),
                     telemetry: telemetry.clone(),
                 });
                 match signal {
@@ -184,11 +211,10 @@ impl Service {
                     Signal::Traces => consumers.traces = Some(observed),
                 }
             }
-            let factory = registry
-                .receiver(id.type_name())
-                .with_context(|| format!("receiver {id}: unknown type"))?;
-            let builder = (factory.create)(component_section(&config.receivers, id))
-                .map_err(|e| anyhow::anyhow!("receiver {id}: {}", join_field_errors(&e)))?;
+            let builder = config
+                .receivers
+                .remove(id)
+                .with_context(|| format!("receiver {id} is not defined"))?;
             let receiver = builder
                 .build(context(id, None), consumers)
                 .with_context(|| format!("building receiver {id}"))?;
@@ -196,13 +222,14 @@ impl Service {
         }
 
         Ok(Service {
+            extensions: extension_order,
             receivers,
             pipelines,
             exporters: exporters.into_iter().collect(),
             telemetry,
             readiness,
             shutdown_timeout: config.service.shutdown_timeout,
-            deadline: CancellationToken::new(),
+            deadline,
         })
     }
 
@@ -224,6 +251,12 @@ impl Service {
     }
 
     async fn start_all(&mut self) -> anyhow::Result<()> {
+        for (id, extension) in &self.extensions {
+            extension
+                .start()
+                .await
+                .with_context(|| format!("starting extension {id}"))?;
+        }
         for (id, exporter) in &self.exporters {
             exporter
                 .start()
@@ -256,20 +289,36 @@ impl Service {
 
     /// Stops receivers, drains pipelines and flushes exporters within `shutdown_timeout`. Safe to
     /// call on a service that was never started.
+    ///
+    /// Past the deadline every stage gives up: pipeline deliveries see the deadline token, and
+    /// components give up when their unfinished `shutdown` is dropped. So all of them are asked
+    /// at once, dropped, and asked again to return once they have counted what they dropped: at
+    /// most [`GIVE_UP`] and [`COUNT_DROPS`] more.
     pub async fn shutdown(&mut self) -> ShutdownReport {
         self.readiness.set_pipelines_started(false);
         let mut errors = Vec::new();
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         let completed_in_time =
-            tokio::time::timeout_at(deadline, self.shutdown_stages(&mut errors))
+            tokio::time::timeout(self.shutdown_timeout, self.shutdown_in_order(&mut errors))
                 .await
                 .is_ok();
         if !completed_in_time {
             tracing::warn!(timeout = ?self.shutdown_timeout, "shutdown deadline reached; dropping what is left");
-            // Stages still retrying give up, count what they hold and return.
             self.deadline.cancel();
-            let grace = Duration::from_secs(1);
-            let _ = tokio::time::timeout(grace, self.shutdown_stages(&mut errors)).await;
+            for grace in [GIVE_UP, COUNT_DROPS] {
+                let _ = tokio::time::timeout(grace, self.shutdown_at_once(&mut errors)).await;
+            }
+        }
+        // Extensions last: until here a stage may still have looked something up in one.
+        for (id, extension) in self.extensions.iter().rev() {
+            let stopped =
+                tokio::time::timeout(COUNT_DROPS, shut_down("extension", id, extension.as_ref()));
+            match stopped.await {
+                Ok(error) => note_all(&mut errors, error),
+                Err(_) => note(
+                    &mut errors,
+                    format!("extension {id}: did not stop within {COUNT_DROPS:?}"),
+                ),
+            }
         }
         ShutdownReport {
             completed_in_time,
@@ -277,41 +326,91 @@ impl Service {
         }
     }
 
-    async fn shutdown_stages(&mut self, errors: &mut Vec<String>) {
+    async fn shutdown_in_order(&mut self, errors: &mut Vec<String>) {
         for (id, receiver) in &self.receivers {
-            if let Err(e) = receiver.shutdown().await {
-                errors.push(format!("receiver {id}: {e:#}"));
-            }
+            note_all(errors, shut_down("receiver", id, receiver.as_ref()).await);
         }
         for pipeline in &mut self.pipelines {
-            pipeline.queue.close();
-            if let Some(worker) = pipeline.worker.as_mut() {
-                if let Err(e) = worker.await {
-                    errors.push(format!("pipeline {}: {e}", pipeline.name));
-                }
-                pipeline.worker = None;
-            }
-            for (id, processor) in &pipeline.processors {
-                if let Err(e) = processor.shutdown().await {
-                    errors.push(format!(
-                        "processor {id} in pipeline {}: {e:#}",
-                        pipeline.name
-                    ));
-                }
-            }
+            note_all(errors, pipeline.drain().await);
         }
         for (id, exporter) in &self.exporters {
-            if let Err(e) = exporter.shutdown().await {
-                errors.push(format!("exporter {id}: {e:#}"));
+            note_all(errors, shut_down("exporter", id, exporter.as_ref()).await);
+        }
+    }
+
+    /// Every stage's shutdown at once, for after the deadline.
+    async fn shutdown_at_once(&mut self, errors: &mut Vec<String>) {
+        let receivers = futures::future::join_all(
+            self.receivers
+                .iter()
+                .map(|(id, receiver)| shut_down("receiver", id, receiver.as_ref())),
+        );
+        let pipelines =
+            futures::future::join_all(self.pipelines.iter_mut().map(RunningPipeline::drain));
+        let exporters = futures::future::join_all(
+            self.exporters
+                .iter()
+                .map(|(id, exporter)| shut_down("exporter", id, exporter.as_ref())),
+        );
+        let (receivers, pipelines, exporters) = tokio::join!(receivers, pipelines, exporters);
+        note_all(errors, receivers.into_iter().flatten());
+        note_all(errors, pipelines.into_iter().flatten());
+        note_all(errors, exporters.into_iter().flatten());
+    }
+}
+
+/// Shuts one component down; its error, if any, named.
+async fn shut_down(kind: &str, id: &ComponentId, component: &dyn Component) -> Option<String> {
+    component
+        .shutdown()
+        .await
+        .err()
+        .map(|e| format!("{kind} {id}: {e:#}"))
+}
+
+/// How long stages get, once the deadline passed, to give up what they hold.
+const GIVE_UP: Duration = Duration::from_millis(250);
+/// How long they then get to count what they gave up.
+const COUNT_DROPS: Duration = Duration::from_secs(1);
+
+impl RunningPipeline {
+    /// Closes the entry queue, lets the worker feed what is queued to the processors, and shuts
+    /// the processors down (first first, so each flushes into a live one). Returns the errors.
+    async fn drain(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        self.queue.close();
+        if let Some(worker) = self.worker.as_mut() {
+            if let Err(e) = worker.await {
+                errors.push(format!("pipeline {}: {e}", self.name));
+            }
+            self.worker = None;
+        }
+        for (id, processor) in &self.processors {
+            if let Err(e) = processor.shutdown().await {
+                errors.push(format!("processor {id} in pipeline {}: {e:#}", self.name));
             }
         }
+        errors
+    }
+}
+
+/// Adds an error once (stages asked again after the deadline may repeat theirs).
+fn note(errors: &mut Vec<String>, error: String) {
+    if !errors.contains(&error) {
+        errors.push(error);
+    }
+}
+
+fn note_all(errors: &mut Vec<String>, new: impl IntoIterator<Item = String>) {
+    for error in new {
+        note(errors, error);
     }
 }
 
 /// Moves batches from a pipeline's entry queue into its first stage until the queue is closed
 /// and empty.
 async fn feed_pipeline(
-    queue: QueueReceiver,
+    queue: QueueReceiver<Batch>,
     head: Arc<dyn Consumer>,
     stage: String,
     telemetry: AgentTelemetry,
@@ -349,21 +448,6 @@ impl Consumer for ObservedReceiverOutput {
         };
         result
     }
-}
-
-fn component_section(
-    sections: &BTreeMap<ComponentId, serde_json::Value>,
-    id: &ComponentId,
-) -> serde_json::Value {
-    sections.get(id).cloned().unwrap_or(serde_json::Value::Null)
-}
-
-fn join_field_errors(errors: &[podscope_core::FieldError]) -> String {
-    errors
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// The machine's host name, for `host.name`. Falls back to `localhost` rather than failing.

@@ -145,22 +145,40 @@ async fn every_processor_forwards_what_it_consumes() {
         let name = factory.type_name;
         for &signal in factory.signals {
             let settings = settings_for(ComponentKind::Processor, name, dir.path());
+            let builder = (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"));
+            // The extension a processor makes for itself runs around it, as in the service.
+            let mut ctx = BuildContext::for_tests(name);
+            let own = builder.implicit_extension(&ctx.id).map(|(id, extension)| {
+                let extension = extension
+                    .build(BuildContext::for_tests(&id.to_string()))
+                    .unwrap_or_else(|e| panic!("processor {name}: its extension: {e:#}"));
+                ctx.extensions.insert(id.clone(), extension.clone());
+                ctx.extensions
+                    .add_user(ComponentKind::Processor, ctx.id.clone(), id);
+                extension
+            });
             let next = Arc::new(Collected::default());
             let build = |next: Arc<Collected>| {
-                (factory.create)(settings.clone())
-                    .unwrap_or_else(|e| panic!("processor {name}: test settings refused: {e:?}"))
-                    .build(BuildContext::for_tests(name), signal, next)
+                builder
+                    .build(ctx.clone(), signal, next)
                     .unwrap_or_else(|e| panic!("processor {name}: build failed: {e:#}"))
             };
             within(name, build(Arc::new(Collected::default())).shutdown())
                 .await
                 .unwrap();
             let processor = build(next.clone());
+            if let Some(extension) = &own {
+                within(name, extension.start()).await.unwrap();
+            }
             within(name, processor.start()).await.unwrap();
             within(name, processor.consume(sample(signal)))
                 .await
                 .unwrap_or_else(|e| panic!("processor {name} refused {signal}: {e}"));
             within(name, processor.shutdown()).await.unwrap();
+            if let Some(extension) = &own {
+                within(name, extension.shutdown()).await.unwrap();
+            }
             assert_eq!(
                 next.items(),
                 3,
@@ -197,6 +215,29 @@ async fn every_exporter_consumes_and_shuts_down() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_extension_starts_and_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    for factory in registry::extensions() {
+        let name = factory.type_name;
+        let settings = settings_for(ComponentKind::Extension, name, dir.path());
+        let build = || {
+            (factory.create)(settings.clone())
+                .unwrap_or_else(|e| panic!("extension {name}: test settings refused: {e:?}"))
+                .build(BuildContext::for_tests(name))
+                .unwrap_or_else(|e| panic!("extension {name}: build failed: {e:#}"))
+        };
+        within(name, build().shutdown()).await.unwrap();
+        let extension = build();
+        within(name, extension.start())
+            .await
+            .unwrap_or_else(|e| panic!("extension {name}: start failed: {e:#}"));
+        within(name, extension.shutdown())
+            .await
+            .unwrap_or_else(|e| panic!("extension {name}: shutdown failed: {e:#}"));
+    }
+}
+
 #[test]
 fn registry_types_are_unique_and_described() {
     let mut seen = std::collections::BTreeSet::new();
@@ -212,6 +253,11 @@ fn registry_types_are_unique_and_described() {
             registry::exporters()
                 .into_iter()
                 .map(|f| ("exporter", f.type_name, f.description, f.signals)),
+        )
+        .chain(
+            registry::extensions()
+                .into_iter()
+                .map(|f| ("extension", f.type_name, f.description, f.signals)),
         );
     for (kind, type_name, description, signals) in rows {
         assert!(
@@ -222,9 +268,11 @@ fn registry_types_are_unique_and_described() {
             !description.is_empty() && !description.contains('\n'),
             "{kind} {type_name}: one-line description"
         );
-        assert!(
-            !signals.is_empty(),
-            "{kind} {type_name}: handles some signal"
+        // Extensions are in no pipeline; every other component handles some signal.
+        assert_eq!(
+            signals.is_empty(),
+            kind == "extension",
+            "{kind} {type_name}: signals {signals:?}"
         );
     }
 }

@@ -3,9 +3,11 @@
 //! A component is a **config** (serde, validated), a **factory** row (type name, description,
 //! signals, a `create` function that parses and validates the config) and a **runtime** built
 //! from the validated config. The config struct itself is the builder: `create` returns it boxed
-//! as a [`ReceiverBuilder`] / [`ProcessorBuilder`] / [`ExporterBuilder`], and the service calls
-//! `build` once the pipeline graph knows where the component's output goes.
+//! as a [`ReceiverBuilder`] / [`ProcessorBuilder`] / [`ExporterBuilder`], the config loader keeps
+//! it, and the service calls `build` once the pipeline graph knows where the component's output
+//! goes. Builders are `Any` so that tests can look at the settings they hold.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -17,12 +19,13 @@ use crate::consumer::Consumer;
 use crate::health::Readiness;
 use crate::telemetry::AgentTelemetry;
 
-/// Receiver, processor or exporter.
+/// Receiver, processor, exporter or extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ComponentKind {
     Receiver,
     Processor,
     Exporter,
+    Extension,
 }
 
 impl ComponentKind {
@@ -32,6 +35,7 @@ impl ComponentKind {
             ComponentKind::Receiver => "receivers",
             ComponentKind::Processor => "processors",
             ComponentKind::Exporter => "exporters",
+            ComponentKind::Extension => "extensions",
         }
     }
 
@@ -40,6 +44,7 @@ impl ComponentKind {
             ComponentKind::Receiver => "receiver",
             ComponentKind::Processor => "processor",
             ComponentKind::Exporter => "exporter",
+            ComponentKind::Extension => "extension",
         }
     }
 }
@@ -116,9 +121,12 @@ pub struct BuildContext {
     pub host_name: String,
     pub telemetry: AgentTelemetry,
     pub readiness: Readiness,
-    /// State one component id shares across the pipelines it is built for (one Kubernetes
-    /// watch for `k8sattributes` in both the metrics and traces pipelines).
+    /// State one component id shares across the pipelines it is built for (a processor's
+    /// counters in both the metrics and traces pipelines).
     pub shared: SharedState,
+    /// The agent's extensions, for the components that use them (empty when extensions
+    /// themselves are built).
+    pub extensions: Extensions,
 }
 
 /// One agent's per-component shared state, keyed by component id.
@@ -127,12 +135,6 @@ pub struct SharedState {
     inner: Arc<
         std::sync::Mutex<
             std::collections::HashMap<ComponentId, Arc<dyn std::any::Any + Send + Sync>>,
-        >,
-    >,
-    /// Kubernetes metadata caches other components may select pods with, by processor id.
-    pod_directories: Arc<
-        std::sync::Mutex<
-            std::collections::HashMap<ComponentId, Arc<dyn crate::pods::PodDirectory>>,
         >,
     >,
 }
@@ -156,27 +158,6 @@ impl SharedState {
         map.insert(id.clone(), state.clone());
         Ok(state)
     }
-
-    /// A Kubernetes processor offers its pod cache under its id.
-    pub fn publish_pod_directory(
-        &self,
-        id: &ComponentId,
-        directory: Arc<dyn crate::pods::PodDirectory>,
-    ) {
-        self.pod_directories
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), directory);
-    }
-
-    /// The pod cache of processor `id`, once it is built.
-    pub fn pod_directory(&self, id: &ComponentId) -> Option<Arc<dyn crate::pods::PodDirectory>> {
-        self.pod_directories
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
-    }
 }
 
 impl BuildContext {
@@ -189,6 +170,7 @@ impl BuildContext {
             telemetry: AgentTelemetry::new(),
             readiness: Readiness::default(),
             shared: SharedState::default(),
+            extensions: Extensions::default(),
         }
     }
 }
@@ -225,6 +207,73 @@ pub trait Processor: Component + Consumer {
 /// An exporter is the last consumer of a pipeline.
 pub trait Exporter: Component + Consumer {}
 
+/// An extension holds what several components share and no pipeline carries (a Kubernetes
+/// client with its watches and caches): the components that use it look it up by id in
+/// [`BuildContext::extensions`] and downcast it to its type. Extensions start before every
+/// pipeline and stop after them.
+pub trait Extension: Component + std::any::Any {}
+
+/// The agent's extensions by id, and which extensions each component uses (named in its
+/// settings, or made for it, see [`ProcessorBuilder::implicit_extension`]).
+#[derive(Clone, Default)]
+pub struct Extensions {
+    by_id: BTreeMap<ComponentId, Arc<dyn Extension>>,
+    used_by: BTreeMap<(ComponentKind, ComponentId), Vec<ComponentId>>,
+}
+
+impl Extensions {
+    pub fn insert(&mut self, id: ComponentId, extension: Arc<dyn Extension>) {
+        self.by_id.insert(id, extension);
+    }
+
+    /// Records that component `id` of `kind` uses extension `extension`.
+    pub fn add_user(&mut self, kind: ComponentKind, id: ComponentId, extension: ComponentId) {
+        let uses = self.used_by.entry((kind, id)).or_default();
+        if !uses.contains(&extension) {
+            uses.push(extension);
+        }
+    }
+
+    /// Extension `id`, as the type `T` its user expects.
+    pub fn get<T: Extension>(&self, id: &ComponentId) -> anyhow::Result<Arc<T>> {
+        let extension = self
+            .by_id
+            .get(id)
+            .ok_or_else(|| anyhow::anyhow!("extension {id} is not running in this agent"))?;
+        let any: Arc<dyn std::any::Any + Send + Sync> = extension.clone();
+        any.downcast::<T>()
+            .map_err(|_| anyhow::anyhow!("extension {id} is not a {}", short_type_name::<T>()))
+    }
+
+    /// The extension of type `T` that component `id` of `kind` uses.
+    pub fn used_by<T: Extension>(
+        &self,
+        kind: ComponentKind,
+        id: &ComponentId,
+    ) -> anyhow::Result<Arc<T>> {
+        let uses = self
+            .used_by
+            .get(&(kind, id.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        uses.iter()
+            .find_map(|used| self.get::<T>(used).ok())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} {id} uses no {} extension",
+                    kind.as_str(),
+                    short_type_name::<T>()
+                )
+            })
+    }
+}
+
+/// `K8sMetadata` for `podscope_k8s::K8sMetadata`, for messages.
+fn short_type_name<T>() -> &'static str {
+    let name = std::any::type_name::<T>();
+    name.rsplit("::").next().unwrap_or(name)
+}
+
 /// Where a receiver sends each signal it produces: the pipelines that list it. `None` for a
 /// signal no pipeline takes from this receiver.
 #[derive(Clone, Default)]
@@ -242,8 +291,10 @@ impl ReceiverConsumers {
     }
 }
 
-/// A setting that names another component (e.g. the eBPF receiver's `cgroup_filter.pods.processor`):
-/// the config loader checks that the component is defined and in a pipeline.
+/// A setting that names another component (the eBPF receiver's `cgroup_filter.pods.processor`,
+/// a processor's `extension`): the config loader checks that the component is defined and runs
+/// (is in a pipeline, or for an extension in `service.extensions`), and the service records a
+/// named extension as used by the component that names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ComponentReference {
     /// Key path within the referring component's settings.
@@ -252,7 +303,7 @@ pub struct ComponentReference {
     pub id: ComponentId,
 }
 
-pub trait ReceiverBuilder: Send {
+pub trait ReceiverBuilder: Send + std::any::Any {
     fn build(
         self: Box<Self>,
         ctx: BuildContext,
@@ -265,17 +316,40 @@ pub trait ReceiverBuilder: Send {
     }
 }
 
-pub trait ProcessorBuilder: Send {
+/// Processors are built once per pipeline that lists them, so `build` may be called several
+/// times.
+pub trait ProcessorBuilder: Send + std::any::Any {
     fn build(
-        self: Box<Self>,
+        &self,
         ctx: BuildContext,
         signal: Signal,
         next: Arc<dyn Consumer>,
     ) -> anyhow::Result<Arc<dyn Processor>>;
+
+    /// Other components this one's settings name.
+    fn references(&self) -> Vec<ComponentReference> {
+        Vec::new()
+    }
+
+    /// An extension made for this processor from its own settings, when it names none (a
+    /// `k8sattributes` processor without `extension:` gets its own `k8s_metadata`): its id,
+    /// chosen from the processor's id `own`, and its builder. The service runs it like any
+    /// extension and records this processor as its user.
+    fn implicit_extension(
+        &self,
+        own: &ComponentId,
+    ) -> Option<(ComponentId, Box<dyn ExtensionBuilder>)> {
+        let _ = own;
+        None
+    }
 }
 
-pub trait ExporterBuilder: Send {
+pub trait ExporterBuilder: Send + std::any::Any {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>>;
+}
+
+pub trait ExtensionBuilder: Send + std::any::Any {
+    fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>>;
 }
 
 /// Parses and validates a component's raw config section (`null` means all defaults).
@@ -286,6 +360,7 @@ pub struct Factory<B: ?Sized> {
     pub type_name: &'static str,
     /// One line for `podscope components`.
     pub description: &'static str,
+    /// The signals it handles; none for extensions, which are in no pipeline.
     pub signals: &'static [Signal],
     pub create: CreateFn<B>,
 }
@@ -293,6 +368,7 @@ pub struct Factory<B: ?Sized> {
 pub type ReceiverFactory = Factory<dyn ReceiverBuilder>;
 pub type ProcessorFactory = Factory<dyn ProcessorBuilder>;
 pub type ExporterFactory = Factory<dyn ExporterBuilder>;
+pub type ExtensionFactory = Factory<dyn ExtensionBuilder>;
 
 /// `create` for a receiver whose config struct builds it.
 pub fn create_receiver<C: ComponentConfig + ReceiverBuilder>(
@@ -305,6 +381,13 @@ pub fn create_receiver<C: ComponentConfig + ReceiverBuilder>(
 pub fn create_processor<C: ComponentConfig + ProcessorBuilder>(
     raw: serde_json::Value,
 ) -> Result<Box<dyn ProcessorBuilder>, Vec<FieldError>> {
+    Ok(Box::new(parse_component_config::<C>(raw)?))
+}
+
+/// `create` for an extension whose config struct builds it.
+pub fn create_extension<C: ComponentConfig + ExtensionBuilder>(
+    raw: serde_json::Value,
+) -> Result<Box<dyn ExtensionBuilder>, Vec<FieldError>> {
     Ok(Box::new(parse_component_config::<C>(raw)?))
 }
 

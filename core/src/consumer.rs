@@ -1,6 +1,5 @@
 //! The one interface between pipeline stages: something that takes a [`Batch`].
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,45 +56,13 @@ impl ConsumeError {
 }
 
 /// A stage that accepts batches: a processor, an exporter, a queue or a fan-out.
+///
+/// `Ok` means the stage took the batch: it now sends it, holds it, or has dropped and counted
+/// it. An error means it did not, and the caller still owns the batch: retry it later
+/// (retryable) or drop and count it (permanent).
 #[async_trait]
 pub trait Consumer: Send + Sync {
     async fn consume(&self, batch: Batch) -> Result<(), ConsumeError>;
-}
-
-/// Hands each batch to several consumers. The batch is shared, not copied: a consumer that mutates
-/// copies on write (see [`Batch::metrics_mut`]).
-pub struct Fanout {
-    consumers: Vec<Arc<dyn Consumer>>,
-}
-
-impl Fanout {
-    /// One consumer is returned as is; several are wrapped in a fan-out.
-    pub fn of(mut consumers: Vec<Arc<dyn Consumer>>) -> Arc<dyn Consumer> {
-        if consumers.len() == 1 {
-            return consumers.pop().expect("one consumer");
-        }
-        Arc::new(Fanout { consumers })
-    }
-}
-
-#[async_trait]
-impl Consumer for Fanout {
-    /// Every consumer gets the batch even if an earlier one fails; the first error is returned, a
-    /// permanent one in preference (retrying would duplicate data at consumers that succeeded).
-    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
-        let results =
-            futures::future::join_all(self.consumers.iter().map(|c| c.consume(batch.clone())))
-                .await;
-        let mut first_error: Option<ConsumeError> = None;
-        for error in results.into_iter().filter_map(Result::err) {
-            match &first_error {
-                Some(e) if !e.is_retryable() => {}
-                Some(_) if error.is_retryable() => {}
-                _ => first_error = Some(error),
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
 }
 
 /// A consumer that accepts and discards everything. Useful in benchmarks and lifecycle tests.

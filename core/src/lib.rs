@@ -5,23 +5,24 @@
 //! This crate must stay small and free of any particular receiver, processor or exporter: those live
 //! in `receiver/`, `processors/` and `exporters/`, and the root crate wires them together.
 
+pub mod backoff;
 pub mod batch;
-pub mod cgroup;
 pub mod component;
 pub mod config;
 pub mod consumer;
 pub mod delivery;
 pub mod fake_otlp;
 pub mod health;
-pub mod pods;
+pub mod otlp;
 pub mod queue;
 pub mod telemetry;
 
 pub use batch::{Batch, Signal};
 pub use component::{
     BuildContext, Capabilities, Component, ComponentId, ComponentKind, ComponentReference,
-    Exporter, ExporterBuilder, ExporterFactory, Processor, ProcessorBuilder, ProcessorFactory,
-    Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory, SharedState,
+    Exporter, ExporterBuilder, ExporterFactory, Extension, ExtensionBuilder, ExtensionFactory,
+    Extensions, Processor, ProcessorBuilder, ProcessorFactory, Receiver, ReceiverBuilder,
+    ReceiverConsumers, ReceiverFactory, SharedState,
 };
 pub use config::{ComponentConfig, FieldError};
 pub use consumer::{ConsumeError, Consumer};

@@ -31,9 +31,18 @@ pub type BlockKey = block_key;
 pub type BlockStats = block_stats;
 /// A uprobe hit's key: cgroup, process, captured value (string bytes, or an integer's 8 bytes).
 pub type UprobeKey = uprobe_key;
-/// A TCP connection's aggregation key: the socket's cgroup, the peer, the server port, the role.
+/// A mapping of the agent and the file the kernel sees behind it (`container:` uprobes).
+pub type MappedFile = podscope_mapped_file;
+/// A TCP peer's key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
-pub type TcpStats = podscope_tcp_stats;
+pub type TcpCounts = podscope_tcp_counts;
+/// TCP distributions' key: the socket's cgroup, the role, the server port.
+pub type TcpDistKey = podscope_tcp_dist_key;
+pub type TcpDists = podscope_tcp_dists;
+/// A cgroup's TCP connections beyond its `max_peers` peers (or refused by a full map), per
+/// address family and role.
+pub type TcpOtherKey = podscope_tcp_other_key;
+pub type TcpOther = podscope_tcp_other;
 /// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
 pub type HttpEventHead = http_event_head;
 
@@ -64,15 +73,21 @@ impl SyscallCounts {
     }
 }
 
+/// A record the kernel wrote (a ring-buffer event, an iterator's output) decoded from its bytes;
+/// `None` if too short (never trust the length).
+fn from_bytes<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: the length is checked; the records are repr(C), made of integers and bytes, valid
+    // for any bit pattern (aya::Pod); read_unaligned copes with any alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 impl ProcessEvent {
-    /// Decodes an event from ring-buffer bytes; `None` if too short (never trust the length).
+    /// Decodes an event from ring-buffer bytes; `None` if too short.
     pub fn from_bytes(bytes: &[u8]) -> Option<ProcessEvent> {
-        if bytes.len() < std::mem::size_of::<ProcessEvent>() {
-            return None;
-        }
-        // SAFETY: the length is checked; ProcessEvent is repr(C), made of integers and bytes,
-        // valid for any bit pattern; read_unaligned copes with any alignment.
-        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<ProcessEvent>()) })
+        from_bytes(bytes)
     }
 
     pub fn comm(&self) -> String {
@@ -85,18 +100,19 @@ impl ProcessEvent {
     }
 }
 
+impl MappedFile {
+    /// Decodes a record of the mapped-files iterator; `None` if too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<MappedFile> {
+        from_bytes(bytes)
+    }
+}
+
 impl HttpEventHead {
     /// Decodes an event from ring-buffer bytes: its head and captured bytes (never more than
     /// the record holds, whatever `captured` says); `None` if shorter than a head.
     pub fn from_bytes(bytes: &[u8]) -> Option<(HttpEventHead, &[u8])> {
-        let size = std::mem::size_of::<HttpEventHead>();
-        if bytes.len() < size {
-            return None;
-        }
-        // SAFETY: the length is checked; the head is repr(C), integers and bytes only, valid for
-        // any bit pattern; read_unaligned copes with any alignment.
-        let head = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<HttpEventHead>()) };
-        let data = &bytes[size..];
+        let head: HttpEventHead = from_bytes(bytes)?;
+        let data = &bytes[std::mem::size_of::<HttpEventHead>()..];
         let data = &data[..(head.captured as usize).min(data.len())];
         Some((head, data))
     }
@@ -122,18 +138,9 @@ impl UprobeKey {
     }
 }
 
-impl TcpStats {
-    /// Adds `other` (folding several peers into one `other` series).
-    pub fn merge(&mut self, other: &TcpStats) {
-        self.opened += other.opened;
-        self.closed += other.closed;
-        self.failed_refused += other.failed_refused;
-        self.failed_timeout += other.failed_timeout;
-        self.failed_reset += other.failed_reset;
-        self.failed_other += other.failed_other;
-        self.bytes_sent += other.bytes_sent;
-        self.bytes_received += other.bytes_received;
-        self.retransmits += other.retransmits;
+impl TcpDists {
+    /// Adds `other`'s samples (the `other` entries of two address families share a series).
+    pub fn merge(&mut self, other: &TcpDists) {
         self.duration_ns.merge(&other.duration_ns);
         self.srtt_ns.merge(&other.srtt_ns);
     }
@@ -152,8 +159,14 @@ unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}
 unsafe impl aya::Pod for BlockKey {}
 unsafe impl aya::Pod for UprobeKey {}
+unsafe impl aya::Pod for MappedFile {}
 unsafe impl aya::Pod for TcpKey {}
-unsafe impl aya::Pod for TcpStats {}
+unsafe impl aya::Pod for TcpCounts {}
+unsafe impl aya::Pod for TcpDistKey {}
+unsafe impl aya::Pod for TcpDists {}
+unsafe impl aya::Pod for TcpOtherKey {}
+unsafe impl aya::Pod for TcpOther {}
+unsafe impl aya::Pod for HttpEventHead {}
 unsafe impl aya::Pod for BlockStats {}
 
 #[cfg(test)]

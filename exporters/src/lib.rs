@@ -1,5 +1,7 @@
-//! podscope exporters. Each folder is one component (config, runtime, tests); `helper` is the
-//! sending queue / retry / timeout machinery every network exporter reuses.
+//! podscope exporters. Each folder is one component (config, runtime, tests); `helper` turns
+//! batches into requests and holds the sending queue / retry / timeout machinery every exporter
+//! but `prometheus` and `nop` reuses; `http_client` and `tls` are the HTTP client and TLS settings
+//! the network exporters share.
 //!
 //! - `debug`: logs a summary or a dump of every batch.
 //! - `file`: OTLP-JSON lines, one export request per line, with size-based rotation.
@@ -11,7 +13,9 @@
 pub mod debug;
 pub mod file;
 pub mod helper;
+pub mod http_client;
 pub mod nop;
 pub mod otlp;
 pub mod prometheus;
 pub mod prometheusremotewrite;
+pub mod tls;

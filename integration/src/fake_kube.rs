@@ -8,6 +8,11 @@
 //! `Status` bodies on every error. Tests drive it from the outside (`apply_*`, `delete_*`,
 //! `expire_history`, `fail_next`, `stop`/`restart`) and check what a client saw.
 //!
+//! [`FakeApiServer::start`] serves plain HTTP to a kubeconfig's token (or none, as kubectl sends
+//! to a plain-HTTP server); [`FakeApiServer::start_for`] serves HTTPS to one service account and
+//! enforces the cluster's RBAC, as a pod's agent meets it (see `fake_kube/access.rs`, and the
+//! `podscope-fake-apiserver` binary that runs it for the Helm chart's tests).
+//!
 //! It must not grow into an API server: there is no write API over HTTP, no admission, no
 //! validation of objects beyond what keying them needs, and only GET is served.
 
@@ -37,6 +42,10 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+mod access;
+
+pub use access::{ApiRequest, Grant, Rbac, ServiceAccount};
+
 /// Bearer token written into the kubeconfig; a request carrying any other token gets 401.
 const TOKEN: &str = "podscope-fake-kube-token";
 /// The first resourceVersion handed out: not 1, so clients that treat small numbers specially
@@ -57,6 +66,8 @@ pub struct FakeApiServer {
 
 struct Shared {
     addr: SocketAddr,
+    /// Set by `start_for`: HTTPS, one service account's token, RBAC.
+    access: Option<access::Access>,
     state: Mutex<State>,
     /// The accept loop while serving; `None` between `stop` and `restart`.
     serving: Mutex<Option<Serving>>,
@@ -82,6 +93,8 @@ struct State {
     fail_remaining: usize,
     fail_status: u16,
     requests: Vec<String>,
+    /// Requests for a resource, with the decision and status.
+    access_log: Vec<ApiRequest>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -192,8 +205,19 @@ impl Kind {
 }
 
 impl FakeApiServer {
-    /// Starts serving on a free loopback port.
+    /// Starts serving plain HTTP on a free loopback port.
     pub async fn start() -> FakeApiServer {
+        Self::start_with(None).await
+    }
+
+    /// Starts serving HTTPS on a free loopback port to `account` only: its token (see
+    /// [`FakeApiServer::write_service_account_files`]) or 401, and what the RBAC objects grant
+    /// it or 403. An error for RBAC objects that are not valid.
+    pub async fn start_for(account: &ServiceAccount) -> Result<FakeApiServer, String> {
+        Ok(Self::start_with(Some(access::Access::new(account)?)).await)
+    }
+
+    async fn start_with(access: Option<access::Access>) -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port for the fake API server");
@@ -201,6 +225,7 @@ impl FakeApiServer {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let shared = Arc::new(Shared {
             addr,
+            access,
             state: Mutex::new(State {
                 resource_version: FIRST_RESOURCE_VERSION,
                 objects: BTreeMap::new(),
@@ -211,6 +236,7 @@ impl FakeApiServer {
                 fail_remaining: 0,
                 fail_status: 0,
                 requests: Vec::new(),
+                access_log: Vec::new(),
             }),
             serving: Mutex::new(None),
         });
@@ -219,31 +245,70 @@ impl FakeApiServer {
         server
     }
 
-    /// `http://127.0.0.1:PORT`; stays the same across `stop`/`restart`.
+    /// `http://127.0.0.1:PORT` (`https` from `start_for`); stays the same across
+    /// `stop`/`restart`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.shared.addr)
+        let scheme = if self.shared.access.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.shared.addr)
     }
 
-    /// The bearer token the kubeconfig carries; requests with another token get 401.
-    pub fn token(&self) -> &'static str {
-        TOKEN
+    /// The bearer token the kubeconfig (or the service account) carries; requests with another
+    /// token get 401.
+    pub fn token(&self) -> &str {
+        match &self.shared.access {
+            Some(access) => &access.token,
+            None => TOKEN,
+        }
+    }
+
+    /// For a server from `start_for`: writes what the kubelet mounts at
+    /// `/var/run/secrets/kubernetes.io/serviceaccount` (token, `ca.crt`, namespace) into `dir`.
+    pub fn write_service_account_files(&self, dir: &Path) -> std::io::Result<()> {
+        match &self.shared.access {
+            Some(access) => access.write_files(dir),
+            None => Err(std::io::Error::other(
+                "a plain-HTTP fake API server has no service account",
+            )),
+        }
+    }
+
+    /// For a server from `start_for`: what its RBAC grants the service account.
+    pub fn grants(&self) -> Option<std::collections::BTreeSet<Grant>> {
+        self.shared.access.as_ref().map(|a| a.rbac.grants())
+    }
+
+    /// Every request for a resource so far, with the status it got.
+    pub fn access_log(&self) -> Vec<ApiRequest> {
+        self.state().access_log.clone()
     }
 
     /// Writes a kubeconfig whose current context points at this server with a token user, as
     /// kubectl and kube-rs (`Config::from_kubeconfig`, `KUBECONFIG`) read it.
+    /// For a server from `start_for`, the CA is written beside it (`<path>.ca.crt`) and the
+    /// token is the service account's.
     pub fn write_kubeconfig(&self, path: &Path) {
+        let mut cluster = format!("server: {}", self.url());
+        if let Some(access) = &self.shared.access {
+            let ca = path.with_extension("ca.crt");
+            std::fs::write(&ca, &access.ca_pem).expect("write the CA");
+            cluster.push_str(&format!("\n    certificate-authority: {}", ca.display()));
+        }
         let kubeconfig = format!(
             "apiVersion: v1\n\
              kind: Config\n\
              clusters:\n\
-             - name: fake\n  cluster:\n    server: {url}\n\
+             - name: fake\n  cluster:\n    {cluster}\n\
              users:\n\
-             - name: fake\n  user:\n    token: {TOKEN}\n\
+             - name: fake\n  user:\n    token: {token}\n\
              contexts:\n\
              - name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
              current-context: fake\n\
              preferences: {{}}\n",
-            url = self.url()
+            token = self.token()
         );
         std::fs::write(path, kubeconfig).expect("write kubeconfig");
     }
@@ -323,6 +388,11 @@ impl FakeApiServer {
         let mut state = self.state();
         state.fail_remaining = count;
         state.fail_status = status;
+    }
+
+    /// Watches open now (each has subscribed to the changes it will be sent).
+    pub fn open_watches(&self) -> usize {
+        self.state().events.receiver_count()
     }
 
     /// Every request received so far, as `METHOD path?query` with the query exactly as sent
@@ -498,15 +568,25 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: Cancell
                 let shared = shared.clone();
                 let cancel = cancel.clone();
                 connections.spawn(async move {
+                    let tls = shared.access.as_ref().map(|a| a.tls.clone());
                     let service = hyper::service::service_fn(move |request| {
                         let shared = shared.clone();
                         let cancel = cancel.clone();
                         async move { Ok::<_, Infallible>(handle(&shared, &cancel, request)) }
                     });
-                    // A client going away mid-request is not the server's problem.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    // A client going away mid-request (or mid-handshake) is not the server's
+                    // problem.
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -536,22 +616,60 @@ fn handle(shared: &Shared, cancel: &CancellationToken, request: Request<Incoming
             return injected_failure(state.fail_status);
         }
     }
+    let resource = resource_request(request.uri());
+    let response = authorized(shared, cancel, request, resource.as_ref());
+    if let Some(mut logged) = resource {
+        logged.status = response.status().as_u16();
+        let mut state = shared.state.lock().expect("fake API state poisoned");
+        state.access_log.push(logged);
+    }
+    response
+}
 
-    // A credential, if sent, must be the kubeconfig's token (kube-rs always sends it). None is
-    // fine: client-go drops user credentials for plain-HTTP servers, so kubectl talks to this
-    // like to `kubectl proxy`, which needs none.
+/// Authentication, authorization, then the request served.
+fn authorized(
+    shared: &Shared,
+    cancel: &CancellationToken,
+    request: Request<Incoming>,
+    resource: Option<&ApiRequest>,
+) -> HttpResponse {
     let token = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(|value| value.strip_prefix("Bearer ").unwrap_or(value));
-    if token.is_some_and(|token| token != TOKEN) {
+    let authenticated = match &shared.access {
+        Some(access) => token == Some(access.token.as_str()),
+        // A credential, if sent, must be the kubeconfig's token (kube-rs always sends it). None
+        // is fine: client-go drops user credentials for plain-HTTP servers, so kubectl talks to
+        // this like to `kubectl proxy`, which needs none.
+        None => token.is_none_or(|token| token == TOKEN),
+    };
+    if !authenticated {
         return status_response(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
             "Unauthorized",
             None,
         );
+    }
+    if let (Some(access), Some(resource)) = (&shared.access, resource) {
+        let namespace = resource.namespace();
+        if !access
+            .rbac
+            .allows(&resource.verb, &resource.resource, namespace)
+        {
+            return status_response(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &access.rbac.forbidden(resource),
+                Some(StatusDetails {
+                    kind: Some(resource.resource.clone()),
+                    name: resource.name.clone(),
+                    ..StatusDetails::default()
+                }),
+            );
+        }
     }
 
     if request.method() != Method::GET {
@@ -608,6 +726,44 @@ fn handle(shared: &Shared, cancel: &CancellationToken, request: Request<Incoming
         },
         _ => not_found_path(),
     }
+}
+
+/// What a request for a resource asks, as RBAC sees it (status still to be filled in); `None`
+/// for discovery and paths the fake does not serve.
+fn resource_request(uri: &http::Uri) -> Option<ApiRequest> {
+    let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let (namespace, plural, name) = match segments.as_slice() {
+        ["api", "v1", plural] => (None, *plural, None),
+        ["api", "v1", plural, name] => (None, *plural, Some(*name)),
+        ["api", "v1", "namespaces", namespace, plural] => (Some(*namespace), *plural, None),
+        ["api", "v1", "namespaces", namespace, plural, name] => {
+            (Some(*namespace), *plural, Some(*name))
+        }
+        _ => return None,
+    };
+    let kind = Kind::from_plural(plural)?;
+    if (namespace.is_some() && !kind.namespaced())
+        || (namespace.is_none() && name.is_some() && kind.namespaced())
+    {
+        return None;
+    }
+    let params: HashMap<String, String> = Query::try_from_uri(uri)
+        .map(|Query(params)| params)
+        .unwrap_or_default();
+    let verb = match (name, params.get("watch").map(String::as_str)) {
+        (Some(_), _) => "get",
+        (None, Some("true" | "1")) => "watch",
+        (None, _) => "list",
+    };
+    Some(ApiRequest {
+        verb: verb.to_string(),
+        resource: plural.to_string(),
+        scope: namespace.unwrap_or("cluster").to_string(),
+        name: name.map(str::to_string),
+        field_selector: params.get("fieldSelector").cloned(),
+        label_selector: params.get("labelSelector").cloned(),
+        status: 0,
+    })
 }
 
 fn get_object(shared: &Shared, key: ObjectKey) -> HttpResponse {
@@ -1031,22 +1187,13 @@ fn too_large_resource_version(requested: u64, current: u64) -> HttpResponse {
 struct Selector {
     namespace: Option<String>,
     fields: Vec<FieldRequirement>,
-    labels: Vec<LabelRequirement>,
+    labels: kube::core::Selector,
 }
 
 struct FieldRequirement {
     field: String,
     value: String,
     equal: bool,
-}
-
-enum LabelRequirement {
-    Equals(String, String),
-    NotEquals(String, String),
-    In(String, Vec<String>),
-    NotIn(String, Vec<String>),
-    Exists(String),
-    DoesNotExist(String),
 }
 
 impl Selector {
@@ -1062,15 +1209,18 @@ impl Selector {
                 kind.plural()
             )
         })?;
+        // The agent's own parser: the fake and the agent read selectors the same way.
+        let labels = podscope_k8s::labels::parse_selector(labels)
+            .map_err(|error| format!("unable to parse requirement: {error}"))?;
         Ok(Selector {
             namespace: namespace.map(str::to_string),
             fields,
-            labels: parse_label_selector(labels)?,
+            labels,
         })
     }
 
     fn is_empty(&self) -> bool {
-        self.fields.is_empty() && self.labels.is_empty()
+        self.fields.is_empty() && self.labels.selects_all()
     }
 
     fn matches(&self, object: &Value) -> bool {
@@ -1088,20 +1238,13 @@ impl Selector {
             // An unset field selects as the empty string, as on the real server.
             (actual.as_str().unwrap_or("") == requirement.value) == requirement.equal
         });
-        let label = |key: &str| metadata["labels"][key].as_str();
-        fields_match
-            && self.labels.iter().all(|requirement| match requirement {
-                LabelRequirement::Equals(key, value) => label(key) == Some(value),
-                LabelRequirement::NotEquals(key, value) => label(key) != Some(value),
-                LabelRequirement::In(key, values) => {
-                    label(key).is_some_and(|v| values.iter().any(|value| value == v))
-                }
-                LabelRequirement::NotIn(key, values) => {
-                    label(key).is_none_or(|v| values.iter().all(|value| value != v))
-                }
-                LabelRequirement::Exists(key) => label(key).is_some(),
-                LabelRequirement::DoesNotExist(key) => label(key).is_none(),
-            })
+        let labels: BTreeMap<String, String> = metadata["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect();
+        fields_match && kube::core::SelectorExt::matches(&self.labels, &labels)
     }
 }
 
@@ -1130,80 +1273,6 @@ fn parse_field_selector(kind: Kind, selector: &str) -> Result<Vec<FieldRequireme
         });
     }
     Ok(requirements)
-}
-
-fn parse_label_selector(selector: &str) -> Result<Vec<LabelRequirement>, String> {
-    let invalid =
-        |term: &str| format!("unable to parse requirement: found '{term}', expected: identifier");
-    let valid_key = |key: &str| {
-        !key.is_empty()
-            && key
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
-    };
-    let mut requirements = Vec::new();
-    for term in split_outside_parentheses(selector) {
-        let term = term.trim();
-        if term.is_empty() {
-            continue;
-        }
-        let requirement = if let Some(key) = term.strip_prefix('!') {
-            LabelRequirement::DoesNotExist(key.trim().to_string())
-        } else if let Some((head, rest)) = term.split_once('(') {
-            let values = rest
-                .strip_suffix(')')
-                .ok_or_else(|| invalid(term))?
-                .split(',')
-                .map(|value| value.trim().to_string())
-                .collect();
-            match head.split_whitespace().collect::<Vec<_>>().as_slice() {
-                [key, "in"] => LabelRequirement::In(key.to_string(), values),
-                [key, "notin"] => LabelRequirement::NotIn(key.to_string(), values),
-                _ => return Err(invalid(term)),
-            }
-        } else if let Some((key, value)) = term.split_once("!=") {
-            LabelRequirement::NotEquals(key.trim().to_string(), value.trim().to_string())
-        } else if let Some((key, value)) = term.split_once("==") {
-            LabelRequirement::Equals(key.trim().to_string(), value.trim().to_string())
-        } else if let Some((key, value)) = term.split_once('=') {
-            LabelRequirement::Equals(key.trim().to_string(), value.trim().to_string())
-        } else {
-            LabelRequirement::Exists(term.to_string())
-        };
-        let key = match &requirement {
-            LabelRequirement::Equals(key, _)
-            | LabelRequirement::NotEquals(key, _)
-            | LabelRequirement::In(key, _)
-            | LabelRequirement::NotIn(key, _)
-            | LabelRequirement::Exists(key)
-            | LabelRequirement::DoesNotExist(key) => key,
-        };
-        if !valid_key(key) {
-            return Err(invalid(term));
-        }
-        requirements.push(requirement);
-    }
-    Ok(requirements)
-}
-
-/// Splits `a=b,c in (d,e)` at the commas between requirements, not those inside a value set.
-fn split_outside_parentheses(selector: &str) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut depth = 0usize;
-    let mut start = 0;
-    for (i, c) in selector.char_indices() {
-        match c {
-            '(' => depth += 1,
-            ')' => depth = depth.saturating_sub(1),
-            ',' if depth == 0 => {
-                parts.push(&selector[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    parts.push(&selector[start..]);
-    parts
 }
 
 fn now() -> k8s_openapi::jiff::Timestamp {

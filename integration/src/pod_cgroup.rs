@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 
 /// Where cgroup v2 is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified` on hybrid hosts).
 pub fn cgroup2_mount() -> PathBuf {
-    podscope_core::cgroup::cgroup2_mount().expect("a cgroup2 mount")
+    podscope_k8s::cgroup::cgroup2_mount().expect("a cgroup2 mount")
 }
 
 /// A pod UID and a container id no other test uses: from the clock and the process id.

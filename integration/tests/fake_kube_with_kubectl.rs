@@ -334,6 +334,136 @@ async fn kubectl_lists_gets_and_filters_like_on_a_real_cluster() {
     assert_eq!(names, ["NAME", "cart-1", "cart-2", "checkout"], "{table}");
 }
 
+/// The cluster's RBAC as a chart renders it: pods read cluster-wide, services in `shop` only,
+/// for service account observability/podscope (another account's binding grants it nothing).
+fn rbac() -> Vec<Value> {
+    let subject = |name: &str| serde_json::json!([{"kind": "ServiceAccount", "name": name, "namespace": "observability"}]);
+    vec![
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "pod-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]}),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "pod-reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pod-reader"},
+            "subjects": subject("podscope")}),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "service-reader", "namespace": "shop"},
+            "rules": [{"apiGroups": [""], "resources": ["services"], "verbs": ["list"]}]}),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "service-reader", "namespace": "shop"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "service-reader"},
+            "subjects": subject("podscope")}),
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "someone-else"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": subject("other")}),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_over_https_gets_exactly_what_rbac_grants() {
+    use podscope_integration::fake_kube::{Grant, ServiceAccount};
+    let server = FakeApiServer::start_for(&ServiceAccount {
+        namespace: "observability".into(),
+        name: "podscope".into(),
+        rbac: rbac(),
+    })
+    .await
+    .unwrap();
+    assert!(server.url().starts_with("https://127.0.0.1:"));
+    three_pods(&server);
+    let grant = |verb: &str, resource: &str, scope: &str| Grant {
+        verb: verb.into(),
+        resource: resource.into(),
+        scope: scope.into(),
+    };
+    assert_eq!(
+        server.grants().unwrap().into_iter().collect::<Vec<_>>(),
+        vec![
+            grant("list", "pods", "cluster"),
+            grant("list", "services", "shop"),
+            grant("watch", "pods", "cluster"),
+        ]
+    );
+    let kubectl = Kubectl::new(&server);
+    let pods = kubectl.json(&["get", "pods", "-A", "-o", "json"]).await;
+    assert_eq!(
+        item_names(&pods),
+        vec!["default/web-1", "shop/cart-1", "shop/cart-2"]
+    );
+    kubectl.ok(&["get", "services", "-n", "shop"]).await;
+    let forbidden = |what: &str, scope: &str| {
+        format!("Error from server (Forbidden): {what} is forbidden: User \"system:serviceaccount:observability:podscope\" cannot {scope}")
+    };
+    for (args, message) in [
+        (
+            vec!["get", "pod", "cart-1", "-n", "shop"],
+            forbidden(
+                "pods \"cart-1\"",
+                "get resource \"pods\" in API group \"\" in the namespace \"shop\"",
+            ),
+        ),
+        (
+            vec!["get", "services", "-A"],
+            forbidden(
+                "services",
+                "list resource \"services\" in API group \"\" at the cluster scope",
+            ),
+        ),
+    ] {
+        let (success, _, stderr) = kubectl.run(&args).await;
+        assert!(
+            !success && stderr.contains(&message),
+            "kubectl {args:?}: {stderr}"
+        );
+    }
+    // No token, or another: 401, before any RBAC.
+    let ca = reqwest::Certificate::from_pem(
+        &std::fs::read(kubectl.dir.path().join("kubeconfig.ca.crt")).unwrap(),
+    )
+    .unwrap();
+    let https = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .timeout(PATIENCE)
+        .build()
+        .unwrap();
+    for token in [None, Some("guess")] {
+        let mut request = https.get(format!("{}/api/v1/pods", server.url()));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "token {token:?}");
+        let status: Status = response.json().await.unwrap();
+        assert_eq!(status.reason.as_deref(), Some("Unauthorized"));
+    }
+    let log: Vec<(String, String, String, Option<String>, u16)> = server
+        .access_log()
+        .into_iter()
+        .map(|r| (r.verb, r.resource, r.scope, r.name, r.status))
+        .collect();
+    let entry = |verb: &str, resource: &str, scope: &str, name: Option<&str>, status| {
+        (
+            verb.to_string(),
+            resource.to_string(),
+            scope.to_string(),
+            name.map(str::to_string),
+            status,
+        )
+    };
+    assert_eq!(
+        log,
+        vec![
+            entry("list", "pods", "cluster", None, 200),
+            entry("list", "services", "shop", None, 200),
+            entry("get", "pods", "shop", Some("cart-1"), 403),
+            entry("list", "services", "cluster", None, 403),
+            entry("list", "pods", "cluster", None, 401),
+            entry("list", "pods", "cluster", None, 401),
+        ]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_watch_sees_added_modified_deleted() {
     let server = FakeApiServer::start().await;
@@ -784,6 +914,14 @@ async fn errors_carry_status_bodies() {
 
     let response = get(&server, "/api/v1/pods?fieldSelector=spec.hostname%3Dx").await;
     assert_eq!(response.status(), 400);
+    // Label selectors are read by the agent's own parser.
+    let response = get(&server, "/api/v1/pods?labelSelector=a%20b%3Dc").await;
+    assert_eq!(response.status(), 400);
+    let status: Status = response.json().await.expect("Status body");
+    assert_eq!(
+        status.message.as_deref(),
+        Some("unable to parse requirement: \"a b\" is not a valid label key")
+    );
     let response = get(&server, "/api/v1/configmaps").await;
     assert_eq!(response.status(), 404);
 

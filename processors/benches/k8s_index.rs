@@ -1,4 +1,5 @@
-//! The `k8sattributes` cache at the size of a large cluster's worth of pods on one index:
+//! The `k8s_metadata` cache, read by `k8sattributes`, at the size of a large cluster's worth of
+//! pods on one index:
 //! - memory: resident memory added by 10 000 pods × 3 containers, applied as watch events
 //!   (each pod as the API server sends it: labels, annotations, owner, statuses), printed;
 //! - lookup: one resource matched by `container.id` and given its attributes, and a batch shaped
@@ -21,9 +22,11 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use podscope_core::consumer::Discard;
 use podscope_core::{
-    Batch, BuildContext, ComponentConfig as _, Consumer as _, ProcessorBuilder as _, Signal,
+    Batch, BuildContext, ComponentConfig as _, ComponentId, ComponentKind, Processor,
+    ProcessorBuilder as _, Signal,
 };
-use podscope_processors::k8sattributes::{K8sAttributesConfig, K8sAttributesProcessor};
+use podscope_k8s::K8sMetadata;
+use podscope_processors::k8sattributes::{K8sAttributesConfig, PodEnricher};
 
 const PODS: usize = 10_000;
 const CONTAINERS: usize = 3;
@@ -109,19 +112,42 @@ fn pod(i: usize) -> Pod {
     }
 }
 
-fn processor() -> Arc<K8sAttributesProcessor> {
+/// The extension a host-mode `k8sattributes` runs for itself, filled with `PODS` pods by watch
+/// events, and the processor reading it.
+struct Filled {
+    metadata: Arc<K8sMetadata>,
+    enricher: Arc<PodEnricher>,
+    processor: Arc<dyn Processor>,
+}
+
+fn filled() -> Filled {
     let config: K8sAttributesConfig =
         serde_json::from_value(serde_json::json!({"auth_type": "none"})).expect("config");
     assert!(config.validate().is_empty());
-    let ctx = BuildContext::for_tests("k8sattributes");
-    let built = Box::new(config)
-        .build(ctx, Signal::Metrics, Arc::new(Discard))
+    let mut ctx = BuildContext::for_tests("k8sattributes");
+    let metadata = Arc::new(K8sMetadata::new(config.own_extension(), &ctx).expect("extension"));
+    metadata.apply_pod_events([Event::Init]);
+    for i in 0..PODS {
+        metadata.apply_pod_events([Event::InitApply(pod(i))]);
+    }
+    metadata.apply_pod_events([Event::InitDone]);
+    let extension = ComponentId::parse("k8s_metadata/k8sattributes").expect("an id");
+    ctx.extensions.insert(extension.clone(), metadata.clone());
+    ctx.extensions
+        .add_user(ComponentKind::Processor, ctx.id.clone(), extension);
+    let shared = ctx.shared.clone();
+    let processor = config
+        .build(ctx.clone(), Signal::Metrics, Arc::new(Discard))
         .expect("build");
-    // The concrete type, for the cache-filling and lookup entry points.
-    let raw = Arc::into_raw(built) as *const K8sAttributesProcessor;
-    // SAFETY: `build` returns an `Arc<K8sAttributesProcessor>` coerced to the trait object; the
-    // data pointer is that allocation.
-    unsafe { Arc::from_raw(raw) }
+    // What every pipeline's instance of the processor shares, for the lookup entry points.
+    let enricher = shared
+        .get_or_insert::<PodEnricher>(&ctx.id, || anyhow::bail!("built above"))
+        .expect("the processor's enricher");
+    Filled {
+        metadata,
+        enricher,
+        processor,
+    }
 }
 
 fn resident_bytes() -> u64 {
@@ -192,23 +218,11 @@ fn batch(resources: usize) -> Batch {
     )
 }
 
-fn filled() -> Arc<K8sAttributesProcessor> {
-    let processor = processor();
-    processor.shared().apply_pod_events([Event::Init]);
-    for i in 0..PODS {
-        processor
-            .shared()
-            .apply_pod_events([Event::InitApply(pod(i))]);
-    }
-    processor.shared().apply_pod_events([Event::InitDone]);
-    processor
-}
-
 fn memory() {
     let before = resident_bytes();
-    let processor = filled();
+    let filled = filled();
     let after = resident_bytes();
-    assert_eq!(processor.shared().cached_pods(), PODS);
+    assert_eq!(filled.metadata.pods().len(), PODS);
     println!(
         "k8s_index/memory: {PODS} pods x {CONTAINERS} containers: {:.1} MiB resident added ({:.0} bytes per pod)",
         (after.saturating_sub(before)) as f64 / (1024.0 * 1024.0),
@@ -217,8 +231,11 @@ fn memory() {
 }
 
 fn lookups(c: &mut Criterion) {
-    let processor = filled();
-    let shared = processor.shared().clone();
+    let Filled {
+        enricher: shared,
+        processor,
+        ..
+    } = filled();
     let mut group = c.benchmark_group("k8s_index");
     group.throughput(Throughput::Elements(1));
     let resource = ebpf_resource(4321, 1);

@@ -3,11 +3,15 @@
 
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use podscope_core::component::create_receiver;
 use podscope_core::{
-    BuildContext, ComponentConfig, Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory,
-    Signal,
+    BuildContext, ComponentConfig, ComponentId, ComponentKind, Receiver, ReceiverBuilder,
+    ReceiverConsumers, ReceiverFactory, Signal,
 };
+use podscope_receiver::ebpf::EbpfReceiverConfig;
+use podscope_receiver::otlp::OtlpReceiverConfig;
 use serde::Deserialize;
 
 use super::*;
@@ -46,6 +50,27 @@ fn every_shipped_config_and_valid_example_loads() {
     }
 }
 
+/// What podscope validate prints for them: nothing but OK. A `k8sattributes` that names no
+/// extension runs its own without a word.
+#[test]
+fn shipped_configs_load_without_warnings() {
+    for file in yaml_files("configs") {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let config = load_with(&text, "f.yaml", &Registry::builtin(), &no_env).unwrap();
+        assert_eq!(config.warnings, Vec::<String>::new(), "{}", file.display());
+    }
+    let config = load_default().unwrap();
+    let own = ComponentId::parse("k8s_metadata/k8sattributes").unwrap();
+    assert_eq!(config.service.extensions, vec![own.clone()]);
+    assert_eq!(
+        config.extension_users[&(
+            ComponentKind::Processor,
+            ComponentId::parse("k8sattributes").unwrap()
+        )],
+        vec![own]
+    );
+}
+
 #[test]
 fn every_refusal_has_its_exact_messages_and_positions() {
     for file in yaml_files("configs/testdata/invalid") {
@@ -82,11 +107,24 @@ fn the_default_config_runs_ebpf_and_otlp_through_k8sattributes_and_batch_to_prom
     }
     assert_eq!(ids(&metrics.exporters), vec!["prometheus", "debug"]);
     assert_eq!(ids(&traces.exporters), vec!["debug"]);
-    let probes = &config.receivers[&ComponentId::parse("ebpf").unwrap()]["probes"];
-    let listed: Vec<&String> = probes.as_object().unwrap().keys().collect();
+    let ebpf: &EbpfReceiverConfig = config.settings(ComponentKind::Receiver, "ebpf").unwrap();
+    let probes = &ebpf.probes;
+    let on = [
+        ("process", probes.process.is_some()),
+        ("syscalls", probes.syscalls.is_some()),
+        ("files", probes.files.is_some()),
+        ("sched", probes.sched.is_some()),
+        ("block_io", probes.block_io.is_some()),
+        ("tcp", probes.tcp.is_some()),
+        (
+            "uprobes",
+            probes.uprobes.as_ref().is_some_and(|u| !u.is_empty()),
+        ),
+    ];
+    let listed: Vec<&str> = on.iter().filter(|(_, on)| *on).map(|(p, _)| *p).collect();
     assert_eq!(
         listed,
-        vec!["block_io", "files", "process", "sched", "syscalls", "tcp"]
+        vec!["process", "syscalls", "files", "sched", "block_io", "tcp"]
     );
 }
 
@@ -121,8 +159,9 @@ fn service_settings_and_pipeline_queues_are_read() {
         "defaults fill what is not set"
     );
     // The default for the unset variable was used.
+    let otlp: &OtlpReceiverConfig = config.settings(ComponentKind::Receiver, "otlp").unwrap();
     assert_eq!(
-        config.receivers[&ComponentId::parse("otlp").unwrap()]["protocols"]["grpc"]["endpoint"],
+        otlp.protocols.grpc.as_ref().unwrap().endpoint,
         "127.0.0.1:4317"
     );
     assert!(config.warnings.is_empty(), "{:?}", config.warnings);
@@ -138,9 +177,10 @@ fn env_values_are_substituted_with_their_types() {
         _ => None,
     };
     let config = load_with(text, "env.yaml", &Registry::builtin(), &env).unwrap();
-    let grpc = &config.receivers[&ComponentId::parse("otlp").unwrap()]["protocols"]["grpc"];
-    assert_eq!(grpc["endpoint"], "127.0.0.1:5317");
-    assert_eq!(grpc["max_recv_msg_size_mib"], 16);
+    let otlp: &OtlpReceiverConfig = config.settings(ComponentKind::Receiver, "otlp").unwrap();
+    let grpc = otlp.protocols.grpc.as_ref().unwrap();
+    assert_eq!(grpc.endpoint, "127.0.0.1:5317");
+    assert_eq!(grpc.max_recv_msg_size_mib, 16);
 }
 
 #[test]

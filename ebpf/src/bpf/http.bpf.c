@@ -880,4 +880,7 @@ int BPF_KRETPROBE(podscope_http_ssl_read_return, long ret)
 	return 0;
 }
 
+/* Which file the kernel sees behind a libssl inside a container (tls.libraries container:). */
+#include "mapped_files.bpf.h"
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -106,7 +106,8 @@ struct block_stats {
 };
 
 /* uprobes probe: hits per cgroup, process and captured value (a string, or an integer's 8
- * bytes). One object is loaded per configured uprobe. */
+ * bytes), for at most max_series keys; hits of further keys, and of keys a full map refused,
+ * are counted per cgroup as `other`. One object is loaded per configured uprobe. */
 #define PODSCOPE_UPROBE_VALUE_LEN 256
 
 struct uprobe_key {
@@ -116,22 +117,36 @@ struct uprobe_key {
 	__u8 value[PODSCOPE_UPROBE_VALUE_LEN];
 };
 
-/* tcp probe: per cgroup (the socket's) and peer. */
+/* uprobes probe, `container:` entries: which file the kernel sees behind each mapping of the
+ * agent's own process (on overlayfs, the layer's file, the one a uprobe attaches to), written
+ * by its iterator over the agent's mappings. */
+struct podscope_mapped_file {
+	__u64 start;
+	__u64 ino;
+	__u32 dev; /* the kernel's dev_t */
+	__u32 _pad;
+};
+
+/* tcp probe. Counters per cgroup (the socket's) and peer, for at most max_peers peers per
+ * cgroup; the cgroup's other peers, and what a full map refuses, go to its tcp_other entry (per
+ * address family and role). Distributions per cgroup, role and server port: 800 bytes each, per
+ * peer they would dominate the probe's memory. */
 enum tcp_role {
-	TCP_ROLE_CLIENT = 1, /* active open: connect() */
-	TCP_ROLE_SERVER = 2, /* passive open: accept() */
+	TCP_ROLE_CLIENT = 1,  /* active open: connect() */
+	TCP_ROLE_SERVER = 2,  /* passive open: accept() */
+	TCP_ROLE_UNKNOWN = 3, /* open before the probe, and its socket does not say (no server port) */
 };
 
 struct podscope_tcp_key {
 	__u64 cgroup_id;
-	__u8 peer[16];     /* IPv4 in the first 4 bytes */
-	__u16 server_port; /* the peer's port for clients, the local port for servers */
+	__u8 peer[16];     /* IPv4 (also an IPv4-mapped IPv6 peer) in the first 4 bytes */
+	__u16 server_port; /* the peer's port for clients, the local port for servers, else 0 */
 	__u8 family;       /* AF_INET 2, AF_INET6 10 */
 	__u8 role;
 	__u32 _pad;
 };
 
-struct podscope_tcp_stats {
+struct podscope_tcp_counts {
 	__u64 opened;
 	__u64 closed;
 	__u64 failed_refused;
@@ -141,8 +156,30 @@ struct podscope_tcp_stats {
 	__u64 bytes_sent;
 	__u64 bytes_received;
 	__u64 retransmits;
+};
+
+struct podscope_tcp_dist_key {
+	__u64 cgroup_id;
+	__u16 server_port; /* 0: the connections counted in tcp_other */
+	__u8 role;
+	__u8 _pad[5];
+};
+
+struct podscope_tcp_dists {
 	struct podscope_hist duration_ns;
 	struct podscope_hist srtt_ns; /* smoothed RTT at close */
+};
+
+struct podscope_tcp_other_key {
+	__u64 cgroup_id;
+	__u8 family;
+	__u8 role;
+	__u8 _pad[6];
+};
+
+struct podscope_tcp_other {
+	struct podscope_tcp_counts counts;
+	struct podscope_tcp_dists dists;
 };
 
 /* http probe: the start of every HTTP/1 message and the bytes of HTTP/2 connections, read from
@@ -251,10 +288,21 @@ enum tcp_map_slot {
 	TCP_MAP_CONN_STATS = 0,
 	TCP_MAP_LIVE = 1,
 	TCP_MAP_LIVE_RTT = 2,
+	TCP_MAP_CONN_DISTS = 3,
+	TCP_MAP_OTHER = 4,
+	TCP_MAP_CGROUP_PEERS = 5,
 };
 
 enum uprobes_map_slot {
 	UPROBES_MAP_HITS = 0,
+	UPROBES_MAP_OTHER = 1,
+};
+
+/* The uprobe_series array: series the kernel admitted into uprobe_hits (it adds), and series the
+ * agent removed from it (it writes); their difference is what the map holds. */
+enum uprobe_series_slot {
+	UPROBE_SERIES_ADMITTED = 0,
+	UPROBE_SERIES_RELEASED = 1,
 };
 
 enum http_map_slot {

@@ -2,10 +2,15 @@
 /*
  * tcp: connection lifecycle from sock:inet_sock_set_state (tp_btf, CO-RE reads of the socket) and
  * retransmissions from tcp:tcp_retransmit_skb, per cgroup (the socket's, as state changes often
- * run in softirq context where "current" means nothing) and peer: opened as client or server,
- * failed (refused, timeout, reset), closed with bytes, smoothed RTT and duration. An iterator
- * over the kernel's TCP sockets (iter/tcp), run by the agent at every collection, samples the
- * smoothed RTT of connections still open.
+ * run in softirq context where "current" means nothing): opened as client or server, failed
+ * (refused, timeout, reset), closed with bytes, smoothed RTT and duration. An iterator over the
+ * kernel's TCP sockets (iter/tcp), run by the agent at every collection, samples the smoothed
+ * RTT of connections still open.
+ *
+ * Counters are kept per peer, for at most max_peers peers per cgroup (the first seen); a cgroup's
+ * other connections, and any a full map refuses, are counted in its tcp_other entry, so the
+ * series always add up to what happened. Distributions (800 bytes each) are kept per cgroup, role
+ * and server port, not per peer.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -22,18 +27,54 @@
 #define RCV_SHUTDOWN 1
 #define SEND_SHUTDOWN 2
 
+/* Set by the loader (probes.tcp.max_peers). */
+const volatile __u32 max_peers = 100;
+
+/* peer → counters, at most max_peers peers per cgroup */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct podscope_tcp_key);
-	__type(value, struct podscope_tcp_stats);
+	__type(value, struct podscope_tcp_counts);
 } tcp_conn_stats SEC(".maps");
 
-/* socket → when it was established, and its role */
+/* (cgroup, role, server port) → duration and RTT at close */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 2048);
+	__type(key, struct podscope_tcp_dist_key);
+	__type(value, struct podscope_tcp_dists);
+} tcp_conn_dists SEC(".maps");
+
+/* (cgroup, family, role) → counters and distributions of the peers beyond max_peers and of what
+ * the maps above refused */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 2048);
+	__type(key, struct podscope_tcp_other_key);
+	__type(value, struct podscope_tcp_other);
+} tcp_other SEC(".maps");
+
+/* cgroup → its peers in tcp_conn_stats */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u64);
+} tcp_cgroup_peers SEC(".maps");
+
+/* socket → when it was established, its role, its server port (recorded then: at close the
+ * kernel has already released the local port, skc_num reads 0) and whether it is counted in
+ * tcp_other */
 struct podscope_tcp_live {
 	__u64 since_ns;
-	__u32 role;
+	__u16 server_port;
+	__u8 role;
+	__u8 other;
 	__u32 _pad;
 };
 
@@ -45,20 +86,31 @@ struct {
 	__type(value, struct podscope_tcp_live);
 } tcp_live SEC(".maps");
 
-/* connection key → smoothed RTTs of its open connections, sampled by the iterator below;
- * emptied by the agent before each run */
+/* (cgroup, role, server port) → smoothed RTTs of its open connections, sampled by the iterator
+ * below; emptied by the agent before each run */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 16384);
-	__type(key, struct podscope_tcp_key);
+	__uint(max_entries, 2048);
+	__type(key, struct podscope_tcp_dist_key);
 	__type(value, struct podscope_hist);
 } tcp_live_rtt SEC(".maps");
 
-static struct podscope_tcp_stats zero_stats;
+static struct podscope_tcp_counts zero_counts;
+static struct podscope_tcp_dists zero_dists;
+static struct podscope_tcp_other zero_other;
 static struct podscope_hist zero_hist;
+static __u64 zero_peers;
 
-static __always_inline int make_key(const struct sock *sk, __u32 role, struct podscope_tcp_key *key)
+/* The server's port: the peer's for a client, the local one for a server. */
+static __always_inline __u16 server_port_of(const struct sock *sk, __u32 role)
+{
+	if (role == TCP_ROLE_CLIENT)
+		return __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	return BPF_CORE_READ(sk, __sk_common.skc_num);
+}
+
+static __always_inline int make_key(const struct sock *sk, __u32 role, __u16 server_port, struct podscope_tcp_key *key)
 {
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
@@ -72,22 +124,118 @@ static __always_inline int make_key(const struct sock *sk, __u32 role, struct po
 		__builtin_memcpy(key->peer, &daddr, 4);
 	} else {
 		BPF_CORE_READ_INTO(&key->peer, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		/* An IPv4 peer of a dual-stack socket (::ffff:a.b.c.d) is an IPv4 peer. */
+		__u32 words[4];
+		__builtin_memcpy(words, key->peer, sizeof(words));
+		if (words[0] == 0 && words[1] == 0 && words[2] == __builtin_bswap32(0xffff)) {
+			__builtin_memset(key->peer, 0, sizeof(key->peer));
+			__builtin_memcpy(key->peer, &words[3], 4);
+			key->family = AF_INET;
+		}
 	}
-	if (role == TCP_ROLE_CLIENT)
-		key->server_port = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	else
-		key->server_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	key->server_port = server_port;
 	return 0;
 }
 
-static __always_inline struct podscope_tcp_stats *stats_for(const struct sock *sk, __u32 role)
+/* `key`'s cgroup's entry in tcp_other; NULL (counted) when that map is full. */
+static __always_inline struct podscope_tcp_other *other_of(const struct podscope_tcp_key *key)
 {
-	struct podscope_tcp_key key;
-	if (make_key(sk, role, &key))
+	struct podscope_tcp_other_key other_key = {
+		.cgroup_id = key->cgroup_id,
+		.family = key->family,
+		.role = key->role,
+	};
+	return podscope_lookup_or_init(&tcp_other, TCP_MAP_OTHER, &other_key, &zero_other);
+}
+
+/* The distributions of `key`'s cgroup's tcp_other entry; NULL (counted) when that map is full. */
+static __always_inline struct podscope_tcp_dists *other_dists(const struct podscope_tcp_key *key)
+{
+	struct podscope_tcp_other *o = other_of(key);
+	if (!o)
 		return 0;
-	if (podscope_skip_cgroup(key.cgroup_id))
+	/* Keeps the offset after the null check: the verifier refuses arithmetic on a pointer
+	 * that may be null, which is what clang emits for `o ? &o->dists : 0`. */
+	barrier_var(o);
+	return &o->dists;
+}
+
+/* Takes room for one more peer of `cgroup_id` under max_peers. Several CPUs may take the last
+ * room at once: each adds one, and whoever went past the cap gives it back. */
+static __always_inline int reserve_peer(__u64 cgroup_id)
+{
+	__u64 *peers = podscope_lookup_or_init(&tcp_cgroup_peers, TCP_MAP_CGROUP_PEERS, &cgroup_id, &zero_peers);
+	if (!peers)
 		return 0;
-	return podscope_lookup_or_init(&tcp_conn_stats, TCP_MAP_CONN_STATS, &key, &zero_stats);
+	if (__sync_fetch_and_add(peers, 1) < max_peers)
+		return 1;
+	__sync_fetch_and_sub(peers, 1);
+	return 0;
+}
+
+static __always_inline void release_peer(__u64 cgroup_id)
+{
+	__u64 *peers = bpf_map_lookup_elem(&tcp_cgroup_peers, &cgroup_id);
+	if (peers)
+		__sync_fetch_and_sub(peers, 1);
+}
+
+/* The counters of `key`'s peer: its own entry while its cgroup has room under max_peers, else
+ * (or when tcp_conn_stats is full) its cgroup's tcp_other entry, and *other says so; NULL
+ * (counted) only when tcp_other is full as well. */
+static __always_inline struct podscope_tcp_counts *counts_for(const struct podscope_tcp_key *key, __u8 *other)
+{
+	*other = 0;
+	struct podscope_tcp_counts *counts = bpf_map_lookup_elem(&tcp_conn_stats, key);
+	if (counts)
+		return counts;
+	if (reserve_peer(key->cgroup_id)) {
+		/* -EEXIST: another CPU made the entry first, and took its own room for it. */
+		if (podscope_insert(&tcp_conn_stats, TCP_MAP_CONN_STATS, key, &zero_counts, BPF_NOEXIST) != 0)
+			release_peer(key->cgroup_id);
+		counts = bpf_map_lookup_elem(&tcp_conn_stats, key);
+		if (counts)
+			return counts;
+	}
+	*other = 1;
+	struct podscope_tcp_other *o = other_of(key);
+	return o ? &o->counts : 0;
+}
+
+/* The distributions a closing connection of `key` goes to: its cgroup, role and server port, or
+ * its cgroup's tcp_other entry when it is counted there or tcp_conn_dists is full. */
+static __always_inline struct podscope_tcp_dists *dists_for(const struct podscope_tcp_key *key, __u8 other)
+{
+	if (!other) {
+		struct podscope_tcp_dist_key dist_key = {
+			.cgroup_id = key->cgroup_id,
+			.server_port = key->server_port,
+			.role = key->role,
+		};
+		struct podscope_tcp_dists *dists =
+			podscope_lookup_or_init(&tcp_conn_dists, TCP_MAP_CONN_DISTS, &dist_key, &zero_dists);
+		if (dists)
+			return dists;
+	}
+	return other_dists(key);
+}
+
+/* The role of a connection this probe did not see established (open before it loaded, or
+ * still sending its SYN), from its socket: an accepted socket is a copy of its listener and keeps
+ * the listen() backlog (a socket that connects never listened), so it is a server's; a SYN still
+ * being sent, or a local port the kernel picked for connect() (connect() alone makes bind buckets
+ * marked fastreuse -1), is a client's. Anything else (a client that bound its port itself, a
+ * listener with backlog 0) is unknown, and has no server port. */
+static __always_inline __u32 role_from_socket(const struct sock *sk)
+{
+	if (BPF_CORE_READ(sk, sk_max_ack_backlog) > 0)
+		return TCP_ROLE_SERVER;
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_SYN_SENT)
+		return TCP_ROLE_CLIENT;
+	const struct inet_bind_bucket *bucket = BPF_CORE_READ((const struct inet_connection_sock *)sk, icsk_bind_hash);
+	if (bucket && BPF_CORE_READ(bucket, fastreuse) < 0)
+		return TCP_ROLE_CLIENT;
+	return TCP_ROLE_UNKNOWN;
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -96,14 +244,23 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	__u64 id = (__u64)sk;
+	struct podscope_tcp_key key;
+	struct podscope_tcp_counts *counts;
+	__u8 other;
 
 	if (newstate == TCP_ESTABLISHED && (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
 		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
-		struct podscope_tcp_stats *stats = stats_for(sk, role);
-		if (!stats)
+		if (make_key(sk, role, server_port_of(sk, role), &key) || podscope_skip_cgroup(key.cgroup_id))
 			return 0;
-		__sync_fetch_and_add(&stats->opened, 1);
-		struct podscope_tcp_live live = { .since_ns = bpf_ktime_get_ns(), .role = role };
+		counts = counts_for(&key, &other);
+		if (counts)
+			__sync_fetch_and_add(&counts->opened, 1);
+		struct podscope_tcp_live live = {
+			.since_ns = bpf_ktime_get_ns(),
+			.server_port = key.server_port,
+			.role = role,
+			.other = other,
+		};
 		podscope_insert(&tcp_live, TCP_MAP_LIVE, &id, &live, BPF_ANY);
 		return 0;
 	}
@@ -112,46 +269,61 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 		return 0;
 
 	if (oldstate == TCP_SYN_SENT) {
-		struct podscope_tcp_stats *stats = stats_for(sk, TCP_ROLE_CLIENT);
-		if (!stats)
+		if (make_key(sk, TCP_ROLE_CLIENT, server_port_of(sk, TCP_ROLE_CLIENT), &key) ||
+		    podscope_skip_cgroup(key.cgroup_id))
+			return 0;
+		counts = counts_for(&key, &other);
+		if (!counts)
 			return 0;
 		int err = BPF_CORE_READ(sk, sk_err);
 		if (err == ECONNREFUSED)
-			__sync_fetch_and_add(&stats->failed_refused, 1);
+			__sync_fetch_and_add(&counts->failed_refused, 1);
 		else if (err == ETIMEDOUT)
-			__sync_fetch_and_add(&stats->failed_timeout, 1);
+			__sync_fetch_and_add(&counts->failed_timeout, 1);
 		else if (err == ECONNRESET)
-			__sync_fetch_and_add(&stats->failed_reset, 1);
+			__sync_fetch_and_add(&counts->failed_reset, 1);
 		else
-			__sync_fetch_and_add(&stats->failed_other, 1);
+			__sync_fetch_and_add(&counts->failed_other, 1);
 		return 0;
 	}
 
-	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
-	if (!live)
+	struct podscope_tcp_live *found = bpf_map_lookup_elem(&tcp_live, &id);
+	if (!found)
 		return 0;
-	__u32 role = live->role;
-	__u64 duration = bpf_ktime_get_ns() - live->since_ns;
+	struct podscope_tcp_live live = *found;
 	bpf_map_delete_elem(&tcp_live, &id);
-	struct podscope_tcp_stats *stats = stats_for(sk, role);
-	if (!stats)
+	__u64 duration = bpf_ktime_get_ns() - live.since_ns;
+	if (make_key(sk, live.role, live.server_port, &key) || podscope_skip_cgroup(key.cgroup_id))
 		return 0;
+	/* Where it was counted when it opened: its peer's entry, or its cgroup's tcp_other. */
+	other = live.other;
+	if (other) {
+		struct podscope_tcp_other *o = other_of(&key);
+		counts = o ? &o->counts : 0;
+	} else {
+		counts = counts_for(&key, &other);
+	}
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-	/* bytes_acked and bytes_received count sequence space: the SYN, and a FIN in either
-	 * direction, take one each. Report payload only. */
-	__u64 acked = BPF_CORE_READ(tp, bytes_acked);
-	__u64 received = BPF_CORE_READ(tp, bytes_received);
-	__u8 shutdown = BPF_CORE_READ(sk, sk_shutdown);
-	int fin_acked = (shutdown & SEND_SHUTDOWN) && BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq);
-	__u64 control_out = (role == TCP_ROLE_CLIENT || acked > 0 ? 1 : 0) + (fin_acked ? 1 : 0);
-	__u64 control_in = (shutdown & RCV_SHUTDOWN) ? 1 : 0;
-	__sync_fetch_and_add(&stats->closed, 1);
-	__sync_fetch_and_add(&stats->bytes_sent, acked > control_out ? acked - control_out : 0);
-	__sync_fetch_and_add(&stats->bytes_received, received > control_in ? received - control_in : 0);
-	podscope_hist_add(&stats->duration_ns, duration);
-	/* srtt_us holds 8 × the smoothed RTT in µs. */
-	__u64 srtt_ns = (__u64)(BPF_CORE_READ(tp, srtt_us) >> 3) * 1000;
-	podscope_hist_add(&stats->srtt_ns, srtt_ns);
+	if (counts) {
+		/* bytes_acked and bytes_received count sequence space: a FIN in either direction
+		 * takes one, and so does the client's SYN in bytes_acked (the passive side's SYN-ACK
+		 * is not in it: the accepted socket starts with it acknowledged). Payload only. */
+		__u64 acked = BPF_CORE_READ(tp, bytes_acked);
+		__u64 received = BPF_CORE_READ(tp, bytes_received);
+		__u8 shutdown = BPF_CORE_READ(sk, sk_shutdown);
+		int fin_acked = (shutdown & SEND_SHUTDOWN) && BPF_CORE_READ(tp, snd_una) == BPF_CORE_READ(tp, write_seq);
+		__u64 control_out = (live.role == TCP_ROLE_CLIENT ? 1 : 0) + (fin_acked ? 1 : 0);
+		__u64 control_in = (shutdown & RCV_SHUTDOWN) ? 1 : 0;
+		__sync_fetch_and_add(&counts->closed, 1);
+		__sync_fetch_and_add(&counts->bytes_sent, acked > control_out ? acked - control_out : 0);
+		__sync_fetch_and_add(&counts->bytes_received, received > control_in ? received - control_in : 0);
+	}
+	struct podscope_tcp_dists *dists = dists_for(&key, other);
+	if (dists) {
+		podscope_hist_add(&dists->duration_ns, duration);
+		/* srtt_us holds 8 × the smoothed RTT in µs. */
+		podscope_hist_add(&dists->srtt_ns, (__u64)(BPF_CORE_READ(tp, srtt_us) >> 3) * 1000);
+	}
 	return 0;
 }
 
@@ -160,11 +332,21 @@ int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buf
 {
 	__u64 id = (__u64)sk;
 	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
-	/* A retransmitted SYN has no established connection yet: count it for the client. */
-	__u32 role = live ? live->role : TCP_ROLE_CLIENT;
-	struct podscope_tcp_stats *stats = stats_for(sk, role);
-	if (stats)
-		__sync_fetch_and_add(&stats->retransmits, 1);
+	__u32 role = live ? live->role : role_from_socket(sk);
+	__u16 server_port = live ? live->server_port : role == TCP_ROLE_UNKNOWN ? 0 : server_port_of(sk, role);
+	struct podscope_tcp_key key;
+	if (make_key(sk, role, server_port, &key) || podscope_skip_cgroup(key.cgroup_id))
+		return 0;
+	struct podscope_tcp_counts *counts;
+	__u8 other;
+	if (live && live->other) {
+		struct podscope_tcp_other *o = other_of(&key);
+		counts = o ? &o->counts : 0;
+	} else {
+		counts = counts_for(&key, &other);
+	}
+	if (counts)
+		__sync_fetch_and_add(&counts->retransmits, 1);
 	return 0;
 }
 
@@ -182,14 +364,19 @@ int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 	const struct sock *sk = (const struct sock *)skc;
 	__u64 id = (__u64)sk;
 	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
-	/* Connections opened before the probe was loaded have no known role: not sampled. */
+	/* Connections opened before the probe was loaded were not seen established: not sampled. */
 	if (!live)
 		return 0;
-	struct podscope_tcp_key key;
-	if (make_key(sk, live->role, &key))
+	__u64 cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
+	if (podscope_skip_cgroup(cgroup_id))
 		return 0;
-	if (podscope_skip_cgroup(key.cgroup_id))
-		return 0;
+	/* Connections counted in tcp_other are sampled without their server port, as their
+	 * distributions at close are. */
+	struct podscope_tcp_dist_key key = {
+		.cgroup_id = cgroup_id,
+		.server_port = live->other ? 0 : live->server_port,
+		.role = live->role,
+	};
 	struct podscope_hist *hist = podscope_lookup_or_init(&tcp_live_rtt, TCP_MAP_LIVE_RTT, &key, &zero_hist);
 	if (!hist)
 		return 0;

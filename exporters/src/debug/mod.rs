@@ -16,7 +16,7 @@ use podscope_core::{
 };
 use serde::Deserialize;
 
-use crate::helper::{HelperSettings, QueuedExporter, Sender, SendingQueueSettings};
+use crate::helper::{HelperSettings, QueuedExporter, Request, Sender, SendingQueueSettings, Sent};
 pub use render::render;
 
 pub const FACTORY: ExporterFactory = ExporterFactory {
@@ -73,10 +73,18 @@ struct DebugSender {
 
 #[async_trait]
 impl Sender for DebugSender {
-    async fn send(&self, batch: Batch) -> Result<(), ConsumeError> {
-        for line in render(&batch, self.verbosity) {
+    /// The batch itself: it is rendered when written.
+    type Payload = Batch;
+
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<Batch>>, ConsumeError> {
+        let items = batch.item_count();
+        Ok(vec![Request::unordered(batch, items)])
+    }
+
+    async fn send(&self, batch: &Batch) -> Result<Sent, ConsumeError> {
+        for line in render(batch, self.verbosity) {
             tracing::info!(target: "podscope::exporter::debug", exporter = %self.id, "{line}");
         }
-        Ok(())
+        Ok(Sent::default())
     }
 }

@@ -11,6 +11,7 @@ mod writer;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use podscope_core::component::create_exporter;
 use podscope_core::{
     Batch, BuildContext, ConsumeError, Exporter, ExporterBuilder, ExporterFactory, Signal,
@@ -20,7 +21,7 @@ pub use config::{FileConfig, RotationConfig};
 pub use encode::encode_json_line;
 use writer::RotatingWriter;
 
-use crate::helper::{HelperSettings, QueuedExporter, Sender, SendingQueueSettings};
+use crate::helper::{HelperSettings, QueuedExporter, Request, Sender, SendingQueueSettings, Sent};
 
 pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "file",
@@ -60,14 +61,24 @@ struct FileSender {
 
 #[async_trait]
 impl Sender for FileSender {
+    /// One OTLP-JSON line.
+    type Payload = Bytes;
+
     async fn start(&self) -> anyhow::Result<()> {
         let writer = RotatingWriter::open(&self.config.path, self.config.rotation.clone())?;
         *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
         Ok(())
     }
 
-    async fn send(&self, batch: Batch) -> Result<(), ConsumeError> {
-        let line = encode_json_line(&batch);
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<Bytes>>, ConsumeError> {
+        Ok(vec![Request::unordered(
+            Bytes::from(encode_json_line(&batch)),
+            batch.item_count(),
+        )])
+    }
+
+    async fn send(&self, line: &Bytes) -> Result<Sent, ConsumeError> {
+        let line = line.clone();
         let writer = self.writer.clone();
         let path = self.config.path.clone();
         tokio::task::spawn_blocking(move || {
@@ -78,7 +89,7 @@ impl Sender for FileSender {
                     "the file exporter is not started",
                 ));
             };
-            w.write_line(&line).map_err(|e| {
+            w.write_line(&line).map(|()| Sent::default()).map_err(|e| {
                 ConsumeError::retryable("io_error", format!("writing {}: {e}", path.display()))
             })
         })

@@ -166,3 +166,98 @@ fn path_is_required() {
         errors
     );
 }
+
+/// Parses `line` with the official protobuf JSON parser (Python's `google.protobuf.json_format`
+/// with the OTLP bindings, from the oteltest venv that `scripts/install-deps.sh` sets up) and
+/// returns what it read for each double, as Python writes it.
+fn doubles_read_by_protobuf(line: &[u8]) -> String {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".cache/oteltest/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/install-deps.sh",
+        python.display()
+    );
+    let script = r#"
+import sys
+from google.protobuf.json_format import Parse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+request = Parse(sys.stdin.read(), ExportMetricsServiceRequest())
+metrics = request.resource_metrics[0].scope_metrics[0].metrics
+gauge = [repr(p.as_double) for p in metrics[0].gauge.data_points]
+h = metrics[1].histogram.data_points[0]
+print(gauge, repr(h.sum), [repr(b) for b in h.explicit_bounds], repr(h.min), repr(h.max))
+"#;
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(line).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "protobuf refused the line: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(line)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn nan_and_infinities_are_written_as_proto3_json_strings() {
+    use opentelemetry_proto::tonic::metrics::v1::{Gauge, Histogram, HistogramDataPoint};
+    let point = |v: f64| NumberDataPoint {
+        value: Some(number_data_point::Value::AsDouble(v)),
+        ..Default::default()
+    };
+    let batch = Batch::metrics(vec![ResourceMetrics {
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![
+                Metric {
+                    name: "g".into(),
+                    data: Some(metric::Data::Gauge(Gauge {
+                        data_points: vec![
+                            point(f64::NAN),
+                            point(f64::INFINITY),
+                            point(f64::NEG_INFINITY),
+                            point(1.5),
+                        ],
+                    })),
+                    ..Default::default()
+                },
+                Metric {
+                    name: "h".into(),
+                    data: Some(metric::Data::Histogram(Histogram {
+                        aggregation_temporality: 2,
+                        data_points: vec![HistogramDataPoint {
+                            count: 2,
+                            sum: Some(f64::NAN),
+                            bucket_counts: vec![1, 1],
+                            explicit_bounds: vec![f64::NEG_INFINITY],
+                            min: Some(f64::NEG_INFINITY),
+                            max: Some(f64::INFINITY),
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }]);
+    let line = encode_json_line(&batch);
+    let text = String::from_utf8_lossy(&line);
+    assert!(
+        text.contains(r#""asDouble":"NaN""#) && !text.contains(r#""asDouble":null"#),
+        "{text}"
+    );
+    assert_eq!(
+        doubles_read_by_protobuf(&line),
+        "['nan', 'inf', '-inf', '1.5'] nan ['-inf'] -inf inf"
+    );
+}

@@ -138,3 +138,27 @@ impl HelperSettings {
         errors
     }
 }
+
+/// `helper_settings()` for the exporter configs that carry the helper's settings
+/// (`sending_queue`, `retry_on_failure`, `timeout`) as fields of their own. They are not one
+/// flattened struct because serde loses the key path of an error inside a flattened field, and
+/// the config loader points at the exact key.
+macro_rules! helper_settings_of {
+    ($($config:ty),+ $(,)?) => {$(
+        impl $config {
+            pub fn helper_settings(&self) -> HelperSettings {
+                HelperSettings {
+                    sending_queue: self.sending_queue.clone(),
+                    retry_on_failure: self.retry_on_failure.clone(),
+                    timeout: self.timeout,
+                }
+            }
+        }
+    )+};
+}
+
+helper_settings_of!(
+    crate::otlp::OtlpGrpcConfig,
+    crate::otlp::OtlpHttpConfig,
+    crate::prometheusremotewrite::RemoteWriteConfig,
+);

@@ -5,18 +5,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::WhenFull;
-use podscope_core::{Batch, BuildContext, ConsumeError};
+use podscope_core::{Batch, BuildContext, Component as _, ConsumeError, Consumer as _};
 
 use super::*;
 
 fn spans(n: usize) -> Batch {
-    Batch::traces(vec![ResourceSpans {
-        scope_spans: vec![ScopeSpans {
-            spans: vec![Span::default(); n],
-            ..Default::default()
-        }],
-        ..Default::default()
-    }])
+    podscope_core::fake_otlp::spans(n, &[])
 }
 
 /// Answers each attempt from a script, then succeeds; records attempt times.
@@ -40,7 +34,13 @@ impl Scripted {
 
 #[async_trait]
 impl Sender for Scripted {
-    async fn send(&self, _batch: Batch) -> Result<(), ConsumeError> {
+    type Payload = ();
+
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<()>>, ConsumeError> {
+        Ok(vec![Request::unordered((), batch.item_count())])
+    }
+
+    async fn send(&self, _payload: &()) -> Result<Sent, ConsumeError> {
         self.attempts.fetch_add(1, Ordering::SeqCst);
         self.attempt_times
             .lock()
@@ -49,7 +49,12 @@ impl Sender for Scripted {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        self.script.lock().unwrap().pop().unwrap_or(Ok(()))
+        self.script
+            .lock()
+            .unwrap()
+            .pop()
+            .unwrap_or(Ok(()))
+            .map(|()| Sent::default())
     }
 }
 
@@ -140,8 +145,8 @@ async fn a_slow_attempt_times_out_and_is_retried() {
     s.retry_on_failure.max_elapsed_time = Duration::from_secs(3);
     let exporter = QueuedExporter::new(&ctx, s, sender);
     exporter.start().await.unwrap();
-    let error = exporter.consume(spans(2)).await.unwrap_err();
-    assert_eq!(error.reason(), "timeout");
+    // Taken, then given up: the helper counts it, the caller has nothing left to retry.
+    exporter.consume(spans(2)).await.unwrap();
     assert!(exporter.sender().attempts.load(Ordering::SeqCst) >= 2);
     let text = telemetry.encode_text();
     assert!(
@@ -150,6 +155,110 @@ async fn a_slow_attempt_times_out_and_is_retried() {
         ),
         "{text}"
     );
+    assert_eq!(
+        metric_line(&text, "podscope_exporter_dropped_items_total").as_deref(),
+        Some("podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"retries_exhausted\"} 2")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_hint_of_zero_never_makes_retries_faster_than_the_backoff() {
+    let ctx = BuildContext::for_tests("otlp");
+    let now = || {
+        Err(ConsumeError::Retryable {
+            reason: "resource_exhausted",
+            message: "retry now".into(),
+            retry_after: Some(Duration::ZERO),
+        })
+    };
+    let exporter = QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![now(), now()]));
+    exporter.start().await.unwrap();
+    exporter.consume(spans(1)).await.unwrap();
+    let times = exporter.sender().attempt_times.lock().unwrap().clone();
+    let gaps: Vec<_> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    assert_eq!(
+        gaps,
+        vec![Duration::from_millis(100), Duration::from_millis(150)]
+    );
+}
+
+/// Turns a batch into one request per span, each in the partition its span index says, and
+/// records the order in which they are sent.
+struct Sharded {
+    sent: Mutex<Vec<usize>>,
+    refuse_first_of: Mutex<Vec<usize>>,
+}
+
+#[async_trait]
+impl Sender for Sharded {
+    type Payload = usize;
+    const ORDERED: bool = true;
+
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<usize>>, ConsumeError> {
+        let Batch::Traces(rss) = &batch else {
+            unreachable!()
+        };
+        Ok(rss[0].scope_spans[0]
+            .spans
+            .iter()
+            .map(|span| {
+                let id = span.name.parse::<usize>().unwrap();
+                Request {
+                    payload: id,
+                    items: 1,
+                    order_key: (id % 2) as u64,
+                }
+            })
+            .collect())
+    }
+
+    async fn send(&self, id: &usize) -> Result<Sent, ConsumeError> {
+        let mut refuse = self.refuse_first_of.lock().unwrap();
+        if let Some(i) = refuse.iter().position(|r| r == id) {
+            refuse.remove(i);
+            return Err(ConsumeError::retryable("unavailable", "once"));
+        }
+        self.sent.lock().unwrap().push(*id);
+        Ok(Sent::default())
+    }
+}
+
+fn named_spans(ids: std::ops::Range<usize>) -> Batch {
+    Batch::traces(vec![ResourceSpans {
+        scope_spans: vec![ScopeSpans {
+            spans: ids
+                .map(|i| Span {
+                    name: i.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+#[tokio::test]
+async fn an_ordered_sender_keeps_each_partition_in_order_through_retries() {
+    let ctx = BuildContext::for_tests("prometheusremotewrite");
+    let mut s = settings(true);
+    s.sending_queue.num_consumers = 2;
+    s.retry_on_failure.initial_interval = Duration::from_millis(20);
+    s.retry_on_failure.max_interval = Duration::from_millis(20);
+    let sender = Sharded {
+        sent: Mutex::new(Vec::new()),
+        refuse_first_of: Mutex::new(vec![2, 5]),
+    };
+    let exporter = QueuedExporter::new(&ctx, s, sender);
+    exporter.start().await.unwrap();
+    exporter.consume(named_spans(0..5)).await.unwrap();
+    exporter.consume(named_spans(5..10)).await.unwrap();
+    exporter.shutdown().await.unwrap();
+    let sent = exporter.sender().sent.lock().unwrap().clone();
+    let even: Vec<_> = sent.iter().copied().filter(|i| i % 2 == 0).collect();
+    let odd: Vec<_> = sent.iter().copied().filter(|i| i % 2 == 1).collect();
+    assert_eq!(even, vec![0, 2, 4, 6, 8]);
+    assert_eq!(odd, vec![1, 3, 5, 7, 9]);
 }
 
 #[tokio::test]
@@ -224,22 +333,26 @@ async fn a_shutdown_deadline_stops_retries_and_counts_the_loss() {
     s.retry_on_failure.max_interval = Duration::from_secs(60);
     let exporter = Arc::new(QueuedExporter::new(&ctx, s, Scripted::new(down_forever)));
     exporter.start().await.unwrap();
-    exporter.consume(spans(9)).await.unwrap();
+    exporter.consume(spans(9)).await.unwrap(); // taken by the sender, retried
+    for _ in 0..3 {
+        exporter.consume(spans(2)).await.unwrap(); // waiting in the queue
+    }
     // The service gives shutdown 200 ms; the sender is waiting a minute to retry.
     let timed_out = tokio::time::timeout(Duration::from_millis(200), exporter.shutdown())
         .await
         .is_err();
     assert!(timed_out);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let line = "podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"shutdown\"} 9";
-    while !telemetry.encode_text().contains(line) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "drop not counted:\n{}",
-            telemetry.encode_text()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // Asked again, shutdown returns once everything it gave up is counted.
+    exporter.shutdown().await.unwrap();
+    assert_eq!(
+        metric_line(&telemetry.encode_text(), "podscope_exporter_dropped_items_total").as_deref(),
+        Some("podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"shutdown\"} 15")
+    );
+    assert_eq!(
+        exporter.sender().attempts.load(Ordering::SeqCst),
+        1,
+        "nothing sent past the deadline"
+    );
 }
 
 #[test]

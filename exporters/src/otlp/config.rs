@@ -1,11 +1,12 @@
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use podscope_core::{ComponentConfig, FieldError};
+use podscope_core::{ComponentConfig, FieldError, Signal};
 use serde::Deserialize;
 
-use crate::helper::{HelperSettings, RetrySettings, SendingQueueSettings};
+use crate::helper::{RetrySettings, SendingQueueSettings};
+use crate::http_client::{validate_headers, validate_proxy_url, validate_tls};
+use crate::tls::TlsSettings;
 
 /// `compression:`
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -14,49 +15,6 @@ pub enum Compression {
     #[default]
     Gzip,
     None,
-}
-
-/// `tls:` — TLS to the backend (rustls).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TlsSettings {
-    /// Plain text, no TLS (gRPC only; for otlphttp the `http://` scheme says it). Default false.
-    pub insecure: bool,
-    /// PEM CA bundle to verify the server with (default: the system's roots).
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate and key, for mutual TLS.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// Server name to verify instead of the endpoint's host.
-    pub server_name_override: Option<String>,
-    /// Accept any server certificate (testing only: it defeats TLS; the server must still hold
-    /// the key of the certificate it shows).
-    pub insecure_skip_verify: bool,
-}
-
-impl TlsSettings {
-    pub fn validate(&self, errors: &mut Vec<FieldError>) {
-        if self.cert_file.is_some() != self.key_file.is_some() {
-            errors.push(FieldError::new(
-                "tls",
-                "cert_file and key_file go together (mutual TLS)",
-            ));
-        }
-        for (key, path) in [
-            ("tls.ca_file", &self.ca_file),
-            ("tls.cert_file", &self.cert_file),
-            ("tls.key_file", &self.key_file),
-        ] {
-            if let Some(path) = path {
-                if !path.is_file() {
-                    errors.push(FieldError::new(
-                        key,
-                        format!("{} is not a readable file", path.display()),
-                    ));
-                }
-            }
-        }
-    }
 }
 
 /// `exporters: otlp:` (gRPC) and `jaeger:` settings.
@@ -93,14 +51,6 @@ impl Default for OtlpGrpcConfig {
 }
 
 impl OtlpGrpcConfig {
-    pub fn helper_settings(&self) -> HelperSettings {
-        HelperSettings {
-            sending_queue: self.sending_queue.clone(),
-            retry_on_failure: self.retry_on_failure.clone(),
-            timeout: self.timeout,
-        }
-    }
-
     /// The URL to connect to and whether it uses TLS.
     pub fn url(&self) -> (String, bool) {
         if let Some(rest) = self.endpoint.strip_prefix("http://") {
@@ -111,19 +61,6 @@ impl OtlpGrpcConfig {
             (format!("http://{}", self.endpoint), false)
         } else {
             (format!("https://{}", self.endpoint), true)
-        }
-    }
-}
-
-fn validate_headers(headers: &BTreeMap<String, String>, errors: &mut Vec<FieldError>) {
-    for (name, value) in headers {
-        if http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).is_err()
-            || http::HeaderValue::from_str(value).is_err()
-        {
-            errors.push(FieldError::new(
-                format!("headers.{name}"),
-                "not a valid header name and value",
-            ));
         }
     }
 }
@@ -166,6 +103,10 @@ pub struct OtlpHttpConfig {
     pub headers: BTreeMap<String, String>,
     pub compression: Compression,
     pub tls: TlsSettings,
+    /// Send through this HTTP proxy (`http://host:port`). Unset or empty: the `HTTP_PROXY`,
+    /// `HTTPS_PROXY` and `NO_PROXY` environment variables apply.
+    pub proxy_url: Option<String>,
+    /// Time one export attempt may take. Default 5s.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     pub retry_on_failure: RetrySettings,
@@ -190,6 +131,7 @@ impl Default for OtlpHttpConfig {
             headers: BTreeMap::new(),
             compression: Compression::Gzip,
             tls: TlsSettings::default(),
+            proxy_url: None,
             timeout: Duration::from_secs(5),
             retry_on_failure: RetrySettings::default(),
             sending_queue: SendingQueueSettings::default(),
@@ -198,18 +140,19 @@ impl Default for OtlpHttpConfig {
 }
 
 impl OtlpHttpConfig {
-    pub fn helper_settings(&self) -> HelperSettings {
-        HelperSettings {
-            sending_queue: self.sending_queue.clone(),
-            retry_on_failure: self.retry_on_failure.clone(),
-            timeout: self.timeout,
-        }
-    }
-
-    pub fn signal_url(&self, path: &str, explicit: &Option<String>) -> String {
-        explicit
-            .clone()
-            .unwrap_or_else(|| format!("{}{path}", self.endpoint.trim_end_matches('/')))
+    /// Where `signal` is sent: its own `*_endpoint`, or the OTLP path under `endpoint`.
+    pub fn signal_url(&self, signal: Signal) -> String {
+        let explicit = match signal {
+            Signal::Metrics => &self.metrics_endpoint,
+            Signal::Traces => &self.traces_endpoint,
+        };
+        explicit.clone().unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                self.endpoint.trim_end_matches('/'),
+                podscope_core::otlp::otlp(signal).http_path()
+            )
+        })
     }
 }
 
@@ -233,7 +176,8 @@ impl ComponentConfig for OtlpHttpConfig {
             }
         }
         validate_headers(&self.headers, &mut errors);
-        self.tls.validate(&mut errors);
+        validate_tls(&self.tls, &mut errors);
+        validate_proxy_url(self.proxy_url.as_deref(), &mut errors);
         errors
     }
 }

@@ -1,30 +1,29 @@
-//! OTLP/gRPC transport: the generated OTLP clients over one tonic channel.
+//! OTLP/gRPC transport: each signal's `Export` method over one tonic channel, with requests
+//! encoded before they are queued (so the call passes the bytes through).
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use http::uri::PathAndQuery;
+use podscope_core::otlp::{Encoding, RawCodec};
 use podscope_core::{Batch, ConsumeError};
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use super::config::{Compression, OtlpGrpcConfig};
-use super::partial::PartialSuccess;
-use crate::helper::Sender;
+use super::{rejected_items, request_for, OtlpRequest};
+use crate::helper::{Request, Sender, Sent};
 
 pub struct GrpcSender {
+    exporter: String,
     channel: Channel,
     metadata: MetadataMap,
     compression: Compression,
-    partial: PartialSuccess,
 }
 
 impl GrpcSender {
-    pub fn new(config: &OtlpGrpcConfig, partial: PartialSuccess) -> anyhow::Result<GrpcSender> {
+    pub fn new(config: &OtlpGrpcConfig, exporter: String) -> anyhow::Result<GrpcSender> {
         let (url, tls) = config.url();
         if tls && config.tls.insecure_skip_verify {
             // Our connector does the TLS; tonic must not (see `insecure.rs`).
@@ -39,10 +38,10 @@ impl GrpcSender {
                 config.tls.server_name_override.clone(),
             )?;
             return Ok(GrpcSender {
+                exporter,
                 channel: endpoint.connect_with_connector_lazy(connector),
                 metadata: metadata(config)?,
                 compression: config.compression,
-                partial,
             });
         }
         let mut endpoint =
@@ -66,17 +65,11 @@ impl GrpcSender {
         // Lazy: a backend that is down at start is retried like any other failure.
         let channel = endpoint.connect_lazy();
         Ok(GrpcSender {
+            exporter,
             channel,
             metadata: metadata(config)?,
             compression: config.compression,
-            partial,
         })
-    }
-
-    fn request<T>(&self, message: T) -> tonic::Request<T> {
-        let mut request = tonic::Request::new(message);
-        *request.metadata_mut() = self.metadata.clone();
-        request
     }
 }
 
@@ -92,7 +85,9 @@ fn metadata(config: &OtlpGrpcConfig) -> anyhow::Result<MetadataMap> {
 
 /// gRPC status → retryable or permanent, as the OTLP specification lists them. A `RetryInfo`
 /// detail sets the wait; RESOURCE_EXHAUSTED is retryable only with one (the server says it can
-/// recover), else permanent.
+/// recover), else permanent. A status the server never sent — the connection failed, was reset
+/// or closed mid-call, which tonic reports as UNKNOWN with the transport error as its source —
+/// is retryable, as the HTTP exporter treats a failed request.
 pub fn classify(status: &tonic::Status) -> ConsumeError {
     use tonic::Code::*;
     use tonic_types::StatusExt as _;
@@ -105,6 +100,7 @@ pub fn classify(status: &tonic::Status) -> ConsumeError {
         retry_after: hint,
     };
     match status.code() {
+        Unknown if std::error::Error::source(status).is_some() => retryable("transport", message),
         ResourceExhausted if retry_info.is_some() => retryable("resource_exhausted", message),
         ResourceExhausted => ConsumeError::permanent("resource_exhausted", message),
         Unavailable => retryable("unavailable", message),
@@ -123,49 +119,33 @@ pub fn classify(status: &tonic::Status) -> ConsumeError {
 
 #[async_trait]
 impl Sender for GrpcSender {
-    async fn send(&self, batch: Batch) -> Result<(), ConsumeError> {
-        match batch {
-            Batch::Metrics(rms) => {
-                let mut client = MetricsServiceClient::new(self.channel.clone());
-                if self.compression == Compression::Gzip {
-                    client = client.send_compressed(CompressionEncoding::Gzip);
-                }
-                let request = ExportMetricsServiceRequest {
-                    resource_metrics: rms.to_vec(),
-                };
-                let response = client
-                    .export(self.request(request))
-                    .await
-                    .map_err(|s| classify(&s))?;
-                if let Some(p) = response.into_inner().partial_success {
-                    self.partial.report(
-                        podscope_core::Signal::Metrics,
-                        p.rejected_data_points,
-                        &p.error_message,
-                    );
-                }
-            }
-            Batch::Traces(rss) => {
-                let mut client = TraceServiceClient::new(self.channel.clone());
-                if self.compression == Compression::Gzip {
-                    client = client.send_compressed(CompressionEncoding::Gzip);
-                }
-                let request = ExportTraceServiceRequest {
-                    resource_spans: rss.to_vec(),
-                };
-                let response = client
-                    .export(self.request(request))
-                    .await
-                    .map_err(|s| classify(&s))?;
-                if let Some(p) = response.into_inner().partial_success {
-                    self.partial.report(
-                        podscope_core::Signal::Traces,
-                        p.rejected_spans,
-                        &p.error_message,
-                    );
-                }
-            }
+    type Payload = OtlpRequest;
+
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<OtlpRequest>>, ConsumeError> {
+        // tonic compresses at send time (gzip); the protobuf is encoded here, once.
+        Ok(vec![request_for(&batch, Encoding::Protobuf, |body| body)])
+    }
+
+    async fn send(&self, request: &OtlpRequest) -> Result<Sent, ConsumeError> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        if self.compression == Compression::Gzip {
+            grpc = grpc.send_compressed(CompressionEncoding::Gzip);
         }
-        Ok(())
+        grpc.ready().await.map_err(|e| {
+            ConsumeError::retryable("unavailable", format!("gRPC channel not ready: {e}"))
+        })?;
+        let mut call = tonic::Request::new(request.body.clone());
+        *call.metadata_mut() = self.metadata.clone();
+        let path = PathAndQuery::from_static(request.signal.grpc_export_path());
+        let response = grpc
+            .unary(call, path, RawCodec)
+            .await
+            .map_err(|s| classify(&s))?;
+        Ok(rejected_items(
+            &self.exporter,
+            request,
+            response.get_ref(),
+            Encoding::Protobuf,
+        ))
     }
 }

@@ -1,13 +1,14 @@
 //! OTLP exporters: `otlp` (gRPC), `otlphttp` (HTTP, protobuf or JSON) and `jaeger` (an `otlp`
 //! preset for Jaeger, which ingests OTLP natively since 1.35: traces only, default
 //! `localhost:4317`). All send through the exporter helper (sending queue, retries with backoff
-//! honouring server hints, timeout per attempt).
+//! honouring server hints, timeout per attempt). A batch is encoded once, into an
+//! [`OtlpRequest`], before it is queued; the encoding of each signal is
+//! [`podscope_core::otlp`]'s, shared with the `otlp` receiver.
 
 mod config;
 mod grpc;
 mod http;
 mod insecure;
-mod partial;
 #[cfg(test)]
 mod tests;
 
@@ -16,16 +17,19 @@ use std::sync::Arc;
 use podscope_core::component::create_exporter;
 use podscope_core::config::parse_component_config;
 use podscope_core::{
-    BuildContext, ComponentConfig, Exporter, ExporterBuilder, ExporterFactory, FieldError, Signal,
+    Batch, BuildContext, ComponentConfig, Exporter, ExporterBuilder, ExporterFactory, FieldError,
+    Signal,
 };
 use serde::Deserialize;
 
-pub use config::{Compression, HttpEncoding, OtlpGrpcConfig, OtlpHttpConfig, TlsSettings};
-pub use grpc::classify as classify_grpc_status;
-pub use http::{classify as classify_http_status, retry_after};
+use bytes::Bytes;
+use podscope_core::otlp::{Encoding, OtlpSignal};
 
-use crate::helper::QueuedExporter;
-use partial::PartialSuccess;
+pub use config::{Compression, HttpEncoding, OtlpGrpcConfig, OtlpHttpConfig};
+pub use grpc::classify as classify_grpc_status;
+pub use http::is_retryable as is_retryable_http_status;
+
+use crate::helper::{QueuedExporter, Request, Sent};
 
 pub const OTLP: ExporterFactory = ExporterFactory {
     type_name: "otlp",
@@ -48,23 +52,56 @@ pub const JAEGER: ExporterFactory = ExporterFactory {
     create: create_exporter::<JaegerConfig>,
 };
 
-fn partial(ctx: &BuildContext) -> PartialSuccess {
-    PartialSuccess {
-        exporter: ctx.id.to_string(),
-        telemetry: ctx.telemetry.clone(),
+/// An export request as it waits in the sending queue: encoded (and for HTTP compressed) once.
+pub struct OtlpRequest {
+    signal: &'static dyn OtlpSignal,
+    body: Bytes,
+}
+
+/// The request for a batch, encoded with `encoding` and passed through `compress`.
+fn request_for(
+    batch: &Batch,
+    encoding: Encoding,
+    compress: impl FnOnce(Vec<u8>) -> Vec<u8>,
+) -> Request<OtlpRequest> {
+    let signal = podscope_core::otlp::otlp(batch.signal());
+    let body = compress(signal.encode_request(batch, encoding));
+    Request::unordered(
+        OtlpRequest {
+            signal,
+            body: Bytes::from(body),
+        },
+        batch.item_count(),
+    )
+}
+
+/// What the backend's (successful) response says it rejected: logged here, counted by the
+/// helper. A response that cannot be read still means the request was taken.
+fn rejected_items(exporter: &str, request: &OtlpRequest, body: &[u8], encoding: Encoding) -> Sent {
+    let partial = match request.signal.decode_response(body, encoding) {
+        Ok(Some(partial)) => partial,
+        Ok(None) => return Sent::default(),
+        Err(error) => {
+            tracing::warn!(exporter, %error, "backend accepted a request with an unreadable response");
+            return Sent::default();
+        }
+    };
+    tracing::warn!(exporter, signal = %request.signal.signal(), rejected = partial.rejected, message = partial.message, "backend rejected part of a request");
+    Sent {
+        rejected: partial.rejected.max(0) as usize,
     }
 }
 
 impl ExporterBuilder for OtlpGrpcConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
-        let sender = grpc::GrpcSender::new(&self, partial(&ctx))?;
+        let sender = grpc::GrpcSender::new(&self, ctx.id.to_string())?;
         Ok(QueuedExporter::new(&ctx, self.helper_settings(), sender))
     }
 }
 
 impl ExporterBuilder for OtlpHttpConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
-        let sender = http::HttpSender::new(&self, partial(&ctx))?;
+        let sender = http::HttpSender::new(&self, ctx.id.to_string())?;
         Ok(QueuedExporter::new(&ctx, self.helper_settings(), sender))
     }
 }

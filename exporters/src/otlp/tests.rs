@@ -11,8 +11,10 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, Component as _, ConsumeError, Consumer, ExporterBuilder, ReceiverConsumers,
+    Batch, BuildContext, Component as _, ComponentConfig, ConsumeError, Consumer, Exporter,
+    ExporterBuilder, ReceiverConsumers,
 };
 use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
 
@@ -27,6 +29,41 @@ impl Consumer for Collected {
         self.0.lock().unwrap().push(batch);
         Ok(())
     }
+}
+
+/// A loopback port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The exporter `settings` describe (an `otlp` or `otlphttp` config), built as component `id`
+/// and started, with its metrics.
+async fn started<C: ComponentConfig + ExporterBuilder>(
+    settings: serde_json::Value,
+    id: &str,
+) -> (Arc<dyn Exporter>, AgentTelemetry) {
+    let config: C = parse_component_config(settings).unwrap();
+    let ctx = BuildContext::for_tests(id);
+    let telemetry = ctx.telemetry.clone();
+    let exporter = Box::new(config).build(ctx).unwrap();
+    exporter.start().await.unwrap();
+    (exporter, telemetry)
+}
+
+/// A started `otlp` exporter to `127.0.0.1:port` retrying every 50 to 200 ms, and its metrics.
+async fn fast_retrying_exporter_to(port: u16) -> (Arc<dyn Exporter>, AgentTelemetry) {
+    started::<OtlpGrpcConfig>(
+        serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{port}"),
+            "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms", "randomization_factor": 0.0}
+        }),
+        "otlp",
+    )
+    .await
 }
 
 fn spans() -> Batch {
@@ -136,20 +173,8 @@ async fn http_round_trip_is_exact_in_protobuf_and_json() {
 
 #[tokio::test]
 async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
-        "endpoint": format!("http://127.0.0.1:{port}"),
-        "retry_on_failure": {"initial_interval": "50ms", "max_interval": "200ms", "randomization_factor": 0.0}
-    }))
-    .unwrap();
-    let ctx = BuildContext::for_tests("otlp");
-    let telemetry = ctx.telemetry.clone();
-    let exporter = Box::new(config).build(ctx).unwrap();
-    exporter.start().await.unwrap();
+    let port = free_port();
+    let (exporter, telemetry) = fast_retrying_exporter_to(port).await;
     exporter.consume(spans()).await.unwrap(); // queued while nothing listens
     let failed = "podscope_exporter_send_failures_total{component=\"otlp\",reason=\"unavailable\"}";
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -228,19 +253,20 @@ async fn scripted_http(
 #[tokio::test]
 async fn http_429_with_retry_after_is_honoured_and_400_is_not_retried() {
     let (address, attempts) = scripted_http(vec![(429, Some("1")), (400, None)]).await;
-    let config: OtlpHttpConfig = parse_component_config(serde_json::json!({
-        "endpoint": address,
-        "sending_queue": {"enabled": false},
-        "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms", "randomization_factor": 0.0}
-    }))
-    .unwrap();
-    let exporter = Box::new(config)
-        .build(BuildContext::for_tests("otlphttp"))
-        .unwrap();
-    exporter.start().await.unwrap();
+    let (exporter, telemetry) = started::<OtlpHttpConfig>(
+        serde_json::json!({
+            "endpoint": address,
+            "sending_queue": {"enabled": false},
+            "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms", "randomization_factor": 0.0}
+        }),
+        "otlphttp",
+    )
+    .await;
     // 429 (wait the 1 s it asks for, not the 10 ms backoff) → 400: permanent, not retried.
-    let error = exporter.consume(spans()).await.unwrap_err();
-    assert_eq!(error.reason(), "http_400");
+    exporter.consume(spans()).await.unwrap();
+    assert!(telemetry.encode_text().contains(
+        "podscope_exporter_dropped_items_total{component=\"otlphttp\",signal=\"traces\",reason=\"http_400\"} 1"
+    ));
     let times = attempts.lock().unwrap().clone();
     assert_eq!(times.len(), 2, "one retry after 429, none after 400");
     assert!(
@@ -279,15 +305,12 @@ fn status_classification_follows_the_specification() {
         (401, false),
         (500, false),
     ] {
-        let e =
-            super::classify_http_status(reqwest::StatusCode::from_u16(status).unwrap(), None, "");
-        assert_eq!(e.is_retryable(), retryable, "{status}");
+        assert_eq!(
+            super::is_retryable_http_status(status),
+            retryable,
+            "{status}"
+        );
     }
-    assert_eq!(super::retry_after("7"), Some(Duration::from_secs(7)));
-    assert_eq!(
-        super::retry_after("Thu, 01 Jan 1970 00:00:00 GMT"),
-        Some(Duration::ZERO)
-    );
 }
 
 #[test]
@@ -396,13 +419,18 @@ mod tls {
         (port, recorder)
     }
 
-    async fn export_once(config: serde_json::Value) -> Result<(), ConsumeError> {
-        let config: OtlpGrpcConfig = parse_component_config(config).unwrap();
-        let exporter = Box::new(config)
-            .build(BuildContext::for_tests("otlp"))
-            .unwrap();
-        exporter.start().await.unwrap();
-        exporter.consume(spans()).await
+    /// Whether one export went through (with no retries, a failure is dropped at once).
+    async fn export_once(config: serde_json::Value) -> Result<(), String> {
+        let (exporter, telemetry) = started::<OtlpGrpcConfig>(config, "otlp").await;
+        exporter.consume(spans()).await.unwrap();
+        let text = telemetry.encode_text();
+        if text
+            .contains("podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 1")
+        {
+            Ok(())
+        } else {
+            Err(text)
+        }
     }
 
     #[tokio::test]
@@ -513,22 +541,17 @@ fn received(c: &Collected) -> usize {
 
 #[tokio::test]
 async fn a_backend_down_mid_stream_gets_what_was_queued_and_overflow_is_counted() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (first, before) = grpc_receiver_on(port).await;
-    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
-        "endpoint": format!("http://127.0.0.1:{port}"),
-        "sending_queue": {"queue_size": 100, "num_consumers": 1, "when_full": "drop_newest"},
-        "retry_on_failure": {"initial_interval": "50ms", "max_interval": "100ms", "randomization_factor": 0.0, "max_elapsed_time": "0s"}
-    }))
-    .unwrap();
-    let ctx = BuildContext::for_tests("otlp");
-    let telemetry = ctx.telemetry.clone();
-    let exporter = Box::new(config).build(ctx).unwrap();
-    exporter.start().await.unwrap();
+    let (exporter, telemetry) = started::<OtlpGrpcConfig>(
+        serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{port}"),
+            "sending_queue": {"queue_size": 100, "num_consumers": 1, "when_full": "drop_newest"},
+            "retry_on_failure": {"initial_interval": "50ms", "max_interval": "100ms", "randomization_factor": 0.0, "max_elapsed_time": "0s"}
+        }),
+        "otlp",
+    )
+    .await;
     exporter.consume(spans_n(10)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while received(&before) < 10 {
@@ -574,4 +597,238 @@ async fn a_backend_down_mid_stream_gets_what_was_queued_and_overflow_is_counted(
         "the retried batch and the two queued ones, nothing else"
     );
     second.shutdown().await.unwrap();
+}
+
+mod backend_dies_mid_request {
+    //! A real OTLP/gRPC server (opentelemetry-proto's generated trace service on tonic) that dies
+    //! while it holds an Export call, then comes back on the same port: the batch in flight is
+    //! retried, not dropped.
+
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    /// Records each request; with `hang`, signals its arrival and never answers.
+    #[derive(Clone)]
+    struct Backend {
+        received: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+        hang: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Backend {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            if let Some(arrived) = &self.hang {
+                let _ = arrived.send(());
+                std::future::pending::<()>().await;
+            }
+            self.received.lock().unwrap().push(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Serves `backend` on `port` in a runtime of its own, so that dropping the runtime kills
+    /// the server and every connection it holds, as a process exit would.
+    fn serve(port: u16, backend: Backend) -> tokio::runtime::Runtime {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let _context = runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        runtime.spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    TraceServiceServer::new(backend)
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        drop(_context);
+        runtime
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_connection_is_reset_is_retried_on_the_new_server() {
+        let port = free_port();
+        let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+        let dying = serve(
+            port,
+            Backend {
+                received: Arc::default(),
+                hang: Some(arrived_tx),
+            },
+        );
+        let (exporter, telemetry) = fast_retrying_exporter_to(port).await;
+        exporter.consume(spans_n(5)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(20), arrived.recv())
+            .await
+            .expect("the export reaches the first server");
+        // The server dies inside Export; a new one takes its port.
+        tokio::task::spawn_blocking(move || drop(dying))
+            .await
+            .unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let revived = serve(
+            port,
+            Backend {
+                received: received.clone(),
+                hang: None,
+            },
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while received.lock().unwrap().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the batch never reached the new server: {}",
+                telemetry.encode_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        exporter.shutdown().await.unwrap();
+        let spans: usize = received
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum();
+        assert_eq!(spans, 5);
+        let text = telemetry.encode_text();
+        assert!(
+            text.contains(
+                "podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 5"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("podscope_exporter_dropped_items_total"),
+            "{text}"
+        );
+        tokio::task::spawn_blocking(move || drop(revived))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_retry_after_in_the_past_or_of_zero_never_retries_faster_than_the_initial_interval() {
+    let (address, attempts) = scripted_http(vec![
+        (503, Some("Thu, 01 Jan 1970 00:00:00 GMT")),
+        (429, Some("0")),
+    ])
+    .await;
+    let config: OtlpHttpConfig = parse_component_config(serde_json::json!({
+        "endpoint": address,
+        "sending_queue": {"enabled": false},
+        "retry_on_failure": {"initial_interval": "300ms", "max_interval": "300ms", "randomization_factor": 0.0}
+    }))
+    .unwrap();
+    let exporter = Box::new(config)
+        .build(BuildContext::for_tests("otlphttp"))
+        .unwrap();
+    exporter.start().await.unwrap();
+    exporter.consume(spans()).await.unwrap();
+    let times = attempts.lock().unwrap().clone();
+    assert_eq!(times.len(), 3, "two refusals, then accepted");
+    for gap in times.windows(2).map(|w| w[1] - w[0]) {
+        assert!(gap >= Duration::from_millis(300), "retried after {gap:?}");
+    }
+}
+
+mod partial_success {
+    //! A backend that keeps a request but rejects some of its items: those are dropped, the rest
+    //! sent, and the two add up to what was exported.
+
+    use super::*;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use prost::Message as _;
+
+    fn rejecting_two() -> ExportTraceServiceResponse {
+        ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 2,
+                error_message: "two spans are too old".into(),
+            }),
+        }
+    }
+
+    struct RejectsTwo;
+
+    #[tonic::async_trait]
+    impl TraceService for RejectsTwo {
+        async fn export(
+            &self,
+            _request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            Ok(tonic::Response::new(rejecting_two()))
+        }
+    }
+
+    fn counted(text: &str) -> (bool, bool) {
+        let prefix = |signal_line: &str| text.lines().any(|l| l == signal_line);
+        (
+            prefix("podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 3"),
+            prefix("podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"rejected\"} 2"),
+        )
+    }
+
+    #[tokio::test]
+    async fn rejected_items_are_dropped_and_the_rest_sent_over_grpc_and_http() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    TraceServiceServer::new(RejectsTwo)
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(|| async {
+                (
+                    [("content-type", "application/x-protobuf")],
+                    rejecting_two().encode_to_vec(),
+                )
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        for (kind, endpoint) in [
+            ("grpc", format!("http://{grpc}")),
+            ("http", format!("http://{http}")),
+        ] {
+            let settings =
+                serde_json::json!({"endpoint": endpoint, "sending_queue": {"enabled": false}});
+            let (exporter, telemetry) = if kind == "grpc" {
+                started::<OtlpGrpcConfig>(settings, "otlp").await
+            } else {
+                started::<OtlpHttpConfig>(settings, "otlp").await
+            };
+            exporter.consume(spans_n(5)).await.unwrap();
+            exporter.shutdown().await.unwrap();
+            let text = telemetry.encode_text();
+            assert_eq!(counted(&text), (true, true), "{kind}: {text}");
+        }
+    }
 }

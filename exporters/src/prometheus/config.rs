@@ -77,7 +77,7 @@ impl ComponentConfig for PrometheusConfig {
             ));
         }
         if !self.namespace.is_empty()
-            && super::translate::sanitize_name(&self.namespace) != self.namespace
+            && super::names::sanitize_name(&self.namespace) != self.namespace
         {
             errors.push(FieldError::new(
                 "namespace",

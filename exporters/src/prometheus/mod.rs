@@ -4,12 +4,19 @@
 //! `target_info` with the configured ones promoted to labels), exponential histograms as classic
 //! buckets, deltas accumulated, values in base units. Text format 0.0.4, or OpenMetrics 1.0 when
 //! the scraper's `Accept` asks for it. Series not updated for `metric_expiration` disappear.
+//!
+//! The parts, shared with `prometheusremotewrite`: `translate` (OTLP → observations, with the
+//! naming rules of `names`), `store` (the series state: deltas accumulated, expiry), `render`
+//! (series → samples → the text formats) and `exponential` (exponential histograms).
 
 mod config;
+mod exponential;
+pub mod names;
+pub mod render;
 mod store;
 #[cfg(test)]
 mod tests;
-pub mod translate;
+mod translate;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -23,7 +30,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use podscope_core::component::create_exporter;
-use podscope_core::telemetry::AgentTelemetry;
+use podscope_core::telemetry::{AgentTelemetry, ItemReasonLabels};
 use podscope_core::{
     Batch, BuildContext, Component, ConsumeError, Consumer, Exporter, ExporterBuilder,
     ExporterFactory, Signal,
@@ -32,7 +39,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{PrometheusConfig, ResourceToTelemetry};
-pub use store::{Labels, Settings, Store};
+pub use store::{Family, Kind, Labels, Series, Settings, Store, Value};
 
 pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "prometheus",
@@ -100,14 +107,26 @@ impl Consumer for PrometheusExporter {
                 "the prometheus exporter takes metrics only",
             ));
         };
-        self.store
+        let taken = self
+            .store
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .apply(resource_metrics, Instant::now());
         self.telemetry
             .exporter_sent
             .get_or_create(&AgentTelemetry::items(&self.id, Signal::Metrics))
-            .inc_by(batch.item_count() as u64);
+            .inc_by(taken as u64);
+        let untranslatable = batch.item_count().saturating_sub(taken);
+        if untranslatable > 0 {
+            self.telemetry
+                .exporter_dropped
+                .get_or_create(&ItemReasonLabels {
+                    component: self.id.clone(),
+                    signal: Signal::Metrics.into(),
+                    reason: "untranslatable".into(),
+                })
+                .inc_by(untranslatable as u64);
+        }
         Ok(())
     }
 }

@@ -1,219 +1,345 @@
-//! OpenTelemetry → Prometheus naming, as the OpenTelemetry specification's Prometheus
-//! compatibility section describes it: sanitized names and labels, unit suffixes from UCUM units,
-//! `_total` on monotonic counters. Pure functions.
+//! OTLP metrics → Prometheus observations: the family (name, type, help) and series (labels)
+//! each data point belongs to and the value it carries, in base units, as the OpenTelemetry
+//! specification translates them (see `names` for the naming rules). Resource attributes become
+//! `job` / `instance`, promoted labels and `target_info`.
+//!
+//! Pure. What happens to an observation — replacing a series' value or adding a delta to it —
+//! is the series state's job (`store`), and how it is written is `render`'s.
 
-/// Replaces every character outside `[a-zA-Z0-9_:]` with `_`, collapses repeated `_`, and
-/// prefixes `_` when the name would start with a digit.
-pub fn sanitize_name(name: &str) -> String {
-    sanitize(name, true)
+use std::collections::BTreeMap;
+
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics,
+};
+
+use super::exponential::ExponentialBuckets;
+use super::names::{metric_name, sanitize_label, to_base_unit};
+
+/// Sorted label pairs.
+pub type Labels = Vec<(String, String)>;
+
+/// How observations are named and labelled.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub namespace: String,
+    pub add_metric_suffixes: bool,
+    pub add_scope_labels: bool,
+    pub all_resource_attributes: bool,
+    pub promoted: Vec<String>,
+    /// Series not updated for this long are forgotten (see `Store::expire`).
+    pub expiration: std::time::Duration,
 }
 
-/// Like [`sanitize_name`] for label names, where `:` is not allowed either.
-pub fn sanitize_label(name: &str) -> String {
-    sanitize(name, false)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+    Summary,
 }
 
-fn sanitize(name: &str, allow_colon: bool) -> String {
-    let mut out = String::with_capacity(name.len() + 1);
-    for c in name.chars() {
-        let keep = c.is_ascii_alphanumeric() || c == '_' || (allow_colon && c == ':');
-        let c = if keep { c } else { '_' };
-        if c == '_' && out.ends_with('_') {
-            continue;
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+            Kind::Summary => "summary",
         }
-        out.push(c);
     }
-    if out.starts_with(|c: char| c.is_ascii_digit()) {
-        out.insert(0, '_');
-    }
-    if out.is_empty() {
-        out.push('_');
-    }
-    out
 }
 
-/// The Prometheus word for a UCUM unit (`s` → `seconds`, `By` → `bytes`, `m/s` →
-/// `meters_per_second`); annotations in braces (`{syscall}`) carry no unit and give `None`.
-pub fn unit_suffix(unit: &str) -> Option<String> {
-    let without_annotations: String = {
-        let mut depth = 0;
-        unit.chars()
-            .filter(|&c| {
-                match c {
-                    '{' => depth += 1,
-                    '}' => {
-                        depth -= 1;
-                        return false;
-                    }
-                    _ => {}
-                }
-                depth == 0
-            })
-            .collect()
-    };
-    let unit = without_annotations.trim();
-    if unit.is_empty() {
-        return None;
-    }
-    let word = |u: &str| -> String {
-        match u {
-            "d" => "days",
-            "h" => "hours",
-            "min" => "minutes",
-            "s" => "seconds",
-            "ms" => "milliseconds",
-            "us" => "microseconds",
-            "ns" => "nanoseconds",
-            "By" => "bytes",
-            "KiBy" => "kibibytes",
-            "MiBy" => "mebibytes",
-            "GiBy" => "gibibytes",
-            "TiBy" => "tebibytes",
-            "KBy" => "kilobytes",
-            "MBy" => "megabytes",
-            "GBy" => "gigabytes",
-            "TBy" => "terabytes",
-            "m" => "meters",
-            "V" => "volts",
-            "A" => "amperes",
-            "J" => "joules",
-            "W" => "watts",
-            "g" => "grams",
-            "Cel" => "celsius",
-            "Hz" => "hertz",
-            "1" => "",
-            "%" => "percent",
-            other => return sanitize_label(other),
-        }
-        .to_string()
-    };
-    let text = match unit.split_once('/') {
-        Some((per, of)) => {
-            let (a, b) = (word(per), word(of));
-            let singular = b.strip_suffix('s').unwrap_or(&b).to_string();
-            if a.is_empty() {
-                format!("per_{singular}")
+/// What a data point says, in base units.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Number(f64),
+    /// Explicit buckets: upper bounds, and the count of each bucket (one more: past every bound).
+    Histogram {
+        bounds: Vec<f64>,
+        counts: Vec<u64>,
+        sum: f64,
+        count: u64,
+    },
+    /// Exponential buckets, whose bounds `factor` turns into base units.
+    Exponential {
+        buckets: ExponentialBuckets,
+        factor: f64,
+        sum: f64,
+        count: u64,
+    },
+    /// Quantiles `(q, value)`.
+    Summary {
+        quantiles: Vec<(f64, f64)>,
+        sum: f64,
+        count: u64,
+    },
+}
+
+/// One data point (or a resource's `target_info`) as Prometheus sees it.
+pub struct Observation<'a> {
+    pub family: String,
+    pub kind: Kind,
+    pub help: &'a str,
+    pub labels: Labels,
+    pub value: Value,
+    /// A delta, to add to what the series holds (else it replaces it).
+    pub delta: bool,
+    /// When the point was observed (0: not said).
+    pub time_unix_nano: u64,
+    /// False for `target_info`, which no data point of the batch stands for.
+    pub is_point: bool,
+}
+
+/// Translates every data point of `resource_metrics` into `emit`. Returns the number of data
+/// points that have no Prometheus form (no value).
+pub fn translate<'a>(
+    resource_metrics: &'a [ResourceMetrics],
+    settings: &Settings,
+    mut emit: impl FnMut(Observation<'a>),
+) -> usize {
+    let mut untranslatable = 0;
+    for rm in resource_metrics {
+        let resource_attributes = rm
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
+        let (resource_labels, target_labels) = resource_labels(resource_attributes, settings);
+        if !target_labels.is_empty() {
+            let mut labels = resource_labels.clone();
+            labels.extend(target_labels);
+            let family = if settings.namespace.is_empty() {
+                "target_info".to_string()
             } else {
-                format!("{a}_per_{singular}")
+                format!("{}_target_info", settings.namespace)
+            };
+            emit(Observation {
+                family,
+                kind: Kind::Gauge,
+                help: "Target metadata",
+                labels: labels.into_iter().collect(),
+                value: Value::Number(1.0),
+                delta: false,
+                time_unix_nano: 0,
+                is_point: false,
+            });
+        }
+        for sm in &rm.scope_metrics {
+            let mut scope_labels = resource_labels.clone();
+            if let Some(scope) = sm.scope.as_ref().filter(|_| settings.add_scope_labels) {
+                if !scope.name.is_empty() {
+                    scope_labels.insert("otel_scope_name".into(), scope.name.clone());
+                }
+                if !scope.version.is_empty() {
+                    scope_labels.insert("otel_scope_version".into(), scope.version.clone());
+                }
+            }
+            for metric in &sm.metrics {
+                untranslatable += translate_metric(metric, &scope_labels, settings, &mut emit);
             }
         }
-        None => word(unit),
+    }
+    untranslatable
+}
+
+/// The labels every series of a resource gets (`job`, `instance`, promoted attributes), and the
+/// rest of its attributes (for `target_info`).
+fn resource_labels(
+    attributes: &[KeyValue],
+    settings: &Settings,
+) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let mut resource = BTreeMap::new();
+    let mut target = BTreeMap::new();
+    let find = |key: &str| {
+        attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| text_of(a.value.as_ref()))
     };
-    (!text.is_empty()).then_some(text)
+    let job = match (find("service.namespace"), find("service.name")) {
+        (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+        (None, Some(name)) => Some(name),
+        _ => None,
+    };
+    if let Some(job) = job {
+        resource.insert("job".into(), job);
+    }
+    if let Some(instance) = find("service.instance.id") {
+        resource.insert("instance".into(), instance);
+    }
+    for (key, value) in labels_of(attributes) {
+        let promoted = attributes
+            .iter()
+            .any(|a| sanitize_label(&a.key) == key && settings.promoted.contains(&a.key));
+        if settings.all_resource_attributes || promoted {
+            resource.insert(key, value);
+        } else {
+            target.insert(key, value);
+        }
+    }
+    (resource, target)
 }
 
-/// Prometheus wants base units: values in `ns`, `ms`, `min`, `KiBy`… are scaled to seconds or
-/// bytes. Returns the unit to name the metric by and the factor to multiply values with.
-pub fn to_base_unit(unit: &str) -> (&str, f64) {
-    match unit {
-        "ns" => ("s", 1e-9),
-        "us" => ("s", 1e-6),
-        "ms" => ("s", 1e-3),
-        "min" => ("s", 60.0),
-        "h" => ("s", 3600.0),
-        "d" => ("s", 86400.0),
-        "KiBy" => ("By", 1024.0),
-        "MiBy" => ("By", 1048576.0),
-        "GiBy" => ("By", 1073741824.0),
-        "KBy" => ("By", 1e3),
-        "MBy" => ("By", 1e6),
-        "GBy" => ("By", 1e9),
-        other => (other, 1.0),
-    }
-}
+/// A data point's attributes, its value (`None`: it has none), and when it was observed.
+type Point<'a> = (&'a [KeyValue], Option<Value>, u64);
 
-/// The Prometheus metric name for an OTel metric.
-pub fn metric_name(
-    namespace: &str,
-    name: &str,
-    unit: &str,
-    counter: bool,
-    add_suffixes: bool,
-) -> String {
-    let mut out = sanitize_name(name);
-    if !namespace.is_empty() {
-        out = format!("{namespace}_{out}");
-    }
-    if add_suffixes {
-        if let Some(suffix) = unit_suffix(unit) {
-            if !out.split('_').any(|part| part == suffix) && !out.ends_with(&format!("_{suffix}")) {
-                out = format!("{out}_{suffix}");
+fn translate_metric<'a>(
+    m: &'a Metric,
+    scope_labels: &BTreeMap<String, String>,
+    settings: &Settings,
+    emit: &mut impl FnMut(Observation<'a>),
+) -> usize {
+    let (unit, factor) = to_base_unit(&m.unit);
+    let is_delta = |t: i32| t == AggregationTemporality::Delta as i32;
+    let numbers = |points: &'a [NumberDataPoint]| -> Box<dyn Iterator<Item = Point<'a>> + 'a> {
+        Box::new(points.iter().map(move |p| {
+            let value = number(&p.value, factor).map(Value::Number);
+            (p.attributes.as_slice(), value, p.time_unix_nano)
+        }))
+    };
+    let (kind, delta, points): (Kind, bool, Box<dyn Iterator<Item = Point<'a>> + 'a>) =
+        match &m.data {
+            Some(metric::Data::Gauge(g)) => (Kind::Gauge, false, numbers(&g.data_points)),
+            Some(metric::Data::Sum(sum)) => {
+                let kind = if sum.is_monotonic {
+                    Kind::Counter
+                } else {
+                    Kind::Gauge
+                };
+                let delta = is_delta(sum.aggregation_temporality);
+                (kind, delta, numbers(&sum.data_points))
             }
-        }
-        if counter && !out.ends_with("_total") {
-            out.push_str("_total");
-        }
+            Some(metric::Data::Histogram(h)) => {
+                let points = h.data_points.iter().map(move |p| {
+                    let value = Value::Histogram {
+                        bounds: p.explicit_bounds.iter().map(|b| b * factor).collect(),
+                        counts: p.bucket_counts.clone(),
+                        sum: p.sum.unwrap_or(0.0) * factor,
+                        count: p.count,
+                    };
+                    (p.attributes.as_slice(), Some(value), p.time_unix_nano)
+                });
+                let delta = is_delta(h.aggregation_temporality);
+                (Kind::Histogram, delta, Box::new(points))
+            }
+            Some(metric::Data::ExponentialHistogram(h)) => {
+                let points = h.data_points.iter().map(move |p| {
+                    let value = Value::Exponential {
+                        buckets: ExponentialBuckets::of(p),
+                        factor,
+                        sum: p.sum.unwrap_or(0.0) * factor,
+                        count: p.count,
+                    };
+                    (p.attributes.as_slice(), Some(value), p.time_unix_nano)
+                });
+                let delta = is_delta(h.aggregation_temporality);
+                (Kind::Histogram, delta, Box::new(points))
+            }
+            Some(metric::Data::Summary(summary)) => {
+                let points = summary.data_points.iter().map(move |p| {
+                    let value = Value::Summary {
+                        quantiles: p
+                            .quantile_values
+                            .iter()
+                            .map(|q| (q.quantile, q.value * factor))
+                            .collect(),
+                        sum: p.sum * factor,
+                        count: p.count,
+                    };
+                    (p.attributes.as_slice(), Some(value), p.time_unix_nano)
+                });
+                (Kind::Summary, false, Box::new(points))
+            }
+            None => return 0,
+        };
+    let family = metric_name(
+        &settings.namespace,
+        &m.name,
+        unit,
+        kind == Kind::Counter,
+        settings.add_metric_suffixes,
+    );
+    // The label a histogram's buckets or a summary's quantiles add, which no attribute may take.
+    let reserved = match kind {
+        Kind::Histogram => Some("le"),
+        Kind::Summary => Some("quantile"),
+        Kind::Counter | Kind::Gauge => None,
+    };
+    let mut untranslatable = 0;
+    for (attributes, value, time_unix_nano) in points {
+        let Some(value) = value else {
+            untranslatable += 1;
+            continue;
+        };
+        emit(Observation {
+            family: family.clone(),
+            kind,
+            help: &m.description,
+            labels: point_labels(scope_labels, attributes, reserved),
+            value,
+            delta,
+            time_unix_nano,
+            is_point: true,
+        });
+    }
+    untranslatable
+}
+
+/// A data point's labels: its resource's and scope's, then its attributes (which win over those
+/// of the same name); an attribute named as the `reserved` label gets Prometheus' own fix for a
+/// label name it cannot use, a `key_` prefix.
+fn point_labels(
+    scope_labels: &BTreeMap<String, String>,
+    attributes: &[KeyValue],
+    reserved: Option<&str>,
+) -> Labels {
+    let mut all = scope_labels.clone();
+    all.extend(labels_of(attributes));
+    if let Some((name, value)) = reserved.and_then(|name| all.remove_entry(name)) {
+        all.entry(format!("key_{name}"))
+            .and_modify(|v| {
+                v.push(';');
+                v.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    all.into_iter().collect()
+}
+
+fn number(value: &Option<number_data_point::Value>, factor: f64) -> Option<f64> {
+    match value {
+        Some(number_data_point::Value::AsInt(i)) => Some(*i as f64 * factor),
+        Some(number_data_point::Value::AsDouble(d)) => Some(*d * factor),
+        None => None,
+    }
+}
+
+fn text_of(value: Option<&AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+/// Attributes as sanitized labels; keys that sanitize to the same name join their values with `;`
+/// in the order of their original keys, as the specification says.
+fn labels_of(attributes: &[KeyValue]) -> BTreeMap<String, String> {
+    let mut sorted: Vec<&KeyValue> = attributes.iter().collect();
+    sorted.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for kv in sorted {
+        let value = text_of(kv.value.as_ref());
+        out.entry(sanitize_label(&kv.key))
+            .and_modify(|v| {
+                v.push(';');
+                v.push_str(&value);
+            })
+            .or_insert(value);
     }
     out
-}
-
-/// A label value as the exposition formats quote it.
-pub fn escape_label_value(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// HELP text as the exposition formats escape it.
-pub fn escape_help(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('\n', "\\n")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_follow_the_specification() {
-        assert_eq!(
-            metric_name("", "podscope.syscalls", "{syscall}", true, true),
-            "podscope_syscalls_total"
-        );
-        assert_eq!(
-            metric_name("", "podscope.block.io", "By", true, true),
-            "podscope_block_io_bytes_total"
-        );
-        assert_eq!(
-            metric_name("", "http.server.request.duration", "s", false, true),
-            "http_server_request_duration_seconds"
-        );
-        assert_eq!(
-            metric_name("", "podscope.sched.runqueue.latency", "ns", false, true),
-            "podscope_sched_runqueue_latency_nanoseconds"
-        );
-        assert_eq!(
-            metric_name("node", "cpu.utilization", "1", false, true),
-            "node_cpu_utilization"
-        );
-        assert_eq!(
-            metric_name("", "net.speed", "m/s", false, true),
-            "net_speed_meters_per_second"
-        );
-        assert_eq!(
-            metric_name("", "requests_total", "", true, true),
-            "requests_total"
-        );
-        assert_eq!(
-            metric_name("", "podscope.syscalls", "{syscall}", true, false),
-            "podscope_syscalls"
-        );
-    }
-
-    #[test]
-    fn non_base_units_scale_to_base_units() {
-        assert_eq!(to_base_unit("ns"), ("s", 1e-9));
-        assert_eq!(to_base_unit("MiBy"), ("By", 1048576.0));
-        assert_eq!(to_base_unit("{syscall}"), ("{syscall}", 1.0));
-    }
-
-    #[test]
-    fn sanitizing() {
-        assert_eq!(sanitize_label("syscall.name"), "syscall_name");
-        assert_eq!(sanitize_label("k8s.pod.name"), "k8s_pod_name");
-        assert_eq!(sanitize_label("2xx..count"), "_2xx_count");
-        assert_eq!(sanitize_name("a:b-c"), "a:b_c");
-        assert_eq!(sanitize_label("a:b"), "a_b");
-        assert_eq!(escape_label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
 }

@@ -4,8 +4,9 @@ use std::time::Duration;
 use podscope_core::{ComponentConfig, FieldError};
 use serde::Deserialize;
 
-use crate::helper::{HelperSettings, RetrySettings, SendingQueueSettings};
-use crate::otlp::TlsSettings;
+use crate::helper::{RetrySettings, SendingQueueSettings};
+use crate::http_client::{validate_headers, validate_proxy_url, validate_tls};
+use crate::tls::TlsSettings;
 
 /// `exporters: prometheusremotewrite:` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -25,10 +26,14 @@ pub struct RemoteWriteConfig {
     pub promoted_resource_attributes: Vec<String>,
     pub resource_to_telemetry_conversion: crate::prometheus::ResourceToTelemetry,
     pub tls: TlsSettings,
+    /// Send through this HTTP proxy (`http://host:port`). Unset or empty: the `HTTP_PROXY`,
+    /// `HTTPS_PROXY` and `NO_PROXY` environment variables apply.
+    pub proxy_url: Option<String>,
     /// Time one request may take. Default 5s.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
-    /// Retries on 5xx and 429 (never on other 4xx).
+    /// Retries on every 5xx and on 429, as the remote-write specification asks (never on other
+    /// 4xx).
     pub retry_on_failure: RetrySettings,
     pub sending_queue: SendingQueueSettings,
 }
@@ -45,19 +50,10 @@ impl Default for RemoteWriteConfig {
                 .promoted_resource_attributes,
             resource_to_telemetry_conversion: Default::default(),
             tls: TlsSettings::default(),
+            proxy_url: None,
             timeout: Duration::from_secs(5),
             retry_on_failure: RetrySettings::default(),
             sending_queue: SendingQueueSettings::default(),
-        }
-    }
-}
-
-impl RemoteWriteConfig {
-    pub fn helper_settings(&self) -> HelperSettings {
-        HelperSettings {
-            sending_queue: self.sending_queue.clone(),
-            retry_on_failure: self.retry_on_failure.clone(),
-            timeout: self.timeout,
         }
     }
 }
@@ -83,15 +79,16 @@ impl ComponentConfig for RemoteWriteConfig {
             ));
         }
         for name in self.external_labels.keys() {
-            if crate::prometheus::translate::sanitize_label(name) != *name || name.starts_with("__")
-            {
+            if crate::prometheus::names::sanitize_label(name) != *name || name.starts_with("__") {
                 errors.push(FieldError::new(
                     format!("external_labels.{name}"),
                     "not a valid Prometheus label name",
                 ));
             }
         }
-        self.tls.validate(&mut errors);
+        validate_headers(&self.headers, &mut errors);
+        validate_tls(&self.tls, &mut errors);
+        validate_proxy_url(self.proxy_url.as_deref(), &mut errors);
         errors
     }
 }

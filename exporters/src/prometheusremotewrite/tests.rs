@@ -147,3 +147,114 @@ fn endpoint_is_required() {
     let errors = parse_component_config::<RemoteWriteConfig>(serde_json::Value::Null).unwrap_err();
     assert_eq!(errors[0].path, "endpoint");
 }
+
+#[tokio::test]
+async fn every_5xx_and_429_is_retried_and_other_statuses_are_not() {
+    for (status, retried) in [
+        (429, true),
+        (500, true),
+        (501, true),
+        (502, true),
+        (503, true),
+        (504, true),
+        (507, true),
+        (400, false),
+        (401, false),
+        (403, false),
+        (404, false),
+        (409, false),
+        (413, false),
+        (422, false),
+    ] {
+        let (url, log) = endpoint(vec![status]).await;
+        let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+            "endpoint": url,
+            "sending_queue": {"enabled": false},
+            "retry_on_failure": {"initial_interval": "10ms", "max_interval": "10ms"}
+        }))
+        .unwrap();
+        let ctx = BuildContext::for_tests("prometheusremotewrite");
+        let telemetry = ctx.telemetry.clone();
+        let exporter = Box::new(config).build(ctx).unwrap();
+        exporter.start().await.unwrap();
+        let _ = exporter.consume(delta(1)).await;
+        exporter.shutdown().await.unwrap();
+        let statuses: Vec<u16> = log.lock().unwrap().iter().map(|e| e.0).collect();
+        let text = telemetry.encode_text();
+        if retried {
+            assert_eq!(statuses, vec![status, 204], "{status} is retried");
+            assert!(
+                text.contains("podscope_exporter_sent_items_total{component=\"prometheusremotewrite\",signal=\"metrics\"} 1"),
+                "{status}: {text}"
+            );
+        } else {
+            assert_eq!(statuses, vec![status], "{status} is not retried");
+            assert!(
+                text.contains(&format!("podscope_exporter_dropped_items_total{{component=\"prometheusremotewrite\",signal=\"metrics\",reason=\"http_{status}\"}} 1")),
+                "{status}: {text}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn sent_and_dropped_add_up_to_the_data_points_of_the_batch() {
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let (url, log) = endpoint(vec![]).await;
+    let config: RemoteWriteConfig = parse_component_config(serde_json::json!({
+        "endpoint": url, "sending_queue": {"enabled": false}
+    }))
+    .unwrap();
+    let ctx = BuildContext::for_tests("prometheusremotewrite");
+    let telemetry = ctx.telemetry.clone();
+    let exporter = Box::new(config).build(ctx).unwrap();
+    exporter.start().await.unwrap();
+    // Three points, one without a value; the resource also makes a target_info series.
+    let mut batch = delta(1);
+    if let Batch::Metrics(rms) = &mut batch {
+        let rm = &mut std::sync::Arc::make_mut(rms)[0];
+        rm.resource = Some(Resource {
+            attributes: vec![KeyValue {
+                key: "os.type".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("linux".into())),
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        if let Some(metric::Data::Sum(sum)) = &mut rm.scope_metrics[0].metrics[0].data {
+            let mut other = sum.data_points[0].clone();
+            other.attributes.push(KeyValue {
+                key: "path".into(),
+                value: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue("/etc".into())),
+                }),
+                ..Default::default()
+            });
+            sum.data_points.push(other);
+            sum.data_points.push(NumberDataPoint::default());
+        }
+    }
+    assert_eq!(batch.item_count(), 3);
+    exporter.consume(batch).await.unwrap();
+    exporter.shutdown().await.unwrap();
+    let names: Vec<String> = log.lock().unwrap()[0]
+        .1
+        .timeseries
+        .iter()
+        .map(|ts| {
+            ts.labels
+                .iter()
+                .find(|l| l.name == "__name__")
+                .unwrap()
+                .value
+                .clone()
+        })
+        .collect();
+    assert_eq!(names, vec!["opens_total", "opens_total", "target_info"]);
+    let text = telemetry.encode_text();
+    assert!(text.contains("podscope_exporter_sent_items_total{component=\"prometheusremotewrite\",signal=\"metrics\"} 2"), "{text}");
+    assert!(text.contains("podscope_exporter_dropped_items_total{component=\"prometheusremotewrite\",signal=\"metrics\",reason=\"untranslatable\"} 1"), "{text}");
+}

@@ -1,6 +1,6 @@
 {{/*
-Names, labels and the facts the manifests read from the podscope config (ports, whether the
-k8sattributes processor needs the API server). The config is the one source of truth: ports are
+Names, labels and the facts the manifests read from the podscope config (ports, what the
+k8s_metadata extensions read from the API server). The config is the one source of truth: ports are
 never given twice.
 */}}
 
@@ -104,29 +104,37 @@ app.kubernetes.io/component: agent
 {{- end }}
 
 {{/*
-The k8sattributes processors that run: those a pipeline names (the agent starts no other).
-A list of component ids.
+The k8s_metadata extensions that run, the only parts of the agent that talk to the API server:
+those service.extensions lists, and the one each k8sattributes processor a pipeline names runs
+for itself when it names no `extension` (its settings are then the extension's). A JSON object:
+config path ("extensions.<id>" or "processors.<id>") -> settings.
 */}}
-{{- define "podscope.k8sattributesInUse" -}}
+{{- define "podscope.k8sMetadataInUse" -}}
 {{- $config := default dict .Values.config }}
 {{- $service := default dict $config.service }}
+{{- $inUse := dict }}
+{{- $extensions := default dict $config.extensions }}
+{{- range $id := default list $service.extensions }}
+{{- if eq (first (splitList "/" (toString $id))) "k8s_metadata" }}
+{{- $_ := set $inUse (printf "extensions.%s" $id) (default dict (get $extensions (toString $id))) }}
+{{- end }}
+{{- end }}
 {{- $named := list }}
 {{- range $signal, $pipeline := default dict $service.pipelines }}
 {{- $named = concat $named (default list (default dict $pipeline).processors) }}
 {{- end }}
-{{- $ids := list }}
-{{- range $id := keys (default dict $config.processors) | sortAlpha }}
-{{- if and (eq (first (splitList "/" $id)) "k8sattributes") (has $id $named) }}
-{{- $ids = append $ids $id }}
+{{- range $id, $settings := default dict $config.processors }}
+{{- if and (eq (first (splitList "/" $id)) "k8sattributes") (has $id $named) (not (hasKey (default dict $settings) "extension")) }}
+{{- $_ := set $inUse (printf "processors.%s" $id) (default dict $settings) }}
 {{- end }}
 {{- end }}
-{{- toJson $ids }}
+{{- toJson $inUse }}
 {{- end }}
 
 {{/*
-What the running k8sattributes processors read from the API server with the pod's service
+What the running k8s_metadata extensions read from the API server with the pod's service
 account, as YAML: `cluster` (resources granted cluster-wide) and `namespaced` (namespace ->
-resources). A processor reads with the service account when auth_type is serviceAccount or
+resources). An extension reads with the service account when auth_type is serviceAccount or
 unset (unset means in-cluster in a pod: the kubelet sets KUBERNETES_SERVICE_HOST); kubeConfig
 brings its own identity, none reads nothing. It lists and watches pods, cluster-wide or only in
 filter.namespace; namespaces (all of them) when a rule extracts `from: namespace`; nodes when
@@ -134,20 +142,18 @@ one extracts `from: node`; with peers.enabled, pods and services of the whole cl
 index). A cluster-wide pods grant makes namespaced ones redundant.
 */}}
 {{- define "podscope.apiAccess" -}}
-{{- $processors := default dict .Values.config.processors }}
 {{- $cluster := list }}
 {{- $namespaced := dict }}
-{{- range $id := include "podscope.k8sattributesInUse" . | fromJsonArray }}
-{{- $settings := default dict (get $processors $id) }}
+{{- range $path, $settings := include "podscope.k8sMetadataInUse" . | fromJson }}
 {{- $auth := toString (default "serviceAccount" $settings.auth_type) }}
 {{- if not (has $auth (list "serviceAccount" "kubeConfig" "none")) }}
-{{- fail (printf "config.processors.%s.auth_type: %q is not one of serviceAccount, kubeConfig, none (the chart derives RBAC from it)" $id $auth) }}
+{{- fail (printf "config.%s.auth_type: %q is not one of serviceAccount, kubeConfig, none (the chart derives RBAC from it)" $path $auth) }}
 {{- end }}
 {{- if eq $auth "serviceAccount" }}
 {{- $filter := default dict $settings.filter }}
 {{- $namespace := toString (default "" $filter.namespace) }}
 {{- if contains "${" $namespace }}
-{{- fail (printf "config.processors.%s.filter.namespace: %q; the chart grants read access to pods by namespace name, so write the name itself" $id $namespace) }}
+{{- fail (printf "config.%s.filter.namespace: %q; the chart grants read access to pods by namespace name, so write the name itself" $path $namespace) }}
 {{- end }}
 {{- if $namespace }}
 {{- $_ := set $namespaced $namespace (list "pods") }}
@@ -178,15 +184,13 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- end }}
 
 {{/*
-The environment variables the running k8sattributes processors take their node name from
+The environment variables the running k8s_metadata extensions take their node name from
 (filter.node_from_env_var, default NODE_NAME), except where filter.node names the node or
 auth_type none reads no API server. A JSON list; the DaemonSet sets each from spec.nodeName.
 */}}
 {{- define "podscope.nodeNameVars" -}}
-{{- $processors := default dict .Values.config.processors }}
 {{- $vars := list }}
-{{- range $id := include "podscope.k8sattributesInUse" . | fromJsonArray }}
-{{- $settings := default dict (get $processors $id) }}
+{{- range $path, $settings := include "podscope.k8sMetadataInUse" . | fromJson }}
 {{- $filter := default dict $settings.filter }}
 {{- if and (ne (toString $settings.auth_type) "none") (not $filter.node) }}
 {{- $vars = append $vars (toString (default "NODE_NAME" $filter.node_from_env_var)) }}

@@ -15,9 +15,10 @@
                                             with only the container's capabilities (minus
                                             WITHOUT_CAP, to show the check can fail), no_new_privs,
                                             the service-account files only when the pod mounts
-                                            the token, and an API server (fake_apiserver.py) that
-                                            authorizes with the rendered RBAC (with VERB added to
-                                            or removed from every rule, for control runs);
+                                            the token, and an API server (the Rust fake,
+                                            podscope-fake-apiserver, from $PODSCOPE_FAKE_APISERVER)
+                                            that authorizes with the rendered RBAC (with VERB
+                                            added to or removed from every rule, for control runs);
                                             every configured probe must attach, /healthz and
                                             /readyz must answer 200, SIGTERM must stop it cleanly,
                                             and the agent must use every grant and be refused
@@ -31,6 +32,7 @@ Exits 1 with one line per problem.
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -40,8 +42,6 @@ import time
 import urllib.request
 
 import yaml
-
-from fake_apiserver import FakeApiServer, Rbac, cluster_objects
 
 # Kinds kubernetes-validate has schemas for (core API); anything else needs a checker here.
 CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service"}
@@ -75,8 +75,10 @@ EXACT_API_ACCESS = {
     "k8s-no-api": (set(), {}),
     # peers need every pod, which makes the Role for filter.namespace redundant.
     "k8s-peers": ({"pods", "services"}, {}),
+    # A named extension: its settings decide, the processor reading it adds nothing.
+    "k8s-extension": ({"nodes"}, {"shop": {"pods"}}),
 }
-# The k8sattributes processor lists and watches (kube-rs watcher); it never gets one object.
+# The k8s_metadata extension lists and watches (kube-rs watcher); it never gets one object.
 API_VERBS = ["list", "watch"]
 
 
@@ -156,25 +158,32 @@ def expected_ports(config):
     return ports
 
 
-def k8sattributes_in_use(config):
-    """The k8sattributes processors a pipeline names, {id: settings}: the agent starts no other."""
-    named = set()
-    for pipeline in ((config.get("service") or {}).get("pipelines") or {}).values():
-        named.update((pipeline or {}).get("processors") or [])
-    return {
-        component_id: settings or {}
-        for component_id, settings in (config.get("processors") or {}).items()
-        if component_id.split("/")[0] == "k8sattributes" and component_id in named
+def k8s_metadata_in_use(config):
+    """The k8s_metadata extensions that run, {config path: settings}: those service.extensions
+    lists, and the one each k8sattributes processor a pipeline names runs for itself when it
+    names no `extension` (with the processor's settings). The agent starts no other."""
+    service = config.get("service") or {}
+    in_use = {
+        f"extensions.{ext_id}": (config.get("extensions") or {}).get(ext_id) or {}
+        for ext_id in service.get("extensions") or []
+        if ext_id.split("/")[0] == "k8s_metadata"
     }
+    named = set()
+    for pipeline in (service.get("pipelines") or {}).values():
+        named.update((pipeline or {}).get("processors") or [])
+    for component_id, settings in (config.get("processors") or {}).items():
+        if component_id.split("/")[0] == "k8sattributes" and component_id in named and "extension" not in (settings or {}):
+            in_use[f"processors.{component_id}"] = settings or {}
+    return in_use
 
 
 def expected_api_access(config):
     """(cluster-wide resources, {namespace: resources}) the service account needs, from the
-    processor's behaviour: auth_type serviceAccount or unset (in-cluster in a pod) reads with the
+    k8s_metadata extensions' behaviour: auth_type serviceAccount or unset (in-cluster in a pod) reads with the
     pod's token; pods cluster-wide, or in filter.namespace; all namespaces for `from: namespace`
     rules, the node for `from: node` rules; every pod and service with peers.enabled."""
     cluster, namespaced = set(), {}
-    for settings in k8sattributes_in_use(config).values():
+    for settings in k8s_metadata_in_use(config).values():
         if settings.get("auth_type", "serviceAccount") != "serviceAccount":
             continue
         namespace = (settings.get("filter") or {}).get("namespace")
@@ -196,9 +205,9 @@ def expected_api_access(config):
 
 
 def node_name_vars(config):
-    """Env vars the processors take the node name from (none with filter.node or host mode)."""
+    """Env vars the extensions take the node name from (none with filter.node or host mode)."""
     names = set()
-    for settings in k8sattributes_in_use(config).values():
+    for settings in k8s_metadata_in_use(config).values():
         node_filter = settings.get("filter") or {}
         if settings.get("auth_type") != "none" and not node_filter.get("node"):
             names.add(node_filter.get("node_from_env_var", "NODE_NAME"))
@@ -237,7 +246,7 @@ def check_invariants(docs, case):
         got = caps.get("add") or []
         expect(sorted(got) == sorted(want), f"capabilities.add must be {sorted(want)}, got {got}")
 
-    # The node name from the downward API: the k8sattributes watch is scoped by it. NODE_NAME
+    # The node name from the downward API: the k8s_metadata watch is scoped by it. NODE_NAME
     # always (the documented default), and whatever filter.node_from_env_var names.
     env = {e["name"]: e for e in container.get("env", [])}
     for name in node_name_vars(config) | {"NODE_NAME"}:
@@ -291,8 +300,8 @@ def check_invariants(docs, case):
         expect(endpoints == want, f"ServiceMonitor endpoints {endpoints}, want {want}")
         expect(monitor["spec"]["selector"]["matchLabels"] == daemonset["spec"]["selector"]["matchLabels"], "ServiceMonitor selects the agents' Service")
 
-    # RBAC: list + watch, exactly the resources the config's k8sattributes processors read, in
-    # the narrowest scope (a Role where filter.namespace confines the processor).
+    # RBAC: list + watch, exactly the resources the config's k8s_metadata extensions read, in
+    # the narrowest scope (a Role where filter.namespace confines the extension).
     want_cluster, want_namespaced = expected_api_access(config)
     if case in EXACT_API_ACCESS:
         expect((want_cluster, want_namespaced) == EXACT_API_ACCESS[case],
@@ -397,6 +406,79 @@ def api_settled(fake, grants):
     return grants <= seen and listed <= watched
 
 
+def cluster_objects(node, namespaces, agent_namespace, agent_pod):
+    """A node, the namespaces, and in each a running pod on the node (in the agent's namespace,
+    the agent's own pod) and a Service, plus one pod on another node that a node-scoped watch
+    must not get."""
+
+    def meta(name, namespace=None):
+        m = {"name": name, "uid": f"uid-{namespace or 'cluster'}-{name}",
+             "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {"team": "checkout"},
+             "annotations": {"topology.kubernetes.io/zone": "zone-a"}}
+        if namespace:
+            m["namespace"] = namespace
+        return m
+
+    def pod(name, namespace, on_node):
+        container_id = "containerd://" + secrets.token_hex(32)
+        return {
+            "apiVersion": "v1", "kind": "Pod", "metadata": meta(name, namespace),
+            "spec": {"nodeName": on_node, "containers": [{"name": "main", "image": "registry.example/app:1.0"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.10", "startTime": "2026-01-01T00:00:00Z",
+                       "containerStatuses": [{"name": "main", "image": "registry.example/app:1.0",
+                                              "imageID": "", "containerID": container_id, "ready": True,
+                                              "restartCount": 0, "started": True}]},
+        }
+
+    pods = [pod(agent_pod if ns == agent_namespace else "app", ns, node) for ns in namespaces]
+    pods.append(pod("elsewhere", agent_namespace, node + "-other"))
+    return {
+        "pods": pods,
+        "services": [{"apiVersion": "v1", "kind": "Service", "metadata": meta("app", ns),
+                      "spec": {"type": "ClusterIP", "clusterIP": f"10.96.0.{i + 10}", "clusterIPs": [f"10.96.0.{i + 10}"],
+                               "ports": [{"port": 80, "protocol": "TCP"}]}, "status": {}}
+                     for i, ns in enumerate(namespaces)],
+        "namespaces": [{"apiVersion": "v1", "kind": "Namespace", "metadata": meta(ns), "spec": {},
+                        "status": {"phase": "Active"}} for ns in namespaces],
+        "nodes": [{"apiVersion": "v1", "kind": "Node", "metadata": meta(node), "spec": {}, "status": {}}],
+    }
+
+
+class FakeApiServer:
+    """The Rust fake API server (podscope-fake-apiserver) as a process: HTTPS to the pod's
+    service account, the rendered RBAC enforced, `objects` served; what it grants and every
+    request it answered, read back here."""
+
+    def __init__(self, work, rbac_docs, namespace, account, objects):
+        binary = os.environ.get("PODSCOPE_FAKE_APISERVER")
+        if not binary or not os.access(binary, os.X_OK):
+            raise RuntimeError(f"PODSCOPE_FAKE_APISERVER={binary!r} is not an executable (scripts/test-helm.sh sets it)")
+        paths = {name: os.path.join(work, name) for name in ("rbac.json", "objects.json", "requests.jsonl")}
+        for name, value in (("rbac.json", rbac_docs), ("objects.json", objects)):
+            with open(paths[name], "w") as f:
+                json.dump(value, f)
+        self.secrets = os.path.join(work, "serviceaccount")
+        self._log = paths["requests.jsonl"]
+        self._process = subprocess.Popen(
+            [binary, "--service-account", f"{namespace}/{account}", "--rbac", paths["rbac.json"],
+             "--objects", paths["objects.json"], "--secrets", self.secrets, "--log", self._log],
+            stdout=subprocess.PIPE, text=True)
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"podscope-fake-apiserver exited with {self._process.wait()}")
+        ready = json.loads(line)
+        self.port = int(ready["url"].rsplit(":", 1)[1])
+        self.grants = {(g["verb"], g["resource"], g["scope"]) for g in ready["grants"]}
+
+    def recorded(self):
+        with open(self._log) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+
+    def stop(self):
+        self._process.send_signal(signal.SIGTERM)
+        self._process.wait(timeout=30)
+
+
 def run_agent(docs, podscope, without, rbac_edits):
     daemonset = one(docs, "DaemonSet")
     pod_spec = daemonset["spec"]["template"]["spec"]
@@ -432,16 +514,16 @@ def run_agent(docs, podscope, without, rbac_edits):
         for doc in rbac_docs:
             for rule in doc.get("rules") or []:
                 rule["verbs"] = [v for v in rule["verbs"] if v != edit[1:]] + ([edit[1:]] if edit[0] == "+" else [])
-    rbac = Rbac(rbac_docs, namespace, pod_spec["serviceAccountName"])
-    grants = rbac.grants()
     node = os.uname().nodename
-    watched_namespaces = {(s.get("filter") or {}).get("namespace") for s in k8sattributes_in_use(config).values()}
-    fake = FakeApiServer(work, rbac, cluster_objects(node, sorted({namespace, "default"} | watched_namespaces - {None}), namespace, pod_name))
+    watched_namespaces = {(s.get("filter") or {}).get("namespace") for s in k8s_metadata_in_use(config).values()}
+    objects = cluster_objects(node, sorted({namespace, "default"} | watched_namespaces - {None}), namespace, pod_name)
+    fake = FakeApiServer(work, rbac_docs, namespace, pod_spec["serviceAccountName"], objects)
+    grants = fake.grants
     # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, only when the pod
-    # spec asks for the token. /run is a fresh tmpfs in the agent's mount namespace: in the pod
-    # it is the image's own, not the host's.
-    if pod_spec.get("automountServiceAccountToken"):
-        fake.service_account_files(os.path.join(work, "serviceaccount"), namespace)
+    # spec asks for the token (the fake wrote it to its secrets directory). /run is a fresh tmpfs
+    # in the agent's mount namespace: in the pod it is the image's own, not the host's.
+    if not pod_spec.get("automountServiceAccountToken"):
+        shutil.rmtree(fake.secrets)
     mount_run = ('mount -t tmpfs podscope-test-run /var/run && if [ -d "$1/serviceaccount" ]; then '
                  'mkdir -p /var/run/secrets/kubernetes.io && cp -r "$1/serviceaccount" /var/run/secrets/kubernetes.io/; fi && '
                  'shift && exec "$@"')
@@ -503,7 +585,7 @@ def run_agent(docs, podscope, without, rbac_edits):
         settle = time.monotonic() + 3
         while ready and time.monotonic() < settle and not api_settled(fake, grants):
             time.sleep(0.05)
-        peers = any((p.get("peers") or {}).get("enabled") for p in k8sattributes_in_use(config).values())
+        peers = any((p.get("peers") or {}).get("enabled") for p in k8s_metadata_in_use(config).values())
         problems += check_api_use(fake, node, grants, peers)
     finally:
         if agent.poll() is None:

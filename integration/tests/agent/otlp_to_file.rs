@@ -1,7 +1,8 @@
 //! End to end through the real `podscope` binary: a real OTLP client (the opentelemetry-otlp
 //! span exporter, and the generated OTLP gRPC metrics client) sends spans and metrics to the
 //! `otlp` receiver → `batch` → `file` exporter; SIGTERM arrives mid-stream; after a clean exit,
-//! every item the receiver acknowledged is in the file, exactly once.
+//! every item the receiver acknowledged is in the file, exactly once. And with one exporter's
+//! backend down, another exporter of the same pipeline still gets each item exactly once.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -14,7 +15,8 @@ use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::metrics::v1::{
-    metric, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
+    metric, number_data_point, AggregationTemporality, Gauge, Metric, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use podscope_integration::agent::{free_port, AgentProcess};
@@ -233,4 +235,111 @@ service:
         acked_spans.len() as u64 >= 40 * SPANS_PER_EXPORT,
         "data flowed before SIGTERM"
     );
+}
+
+/// One delta sum point of +1 for `requests.total`.
+fn plus_one() -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "requests".into(),
+                    data: Some(metric::Data::Sum(Sum {
+                        is_monotonic: true,
+                        aggregation_temporality: AggregationTemporality::Delta as i32,
+                        data_points: vec![NumberDataPoint {
+                            value: Some(number_data_point::Value::AsInt(1)),
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+async fn page(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// The value of the first sample line starting with `prefix`.
+fn value(page: &str, prefix: &str) -> Option<u64> {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// The layout of `configs/kubernetes.yaml` (an OTLP exporter and the Prometheus endpoint in one
+/// metrics pipeline) with the OTLP backend down: the deltas reach the scrape page exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exporter_whose_backend_is_down_never_multiplies_another_exporters_data() {
+    let (grpc_port, scrape_port, telemetry_port) = (free_port(), free_port(), free_port());
+    let down = free_port();
+    let config = format!(
+        r#"
+receivers:
+  otlp: {{ protocols: {{ grpc: {{ endpoint: "127.0.0.1:{grpc_port}" }} }} }}
+exporters:
+  otlp:
+    endpoint: http://127.0.0.1:{down}
+    sending_queue: {{ queue_size: 1, num_consumers: 1, block_timeout: 200ms }}
+    retry_on_failure: {{ initial_interval: 50ms, max_interval: 50ms, max_elapsed_time: 300ms }}
+  prometheus: {{ endpoint: "127.0.0.1:{scrape_port}" }}
+service:
+  telemetry: {{ metrics: {{ address: "127.0.0.1:{telemetry_port}" }} }}
+  pipelines:
+    metrics: {{ receivers: [otlp], exporters: [otlp, prometheus] }}
+"#
+    );
+    let agent = AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
+    let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        client.export(plus_one()).await.unwrap();
+    }
+    // Wait until the exporter whose backend is down has given up every point: by then its
+    // refusals have had every chance to make the pipeline resend.
+    let telemetry = format!("http://127.0.0.1:{telemetry_port}/metrics");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = page(&telemetry).await;
+        let dropped: u64 = text
+            .lines()
+            .filter(|l| l.starts_with("podscope_exporter_dropped_items_total{component=\"otlp\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum();
+        if dropped == 4 {
+            assert_eq!(
+                value(
+                    &text,
+                    "podscope_receiver_accepted_items_total{component=\"otlp\",signal=\"metrics\"}"
+                ),
+                Some(4)
+            );
+            assert_eq!(
+                value(&text, "podscope_exporter_sent_items_total{component=\"prometheus\",signal=\"metrics\"}"),
+                Some(4),
+                "{text}"
+            );
+            assert_eq!(
+                value(
+                    &text,
+                    "podscope_exporter_sent_items_total{component=\"otlp\""
+                ),
+                None
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let scrape = page(&format!("http://127.0.0.1:{scrape_port}/metrics")).await;
+    assert_eq!(value(&scrape, "requests_total "), Some(4), "{scrape}");
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(30)).await.success());
 }

@@ -40,7 +40,7 @@ const INTAKE_CAPACITY: usize = 8;
 
 impl ProcessorBuilder for BatchConfig {
     fn build(
-        self: Box<Self>,
+        &self,
         ctx: BuildContext,
         signal: Signal,
         next: Arc<dyn Consumer>,
@@ -51,7 +51,7 @@ impl ProcessorBuilder for BatchConfig {
             None => format!("processor/{}", ctx.id),
         };
         Ok(Arc::new(BatchProcessor {
-            config: *self,
+            config: self.clone(),
             signal,
             next,
             stage,

@@ -44,8 +44,8 @@ impl Consumer for RefuseForever {
     }
 }
 
-fn config(yaml_like: serde_json::Value) -> Box<BatchConfig> {
-    Box::new(parse_component_config::<BatchConfig>(yaml_like).expect("valid config"))
+fn config(yaml_like: serde_json::Value) -> BatchConfig {
+    parse_component_config::<BatchConfig>(yaml_like).expect("valid config")
 }
 
 #[tokio::test]

@@ -1,28 +1,34 @@
 use std::time::Duration;
 
-use podscope_core::{ComponentConfig, FieldError};
-use regex::Regex;
+use podscope_core::{ComponentConfig, ComponentId, FieldError};
+use podscope_k8s::k8s_metadata::{
+    AuthType, ExtractConfig, FilterConfig, K8sMetadataConfig, DEFAULT_POD_DELETE_DELAY,
+};
 use serde::Deserialize;
 
 /// `processors: k8sattributes:` settings, in the shape of the OpenTelemetry Collector's
 /// k8sattributes processor.
+///
+/// The pods come from a `k8s_metadata` extension: the one `extension` names, or, when it names
+/// none, one the processor runs for itself from `auth_type`, `filter`, `extract`,
+/// `pod_delete_delay` and `peers.enabled` (the extension's settings, documented there). With
+/// `extension` set those belong to the extension and are refused here.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct K8sAttributesConfig {
-    /// How to reach the API server. Unset: in-cluster service account when running in a pod,
-    /// else the kubeconfig (`KUBECONFIG` or `~/.kube/config`), else no API server (host mode).
+    /// The `k8s_metadata` extension (`extensions:` section, listed in `service.extensions`)
+    /// whose pods this processor reads.
+    pub extension: Option<String>,
     pub auth_type: Option<AuthType>,
-    /// Which pods to watch. On a node, only the node's own pods.
-    pub filter: FilterConfig,
-    /// Which attributes to add.
-    pub extract: ExtractConfig,
+    pub filter: Option<FilterConfig>,
+    pub extract: Option<ExtractConfig>,
+    #[serde(with = "humantime_serde::option")]
+    pub pod_delete_delay: Option<Duration>,
     /// How a resource is matched to a pod, in order; the first rule that finds a pod wins.
     pub pod_association: Vec<AssociationRule>,
-    /// Opt-in: name the pod or Service at the other end of network data.
+    /// Name the pod or Service at the other end of network data, from the extension's peer
+    /// index.
     pub peers: PeersConfig,
-    /// How long a deleted pod's metadata is kept, so that late data from it is still enriched.
-    #[serde(with = "humantime_serde")]
-    pub pod_delete_delay: Duration,
     /// How often the cgroup id → path index is walked again (it is also walked on a miss, at
     /// most once per `cgroup_refresh_min_interval`).
     #[serde(with = "humantime_serde")]
@@ -34,24 +40,27 @@ pub struct K8sAttributesConfig {
 impl Default for K8sAttributesConfig {
     fn default() -> Self {
         K8sAttributesConfig {
+            extension: None,
             auth_type: None,
-            filter: FilterConfig::default(),
-            extract: ExtractConfig::default(),
+            filter: None,
+            extract: None,
+            pod_delete_delay: None,
             pod_association: default_association(),
             peers: PeersConfig::default(),
-            pod_delete_delay: Duration::from_secs(60),
             cgroup_refresh_interval: Duration::from_secs(30),
             cgroup_refresh_min_interval: Duration::from_secs(1),
         }
     }
 }
 
-/// `peers:` — a cluster-wide index of pod IPs and Service cluster IPs (needs list/watch on pods
-/// and services in every namespace).
+/// `peers:` — the pod or Service at the other end of network data, named from the
+/// extension's cluster-wide index of pod IPs and Service cluster IPs.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PeersConfig {
-    pub enabled: bool,
+    /// Keep the index (a setting of the extension: see [`K8sAttributesConfig`]). Peers are
+    /// named whenever the extension keeps it.
+    pub enabled: Option<bool>,
     /// The data point / span attribute holding the peer's IP address.
     pub attribute: String,
 }
@@ -59,146 +68,8 @@ pub struct PeersConfig {
 impl Default for PeersConfig {
     fn default() -> Self {
         PeersConfig {
-            enabled: false,
+            enabled: None,
             attribute: "network.peer.address".to_string(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum AuthType {
-    /// The pod's service account token and the `KUBERNETES_SERVICE_HOST` API server.
-    #[serde(rename = "serviceAccount")]
-    ServiceAccount,
-    /// `KUBECONFIG`, else `~/.kube/config`.
-    #[serde(rename = "kubeConfig")]
-    KubeConfig,
-    /// No API server: host mode (`container.id`, `host.name`).
-    #[serde(rename = "none")]
-    None,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilterConfig {
-    /// The node whose pods are watched (`spec.nodeName`). Takes precedence over
-    /// `node_from_env_var`.
-    pub node: Option<String>,
-    /// The environment variable holding the node name (the Helm chart sets it from
-    /// `spec.nodeName` with the downward API). Default `NODE_NAME`.
-    pub node_from_env_var: String,
-    /// Only pods of this namespace.
-    pub namespace: Option<String>,
-    /// Only pods whose labels match all of these rules.
-    pub labels: Vec<LabelFilter>,
-}
-
-impl Default for FilterConfig {
-    fn default() -> Self {
-        FilterConfig {
-            node: None,
-            node_from_env_var: "NODE_NAME".to_string(),
-            namespace: None,
-            labels: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LabelFilter {
-    pub key: String,
-    #[serde(default)]
-    pub value: Option<String>,
-    #[serde(default)]
-    pub op: LabelOp,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum LabelOp {
-    #[default]
-    Equals,
-    NotEquals,
-    Exists,
-    DoesNotExist,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ExtractConfig {
-    /// Resource attributes to set, from the list in [`METADATA_KEYS`]. Default: all of them.
-    pub metadata: Vec<String>,
-    pub labels: Vec<FieldExtract>,
-    pub annotations: Vec<FieldExtract>,
-}
-
-impl Default for ExtractConfig {
-    fn default() -> Self {
-        ExtractConfig {
-            metadata: METADATA_KEYS.iter().map(|k| k.to_string()).collect(),
-            labels: Vec::new(),
-            annotations: Vec::new(),
-        }
-    }
-}
-
-/// Every attribute `extract.metadata` may name.
-pub const METADATA_KEYS: &[&str] = &[
-    "k8s.namespace.name",
-    "k8s.pod.name",
-    "k8s.pod.uid",
-    "k8s.pod.start_time",
-    "k8s.pod.ip",
-    "k8s.container.name",
-    "k8s.container.restart_count",
-    "container.id",
-    "container.image.name",
-    "container.image.tags",
-    "k8s.node.name",
-    "k8s.deployment.name",
-    "k8s.replicaset.name",
-    "k8s.statefulset.name",
-    "k8s.daemonset.name",
-    "k8s.job.name",
-    "k8s.cronjob.name",
-    "service.name",
-    "service.namespace",
-    "service.version",
-];
-
-/// One `extract.labels[]` / `extract.annotations[]` rule.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FieldExtract {
-    /// The attribute name. Default `k8s.<from>.label.<key>` (`.annotation.` for annotations);
-    /// with `key_regex`, `$1`… refer to its groups.
-    #[serde(default)]
-    pub tag_name: Option<String>,
-    #[serde(default)]
-    pub key: Option<String>,
-    /// A regular expression matched against the whole key.
-    #[serde(default)]
-    pub key_regex: Option<String>,
-    #[serde(default)]
-    pub from: FieldSource,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FieldSource {
-    #[default]
-    Pod,
-    Namespace,
-    Node,
-}
-
-impl FieldSource {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FieldSource::Pod => "pod",
-            FieldSource::Namespace => "namespace",
-            FieldSource::Node => "node",
         }
     }
 }
@@ -305,72 +176,58 @@ impl AssociationRule {
     }
 }
 
-impl FieldExtract {
-    pub fn compiled_regex(&self) -> Result<Option<Regex>, String> {
-        match &self.key_regex {
-            None => Ok(None),
-            Some(re) => Regex::new(&format!("^(?:{re})$")).map(Some).map_err(|e| {
-                // The regex crate's syntax errors are several lines with a caret diagram; the
-                // last line says what is wrong.
-                let text = e.to_string();
-                let what = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or(&text)
-                    .trim_start_matches("error: ");
-                format!("invalid regular expression {re:?}: {what}")
-            }),
+impl K8sAttributesConfig {
+    /// The id of the extension `extension` names (unset or invalid: `None`).
+    pub fn extension_id(&self) -> Option<ComponentId> {
+        ComponentId::parse(self.extension.as_deref()?).ok()
+    }
+
+    /// The settings of the extension this processor runs for itself when it names none.
+    pub fn own_extension(&self) -> K8sMetadataConfig {
+        K8sMetadataConfig {
+            auth_type: self.auth_type,
+            filter: self.filter.clone().unwrap_or_default(),
+            extract: self.extract.clone().unwrap_or_default(),
+            pod_delete_delay: self.pod_delete_delay.unwrap_or(DEFAULT_POD_DELETE_DELAY),
+            peers: podscope_k8s::k8s_metadata::PeersConfig {
+                enabled: self.peers.enabled.unwrap_or(false),
+            },
         }
     }
-}
 
-impl K8sAttributesConfig {
-    /// Whether any rule reads namespace (or node) labels/annotations: those need a watch on
-    /// namespaces (nodes) too, and the matching RBAC.
-    pub fn needs_source(&self, source: FieldSource) -> bool {
-        self.extract
-            .labels
-            .iter()
-            .chain(&self.extract.annotations)
-            .any(|rule| rule.from == source)
+    /// The keys set here that belong to the extension.
+    fn extension_keys_set(&self) -> Vec<&'static str> {
+        [
+            ("auth_type", self.auth_type.is_some()),
+            ("filter", self.filter.is_some()),
+            ("extract", self.extract.is_some()),
+            ("pod_delete_delay", self.pod_delete_delay.is_some()),
+            ("peers.enabled", self.peers.enabled.is_some()),
+        ]
+        .into_iter()
+        .filter(|(_, set)| *set)
+        .map(|(key, _)| key)
+        .collect()
     }
 }
 
 impl ComponentConfig for K8sAttributesConfig {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
-        for (i, key) in self.extract.metadata.iter().enumerate() {
-            if !METADATA_KEYS.contains(&key.as_str()) {
-                errors.push(FieldError::new(
-                    format!("extract.metadata[{i}]"),
-                    format!(
-                        "unknown attribute {key:?}; one of {}",
-                        METADATA_KEYS.join(", ")
-                    ),
-                ));
-            }
-        }
-        for (section, rules) in [
-            ("labels", &self.extract.labels),
-            ("annotations", &self.extract.annotations),
-        ] {
-            for (i, rule) in rules.iter().enumerate() {
-                let at = format!("extract.{section}[{i}]");
-                match (&rule.key, &rule.key_regex) {
-                    (None, None) => errors.push(FieldError::new(&at, "needs key or key_regex")),
-                    (Some(_), Some(_)) => {
-                        errors.push(FieldError::new(&at, "key and key_regex are exclusive"))
-                    }
-                    _ => {}
-                }
-                if let Err(e) = rule.compiled_regex() {
-                    errors.push(FieldError::new(format!("{at}.key_regex"), e));
-                }
-                if rule.tag_name.as_deref() == Some("") {
+        match self.extension.as_deref().map(ComponentId::parse) {
+            None => errors.extend(self.own_extension().validate()),
+            Some(Err(e)) => errors.push(FieldError::new("extension", e)),
+            Some(Ok(id)) if id.type_name() != "k8s_metadata" => errors.push(FieldError::new(
+                "extension",
+                format!("{id} is not a k8s_metadata extension id"),
+            )),
+            Some(Ok(id)) => {
+                for key in self.extension_keys_set() {
                     errors.push(FieldError::new(
-                        format!("{at}.tag_name"),
-                        "must not be empty",
+                        key,
+                        format!(
+                            "belongs to the extension: this processor reads the pods of extensions.{id}, so set it there"
+                        ),
                     ));
                 }
             }
@@ -379,22 +236,6 @@ impl ComponentConfig for K8sAttributesConfig {
             if let Err(e) = rule.resolve() {
                 errors.push(FieldError::new(format!("pod_association[{i}]"), e));
             }
-        }
-        for (i, label) in self.filter.labels.iter().enumerate() {
-            let needs_value = matches!(label.op, LabelOp::Equals | LabelOp::NotEquals);
-            if needs_value != label.value.is_some() {
-                errors.push(FieldError::new(
-                    format!("filter.labels[{i}]"),
-                    if needs_value {
-                        "op equals / not-equals needs a value"
-                    } else {
-                        "op exists / does-not-exist takes no value"
-                    },
-                ));
-            }
-        }
-        if self.filter.node.as_deref() == Some("") {
-            errors.push(FieldError::new("filter.node", "must not be empty"));
         }
         if self.peers.attribute.is_empty() {
             errors.push(FieldError::new("peers.attribute", "must not be empty"));

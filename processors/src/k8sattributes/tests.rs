@@ -1,338 +1,108 @@
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+//! The processor over a `k8s_metadata` extension filled with watch events: which pod each
+//! association rule finds, what is added (and never overwritten), what is counted when nothing
+//! is found, peers, host mode, and the settings it refuses. What the cache keeps of a pod is
+//! tested with the extension (`podscope_k8s`).
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerStatus, Namespace, Pod, PodIP, PodSpec, PodStatus,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use kube::runtime::watcher::Event;
 use podscope_core::proto::tonic::common::v1::{any_value, KeyValue};
+use podscope_core::proto::tonic::metrics::v1::{
+    metric, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+};
+use podscope_core::proto::tonic::resource::v1::Resource;
+use podscope_core::{Batch, BuildContext, ComponentConfig as _, ComponentId};
+use podscope_k8s::k8s_metadata::string_kv;
+use serde_json::json;
 
-use super::config::{AssociationFrom, AssociationRule, AssociationSource};
-use super::metadata::{Attr, Interner};
-use super::watch::apply_pod_event;
 use super::*;
 
-const NODE: &str = "node-a";
 const UID: &str = "7a1d6f2e-9c3b-4e8a-b5d4-0f1e2d3c4b5a";
 const UID_: &str = "7a1d6f2e_9c3b_4e8a_b5d4_0f1e2d3c4b5a";
 const APP_ID: &str = "4f1c9b0e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
 const SIDECAR_ID: &str = "0f1c9b0e2d3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9a0b1c2d3e";
 
-/// A pod as the API server sends it: `web-7d4b9c8f6-x2x7k` of Deployment `web`, two
-/// containers, running on `node-a`.
+/// Pod `web-7d4b9c8f6-x2x7k` of Deployment `web` in `shop`, containers `app` and `proxy`, as
+/// the API server sends it.
 fn web_pod() -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some("web-7d4b9c8f6-x2x7k".into()),
-            namespace: Some("shop".into()),
-            uid: Some(UID.into()),
-            labels: Some(BTreeMap::from([
-                ("pod-template-hash".into(), "7d4b9c8f6".into()),
-                ("team".into(), "payments".into()),
-                ("tier".into(), "frontend".into()),
-            ])),
-            annotations: Some(BTreeMap::from([(
-                "owner.example.com/email".into(),
-                "pay@example.com".into(),
-            )])),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "apps/v1".into(),
-                kind: "ReplicaSet".into(),
-                name: "web-7d4b9c8f6".into(),
-                uid: "rs-uid".into(),
-                controller: Some(true),
-                ..Default::default()
-            }]),
-            ..Default::default()
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": "web-7d4b9c8f6-x2x7k", "namespace": "shop", "uid": UID,
+            "labels": {"pod-template-hash": "7d4b9c8f6", "team": "payments", "tier": "frontend"},
+            "annotations": {"owner.example.com/email": "pay@example.com"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                 "name": "web-7d4b9c8f6", "uid": "rs-uid", "controller": true}],
         },
-        spec: Some(PodSpec {
-            node_name: Some(NODE.into()),
-            containers: vec![
-                Container {
-                    name: "app".into(),
-                    image: Some("registry.example.com:5000/shop/web:1.4.2".into()),
-                    ..Default::default()
-                },
-                Container {
-                    name: "proxy".into(),
-                    image: Some("envoyproxy/envoy@sha256:abcd".into()),
-                    ..Default::default()
-                },
+        "spec": {"nodeName": "node-a", "containers": [
+            {"name": "app", "image": "registry.example.com:5000/shop/web:1.4.2"},
+            {"name": "proxy", "image": "envoyproxy/envoy@sha256:abcd"},
+        ]},
+        "status": {
+            "phase": "Running", "podIP": "10.1.2.3",
+            "podIPs": [{"ip": "10.1.2.3"}, {"ip": "fd00::3"}],
+            "containerStatuses": [
+                {"name": "app", "containerID": format!("containerd://{APP_ID}"), "image": "web:1.4.2",
+                 "imageID": "", "ready": true, "restartCount": 2},
+                {"name": "proxy", "containerID": format!("containerd://{SIDECAR_ID}"), "image": "envoy",
+                 "imageID": "", "ready": true, "restartCount": 0},
             ],
-            ..Default::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: Some("10.1.2.3".into()),
-            pod_ips: Some(vec![
-                PodIP {
-                    ip: "10.1.2.3".into(),
-                },
-                PodIP {
-                    ip: "fd00::3".into(),
-                },
-            ]),
-            start_time: Some(Time("2026-11-30T08:00:00Z".parse().unwrap())),
-            container_statuses: Some(vec![
-                ContainerStatus {
-                    name: "app".into(),
-                    container_id: Some(format!("containerd://{APP_ID}")),
-                    image: "registry.example.com:5000/shop/web:1.4.2".into(),
-                    restart_count: 2,
-                    ..Default::default()
-                },
-                ContainerStatus {
-                    name: "proxy".into(),
-                    container_id: Some(format!("containerd://{SIDECAR_ID}")),
-                    image: "envoyproxy/envoy@sha256:abcd".into(),
-                    ..Default::default()
-                },
-            ]),
-            ..Default::default()
-        }),
-    }
+        },
+    }))
+    .expect("a pod")
 }
 
-fn config(json: serde_json::Value) -> K8sAttributesConfig {
-    serde_json::from_value(json).unwrap()
+fn config(settings: serde_json::Value) -> K8sAttributesConfig {
+    serde_json::from_value(settings).expect("k8sattributes settings")
 }
 
-fn store_with(config: &K8sAttributesConfig, events: Vec<Event<Pod>>) -> (PodStore, Extractor) {
-    let extractor = Extractor::new(config).unwrap();
-    let mut store = PodStore::new(config.pod_delete_delay);
-    for event in events {
-        apply_pod_event(&mut store, &extractor, event, Instant::now());
-    }
-    (store, extractor)
+/// The extension a processor with `config` runs for itself, listed with `events` (a
+/// complete list, so synced).
+fn own_extension(config: &K8sAttributesConfig, pods: Vec<Pod>) -> Arc<K8sMetadata> {
+    let ctx = BuildContext::for_tests("k8s_metadata/k8sattributes");
+    let metadata = Arc::new(K8sMetadata::new(config.own_extension(), &ctx).unwrap());
+    metadata.apply_pod_events(
+        std::iter::once(Event::Init)
+            .chain(pods.into_iter().map(Event::InitApply))
+            .chain([Event::InitDone]),
+    );
+    metadata
+}
+
+/// A context for processor `id` using `metadata`, as the service makes it.
+fn context(id: &str, metadata: &Arc<K8sMetadata>) -> BuildContext {
+    let mut ctx = BuildContext::for_tests(id);
+    let extension = ComponentId::parse("k8s_metadata/test").unwrap();
+    ctx.extensions.insert(extension.clone(), metadata.clone());
+    ctx.extensions
+        .add_user(ComponentKind::Processor, ctx.id.clone(), extension);
+    ctx
+}
+
+fn enricher(config: &K8sAttributesConfig, metadata: &Arc<K8sMetadata>) -> PodEnricher {
+    let ctx = context("k8sattributes", metadata);
+    PodEnricher::new(config, metadata.clone(), &ctx).unwrap()
 }
 
 fn value(kv: &KeyValue) -> String {
     match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
         Some(any_value::Value::StringValue(s)) => s.clone(),
         Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::ArrayValue(a)) => {
-            let items: Vec<String> = a
-                .values
-                .iter()
-                .map(|v| match &v.value {
-                    Some(any_value::Value::StringValue(s)) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .collect();
-            format!("[{}]", items.join(","))
-        }
         other => format!("{other:?}"),
     }
 }
 
-fn pairs(attributes: &[KeyValue]) -> Vec<(String, String)> {
+fn pairs(attributes: &[KeyValue]) -> Pairs {
     attributes
         .iter()
         .map(|kv| (kv.key.clone(), value(kv)))
         .collect()
 }
 
-fn found_pairs(found: &Found) -> Vec<(String, String)> {
-    let kvs: Vec<KeyValue> = found.attributes().map(Attr::to_key_value).collect();
-    pairs(&kvs)
-}
-
-fn expected(list: &[(&str, &str)]) -> Vec<(String, String)> {
+fn expected(list: &[(&str, &str)]) -> Pairs {
     list.iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-#[test]
-fn a_deployment_container_gets_every_attribute() {
-    let (store, _) = store_with(
-        &K8sAttributesConfig::default(),
-        vec![Event::Init, Event::InitApply(web_pod()), Event::InitDone],
-    );
-    let found = store
-        .by_container_id(APP_ID)
-        .expect("app container indexed");
-    assert_eq!(
-        found_pairs(&found),
-        expected(&[
-            ("k8s.namespace.name", "shop"),
-            ("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
-            ("k8s.pod.uid", UID),
-            ("k8s.pod.start_time", "2026-11-30T08:00:00Z"),
-            ("k8s.pod.ip", "10.1.2.3"),
-            ("k8s.node.name", NODE),
-            ("k8s.deployment.name", "web"),
-            ("k8s.replicaset.name", "web-7d4b9c8f6"),
-            ("service.name", "web"),
-            ("service.namespace", "shop"),
-            ("k8s.container.name", "app"),
-            ("k8s.container.restart_count", "2"),
-            ("container.id", APP_ID),
-            ("container.image.name", "registry.example.com:5000/shop/web"),
-            ("container.image.tags", "[1.4.2]"),
-            ("service.version", "1.4.2"),
-        ])
-    );
-    // A digest-only image has no tag, so no service.version either.
-    let proxy = store.by_container_id(SIDECAR_ID).unwrap();
-    let proxy = found_pairs(&proxy);
-    assert!(proxy.contains(&("container.image.name".into(), "envoyproxy/envoy".into())));
-    assert!(!proxy
-        .iter()
-        .any(|(k, _)| k == "container.image.tags" || k == "service.version"));
-    // Both IPs find the pod; pod-level attributes have no container ones.
-    let by_ip = store.by_ip("fd00::3").unwrap();
-    assert_eq!(&*by_ip.pod.uid, UID);
-    assert!(!found_pairs(&by_ip)
-        .iter()
-        .any(|(k, _)| k == "k8s.container.name"));
-}
-
-#[test]
-fn owners_and_service_name_follow_the_documented_rules() {
-    let with_owner = |kind: &str, name: &str| {
-        let mut pod = web_pod();
-        pod.metadata.owner_references.as_mut().unwrap()[0].kind = kind.into();
-        pod.metadata.owner_references.as_mut().unwrap()[0].name = name.into();
-        pod
-    };
-    let only = vec![
-        "k8s.deployment.name",
-        "k8s.replicaset.name",
-        "k8s.statefulset.name",
-        "k8s.daemonset.name",
-        "k8s.job.name",
-        "k8s.cronjob.name",
-        "service.name",
-    ];
-    let cfg = config(serde_json::json!({"extract": {"metadata": only}}));
-    let extractor = Extractor::new(&cfg).unwrap();
-    let mut interner = Interner::default();
-    let mut attrs = |pod: Pod| {
-        let meta = extractor.pod(&pod, &mut interner).unwrap();
-        let kvs: Vec<KeyValue> = meta.attributes.iter().map(Attr::to_key_value).collect();
-        pairs(&kvs)
-    };
-    assert_eq!(
-        attrs(with_owner("StatefulSet", "db")),
-        expected(&[("k8s.statefulset.name", "db"), ("service.name", "db")])
-    );
-    assert_eq!(
-        attrs(with_owner("DaemonSet", "agent")),
-        expected(&[("k8s.daemonset.name", "agent"), ("service.name", "agent")])
-    );
-    assert_eq!(
-        attrs(with_owner("Job", "backup-29012345")),
-        expected(&[
-            ("k8s.job.name", "backup-29012345"),
-            ("k8s.cronjob.name", "backup"),
-            ("service.name", "backup"),
-        ])
-    );
-    // A ReplicaSet whose name does not end with the pod's template hash: no Deployment.
-    assert_eq!(
-        attrs(with_owner("ReplicaSet", "handmade")),
-        expected(&[
-            ("k8s.replicaset.name", "handmade"),
-            ("service.name", "handmade")
-        ])
-    );
-    // No owner: the pod's own name.
-    let mut bare = web_pod();
-    bare.metadata.owner_references = None;
-    assert_eq!(
-        attrs(bare.clone()),
-        expected(&[("service.name", "web-7d4b9c8f6-x2x7k")])
-    );
-    // The app.kubernetes.io/name label beats the workload; the annotation beats both.
-    bare.metadata
-        .labels
-        .as_mut()
-        .unwrap()
-        .insert("app.kubernetes.io/name".into(), "storefront".into());
-    assert_eq!(
-        attrs(bare.clone()),
-        expected(&[("service.name", "storefront")])
-    );
-    bare.metadata.annotations.as_mut().unwrap().insert(
-        "resource.opentelemetry.io/service.name".into(),
-        "checkout".into(),
-    );
-    assert_eq!(attrs(bare), expected(&[("service.name", "checkout")]));
-
-    assert_eq!(
-        deployment_from_replicaset("web-7d4b9c8f6", "7d4b9c8f6").as_deref(),
-        Some("web")
-    );
-    assert_eq!(
-        deployment_from_replicaset("web7d4b9c8f6", "7d4b9c8f6"),
-        None
-    );
-    assert_eq!(deployment_from_replicaset("-7d4b9c8f6", "7d4b9c8f6"), None);
-    assert_eq!(cronjob_from_job("report-2901234").as_deref(), None);
-    assert_eq!(
-        cronjob_from_job("nightly-report-29012345").as_deref(),
-        Some("nightly-report")
-    );
-    assert_eq!(cronjob_from_job("29012345"), None);
-    assert_eq!(split_image("nginx"), ("nginx".into(), None));
-    assert_eq!(
-        split_image("nginx:1.25"),
-        ("nginx".into(), Some("1.25".into()))
-    );
-    assert_eq!(
-        split_image("localhost:5000/nginx"),
-        ("localhost:5000/nginx".into(), None)
-    );
-    assert_eq!(
-        split_image("localhost:5000/a/nginx:v2@sha256:00"),
-        ("localhost:5000/a/nginx".into(), Some("v2".into()))
-    );
-}
-
-#[test]
-fn label_and_annotation_rules_from_pod_and_namespace() {
-    let cfg = config(serde_json::json!({
-        "extract": {
-            "metadata": ["k8s.pod.name"],
-            "labels": [
-                {"key": "team"},
-                {"key_regex": "ti(.*)", "tag_name": "shop.$1"},
-                {"key": "env", "from": "namespace", "tag_name": "deployment.environment.name"},
-            ],
-            "annotations": [{"key": "owner.example.com/email", "tag_name": "owner"}],
-        }
-    }));
-    let (mut store, extractor) = store_with(&cfg, vec![Event::Apply(web_pod())]);
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some("shop".into()),
-            labels: Some(BTreeMap::from([("env".into(), "prod".into())])),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let namespace_attrs = extractor.namespace(&namespace, &mut store.interner);
-    store.set_namespace("shop".into(), namespace_attrs);
-    let processor = shared_for_tests(cfg, store);
-    let mut attrs = vec![kv("container.id", APP_ID)];
-    processor.enrich(&mut attrs);
-    assert_eq!(
-        pairs(&attrs),
-        expected(&[
-            ("container.id", APP_ID),
-            ("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
-            ("k8s.pod.label.team", "payments"),
-            ("shop.er", "frontend"),
-            ("owner", "pay@example.com"),
-            ("deployment.environment.name", "prod"),
-            ("host.name", "test-host"),
-        ])
-    );
-}
-
-fn kv(key: &str, value: &str) -> KeyValue {
-    metadata::string_kv(key, value)
 }
 
 fn int(key: &str, value: i64) -> KeyValue {
@@ -345,24 +115,47 @@ fn int(key: &str, value: i64) -> KeyValue {
     }
 }
 
-/// The processor's shared state over a store filled by the test, marked synced as after a
-/// complete list.
-fn shared_for_tests(config: K8sAttributesConfig, store: PodStore) -> Shared {
-    let shared = Shared::new(config, &BuildContext::for_tests("k8sattributes")).unwrap();
-    *shared.store.write().unwrap() = store;
-    shared.synced.store(true, Ordering::SeqCst);
-    shared
-}
-
 fn get(attrs: &[KeyValue], key: &str) -> Option<String> {
     attrs.iter().find(|kv| kv.key == key).map(value)
 }
 
 #[test]
+fn pod_then_container_then_namespace_attributes_are_added() {
+    let cfg = config(json!({
+        "extract": {
+            "metadata": ["k8s.pod.name", "k8s.container.name"],
+            "labels": [
+                {"key": "team"},
+                {"key": "env", "from": "namespace", "tag_name": "deployment.environment.name"},
+            ],
+        }
+    }));
+    let metadata = own_extension(&cfg, vec![web_pod()]);
+    let namespace: Namespace = serde_json::from_value(json!({
+        "metadata": {"name": "shop", "labels": {"env": "prod"}}
+    }))
+    .unwrap();
+    metadata.apply_namespace_events([Event::Apply(namespace)]);
+    let mut attrs = vec![string_kv("container.id", APP_ID)];
+    enricher(&cfg, &metadata).enrich(&mut attrs);
+    assert_eq!(
+        pairs(&attrs),
+        expected(&[
+            ("container.id", APP_ID),
+            ("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
+            ("k8s.pod.label.team", "payments"),
+            ("k8s.container.name", "app"),
+            ("deployment.environment.name", "prod"),
+            ("host.name", "test-host"),
+        ])
+    );
+}
+
+#[test]
 fn association_by_each_rule() {
     let cfg = K8sAttributesConfig::default();
-    let (store, _) = store_with(&cfg, vec![Event::Apply(web_pod())]);
-    let shared = shared_for_tests(cfg, store);
+    let metadata = own_extension(&cfg, vec![web_pod()]);
+    let shared = enricher(&cfg, &metadata);
     let enrich = |attrs: Vec<KeyValue>| {
         let mut attrs = attrs;
         shared.enrich(&mut attrs);
@@ -372,14 +165,17 @@ fn association_by_each_rule() {
         "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-{SIDECAR_ID}.scope"
     );
     let cases: Vec<(Vec<KeyValue>, Option<&str>)> = vec![
-        (vec![kv("container.id", APP_ID)], Some("app")),
-        (vec![kv("podscope.cgroup.path", &systemd)], Some("proxy")),
-        (vec![kv("k8s.pod.uid", UID)], None),
-        (vec![kv("k8s.pod.ip", "10.1.2.3")], None),
+        (vec![string_kv("container.id", APP_ID)], Some("app")),
+        (
+            vec![string_kv("podscope.cgroup.path", &systemd)],
+            Some("proxy"),
+        ),
+        (vec![string_kv("k8s.pod.uid", UID)], None),
+        (vec![string_kv("k8s.pod.ip", "10.1.2.3")], None),
         (
             vec![
-                kv("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
-                kv("k8s.namespace.name", "shop"),
+                string_kv("k8s.pod.name", "web-7d4b9c8f6-x2x7k"),
+                string_kv("k8s.namespace.name", "shop"),
             ],
             None,
         ),
@@ -402,7 +198,7 @@ fn association_by_each_rule() {
     // A container the pod status does not list yet (just started): the pod from the path's
     // UID, and container.id from the path.
     let new_id = "ab".repeat(32);
-    let out = enrich(vec![kv(
+    let out = enrich(vec![string_kv(
         "podscope.cgroup.path",
         &format!("/kubepods/burstable/pod{UID}/{new_id}"),
     )]);
@@ -413,7 +209,10 @@ fn association_by_each_rule() {
     assert_eq!(get(&out, "container.id"), Some(new_id));
     assert_eq!(get(&out, "k8s.container.name"), None);
     // Attributes already on the resource are kept.
-    let out = enrich(vec![kv("container.id", APP_ID), kv("service.name", "mine")]);
+    let out = enrich(vec![
+        string_kv("container.id", APP_ID),
+        string_kv("service.name", "mine"),
+    ]);
     assert_eq!(get(&out, "service.name").as_deref(), Some("mine"));
     assert_eq!(out.iter().filter(|kv| kv.key == "service.name").count(), 1);
 }
@@ -422,10 +221,9 @@ fn association_by_each_rule() {
 fn a_process_is_associated_through_its_cgroup() {
     // This test's own process: whatever its cgroup, association must not fail or invent a pod.
     let cfg = K8sAttributesConfig::default();
-    let (store, _) = store_with(&cfg, vec![Event::Apply(web_pod())]);
-    let shared = shared_for_tests(cfg, store);
+    let metadata = own_extension(&cfg, vec![web_pod()]);
     let mut attrs = vec![int("process.pid", i64::from(std::process::id()))];
-    shared.enrich(&mut attrs);
+    enricher(&cfg, &metadata).enrich(&mut attrs);
     assert_eq!(get(&attrs, "k8s.pod.name"), None);
     assert_eq!(get(&attrs, "host.name").as_deref(), Some("test-host"));
 }
@@ -435,14 +233,12 @@ fn unresolved_data_is_counted_by_reason() {
     let cfg = K8sAttributesConfig::default();
     let ctx = BuildContext::for_tests("k8sattributes");
     let telemetry = ctx.telemetry.clone();
-    let shared = Shared::new(cfg, &ctx).unwrap();
-    let mut attrs = vec![kv("service.name", "x")];
-    shared.enrich(&mut attrs);
-    let mut attrs = vec![kv("container.id", APP_ID)];
-    shared.enrich(&mut attrs);
-    shared.synced.store(true, Ordering::SeqCst);
-    let mut attrs = vec![kv("container.id", APP_ID)];
-    shared.enrich(&mut attrs);
+    let metadata = Arc::new(K8sMetadata::new(cfg.own_extension(), &ctx).unwrap());
+    let shared = PodEnricher::new(&cfg, metadata.clone(), &ctx).unwrap();
+    shared.enrich(&mut vec![string_kv("service.name", "x")]);
+    shared.enrich(&mut vec![string_kv("container.id", APP_ID)]);
+    metadata.apply_pod_events([Event::Init, Event::InitDone]);
+    shared.enrich(&mut vec![string_kv("container.id", APP_ID)]);
     let text = telemetry.encode_text();
     for line in [
         r#"podscope_k8sattributes_unresolved_resources_total{processor="processor/k8sattributes",reason="no_identity"} 1"#,
@@ -455,100 +251,51 @@ fn unresolved_data_is_counted_by_reason() {
 }
 
 #[test]
-fn deleted_pods_stay_for_the_delay_then_go() {
-    let cfg = config(serde_json::json!({"pod_delete_delay": "60s"}));
-    let (mut store, extractor) = store_with(&cfg, vec![Event::Apply(web_pod())]);
-    let t0 = Instant::now();
-    apply_pod_event(&mut store, &extractor, Event::Delete(web_pod()), t0);
-    assert!(store.by_container_id(APP_ID).is_some());
-    assert_eq!(store.purge(t0 + Duration::from_secs(59)), 0);
-    assert!(store.by_ip("10.1.2.3").is_some());
-    assert_eq!(store.purge(t0 + Duration::from_secs(60)), 1);
-    assert!(store.by_container_id(APP_ID).is_none());
-    assert!(store.by_ip("10.1.2.3").is_none());
-    assert!(store.by_name("shop", "web-7d4b9c8f6-x2x7k").is_none());
-    assert!(store.is_empty());
-}
-
-#[test]
-fn a_new_pod_reusing_a_deleted_pods_ip_keeps_it_after_the_purge() {
-    let cfg = K8sAttributesConfig::default();
-    let (mut store, extractor) = store_with(&cfg, vec![Event::Apply(web_pod())]);
-    let t0 = Instant::now();
-    apply_pod_event(&mut store, &extractor, Event::Delete(web_pod()), t0);
-    let mut next = web_pod();
-    next.metadata.uid = Some("11111111-2222-3333-4444-555555555555".into());
-    next.metadata.name = Some("web-7d4b9c8f6-zzzzz".into());
-    next.status.as_mut().unwrap().container_statuses = None;
-    apply_pod_event(&mut store, &extractor, Event::Apply(next), t0);
-    assert_eq!(
-        &*store.by_ip("10.1.2.3").unwrap().pod.name,
-        "web-7d4b9c8f6-zzzzz"
-    );
-    store.purge(t0 + Duration::from_secs(3600));
-    assert_eq!(
-        &*store.by_ip("10.1.2.3").unwrap().pod.name,
-        "web-7d4b9c8f6-zzzzz"
-    );
-    assert_eq!(store.len(), 1);
-}
-
-#[test]
-fn a_relist_marks_pods_it_no_longer_lists_as_deleted() {
-    let cfg = K8sAttributesConfig::default();
-    let mut other = web_pod();
-    other.metadata.uid = Some("11111111-2222-3333-4444-555555555555".into());
-    other.metadata.name = Some("other".into());
-    other.status = None;
-    let (mut store, extractor) = store_with(
-        &cfg,
-        vec![
-            Event::Init,
-            Event::InitApply(web_pod()),
-            Event::InitApply(other),
-            Event::InitDone,
-        ],
-    );
-    assert_eq!(store.len(), 2);
-    // The watch broke (410 Gone) and the relist no longer has `other`.
-    let t0 = Instant::now();
-    for event in [Event::Init, Event::InitApply(web_pod()), Event::InitDone] {
-        apply_pod_event(&mut store, &extractor, event, t0);
-    }
-    assert!(
-        store.by_name("shop", "other").is_some(),
-        "kept for the delay"
-    );
-    store.purge(t0 + cfg.pod_delete_delay);
-    assert!(store.by_name("shop", "other").is_none());
-    assert!(store.by_name("shop", "web-7d4b9c8f6-x2x7k").is_some());
-}
-
-#[test]
 fn config_errors_name_the_key() {
-    let cfg = config(serde_json::json!({
-        "extract": {
-            "metadata": ["k8s.pod.name", "k8s.pod.nmae"],
-            "labels": [{"key_regex": "("}, {}],
-        },
-        "pod_association": [{"sources": [{"from": "connection"}]}],
-        "filter": {"labels": [{"key": "a", "op": "exists", "value": "b"}]},
-    }));
-    let errors: Vec<String> = podscope_core::ComponentConfig::validate(&cfg)
-        .iter()
-        .map(|e| e.to_string())
-        .collect();
-    let text = errors.join("\n");
-    for needle in [
-        "extract.metadata[1]: unknown attribute \"k8s.pod.nmae\"",
-        "extract.labels[0].key_regex:",
-        "extract.labels[1]: needs key or key_regex",
-        "pod_association[0]: from: connection is not supported",
-        "filter.labels[0]: op exists / does-not-exist takes no value",
-    ] {
-        assert!(text.contains(needle), "missing {needle:?} in\n{text}");
-    }
-    assert_eq!(errors.len(), 5, "{text}");
+    let errors = |settings: serde_json::Value| -> Vec<String> {
+        config(settings)
+            .validate()
+            .iter()
+            .map(|e| e.to_string())
+            .collect()
+    };
+    // Without `extension`, the extension's settings are checked here.
+    assert_eq!(
+        errors(json!({
+            "extract": {"labels": [{}]},
+            "pod_association": [{"sources": [{"from": "connection"}]}],
+            "peers": {"attribute": ""},
+        })),
+        vec![
+            "extract.labels[0]: needs key or key_regex",
+            "pod_association[0]: from: connection is not supported: podscope's receivers do not record the sender's address; use from: resource_attribute",
+            "peers.attribute: must not be empty",
+        ]
+    );
+    // With it, they belong to the extension.
+    let owned = "belongs to the extension: this processor reads the pods of extensions.k8s_metadata/node, so set it there";
+    assert_eq!(
+        errors(json!({
+            "extension": "k8s_metadata/node",
+            "auth_type": "none",
+            "filter": {"node": "a"},
+            "extract": {},
+            "pod_delete_delay": "1s",
+            "peers": {"enabled": true, "attribute": "server.address"},
+        })),
+        [
+            "auth_type",
+            "filter",
+            "extract",
+            "pod_delete_delay",
+            "peers.enabled"
+        ]
+        .map(|key| format!("{key}: {owned}"))
+    );
+    assert_eq!(
+        errors(json!({"extension": "batch"})),
+        vec!["extension: batch is not a k8s_metadata extension id"]
+    );
     let bad = AssociationRule {
         sources: vec![AssociationSource {
             from: AssociationFrom::ResourceAttribute,
@@ -561,34 +308,116 @@ fn config_errors_name_the_key() {
         .contains("k8s.pod.name with k8s.namespace.name"));
 }
 
-#[tokio::test]
-async fn host_mode_adds_container_id_and_host_name() {
-    let cfg = config(serde_json::json!({"auth_type": "none"}));
-    let ctx = BuildContext::for_tests("k8sattributes");
-    let sink = Arc::new(podscope_core::consumer::Recorder::default());
-    let processor = Box::new(cfg)
-        .build(ctx, Signal::Metrics, sink.clone())
-        .unwrap();
-    processor.start().await.unwrap();
-    let path = format!("/kubepods/burstable/pod{UID}/{APP_ID}");
-    let batch = Batch::metrics(vec![
-        podscope_core::proto::tonic::metrics::v1::ResourceMetrics {
-            resource: Some(podscope_core::proto::tonic::resource::v1::Resource {
-                attributes: vec![kv("podscope.cgroup.path", &path)],
-                ..Default::default()
-            }),
+#[test]
+fn without_extension_it_makes_its_own_from_its_settings() {
+    let own = |settings: serde_json::Value, id: &str| {
+        let id = ComponentId::parse(id).unwrap();
+        config(settings)
+            .implicit_extension(&id)
+            .map(|(extension, _)| extension.to_string())
+    };
+    assert_eq!(
+        own(json!({}), "k8sattributes").as_deref(),
+        Some("k8s_metadata/k8sattributes")
+    );
+    assert_eq!(
+        own(json!({}), "k8sattributes/shop").as_deref(),
+        Some("k8s_metadata/k8sattributes.shop")
+    );
+    assert_eq!(
+        own(json!({"extension": "k8s_metadata"}), "k8sattributes"),
+        None
+    );
+    let cfg =
+        config(json!({"auth_type": "none", "pod_delete_delay": "2m", "peers": {"enabled": true}}));
+    let extension = cfg.own_extension();
+    assert_eq!(
+        extension.auth_type,
+        Some(podscope_k8s::k8s_metadata::AuthType::None)
+    );
+    assert_eq!(
+        extension.pod_delete_delay,
+        std::time::Duration::from_secs(120)
+    );
+    assert!(extension.peers.enabled);
+}
+
+fn metrics_batch(resource: Vec<KeyValue>, peers: &[&str]) -> Batch {
+    Batch::metrics(vec![ResourceMetrics {
+        resource: Some(Resource {
+            attributes: resource,
             ..Default::default()
-        },
-    ]);
-    processor.consume(batch).await.unwrap();
-    processor.shutdown().await.unwrap();
-    let got = sink.batches();
-    let Batch::Metrics(rms) = &got[0] else {
+        }),
+        scope_metrics: vec![ScopeMetrics {
+            metrics: vec![Metric {
+                name: "podscope.tcp.connections".into(),
+                data: Some(metric::Data::Sum(Sum {
+                    data_points: peers
+                        .iter()
+                        .map(|peer| NumberDataPoint {
+                            attributes: vec![string_kv("network.peer.address", peer)],
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+/// Attributes as (key, value) text pairs, in order.
+type Pairs = Vec<(String, String)>;
+
+/// (resource attributes, each data point's attributes) of the first resource of `batch`.
+fn first_resource(batch: &Batch) -> (Pairs, Vec<Pairs>) {
+    let Batch::Metrics(rms) = batch else {
         panic!("metrics")
     };
-    let attrs = &rms[0].resource.as_ref().unwrap().attributes;
+    let Some(metric::Data::Sum(sum)) = &rms[0].scope_metrics[0].metrics[0].data else {
+        panic!("a sum")
+    };
+    (
+        pairs(&rms[0].resource.as_ref().unwrap().attributes),
+        sum.data_points
+            .iter()
+            .map(|p| pairs(&p.attributes))
+            .collect(),
+    )
+}
+
+/// What processor `id` with `config`, reading `metadata`, makes of `batch`.
+async fn processed(
+    config: &K8sAttributesConfig,
+    id: &str,
+    metadata: &Arc<K8sMetadata>,
+    batch: Batch,
+) -> Batch {
+    let sink = Arc::new(podscope_core::consumer::Recorder::default());
+    let processor = config
+        .build(context(id, metadata), Signal::Metrics, sink.clone())
+        .unwrap();
+    processor.consume(batch).await.unwrap();
+    processor.shutdown().await.unwrap();
+    sink.batches().remove(0)
+}
+
+#[tokio::test]
+async fn host_mode_adds_container_id_and_host_name() {
+    let cfg = config(json!({"auth_type": "none"}));
+    let ctx = BuildContext::for_tests("k8s_metadata/k8sattributes");
+    let metadata = Arc::new(K8sMetadata::new(cfg.own_extension(), &ctx).unwrap());
+    use podscope_core::Component as _;
+    metadata.start().await.unwrap();
+    let path = format!("/kubepods/burstable/pod{UID}/{APP_ID}");
+    let batch = metrics_batch(vec![string_kv("podscope.cgroup.path", &path)], &[]);
+    let out = processed(&cfg, "k8sattributes", &metadata, batch).await;
+    metadata.shutdown().await.unwrap();
     assert_eq!(
-        pairs(attrs),
+        first_resource(&out).0,
         expected(&[
             ("podscope.cgroup.path", &path),
             ("container.id", APP_ID),
@@ -597,127 +426,78 @@ async fn host_mode_adds_container_id_and_host_name() {
     );
 }
 
-fn service(namespace: &str, name: &str, cluster_ip: &str) -> k8s_openapi::api::core::v1::Service {
-    k8s_openapi::api::core::v1::Service {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
-        spec: Some(k8s_openapi::api::core::v1::ServiceSpec {
-            cluster_ip: Some(cluster_ip.into()),
-            cluster_ips: Some(vec![cluster_ip.into()]),
-            ..Default::default()
-        }),
-        ..Default::default()
+#[tokio::test]
+async fn peers_are_named_when_the_extension_indexes_them() {
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "cart", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.12"},
+    }))
+    .unwrap();
+    for (enabled, named) in [(true, true), (false, false)] {
+        let cfg = config(json!({"auth_type": "none", "peers": {"enabled": enabled}}));
+        let metadata = own_extension(&cfg, Vec::new());
+        metadata.apply_peer_events(
+            [Event::Init, Event::InitApply(web_pod()), Event::InitDone],
+            [
+                Event::Init,
+                Event::InitApply(service.clone()),
+                Event::InitDone,
+            ],
+        );
+        let batch = metrics_batch(Vec::new(), &["fd00::3", "10.96.0.12", "10.1.1.1"]);
+        let out = processed(&cfg, "k8sattributes", &metadata, batch).await;
+        let points = first_resource(&out).1;
+        let peer = |ip: &str, attrs: &[(&str, &str)]| {
+            let mut all = vec![("network.peer.address", ip)];
+            if named {
+                all.extend_from_slice(attrs);
+            }
+            expected(&all)
+        };
+        assert_eq!(
+            points,
+            vec![
+                peer(
+                    "fd00::3",
+                    &[
+                        ("k8s.peer.namespace.name", "shop"),
+                        ("k8s.peer.pod.name", "web-7d4b9c8f6-x2x7k"),
+                        ("k8s.peer.workload.name", "web"),
+                        ("k8s.peer.workload.kind", "Deployment"),
+                    ]
+                ),
+                peer(
+                    "10.96.0.12",
+                    &[
+                        ("k8s.peer.namespace.name", "shop"),
+                        ("k8s.peer.service.name", "cart"),
+                    ]
+                ),
+                expected(&[("network.peer.address", "10.1.1.1")]),
+            ],
+            "peers.enabled: {enabled}"
+        );
     }
 }
 
 #[tokio::test]
-async fn peers_name_the_pod_or_service_at_the_other_end() {
-    let cfg = config(serde_json::json!({"auth_type": "none", "peers": {"enabled": true}}));
-    let sink = Arc::new(podscope_core::consumer::Recorder::default());
-    let ctx = BuildContext::for_tests("k8sattributes");
-    let state = ctx.shared.clone();
-    let processor = Box::new(cfg)
-        .build(ctx, Signal::Metrics, sink.clone())
-        .unwrap();
-    let mut host_net = web_pod();
-    host_net.metadata.name = Some("node-exporter".into());
-    host_net.spec.as_mut().unwrap().host_network = Some(true);
-    host_net.status.as_mut().unwrap().pod_ip = Some("192.168.0.10".into());
-    host_net.status.as_mut().unwrap().pod_ips = None;
-    let mut stale = web_pod();
-    stale.metadata.name = Some("gone".into());
-    stale.status.as_mut().unwrap().pod_ip = Some("10.9.9.9".into());
-    stale.status.as_mut().unwrap().pod_ips = None;
-    // The processor's shared state, as every pipeline's instance finds it.
-    let shared: Arc<Shared> = state
-        .get_or_insert(&processor_id(), || anyhow::bail!("built above"))
-        .unwrap();
-    shared.apply_peer_events(
-        [
-            Event::Init,
-            Event::InitApply(stale.clone()),
-            Event::InitDone,
-            // A relist that no longer has `stale`.
-            Event::Init,
-            Event::InitApply(web_pod()),
-            Event::InitApply(host_net),
-            Event::InitDone,
-        ],
-        [
-            Event::Init,
-            Event::InitApply(service("shop", "cart", "10.96.0.12")),
-            Event::InitApply(service("shop", "headless", "None")),
-            Event::InitDone,
-        ],
-    );
-    let point = |peer: &str| podscope_core::proto::tonic::metrics::v1::NumberDataPoint {
-        attributes: vec![kv("network.peer.address", peer)],
-        ..Default::default()
-    };
-    let batch = Batch::metrics(vec![
-        podscope_core::proto::tonic::metrics::v1::ResourceMetrics {
-            scope_metrics: vec![podscope_core::proto::tonic::metrics::v1::ScopeMetrics {
-                metrics: vec![podscope_core::proto::tonic::metrics::v1::Metric {
-                    name: "podscope.tcp.connections".into(),
-                    data: Some(podscope_core::proto::tonic::metrics::v1::metric::Data::Sum(
-                        podscope_core::proto::tonic::metrics::v1::Sum {
-                            data_points: vec![
-                                point("fd00::3"),
-                                point("10.96.0.12"),
-                                point("192.168.0.10"),
-                                point("10.9.9.9"),
-                            ],
-                            ..Default::default()
-                        },
-                    )),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    ]);
-    processor.consume(batch).await.unwrap();
-    let got = sink.batches();
-    let Batch::Metrics(rms) = &got[0] else {
-        panic!("metrics")
-    };
-    let Some(podscope_core::proto::tonic::metrics::v1::metric::Data::Sum(sum)) =
-        &rms[0].scope_metrics[0].metrics[0].data
-    else {
-        panic!("a sum")
-    };
-    let points: Vec<Vec<(String, String)>> = sum
-        .data_points
-        .iter()
-        .map(|p| pairs(&p.attributes))
-        .collect();
-    assert_eq!(
-        points,
-        vec![
-            expected(&[
-                ("network.peer.address", "fd00::3"),
-                ("k8s.peer.namespace.name", "shop"),
-                ("k8s.peer.pod.name", "web-7d4b9c8f6-x2x7k"),
-                ("k8s.peer.workload.name", "web"),
-                ("k8s.peer.workload.kind", "Deployment"),
-            ]),
-            expected(&[
-                ("network.peer.address", "10.96.0.12"),
-                ("k8s.peer.namespace.name", "shop"),
-                ("k8s.peer.service.name", "cart"),
-            ]),
-            // The host-network pod's IP is the node's: not a pod.
-            expected(&[("network.peer.address", "192.168.0.10")]),
-            // Gone from the relist: forgotten at once (IPs are reused).
-            expected(&[("network.peer.address", "10.9.9.9")]),
-        ]
-    );
-}
-
-fn processor_id() -> podscope_core::ComponentId {
-    podscope_core::ComponentId::parse("k8sattributes").unwrap()
+async fn processors_naming_one_extension_read_one_cache() {
+    let metadata = own_extension(&K8sAttributesConfig::default(), vec![web_pod()]);
+    let by_ip = config(json!({
+        "extension": "k8s_metadata/test",
+        "pod_association": [{"sources": [{"from": "resource_attribute", "name": "k8s.pod.ip"}]}],
+    }));
+    let by_container = config(json!({"extension": "k8s_metadata/test"}));
+    for (cfg, resource) in [
+        (by_ip, string_kv("k8s.pod.ip", "fd00::3")),
+        (by_container, string_kv("container.id", SIDECAR_ID)),
+    ] {
+        let batch = metrics_batch(vec![resource], &[]);
+        let out = processed(&cfg, "k8sattributes/x", &metadata, batch).await;
+        let (attrs, _) = first_resource(&out);
+        assert!(
+            attrs.contains(&("k8s.pod.uid".to_string(), UID.to_string())),
+            "{attrs:?}"
+        );
+    }
 }

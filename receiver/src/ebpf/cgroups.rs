@@ -2,10 +2,10 @@
 //! directory's inode number, what `bpf_get_current_cgroup_id()` returns) to path, path globs
 //! for the filter, and the container id found in a path.
 //!
-//! The index and the container id parser live in `podscope_core::cgroup`, shared with the
+//! The index and the container id parser live in `podscope_k8s::cgroup`, shared with the
 //! Kubernetes processor; the globs of `cgroup_filter` are here.
 
-pub use podscope_core::cgroup::{cgroup2_mount, container_id, CgroupIndex};
+pub use podscope_k8s::cgroup::{cgroup2_mount, container_id, CgroupIndex};
 
 /// A cgroup path glob: `*` matches within one segment, `**` any number of segments.
 #[derive(Debug, Clone)]

@@ -43,29 +43,67 @@ pub struct CgroupFilterConfig {
     pub include: Vec<String>,
     /// Never observe cgroups matching one of these globs.
     pub exclude: Vec<String>,
-    /// Also observe the cgroups of these pods, selected through a `k8sattributes` processor's
+    /// Also observe the cgroups of these pods, selected through a `k8s_metadata` extension's
     /// cache and kept current as pods come and go.
     pub pods: Option<PodFilterConfig>,
 }
 
 /// `cgroup_filter.pods:` — pods by namespace and labels.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PodFilterConfig {
-    /// The `k8sattributes` processor (in this agent's config) whose cache knows the pods.
-    pub processor: String,
+    /// The `k8s_metadata` extension (in `service.extensions`) whose cache knows the pods.
+    pub extension: Option<String>,
+    /// Or the `k8sattributes` processor (in a pipeline) whose extension that is. Neither set:
+    /// processor `k8sattributes`.
+    pub processor: Option<String>,
     /// Pods in any of these namespaces (any namespace when empty).
     pub namespaces: Vec<String>,
-    /// An equality-based label selector, as `kubectl -l` takes it: `app=web,tier!=batch`.
+    /// A label selector, as `kubectl -l` takes it: `app=web,tier!=batch,env in (prod,staging)`.
     pub labels: Option<String>,
 }
 
-impl Default for PodFilterConfig {
-    fn default() -> Self {
-        PodFilterConfig {
-            processor: "k8sattributes".to_string(),
-            namespaces: Vec::new(),
-            labels: None,
+/// Where `cgroup_filter.pods` finds its pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodSource {
+    Extension(podscope_core::ComponentId),
+    Processor(podscope_core::ComponentId),
+}
+
+impl PodFilterConfig {
+    /// The extension or processor named (the processor `k8sattributes` when neither is), or
+    /// what is wrong with the setting, at its key.
+    pub fn source(&self) -> Result<PodSource, FieldError> {
+        let parse = |key: &str, id: &str| {
+            podscope_core::ComponentId::parse(id)
+                .map_err(|e| FieldError::new(format!("cgroup_filter.pods.{key}"), e))
+        };
+        match (&self.extension, &self.processor) {
+            (Some(_), Some(_)) => Err(FieldError::new(
+                "cgroup_filter.pods",
+                "set extension or processor, not both",
+            )),
+            (Some(extension), None) => {
+                let id = parse("extension", extension)?;
+                if id.type_name() != "k8s_metadata" {
+                    return Err(FieldError::new(
+                        "cgroup_filter.pods.extension",
+                        format!("{extension:?} is not a k8s_metadata extension id"),
+                    ));
+                }
+                Ok(PodSource::Extension(id))
+            }
+            (None, processor) => {
+                let processor = processor.as_deref().unwrap_or("k8sattributes");
+                let id = parse("processor", processor)?;
+                if id.type_name() != "k8sattributes" {
+                    return Err(FieldError::new(
+                        "cgroup_filter.pods.processor",
+                        format!("{processor:?} is not a k8sattributes processor id"),
+                    ));
+                }
+                Ok(PodSource::Processor(id))
+            }
         }
     }
 }
@@ -92,16 +130,11 @@ impl ComponentConfig for EbpfReceiverConfig {
             }
         }
         if let Some(pods) = &self.cgroup_filter.pods {
-            match podscope_core::ComponentId::parse(&pods.processor) {
-                Ok(id) if id.type_name() == "k8sattributes" => {}
-                Ok(_) => errors.push(FieldError::new(
-                    "cgroup_filter.pods.processor",
-                    format!("{:?} is not a k8sattributes processor id", pods.processor),
-                )),
-                Err(e) => errors.push(FieldError::new("cgroup_filter.pods.processor", e)),
+            if let Err(e) = pods.source() {
+                errors.push(e);
             }
             if let Some(labels) = &pods.labels {
-                if let Err(e) = podscope_core::pods::parse_label_selector(labels) {
+                if let Err(e) = podscope_k8s::labels::parse_selector(labels) {
                     errors.push(FieldError::new("cgroup_filter.pods.labels", e));
                 }
             }

@@ -9,22 +9,21 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use aya::maps::{HashMap, MapData};
-use podscope_core::pods::{LabelRequirement, PodDirectory};
 use podscope_core::BuildContext;
 
 use super::cgroups::{CgroupGlob, CgroupIndex};
-use super::config::CgroupFilterConfig;
+use super::config::{CgroupFilterConfig, PodSource};
 
-/// Pods the filter includes, resolved through a Kubernetes processor's cache.
+/// Pods the filter includes, resolved through a `k8s_metadata` extension's cache.
 #[derive(Clone)]
 pub struct PodSelection {
-    pub directory: Arc<dyn PodDirectory>,
-    pub namespaces: Vec<String>,
-    pub labels: Vec<LabelRequirement>,
+    pub metadata: Arc<podscope_k8s::K8sMetadata>,
+    pub selector: podscope_k8s::PodSelector,
 }
 
 impl PodSelection {
-    /// `cgroup_filter.pods` resolved to the named processor's pod cache; `None` without it.
+    /// `cgroup_filter.pods` resolved to the named extension's pod cache (or the extension of the
+    /// named processor); `None` without it.
     pub fn resolve(
         config: &CgroupFilterConfig,
         ctx: &BuildContext,
@@ -32,33 +31,32 @@ impl PodSelection {
         let Some(pods) = &config.pods else {
             return Ok(None);
         };
-        let id = podscope_core::ComponentId::parse(&pods.processor).map_err(anyhow::Error::msg)?;
-        let directory = ctx.shared.pod_directory(&id).ok_or_else(|| {
-            anyhow::anyhow!(
-                "receiver {}: cgroup_filter.pods selects pods through processor {id}, which is not in any pipeline of this config; add it (processors: {id}: ...) to a pipeline",
-                ctx.id
-            )
-        })?;
+        let metadata = match pods.source().map_err(|e| anyhow::anyhow!("{e}"))? {
+            PodSource::Extension(id) => ctx.extensions.get::<podscope_k8s::K8sMetadata>(&id),
+            PodSource::Processor(id) => ctx
+                .extensions
+                .used_by::<podscope_k8s::K8sMetadata>(podscope_core::ComponentKind::Processor, &id),
+        }
+        .map_err(|e| anyhow::anyhow!("receiver {}: cgroup_filter.pods: {e}", ctx.id))?;
         let labels = match &pods.labels {
             Some(selector) => {
-                podscope_core::pods::parse_label_selector(selector).map_err(anyhow::Error::msg)?
+                podscope_k8s::labels::parse_selector(selector).map_err(anyhow::Error::msg)?
             }
-            None => Vec::new(),
+            None => Default::default(),
         };
         Ok(Some(PodSelection {
-            directory,
-            namespaces: pods.namespaces.clone(),
-            labels,
+            metadata,
+            selector: podscope_k8s::PodSelector {
+                namespaces: pods.namespaces.clone(),
+                labels,
+            },
         }))
     }
 
     fn selects(&self, path: &str) -> bool {
-        podscope_core::cgroup::parse_container_cgroup(path)
+        podscope_k8s::cgroup::parse_container_cgroup(path)
             .and_then(|c| c.pod_uid)
-            .is_some_and(|uid| {
-                self.directory
-                    .pod_matches(&uid, &self.namespaces, &self.labels)
-            })
+            .is_some_and(|uid| self.metadata.pod_selected(&uid, &self.selector))
     }
 }
 
@@ -96,7 +94,7 @@ impl CgroupFilter {
 
     /// Changes of the pod cache the filter selects pods through.
     pub fn pod_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.pods.as_ref().map(|p| p.directory.changes())
+        self.pods.as_ref().map(|p| p.metadata.changes())
     }
 
     /// The ids to put in the kernel map for the current cgroups.

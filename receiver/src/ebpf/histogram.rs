@@ -1,11 +1,11 @@
-//! Kernel log2 distributions as OTLP exponential histograms (scale 0), and exponential
-//! histograms as classic explicit-bucket ones for backends that need them.
+//! Kernel log2 distributions as OTLP exponential histograms (scale 0). Backends that need
+//! classic buckets get them from the exporter (`exporters/src/prometheus/exponential.rs`).
 //!
 //! Kernel slot k holds values in (2^(k−1), 2^k] (slot 0 holds 1), which is exactly the OTLP
 //! scale-0 bucket with index k − 1, so the conversion is a shift, not an approximation.
 
 use opentelemetry_proto::tonic::metrics::v1::exponential_histogram_data_point::Buckets;
-use opentelemetry_proto::tonic::metrics::v1::{ExponentialHistogramDataPoint, HistogramDataPoint};
+use opentelemetry_proto::tonic::metrics::v1::ExponentialHistogramDataPoint;
 use podscope_ebpf::abi::Hist;
 
 /// The exponential-histogram data point for a kernel histogram (attributes and times left empty).
@@ -25,41 +25,6 @@ pub fn exponential_point(hist: &Hist) -> ExponentialHistogramDataPoint {
         scale: 0,
         zero_count: hist.zero_count,
         positive,
-        ..Default::default()
-    }
-}
-
-/// A classic histogram with the given upper bounds (ascending) from an exponential one. Each
-/// exponential bucket's count goes to the first explicit bucket whose bound is at or above the
-/// exponential bucket's upper edge, so counts are never placed below their true value; with
-/// power-of-two bounds at scale 0 this is exact.
-pub fn to_explicit(point: &ExponentialHistogramDataPoint, bounds: &[f64]) -> HistogramDataPoint {
-    let base = 2f64.powf(2f64.powi(-point.scale));
-    let mut counts = vec![0u64; bounds.len() + 1];
-    let bucket_for = |upper: f64| {
-        bounds
-            .iter()
-            .position(|&b| upper <= b)
-            .unwrap_or(bounds.len())
-    };
-    counts[bucket_for(0.0)] += point.zero_count;
-    if let Some(positive) = &point.positive {
-        for (i, &count) in positive.bucket_counts.iter().enumerate() {
-            let index = positive.offset as i64 + i as i64;
-            let upper = base.powf(index as f64 + 1.0);
-            counts[bucket_for(upper)] += count;
-        }
-    }
-    HistogramDataPoint {
-        attributes: point.attributes.clone(),
-        start_time_unix_nano: point.start_time_unix_nano,
-        time_unix_nano: point.time_unix_nano,
-        count: point.count,
-        sum: point.sum,
-        bucket_counts: counts,
-        explicit_bounds: bounds.to_vec(),
-        min: point.min,
-        max: point.max,
         ..Default::default()
     }
 }
@@ -103,23 +68,5 @@ mod tests {
     fn empty_histograms_have_no_buckets() {
         let p = exponential_point(&Hist::default());
         assert_eq!((p.count, p.positive), (0, None));
-    }
-
-    #[test]
-    fn explicit_conversion_keeps_counts_and_places_them_at_or_above_their_value() {
-        let point = ExponentialHistogramDataPoint {
-            count: 6,
-            sum: Some(100.0),
-            zero_count: 1,
-            positive: Some(Buckets {
-                offset: 0,
-                bucket_counts: vec![2, 0, 3],
-            }), // (1,2]:2 (4,8]:3
-            ..Default::default()
-        };
-        let h = to_explicit(&point, &[1.0, 4.0, 8.0]);
-        assert_eq!(h.bucket_counts, vec![1, 2, 3, 0]);
-        assert_eq!(h.count, 6);
-        assert_eq!(h.bucket_counts.iter().sum::<u64>(), 6);
     }
 }

@@ -70,19 +70,24 @@ impl ReceiverBuilder for EbpfReceiverConfig {
         Ok(Box::new(EbpfReceiver::new(*self, ctx, next)?))
     }
 
-    /// `cgroup_filter.pods.processor` names the k8sattributes processor whose cache it uses.
+    /// `cgroup_filter.pods` names the `k8s_metadata` extension whose pod cache it selects from
+    /// (`extension`), or the `k8sattributes` processor whose extension that is (`processor`).
     fn references(&self) -> Vec<podscope_core::ComponentReference> {
-        self.cgroup_filter
-            .pods
-            .as_ref()
-            .and_then(|pods| podscope_core::ComponentId::parse(&pods.processor).ok())
-            .map(|id| podscope_core::ComponentReference {
-                field: "cgroup_filter.pods.processor".to_string(),
-                kind: podscope_core::ComponentKind::Processor,
-                id,
-            })
-            .into_iter()
-            .collect()
+        let source = self.cgroup_filter.pods.as_ref().map(|pods| pods.source());
+        let (field, kind, id) = match source {
+            Some(Ok(config::PodSource::Extension(id))) => {
+                ("extension", podscope_core::ComponentKind::Extension, id)
+            }
+            Some(Ok(config::PodSource::Processor(id))) => {
+                ("processor", podscope_core::ComponentKind::Processor, id)
+            }
+            _ => return Vec::new(),
+        };
+        vec![podscope_core::ComponentReference {
+            field: format!("cgroup_filter.pods.{field}"),
+            kind,
+            id,
+        }]
     }
 }
 

@@ -14,7 +14,7 @@ use std::hash::Hash;
 use std::os::fd::{AsFd as _, AsRawFd as _, OwnedFd};
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, Program, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
 
@@ -387,6 +387,11 @@ impl ProbeObject {
         })
     }
 
+    /// An array map (one value per index, shared by all CPUs).
+    pub fn array<V: Pod>(&mut self, def: &MapDef) -> Result<Array<MapData, V>, ProbeError> {
+        take(self.probe, &mut self.ebpf, def, "array")
+    }
+
     /// A per-CPU array of counters, read as the sum over CPUs.
     pub fn per_cpu_counters(&mut self, def: &MapDef) -> Result<PerCpuCounters, ProbeError> {
         Ok(PerCpuCounters(take(
@@ -536,6 +541,11 @@ impl<K: Pod + Eq + Hash, V: Pod> HashTable<K, V> {
         self.0.iter().filter_map(Result::ok).collect()
     }
 
+    /// Every key (entries deleted while iterating are skipped).
+    pub fn keys(&self) -> Vec<K> {
+        self.0.keys().filter_map(Result::ok).collect()
+    }
+
     /// Removes `keys` (entries of cgroups that no longer exist, or a per-interval map cleared).
     pub fn remove(&mut self, keys: impl IntoIterator<Item = K>) {
         for key in keys {
@@ -543,15 +553,16 @@ impl<K: Pod + Eq + Hash, V: Pod> HashTable<K, V> {
         }
     }
 
-    /// Removes every entry whose key belongs to a cgroup in `gone`.
-    pub fn forget(&mut self, gone: &HashSet<u64>, cgroup: impl Fn(&K) -> u64) {
+    /// Removes every entry whose key belongs to a cgroup in `gone`; returns how many.
+    pub fn forget(&mut self, gone: &HashSet<u64>, cgroup: impl Fn(&K) -> u64) -> usize {
         let keys: Vec<K> = self
-            .0
             .keys()
-            .filter_map(Result::ok)
+            .into_iter()
             .filter(|k| gone.contains(&cgroup(k)))
             .collect();
+        let removed = keys.len();
         self.remove(keys);
+        removed
     }
 }
 

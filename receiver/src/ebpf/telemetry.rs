@@ -61,7 +61,7 @@ impl EbpfTelemetry {
         );
         telemetry.register(
             "ebpf_uprobe_overflow",
-            "Uprobe hits counted in the `other` series because an entry reached max_series",
+            "Uprobe hits counted in an `other` series: beyond an entry's max_series, or refused by its full uprobe_hits map",
             t.uprobe_overflow.clone(),
         );
         telemetry.register(

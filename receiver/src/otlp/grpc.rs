@@ -1,120 +1,99 @@
-//! OTLP/gRPC: the `Export` methods of the metrics and trace services.
+//! OTLP/gRPC: the `Export` method of each signal's service.
 //!
 //! Served with tonic, but not through the generated servers: their codec reports an undecodable
 //! message as INTERNAL, and OTLP clients must see INVALID_ARGUMENT (do not retry) for bad data.
-//! So each service here is a small tower service with its own codec.
+//! So one small tower service takes the message as bytes and decodes it with the signal's OTLP
+//! wire format (`podscope_core::otlp`), the same code for every signal.
+//!
+//! At shutdown, a call still waiting for its request body is answered UNAVAILABLE at once (the
+//! client retries elsewhere) instead of holding the receiver open; a call whose request was read
+//! is finished normally, so nothing accepted is left unanswered.
 
-use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use podscope_core::{Batch, ConsumeError, Consumer};
-use tonic::codec::{
-    BufferSettings, Codec, CompressionEncoding, DecodeBuf, Decoder, EnabledCompressionEncodings,
-};
-use tonic::server::{Grpc, NamedService, UnaryService};
+use bytes::Bytes;
+use podscope_core::otlp::{otlp, Encoding, OtlpSignal, RawCodec};
+use podscope_core::{ConsumeError, Consumer, ReceiverConsumers, Signal};
+use tokio_util::sync::CancellationToken;
+use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
+use tonic::server::{Grpc, UnaryService};
+use tonic::service::Routes;
 use tonic::{Request, Response, Status};
 
-/// What differs between the two OTLP services.
-pub trait OtlpGrpcSignal: Send + Sync + 'static {
-    const SERVICE: &'static str;
-    const EXPORT_PATH: &'static str;
-    type Request: prost::Message + Default + Send + 'static;
-    type Response: prost::Message + Default + Send + 'static;
-    fn into_batch(request: Self::Request) -> Batch;
-}
-
-pub struct Metrics;
-pub struct Traces;
-
-impl OtlpGrpcSignal for Metrics {
-    const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
-    const EXPORT_PATH: &'static str =
-        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
-    type Request = ExportMetricsServiceRequest;
-    type Response = ExportMetricsServiceResponse;
-    fn into_batch(request: Self::Request) -> Batch {
-        Batch::metrics(request.resource_metrics)
+/// The services for the signals this receiver has pipelines for; the others answer
+/// UNIMPLEMENTED.
+pub fn routes(
+    consumers: &ReceiverConsumers,
+    max_decoding_message_size: usize,
+    stop: &CancellationToken,
+) -> Routes {
+    let mut routes = Routes::default();
+    for signal in Signal::ALL {
+        let Some(next) = consumers.get(signal) else {
+            continue;
+        };
+        let wire = otlp(signal);
+        let service = ExportService {
+            signal: wire,
+            next: next.clone(),
+            max_decoding_message_size,
+            stop: stop.clone(),
+        };
+        let router = routes.axum_router_mut();
+        *router = std::mem::take(router)
+            .route_service(&format!("/{}/{{*method}}", wire.grpc_service()), service);
     }
+    routes
 }
 
-impl OtlpGrpcSignal for Traces {
-    const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
-    const EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-    type Request = ExportTraceServiceRequest;
-    type Response = ExportTraceServiceResponse;
-    fn into_batch(request: Self::Request) -> Batch {
-        Batch::traces(request.resource_spans)
-    }
-}
-
-/// One OTLP gRPC service feeding a consumer.
-pub struct ExportService<S> {
+/// One signal's OTLP service feeding a consumer.
+#[derive(Clone)]
+struct ExportService {
+    signal: &'static dyn OtlpSignal,
     next: Arc<dyn Consumer>,
     max_decoding_message_size: usize,
-    _signal: PhantomData<S>,
-}
-
-impl<S> Clone for ExportService<S> {
-    fn clone(&self) -> Self {
-        ExportService {
-            next: self.next.clone(),
-            max_decoding_message_size: self.max_decoding_message_size,
-            _signal: PhantomData,
-        }
-    }
-}
-
-impl<S: OtlpGrpcSignal> ExportService<S> {
-    pub fn new(next: Arc<dyn Consumer>, max_decoding_message_size: usize) -> Self {
-        ExportService {
-            next,
-            max_decoding_message_size,
-            _signal: PhantomData,
-        }
-    }
-}
-
-impl<S: OtlpGrpcSignal> NamedService for ExportService<S> {
-    const NAME: &'static str = S::SERVICE;
+    stop: CancellationToken,
 }
 
 /// The consumer's answer as a gRPC status: retryable → UNAVAILABLE, permanent → INVALID_ARGUMENT.
-pub fn status_for(error: &ConsumeError) -> Status {
+fn status_for(error: &ConsumeError) -> Status {
     match error {
         ConsumeError::Retryable { message, .. } => Status::unavailable(message.clone()),
         ConsumeError::Permanent { message, .. } => Status::invalid_argument(message.clone()),
     }
 }
 
-struct ExportMethod<S> {
+struct ExportMethod {
+    signal: &'static dyn OtlpSignal,
     next: Arc<dyn Consumer>,
-    _signal: PhantomData<S>,
+    /// Set once the request body has been read and decoding starts.
+    read: Arc<AtomicBool>,
 }
 
-impl<S: OtlpGrpcSignal> UnaryService<S::Request> for ExportMethod<S> {
-    type Response = S::Response;
-    type Future = futures::future::BoxFuture<'static, Result<Response<S::Response>, Status>>;
+impl UnaryService<Bytes> for ExportMethod {
+    type Response = Bytes;
+    type Future = futures::future::BoxFuture<'static, Result<Response<Bytes>, Status>>;
 
-    fn call(&mut self, request: Request<S::Request>) -> Self::Future {
-        let next = self.next.clone();
+    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
+        self.read.store(true, Ordering::SeqCst);
+        let (signal, next) = (self.signal, self.next.clone());
         Box::pin(async move {
-            let batch = S::into_batch(request.into_inner());
+            let batch = signal
+                .decode_request(request.get_ref(), Encoding::Protobuf)
+                .map_err(Status::invalid_argument)?;
             if !batch.is_empty() {
                 next.consume(batch).await.map_err(|e| status_for(&e))?;
             }
-            Ok(Response::new(S::Response::default()))
+            Ok(Response::new(Bytes::from(
+                signal.encode_response(None, Encoding::Protobuf),
+            )))
         })
     }
 }
 
-impl<S: OtlpGrpcSignal, B> tower::Service<http::Request<B>> for ExportService<S>
+impl<B> tower::Service<http::Request<B>> for ExportService
 where
     B: http_body::Body + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
@@ -130,68 +109,38 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            if request.uri().path() != S::EXPORT_PATH {
+            if request.uri().path() != this.signal.grpc_export_path() {
                 return Ok(Status::unimplemented(format!(
                     "{} has only the Export method",
-                    S::SERVICE
+                    this.signal.grpc_service()
                 ))
                 .into_http());
             }
             let mut accept = EnabledCompressionEncodings::default();
             accept.enable(CompressionEncoding::Gzip);
-            let mut grpc = Grpc::new(OtlpCodec::<S::Response, S::Request>::default())
+            let mut grpc = Grpc::new(RawCodec)
                 .apply_compression_config(accept, EnabledCompressionEncodings::default())
                 .apply_max_message_size_config(Some(this.max_decoding_message_size), None);
-            let method = ExportMethod::<S> {
+            let read = Arc::new(AtomicBool::new(false));
+            let method = ExportMethod {
+                signal: this.signal,
                 next: this.next,
-                _signal: PhantomData,
+                read: read.clone(),
             };
-            Ok(grpc.unary(method, request).await)
+            let call = grpc.unary(method, request);
+            tokio::pin!(call);
+            let response = tokio::select! {
+                biased;
+                response = &mut call => response,
+                _ = this.stop.cancelled() => {
+                    if read.load(Ordering::SeqCst) {
+                        call.await
+                    } else {
+                        Status::unavailable("the receiver is shutting down").into_http()
+                    }
+                }
+            };
+            Ok(response)
         })
-    }
-}
-
-/// Prost encoding, with undecodable input reported as INVALID_ARGUMENT.
-struct OtlpCodec<T, U>(PhantomData<(T, U)>);
-
-impl<T, U> Default for OtlpCodec<T, U> {
-    fn default() -> Self {
-        OtlpCodec(PhantomData)
-    }
-}
-
-impl<T, U> Codec for OtlpCodec<T, U>
-where
-    T: prost::Message + Send + 'static,
-    U: prost::Message + Default + Send + 'static,
-{
-    type Encode = T;
-    type Decode = U;
-    type Encoder = tonic_prost::ProstEncoder<T>;
-    type Decoder = InvalidArgumentDecoder<U>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::default()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        InvalidArgumentDecoder(PhantomData)
-    }
-}
-
-struct InvalidArgumentDecoder<U>(PhantomData<U>);
-
-impl<U: prost::Message + Default> Decoder for InvalidArgumentDecoder<U> {
-    type Item = U;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed OTLP protobuf: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
     }
 }

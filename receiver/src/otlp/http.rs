@@ -1,25 +1,25 @@
 //! OTLP/HTTP: `POST /v1/metrics` and `POST /v1/traces` with `application/x-protobuf` or
 //! `application/json` bodies, optionally gzip-compressed. Answers in the request's encoding;
-//! failures carry a `google.rpc.Status` as the OTLP specification asks.
+//! failures carry a `google.rpc.Status` as the OTLP specification asks. One handler for every
+//! signal, with the signal's OTLP wire format (`podscope_core::otlp`).
+//!
+//! At shutdown, a request whose body is still arriving is answered 503 at once (the client
+//! retries elsewhere) instead of holding the receiver open; a request whose body was read is
+//! finished normally.
 
 use std::io::Read as _;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use podscope_core::{Batch, ConsumeError, Consumer, ReceiverConsumers};
-use serde::de::DeserializeOwned;
+use podscope_core::otlp::{otlp, Encoding, OtlpSignal};
+use podscope_core::{ConsumeError, Consumer, ReceiverConsumers, Signal};
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 const PROTOBUF: &str = "application/x-protobuf";
 const JSON: &str = "application/json";
@@ -33,78 +33,33 @@ struct RpcStatus {
     message: String,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Protobuf,
-    Json,
-}
-
-impl Encoding {
-    fn content_type(self) -> &'static str {
-        match self {
-            Encoding::Protobuf => PROTOBUF,
-            Encoding::Json => JSON,
-        }
-    }
-}
-
 #[derive(Clone)]
 struct Endpoint {
+    signal: &'static dyn OtlpSignal,
     next: Option<Arc<dyn Consumer>>,
     max_body: usize,
+    stop: CancellationToken,
 }
 
-/// The router for the signals this receiver has pipelines for; the others answer 404.
-pub fn router(consumers: &ReceiverConsumers, max_body: usize) -> Router {
-    let metrics = Endpoint {
-        next: consumers.metrics.clone(),
-        max_body,
-    };
-    let traces = Endpoint {
-        next: consumers.traces.clone(),
-        max_body,
-    };
-    Router::new()
-        .route(
-            "/v1/metrics",
-            post(export::<ExportMetricsServiceRequest, ExportMetricsServiceResponse>)
-                .with_state(metrics),
-        )
-        .route(
-            "/v1/traces",
-            post(export::<ExportTraceServiceRequest, ExportTraceServiceResponse>)
-                .with_state(traces),
-        )
-        // Compressed bodies are limited here, decompressed ones in `decompress`.
-        .layer(DefaultBodyLimit::max(max_body))
-}
-
-/// Request types that become a batch.
-pub trait IntoBatch {
-    fn into_batch(self) -> Batch;
-}
-
-impl IntoBatch for ExportMetricsServiceRequest {
-    fn into_batch(self) -> Batch {
-        Batch::metrics(self.resource_metrics)
+/// The routes of every signal; those this receiver has no pipeline for answer 404.
+pub fn router(consumers: &ReceiverConsumers, max_body: usize, stop: &CancellationToken) -> Router {
+    let mut router = Router::new();
+    for signal in Signal::ALL {
+        let endpoint = Endpoint {
+            signal: otlp(signal),
+            next: consumers.get(signal).cloned(),
+            max_body,
+            stop: stop.clone(),
+        };
+        router = router.route(
+            endpoint.signal.http_path(),
+            post(export).with_state(endpoint),
+        );
     }
+    router
 }
 
-impl IntoBatch for ExportTraceServiceRequest {
-    fn into_batch(self) -> Batch {
-        Batch::traces(self.resource_spans)
-    }
-}
-
-async fn export<Req, Resp>(
-    State(endpoint): State<Endpoint>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response
-where
-    Req: prost::Message + Default + DeserializeOwned + IntoBatch,
-    Resp: prost::Message + Default + Serialize,
-{
+async fn export(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Body) -> Response {
     let encoding = match content_type(&headers) {
         Ok(e) => e,
         Err(message) => {
@@ -122,39 +77,48 @@ where
             "this receiver is in no pipeline for this signal".into(),
         );
     };
+    // Compressed bodies are limited here, decompressed ones in `decompress`.
+    let read = tokio::select! {
+        biased;
+        read = axum::body::to_bytes(body, endpoint.max_body) => read,
+        _ = endpoint.stop.cancelled() => {
+            let shutting_down = ConsumeError::retryable("shutting_down", "the receiver is shutting down");
+            return refused(encoding, &shutting_down);
+        }
+    };
+    let body = match read {
+        Ok(body) => body,
+        Err(e) => {
+            return error(
+                encoding,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body unreadable or larger than max_request_body_size ({} bytes): {e}",
+                    endpoint.max_body
+                ),
+            )
+        }
+    };
     let body = match decompress(&headers, body, endpoint.max_body) {
         Ok(b) => b,
         Err((status, message)) => return error(encoding, status, message),
     };
-    let request: Req = match encoding {
-        Encoding::Protobuf => match Req::decode(body.as_ref()) {
-            Ok(r) => r,
-            Err(e) => {
-                return error(
-                    encoding,
-                    StatusCode::BAD_REQUEST,
-                    format!("malformed OTLP protobuf: {e}"),
-                )
-            }
-        },
-        Encoding::Json => match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                return error(
-                    encoding,
-                    StatusCode::BAD_REQUEST,
-                    format!("malformed OTLP JSON: {e}"),
-                )
-            }
-        },
+    let batch = match endpoint.signal.decode_request(&body, encoding) {
+        Ok(batch) => batch,
+        Err(message) => return error(encoding, StatusCode::BAD_REQUEST, message),
     };
-    let batch = request.into_batch();
     if !batch.is_empty() {
         if let Err(e) = next.consume(batch).await {
             return refused(encoding, &e);
         }
     }
-    respond(encoding, StatusCode::OK, &Resp::default())
+    let body = endpoint.signal.encode_response(None, encoding);
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, encoding.content_type())],
+        body,
+    )
+        .into_response()
 }
 
 fn content_type(headers: &HeaderMap) -> Result<Encoding, String> {
@@ -247,13 +211,9 @@ fn error_body(encoding: Encoding, status: StatusCode, code: i32, message: String
     respond(encoding, status, &RpcStatus { code, message })
 }
 
-fn respond<M: prost::Message + Serialize>(
-    encoding: Encoding,
-    status: StatusCode,
-    message: &M,
-) -> Response {
+fn respond(encoding: Encoding, status: StatusCode, message: &RpcStatus) -> Response {
     let body = match encoding {
-        Encoding::Protobuf => message.encode_to_vec(),
+        Encoding::Protobuf => prost::Message::encode_to_vec(message),
         Encoding::Json => serde_json::to_vec(message).unwrap_or_default(),
     };
     (

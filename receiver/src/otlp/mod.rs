@@ -5,7 +5,12 @@
 //! acknowledged only once they accepted it. A pipeline that refuses for now (a full queue) makes
 //! the client retry (UNAVAILABLE / 503 with `Retry-After`); data that can never be accepted and
 //! malformed payloads get INVALID_ARGUMENT / 400. A signal no pipeline takes is UNIMPLEMENTED /
-//! 404. Nothing is dropped silently.
+//! 404. Nothing is dropped silently. Every signal goes through the same code, with the signal's
+//! OTLP wire format from `podscope_core::otlp`.
+//!
+//! Shutdown stops accepting connections and answers requests still being received with
+//! UNAVAILABLE / 503, so that a stalled client cannot hold the agent's shutdown; requests already
+//! received are finished and answered.
 
 mod config;
 mod grpc;
@@ -95,14 +100,8 @@ impl Component for OtlpReceiver {
             let address = listener.local_addr()?;
             self.bound.lock().unwrap_or_else(|e| e.into_inner()).grpc = Some(address);
             let max = settings.max_recv_msg_size_mib * 1024 * 1024;
-            let mut routes = tonic::service::Routes::builder();
-            if let Some(next) = &self.next.metrics {
-                routes.add_service(grpc::ExportService::<grpc::Metrics>::new(next.clone(), max));
-            }
-            if let Some(next) = &self.next.traces {
-                routes.add_service(grpc::ExportService::<grpc::Traces>::new(next.clone(), max));
-            }
-            let server = tonic::transport::Server::builder().add_routes(routes.routes());
+            let routes = grpc::routes(&self.next, max, &self.stop);
+            let server = tonic::transport::Server::builder().add_routes(routes);
             let stop = self.stop.clone();
             let id = self.id.clone();
             tasks.push(tokio::spawn(async move {
@@ -120,7 +119,7 @@ impl Component for OtlpReceiver {
             let listener = bind(&self.id, "http", &settings.endpoint).await?;
             let address = listener.local_addr()?;
             self.bound.lock().unwrap_or_else(|e| e.into_inner()).http = Some(address);
-            let app = http::router(&self.next, settings.max_request_body_size);
+            let app = http::router(&self.next, settings.max_request_body_size, &self.stop);
             let stop = self.stop.clone();
             let id = self.id.clone();
             tasks.push(tokio::spawn(async move {
@@ -137,7 +136,7 @@ impl Component for OtlpReceiver {
     }
 
     /// Stops accepting connections and requests, and returns once in-flight requests have been
-    /// answered.
+    /// answered (those still sending their body are refused with UNAVAILABLE / 503).
     async fn shutdown(&self) -> anyhow::Result<()> {
         self.stop.cancel();
         let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock().await);

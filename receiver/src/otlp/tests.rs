@@ -83,6 +83,16 @@ struct Running {
     http: String,
 }
 
+impl Running {
+    async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_shared(self.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+}
+
 async fn start(signals: &[&str]) -> Running {
     let config: OtlpReceiverConfig = parse_component_config(serde_json::json!({"protocols": {
         "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}))
@@ -335,11 +345,7 @@ impl<T: Default> tonic::codec::Decoder for NothingDecoder<T> {
 #[tokio::test]
 async fn malformed_grpc_payload_is_invalid_argument_and_the_next_request_works() {
     let r = start(&["traces"]).await;
-    let channel = tonic::transport::Endpoint::from_shared(r.grpc.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = r.channel().await;
     let mut raw = tonic::client::Grpc::new(channel.clone());
     raw.ready().await.unwrap();
     let status = raw
@@ -453,4 +459,35 @@ async fn a_taken_port_fails_start_naming_the_endpoint() {
         )),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_grpc_call_still_sending_at_shutdown_is_told_to_retry_and_does_not_hold_shutdown() {
+    let r = start(&["traces"]).await;
+    let channel = r.channel().await;
+    let mut stalled = tonic::client::Grpc::new(channel.clone());
+    stalled.ready().await.unwrap();
+    // A request whose message never comes.
+    let call = tokio::spawn(async move {
+        stalled
+            .client_streaming(
+                tonic::Request::new(futures::stream::pending::<Vec<u8>>()),
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+                    .parse()
+                    .unwrap(),
+                RawBytesCodec,
+            )
+            .await
+    });
+    // A complete call on the same connection after it: the stalled one's headers went first.
+    TraceServiceClient::new(channel)
+        .export(ExportTraceServiceRequest::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), r.receiver.shutdown())
+        .await
+        .expect("shutdown does not wait for the stalled client")
+        .unwrap();
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }

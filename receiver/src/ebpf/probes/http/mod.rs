@@ -124,7 +124,7 @@ impl SingleObjectProbe for Http {
         };
         let mut object = ctx.object(&SPEC, &settings)?;
         let tls = if config.tls.enabled {
-            match TlsProbes::load(&mut object, &config.tls.libraries) {
+            match TlsProbes::load(&mut object, ctx.features, &config.tls.libraries) {
                 Ok(tls) => Some(tls),
                 Err(reason) => {
                     tracing::warn!(receiver = %ctx.receiver, reason = %reason, "http: HTTPS is not traced (the libssl uprobes cannot load)");

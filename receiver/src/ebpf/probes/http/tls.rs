@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::UProbe;
 
-use super::super::uprobes::ContainerTargets;
-use crate::ebpf::object::{error_chain, ProbeObject};
+use super::super::uprobes::{ContainerTargets, SymbolProbe};
+use crate::ebpf::object::{error_chain, KernelFeatures, ProbeObject};
 
 /// (program, symbol) pairs attached to each libssl: entry uprobes and return uprobes.
 /// The required symbols come first, so that a file without them gets nothing attached.
@@ -56,18 +56,23 @@ pub fn expand(root: &Path, pattern: &str) -> Vec<PathBuf> {
     files
 }
 
-/// The libssl uprobes of the http probe: loaded once, attached per file.
+/// The libssl uprobes of the http probe: loaded once, attached per file the kernel sees (a
+/// library shared by the host and containers, or by containers of one image, once).
 pub struct TlsProbes {
-    /// `tls.libraries` entries inside containers (without `container:`).
-    container_patterns: Vec<String>,
     containers: ContainerTargets,
-    /// Files attached, for the start-up line and tests.
+    /// Some `tls.libraries` entries are inside containers.
+    watches_containers: bool,
+    /// Host files attached, for the start-up line.
     attached: Vec<PathBuf>,
 }
 
 impl TlsProbes {
     /// Loads the uprobe programs and attaches them to the host's libraries.
-    pub fn load(object: &mut ProbeObject, libraries: &[String]) -> Result<TlsProbes, String> {
+    pub fn load(
+        object: &mut ProbeObject,
+        features: &KernelFeatures,
+        libraries: &[String],
+    ) -> Result<TlsProbes, String> {
         let mut programs: Vec<&str> = ATTACHMENTS.iter().map(|(p, _)| *p).collect();
         programs.sort();
         programs.dedup();
@@ -78,32 +83,45 @@ impl TlsProbes {
                 .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
             program.load().map_err(|e| format!("{name}: {}", error_chain(&e)))?;
         }
-        let mut probes = TlsProbes {
-            container_patterns: libraries
-                .iter()
-                .filter_map(|l| l.strip_prefix("container:").map(str::to_string))
-                .collect(),
-            containers: ContainerTargets::default(),
+        let in_containers: Vec<String> = libraries
+            .iter()
+            .filter_map(|l| l.strip_prefix("container:").map(str::to_string))
+            .collect();
+        let watches_containers = !in_containers.is_empty();
+        let probes = ATTACHMENTS
+            .iter()
+            .map(|(program, symbol)| SymbolProbe {
+                program,
+                symbol: symbol.to_string(),
+                required: REQUIRED.contains(symbol),
+            })
+            .collect();
+        let mut tls = TlsProbes {
+            containers: ContainerTargets::new(
+                object,
+                features,
+                Box::new(move |root| in_containers.iter().flat_map(|p| expand(root, p)).collect()),
+                probes,
+                "http (libssl)".to_string(),
+            ),
+            watches_containers,
             attached: Vec::new(),
         };
         for pattern in libraries.iter().filter(|l| !l.starts_with("container:")) {
             for file in expand(Path::new("/"), pattern) {
-                if probes.attached.iter().any(|a| same_file(a, &file)) {
-                    continue;
-                }
-                match attach_file(object, &file) {
-                    Ok(()) => {
-                        probes.containers.attached_on_host(&file);
-                        // The file's own name rather than a symlink to it (libssl.so).
-                        probes.attached.push(std::fs::canonicalize(&file).unwrap_or(file));
-                    }
+                match tls.containers.attach_on_host(object, &file) {
+                    // The file's own name rather than a symlink to it (libssl.so).
+                    Ok(true) => tls
+                        .attached
+                        .push(std::fs::canonicalize(&file).unwrap_or(file)),
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::debug!(file = %file.display(), error = %e, "http: not a libssl to probe")
                     }
                 }
             }
         }
-        Ok(probes)
+        Ok(tls)
     }
 
     pub fn attached(&self) -> &[PathBuf] {
@@ -111,56 +129,17 @@ impl TlsProbes {
     }
 
     pub fn watches_containers(&self) -> bool {
-        !self.container_patterns.is_empty()
+        self.watches_containers
     }
 
-    /// Attaches in containers not looked at yet; returns how many files were attached.
+    /// Attaches in containers not looked at yet, detaches from files no container uses anymore;
+    /// returns how many files were attached.
     pub fn rescan(&mut self, object: &mut ProbeObject, proc_root: &Path) -> usize {
-        if self.container_patterns.is_empty() {
+        if !self.watches_containers {
             return 0;
         }
-        let patterns = &self.container_patterns;
-        let mut newly = Vec::new();
-        let n = self.containers.scan(
-            proc_root,
-            "http (libssl)",
-            |root| patterns.iter().flat_map(|p| expand(root, p)).collect(),
-            |file| {
-                attach_file(object, file)?;
-                newly.push(file.to_path_buf());
-                Ok(())
-            },
-        );
-        self.attached.extend(newly);
-        n
+        self.containers.scan(object, proc_root)
     }
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt as _;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        _ => false,
-    }
-}
-
-/// Attaches every program to its symbols in `file`; a file without `SSL_read` and `SSL_write`
-/// is refused before anything is attached to it.
-fn attach_file(object: &mut ProbeObject, file: &Path) -> Result<(), String> {
-    for (program, symbol) in ATTACHMENTS {
-        let required = REQUIRED.contains(&symbol);
-        let uprobe: &mut UProbe = object
-            .program_mut(program)?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
-        match uprobe.attach(symbol, file, aya::programs::uprobe::UProbeScope::AllProcesses) {
-            Ok(_) => {}
-            Err(e) if required => return Err(format!("{symbol}: {}", error_chain(&e))),
-            // OpenSSL before 1.1.1 has no _ex forms.
-            Err(_) => {}
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -12,9 +12,11 @@ pub struct TcpProbeConfig {
     pub required: bool,
     /// Kernel map sizes by map name (see [`MapSizes`]).
     pub max_entries: MapSizes,
-    /// Distinct (peer address, server port) pairs kept per cgroup; further peers are summed as
-    /// `other`, so a port scan cannot blow up the series count. Default 100.
-    pub max_peers: usize,
+    /// Distinct peers (address, server port, role) kept per cgroup, in the kernel: the first
+    /// seen; the cgroup's connections with further peers are counted as peer `other`, so neither
+    /// a port scan nor a server's many clients can blow up the series or the kernel map. Default
+    /// 100.
+    pub max_peers: u32,
 }
 
 impl Default for TcpProbeConfig {

@@ -1,18 +1,30 @@
-//! The tcp probe's metrics and how its map entries become data points: per cgroup and peer, at
-//! most `max_peers` peers per cgroup, the rest summed as peer `other`.
+//! The tcp probe's metrics and how its map entries become data points: counters per cgroup and
+//! peer (the kernel keeps at most `max_peers` peers per cgroup and counts the rest, and whatever a
+//! full map refused, as peer `other`), distributions per cgroup, role and server port.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use opentelemetry_proto::tonic::common::v1::KeyValue;
-use podscope_ebpf::abi::{Hist, TcpKey, TcpStats, TCP_ROLE_CLIENT};
+use podscope_ebpf::abi::{
+    Hist, TcpCounts, TcpDistKey, TcpDists, TcpKey, TcpOtherKey, TCP_ROLE_CLIENT, TCP_ROLE_SERVER,
+};
 
 use crate::ebpf::builder::{int_attr, string_attr, MetricsBuilder, Owner};
 use crate::ebpf::catalog::{MetricDoc, MetricKind};
 
-const TCP_ATTRIBUTES: &[&str] = &[
+const PEER_ATTRIBUTES: &[&str] = &[
     "network.transport",
     "network.type",
     "network.peer.address",
+    "server.port",
+    "network.peer.port",
+    "network.local.port",
+    "podscope.tcp.role",
+];
+
+/// Distributions are per role and server port, not per peer.
+const DISTRIBUTION_ATTRIBUTES: &[&str] = &[
+    "network.transport",
     "server.port",
     "network.peer.port",
     "network.local.port",
@@ -24,14 +36,14 @@ pub const TCP_OPENED: MetricDoc = MetricDoc {
     kind: MetricKind::Counter,
     unit: "{connection}",
     description: "TCP connections established, as client (connect) or server (accept), by peer",
-    attributes: TCP_ATTRIBUTES,
+    attributes: PEER_ATTRIBUTES,
 };
 pub const TCP_CLOSED: MetricDoc = MetricDoc {
     name: "podscope.tcp.connections.closed",
     kind: MetricKind::Counter,
     unit: "{connection}",
     description: "Established TCP connections that closed, by peer",
-    attributes: TCP_ATTRIBUTES,
+    attributes: PEER_ATTRIBUTES,
 };
 pub const TCP_FAILED: MetricDoc = MetricDoc {
     name: "podscope.tcp.connections.failed",
@@ -70,28 +82,29 @@ pub const TCP_RETRANSMITS: MetricDoc = MetricDoc {
     kind: MetricKind::Counter,
     unit: "{segment}",
     description: "TCP segments retransmitted, by peer",
-    attributes: TCP_ATTRIBUTES,
+    attributes: PEER_ATTRIBUTES,
 };
 pub const TCP_DURATION: MetricDoc = MetricDoc {
     name: "podscope.tcp.connection.duration",
     kind: MetricKind::Distribution,
     unit: "ns",
-    description: "Lifetime of TCP connections from established to closed, by peer",
-    attributes: TCP_ATTRIBUTES,
+    description: "Lifetime of TCP connections from established to closed, by role and server port",
+    attributes: DISTRIBUTION_ATTRIBUTES,
 };
 pub const TCP_RTT: MetricDoc = MetricDoc {
     name: "podscope.tcp.rtt",
     kind: MetricKind::Distribution,
     unit: "ns",
-    description: "Smoothed round-trip time of TCP connections when they closed, by peer",
-    attributes: TCP_ATTRIBUTES,
+    description:
+        "Smoothed round-trip time of TCP connections when they closed, by role and server port",
+    attributes: DISTRIBUTION_ATTRIBUTES,
 };
 pub const TCP_RTT_OPEN: MetricDoc = MetricDoc {
     name: "podscope.tcp.rtt.open",
     kind: MetricKind::SampledDistribution,
     unit: "ns",
-    description: "Smoothed round-trip time of open TCP connections, one sample per connection at each collection, by peer",
-    attributes: TCP_ATTRIBUTES,
+    description: "Smoothed round-trip time of open TCP connections, one sample per connection at each collection, by role and server port",
+    attributes: DISTRIBUTION_ATTRIBUTES,
 };
 
 pub const METRICS: &[MetricDoc] = &[
@@ -105,151 +118,157 @@ pub const METRICS: &[MetricDoc] = &[
     TCP_RTT_OPEN,
 ];
 
-/// A TCP peer as its label reads: the address, or `other` for peers beyond the cap.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TcpSeries {
+const AF_INET6: u8 = 10;
+
+/// The peer a counter series is about: an address (and the server port, when the role is
+/// known), or its cgroup's `other` entry.
+pub struct Peer {
     pub cgroup_id: u64,
-    pub peer: String,
-    pub server_port: u16,
+    /// `None`: the cgroup's peers beyond `max_peers`, and whatever a full map refused.
+    pub address: Option<String>,
     pub ipv6: bool,
-    pub role: u8,
+    pub server_port: u16,
+    pub role: u32,
 }
 
-pub fn peer_address(key: &TcpKey) -> String {
-    if key.family == 10 {
-        std::net::Ipv6Addr::from(key.peer).to_string()
-    } else {
-        std::net::Ipv4Addr::new(key.peer[0], key.peer[1], key.peer[2], key.peer[3]).to_string()
-    }
-}
-
-/// Folds the kernel's per-peer stats into series, keeping at most `max_peers` (sticky: the first
-/// seen) per cgroup and summing the rest as peer `other`.
-pub fn tcp_series<V: Default + Merge>(
-    stats: &HashMap<TcpKey, V>,
-    known: &mut BTreeMap<u64, HashSet<(String, u16, u8, bool)>>,
-    max_peers: usize,
-) -> BTreeMap<TcpSeries, V> {
-    let mut keys: Vec<_> = stats.keys().collect();
-    keys.sort_by_key(|k| (k.cgroup_id, k.peer, k.server_port, k.role, k.family));
-    let mut out: BTreeMap<TcpSeries, V> = BTreeMap::new();
-    for key in keys {
-        let address = peer_address(key);
-        let ipv6 = key.family == 10;
-        let seen = known.entry(key.cgroup_id).or_default();
-        let identity = (address.clone(), key.server_port, key.role, ipv6);
-        let keep = seen.contains(&identity) || seen.len() < max_peers;
-        if keep {
-            seen.insert(identity);
-        }
-        let series = TcpSeries {
-            cgroup_id: key.cgroup_id,
-            peer: if keep { address } else { "other".to_string() },
-            server_port: if keep { key.server_port } else { 0 },
-            ipv6,
-            role: key.role,
+impl Peer {
+    pub fn of(key: &TcpKey) -> Peer {
+        let ipv6 = key.family == AF_INET6;
+        let address = if ipv6 {
+            Ipv6Addr::from(key.peer).to_string()
+        } else {
+            Ipv4Addr::new(key.peer[0], key.peer[1], key.peer[2], key.peer[3]).to_string()
         };
-        out.entry(series).or_default().merge_from(&stats[key]);
+        Peer {
+            cgroup_id: key.cgroup_id,
+            address: Some(address),
+            ipv6,
+            server_port: key.server_port,
+            role: key.role.into(),
+        }
     }
-    out
-}
 
-/// Values that fold into one series (several peers into `other`).
-pub trait Merge {
-    fn merge_from(&mut self, other: &Self);
-}
+    pub fn other(key: &TcpOtherKey) -> Peer {
+        Peer {
+            cgroup_id: key.cgroup_id,
+            address: None,
+            ipv6: key.family == AF_INET6,
+            server_port: 0,
+            role: key.role.into(),
+        }
+    }
 
-impl Merge for TcpStats {
-    fn merge_from(&mut self, other: &Self) {
-        self.merge(other);
+    fn attributes(&self) -> Vec<KeyValue> {
+        let mut attributes = vec![
+            string_attr("network.transport", "tcp"),
+            string_attr("network.type", if self.ipv6 { "ipv6" } else { "ipv4" }),
+            string_attr(
+                "network.peer.address",
+                self.address.as_deref().unwrap_or("other"),
+            ),
+        ];
+        add_role_and_port(&mut attributes, self.role, self.server_port);
+        attributes
     }
 }
 
-impl Merge for Hist {
-    fn merge_from(&mut self, other: &Self) {
-        self.merge(other);
-    }
-}
-
-/// The attributes every TCP series has: transport, address family, peer, server port, role.
-fn tcp_attributes(s: &TcpSeries) -> Vec<KeyValue> {
-    let mut attributes = vec![
-        string_attr("network.transport", "tcp"),
-        string_attr("network.type", if s.ipv6 { "ipv6" } else { "ipv4" }),
-        string_attr("network.peer.address", &s.peer),
-    ];
-    let server = u32::from(s.role) != TCP_ROLE_CLIENT;
-    if s.server_port != 0 {
-        attributes.push(int_attr("server.port", s.server_port as i64));
+/// `server.port` (when known, 0 otherwise) and its copy on the server's side, then the role.
+fn add_role_and_port(attributes: &mut Vec<KeyValue>, role: u32, server_port: u16) {
+    if server_port != 0 {
+        attributes.push(int_attr("server.port", server_port as i64));
         // The server's port is the local one on the server side and the peer's on the client
         // side; the other end's port is ephemeral and never a label.
-        let side = if server {
-            "network.local.port"
-        } else {
+        let side = if role == TCP_ROLE_CLIENT {
             "network.peer.port"
+        } else {
+            "network.local.port"
         };
-        attributes.push(int_attr(side, s.server_port as i64));
+        attributes.push(int_attr(side, server_port as i64));
     }
-    attributes.push(string_attr(
-        "podscope.tcp.role",
-        if server { "server" } else { "client" },
-    ));
+    let role = match role {
+        TCP_ROLE_CLIENT => "client",
+        TCP_ROLE_SERVER => "server",
+        _ => "unknown",
+    };
+    attributes.push(string_attr("podscope.tcp.role", role));
+}
+
+/// A distribution series' attributes: no peer, the server port (absent for the connections
+/// counted as peer `other`) and the role.
+fn distribution_attributes(key: &TcpDistKey) -> Vec<KeyValue> {
+    let mut attributes = vec![string_attr("network.transport", "tcp")];
+    add_role_and_port(&mut attributes, key.role.into(), key.server_port);
     attributes
 }
 
-/// RTT samples of open connections, one distribution per series.
-pub fn add_tcp_open_rtt(b: &mut MetricsBuilder<'_>, series: &BTreeMap<TcpSeries, Hist>) {
-    for (s, hist) in series {
-        b.distribution(
-            Owner::Cgroup(s.cgroup_id),
-            &TCP_RTT_OPEN,
-            tcp_attributes(s),
-            hist,
+/// One peer's counters.
+pub fn add_counts(b: &mut MetricsBuilder<'_>, peer: &Peer, counts: &TcpCounts) {
+    let owner = Owner::Cgroup(peer.cgroup_id);
+    let base = || peer.attributes();
+    let with = |key: &str, value: &str| {
+        let mut attributes = base();
+        attributes.push(string_attr(key, value));
+        attributes
+    };
+    if counts.opened > 0 {
+        b.count(owner, &TCP_OPENED, base(), counts.opened);
+    }
+    if counts.closed > 0 {
+        b.count(owner, &TCP_CLOSED, base(), counts.closed);
+        b.count(
+            owner,
+            &TCP_IO,
+            with("network.io.direction", "transmit"),
+            counts.bytes_sent,
         );
+        b.count(
+            owner,
+            &TCP_IO,
+            with("network.io.direction", "receive"),
+            counts.bytes_received,
+        );
+    }
+    for (reason, count) in [
+        ("refused", counts.failed_refused),
+        ("timeout", counts.failed_timeout),
+        ("reset", counts.failed_reset),
+        ("other", counts.failed_other),
+    ] {
+        if count > 0 {
+            b.count(owner, &TCP_FAILED, with("error.type", reason), count);
+        }
+    }
+    if counts.retransmits > 0 {
+        b.count(owner, &TCP_RETRANSMITS, base(), counts.retransmits);
     }
 }
 
-pub fn add_tcp(b: &mut MetricsBuilder<'_>, series: &BTreeMap<TcpSeries, TcpStats>) {
-    for (s, stats) in series {
-        let owner = Owner::Cgroup(s.cgroup_id);
-        let base = || tcp_attributes(s);
-        let with = |key: &str, value: &str| {
-            let mut attributes = base();
-            attributes.push(string_attr(key, value));
-            attributes
-        };
-        if stats.opened > 0 {
-            b.count(owner, &TCP_OPENED, base(), stats.opened);
-        }
-        if stats.closed > 0 {
-            b.count(owner, &TCP_CLOSED, base(), stats.closed);
-            b.count(
-                owner,
-                &TCP_IO,
-                with("network.io.direction", "transmit"),
-                stats.bytes_sent,
-            );
-            b.count(
-                owner,
-                &TCP_IO,
-                with("network.io.direction", "receive"),
-                stats.bytes_received,
-            );
-            b.distribution(owner, &TCP_DURATION, base(), &stats.duration_ns);
-            b.distribution(owner, &TCP_RTT, base(), &stats.srtt_ns);
-        }
-        for (reason, count) in [
-            ("refused", stats.failed_refused),
-            ("timeout", stats.failed_timeout),
-            ("reset", stats.failed_reset),
-            ("other", stats.failed_other),
-        ] {
-            if count > 0 {
-                b.count(owner, &TCP_FAILED, with("error.type", reason), count);
-            }
-        }
-        if stats.retransmits > 0 {
-            b.count(owner, &TCP_RETRANSMITS, base(), stats.retransmits);
-        }
+/// Durations and RTTs at close of one (cgroup, role, server port).
+pub fn add_dists(b: &mut MetricsBuilder<'_>, key: &TcpDistKey, dists: &TcpDists) {
+    if dists.duration_ns.count() == 0 {
+        return;
     }
+    let owner = Owner::Cgroup(key.cgroup_id);
+    b.distribution(
+        owner,
+        &TCP_DURATION,
+        distribution_attributes(key),
+        &dists.duration_ns,
+    );
+    b.distribution(
+        owner,
+        &TCP_RTT,
+        distribution_attributes(key),
+        &dists.srtt_ns,
+    );
+}
+
+/// RTT samples of the open connections of one (cgroup, role, server port).
+pub fn add_open_rtt(b: &mut MetricsBuilder<'_>, key: &TcpDistKey, hist: &Hist) {
+    b.distribution(
+        Owner::Cgroup(key.cgroup_id),
+        &TCP_RTT_OPEN,
+        distribution_attributes(key),
+        hist,
+    );
 }

@@ -1,6 +1,10 @@
 //! `tcp`: connections opened, failed and closed (bytes, duration, RTT at close) and
 //! retransmissions per cgroup (the socket's) and peer, and the RTT of open connections sampled at
 //! every collection by an iterator over the kernel's TCP sockets (`iter/tcp`, optional).
+//!
+//! The kernel keeps counters for at most `max_peers` peers per cgroup and counts the rest (and
+//! whatever a full map refused) in the cgroup's `other` entry; distributions are per cgroup, role
+//! and server port. This module reads the maps as they are: it caps nothing itself.
 
 mod config;
 mod metrics;
@@ -9,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aya::programs::Iter;
 use podscope_core::FieldError;
-use podscope_ebpf::abi::{Hist, TcpKey, TcpStats};
+use podscope_ebpf::abi::{Hist, TcpCounts, TcpDistKey, TcpDists, TcpKey, TcpOther, TcpOtherKey};
 use podscope_ebpf::{abi, objects};
 
 pub use config::TcpProbeConfig;
@@ -17,7 +21,7 @@ pub use config::TcpProbeConfig;
 use super::{Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
 use crate::ebpf::object::{
-    error_chain, tp_btf, HashTable, KernelFeatures, MapDef, ObjectSettings, ProbeError,
+    error_chain, tp_btf, Global, HashTable, KernelFeatures, MapDef, ObjectSettings, ProbeError,
     ProbeObject, ProbeSpec,
 };
 
@@ -28,14 +32,22 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_tcp_state", "inet_sock_set_state"),
         tp_btf("podscope_tcp_retransmit", "tcp_retransmit_skb"),
     ],
-    maps: &[CONN_STATS, LIVE, OPEN_RTT],
+    maps: &[CONN_STATS, CONN_DISTS, OTHER, CGROUP_PEERS, LIVE, OPEN_RTT],
 };
 
 /// The iterator program sampling open connections' RTT.
 const OPEN_RTT_ITERATOR: &str = "podscope_tcp_live_rtt";
 
+/// Peer → counters, at most `max_peers` peers per cgroup.
 const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats").counted(abi::TCP_MAP_CONN_STATS);
-/// Socket → when it was established, and its role.
+/// (cgroup, role, server port) → duration and RTT at close.
+const CONN_DISTS: MapDef = MapDef::entries("tcp_conn_dists").counted(abi::TCP_MAP_CONN_DISTS);
+/// (cgroup, address family, role) → counters and distributions of peer `other`.
+const OTHER: MapDef = MapDef::entries("tcp_other").counted(abi::TCP_MAP_OTHER);
+/// Cgroup → its peers in `tcp_conn_stats`.
+const CGROUP_PEERS: MapDef =
+    MapDef::entries("tcp_cgroup_peers").counted(abi::TCP_MAP_CGROUP_PEERS);
+/// Socket → when it was established, its role and server port.
 const LIVE: MapDef = MapDef::entries("tcp_live").counted(abi::TCP_MAP_LIVE);
 /// Filled by the iterator, emptied before each run.
 const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt").counted(abi::TCP_MAP_LIVE_RTT);
@@ -60,7 +72,11 @@ impl SingleObjectProbe for Tcp {
         config: &TcpProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        let mut object = ctx.object(&SPEC, &ObjectSettings::default())?;
+        let settings = ObjectSettings {
+            globals: vec![Global::U32("max_peers", config.max_peers)],
+            skip: &[],
+        };
+        let mut object = ctx.object(&SPEC, &settings)?;
         let samples_open_rtt = match load_iterator(&mut object, ctx.features) {
             Ok(()) => true,
             Err(reason) => {
@@ -73,32 +89,33 @@ impl SingleObjectProbe for Tcp {
             }
         };
         Ok(Box::new(Loaded {
-            stats: object.hash(&CONN_STATS)?,
+            counts: object.hash(&CONN_STATS)?,
+            dists: object.hash(&CONN_DISTS)?,
+            other: object.hash(&OTHER)?,
+            cgroup_peers: object.hash(&CGROUP_PEERS)?,
             open_rtt: object.hash(&OPEN_RTT)?,
             object,
             samples_open_rtt,
-            peers: BTreeMap::new(),
-            max_peers: config.max_peers,
         }))
     }
 }
 
 struct Loaded {
     object: ProbeObject,
-    stats: HashTable<TcpKey, TcpStats>,
-    open_rtt: HashTable<TcpKey, Hist>,
+    counts: HashTable<TcpKey, TcpCounts>,
+    dists: HashTable<TcpDistKey, TcpDists>,
+    other: HashTable<TcpOtherKey, TcpOther>,
+    cgroup_peers: HashTable<u64, u64>,
+    open_rtt: HashTable<TcpDistKey, Hist>,
     /// The iterator over open connections is loaded.
     samples_open_rtt: bool,
-    /// Peers kept per cgroup (the cap is sticky: the first `max_peers` seen).
-    peers: BTreeMap<u64, HashSet<(String, u16, u8, bool)>>,
-    max_peers: usize,
 }
 
 impl Loaded {
     /// Runs the iterator once: the smoothed RTT of every open connection the probe saw
-    /// established, per connection key. The map is emptied first, so it holds exactly this run's
-    /// samples.
-    fn sample_open_rtt(&mut self) -> Result<HashMap<TcpKey, Hist>, String> {
+    /// established, per (cgroup, role, server port). The map is emptied first, so it holds
+    /// exactly this run's samples.
+    fn sample_open_rtt(&mut self) -> Result<HashMap<TcpDistKey, Hist>, String> {
         self.open_rtt.remove(self.open_rtt.entries().into_keys());
         let program: &mut Iter = self
             .object
@@ -123,21 +140,63 @@ fn load_iterator(object: &mut ProbeObject, features: &KernelFeatures) -> Result<
     program.load("tcp", btf).map_err(|e| error_chain(&e))
 }
 
+/// A distribution series' identity, in output order.
+fn dist_order(key: &TcpDistKey) -> (u64, u8, u16) {
+    (key.cgroup_id, key.role, key.server_port)
+}
+
 impl Probe for Loaded {
     fn objects_mut(&mut self) -> Vec<&mut ProbeObject> {
         vec![&mut self.object]
     }
 
     fn collect(&mut self, out: &mut Collection<'_>) {
-        let stats = self.stats.entries();
-        out.saw(stats.keys().map(|k| k.cgroup_id));
-        let series = metrics::tcp_series(&stats, &mut self.peers, self.max_peers);
-        metrics::add_tcp(&mut out.metrics, &series);
+        let counts = self.counts.entries();
+        let dists = self.dists.entries();
+        let other = self.other.entries();
+        out.saw(counts.keys().map(|k| k.cgroup_id));
+        out.saw(dists.keys().map(|k| k.cgroup_id));
+        out.saw(other.keys().map(|k| k.cgroup_id));
+
+        let mut peers: Vec<(&TcpKey, &TcpCounts)> = counts.iter().collect();
+        peers.sort_by_key(|(k, _)| (k.cgroup_id, k.peer, k.server_port, k.family, k.role));
+        for (key, counts) in peers {
+            metrics::add_counts(&mut out.metrics, &metrics::Peer::of(key), counts);
+        }
+        // A cgroup's `other` distributions have no server port: both address families' entries
+        // are one series.
+        let mut by_series: BTreeMap<(u64, u8, u16), (TcpDistKey, TcpDists)> = dists
+            .into_iter()
+            .map(|(key, dists)| (dist_order(&key), (key, dists)))
+            .collect();
+        let mut others: Vec<(&TcpOtherKey, &TcpOther)> = other.iter().collect();
+        others.sort_by_key(|(k, _)| (k.cgroup_id, k.family, k.role));
+        for (key, other) in others {
+            metrics::add_counts(&mut out.metrics, &metrics::Peer::other(key), &other.counts);
+            let series = TcpDistKey {
+                cgroup_id: key.cgroup_id,
+                server_port: 0,
+                role: key.role,
+                ..Default::default()
+            };
+            by_series
+                .entry(dist_order(&series))
+                .or_insert((series, TcpDists::default()))
+                .1
+                .merge(&other.dists);
+        }
+        for (key, dists) in by_series.values() {
+            metrics::add_dists(&mut out.metrics, key, dists);
+        }
+
         if self.samples_open_rtt {
             match self.sample_open_rtt() {
                 Ok(samples) => {
-                    let series = metrics::tcp_series(&samples, &mut self.peers, self.max_peers);
-                    metrics::add_tcp_open_rtt(&mut out.metrics, &series);
+                    let mut samples: Vec<_> = samples.into_iter().collect();
+                    samples.sort_by_key(|(key, _)| dist_order(key));
+                    for (key, hist) in &samples {
+                        metrics::add_open_rtt(&mut out.metrics, key, hist);
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(receiver = %out.receiver, error = %e, "cannot sample the RTT of open TCP connections")
@@ -147,7 +206,9 @@ impl Probe for Loaded {
     }
 
     fn forget(&mut self, gone: &HashSet<u64>) {
-        self.stats.forget(gone, |k| k.cgroup_id);
-        self.peers.retain(|id, _| !gone.contains(id));
+        self.counts.forget(gone, |k| k.cgroup_id);
+        self.dists.forget(gone, |k| k.cgroup_id);
+        self.other.forget(gone, |k| k.cgroup_id);
+        self.cgroup_peers.forget(gone, |k| *k);
     }
 }

@@ -22,9 +22,13 @@ pub struct UprobeConfig {
     #[serde(default)]
     pub capture: Option<CaptureConfig>,
     pub metric: UprobeMetricConfig,
-    /// Distinct series kept at most; hits beyond go to one `other` series. Default 1000.
+    /// Distinct (process, value) series kept at most, in the kernel; hits of further series go
+    /// to their cgroup's `other` series. The series of a process that exited are reported once
+    /// more, then removed, which makes room for new ones. Default 1000. It is also the size of
+    /// the `uprobe_hits` map unless `max_entries` sets one (a smaller one caps first: its refused
+    /// inserts are counted, and their hits go to `other` as well).
     #[serde(default = "default_max_series")]
-    pub max_series: usize,
+    pub max_series: u32,
     /// Regexes whose matches in a captured string are replaced by `<redacted>`.
     #[serde(default)]
     pub redact: Vec<String>,
@@ -36,7 +40,7 @@ pub struct UprobeConfig {
     pub max_entries: MapSizes,
 }
 
-fn default_max_series() -> usize {
+fn default_max_series() -> u32 {
     1000
 }
 

@@ -3,23 +3,28 @@
 //! loaded per entry; an entry that cannot attach (missing binary or symbol) is reported on its own
 //! and the others still attach.
 //!
-//! Captured values are redacted (regexes) before they become labels, and each entry keeps at most
-//! `max_series` distinct series: hits beyond that go to one `other` series and are counted in
-//! `podscope_ebpf_uprobe_overflow_total`.
+//! Captured values are redacted (regexes) before they become labels. The kernel keeps at most
+//! `max_series` (process, value) series per entry: hits of further series (and of those a full
+//! map refused) are counted per cgroup in the kernel as value `other`, and in
+//! `podscope_ebpf_uprobe_overflow_total`. The series of processes that exited are reported a last
+//! time, then removed from the kernel map, and their room given back.
 
 mod config;
+mod containers;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::MetadataExt as _;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
+use aya::maps::{Array, MapData};
 use aya::programs::UProbe;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use podscope_core::FieldError;
 use podscope_ebpf::abi::UprobeKey;
 use podscope_ebpf::{abi, objects};
 use prometheus_client::metrics::counter::Counter;
 
 pub use config::{CaptureKind, Target, UprobeConfig};
+pub use containers::{ContainerTargets, SymbolProbe};
 
 use super::{Collection, LoadContext, Probe, ProbeKind};
 use crate::ebpf::builder::{int_attr, string_attr, MetricsBuilder, Owner};
@@ -33,13 +38,18 @@ const SPEC: ProbeSpec = ProbeSpec {
     name: "uprobes",
     object: objects::UPROBES,
     programs: &[],
-    maps: &[HITS, SCRATCH],
+    maps: &[HITS, OTHER, SERIES, SCRATCH],
 };
 
 const ENTRY: &str = "podscope_uprobe";
 const RETURN: &str = "podscope_uretprobe";
 
+/// (cgroup, process, value) → hits, at most `max_series` entries.
 const HITS: MapDef = MapDef::entries("uprobe_hits").counted(abi::UPROBES_MAP_HITS);
+/// Cgroup → hits of the series beyond `max_series` or refused by a full `uprobe_hits`.
+const OTHER: MapDef = MapDef::entries("uprobe_other").counted(abi::UPROBES_MAP_OTHER);
+/// Series admitted by the kernel and released by the agent (`enum uprobe_series_slot`).
+const SERIES: MapDef = MapDef::fixed("uprobe_series");
 const SCRATCH: MapDef = MapDef::fixed("uprobe_scratch");
 
 pub struct Uprobes;
@@ -71,7 +81,13 @@ impl ProbeKind for Uprobes {
     ) -> anyhow::Result<Vec<Box<dyn Probe>>> {
         let mut probes: Vec<Box<dyn Probe>> = Vec::new();
         for (i, entry) in config.iter().enumerate() {
-            ctx.max_entries = entry.max_entries.clone();
+            let mut sizes = entry.max_entries.clone();
+            // The kernel holds at most max_series series: their map needs no more room.
+            sizes
+                .0
+                .entry(HITS.name.to_string())
+                .or_insert(entry.max_series);
+            ctx.max_entries = sizes;
             let loaded = ctx.attempt(entry.required, "uprobe", |ctx| {
                 LoadedUprobe::load(entry, ctx).map_err(|reason| ProbeError {
                     probe: SPEC.name,
@@ -88,107 +104,20 @@ impl ProbeKind for Uprobes {
     }
 }
 
-/// The containers a `container:<path>` entry has looked at. Each container is checked once per
-/// root directory, through the first of its processes seen in `/proc` with that root: a runtime
-/// moves a container's first process into its cgroup before switching to the container's root,
-/// so a process seen in between shows the host's root and must not settle the container.
-/// The probe attaches once per distinct file (device and inode): containers of one image share
-/// the binary's file through the image layer, so one attachment serves them all, and their hits
-/// are still told apart by cgroup. A container whose binary is missing is skipped; one that only
-/// gets the binary later (installed at run time) is not attached.
-#[derive(Debug, Default)]
-pub struct ContainerTargets {
-    /// (container id, root device, root inode) already looked at.
-    checked: HashSet<(String, u64, u64)>,
-    /// (pid, root device, root inode) already looked at, pruned to the live processes at each
-    /// scan. With the root in the key, a process seen before it switched root is looked at again.
-    seen: HashSet<(u32, u64, u64)>,
-    /// (device, inode) of every file attached.
-    files: HashSet<(u64, u64)>,
-}
-
-impl ContainerTargets {
-    /// Looks at the containers not looked at yet: in each, the files `files(root)` names
-    /// (inside the container's root, as seen from here) that exist and were not attached before
-    /// are given to `attach`. `what` names the probe in log lines. Returns how many attached.
-    pub fn scan(
-        &mut self,
-        proc_root: &Path,
-        what: &str,
-        files: impl Fn(&Path) -> Vec<std::path::PathBuf>,
-        mut attach: impl FnMut(&Path) -> Result<(), String>,
-    ) -> usize {
-        let Ok(entries) = std::fs::read_dir(proc_root) else {
-            return 0;
-        };
-        let live: HashSet<u32> = entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .collect();
-        self.seen.retain(|(pid, _, _)| live.contains(pid));
-        let mut attached = 0;
-        for pid in live {
-            let root = proc_root.join(pid.to_string()).join("root");
-            let Ok(root_meta) = std::fs::metadata(&root) else {
-                continue;
-            };
-            if !self.seen.insert((pid, root_meta.dev(), root_meta.ino())) {
-                continue;
-            }
-            let Some(container) = podscope_core::cgroup::process_cgroup_path(proc_root, pid)
-                .and_then(|path| podscope_core::cgroup::container_id(&path))
-            else {
-                continue;
-            };
-            if !self
-                .checked
-                .insert((container.clone(), root_meta.dev(), root_meta.ino()))
-            {
-                continue;
-            }
-            for file in files(&root) {
-                let Ok(meta) = std::fs::metadata(&file) else {
-                    tracing::debug!(probe = %what, container = %container, file = %file.display(), "not in this container");
-                    continue;
-                };
-                if !self.files.insert((meta.dev(), meta.ino())) {
-                    // Same file as a container already attached (one image layer): covered.
-                    continue;
-                }
-                match attach(&file) {
-                    Ok(()) => {
-                        attached += 1;
-                        tracing::info!(probe = %what, container = %container, pid, file = %file.display(), "uprobe attached in container");
-                    }
-                    Err(e) => {
-                        tracing::warn!(probe = %what, container = %container, file = %file.display(), error = %e, "cannot attach the uprobe in this container");
-                    }
-                }
-            }
-        }
-        attached
-    }
-
-    /// Marks a file as attached (on the host), so containers sharing it are not attached again.
-    pub fn attached_on_host(&mut self, file: &Path) {
-        if let Ok(meta) = std::fs::metadata(file) {
-            self.files.insert((meta.dev(), meta.ino()));
-        }
-    }
-}
-
 /// A loaded entry and what it needs at collection time.
 pub struct LoadedUprobe {
     config: UprobeConfig,
     object: ProbeObject,
     hits: HashTable<UprobeKey, u64>,
+    other: HashTable<u64, u64>,
+    series: Array<MapData, u64>,
+    /// Series removed from `hits` so far (what the kernel's released slot says).
+    released: u64,
     /// For `container:<path>` entries.
     containers: Option<ContainerTargets>,
     redact: Vec<regex::Regex>,
-    /// Series seen so far (value, pid, cgroup): the cardinality cap counts these.
-    known: BTreeSet<(String, u32, u64)>,
-    /// Hits folded into `other`, per cgroup, from keys beyond the cap: their last counts.
-    overflow: HashMap<(String, u32, u64), u64>,
+    /// Each cgroup's `other` hits as last reported, for the overflow counter.
+    other_reported: HashMap<u64, u64>,
     overflow_total: Counter,
     container_attachments: Counter,
 }
@@ -217,11 +146,14 @@ impl LoadedUprobe {
                 Global::U32("capture_kind", kind),
                 Global::U32("capture_arg", arg),
                 Global::U32("max_len", max_len),
+                Global::U32("max_series", config.max_series),
             ],
             skip: &[],
         };
         let mut object = ctx.object(&SPEC, &settings).map_err(|e| e.reason)?;
         let hits = object.hash(&HITS).map_err(|e| e.reason)?;
+        let other = object.hash(&OTHER).map_err(|e| e.reason)?;
+        let series = object.array(&SERIES).map_err(|e| e.reason)?;
         let function = if config.on_return { RETURN } else { ENTRY };
         let program: &mut UProbe = object
             .program_mut(function)?
@@ -234,20 +166,35 @@ impl LoadedUprobe {
                 None
             }
             // Attached per container by `rescan`, now and as containers start.
-            Target::Container(_) => Some(ContainerTargets::default()),
+            Target::Container(inner) => {
+                let inner = inner.strip_prefix("/").unwrap_or(inner).to_path_buf();
+                Some(ContainerTargets::new(
+                    &mut object,
+                    ctx.features,
+                    Box::new(move |root| vec![root.join(&inner)]),
+                    vec![SymbolProbe {
+                        program: function,
+                        symbol: config.symbol.clone(),
+                        required: true,
+                    }],
+                    config.location(),
+                ))
+            }
         };
         Ok(LoadedUprobe {
             config: config.clone(),
             object,
             hits,
+            other,
+            series,
+            released: 0,
             containers,
             redact: config
                 .redact
                 .iter()
                 .filter_map(|p| regex::Regex::new(p).ok())
                 .collect(),
-            known: BTreeSet::new(),
-            overflow: HashMap::new(),
+            other_reported: HashMap::new(),
             overflow_total: ctx.telemetry.uprobe_overflow.clone(),
             container_attachments: ctx.telemetry.container_attachments.clone(),
         })
@@ -271,10 +218,39 @@ impl Probe for LoadedUprobe {
     }
 
     fn collect(&mut self, out: &mut Collection<'_>) {
-        let overflowed = self.add_hits(&mut out.metrics, out.host_name);
-        if overflowed > 0 {
-            self.overflow_total.inc_by(overflowed);
+        // A process that exited before its hits are read adds none after: its series are reported
+        // this last time, then removed.
+        let exited: HashSet<u32> = self
+            .hits
+            .keys()
+            .iter()
+            .map(|key| key.pid)
+            .filter(|pid| !Path::new("/proc").join(pid.to_string()).exists())
+            .collect();
+        let hits = self.hits.entries();
+        let other = self.other.entries();
+        out.saw(hits.keys().map(|k| k.cgroup_id));
+        out.saw(other.keys().copied());
+        self.add_hits(&mut out.metrics, out.host_name, &hits, &other);
+        for (cgroup, count) in &other {
+            let reported = self.other_reported.insert(*cgroup, *count).unwrap_or(0);
+            self.overflow_total.inc_by(count.saturating_sub(reported));
         }
+        let exited: Vec<UprobeKey> = hits
+            .into_keys()
+            .filter(|key| exited.contains(&key.pid))
+            .collect();
+        let removed = exited.len();
+        self.hits.remove(exited);
+        self.release(removed);
+    }
+
+    /// Frees the series and `other` counts of removed cgroups.
+    fn forget(&mut self, gone: &HashSet<u64>) {
+        let removed = self.hits.forget(gone, |k| k.cgroup_id);
+        self.release(removed);
+        self.other.forget(gone, |cgroup| *cgroup);
+        self.other_reported.retain(|cgroup, _| !gone.contains(cgroup));
     }
 
     fn watches_containers(&self) -> bool {
@@ -282,41 +258,14 @@ impl Probe for LoadedUprobe {
     }
 
     fn rescan(&mut self) {
-        let attached = self.scan_containers(Path::new("/proc"));
-        self.container_attachments.inc_by(attached as u64);
+        if let Some(containers) = &mut self.containers {
+            let attached = containers.scan(&mut self.object, Path::new("/proc"));
+            self.container_attachments.inc_by(attached as u64);
+        }
     }
 }
 
 impl LoadedUprobe {
-    /// For a `container:<path>` entry: attaches to the binary in containers not looked at yet.
-    /// Returns how many new files were attached.
-    fn scan_containers(&mut self, proc_root: &Path) -> usize {
-        let Target::Container(inner) = self.config.target() else {
-            return 0;
-        };
-        let inner = inner.strip_prefix("/").unwrap_or(inner).to_path_buf();
-        let Some(targets) = self.containers.as_mut() else {
-            return 0;
-        };
-        let function = if self.config.on_return { RETURN } else { ENTRY };
-        let (object, symbol, location) = (
-            &mut self.object,
-            &self.config.symbol,
-            self.config.location(),
-        );
-        targets.scan(
-            proc_root,
-            &location,
-            |root| vec![root.join(&inner)],
-            |file| {
-                let program = object
-                    .program_mut(function)
-                    .and_then(|p| <&mut UProbe>::try_from(p).map_err(|e| e.to_string()))?;
-                attach(program, symbol, file)
-            },
-        )
-    }
-
     fn value_text(&self, key: &UprobeKey) -> String {
         let bytes = key.value_bytes();
         let text = match self.config.capture.as_ref().map(|c| c.kind) {
@@ -332,65 +281,66 @@ impl LoadedUprobe {
             .fold(text, |t, re| re.replace_all(&t, "<redacted>").into_owned())
     }
 
-    /// Adds this entry's counters to `builder`; returns how many new hits overflowed the cap.
-    fn add_hits(&mut self, builder: &mut MetricsBuilder<'_>, host_name: &str) -> u64 {
-        let hits = self.hits.entries();
-        let (name, description) = (
-            self.config.metric.name.clone(),
-            self.config.metric.description.clone(),
-        );
-        let labels = self.config.metric.labels.clone();
-        let mut other: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut overflowed = 0;
-        let mut series: BTreeMap<(String, u32, u64), u64> = BTreeMap::new();
-        for (key, count) in &hits {
+    /// Gives the kernel back the room of `removed` series taken out of `uprobe_hits`.
+    fn release(&mut self, removed: usize) {
+        if removed == 0 {
+            return;
+        }
+        self.released += removed as u64;
+        if let Err(e) = self
+            .series
+            .set(abi::UPROBE_SERIES_RELEASED, self.released, 0)
+        {
+            tracing::warn!(uprobe = %self.config.location(), error = %error_chain(&e), "cannot give the kernel back the room of removed series");
+        }
+    }
+
+    /// Adds this entry's counters to `builder`: a series per (value, process) and cgroup, and
+    /// each cgroup's `other` hits.
+    fn add_hits(
+        &self,
+        builder: &mut MetricsBuilder<'_>,
+        host_name: &str,
+        hits: &HashMap<UprobeKey, u64>,
+        other: &HashMap<u64, u64>,
+    ) {
+        let metric = &self.config.metric;
+        let labels = &metric.labels;
+        // Redaction can make two captured values one.
+        let mut series: BTreeMap<(u64, u32, String), u64> = BTreeMap::new();
+        for (key, count) in hits {
             let value = if self.config.capture.is_some() {
                 self.value_text(key)
             } else {
                 String::new()
             };
-            *series.entry((value, key.pid, key.cgroup_id)).or_default() += count;
+            *series.entry((key.cgroup_id, key.pid, value)).or_default() += count;
         }
-        for (id, count) in series {
-            if self.known.contains(&id) || self.known.len() < self.config.max_series {
-                self.known.insert(id.clone());
-                let (value, pid, cgroup) = id;
-                let mut attributes = Vec::new();
-                if self.config.capture.is_some() {
-                    attributes.push(string_attr(&labels.value, value));
-                }
-                attributes.push(int_attr(&labels.pid, pid as i64));
-                if !labels.node.is_empty() {
-                    attributes.push(string_attr(&labels.node, host_name));
-                }
-                builder.count_named(
-                    Owner::Cgroup(cgroup),
-                    &name,
-                    &description,
-                    "{call}",
-                    attributes,
-                    count,
-                );
-            } else {
-                let previous = self.overflow.insert(id.clone(), count).unwrap_or(0);
-                overflowed += count.saturating_sub(previous);
-                *other.entry(id.2).or_default() += count;
+        let mut points: Vec<(u64, Vec<KeyValue>, u64)> = Vec::new();
+        for ((cgroup, pid, value), count) in series {
+            let mut attributes = Vec::new();
+            if self.config.capture.is_some() {
+                attributes.push(string_attr(&labels.value, value));
             }
+            attributes.push(int_attr(&labels.pid, pid as i64));
+            points.push((cgroup, attributes, count));
         }
+        let other: BTreeMap<u64, u64> = other.iter().map(|(k, v)| (*k, *v)).collect();
         for (cgroup, count) in other {
-            let mut attributes = vec![string_attr(&labels.value, "other")];
+            points.push((cgroup, vec![string_attr(&labels.value, "other")], count));
+        }
+        for (cgroup, mut attributes, count) in points {
             if !labels.node.is_empty() {
                 attributes.push(string_attr(&labels.node, host_name));
             }
             builder.count_named(
                 Owner::Cgroup(cgroup),
-                &name,
-                &description,
+                &metric.name,
+                &metric.description,
                 "{call}",
                 attributes,
                 count,
             );
         }
-        overflowed
     }
 }

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use podscope_core::proto::tonic::common::v1::{any_value, AnyValue, ArrayValue, KeyValue};
 use regex::Regex;
 
-use super::config::{FieldExtract, FieldSource, K8sAttributesConfig};
+use super::config::{ExtractConfig, FieldExtract, FieldSource};
 
 /// One attribute as the store keeps it: key and value shared through the [`Interner`] (a
 /// namespace, node, workload or image name is stored once for all its pods), turned into an
@@ -95,9 +95,10 @@ pub struct PodMeta {
     pub uid: Arc<str>,
     pub namespace: Arc<str>,
     pub name: Arc<str>,
-    /// Pod IPs, empty for host-network pods (their IP is the node's and names no pod).
+    /// The IPs the pod holds, by which data may name it: empty for host-network pods (their IP
+    /// is the node's) and for finished pods (see [`has_finished`]).
     pub ips: Box<[Arc<str>]>,
-    /// Labels, kept for namespace/label selectors (the receiver's kernel-side filter).
+    /// Labels, kept for pod selectors (the eBPF receiver's kernel-side filter).
     pub labels: Box<[(Arc<str>, Arc<str>)]>,
     /// Attributes of the pod, for data of any of its containers or of none.
     pub attributes: Box<[Attr]>,
@@ -218,6 +219,45 @@ pub fn split_image(image: &str) -> (String, Option<String>) {
     }
 }
 
+/// The pod's IPs (`status.podIP`, then the rest of `status.podIPs`); none for a host-network
+/// pod, whose IP is the node's and names no pod.
+pub fn pod_ips(pod: &Pod) -> Vec<&str> {
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Vec::new();
+    }
+    let status = pod.status.as_ref();
+    let mut ips: Vec<&str> = Vec::new();
+    let listed = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten();
+    for ip in status
+        .and_then(|s| s.pod_ip.as_deref())
+        .into_iter()
+        .chain(listed.map(|i| i.ip.as_str()))
+    {
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+/// Whether the pod has finished (`Succeeded` or `Failed`). Its sandbox is gone and the network
+/// may have given its IP to a new pod, though the API server keeps listing it in `status.podIP`
+/// (a Job's pods stay until the Job is deleted), so it holds no IP in the indexes.
+pub fn has_finished(pod: &Pod) -> bool {
+    matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
 /// Strips the runtime scheme from `status.containerStatuses[].containerID`.
 pub fn bare_container_id(id: &str) -> &str {
     id.split_once("://").map_or(id, |(_, bare)| bare)
@@ -241,7 +281,7 @@ pub fn string_kv(key: &str, value: &str) -> KeyValue {
 }
 
 impl Extractor {
-    pub fn new(config: &K8sAttributesConfig) -> Result<Extractor, String> {
+    pub fn new(extract: &ExtractConfig) -> Result<Extractor, String> {
         let compile = |rules: &[FieldExtract]| {
             rules
                 .iter()
@@ -254,9 +294,9 @@ impl Extractor {
                 .collect::<Result<Vec<_>, String>>()
         };
         Ok(Extractor {
-            metadata: config.extract.metadata.clone(),
-            labels: compile(&config.extract.labels)?,
-            annotations: compile(&config.extract.annotations)?,
+            metadata: extract.metadata.clone(),
+            labels: compile(&extract.labels)?,
+            annotations: compile(&extract.annotations)?,
         })
     }
 
@@ -317,22 +357,7 @@ impl Extractor {
         );
         let status = pod.status.as_ref();
         let spec = pod.spec.as_ref();
-        let host_network = spec.and_then(|s| s.host_network).unwrap_or(false);
-        let mut ips: Vec<&str> = Vec::new();
-        if !host_network {
-            if let Some(ip) = status.and_then(|s| s.pod_ip.as_deref()) {
-                ips.push(ip);
-            }
-            for ip in status
-                .and_then(|s| s.pod_ips.as_ref())
-                .into_iter()
-                .flatten()
-            {
-                if !ips.contains(&ip.ip.as_str()) {
-                    ips.push(&ip.ip);
-                }
-            }
-        }
+        let ips = pod_ips(pod);
         let empty = BTreeMap::new();
         let labels = meta.labels.as_ref().unwrap_or(&empty);
         let annotations = meta.annotations.as_ref();
@@ -479,7 +504,12 @@ impl Extractor {
             uid: Arc::from(uid),
             namespace: interner.get(namespace),
             name: Arc::from(name),
-            ips: ips.into_iter().map(Arc::from).collect(),
+            // A finished pod's IP may already be another pod's: it is described, not indexed.
+            ips: if has_finished(pod) {
+                Box::default()
+            } else {
+                ips.into_iter().map(Arc::from).collect()
+            },
             labels: labels
                 .iter()
                 .map(|(k, v)| (interner.get(k), interner.get(v)))

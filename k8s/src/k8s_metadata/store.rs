@@ -79,7 +79,8 @@ impl PodStore {
                 self.by_container.insert(id.clone(), (uid.clone(), i));
             }
         }
-        // A newer pod may reuse a deleted pod's IP: the index points at the newest.
+        // A new pod may take the IP of one deleted but still kept for the delay: the index points
+        // at the newest, and the old pod's purge removes only what it still owns (`unindex`).
         for ip in &pod.ips {
             self.by_ip.insert(ip.clone(), uid.clone());
         }
@@ -242,13 +243,5 @@ impl PodStore {
 
     pub fn is_empty(&self) -> bool {
         self.by_uid.is_empty()
-    }
-
-    /// Every pod not deleted: for selectors (the receiver's kernel-side filter).
-    pub fn live_pods(&self) -> impl Iterator<Item = &Arc<PodMeta>> {
-        self.by_uid
-            .values()
-            .filter(|e| e.deleted_at.is_none())
-            .map(|e| &e.pod)
     }
 }

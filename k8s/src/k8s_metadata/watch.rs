@@ -8,18 +8,20 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use kube::core::{Expression, Selector};
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
+use podscope_core::backoff::{Backoff, BackoffPolicy};
 use podscope_core::health::Readiness;
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{AuthType, FieldSource, K8sAttributesConfig, LabelOp};
+use super::config::{AuthType, FieldSource, K8sMetadataConfig, LabelOp};
 use super::metadata::Extractor;
 use super::peers::PeerIndex;
 use super::store::PodStore;
 
-/// Where the processor gets pod metadata from.
+/// Where the extension gets pod metadata from.
 pub enum Source {
     /// An API server, watching this node's pods.
     Cluster { client: Client, node: String },
@@ -30,7 +32,7 @@ pub enum Source {
 /// Decides between cluster and host mode. An explicit `auth_type` that cannot be satisfied is
 /// an error (the user asked for a cluster); with `auth_type` unset, a missing cluster means host
 /// mode.
-pub async fn connect(config: &K8sAttributesConfig) -> anyhow::Result<Source> {
+pub async fn connect(config: &K8sMetadataConfig) -> anyhow::Result<Source> {
     let explicit = config.auth_type.is_some();
     let kube_config = match config.auth_type {
         Some(AuthType::None) => {
@@ -91,23 +93,26 @@ fn kubeconfig_exists() -> bool {
         .unwrap_or(false)
 }
 
-/// The label selector `filter.labels` asks for, in Kubernetes syntax.
-pub fn label_selector(config: &K8sAttributesConfig) -> Option<String> {
-    let parts: Vec<String> = config
+/// The label selector `filter.labels` asks for, in kube's model (printed for the API).
+pub fn label_selector(config: &K8sMetadataConfig) -> Option<Selector> {
+    let expressions: Vec<Expression> = config
         .filter
         .labels
         .iter()
-        .map(|l| match (l.op, l.value.as_deref()) {
-            (LabelOp::Equals, Some(v)) => format!("{}={v}", l.key),
-            (LabelOp::NotEquals, Some(v)) => format!("{}!={v}", l.key),
-            (LabelOp::DoesNotExist, _) => format!("!{}", l.key),
-            _ => l.key.clone(),
+        .map(|l| {
+            let (key, value) = (l.key.clone(), l.value.clone().unwrap_or_default());
+            match l.op {
+                LabelOp::Equals => Expression::Equal(key, value),
+                LabelOp::NotEquals => Expression::NotEqual(key, value),
+                LabelOp::Exists => Expression::Exists(key),
+                LabelOp::DoesNotExist => Expression::DoesNotExist(key),
+            }
         })
         .collect();
-    (!parts.is_empty()).then(|| parts.join(","))
+    (!expressions.is_empty()).then(|| Selector::from_iter(expressions))
 }
 
-/// What the watch tasks share with the processor.
+/// What the watch tasks share with the extension.
 #[derive(Clone)]
 pub struct WatchContext {
     pub store: Arc<RwLock<PodStore>>,
@@ -136,7 +141,7 @@ impl WatchContext {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct WatchLabels {
-    pub processor: String,
+    pub extension: String,
     pub resource: String,
 }
 
@@ -144,7 +149,7 @@ pub struct WatchLabels {
 pub fn spawn_watches(
     client: Client,
     node: String,
-    config: &K8sAttributesConfig,
+    config: &K8sMetadataConfig,
     ctx: WatchContext,
     cancel: CancellationToken,
 ) -> Vec<tokio::task::JoinHandle<()>> {
@@ -159,7 +164,7 @@ pub fn spawn_watches(
     };
     let mut pod_config = watcher::Config::default().fields(&fields);
     if let Some(labels) = label_selector(config) {
-        pod_config = pod_config.labels(&labels);
+        pod_config = pod_config.labels(&labels.to_string());
     }
     ctx.readiness
         .set_not_ready(&ctx.component, "pod metadata not synced yet");
@@ -214,7 +219,7 @@ impl FailureLog {
     fn failed(&mut self, ctx: &WatchContext, error: &watcher::Error) {
         ctx.watch_errors
             .get_or_create(&WatchLabels {
-                processor: ctx.component.clone(),
+                extension: ctx.component.clone(),
                 resource: self.resource.to_string(),
             })
             .inc();
@@ -226,7 +231,7 @@ impl FailureLog {
         {
             self.last_logged = Some(now);
             tracing::warn!(
-                processor = %ctx.component,
+                extension = %ctx.component,
                 resource = self.resource,
                 error = %error,
                 "Kubernetes watch failing; retrying with backoff, data keeps flowing with the metadata already known"
@@ -237,7 +242,7 @@ impl FailureLog {
     fn recovered(&mut self, ctx: &WatchContext) {
         if let Some(since) = self.failing_since.take() {
             tracing::info!(
-                processor = %ctx.component,
+                extension = %ctx.component,
                 resource = self.resource,
                 after = ?since.elapsed(),
                 "Kubernetes watch recovered"
@@ -247,34 +252,16 @@ impl FailureLog {
     }
 }
 
-/// Backoff between watch restarts after a failure: 500 ms doubling to 30 s, with up to 25 %
-/// jitter so a fleet of agents does not return to the API server in step. Reset by a complete
-/// list.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn new() -> Self {
-        Backoff { next: Self::FIRST }
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-
-    fn take(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
-    }
-}
+/// Waits between watch restarts after a failure: 500 ms doubling to 30 s, randomized by ± 25 % so
+/// a fleet of agents does not return to the API server in step; never given up. Reset by a
+/// complete list.
+const WATCH_RESTART: BackoffPolicy = BackoffPolicy {
+    initial: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+    multiplier: 2.0,
+    randomization_factor: 0.25,
+    max_elapsed: None,
+};
 
 /// Runs a watch until cancelled. On an error the watch is dropped and, after a backoff, started
 /// again from a fresh list: the cache then reflects a complete list taken after the failure, which
@@ -293,7 +280,7 @@ async fn run_watch<K>(
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let mut failures = FailureLog::new(resource);
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::new(WATCH_RESTART);
     loop {
         let stream = watcher::watcher(api.clone(), config.clone());
         futures::pin_mut!(stream);
@@ -319,7 +306,7 @@ async fn run_watch<K>(
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff.take()) => {}
+            _ = tokio::time::sleep(backoff.next_wait(None).unwrap_or(WATCH_RESTART.max)) => {}
         }
     }
 }
@@ -370,7 +357,7 @@ async fn watch_pods(
                 if !synced_once {
                     synced_once = true;
                     ctx.synced.store(true, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(processor = %ctx.component, pods = store.len(), "pod metadata synced");
+                    tracing::info!(extension = %ctx.component, pods = store.len(), "pod metadata synced");
                 }
             }
             ctx.count_pods(&store);
@@ -419,27 +406,33 @@ async fn watch_namespaces(api: Api<Namespace>, ctx: WatchContext, cancel: Cancel
         "namespaces",
         &cancel,
         |_| {},
-        |event| {
-            let mut store = write(&ctx.store);
-            match event {
-                Event::InitApply(ns) | Event::Apply(ns) => {
-                    if let Some(name) = ns.metadata.name.clone() {
-                        let attributes = ctx.extractor.namespace(&ns, &mut store.interner);
-                        store.set_namespace(name, attributes);
-                    }
-                }
-                Event::Delete(ns) => {
-                    if let Some(name) = &ns.metadata.name {
-                        store.remove_namespace(name);
-                    }
-                }
-                Event::InitDone => return true,
-                Event::Init => {}
-            }
-            false
-        },
+        |event| apply_namespace_event(&mut write(&ctx.store), &ctx.extractor, event),
     )
     .await;
+}
+
+/// Applies one namespace watch event to the store. Returns true when a (re)list is complete.
+pub fn apply_namespace_event(
+    store: &mut PodStore,
+    extractor: &Extractor,
+    event: Event<Namespace>,
+) -> bool {
+    match event {
+        Event::InitApply(ns) | Event::Apply(ns) => {
+            if let Some(name) = ns.metadata.name.clone() {
+                let attributes = extractor.namespace(&ns, &mut store.interner);
+                store.set_namespace(name, attributes);
+            }
+        }
+        Event::Delete(ns) => {
+            if let Some(name) = &ns.metadata.name {
+                store.remove_namespace(name);
+            }
+        }
+        Event::InitDone => return true,
+        Event::Init => {}
+    }
+    false
 }
 
 async fn watch_node(
@@ -472,6 +465,11 @@ async fn watch_node(
     .await;
 }
 
+/// The `/readyz` key of the peer index of `component`.
+pub fn peers_readiness_key(component: &str) -> String {
+    format!("{component}/peers")
+}
+
 /// The peer index: every pod and Service in the cluster, trimmed to what names a peer.
 async fn watch_peers(
     pods: Api<Pod>,
@@ -479,7 +477,7 @@ async fn watch_peers(
     ctx: WatchContext,
     cancel: CancellationToken,
 ) {
-    let readiness_key = format!("{}/peers", ctx.component);
+    let readiness_key = peers_readiness_key(&ctx.component);
     ctx.readiness
         .set_not_ready(&readiness_key, "peer index not synced yet");
     let listed = [

@@ -4,7 +4,9 @@
 //! points, or on spans) says which pod or Service it is.
 //!
 //! Unlike the node's own pods, deleted peers are forgotten at once: pod IPs are reused quickly
-//! and a stale peer would name the wrong pod.
+//! and a stale peer would name the wrong pod. For the same reason a finished pod (which the API
+//! server still lists with its old IP) names no peer, and an IP is removed only by the pod or
+//! Service that holds it, not by an older one that had it before.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,30 +14,47 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::watcher::Event;
 
-use super::metadata::{owners, Attr, AttrValue, Interner};
+use super::metadata::{has_finished, owners, pod_ips, Attr, AttrValue, Interner};
+
+/// Who holds an IP and what it is called.
+#[derive(Debug, Clone)]
+struct Holder {
+    /// The object's UID (namespace/name when it has none).
+    owner: Arc<str>,
+    attrs: Arc<[Attr]>,
+}
 
 /// One side of the index (pods or services): live entries, and the entries of a relist in
 /// progress, swapped in when it completes.
 #[derive(Debug, Default)]
 struct Side {
-    by_ip: HashMap<Arc<str>, Arc<[Attr]>>,
-    relisting: Option<HashMap<Arc<str>, Arc<[Attr]>>>,
+    by_ip: HashMap<Arc<str>, Holder>,
+    relisting: Option<HashMap<Arc<str>, Holder>>,
 }
 
 impl Side {
-    fn put(&mut self, ips: Vec<Arc<str>>, attrs: Arc<[Attr]>, initial: bool) {
-        let map = match (&mut self.relisting, initial) {
+    fn map(&mut self, initial: bool) -> &mut HashMap<Arc<str>, Holder> {
+        match (&mut self.relisting, initial) {
             (Some(pending), true) => pending,
             _ => &mut self.by_ip,
-        };
-        for ip in ips {
-            map.insert(ip, attrs.clone());
         }
     }
 
-    fn remove(&mut self, ips: &[Arc<str>]) {
+    /// `holder` holds `ips` now (the latest claim wins: an IP moves to the new holder).
+    fn put(&mut self, ips: &[&str], holder: Holder, initial: bool) {
+        let map = self.map(initial);
         for ip in ips {
-            self.by_ip.remove(ip);
+            map.insert(Arc::from(*ip), holder.clone());
+        }
+    }
+
+    /// `owner` no longer holds `ips`: each is removed unless another object holds it now.
+    fn release(&mut self, ips: &[&str], owner: &str, initial: bool) {
+        let map = self.map(initial);
+        for ip in ips {
+            if map.get(*ip).is_some_and(|h| &*h.owner == owner) {
+                map.remove(*ip);
+            }
         }
     }
 }
@@ -62,35 +81,9 @@ impl PeerIndex {
         }
     }
 
-    fn pod_ips(pod: &Pod) -> Vec<Arc<str>> {
-        let status = pod.status.as_ref();
-        // Host-network pods have the node's IP: it names the node, not the pod.
-        if pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.host_network)
-            .unwrap_or(false)
-        {
-            return Vec::new();
-        }
-        let mut ips: Vec<Arc<str>> = Vec::new();
-        for ip in status.and_then(|s| s.pod_ip.as_deref()).into_iter().chain(
-            status
-                .and_then(|s| s.pod_ips.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|i| i.ip.as_str()),
-        ) {
-            if !ips.iter().any(|known| &**known == ip) {
-                ips.push(Arc::from(ip));
-            }
-        }
-        ips
-    }
-
-    fn service_ips(service: &Service) -> Vec<Arc<str>> {
+    fn service_ips(service: &Service) -> Vec<&str> {
         let spec = service.spec.as_ref();
-        let mut ips: Vec<Arc<str>> = Vec::new();
+        let mut ips: Vec<&str> = Vec::new();
         for ip in spec
             .and_then(|s| s.cluster_ip.as_deref())
             .into_iter()
@@ -102,11 +95,23 @@ impl PeerIndex {
             )
         {
             // Headless services have no IP of their own.
-            if ip != "None" && !ip.is_empty() && !ips.iter().any(|known| &**known == ip) {
-                ips.push(Arc::from(ip));
+            if ip != "None" && !ip.is_empty() && !ips.contains(&ip) {
+                ips.push(ip);
             }
         }
         ips
+    }
+
+    /// The UID, or namespace/name for an object without one.
+    fn owner(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Arc<str> {
+        match &meta.uid {
+            Some(uid) => Arc::from(uid.as_str()),
+            None => Arc::from(format!(
+                "{}/{}",
+                meta.namespace.as_deref().unwrap_or_default(),
+                meta.name.as_deref().unwrap_or_default()
+            )),
+        }
     }
 
     fn pod_attrs(&mut self, pod: &Pod) -> Option<Arc<[Attr]>> {
@@ -140,12 +145,19 @@ impl PeerIndex {
             Event::Init => self.pods.relisting = Some(HashMap::new()),
             Event::InitApply(pod) | Event::Apply(pod) => {
                 let initial = self.pods.relisting.is_some();
-                let ips = Self::pod_ips(&pod);
-                if let (false, Some(attrs)) = (ips.is_empty(), self.pod_attrs(&pod)) {
-                    self.pods.put(ips, attrs, initial);
+                let owner = Self::owner(&pod.metadata);
+                let ips = pod_ips(&pod);
+                match self.pod_attrs(&pod) {
+                    Some(attrs) if !has_finished(&pod) => {
+                        self.pods.put(&ips, Holder { owner, attrs }, initial)
+                    }
+                    _ => self.pods.release(&ips, &owner, initial),
                 }
             }
-            Event::Delete(pod) => self.pods.remove(&Self::pod_ips(&pod)),
+            Event::Delete(pod) => {
+                let owner = Self::owner(&pod.metadata);
+                self.pods.release(&pod_ips(&pod), &owner, false);
+            }
             Event::InitDone => {
                 if let Some(listed) = self.pods.relisting.take() {
                     self.pods.by_ip = listed;
@@ -174,10 +186,18 @@ impl PeerIndex {
                     self.attr(PEER_SERVICE, name),
                 ]
                 .into();
-                self.services
-                    .put(Self::service_ips(&service), attrs, initial);
+                let owner = Self::owner(&service.metadata);
+                self.services.put(
+                    &Self::service_ips(&service),
+                    Holder { owner, attrs },
+                    initial,
+                );
             }
-            Event::Delete(service) => self.services.remove(&Self::service_ips(&service)),
+            Event::Delete(service) => {
+                let owner = Self::owner(&service.metadata);
+                self.services
+                    .release(&Self::service_ips(&service), &owner, false);
+            }
             Event::InitDone => {
                 if let Some(listed) = self.services.relisting.take() {
                     self.services.by_ip = listed;
@@ -195,6 +215,7 @@ impl PeerIndex {
             .by_ip
             .get(ip)
             .or_else(|| self.services.by_ip.get(ip))
+            .map(|holder| &holder.attrs)
     }
 
     /// (pod IPs, service IPs) known.

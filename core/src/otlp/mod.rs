@@ -1,0 +1,385 @@
+//! The OTLP wire protocol, per signal: what the `otlp` receiver and the OTLP exporters (gRPC,
+//! HTTP, file) need to know about a signal — its gRPC service and HTTP path, and how its export
+//! requests and responses are encoded in protobuf and JSON. Written once for every signal:
+//! adding one (profiles) is one [`SignalMessages`] impl and one arm in [`otlp`].
+//!
+//! Pure encoding and decoding; no I/O here.
+
+pub mod json;
+
+use bytes::{Buf, BufMut, Bytes};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+use prost::Message;
+use serde::de::DeserializeOwned;
+use serde::ser::SerializeMap as _;
+use serde::Serialize;
+
+use crate::batch::{Batch, Signal};
+
+/// How an OTLP message is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Protobuf,
+    /// OTLP-JSON: the proto3 JSON mapping with OTLP's changes (hex ids, integer enums).
+    Json,
+}
+
+impl Encoding {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => "application/x-protobuf",
+            Encoding::Json => "application/json",
+        }
+    }
+}
+
+/// A backend kept an export request but rejected some of its items.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PartialSuccess {
+    pub rejected: i64,
+    pub message: String,
+}
+
+/// One signal of the OTLP protocol.
+pub trait OtlpSignal: Send + Sync {
+    fn signal(&self) -> Signal;
+
+    /// The gRPC service, e.g. `opentelemetry.proto.collector.trace.v1.TraceService`.
+    fn grpc_service(&self) -> &'static str;
+
+    /// The gRPC method path, e.g. `/opentelemetry.proto.collector.trace.v1.TraceService/Export`.
+    fn grpc_export_path(&self) -> &'static str;
+
+    /// The OTLP/HTTP path, e.g. `/v1/traces`.
+    fn http_path(&self) -> &'static str;
+
+    /// The export request holding `batch` (of this signal; any other gives an empty request).
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Vec<u8>;
+
+    /// The batch an export request holds; the error says what is malformed.
+    fn decode_request(&self, body: &[u8], encoding: Encoding) -> Result<Batch, String>;
+
+    /// An export response: full success, or the partial success given.
+    fn encode_response(&self, partial: Option<&PartialSuccess>, encoding: Encoding) -> Vec<u8>;
+
+    /// What an export response says was rejected (`None`: everything was accepted).
+    fn decode_response(
+        &self,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<Option<PartialSuccess>, String>;
+}
+
+/// The protocol of `signal`.
+pub fn otlp(signal: Signal) -> &'static dyn OtlpSignal {
+    match signal {
+        Signal::Metrics => &Wire::<Metrics>(std::marker::PhantomData),
+        Signal::Traces => &Wire::<Traces>(std::marker::PhantomData),
+    }
+}
+
+/// The generated messages of one signal and how a batch maps to them.
+pub trait SignalMessages: Send + Sync + 'static {
+    const SIGNAL: Signal;
+    const SERVICE: &'static str;
+    const EXPORT_PATH: &'static str;
+    const HTTP_PATH: &'static str;
+    /// The JSON name of the request's one field (`resourceSpans`).
+    const JSON_FIELD: &'static str;
+    /// One element of the request's repeated field 1 (`ResourceSpans`).
+    type Item: Message + Serialize;
+    type Request: Message + Default + DeserializeOwned;
+    type Response: Message + Default + Serialize + DeserializeOwned;
+
+    fn items(batch: &Batch) -> &[Self::Item];
+    fn into_batch(request: Self::Request) -> Batch;
+    fn partial(response: &Self::Response) -> Option<PartialSuccess>;
+    fn response(partial: Option<&PartialSuccess>) -> Self::Response;
+}
+
+pub struct Metrics;
+pub struct Traces;
+
+impl SignalMessages for Metrics {
+    const SIGNAL: Signal = Signal::Metrics;
+    const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const EXPORT_PATH: &'static str =
+        "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+    const HTTP_PATH: &'static str = "/v1/metrics";
+    const JSON_FIELD: &'static str = "resourceMetrics";
+    type Item = ResourceMetrics;
+    type Request = ExportMetricsServiceRequest;
+    type Response = ExportMetricsServiceResponse;
+
+    fn items(batch: &Batch) -> &[ResourceMetrics] {
+        match batch {
+            Batch::Metrics(rms) => rms,
+            _ => &[],
+        }
+    }
+
+    fn into_batch(request: Self::Request) -> Batch {
+        Batch::metrics(request.resource_metrics)
+    }
+
+    fn partial(response: &Self::Response) -> Option<PartialSuccess> {
+        response.partial_success.as_ref().map(|p| PartialSuccess {
+            rejected: p.rejected_data_points,
+            message: p.error_message.clone(),
+        })
+    }
+
+    fn response(partial: Option<&PartialSuccess>) -> Self::Response {
+        ExportMetricsServiceResponse {
+            partial_success: partial.map(|p| ExportMetricsPartialSuccess {
+                rejected_data_points: p.rejected,
+                error_message: p.message.clone(),
+            }),
+        }
+    }
+}
+
+impl SignalMessages for Traces {
+    const SIGNAL: Signal = Signal::Traces;
+    const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+    const HTTP_PATH: &'static str = "/v1/traces";
+    const JSON_FIELD: &'static str = "resourceSpans";
+    type Item = ResourceSpans;
+    type Request = ExportTraceServiceRequest;
+    type Response = ExportTraceServiceResponse;
+
+    fn items(batch: &Batch) -> &[ResourceSpans] {
+        match batch {
+            Batch::Traces(rss) => rss,
+            _ => &[],
+        }
+    }
+
+    fn into_batch(request: Self::Request) -> Batch {
+        Batch::traces(request.resource_spans)
+    }
+
+    fn partial(response: &Self::Response) -> Option<PartialSuccess> {
+        response.partial_success.as_ref().map(|p| PartialSuccess {
+            rejected: p.rejected_spans,
+            message: p.error_message.clone(),
+        })
+    }
+
+    fn response(partial: Option<&PartialSuccess>) -> Self::Response {
+        ExportTraceServiceResponse {
+            partial_success: partial.map(|p| ExportTracePartialSuccess {
+                rejected_spans: p.rejected,
+                error_message: p.message.clone(),
+            }),
+        }
+    }
+}
+
+/// [`OtlpSignal`] for the messages of `M`.
+struct Wire<M>(std::marker::PhantomData<M>);
+
+/// An export request written straight from a batch's items, without copying them into the
+/// generated request type: both requests are `repeated <Item> = 1` and nothing else.
+struct RequestRef<'a, M: SignalMessages>(&'a [M::Item]);
+
+impl<M: SignalMessages> Serialize for RequestRef<'_, M> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry(M::JSON_FIELD, self.0)?;
+        map.end()
+    }
+}
+
+impl<M: SignalMessages> OtlpSignal for Wire<M> {
+    fn signal(&self) -> Signal {
+        M::SIGNAL
+    }
+
+    fn grpc_service(&self) -> &'static str {
+        M::SERVICE
+    }
+
+    fn grpc_export_path(&self) -> &'static str {
+        M::EXPORT_PATH
+    }
+
+    fn http_path(&self) -> &'static str {
+        M::HTTP_PATH
+    }
+
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Vec<u8> {
+        let items = M::items(batch);
+        match encoding {
+            Encoding::Protobuf => {
+                // Field 1, length-delimited: the key byte, then each item with its length.
+                const KEY: u8 = (1 << 3) | 2;
+                let len = items
+                    .iter()
+                    .map(|item| {
+                        let len = item.encoded_len();
+                        1 + prost::length_delimiter_len(len) + len
+                    })
+                    .sum();
+                let mut out = Vec::with_capacity(len);
+                for item in items {
+                    out.push(KEY);
+                    item.encode_length_delimited(&mut out)
+                        .expect("a Vec grows as needed");
+                }
+                out
+            }
+            Encoding::Json => json::to_vec(&RequestRef::<M>(items)),
+        }
+    }
+
+    fn decode_request(&self, body: &[u8], encoding: Encoding) -> Result<Batch, String> {
+        let request = match encoding {
+            Encoding::Protobuf => {
+                M::Request::decode(body).map_err(|e| format!("malformed OTLP protobuf: {e}"))?
+            }
+            Encoding::Json => {
+                serde_json::from_slice(body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
+            }
+        };
+        Ok(M::into_batch(request))
+    }
+
+    fn encode_response(&self, partial: Option<&PartialSuccess>, encoding: Encoding) -> Vec<u8> {
+        let response = M::response(partial);
+        match encoding {
+            Encoding::Protobuf => response.encode_to_vec(),
+            Encoding::Json => json::to_vec(&response),
+        }
+    }
+
+    fn decode_response(
+        &self,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<Option<PartialSuccess>, String> {
+        let response: M::Response = match encoding {
+            Encoding::Protobuf => {
+                M::Response::decode(body).map_err(|e| format!("malformed OTLP response: {e}"))?
+            }
+            // An empty body is a full success, as the Collector answers it.
+            Encoding::Json if body.iter().all(u8::is_ascii_whitespace) => M::Response::default(),
+            Encoding::Json => serde_json::from_slice(body)
+                .map_err(|e| format!("malformed OTLP JSON response: {e}"))?,
+        };
+        Ok(M::partial(&response).filter(|p| p.rejected > 0 || !p.message.is_empty()))
+    }
+}
+
+/// A gRPC codec that passes messages through as bytes, for OTLP services whose messages are
+/// encoded and decoded with [`OtlpSignal`] (so a request is encoded once, whatever the retries,
+/// and a malformed one is the receiver's INVALID_ARGUMENT rather than the codec's INTERNAL).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spans() -> Batch {
+        crate::fake_otlp::spans(3, &[("service.name", "cart")])
+    }
+
+    #[test]
+    fn requests_are_the_generated_messages_byte_for_byte() {
+        let batch = spans();
+        let Batch::Traces(rss) = &batch else {
+            unreachable!()
+        };
+        let generated = ExportTraceServiceRequest {
+            resource_spans: rss.to_vec(),
+        };
+        let wire = otlp(Signal::Traces);
+        assert_eq!(
+            wire.encode_request(&batch, Encoding::Protobuf),
+            generated.encode_to_vec()
+        );
+        assert_eq!(
+            wire.encode_request(&batch, Encoding::Json),
+            serde_json::to_vec(&generated).unwrap()
+        );
+        for encoding in [Encoding::Protobuf, Encoding::Json] {
+            let body = wire.encode_request(&batch, encoding);
+            assert_eq!(wire.decode_request(&body, encoding).unwrap(), batch);
+        }
+    }
+
+    #[test]
+    fn responses_carry_partial_success_both_ways() {
+        let partial = PartialSuccess {
+            rejected: 2,
+            message: "too old".into(),
+        };
+        for signal in Signal::ALL {
+            let wire = otlp(signal);
+            for encoding in [Encoding::Protobuf, Encoding::Json] {
+                let body = wire.encode_response(Some(&partial), encoding);
+                assert_eq!(
+                    wire.decode_response(&body, encoding).unwrap(),
+                    Some(partial.clone())
+                );
+                let full = wire.encode_response(None, encoding);
+                assert_eq!(wire.decode_response(&full, encoding).unwrap(), None);
+            }
+            assert_eq!(wire.decode_response(b"", Encoding::Json).unwrap(), None);
+        }
+        assert!(otlp(Signal::Metrics)
+            .decode_request(b"\xff", Encoding::Protobuf)
+            .unwrap_err()
+            .starts_with("malformed OTLP protobuf"));
+    }
+}
