@@ -235,6 +235,7 @@ struct http_event_head {
 	__u16 remote_port;
 	__u8 local_addr[16]; /* IPv4 in the first 4 bytes */
 	__u8 remote_addr[16];
+	__u8 _pad[4]; /* to 8 bytes: no implicit padding (the scratch copy keeps it zero) */
 };
 
 #define HTTP_NO_FD 0xffffffff
