@@ -1,10 +1,14 @@
 //! What the eBPF receiver costs, measured side by side in one run:
 //! - ns added per syscall (getppid, in a separate process) by a no-op raw_tp program (the floor),
-//!   podscope's `syscalls` probe counting only, with errors, with latency, and bpftrace
+//!   podscope's `syscalls` probe counting only, by default, with latency, the `files` probe on
+//!   its tracepoints and on tp_btf, every probe of `configs/default.yaml`, and bpftrace
 //!   `tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }`, each against its own pair of
 //!   "nothing attached" baselines, rows interleaved over rounds (medians reported);
+//! - ns added per pipe round trip between two processes (wakeups and context switches) by no-op
+//!   tp_btf programs on the scheduler's hooks (the floor) and by the `sched` probe, the same way;
 //! - load + attach time of the default probes;
-//! - the agent's RSS, kernel map memory and CPU while idle (the real binary, default config, 30 s).
+//! - the agent's RSS, kernel map memory and CPU while idle (the real binary, the default config's
+//!   eBPF receiver, 30 s).
 //!
 //! Run: `cargo bench --bench ebpf_overhead` (root). Under `cargo test` it is a quick smoke run.
 
@@ -17,7 +21,7 @@ use async_trait::async_trait;
 use aya::programs::RawTracePoint;
 use podscope_core::config::parse_component_config;
 use podscope_core::{
-    Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
+    Batch, BuildContext, Component as _, ComponentKind, ConsumeError, Consumer, ReceiverConsumers,
 };
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
@@ -76,20 +80,74 @@ impl FromRawFdChecked for std::fs::File {
     }
 }
 
+/// ns per round trip of one byte over two pipes between two processes (forked, so the agent
+/// observes them): each round trip is two wakeups and at least two context switches.
+fn ns_per_round_trip(trips: u64) -> f64 {
+    let (mut ping, mut pong, mut result) = ([0; 2], [0; 2], [0; 2]);
+    // SAFETY: plain syscalls; the children only make async-signal-safe calls before _exit.
+    unsafe {
+        assert_eq!(libc::pipe(ping.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(pong.as_mut_ptr()), 0);
+        assert_eq!(libc::pipe(result.as_mut_ptr()), 0);
+        let echo = libc::fork();
+        if echo == 0 {
+            // Only the caller may hold ping's write end: its exit is this loop's end of file.
+            libc::close(ping[1]);
+            let mut byte = 0u8;
+            while libc::read(ping[0], (&mut byte as *mut u8).cast(), 1) == 1 {
+                libc::write(pong[1], (&byte as *const u8).cast(), 1);
+            }
+            libc::_exit(0);
+        }
+        let caller = libc::fork();
+        if caller == 0 {
+            let (mut start, mut end): (libc::timespec, libc::timespec) =
+                (std::mem::zeroed(), std::mem::zeroed());
+            let mut byte = 0u8;
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut start);
+            for _ in 0..trips {
+                libc::write(ping[1], (&byte as *const u8).cast(), 1);
+                libc::read(pong[0], (&mut byte as *mut u8).cast(), 1);
+            }
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut end);
+            let ns = ((end.tv_sec - start.tv_sec) * 1_000_000_000 + (end.tv_nsec - start.tv_nsec))
+                as u64;
+            libc::write(result[1], (&ns as *const u64).cast(), 8);
+            libc::_exit(0);
+        }
+        for fd in [ping[0], ping[1], pong[0], pong[1], result[1]] {
+            libc::close(fd);
+        }
+        let mut file = std::fs::File::from_raw_fd_checked(result[0]);
+        let mut buf = [0u8; 8];
+        file.read_exact(&mut buf).unwrap();
+        for pid in [caller, echo] {
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        u64::from_ne_bytes(buf) as f64 / trips as f64
+    }
+}
+
 fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
 }
 
-/// What a row attaches to the syscall path.
+/// What a row attaches.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Row {
     NoopRawTp,
     NoopTpBtf,
     Counting,
-    CountingErrors,
+    SyscallsDefault,
     Latency,
+    FilesTracepoints,
+    FilesTpBtf,
+    DefaultConfig,
     Bpftrace,
+    NoopSched,
+    Sched,
 }
 
 /// Something attached, until `detach`.
@@ -112,20 +170,44 @@ impl Attached {
     }
 }
 
+/// The no-op tp_btf programs `functions` of the bench object on their tracepoints.
+fn noop_tp_btf(programs: &[(&str, &str)]) -> Attached {
+    let btf = aya::Btf::from_sys_fs().unwrap();
+    let mut noop = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
+    for (function, tracepoint) in programs {
+        let prog: &mut aya::programs::BtfTracePoint =
+            noop.program_mut(function).unwrap().try_into().unwrap();
+        prog.load(tracepoint, &btf).unwrap();
+        prog.attach().unwrap();
+    }
+    Attached::Ebpf(noop)
+}
+
 impl Row {
     fn name(self) -> &'static str {
         match self {
             Row::NoopRawTp => "no-op raw_tp on sys_enter (floor)",
             Row::NoopTpBtf => "no-op tp_btf on sys_exit",
-            Row::Counting => "podscope syscalls, counting",
-            Row::CountingErrors => "podscope syscalls, counting + errors",
-            Row::Latency => "podscope syscalls, errors + latency",
+            Row::Counting => "syscalls, counting only (errors: false; on entry)",
+            Row::SyscallsDefault => "syscalls, default (by group, errors; on exit)",
+            Row::Latency => "syscalls, latency: true (every syscall)",
+            Row::FilesTracepoints => "files, default (open tracepoints)",
+            Row::FilesTpBtf => "files, hooks: tp_btf (every syscall)",
+            Row::DefaultConfig => "configs/default.yaml (every default probe)",
             Row::Bpftrace => "bpftrace @[cgroup] = count()",
+            Row::NoopSched => "no-op tp_btf on sched_switch + wakeups (floor)",
+            Row::Sched => "sched probe",
         }
     }
 
     async fn attach(self) -> Option<Attached> {
-        let syscalls = |probe: serde_json::Value| serde_json::json!({ "syscalls": probe });
+        let probes = |probes: serde_json::Value| async move {
+            let config: EbpfReceiverConfig = parse_component_config(
+                serde_json::json!({"collection_interval": "1h", "probes": probes}),
+            )
+            .unwrap();
+            Attached::Receiver(Box::new(receiver(config).await.0))
+        };
         Some(match self {
             Row::NoopRawTp => {
                 let mut noop = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
@@ -138,46 +220,38 @@ impl Row {
                 prog.attach("sys_enter").unwrap();
                 Attached::Ebpf(noop)
             }
-            Row::NoopTpBtf => {
-                let btf = aya::Btf::from_sys_fs().unwrap();
-                let mut noop = aya::Ebpf::load(podscope_ebpf::objects::BENCH_NOOP).unwrap();
-                let prog: &mut aya::programs::BtfTracePoint = noop
-                    .program_mut("podscope_bench_noop_btf")
-                    .unwrap()
-                    .try_into()
-                    .unwrap();
-                prog.load("sys_exit", &btf).unwrap();
-                prog.attach().unwrap();
-                Attached::Ebpf(noop)
-            }
-            Row::Counting => Attached::Receiver(Box::new(
-                receiver(syscalls(
-                    serde_json::json!({"latency": false, "errors": false}),
-                ))
-                .await
-                .0,
-            )),
-            Row::CountingErrors => Attached::Receiver(Box::new(
-                receiver(syscalls(serde_json::json!({"latency": false})))
-                    .await
-                    .0,
-            )),
-            Row::Latency => Attached::Receiver(Box::new(
-                receiver(syscalls(serde_json::json!({"latency": true})))
-                    .await
-                    .0,
-            )),
+            Row::NoopTpBtf => noop_tp_btf(&[("podscope_bench_noop_btf", "sys_exit")]),
+            Row::Counting => probes(serde_json::json!({"syscalls": {"errors": false}})).await,
+            Row::SyscallsDefault => probes(serde_json::json!({"syscalls": {}})).await,
+            Row::Latency => probes(serde_json::json!({"syscalls": {"latency": true}})).await,
+            Row::FilesTracepoints => probes(serde_json::json!({"files": {}})).await,
+            Row::FilesTpBtf => probes(serde_json::json!({"files": {"hooks": "tp_btf"}})).await,
+            Row::DefaultConfig => Attached::Receiver(Box::new(receiver(default_config()).await.0)),
             Row::Bpftrace => Attached::Bpftrace(bpftrace(
                 "tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }",
             )?),
+            Row::NoopSched => noop_tp_btf(&[
+                ("podscope_bench_noop_switch", "sched_switch"),
+                ("podscope_bench_noop_wakeup", "sched_wakeup"),
+                ("podscope_bench_noop_wakeup_new", "sched_wakeup_new"),
+            ]),
+            Row::Sched => probes(serde_json::json!({"sched": {}})).await,
         })
     }
 }
 
-async fn receiver(probes: serde_json::Value) -> (EbpfReceiver, Duration) {
-    let config: EbpfReceiverConfig =
-        parse_component_config(serde_json::json!({"collection_interval": "1h", "probes": probes}))
-            .unwrap();
+/// The eBPF receiver's settings in `configs/default.yaml`, as the agent loads them.
+fn default_config() -> EbpfReceiverConfig {
+    let config = podscope::config::load_default().expect("configs/default.yaml loads");
+    let mut ebpf = config
+        .settings::<EbpfReceiverConfig>(ComponentKind::Receiver, "ebpf")
+        .expect("an ebpf receiver in configs/default.yaml")
+        .clone();
+    ebpf.collection_interval = Duration::from_secs(3600);
+    ebpf
+}
+
+async fn receiver(config: EbpfReceiverConfig) -> (EbpfReceiver, Duration) {
     let r = EbpfReceiver::new(
         config,
         BuildContext::for_tests("ebpf"),
@@ -192,6 +266,68 @@ async fn receiver(probes: serde_json::Value) -> (EbpfReceiver, Duration) {
     let took = started.elapsed();
     assert!(r.skipped_probes().is_empty(), "{:?}", r.skipped_probes());
     (r, took)
+}
+
+/// Each row measured between two "nothing attached" baselines, rows taking turns over `rounds`:
+/// per row, the added cost of each round (the measurement minus its baselines' mean), and the
+/// baselines' median.
+async fn paired(rows: &[Row], rounds: usize, measure: impl Fn() -> f64) -> (Vec<Vec<f64>>, f64) {
+    let mut added = vec![Vec::new(); rows.len()];
+    let mut baselines = Vec::new();
+    for _ in 0..rounds {
+        for (i, row) in rows.iter().enumerate() {
+            let before = measure();
+            let Some(attached) = row.attach().await else {
+                eprintln!("{}: unavailable, row skipped", row.name());
+                continue;
+            };
+            let with = measure();
+            attached.detach().await;
+            let after = measure();
+            baselines.push((before + after) / 2.0);
+            added[i].push(with - (before + after) / 2.0);
+        }
+    }
+    (added, median_of(baselines))
+}
+
+fn list(values: &[f64], digits: usize) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Prints each row's median added cost, and the median ratios of row `of` to row `to`.
+fn report(rows: &[Row], added: &[Vec<f64>], unit: &str, ratios: &[(Row, Row)]) {
+    for (row, values) in rows.iter().zip(added) {
+        if !values.is_empty() {
+            println!(
+                "  {:<52} +{:>8.1} {unit}   (rounds: {})",
+                row.name(),
+                median_of(values.clone()),
+                list(values, 1)
+            );
+        }
+    }
+    let column = |row: Row| rows.iter().position(|r| *r == row).map(|i| &added[i]);
+    for (of, to) in ratios {
+        let (Some(a), Some(b)) = (column(*of), column(*to)) else {
+            continue;
+        };
+        if a.is_empty() || b.is_empty() {
+            continue;
+        }
+        let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        println!(
+            "  {} / {}: {:.2}x   (rounds: {})",
+            of.name(),
+            to.name(),
+            median_of(r.clone()),
+            list(&r, 2)
+        );
+    }
 }
 
 fn ensure_tracefs() {
@@ -252,85 +388,53 @@ fn cpu_seconds(pid: i32) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let calls: u64 = if full { 5_000_000 } else { 200_000 };
+    let (calls, trips) = if full {
+        (5_000_000, 200_000)
+    } else {
+        (200_000, 5_000)
+    };
     // Paired and interleaved, because this shared VM drifts within a run: every row is measured
     // right after its own "nothing attached" baseline and right before a second one, its added
     // cost is the difference to their mean, and the rows take turns over ROUNDS rounds; each
     // row's figure is the median over the rounds (so is each ratio).
     let rounds = if full { 5 } else { 1 };
-    let kinds = [
+    let mut syscall_rows = vec![
         Row::NoopRawTp,
         Row::NoopTpBtf,
         Row::Counting,
-        Row::CountingErrors,
+        Row::SyscallsDefault,
         Row::Latency,
-        Row::Bpftrace,
+        Row::FilesTracepoints,
+        Row::FilesTpBtf,
+        Row::DefaultConfig,
     ];
-    let mut added: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
-    let mut baselines = Vec::new();
-    for _ in 0..rounds {
-        for (i, kind) in kinds.iter().enumerate() {
-            if *kind == Row::Bpftrace && !full {
-                continue;
-            }
-            let before = ns_per_syscall(calls);
-            let Some(attached) = kind.attach().await else {
-                eprintln!("{}: unavailable, row skipped", kind.name());
-                continue;
-            };
-            let with = ns_per_syscall(calls);
-            attached.detach().await;
-            let after = ns_per_syscall(calls);
-            baselines.push((before + after) / 2.0);
-            added[i].push(with - (before + after) / 2.0);
-        }
+    if full {
+        syscall_rows.push(Row::Bpftrace);
     }
+    let (added, baseline) = paired(&syscall_rows, rounds, || ns_per_syscall(calls)).await;
     println!(
-        "ns added per getppid ({calls} calls per measurement, median of {rounds} paired rounds; nothing attached: {:.1} ns):",
-        median_of(baselines.clone())
+        "ns added per getppid ({calls} calls per measurement, median of {rounds} paired rounds; nothing attached: {baseline:.1} ns):"
     );
-    for (kind, values) in kinds.iter().zip(&added) {
-        if values.is_empty() {
-            continue;
-        }
-        println!(
-            "  {:<36} +{:>6.1} ns   (rounds: {})",
-            kind.name(),
-            median_of(values.clone()),
-            values
-                .iter()
-                .map(|v| format!("{v:.1}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let ratios = |a: usize, b: usize| -> Vec<f64> {
-        added[a].iter().zip(&added[b]).map(|(x, y)| x / y).collect()
-    };
-    let floor_ratios = ratios(2, 0);
-    println!(
-        "  podscope counting / no-op floor: {:.2}x   (rounds: {})",
-        median_of(floor_ratios.clone()),
-        floor_ratios
-            .iter()
-            .map(|v| format!("{v:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+    report(
+        &syscall_rows,
+        &added,
+        "ns",
+        &[
+            (Row::DefaultConfig, Row::NoopRawTp),
+            (Row::SyscallsDefault, Row::NoopRawTp),
+            (Row::Counting, Row::NoopRawTp),
+            (Row::Counting, Row::Bpftrace),
+        ],
     );
-    if !added[5].is_empty() {
-        let bt_ratios = ratios(2, 5);
-        println!(
-            "  podscope counting / bpftrace:    {:.2}x   (rounds: {})",
-            median_of(bt_ratios.clone()),
-            bt_ratios
-                .iter()
-                .map(|v| format!("{v:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
 
-    let (all, took) = receiver(serde_json::json!({"process": {}, "syscalls": {}, "files": {}, "sched": {}, "block_io": {}})).await;
+    let sched_rows = [Row::NoopSched, Row::Sched];
+    let (added, baseline) = paired(&sched_rows, rounds, || ns_per_round_trip(trips)).await;
+    println!(
+        "ns added per pipe round trip between two processes (2 wakeups, 2+ context switches; {trips} per measurement, median of {rounds} paired rounds; nothing attached: {baseline:.1} ns):"
+    );
+    report(&sched_rows, &added, "ns", &[(Row::Sched, Row::NoopSched)]);
+
+    let (all, took) = receiver(default_config()).await;
     println!(
         "load + attach of the default probes: {} ms",
         took.as_millis()
@@ -339,8 +443,20 @@ async fn main() {
 
     if full {
         let telemetry_port = free_port();
+        // The default config's receiver, without its network servers (the bench may share the
+        // machine with an agent on the default ports).
+        let default_yaml =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/configs/default.yaml"))
+                .unwrap();
+        let probes = default_yaml
+            .split("  otlp:\n")
+            .next()
+            .unwrap()
+            .split("receivers:\n")
+            .nth(1)
+            .unwrap();
         let config = format!(
-            "receivers:\n  ebpf:\n    probes: {{process: {{}}, syscalls: {{}}, files: {{}}, sched: {{}}, block_io: {{}}}}\nprocessors:\n  batch:\nexporters:\n  nop:\nservice:\n  telemetry: {{metrics: {{address: \"127.0.0.1:{telemetry_port}\"}}, logs: {{level: warn}}}}\n  pipelines:\n    metrics: {{receivers: [ebpf], processors: [batch], exporters: [nop]}}\n"
+            "receivers:\n{probes}processors:\n  batch:\nexporters:\n  nop:\nservice:\n  telemetry: {{metrics: {{address: \"127.0.0.1:{telemetry_port}\"}}, logs: {{level: warn}}}}\n  pipelines:\n    metrics: {{receivers: [ebpf], processors: [batch], exporters: [nop]}}\n"
         );
         let agent =
             AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
@@ -361,10 +477,12 @@ async fn main() {
             .find_map(|l| l.strip_prefix("podscope_ebpf_map_memory_total_bytes "))
             .and_then(|v| v.trim().parse().ok())
             .expect("podscope_ebpf_map_memory_total_bytes in the agent's telemetry");
+        let rss = rss_kib(agent.pid()) * 1024;
         println!(
-            "agent idle (release, all probes, 10s interval): RSS {} MiB + kernel maps {} MiB, CPU {:.2} % of a core",
-            rss_kib(agent.pid()) / 1024,
-            kernel_maps >> 20,
+            "agent idle (release, configs/default.yaml's eBPF receiver, 5s interval): RSS {:.1} MiB + kernel maps {:.1} MiB = {:.1} MiB, CPU {:.2} % of a core",
+            rss as f64 / (1 << 20) as f64,
+            kernel_maps as f64 / (1 << 20) as f64,
+            (rss + kernel_maps) as f64 / (1 << 20) as f64,
             cpu * 100.0
         );
         agent.sigterm();

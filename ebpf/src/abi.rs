@@ -19,11 +19,14 @@ pub use generated::*;
 /// Log2 distribution: slot 0 holds the value 1, slot k ≥ 1 holds (2^(k-1), 2^k]; slot k is the
 /// OTLP exponential-histogram (scale 0) bucket index k − 1. Zeros are counted apart.
 pub type Hist = podscope_hist;
+/// A syscall entry's key: cgroup and slot (a syscall group, or the syscall number).
 pub type SyscallKey = syscall_key;
-/// Per cgroup: counts and errors indexed by syscall number.
 pub type SyscallCounts = syscall_counts;
 pub type OpenKey = open_key;
 pub type OpenPathKey = open_path_key;
+pub type OpenPathCgroupKey = open_path_key_cgroup;
+/// Per cgroup and epoch: distinct paths tracked, and opens counted as `other`.
+pub type OpenPathCgroup = open_path_cgroup;
 pub type ProcessKey = process_key;
 pub type ProcessEvent = process_event;
 pub type SwitchKey = switch_key;
@@ -43,6 +46,8 @@ pub type TcpDists = podscope_tcp_dists;
 /// address family and role.
 pub type TcpOtherKey = podscope_tcp_other_key;
 pub type TcpOther = podscope_tcp_other;
+/// A removed cgroup's path, as the kernel recorded it when the directory went.
+pub type RemovedCgroup = removed_cgroup;
 /// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
 pub type HttpEventHead = http_event_head;
 
@@ -64,12 +69,8 @@ impl Hist {
 impl SyscallCounts {
     /// Adds `other` (per-CPU values are summed this way).
     pub fn merge(&mut self, other: &SyscallCounts) {
-        for (a, b) in self.count.iter_mut().zip(other.count.iter()) {
-            *a += b;
-        }
-        for (a, b) in self.errors.iter_mut().zip(other.errors.iter()) {
-            *a += b;
-        }
+        self.count += other.count;
+        self.errors += other.errors;
     }
 }
 
@@ -97,6 +98,18 @@ impl ProcessEvent {
             .position(|&b| b == 0)
             .unwrap_or(self.comm.len());
         String::from_utf8_lossy(&self.comm[..end]).into_owned()
+    }
+}
+
+impl RemovedCgroup {
+    /// The path up to its NUL (lossy UTF-8: cgroup names are bytes).
+    pub fn path(&self) -> String {
+        let end = self
+            .path
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.path.len());
+        String::from_utf8_lossy(&self.path[..end]).into_owned()
     }
 }
 
@@ -154,6 +167,8 @@ unsafe impl aya::Pod for SyscallKey {}
 unsafe impl aya::Pod for SyscallCounts {}
 unsafe impl aya::Pod for OpenKey {}
 unsafe impl aya::Pod for OpenPathKey {}
+unsafe impl aya::Pod for OpenPathCgroupKey {}
+unsafe impl aya::Pod for OpenPathCgroup {}
 unsafe impl aya::Pod for ProcessKey {}
 unsafe impl aya::Pod for ProcessEvent {}
 unsafe impl aya::Pod for SwitchKey {}
@@ -168,6 +183,7 @@ unsafe impl aya::Pod for TcpOtherKey {}
 unsafe impl aya::Pod for TcpOther {}
 unsafe impl aya::Pod for HttpEventHead {}
 unsafe impl aya::Pod for BlockStats {}
+unsafe impl aya::Pod for RemovedCgroup {}
 
 #[cfg(test)]
 mod tests {

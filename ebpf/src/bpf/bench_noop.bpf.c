@@ -24,3 +24,22 @@ int podscope_bench_noop_uprobe(void *ctx)
 {
 	return 0;
 }
+
+/* The scheduler's hooks, doing nothing: the floor of the sched probe's costs. */
+SEC("tp_btf/sched_switch")
+int podscope_bench_noop_switch(void *ctx)
+{
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup")
+int podscope_bench_noop_wakeup(void *ctx)
+{
+	return 0;
+}
+
+SEC("tp_btf/sched_wakeup_new")
+int podscope_bench_noop_wakeup_new(void *ctx)
+{
+	return 0;
+}

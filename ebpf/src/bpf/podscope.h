@@ -11,8 +11,10 @@
 #define PODSCOPE_H
 
 /* Log2 distribution slots. Slot 0 holds the value 1, slot k (k >= 1) holds (2^(k-1), 2^k], so
- * slot k is the OTLP exponential-histogram (scale 0) bucket index k - 1. Zeros are counted apart. */
-#define PODSCOPE_HIST_SLOTS 48
+ * slot k is the OTLP exponential-histogram (scale 0) bucket index k - 1. Zeros are counted apart.
+ * 65 slots hold every value a __u64 can (slot 64 is (2^63, 2^64)): no duration is ever clamped
+ * into a bucket below it. */
+#define PODSCOPE_HIST_SLOTS 65
 
 struct podscope_hist {
 	__u64 zero_count;
@@ -20,19 +22,20 @@ struct podscope_hist {
 	__u64 slots[PODSCOPE_HIST_SLOTS];
 };
 
-/* syscalls probe. Counts live in one value per cgroup, indexed by syscall number, so the hot
- * path does one lookup on an 8-byte key; latency histograms are per cgroup and syscall. */
-#define PODSCOPE_SYSCALL_SLOTS 512
-
-struct syscall_counts {
-	__u64 count[PODSCOPE_SYSCALL_SLOTS];
-	__u64 errors[PODSCOPE_SYSCALL_SLOTS];
-};
+/* syscalls probe: per cgroup and slot (a syscall's group, or the syscall itself: the loader's
+ * slot_of table), the count and the errors, in one per-CPU entry. Syscall numbers from 0 to
+ * PODSCOPE_SYSCALL_NRS - 1 are counted (x86_64's reach 462). */
+#define PODSCOPE_SYSCALL_NRS 512
 
 struct syscall_key {
 	__u64 cgroup_id;
-	__u32 nr;
+	__u32 slot;
 	__u32 _pad;
+};
+
+struct syscall_counts {
+	__u64 count;
+	__u64 errors;
 };
 
 /* files probe: opens per cgroup and result (0 = success, else errno). */
@@ -42,11 +45,30 @@ struct open_key {
 	__u32 _pad;
 };
 
+/* files probe, capture_paths: successful opens per cgroup, collection epoch (the agent reads an
+ * epoch once the kernel has moved on to the next, so no count races the read) and path. */
 #define PODSCOPE_PATH_LEN 128
+#define PODSCOPE_PATH_EPOCHS 3
 
 struct open_path_key {
 	__u64 cgroup_id;
+	__u32 epoch;
+	__u32 _pad;
 	__u8 path[PODSCOPE_PATH_LEN];
+};
+
+/* Per cgroup and epoch: distinct paths tracked (at most `tracked_paths`), and the opens of any
+ * other path, in the kernel, so the paths plus `other` always add up to the opens. */
+struct open_path_key_cgroup {
+	__u64 cgroup_id;
+	__u32 epoch;
+	__u32 _pad;
+};
+
+struct open_path_cgroup {
+	__u32 distinct;
+	__u32 _pad;
+	__u64 other;
 };
 
 /* process probe: counters per cgroup, kind and exit code. */
@@ -182,6 +204,15 @@ struct podscope_tcp_other {
 	struct podscope_tcp_dists dists;
 };
 
+/* The receiver's record of a removed cgroup v2 directory (cgroups.bpf.c): its path below the
+ * hierarchy's root, NUL-terminated (the kernel hands `cgroup_rmdir` the path of a cgroup at most
+ * 1023 bytes long; longer records are cut). */
+#define PODSCOPE_CGROUP_PATH_LEN 512
+
+struct removed_cgroup {
+	__u8 path[PODSCOPE_CGROUP_PATH_LEN];
+};
+
 /* http probe: the start of every HTTP/1 message and the bytes of HTTP/2 connections, read from
  * socket syscalls (and OpenSSL calls for TLS), sent to userspace, which parses and pairs them.
  * One event per syscall that carries data worth reading; the socket's addresses ride on each. */
@@ -257,6 +288,12 @@ enum http_counter {
  * object's map_full per-CPU array, at the map's slot: each probe numbers its maps here, and its
  * Rust MapDefs name the slot with the map. */
 #define PODSCOPE_MAP_SLOTS 8
+/* Every object's cgroup_filter (the kernel inserts admitted cgroups): the last slot. */
+#define PODSCOPE_MAP_SLOT_CGROUP_FILTER 7
+
+enum cgroups_map_slot {
+	CGROUPS_MAP_REMOVED = 0,
+};
 
 enum process_map_slot {
 	PROCESS_MAP_COUNTS = 0,
@@ -271,7 +308,7 @@ enum syscalls_map_slot {
 enum files_map_slot {
 	FILES_MAP_OPENS = 0,
 	FILES_MAP_PATHS = 1,
-	FILES_MAP_INFLIGHT = 2,
+	FILES_MAP_PATH_CGROUPS = 2,
 };
 
 enum sched_map_slot {
@@ -314,15 +351,35 @@ enum http_map_slot {
 
 #ifdef __BPF__
 /* ---- kernel side only ---- */
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
 
 /* The syscall number and arguments in the registers saved at syscall entry (struct pt_regs of
  * tp_btf sys_enter / sys_exit). Written for x86_64 only: another architecture needs its own. */
 #if defined(__TARGET_ARCH_x86)
 #define PODSCOPE_SYSCALL_NR(regs) ((regs)->orig_ax)
+#define PODSCOPE_SYSCALL_ARG1(regs) ((regs)->di)
 #define PODSCOPE_SYSCALL_ARG2(regs) ((regs)->si)
 #else
 #error "podscope.h: the syscall-argument register access is written for x86_64 only"
 #endif
+
+/* The records of the per-syscall tracepoints (syscalls:sys_enter_<name>, sys_exit_<name>), as
+ * their format files lay them out: the ctx of a tracepoint program, read at fixed offsets (no
+ * CO-RE: the kernel's own struct ends in a flexible array CO-RE cannot index). */
+struct podscope_syscall_enter {
+	__u64 common;
+	__s32 nr;
+	__u32 _pad;
+	__u64 args[6];
+};
+
+struct podscope_syscall_exit {
+	__u64 common;
+	__s32 nr;
+	__u32 _pad;
+	__s64 ret;
+};
 
 /* Set by the loader. */
 const volatile __u32 agent_tgid = 0;   /* never observe the agent itself */
@@ -336,6 +393,18 @@ struct {
 	__type(value, __u8);
 } cgroup_filter SEC(".maps");
 
+/* With filter_mode 1: cgroups whose new descendants are listed in cgroup_filter as they are
+ * created (by podscope_cgroup_admit below), so a new container is counted from its first event,
+ * before the receiver's next walk decides on it — the subtrees the filter can select in (an
+ * include glob's fixed prefix, the kubelet's pod tree). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, __u8);
+} cgroup_filter_roots SEC(".maps");
+
 /* Failed inserts per map slot (see PODSCOPE_MAP_SLOTS), summed over CPUs by the agent. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -345,6 +414,13 @@ struct {
 } map_full SEC(".maps");
 
 #define PODSCOPE_EEXIST 17
+/* cgroup_filter values: listed by the receiver, or by the kernel when the cgroup was created. */
+#define PODSCOPE_CGROUP_LISTED 1
+#define PODSCOPE_CGROUP_ADMITTED 2
+/* Deepest cgroup nesting podscope_cgroup_admit looks through (the kubelet's is 4 or 5). */
+#define PODSCOPE_CGROUP_MAX_DEPTH 16
+/* signal_struct.flags: the thread group is exiting as a whole (exit_group, a fatal signal). */
+#define PODSCOPE_SIGNAL_GROUP_EXIT 0x00000004
 
 static __always_inline void podscope_count_failed_insert(__u32 slot)
 {
@@ -369,6 +445,29 @@ static __always_inline int podscope_skip_cgroup(__u64 cgroup_id)
 		return 0;
 	int listed = bpf_map_lookup_elem(&cgroup_filter, &cgroup_id) != 0;
 	return filter_mode == 1 ? !listed : listed;
+}
+
+/* A new cgroup v2 directory under one of cgroup_filter_roots is listed at once (with
+ * filter_mode 1; the loader attaches this program to every probe object then). */
+SEC("tp_btf/cgroup_mkdir")
+int BPF_PROG(podscope_cgroup_admit, struct cgroup *cgrp, const char *path)
+{
+	if (filter_mode != 1 || BPF_CORE_READ(cgrp, root, hierarchy_id) != 0)
+		return 0;
+	int level = BPF_CORE_READ(cgrp, level);
+	/* ancestors[0] is the root, ancestors[level] the new cgroup itself. */
+	for (int i = 0; i < PODSCOPE_CGROUP_MAX_DEPTH && i < level; i++) {
+		struct cgroup *ancestor = 0;
+		bpf_core_read(&ancestor, sizeof(ancestor), &cgrp->ancestors[i]);
+		__u64 id = BPF_CORE_READ(ancestor, kn, id);
+		if (bpf_map_lookup_elem(&cgroup_filter_roots, &id)) {
+			__u64 self = BPF_CORE_READ(cgrp, kn, id);
+			__u8 admitted = PODSCOPE_CGROUP_ADMITTED;
+			podscope_insert(&cgroup_filter, PODSCOPE_MAP_SLOT_CGROUP_FILTER, &self, &admitted, BPF_NOEXIST);
+			return 0;
+		}
+	}
+	return 0;
 }
 
 static __always_inline int podscope_skip_current(void)
@@ -397,7 +496,7 @@ static __always_inline void podscope_hist_add(struct podscope_hist *h, __u64 v)
 		return;
 	}
 	__u32 slot = v == 1 ? 0 : podscope_log2(v - 1) + 1;
-	if (slot >= PODSCOPE_HIST_SLOTS)
+	if (slot >= PODSCOPE_HIST_SLOTS) /* never true: the bound is for the verifier */
 		slot = PODSCOPE_HIST_SLOTS - 1;
 	__sync_fetch_and_add(&h->slots[slot], 1);
 }

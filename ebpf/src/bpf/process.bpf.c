@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * process: exec, fork (new processes, not threads) and exit (with exit code and lifetime) per
- * cgroup, counted in maps; exec and exit also go out as events on a ring buffer so userspace can
+ * process: exec, fork (new processes, not threads) and exit (when the last thread of the process
+ * is gone, with the exit status its parent sees and its lifetime) per cgroup, counted in maps; exec and exit also go out as events on a ring buffer so userspace can
  * keep a pid → cgroup table. Wake-ups are batched: userspace is woken only once
  * `wakeup_bytes` are waiting, and polls on a timer for the rest (see shared/notes: a wake-up per
  * event costs about three times more).
@@ -13,6 +13,8 @@
 #include "podscope.h"
 
 const volatile __u64 wakeup_bytes = 65536;
+/* Keep each cgroup's distribution of process lifetimes (process_lifetime). */
+const volatile __u32 measure_lifetime = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -25,7 +27,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 4096);
 	__type(key, __u64);
 	__type(value, struct podscope_hist);
 } process_lifetime SEC(".maps");
@@ -34,6 +36,14 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } process_events SEC(".maps");
+
+/* Older kernels' exit program (below): groups whose last thread was counted, by signal struct. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u64);
+	__type(value, __u8);
+} exited_groups SEC(".maps");
 
 /* Events that did not fit in the ring buffer (index 0), summed over CPUs by userspace. */
 struct {
@@ -92,6 +102,8 @@ int BPF_PROG(podscope_process_fork, struct task_struct *parent, struct task_stru
 	/* A new thread shares its parent's thread group: not a new process. */
 	if (BPF_CORE_READ(child, pid) != BPF_CORE_READ(child, tgid))
 		return 0;
+	__u64 signal = (__u64)BPF_CORE_READ(child, signal);
+	bpf_map_delete_elem(&exited_groups, &signal);
 	if (podscope_skip_current())
 		return 0;
 	__u64 cgroup_id = bpf_get_current_cgroup_id();
@@ -102,30 +114,63 @@ int BPF_PROG(podscope_process_fork, struct task_struct *parent, struct task_stru
 	return 0;
 }
 
-SEC("tp_btf/sched_process_exit")
-int BPF_PROG(podscope_process_exit, struct task_struct *task)
+/* As a shell reports a process's status: the exit status, or 128 + the signal that killed it.
+ * The status is the one its parent's wait sees: the group's, when it exited as a group
+ * (exit_group, a fatal signal), else the leader's own. */
+static __always_inline __s32 process_exit_code(struct task_struct *task)
 {
-	/* One exit per process: the thread group leader's. */
-	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid))
-		return 0;
+	struct signal_struct *signal = BPF_CORE_READ(task, signal);
+	int raw = (BPF_CORE_READ(signal, flags) & PODSCOPE_SIGNAL_GROUP_EXIT)
+			  ? BPF_CORE_READ(signal, group_exit_code)
+			  : BPF_CORE_READ(task, group_leader, exit_code);
+	return (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
+}
+
+/* A process's exit, once its last thread is gone (`task` is that thread). */
+static __always_inline void count_process_exit(struct task_struct *task)
+{
 	if (podscope_skip_current())
-		return 0;
+		return;
 	__u64 cgroup_id = task_cgroup_id(task);
 	if (podscope_skip_cgroup(cgroup_id))
-		return 0;
-	int raw = BPF_CORE_READ(task, exit_code);
-	/* As a shell reports it: the exit status, or 128 + the signal that killed the process. */
-	__s32 code = (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
+		return;
+	__s32 code = process_exit_code(task);
 	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_EXIT, .exit_code = code };
 	podscope_count(&process_counts, PROCESS_MAP_COUNTS, &key);
 
 	__u64 now = bpf_ktime_get_ns();
-	__u64 start = BPF_CORE_READ(task, start_time);
+	__u64 start = BPF_CORE_READ(task, group_leader, start_time);
 	__u64 lifetime = now > start ? now - start : 0;
-	struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, PROCESS_MAP_LIFETIME, &cgroup_id, &zero_hist);
-	if (h)
-		podscope_hist_add(h, lifetime);
-	emit(task, cgroup_id, PROCESS_EXIT, code, lifetime);
+	if (measure_lifetime) {
+		struct podscope_hist *h = podscope_lookup_or_init(&process_lifetime, PROCESS_MAP_LIFETIME, &cgroup_id, &zero_hist);
+		if (h)
+			podscope_hist_add(h, lifetime);
+	}
+	emit(BPF_CORE_READ(task, group_leader), cgroup_id, PROCESS_EXIT, code, lifetime);
+}
+
+/* Kernels whose tracepoint says whether the exiting thread was its group's last. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(podscope_process_exit, struct task_struct *task, bool group_dead)
+{
+	if (group_dead)
+		count_process_exit(task);
+	return 0;
+}
+
+/* Older kernels: the thread that finds no live thread left in its group exits it last.
+ * Threads exiting at the same moment can all find none, so only the first of them whose
+ * exited_groups record is new counts; a new process whose signal struct reuses the address clears
+ * the record at fork. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(podscope_process_exit_last_live, struct task_struct *task)
+{
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	__u64 signal = (__u64)BPF_CORE_READ(task, signal);
+	__u8 one = 1;
+	if (bpf_map_update_elem(&exited_groups, &signal, &one, BPF_NOEXIST) == 0)
+		count_process_exit(task);
 	return 0;
 }
 

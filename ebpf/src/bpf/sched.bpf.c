@@ -13,7 +13,7 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 4096);
 	__type(key, __u64);
 	__type(value, struct podscope_hist);
 } runq_latency SEC(".maps");
@@ -21,17 +21,17 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 8192);
 	__type(key, struct switch_key);
 	__type(value, __u64);
 } context_switches SEC(".maps");
 
-/* thread id → when it became runnable. Preallocated although entries come and go: every wakeup
- * and context switch writes it, and the cost of allocating there is not measured yet. */
+/* Per thread: when it became runnable (0: not waiting). Task storage, not a hash by thread id:
+ * no hashing on every wakeup and context switch, and a thread's entry goes with the thread. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, __u64);
 } runnable_since SEC(".maps");
 
@@ -57,9 +57,11 @@ static __always_inline void mark_runnable(struct task_struct *task)
 {
 	if (!observed(task, task_cgroup_id(task)))
 		return;
-	__u32 tid = BPF_CORE_READ(task, pid);
-	__u64 now = bpf_ktime_get_ns();
-	podscope_insert(&runnable_since, SCHED_MAP_RUNNABLE_SINCE, &tid, &now, BPF_ANY);
+	__u64 *since = bpf_task_storage_get(&runnable_since, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (since)
+		*since = bpf_ktime_get_ns();
+	else
+		podscope_count_failed_insert(SCHED_MAP_RUNNABLE_SINCE);
 }
 
 SEC("tp_btf/sched_wakeup")
@@ -95,13 +97,12 @@ int BPF_PROG(podscope_sched_switch, bool preempt, struct task_struct *prev, stru
 	__u64 next_cgroup = task_cgroup_id(next);
 	if (!observed(next, next_cgroup))
 		return 0;
-	__u32 tid = BPF_CORE_READ(next, pid);
-	__u64 *since = bpf_map_lookup_elem(&runnable_since, &tid);
-	if (!since)
+	__u64 *since = bpf_task_storage_get(&runnable_since, next, 0, 0);
+	if (!since || !*since)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	__u64 waited = now > *since ? now - *since : 0;
-	bpf_map_delete_elem(&runnable_since, &tid);
+	*since = 0;
 	struct podscope_hist *h = podscope_lookup_or_init(&runq_latency, SCHED_MAP_RUNQ_LATENCY, &next_cgroup, &zero_hist);
 	if (h)
 		podscope_hist_add(h, waited);

@@ -51,7 +51,7 @@ UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
 EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN"}, "bash-commands": UPROBE_CAPS}
 PRIVILEGED_CASES = {"privileged"}
 HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
-DEFAULT_HOST_PATHS = {"/sys/fs/cgroup"}
+DEFAULT_HOST_PATHS = {"/sys/fs/cgroup", "/sys/kernel/tracing"}
 # Container ports exactly, where the case fixes them (the rest are checked against the config).
 ALL_PORTS = {"telemetry": 8888, "metrics": 9464, "otlp-grpc": 4317, "otlp-http": 4318}
 NO_SCRAPE_PORTS = {"telemetry": 8888, "otlp-grpc": 4317, "otlp-http": 4318}

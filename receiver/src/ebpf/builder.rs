@@ -1,7 +1,7 @@
 //! Data points into OTLP metrics: one `ResourceMetrics` per cgroup (and one for the host, for
-//! per-device data), cumulative sums and exponential histograms with the receiver's start time as
-//! every series' start time (the maps count from the moment they were created). The probes add
-//! their data points here; this module knows no probe.
+//! per-device data), cumulative sums and exponential histograms. The probes add their data points
+//! here; which owners are reported, with what identity and series start time, is decided when the
+//! collection is finished ([`MetricsBuilder::finish`]). This module knows no probe.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use podscope_ebpf::abi::Hist;
 
 use super::catalog::{MetricDoc, MetricKind};
-use super::cgroups::{container_id, CgroupIndex};
+use super::cgroups::container_id;
 use super::histogram::exponential_point;
 
 pub fn string_attr(key: &str, value: impl Into<String>) -> KeyValue {
@@ -47,12 +47,12 @@ pub fn scope() -> InstrumentationScope {
 }
 
 /// The resource of `owner`'s data (metrics and spans alike): the host, and for a cgroup its id,
-/// path and container id, from which the Kubernetes processor finds the pod.
-pub fn resource(host_name: &str, index: &CgroupIndex, owner: Owner) -> Resource {
+/// path (when known) and container id, from which the Kubernetes processor finds the pod.
+pub fn resource(host_name: &str, owner: Owner, path: Option<&str>) -> Resource {
     let mut attributes = vec![string_attr("host.name", host_name)];
     if let Owner::Cgroup(id) = owner {
         attributes.push(int_attr("podscope.cgroup.id", id as i64));
-        if let Some(path) = index.path(id) {
+        if let Some(path) = path {
             attributes.push(string_attr("podscope.cgroup.path", path));
             if let Some(container) = container_id(path) {
                 attributes.push(string_attr("container.id", &container));
@@ -72,24 +72,33 @@ pub enum Owner {
     Host,
 }
 
+/// How an owner's data points are reported: its cgroup path (when known) and the start time of
+/// its cumulative series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub path: Option<String>,
+    pub start_ns: u64,
+}
+
 /// Collects data points and groups them into resources and metrics.
 pub struct MetricsBuilder<'a> {
     host_name: &'a str,
-    index: &'a CgroupIndex,
-    start_ns: u64,
     now_ns: u64,
     metrics: BTreeMap<Owner, BTreeMap<String, Metric>>,
 }
 
 impl<'a> MetricsBuilder<'a> {
-    pub fn new(host_name: &'a str, index: &'a CgroupIndex, start_ns: u64, now_ns: u64) -> Self {
+    pub fn new(host_name: &'a str, now_ns: u64) -> Self {
         MetricsBuilder {
             host_name,
-            index,
-            start_ns,
             now_ns,
             metrics: BTreeMap::new(),
         }
+    }
+
+    /// The owners that have data points.
+    pub fn owners(&self) -> impl Iterator<Item = Owner> + '_ {
+        self.metrics.keys().copied()
     }
 
     fn metric(&mut self, owner: Owner, doc: &MetricDoc) -> &mut Metric {
@@ -149,14 +158,13 @@ impl<'a> MetricsBuilder<'a> {
         attributes: Vec<KeyValue>,
         value: u64,
     ) {
-        let (start, now) = (self.start_ns, self.now_ns);
+        let now = self.now_ns;
         if let Some(metric::Data::Sum(sum)) = &mut self
             .metric_named(owner, name, description, unit, MetricKind::Counter)
             .data
         {
             sum.data_points.push(NumberDataPoint {
                 attributes,
-                start_time_unix_nano: start,
                 time_unix_nano: now,
                 value: Some(number_data_point::Value::AsInt(value as i64)),
                 ..Default::default()
@@ -165,13 +173,31 @@ impl<'a> MetricsBuilder<'a> {
     }
 
     pub fn count(&mut self, owner: Owner, doc: &MetricDoc, attributes: Vec<KeyValue>, value: u64) {
-        let start = self.start_ns;
         let now = self.now_ns;
         if let Some(metric::Data::Sum(sum)) = &mut self.metric(owner, doc).data {
             sum.data_points.push(NumberDataPoint {
                 attributes,
-                start_time_unix_nano: start,
                 time_unix_nano: now,
+                value: Some(number_data_point::Value::AsInt(value as i64)),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// A delta count over the interval from `start_ns` to `end_ns` (not the collection's).
+    pub fn count_over(
+        &mut self,
+        owner: Owner,
+        doc: &MetricDoc,
+        attributes: Vec<KeyValue>,
+        value: u64,
+        (start_ns, end_ns): (u64, u64),
+    ) {
+        if let Some(metric::Data::Sum(sum)) = &mut self.metric(owner, doc).data {
+            sum.data_points.push(NumberDataPoint {
+                attributes,
+                start_time_unix_nano: start_ns,
+                time_unix_nano: end_ns,
                 value: Some(number_data_point::Value::AsInt(value as i64)),
                 ..Default::default()
             });
@@ -185,44 +211,72 @@ impl<'a> MetricsBuilder<'a> {
         attributes: Vec<KeyValue>,
         hist: &Hist,
     ) {
-        let start = self.start_ns;
         let now = self.now_ns;
         if let Some(metric::Data::ExponentialHistogram(h)) = &mut self.metric(owner, doc).data {
             let mut point = exponential_point(hist);
             point.attributes = attributes;
-            point.start_time_unix_nano = start;
             point.time_unix_nano = now;
             h.data_points.push(point);
         }
     }
 
-    /// An exponential-histogram data point made by the probe (a scale other than the kernel's).
+    /// An exponential-histogram data point made by the probe (a scale other than the kernel's);
+    /// its start time, when it has none, is its owner's series start, as for the others.
     pub fn exponential(
         &mut self,
         owner: Owner,
         doc: &MetricDoc,
         mut point: ExponentialHistogramDataPoint,
     ) {
-        point.start_time_unix_nano = self.start_ns;
         point.time_unix_nano = self.now_ns;
         if let Some(metric::Data::ExponentialHistogram(h)) = &mut self.metric(owner, doc).data {
             h.data_points.push(point);
         }
     }
 
-    pub fn finish(self) -> Vec<ResourceMetrics> {
+    /// The resources of the owners `identify` names (the others' points are left out), every
+    /// point that has no start time yet given its owner's.
+    pub fn finish(self, identify: impl Fn(Owner) -> Option<Identity>) -> Vec<ResourceMetrics> {
         let scope = scope();
-        self.metrics
-            .iter()
-            .map(|(owner, metrics)| ResourceMetrics {
-                resource: Some(resource(self.host_name, self.index, *owner)),
+        let mut out = Vec::new();
+        for (owner, metrics) in &self.metrics {
+            let Some(identity) = identify(*owner) else {
+                continue;
+            };
+            let mut metrics: Vec<Metric> = metrics.values().cloned().collect();
+            for metric in &mut metrics {
+                set_missing_start(metric, identity.start_ns);
+            }
+            out.push(ResourceMetrics {
+                resource: Some(resource(self.host_name, *owner, identity.path.as_deref())),
                 scope_metrics: vec![ScopeMetrics {
                     scope: Some(scope.clone()),
-                    metrics: metrics.values().cloned().collect(),
+                    metrics,
                     ..Default::default()
                 }],
                 ..Default::default()
-            })
-            .collect()
+            });
+        }
+        out
+    }
+}
+
+/// Gives every point of `metric` without a start time `start_ns`.
+fn set_missing_start(metric: &mut Metric, start_ns: u64) {
+    let fill = |t: &mut u64| {
+        if *t == 0 {
+            *t = start_ns;
+        }
+    };
+    match &mut metric.data {
+        Some(metric::Data::Sum(sum)) => sum
+            .data_points
+            .iter_mut()
+            .for_each(|p| fill(&mut p.start_time_unix_nano)),
+        Some(metric::Data::ExponentialHistogram(h)) => h
+            .data_points
+            .iter_mut()
+            .for_each(|p| fill(&mut p.start_time_unix_nano)),
+        _ => {}
     }
 }

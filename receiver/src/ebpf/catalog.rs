@@ -77,27 +77,52 @@ pub fn markdown_table() -> String {
     out
 }
 
+/// Checks the part of `file` (relative to the repository) between `<!-- marker:begin -->` and
+/// `<!-- marker:end -->` against `table`, or rewrites it when `UPDATE_DOCS` is set (the docs
+/// tests' generated tables).
+pub fn sync_docs_section(file: &str, marker: &str, table: &str) -> Result<(), String> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(file);
+    let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+    let (begin, end) = (
+        format!("<!-- {marker}:begin -->\n"),
+        format!("<!-- {marker}:end -->"),
+    );
+    let (Some(start), Some(stop)) = (text.find(&begin), text.find(&end)) else {
+        return Err(format!("{file} has no {marker} markers"));
+    };
+    let start = start + begin.len();
+    if std::env::var_os("UPDATE_DOCS").is_some() {
+        let updated = format!("{}{}{}", &text[..start], table, &text[stop..]);
+        return std::fs::write(&path, updated).map_err(|e| e.to_string());
+    }
+    if &text[start..stop] != table {
+        return Err(format!(
+            "{file} is stale ({marker}): run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics, and as root UPDATE_DOCS=1 cargo test -p podscope-receiver --test ebpf_core kernel_memory for the kernel memory tables\nwant:\n{table}"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use crate::ebpf::object::MapSize;
+    use crate::ebpf::cgroups::REMOVED_CGROUPS_SPEC;
+    use crate::ebpf::object::{MapSize, ProbeSpec};
     use crate::ebpf::probes::SPECS;
 
-    /// Rewrites (`UPDATE_DOCS=1`) or checks the part of `docs/metrics.md` between the markers.
+    /// Every object the receiver loads: the probes', and its own record of removed cgroups.
+    fn objects() -> impl Iterator<Item = (&'static str, ProbeSpec)> {
+        SPECS
+            .iter()
+            .copied()
+            .chain([(REMOVED_CGROUPS_SPEC.name, REMOVED_CGROUPS_SPEC)])
+    }
+
     fn check_docs_section(marker: &str, table: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
-        let text = std::fs::read_to_string(&path).unwrap();
-        let (begin, end) = (
-            format!("<!-- {marker}:begin -->\n"),
-            format!("<!-- {marker}:end -->"),
-        );
-        let start = text.find(&begin).expect("begin marker") + begin.len();
-        let stop = text.find(&end).expect("end marker");
-        if std::env::var_os("UPDATE_DOCS").is_some() {
-            let updated = format!("{}{}{}", &text[..start], table, &text[stop..]);
-            std::fs::write(&path, updated).unwrap();
-            return;
+        if let Err(e) = super::sync_docs_section("docs/metrics.md", marker, table) {
+            panic!("{e}");
         }
-        assert_eq!(&text[start..stop], table, "docs/metrics.md is stale: run UPDATE_DOCS=1 cargo test -p podscope-receiver docs_metrics");
     }
 
     /// `docs/metrics.md` holds the table between markers; `UPDATE_DOCS=1 cargo test` rewrites it.
@@ -127,7 +152,7 @@ mod tests {
         let mut table = String::from(
             "| probe | map | type | default `max_entries` | preallocated | `max_entries` setting | failed inserts counted |\n|---|---|---|---|---|---|---|\n",
         );
-        for (probe, spec) in SPECS {
+        for (probe, spec) in objects() {
             let object = aya_obj::Object::parse(spec.object).unwrap();
             for def in spec.maps {
                 let map = &object.maps[def.name];
@@ -164,14 +189,15 @@ mod tests {
     /// and each counted map has its own slot within the object's `map_full` array.
     #[test]
     fn every_map_of_every_object_has_one_definition_that_fits_its_type() {
-        for (probe, spec) in SPECS {
+        for (probe, spec) in objects() {
             let object = aya_obj::Object::parse(spec.object).unwrap();
             let mut names: Vec<&str> = object
                 .maps
                 .keys()
                 .map(String::as_str)
                 .filter(|name| {
-                    !name.starts_with('.') && !["cgroup_filter", "map_full"].contains(name)
+                    !name.starts_with('.')
+                        && !["cgroup_filter", "cgroup_filter_roots", "map_full"].contains(name)
                 })
                 .collect();
             names.sort();

@@ -1,8 +1,9 @@
 //! The collection task: owns the loaded probes, reads them into data points every interval (or on
-//! request) and sends them, keeps every probe object's cgroup filter current, and frees the map
-//! entries of removed cgroups.
+//! request) and sends them, keeps every probe object's cgroup filter current, decides whose data
+//! is reported and with what identity (the rules are in `cgroups`), and frees the map entries of
+//! removed and unselected cgroups.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,8 +11,8 @@ use podscope_core::{Batch, Consumer};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::builder::MetricsBuilder;
-use super::cgroups::CgroupIndex;
+use super::builder::{Identity, MetricsBuilder, Owner};
+use super::cgroups::{CgroupState, CgroupTable, RemovedCgroups};
 use super::filter::CgroupFilter;
 use super::object::MapMemory;
 use super::probes::{Collection, Probe};
@@ -23,13 +24,16 @@ const POD_CHANGE_SETTLE: Duration = Duration::from_millis(200);
 pub struct Collector {
     pub probes: Vec<Box<dyn Probe>>,
     pub filter: CgroupFilter,
-    pub index: CgroupIndex,
+    pub cgroups: CgroupTable,
+    /// The kernel's record of removed cgroups, when it could be loaded.
+    pub removed: Option<RemovedCgroups>,
+    /// Cgroups whose data the last collection held back (created after its walk).
+    pub held: HashSet<u64>,
     /// The metrics pipelines; without one, data points are read (map entries of removed cgroups
     /// are still freed) but not sent.
     pub next: Option<Arc<dyn Consumer>>,
     pub host_name: String,
     pub receiver: String,
-    pub start_ns: u64,
     /// Pod changes in the cache `cgroup_filter.pods` selects through.
     pub pod_changes: Option<tokio::sync::watch::Receiver<u64>>,
     /// New containers, when a probe watches them.
@@ -46,7 +50,6 @@ impl Collector {
         mut requests: mpsc::Receiver<oneshot::Sender<()>>,
         cancel: CancellationToken,
     ) {
-        self.refresh_cgroups();
         self.rescan();
         self.account_kernel_maps();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
@@ -76,17 +79,45 @@ impl Collector {
         }
     }
 
-    fn refresh_cgroups(&mut self) {
-        self.index.refresh();
+    /// Walks the cgroups and brings the kernel filter up to date (the receiver's start calls it
+    /// once before the first collection).
+    pub fn refresh_cgroups(&mut self) {
+        self.cgroups.refresh(self.removed.as_mut());
         if self.filter.mode != 0 {
-            let ids = self.filter.listed_ids(&self.index);
+            let ids = self.filter.listed_ids(self.cgroups.live());
+            let roots = self.filter.roots(self.cgroups.live());
+            let walked = self.cgroups.walked_up_to();
             for probe in &mut self.probes {
                 for object in probe.objects_mut() {
-                    if let Err(e) = self.filter.sync(object.cgroup_filter_mut(), &ids) {
+                    if let Err(e) = self.filter.sync(object, &ids, &roots, walked) {
                         tracing::warn!(receiver = %self.receiver, error = %e, "cannot update the kernel cgroup filter");
                     }
                 }
             }
+        }
+    }
+
+    /// Whether a cgroup's data is reported now, held for the next collection, or dropped.
+    fn decide(&self, id: u64) -> Decision {
+        match self.cgroups.state(id) {
+            CgroupState::Live(path) if self.filter.observes(path) => Decision::Report {
+                path: Some(path.to_string()),
+                then_free: false,
+            },
+            CgroupState::Removed(path) if self.filter.observes(path) => Decision::Report {
+                path: Some(path.to_string()),
+                then_free: true,
+            },
+            CgroupState::Live(_) | CgroupState::Removed(_) => Decision::Drop,
+            // Its path is known at the next walk (or its removal recorded by then: a cgroup held
+            // once already is one whose record was lost).
+            CgroupState::New if !self.held.contains(&id) => Decision::Hold,
+            // Without a path the filter cannot tell whether it wanted it.
+            CgroupState::New | CgroupState::Unknown if self.filter.mode == 0 => Decision::Report {
+                path: None,
+                then_free: true,
+            },
+            CgroupState::New | CgroupState::Unknown => Decision::Drop,
         }
     }
 
@@ -99,26 +130,61 @@ impl Collector {
     async fn collect(&mut self) {
         self.refresh_cgroups();
         self.rescan();
-        let builder =
-            MetricsBuilder::new(&self.host_name, &self.index, self.start_ns, unix_nanos());
+        let now = unix_nanos();
+        let builder = MetricsBuilder::new(&self.host_name, now);
         let mut collection = Collection::new(builder, &self.host_name, &self.receiver);
         for probe in &mut self.probes {
             probe.collect(&mut collection);
         }
-        let (builder, cgroups) = collection.finish();
-        let resource_metrics = builder.finish();
-        self.account_kernel_maps();
-
-        // Series of removed cgroups were reported one last time; free their map entries.
-        let gone: HashSet<u64> = cgroups
-            .into_iter()
-            .filter(|id| self.index.path(*id).is_none())
+        let (builder, mut cgroups) = collection.finish();
+        cgroups.extend(builder.owners().filter_map(|owner| match owner {
+            Owner::Cgroup(id) => Some(id),
+            Owner::Host => None,
+        }));
+        let decisions: HashMap<u64, Decision> =
+            cgroups.iter().map(|&id| (id, self.decide(id))).collect();
+        self.held = decisions
+            .iter()
+            .filter(|(_, d)| **d == Decision::Hold)
+            .map(|(&id, _)| id)
             .collect();
-        if !gone.is_empty() {
+        let resource_metrics = builder.finish(|owner| match owner {
+            Owner::Host => Some(Identity {
+                path: None,
+                start_ns: self.cgroups.receiver_start_ns(),
+            }),
+            Owner::Cgroup(id) => match decisions.get(&id) {
+                Some(Decision::Report { path, .. }) => Some(Identity {
+                    path: path.clone(),
+                    start_ns: self.cgroups.start_ns(id),
+                }),
+                _ => None,
+            },
+        });
+
+        // Removed cgroups were reported a last time, unselected ones not at all: free their
+        // entries (data counted for them later starts a new series).
+        let free: HashSet<u64> = decisions
+            .iter()
+            .filter(|(_, d)| {
+                matches!(
+                    d,
+                    Decision::Drop
+                        | Decision::Report {
+                            then_free: true,
+                            ..
+                        }
+                )
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        if !free.is_empty() {
             for probe in &mut self.probes {
-                probe.forget(&gone);
+                probe.forget(&free);
             }
+            self.cgroups.freed(&free, now);
         }
+        self.account_kernel_maps();
 
         let Some(next) = &self.next else {
             return;
@@ -132,17 +198,36 @@ impl Collector {
     }
 }
 
+/// What a collection does with a cgroup's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Decision {
+    /// Reported with this path (if known); its entries are freed afterwards when the cgroup is
+    /// gone.
+    Report {
+        path: Option<String>,
+        then_free: bool,
+    },
+    /// Kept in the maps and reported once the cgroup is known.
+    Hold,
+    /// Not wanted: its entries are freed, nothing is reported.
+    Drop,
+}
+
 impl Collector {
     /// The maps' kernel memory and refused inserts into the receiver's telemetry.
     fn account_kernel_maps(&mut self) {
         let mut memory = Vec::new();
-        for probe in &mut self.probes {
-            for object in probe.objects_mut() {
-                memory.extend(object.map_memory());
-                let name = object.probe();
-                for (map, failed) in object.failed_inserts() {
-                    self.telemetry.add_map_full(name, map, failed);
-                }
+        let removed = self.removed.as_mut().map(RemovedCgroups::object_mut);
+        let objects = self
+            .probes
+            .iter_mut()
+            .flat_map(|p| p.objects_mut())
+            .chain(removed);
+        for object in objects {
+            memory.extend(object.map_memory());
+            let name = object.probe();
+            for (map, failed) in object.failed_inserts() {
+                self.telemetry.add_map_full(name, map, failed);
             }
         }
         self.telemetry.set_map_memory(&memory);

@@ -35,7 +35,10 @@ impl Default for EbpfReceiverConfig {
     }
 }
 
-/// `cgroup_filter:` — `*` matches within one path segment, `**` across segments.
+/// `cgroup_filter:` — `*` matches within one path segment, `**` across segments. With `include`
+/// or `pods`, a cgroup created under an include glob's fixed prefix (or in the kubelet's pod
+/// tree) is observed from its creation, then kept or dropped once the next collection knows its
+/// path: a new container is counted from its first event.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CgroupFilterConfig {

@@ -1,6 +1,6 @@
 //! Which cgroups the probes observe: `cgroup_filter` (path globs, and pods selected through a
 //! Kubernetes pod cache), turned into the ids of the kernel's `cgroup_filter` map that every probe
-//! object checks. All pod selection of the receiver is here, so that where the pod cache comes
+//! object checks, and the subtrees under which the kernel lists new cgroups as they are created. All pod selection of the receiver is here, so that where the pod cache comes
 //! from can change in one place.
 //!
 //! It must not read probe maps or know any probe.
@@ -13,6 +13,7 @@ use podscope_core::BuildContext;
 
 use super::cgroups::{CgroupGlob, CgroupIndex};
 use super::config::{CgroupFilterConfig, PodSource};
+use super::object::ProbeObject;
 
 /// Pods the filter includes, resolved through a `k8s_metadata` extension's cache.
 #[derive(Clone)]
@@ -97,39 +98,181 @@ impl CgroupFilter {
         self.pods.as_ref().map(|p| p.metadata.changes())
     }
 
-    /// The ids to put in the kernel map for the current cgroups.
+    /// Whether the probes' data for the cgroup at `path` is wanted (always, without a filter).
+    pub fn observes(&self, path: &str) -> bool {
+        let excluded = || self.exclude.iter().any(|g| g.matches(path));
+        match self.mode {
+            1 => {
+                (self.include.iter().any(|g| g.matches(path))
+                    || self.pods.as_ref().is_some_and(|p| p.selects(path)))
+                    && !excluded()
+            }
+            2 => !excluded(),
+            _ => true,
+        }
+    }
+
+    /// The ids to put in the kernel map for the current cgroups: those observed (mode 1) or those
+    /// not (mode 2).
     pub fn listed_ids(&self, index: &CgroupIndex) -> HashSet<u64> {
         index
             .iter()
             .filter(|(_, path)| match self.mode {
-                1 => {
-                    (self.include.iter().any(|g| g.matches(path))
-                        || self.pods.as_ref().is_some_and(|p| p.selects(path)))
-                        && !self.exclude.iter().any(|g| g.matches(path))
-                }
-                2 => self.exclude.iter().any(|g| g.matches(path)),
+                1 => self.observes(path),
+                2 => !self.observes(path),
                 _ => false,
             })
             .map(|(id, _)| id)
             .collect()
     }
 
-    /// Brings a probe object's `cgroup_filter` map to exactly `ids`.
+    /// The cgroups whose new descendants the kernel lists as they are created (mode 1): for each
+    /// include glob, the deepest existing cgroup of its fixed prefix (`/kubepods.slice` for
+    /// `/kubepods.slice/**`), and with a pod selection the kubelet's pod tree
+    /// (`/kubepods.slice`, `/kubepods`, …) of every pod cgroup.
+    pub fn roots(&self, index: &CgroupIndex) -> HashSet<u64> {
+        if self.mode != 1 {
+            return HashSet::new();
+        }
+        let ids: std::collections::HashMap<&str, u64> =
+            index.iter().map(|(id, path)| (path, id)).collect();
+        let mut roots = HashSet::new();
+        for glob in &self.include {
+            let mut prefix = glob.fixed_prefix();
+            loop {
+                if let Some(&id) = ids.get(prefix.as_str()) {
+                    roots.insert(id);
+                    break;
+                }
+                match prefix.rsplit_once('/') {
+                    Some(("", _)) if prefix != "/" => prefix = "/".to_string(),
+                    Some((parent, _)) if !parent.is_empty() => prefix = parent.to_string(),
+                    _ => break,
+                }
+            }
+        }
+        if self.pods.is_some() {
+            for (_, path) in index.iter() {
+                if let Some(tree) = kubelet_pod_tree(path) {
+                    roots.extend(ids.get(tree).copied());
+                }
+            }
+        }
+        roots
+    }
+
+    /// Brings a probe object's `cgroup_filter` map to exactly `ids` for the cgroups walked so far
+    /// (up to id `walked_up_to`: newer ones the kernel listed since stay listed until the next
+    /// walk decides), and its `cgroup_filter_roots` to `roots`.
     pub fn sync(
         &self,
-        map: &mut HashMap<MapData, u64, u8>,
+        object: &mut ProbeObject,
         ids: &HashSet<u64>,
+        roots: &HashSet<u64>,
+        walked_up_to: u64,
     ) -> Result<(), String> {
         if self.mode == 0 {
             return Ok(());
         }
-        let present: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
-        for stale in present.difference(ids) {
-            let _ = map.remove(stale);
+        sync_set(object.cgroup_filter_mut(), ids, |id| id <= walked_up_to)?;
+        sync_set(object.cgroup_filter_roots_mut(), roots, |_| true)
+    }
+}
+
+/// Brings `map` to `wanted` (value 1), removing only the stale keys `removable` allows.
+fn sync_set(
+    map: &mut HashMap<MapData, u64, u8>,
+    wanted: &HashSet<u64>,
+    removable: impl Fn(u64) -> bool,
+) -> Result<(), String> {
+    let present: HashSet<u64> = map.keys().filter_map(Result::ok).collect();
+    for &stale in present.difference(wanted) {
+        if removable(stale) {
+            let _ = map.remove(&stale);
         }
-        for id in ids.difference(&present) {
-            map.insert(id, 1, 0).map_err(|e| e.to_string())?;
+    }
+    for id in wanted.difference(&present) {
+        map.insert(id, 1, 0).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The kubelet's pod tree a pod cgroup lies in: its path up to the `kubepods` segment.
+fn kubelet_pod_tree(path: &str) -> Option<&str> {
+    podscope_k8s::cgroup::parse_container_cgroup(path)?.pod_uid?;
+    let end = path
+        .match_indices('/')
+        .map(|(i, _)| i)
+        .chain([path.len()])
+        .find(|&end| {
+            path[..end]
+                .rsplit('/')
+                .next()
+                .is_some_and(|s| s.contains("kubepods"))
+        })?;
+    Some(&path[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn new_cgroups_are_admitted_under_each_include_globs_deepest_existing_prefix() {
+        let root = tempfile::tempdir().unwrap();
+        for dir in ["kubepods.slice/kubepods-besteffort.slice", "system.slice"] {
+            std::fs::create_dir_all(root.path().join(dir)).unwrap();
         }
-        Ok(())
+        let id = |dir: &str| std::fs::metadata(root.path().join(dir)).unwrap().ino();
+        let mut index = CgroupIndex::new(root.path().to_path_buf());
+        index.refresh();
+        let filter = CgroupFilter::new(
+            &CgroupFilterConfig {
+                include: vec![
+                    "/kubepods.slice/**".into(),
+                    "/system.slice/docker-*.scope".into(),
+                    "/kubepods.slice/kubepods-besteffort.slice/not-yet.slice/*".into(),
+                ],
+                ..Default::default()
+            },
+            None,
+        );
+        let want: HashSet<u64> = [
+            id("kubepods.slice"),
+            id("system.slice"),
+            id("kubepods.slice/kubepods-besteffort.slice"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(filter.roots(&index), want);
+        // Without an include filter the kernel lists nothing itself.
+        let exclude_only = CgroupFilter::new(
+            &CgroupFilterConfig {
+                exclude: vec!["/system.slice/**".into()],
+                ..Default::default()
+            },
+            None,
+        );
+        assert!(exclude_only.roots(&index).is_empty());
+    }
+
+    #[test]
+    fn a_pod_cgroups_tree_is_its_path_up_to_the_kubepods_segment() {
+        let pod = "kubepods-besteffort-pod0a1b2c3d_0000_0000_0000_000000000001.slice";
+        let container = format!("cri-containerd-{}.scope", "ab".repeat(32));
+        assert_eq!(
+            kubelet_pod_tree(&format!(
+                "/kubepods.slice/kubepods-besteffort.slice/{pod}/{container}"
+            )),
+            Some("/kubepods.slice")
+        );
+        assert_eq!(
+            kubelet_pod_tree(&format!(
+                "/kubelet.slice/kubelet-kubepods.slice/kubepods-besteffort.slice/{pod}"
+            )),
+            Some("/kubelet.slice/kubelet-kubepods.slice")
+        );
+        assert_eq!(kubelet_pod_tree("/system.slice/cron.service"), None);
     }
 }

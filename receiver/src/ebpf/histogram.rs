@@ -65,6 +65,18 @@ mod tests {
     }
 
     #[test]
+    fn the_last_kernel_slot_is_the_bucket_up_to_two_to_the_64() {
+        let mut h = Hist::default();
+        h.slots[64] = 1; // (2^63, 2^64)
+        h.slots[48] = 2; // (2^47, 2^48]
+        h.sum = (1u64 << 63) + 2 * ((1u64 << 47) + 1);
+        let p = exponential_point(&h);
+        let b = p.positive.as_ref().unwrap();
+        assert_eq!((b.offset, b.bucket_counts.len()), (47, 17));
+        assert_eq!((b.bucket_counts[0], b.bucket_counts[16]), (2, 1));
+    }
+
+    #[test]
     fn empty_histograms_have_no_buckets() {
         let p = exponential_point(&Hist::default());
         assert_eq!((p.count, p.positive), (0, None));

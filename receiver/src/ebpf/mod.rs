@@ -9,9 +9,10 @@
 //! The agent's own threads are never observed.
 //!
 //! Modules: `object` (loading one probe object, typed maps), `events` (the exec/exit ring buffer
-//! and the pid table), `filter` (cgroup and pod selection), `collector` (the collection task),
-//! `builder` (data points into OTLP), `catalog` (the metric docs), `telemetry` (the receiver's own
-//! metrics).
+//! and the pid table), `cgroups` (cgroup identity over time), `filter` (cgroup and pod
+//! selection), `collector` (the collection task), `builder` (data points into OTLP), `catalog`
+//! (the metric docs), `telemetry` (the receiver's own metrics), `tracefs` (what classic
+//! tracepoints need).
 
 mod builder;
 mod catalog;
@@ -21,9 +22,11 @@ mod config;
 mod events;
 mod filter;
 pub mod histogram;
+pub mod kernel_memory;
 pub mod object;
 mod probes;
 mod telemetry;
+mod tracefs;
 
 use std::sync::{Arc, Mutex};
 
@@ -37,8 +40,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use catalog::{markdown_table as metrics_markdown_table, MetricDoc};
+pub use catalog::{markdown_table as metrics_markdown_table, sync_docs_section, MetricDoc};
 pub use cgroups::{cgroup2_mount, container_id, CgroupIndex};
+use cgroups::{CgroupTable, RemovedCgroups};
 pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, ProbesConfig};
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
@@ -89,6 +93,24 @@ impl ReceiverBuilder for EbpfReceiverConfig {
             id,
         }]
     }
+}
+
+/// Every map the receiver's objects define, by probe (`cgroups` is the receiver's own record of
+/// removed cgroups): what [`kernel_memory`] sizes a node with.
+pub fn map_defs() -> impl Iterator<Item = (&'static str, &'static object::MapDef)> {
+    probes::SPECS
+        .iter()
+        .map(|(probe, spec)| (*probe, spec.maps))
+        .chain([(
+            cgroups::REMOVED_CGROUPS_SPEC.name,
+            cgroups::REMOVED_CGROUPS_SPEC.maps,
+        )])
+        .flat_map(|(probe, maps)| maps.iter().map(move |map| (probe, map)))
+}
+
+struct LoadedProbes {
+    probes: Vec<Box<dyn Probe>>,
+    removed: Option<RemovedCgroups>,
 }
 
 struct Running {
@@ -182,7 +204,9 @@ impl EbpfReceiver {
         Ok(())
     }
 
-    fn load_probes(&self, filter: &CgroupFilter) -> anyhow::Result<Vec<Box<dyn Probe>>> {
+    /// The probes, and the kernel's record of removed cgroups beside them (without it, data of a
+    /// container removed within one interval is reported without its identity).
+    fn load_probes(&self, filter: &CgroupFilter) -> anyhow::Result<LoadedProbes> {
         let features = KernelFeatures::detect(&self.config.btf_path);
         let receiver = self.ctx.id.to_string();
         let mut ctx = LoadContext {
@@ -198,7 +222,18 @@ impl EbpfReceiver {
         };
         let probes = self.config.probes.load(&mut ctx)?;
         *self.skipped.lock().unwrap_or_else(|e| e.into_inner()) = ctx.skipped;
-        Ok(probes)
+        let removed = if probes.is_empty() {
+            None
+        } else {
+            match RemovedCgroups::load(&features, &ctx.common) {
+                Ok(removed) => Some(removed),
+                Err(e) => {
+                    tracing::warn!(receiver = %receiver, "{e}; data of a container removed within one collection interval is reported without its path and container id");
+                    None
+                }
+            }
+        };
+        Ok(LoadedProbes { probes, removed })
     }
 }
 
@@ -219,7 +254,10 @@ impl Component for EbpfReceiver {
             &self.config.cgroup_filter,
             PodSelection::resolve(&self.config.cgroup_filter, &self.ctx)?,
         );
-        let mut probes = self.load_probes(&filter)?;
+        let LoadedProbes {
+            mut probes,
+            removed,
+        } = self.load_probes(&filter)?;
         let cancel = CancellationToken::new();
         let start = StartContext {
             traces: self.traces.clone(),
@@ -238,19 +276,23 @@ impl Component for EbpfReceiver {
         }
 
         let (collect_now, requests) = mpsc::channel(4);
-        let collector = Collector {
+        let mut collector = Collector {
             pod_changes: filter.pod_changes(),
             new_containers: start.new_containers,
             probes,
             filter,
-            index: CgroupIndex::new(root),
+            cgroups: CgroupTable::new(CgroupIndex::new(root), unix_nanos()),
+            removed,
+            held: Default::default(),
             next: self.next.clone(),
             host_name: self.ctx.host_name.clone(),
             receiver: self.ctx.id.to_string(),
-            start_ns: unix_nanos(),
             telemetry: self.telemetry.clone(),
             map_memory: self.map_memory.clone(),
         };
+        // Before the receiver reports itself started: the kernel filter lists the selected
+        // cgroups, and admits the ones created from now on until the collector decides.
+        collector.refresh_cgroups();
         tasks.push(tokio::spawn(collector.run(
             self.config.collection_interval,
             requests,

@@ -3,7 +3,7 @@
 //! handle type the probe reads it with; a map that is missing, or whose type, key or value size
 //! differs from what the probe expects, is a load error naming the map (never an empty read).
 //!
-//! Every object includes `podscope.h`, so every object has the `cgroup_filter` map and the
+//! Every object includes `podscope.h`, so every object has the `cgroup_filter` maps and the
 //! `map_full` counters of failed inserts; this module takes them for the receiver. It also sets
 //! map sizes from config (`max_entries`) and reads what each map costs the kernel, the way
 //! bpftool does (`memlock:` in the map fd's fdinfo). It must not know any particular probe.
@@ -17,6 +17,8 @@ use std::path::Path;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf};
 use aya::programs::{BtfTracePoint, Program, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader, Pod};
+
+use super::kernel_memory::Typical;
 
 /// Where a program attaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,12 +47,26 @@ impl fmt::Display for Hook {
 pub struct ProgramSpec {
     pub function: &'static str,
     pub hook: Hook,
+    /// A program for the same hook to attach instead when this one cannot load (a kernel whose
+    /// tracepoint lacks an argument it reads).
+    pub fallback: Option<&'static str>,
 }
 
 pub const fn tp_btf(function: &'static str, tp: &'static str) -> ProgramSpec {
     ProgramSpec {
         function,
         hook: Hook::TpBtf(tp),
+        fallback: None,
+    }
+}
+
+impl ProgramSpec {
+    /// The same program, with `function` attached instead when it cannot load.
+    pub const fn or(self, function: &'static str) -> ProgramSpec {
+        ProgramSpec {
+            fallback: Some(function),
+            ..self
+        }
     }
 }
 
@@ -62,6 +78,7 @@ pub const fn tracepoint(
     ProgramSpec {
         function,
         hook: Hook::TracePoint(category, name),
+        fallback: None,
     }
 }
 
@@ -85,6 +102,9 @@ pub struct MapDef {
     /// Its slot in the object's `map_full` array (the `*_map_slot` enums of `podscope.h`), when
     /// the probe counts its failed inserts.
     pub full_slot: Option<u32>,
+    /// How many entries it holds on a node (for the kernel memory figures of
+    /// [`super::kernel_memory`]).
+    pub typical: Typical,
 }
 
 /// What `max_entries` sets for a map.
@@ -105,6 +125,7 @@ impl MapDef {
             name,
             size: MapSize::Entries,
             full_slot: None,
+            typical: Typical::PerCgroup(1),
         }
     }
 
@@ -114,6 +135,7 @@ impl MapDef {
             name,
             size: MapSize::Fixed,
             full_slot: None,
+            typical: Typical::Full,
         }
     }
 
@@ -123,7 +145,14 @@ impl MapDef {
             name,
             size: MapSize::RingBytes,
             full_slot: None,
+            typical: Typical::Full,
         }
+    }
+
+    /// The same map, holding `typical` entries on a node (a hash map holds one per cgroup unless
+    /// said otherwise).
+    pub const fn typically(self, typical: Typical) -> MapDef {
+        MapDef { typical, ..self }
     }
 
     /// The same map, its failed inserts counted at `slot`.
@@ -235,10 +264,13 @@ fn find_or_mount_tracefs(mount: bool) -> Result<Tracefs, String> {
 }
 
 /// A load-time setting (`const volatile` global in the C program).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Global {
     U32(&'static str, u32),
     U64(&'static str, u64),
+    /// An array (a table indexed by syscall number).
+    U16s(&'static str, Vec<u16>),
+    U8s(&'static str, Vec<u8>),
 }
 
 /// What one object is loaded with.
@@ -254,6 +286,9 @@ pub struct ObjectSettings<'a> {
 /// The maps every object has (from `podscope.h`): the cgroup ids the filter lists, and the
 /// failed inserts per map slot.
 const CGROUP_FILTER: MapDef = MapDef::fixed("cgroup_filter");
+const CGROUP_FILTER_ROOTS: MapDef = MapDef::fixed("cgroup_filter_roots");
+/// Lists new cgroups under `cgroup_filter_roots` as they are created (with an include filter).
+const CGROUP_ADMIT: &str = "podscope_cgroup_admit";
 const MAP_FULL: MapDef = MapDef::fixed("map_full");
 
 /// What a map of a loaded object costs the kernel now.
@@ -272,6 +307,7 @@ pub struct ProbeObject {
     probe: &'static str,
     ebpf: Ebpf,
     cgroup_filter: HashMap<MapData, u64, u8>,
+    cgroup_filter_roots: HashMap<MapData, u64, u8>,
     map_full: PerCpuCounters,
     /// Counted maps: slot, name and the failed inserts already reported.
     counted: Vec<(u32, &'static str, u64)>,
@@ -296,8 +332,23 @@ impl ProbeObject {
             reason: reason.clone(),
         })?;
         let mut loader = EbpfLoader::new();
-        // Task storage (syscall entry times) has no aya wrapper; only the kernel side uses it.
+        // Task storage (per-thread state) has no aya wrapper; only the kernel side uses it.
         loader.btf(Some(btf)).allow_unsupported_maps();
+        // The filter's maps hold nothing without a filter, and its roots only with an include
+        // one (podscope.h): one entry then instead of their compiled size.
+        let filter_mode = globals
+            .iter()
+            .find_map(|g| match g {
+                Global::U32("filter_mode", mode) => Some(*mode),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if filter_mode == 0 {
+            loader.map_max_entries(CGROUP_FILTER.name, 1);
+        }
+        if filter_mode != 1 {
+            loader.map_max_entries(CGROUP_FILTER_ROOTS.name, 1);
+        }
         for (map, entries) in max_entries {
             loader.map_max_entries(map, *entries);
         }
@@ -306,6 +357,10 @@ impl ProbeObject {
             match global {
                 Global::U32(name, value) => loader.override_global(name, value, false),
                 Global::U64(name, value) => loader.override_global(name, value, false),
+                Global::U16s(name, values) => {
+                    loader.override_global(name, values.as_slice(), false)
+                }
+                Global::U8s(name, values) => loader.override_global(name, values.as_slice(), false),
             };
         }
         let mut ebpf = loader.load(spec.object).map_err(|e| ProbeError {
@@ -318,11 +373,29 @@ impl ProbeObject {
             .iter()
             .filter(|p| !settings.skip.contains(&p.function))
         {
-            attach(&mut ebpf, program, btf).map_err(|reason| ProbeError {
+            let attached = attach(&mut ebpf, program.function, program.hook, btf);
+            let attached = match (attached, program.fallback) {
+                (Err(reason), Some(fallback)) => {
+                    tracing::info!(probe = spec.name, program = program.function, %reason, fallback, "this kernel refuses a program; its fallback attaches instead");
+                    attach(&mut ebpf, fallback, program.hook, btf)
+                }
+                (attached, _) => attached,
+            };
+            attached.map_err(|reason| ProbeError {
                 probe: spec.name,
                 hook: Some(program.hook),
                 reason,
             })?;
+        }
+        // An include filter lists new cgroups as they are created (see podscope.h).
+        if filter_mode == 1 {
+            attach(&mut ebpf, CGROUP_ADMIT, Hook::TpBtf("cgroup_mkdir"), btf).map_err(
+                |reason| ProbeError {
+                    probe: spec.name,
+                    hook: Some(Hook::TpBtf("cgroup_mkdir")),
+                    reason,
+                },
+            )?;
         }
         let mut maps = Vec::new();
         for (name, map) in ebpf.maps() {
@@ -347,16 +420,23 @@ impl ProbeObject {
             });
         }
         let cgroup_filter = take(spec.name, &mut ebpf, &CGROUP_FILTER, "hash map")?;
+        let cgroup_filter_roots = take(spec.name, &mut ebpf, &CGROUP_FILTER_ROOTS, "hash map")?;
         let map_full = PerCpuCounters(take(spec.name, &mut ebpf, &MAP_FULL, "per-CPU array")?);
         Ok(ProbeObject {
             probe: spec.name,
             ebpf,
             cgroup_filter,
+            cgroup_filter_roots,
             map_full,
             counted: spec
                 .maps
                 .iter()
                 .filter_map(|def| Some((def.full_slot?, def.name, 0)))
+                .chain([(
+                    podscope_ebpf::abi::PODSCOPE_MAP_SLOT_CGROUP_FILTER,
+                    CGROUP_FILTER.name,
+                    0,
+                )])
                 .collect(),
             maps,
         })
@@ -387,7 +467,7 @@ impl ProbeObject {
         })
     }
 
-    /// An array map (one value per index, shared by all CPUs).
+    /// An array (settings the probe writes at run time).
     pub fn array<V: Pod>(&mut self, def: &MapDef) -> Result<Array<MapData, V>, ProbeError> {
         take(self.probe, &mut self.ebpf, def, "array")
     }
@@ -406,6 +486,27 @@ impl ProbeObject {
         take(self.probe, &mut self.ebpf, def, "ring buffer")
     }
 
+    /// Attaches program `function` (of type `tracepoint`, loaded on first use) to the classic
+    /// tracepoint `category:name`: tracefs must be there ([`super::tracefs::available`]).
+    pub fn attach_tracepoint(
+        &mut self,
+        function: &str,
+        category: &str,
+        name: &str,
+    ) -> Result<(), String> {
+        let program: &mut TracePoint = self
+            .program_mut(function)?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
+        if program.fd().is_err() {
+            program.load().map_err(|e| error_chain(&e))?;
+        }
+        program
+            .attach(category, name)
+            .map(drop)
+            .map_err(|e| format!("{category}:{name}: {}", error_chain(&e)))
+    }
+
     /// A program the probe loads and attaches itself (uprobes, iterators).
     pub fn program_mut(&mut self, function: &str) -> Result<&mut Program, String> {
         self.ebpf
@@ -416,6 +517,12 @@ impl ProbeObject {
     /// The kernel's `cgroup_filter` map of this object.
     pub fn cgroup_filter_mut(&mut self) -> &mut HashMap<MapData, u64, u8> {
         &mut self.cgroup_filter
+    }
+
+    /// The kernel's `cgroup_filter_roots` map of this object: cgroups whose new descendants it
+    /// lists in `cgroup_filter` as they are created.
+    pub fn cgroup_filter_roots_mut(&mut self) -> &mut HashMap<MapData, u64, u8> {
+        &mut self.cgroup_filter_roots
     }
 
     /// What each map of the object costs the kernel now (maps without preallocation change with
@@ -500,12 +607,12 @@ where
     })
 }
 
-fn attach(ebpf: &mut Ebpf, program: &ProgramSpec, btf: &Btf) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, function: &str, hook: Hook, btf: &Btf) -> Result<(), String> {
     let prog = ebpf
-        .program_mut(program.function)
-        .ok_or_else(|| format!("program {} missing from the object", program.function))?;
+        .program_mut(function)
+        .ok_or_else(|| format!("program {function} missing from the object"))?;
     let describe = |e: &dyn std::error::Error| error_chain(e);
-    match program.hook {
+    match hook {
         Hook::TpBtf(tp) => {
             let p: &mut BtfTracePoint = prog.try_into().map_err(|e| describe(&e))?;
             p.load(tp, btf).map_err(|e| describe(&e))?;

@@ -57,6 +57,12 @@ pub trait Probe: Send {
     /// Its loaded objects (one, or one per uprobe entry).
     fn objects_mut(&mut self) -> Vec<&mut ProbeObject>;
 
+    /// Where it is attached when it is not evident from its spec (a hook chosen at load time, with
+    /// the reason), for the start-up line; empty otherwise.
+    fn hooks(&self) -> String {
+        String::new()
+    }
+
     /// Reads its maps into `out`, noting every cgroup it has entries for.
     fn collect(&mut self, out: &mut Collection<'_>);
 
@@ -109,6 +115,12 @@ impl LoadContext<'_> {
             &self.max_entries.0,
             settings,
         )
+    }
+
+    /// Sizes `map` at `entries` unless the probe's `max_entries` setting does: for maps the
+    /// probe's settings leave unused (one entry then, instead of the compiled default).
+    pub fn size_unless_set(&mut self, map: &str, entries: u32) {
+        self.max_entries.0.entry(map.to_string()).or_insert(entries);
     }
 
     /// Runs `load`: its probe, or, when it fails, an error if `required` (`what` says what is
@@ -165,8 +177,13 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     fn load(config: &K::Config, ctx: &mut LoadContext<'_>) -> anyhow::Result<Vec<Box<dyn Probe>>> {
         ctx.max_entries = config.max_entries().clone();
         let probe = ctx.attempt(config.required(), "probe", |ctx| K::open(config, ctx))?;
-        if probe.is_some() {
-            tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, "probe attached");
+        if let Some(probe) = &probe {
+            let hooks = probe.hooks();
+            if hooks.is_empty() {
+                tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, "probe attached");
+            } else {
+                tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, %hooks, "probe attached");
+            }
         }
         Ok(probe.into_iter().collect())
     }
@@ -364,7 +381,6 @@ macro_rules! probe_table {
         pub const KINDS: &[(&str, &[MetricDoc])] = &[$((stringify!($name), <$kind as ProbeKind>::METRICS)),+];
 
         /// Every probe's key and spec (object and maps), in table order.
-        #[cfg(test)]
         pub const SPECS: &[(&str, ProbeSpec)] = &[$((stringify!($name), <$kind as ProbeKind>::SPEC)),+];
     };
 }

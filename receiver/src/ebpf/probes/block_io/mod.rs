@@ -8,6 +8,7 @@ use podscope_ebpf::{abi, objects};
 
 use super::{BasicProbeConfig, Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, HashTable, MapDef, ObjectSettings, ProbeError, ProbeObject, ProbeSpec,
 };
@@ -22,9 +23,13 @@ const SPEC: ProbeSpec = ProbeSpec {
     maps: &[STATS, START],
 };
 
-const STATS: MapDef = MapDef::entries("block_stats").counted(abi::BLOCK_IO_MAP_STATS);
+const STATS: MapDef = MapDef::entries("block_stats")
+    .counted(abi::BLOCK_IO_MAP_STATS)
+    .typically(Typical::PerNode(16));
 /// Request → issue time.
-const START: MapDef = MapDef::entries("block_start").counted(abi::BLOCK_IO_MAP_START);
+const START: MapDef = MapDef::entries("block_start")
+    .counted(abi::BLOCK_IO_MAP_START)
+    .typically(Typical::PerNode(64));
 
 pub struct BlockIo;
 

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use podscope_ebpf::abi::{OpenKey, OpenPathKey};
+use podscope_ebpf::abi::{OpenKey, OpenPathCgroup, OpenPathCgroupKey, OpenPathKey};
 
 use crate::ebpf::builder::{string_attr, MetricsBuilder, Owner};
 use crate::ebpf::catalog::{MetricDoc, MetricKind};
@@ -11,7 +11,7 @@ pub const OPENS: MetricDoc = MetricDoc {
     name: "podscope.files.opens",
     kind: MetricKind::Counter,
     unit: "{open}",
-    description: "File opens (openat, openat2), successful or not",
+    description: "File opens (open, creat, openat, openat2, open_by_handle_at), successful or not",
     attributes: &[],
 };
 pub const OPEN_ERRORS: MetricDoc = MetricDoc {
@@ -25,7 +25,7 @@ pub const PATH_OPENS: MetricDoc = MetricDoc {
     name: "podscope.files.path_opens",
     kind: MetricKind::DeltaCounter,
     unit: "{open}",
-    description: "Successful opens in the last interval for the top `top_paths` paths, the rest as `other` (with `capture_paths: true`)",
+    description: "Successful opens over one collection interval (reported at the end of the next) for the top `top_paths` paths of each cgroup, the rest as `other` (with `capture_paths: true`)",
     attributes: &["file.path"],
 };
 
@@ -56,9 +56,17 @@ pub fn add_opens(b: &mut MetricsBuilder<'_>, opens: &HashMap<OpenKey, u64>) {
     }
 }
 
-/// Opens by path of the last interval: the `top` most opened per cgroup, the rest as `other`.
-pub fn add_top_paths(b: &mut MetricsBuilder<'_>, paths: &HashMap<OpenPathKey, u64>, top: usize) {
-    let mut per_cgroup: BTreeMap<u64, Vec<(String, u64)>> = BTreeMap::new();
+/// Opens by path over one interval (`start_ns` to `end_ns`): per cgroup, the `top` most opened,
+/// the rest and the kernel's `other` (paths beyond what it tracks) as `other`.
+pub fn add_top_paths(
+    b: &mut MetricsBuilder<'_>,
+    paths: &HashMap<OpenPathKey, u64>,
+    cgroups: &HashMap<OpenPathCgroupKey, OpenPathCgroup>,
+    top: usize,
+    start_ns: u64,
+    end_ns: u64,
+) {
+    let mut per_cgroup: BTreeMap<u64, (Vec<(String, u64)>, u64)> = BTreeMap::new();
     for (key, &count) in paths {
         let end = key
             .path
@@ -69,26 +77,23 @@ pub fn add_top_paths(b: &mut MetricsBuilder<'_>, paths: &HashMap<OpenPathKey, u6
         per_cgroup
             .entry(key.cgroup_id)
             .or_default()
+            .0
             .push((path, count));
     }
-    for (cgroup, mut list) in per_cgroup {
+    for (key, cgroup) in cgroups {
+        per_cgroup.entry(key.cgroup_id).or_default().1 += cgroup.other;
+    }
+    for (cgroup, (mut list, kernel_other)) in per_cgroup {
         list.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        let other: u64 = list.iter().skip(top).map(|(_, c)| c).sum();
+        let other: u64 = list.iter().skip(top).map(|(_, c)| c).sum::<u64>() + kernel_other;
+        let owner = Owner::Cgroup(cgroup);
         for (path, count) in list.into_iter().take(top) {
-            b.count(
-                Owner::Cgroup(cgroup),
-                &PATH_OPENS,
-                vec![string_attr("file.path", path)],
-                count,
-            );
+            let attributes = vec![string_attr("file.path", path)];
+            b.count_over(owner, &PATH_OPENS, attributes, count, (start_ns, end_ns));
         }
         if other > 0 {
-            b.count(
-                Owner::Cgroup(cgroup),
-                &PATH_OPENS,
-                vec![string_attr("file.path", "other")],
-                other,
-            );
+            let attributes = vec![string_attr("file.path", "other")];
+            b.count_over(owner, &PATH_OPENS, attributes, other, (start_ns, end_ns));
         }
     }
 }
@@ -96,7 +101,6 @@ pub fn add_top_paths(b: &mut MetricsBuilder<'_>, paths: &HashMap<OpenPathKey, u6
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ebpf::cgroups::CgroupIndex;
     use opentelemetry_proto::tonic::common::v1::any_value;
     use opentelemetry_proto::tonic::metrics::v1::{
         metric, number_data_point, AggregationTemporality,
@@ -109,10 +113,12 @@ mod tests {
     }
 
     #[test]
-    fn top_paths_keep_the_most_opened_and_sum_the_rest() {
+    fn top_paths_keep_the_most_opened_and_sum_the_rest_with_the_kernels_other() {
         let key = |path: &str| {
             let mut k = OpenPathKey {
                 cgroup_id: 9,
+                epoch: 1,
+                _pad: 0,
                 path: [0; podscope_ebpf::abi::PODSCOPE_PATH_LEN as usize],
             };
             k.path[..path.len()].copy_from_slice(path.as_bytes());
@@ -126,14 +132,29 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let index = CgroupIndex::default();
-        let mut b = MetricsBuilder::new("h", &index, 1, 2);
-        add_top_paths(&mut b, &paths, 2);
-        let rms = b.finish();
+        let cgroup = OpenPathCgroupKey {
+            cgroup_id: 9,
+            epoch: 1,
+            _pad: 0,
+        };
+        let beyond_tracked = OpenPathCgroup {
+            distinct: 6,
+            _pad: 0,
+            other: 4,
+        };
+        let cgroups: HashMap<_, _> = [(cgroup, beyond_tracked)].into_iter().collect();
+        let mut b = MetricsBuilder::new("h", 30);
+        add_top_paths(&mut b, &paths, &cgroups, 2, 10, 20);
+        let rms = b.finish(|_| {
+            Some(crate::ebpf::builder::Identity {
+                path: None,
+                start_ns: 1,
+            })
+        });
         let Some(metric::Data::Sum(sum)) = &rms[0].scope_metrics[0].metrics[0].data else {
             panic!()
         };
-        let got: Vec<(String, i64)> = sum
+        let got: Vec<(String, i64, u64, u64)> = sum
             .data_points
             .iter()
             .map(|p| {
@@ -145,12 +166,16 @@ mod tests {
                 let Some(number_data_point::Value::AsInt(v)) = p.value else {
                     panic!()
                 };
-                (path, v)
+                (path, v, p.start_time_unix_nano, p.time_unix_nano)
             })
             .collect();
         assert_eq!(
             got,
-            vec![("/b".into(), 9), ("/a".into(), 5), ("other".into(), 3)]
+            vec![
+                ("/b".into(), 9, 10, 20),
+                ("/a".into(), 5, 10, 20),
+                ("other".into(), 3 + 4, 10, 20)
+            ]
         );
         assert_eq!(
             sum.aggregation_temporality,

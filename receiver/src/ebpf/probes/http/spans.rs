@@ -179,7 +179,7 @@ pub fn resource_spans(
     by_cgroup
         .into_iter()
         .map(|(cgroup, spans)| ResourceSpans {
-            resource: Some(resource(host_name, index, Owner::Cgroup(cgroup))),
+            resource: Some(resource(host_name, Owner::Cgroup(cgroup), index.path(cgroup))),
             scope_spans: vec![ScopeSpans {
                 scope: Some(scope()),
                 spans,

@@ -20,6 +20,9 @@ pub struct ProcessProbeConfig {
     /// Default 200ms.
     #[serde(with = "humantime_serde")]
     pub event_poll_interval: Duration,
+    /// Report each cgroup's distribution of process lifetimes (`podscope.process.lifetime`).
+    /// Default false: processes live from microseconds to months, so it spans many buckets.
+    pub lifetime: bool,
 }
 
 impl Default for ProcessProbeConfig {
@@ -30,6 +33,7 @@ impl Default for ProcessProbeConfig {
             max_entries: MapSizes::default(),
             wakeup_bytes: 65536,
             event_poll_interval: Duration::from_millis(200),
+            lifetime: false,
         }
     }
 }

@@ -25,14 +25,14 @@ pub const EXITS: MetricDoc = MetricDoc {
     name: "podscope.process.exits",
     kind: MetricKind::Counter,
     unit: "{process}",
-    description: "Processes that exited, by exit code (128 + signal when killed by a signal)",
+    description: "Processes that exited (counted when the last thread is gone), by the exit code the parent sees (128 + signal when killed by a signal)",
     attributes: &["process.exit.code"],
 };
 pub const LIFETIME: MetricDoc = MetricDoc {
     name: "podscope.process.lifetime",
     kind: MetricKind::Distribution,
     unit: "ns",
-    description: "Lifetime of processes that exited, from start to exit",
+    description: "Lifetime of processes that exited, from the start of the process to the exit of its last thread (with `lifetime: true`)",
     attributes: &[],
 };
 

@@ -1,4 +1,5 @@
-//! `process`: exec, fork, exit (by exit code) and lifetime per cgroup, counted in the kernel; exec
+//! `process`: exec, fork, exit (by exit code, once the process's last thread is gone) and lifetime
+//! per cgroup, counted in the kernel; exec
 //! and exit also go out as events on a ring buffer, read by [`EventReader`] into the pid table.
 
 mod config;
@@ -19,6 +20,7 @@ pub use config::ProcessProbeConfig;
 use super::{Collection, LoadContext, Probe, SingleObjectProbe, StartContext};
 use crate::ebpf::catalog::MetricDoc;
 use crate::ebpf::events::EventReader;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, Global, HashTable, MapDef, ObjectSettings, PerCpuCounters, ProbeError, ProbeObject,
     ProbeSpec,
@@ -30,14 +32,19 @@ const SPEC: ProbeSpec = ProbeSpec {
     programs: &[
         tp_btf("podscope_process_exec", "sched_process_exec"),
         tp_btf("podscope_process_fork", "sched_process_fork"),
-        tp_btf("podscope_process_exit", "sched_process_exit"),
+        tp_btf("podscope_process_exit", "sched_process_exit").or("podscope_process_exit_last_live"),
     ],
-    maps: &[COUNTS, LIFETIME, EVENTS, EVENTS_LOST],
+    maps: &[COUNTS, LIFETIME, EVENTS, EXITED_GROUPS, EVENTS_LOST],
 };
 
-const COUNTS: MapDef = MapDef::entries("process_counts").counted(abi::PROCESS_MAP_COUNTS);
+const COUNTS: MapDef = MapDef::entries("process_counts")
+    .counted(abi::PROCESS_MAP_COUNTS)
+    .typically(Typical::PerCgroup(4));
 const LIFETIME: MapDef = MapDef::entries("process_lifetime").counted(abi::PROCESS_MAP_LIFETIME);
 const EVENTS: MapDef = MapDef::ring("process_events");
+/// Processes whose exit was counted, on kernels whose exit tracepoint does not say which thread
+/// is a process's last (a few hundred entries only need to outlive threads exiting together).
+const EXITED_GROUPS: MapDef = MapDef::entries("exited_groups").typically(Typical::Full);
 /// Events that did not fit in the ring buffer (index 0).
 const EVENTS_LOST: MapDef = MapDef::fixed("process_events_lost");
 
@@ -52,8 +59,14 @@ impl SingleObjectProbe for Process {
         config: &ProcessProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
+        if !config.lifetime {
+            ctx.size_unless_set(LIFETIME.name, 1);
+        }
         let settings = ObjectSettings {
-            globals: vec![Global::U64("wakeup_bytes", config.wakeup_bytes)],
+            globals: vec![
+                Global::U64("wakeup_bytes", config.wakeup_bytes),
+                Global::U32("measure_lifetime", config.lifetime as u32),
+            ],
             skip: &[],
         };
         let mut object = ctx.object(&SPEC, &settings)?;

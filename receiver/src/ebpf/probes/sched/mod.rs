@@ -10,6 +10,7 @@ use podscope_ebpf::{abi, objects};
 
 use super::{BasicProbeConfig, Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, HashTable, MapDef, ObjectSettings, ProbeError, ProbeObject, ProbeSpec,
 };
@@ -26,10 +27,13 @@ const SPEC: ProbeSpec = ProbeSpec {
 };
 
 const RUNQ_LATENCY: MapDef = MapDef::entries("runq_latency").counted(abi::SCHED_MAP_RUNQ_LATENCY);
-const SWITCHES: MapDef = MapDef::entries("context_switches").counted(abi::SCHED_MAP_SWITCHES);
-/// Thread → when it became runnable.
+const SWITCHES: MapDef = MapDef::entries("context_switches")
+    .counted(abi::SCHED_MAP_SWITCHES)
+    .typically(Typical::PerCgroup(2));
+/// Per thread (task storage): when it became runnable; a thread the kernel could not give an entry
+/// is counted as a refused insert.
 const RUNNABLE_SINCE: MapDef =
-    MapDef::entries("runnable_since").counted(abi::SCHED_MAP_RUNNABLE_SINCE);
+    MapDef::fixed("runnable_since").counted(abi::SCHED_MAP_RUNNABLE_SINCE);
 
 pub struct Sched;
 

@@ -20,6 +20,7 @@ pub use config::TcpProbeConfig;
 
 use super::{Collection, LoadContext, Probe, SingleObjectProbe};
 use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     error_chain, tp_btf, Global, HashTable, KernelFeatures, MapDef, ObjectSettings, ProbeError,
     ProbeObject, ProbeSpec,
@@ -39,18 +40,27 @@ const SPEC: ProbeSpec = ProbeSpec {
 const OPEN_RTT_ITERATOR: &str = "podscope_tcp_live_rtt";
 
 /// Peer → counters, at most `max_peers` peers per cgroup.
-const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats").counted(abi::TCP_MAP_CONN_STATS);
+const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats")
+    .counted(abi::TCP_MAP_CONN_STATS)
+    .typically(Typical::PerCgroup(10));
 /// (cgroup, role, server port) → duration and RTT at close.
-const CONN_DISTS: MapDef = MapDef::entries("tcp_conn_dists").counted(abi::TCP_MAP_CONN_DISTS);
-/// (cgroup, address family, role) → counters and distributions of peer `other`.
+const CONN_DISTS: MapDef = MapDef::entries("tcp_conn_dists")
+    .counted(abi::TCP_MAP_CONN_DISTS)
+    .typically(Typical::PerCgroup(2));
+/// (cgroup, address family, role) → counters and distributions of peer `other` (entries only
+/// where a cgroup has more than `max_peers` peers; one per cgroup bounds it from above).
 const OTHER: MapDef = MapDef::entries("tcp_other").counted(abi::TCP_MAP_OTHER);
 /// Cgroup → its peers in `tcp_conn_stats`.
 const CGROUP_PEERS: MapDef =
     MapDef::entries("tcp_cgroup_peers").counted(abi::TCP_MAP_CGROUP_PEERS);
 /// Socket → when it was established, its role and server port.
-const LIVE: MapDef = MapDef::entries("tcp_live").counted(abi::TCP_MAP_LIVE);
+const LIVE: MapDef = MapDef::entries("tcp_live")
+    .counted(abi::TCP_MAP_LIVE)
+    .typically(Typical::PerNode(10_000));
 /// Filled by the iterator, emptied before each run.
-const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt").counted(abi::TCP_MAP_LIVE_RTT);
+const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt")
+    .counted(abi::TCP_MAP_LIVE_RTT)
+    .typically(Typical::PerCgroup(10));
 
 pub struct Tcp;
 
