@@ -36,6 +36,7 @@ pub use config::{HttpProbeConfig, SyscallHooks};
 
 use super::{Collection, LoadContext, Probe, SingleObjectProbe, StartContext};
 use crate::ebpf::catalog::MetricDoc;
+use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, tracepoint, Global, MapDef, ObjectSettings, PerCpuCounters, ProbeError, ProbeObject,
     ProbeSpec, Tracefs,
@@ -85,18 +86,27 @@ const SPEC: ProbeSpec = ProbeSpec {
 };
 
 /// (process, descriptor) → the connection: its addresses, role and protocol.
-const CONNS: MapDef = MapDef::entries("http_conns").counted(abi::HTTP_MAP_CONNS);
+/// Typically the node's TCP connections open (as `tcp_live`).
+const CONNS: MapDef = MapDef::entries("http_conns")
+    .counted(abi::HTTP_MAP_CONNS)
+    .typically(Typical::PerNode(10_000));
 const EVENTS: MapDef = MapDef::ring("http_events");
 const SCRATCH: MapDef = MapDef::fixed("http_scratch");
 /// `enum http_counter`: connections that were not HTTP, events lost.
 const COUNTERS: MapDef = MapDef::fixed("http_counters");
 /// Thread → the OpenSSL call it is in.
-const SSL_CALLS: MapDef = MapDef::entries("http_ssl_calls").counted(abi::HTTP_MAP_SSL_CALLS);
+/// Typically the threads inside an OpenSSL call at one time.
+const SSL_CALLS: MapDef = MapDef::entries("http_ssl_calls")
+    .counted(abi::HTTP_MAP_SSL_CALLS)
+    .typically(Typical::PerNode(100));
 /// (process, SSL object) → its socket's descriptor, and its protocol.
-const SSL_FDS: MapDef = MapDef::entries("http_ssl_fds").counted(abi::HTTP_MAP_SSL_FDS);
+/// Typically the node's TLS connections open through libssl.
+const SSL_FDS: MapDef = MapDef::entries("http_ssl_fds")
+    .counted(abi::HTTP_MAP_SSL_FDS)
+    .typically(Typical::PerNode(1_000));
 /// Thread → the TLS socket it last read and the SSL object it last encrypted for no known
 /// socket (LRU: evicts, never refuses).
-const TLS_THREADS: MapDef = MapDef::entries("http_tls_threads");
+const TLS_THREADS: MapDef = MapDef::entries("http_tls_threads").typically(Typical::Full);
 
 pub struct Http;
 
