@@ -67,7 +67,7 @@ fn a_missing_tracefs_is_mounted_and_the_per_syscall_tracepoints_are_used() {
     );
     assert!(
         line.contains(
-            "hooks=per-syscall tracepoints (tracefs mounted by the agent at /sys/kernel/tracing)"
+            "hooks=per-syscall tracepoints (tracefs mounted by podscope at /sys/kernel/tracing)"
         ),
         "{line}"
     );

@@ -29,7 +29,7 @@ pub enum Hook {
     TpBtf(&'static str),
     /// Classic tracepoint (`category:name`), e.g. one syscall's `syscalls:sys_enter_write`:
     /// unlike the raw `sys_enter`, other syscalls run no program. Needs tracefs
-    /// ([`KernelFeatures::tracefs`] mounts it when missing).
+    /// ([`super::tracefs::available`] mounts it when missing).
     TracePoint(&'static str, &'static str),
 }
 
@@ -191,18 +191,7 @@ impl fmt::Display for ProbeError {
 /// What the kernel offers, detected once at start.
 pub struct KernelFeatures {
     pub btf: Result<Btf, String>,
-    tracefs: std::sync::OnceLock<Result<Tracefs, String>>,
 }
-
-/// Where tracefs is, and whether the agent mounted it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tracefs {
-    Mounted(&'static str),
-    MountedByAgent(&'static str),
-}
-
-/// Where tracefs is looked for, and mounted when missing (aya looks in the same places).
-const TRACEFS_PATHS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 impl KernelFeatures {
     pub fn detect(btf_path: &Path) -> KernelFeatures {
@@ -212,55 +201,8 @@ impl KernelFeatures {
                 btf_path.display()
             )
         });
-        KernelFeatures {
-            btf,
-            tracefs: std::sync::OnceLock::new(),
-        }
+        KernelFeatures { btf }
     }
-
-    /// tracefs, which classic tracepoints need: found, or mounted at `/sys/kernel/tracing` when
-    /// missing and `mount` allows it (machines booted without systemd may not have it). Decided
-    /// once, before anything attaches (aya remembers where tracefs is at its first attach).
-    pub fn tracefs(&self, mount: bool) -> Result<Tracefs, String> {
-        self.tracefs
-            .get_or_init(|| find_or_mount_tracefs(mount))
-            .clone()
-    }
-}
-
-fn tracefs_has_events(path: &str) -> bool {
-    Path::new(path).join("events").is_dir()
-}
-
-fn find_or_mount_tracefs(mount: bool) -> Result<Tracefs, String> {
-    if let Some(path) = TRACEFS_PATHS.into_iter().find(|p| tracefs_has_events(p)) {
-        return Ok(Tracefs::Mounted(path));
-    }
-    if !mount {
-        return Err("tracefs is not mounted (and mounting it is not allowed)".to_string());
-    }
-    let target = TRACEFS_PATHS[0];
-    let (source, fstype, dir) = (c"tracefs", c"tracefs", c"/sys/kernel/tracing");
-    // SAFETY: mount(2) with NUL-terminated strings that outlive the call and no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            dir.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "tracefs is not mounted and mounting it at {target} failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    if !tracefs_has_events(target) {
-        return Err(format!("tracefs mounted at {target} has no events/"));
-    }
-    Ok(Tracefs::MountedByAgent(target))
 }
 
 /// A load-time setting (`const volatile` global in the C program).

@@ -39,7 +39,7 @@ use crate::ebpf::catalog::MetricDoc;
 use crate::ebpf::kernel_memory::Typical;
 use crate::ebpf::object::{
     tp_btf, tracepoint, Global, MapDef, ObjectSettings, PerCpuCounters, ProbeError, ProbeObject,
-    ProbeSpec, Tracefs,
+    ProbeSpec,
 };
 use red::RedTable;
 use route::{RoutePattern, Router};
@@ -124,7 +124,7 @@ impl SingleObjectProbe for Http {
         config: &HttpProbeConfig,
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
-        let (skip, hooks) = choose_hooks(config.syscall_hooks, ctx)?;
+        let (skip, hooks) = choose_hooks(config.syscall_hooks)?;
         let settings = ObjectSettings {
             globals: vec![
                 Global::U32("capture_bytes", config.capture_bytes),
@@ -242,40 +242,31 @@ impl RecordedEvents {
 }
 
 /// The programs not to attach, and the hooks in use for the start-up line.
-fn choose_hooks(
-    wanted: SyscallHooks,
-    ctx: &LoadContext<'_>,
-) -> Result<(&'static [&'static str], String), ProbeError> {
+fn choose_hooks(wanted: SyscallHooks) -> Result<(&'static [&'static str], String), ProbeError> {
     let raw = |why: String| {
         (
             &TRACEPOINT_PROGRAMS[..],
             format!("raw sys_enter/sys_exit (every syscall runs the probe's number check; {why})"),
         )
     };
-    let tracepoints = |fs: Tracefs| {
-        let at = match fs {
-            Tracefs::Mounted(path) => format!("tracefs at {path}"),
-            Tracefs::MountedByAgent(path) => format!("tracefs mounted by the agent at {path}"),
-        };
+    let tracepoints = |how: &str| {
         (
             &RAW_PROGRAMS[..],
-            format!("per-syscall tracepoints ({at})"),
+            format!("per-syscall tracepoints ({how})"),
         )
     };
     match wanted {
         SyscallHooks::Raw => Ok(raw("syscall_hooks: raw".to_string())),
-        SyscallHooks::Tracepoints => ctx
-            .features
-            .tracefs(true)
+        SyscallHooks::Tracepoints => crate::ebpf::tracefs::available()
             .map(tracepoints)
             .map_err(|reason| ProbeError {
                 probe: SPEC.name,
                 hook: SPEC.programs.first().map(|p| p.hook),
                 reason: format!("{reason} (syscall_hooks: tracepoints needs it; auto falls back to raw hooks)"),
             }),
-        SyscallHooks::Auto => Ok(match ctx.features.tracefs(true) {
-            Ok(fs) => tracepoints(fs),
-            Err(reason) => raw(reason),
+        SyscallHooks::Auto => Ok(match crate::ebpf::tracefs::available() {
+            Ok(how) => tracepoints(how),
+            Err(reason) => raw(reason.to_string()),
         }),
     }
 }
