@@ -1,4 +1,7 @@
-# podscope's container image: the agent binary on a small base, nothing else.
+# podscope's container image: the agent binary on a small base, nothing else. scripts/image.sh
+# builds the same image without Docker from a binary built here (FROM scratch + the binary's
+# shared libraries), and scripts/test-helm.sh runs that one as the chart's container: keep the
+# binary path, user, entrypoint, command and ports of the two equal.
 #
 #   docker build -t <registry>/podscope:0.1.0 .
 #

@@ -17,23 +17,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use aya::programs::RawTracePoint;
 use podscope_core::config::parse_component_config;
-use podscope_core::{
-    Batch, BuildContext, Component as _, ComponentKind, ConsumeError, Consumer, ReceiverConsumers,
-};
+use podscope_core::{BuildContext, Component as _, ComponentKind, ReceiverConsumers};
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-
-struct Discard;
-
-#[async_trait]
-impl Consumer for Discard {
-    async fn consume(&self, _: Batch) -> Result<(), ConsumeError> {
-        Ok(())
-    }
-}
+use podscope_testkit::BuildContextForTests as _;
+use podscope_testkit::Discard;
 
 /// ns per getppid in a forked child (the agent never observes itself, so the load must come from
 /// another process).

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podscope_core::config::parse_component_config;
-use podscope_core::{fake_otlp, Batch, BuildContext, Exporter, ExporterBuilder};
+use podscope_core::{Batch, BuildContext, Exporter, ExporterBuilder};
 use podscope_exporters::otlp::OtlpGrpcConfig;
 use podscope_exporters::prometheus::{PrometheusConfig, Settings, Store};
 use podscope_exporters::prometheusremotewrite::RemoteWriteConfig;
 use podscope_integration::agent::{free_port, AgentProcess};
+use podscope_testkit::fake_otlp;
+use podscope_testkit::BuildContextForTests as _;
 
 const ITEMS_PER_BATCH: usize = 500;
 

@@ -4,8 +4,9 @@
 //! Run: `cargo bench --bench file_encode`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use podscope_core::{fake_otlp, Batch};
+use podscope_core::Batch;
 use podscope_exporters::file::encode_json_line;
+use podscope_testkit::fake_otlp;
 
 fn spans(n: usize) -> Batch {
     fake_otlp::spans(n, &[])

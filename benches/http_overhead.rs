@@ -19,22 +19,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use podscope_core::config::parse_component_config;
-use podscope_core::{
-    Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
-};
+use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_integration::agent::free_port;
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-
-struct Discard;
-
-#[async_trait]
-impl Consumer for Discard {
-    async fn consume(&self, _: Batch) -> Result<(), ConsumeError> {
-        Ok(())
-    }
-}
+use podscope_testkit::{BuildContextForTests as _, Discard};
 
 struct Nginx {
     child: Child,

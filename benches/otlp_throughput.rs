@@ -1,9 +1,11 @@
 //! Spans (and metric data points) per second per core through the real agent:
 //! `otlp` receiver (gRPC) → `batch` → `nop` exporter, in a separate `podscope` process.
 //!
-//! A load client in this process sends pre-built requests on several concurrent gRPC streams; the
-//! agent's CPU time is read from `/proc/<pid>/stat` before and after, so "per core" means items
-//! per CPU-second spent by the agent alone, whatever the client costs.
+//! A load client in this process sends pre-built requests of 500 realistic items
+//! (`podscope_testkit::fake_otlp::service_spans` / `service_points`: spans with 6 attributes, a
+//! resource with 4) on several concurrent gRPC streams; the agent's CPU time is read from
+//! `/proc/<pid>/stat` before and after, so "per core" means items per CPU-second spent by the
+//! agent alone, whatever the client costs.
 //!
 //! Run: `cargo bench --bench otlp_throughput` (env `BENCH_SECONDS`, default 10).
 //! Under `cargo test` (`--bench` absent) it does a 1-second smoke run.
@@ -14,92 +16,30 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+use podscope_core::Batch;
 use podscope_integration::agent::{free_port, AgentProcess};
+use podscope_testkit::fake_otlp;
 
 const ITEMS_PER_REQUEST: usize = 500;
 const STREAMS: usize = 4;
 
-fn attr(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        key_strindex: 0,
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-    }
-}
-
-fn resource() -> Option<Resource> {
-    Some(Resource {
-        attributes: vec![
-            attr("service.name", "checkout"),
-            attr("k8s.namespace.name", "shop"),
-            attr("k8s.pod.name", "checkout-7d9f8b6c5-x2x7q"),
-        ],
-        ..Default::default()
-    })
-}
-
+/// 500 realistic spans (see `fake_otlp::service_spans`) as one export request.
 fn spans_request() -> ExportTraceServiceRequest {
+    let Batch::Traces(resource_spans) = fake_otlp::service_spans(ITEMS_PER_REQUEST) else {
+        unreachable!("service_spans makes traces")
+    };
     ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: resource(),
-            scope_spans: vec![ScopeSpans {
-                spans: (0..ITEMS_PER_REQUEST)
-                    .map(|i| Span {
-                        trace_id: (i as u128 + 1).to_be_bytes().to_vec(),
-                        span_id: (i as u64 + 1).to_be_bytes().to_vec(),
-                        name: "GET /api/cart".into(),
-                        kind: 2,
-                        start_time_unix_nano: 1_700_000_000_000_000_000 + i as u64,
-                        end_time_unix_nano: 1_700_000_000_003_000_000 + i as u64,
-                        attributes: vec![
-                            attr("http.request.method", "GET"),
-                            attr("http.route", "/api/cart"),
-                            attr("url.path", "/api/cart/42"),
-                        ],
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
+        resource_spans: resource_spans.to_vec(),
     }
 }
 
+/// 500 realistic data points (see `fake_otlp::service_points`) as one export request.
 fn metrics_request() -> ExportMetricsServiceRequest {
+    let Batch::Metrics(resource_metrics) = fake_otlp::service_points(ITEMS_PER_REQUEST) else {
+        unreachable!("service_points makes metrics")
+    };
     ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: resource(),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: "podscope.syscalls".into(),
-                    unit: "{syscall}".into(),
-                    data: Some(metric::Data::Sum(Sum {
-                        aggregation_temporality: 2,
-                        is_monotonic: true,
-                        data_points: (0..ITEMS_PER_REQUEST)
-                            .map(|i| NumberDataPoint {
-                                attributes: vec![attr("syscall", &format!("sys_{i}"))],
-                                time_unix_nano: 1_700_000_000_000_000_000,
-                                value: Some(number_data_point::Value::AsInt(i as i64)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
+        resource_metrics: resource_metrics.to_vec(),
     }
 }
 

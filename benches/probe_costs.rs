@@ -12,28 +12,18 @@ use std::io::Read as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aya::programs::UProbe;
 use podscope_core::config::parse_component_config;
-use podscope_core::{
-    Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
-};
+use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
+use podscope_testkit::BuildContextForTests as _;
+use podscope_testkit::Discard;
 
 /// The probed function. `no_mangle` keeps its name in the symbol table.
 #[no_mangle]
 #[inline(never)]
 pub extern "C" fn podscope_bench_target(x: u64) -> u64 {
     std::hint::black_box(x).wrapping_mul(3)
-}
-
-struct Discard;
-
-#[async_trait]
-impl Consumer for Discard {
-    async fn consume(&self, _: Batch) -> Result<(), ConsumeError> {
-        Ok(())
-    }
 }
 
 /// Runs `work` in a forked child and returns the ns per iteration it measured.

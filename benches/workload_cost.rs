@@ -19,21 +19,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use podscope_core::config::parse_component_config;
-use podscope_core::{
-    Batch, BuildContext, Component as _, ComponentKind, ConsumeError, Consumer, ReceiverConsumers,
-};
+use podscope_core::{BuildContext, Component as _, ComponentKind, ReceiverConsumers};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-
-struct Discard;
-
-#[async_trait]
-impl Consumer for Discard {
-    async fn consume(&self, _: Batch) -> Result<(), ConsumeError> {
-        Ok(())
-    }
-}
+use podscope_testkit::BuildContextForTests as _;
+use podscope_testkit::Discard;
 
 /// The workloads: name, unit of what they count.
 const WORKLOADS: [(&str, &str); 6] = [

@@ -9,11 +9,14 @@ set -euo pipefail
 # backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
 # namespaces in TCP tests), iperf3 (the TCP probe benchmark), wrk (the HTTP load of the workload
 # cost benchmark and the http probe's), python3-venv (the oteltest OTLP sink the exporter tests
-# send to, below). The http probe's tests and benchmark: nginx (HTTP and HTTPS server), openssl
-# (their self-signed certificates) and python3-grpcio (gRPC server and client; Debian's build uses
-# the system libssl, so its TLS is visible to the libssl uprobes, where PyPI's wheel links
-# BoringSSL statically and strips its symbols).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv nginx openssl python3-grpcio)
+# send to, below), podman + buildah + runc (scripts/test-helm.sh builds the agent's image without
+# Docker and runs it as the chart's container; runc because crun refuses hybrid cgroup hosts),
+# util-linux (nsenter into that container's network namespace). The http probe's tests and
+# benchmark: nginx (HTTP and HTTPS server), openssl (their self-signed certificates) and
+# python3-grpcio (gRPC server and client; Debian's build uses the system libssl, so its TLS is
+# visible to the libssl uprobes, where PyPI's wheel links BoringSSL statically and strips its
+# symbols).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux nginx openssl python3-grpcio)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

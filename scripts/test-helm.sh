@@ -11,7 +11,13 @@
 #     (loopback telemetry address, unknown auth_type, filter.namespace from an env var);
 #   - as root: the agent run as the DaemonSet runs it (its capabilities only, its service-account
 #     files, an API server that authorizes with the rendered RBAC), with control runs that must fail;
-#   - the Dockerfile's Rust is at least the workspace's rust-version (the image is not built here).
+#   - the dashboards and alert rules equal what scripts/generate-dashboards.py generates, the rules
+#     pass `promtool check rules` and their unit tests (tests/alerts.test.yaml) `promtool test rules`;
+#   - as root with podman: the image built here (scripts/image.sh, FROM scratch, no registry) and
+#     run by podman + runc exactly as the DaemonSet's container (tests/check_manifests.py
+#     container) under containerd's RuntimeDefault seccomp profile: every probe attached and data
+#     at the Prometheus endpoint, and without BPF or PERFMON every probe says why it was skipped;
+#   - the Dockerfile's Rust is at least the workspace's rust-version.
 #
 # Usage: scripts/test-helm.sh [PATH_TO_PODSCOPE_BINARY]
 #   Without a path it builds one with `cargo build --bin podscope`. The agent runs use the fake
@@ -134,8 +140,9 @@ for example in "$CHART"/examples/*.yaml; do
   cases+=("$(basename "$example" .yaml):-f $example:")
 done
 cases+=("privileged::--set security.privileged=true")
-cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true")
+cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true --set security.sysResource=true")
 cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
+cases+=("dashboards-rules::--set dashboards.enabled=true --set dashboards.annotations.grafana_folder=podscope --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack")
 # Kubernetes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
 for values in "$CHART"/tests/values/*.yaml; do
   cases+=("$(basename "$values" .yaml):-f $values:")
@@ -196,6 +203,13 @@ for helm_major in 3 4; do
     "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""
 done
 
+# Dashboards and alert rules: generated from one source, valid, and each alert fires on the
+# synthetic series of its unit test (integration/tests/agent/dashboards.rs runs every query
+# against a real agent).
+check "dashboards and rules are what scripts/generate-dashboards.py generates" python3 "$ROOT/scripts/generate-dashboards.py" --check
+check "promtool check rules rules/podscope-alerts.yaml" promtool check rules "$CHART/rules/podscope-alerts.yaml"
+check "promtool test rules tests/alerts.test.yaml (each alert fires on its synthetic series)" bash -c "cd \"$CHART/tests\" && promtool test rules alerts.test.yaml"
+
 # The agent as the DaemonSet runs it: the rendered config, only the container's capabilities
 # (root + eBPF needed), the service-account token only if the pod mounts it, and an API server
 # that authorizes with the rendered RBAC. Each control run must fail the same check.
@@ -239,8 +253,33 @@ else
   skipped=$((skipped + 13))
 fi
 
-# The image (Dockerfile) is not built here (no container engine), but its Rust must be at least
-# the workspace's rust-version, or `cargo build --locked` in it fails.
+# The image, built from the binary under test and run as the DaemonSet's container (the chart
+# rendered without an API server to read: the k8s-no-api case), under containerd's RuntimeDefault
+# seccomp profile for that container's capabilities (tests/seccomp/README.md says where from).
+SECCOMP=$CHART/tests/seccomp/containerd-2.1.9
+if [ "$(id -u)" -eq 0 ] && command -v podman >/dev/null 2>&1 && command -v runc >/dev/null 2>&1; then
+  image=localhost/podscope:test-helm-$$
+  check "image built without Docker or a registry (scripts/image.sh, FROM scratch)" \
+    bash -c "\"$ROOT/scripts/image.sh\" \"$PODSCOPE\" $image"
+  check "image run with the chart's security context and containerd's RuntimeDefault seccomp: every probe attached, /healthz and /readyz 200, data at the Prometheus endpoint, clean SIGTERM" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" "$SECCOMP-BPF-PERFMON.json"
+  # Without a capability, containerd's profile also lacks that capability's syscall.
+  check "image run without BPF: every probe reports why it was skipped (log and podscope_ebpf_probe_skipped)" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" "$SECCOMP-PERFMON.json" BPF
+  check "image run without PERFMON: every probe reports why it was skipped (log and podscope_ebpf_probe_skipped)" \
+    "$PY" "$CHECKER" container "$OUT/k8s-no-api.helm3.yaml" "$image" "$SECCOMP-BPF.json" PERFMON
+  # The profile is enforced: with both capabilities but the profile containerd makes without
+  # CAP_BPF (no bpf() rule), the first map cannot be created.
+  check "control: under containerd's profile without its CAP_BPF rule the same run fails (bpf() refused)" bash -c \
+    "! \"$PY\" \"$CHECKER\" container \"$OUT/k8s-no-api.helm3.yaml\" $image \"$SECCOMP-PERFMON.json\" >\"$OUT/control.log\" 2>&1 && grep -q 'failed to create map .*Operation not permitted' \"$OUT/control.log\""
+  podman rmi --force "$image" >/dev/null 2>&1 || true
+else
+  echo "skip the image runs (need root, podman and runc: scripts/install-deps.sh)"
+  skipped=$((skipped + 5))
+fi
+
+# The multi-stage Dockerfile (for users; not built here): its Rust must be at least the
+# workspace's rust-version, or `cargo build --locked` in it fails.
 dockerfile_rust_is_new_enough() {
   local want have
   want=$(sed -n 's/^rust-version = "\([0-9.]*\)"$/\1/p' "$ROOT/Cargo.toml")

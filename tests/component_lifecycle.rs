@@ -3,18 +3,16 @@
 //! shutdown; and shutdown without start is safe. A new component with required settings fails
 //! here until it is given an entry in `settings_for`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope::registry;
-use podscope_core::{
-    Batch, BuildContext, ComponentKind, ConsumeError, Consumer, ReceiverConsumers, Signal,
-};
+use podscope_core::{Batch, BuildContext, ComponentKind, Consumer, ReceiverConsumers, Signal};
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 use serde_json::{json, Value};
 
 /// Settings for components whose defaults need something from the environment (a path, a port
@@ -44,23 +42,6 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
             json!({"endpoint": "http://127.0.0.1:9/api/v1/write", "retry_on_failure": no_retry})
         }
         _ => Value::Null,
-    }
-}
-
-#[derive(Default)]
-struct Collected(Mutex<Vec<Batch>>);
-
-#[async_trait]
-impl Consumer for Collected {
-    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
-        self.0.lock().unwrap().push(batch);
-        Ok(())
-    }
-}
-
-impl Collected {
-    fn items(&self) -> usize {
-        self.0.lock().unwrap().iter().map(Batch::item_count).sum()
     }
 }
 
@@ -114,7 +95,7 @@ async fn every_receiver_starts_and_shuts_down() {
         let consumers = || {
             let mut c = ReceiverConsumers::default();
             for s in factory.signals {
-                let collected: Arc<dyn Consumer> = Arc::new(Collected::default());
+                let collected: Arc<dyn Consumer> = Arc::new(Recorder::default());
                 match s {
                     Signal::Metrics => c.metrics = Some(collected),
                     Signal::Traces => c.traces = Some(collected),
@@ -160,13 +141,13 @@ async fn every_processor_forwards_what_it_consumes() {
                     .add_user(ComponentKind::Processor, ctx.id.clone(), id);
                 extension
             });
-            let next = Arc::new(Collected::default());
-            let build = |next: Arc<Collected>| {
+            let next = Arc::new(Recorder::default());
+            let build = |next: Arc<Recorder>| {
                 builder
                     .build(ctx.clone(), signal, next)
                     .unwrap_or_else(|e| panic!("processor {name}: build failed: {e:#}"))
             };
-            within(name, build(Arc::new(Collected::default())).shutdown())
+            within(name, build(Arc::new(Recorder::default())).shutdown())
                 .await
                 .unwrap();
             let processor = build(next.clone());

@@ -160,21 +160,6 @@ impl SharedState {
     }
 }
 
-impl BuildContext {
-    /// A context for tests and benchmarks: its own telemetry registry, the machine's host name.
-    pub fn for_tests(id: &str) -> Self {
-        BuildContext {
-            id: ComponentId::parse(id).expect("valid test component id"),
-            pipeline: None,
-            host_name: "test-host".to_string(),
-            telemetry: AgentTelemetry::new(),
-            readiness: Readiness::default(),
-            shared: SharedState::default(),
-            extensions: Extensions::default(),
-        }
-    }
-}
-
 /// Lifecycle shared by every component. `shutdown` must be safe to call without `start` and must
 /// flush what the component holds (a batch in progress, a queue) before returning.
 #[async_trait]

@@ -11,7 +11,6 @@ pub mod component;
 pub mod config;
 pub mod consumer;
 pub mod delivery;
-pub mod fake_otlp;
 pub mod health;
 pub mod otlp;
 pub mod queue;

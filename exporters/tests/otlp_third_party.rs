@@ -25,6 +25,7 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ExporterBuilder as _};
 use podscope_exporters::otlp::{OtlpGrpcConfig, OtlpHttpConfig};
+use podscope_testkit::BuildContextForTests as _;
 use serde_json::{json, Value};
 
 struct Sink {

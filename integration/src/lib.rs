@@ -2,5 +2,4 @@
 
 pub mod agent;
 pub mod fake_kube;
-pub mod pod_cgroup;
 pub mod prometheus;

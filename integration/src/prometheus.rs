@@ -18,10 +18,23 @@ impl PrometheusServer {
     /// Starts Prometheus scraping `targets` (host:port) as job `podscope`, and waits until it is
     /// ready (at most 60 s).
     pub async fn start(targets: &[String]) -> PrometheusServer {
+        Self::start_with_scrape_configs(&format!(
+            "  - job_name: podscope\n    static_configs:\n      - targets: [{}]\n",
+            targets
+                .iter()
+                .map(|t| format!("\"{t}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .await
+    }
+
+    /// Starts Prometheus with `scrape_configs` (the YAML list's items, indented by two spaces),
+    /// scraping and evaluating every second, and waits until it is ready (at most 60 s).
+    pub async fn start_with_scrape_configs(scrape_configs: &str) -> PrometheusServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: podscope\n    static_configs:\n      - targets: [{}]\n",
-            targets.iter().map(|t| format!("\"{t}\"")).collect::<Vec<_>>().join(", ")
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
         );
         let config_path = dir.path().join("prometheus.yml");
         std::fs::File::create(&config_path)

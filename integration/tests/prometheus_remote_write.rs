@@ -19,6 +19,7 @@ use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{Batch, BuildContext, Exporter, ExporterBuilder};
 use podscope_exporters::prometheusremotewrite::RemoteWriteConfig;
 use podscope_integration::prometheus::PrometheusServer;
+use podscope_testkit::BuildContextForTests as _;
 
 fn kv(key: &str, value: &str) -> KeyValue {
     KeyValue {

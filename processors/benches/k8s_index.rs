@@ -20,13 +20,14 @@ use opentelemetry_proto::tonic::metrics::v1::{
     metric, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use podscope_core::consumer::Discard;
 use podscope_core::{
     Batch, BuildContext, ComponentConfig as _, ComponentId, ComponentKind, Processor,
     ProcessorBuilder as _, Signal,
 };
 use podscope_k8s::K8sMetadata;
 use podscope_processors::k8sattributes::{K8sAttributesConfig, PodEnricher};
+use podscope_testkit::BuildContextForTests as _;
+use podscope_testkit::Discard;
 
 const PODS: usize = 10_000;
 const CONTAINERS: usize = 3;

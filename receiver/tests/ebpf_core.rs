@@ -22,6 +22,7 @@ use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
 
 use common::*;
+use podscope_testkit::{BuildContextForTests as _, PodCgroup, Recorder};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_counts_exact_opens_and_failures_by_errno() {
@@ -45,7 +46,7 @@ async fn files_counts_exact_opens_and_failures_by_errno() {
     });
     assert_eq!(code, 0);
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     assert_eq!(get(&c, "podscope.files.opens", ""), 10, "{c:#?}");
     assert_eq!(
         get(&c, "podscope.files.open_errors", "error.type=ENOENT"),
@@ -54,7 +55,7 @@ async fn files_counts_exact_opens_and_failures_by_errno() {
     );
     // An interval's path counts are reported at the end of the next.
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     assert_eq!(
         get(
             &c,
@@ -65,7 +66,7 @@ async fn files_counts_exact_opens_and_failures_by_errno() {
         "{c:#?}"
     );
     // The resource names the container from the cgroup path.
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let resource = resources_of(&rms, Some(pod.id()))
         .next()
         .unwrap()
@@ -74,7 +75,7 @@ async fn files_counts_exact_opens_and_failures_by_errno() {
         .unwrap();
     let container = text(attr(&resource.attributes, "container.id"));
     assert!(pod
-        .leaf
+        .path()
         .to_str()
         .unwrap()
         .ends_with(&format!("cri-containerd-{container}.scope")));
@@ -96,7 +97,7 @@ async fn syscalls_counts_a_chosen_syscall_exactly_with_errors_and_latency() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, pod.id());
     assert_eq!(
         get(&c, "podscope.syscalls", "syscall.name=getppid"),
@@ -161,7 +162,7 @@ async fn process_counts_execs_forks_and_exit_codes() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, pod.id());
     assert_eq!(get(&c, "podscope.process.forks", ""), 4, "{c:#?}");
     assert_eq!(get(&c, "podscope.process.execs", ""), 4, "{c:#?}");
@@ -215,7 +216,7 @@ async fn sched_sees_run_queue_waits_of_two_threads_on_one_cpu() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, pod.id());
     assert!(
         get(
@@ -244,14 +245,14 @@ async fn sched_sees_run_queue_waits_of_two_threads_on_one_cpu() {
 async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
     let pod = PodCgroup::new();
     let other = PodCgroup::new();
-    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    let selected = pod.name().to_string();
     let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
         "collection_interval": "1h",
         "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
         "probes": {"syscalls": {"by": "syscall"}}
     }))
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let receiver = EbpfReceiver::new(
         config,
         BuildContext::for_tests("ebpf"),
@@ -271,7 +272,7 @@ async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
         });
     }
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     assert_eq!(
         get(
             &counters(&rms, pod.id()),
@@ -303,7 +304,7 @@ async fn a_probe_whose_kernel_feature_is_missing_is_skipped_with_a_clear_line_or
         .unwrap()
     };
     let consumers = || ReceiverConsumers {
-        metrics: Some(Arc::new(Collected::default())),
+        metrics: Some(Arc::new(Recorder::default())),
         traces: None,
     };
     let receiver =
@@ -383,7 +384,7 @@ async fn syscalls_counting_only_mode_counts_exactly_from_the_entry_hook() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, pod.id());
     assert_eq!(
         get(&c, "podscope.syscalls", "syscall.name=getppid"),
@@ -592,7 +593,7 @@ async fn a_full_map_counts_every_refused_insert() {
     });
     assert_eq!(status, 0);
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     assert_eq!(get(&c, "podscope.process.forks", ""), 5, "{c:#?}");
     assert_eq!(
         get(&c, "podscope.process.exits", "process.exit.code=1"),
@@ -687,7 +688,7 @@ async fn files_counts_every_open_syscall_of_the_architecture() {
         });
         assert_eq!(code, 0, "an open failed in the child");
         receiver.collect_now().await.unwrap();
-        let c = counters(&collected.last(), pod.id());
+        let c = counters(&collected.last_metrics(), pod.id());
         assert_eq!(
             get(&c, "podscope.files.opens", ""),
             3 + 4 + 5 + 6 + 7,
@@ -701,7 +702,7 @@ async fn files_counts_every_open_syscall_of_the_architecture() {
         // Paths come from each syscall's own argument (open_by_handle_at names none); an interval's
         // path counts are reported at the end of the next.
         receiver.collect_now().await.unwrap();
-        let c = counters(&collected.last(), pod.id());
+        let c = counters(&collected.last_metrics(), pod.id());
         let paths = counts_by(&c, "podscope.files.path_opens", "file.path");
         let want = [
             (file.to_str().unwrap().to_string(), 3 + 5 + 6),
@@ -798,7 +799,7 @@ async fn a_process_exit_is_counted_when_its_last_thread_exits() {
     let status = pod.run(|| leader_exits_first(&mut stack));
     assert_eq!(status, 7, "waitpid sees the last thread's exit_group(7)");
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, pod.id());
     let exits = counts_by(&c, "podscope.process.exits", "process.exit.code");
     assert_eq!(
@@ -986,7 +987,11 @@ async fn a_container_removed_within_one_interval_keeps_its_identity() {
     let (receiver, collected) = start(serde_json::json!({"process": {}})).await;
     receiver.collect_now().await.unwrap();
     let pod = PodCgroup::new();
-    let (id, path, container) = (pod.id(), pod.relative_path(), pod.container_id());
+    let (id, path, container) = (
+        pod.id(),
+        pod.relative_path().to_string(),
+        pod.container_id(),
+    );
     let true_ = CString::new("/bin/true").unwrap();
     pod.run(|| unsafe {
         for _ in 0..20 {
@@ -1001,7 +1006,7 @@ async fn a_container_removed_within_one_interval_keeps_its_identity() {
         }
         0
     });
-    let leaf = pod.leaf.clone();
+    let leaf = pod.path().to_path_buf();
     drop(pod);
     assert!(
         !leaf.exists(),
@@ -1009,7 +1014,7 @@ async fn a_container_removed_within_one_interval_keeps_its_identity() {
     );
 
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, id);
     assert_eq!(get(&c, "podscope.process.execs", ""), 20, "{c:#?}");
     let attributes = resource_attributes(&rms, id);
@@ -1025,7 +1030,10 @@ async fn a_container_removed_within_one_interval_keeps_its_identity() {
     // nothing at all: an empty collection sends no batch).
     let batches = collected.len();
     receiver.collect_now().await.unwrap();
-    assert_eq!(resources_of(&collected.since(batches), Some(id)).count(), 0);
+    assert_eq!(
+        resources_of(&collected.metrics_since(batches), Some(id)).count(),
+        0
+    );
     receiver.shutdown().await.unwrap();
 }
 
@@ -1089,7 +1097,7 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
         }
     });
     let pod = PodCgroup::new();
-    let (id, path) = (pod.id(), pod.relative_path());
+    let (id, path) = (pod.id(), pod.relative_path().to_string());
     // The third connection outlives the container: its process hands it over (pidfd_getfd)
     // through this thread before exiting.
     let mut to_parent = [0; 2];
@@ -1163,7 +1171,7 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
     drop(pod);
 
     receiver.collect_now().await.unwrap();
-    let first = sum_points(&collected.last(), id);
+    let first = sum_points(&collected.last_metrics(), id);
     let closed = first
         .iter()
         .find(|((name, _), _)| name == "podscope.tcp.connections.closed")
@@ -1188,7 +1196,7 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
     }
     drop(survivor);
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let late = sum_points(&rms, id);
     assert!(!late.is_empty(), "the late close was reported");
     let attributes = resource_attributes(&rms, id);
@@ -1232,7 +1240,7 @@ async fn with_an_include_filter_a_new_container_is_counted_from_its_start() {
     pod.run(|| getppid(100));
     outside.run(|| getppid(50));
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     assert_eq!(
         get(
             &counters(&rms, pod.id()),
@@ -1247,7 +1255,7 @@ async fn with_an_include_filter_a_new_container_is_counted_from_its_start() {
     outside.run(|| getppid(50));
     receiver.collect_now().await.unwrap();
     assert_eq!(
-        resources_of(&collected.last(), Some(outside.id())).count(),
+        resources_of(&collected.last_metrics(), Some(outside.id())).count(),
         0
     );
     receiver.shutdown().await.unwrap();
@@ -1268,7 +1276,7 @@ async fn syscalls_by_group_count_each_group_exactly() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     // Counted on exit: the write that moved the child into the cgroup returned there, and so
     // did the close after it; exit_group never returns.
     let want = [("fd", 6), ("io.write", 1), ("process", 100)];
@@ -1304,7 +1312,7 @@ async fn syscalls_measure_the_latency_of_chosen_syscalls_only() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let latency = |name: &str| {
         distribution(
             &rms,
@@ -1432,7 +1440,7 @@ async fn opens_of_paths_beyond_the_kernels_room_add_up_in_other() {
         // An interval's path counts are reported at the end of the next.
         receiver.collect_now().await.unwrap();
         receiver.collect_now().await.unwrap();
-        let c = counters(&collected.last(), cgroup.id());
+        let c = counters(&collected.last_metrics(), cgroup.id());
         let mut want: BTreeMap<String, i64> = want_top.iter().cloned().collect();
         want.insert("other".to_string(), 55 - want.values().sum::<i64>());
         assert_eq!(

@@ -15,8 +15,9 @@ use podscope_core::config::parse_component_config;
 use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::BuildContextForTests as _;
 
 #[derive(Default)]
 struct Collected(Mutex<Vec<Batch>>);
@@ -253,15 +254,10 @@ async fn wait_spans(spans: &Collected, cgroups: &[u64], n: usize) -> Vec<SeenSpa
     }
 }
 
-fn pod() -> PodCgroup {
-    let (uid, container) = unique_ids();
-    PodCgroup::new(&uid, &container)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_server_and_curl_give_exact_server_and_client_spans_over_keep_alive() {
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     // The pods exist before the receiver starts: its cgroup filter lists them then.
     let started = start(serde_json::json!({})).await;
     let port = python_server(&mut server);
@@ -340,8 +336,8 @@ async fn python_server_and_curl_give_exact_server_and_client_spans_over_keep_ali
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_traceparent_gives_that_trace_and_parent() {
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     // The pods exist before the receiver starts: its cgroup filter lists them then.
     let started = start(serde_json::json!({})).await;
     let port = python_server(&mut server);
@@ -368,9 +364,9 @@ async fn a_known_traceparent_gives_that_trace_and_parent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_two_local_services_is_one_trace() {
-    let mut front = pod();
-    let mut back = pod();
-    let mut client = pod();
+    let mut front = PodCgroup::new();
+    let mut back = PodCgroup::new();
+    let mut client = PodCgroup::new();
     // The pods exist before the receiver starts: its cgroup filter lists them then.
     let started = start(serde_json::json!({})).await;
     let front_port = python_server(&mut front);
@@ -420,8 +416,8 @@ fn telemetry_counter(telemetry: &podscope_core::telemetry::AgentTelemetry, name:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_a_half_written_request_give_no_span_and_are_counted() {
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     // The pods exist before the receiver starts: its cgroup filter lists them then.
     let started = start(serde_json::json!({})).await;
     let port = python_server(&mut server);
@@ -512,8 +508,8 @@ fn red_counts(rms: &[ResourceMetrics], cgroup: u64) -> BTreeMap<(String, String)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn red_metrics_count_every_request_even_when_no_span_is_sampled() {
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     // The pods exist before the receiver starts: its cgroup filter lists them then.
     let started = start(serde_json::json!({"spans": {"sampling_ratio": 0.0}})).await;
     let port = python_server(&mut server);
@@ -642,8 +638,8 @@ fn nginx(pod: &mut PodCgroup, dir: &std::path::Path, tls: bool) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     let started = start(serde_json::json!({})).await;
     let port = nginx(&mut server, dir.path(), true);
     let status = run_in(
@@ -686,8 +682,8 @@ async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_over_plain_http_with_curl() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     let started = start(serde_json::json!({})).await;
     let port = nginx(&mut server, dir.path(), false);
     run_in(
@@ -738,8 +734,8 @@ fn grpc_summary(s: &SeenSpan) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_calls_give_rpc_spans_with_status_codes() {
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     let started = start(serde_json::json!({})).await;
     let port = grpc_server(&mut server, None);
     assert_eq!(
@@ -785,8 +781,8 @@ async fn grpc_calls_give_rpc_spans_with_status_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raw_syscall_hooks_give_the_same_spans() {
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     let started = start(serde_json::json!({"syscall_hooks": "raw"})).await;
     let port = python_server(&mut server);
     run_in(
@@ -821,8 +817,8 @@ fn wrk_requests(output: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrk_against_nginx_gives_one_client_span_per_request_wrk_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     // wrk and nginx take both CPUs: a ring buffer that holds the whole second of events, so that
     // none is lost while the reader waits for a CPU (losses are counted, not asserted away).
     let started = start(serde_json::json!({"max_entries": {"http_events": 16 << 20}})).await;
@@ -880,8 +876,8 @@ async fn wrk_against_nginx_gives_one_client_span_per_request_wrk_counted() {
 async fn grpc_over_tls_gives_the_same_rpc_spans() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path());
-    let mut server = pod();
-    let mut client = pod();
+    let mut server = PodCgroup::new();
+    let mut client = PodCgroup::new();
     let started = start(serde_json::json!({})).await;
     let port = grpc_server(&mut server, Some((&cert, &key)));
     assert_eq!(

@@ -21,6 +21,7 @@ use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
 
 use common::*;
+use podscope_testkit::{BuildContextForTests as _, PodCgroup, Recorder};
 
 /// A loop device over a temp file, detached on drop.
 struct LoopDevice {
@@ -64,7 +65,7 @@ async fn block_io_counts_direct_reads_on_a_loop_device() {
     let before = {
         receiver.collect_now().await.unwrap();
         distribution(
-            &collected.last(),
+            &collected.last_metrics(),
             None,
             "podscope.block.latency",
             &[
@@ -96,7 +97,7 @@ async fn block_io_counts_direct_reads_on_a_loop_device() {
     });
     assert_eq!(code, 0, "direct reads failed");
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let latency = distribution(
         &rms,
         None,
@@ -153,7 +154,7 @@ fn interactive_bash_in(
     use std::io::{Read as _, Write as _};
     let root = root.map(|r| CString::new(r.to_str().unwrap()).unwrap());
     use std::os::fd::FromRawFd as _;
-    let procs = CString::new(pod.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
+    let procs = CString::new(pod.path().join("cgroup.procs").to_str().unwrap()).unwrap();
     let bash = CString::new(bash).unwrap();
     let args = [
         CString::new("bash").unwrap(),
@@ -256,7 +257,7 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
         ]}
     }))
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let receiver = EbpfReceiver::new(
         config,
         BuildContext::for_tests("ebpf"),
@@ -292,7 +293,7 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
     });
     bash.unwrap();
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     let commands = counts_by(&c, "commands_count", "command");
     let expected: BTreeMap<String, i64> = [
         ("echo one", 2),
@@ -363,7 +364,7 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     let base = format!("network.transport=tcp,network.type=ipv4,network.peer.address=127.0.0.1,server.port={port},network.peer.port={port},podscope.tcp.role=client");
     loop {
         receiver.collect_now().await.unwrap();
-        let c = counters(&collected.last(), pod.id());
+        let c = counters(&collected.last_metrics(), pod.id());
         if get(&c, "podscope.tcp.connections.closed", &base) == 3 {
             break;
         }
@@ -373,7 +374,7 @@ async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     let c = counters(&rms, pod.id());
     assert_eq!(
         get(&c, "podscope.tcp.connections.opened", &base),
@@ -596,7 +597,7 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
     };
     loop {
         receiver.collect_now().await.unwrap();
-        let c = counters(&collected.last(), pod.id());
+        let c = counters(&collected.last_metrics(), pod.id());
         if find(&c, "podscope.tcp.connections.closed", "network.type=ipv6") == 1
             && find(&c, "podscope.tcp.connections.closed", "network.type=ipv4") == 1
         {
@@ -608,7 +609,7 @@ async fn tcp_across_network_namespaces_counts_ipv6_and_retransmissions() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     assert_eq!(
         find(
             &c,
@@ -846,12 +847,9 @@ impl PodServer {
         reply: usize,
     ) -> PodServer {
         let (port_r, port_w) = pipe();
-        let leaf = pod.leaf.clone();
+        let leaf = pod.path().to_path_buf();
         let done = std::thread::spawn(move || {
-            let pod = PodCgroup {
-                dirs: Vec::new(),
-                leaf,
-            };
+            let pod = PodCgroup::existing(leaf);
             let code = pod.run(|| unsafe {
                 if let Some(ns) = netns {
                     if libc::setns(ns, libc::CLONE_NEWNET) != 0 {
@@ -945,13 +943,13 @@ fn sum_where(c: &BTreeMap<(String, String), i64>, metric: &str, needles: &[&str]
 /// assertions then say what is missing); returns the last data points.
 async fn collect_until(
     receiver: &EbpfReceiver,
-    collected: &Collected,
+    collected: &Recorder,
     done: impl Fn(&[ResourceMetrics]) -> bool,
 ) -> Vec<ResourceMetrics> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         receiver.collect_now().await.unwrap();
-        let rms = collected.last();
+        let rms = collected.last_metrics();
         if done(&rms) || std::time::Instant::now() > deadline {
             return rms;
         }
@@ -1001,7 +999,7 @@ fn map_id(receiver: &EbpfReceiver, probe: &str, map: &str) -> u32 {
 /// A receiver config with `probes` that sees only `pod` (once a collection ran: the kernel filter
 /// lists cgroups then), so other tests' activity does not reach its maps.
 fn seeing_only(pod: &PodCgroup, probes: serde_json::Value) -> serde_json::Value {
-    let selected = pod.leaf.file_name().unwrap().to_str().unwrap().to_string();
+    let selected = pod.name().to_string();
     serde_json::json!({
         "collection_interval": "1h",
         "cgroup_filter": {"include": [format!("/kubepods.slice/**/{selected}")]},
@@ -1186,14 +1184,8 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
     let (connected_r, connected_w) = pipe();
     let (go_r, go_w) = pipe();
     let in_pod = |pod: &PodCgroup, work: Box<dyn FnOnce() -> i32 + Send>| {
-        let leaf = pod.leaf.clone();
-        std::thread::spawn(move || {
-            PodCgroup {
-                dirs: Vec::new(),
-                leaf,
-            }
-            .run(work)
-        })
+        let leaf = pod.path().to_path_buf();
+        std::thread::spawn(move || PodCgroup::existing(leaf).run(work))
     };
     // Both ends exchange a byte, wait for the outage, then each sends 2000 bytes through it.
     let server = in_pod(
@@ -1274,7 +1266,7 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
     assert_eq!(server.join().unwrap(), 0, "server workload");
     assert_eq!(client.join().unwrap(), 0, "client workload");
     receiver.collect_now().await.unwrap();
-    let rms = collected.last();
+    let rms = collected.last_metrics();
     for (id, role, peer) in [
         (server_id, "server", "10.251.0.1"),
         (client_id, "client", "10.251.0.2"),
@@ -1508,7 +1500,7 @@ async fn uprobes_capture_integer_and_string_arguments_on_entry() {
         ]}
     }))
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let receiver = EbpfReceiver::new(
         config,
         BuildContext::for_tests("ebpf"),
@@ -1541,7 +1533,7 @@ async fn uprobes_capture_integer_and_string_arguments_on_entry() {
         0
     });
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     let sum = |name: &str, value: &str| -> i64 {
         c.iter()
             .filter(|((n, attrs), _)| n == name && attrs.starts_with(&format!("value={value},")))
@@ -1601,7 +1593,7 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
         }]}
     }))
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let receiver = Arc::new(
         EbpfReceiver::new(
             config,
@@ -1632,12 +1624,9 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let root = image.path().to_path_buf();
     let bash = std::thread::spawn({
-        let leaf = pod.leaf.clone();
+        let leaf = pod.path().to_path_buf();
         move || {
-            let pod = PodCgroup {
-                dirs: Vec::new(),
-                leaf,
-            };
+            let pod = PodCgroup::existing(leaf);
             interactive_bash_in(
                 &pod,
                 Some(&root),
@@ -1663,7 +1652,7 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
         .unwrap();
     receiver.collect_now().await.unwrap();
 
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     let commands = counts_by(&c, "commands_count", "command");
     // `echo before` returns from the readline call that was already waiting when the probe
     // attached: a uretprobe catches only calls entered after it is in place.
@@ -1720,12 +1709,9 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
     let (up_tx, up_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel();
     let root = image.path().to_path_buf();
-    let leaf = pod.leaf.clone();
+    let leaf = pod.path().to_path_buf();
     let bash = std::thread::spawn(move || {
-        let pod = PodCgroup {
-            dirs: Vec::new(),
-            leaf,
-        };
+        let pod = PodCgroup::existing(leaf);
         interactive_bash_in(
             &pod,
             Some(&root),
@@ -1756,7 +1742,7 @@ async fn a_container_uprobe_attaches_when_the_containers_first_process_starts() 
     // at the first prompt) was entered before or after the attachment is a race, so `echo first`
     // is not checked; `echo second` and `exit` come from calls entered later.
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     let commands = counts_by(&c, "readline_returns", "command");
     assert_eq!(
         (commands.get("echo second"), commands.get("exit")),
@@ -1819,7 +1805,7 @@ async fn uprobes_keep_max_series_in_the_kernel_and_count_the_rest_as_other() {
         "the kernel map holds the two series only"
     );
     receiver.collect_now().await.unwrap();
-    assert_two_series_and_other(&counters(&collected.last(), pod.id()));
+    assert_two_series_and_other(&counters(&collected.last_metrics(), pod.id()));
     assert_eq!(
         telemetry_value(&telemetry, "podscope_ebpf_uprobe_overflow_total"),
         12
@@ -1841,7 +1827,7 @@ async fn a_full_uprobe_map_loses_no_call_and_counts_the_refused_inserts() {
     receiver.collect_now().await.unwrap();
     call_target_with_five_values(&pod);
     receiver.collect_now().await.unwrap();
-    assert_two_series_and_other(&counters(&collected.last(), pod.id()));
+    assert_two_series_and_other(&counters(&collected.last_metrics(), pod.id()));
     // Each of the 12 calls that found the map full tried to insert its value.
     assert_eq!(telemetry_value(&telemetry, UPROBE_HITS_REFUSED), 12);
     receiver.shutdown().await.unwrap();
@@ -1883,14 +1869,14 @@ async fn uprobe_series_of_exited_processes_are_removed_and_free_their_room() {
     };
     assert_eq!((calls(3), calls(3)), (0, 0));
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     assert_eq!(per_process(&c), [3, 3], "{c:#?}");
     // Both exited: their series were reported a last time and left the kernel.
     let hits = map_id(&receiver, "uprobes", "uprobe_hits");
     assert_eq!(kernel_entries_of(hits, pod.id()), 0);
     assert_eq!(calls(4), 0);
     receiver.collect_now().await.unwrap();
-    let c = counters(&collected.last(), pod.id());
+    let c = counters(&collected.last_metrics(), pod.id());
     assert_eq!(per_process(&c), [4], "{c:#?}");
     receiver.shutdown().await.unwrap();
 }
@@ -1955,7 +1941,7 @@ struct ContainerInit {
 
 impl ContainerInit {
     fn start(pod: &PodCgroup, root: &Path) -> ContainerInit {
-        let procs = CString::new(pod.leaf.join("cgroup.procs").to_str().unwrap()).unwrap();
+        let procs = CString::new(pod.path().join("cgroup.procs").to_str().unwrap()).unwrap();
         let root = CString::new(root.to_str().unwrap()).unwrap();
         let (ready_r, ready_w) = pipe();
         // SAFETY: the child only makes raw syscalls on memory prepared before the fork.
@@ -2044,7 +2030,7 @@ async fn a_container_uprobe_counts_each_call_once_across_containers_of_one_image
     let image = tempfile::tempdir().unwrap();
     fake_image_with_bash(image.path(), "/bin/bash");
     let commands = |pod_id: u64| {
-        counters(&collected.last(), pod_id)
+        counters(&collected.last_metrics(), pod_id)
             .iter()
             .filter(|((name, _), _)| name == "bash_commands")
             .map(|(_, v)| *v)
@@ -2104,12 +2090,9 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
     });
     let pod = PodCgroup::new();
     let pod_id = pod.id();
-    let leaf = pod.leaf.clone();
+    let leaf = pod.path().to_path_buf();
     let client = std::thread::spawn(move || {
-        let pod = PodCgroup {
-            dirs: Vec::new(),
-            leaf,
-        };
+        let pod = PodCgroup::existing(leaf);
         pod.run(|| unsafe {
             let (fd, rc) = connect_v4([127, 0, 0, 1], port);
             if rc != 0 || libc::write(fd, b"x".as_ptr().cast(), 1) != 1 {
@@ -2136,7 +2119,7 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
     };
     for _ in 0..2 {
         receiver.collect_now().await.unwrap();
-        let sample = open_rtt(&collected.last()).expect("the open connection is sampled");
+        let sample = open_rtt(&collected.last_metrics()).expect("the open connection is sampled");
         assert_eq!(
             sample.count, 1,
             "one open connection, one sample per collection"
@@ -2152,7 +2135,7 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         receiver.collect_now().await.unwrap();
-        let rms = collected.last();
+        let rms = collected.last_metrics();
         let closed = distribution(
             &rms,
             Some(pod_id),
@@ -2194,7 +2177,7 @@ async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
         }]}
     }))
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let receiver = EbpfReceiver::new(
         config,
         BuildContext::for_tests("ebpf"),
@@ -2216,7 +2199,7 @@ async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
     });
     assert_eq!(code, 0);
     receiver.collect_now().await.unwrap();
-    let calls: i64 = counters(&collected.last(), pod.id())
+    let calls: i64 = counters(&collected.last_metrics(), pod.id())
         .iter()
         .filter(|((name, _), _)| name == "getpid_calls")
         .map(|(_, v)| *v)

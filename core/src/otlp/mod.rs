@@ -330,34 +330,6 @@ impl tonic::codec::Decoder for RawCodec {
 mod tests {
     use super::*;
 
-    fn spans() -> Batch {
-        crate::fake_otlp::spans(3, &[("service.name", "cart")])
-    }
-
-    #[test]
-    fn requests_are_the_generated_messages_byte_for_byte() {
-        let batch = spans();
-        let Batch::Traces(rss) = &batch else {
-            unreachable!()
-        };
-        let generated = ExportTraceServiceRequest {
-            resource_spans: rss.to_vec(),
-        };
-        let wire = otlp(Signal::Traces);
-        assert_eq!(
-            wire.encode_request(&batch, Encoding::Protobuf),
-            generated.encode_to_vec()
-        );
-        assert_eq!(
-            wire.encode_request(&batch, Encoding::Json),
-            serde_json::to_vec(&generated).unwrap()
-        );
-        for encoding in [Encoding::Protobuf, Encoding::Json] {
-            let body = wire.encode_request(&batch, encoding);
-            assert_eq!(wire.decode_request(&body, encoding).unwrap(), batch);
-        }
-    }
-
     #[test]
     fn responses_carry_partial_success_both_ways() {
         let partial = PartialSuccess {

@@ -7,6 +7,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ExporterBuilder};
+use podscope_testkit::BuildContextForTests as _;
 
 use super::{encode_json_line, FileConfig};
 

@@ -6,11 +6,12 @@ use async_trait::async_trait;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::WhenFull;
 use podscope_core::{Batch, BuildContext, Component as _, ConsumeError, Consumer as _};
+use podscope_testkit::BuildContextForTests as _;
 
 use super::*;
 
 fn spans(n: usize) -> Batch {
-    podscope_core::fake_otlp::spans(n, &[])
+    podscope_testkit::fake_otlp::spans(n, &[])
 }
 
 /// Answers each attempt from a script, then succeeds; records attempt times.

@@ -4,7 +4,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
@@ -13,23 +12,13 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
 use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
-    Batch, BuildContext, Component as _, ComponentConfig, ConsumeError, Consumer, Exporter,
-    ExporterBuilder, ReceiverConsumers,
+    Batch, BuildContext, Component as _, ComponentConfig, Exporter, ExporterBuilder,
+    ReceiverConsumers,
 };
 use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 
 use super::{OtlpGrpcConfig, OtlpHttpConfig};
-
-#[derive(Default)]
-struct Collected(Mutex<Vec<Batch>>);
-
-#[async_trait]
-impl Consumer for Collected {
-    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
-        self.0.lock().unwrap().push(batch);
-        Ok(())
-    }
-}
 
 /// A loopback port nothing listens on right now.
 fn free_port() -> u16 {
@@ -110,14 +99,11 @@ fn points() -> Batch {
     }])
 }
 
-async fn receiver() -> (OtlpReceiver, Arc<Collected>, Arc<Collected>) {
+async fn receiver() -> (OtlpReceiver, Arc<Recorder>, Arc<Recorder>) {
     let config: OtlpReceiverConfig = parse_component_config(serde_json::json!({"protocols": {
         "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}))
     .unwrap();
-    let (m, t) = (
-        Arc::new(Collected::default()),
-        Arc::new(Collected::default()),
-    );
+    let (m, t) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
     let r = OtlpReceiver::new(
         config,
         &BuildContext::for_tests("otlp"),
@@ -145,8 +131,8 @@ async fn grpc_round_trip_is_exact() {
     exporter.consume(spans()).await.unwrap();
     exporter.consume(points()).await.unwrap();
     exporter.shutdown().await.unwrap(); // drains the sending queue
-    assert_eq!(*t.0.lock().unwrap(), vec![spans()]);
-    assert_eq!(*m.0.lock().unwrap(), vec![points()]);
+    assert_eq!(t.batches(), vec![spans()]);
+    assert_eq!(m.batches(), vec![points()]);
     r.shutdown().await.unwrap();
 }
 
@@ -166,8 +152,8 @@ async fn http_round_trip_is_exact_in_protobuf_and_json() {
         exporter.consume(points()).await.unwrap();
         exporter.shutdown().await.unwrap();
     }
-    assert_eq!(*t.0.lock().unwrap(), vec![spans(), spans()]);
-    assert_eq!(*m.0.lock().unwrap(), vec![points(), points()]);
+    assert_eq!(t.batches(), vec![spans(), spans()]);
+    assert_eq!(m.batches(), vec![points(), points()]);
     r.shutdown().await.unwrap();
 }
 
@@ -190,7 +176,7 @@ async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
         serde_json::json!({"protocols": {"grpc": {"endpoint": format!("127.0.0.1:{port}")}}}),
     )
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let r = OtlpReceiver::new(
         config,
         &BuildContext::for_tests("otlp"),
@@ -201,12 +187,12 @@ async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
     );
     r.start().await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while collected.0.lock().unwrap().is_empty() {
+    while collected.is_empty() {
         assert!(Instant::now() < deadline, "queued spans never arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     exporter.shutdown().await.unwrap();
-    assert_eq!(*collected.0.lock().unwrap(), vec![spans()]);
+    assert_eq!(collected.batches(), vec![spans()]);
     let text = telemetry.encode_text();
     assert!(
         text.contains("podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 1"),
@@ -349,10 +335,10 @@ mod tls {
     use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
     #[derive(Default, Clone)]
-    struct Recorder(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+    struct RecordingTraceServer(Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
 
     #[tonic::async_trait]
-    impl TraceService for Recorder {
+    impl TraceService for RecordingTraceServer {
         async fn export(
             &self,
             request: tonic::Request<ExportTraceServiceRequest>,
@@ -396,8 +382,8 @@ mod tls {
         }
     }
 
-    async fn tls_server(pki: &Pki, require_client_cert: bool) -> (u16, Recorder) {
-        let recorder = Recorder::default();
+    async fn tls_server(pki: &Pki, require_client_cert: bool) -> (u16, RecordingTraceServer) {
+        let recorder = RecordingTraceServer::default();
         let mut tls =
             ServerTlsConfig::new().identity(Identity::from_pem(&pki.server.0, &pki.server.1));
         if require_client_cert {
@@ -514,15 +500,15 @@ mod tls {
 }
 
 fn spans_n(n: usize) -> Batch {
-    podscope_core::fake_otlp::spans(n, &[])
+    podscope_testkit::fake_otlp::spans(n, &[])
 }
 
-async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Collected>) {
+async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Recorder>) {
     let config: OtlpReceiverConfig = parse_component_config(
         serde_json::json!({"protocols": {"grpc": {"endpoint": format!("127.0.0.1:{port}")}}}),
     )
     .unwrap();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let r = OtlpReceiver::new(
         config,
         &BuildContext::for_tests("otlp"),
@@ -533,10 +519,6 @@ async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Collected>) {
     );
     r.start().await.unwrap();
     (r, collected)
-}
-
-fn received(c: &Collected) -> usize {
-    c.0.lock().unwrap().iter().map(Batch::item_count).sum()
 }
 
 #[tokio::test]
@@ -554,7 +536,7 @@ async fn a_backend_down_mid_stream_gets_what_was_queued_and_overflow_is_counted(
     .await;
     exporter.consume(spans_n(10)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while received(&before) < 10 {
+    while before.items() < 10 {
         assert!(Instant::now() < deadline, "first batch never arrived");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -582,17 +564,17 @@ async fn a_backend_down_mid_stream_gets_what_was_queued_and_overflow_is_counted(
     );
 
     let (second, after) = grpc_receiver_on(port).await;
-    while received(&after) < 150 {
+    while after.items() < 150 {
         assert!(
             Instant::now() < deadline,
             "queued spans never arrived: {}",
-            received(&after)
+            after.items()
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     exporter.shutdown().await.unwrap();
     assert_eq!(
-        received(&after),
+        after.items(),
         150,
         "the retried batch and the two queued ones, nothing else"
     );

@@ -6,6 +6,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ExporterBuilder};
+use podscope_testkit::BuildContextForTests as _;
 use prost::Message as _;
 
 use super::request::WriteRequest;

@@ -1,12 +1,14 @@
 """Checks on the chart's rendered manifests, run by scripts/test-helm.sh.
 
-  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors match the
-                                            Prometheus Operator's model exactly (no unknown field)
+  check_manifests.py schemas FILE           every kind has a schema; ServiceMonitors and
+                                            PrometheusRules match the Prometheus Operator's models
+                                            exactly (no unknown field)
   check_manifests.py extract-config FILE OUT  writes the ConfigMap's config.yaml to OUT and
                                             prints the agent container's env var names (the
                                             config may use them as ${env:NAME})
   check_manifests.py invariants FILE CASE   what the chart promises (least privilege, read-only
-                                            host mounts, ports from the config, RBAC), with exact
+                                            host mounts, ports from the config, RBAC, dashboards
+                                            and rules equal to the generated files), with exact
                                             expectations for the named values case
 
   check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP] [+VERB|-VERB]...
@@ -45,10 +47,10 @@ import yaml
 
 # Kinds kubernetes-validate has schemas for (core API); anything else needs a checker here.
 CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service"}
-BASE_CAPS = {"BPF", "PERFMON", "SYS_RESOURCE"}
+BASE_CAPS = {"BPF", "PERFMON"}
 # Values cases (see scripts/test-helm.sh) that change what the invariants expect.
 UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
-EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN"}, "bash-commands": UPROBE_CAPS}
+EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN", "SYS_RESOURCE"}, "bash-commands": UPROBE_CAPS}
 PRIVILEGED_CASES = {"privileged"}
 HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
 DEFAULT_HOST_PATHS = {"/sys/fs/cgroup", "/sys/kernel/tracing"}
@@ -78,6 +80,9 @@ EXACT_API_ACCESS = {
     # A named extension: its settings decide, the processor reading it adds nothing.
     "k8s-extension": ({"nodes"}, {"shop": {"pods"}}),
 }
+# Cases that turn on the dashboards' ConfigMaps and the PrometheusRule.
+DASHBOARD_CASES = {"dashboards-rules"}
+CHART = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The k8s_metadata extension lists and watches (kube-rs watcher); it never gets one object.
 API_VERBS = ["list", "watch"]
 
@@ -92,9 +97,14 @@ def one(docs, kind):
     return found[0] if len(found) == 1 else None
 
 
+def config_map(docs):
+    """The ConfigMap holding the agent's config (the dashboards' ConfigMaps are others)."""
+    found = [d for d in docs if d.get("kind") == "ConfigMap" and "config.yaml" in d.get("data", {})]
+    return found[0] if len(found) == 1 else None
+
+
 def config_of(docs):
-    configmap = one(docs, "ConfigMap")
-    return yaml.safe_load(configmap["data"]["config.yaml"])
+    return yaml.safe_load(config_map(docs)["data"]["config.yaml"])
 
 
 def unknown_keys(given, parsed, path=""):
@@ -119,16 +129,16 @@ def check_schemas(docs):
         kind = doc.get("kind")
         if kind in CORE_KINDS:
             continue  # kubernetes-validate --strict checked it
-        if kind == "ServiceMonitor" and doc.get("apiVersion") == "monitoring.coreos.com/v1":
+        if kind in ("ServiceMonitor", "PrometheusRule") and doc.get("apiVersion") == "monitoring.coreos.com/v1":
             from cloudcoil.models.prometheus_operator import v1
 
             try:
-                model = v1.ServiceMonitor.model_validate(doc)
+                model = getattr(v1, kind).model_validate(doc)
             except Exception as e:  # pydantic.ValidationError, reported as is
-                problems.append(f"ServiceMonitor: {e}")
+                problems.append(f"{kind}: {e}")
                 continue
             dumped = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
-            problems += [f"ServiceMonitor: {p}" for p in unknown_keys(doc, dumped)]
+            problems += [f"{kind}: {p}" for p in unknown_keys(doc, dumped)]
         else:
             problems.append(f"{doc.get('apiVersion')} {kind}: no schema to validate it against")
     return problems
@@ -214,6 +224,31 @@ def node_name_vars(config):
     return names
 
 
+def check_dashboards_and_rules(docs, case, expect):
+    """Off by default; when on, one ConfigMap per dashboards/*.json with the sidecar's label and
+    the file's JSON unchanged, and a PrometheusRule whose groups are rules/podscope-alerts.yaml's."""
+    dashboards = {}
+    for d in docs:
+        if d.get("kind") == "ConfigMap" and "config.yaml" not in d.get("data", {}):
+            dashboards.update({name: (d["metadata"], text) for name, text in d["data"].items()})
+    rules = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    if case not in DASHBOARD_CASES:
+        expect(not dashboards and not rules, "dashboards and the PrometheusRule are off by default")
+        return
+    files = sorted(os.listdir(os.path.join(CHART, "dashboards")))
+    expect(sorted(dashboards) == files, f"dashboard ConfigMaps hold {sorted(dashboards)}, want {files}")
+    for name, (meta, text) in dashboards.items():
+        with open(os.path.join(CHART, "dashboards", name)) as f:
+            expect(json.loads(text) == json.load(f), f"{name}: the ConfigMap's JSON differs from the file")
+        expect(meta["labels"].get("grafana_dashboard") == "1", f"{name}: no grafana_dashboard: \"1\" label")
+        expect(meta.get("annotations") == {"grafana_folder": "podscope"}, f"{name}: annotations {meta.get('annotations')}")
+    with open(os.path.join(CHART, "rules", "podscope-alerts.yaml")) as f:
+        want = yaml.safe_load(f)
+    expect(len(rules) == 1 and rules[0]["spec"] == want, "the PrometheusRule's spec must be rules/podscope-alerts.yaml")
+    expect(len(rules) == 1 and rules[0]["metadata"]["labels"].get("release") == "kube-prometheus-stack",
+           "prometheusRule.labels must reach the PrometheusRule")
+
+
 def check_invariants(docs, case):
     problems = []
 
@@ -291,6 +326,8 @@ def check_invariants(docs, case):
             expect(port["targetPort"] in got_ports, f"Service port {port['name']} targets unknown {port['targetPort']}")
             expect(port["port"] == got_ports.get(port["targetPort"]), f"Service port {port['name']}: {port['port']} != container's")
         expect({p["name"] for p in service["spec"]["ports"]} == set(got_ports), "the Service exposes every container port")
+
+    check_dashboards_and_rules(docs, case, expect)
 
     monitor = one(docs, "ServiceMonitor")
     if monitor is not None:
@@ -606,15 +643,152 @@ def run_agent(docs, podscope, without, rbac_edits):
     return problems
 
 
+def podman_args(docs, config_dir, without):
+    """`podman run` options for the rendered DaemonSet's container, exactly: its capabilities
+    (minus `without`), user, read-only root, no_new_privs, host PID, its volume mounts (host
+    paths read-only, the emptyDir as a tmpfs of its size limit, the ConfigMap from
+    `config_dir`) and its environment. The pod's own network namespace: none but loopback."""
+    daemonset = one(docs, "DaemonSet")
+    pod_spec = daemonset["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    security = container["securityContext"]
+    args = ["--network", "none", "--read-only", "--read-only-tmpfs=false", "--user", str(security["runAsUser"])]
+    if pod_spec.get("hostPID"):
+        args += ["--pid", "host"]
+    if security.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    caps = security["capabilities"]
+    args += ["--cap-drop", ",".join(caps["drop"])]
+    added = [c for c in caps.get("add") or [] if c != without]
+    if added:
+        args += ["--cap-add", ",".join(added)]
+    volumes = {v["name"]: v for v in pod_spec["volumes"]}
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if "hostPath" in volume:
+            mode = "ro" if mount.get("readOnly") else "rw"
+            args += ["--volume", f"{volume['hostPath']['path']}:{mount['mountPath']}:{mode}"]
+        elif "emptyDir" in volume:
+            size = volume["emptyDir"].get("sizeLimit", "64Mi").replace("Mi", "m")
+            args += ["--tmpfs", f"{mount['mountPath']}:rw,size={size}"]
+        elif "configMap" in volume:
+            args += ["--volume", f"{config_dir}:{mount['mountPath']}:ro"]
+        else:
+            raise SystemExit(f"volume {mount['name']}: no podman equivalent written yet")
+    for var in container.get("env", []):
+        field = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        value = downward_value(field, "podscope-image-test", daemonset["metadata"]["namespace"]) if field else var.get("value", "")
+        args += ["--env", f"{var['name']}={value}"]
+    return args, container["args"]
+
+
+def run_container(docs, image, seccomp, without):
+    """Runs `image` as the DaemonSet's container under podman (runc) with `seccomp` (a profile
+    file, or `unconfined`), and checks what a user relies on: with all its capabilities every
+    configured probe attaches, /healthz and /readyz answer 200 and eBPF data is at the Prometheus
+    endpoint; without one (`without`), every probe reports in its log line why it was skipped,
+    and podscope_ebpf_probe_skipped says 1 for it."""
+    config = config_of(docs)
+    config.setdefault("service", {}).setdefault("telemetry", {}).setdefault("logs", {})["encoding"] = "json"
+    probes = sorted(((config.get("receivers") or {}).get("ebpf") or {}).get("probes") or {})
+    work = tempfile.mkdtemp()
+    with open(os.path.join(work, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f)
+    options, args = podman_args(docs, work, without)
+    name = f"podscope-image-test-{os.getpid()}"
+    # runc: crun refuses this machine's hybrid cgroup layout. The ulimits: at most this
+    # sandbox's own, which it cannot raise (no CAP_SYS_RESOURCE).
+    run = ["podman", "run", "--detach", "--name", name, "--runtime", "runc",
+           "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+           "--security-opt", f"seccomp={seccomp}"] + options + [image] + args
+    print("podman " + " ".join(run[1:]), file=sys.stderr)
+    problems = []
+    started = subprocess.run(run, capture_output=True, text=True)
+    if started.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        return [f"podman run failed: {started.stderr.strip()}"]
+
+    def events():
+        logs = subprocess.run(["podman", "logs", name], capture_output=True, text=True)
+        found = []
+        for line in (logs.stdout + logs.stderr).splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                pass
+        return found
+
+    def inside(url):
+        """GET url from inside the container's network namespace (it has only loopback)."""
+        pid = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True, text=True).stdout.strip()
+        got = subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "curl", "-s", "-o", "-", "-w", "\n%{http_code}", url],
+                             capture_output=True, text=True)
+        body, _, code = got.stdout.rpartition("\n")
+        return code, body
+
+    try:
+        ready, seen = False, []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not ready:
+            seen = events()
+            ready = any(e.get("fields", {}).get("message", "").startswith("everything is ready") for e in seen)
+            time.sleep(0.2)
+        if not ready:
+            problems.append("the agent did not become ready")
+        attached = sorted(e["fields"]["probe"] for e in seen if e.get("fields", {}).get("message") == "probe attached")
+        skipped = [e["fields"]["message"] for e in seen if e.get("fields", {}).get("message", "").endswith("; skipped")]
+        telemetry_port = port_of(config["service"]["telemetry"]["metrics"]["address"])
+        prometheus_port = port_of(config["exporters"]["prometheus"]["endpoint"])
+        if without is None:
+            if attached != probes:
+                problems.append(f"probes attached: {attached}, configured: {probes}; skipped: {skipped}")
+            for path in ("/healthz", "/readyz"):
+                code, body = inside(f"http://127.0.0.1:{telemetry_port}{path}")
+                if code != "200":
+                    problems.append(f"GET {path}: {code} {body}")
+            # eBPF data at the Prometheus endpoint: the syscalls probe's counters (the first
+            # collection comes one interval after the start).
+            deadline = time.monotonic() + 30
+            while True:
+                code, body = inside(f"http://127.0.0.1:{prometheus_port}/metrics")
+                if "podscope_syscalls_total{" in body or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            if "podscope_syscalls_total{" not in body:
+                problems.append(f"no podscope_syscalls_total at the Prometheus endpoint ({code})")
+        else:
+            # Each probe says why it was skipped (the kernel's refusal without the capability).
+            for probe in probes:
+                lines = [m for m in skipped if f"probe {probe}:" in m]
+                if not lines or not any("Operation not permitted" in m or "Permission denied" in m for m in lines):
+                    problems.append(f"without {without}: probe {probe} did not report a refusal: {lines or skipped}")
+            code, body = inside(f"http://127.0.0.1:{telemetry_port}/metrics")
+            for probe in probes:
+                if f'podscope_ebpf_probe_skipped{{probe="{probe}"}} 1' not in body:
+                    problems.append(f"without {without}: podscope_ebpf_probe_skipped is not 1 for {probe}")
+            if attached:
+                problems.append(f"without {without}: probes attached anyway: {attached}")
+    finally:
+        subprocess.run(["podman", "stop", "--time", "30", name], capture_output=True)
+        state = subprocess.run(["podman", "inspect", "--format", "{{.State.ExitCode}}", name], capture_output=True, text=True).stdout.strip()
+        if problems:
+            problems.append("agent log:\n" + "\n".join(json.dumps(e) for e in events())[-4000:])
+        subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    if state != "0":
+        problems.append(f"exit status after SIGTERM: {state}")
+    return problems
+
+
 def main(argv):
     command, path = argv[1], argv[2]
     docs = load(path)
     if command == "schemas":
         problems = check_schemas(docs)
     elif command == "extract-config":
-        configmap = one(docs, "ConfigMap")
+        configmap = config_map(docs)
         if configmap is None:
-            problems = ["exactly one ConfigMap expected"]
+            problems = ["exactly one ConfigMap with config.yaml expected"]
         else:
             with open(argv[3], "w") as out:
                 out.write(configmap["data"]["config.yaml"])
@@ -627,6 +801,8 @@ def main(argv):
         extra = argv[4:]
         without = next((a for a in extra if a[0] not in "+-"), None)
         problems = run_agent(docs, argv[3], without, [a for a in extra if a[0] in "+-"])
+    elif command == "container":
+        problems = run_container(docs, argv[3], argv[4], argv[5] if len(argv) > 5 else None)
     elif command == "invariants":
         problems = check_invariants(docs, argv[3])
     else:

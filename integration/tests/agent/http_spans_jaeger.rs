@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use podscope_integration::agent::{free_port, AgentProcess};
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -63,11 +63,6 @@ fn start_sink(grpc_port: u16) -> Sink {
         "ready"
     );
     sink
-}
-
-fn pod() -> PodCgroup {
-    let (uid, container) = unique_ids();
-    PodCgroup::new(&uid, &container)
 }
 
 fn wait_listening(port: u16) {
@@ -134,7 +129,7 @@ async fn a_chain_of_local_services_reaches_a_third_party_otlp_receiver_through_t
 ) {
     let sink_port = free_port();
     let sink = start_sink(sink_port);
-    let (mut front, mut back, mut client) = (pod(), pod(), pod());
+    let (mut front, mut back, mut client) = (PodCgroup::new(), PodCgroup::new(), PodCgroup::new());
     let telemetry_port = free_port();
     let config = format!(
         "receivers:\n  ebpf:\n    collection_interval: 1h\n    cgroup_filter:\n      include: [\"/kubepods.slice/**\"]\n    probes:\n      http:\n\

@@ -14,7 +14,8 @@ use k8s_openapi::api::core::v1::{Container, ContainerStatus, Pod, PodSpec, PodSt
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::FakeApiServer;
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::unique_ids;
+use podscope_testkit::PodCgroup;
 
 const NODE: &str = "node-e2e";
 
@@ -188,7 +189,7 @@ fn assert_enriched(r: &BTreeMap<String, String>, uid: &str, container_id: &str, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pods_data_is_enriched_through_an_api_outage_and_after_the_pod_is_deleted() {
     let (uid, container_id) = unique_ids();
-    let mut cgroup = PodCgroup::new(&uid, &container_id);
+    let mut cgroup = PodCgroup::with_ids(&uid, &container_id);
     let cgroup_path = cgroup.relative_path().to_string();
     cgroup.spawn_shell("while :; do cat /proc/loadavg >/dev/null; sleep 0.05; done");
 
@@ -400,15 +401,15 @@ service:
 async fn the_kernel_filter_selects_pods_and_follows_new_pods(config: impl Fn(&str, u16) -> String) {
     let script = "while :; do cat /proc/loadavg >/dev/null; sleep 0.05; done";
     let (web_uid, web_container) = unique_ids();
-    let mut web = PodCgroup::new(&web_uid, &web_container);
+    let mut web = PodCgroup::with_ids(&web_uid, &web_container);
     web.spawn_shell(script);
     // Same labels, other namespace: never selected.
     let (db_uid, db_container) = unique_ids();
-    let mut db = PodCgroup::new(&db_uid, &db_container);
+    let mut db = PodCgroup::with_ids(&db_uid, &db_container);
     db.spawn_shell(script);
     // A pod the API server does not know yet, running already.
     let (late_uid, late_container) = unique_ids();
-    let mut late = PodCgroup::new(&late_uid, &late_container);
+    let mut late = PodCgroup::with_ids(&late_uid, &late_container);
     late.spawn_shell(script);
 
     let api = FakeApiServer::start().await;

@@ -15,7 +15,8 @@ use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequ
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::metrics::v1::{metric, ResourceMetrics};
 use podscope_integration::agent::{free_port, AgentProcess};
-use podscope_integration::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::unique_ids;
+use podscope_testkit::PodCgroup;
 
 const PODS: usize = 10;
 
@@ -122,7 +123,7 @@ async fn the_default_config_serves_the_series_its_formula_gives_within_the_budge
     let mut pods = Vec::new();
     for i in 0..PODS {
         let (uid, container) = unique_ids();
-        let mut pod = PodCgroup::new(&uid, &container);
+        let mut pod = PodCgroup::with_ids(&uid, &container);
         let done = dir.path().join(format!("done-{i}"));
         pod.spawn_shell(&format!(
             "/bin/true; /bin/true; /bin/true; /bin/cat /nonexistent-podscope-test 2>/dev/null; \

@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference,
 use kube::runtime::watcher::Event;
 use podscope_core::proto::tonic::common::v1::{any_value, KeyValue};
 use podscope_core::{BuildContext, Component as _, ComponentConfig as _};
+use podscope_testkit::BuildContextForTests as _;
 
 use super::metadata::Interner;
 use super::watch::apply_pod_event;

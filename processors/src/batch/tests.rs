@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ConsumeError, Consumer, ProcessorBuilder, Signal};
+use podscope_testkit::BuildContextForTests as _;
 use tokio::sync::mpsc;
 
 use super::BatchConfig;

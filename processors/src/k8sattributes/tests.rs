@@ -14,6 +14,7 @@ use podscope_core::proto::tonic::metrics::v1::{
 use podscope_core::proto::tonic::resource::v1::Resource;
 use podscope_core::{Batch, BuildContext, ComponentConfig as _, ComponentId};
 use podscope_k8s::k8s_metadata::string_kv;
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 use serde_json::json;
 
 use super::*;
@@ -396,7 +397,7 @@ async fn processed(
     metadata: &Arc<K8sMetadata>,
     batch: Batch,
 ) -> Batch {
-    let sink = Arc::new(podscope_core::consumer::Recorder::default());
+    let sink = Arc::new(Recorder::default());
     let processor = config
         .build(context(id, metadata), Signal::Metrics, sink.clone())
         .unwrap();

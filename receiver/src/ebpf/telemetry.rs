@@ -22,6 +22,11 @@ pub struct MapLabels {
     pub map: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: String,
+}
+
 #[derive(Clone)]
 pub struct EbpfTelemetry {
     pub ring_events: Family<RingLabels, Counter>,
@@ -35,6 +40,9 @@ pub struct EbpfTelemetry {
     pub map_full: Family<MapLabels, Counter>,
     /// Where a probe registers metrics of its own (`register_counter`).
     agent: AgentTelemetry,
+    /// 1 for each enabled probe the kernel refused (skipped), 0 for each that attached: alerts
+    /// need a series that exists before anything goes wrong.
+    pub probe_skipped: Family<ProbeLabels, Gauge>,
 }
 
 impl EbpfTelemetry {
@@ -48,6 +56,7 @@ impl EbpfTelemetry {
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
             agent: telemetry.clone(),
+            probe_skipped: Family::default(),
         };
         telemetry.register(
             "ebpf_ringbuf_events",
@@ -84,6 +93,11 @@ impl EbpfTelemetry {
             "Inserts into an eBPF map that the kernel refused (map full or out of memory): data lost in the kernel",
             t.map_full.clone(),
         );
+        telemetry.register(
+            "ebpf_probe_skipped",
+            "1 when an enabled probe could not attach and was skipped (its log line says why), 0 when it attached",
+            t.probe_skipped.clone(),
+        );
         t
     }
 
@@ -92,6 +106,15 @@ impl EbpfTelemetry {
         let counter = Counter::default();
         self.agent.register(name, help, counter.clone());
         counter
+    }
+
+    /// Records whether enabled probe `probe` was skipped (true) or attached (false).
+    pub fn set_probe_skipped(&self, probe: &str, skipped: bool) {
+        self.probe_skipped
+            .get_or_create(&ProbeLabels {
+                probe: probe.to_string(),
+            })
+            .set(i64::from(skipped));
     }
 
     /// Sets the memory gauges to `maps` (this receiver's maps, now).

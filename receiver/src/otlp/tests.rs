@@ -26,6 +26,7 @@ use podscope_core::config::parse_component_config;
 use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
+use podscope_testkit::BuildContextForTests as _;
 
 use super::{OtlpReceiver, OtlpReceiverConfig};
 

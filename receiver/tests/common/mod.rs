@@ -1,6 +1,6 @@
-//! What the eBPF receiver's root-only tests share: a kubelet-style pod cgroup whose child does
-//! exactly known work, a consumer that keeps what the receiver sent, a started receiver, and
-//! readers of the data points it produced.
+//! What the eBPF receiver's root-only tests share beyond `podscope-testkit`: a cgroup outside the
+//! kubelet's, a started receiver recording what it sends, and readers of the data points it
+//! produced.
 //!
 //! Every test file that needs root (`ebpf_probes.rs`, `ebpf_core.rs`) includes this module; each
 //! uses a part of it.
@@ -10,126 +10,19 @@
 )]
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, ExponentialHistogramDataPoint, ResourceMetrics,
 };
 use podscope_core::config::parse_component_config;
-use podscope_core::{
-    Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
-};
+use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_receiver::ebpf::{cgroup2_mount, EbpfReceiver, EbpfReceiverConfig};
-
-/// A pod cgroup that exists for the test's lifetime and is removed leaf-first afterwards.
-pub struct PodCgroup {
-    /// The directories made for it, removed leaf-first on drop (empty: made elsewhere).
-    pub dirs: Vec<PathBuf>,
-    pub leaf: PathBuf,
-}
-
-impl PodCgroup {
-    pub fn new() -> PodCgroup {
-        assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
-            "these tests load eBPF programs and need root"
-        );
-        let root = cgroup2_mount().expect("a cgroup2 mount");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let unique = format!("{:016x}{:08x}", nanos as u64, std::process::id());
-        let uid = format!(
-            "{}_{}_{}_{}_{}",
-            &unique[0..8],
-            &unique[8..12],
-            &unique[12..16],
-            &unique[16..20],
-            "000000000000"
-        );
-        let container = format!("{unique}{unique}{unique}{unique}")[..64].to_string();
-        let dirs = vec![
-            root.join("kubepods.slice"),
-            root.join("kubepods.slice/kubepods-besteffort.slice"),
-            root.join(format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice")),
-            root.join(format!(
-                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid}.slice/cri-containerd-{container}.scope"
-            )),
-        ];
-        for dir in &dirs {
-            // Parents are shared with tests running at the same time: they may appear or vanish.
-            for _ in 0..50 {
-                match std::fs::create_dir(dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        }
-        let leaf = dirs.last().unwrap().clone();
-        assert!(leaf.is_dir(), "could not create {}", leaf.display());
-        PodCgroup { dirs, leaf }
-    }
-
-    /// The path below the cgroup2 mount, as the receiver reports it (`podscope.cgroup.path`).
-    pub fn relative_path(&self) -> String {
-        let root = cgroup2_mount().expect("a cgroup2 mount");
-        format!("/{}", self.leaf.strip_prefix(root).unwrap().display())
-    }
-
-    /// The container id the cgroup's name carries.
-    pub fn container_id(&self) -> String {
-        let name = self.leaf.file_name().unwrap().to_str().unwrap();
-        name.trim_start_matches("cri-containerd-")
-            .trim_end_matches(".scope")
-            .to_string()
-    }
-
-    pub fn id(&self) -> u64 {
-        std::fs::metadata(&self.leaf).unwrap().ino()
-    }
-
-    /// Forks a child that joins this cgroup, runs `work` and exits with its return value.
-    /// `work` must only make raw syscalls (it runs between fork and exit of a threaded process).
-    pub fn run(&self, work: impl FnOnce() -> i32) -> i32 {
-        run_in_cgroup(&self.leaf, work)
-    }
-}
-
-/// Forks a child that joins the cgroup at `dir`, runs `work` and exits with its return value
-/// (asserted normal). `work` must only make raw syscalls (it runs between fork and exit of a
-/// threaded process).
-pub fn run_in_cgroup(dir: &Path, work: impl FnOnce() -> i32) -> i32 {
-    let procs = CString::new(dir.join("cgroup.procs").to_str().unwrap()).unwrap();
-    // SAFETY: the child only calls async-signal-safe functions before _exit.
-    unsafe {
-        let pid = libc::fork();
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                libc::_exit(99);
-            }
-            libc::close(fd);
-            libc::_exit(work());
-        }
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-        assert!(
-            libc::WIFEXITED(status),
-            "child did not exit normally: {status}"
-        );
-        libc::WEXITSTATUS(status)
-    }
-}
+use podscope_testkit::pod_cgroup::run_in_cgroup;
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 
 /// A cgroup of its own at the top of the tree, outside the kubelet's (no other test's cgroup is
 /// ever created below it), removed on drop.
@@ -169,55 +62,7 @@ impl Drop for HostCgroup {
     }
 }
 
-impl Drop for PodCgroup {
-    fn drop(&mut self) {
-        for dir in self.dirs.iter().rev() {
-            // Shared parents stay while another test still uses them.
-            let _ = std::fs::remove_dir(dir);
-        }
-    }
-}
-
-#[derive(Default)]
-pub struct Collected(pub Mutex<Vec<Batch>>);
-
-#[async_trait]
-impl Consumer for Collected {
-    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
-        self.0.lock().unwrap().push(batch);
-        Ok(())
-    }
-}
-
-impl Collected {
-    /// How many batches arrived so far.
-    pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
-    /// Every resource of the batches after the first `skip`.
-    pub fn since(&self, skip: usize) -> Vec<ResourceMetrics> {
-        self.0
-            .lock()
-            .unwrap()
-            .iter()
-            .skip(skip)
-            .flat_map(|batch| match batch {
-                Batch::Metrics(rms) => rms.to_vec(),
-                _ => Vec::new(),
-            })
-            .collect()
-    }
-
-    pub fn last(&self) -> Vec<ResourceMetrics> {
-        match self.0.lock().unwrap().last() {
-            Some(Batch::Metrics(rms)) => rms.to_vec(),
-            _ => Vec::new(),
-        }
-    }
-}
-
-pub async fn start(probes: serde_json::Value) -> (EbpfReceiver, Arc<Collected>) {
+pub async fn start(probes: serde_json::Value) -> (EbpfReceiver, Arc<Recorder>) {
     let (receiver, collected, _) =
         start_config(serde_json::json!({"collection_interval": "1h", "probes": probes})).await;
     (receiver, collected)
@@ -229,13 +74,13 @@ pub async fn start_config(
     config: serde_json::Value,
 ) -> (
     EbpfReceiver,
-    Arc<Collected>,
+    Arc<Recorder>,
     podscope_core::telemetry::AgentTelemetry,
 ) {
     let config: EbpfReceiverConfig = parse_component_config(config).unwrap();
     let ctx = BuildContext::for_tests("ebpf");
     let telemetry = ctx.telemetry.clone();
-    let collected = Arc::new(Collected::default());
+    let collected = Arc::new(Recorder::default());
     let receiver = EbpfReceiver::new(
         config,
         ctx,

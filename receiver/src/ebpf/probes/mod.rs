@@ -136,6 +136,7 @@ impl LoadContext<'_> {
             Err(error) if required => anyhow::bail!("{error} (the {what} is required)"),
             Err(error) => {
                 tracing::warn!(receiver = %self.receiver, "{error}; skipped");
+                self.telemetry.set_probe_skipped(error.probe, true);
                 self.skipped.push(error);
                 Ok(None)
             }
@@ -178,6 +179,7 @@ impl<K: SingleObjectProbe> ProbeKind for K {
         ctx.max_entries = config.max_entries().clone();
         let probe = ctx.attempt(config.required(), "probe", |ctx| K::open(config, ctx))?;
         if let Some(probe) = &probe {
+            ctx.telemetry.set_probe_skipped(K::SPEC.name, false);
             let hooks = probe.hooks();
             if hooks.is_empty() {
                 tracing::info!(receiver = %ctx.receiver, probe = K::SPEC.name, "probe attached");

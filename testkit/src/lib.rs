@@ -1,0 +1,18 @@
+//! What podscope's tests and benchmarks share, like the Collector's `consumertest` and
+//! `componenttest`: synthetic OTLP data ([`fake_otlp`]), consumers that record or discard what
+//! they are given ([`Recorder`], [`Discard`]), a [`BuildContext`](podscope_core::BuildContext)
+//! for a component built outside the service ([`BuildContextForTests`]), and kubelet-style pod
+//! cgroups ([`PodCgroup`]).
+//!
+//! This crate is a dev-dependency only: no production crate may depend on it, so nothing here
+//! ships in the agent. It must not hold a test's assertions, only what several tests need to
+//! arrange their input and read their output.
+
+mod build_context;
+mod consumer;
+pub mod fake_otlp;
+pub mod pod_cgroup;
+
+pub use build_context::BuildContextForTests;
+pub use consumer::{Discard, Recorder};
+pub use pod_cgroup::PodCgroup;
