@@ -248,6 +248,7 @@ async fn receiver(config: EbpfReceiverConfig) -> (EbpfReceiver, Duration) {
         ReceiverConsumers {
             metrics: Some(Arc::new(Discard)),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();

@@ -223,6 +223,7 @@ async fn probe() -> (EbpfReceiver, podscope_core::telemetry::AgentTelemetry) {
         ReceiverConsumers {
             metrics: Some(Arc::new(Discard)),
             traces: Some(Arc::new(Discard)),
+            profiles: None,
         },
     )
     .unwrap();

@@ -20,6 +20,9 @@ use podscope_core::Batch;
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_testkit::fake_otlp;
 
+mod proc_stat;
+use proc_stat::cpu_seconds;
+
 const ITEMS_PER_REQUEST: usize = 500;
 const STREAMS: usize = 4;
 
@@ -41,17 +44,6 @@ fn metrics_request() -> ExportMetricsServiceRequest {
     ExportMetricsServiceRequest {
         resource_metrics: resource_metrics.to_vec(),
     }
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("agent stat");
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let after = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 struct Measured {

@@ -129,6 +129,7 @@ async fn receiver(probes: serde_json::Value) -> EbpfReceiver {
         ReceiverConsumers {
             metrics: Some(Arc::new(Discard)),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();

@@ -236,6 +236,7 @@ impl State {
             ReceiverConsumers {
                 metrics: Some(Arc::new(Discard)),
                 traces: None,
+                profiles: None,
             },
         )
         .unwrap();

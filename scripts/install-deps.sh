@@ -11,12 +11,13 @@ set -euo pipefail
 # cost benchmark and the http probe's), python3-venv (the oteltest OTLP sink the exporter tests
 # send to, below), podman + buildah + runc (scripts/test-helm.sh builds the agent's image without
 # Docker and runs it as the chart's container; runc because crun refuses hybrid cgroup hosts),
-# util-linux (nsenter into that container's network namespace). The http probe's tests and
-# benchmark: nginx (HTTP and HTTPS server), openssl (their self-signed certificates) and
-# python3-grpcio (gRPC server and client; Debian's build uses the system libssl, so its TLS is
-# visible to the libssl uprobes, where PyPI's wheel links BoringSSL statically and strips its
-# symbols).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux nginx openssl python3-grpcio)
+# util-linux (nsenter into that container's network namespace; unshare and mount in the profiling
+# tests), gcc + libc6-dev + binutils (the profiling tests build C programs without frame pointers
+# and strip one). The http probe's tests and benchmark: nginx (HTTP and HTTPS server), openssl
+# (their self-signed certificates) and python3-grpcio (gRPC server and client; Debian's build uses
+# the system libssl, so its TLS is visible to the libssl uprobes, where PyPI's wheel links
+# BoringSSL statically and strips its symbols).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux gcc libc6-dev binutils nginx openssl python3-grpcio)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -60,14 +61,34 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 
+# A Python package in a venv of the project's under .cache/, installed when it cannot be imported.
+python_venv() { # <venv folder> <module to import> <pip requirement>
+  local venv="$(dirname "$0")/../.cache/$1"
+  if ! "$venv/bin/python" -c "import $2" >/dev/null 2>&1; then
+    echo "install-deps: installing $3 into .cache/$1" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "$3"
+  fi
+}
+
 # An OTLP receiver this project did not write, for exporters/tests/otlp_third_party.rs: the sinks
-# of oteltest (the OpenTelemetry Python project's test harness), in a venv of the project's.
-OTELTEST_VENV="$(dirname "$0")/../.cache/oteltest"
-if ! "$OTELTEST_VENV/bin/python" -c "import oteltest.sink" >/dev/null 2>&1; then
-  echo "install-deps: installing oteltest into .cache/oteltest" >&2
-  rm -rf "$OTELTEST_VENV"
-  python3 -m venv "$OTELTEST_VENV"
-  "$OTELTEST_VENV/bin/pip" install -q oteltest==0.49.0
+# of oteltest (the OpenTelemetry Python project's test harness).
+python_venv oteltest oteltest.sink oteltest==0.49.0
+
+# The peer the OTLP path is measured against (benches/otlp_peer.rs, whose smoke run is part of the
+# tests): rotel, a Rust OTLP collector, whose PyPI package ships its binary. Pinned so that
+# figures in BENCHMARKS.md stay comparable.
+python_venv rotel rotel rotel==0.0.1a15
+
+# A pprof decoder this project did not write, for the profiling tests (integration/src/
+# pprof_format.rs): the pure-JavaScript `pprof-format` npm package, in a directory of the project's.
+PPROF_FORMAT_DIR="$(dirname "$0")/../.cache/pprof-format"
+if [ ! -d "$PPROF_FORMAT_DIR/node_modules/pprof-format" ]; then
+  command -v npm >/dev/null 2>&1 || as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null
+  echo "install-deps: installing pprof-format into .cache/pprof-format" >&2
+  mkdir -p "$PPROF_FORMAT_DIR"
+  npm install --silent --no-audit --no-fund --no-save --prefix "$PPROF_FORMAT_DIR" pprof-format@2.3.2
 fi
 
 # The Helm chart's tests (scripts/test-helm.sh, run by scripts/test.sh): it installs what it needs

@@ -220,7 +220,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
     "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
   # The RBAC is exact both ways: each rule is used, and nothing the agent asks for is missing.
-  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension; do
+  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension user-programs; do
     check "agent [$case]: ready, reads exactly what the chart's RBAC grants" \
       "$PY" "$CHECKER" agent "$OUT/$case.helm3.yaml" "$PODSCOPE"
   done
@@ -248,10 +248,27 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   unset PODSCOPE_TEST_HOST_ROOT
   kill "$target_pid" 2>/dev/null || true
   wait "$target_pid" 2>/dev/null || true
+
+  # The example program builds with the command its source gives (vmlinux.h from the repository
+  # instead of bpftool's dump) and `podscope program check` loads it with its EbpfProgram spec.
+  example_program_checks() {
+    local dir=$CHART/examples/ebpf-program
+    clang-19 -g -O2 -target bpf -D__TARGET_ARCH_x86 -I"$ROOT/ebpf/include/x86_64" -c "$dir/syscount.bpf.c" -o "$OUT/syscount.bpf.o" &&
+      "$PODSCOPE" program check "$OUT/syscount.bpf.o" --spec "$dir/syscount.yaml" --wait 1s >"$OUT/check.txt" &&
+      grep -q 'raw_tp/sys_exit (syscount_exit)' "$OUT/check.txt" && grep -q 'syscount.calls{syscall.name=' "$OUT/check.txt"
+  }
+  check "examples/ebpf-program builds and passes podscope program check" example_program_checks
 else
   echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
-  skipped=$((skipped + 13))
+  skipped=$((skipped + 15))
 fi
+
+# The CRDs: valid for Kubernetes (strict), and the example EbpfProgram valid for its schema.
+for crd in "$CHART"/crds/*.yaml; do
+  check "crds/$(basename "$crd") valid for Kubernetes ${KUBE_VERSIONS[*]} (strict)" validate_manifests "$crd"
+done
+check "crds: the EbpfProgram schema accepts examples/ebpf-program/syscount.yaml, printer columns exist" \
+  "$PY" "$CHECKER" crd "$CHART/crds/ebpfprograms.podscope.dev.yaml" "$CHART/examples/ebpf-program/syscount.yaml"
 
 # The image, built from the binary under test and run as the DaemonSet's container (the chart
 # rendered without an API server to read: the k8s-no-api case), under containerd's RuntimeDefault

@@ -1,7 +1,8 @@
 //! The podscope agent: configuration, the registry of components, the service that builds and
-//! runs pipelines, and the agent's own telemetry endpoint. `main.rs` is only the CLI on top.
+//! runs pipelines, the agent's own telemetry endpoint, and `podscope profile`. `main.rs` is only the CLI on top.
 
 pub mod config;
+pub mod profile;
 pub mod registry;
 pub mod service;
 pub mod telemetry_server;

@@ -209,6 +209,7 @@ impl Service {
                 match signal {
                     Signal::Metrics => consumers.metrics = Some(observed),
                     Signal::Traces => consumers.traces = Some(observed),
+                    Signal::Profiles => consumers.profiles = Some(observed),
                 }
             }
             let builder = config

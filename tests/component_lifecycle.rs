@@ -24,7 +24,8 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
         (ComponentKind::Receiver, "ebpf") => json!({"collection_interval": "1h", "probes": {
             "process": {}, "syscalls": {}, "files": {"capture_paths": true}, "sched": {}, "block_io": {}, "tcp": {},
             // The http probe: the receiver is a traces source only with it on.
-            "http": {}}}),
+            "http": {},
+            "profiling": {"off_cpu": true}}}),
         (ComponentKind::Receiver, "otlp") => json!({"protocols": {
             "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}),
         (ComponentKind::Exporter, "file") => {
@@ -75,6 +76,7 @@ fn sample(signal: Signal) -> Batch {
             }],
             ..Default::default()
         }]),
+        Signal::Profiles => podscope_testkit::fake_otlp::cpu_profile(3, &[]),
     }
 }
 
@@ -99,6 +101,7 @@ async fn every_receiver_starts_and_shuts_down() {
                 match s {
                     Signal::Metrics => c.metrics = Some(collected),
                     Signal::Traces => c.traces = Some(collected),
+                    Signal::Profiles => c.profiles = Some(collected),
                 }
             }
             c

@@ -1,30 +1,44 @@
 //! The unit of data that flows through a pipeline: a list of OTLP `ResourceMetrics` or
-//! `ResourceSpans`, shared copy-on-write so that fan-out to several consumers costs a reference
-//! count, and only a consumer that mutates pays for a copy.
+//! `ResourceSpans`, or one OTLP profiles message (its resources and their one dictionary),
+//! shared copy-on-write so that fan-out to several consumers costs a reference count, and only a
+//! consumer that mutates pays for a copy.
+//!
+//! Items received as OTLP protobuf stay encoded until something reads them ([`Items`]): a
+//! pipeline whose processors and exporters only group and forward them never decodes them.
 
 use std::fmt;
-use std::sync::Arc;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Buf, Bytes};
+use prost::Message;
 
 use opentelemetry_proto::tonic::metrics::v1::{
     metric::Data, Metric, ResourceMetrics, ScopeMetrics,
 };
+use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
+
+use crate::profiles;
 
 /// The kinds of telemetry a pipeline carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Signal {
     Metrics,
     Traces,
+    /// OTLP profiles, the development version of the protocol (experimental).
+    Profiles,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 2] = [Signal::Metrics, Signal::Traces];
+    pub const ALL: [Signal; 3] = [Signal::Metrics, Signal::Traces, Signal::Profiles];
 
     /// The name used in configuration (`service.pipelines.metrics`) and in metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
             Signal::Metrics => "metrics",
             Signal::Traces => "traces",
+            Signal::Profiles => "profiles",
         }
     }
 
@@ -33,6 +47,7 @@ impl Signal {
         match self {
             Signal::Metrics => "data points",
             Signal::Traces => "spans",
+            Signal::Profiles => "samples",
         }
     }
 
@@ -47,29 +62,202 @@ impl fmt::Display for Signal {
     }
 }
 
+/// The items of a batch (`ResourceSpans`, `ResourceMetrics`), read as a `Vec`.
+///
+/// Items that arrived as OTLP protobuf and were checked (`otlp::scan`) keep those bytes, and are
+/// decoded only when first read; an exporter sending protobuf sends the bytes as they came.
+/// Writing to the items (`DerefMut`) drops the bytes, which would no longer match.
+pub struct Items<T> {
+    decoded: OnceLock<Vec<T>>,
+    /// Set while the items are still exactly what was received.
+    encoded: Option<Encoded>,
+}
+
+#[derive(Clone)]
+struct Encoded {
+    /// Export request bodies made only of `repeated <item> = 1` elements, so that their
+    /// concatenation is a request too.
+    bodies: Vec<Bytes>,
+    items: usize,
+}
+
+impl<T> From<Vec<T>> for Items<T> {
+    fn from(items: Vec<T>) -> Self {
+        Items {
+            decoded: OnceLock::from(items),
+            encoded: None,
+        }
+    }
+}
+
+impl<T: Message + Default> Items<T> {
+    /// Items still as the request `body` holds them (`repeated <item> = 1` and nothing else,
+    /// checked to decode), with their count (data points or spans).
+    pub fn encoded(body: Bytes, items: usize) -> Self {
+        Items {
+            decoded: OnceLock::new(),
+            encoded: Some(Encoded {
+                bodies: vec![body],
+                items,
+            }),
+        }
+    }
+
+    /// The protobuf request bodies these items were received in (their concatenation is one
+    /// request), if nothing changed them since.
+    pub fn encoded_bodies(&self) -> Option<&[Bytes]> {
+        self.encoded.as_ref().map(|e| &e.bodies[..])
+    }
+
+    /// The item count known without decoding, for items still encoded.
+    fn encoded_items(&self) -> Option<usize> {
+        self.encoded.as_ref().map(|e| e.items)
+    }
+
+    pub fn into_vec(self) -> Vec<T> {
+        match self.decoded.into_inner() {
+            Some(items) => items,
+            None => decode(self.encoded.as_ref()),
+        }
+    }
+
+    /// Appends `other`'s items; two batches still encoded stay encoded (the bodies are joined,
+    /// not copied).
+    fn append(&mut self, other: Items<T>) {
+        if let (Some(mine), Some(theirs)) = (&mut self.encoded, &other.encoded) {
+            mine.bodies.extend(theirs.bodies.iter().cloned());
+            mine.items += theirs.items;
+            self.decoded = OnceLock::new();
+            return;
+        }
+        if self.encoded.is_none() && self.decoded.get().is_some_and(Vec::is_empty) {
+            *self = other;
+            return;
+        }
+        let others = other.into_vec();
+        self.extend(others);
+    }
+}
+
+/// The elements of checked request bodies. The check (`otlp::scan`) accepts only what prost
+/// decodes, so an element that does not is a bug, logged rather than taking the agent down.
+fn decode<T: Message + Default>(encoded: Option<&Encoded>) -> Vec<T> {
+    let mut items = Vec::new();
+    for body in encoded.into_iter().flat_map(|e| &e.bodies) {
+        let mut rest = body.clone();
+        while rest.has_remaining() {
+            rest.advance(1); // the key of field 1, length-delimited
+            let element = prost::decode_length_delimiter(&mut rest)
+                .ok()
+                .filter(|len| *len <= rest.remaining())
+                .map(|len| rest.split_to(len))
+                .and_then(|element| T::decode(element).ok());
+            match element {
+                Some(element) => items.push(element),
+                None => {
+                    debug_assert!(false, "a checked OTLP request did not decode");
+                    tracing::error!(
+                        "a checked OTLP request did not decode: its remaining items are lost"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    items
+}
+
+impl<T: Message + Default> Deref for Items<T> {
+    type Target = Vec<T>;
+
+    fn deref(&self) -> &Vec<T> {
+        self.decoded.get_or_init(|| decode(self.encoded.as_ref()))
+    }
+}
+
+impl<T: Message + Default> DerefMut for Items<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        if self.decoded.get().is_none() {
+            self.decoded = OnceLock::from(decode(self.encoded.as_ref()));
+        }
+        self.encoded = None;
+        self.decoded.get_mut().expect("decoded just above")
+    }
+}
+
+impl<T: Clone> Clone for Items<T> {
+    fn clone(&self) -> Self {
+        Items {
+            decoded: self.decoded.clone(),
+            encoded: self.encoded.clone(),
+        }
+    }
+}
+
+impl<T: Message + Default + PartialEq> PartialEq for Items<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: Message + Default + fmt::Debug> fmt::Debug for Items<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// A batch of OTLP data of one signal.
 ///
-/// Cloning is cheap (reference count). Use [`Batch::metrics_mut`] / [`Batch::traces_mut`] to
-/// mutate: they copy the data only when another consumer still holds it.
+/// Cloning is cheap (reference count). Use [`Batch::metrics_mut`] / [`Batch::traces_mut`] /
+/// [`Batch::profiles_mut`] to mutate: they copy the data only when another consumer still holds
+/// it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Batch {
-    Metrics(Arc<Vec<ResourceMetrics>>),
-    Traces(Arc<Vec<ResourceSpans>>),
+    Metrics(Arc<Items<ResourceMetrics>>),
+    Traces(Arc<Items<ResourceSpans>>),
+    Profiles(Arc<ProfilesData>),
 }
 
 impl Batch {
     pub fn metrics(resource_metrics: Vec<ResourceMetrics>) -> Batch {
-        Batch::Metrics(Arc::new(resource_metrics))
+        Batch::Metrics(Arc::new(Items::from(resource_metrics)))
     }
 
     pub fn traces(resource_spans: Vec<ResourceSpans>) -> Batch {
-        Batch::Traces(Arc::new(resource_spans))
+        Batch::Traces(Arc::new(Items::from(resource_spans)))
+    }
+
+    /// A batch still as the protobuf export request `body` of `signal` (checked by
+    /// `otlp::scan`, made only of its `repeated` items field) holds it, with its item count;
+    /// `None` for profiles, whose items share the request's dictionary and so cannot be joined as
+    /// bytes.
+    pub fn encoded(signal: Signal, body: Bytes, items: usize) -> Option<Batch> {
+        match signal {
+            Signal::Metrics => Some(Batch::Metrics(Arc::new(Items::encoded(body, items)))),
+            Signal::Traces => Some(Batch::Traces(Arc::new(Items::encoded(body, items)))),
+            Signal::Profiles => None,
+        }
+    }
+
+    /// The protobuf request bodies the batch was received in, if nothing changed it since:
+    /// concatenated, they are its export request.
+    pub fn encoded_bodies(&self) -> Option<&[Bytes]> {
+        match self {
+            Batch::Metrics(rms) => rms.encoded_bodies(),
+            Batch::Traces(rss) => rss.encoded_bodies(),
+            Batch::Profiles(_) => None,
+        }
+    }
+
+    pub fn profiles(data: ProfilesData) -> Batch {
+        Batch::Profiles(Arc::new(data))
     }
 
     pub fn empty(signal: Signal) -> Batch {
         match signal {
             Signal::Metrics => Batch::metrics(Vec::new()),
             Signal::Traces => Batch::traces(Vec::new()),
+            Signal::Profiles => Batch::profiles(ProfilesData::default()),
         }
     }
 
@@ -77,14 +265,21 @@ impl Batch {
         match self {
             Batch::Metrics(_) => Signal::Metrics,
             Batch::Traces(_) => Signal::Traces,
+            Batch::Profiles(_) => Signal::Profiles,
         }
     }
 
-    /// Items as the Collector counts them: data points for metrics, spans for traces.
+    /// Items as the Collector counts them: data points for metrics, spans for traces, samples
+    /// for profiles.
     pub fn item_count(&self) -> usize {
         match self {
-            Batch::Metrics(rms) => rms.iter().map(resource_metrics_points).sum(),
-            Batch::Traces(rss) => rss.iter().map(resource_spans_count).sum(),
+            Batch::Metrics(rms) => rms
+                .encoded_items()
+                .unwrap_or_else(|| rms.iter().map(resource_metrics_points).sum()),
+            Batch::Traces(rss) => rss
+                .encoded_items()
+                .unwrap_or_else(|| rss.iter().map(resource_spans_count).sum()),
+            Batch::Profiles(data) => profiles::sample_count(data),
         }
     }
 
@@ -92,19 +287,27 @@ impl Batch {
         self.item_count() == 0
     }
 
-    /// Mutable access to metrics; copies only if the data is shared. `None` for a traces batch.
+    /// Mutable access to metrics; copies only if the data is shared. `None` for another signal.
     pub fn metrics_mut(&mut self) -> Option<&mut Vec<ResourceMetrics>> {
         match self {
-            Batch::Metrics(rms) => Some(Arc::make_mut(rms)),
-            Batch::Traces(_) => None,
+            Batch::Metrics(rms) => Some(Arc::make_mut(rms).deref_mut()),
+            _ => None,
         }
     }
 
-    /// Mutable access to spans; copies only if the data is shared. `None` for a metrics batch.
+    /// Mutable access to spans; copies only if the data is shared. `None` for another signal.
     pub fn traces_mut(&mut self) -> Option<&mut Vec<ResourceSpans>> {
         match self {
-            Batch::Traces(rss) => Some(Arc::make_mut(rss)),
-            Batch::Metrics(_) => None,
+            Batch::Traces(rss) => Some(Arc::make_mut(rss).deref_mut()),
+            _ => None,
+        }
+    }
+
+    /// Mutable access to profiles; copies only if the data is shared. `None` for another signal.
+    pub fn profiles_mut(&mut self) -> Option<&mut ProfilesData> {
+        match self {
+            Batch::Profiles(data) => Some(Arc::make_mut(data)),
+            _ => None,
         }
     }
 
@@ -113,37 +316,49 @@ impl Batch {
     pub fn append(&mut self, other: Batch) -> Result<(), Batch> {
         match (self, other) {
             (Batch::Metrics(a), Batch::Metrics(b)) => {
-                Arc::make_mut(a).extend(take_or_clone(b));
+                Arc::make_mut(a).append(take_or_clone(b));
                 Ok(())
             }
             (Batch::Traces(a), Batch::Traces(b)) => {
-                Arc::make_mut(a).extend(take_or_clone(b));
+                Arc::make_mut(a).append(take_or_clone(b));
+                Ok(())
+            }
+            (Batch::Profiles(a), Batch::Profiles(b)) => {
+                let b = Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone());
+                profiles::append(Arc::make_mut(a), b);
                 Ok(())
             }
             (_, other) => Err(other),
         }
     }
 
-    /// Splits into batches of at most `max_items` items each (data points or spans), keeping
-    /// resource, scope and metric descriptions on every piece. `max_items == 0` means no limit.
+    /// Splits into batches of at most `max_items` items each (data points, spans or samples),
+    /// keeping resource, scope and metric (profile) descriptions on every piece. `max_items == 0` means no limit.
     pub fn split(self, max_items: usize) -> Vec<Batch> {
         if max_items == 0 || self.item_count() <= max_items {
             return vec![self];
         }
         match self {
-            Batch::Metrics(rms) => split_metrics(take_or_clone(rms), max_items)
+            Batch::Metrics(rms) => split_metrics(take_or_clone(rms).into_vec(), max_items)
                 .into_iter()
                 .map(Batch::metrics)
                 .collect(),
-            Batch::Traces(rss) => split_traces(take_or_clone(rss), max_items)
+            Batch::Traces(rss) => split_traces(take_or_clone(rss).into_vec(), max_items)
                 .into_iter()
                 .map(Batch::traces)
                 .collect(),
+            Batch::Profiles(data) => {
+                let data = Arc::try_unwrap(data).unwrap_or_else(|shared| (*shared).clone());
+                profiles::split(data, max_items)
+                    .into_iter()
+                    .map(Batch::profiles)
+                    .collect()
+            }
         }
     }
 }
 
-fn take_or_clone<T: Clone>(shared: Arc<Vec<T>>) -> Vec<T> {
+fn take_or_clone<T: Clone>(shared: Arc<T>) -> T {
     Arc::try_unwrap(shared).unwrap_or_else(|still_shared| (*still_shared).clone())
 }
 

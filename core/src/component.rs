@@ -265,6 +265,7 @@ fn short_type_name<T>() -> &'static str {
 pub struct ReceiverConsumers {
     pub metrics: Option<Arc<dyn Consumer>>,
     pub traces: Option<Arc<dyn Consumer>>,
+    pub profiles: Option<Arc<dyn Consumer>>,
 }
 
 impl ReceiverConsumers {
@@ -272,6 +273,7 @@ impl ReceiverConsumers {
         match signal {
             Signal::Metrics => self.metrics.as_ref(),
             Signal::Traces => self.traces.as_ref(),
+            Signal::Profiles => self.profiles.as_ref(),
         }
     }
 }

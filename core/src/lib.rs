@@ -13,6 +13,7 @@ pub mod consumer;
 pub mod delivery;
 pub mod health;
 pub mod otlp;
+pub mod profiles;
 pub mod queue;
 pub mod telemetry;
 

@@ -153,9 +153,10 @@ pub fn partitioned_queue<T>(
 pub type Parts<T> = Vec<(usize, T, usize)>;
 
 /// Room for one batch of `items` items in a queue, or the knowledge that it has none
-/// (`drop_newest`). Dropping it unused gives the room back.
-pub struct Reservation<'q, T> {
-    queue: &'q QueueSender<T>,
+/// (`drop_newest`). Dropping it unused gives the room back. It holds the queue, so that what the
+/// batch becomes can be built and committed in another task.
+pub struct Reservation<T> {
+    queue: QueueSender<T>,
     items: usize,
     room: Option<OwnedSemaphorePermit>,
 }
@@ -163,7 +164,7 @@ pub struct Reservation<'q, T> {
 impl<T> QueueSender<T> {
     /// Room for `items` items, waiting for it as `when_full` says. A batch larger than the whole
     /// queue takes all of it rather than never fitting.
-    pub async fn reserve(&self, items: usize) -> Result<Reservation<'_, T>, ConsumeError> {
+    pub async fn reserve(&self, items: usize) -> Result<Reservation<T>, ConsumeError> {
         let shared = &self.shared;
         let needed = items.min(shared.settings.capacity) as u32;
         let room = match shared.settings.when_full {
@@ -192,7 +193,7 @@ impl<T> QueueSender<T> {
             },
         };
         Ok(Reservation {
-            queue: self,
+            queue: self.clone(),
             items,
             room,
         })
@@ -225,7 +226,7 @@ impl<T> QueueSender<T> {
     }
 }
 
-impl<T> Reservation<'_, T> {
+impl<T> Reservation<T> {
     /// False when the queue was full (`drop_newest`): committing will drop and count the batch,
     /// so there is no need to build what would have been queued.
     pub fn has_room(&self) -> bool {
@@ -235,9 +236,10 @@ impl<T> Reservation<'_, T> {
     /// Puts the batch in the queue as `entries` (`(partition, value, items)`, partitions taken
     /// modulo the queue's), or counts its items as dropped if the queue had no room.
     pub fn commit(self, entries: Parts<T>, signal: Signal) -> Result<(), ConsumeError> {
-        let closed = self.queue.shared.lock_closed();
+        let shared = self.queue.shared.clone();
+        let closed = shared.lock_closed();
         if *closed {
-            return Err(self.queue.shared.closed_error());
+            return Err(shared.closed_error());
         }
         self.commit_locked(entries, signal);
         Ok(())
@@ -245,7 +247,7 @@ impl<T> Reservation<'_, T> {
 
     /// `commit`, with the queue's close lock held by the caller.
     fn commit_locked(mut self, entries: Parts<T>, signal: Signal) {
-        let queue = self.queue;
+        let queue = &self.queue;
         let Some(room) = self.room.take() else {
             queue
                 .shared
@@ -284,7 +286,7 @@ impl<T> Reservation<'_, T> {
 /// one of them closed meanwhile). `commits` holds each reservation with its entries; each queue
 /// appears once.
 pub fn commit_all<T>(
-    commits: Vec<(Reservation<'_, T>, Parts<T>)>,
+    commits: Vec<(Reservation<T>, Parts<T>)>,
     signal: Signal,
 ) -> Result<(), ConsumeError> {
     // Locks are taken in the callers' order; `close` takes one lock only, so this cannot deadlock.

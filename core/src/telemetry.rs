@@ -19,6 +19,7 @@ use crate::batch::Signal;
 pub enum SignalLabel {
     metrics,
     traces,
+    profiles,
 }
 
 impl From<Signal> for SignalLabel {
@@ -26,6 +27,7 @@ impl From<Signal> for SignalLabel {
         match s {
             Signal::Metrics => SignalLabel::metrics,
             Signal::Traces => SignalLabel::traces,
+            Signal::Profiles => SignalLabel::profiles,
         }
     }
 }

@@ -50,6 +50,9 @@ pub type TcpOther = podscope_tcp_other;
 pub type RemovedCgroup = removed_cgroup;
 /// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
 pub type HttpEventHead = http_event_head;
+/// A stack sample's fixed part; the copied user stack follows it on the ring buffer.
+pub type ProfileSampleHead = profile_sample_head;
+pub type ProfilePending = profile_pending;
 
 impl Hist {
     pub fn count(&self) -> u64 {
@@ -92,24 +95,39 @@ impl ProcessEvent {
     }
 
     pub fn comm(&self) -> String {
-        let end = self
-            .comm
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.comm.len());
-        String::from_utf8_lossy(&self.comm[..end]).into_owned()
+        nul_terminated(&self.comm)
     }
+}
+
+impl ProfileSampleHead {
+    /// Decodes the head of a ring-buffer record and returns it with the bytes after it (the
+    /// copied user stack); `None` if too short (never trust the length).
+    pub fn from_bytes(bytes: &[u8]) -> Option<(ProfileSampleHead, &[u8])> {
+        let head = from_bytes(bytes)?;
+        Some((head, &bytes[std::mem::size_of::<ProfileSampleHead>()..]))
+    }
+
+    /// The kernel frames recorded (never more than the array holds).
+    pub fn kernel_frames(&self) -> &[u64] {
+        let n = (self.kstack_bytes as usize / 8).min(self.kstack.len());
+        &self.kstack[..n]
+    }
+
+    pub fn thread_name(&self) -> String {
+        nul_terminated(&self.comm)
+    }
+}
+
+/// A kernel string (up to its first NUL, all of it without one) as text (lossy UTF-8).
+fn nul_terminated(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
 impl RemovedCgroup {
     /// The path up to its NUL (lossy UTF-8: cgroup names are bytes).
     pub fn path(&self) -> String {
-        let end = self
-            .path
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.path.len());
-        String::from_utf8_lossy(&self.path[..end]).into_owned()
+        nul_terminated(&self.path)
     }
 }
 
@@ -184,6 +202,8 @@ unsafe impl aya::Pod for TcpOther {}
 unsafe impl aya::Pod for HttpEventHead {}
 unsafe impl aya::Pod for BlockStats {}
 unsafe impl aya::Pod for RemovedCgroup {}
+unsafe impl aya::Pod for ProfileSampleHead {}
+unsafe impl aya::Pod for ProfilePending {}
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@
 //! - `file`: OTLP-JSON lines, one export request per line, with size-based rotation.
 //! - `nop`: discards everything (benchmarks, processor-only pipelines).
 //! - `otlp`, `otlphttp`, `jaeger`: OTLP over gRPC or HTTP, with TLS, retries and a sending queue.
+//! - `pprof`: profiles as pprof and folded stacks (the formats, not yet a component).
 //! - `prometheus`: a scrape endpoint in Prometheus text or OpenMetrics format.
 //! - `prometheusremotewrite`: Prometheus remote write 1.0.
 
@@ -16,6 +17,7 @@ pub mod helper;
 pub mod http_client;
 pub mod nop;
 pub mod otlp;
+pub mod pprof;
 pub mod prometheus;
 pub mod prometheusremotewrite;
 pub mod tls;

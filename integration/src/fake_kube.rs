@@ -13,8 +13,13 @@
 //! enforces the cluster's RBAC, as a pod's agent meets it (see `fake_kube/access.rs`, and the
 //! `podscope-fake-apiserver` binary that runs it for the Helm chart's tests).
 //!
-//! It must not grow into an API server: there is no write API over HTTP, no admission, no
-//! validation of objects beyond what keying them needs, and only GET is served.
+//! Beside the core kinds it serves podscope's custom resources (`EbpfProgram`, `Probe` of
+//! `podscope.dev/v1alpha1`, as if their CRDs were installed), ConfigMaps, and Events; the only
+//! writes are creating Events and server-side apply of the custom resources and their status
+//! (`fake_kube/write.rs`), which is what agents do.
+//!
+//! It must not grow into an API server: no other writes, no admission, no validation of
+//! objects beyond what keying them needs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -31,8 +36,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    APIGroupList, APIResource, APIResourceList, APIVersions, ListMeta, ServerAddressByClientCIDR,
-    Status, StatusDetails, Time,
+    APIGroup, APIGroupList, APIResource, APIResourceList, APIVersions, GroupVersionForDiscovery,
+    ListMeta, ServerAddressByClientCIDR, Status, StatusDetails, Time,
 };
 use k8s_openapi::apimachinery::pkg::version::Info;
 use serde_json::{json, Value};
@@ -43,6 +48,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 mod access;
+mod write;
 
 pub use access::{ApiRequest, Grant, Rbac, ServiceAccount};
 
@@ -95,6 +101,8 @@ struct State {
     requests: Vec<String>,
     /// Requests for a resource, with the decision and status.
     access_log: Vec<ApiRequest>,
+    /// Who owns which `status.nodes` entry of each custom resource (server-side apply).
+    node_owners: write::NodeOwners,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -103,7 +111,17 @@ enum Kind {
     Namespace,
     Node,
     Service,
+    ConfigMap,
+    Event,
+    /// `podscope.dev/v1alpha1`, cluster-scoped, with a status subresource (the chart's CRD).
+    EbpfProgram,
+    /// `podscope.dev/v1alpha1`, namespaced, with a status subresource.
+    Probe,
 }
+
+/// The custom resources' API group and version (their CRDs are in `helm/podscope/crds/`).
+const PODSCOPE_GROUP: &str = "podscope.dev";
+const PODSCOPE_VERSION: &str = "v1alpha1";
 
 /// Kind, namespace ("" when cluster-scoped) and name: ordered like the real server's storage
 /// keys, so lists come out sorted by namespace then name.
@@ -128,13 +146,36 @@ enum Message {
 }
 
 impl Kind {
-    fn from_plural(plural: &str) -> Option<Kind> {
-        match plural {
-            "pods" => Some(Kind::Pod),
-            "namespaces" => Some(Kind::Namespace),
-            "nodes" => Some(Kind::Node),
-            "services" => Some(Kind::Service),
-            _ => None,
+    const ALL: [Kind; 8] = [
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::Node,
+        Kind::Service,
+        Kind::ConfigMap,
+        Kind::Event,
+        Kind::EbpfProgram,
+        Kind::Probe,
+    ];
+
+    /// The kind served at `plural` in API group `group` ("" for the core group).
+    fn from_plural(group: &str, plural: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.group() == group && k.plural() == plural)
+    }
+
+    fn group(self) -> &'static str {
+        match self {
+            Kind::EbpfProgram | Kind::Probe => PODSCOPE_GROUP,
+            _ => "",
+        }
+    }
+
+    /// `v1`, or `group/version`.
+    fn api_version(self) -> String {
+        match self.group() {
+            "" => "v1".to_string(),
+            group => format!("{group}/{PODSCOPE_VERSION}"),
         }
     }
 
@@ -144,6 +185,10 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Node => "Node",
             Kind::Service => "Service",
+            Kind::ConfigMap => "ConfigMap",
+            Kind::Event => "Event",
+            Kind::EbpfProgram => "EbpfProgram",
+            Kind::Probe => "Probe",
         }
     }
 
@@ -153,6 +198,10 @@ impl Kind {
             Kind::Namespace => "namespaces",
             Kind::Node => "nodes",
             Kind::Service => "services",
+            Kind::ConfigMap => "configmaps",
+            Kind::Event => "events",
+            Kind::EbpfProgram => "ebpfprograms",
+            Kind::Probe => "probes",
         }
     }
 
@@ -162,6 +211,10 @@ impl Kind {
             Kind::Namespace => "namespace",
             Kind::Node => "node",
             Kind::Service => "service",
+            Kind::ConfigMap => "configmap",
+            Kind::Event => "event",
+            Kind::EbpfProgram => "ebpfprogram",
+            Kind::Probe => "probe",
         }
     }
 
@@ -171,11 +224,20 @@ impl Kind {
             Kind::Namespace => "ns",
             Kind::Node => "no",
             Kind::Service => "svc",
+            Kind::ConfigMap => "cm",
+            Kind::Event => "ev",
+            Kind::EbpfProgram => "ebpf",
+            Kind::Probe => "prb",
         }
     }
 
     fn namespaced(self) -> bool {
-        matches!(self, Kind::Pod | Kind::Service)
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::EbpfProgram)
+    }
+
+    /// Custom resources whose `status` is only written through the status subresource.
+    fn has_status_subresource(self) -> bool {
+        matches!(self, Kind::EbpfProgram | Kind::Probe)
     }
 
     /// The fields the real server lets each kind be selected on; anything else is a 400 there,
@@ -193,13 +255,26 @@ impl Kind {
                 "status.nominatedNodeName",
             ],
             Kind::Namespace => &["metadata.name", "metadata.namespace", "status.phase"],
-            Kind::Node => &["metadata.name", "metadata.namespace"],
             Kind::Service => &[
                 "metadata.name",
                 "metadata.namespace",
                 "spec.clusterIP",
                 "spec.type",
             ],
+            Kind::Event => &[
+                "metadata.name",
+                "metadata.namespace",
+                "involvedObject.kind",
+                "involvedObject.name",
+                "involvedObject.namespace",
+                "involvedObject.uid",
+                "reason",
+                "type",
+                "source",
+            ],
+            Kind::Node | Kind::ConfigMap | Kind::EbpfProgram | Kind::Probe => {
+                &["metadata.name", "metadata.namespace"]
+            }
         }
     }
 }
@@ -237,6 +312,7 @@ impl FakeApiServer {
                 fail_status: 0,
                 requests: Vec::new(),
                 access_log: Vec::new(),
+                node_owners: Default::default(),
             }),
             serving: Mutex::new(None),
         });
@@ -340,6 +416,58 @@ impl FakeApiServer {
             Kind::Service,
             serde_json::to_value(service).expect("service to JSON"),
         );
+    }
+
+    /// Creates or replaces a ConfigMap (by namespace, "default" if unset, and name).
+    pub fn apply_config_map(&self, config_map: k8s_openapi::api::core::v1::ConfigMap) {
+        self.apply(
+            Kind::ConfigMap,
+            serde_json::to_value(config_map).expect("config map to JSON"),
+        );
+    }
+
+    /// Creates or replaces a podscope custom resource (`EbpfProgram`, `Probe`) from its
+    /// manifest, as `kubectl apply` would: its status is kept, `metadata.generation` moves when
+    /// the spec changes.
+    pub fn apply_custom(&self, manifest: Value) {
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| k.group() == PODSCOPE_GROUP && manifest["kind"] == k.name())
+            .unwrap_or_else(|| panic!("not a podscope custom resource: {}", manifest["kind"]));
+        self.apply(kind, manifest);
+    }
+
+    /// A podscope custom resource (`kind` `EbpfProgram` or `Probe`; `namespace` "" for
+    /// cluster-scoped ones) as the server holds it now.
+    pub fn custom(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let kind = Kind::ALL.into_iter().find(|k| k.name() == kind)?;
+        let key = (kind, namespace.to_string(), name.to_string());
+        self.state().objects.get(&key).map(|o| o.as_ref().clone())
+    }
+
+    /// Deletes a podscope custom resource; false if there was none.
+    pub fn delete_custom(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        match Kind::ALL.into_iter().find(|k| k.name() == kind) {
+            Some(kind) => self.delete((kind, namespace.to_string(), name.to_string())),
+            None => false,
+        }
+    }
+
+    /// Every Event clients created, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        let state = self.state();
+        let mut events: Vec<Value> = state
+            .objects
+            .iter()
+            .filter(|(key, _)| key.0 == Kind::Event)
+            .map(|(_, event)| event.as_ref().clone())
+            .collect();
+        events.sort_by_key(|e| {
+            e["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse::<u64>().ok())
+        });
+        events
     }
 
     /// Deletes a service; false if there was none.
@@ -449,72 +577,15 @@ impl FakeApiServer {
             Some(Serving { cancel, task });
     }
 
-    fn apply(&self, kind: Kind, mut object: Value) {
-        let metadata = object
-            .get_mut("metadata")
-            .and_then(Value::as_object_mut)
-            .expect("object has metadata");
-        let name = metadata
-            .get("name")
-            .and_then(Value::as_str)
-            .filter(|name| !name.is_empty())
-            .unwrap_or_else(|| panic!("a {} needs metadata.name", kind.name()))
-            .to_string();
-        let namespace = if kind.namespaced() {
-            let namespace = metadata
-                .get("namespace")
-                .and_then(Value::as_str)
-                .filter(|ns| !ns.is_empty())
-                .unwrap_or("default")
-                .to_string();
-            metadata.insert("namespace".into(), json!(namespace));
-            namespace
-        } else {
-            metadata.remove("namespace");
-            String::new()
-        };
-        let key = (kind, namespace, name);
-
-        let mut state = self.state();
-        let before = state.objects.get(&key).cloned();
-        // The server owns uid and creationTimestamp: kept across replaces, set on create
-        // unless the test chose a uid it wants to look up.
-        let kept = |field: &str| {
-            before
-                .as_ref()
-                .and_then(|b| b["metadata"].get(field).cloned())
-        };
-        if !metadata.contains_key("uid") {
-            let uid = kept("uid").unwrap_or_else(|| {
-                let uid = format!("00000000-0000-4000-8000-{:012x}", state.next_uid);
-                state.next_uid += 1;
-                json!(uid)
-            });
-            metadata.insert("uid".into(), uid);
-        }
-        if !metadata.contains_key("creationTimestamp") {
-            let created = kept("creationTimestamp")
-                .unwrap_or_else(|| serde_json::to_value(Time(now())).expect("time to JSON"));
-            metadata.insert("creationTimestamp".into(), created);
-        }
-        state.resource_version += 1;
-        let resource_version = state.resource_version;
-        metadata.insert(
-            "resourceVersion".into(),
-            json!(resource_version.to_string()),
-        );
-        let after = Arc::new(object);
-        state.objects.insert(key.clone(), after.clone());
-        state.record(Change {
-            resource_version,
-            key,
-            before,
-            after: Some(after),
-        });
+    fn apply(&self, kind: Kind, object: Value) {
+        let key = object_key(kind, &object, None)
+            .unwrap_or_else(|e| panic!("a {} needs metadata.name: {e}", kind.name()));
+        self.state().store(key, object, Write::Object);
     }
 
     fn delete(&self, key: ObjectKey) -> bool {
         let mut state = self.state();
+        state.node_owners.remove(&key);
         let Some(before) = state.objects.remove(&key) else {
             return false;
         };
@@ -530,7 +601,117 @@ impl FakeApiServer {
     }
 }
 
+/// The key of `object` of `kind`: its name, and its namespace ("default" when a namespaced
+/// object names none, or `namespace` from the request's path).
+fn object_key(kind: Kind, object: &Value, namespace: Option<&str>) -> Result<ObjectKey, String> {
+    let metadata = &object["metadata"];
+    let name = metadata["name"]
+        .as_str()
+        .filter(|name| !name.is_empty())
+        .ok_or("metadata.name: Required value")?
+        .to_string();
+    let namespace = if kind.namespaced() {
+        namespace
+            .or(metadata["namespace"].as_str())
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or("default")
+            .to_string()
+    } else {
+        String::new()
+    };
+    Ok((kind, namespace, name))
+}
+
+/// What a write changes of an object.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Write {
+    /// The object (for kinds with a status subresource, its status is kept as it was).
+    Object,
+    /// Its status subresource: only `status` and managed fields change.
+    Status,
+}
+
 impl State {
+    /// Creates or replaces the object at `key` as the server would: uid and creationTimestamp
+    /// kept (or set), a new resourceVersion, and for custom resources with a status subresource
+    /// a `metadata.generation` that moves when the spec changes, with status written only
+    /// through the subresource.
+    fn store(&mut self, key: ObjectKey, mut object: Value, write: Write) -> Arc<Value> {
+        let before = self.objects.get(&key).cloned();
+        let kind = key.0;
+        if !object.is_object() {
+            object = json!({});
+        }
+        object["apiVersion"] = json!(kind.api_version());
+        object["kind"] = json!(kind.name());
+        if !object["metadata"].is_object() {
+            object["metadata"] = json!({});
+        }
+        if kind.has_status_subresource() {
+            let before = before.as_deref();
+            let generation = before
+                .and_then(|b| b["metadata"]["generation"].as_i64())
+                .unwrap_or(0);
+            let spec_changed = before.is_none_or(|b| b["spec"] != object["spec"]);
+            match write {
+                Write::Object => {
+                    object["status"] = before.map(|b| b["status"].clone()).unwrap_or(Value::Null);
+                    object["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
+                }
+                Write::Status => {
+                    object["metadata"]["generation"] = json!(generation.max(1));
+                }
+            }
+            if object["status"].is_null() {
+                object.as_object_mut().map(|o| o.remove("status"));
+            }
+        }
+        let metadata = object["metadata"]
+            .as_object_mut()
+            .expect("metadata is an object");
+        metadata.insert("name".into(), json!(key.2));
+        if kind.namespaced() {
+            metadata.insert("namespace".into(), json!(key.1));
+        } else {
+            metadata.remove("namespace");
+        }
+        // The server owns uid and creationTimestamp: kept across replaces, set on create
+        // unless the test chose a uid it wants to look up.
+        let kept = |field: &str| {
+            before
+                .as_ref()
+                .and_then(|b| b["metadata"].get(field).cloned())
+        };
+        if !metadata.contains_key("uid") {
+            let uid = kept("uid").unwrap_or_else(|| {
+                let uid = format!("00000000-0000-4000-8000-{:012x}", self.next_uid);
+                self.next_uid += 1;
+                json!(uid)
+            });
+            metadata.insert("uid".into(), uid);
+        }
+        if !metadata.contains_key("creationTimestamp") {
+            let created = kept("creationTimestamp")
+                .unwrap_or_else(|| serde_json::to_value(Time(now())).expect("time to JSON"));
+            metadata.insert("creationTimestamp".into(), created);
+        }
+        self.resource_version += 1;
+        let resource_version = self.resource_version;
+        metadata.insert(
+            "resourceVersion".into(),
+            json!(resource_version.to_string()),
+        );
+        let after = Arc::new(object);
+        self.objects.insert(key.clone(), after.clone());
+        self.record(Change {
+            resource_version,
+            key,
+            before,
+            after: Some(after.clone()),
+        });
+        after
+    }
+
     fn record(&mut self, change: Change) {
         let change = Arc::new(change);
         self.history.push(change.clone());
@@ -572,7 +753,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: Cancell
                     let service = hyper::service::service_fn(move |request| {
                         let shared = shared.clone();
                         let cancel = cancel.clone();
-                        async move { Ok::<_, Infallible>(handle(&shared, &cancel, request)) }
+                        async move { Ok::<_, Infallible>(handle(&shared, &cancel, request).await) }
                     });
                     let http = hyper::server::conn::http1::Builder::new();
                     // A client going away mid-request (or mid-handshake) is not the server's
@@ -600,7 +781,11 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: Cancell
 
 type HttpResponse = Response<Body>;
 
-fn handle(shared: &Shared, cancel: &CancellationToken, request: Request<Incoming>) -> HttpResponse {
+async fn handle(
+    shared: &Shared,
+    cancel: &CancellationToken,
+    request: Request<Incoming>,
+) -> HttpResponse {
     let path_and_query = request
         .uri()
         .path_and_query()
@@ -616,8 +801,8 @@ fn handle(shared: &Shared, cancel: &CancellationToken, request: Request<Incoming
             return injected_failure(state.fail_status);
         }
     }
-    let resource = resource_request(request.uri());
-    let response = authorized(shared, cancel, request, resource.as_ref());
+    let resource = resource_request(request.method(), request.uri());
+    let response = authorized(shared, cancel, request, resource.as_ref()).await;
     if let Some(mut logged) = resource {
         logged.status = response.status().as_u16();
         let mut state = shared.state.lock().expect("fake API state poisoned");
@@ -627,7 +812,7 @@ fn handle(shared: &Shared, cancel: &CancellationToken, request: Request<Incoming
 }
 
 /// Authentication, authorization, then the request served.
-fn authorized(
+async fn authorized(
     shared: &Shared,
     cancel: &CancellationToken,
     request: Request<Incoming>,
@@ -655,10 +840,12 @@ fn authorized(
     }
     if let (Some(access), Some(resource)) = (&shared.access, resource) {
         let namespace = resource.namespace();
-        if !access
-            .rbac
-            .allows(&resource.verb, &resource.resource, namespace)
-        {
+        if !access.rbac.allows(
+            &resource.group,
+            &resource.verb,
+            &resource.resource,
+            namespace,
+        ) {
             return status_response(
                 StatusCode::FORBIDDEN,
                 "Forbidden",
@@ -666,22 +853,11 @@ fn authorized(
                 Some(StatusDetails {
                     kind: Some(resource.resource.clone()),
                     name: resource.name.clone(),
+                    group: Some(resource.group.clone()).filter(|g| !g.is_empty()),
                     ..StatusDetails::default()
                 }),
             );
         }
-    }
-
-    if request.method() != Method::GET {
-        return status_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "MethodNotAllowed",
-            &format!(
-                "the server does not allow this method on the requested resource ({} is not served by the fake)",
-                request.method()
-            ),
-            None,
-        );
     }
 
     let params: HashMap<String, String> = match Query::try_from_uri(request.uri()) {
@@ -695,71 +871,157 @@ fn authorized(
             )
         }
     };
-    let path = request.uri().path();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match segments.as_slice() {
-        ["version"] => json_response(StatusCode::OK, &version_info()),
-        ["api"] => json_response(StatusCode::OK, &api_versions(shared.addr)),
-        ["apis"] => json_response(StatusCode::OK, &APIGroupList { groups: Vec::new() }),
-        ["api", "v1"] => json_response(StatusCode::OK, &core_v1_resources()),
-        ["api", "v1", plural] => match Kind::from_plural(plural) {
-            Some(kind) => collection(shared, cancel, kind, None, &params),
-            None => not_found_path(),
-        },
-        ["api", "v1", plural, name] => match Kind::from_plural(plural) {
-            Some(kind) if !kind.namespaced() => {
-                get_object(shared, (kind, String::new(), name.to_string()))
+    if method == Method::GET {
+        match segments.as_slice() {
+            ["version"] => return json_response(StatusCode::OK, &version_info()),
+            ["api"] => return json_response(StatusCode::OK, &api_versions(shared.addr)),
+            ["apis"] => return json_response(StatusCode::OK, &api_groups()),
+            ["apis", group] if *group == PODSCOPE_GROUP => {
+                return json_response(StatusCode::OK, &podscope_group())
             }
-            _ => not_found_path(),
-        },
-        ["api", "v1", "namespaces", namespace, plural] => match Kind::from_plural(plural) {
-            Some(kind) if kind.namespaced() => {
-                collection(shared, cancel, kind, Some(namespace), &params)
+            ["api", "v1"] => return json_response(StatusCode::OK, &resources_of("")),
+            ["apis", group, version]
+                if *group == PODSCOPE_GROUP && *version == PODSCOPE_VERSION =>
+            {
+                return json_response(StatusCode::OK, &resources_of(PODSCOPE_GROUP))
             }
-            _ => not_found_path(),
-        },
-        ["api", "v1", "namespaces", namespace, plural, name] => match Kind::from_plural(plural) {
-            Some(kind) if kind.namespaced() => {
-                get_object(shared, (kind, namespace.to_string(), name.to_string()))
+            _ => {}
+        }
+    }
+    let Some(target) = parse_target(&segments) else {
+        return not_found_path();
+    };
+    let body = if method == Method::GET {
+        Bytes::new()
+    } else {
+        match axum::body::to_bytes(Body::new(request.into_body()), 16 << 20).await {
+            Ok(body) => body,
+            Err(e) => {
+                return status_response(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string(), None)
             }
-            _ => not_found_path(),
-        },
-        _ => not_found_path(),
+        }
+    };
+    let key = |name: &str| {
+        (
+            target.kind,
+            target.namespace.clone().unwrap_or_default(),
+            name.to_string(),
+        )
+    };
+    match (&method, target.name.as_deref(), target.subresource.as_deref()) {
+        (&Method::GET, None, None) => collection(
+            shared,
+            cancel,
+            target.kind,
+            target.namespace.as_deref(),
+            &params,
+        ),
+        (&Method::GET, Some(name), None | Some("status")) => get_object(shared, key(name)),
+        (&Method::PATCH, Some(name), sub @ (None | Some("status"))) => {
+            write::apply_patch(shared, key(name), sub.is_some(), &content_type, &params, &body)
+        }
+        (&Method::POST, None, None) => write::create(shared, target.kind, target.namespace.as_deref(), &body),
+        _ => status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            &format!(
+                "the server does not allow this method on the requested resource ({method} {path} is not served by the fake)"
+            ),
+            None,
+        ),
     }
 }
 
-/// What a request for a resource asks, as RBAC sees it (status still to be filled in); `None`
-/// for discovery and paths the fake does not serve.
-fn resource_request(uri: &http::Uri) -> Option<ApiRequest> {
-    let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
-    let (namespace, plural, name) = match segments.as_slice() {
-        ["api", "v1", plural] => (None, *plural, None),
-        ["api", "v1", plural, name] => (None, *plural, Some(*name)),
-        ["api", "v1", "namespaces", namespace, plural] => (Some(*namespace), *plural, None),
-        ["api", "v1", "namespaces", namespace, plural, name] => {
-            (Some(*namespace), *plural, Some(*name))
+/// A request's resource: kind, namespace (namespaced kinds), name and subresource.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+/// `/api/v1/…` and `/apis/<group>/<version>/…`: `<plural>[/<name>[/<sub>]]`, or for namespaced
+/// kinds `namespaces/<ns>/<plural>[/<name>[/<sub>]]`; `None` for anything else.
+fn parse_target(segments: &[&str]) -> Option<Target> {
+    let (group, rest) = match segments {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, version, rest @ ..]
+            if *group == PODSCOPE_GROUP && *version == PODSCOPE_VERSION =>
+        {
+            (PODSCOPE_GROUP, rest)
         }
         _ => return None,
     };
-    let kind = Kind::from_plural(plural)?;
+    let (namespace, rest) = match rest {
+        ["namespaces", namespace, plural, ..]
+            if Kind::from_plural(group, plural).is_some_and(Kind::namespaced) =>
+        {
+            (Some(namespace.to_string()), &rest[2..])
+        }
+        _ => (None, rest),
+    };
+    let (plural, name, subresource) = match rest {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some(*name), None),
+        [plural, name, sub] => (*plural, Some(*name), Some(*sub)),
+        _ => return None,
+    };
+    let kind = Kind::from_plural(group, plural)?;
+    // A namespaced kind is listed across namespaces at its plain path, but an object of it is
+    // only found in its namespace.
     if (namespace.is_some() && !kind.namespaced())
         || (namespace.is_none() && name.is_some() && kind.namespaced())
     {
         return None;
     }
+    Some(Target {
+        kind,
+        namespace,
+        name: name.map(str::to_string),
+        subresource: subresource.map(str::to_string),
+    })
+}
+
+/// What a request for a resource asks, as RBAC sees it (status still to be filled in); `None`
+/// for discovery and paths the fake does not serve.
+fn resource_request(method: &Method, uri: &http::Uri) -> Option<ApiRequest> {
+    let segments: Vec<&str> = uri.path().trim_matches('/').split('/').collect();
+    let target = parse_target(&segments)?;
     let params: HashMap<String, String> = Query::try_from_uri(uri)
         .map(|Query(params)| params)
         .unwrap_or_default();
-    let verb = match (name, params.get("watch").map(String::as_str)) {
-        (Some(_), _) => "get",
-        (None, Some("true" | "1")) => "watch",
-        (None, _) => "list",
+    let verb = match (
+        method,
+        &target.name,
+        params.get("watch").map(String::as_str),
+    ) {
+        (&Method::PATCH, _, _) => "patch",
+        (&Method::POST, _, _) => "create",
+        (&Method::PUT, _, _) => "update",
+        (&Method::DELETE, _, _) => "delete",
+        (_, Some(_), _) => "get",
+        (_, None, Some("true" | "1")) => "watch",
+        (_, None, _) => "list",
+    };
+    let resource = match &target.subresource {
+        Some(sub) => format!("{}/{sub}", target.kind.plural()),
+        None => target.kind.plural().to_string(),
     };
     Some(ApiRequest {
         verb: verb.to_string(),
-        resource: plural.to_string(),
-        scope: namespace.unwrap_or("cluster").to_string(),
-        name: name.map(str::to_string),
+        group: target.kind.group().to_string(),
+        resource,
+        scope: target.namespace.unwrap_or_else(|| "cluster".to_string()),
+        name: target.name,
         field_selector: params.get("fieldSelector").cloned(),
         label_selector: params.get("labelSelector").cloned(),
         status: 0,
@@ -943,7 +1205,7 @@ fn list(
         StatusCode::OK,
         &json!({
             "kind": format!("{}List", kind.name()),
-            "apiVersion": "v1",
+            "apiVersion": kind.api_version(),
             "metadata": metadata,
             "items": items,
         }),
@@ -1140,7 +1402,7 @@ fn bookmark_line(kind: Kind, resource_version: u64, initial_events_end: bool) ->
     }
     event_line(
         "BOOKMARK",
-        &json!({"kind": kind.name(), "apiVersion": "v1", "metadata": metadata}),
+        &json!({"kind": kind.name(), "apiVersion": kind.api_version(), "metadata": metadata}),
     )
 }
 
@@ -1311,26 +1573,68 @@ fn api_versions(addr: SocketAddr) -> APIVersions {
     }
 }
 
-fn core_v1_resources() -> APIResourceList {
-    let resource = |kind: Kind| APIResource {
-        name: kind.plural().into(),
-        singular_name: kind.singular().into(),
-        namespaced: kind.namespaced(),
-        kind: kind.name().into(),
-        // Only what the fake serves: a client that would write gets told so by discovery.
-        verbs: vec!["get".into(), "list".into(), "watch".into()],
-        short_names: Some(vec![kind.short_name().into()]),
-        categories: matches!(kind, Kind::Pod | Kind::Service).then(|| vec!["all".into()]),
-        ..APIResource::default()
-    };
+/// The resources of API group `group` ("" for core/v1), as discovery lists them. Custom
+/// resources have their status subresource listed, as the API server does for a CRD that
+/// declares one.
+fn resources_of(group: &str) -> APIResourceList {
+    let mut resources = Vec::new();
+    for kind in Kind::ALL.into_iter().filter(|k| k.group() == group) {
+        let verbs: &[&str] = match kind {
+            // Only what the fake serves: a client that would write gets told so by discovery.
+            Kind::Pod | Kind::Namespace | Kind::Node | Kind::Service | Kind::ConfigMap => {
+                &["get", "list", "watch"]
+            }
+            Kind::Event => &["create", "get", "list", "watch"],
+            Kind::EbpfProgram | Kind::Probe => &["create", "get", "list", "patch", "watch"],
+        };
+        resources.push(APIResource {
+            name: kind.plural().into(),
+            singular_name: kind.singular().into(),
+            namespaced: kind.namespaced(),
+            kind: kind.name().into(),
+            verbs: verbs.iter().map(|v| v.to_string()).collect(),
+            short_names: Some(vec![kind.short_name().into()]),
+            categories: matches!(kind, Kind::Pod | Kind::Service).then(|| vec!["all".into()]),
+            ..APIResource::default()
+        });
+        if kind.has_status_subresource() {
+            resources.push(APIResource {
+                name: format!("{}/status", kind.plural()),
+                singular_name: String::new(),
+                namespaced: kind.namespaced(),
+                kind: kind.name().into(),
+                verbs: vec!["get".into(), "patch".into()],
+                ..APIResource::default()
+            });
+        }
+    }
+    resources.sort_by(|a, b| a.name.cmp(&b.name));
     APIResourceList {
-        group_version: "v1".into(),
-        resources: vec![
-            resource(Kind::Namespace),
-            resource(Kind::Node),
-            resource(Kind::Pod),
-            resource(Kind::Service),
-        ],
+        group_version: match group {
+            "" => "v1".to_string(),
+            group => format!("{group}/{PODSCOPE_VERSION}"),
+        },
+        resources,
+    }
+}
+
+fn podscope_group() -> APIGroup {
+    let version = GroupVersionForDiscovery {
+        group_version: format!("{PODSCOPE_GROUP}/{PODSCOPE_VERSION}"),
+        version: PODSCOPE_VERSION.into(),
+    };
+    APIGroup {
+        name: PODSCOPE_GROUP.into(),
+        versions: vec![version.clone()],
+        preferred_version: Some(version),
+        server_address_by_client_cidrs: None,
+    }
+}
+
+/// The API groups besides core: podscope's custom resources (their CRDs installed).
+fn api_groups() -> APIGroupList {
+    APIGroupList {
+        groups: vec![podscope_group()],
     }
 }
 

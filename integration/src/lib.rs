@@ -1,5 +1,8 @@
 //! Shared helpers for the end-to-end tests in `tests/`.
 
 pub mod agent;
+pub mod bpf;
 pub mod fake_kube;
+pub mod pprof_format;
 pub mod prometheus;
+pub mod test_programs;

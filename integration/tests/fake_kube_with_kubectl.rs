@@ -922,7 +922,7 @@ async fn errors_carry_status_bodies() {
         status.message.as_deref(),
         Some("unable to parse requirement: \"a b\" is not a valid label key")
     );
-    let response = get(&server, "/api/v1/configmaps").await;
+    let response = get(&server, "/api/v1/secrets").await;
     assert_eq!(response.status(), 404);
 
     // A wrong credential is refused; none at all is how kubectl talks to a plain-HTTP server.
@@ -1148,4 +1148,168 @@ async fn kube_rs_watcher_lists_watches_and_recovers_from_410_and_outages() {
             "{expected} in {requests:?}"
         );
     }
+}
+
+/// podscope's custom resources as kubectl meets them: discovery of `podscope.dev`, server-side
+/// apply of an `EbpfProgram` (generation moves with the spec), and of its status by one field
+/// manager per node — each owns its own `status.nodes` entry, another's entry is a conflict
+/// unless forced, and an apply without an entry removes that manager's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_applies_ebpf_programs_and_their_status_per_node_server_side() {
+    let server = FakeApiServer::start().await;
+    let kubectl = Kubectl::new(&server);
+    let write = |name: &str, text: &str| {
+        let path = kubectl.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let program = |global: u32| {
+        format!(
+            "apiVersion: podscope.dev/v1alpha1\nkind: EbpfProgram\nmetadata:\n  name: syscount\nspec:\n  object: {{configMap: {{namespace: obs, name: programs, key: syscount.o}}}}\n  globals: {{min_ns: {global}}}\n  metrics: {{counters: [{{name: syscalls, map: counts}}]}}\n"
+        )
+    };
+    let manifest = write("program.yaml", &program(1));
+    kubectl
+        .ok(&[
+            "apply",
+            "--server-side",
+            "--validate=false",
+            "-f",
+            &manifest,
+        ])
+        .await;
+    let object = kubectl
+        .json(&["get", "ebpfprogram", "syscount", "-o", "json"])
+        .await;
+    assert_eq!(object["spec"]["globals"]["min_ns"], 1);
+    assert_eq!(object["metadata"]["generation"], 1);
+    assert_eq!(
+        kubectl.ok(&["get", "ebpfprograms", "-o", "name"]).await,
+        "ebpfprogram.podscope.dev/syscount\n"
+    );
+    let manifest = write("program.yaml", &program(2));
+    kubectl
+        .ok(&[
+            "apply",
+            "--server-side",
+            "--validate=false",
+            "-f",
+            &manifest,
+        ])
+        .await;
+    let object = kubectl
+        .json(&["get", "ebpfprogram", "syscount", "-o", "json"])
+        .await;
+    assert_eq!(object["metadata"]["generation"], 2, "the spec changed");
+
+    let status = |node: &str, phase: &str| {
+        write(
+            &format!("status-{node}.yaml"),
+            &format!(
+                "apiVersion: podscope.dev/v1alpha1\nkind: EbpfProgram\nmetadata:\n  name: syscount\nstatus:\n  nodes:\n  - node: {node}\n    phase: {phase}\n"
+            ),
+        )
+    };
+    let apply_status = |manager: &str, file: String, force: bool| {
+        let mut args = vec![
+            "apply".to_string(),
+            "--server-side".into(),
+            "--validate=false".into(),
+            "--subresource=status".into(),
+            format!("--field-manager={manager}"),
+            "-f".into(),
+            file,
+        ];
+        if force {
+            args.push("--force-conflicts".into());
+        }
+        args
+    };
+    for (manager, node) in [("podscope/node-a", "node-a"), ("podscope/node-b", "node-b")] {
+        let args = apply_status(manager, status(node, "Loaded"), false);
+        kubectl
+            .ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+    }
+    let object = kubectl
+        .json(&[
+            "get",
+            "ebpfprogram",
+            "syscount",
+            "-o",
+            "json",
+            "--show-managed-fields",
+        ])
+        .await;
+    let nodes: Vec<(String, String)> = object["status"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["node"].as_str().unwrap().into(),
+                e["phase"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("node-a".to_string(), "Loaded".to_string()),
+            ("node-b".into(), "Loaded".into())
+        ]
+    );
+    assert_eq!(
+        object["metadata"]["generation"], 2,
+        "status leaves the generation"
+    );
+    let owners: Vec<(String, Value)> = object["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["subresource"] == "status")
+        .map(|m| {
+            (
+                m["manager"].as_str().unwrap().to_string(),
+                m["fieldsV1"]["f:status"]["f:nodes"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(owners.len(), 2);
+    assert_eq!(owners[0].0, "podscope/node-a");
+    assert!(
+        owners[0].1.get("k:{\"node\":\"node-a\"}").is_some(),
+        "{owners:?}"
+    );
+
+    // node-b writing node-a's entry is a conflict kubectl reports, unless forced.
+    let args = apply_status("podscope/node-b", status("node-a", "Failed"), false);
+    let (success, _, stderr) = kubectl
+        .run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    assert!(!success);
+    assert!(
+        stderr.contains("conflict with \"podscope/node-a\"")
+            && stderr.contains(".status.nodes[node=\"node-a\"]"),
+        "{stderr}"
+    );
+    // An apply with no entry removes the manager's own: node-a's program is gone from node-a.
+    let empty = write(
+        "status-empty.yaml",
+        "apiVersion: podscope.dev/v1alpha1\nkind: EbpfProgram\nmetadata:\n  name: syscount\nstatus:\n  nodes: []\n",
+    );
+    let args = apply_status("podscope/node-a", empty, false);
+    kubectl
+        .ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    let object = kubectl
+        .json(&["get", "ebpfprogram", "syscount", "-o", "json"])
+        .await;
+    let nodes: Vec<&str> = object["status"]["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes, ["node-b"]);
 }

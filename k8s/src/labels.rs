@@ -5,7 +5,13 @@
 
 use std::collections::BTreeSet;
 
-use kube::core::{Expression, Selector};
+pub use kube::core::Selector;
+use kube::core::{Expression, SelectorExt as _};
+
+/// Whether `labels` match `selector` (kube's own matching).
+pub fn matches(selector: &Selector, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    selector.matches(labels)
+}
 
 /// Parses a label selector as `kubectl -l` and the API server's `labelSelector` take it:
 /// `k=v` (or `k==v`), `k!=v`, `k`, `!k`, `k in (v1,v2)`, `k notin (v1,v2)`, joined by commas.

@@ -264,7 +264,7 @@ fn lookups(c: &mut Criterion) {
     };
     group.bench_function("enrich_batch_per_data_point", |b| {
         b.iter_batched(
-            || input.as_ref().clone(),
+            || input.to_vec(),
             |mut rms| {
                 for rm in &mut rms {
                     let resource = rm.resource.get_or_insert_with(Default::default);
@@ -281,7 +281,7 @@ fn lookups(c: &mut Criterion) {
         .expect("runtime");
     group.bench_function("consume_batch_per_data_point", |b| {
         b.iter_batched(
-            || Batch::metrics(input.as_ref().clone()),
+            || Batch::metrics(input.to_vec()),
             |batch| runtime.block_on(processor.consume(batch)).expect("consume"),
             criterion::BatchSize::SmallInput,
         )

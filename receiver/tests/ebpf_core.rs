@@ -259,6 +259,7 @@ async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -306,6 +307,7 @@ async fn a_probe_whose_kernel_feature_is_missing_is_skipped_with_a_clear_line_or
     let consumers = || ReceiverConsumers {
         metrics: Some(Arc::new(Recorder::default())),
         traces: None,
+        profiles: None,
     };
     let receiver =
         EbpfReceiver::new(config(false), BuildContext::for_tests("ebpf"), consumers()).unwrap();

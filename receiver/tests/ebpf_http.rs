@@ -168,6 +168,7 @@ async fn start(http: serde_json::Value) -> Started {
         ReceiverConsumers {
             metrics: Some(metrics.clone()),
             traces: Some(spans.clone()),
+            profiles: None,
         },
     )
     .unwrap();

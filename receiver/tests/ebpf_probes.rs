@@ -264,6 +264,7 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -1507,6 +1508,7 @@ async fn uprobes_capture_integer_and_string_arguments_on_entry() {
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();
@@ -1601,6 +1603,7 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
             ReceiverConsumers {
                 metrics: Some(collected.clone()),
                 traces: None,
+                profiles: None,
             },
         )
         .unwrap(),
@@ -2184,6 +2187,7 @@ async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();

@@ -91,6 +91,13 @@ pub fn load_str(text: &str, source: &str) -> Result<AgentConfig, ConfigErrors> {
     })
 }
 
+/// A YAML document (a user program's spec) as JSON, or the syntax error with its position.
+pub fn yaml_to_json(text: &str) -> Result<serde_json::Value, String> {
+    yaml::parse(text)
+        .map(|node| node.to_json())
+        .map_err(|e| format!("{}:{}: {}", e.position.line, e.position.column, e.message))
+}
+
 /// [`load_str`] against a given registry and environment (tests use their own).
 pub fn load_with(
     text: &str,

@@ -1,5 +1,5 @@
 //! Synthetic OTLP data for tests and benchmarks, one generator for all of them: HTTP server
-//! spans and syscall-count data points shaped like what podscope carries, deterministic (ids and
+//! spans, syscall-count data points and CPU profiles shaped like what podscope carries, deterministic (ids and
 //! values from the index) so that round trips can be compared exactly. [`service_spans`] and
 //! [`service_points`] are sized like what an instrumented service sends (a resource with 4
 //! attributes, 6 attributes per span, 4 per data point, histograms among the points): benchmarks
@@ -9,6 +9,10 @@ use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, Instrumentatio
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
     Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::profiles::v1development::{
+    Function, Line, Location, Mapping, Profile, ProfilesData, ResourceProfiles, Sample,
+    ScopeProfiles, Stack, ValueType,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{
@@ -276,6 +280,97 @@ pub fn service_points(n: usize) -> Batch {
         }],
         ..Default::default()
     }])
+}
+
+/// An on-CPU profile (`samples`/`count`, period 1/19 s) of `n` samples under one resource:
+/// sample `i` has the two-frame stack `work_<i>` ← `main` in `/bin/app` (build id `ab` × 20) and
+/// the value `i + 1`.
+pub fn cpu_profile(n: usize, resource_attributes: &[(&str, &str)]) -> Batch {
+    let mut d = podscope_core::profiles::empty_dictionary();
+    let mut string = |text: &str| {
+        d.string_table.push(text.to_string());
+        (d.string_table.len() - 1) as i32
+    };
+    let (samples, count, cpu, nanoseconds) = (
+        string("samples"),
+        string("count"),
+        string("cpu"),
+        string("nanoseconds"),
+    );
+    let app = string("/bin/app");
+    let build_id_key = string("process.executable.build_id.gnu");
+    let names: Vec<i32> = std::iter::once(string("main"))
+        .chain((0..n).map(|i| string(&format!("work_{i}"))))
+        .collect();
+    d.attribute_table.push(
+        opentelemetry_proto::tonic::profiles::v1development::KeyValueAndUnit {
+            key_strindex: build_id_key,
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue("ab".repeat(20))),
+            }),
+            unit_strindex: 0,
+        },
+    );
+    d.mapping_table.push(Mapping {
+        memory_limit: u64::MAX,
+        filename_strindex: app,
+        attribute_indices: vec![1],
+        ..Default::default()
+    });
+    for (i, &name) in names.iter().enumerate() {
+        d.function_table.push(Function {
+            name_strindex: name,
+            system_name_strindex: name,
+            filename_strindex: app,
+            start_line: 0,
+        });
+        d.location_table.push(Location {
+            mapping_index: 1,
+            address: 0x1000 + 0x10 * i as u64,
+            lines: vec![Line {
+                function_index: i as i32 + 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    for i in 0..n {
+        // Location 1 is main's; work_<i>'s is i + 2.
+        d.stack_table.push(Stack {
+            location_indices: vec![i as i32 + 2, 1],
+        });
+    }
+    Batch::profiles(ProfilesData {
+        resource_profiles: vec![ResourceProfiles {
+            resource: resource(resource_attributes),
+            scope_profiles: vec![ScopeProfiles {
+                profiles: vec![Profile {
+                    sample_type: Some(ValueType {
+                        type_strindex: samples,
+                        unit_strindex: count,
+                    }),
+                    samples: (0..n)
+                        .map(|i| Sample {
+                            stack_index: i as i32 + 1,
+                            values: vec![i as i64 + 1],
+                            ..Default::default()
+                        })
+                        .collect(),
+                    time_unix_nano: 1_700_000_000_000_000_000,
+                    duration_nano: 10_000_000_000,
+                    period_type: Some(ValueType {
+                        type_strindex: cpu,
+                        unit_strindex: nanoseconds,
+                    }),
+                    period: 1_000_000_000 / 19,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        dictionary: Some(d),
+    })
 }
 
 #[cfg(test)]

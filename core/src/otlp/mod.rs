@@ -1,20 +1,27 @@
 //! The OTLP wire protocol, per signal: what the `otlp` receiver and the OTLP exporters (gRPC,
 //! HTTP, file) need to know about a signal — its gRPC service and HTTP path, and how its export
 //! requests and responses are encoded in protobuf and JSON. Written once for every signal:
-//! adding one (profiles) is one [`SignalMessages`] impl and one arm in [`otlp`].
+//! adding one is one [`SignalMessages`] impl and one arm in [`otlp`]. Profiles, whose request
+//! carries a dictionary beside its resources, implement [`OtlpSignal`] on their own
+//! ([`Profiles`]).
 //!
 //! Pure encoding and decoding; no I/O here.
 
 pub mod json;
+pub mod scan;
 
 use bytes::{Buf, BufMut, Bytes};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::profiles::v1development::{
+    ExportProfilesPartialSuccess, ExportProfilesServiceRequest, ExportProfilesServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
+use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use prost::Message;
 use serde::de::DeserializeOwned;
@@ -61,10 +68,12 @@ pub trait OtlpSignal: Send + Sync {
     fn http_path(&self) -> &'static str;
 
     /// The export request holding `batch` (of this signal; any other gives an empty request).
-    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Vec<u8>;
+    /// A batch still as received in protobuf is sent as the bytes it came in.
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Bytes;
 
-    /// The batch an export request holds; the error says what is malformed.
-    fn decode_request(&self, body: &[u8], encoding: Encoding) -> Result<Batch, String>;
+    /// The batch an export request holds; the error says what is malformed. A protobuf
+    /// request that [`scan`] vouches for stays encoded in the batch, with its items counted.
+    fn decode_request(&self, body: Bytes, encoding: Encoding) -> Result<Batch, String>;
 
     /// An export response: full success, or the partial success given.
     fn encode_response(&self, partial: Option<&PartialSuccess>, encoding: Encoding) -> Vec<u8>;
@@ -82,6 +91,7 @@ pub fn otlp(signal: Signal) -> &'static dyn OtlpSignal {
     match signal {
         Signal::Metrics => &Wire::<Metrics>(std::marker::PhantomData),
         Signal::Traces => &Wire::<Traces>(std::marker::PhantomData),
+        Signal::Profiles => &Profiles,
     }
 }
 
@@ -94,7 +104,9 @@ pub trait SignalMessages: Send + Sync + 'static {
     /// The JSON name of the request's one field (`resourceSpans`).
     const JSON_FIELD: &'static str;
     /// One element of the request's repeated field 1 (`ResourceSpans`).
-    type Item: Message + Serialize;
+    type Item: Message + Default + Serialize;
+    /// What [`scan`] knows of `Item`.
+    const ITEM_SCHEMA: &'static scan::MessageSchema;
     type Request: Message + Default + DeserializeOwned;
     type Response: Message + Default + Serialize + DeserializeOwned;
 
@@ -115,6 +127,7 @@ impl SignalMessages for Metrics {
     const HTTP_PATH: &'static str = "/v1/metrics";
     const JSON_FIELD: &'static str = "resourceMetrics";
     type Item = ResourceMetrics;
+    const ITEM_SCHEMA: &'static scan::MessageSchema = &scan::RESOURCE_METRICS;
     type Request = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
 
@@ -153,6 +166,7 @@ impl SignalMessages for Traces {
     const HTTP_PATH: &'static str = "/v1/traces";
     const JSON_FIELD: &'static str = "resourceSpans";
     type Item = ResourceSpans;
+    const ITEM_SCHEMA: &'static scan::MessageSchema = &scan::RESOURCE_SPANS;
     type Request = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
 
@@ -216,9 +230,17 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
         M::HTTP_PATH
     }
 
-    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Vec<u8> {
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Bytes {
+        if let (Encoding::Protobuf, Some(bodies)) = (encoding, batch.encoded_bodies()) {
+            if batch.signal() == M::SIGNAL {
+                return match bodies {
+                    [one] => one.clone(),
+                    several => Bytes::from(several.concat()),
+                };
+            }
+        }
         let items = M::items(batch);
-        match encoding {
+        let body = match encoding {
             Encoding::Protobuf => {
                 // Field 1, length-delimited: the key byte, then each item with its length.
                 const KEY: u8 = (1 << 3) | 2;
@@ -238,16 +260,22 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
                 out
             }
             Encoding::Json => json::to_vec(&RequestRef::<M>(items)),
-        }
+        };
+        Bytes::from(body)
     }
 
-    fn decode_request(&self, body: &[u8], encoding: Encoding) -> Result<Batch, String> {
+    fn decode_request(&self, body: Bytes, encoding: Encoding) -> Result<Batch, String> {
         let request = match encoding {
             Encoding::Protobuf => {
+                if let Ok(items) = scan::count_request_items(M::ITEM_SCHEMA, &body) {
+                    if let Some(batch) = Batch::encoded(M::SIGNAL, body.clone(), items) {
+                        return Ok(batch);
+                    }
+                }
                 M::Request::decode(body).map_err(|e| format!("malformed OTLP protobuf: {e}"))?
             }
             Encoding::Json => {
-                serde_json::from_slice(body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
+                serde_json::from_slice(&body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
             }
         };
         Ok(M::into_batch(request))
@@ -276,6 +304,89 @@ impl<M: SignalMessages> OtlpSignal for Wire<M> {
                 .map_err(|e| format!("malformed OTLP JSON response: {e}"))?,
         };
         Ok(M::partial(&response).filter(|p| p.rejected > 0 || !p.message.is_empty()))
+    }
+}
+
+/// OTLP profiles (development version): the request is the batch's message itself
+/// (`ProfilesData` and `ExportProfilesServiceRequest` have the same fields and numbers), its
+/// resources and its dictionary.
+pub struct Profiles;
+
+impl OtlpSignal for Profiles {
+    fn signal(&self) -> Signal {
+        Signal::Profiles
+    }
+
+    fn grpc_service(&self) -> &'static str {
+        "opentelemetry.proto.collector.profiles.v1development.ProfilesService"
+    }
+
+    fn grpc_export_path(&self) -> &'static str {
+        "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export"
+    }
+
+    fn http_path(&self) -> &'static str {
+        "/v1development/profiles"
+    }
+
+    fn encode_request(&self, batch: &Batch, encoding: Encoding) -> Bytes {
+        let empty = ProfilesData::default();
+        let data = match batch {
+            Batch::Profiles(data) => data,
+            _ => &empty,
+        };
+        Bytes::from(match encoding {
+            Encoding::Protobuf => data.encode_to_vec(),
+            Encoding::Json => json::to_vec(data),
+        })
+    }
+
+    fn decode_request(&self, body: Bytes, encoding: Encoding) -> Result<Batch, String> {
+        let request: ExportProfilesServiceRequest = match encoding {
+            Encoding::Protobuf => ExportProfilesServiceRequest::decode(body)
+                .map_err(|e| format!("malformed OTLP protobuf: {e}"))?,
+            Encoding::Json => {
+                serde_json::from_slice(&body).map_err(|e| format!("malformed OTLP JSON: {e}"))?
+            }
+        };
+        Ok(Batch::profiles(ProfilesData {
+            resource_profiles: request.resource_profiles,
+            dictionary: request.dictionary,
+        }))
+    }
+
+    fn encode_response(&self, partial: Option<&PartialSuccess>, encoding: Encoding) -> Vec<u8> {
+        let response = ExportProfilesServiceResponse {
+            partial_success: partial.map(|p| ExportProfilesPartialSuccess {
+                rejected_profiles: p.rejected,
+                error_message: p.message.clone(),
+            }),
+        };
+        match encoding {
+            Encoding::Protobuf => response.encode_to_vec(),
+            Encoding::Json => json::to_vec(&response),
+        }
+    }
+
+    fn decode_response(
+        &self,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<Option<PartialSuccess>, String> {
+        let response: ExportProfilesServiceResponse = match encoding {
+            Encoding::Protobuf => ExportProfilesServiceResponse::decode(body)
+                .map_err(|e| format!("malformed OTLP response: {e}"))?,
+            Encoding::Json if body.iter().all(u8::is_ascii_whitespace) => Default::default(),
+            Encoding::Json => serde_json::from_slice(body)
+                .map_err(|e| format!("malformed OTLP JSON response: {e}"))?,
+        };
+        Ok(response
+            .partial_success
+            .map(|p| PartialSuccess {
+                rejected: p.rejected_profiles,
+                message: p.error_message,
+            })
+            .filter(|p| p.rejected > 0 || !p.message.is_empty()))
     }
 }
 
@@ -350,7 +461,7 @@ mod tests {
             assert_eq!(wire.decode_response(b"", Encoding::Json).unwrap(), None);
         }
         assert!(otlp(Signal::Metrics)
-            .decode_request(b"\xff", Encoding::Protobuf)
+            .decode_request(Bytes::from_static(b"\xff"), Encoding::Protobuf)
             .unwrap_err()
             .starts_with("malformed OTLP protobuf"));
     }

@@ -284,6 +284,66 @@ enum http_counter {
 	HTTP_COUNTER_SLOTS = 4,
 };
 
+/* profiling probe: one record per stack sample on the ring buffer (on-CPU from a perf event,
+ * off-CPU from the scheduler), unwound and aggregated in userspace. The user stack is copied page
+ * by page so that an unmapped page ends the copy instead of failing it whole; `ustack` is a ring
+ * over the copied range: the byte at user address a (user_sp <= a < user_sp + ustack_bytes) is
+ * ustack[(a - (user_sp & ~4095)) % PODSCOPE_PROFILE_USTACK_BYTES]. */
+#define PODSCOPE_PROFILE_KSTACK_DEPTH 64
+#define PODSCOPE_PROFILE_USTACK_BYTES 16384
+
+enum profile_kind {
+	PROFILE_ON_CPU = 1,
+	PROFILE_OFF_CPU = 2,
+};
+
+enum profile_flags {
+	PROFILE_USER_REGS = 1,  /* user_ip/sp/bp are the thread's user registers */
+	PROFILE_USER_STALE = 2, /* off-CPU: the thread ran user code since it blocked, no user stack */
+};
+
+struct profile_sample_head {
+	__u64 cgroup_id;
+	__u64 timestamp_ns;
+	__u64 off_cpu_ns; /* PROFILE_OFF_CPU: time blocked (summed over blocks in one syscall) */
+	__u64 user_ip;
+	__u64 user_sp;
+	__u64 user_bp;
+	__u64 exec_id; /* the task's self_exec_id: changes when the process execs (new mappings) */
+	__u32 pid; /* thread group id */
+	__u32 tid;
+	__u32 kind;
+	__u32 flags;
+	__u32 kstack_bytes;
+	__u32 ustack_bytes;
+	__u8 comm[16];
+	__u64 kstack[PODSCOPE_PROFILE_KSTACK_DEPTH];
+};
+
+struct profile_sample {
+	struct profile_sample_head head;
+	__u8 ustack[PODSCOPE_PROFILE_USTACK_BYTES];
+};
+
+/* Off-CPU: a thread's state while it is switched out (task storage, 32 bytes per thread seen). */
+struct profile_blocked {
+	__u64 since_ns; /* when it blocked; 0 while it runs */
+	__u64 user_ip;  /* its user registers then, to tell whether they are still the same later */
+	__u64 user_sp;
+	__u64 _reserved;
+};
+
+/* Off-CPU: a block of at least the minimum time, waiting for the thread's next syscall exit,
+ * where its user stack can be read (tid -> pending). */
+struct profile_pending {
+	__u64 off_cpu_ns;
+	__u64 user_ip;
+	__u64 user_sp;
+	__u32 kstack_bytes;
+	__u32 _pad;
+	__u64 kstack[PODSCOPE_PROFILE_KSTACK_DEPTH];
+};
+
 /* Failed map inserts (a full map, or no memory for a new entry) are counted per map, in the
  * object's map_full per-CPU array, at the map's slot: each probe numbers its maps here, and its
  * Rust MapDefs name the slot with the map. */
@@ -347,6 +407,11 @@ enum http_map_slot {
 	HTTP_MAP_CONNS = 0,
 	HTTP_MAP_SSL_CALLS = 1,
 	HTTP_MAP_SSL_FDS = 2,
+};
+
+enum profiling_map_slot {
+	PROFILING_MAP_PENDING = 0,
+	PROFILING_MAP_BLOCKED = 1,
 };
 
 #ifdef __BPF__

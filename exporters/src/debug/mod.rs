@@ -23,7 +23,7 @@ pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "debug",
     description:
         "Writes a summary (basic), one line per item (normal) or everything (detailed) to the log",
-    signals: &[Signal::Metrics, Signal::Traces],
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<DebugConfig>,
 };
 

@@ -47,6 +47,16 @@ fn summary(batch: &Batch) -> String {
             rss.len(),
             batch.item_count()
         ),
+        Batch::Profiles(data) => format!(
+            "profiles: {} resource profiles, {} profiles, {} samples",
+            data.resource_profiles.len(),
+            data.resource_profiles
+                .iter()
+                .flat_map(|rp| &rp.scope_profiles)
+                .map(|sp| sp.profiles.len())
+                .sum::<usize>(),
+            batch.item_count()
+        ),
     }
 }
 
@@ -84,8 +94,90 @@ fn normal(batch: &Batch) -> Vec<String> {
                 lines.push(span_line(span));
             }
         }
+        Batch::Profiles(data) => {
+            let strings = data
+                .dictionary
+                .as_ref()
+                .map(|d| d.string_table.as_slice())
+                .unwrap_or_default();
+            for rp in &data.resource_profiles {
+                let resource = rp
+                    .resource
+                    .as_ref()
+                    .map(|r| attributes_inline(&r.attributes))
+                    .unwrap_or_default();
+                for profile in rp.scope_profiles.iter().flat_map(|sp| &sp.profiles) {
+                    lines.push(format!(
+                        "{} {} samples total={}{}",
+                        value_type(profile.sample_type.as_ref(), strings),
+                        profile.samples.len(),
+                        profile
+                            .samples
+                            .iter()
+                            .filter_map(|s| s.values.first())
+                            .sum::<i64>(),
+                        if resource.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" {{{resource}}}")
+                        }
+                    ));
+                }
+            }
+        }
     }
     lines
+}
+
+/// `type/unit` of a profile's values.
+fn value_type(
+    value_type: Option<&opentelemetry_proto::tonic::profiles::v1development::ValueType>,
+    strings: &[String],
+) -> String {
+    let text = |i: i32| strings.get(i as usize).map(String::as_str).unwrap_or("");
+    value_type
+        .map(|v| format!("{}/{}", text(v.type_strindex), text(v.unit_strindex)))
+        .unwrap_or_default()
+}
+
+/// A sample's frames as `leaf <- caller <- …`, each its function or its mapping and address.
+fn stack_line(
+    dictionary: &opentelemetry_proto::tonic::profiles::v1development::ProfilesDictionary,
+    stack_index: i32,
+) -> String {
+    let text = |i: i32| {
+        dictionary
+            .string_table
+            .get(i as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    };
+    let Some(stack) = dictionary.stack_table.get(stack_index as usize) else {
+        return String::new();
+    };
+    stack
+        .location_indices
+        .iter()
+        .filter_map(|&i| dictionary.location_table.get(i as usize))
+        .map(|location| {
+            let function = location
+                .lines
+                .first()
+                .and_then(|line| dictionary.function_table.get(line.function_index as usize));
+            match function {
+                Some(f) => text(f.name_strindex).to_string(),
+                None => {
+                    let mapping = dictionary
+                        .mapping_table
+                        .get(location.mapping_index as usize)
+                        .map(|m| text(m.filename_strindex))
+                        .unwrap_or("");
+                    format!("{mapping}+{:#x}", location.address)
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" <- ")
 }
 
 fn span_line(span: &Span) -> String {
@@ -161,6 +253,36 @@ fn detailed(batch: &Batch) -> Vec<String> {
                             let _ =
                                 writeln!(out, "    -> {}: {}", a.key, value_text(a.value.as_ref()));
                         }
+                    }
+                }
+            }
+        }
+        Batch::Profiles(data) => {
+            let dictionary = data.dictionary.clone().unwrap_or_default();
+            for (i, rp) in data.resource_profiles.iter().enumerate() {
+                let _ = writeln!(out, "ResourceProfiles #{i}");
+                resource_block(
+                    &mut out,
+                    rp.resource.as_ref().map(|r| r.attributes.as_slice()),
+                );
+                for (k, profile) in rp
+                    .scope_profiles
+                    .iter()
+                    .flat_map(|sp| &sp.profiles)
+                    .enumerate()
+                {
+                    let _ = writeln!(
+                        out,
+                        "Profile #{k} {}",
+                        value_type(profile.sample_type.as_ref(), &dictionary.string_table)
+                    );
+                    for sample in &profile.samples {
+                        let _ = writeln!(
+                            out,
+                            "    {:?} {}",
+                            sample.values,
+                            stack_line(&dictionary, sample.stack_index)
+                        );
                     }
                 }
             }

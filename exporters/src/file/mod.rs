@@ -27,7 +27,7 @@ pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "file",
     description:
         "Appends OTLP-JSON export requests, one per line, to a file with optional rotation",
-    signals: &[Signal::Metrics, Signal::Traces],
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<FileConfig>,
 };
 

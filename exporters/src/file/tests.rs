@@ -82,7 +82,7 @@ fn lines_are_otlp_json_and_decode_back_exactly() {
     let Batch::Traces(original) = &batch else {
         unreachable!()
     };
-    assert_eq!(decoded.resource_spans, **original);
+    assert_eq!(decoded.resource_spans, ***original);
 
     let metrics = counter(-7);
     let decoded: ExportMetricsServiceRequest =
@@ -90,7 +90,23 @@ fn lines_are_otlp_json_and_decode_back_exactly() {
     let Batch::Metrics(original) = &metrics else {
         unreachable!()
     };
-    assert_eq!(decoded.resource_metrics, **original);
+    assert_eq!(decoded.resource_metrics, ***original);
+}
+
+#[test]
+fn profiles_are_one_otlp_json_line_with_their_dictionary() {
+    let batch = podscope_testkit::fake_otlp::cpu_profile(3, &[("container.id", "abc")]);
+    let line = encode_json_line(&batch);
+    let text = std::str::from_utf8(&line).unwrap();
+    assert!(text.starts_with(r#"{"resourceProfiles":"#), "{text}");
+    assert!(text.contains(r#""dictionary":{"mappingTable":"#), "{text}");
+    let decoded: opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceRequest =
+        serde_json::from_slice(&line).unwrap();
+    let Batch::Profiles(original) = &batch else {
+        unreachable!()
+    };
+    assert_eq!(decoded.resource_profiles, original.resource_profiles);
+    assert_eq!(decoded.dictionary, original.dictionary);
 }
 
 #[tokio::test]

@@ -9,12 +9,19 @@
 //! [`podscope_core::Exporter`]. Retries resend the request as it was built: nothing is encoded,
 //! translated or accumulated twice.
 //!
-//! Who counts a loss: the helper owns a batch once it took it (queued, or with the queue off,
-//! turned into requests); from then on every item ends in `podscope_exporter_sent_items_total`
-//! or `podscope_exporter_dropped_items_total` (by reason: the permanent error, `rejected` by the
-//! backend, `retries_exhausted`, `shutdown`, `untranslatable` for items no request carries), and
-//! `consume` returns `Ok`. A batch it did not take (the queue stayed full, the agent is
-//! stopping, it cannot be encoded at all) comes back as an error and stays the caller's.
+//! With the queue on, `consume` returns once the queue has room for the batch; the requests of
+//! a sender whose order does not matter are then built in a task of their own, so that the one
+//! task feeding an exporter (a pipeline's batch processor) is not held up by encoding and
+//! compressing. An ordered sender builds them before `consume` returns.
+//!
+//! Who counts a loss: the helper owns a batch once it took it (room in the queue, or with the
+//! queue off, turned into requests); from then on every item ends in
+//! `podscope_exporter_sent_items_total` or `podscope_exporter_dropped_items_total` (by reason:
+//! the permanent error, `rejected` by the backend, `retries_exhausted`, `shutdown`,
+//! `untranslatable` for items no request carries, or the sender's error for a batch it could
+//! not encode once taken), and `consume` returns `Ok`. A batch it did not take (the queue stayed
+//! full, the agent is stopping, an ordered sender or one without a queue cannot encode it) comes
+//! back as an error and stays the caller's.
 
 mod config;
 #[cfg(test)]
@@ -26,7 +33,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use podscope_core::backoff::{Backoff, BackoffPolicy};
 use podscope_core::config::QueueSettings;
-use podscope_core::queue::{partitioned_queue, QueueReceiver, QueueSender};
+use podscope_core::queue::{partitioned_queue, QueueReceiver, QueueSender, Reservation};
 use podscope_core::telemetry::{AgentTelemetry, ComponentLabels, ItemReasonLabels, ReasonLabels};
 use podscope_core::{Batch, BuildContext, Component, ConsumeError, Consumer, Exporter, Signal};
 use tokio_util::sync::CancellationToken;
@@ -108,6 +115,8 @@ pub struct QueuedExporter<S: Sender> {
     /// The queue's partitions until `start` gives each its consumer.
     pending: Mutex<Option<Partitions<S::Payload>>>,
     workers: TaskTracker,
+    /// Tasks building the requests of batches the queue has room for (unordered senders).
+    encoders: TaskTracker,
     num_consumers: usize,
     /// Held from building requests until they are queued (or sent, with the queue off), for
     /// ordered senders: requests enter the queue in the order they were built.
@@ -157,6 +166,7 @@ impl<S: Sender> QueuedExporter<S> {
             queue,
             pending: Mutex::new(pending),
             workers: TaskTracker::new(),
+            encoders: TaskTracker::new(),
             order: tokio::sync::Mutex::new(()),
         })
     }
@@ -168,6 +178,45 @@ impl<S: Sender> QueuedExporter<S> {
 }
 
 impl<S: Sender> SendCore<S> {
+    /// The batch's requests; items none of them carries (no form on the wire, e.g. a data point
+    /// without a value) are dropped here, reason `untranslatable`.
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<S::Payload>>, ConsumeError> {
+        let (items, signal) = (batch.item_count(), batch.signal());
+        let requests = self.sender.requests(batch)?;
+        let carried: usize = requests.iter().map(|r| r.items).sum();
+        if carried < items {
+            self.count_dropped(items - carried, signal, "untranslatable");
+        }
+        Ok(requests)
+    }
+
+    /// Builds the batch's requests and commits them with the room reserved for it.
+    fn build_and_commit(
+        &self,
+        reservation: Reservation<Queued<S::Payload>>,
+        partitions: u64,
+        batch: Batch,
+    ) -> Result<(), ConsumeError> {
+        let signal = batch.signal();
+        let entries = self
+            .requests(batch)?
+            .into_iter()
+            .map(|request| {
+                let partition = (request.order_key % partitions) as usize;
+                let items = request.items;
+                (partition, Queued { request, signal }, items)
+            })
+            .collect::<Vec<_>>();
+        let built: usize = entries.iter().map(|e| e.2).sum();
+        if let Err(error) = reservation.commit(entries, signal) {
+            // Built (and maybe accounted in the sender's state) but the queue closed meanwhile:
+            // the batch is ours now, so its loss is counted here rather than retried upstream.
+            tracing::warn!(exporter = %self.id, items = built, %error, "dropping a batch (shutdown)");
+            self.count_dropped(built, signal, "shutdown");
+        }
+        Ok(())
+    }
+
     /// Sends one request with retries until it is sent, refused for good, out of time or past
     /// the shutdown deadline; counts the outcome either way.
     async fn deliver(&self, queued: Queued<S::Payload>) {
@@ -286,24 +335,18 @@ impl<S: Sender> QueuedExporter<S> {
             // drop_newest and full: counted by the queue, nothing to build.
             return reservation.commit(Vec::new(), signal);
         }
-        let _in_order = self.in_order().await;
         let partitions = queue.partitions() as u64;
-        let entries = self
-            .requests(batch)?
-            .into_iter()
-            .map(|request| {
-                let partition = (request.order_key % partitions) as usize;
-                let items = request.items;
-                (partition, Queued { request, signal }, items)
-            })
-            .collect::<Vec<_>>();
-        let built: usize = entries.iter().map(|e| e.2).sum();
-        if let Err(error) = reservation.commit(entries, signal) {
-            // Built (and maybe accounted in the sender's state) but the queue closed meanwhile:
-            // the batch is ours now, so its loss is counted here rather than retried upstream.
-            tracing::warn!(exporter = %self.core.id, items = built, %error, "dropping a batch (shutdown)");
-            self.core.count_dropped(built, signal, "shutdown");
+        if S::ORDERED {
+            let _in_order = self.in_order().await;
+            return self.core.build_and_commit(reservation, partitions, batch);
         }
+        let core = self.core.clone();
+        self.encoders.spawn(async move {
+            if let Err(error) = core.build_and_commit(reservation, partitions, batch) {
+                tracing::warn!(exporter = %core.id, items, %error, "dropping a batch it cannot encode");
+                core.count_dropped(items, signal, error.reason());
+            }
+        });
         Ok(())
     }
 
@@ -311,23 +354,10 @@ impl<S: Sender> QueuedExporter<S> {
     async fn send_now(&self, batch: Batch) -> Result<(), ConsumeError> {
         let signal = batch.signal();
         let _in_order = self.in_order().await;
-        for request in self.requests(batch)? {
+        for request in self.core.requests(batch)? {
             self.core.deliver(Queued { request, signal }).await;
         }
         Ok(())
-    }
-
-    /// The batch's requests; items none of them carries (no form on the wire, e.g. a data point
-    /// without a value) are dropped here, reason `untranslatable`.
-    fn requests(&self, batch: Batch) -> Result<Vec<Request<S::Payload>>, ConsumeError> {
-        let (items, signal) = (batch.item_count(), batch.signal());
-        let requests = self.core.sender.requests(batch)?;
-        let carried: usize = requests.iter().map(|r| r.items).sum();
-        if carried < items {
-            self.core
-                .count_dropped(items - carried, signal, "untranslatable");
-        }
-        Ok(requests)
     }
 
     async fn in_order(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
@@ -377,6 +407,9 @@ impl<S: Sender> Component for QueuedExporter<S> {
     /// unfinished (its deadline passed), retries stop and what is left is counted as dropped
     /// (`shutdown`); calling it again then waits until that counting is done.
     async fn shutdown(&self) -> anyhow::Result<()> {
+        // Batches taken before shutdown enter the queue before it closes.
+        self.encoders.close();
+        self.encoders.wait().await;
         if let Some(queue) = &self.queue {
             queue.close();
         }

@@ -324,6 +324,87 @@ async fn shutdown_drains_the_queue() {
     );
 }
 
+/// Builds its requests only once the test opens the gate (or after 5 s, noting that nobody
+/// did), and can refuse to build them at all.
+struct Gated {
+    gate: Mutex<std::sync::mpsc::Receiver<()>>,
+    held_the_caller: std::sync::atomic::AtomicBool,
+    encodable: bool,
+}
+
+impl Gated {
+    fn new(encodable: bool) -> (Self, std::sync::mpsc::Sender<()>) {
+        let (open, gate) = std::sync::mpsc::channel();
+        let sender = Gated {
+            gate: Mutex::new(gate),
+            held_the_caller: Default::default(),
+            encodable,
+        };
+        (sender, open)
+    }
+}
+
+#[async_trait]
+impl Sender for Gated {
+    type Payload = ();
+
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<()>>, ConsumeError> {
+        let gate = self.gate.lock().unwrap();
+        if gate.recv_timeout(Duration::from_secs(5)).is_err() {
+            self.held_the_caller.store(true, Ordering::SeqCst);
+        }
+        if !self.encodable {
+            return Err(ConsumeError::permanent("unencodable", "no wire form"));
+        }
+        Ok(vec![Request::unordered((), batch.item_count())])
+    }
+
+    async fn send(&self, _payload: &()) -> Result<Sent, ConsumeError> {
+        Ok(Sent::default())
+    }
+}
+
+/// The task feeding an exporter (a pipeline's batch processor) goes on with its next batch
+/// while the last one is encoded; shutdown still waits for it to be built and sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unordered_sender_builds_requests_outside_the_callers_task() {
+    let ctx = BuildContext::for_tests("otlp");
+    let telemetry = ctx.telemetry.clone();
+    let (sender, open) = Gated::new(true);
+    let exporter = QueuedExporter::new(&ctx, settings(true), sender);
+    exporter.start().await.unwrap();
+    exporter.consume(spans(3)).await.unwrap();
+    open.send(()).unwrap(); // only now can the batch be encoded
+    exporter.shutdown().await.unwrap();
+    assert!(!exporter.sender().held_the_caller.load(Ordering::SeqCst));
+    assert_eq!(
+        metric_line(
+            &telemetry.encode_text(),
+            "podscope_exporter_sent_items_total"
+        )
+        .as_deref(),
+        Some("podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 3")
+    );
+}
+
+/// A batch taken (the queue had room) that the sender then cannot encode is the exporter's
+/// loss, counted with the sender's reason: the caller was already told it was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_batch_that_cannot_be_encoded_is_counted_as_dropped() {
+    let ctx = BuildContext::for_tests("otlp");
+    let telemetry = ctx.telemetry.clone();
+    let (sender, open) = Gated::new(false);
+    let exporter = QueuedExporter::new(&ctx, settings(true), sender);
+    exporter.start().await.unwrap();
+    exporter.consume(spans(3)).await.unwrap();
+    open.send(()).unwrap();
+    exporter.shutdown().await.unwrap();
+    assert_eq!(
+        metric_line(&telemetry.encode_text(), "podscope_exporter_dropped_items_total").as_deref(),
+        Some("podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"unencodable\"} 3")
+    );
+}
+
 #[tokio::test]
 async fn a_shutdown_deadline_stops_retries_and_counts_the_loss() {
     let ctx = BuildContext::for_tests("otlp");

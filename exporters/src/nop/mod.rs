@@ -15,7 +15,7 @@ use serde::Deserialize;
 pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "nop",
     description: "Discards everything it receives (counted as sent)",
-    signals: &[Signal::Metrics, Signal::Traces],
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<NopConfig>,
 };
 

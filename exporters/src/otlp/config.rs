@@ -92,12 +92,15 @@ impl ComponentConfig for OtlpGrpcConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtlpHttpConfig {
-    /// Base URL; `/v1/metrics` and `/v1/traces` are appended. Default `http://localhost:4318`.
+    /// Base URL; `/v1/metrics`, `/v1/traces` and `/v1development/profiles` are appended.
+    /// Default `http://localhost:4318`.
     pub endpoint: String,
     /// Full URL for metrics, instead of `<endpoint>/v1/metrics`.
     pub metrics_endpoint: Option<String>,
     /// Full URL for traces, instead of `<endpoint>/v1/traces`.
     pub traces_endpoint: Option<String>,
+    /// Full URL for profiles, instead of `<endpoint>/v1development/profiles`.
+    pub profiles_endpoint: Option<String>,
     /// `proto` (default) or `json`.
     pub encoding: HttpEncoding,
     pub headers: BTreeMap<String, String>,
@@ -127,6 +130,7 @@ impl Default for OtlpHttpConfig {
             endpoint: "http://localhost:4318".to_string(),
             metrics_endpoint: None,
             traces_endpoint: None,
+            profiles_endpoint: None,
             encoding: HttpEncoding::Proto,
             headers: BTreeMap::new(),
             compression: Compression::Gzip,
@@ -145,6 +149,7 @@ impl OtlpHttpConfig {
         let explicit = match signal {
             Signal::Metrics => &self.metrics_endpoint,
             Signal::Traces => &self.traces_endpoint,
+            Signal::Profiles => &self.profiles_endpoint,
         };
         explicit.clone().unwrap_or_else(|| {
             format!(
@@ -163,6 +168,7 @@ impl ComponentConfig for OtlpHttpConfig {
             ("endpoint", Some(self.endpoint.clone())),
             ("metrics_endpoint", self.metrics_endpoint.clone()),
             ("traces_endpoint", self.traces_endpoint.clone()),
+            ("profiles_endpoint", self.profiles_endpoint.clone()),
         ] {
             if let Some(url) = url {
                 let ok = reqwest::Url::parse(&url)

@@ -4,6 +4,7 @@
 use std::io::Write as _;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use podscope_core::otlp::Encoding;
 use podscope_core::{Batch, ConsumeError, Signal};
 
@@ -17,6 +18,7 @@ pub struct HttpSender {
     client: reqwest::Client,
     metrics_url: String,
     traces_url: String,
+    profiles_url: String,
     encoding: Encoding,
     compression: Compression,
 }
@@ -28,6 +30,7 @@ impl HttpSender {
             client: http_client::build(&config.headers, &config.tls, config.proxy_url.as_deref())?,
             metrics_url: config.signal_url(Signal::Metrics),
             traces_url: config.signal_url(Signal::Traces),
+            profiles_url: config.signal_url(Signal::Profiles),
             encoding: match config.encoding {
                 HttpEncoding::Proto => Encoding::Protobuf,
                 HttpEncoding::Json => Encoding::Json,
@@ -40,6 +43,7 @@ impl HttpSender {
         match signal {
             Signal::Metrics => &self.metrics_url,
             Signal::Traces => &self.traces_url,
+            Signal::Profiles => &self.profiles_url,
         }
     }
 }
@@ -49,13 +53,14 @@ pub fn is_retryable(status: u16) -> bool {
     matches!(status, 429 | 502 | 503 | 504)
 }
 
-fn gzip(body: Vec<u8>) -> Vec<u8> {
+fn gzip(body: Bytes) -> Bytes {
     let mut gz = flate2::write::GzEncoder::new(
         Vec::with_capacity(body.len() / 4),
         flate2::Compression::fast(),
     );
     gz.write_all(&body)
         .and_then(|_| gz.finish())
+        .map(Bytes::from)
         .expect("writing to a Vec cannot fail")
 }
 

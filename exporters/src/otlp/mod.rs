@@ -33,15 +33,17 @@ use crate::helper::{QueuedExporter, Request, Sent};
 
 pub const OTLP: ExporterFactory = ExporterFactory {
     type_name: "otlp",
-    description: "Sends metrics and traces over OTLP/gRPC (gzip, TLS, retries, sending queue)",
-    signals: &[Signal::Metrics, Signal::Traces],
+    description:
+        "Sends metrics, traces and profiles over OTLP/gRPC (gzip, TLS, retries, sending queue)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<OtlpGrpcConfig>,
 };
 
 pub const OTLP_HTTP: ExporterFactory = ExporterFactory {
     type_name: "otlphttp",
-    description: "Sends metrics and traces over OTLP/HTTP, protobuf or JSON (gzip, TLS, retries)",
-    signals: &[Signal::Metrics, Signal::Traces],
+    description:
+        "Sends metrics, traces and profiles over OTLP/HTTP, protobuf or JSON (gzip, TLS, retries)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_exporter::<OtlpHttpConfig>,
 };
 
@@ -62,17 +64,11 @@ pub struct OtlpRequest {
 fn request_for(
     batch: &Batch,
     encoding: Encoding,
-    compress: impl FnOnce(Vec<u8>) -> Vec<u8>,
+    compress: impl FnOnce(Bytes) -> Bytes,
 ) -> Request<OtlpRequest> {
     let signal = podscope_core::otlp::otlp(batch.signal());
     let body = compress(signal.encode_request(batch, encoding));
-    Request::unordered(
-        OtlpRequest {
-            signal,
-            body: Bytes::from(body),
-        },
-        batch.item_count(),
-    )
+    Request::unordered(OtlpRequest { signal, body }, batch.item_count())
 }
 
 /// What the backend's (successful) response says it rejected: logged here, counted by the

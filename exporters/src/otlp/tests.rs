@@ -110,6 +110,7 @@ async fn receiver() -> (OtlpReceiver, Arc<Recorder>, Arc<Recorder>) {
         ReceiverConsumers {
             metrics: Some(m.clone()),
             traces: Some(t.clone()),
+            profiles: None,
         },
     );
     r.start().await.unwrap();
@@ -183,6 +184,7 @@ async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
         ReceiverConsumers {
             metrics: None,
             traces: Some(collected.clone()),
+            profiles: None,
         },
     );
     r.start().await.unwrap();
@@ -515,6 +517,7 @@ async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Recorder>) {
         ReceiverConsumers {
             metrics: None,
             traces: Some(collected.clone()),
+            profiles: None,
         },
     );
     r.start().await.unwrap();

@@ -144,6 +144,11 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- define "podscope.apiAccess" -}}
 {{- $cluster := list }}
 {{- $namespaced := dict }}
+{{- $programs := eq (include "podscope.userPrograms" .) "true" }}
+{{- if $programs }}
+{{- /* EbpfProgram nodeSelectors read this node's labels. */}}
+{{- $cluster = append $cluster "nodes" }}
+{{- end }}
 {{- range $path, $settings := include "podscope.k8sMetadataInUse" . | fromJson }}
 {{- $auth := toString (default "serviceAccount" $settings.auth_type) }}
 {{- if not (has $auth (list "serviceAccount" "kubeConfig" "none")) }}
@@ -174,7 +179,27 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- if has "pods" $cluster }}
 {{- $namespaced = dict }}
 {{- end }}
-{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced) }}
+{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced "programs" $programs) }}
+{{- end }}
+
+{{/*
+Whether the agent runs users' EbpfProgram objects with the pod's service account: "true" or "".
+An ebpf receiver's user_programs.extension names a k8s_metadata extension that runs (listed in
+service.extensions) and reads the API server with the service account (auth_type
+serviceAccount or unset). It then lists and watches ebpfprograms (podscope.dev) and its node,
+patches ebpfprograms/status, creates Events in default and gets ConfigMaps in the release's
+namespace (docs/programs.md, "RBAC").
+*/}}
+{{- define "podscope.userPrograms" -}}
+{{- $config := default dict .Values.config }}
+{{- $inUse := include "podscope.k8sMetadataInUse" . | fromJson }}
+{{- range $id, $settings := default dict $config.receivers }}
+{{- if eq (first (splitList "/" $id)) "ebpf" }}
+{{- $extension := toString (default "" (default dict (default dict $settings).user_programs).extension) }}
+{{- $used := get $inUse (printf "extensions.%s" $extension) }}
+{{- if and $extension (kindIs "map" $used) (eq (toString (default "serviceAccount" $used.auth_type)) "serviceAccount") }}true{{ end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Whether the pod reads the API server with its service account: "true" or "". */}}

@@ -10,6 +10,9 @@
                                             host mounts, ports from the config, RBAC, dashboards
                                             and rules equal to the generated files), with exact
                                             expectations for the named values case
+  check_manifests.py crd CRD MANIFEST...    the CRD's schema accepts the manifests (and refuses a
+                                            broken one), its printer columns exist, status.nodes
+                                            is a list-map keyed by node
 
   check_manifests.py agent FILE PODSCOPE [WITHOUT_CAP] [+VERB|-VERB]...
                                             runs the agent as the DaemonSet would: the rendered
@@ -46,7 +49,7 @@ import urllib.request
 import yaml
 
 # Kinds kubernetes-validate has schemas for (core API); anything else needs a checker here.
-CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service"}
+CORE_KINDS = {"DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "Service", "CustomResourceDefinition"}
 BASE_CAPS = {"BPF", "PERFMON"}
 # Values cases (see scripts/test-helm.sh) that change what the invariants expect.
 UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
@@ -79,7 +82,15 @@ EXACT_API_ACCESS = {
     "k8s-peers": ({"pods", "services"}, {}),
     # A named extension: its settings decide, the processor reading it adds nothing.
     "k8s-extension": ({"nodes"}, {"shop": {"pods"}}),
+    # Users' programs: their EbpfProgram nodeSelectors read the node (programs' own rules apart).
+    "user-programs": ({"pods", "nodes"}, {}),
 }
+# Cases whose agents run users' EbpfProgram objects (the rules apart from list + watch).
+PROGRAM_CASES = {"user-programs"}
+PROGRAM_RULES = [
+    {"apiGroups": ["podscope.dev"], "resources": ["ebpfprograms"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["podscope.dev"], "resources": ["ebpfprograms/status"], "verbs": ["patch"]},
+]
 # Cases that turn on the dashboards' ConfigMaps and the PrometheusRule.
 DASHBOARD_CASES = {"dashboards-rules"}
 CHART = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,12 +198,28 @@ def k8s_metadata_in_use(config):
     return in_use
 
 
+def runs_user_programs(config):
+    """Whether an ebpf receiver's user_programs.extension names a running k8s_metadata
+    extension that reads the API server with the service account."""
+    in_use = k8s_metadata_in_use(config)
+    for component_id, settings in (config.get("receivers") or {}).items():
+        if component_id.split("/")[0] != "ebpf":
+            continue
+        extension = ((settings or {}).get("user_programs") or {}).get("extension")
+        used = in_use.get(f"extensions.{extension}") if extension else None
+        if used is not None and used.get("auth_type", "serviceAccount") == "serviceAccount":
+            return True
+    return False
+
+
 def expected_api_access(config):
     """(cluster-wide resources, {namespace: resources}) the service account needs, from the
     k8s_metadata extensions' behaviour: auth_type serviceAccount or unset (in-cluster in a pod) reads with the
     pod's token; pods cluster-wide, or in filter.namespace; all namespaces for `from: namespace`
     rules, the node for `from: node` rules; every pod and service with peers.enabled."""
     cluster, namespaced = set(), {}
+    if runs_user_programs(config):
+        cluster.add("nodes")  # EbpfProgram nodeSelectors
     for settings in k8s_metadata_in_use(config).values():
         if settings.get("auth_type", "serviceAccount") != "serviceAccount":
             continue
@@ -349,9 +376,13 @@ def check_invariants(docs, case):
     expect(account is not None and account["metadata"]["name"] == spec.get("serviceAccountName")
            and account["metadata"]["namespace"] == account_namespace, "the pod runs as the chart's service account")
 
+    programs = runs_user_programs(config)
+    expect(programs == (case in PROGRAM_CASES), f"users' programs run: {programs}, expected for {sorted(PROGRAM_CASES)}")
+    programs_role = lambda d: d["metadata"]["name"].endswith("-programs")
+
     def check_role(role_kind, binding_kind, namespace, resources):
-        roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace]
-        bindings = [d for d in docs if d.get("kind") == binding_kind and d["metadata"].get("namespace") == namespace]
+        roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace and not programs_role(d)]
+        bindings = [d for d in docs if d.get("kind") == binding_kind and d["metadata"].get("namespace") == namespace and not programs_role(d)]
         where = f"{role_kind} in {namespace}" if namespace else role_kind
         if not resources:
             expect(not roles and not bindings, f"no {where} nor {binding_kind} expected, got {[d['kind'] for d in roles + bindings]}")
@@ -359,7 +390,8 @@ def check_invariants(docs, case):
         if len(roles) != 1 or len(bindings) != 1:
             return problems.append(f"one {where} and one {binding_kind} expected for {sorted(resources)}")
         (role,), (binding,) = roles, bindings
-        expect(len(role["rules"]) == 1, f"{where}: one rule expected, got {role['rules']}")
+        extra = PROGRAM_RULES if programs and role_kind == "ClusterRole" else []
+        expect(role["rules"][1:] == extra, f"{where}: rules after the first {role['rules'][1:]}, want {extra}")
         rule = role["rules"][0]
         expect(rule["apiGroups"] == [""], f"{where}: apiGroups {rule['apiGroups']}")
         expect(rule["verbs"] == API_VERBS, f"{where}: verbs {rule['verbs']}, want {API_VERBS}")
@@ -370,7 +402,20 @@ def check_invariants(docs, case):
         expect(binding["subjects"] == [subject], f"{binding_kind} subjects {binding['subjects']}, want [{subject}]")
 
     check_role("ClusterRole", "ClusterRoleBinding", None, want_cluster)
-    role_namespaces = {d["metadata"].get("namespace") for d in docs if d.get("kind") in ("Role", "RoleBinding")}
+    # Users' programs: get ConfigMaps in the release's namespace, create Events in default.
+    want_program_roles = {}
+    if programs:
+        want_program_roles.setdefault(account_namespace, set()).add(("configmaps", "get"))
+        want_program_roles.setdefault("default", set()).add(("events", "create"))
+    got_program_roles = {}
+    for role in (d for d in docs if d.get("kind") == "Role" and programs_role(d)):
+        for rule in role["rules"]:
+            expect(rule["apiGroups"] == [""] and len(rule["resources"]) == 1 and len(rule["verbs"]) == 1, f"programs Role rule {rule}")
+            got_program_roles.setdefault(role["metadata"]["namespace"], set()).add((rule["resources"][0], rule["verbs"][0]))
+        binding = [d for d in docs if d.get("kind") == "RoleBinding" and d["metadata"] == {**d["metadata"], "name": role["metadata"]["name"], "namespace": role["metadata"]["namespace"]}]
+        expect(len(binding) == 1 and binding[0]["subjects"] == [subject], f"programs RoleBinding in {role['metadata']['namespace']}")
+    expect(got_program_roles == want_program_roles, f"programs Roles {got_program_roles}, want {want_program_roles}")
+    role_namespaces = {d["metadata"].get("namespace") for d in docs if d.get("kind") in ("Role", "RoleBinding") and not programs_role(d)}
     for namespace in sorted(role_namespaces | set(want_namespaced)):
         check_role("Role", "RoleBinding", namespace, want_namespaced.get(namespace, set()))
     reads_api = bool(want_cluster or want_namespaced)
@@ -418,7 +463,7 @@ def check_api_use(fake, node, grants, peers):
     used, refused = set(), set()
     for r in fake.recorded():
         what = (r["verb"], r["resource"], r["scope"])
-        (used if r["status"] == 200 else refused).add(what)
+        (used if r["status"] in (200, 201) else refused).add(what)
         if r["status"] == 401:
             problems.append(f"unauthenticated: {r}")
         fields = set((r["fieldSelector"] or "").split(","))
@@ -554,6 +599,18 @@ def run_agent(docs, podscope, without, rbac_edits):
     node = os.uname().nodename
     watched_namespaces = {(s.get("filter") or {}).get("namespace") for s in k8s_metadata_in_use(config).values()}
     objects = cluster_objects(node, sorted({namespace, "default"} | watched_namespaces - {None}), namespace, pod_name)
+    if runs_user_programs(config):
+        # An EbpfProgram whose object (a ConfigMap of the agent's namespace) is not an object:
+        # the agent reads the ConfigMap, fails the program, writes its status and an Event —
+        # every grant of the programs' RBAC used.
+        objects["configmaps"] = [{"apiVersion": "v1", "kind": "ConfigMap",
+                                  "metadata": {"name": "podscope-programs", "namespace": namespace},
+                                  "binaryData": {"broken.bpf.o": "bm90IGFuIG9iamVjdA=="}}]
+        objects["ebpfprograms"] = [{"apiVersion": "podscope.dev/v1alpha1", "kind": "EbpfProgram",
+                                    "metadata": {"name": "broken"},
+                                    "spec": {"object": {"configMap": {"namespace": namespace, "name": "podscope-programs",
+                                                                      "key": "broken.bpf.o"}},
+                                             "metrics": {"counters": [{"name": "broken.calls", "map": "calls"}]}}}]
     fake = FakeApiServer(work, rbac_docs, namespace, pod_spec["serviceAccountName"], objects)
     grants = fake.grants
     # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, only when the pod
@@ -640,6 +697,42 @@ def run_agent(docs, podscope, without, rbac_edits):
         with open(log_path) as f:
             problems.append("agent log:\n" + f.read()[-4000:])
     shutil.rmtree(work, ignore_errors=True)
+    return problems
+
+
+def check_crd(crd, manifests):
+    """A CustomResourceDefinition's promises: a structural OpenAPI schema that accepts the
+    example manifests (and refuses one with an unknown decoder), printer columns whose paths the
+    schema has, a status subresource, and status.nodes a list-map keyed by node (what each
+    agent's server-side apply relies on)."""
+    import jsonschema
+
+    problems = []
+    (version,) = crd["spec"]["versions"]
+    schema = version["schema"]["openAPIV3Schema"]
+    validator = jsonschema.Draft7Validator(schema)
+    for doc in manifests:
+        for error in validator.iter_errors(doc):
+            problems.append(f"{doc['metadata']['name']}: {'.'.join(str(p) for p in error.path)}: {error.message}")
+    broken = json.loads(json.dumps(manifests[0]))
+    broken["spec"]["metrics"]["counters"][0]["labels"][0]["decoder"] = "hexdump"
+    if not list(validator.iter_errors(broken)):
+        problems.append("the schema accepts an unknown decoder")
+    if version.get("subresources", {}).get("status") != {}:
+        problems.append("no status subresource")
+    nodes = schema["properties"]["status"]["properties"]["nodes"]
+    if (nodes.get("x-kubernetes-list-type"), nodes.get("x-kubernetes-list-map-keys")) != ("map", ["node"]):
+        problems.append("status.nodes must be a list-map keyed by node")
+    for column in version.get("additionalPrinterColumns", []):
+        node = schema
+        for part in column["jsonPath"].strip(".").split("."):
+            name = part.split("[")[0]
+            node = (node.get("properties") or {}).get(name) or ({"type": "object"} if name == "creationTimestamp" or name == "generation" else None)
+            if node is None:
+                problems.append(f"printer column {column['name']}: {column['jsonPath']} is not in the schema")
+                break
+            if "[" in part:
+                node = node.get("items") or {}
     return problems
 
 
@@ -805,6 +898,8 @@ def main(argv):
         problems = run_container(docs, argv[3], argv[4], argv[5] if len(argv) > 5 else None)
     elif command == "invariants":
         problems = check_invariants(docs, argv[3])
+    elif command == "crd":
+        problems = check_crd(one(docs, "CustomResourceDefinition"), [d for path in argv[3:] for d in load(path)])
     else:
         problems = [f"unknown command {command}"]
     for problem in problems:

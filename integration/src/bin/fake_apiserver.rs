@@ -9,8 +9,9 @@
 //! ```
 //!
 //! - `--rbac`: a JSON list of ClusterRole, ClusterRoleBinding, Role and RoleBinding objects;
-//! - `--objects`: a JSON object of lists `pods`, `services`, `namespaces`, `nodes`, served as
-//!   they are (uids kept, resourceVersions the server's);
+//! - `--objects`: a JSON object of lists `pods`, `services`, `namespaces`, `nodes`,
+//!   `configmaps`, `ebpfprograms`, served as they are (uids kept, resourceVersions the
+//!   server's);
 //! - `--secrets`: where to write what the kubelet mounts for the service account (`token`,
 //!   `ca.crt`, `namespace`);
 //! - `--log`: every request for a resource, appended as a JSON line as it is answered (`verb`,
@@ -82,6 +83,13 @@ fn apply_objects(server: &FakeApiServer, objects: &Value) -> Result<(), String> 
     }
     for object in list("services") {
         server.apply_service(serde_json::from_value(object).map_err(|e| typed("services", e))?);
+    }
+    for object in list("configmaps") {
+        server
+            .apply_config_map(serde_json::from_value(object).map_err(|e| typed("configmaps", e))?);
+    }
+    for object in list("ebpfprograms") {
+        server.apply_custom(object);
     }
     Ok(())
 }

@@ -4,9 +4,10 @@
 //! (403 with the real server's message otherwise). Every request for a resource is logged with
 //! what was decided, so a test can compare what a client asked with what RBAC grants.
 //!
-//! RBAC as Kubernetes applies it, for what the fake serves (the core API group): ClusterRoles
+//! RBAC as Kubernetes applies it, for what the fake serves (core and podscope.dev): ClusterRoles
 //! bound by ClusterRoleBindings grant cluster-wide; Roles, or ClusterRoles, bound by a RoleBinding
-//! grant in its namespace; rules match on API group, resource and verb, `*` matching any. A rule
+//! grant in its namespace; rules match on API group, resource (with its subresource, as
+//! `ebpfprograms/status`) and verb, `*` matching any. A rule
 //! with `resourceNames` is treated as granting nothing: no client here needs one.
 
 use std::collections::BTreeSet;
@@ -40,8 +41,11 @@ pub struct Grant {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiRequest {
-    /// `get`, `list` or `watch`.
+    /// `get`, `list`, `watch`, `create` or `patch`.
     pub verb: String,
+    /// The API group ("" for the core group).
+    pub group: String,
+    /// The resource, with its subresource (`ebpfprograms/status`).
     pub resource: String,
     /// `cluster`, or the namespace of the path.
     pub scope: String,
@@ -150,8 +154,9 @@ impl Rbac {
         })
     }
 
-    /// Whether `verb` on `resource` in `namespace` (`None`: cluster-wide) is allowed.
-    pub fn allows(&self, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
+    /// Whether `verb` on `resource` of API group `group` in `namespace` (`None`:
+    /// cluster-wide) is allowed.
+    pub fn allows(&self, group: &str, verb: &str, resource: &str, namespace: Option<&str>) -> bool {
         let any_or = |list: &Option<Vec<String>>, want: &str| {
             list.iter()
                 .flatten()
@@ -163,7 +168,7 @@ impl Rbac {
                     .api_groups
                     .iter()
                     .flatten()
-                    .any(|g| g.is_empty() || g == "*")
+                    .any(|g| g == group || g == "*")
                 && any_or(&rule.resources, resource)
                 && rule.verbs.iter().any(|v| v == "*" || v == verb)
                 && rule.resource_names.as_ref().is_none_or(Vec::is_empty)
@@ -198,8 +203,8 @@ impl Rbac {
             None => "at the cluster scope".to_string(),
         };
         format!(
-            "{what} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"\" {scope}",
-            self.user, request.verb, request.resource
+            "{what} is forbidden: User \"{}\" cannot {} resource \"{}\" in API group \"{}\" {scope}",
+            self.user, request.verb, request.resource, request.group
         )
     }
 }

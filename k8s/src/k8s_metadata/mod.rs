@@ -12,6 +12,7 @@
 mod config;
 mod metadata;
 mod peers;
+mod programs;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -41,6 +42,7 @@ pub use metadata::{
 pub use peers::{
     PeerIndex, PEER_NAMESPACE, PEER_POD, PEER_SERVICE, PEER_WORKLOAD_KIND, PEER_WORKLOAD_NAME,
 };
+pub use programs::{ClusterProgram, ClusterPrograms, NodeProgramStatus};
 pub use store::{Found, PodStore};
 
 use crate::pods::PodSelector;
@@ -82,6 +84,11 @@ pub struct K8sMetadata {
     /// Bumped on every pod change, for components that select pods.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
     watch: tokio::sync::Mutex<Option<(CancellationToken, Vec<tokio::task::JoinHandle<()>>)>>,
+    /// The client, node and watch context while watching a cluster, for watches started on
+    /// request (users' programs).
+    cluster: tokio::sync::Mutex<Option<(kube::Client, String, watch::WatchContext)>>,
+    /// The `EbpfProgram` watch, once a component asked for it.
+    programs: tokio::sync::Mutex<Option<ClusterPrograms>>,
 }
 
 impl K8sMetadata {
@@ -109,6 +116,8 @@ impl K8sMetadata {
             peers: Arc::default(),
             changes: Arc::new(tokio::sync::watch::Sender::new(0)),
             watch: tokio::sync::Mutex::new(None),
+            cluster: tokio::sync::Mutex::new(None),
+            programs: tokio::sync::Mutex::new(None),
             config,
         };
         let t = &ctx.telemetry;
@@ -166,6 +175,23 @@ impl K8sMetadata {
         self.changes.subscribe()
     }
 
+    /// The cluster's `EbpfProgram` objects, watched from the first call on (until the
+    /// extension stops); `None` in host mode or before the extension started.
+    pub async fn cluster_programs(&self) -> Option<ClusterPrograms> {
+        let mut programs = self.programs.lock().await;
+        if let Some(existing) = programs.as_ref() {
+            return Some(existing.clone());
+        }
+        let (client, node, ctx) = self.cluster.lock().await.clone()?;
+        let mut watch = self.watch.lock().await;
+        let (cancel, tasks) = watch.as_mut()?;
+        let (started, new_tasks) = ClusterPrograms::start(client, node, ctx, cancel.clone());
+        tasks.extend(new_tasks);
+        tracing::info!(extension = %self.component, "watching EbpfProgram objects");
+        *programs = Some(started.clone());
+        Some(started)
+    }
+
     /// Applies pod watch events as the watch would (tests and benchmarks fill the cache this
     /// way); a complete list marks the cache synced.
     pub fn apply_pod_events(&self, events: impl IntoIterator<Item = Event<Pod>>) {
@@ -215,23 +241,25 @@ impl Component for K8sMetadata {
             watch::Source::Cluster { client, node } => {
                 tracing::info!(extension = %self.component, node = %node, "watching this node's pods");
                 let cancel = CancellationToken::new();
+                let ctx = watch::WatchContext {
+                    store: self.store.clone(),
+                    extractor: self.extractor.clone(),
+                    readiness: self.readiness.clone(),
+                    component: self.component.clone(),
+                    watch_errors: self.watch_errors.clone(),
+                    pods: self.pods.clone(),
+                    synced: self.synced.clone(),
+                    changes: self.changes.clone(),
+                    peers: self.peers.clone(),
+                };
                 let tasks = watch::spawn_watches(
-                    client,
-                    node,
+                    client.clone(),
+                    node.clone(),
                     &self.config,
-                    watch::WatchContext {
-                        store: self.store.clone(),
-                        extractor: self.extractor.clone(),
-                        readiness: self.readiness.clone(),
-                        component: self.component.clone(),
-                        watch_errors: self.watch_errors.clone(),
-                        pods: self.pods.clone(),
-                        synced: self.synced.clone(),
-                        changes: self.changes.clone(),
-                        peers: self.peers.clone(),
-                    },
+                    ctx.clone(),
                     cancel.clone(),
                 );
+                *self.cluster.lock().await = Some((client, node, ctx));
                 *self.watch.lock().await = Some((cancel, tasks));
             }
         }
@@ -239,6 +267,8 @@ impl Component for K8sMetadata {
     }
 
     async fn shutdown(&self) -> anyhow::Result<()> {
+        self.cluster.lock().await.take();
+        self.programs.lock().await.take();
         if let Some((cancel, tasks)) = self.watch.lock().await.take() {
             cancel.cancel();
             for task in tasks {

@@ -267,7 +267,7 @@ const WATCH_RESTART: BackoffPolicy = BackoffPolicy {
 /// again from a fresh list: the cache then reflects a complete list taken after the failure, which
 /// is what "synced" means (resuming from a resourceVersion would give no sign that it is
 /// current again). `handle` returns true at the end of a complete list.
-async fn run_watch<K>(
+pub(super) async fn run_watch<K>(
     api: Api<K>,
     config: watcher::Config,
     ctx: &WatchContext,
@@ -277,7 +277,6 @@ async fn run_watch<K>(
     mut handle: impl FnMut(Event<K>) -> bool,
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let mut failures = FailureLog::new(resource);
     let mut backoff = Backoff::new(WATCH_RESTART);

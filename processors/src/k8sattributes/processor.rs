@@ -251,6 +251,12 @@ impl Consumer for K8sAttributesProcessor {
                     }
                 }
             }
+        } else if let Some(profiles) = batch.profiles_mut() {
+            // Profiles have no peer addresses: only their resources are enriched.
+            for rp in &mut profiles.resource_profiles {
+                let resource = rp.resource.get_or_insert_with(Default::default);
+                self.enricher.enrich(&mut resource.attributes);
+            }
         }
         self.next.consume(batch).await
     }

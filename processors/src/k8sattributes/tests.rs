@@ -399,7 +399,7 @@ async fn processed(
 ) -> Batch {
     let sink = Arc::new(Recorder::default());
     let processor = config
-        .build(context(id, metadata), Signal::Metrics, sink.clone())
+        .build(context(id, metadata), batch.signal(), sink.clone())
         .unwrap();
     processor.consume(batch).await.unwrap();
     processor.shutdown().await.unwrap();
@@ -501,4 +501,38 @@ async fn processors_naming_one_extension_read_one_cache() {
             "{attrs:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn profiles_of_a_container_get_its_pod_attributes() {
+    let cfg = config(json!({}));
+    let metadata = own_extension(&cfg, vec![web_pod()]);
+    let batch = podscope_testkit::fake_otlp::cpu_profile(2, &[("container.id", APP_ID)]);
+    let out = processed(&cfg, "k8sattributes", &metadata, batch.clone()).await;
+    let (Batch::Profiles(before), Batch::Profiles(after)) = (&batch, &out) else {
+        panic!("profiles")
+    };
+    let attributes = &after.resource_profiles[0]
+        .resource
+        .as_ref()
+        .unwrap()
+        .attributes;
+    assert_eq!(
+        get(attributes, "k8s.pod.name").as_deref(),
+        Some("web-7d4b9c8f6-x2x7k")
+    );
+    assert_eq!(
+        get(attributes, "k8s.container.name").as_deref(),
+        Some("app")
+    );
+    assert_eq!(
+        get(attributes, "k8s.deployment.name").as_deref(),
+        Some("web")
+    );
+    // Samples and their dictionary pass unchanged.
+    assert_eq!(after.dictionary, before.dictionary);
+    assert_eq!(
+        after.resource_profiles[0].scope_profiles,
+        before.resource_profiles[0].scope_profiles
+    );
 }

@@ -46,7 +46,7 @@ pub fn scope() -> InstrumentationScope {
     }
 }
 
-/// The resource of `owner`'s data (metrics and spans alike): the host, and for a cgroup its id,
+/// The resource of `owner`'s data (metrics, spans and profiles alike): the host, and for a cgroup its id,
 /// path (when known) and container id, from which the Kubernetes processor finds the pod.
 pub fn resource(host_name: &str, owner: Owner, path: Option<&str>) -> Resource {
     let mut attributes = vec![string_attr("host.name", host_name)];
@@ -146,6 +146,21 @@ impl<'a> MetricsBuilder<'a> {
                 }),
                 ..Default::default()
             })
+    }
+
+    /// The metric `name` of `owner`, made by `create` when absent: for metrics whose shape and
+    /// start time are their own (user programs' maps, loaded after the receiver started).
+    pub fn metric_entry(
+        &mut self,
+        owner: Owner,
+        name: &str,
+        create: impl FnOnce() -> Metric,
+    ) -> &mut Metric {
+        self.metrics
+            .entry(owner)
+            .or_default()
+            .entry(name.to_string())
+            .or_insert_with(create)
     }
 
     /// A cumulative counter whose name comes from configuration (uprobes).

@@ -29,8 +29,7 @@ pub struct Collector {
     pub removed: Option<RemovedCgroups>,
     /// Cgroups whose data the last collection held back (created after its walk).
     pub held: HashSet<u64>,
-    /// The metrics pipelines; without one, data points are read (map entries of removed cgroups
-    /// are still freed) but not sent.
+    /// The metrics pipelines; without them the collection still frees removed cgroups' entries.
     pub next: Option<Arc<dyn Consumer>>,
     pub host_name: String,
     pub receiver: String,
@@ -186,12 +185,9 @@ impl Collector {
         }
         self.account_kernel_maps();
 
-        let Some(next) = &self.next else {
+        let Some(next) = self.next.as_ref().filter(|_| !resource_metrics.is_empty()) else {
             return;
         };
-        if resource_metrics.is_empty() {
-            return;
-        }
         if let Err(e) = next.consume(Batch::metrics(resource_metrics)).await {
             tracing::warn!(receiver = %self.receiver, error = %e, "pipeline refused this interval's data points");
         }
@@ -217,6 +213,9 @@ impl Collector {
     /// The maps' kernel memory and refused inserts into the receiver's telemetry.
     fn account_kernel_maps(&mut self) {
         let mut memory = Vec::new();
+        for probe in &mut self.probes {
+            memory.extend(probe.extra_map_memory());
+        }
         let removed = self.removed.as_mut().map(RemovedCgroups::object_mut);
         let objects = self
             .probes

@@ -1,3 +1,4 @@
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -5,6 +6,7 @@ use podscope_core::{ComponentConfig, FieldError};
 use serde::Deserialize;
 
 pub use super::probes::ProbesConfig;
+use super::programs::{ProgramSpec, UserProgramsConfig};
 
 /// `receivers: ebpf:` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -22,6 +24,10 @@ pub struct EbpfReceiverConfig {
     /// The probes to run. A probe is on when listed, even empty (`sched:`), unless
     /// `enabled: false`.
     pub probes: ProbesConfig,
+    /// Users' own programs from local files, by name (`docs/programs.md`).
+    pub programs: BTreeMap<String, ProgramSpec>,
+    /// `EbpfProgram` objects of the cluster, and the limits every user program is held to.
+    pub user_programs: UserProgramsConfig,
 }
 
 impl Default for EbpfReceiverConfig {
@@ -31,6 +37,8 @@ impl Default for EbpfReceiverConfig {
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             cgroup_filter: CgroupFilterConfig::default(),
             probes: ProbesConfig::default(),
+            programs: BTreeMap::new(),
+            user_programs: UserProgramsConfig::default(),
         }
     }
 }
@@ -120,12 +128,19 @@ impl ComponentConfig for EbpfReceiverConfig {
                 "must be at least 100ms",
             ));
         }
-        if !self.probes.any_listed() {
+        let user_programs = !self.programs.is_empty() || self.user_programs.extension.is_some();
+        if !self.probes.any_listed() && !user_programs {
             errors.push(FieldError::new(
                 "probes",
-                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes, http",
+                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes, http (or a user program)",
             ));
         }
+        super::programs::validate_local(
+            &self.programs,
+            self.user_programs.extension.is_some(),
+            &mut errors,
+        );
+        self.user_programs.validate(&mut errors);
         self.probes.validate(&mut errors);
         for (i, glob) in self.cgroup_filter.include.iter().enumerate() {
             if let Err(e) = super::cgroups::CgroupGlob::new(glob) {

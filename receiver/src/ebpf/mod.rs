@@ -25,6 +25,7 @@ pub mod histogram;
 pub mod kernel_memory;
 pub mod object;
 mod probes;
+pub mod programs;
 mod telemetry;
 mod tracefs;
 
@@ -48,7 +49,7 @@ pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
     files::FilesProbeConfig, http::HttpProbeConfig, http::RecordedEvents as HttpRecordedEvents,
-    process::ProcessProbeConfig, syscalls::SyscallsProbeConfig, tcp::TcpProbeConfig,
+    process::ProcessProbeConfig, profiling, syscalls::SyscallsProbeConfig, tcp::TcpProbeConfig,
     uprobes::UprobeConfig, BasicProbeConfig,
 };
 
@@ -60,8 +61,8 @@ use telemetry::EbpfTelemetry;
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "ebpf",
-    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes, http) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; HTTP and gRPC requests as spans",
-    signals: &[Signal::Metrics, Signal::Traces],
+    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes, http) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; HTTP and gRPC requests as spans; stack profiles per cgroup (profiling)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_receiver::<EbpfReceiverConfig>,
 };
 
@@ -77,21 +78,39 @@ impl ReceiverBuilder for EbpfReceiverConfig {
     /// `cgroup_filter.pods` names the `k8s_metadata` extension whose pod cache it selects from
     /// (`extension`), or the `k8sattributes` processor whose extension that is (`processor`).
     fn references(&self) -> Vec<podscope_core::ComponentReference> {
+        let mut references = Vec::new();
         let source = self.cgroup_filter.pods.as_ref().map(|pods| pods.source());
-        let (field, kind, id) = match source {
+        match source {
             Some(Ok(config::PodSource::Extension(id))) => {
-                ("extension", podscope_core::ComponentKind::Extension, id)
+                references.push(podscope_core::ComponentReference {
+                    field: "cgroup_filter.pods.extension".to_string(),
+                    kind: podscope_core::ComponentKind::Extension,
+                    id,
+                })
             }
             Some(Ok(config::PodSource::Processor(id))) => {
-                ("processor", podscope_core::ComponentKind::Processor, id)
+                references.push(podscope_core::ComponentReference {
+                    field: "cgroup_filter.pods.processor".to_string(),
+                    kind: podscope_core::ComponentKind::Processor,
+                    id,
+                })
             }
-            _ => return Vec::new(),
-        };
-        vec![podscope_core::ComponentReference {
-            field: format!("cgroup_filter.pods.{field}"),
-            kind,
-            id,
-        }]
+            _ => {}
+        }
+        // User programs: their EbpfProgram objects and pod selections.
+        if let Some(Ok(id)) = self
+            .user_programs
+            .extension
+            .as_deref()
+            .map(podscope_core::ComponentId::parse)
+        {
+            references.push(podscope_core::ComponentReference {
+                field: "user_programs.extension".to_string(),
+                kind: podscope_core::ComponentKind::Extension,
+                id,
+            });
+        }
+        references
     }
 }
 
@@ -126,12 +145,16 @@ pub struct EbpfReceiver {
     next: Option<Arc<dyn Consumer>>,
     /// The traces pipelines, if any list this receiver (spans come from the http probe).
     traces: Option<Arc<dyn Consumer>>,
+    /// The profiles pipelines, if any list this receiver (profiles come from the profiling probe).
+    profiles: Option<Arc<dyn Consumer>>,
     processes: ProcessTable,
     running: tokio::sync::Mutex<Option<Running>>,
     /// Probes that could not attach, with why (for tests and status).
     skipped: Mutex<Vec<ProbeError>>,
     telemetry: EbpfTelemetry,
     map_memory: Arc<Mutex<Vec<MapMemory>>>,
+    /// Users' programs running in this receiver.
+    programs: programs::ProgramSet,
 }
 
 impl EbpfReceiver {
@@ -140,9 +163,9 @@ impl EbpfReceiver {
         ctx: BuildContext,
         next: ReceiverConsumers,
     ) -> anyhow::Result<Self> {
-        if next.metrics.is_none() && next.traces.is_none() {
+        if next.metrics.is_none() && next.traces.is_none() && next.profiles.is_none() {
             anyhow::bail!(
-                "receiver {}: produces metrics (and spans) but is in no metrics or traces pipeline",
+                "receiver {}: produces metrics (spans, profiles) but is in no metrics, traces or profiles pipeline",
                 ctx.id
             );
         }
@@ -152,17 +175,25 @@ impl EbpfReceiver {
                 ctx.id
             );
         }
+        if next.profiles.is_some() && !config.probes.makes_profiles() {
+            anyhow::bail!(
+                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:)",
+                ctx.id
+            );
+        }
         let telemetry = EbpfTelemetry::register(&ctx.telemetry);
         Ok(EbpfReceiver {
             config,
             ctx,
             next: next.metrics,
             traces: next.traces,
+            profiles: next.profiles,
             processes: ProcessTable::default(),
             running: tokio::sync::Mutex::new(None),
             skipped: Mutex::new(Vec::new()),
             telemetry,
             map_memory: Arc::default(),
+            programs: programs::ProgramSet::default(),
         })
     }
 
@@ -173,6 +204,11 @@ impl EbpfReceiver {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Users' programs and their status.
+    pub fn programs(&self) -> programs::ProgramSet {
+        self.programs.clone()
     }
 
     /// pid → process, from the process probe's event stream.
@@ -204,14 +240,52 @@ impl EbpfReceiver {
         Ok(())
     }
 
+    /// The task keeping users' programs in step with the cluster and their pod filters with
+    /// the pods, when `user_programs.extension` names a `k8s_metadata` extension.
+    async fn program_sync(
+        &self,
+        features: &KernelFeatures,
+        cgroup_root: &std::path::Path,
+    ) -> anyhow::Result<Option<programs::ProgramSync>> {
+        let Some(extension) = &self.config.user_programs.extension else {
+            return Ok(None);
+        };
+        let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
+        let metadata = self
+            .ctx
+            .extensions
+            .get::<podscope_k8s::K8sMetadata>(&id)
+            .map_err(|e| {
+                anyhow::anyhow!("receiver {}: user_programs.extension: {e}", self.ctx.id)
+            })?;
+        let cluster = metadata.cluster_programs().await;
+        if cluster.is_none() {
+            tracing::info!(receiver = %self.ctx.id, extension = %id, "no Kubernetes API server: local programs only");
+        }
+        Ok(Some(programs::ProgramSync {
+            receiver: self.ctx.id.to_string(),
+            set: self.programs.clone(),
+            limits: self.config.user_programs.limits.clone(),
+            kernel_btf: features.btf.clone(),
+            cluster,
+            metadata,
+            index: CgroupIndex::new(cgroup_root.to_path_buf()),
+            local: self.config.programs.clone(),
+            applied: Default::default(),
+        }))
+    }
+
     /// The probes, and the kernel's record of removed cgroups beside them (without it, data of a
     /// container removed within one interval is reported without its identity).
-    fn load_probes(&self, filter: &CgroupFilter) -> anyhow::Result<LoadedProbes> {
-        let features = KernelFeatures::detect(&self.config.btf_path);
+    fn load_probes(
+        &self,
+        filter: &CgroupFilter,
+        features: &KernelFeatures,
+    ) -> anyhow::Result<LoadedProbes> {
         let receiver = self.ctx.id.to_string();
         let mut ctx = LoadContext {
             receiver: &receiver,
-            features: &features,
+            features,
             telemetry: &self.telemetry,
             common: vec![
                 Global::U32("agent_tgid", std::process::id()),
@@ -225,7 +299,7 @@ impl EbpfReceiver {
         let removed = if probes.is_empty() {
             None
         } else {
-            match RemovedCgroups::load(&features, &ctx.common) {
+            match RemovedCgroups::load(features, &ctx.common) {
                 Ok(removed) => Some(removed),
                 Err(e) => {
                     tracing::warn!(receiver = %receiver, "{e}; data of a container removed within one collection interval is reported without its path and container id");
@@ -254,13 +328,29 @@ impl Component for EbpfReceiver {
             &self.config.cgroup_filter,
             PodSelection::resolve(&self.config.cgroup_filter, &self.ctx)?,
         );
+        let features = KernelFeatures::detect(&self.config.btf_path);
         let LoadedProbes {
             mut probes,
             removed,
-        } = self.load_probes(&filter)?;
+        } = self.load_probes(&filter, &features)?;
+        if !self.config.programs.is_empty() || self.config.user_programs.extension.is_some() {
+            programs::load_local(
+                &self.ctx.id.to_string(),
+                &self.config.programs,
+                &self.programs,
+                &self.config.user_programs.limits,
+                features.btf.as_ref(),
+            );
+            probes.push(Box::new(programs::ProgramsProbe {
+                set: self.programs.clone(),
+                overflow: self.telemetry.program_overflow.clone(),
+            }));
+        }
         let cancel = CancellationToken::new();
         let start = StartContext {
             traces: self.traces.clone(),
+            profiles: self.profiles.clone(),
+            collection_interval: self.config.collection_interval,
             host_name: self.ctx.host_name.clone(),
             cgroup_root: root.clone(),
             processes: self.processes.clone(),
@@ -273,6 +363,10 @@ impl Component for EbpfReceiver {
         let mut tasks = Vec::new();
         for probe in &mut probes {
             tasks.extend(probe.spawn(&start, &cancel)?);
+        }
+
+        if let Some(sync) = self.program_sync(&features, &root).await? {
+            tasks.push(tokio::spawn(sync.run(cancel.clone())));
         }
 
         let (collect_now, requests) = mpsc::channel(4);

@@ -10,6 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::object::MapMemory;
+use super::probes::profiling::ProfilerCounters;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RingLabels {
@@ -40,6 +41,10 @@ pub struct EbpfTelemetry {
     pub map_full: Family<MapLabels, Counter>,
     /// Where a probe registers metrics of its own (`register_counter`).
     agent: AgentTelemetry,
+    /// The profiling probe's.
+    pub profiler: ProfilerCounters,
+    /// Label sets of user programs' metrics refused by `maxSeries`.
+    pub program_overflow: Family<super::programs::SeriesLabels, Counter>,
     /// 1 for each enabled probe the kernel refused (skipped), 0 for each that attached: alerts
     /// need a series that exists before anything goes wrong.
     pub probe_skipped: Family<ProbeLabels, Gauge>,
@@ -56,6 +61,8 @@ impl EbpfTelemetry {
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
             agent: telemetry.clone(),
+            profiler: ProfilerCounters::default(),
+            program_overflow: Family::default(),
             probe_skipped: Family::default(),
         };
         telemetry.register(
@@ -92,6 +99,42 @@ impl EbpfTelemetry {
             "ebpf_map_full",
             "Inserts into an eBPF map that the kernel refused (map full or out of memory): data lost in the kernel",
             t.map_full.clone(),
+        );
+        let p = &t.profiler;
+        telemetry.register(
+            "ebpf_profile_on_cpu_samples",
+            "On-CPU stack samples the profiling probe summed",
+            p.on_cpu_samples.clone(),
+        );
+        telemetry.register(
+            "ebpf_profile_off_cpu_samples",
+            "Off-CPU blocks the profiling probe summed",
+            p.off_cpu_samples.clone(),
+        );
+        telemetry.register(
+            "ebpf_profile_truncated_stacks",
+            "Stacks whose unwinding stopped before their root (stack copy too short, code without unwind tables)",
+            p.truncated_stacks.clone(),
+        );
+        telemetry.register(
+            "ebpf_profile_unsymbolized_frames",
+            "Distinct frames per interval that got no name (they keep their build id and file offset)",
+            p.unsymbolized_frames.clone(),
+        );
+        telemetry.register(
+            "ebpf_profile_symbol_evictions",
+            "Binaries whose symbol and unwind tables were dropped to keep within symbol_cache_bytes",
+            p.symbol_evictions.clone(),
+        );
+        telemetry.register(
+            "ebpf_profile_symbol_cache_bytes",
+            "Memory the profiling probe's symbol and unwind tables hold",
+            p.symbol_cache_bytes.clone(),
+        );
+        telemetry.register(
+            "ebpf_program_series_overflow",
+            "Label sets of a user program's metric not exported because the metric reached its maxSeries",
+            t.program_overflow.clone(),
         );
         telemetry.register(
             "ebpf_probe_skipped",

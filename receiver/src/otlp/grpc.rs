@@ -81,7 +81,7 @@ impl UnaryService<Bytes> for ExportMethod {
         let (signal, next) = (self.signal, self.next.clone());
         Box::pin(async move {
             let batch = signal
-                .decode_request(request.get_ref(), Encoding::Protobuf)
+                .decode_request(request.into_inner(), Encoding::Protobuf)
                 .map_err(Status::invalid_argument)?;
             if !batch.is_empty() {
                 next.consume(batch).await.map_err(|e| status_for(&e))?;

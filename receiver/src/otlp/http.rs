@@ -103,7 +103,7 @@ async fn export(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Body
         Ok(b) => b,
         Err((status, message)) => return error(encoding, status, message),
     };
-    let batch = match endpoint.signal.decode_request(&body, encoding) {
+    let batch = match endpoint.signal.decode_request(body, encoding) {
         Ok(batch) => batch,
         Err(message) => return error(encoding, StatusCode::BAD_REQUEST, message),
     };

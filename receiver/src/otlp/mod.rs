@@ -35,8 +35,8 @@ pub use config::{GrpcSettings, HttpSettings, OtlpReceiverConfig, Protocols};
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "otlp",
-    description: "Receives OTLP metrics and traces over gRPC and HTTP (protobuf or JSON)",
-    signals: &[Signal::Metrics, Signal::Traces],
+    description: "Receives OTLP metrics, traces and profiles over gRPC and HTTP (protobuf or JSON)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_receiver::<OtlpReceiverConfig>,
 };
 

@@ -61,7 +61,7 @@ impl TestConsumer {
                     .flat_map(|ss| &ss.spans)
                     .map(|s| s.name.clone())
                     .collect::<Vec<_>>(),
-                Batch::Metrics(_) => panic!("metrics in the traces consumer"),
+                _ => panic!("another signal in the traces consumer"),
             })
             .collect()
     }
@@ -107,6 +107,7 @@ async fn start(signals: &[&str]) -> Running {
         traces: signals
             .contains(&"traces")
             .then(|| traces.clone() as Arc<dyn Consumer>),
+        profiles: None,
     };
     let receiver = OtlpReceiver::new(config, &BuildContext::for_tests("otlp"), next);
     receiver.start().await.unwrap();

@@ -87,6 +87,7 @@ pub async fn start_config(
         ReceiverConsumers {
             metrics: Some(collected.clone()),
             traces: None,
+            profiles: None,
         },
     )
     .unwrap();

@@ -35,6 +35,8 @@ pub trait ProbeKind {
     const METRICS: &'static [MetricDoc];
     /// Whether it makes spans (the receiver's traces signal).
     const MAKES_SPANS: bool = false;
+    /// Whether it makes profiles (the receiver's profiles signal).
+    const MAKES_PROFILES: bool = false;
 
     /// Whether the settings turn the probe on.
     fn enabled(config: &Self::Config) -> bool;
@@ -68,6 +70,11 @@ pub trait Probe: Send {
 
     /// Frees the entries of cgroups that no longer exist (their series were reported a last time).
     fn forget(&mut self, _gone: &HashSet<u64>) {}
+
+    /// Kernel memory of maps it holds outside `objects_mut` (users' programs).
+    fn extra_map_memory(&self) -> Vec<super::object::MapMemory> {
+        Vec::new()
+    }
 
     /// Starts the tasks it runs beside the collection (the process probe's event reader).
     fn spawn(
@@ -152,6 +159,7 @@ pub trait SingleObjectProbe {
     const SPEC: ProbeSpec;
     const METRICS: &'static [MetricDoc];
     const MAKES_SPANS: bool = false;
+    const MAKES_PROFILES: bool = false;
 
     fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
     fn open(config: &Self::Config, ctx: &mut LoadContext<'_>)
@@ -163,6 +171,7 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     const SPEC: ProbeSpec = K::SPEC;
     const METRICS: &'static [MetricDoc] = K::METRICS;
     const MAKES_SPANS: bool = K::MAKES_SPANS;
+    const MAKES_PROFILES: bool = K::MAKES_PROFILES;
 
     fn enabled(config: &K::Config) -> bool {
         config.enabled()
@@ -264,7 +273,10 @@ impl MapSizes {
 pub struct StartContext {
     /// Where spans go: the receiver's traces pipelines, if any.
     pub traces: Option<Arc<dyn podscope_core::Consumer>>,
-    /// `host.name` and the cgroup2 mount, for the resources of spans.
+    /// Where profiles go: the receiver's profiles pipelines, if any.
+    pub profiles: Option<Arc<dyn podscope_core::Consumer>>,
+    pub collection_interval: std::time::Duration,
+    /// `host.name` and the cgroup2 mount, for the resources of what probes send themselves.
     pub host_name: String,
     pub cgroup_root: std::path::PathBuf,
     pub processes: ProcessTable,
@@ -358,6 +370,11 @@ macro_rules! probe_table {
                 false $(|| (<$kind as ProbeKind>::MAKES_SPANS && self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled)))+
             }
 
+            /// Whether a probe that makes profiles is on.
+            pub fn makes_profiles(&self) -> bool {
+                false $(|| (<$kind as ProbeKind>::MAKES_PROFILES && self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled)))+
+            }
+
             /// Whether any probe is listed (on or off).
             pub fn any_listed(&self) -> bool {
                 false $(|| self.$name.as_ref().is_some_and(<$kind as ProbeKind>::listed))+
@@ -398,6 +415,8 @@ probe_table! {
     uprobes: Uprobes,
     /// HTTP and gRPC requests served and made, as spans and RED metrics.
     http: Http,
+    /// On- and off-CPU stack profiles (a profiles pipeline takes them).
+    profiling: Profiling,
 }
 
 #[cfg(test)]
