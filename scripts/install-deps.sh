@@ -8,12 +8,16 @@ set -euo pipefail
 # bindgen loads to generate the Rust types of podscope.h, the same LLVM as clang-19), Prometheus + promtool (the real
 # backend the exporter tests run against), bpftrace (ground truth in benchmarks), iproute2 (network
 # namespaces in TCP tests), iperf3 (the TCP probe benchmark), wrk (the HTTP load of the workload
-# cost benchmark), python3-venv (the oteltest OTLP sink the exporter tests send to, below),
-# podman + buildah + runc (scripts/test-helm.sh builds the agent's image without Docker and runs it
-# as the chart's container; runc because crun refuses hybrid cgroup hosts), util-linux (nsenter
-# into that container's network namespace; unshare and mount in the profiling tests), gcc +
-# libc6-dev + binutils (the profiling tests build C programs without frame pointers and strip one).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux gcc libc6-dev binutils)
+# cost benchmark and the http probe's), python3-venv (the oteltest OTLP sink the exporter tests
+# send to, below), podman + buildah + runc (scripts/test-helm.sh builds the agent's image without
+# Docker and runs it as the chart's container; runc because crun refuses hybrid cgroup hosts),
+# util-linux (nsenter into that container's network namespace; unshare and mount in the profiling
+# tests), gcc + libc6-dev + binutils (the profiling tests build C programs without frame pointers
+# and strip one). The http probe's tests and benchmark: nginx (HTTP and HTTPS server), openssl
+# (their self-signed certificates) and python3-grpcio (gRPC server and client; Debian's build uses
+# the system libssl, so its TLS is visible to the libssl uprobes, where PyPI's wheel links
+# BoringSSL statically and strips its symbols).
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux gcc libc6-dev binutils nginx openssl python3-grpcio)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -28,8 +32,18 @@ done
 command -v kubectl >/dev/null 2>&1 || missing+=(kubernetes-client)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-deps: installing ${missing[*]}" >&2
+  # Packages must not start services here (nginx's would take port 80): Debian's policy-rc.d
+  # hook refuses, for this install only, unless the machine already has one.
+  policy=/usr/sbin/policy-rc.d
+  made_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+    as_root chmod 755 "$policy"
+    made_policy=1
+  fi
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$made_policy" ]; then as_root rm -f "$policy"; fi
 fi
 
 # Rust: the project builds with stable >= 1.89 (kube 5 needs it; aya 0.14 is the newest aya

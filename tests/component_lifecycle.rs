@@ -23,6 +23,8 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
         // Every probe loads for real (CI runs as root); no interval passes during the test.
         (ComponentKind::Receiver, "ebpf") => json!({"collection_interval": "1h", "probes": {
             "process": {}, "syscalls": {}, "files": {"capture_paths": true}, "sched": {}, "block_io": {}, "tcp": {},
+            // The http probe: the receiver is a traces source only with it on.
+            "http": {},
             "profiling": {"off_cpu": true}}}),
         (ComponentKind::Receiver, "otlp") => json!({"protocols": {
             "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}),

@@ -48,6 +48,8 @@ pub type TcpOtherKey = podscope_tcp_other_key;
 pub type TcpOther = podscope_tcp_other;
 /// A removed cgroup's path, as the kernel recorded it when the directory went.
 pub type RemovedCgroup = removed_cgroup;
+/// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
+pub type HttpEventHead = http_event_head;
 /// A stack sample's fixed part; the copied user stack follows it on the ring buffer.
 pub type ProfileSampleHead = profile_sample_head;
 pub type ProfilePending = profile_pending;
@@ -136,6 +138,30 @@ impl MappedFile {
     }
 }
 
+impl HttpEventHead {
+    /// Decodes an event from ring-buffer bytes: its head and captured bytes (never more than
+    /// the record holds, whatever `captured` says); `None` if shorter than a head.
+    pub fn from_bytes(bytes: &[u8]) -> Option<(HttpEventHead, &[u8])> {
+        let head: HttpEventHead = from_bytes(bytes)?;
+        let data = &bytes[std::mem::size_of::<HttpEventHead>()..];
+        let data = &data[..(head.captured as usize).min(data.len())];
+        Some((head, data))
+    }
+
+    /// The ring-buffer record of this head and `data` (what the kernel writes; for tests and
+    /// benchmarks). `captured` is set to the data's length.
+    pub fn to_record(&self, data: &[u8]) -> Vec<u8> {
+        let mut head = *self;
+        head.captured = data.len().min(usize::from(u16::MAX)) as u16;
+        let size = std::mem::size_of::<HttpEventHead>();
+        let mut record = vec![0u8; size];
+        // SAFETY: `record` has room for one head; write_unaligned copes with any alignment.
+        unsafe { std::ptr::write_unaligned(record.as_mut_ptr().cast::<HttpEventHead>(), head) };
+        record.extend_from_slice(&data[..usize::from(head.captured)]);
+        record
+    }
+}
+
 impl UprobeKey {
     /// The captured bytes (never longer than the buffer, whatever `value_len` says).
     pub fn value_bytes(&self) -> &[u8] {
@@ -173,6 +199,7 @@ unsafe impl aya::Pod for TcpDistKey {}
 unsafe impl aya::Pod for TcpDists {}
 unsafe impl aya::Pod for TcpOtherKey {}
 unsafe impl aya::Pod for TcpOther {}
+unsafe impl aya::Pod for HttpEventHead {}
 unsafe impl aya::Pod for BlockStats {}
 unsafe impl aya::Pod for RemovedCgroup {}
 unsafe impl aya::Pod for ProfileSampleHead {}

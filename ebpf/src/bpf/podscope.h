@@ -213,6 +213,77 @@ struct removed_cgroup {
 	__u8 path[PODSCOPE_CGROUP_PATH_LEN];
 };
 
+/* http probe: the start of every HTTP/1 message and the bytes of HTTP/2 connections, read from
+ * socket syscalls (and OpenSSL calls for TLS), sent to userspace, which parses and pairs them.
+ * One event per syscall that carries data worth reading; the socket's addresses ride on each. */
+#define PODSCOPE_HTTP_CAPTURE_MAX 1024
+
+enum http_event_kind {
+	HTTP_EVENT_DATA = 1,  /* bytes read or written on a connection */
+	HTTP_EVENT_CLOSE = 2, /* the connection's descriptor was closed */
+	HTTP_EVENT_BIND = 3,  /* the SSL object `ssl` uses this connection (its earlier plaintext too) */
+};
+
+enum http_direction {
+	HTTP_DIR_IN = 1,  /* read by the process */
+	HTTP_DIR_OUT = 2, /* written by the process */
+};
+
+enum http_protocol {
+	HTTP_PROTO_UNKNOWN = 0,
+	HTTP_PROTO_HTTP1 = 1,
+	HTTP_PROTO_HTTP2 = 2,
+	HTTP_PROTO_TLS = 3,   /* ciphertext on the socket; the plaintext comes from OpenSSL uprobes */
+	HTTP_PROTO_OTHER = 4, /* not HTTP: not looked at again */
+};
+
+enum http_role {
+	HTTP_ROLE_CLIENT = 1, /* connect() */
+	HTTP_ROLE_SERVER = 2, /* accept() */
+};
+
+enum http_event_flag {
+	HTTP_FLAG_TLS = 1,          /* plaintext of a TLS connection (from SSL_read/SSL_write) */
+	HTTP_FLAG_CONTINUATION = 2, /* more of the message head begun by the previous event */
+};
+
+struct http_event_head {
+	__u64 timestamp_ns; /* bpf_ktime_get_ns(): read at syscall exit, write at syscall entry */
+	__u64 cgroup_id;
+	__u64 ssl; /* TLS plaintext: the SSL object; with fd HTTP_NO_FD its socket is not known yet */
+	__u32 tgid;
+	__u32 tid;
+	__u32 fd;
+	__u32 total_len; /* bytes the call read or was asked to write; data holds the first `captured` */
+	__u16 captured;
+	__u8 kind;
+	__u8 direction;
+	__u8 protocol;
+	__u8 role;
+	__u8 family; /* AF_INET 2, AF_INET6 10 */
+	__u8 flags;
+	__u16 local_port;
+	__u16 remote_port;
+	__u8 local_addr[16]; /* IPv4 in the first 4 bytes */
+	__u8 remote_addr[16];
+	__u8 _pad[4]; /* to 8 bytes: no implicit padding (the scratch copy keeps it zero) */
+};
+
+#define HTTP_NO_FD 0xffffffff
+
+/* What goes on the ring buffer: the head and `captured` bytes of data. */
+struct http_event {
+	struct http_event_head head;
+	__u8 data[PODSCOPE_HTTP_CAPTURE_MAX];
+};
+
+/* Per-CPU counters of the http probe (index into http_counters). */
+enum http_counter {
+	HTTP_COUNTER_NOT_HTTP = 0,    /* connections whose first bytes were not HTTP */
+	HTTP_COUNTER_EVENTS_LOST = 1, /* events that did not fit in the ring buffer */
+	HTTP_COUNTER_SLOTS = 4,
+};
+
 /* profiling probe: one record per stack sample on the ring buffer (on-CPU from a perf event,
  * off-CPU from the scheduler), unwound and aggregated in userspace. The user stack is copied page
  * by page so that an unmapped page ends the copy instead of failing it whole; `ustack` is a ring
@@ -330,6 +401,12 @@ enum uprobes_map_slot {
 enum uprobe_series_slot {
 	UPROBE_SERIES_ADMITTED = 0,
 	UPROBE_SERIES_RELEASED = 1,
+};
+
+enum http_map_slot {
+	HTTP_MAP_CONNS = 0,
+	HTTP_MAP_SSL_CALLS = 1,
+	HTTP_MAP_SSL_FDS = 2,
 };
 
 enum profiling_map_slot {

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, AggregationTemporality, ExponentialHistogram, Metric,
-    NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
+    metric, number_data_point, AggregationTemporality, ExponentialHistogram,
+    ExponentialHistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use podscope_ebpf::abi::Hist;
@@ -34,6 +34,34 @@ pub fn int_attr(key: &str, value: i64) -> KeyValue {
         value: Some(AnyValue {
             value: Some(any_value::Value::IntValue(value)),
         }),
+    }
+}
+
+/// The receiver's instrumentation scope, on its metrics and spans.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "podscope.receiver.ebpf".to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ..Default::default()
+    }
+}
+
+/// The resource of `owner`'s data (metrics, spans and profiles alike): the host, and for a cgroup its id,
+/// path (when known) and container id, from which the Kubernetes processor finds the pod.
+pub fn resource(host_name: &str, owner: Owner, path: Option<&str>) -> Resource {
+    let mut attributes = vec![string_attr("host.name", host_name)];
+    if let Owner::Cgroup(id) = owner {
+        attributes.push(int_attr("podscope.cgroup.id", id as i64));
+        if let Some(path) = path {
+            attributes.push(string_attr("podscope.cgroup.path", path));
+            if let Some(container) = container_id(path) {
+                attributes.push(string_attr("container.id", &container));
+            }
+        }
+    }
+    Resource {
+        attributes,
+        ..Default::default()
     }
 }
 
@@ -103,7 +131,7 @@ impl<'a> MetricsBuilder<'a> {
                         },
                         is_monotonic: true,
                     }),
-                    MetricKind::Distribution => {
+                    MetricKind::Distribution | MetricKind::Duration => {
                         metric::Data::ExponentialHistogram(ExponentialHistogram {
                             data_points: Vec::new(),
                             aggregation_temporality: AggregationTemporality::Cumulative as i32,
@@ -207,14 +235,24 @@ impl<'a> MetricsBuilder<'a> {
         }
     }
 
+    /// An exponential-histogram data point made by the probe (a scale other than the kernel's);
+    /// its start time, when it has none, is its owner's series start, as for the others.
+    pub fn exponential(
+        &mut self,
+        owner: Owner,
+        doc: &MetricDoc,
+        mut point: ExponentialHistogramDataPoint,
+    ) {
+        point.time_unix_nano = self.now_ns;
+        if let Some(metric::Data::ExponentialHistogram(h)) = &mut self.metric(owner, doc).data {
+            h.data_points.push(point);
+        }
+    }
+
     /// The resources of the owners `identify` names (the others' points are left out), every
     /// point that has no start time yet given its owner's.
     pub fn finish(self, identify: impl Fn(Owner) -> Option<Identity>) -> Vec<ResourceMetrics> {
-        let scope = InstrumentationScope {
-            name: "podscope.receiver.ebpf".to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            ..Default::default()
-        };
+        let scope = scope();
         let mut out = Vec::new();
         for (owner, metrics) in &self.metrics {
             let Some(identity) = identify(*owner) else {
@@ -255,24 +293,5 @@ fn set_missing_start(metric: &mut Metric, start_ns: u64) {
             .iter_mut()
             .for_each(|p| fill(&mut p.start_time_unix_nano)),
         _ => {}
-    }
-}
-
-/// The resource of an owner's data (metrics, and a cgroup's profiles alike): `host.name`, and
-/// for a cgroup its id, its path (when known) and the container id the path names.
-pub fn resource(host_name: &str, owner: Owner, path: Option<&str>) -> Resource {
-    let mut attributes = vec![string_attr("host.name", host_name)];
-    if let Owner::Cgroup(id) = owner {
-        attributes.push(int_attr("podscope.cgroup.id", id as i64));
-        if let Some(path) = path {
-            attributes.push(string_attr("podscope.cgroup.path", path));
-            if let Some(container) = container_id(path) {
-                attributes.push(string_attr("container.id", &container));
-            }
-        }
-    }
-    Resource {
-        attributes,
-        ..Default::default()
     }
 }

@@ -23,6 +23,9 @@ pub enum MetricKind {
     Distribution,
     /// Delta exponential histogram, scale 0: values sampled at one collection.
     SampledDistribution,
+    /// Cumulative exponential histogram of durations in seconds, at the scale the probe chose
+    /// (finer than the kernel's scale 0: request durations, whose quantiles users read).
+    Duration,
 }
 
 impl MetricKind {
@@ -34,6 +37,7 @@ impl MetricKind {
             MetricKind::SampledDistribution => {
                 "exponential histogram (scale 0, delta: sampled at each collection)"
             }
+            MetricKind::Duration => "exponential histogram (scale 4, cumulative)",
         }
     }
 }

@@ -132,7 +132,7 @@ impl ComponentConfig for EbpfReceiverConfig {
         if !self.probes.any_listed() && !user_programs {
             errors.push(FieldError::new(
                 "probes",
-                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes (or a user program)",
+                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes, http (or a user program)",
             ));
         }
         super::programs::validate_local(

@@ -48,8 +48,9 @@ pub use config::{CgroupFilterConfig, EbpfReceiverConfig, PodFilterConfig, Probes
 pub use events::{ProcessInfo, ProcessTable};
 pub use object::{Hook, MapMemory, ProbeError};
 pub use probes::{
-    files::FilesProbeConfig, process::ProcessProbeConfig, profiling, syscalls::SyscallsProbeConfig,
-    tcp::TcpProbeConfig, uprobes::UprobeConfig, BasicProbeConfig,
+    files::FilesProbeConfig, http::HttpProbeConfig, http::RecordedEvents as HttpRecordedEvents,
+    process::ProcessProbeConfig, profiling, syscalls::SyscallsProbeConfig, tcp::TcpProbeConfig,
+    uprobes::UprobeConfig, BasicProbeConfig,
 };
 
 use collector::{unix_nanos, Collector};
@@ -60,8 +61,8 @@ use telemetry::EbpfTelemetry;
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "ebpf",
-    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; stack profiles per cgroup (profiling)",
-    signals: &[Signal::Metrics, Signal::Profiles],
+    description: "Kernel probes (process, syscalls, files, sched, block_io, tcp, uprobes, http) on tracepoints, tp_btf and uprobes, aggregated in eBPF maps, as metrics per cgroup; HTTP and gRPC requests as spans; stack profiles per cgroup (profiling)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
     create: create_receiver::<EbpfReceiverConfig>,
 };
 
@@ -142,6 +143,8 @@ pub struct EbpfReceiver {
     ctx: BuildContext,
     /// The metrics pipelines, if any list this receiver.
     next: Option<Arc<dyn Consumer>>,
+    /// The traces pipelines, if any list this receiver (spans come from the http probe).
+    traces: Option<Arc<dyn Consumer>>,
     /// The profiles pipelines, if any list this receiver (profiles come from the profiling probe).
     profiles: Option<Arc<dyn Consumer>>,
     processes: ProcessTable,
@@ -160,9 +163,15 @@ impl EbpfReceiver {
         ctx: BuildContext,
         next: ReceiverConsumers,
     ) -> anyhow::Result<Self> {
-        if next.metrics.is_none() && next.profiles.is_none() {
+        if next.metrics.is_none() && next.traces.is_none() && next.profiles.is_none() {
             anyhow::bail!(
-                "receiver {}: produces metrics (and profiles) but is in no metrics or profiles pipeline",
+                "receiver {}: produces metrics (spans, profiles) but is in no metrics, traces or profiles pipeline",
+                ctx.id
+            );
+        }
+        if next.traces.is_some() && !config.probes.makes_spans() {
+            anyhow::bail!(
+                "receiver {}: is in a traces pipeline, but only the http probe makes spans and it is not on (probes: http:)",
                 ctx.id
             );
         }
@@ -177,6 +186,7 @@ impl EbpfReceiver {
             config,
             ctx,
             next: next.metrics,
+            traces: next.traces,
             profiles: next.profiles,
             processes: ProcessTable::default(),
             running: tokio::sync::Mutex::new(None),
@@ -338,6 +348,7 @@ impl Component for EbpfReceiver {
         }
         let cancel = CancellationToken::new();
         let start = StartContext {
+            traces: self.traces.clone(),
             profiles: self.profiles.clone(),
             collection_interval: self.config.collection_interval,
             host_name: self.ctx.host_name.clone(),

@@ -27,12 +27,17 @@ pub enum Hook {
     /// call per field), needs kernel BTF. Every probe uses it: measured cheaper than raw_tp with
     /// helper calls on the hottest path (see BENCHMARKS.md).
     TpBtf(&'static str),
+    /// Classic tracepoint (`category:name`), e.g. one syscall's `syscalls:sys_enter_write`:
+    /// unlike the raw `sys_enter`, other syscalls run no program. Needs tracefs
+    /// ([`super::tracefs::available`] mounts it when missing).
+    TracePoint(&'static str, &'static str),
 }
 
 impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Hook::TpBtf(tp) => write!(f, "tp_btf/{tp}"),
+            Hook::TracePoint(category, name) => write!(f, "tracepoint/{category}/{name}"),
         }
     }
 }
@@ -62,6 +67,18 @@ impl ProgramSpec {
             fallback: Some(function),
             ..self
         }
+    }
+}
+
+pub const fn tracepoint(
+    function: &'static str,
+    category: &'static str,
+    name: &'static str,
+) -> ProgramSpec {
+    ProgramSpec {
+        function,
+        hook: Hook::TracePoint(category, name),
+        fallback: None,
     }
 }
 
@@ -542,6 +559,11 @@ fn attach(ebpf: &mut Ebpf, function: &str, hook: Hook, btf: &Btf) -> Result<(), 
             let p: &mut BtfTracePoint = prog.try_into().map_err(|e| describe(&e))?;
             p.load(tp, btf).map_err(|e| describe(&e))?;
             p.attach().map_err(|e| describe(&e))?;
+        }
+        Hook::TracePoint(category, name) => {
+            let p: &mut TracePoint = prog.try_into().map_err(|e| describe(&e))?;
+            p.load().map_err(|e| describe(&e))?;
+            p.attach(category, name).map_err(|e| describe(&e))?;
         }
     }
     Ok(())

@@ -39,6 +39,8 @@ pub struct EbpfTelemetry {
     pub map_memory_total: Gauge,
     /// Inserts the kernel refused (map full, or no memory for a new entry).
     pub map_full: Family<MapLabels, Counter>,
+    /// Where a probe registers metrics of its own (`register_counter`).
+    agent: AgentTelemetry,
     /// The profiling probe's.
     pub profiler: ProfilerCounters,
     /// Label sets of user programs' metrics refused by `maxSeries`.
@@ -58,6 +60,7 @@ impl EbpfTelemetry {
             map_memory: Family::default(),
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
+            agent: telemetry.clone(),
             profiler: ProfilerCounters::default(),
             program_overflow: Family::default(),
             probe_skipped: Family::default(),
@@ -139,6 +142,13 @@ impl EbpfTelemetry {
             t.probe_skipped.clone(),
         );
         t
+    }
+
+    /// A counter of a probe's own, `podscope_<name>_total` in the agent's telemetry.
+    pub fn register_counter(&self, name: &str, help: &str) -> Counter {
+        let counter = Counter::default();
+        self.agent.register(name, help, counter.clone());
+        counter
     }
 
     /// Records whether enabled probe `probe` was skipped (true) or attached (false).

@@ -33,6 +33,8 @@ pub trait ProbeKind {
     const SPEC: ProbeSpec;
     /// Every metric it emits (`docs/metrics.md` is generated from these).
     const METRICS: &'static [MetricDoc];
+    /// Whether it makes spans (the receiver's traces signal).
+    const MAKES_SPANS: bool = false;
     /// Whether it makes profiles (the receiver's profiles signal).
     const MAKES_PROFILES: bool = false;
 
@@ -156,6 +158,7 @@ pub trait SingleObjectProbe {
     /// Its object, programs and maps (the spec's name is the probe's).
     const SPEC: ProbeSpec;
     const METRICS: &'static [MetricDoc];
+    const MAKES_SPANS: bool = false;
     const MAKES_PROFILES: bool = false;
 
     fn validate(_config: &Self::Config, _prefix: &str, _errors: &mut Vec<FieldError>) {}
@@ -167,6 +170,7 @@ impl<K: SingleObjectProbe> ProbeKind for K {
     type Config = K::Config;
     const SPEC: ProbeSpec = K::SPEC;
     const METRICS: &'static [MetricDoc] = K::METRICS;
+    const MAKES_SPANS: bool = K::MAKES_SPANS;
     const MAKES_PROFILES: bool = K::MAKES_PROFILES;
 
     fn enabled(config: &K::Config) -> bool {
@@ -267,6 +271,8 @@ impl MapSizes {
 
 /// What probes start their tasks with.
 pub struct StartContext {
+    /// Where spans go: the receiver's traces pipelines, if any.
+    pub traces: Option<Arc<dyn podscope_core::Consumer>>,
     /// Where profiles go: the receiver's profiles pipelines, if any.
     pub profiles: Option<Arc<dyn podscope_core::Consumer>>,
     pub collection_interval: std::time::Duration,
@@ -359,6 +365,11 @@ macro_rules! probe_table {
         }
 
         impl ProbesConfig {
+            /// Whether a probe that makes spans is on.
+            pub fn makes_spans(&self) -> bool {
+                false $(|| (<$kind as ProbeKind>::MAKES_SPANS && self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled)))+
+            }
+
             /// Whether a probe that makes profiles is on.
             pub fn makes_profiles(&self) -> bool {
                 false $(|| (<$kind as ProbeKind>::MAKES_PROFILES && self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled)))+
@@ -402,6 +413,8 @@ probe_table! {
     tcp: Tcp,
     /// User functions to count, with a captured argument or return value.
     uprobes: Uprobes,
+    /// HTTP and gRPC requests served and made, as spans and RED metrics.
+    http: Http,
     /// On- and off-CPU stack profiles (a profiles pipeline takes them).
     profiling: Profiling,
 }

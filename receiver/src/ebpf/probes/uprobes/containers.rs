@@ -1,5 +1,6 @@
-//! `container:<path>` entries: which containers have the file, which file the kernel sees behind
-//! it, and one attachment per such file, kept while a live container uses it.
+//! Uprobes inside containers (`container:<path>` uprobe entries, the http probe's libssl): which
+//! containers have the files, which file the kernel sees behind each, and one attachment per such
+//! file, kept while a live container uses it (or for good, when attached on the host).
 //!
 //! Containers are found in `/proc`: each is looked at once per root directory, through the first
 //! of its processes seen with that root (a runtime moves a container's first process into its
@@ -39,20 +40,30 @@ struct FileId {
 /// A container as the scan tells them apart: its id, and its root directory's device and inode.
 type ContainerRoot = (String, u64, u64);
 
-/// An attachment to one file, and the live containers that use the file.
-struct Attachment {
-    link: UProbeLinkId,
-    users: HashSet<ContainerRoot>,
+/// One uprobe program of an object, attached to one symbol of each file.
+pub struct SymbolProbe {
+    pub program: &'static str,
+    pub symbol: String,
+    /// A file without this symbol gets none of the programs (else it is merely skipped).
+    pub required: bool,
 }
 
-/// What a `container:<path>` entry has attached, and in which containers it has looked.
+/// The files to attach to inside a container, given the container's root as seen from here.
+pub type ContainerPaths = Box<dyn Fn(&Path) -> Vec<PathBuf> + Send>;
+
+/// The attachments to one file, and the live containers that use the file.
+struct Attachment {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    users: HashSet<ContainerRoot>,
+    /// Attached on the host: kept whatever the containers do.
+    on_host: bool,
+}
+
+/// What an object has attached in containers, and in which containers it has looked.
 pub struct ContainerTargets {
-    /// The path inside each container, relative to its root.
-    inner: PathBuf,
-    symbol: String,
-    /// The entry's program (on entry or on return).
-    function: &'static str,
-    /// `binary:symbol`, for messages.
+    paths: ContainerPaths,
+    probes: Vec<SymbolProbe>,
+    /// What is attached (`binary:symbol`, `http (libssl)`), for messages.
     location: String,
     /// The iterator telling the files the kernel sees is loaded.
     sees_kernel_files: bool,
@@ -60,21 +71,20 @@ pub struct ContainerTargets {
     /// Pruned to the live processes at each scan; with the root in the key, a process seen before
     /// it switched root is looked at again.
     seen: HashMap<(u32, u64, u64), Option<ContainerRoot>>,
-    /// Containers looked at, and the file each has at the path (`None`: none).
-    containers: HashMap<ContainerRoot, Option<FileId>>,
+    /// Containers looked at.
+    containers: HashSet<ContainerRoot>,
     attachments: HashMap<FileId, Attachment>,
 }
 
 impl ContainerTargets {
-    /// For the entry attaching `function` to `symbol` at `inner` inside containers; loads the
-    /// object's iterator over the agent's mappings, or says once why files are told apart by
-    /// `stat` instead.
+    /// For attaching `probes` (loaded programs of `object`) to the files `paths` names inside
+    /// containers; loads the object's iterator over the agent's mappings, or says once why files
+    /// are told apart by `stat` instead.
     pub fn new(
         object: &mut ProbeObject,
         features: &KernelFeatures,
-        inner: &Path,
-        symbol: &str,
-        function: &'static str,
+        paths: ContainerPaths,
+        probes: Vec<SymbolProbe>,
         location: String,
     ) -> ContainerTargets {
         let sees_kernel_files = match load_iterator(object, features) {
@@ -85,18 +95,39 @@ impl ContainerTargets {
             }
         };
         ContainerTargets {
-            inner: inner.strip_prefix("/").unwrap_or(inner).to_path_buf(),
-            symbol: symbol.to_string(),
-            function,
+            paths,
+            probes,
             location,
             sees_kernel_files,
             seen: HashMap::new(),
-            containers: HashMap::new(),
+            containers: HashSet::new(),
             attachments: HashMap::new(),
         }
     }
 
-    /// Attaches to the file of the containers not looked at yet (once per file the kernel sees)
+    /// Attaches to a file of the host, for good; a file the kernel sees as one already attached
+    /// (a symlink, a second path) is skipped. Returns whether it attached.
+    pub fn attach_on_host(&mut self, object: &mut ProbeObject, path: &Path) -> Result<bool, String> {
+        let Some(file) = self.files_of(object, &[path]).pop().flatten() else {
+            return Err(format!("{}: no such file", path.display()));
+        };
+        if let Some(attachment) = self.attachments.get_mut(&file) {
+            attachment.on_host = true;
+            return Ok(false);
+        }
+        let links = self.attach(object, path)?;
+        self.attachments.insert(
+            file,
+            Attachment {
+                links,
+                users: HashSet::new(),
+                on_host: true,
+            },
+        );
+        Ok(true)
+    }
+
+    /// Attaches to the files of the containers not looked at yet (once per file the kernel sees)
     /// and detaches from the files no live container uses anymore. Returns how many files were
     /// attached.
     pub fn scan(&mut self, object: &mut ProbeObject, proc_root: &Path) -> usize {
@@ -109,6 +140,7 @@ impl ContainerTargets {
             .collect();
         self.seen.retain(|(pid, _, _), _| live.contains(pid));
         let mut new: Vec<(ContainerRoot, PathBuf)> = Vec::new();
+        let mut new_containers: HashSet<ContainerRoot> = HashSet::new();
         for pid in live {
             let root = proc_root.join(pid.to_string()).join("root");
             let Ok(root_meta) = std::fs::metadata(&root) else {
@@ -123,20 +155,23 @@ impl ContainerTargets {
                 .map(|id| (id, root_meta.dev(), root_meta.ino()));
             self.seen.insert(process, container.clone());
             if let Some(container) = container {
-                if !self.containers.contains_key(&container)
-                    && !new.iter().any(|(c, _)| *c == container)
+                if !self.containers.contains(&container) && new_containers.insert(container.clone())
                 {
-                    new.push((container, root.join(&self.inner)));
+                    let paths = (self.paths)(&root);
+                    if paths.is_empty() {
+                        tracing::debug!(uprobe = %self.location, container = %container.0, "file not in this container");
+                    }
+                    new.extend(paths.into_iter().map(|path| (container.clone(), path)));
                 }
             }
         }
+        self.containers.extend(new_containers);
         let paths: Vec<&Path> = new.iter().map(|(_, path)| path.as_path()).collect();
         let files = self.files_of(object, &paths);
         let mut attached = 0;
         for ((container, path), file) in new.into_iter().zip(files) {
-            self.containers.insert(container.clone(), file);
             let Some(file) = file else {
-                tracing::debug!(uprobe = %self.location, container = %container.0, "binary not in this container");
+                tracing::debug!(uprobe = %self.location, container = %container.0, file = %path.display(), "file not in this container");
                 continue;
             };
             if let Some(attachment) = self.attachments.get_mut(&file) {
@@ -145,14 +180,15 @@ impl ContainerTargets {
                 continue;
             }
             match self.attach(object, &path) {
-                Ok(link) => {
+                Ok(links) => {
                     attached += 1;
-                    tracing::info!(uprobe = %self.location, container = %container.0, "uprobe attached in container");
+                    tracing::info!(uprobe = %self.location, container = %container.0, file = %path.display(), "uprobe attached in container");
                     self.attachments.insert(
                         file,
                         Attachment {
-                            link,
+                            links,
                             users: HashSet::from([container]),
+                            on_host: false,
                         },
                     );
                 }
@@ -169,11 +205,11 @@ impl ContainerTargets {
     /// others uses.
     fn detach_unused(&mut self, object: &mut ProbeObject) {
         let live: HashSet<&ContainerRoot> = self.seen.values().flatten().collect();
-        self.containers.retain(|container, _| live.contains(container));
+        self.containers.retain(|container| live.contains(container));
         let mut unused = Vec::new();
         for (file, attachment) in &mut self.attachments {
             attachment.users.retain(|container| live.contains(container));
-            if attachment.users.is_empty() {
+            if attachment.users.is_empty() && !attachment.on_host {
                 unused.push(*file);
             }
         }
@@ -181,9 +217,7 @@ impl ContainerTargets {
             let Some(attachment) = self.attachments.remove(&file) else {
                 continue;
             };
-            let detached = program(object, self.function)
-                .and_then(|p| p.detach(attachment.link).map_err(|e| error_chain(&e)));
-            match detached {
+            match detach(object, attachment.links) {
                 Ok(()) => {
                     tracing::info!(uprobe = %self.location, "uprobe detached: no container uses its file anymore")
                 }
@@ -194,10 +228,30 @@ impl ContainerTargets {
         }
     }
 
-    fn attach(&self, object: &mut ProbeObject, path: &Path) -> Result<UProbeLinkId, String> {
-        program(object, self.function)?
-            .attach(self.symbol.as_str(), path, UProbeScope::AllProcesses)
-            .map_err(|e| error_chain(&e))
+    /// Attaches every probe to its symbol in the file; if a required symbol is missing, what was
+    /// attached is detached again and the file refused.
+    fn attach(
+        &self,
+        object: &mut ProbeObject,
+        path: &Path,
+    ) -> Result<Vec<(&'static str, UProbeLinkId)>, String> {
+        let mut links = Vec::new();
+        for probe in &self.probes {
+            let attached = program(object, probe.program).and_then(|p| {
+                p.attach(probe.symbol.as_str(), path, UProbeScope::AllProcesses)
+                    .map_err(|e| format!("{}: {}", probe.symbol, error_chain(&e)))
+            });
+            match attached {
+                Ok(link) => links.push((probe.program, link)),
+                Err(e) if probe.required => {
+                    // Best effort: what could not be detached goes with the object.
+                    let _ = detach(object, links);
+                    return Err(e);
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(links)
     }
 
     /// The file at each path (`None`: missing or unreadable), as the kernel sees it when the
@@ -225,6 +279,21 @@ impl ContainerTargets {
             })
             .collect()
     }
+}
+
+fn detach(
+    object: &mut ProbeObject,
+    links: Vec<(&'static str, UProbeLinkId)>,
+) -> Result<(), String> {
+    let mut result = Ok(());
+    for (function, link) in links {
+        if let Err(e) = program(object, function)
+            .and_then(|p| p.detach(link).map_err(|e| error_chain(&e)))
+        {
+            result = Err(e);
+        }
+    }
+    result
 }
 
 fn program<'a>(object: &'a mut ProbeObject, function: &str) -> Result<&'a mut UProbe, String> {

@@ -24,7 +24,7 @@ use podscope_ebpf::{abi, objects};
 use prometheus_client::metrics::counter::Counter;
 
 pub use config::{CaptureKind, Target, UprobeConfig};
-use containers::ContainerTargets;
+pub use containers::{ContainerTargets, SymbolProbe};
 
 use super::{Collection, LoadContext, Probe, ProbeKind};
 use crate::ebpf::builder::{int_attr, string_attr, MetricsBuilder, Owner};
@@ -166,14 +166,20 @@ impl LoadedUprobe {
                 None
             }
             // Attached per container by `rescan`, now and as containers start.
-            Target::Container(inner) => Some(ContainerTargets::new(
-                &mut object,
-                ctx.features,
-                inner,
-                &config.symbol,
-                function,
-                config.location(),
-            )),
+            Target::Container(inner) => {
+                let inner = inner.strip_prefix("/").unwrap_or(inner).to_path_buf();
+                Some(ContainerTargets::new(
+                    &mut object,
+                    ctx.features,
+                    Box::new(move |root| vec![root.join(&inner)]),
+                    vec![SymbolProbe {
+                        program: function,
+                        symbol: config.symbol.clone(),
+                        required: true,
+                    }],
+                    config.location(),
+                ))
+            }
         };
         Ok(LoadedUprobe {
             config: config.clone(),
