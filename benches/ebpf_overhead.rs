@@ -25,6 +25,9 @@ use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
 use podscope_testkit::BuildContextForTests as _;
 use podscope_testkit::Discard;
 
+mod proc_stat;
+use proc_stat::cpu_seconds;
+
 /// ns per getppid in a forked child (the agent never observes itself, so the load must come from
 /// another process).
 fn ns_per_syscall(calls: u64) -> f64 {
@@ -364,16 +367,6 @@ fn rss_kib(pid: i32) -> u64 {
                 .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
         })
         .unwrap()
-}
-
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    (fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap())
-        / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
