@@ -1082,7 +1082,6 @@ fn sum_points(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
     use std::io::{Read as _, Write as _};
-    use std::os::fd::FromRawFd as _;
     let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -1100,39 +1099,13 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
     });
     let pod = PodCgroup::new();
     let (id, path) = (pod.id(), pod.relative_path().to_string());
-    // The third connection outlives the container: its process hands it over (pidfd_getfd)
-    // through this thread before exiting.
-    let mut to_parent = [0; 2];
-    let mut to_child = [0; 2];
-    // SAFETY: pipe(2) into arrays of two descriptors.
-    unsafe {
-        assert_eq!(libc::pipe(to_parent.as_mut_ptr()), 0);
-        assert_eq!(libc::pipe(to_child.as_mut_ptr()), 0);
-    }
-    let taker = std::thread::spawn(move || {
-        let mut pid_and_fd = [0i32; 2];
-        // SAFETY: raw syscalls on descriptors this test owns.
-        unsafe {
-            let n = libc::read(to_parent[0], pid_and_fd.as_mut_ptr().cast(), 8);
-            assert_eq!(n, 8);
-            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid_and_fd[0], 0);
-            assert!(
-                pidfd >= 0,
-                "pidfd_open: {}",
-                std::io::Error::last_os_error()
-            );
-            let socket = libc::syscall(libc::SYS_pidfd_getfd, pidfd, pid_and_fd[1], 0);
-            assert!(
-                socket >= 0,
-                "pidfd_getfd: {}",
-                std::io::Error::last_os_error()
-            );
-            libc::close(pidfd as i32);
-            assert_eq!(libc::write(to_child[1], b"x".as_ptr().cast(), 1), 1);
-            socket as i32
-        }
-    });
+    // The third connection outlives the container: a keeper process outside it takes the socket
+    // over (pidfd_getfd) before the container's process exits, and closes it when told. Not this
+    // test process: the children other tests fork meanwhile would inherit the socket, and its
+    // close would come whenever the last of them exits.
+    let keeper = SocketKeeper::fork();
     let request = [7u8; 500];
+    let (to_keeper, taken) = (keeper.to_keeper, keeper.taken);
     let code = pod.run(|| unsafe {
         // The descriptors as connect_v4 returned them: they need not be consecutive (the forked
         // child inherits whatever the test process's other threads had open at the fork).
@@ -1151,28 +1124,20 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
         let [first, second, last] = fds;
         // Two connections close here (abortively: everything was acknowledged), one lives on.
         for fd in [first, second] {
-            let linger = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
-            );
+            abort_on_close(fd);
             libc::close(fd);
         }
         let pid_and_fd = [libc::syscall(libc::SYS_getpid) as i32, last];
-        libc::write(to_parent[1], pid_and_fd.as_ptr().cast(), 8);
+        if libc::write(to_keeper, pid_and_fd.as_ptr().cast(), 8) != 8 {
+            return 2;
+        }
         let mut go = 0u8;
-        libc::read(to_child[0], (&mut go as *mut u8).cast(), 1);
+        if libc::read(taken, (&mut go as *mut u8).cast(), 1) != 1 {
+            return 3;
+        }
         0
     });
     assert_eq!(code, 0, "the container's connections did not go as planned");
-    // SAFETY: the taker thread returns a descriptor it got for this test, owned from here on.
-    let survivor = unsafe { std::net::TcpStream::from_raw_fd(taker.join().unwrap()) };
     drop(pod);
 
     receiver.collect_now().await.unwrap();
@@ -1183,27 +1148,20 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
         .map(|(_, (_, _, v))| *v);
     assert_eq!(closed, Some(2), "{first:#?}");
 
-    // The surviving connection closes in the agent's process, after its cgroup was forgotten.
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: setsockopt on a socket this test owns, with a linger struct that outlives the call.
-    unsafe {
-        libc::setsockopt(
-            survivor.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        );
-    }
-    drop(survivor);
+    // The surviving connection closes in the keeper, after its cgroup was forgotten.
+    keeper.close_and_wait();
     receiver.collect_now().await.unwrap();
     let rms = collected.last_metrics();
     let late = sum_points(&rms, id);
-    assert!(!late.is_empty(), "the late close was reported");
+    let late_closed = late
+        .iter()
+        .find(|((name, _), _)| name == "podscope.tcp.connections.closed")
+        .map(|(_, (_, _, v))| *v);
+    assert_eq!(
+        late_closed,
+        Some(1),
+        "the late close was reported: {late:#?}"
+    );
     let attributes = resource_attributes(&rms, id);
     assert!(
         attributes.contains(&format!("podscope.cgroup.path={path}")),
@@ -1219,6 +1177,133 @@ async fn late_data_of_a_forgotten_cgroup_starts_its_series_anew() {
     }
     receiver.shutdown().await.unwrap();
 }
+
+/// Makes a TCP socket's close abortive (SO_LINGER 0: a reset, no FIN handshake), so that it
+/// leaves TCP_ESTABLISHED within the close call. Raw syscalls only (for a forked child).
+///
+/// # Safety
+/// `fd` is a socket descriptor of the calling process.
+unsafe fn abort_on_close(fd: i32) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: see the function's contract; `linger` outlives the call.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+}
+
+/// A forked, single-threaded process outside any test cgroup that takes one socket over from
+/// another process (told its pid and descriptor through `to_keeper`, it answers on `taken`) and
+/// closes it abortively when told. It closes every other inherited descriptor first, so that it
+/// holds nothing of the tests running beside it, and nobody forks from it, so that its close is
+/// the socket's last.
+struct SocketKeeper {
+    pid: i32,
+    /// Where the socket's owner writes its pid and the descriptor (two i32).
+    to_keeper: i32,
+    /// One byte from the keeper once it holds the socket.
+    taken: i32,
+    /// One byte to the keeper closes the socket; the keeper then exits.
+    close_now: i32,
+}
+
+impl SocketKeeper {
+    fn fork() -> SocketKeeper {
+        let mut to_keeper = [0; 2];
+        let mut taken = [0; 2];
+        let mut close_now = [0; 2];
+        // SAFETY: pipe(2) into arrays of two descriptors; between fork and _exit the child makes
+        // raw syscalls only (the parent has threads).
+        unsafe {
+            for pipe in [&mut to_keeper, &mut taken, &mut close_now] {
+                assert_eq!(libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC), 0);
+            }
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+            if pid == 0 {
+                libc::_exit(Self::keep(to_keeper[0], taken[1], close_now[0]));
+            }
+            for fd in [to_keeper[0], taken[1], close_now[0]] {
+                libc::close(fd);
+            }
+            SocketKeeper {
+                pid,
+                to_keeper: to_keeper[1],
+                taken: taken[0],
+                close_now: close_now[1],
+            }
+        }
+    }
+
+    /// The keeper's life; its exit code says where it failed.
+    ///
+    /// # Safety
+    /// Runs in a child forked from a threaded process: raw syscalls only.
+    unsafe fn keep(from_owner: i32, taken: i32, close_now: i32) -> i32 {
+        // SAFETY: see the function's contract.
+        unsafe {
+            let mut keep = [from_owner, taken, close_now];
+            keep.sort_unstable();
+            let mut next = 3u32;
+            for fd in keep {
+                if (fd as u32) > next {
+                    libc::syscall(libc::SYS_close_range, next, fd as u32 - 1, 0);
+                }
+                next = fd as u32 + 1;
+            }
+            libc::syscall(libc::SYS_close_range, next, u32::MAX, 0);
+            let mut pid_and_fd = [0i32; 2];
+            if libc::read(from_owner, pid_and_fd.as_mut_ptr().cast(), 8) != 8 {
+                return 10;
+            }
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid_and_fd[0], 0);
+            if pidfd < 0 {
+                return 11;
+            }
+            let socket = libc::syscall(libc::SYS_pidfd_getfd, pidfd, pid_and_fd[1], 0);
+            if socket < 0 {
+                return 12;
+            }
+            libc::close(pidfd as i32);
+            if libc::write(taken, b"x".as_ptr().cast(), 1) != 1 {
+                return 13;
+            }
+            let mut go = 0u8;
+            if libc::read(close_now, (&mut go as *mut u8).cast(), 1) != 1 {
+                return 14;
+            }
+            abort_on_close(socket as i32);
+            libc::close(socket as i32);
+            0
+        }
+    }
+
+    /// Tells the keeper to close the socket and waits until it has exited.
+    fn close_and_wait(self) {
+        // SAFETY: raw syscalls on descriptors and a child this value owns.
+        unsafe {
+            assert_eq!(libc::write(self.close_now, b"x".as_ptr().cast(), 1), 1);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(self.pid, &mut status, 0), self.pid);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                "the socket keeper failed: status {status}"
+            );
+            for fd in [self.to_keeper, self.taken, self.close_now] {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// Calls getppid `calls` times (raw syscalls, for a forked child).
 fn getppid(calls: usize) -> i32 {
     for _ in 0..calls {
