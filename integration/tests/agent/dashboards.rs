@@ -10,7 +10,8 @@
 //! scrapes the agent's two endpoints with a `cluster` label, and every query the generator wrote
 //! into `helm/podscope/tests/queries.json` — each dashboard variable, each panel's expression,
 //! each alert's expression and the data it reads — is run with the dashboards' variables set to
-//! that pod: each must evaluate, and each must return series, except those marked as needing
+//! that pod: each must evaluate, and each must return series (one at least with a number: a
+//! quantile of no events is NaN, which a panel shows as no data), except those marked as needing
 //! what cannot run here (their reason is printed).
 //!
 //! Losses are provoked so the agent-health panels and loss alerts have data: an OTLP exporter to
@@ -210,12 +211,18 @@ fn checks(telemetry_target: &str) -> Vec<Check> {
     out
 }
 
+/// One series of an instant query's result.
+#[derive(Debug)]
+struct Sample {
+    labels: serde_json::Value,
+    /// NaN where the query divides zero by zero: a quantile or a ratio of rates with no
+    /// events in the window, which a panel shows as no data.
+    value: f64,
+}
+
 /// Runs an instant query: `Err` when Prometheus refuses it (a parse or evaluation error),
-/// else the result's series (their labels).
-async fn query(
-    prometheus: &PrometheusServer,
-    promql: &str,
-) -> Result<Vec<serde_json::Value>, String> {
+/// else the result's series.
+async fn query(prometheus: &PrometheusServer, promql: &str) -> Result<Vec<Sample>, String> {
     let body = reqwest::Client::new()
         .get(format!("http://{}/api/v1/query", prometheus.address))
         .query(&[("query", promql)])
@@ -235,7 +242,13 @@ async fn query(
         .cloned()
         .unwrap_or_default()
         .into_iter()
-        .map(|r| r["metric"].clone())
+        .map(|r| Sample {
+            labels: r["metric"].clone(),
+            value: r["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN),
+        })
         .collect())
 }
 
@@ -348,9 +361,19 @@ done'"#,
                     failures.push(format!("{}: no series\n    {}", check.source, check.query));
                     still.push(check);
                 }
+                Ok(series) if check.needs_series && !series.iter().any(|s| s.value.is_finite()) => {
+                    failures.push(format!(
+                        "{}: no series with a number (a panel shows no data): {series:?}\n    {}",
+                        check.source, check.query
+                    ));
+                    still.push(check);
+                }
                 Ok(series) => {
                     if let Some((label, value)) = &check.label {
-                        if !series.iter().any(|s| s[label.as_str()] == value.as_str()) {
+                        if !series
+                            .iter()
+                            .any(|s| s.labels[label.as_str()] == value.as_str())
+                        {
                             failures.push(format!(
                                 "{}: no series with {label}={value:?}: {series:?}",
                                 check.source
