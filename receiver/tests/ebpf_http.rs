@@ -17,7 +17,7 @@ use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::{unique_ids, wait_listening, PodCgroup};
 use podscope_testkit::BuildContextForTests as _;
 
 #[derive(Default)]
@@ -197,18 +197,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Waits until something accepts connections on `port` (the server in a pod is up).
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {port} after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A pod running `status_server.py` on a free port.
@@ -706,6 +694,27 @@ fn nginx(pod: &mut PodCgroup, dir: &std::path::Path, tls: bool) -> u16 {
     port
 }
 
+/// The spans of curl asking nginx over HTTPS for `/users/42`, `/status/404` and `/status/500`,
+/// as [`summaries_with_scheme`] writes them.
+const HTTPS_USERS_404_500: [&str; 6] = [
+    "CLIENT GET /status/404 - 404 https",
+    "CLIENT GET /status/500 - 500 https",
+    "CLIENT GET /users/42 - 200 https",
+    "SERVER GET /status/404 /status/{id} 404 https",
+    "SERVER GET /status/500 /status/{id} 500 https",
+    "SERVER GET /users/42 /users/{id} 200 https",
+];
+
+/// Each span's [`SeenSpan::summary`] and `url.scheme`, sorted.
+fn summaries_with_scheme(spans: &[SeenSpan]) -> Vec<String> {
+    let mut summaries: Vec<String> = spans
+        .iter()
+        .map(|s| format!("{} {}", s.summary(), s.attr("url.scheme")))
+        .collect();
+    summaries.sort();
+    summaries
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
     let dir = tempfile::tempdir().unwrap();
@@ -724,22 +733,7 @@ async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
     assert_eq!(status, 0);
     let spans = wait_spans(&started.spans, &[server.id(), client.id()], 6).await;
     started.receiver.shutdown().await.unwrap();
-    let mut summaries: Vec<String> = spans
-        .iter()
-        .map(|s| format!("{} {}", s.summary(), s.attr("url.scheme")))
-        .collect();
-    summaries.sort();
-    assert_eq!(
-        summaries,
-        [
-            "CLIENT GET /status/404 - 404 https",
-            "CLIENT GET /status/500 - 500 https",
-            "CLIENT GET /users/42 - 200 https",
-            "SERVER GET /status/404 /status/{id} 404 https",
-            "SERVER GET /status/500 /status/{id} 500 https",
-            "SERVER GET /users/42 /users/{id} 200 https",
-        ]
-    );
+    assert_eq!(summaries_with_scheme(&spans), HTTPS_USERS_404_500);
     // The same-node join works over TLS too: the sockets are the same.
     for server_span in spans.iter().filter(|s| s.cgroup == server.id()) {
         let client_span = spans
@@ -904,22 +898,7 @@ async fn curl_over_https_inside_a_container_uses_the_images_libssl_and_gives_spa
     started.receiver.shutdown().await.unwrap();
     let _ = init.kill();
     let _ = init.wait();
-    let mut summaries: Vec<String> = spans
-        .iter()
-        .map(|s| format!("{} {}", s.summary(), s.attr("url.scheme")))
-        .collect();
-    summaries.sort();
-    assert_eq!(
-        summaries,
-        [
-            "CLIENT GET /status/404 - 404 https",
-            "CLIENT GET /status/500 - 500 https",
-            "CLIENT GET /users/42 - 200 https",
-            "SERVER GET /status/404 /status/{id} 404 https",
-            "SERVER GET /status/500 /status/{id} 500 https",
-            "SERVER GET /users/42 /users/{id} 200 https",
-        ]
-    );
+    assert_eq!(summaries_with_scheme(&spans), HTTPS_USERS_404_500);
     for s in spans.iter().filter(|s| s.cgroup == client.id()) {
         assert_eq!(s.container, client.container_id());
     }

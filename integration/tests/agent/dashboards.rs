@@ -28,7 +28,7 @@ use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::FakeApiServer;
 use podscope_integration::prometheus::PrometheusServer;
 use podscope_testkit::pod_cgroup::unique_ids;
-use podscope_testkit::PodCgroup;
+use podscope_testkit::{wait_listening, PodCgroup};
 
 const NODE: &str = "node-dashboards";
 const NAMESPACE: &str = "shop";
@@ -92,18 +92,6 @@ struct Ports {
 
 /// The http probe's test servers (Python's `http.server`, grpcio), shared with its receiver tests.
 const HTTP_TESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/receiver/tests/http");
-
-/// Waits until something accepts connections on `port` (a server in the pod is up).
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {port} after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The pod of Deployment `web` (through ReplicaSet `web-7d4b9c8f6`) on this node.
 fn web_pod(uid: &str, container_id: &str) -> Pod {
