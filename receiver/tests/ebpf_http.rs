@@ -3,7 +3,8 @@
 //! kinds, methods, paths, routes, status codes, trace ids and parents.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use podscope_core::{
     Batch, BuildContext, Component as _, ConsumeError, Consumer, ReceiverConsumers,
 };
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::{unique_ids, wait_listening, PodCgroup};
 use podscope_testkit::BuildContextForTests as _;
 
 #[derive(Default)]
@@ -196,18 +197,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// Waits until something accepts connections on `port` (the server in a pod is up).
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {port} after 30 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A pod running `status_server.py` on a free port.
@@ -404,6 +393,75 @@ async fn a_chain_of_two_local_services_is_one_trace() {
     assert!(front_client.span.start_time_unix_nano <= back_server.span.start_time_unix_nano);
     assert!(back_server.span.end_time_unix_nano <= front_client.span.end_time_unix_nano);
     assert!(front_client.span.end_time_unix_nano <= front_server.span.end_time_unix_nano);
+}
+
+/// docs/traces.md, "Trace context", rule 2 against rules 3 and 4: a request made while
+/// serving one is that SERVER span's child, and a callee on this node joins its caller, unless
+/// the application wrote its own `traceparent` into the request it makes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outgoing_traceparent_wins_over_the_serving_thread_and_the_join() {
+    let mut front = PodCgroup::new();
+    let mut back = PodCgroup::new();
+    let mut client = PodCgroup::new();
+    // The pods exist before the receiver starts: its cgroup filter lists them then.
+    let started = start(serde_json::json!({})).await;
+    let front_port = python_server(&mut front);
+    let back_port = python_server(&mut back);
+    // curl's context reaches front; front, while serving it, calls back with a context of its
+    // own (another trace, its own span as parent), as an SDK-instrumented application does.
+    let (incoming_trace, incoming_parent) =
+        ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let (outgoing_trace, outgoing_parent) =
+        ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let status = run_in(
+        &mut client,
+        &format!(
+            "curl -sf -o /dev/null -H 'traceparent: 00-{incoming_trace}-{incoming_parent}-01' \
+             -H 'X-Call-Context: 00-{outgoing_trace}-{outgoing_parent}-01' \
+             http://127.0.0.1:{front_port}/call/{back_port}/items/7"
+        ),
+    );
+    assert_eq!(status, 0);
+    let cgroups = [front.id(), back.id(), client.id()];
+    let spans = wait_spans(&started.spans, &cgroups, 4).await;
+    started.receiver.shutdown().await.unwrap();
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let find = |cgroup: u64, kind: i32| {
+        spans
+            .iter()
+            .find(|s| s.cgroup == cgroup && s.span.kind == kind)
+            .unwrap_or_else(|| panic!("no span of kind {kind} in {cgroup}: {spans:#?}"))
+    };
+    let (curl, front_server, front_client, back_server) = (
+        find(client.id(), 3),
+        find(front.id(), 2),
+        find(front.id(), 3),
+        find(back.id(), 2),
+    );
+    let context = |s: &SeenSpan| (s.trace_id(), s.parent());
+    let expect = |trace: &str, parent: &str| (trace.to_string(), parent.to_string());
+    // curl wrote the first context (rule 2), front read it (rule 1).
+    assert_eq!(context(curl), expect(incoming_trace, incoming_parent));
+    assert_eq!(
+        context(front_server),
+        expect(incoming_trace, incoming_parent)
+    );
+    // front's call carries its own context: not front's SERVER span's child (rule 3)...
+    assert_eq!(
+        context(front_client),
+        expect(outgoing_trace, outgoing_parent)
+    );
+    // ...and back read that context, rather than joining front's CLIENT span (rule 4).
+    assert_eq!(
+        context(back_server),
+        expect(outgoing_trace, outgoing_parent)
+    );
+    assert_eq!(back_server.summary(), "SERVER GET /items/7 /items/{id} 200");
+    assert_eq!(front_client.attr("server.port"), back_port.to_string());
+    assert_eq!(
+        front_server.summary(),
+        format!("SERVER GET /call/{back_port}/items/7 /call/{{id}}/items/{{id}} 200")
+    );
 }
 
 /// The agent's own counter `name`, from its telemetry text.
@@ -636,6 +694,27 @@ fn nginx(pod: &mut PodCgroup, dir: &std::path::Path, tls: bool) -> u16 {
     port
 }
 
+/// The spans of curl asking nginx over HTTPS for `/users/42`, `/status/404` and `/status/500`,
+/// as [`summaries_with_scheme`] writes them.
+const HTTPS_USERS_404_500: [&str; 6] = [
+    "CLIENT GET /status/404 - 404 https",
+    "CLIENT GET /status/500 - 500 https",
+    "CLIENT GET /users/42 - 200 https",
+    "SERVER GET /status/404 /status/{id} 404 https",
+    "SERVER GET /status/500 /status/{id} 500 https",
+    "SERVER GET /users/42 /users/{id} 200 https",
+];
+
+/// Each span's [`SeenSpan::summary`] and `url.scheme`, sorted.
+fn summaries_with_scheme(spans: &[SeenSpan]) -> Vec<String> {
+    let mut summaries: Vec<String> = spans
+        .iter()
+        .map(|s| format!("{} {}", s.summary(), s.attr("url.scheme")))
+        .collect();
+    summaries.sort();
+    summaries
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
     let dir = tempfile::tempdir().unwrap();
@@ -654,22 +733,7 @@ async fn nginx_over_https_and_curl_give_the_same_spans_as_plain_http() {
     assert_eq!(status, 0);
     let spans = wait_spans(&started.spans, &[server.id(), client.id()], 6).await;
     started.receiver.shutdown().await.unwrap();
-    let mut summaries: Vec<String> = spans
-        .iter()
-        .map(|s| format!("{} {}", s.summary(), s.attr("url.scheme")))
-        .collect();
-    summaries.sort();
-    assert_eq!(
-        summaries,
-        [
-            "CLIENT GET /status/404 - 404 https",
-            "CLIENT GET /status/500 - 500 https",
-            "CLIENT GET /users/42 - 200 https",
-            "SERVER GET /status/404 /status/{id} 404 https",
-            "SERVER GET /status/500 /status/{id} 500 https",
-            "SERVER GET /users/42 /users/{id} 200 https",
-        ]
-    );
+    assert_eq!(summaries_with_scheme(&spans), HTTPS_USERS_404_500);
     // The same-node join works over TLS too: the sockets are the same.
     for server_span in spans.iter().filter(|s| s.cgroup == server.id()) {
         let client_span = spans
@@ -706,6 +770,138 @@ async fn nginx_over_plain_http_with_curl() {
             "SERVER GET /status/404 /status/{id} 404",
         ]
     );
+}
+
+/// A fake container image under `root`: `binaries` and the shared libraries they load (from
+/// `ldd`), copied with the host's merged-/usr layout (`lib -> usr/lib`…). Copies are their own
+/// inodes: uprobes on the host's libssl do not see the image's.
+fn fake_image(root: &Path, binaries: &[&str]) {
+    for link in ["bin", "lib", "lib64", "sbin"] {
+        if let Ok(target) = std::fs::read_link(Path::new("/").join(link)) {
+            std::os::unix::fs::symlink(target, root.join(link)).unwrap();
+        }
+    }
+    let mut files: Vec<PathBuf> = binaries.iter().map(PathBuf::from).collect();
+    for binary in binaries {
+        let ldd = std::process::Command::new("ldd")
+            .arg(binary)
+            .output()
+            .expect("ldd");
+        // `libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+        files.extend(
+            String::from_utf8_lossy(&ldd.stdout)
+                .lines()
+                .filter_map(|line| line.split("=>").last()?.split_whitespace().next())
+                .filter(|path| path.starts_with('/'))
+                .map(PathBuf::from),
+        );
+    }
+    for file in files {
+        // The file under its own name, in its directory's real place (/lib → /usr/lib).
+        let dir = std::fs::canonicalize(file.parent().unwrap()).unwrap();
+        let dest = root
+            .join(dir.strip_prefix("/").unwrap())
+            .join(file.file_name().unwrap());
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        if !dest.exists() {
+            std::fs::copy(std::fs::canonicalize(&file).unwrap(), &dest).unwrap();
+        }
+    }
+}
+
+/// `argv` as a container's process: it joins `pod` and changes its root to `root` before exec
+/// (so `argv[0]`, an absolute path, is the image's).
+fn container_command(pod: &PodCgroup, root: &Path, argv: &[&str]) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    let procs = CString::new(
+        pod.path()
+            .join("cgroup.procs")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    let root = CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
+    let mut command = std::process::Command::new(argv[0]);
+    command
+        .args(&argv[1..])
+        .env_clear()
+        .stdin(std::process::Stdio::null());
+    // SAFETY: between fork and exec only open/write/close/chroot/chdir on C strings made before
+    // the fork (async-signal-safe, no allocation).
+    unsafe {
+        command.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// issue 12 point 2 inside a container: the default `tls.libraries` find the libssl of a
+/// process in a kubelet-style pod with its own root (a copy the host's uprobes do not cover),
+/// and curl's HTTPS requests from there are spans like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_over_https_inside_a_container_uses_the_images_libssl_and_gives_spans() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = tempfile::tempdir().unwrap();
+    fake_image(image.path(), &["/usr/bin/curl", "/usr/bin/sleep"]);
+    let mut server = PodCgroup::new();
+    let client = PodCgroup::new();
+    let started = start(serde_json::json!({})).await;
+    let attachments = || {
+        telemetry_counter(
+            &started.telemetry,
+            "podscope_ebpf_uprobe_container_attachments_total",
+        )
+    };
+    let before = attachments();
+    let port = nginx(&mut server, dir.path(), true);
+    // The container's first process, as a runtime starts it; the next scan finds its root.
+    let mut init = container_command(&client, image.path(), &["/usr/bin/sleep", "infinity"])
+        .spawn()
+        .expect("the container's first process");
+    let root_link = PathBuf::from(format!("/proc/{}/root", init.id()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(&root_link).ok().as_deref() != Some(image.path()) {
+        assert!(
+            Instant::now() < deadline,
+            "the container's root never changed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.receiver.collect_now().await.unwrap();
+    // One file: the image's libssl.so.3, named by both /lib/… and /usr/lib/… patterns.
+    assert_eq!(attachments() - before, 1);
+    let curl = container_command(
+        &client,
+        image.path(),
+        &[
+            "/usr/bin/curl",
+            "-sk",
+            "--http1.1",
+            &format!("https://127.0.0.1:{port}/users/42"),
+            &format!("https://127.0.0.1:{port}/status/404"),
+            &format!("https://127.0.0.1:{port}/status/500"),
+        ],
+    )
+    .output()
+    .expect("curl in the container");
+    assert!(curl.status.success(), "{curl:?}");
+    let spans = wait_spans(&started.spans, &[server.id(), client.id()], 6).await;
+    started.receiver.shutdown().await.unwrap();
+    let _ = init.kill();
+    let _ = init.wait();
+    assert_eq!(summaries_with_scheme(&spans), HTTPS_USERS_404_500);
+    for s in spans.iter().filter(|s| s.cgroup == client.id()) {
+        assert_eq!(s.container, client.container_id());
+    }
 }
 
 /// A pod running `grpc_peer.py server` on a free port (TLS with `cert` and `key`).

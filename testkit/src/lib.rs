@@ -2,7 +2,7 @@
 //! `componenttest`: synthetic OTLP data ([`fake_otlp`]), consumers that record or discard what
 //! they are given ([`Recorder`], [`Discard`]), a [`BuildContext`](podscope_core::BuildContext)
 //! for a component built outside the service ([`BuildContextForTests`]), and kubelet-style pod
-//! cgroups ([`PodCgroup`]).
+//! cgroups ([`PodCgroup`], and [`wait_listening`] for the servers tests start in them).
 //!
 //! This crate is a dev-dependency only: no production crate may depend on it, so nothing here
 //! ships in the agent. It must not hold a test's assertions, only what several tests need to
@@ -15,4 +15,4 @@ pub mod pod_cgroup;
 
 pub use build_context::BuildContextForTests;
 pub use consumer::{Discard, Recorder};
-pub use pod_cgroup::PodCgroup;
+pub use pod_cgroup::{wait_listening, PodCgroup};

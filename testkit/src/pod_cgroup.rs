@@ -261,6 +261,19 @@ pub fn run_in_cgroup(dir: &Path, work: impl FnOnce() -> i32) -> i32 {
     }
 }
 
+/// Waits until something accepts TCP connections on 127.0.0.1:`port` (a server started in a pod
+/// is up), at most 30 s: the readiness check before a test sends it requests.
+pub fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on 127.0.0.1:{port} after 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

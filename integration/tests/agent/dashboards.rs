@@ -2,11 +2,16 @@
 //! runs the chart's own config (`helm/podscope/values.yaml`'s `config:`, its listen addresses
 //! moved to free loopback ports, the API server reached by kubeconfig) next to a fake API server
 //! that serves one Deployment's pod, whose kubelet-style cgroup runs a small workload (programs,
-//! opens that fail, block I/O, TCP connections held, closed, refused and retransmitted). A real Prometheus
+//! opens that fail, block I/O, TCP connections held, closed, refused and retransmitted; an HTTP
+//! server on Python's `http.server` and a gRPC server on grpcio, called by curl and a grpcio client
+//! with answers 200, 404 and 500, OK and NOT_FOUND). The chart's default config has the http probe
+//! off; the test turns it on as a user does in the chart's values
+//! (`config.receivers.ebpf.probes.http: {}`), so the HTTP and gRPC panels run too. A real Prometheus
 //! scrapes the agent's two endpoints with a `cluster` label, and every query the generator wrote
 //! into `helm/podscope/tests/queries.json` — each dashboard variable, each panel's expression,
 //! each alert's expression and the data it reads — is run with the dashboards' variables set to
-//! that pod: each must evaluate, and each must return series, except those marked as needing
+//! that pod: each must evaluate, and each must return series (one at least with a number: a
+//! quantile of no events is NaN, which a panel shows as no data), except those marked as needing
 //! what cannot run here (their reason is printed).
 //!
 //! Losses are provoked so the agent-health panels and loss alerts have data: an OTLP exporter to
@@ -23,7 +28,7 @@ use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::FakeApiServer;
 use podscope_integration::prometheus::PrometheusServer;
 use podscope_testkit::pod_cgroup::unique_ids;
-use podscope_testkit::PodCgroup;
+use podscope_testkit::{wait_listening, PodCgroup};
 
 const NODE: &str = "node-dashboards";
 const NAMESPACE: &str = "shop";
@@ -32,8 +37,9 @@ const WORKLOAD: &str = "web";
 const CLUSTER: &str = "e2e";
 
 /// The chart's `config:` block, dedented, with its endpoints on free loopback ports, a short
-/// collection interval, the kubeconfig instead of the pod's service account, and the lossy
-/// exporter beside the chart's.
+/// collection interval, the kubeconfig instead of the pod's service account, the http probe on
+/// (what `config: {receivers: {ebpf: {probes: {http: {}}}}}` in a user's values merges in), and
+/// the lossy exporter beside the chart's.
 fn chart_config(ports: &Ports) -> String {
     let values = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -58,6 +64,7 @@ fn chart_config(ports: &Ports) -> String {
         ("0.0.0.0:9464", format!("127.0.0.1:{}", ports.prometheus)),
         ("0.0.0.0:8888", format!("127.0.0.1:{}", ports.telemetry)),
         ("collection_interval: 10s", "collection_interval: 1s".into()),
+        ("      tcp: {}\n", "      tcp: {}\n      http: {}\n".into()),
         ("auth_type: serviceAccount", "auth_type: kubeConfig".into()),
         (
             "exporters: [prometheus]",
@@ -82,6 +89,9 @@ struct Ports {
     /// Nothing listens here: connections are refused.
     closed: u16,
 }
+
+/// The http probe's test servers (Python's `http.server`, grpcio), shared with its receiver tests.
+const HTTP_TESTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/receiver/tests/http");
 
 /// The pod of Deployment `web` (through ReplicaSet `web-7d4b9c8f6`) on this node.
 fn web_pod(uid: &str, container_id: &str) -> Pod {
@@ -189,12 +199,18 @@ fn checks(telemetry_target: &str) -> Vec<Check> {
     out
 }
 
+/// One series of an instant query's result.
+#[derive(Debug)]
+struct Sample {
+    labels: serde_json::Value,
+    /// NaN where the query divides zero by zero: a quantile or a ratio of rates with no
+    /// events in the window, which a panel shows as no data.
+    value: f64,
+}
+
 /// Runs an instant query: `Err` when Prometheus refuses it (a parse or evaluation error),
-/// else the result's series (their labels).
-async fn query(
-    prometheus: &PrometheusServer,
-    promql: &str,
-) -> Result<Vec<serde_json::Value>, String> {
+/// else the result's series.
+async fn query(prometheus: &PrometheusServer, promql: &str) -> Result<Vec<Sample>, String> {
     let body = reqwest::Client::new()
         .get(format!("http://{}/api/v1/query", prometheus.address))
         .query(&[("query", promql)])
@@ -214,7 +230,13 @@ async fn query(
         .cloned()
         .unwrap_or_default()
         .into_iter()
-        .map(|r| r["metric"].clone())
+        .map(|r| Sample {
+            labels: r["metric"].clone(),
+            value: r["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN),
+        })
         .collect())
 }
 
@@ -245,6 +267,21 @@ async fn every_dashboard_and_alert_query_returns_series_from_a_real_agent() {
         closed: free_port(),
     };
     let io_dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("a directory on disk");
+    // The pod serves HTTP and gRPC and calls itself (Debian's python3: the PATH one is a pyenv
+    // shim, and Debian's grpcio uses the system's libraries).
+    let http_port = free_port();
+    let grpc_port = free_port();
+    cgroup.spawn_shell(&format!(
+        "exec /usr/bin/python3 {HTTP_TESTS}/status_server.py {http_port}"
+    ));
+    cgroup.spawn_shell(&format!(
+        "exec /usr/bin/python3 {HTTP_TESTS}/grpc_peer.py server {grpc_port}"
+    ));
+    wait_listening(http_port);
+    wait_listening(grpc_port);
+    cgroup.spawn_shell(&format!(
+        "while :; do /usr/bin/python3 {HTTP_TESTS}/grpc_peer.py client {grpc_port} Add Fail Add 2>/dev/null; sleep 0.5; done"
+    ));
     cgroup.spawn_shell(&format!(
         r#"exec bash -c '
 while :; do
@@ -255,6 +292,7 @@ while :; do
   (exec 4<>/dev/tcp/127.0.0.1/{closed}) 2>/dev/null
   (timeout 2 bash -c "exec 6<>/dev/tcp/127.0.0.1/{full_port}" 2>/dev/null &)
   dd if=/dev/zero of={dir}/block bs=64k count=8 oflag=direct conv=fsync 2>/dev/null
+  curl -s -o /dev/null -o /dev/null -o /dev/null http://127.0.0.1:{http_port}/users/42 http://127.0.0.1:{http_port}/status/404 http://127.0.0.1:{http_port}/status/500
   sleep 0.2
 done'"#,
         closed = ports.closed,
@@ -311,9 +349,19 @@ done'"#,
                     failures.push(format!("{}: no series\n    {}", check.source, check.query));
                     still.push(check);
                 }
+                Ok(series) if check.needs_series && !series.iter().any(|s| s.value.is_finite()) => {
+                    failures.push(format!(
+                        "{}: no series with a number (a panel shows no data): {series:?}\n    {}",
+                        check.source, check.query
+                    ));
+                    still.push(check);
+                }
                 Ok(series) => {
                     if let Some((label, value)) = &check.label {
-                        if !series.iter().any(|s| s[label.as_str()] == value.as_str()) {
+                        if !series
+                            .iter()
+                            .any(|s| s.labels[label.as_str()] == value.as_str())
+                        {
                             failures.push(format!(
                                 "{}: no series with {label}={value:?}: {series:?}",
                                 check.source

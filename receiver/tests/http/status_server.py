@@ -4,6 +4,10 @@ GET /status/<code>[/...] answers with that status code; GET /call/<port>/<path> 
 request to 127.0.0.1:<port>/<path> (with http.client, from the thread serving the request) and
 answers 200 with what it got; anything else answers 200. Keep-alive (HTTP/1.1, Content-Length).
 
+A request carrying `X-Call-Context: <traceparent>` makes that call carry `traceparent:
+<traceparent>`, as an application instrumented with an OpenTelemetry SDK writes its own
+context into the requests it makes.
+
 Usage: python3 status_server.py PORT
 """
 
@@ -22,7 +26,9 @@ class Handler(BaseHTTPRequestHandler):
             status = int(parts[1])
         elif parts[0] == "call" and len(parts) > 1:
             conn = http.client.HTTPConnection("127.0.0.1", int(parts[1]), timeout=10)
-            conn.request("GET", "/" + "/".join(parts[2:]))
+            context = self.headers.get("X-Call-Context")
+            headers = {"traceparent": context} if context else {}
+            conn.request("GET", "/" + "/".join(parts[2:]), headers=headers)
             response = conn.getresponse()
             body = response.read()
             conn.close()
