@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use podscope_integration::agent::{free_port, AgentProcess};
-use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
+use podscope_testkit::pod_cgroup::{unique_ids, wait_listening, PodCgroup};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -63,14 +63,6 @@ fn start_sink(grpc_port: u16) -> Sink {
         "ready"
     );
     sink
-}
-
-fn wait_listening(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn python_server(pod: &mut PodCgroup) -> u16 {
