@@ -29,6 +29,7 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
         &podscope_exporters::otlp::OTLP_HTTP,
         &podscope_exporters::otlp::JAEGER,
         &podscope_exporters::prometheus::FACTORY,
+        &podscope_exporters::pprof::FACTORY,
         &podscope_exporters::prometheusremotewrite::FACTORY,
     ]
 }

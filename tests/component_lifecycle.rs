@@ -31,6 +31,7 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
         (ComponentKind::Exporter, "file") => {
             json!({"path": dir.join(format!("{type_name}.jsonl"))})
         }
+        (ComponentKind::Exporter, "pprof") => json!({"directory": dir.join("pprof")}),
         (ComponentKind::Exporter, "prometheus") => json!({"endpoint": "127.0.0.1:0"}),
         // Backends that are not running: the exporter must still start and shut down cleanly.
         (ComponentKind::Exporter, "otlp" | "jaeger") => {

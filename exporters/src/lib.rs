@@ -7,7 +7,8 @@
 //! - `file`: OTLP-JSON lines, one export request per line, with size-based rotation.
 //! - `nop`: discards everything (benchmarks, processor-only pipelines).
 //! - `otlp`, `otlphttp`, `jaeger`: OTLP over gRPC or HTTP, with TLS, retries and a sending queue.
-//! - `pprof`: profiles as pprof and folded stacks (the formats, not yet a component).
+//! - `pprof`: profiles as pprof files in a directory with rotation, and the pprof and folded
+//!   stack formats `podscope profile` writes.
 //! - `prometheus`: a scrape endpoint in Prometheus text or OpenMetrics format.
 //! - `prometheusremotewrite`: Prometheus remote write 1.0.
 

@@ -78,3 +78,104 @@ int main(int argc, char **argv) {
     return sum == 0;
 }
 "#;
+
+/// Whether process `pid` has ended (gone, or a zombie nobody waited for yet).
+pub fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// CPU time process `pid` used (user + system; a zombie still has it).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
+    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
+    // utime and stime are fields 14 and 15 of stat, in clock ticks.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// Runs `program args`, failing the test with its stderr if it fails; returns its stdout.
+fn run(program: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A copy of `binary` at `out` made as Fedora's `find-debuginfo` makes MiniDebugInfo: all
+/// symbol tables stripped, then the function symbols that `.dynsym` lacks kept in an ELF of
+/// their own (only symbols, no debug sections), xz-compressed into a `.gnu_debugdata` section.
+pub fn with_mini_debug_info(binary: &Path, out: &Path) {
+    let dir = out
+        .parent()
+        .expect("a directory for the intermediate files");
+    let names = |args: &[&str]| -> std::collections::BTreeSet<String> {
+        let mut all: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        all.push(binary.as_os_str());
+        run("nm", &all)
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                let name = fields.next()?;
+                let kind = fields.next()?;
+                matches!(kind, "T" | "t").then(|| name.to_string())
+            })
+            .collect()
+    };
+    let dynamic = names(&["-D", "--format=posix", "--defined-only"]);
+    let functions = names(&["--format=posix", "--defined-only"]);
+    let keep = dir.join("keep_symbols");
+    let kept: Vec<String> = functions.difference(&dynamic).cloned().collect();
+    std::fs::write(&keep, kept.join("\n") + "\n").unwrap();
+    let debug = dir.join("debug");
+    let mini = dir.join("mini_debuginfo");
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let arg = std::ffi::OsStr::new;
+    run(
+        "objcopy",
+        &[arg("--only-keep-debug"), binary.as_os_str(), &os(&debug)],
+    );
+    let mut keep_arg = std::ffi::OsString::from("--keep-symbols=");
+    keep_arg.push(&keep);
+    run(
+        "objcopy",
+        &[
+            arg("-S"),
+            arg("--remove-section"),
+            arg(".gdb_index"),
+            arg("--remove-section"),
+            arg(".comment"),
+            &keep_arg,
+            &os(&debug),
+            &os(&mini),
+        ],
+    );
+    run("xz", &[arg("-f"), &os(&mini)]);
+    let mut xz = mini.into_os_string();
+    xz.push(".xz");
+    run(
+        "strip",
+        &[
+            arg("--strip-all"),
+            arg("-R"),
+            arg(".comment"),
+            arg("-o"),
+            &os(out),
+            binary.as_os_str(),
+        ],
+    );
+    let mut section = std::ffi::OsString::from(".gnu_debugdata=");
+    section.push(&xz);
+    run("objcopy", &[arg("--add-section"), &section, &os(out)]);
+}

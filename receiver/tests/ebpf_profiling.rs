@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
-use podscope_integration::test_programs::{compile_c, BURN_C, BURN_CHAIN as CHAIN, SLEEPER_C};
+use podscope_integration::test_programs::{
+    compile_c, cpu_seconds, ended, with_mini_debug_info, BURN_C, BURN_CHAIN as CHAIN, SLEEPER_C,
+};
 use podscope_receiver::ebpf::profiling::{LocalProfile, ProfileTarget, ProfilingProbeConfig};
 use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 
@@ -74,26 +76,6 @@ fn read_samples(data: &ProfilesData) -> Vec<ReadSample> {
         }
     }
     out
-}
-
-/// Whether process `pid` has ended (gone, or a zombie nobody waited for yet).
-fn ended(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => true,
-    }
-}
-
-/// CPU time process `pid` used (user + system; a zombie still has it).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the process's stat");
-    let fields: Vec<&str> = stat.rsplit_once(") ").unwrap().1.split(' ').collect();
-    // utime and stime are fields 14 and 15 of stat, in clock ticks.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 /// Profiles `target` with `config` from before `start` starts the program until it ended, then
@@ -359,6 +341,29 @@ fn a_stripped_binary_keeps_build_id_and_file_offsets() {
         "{in_chain} of {total} samples carry the chain as build id + offsets: {:#?}",
         &samples[..samples.len().min(3)]
     );
+}
+
+/// A binary stripped as Fedora ships them, its local functions only in the xz-compressed
+/// MiniDebugInfo of `.gnu_debugdata`: the chain is still named.
+#[test]
+fn a_stripped_binary_with_mini_debug_info_is_named_from_gnu_debugdata() {
+    let dir = workdir();
+    let burn = compile_c(dir.path(), "burn", BURN_C, &["-O2", "-fomit-frame-pointer"]);
+    let fedora_like = dir.path().join("burn-minidebuginfo");
+    with_mini_debug_info(&burn, &fedora_like);
+    let sections = Command::new("readelf")
+        .arg("-SW")
+        .arg(&fedora_like)
+        .output()
+        .expect("readelf runs");
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    assert!(
+        sections.contains(".gnu_debugdata") && !sections.contains(".symtab"),
+        "no symbol table, only MiniDebugInfo:\n{sections}"
+    );
+    let (samples, cpu, _) = profile_in_pod(&format!("exec {} 2", fedora_like.display()), 99);
+    assert_sample_total(&samples, cpu, 99);
+    assert_chain_share(&samples, &CHAIN);
 }
 
 #[test]

@@ -1,19 +1,135 @@
 //! Profiles in the formats people open: pprof (`profile.proto`, gzip-compressed, what
 //! `go tool pprof`, Pyroscope and speedscope read) and folded stacks (one line per stack, what
-//! flame graph tools read), made from OTLP profiles. It knows no pipeline; the `podscope profile`
-//! command writes its output with it.
+//! flame graph tools read), made from OTLP profiles. The `podscope profile` command writes its
+//! output with the builders here.
+//!
+//! The `pprof` exporter writes each OTLP profile of a `profiles` pipeline (one container, one
+//! interval, one sample type) as one gzip pprof file into `directory`, named after the container
+//! (see [`pprof_files`]), and keeps the directory within `rotation` (a count of files and a byte
+//! budget; the oldest files go first). A file that cannot be written (a full disk) is dropped
+//! and counted as the exporter's drop; the agent goes on.
 
+mod config;
+mod directory;
+mod files;
 mod proto;
 mod resolve;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
+use std::sync::{Arc, Mutex};
 
-use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
+use async_trait::async_trait;
+use opentelemetry_proto::tonic::profiles::v1development::{
+    Profile, ProfilesData, ResourceProfiles,
+};
+use podscope_core::component::create_exporter;
+use podscope_core::{
+    Batch, BuildContext, ConsumeError, Exporter, ExporterBuilder, ExporterFactory, Signal,
+};
 use prost::Message as _;
 
+pub use config::{PprofConfig, PprofRotation};
+pub use directory::PprofDirectory;
+pub use files::{pprof_files, PprofFile};
 pub use proto::Profile as PprofProfile;
-pub use resolve::{resolved_samples, ResolvedFrame, ResolvedSample};
+pub use resolve::{resolved_profile_samples, resolved_samples, ResolvedFrame, ResolvedSample};
+
+use crate::helper::{HelperSettings, QueuedExporter, Request, Sender, SendingQueueSettings, Sent};
+
+pub const FACTORY: ExporterFactory = ExporterFactory {
+    type_name: "pprof",
+    description:
+        "Writes one gzip pprof file per container, interval and profile type into a directory, with rotation",
+    signals: &[Signal::Profiles],
+    create: create_exporter::<PprofConfig>,
+};
+
+impl ExporterBuilder for PprofConfig {
+    fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
+        // As the file exporter: a write works or fails for a reason a quick retry will not fix
+        // (a full disk), so no queue and no retries: a failed file is dropped and counted.
+        let settings = HelperSettings {
+            sending_queue: SendingQueueSettings {
+                enabled: false,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Ok(QueuedExporter::new(
+            &ctx,
+            settings,
+            PprofSender {
+                config: *self,
+                directory: Arc::new(Mutex::new(None)),
+            },
+        ))
+    }
+}
+
+struct PprofSender {
+    config: PprofConfig,
+    /// Opened by `start`.
+    directory: Arc<Mutex<Option<PprofDirectory>>>,
+}
+
+#[async_trait]
+impl Sender for PprofSender {
+    type Payload = PprofFile;
+
+    async fn start(&self) -> anyhow::Result<()> {
+        let directory = PprofDirectory::open(&self.config.directory, self.config.rotation.clone())?;
+        *self.directory.lock().unwrap_or_else(|e| e.into_inner()) = Some(directory);
+        Ok(())
+    }
+
+    fn requests(&self, batch: Batch) -> Result<Vec<Request<PprofFile>>, ConsumeError> {
+        let Batch::Profiles(data) = &batch else {
+            return Err(ConsumeError::permanent(
+                "unsupported_signal",
+                format!("the pprof exporter takes profiles, not {}", batch.signal()),
+            ));
+        };
+        Ok(pprof_files(data)
+            .into_iter()
+            .map(|file| {
+                let samples = file.samples;
+                Request::unordered(file, samples)
+            })
+            .collect())
+    }
+
+    async fn send(&self, file: &PprofFile) -> Result<Sent, ConsumeError> {
+        let file = file.clone();
+        let directory = self.directory.clone();
+        let path = self.config.directory.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = directory.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(directory) = guard.as_mut() else {
+                return Err(ConsumeError::retryable(
+                    "not_started",
+                    "the pprof exporter is not started",
+                ));
+            };
+            directory
+                .write(&file)
+                .map(|_| Sent::default())
+                .map_err(|e| {
+                    let reason = if directory::is_disk_full(&e) {
+                        "disk_full"
+                    } else {
+                        "io_error"
+                    };
+                    ConsumeError::permanent(
+                        reason,
+                        format!("writing {} into {}: {e}", file.name, path.display()),
+                    )
+                })
+        })
+        .await
+        .map_err(|e| ConsumeError::permanent("io_error", format!("writer task failed: {e}")))?
+    }
+}
 
 /// Builds one pprof profile of one sample type from any number of OTLP profiles (intervals,
 /// containers): identical stacks with identical labels are summed.
@@ -67,20 +183,38 @@ impl PprofBuilder {
 
     /// Adds the samples of `data`'s profiles of this builder's sample type; returns how many.
     pub fn add(&mut self, data: &ProfilesData) -> usize {
+        let mut added = 0;
         for rp in &data.resource_profiles {
-            for p in rp.scope_profiles.iter().flat_map(|sp| &sp.profiles) {
-                let start = p.time_unix_nano as i64;
-                self.start_ns = Some(self.start_ns.map_or(start, |s| s.min(start)));
-                self.end_ns = self
-                    .end_ns
-                    .max(start.saturating_add(p.duration_nano as i64));
+            for profile in rp.scope_profiles.iter().flat_map(|sp| &sp.profiles) {
+                added += self.add_profile(data, rp, profile);
             }
         }
+        added
+    }
+
+    /// Adds the samples of one `profile` of `rp`, a resource of `data`, if it has this
+    /// builder's sample type; returns how many.
+    pub fn add_profile(
+        &mut self,
+        data: &ProfilesData,
+        rp: &ResourceProfiles,
+        profile: &Profile,
+    ) -> usize {
+        let samples = resolved_profile_samples(data, rp, profile);
+        if samples.first().map(|s| &s.sample_type.0) != Some(&self.sample_type) {
+            return 0;
+        }
+        let start = profile.time_unix_nano as i64;
+        self.start_ns = Some(self.start_ns.map_or(start, |s| s.min(start)));
+        self.end_ns = self
+            .end_ns
+            .max(start.saturating_add(profile.duration_nano as i64));
+        self.add_samples(samples)
+    }
+
+    fn add_samples(&mut self, samples: Vec<ResolvedSample>) -> usize {
         let mut added = 0;
-        for sample in resolved_samples(data) {
-            if sample.sample_type.0 != self.sample_type {
-                continue;
-            }
+        for sample in samples {
             if self.profile.sample_type.is_empty() {
                 let value_type = self.value_type(&sample.sample_type);
                 self.profile.sample_type.push(value_type);

@@ -3,7 +3,9 @@
 //! table (a sender's bug) resolve to empty values instead of failing.
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
-use opentelemetry_proto::tonic::profiles::v1development::{KeyValueAndUnit, ProfilesData};
+use opentelemetry_proto::tonic::profiles::v1development::{
+    KeyValueAndUnit, Profile, ProfilesData, ResourceProfiles, ValueType,
+};
 
 /// One frame: its function name when the sender had one, else file and address identify it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,6 +48,21 @@ pub struct ResolvedSample {
 
 /// Every sample of `data`, profile by profile.
 pub fn resolved_samples(data: &ProfilesData) -> Vec<ResolvedSample> {
+    let mut out = Vec::new();
+    for rp in &data.resource_profiles {
+        for profile in rp.scope_profiles.iter().flat_map(|sp| &sp.profiles) {
+            out.extend(resolved_profile_samples(data, rp, profile));
+        }
+    }
+    out
+}
+
+/// The samples of one `profile` of `rp`, a resource of `data` (whose dictionary they index).
+pub fn resolved_profile_samples(
+    data: &ProfilesData,
+    rp: &ResourceProfiles,
+    profile: &Profile,
+) -> Vec<ResolvedSample> {
     let Some(d) = data.dictionary.as_ref() else {
         return Vec::new();
     };
@@ -64,73 +81,62 @@ pub fn resolved_samples(data: &ProfilesData) -> Vec<ResolvedSample> {
             .find(|a: &&KeyValueAndUnit| string(a.key_strindex) == key)
             .and_then(|a| a.value.clone())
     };
-    let mut out = Vec::new();
-    for rp in &data.resource_profiles {
-        let container_id = rp.resource.as_ref().and_then(|r| {
-            r.attributes
-                .iter()
-                .find(|kv| kv.key == "container.id")
-                .and_then(|kv| text(kv.value.as_ref()?))
+    let container_id = rp.resource.as_ref().and_then(|r| {
+        r.attributes
+            .iter()
+            .find(|kv| kv.key == "container.id")
+            .and_then(|kv| text(kv.value.as_ref()?))
+    });
+    let value_type =
+        |v: Option<ValueType>| v.map(|v| (string(v.type_strindex), string(v.unit_strindex)));
+    let sample_type = value_type(profile.sample_type).unwrap_or_default();
+    let period = value_type(profile.period_type).map(|t| (t, profile.period));
+    let mut out = Vec::with_capacity(profile.samples.len());
+    for sample in &profile.samples {
+        let frames = get(d.stack_table.len(), sample.stack_index)
+            .map(|i| &d.stack_table[i].location_indices[..])
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|&li| get(d.location_table.len(), li))
+            .map(|li| {
+                let location = &d.location_table[li];
+                let mapping =
+                    get(d.mapping_table.len(), location.mapping_index).map(|i| &d.mapping_table[i]);
+                let function = location
+                    .lines
+                    .first()
+                    .and_then(|l| get(d.function_table.len(), l.function_index))
+                    .map(|i| string(d.function_table[i].name_strindex))
+                    .filter(|name| !name.is_empty());
+                ResolvedFrame {
+                    function,
+                    file: mapping
+                        .map(|m| string(m.filename_strindex))
+                        .unwrap_or_default(),
+                    build_id: mapping.and_then(|m| {
+                        text(&attribute(
+                            &m.attribute_indices,
+                            "process.executable.build_id.gnu",
+                        )?)
+                    }),
+                    address: location.address,
+                }
+            })
+            .collect();
+        let pid =
+            attribute(&sample.attribute_indices, "process.pid").and_then(|v| match v.value? {
+                any_value::Value::IntValue(i) => Some(i),
+                _ => None,
+            });
+        out.push(ResolvedSample {
+            sample_type: sample_type.clone(),
+            period: period.clone(),
+            container_id: container_id.clone(),
+            pid,
+            thread: attribute(&sample.attribute_indices, "thread.name").and_then(|v| text(&v)),
+            frames,
+            value: sample.values.first().copied().unwrap_or(0),
         });
-        for profile in rp.scope_profiles.iter().flat_map(|sp| &sp.profiles) {
-            let value_type = |v: Option<_>| {
-                v.map(
-                    |v: opentelemetry_proto::tonic::profiles::v1development::ValueType| {
-                        (string(v.type_strindex), string(v.unit_strindex))
-                    },
-                )
-            };
-            let sample_type = value_type(profile.sample_type).unwrap_or_default();
-            let period = value_type(profile.period_type).map(|t| (t, profile.period));
-            for sample in &profile.samples {
-                let frames = get(d.stack_table.len(), sample.stack_index)
-                    .map(|i| &d.stack_table[i].location_indices[..])
-                    .unwrap_or_default()
-                    .iter()
-                    .filter_map(|&li| get(d.location_table.len(), li))
-                    .map(|li| {
-                        let location = &d.location_table[li];
-                        let mapping = get(d.mapping_table.len(), location.mapping_index)
-                            .map(|i| &d.mapping_table[i]);
-                        let function = location
-                            .lines
-                            .first()
-                            .and_then(|l| get(d.function_table.len(), l.function_index))
-                            .map(|i| string(d.function_table[i].name_strindex))
-                            .filter(|name| !name.is_empty());
-                        ResolvedFrame {
-                            function,
-                            file: mapping
-                                .map(|m| string(m.filename_strindex))
-                                .unwrap_or_default(),
-                            build_id: mapping.and_then(|m| {
-                                text(&attribute(
-                                    &m.attribute_indices,
-                                    "process.executable.build_id.gnu",
-                                )?)
-                            }),
-                            address: location.address,
-                        }
-                    })
-                    .collect();
-                let pid = attribute(&sample.attribute_indices, "process.pid").and_then(|v| match v
-                    .value?
-                {
-                    any_value::Value::IntValue(i) => Some(i),
-                    _ => None,
-                });
-                out.push(ResolvedSample {
-                    sample_type: sample_type.clone(),
-                    period: period.clone(),
-                    container_id: container_id.clone(),
-                    pid,
-                    thread: attribute(&sample.attribute_indices, "thread.name")
-                        .and_then(|v| text(&v)),
-                    frames,
-                    value: sample.values.first().copied().unwrap_or(0),
-                });
-            }
-        }
     }
     out
 }

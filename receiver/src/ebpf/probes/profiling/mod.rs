@@ -18,6 +18,8 @@ mod process;
 mod profiler;
 mod stacks;
 mod symbolize;
+#[cfg(test)]
+mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
