@@ -267,9 +267,16 @@ impl ClusterPrograms {
             uid: Some(program.uid.clone()),
             ..ObjectReference::default()
         };
-        warning_event(&self.client, &self.node, "default", involved, reason, message)
-            .await
-            .map_err(|e| format!("event on EbpfProgram {}: {e}", program.name))
+        warning_event(
+            &self.client,
+            &self.node,
+            "default",
+            involved,
+            reason,
+            message,
+        )
+        .await
+        .map_err(|e| format!("event on EbpfProgram {}: {e}", program.name))
     }
 }
 
@@ -287,7 +294,10 @@ pub(super) async fn warning_event(
     let now = k8s_openapi::jiff::Timestamp::now();
     let event = Event {
         metadata: ObjectMeta {
-            generate_name: Some(format!("{}.", involved.name.as_deref().unwrap_or("podscope"))),
+            generate_name: Some(format!(
+                "{}.",
+                involved.name.as_deref().unwrap_or("podscope")
+            )),
             namespace: Some(namespace.into()),
             ..ObjectMeta::default()
         },

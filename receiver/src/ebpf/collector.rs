@@ -252,11 +252,8 @@ impl Collector {
                 self.telemetry.add_map_full(name, &owned(map), failed);
             }
         }
-        self.kernel_maps.set(
-            self.owner.as_deref().unwrap_or(""),
-            memory,
-            &self.telemetry,
-        );
+        self.kernel_maps
+            .set(self.owner.as_deref().unwrap_or(""), memory, &self.telemetry);
     }
 }
 

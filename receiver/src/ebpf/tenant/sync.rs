@@ -136,9 +136,8 @@ impl TenantSync {
         for probe in self.probes.probes() {
             let key = probe.key();
             let version = (probe.uid.clone(), probe.generation);
-            let parsed = ProbeObjectSpec::parse(&probe.spec).and_then(|spec| {
-                spec.resolve(&self.config, self.profiles.is_some())
-            });
+            let parsed = ProbeObjectSpec::parse(&probe.spec)
+                .and_then(|spec| spec.resolve(&self.config, self.profiles.is_some()));
             // A Probe acts where its namespace has pods it selects (a spec that cannot be read
             // selects by namespace alone, to say why where its pods are).
             let selector = PodSelector {
