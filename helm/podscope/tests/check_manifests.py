@@ -743,7 +743,8 @@ def run_agent(docs, podscope, without, rbac_edits):
 
 def check_crd(crd, manifests):
     """A CustomResourceDefinition's promises: a structural OpenAPI schema that accepts the
-    example manifests (and refuses one with an unknown decoder), printer columns whose paths the
+    example manifests (and refuses one with an unknown decoder, or a Probe's sampling ratio above
+    1), printer columns whose paths the
     schema has, a status subresource, and status.nodes a list-map keyed by node (what each
     agent's server-side apply relies on)."""
     import jsonschema
@@ -756,9 +757,14 @@ def check_crd(crd, manifests):
         for error in validator.iter_errors(doc):
             problems.append(f"{doc['metadata']['name']}: {'.'.join(str(p) for p in error.path)}: {error.message}")
     broken = json.loads(json.dumps(manifests[0]))
-    broken["spec"]["metrics"]["counters"][0]["labels"][0]["decoder"] = "hexdump"
-    if not list(validator.iter_errors(broken)):
-        problems.append("the schema accepts an unknown decoder")
+    if broken["kind"] == "Probe":
+        broken["spec"]["probes"]["http"] = {"samplingRatio": 2}
+        if not list(validator.iter_errors(broken)):
+            problems.append("the schema accepts a sampling ratio above 1")
+    else:
+        broken["spec"]["metrics"]["counters"][0]["labels"][0]["decoder"] = "hexdump"
+        if not list(validator.iter_errors(broken)):
+            problems.append("the schema accepts an unknown decoder")
     if version.get("subresources", {}).get("status") != {}:
         problems.append("no status subresource")
     nodes = schema["properties"]["status"]["properties"]["nodes"]

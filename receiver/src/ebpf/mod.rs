@@ -186,15 +186,27 @@ impl EbpfReceiver {
                 ctx.id
             );
         }
-        if next.traces.is_some() && !config.probes.makes_spans() {
+        // Probes' instances may make spans and profiles too, when the agent lets them.
+        let tenant = config
+            .tenant_probes
+            .extension
+            .as_ref()
+            .map(|_| &config.tenant_probes.probes);
+        if next.traces.is_some()
+            && !config.probes.makes_spans()
+            && !tenant.is_some_and(ProbesConfig::makes_spans)
+        {
             anyhow::bail!(
-                "receiver {}: is in a traces pipeline, but only the http probe makes spans and it is not on (probes: http:)",
+                "receiver {}: is in a traces pipeline, but only the http probe makes spans and it is not on (probes: http:, or tenant_probes.probes: http:)",
                 ctx.id
             );
         }
-        if next.profiles.is_some() && !config.probes.makes_profiles() {
+        if next.profiles.is_some()
+            && !config.probes.makes_profiles()
+            && !tenant.is_some_and(ProbesConfig::makes_profiles)
+        {
             anyhow::bail!(
-                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:)",
+                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:, or tenant_probes.probes: profiling:)",
                 ctx.id
             );
         }
