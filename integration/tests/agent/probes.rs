@@ -4,8 +4,9 @@
 //! in namespace A enabling tcp counts A's pod's connections exactly, with pod attributes, and
 //! nothing of B's, though its selector would match B's pod; an update (adding http) is a new
 //! instance; a probe kind the agent does not allow fails that Probe alone, with the reason in its
-//! status and an Event; a selector matching nothing here, and a deletion, stop the instance: its
-//! series end and its kernel programs are detached (bpftool).
+//! status and an Event; a Probe over `max_probes` fails until another stops; a selector
+//! matching nothing here, and a deletion, stop the instance: its series end, its maps leave the
+//! agent's kernel-memory accounting and its kernel programs are unloaded (bpftool).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -255,6 +256,31 @@ fn loaded(ids: &BTreeSet<u64>) -> bool {
         .any(|p| p["id"].as_u64().is_some_and(|id| ids.contains(&id)))
 }
 
+/// The agent's `podscope_ebpf_map_memory_bytes` series of the Probe `<namespace>/<name>`'s
+/// maps (`map` label `<namespace>/<name>/<map>`), as (probe, map, bytes).
+async fn probe_map_memory(telemetry_port: u16, probe: &str) -> Vec<(String, String, u64)> {
+    let text = reqwest::get(format!("http://127.0.0.1:{telemetry_port}/metrics"))
+        .await
+        .expect("the agent's telemetry endpoint")
+        .text()
+        .await
+        .expect("its exposition");
+    text.lines()
+        .filter_map(|line| {
+            let labels = line.strip_prefix("podscope_ebpf_map_memory_bytes{")?;
+            let (labels, value) = labels.split_once("} ")?;
+            let label = |key: &str| {
+                let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
+                let end = labels[start..].find('"')? + start;
+                Some(labels[start..end].to_string())
+            };
+            let map = label("map")?;
+            map.starts_with(&format!("{probe}/"))
+                .then(|| Some((label("probe")?, map, value.trim().parse().ok()?)))?
+        })
+        .collect()
+}
+
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
     let binary = ["/usr/bin/kubectl", "/usr/local/bin/kubectl"]
         .into_iter()
@@ -349,6 +375,15 @@ service:
     assert_eq!(status["activeProbes"], json!(["tcp"]));
     assert_eq!(status["podsMatched"], 1);
     let first_instance = agent_programs(agent.pid());
+    // Its maps' kernel memory is in the agent's accounting, named for the Probe.
+    let memory = probe_map_memory(telemetry_port, "team-a/web").await;
+    assert!(
+        !memory.is_empty()
+            && memory
+                .iter()
+                .all(|(probe, _, bytes)| probe == "tcp" && *bytes > 0),
+        "{memory:?}"
+    );
 
     let mark = line_count(&out);
     connections(&a, port, 3);
@@ -447,6 +482,29 @@ service:
     .unwrap();
     assert_eq!(events["items"].as_array().unwrap().len(), 1, "{events}");
 
+    // At most two Probes' instances (max_probes): a third fails with the reason, and starts
+    // once another stops.
+    api.apply_custom(probe("team-a", "second", "web", json!({"tcp": {}})));
+    let second = node_status(&api, "team-a", "second", 1).await;
+    assert_eq!(second["phase"], "Active", "{second}");
+    api.apply_custom(probe("team-a", "third", "web", json!({"tcp": {}})));
+    let third = node_status(&api, "team-a", "third", 1).await;
+    assert_eq!(third["phase"], "Failed", "{third}");
+    assert!(
+        third["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("this node already runs 2 Probes' instances, the agent's limit (tenant_probes.max_probes)"),
+        "{third}"
+    );
+    assert!(api.delete_custom("Probe", "team-a", "second"));
+    until("the third Probe active once the second is gone", || {
+        let object = api.custom("Probe", "team-a", "third")?;
+        (object["status"]["nodes"][0]["phase"] == "Active").then_some(())
+    })
+    .await;
+    assert!(api.delete_custom("Probe", "team-a", "third"));
+
     // An update adding http: a new instance (generation 2), counting from zero.
     api.apply_custom(probe(
         "team-a",
@@ -524,6 +582,7 @@ service:
         (line_count(&out) > mark + 3).then_some(())
     })
     .await;
+    assert_eq!(probe_map_memory(telemetry_port, "team-a/web").await, []);
     let late: Vec<Point> = points(&out, mark)
         .into_iter()
         .filter(|(r, ..)| r.contains_key("podscope.probe.name"))

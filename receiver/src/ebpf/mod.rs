@@ -246,17 +246,11 @@ impl EbpfReceiver {
         features: &KernelFeatures,
         cgroup_root: &std::path::Path,
     ) -> anyhow::Result<Option<tenant::TenantSync>> {
-        let Some(extension) = &self.config.tenant_probes.extension else {
+        let Some((id, metadata)) =
+            self.metadata_extension("tenant_probes", &self.config.tenant_probes.extension)?
+        else {
             return Ok(None);
         };
-        let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
-        let metadata = self
-            .ctx
-            .extensions
-            .get::<podscope_k8s::K8sMetadata>(&id)
-            .map_err(|e| {
-                anyhow::anyhow!("receiver {}: tenant_probes.extension: {e}", self.ctx.id)
-            })?;
         let Some(probes) = metadata.namespace_probes().await else {
             tracing::info!(receiver = %self.ctx.id, extension = %id, "no Kubernetes API server: Probe objects are not acted on");
             return Ok(None);
@@ -315,14 +309,13 @@ impl EbpfReceiver {
         Ok(())
     }
 
-    /// The task keeping users' programs in step with the cluster and their pod filters with
-    /// the pods, when `user_programs.extension` names a `k8s_metadata` extension.
-    async fn program_sync(
+    /// The `k8s_metadata` extension `<section>.extension` names, if it names one.
+    fn metadata_extension(
         &self,
-        features: &KernelFeatures,
-        cgroup_root: &std::path::Path,
-    ) -> anyhow::Result<Option<programs::ProgramSync>> {
-        let Some(extension) = &self.config.user_programs.extension else {
+        section: &str,
+        extension: &Option<String>,
+    ) -> anyhow::Result<Option<(podscope_core::ComponentId, Arc<podscope_k8s::K8sMetadata>)>> {
+        let Some(extension) = extension else {
             return Ok(None);
         };
         let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
@@ -330,9 +323,22 @@ impl EbpfReceiver {
             .ctx
             .extensions
             .get::<podscope_k8s::K8sMetadata>(&id)
-            .map_err(|e| {
-                anyhow::anyhow!("receiver {}: user_programs.extension: {e}", self.ctx.id)
-            })?;
+            .map_err(|e| anyhow::anyhow!("receiver {}: {section}.extension: {e}", self.ctx.id))?;
+        Ok(Some((id, metadata)))
+    }
+
+    /// The task keeping users' programs in step with the cluster and their pod filters with
+    /// the pods, when `user_programs.extension` names a `k8s_metadata` extension.
+    async fn program_sync(
+        &self,
+        features: &KernelFeatures,
+        cgroup_root: &std::path::Path,
+    ) -> anyhow::Result<Option<programs::ProgramSync>> {
+        let Some((id, metadata)) =
+            self.metadata_extension("user_programs", &self.config.user_programs.extension)?
+        else {
+            return Ok(None);
+        };
         let cluster = metadata.cluster_programs().await;
         if cluster.is_none() {
             tracing::info!(receiver = %self.ctx.id, extension = %id, "no Kubernetes API server: local programs only");

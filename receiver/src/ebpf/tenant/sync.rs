@@ -102,6 +102,9 @@ struct Reported {
     active: Vec<String>,
     pods_matched: usize,
     message: String,
+    /// For a Probe refused by a limit: how many instances had stopped then. It is tried again
+    /// once another instance stopped (room may have been made).
+    limited_at: Option<u64>,
 }
 
 impl TenantSync {
@@ -109,12 +112,14 @@ impl TenantSync {
         let mut state = State {
             instances: BTreeMap::new(),
             reported: BTreeMap::new(),
+            stopped: 0,
             index: CgroupIndex::new(self.cgroup_root.clone()),
         };
         let mut probe_changes = self.probes.changes();
         let mut pod_changes = self.metadata.changes();
         loop {
-            self.reconcile(&mut state).await;
+            // Again at once when an instance stopped while a Probe waits for room.
+            while self.reconcile(&mut state).await {}
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 Ok(()) = probe_changes.changed() => {}
@@ -130,7 +135,10 @@ impl TenantSync {
         }
     }
 
-    async fn reconcile(&self, state: &mut State) {
+    /// Brings the instances in step; true when one stopped while a Probe refused by a limit
+    /// waits (it is then worth another pass).
+    async fn reconcile(&self, state: &mut State) -> bool {
+        let stopped_before = state.stopped;
         state.index.refresh();
         let mut acting = BTreeSet::new();
         for probe in self.probes.probes() {
@@ -153,7 +161,10 @@ impl TenantSync {
             }
             acting.insert(key.clone());
             let current = state.reported.get(&key);
-            let same_version = current.is_some_and(|r| r.version == version);
+            let room_made = current
+                .and_then(|r| r.limited_at)
+                .is_some_and(|at| state.stopped > at);
+            let same_version = current.is_some_and(|r| r.version == version) && !room_made;
             if same_version {
                 let last = current.cloned().expect("checked above");
                 if last.pods_matched != pods_matched {
@@ -170,13 +181,25 @@ impl TenantSync {
                 continue;
             }
             let others = state.instances.keys().filter(|k| **k != key).count();
+            let mut limited = false;
             let outcome = match parsed {
                 Err(message) => Err(message),
-                Ok(_) if others >= self.config.max_probes => Err(format!(
-                    "this node already runs {others} Probes' instances, the agent's limit (tenant_probes.max_probes)"
-                )),
-                Ok(resolved) => self.start(&probe, resolved.clone(), selector).map(|i| (i, resolved)),
+                Ok(_) if others >= self.config.max_probes => {
+                    limited = true;
+                    Err(format!(
+                        "this node already runs {others} Probes' instances, the agent's limit (tenant_probes.max_probes)"
+                    ))
+                }
+                Ok(resolved) => match self.start(&probe, resolved.clone(), selector) {
+                    Ok(instance) => Ok((instance, resolved)),
+                    Err(StartError::OverMemory(message)) => {
+                        limited = true;
+                        Err(message)
+                    }
+                    Err(StartError::Failed(message)) => Err(message),
+                },
             };
+            let limited_at = limited.then_some(state.stopped);
             // The new instance runs before the old one stops; a failed update stops the old.
             let old = state.instances.remove(&key);
             let reported = match outcome {
@@ -189,6 +212,7 @@ impl TenantSync {
                         active: resolved.kinds,
                         pods_matched,
                         message: String::new(),
+                        limited_at: None,
                     }
                 }
                 Err(message) => {
@@ -199,11 +223,13 @@ impl TenantSync {
                         active: Vec::new(),
                         pods_matched,
                         message,
+                        limited_at,
                     }
                 }
             };
             if let Some(old) = old {
                 self.stop(&key, old).await;
+                state.stopped += 1;
             }
             if reported.phase == "Active" {
                 self.instances.lock().insert(
@@ -236,6 +262,7 @@ impl TenantSync {
             state.reported.remove(&key);
             if let Some(instance) = state.instances.remove(&key) {
                 self.stop(&key, instance).await;
+                state.stopped += 1;
                 tracing::info!(receiver = %self.receiver, probe = %key, "Probe stopped: deleted, or it selects no pod on this node");
             }
             if let Some(probe) = existing.get(&key) {
@@ -244,6 +271,11 @@ impl TenantSync {
                 }
             }
         }
+        state.stopped > stopped_before
+            && state
+                .reported
+                .values()
+                .any(|r| r.limited_at.is_some_and(|at| at < state.stopped))
     }
 
     /// Pods of this node (with a cgroup here) that `selector` selects.
@@ -263,7 +295,7 @@ impl TenantSync {
         probe: &NamespaceProbe,
         resolved: Resolved,
         selector: PodSelector,
-    ) -> Result<Instance, String> {
+    ) -> Result<Instance, StartError> {
         let key = probe.key();
         let features = KernelFeatures {
             btf: self.kernel_btf.clone(),
@@ -281,9 +313,12 @@ impl TenantSync {
             max_entries: Default::default(),
             skipped: Vec::new(),
         };
-        let mut probes = resolved.probes.load(&mut ctx).map_err(|e| e.to_string())?;
+        let mut probes = resolved
+            .probes
+            .load(&mut ctx)
+            .map_err(|e| StartError::Failed(e.to_string()))?;
         if let Some(refused) = ctx.skipped.first() {
-            return Err(refused.to_string());
+            return Err(StartError::Failed(refused.to_string()));
         }
         let bytes: u64 = probes
             .iter_mut()
@@ -293,10 +328,10 @@ impl TenantSync {
             .sum();
         let others = self.kernel_maps.bytes_of_others(&key);
         if others + bytes > self.config.max_map_memory_bytes {
-            return Err(format!(
+            return Err(StartError::OverMemory(format!(
                 "its probes' maps take {bytes} bytes of kernel memory; with the other Probes' {others} that is over the agent's limit of {} (tenant_probes.max_map_memory_bytes)",
                 self.config.max_map_memory_bytes
-            ));
+            )));
         }
         let cancel = CancellationToken::new();
         let start = StartContext {
@@ -314,7 +349,7 @@ impl TenantSync {
                 Ok(spawned) => tasks.extend(spawned),
                 Err(e) => {
                     cancel.cancel();
-                    return Err(e.to_string());
+                    return Err(StartError::Failed(e.to_string()));
                 }
             }
         }
@@ -391,9 +426,19 @@ impl TenantSync {
     }
 }
 
+/// Why an instance did not start.
+enum StartError {
+    /// Over `max_map_memory_bytes` with the other Probes': tried again once one stops.
+    OverMemory(String),
+    /// Anything else, for good (until the Probe changes).
+    Failed(String),
+}
+
 struct State {
     instances: BTreeMap<String, Instance>,
     reported: BTreeMap<String, Reported>,
+    /// Instances stopped so far (a Probe refused by a limit waits for this to move).
+    stopped: u64,
     /// This node's cgroups, for the pods each Probe selects here.
     index: CgroupIndex,
 }
