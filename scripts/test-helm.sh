@@ -269,6 +269,8 @@ for crd in "$CHART"/crds/*.yaml; do
 done
 check "crds: the EbpfProgram schema accepts examples/ebpf-program/syscount.yaml, printer columns exist" \
   "$PY" "$CHECKER" crd "$CHART/crds/ebpfprograms.podscope.dev.yaml" "$CHART/examples/ebpf-program/syscount.yaml"
+check "crds: the Probe schema accepts examples/probe/web.yaml, printer columns exist" \
+  "$PY" "$CHECKER" crd "$CHART/crds/probes.podscope.dev.yaml" "$CHART/examples/probe/web.yaml"
 
 # The image, built from the binary under test and run as the DaemonSet's container (the chart
 # rendered without an API server to read: the k8s-no-api case), under containerd's RuntimeDefault

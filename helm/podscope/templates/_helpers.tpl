@@ -145,6 +145,7 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- $cluster := list }}
 {{- $namespaced := dict }}
 {{- $programs := eq (include "podscope.userPrograms" .) "true" }}
+{{- $probes := eq (include "podscope.tenantProbes" .) "true" }}
 {{- if $programs }}
 {{- /* EbpfProgram nodeSelectors read this node's labels. */}}
 {{- $cluster = append $cluster "nodes" }}
@@ -179,7 +180,7 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- if has "pods" $cluster }}
 {{- $namespaced = dict }}
 {{- end }}
-{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced "programs" $programs) }}
+{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced "programs" $programs "probes" $probes) }}
 {{- end }}
 
 {{/*
@@ -196,6 +197,25 @@ namespace (docs/programs.md, "RBAC").
 {{- range $id, $settings := default dict $config.receivers }}
 {{- if eq (first (splitList "/" $id)) "ebpf" }}
 {{- $extension := toString (default "" (default dict (default dict $settings).user_programs).extension) }}
+{{- $used := get $inUse (printf "extensions.%s" $extension) }}
+{{- if and $extension (kindIs "map" $used) (eq (toString (default "serviceAccount" $used.auth_type)) "serviceAccount") }}true{{ end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the agent acts on namespaced Probe objects with the pod's service account: "true" or "".
+An ebpf receiver's tenant_probes.extension names a k8s_metadata extension that runs (listed in
+service.extensions) and reads the API server with the service account. It then lists and
+watches probes (podscope.dev) in every namespace, patches probes/status and creates Events in
+any namespace (docs/programs.md, "RBAC").
+*/}}
+{{- define "podscope.tenantProbes" -}}
+{{- $config := default dict .Values.config }}
+{{- $inUse := include "podscope.k8sMetadataInUse" . | fromJson }}
+{{- range $id, $settings := default dict $config.receivers }}
+{{- if eq (first (splitList "/" $id)) "ebpf" }}
+{{- $extension := toString (default "" (default dict (default dict $settings).tenant_probes).extension) }}
 {{- $used := get $inUse (printf "extensions.%s" $extension) }}
 {{- if and $extension (kindIs "map" $used) (eq (toString (default "serviceAccount" $used.auth_type)) "serviceAccount") }}true{{ end }}
 {{- end }}

@@ -84,12 +84,25 @@ EXACT_API_ACCESS = {
     "k8s-extension": ({"nodes"}, {"shop": {"pods"}}),
     # Users' programs: their EbpfProgram nodeSelectors read the node (programs' own rules apart).
     "user-programs": ({"pods", "nodes"}, {}),
+    # Probes for namespace owners: their rules apart.
+    "tenant-probes": ({"pods"}, {}),
 }
 # Cases whose agents run users' EbpfProgram objects (the rules apart from list + watch).
 PROGRAM_CASES = {"user-programs"}
 PROGRAM_RULES = [
     {"apiGroups": ["podscope.dev"], "resources": ["ebpfprograms"], "verbs": ["list", "watch"]},
     {"apiGroups": ["podscope.dev"], "resources": ["ebpfprograms/status"], "verbs": ["patch"]},
+]
+# Cases whose agents act on namespaced Probe objects (the rules after the programs' ones).
+PROBE_CASES = {"tenant-probes"}
+PROBE_RULES = [
+    {"apiGroups": ["podscope.dev"], "resources": ["probes"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["podscope.dev"], "resources": ["probes/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+PROBE_EDITOR_RULES = [
+    {"apiGroups": ["podscope.dev"], "resources": ["probes"],
+     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]},
 ]
 # Cases that turn on the dashboards' ConfigMaps and the PrometheusRule.
 DASHBOARD_CASES = {"dashboards-rules"}
@@ -206,6 +219,20 @@ def runs_user_programs(config):
         if component_id.split("/")[0] != "ebpf":
             continue
         extension = ((settings or {}).get("user_programs") or {}).get("extension")
+        used = in_use.get(f"extensions.{extension}") if extension else None
+        if used is not None and used.get("auth_type", "serviceAccount") == "serviceAccount":
+            return True
+    return False
+
+
+def runs_tenant_probes(config):
+    """Whether an ebpf receiver's tenant_probes.extension names a running k8s_metadata
+    extension that reads the API server with the service account."""
+    in_use = k8s_metadata_in_use(config)
+    for component_id, settings in (config.get("receivers") or {}).items():
+        if component_id.split("/")[0] != "ebpf":
+            continue
+        extension = ((settings or {}).get("tenant_probes") or {}).get("extension")
         used = in_use.get(f"extensions.{extension}") if extension else None
         if used is not None and used.get("auth_type", "serviceAccount") == "serviceAccount":
             return True
@@ -378,7 +405,21 @@ def check_invariants(docs, case):
 
     programs = runs_user_programs(config)
     expect(programs == (case in PROGRAM_CASES), f"users' programs run: {programs}, expected for {sorted(PROGRAM_CASES)}")
-    programs_role = lambda d: d["metadata"]["name"].endswith("-programs")
+    probes = runs_tenant_probes(config)
+    expect(probes == (case in PROBE_CASES), f"Probes acted on: {probes}, expected for {sorted(PROBE_CASES)}")
+    # Roles checked apart: the programs' Roles, the Probe editors' aggregated ClusterRole.
+    programs_role = lambda d: d["metadata"]["name"].endswith(("-programs", "-probe-editor"))
+    editors = [d for d in docs if d.get("kind") == "ClusterRole" and d["metadata"]["name"].endswith("-probe-editor")]
+    if probes:
+        labels = editors[0]["metadata"].get("labels", {}) if len(editors) == 1 else {}
+        expect(len(editors) == 1 and editors[0]["rules"] == PROBE_EDITOR_RULES
+               and labels.get("rbac.authorization.k8s.io/aggregate-to-admin") == "true"
+               and labels.get("rbac.authorization.k8s.io/aggregate-to-edit") == "true",
+               f"one probe-editor ClusterRole aggregated to admin and edit, got {editors}")
+        expect(not [d for d in docs if d.get("kind") == "ClusterRoleBinding" and d["roleRef"]["name"].endswith("-probe-editor")],
+               "the probe-editor ClusterRole is aggregated, never bound by the chart")
+    else:
+        expect(not editors, f"no probe-editor ClusterRole without Probes, got {editors}")
 
     def check_role(role_kind, binding_kind, namespace, resources):
         roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace and not programs_role(d)]
@@ -390,7 +431,7 @@ def check_invariants(docs, case):
         if len(roles) != 1 or len(bindings) != 1:
             return problems.append(f"one {where} and one {binding_kind} expected for {sorted(resources)}")
         (role,), (binding,) = roles, bindings
-        extra = PROGRAM_RULES if programs and role_kind == "ClusterRole" else []
+        extra = (PROGRAM_RULES if programs else []) + (PROBE_RULES if probes else []) if role_kind == "ClusterRole" else []
         expect(role["rules"][1:] == extra, f"{where}: rules after the first {role['rules'][1:]}, want {extra}")
         rule = role["rules"][0]
         expect(rule["apiGroups"] == [""], f"{where}: apiGroups {rule['apiGroups']}")
@@ -702,7 +743,8 @@ def run_agent(docs, podscope, without, rbac_edits):
 
 def check_crd(crd, manifests):
     """A CustomResourceDefinition's promises: a structural OpenAPI schema that accepts the
-    example manifests (and refuses one with an unknown decoder), printer columns whose paths the
+    example manifests (and refuses one with an unknown decoder, or a Probe's sampling ratio above
+    1), printer columns whose paths the
     schema has, a status subresource, and status.nodes a list-map keyed by node (what each
     agent's server-side apply relies on)."""
     import jsonschema
@@ -715,9 +757,14 @@ def check_crd(crd, manifests):
         for error in validator.iter_errors(doc):
             problems.append(f"{doc['metadata']['name']}: {'.'.join(str(p) for p in error.path)}: {error.message}")
     broken = json.loads(json.dumps(manifests[0]))
-    broken["spec"]["metrics"]["counters"][0]["labels"][0]["decoder"] = "hexdump"
-    if not list(validator.iter_errors(broken)):
-        problems.append("the schema accepts an unknown decoder")
+    if broken["kind"] == "Probe":
+        broken["spec"]["probes"]["http"] = {"samplingRatio": 2}
+        if not list(validator.iter_errors(broken)):
+            problems.append("the schema accepts a sampling ratio above 1")
+    else:
+        broken["spec"]["metrics"]["counters"][0]["labels"][0]["decoder"] = "hexdump"
+        if not list(validator.iter_errors(broken)):
+            problems.append("the schema accepts an unknown decoder")
     if version.get("subresources", {}).get("status") != {}:
         problems.append("no status subresource")
     nodes = schema["properties"]["status"]["properties"]["nodes"]

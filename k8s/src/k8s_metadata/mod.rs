@@ -12,6 +12,7 @@
 mod config;
 mod metadata;
 mod peers;
+mod probes;
 mod programs;
 mod store;
 #[cfg(test)]
@@ -42,6 +43,7 @@ pub use metadata::{
 pub use peers::{
     PeerIndex, PEER_NAMESPACE, PEER_POD, PEER_SERVICE, PEER_WORKLOAD_KIND, PEER_WORKLOAD_NAME,
 };
+pub use probes::{NamespaceProbe, NamespaceProbes, NodeProbeStatus, PROBE_KIND, PROBE_PLURAL};
 pub use programs::{ClusterProgram, ClusterPrograms, NodeProgramStatus};
 pub use store::{Found, PodStore};
 
@@ -89,6 +91,8 @@ pub struct K8sMetadata {
     cluster: tokio::sync::Mutex<Option<(kube::Client, String, watch::WatchContext)>>,
     /// The `EbpfProgram` watch, once a component asked for it.
     programs: tokio::sync::Mutex<Option<ClusterPrograms>>,
+    /// The `Probe` watch, once a component asked for it.
+    probes: tokio::sync::Mutex<Option<NamespaceProbes>>,
 }
 
 impl K8sMetadata {
@@ -118,6 +122,7 @@ impl K8sMetadata {
             watch: tokio::sync::Mutex::new(None),
             cluster: tokio::sync::Mutex::new(None),
             programs: tokio::sync::Mutex::new(None),
+            probes: tokio::sync::Mutex::new(None),
             config,
         };
         let t = &ctx.telemetry;
@@ -189,6 +194,23 @@ impl K8sMetadata {
         tasks.extend(new_tasks);
         tracing::info!(extension = %self.component, "watching EbpfProgram objects");
         *programs = Some(started.clone());
+        Some(started)
+    }
+
+    /// The cluster's `Probe` objects (every namespace), watched from the first call on (until
+    /// the extension stops); `None` in host mode or before the extension started.
+    pub async fn namespace_probes(&self) -> Option<NamespaceProbes> {
+        let mut probes = self.probes.lock().await;
+        if let Some(existing) = probes.as_ref() {
+            return Some(existing.clone());
+        }
+        let (client, node, ctx) = self.cluster.lock().await.clone()?;
+        let mut watch = self.watch.lock().await;
+        let (cancel, tasks) = watch.as_mut()?;
+        let (started, task) = NamespaceProbes::start(client, node, ctx, cancel.clone());
+        tasks.push(task);
+        tracing::info!(extension = %self.component, "watching Probe objects");
+        *probes = Some(started.clone());
         Some(started)
     }
 
@@ -269,6 +291,7 @@ impl Component for K8sMetadata {
     async fn shutdown(&self) -> anyhow::Result<()> {
         self.cluster.lock().await.take();
         self.programs.lock().await.take();
+        self.probes.lock().await.take();
         if let Some((cancel, tasks)) = self.watch.lock().await.take() {
             cancel.cancel();
             for task in tasks {

@@ -260,42 +260,65 @@ impl ClusterPrograms {
         reason: &str,
         message: &str,
     ) -> Result<(), String> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), "default");
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let event = Event {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", program.name)),
-                namespace: Some("default".into()),
-                ..ObjectMeta::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some(format!("{GROUP}/{VERSION}")),
-                kind: Some(KIND.into()),
-                name: Some(program.name.clone()),
-                uid: Some(program.uid.clone()),
-                ..ObjectReference::default()
-            },
-            reason: Some(reason.into()),
-            message: Some(message.into()),
-            type_: Some("Warning".into()),
-            count: Some(1),
-            first_timestamp: Some(Time(now)),
-            last_timestamp: Some(Time(now)),
-            event_time: Some(MicroTime(now)),
-            reporting_component: Some("podscope".into()),
-            reporting_instance: Some(self.field_manager()),
-            action: Some("Load".into()),
-            source: Some(k8s_openapi::api::core::v1::EventSource {
-                component: Some("podscope".into()),
-                host: Some(self.node.clone()),
-            }),
-            ..Event::default()
+        let involved = ObjectReference {
+            api_version: Some(format!("{GROUP}/{VERSION}")),
+            kind: Some(KIND.into()),
+            name: Some(program.name.clone()),
+            uid: Some(program.uid.clone()),
+            ..ObjectReference::default()
         };
-        api.create(&PostParams::default(), &event)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("event on EbpfProgram {}: {e}", program.name))
+        warning_event(
+            &self.client,
+            &self.node,
+            "default",
+            involved,
+            reason,
+            message,
+        )
+        .await
+        .map_err(|e| format!("event on EbpfProgram {}: {e}", program.name))
     }
+}
+
+/// Creates a Warning Event about `involved` in `namespace`, reported by this node's agent
+/// (`podscope/<node>`), for a load that failed.
+pub(super) async fn warning_event(
+    client: &Client,
+    node: &str,
+    namespace: &str,
+    involved: ObjectReference,
+    reason: &str,
+    message: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<Event> = Api::namespaced(client.clone(), namespace);
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let event = Event {
+        metadata: ObjectMeta {
+            generate_name: Some(format!(
+                "{}.",
+                involved.name.as_deref().unwrap_or("podscope")
+            )),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        involved_object: involved,
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        type_: Some("Warning".into()),
+        count: Some(1),
+        first_timestamp: Some(Time(now)),
+        last_timestamp: Some(Time(now)),
+        event_time: Some(MicroTime(now)),
+        reporting_component: Some("podscope".into()),
+        reporting_instance: Some(format!("podscope/{node}")),
+        action: Some("Load".into()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some("podscope".into()),
+            host: Some(node.into()),
+        }),
+        ..Event::default()
+    };
+    api.create(&PostParams::default(), &event).await.map(|_| ())
 }
 
 fn trim(object: DynamicObject) -> Option<ClusterProgram> {
@@ -311,7 +334,7 @@ fn trim(object: DynamicObject) -> Option<ClusterProgram> {
     })
 }
 
-fn rfc3339(time: std::time::SystemTime) -> String {
+pub(super) fn rfc3339(time: std::time::SystemTime) -> String {
     let seconds = time
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);

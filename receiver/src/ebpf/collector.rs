@@ -3,10 +3,11 @@
 //! is reported and with what identity (the rules are in `cgroups`), and frees the map entries of
 //! removed and unselected cgroups.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use podscope_core::{Batch, Consumer};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -38,8 +39,14 @@ pub struct Collector {
     /// New containers, when a probe watches them.
     pub new_containers: Option<Arc<Notify>>,
     pub telemetry: EbpfTelemetry,
-    /// The maps' kernel memory at the last collection.
-    pub map_memory: Arc<Mutex<Vec<MapMemory>>>,
+    /// The maps' kernel memory at the last collection, with the receiver's other collections'.
+    pub kernel_maps: KernelMaps,
+    /// A `Probe`'s `<namespace>/<name>` when this collection runs its instance: its maps are
+    /// named `<namespace>/<name>/<map>` in the agent's telemetry.
+    pub owner: Option<String>,
+    /// Added to every resource this collection reports (a Probe's instance names its Probe, so
+    /// its series never collide with the agent's own probes' for the same pod).
+    pub resource_attributes: Vec<KeyValue>,
 }
 
 impl Collector {
@@ -184,6 +191,15 @@ impl Collector {
             self.cgroups.freed(&free, now);
         }
         self.account_kernel_maps();
+        let mut resource_metrics = resource_metrics;
+        if !self.resource_attributes.is_empty() {
+            for rm in &mut resource_metrics {
+                let resource = rm.resource.get_or_insert_with(Default::default);
+                resource
+                    .attributes
+                    .extend(self.resource_attributes.iter().cloned());
+            }
+        }
 
         let Some(next) = self.next.as_ref().filter(|_| !resource_metrics.is_empty()) else {
             return;
@@ -222,15 +238,66 @@ impl Collector {
             .iter_mut()
             .flat_map(|p| p.objects_mut())
             .chain(removed);
+        let owned = |map: &str| match &self.owner {
+            Some(owner) => format!("{owner}/{map}"),
+            None => map.to_string(),
+        };
         for object in objects {
-            memory.extend(object.map_memory());
+            memory.extend(object.map_memory().into_iter().map(|mut m| {
+                m.map = owned(&m.map);
+                m
+            }));
             let name = object.probe();
             for (map, failed) in object.failed_inserts() {
-                self.telemetry.add_map_full(name, map, failed);
+                self.telemetry.add_map_full(name, &owned(map), failed);
             }
         }
-        self.telemetry.set_map_memory(&memory);
-        *self.map_memory.lock().unwrap_or_else(|e| e.into_inner()) = memory;
+        self.kernel_maps
+            .set(self.owner.as_deref().unwrap_or(""), memory, &self.telemetry);
+    }
+}
+
+/// The kernel memory of every map a receiver holds, by the collection that owns it: the
+/// receiver's own probes (`""`) and each `Probe`'s instance (`<namespace>/<name>`). The agent's
+/// `podscope_ebpf_map_memory_bytes` and its total are set from all of them together.
+#[derive(Clone, Default)]
+pub struct KernelMaps(Arc<Mutex<BTreeMap<String, Vec<MapMemory>>>>);
+
+impl KernelMaps {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<MapMemory>>> {
+        // Each update replaces one entry: a poisoned lock still holds a consistent table.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `owner`'s maps now; the telemetry then shows every owner's.
+    pub fn set(&self, owner: &str, maps: Vec<MapMemory>, telemetry: &EbpfTelemetry) {
+        let mut table = self.lock();
+        table.insert(owner.to_string(), maps);
+        let all: Vec<MapMemory> = table.values().flatten().cloned().collect();
+        telemetry.set_map_memory(&all);
+    }
+
+    /// `owner`'s maps are gone (its instance stopped).
+    pub fn remove(&self, owner: &str, telemetry: &EbpfTelemetry) {
+        let mut table = self.lock();
+        if table.remove(owner).is_some() {
+            let all: Vec<MapMemory> = table.values().flatten().cloned().collect();
+            telemetry.set_map_memory(&all);
+        }
+    }
+
+    /// Every owner's maps.
+    pub fn all(&self) -> Vec<MapMemory> {
+        self.lock().values().flatten().cloned().collect()
+    }
+
+    /// The bytes of every owner's maps but `owner`'s, and of the receiver's own (`""`).
+    pub fn bytes_of_others(&self, owner: &str) -> u64 {
+        self.lock()
+            .iter()
+            .filter(|(o, _)| !o.is_empty() && o.as_str() != owner)
+            .flat_map(|(_, maps)| maps.iter().map(|m| m.bytes))
+            .sum()
     }
 }
 

@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 pub use super::probes::ProbesConfig;
 use super::programs::{ProgramSpec, UserProgramsConfig};
+use super::tenant::TenantProbesConfig;
 
 /// `receivers: ebpf:` settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +29,8 @@ pub struct EbpfReceiverConfig {
     pub programs: BTreeMap<String, ProgramSpec>,
     /// `EbpfProgram` objects of the cluster, and the limits every user program is held to.
     pub user_programs: UserProgramsConfig,
+    /// What namespaced `Probe` objects may enable on this node (see `docs/programs.md`).
+    pub tenant_probes: TenantProbesConfig,
 }
 
 impl Default for EbpfReceiverConfig {
@@ -39,6 +42,7 @@ impl Default for EbpfReceiverConfig {
             probes: ProbesConfig::default(),
             programs: BTreeMap::new(),
             user_programs: UserProgramsConfig::default(),
+            tenant_probes: TenantProbesConfig::default(),
         }
     }
 }
@@ -129,12 +133,14 @@ impl ComponentConfig for EbpfReceiverConfig {
             ));
         }
         let user_programs = !self.programs.is_empty() || self.user_programs.extension.is_some();
-        if !self.probes.any_listed() && !user_programs {
+        let tenant_probes = self.tenant_probes.extension.is_some();
+        if !self.probes.any_listed() && !user_programs && !tenant_probes {
             errors.push(FieldError::new(
                 "probes",
-                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes, http (or a user program)",
+                "list at least one probe: process, syscalls, files, sched, block_io, tcp, uprobes, http (or a user program, or tenant_probes)",
             ));
         }
+        self.tenant_probes.validate(&mut errors);
         super::programs::validate_local(
             &self.programs,
             self.user_programs.extension.is_some(),

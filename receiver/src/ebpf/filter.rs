@@ -68,9 +68,28 @@ pub struct CgroupFilter {
     include: Vec<CgroupGlob>,
     exclude: Vec<CgroupGlob>,
     pods: Option<PodSelection>,
+    /// Whether the kernel lists new cgroups under the roots at once, before a walk decides
+    /// (false for a Probe's instance: nothing outside its pods is ever counted, not even
+    /// briefly).
+    admit_new: bool,
 }
 
 impl CgroupFilter {
+    /// Only the cgroups of the pods `pods` selects, minus `exclude` (the agent's own
+    /// exclusions), with nothing admitted before a walk: a `Probe`'s instance.
+    pub fn only_pods(exclude: &[String], pods: PodSelection) -> CgroupFilter {
+        CgroupFilter {
+            admit_new: false,
+            ..CgroupFilter::new(
+                &CgroupFilterConfig {
+                    exclude: exclude.to_vec(),
+                    ..Default::default()
+                },
+                Some(pods),
+            )
+        }
+    }
+
     pub fn new(config: &CgroupFilterConfig, pods: Option<PodSelection>) -> CgroupFilter {
         let globs = |list: &[String]| {
             list.iter()
@@ -90,6 +109,7 @@ impl CgroupFilter {
             include,
             exclude,
             pods,
+            admit_new: true,
         }
     }
 
@@ -131,7 +151,7 @@ impl CgroupFilter {
     /// `/kubepods.slice/**`), and with a pod selection the kubelet's pod tree
     /// (`/kubepods.slice`, `/kubepods`, …) of every pod cgroup.
     pub fn roots(&self, index: &CgroupIndex) -> HashSet<u64> {
-        if self.mode != 1 {
+        if self.mode != 1 || !self.admit_new {
             return HashSet::new();
         }
         let ids: std::collections::HashMap<&str, u64> =

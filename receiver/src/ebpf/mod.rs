@@ -27,6 +27,7 @@ pub mod object;
 mod probes;
 pub mod programs;
 mod telemetry;
+pub mod tenant;
 mod tracefs;
 
 use std::sync::{Arc, Mutex};
@@ -53,7 +54,7 @@ pub use probes::{
     uprobes::UprobeConfig, BasicProbeConfig,
 };
 
-use collector::{unix_nanos, Collector};
+use collector::{unix_nanos, Collector, KernelMaps};
 use filter::{CgroupFilter, PodSelection};
 use object::{Global, KernelFeatures};
 use probes::{LoadContext, Probe, StartContext};
@@ -110,6 +111,19 @@ impl ReceiverBuilder for EbpfReceiverConfig {
                 id,
             });
         }
+        // Namespaced Probe objects and the pods they select.
+        if let Some(Ok(id)) = self
+            .tenant_probes
+            .extension
+            .as_deref()
+            .map(podscope_core::ComponentId::parse)
+        {
+            references.push(podscope_core::ComponentReference {
+                field: "tenant_probes.extension".to_string(),
+                kind: podscope_core::ComponentKind::Extension,
+                id,
+            });
+        }
         references
     }
 }
@@ -152,9 +166,12 @@ pub struct EbpfReceiver {
     /// Probes that could not attach, with why (for tests and status).
     skipped: Mutex<Vec<ProbeError>>,
     telemetry: EbpfTelemetry,
-    map_memory: Arc<Mutex<Vec<MapMemory>>>,
+    /// The kernel memory of the maps of the receiver's probes and of its Probes' instances.
+    kernel_maps: KernelMaps,
     /// Users' programs running in this receiver.
     programs: programs::ProgramSet,
+    /// Namespaced `Probe` objects acting on this node.
+    probe_instances: tenant::ProbeInstances,
 }
 
 impl EbpfReceiver {
@@ -169,15 +186,27 @@ impl EbpfReceiver {
                 ctx.id
             );
         }
-        if next.traces.is_some() && !config.probes.makes_spans() {
+        // Probes' instances may make spans and profiles too, when the agent lets them.
+        let tenant = config
+            .tenant_probes
+            .extension
+            .as_ref()
+            .map(|_| &config.tenant_probes.probes);
+        if next.traces.is_some()
+            && !config.probes.makes_spans()
+            && !tenant.is_some_and(ProbesConfig::makes_spans)
+        {
             anyhow::bail!(
-                "receiver {}: is in a traces pipeline, but only the http probe makes spans and it is not on (probes: http:)",
+                "receiver {}: is in a traces pipeline, but only the http probe makes spans and it is not on (probes: http:, or tenant_probes.probes: http:)",
                 ctx.id
             );
         }
-        if next.profiles.is_some() && !config.probes.makes_profiles() {
+        if next.profiles.is_some()
+            && !config.probes.makes_profiles()
+            && !tenant.is_some_and(ProbesConfig::makes_profiles)
+        {
             anyhow::bail!(
-                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:)",
+                "receiver {}: is in a profiles pipeline, but only the profiling probe makes profiles and it is not on (probes: profiling:, or tenant_probes.probes: profiling:)",
                 ctx.id
             );
         }
@@ -192,18 +221,58 @@ impl EbpfReceiver {
             running: tokio::sync::Mutex::new(None),
             skipped: Mutex::new(Vec::new()),
             telemetry,
-            map_memory: Arc::default(),
+            kernel_maps: KernelMaps::default(),
             programs: programs::ProgramSet::default(),
+            probe_instances: tenant::ProbeInstances::default(),
         })
     }
 
     /// The kernel memory of every map of the loaded probes, as read at start and at the last
-    /// collection (what `podscope_ebpf_map_memory_bytes` shows, with each map's kernel id).
+    /// collection (what `podscope_ebpf_map_memory_bytes` shows, with each map's kernel id); a
+    /// Probe's instance's maps are named `<namespace>/<name>/<map>`.
     pub fn map_memory(&self) -> Vec<MapMemory> {
-        self.map_memory
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.kernel_maps.all()
+    }
+
+    /// The namespaced `Probe` objects acting on this node now.
+    pub fn probe_instances(&self) -> Vec<tenant::ProbeInstanceInfo> {
+        self.probe_instances.list()
+    }
+
+    /// The task following `Probe` objects, when `tenant_probes.extension` names a
+    /// `k8s_metadata` extension that watches a cluster.
+    async fn tenant_sync(
+        &self,
+        features: &KernelFeatures,
+        cgroup_root: &std::path::Path,
+    ) -> anyhow::Result<Option<tenant::TenantSync>> {
+        let Some((id, metadata)) =
+            self.metadata_extension("tenant_probes", &self.config.tenant_probes.extension)?
+        else {
+            return Ok(None);
+        };
+        let Some(probes) = metadata.namespace_probes().await else {
+            tracing::info!(receiver = %self.ctx.id, extension = %id, "no Kubernetes API server: Probe objects are not acted on");
+            return Ok(None);
+        };
+        Ok(Some(tenant::TenantSync {
+            receiver: self.ctx.id.to_string(),
+            config: self.config.tenant_probes.clone(),
+            exclude: self.config.cgroup_filter.exclude.clone(),
+            probes,
+            metadata,
+            kernel_btf: features.btf.clone(),
+            telemetry: self.telemetry.clone(),
+            kernel_maps: self.kernel_maps.clone(),
+            instances: self.probe_instances.clone(),
+            metrics: self.next.clone(),
+            traces: self.traces.clone(),
+            profiles: self.profiles.clone(),
+            collection_interval: self.config.collection_interval,
+            host_name: self.ctx.host_name.clone(),
+            cgroup_root: cgroup_root.to_path_buf(),
+            processes: self.processes.clone(),
+        }))
     }
 
     /// Users' programs and their status.
@@ -240,14 +309,13 @@ impl EbpfReceiver {
         Ok(())
     }
 
-    /// The task keeping users' programs in step with the cluster and their pod filters with
-    /// the pods, when `user_programs.extension` names a `k8s_metadata` extension.
-    async fn program_sync(
+    /// The `k8s_metadata` extension `<section>.extension` names, if it names one.
+    fn metadata_extension(
         &self,
-        features: &KernelFeatures,
-        cgroup_root: &std::path::Path,
-    ) -> anyhow::Result<Option<programs::ProgramSync>> {
-        let Some(extension) = &self.config.user_programs.extension else {
+        section: &str,
+        extension: &Option<String>,
+    ) -> anyhow::Result<Option<(podscope_core::ComponentId, Arc<podscope_k8s::K8sMetadata>)>> {
+        let Some(extension) = extension else {
             return Ok(None);
         };
         let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
@@ -255,9 +323,22 @@ impl EbpfReceiver {
             .ctx
             .extensions
             .get::<podscope_k8s::K8sMetadata>(&id)
-            .map_err(|e| {
-                anyhow::anyhow!("receiver {}: user_programs.extension: {e}", self.ctx.id)
-            })?;
+            .map_err(|e| anyhow::anyhow!("receiver {}: {section}.extension: {e}", self.ctx.id))?;
+        Ok(Some((id, metadata)))
+    }
+
+    /// The task keeping users' programs in step with the cluster and their pod filters with
+    /// the pods, when `user_programs.extension` names a `k8s_metadata` extension.
+    async fn program_sync(
+        &self,
+        features: &KernelFeatures,
+        cgroup_root: &std::path::Path,
+    ) -> anyhow::Result<Option<programs::ProgramSync>> {
+        let Some((id, metadata)) =
+            self.metadata_extension("user_programs", &self.config.user_programs.extension)?
+        else {
+            return Ok(None);
+        };
         let cluster = metadata.cluster_programs().await;
         if cluster.is_none() {
             tracing::info!(receiver = %self.ctx.id, extension = %id, "no Kubernetes API server: local programs only");
@@ -368,6 +449,9 @@ impl Component for EbpfReceiver {
         if let Some(sync) = self.program_sync(&features, &root).await? {
             tasks.push(tokio::spawn(sync.run(cancel.clone())));
         }
+        if let Some(sync) = self.tenant_sync(&features, &root).await? {
+            tasks.push(tokio::spawn(sync.run(cancel.clone())));
+        }
 
         let (collect_now, requests) = mpsc::channel(4);
         let mut collector = Collector {
@@ -382,7 +466,9 @@ impl Component for EbpfReceiver {
             host_name: self.ctx.host_name.clone(),
             receiver: self.ctx.id.to_string(),
             telemetry: self.telemetry.clone(),
-            map_memory: self.map_memory.clone(),
+            kernel_maps: self.kernel_maps.clone(),
+            owner: None,
+            resource_attributes: Vec::new(),
         };
         // Before the receiver reports itself started: the kernel filter lists the selected
         // cgroups, and admits the ones created from now on until the collector decides.

@@ -166,6 +166,8 @@ impl EbpfTelemetry {
         for m in maps {
             *by_map.entry((m.probe, &m.map)).or_default() += m.bytes;
         }
+        // Maps of probes stopped since (a deleted Probe's) lose their series.
+        self.map_memory.clear();
         for ((probe, map), bytes) in &by_map {
             self.map_memory
                 .get_or_create(&MapLabels {

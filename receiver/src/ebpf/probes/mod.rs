@@ -380,6 +380,31 @@ macro_rules! probe_table {
                 false $(|| self.$name.as_ref().is_some_and(<$kind as ProbeKind>::listed))+
             }
 
+            /// The keys of the probes listed, on or off, in table order.
+            pub fn listed_names(&self) -> Vec<&'static str> {
+                let mut names = Vec::new();
+                $(if self.$name.is_some() {
+                    names.push(stringify!($name));
+                })+
+                names
+            }
+
+            /// The keys of the probes that are on, in table order.
+            pub fn enabled_names(&self) -> Vec<&'static str> {
+                let mut names = Vec::new();
+                $(if self.$name.as_ref().is_some_and(<$kind as ProbeKind>::enabled) {
+                    names.push(stringify!($name));
+                })+
+                names
+            }
+
+            /// These settings with only the probes named in `kinds` left listed.
+            pub fn only(&self, kinds: &[&str]) -> ProbesConfig {
+                ProbesConfig {
+                    $($name: if kinds.contains(&stringify!($name)) { self.$name.clone() } else { None },)+
+                }
+            }
+
             pub fn validate(&self, errors: &mut Vec<FieldError>) {
                 $(if let Some(config) = &self.$name {
                     <$kind as ProbeKind>::validate(config, concat!("probes.", stringify!($name)), errors);
