@@ -5,6 +5,7 @@
 //! This crate must stay small and free of any particular receiver, processor or exporter: those live
 //! in `receiver/`, `processors/` and `exporters/`, and the root crate wires them together.
 
+pub mod admission;
 pub mod backoff;
 pub mod batch;
 pub mod component;
