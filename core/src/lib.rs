@@ -16,6 +16,7 @@ pub mod health;
 pub mod otlp;
 pub mod profiles;
 pub mod queue;
+pub mod server;
 pub mod telemetry;
 
 pub use batch::{Batch, Signal};
