@@ -39,7 +39,11 @@ async fn a_real_prometheus_scrapes_with_client_certificates_basic_auth_and_a_bea
     std::fs::write(&token_file, "scrape-token\n").unwrap();
     let hash = bcrypt::hash("hunter2", 4).unwrap();
 
-    let basic = exporter(serde_json::json!({"basic_auth_users": {"prometheus": hash}}), &pki).await;
+    let basic = exporter(
+        serde_json::json!({"basic_auth_users": {"prometheus": hash}}),
+        &pki,
+    )
+    .await;
     let bearer = exporter(serde_json::json!({"bearer_token_file": token_file}), &pki).await;
     let basic_target = format!("localhost:{}", basic.local_addr().unwrap().port());
     let bearer_target = format!("localhost:{}", bearer.local_addr().unwrap().port());
@@ -109,7 +113,10 @@ async fn a_real_prometheus_scrapes_with_client_certificates_basic_auth_and_a_bea
         pki.client_key_file.display().to_string(),
         format!("https://{basic_target}/metrics"),
     ];
-    let out = std::process::Command::new("curl").args(&args).output().unwrap();
+    let out = std::process::Command::new("curl")
+        .args(&args)
+        .output()
+        .unwrap();
     let out = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(out.starts_with("http/1.1 401"), "{out}");
     assert!(

@@ -23,7 +23,12 @@ impl TestPki {
     pub fn generate(dir: &Path) -> TestPki {
         let (ca_pem, issuer) = ca("podscope-test-ca");
         let (_, stranger_issuer) = ca("some-other-ca");
-        let files = |name: &str| (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let files = |name: &str| {
+            (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            )
+        };
         let write = |name: &str, sans: Vec<String>, issuer: &Issuer<'_, KeyPair>| {
             let key = KeyPair::generate().expect("key");
             let mut params = CertificateParams::new(sans).expect("params");

@@ -127,7 +127,10 @@ async fn grpc_over_mutual_tls_with_a_bearer_token() {
     let pki = TestPki::generate(dir.path());
     let running = start(&pki, dir.path()).await;
     let port = running.grpc_port;
-    let client_identity = Some((pki.client_cert_file.as_path(), pki.client_key_file.as_path()));
+    let client_identity = Some((
+        pki.client_cert_file.as_path(),
+        pki.client_key_file.as_path(),
+    ));
 
     // Client certificate and token: accepted, every point delivered.
     let channel = connect(port, tls(&pki, client_identity)).await.unwrap();
@@ -150,7 +153,10 @@ async fn grpc_over_mutual_tls_with_a_bearer_token() {
     // No client certificate, or one from another CA: the handshake fails.
     for identity in [
         None,
-        Some((pki.stranger_cert_file.as_path(), pki.stranger_key_file.as_path())),
+        Some((
+            pki.stranger_cert_file.as_path(),
+            pki.stranger_key_file.as_path(),
+        )),
     ] {
         let refused = match connect(port, tls(&pki, identity)).await {
             Err(_) => true,
@@ -187,7 +193,14 @@ async fn http_over_tls_with_basic_auth() {
     let ca = pki.ca_file.to_str().unwrap().to_string();
 
     let answers = tokio::task::spawn_blocking(move || {
-        let common = ["--cacert", &ca, "-H", "Content-Type: application/json", "--data", body];
+        let common = [
+            "--cacert",
+            &ca,
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            body,
+        ];
         let with = |extra: &[&str]| {
             let mut args: Vec<&str> = common.to_vec();
             args.extend_from_slice(extra);
@@ -254,13 +267,22 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_setting_and_file() {
         )
     );
 
-    // A missing file is refused when the config is loaded, named.
+    // A missing file, likewise.
     let missing = serde_json::json!({"protocols": {"http": {
+        "endpoint": "127.0.0.1:0",
         "tls": {"cert_file": "/nonexistent/server.pem", "key_file": pki.server_key_file},
     }}});
-    let errors = parse_component_config::<OtlpReceiverConfig>(missing).unwrap_err();
-    assert_eq!(
-        errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        vec!["protocols.http.tls.cert_file: /nonexistent/server.pem is not a readable file"]
+    let config = parse_component_config::<OtlpReceiverConfig>(missing).unwrap();
+    let receiver = OtlpReceiver::new(
+        config,
+        &BuildContext::for_tests("otlp"),
+        ReceiverConsumers::default(),
+    );
+    let error = format!("{:#}", receiver.start().await.unwrap_err());
+    assert!(
+        error.starts_with(
+            "receivers.otlp.protocols.http.tls.cert_file: /nonexistent/server.pem: cannot read PEM certificates"
+        ),
+        "{error}"
     );
 }

@@ -31,18 +31,14 @@ pub struct AuthSettings {
 }
 
 impl AuthSettings {
-    /// `prefix` is the settings' key path (`…auth`).
+    /// `prefix` is the settings' key path (`…auth`). The token file is read when the server
+    /// starts, with errors naming it.
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
         if self.bearer_token_file.is_none() && self.basic_auth_users.is_empty() {
             errors.push(FieldError::new(
                 prefix,
                 "set bearer_token_file and/or basic_auth_users (or remove auth:)",
             ));
-        }
-        if let Some(path) = &self.bearer_token_file {
-            if let Err(e) = read_token(path) {
-                errors.push(FieldError::new(format!("{prefix}.bearer_token_file"), e));
-            }
         }
         for (user, hash) in &self.basic_auth_users {
             if user.contains(':') || user.is_empty() {
@@ -97,7 +93,9 @@ impl BearerToken {
         if modified.is_some() && modified != current.1 {
             match read_token(&self.path) {
                 Ok(token) => *current = (token, modified),
-                Err(e) => tracing::warn!(error = %e, "bearer token file unusable; keeping the last token"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "bearer token file unusable; keeping the last token")
+                }
             }
         }
         current.0.clone()
@@ -271,9 +269,15 @@ mod tests {
             ..Default::default()
         };
         let auth = Authenticator::new(&settings, "x.auth").unwrap();
-        assert_eq!(auth.check(&headers(&basic("prometheus", "hunter2"))), Ok(()));
+        assert_eq!(
+            auth.check(&headers(&basic("prometheus", "hunter2"))),
+            Ok(())
+        );
         // Again, from the cache of verified passwords.
-        assert_eq!(auth.check(&headers(&basic("prometheus", "hunter2"))), Ok(()));
+        assert_eq!(
+            auth.check(&headers(&basic("prometheus", "hunter2"))),
+            Ok(())
+        );
         for wrong in [
             basic("prometheus", "hunter3"),
             basic("nobody", "hunter2"),
@@ -298,14 +302,26 @@ mod tests {
         }
         .validate("exporters.prometheus.auth", &mut errors);
         let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
-        assert!(
-            errors[0].starts_with("exporters.prometheus.auth.bearer_token_file: /nonexistent/token: cannot read"),
-            "{errors:?}"
+        assert_eq!(
+            errors,
+            vec![
+                "exporters.prometheus.auth.basic_auth_users.u: is not a bcrypt hash ($2y$…, $2b$…)"
+            ]
         );
+        let missing = AuthSettings {
+            bearer_token_file: Some("/nonexistent/token".into()),
+            ..Default::default()
+        };
+        let error = Authenticator::new(&missing, "exporters.prometheus.auth")
+            .err()
+            .unwrap();
         assert!(
-            errors[1].starts_with("exporters.prometheus.auth.basic_auth_users.u: is not a bcrypt hash"),
-            "{errors:?}"
+            error.to_string().starts_with(
+                "exporters.prometheus.auth.bearer_token_file: /nonexistent/token: cannot read"
+            ),
+            "{error}"
         );
+        assert!(bcrypt::HashParts::from_str(DUMMY_HASH).is_ok());
         let mut errors = Vec::new();
         AuthSettings::default().validate("a.auth", &mut errors);
         assert_eq!(errors.len(), 1);

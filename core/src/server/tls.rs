@@ -39,21 +39,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ACCEPTED_BACKLOG: usize = 64;
 
 impl ServerTlsSettings {
-    /// Checks that the files are there; `prefix` is the settings' key path (`…tls`).
+    /// Checks the required settings; `prefix` is their key path (`…tls`). The files are read
+    /// when the server starts (so an example config loads anywhere), with errors naming them.
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
-        for (key, path) in [
-            ("cert_file", Some(&self.cert_file)),
-            ("key_file", Some(&self.key_file)),
-            ("client_ca_file", self.client_ca_file.as_ref()),
-        ] {
-            let Some(path) = path else { continue };
+        for (key, path) in [("cert_file", &self.cert_file), ("key_file", &self.key_file)] {
             if path.as_os_str().is_empty() {
                 errors.push(FieldError::new(format!("{prefix}.{key}"), "is required"));
-            } else if !path.is_file() {
-                errors.push(FieldError::new(
-                    format!("{prefix}.{key}"),
-                    format!("{} is not a readable file", path.display()),
-                ));
             }
         }
     }
@@ -84,20 +75,14 @@ impl ServerTlsSettings {
                     .map_err(|e| anyhow::anyhow!("{where_}.client_ca_file: {e}"))?
                 {
                     roots.add(cert).map_err(|e| {
-                        anyhow::anyhow!(
-                            "{where_}.client_ca_file: {}: {e}",
-                            ca_file.display()
-                        )
+                        anyhow::anyhow!("{where_}.client_ca_file: {}: {e}", ca_file.display())
                     })?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                         .build()
                         .map_err(|e| {
-                            anyhow::anyhow!(
-                                "{where_}.client_ca_file: {}: {e}",
-                                ca_file.display()
-                            )
+                            anyhow::anyhow!("{where_}.client_ca_file: {}: {e}", ca_file.display())
                         })?;
                 builder.with_client_cert_verifier(verifier)
             }

@@ -226,9 +226,10 @@ async fn scrape(State(state): State<ScrapeState>, headers: HeaderMap) -> Respons
             let mut response =
                 (StatusCode::UNAUTHORIZED, format!("{}\n", refused.message)).into_response();
             for challenge in refused.challenges {
-                response
-                    .headers_mut()
-                    .append(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+                response.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
             }
             return response;
         }

@@ -6,7 +6,9 @@
 
 use std::time::{Duration, SystemTime};
 
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::InstrumentationScope;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -122,7 +124,9 @@ service:
         let status = client.export(metrics_request()).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
         assert!(
-            status.message().contains("above its soft memory limit of 1 MiB"),
+            status
+                .message()
+                .contains("above its soft memory limit of 1 MiB"),
             "{status:?}"
         );
         let details = tonic_types::StatusExt::get_details_retry_info(&status)
@@ -137,8 +141,14 @@ service:
         .with_timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let error = exporter.export((0..4).map(span).collect()).await.unwrap_err();
-    assert!(format!("{error:?}").contains("soft memory limit"), "{error:?}");
+    let error = exporter
+        .export((0..4).map(span).collect())
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{error:?}").contains("soft memory limit"),
+        "{error:?}"
+    );
 
     // HTTP, curl: 429 with Retry-After.
     let body = dir.path().join("request.json");
@@ -148,7 +158,13 @@ service:
     )
     .unwrap();
     let curl = std::process::Command::new("curl")
-        .args(["-sS", "-i", "-H", "Content-Type: application/json", "--data-binary"])
+        .args([
+            "-sS",
+            "-i",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+        ])
         .arg(format!("@{}", body.display()))
         .arg(format!("http://127.0.0.1:{http_port}/v1/metrics"))
         .output()
@@ -187,7 +203,11 @@ service:
             2 * 1024 * 1024,
         ),
     ] {
-        assert_eq!(metric_value(&page, series), Some(expected), "{series} in:\n{page}");
+        assert_eq!(
+            metric_value(&page, series),
+            Some(expected),
+            "{series} in:\n{page}"
+        );
     }
     let memory = metric_value(
         &page,

@@ -78,8 +78,8 @@ fn smallest_limit(mount: &Path, path: &str, file_name: &str) -> Result<CgroupMem
         if file.is_file() {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            if let Some(limit) = parse_limit(&text)
-                .map_err(|e| format!("{}: {e}", file.display()))?
+            if let Some(limit) =
+                parse_limit(&text).map_err(|e| format!("{}: {e}", file.display()))?
             {
                 smallest = Some(smallest.map_or(limit, |s| s.min(limit)));
             }
@@ -144,12 +144,18 @@ mod tests {
         assert_eq!(found.file, container.join("memory.max"));
 
         std::fs::write(container.join("memory.max"), "268435456\n").unwrap();
-        let found = memory_limit("0::/kubepods.slice/pod1/cri-containerd-abc.scope\n", root.path());
+        let found = memory_limit(
+            "0::/kubepods.slice/pod1/cri-containerd-abc.scope\n",
+            root.path(),
+        );
         assert_eq!(found.unwrap().bytes, Some(268_435_456));
 
         // A cgroup namespace: the container sees itself at "/".
         let unlimited = memory_limit("0::/\n", root.path()).unwrap_err();
-        assert!(unlimited.contains("memory.max does not exist"), "{unlimited}");
+        assert!(
+            unlimited.contains("memory.max does not exist"),
+            "{unlimited}"
+        );
         std::fs::write(root.path().join("memory.max"), "max\n").unwrap();
         assert_eq!(memory_limit("0::/\n", root.path()).unwrap().bytes, None);
     }
@@ -183,7 +189,10 @@ mod tests {
 
         std::fs::write(parent.0.join("memory.limit_in_bytes"), "268435456").unwrap();
         let found = memory_limit(&proc_cgroup, root).unwrap();
-        assert_eq!(found.bytes, Some(ancestors_limit.map_or(268_435_456, |a| a.min(268_435_456))));
+        assert_eq!(
+            found.bytes,
+            Some(ancestors_limit.map_or(268_435_456, |a| a.min(268_435_456)))
+        );
 
         std::fs::write(child.0.join("memory.limit_in_bytes"), "134217728").unwrap();
         let found = memory_limit(&proc_cgroup, root).unwrap();

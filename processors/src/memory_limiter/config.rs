@@ -106,15 +106,10 @@ impl ComponentConfig for MemoryLimiterConfig {
                 "must be between 1 and 100",
             ));
         }
-        if self.limit_percentage > 0
-            && self.spike_limit_percentage >= self.limit_percentage
-        {
+        if self.limit_percentage > 0 && self.spike_limit_percentage >= self.limit_percentage {
             errors.push(FieldError::new(
                 "spike_limit_percentage",
-                format!(
-                    "must be below limit_percentage ({})",
-                    self.limit_percentage
-                ),
+                format!("must be below limit_percentage ({})", self.limit_percentage),
             ));
         }
         if self.limit_mib > 0 && (self.limit_percentage > 0 || self.spike_limit_percentage > 0) {

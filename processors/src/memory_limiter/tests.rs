@@ -65,7 +65,10 @@ fn limits_as_the_collector_computes_them() {
             hard: 800 * MIB
         })
     );
-    assert!(percent.limits(None).unwrap_err().contains("container memory limit"));
+    assert!(percent
+        .limits(None)
+        .unwrap_err()
+        .contains("container memory limit"));
 }
 
 #[test]
@@ -73,14 +76,15 @@ fn bad_settings_are_named() {
     let errors = config(serde_json::json!({})).unwrap_err();
     assert!(errors[0].contains("limit_mib"), "{errors:?}");
     let errors = config(serde_json::json!({"limit_mib": 10, "spike_limit_mib": 10})).unwrap_err();
-    assert!(errors[0].contains("spike_limit_mib: must be below limit_mib (10)"), "{errors:?}");
+    assert!(
+        errors[0].contains("spike_limit_mib: must be below limit_mib (10)"),
+        "{errors:?}"
+    );
     let errors = config(serde_json::json!({"limit_percentage": 101})).unwrap_err();
     assert!(errors[0].contains("limit_percentage"), "{errors:?}");
-    let errors =
-        config(serde_json::json!({"limit_mib": 10, "check_interval": "0s"})).unwrap_err();
+    let errors = config(serde_json::json!({"limit_mib": 10, "check_interval": "0s"})).unwrap_err();
     assert!(errors[0].contains("check_interval"), "{errors:?}");
-    let errors =
-        config(serde_json::json!({"limit_mib": 10, "limit_percentage": 50})).unwrap_err();
+    let errors = config(serde_json::json!({"limit_mib": 10, "limit_percentage": 50})).unwrap_err();
     assert!(errors[0].contains("not both"), "{errors:?}");
 }
 
@@ -90,7 +94,9 @@ async fn passes_below_refuses_above_soft_and_drops_above_hard() {
     let telemetry = ctx.telemetry.clone();
     let next = Arc::new(Recorder::default());
     let (processor, usage, limiter) = limiter_with_usage(ctx, next.clone());
-    let admission = processor.admission().expect("a memory_limiter checks admission");
+    let admission = processor
+        .admission()
+        .expect("a memory_limiter checks admission");
 
     usage.store(50 * MIB, Ordering::SeqCst);
     processor.start().await.unwrap();
@@ -104,20 +110,34 @@ async fn passes_below_refuses_above_soft_and_drops_above_hard() {
     limiter.check();
     let refused = admission.admit(&fake_otlp::spans(4, &[])).unwrap_err();
     assert!(refused.is_memory_limited(), "{refused}");
-    assert!(refused.to_string().contains("uses 90 MiB, above its soft memory limit of 80 MiB"));
-    let refused = processor.consume(fake_otlp::spans(5, &[])).await.unwrap_err();
+    assert!(refused
+        .to_string()
+        .contains("uses 90 MiB, above its soft memory limit of 80 MiB"));
+    let refused = processor
+        .consume(fake_otlp::spans(5, &[]))
+        .await
+        .unwrap_err();
     assert!(refused.is_memory_limited());
     assert_eq!(next.items(), 3);
-    assert_eq!(counter(&telemetry, "podscope_memory_limiter_refused_items_total"), 9);
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_refused_items_total"),
+        9
+    );
 
     // Above the hard limit (100 MiB): what reaches the processor is dropped and counted.
     usage.store(101 * MIB, Ordering::SeqCst);
     limiter.check();
     processor.consume(fake_otlp::spans(6, &[])).await.unwrap();
     assert_eq!(next.items(), 3);
-    assert_eq!(counter(&telemetry, "podscope_memory_limiter_dropped_items_total"), 6);
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_dropped_items_total"),
+        6
+    );
     assert!(admission.admit(&fake_otlp::spans(1, &[])).is_err());
-    assert_eq!(counter(&telemetry, "podscope_memory_limiter_refused_items_total"), 10);
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_refused_items_total"),
+        10
+    );
     assert_eq!(
         counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
         101 * MIB
@@ -158,18 +178,28 @@ async fn one_measurement_serves_every_pipeline_of_an_id() {
         .build(ctx, Signal::Traces, Arc::new(Recorder::default()))
         .unwrap();
     let b = config
-        .build(metrics_ctx.clone(), Signal::Metrics, Arc::new(Recorder::default()))
+        .build(
+            metrics_ctx.clone(),
+            Signal::Metrics,
+            Arc::new(Recorder::default()),
+        )
         .unwrap();
     a.start().await.unwrap();
     b.start().await.unwrap();
     let text = metrics_ctx.telemetry.encode_text();
     assert_eq!(
-        text.matches("# TYPE podscope_memory_limiter_memory_bytes").count(),
+        text.matches("# TYPE podscope_memory_limiter_memory_bytes")
+            .count(),
         1,
         "{text}"
     );
     // This test process's real resident set was measured.
-    assert!(counter(&metrics_ctx.telemetry, "podscope_memory_limiter_memory_bytes") > MIB);
+    assert!(
+        counter(
+            &metrics_ctx.telemetry,
+            "podscope_memory_limiter_memory_bytes"
+        ) > MIB
+    );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -79,9 +79,10 @@ async fn export(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Body
                 refused.message.to_string(),
             );
             for challenge in refused.challenges {
-                response
-                    .headers_mut()
-                    .append(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+                response.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
             }
             return response;
         }

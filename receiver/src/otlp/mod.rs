@@ -97,10 +97,17 @@ fn protection(
     protocol: &str,
     tls: Option<&ServerTlsSettings>,
     auth: Option<&AuthSettings>,
-) -> anyhow::Result<(Option<Arc<rustls::ServerConfig>>, Option<Arc<Authenticator>>)> {
+) -> anyhow::Result<(
+    Option<Arc<rustls::ServerConfig>>,
+    Option<Arc<Authenticator>>,
+)> {
     let prefix = format!("receivers.{id}.protocols.{protocol}");
     // gRPC needs HTTP/2; the HTTP server speaks HTTP/1.1.
-    let alpn: &[&[u8]] = if protocol == "grpc" { &[b"h2"] } else { &[b"http/1.1"] };
+    let alpn: &[&[u8]] = if protocol == "grpc" {
+        &[b"h2"]
+    } else {
+        &[b"http/1.1"]
+    };
     let tls = tls
         .map(|tls| tls.server_config(&format!("{prefix}.tls"), alpn))
         .transpose()?;
