@@ -63,8 +63,14 @@ pub fn memory_limit(proc_cgroup: &str, root: &Path) -> Result<CgroupMemoryLimit,
 /// `mount`. A container that sees only its own cgroup (a cgroup namespace) has `path` "/" and
 /// its limit at the mount's top.
 fn smallest_limit(mount: &Path, path: &str, file_name: &str) -> Result<CgroupMemoryLimit, String> {
-    let own = mount.join(path.trim_start_matches('/'));
-    let own_file = own.join(file_name);
+    let mut own = mount.join(path.trim_start_matches('/'));
+    let mut own_file = own.join(file_name);
+    if !own_file.is_file() && mount.join(file_name).is_file() {
+        // A container runtime that mounts only the container's own cgroup, while
+        // /proc/self/cgroup names its full host path (cgroups v1 without a cgroup namespace).
+        own = mount.to_path_buf();
+        own_file = own.join(file_name);
+    }
     if !own_file.is_file() {
         return Err(format!(
             "{} does not exist (is the memory controller enabled for this cgroup?)",
@@ -158,6 +164,24 @@ mod tests {
         );
         std::fs::write(root.path().join("memory.max"), "max\n").unwrap();
         assert_eq!(memory_limit("0::/\n", root.path()).unwrap().bytes, None);
+        std::fs::write(root.path().join("memory.max"), "1073741824\n").unwrap();
+        assert_eq!(
+            memory_limit("0::/\n", root.path()).unwrap().bytes,
+            Some(1_073_741_824)
+        );
+    }
+
+    /// A runtime that mounts only the container's cgroup while /proc/self/cgroup names its host
+    /// path: the mount's top is the container's cgroup.
+    #[test]
+    fn only_the_containers_own_cgroup_mounted() {
+        let root = tempfile::tempdir().unwrap();
+        let memory = root.path().join("memory");
+        std::fs::create_dir(&memory).unwrap();
+        std::fs::write(memory.join("memory.limit_in_bytes"), "536870912\n").unwrap();
+        let found = memory_limit("4:memory:/kubepods/burstable/pod1/abc\n", root.path()).unwrap();
+        assert_eq!(found.bytes, Some(536_870_912));
+        assert_eq!(found.file, memory.join("memory.limit_in_bytes"));
     }
 
     #[test]
