@@ -90,6 +90,12 @@ impl OtlpReceiver {
     }
 }
 
+/// A protocol's TLS configuration and authenticator, when set.
+type Protection = (
+    Option<Arc<rustls::ServerConfig>>,
+    Option<Arc<Authenticator>>,
+);
+
 /// A protocol's TLS configuration and authenticator, loaded now so that a bad file stops the
 /// start with its setting and path named.
 fn protection(
@@ -97,10 +103,7 @@ fn protection(
     protocol: &str,
     tls: Option<&ServerTlsSettings>,
     auth: Option<&AuthSettings>,
-) -> anyhow::Result<(
-    Option<Arc<rustls::ServerConfig>>,
-    Option<Arc<Authenticator>>,
-)> {
+) -> anyhow::Result<Protection> {
     let prefix = format!("receivers.{id}.protocols.{protocol}");
     // gRPC needs HTTP/2; the HTTP server speaks HTTP/1.1.
     let alpn: &[&[u8]] = if protocol == "grpc" {
