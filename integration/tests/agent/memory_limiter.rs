@@ -210,7 +210,7 @@ service:
     )
     .unwrap();
     assert!(
-        traces_refused > 4 && traces_refused % 4 == 0,
+        traces_refused > 4 && traces_refused.is_multiple_of(4),
         "{traces_refused}"
     );
     assert_eq!(
