@@ -17,6 +17,7 @@ pub fn processors() -> Vec<&'static ProcessorFactory> {
     vec![
         &podscope_processors::batch::FACTORY,
         &podscope_processors::k8sattributes::FACTORY,
+        &podscope_processors::memory_limiter::FACTORY,
     ]
 }
 

@@ -9,6 +9,10 @@
 //! of its exporters on its own ([`Fanout`]), counting what one exporter never takes as that
 //! exporter's drop.
 //!
+//! A processor may also check batches before they enter its pipeline's queue (the
+//! `memory_limiter`'s soft limit, [`podscope_core::admission`]); a receiver's batch is checked
+//! against every pipeline it feeds before any queue takes it.
+//!
 //! Extensions are built first, in `service.extensions` order, and handed to every other
 //! component in its [`BuildContext`] with what each uses.
 //!
@@ -25,6 +29,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_trait::async_trait;
+use podscope_core::admission::AdmissionGate;
 use podscope_core::delivery::{deliver_or_count, DropCounter, Fanout};
 use podscope_core::health::Readiness;
 use podscope_core::queue::{bounded_queue, QueueGroup, QueueReceiver, QueueSender};
@@ -190,20 +195,29 @@ impl Service {
         for id in receiver_ids {
             let mut consumers = ReceiverConsumers::default();
             for signal in Signal::ALL {
-                let queues: Vec<QueueSender<Batch>> = config
+                let fed: Vec<&RunningPipeline> = config
                     .service
                     .pipelines
                     .iter()
                     .zip(&pipelines)
                     .filter(|(p, _)| p.signal == signal && p.receivers.contains(id))
-                    .map(|(_, running)| running.queue.clone())
+                    .map(|(_, running)| running)
                     .collect();
-                if queues.is_empty() {
+                if fed.is_empty() {
                     continue;
                 }
+                let queues: Vec<QueueSender<Batch>> =
+                    fed.iter().map(|running| running.queue.clone()).collect();
+                // Checks such as the memory_limiter's soft limit run before any queue takes
+                // the batch, so the receiver can still tell its client to retry.
+                let admissions = fed
+                    .iter()
+                    .flat_map(|running| &running.processors)
+                    .filter_map(|(_, processor)| processor.admission())
+                    .collect();
                 let observed: Arc<dyn Consumer> = Arc::new(ObservedReceiverOutput {
                     receiver: id.to_string(),
-                    next: Arc::new(QueueGroup::new(queues)),
+                    next: AdmissionGate::wrap(admissions, Arc::new(QueueGroup::new(queues))),
                     telemetry: telemetry.clone(),
                 });
                 match signal {

@@ -28,6 +28,8 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
             "profiling": {"off_cpu": true}}}),
         (ComponentKind::Receiver, "otlp") => json!({"protocols": {
             "grpc": {"endpoint": "127.0.0.1:0"}, "http": {"endpoint": "127.0.0.1:0"}}}),
+        // A limit far above the test process's memory: data passes.
+        (ComponentKind::Processor, "memory_limiter") => json!({"limit_mib": 65536}),
         (ComponentKind::Exporter, "file") => {
             json!({"path": dir.join(format!("{type_name}.jsonl"))})
         }

@@ -187,6 +187,12 @@ pub struct Capabilities {
 /// next consumer it was built with.
 pub trait Processor: Component + Consumer {
     fn capabilities(&self) -> Capabilities;
+
+    /// A check the pipeline makes before its entry queue takes a receiver's batch (see
+    /// [`crate::admission`]); most processors have none.
+    fn admission(&self) -> Option<Arc<dyn crate::admission::Admission>> {
+        None
+    }
 }
 
 /// An exporter is the last consumer of a pipeline.

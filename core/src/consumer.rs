@@ -6,6 +6,9 @@ use async_trait::async_trait;
 
 use crate::batch::Batch;
 
+/// The reason of [`ConsumeError::memory_limited`].
+pub const MEMORY_LIMITED: &str = "memory_limited";
+
 /// Why a consumer did not take a batch. The split follows the Collector: a **retryable** error
 /// means "try again later" (the sender keeps the data, a receiver answers UNAVAILABLE / 503), a
 /// **permanent** error means the data can never be accepted (it is dropped and counted).
@@ -33,6 +36,22 @@ impl ConsumeError {
             message: message.into(),
             retry_after: None,
         }
+    }
+
+    /// Refused because the agent is short of memory (the `memory_limiter`'s soft limit): the
+    /// sender should retry after `retry_after`. Receivers answer OTLP/gRPC RESOURCE_EXHAUSTED
+    /// and OTLP/HTTP 429 for it, as the Collector does, instead of UNAVAILABLE / 503.
+    pub fn memory_limited(message: impl Into<String>, retry_after: Duration) -> Self {
+        ConsumeError::Retryable {
+            reason: MEMORY_LIMITED,
+            message: message.into(),
+            retry_after: Some(retry_after),
+        }
+    }
+
+    /// See [`ConsumeError::memory_limited`].
+    pub fn is_memory_limited(&self) -> bool {
+        matches!(self, ConsumeError::Retryable { reason, .. } if *reason == MEMORY_LIMITED)
     }
 
     pub fn permanent(reason: &'static str, message: impl Into<String>) -> Self {

@@ -5,6 +5,7 @@
 //! This crate must stay small and free of any particular receiver, processor or exporter: those live
 //! in `receiver/`, `processors/` and `exporters/`, and the root crate wires them together.
 
+pub mod admission;
 pub mod backoff;
 pub mod batch;
 pub mod component;
@@ -15,6 +16,7 @@ pub mod health;
 pub mod otlp;
 pub mod profiles;
 pub mod queue;
+pub mod server;
 pub mod telemetry;
 
 pub use batch::{Batch, Signal};

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bpf;
+pub mod certs;
 pub mod fake_kube;
 pub mod pprof_format;
 pub mod prometheus;

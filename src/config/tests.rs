@@ -86,7 +86,8 @@ fn every_refusal_has_its_exact_messages_and_positions() {
 }
 
 #[test]
-fn the_default_config_runs_ebpf_and_otlp_through_k8sattributes_and_batch_to_prometheus_and_debug() {
+fn the_default_config_runs_ebpf_and_otlp_through_memory_limiter_k8sattributes_and_batch_to_prometheus_and_debug(
+) {
     let config = load_default().unwrap();
     assert_eq!(config.source, "<embedded default>");
     let names: Vec<_> = config
@@ -103,7 +104,10 @@ fn the_default_config_runs_ebpf_and_otlp_through_k8sattributes_and_batch_to_prom
     assert_eq!(ids(&metrics.receivers), vec!["ebpf", "otlp"]);
     assert_eq!(ids(&traces.receivers), vec!["otlp"]);
     for p in [metrics, traces] {
-        assert_eq!(ids(&p.processors), vec!["k8sattributes", "batch"]);
+        assert_eq!(
+            ids(&p.processors),
+            vec!["memory_limiter", "k8sattributes", "batch"]
+        );
     }
     assert_eq!(ids(&metrics.exporters), vec!["prometheus", "debug"]);
     assert_eq!(ids(&traces.exporters), vec!["debug"]);

@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use podscope_core::server::{AuthSettings, ServerTlsSettings};
 use podscope_core::{ComponentConfig, FieldError};
 use serde::Deserialize;
 
@@ -24,6 +25,11 @@ pub struct PrometheusConfig {
     /// Default: `host.name`, `container.id`, `podscope.cgroup.path`, `k8s.namespace.name`,
     /// `k8s.pod.name`, `k8s.container.name` — what tells podscope's per-container series apart.
     pub promoted_resource_attributes: Vec<String>,
+    /// Serve `/metrics` over TLS (`cert_file`, `key_file`, `client_ca_file` to require client
+    /// certificates), as Prometheus' own web config does. Default: plain HTTP.
+    pub tls: Option<ServerTlsSettings>,
+    /// Require a bearer token and/or basic auth (bcrypt hashes) to scrape. Default: none.
+    pub auth: Option<AuthSettings>,
 }
 
 /// `resource_to_telemetry_conversion:` — copy every resource attribute onto every series.
@@ -53,6 +59,8 @@ impl Default for PrometheusConfig {
             ]
             .map(str::to_string)
             .to_vec(),
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -69,6 +77,12 @@ impl ComponentConfig for PrometheusConfig {
                 "endpoint",
                 format!("{:?} is not host:port (e.g. 0.0.0.0:9464)", self.endpoint),
             ));
+        }
+        if let Some(tls) = &self.tls {
+            tls.validate("tls", &mut errors);
+        }
+        if let Some(auth) = &self.auth {
+            auth.validate("auth", &mut errors);
         }
         if self.metric_expiration.is_zero() {
             errors.push(FieldError::new(

@@ -5,6 +5,10 @@
 //! buckets, deltas accumulated, values in base units. Text format 0.0.4, or OpenMetrics 1.0 when
 //! the scraper's `Accept` asks for it. Series not updated for `metric_expiration` disappear.
 //!
+//! With `tls:` the endpoint serves HTTPS (client certificates required when `client_ca_file` is
+//! set), and with `auth:` a scrape needs a bearer token or basic-auth credentials (401 with
+//! `WWW-Authenticate` otherwise), as Prometheus' own web config offers.
+//!
 //! The parts, shared with `prometheusremotewrite`: `translate` (OTLP → observations, with the
 //! naming rules of `names`), `store` (the series state: deltas accumulated, expiry), `render`
 //! (series → samples → the text formats) and `exponential` (exponential histograms).
@@ -25,11 +29,12 @@ use std::time::Instant;
 use anyhow::Context as _;
 use async_trait::async_trait;
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use podscope_core::component::create_exporter;
+use podscope_core::server::{AuthSettings, Authenticator, ServerTlsSettings, TlsListener};
 use podscope_core::telemetry::{AgentTelemetry, ItemReasonLabels};
 use podscope_core::{
     Batch, BuildContext, Component, ConsumeError, Consumer, Exporter, ExporterBuilder,
@@ -57,6 +62,8 @@ impl ExporterBuilder for PrometheusConfig {
 pub struct PrometheusExporter {
     id: String,
     endpoint: String,
+    tls: Option<ServerTlsSettings>,
+    auth: Option<AuthSettings>,
     store: Arc<Mutex<Store>>,
     telemetry: AgentTelemetry,
     stop: CancellationToken,
@@ -77,6 +84,8 @@ impl PrometheusExporter {
         PrometheusExporter {
             id: ctx.id.to_string(),
             endpoint: config.endpoint,
+            tls: config.tls,
+            auth: config.auth,
             store: Arc::new(Mutex::new(Store::new(settings))),
             telemetry: ctx.telemetry.clone(),
             stop: CancellationToken::new(),
@@ -134,6 +143,19 @@ impl Consumer for PrometheusExporter {
 #[async_trait]
 impl Component for PrometheusExporter {
     async fn start(&self) -> anyhow::Result<()> {
+        // Certificates and credentials are read now, so a bad file stops the start, named.
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|tls| tls.server_config(&format!("exporters.{}.tls", self.id), &[b"http/1.1"]))
+            .transpose()?;
+        let auth = self
+            .auth
+            .as_ref()
+            .map(|auth| {
+                Authenticator::new(auth, &format!("exporters.{}.auth", self.id)).map(Arc::new)
+            })
+            .transpose()?;
         let listener = tokio::net::TcpListener::bind(&self.endpoint)
             .await
             .with_context(|| {
@@ -146,18 +168,34 @@ impl Component for PrometheusExporter {
         *self.bound.lock().unwrap_or_else(|e| e.into_inner()) = Some(address);
         let app = Router::new()
             .route("/metrics", get(scrape))
-            .with_state(self.store.clone());
+            .with_state(ScrapeState {
+                store: self.store.clone(),
+                auth,
+            });
         let stop = self.stop.clone();
         let id = self.id.clone();
+        let secured = tls.is_some();
         *self.server.lock().await = Some(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-            {
+            let served = match tls {
+                Some(tls) => match TlsListener::new(listener, tls) {
+                    Ok(listener) => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await
+                    }
+                    Err(e) => Err(e),
+                },
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(exporter = %id, error = %e, "Prometheus endpoint stopped");
             }
         }));
-        tracing::info!(exporter = %self.id, %address, "Prometheus metrics at /metrics");
+        tracing::info!(exporter = %self.id, %address, tls = secured, "Prometheus metrics at /metrics");
         Ok(())
     }
 
@@ -175,13 +213,33 @@ impl Exporter for PrometheusExporter {}
 const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-async fn scrape(State(store): State<Arc<Mutex<Store>>>, headers: HeaderMap) -> impl IntoResponse {
+#[derive(Clone)]
+struct ScrapeState {
+    store: Arc<Mutex<Store>>,
+    /// Credentials a scrape must carry, when `auth:` is set.
+    auth: Option<Arc<Authenticator>>,
+}
+
+async fn scrape(State(state): State<ScrapeState>, headers: HeaderMap) -> Response {
+    if let Some(auth) = &state.auth {
+        if let Err(refused) = auth.check(&headers) {
+            let mut response =
+                (StatusCode::UNAUTHORIZED, format!("{}\n", refused.message)).into_response();
+            for challenge in refused.challenges {
+                response.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            return response;
+        }
+    }
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/openmetrics-text"));
     let body = {
-        let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+        let mut store = state.store.lock().unwrap_or_else(|e| e.into_inner());
         store.expire(Instant::now());
         store.render(openmetrics)
     };
@@ -192,4 +250,5 @@ async fn scrape(State(store): State<Arc<Mutex<Store>>>, headers: HeaderMap) -> i
         )],
         body,
     )
+        .into_response()
 }

@@ -243,3 +243,18 @@ auth_type none reads no API server. A JSON list; the DaemonSet sets each from sp
 {{- end }}
 {{- toJson ($vars | uniq | sortAlpha) }}
 {{- end }}
+
+{{/*
+A Kubernetes memory quantity (512Mi, 1Gi, 500M, 536870912) in whole MiB.
+*/}}
+{{- define "podscope.mebibytes" -}}
+{{- $q := toString . -}}
+{{- if hasSuffix "Gi" $q -}}{{ mul (trimSuffix "Gi" $q | atoi) 1024 }}
+{{- else if hasSuffix "Mi" $q -}}{{ trimSuffix "Mi" $q | atoi }}
+{{- else if hasSuffix "Ki" $q -}}{{ div (trimSuffix "Ki" $q | atoi) 1024 }}
+{{- else if hasSuffix "G" $q -}}{{ div (mul (trimSuffix "G" $q | atoi) 1000000000) 1048576 }}
+{{- else if hasSuffix "M" $q -}}{{ div (mul (trimSuffix "M" $q | atoi) 1000000) 1048576 }}
+{{- else if hasSuffix "k" $q -}}{{ div (mul (trimSuffix "k" $q | atoi) 1000) 1048576 }}
+{{- else -}}{{ div ($q | atoi) 1048576 }}
+{{- end -}}
+{{- end -}}

@@ -1,3 +1,4 @@
+use podscope_core::server::{AuthSettings, ServerTlsSettings};
 use podscope_core::{ComponentConfig, FieldError};
 use serde::{Deserialize, Deserializer};
 
@@ -27,6 +28,10 @@ pub struct GrpcSettings {
     pub endpoint: String,
     /// Largest request accepted, in MiB. Default 4.
     pub max_recv_msg_size_mib: usize,
+    /// TLS (`cert_file`, `key_file`, `client_ca_file` for client certificates). Default: plain.
+    pub tls: Option<ServerTlsSettings>,
+    /// Bearer token and/or basic auth every call must carry. Default: none.
+    pub auth: Option<AuthSettings>,
 }
 
 impl Default for GrpcSettings {
@@ -34,6 +39,8 @@ impl Default for GrpcSettings {
         GrpcSettings {
             endpoint: "0.0.0.0:4317".to_string(),
             max_recv_msg_size_mib: 4,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -46,6 +53,10 @@ pub struct HttpSettings {
     pub endpoint: String,
     /// Largest request body accepted, in bytes, after decompression. Default 20971520 (20 MiB).
     pub max_request_body_size: usize,
+    /// TLS (`cert_file`, `key_file`, `client_ca_file` for client certificates). Default: plain.
+    pub tls: Option<ServerTlsSettings>,
+    /// Bearer token and/or basic auth every request must carry. Default: none.
+    pub auth: Option<AuthSettings>,
 }
 
 impl Default for HttpSettings {
@@ -53,6 +64,8 @@ impl Default for HttpSettings {
         HttpSettings {
             endpoint: "0.0.0.0:4318".to_string(),
             max_request_body_size: 20 * 1024 * 1024,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -66,6 +79,20 @@ where
     Ok(Some(
         Option::<T>::deserialize(deserializer)?.unwrap_or_default(),
     ))
+}
+
+fn check_protection(
+    protocol: &str,
+    tls: Option<&ServerTlsSettings>,
+    auth: Option<&AuthSettings>,
+    errors: &mut Vec<FieldError>,
+) {
+    if let Some(tls) = tls {
+        tls.validate(&format!("protocols.{protocol}.tls"), errors);
+    }
+    if let Some(auth) = auth {
+        auth.validate(&format!("protocols.{protocol}.auth"), errors);
+    }
 }
 
 fn check_endpoint(path: &str, endpoint: &str, errors: &mut Vec<FieldError>) {
@@ -97,6 +124,7 @@ impl ComponentConfig for OtlpReceiverConfig {
                     "must be at least 1",
                 ));
             }
+            check_protection("grpc", grpc.tls.as_ref(), grpc.auth.as_ref(), &mut errors);
         }
         if let Some(http) = &self.protocols.http {
             check_endpoint("protocols.http.endpoint", &http.endpoint, &mut errors);
@@ -106,6 +134,7 @@ impl ComponentConfig for OtlpReceiverConfig {
                     "must be at least 1",
                 ));
             }
+            check_protection("http", http.tls.as_ref(), http.auth.as_ref(), &mut errors);
         }
         errors
     }

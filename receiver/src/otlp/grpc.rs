@@ -15,12 +15,14 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use podscope_core::otlp::{otlp, Encoding, OtlpSignal, RawCodec};
+use podscope_core::server::{Authenticator, Unauthorized};
 use podscope_core::{ConsumeError, Consumer, ReceiverConsumers, Signal};
 use tokio_util::sync::CancellationToken;
 use tonic::codec::{CompressionEncoding, EnabledCompressionEncodings};
 use tonic::server::{Grpc, UnaryService};
 use tonic::service::Routes;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 /// The services for the signals this receiver has pipelines for; the others answer
 /// UNIMPLEMENTED.
@@ -28,6 +30,7 @@ pub fn routes(
     consumers: &ReceiverConsumers,
     max_decoding_message_size: usize,
     stop: &CancellationToken,
+    auth: Option<Arc<Authenticator>>,
 ) -> Routes {
     let mut routes = Routes::default();
     for signal in Signal::ALL {
@@ -40,6 +43,7 @@ pub fn routes(
             next: next.clone(),
             max_decoding_message_size,
             stop: stop.clone(),
+            auth: auth.clone(),
         };
         let router = routes.axum_router_mut();
         *router = std::mem::take(router)
@@ -55,14 +59,39 @@ struct ExportService {
     next: Arc<dyn Consumer>,
     max_decoding_message_size: usize,
     stop: CancellationToken,
+    /// Credentials every call must carry, when `auth:` is set.
+    auth: Option<Arc<Authenticator>>,
 }
 
-/// The consumer's answer as a gRPC status: retryable → UNAVAILABLE, permanent → INVALID_ARGUMENT.
+/// The consumer's answer as a gRPC status: retryable → UNAVAILABLE, permanent → INVALID_ARGUMENT,
+/// and the memory_limiter's refusal → RESOURCE_EXHAUSTED with a `RetryInfo` (OTLP clients retry
+/// RESOURCE_EXHAUSTED only when the server says when).
 fn status_for(error: &ConsumeError) -> Status {
     match error {
+        ConsumeError::Retryable {
+            message,
+            retry_after,
+            ..
+        } if error.is_memory_limited() => {
+            let details = ErrorDetails::with_retry_info(*retry_after);
+            Status::with_error_details(Code::ResourceExhausted, message.clone(), details)
+        }
         ConsumeError::Retryable { message, .. } => Status::unavailable(message.clone()),
         ConsumeError::Permanent { message, .. } => Status::invalid_argument(message.clone()),
     }
+}
+
+/// UNAUTHENTICATED, with the challenges in `www-authenticate` as gRPC servers behind HTTP
+/// authentication send them.
+fn unauthenticated(refused: &Unauthorized) -> http::Response<tonic::body::Body> {
+    let mut response = Status::unauthenticated(refused.message).into_http();
+    for challenge in &refused.challenges {
+        response.headers_mut().append(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static(challenge),
+        );
+    }
+    response
 }
 
 struct ExportMethod {
@@ -109,6 +138,11 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
+            if let Some(auth) = &this.auth {
+                if let Err(refused) = auth.check(request.headers()) {
+                    return Ok(unauthenticated(&refused));
+                }
+            }
             if request.uri().path() != this.signal.grpc_export_path() {
                 return Ok(Status::unimplemented(format!(
                     "{} has only the Export method",

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use podscope_core::otlp::{otlp, Encoding, OtlpSignal};
+use podscope_core::server::Authenticator;
 use podscope_core::{ConsumeError, Consumer, ReceiverConsumers, Signal};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -39,10 +40,17 @@ struct Endpoint {
     next: Option<Arc<dyn Consumer>>,
     max_body: usize,
     stop: CancellationToken,
+    /// Credentials every request must carry, when `auth:` is set.
+    auth: Option<Arc<Authenticator>>,
 }
 
 /// The routes of every signal; those this receiver has no pipeline for answer 404.
-pub fn router(consumers: &ReceiverConsumers, max_body: usize, stop: &CancellationToken) -> Router {
+pub fn router(
+    consumers: &ReceiverConsumers,
+    max_body: usize,
+    stop: &CancellationToken,
+    auth: Option<Arc<Authenticator>>,
+) -> Router {
     let mut router = Router::new();
     for signal in Signal::ALL {
         let endpoint = Endpoint {
@@ -50,6 +58,7 @@ pub fn router(consumers: &ReceiverConsumers, max_body: usize, stop: &Cancellatio
             next: consumers.get(signal).cloned(),
             max_body,
             stop: stop.clone(),
+            auth: auth.clone(),
         };
         router = router.route(
             endpoint.signal.http_path(),
@@ -60,6 +69,24 @@ pub fn router(consumers: &ReceiverConsumers, max_body: usize, stop: &Cancellatio
 }
 
 async fn export(State(endpoint): State<Endpoint>, headers: HeaderMap, body: Body) -> Response {
+    // Credentials first: an unauthenticated client learns nothing else about the endpoint.
+    if let Some(auth) = &endpoint.auth {
+        if let Err(refused) = auth.check(&headers) {
+            let mut response = error_body(
+                content_type(&headers).unwrap_or(Encoding::Protobuf),
+                StatusCode::UNAUTHORIZED,
+                16,
+                refused.message.to_string(),
+            );
+            for challenge in refused.challenges {
+                response.headers_mut().append(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(challenge),
+                );
+            }
+            return response;
+        }
+    }
     let encoding = match content_type(&headers) {
         Ok(e) => e,
         Err(message) => {
@@ -178,12 +205,14 @@ fn refused(encoding: Encoding, error: &ConsumeError) -> Response {
             retry_after,
             ..
         } => {
-            let mut response = error_body(
-                encoding,
-                StatusCode::SERVICE_UNAVAILABLE,
-                14,
-                message.clone(),
-            );
+            // The memory_limiter's refusal is 429 / RESOURCE_EXHAUSTED, as in the Collector;
+            // other retryable refusals (a full queue, shutdown) are 503 / UNAVAILABLE.
+            let (status, code) = if error.is_memory_limited() {
+                (StatusCode::TOO_MANY_REQUESTS, 8)
+            } else {
+                (StatusCode::SERVICE_UNAVAILABLE, 14)
+            };
+            let mut response = error_body(encoding, status, code, message.clone());
             let seconds = retry_after.map(|d| d.as_secs().max(1)).unwrap_or(1);
             response
                 .headers_mut()

@@ -3,10 +3,14 @@
 //!
 //! Each request becomes one batch, handed to the pipelines that list this receiver; the request is
 //! acknowledged only once they accepted it. A pipeline that refuses for now (a full queue) makes
-//! the client retry (UNAVAILABLE / 503 with `Retry-After`); data that can never be accepted and
+//! the client retry (UNAVAILABLE / 503 with `Retry-After`; above the `memory_limiter`'s soft
+//! limit RESOURCE_EXHAUSTED with `RetryInfo` / 429 with `Retry-After`); data that can never be accepted and
 //! malformed payloads get INVALID_ARGUMENT / 400. A signal no pipeline takes is UNIMPLEMENTED /
 //! 404. Nothing is dropped silently. Every signal goes through the same code, with the signal's
 //! OTLP wire format from `podscope_core::otlp`.
+//!
+//! Each protocol may have `tls:` (with client certificates) and `auth:` (bearer token, basic
+//! auth): a call without valid credentials gets UNAUTHENTICATED / 401 with `WWW-Authenticate`.
 //!
 //! Shutdown stops accepting connections and answers requests still being received with
 //! UNAVAILABLE / 503, so that a stalled client cannot hold the agent's shutdown; requests already
@@ -19,11 +23,12 @@ mod http;
 mod tests;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use async_trait::async_trait;
 use podscope_core::component::create_receiver;
+use podscope_core::server::{AuthSettings, Authenticator, ServerTlsSettings, TlsListener};
 use podscope_core::{
     BuildContext, Component, Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory, Signal,
 };
@@ -85,6 +90,36 @@ impl OtlpReceiver {
     }
 }
 
+/// A protocol's TLS configuration and authenticator, when set.
+type Protection = (
+    Option<Arc<rustls::ServerConfig>>,
+    Option<Arc<Authenticator>>,
+);
+
+/// A protocol's TLS configuration and authenticator, loaded now so that a bad file stops the
+/// start with its setting and path named.
+fn protection(
+    id: &str,
+    protocol: &str,
+    tls: Option<&ServerTlsSettings>,
+    auth: Option<&AuthSettings>,
+) -> anyhow::Result<Protection> {
+    let prefix = format!("receivers.{id}.protocols.{protocol}");
+    // gRPC needs HTTP/2; the HTTP server speaks HTTP/1.1.
+    let alpn: &[&[u8]] = if protocol == "grpc" {
+        &[b"h2"]
+    } else {
+        &[b"http/1.1"]
+    };
+    let tls = tls
+        .map(|tls| tls.server_config(&format!("{prefix}.tls"), alpn))
+        .transpose()?;
+    let auth = auth
+        .map(|auth| Authenticator::new(auth, &format!("{prefix}.auth")).map(Arc::new))
+        .transpose()?;
+    Ok((tls, auth))
+}
+
 async fn bind(id: &str, protocol: &str, endpoint: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(endpoint).await.with_context(|| {
         format!("receivers.{id}.protocols.{protocol}.endpoint: cannot listen on {endpoint}")
@@ -96,41 +131,85 @@ impl Component for OtlpReceiver {
     async fn start(&self) -> anyhow::Result<()> {
         let mut tasks = self.tasks.lock().await;
         if let Some(settings) = &self.config.protocols.grpc {
+            let (tls, auth) = protection(
+                &self.id,
+                "grpc",
+                settings.tls.as_ref(),
+                settings.auth.as_ref(),
+            )?;
             let listener = bind(&self.id, "grpc", &settings.endpoint).await?;
             let address = listener.local_addr()?;
             self.bound.lock().unwrap_or_else(|e| e.into_inner()).grpc = Some(address);
             let max = settings.max_recv_msg_size_mib * 1024 * 1024;
-            let routes = grpc::routes(&self.next, max, &self.stop);
+            let routes = grpc::routes(&self.next, max, &self.stop, auth);
             let server = tonic::transport::Server::builder().add_routes(routes);
             let stop = self.stop.clone();
             let id = self.id.clone();
+            let secured = tls.is_some();
             tasks.push(tokio::spawn(async move {
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                if let Err(e) = server
-                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                    .await
-                {
+                let served = match tls {
+                    Some(tls) => {
+                        let incoming = TlsListener::new(listener, tls).map(TlsListener::into_stream);
+                        match incoming {
+                            Ok(incoming) => {
+                                server
+                                    .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                                    .await
+                            }
+                            Err(e) => {
+                                tracing::error!(receiver = %id, error = %e, "OTLP/gRPC TLS listener failed");
+                                return;
+                            }
+                        }
+                    }
+                    None => {
+                        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                        server
+                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                            .await
+                    }
+                };
+                if let Err(e) = served {
                     tracing::error!(receiver = %id, error = %e, "OTLP/gRPC server stopped");
                 }
             }));
-            tracing::info!(receiver = %self.id, %address, "OTLP/gRPC listening");
+            tracing::info!(receiver = %self.id, %address, tls = secured, "OTLP/gRPC listening");
         }
         if let Some(settings) = &self.config.protocols.http {
+            let (tls, auth) = protection(
+                &self.id,
+                "http",
+                settings.tls.as_ref(),
+                settings.auth.as_ref(),
+            )?;
             let listener = bind(&self.id, "http", &settings.endpoint).await?;
             let address = listener.local_addr()?;
             self.bound.lock().unwrap_or_else(|e| e.into_inner()).http = Some(address);
-            let app = http::router(&self.next, settings.max_request_body_size, &self.stop);
+            let app = http::router(&self.next, settings.max_request_body_size, &self.stop, auth);
             let stop = self.stop.clone();
             let id = self.id.clone();
+            let secured = tls.is_some();
             tasks.push(tokio::spawn(async move {
-                if let Err(e) = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-                {
+                let served = match tls {
+                    Some(tls) => match TlsListener::new(listener, tls) {
+                        Ok(listener) => {
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(stop.cancelled_owned())
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    },
+                    None => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await
+                    }
+                };
+                if let Err(e) = served {
                     tracing::error!(receiver = %id, error = %e, "OTLP/HTTP server stopped");
                 }
             }));
-            tracing::info!(receiver = %self.id, %address, "OTLP/HTTP listening");
+            tracing::info!(receiver = %self.id, %address, tls = secured, "OTLP/HTTP listening");
         }
         Ok(())
     }

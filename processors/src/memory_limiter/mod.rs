@@ -1,0 +1,408 @@
+//! The `memory_limiter` processor, as the Collector's: it measures the agent's memory (its
+//! resident set, from `/proc/self/status`) every `check_interval` and compares it with a soft and
+//! a hard limit (absolute, or percentages of the container's memory limit read from cgroups).
+//!
+//! - Above the **soft** limit, new data is refused with a retryable error before it enters the
+//!   pipeline ([`podscope_core::admission`]): OTLP clients get RESOURCE_EXHAUSTED / HTTP 429 with
+//!   `Retry-After` and keep their data; the eBPF receiver cannot make the kernel wait, so its
+//!   interval is lost and counted (`podscope_receiver_refused_items_total`). Data already queued
+//!   that reaches the processor is refused too, and the pipeline queue retries it later.
+//! - Above the **hard** limit, data reaching the processor is dropped and counted
+//!   (`podscope_memory_limiter_dropped_items_total`): holding it would grow memory further.
+//!
+//! One measurement serves every pipeline the processor is in (the state is shared by id). It
+//! must be the first processor of a pipeline, as in the Collector.
+
+mod cgroup_limit;
+mod config;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use podscope_core::admission::Admission;
+use podscope_core::component::create_processor;
+use podscope_core::telemetry::{AgentTelemetry, ComponentLabels, ItemLabels};
+use podscope_core::{
+    Batch, BuildContext, Capabilities, Component, ComponentId, ConsumeError, Consumer, Processor,
+    ProcessorBuilder, ProcessorFactory, Signal,
+};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use cgroup_limit::{memory_limit, own_memory_limit, CgroupMemoryLimit};
+pub use config::{Limits, MemoryLimiterConfig};
+
+pub const FACTORY: ProcessorFactory = ProcessorFactory {
+    type_name: "memory_limiter",
+    description: "Refuses data above a soft memory limit and drops it above a hard one",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    create: create_processor::<MemoryLimiterConfig>,
+};
+
+/// Where the agent's memory use comes from: the resident set, or a test's figure.
+type UsageSource = Arc<dyn Fn() -> Result<u64, String> + Send + Sync>;
+
+impl ProcessorBuilder for MemoryLimiterConfig {
+    fn build(
+        &self,
+        ctx: BuildContext,
+        signal: Signal,
+        next: Arc<dyn Consumer>,
+    ) -> anyhow::Result<Arc<dyn Processor>> {
+        let container_limit = if self.uses_percentages() {
+            let found = own_memory_limit().map_err(|e| {
+                anyhow::anyhow!(
+                    "processors.{}.limit_percentage: cannot read the container's memory limit: {e}",
+                    ctx.id
+                )
+            })?;
+            if found.bytes.is_none() {
+                anyhow::bail!(
+                    "processors.{}.limit_percentage: the agent's cgroup has no memory limit ({} \
+                     and its ancestors say unlimited); set a container memory limit or use limit_mib",
+                    ctx.id,
+                    found.file.display()
+                );
+            }
+            found.bytes
+        } else {
+            None
+        };
+        let limits = self
+            .limits(container_limit)
+            .map_err(|e| anyhow::anyhow!("processors.{}: {e}", ctx.id))?;
+        let usage: UsageSource = Arc::new(resident_set_bytes);
+        build_processor(self, limits, usage, ctx, signal, next)
+    }
+}
+
+fn build_processor(
+    config: &MemoryLimiterConfig,
+    limits: Limits,
+    usage: UsageSource,
+    ctx: BuildContext,
+    signal: Signal,
+    next: Arc<dyn Consumer>,
+) -> anyhow::Result<Arc<dyn Processor>> {
+    let metrics = ctx.shared.get_or_insert(&metrics_key(), || {
+        Ok(LimiterMetrics::registered(&ctx.telemetry))
+    })?;
+    let limiter = ctx.shared.get_or_insert(&ctx.id, || {
+        Ok(MemoryLimiter::new(
+            ctx.id.to_string(),
+            limits,
+            config.check_interval,
+            usage,
+            metrics.as_ref().clone(),
+        ))
+    })?;
+    Ok(Arc::new(MemoryLimiterProcessor {
+        limiter,
+        signal,
+        next,
+    }))
+}
+
+/// The shared-state key of the metric families every memory_limiter uses (an uppercase type
+/// name, which no configured component id can have).
+fn metrics_key() -> ComponentId {
+    ComponentId::new("MemoryLimiterMetrics", None)
+}
+
+/// The resident set of this process, from `/proc/self/status`.
+pub fn resident_set_bytes() -> Result<u64, String> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| "no VmRSS line in /proc/self/status".to_string())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    component: String,
+    /// `soft` or `hard`.
+    limit: &'static str,
+}
+
+#[derive(Clone)]
+struct LimiterMetrics {
+    refused: Family<ItemLabels, Counter>,
+    dropped: Family<ItemLabels, Counter>,
+    memory: Family<ComponentLabels, Gauge>,
+    limit: Family<LimitLabels, Gauge>,
+}
+
+impl LimiterMetrics {
+    fn registered(telemetry: &AgentTelemetry) -> Self {
+        let metrics = LimiterMetrics {
+            refused: Family::default(),
+            dropped: Family::default(),
+            memory: Family::default(),
+            limit: Family::default(),
+        };
+        telemetry.register(
+            "memory_limiter_refused_items",
+            "Items the memory_limiter refused above its soft limit (the sender was told to retry; \
+             each refusal counts)",
+            metrics.refused.clone(),
+        );
+        telemetry.register(
+            "memory_limiter_dropped_items",
+            "Items the memory_limiter dropped above its hard limit",
+            metrics.dropped.clone(),
+        );
+        telemetry.register(
+            "memory_limiter_memory_bytes",
+            "The agent's resident memory at the memory_limiter's last check",
+            metrics.memory.clone(),
+        );
+        telemetry.register(
+            "memory_limiter_limit_bytes",
+            "The memory_limiter's soft and hard limits",
+            metrics.limit.clone(),
+        );
+        metrics
+    }
+}
+
+/// How the last measurement compares with the limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Pressure {
+    Below,
+    AboveSoft,
+    AboveHard,
+}
+
+/// One memory_limiter id's measurement, shared by the pipelines it is in.
+struct MemoryLimiter {
+    id: String,
+    limits: Limits,
+    check_interval: Duration,
+    usage: UsageSource,
+    /// Bytes at the last check.
+    current: AtomicU64,
+    metrics: LimiterMetrics,
+    /// The checking task and how many started processors use it.
+    checker: Mutex<Option<Checker>>,
+}
+
+struct Checker {
+    users: usize,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl MemoryLimiter {
+    fn new(
+        id: String,
+        limits: Limits,
+        check_interval: Duration,
+        usage: UsageSource,
+        metrics: LimiterMetrics,
+    ) -> Self {
+        for (limit, bytes) in [("soft", limits.soft), ("hard", limits.hard)] {
+            metrics
+                .limit
+                .get_or_create(&LimitLabels {
+                    component: id.clone(),
+                    limit,
+                })
+                .set(bytes as i64);
+        }
+        MemoryLimiter {
+            id,
+            limits,
+            check_interval,
+            usage,
+            current: AtomicU64::new(0),
+            metrics,
+            checker: Mutex::new(None),
+        }
+    }
+
+    /// Measures now. A failed measurement keeps the last figure (and is logged).
+    fn check(&self) {
+        match (self.usage)() {
+            Ok(bytes) => {
+                let before = self.pressure();
+                self.current.store(bytes, Ordering::Relaxed);
+                self.metrics
+                    .memory
+                    .get_or_create(&ComponentLabels {
+                        component: self.id.clone(),
+                    })
+                    .set(bytes as i64);
+                let after = self.pressure();
+                if after != before {
+                    tracing::warn!(
+                        processor = %self.id,
+                        memory_bytes = bytes,
+                        soft_limit_bytes = self.limits.soft,
+                        hard_limit_bytes = self.limits.hard,
+                        pressure = ?after,
+                        "memory_limiter pressure changed"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(processor = %self.id, error = %e, "cannot measure memory"),
+        }
+    }
+
+    fn pressure(&self) -> Pressure {
+        let current = self.current.load(Ordering::Relaxed);
+        if current > self.limits.hard {
+            Pressure::AboveHard
+        } else if current > self.limits.soft {
+            Pressure::AboveSoft
+        } else {
+            Pressure::Below
+        }
+    }
+
+    fn refusal(&self, batch: &Batch) -> ConsumeError {
+        self.metrics
+            .refused
+            .get_or_create(&AgentTelemetry::items(&self.id, batch.signal()))
+            .inc_by(batch.item_count() as u64);
+        ConsumeError::memory_limited(
+            format!(
+                "{}: the agent uses {} MiB, above its soft memory limit of {} MiB; retry later",
+                self.id,
+                self.current.load(Ordering::Relaxed) / (1024 * 1024),
+                self.limits.soft / (1024 * 1024)
+            ),
+            self.check_interval.max(Duration::from_secs(1)),
+        )
+    }
+
+    /// Starts the checking task for the first processor that starts.
+    fn start(self: &Arc<Self>) {
+        let mut checker = self.checker.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(running) = checker.as_mut() {
+            running.users += 1;
+            return;
+        }
+        self.check();
+        let stop = CancellationToken::new();
+        let limiter = self.clone();
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut ticks = tokio::time::interval(limiter.check_interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = ticks.tick() => limiter.check(),
+                    }
+                }
+            }
+        });
+        *checker = Some(Checker {
+            users: 1,
+            stop,
+            task,
+        });
+    }
+
+    /// Stops the checking task when the last processor using it stops.
+    fn stop(&self) -> Option<JoinHandle<()>> {
+        let mut checker = self.checker.lock().unwrap_or_else(|e| e.into_inner());
+        let running = checker.as_mut()?;
+        running.users -= 1;
+        if running.users > 0 {
+            return None;
+        }
+        let running = checker.take()?;
+        running.stop.cancel();
+        Some(running.task)
+    }
+}
+
+/// The memory_limiter in one pipeline.
+pub struct MemoryLimiterProcessor {
+    limiter: Arc<MemoryLimiter>,
+    signal: Signal,
+    next: Arc<dyn Consumer>,
+}
+
+#[async_trait]
+impl Consumer for MemoryLimiterProcessor {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        if batch.signal() != self.signal {
+            return Err(ConsumeError::permanent(
+                "wrong_signal",
+                format!(
+                    "{} handles {}, got {}",
+                    self.limiter.id,
+                    self.signal,
+                    batch.signal()
+                ),
+            ));
+        }
+        match self.limiter.pressure() {
+            Pressure::Below => self.next.consume(batch).await,
+            Pressure::AboveSoft => Err(self.limiter.refusal(&batch)),
+            Pressure::AboveHard => {
+                self.limiter
+                    .metrics
+                    .dropped
+                    .get_or_create(&AgentTelemetry::items(&self.limiter.id, batch.signal()))
+                    .inc_by(batch.item_count() as u64);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Component for MemoryLimiterProcessor {
+    async fn start(&self) -> anyhow::Result<()> {
+        self.limiter.start();
+        Ok(())
+    }
+
+    async fn shutdown(&self) -> anyhow::Result<()> {
+        if let Some(task) = self.limiter.stop() {
+            task.await?;
+        }
+        Ok(())
+    }
+}
+
+impl Processor for MemoryLimiterProcessor {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            mutates_data: false,
+        }
+    }
+
+    fn admission(&self) -> Option<Arc<dyn Admission>> {
+        Some(Arc::new(SoftLimitAdmission(self.limiter.clone())))
+    }
+}
+
+/// Refuses new data above the soft limit, before it enters the pipeline.
+struct SoftLimitAdmission(Arc<MemoryLimiter>);
+
+impl Admission for SoftLimitAdmission {
+    fn admit(&self, batch: &Batch) -> Result<(), ConsumeError> {
+        if self.0.pressure() >= Pressure::AboveSoft {
+            return Err(self.0.refusal(batch));
+        }
+        Ok(())
+    }
+}
