@@ -199,10 +199,7 @@ impl DiskQueue {
         header[4] = format;
         header[8..12].copy_from_slice(&checksum(format, payload).to_le_bytes());
         header[12..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)?;
+        let mut file = OpenOptions::new().write(true).create_new(true).open(path)?;
         file.write_all(&header)?;
         file.write_all(payload)?;
         if self.fsync {

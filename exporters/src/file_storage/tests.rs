@@ -14,7 +14,9 @@ fn requests_come_back_after_a_reopen_in_the_order_they_were_written() {
     let dir = tempfile::tempdir().unwrap();
     let queue = queue_in(dir.path(), 1 << 20);
     for i in 0..5u8 {
-        queue.append(Signal::Traces, 10 + i as usize, 7, &[i; 100]).unwrap();
+        queue
+            .append(Signal::Traces, 10 + i as usize, 7, &[i; 100])
+            .unwrap();
     }
     let first = queue.take_recovered();
     assert!(first.is_empty(), "a new folder has nothing to recover");
@@ -65,7 +67,9 @@ fn a_flipped_byte_or_a_truncated_file_is_reported_with_its_path_and_set_aside() 
     let error = queue.read(&flipped).unwrap_err();
     assert_eq!(error.path, flipped.path);
     assert_eq!(error.reason, "checksum mismatch");
-    assert!(error.to_string().contains(&flipped.path.display().to_string()));
+    assert!(error
+        .to_string()
+        .contains(&flipped.path.display().to_string()));
     let error = queue.read(&truncated).unwrap_err();
     assert_eq!(
         error.reason,
@@ -92,7 +96,10 @@ fn the_size_limit_refuses_a_request_and_counts_nothing_written() {
     queue.append(Signal::Metrics, 1, 1, &[0; 100]).unwrap();
     let error = queue.append(Signal::Metrics, 1, 1, &[0; 100]).unwrap_err();
     assert_eq!(error.reason(), "storage_full");
-    assert!(error.to_string().contains("240 of 250 bytes used"), "{error}");
+    assert!(
+        error.to_string().contains("240 of 250 bytes used"),
+        "{error}"
+    );
     assert_eq!(queue.used_bytes(), 240);
     assert_eq!(std::fs::read_dir(dir.path().join("q")).unwrap().count(), 2);
     // Room again once a request is sent.

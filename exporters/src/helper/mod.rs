@@ -118,7 +118,12 @@ pub trait Sender: Send + Sync + 'static {
 
     /// The payload back from [`Sender::stored_form`]'s parts, written by this exporter in this
     /// or an earlier run (maybe with other settings: refuse rather than send it wrong).
-    fn from_stored(&self, signal: Signal, format: u8, stored: Bytes) -> Result<Self::Payload, String> {
+    fn from_stored(
+        &self,
+        signal: Signal,
+        format: u8,
+        stored: Bytes,
+    ) -> Result<Self::Payload, String> {
         let _ = (signal, format, stored);
         Err("this exporter cannot keep its queue on disk".to_string())
     }
@@ -169,7 +174,11 @@ impl<S: Sender> QueuedExporter<S> {
     /// The exporter; with `sending_queue.storage`, its queue is opened in that `file_storage`
     /// extension (an error if the sender cannot persist its requests, or the folder cannot be
     /// opened).
-    pub fn new(ctx: &BuildContext, settings: HelperSettings, sender: S) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        ctx: &BuildContext,
+        settings: HelperSettings,
+        sender: S,
+    ) -> anyhow::Result<Arc<Self>> {
         let id = ctx.id.to_string();
         let q = &settings.sending_queue;
         let storage = match &q.storage {
@@ -281,7 +290,15 @@ impl<S: Sender> SendCore<S> {
                 let partition = (request.order_key % partitions) as usize;
                 let items = request.items;
                 let stored = None;
-                (partition, Queued { request, signal, stored }, items)
+                (
+                    partition,
+                    Queued {
+                        request,
+                        signal,
+                        stored,
+                    },
+                    items,
+                )
             })
             .collect::<Vec<_>>();
         let built: usize = entries.iter().map(|e| e.2).sum();
@@ -423,7 +440,10 @@ impl<S: Sender> SendCore<S> {
                 signal,
                 stored: Some(stored),
             };
-            if reservation.commit(vec![(0, queued, items)], signal).is_err() {
+            if reservation
+                .commit(vec![(0, queued, items)], signal)
+                .is_err()
+            {
                 return;
             }
         }
@@ -535,18 +555,27 @@ impl<S: Sender> QueuedExporter<S> {
         for request in self.core.requests(batch)? {
             let (format, bytes) = self.core.sender.stored_form(&request.payload);
             let (disk, items) = (storage.clone(), request.items);
-            let written = tokio::task::spawn_blocking(move || disk.append(signal, items, format, &bytes))
-                .await
-                .unwrap_or_else(|panicked| {
-                    Err(StoreError::Io {
-                        path: storage.dir().to_path_buf(),
-                        error: std::io::Error::other(panicked.to_string()),
-                    })
-                });
+            let written =
+                tokio::task::spawn_blocking(move || disk.append(signal, items, format, &bytes))
+                    .await
+                    .unwrap_or_else(|panicked| {
+                        Err(StoreError::Io {
+                            path: storage.dir().to_path_buf(),
+                            error: std::io::Error::other(panicked.to_string()),
+                        })
+                    });
             match written {
                 Ok(stored) => {
                     let stored = Some(stored);
-                    entries.push((0, Queued { request, signal, stored }, items));
+                    entries.push((
+                        0,
+                        Queued {
+                            request,
+                            signal,
+                            stored,
+                        },
+                        items,
+                    ));
                 }
                 Err(error) => {
                     tracing::error!(exporter = %self.core.id, items, %error, "dropping a request its queue storage cannot take");
@@ -567,7 +596,13 @@ impl<S: Sender> QueuedExporter<S> {
         let _in_order = self.in_order().await;
         for request in self.core.requests(batch)? {
             let stored = None;
-            self.core.deliver(Queued { request, signal, stored }).await;
+            self.core
+                .deliver(Queued {
+                    request,
+                    signal,
+                    stored,
+                })
+                .await;
         }
         Ok(())
     }

@@ -95,7 +95,8 @@ async fn retries_with_exponential_backoff_then_succeeds() {
         &ctx,
         settings(false),
         Scripted::new(vec![unavailable(), unavailable(), unavailable()]),
-    ).unwrap();
+    )
+    .unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(4)).await.unwrap();
     let sender = exporter.sender();
@@ -172,7 +173,8 @@ async fn a_retry_hint_of_zero_never_makes_retries_faster_than_the_backoff() {
             retry_after: Some(Duration::ZERO),
         })
     };
-    let exporter = QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![now(), now()])).unwrap();
+    let exporter =
+        QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![now(), now()])).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(1)).await.unwrap();
     let times = exporter.sender().attempt_times.lock().unwrap().clone();
@@ -311,7 +313,8 @@ async fn drop_newest_queue_counts_overflow() {
 async fn shutdown_drains_the_queue() {
     let ctx = BuildContext::for_tests("otlp");
     let telemetry = ctx.telemetry.clone();
-    let exporter = QueuedExporter::new(&ctx, settings(true), Scripted::new(vec![unavailable()])).unwrap();
+    let exporter =
+        QueuedExporter::new(&ctx, settings(true), Scripted::new(vec![unavailable()])).unwrap();
     exporter.start().await.unwrap();
     for _ in 0..10 {
         exporter.consume(spans(2)).await.unwrap();

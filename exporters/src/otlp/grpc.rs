@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::uri::PathAndQuery;
 use podscope_core::otlp::{Encoding, RawCodec};
-use bytes::Bytes;
 use podscope_core::{Batch, ConsumeError, Signal};
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use podscope_core::component::create_exporter;
 use podscope_core::config::parse_component_config;
 use podscope_core::{
-    Batch, BuildContext, ComponentConfig, ComponentReference, Exporter, ExporterBuilder, ExporterFactory, FieldError,
-    Signal,
+    Batch, BuildContext, ComponentConfig, ComponentReference, Exporter, ExporterBuilder,
+    ExporterFactory, FieldError, Signal,
 };
 use serde::Deserialize;
 
