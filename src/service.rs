@@ -190,20 +190,25 @@ impl Service {
         for id in receiver_ids {
             let mut consumers = ReceiverConsumers::default();
             for signal in Signal::ALL {
-                let queues: Vec<QueueSender<Batch>> = config
+                let (queued, direct): (Vec<_>, Vec<_>) = config
                     .service
                     .pipelines
                     .iter()
                     .zip(&pipelines)
                     .filter(|(p, _)| p.signal == signal && p.receivers.contains(id))
-                    .map(|(_, running)| running.queue.clone())
-                    .collect();
-                if queues.is_empty() {
+                    .partition(|(p, _)| p.queue.enabled);
+                if queued.is_empty() && direct.is_empty() {
                     continue;
                 }
+                let next = PipelineEntry {
+                    queued: (!queued.is_empty()).then(|| {
+                        QueueGroup::new(queued.iter().map(|(_, r)| r.queue.clone()).collect())
+                    }),
+                    direct: direct.iter().map(|(_, r)| r.head.clone()).collect(),
+                };
                 let observed: Arc<dyn Consumer> = Arc::new(ObservedReceiverOutput {
                     receiver: id.to_string(),
-                    next: Arc::new(QueueGroup::new(queues)),
+                    next: Arc::new(next),
                     telemetry: telemetry.clone(),
                 });
                 match signal {
@@ -419,6 +424,28 @@ async fn feed_pipeline(
 ) {
     while let Some(batch) = queue.recv().await {
         deliver_or_count(head.as_ref(), batch, &stage, &telemetry, &deadline).await;
+    }
+}
+
+/// Where a receiver's batch of one signal goes: the entry queues of its pipelines (all or none),
+/// then the first stage of each pipeline whose queue is off (`queue.enabled: false`), whose
+/// answer is the receiver's. A batch refused there after the queues took it reaches them again
+/// when the client retries: at least once, for a receiver in several pipelines.
+struct PipelineEntry {
+    queued: Option<QueueGroup>,
+    direct: Vec<Arc<dyn Consumer>>,
+}
+
+#[async_trait]
+impl Consumer for PipelineEntry {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        if let Some(queued) = &self.queued {
+            queued.consume(batch.clone()).await?;
+        }
+        for head in &self.direct {
+            head.consume(batch.clone()).await?;
+        }
+        Ok(())
     }
 }
 

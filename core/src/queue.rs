@@ -372,6 +372,7 @@ mod tests {
 
     fn settings(capacity: usize, when_full: WhenFull) -> QueueSettings {
         QueueSettings {
+            enabled: true,
             capacity,
             when_full,
             block_timeout: Duration::from_millis(50),

@@ -202,6 +202,7 @@ impl<S: Sender> QueuedExporter<S> {
             let (tx, rx) = partitioned_queue(
                 format!("exporter/{id}"),
                 &QueueSettings {
+                    enabled: true,
                     capacity: q.queue_size,
                     when_full: q.when_full,
                     block_timeout: q.block_timeout,
