@@ -259,27 +259,28 @@ async fn nothing_acknowledged_is_lost_across_a_backend_outage_and_a_sigkill() {
 
     // 1. The backend goes away and comes back; the agent keeps acknowledging meanwhile.
     drop(sink);
-    load.wait_for_more(400).await;
+    match env_u64("PODSCOPE_FAULTS_OUTAGE_SECS") {
+        // scripts/faults.sh: the outage lasts this long under load.
+        Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+        None => load.wait_for_more(400).await,
+    }
     let sink = start_sink(sink_port, &received);
     let acked_so_far = load.acked.lock().unwrap().clone();
     wait_received(&received, &acked_so_far, "after the backend came back").await;
 
-    // 2. Down again, a backlog builds up on disk, and the agent is killed.
+    // 2. Down again, a backlog builds up on disk, and the agent is killed (scripts/faults.sh:
+    // several times) and restarted.
     drop(sink);
-    load.wait_for_more(400).await;
-    agent.sigkill();
-    let backlog = std::fs::read_dir(storage.path().join("exporter_otlp"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .unwrap()
-                .path()
-                .extension()
-                .is_some_and(|x| x == "req")
-        })
-        .count();
-    assert!(backlog > 0, "the kill left nothing queued on disk");
-    let agent = AgentProcess::start(binary, &config, telemetry_port).await;
+    let kills = env_u64("PODSCOPE_FAULTS_KILLS").unwrap_or(1);
+    let mut agent = agent;
+    let mut backlog = 0;
+    for _ in 0..kills {
+        load.wait_for_more(400).await;
+        agent.sigkill();
+        backlog = queued_requests(storage.path());
+        assert!(backlog > 0, "the kill left nothing queued on disk");
+        agent = AgentProcess::start(binary, &config, telemetry_port).await;
+    }
     let _sink = start_sink(sink_port, &received);
     load.wait_for_more(200).await;
     let acked = load.finish().await;
@@ -292,11 +293,125 @@ async fn nothing_acknowledged_is_lost_across_a_backend_outage_and_a_sigkill() {
     // Only what was on the wire when the backend went down (twice) or the agent died can come
     // twice: at most one request per consumer (2), each time.
     assert!(
-        twice <= 3 * 2 * SPANS_PER_EXPORT as usize,
+        twice <= (2 + kills as usize) * 2 * SPANS_PER_EXPORT as usize,
         "{twice} spans arrived more than once"
     );
     eprintln!(
         "acknowledged {} spans, received {} distinct, {twice} more than once, backlog at the kill {backlog} requests",
+        acked.len(),
+        received.len()
+    );
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+    )
+}
+
+/// Request files in the exporter's queue folder.
+fn queued_requests(storage: &Path) -> usize {
+    std::fs::read_dir(storage.join("exporter_otlp"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "req"))
+        .count()
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount (the test needs root)");
+        assert!(status.success(), "mount -t tmpfs (the test needs root)");
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn counter(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_drops_and_counts_and_the_agent_keeps_running() {
+    let disk = Tmpfs::mount("256k");
+    let (grpc_port, sink_port, telemetry_port) = (free_port(), free_port(), free_port());
+    let config = config(grpc_port, sink_port, telemetry_port, disk.dir.path());
+    let agent = AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
+    let metrics_url = format!("http://127.0.0.1:{telemetry_port}/metrics");
+    let full = "podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"storage_full\"} ";
+
+    // The backend is down: requests pile up on the 256 KiB filesystem until it is full.
+    let load = Load::start(grpc_port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if counter(&metrics, full) >= 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the disk never filled: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Still taking data (and counting what it cannot keep).
+    load.wait_for_more(100).await;
+    let acked = load.finish().await;
+
+    let received: Received = Arc::default();
+    let _sink = start_sink(sink_port, &received);
+    let metrics = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped = counter(&metrics, full) as usize;
+    let stored = acked.len() - dropped;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.lock().unwrap().len() < stored {
+        assert!(Instant::now() < deadline, "stored spans never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(20)).await.success());
+    let received = received.lock().unwrap();
+    assert_eq!(
+        received.len(),
+        stored,
+        "every span is sent or counted as dropped, once"
+    );
+    assert!(received.keys().all(|name| acked.contains(name)));
+    eprintln!(
+        "acknowledged {}, dropped storage_full {dropped}, delivered {}",
         acked.len(),
         received.len()
     );
