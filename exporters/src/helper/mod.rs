@@ -14,6 +14,11 @@
 //! task feeding an exporter (a pipeline's batch processor) is not held up by encoding and
 //! compressing. An ordered sender builds them before `consume` returns.
 //!
+//! With a persistent queue (`sending_queue.storage`, see `crate::file_storage`), `consume`
+//! builds the requests and writes each to disk before it returns; a request is deleted once
+//! sent or given up, and one still queued when the agent stops stays on disk (not counted as
+//! dropped) and is queued again, oldest first, by the next `start`.
+//!
 //! Who counts a loss: the helper owns a batch once it took it (room in the queue, or with the
 //! queue off, turned into requests); from then on every item ends in
 //! `podscope_exporter_sent_items_total` or `podscope_exporter_dropped_items_total` (by reason:
@@ -105,7 +110,7 @@ pub trait Sender: Send + Sync + 'static {
         Ok(())
     }
 
-    /// True when [`Sender::stored_form`] and [`Sender::from_stored`] keep a payload on disk,
+    /// True when [`Sender::stored_form`] and [`Sender::restore`] keep a payload on disk,
     /// so the sender can have a persistent queue (`sending_queue.storage`).
     const PERSISTENT: bool = false;
 
@@ -118,12 +123,7 @@ pub trait Sender: Send + Sync + 'static {
 
     /// The payload back from [`Sender::stored_form`]'s parts, written by this exporter in this
     /// or an earlier run (maybe with other settings: refuse rather than send it wrong).
-    fn from_stored(
-        &self,
-        signal: Signal,
-        format: u8,
-        stored: Bytes,
-    ) -> Result<Self::Payload, String> {
+    fn restore(&self, signal: Signal, format: u8, stored: Bytes) -> Result<Self::Payload, String> {
         let _ = (signal, format, stored);
         Err("this exporter cannot keep its queue on disk".to_string())
     }
@@ -422,7 +422,7 @@ impl<S: Sender> SendCore<S> {
                 .await
                 .map_err(|panicked| panicked.to_string())
                 .and_then(|read| read.map_err(|corrupt| corrupt.reason))
-                .and_then(|(format, bytes)| self.sender.from_stored(stored.signal, format, bytes));
+                .and_then(|(format, bytes)| self.sender.restore(stored.signal, format, bytes));
             let payload = match payload {
                 Ok(payload) => payload,
                 Err(reason) => {

@@ -129,7 +129,7 @@ impl Sender for GrpcSender {
         request.stored_form(super::STORED_PROTOBUF)
     }
 
-    fn from_stored(&self, signal: Signal, format: u8, body: Bytes) -> Result<OtlpRequest, String> {
+    fn restore(&self, signal: Signal, format: u8, body: Bytes) -> Result<OtlpRequest, String> {
         OtlpRequest::from_stored(signal, format, super::STORED_PROTOBUF, body)
     }
 

@@ -84,7 +84,7 @@ impl Sender for HttpSender {
         request.stored_form(self.stored_format())
     }
 
-    fn from_stored(&self, signal: Signal, format: u8, body: Bytes) -> Result<OtlpRequest, String> {
+    fn restore(&self, signal: Signal, format: u8, body: Bytes) -> Result<OtlpRequest, String> {
         OtlpRequest::from_stored(signal, format, self.stored_format(), body)
     }
 
