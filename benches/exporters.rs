@@ -2,17 +2,21 @@
 //! - OTLP/gRPC encode + send: spans/s and metric points/s from podscope's `otlp` exporter (in this
 //!   process, sending queue on, 4 consumers) to a real `podscope` agent (`otlp` → `nop`) in
 //!   another process; "per core" divides by this process's CPU time (the exporter's side).
+//! - The same with the persistent sending queue (`sending_queue.storage`, a `file_storage` in a
+//!   temporary directory, with and without fsync), and its disk bytes per item.
 //! - Prometheus remote write: samples/s through translation, protobuf, snappy and HTTP to a sink.
 //! - `/metrics` render time and size for 100,000 series.
 //!
-//! Run: `cargo bench --bench exporters`. Under `cargo test` it is a quick smoke run.
+//! Run: `cargo bench --bench exporters` (`BENCH_BATCHES` for another count of 500-item batches
+//! than 4000). Under `cargo test` it is a quick smoke run.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podscope_core::config::parse_component_config;
-use podscope_core::{Batch, BuildContext, Exporter, ExporterBuilder};
+use podscope_core::{Batch, BuildContext, ComponentId, ComponentKind, Exporter, ExporterBuilder};
+use podscope_exporters::file_storage::{FileStorage, FileStorageConfig};
 use podscope_exporters::otlp::OtlpGrpcConfig;
 use podscope_exporters::prometheus::{PrometheusConfig, Settings, Store};
 use podscope_exporters::prometheusremotewrite::RemoteWriteConfig;
@@ -58,10 +62,39 @@ async fn drive(exporter: &Arc<dyn Exporter>, batch: &Batch, batches: usize) -> (
     (t0.elapsed().as_secs_f64(), own_cpu() - cpu0)
 }
 
+/// An `otlp` exporter (4 consumers, gzip) whose queue is in a `file_storage` at `dir`.
+fn stored_otlp(port: u16, dir: &std::path::Path, fsync: bool) -> Arc<dyn Exporter> {
+    let storage = FileStorage::open(
+        FileStorageConfig {
+            directory: dir.to_path_buf(),
+            fsync,
+            ..Default::default()
+        },
+        "file_storage",
+    )
+    .unwrap();
+    let mut ctx = BuildContext::for_tests("otlp");
+    let storage_id = ComponentId::parse("file_storage").unwrap();
+    ctx.extensions.insert(storage_id.clone(), Arc::new(storage));
+    ctx.extensions
+        .add_user(ComponentKind::Exporter, ctx.id.clone(), storage_id);
+    let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
+        "endpoint": format!("http://127.0.0.1:{port}"),
+        "sending_queue": {"queue_size": 200_000, "num_consumers": 4, "storage": "file_storage"}
+    }))
+    .unwrap();
+    Box::new(config).build(ctx).unwrap()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let batches = if full { 4000 } else { 20 };
+    // BENCH_BATCHES: another count (e.g. a shorter run on a loaded machine).
+    let batches = match std::env::var("BENCH_BATCHES") {
+        Ok(n) => n.parse().expect("BENCH_BATCHES is a number"),
+        Err(_) if full => 4000,
+        Err(_) => 20,
+    };
 
     let grpc_port = free_port();
     let telemetry_port = free_port();
@@ -98,6 +131,36 @@ async fn main() {
             );
         }
     }
+    // The persistent queue: every request written (and with fsync flushed) before `consume`
+    // returns, deleted once sent.
+    for fsync in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let exporter = stored_otlp(grpc_port, dir.path(), fsync);
+        exporter.start().await.unwrap();
+        let (wall, cpu) = drive(&exporter, &spans(), batches).await;
+        let items = (batches * ITEMS_PER_BATCH) as f64;
+        println!(
+            "{:<44} {:>14.0} {:>16.0}",
+            format!("otlp/gRPC spans, gzip, persistent, fsync {fsync}"),
+            items / wall,
+            items / cpu.max(1e-3)
+        );
+    }
+    // Disk bytes per item: one batch queued while nothing listens.
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = stored_otlp(free_port(), dir.path(), false);
+    exporter.start().await.unwrap();
+    exporter.consume(spans()).await.unwrap();
+    let queued: u64 = std::fs::read_dir(dir.path().join("exporter_otlp"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    // The backend never comes: giving up at the deadline keeps the file (dropping the future).
+    let _ = tokio::time::timeout(Duration::from_millis(100), exporter.shutdown()).await;
+    println!(
+        "persistent queue on disk: {queued} bytes for {ITEMS_PER_BATCH} spans, {:.1} bytes/span",
+        queued as f64 / ITEMS_PER_BATCH as f64
+    );
     agent.sigterm();
     assert!(agent.wait(Duration::from_secs(30)).await.success());
 

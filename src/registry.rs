@@ -36,7 +36,10 @@ pub fn exporters() -> Vec<&'static ExporterFactory> {
 }
 
 pub fn extensions() -> Vec<&'static ExtensionFactory> {
-    vec![&podscope_k8s::k8s_metadata::FACTORY]
+    vec![
+        &podscope_k8s::k8s_metadata::FACTORY,
+        &podscope_exporters::file_storage::FACTORY,
+    ]
 }
 
 /// A set of component factories to validate configs against.

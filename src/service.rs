@@ -41,7 +41,7 @@ use podscope_core::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, PipelineConfig};
 
 /// A pipeline's entry queue and the task that feeds its first stage.
 struct RunningPipeline {
@@ -195,29 +195,35 @@ impl Service {
         for id in receiver_ids {
             let mut consumers = ReceiverConsumers::default();
             for signal in Signal::ALL {
-                let fed: Vec<&RunningPipeline> = config
+                let fed: Vec<(&PipelineConfig, &RunningPipeline)> = config
                     .service
                     .pipelines
                     .iter()
                     .zip(&pipelines)
                     .filter(|(p, _)| p.signal == signal && p.receivers.contains(id))
-                    .map(|(_, running)| running)
                     .collect();
                 if fed.is_empty() {
                     continue;
                 }
-                let queues: Vec<QueueSender<Batch>> =
-                    fed.iter().map(|running| running.queue.clone()).collect();
-                // Checks such as the memory_limiter's soft limit run before any queue takes
-                // the batch, so the receiver can still tell its client to retry.
+                // Checks such as the memory_limiter's soft limit run before any queue (or a
+                // pipeline without one) takes the batch, so the receiver can still tell its
+                // client to retry.
                 let admissions = fed
                     .iter()
-                    .flat_map(|running| &running.processors)
+                    .flat_map(|(_, running)| &running.processors)
                     .filter_map(|(_, processor)| processor.admission())
                     .collect();
+                let (queued, direct): (Vec<_>, Vec<_>) =
+                    fed.into_iter().partition(|(p, _)| p.queue.enabled);
+                let entry = PipelineEntry {
+                    queued: (!queued.is_empty()).then(|| {
+                        QueueGroup::new(queued.iter().map(|(_, r)| r.queue.clone()).collect())
+                    }),
+                    direct: direct.iter().map(|(_, r)| r.head.clone()).collect(),
+                };
                 let observed: Arc<dyn Consumer> = Arc::new(ObservedReceiverOutput {
                     receiver: id.to_string(),
-                    next: AdmissionGate::wrap(admissions, Arc::new(QueueGroup::new(queues))),
+                    next: AdmissionGate::wrap(admissions, Arc::new(entry)),
                     telemetry: telemetry.clone(),
                 });
                 match signal {
@@ -433,6 +439,28 @@ async fn feed_pipeline(
 ) {
     while let Some(batch) = queue.recv().await {
         deliver_or_count(head.as_ref(), batch, &stage, &telemetry, &deadline).await;
+    }
+}
+
+/// Where a receiver's batch of one signal goes: the entry queues of its pipelines (all or none),
+/// then the first stage of each pipeline whose queue is off (`queue.enabled: false`), whose
+/// answer is the receiver's. A batch refused there after the queues took it reaches them again
+/// when the client retries: at least once, for a receiver in several pipelines.
+struct PipelineEntry {
+    queued: Option<QueueGroup>,
+    direct: Vec<Arc<dyn Consumer>>,
+}
+
+#[async_trait]
+impl Consumer for PipelineEntry {
+    async fn consume(&self, batch: Batch) -> Result<(), ConsumeError> {
+        if let Some(queued) = &self.queued {
+            queued.consume(batch.clone()).await?;
+        }
+        for head in &self.direct {
+            head.consume(batch.clone()).await?;
+        }
+        Ok(())
     }
 }
 

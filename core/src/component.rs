@@ -339,6 +339,11 @@ pub trait ProcessorBuilder: Send + std::any::Any {
 
 pub trait ExporterBuilder: Send + std::any::Any {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>>;
+
+    /// Other components this one's settings name (`sending_queue.storage`).
+    fn references(&self) -> Vec<ComponentReference> {
+        Vec::new()
+    }
 }
 
 pub trait ExtensionBuilder: Send + std::any::Any {

@@ -84,6 +84,10 @@ pub enum WhenFull {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueSettings {
+    /// A pipeline's entry queue only: with false, a receiver hands its batch to the pipeline's
+    /// first stage itself and answers its client once that stage took it (a persistent sending
+    /// queue's write, when the exporters follow directly). Default true.
+    pub enabled: bool,
     /// Items the queue holds at most. Default 10000.
     pub capacity: usize,
     /// `block` (default) or `drop_newest`.
@@ -96,6 +100,7 @@ pub struct QueueSettings {
 impl Default for QueueSettings {
     fn default() -> Self {
         QueueSettings {
+            enabled: true,
             capacity: 10_000,
             when_full: WhenFull::Block,
             block_timeout: Duration::from_secs(5),

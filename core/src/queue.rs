@@ -199,6 +199,22 @@ impl<T> QueueSender<T> {
         })
     }
 
+    /// Room for `items` items, waiting as long as it takes whatever `when_full` says: for what
+    /// the stage already owns and no policy may drop (a persistent queue's backlog at start).
+    /// Fails only once the queue closed.
+    pub async fn reserve_owned(&self, items: usize) -> Result<Reservation<T>, ConsumeError> {
+        let shared = &self.shared;
+        let needed = items.min(shared.settings.capacity) as u32;
+        match shared.room.clone().acquire_many_owned(needed).await {
+            Ok(room) => Ok(Reservation {
+                queue: self.clone(),
+                items,
+                room: Some(room),
+            }),
+            Err(_closed) => Err(shared.closed_error()),
+        }
+    }
+
     /// Queues one value of `items` items in the first partition, applying the `when_full` policy.
     pub async fn send(&self, value: T, items: usize, signal: Signal) -> Result<(), ConsumeError> {
         self.reserve(items)
@@ -356,6 +372,7 @@ mod tests {
 
     fn settings(capacity: usize, when_full: WhenFull) -> QueueSettings {
         QueueSettings {
+            enabled: true,
             capacity,
             when_full,
             block_timeout: Duration::from_millis(50),

@@ -11,6 +11,7 @@ use podscope_testkit::fake_otlp;
 
 fn settings(capacity: usize, when_full: WhenFull) -> QueueSettings {
     QueueSettings {
+        enabled: true,
         capacity,
         when_full,
         block_timeout: Duration::from_millis(50),

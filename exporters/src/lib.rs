@@ -4,6 +4,8 @@
 //! the network exporters share.
 //!
 //! - `debug`: logs a summary or a dump of every batch.
+//! - `file_storage` (an extension): the directory where sending queues outlive the process
+//!   (`sending_queue.storage`).
 //! - `file`: OTLP-JSON lines, one export request per line, with size-based rotation.
 //! - `nop`: discards everything (benchmarks, processor-only pipelines).
 //! - `otlp`, `otlphttp`, `jaeger`: OTLP over gRPC or HTTP, with TLS, retries and a sending queue.
@@ -14,6 +16,7 @@
 
 pub mod debug;
 pub mod file;
+pub mod file_storage;
 pub mod helper;
 pub mod http_client;
 pub mod nop;

@@ -76,6 +76,13 @@ impl AgentProcess {
         assert_eq!(rc, 0, "kill(SIGTERM)");
     }
 
+    /// Kills it as the OOM killer or a node failure would: no shutdown, no flush. Returns once
+    /// it is gone.
+    pub fn sigkill(mut self) -> ExitStatus {
+        self.child.kill().expect("kill(SIGKILL)");
+        self.child.wait().expect("wait for podscope")
+    }
+
     /// Waits for exit, at most `limit`.
     pub async fn wait(mut self, limit: Duration) -> ExitStatus {
         let deadline = Instant::now() + limit;

@@ -174,7 +174,7 @@ impl<'r> Loader<'r> {
             ComponentKind::Exporter,
             sections.get("exporters").copied(),
             &registry.exporters,
-            |_| Vec::new(),
+            |b| b.references(),
         );
         let extensions = self.components(
             ComponentKind::Extension,

@@ -62,7 +62,7 @@ impl ExporterBuilder for DebugConfig {
             id: ctx.id.to_string(),
             verbosity: self.verbosity,
         };
-        Ok(QueuedExporter::new(&ctx, settings, sender))
+        QueuedExporter::new(&ctx, settings, sender).map(|e| e as _)
     }
 }
 

@@ -42,14 +42,15 @@ impl ExporterBuilder for FileConfig {
             },
             ..Default::default()
         };
-        Ok(QueuedExporter::new(
+        QueuedExporter::new(
             &ctx,
             settings,
             FileSender {
                 config: *self,
                 writer: Arc::new(Mutex::new(None)),
             },
-        ))
+        )
+        .map(|e| e as _)
     }
 }
 

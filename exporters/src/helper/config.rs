@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use podscope_core::config::{join_path, WhenFull};
-use podscope_core::FieldError;
+use podscope_core::{ComponentId, ComponentKind, ComponentReference, FieldError};
 use serde::Deserialize;
 
 /// `sending_queue:` — the bounded queue in front of an exporter's sender.
@@ -21,6 +21,12 @@ pub struct SendingQueueSettings {
     /// Default 5s.
     #[serde(with = "humantime_serde")]
     pub block_timeout: Duration,
+    /// A `file_storage` extension (`file_storage` or `file_storage/<name>`, listed in
+    /// `service.extensions`) to keep the queue in: every request is written there before the
+    /// batch is acknowledged and deleted once the backend took it, so a crash, a SIGKILL or a
+    /// reboot loses nothing that was queued; the next start sends it first. Default: none (the
+    /// queue is in memory only). `otlp`, `otlphttp` and `jaeger` only.
+    pub storage: Option<String>,
 }
 
 impl Default for SendingQueueSettings {
@@ -31,7 +37,21 @@ impl Default for SendingQueueSettings {
             num_consumers: 2,
             when_full: WhenFull::Block,
             block_timeout: Duration::from_secs(5),
+            storage: None,
         }
+    }
+}
+
+impl SendingQueueSettings {
+    /// `storage` as a reference the config loader checks (defined, of type `file_storage`,
+    /// running).
+    pub fn storage_reference(&self) -> Option<ComponentReference> {
+        let id = ComponentId::parse(self.storage.as_deref()?).ok()?;
+        Some(ComponentReference {
+            field: "sending_queue.storage".to_string(),
+            kind: ComponentKind::Extension,
+            id,
+        })
     }
 }
 
@@ -100,12 +120,29 @@ impl HelperSettings {
                     "must be at least 1",
                 ));
             }
+            if let Some(storage) = &q.storage {
+                match ComponentId::parse(storage) {
+                    Ok(id) if id.type_name() == "file_storage" => {}
+                    Ok(_) => errors.push(FieldError::new(
+                        "sending_queue.storage",
+                        format!("{storage:?} is not a file_storage extension (expected file_storage or file_storage/<name>)"),
+                    )),
+                    Err(message) => {
+                        errors.push(FieldError::new("sending_queue.storage", message))
+                    }
+                }
+            }
             if q.num_consumers == 0 {
                 errors.push(FieldError::new(
                     "sending_queue.num_consumers",
                     "must be at least 1",
                 ));
             }
+        } else if q.storage.is_some() {
+            errors.push(FieldError::new(
+                "sending_queue.storage",
+                "needs the sending queue (sending_queue.enabled: true)",
+            ));
         }
         let r = &self.retry_on_failure;
         let p = |k| join_path("retry_on_failure", k);

@@ -14,6 +14,11 @@
 //! task feeding an exporter (a pipeline's batch processor) is not held up by encoding and
 //! compressing. An ordered sender builds them before `consume` returns.
 //!
+//! With a persistent queue (`sending_queue.storage`, see `crate::file_storage`), `consume`
+//! builds the requests and writes each to disk before it returns; a request is deleted once
+//! sent or given up, and one still queued when the agent stops stays on disk (not counted as
+//! dropped) and is queued again, oldest first, by the next `start`.
+//!
 //! Who counts a loss: the helper owns a batch once it took it (room in the queue, or with the
 //! queue off, turned into requests); from then on every item ends in
 //! `podscope_exporter_sent_items_total` or `podscope_exporter_dropped_items_total` (by reason:
@@ -30,14 +35,20 @@ mod tests;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use anyhow::Context;
 use async_trait::async_trait;
+use bytes::Bytes;
 use podscope_core::backoff::{Backoff, BackoffPolicy};
 use podscope_core::config::QueueSettings;
 use podscope_core::queue::{partitioned_queue, QueueReceiver, QueueSender, Reservation};
 use podscope_core::telemetry::{AgentTelemetry, ComponentLabels, ItemReasonLabels, ReasonLabels};
-use podscope_core::{Batch, BuildContext, Component, ConsumeError, Consumer, Exporter, Signal};
+use podscope_core::{
+    Batch, BuildContext, Component, ComponentKind, ConsumeError, Consumer, Exporter, Signal,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::file_storage::{DiskQueue, FileStorage, StoreError, StoredRequest};
 
 pub use config::{HelperSettings, RetrySettings, SendingQueueSettings};
 
@@ -98,12 +109,33 @@ pub trait Sender: Send + Sync + 'static {
     async fn flush(&self) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// True when [`Sender::stored_form`] and [`Sender::restore`] keep a payload on disk,
+    /// so the sender can have a persistent queue (`sending_queue.storage`).
+    const PERSISTENT: bool = false;
+
+    /// What a persistent queue keeps for a payload: a tag of the sender's for its format, and
+    /// its encoded bytes as they are (nothing is encoded again).
+    fn stored_form(&self, payload: &Self::Payload) -> (u8, Bytes) {
+        let _ = payload;
+        (0, Bytes::new())
+    }
+
+    /// The payload back from [`Sender::stored_form`]'s parts, written by this exporter in this
+    /// or an earlier run (maybe with other settings: refuse rather than send it wrong).
+    fn restore(&self, signal: Signal, format: u8, stored: Bytes) -> Result<Self::Payload, String> {
+        let _ = (signal, format, stored);
+        Err("this exporter cannot keep its queue on disk".to_string())
+    }
 }
 
 /// A request in the sending queue.
 struct Queued<P> {
     request: Request<P>,
     signal: Signal,
+    /// Its file, with a persistent queue: deleted once the request is sent or given up, kept
+    /// when the agent stops before that (the next start sends it).
+    stored: Option<StoredRequest>,
 }
 
 type Partitions<P> = Vec<QueueReceiver<Queued<P>>>;
@@ -119,8 +151,12 @@ pub struct QueuedExporter<S: Sender> {
     encoders: TaskTracker,
     num_consumers: usize,
     /// Held from building requests until they are queued (or sent, with the queue off), for
-    /// ordered senders: requests enter the queue in the order they were built.
+    /// ordered senders and persistent queues: requests enter the queue in the order they were
+    /// built (and written).
     order: tokio::sync::Mutex<()>,
+    /// With a persistent queue: true once what an earlier run left is back in the queue; new
+    /// batches wait for it, so they queue behind the old ones.
+    replayed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 struct SendCore<S> {
@@ -130,12 +166,35 @@ struct SendCore<S> {
     telemetry: AgentTelemetry,
     /// Fired when the service's shutdown deadline is reached: stop retrying, count, return.
     cancel: CancellationToken,
+    /// The persistent queue's folder (`sending_queue.storage`).
+    storage: Option<Arc<DiskQueue>>,
 }
 
 impl<S: Sender> QueuedExporter<S> {
-    pub fn new(ctx: &BuildContext, settings: HelperSettings, sender: S) -> Arc<Self> {
+    /// The exporter; with `sending_queue.storage`, its queue is opened in that `file_storage`
+    /// extension (an error if the sender cannot persist its requests, or the folder cannot be
+    /// opened).
+    pub fn new(
+        ctx: &BuildContext,
+        settings: HelperSettings,
+        sender: S,
+    ) -> anyhow::Result<Arc<Self>> {
         let id = ctx.id.to_string();
         let q = &settings.sending_queue;
+        let storage = match &q.storage {
+            Some(name) if q.enabled => {
+                anyhow::ensure!(
+                    S::PERSISTENT,
+                    "exporter {id}: sending_queue.storage is not supported by this exporter (otlp, otlphttp and jaeger only)"
+                );
+                let extension = ctx
+                    .extensions
+                    .used_by::<FileStorage>(ComponentKind::Exporter, &ctx.id)
+                    .with_context(|| format!("exporter {id}: sending_queue.storage {name}"))?;
+                Some(Arc::new(extension.open_queue(&id)?))
+            }
+            _ => None,
+        };
         let num_consumers = q.num_consumers.max(1);
         let (queue, pending) = if q.enabled {
             // Ordered senders get one partition per consumer; the others share one.
@@ -143,6 +202,7 @@ impl<S: Sender> QueuedExporter<S> {
             let (tx, rx) = partitioned_queue(
                 format!("exporter/{id}"),
                 &QueueSettings {
+                    enabled: true,
                     capacity: q.queue_size,
                     when_full: q.when_full,
                     block_timeout: q.block_timeout,
@@ -154,7 +214,7 @@ impl<S: Sender> QueuedExporter<S> {
         } else {
             (None, None)
         };
-        Arc::new(QueuedExporter {
+        Ok(Arc::new(QueuedExporter {
             num_consumers,
             core: Arc::new(SendCore {
                 id,
@@ -162,18 +222,44 @@ impl<S: Sender> QueuedExporter<S> {
                 settings,
                 telemetry: ctx.telemetry.clone(),
                 cancel: CancellationToken::new(),
+                storage,
             }),
             queue,
             pending: Mutex::new(pending),
             workers: TaskTracker::new(),
             encoders: TaskTracker::new(),
             order: tokio::sync::Mutex::new(()),
-        })
+            replayed: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }))
     }
 
     /// The wrapped sender (tests and exporters that expose state, e.g. a bound address).
     pub fn sender(&self) -> &S {
         &self.core.sender
+    }
+}
+
+const SHUTDOWN: &str = "shutdown";
+
+/// Why a request was not sent: the reason it is counted under, and the last error.
+struct GiveUp {
+    reason: String,
+    error: Option<ConsumeError>,
+}
+
+impl GiveUp {
+    fn because(error: ConsumeError) -> GiveUp {
+        GiveUp {
+            reason: error.reason().to_string(),
+            error: Some(error),
+        }
+    }
+
+    fn shutdown(error: Option<ConsumeError>) -> GiveUp {
+        GiveUp {
+            reason: SHUTDOWN.to_string(),
+            error,
+        }
     }
 }
 
@@ -204,7 +290,16 @@ impl<S: Sender> SendCore<S> {
             .map(|request| {
                 let partition = (request.order_key % partitions) as usize;
                 let items = request.items;
-                (partition, Queued { request, signal }, items)
+                let stored = None;
+                (
+                    partition,
+                    Queued {
+                        request,
+                        signal,
+                        stored,
+                    },
+                    items,
+                )
             })
             .collect::<Vec<_>>();
         let built: usize = entries.iter().map(|e| e.2).sum();
@@ -218,9 +313,36 @@ impl<S: Sender> SendCore<S> {
     }
 
     /// Sends one request with retries until it is sent, refused for good, out of time or past
-    /// the shutdown deadline; counts the outcome either way.
+    /// the shutdown deadline; counts the outcome either way. A stored request is deleted from
+    /// disk once it is settled, and kept (not counted) when the agent stops first.
     async fn deliver(&self, queued: Queued<S::Payload>) {
-        let Queued { request, signal } = queued;
+        let Queued {
+            request,
+            signal,
+            stored,
+        } = queued;
+        match (self.send_with_retries(&request).await, stored) {
+            (Ok(sent), stored) => {
+                self.count_sent(&request, signal, sent);
+                self.forget(stored);
+            }
+            (Err(GiveUp { reason, .. }), Some(stored)) if reason == SHUTDOWN => {
+                tracing::info!(exporter = %self.id, items = request.items, path = %stored.path.display(), "stopping with a request unsent; it stays queued on disk for the next start");
+            }
+            (Err(GiveUp { reason, error }), stored) => {
+                self.give_up(&request, signal, &reason, error.as_ref());
+                self.forget(stored);
+            }
+        }
+    }
+
+    fn forget(&self, stored: Option<StoredRequest>) {
+        if let (Some(storage), Some(stored)) = (&self.storage, stored) {
+            storage.remove(&stored);
+        }
+    }
+
+    async fn send_with_retries(&self, request: &Request<S::Payload>) -> Result<Sent, GiveUp> {
         let retry = &self.settings.retry_on_failure;
         let mut backoff = Backoff::new(BackoffPolicy {
             initial: retry.initial_interval,
@@ -231,14 +353,14 @@ impl<S: Sender> SendCore<S> {
         });
         loop {
             if self.cancel.is_cancelled() {
-                return self.give_up(&request, signal, "shutdown", None);
+                return Err(GiveUp::shutdown(None));
             }
             let started = Instant::now();
             let attempt = tokio::select! {
                 biased;
                 attempt = tokio::time::timeout(self.settings.timeout, self.sender.send(&request.payload)) => attempt,
                 // An attempt still running at the deadline is abandoned: counted as dropped.
-                _ = self.cancel.cancelled() => return self.give_up(&request, signal, "shutdown", None),
+                _ = self.cancel.cancelled() => return Err(GiveUp::shutdown(None)),
             };
             self.telemetry
                 .exporter_send_duration
@@ -247,7 +369,7 @@ impl<S: Sender> SendCore<S> {
                 })
                 .observe(started.elapsed().as_secs_f64());
             let error = match attempt {
-                Ok(Ok(sent)) => return self.count_sent(&request, signal, sent),
+                Ok(Ok(sent)) => return Ok(sent),
                 Ok(Err(e)) => e,
                 Err(_) => ConsumeError::retryable(
                     "timeout",
@@ -262,21 +384,68 @@ impl<S: Sender> SendCore<S> {
                 })
                 .inc();
             let hint = match &error {
-                ConsumeError::Permanent { .. } => {
-                    return self.give_up(&request, signal, error.reason(), Some(&error))
-                }
+                ConsumeError::Permanent { .. } => return Err(GiveUp::because(error)),
                 ConsumeError::Retryable { retry_after, .. } => *retry_after,
             };
             if !retry.enabled {
-                return self.give_up(&request, signal, error.reason(), Some(&error));
+                return Err(GiveUp::because(error));
             }
             let Some(wait) = backoff.next_wait(hint) else {
-                return self.give_up(&request, signal, "retries_exhausted", Some(&error));
+                return Err(GiveUp {
+                    reason: "retries_exhausted".to_string(),
+                    error: Some(error),
+                });
             };
             tracing::debug!(exporter = %self.id, %error, ?wait, "export failed; retrying");
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.cancel.cancelled() => return self.give_up(&request, signal, "shutdown", Some(&error)),
+                _ = self.cancel.cancelled() => return Err(GiveUp::shutdown(Some(error))),
+            }
+        }
+    }
+
+    /// Puts what an earlier run left on disk back in the queue, oldest first, waiting for room
+    /// whatever `when_full` says (it was acknowledged long ago). A file that fails its checks is
+    /// skipped, logged with its path and counted (reason `corrupt`). Ends early when the queue
+    /// closes: the rest stays on disk.
+    async fn replay(&self, queue: &QueueSender<Queued<S::Payload>>, recovered: Vec<StoredRequest>) {
+        let Some(storage) = &self.storage else {
+            return;
+        };
+        if !recovered.is_empty() {
+            let items: usize = recovered.iter().map(|r| r.items).sum();
+            tracing::info!(exporter = %self.id, requests = recovered.len(), items, dir = %storage.dir().display(), "sending what the last run left queued on disk");
+        }
+        for stored in recovered {
+            let (disk, file) = (storage.clone(), stored.clone());
+            let payload = tokio::task::spawn_blocking(move || disk.read(&file))
+                .await
+                .map_err(|panicked| panicked.to_string())
+                .and_then(|read| read.map_err(|corrupt| corrupt.reason))
+                .and_then(|(format, bytes)| self.sender.restore(stored.signal, format, bytes));
+            let payload = match payload {
+                Ok(payload) => payload,
+                Err(reason) => {
+                    tracing::error!(exporter = %self.id, path = %stored.path.display(), items = stored.items, %reason, "skipping a corrupt queue file (renamed to .corrupt)");
+                    storage.quarantine(&stored);
+                    self.count_dropped(stored.items, stored.signal, "corrupt");
+                    continue;
+                }
+            };
+            let Ok(reservation) = queue.reserve_owned(stored.items).await else {
+                return;
+            };
+            let (items, signal) = (stored.items, stored.signal);
+            let queued = Queued {
+                request: Request::unordered(payload, items),
+                signal,
+                stored: Some(stored),
+            };
+            if reservation
+                .commit(vec![(0, queued, items)], signal)
+                .is_err()
+            {
+                return;
             }
         }
     }
@@ -329,6 +498,9 @@ impl<S: Sender> QueuedExporter<S> {
         queue: &QueueSender<Queued<S::Payload>>,
         batch: Batch,
     ) -> Result<(), ConsumeError> {
+        if let Some(storage) = &self.core.storage {
+            return self.enqueue_stored(queue, storage, batch).await;
+        }
         let (items, signal) = (batch.item_count(), batch.signal());
         let reservation = queue.reserve(items).await?;
         if !reservation.has_room() {
@@ -350,12 +522,88 @@ impl<S: Sender> QueuedExporter<S> {
         Ok(())
     }
 
+    /// With a persistent queue: builds the batch's requests and writes each to disk before
+    /// returning, so an `Ok` means the batch survives a crash. A request the storage cannot take
+    /// (size limit, full disk, I/O error) is dropped and counted, with the error logged.
+    async fn enqueue_stored(
+        &self,
+        queue: &QueueSender<Queued<S::Payload>>,
+        storage: &Arc<DiskQueue>,
+        batch: Batch,
+    ) -> Result<(), ConsumeError> {
+        let (items, signal) = (batch.item_count(), batch.signal());
+        let block_timeout = self.core.settings.sending_queue.block_timeout;
+        let mut replayed = self.replayed.subscribe();
+        if tokio::time::timeout(block_timeout, replayed.wait_for(|done| *done))
+            .await
+            .is_err()
+        {
+            return Err(ConsumeError::retryable(
+                "queue_full",
+                format!(
+                    "exporter {} is still queueing what the last run left on disk",
+                    self.core.id
+                ),
+            ));
+        }
+        let reservation = queue.reserve(items).await?;
+        if !reservation.has_room() {
+            return reservation.commit(Vec::new(), signal);
+        }
+        // Files are numbered in the order they are written; the queue gets them in that order.
+        let _in_order = self.order.lock().await;
+        let mut entries = Vec::new();
+        for request in self.core.requests(batch)? {
+            let (format, bytes) = self.core.sender.stored_form(&request.payload);
+            let (disk, items) = (storage.clone(), request.items);
+            let written =
+                tokio::task::spawn_blocking(move || disk.append(signal, items, format, &bytes))
+                    .await
+                    .unwrap_or_else(|panicked| {
+                        Err(StoreError::Io {
+                            path: storage.dir().to_path_buf(),
+                            error: std::io::Error::other(panicked.to_string()),
+                        })
+                    });
+            match written {
+                Ok(stored) => {
+                    let stored = Some(stored);
+                    entries.push((
+                        0,
+                        Queued {
+                            request,
+                            signal,
+                            stored,
+                        },
+                        items,
+                    ));
+                }
+                Err(error) => {
+                    tracing::error!(exporter = %self.core.id, items, %error, "dropping a request its queue storage cannot take");
+                    self.core.count_dropped(items, signal, error.reason());
+                }
+            }
+        }
+        if reservation.commit(entries, signal).is_err() {
+            // Stopping: the requests are on disk, and the next start sends them.
+            tracing::info!(exporter = %self.core.id, items, "stopping; a batch just written stays queued on disk for the next start");
+        }
+        Ok(())
+    }
+
     /// With the queue off: builds the requests and sends each with retries, in the caller's task.
     async fn send_now(&self, batch: Batch) -> Result<(), ConsumeError> {
         let signal = batch.signal();
         let _in_order = self.in_order().await;
         for request in self.core.requests(batch)? {
-            self.core.deliver(Queued { request, signal }).await;
+            let stored = None;
+            self.core
+                .deliver(Queued {
+                    request,
+                    signal,
+                    stored,
+                })
+                .await;
         }
         Ok(())
     }
@@ -400,6 +648,21 @@ impl<S: Sender> Component for QueuedExporter<S> {
                 });
             }
         }
+        match (&self.core.storage, &self.queue) {
+            (Some(storage), Some(queue)) => {
+                let recovered = storage.take_recovered();
+                let (core, queue, replayed) =
+                    (self.core.clone(), queue.clone(), self.replayed.clone());
+                // A worker like the senders: closing the queue at shutdown ends it too.
+                self.workers.spawn(async move {
+                    core.replay(&queue, recovered).await;
+                    replayed.send_replace(true);
+                });
+            }
+            _ => {
+                self.replayed.send_replace(true);
+            }
+        }
         Ok(())
     }
 
@@ -425,8 +688,11 @@ impl<S: Sender> Component for QueuedExporter<S> {
             .take();
         for partition in never_started.into_iter().flatten() {
             while let Some(queued) = partition.recv().await {
-                self.core
-                    .count_dropped(queued.request.items, queued.signal, "shutdown");
+                // A stored request stays on disk for the next start.
+                if queued.stored.is_none() {
+                    self.core
+                        .count_dropped(queued.request.items, queued.signal, SHUTDOWN);
+                }
             }
         }
         self.core.sender.flush().await

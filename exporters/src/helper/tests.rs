@@ -95,7 +95,8 @@ async fn retries_with_exponential_backoff_then_succeeds() {
         &ctx,
         settings(false),
         Scripted::new(vec![unavailable(), unavailable(), unavailable()]),
-    );
+    )
+    .unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(4)).await.unwrap();
     let sender = exporter.sender();
@@ -129,7 +130,7 @@ async fn retry_after_hints_are_honoured() {
         message: "slow down".into(),
         retry_after: Some(Duration::from_secs(7)),
     });
-    let exporter = QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![hint]));
+    let exporter = QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![hint])).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(1)).await.unwrap();
     let times = exporter.sender().attempt_times.lock().unwrap().clone();
@@ -144,7 +145,7 @@ async fn a_slow_attempt_times_out_and_is_retried() {
     sender.delay = Duration::from_secs(2); // longer than the 1 s timeout, every time
     let mut s = settings(false);
     s.retry_on_failure.max_elapsed_time = Duration::from_secs(3);
-    let exporter = QueuedExporter::new(&ctx, s, sender);
+    let exporter = QueuedExporter::new(&ctx, s, sender).unwrap();
     exporter.start().await.unwrap();
     // Taken, then given up: the helper counts it, the caller has nothing left to retry.
     exporter.consume(spans(2)).await.unwrap();
@@ -172,7 +173,8 @@ async fn a_retry_hint_of_zero_never_makes_retries_faster_than_the_backoff() {
             retry_after: Some(Duration::ZERO),
         })
     };
-    let exporter = QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![now(), now()]));
+    let exporter =
+        QueuedExporter::new(&ctx, settings(false), Scripted::new(vec![now(), now()])).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(1)).await.unwrap();
     let times = exporter.sender().attempt_times.lock().unwrap().clone();
@@ -250,7 +252,7 @@ async fn an_ordered_sender_keeps_each_partition_in_order_through_retries() {
         sent: Mutex::new(Vec::new()),
         refuse_first_of: Mutex::new(vec![2, 5]),
     };
-    let exporter = QueuedExporter::new(&ctx, s, sender);
+    let exporter = QueuedExporter::new(&ctx, s, sender).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(named_spans(0..5)).await.unwrap();
     exporter.consume(named_spans(5..10)).await.unwrap();
@@ -267,7 +269,7 @@ async fn permanent_errors_are_dropped_and_counted_once() {
     let ctx = BuildContext::for_tests("otlp");
     let telemetry = ctx.telemetry.clone();
     let bad = Err(ConsumeError::permanent("http_400", "bad request"));
-    let exporter = QueuedExporter::new(&ctx, settings(true), Scripted::new(vec![bad]));
+    let exporter = QueuedExporter::new(&ctx, settings(true), Scripted::new(vec![bad])).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(6)).await.unwrap(); // queued: accepted
     exporter.shutdown().await.unwrap();
@@ -291,7 +293,7 @@ async fn drop_newest_queue_counts_overflow() {
     s.sending_queue.queue_size = 5;
     s.sending_queue.when_full = WhenFull::DropNewest;
     // Not started: nothing drains the queue.
-    let exporter = QueuedExporter::new(&ctx, s, Scripted::new(vec![]));
+    let exporter = QueuedExporter::new(&ctx, s, Scripted::new(vec![])).unwrap();
     exporter.consume(spans(5)).await.unwrap();
     exporter.consume(spans(3)).await.unwrap();
     let text = telemetry.encode_text();
@@ -311,7 +313,8 @@ async fn drop_newest_queue_counts_overflow() {
 async fn shutdown_drains_the_queue() {
     let ctx = BuildContext::for_tests("otlp");
     let telemetry = ctx.telemetry.clone();
-    let exporter = QueuedExporter::new(&ctx, settings(true), Scripted::new(vec![unavailable()]));
+    let exporter =
+        QueuedExporter::new(&ctx, settings(true), Scripted::new(vec![unavailable()])).unwrap();
     exporter.start().await.unwrap();
     for _ in 0..10 {
         exporter.consume(spans(2)).await.unwrap();
@@ -371,7 +374,7 @@ async fn an_unordered_sender_builds_requests_outside_the_callers_task() {
     let ctx = BuildContext::for_tests("otlp");
     let telemetry = ctx.telemetry.clone();
     let (sender, open) = Gated::new(true);
-    let exporter = QueuedExporter::new(&ctx, settings(true), sender);
+    let exporter = QueuedExporter::new(&ctx, settings(true), sender).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(3)).await.unwrap();
     open.send(()).unwrap(); // only now can the batch be encoded
@@ -394,7 +397,7 @@ async fn a_taken_batch_that_cannot_be_encoded_is_counted_as_dropped() {
     let ctx = BuildContext::for_tests("otlp");
     let telemetry = ctx.telemetry.clone();
     let (sender, open) = Gated::new(false);
-    let exporter = QueuedExporter::new(&ctx, settings(true), sender);
+    let exporter = QueuedExporter::new(&ctx, settings(true), sender).unwrap();
     exporter.start().await.unwrap();
     exporter.consume(spans(3)).await.unwrap();
     open.send(()).unwrap();
@@ -413,7 +416,7 @@ async fn a_shutdown_deadline_stops_retries_and_counts_the_loss() {
     let mut s = settings(true);
     s.retry_on_failure.initial_interval = Duration::from_secs(60);
     s.retry_on_failure.max_interval = Duration::from_secs(60);
-    let exporter = Arc::new(QueuedExporter::new(&ctx, s, Scripted::new(down_forever)));
+    let exporter = Arc::new(QueuedExporter::new(&ctx, s, Scripted::new(down_forever)).unwrap());
     exporter.start().await.unwrap();
     exporter.consume(spans(9)).await.unwrap(); // taken by the sender, retried
     for _ in 0..3 {

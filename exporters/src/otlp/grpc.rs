@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::uri::PathAndQuery;
 use podscope_core::otlp::{Encoding, RawCodec};
-use podscope_core::{Batch, ConsumeError};
+use podscope_core::{Batch, ConsumeError, Signal};
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -120,6 +121,17 @@ pub fn classify(status: &tonic::Status) -> ConsumeError {
 #[async_trait]
 impl Sender for GrpcSender {
     type Payload = OtlpRequest;
+
+    const PERSISTENT: bool = true;
+
+    /// Always plain protobuf: tonic compresses at send time.
+    fn stored_form(&self, request: &OtlpRequest) -> (u8, Bytes) {
+        request.stored_form(super::STORED_PROTOBUF)
+    }
+
+    fn restore(&self, signal: Signal, format: u8, body: Bytes) -> Result<OtlpRequest, String> {
+        OtlpRequest::from_stored(signal, format, super::STORED_PROTOBUF, body)
+    }
 
     fn requests(&self, batch: Batch) -> Result<Vec<Request<OtlpRequest>>, ConsumeError> {
         // tonic compresses at send time (gzip); the protobuf is encoded here, once.

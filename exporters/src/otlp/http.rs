@@ -39,6 +39,16 @@ impl HttpSender {
         })
     }
 
+    /// The format tag of what this sender's requests carry.
+    fn stored_format(&self) -> u8 {
+        match (self.encoding, self.compression) {
+            (Encoding::Protobuf, Compression::None) => super::STORED_PROTOBUF,
+            (Encoding::Protobuf, Compression::Gzip) => super::STORED_PROTOBUF_GZIP,
+            (Encoding::Json, Compression::None) => super::STORED_JSON,
+            (Encoding::Json, Compression::Gzip) => super::STORED_JSON_GZIP,
+        }
+    }
+
     fn url(&self, signal: Signal) -> &str {
         match signal {
             Signal::Metrics => &self.metrics_url,
@@ -67,6 +77,16 @@ fn gzip(body: Bytes) -> Bytes {
 #[async_trait]
 impl Sender for HttpSender {
     type Payload = OtlpRequest;
+
+    const PERSISTENT: bool = true;
+
+    fn stored_form(&self, request: &OtlpRequest) -> (u8, Bytes) {
+        request.stored_form(self.stored_format())
+    }
+
+    fn restore(&self, signal: Signal, format: u8, body: Bytes) -> Result<OtlpRequest, String> {
+        OtlpRequest::from_stored(signal, format, self.stored_format(), body)
+    }
 
     fn requests(&self, batch: Batch) -> Result<Vec<Request<OtlpRequest>>, ConsumeError> {
         let compression = self.compression;

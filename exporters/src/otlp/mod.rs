@@ -17,8 +17,8 @@ use std::sync::Arc;
 use podscope_core::component::create_exporter;
 use podscope_core::config::parse_component_config;
 use podscope_core::{
-    Batch, BuildContext, ComponentConfig, Exporter, ExporterBuilder, ExporterFactory, FieldError,
-    Signal,
+    Batch, BuildContext, ComponentConfig, ComponentReference, Exporter, ExporterBuilder,
+    ExporterFactory, FieldError, Signal,
 };
 use serde::Deserialize;
 
@@ -60,6 +60,51 @@ pub struct OtlpRequest {
     body: Bytes,
 }
 
+impl OtlpRequest {
+    /// What a persistent queue keeps: the body as sent, tagged with `format`.
+    fn stored_form(&self, format: u8) -> (u8, Bytes) {
+        (format, self.body.clone())
+    }
+
+    /// The request back from a persistent queue, if it was stored in `format`.
+    fn from_stored(
+        signal: Signal,
+        stored_format: u8,
+        format: u8,
+        body: Bytes,
+    ) -> Result<OtlpRequest, String> {
+        if stored_format != format {
+            return Err(format!(
+                "stored in format {} ({}), but this exporter now sends {} ({}): its encoding or compression changed",
+                stored_format,
+                format_name(stored_format),
+                format,
+                format_name(format)
+            ));
+        }
+        Ok(OtlpRequest {
+            signal: podscope_core::otlp::otlp(signal),
+            body,
+        })
+    }
+}
+
+/// Format tags of stored OTLP requests: what the body is.
+const STORED_PROTOBUF: u8 = 1;
+const STORED_PROTOBUF_GZIP: u8 = 2;
+const STORED_JSON: u8 = 3;
+const STORED_JSON_GZIP: u8 = 4;
+
+fn format_name(format: u8) -> &'static str {
+    match format {
+        STORED_PROTOBUF => "protobuf",
+        STORED_PROTOBUF_GZIP => "gzip-compressed protobuf",
+        STORED_JSON => "JSON",
+        STORED_JSON_GZIP => "gzip-compressed JSON",
+        _ => "unknown",
+    }
+}
+
 /// The request for a batch, encoded with `encoding` and passed through `compress`.
 fn request_for(
     batch: &Batch,
@@ -91,14 +136,22 @@ fn rejected_items(exporter: &str, request: &OtlpRequest, body: &[u8], encoding: 
 impl ExporterBuilder for OtlpGrpcConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
         let sender = grpc::GrpcSender::new(&self, ctx.id.to_string())?;
-        Ok(QueuedExporter::new(&ctx, self.helper_settings(), sender))
+        QueuedExporter::new(&ctx, self.helper_settings(), sender).map(|e| e as _)
+    }
+
+    fn references(&self) -> Vec<ComponentReference> {
+        self.sending_queue.storage_reference().into_iter().collect()
     }
 }
 
 impl ExporterBuilder for OtlpHttpConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
         let sender = http::HttpSender::new(&self, ctx.id.to_string())?;
-        Ok(QueuedExporter::new(&ctx, self.helper_settings(), sender))
+        QueuedExporter::new(&ctx, self.helper_settings(), sender).map(|e| e as _)
+    }
+
+    fn references(&self) -> Vec<ComponentReference> {
+        self.sending_queue.storage_reference().into_iter().collect()
     }
 }
 
@@ -121,6 +174,10 @@ impl ComponentConfig for JaegerConfig {
 impl ExporterBuilder for JaegerConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Exporter>> {
         Box::new(self.0).build(ctx)
+    }
+
+    fn references(&self) -> Vec<ComponentReference> {
+        self.0.references()
     }
 }
 

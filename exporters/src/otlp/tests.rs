@@ -817,3 +817,239 @@ mod partial_success {
         }
     }
 }
+
+mod persistent_queue {
+    //! `sending_queue.storage`: what the exporter acknowledged survives a crash (its runtime
+    //! dropped without shutdown, as a SIGKILL would leave it) and reaches a real OTLP/gRPC
+    //! server (opentelemetry-proto's trace service on tonic) after the next start, in order.
+
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::file_storage::{FileStorage, FileStorageConfig};
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    use podscope_core::{ComponentId, ComponentKind, Extensions};
+
+    /// Spans per request, in arrival order.
+    #[derive(Clone, Default)]
+    struct Backend(Arc<Mutex<Vec<usize>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Backend {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.lock().unwrap().push(spans);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn serve(runtime: &tokio::runtime::Runtime, port: u16, backend: Backend) {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let _context = runtime.enter();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        runtime.spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    TraceServiceServer::new(backend)
+                        .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+                )
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+    }
+
+    /// An `otlp` exporter to `port` keeping its queue in `dir` (a `file_storage` of
+    /// `max_size_mib`), started, with its metrics.
+    async fn stored_exporter(
+        port: u16,
+        dir: &Path,
+        max_size_mib: u64,
+    ) -> (Arc<dyn Exporter>, AgentTelemetry) {
+        let storage = FileStorage::open(
+            FileStorageConfig {
+                directory: dir.to_path_buf(),
+                max_size_mib,
+                ..Default::default()
+            },
+            "file_storage",
+        )
+        .unwrap();
+        let mut ctx = BuildContext::for_tests("otlp");
+        let storage_id = ComponentId::parse("file_storage").unwrap();
+        let mut extensions = Extensions::default();
+        extensions.insert(storage_id.clone(), Arc::new(storage));
+        extensions.add_user(ComponentKind::Exporter, ctx.id.clone(), storage_id);
+        ctx.extensions = extensions;
+        let telemetry = ctx.telemetry.clone();
+        let config: OtlpGrpcConfig = parse_component_config(serde_json::json!({
+            "endpoint": format!("http://127.0.0.1:{port}"),
+            "sending_queue": {"num_consumers": 1, "storage": "file_storage"},
+            "retry_on_failure": {"initial_interval": "50ms", "max_interval": "100ms", "randomization_factor": 0.0, "max_elapsed_time": "0s"}
+        }))
+        .unwrap();
+        let exporter = Box::new(config).build(ctx).unwrap();
+        exporter.start().await.unwrap();
+        (exporter, telemetry)
+    }
+
+    fn queue_files(dir: &Path, extension: &str) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("exporter_otlp"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == extension))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Accepts `sizes` batches with the backend down, then dies without shutdown.
+    fn accept_and_crash(port: u16, dir: &Path, sizes: &[usize]) {
+        let crashing = runtime();
+        crashing.block_on(async {
+            let (exporter, telemetry) = stored_exporter(port, dir, 1024).await;
+            for &n in sizes {
+                exporter.consume(spans_n(n)).await.unwrap();
+            }
+            // Each retried at least once: nothing was sent before the crash.
+            let failed =
+                "podscope_exporter_send_failures_total{component=\"otlp\",reason=\"unavailable\"}";
+            while !telemetry.encode_text().contains(failed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        drop(crashing);
+    }
+
+    /// Starts the exporter again with the backend up; returns what the backend got once it
+    /// got `items` spans, and the exporter's metrics.
+    fn restart_and_collect(port: u16, dir: &Path, items: usize) -> (Vec<usize>, String) {
+        let backend = Backend::default();
+        let server = runtime();
+        serve(&server, port, backend.clone());
+        let agent = runtime();
+        let metrics = agent.block_on(async {
+            let (exporter, telemetry) = stored_exporter(port, dir, 1024).await;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while backend.0.lock().unwrap().iter().sum::<usize>() < items {
+                assert!(
+                    Instant::now() < deadline,
+                    "stored spans never arrived: {:?} {}",
+                    backend.0.lock().unwrap(),
+                    telemetry.encode_text()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            exporter.shutdown().await.unwrap();
+            telemetry.encode_text()
+        });
+        let received = backend.0.lock().unwrap().clone();
+        (received, metrics)
+    }
+
+    #[test]
+    fn a_crash_with_the_backend_down_loses_nothing_and_the_next_start_sends_it_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        accept_and_crash(port, dir.path(), &[1, 2, 3, 4, 5]);
+        assert_eq!(queue_files(dir.path(), "req").len(), 5);
+
+        let (received, metrics) = restart_and_collect(port, dir.path(), 15);
+        assert_eq!(received, vec![1, 2, 3, 4, 5], "each once, oldest first");
+        assert!(metrics.contains(
+            "podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 15"
+        ));
+        assert!(
+            !metrics.contains("podscope_exporter_dropped_items_total{"),
+            "{metrics}"
+        );
+        assert!(queue_files(dir.path(), "req").is_empty(), "sent: deleted");
+    }
+
+    #[test]
+    fn a_corrupt_queue_file_is_skipped_counted_and_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        accept_and_crash(port, dir.path(), &[1, 2, 3]);
+        let files = queue_files(dir.path(), "req");
+        let mut bytes = std::fs::read(&files[1]).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&files[1], bytes).unwrap();
+
+        let (received, metrics) = restart_and_collect(port, dir.path(), 4);
+        assert_eq!(received, vec![1, 3]);
+        assert!(
+            metrics.contains(
+                "podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"corrupt\"} 2"
+            ),
+            "{metrics}"
+        );
+        assert_eq!(
+            queue_files(dir.path(), "corrupt"),
+            vec![files[1].with_extension("corrupt")]
+        );
+    }
+
+    #[test]
+    fn past_the_size_limit_requests_are_dropped_and_counted_and_the_exporter_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let agent = runtime();
+        let backend = Backend::default();
+        let server = runtime();
+        agent.block_on(async {
+            let (exporter, telemetry) = stored_exporter(port, dir.path(), 1).await;
+            // About 90 KiB each on disk: eleven fit in 1 MiB, the rest do not.
+            for _ in 0..20 {
+                exporter.consume(spans_n(500)).await.unwrap();
+            }
+            let metrics = telemetry.encode_text();
+            let dropped = "podscope_exporter_dropped_items_total{component=\"otlp\",signal=\"traces\",reason=\"storage_full\"} ";
+            let line = metrics
+                .lines()
+                .find(|l| l.starts_with(dropped))
+                .unwrap_or_else(|| panic!("no storage_full drops: {metrics}"));
+            let dropped: usize = line[dropped.len()..].parse().unwrap();
+            let stored = queue_files(dir.path(), "req").len() * 500;
+            assert!(dropped > 0 && stored > 0, "{dropped} dropped, {stored} stored");
+            assert_eq!(dropped + stored, 20 * 500);
+            let used: u64 = queue_files(dir.path(), "req")
+                .iter()
+                .map(|f| f.metadata().unwrap().len())
+                .sum();
+            assert!(used <= 1024 * 1024, "{used} bytes on disk");
+
+            // Still running: the backend comes up and gets exactly what was stored.
+            serve(&server, port, backend.clone());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while backend.0.lock().unwrap().iter().sum::<usize>() < stored {
+                assert!(Instant::now() < deadline, "stored spans never arrived: {:?}", backend.0.lock().unwrap());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            exporter.shutdown().await.unwrap();
+            assert_eq!(backend.0.lock().unwrap().iter().sum::<usize>(), stored);
+        });
+    }
+}

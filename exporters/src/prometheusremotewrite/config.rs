@@ -61,6 +61,13 @@ impl Default for RemoteWriteConfig {
 impl ComponentConfig for RemoteWriteConfig {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = self.helper_settings().validate();
+        if self.sending_queue.storage.is_some() {
+            // Its requests hold series state of this run (deltas, shards): not kept on disk.
+            errors.push(FieldError::new(
+                "sending_queue.storage",
+                "not supported by prometheusremotewrite (otlp, otlphttp and jaeger only)",
+            ));
+        }
         let ok = reqwest::Url::parse(&self.endpoint)
             .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
         if !ok {

@@ -64,7 +64,7 @@ impl ExporterBuilder for RemoteWriteConfig {
             },
             store: Mutex::new(store),
         };
-        Ok(QueuedExporter::new(&ctx, self.helper_settings(), sender))
+        QueuedExporter::new(&ctx, self.helper_settings(), sender).map(|e| e as _)
     }
 }
 

@@ -55,7 +55,12 @@ BASE_CAPS = {"BPF", "PERFMON"}
 UPROBE_CAPS = {"SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"}
 EXTRA_CAPS = {"uprobes-netadmin": UPROBE_CAPS | {"NET_ADMIN", "SYS_RESOURCE"}, "bash-commands": UPROBE_CAPS}
 PRIVILEGED_CASES = {"privileged"}
-HOST_PATHS = {"host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"}}
+HOST_PATHS = {
+    "host-mounts": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/sys/kernel/debug", "/var/lib/btfhub"},
+    "persistent-queue": {"/sys/fs/cgroup", "/sys/kernel/tracing", "/var/lib/podscope/file_storage"},
+}
+# The one host mount the agent writes (hostMounts.persistentQueue), and where.
+WRITABLE_HOST_MOUNTS = {"/var/lib/podscope/file_storage": "/var/lib/podscope/file_storage"}
 DEFAULT_HOST_PATHS = {"/sys/fs/cgroup", "/sys/kernel/tracing"}
 # Container ports exactly, where the case fixes them (the rest are checked against the config).
 ALL_PORTS = {"telemetry": 8888, "metrics": 9464, "otlp-grpc": 4317, "otlp-http": 4318}
@@ -350,7 +355,11 @@ def check_invariants(docs, case):
     expect(set(host_volumes.values()) == want_paths, f"hostPath volumes {sorted(host_volumes.values())}, want {sorted(want_paths)}")
     for mount in container["volumeMounts"]:
         if mount["name"] in host_volumes:
-            expect(mount.get("readOnly") is True, f"host mount {mount['mountPath']} must be readOnly")
+            host_path = host_volumes[mount["name"]]
+            if WRITABLE_HOST_MOUNTS.get(host_path) == mount["mountPath"]:
+                expect(not mount.get("readOnly"), f"the persistent queue at {mount['mountPath']} must be writable")
+            else:
+                expect(mount.get("readOnly") is True, f"host mount {mount['mountPath']} must be readOnly")
     expect(
         any(m["mountPath"] == "/sys/fs/cgroup" and m["name"] in host_volumes for m in container["volumeMounts"]),
         "the host's cgroup tree must be mounted at /sys/fs/cgroup",

@@ -1,0 +1,166 @@
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use podscope_core::Signal;
+
+use super::*;
+
+fn queue_in(dir: &std::path::Path, limit: u64) -> DiskQueue {
+    DiskQueue::open(dir.join("q"), false, limit, Arc::new(AtomicU64::new(0))).unwrap()
+}
+
+#[test]
+fn requests_come_back_after_a_reopen_in_the_order_they_were_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = queue_in(dir.path(), 1 << 20);
+    for i in 0..5u8 {
+        queue
+            .append(Signal::Traces, 10 + i as usize, 7, &[i; 100])
+            .unwrap();
+    }
+    let first = queue.take_recovered();
+    assert!(first.is_empty(), "a new folder has nothing to recover");
+    drop(queue);
+
+    let reopened = queue_in(dir.path(), 1 << 20);
+    let recovered = reopened.take_recovered();
+    let items: Vec<usize> = recovered.iter().map(|r| r.items).collect();
+    assert_eq!(items, vec![10, 11, 12, 13, 14]);
+    assert!(recovered.iter().all(|r| r.signal == Signal::Traces));
+    for (i, request) in recovered.iter().enumerate() {
+        let (format, payload) = reopened.read(request).unwrap();
+        assert_eq!(format, 7);
+        assert_eq!(&payload[..], &[i as u8; 100][..]);
+    }
+    assert_eq!(reopened.used_bytes(), 5 * 120);
+    // New requests are numbered after the old ones.
+    let next = reopened.append(Signal::Metrics, 1, 7, b"x").unwrap();
+    assert_eq!(next.sequence, 6);
+}
+
+#[test]
+fn removed_requests_are_gone_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = queue_in(dir.path(), 1 << 20);
+    let a = queue.append(Signal::Metrics, 3, 1, b"aaa").unwrap();
+    let b = queue.append(Signal::Metrics, 4, 1, b"bbbb").unwrap();
+    queue.remove(&a);
+    assert_eq!(queue.used_bytes(), b.bytes);
+    drop(queue);
+    let recovered = queue_in(dir.path(), 1 << 20).take_recovered();
+    assert_eq!(recovered, vec![b]);
+}
+
+#[test]
+fn a_flipped_byte_or_a_truncated_file_is_reported_with_its_path_and_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = queue_in(dir.path(), 1 << 20);
+    let flipped = queue.append(Signal::Traces, 2, 1, b"hello world").unwrap();
+    let truncated = queue.append(Signal::Traces, 3, 1, b"hello world").unwrap();
+    let good = queue.append(Signal::Traces, 4, 1, b"hello world").unwrap();
+    let mut bytes = std::fs::read(&flipped.path).unwrap();
+    *bytes.last_mut().unwrap() ^= 0x01;
+    std::fs::write(&flipped.path, bytes).unwrap();
+    let bytes = std::fs::read(&truncated.path).unwrap();
+    std::fs::write(&truncated.path, &bytes[..bytes.len() - 3]).unwrap();
+
+    let error = queue.read(&flipped).unwrap_err();
+    assert_eq!(error.path, flipped.path);
+    assert_eq!(error.reason, "checksum mismatch");
+    assert!(error
+        .to_string()
+        .contains(&flipped.path.display().to_string()));
+    let error = queue.read(&truncated).unwrap_err();
+    assert_eq!(
+        error.reason,
+        "truncated: the header says 11 payload bytes, the file has 8"
+    );
+    assert_eq!(queue.read(&good).unwrap().1.as_ref(), b"hello world");
+
+    queue.quarantine(&flipped);
+    assert!(flipped.path.with_extension("corrupt").exists());
+    assert!(!flipped.path.exists());
+    drop(queue);
+    // Set aside: not read again at the next start.
+    let recovered = queue_in(dir.path(), 1 << 20).take_recovered();
+    let sequences: Vec<u64> = recovered.iter().map(|r| r.sequence).collect();
+    assert_eq!(sequences, vec![truncated.sequence, good.sequence]);
+}
+
+#[test]
+fn the_size_limit_refuses_a_request_and_counts_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two files of 20 + 100 bytes fit, a third does not.
+    let queue = queue_in(dir.path(), 250);
+    let first = queue.append(Signal::Metrics, 1, 1, &[0; 100]).unwrap();
+    queue.append(Signal::Metrics, 1, 1, &[0; 100]).unwrap();
+    let error = queue.append(Signal::Metrics, 1, 1, &[0; 100]).unwrap_err();
+    assert_eq!(error.reason(), "storage_full");
+    assert!(
+        error.to_string().contains("240 of 250 bytes used"),
+        "{error}"
+    );
+    assert_eq!(queue.used_bytes(), 240);
+    assert_eq!(std::fs::read_dir(dir.path().join("q")).unwrap().count(), 2);
+    // Room again once a request is sent.
+    queue.remove(&first);
+    queue.append(Signal::Metrics, 1, 1, &[0; 100]).unwrap();
+}
+
+#[test]
+fn an_unfinished_write_is_deleted_at_open_and_foreign_files_are_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("q");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("00000000000000000009.traces.5.tmp"), b"PSQ1").unwrap();
+    std::fs::write(folder.join("notes.txt"), b"mine").unwrap();
+    let queue = queue_in(dir.path(), 1 << 20);
+    assert!(queue.take_recovered().is_empty());
+    assert!(!folder.join("00000000000000000009.traces.5.tmp").exists());
+    assert!(folder.join("notes.txt").exists());
+}
+
+#[test]
+fn each_component_gets_its_own_folder_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = FileStorage::open(
+        FileStorageConfig {
+            directory: dir.path().join("storage"),
+            ..Default::default()
+        },
+        "file_storage",
+    )
+    .unwrap();
+    let a = storage.open_queue("otlp/a").unwrap();
+    let b = storage.open_queue("otlp_2fa").unwrap();
+    assert_ne!(a.dir(), b.dir());
+    assert_eq!(a.dir(), dir.path().join("storage/exporter_otlp_2fa"));
+    let again = storage.open_queue("otlp/a").err().unwrap();
+    assert_eq!(
+        again.to_string(),
+        "extension file_storage: otlp/a already has a queue here"
+    );
+}
+
+#[test]
+fn a_directory_that_cannot_be_made_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let error = FileStorage::open(
+        FileStorageConfig {
+            directory: file.join("below"),
+            ..Default::default()
+        },
+        "file_storage/q",
+    )
+    .err()
+    .unwrap();
+    assert!(
+        format!("{error:#}").starts_with(&format!(
+            "extension file_storage/q: cannot create directory {}",
+            file.join("below").display()
+        )),
+        "{error:#}"
+    );
+}
