@@ -56,14 +56,15 @@ impl ExporterBuilder for PprofConfig {
             },
             ..Default::default()
         };
-        Ok(QueuedExporter::new(
+        QueuedExporter::new(
             &ctx,
             settings,
             PprofSender {
                 config: *self,
                 directory: Arc::new(Mutex::new(None)),
             },
-        ))
+        )
+        .map(|e| e as _)
     }
 }
 
