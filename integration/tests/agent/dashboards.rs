@@ -38,8 +38,9 @@ const CLUSTER: &str = "e2e";
 
 /// The chart's `config:` block, dedented, with its endpoints on free loopback ports, a short
 /// collection interval, the kubeconfig instead of the pod's service account, the http probe on
-/// (what `config: {receivers: {ebpf: {probes: {http: {}}}}}` in a user's values merges in), and
-/// the lossy exporter beside the chart's.
+/// (what `config: {receivers: {ebpf: {probes: {http: {}}}}}` in a user's values merges in), the
+/// memory_limiter's limits in MiB as the chart renders them, and the lossy exporter beside the
+/// chart's.
 fn chart_config(ports: &Ports) -> String {
     let values = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -66,6 +67,13 @@ fn chart_config(ports: &Ports) -> String {
         ("collection_interval: 10s", "collection_interval: 1s".into()),
         ("      tcp: {}\n", "      tcp: {}\n      http: {}\n".into()),
         ("auth_type: serviceAccount", "auth_type: kubeConfig".into()),
+        // The memory_limiter's percentages as templates/configmap.yaml renders them from the
+        // chart's `resources.limits.memory` (512Mi): this test's own cgroup has no limit.
+        ("limit_percentage: 80\n", "limit_mib: 409\n".into()),
+        (
+            "spike_limit_percentage: 25\n",
+            "spike_limit_mib: 128\n".into(),
+        ),
         (
             "exporters: [prometheus]",
             "exporters: [prometheus, otlp/unreachable]".into(),
