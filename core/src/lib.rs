@@ -17,6 +17,7 @@ pub mod otlp;
 pub mod profiles;
 pub mod queue;
 pub mod server;
+pub mod session;
 pub mod telemetry;
 
 pub use batch::{Batch, Signal};
