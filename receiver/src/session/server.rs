@@ -178,10 +178,23 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             )
             .await?
         }
-        Request::Profile { .. } => Outcome::Refused(error(
-            ErrorCode::BadRequest,
-            "this agent does not serve profile sessions yet (run `podscope profile` on the node)",
-        )),
+        Request::Profile {
+            targets,
+            duration,
+            format,
+            frequency_hz,
+        } => {
+            super::profile::serve(
+                &mut write,
+                shared,
+                &targets,
+                duration,
+                format,
+                frequency_hz,
+                &gone,
+            )
+            .await?
+        }
     };
     match outcome {
         Outcome::Refused(refusal) => write_line(&mut write, &Welcome::Refused(refusal)).await,
