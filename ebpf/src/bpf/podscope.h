@@ -602,6 +602,18 @@ int BPF_PROG(podscope_cgroup_admit, struct cgroup *cgrp, const char *path)
 	return 0;
 }
 
+/* A process's exit status as its parent's wait sees it, written as a shell does: the exit
+ * status, or 128 + the signal that killed it. The group's status when it exited as a group
+ * (exit_group, a fatal signal), else the leader's own. */
+static __always_inline __s32 podscope_exit_code(struct task_struct *task)
+{
+	struct signal_struct *signal = BPF_CORE_READ(task, signal);
+	int raw = (BPF_CORE_READ(signal, flags) & PODSCOPE_SIGNAL_GROUP_EXIT)
+			  ? BPF_CORE_READ(signal, group_exit_code)
+			  : BPF_CORE_READ(task, group_leader, exit_code);
+	return (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
+}
+
 static __always_inline int podscope_skip_current(void)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;

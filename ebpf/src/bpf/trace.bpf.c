@@ -192,16 +192,6 @@ int BPF_PROG(podscope_trace_exec, struct task_struct *task, pid_t old_pid, struc
 	return 0;
 }
 
-/* As the process probe (and a shell) reports it: the exit status, or 128 + the killing signal. */
-static __always_inline __s32 exit_code_of(struct task_struct *task)
-{
-	struct signal_struct *signal = BPF_CORE_READ(task, signal);
-	int raw = (BPF_CORE_READ(signal, flags) & PODSCOPE_SIGNAL_GROUP_EXIT)
-			  ? BPF_CORE_READ(signal, group_exit_code)
-			  : BPF_CORE_READ(task, group_leader, exit_code);
-	return (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
-}
-
 /* A process's exit, once its last thread is gone. */
 SEC("tp_btf/sched_process_exit")
 int BPF_PROG(podscope_trace_exit, struct task_struct *task, bool group_dead)
@@ -217,7 +207,7 @@ int BPF_PROG(podscope_trace_exit, struct task_struct *task, bool group_dead)
 		return 0;
 	struct task_struct *leader = BPF_CORE_READ(task, group_leader);
 	task_into(e, leader);
-	e->exit_code = exit_code_of(task);
+	e->exit_code = podscope_exit_code(task);
 	__u64 start = BPF_CORE_READ(leader, start_time);
 	e->duration_ns = e->timestamp_ns > start ? e->timestamp_ns - start : 0;
 	e->flags |= TRACE_FLAG_DURATION;
