@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds podscope's container image without Docker or a registry: an empty base (`FROM scratch`)
-# with the given podscope binary and exactly the shared libraries it loads (from `ldd`), built by
+# with the given podscope binary (and this machine's bpftrace) and exactly the shared libraries they
+# load (from `ldd`), built by
 # podman (Debian's podman + buildah). The result matches the Dockerfile's: same entrypoint,
 # command, user, ports and binary path, on glibc of the machine that built the binary.
 #
@@ -16,10 +17,19 @@ trap 'rm -rf "$CONTEXT"' EXIT
 ROOTFS=$CONTEXT/rootfs
 mkdir -p "$ROOTFS/usr/bin" "$ROOTFS/tmp" "$ROOTFS/etc/podscope"
 cp "$BINARY" "$ROOTFS/usr/bin/podscope"
+# bpftrace for the session extension's bpftrace requests, as the Dockerfile ships it (when this
+# machine has one: scripts/install-deps.sh installs it).
+EXECUTABLES=("$BINARY")
+if BPFTRACE=$(command -v bpftrace); then
+  cp "$BPFTRACE" "$ROOTFS/usr/bin/bpftrace"
+  EXECUTABLES+=("$BPFTRACE")
+fi
 # Each library at the path the dynamic loader looks for it (the vdso has no file).
-ldd "$BINARY" | grep -o '/[^ ]*' | while read -r library; do
-  mkdir -p "$ROOTFS$(dirname "$library")"
-  cp -L "$library" "$ROOTFS$library"
+for executable in "${EXECUTABLES[@]}"; do
+  ldd "$executable" | grep -o '/[^ ]*' | while read -r library; do
+    mkdir -p "$ROOTFS$(dirname "$library")"
+    cp -L "$library" "$ROOTFS$library"
+  done
 done
 chmod 1777 "$ROOTFS/tmp"
 

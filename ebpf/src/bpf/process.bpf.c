@@ -114,18 +114,6 @@ int BPF_PROG(podscope_process_fork, struct task_struct *parent, struct task_stru
 	return 0;
 }
 
-/* As a shell reports a process's status: the exit status, or 128 + the signal that killed it.
- * The status is the one its parent's wait sees: the group's, when it exited as a group
- * (exit_group, a fatal signal), else the leader's own. */
-static __always_inline __s32 process_exit_code(struct task_struct *task)
-{
-	struct signal_struct *signal = BPF_CORE_READ(task, signal);
-	int raw = (BPF_CORE_READ(signal, flags) & PODSCOPE_SIGNAL_GROUP_EXIT)
-			  ? BPF_CORE_READ(signal, group_exit_code)
-			  : BPF_CORE_READ(task, group_leader, exit_code);
-	return (raw & 0x7f) ? 128 + (raw & 0x7f) : (raw >> 8) & 0xff;
-}
-
 /* A process's exit, once its last thread is gone (`task` is that thread). */
 static __always_inline void count_process_exit(struct task_struct *task)
 {
@@ -134,7 +122,7 @@ static __always_inline void count_process_exit(struct task_struct *task)
 	__u64 cgroup_id = task_cgroup_id(task);
 	if (podscope_skip_cgroup(cgroup_id))
 		return;
-	__s32 code = process_exit_code(task);
+	__s32 code = podscope_exit_code(task);
 	struct process_key key = { .cgroup_id = cgroup_id, .kind = PROCESS_EXIT, .exit_code = code };
 	podscope_count(&process_counts, PROCESS_MAP_COUNTS, &key);
 
