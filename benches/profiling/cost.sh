@@ -14,8 +14,9 @@
 #           the 19 Hz row of the same round, over their difference in samples (start-up cancels).
 #   depth   a recursion of known frame size to depths 32..1024, profiled at 99 Hz: the frames
 #           unwound and whether `main` was reached (the 16 KiB stack copy limit).
-#   large   clang-19 (129 MB libLLVM) compiling a generated file, profiled at 99 Hz: the
-#           profiler's peak RSS against the small program's (symbol_cache_bytes, 64 MiB).
+#   large   clang-19 (129 MB libLLVM) compiling a generated file, profiled 4 s at 99 Hz while it
+#           runs: the profiler's peak RSS against the same for the small program
+#           (symbol_cache_bytes, 64 MiB), and how many frames got no name.
 #   kmem    the kernel memory of one profiler's maps (bytes_memlock), on-CPU and with --off-cpu,
 #           against docs/metrics.md's formula.
 #   offcpu  two processes ping-pong a byte over pipes (every round trip two context switches
@@ -141,7 +142,12 @@ oncpu_run() {
             > /dev/null 2>&1 &
         local timer=$!
         local deadline=$((SECONDS + 60))
-        until [ "$(prog_ids perf_event)" != "$before" ]; do
+        # Attached once its program has run (loaded is not enough).
+        until [ "$(bpftool prog show -j 2>/dev/null | $PY -c '
+import json, sys
+before = set(sys.argv[1].split())
+print(sum(p.get("run_cnt", 0) for p in json.load(sys.stdin)
+          if p.get("type") == "perf_event" and str(p["id"]) not in before))' "$before")" -gt 0 ]; do
             [ $SECONDS -lt $deadline ] || { echo "bpftrace did not attach" >&2; exit 1; }
             sleep 0.05
         done
@@ -163,7 +169,7 @@ print(ns, cnt)' "$before")
 import re, sys
 total = 0
 for line in open(sys.argv[1]):
-    m = re.match(r"\]:\s*(\d+)\s*$", line.strip())
+    m = re.search(r"\]:\s*(\d+)$", line.strip())
     if m: total += int(m.group(1))
 print(total)' "$WORK/bt.out")
     else
@@ -187,7 +193,7 @@ if want oncpu; then
     echo "# load: $(uptime)"
     echo "round row program_cpu_s samples kernel_ns_per_sample program_runs profiler_cpu_s profiler_peak_rss_kb"
     for r in $(seq "$ROUNDS"); do
-        for hz in 0 19 99 bt19; do
+        for hz in 0 19 99 999 bt19; do
             echo "$r $hz $(oncpu_run $hz)"
         done
     done
@@ -249,35 +255,36 @@ fi
 
 # --- large -------------------------------------------------------------------------------
 if want large; then
-    # A file clang-19 takes some seconds on at -O2: its time goes to libLLVM and libclang-cpp.
+    # A file clang-19 takes well over 4 s on at -O2: its time goes to libLLVM and libclang-cpp.
     $PY - > "$WORK/big.c" <<'PY'
-for i in range(1500):
+for i in range(4500):
     print(f"int f{i}(int *a, int n) {{ int s = 0; for (int j = 0; j < n; j++) s += a[j] * {i} + (a[j] >> 3); return s; }}")
 PY
-    echo "## large: profiler peak RSS profiling clang-19 (libLLVM.so.19.1 $(stat -c %s /usr/lib/x86_64-linux-gnu/libLLVM.so.19.1) bytes) vs the small program"
-    echo "target samples distinct_stacks unnamed_frames profiler_cpu_s profiler_peak_rss_kb"
+    echo "## large: profiler peak RSS profiling clang-19 (libLLVM.so.19.1 $(stat -c %s /usr/lib/x86_64-linux-gnu/libLLVM.so.19.1) bytes) vs the small program, 4 s at 99 Hz each, the target running before and after"
+    echo "target samples distinct_stacks frames frames_unnamed profiler_cpu_s profiler_peak_rss_kb"
     for target in small clang small clang; do
-        rm -f "$WORK/go"
-        mkfifo "$WORK/go"
         if [ $target = small ]; then
-            sh -c "read x < $WORK/go; exec $WORK/work 500 > /dev/null" &
+            "$WORK/work" 100000 > /dev/null &
         else
-            sh -c "read x < $WORK/go; exec clang-19 -O2 -c -o $WORK/big.o $WORK/big.c" &
+            clang-19 -O2 -c -o "$WORK/big.o" "$WORK/big.c" &
         fi
         pid=$!
-        start_profiler "$pid" 99
-        echo go > "$WORK/go"
-        wait "$pid" || true
-        wait "$PROF"
+        /usr/bin/time -o "$WORK/time" -f "%U %S %M" \
+            "$BIN" profile --pid "$pid" --frequency 99 --duration 4s -o "$WORK/p.folded" \
+            > /dev/null 2>&1
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
         read -r user sys rss < "$WORK/time"
         stats=$($PY - "$WORK/p.folded" <<'PY'
 import re, sys
-samples = stacks = unnamed = 0
+samples = stacks = frames = unnamed = 0
 for line in open(sys.argv[1]):
     stack, count = line.rsplit(" ", 1)
     samples += int(count); stacks += 1
-    unnamed += sum(1 for f in stack.split(";") if re.search(r"\+0x[0-9a-f]+$", f))
-print(samples, stacks, unnamed)
+    names = stack.split(";")[1:]
+    frames += len(names)
+    unnamed += sum(1 for f in names if re.search(r"\+0x[0-9a-f]+$", f))
+print(samples, stacks, frames, unnamed)
 PY
 )
         echo "$target $stats $($PY -c "print(round($user + $sys, 2))") $rss"
@@ -297,7 +304,8 @@ if want kmem; then
         extra=()
         [ $mode = off_cpu ] && extra=(--off-cpu)
         start_profiler "$sleep_pid" 19 "${extra[@]}"
-        bpftool map show -j | $PY - "$before_maps" "$POSSIBLE" "$mode" <<'PY'
+        bpftool map show -j > "$WORK/maps.json"
+        $PY - "$before_maps" "$POSSIBLE" "$mode" "$WORK/maps.json" <<'PY'
 import json, sys
 before = set(sys.argv[1].split())
 lo, _, hi = sys.argv[2].partition("-")
@@ -319,7 +327,7 @@ def formula(m):
     return None
 total = total_f = 0
 print(f"# {sys.argv[3]}: map type max_entries bytes_memlock formula")
-for m in json.load(sys.stdin):
+for m in json.load(open(sys.argv[4])):
     if str(m["id"]) in before: continue
     f = formula(m)
     total += m.get("bytes_memlock", 0); total_f += f or 0
