@@ -77,17 +77,38 @@ import json, sys
 print(" ".join(str(p["id"]) for p in json.load(sys.stdin) if p.get("type") == sys.argv[1]))' "$1"
 }
 
-# "run_time_ns run_cnt" summed over the programs named NAME_PREFIX not in BEFORE (ids).
-prog_stats() {
+# "run_time_ns run_cnt" summed over the programs process $1 holds (its fds: other engineers'
+# programs of the same name are not counted) whose name starts with $2 (any when empty).
+owned_stats() {
+    local ids=""
+    for info in /proc/"$1"/fdinfo/*; do
+        ids="$ids $(sed -n 's/^prog_id:\s*//p' "$info" 2>/dev/null)"
+    done
     bpftool prog show -j 2>/dev/null | $PY -c '
 import json, sys
-before = set(sys.argv[1].split())
+ids = set(sys.argv[1].split())
 ns = cnt = 0
 for p in json.load(sys.stdin):
-    if p.get("name", "").startswith(sys.argv[2]) and str(p["id"]) not in before:
+    if str(p["id"]) in ids and p.get("name", "").startswith(sys.argv[2]):
         ns += p.get("run_time_ns", 0)
         cnt += p.get("run_cnt", 0)
-print(ns, cnt)' "$1" "$2"
+print(ns, cnt)' "$ids" "${2:-}"
+}
+
+# Polls owned_stats of process $1 for each name prefix $3... every 0.2 s while process $2
+# lives; prints the last reading ("ns cnt" per prefix), as the holder may exit right after.
+stats_until_exit() {
+    local holder=$1 target=$2
+    shift 2
+    local last="" now prefix
+    while :; do
+        now=""
+        for prefix in "$@"; do now="$now $(owned_stats "$holder" "$prefix")"; done
+        [[ "$now" == *[1-9]* ]] && last=$now
+        kill -0 "$target" 2>/dev/null && [ "$(cut -d' ' -f3 /proc/"$target"/stat 2>/dev/null)" != Z ] || break
+        sleep 0.2
+    done
+    echo "${last:-$(for prefix in "$@"; do printf '0 0 '; done)}"
 }
 
 # Waits until process $1 has exec'd into $2 (its /proc/P/exe).
@@ -101,12 +122,10 @@ wait_exec() {
 
 # Starts `podscope profile` on pid $1 at $2 Hz (extra args after), output $WORK/p.folded, under
 # GNU time (CPU and peak RSS in $WORK/time); returns once it is attached (its first progress
-# line: `podscope profile` prints it after its programs are attached). PROF_BEFORE: the program
-# ids loaded before it.
+# line: `podscope profile` prints it after its programs are attached).
 start_profiler() {
     local pid=$1 hz=$2
     shift 2
-    PROF_BEFORE="$(prog_ids perf_event) $(prog_ids tracing)"
     : > "$WORK/progress"
     /usr/bin/time -o "$WORK/time" -f "%U %S %M" \
         "$BIN" profile --pid "$pid" --frequency "$hz" --duration 600s "$@" -o "$WORK/p.folded" \
@@ -151,18 +170,13 @@ print(sum(p.get("run_cnt", 0) for p in json.load(sys.stdin)
             [ $SECONDS -lt $deadline ] || { echo "bpftrace did not attach" >&2; exit 1; }
             sleep 0.05
         done
+        local tracer
+        tracer=$(pgrep -P "$timer" bpftrace)
         echo go > "$WORK/go"
+        # bpftrace's programs: its profile program (and none other here).
+        stats=$(stats_until_exit "$tracer" "$pid" "")
         wait "$pid" || true
-        # bpftrace's program is named after its probe; every perf_event program loaded since.
-        stats=$(bpftool prog show -j 2>/dev/null | $PY -c '
-import json, sys
-before = set(sys.argv[1].split())
-ns = cnt = 0
-for p in json.load(sys.stdin):
-    if p.get("type") == "perf_event" and str(p["id"]) not in before:
-        ns += p.get("run_time_ns", 0); cnt += p.get("run_cnt", 0)
-print(ns, cnt)' "$before")
-        kill -INT "$(pgrep -P "$timer" bpftrace)" 2>/dev/null || true
+        kill -INT "$tracer" 2>/dev/null || true
         wait "$timer" || true
         # Samples: the counts of every stack in @.
         samples=$($PY -c '
@@ -175,8 +189,8 @@ print(total)' "$WORK/bt.out")
     else
         start_profiler "$pid" "$hz"
         echo go > "$WORK/go"
+        stats=$(stats_until_exit "$(pgrep -P "$PROF")" "$pid" podscope_profile_cpu)
         wait "$pid" || true
-        stats=$(prog_stats "$PROF_BEFORE" podscope_profile_cpu)
         wait "$PROF"
         samples=$(awk '{s += $NF} END {print s + 0}' "$WORK/p.folded")
     fi
@@ -418,7 +432,6 @@ C
                 wait "$pid"
                 ;;
             noop)
-                before=$(prog_ids tracing)
                 "$WORK/noop_loader" "$NOOP_OBJ" podscope_bench_noop_switch podscope_bench_noop_btf > "$WORK/noop.out" &
                 NOOP_PID=$!
                 until grep -q ready "$WORK/noop.out" 2>/dev/null; do
@@ -427,18 +440,20 @@ C
                 done
                 echo go >&7; exec 7>&-
                 wait "$pid"
-                sw=$(prog_stats "$before" podscope_bench_noop_s)
-                se=$(prog_stats "$before" podscope_bench_noop_b)
+                sw=$(owned_stats "$NOOP_PID" podscope_bench_noop_switch)
+                se=$(owned_stats "$NOOP_PID" podscope_bench_noop_btf)
                 kill "$NOOP_PID"; wait "$NOOP_PID" 2>/dev/null || true
                 NOOP_PID=""
                 ;;
             offcpu)
-                before=$(prog_ids tracing)
                 start_profiler "$pid" 19 --off-cpu
                 echo go >&7; exec 7>&-
+                # Read at the end while the profiler still holds its programs: the ping-pong's
+                # parent waits for its child, so poll until it is gone.
+                read -r a b c d <<< "$(stats_until_exit "$(pgrep -P "$PROF")" "$pid" \
+                    podscope_profile_switch podscope_profile_sys_exit)"
+                sw="$a $b" se="$c $d"
                 wait "$pid"
-                sw=$(prog_stats "$before" podscope_profile_s)
-                se=$(prog_stats "$before" podscope_profile_sys)
                 wait "$PROF" || true
                 ;;
             esac

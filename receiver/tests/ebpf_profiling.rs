@@ -790,7 +790,7 @@ impl CollectedBatches {
 
     /// Every on-CPU sample: its function names (leaf first), its link (trace id, span id in
     /// hex) and its value.
-    fn linked_samples(&self) -> Vec<(Vec<String>, Option<(String, String)>, i64)> {
+    fn linked_samples(&self) -> Vec<LinkedSample> {
         let mut out = Vec::new();
         for batch in self.0.lock().unwrap().iter() {
             let podscope_core::Batch::Profiles(data) = batch else {
@@ -832,6 +832,9 @@ impl CollectedBatches {
         out
     }
 }
+
+/// A sample's function names (leaf first), its link (trace id, span id in hex) and its value.
+type LinkedSample = (Vec<String>, Option<(String, String)>, i64);
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
