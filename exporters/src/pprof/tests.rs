@@ -123,13 +123,13 @@ fn a_sample_linked_to_a_span_carries_its_trace_and_span_id_as_labels() {
         seen,
         vec![
             ("work_0".into(), 2, None, None),
+            ("work_1".into(), 2, None, None),
             (
                 "work_1".into(),
                 2,
                 Some("0102030405060708090a0b0c0d0e0f10".into()),
                 Some("abababababababab".into())
             ),
-            ("work_1".into(), 2, None, None),
         ]
     );
 }
