@@ -548,6 +548,33 @@ impl podscope_core::Consumer for CollectedProfiles {
     }
 }
 
+/// A started eBPF receiver with `config`, its profiles (and spans, with `traces`) sent to the
+/// consumers given; every probe attached.
+async fn started_receiver(
+    config: serde_json::Value,
+    profiles: std::sync::Arc<dyn podscope_core::Consumer>,
+    traces: Option<std::sync::Arc<dyn podscope_core::Consumer>>,
+) -> podscope_receiver::ebpf::EbpfReceiver {
+    use podscope_core::Component as _;
+    let receiver = podscope_receiver::ebpf::EbpfReceiver::new(
+        podscope_core::config::parse_component_config(config).unwrap(),
+        podscope_core::BuildContext::for_tests("ebpf"),
+        podscope_core::ReceiverConsumers {
+            metrics: None,
+            traces,
+            profiles: Some(profiles),
+        },
+    )
+    .unwrap();
+    receiver.start().await.unwrap();
+    assert!(
+        receiver.skipped_probes().is_empty(),
+        "{:?}",
+        receiver.skipped_probes()
+    );
+    receiver
+}
+
 /// The probe inside the receiver: a profiles pipeline gets one profile per interval for the
 /// cgroups `cgroup_filter` selects, and nothing of a pod it leaves out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,30 +586,17 @@ async fn the_receiver_sends_profiles_of_selected_cgroups_only() {
     let mut selected = PodCgroup::with_ids(&uid, &selected_container);
     let (other_uid, other_container) = unique_ids();
     let mut other = PodCgroup::with_ids(&other_uid, &other_container);
-    let config: podscope_receiver::ebpf::EbpfReceiverConfig =
-        podscope_core::config::parse_component_config(serde_json::json!({
+    let collected = std::sync::Arc::new(CollectedProfiles::default());
+    let receiver = started_receiver(
+        serde_json::json!({
             "collection_interval": "1s",
             "cgroup_filter": {"include": [selected.relative_path()]},
             "probes": {"profiling": {"frequency": 99}},
-        }))
-        .unwrap();
-    let collected = std::sync::Arc::new(CollectedProfiles::default());
-    let receiver = podscope_receiver::ebpf::EbpfReceiver::new(
-        config,
-        podscope_core::BuildContext::for_tests("ebpf"),
-        podscope_core::ReceiverConsumers {
-            metrics: None,
-            traces: None,
-            profiles: Some(collected.clone()),
-        },
+        }),
+        collected.clone(),
+        None,
     )
-    .unwrap();
-    receiver.start().await.unwrap();
-    assert!(
-        receiver.skipped_probes().is_empty(),
-        "{:?}",
-        receiver.skipped_probes()
-    );
+    .await;
     let selected_pid = selected.spawn_shell(&format!("exec {} 1.5", burn.display()));
     let other_pid = other.spawn_shell(&format!("exec {} 1.5", burn.display()));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -657,4 +671,327 @@ fn a_binary_replaced_on_disk_is_read_through_its_mapping() {
         .expect("a sample in burn_leaf");
     // The mapping names the file as the kernel does now.
     assert_eq!(leaf.locations[0].0, format!("{} (deleted)", burn.display()));
+}
+
+/// An HTTP/1.1 server on 127.0.0.1 (a free port, written to argv[1] once it listens), one
+/// connection at a time, keep-alive: for each request it burns argv[2] rounds in
+/// `request_work`, answers, then burns half as many in `between_requests` before it reads the
+/// next request; `GET /quit` makes it answer and exit. A second thread burns 3 × argv[2] rounds
+/// in `other_thread_work` meanwhile. Work is counted in rounds, not time: the machine is shared.
+const REQUEST_BURNER_C: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+static volatile unsigned long sink;
+static inline __attribute__((always_inline)) unsigned long spin(unsigned long rounds) {
+    unsigned long x = rounds;
+    for (unsigned long i = 0; i < rounds; i++) x = x * 6364136223846793005UL + i;
+    return x;
+}
+__attribute__((noinline)) void request_work(unsigned long rounds) { sink = spin(rounds); }
+__attribute__((noinline)) void between_requests(unsigned long rounds) { sink = spin(rounds); }
+__attribute__((noinline)) void *other_thread_work(void *rounds) {
+    sink = spin((unsigned long)rounds);
+    return 0;
+}
+int main(int argc, char **argv) {
+    unsigned long rounds = strtoul(argv[2], 0, 10);
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {0};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (bind(s, (struct sockaddr *)&a, sizeof a) || listen(s, 8) ||
+        getsockname(s, (struct sockaddr *)&a, &len))
+        return 2;
+    pthread_t other;
+    pthread_create(&other, 0, other_thread_work, (void *)(rounds * 3));
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", argv[1]);
+    FILE *f = fopen(tmp, "w");
+    fprintf(f, "%d\n", ntohs(a.sin_port));
+    fclose(f);
+    rename(tmp, argv[1]);
+    static const char response[] = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    for (;;) {
+        int c = accept(s, 0, 0);
+        if (c < 0)
+            return 3;
+        char buf[4096];
+        size_t have = 0;
+        for (;;) {
+            char *end = strstr(buf, "\r\n\r\n");
+            if (have == 0 || !end) {
+                ssize_t n = recv(c, buf + have, sizeof buf - 1 - have, 0);
+                if (n <= 0) {
+                    close(c);
+                    break;
+                }
+                have += n;
+                buf[have] = 0;
+                continue;
+            }
+            int quit = strncmp(buf, "GET /quit ", 10) == 0;
+            if (!quit)
+                request_work(rounds);
+            send(c, response, sizeof response - 1, 0);
+            if (quit) {
+                pthread_join(other, 0);
+                return 0;
+            }
+            between_requests(rounds / 2);
+            size_t used = end + 4 - buf;
+            memmove(buf, buf + used, have - used);
+            have -= used;
+            buf[have] = 0;
+        }
+    }
+}
+"#;
+
+/// Keeps every batch the receiver sends (spans and profiles).
+#[derive(Default)]
+struct CollectedBatches(std::sync::Mutex<Vec<podscope_core::Batch>>);
+
+#[async_trait::async_trait]
+impl podscope_core::Consumer for CollectedBatches {
+    async fn consume(
+        &self,
+        batch: podscope_core::Batch,
+    ) -> Result<(), podscope_core::ConsumeError> {
+        self.0.lock().unwrap().push(batch);
+        Ok(())
+    }
+}
+
+impl CollectedBatches {
+    /// (trace id, span id) of every server span, in hex.
+    fn server_spans(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for batch in self.0.lock().unwrap().iter() {
+            if let podscope_core::Batch::Traces(rss) = batch {
+                for span in rss
+                    .iter()
+                    .flat_map(|rs| &rs.scope_spans)
+                    .flat_map(|ss| &ss.spans)
+                    .filter(|s| s.kind == 2)
+                {
+                    out.push((hex(&span.trace_id), hex(&span.span_id)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Every on-CPU sample: its function names (leaf first), its link (trace id, span id in
+    /// hex) and its value.
+    fn linked_samples(&self) -> Vec<LinkedSample> {
+        let mut out = Vec::new();
+        for batch in self.0.lock().unwrap().iter() {
+            let podscope_core::Batch::Profiles(data) = batch else {
+                continue;
+            };
+            let d = data.dictionary.as_ref().expect("a dictionary");
+            let s = |i: i32| d.string_table[i as usize].clone();
+            for p in data
+                .resource_profiles
+                .iter()
+                .flat_map(|rp| &rp.scope_profiles)
+                .flat_map(|sp| &sp.profiles)
+            {
+                if s(p.sample_type.expect("a sample type").type_strindex) != "samples" {
+                    continue;
+                }
+                for sample in &p.samples {
+                    let functions = d.stack_table[sample.stack_index as usize]
+                        .location_indices
+                        .iter()
+                        .map(|&li| {
+                            d.location_table[li as usize]
+                                .lines
+                                .first()
+                                .map(|l| {
+                                    s(d.function_table[l.function_index as usize].name_strindex)
+                                })
+                                .unwrap_or_default()
+                        })
+                        .collect();
+                    let link = (sample.link_index != 0).then(|| {
+                        let link = &d.link_table[sample.link_index as usize];
+                        (hex(&link.trace_id), hex(&link.span_id))
+                    });
+                    out.push((functions, link, sample.values[0]));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A sample's function names (leaf first), its link (trace id, span id in hex) and its value.
+type LinkedSample = (Vec<String>, Option<(String, String)>, i64);
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends `GET path` with `traceparent` on `stream` and reads the whole answer.
+fn get(stream: &mut std::net::TcpStream, path: &str, traceparent: &str) {
+    use std::io::{Read as _, Write as _};
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: burner\r\ntraceparent: {traceparent}\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 256];
+    while !answer.ends_with(b"\r\n\r\nok") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed the connection");
+        answer.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// The trace link: a server in a pod burns CPU in `request_work` while it serves requests with
+/// known traceparents (keep-alive, two connections, one thread). Every sample in
+/// `request_work` carries its request's trace id and the id of the SERVER span the http probe
+/// sent for it; the samples between requests on the same thread and those of another thread
+/// carry none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_taken_while_serving_a_request_carry_its_trace_and_span_id() {
+    use podscope_core::Component as _;
+    let dir = workdir();
+    let server = compile_c(
+        dir.path(),
+        "request_burner",
+        REQUEST_BURNER_C,
+        &["-O2", "-fomit-frame-pointer", "-pthread"],
+    );
+    let (uid, container) = unique_ids();
+    let mut pod = PodCgroup::with_ids(&uid, &container);
+    let collected = std::sync::Arc::new(CollectedBatches::default());
+    let receiver = started_receiver(
+        serde_json::json!({
+            "collection_interval": "1s",
+            "cgroup_filter": {"include": [pod.relative_path()]},
+            "probes": {"http": {}, "profiling": {"frequency": 99}},
+        }),
+        collected.clone(),
+        Some(collected.clone()),
+    )
+    .await;
+    let port_file = dir.path().join("port");
+    let pid = pod.spawn_shell(&format!(
+        "exec {} {} 150000000",
+        server.display(),
+        port_file.display()
+    ));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let port: u16 = loop {
+        if let Ok(text) = std::fs::read_to_string(&port_file) {
+            break text.trim().parse().unwrap();
+        }
+        assert!(!ended(pid), "the server exited before it listened");
+        assert!(Instant::now() < deadline, "the server did not listen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Four requests on one keep-alive connection, two on another, then /quit.
+    let traces: Vec<String> = (1..=6u64)
+        .map(|i| format!("{:032x}", 0xa11c_e000 + i))
+        .collect();
+    let traceparents: Vec<String> = (0..6)
+        .map(|i| format!("00-{}-{:016x}-01", traces[i], 0xb0b0 + i))
+        .collect();
+    let client = tokio::task::spawn_blocking(move || {
+        let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        // The server serves one connection at a time: the first is closed before the second.
+        {
+            let mut first = connect();
+            for (i, traceparent) in traceparents[..4].iter().enumerate() {
+                get(&mut first, &format!("/work/{i}"), traceparent);
+            }
+        }
+        let mut second = connect();
+        for (i, traceparent) in traceparents[4..].iter().enumerate() {
+            get(&mut second, &format!("/work/{}", i + 4), traceparent);
+        }
+        get(
+            &mut second,
+            "/quit",
+            &format!("00-{:032x}-{:016x}-01", 0xdead, 0xbeef),
+        );
+    });
+    client.await.unwrap();
+    while !ended(pid) {
+        assert!(Instant::now() < deadline, "the server did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every request's span is out: the http probe has published every window.
+    let spans = loop {
+        let spans = collected.server_spans();
+        if spans.len() >= 7 || Instant::now() >= deadline {
+            break spans;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The profiler flushes what it holds at shutdown.
+    receiver.shutdown().await.unwrap();
+    assert_eq!(spans.len(), 7, "one SERVER span per request: {spans:?}");
+    let span_of: std::collections::HashMap<&str, &str> = spans
+        .iter()
+        .map(|(trace, span)| (trace.as_str(), span.as_str()))
+        .collect();
+    for trace in &traces {
+        assert!(
+            span_of.contains_key(trace.as_str()),
+            "a span of trace {trace}"
+        );
+    }
+    let samples = collected.linked_samples();
+    let in_function = |name: &str| {
+        samples
+            .iter()
+            .filter(|(functions, _, _)| functions.iter().any(|f| f == name))
+            .collect::<Vec<_>>()
+    };
+    let mut per_trace: std::collections::BTreeMap<&str, i64> = Default::default();
+    let in_requests = in_function("request_work");
+    for (functions, link, value) in &in_requests {
+        let Some((trace, span)) = link else {
+            panic!("a sample in request_work without a link: {functions:?}");
+        };
+        assert!(
+            traces.contains(trace),
+            "sample in request_work linked to trace {trace}, not one of the requests'"
+        );
+        assert_eq!(
+            span_of[trace.as_str()],
+            span.as_str(),
+            "the span id is that of the SERVER span sent for trace {trace}"
+        );
+        *per_trace.entry(trace.as_str()).or_default() += value;
+    }
+    eprintln!("samples in request_work per trace: {per_trace:?}");
+    // 150 M rounds are about 0.2 CPU s: about 20 samples at 99 Hz.
+    for trace in &traces {
+        let n = per_trace.get(trace.as_str()).copied().unwrap_or(0);
+        assert!(
+            n >= 5,
+            "{n} samples of request_work linked to trace {trace}"
+        );
+    }
+    for outside in ["between_requests", "other_thread_work"] {
+        let found = in_function(outside);
+        let total: i64 = found.iter().map(|(_, _, v)| v).sum();
+        assert!(total >= 5, "{total} samples in {outside}");
+        assert!(
+            found.iter().all(|(_, link, _)| link.is_none()),
+            "samples in {outside} carry no link: {found:?}"
+        );
+    }
 }

@@ -247,6 +247,16 @@ impl PprofBuilder {
                     num: 0,
                 });
             }
+            // The span's ids as Pyroscope's span profiles and `go tool pprof -tagfocus` read them.
+            if let Some((trace_id, span_id)) = &sample.span {
+                for (key, id) in [("trace_id", trace_id), ("span_id", span_id)] {
+                    labels.push(proto::Label {
+                        key: self.string(key),
+                        str: self.string(id),
+                        num: 0,
+                    });
+                }
+            }
             match self.samples.get(&(location_ids.clone(), labels.clone())) {
                 Some(&i) => self.profile.sample[i].value[0] += sample.value,
                 None => {

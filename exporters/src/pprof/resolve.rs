@@ -41,6 +41,9 @@ pub struct ResolvedSample {
     pub container_id: Option<String>,
     pub pid: Option<i64>,
     pub thread: Option<String>,
+    /// The span the sample links to (its thread was serving that request): trace id and span
+    /// id in lowercase hex, as W3C trace context writes them.
+    pub span: Option<(String, String)>,
     /// Leaf first.
     pub frames: Vec<ResolvedFrame>,
     pub value: i64,
@@ -128,17 +131,29 @@ pub fn resolved_profile_samples(
                 any_value::Value::IntValue(i) => Some(i),
                 _ => None,
             });
+        // Index 0 is the table's "no link"; an empty id is no link either.
+        let span = usize::try_from(sample.link_index)
+            .ok()
+            .filter(|&i| i > 0)
+            .and_then(|i| d.link_table.get(i))
+            .filter(|l| !l.trace_id.is_empty() && !l.span_id.is_empty())
+            .map(|l| (hex(&l.trace_id), hex(&l.span_id)));
         out.push(ResolvedSample {
             sample_type: sample_type.clone(),
             period: period.clone(),
             container_id: container_id.clone(),
             pid,
             thread: attribute(&sample.attribute_indices, "thread.name").and_then(|v| text(&v)),
+            span,
             frames,
             value: sample.values.first().copied().unwrap_or(0),
         });
     }
     out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn text(value: &AnyValue) -> Option<String> {

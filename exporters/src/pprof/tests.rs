@@ -81,6 +81,60 @@ fn pprof_sums_equal_stacks_across_messages_and_keeps_names_files_and_build_ids()
 }
 
 #[test]
+fn a_sample_linked_to_a_span_carries_its_trace_and_span_id_as_labels() {
+    use opentelemetry_proto::tonic::profiles::v1development::Link;
+    let mut linked = profiles(2, "c1");
+    let dictionary = linked.dictionary.as_mut().unwrap();
+    dictionary.link_table.push(Link {
+        trace_id: (1..=16).collect(),
+        span_id: vec![0xab; 8],
+    });
+    let samples = &mut linked.resource_profiles[0].scope_profiles[0].profiles[0].samples;
+    samples[1].link_index = 1;
+    let mut builder = PprofBuilder::new("samples");
+    builder.add(&linked);
+    // The same stacks without a link stay apart from the linked one.
+    builder.add(&profiles(2, "c1"));
+    let profile = builder.finish();
+    let s = |i: i64| profile.string_table[i as usize].as_str();
+    let mut seen: Vec<(String, i64, Option<String>, Option<String>)> = profile
+        .sample
+        .iter()
+        .map(|sample| {
+            let label = |key: &str| {
+                sample
+                    .label
+                    .iter()
+                    .find(|l| s(l.key) == key)
+                    .map(|l| s(l.str).to_string())
+            };
+            let leaf = &profile.location[sample.location_id[0] as usize - 1];
+            let name = s(profile.function[leaf.line[0].function_id as usize - 1].name);
+            (
+                name.to_string(),
+                sample.value[0],
+                label("trace_id"),
+                label("span_id"),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("work_0".into(), 2, None, None),
+            ("work_1".into(), 2, None, None),
+            (
+                "work_1".into(),
+                2,
+                Some("0102030405060708090a0b0c0d0e0f10".into()),
+                Some("abababababababab".into())
+            ),
+        ]
+    );
+}
+
+#[test]
 fn folded_stacks_go_root_first_and_sum() {
     let mut folded = BTreeMap::new();
     fold(

@@ -288,6 +288,22 @@ impl EbpfReceiver {
         }))
     }
 
+    /// The index the http probe fills and the profiling probe's trace link reads, when both
+    /// are on, their spans and profiles go somewhere, and the link is wanted.
+    fn trace_links(&self) -> Option<profiling::trace_link::TraceLinks> {
+        let probes = &self.config.probes;
+        let wanted = probes
+            .profiling
+            .as_ref()
+            .is_some_and(|p| p.enabled && p.trace_link);
+        (wanted
+            && probes.makes_spans()
+            && probes.makes_profiles()
+            && self.traces.is_some()
+            && self.profiles.is_some())
+        .then(profiling::trace_link::TraceLinks::default)
+    }
+
     /// Users' programs and their status.
     pub fn programs(&self) -> programs::ProgramSet {
         self.programs.clone()
@@ -474,6 +490,7 @@ impl Component for EbpfReceiver {
             host_name: self.ctx.host_name.clone(),
             cgroup_root: root.clone(),
             processes: self.processes.clone(),
+            trace_links: self.trace_links(),
             // `container:` uprobes attach in new containers as their first process execs.
             new_containers: probes
                 .iter()

@@ -132,6 +132,16 @@ impl EbpfTelemetry {
             p.symbol_cache_bytes.clone(),
         );
         telemetry.register(
+            "ebpf_profile_trace_link_unresolved",
+            "Samples that may have been taken while their thread served an HTTP/gRPC request and went out without its span's ids (the answer came after trace_link_wait, too many samples waited, or the thread interleaved requests)",
+            p.trace_link_unresolved.clone(),
+        );
+        telemetry.register(
+            "ebpf_profile_trace_link_windows_refused",
+            "Answered requests the trace link could not keep for linking because it already kept its maximum",
+            p.trace_link_windows_refused.clone(),
+        );
+        telemetry.register(
             "ebpf_program_series_overflow",
             "Label sets of a user program's metric not exported because the metric reached its maxSeries",
             t.program_overflow.clone(),

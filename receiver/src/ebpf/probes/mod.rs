@@ -282,6 +282,10 @@ pub struct StartContext {
     pub processes: ProcessTable,
     /// Told when a process starts in a cgroup not seen before, if a probe watches containers.
     pub new_containers: Option<Arc<Notify>>,
+    /// Which thread served which HTTP/gRPC request when: published by the http probe, read by
+    /// the profiling probe's trace link. Only when both run in this receiver and both signals
+    /// have pipelines.
+    pub trace_links: Option<profiling::trace_link::TraceLinks>,
 }
 
 /// One collection: the data points being built and the cgroups with entries in any map.

@@ -342,6 +342,9 @@ impl TenantSync {
             cgroup_root: self.cgroup_root.clone(),
             processes: self.processes.clone(),
             new_containers: None,
+            // A Probe instance's spans and profiles are not linked (its own http and profiling
+            // probes would need an index of their own; not done).
+            trace_links: None,
         };
         let mut tasks = Vec::new();
         for p in &mut probes {

@@ -1,7 +1,8 @@
 //! The http probe's task: reads the event ring buffer (woken by the kernel once enough bytes
 //! wait, and on a timer for the rest), turns events into exchanges, records every exchange in
 //! the RED histograms and sends the sampled ones as spans to the traces pipelines, at every
-//! poll and whenever enough spans are waiting.
+//! poll and whenever enough spans are waiting. With the profiling probe's trace link on, it
+//! also tells the profiler which thread served which request when ([`TraceLinks`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,6 +24,9 @@ use super::spans::{build_span, known_method, resource_spans};
 use super::trace_context::Sampler;
 use super::tracker::{Exchange, SpanKind, Tracker};
 use super::Shared;
+use crate::ebpf::probes::profiling::trace_link::{
+    ReaderAttachment, RequestChange, SpanLink, TraceLinks,
+};
 use crate::ebpf::probes::StartContext;
 use crate::ebpf::CgroupIndex;
 
@@ -30,6 +34,9 @@ use crate::ebpf::CgroupIndex;
 const FLUSH_SPANS: usize = 4096;
 /// The cgroup index is walked again for an unknown cgroup at most this often.
 const INDEX_REFRESH: Duration = Duration::from_secs(1);
+/// Events stamped this long before a drain began are in the ring buffer when it begins (a
+/// program stamps its event a few microseconds before it commits it).
+const COMMIT_MARGIN_NS: u64 = 1_000_000;
 
 pub struct ReaderCounters {
     pub events: Counter,
@@ -47,6 +54,8 @@ pub struct ExchangePipeline {
     clock_offset_ns: u64,
     exchanges: Vec<Exchange>,
     pub spans: Vec<(u64, Span)>,
+    /// The profiling probe's trace link, when on: what this drain changed in who serves what.
+    links: Option<(TraceLinks, Vec<RequestChange>)>,
 }
 
 impl ExchangePipeline {
@@ -58,7 +67,27 @@ impl ExchangePipeline {
             clock_offset_ns: clock_offset_ns(),
             exchanges: Vec::new(),
             spans: Vec::new(),
+            links: None,
         }
+    }
+
+    /// Publishes to `links`, from now on, which thread serves which request when.
+    pub fn link_traces(&mut self, links: TraceLinks) {
+        self.tracker.log_serving();
+        self.links = Some((links, Vec::new()));
+    }
+
+    /// Hands the trace link what this drain learned; every event stamped before `read_up_to_ns`
+    /// has been applied.
+    fn publish_links(&mut self, read_up_to_ns: u64) {
+        let Some((links, answered)) = &mut self.links else {
+            return;
+        };
+        // Opened and dropped before the answers: a request opened in this drain is answered
+        // after it was opened.
+        let mut changes = self.tracker.take_serving_log();
+        changes.append(answered);
+        links.publish(read_up_to_ns, changes);
     }
 
     /// Applies one ring-buffer record; returns whether it decoded.
@@ -88,7 +117,22 @@ impl ExchangePipeline {
             };
             let seconds = exchange.end_ns.saturating_sub(exchange.start_ns) as f64 / 1e9;
             record_red(&mut shared.red, &exchange, &route, seconds);
-            if self.sampler.keeps(&exchange.ids.trace_id) {
+            let sent = self.sampler.keeps(&exchange.ids.trace_id);
+            if let (Some((_, answered)), SpanKind::Server) = (&mut self.links, exchange.kind) {
+                answered.push(RequestChange::Answered {
+                    tgid: exchange.tgid,
+                    tid: exchange.tid,
+                    response_tid: exchange.response_tid,
+                    start_ns: exchange.start_ns,
+                    end_ns: exchange.end_ns,
+                    link: SpanLink {
+                        trace_id: exchange.ids.trace_id,
+                        span_id: exchange.ids.span_id,
+                    },
+                    sent,
+                });
+            }
+            if sent {
                 let span = build_span(&exchange, path, route, self.clock_offset_ns);
                 self.spans.push((exchange.cgroup, span));
             }
@@ -177,6 +221,8 @@ pub struct EventReader {
     index_refreshed: Option<Instant>,
     poll: Duration,
     counters: ReaderCounters,
+    /// Says the trace link's publisher is gone when the reader ends.
+    _link_attachment: Option<ReaderAttachment>,
 }
 
 impl EventReader {
@@ -190,15 +236,21 @@ impl EventReader {
         // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for as long as the
         // AsyncFd (its only owner) lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }?;
+        let mut pipeline = ExchangePipeline::new(config, shared);
+        let attachment = ctx.trace_links.as_ref().map(|links| {
+            pipeline.link_traces(links.clone());
+            links.attach_reader()
+        });
         Ok(EventReader {
             ring,
-            pipeline: ExchangePipeline::new(config, shared),
+            pipeline,
             traces: ctx.traces.clone(),
             host_name: ctx.host_name.clone(),
             index: CgroupIndex::new(ctx.cgroup_root.clone()),
             index_refreshed: None,
             poll: config.event_poll_interval,
             counters,
+            _link_attachment: attachment,
         })
     }
 
@@ -268,6 +320,7 @@ impl EventReader {
 
 /// Reads every waiting event into the pipeline.
 fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut ExchangePipeline, counters: &ReaderCounters) {
+    let began_ns = monotonic_now_ns();
     let mut n = 0;
     while let Some(record) = ring.next() {
         pipeline.on_record(&record);
@@ -275,4 +328,5 @@ fn drain(ring: &mut RingBuf<MapData>, pipeline: &mut ExchangePipeline, counters:
     }
     counters.events.inc_by(n);
     pipeline.finish_exchanges();
+    pipeline.publish_links(began_ns.saturating_sub(COMMIT_MARGIN_NS));
 }

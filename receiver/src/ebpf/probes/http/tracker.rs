@@ -22,6 +22,7 @@ use podscope_ebpf::abi::{
 use super::http1::{self, HeadParse, RequestHead};
 use super::http2::{self, FrameEvent};
 use super::trace_context::{IdGenerator, SpanIds, TraceParent};
+use crate::ebpf::probes::profiling::trace_link::RequestChange;
 
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -54,7 +55,10 @@ pub struct Exchange {
     pub kind: SpanKind,
     pub cgroup: u64,
     pub tgid: u32,
+    /// The thread that read (server) or wrote (client) the request, and the one that wrote or
+    /// read the response's head.
     pub tid: u32,
+    pub response_tid: u32,
     /// Kernel monotonic times: the request's first bytes read (server) or written (client), and
     /// the response's.
     pub start_ns: u64,
@@ -190,6 +194,10 @@ pub struct Tracker {
     unbound: HashMap<(u32, u64), Vec<KeptEvent>>,
     ids: IdGenerator,
     counts: TrackerCounts,
+    /// Which SERVER requests each thread serves (read, not answered yet), for the profiling
+    /// probe's trace link: opened and dropped (answers are the exchanges). Kept only when
+    /// someone reads it ([`Tracker::log_serving`]).
+    serving_log: Option<Vec<RequestChange>>,
 }
 
 fn address(family: u8, raw: &[u8; 16]) -> IpAddr {
@@ -237,7 +245,33 @@ impl Tracker {
             unbound: HashMap::default(),
             ids: IdGenerator::new(),
             counts: TrackerCounts::default(),
+            serving_log: None,
         }
+    }
+
+    /// From now on, keeps the requests opened and dropped for [`Tracker::take_serving_log`].
+    pub fn log_serving(&mut self) {
+        self.serving_log.get_or_insert_with(Vec::new);
+    }
+
+    /// The serving changes since the last call, in the order they happened.
+    pub fn take_serving_log(&mut self) -> Vec<RequestChange> {
+        self.serving_log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn log(&mut self, change: RequestChange) {
+        if let Some(log) = &mut self.serving_log {
+            log.push(change);
+        }
+    }
+
+    fn log_opened(&mut self, tgid: u32, tid: u32, start_ns: u64, ids: &SpanIds) {
+        self.log(RequestChange::Opened {
+            tgid,
+            tid,
+            start_ns,
+            span_id: ids.span_id,
+        });
     }
 
     pub fn take_counts(&mut self) -> TrackerCounts {
@@ -315,6 +349,13 @@ impl Tracker {
     }
 
     fn stop_serving(&mut self, tgid: u32, pending: &Pending) {
+        if pending.kind == SpanKind::Server {
+            self.log(RequestChange::Dropped {
+                tgid,
+                tid: pending.tid,
+                span_id: pending.ids.span_id,
+            });
+        }
         if pending.kind == SpanKind::Server
             && self
                 .serving
@@ -411,13 +452,16 @@ impl Tracker {
         let ids = self.assign_ids(kind, tgid, partial.tid, &head, socket, index, partial.start_ns);
         if kind == SpanKind::Server {
             self.serving.insert((tgid, partial.tid), ids);
+            self.log_opened(tgid, partial.tid, partial.start_ns, &ids);
         }
         let Some(conn) = self.connections.get_mut(&key) else {
             return;
         };
-        if conn.pending.len() >= PENDING_LIMIT {
-            conn.pending.pop_front();
-        }
+        let pushed_out = if conn.pending.len() >= PENDING_LIMIT {
+            conn.pending.pop_front()
+        } else {
+            None
+        };
         conn.pending.push_back(Pending {
             kind,
             start_ns: partial.start_ns,
@@ -425,6 +469,9 @@ impl Tracker {
             head,
             ids,
         });
+        if let Some(pending) = pushed_out {
+            self.stop_serving(tgid, &pending);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -531,6 +578,7 @@ impl Tracker {
             cgroup: conn.cgroup,
             tgid: key.tgid,
             tid: pending.tid,
+            response_tid: head.tid,
             start_ns: pending.start_ns,
             end_ns: head.timestamp_ns,
             socket: conn.socket,
@@ -649,11 +697,19 @@ impl Tracker {
         );
         if kind == SpanKind::Server {
             self.serving.insert((key.tgid, head.tid), ids);
+            self.log_opened(key.tgid, head.tid, head.timestamp_ns, &ids);
         }
         let Some(h2) = self.connections.get_mut(&key).and_then(|c| c.h2.as_mut()) else {
             return;
         };
         if h2.streams.len() >= STREAM_LIMIT {
+            if kind == SpanKind::Server {
+                self.log(RequestChange::Dropped {
+                    tgid: key.tgid,
+                    tid: head.tid,
+                    span_id: ids.span_id,
+                });
+            }
             return;
         }
         h2.streams.insert(
@@ -718,6 +774,7 @@ impl Tracker {
             cgroup,
             tgid: key.tgid,
             tid: pending.tid,
+            response_tid: head.tid,
             start_ns: pending.start_ns,
             end_ns: head.timestamp_ns,
             socket,
@@ -866,6 +923,53 @@ mod tests {
         );
         assert!(t.connections.is_empty());
         assert!(t.serving.is_empty(), "the unanswered request no longer serves");
+    }
+
+    #[test]
+    fn the_serving_log_says_which_thread_read_each_request_and_which_were_dropped() {
+        let mut t = Tracker::new(512);
+        t.log_serving();
+        let mut answer = event(HTTP_DIR_OUT, 20, 0);
+        answer.tid = 3;
+        let out = feed(
+            &mut t,
+            &[
+                (event(HTTP_DIR_IN, 10, 0), b"GET /a HTTP/1.1
+
+"),
+                (answer, b"HTTP/1.1 200 OK
+"),
+                (event(HTTP_DIR_IN, 30, 0), b"GET /b HTTP/1.1
+
+"),
+            ],
+        );
+        assert_eq!((out[0].tid, out[0].response_tid), (2, 3));
+        let mut close = event(HTTP_DIR_IN, 40, 0);
+        close.kind = HTTP_EVENT_CLOSE as u8;
+        feed(&mut t, &[(close, b"")]);
+        let log = t.take_serving_log();
+        let opened: Vec<(u32, u64)> = log
+            .iter()
+            .filter_map(|c| match c {
+                RequestChange::Opened { tid, start_ns, .. } => Some((*tid, *start_ns)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(opened, [(2, 10), (2, 30)]);
+        let dropped: Vec<[u8; 8]> = log
+            .iter()
+            .filter_map(|c| match c {
+                RequestChange::Dropped { span_id, .. } => Some(*span_id),
+                _ => None,
+            })
+            .collect();
+        let second = match log[1] {
+            RequestChange::Opened { span_id, .. } => span_id,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(dropped, [second], "only /b, closed unanswered, is dropped");
+        assert!(t.take_serving_log().is_empty());
     }
 
     #[test]

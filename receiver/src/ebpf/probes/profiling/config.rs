@@ -33,6 +33,14 @@ pub struct ProfilingProbeConfig {
     /// Default 200ms.
     #[serde(with = "humantime_serde")]
     pub event_poll_interval: Duration,
+    /// Samples taken while their thread serves an HTTP/gRPC request that the http probe of the
+    /// same receiver turns into a span carry that span's trace and span id. Default true (it
+    /// acts only with the http probe on and a traces pipeline).
+    pub trace_link: bool,
+    /// How long a sample taken during a request waits for the request's answer (its span);
+    /// then it goes out without ids, counted. Default 5s, at most 60s.
+    #[serde(with = "humantime_serde")]
+    pub trace_link_wait: Duration,
 }
 
 impl Default for ProfilingProbeConfig {
@@ -47,6 +55,8 @@ impl Default for ProfilingProbeConfig {
             symbol_cache_bytes: 64 << 20,
             wakeup_bytes: 512 << 10,
             event_poll_interval: Duration::from_millis(200),
+            trace_link: true,
+            trace_link_wait: Duration::from_secs(5),
         }
     }
 }
@@ -55,6 +65,8 @@ crate::ebpf::probes::probe_settings!(ProfilingProbeConfig);
 
 /// Highest sampling frequency accepted: beyond it the agent's own unwinding dominates.
 pub const MAX_FREQUENCY: u64 = 1000;
+/// Longest `trace_link_wait`: samples are held in memory that long.
+pub const MAX_TRACE_LINK_WAIT: Duration = Duration::from_secs(60);
 
 impl ProfilingProbeConfig {
     pub fn validate(&self, prefix: &str, errors: &mut Vec<FieldError>) {
@@ -68,6 +80,12 @@ impl ProfilingProbeConfig {
             errors.push(FieldError::new(
                 format!("{prefix}.symbol_cache_bytes"),
                 "at least 1048576 (1 MiB)",
+            ));
+        }
+        if self.trace_link_wait > MAX_TRACE_LINK_WAIT {
+            errors.push(FieldError::new(
+                format!("{prefix}.trace_link_wait"),
+                "at most 60s (samples wait in memory that long)",
             ));
         }
         if self.event_poll_interval < Duration::from_millis(10) {

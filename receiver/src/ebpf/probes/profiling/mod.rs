@@ -20,6 +20,7 @@ mod stacks;
 mod symbolize;
 #[cfg(test)]
 mod tests;
+pub mod trace_link;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,8 +190,11 @@ impl Probe for Loaded {
             proc_root: PathBuf::from("/proc"),
             cgroup_root: ctx.cgroup_root.clone(),
         };
-        let thread = Profiler::new(ring, settings, self.counters.clone(), tx)
-            .spawn(self.stop.clone())?;
+        let mut profiler = Profiler::new(ring, settings, self.counters.clone(), tx);
+        if let Some(links) = ctx.trace_links.as_ref().filter(|_| self.config.trace_link) {
+            profiler.link_traces(links.clone(), self.config.trace_link_wait);
+        }
+        let thread = profiler.spawn(self.stop.clone())?;
         let stop = self.stop.clone();
         let cancel = cancel.clone();
         let forward = tokio::spawn(async move {

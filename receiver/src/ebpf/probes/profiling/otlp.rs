@@ -3,6 +3,10 @@
 //! both alike), an on-CPU profile (`samples`/`count`, period `cpu`/`nanoseconds`) and an off-CPU
 //! profile (`off_cpu`/`nanoseconds`), and one dictionary for the whole message.
 //!
+//! A sample taken while its thread served an HTTP/gRPC request links to that request's span
+//! (`link_index` into the dictionary's `link_table`: trace id and span id), the protocol's own
+//! way of tying a sample to a trace.
+//!
 //! Frames of binaries keep their mapping (file name, `process.executable.build_id.gnu`) and their
 //! file offset as the location's address, named or not, so a backend can symbolize what the node
 //! could not.
@@ -12,13 +16,14 @@ use std::hash::Hash;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope};
 use opentelemetry_proto::tonic::profiles::v1development::{
-    Function, KeyValueAndUnit, Line, Location, Mapping, Profile, ProfilesData,
+    Function, KeyValueAndUnit, Line, Link, Location, Mapping, Profile, ProfilesData,
     ProfilesDictionary, ResourceProfiles, Sample, ScopeProfiles, Stack, ValueType,
 };
 
 use super::modules::ModuleCache;
 use super::stacks::{Frame, SampleKey, StackCounts, Weight};
 use super::symbolize::{FrameMapping, NamedFrame};
+use super::trace_link::SpanLink;
 use crate::ebpf::builder::{resource, Owner};
 use crate::ebpf::cgroups::CgroupIndex;
 
@@ -115,6 +120,7 @@ struct DictionaryBuilder {
     locations: HashMap<Frame, i32>,
     stacks: HashMap<Vec<i32>, i32>,
     attributes: HashMap<(i32, AttributeValue), i32>,
+    links: HashMap<SpanLink, i32>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -146,6 +152,7 @@ impl DictionaryBuilder {
             locations: HashMap::new(),
             stacks: HashMap::new(),
             attributes: HashMap::new(),
+            links: HashMap::new(),
         }
     }
 
@@ -278,10 +285,22 @@ impl DictionaryBuilder {
             self.attribute("process.pid", AttributeValue::Int(key.pid as i64)),
             self.attribute("thread.name", AttributeValue::Text(key.thread.clone())),
         ];
+        let link_index = match &key.link {
+            Some(link) => intern(
+                &mut self.links,
+                &mut self.tables.link_table,
+                *link,
+                || Link {
+                    trace_id: link.trace_id.to_vec(),
+                    span_id: link.span_id.to_vec(),
+                },
+            ),
+            None => 0,
+        };
         Sample {
             stack_index,
             attribute_indices,
-            link_index: 0,
+            link_index,
             values: vec![if off_cpu {
                 weight.off_cpu_ns as i64
             } else {

@@ -25,6 +25,8 @@ use super::otlp::{profiles, ProfileContext};
 use super::process::{Processes, StackCopy};
 use super::stacks::{Frame, SampleKey, StackCounts};
 use super::symbolize::Symbolizer;
+use super::trace_link::{Held, TraceLinker, TraceLinks};
+use crate::ebpf::clock::monotonic_now_ns;
 use crate::ebpf::cgroups::CgroupIndex;
 use crate::ebpf::collector::unix_nanos;
 
@@ -59,6 +61,10 @@ pub struct ProfilerCounters {
     pub symbol_cache_bytes: Gauge,
     /// Samples read from the ring buffer (every kind).
     pub ring_events: Counter,
+    /// Samples that may have been taken during a request and went out without its span's ids.
+    pub trace_link_unresolved: Counter,
+    /// Requests whose window the trace link could not keep (too many kept).
+    pub trace_link_windows_refused: Counter,
 }
 
 /// Tells the thread to flush and stop.
@@ -87,8 +93,19 @@ pub struct Profiler {
     counts: StackCounts,
     evictions_reported: u64,
     unsymbolized_reported: u64,
+    /// The trace link, when on: samples wait there for the span their thread was serving.
+    linker: Option<TraceLinker<Unlinked>>,
+    links_reported: (u64, u64),
     /// Samples handled since the start (for `podscope profile`'s progress line).
     pub handled: Arc<AtomicU64>,
+}
+
+/// A sample unwound and keyed, before its trace link is known.
+#[derive(Debug)]
+struct Unlinked {
+    key: SampleKey,
+    /// Off-CPU: the time blocked; on-CPU: None.
+    off_cpu_ns: Option<u64>,
 }
 
 impl Profiler {
@@ -113,8 +130,16 @@ impl Profiler {
             out,
             evictions_reported: 0,
             unsymbolized_reported: 0,
+            linker: None,
+            links_reported: (0, 0),
             handled: Arc::default(),
         }
+    }
+
+    /// Links samples to the http probe's spans through `links`, holding a sample at most
+    /// `wait` for its span.
+    pub fn link_traces(&mut self, links: TraceLinks, wait: Duration) {
+        self.linker = Some(TraceLinker::new(links, wait));
     }
 
     /// Runs on a thread of its own until `stop`, then flushes once more.
@@ -129,8 +154,8 @@ impl Profiler {
         loop {
             let until_flush = next_flush.saturating_duration_since(Instant::now());
             self.wait_readable(until_flush.min(self.settings.poll_interval));
-            self.drain();
             let stopping = stop.stopped();
+            self.drain(stopping);
             if stopping || Instant::now() >= next_flush {
                 self.flush();
                 next_flush += self.settings.interval;
@@ -158,8 +183,11 @@ impl Profiler {
         }
     }
 
-    fn drain(&mut self) {
+    /// Reads every waiting sample; with the trace link, sums those whose link is decided (all
+    /// of them when `last`).
+    fn drain(&mut self, last: bool) {
         let mut read = 0;
+        let mut unlinked = Vec::new();
         while let Some(item) = self.ring.next() {
             read += 1;
             let bytes: &[u8] = &item;
@@ -174,20 +202,47 @@ impl Profiler {
                 &self.counters,
             );
             drop(item);
-            match (head.kind, key_and_weight) {
+            let (sample, at_ns) = match (head.kind, key_and_weight) {
                 (PROFILE_ON_CPU, Some(key)) => {
                     self.counters.on_cpu_samples.inc();
-                    self.counts.add_on_cpu(key);
+                    let sample = Unlinked {
+                        key,
+                        off_cpu_ns: None,
+                    };
+                    (sample, head.timestamp_ns)
                 }
                 (PROFILE_OFF_CPU, Some(key)) => {
                     self.counters.off_cpu_samples.inc();
-                    self.counts.add_off_cpu(key, head.off_cpu_ns);
+                    let sample = Unlinked {
+                        key,
+                        off_cpu_ns: Some(head.off_cpu_ns),
+                    };
+                    // A block belongs to the request its thread served when it blocked.
+                    (sample, head.timestamp_ns.saturating_sub(head.off_cpu_ns))
                 }
-                _ => {}
+                _ => continue,
+            };
+            if self.linker.is_some() {
+                unlinked.push(Held {
+                    tgid: head.pid,
+                    tid: head.tid,
+                    at_ns,
+                    item: sample,
+                });
+            } else {
+                self.counts.add(sample.key, sample.off_cpu_ns);
             }
         }
         self.counters.ring_events.inc_by(read);
         self.handled.fetch_add(read, Ordering::Relaxed);
+        if let Some(linker) = &mut self.linker {
+            let mut decided = Vec::new();
+            linker.settle(unlinked, monotonic_now_ns(), last, &mut decided);
+            for (mut sample, link) in decided {
+                sample.key.link = link;
+                self.counts.add(sample.key, sample.off_cpu_ns);
+            }
+        }
     }
 
     /// Names the interval's frames and hands its profiles over.
@@ -234,6 +289,16 @@ impl Profiler {
         self.counters
             .symbol_cache_bytes
             .set(self.modules.held_bytes() as i64);
+        if let Some(linker) = &self.linker {
+            let (unresolved, refused) = (linker.unresolved, linker.windows_refused());
+            self.counters
+                .trace_link_unresolved
+                .inc_by(unresolved - self.links_reported.0);
+            self.counters
+                .trace_link_windows_refused
+                .inc_by(refused.saturating_sub(self.links_reported.1));
+            self.links_reported = (unresolved, refused.max(self.links_reported.1));
+        }
     }
 }
 
@@ -276,5 +341,7 @@ fn handle(
         pid: head.pid,
         thread: head.thread_name(),
         frames: frames.into(),
+        link: None,
     })
 }
+

@@ -1,10 +1,11 @@
-//! Samples summed per interval: each distinct (cgroup, process, thread name, stack) counts
-//! its samples (on-CPU) or its samples and blocked time (off-CPU). Nothing per sample leaves
+//! Samples summed per interval: each distinct (cgroup, process, thread name, stack, span it
+//! links to) counts its samples (on-CPU) or its samples and blocked time (off-CPU). Nothing per sample leaves
 //! the profiler; only these sums do.
 
 use std::collections::HashMap;
 
 use super::modules::ModuleId;
+use super::trace_link::SpanLink;
 
 /// One frame of a stack, not yet named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,6 +25,8 @@ pub struct SampleKey {
     pub thread: String,
     /// Leaf first: kernel frames, then user frames.
     pub frames: Box<[Frame]>,
+    /// The span the thread was serving (the trace link), if known.
+    pub link: Option<SpanLink>,
 }
 
 /// What a key summed: samples, and for off-CPU the time blocked.
@@ -50,6 +53,14 @@ impl StackCounts {
         let weight = self.off_cpu.entry(key).or_default();
         weight.samples += 1;
         weight.off_cpu_ns += blocked_ns;
+    }
+
+    /// An on-CPU sample, or (with the time blocked) an off-CPU one.
+    pub fn add(&mut self, key: SampleKey, off_cpu_ns: Option<u64>) {
+        match off_cpu_ns {
+            None => self.add_on_cpu(key),
+            Some(blocked_ns) => self.add_off_cpu(key, blocked_ns),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
