@@ -186,9 +186,7 @@ impl Kind {
     fn group(self) -> &'static str {
         match self {
             Kind::EbpfProgram | Kind::Probe => PODSCOPE_GROUP,
-            Kind::Deployment | Kind::ReplicaSet | Kind::StatefulSet | Kind::DaemonSet => {
-                APPS_GROUP
-            }
+            Kind::Deployment | Kind::ReplicaSet | Kind::StatefulSet | Kind::DaemonSet => APPS_GROUP,
             Kind::Job => BATCH_GROUP,
             _ => "",
         }
@@ -493,9 +491,7 @@ impl FakeApiServer {
     pub fn apply_workload(&self, manifest: Value) {
         let kind = Kind::ALL
             .into_iter()
-            .find(|k| {
-                matches!(k.group(), APPS_GROUP | BATCH_GROUP) && manifest["kind"] == k.name()
-            })
+            .find(|k| matches!(k.group(), APPS_GROUP | BATCH_GROUP) && manifest["kind"] == k.name())
             .unwrap_or_else(|| panic!("not an apps/v1 or batch/v1 workload: {}", manifest["kind"]));
         self.apply(kind, manifest);
     }

@@ -68,11 +68,14 @@ impl Cluster {
     async fn run(&self, args: &[&str]) -> Output {
         let mut command = self.plugin(args);
         let what = format!("kubectl podscope {}", args.join(" "));
-        tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || command.output()))
-            .await
-            .unwrap_or_else(|_| panic!("{what} did not finish within {PATIENCE:?}"))
-            .expect("join")
-            .expect("run the plugin")
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::task::spawn_blocking(move || command.output()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {PATIENCE:?}"))
+        .expect("join")
+        .expect("run the plugin")
     }
 }
 
@@ -81,7 +84,13 @@ fn text(bytes: &[u8]) -> String {
 }
 
 /// A running pod on `node` with containers (name, runtime id), as the kubelet reports it.
-fn pod(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)], containers: &[(&str, &str)]) -> Pod {
+fn pod(
+    namespace: &str,
+    name: &str,
+    node: &str,
+    labels: &[(&str, &str)],
+    containers: &[(&str, &str)],
+) -> Pod {
     let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
     let statuses: Vec<Value> = containers
         .iter()
@@ -106,16 +115,27 @@ fn pod(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)], contain
 /// The chart's agent pod on `node`, its session port `port` reachable on 127.0.0.1 (where the
 /// fake API server forwards a pod's ports).
 fn agent_pod(node: &str, port: u16) -> Pod {
-    let mut pod: Value = serde_json::to_value(pod("podscope", &format!("podscope-{node}"), node,
-        &[("app.kubernetes.io/name", "podscope"), ("app.kubernetes.io/component", "agent")],
-        &[("agent", "containerd://agent")])).expect("to JSON");
-    pod["spec"]["containers"][0]["ports"] = json!([{"name": "session", "containerPort": port, "protocol": "TCP"}]);
+    let mut pod: Value = serde_json::to_value(pod(
+        "podscope",
+        &format!("podscope-{node}"),
+        node,
+        &[
+            ("app.kubernetes.io/name", "podscope"),
+            ("app.kubernetes.io/component", "agent"),
+        ],
+        &[("agent", "containerd://agent")],
+    ))
+    .expect("to JSON");
+    pod["spec"]["containers"][0]["ports"] =
+        json!([{"name": "session", "containerPort": port, "protocol": "TCP"}]);
     serde_json::from_value(pod).expect("agent pod")
 }
 
 /// An echo server on a free loopback port: what a forwarded port reaches in the transport tests.
 async fn echo_server() -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("address").port();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -143,9 +163,15 @@ fn kubectl_plugin_list_finds_the_binary_on_path() {
         .output()
         .expect("run kubectl plugin list");
     let stdout = text(&output.stdout);
-    assert!(output.status.success(), "kubectl plugin list failed: {}", text(&output.stderr));
     assert!(
-        stdout.lines().any(|line| line == format!("{}/kubectl-podscope", dir.display())),
+        output.status.success(),
+        "kubectl plugin list failed: {}",
+        text(&output.stderr)
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line == format!("{}/kubectl-podscope", dir.display())),
         "kubectl plugin list did not list the plugin: {stdout}"
     );
     // And kubectl runs it as `kubectl podscope`.
@@ -156,7 +182,10 @@ fn kubectl_plugin_list_finds_the_binary_on_path() {
         .args(["podscope", "--version"])
         .output()
         .expect("run kubectl podscope");
-    assert_eq!(text(&output.stdout), format!("kubectl podscope {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text(&output.stdout),
+        format!("kubectl podscope {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
@@ -165,13 +194,22 @@ fn the_krew_manifest_is_a_valid_plugin_for_this_version() {
     let text = std::fs::read_to_string(&path).expect("read the krew manifest");
     let docs = yaml_rust2::YamlLoader::load_from_str(&text).expect("the krew manifest is YAML");
     let manifest = &docs[0];
-    assert_eq!(manifest["apiVersion"].as_str(), Some("krew.googlecontainertools.github.com/v1alpha2"));
+    assert_eq!(
+        manifest["apiVersion"].as_str(),
+        Some("krew.googlecontainertools.github.com/v1alpha2")
+    );
     assert_eq!(manifest["kind"].as_str(), Some("Plugin"));
     assert_eq!(manifest["metadata"]["name"].as_str(), Some("podscope"));
     let spec = &manifest["spec"];
-    assert_eq!(spec["version"].as_str(), Some(format!("v{}", env!("CARGO_PKG_VERSION")).as_str()));
+    assert_eq!(
+        spec["version"].as_str(),
+        Some(format!("v{}", env!("CARGO_PKG_VERSION")).as_str())
+    );
     for field in ["shortDescription", "description", "homepage"] {
-        assert!(spec[field].as_str().is_some_and(|v| !v.is_empty()), "spec.{field} is missing");
+        assert!(
+            spec[field].as_str().is_some_and(|v| !v.is_empty()),
+            "spec.{field} is missing"
+        );
     }
     let platforms = spec["platforms"].as_vec().expect("spec.platforms");
     assert!(!platforms.is_empty());
@@ -182,9 +220,14 @@ fn the_krew_manifest_is_a_valid_plugin_for_this_version() {
         let sha = platform["sha256"].as_str().expect("platforms[].sha256");
         assert_eq!(sha.len(), 64, "sha256 {sha}");
         assert!(sha.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_eq!(platform["selector"]["matchLabels"]["os"].as_str(), Some("linux"));
+        assert_eq!(
+            platform["selector"]["matchLabels"]["os"].as_str(),
+            Some("linux")
+        );
         let files = platform["files"].as_vec().expect("platforms[].files");
-        assert!(files.iter().any(|f| f["to"].as_str() == Some(".") && f["from"].as_str() == Some("kubectl-podscope")));
+        assert!(files.iter().any(
+            |f| f["to"].as_str() == Some(".") && f["from"].as_str() == Some("kubectl-podscope")
+        ));
     }
 }
 
@@ -204,12 +247,21 @@ async fn kube_rs_port_forwards_through_the_fake_api_server() {
     .expect("config");
     let client = kube::Client::try_from(config).expect("client");
     let pods: kube::Api<Pod> = kube::Api::namespaced(client, "podscope");
-    let mut forwarder = pods.portforward("podscope-node-a", &[port]).await.expect("port-forward");
+    let mut forwarder = pods
+        .portforward("podscope-node-a", &[port])
+        .await
+        .expect("port-forward");
     let mut stream = forwarder.take_stream(port).expect("stream");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    stream.write_all(b"through the API server\n").await.expect("write");
+    stream
+        .write_all(b"through the API server\n")
+        .await
+        .expect("write");
     let mut echoed = vec![0u8; 23];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut echoed)).await.expect("echo in time").expect("read");
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut echoed))
+        .await
+        .expect("echo in time")
+        .expect("read");
     assert_eq!(echoed, b"through the API server\n");
     let request = cluster
         .server
@@ -217,14 +269,25 @@ async fn kube_rs_port_forwards_through_the_fake_api_server() {
         .into_iter()
         .find(|r| r.resource == "pods/portforward")
         .expect("the port-forward request was logged");
-    assert_eq!((request.verb.as_str(), request.scope.as_str(), request.status), ("create", "podscope", 101));
+    assert_eq!(
+        (
+            request.verb.as_str(),
+            request.scope.as_str(),
+            request.status
+        ),
+        ("create", "podscope", 101)
+    );
 }
 
 #[tokio::test]
 async fn a_closed_pod_port_is_reported_on_the_error_channel() {
     let cluster = Cluster::start().await;
     // A port nothing listens on: bound, then released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     cluster.server.apply_pod(agent_pod("node-a", port));
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(cluster.kubeconfig()).expect("kubeconfig"),
@@ -232,14 +295,20 @@ async fn a_closed_pod_port_is_reported_on_the_error_channel() {
     )
     .await
     .expect("config");
-    let pods: kube::Api<Pod> = kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "podscope");
-    let mut forwarder = pods.portforward("podscope-node-a", &[port]).await.expect("port-forward");
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "podscope");
+    let mut forwarder = pods
+        .portforward("podscope-node-a", &[port])
+        .await
+        .expect("port-forward");
     let error = tokio::time::timeout(PATIENCE, forwarder.take_error(port).expect("error future"))
         .await
         .expect("error in time")
         .expect("an error message");
     assert!(
-        error.starts_with(&format!("error forwarding port {port} to pod podscope-node-a, uid ")),
+        error.starts_with(&format!(
+            "error forwarding port {port} to pod podscope-node-a, uid "
+        )),
         "{error}"
     );
     assert!(error.contains("Connection refused"), "{error}");
@@ -254,10 +323,19 @@ async fn kubectl_port_forward_echoes(websockets: bool) {
     let mut child = Command::new(kubectl_binary())
         .env_clear()
         .env("HOME", cluster.dir.path())
-        .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", if websockets { "true" } else { "false" })
+        .env(
+            "KUBECTL_PORT_FORWARD_WEBSOCKETS",
+            if websockets { "true" } else { "false" },
+        )
         .arg("--kubeconfig")
         .arg(cluster.kubeconfig())
-        .args(["port-forward", "-n", "podscope", "pod/podscope-node-a", &format!(":{port}")])
+        .args([
+            "port-forward",
+            "-n",
+            "podscope",
+            "pod/podscope-node-a",
+            &format!(":{port}"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -268,16 +346,24 @@ async fn kubectl_port_forward_echoes(websockets: bool) {
     let result = tokio::task::spawn_blocking(move || -> Result<String, String> {
         // "Forwarding from 127.0.0.1:PORT -> REMOTE"
         let stdout = stdout.ok_or("no stdout")?;
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).map_err(|e| e.to_string())?;
+        reader.read_line(&mut line).map_err(|e| e.to_string())?;
+        // kubectl goes on printing ("Handling connection for …"): keep its stdout open.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let local: u16 = line
             .split_once("127.0.0.1:")
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| format!("kubectl port-forward printed {line:?}"))?;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", local)).map_err(|e| e.to_string())?;
-        stream.set_read_timeout(Some(PATIENCE)).map_err(|e| e.to_string())?;
-        stream.write_all(b"via kubectl\n").map_err(|e| e.to_string())?;
+        let mut stream =
+            std::net::TcpStream::connect(("127.0.0.1", local)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(PATIENCE))
+            .map_err(|e| e.to_string())?;
+        stream
+            .write_all(b"via kubectl\n")
+            .map_err(|e| e.to_string())?;
         let mut echoed = [0u8; 12];
         stream.read_exact(&mut echoed).map_err(|e| e.to_string())?;
         Ok(text(&echoed))
@@ -333,19 +419,37 @@ async fn kubectl_port_forward_over_spdy_reaches_the_pod_port() {
 #[tokio::test]
 async fn a_missing_target_exits_3_and_names_it() {
     let cluster = Cluster::start().await;
-    let output = cluster.run(&["trace", "-n", "shop", "pod/nope", "exec"]).await;
+    let output = cluster
+        .run(&["trace", "-n", "shop", "pod/nope", "exec"])
+        .await;
     assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
-    assert_eq!(text(&output.stderr), "error: pod \"nope\" in namespace \"shop\" not found\n");
-    let output = cluster.run(&["trace", "-n", "shop", "deploy/web", "exec"]).await;
+    assert_eq!(
+        text(&output.stderr),
+        "error: pod \"nope\" in namespace \"shop\" not found\n"
+    );
+    let output = cluster
+        .run(&["trace", "-n", "shop", "deploy/web", "exec"])
+        .await;
     assert_eq!(output.status.code(), Some(3));
-    assert_eq!(text(&output.stderr), "error: deployment \"web\" in namespace \"shop\" not found\n");
+    assert_eq!(
+        text(&output.stderr),
+        "error: deployment \"web\" in namespace \"shop\" not found\n"
+    );
 }
 
 #[tokio::test]
 async fn a_node_without_an_agent_exits_4() {
     let cluster = Cluster::start().await;
-    cluster.server.apply_pod(pod("shop", "web-0", "node-b", &[("app", "web")], &[("app", "containerd://0a")]));
-    let output = cluster.run(&["trace", "-n", "shop", "pod/web-0", "exec"]).await;
+    cluster.server.apply_pod(pod(
+        "shop",
+        "web-0",
+        "node-b",
+        &[("app", "web")],
+        &[("app", "containerd://0a")],
+    ));
+    let output = cluster
+        .run(&["trace", "-n", "shop", "pod/web-0", "exec"])
+        .await;
     assert_eq!(output.status.code(), Some(4), "{}", text(&output.stderr));
     assert!(
         text(&output.stderr).starts_with(
@@ -399,9 +503,15 @@ async fn usage_errors_exit_2() {
     let cluster = Cluster::start().await;
     let output = cluster.run(&["trace", "pod/web-0", "kprobe"]).await;
     assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).starts_with("error: unknown probe \"kprobe\""), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).starts_with("error: unknown probe \"kprobe\""),
+        "{}",
+        text(&output.stderr)
+    );
     let output = cluster.run(&["trace", "web-0", "exec"]).await;
     assert_eq!(output.status.code(), Some(2));
-    let output = cluster.run(&["profile", "node/n1", "-o", "flame.png"]).await;
+    let output = cluster
+        .run(&["profile", "node/n1", "-o", "flame.png"])
+        .await;
     assert_eq!(output.status.code(), Some(2));
 }

@@ -67,12 +67,10 @@ pub struct ClusterArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Stream the events of one built-in probe from every node TARGET spans, merged in time order.
-    #[command(
-        after_help = "Examples:\n  kubectl podscope trace pod/web-0 exec\n  \
+    #[command(after_help = "Examples:\n  kubectl podscope trace pod/web-0 exec\n  \
                       kubectl podscope trace deploy/web tcp-connect --duration 30s -o json\n  \
                       kubectl podscope trace -l app=web open --filter comm=nginx\n  \
-                      kubectl podscope trace node/worker-1 oom-kill"
-    )]
+                      kubectl podscope trace node/worker-1 oom-kill")]
     Trace(TraceArgs),
     /// A refreshing table of CPU, run-queue latency, syscalls, opens and TCP retransmits.
     #[command(
@@ -158,7 +156,12 @@ pub struct BpftraceArgs {
     #[command(flatten)]
     pub selection: Selection,
     /// The program text.
-    #[arg(short = 'e', value_name = "PROGRAM", conflicts_with = "file", required_unless_present = "file")]
+    #[arg(
+        short = 'e',
+        value_name = "PROGRAM",
+        conflicts_with = "file",
+        required_unless_present = "file"
+    )]
     pub program: Option<String>,
     /// A file holding the program.
     #[arg(short = 'f', value_name = "FILE")]
@@ -263,7 +266,10 @@ mod tests {
         assert_eq!(parse_probe("OOM-KILL"), Ok(TraceProbe::OomKill));
         assert_eq!(parse_probe("signals"), Ok(TraceProbe::Signal));
         let error = parse_probe("kprobe").unwrap_err();
-        assert!(error.starts_with("unknown probe \"kprobe\": one of exec,"), "{error}");
+        assert!(
+            error.starts_with("unknown probe \"kprobe\": one of exec,"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use clap::Parser;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-use crate::cli::{ClusterArgs, Cli, Command};
+use crate::cli::{Cli, ClusterArgs, Command};
 use crate::error::PluginError;
 use crate::targets::{TargetSpec, TargetsByNode};
 use crate::transport::Route;

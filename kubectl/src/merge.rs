@@ -96,19 +96,26 @@ mod tests {
     }
 
     fn times(events: &[Event]) -> Vec<(String, u64)> {
-        events.iter().map(|e| (e.node.clone(), e.time_unix_nano)).collect()
+        events
+            .iter()
+            .map(|e| (e.node.clone(), e.time_unix_nano))
+            .collect()
     }
 
     #[test]
     fn events_wait_until_every_open_node_has_passed_them() {
         let start = Instant::now();
-        let mut merger = TimeMerger::new(["a".to_string(), "b".to_string()], Duration::from_secs(1));
+        let mut merger =
+            TimeMerger::new(["a".to_string(), "b".to_string()], Duration::from_secs(1));
         merger.push("a", event("a", 10), start);
         merger.push("a", event("a", 30), start);
         // b has said nothing yet: a's events may still be preceded by b's.
         assert!(merger.ready(start).is_empty());
         merger.push("b", event("b", 20), start);
-        assert_eq!(times(&merger.ready(start)), [("a".into(), 10), ("b".into(), 20)]);
+        assert_eq!(
+            times(&merger.ready(start)),
+            [("a".into(), 10), ("b".into(), 20)]
+        );
         merger.push("b", event("b", 40), start);
         assert_eq!(times(&merger.ready(start)), [("a".into(), 30)]);
         merger.finish("a");
@@ -118,11 +125,20 @@ mod tests {
     #[test]
     fn a_quiet_node_holds_events_back_only_for_the_lateness() {
         let start = Instant::now();
-        let mut merger = TimeMerger::new(["a".to_string(), "b".to_string()], Duration::from_millis(300));
+        let mut merger = TimeMerger::new(
+            ["a".to_string(), "b".to_string()],
+            Duration::from_millis(300),
+        );
         merger.push("a", event("a", 10), start);
         assert!(merger.ready(start + Duration::from_millis(299)).is_empty());
-        assert_eq!(merger.next_deadline(), Some(start + Duration::from_millis(300)));
-        assert_eq!(times(&merger.ready(start + Duration::from_millis(300))), [("a".into(), 10)]);
+        assert_eq!(
+            merger.next_deadline(),
+            Some(start + Duration::from_millis(300))
+        );
+        assert_eq!(
+            times(&merger.ready(start + Duration::from_millis(300))),
+            [("a".into(), 10)]
+        );
         assert_eq!(merger.next_deadline(), None);
     }
 

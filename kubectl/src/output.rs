@@ -104,7 +104,10 @@ impl EventTable {
             .map(|(value, (_, width))| format!("{:<width$}", dash_if_empty(value)))
             .collect();
         for column in columns.iter() {
-            cells.push(dash_if_empty(event.fields.get(column).map(String::as_str).unwrap_or("")).to_string());
+            cells.push(
+                dash_if_empty(event.fields.get(column).map(String::as_str).unwrap_or(""))
+                    .to_string(),
+            );
         }
         for (name, value) in &event.fields {
             if !columns.contains(name) {
@@ -140,7 +143,12 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         let text: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, cell)| format!("{cell:<width$}", width = widths.get(i).copied().unwrap_or(0)))
+            .map(|(i, cell)| {
+                format!(
+                    "{cell:<width$}",
+                    width = widths.get(i).copied().unwrap_or(0)
+                )
+            })
             .collect();
         out.push_str(text.join("  ").trim_end());
         out.push('\n');
@@ -195,7 +203,8 @@ mod tests {
 
     #[test]
     fn yaml_output_is_one_document_per_object() {
-        let value = serde_json::json!({"fields": {"filename": "/bin/true"}, "node": "n1", "pid": 7});
+        let value =
+            serde_json::json!({"fields": {"filename": "/bin/true"}, "node": "n1", "pid": 7});
         assert_eq!(
             yaml_document(&value),
             "---\nfields:\n  filename: /bin/true\nnode: n1\npid: 7\n"
@@ -207,7 +216,10 @@ mod tests {
     fn tables_align_on_the_widest_cell() {
         let text = table(
             &["NODE", "READY"],
-            &[vec!["worker-1".into(), "true".into()], vec!["n2".into(), "false".into()]],
+            &[
+                vec!["worker-1".into(), "true".into()],
+                vec!["n2".into(), "false".into()],
+            ],
         );
         assert_eq!(text, "NODE      READY\nworker-1  true\nn2        false\n");
     }

@@ -83,7 +83,13 @@ pub async fn resolve(
         TargetSpec::Pod(name) => {
             let api: Api<Pod> = Api::namespaced(client.clone(), ns);
             let pod = api.get(name).await.map_err(|e| {
-                PluginError::from_api(e, "get", "pods", Some(ns), &format!("pod {name:?} in namespace {ns:?}"))
+                PluginError::from_api(
+                    e,
+                    "get",
+                    "pods",
+                    Some(ns),
+                    &format!("pod {name:?} in namespace {ns:?}"),
+                )
             })?;
             vec![pod]
         }
@@ -96,7 +102,13 @@ pub async fn resolve(
                 .list(&ListParams::default().labels(selector))
                 .await
                 .map_err(|e| {
-                    PluginError::from_api(e, "list", "pods", namespace, &format!("pods matching {selector:?}"))
+                    PluginError::from_api(
+                        e,
+                        "list",
+                        "pods",
+                        namespace,
+                        &format!("pods matching {selector:?}"),
+                    )
                 })?;
             listed.items
         }
@@ -105,13 +117,17 @@ pub async fn resolve(
             let deployment = Api::<Deployment>::namespaced(client.clone(), ns)
                 .get(name)
                 .await
-                .map_err(|e| PluginError::from_api(e, "get", "deployments.apps", Some(ns), &what))?;
+                .map_err(|e| {
+                    PluginError::from_api(e, "get", "deployments.apps", Some(ns), &what)
+                })?;
             let selector = deployment.spec.as_ref().map(|s| &s.selector);
             let owner = deployment.metadata.uid.clone().unwrap_or_default();
             let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), ns)
                 .list(&ListParams::default().labels(&selector_text(selector, &what)?))
                 .await
-                .map_err(|e| PluginError::from_api(e, "list", "replicasets.apps", Some(ns), &what))?;
+                .map_err(|e| {
+                    PluginError::from_api(e, "list", "replicasets.apps", Some(ns), &what)
+                })?;
             let owners: BTreeSet<String> = replica_sets
                 .items
                 .iter()
@@ -125,9 +141,18 @@ pub async fn resolve(
             let object = Api::<StatefulSet>::namespaced(client.clone(), ns)
                 .get(name)
                 .await
-                .map_err(|e| PluginError::from_api(e, "get", "statefulsets.apps", Some(ns), &what))?;
+                .map_err(|e| {
+                    PluginError::from_api(e, "get", "statefulsets.apps", Some(ns), &what)
+                })?;
             let owners = object.metadata.uid.clone().into_iter().collect();
-            owned_pods(client, ns, object.spec.as_ref().map(|s| &s.selector), &owners, &what).await?
+            owned_pods(
+                client,
+                ns,
+                object.spec.as_ref().map(|s| &s.selector),
+                &owners,
+                &what,
+            )
+            .await?
         }
         TargetSpec::DaemonSet(name) => {
             let what = format!("daemonset {name:?} in namespace {ns:?}");
@@ -136,7 +161,14 @@ pub async fn resolve(
                 .await
                 .map_err(|e| PluginError::from_api(e, "get", "daemonsets.apps", Some(ns), &what))?;
             let owners = object.metadata.uid.clone().into_iter().collect();
-            owned_pods(client, ns, object.spec.as_ref().map(|s| &s.selector), &owners, &what).await?
+            owned_pods(
+                client,
+                ns,
+                object.spec.as_ref().map(|s| &s.selector),
+                &owners,
+                &what,
+            )
+            .await?
         }
         TargetSpec::Job(name) => {
             let what = format!("job {name:?} in namespace {ns:?}");
@@ -153,9 +185,15 @@ pub async fn resolve(
 }
 
 /// `node/N`: the whole node, no pod targets.
-pub fn group_node(spec: &TargetSpec, container: Option<&str>) -> Result<TargetsByNode, PluginError> {
+pub fn group_node(
+    spec: &TargetSpec,
+    container: Option<&str>,
+) -> Result<TargetsByNode, PluginError> {
     let TargetSpec::Node(node) = spec else {
-        return Err(PluginError::Usage(format!("{} is not a node", describe(spec))));
+        return Err(PluginError::Usage(format!(
+            "{} is not a node",
+            describe(spec)
+        )));
     };
     if container.is_some() {
         return Err(PluginError::Usage(
@@ -185,7 +223,10 @@ async fn owned_pods(
         .collect())
 }
 
-fn owned_by(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, uid: &str) -> bool {
+fn owned_by(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    uid: &str,
+) -> bool {
     metadata
         .owner_references
         .iter()
@@ -195,9 +236,8 @@ fn owned_by(metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
 
 /// A workload's `spec.selector` as a label selector string.
 fn selector_text(selector: Option<&LabelSelector>, what: &str) -> Result<String, PluginError> {
-    let selector = selector.ok_or_else(|| {
-        PluginError::TargetNotFound(format!("{what} has no pod selector"))
-    })?;
+    let selector = selector
+        .ok_or_else(|| PluginError::TargetNotFound(format!("{what} has no pod selector")))?;
     let mut terms: Vec<String> = selector
         .match_labels
         .iter()
@@ -255,7 +295,11 @@ pub fn group_by_node(
         let containers: Vec<ContainerRef> = statuses
             .iter()
             .filter(|s| container.is_none_or(|wanted| s.name == wanted))
-            .filter(|s| s.state.as_ref().is_some_and(|state| state.running.is_some()))
+            .filter(|s| {
+                s.state
+                    .as_ref()
+                    .is_some_and(|state| state.running.is_some())
+            })
             .filter_map(|s| {
                 Some(ContainerRef {
                     name: s.name.clone(),
@@ -264,7 +308,9 @@ pub fn group_by_node(
             })
             .collect();
         if containers.is_empty() {
-            skipped.push(format!("{namespace}/{name} (no running container selected)"));
+            skipped.push(format!(
+                "{namespace}/{name} (no running container selected)"
+            ));
             continue;
         }
         by_node.entry(node).or_default().push(Target {
@@ -321,7 +367,13 @@ pub async fn agent_on_node(
         .list(&params)
         .await
         .map_err(|e| {
-            PluginError::from_api(e, "list", "pods", Some(namespace), &format!("the agent pods in {namespace:?}"))
+            PluginError::from_api(
+                e,
+                "list",
+                "pods",
+                Some(namespace),
+                &format!("the agent pods in {namespace:?}"),
+            )
         })?;
     running_agents(&pods.items, namespace)
         .into_iter()
@@ -334,12 +386,22 @@ pub async fn agent_on_node(
 }
 
 /// Every running agent pod, one per node (for `status` and `top` without a target).
-pub async fn all_agents(client: &Client, namespace: &str, selector: &str) -> Result<Vec<AgentPod>, PluginError> {
+pub async fn all_agents(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+) -> Result<Vec<AgentPod>, PluginError> {
     let pods = Api::<Pod>::namespaced(client.clone(), namespace)
         .list(&ListParams::default().labels(selector))
         .await
         .map_err(|e| {
-            PluginError::from_api(e, "list", "pods", Some(namespace), &format!("the agent pods in {namespace:?}"))
+            PluginError::from_api(
+                e,
+                "list",
+                "pods",
+                Some(namespace),
+                &format!("the agent pods in {namespace:?}"),
+            )
         })?;
     let agents = running_agents(&pods.items, namespace);
     if agents.is_empty() {
@@ -419,14 +481,30 @@ mod tests {
     #[test]
     fn targets_parse_with_kubectl_kind_names() {
         let parse = |t| TargetSpec::parse(Some(t), None);
-        assert_eq!(parse("deploy/web").unwrap(), TargetSpec::Deployment("web".into()));
-        assert_eq!(parse("statefulset/db").unwrap(), TargetSpec::StatefulSet("db".into()));
+        assert_eq!(
+            parse("deploy/web").unwrap(),
+            TargetSpec::Deployment("web".into())
+        );
+        assert_eq!(
+            parse("statefulset/db").unwrap(),
+            TargetSpec::StatefulSet("db".into())
+        );
         assert_eq!(parse("no/n1").unwrap(), TargetSpec::Node("n1".into()));
-        assert_eq!(parse("ds/agent").unwrap(), TargetSpec::DaemonSet("agent".into()));
+        assert_eq!(
+            parse("ds/agent").unwrap(),
+            TargetSpec::DaemonSet("agent".into())
+        );
         assert_eq!(parse("job/j").unwrap(), TargetSpec::Job("j".into()));
-        assert!(matches!(parse("web-0"), Err(PluginError::Usage(m)) if m.contains("is not KIND/NAME")));
-        assert!(matches!(parse("svc/web"), Err(PluginError::Usage(m)) if m.contains("\"svc\" is not one of")));
-        assert!(matches!(TargetSpec::parse(Some("pod/a"), Some("x=y")), Err(PluginError::Usage(_))));
+        assert!(
+            matches!(parse("web-0"), Err(PluginError::Usage(m)) if m.contains("is not KIND/NAME"))
+        );
+        assert!(
+            matches!(parse("svc/web"), Err(PluginError::Usage(m)) if m.contains("\"svc\" is not one of"))
+        );
+        assert!(matches!(
+            TargetSpec::parse(Some("pod/a"), Some("x=y")),
+            Err(PluginError::Usage(_))
+        ));
         assert_eq!(
             TargetSpec::parse(None, Some("app=web")).unwrap(),
             TargetSpec::Selector("app=web".into())
@@ -436,11 +514,34 @@ mod tests {
     #[test]
     fn running_pods_are_grouped_by_node_with_their_running_containers() {
         let pods = [
-            pod("a", Some("n1"), "Running", &[("app", "containerd://a1", true), ("side", "containerd://a2", false)]),
-            pod("b", Some("n2"), "Running", &[("app", "containerd://b1", true)]),
-            pod("c", Some("n1"), "Running", &[("app", "containerd://c1", true)]),
+            pod(
+                "a",
+                Some("n1"),
+                "Running",
+                &[
+                    ("app", "containerd://a1", true),
+                    ("side", "containerd://a2", false),
+                ],
+            ),
+            pod(
+                "b",
+                Some("n2"),
+                "Running",
+                &[("app", "containerd://b1", true)],
+            ),
+            pod(
+                "c",
+                Some("n1"),
+                "Running",
+                &[("app", "containerd://c1", true)],
+            ),
             pod("d", None, "Pending", &[]),
-            pod("e", Some("n2"), "Succeeded", &[("app", "containerd://e1", false)]),
+            pod(
+                "e",
+                Some("n2"),
+                "Succeeded",
+                &[("app", "containerd://e1", false)],
+            ),
         ];
         let spec = TargetSpec::Selector("app=web".into());
         let grouped = group_by_node(&spec, &pods, None).unwrap();
@@ -451,7 +552,17 @@ mod tests {
                     node.clone(),
                     targets
                         .iter()
-                        .map(|t| format!("{}:{}", t.pod, t.containers.iter().map(|c| c.id.as_str()).collect::<Vec<_>>().join("+")))
+                        .map(|t| {
+                            format!(
+                                "{}:{}",
+                                t.pod,
+                                t.containers
+                                    .iter()
+                                    .map(|c| c.id.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join("+")
+                            )
+                        })
                         .collect(),
                 )
             })
@@ -459,7 +570,13 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                ("n1".to_string(), vec!["a:containerd://a1".to_string(), "c:containerd://c1".to_string()]),
+                (
+                    "n1".to_string(),
+                    vec![
+                        "a:containerd://a1".to_string(),
+                        "c:containerd://c1".to_string()
+                    ]
+                ),
                 ("n2".to_string(), vec!["b:containerd://b1".to_string()]),
             ]
         );
@@ -467,10 +584,24 @@ mod tests {
 
     #[test]
     fn a_named_container_is_selected_or_reported_missing() {
-        let pods = [pod("a", Some("n1"), "Running", &[("app", "containerd://a1", true), ("side", "containerd://a2", true)])];
+        let pods = [pod(
+            "a",
+            Some("n1"),
+            "Running",
+            &[
+                ("app", "containerd://a1", true),
+                ("side", "containerd://a2", true),
+            ],
+        )];
         let spec = TargetSpec::Pod("a".into());
         let grouped = group_by_node(&spec, &pods, Some("side")).unwrap();
-        assert_eq!(grouped["n1"][0].containers, vec![ContainerRef { name: "side".into(), id: "containerd://a2".into() }]);
+        assert_eq!(
+            grouped["n1"][0].containers,
+            vec![ContainerRef {
+                name: "side".into(),
+                id: "containerd://a2".into()
+            }]
+        );
         let error = group_by_node(&spec, &pods, Some("db")).unwrap_err();
         assert_eq!(error.exit_code(), 3);
         assert_eq!(
@@ -483,7 +614,10 @@ mod tests {
     fn no_running_pod_is_target_not_found_and_says_what_was_seen() {
         let pods = [pod("d", None, "Pending", &[])];
         let error = group_by_node(&TargetSpec::Deployment("web".into()), &pods, None).unwrap_err();
-        assert_eq!(error.to_string(), "deploy/web: no running pods (found shop/d (Pending))");
+        assert_eq!(
+            error.to_string(),
+            "deploy/web: no running pods (found shop/d (Pending))"
+        );
         let error = group_by_node(&TargetSpec::Selector("app=x".into()), &[], None).unwrap_err();
         assert_eq!(error.to_string(), "-l app=x: no pods found");
     }

@@ -26,18 +26,22 @@ pub async fn run(context: &mut Context, args: TopArgs) -> Result<(), PluginError
         context.routes(&by_node).await?
     } else {
         let routes = context.every_agent().await?;
-        routes.into_iter().map(|route| (route, Vec::new())).collect()
+        routes
+            .into_iter()
+            .map(|route| (route, Vec::new()))
+            .collect()
     };
     // Without a target, pods and containers are those of the namespace, as `kubectl top pods`.
-    let namespace = if has_target || context.cluster.all_namespaces || args.scope == TopScopeArg::Nodes {
-        None
-    } else if let Some(namespace) = &context.cluster.namespace {
-        Some(namespace.clone())
-    } else if context.cluster.agent_address.is_some() {
-        None
-    } else {
-        Some(context.client().await?.1)
-    };
+    let namespace =
+        if has_target || context.cluster.all_namespaces || args.scope == TopScopeArg::Nodes {
+            None
+        } else if let Some(namespace) = &context.cluster.namespace {
+            Some(namespace.clone())
+        } else if context.cluster.agent_address.is_some() {
+            None
+        } else {
+            Some(context.client().await?.1)
+        };
     let request = |targets: Vec<podscope_core::session::Target>| Request::Top {
         scope,
         targets,
@@ -107,7 +111,12 @@ impl TopView {
         let mut rows: Vec<(String, TopRow)> = self
             .tables
             .iter()
-            .flat_map(|(node, table)| table.rows.iter().map(move |row| (node.clone(), row.clone())))
+            .flat_map(|(node, table)| {
+                table
+                    .rows
+                    .iter()
+                    .map(move |row| (node.clone(), row.clone()))
+            })
             .filter(|(_, row)| {
                 self.namespace
                     .as_ref()
@@ -115,7 +124,12 @@ impl TopView {
             })
             .collect();
         let name = |(node, row): &(String, TopRow)| {
-            (node.clone(), row.namespace.clone(), row.pod.clone(), row.container.clone())
+            (
+                node.clone(),
+                row.namespace.clone(),
+                row.pod.clone(),
+                row.container.clone(),
+            )
         };
         let value = |row: &TopRow| match self.sort {
             SortKey::Cpu => row.cpu_cores,
@@ -147,7 +161,14 @@ impl TopView {
             TopScopeArg::Nodes => {}
         }
         header.extend([
-            "CPU", "RUNQ-P50", "RUNQ-P99", "SYSCALLS/S", "OPENS/S", "RETRANS/S", "REQ/S", "REQ-P99",
+            "CPU",
+            "RUNQ-P50",
+            "RUNQ-P99",
+            "SYSCALLS/S",
+            "OPENS/S",
+            "RETRANS/S",
+            "REQ/S",
+            "REQ-P99",
         ]);
         let rows: Vec<Vec<String>> = self
             .rows()
@@ -156,9 +177,11 @@ impl TopView {
                 let mut cells = vec![node];
                 match self.scope {
                     TopScopeArg::Pods => cells.extend([row.namespace.clone(), row.pod.clone()]),
-                    TopScopeArg::Containers => {
-                        cells.extend([row.namespace.clone(), row.pod.clone(), row.container.clone()])
-                    }
+                    TopScopeArg::Containers => cells.extend([
+                        row.namespace.clone(),
+                        row.pod.clone(),
+                        row.container.clone(),
+                    ]),
                     TopScopeArg::Nodes => {}
                 }
                 cells.extend([
@@ -287,7 +310,11 @@ async fn live(
         // Home, clear, then the screen with CRLF: the terminal is in raw-ish mode.
         let text = format!("\x1b[H\x1b[2J{}", screen.replace('\n', "\r\n"));
         let mut out = std::io::stdout().lock();
-        if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+        if out
+            .write_all(text.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
             return Ok(());
         }
     }
@@ -392,17 +419,37 @@ mod tests {
             sort,
             namespace: namespace.map(str::to_string),
             tables: BTreeMap::from([
-                ("n1".to_string(), table("n1", vec![row("shop", "web-0", Some(0.25), 10.0), row("kube-system", "dns", None, 99.0)])),
-                ("n2".to_string(), table("n2", vec![row("shop", "web-1", Some(1.5), 5.0)])),
+                (
+                    "n1".to_string(),
+                    table(
+                        "n1",
+                        vec![
+                            row("shop", "web-0", Some(0.25), 10.0),
+                            row("kube-system", "dns", None, 99.0),
+                        ],
+                    ),
+                ),
+                (
+                    "n2".to_string(),
+                    table("n2", vec![row("shop", "web-1", Some(1.5), 5.0)]),
+                ),
             ]),
         }
     }
 
     #[test]
     fn rows_of_every_node_sort_by_the_chosen_column() {
-        let pods = |view: &TopView| view.rows().into_iter().map(|(_, r)| r.pod).collect::<Vec<_>>();
+        let pods = |view: &TopView| {
+            view.rows()
+                .into_iter()
+                .map(|(_, r)| r.pod)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(pods(&view(SortKey::Cpu, None)), ["web-1", "web-0", "dns"]);
-        assert_eq!(pods(&view(SortKey::Syscalls, None)), ["dns", "web-0", "web-1"]);
+        assert_eq!(
+            pods(&view(SortKey::Syscalls, None)),
+            ["dns", "web-0", "web-1"]
+        );
         assert_eq!(pods(&view(SortKey::Cpu, Some("shop"))), ["web-1", "web-0"]);
         assert_eq!(sort_for_key(b's'), Some(SortKey::Syscalls));
         assert_eq!(sort_for_key(b'z'), None);

@@ -21,7 +21,10 @@ use crate::targets::AgentPod;
 pub enum Route {
     /// `--agent-address HOST:PORT`; `node` is what the user's target resolved to (the agent
     /// names its own node in its welcome).
-    Direct { address: String, node: String },
+    Direct {
+        address: String,
+        node: String,
+    },
     PortForward(AgentPod),
 }
 
@@ -95,7 +98,10 @@ impl Session {
             Ok(None) | Err(ReadError::Io(_)) => {
                 // Through a port-forward, a closed port shows as the stream ending at once, with
                 // the reason on the port's error channel.
-                let reason = match forwarder.as_mut().and_then(|f| f.take_error(route_port(route))) {
+                let reason = match forwarder
+                    .as_mut()
+                    .and_then(|f| f.take_error(route_port(route)))
+                {
                     Some(error) => tokio::time::timeout(Duration::from_secs(2), error)
                         .await
                         .ok()
@@ -236,7 +242,12 @@ pub fn stream_all(sessions: Vec<Session>) -> mpsc::Receiver<NodeMessage> {
                     Ok(None) => break,
                     Err(error) => Err(error),
                 };
-                if sender.send((session.route_node.clone(), item)).await.is_err() || done {
+                if sender
+                    .send((session.route_node.clone(), item))
+                    .await
+                    .is_err()
+                    || done
+                {
                     break;
                 }
             }

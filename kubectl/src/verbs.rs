@@ -26,11 +26,10 @@ fn trace_words(args: &TraceArgs) -> Result<(Option<&str>, TraceProbe), PluginErr
     let (target, probe) = match (words.as_slice(), &args.selection.selector) {
         ([target, probe], None) => (Some(*target), *probe),
         ([probe], Some(_)) => (None, *probe),
-        ([_], None) => {
-            return Err(PluginError::Usage(
-                "trace needs TARGET and PROBE (e.g. `trace pod/web-0 exec`), or -l SELECTOR and PROBE".into(),
-            ))
-        }
+        ([_], None) => return Err(PluginError::Usage(
+            "trace needs TARGET and PROBE (e.g. `trace pod/web-0 exec`), or -l SELECTOR and PROBE"
+                .into(),
+        )),
         _ => {
             return Err(PluginError::Usage(
                 "with -l SELECTOR, give only PROBE (e.g. `trace -l app=web exec`)".into(),
@@ -314,7 +313,9 @@ pub async fn profile(context: &mut Context, args: ProfileArgs) -> Result<(), Plu
     }
     let bytes = match kind {
         ProfileOutput::Pprof => files.into_iter().next().ok_or_else(|| {
-            PluginError::Other(anyhow::anyhow!("the agent ended without sending the profile"))
+            PluginError::Other(anyhow::anyhow!(
+                "the agent ended without sending the profile"
+            ))
         })?,
         ProfileOutput::Folded => files.concat(),
         ProfileOutput::FlameGraph => flame_graph(&files.concat())?,
@@ -391,7 +392,12 @@ pub async fn status(context: &mut Context, args: StatusArgs) -> Result<(), Plugi
                         status.protocol.to_string(),
                         if status.ready { "yes" } else { "no" }.to_string(),
                         format!("{attached}/{}", status.probes.len()),
-                        if status.bpftrace_enabled { "enabled" } else { "disabled" }.to_string(),
+                        if status.bpftrace_enabled {
+                            "enabled"
+                        } else {
+                            "disabled"
+                        }
+                        .to_string(),
                     ]),
                     format => {
                         let mut value = json!(status);
@@ -403,7 +409,15 @@ pub async fn status(context: &mut Context, args: StatusArgs) -> Result<(), Plugi
             Err(error) => {
                 let node = route.node().to_string();
                 if args.output == Format::Table {
-                    rows.push(vec![node, agent, "-".into(), "-".into(), "unreachable".into(), "-".into(), "-".into()]);
+                    rows.push(vec![
+                        node,
+                        agent,
+                        "-".into(),
+                        "-".into(),
+                        "unreachable".into(),
+                        "-".into(),
+                        "-".into(),
+                    ]);
                 }
                 notes.push(format!("{}: {error}", route.node()));
                 failure.get_or_insert(error);
@@ -412,7 +426,9 @@ pub async fn status(context: &mut Context, args: StatusArgs) -> Result<(), Plugi
     }
     if args.output == Format::Table {
         out = output::table(
-            &["NODE", "AGENT", "VERSION", "PROTOCOL", "READY", "PROBES", "BPFTRACE"],
+            &[
+                "NODE", "AGENT", "VERSION", "PROTOCOL", "READY", "PROBES", "BPFTRACE",
+            ],
             &rows,
         );
         for note in &notes {
@@ -444,7 +460,10 @@ mod tests {
     #[test]
     fn trace_takes_target_and_probe_or_a_selector_and_probe() {
         let args = trace_args(&["pod/web-0", "tcp-connect"], None);
-        assert_eq!(trace_words(&args).unwrap(), (Some("pod/web-0"), TraceProbe::TcpConnect));
+        assert_eq!(
+            trace_words(&args).unwrap(),
+            (Some("pod/web-0"), TraceProbe::TcpConnect)
+        );
         let args = trace_args(&["exec"], Some("app=web"));
         assert_eq!(trace_words(&args).unwrap(), (None, TraceProbe::Exec));
         let args = trace_args(&["exec"], None);
@@ -455,9 +474,18 @@ mod tests {
 
     #[test]
     fn the_profile_format_follows_the_file_name() {
-        assert_eq!(profile_output(Path::new("flame.svg")).unwrap(), ProfileOutput::FlameGraph);
-        assert_eq!(profile_output(Path::new("x.folded")).unwrap(), ProfileOutput::Folded);
-        assert_eq!(profile_output(Path::new("profile.pb.gz")).unwrap(), ProfileOutput::Pprof);
+        assert_eq!(
+            profile_output(Path::new("flame.svg")).unwrap(),
+            ProfileOutput::FlameGraph
+        );
+        assert_eq!(
+            profile_output(Path::new("x.folded")).unwrap(),
+            ProfileOutput::Folded
+        );
+        assert_eq!(
+            profile_output(Path::new("profile.pb.gz")).unwrap(),
+            ProfileOutput::Pprof
+        );
         let error = profile_output(Path::new("p.png")).unwrap_err();
         assert_eq!(error.exit_code(), 2);
     }
@@ -467,7 +495,10 @@ mod tests {
         let svg = flame_graph(b"main;work;spin 30\nmain;idle 10\n").unwrap();
         let text = String::from_utf8(svg).unwrap();
         assert!(text.starts_with("<?xml"), "{}", &text[..40]);
-        assert!(text.contains("spin (30 samples, 75.00%)"), "no frame title for spin");
+        assert!(
+            text.contains("spin (30 samples, 75.00%)"),
+            "no frame title for spin"
+        );
         assert_eq!(flame_graph(b"\n").unwrap_err().exit_code(), 1);
     }
 }

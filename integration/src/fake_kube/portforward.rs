@@ -140,7 +140,10 @@ pub(super) fn upgrade(
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(header::CONNECTION, "Upgrade")
             .header(header::UPGRADE, "websocket")
-            .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()))
+            .header(
+                header::SEC_WEBSOCKET_ACCEPT,
+                derive_accept_key(key.as_bytes()),
+            )
             .header(header::SEC_WEBSOCKET_PROTOCOL, protocol)
             .body(axum::body::Body::empty())
             .expect("upgrade response");
@@ -252,7 +255,8 @@ where
                             Ok(0) | Err(_) => break,
                             Ok(read) => {
                                 buffer[0] = data;
-                                let message = WsMessage::binary(Bytes::copy_from_slice(&buffer[..=read]));
+                                let message =
+                                    WsMessage::binary(Bytes::copy_from_slice(&buffer[..=read]));
                                 if to_client.send(message).await.is_err() {
                                     return;
                                 }

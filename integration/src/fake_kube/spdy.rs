@@ -129,8 +129,9 @@ pub(super) async fn serve(mut wire: Wire, pod: PodAddress) {
     while let Some(chunk) = wire.incoming.recv().await {
         buffer.extend_from_slice(&chunk);
         while buffer.len() >= 8 {
-            let length =
-                (usize::from(buffer[5]) << 16) | (usize::from(buffer[6]) << 8) | usize::from(buffer[7]);
+            let length = (usize::from(buffer[5]) << 16)
+                | (usize::from(buffer[6]) << 8)
+                | usize::from(buffer[7]);
             if buffer.len() < 8 + length {
                 break;
             }
@@ -139,7 +140,8 @@ pub(super) async fn serve(mut wire: Wire, pod: PodAddress) {
             let flags = header[4];
             if header[0] & 0x80 == 0 {
                 // DATA: to the pod's port, or the end of what the client sends.
-                let stream = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) & 0x7fff_ffff;
+                let stream =
+                    u32::from_be_bytes([header[0], header[1], header[2], header[3]]) & 0x7fff_ffff;
                 if let Some(writer) = writers.get(&stream) {
                     if !payload.is_empty() {
                         let _ = writer.send(Some(payload)).await;
@@ -154,7 +156,9 @@ pub(super) async fn serve(mut wire: Wire, pod: PodAddress) {
             let kind = u16::from_be_bytes([header[2], header[3]]);
             match kind {
                 SYN_STREAM if payload.len() >= 10 => {
-                    let stream = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+                    let stream =
+                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                            & 0x7fff_ffff;
                     let Some(headers) = inflate_headers(&mut inflate, &payload[10..]) else {
                         return;
                     };
@@ -194,13 +198,20 @@ pub(super) async fn serve(mut wire: Wire, pod: PodAddress) {
                     }
                 }
                 RST_STREAM if payload.len() >= 4 => {
-                    let stream = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) & 0x7fff_ffff;
+                    let stream =
+                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                            & 0x7fff_ffff;
                     if let Some(writer) = writers.remove(&stream) {
                         let _ = writer.send(None).await;
                     }
                 }
                 PING => {
-                    if wire.outgoing.send(control(PING, 0, &payload)).await.is_err() {
+                    if wire
+                        .outgoing
+                        .send(control(PING, 0, &payload))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -225,7 +236,9 @@ async fn forward(
     let connection = match pod.connect(port).await {
         Ok(connection) => connection,
         Err(message) => {
-            let _ = to_client.send(data(error_stream, 0, message.as_bytes())).await;
+            let _ = to_client
+                .send(data(error_stream, 0, message.as_bytes()))
+                .await;
             let _ = to_client.send(data(error_stream, FLAG_FIN, &[])).await;
             let _ = to_client.send(data(data_stream, FLAG_FIN, &[])).await;
             return;
@@ -245,7 +258,11 @@ async fn forward(
         match reader.read(&mut buffer).await {
             Ok(0) | Err(_) => break,
             Ok(read) => {
-                if to_client.send(data(data_stream, 0, &buffer[..read])).await.is_err() {
+                if to_client
+                    .send(data(data_stream, 0, &buffer[..read]))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
