@@ -515,3 +515,293 @@ async fn usage_errors_exit_2() {
         .await;
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// An agent of another protocol version, for the plugin's mismatch message: it reads the hello
+/// and refuses it as an agent speaking `protocol` does. (The end-to-end tests use the real
+/// agent; this one only stands for a version that does not exist yet.)
+async fn agent_of_protocol(protocol: u32) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (reader, mut writer) = stream.into_split();
+            let mut hello = String::new();
+            let _ = tokio::io::BufReader::new(reader)
+                .read_line(&mut hello)
+                .await;
+            let hello: Value = serde_json::from_str(&hello).expect("the plugin's hello is JSON");
+            let refusal = json!({"refused": {
+                "code": "protocol_mismatch",
+                "message": format!("this agent speaks protocol {protocol}, the client {}", hello["protocol"]),
+                "protocol": protocol,
+                "agent_version": "9.0.0"
+            }});
+            let _ = writer.write_all(format!("{refusal}\n").as_bytes()).await;
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_protocol_mismatch_exits_6_and_says_which_side_to_upgrade() {
+    let cluster = Cluster::start().await;
+    let port = agent_of_protocol(podscope_core::session::PROTOCOL_VERSION + 1).await;
+    let address = format!("127.0.0.1:{port}");
+    let output = cluster
+        .run(&["--agent-address", &address, "trace", "node/node-a", "exec"])
+        .await;
+    assert_eq!(output.status.code(), Some(6), "{}", text(&output.stderr));
+    assert_eq!(
+        text(&output.stderr),
+        format!(
+            "error: protocol mismatch with the agent on node node-a: kubectl-podscope {} speaks session protocol {}, the agent 9.0.0 speaks {}: upgrade kubectl-podscope\n",
+            env!("CARGO_PKG_VERSION"),
+            podscope_core::session::PROTOCOL_VERSION,
+            podscope_core::session::PROTOCOL_VERSION + 1
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_agent_that_is_not_listening_exits_10() {
+    let cluster = Cluster::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    cluster.server.apply_pod(agent_pod("node-a", port));
+    let output = cluster.run(&["status"]).await;
+    assert_eq!(output.status.code(), Some(10), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "error: cannot reach the podscope agent pod podscope/podscope-node-a (port-forward to port {port}): error forwarding port {port} to pod podscope-node-a"
+        )),
+        "{stderr}"
+    );
+}
+
+/// An agent that records the plugin's hello and answers `busy`: what the plugin resolved a
+/// target to, observed where the agent would read it.
+async fn recording_busy_agent() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (reader, mut writer) = stream.into_split();
+            let mut hello = String::new();
+            let _ = tokio::io::BufReader::new(reader)
+                .read_line(&mut hello)
+                .await;
+            let _ = sender.send(serde_json::from_str::<Value>(&hello).expect("JSON hello"));
+            let refusal = json!({"refused": {
+                "code": "busy", "message": "8 sessions already run on this agent (max_sessions)",
+                "protocol": podscope_core::session::PROTOCOL_VERSION, "agent_version": "0.1.0"
+            }});
+            let _ = writer.write_all(format!("{refusal}\n").as_bytes()).await;
+        }
+    });
+    (port, receiver)
+}
+
+fn owned(mut object: Value, kind: &str, name: &str, uid: &str) -> Value {
+    object["metadata"]["ownerReferences"] = json!([{
+        "apiVersion": if kind == "Job" { "batch/v1" } else { "apps/v1" },
+        "kind": kind, "name": name, "uid": uid, "controller": true
+    }]);
+    object
+}
+
+#[tokio::test]
+async fn workloads_resolve_through_their_owners_to_running_pods() {
+    let cluster = Cluster::start().await;
+    let (port, mut hellos) = recording_busy_agent().await;
+    let address = format!("127.0.0.1:{port}");
+    let selector = json!({"matchLabels": {"app": "web"}});
+    cluster.server.apply_workload(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "web", "namespace": "shop", "uid": "d-web"},
+        "spec": {"selector": selector, "template": {}}
+    }));
+    cluster.server.apply_workload(owned(json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": "web-5d9c", "namespace": "shop", "uid": "rs-web", "labels": {"app": "web"}},
+        "spec": {"selector": selector}
+    }), "Deployment", "web", "d-web"));
+    let web_pod = |name: &str, node: &str, id: &str| {
+        owned(
+            serde_json::to_value(pod("shop", name, node, &[("app", "web")], &[("app", id)]))
+                .unwrap(),
+            "ReplicaSet",
+            "web-5d9c",
+            "rs-web",
+        )
+    };
+    cluster.server.apply_pod(
+        serde_json::from_value(web_pod("web-5d9c-a", "node-a", "containerd://aa")).unwrap(),
+    );
+    cluster.server.apply_pod(
+        serde_json::from_value(web_pod("web-5d9c-b", "node-b", "containerd://bb")).unwrap(),
+    );
+    // Same labels, another owner: not the deployment's.
+    cluster.server.apply_pod(pod(
+        "shop",
+        "web-debug",
+        "node-a",
+        &[("app", "web")],
+        &[("app", "containerd://cc")],
+    ));
+    let output = cluster
+        .run(&[
+            "--agent-address",
+            &address,
+            "trace",
+            "-n",
+            "shop",
+            "deploy/web",
+            "exec",
+        ])
+        .await;
+    assert_eq!(output.status.code(), Some(9), "{}", text(&output.stderr));
+    assert_eq!(
+        text(&output.stderr),
+        "error: agent on node node-a,node-b: 8 sessions already run on this agent (max_sessions)\n"
+    );
+    let hello = hellos.recv().await.expect("a hello");
+    assert_eq!(hello["protocol"], podscope_core::session::PROTOCOL_VERSION);
+    assert_eq!(hello["request"]["kind"], "trace");
+    assert_eq!(hello["request"]["probe"], "exec");
+    let targets: Vec<(String, String)> = hello["request"]["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["pod"].as_str().unwrap().to_string(),
+                t["containers"][0]["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("web-5d9c-a".to_string(), "containerd://aa".to_string()),
+            ("web-5d9c-b".to_string(), "containerd://bb".to_string())
+        ]
+    );
+
+    // A StatefulSet's, a DaemonSet's and a Job's pods are those they own.
+    for (kind, short, group) in [
+        ("StatefulSet", "sts", "apps/v1"),
+        ("DaemonSet", "ds", "apps/v1"),
+        ("Job", "job", "batch/v1"),
+    ] {
+        let uid = format!("uid-{short}");
+        cluster.server.apply_workload(json!({
+            "apiVersion": group, "kind": kind,
+            "metadata": {"name": "w", "namespace": "shop", "uid": uid},
+            "spec": {"selector": {"matchLabels": {"w": short}}, "template": {}}
+        }));
+        let owned_pod = owned(
+            serde_json::to_value(pod(
+                "shop",
+                &format!("{short}-0"),
+                "node-c",
+                &[("w", short)],
+                &[("main", &format!("containerd://{short}"))],
+            ))
+            .unwrap(),
+            kind,
+            "w",
+            &uid,
+        );
+        cluster
+            .server
+            .apply_pod(serde_json::from_value(owned_pod).unwrap());
+        let target = format!("{short}/w");
+        let output = cluster
+            .run(&[
+                "--agent-address",
+                &address,
+                "trace",
+                "-n",
+                "shop",
+                &target,
+                "open",
+            ])
+            .await;
+        assert_eq!(
+            output.status.code(),
+            Some(9),
+            "{target}: {}",
+            text(&output.stderr)
+        );
+        let hello = hellos.recv().await.expect("a hello");
+        let pods: Vec<&str> = hello["request"]["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["pod"].as_str().unwrap())
+            .collect();
+        assert_eq!(pods, [format!("{short}-0")], "{target}");
+    }
+}
+
+#[tokio::test]
+async fn a_container_is_selected_with_c() {
+    let cluster = Cluster::start().await;
+    let (port, mut hellos) = recording_busy_agent().await;
+    let address = format!("127.0.0.1:{port}");
+    cluster.server.apply_pod(pod(
+        "shop",
+        "web-0",
+        "node-a",
+        &[("app", "web")],
+        &[("app", "containerd://a1"), ("sidecar", "containerd://s1")],
+    ));
+    let output = cluster
+        .run(&[
+            "--agent-address",
+            &address,
+            "trace",
+            "-n",
+            "shop",
+            "pod/web-0",
+            "-c",
+            "sidecar",
+            "exec",
+        ])
+        .await;
+    assert_eq!(output.status.code(), Some(9));
+    let hello = hellos.recv().await.expect("a hello");
+    assert_eq!(
+        hello["request"]["targets"][0]["containers"],
+        json!([{"name": "sidecar", "id": "containerd://s1"}])
+    );
+    let output = cluster
+        .run(&[
+            "--agent-address",
+            &address,
+            "trace",
+            "-n",
+            "shop",
+            "pod/web-0",
+            "-c",
+            "db",
+            "exec",
+        ])
+        .await;
+    assert_eq!(output.status.code(), Some(3));
+    assert_eq!(
+        text(&output.stderr),
+        "error: container \"db\" not found in pod shop/web-0 (its containers: app, sidecar)\n"
+    );
+}
