@@ -339,7 +339,7 @@ fn flame_graph(folded: &[u8]) -> Result<Vec<u8>, PluginError> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = "kubectl podscope profile".to_string();
     let mut svg = Vec::new();
-    inferno::flamegraph::from_lines(&mut options, lines.into_iter(), &mut svg)
+    inferno::flamegraph::from_lines(&mut options, lines, &mut svg)
         .map_err(|e| PluginError::Other(anyhow::anyhow!("rendering the flame graph: {e}")))?;
     Ok(svg)
 }

@@ -48,14 +48,13 @@ where
     let (outgoing, mut out_receiver) = mpsc::channel::<Bytes>(64);
     tokio::spawn(async move {
         while let Some(Ok(message)) = stream.next().await {
-            match message {
-                WsMessage::Binary(bytes) => {
-                    if in_sender.send(bytes).await.is_err() {
-                        return;
-                    }
-                }
+            let bytes = match message {
+                WsMessage::Binary(bytes) => bytes,
                 WsMessage::Close(_) => return,
-                _ => {}
+                _ => continue,
+            };
+            if in_sender.send(bytes).await.is_err() {
+                return;
             }
         }
     });
@@ -205,15 +204,13 @@ pub(super) async fn serve(mut wire: Wire, pod: PodAddress) {
                         let _ = writer.send(None).await;
                     }
                 }
-                PING => {
-                    if wire
-                        .outgoing
-                        .send(control(PING, 0, &payload))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
+                PING if wire
+                    .outgoing
+                    .send(control(PING, 0, &payload))
+                    .await
+                    .is_err() =>
+                {
+                    return
                 }
                 GOAWAY => return,
                 // SETTINGS, WINDOW_UPDATE, HEADERS, NOOP: nothing to do here.
