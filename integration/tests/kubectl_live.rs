@@ -159,7 +159,7 @@ fn pod(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)], contain
 
 fn agent_pod(node: &str, port: u16) -> Pod {
     let mut pod: Value = serde_json::to_value(pod(
-        "podscope",
+        "observability",
         &format!("podscope-{node}"),
         node,
         &[("app.kubernetes.io/name", "podscope"), ("app.kubernetes.io/component", "agent")],
@@ -476,7 +476,7 @@ async fn status_lists_the_agent_with_its_version_and_probes() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let status: Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(status["node"], "node-a");
-    assert_eq!(status["agent"], "podscope/podscope-node-a");
+    assert_eq!(status["agent"], "observability/podscope-node-a");
     assert_eq!(status["agent_version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(status["bpftrace_enabled"], false);
     let output = live.run(&["status"]).await;

@@ -116,7 +116,7 @@ fn pod(
 /// fake API server forwards a pod's ports).
 fn agent_pod(node: &str, port: u16) -> Pod {
     let mut pod: Value = serde_json::to_value(pod(
-        "podscope",
+        "observability",
         &format!("podscope-{node}"),
         node,
         &[
@@ -246,7 +246,7 @@ async fn kube_rs_port_forwards_through_the_fake_api_server() {
     .await
     .expect("config");
     let client = kube::Client::try_from(config).expect("client");
-    let pods: kube::Api<Pod> = kube::Api::namespaced(client, "podscope");
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client, "observability");
     let mut forwarder = pods
         .portforward("podscope-node-a", &[port])
         .await
@@ -275,7 +275,7 @@ async fn kube_rs_port_forwards_through_the_fake_api_server() {
             request.scope.as_str(),
             request.status
         ),
-        ("create", "podscope", 101)
+        ("create", "observability", 101)
     );
 }
 
@@ -296,7 +296,7 @@ async fn a_closed_pod_port_is_reported_on_the_error_channel() {
     .await
     .expect("config");
     let pods: kube::Api<Pod> =
-        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "podscope");
+        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "observability");
     let mut forwarder = pods
         .portforward("podscope-node-a", &[port])
         .await
@@ -332,7 +332,7 @@ async fn kubectl_port_forward_echoes(websockets: bool) {
         .args([
             "port-forward",
             "-n",
-            "podscope",
+            "observability",
             "pod/podscope-node-a",
             &format!(":{port}"),
         ])
@@ -454,7 +454,7 @@ async fn a_node_without_an_agent_exits_4() {
     assert!(
         text(&output.stderr).starts_with(
             "error: no podscope agent runs on node node-b: no running pod labelled \
-             app.kubernetes.io/name=podscope,app.kubernetes.io/component=agent in namespace podscope"
+             app.kubernetes.io/name=podscope,app.kubernetes.io/component=agent in namespace observability"
         ),
         "{}",
         text(&output.stderr)
@@ -490,7 +490,7 @@ async fn rbac_without_portforward_exits_5_naming_verb_and_resource() {
     let stderr = text(&output.stderr);
     assert!(
         stderr.starts_with(
-            "error: RBAC denied: you may not create pods/portforward in namespace podscope. \
+            "error: RBAC denied: you may not create pods/portforward in namespace observability. \
              The API server said: pods/portforward \"podscope-node-a\" is forbidden: User \
              \"system:serviceaccount:dev:alice\" cannot create resource \"pods/portforward\""
         ),
@@ -579,7 +579,7 @@ async fn an_agent_that_is_not_listening_exits_10() {
     let stderr = text(&output.stderr);
     assert!(
         stderr.contains(&format!(
-            "error: cannot reach the podscope agent pod podscope/podscope-node-a (port-forward to port {port}): error forwarding port {port} to pod podscope-node-a"
+            "error: cannot reach the podscope agent pod observability/podscope-node-a (port-forward to port {port}): error forwarding port {port} to pod podscope-node-a"
         )),
         "{stderr}"
     );

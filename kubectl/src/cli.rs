@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use podscope_core::session::{TopScope, TraceProbe};
 
 /// The namespace the chart's README installs the agents into.
-pub const DEFAULT_AGENT_NAMESPACE: &str = "podscope";
+pub const DEFAULT_AGENT_NAMESPACE: &str = "observability";
 /// The labels the chart puts on every agent pod.
 pub const DEFAULT_AGENT_SELECTOR: &str =
     "app.kubernetes.io/name=podscope,app.kubernetes.io/component=agent";
