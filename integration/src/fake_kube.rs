@@ -48,6 +48,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 mod access;
+pub mod pods;
 mod portforward;
 mod spdy;
 mod write;

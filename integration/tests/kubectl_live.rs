@@ -11,7 +11,6 @@
 //! agent is the `podscope` binary beside it (`cargo build --bin podscope`, which `cargo test
 //! --workspace` does), or $PODSCOPE_BINARY.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use podscope_integration::agent::{free_port, AgentProcess};
+use podscope_integration::fake_kube::pods::{self, running_pod as pod};
 use podscope_integration::fake_kube::FakeApiServer;
 use podscope_testkit::pod_cgroup::PodCgroup;
 use serde_json::{json, Value};
@@ -135,40 +135,9 @@ service:
     }
 }
 
-fn pod(namespace: &str, name: &str, node: &str, labels: &[(&str, &str)], containers: &[(&str, &str)]) -> Pod {
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    let statuses: Vec<Value> = containers
-        .iter()
-        .map(|(name, id)| {
-            json!({"name": name, "containerID": id, "ready": true, "restartCount": 0,
-                   "image": "registry.example/app:1", "imageID": "",
-                   "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}})
-        })
-        .collect();
-    let specs: Vec<Value> = containers
-        .iter()
-        .map(|(name, _)| json!({"name": name, "image": "registry.example/app:1"}))
-        .collect();
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nodeName": node, "containers": specs},
-        "status": {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": statuses}
-    }))
-    .expect("pod")
-}
-
+/// The agent pod of `node` in the agents' namespace, its session port `port` reached on 127.0.0.1.
 fn agent_pod(node: &str, port: u16) -> Pod {
-    let mut pod: Value = serde_json::to_value(pod(
-        "observability",
-        &format!("podscope-{node}"),
-        node,
-        &[("app.kubernetes.io/name", "podscope"), ("app.kubernetes.io/component", "agent")],
-        &[("agent", "containerd://agent")],
-    ))
-    .expect("to JSON");
-    pod["spec"]["containers"][0]["ports"] =
-        json!([{"name": "session", "containerPort": port, "protocol": "TCP"}]);
-    serde_json::from_value(pod).expect("agent pod")
+    pods::agent_pod("observability", node, port)
 }
 
 /// A running plugin: its stdout and stderr lines as they are printed.

@@ -4,13 +4,13 @@
 //!
 //! Built and run as a test of podscope-kubectl (it needs CARGO_BIN_EXE_kubectl-podscope).
 
-use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use podscope_integration::fake_kube::pods::{self, running_pod as pod};
 use podscope_integration::fake_kube::{FakeApiServer, ServiceAccount};
 use serde_json::{json, Value};
 
@@ -83,52 +83,9 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A running pod on `node` with containers (name, runtime id), as the kubelet reports it.
-fn pod(
-    namespace: &str,
-    name: &str,
-    node: &str,
-    labels: &[(&str, &str)],
-    containers: &[(&str, &str)],
-) -> Pod {
-    let labels: BTreeMap<&str, &str> = labels.iter().copied().collect();
-    let statuses: Vec<Value> = containers
-        .iter()
-        .map(|(name, id)| {
-            json!({"name": name, "containerID": id, "ready": true, "restartCount": 0,
-                   "image": "registry.example/app:1", "imageID": "",
-                   "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}})
-        })
-        .collect();
-    let specs: Vec<Value> = containers
-        .iter()
-        .map(|(name, _)| json!({"name": name, "image": "registry.example/app:1"}))
-        .collect();
-    serde_json::from_value(json!({
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"nodeName": node, "containers": specs},
-        "status": {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": statuses}
-    }))
-    .expect("pod")
-}
-
-/// The chart's agent pod on `node`, its session port `port` reachable on 127.0.0.1 (where the
-/// fake API server forwards a pod's ports).
+/// The agent pod of `node` in the agents' namespace, its session port `port` reached on 127.0.0.1.
 fn agent_pod(node: &str, port: u16) -> Pod {
-    let mut pod: Value = serde_json::to_value(pod(
-        "observability",
-        &format!("podscope-{node}"),
-        node,
-        &[
-            ("app.kubernetes.io/name", "podscope"),
-            ("app.kubernetes.io/component", "agent"),
-        ],
-        &[("agent", "containerd://agent")],
-    ))
-    .expect("to JSON");
-    pod["spec"]["containers"][0]["ports"] =
-        json!([{"name": "session", "containerPort": port, "protocol": "TCP"}]);
-    serde_json::from_value(pod).expect("agent pod")
+    pods::agent_pod("observability", node, port)
 }
 
 /// An echo server on a free loopback port: what a forwarded port reaches in the transport tests.
@@ -516,39 +473,16 @@ async fn usage_errors_exit_2() {
     assert_eq!(output.status.code(), Some(2));
 }
 
-/// An agent of another protocol version, for the plugin's mismatch message: it reads the hello
-/// and refuses it as an agent speaking `protocol` does. (The end-to-end tests use the real
-/// agent; this one only stands for a version that does not exist yet.)
-async fn agent_of_protocol(protocol: u32) -> u16 {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (reader, mut writer) = stream.into_split();
-            let mut hello = String::new();
-            let _ = tokio::io::BufReader::new(reader)
-                .read_line(&mut hello)
-                .await;
-            let hello: Value = serde_json::from_str(&hello).expect("the plugin's hello is JSON");
-            let refusal = json!({"refused": {
-                "code": "protocol_mismatch",
-                "message": format!("this agent speaks protocol {protocol}, the client {}", hello["protocol"]),
-                "protocol": protocol,
-                "agent_version": "9.0.0"
-            }});
-            let _ = writer.write_all(format!("{refusal}\n").as_bytes()).await;
-        }
-    });
-    port
-}
-
 #[tokio::test]
 async fn a_protocol_mismatch_exits_6_and_says_which_side_to_upgrade() {
     let cluster = Cluster::start().await;
-    let port = agent_of_protocol(podscope_core::session::PROTOCOL_VERSION + 1).await;
+    let newer = podscope_core::session::PROTOCOL_VERSION + 1;
+    let (port, _) = refusing_agent(move |hello| {
+        json!({"code": "protocol_mismatch",
+               "message": format!("this agent speaks protocol {newer}, the client {}", hello["protocol"]),
+               "protocol": newer, "agent_version": "9.0.0"})
+    })
+    .await;
     let address = format!("127.0.0.1:{port}");
     let output = cluster
         .run(&["--agent-address", &address, "trace", "node/node-a", "exec"])
@@ -585,9 +519,14 @@ async fn an_agent_that_is_not_listening_exits_10() {
     );
 }
 
-/// An agent that records the plugin's hello and answers `busy`: what the plugin resolved a
-/// target to, observed where the agent would read it.
-async fn recording_busy_agent() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+/// A stand-in agent that reads the plugin's hello, hands it to the test and answers with
+/// `refusal(hello)` (a `Welcome::Refused`): what the plugin resolved a target to, observed where
+/// an agent reads it, and how it reports each refusal. The end-to-end tests use the real agent;
+/// this one stands for agents in states the test cannot put the real one in (another protocol
+/// version, all sessions taken).
+async fn refusing_agent(
+    refusal: impl Fn(&Value) -> Value + Send + 'static,
+) -> (u16, tokio::sync::mpsc::UnboundedReceiver<Value>) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -597,19 +536,24 @@ async fn recording_busy_agent() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Va
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let (reader, mut writer) = stream.into_split();
-            let mut hello = String::new();
-            let _ = tokio::io::BufReader::new(reader)
-                .read_line(&mut hello)
-                .await;
-            let _ = sender.send(serde_json::from_str::<Value>(&hello).expect("JSON hello"));
-            let refusal = json!({"refused": {
-                "code": "busy", "message": "8 sessions already run on this agent (max_sessions)",
-                "protocol": podscope_core::session::PROTOCOL_VERSION, "agent_version": "0.1.0"
-            }});
-            let _ = writer.write_all(format!("{refusal}\n").as_bytes()).await;
+            let mut line = String::new();
+            let _ = tokio::io::BufReader::new(reader).read_line(&mut line).await;
+            let hello: Value = serde_json::from_str(&line).expect("the plugin's hello is JSON");
+            let answer = json!({ "refused": refusal(&hello) });
+            let _ = sender.send(hello);
+            let _ = writer.write_all(format!("{answer}\n").as_bytes()).await;
         }
     });
     (port, receiver)
+}
+
+/// An agent refusing as busy (all its sessions taken).
+async fn recording_busy_agent() -> (u16, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    refusing_agent(|_| {
+        json!({"code": "busy", "message": "8 sessions already run on this agent (max_sessions)",
+               "protocol": podscope_core::session::PROTOCOL_VERSION, "agent_version": "0.1.0"})
+    })
+    .await
 }
 
 fn owned(mut object: Value, kind: &str, name: &str, uid: &str) -> Value {

@@ -80,19 +80,7 @@ pub async fn resolve(
     let ns = namespace.unwrap_or("default");
     let pods: Vec<Pod> = match spec {
         TargetSpec::Node(_) => return group_node(spec, container),
-        TargetSpec::Pod(name) => {
-            let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-            let pod = api.get(name).await.map_err(|e| {
-                PluginError::from_api(
-                    e,
-                    "get",
-                    "pods",
-                    Some(ns),
-                    &format!("pod {name:?} in namespace {ns:?}"),
-                )
-            })?;
-            vec![pod]
-        }
+        TargetSpec::Pod(name) => vec![get_named::<Pod>(client, ns, name, "pod", "pods").await?.0],
         TargetSpec::Selector(selector) => {
             let api: Api<Pod> = match namespace {
                 Some(ns) => Api::namespaced(client.clone(), ns),
@@ -113,13 +101,8 @@ pub async fn resolve(
             listed.items
         }
         TargetSpec::Deployment(name) => {
-            let what = format!("deployment {name:?} in namespace {ns:?}");
-            let deployment = Api::<Deployment>::namespaced(client.clone(), ns)
-                .get(name)
-                .await
-                .map_err(|e| {
-                    PluginError::from_api(e, "get", "deployments.apps", Some(ns), &what)
-                })?;
+            let (deployment, what) =
+                get_named::<Deployment>(client, ns, name, "deployment", "deployments.apps").await?;
             let selector = deployment.spec.as_ref().map(|s| &s.selector);
             let owner = deployment.metadata.uid.clone().unwrap_or_default();
             let replica_sets = Api::<ReplicaSet>::namespaced(client.clone(), ns)
@@ -137,51 +120,60 @@ pub async fn resolve(
             owned_pods(client, ns, selector, &owners, &what).await?
         }
         TargetSpec::StatefulSet(name) => {
-            let what = format!("statefulset {name:?} in namespace {ns:?}");
-            let object = Api::<StatefulSet>::namespaced(client.clone(), ns)
-                .get(name)
-                .await
-                .map_err(|e| {
-                    PluginError::from_api(e, "get", "statefulsets.apps", Some(ns), &what)
-                })?;
-            let owners = object.metadata.uid.clone().into_iter().collect();
-            owned_pods(
-                client,
-                ns,
-                object.spec.as_ref().map(|s| &s.selector),
-                &owners,
-                &what,
-            )
-            .await?
+            let (object, what) =
+                get_named::<StatefulSet>(client, ns, name, "statefulset", "statefulsets.apps")
+                    .await?;
+            let selector = object.spec.as_ref().map(|s| &s.selector);
+            pods_owned_by(client, ns, &object.metadata, selector, &what).await?
         }
         TargetSpec::DaemonSet(name) => {
-            let what = format!("daemonset {name:?} in namespace {ns:?}");
-            let object = Api::<DaemonSet>::namespaced(client.clone(), ns)
-                .get(name)
-                .await
-                .map_err(|e| PluginError::from_api(e, "get", "daemonsets.apps", Some(ns), &what))?;
-            let owners = object.metadata.uid.clone().into_iter().collect();
-            owned_pods(
-                client,
-                ns,
-                object.spec.as_ref().map(|s| &s.selector),
-                &owners,
-                &what,
-            )
-            .await?
+            let (object, what) =
+                get_named::<DaemonSet>(client, ns, name, "daemonset", "daemonsets.apps").await?;
+            let selector = object.spec.as_ref().map(|s| &s.selector);
+            pods_owned_by(client, ns, &object.metadata, selector, &what).await?
         }
         TargetSpec::Job(name) => {
-            let what = format!("job {name:?} in namespace {ns:?}");
-            let object = Api::<Job>::namespaced(client.clone(), ns)
-                .get(name)
-                .await
-                .map_err(|e| PluginError::from_api(e, "get", "jobs.batch", Some(ns), &what))?;
-            let owners = object.metadata.uid.clone().into_iter().collect();
+            let (object, what) = get_named::<Job>(client, ns, name, "job", "jobs.batch").await?;
             let selector = object.spec.as_ref().and_then(|s| s.selector.as_ref());
-            owned_pods(client, ns, selector, &owners, &what).await?
+            pods_owned_by(client, ns, &object.metadata, selector, &what).await?
         }
     };
     group_by_node(spec, &pods, container)
+}
+
+/// A namespaced object by name, and how errors name it (`statefulset "db" in namespace "shop"`).
+async fn get_named<K>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    singular: &str,
+    resource: &str,
+) -> Result<(K, String), PluginError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let what = format!("{singular} {name:?} in namespace {namespace:?}");
+    let object = Api::<K>::namespaced(client.clone(), namespace)
+        .get(name)
+        .await
+        .map_err(|e| PluginError::from_api(e, "get", resource, Some(namespace), &what))?;
+    Ok((object, what))
+}
+
+/// The pods a workload (`owner`) owns directly, among those its selector selects.
+async fn pods_owned_by(
+    client: &Client,
+    namespace: &str,
+    owner: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    selector: Option<&LabelSelector>,
+    what: &str,
+) -> Result<Vec<Pod>, PluginError> {
+    let owners = owner.uid.clone().into_iter().collect();
+    owned_pods(client, namespace, selector, &owners, what).await
 }
 
 /// `node/N`: the whole node, no pod targets.
