@@ -24,8 +24,20 @@ COPY . .
 RUN cargo build --release --locked --bin podscope \
     && cp target/release/podscope /podscope
 
+# bpftrace for `kubectl podscope bpftrace` (the session extension runs it only when
+# extensions.session.bpftrace.enabled is true): Debian 12's bpftrace and the shared libraries it
+# links against, copied with their paths into the final image (which has no package manager).
+FROM debian:bookworm-slim AS bpftrace
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bpftrace \
+    && mkdir -p /out/usr/bin \
+    && cp /usr/bin/bpftrace /out/usr/bin/bpftrace \
+    && ldd /usr/bin/bpftrace | awk '$3 ~ /^\// { print $3 }' | xargs -I{} cp --parents -L {} /out/ \
+    && rm -rf /var/lib/apt/lists/*
+
 # glibc and libgcc only; the same Debian release the binary was built on, so glibc matches.
 FROM gcr.io/distroless/cc-debian12
+COPY --from=bpftrace /out/ /
 COPY --from=build /podscope /usr/bin/podscope
 WORKDIR /
 # Prometheus scrape endpoint, OTLP gRPC and HTTP, the agent's own telemetry (in the chart's config).

@@ -33,6 +33,8 @@ fn settings_for(kind: ComponentKind, type_name: &str, dir: &std::path::Path) -> 
         (ComponentKind::Exporter, "file") => {
             json!({"path": dir.join(format!("{type_name}.jsonl"))})
         }
+        // Not the default port: a real agent on this machine may hold it.
+        (ComponentKind::Extension, "session") => json!({"endpoint": "127.0.0.1:0"}),
         (ComponentKind::Exporter, "pprof") => json!({"directory": dir.join("pprof")}),
         (ComponentKind::Exporter, "prometheus") => json!({"endpoint": "127.0.0.1:0"}),
         // Backends that are not running: the exporter must still start and shut down cleanly.

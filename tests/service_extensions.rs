@@ -216,7 +216,7 @@ fn extension_refusals_name_the_key() {
         (
             "extensions:\n  recorder/a:\n  nosuch:\nservice:\n  extensions: [recorder/b, recorder/a, recorder/a]\n  pipelines:\n    traces: {receivers: [otlp], exporters: [nop]}\n",
             vec![
-                "x.yaml:7:3: extensions.nosuch: unknown extension type \"nosuch\"; known types: k8s_metadata, file_storage, recorder",
+                "x.yaml:7:3: extensions.nosuch: unknown extension type \"nosuch\"; known types: k8s_metadata, file_storage, session, recorder",
                 "x.yaml:9:16: service.extensions[0]: extension recorder/b is not defined in the extensions section",
                 "x.yaml:9:40: service.extensions[2]: recorder/a is listed twice",
             ],

@@ -53,6 +53,10 @@ pub type HttpEventHead = http_event_head;
 /// A stack sample's fixed part; the copied user stack follows it on the ring buffer.
 pub type ProfileSampleHead = profile_sample_head;
 pub type ProfilePending = profile_pending;
+/// One event of the trace object (`kubectl podscope trace`), with the sessions it is for.
+pub type TraceEvent = podscope_trace_event;
+/// Which sessions asked for one trace probe, and which of them trace the whole node.
+pub type TraceProbeSessions = podscope_trace_probe_sessions;
 
 impl Hist {
     pub fn count(&self) -> u64 {
@@ -122,6 +126,29 @@ impl ProfileSampleHead {
 fn nul_terminated(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl TraceEvent {
+    /// Decodes an event from ring-buffer bytes; `None` if too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<TraceEvent> {
+        from_bytes(bytes)
+    }
+
+    pub fn comm(&self) -> String {
+        nul_terminated(&self.comm)
+    }
+
+    pub fn sender_comm(&self) -> String {
+        nul_terminated(&self.sender_comm)
+    }
+
+    pub fn filename(&self) -> String {
+        nul_terminated(&self.filename)
+    }
+
+    pub fn argv0(&self) -> String {
+        nul_terminated(&self.argv0)
+    }
 }
 
 impl RemovedCgroup {
@@ -194,6 +221,8 @@ unsafe impl aya::Pod for BlockKey {}
 unsafe impl aya::Pod for UprobeKey {}
 unsafe impl aya::Pod for MappedFile {}
 unsafe impl aya::Pod for TcpKey {}
+unsafe impl aya::Pod for TraceEvent {}
+unsafe impl aya::Pod for TraceProbeSessions {}
 unsafe impl aya::Pod for TcpCounts {}
 unsafe impl aya::Pod for TcpDistKey {}
 unsafe impl aya::Pod for TcpDists {}

@@ -2,6 +2,9 @@
 //!
 //! - `ebpf`: kernel probes aggregated in eBPF maps, as metrics per cgroup.
 //! - `otlp`: OTLP over gRPC and HTTP (protobuf and JSON), metrics and traces.
+//! - `session` (an extension, here beside the eBPF loader it uses): the endpoint
+//!   `kubectl podscope` talks to.
 
 pub mod ebpf;
 pub mod otlp;
+pub mod session;

@@ -344,6 +344,73 @@ struct profile_pending {
 	__u64 kstack[PODSCOPE_PROFILE_KSTACK_DEPTH];
 };
 
+/* trace object (the `session` extension's `kubectl podscope trace`): one program per event
+ * probe, attached only while a session asks for it. Several sessions share the loaded object:
+ * each has a slot (a bit of a __u64), each target cgroup a mask of the sessions that trace it,
+ * and each probe the sessions that asked for it (and those of them that trace the whole node).
+ * An event goes out once, with the mask of the sessions it is for. */
+#define PODSCOPE_TRACE_MAX_SESSIONS 64
+#define PODSCOPE_TRACE_FILENAME_LEN 256
+#define PODSCOPE_TRACE_ARGV0_LEN 64
+
+enum podscope_trace_probe {
+	TRACE_EXEC = 0,
+	TRACE_EXIT = 1,
+	TRACE_OPEN = 2,
+	TRACE_TCP_CONNECT = 3,
+	TRACE_TCP_ACCEPT = 4,
+	TRACE_TCP_CLOSE = 5,
+	TRACE_TCP_RETRANSMIT = 6,
+	TRACE_OOM_KILL = 7,
+	TRACE_SIGNAL = 8,
+	TRACE_PROBES = 9,
+};
+
+/* trace_probe_sessions[probe] */
+struct podscope_trace_probe_sessions {
+	__u64 subscribed; /* sessions that asked for this probe */
+	__u64 whole_node; /* of those, the ones tracing every cgroup of the node */
+};
+
+enum podscope_trace_event_flag {
+	TRACE_FLAG_DURATION = 1, /* duration_ns is set (tcp close of a connection seen opening) */
+	TRACE_FLAG_TASK = 2,     /* pid, tid and comm are the process's (not a softirq's guest) */
+};
+
+/* One event on the trace ring buffer. Which fields mean something depends on the probe. */
+struct podscope_trace_event {
+	__u64 sessions;     /* the sessions it is for (bits of session slots) */
+	__u64 cgroup_id;    /* the cgroup it was matched on (the socket's for tcp, the target's for signal and oom) */
+	__u64 timestamp_ns; /* bpf_ktime_get_ns() */
+	__u64 duration_ns;  /* exit: the process's lifetime; tcp close: since established */
+	__s64 result;       /* open: the descriptor or -errno; tcp connect: 0 or -errno; signal: the kernel's delivery result */
+	__u32 probe;        /* enum podscope_trace_probe */
+	__u32 pid;          /* the process it happened to (tgid) */
+	__u32 tid;
+	__u32 ppid;
+	__s32 exit_code;    /* exit: the status its parent sees, 128 + signal when killed */
+	__u32 flags;        /* enum podscope_trace_event_flag */
+	__u32 open_flags;   /* open: the O_* flags */
+	__u32 signal;       /* signal: its number */
+	__u32 sender_pid;   /* signal: who sent it; oom: the task whose allocation triggered it */
+	__u16 family;       /* tcp: AF_INET 2, AF_INET6 10 */
+	__u16 sport;        /* tcp: local port (host order) */
+	__u16 dport;        /* tcp: remote port (host order) */
+	__u8 _pad[6];
+	__u8 saddr[16];     /* tcp: local address, IPv4 in the first 4 bytes */
+	__u8 daddr[16];     /* tcp: remote address */
+	__u8 comm[16];
+	__u8 sender_comm[16];                       /* signal, oom: the sender's */
+	__u8 filename[PODSCOPE_TRACE_FILENAME_LEN]; /* exec: the file executed; open: the path */
+	__u8 argv0[PODSCOPE_TRACE_ARGV0_LEN];       /* exec: argv[0] */
+};
+
+enum podscope_trace_map_slot {
+	TRACE_MAP_OPEN_ARGS = 0,
+	TRACE_MAP_TCP_LIVE = 1,
+	TRACE_MAP_TCP_CONNECTING = 2,
+};
+
 /* Failed map inserts (a full map, or no memory for a new entry) are counted per map, in the
  * object's map_full per-CPU array, at the map's slot: each probe numbers its maps here, and its
  * Rust MapDefs name the slot with the map. */

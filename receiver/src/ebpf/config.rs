@@ -31,6 +31,9 @@ pub struct EbpfReceiverConfig {
     pub user_programs: UserProgramsConfig,
     /// What namespaced `Probe` objects may enable on this node (see `docs/programs.md`).
     pub tenant_probes: TenantProbesConfig,
+    /// The `session` extension (in `service.extensions`) this receiver tells which of its probes
+    /// attached and why others were skipped, for `kubectl podscope status`. Default none.
+    pub session: Option<String>,
 }
 
 impl Default for EbpfReceiverConfig {
@@ -43,6 +46,7 @@ impl Default for EbpfReceiverConfig {
             programs: BTreeMap::new(),
             user_programs: UserProgramsConfig::default(),
             tenant_probes: TenantProbesConfig::default(),
+            session: None,
         }
     }
 }
@@ -126,6 +130,16 @@ impl PodFilterConfig {
 impl ComponentConfig for EbpfReceiverConfig {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
+        if let Some(session) = &self.session {
+            match podscope_core::ComponentId::parse(session) {
+                Ok(id) if id.type_name() == "session" => {}
+                Ok(_) => errors.push(FieldError::new(
+                    "session",
+                    format!("{session:?} is not a session extension id"),
+                )),
+                Err(e) => errors.push(FieldError::new("session", e)),
+            }
+        }
         if self.collection_interval < Duration::from_millis(100) {
             errors.push(FieldError::new(
                 "collection_interval",

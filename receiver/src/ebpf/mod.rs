@@ -111,6 +111,18 @@ impl ReceiverBuilder for EbpfReceiverConfig {
                 id,
             });
         }
+        // The session extension it reports its probes to.
+        if let Some(Ok(id)) = self
+            .session
+            .as_deref()
+            .map(podscope_core::ComponentId::parse)
+        {
+            references.push(podscope_core::ComponentReference {
+                field: "session".to_string(),
+                kind: podscope_core::ComponentKind::Extension,
+                id,
+            });
+        }
         // Namespaced Probe objects and the pods they select.
         if let Some(Ok(id)) = self
             .tenant_probes
@@ -356,6 +368,31 @@ impl EbpfReceiver {
         }))
     }
 
+    /// Tells the `session` extension `session` names which probes attached and why the others
+    /// were skipped.
+    fn report_probes(&self, probes: &mut [Box<dyn Probe>]) -> anyhow::Result<()> {
+        let Some(extension) = &self.config.session else {
+            return Ok(());
+        };
+        let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
+        let session = self
+            .ctx
+            .extensions
+            .get::<crate::session::SessionExtension>(&id)
+            .map_err(|e| anyhow::anyhow!("receiver {}: session: {e}", self.ctx.id))?;
+        let mut states = std::collections::BTreeMap::new();
+        for probe in probes.iter_mut() {
+            for object in probe.objects_mut() {
+                states.insert(object.probe().to_string(), "attached".to_string());
+            }
+        }
+        for skipped in self.skipped_probes() {
+            states.insert(skipped.probe.to_string(), format!("skipped: {skipped}"));
+        }
+        session.report_probes(&self.ctx.id.to_string(), states);
+        Ok(())
+    }
+
     /// The probes, and the kernel's record of removed cgroups beside them (without it, data of a
     /// container removed within one interval is reported without its identity).
     fn load_probes(
@@ -414,6 +451,7 @@ impl Component for EbpfReceiver {
             mut probes,
             removed,
         } = self.load_probes(&filter, &features)?;
+        self.report_probes(&mut probes)?;
         if !self.config.programs.is_empty() || self.config.user_programs.extension.is_some() {
             programs::load_local(
                 &self.ctx.id.to_string(),

@@ -397,6 +397,14 @@ impl ProbeObject {
         )?))
     }
 
+    /// A hash map the agent writes (entries it inserts and removes itself).
+    pub fn hash_map<K: Pod, V: Pod>(
+        &mut self,
+        def: &MapDef,
+    ) -> Result<HashMap<MapData, K, V>, ProbeError> {
+        take(self.probe, &mut self.ebpf, def, "hash map")
+    }
+
     /// A per-CPU hash map; each key's per-CPU values are summed with `merge` when read.
     pub fn per_cpu_hash<K: Pod + Eq + Hash, V: Pod>(
         &mut self,

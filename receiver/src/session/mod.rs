@@ -1,0 +1,170 @@
+//! The `session` extension: the endpoint `kubectl podscope` talks to on each node (the agent
+//! side of `podscope_core::session`). It listens on the agent pod's loopback (reached through a
+//! port-forward), reads one `Hello`, answers `Welcome`, serves the request and ends with
+//! `Message::End`:
+//!
+//! - trace: the trace object (`trace`), loaded and attached only while a session needs it,
+//!   events filtered in the kernel to the targets' cgroups;
+//! - top: CPU from each cgroup's `cpu.stat`, per interval (`top`);
+//! - bpftrace: the real bpftrace, when the agent's config enables it (`bpftrace`);
+//! - status: version, protocol, readiness, the trace probes this kernel has.
+//!
+//! It must not crash on what a client sends: every bad request is answered with a
+//! `SessionError` and the connection closed; a client that goes away ends its session and frees
+//! what it held in the kernel.
+
+mod bpftrace;
+mod config;
+mod events;
+mod filters;
+mod server;
+mod targets;
+mod top;
+mod trace;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use async_trait::async_trait;
+use podscope_core::component::create_extension;
+use podscope_core::{BuildContext, Component, Extension, ExtensionBuilder, ExtensionFactory};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{BpftraceConfig, SessionConfig};
+pub use events::signal_name;
+pub use filters::EventFilter;
+pub use trace::TraceKernel;
+
+pub const FACTORY: ExtensionFactory = ExtensionFactory {
+    type_name: "session",
+    description: "The endpoint kubectl podscope talks to (trace, top, bpftrace, status), on the agent pod's loopback",
+    signals: &[],
+    create: create_extension::<SessionConfig>,
+};
+
+impl ExtensionBuilder for SessionConfig {
+    fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>> {
+        Ok(Arc::new(SessionExtension::new(*self, &ctx)))
+    }
+}
+
+/// What every session of the agent shares.
+pub(crate) struct Shared {
+    pub config: SessionConfig,
+    pub node: String,
+    pub readiness: podscope_core::health::Readiness,
+    pub kernel: Arc<TraceKernel>,
+    pub permits: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when the agent stops: sessions end with `AgentStopping`.
+    pub stopping: CancellationToken,
+    /// What eBPF receivers naming this extension reported: `<receiver>/<probe>` → `attached`
+    /// or why it was skipped.
+    pub reported_probes: Mutex<std::collections::BTreeMap<String, String>>,
+}
+
+struct Running {
+    address: SocketAddr,
+    tasks: TaskTracker,
+}
+
+/// The running extension.
+pub struct SessionExtension {
+    id: String,
+    shared: Arc<Shared>,
+    running: Mutex<Option<Running>>,
+}
+
+impl SessionExtension {
+    pub fn new(config: SessionConfig, ctx: &BuildContext) -> SessionExtension {
+        let node = config.resolved_node_name(&ctx.host_name);
+        let kernel = Arc::new(TraceKernel::new(&config.btf_path));
+        let permits = Arc::new(tokio::sync::Semaphore::new(config.max_sessions as usize));
+        SessionExtension {
+            id: ctx.id.to_string(),
+            shared: Arc::new(Shared {
+                config,
+                node,
+                readiness: ctx.readiness.clone(),
+                kernel,
+                permits,
+                stopping: CancellationToken::new(),
+                reported_probes: Mutex::default(),
+            }),
+            running: Mutex::new(None),
+        }
+    }
+
+    /// The address it listens on (with `endpoint` port 0, the port the kernel chose); `None`
+    /// before start.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.lock().as_ref().map(|r| r.address)
+    }
+
+    /// The node name it labels events with.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// The trace object's state (sessions, attached programs), for tests and status.
+    pub fn trace_kernel(&self) -> Arc<TraceKernel> {
+        self.shared.kernel.clone()
+    }
+
+    /// An eBPF receiver's probes (probe → `attached` or `skipped: why`), for status.
+    pub fn report_probes(
+        &self,
+        receiver: &str,
+        probes: std::collections::BTreeMap<String, String>,
+    ) {
+        let mut reported = self
+            .shared
+            .reported_probes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        reported.retain(|key, _| !key.starts_with(&format!("{receiver}/")));
+        for (probe, state) in probes {
+            reported.insert(format!("{receiver}/{probe}"), state);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl Component for SessionExtension {
+    async fn start(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.lock().is_none(), "extension {} started twice", self.id);
+        let endpoint = &self.shared.config.endpoint;
+        let listener = tokio::net::TcpListener::bind(endpoint)
+            .await
+            .with_context(|| format!("extension {}: cannot listen on {endpoint}", self.id))?;
+        let address = listener.local_addr()?;
+        let tasks = TaskTracker::new();
+        tasks.spawn(server::accept(listener, self.shared.clone(), tasks.clone()));
+        tracing::info!(extension = %self.id, %address, node = %self.shared.node, "session endpoint listening");
+        *self.lock() = Some(Running { address, tasks });
+        Ok(())
+    }
+
+    /// Ends every session (`AgentStopping`) and waits for them, a few seconds at most.
+    async fn shutdown(&self) -> anyhow::Result<()> {
+        let Some(running) = self.lock().take() else {
+            return Ok(());
+        };
+        self.shared.stopping.cancel();
+        running.tasks.close();
+        if tokio::time::timeout(std::time::Duration::from_secs(5), running.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(extension = %self.id, "sessions still ending after 5s; leaving them");
+        }
+        Ok(())
+    }
+}
+
+impl Extension for SessionExtension {}
