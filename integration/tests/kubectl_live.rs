@@ -116,11 +116,14 @@ service:
 
     async fn run(&self, args: &[&str]) -> std::process::Output {
         let mut command = self.plugin(args);
-        tokio::time::timeout(PATIENCE, tokio::task::spawn_blocking(move || command.output()))
-            .await
-            .expect("the plugin finished in time")
-            .expect("join")
-            .expect("run the plugin")
+        tokio::time::timeout(
+            PATIENCE,
+            tokio::task::spawn_blocking(move || command.output()),
+        )
+        .await
+        .expect("the plugin finished in time")
+        .expect("join")
+        .expect("run the plugin")
     }
 
     /// A pod in the fake API for `cgroup`'s container (one container, `app`).
@@ -254,14 +257,21 @@ async fn trace_pod_exec_prints_exactly_the_execs_of_that_pod() {
     let mut other = PodCgroup::new();
     live.apply_workload_pod("web-0", "node-a", "web", &traced);
     live.apply_workload_pod("db-0", "node-a", "db", &other);
-    let plugin = Streaming::start(live.plugin(&["trace", "-n", "shop", "pod/web-0", "exec", "-o", "json"]));
+    let plugin =
+        Streaming::start(live.plugin(&["trace", "-n", "shop", "pod/web-0", "exec", "-o", "json"]));
     plugin.wait_tracing();
     // The other pod runs the same programs, before and while the traced one does.
     other.spawn_shell("/bin/true; /bin/echo other >/dev/null; /bin/false");
     traced.spawn_shell("/bin/true; /bin/echo traced >/dev/null; /bin/false");
     let events = plugin.events_until(is_marker("web-0"));
-    let pods: Vec<&str> = events.iter().map(|e| e["pod"].as_str().unwrap_or("")).collect();
-    assert!(pods.iter().all(|p| *p == "web-0"), "events of another pod: {events:#?}");
+    let pods: Vec<&str> = events
+        .iter()
+        .map(|e| e["pod"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        pods.iter().all(|p| *p == "web-0"),
+        "events of another pod: {events:#?}"
+    );
     let execs = execs_of(&events, "web-0");
     // The shell itself (found on PATH), then what it ran.
     assert_eq!(execs.len(), 4, "{events:#?}");
@@ -282,17 +292,28 @@ async fn trace_by_selector_merges_pods_on_two_nodes_in_time_order() {
     let mut second = PodCgroup::new();
     live.apply_workload_pod("web-a", "node-a", "web", &first);
     live.apply_workload_pod("web-b", "node-b", "web", &second);
-    let plugin = Streaming::start(live.plugin(&["trace", "-n", "shop", "-l", "app=web", "exec", "-o", "json"]));
+    let plugin = Streaming::start(
+        live.plugin(&["trace", "-n", "shop", "-l", "app=web", "exec", "-o", "json"]),
+    );
     let said = plugin.wait_tracing();
-    assert_eq!(said, "tracing exec in 2 pod(s) on 2 node(s); Ctrl-C to stop");
+    assert_eq!(
+        said,
+        "tracing exec in 2 pod(s) on 2 node(s); Ctrl-C to stop"
+    );
     first.spawn_shell("/bin/true; /bin/false");
     let mut events = plugin.events_until(is_marker("web-a"));
     second.spawn_shell("/bin/echo b >/dev/null; /bin/false");
     events.extend(plugin.events_until(is_marker("web-b")));
     assert_eq!(execs_of(&events, "web-a")[1..], ["/bin/true", "/bin/false"]);
     assert_eq!(execs_of(&events, "web-b")[1..], ["/bin/echo", "/bin/false"]);
-    let times: Vec<u64> = events.iter().map(|e| e["time_unix_nano"].as_u64().unwrap()).collect();
-    assert!(times.windows(2).all(|w| w[0] <= w[1]), "not in time order: {times:?}");
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["time_unix_nano"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "not in time order: {times:?}"
+    );
     // Both pods' sessions went through the port-forward of their node's agent pod.
     let forwarded: Vec<String> = live
         .server
@@ -302,8 +323,14 @@ async fn trace_by_selector_merges_pods_on_two_nodes_in_time_order() {
         .map(|r| format!("{} {}", r.name.unwrap_or_default(), r.status))
         .collect();
     assert_eq!(forwarded.len(), 2, "{forwarded:?}");
-    assert!(forwarded.contains(&"podscope-node-a 101".to_string()), "{forwarded:?}");
-    assert!(forwarded.contains(&"podscope-node-b 101".to_string()), "{forwarded:?}");
+    assert!(
+        forwarded.contains(&"podscope-node-a 101".to_string()),
+        "{forwarded:?}"
+    );
+    assert!(
+        forwarded.contains(&"podscope-node-b 101".to_string()),
+        "{forwarded:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,12 +345,17 @@ async fn bpftrace_prints_a_count_that_matches_the_workload() {
         "tracepoint:sched:sched_process_exec /cgroup == $container_cgroup_id && str(args->filename) == \"/bin/true\"/ { @execs = count(); }\n",
         "tracepoint:sched:sched_process_exec /cgroup == $container_cgroup_id && str(args->filename) == \"/bin/false\"/ { exit(); }\n",
     );
-    let plugin = Streaming::start(live.plugin(&["bpftrace", "-n", "shop", "pod/web-0", "-e", program]));
+    let plugin =
+        Streaming::start(live.plugin(&["bpftrace", "-n", "shop", "pod/web-0", "-e", program]));
     // BEGIN runs once every probe is attached.
     plugin.lines_until(|line| line == "ready");
     cgroup.spawn_shell("for i in 1 2 3 4 5 6 7; do /bin/true; done; /bin/false");
     let lines = plugin.lines_until(|line| line.starts_with("@execs:"));
-    assert_eq!(lines.last().map(String::as_str), Some("@execs: 7"), "{lines:?}");
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("@execs: 7"),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,9 +368,25 @@ async fn top_once_json_has_the_pods() {
     web.spawn_shell("sleep 60");
     db.spawn_shell("sleep 60");
     let output = live
-        .run(&["top", "pods", "-l", "app in (web,db)", "-n", "shop", "--once", "--interval", "1s", "-o", "json"])
+        .run(&[
+            "top",
+            "pods",
+            "-l",
+            "app in (web,db)",
+            "-n",
+            "shop",
+            "--once",
+            "--interval",
+            "1s",
+            "-o",
+            "json",
+        ])
         .await;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let value: Value = serde_json::from_slice(&output.stdout).expect("one JSON document");
     assert_eq!(value["scope"], "pods");
     assert_eq!(value["nodes"], json!(["node-a"]));
@@ -346,10 +394,21 @@ async fn top_once_json_has_the_pods() {
         .as_array()
         .expect("rows")
         .iter()
-        .map(|r| (r["namespace"].as_str().unwrap().to_string(), r["pod"].as_str().unwrap().to_string()))
+        .map(|r| {
+            (
+                r["namespace"].as_str().unwrap().to_string(),
+                r["pod"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     pods.sort();
-    assert_eq!(pods, [("shop".to_string(), "db-0".to_string()), ("shop".to_string(), "web-0".to_string())]);
+    assert_eq!(
+        pods,
+        [
+            ("shop".to_string(), "db-0".to_string()),
+            ("shop".to_string(), "web-0".to_string())
+        ]
+    );
     for row in value["rows"].as_array().unwrap() {
         assert_eq!(row["node"], "node-a");
         assert!(row["cpu_cores"].as_f64().is_some(), "{row}");
@@ -372,7 +431,8 @@ impl Tmux {
     }
 
     fn screen(&self) -> String {
-        String::from_utf8_lossy(&self.command(&["capture-pane", "-p", "-t", "top"]).stdout).into_owned()
+        String::from_utf8_lossy(&self.command(&["capture-pane", "-p", "-t", "top"]).stdout)
+            .into_owned()
     }
 
     /// The screen once `wanted` holds for it.
@@ -383,7 +443,10 @@ impl Tmux {
             if wanted(&screen) {
                 return screen;
             }
-            assert!(Instant::now() < deadline, "the screen never showed it:\n{screen}");
+            assert!(
+                Instant::now() < deadline,
+                "the screen never showed it:\n{screen}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -411,10 +474,26 @@ async fn the_live_top_screen_refreshes_sorts_on_keys_and_quits() {
         "{PLUGIN} --kubeconfig {} top pods -n shop -l app=web --interval 1s",
         live.dir.path().join("kubeconfig").display()
     );
-    let started = tmux.command(&["new-session", "-d", "-s", "top", "-x", "160", "-y", "30", &command]);
-    assert!(started.status.success(), "tmux: {}", String::from_utf8_lossy(&started.stderr));
+    let started = tmux.command(&[
+        "new-session",
+        "-d",
+        "-s",
+        "top",
+        "-x",
+        "160",
+        "-y",
+        "30",
+        &command,
+    ]);
+    assert!(
+        started.status.success(),
+        "tmux: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
     let screen = tokio::task::spawn_blocking(move || {
-        let by_cpu = tmux.wait_screen(|s| s.contains("sorted by CPU") && s.contains("busy-0") && s.contains("idle-0"));
+        let by_cpu = tmux.wait_screen(|s| {
+            s.contains("sorted by CPU") && s.contains("busy-0") && s.contains("idle-0")
+        });
         // Sorted by CPU: the spinning pod first.
         let busy_line = by_cpu.lines().position(|l| l.contains("busy-0")).unwrap();
         let idle_line = by_cpu.lines().position(|l| l.contains("idle-0")).unwrap();
@@ -433,16 +512,26 @@ async fn the_live_top_screen_refreshes_sorts_on_keys_and_quits() {
     .await
     .expect("join");
     let (by_cpu, by_name) = screen;
-    assert!(by_cpu.starts_with("podscope top pods — 1 node(s) — sorted by CPU"), "{by_cpu}");
+    assert!(
+        by_cpu.starts_with("podscope top pods — 1 node(s) — sorted by CPU"),
+        "{by_cpu}"
+    );
     assert!(by_cpu.contains("NODE    NAMESPACE  POD"), "{by_cpu}");
-    assert!(by_name.contains("busy-0") && by_name.contains("idle-0"), "{by_name}");
+    assert!(
+        by_name.contains("busy-0") && by_name.contains("idle-0"),
+        "{by_name}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_lists_the_agent_with_its_version_and_probes() {
     let live = Live::start(&["node-a"], false).await;
     let output = live.run(&["status", "-o", "json"]).await;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let status: Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(status["node"], "node-a");
     assert_eq!(status["agent"], "observability/podscope-node-a");
@@ -450,14 +539,43 @@ async fn status_lists_the_agent_with_its_version_and_probes() {
     assert_eq!(status["bpftrace_enabled"], false);
     let output = live.run(&["status"]).await;
     let table = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(table.starts_with("NODE    AGENT                     VERSION  PROTOCOL  READY"), "{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0],
+        "NODE    AGENT                          VERSION  PROTOCOL  READY  PROBES  BPFTRACE",
+        "{table}"
+    );
+    assert_eq!(
+        lines[1],
+        format!(
+            "node-a  observability/podscope-node-a  {}    1         yes    9/10    disabled",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "{table}"
+    );
+    // What cannot be used is said, with why.
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(
+        lines[2].starts_with("node-a: probe trace/http: skipped: "),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bpftrace_disabled_in_the_agent_exits_8() {
     let live = Live::start(&["node-a"], false).await;
-    let output = live.run(&["bpftrace", "node/node-a", "-e", "BEGIN { exit(); }"]).await;
-    assert_eq!(output.status.code(), Some(8), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = live
+        .run(&["bpftrace", "node/node-a", "-e", "BEGIN { exit(); }"])
+        .await;
+    assert_eq!(
+        output.status.code(),
+        Some(8),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(stderr.starts_with("error: agent on node node-a: "), "{stderr}");
+    assert!(
+        stderr.starts_with("error: agent on node node-a: "),
+        "{stderr}"
+    );
 }

@@ -378,9 +378,12 @@ pub async fn status(context: &mut Context, args: StatusArgs) -> Result<(), Plugi
         };
         match answer {
             Ok(status) => {
-                let attached = status.probes.values().filter(|v| *v == "attached").count();
+                // Usable: attached now, or available (attached while a session uses it).
+                let usable =
+                    |state: &str| state.starts_with("attached") || state.starts_with("available");
+                let attached = status.probes.values().filter(|v| usable(v)).count();
                 for (probe, state) in &status.probes {
-                    if state != "attached" {
+                    if !usable(state) {
                         notes.push(format!("{}: probe {probe}: {state}", status.node));
                     }
                 }
