@@ -61,7 +61,8 @@ pub fn clock_time(unix_nano: u64) -> String {
 /// layout; a field a later event has beyond them is appended as `name=value`.
 #[derive(Default)]
 pub struct EventTable {
-    field_columns: Option<Vec<String>>,
+    /// The probe's fields shown as columns, with their widths.
+    field_columns: Option<Vec<(String, usize)>>,
 }
 
 const FIXED: [(&str, usize); 7] = [
@@ -79,12 +80,21 @@ impl EventTable {
     pub fn lines(&mut self, event: &Event) -> String {
         let mut out = String::new();
         let columns = self.field_columns.get_or_insert_with(|| {
-            let columns: Vec<String> = event.fields.keys().cloned().collect();
+            // As wide as the first event's value (the table streams: later rows cannot widen it).
+            let columns: Vec<(String, usize)> = event
+                .fields
+                .iter()
+                .map(|(name, value)| (name.clone(), name.len().max(value.chars().count())))
+                .collect();
             let mut header: Vec<String> = FIXED
                 .iter()
                 .map(|(name, width)| format!("{name:<width$}"))
                 .collect();
-            header.extend(columns.iter().map(|c| c.to_ascii_uppercase()));
+            header.extend(
+                columns
+                    .iter()
+                    .map(|(name, width)| format!("{:<width$}", name.to_ascii_uppercase())),
+            );
             out.push_str(header.join(" ").trim_end());
             out.push('\n');
             columns
@@ -103,14 +113,12 @@ impl EventTable {
             .zip(FIXED)
             .map(|(value, (_, width))| format!("{:<width$}", dash_if_empty(value)))
             .collect();
-        for column in columns.iter() {
-            cells.push(
-                dash_if_empty(event.fields.get(column).map(String::as_str).unwrap_or(""))
-                    .to_string(),
-            );
+        for (column, width) in columns.iter() {
+            let value = event.fields.get(column).map(String::as_str).unwrap_or("");
+            cells.push(format!("{:<width$}", dash_if_empty(value)));
         }
         for (name, value) in &event.fields {
-            if !columns.contains(name) {
+            if !columns.iter().any(|(column, _)| column == name) {
                 cells.push(format!("{name}={value}"));
             }
         }
@@ -197,7 +205,7 @@ mod tests {
         let second = table.lines(&exec("web-1", "", Some(("argv", "a b"))));
         assert_eq!(
             second,
-            "worker-1       shop         web-1                  app          15:30:45.123456 4242    sh               - argv=a b\n"
+            "worker-1       shop         web-1                  app          15:30:45.123456 4242    sh               -         argv=a b\n"
         );
     }
 
