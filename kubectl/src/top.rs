@@ -18,29 +18,26 @@ use crate::Context;
 pub async fn run(context: &mut Context, args: TopArgs) -> Result<(), PluginError> {
     let scope = TopScope::from(args.scope);
     let has_target = args.target.is_some() || args.selection.selector.is_some();
-    let routes: Vec<(Route, Vec<podscope_core::session::Target>)> = if has_target {
-        let spec = TargetSpec::parse(args.target.as_deref(), args.selection.selector.as_deref())?;
-        let by_node = context
-            .resolve(&spec, args.selection.container.as_deref())
-            .await?;
-        context.routes(&by_node).await?
-    } else {
-        let routes = context.every_agent().await?;
-        routes
-            .into_iter()
-            .map(|route| (route, Vec::new()))
-            .collect()
-    };
-    // Without a target, pods and containers are those of the namespace, as `kubectl top pods`.
-    let namespace =
-        if has_target || context.cluster.all_namespaces || args.scope == TopScopeArg::Nodes {
-            None
-        } else if let Some(namespace) = &context.cluster.namespace {
-            Some(namespace.clone())
-        } else if context.cluster.agent_address.is_some() {
-            None
+    let routes: Vec<(Route, Vec<podscope_core::session::Target>)> =
+        if args.scope == TopScopeArg::Nodes && !has_target
+            || !has_target && context.cluster.agent_address.is_some()
+        {
+            // Every agent, its whole node (the agent names what it sees by cgroup).
+            let routes = context.every_agent().await?;
+            routes
+                .into_iter()
+                .map(|route| (route, Vec::new()))
+                .collect()
         } else {
-            Some(context.client().await?.1)
+            // Without a target, the pods of the namespace (-n, -A), as `kubectl top pods`.
+            let spec = match (&args.target, &args.selection.selector) {
+                (None, None) => TargetSpec::Selector(String::new()),
+                (target, selector) => TargetSpec::parse(target.as_deref(), selector.as_deref())?,
+            };
+            let by_node = context
+                .resolve(&spec, args.selection.container.as_deref())
+                .await?;
+            context.routes(&by_node).await?
         };
     let request = |targets: Vec<podscope_core::session::Target>| Request::Top {
         scope,
@@ -61,27 +58,28 @@ pub async fn run(context: &mut Context, args: TopArgs) -> Result<(), PluginError
         },
     )
     .await?;
-    let nodes = sessions.len();
+    let mut waiting: std::collections::BTreeSet<String> =
+        sessions.iter().map(|s| s.route_node.clone()).collect();
     let mut messages = stream_all(sessions);
     let mut view = TopView {
         scope: args.scope,
         sort: args.sort,
-        namespace,
         tables: BTreeMap::new(),
     };
     if args.once {
-        let mut ended = 0;
-        while view.tables.len() + ended < nodes {
+        // One table from every node (or its end).
+        while !waiting.is_empty() {
             match messages.recv().await {
                 None => break,
                 Some((node, Ok(Message::Top(table)))) => {
+                    waiting.remove(&node);
                     view.tables.insert(node, table);
                 }
                 Some((node, Ok(Message::End { error, .. }))) => {
                     if let Some(error) = error {
                         return Err(PluginError::from_session(&node, error));
                     }
-                    ended += 1;
+                    waiting.remove(&node);
                 }
                 Some((_, Ok(_))) => {}
                 Some((_, Err(error))) => return Err(error),
@@ -101,7 +99,6 @@ pub async fn run(context: &mut Context, args: TopArgs) -> Result<(), PluginError
 struct TopView {
     scope: TopScopeArg,
     sort: SortKey,
-    namespace: Option<String>,
     tables: BTreeMap<String, TopTable>,
 }
 
@@ -116,11 +113,6 @@ impl TopView {
                     .rows
                     .iter()
                     .map(move |row| (node.clone(), row.clone()))
-            })
-            .filter(|(_, row)| {
-                self.namespace
-                    .as_ref()
-                    .is_none_or(|namespace| &row.namespace == namespace)
             })
             .collect();
         let name = |(node, row): &(String, TopRow)| {
@@ -408,7 +400,7 @@ mod tests {
         }
     }
 
-    fn view(sort: SortKey, namespace: Option<&str>) -> TopView {
+    fn view(sort: SortKey) -> TopView {
         let table = |node: &str, rows| TopTable {
             time_unix_nano: 1,
             node: node.into(),
@@ -417,7 +409,6 @@ mod tests {
         TopView {
             scope: TopScopeArg::Pods,
             sort,
-            namespace: namespace.map(str::to_string),
             tables: BTreeMap::from([
                 (
                     "n1".to_string(),
@@ -445,30 +436,27 @@ mod tests {
                 .map(|(_, r)| r.pod)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(pods(&view(SortKey::Cpu, None)), ["web-1", "web-0", "dns"]);
-        assert_eq!(
-            pods(&view(SortKey::Syscalls, None)),
-            ["dns", "web-0", "web-1"]
-        );
-        assert_eq!(pods(&view(SortKey::Cpu, Some("shop"))), ["web-1", "web-0"]);
+        assert_eq!(pods(&view(SortKey::Cpu)), ["web-1", "web-0", "dns"]);
+        assert_eq!(pods(&view(SortKey::Syscalls)), ["dns", "web-0", "web-1"]);
         assert_eq!(sort_for_key(b's'), Some(SortKey::Syscalls));
         assert_eq!(sort_for_key(b'z'), None);
     }
 
     #[test]
     fn the_table_shows_millicores_latencies_and_rates() {
-        let text = view(SortKey::Cpu, Some("shop")).table();
+        let text = view(SortKey::Cpu).table();
         assert_eq!(
             text,
-            "NODE  NAMESPACE  POD    CPU    RUNQ-P50  RUNQ-P99  SYSCALLS/S  OPENS/S  RETRANS/S  REQ/S  REQ-P99\n\
-             n2    shop       web-1  1500m  -         2.1ms     5.0         -        -          -      -\n\
-             n1    shop       web-0  250m   -         2.1ms     10.0        -        -          -      -\n"
+            "NODE  NAMESPACE    POD    CPU    RUNQ-P50  RUNQ-P99  SYSCALLS/S  OPENS/S  RETRANS/S  REQ/S  REQ-P99\n\
+             n2    shop         web-1  1500m  -         2.1ms     5.0         -        -          -      -\n\
+             n1    shop         web-0  250m   -         2.1ms     10.0        -        -          -      -\n\
+             n1    kube-system  dns    -      -         2.1ms     99.0        -        -          -      -\n"
         );
     }
 
     #[test]
     fn json_has_every_row_with_its_node() {
-        let value = view(SortKey::Cpu, None).json();
+        let value = view(SortKey::Cpu).json();
         assert_eq!(value["scope"], "pods");
         assert_eq!(value["nodes"], json!(["n1", "n2"]));
         assert_eq!(value["rows"][0]["pod"], "web-1");
