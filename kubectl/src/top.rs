@@ -18,27 +18,26 @@ use crate::Context;
 pub async fn run(context: &mut Context, args: TopArgs) -> Result<(), PluginError> {
     let scope = TopScope::from(args.scope);
     let has_target = args.target.is_some() || args.selection.selector.is_some();
-    let routes: Vec<(Route, Vec<podscope_core::session::Target>)> =
-        if args.scope == TopScopeArg::Nodes && !has_target
-            || !has_target && context.cluster.agent_address.is_some()
-        {
-            // Every agent, its whole node (the agent names what it sees by cgroup).
-            let routes = context.every_agent().await?;
-            routes
-                .into_iter()
-                .map(|route| (route, Vec::new()))
-                .collect()
-        } else {
-            // Without a target, the pods of the namespace (-n, -A), as `kubectl top pods`.
-            let spec = match (&args.target, &args.selection.selector) {
-                (None, None) => TargetSpec::Selector(String::new()),
-                (target, selector) => TargetSpec::parse(target.as_deref(), selector.as_deref())?,
-            };
-            let by_node = context
-                .resolve(&spec, args.selection.container.as_deref())
-                .await?;
-            context.routes(&by_node).await?
+    let routes: Vec<(Route, Vec<podscope_core::session::Target>)> = if !has_target
+        && (args.scope == TopScopeArg::Nodes || context.cluster.agent_address.is_some())
+    {
+        // Every agent, its whole node (the agent names what it sees by cgroup).
+        let routes = context.every_agent().await?;
+        routes
+            .into_iter()
+            .map(|route| (route, Vec::new()))
+            .collect()
+    } else {
+        // Without a target, the pods of the namespace (-n, -A), as `kubectl top pods`.
+        let spec = match (&args.target, &args.selection.selector) {
+            (None, None) => TargetSpec::Selector(String::new()),
+            (target, selector) => TargetSpec::parse(target.as_deref(), selector.as_deref())?,
         };
+        let by_node = context
+            .resolve(&spec, args.selection.container.as_deref())
+            .await?;
+        context.routes(&by_node).await?
+    };
     let request = |targets: Vec<podscope_core::session::Target>| Request::Top {
         scope,
         targets,
