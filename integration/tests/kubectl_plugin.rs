@@ -110,7 +110,12 @@ async fn echo_server() -> u16 {
 
 #[test]
 fn kubectl_plugin_list_finds_the_binary_on_path() {
-    let dir = Path::new(PLUGIN).parent().expect("binary dir");
+    // A directory with the plugin alone (cargo's own output directory holds `.d` files named
+    // like plugins, which kubectl warns about).
+    let bin = tempfile::tempdir().expect("bin dir");
+    std::os::unix::fs::symlink(PLUGIN, bin.path().join("kubectl-podscope"))
+        .expect("link the plugin");
+    let dir = bin.path();
     let home = tempfile::tempdir().expect("home");
     let output = Command::new(kubectl_binary())
         .env_clear()

@@ -2,8 +2,6 @@
 //! the agent pod through the API server (what a user has), or a direct TCP connection
 //! (`--agent-address`). One connection per node; the protocol is `podscope_core::session`.
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Portforwarder;
 use kube::{Api, Client};
@@ -88,29 +86,38 @@ impl Session {
             agent: agent.clone(),
             reason,
         };
-        write_line(&mut writer, &hello)
-            .await
-            .map_err(|e| unreachable(format!("sending the request: {e}")))?;
+        // Through a port-forward, a port that cannot be reached is said on the port's error
+        // channel (the stream itself may stay open): watched while the welcome is awaited.
+        let port_error = forwarder
+            .as_mut()
+            .and_then(|f| f.take_error(route_port(route)));
+        let port_error = async move {
+            match port_error {
+                Some(error) => match error.await {
+                    Some(message) => message,
+                    // The channel ended without an error: only the stream can say more.
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
         let mut buffer = Vec::new();
-        let welcome: Result<Option<Welcome>, ReadError> = read_line(&mut reader, &mut buffer).await;
+        let exchange = async {
+            write_line(&mut writer, &hello)
+                .await
+                .map_err(|e| unreachable(format!("sending the request: {e}")))?;
+            Ok::<_, PluginError>(read_line::<_, Welcome>(&mut reader, &mut buffer).await)
+        };
+        let welcome = tokio::select! {
+            result = exchange => result?,
+            message = port_error => return Err(unreachable(message)),
+        };
         let welcome = match welcome {
             Ok(Some(welcome)) => welcome,
             Ok(None) | Err(ReadError::Io(_)) => {
-                // Through a port-forward, a closed port shows as the stream ending at once, with
-                // the reason on the port's error channel.
-                let reason = match forwarder
-                    .as_mut()
-                    .and_then(|f| f.take_error(route_port(route)))
-                {
-                    Some(error) => tokio::time::timeout(Duration::from_secs(2), error)
-                        .await
-                        .ok()
-                        .flatten(),
-                    None => None,
-                };
-                return Err(unreachable(reason.unwrap_or_else(|| {
-                    "the connection closed before the agent answered (is its session extension enabled? chart value session.enabled)".into()
-                })));
+                return Err(unreachable(
+                    "the connection closed before the agent answered (is its session extension enabled? chart value session.enabled)".into(),
+                ));
             }
             Err(ReadError::Json(error)) => {
                 // A welcome this build cannot read comes from an agent of another protocol.

@@ -268,27 +268,30 @@ where
                 });
             }
             Err(message) => {
+                // As the kubelet: the port's error channel says why; the connection stays until
+                // the client closes it (what it sends for that port goes nowhere).
                 let mut frame = vec![error];
                 frame.extend_from_slice(message.as_bytes());
                 if sink.send(WsMessage::binary(frame)).await.is_err() {
                     return;
                 }
-                let _ = sink.send(WsMessage::Close(None)).await;
-                return;
             }
         }
     }
     drop(to_client);
+    // Until the client closes, or every reachable port has closed (none reachable: only the
+    // client ends it).
+    let mut pod_side_open = !writers.is_empty();
     loop {
         tokio::select! {
-            message = outgoing.recv() => match message {
+            message = outgoing.recv(), if pod_side_open => match message {
                 Some(message) => {
                     let closing = message.is_close();
                     if sink.send(message).await.is_err() || closing {
                         return;
                     }
                 }
-                None => return,
+                None => pod_side_open = false,
             },
             message = incoming.next() => match message {
                 Some(Ok(WsMessage::Binary(bytes))) if !bytes.is_empty() => {
