@@ -5,4 +5,5 @@ pub mod config;
 pub mod profile;
 pub mod registry;
 pub mod service;
+pub mod session_profiles;
 pub mod telemetry_server;

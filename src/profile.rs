@@ -143,7 +143,8 @@ pub fn run(
     Ok(summary)
 }
 
-fn folded_text(folded: &BTreeMap<String, i64>) -> String {
+/// Folded stacks as text, one `frame;frame;… count` line each.
+pub fn folded_text(folded: &BTreeMap<String, i64>) -> String {
     folded
         .iter()
         .map(|(stack, count)| format!("{stack} {count}\n"))

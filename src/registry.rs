@@ -39,7 +39,7 @@ pub fn extensions() -> Vec<&'static ExtensionFactory> {
     vec![
         &podscope_k8s::k8s_metadata::FACTORY,
         &podscope_exporters::file_storage::FACTORY,
-        &podscope_receiver::session::FACTORY,
+        &crate::session_profiles::FACTORY,
     ]
 }
 

@@ -866,3 +866,92 @@ fn events_a_slow_client_cannot_take_are_counted_as_lost_never_dropped_silently()
     let events = client.events_until(|e| e.fields["path"] == "/nonexistent/podscope-marker");
     assert_eq!(events.len(), 1, "{events:?}");
 }
+
+#[test]
+fn trace_tcp_accept_and_close_name_the_server_side_and_durations() {
+    let agent = Agent::start(|_| {});
+    let pod = PodCgroup::new();
+    let mut accepts = agent.connect();
+    accepted(&accepts.hello(trace(TraceProbe::TcpAccept, vec![target(&pod, "server-0")])));
+    let mut closes = agent.connect();
+    accepted(&closes.hello(trace(TraceProbe::TcpClose, vec![target(&pod, "server-0")])));
+    let kernel = agent.extension.trace_kernel();
+    // Two sessions, one program: the three tcp probes share it.
+    assert_eq!(kernel.attached(), ["podscope_trace_tcp_state"]);
+    assert_eq!(kernel.sessions(), 2);
+    // In the pod: a listener, three connections to it accepted, each closed from both ends.
+    let served = pod.run(|| {
+        // SAFETY: socket calls on stack memory only.
+        unsafe {
+            let listener = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            let mut address = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: 0,
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+                },
+                sin_zero: [0; 8],
+            };
+            let size = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            let mut length = size;
+            if libc::bind(
+                listener,
+                (&address as *const libc::sockaddr_in).cast(),
+                size,
+            ) != 0
+                || libc::listen(listener, 8) != 0
+                || libc::getsockname(
+                    listener,
+                    (&mut address as *mut libc::sockaddr_in).cast(),
+                    &mut length,
+                ) != 0
+            {
+                return 1;
+            }
+            for _ in 0..3 {
+                let client = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                if libc::connect(client, (&address as *const libc::sockaddr_in).cast(), size) != 0 {
+                    return 2;
+                }
+                let server = libc::accept(listener, std::ptr::null_mut(), std::ptr::null_mut());
+                if server < 0 {
+                    return 3;
+                }
+                // The client closes first; the server reads its FIN, then closes too.
+                libc::close(client);
+                let mut byte = 0u8;
+                libc::read(server, (&mut byte as *mut u8).cast(), 1);
+                libc::close(server);
+            }
+            libc::close(listener);
+            0
+        }
+    });
+    assert_eq!(served, 0);
+    let seen = std::cell::Cell::new(0);
+    let events = accepts.events_until(|_| {
+        seen.set(seen.get() + 1);
+        seen.get() == 3
+    });
+    let port = &events[0].fields["sport"];
+    for event in &events {
+        assert_eq!(
+            (event.pod.as_str(), event.fields["saddr"].as_str()),
+            ("server-0", "127.0.0.1")
+        );
+        // The server's side: its local port is the listener's for every connection.
+        assert_eq!(&event.fields["sport"], port);
+    }
+    // Each connection closes on both ends, each end seen established: with its duration.
+    let seen = std::cell::Cell::new(0);
+    let events = closes.events_until(|_| {
+        seen.set(seen.get() + 1);
+        seen.get() == 6
+    });
+    let server_ends = events.iter().filter(|e| &e.fields["sport"] == port).count();
+    assert_eq!(server_ends, 3);
+    assert!(
+        events.iter().all(|e| e.fields.contains_key("duration_ns")),
+        "{events:?}"
+    );
+}

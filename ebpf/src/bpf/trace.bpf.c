@@ -68,13 +68,20 @@ struct {
 	__type(value, struct trace_open_arg);
 } trace_open_args SEC(".maps");
 
-/* socket -> when it was established (tcp close's duration) */
+/* socket -> when it was established (tcp close's duration) and its local port then (at close
+ * the kernel has already released it: skc_num reads 0) */
+struct trace_tcp_live {
+	__u64 since_ns;
+	__u16 sport;
+	__u8 _pad[6];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
-	__type(value, __u64);
+	__type(value, struct trace_tcp_live);
 } trace_tcp_live SEC(".maps");
 
 /* A connect() in progress: socket -> the task that called it (the handshake completes in softirq
@@ -292,7 +299,7 @@ static __always_inline void socket_task(struct podscope_trace_event *e, __u64 so
 /* An event of `probe` on socket `sk`, for the task `owner` (NULL: the current task when it runs
  * in the socket's cgroup). */
 static __always_inline void tcp_event(const struct sock *sk, __u32 probe, __u64 cgroup_id, __u64 duration, __u32 flags,
-				      const struct trace_tcp_owner *owner, __s64 result)
+				      const struct trace_tcp_owner *owner, __s64 result, __u16 sport)
 {
 	__u64 sessions = sessions_for(probe, cgroup_id);
 	if (!sessions)
@@ -312,6 +319,8 @@ static __always_inline void tcp_event(const struct sock *sk, __u32 probe, __u64 
 	} else {
 		socket_task(e, cgroup_id);
 	}
+	if (sport)
+		e->sport = sport;
 	e->duration_ns = duration;
 	e->flags |= flags;
 	e->result = result;
@@ -345,32 +354,37 @@ int BPF_PROG(podscope_trace_tcp_state, const struct sock *sk, const int oldstate
 			struct trace_tcp_owner owner = *found;
 			bpf_map_delete_elem(&trace_tcp_connecting, &id);
 			__s64 result = newstate == TCP_ESTABLISHED ? 0 : -(__s64)BPF_CORE_READ(sk, sk_err);
-			tcp_event(sk, TRACE_TCP_CONNECT, cgroup_id, 0, 0, &owner, result);
+			tcp_event(sk, TRACE_TCP_CONNECT, cgroup_id, 0, 0, &owner, result, 0);
 		}
 	}
 	if (newstate == TCP_ESTABLISHED) {
 		if (!sessions_for(TRACE_TCP_CLOSE, cgroup_id) && !sessions_for(TRACE_TCP_ACCEPT, cgroup_id))
 			return 0;
-		__u64 now = bpf_ktime_get_ns();
-		podscope_insert(&trace_tcp_live, TRACE_MAP_TCP_LIVE, &id, &now, BPF_ANY);
+		struct trace_tcp_live live = {
+			.since_ns = bpf_ktime_get_ns(),
+			.sport = BPF_CORE_READ(sk, __sk_common.skc_num),
+		};
+		podscope_insert(&trace_tcp_live, TRACE_MAP_TCP_LIVE, &id, &live, BPF_ANY);
 		if (oldstate == TCP_SYN_RECV)
-			tcp_event(sk, TRACE_TCP_ACCEPT, cgroup_id, 0, 0, 0, 0);
+			tcp_event(sk, TRACE_TCP_ACCEPT, cgroup_id, 0, 0, 0, 0, 0);
 		return 0;
 	}
 	if (newstate != TCP_CLOSE)
 		return 0;
-	__u64 *since = bpf_map_lookup_elem(&trace_tcp_live, &id);
+	struct trace_tcp_live *found = bpf_map_lookup_elem(&trace_tcp_live, &id);
 	__u64 duration = 0;
 	__u32 flags = 0;
-	if (since) {
+	__u16 sport = 0;
+	if (found) {
 		__u64 now = bpf_ktime_get_ns();
-		duration = now > *since ? now - *since : 0;
+		duration = now > found->since_ns ? now - found->since_ns : 0;
+		sport = found->sport;
 		flags = TRACE_FLAG_DURATION;
 		bpf_map_delete_elem(&trace_tcp_live, &id);
 	}
 	if (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV || oldstate == TCP_LISTEN)
 		return 0;
-	tcp_event(sk, TRACE_TCP_CLOSE, cgroup_id, duration, flags, 0, 0);
+	tcp_event(sk, TRACE_TCP_CLOSE, cgroup_id, duration, flags, 0, 0, sport);
 	return 0;
 }
 
@@ -378,7 +392,7 @@ SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(podscope_trace_tcp_retransmit, const struct sock *sk, const struct sk_buff *skb)
 {
 	__u64 cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
-	tcp_event(sk, TRACE_TCP_RETRANSMIT, cgroup_id, 0, 0, 0, 0);
+	tcp_event(sk, TRACE_TCP_RETRANSMIT, cgroup_id, 0, 0, 0, 0, 0);
 	return 0;
 }
 

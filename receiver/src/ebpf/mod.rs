@@ -17,6 +17,7 @@
 mod builder;
 mod catalog;
 mod cgroups;
+pub mod clock;
 mod collector;
 mod config;
 mod events;

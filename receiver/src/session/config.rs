@@ -27,6 +27,9 @@ pub struct SessionConfig {
     /// Kernel BTF for the trace programs (CO-RE). Default `/sys/kernel/btf/vmlinux`.
     pub btf_path: PathBuf,
     pub bpftrace: BpftraceConfig,
+    /// How profiles become files: given by the agent binary, not a setting.
+    #[serde(skip)]
+    pub profile_encoder: super::profile::ProfileEncoder,
 }
 
 /// `bpftrace:` — running the real bpftrace for `kubectl podscope bpftrace`.
@@ -55,6 +58,7 @@ impl Default for SessionConfig {
             hello_timeout: Duration::from_secs(10),
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             bpftrace: BpftraceConfig::default(),
+            profile_encoder: Default::default(),
         }
     }
 }

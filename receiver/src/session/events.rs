@@ -10,20 +10,7 @@ use podscope_ebpf::abi::{TraceEvent, TRACE_FLAG_DURATION};
 use super::targets::CgroupLabels;
 use super::trace::probe_of_index;
 
-/// Unix time minus the kernel's monotonic clock (what `bpf_ktime_get_ns` reads), now.
-pub fn clock_offset_ns() -> u64 {
-    let read = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec we own.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    };
-    let monotonic = read(libc::CLOCK_MONOTONIC);
-    read(libc::CLOCK_REALTIME).saturating_sub(monotonic)
-}
+pub use crate::ebpf::clock::clock_offset_ns;
 
 /// The protocol's event of a kernel event, labelled; `None` for a probe number this agent does
 /// not know (never written by its own object).

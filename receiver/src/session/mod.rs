@@ -7,6 +7,7 @@
 //!   events filtered in the kernel to the targets' cgroups;
 //! - top: CPU from each cgroup's `cpu.stat`, per interval (`top`);
 //! - bpftrace: the real bpftrace, when the agent's config enables it (`bpftrace`);
+//! - profile: the profiling probe for the targets, the result sent as one file (`profile`);
 //! - status: version, protocol, readiness, the trace probes this kernel has.
 //!
 //! It must not crash on what a client sends: every bad request is answered with a
@@ -17,6 +18,7 @@ mod bpftrace;
 mod config;
 mod events;
 mod filters;
+mod profile;
 mod server;
 mod targets;
 mod top;
@@ -35,6 +37,7 @@ use tokio_util::task::TaskTracker;
 pub use config::{BpftraceConfig, SessionConfig};
 pub use events::signal_name;
 pub use filters::EventFilter;
+pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
 pub use trace::TraceKernel;
 
 pub const FACTORY: ExtensionFactory = ExtensionFactory {

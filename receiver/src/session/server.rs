@@ -178,10 +178,23 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             )
             .await?
         }
-        Request::Profile { .. } => Outcome::Refused(error(
-            ErrorCode::BadRequest,
-            "this agent does not serve profile sessions yet (run `podscope profile` on the node)",
-        )),
+        Request::Profile {
+            targets,
+            duration,
+            format,
+            frequency_hz,
+        } => {
+            super::profile::serve(
+                &mut write,
+                shared,
+                &targets,
+                duration,
+                format,
+                frequency_hz,
+                &gone,
+            )
+            .await?
+        }
     };
     match outcome {
         Outcome::Refused(refusal) => write_line(&mut write, &Welcome::Refused(refusal)).await,
@@ -440,5 +453,76 @@ pub async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad_hello(line: &str) -> SessionError {
+        let parsed: Result<Hello, _> = serde_json::from_str(line);
+        let e = ReadError::Json(parsed.expect_err("not a Hello"));
+        refusal_of_bad_hello(line.as_bytes(), &e)
+    }
+
+    #[test]
+    fn a_request_this_agent_cannot_read_is_named_by_its_protocol() {
+        let refusal =
+            bad_hello(r#"{"protocol":7,"client_version":"3.0","request":{"kind":"flamegraph"}}"#);
+        assert_eq!(refusal.code, ErrorCode::ProtocolMismatch);
+        assert_eq!(
+            refusal.message,
+            format!("this agent ({AGENT_VERSION}) speaks session protocol 1, the plugin speaks 7: upgrade the agent")
+        );
+        let refusal =
+            bad_hello(r#"{"protocol":1,"client_version":"0.1","request":{"kind":"flamegraph"}}"#);
+        assert_eq!(refusal.code, ErrorCode::BadRequest);
+        assert!(
+            refusal
+                .message
+                .starts_with("the first line is not a Hello: "),
+            "{}",
+            refusal.message
+        );
+        assert_eq!(bad_hello("GET / HTTP/1.1").code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn every_request_kind_parses_from_the_plugins_json() {
+        let kinds = [
+            (r#"{"kind":"status"}"#, "status"),
+            (
+                r#"{"kind":"trace","probe":"tcp_connect","targets":[],"duration":"30s"}"#,
+                "trace",
+            ),
+            (
+                r#"{"kind":"top","scope":"pods","interval":"1s","once":true}"#,
+                "top",
+            ),
+            (
+                r#"{"kind":"bpftrace","program":"BEGIN { exit(); }"}"#,
+                "bpftrace",
+            ),
+            (
+                r#"{"kind":"profile","targets":[],"duration":"10s","format":"folded"}"#,
+                "profile",
+            ),
+        ];
+        for (json, kind) in kinds {
+            let request: Request =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(request_kind(&request), kind);
+        }
+        let Request::Trace { probe, duration, filters, .. } = serde_json::from_str(
+            r#"{"kind":"trace","probe":"oom_kill","targets":[],"filters":["comm=java"],"duration":"1m"}"#,
+        )
+        .unwrap() else {
+            panic!("a trace");
+        };
+        assert_eq!(probe, TraceProbe::OomKill);
+        assert_eq!(duration, Some(Duration::from_secs(60)));
+        assert_eq!(filters, ["comm=java"]);
+        assert_eq!(probe_name(TraceProbe::TcpRetransmit), "tcp_retransmit");
     }
 }

@@ -80,7 +80,7 @@ pub async fn serve(
             })
             .collect();
         let table = TopTable {
-            time_unix_nano: clock_offset_ns() + monotonic_ns(),
+            time_unix_nano: clock_offset_ns() + crate::ebpf::clock::monotonic_now_ns(),
             node: shared.node.clone(),
             rows,
         };
@@ -96,16 +96,6 @@ pub async fn serve(
         }
         before = sample(&sources);
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn row_sources(

@@ -15,6 +15,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio_util::sync::CancellationToken;
 
+use crate::ebpf::clock::{clock_offset_ns, monotonic_now_ns};
 use super::config::HttpProbeConfig;
 use super::metrics;
 use super::red::{is_error, is_grpc_error, AttrRef, RedTable};
@@ -167,21 +168,6 @@ fn record_red(red: &mut RedTable, exchange: &Exchange, route: &str, seconds: f64
     red.record(exchange.cgroup, metric, &attributes, seconds);
 }
 
-/// Unix time minus the kernel's monotonic clock (what `bpf_ktime_get_ns` reads), now.
-fn clock_offset_ns() -> u64 {
-    let read = |clock| {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime writes one timespec we own.
-        unsafe { libc::clock_gettime(clock, &mut ts) };
-        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-    };
-    let monotonic = read(libc::CLOCK_MONOTONIC);
-    read(libc::CLOCK_REALTIME).saturating_sub(monotonic)
-}
-
 pub struct EventReader {
     ring: AsyncFd<RingBuf<MapData>>,
     pipeline: ExchangePipeline,
@@ -278,16 +264,6 @@ impl EventReader {
             tracing::warn!(error = %e, "the traces pipeline refused the http probe's spans");
         }
     }
-}
-
-fn monotonic_now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Reads every waiting event into the pipeline.
