@@ -579,3 +579,42 @@ async fn bpftrace_disabled_in_the_agent_exits_8() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profile_writes_a_flame_graph_folded_stacks_and_pprof() {
+    let live = Live::start(&["node-a"], false).await;
+    let mut busy = PodCgroup::new();
+    live.apply_workload_pod("busy-0", "node-a", "web", &busy);
+    busy.spawn_shell("while :; do :; done");
+    let out = tempfile::tempdir().expect("output dir");
+    let path = |name: &str| out.path().join(name).to_str().expect("UTF-8").to_string();
+    for name in ["profile.folded", "flame.svg", "profile.pb.gz"] {
+        let file = path(name);
+        let output = live
+            .run(&["profile", "-n", "shop", "pod/busy-0", "--duration", "2s", "-o", &file])
+            .await;
+        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        let bytes = std::fs::read(&file).expect("the profile was written");
+        match name {
+            "profile.folded" => {
+                // `frame;frame count` lines; the busy shell's samples are there.
+                let text = String::from_utf8(bytes).expect("text");
+                let samples: u64 = text
+                    .lines()
+                    .map(|line| {
+                        let (stack, count) = line.rsplit_once(' ').expect("`stack count`");
+                        assert!(!stack.is_empty(), "{line}");
+                        count.parse::<u64>().expect("a count")
+                    })
+                    .sum();
+                assert!(samples > 0, "{text}");
+            }
+            "flame.svg" => {
+                let text = String::from_utf8(bytes).expect("text");
+                assert!(text.starts_with("<?xml"), "{}", &text[..text.len().min(80)]);
+                assert!(text.contains("kubectl podscope profile"), "the flame graph's title");
+            }
+            _ => assert_eq!(bytes[..2], [0x1f, 0x8b], "gzip-compressed pprof"),
+        }
+    }
+}
