@@ -591,9 +591,22 @@ async fn profile_writes_a_flame_graph_folded_stacks_and_pprof() {
     for name in ["profile.folded", "flame.svg", "profile.pb.gz"] {
         let file = path(name);
         let output = live
-            .run(&["profile", "-n", "shop", "pod/busy-0", "--duration", "2s", "-o", &file])
+            .run(&[
+                "profile",
+                "-n",
+                "shop",
+                "pod/busy-0",
+                "--duration",
+                "2s",
+                "-o",
+                &file,
+            ])
             .await;
-        assert!(output.status.success(), "{name}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let bytes = std::fs::read(&file).expect("the profile was written");
         match name {
             "profile.folded" => {
@@ -612,7 +625,10 @@ async fn profile_writes_a_flame_graph_folded_stacks_and_pprof() {
             "flame.svg" => {
                 let text = String::from_utf8(bytes).expect("text");
                 assert!(text.starts_with("<?xml"), "{}", &text[..text.len().min(80)]);
-                assert!(text.contains("kubectl podscope profile"), "the flame graph's title");
+                assert!(
+                    text.contains("kubectl podscope profile"),
+                    "the flame graph's title"
+                );
             }
             _ => assert_eq!(bytes[..2], [0x1f, 0x8b], "gzip-compressed pprof"),
         }
