@@ -355,26 +355,17 @@ pub async fn agent_on_node(
     let params = ListParams::default()
         .labels(selector)
         .fields(&format!("spec.nodeName={node}"));
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&params)
-        .await
-        .map_err(|e| {
-            PluginError::from_api(
-                e,
-                "list",
-                "pods",
-                Some(namespace),
-                &format!("the agent pods in {namespace:?}"),
-            )
-        })?;
-    running_agents(&pods.items, namespace)
-        .into_iter()
-        .find(|agent| agent.node == node)
-        .ok_or_else(|| PluginError::NoAgent {
-            node: node.to_string(),
-            namespace: namespace.to_string(),
-            selector: selector.to_string(),
-        })
+    running_agents(
+        &list_agent_pods(client, namespace, &params).await?,
+        namespace,
+    )
+    .into_iter()
+    .find(|agent| agent.node == node)
+    .ok_or_else(|| PluginError::NoAgent {
+        node: node.to_string(),
+        namespace: namespace.to_string(),
+        selector: selector.to_string(),
+    })
 }
 
 /// Every running agent pod, one per node (for `status` and `top` without a target).
@@ -383,19 +374,11 @@ pub async fn all_agents(
     namespace: &str,
     selector: &str,
 ) -> Result<Vec<AgentPod>, PluginError> {
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
-        .list(&ListParams::default().labels(selector))
-        .await
-        .map_err(|e| {
-            PluginError::from_api(
-                e,
-                "list",
-                "pods",
-                Some(namespace),
-                &format!("the agent pods in {namespace:?}"),
-            )
-        })?;
-    let agents = running_agents(&pods.items, namespace);
+    let params = ListParams::default().labels(selector);
+    let agents = running_agents(
+        &list_agent_pods(client, namespace, &params).await?,
+        namespace,
+    );
     if agents.is_empty() {
         return Err(PluginError::NoAgent {
             node: "any node".into(),
@@ -404,6 +387,21 @@ pub async fn all_agents(
         });
     }
     Ok(agents)
+}
+
+async fn list_agent_pods(
+    client: &Client,
+    namespace: &str,
+    params: &ListParams,
+) -> Result<Vec<Pod>, PluginError> {
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace)
+        .list(params)
+        .await
+        .map_err(|e| {
+            let what = format!("the agent pods in {namespace:?}");
+            PluginError::from_api(e, "list", "pods", Some(namespace), &what)
+        })?;
+    Ok(pods.items)
 }
 
 /// The running agents among `pods`, the first by name on each node.
