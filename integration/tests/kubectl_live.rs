@@ -634,3 +634,26 @@ async fn profile_writes_a_flame_graph_folded_stacks_and_pprof() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_the_agent_cannot_run_exits_7_with_its_reason() {
+    let live = Live::start(&["node-a"], false).await;
+    let pod_cgroup = PodCgroup::new();
+    live.apply_workload_pod("web-0", "node-a", "web", &pod_cgroup);
+    let output = live
+        .run(&["trace", "-n", "shop", "pod/web-0", "http"])
+        .await;
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        stderr.starts_with(
+            "error: agent on node node-a: probe http is not available from this agent: "
+        ),
+        "{stderr}"
+    );
+}
