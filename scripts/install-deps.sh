@@ -16,8 +16,9 @@ set -euo pipefail
 # and strip one). The http probe's tests and benchmark: nginx (HTTP and HTTPS server), openssl
 # (their self-signed certificates) and python3-grpcio (gRPC server and client; Debian's build uses
 # the system libssl, so its TLS is visible to the libssl uprobes, where PyPI's wheel links
-# BoringSSL statically and strips its symbols).
-APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux gcc libc6-dev binutils nginx openssl python3-grpcio)
+# BoringSSL statically and strips its symbols). tmux: the kubectl plugin's tests drive its live
+# `top` screen in a real terminal.
+APT_PACKAGES=(clang-19 llvm-19 libbpf-dev libclang-19-dev bpftool prometheus bpftrace iproute2 iperf3 wrk pkg-config ca-certificates curl python3 python3-venv podman buildah runc util-linux gcc libc6-dev binutils nginx openssl python3-grpcio tmux)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

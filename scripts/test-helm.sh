@@ -142,6 +142,9 @@ done
 cases+=("privileged::--set security.privileged=true")
 cases+=("uprobes-netadmin::--set security.uprobes=true --set security.netAdmin=true --set security.sysResource=true")
 cases+=("host-mounts::--set hostMounts.tracefs=true --set hostMounts.debugfs=true --set hostMounts.btfDir=/var/lib/btfhub")
+# kubectl podscope's session endpoint: off (no extension, port nor users' roles), and tuned.
+cases+=("session-off::--set session.enabled=false")
+cases+=("session-tuned::--set session.port=7171 --set session.maxSessions=4 --set session.bpftrace.enabled=true")
 cases+=("dashboards-rules::--set dashboards.enabled=true --set dashboards.annotations.grafana_folder=podscope --set prometheusRule.enabled=true --set prometheusRule.labels.release=kube-prometheus-stack")
 # Kubernetes settings that change the RBAC, the token and the env (tests/values/*.yaml say how).
 for values in "$CHART"/tests/values/*.yaml; do

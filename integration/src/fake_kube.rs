@@ -48,6 +48,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 mod access;
+pub mod pods;
+mod portforward;
+mod spdy;
 mod write;
 
 pub use access::{ApiRequest, Grant, Rbac, ServiceAccount};
@@ -117,11 +120,23 @@ enum Kind {
     EbpfProgram,
     /// `podscope.dev/v1alpha1`, namespaced, with a status subresource.
     Probe,
+    /// `apps/v1` and `batch/v1`: the workloads `kubectl podscope` resolves to their pods (read
+    /// only; their controllers are not simulated, tests apply the pods they would create).
+    Deployment,
+    ReplicaSet,
+    StatefulSet,
+    DaemonSet,
+    Job,
 }
 
 /// The custom resources' API group and version (their CRDs are in `helm/podscope/crds/`).
 const PODSCOPE_GROUP: &str = "podscope.dev";
 const PODSCOPE_VERSION: &str = "v1alpha1";
+/// The built-in API groups served beside the core group, each at `v1`.
+const APPS_GROUP: &str = "apps";
+const BATCH_GROUP: &str = "batch";
+/// Every API group besides core, as `/apis` lists them.
+const GROUPS: [&str; 3] = [APPS_GROUP, BATCH_GROUP, PODSCOPE_GROUP];
 
 /// Kind, namespace ("" when cluster-scoped) and name: ordered like the real server's storage
 /// keys, so lists come out sorted by namespace then name.
@@ -146,7 +161,7 @@ enum Message {
 }
 
 impl Kind {
-    const ALL: [Kind; 8] = [
+    const ALL: [Kind; 13] = [
         Kind::Pod,
         Kind::Namespace,
         Kind::Node,
@@ -155,6 +170,11 @@ impl Kind {
         Kind::Event,
         Kind::EbpfProgram,
         Kind::Probe,
+        Kind::Deployment,
+        Kind::ReplicaSet,
+        Kind::StatefulSet,
+        Kind::DaemonSet,
+        Kind::Job,
     ];
 
     /// The kind served at `plural` in API group `group` ("" for the core group).
@@ -167,6 +187,8 @@ impl Kind {
     fn group(self) -> &'static str {
         match self {
             Kind::EbpfProgram | Kind::Probe => PODSCOPE_GROUP,
+            Kind::Deployment | Kind::ReplicaSet | Kind::StatefulSet | Kind::DaemonSet => APPS_GROUP,
+            Kind::Job => BATCH_GROUP,
             _ => "",
         }
     }
@@ -175,7 +197,7 @@ impl Kind {
     fn api_version(self) -> String {
         match self.group() {
             "" => "v1".to_string(),
-            group => format!("{group}/{PODSCOPE_VERSION}"),
+            group => format!("{group}/{}", group_version(group)),
         }
     }
 
@@ -189,6 +211,11 @@ impl Kind {
             Kind::Event => "Event",
             Kind::EbpfProgram => "EbpfProgram",
             Kind::Probe => "Probe",
+            Kind::Deployment => "Deployment",
+            Kind::ReplicaSet => "ReplicaSet",
+            Kind::StatefulSet => "StatefulSet",
+            Kind::DaemonSet => "DaemonSet",
+            Kind::Job => "Job",
         }
     }
 
@@ -202,6 +229,11 @@ impl Kind {
             Kind::Event => "events",
             Kind::EbpfProgram => "ebpfprograms",
             Kind::Probe => "probes",
+            Kind::Deployment => "deployments",
+            Kind::ReplicaSet => "replicasets",
+            Kind::StatefulSet => "statefulsets",
+            Kind::DaemonSet => "daemonsets",
+            Kind::Job => "jobs",
         }
     }
 
@@ -215,9 +247,15 @@ impl Kind {
             Kind::Event => "event",
             Kind::EbpfProgram => "ebpfprogram",
             Kind::Probe => "probe",
+            Kind::Deployment => "deployment",
+            Kind::ReplicaSet => "replicaset",
+            Kind::StatefulSet => "statefulset",
+            Kind::DaemonSet => "daemonset",
+            Kind::Job => "job",
         }
     }
 
+    /// "" for a kind without one (jobs).
     fn short_name(self) -> &'static str {
         match self {
             Kind::Pod => "po",
@@ -228,6 +266,11 @@ impl Kind {
             Kind::Event => "ev",
             Kind::EbpfProgram => "ebpf",
             Kind::Probe => "prb",
+            Kind::Deployment => "deploy",
+            Kind::ReplicaSet => "rs",
+            Kind::StatefulSet => "sts",
+            Kind::DaemonSet => "ds",
+            Kind::Job => "",
         }
     }
 
@@ -272,9 +315,15 @@ impl Kind {
                 "type",
                 "source",
             ],
-            Kind::Node | Kind::ConfigMap | Kind::EbpfProgram | Kind::Probe => {
-                &["metadata.name", "metadata.namespace"]
-            }
+            Kind::Node
+            | Kind::ConfigMap
+            | Kind::EbpfProgram
+            | Kind::Probe
+            | Kind::Deployment
+            | Kind::ReplicaSet
+            | Kind::StatefulSet
+            | Kind::DaemonSet
+            | Kind::Job => &["metadata.name", "metadata.namespace"],
         }
     }
 }
@@ -434,6 +483,17 @@ impl FakeApiServer {
             .into_iter()
             .find(|k| k.group() == PODSCOPE_GROUP && manifest["kind"] == k.name())
             .unwrap_or_else(|| panic!("not a podscope custom resource: {}", manifest["kind"]));
+        self.apply(kind, manifest);
+    }
+
+    /// Creates or replaces a workload (`Deployment`, `ReplicaSet`, `StatefulSet`, `DaemonSet` of
+    /// `apps/v1`, `Job` of `batch/v1`) from its manifest, by namespace ("default" if unset) and
+    /// name. Nothing creates its pods: apply them too, with their owner references.
+    pub fn apply_workload(&self, manifest: Value) {
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| matches!(k.group(), APPS_GROUP | BATCH_GROUP) && manifest["kind"] == k.name())
+            .unwrap_or_else(|| panic!("not an apps/v1 or batch/v1 workload: {}", manifest["kind"]));
         self.apply(kind, manifest);
     }
 
@@ -760,11 +820,17 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, cancel: Cancell
                     // problem.
                     match tls {
                         None => {
-                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            let _ = http
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
+                                .await;
                         }
                         Some(tls) => {
                             if let Ok(stream) = tls.accept(stream).await {
-                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                                let _ = http
+                                    .serve_connection(TokioIo::new(stream), service)
+                                    .with_upgrades()
+                                    .await;
                             }
                         }
                     }
@@ -885,14 +951,14 @@ async fn authorized(
             ["version"] => return json_response(StatusCode::OK, &version_info()),
             ["api"] => return json_response(StatusCode::OK, &api_versions(shared.addr)),
             ["apis"] => return json_response(StatusCode::OK, &api_groups()),
-            ["apis", group] if *group == PODSCOPE_GROUP => {
-                return json_response(StatusCode::OK, &podscope_group())
+            ["apis", group] if GROUPS.contains(group) => {
+                return json_response(StatusCode::OK, &api_group(group))
             }
             ["api", "v1"] => return json_response(StatusCode::OK, &resources_of("")),
             ["apis", group, version]
-                if *group == PODSCOPE_GROUP && *version == PODSCOPE_VERSION =>
+                if GROUPS.contains(group) && *version == group_version(group) =>
             {
-                return json_response(StatusCode::OK, &resources_of(PODSCOPE_GROUP))
+                return json_response(StatusCode::OK, &resources_of(group))
             }
             _ => {}
         }
@@ -900,6 +966,12 @@ async fn authorized(
     let Some(target) = parse_target(&segments) else {
         return not_found_path();
     };
+    if let (Kind::Pod, Some(name), Some("portforward")) =
+        (target.kind, &target.name, target.subresource.as_deref())
+    {
+        let namespace = target.namespace.clone().unwrap_or_default();
+        return portforward::upgrade(shared, cancel, &namespace, name, request, &params);
+    }
     let body = if method == Method::GET {
         Bytes::new()
     } else {
@@ -955,9 +1027,9 @@ fn parse_target(segments: &[&str]) -> Option<Target> {
     let (group, rest) = match segments {
         ["api", "v1", rest @ ..] => ("", rest),
         ["apis", group, version, rest @ ..]
-            if *group == PODSCOPE_GROUP && *version == PODSCOPE_VERSION =>
+            if GROUPS.contains(group) && *version == group_version(group) =>
         {
-            (PODSCOPE_GROUP, rest)
+            (*group, rest)
         }
         _ => return None,
     };
@@ -1004,6 +1076,9 @@ fn resource_request(method: &Method, uri: &http::Uri) -> Option<ApiRequest> {
         &target.name,
         params.get("watch").map(String::as_str),
     ) {
+        // A connect subresource is `create` whether asked by POST (SPDY) or by GET (a websocket
+        // upgrade), as API servers that close the `get pods/portforward` loophole check it.
+        _ if target.subresource.as_deref() == Some("portforward") => "create",
         (&Method::PATCH, _, _) => "patch",
         (&Method::POST, _, _) => "create",
         (&Method::PUT, _, _) => "update",
@@ -1586,6 +1661,11 @@ fn resources_of(group: &str) -> APIResourceList {
             }
             Kind::Event => &["create", "get", "list", "watch"],
             Kind::EbpfProgram | Kind::Probe => &["create", "get", "list", "patch", "watch"],
+            Kind::Deployment
+            | Kind::ReplicaSet
+            | Kind::StatefulSet
+            | Kind::DaemonSet
+            | Kind::Job => &["get", "list", "watch"],
         };
         resources.push(APIResource {
             name: kind.plural().into(),
@@ -1593,7 +1673,9 @@ fn resources_of(group: &str) -> APIResourceList {
             namespaced: kind.namespaced(),
             kind: kind.name().into(),
             verbs: verbs.iter().map(|v| v.to_string()).collect(),
-            short_names: Some(vec![kind.short_name().into()]),
+            short_names: Some(kind.short_name())
+                .filter(|name| !name.is_empty())
+                .map(|name| vec![name.into()]),
             categories: matches!(kind, Kind::Pod | Kind::Service).then(|| vec!["all".into()]),
             ..APIResource::default()
         });
@@ -1612,29 +1694,39 @@ fn resources_of(group: &str) -> APIResourceList {
     APIResourceList {
         group_version: match group {
             "" => "v1".to_string(),
-            group => format!("{group}/{PODSCOPE_VERSION}"),
+            group => format!("{group}/{}", group_version(group)),
         },
         resources,
     }
 }
 
-fn podscope_group() -> APIGroup {
+/// The one version served of each API group besides core.
+fn group_version(group: &str) -> &'static str {
+    if group == PODSCOPE_GROUP {
+        PODSCOPE_VERSION
+    } else {
+        "v1"
+    }
+}
+
+fn api_group(group: &str) -> APIGroup {
     let version = GroupVersionForDiscovery {
-        group_version: format!("{PODSCOPE_GROUP}/{PODSCOPE_VERSION}"),
-        version: PODSCOPE_VERSION.into(),
+        group_version: format!("{group}/{}", group_version(group)),
+        version: group_version(group).into(),
     };
     APIGroup {
-        name: PODSCOPE_GROUP.into(),
+        name: group.into(),
         versions: vec![version.clone()],
         preferred_version: Some(version),
         server_address_by_client_cidrs: None,
     }
 }
 
-/// The API groups besides core: podscope's custom resources (their CRDs installed).
+/// The API groups besides core: the workloads' (apps, batch) and podscope's custom resources
+/// (their CRDs installed).
 fn api_groups() -> APIGroupList {
     APIGroupList {
-        groups: vec![podscope_group()],
+        groups: GROUPS.iter().map(|group| api_group(group)).collect(),
     }
 }
 

@@ -63,8 +63,8 @@ HOST_PATHS = {
 WRITABLE_HOST_MOUNTS = {"/var/lib/podscope/file_storage": "/var/lib/podscope/file_storage"}
 DEFAULT_HOST_PATHS = {"/sys/fs/cgroup", "/sys/kernel/tracing"}
 # Container ports exactly, where the case fixes them (the rest are checked against the config).
-ALL_PORTS = {"telemetry": 8888, "metrics": 9464, "otlp-grpc": 4317, "otlp-http": 4318}
-NO_SCRAPE_PORTS = {"telemetry": 8888, "otlp-grpc": 4317, "otlp-http": 4318}
+ALL_PORTS = {"telemetry": 8888, "session": 7070, "metrics": 9464, "otlp-grpc": 4317, "otlp-http": 4318}
+NO_SCRAPE_PORTS = {"telemetry": 8888, "session": 7070, "otlp-grpc": 4317, "otlp-http": 4318}
 EXACT_PORTS = {
     "default": ALL_PORTS,
     "jaeger": ALL_PORTS,
@@ -109,6 +109,19 @@ PROBE_EDITOR_RULES = [
     {"apiGroups": ["podscope.dev"], "resources": ["probes"],
      "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]},
 ]
+# `kubectl podscope` users' ClusterRole (their targets) and Role in the release's namespace (the
+# agents' session endpoint), never bound by the chart (docs/kubectl.md, "Access").
+KUBECTL_CLUSTER_RULES = [
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": ["apps"], "resources": ["deployments", "replicasets", "statefulsets", "daemonsets"], "verbs": ["get", "list"]},
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list"]},
+]
+KUBECTL_ROLE_RULES = [
+    {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create", "get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+]
+# Cases without the session endpoint (session.enabled=false): no port, no extension, no roles.
+NO_SESSION_CASES = {"session-off"}
 # Cases that turn on the dashboards' ConfigMaps and the PrometheusRule.
 DASHBOARD_CASES = {"dashboards-rules"}
 CHART = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,6 +198,9 @@ def first_of_type(section, type_name):
 def expected_ports(config):
     """Container port name -> number, derived from the podscope config independently of the chart."""
     ports = {"telemetry": port_of(config["service"]["telemetry"]["metrics"]["address"])}
+    session = (config.get("extensions") or {}).get("session")
+    if session is not None and "session" in ((config.get("service") or {}).get("extensions") or []):
+        ports["session"] = port_of(session.get("endpoint", "127.0.0.1:7070"))
     prometheus = first_of_type(config.get("exporters"), "prometheus")
     if prometheus:
         ports["metrics"] = port_of((config["exporters"][prometheus] or {}).get("endpoint", "0.0.0.0:9464"))
@@ -388,7 +404,9 @@ def check_invariants(docs, case):
         for port in service["spec"]["ports"]:
             expect(port["targetPort"] in got_ports, f"Service port {port['name']} targets unknown {port['targetPort']}")
             expect(port["port"] == got_ports.get(port["targetPort"]), f"Service port {port['name']}: {port['port']} != container's")
-        expect({p["name"] for p in service["spec"]["ports"]} == set(got_ports), "the Service exposes every container port")
+        # Not the session port: it listens on the pod's loopback, reached by port-forward only.
+        expect({p["name"] for p in service["spec"]["ports"]} == set(got_ports) - {"session"},
+               "the Service exposes every container port but the session endpoint")
 
     check_dashboards_and_rules(docs, case, expect)
 
@@ -418,6 +436,26 @@ def check_invariants(docs, case):
     expect(probes == (case in PROBE_CASES), f"Probes acted on: {probes}, expected for {sorted(PROBE_CASES)}")
     # Roles checked apart: the programs' Roles, the Probe editors' aggregated ClusterRole.
     programs_role = lambda d: d["metadata"]["name"].endswith(("-programs", "-probe-editor"))
+    kubectl_role = lambda d: d["metadata"]["name"].endswith("-kubectl")
+    # The session endpoint on the pod's loopback only, and the plugin users' roles beside it.
+    session = (config.get("extensions") or {}).get("session")
+    enabled = "session" in ((config.get("service") or {}).get("extensions") or [])
+    kubectl_roles = [d for d in docs if d.get("kind") in ("ClusterRole", "Role") and d["metadata"]["name"].endswith("-kubectl")]
+    if case in NO_SESSION_CASES:
+        expect(session is None and not enabled and not kubectl_roles,
+               f"session.enabled=false: no session extension ({session}, enabled {enabled}) nor kubectl roles ({kubectl_roles})")
+    else:
+        expect(enabled and session is not None and str(session.get("endpoint", "")).startswith("127.0.0.1:"),
+               f"the session extension, enabled, on the pod's loopback: {session}, enabled {enabled}")
+        cluster_roles = [d for d in kubectl_roles if d["kind"] == "ClusterRole"]
+        roles = [d for d in kubectl_roles if d["kind"] == "Role"]
+        expect(len(cluster_roles) == 1 and cluster_roles[0]["rules"] == KUBECTL_CLUSTER_RULES,
+               f"one kubectl users' ClusterRole with {KUBECTL_CLUSTER_RULES}, got {cluster_roles}")
+        expect(len(roles) == 1 and roles[0]["rules"] == KUBECTL_ROLE_RULES
+               and roles[0]["metadata"].get("namespace") == daemonset["metadata"]["namespace"],
+               f"one kubectl users' Role in the agents' namespace with {KUBECTL_ROLE_RULES}, got {roles}")
+        expect(not [d for d in docs if d.get("kind") in ("ClusterRoleBinding", "RoleBinding") and d["roleRef"]["name"].endswith("-kubectl")],
+               "the kubectl users' roles are never bound by the chart")
     editors = [d for d in docs if d.get("kind") == "ClusterRole" and d["metadata"]["name"].endswith("-probe-editor")]
     if probes:
         labels = editors[0]["metadata"].get("labels", {}) if len(editors) == 1 else {}
@@ -431,7 +469,7 @@ def check_invariants(docs, case):
         expect(not editors, f"no probe-editor ClusterRole without Probes, got {editors}")
 
     def check_role(role_kind, binding_kind, namespace, resources):
-        roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace and not programs_role(d)]
+        roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace and not programs_role(d) and not kubectl_role(d)]
         bindings = [d for d in docs if d.get("kind") == binding_kind and d["metadata"].get("namespace") == namespace and not programs_role(d)]
         where = f"{role_kind} in {namespace}" if namespace else role_kind
         if not resources:
@@ -465,7 +503,7 @@ def check_invariants(docs, case):
         binding = [d for d in docs if d.get("kind") == "RoleBinding" and d["metadata"] == {**d["metadata"], "name": role["metadata"]["name"], "namespace": role["metadata"]["namespace"]}]
         expect(len(binding) == 1 and binding[0]["subjects"] == [subject], f"programs RoleBinding in {role['metadata']['namespace']}")
     expect(got_program_roles == want_program_roles, f"programs Roles {got_program_roles}, want {want_program_roles}")
-    role_namespaces = {d["metadata"].get("namespace") for d in docs if d.get("kind") in ("Role", "RoleBinding") and not programs_role(d)}
+    role_namespaces = {d["metadata"].get("namespace") for d in docs if d.get("kind") in ("Role", "RoleBinding") and not programs_role(d) and not kubectl_role(d)}
     for namespace in sorted(role_namespaces | set(want_namespaced)):
         check_role("Role", "RoleBinding", namespace, want_namespaced.get(namespace, set()))
     reads_api = bool(want_cluster or want_namespaced)

@@ -10,7 +10,8 @@
 //!
 //! - `--rbac`: a JSON list of ClusterRole, ClusterRoleBinding, Role and RoleBinding objects;
 //! - `--objects`: a JSON object of lists `pods`, `services`, `namespaces`, `nodes`,
-//!   `configmaps`, `ebpfprograms`, served as they are (uids kept, resourceVersions the
+//!   `configmaps`, `ebpfprograms`, `workloads` (Deployments, ReplicaSets, StatefulSets,
+//!   DaemonSets, Jobs), served as they are (uids kept, resourceVersions the
 //!   server's);
 //! - `--secrets`: where to write what the kubelet mounts for the service account (`token`,
 //!   `ca.crt`, `namespace`);
@@ -90,6 +91,9 @@ fn apply_objects(server: &FakeApiServer, objects: &Value) -> Result<(), String> 
     }
     for object in list("ebpfprograms") {
         server.apply_custom(object);
+    }
+    for object in list("workloads") {
+        server.apply_workload(object);
     }
     Ok(())
 }
