@@ -18,7 +18,8 @@
 //! statistics.
 //!
 //! Run: `cargo bench --bench workload_cost` (root; needs wrk and bpftool, which
-//! `scripts/install-deps.sh` installs). Under `cargo test` it is a quick smoke run.
+//! `scripts/install-deps.sh` installs); `cargo bench --bench workload_cost -- --workloads tcp,http`
+//! runs only those. Under `cargo test` it is a quick smoke run.
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -348,14 +349,24 @@ async fn main() {
     }
     let full = args.iter().any(|a| a == "--bench");
     let (seconds, rounds) = if full { (3.0, 5) } else { (0.2, 1) };
+    // `-- --workloads tcp,http` runs only those.
+    let chosen: Vec<&str> = args
+        .iter()
+        .position(|a| a == "--workloads")
+        .map(|i| args[i + 1].split(',').collect())
+        .unwrap_or_else(|| WORKLOADS.iter().map(|(name, _)| *name).collect());
+    let workloads: Vec<(&str, &str)> = WORKLOADS
+        .into_iter()
+        .filter(|(name, _)| chosen.contains(name))
+        .collect();
     let states = [State::Default, State::Every];
     // Per workload: the "nothing attached" runs, and per state its runs with the pair of
     // "nothing attached" runs around each.
-    let mut baselines: Vec<Vec<Run>> = vec![Vec::new(); WORKLOADS.len()];
+    let mut baselines: Vec<Vec<Run>> = vec![Vec::new(); workloads.len()];
     let mut paired: Vec<[Vec<(Run, Run, Run)>; 2]> =
-        vec![[Vec::new(), Vec::new()]; WORKLOADS.len()];
+        vec![[Vec::new(), Vec::new()]; workloads.len()];
     for _ in 0..rounds {
-        for (w, (name, _)) in WORKLOADS.iter().enumerate() {
+        for (w, (name, _)) in workloads.iter().enumerate() {
             let mut before = measure(name, seconds);
             baselines[w].push(before);
             for (s, state) in states.into_iter().enumerate() {
@@ -390,7 +401,7 @@ async fn main() {
         "  {:<10} {:>14} {:<18} {:>16} {:>16}",
         "workload", "nothing", "", "default config", "every probe"
     );
-    for (w, (name, unit)) in WORKLOADS.iter().enumerate() {
+    for (w, (name, unit)) in workloads.iter().enumerate() {
         let loss = |s: usize| -> Vec<f64> {
             change(&paired[w][s], Run::rate)
                 .into_iter()
@@ -422,7 +433,7 @@ async fn main() {
         "agent default",
         "agent every"
     );
-    for (w, (name, _)) in WORKLOADS.iter().enumerate() {
+    for (w, (name, _)) in workloads.iter().enumerate() {
         let with = |s: usize, figure: fn(&Run) -> f64| -> f64 {
             median_of(paired[w][s].iter().map(|(_, with, _)| figure(with)).collect())
         };
@@ -454,7 +465,7 @@ async fn main() {
     println!(
         "each program's runs per operation and ns per run (kernel BPF statistics, one {seconds} s run per workload and state):"
     );
-    for (name, _) in WORKLOADS {
+    for (name, _) in &workloads {
         for state in states {
             let receiver = state.attach().await;
             let before = bpf_stats::snapshot();
