@@ -160,6 +160,7 @@ enum Row {
     Counting,
     SyscallsDefault,
     Latency,
+    LatencySet,
     FilesTracepoints,
     FilesTpBtf,
     DefaultConfig,
@@ -209,6 +210,7 @@ impl Row {
             Row::Counting => "syscalls, counting only (errors: false; on entry)",
             Row::SyscallsDefault => "syscalls, default (by group, errors; on exit)",
             Row::Latency => "syscalls, latency: true (every syscall)",
+            Row::LatencySet => "syscalls, default + latency_syscalls: [read, fsync]",
             Row::FilesTracepoints => "files, default (open tracepoints)",
             Row::FilesTpBtf => "files, hooks: tp_btf (every syscall)",
             Row::DefaultConfig => "configs/default.yaml (every default probe)",
@@ -242,6 +244,11 @@ impl Row {
             Row::Counting => probes(serde_json::json!({"syscalls": {"errors": false}})).await,
             Row::SyscallsDefault => probes(serde_json::json!({"syscalls": {}})).await,
             Row::Latency => probes(serde_json::json!({"syscalls": {"latency": true}})).await,
+            Row::LatencySet => {
+                ensure_tracefs();
+                probes(serde_json::json!({"syscalls": {"latency_syscalls": ["read", "fsync"]}}))
+                    .await
+            }
             Row::FilesTracepoints => probes(serde_json::json!({"files": {}})).await,
             Row::FilesTpBtf => probes(serde_json::json!({"files": {"hooks": "tp_btf"}})).await,
             Row::DefaultConfig => Attached::Receiver(Box::new(receiver(default_config()).await.0)),
@@ -461,6 +468,7 @@ async fn main() {
         Row::Counting,
         Row::SyscallsDefault,
         Row::Latency,
+        Row::LatencySet,
         Row::FilesTracepoints,
         Row::FilesTpBtf,
         Row::DefaultConfig,
@@ -480,6 +488,7 @@ async fn main() {
         &[
             (Row::DefaultConfig, Row::NoopRawTp),
             (Row::SyscallsDefault, Row::NoopRawTp),
+            (Row::LatencySet, Row::NoopRawTp),
             (Row::Counting, Row::NoopRawTp),
             (Row::Counting, Row::Bpftrace),
         ],
