@@ -525,14 +525,8 @@ async fn main() {
             "  per round trip: {switches:.2} context switches, {wakeups:.2} wakeups; ns added per event (switch or wakeup), median of the rounds:"
         );
         for (row, values) in sched_rows.iter().zip(&added) {
-            let per_event = |f: usize| {
-                median_of(
-                    values
-                        .iter()
-                        .map(|v| v[f] / (switches + wakeups))
-                        .collect(),
-                )
-            };
+            let per_event =
+                |f: usize| median_of(values.iter().map(|v| v[f] / (switches + wakeups)).collect());
             println!(
                 "  {:<52} +{:>8.1} ns  CPU +{:>8.1} ns",
                 row.name(),

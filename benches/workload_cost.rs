@@ -219,7 +219,10 @@ impl Run {
 
 /// Runs workload `name` for `seconds` in a process of its own (for `http`, a server and wrk).
 fn measure(name: &str, seconds: f64) -> Run {
-    let (children, own) = (cpu::seconds(libc::RUSAGE_CHILDREN), cpu::seconds(libc::RUSAGE_SELF));
+    let (children, own) = (
+        cpu::seconds(libc::RUSAGE_CHILDREN),
+        cpu::seconds(libc::RUSAGE_SELF),
+    );
     let (ops, elapsed) = run_in_child(name, seconds);
     Run {
         ops,
@@ -435,7 +438,12 @@ async fn main() {
     );
     for (w, (name, _)) in workloads.iter().enumerate() {
         let with = |s: usize, figure: fn(&Run) -> f64| -> f64 {
-            median_of(paired[w][s].iter().map(|(_, with, _)| figure(with)).collect())
+            median_of(
+                paired[w][s]
+                    .iter()
+                    .map(|(_, with, _)| figure(with))
+                    .collect(),
+            )
         };
         let cpu_change = |s: usize| change(&paired[w][s], Run::workload_us);
         println!(
