@@ -5,12 +5,19 @@
 //!   `tracepoint:raw_syscalls:sys_enter { @[cgroup] = count(); }`, each against its own pair of
 //!   "nothing attached" baselines, rows interleaved over rounds (medians reported);
 //! - ns added per pipe round trip between two processes (wakeups and context switches) by no-op
-//!   tp_btf programs on the scheduler's hooks (the floor) and by the `sched` probe, the same way;
+//!   tp_btf programs on the scheduler's hooks (the floor) and by the `sched` probe, the same way,
+//!   and per context switch or wakeup (the round trip's switches and wakeups counted by the
+//!   kernel's BPF statistics);
+//! - beside each wall-clock figure, the same in CPU time of the measured processes (user +
+//!   system, from `getrusage`), which other processes on a shared machine disturb less;
+//! - a pass, not timed, that reads each attached program's runs per operation and ns per run
+//!   from the kernel's BPF statistics;
 //! - load + attach time of the default probes;
 //! - the agent's RSS, kernel map memory and CPU while idle (the real binary, the default config's
 //!   eBPF receiver, 30 s).
 //!
-//! Run: `cargo bench --bench ebpf_overhead` (root). Under `cargo test` it is a quick smoke run.
+//! Run: `cargo bench --bench ebpf_overhead` (root; needs bpftrace and bpftool, which
+//! `scripts/install-deps.sh` installs). Under `cargo test` it is a quick smoke run.
 
 use std::io::{BufRead as _, Read as _};
 use std::process::{Command, Stdio};
@@ -25,12 +32,21 @@ use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
 use podscope_testkit::BuildContextForTests as _;
 use podscope_testkit::Discard;
 
+mod bpf_stats;
+mod cpu;
 mod proc_stat;
 use proc_stat::cpu_seconds;
 
+/// A measurement: wall-clock ns and CPU ns (user + system of the measured processes) per
+/// operation.
+type Figures = [f64; 2];
+const WALL: usize = 0;
+const CPU: usize = 1;
+
 /// ns per getppid in a forked child (the agent never observes itself, so the load must come from
-/// another process).
-fn ns_per_syscall(calls: u64) -> f64 {
+/// another process), wall-clock and CPU.
+fn ns_per_syscall(calls: u64) -> Figures {
+    let cpu_before = cpu::seconds(libc::RUSAGE_CHILDREN);
     let mut fds = [0; 2];
     // SAFETY: plain syscalls; the child only makes async-signal-safe calls before _exit.
     unsafe {
@@ -57,7 +73,8 @@ fn ns_per_syscall(calls: u64) -> f64 {
         ns = ns.max(u64::from_ne_bytes(buf));
         let mut status = 0;
         libc::waitpid(pid, &mut status, 0);
-        ns as f64 / calls as f64
+        let cpu_ns = 1e9 * (cpu::seconds(libc::RUSAGE_CHILDREN) - cpu_before);
+        [ns as f64 / calls as f64, cpu_ns / calls as f64]
     }
 }
 
@@ -74,8 +91,10 @@ impl FromRawFdChecked for std::fs::File {
 }
 
 /// ns per round trip of one byte over two pipes between two processes (forked, so the agent
-/// observes them): each round trip is two wakeups and at least two context switches.
-fn ns_per_round_trip(trips: u64) -> f64 {
+/// observes them, and pinned to one CPU): each round trip is two wakeups and two context
+/// switches. Wall-clock, and the CPU of both processes.
+fn ns_per_round_trip(trips: u64) -> Figures {
+    let cpu_before = cpu::seconds(libc::RUSAGE_CHILDREN);
     let (mut ping, mut pong, mut result) = ([0; 2], [0; 2], [0; 2]);
     // SAFETY: plain syscalls; the children only make async-signal-safe calls before _exit.
     unsafe {
@@ -84,6 +103,7 @@ fn ns_per_round_trip(trips: u64) -> f64 {
         assert_eq!(libc::pipe(result.as_mut_ptr()), 0);
         let echo = libc::fork();
         if echo == 0 {
+            cpu::pin_to_one_cpu();
             // Only the caller may hold ping's write end: its exit is this loop's end of file.
             libc::close(ping[1]);
             let mut byte = 0u8;
@@ -94,6 +114,7 @@ fn ns_per_round_trip(trips: u64) -> f64 {
         }
         let caller = libc::fork();
         if caller == 0 {
+            cpu::pin_to_one_cpu();
             let (mut start, mut end): (libc::timespec, libc::timespec) =
                 (std::mem::zeroed(), std::mem::zeroed());
             let mut byte = 0u8;
@@ -118,7 +139,11 @@ fn ns_per_round_trip(trips: u64) -> f64 {
             let mut status = 0;
             libc::waitpid(pid, &mut status, 0);
         }
-        u64::from_ne_bytes(buf) as f64 / trips as f64
+        let cpu_ns = 1e9 * (cpu::seconds(libc::RUSAGE_CHILDREN) - cpu_before);
+        [
+            u64::from_ne_bytes(buf) as f64 / trips as f64,
+            cpu_ns / trips as f64,
+        ]
     }
 }
 
@@ -135,6 +160,7 @@ enum Row {
     Counting,
     SyscallsDefault,
     Latency,
+    LatencySet,
     FilesTracepoints,
     FilesTpBtf,
     DefaultConfig,
@@ -184,6 +210,7 @@ impl Row {
             Row::Counting => "syscalls, counting only (errors: false; on entry)",
             Row::SyscallsDefault => "syscalls, default (by group, errors; on exit)",
             Row::Latency => "syscalls, latency: true (every syscall)",
+            Row::LatencySet => "syscalls, default + latency_syscalls: [read, fsync]",
             Row::FilesTracepoints => "files, default (open tracepoints)",
             Row::FilesTpBtf => "files, hooks: tp_btf (every syscall)",
             Row::DefaultConfig => "configs/default.yaml (every default probe)",
@@ -217,6 +244,11 @@ impl Row {
             Row::Counting => probes(serde_json::json!({"syscalls": {"errors": false}})).await,
             Row::SyscallsDefault => probes(serde_json::json!({"syscalls": {}})).await,
             Row::Latency => probes(serde_json::json!({"syscalls": {"latency": true}})).await,
+            Row::LatencySet => {
+                ensure_tracefs();
+                probes(serde_json::json!({"syscalls": {"latency_syscalls": ["read", "fsync"]}}))
+                    .await
+            }
             Row::FilesTracepoints => probes(serde_json::json!({"files": {}})).await,
             Row::FilesTpBtf => probes(serde_json::json!({"files": {"hooks": "tp_btf"}})).await,
             Row::DefaultConfig => Attached::Receiver(Box::new(receiver(default_config()).await.0)),
@@ -264,8 +296,12 @@ async fn receiver(config: EbpfReceiverConfig) -> (EbpfReceiver, Duration) {
 
 /// Each row measured between two "nothing attached" baselines, rows taking turns over `rounds`:
 /// per row, the added cost of each round (the measurement minus its baselines' mean), and the
-/// baselines' median.
-async fn paired(rows: &[Row], rounds: usize, measure: impl Fn() -> f64) -> (Vec<Vec<f64>>, f64) {
+/// baselines' median, wall-clock and CPU.
+async fn paired(
+    rows: &[Row],
+    rounds: usize,
+    measure: impl Fn() -> Figures,
+) -> (Vec<Vec<Figures>>, Figures) {
     let mut added = vec![Vec::new(); rows.len()];
     let mut baselines = Vec::new();
     for _ in 0..rounds {
@@ -278,11 +314,13 @@ async fn paired(rows: &[Row], rounds: usize, measure: impl Fn() -> f64) -> (Vec<
             let with = measure();
             attached.detach().await;
             let after = measure();
-            baselines.push((before + after) / 2.0);
-            added[i].push(with - (before + after) / 2.0);
+            let baseline = [WALL, CPU].map(|f| (before[f] + after[f]) / 2.0);
+            baselines.push(baseline);
+            added[i].push([WALL, CPU].map(|f| with[f] - baseline[f]));
         }
     }
-    (added, median_of(baselines))
+    let baseline = [WALL, CPU].map(|f| median_of(baselines.iter().map(|b| b[f]).collect()));
+    (added, baseline)
 }
 
 fn list(values: &[f64], digits: usize) -> String {
@@ -293,15 +331,19 @@ fn list(values: &[f64], digits: usize) -> String {
         .join(", ")
 }
 
-/// Prints each row's median added cost, and the median ratios of row `of` to row `to`.
-fn report(rows: &[Row], added: &[Vec<f64>], unit: &str, ratios: &[(Row, Row)]) {
+/// Prints each row's median added cost, wall-clock and CPU, and the median ratios of row `of` to
+/// row `to`.
+fn report(rows: &[Row], added: &[Vec<Figures>], unit: &str, ratios: &[(Row, Row)]) {
+    let figure = |values: &[Figures], f: usize| values.iter().map(|v| v[f]).collect::<Vec<_>>();
     for (row, values) in rows.iter().zip(added) {
         if !values.is_empty() {
             println!(
-                "  {:<52} +{:>8.1} {unit}   (rounds: {})",
+                "  {:<52} +{:>8.1} {unit}  CPU +{:>8.1} {unit}   (rounds: {}; CPU {})",
                 row.name(),
-                median_of(values.clone()),
-                list(values, 1)
+                median_of(figure(values, WALL)),
+                median_of(figure(values, CPU)),
+                list(&figure(values, WALL), 1),
+                list(&figure(values, CPU), 1)
             );
         }
     }
@@ -313,15 +355,53 @@ fn report(rows: &[Row], added: &[Vec<f64>], unit: &str, ratios: &[(Row, Row)]) {
         if a.is_empty() || b.is_empty() {
             continue;
         }
-        let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+        let ratio = |f: usize| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x[f] / y[f]).collect() };
         println!(
-            "  {} / {}: {:.2}x   (rounds: {})",
+            "  {} / {}: {:.2}x, CPU {:.2}x   (rounds: {}; CPU {})",
             of.name(),
             to.name(),
-            median_of(r.clone()),
-            list(&r, 2)
+            median_of(ratio(WALL)),
+            median_of(ratio(CPU)),
+            list(&ratio(WALL), 2),
+            list(&ratio(CPU), 2)
         );
     }
+}
+
+/// Not timed (the statistics slow every program a little): each row's programs, their runs per
+/// operation and ns per run, from one measurement of `ops` operations with the row attached.
+/// Returns, per row, its programs (name, runs per operation, ns per run).
+async fn program_costs(
+    rows: &[Row],
+    ops: u64,
+    measure: impl Fn() -> Figures,
+) -> Vec<Vec<(String, f64, f64)>> {
+    let Some(_stats) = bpf_stats::StatsOn::enable() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let Some(attached) = row.attach().await else {
+            out.push(Vec::new());
+            continue;
+        };
+        let before = bpf_stats::snapshot();
+        measure();
+        let after = bpf_stats::snapshot();
+        attached.detach().await;
+        let programs: Vec<(String, f64, f64)> = bpf_stats::between(&before, &after)
+            .into_iter()
+            .map(|(name, runs, ns)| (name, runs as f64 / ops as f64, ns))
+            .collect();
+        if !programs.is_empty() {
+            println!("  {}:", row.name());
+        }
+        for (name, per_op, ns) in &programs {
+            println!("    {name:<36} {per_op:>9.3} runs/op {ns:>8.1} ns/run");
+        }
+        out.push(programs);
+    }
+    out
 }
 
 fn ensure_tracefs() {
@@ -388,6 +468,7 @@ async fn main() {
         Row::Counting,
         Row::SyscallsDefault,
         Row::Latency,
+        Row::LatencySet,
         Row::FilesTracepoints,
         Row::FilesTpBtf,
         Row::DefaultConfig,
@@ -397,7 +478,8 @@ async fn main() {
     }
     let (added, baseline) = paired(&syscall_rows, rounds, || ns_per_syscall(calls)).await;
     println!(
-        "ns added per getppid ({calls} calls per measurement, median of {rounds} paired rounds; nothing attached: {baseline:.1} ns):"
+        "ns added per getppid ({calls} calls per measurement, median of {rounds} paired rounds; nothing attached: {:.1} ns, CPU {:.1} ns):",
+        baseline[WALL], baseline[CPU]
     );
     report(
         &syscall_rows,
@@ -406,17 +488,53 @@ async fn main() {
         &[
             (Row::DefaultConfig, Row::NoopRawTp),
             (Row::SyscallsDefault, Row::NoopRawTp),
+            (Row::LatencySet, Row::NoopRawTp),
             (Row::Counting, Row::NoopRawTp),
             (Row::Counting, Row::Bpftrace),
         ],
     );
 
+    println!("programs per getppid (kernel BPF statistics, one measurement per row):");
+    program_costs(&syscall_rows, calls, || ns_per_syscall(calls)).await;
+
     let sched_rows = [Row::NoopSched, Row::Sched];
     let (added, baseline) = paired(&sched_rows, rounds, || ns_per_round_trip(trips)).await;
     println!(
-        "ns added per pipe round trip between two processes (2 wakeups, 2+ context switches; {trips} per measurement, median of {rounds} paired rounds; nothing attached: {baseline:.1} ns):"
+        "ns added per pipe round trip between two processes on one CPU (2 wakeups, 2 context switches; {trips} per measurement, median of {rounds} paired rounds; nothing attached: {:.1} ns, CPU {:.1} ns):",
+        baseline[WALL], baseline[CPU]
     );
     report(&sched_rows, &added, "ns", &[(Row::Sched, Row::NoopSched)]);
+    println!("programs per round trip (kernel BPF statistics, one measurement per row):");
+    let programs = program_costs(&sched_rows, trips, || ns_per_round_trip(trips)).await;
+    // The floor's programs count the hooks' events: switches, and wakeups (of new tasks too).
+    let events = |hook: &str| -> f64 {
+        programs.first().map_or(0.0, |floor| {
+            floor
+                .iter()
+                .filter(|(name, _, _)| name.starts_with(hook))
+                .map(|(_, per_trip, _)| per_trip)
+                .sum()
+        })
+    };
+    let (switches, wakeups) = (
+        events("podscope_bench_noop_switch"),
+        events("podscope_bench_noop_wakeup"),
+    );
+    if switches + wakeups > 0.0 {
+        println!(
+            "  per round trip: {switches:.2} context switches, {wakeups:.2} wakeups; ns added per event (switch or wakeup), median of the rounds:"
+        );
+        for (row, values) in sched_rows.iter().zip(&added) {
+            let per_event =
+                |f: usize| median_of(values.iter().map(|v| v[f] / (switches + wakeups)).collect());
+            println!(
+                "  {:<52} +{:>8.1} ns  CPU +{:>8.1} ns",
+                row.name(),
+                per_event(WALL),
+                per_event(CPU)
+            );
+        }
+    }
 
     let (all, took) = receiver(default_config()).await;
     println!(

@@ -10,8 +10,16 @@
 //! every figure is the median over the rounds. Each workload runs in a process of its own (this
 //! binary again, `--workload NAME SECONDS`), which the receiver observes like any other.
 //!
-//! Run: `cargo bench --bench workload_cost` (root; needs wrk, which `scripts/install-deps.sh`
-//! installs). Under `cargo test` it is a quick smoke run.
+//! Besides throughput, which other processes on the machine disturb, each run reports figures
+//! that contention disturbs less: the workload's CPU time (user + system, of its processes, which
+//! includes the time of the eBPF programs that run in their context) per operation, and this
+//! process's CPU time per operation — the agent's, since the receiver runs here. A last pass, not
+//! timed, reads each of the receiver's programs' runs and ns per run from the kernel's BPF
+//! statistics.
+//!
+//! Run: `cargo bench --bench workload_cost` (root; needs wrk and bpftool, which
+//! `scripts/install-deps.sh` installs); `cargo bench --bench workload_cost -- --workloads tcp,http`
+//! runs only those. Under `cargo test` it is a quick smoke run.
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -25,6 +33,9 @@ use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
 use podscope_testkit::BuildContextForTests as _;
 use podscope_testkit::Discard;
 
+mod bpf_stats;
+mod cpu;
+
 /// The workloads: name, unit of what they count.
 const WORKLOADS: [(&str, &str); 6] = [
     ("syscall", "getppid/s"),
@@ -35,8 +46,9 @@ const WORKLOADS: [(&str, &str); 6] = [
     ("http", "requests/s (wrk)"),
 ];
 
-/// Runs workload `name` for `seconds` in this process and returns how many it did per second.
-fn run_workload(name: &str, seconds: f64) -> f64 {
+/// Runs workload `name` for `seconds` in this process; how many operations it did, in how many
+/// seconds.
+fn run_workload(name: &str, seconds: f64) -> (u64, f64) {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let mut done = 0u64;
@@ -58,6 +70,8 @@ fn run_workload(name: &str, seconds: f64) -> f64 {
             }),
         ),
         "pipe" => {
+            // Both threads on one CPU: every round trip is the same two context switches.
+            cpu::pin_to_one_cpu();
             let (mut ping_r, mut ping_w) = std::io::pipe().unwrap();
             let (mut pong_r, mut pong_w) = std::io::pipe().unwrap();
             std::thread::spawn(move || {
@@ -93,30 +107,23 @@ fn run_workload(name: &str, seconds: f64) -> f64 {
         "tcp" => {
             let listener = TcpListener::bind("127.0.0.1:0").unwrap();
             let address = listener.local_addr().unwrap();
+            // In lockstep: the server resets each connection it accepts and the client waits for
+            // that reset before it connects again, so no connection is left closing (no
+            // TIME_WAIT) and the accept queue never overflows (a client that did not wait
+            // outran the server, and its dropped SYNs waited out 1 s retransmissions: 200-260
+            // connections/s).
             std::thread::spawn(move || {
-                for stream in listener.incoming() {
-                    drop(stream);
+                for stream in listener.incoming().flatten() {
+                    close_with_reset(stream);
                 }
             });
             repeat(
                 100,
                 Box::new(move || {
-                    use std::os::fd::AsRawFd as _;
-                    let stream = TcpStream::connect(address).unwrap();
-                    // Abortive close: no TIME_WAIT piling up over a run of tens of thousands.
-                    let linger = libc::linger {
-                        l_onoff: 1,
-                        l_linger: 0,
-                    };
-                    // SAFETY: setsockopt on an open socket with a linger struct of its size.
-                    unsafe {
-                        libc::setsockopt(
-                            stream.as_raw_fd(),
-                            libc::SOL_SOCKET,
-                            libc::SO_LINGER,
-                            (&linger as *const libc::linger).cast(),
-                            std::mem::size_of::<libc::linger>() as u32,
-                        );
+                    // Rarely the new connection's SYN meets the end of the previous one on the
+                    // same port and is reset: an attempt all the same.
+                    if let Ok(mut stream) = TcpStream::connect(address) {
+                        let _ = stream.read(&mut [0u8; 1]);
                     }
                 }),
             );
@@ -130,7 +137,26 @@ fn run_workload(name: &str, seconds: f64) -> f64 {
         ),
         other => panic!("no workload {other}"),
     }
-    done as f64 / started.elapsed().as_secs_f64()
+    (done, started.elapsed().as_secs_f64())
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0): the connection ends at once, without TIME_WAIT.
+fn close_with_reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a linger struct of its size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
 }
 
 /// An HTTP/1.1 keep-alive server answering every request with a 2-byte body, until killed;
@@ -162,8 +188,52 @@ fn http_server() {
     }
 }
 
-/// Runs workload `name` for `seconds` in a process of its own; its throughput.
-fn measure(name: &str, seconds: f64) -> f64 {
+/// One run of a workload.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    ops: f64,
+    seconds: f64,
+    /// User + system CPU seconds of the workload's processes (the eBPF programs that run in
+    /// their context included).
+    workload_cpu: f64,
+    /// User + system CPU seconds of this process meanwhile: the agent's (the receiver runs here;
+    /// the thread that waits for the workload uses next to none).
+    agent_cpu: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.ops / self.seconds
+    }
+
+    /// Workload CPU µs per operation.
+    fn workload_us(&self) -> f64 {
+        1e6 * self.workload_cpu / self.ops
+    }
+
+    /// Agent CPU µs per operation.
+    fn agent_us(&self) -> f64 {
+        1e6 * self.agent_cpu / self.ops
+    }
+}
+
+/// Runs workload `name` for `seconds` in a process of its own (for `http`, a server and wrk).
+fn measure(name: &str, seconds: f64) -> Run {
+    let (children, own) = (
+        cpu::seconds(libc::RUSAGE_CHILDREN),
+        cpu::seconds(libc::RUSAGE_SELF),
+    );
+    let (ops, elapsed) = run_in_child(name, seconds);
+    Run {
+        ops,
+        seconds: elapsed,
+        workload_cpu: cpu::seconds(libc::RUSAGE_CHILDREN) - children,
+        agent_cpu: cpu::seconds(libc::RUSAGE_SELF) - own,
+    }
+}
+
+/// Operations done and seconds taken by workload `name` in a process of its own, waited for.
+fn run_in_child(name: &str, seconds: f64) -> (f64, f64) {
     let exe = std::env::current_exe().unwrap();
     if name == "http" {
         let mut server = Command::new(&exe)
@@ -183,10 +253,14 @@ fn measure(name: &str, seconds: f64) -> f64 {
         let _ = server.kill();
         let _ = server.wait();
         let text = String::from_utf8_lossy(&out.stdout);
+        // "  123456 requests in 3.00s, 9.42MB read"
         return text
             .lines()
-            .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-            .and_then(|v| v.trim().parse().ok())
+            .find_map(|l| {
+                let (requests, rest) = l.trim().split_once(" requests in ")?;
+                let elapsed = rest.split([',', 's']).next()?;
+                Some((requests.parse().ok()?, elapsed.parse().ok()?))
+            })
             .unwrap_or_else(|| panic!("wrk said: {text}"));
     }
     let out = Command::new(&exe)
@@ -194,7 +268,9 @@ fn measure(name: &str, seconds: f64) -> f64 {
         .output()
         .unwrap();
     assert!(out.status.success(), "workload {name}");
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (ops, elapsed) = text.trim().split_once(' ').expect("ops seconds");
+    (ops.parse().unwrap(), elapsed.parse().unwrap())
 }
 
 /// The receivers the workloads run under.
@@ -205,6 +281,13 @@ enum State {
 }
 
 impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Default => "default config",
+            State::Every => "every probe",
+        }
+    }
+
     fn config(self) -> EbpfReceiverConfig {
         match self {
             State::Default => podscope::config::load_default()
@@ -259,8 +342,8 @@ fn median_of(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--workload") {
-        let rate = run_workload(&args[i + 1], args[i + 2].parse().unwrap());
-        println!("{rate}");
+        let (ops, seconds) = run_workload(&args[i + 1], args[i + 2].parse().unwrap());
+        println!("{ops} {seconds}");
         return;
     }
     if args.iter().any(|a| a == "--http-server") {
@@ -269,24 +352,51 @@ async fn main() {
     }
     let full = args.iter().any(|a| a == "--bench");
     let (seconds, rounds) = if full { (3.0, 5) } else { (0.2, 1) };
-    // Per workload: baselines, and the loss of each state against the runs around it.
-    let mut baselines = vec![Vec::new(); WORKLOADS.len()];
-    let mut losses = vec![[Vec::new(), Vec::new()]; WORKLOADS.len()];
+    // `-- --workloads tcp,http` runs only those.
+    let chosen: Vec<&str> = args
+        .iter()
+        .position(|a| a == "--workloads")
+        .map(|i| args[i + 1].split(',').collect())
+        .unwrap_or_else(|| WORKLOADS.iter().map(|(name, _)| *name).collect());
+    let workloads: Vec<(&str, &str)> = WORKLOADS
+        .into_iter()
+        .filter(|(name, _)| chosen.contains(name))
+        .collect();
+    let states = [State::Default, State::Every];
+    // Per workload: the "nothing attached" runs, and per state its runs with the pair of
+    // "nothing attached" runs around each.
+    let mut baselines: Vec<Vec<Run>> = vec![Vec::new(); workloads.len()];
+    let mut paired: Vec<[Vec<(Run, Run, Run)>; 2]> =
+        vec![[Vec::new(), Vec::new()]; workloads.len()];
     for _ in 0..rounds {
-        for (w, (name, _)) in WORKLOADS.iter().enumerate() {
+        for (w, (name, _)) in workloads.iter().enumerate() {
             let mut before = measure(name, seconds);
             baselines[w].push(before);
-            for (s, state) in [State::Default, State::Every].into_iter().enumerate() {
+            for (s, state) in states.into_iter().enumerate() {
                 let receiver = state.attach().await;
                 let with = measure(name, seconds);
                 receiver.shutdown().await.unwrap();
                 let after = measure(name, seconds);
-                let baseline = (before + after) / 2.0;
-                losses[w][s].push(100.0 * (1.0 - with / baseline));
+                baselines[w].push(after);
+                paired[w][s].push((before, with, after));
                 before = after;
             }
         }
     }
+    // A figure's change against the mean of the runs around it, in %.
+    let change = |runs: &[(Run, Run, Run)], figure: fn(&Run) -> f64| -> Vec<f64> {
+        runs.iter()
+            .map(|(before, with, after)| {
+                100.0 * (figure(with) / ((figure(before) + figure(after)) / 2.0) - 1.0)
+            })
+            .collect()
+    };
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!(
         "throughput loss per workload ({seconds} s per run, median of {rounds} paired rounds):"
     );
@@ -294,22 +404,97 @@ async fn main() {
         "  {:<10} {:>14} {:<18} {:>16} {:>16}",
         "workload", "nothing", "", "default config", "every probe"
     );
-    let list = |v: &[f64]| {
-        v.iter()
-            .map(|x| format!("{x:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    for (w, (name, unit)) in WORKLOADS.iter().enumerate() {
+    for (w, (name, unit)) in workloads.iter().enumerate() {
+        let loss = |s: usize| -> Vec<f64> {
+            change(&paired[w][s], Run::rate)
+                .into_iter()
+                .map(|c| -c)
+                .collect()
+        };
         println!(
             "  {:<10} {:>14.0} {:<18} {:>15.1}% {:>15.1}%   (rounds: default {}; every {})",
             name,
-            median_of(baselines[w].clone()),
+            median_of(baselines[w].iter().map(Run::rate).collect()),
             unit,
-            median_of(losses[w][0].clone()),
-            median_of(losses[w][1].clone()),
-            list(&losses[w][0]),
-            list(&losses[w][1]),
+            median_of(loss(0)),
+            median_of(loss(1)),
+            list(&loss(0)),
+            list(&loss(1)),
         );
+    }
+    println!(
+        "CPU time per operation, µs (user + system; median of {rounds} paired rounds): the workload's own processes (their eBPF programs' time included), its change against the runs around it, and the agent's (this process, where the receiver runs):"
+    );
+    println!(
+        "  {:<10} {:>9} {:>10} {:>9} {:>10} {:>9} {:>13} {:>13}",
+        "workload",
+        "nothing",
+        "default",
+        "change",
+        "every",
+        "change",
+        "agent default",
+        "agent every"
+    );
+    for (w, (name, _)) in workloads.iter().enumerate() {
+        let with = |s: usize, figure: fn(&Run) -> f64| -> f64 {
+            median_of(
+                paired[w][s]
+                    .iter()
+                    .map(|(_, with, _)| figure(with))
+                    .collect(),
+            )
+        };
+        let cpu_change = |s: usize| change(&paired[w][s], Run::workload_us);
+        println!(
+            "  {:<10} {:>9.2} {:>10.2} {:>8.1}% {:>10.2} {:>8.1}% {:>13.3} {:>13.3}   (change rounds: default {}; every {})",
+            name,
+            median_of(baselines[w].iter().map(Run::workload_us).collect()),
+            with(0, Run::workload_us),
+            median_of(cpu_change(0)),
+            with(1, Run::workload_us),
+            median_of(cpu_change(1)),
+            with(0, Run::agent_us),
+            with(1, Run::agent_us),
+            list(&cpu_change(0)),
+            list(&cpu_change(1)),
+        );
+    }
+    let nothing_agent: Vec<f64> = baselines.iter().flatten().map(Run::agent_us).collect();
+    println!(
+        "  (this process with nothing attached: {:.3} µs per operation at most)",
+        nothing_agent.iter().cloned().fold(0.0, f64::max)
+    );
+
+    // Not timed: the statistics slow every program on the machine a little.
+    let Some(_stats) = bpf_stats::StatsOn::enable() else {
+        return;
+    };
+    println!(
+        "each program's runs per operation and ns per run (kernel BPF statistics, one {seconds} s run per workload and state):"
+    );
+    for (name, _) in &workloads {
+        for state in states {
+            let receiver = state.attach().await;
+            let before = bpf_stats::snapshot();
+            let run = measure(name, seconds);
+            let after = bpf_stats::snapshot();
+            receiver.shutdown().await.unwrap();
+            let programs = bpf_stats::between(&before, &after);
+            let per_op: f64 = programs
+                .iter()
+                .map(|(_, runs, ns)| *runs as f64 * ns / run.ops)
+                .sum();
+            println!(
+                "  {name} ({}): {per_op:.1} ns of programs per operation",
+                state.name()
+            );
+            for (program, runs, ns) in programs {
+                println!(
+                    "    {program:<36} {:>9.3} runs/op {ns:>8.1} ns/run",
+                    runs as f64 / run.ops
+                );
+            }
+        }
     }
 }

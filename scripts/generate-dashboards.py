@@ -34,20 +34,39 @@ RATE = "$__rate_interval"
 # than the other probes, BENCHMARKS.md). Its panels use the semantic-convention names. The
 # real-data test turns it on, as a user does in the chart's values, and runs them.
 NEEDS_HTTP = "the http probe (receivers.ebpf.probes.http), off in the chart's default config"
+# syscalls, files and sched are opt-in too: the default runs no program on every syscall or
+# context switch (issue 11; their cost per event is in docs/metrics.md). The real-data test turns
+# them on as a user does in the chart's values, one line each.
+NEEDS_SYSCALLS = "the syscalls probe (receivers.ebpf.probes.syscalls), off in the chart's default config"
+NEEDS_FILES = "the files probe (receivers.ebpf.probes.files), off in the chart's default config"
+NEEDS_SCHED = "the sched probe (receivers.ebpf.probes.sched), off in the chart's default config"
 # CPU time is the kubelet's figure (cAdvisor, which every cluster's Prometheus usually scrapes):
 # podscope has no on-CPU time metric of its own. No kubelet runs where the real-data test runs.
 NEEDS_CADVISOR = "cAdvisor's container metrics (scraped from the kubelet); no kubelet runs here"
 # What panels require that the real-data test provides (the rest is skipped there, with the reason).
-PROVIDED_BY_THE_TEST = {NEEDS_HTTP}
+PROVIDED_BY_THE_TEST = {NEEDS_HTTP, NEEDS_SYSCALLS, NEEDS_FILES, NEEDS_SCHED}
+# How the chart README's panel table says what a panel needs.
+REQUIREMENT_NOTES = {
+    None: "",
+    NEEDS_HTTP: " (needs the http probe)",
+    NEEDS_SYSCALLS: " (needs the syscalls probe)",
+    NEEDS_FILES: " (needs the files probe)",
+    NEEDS_SCHED: " (needs the sched probe)",
+    NEEDS_CADVISOR: " (needs cAdvisor, from the kubelet)",
+}
 # cAdvisor's labels for the same pods the podscope variables select (pod names are the same strings).
 CADVISOR_POD = 'cluster=~"$cluster", namespace=~"$namespace", pod=~"$pod", container!=""'
 
 
+# Every pod the eBPF receiver has data for has a `target_info` series with its resource
+# attributes (podscope.cgroup.id is the receiver's own, so other OTLP sources are not listed),
+# whichever probes are on.
+PODS = 'target_info{podscope_cgroup_id!=""'
 POD_VARIABLES = [
-    ("cluster", "Cluster", "label_values(podscope_syscalls_total, cluster)"),
-    ("namespace", "Namespace", 'label_values(podscope_syscalls_total{cluster=~"$cluster"}, k8s_namespace_name)'),
-    ("workload", "Workload", 'label_values(podscope_syscalls_total{cluster=~"$cluster", k8s_namespace_name=~"$namespace"}, service_name)'),
-    ("pod", "Pod", 'label_values(podscope_syscalls_total{cluster=~"$cluster", k8s_namespace_name=~"$namespace", service_name=~"$workload"}, k8s_pod_name)'),
+    ("cluster", "Cluster", f"label_values({PODS}}}, cluster)"),
+    ("namespace", "Namespace", f'label_values({PODS}, cluster=~"$cluster"}}, k8s_namespace_name)'),
+    ("workload", "Workload", f'label_values({PODS}, cluster=~"$cluster", k8s_namespace_name=~"$namespace"}}, service_name)'),
+    ("pod", "Pod", f'label_values({PODS}, cluster=~"$cluster", k8s_namespace_name=~"$namespace", service_name=~"$workload"}}, k8s_pod_name)'),
 ]
 AGENT_VARIABLES = [
     ("cluster", "Cluster", "label_values(podscope_receiver_accepted_items_total, cluster)"),
@@ -84,7 +103,7 @@ DASHBOARDS = [
         "file": "podscope-node-pods.json",
         "uid": "podscope-node-pods",
         "title": "podscope / Node and pods",
-        "description": "Per pod: scheduler run-queue latency and context switches, syscalls and their errors, file opens, processes; per node: block I/O.",
+        "description": "Per pod: processes, and with the opt-in probes scheduler run-queue latency and context switches, syscalls and their errors, file opens; per node: block I/O.",
         "variables": POD_VARIABLES,
         "panels": [
             series("CPU by pod", "short", [
@@ -93,26 +112,28 @@ DASHBOARDS = [
                 "(with pod = All, every pod of the namespace: cAdvisor has no workload label).",
                 NEEDS_CADVISOR),
             heatmap("Run-queue latency", "podscope_sched_runqueue_latency_seconds", POD,
-                    "Time threads of the selected pods waited runnable for a CPU (sched probe)."),
+                    "Time threads of the selected pods waited runnable for a CPU (sched probe).", NEEDS_SCHED),
             quantiles("Run-queue latency by pod", "podscope_sched_runqueue_latency_seconds", POD, "k8s_pod_name",
-                      "p50/p90/p99 of the time threads waited for a CPU: CPU starvation or throttling shows here first."),
+                      "p50/p90/p99 of the time threads waited for a CPU: CPU starvation or throttling shows here first.",
+                      NEEDS_SCHED),
             series("Context switches by pod", "ops", [
                 (f"sum by (k8s_pod_name, podscope_sched_switch) (rate(podscope_sched_context_switches_total{{{POD}}}[{RATE}]))",
                  "{{k8s_pod_name}} {{podscope_sched_switch}}")],
-                "Voluntary (blocked) and involuntary (preempted) switches away from the pods' threads: many involuntary ones mean CPU contention."),
+                "Voluntary (blocked) and involuntary (preempted) switches away from the pods' threads: many involuntary ones mean CPU contention.",
+                NEEDS_SCHED),
             series("Syscalls by pod and group", "ops", [
                 (f"sum by (k8s_pod_name, podscope_syscall_group) (rate(podscope_syscalls_total{{{POD}}}[{RATE}]))",
                  "{{k8s_pod_name}} {{podscope_syscall_group}}")],
-                "System calls completed per second (syscalls probe)."),
+                "System calls completed per second (syscalls probe).", NEEDS_SYSCALLS),
             series("Syscall errors by pod and group", "ops", [
                 (f"sum by (k8s_pod_name, podscope_syscall_group) (rate(podscope_syscalls_errors_total{{{POD}}}[{RATE}]))",
                  "{{k8s_pod_name}} {{podscope_syscall_group}}")],
-                "System calls that returned an error, per second."),
+                "System calls that returned an error, per second.", NEEDS_SYSCALLS),
             series("File opens by pod", "ops", [
                 (f"sum by (k8s_pod_name) (rate(podscope_files_opens_total{{{POD}}}[{RATE}]))", "{{k8s_pod_name}}"),
                 (f"sum by (k8s_pod_name, error_type) (rate(podscope_files_open_errors_total{{{POD}}}[{RATE}]))",
                  "{{k8s_pod_name}} failed: {{error_type}}")],
-                "Opens per second, and failed opens by errno (files probe)."),
+                "Opens per second, and failed opens by errno (files probe).", NEEDS_FILES),
             series("Processes by pod", "ops", [
                 (f"sum by (k8s_pod_name) (rate(podscope_process_execs_total{{{POD}}}[{RATE}]))", "{{k8s_pod_name}} execs"),
                 (f"sum by (k8s_pod_name) (rate(podscope_process_forks_total{{{POD}}}[{RATE}]))", "{{k8s_pod_name}} forks")],
@@ -483,8 +504,7 @@ def readme_table():
         for p in d["panels"]:
             metrics = sorted({m for expr, _ in p["exprs"] for m in metric_names(expr)})
             shown = p["shown"]
-            note = {None: "", NEEDS_HTTP: " (needs the http probe)",
-                    NEEDS_CADVISOR: " (needs cAdvisor, from the kubelet)"}[p["requires"]]
+            note = REQUIREMENT_NOTES[p["requires"]]
             lines.append(f"| {d['title'].split(' / ')[1]} | {p['title']}{note} | {', '.join(f'`{m}`' for m in metrics)} | {shown} |")
     lines += ["", "| alert | severity | reads | fires when |", "|---|---|---|---|"]
     for a in ALERTS:

@@ -933,16 +933,17 @@ def run_container(docs, image, seccomp, without):
                 code, body = inside(f"http://127.0.0.1:{telemetry_port}{path}")
                 if code != "200":
                     problems.append(f"GET {path}: {code} {body}")
-            # eBPF data at the Prometheus endpoint: the syscalls probe's counters (the first
-            # collection comes one interval after the start).
+            # eBPF data at the Prometheus endpoint: the process probe's exec counters (this
+            # check's own nsenter and curl exec on the host; the first collection comes one
+            # interval after the start).
             deadline = time.monotonic() + 30
             while True:
                 code, body = inside(f"http://127.0.0.1:{prometheus_port}/metrics")
-                if "podscope_syscalls_total{" in body or time.monotonic() > deadline:
+                if "podscope_process_execs_total{" in body or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
-            if "podscope_syscalls_total{" not in body:
-                problems.append(f"no podscope_syscalls_total at the Prometheus endpoint ({code})")
+            if "podscope_process_execs_total{" not in body:
+                problems.append(f"no podscope_process_execs_total at the Prometheus endpoint ({code})")
         else:
             # Each probe says why it was skipped (the kernel's refusal without the capability).
             for probe in probes:

@@ -4,9 +4,9 @@
 //! that serves one Deployment's pod, whose kubelet-style cgroup runs a small workload (programs,
 //! opens that fail, block I/O, TCP connections held, closed, refused and retransmitted; an HTTP
 //! server on Python's `http.server` and a gRPC server on grpcio, called by curl and a grpcio client
-//! with answers 200, 404 and 500, OK and NOT_FOUND). The chart's default config has the http probe
-//! off; the test turns it on as a user does in the chart's values
-//! (`config.receivers.ebpf.probes.http: {}`), so the HTTP and gRPC panels run too. A real Prometheus
+//! with answers 200, 404 and 500, OK and NOT_FOUND). The chart's default config has the http,
+//! syscalls, files and sched probes off; the test turns them on as a user does in the chart's
+//! values (`config.receivers.ebpf.probes.http: {}`, one line each), so their panels run too. A real Prometheus
 //! scrapes the agent's two endpoints with a `cluster` label, and every query the generator wrote
 //! into `helm/podscope/tests/queries.json` — each dashboard variable, each panel's expression,
 //! each alert's expression and the data it reads — is run with the dashboards' variables set to
@@ -37,8 +37,9 @@ const WORKLOAD: &str = "web";
 const CLUSTER: &str = "e2e";
 
 /// The chart's `config:` block, dedented, with its endpoints on free loopback ports, a short
-/// collection interval, the kubeconfig instead of the pod's service account, the http probe on
-/// (what `config: {receivers: {ebpf: {probes: {http: {}}}}}` in a user's values merges in), the
+/// collection interval, the kubeconfig instead of the pod's service account, the opt-in probes
+/// the panels need on (what `config: {receivers: {ebpf: {probes: {http: {}, …}}}}` in a user's
+/// values merges in), the
 /// memory_limiter's limits in MiB as the chart renders them, and the lossy exporter beside the
 /// chart's.
 fn chart_config(ports: &Ports) -> String {
@@ -65,7 +66,11 @@ fn chart_config(ports: &Ports) -> String {
         ("0.0.0.0:9464", format!("127.0.0.1:{}", ports.prometheus)),
         ("0.0.0.0:8888", format!("127.0.0.1:{}", ports.telemetry)),
         ("collection_interval: 10s", "collection_interval: 1s".into()),
-        ("      tcp: {}\n", "      tcp: {}\n      http: {}\n".into()),
+        (
+            "      tcp: {}\n",
+            "      tcp: {}\n      http: {}\n      syscalls: {by: group}\n      files: {}\n      sched: {}\n"
+                .into(),
+        ),
         ("auth_type: serviceAccount", "auth_type: kubeConfig".into()),
         // The memory_limiter's percentages as templates/configmap.yaml renders them from the
         // chart's `resources.limits.memory` (512Mi): this test's own cgroup has no limit.
