@@ -13,6 +13,9 @@ cargo fmt --all --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test" >&2
+# Includes the fuzz corpora replayed as regression tests on stable (`fuzz_corpus_replay`: every
+# file of fuzz/corpus/ and fuzz/regressions/ through its target's harness; fuzzing itself is
+# scripts/fuzz.sh, on nightly) and the short variants of the fault suite (scripts/faults.sh).
 cargo test --workspace --all-targets --locked
 echo "== helm chart" >&2
 # The chart rendered by Helm 3 and 4, validated, its config checked by the binary the tests above

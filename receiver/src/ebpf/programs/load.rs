@@ -202,7 +202,13 @@ pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, String> {
         ),
         None => None,
     };
-    let parsed = aya_obj::Object::parse(bytes)
+    // aya-obj 0.3 panics on some malformed BTF (an out-of-range slice, found by fuzzing): a
+    // user's object is untrusted input, so that is its error, not the agent's crash.
+    let parsed = std::panic::catch_unwind(|| aya_obj::Object::parse(bytes))
+        .map_err(|_| {
+            "cannot read the object: malformed (its BTF or ELF made the object parser fail)"
+                .to_string()
+        })?
         .map_err(|e| format!("cannot read the object: {}", error_chain(&e)))?;
     let mut maps: Vec<MapLayout> = parsed
         .maps

@@ -151,8 +151,12 @@ fn span_of(
         },
         name,
         kind: kind as i32,
-        start_time_unix_nano: exchange.start_ns + clock_offset_ns,
-        end_time_unix_nano: exchange.end_ns.max(exchange.start_ns) + clock_offset_ns,
+        // Kernel timestamps are data: a wild one must not overflow (found by fuzzing).
+        start_time_unix_nano: exchange.start_ns.saturating_add(clock_offset_ns),
+        end_time_unix_nano: exchange
+            .end_ns
+            .max(exchange.start_ns)
+            .saturating_add(clock_offset_ns),
         attributes,
         status: Some(Status {
             code: if error {

@@ -129,14 +129,14 @@ pub fn demangle(name: &str) -> String {
 
 /// Legacy Rust symbols end in a hash path segment: `17h<16 hex digits>E`.
 fn is_rust_legacy_hash(name: &str) -> bool {
-    let Some(body) = name.strip_suffix('E') else {
+    // Bytes, not str slices: a name is any bytes a binary holds, and a cut inside a multi-byte
+    // character would panic (found by fuzzing).
+    let Some(body) = name.as_bytes().strip_suffix(b"E") else {
         return false;
     };
     body.len() > 19
-        && body[body.len() - 19..].starts_with("17h")
-        && body[body.len() - 16..]
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit())
+        && body[body.len() - 19..].starts_with(b"17h")
+        && body[body.len() - 16..].iter().all(u8::is_ascii_hexdigit)
 }
 
 /// What the profiler keeps of one ELF file.
@@ -172,7 +172,8 @@ impl ElfModule {
         let build_id = elf.build_id().ok().flatten().map(<[u8]>::to_vec);
         let range = |name: &str| {
             elf.section_by_name(name)
-                .map(|s| s.address()..s.address() + s.size())
+                // Saturating: a section's address and size are the file's word (found by fuzzing).
+                .map(|s| s.address()..s.address().saturating_add(s.size()))
         };
         let data = |name: &str| -> Option<Arc<[u8]>> {
             elf.section_by_name(name)
@@ -369,6 +370,10 @@ mod tests {
         assert_eq!(demangle("_RNvCs1234_7example4main"), "example::main");
         assert_eq!(demangle("_ZN3foo3barEi"), "foo::bar(int)");
         assert_eq!(demangle("burn_leaf"), "burn_leaf");
+        // A name ending in multi-byte characters where the legacy Rust hash would be (found by
+        // fuzzing: a str slice inside a character panicked) is left as it is.
+        let odd = "_ZN3foo\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}E";
+        assert_eq!(demangle(odd), odd);
     }
 
     #[test]

@@ -40,6 +40,9 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::ProfilingProbeConfig;
 pub use profiler::{ProfilerCounters, ProfilerSettings};
+// The parsers of symbolization inputs, public for the fuzz targets (fuzz/src/lib.rs).
+pub use elf::{demangle, ElfModule, KernelSymbols, PerfMap};
+pub use process::MapsLine;
 
 use super::{Collection, LoadContext, Probe, SingleObjectProbe, StartContext};
 use crate::ebpf::catalog::MetricDoc;

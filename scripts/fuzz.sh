@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs every fuzz target (fuzz/fuzz_targets/, issue 17 point 3) for a given time each, with
+# cargo-fuzz on the nightly toolchain, growing the committed corpora in fuzz/corpus/<target>/.
+# Installs cargo-fuzz (crates.io) and the nightly toolchain if they are missing.
+#
+#   scripts/fuzz.sh [seconds per target]     default 60
+#
+# Environment:
+#   FUZZ_TARGETS   the targets to run, space separated (default: all of `cargo fuzz list`)
+#   FUZZ_CMIN=1    minimize each corpus afterwards (`cargo fuzz cmin`), as before a commit
+#
+# A crash stops its target and leaves the input in fuzz/artifacts/<target>/; fix it, add the
+# input to fuzz/regressions/<target>/ (the corpus replay test, `cargo test -p podscope --test
+# fuzz_corpus_replay`, runs it from then on) and run again. Logs, with libFuzzer's final
+# statistics (executions, corpus size), go to fuzz/logs/<target>.log; a summary table is printed.
+#
+# Targets run without a sanitizer (`--sanitizer none`): the inputs reach safe Rust only (the one
+# unsafe read of the http records is length-checked), and AddressSanitizer would halve the
+# executions; overflow checks and debug assertions stay on (cargo-fuzz's default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+seconds=${1:-60}
+
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
+
+cd fuzz
+targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
+mkdir -p logs
+cargo +nightly fuzz build --sanitizer none $targets >&2
+summary=()
+status=0
+for target in $targets; do
+  mkdir -p "corpus/$target"
+  echo "== fuzz: $target for ${seconds}s" >&2
+  if cargo +nightly fuzz run --sanitizer none "$target" "corpus/$target" -- \
+    -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    >"logs/$target.log" 2>&1; then
+    result=ok
+  else
+    result="CRASH (see fuzz/logs/$target.log, fuzz/artifacts/$target/)"
+    status=1
+  fi
+  runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "logs/$target.log" | tail -1)
+  summary+=("$(printf '%-18s %6ss %12s executions  %6s corpus files  %s' "$target" "$seconds" "${runs:-?}" \
+    "$(find "corpus/$target" -type f | wc -l)" "$result")")
+  if [ "${FUZZ_CMIN:-}" = 1 ] && [ "$result" = ok ]; then
+    cargo +nightly fuzz cmin --sanitizer none "$target" "corpus/$target" >>"logs/$target.log" 2>&1
+  fi
+done
+printf '%s\n' "${summary[@]}"
+exit $status
