@@ -67,6 +67,10 @@ impl Collector {
             tokio::select! {
                 _ = cancel.cancelled() => {
                     self.collect().await;
+                    // A stopped receiver's figures are no row's any more.
+                    if let Some(session) = &self.session {
+                        session.forget_figures(&self.receiver);
+                    }
                     return;
                 }
                 _ = ticker.tick() => self.collect().await,

@@ -203,7 +203,9 @@ impl Snapshot {
             let Some(path) = rm.resource.as_ref().and_then(|r| {
                 r.attributes.iter().find_map(|kv| {
                     match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-                        Some(any_value::Value::StringValue(s)) if kv.key == "podscope.cgroup.path" => {
+                        Some(any_value::Value::StringValue(s))
+                            if kv.key == "podscope.cgroup.path" =>
+                        {
                             Some(s.clone())
                         }
                         _ => None,
@@ -228,7 +230,9 @@ impl Snapshot {
                     (SYSCALLS, Some(metric::Data::Sum(s))) => {
                         figures.syscalls += sum_points(&s.data_points)
                     }
-                    (OPENS, Some(metric::Data::Sum(s))) => figures.opens += sum_points(&s.data_points),
+                    (OPENS, Some(metric::Data::Sum(s))) => {
+                        figures.opens += sum_points(&s.data_points)
+                    }
                     (TCP_RETRANSMITS, Some(metric::Data::Sum(s))) => {
                         figures.tcp_retransmits += sum_points(&s.data_points)
                     }
@@ -243,9 +247,7 @@ impl Snapshot {
     }
 }
 
-fn sum_points(
-    points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint],
-) -> u64 {
+fn sum_points(points: &[opentelemetry_proto::tonic::metrics::v1::NumberDataPoint]) -> u64 {
     points
         .iter()
         .map(|p| match p.value {
@@ -302,9 +304,19 @@ impl KernelFigures {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Which probes `receiver` attached (at its start).
+    /// Which probes `receiver` attached, at its start: its figures start over.
     pub fn set_probes(&self, receiver: &str, probes: ProbesOn) {
-        self.lock().entry(receiver.to_string()).or_default().probes = probes;
+        self.lock().insert(
+            receiver.to_string(),
+            ReceiverFigures {
+                probes,
+                ..Default::default()
+            },
+        );
+    }
+
+    pub fn forget(&self, receiver: &str) {
+        self.lock().remove(receiver);
     }
 
     /// `receiver`'s newest collection.
@@ -328,8 +340,10 @@ impl KernelFigures {
             let (Some(previous), Some(latest)) = (&figures.previous, &figures.latest) else {
                 continue;
             };
-            let seconds =
-                latest.time_unix_nano.saturating_sub(previous.time_unix_nano) as f64 / 1e9;
+            let seconds = latest
+                .time_unix_nano
+                .saturating_sub(previous.time_unix_nano) as f64
+                / 1e9;
             if seconds <= 0.0 {
                 continue;
             }
@@ -457,16 +471,15 @@ mod tests {
         all.set_probes("ebpf", probes);
         let root = Path::new("/sys/fs/cgroup");
         let pod = root.join("kubepods/pod1");
-        let snapshot = |time_s: u64, a: CgroupFigures, b: CgroupFigures, other: CgroupFigures| {
-            Snapshot {
+        let snapshot =
+            |time_s: u64, a: CgroupFigures, b: CgroupFigures, other: CgroupFigures| Snapshot {
                 time_unix_nano: time_s * 1_000_000_000,
                 cgroups: HashMap::from([
                     ("/kubepods/pod1/a".to_string(), a),
                     ("/kubepods/pod1/b".to_string(), b),
                     ("/kubepods/pod2/c".to_string(), other),
                 ]),
-            }
-        };
+            };
         all.push(
             "ebpf",
             snapshot(
@@ -505,7 +518,10 @@ mod tests {
         );
         // rank 3.96 of 4: 96 % through (2048, 4096].
         let p99 = columns.runq_latency_p99_seconds.unwrap();
-        assert!((p99 - (2048.0 + 2048.0 * 0.96) / 1e9).abs() < 1e-15, "{p99}");
+        assert!(
+            (p99 - (2048.0 + 2048.0 * 0.96) / 1e9).abs() < 1e-15,
+            "{p99}"
+        );
         // The whole node: pod2's (1000 - 7) too.
         assert_eq!(all.columns(root, &[]).syscalls_per_second, Some(328.25));
     }

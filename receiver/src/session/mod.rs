@@ -154,6 +154,11 @@ impl SessionExtension {
         self.shared.kernel_figures.push(receiver, snapshot);
     }
 
+    /// Leaves out a stopped receiver's figures.
+    pub fn forget_figures(&self, receiver: &str) {
+        self.shared.kernel_figures.forget(receiver);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
