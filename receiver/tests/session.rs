@@ -14,14 +14,16 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use podscope_core::config::parse_component_config;
 use podscope_core::session::{
-    ContainerRef, ErrorCode, Event, Hello, Message, Request, Target, TopScope, TraceProbe, Welcome,
-    PROTOCOL_VERSION,
+    ContainerRef, ErrorCode, Event, Hello, Message, Request, Target, TopRow, TopScope, TraceProbe,
+    Welcome, PROTOCOL_VERSION,
 };
-use podscope_core::{BuildContext, Component as _};
+use podscope_core::{BuildContext, Component as _, ComponentId, ReceiverConsumers};
+use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
 use podscope_receiver::session::{SessionConfig, SessionExtension};
 use podscope_testkit::pod_cgroup::PodCgroup;
-use podscope_testkit::BuildContextForTests as _;
+use podscope_testkit::{BuildContextForTests as _, Recorder};
 
 struct Agent {
     runtime: tokio::runtime::Runtime,
@@ -729,6 +731,168 @@ fn top_once_has_the_target_containers_cpu() {
     assert!(row.cpu_cores.is_some_and(|cores| cores > 0.0), "{row:?}");
     assert_eq!(row.syscalls_per_second, None);
     assert!(matches!(client.message(), Some(Message::End { .. })));
+}
+
+/// An ebpf receiver with `probes`, reporting to the agent's session extension, collecting only
+/// when asked (`collection_interval: 1h`), its data points recorded.
+fn start_receiver(agent: &Agent, id: &str, probes: serde_json::Value) -> EbpfReceiver {
+    let config: EbpfReceiverConfig = parse_component_config(serde_json::json!({
+        "collection_interval": "1h",
+        "session": "session",
+        "probes": probes,
+    }))
+    .unwrap();
+    let mut ctx = BuildContext::for_tests(id);
+    ctx.extensions.insert(
+        ComponentId::parse("session").unwrap(),
+        agent.extension.clone(),
+    );
+    let receiver = EbpfReceiver::new(
+        config,
+        ctx,
+        ReceiverConsumers {
+            metrics: Some(Arc::new(Recorder::default())),
+            traces: None,
+            profiles: None,
+        },
+    )
+    .unwrap();
+    agent.runtime.block_on(receiver.start()).unwrap();
+    assert!(
+        receiver.skipped_probes().is_empty(),
+        "{:?}",
+        receiver.skipped_probes()
+    );
+    receiver
+}
+
+/// Opens (and closes) `/etc/hostname` `opens` times in the pod's cgroup, sleeping 1 ms after
+/// every tenth so the process waits runnable after each wakeup; returns the bounds of the time
+/// between the collection before it and the one after it: (shortest, longest) in seconds.
+fn open_between_collections(
+    agent: &Agent,
+    receiver: &EbpfReceiver,
+    pod: &PodCgroup,
+    opens: usize,
+) -> (f64, f64) {
+    let path = c("/etc/hostname");
+    let before_first = Instant::now();
+    agent.runtime.block_on(receiver.collect_now()).unwrap();
+    let after_first = Instant::now();
+    let code = pod.run(|| {
+        let pause = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 1_000_000,
+        };
+        for i in 0..opens {
+            // SAFETY: a valid path; raw syscalls only, as `run` requires.
+            let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY) };
+            if fd < 0 {
+                return 1;
+            }
+            unsafe {
+                libc::close(fd);
+                if i % 10 == 0 {
+                    libc::nanosleep(&pause, std::ptr::null_mut());
+                }
+            }
+        }
+        0
+    });
+    assert_eq!(code, 0, "an open of /etc/hostname failed");
+    let before_second = Instant::now();
+    agent.runtime.block_on(receiver.collect_now()).unwrap();
+    let after_second = Instant::now();
+    (
+        (before_second - after_first).as_secs_f64(),
+        (after_second - before_first).as_secs_f64(),
+    )
+}
+
+fn top_once(agent: &Agent, pod: &PodCgroup) -> TopRow {
+    let mut client = agent.connect();
+    accepted(&client.hello(Request::Top {
+        scope: TopScope::Containers,
+        targets: vec![target(pod, "io-0")],
+        interval: Duration::from_millis(200),
+        once: true,
+    }));
+    let Some(Message::Top(mut table)) = client.message() else {
+        panic!("expected a table");
+    };
+    assert_eq!(table.rows.len(), 1, "{table:?}");
+    assert!(matches!(client.message(), Some(Message::End { .. })));
+    table.rows.remove(0)
+}
+
+/// `count` events over an interval known to lie within `(shortest, longest)` seconds: the rate
+/// lies within `count / longest` and `count / shortest` (1 % either side for the receiver's
+/// wall clock against the test's monotonic one).
+fn assert_rate_within(
+    rate: Option<f64>,
+    counts: std::ops::RangeInclusive<f64>,
+    (shortest, longest): (f64, f64),
+) {
+    let rate = rate.expect("a rate");
+    let (low, high) = (
+        counts.start() / longest * 0.99,
+        counts.end() / shortest * 1.01,
+    );
+    assert!(
+        (low..=high).contains(&rate),
+        "{rate}/s is not within {low}..={high}/s"
+    );
+}
+
+#[test]
+fn top_kernel_columns_are_the_pods_opens_syscalls_and_run_queue_latency() {
+    const OPENS: usize = 500;
+    let agent = Agent::start(|_| {});
+    let pod = PodCgroup::new();
+    let receiver = start_receiver(
+        &agent,
+        "ebpf",
+        serde_json::json!({"sched": {}, "syscalls": {}, "files": {}, "tcp": {}}),
+    );
+    let interval = open_between_collections(&agent, &receiver, &pod, OPENS);
+    let row = top_once(&agent, &pod);
+    // Exactly OPENS opens; an open and a close each, plus at most 50 more (the nanosleeps, the
+    // exit, the end of the write that moved the child into the cgroup).
+    assert_rate_within(row.opens_per_second, OPENS as f64..=OPENS as f64, interval);
+    assert_rate_within(
+        row.syscalls_per_second,
+        (2 * OPENS) as f64..=(2 * OPENS + OPENS / 10 + 50) as f64,
+        interval,
+    );
+    assert_eq!(row.tcp_retransmits_per_second, Some(0.0), "{row:?}");
+    let (p50, p99) = (
+        row.runq_latency_p50_seconds.expect("run-queue p50"),
+        row.runq_latency_p99_seconds.expect("run-queue p99"),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{row:?}");
+    // The http probe is off.
+    assert_eq!(
+        (row.requests_per_second, row.request_latency_p99_seconds),
+        (None, None)
+    );
+    agent.runtime.block_on(receiver.shutdown()).unwrap();
+
+    // With only the files probe the other kernel columns are empty.
+    let receiver = start_receiver(&agent, "ebpf/files_only", serde_json::json!({"files": {}}));
+    let interval = open_between_collections(&agent, &receiver, &pod, OPENS);
+    let row = top_once(&agent, &pod);
+    assert_rate_within(row.opens_per_second, OPENS as f64..=OPENS as f64, interval);
+    assert_eq!(
+        (
+            row.runq_latency_p50_seconds,
+            row.runq_latency_p99_seconds,
+            row.syscalls_per_second,
+            row.tcp_retransmits_per_second,
+        ),
+        (None, None, None, None),
+        "{row:?}"
+    );
+    agent.runtime.block_on(receiver.shutdown()).unwrap();
 }
 
 /// A memory cgroup with a tiny limit, of the hierarchy that has the memory controller here

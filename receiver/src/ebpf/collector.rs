@@ -47,6 +47,9 @@ pub struct Collector {
     /// Added to every resource this collection reports (a Probe's instance names its Probe, so
     /// its series never collide with the agent's own probes' for the same pod).
     pub resource_attributes: Vec<KeyValue>,
+    /// The session extension `session:` names: handed each collection's per-cgroup figures
+    /// (the kernel columns of `kubectl podscope top`).
+    pub session: Option<Arc<crate::session::SessionExtension>>,
 }
 
 impl Collector {
@@ -64,6 +67,10 @@ impl Collector {
             tokio::select! {
                 _ = cancel.cancelled() => {
                     self.collect().await;
+                    // A stopped receiver's figures are no row's any more.
+                    if let Some(session) = &self.session {
+                        session.forget_figures(&self.receiver);
+                    }
                     return;
                 }
                 _ = ticker.tick() => self.collect().await,
@@ -191,6 +198,12 @@ impl Collector {
             self.cgroups.freed(&free, now);
         }
         self.account_kernel_maps();
+        if let Some(session) = &self.session {
+            session.report_figures(
+                &self.receiver,
+                crate::session::KernelSnapshot::of(&resource_metrics, now),
+            );
+        }
         let mut resource_metrics = resource_metrics;
         if !self.resource_attributes.is_empty() {
             for rm in &mut resource_metrics {

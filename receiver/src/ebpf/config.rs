@@ -32,7 +32,8 @@ pub struct EbpfReceiverConfig {
     /// What namespaced `Probe` objects may enable on this node (see `docs/programs.md`).
     pub tenant_probes: TenantProbesConfig,
     /// The `session` extension (in `service.extensions`) this receiver tells which of its probes
-    /// attached and why others were skipped, for `kubectl podscope status`. Default none.
+    /// attached and why others were skipped, for `kubectl podscope status`, and hands each
+    /// collection's per-cgroup figures, for `kubectl podscope top`. Default none.
     pub session: Option<String>,
 }
 

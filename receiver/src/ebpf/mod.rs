@@ -386,10 +386,13 @@ impl EbpfReceiver {
     }
 
     /// Tells the `session` extension `session` names which probes attached and why the others
-    /// were skipped.
-    fn report_probes(&self, probes: &mut [Box<dyn Probe>]) -> anyhow::Result<()> {
+    /// were skipped; returns it, to be handed each collection's figures.
+    fn report_probes(
+        &self,
+        probes: &mut [Box<dyn Probe>],
+    ) -> anyhow::Result<Option<Arc<crate::session::SessionExtension>>> {
         let Some(extension) = &self.config.session else {
-            return Ok(());
+            return Ok(None);
         };
         let id = podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
         let session = self
@@ -407,7 +410,7 @@ impl EbpfReceiver {
             states.insert(skipped.probe.to_string(), format!("skipped: {skipped}"));
         }
         session.report_probes(&self.ctx.id.to_string(), states);
-        Ok(())
+        Ok(Some(session))
     }
 
     /// The probes, and the kernel's record of removed cgroups beside them (without it, data of a
@@ -468,7 +471,7 @@ impl Component for EbpfReceiver {
             mut probes,
             removed,
         } = self.load_probes(&filter, &features)?;
-        self.report_probes(&mut probes)?;
+        let session = self.report_probes(&mut probes)?;
         if !self.config.programs.is_empty() || self.config.user_programs.extension.is_some() {
             programs::load_local(
                 &self.ctx.id.to_string(),
@@ -525,6 +528,7 @@ impl Component for EbpfReceiver {
             kernel_maps: self.kernel_maps.clone(),
             owner: None,
             resource_attributes: Vec::new(),
+            session,
         };
         // Before the receiver reports itself started: the kernel filter lists the selected
         // cgroups, and admits the ones created from now on until the collector decides.

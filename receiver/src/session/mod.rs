@@ -5,7 +5,8 @@
 //!
 //! - trace: the trace object (`trace`), loaded and attached only while a session needs it,
 //!   events filtered in the kernel to the targets' cgroups;
-//! - top: CPU from each cgroup's `cpu.stat`, per interval (`top`);
+//! - top: CPU from each cgroup's `cpu.stat`, per interval, and the kernel columns from what eBPF
+//!   receivers naming this extension collected (`top`, `figures`);
 //! - bpftrace: the real bpftrace, when the agent's config enables it (`bpftrace`);
 //! - profile: the profiling probe for the targets, the result sent as one file (`profile`);
 //! - status: version, protocol, readiness, the trace probes this kernel has.
@@ -17,6 +18,7 @@
 mod bpftrace;
 mod config;
 mod events;
+mod figures;
 mod filters;
 mod profile;
 mod server;
@@ -36,6 +38,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{BpftraceConfig, SessionConfig};
 pub use events::signal_name;
+pub use figures::{Distribution, Snapshot as KernelSnapshot};
 pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
 pub use trace::TraceKernel;
@@ -65,6 +68,8 @@ pub(crate) struct Shared {
     /// What eBPF receivers naming this extension reported: `<receiver>/<probe>` → `attached`
     /// or why it was skipped.
     pub reported_probes: Mutex<std::collections::BTreeMap<String, String>>,
+    /// Those receivers' per-cgroup figures of their last two collections, for `top`.
+    pub kernel_figures: figures::KernelFigures,
 }
 
 struct Running {
@@ -94,6 +99,7 @@ impl SessionExtension {
                 permits,
                 stopping: CancellationToken::new(),
                 reported_probes: Mutex::default(),
+                kernel_figures: figures::KernelFigures::default(),
             }),
             running: Mutex::new(None),
         }
@@ -127,9 +133,30 @@ impl SessionExtension {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         reported.retain(|key, _| !key.starts_with(&format!("{receiver}/")));
+        let attached = |probe: &str| probes.get(probe).is_some_and(|s| s == "attached");
+        self.shared.kernel_figures.set_probes(
+            receiver,
+            figures::ProbesOn {
+                sched: attached("sched"),
+                syscalls: attached("syscalls"),
+                files: attached("files"),
+                tcp: attached("tcp"),
+                http: attached("http"),
+            },
+        );
         for (probe, state) in probes {
             reported.insert(format!("{receiver}/{probe}"), state);
         }
+    }
+
+    /// An eBPF receiver's figures of the collection it just made (the kernel columns of `top`).
+    pub fn report_figures(&self, receiver: &str, snapshot: figures::Snapshot) {
+        self.shared.kernel_figures.push(receiver, snapshot);
+    }
+
+    /// Leaves out a stopped receiver's figures.
+    pub fn forget_figures(&self, receiver: &str) {
+        self.shared.kernel_figures.forget(receiver);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Running>> {

@@ -1,7 +1,9 @@
 //! `kubectl podscope top`: one table per interval of the pods, containers or the node, with the
 //! CPU each used (the `usage_usec` delta of its cgroup's `cpu.stat`, the node's from
-//! `/proc/stat`). The other columns stay empty (`None`) until the eBPF receiver publishes its
-//! per-cgroup figures here.
+//! `/proc/stat`), and the kernel columns (run-queue latency, syscalls, opens, TCP retransmits,
+//! requests) from the last two collections of the eBPF receivers naming this extension
+//! (`figures`): rates over their collection interval, the cgroups at or below the row's
+//! directories summed. A kernel column is `None` while its probe is off.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,17 +68,26 @@ pub async fn serve(
         let rows = sources
             .iter()
             .zip(before.iter().zip(after.iter()))
-            .map(|(source, (b, a))| TopRow {
-                namespace: source.labels.namespace.clone(),
-                pod: source.labels.pod.clone(),
-                container: source.labels.container.clone(),
-                cpu_cores: match (b, a) {
-                    (Some(b), Some(a)) if elapsed > 0.0 => {
-                        Some(a.saturating_sub(*b) as f64 / 1e6 / elapsed)
-                    }
-                    _ => None,
-                },
-                ..Default::default()
+            .map(|(source, (b, a))| {
+                let kernel = shared.kernel_figures.columns(index.root(), &source.dirs);
+                TopRow {
+                    namespace: source.labels.namespace.clone(),
+                    pod: source.labels.pod.clone(),
+                    container: source.labels.container.clone(),
+                    cpu_cores: match (b, a) {
+                        (Some(b), Some(a)) if elapsed > 0.0 => {
+                            Some(a.saturating_sub(*b) as f64 / 1e6 / elapsed)
+                        }
+                        _ => None,
+                    },
+                    runq_latency_p50_seconds: kernel.runq_latency_p50_seconds,
+                    runq_latency_p99_seconds: kernel.runq_latency_p99_seconds,
+                    syscalls_per_second: kernel.syscalls_per_second,
+                    opens_per_second: kernel.opens_per_second,
+                    tcp_retransmits_per_second: kernel.tcp_retransmits_per_second,
+                    requests_per_second: kernel.requests_per_second,
+                    request_latency_p99_seconds: kernel.request_latency_p99_seconds,
+                }
             })
             .collect();
         let table = TopTable {

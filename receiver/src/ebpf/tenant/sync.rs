@@ -381,6 +381,8 @@ impl TenantSync {
             kernel_maps: self.kernel_maps.clone(),
             owner: Some(key),
             resource_attributes: vec![string_attr(PROBE_ATTRIBUTE, probe.name.clone())],
+            // Probes' instances are not in `top`: their pods' figures are the agent's probes'.
+            session: None,
         };
         // The filter lists the pods before the status says the Probe is active.
         collector.refresh_cgroups();
