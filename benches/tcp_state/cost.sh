@@ -7,8 +7,9 @@
 # time per connection (getrusage, both threads: the programs run in their context) and, from the
 # kernel's BPF statistics (kernel.bpf_stats_enabled=1 for the run, restored afterwards; they add
 # their own two clock reads, ~33 ns, to every run), podscope_tcp_state's runs per connection
-# and ns per run. Rows alternate within each round, so a loaded machine shifts every row alike;
-# the summary gives medians over the rounds.
+# and ns per run. Rows alternate within each round (the builds' order reversed every other
+# round), so a loaded machine shifts every row alike; the summary gives medians over the rounds
+# and the median of each round's change from the first build to the second.
 #
 # Usage (root, from the repository): benches/tcp_state/cost.sh [ROUNDS] [N] [REV...]
 #   REV: a git revision whose ebpf/src/bpf is built, or `.` for the working tree.
@@ -136,7 +137,13 @@ echo "round row cpu_ns_per_connection state_runs_per_connection ns_per_run"
 for r in $(seq "$ROUNDS"); do
     read -r cpu made <<< "$("$WORK/conn" "$N")"
     $PY -c "print($r, 'none', round($cpu / $made * 1e9), '-', '-')"
-    for i in "${!OBJS[@]}"; do
+    # The builds' order alternates round by round (ABBA...), so a load that drifts within a round
+    # favours neither.
+    order=("${!OBJS[@]}")
+    if [ $((r % 2)) -eq 0 ]; then
+        mapfile -t order < <(printf '%s\n' "${order[@]}" | tac)
+    fi
+    for i in "${order[@]}"; do
         "$WORK/loader" "${OBJS[$i]}" podscope_tcp_state podscope_tcp_retransmit > "$WORK/loader.out" &
         LOADER_PID=$!
         until grep -q ready "$WORK/loader.out" 2>/dev/null; do
@@ -168,4 +175,10 @@ for row, (cpu, runs, ns) in rows.items():
         print(f"  {row:<8} {statistics.median(cpu):>8.0f} {r:>6.2f} {n:>6.0f} {r * n:>7.0f}   (ns per run: {', '.join(f'{x:.0f}' for x in ns)})")
     else:
         print(f"  {row:<8} {statistics.median(cpu):>8.0f}")
+names = [row for row in rows if rows[row][2]]
+if len(names) >= 2:
+    a, b = rows[names[0]][2], rows[names[1]][2]
+    changes = [100 * (y / x - 1) for x, y in zip(a, b)]
+    print(f"  ns per run, {names[1]} against {names[0]} in each round: median {statistics.median(changes):+.1f} % "
+          f"({', '.join(f'{c:+.0f}' for c in changes)})")
 PY
