@@ -180,6 +180,18 @@ struct podscope_tcp_counts {
 	__u64 retransmits;
 };
 
+/* tcp_live: a slot of the table of open sockets (tcp.bpf.c). */
+#define PODSCOPE_TCP_LIVE_PROBES 8
+
+struct podscope_tcp_live {
+	__u64 sk;          /* the socket's address; 0: the slot is free */
+	__u64 since_ns;    /* when it was established (CLOCK_MONOTONIC) */
+	__u16 server_port; /* as in podscope_tcp_key */
+	__u8 role;         /* enum tcp_role; 0 while the slot is being filled or freed */
+	__u8 other;        /* counted in its cgroup's tcp_other entry */
+	__u32 _pad;
+};
+
 struct podscope_tcp_dist_key {
 	__u64 cgroup_id;
 	__u16 server_port; /* 0: the connections counted in tcp_other */

@@ -13,10 +13,14 @@
  * and server port, not per peer.
  *
  * The state-change program runs five to seven times per connection, in the default config: it
- * reads the socket with direct loads from its BTF-typed pointer (and bpf_skc_to_tcp_sock for the
- * tcp_sock fields), never with a helper call per field (bpf_probe_read_kernel, what BPF_CORE_READ
- * does), which cost a few hundred ns per connection. The rare paths (retransmits, the iterator)
- * keep BPF_CORE_READ.
+ * leaves at once on the transitions no metric reads; it reads the socket with direct loads from
+ * its BTF-typed pointer (and bpf_skc_to_tcp_sock for the tcp_sock fields), never with a helper
+ * call per field (bpf_probe_read_kernel, what BPF_CORE_READ does), which cost a few hundred ns
+ * per connection; it keeps open sockets in a table of slots claimed with a compare-and-swap
+ * instead of a hash map's locked insert and delete, and takes the time a connection was
+ * established from the TCP stack's own clock instead of reading the clock again
+ * (benches/tcp_state/cost.sh, BENCHMARKS.md). The rare paths (retransmits, the iterator) keep
+ * BPF_CORE_READ.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -73,22 +77,21 @@ struct {
 	__type(value, __u64);
 } tcp_cgroup_peers SEC(".maps");
 
-/* socket → when it was established, its role, its server port (recorded then: at close the
- * kernel has already released the local port, skc_num reads 0) and whether it is counted in
- * tcp_other */
-struct podscope_tcp_live {
-	__u64 since_ns;
-	__u16 server_port;
-	__u8 role;
-	__u8 other;
-	__u32 _pad;
-};
+/* Open sockets this probe saw established: when, their role, their server port (recorded then:
+ * at close the kernel has already released the local port, skc_num reads 0) and whether they are
+ * counted in tcp_other. A table of slots: a socket claims the first free one of the
+ * PODSCOPE_TCP_LIVE_PROBES slots from a place hashed from its addresses and ports, with a
+ * compare-and-swap of its address, and frees it with a store at close. A hash map's insert and
+ * delete per connection (bucket locks, an allocation, a deferred free) cost about a fifth of the
+ * probe's time per loopback connection here (BENCHMARKS.md, issue 11). A socket that finds its
+ * slots taken is refused and counted, as a full map's insert is. Sized by the loader: `live_slots`
+ * is the array's max_entries. */
+const volatile __u32 live_slots = 65536;
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__type(key, __u32);
 	__type(value, struct podscope_tcp_live);
 } tcp_live SEC(".maps");
 
@@ -246,35 +249,89 @@ static __always_inline __u32 role_from_socket(const struct sock *sk)
 	return TCP_ROLE_UNKNOWN;
 }
 
+/* The first of the slots where `sk` may be (PODSCOPE_TCP_LIVE_PROBES from there, wrapping): from
+ * the kernel's hash of its addresses and ports (skc_hash, set when an established socket is
+ * hashed and kept until it is freed), scaled to the table (no division, any size). */
+static __always_inline __u32 live_home(const struct sock *sk)
+{
+	return (__u32)(((__u64)sk->__sk_common.skc_hash * live_slots) >> 32);
+}
+
+/* `sk`'s slot, NULL when it has none (not seen established, or closed). */
+static __always_inline struct podscope_tcp_live *live_find(const struct sock *sk)
+{
+	__u32 index = live_home(sk);
+#pragma unroll
+	for (int i = 0; i < PODSCOPE_TCP_LIVE_PROBES; i++) {
+		struct podscope_tcp_live *slot = bpf_map_lookup_elem(&tcp_live, &index);
+		if (slot && slot->sk == (__u64)sk)
+			return slot->role ? slot : 0;
+		index = index + 1 == live_slots ? 0 : index + 1;
+	}
+	return 0;
+}
+
+/* A slot for `sk`: its own if it holds one, else a free one claimed for it; NULL (counted as a
+ * refused insert) when every slot it may use is taken. */
+static __always_inline struct podscope_tcp_live *live_claim(const struct sock *sk)
+{
+	__u32 index = live_home(sk);
+	__u64 id = (__u64)sk;
+#pragma unroll
+	for (int i = 0; i < PODSCOPE_TCP_LIVE_PROBES; i++) {
+		struct podscope_tcp_live *slot = bpf_map_lookup_elem(&tcp_live, &index);
+		if (slot && (slot->sk == id || (slot->sk == 0 && __sync_val_compare_and_swap(&slot->sk, 0, id) == 0)))
+			return slot;
+		index = index + 1 == live_slots ? 0 : index + 1;
+	}
+	podscope_count_failed_insert(TCP_MAP_LIVE);
+	return 0;
+}
+
+/* When `sk` became established: the TCP stack's own clock (tcp_clock_cache, CLOCK_MONOTONIC like
+ * bpf_ktime_get_ns), refreshed when it began processing the segment that completed the
+ * handshake, just before this state change (on average 0.1 to 0.6 µs before it, measured here),
+ * so the clock is not read a second time (~40 ns a read on this VM). */
+static __always_inline __u64 established_ns(const struct sock *sk)
+{
+	const struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+	__u64 stamp = tp ? tp->tcp_clock_cache : 0;
+	return stamp ? stamp : bpf_ktime_get_ns();
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, const int newstate)
 {
+	/* Half the runs are transitions no metric reads (SYN_SENT, SYN_RECV, FIN_WAIT, ...): out
+	 * before the socket is touched. */
+	if (newstate != TCP_ESTABLISHED && newstate != TCP_CLOSE)
+		return 0;
 	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
-	__u64 id = (__u64)sk;
 	struct podscope_tcp_key key;
 	struct podscope_tcp_counts *counts;
 	__u8 other;
 
-	if (newstate == TCP_ESTABLISHED && (oldstate == TCP_SYN_SENT || oldstate == TCP_SYN_RECV)) {
+	if (newstate == TCP_ESTABLISHED) {
+		if (oldstate != TCP_SYN_SENT && oldstate != TCP_SYN_RECV)
+			return 0;
 		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
 		if (make_key(sk, role, server_port_of(sk, role), &key) || podscope_skip_cgroup(key.cgroup_id))
 			return 0;
 		counts = counts_for(&key, &other);
 		if (counts)
 			__sync_fetch_and_add(&counts->opened, 1);
-		struct podscope_tcp_live live = {
-			.since_ns = bpf_ktime_get_ns(),
-			.server_port = key.server_port,
-			.role = role,
-			.other = other,
-		};
-		podscope_insert(&tcp_live, TCP_MAP_LIVE, &id, &live, BPF_ANY);
+		struct podscope_tcp_live *live = live_claim(sk);
+		if (!live)
+			return 0;
+		live->since_ns = established_ns(sk);
+		live->server_port = key.server_port;
+		live->other = other;
+		/* Last: readers on other CPUs (the iterator) take a slot with a role as filled. */
+		barrier();
+		live->role = role;
 		return 0;
 	}
-
-	if (newstate != TCP_CLOSE)
-		return 0;
 
 	if (oldstate == TCP_SYN_SENT) {
 		if (make_key(sk, TCP_ROLE_CLIENT, server_port_of(sk, TCP_ROLE_CLIENT), &key) ||
@@ -295,11 +352,14 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 		return 0;
 	}
 
-	struct podscope_tcp_live *found = bpf_map_lookup_elem(&tcp_live, &id);
+	struct podscope_tcp_live *found = live_find(sk);
 	if (!found)
 		return 0;
 	struct podscope_tcp_live live = *found;
-	bpf_map_delete_elem(&tcp_live, &id);
+	/* Freed: no role first (readers skip it), then no socket (claimable). */
+	found->role = 0;
+	barrier();
+	found->sk = 0;
 	__u64 duration = bpf_ktime_get_ns() - live.since_ns;
 	if (make_key(sk, live.role, live.server_port, &key) || podscope_skip_cgroup(key.cgroup_id))
 		return 0;
@@ -345,8 +405,7 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buff *skb)
 {
-	__u64 id = (__u64)sk;
-	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
+	struct podscope_tcp_live *live = live_find(sk);
 	__u32 role = live ? live->role : role_from_socket(sk);
 	__u16 server_port = live ? live->server_port : role == TCP_ROLE_UNKNOWN ? 0 : server_port_of(sk, role);
 	struct podscope_tcp_key key;
@@ -377,8 +436,7 @@ int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 		return 0;
 	/* Established sockets are full sockets: struct sock begins with its sock_common. */
 	const struct sock *sk = (const struct sock *)skc;
-	__u64 id = (__u64)sk;
-	struct podscope_tcp_live *live = bpf_map_lookup_elem(&tcp_live, &id);
+	struct podscope_tcp_live *live = live_find(sk);
 	/* Connections opened before the probe was loaded were not seen established: not sampled. */
 	if (!live)
 		return 0;

@@ -112,7 +112,7 @@ pub struct MapDef {
 pub enum MapSize {
     /// Not settable (scratch space, fixed-size arrays).
     Fixed,
-    /// Entries (hash maps).
+    /// Entries (hash maps, and arrays the programs use as hash tables of slots).
     Entries,
     /// Bytes (ring buffers: a power of two, at least a page).
     RingBytes,

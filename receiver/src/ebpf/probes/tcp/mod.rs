@@ -53,10 +53,13 @@ const OTHER: MapDef = MapDef::entries("tcp_other").counted(abi::TCP_MAP_OTHER);
 /// Cgroup → its peers in `tcp_conn_stats`.
 const CGROUP_PEERS: MapDef =
     MapDef::entries("tcp_cgroup_peers").counted(abi::TCP_MAP_CGROUP_PEERS);
-/// Socket → when it was established, its role and server port.
+/// Open sockets → when each was established, its role and server port: a table of slots (an
+/// array, all of it allocated at load), sized by `max_entries.tcp_live`.
 const LIVE: MapDef = MapDef::entries("tcp_live")
     .counted(abi::TCP_MAP_LIVE)
-    .typically(Typical::PerNode(10_000));
+    .typically(Typical::Full);
+/// `tcp_live`'s size compiled into the object, when `max_entries` does not set it.
+const LIVE_SLOTS: u32 = 65_536;
 /// Filled by the iterator, emptied before each run.
 const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt")
     .counted(abi::TCP_MAP_LIVE_RTT)
@@ -83,7 +86,19 @@ impl SingleObjectProbe for Tcp {
         ctx: &mut LoadContext<'_>,
     ) -> Result<Box<dyn Probe>, ProbeError> {
         let settings = ObjectSettings {
-            globals: vec![Global::U32("max_peers", config.max_peers)],
+            globals: vec![
+                Global::U32("max_peers", config.max_peers),
+                // The programs hash sockets into the table at its size.
+                Global::U32(
+                    "live_slots",
+                    config
+                        .max_entries
+                        .0
+                        .get(LIVE.name)
+                        .copied()
+                        .unwrap_or(LIVE_SLOTS),
+                ),
+            ],
             skip: &[],
         };
         let mut object = ctx.object(&SPEC, &settings)?;
