@@ -5,7 +5,7 @@
 # integration/tests/agent/persistent_queue.rs and docs/reliability.md).
 #
 #   scripts/faults.sh                 every case below, full length
-#   scripts/faults.sh outage|kills|disk-full|backend|api-outage|uprobe
+#   scripts/faults.sh outage|kills|disk-full|backend|api-outage|uprobe|container-uprobe
 #
 # outage     the backend down for FAULTS_OUTAGE_SECS (default 600) under load, back without a
 #            restart of the agent, then 1 SIGKILL: every accepted span arrives (0 lost).
@@ -23,8 +23,13 @@
 # uprobe     a uprobe's binary deleted while attached, its process exiting and its cgroup
 #            removed: still counted, the agent runs on and stops cleanly; restarted without the
 #            binary, the entry is skipped and counted (integration/tests/agent/faults.rs).
+# container-uprobe
+#            a `container:` uprobe entry on a real container (podman + runc, an image built here
+#            FROM scratch, no network): the binary deleted inside the running container, then the
+#            container killed: counts exact, detached and counted, attached again to the next
+#            container of the image, the agent runs on (integration/tests/agent/faults.rs).
 #
-# Needs root (tmpfs) and scripts/install-deps.sh's oteltest (the third-party OTLP receiver).
+# Needs root (tmpfs, podman) and scripts/install-deps.sh's oteltest (the third-party OTLP receiver).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -39,7 +44,7 @@ run_in() { # run_in TEST_TARGET NAME TEST [ENV=VALUE...] — bounded by FAULTS_C
 }
 run() { run_in agent_persistent_queue "$@"; }
 
-cases=("${@:-outage kills disk-full backend api-outage uprobe}")
+cases=("${@:-outage kills disk-full backend api-outage uprobe container-uprobe}")
 for case in ${cases[*]}; do
   case $case in
     outage) run outage nothing_acknowledged_is_lost_across_a_backend_outage_and_a_sigkill \
@@ -59,7 +64,9 @@ for case in ${cases[*]}; do
       a_pods_data_is_enriched_through_an_api_outage_and_after_the_pod_is_deleted ;;
     uprobe) run_in agent_faults uprobe \
       a_uprobe_target_deleted_and_its_container_exiting_leave_the_agent_running ;;
-    *) echo "unknown fault case $case (outage, kills, disk-full, backend, api-outage, uprobe)" >&2; exit 2 ;;
+    container-uprobe) run_in agent_faults container-uprobe \
+      a_container_uprobe_target_deleted_in_the_container_and_the_container_killed_leave_the_agent_running ;;
+    *) echo "unknown fault case $case (outage, kills, disk-full, backend, api-outage, uprobe, container-uprobe)" >&2; exit 2 ;;
   esac
 done
 echo "== faults: all passed" >&2

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The soak (issue 17 point 6): the agent with the default config's probes and pipelines
 # (configs/default.yaml, its listeners moved to free loopback ports) under steady OTLP load, for
-# a while, with its resident memory, kernel map memory, open fds and threads sampled every 10 s
-# into a CSV; at the end the slope of each after warm-up (the first fifth of the run, at least
-# 2 minutes) is printed. The target is flat after warm-up.
+# a while, with its resident memory (anonymous and file-backed apart), kernel map memory, open fds
+# and threads sampled every 10 s into a CSV with the machine's load average; at the end the slope
+# of each after warm-up (the first fifth of the run, at least 2 minutes) is printed. The target
+# is flat after warm-up.
 #
 #   scripts/soak.sh [minutes]          default 30
 #
@@ -86,7 +87,7 @@ accepted() { # OTLP items the agent accepted so far
   curl -fsS "http://127.0.0.1:$telemetry_port/metrics" | awk '/^podscope_receiver_accepted_items_total\{component="otlp"/ {s += $2} END {printf "%d", s}'
 }
 
-echo "elapsed_s,rss_kib,map_memlock_bytes,fds,tasks,otlp_accepted_items" >"$out/samples.csv"
+echo "elapsed_s,rss_kib,rss_anon_kib,rss_file_kib,map_memlock_bytes,fds,tasks,otlp_accepted_items,load_1m" >"$out/samples.csv"
 echo "soak: $minutes min, agent pid $agent_pid ($bin), load $rate req/s x $items items per signal, samples in $out/samples.csv" >&2
 start=$(date +%s)
 end=$((start + minutes * 60))
@@ -94,12 +95,17 @@ while :; do
   now=$(date +%s)
   kill -0 "$agent_pid" 2>/dev/null || { echo "soak: the agent died after $((now - start)) s; $out/agent.log:" >&2; tail -20 "$out/agent.log" >&2; exit 1; }
   kill -0 "$load_pid" 2>/dev/null || { echo "soak: the load generator died; $out/load.err:" >&2; tail -20 "$out/load.err" >&2; exit 1; }
-  rss=$(awk '/^VmRSS:/ {print $2}' /proc/"$agent_pid"/status)
+  # Resident memory, and its anonymous (heap, stacks) and file-backed (the binary's pages as
+  # code paths are first run) parts: a step in the second is not a leak.
+  rss=$(awk '/^VmRSS:/ {r = $2} /^RssAnon:/ {a = $2} /^RssFile:/ {f = $2} END {print r "," a "," f}' /proc/"$agent_pid"/status)
   fds=$(find /proc/"$agent_pid"/fd -mindepth 1 -maxdepth 1 | wc -l)
   tasks=$(find /proc/"$agent_pid"/task -mindepth 1 -maxdepth 1 | wc -l)
   # A Prometheus-style scrape of the agent's exporter each sample, as a server would.
   curl -fsS -o /dev/null "http://127.0.0.1:$prom_port/metrics" || true
-  echo "$((now - start)),$rss,$(map_memlock),$fds,$tasks,$(accepted)" >>"$out/samples.csv"
+  echo "$((now - start)),$rss,$(map_memlock),$fds,$tasks,$(accepted),$(cut -d' ' -f1 /proc/loadavg)" >>"$out/samples.csv"
+  # Every 5 minutes the agent's mappings in full, to tell which one grew (the heap's arenas, a
+  # thread's stack, the binary's pages).
+  [ $(( (now - start) % 300 )) -lt 10 ] && cp /proc/"$agent_pid"/smaps "$out/smaps-$(printf '%05d' $((now - start)))s.txt"
   [ "$now" -ge "$end" ] && break
   sleep $((10 - ($(date +%s) - now) % 10))
 done
@@ -120,13 +126,15 @@ def slope(column):
     mx, my = sum(xs) / n, sum(ys) / n
     var = sum((x - mx) ** 2 for x in xs)
     return (sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0), min(ys), max(ys)
-for column, unit, scale in [("rss_kib", "MiB", 1024), ("map_memlock_bytes", "MiB", 1 << 20), ("fds", "fds", 1), ("tasks", "tasks", 1)]:
+for column, unit, scale in [("rss_kib", "MiB", 1024), ("rss_anon_kib", "MiB", 1024), ("rss_file_kib", "MiB", 1024), ("map_memlock_bytes", "MiB", 1 << 20), ("fds", "fds", 1), ("tasks", "tasks", 1)]:
     if len(after) < 3:
         print("  too few samples after warm-up for a slope")
         break
     s, lo, hi = slope(column)
     print(f"  {column:18} after warm-up {lo / scale:10.2f} .. {hi / scale:10.2f} {unit}, slope {s / scale:+.3f} {unit}/hour")
 accepted = rows[-1]["otlp_accepted_items"]
+loads = [r["load_1m"] for r in rows]
+print(f"  load average (1 min) over the run: {min(loads):.2f} .. {max(loads):.2f}, mean {sum(loads) / len(loads):.2f}")
 print(f"  OTLP items accepted {int(accepted)} ({accepted / duration:.0f}/s); load generator: {load[-1] if load else 'no totals'}")
 EOF
 echo "soak: done, $out" >&2

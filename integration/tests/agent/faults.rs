@@ -579,3 +579,306 @@ service:
     assert_eq!(value(&text, skipped), 1.0, "{text}");
     stop(agent).await;
 }
+
+/// Runs podman with `args`; fails the test with podman's stderr if it fails. Returns stdout.
+fn podman(args: &[&str]) -> String {
+    let output = std::process::Command::new("podman")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("podman runs (scripts/install-deps.sh installs it)");
+    assert!(
+        output.status.success(),
+        "podman {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// An image holding only the fault target, statically linked, at `/fault-target`: built here
+/// `FROM scratch` (no registry, no network); removed on drop.
+struct TargetImage {
+    name: String,
+}
+
+impl TargetImage {
+    fn build(dir: &std::path::Path) -> TargetImage {
+        let context = dir.join("image");
+        std::fs::create_dir_all(&context).unwrap();
+        podscope_integration::test_programs::compile_c(
+            &context,
+            "fault-target",
+            UPROBE_TARGET_C,
+            &["-O1", "-static"],
+        );
+        let containerfile = context.join("Containerfile");
+        std::fs::write(
+            &containerfile,
+            "FROM scratch\nCOPY fault-target /fault-target\n",
+        )
+        .unwrap();
+        let name = format!(
+            "localhost/podscope-fault-target:{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        );
+        podman(&[
+            "build",
+            "--quiet",
+            "--network",
+            "none",
+            "--tag",
+            &name,
+            "--file",
+            containerfile.to_str().unwrap(),
+            context.to_str().unwrap(),
+        ]);
+        TargetImage { name }
+    }
+}
+
+impl Drop for TargetImage {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("podman")
+            .args(["rmi", "--force", &self.name])
+            .output();
+    }
+}
+
+/// The fault target running in a container of `TargetImage` under podman + runc, without a
+/// network: its input is written here, its output goes to a file. Removed on drop.
+struct TargetContainer {
+    name: String,
+    podman_run: std::process::Child,
+    input: Option<std::process::ChildStdin>,
+    out: std::path::PathBuf,
+    /// The container's process as the host sees it.
+    pid: u32,
+}
+
+impl TargetContainer {
+    async fn start(image: &TargetImage, name: &str, out: std::path::PathBuf) -> TargetContainer {
+        let mut podman_run = std::process::Command::new("podman")
+            .args([
+                "run",
+                "--rm",
+                "--interactive",
+                "--name",
+                name,
+                // crun refuses hybrid cgroup hosts like this one; podman's default ulimits are
+                // above what an unprivileged sandbox may set, these are not.
+                "--runtime",
+                "runc",
+                "--network",
+                "none",
+                "--ulimit",
+                "nofile=1024:1024",
+                "--ulimit",
+                "nproc=1024:1024",
+                &image.name,
+                "/fault-target",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .expect("podman run");
+        let input = podman_run.stdin.take();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let pid = loop {
+            let inspected = std::process::Command::new("podman")
+                .args(["inspect", "--format", "{{.State.Pid}}", name])
+                .output()
+                .expect("podman inspect");
+            let pid: u32 = String::from_utf8_lossy(&inspected.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            if pid > 0 {
+                break pid;
+            }
+            if let Ok(Some(status)) = podman_run.try_wait() {
+                panic!("podman run {name} exited before the container ran: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {name} not running after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        TargetContainer {
+            name: name.to_string(),
+            podman_run,
+            input,
+            out,
+            pid,
+        }
+    }
+
+    /// Has the program call `fault_step` `calls` times and waits until it says `done <round>`.
+    async fn call(&mut self, calls: u32, round: u32) {
+        use std::io::Write as _;
+        let input = self.input.as_mut().expect("the container's input is open");
+        writeln!(input, "{calls}").unwrap();
+        input.flush().unwrap();
+        until_line(&self.out, &format!("done {round}")).await;
+    }
+
+    /// Waits (at most 30 s) until `podman run` has returned, the container gone.
+    async fn until_exited(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.podman_run.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "container {} still running after 30 s",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TargetContainer {
+    fn drop(&mut self) {
+        drop(self.input.take());
+        let _ = std::process::Command::new("podman")
+            .args(["rm", "--force", "--ignore", "--time", "0", &self.name])
+            .output();
+        let _ = self.podman_run.kill();
+        let _ = self.podman_run.wait();
+    }
+}
+
+/// The `fault_steps` calls of one process (its `process.pid` label) at the Prometheus exporter.
+async fn fault_steps_of(prometheus_port: u16, pid: u32) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{prometheus_port}/metrics"))
+        .await
+        .expect("the agent's prometheus exporter")
+        .text()
+        .await
+        .unwrap();
+    let label = format!("process_pid=\"{pid}\"");
+    text.lines()
+        .filter(|l| l.starts_with("fault_steps") && l.contains(&label))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// A `container:` uprobe entry on a real container (issue 17 point 5): podman + runc run an
+/// image built here, and the agent resolves the entry's path inside the container's root
+/// filesystem (overlayfs). The binary is deleted inside the running container, then the
+/// container is killed: every call before the faults is counted exactly, the deleted file's calls
+/// too (the kernel's uprobe is on the image layer's file, which the deletion only hides), the
+/// agent detaches once the container is gone and says so
+/// (`podscope_ebpf_uprobe_container_detachments_total`), attaches again to the next container of
+/// the image, keeps running and stops cleanly. Root only; no network.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_uprobe_target_deleted_in_the_container_and_the_container_killed_leave_the_agent_running(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = TargetImage::build(dir.path());
+    let (prometheus_port, telemetry_port) = (free_port(), free_port());
+    let config = format!(
+        r#"
+receivers:
+  ebpf:
+    collection_interval: 1s
+    probes:
+      uprobes:
+        - binary: container:/fault-target
+          symbol: fault_step
+          metric:
+            name: fault_steps
+exporters:
+  prometheus:
+    endpoint: 127.0.0.1:{prometheus_port}
+service:
+  shutdown_timeout: 2s
+  telemetry:
+    metrics:
+      address: 127.0.0.1:{telemetry_port}
+  pipelines:
+    metrics:
+      receivers: [ebpf]
+      exporters: [prometheus]
+"#
+    );
+    let attachments = "podscope_ebpf_uprobe_container_attachments_total";
+    let detachments = "podscope_ebpf_uprobe_container_detachments_total";
+    let skipped = r#"podscope_ebpf_probe_skipped{probe="uprobes"}"#;
+    let agent = AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
+    let text = agent_metrics(telemetry_port).await;
+    assert_eq!(value(&text, skipped), 0.0, "{text}");
+    let attached_before = value(&text, attachments);
+    let detached_before = value(&text, detachments);
+
+    let name = format!("podscope-fault-{}", std::process::id());
+    let mut first =
+        TargetContainer::start(&image, &format!("{name}-1"), dir.path().join("out-1")).await;
+    // Calls before the attachment are not counted: wait for it.
+    until_metrics(
+        telemetry_port,
+        "the uprobe attached in the container",
+        |t| value(t, attachments) == attached_before + 1.0,
+    )
+    .await;
+    first.call(5, 1).await;
+    until_fault_steps(prometheus_port, 5.0).await;
+    assert_eq!(fault_steps_of(prometheus_port, first.pid).await, 5.0);
+
+    // The binary deleted inside the running container: gone from the container's filesystem,
+    // still counted (the process runs the image layer's file, where the uprobe is).
+    let inside = std::path::PathBuf::from(format!("/proc/{}/root/fault-target", first.pid));
+    std::fs::remove_file(&inside).expect("delete the binary inside the container");
+    assert!(!inside.exists(), "{} still there", inside.display());
+    first.call(3, 2).await;
+    until_fault_steps(prometheus_port, 8.0).await;
+
+    // The container killed while attached: detached once no container uses the file, nothing
+    // counted twice or lost, the agent still ready.
+    podman(&["kill", "--signal", "KILL", &first.name]);
+    first.until_exited().await;
+    let text = until_metrics(telemetry_port, "the uprobe detached", |t| {
+        value(t, detachments) == detached_before + 1.0
+    })
+    .await;
+    assert_eq!(value(&text, attachments), attached_before + 1.0, "{text}");
+    assert_eq!(value(&text, skipped), 0.0, "{text}");
+    assert_eq!(fault_steps(prometheus_port).await, 8.0);
+    let ready = reqwest::get(format!("http://127.0.0.1:{telemetry_port}/readyz"))
+        .await
+        .expect("the agent's /readyz");
+    assert!(ready.status().is_success(), "{}", ready.status());
+
+    // The next container of the image (its file intact there) is attached and counted.
+    let mut second =
+        TargetContainer::start(&image, &format!("{name}-2"), dir.path().join("out-2")).await;
+    until_metrics(
+        telemetry_port,
+        "the uprobe attached in the second container",
+        |t| value(t, attachments) == attached_before + 2.0,
+    )
+    .await;
+    second.call(4, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fault_steps_of(prometheus_port, second.pid).await != 4.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the second container's 4 calls not counted after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its input closed, it exits: detached again.
+    drop(second.input.take());
+    second.until_exited().await;
+    until_metrics(
+        telemetry_port,
+        "the uprobe detached from the second container",
+        |t| value(t, detachments) == detached_before + 2.0,
+    )
+    .await;
+    stop(agent).await;
+}

@@ -34,6 +34,8 @@ pub struct EbpfTelemetry {
     pub ring_lost: Family<RingLabels, Counter>,
     pub uprobe_overflow: Counter,
     pub container_attachments: Counter,
+    /// Files in containers detached from because the containers that used them stopped.
+    pub container_detachments: Counter,
     /// Kernel memory of each map (summed over a probe's objects: uprobe entries).
     pub map_memory: Family<MapLabels, Gauge>,
     pub map_memory_total: Gauge,
@@ -57,6 +59,7 @@ impl EbpfTelemetry {
             ring_lost: Family::default(),
             uprobe_overflow: Counter::default(),
             container_attachments: Counter::default(),
+            container_detachments: Counter::default(),
             map_memory: Family::default(),
             map_memory_total: Gauge::default(),
             map_full: Family::default(),
@@ -84,6 +87,11 @@ impl EbpfTelemetry {
             "ebpf_uprobe_container_attachments",
             "Files inside containers that container:<path> uprobes attached to",
             t.container_attachments.clone(),
+        );
+        telemetry.register(
+            "ebpf_uprobe_container_detachments",
+            "Files inside containers that container:<path> uprobes detached from because no live container uses them anymore",
+            t.container_detachments.clone(),
         );
         telemetry.register(
             "ebpf_map_memory_bytes",

@@ -176,6 +176,7 @@ impl SingleObjectProbe for Http {
         Ok(Box::new(Loaded {
             tls,
             container_attachments: ctx.telemetry.container_attachments.clone(),
+            container_detachments: ctx.telemetry.container_detachments.clone(),
             events: Some(object.ring_buf(&EVENTS)?),
             kernel_counters: object.per_cpu_counters(&COUNTERS)?,
             object,
@@ -289,6 +290,7 @@ struct Loaded {
     object: ProbeObject,
     tls: Option<TlsProbes>,
     container_attachments: Counter,
+    container_detachments: Counter,
     config: HttpProbeConfig,
     /// Until the reader task takes it.
     events: Option<RingBuf<MapData>>,
@@ -353,8 +355,9 @@ impl Probe for Loaded {
 
     fn rescan(&mut self) {
         if let Some(tls) = &mut self.tls {
-            let attached = tls.rescan(&mut self.object, std::path::Path::new("/proc"));
-            self.container_attachments.inc_by(attached as u64);
+            let outcome = tls.rescan(&mut self.object, std::path::Path::new("/proc"));
+            self.container_attachments.inc_by(outcome.attached as u64);
+            self.container_detachments.inc_by(outcome.detached as u64);
         }
     }
 

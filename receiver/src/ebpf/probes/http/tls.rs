@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use aya::programs::UProbe;
 
-use super::super::uprobes::{ContainerTargets, SymbolProbe};
+use super::super::uprobes::{ContainerTargets, ScanOutcome, SymbolProbe};
 use crate::ebpf::object::{error_chain, KernelFeatures, ProbeObject};
 
 /// (program, symbol) pairs attached to each libssl: entry uprobes and return uprobes.
@@ -133,10 +133,10 @@ impl TlsProbes {
     }
 
     /// Attaches in containers not looked at yet, detaches from files no container uses anymore;
-    /// returns how many files were attached.
-    pub fn rescan(&mut self, object: &mut ProbeObject, proc_root: &Path) -> usize {
+    /// returns how many files were attached and detached.
+    pub fn rescan(&mut self, object: &mut ProbeObject, proc_root: &Path) -> ScanOutcome {
         if !self.watches_containers {
-            return 0;
+            return ScanOutcome::default();
         }
         self.containers.scan(object, proc_root)
     }

@@ -48,6 +48,14 @@ pub struct SymbolProbe {
     pub required: bool,
 }
 
+/// What one scan changed: files attached in containers seen for the first time, and files
+/// detached because no live container uses them anymore (their containers stopped).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScanOutcome {
+    pub attached: usize,
+    pub detached: usize,
+}
+
 /// The files to attach to inside a container, given the container's root as seen from here.
 pub type ContainerPaths = Box<dyn Fn(&Path) -> Vec<PathBuf> + Send>;
 
@@ -129,10 +137,10 @@ impl ContainerTargets {
 
     /// Attaches to the files of the containers not looked at yet (once per file the kernel sees)
     /// and detaches from the files no live container uses anymore. Returns how many files were
-    /// attached.
-    pub fn scan(&mut self, object: &mut ProbeObject, proc_root: &Path) -> usize {
+    /// attached and detached.
+    pub fn scan(&mut self, object: &mut ProbeObject, proc_root: &Path) -> ScanOutcome {
         let Ok(entries) = std::fs::read_dir(proc_root) else {
-            return 0;
+            return ScanOutcome::default();
         };
         let live: HashSet<u32> = entries
             .flatten()
@@ -197,13 +205,14 @@ impl ContainerTargets {
                 }
             }
         }
-        self.detach_unused(object);
-        attached
+        let detached = self.detach_unused(object);
+        ScanOutcome { attached, detached }
     }
 
     /// Forgets the containers that have no live process, and detaches from the files none of the
-    /// others uses.
-    fn detach_unused(&mut self, object: &mut ProbeObject) {
+    /// others uses. Returns how many files were detached (a failed detach is warned about, not
+    /// counted).
+    fn detach_unused(&mut self, object: &mut ProbeObject) -> usize {
         let live: HashSet<&ContainerRoot> = self.seen.values().flatten().collect();
         self.containers.retain(|container| live.contains(container));
         let mut unused = Vec::new();
@@ -213,12 +222,14 @@ impl ContainerTargets {
                 unused.push(*file);
             }
         }
+        let mut detached = 0;
         for file in unused {
             let Some(attachment) = self.attachments.remove(&file) else {
                 continue;
             };
             match detach(object, attachment.links) {
                 Ok(()) => {
+                    detached += 1;
                     tracing::info!(uprobe = %self.location, "uprobe detached: no container uses its file anymore")
                 }
                 Err(e) => {
@@ -226,6 +237,7 @@ impl ContainerTargets {
                 }
             }
         }
+        detached
     }
 
     /// Attaches every probe to its symbol in the file; if a required symbol is missing, what was

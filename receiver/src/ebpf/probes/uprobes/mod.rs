@@ -24,7 +24,7 @@ use podscope_ebpf::{abi, objects};
 use prometheus_client::metrics::counter::Counter;
 
 pub use config::{CaptureKind, Target, UprobeConfig};
-pub use containers::{ContainerTargets, SymbolProbe};
+pub use containers::{ContainerTargets, ScanOutcome, SymbolProbe};
 
 use super::{Collection, LoadContext, Probe, ProbeKind};
 use crate::ebpf::builder::{int_attr, string_attr, MetricsBuilder, Owner};
@@ -120,6 +120,7 @@ pub struct LoadedUprobe {
     other_reported: HashMap<u64, u64>,
     overflow_total: Counter,
     container_attachments: Counter,
+    container_detachments: Counter,
 }
 
 impl LoadedUprobe {
@@ -197,6 +198,7 @@ impl LoadedUprobe {
             other_reported: HashMap::new(),
             overflow_total: ctx.telemetry.uprobe_overflow.clone(),
             container_attachments: ctx.telemetry.container_attachments.clone(),
+            container_detachments: ctx.telemetry.container_detachments.clone(),
         })
     }
 }
@@ -259,8 +261,9 @@ impl Probe for LoadedUprobe {
 
     fn rescan(&mut self) {
         if let Some(containers) = &mut self.containers {
-            let attached = containers.scan(&mut self.object, Path::new("/proc"));
-            self.container_attachments.inc_by(attached as u64);
+            let outcome = containers.scan(&mut self.object, Path::new("/proc"));
+            self.container_attachments.inc_by(outcome.attached as u64);
+            self.container_detachments.inc_by(outcome.detached as u64);
         }
     }
 }
