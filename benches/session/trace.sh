@@ -36,8 +36,9 @@
 # Needs: cc, libbpf-dev (the floor's loader), bpftool, python3, ss. About 4 minutes with the
 # defaults. Leaves nothing behind (agent, fake API server, plugin, cgroups, temp files).
 set -euo pipefail
+[ -n "${1:-}" ] && BIN_DIR=$(realpath "$1")
 cd "$(dirname "$0")/../.."
-BIN_DIR=$(realpath "${1:-target/release}")
+BIN_DIR=${BIN_DIR:-$(realpath target/release)}
 RATES=${RATES:-10000 50000 100000 0}
 STEP_SECONDS=${STEP_SECONDS:-8}
 ROUNDS=${ROUNDS:-2}
