@@ -682,3 +682,175 @@ fn rfc3339(time: SystemTime) -> String {
     )
     .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CRD: &str = include_str!("../../../helm/podscope/crds/tracesessions.podscope.dev.yaml");
+    const EXAMPLE: &str =
+        include_str!("../../../helm/podscope/examples/trace-session/web-execs.yaml");
+
+    fn yaml_to_json(yaml: &yaml_rust2::Yaml) -> Value {
+        use yaml_rust2::Yaml;
+        match yaml {
+            Yaml::Hash(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), yaml_to_json(v)))
+                    .collect(),
+            ),
+            Yaml::Array(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
+            Yaml::String(s) => json!(s),
+            Yaml::Integer(i) => json!(i),
+            Yaml::Boolean(b) => json!(b),
+            Yaml::Real(r) => json!(r.parse::<f64>().unwrap()),
+            _ => Value::Null,
+        }
+    }
+
+    fn load(text: &str) -> Value {
+        yaml_to_json(&yaml_rust2::YamlLoader::load_from_str(text).unwrap()[0])
+    }
+
+    fn created() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn refused(spec: Value) -> Refusal {
+        TraceSessionSpec::parse(&spec)
+            .and_then(|s| s.resolve("team-a", created()))
+            .expect_err("refused")
+    }
+
+    #[test]
+    fn the_charts_example_is_a_session_this_agent_runs() {
+        let example = load(EXAMPLE);
+        let resolved = TraceSessionSpec::parse(&example["spec"])
+            .unwrap()
+            .resolve("shop", created())
+            .unwrap();
+        assert_eq!(
+            resolved.probes,
+            vec![TraceProbe::Exec, TraceProbe::TcpConnect]
+        );
+        assert_eq!(resolved.end, created() + Duration::from_secs(600));
+        assert_eq!(resolved.ttl_after_finished, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_crd_lists_every_trace_probe_by_the_protocols_name() {
+        let crd = load(CRD);
+        let listed: Vec<String> = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+            ["properties"]["spec"]["properties"]["probes"]["items"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let mut every: Vec<String> = super::super::trace::ALL_KERNEL_PROBES
+            .iter()
+            .chain([TraceProbe::Http].iter())
+            .map(|p| probe_name(*p))
+            .collect();
+        let mut listed_sorted = listed.clone();
+        listed_sorted.sort();
+        every.sort();
+        assert_eq!(listed_sorted, every);
+        for name in listed {
+            serde_json::from_value::<TraceProbe>(json!(name)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_pod_of_another_namespace_is_refused_naming_it() {
+        let refusal = refused(json!({
+            "targets": {"pods": ["web-1", "team-b/web-b"]}, "probes": ["exec"], "duration": "1m"
+        }));
+        assert_eq!(refusal.reason, "TargetOutsideNamespace");
+        assert_eq!(
+            refusal.message,
+            "spec.targets.pods[1]: pod team-b/web-b is in namespace team-b, outside the session's namespace team-a; a TraceSession traces pods of its own namespace only"
+        );
+        // Its own namespace spelled out is fine.
+        let resolved = TraceSessionSpec::parse(&json!({
+            "targets": {"pods": ["team-a/web-1"]}, "probes": ["exec"], "duration": "1m"
+        }))
+        .unwrap()
+        .resolve("team-a", created())
+        .unwrap();
+        assert_eq!(resolved.pod_names, vec!["web-1"]);
+    }
+
+    #[test]
+    fn what_is_not_implemented_or_not_valid_is_refused_with_its_path() {
+        let cases = [
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 * * * *"}),
+                "NotImplemented",
+                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "export": true}),
+                "NotImplemented",
+                "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"]}),
+                "InvalidSpec",
+                "spec: give a duration (such as 5m) or a deadline (RFC 3339)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "deadline": "2027-01-01T00:00:00Z"}),
+                "InvalidSpec",
+                "spec: give duration or deadline, not both",
+            ),
+            (
+                json!({"targets": {}, "probes": ["exec"], "duration": "1m"}),
+                "InvalidSpec",
+                "spec.targets: names no pod (give pods, a podSelector, or both)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["http"], "duration": "1m"}),
+                "ProbeUnavailable",
+                "spec.probes[0]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "deadline": "soon"}),
+                "InvalidSpec",
+                "spec.deadline: \"soon\" is not an RFC 3339 time (timestamp format is invalid)",
+            ),
+        ];
+        for (spec, reason, message) in cases {
+            let refusal = refused(spec.clone());
+            assert_eq!(
+                (refusal.reason, refusal.message.as_str()),
+                (reason, message),
+                "{spec}"
+            );
+        }
+        let unknown =
+            refused(json!({"targets": {"pods": ["a"]}, "probes": ["syscalls"], "duration": "1m"}));
+        assert_eq!(unknown.reason, "InvalidSpec");
+        assert!(
+            unknown
+                .message
+                .starts_with("spec.probes[0]: unknown variant `syscalls`"),
+            "{}",
+            unknown.message
+        );
+    }
+
+    #[test]
+    fn a_deadline_ends_the_session_then() {
+        let resolved = TraceSessionSpec::parse(&json!({
+            "targets": {"podSelector": {"matchLabels": {"app": "web"}}},
+            "probes": ["exec", "exit"],
+            "deadline": "2027-01-01T00:00:00Z"
+        }))
+        .unwrap()
+        .resolve("team-a", created())
+        .unwrap();
+        assert_eq!(rfc3339(resolved.end), "2027-01-01T00:00:00Z");
+        assert_eq!(resolved.ttl_after_finished, None);
+    }
+}
