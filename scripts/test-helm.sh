@@ -274,6 +274,8 @@ check "crds: the EbpfProgram schema accepts examples/ebpf-program/syscount.yaml,
   "$PY" "$CHECKER" crd "$CHART/crds/ebpfprograms.podscope.dev.yaml" "$CHART/examples/ebpf-program/syscount.yaml"
 check "crds: the Probe schema accepts examples/probe/web.yaml, printer columns exist" \
   "$PY" "$CHECKER" crd "$CHART/crds/probes.podscope.dev.yaml" "$CHART/examples/probe/web.yaml"
+check "crds: the TraceSession schema accepts examples/trace-session/web-execs.yaml, printer columns exist" \
+  "$PY" "$CHECKER" crd "$CHART/crds/tracesessions.podscope.dev.yaml" "$CHART/examples/trace-session/web-execs.yaml"
 
 # The image, built from the binary under test and run as the DaemonSet's container (the chart
 # rendered without an API server to read: the k8s-no-api case), under containerd's RuntimeDefault

@@ -107,8 +107,10 @@ impl Service {
                 .extensions
                 .remove(id)
                 .with_context(|| format!("extension {id} is not defined"))?;
+            // An extension sees those listed before it (one may name another, see
+            // `ExtensionBuilder::references`).
             let extension = builder
-                .build(context(id, None, &Extensions::default()))
+                .build(context(id, None, &extensions))
                 .with_context(|| format!("building extension {id}"))?;
             extensions.insert(id.clone(), extension.clone());
             extension_order.push((id.clone(), extension));

@@ -348,6 +348,13 @@ pub trait ExporterBuilder: Send + std::any::Any {
 
 pub trait ExtensionBuilder: Send + std::any::Any {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>>;
+
+    /// Other extensions this one's settings name (the session extension's
+    /// `trace_sessions.extension`): they must be built, so listed in `service.extensions`,
+    /// before it.
+    fn references(&self) -> Vec<ComponentReference> {
+        Vec::new()
+    }
 }
 
 /// Parses and validates a component's raw config section (`null` means all defaults).

@@ -120,6 +120,9 @@ enum Kind {
     EbpfProgram,
     /// `podscope.dev/v1alpha1`, namespaced, with a status subresource.
     Probe,
+    /// `podscope.dev/v1alpha1`, namespaced, with a status subresource; deleted by the agents
+    /// once its TTL after finishing passed.
+    TraceSession,
     /// `apps/v1` and `batch/v1`: the workloads `kubectl podscope` resolves to their pods (read
     /// only; their controllers are not simulated, tests apply the pods they would create).
     Deployment,
@@ -161,7 +164,7 @@ enum Message {
 }
 
 impl Kind {
-    const ALL: [Kind; 13] = [
+    const ALL: [Kind; 14] = [
         Kind::Pod,
         Kind::Namespace,
         Kind::Node,
@@ -170,6 +173,7 @@ impl Kind {
         Kind::Event,
         Kind::EbpfProgram,
         Kind::Probe,
+        Kind::TraceSession,
         Kind::Deployment,
         Kind::ReplicaSet,
         Kind::StatefulSet,
@@ -186,7 +190,7 @@ impl Kind {
 
     fn group(self) -> &'static str {
         match self {
-            Kind::EbpfProgram | Kind::Probe => PODSCOPE_GROUP,
+            Kind::EbpfProgram | Kind::Probe | Kind::TraceSession => PODSCOPE_GROUP,
             Kind::Deployment | Kind::ReplicaSet | Kind::StatefulSet | Kind::DaemonSet => APPS_GROUP,
             Kind::Job => BATCH_GROUP,
             _ => "",
@@ -211,6 +215,7 @@ impl Kind {
             Kind::Event => "Event",
             Kind::EbpfProgram => "EbpfProgram",
             Kind::Probe => "Probe",
+            Kind::TraceSession => "TraceSession",
             Kind::Deployment => "Deployment",
             Kind::ReplicaSet => "ReplicaSet",
             Kind::StatefulSet => "StatefulSet",
@@ -229,6 +234,7 @@ impl Kind {
             Kind::Event => "events",
             Kind::EbpfProgram => "ebpfprograms",
             Kind::Probe => "probes",
+            Kind::TraceSession => "tracesessions",
             Kind::Deployment => "deployments",
             Kind::ReplicaSet => "replicasets",
             Kind::StatefulSet => "statefulsets",
@@ -247,6 +253,7 @@ impl Kind {
             Kind::Event => "event",
             Kind::EbpfProgram => "ebpfprogram",
             Kind::Probe => "probe",
+            Kind::TraceSession => "tracesession",
             Kind::Deployment => "deployment",
             Kind::ReplicaSet => "replicaset",
             Kind::StatefulSet => "statefulset",
@@ -266,6 +273,7 @@ impl Kind {
             Kind::Event => "ev",
             Kind::EbpfProgram => "ebpf",
             Kind::Probe => "prb",
+            Kind::TraceSession => "tsess",
             Kind::Deployment => "deploy",
             Kind::ReplicaSet => "rs",
             Kind::StatefulSet => "sts",
@@ -280,7 +288,7 @@ impl Kind {
 
     /// Custom resources whose `status` is only written through the status subresource.
     fn has_status_subresource(self) -> bool {
-        matches!(self, Kind::EbpfProgram | Kind::Probe)
+        matches!(self, Kind::EbpfProgram | Kind::Probe | Kind::TraceSession)
     }
 
     /// The fields the real server lets each kind be selected on; anything else is a 400 there,
@@ -319,6 +327,7 @@ impl Kind {
             | Kind::ConfigMap
             | Kind::EbpfProgram
             | Kind::Probe
+            | Kind::TraceSession
             | Kind::Deployment
             | Kind::ReplicaSet
             | Kind::StatefulSet
@@ -644,20 +653,7 @@ impl FakeApiServer {
     }
 
     fn delete(&self, key: ObjectKey) -> bool {
-        let mut state = self.state();
-        state.node_owners.remove(&key);
-        let Some(before) = state.objects.remove(&key) else {
-            return false;
-        };
-        state.resource_version += 1;
-        let resource_version = state.resource_version;
-        state.record(Change {
-            resource_version,
-            key,
-            before: Some(before),
-            after: None,
-        });
-        true
+        self.state().remove(key).is_some()
     }
 }
 
@@ -770,6 +766,21 @@ impl State {
             after: Some(after.clone()),
         });
         after
+    }
+
+    /// Deletes the object at `key` (its watchers see DELETED); what it was, if it was there.
+    fn remove(&mut self, key: ObjectKey) -> Option<Arc<Value>> {
+        self.node_owners.remove(&key);
+        let before = self.objects.remove(&key)?;
+        self.resource_version += 1;
+        let resource_version = self.resource_version;
+        self.record(Change {
+            resource_version,
+            key,
+            before: Some(before.clone()),
+            after: None,
+        });
+        Some(before)
     }
 
     fn record(&mut self, change: Change) {
@@ -1002,6 +1013,9 @@ async fn authorized(
             write::apply_patch(shared, key(name), sub.is_some(), &content_type, &params, &body)
         }
         (&Method::POST, None, None) => write::create(shared, target.kind, target.namespace.as_deref(), &body),
+        (&Method::DELETE, Some(name), None) if target.kind == Kind::TraceSession => {
+            write::delete(shared, key(name), &body)
+        }
         _ => status_response(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -1661,6 +1675,7 @@ fn resources_of(group: &str) -> APIResourceList {
             }
             Kind::Event => &["create", "get", "list", "watch"],
             Kind::EbpfProgram | Kind::Probe => &["create", "get", "list", "patch", "watch"],
+            Kind::TraceSession => &["create", "delete", "get", "list", "patch", "watch"],
             Kind::Deployment
             | Kind::ReplicaSet
             | Kind::StatefulSet

@@ -180,7 +180,7 @@ impl<'r> Loader<'r> {
             ComponentKind::Extension,
             sections.get("extensions").copied(),
             &registry.extensions,
-            |_| Vec::new(),
+            |b| b.references(),
         );
         let Some(service_node) = sections.get("service") else {
             self.error(

@@ -790,8 +790,8 @@ def run_agent(docs, podscope, without, rbac_edits):
 
 def check_crd(crd, manifests):
     """A CustomResourceDefinition's promises: a structural OpenAPI schema that accepts the
-    example manifests (and refuses one with an unknown decoder, or a Probe's sampling ratio above
-    1), printer columns whose paths the
+    example manifests (and refuses one with an unknown decoder, a Probe's sampling ratio above
+    1, or a TraceSession's probe that is not a trace probe), printer columns whose paths the
     schema has, a status subresource, and status.nodes a list-map keyed by node (what each
     agent's server-side apply relies on)."""
     import jsonschema
@@ -808,6 +808,10 @@ def check_crd(crd, manifests):
         broken["spec"]["probes"]["http"] = {"samplingRatio": 2}
         if not list(validator.iter_errors(broken)):
             problems.append("the schema accepts a sampling ratio above 1")
+    elif broken["kind"] == "TraceSession":
+        broken["spec"]["probes"] = ["exec", "syscalls"]
+        if not list(validator.iter_errors(broken)):
+            problems.append("the schema accepts a probe that is not a trace probe")
     else:
         broken["spec"]["metrics"]["counters"][0]["labels"][0]["decoder"] = "hexdump"
         if not list(validator.iter_errors(broken)):

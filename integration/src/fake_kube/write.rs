@@ -1,5 +1,6 @@
 //! The writes the fake serves, as the real server answers them: `create` (POST, for Events the
-//! agent records) and server-side apply (PATCH `application/apply-patch+yaml`) of podscope's
+//! agent records), `delete` (of a `TraceSession`, whose TTL the agents keep, with a UID
+//! precondition) and server-side apply (PATCH `application/apply-patch+yaml`) of podscope's
 //! custom resources and their status subresource.
 //!
 //! Server-side apply is kept to what the agents rely on: each node applies its own entry of the
@@ -104,6 +105,42 @@ pub(super) fn create(
     }
     let stored = state.store(key, object, Write::Object);
     json_response(StatusCode::CREATED, stored.as_ref())
+}
+
+/// DELETE of an object: 200 with the object as it was, 404 if there is none, 409 if the
+/// request's `preconditions.uid` is not the object's.
+pub(super) fn delete(shared: &Shared, key: ObjectKey, body: &Bytes) -> HttpResponse {
+    let options: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(options) => options,
+            Err(e) => return bad_request(&format!("the DeleteOptions are not JSON: {e}")),
+        }
+    };
+    let mut state = shared.state.lock().expect("fake API state poisoned");
+    let Some(existing) = state.objects.get(&key) else {
+        let (kind, _, name) = &key;
+        return status_response(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("{}.{} \"{name}\" not found", kind.plural(), kind.group()),
+            None,
+        );
+    };
+    if let Some(wanted) = options["preconditions"]["uid"].as_str() {
+        let actual = existing["metadata"]["uid"].as_str().unwrap_or("");
+        if wanted != actual {
+            return status_response(
+                StatusCode::CONFLICT,
+                "Conflict",
+                &format!("Precondition failed: UID in precondition: {wanted}, UID in object meta: {actual}"),
+                None,
+            );
+        }
+    }
+    let before = state.remove(key).expect("checked above");
+    json_response(StatusCode::OK, before.as_ref())
 }
 
 /// PATCH of an object or its status: server-side apply only.

@@ -14,6 +14,7 @@ mod metadata;
 mod peers;
 mod probes;
 mod programs;
+mod sessions;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -45,6 +46,10 @@ pub use peers::{
 };
 pub use probes::{NamespaceProbe, NamespaceProbes, NodeProbeStatus, PROBE_KIND, PROBE_PLURAL};
 pub use programs::{ClusterProgram, ClusterPrograms, NodeProgramStatus};
+pub use sessions::{
+    TraceSessionObject, TraceSessions, MERGED_STATUS_MANAGER, TRACE_SESSION_KIND,
+    TRACE_SESSION_PLURAL,
+};
 pub use store::{Found, PodStore};
 
 use crate::pods::PodSelector;
@@ -93,6 +98,8 @@ pub struct K8sMetadata {
     programs: tokio::sync::Mutex<Option<ClusterPrograms>>,
     /// The `Probe` watch, once a component asked for it.
     probes: tokio::sync::Mutex<Option<NamespaceProbes>>,
+    /// The `TraceSession` watch, once a component asked for it.
+    trace_sessions: tokio::sync::Mutex<Option<TraceSessions>>,
 }
 
 impl K8sMetadata {
@@ -123,6 +130,7 @@ impl K8sMetadata {
             cluster: tokio::sync::Mutex::new(None),
             programs: tokio::sync::Mutex::new(None),
             probes: tokio::sync::Mutex::new(None),
+            trace_sessions: tokio::sync::Mutex::new(None),
             config,
         };
         let t = &ctx.telemetry;
@@ -214,6 +222,23 @@ impl K8sMetadata {
         Some(started)
     }
 
+    /// The cluster's `TraceSession` objects (every namespace), watched from the first call on
+    /// (until the extension stops); `None` in host mode or before the extension started.
+    pub async fn trace_sessions(&self) -> Option<TraceSessions> {
+        let mut sessions = self.trace_sessions.lock().await;
+        if let Some(existing) = sessions.as_ref() {
+            return Some(existing.clone());
+        }
+        let (client, node, ctx) = self.cluster.lock().await.clone()?;
+        let mut watch = self.watch.lock().await;
+        let (cancel, tasks) = watch.as_mut()?;
+        let (started, task) = TraceSessions::start(client, node, ctx, cancel.clone());
+        tasks.push(task);
+        tracing::info!(extension = %self.component, "watching TraceSession objects");
+        *sessions = Some(started.clone());
+        Some(started)
+    }
+
     /// Applies pod watch events as the watch would (tests and benchmarks fill the cache this
     /// way); a complete list marks the cache synced.
     pub fn apply_pod_events(&self, events: impl IntoIterator<Item = Event<Pod>>) {
@@ -292,6 +317,7 @@ impl Component for K8sMetadata {
         self.cluster.lock().await.take();
         self.programs.lock().await.take();
         self.probes.lock().await.take();
+        self.trace_sessions.lock().await.take();
         if let Some((cancel, tasks)) = self.watch.lock().await.take() {
             cancel.cancel();
             for task in tasks {

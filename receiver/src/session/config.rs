@@ -27,6 +27,7 @@ pub struct SessionConfig {
     /// Kernel BTF for the trace programs (CO-RE). Default `/sys/kernel/btf/vmlinux`.
     pub btf_path: PathBuf,
     pub bpftrace: BpftraceConfig,
+    pub trace_sessions: TraceSessionsConfig,
     /// How profiles become files: given by the agent binary, not a setting.
     #[serde(skip)]
     pub profile_encoder: super::profile::ProfileEncoder,
@@ -49,6 +50,16 @@ pub struct BpftraceConfig {
     pub max_duration: Duration,
 }
 
+/// `trace_sessions:` — running the cluster's `TraceSession` objects whose pods are on this node.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceSessionsConfig {
+    /// The `k8s_metadata` extension that watches `TraceSession` objects and whose pod cache
+    /// says which of their pods run here. It must come before this extension in
+    /// `service.extensions`. Unset (the default): TraceSessions are not run.
+    pub extension: Option<String>,
+}
+
 impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
@@ -58,6 +69,7 @@ impl Default for SessionConfig {
             hello_timeout: Duration::from_secs(10),
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             bpftrace: BpftraceConfig::default(),
+            trace_sessions: TraceSessionsConfig::default(),
             profile_encoder: Default::default(),
         }
     }
@@ -111,6 +123,14 @@ impl ComponentConfig for SessionConfig {
                 "bpftrace.max_duration",
                 "must be more than 0s",
             ));
+        }
+        if let Some(Err(e)) = self
+            .trace_sessions
+            .extension
+            .as_deref()
+            .map(podscope_core::ComponentId::parse)
+        {
+            errors.push(FieldError::new("trace_sessions.extension", e.to_string()));
         }
         errors
     }

@@ -25,6 +25,7 @@ mod server;
 mod targets;
 mod top;
 mod trace;
+mod trace_sessions;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -36,12 +37,13 @@ use podscope_core::{BuildContext, Component, Extension, ExtensionBuilder, Extens
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{BpftraceConfig, SessionConfig};
+pub use config::{BpftraceConfig, SessionConfig, TraceSessionsConfig};
 pub use events::signal_name;
 pub use figures::{Distribution, Snapshot as KernelSnapshot};
 pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
 pub use trace::TraceKernel;
+pub use trace_sessions::{Refusal, ResolvedSession, SessionTargets, TraceSessionSpec};
 
 pub const FACTORY: ExtensionFactory = ExtensionFactory {
     type_name: "session",
@@ -52,7 +54,36 @@ pub const FACTORY: ExtensionFactory = ExtensionFactory {
 
 impl ExtensionBuilder for SessionConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>> {
-        Ok(Arc::new(SessionExtension::new(*self, &ctx)))
+        let metadata = match self.trace_sessions.extension.as_deref() {
+            Some(id) => {
+                let id = podscope_core::ComponentId::parse(id).map_err(anyhow::Error::msg)?;
+                Some(ctx.extensions.get::<podscope_k8s::K8sMetadata>(&id).with_context(|| {
+                    format!(
+                        "extension {}: trace_sessions.extension {id} must be a k8s_metadata extension listed before it in service.extensions",
+                        ctx.id
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let mut extension = SessionExtension::new(*self, &ctx);
+        extension.trace_sessions = metadata;
+        Ok(Arc::new(extension))
+    }
+
+    /// `trace_sessions.extension` names the `k8s_metadata` extension it runs TraceSessions from.
+    fn references(&self) -> Vec<podscope_core::ComponentReference> {
+        self.trace_sessions
+            .extension
+            .as_deref()
+            .and_then(|id| podscope_core::ComponentId::parse(id).ok())
+            .map(|id| podscope_core::ComponentReference {
+                field: "trace_sessions.extension".to_string(),
+                kind: podscope_core::ComponentKind::Extension,
+                id,
+            })
+            .into_iter()
+            .collect()
     }
 }
 
@@ -82,6 +113,9 @@ pub struct SessionExtension {
     id: String,
     shared: Arc<Shared>,
     running: Mutex<Option<Running>>,
+    /// The `k8s_metadata` extension whose `TraceSession` objects it runs
+    /// (`trace_sessions.extension`).
+    trace_sessions: Option<Arc<podscope_k8s::K8sMetadata>>,
 }
 
 impl SessionExtension {
@@ -102,6 +136,7 @@ impl SessionExtension {
                 kernel_figures: figures::KernelFigures::default(),
             }),
             running: Mutex::new(None),
+            trace_sessions: None,
         }
     }
 
@@ -176,6 +211,25 @@ impl Component for SessionExtension {
         let tasks = TaskTracker::new();
         tasks.spawn(server::accept(listener, self.shared.clone(), tasks.clone()));
         tracing::info!(extension = %self.id, %address, node = %self.shared.node, "session endpoint listening");
+        if let Some(metadata) = &self.trace_sessions {
+            // Host mode (no API server) has no TraceSessions to run.
+            match metadata.trace_sessions().await {
+                Some(sessions) => {
+                    let runner = trace_sessions::TraceSessionRunner {
+                        sessions,
+                        metadata: metadata.clone(),
+                        kernel: self.shared.kernel.clone(),
+                        cgroup_root: podscope_k8s::cgroup::cgroup2_mount()
+                            .unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                    };
+                    tasks.spawn(runner.run(self.shared.stopping.clone()));
+                    tracing::info!(extension = %self.id, "running this node's TraceSessions");
+                }
+                None => {
+                    tracing::info!(extension = %self.id, "no Kubernetes API server: no TraceSessions to run")
+                }
+            }
+        }
         *self.lock() = Some(Running { address, tasks });
         Ok(())
     }

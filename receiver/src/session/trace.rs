@@ -170,6 +170,12 @@ impl Subscription {
     pub fn slot(&self) -> u32 {
         self.slot
     }
+
+    /// Follows another set of cgroups from now on (a `TraceSession`'s pods came or went): the
+    /// kernel filter is changed in place, the slot and what it counted are kept.
+    pub fn retarget(&self, cgroups: Vec<u64>) -> Result<(), TraceRefusal> {
+        self.kernel.retarget(self.slot, cgroups)
+    }
 }
 
 impl Drop for Subscription {
@@ -357,6 +363,20 @@ impl TraceKernel {
             dropped,
             reported,
         })
+    }
+
+    fn retarget(&self, slot: u32, cgroups: Vec<u64>) -> Result<(), TraceRefusal> {
+        let mut state = self.lock();
+        match state.sessions.get_mut(&slot) {
+            Some(session) if session.cgroups == cgroups => return Ok(()),
+            Some(session) => session.cgroups = cgroups,
+            None => {
+                return Err(TraceRefusal::Internal(format!(
+                    "trace: slot {slot} is not held"
+                )))
+            }
+        }
+        self.apply(&mut state)
     }
 
     fn unsubscribe(&self, slot: u32) {

@@ -1,0 +1,857 @@
+//! `TraceSession` objects run by this node's agent: a namespace owner's trace of pods of their
+//! own namespace, kept in the object's status rather than streamed to a terminal. The session
+//! extension runs them (with `trace_sessions.extension` naming the `k8s_metadata` extension
+//! that watches them) through the same trace object as `kubectl podscope trace`
+//! ([`TraceKernel`]): one subscription per probe, filtered in the kernel to the cgroups of the
+//! session's pods on this node, retargeted when pods come or go under its selector.
+//!
+//! Each agent writes its node's entry of `status.nodes` (events per probe, lost, pods, times) and
+//! the merged status (phase, reason, the nodes' sums), the same merge on every node; and deletes
+//! a finished session once `ttlAfterFinished` has passed. It refuses, with the reason in the
+//! status, a session naming a pod outside its namespace, a probe it cannot run, or what is not
+//! implemented yet (`schedule`, `export`).
+//!
+//! It must not reach past the session's namespace: pods are matched in that namespace only,
+//! whatever the spec says.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use podscope_core::session::TraceProbe;
+use podscope_k8s::cgroup::{parse_container_cgroup, CgroupIndex};
+use podscope_k8s::k8s_metadata::{TraceSessionObject, TraceSessions};
+use podscope_k8s::K8sMetadata;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::server::probe_name;
+use super::trace::{Subscription, TraceKernel, TraceRefusal};
+use crate::ebpf::programs::spec::LabelSelectorSpec;
+
+/// How often running sessions' counts are written and deadlines and TTLs checked.
+const TICK: Duration = Duration::from_secs(1);
+/// How long changes are gathered before acting on them (a rollout changes many pods at once).
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// `spec` of a `TraceSession` (`podscope.dev/v1alpha1`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TraceSessionSpec {
+    /// The pods to trace, of the session's own namespace only.
+    pub targets: SessionTargets,
+    /// The built-in trace probes (as `kubectl podscope trace` names them: exec, exit, open,
+    /// tcp_connect, …).
+    pub probes: Vec<TraceProbe>,
+    /// How long it runs, counted from the object's creation (`30s`, `5m`); or `deadline`.
+    #[serde(default, with = "humantime_serde")]
+    pub duration: Option<Duration>,
+    /// When it ends (RFC 3339); or `duration`.
+    #[serde(default)]
+    pub deadline: Option<String>,
+    /// How long a finished session (Completed or Failed) is kept before the agent deletes it;
+    /// unset: kept until someone deletes it.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl_after_finished: Option<Duration>,
+    /// Accepted by the schema, refused until implemented.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Accepted by the schema, refused until implemented.
+    #[serde(default)]
+    pub export: Option<bool>,
+}
+
+/// `spec.targets`: pods by name, by label selector, or both (their union).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SessionTargets {
+    /// Pod names of the session's namespace (`name`, or `namespace/name` with that namespace).
+    #[serde(default)]
+    pub pods: Vec<String>,
+    /// Pods of the session's namespace whose labels match.
+    #[serde(default)]
+    pub pod_selector: Option<LabelSelectorSpec>,
+}
+
+/// Why a session cannot run: a status `reason` and a `message` naming what in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+fn refusal(reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// A session's spec checked: what to trace, where, until when.
+#[derive(Debug, Clone)]
+pub struct ResolvedSession {
+    pub namespace: String,
+    pub pod_names: Vec<String>,
+    pub selector: Option<podscope_k8s::labels::Selector>,
+    pub probes: Vec<TraceProbe>,
+    pub end: SystemTime,
+    pub ttl_after_finished: Option<Duration>,
+}
+
+impl ResolvedSession {
+    fn selects(&self, pod: &podscope_k8s::k8s_metadata::PodMeta) -> bool {
+        if *pod.namespace != *self.namespace {
+            return false;
+        }
+        if self.pod_names.iter().any(|name| **name == *pod.name) {
+            return true;
+        }
+        self.selector.as_ref().is_some_and(|selector| {
+            let labels = pod
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            podscope_k8s::labels::matches(selector, &labels)
+        })
+    }
+}
+
+impl TraceSessionSpec {
+    pub fn parse(spec: &Value) -> Result<TraceSessionSpec, Refusal> {
+        serde_path_to_error::deserialize(spec.clone()).map_err(|e| {
+            let at = match e.path().to_string().as_str() {
+                "." => "spec".to_string(),
+                path => format!("spec.{path}"),
+            };
+            refusal("InvalidSpec", format!("{at}: {}", e.inner()))
+        })
+    }
+
+    /// What the session in `namespace`, created at `created`, asks for, or the first reason it
+    /// is refused.
+    pub fn resolve(
+        &self,
+        namespace: &str,
+        created: SystemTime,
+    ) -> Result<ResolvedSession, Refusal> {
+        let mut pod_names = Vec::new();
+        for (i, pod) in self.targets.pods.iter().enumerate() {
+            let name = match pod.split_once('/') {
+                Some((other, name)) if other != namespace => {
+                    return Err(refusal(
+                        "TargetOutsideNamespace",
+                        format!(
+                            "spec.targets.pods[{i}]: pod {other}/{name} is in namespace {other}, outside the session's namespace {namespace}; a TraceSession traces pods of its own namespace only"
+                        ),
+                    ))
+                }
+                Some((_, name)) => name,
+                None => pod.as_str(),
+            };
+            if name.is_empty() {
+                return Err(refusal(
+                    "InvalidSpec",
+                    format!("spec.targets.pods[{i}]: empty pod name"),
+                ));
+            }
+            pod_names.push(name.to_string());
+        }
+        let selector =
+            match &self.targets.pod_selector {
+                Some(spec) => Some(spec.selector().map_err(|e| {
+                    refusal("InvalidSpec", format!("spec.targets.podSelector: {e}"))
+                })?),
+                None => None,
+            };
+        if pod_names.is_empty() && selector.is_none() {
+            return Err(refusal(
+                "InvalidSpec",
+                "spec.targets: names no pod (give pods, a podSelector, or both)",
+            ));
+        }
+        if self.probes.is_empty() {
+            return Err(refusal("InvalidSpec", "spec.probes: names no probe"));
+        }
+        if let Some(i) = self.probes.iter().position(|p| *p == TraceProbe::Http) {
+            return Err(refusal(
+                "ProbeUnavailable",
+                format!("spec.probes[{i}]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)"),
+            ));
+        }
+        if self.schedule.is_some() {
+            return Err(refusal(
+                "NotImplemented",
+                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
+            ));
+        }
+        if self.export == Some(true) {
+            return Err(refusal(
+                "NotImplemented",
+                "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
+            ));
+        }
+        let end = match (self.duration, &self.deadline) {
+            (Some(_), Some(_)) => {
+                return Err(refusal(
+                    "InvalidSpec",
+                    "spec: give duration or deadline, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(refusal(
+                    "InvalidSpec",
+                    "spec: give a duration (such as 5m) or a deadline (RFC 3339)",
+                ))
+            }
+            (Some(duration), None) => created + duration,
+            (None, Some(deadline)) => humantime_serde::re::humantime::parse_rfc3339_weak(deadline)
+                .map_err(|e| {
+                    refusal(
+                        "InvalidSpec",
+                        format!("spec.deadline: {deadline:?} is not an RFC 3339 time ({e})"),
+                    )
+                })?,
+        };
+        Ok(ResolvedSession {
+            namespace: namespace.to_string(),
+            pod_names,
+            selector,
+            probes: self.probes.clone(),
+            end,
+            ttl_after_finished: self.ttl_after_finished,
+        })
+    }
+}
+
+/// What the session extension gives the task.
+pub struct TraceSessionRunner {
+    pub sessions: TraceSessions,
+    pub metadata: Arc<K8sMetadata>,
+    pub kernel: Arc<TraceKernel>,
+    pub cgroup_root: std::path::PathBuf,
+}
+
+/// A session running on this node.
+struct Run {
+    uid: String,
+    /// Per probe: its subscription (dropped at the end) and the task counting its events.
+    probes: Vec<ProbeRun>,
+    pods: Vec<String>,
+    cgroups: Vec<u64>,
+    lost: u64,
+    started: SystemTime,
+}
+
+struct ProbeRun {
+    probe: TraceProbe,
+    subscription: Subscription,
+    count: Arc<AtomicU64>,
+    counter: JoinHandle<()>,
+}
+
+/// What this node knows of a session across passes.
+#[derive(Default)]
+struct Known {
+    run: Option<Run>,
+    /// The node entry last written, and when.
+    node_entry: Option<(Map<String, Value>, tokio::time::Instant)>,
+    /// The merged status last written.
+    merged: Option<Map<String, Value>>,
+    /// When this node first saw the session fail (its completion time).
+    failed_at: Option<SystemTime>,
+}
+
+impl TraceSessionRunner {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut known: HashMap<(String, String), Known> = HashMap::new();
+        let mut index = CgroupIndex::new(self.cgroup_root.clone());
+        let mut session_changes = self.sessions.changes();
+        let mut pod_changes = self.metadata.changes();
+        let mut ticker = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                Ok(()) = session_changes.changed() => tokio::time::sleep(SETTLE).await,
+                Ok(()) = pod_changes.changed() => tokio::time::sleep(SETTLE).await,
+                _ = ticker.tick() => {}
+            }
+            session_changes.mark_unchanged();
+            pod_changes.mark_unchanged();
+            index.refresh();
+            self.reconcile(&mut known, &index).await;
+        }
+        // The agent stops: runs end without a last status (their entries keep the last counts).
+        for (_, entry) in known.drain() {
+            if let Some(run) = entry.run {
+                finish(run).await;
+            }
+        }
+    }
+
+    async fn reconcile(&self, known: &mut HashMap<(String, String), Known>, index: &CgroupIndex) {
+        let sessions = self.sessions.sessions();
+        let present: std::collections::HashSet<(String, String)> = sessions
+            .iter()
+            .map(|s| (s.namespace.clone(), s.name.clone()))
+            .collect();
+        // Deleted sessions: their runs stop.
+        let gone: Vec<(String, String)> = known
+            .keys()
+            .filter(|k| !present.contains(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(run) = known.remove(&key).and_then(|k| k.run) {
+                tracing::info!(session = %format!("{}/{}", key.0, key.1), "TraceSession deleted: its trace stops");
+                finish(run).await;
+            }
+        }
+        let now = SystemTime::now();
+        for session in sessions {
+            let entry = known
+                .entry((session.namespace.clone(), session.name.clone()))
+                .or_default();
+            if entry.run.as_ref().is_some_and(|r| r.uid != session.uid) {
+                // Replaced by a new object of the same name.
+                if let Some(run) = entry.run.take() {
+                    finish(run).await;
+                }
+                *entry = Known::default();
+            }
+            self.reconcile_one(&session, entry, index, now).await;
+        }
+    }
+
+    async fn reconcile_one(
+        &self,
+        session: &TraceSessionObject,
+        known: &mut Known,
+        index: &CgroupIndex,
+        now: SystemTime,
+    ) {
+        let created = session.created.unwrap_or(now);
+        let resolved = TraceSessionSpec::parse(&session.spec)
+            .and_then(|spec| spec.resolve(&session.namespace, created));
+        let resolved = match resolved {
+            Ok(resolved) => resolved,
+            Err(refused) => {
+                if let Some(run) = known.run.take() {
+                    finish(run).await;
+                }
+                let failed_at = *known.failed_at.get_or_insert(now);
+                let mut merged = Map::new();
+                merged.insert("phase".into(), json!("Failed"));
+                merged.insert("reason".into(), json!(refused.reason));
+                merged.insert("message".into(), json!(refused.message));
+                merged.insert("completionTime".into(), json!(rfc3339(failed_at)));
+                self.write_merged(session, known, merged).await;
+                // Without a readable spec there is no TTL to honour.
+                return;
+            }
+        };
+        let (pods, cgroups) = self.pods_here(&resolved, index);
+        let running = now < resolved.end;
+        // Start, follow pods, or finish this node's run. A node where it failed to start does
+        // not try again: its entry says why, and the session is Failed.
+        if running && known.run.is_none() && known.failed_at.is_none() && !cgroups.is_empty() {
+            match self.start(session, &resolved, pods.clone(), cgroups.clone(), now) {
+                Ok(run) => {
+                    tracing::info!(session = %session.key(), pods = ?run.pods, "TraceSession running on this node");
+                    known.run = Some(run);
+                }
+                Err(message) => {
+                    known.failed_at.get_or_insert(now);
+                    let mut node = Map::new();
+                    node.insert("phase".into(), json!("Failed"));
+                    node.insert("pods".into(), json!(pods));
+                    node.insert("message".into(), json!(message));
+                    self.write_node(session, known, node, true).await;
+                }
+            }
+        } else if let Some(run) = known.run.as_mut().filter(|_| running) {
+            if run.cgroups != cgroups && !cgroups.is_empty() {
+                for probe in &run.probes {
+                    if let Err(e) = probe.subscription.retarget(cgroups.clone()) {
+                        tracing::warn!(session = %session.key(), error = ?e, "TraceSession: cannot follow its pods' cgroups");
+                    }
+                }
+                run.cgroups = cgroups;
+                run.pods = pods;
+            }
+        }
+        if let Some(run) = known.run.as_mut() {
+            for probe in &mut run.probes {
+                run.lost += probe.subscription.lost_since();
+            }
+            if running {
+                let node = node_entry(run, "Running", None);
+                self.write_node(session, known, node, false).await;
+            } else {
+                let run = known.run.take().expect("checked above");
+                let (mut node, _) = finish(run).await;
+                node.insert("endTime".into(), json!(rfc3339(resolved.end)));
+                self.write_node(session, known, node, true).await;
+            }
+        }
+        let merged = merge(session, known, &resolved, now, self.sessions.node());
+        let finished_at = merged
+            .get("completionTime")
+            .and_then(Value::as_str)
+            .and_then(|t| humantime_serde::re::humantime::parse_rfc3339_weak(t).ok());
+        self.write_merged(session, known, merged).await;
+        // TTL after finishing: whichever agent sees it first deletes the session.
+        if let (Some(ttl), Some(finished)) = (resolved.ttl_after_finished, finished_at) {
+            if now >= finished + ttl {
+                match self.sessions.delete(session).await {
+                    Ok(()) => {
+                        tracing::info!(session = %session.key(), "TraceSession deleted: its ttlAfterFinished passed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %session.key(), error = %e, "cannot delete the TraceSession")
+                    }
+                }
+            }
+        }
+    }
+
+    /// The session's pods on this node (names, sorted) and every cgroup of theirs.
+    fn pods_here(&self, session: &ResolvedSession, index: &CgroupIndex) -> (Vec<String>, Vec<u64>) {
+        let store = self.metadata.pods();
+        let mut pods = std::collections::BTreeSet::new();
+        let mut cgroups = Vec::new();
+        for (id, path) in index.iter() {
+            let Some(uid) = parse_container_cgroup(path).and_then(|c| c.pod_uid) else {
+                continue;
+            };
+            let Some(pod) = store.live_pod(&uid) else {
+                continue;
+            };
+            if session.selects(pod) {
+                pods.insert(pod.name.to_string());
+                cgroups.push(id);
+            }
+        }
+        cgroups.sort_unstable();
+        (pods.into_iter().collect(), cgroups)
+    }
+
+    fn start(
+        &self,
+        session: &TraceSessionObject,
+        resolved: &ResolvedSession,
+        pods: Vec<String>,
+        cgroups: Vec<u64>,
+        now: SystemTime,
+    ) -> Result<Run, String> {
+        let mut probes = Vec::new();
+        for probe in &resolved.probes {
+            let mut subscription = self
+                .kernel
+                .subscribe(*probe, cgroups.clone(), false)
+                .map_err(|e| match e {
+                    TraceRefusal::Unavailable(why) | TraceRefusal::Internal(why) => {
+                        format!("probe {}: {why}", probe_name(*probe))
+                    }
+                })?;
+            let count = Arc::new(AtomicU64::new(0));
+            // The counting task owns the receiver; dropping the subscription closes it.
+            let (_, idle) = mpsc::channel(1);
+            let mut events = std::mem::replace(&mut subscription.events, idle);
+            let counted = count.clone();
+            let key = session.key();
+            let counter = tokio::spawn(async move {
+                while events.recv().await.is_some() {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(session = %key, "TraceSession: a probe's events ended");
+            });
+            probes.push(ProbeRun {
+                probe: *probe,
+                subscription,
+                count,
+                counter,
+            });
+        }
+        Ok(Run {
+            uid: session.uid.clone(),
+            probes,
+            pods,
+            cgroups,
+            lost: 0,
+            started: now,
+        })
+    }
+
+    /// Writes this node's entry when it changed: at once with `now`, else at most once a tick.
+    async fn write_node(
+        &self,
+        session: &TraceSessionObject,
+        known: &mut Known,
+        entry: Map<String, Value>,
+        now: bool,
+    ) {
+        if let Some((last, at)) = &known.node_entry {
+            let phase_same = last.get("phase") == entry.get("phase");
+            if *last == entry || (!now && phase_same && at.elapsed() < TICK) {
+                return;
+            }
+        }
+        match self.sessions.report_node(session, entry.clone()).await {
+            Ok(()) => known.node_entry = Some((entry, tokio::time::Instant::now())),
+            Err(e) => {
+                tracing::warn!(session = %session.key(), error = %e, "cannot write the TraceSession's status")
+            }
+        }
+    }
+
+    async fn write_merged(
+        &self,
+        session: &TraceSessionObject,
+        known: &mut Known,
+        merged: Map<String, Value>,
+    ) {
+        let current: Map<String, Value> = session
+            .status
+            .as_object()
+            .map(|s| {
+                s.iter()
+                    .filter(|(k, _)| k.as_str() != "nodes")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if current == merged || known.merged.as_ref() == Some(&merged) {
+            return;
+        }
+        match self.sessions.report_merged(session, merged.clone()).await {
+            Ok(()) => known.merged = Some(merged),
+            Err(e) => {
+                tracing::warn!(session = %session.key(), error = %e, "cannot write the TraceSession's status")
+            }
+        }
+    }
+}
+
+/// Ends a run: the subscriptions go (the kernel stops delivering), the counters take what was
+/// still queued. Its node entry, phase Completed, and the final counts.
+async fn finish(run: Run) -> (Map<String, Value>, u64) {
+    let mut lost = run.lost;
+    let mut counts = Vec::new();
+    for mut probe in run.probes {
+        lost += probe.subscription.lost_since();
+        drop(probe.subscription);
+        let _ = (&mut probe.counter).await;
+        counts.push((probe.probe, probe.count.load(Ordering::Relaxed)));
+    }
+    let summary = Run {
+        uid: run.uid,
+        probes: Vec::new(),
+        pods: run.pods,
+        cgroups: run.cgroups,
+        lost,
+        started: run.started,
+    };
+    (node_entry(&summary, "Completed", Some(&counts)), lost)
+}
+
+/// A node's status entry (without `node`) for `run` in `phase`; `counts` when the probes are
+/// gone already.
+fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> Map<String, Value> {
+    let mut events = Map::new();
+    match counts {
+        Some(counts) => {
+            for (probe, count) in counts {
+                events.insert(probe_name(*probe), json!(count));
+            }
+        }
+        None => {
+            for probe in &run.probes {
+                events.insert(
+                    probe_name(probe.probe),
+                    json!(probe.count.load(Ordering::Relaxed)),
+                );
+            }
+        }
+    }
+    let mut entry = Map::new();
+    entry.insert("phase".into(), json!(phase));
+    entry.insert("pods".into(), json!(run.pods));
+    entry.insert("events".into(), Value::Object(events));
+    entry.insert("lost".into(), json!(run.lost));
+    entry.insert("startTime".into(), json!(rfc3339(run.started)));
+    entry
+}
+
+/// The merged status: every node's entry (this node's, `node`, as last written) summed, and
+/// the phase.
+fn merge(
+    session: &TraceSessionObject,
+    known: &Known,
+    resolved: &ResolvedSession,
+    now: SystemTime,
+    node: &str,
+) -> Map<String, Value> {
+    let mut nodes: BTreeMap<String, Value> = session.status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["node"].as_str()?.to_string(), e.clone())))
+        .collect();
+    if let Some((own, _)) = &known.node_entry {
+        nodes.insert(node.to_string(), Value::Object(own.clone()));
+    }
+    let mut events: BTreeMap<String, u64> = resolved
+        .probes
+        .iter()
+        .map(|p| (probe_name(*p), 0))
+        .collect();
+    let mut lost = 0;
+    let mut failed = None;
+    let mut running = false;
+    for (node, entry) in &nodes {
+        for (probe, count) in entry["events"].as_object().into_iter().flatten() {
+            *events.entry(probe.clone()).or_default() += count.as_u64().unwrap_or(0);
+        }
+        lost += entry["lost"].as_u64().unwrap_or(0);
+        match entry["phase"].as_str() {
+            Some("Failed") if failed.is_none() => {
+                failed = Some(format!(
+                    "node {node}: {}",
+                    entry["message"].as_str().unwrap_or("failed")
+                ))
+            }
+            Some("Running") => running = true,
+            _ => {}
+        }
+    }
+    let mut merged = Map::new();
+    let (phase, reason, message, completion) = if let Some(message) = failed {
+        let at = known.failed_at.unwrap_or(now);
+        ("Failed", "NodeFailed", message, Some(at))
+    } else if running {
+        (
+            "Running",
+            "Tracing",
+            format!("tracing on {} node(s)", nodes.len()),
+            None,
+        )
+    } else if now >= resolved.end {
+        let message = if nodes.is_empty() {
+            "the session ended; no pod of its targets ran on any node meanwhile".to_string()
+        } else {
+            format!("the session ended; traced on {} node(s)", nodes.len())
+        };
+        ("Completed", "Ended", message, Some(resolved.end))
+    } else {
+        (
+            "Pending",
+            "NoTargetPods",
+            "no pod of its targets runs yet".to_string(),
+            None,
+        )
+    };
+    merged.insert("phase".into(), json!(phase));
+    merged.insert("reason".into(), json!(reason));
+    merged.insert("message".into(), json!(message));
+    merged.insert(
+        "startTime".into(),
+        json!(rfc3339(session.created.unwrap_or(now))),
+    );
+    merged.insert("endTime".into(), json!(rfc3339(resolved.end)));
+    if let Some(at) = completion {
+        merged.insert("completionTime".into(), json!(rfc3339(at)));
+    }
+    merged.insert(
+        "summary".into(),
+        json!({"nodes": nodes.len(), "events": events, "lost": lost}),
+    );
+    merged
+}
+
+/// RFC 3339 in whole seconds, as Kubernetes writes times.
+fn rfc3339(time: SystemTime) -> String {
+    let seconds = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    humantime_serde::re::humantime::format_rfc3339_seconds(
+        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
+    )
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CRD: &str = include_str!("../../../helm/podscope/crds/tracesessions.podscope.dev.yaml");
+    const EXAMPLE: &str =
+        include_str!("../../../helm/podscope/examples/trace-session/web-execs.yaml");
+
+    fn yaml_to_json(yaml: &yaml_rust2::Yaml) -> Value {
+        use yaml_rust2::Yaml;
+        match yaml {
+            Yaml::Hash(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), yaml_to_json(v)))
+                    .collect(),
+            ),
+            Yaml::Array(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
+            Yaml::String(s) => json!(s),
+            Yaml::Integer(i) => json!(i),
+            Yaml::Boolean(b) => json!(b),
+            Yaml::Real(r) => json!(r.parse::<f64>().unwrap()),
+            _ => Value::Null,
+        }
+    }
+
+    fn load(text: &str) -> Value {
+        yaml_to_json(&yaml_rust2::YamlLoader::load_from_str(text).unwrap()[0])
+    }
+
+    fn created() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn refused(spec: Value) -> Refusal {
+        TraceSessionSpec::parse(&spec)
+            .and_then(|s| s.resolve("team-a", created()))
+            .expect_err("refused")
+    }
+
+    #[test]
+    fn the_charts_example_is_a_session_this_agent_runs() {
+        let example = load(EXAMPLE);
+        let resolved = TraceSessionSpec::parse(&example["spec"])
+            .unwrap()
+            .resolve("shop", created())
+            .unwrap();
+        assert_eq!(
+            resolved.probes,
+            vec![TraceProbe::Exec, TraceProbe::TcpConnect]
+        );
+        assert_eq!(resolved.end, created() + Duration::from_secs(600));
+        assert_eq!(resolved.ttl_after_finished, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_crd_lists_every_trace_probe_by_the_protocols_name() {
+        let crd = load(CRD);
+        let listed: Vec<String> = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+            ["properties"]["spec"]["properties"]["probes"]["items"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let mut every: Vec<String> = super::super::trace::ALL_KERNEL_PROBES
+            .iter()
+            .chain([TraceProbe::Http].iter())
+            .map(|p| probe_name(*p))
+            .collect();
+        let mut listed_sorted = listed.clone();
+        listed_sorted.sort();
+        every.sort();
+        assert_eq!(listed_sorted, every);
+        for name in listed {
+            serde_json::from_value::<TraceProbe>(json!(name)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_pod_of_another_namespace_is_refused_naming_it() {
+        let refusal = refused(json!({
+            "targets": {"pods": ["web-1", "team-b/web-b"]}, "probes": ["exec"], "duration": "1m"
+        }));
+        assert_eq!(refusal.reason, "TargetOutsideNamespace");
+        assert_eq!(
+            refusal.message,
+            "spec.targets.pods[1]: pod team-b/web-b is in namespace team-b, outside the session's namespace team-a; a TraceSession traces pods of its own namespace only"
+        );
+        // Its own namespace spelled out is fine.
+        let resolved = TraceSessionSpec::parse(&json!({
+            "targets": {"pods": ["team-a/web-1"]}, "probes": ["exec"], "duration": "1m"
+        }))
+        .unwrap()
+        .resolve("team-a", created())
+        .unwrap();
+        assert_eq!(resolved.pod_names, vec!["web-1"]);
+    }
+
+    #[test]
+    fn what_is_not_implemented_or_not_valid_is_refused_with_its_path() {
+        let cases = [
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 * * * *"}),
+                "NotImplemented",
+                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "export": true}),
+                "NotImplemented",
+                "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"]}),
+                "InvalidSpec",
+                "spec: give a duration (such as 5m) or a deadline (RFC 3339)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "deadline": "2027-01-01T00:00:00Z"}),
+                "InvalidSpec",
+                "spec: give duration or deadline, not both",
+            ),
+            (
+                json!({"targets": {}, "probes": ["exec"], "duration": "1m"}),
+                "InvalidSpec",
+                "spec.targets: names no pod (give pods, a podSelector, or both)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["http"], "duration": "1m"}),
+                "ProbeUnavailable",
+                "spec.probes[0]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "deadline": "soon"}),
+                "InvalidSpec",
+                "spec.deadline: \"soon\" is not an RFC 3339 time (timestamp format is invalid)",
+            ),
+        ];
+        for (spec, reason, message) in cases {
+            let refusal = refused(spec.clone());
+            assert_eq!(
+                (refusal.reason, refusal.message.as_str()),
+                (reason, message),
+                "{spec}"
+            );
+        }
+        let unknown =
+            refused(json!({"targets": {"pods": ["a"]}, "probes": ["syscalls"], "duration": "1m"}));
+        assert_eq!(unknown.reason, "InvalidSpec");
+        assert!(
+            unknown
+                .message
+                .starts_with("spec.probes[0]: unknown variant `syscalls`"),
+            "{}",
+            unknown.message
+        );
+    }
+
+    #[test]
+    fn a_deadline_ends_the_session_then() {
+        let resolved = TraceSessionSpec::parse(&json!({
+            "targets": {"podSelector": {"matchLabels": {"app": "web"}}},
+            "probes": ["exec", "exit"],
+            "deadline": "2027-01-01T00:00:00Z"
+        }))
+        .unwrap()
+        .resolve("team-a", created())
+        .unwrap();
+        assert_eq!(rfc3339(resolved.end), "2027-01-01T00:00:00Z");
+        assert_eq!(resolved.ttl_after_finished, None);
+    }
+}
