@@ -18,6 +18,7 @@
 mod bpftrace;
 mod config;
 mod events;
+mod exchanges;
 mod figures;
 mod filters;
 mod profile;
@@ -38,6 +39,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{BpftraceConfig, SessionConfig};
 pub use events::signal_name;
+pub use exchanges::{ExchangeRole, ExchangeTap, GrpcCall, HttpExchange, PublisherGuard};
 pub use figures::{Distribution, Snapshot as KernelSnapshot};
 pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
@@ -70,6 +72,8 @@ pub(crate) struct Shared {
     pub reported_probes: Mutex<std::collections::BTreeMap<String, String>>,
     /// Those receivers' per-cgroup figures of their last two collections, for `top`.
     pub kernel_figures: figures::KernelFigures,
+    /// The http probes' exchanges, for `trace … http`.
+    pub http_exchanges: Arc<ExchangeTap>,
 }
 
 struct Running {
@@ -100,6 +104,7 @@ impl SessionExtension {
                 stopping: CancellationToken::new(),
                 reported_probes: Mutex::default(),
                 kernel_figures: figures::KernelFigures::default(),
+                http_exchanges: Arc::default(),
             }),
             running: Mutex::new(None),
         }
@@ -119,6 +124,11 @@ impl SessionExtension {
     /// The trace object's state (sessions, attached programs), for tests and status.
     pub fn trace_kernel(&self) -> Arc<TraceKernel> {
         self.shared.kernel.clone()
+    }
+
+    /// Where an eBPF receiver's http probe hands its exchanges to `trace … http` sessions.
+    pub fn http_exchanges(&self) -> Arc<ExchangeTap> {
+        self.shared.http_exchanges.clone()
     }
 
     /// An eBPF receiver's probes (probe → `attached` or `skipped: why`), for status.

@@ -80,13 +80,7 @@ pub async fn serve(
                         }
                         _ => None,
                     },
-                    runq_latency_p50_seconds: kernel.runq_latency_p50_seconds,
-                    runq_latency_p99_seconds: kernel.runq_latency_p99_seconds,
-                    syscalls_per_second: kernel.syscalls_per_second,
-                    opens_per_second: kernel.opens_per_second,
-                    tcp_retransmits_per_second: kernel.tcp_retransmits_per_second,
-                    requests_per_second: kernel.requests_per_second,
-                    request_latency_p99_seconds: kernel.request_latency_p99_seconds,
+                    kernel,
                 }
             })
             .collect();
