@@ -54,7 +54,27 @@ pub const FACTORY: ExtensionFactory = ExtensionFactory {
 
 impl ExtensionBuilder for SessionConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>> {
-        Ok(Arc::new(SessionExtension::new(*self, &ctx)))
+        let pod_names = match &self.k8s_metadata {
+            None => None,
+            Some(extension) => {
+                let id =
+                    podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
+                Some(
+                    ctx.extensions
+                        .get::<podscope_k8s::K8sMetadata>(&id)
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "extension {}: k8s_metadata: {e} (list it before {} in service.extensions)",
+                                ctx.id,
+                                ctx.id
+                            )
+                        })?,
+                )
+            }
+        };
+        Ok(Arc::new(SessionExtension::with_pod_names(
+            *self, &ctx, pod_names,
+        )))
     }
 }
 
@@ -70,6 +90,8 @@ pub(crate) struct Shared {
     /// What eBPF receivers naming this extension reported: `<receiver>/<probe>` → `attached`
     /// or why it was skipped.
     pub reported_probes: Mutex<std::collections::BTreeMap<String, String>>,
+    /// The pod cache that names what no target named (`k8s_metadata`), if configured.
+    pub pod_names: Option<Arc<podscope_k8s::K8sMetadata>>,
     /// Those receivers' per-cgroup figures of their last two collections, for `top`.
     pub kernel_figures: figures::KernelFigures,
     /// The http probes' exchanges, for `trace … http`.
@@ -90,6 +112,16 @@ pub struct SessionExtension {
 
 impl SessionExtension {
     pub fn new(config: SessionConfig, ctx: &BuildContext) -> SessionExtension {
+        SessionExtension::with_pod_names(config, ctx, None)
+    }
+
+    /// With a `k8s_metadata` extension's pod cache to name the pods and containers of a
+    /// whole-node trace or `top` without targets.
+    pub fn with_pod_names(
+        config: SessionConfig,
+        ctx: &BuildContext,
+        pod_names: Option<Arc<podscope_k8s::K8sMetadata>>,
+    ) -> SessionExtension {
         let node = config.resolved_node_name(&ctx.host_name);
         let kernel = Arc::new(TraceKernel::new(&config.btf_path));
         let permits = Arc::new(tokio::sync::Semaphore::new(config.max_sessions as usize));
@@ -103,6 +135,7 @@ impl SessionExtension {
                 permits,
                 stopping: CancellationToken::new(),
                 reported_probes: Mutex::default(),
+                pod_names,
                 kernel_figures: figures::KernelFigures::default(),
                 http_exchanges: Arc::default(),
             }),

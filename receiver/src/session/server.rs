@@ -506,7 +506,10 @@ async fn trace(
                     index.refresh();
                     index_refreshed = tokio::time::Instant::now();
                 }
-                let found = index.path(cgroup).map(node_labels).unwrap_or_default();
+                let found = index
+                    .path(cgroup)
+                    .map(|path| node_labels(path, shared.pod_names.as_deref()))
+                    .unwrap_or_default();
                 labels.insert(cgroup, found.clone());
                 found
             }
