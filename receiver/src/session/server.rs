@@ -334,6 +334,9 @@ enum Feed {
     Http(ExchangeSubscription),
 }
 
+// Moved once from the channel to its event: boxing the larger kernel event would cost an
+// allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
 enum FeedItem {
     Kernel(podscope_ebpf::abi::TraceEvent),
     Http(HttpExchange),
