@@ -101,6 +101,7 @@ impl Service {
             };
 
         // Extensions first: the other components look up the ones they use while they are built.
+        // An extension may use one listed before it (the session extension's k8s_metadata).
         let mut extension_order = Vec::new();
         for id in &config.service.extensions {
             let builder = config
@@ -108,7 +109,7 @@ impl Service {
                 .remove(id)
                 .with_context(|| format!("extension {id} is not defined"))?;
             let extension = builder
-                .build(context(id, None, &Extensions::default()))
+                .build(context(id, None, &extensions))
                 .with_context(|| format!("building extension {id}"))?;
             extensions.insert(id.clone(), extension.clone());
             extension_order.push((id.clone(), extension));
