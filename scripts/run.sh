@@ -12,8 +12,8 @@ cargo build --release --bin podscope
 # finds plugins.
 cargo build --release -p podscope-kubectl
 plugin_dir=/usr/local/bin
-if [ "$(id -u)" -ne 0 ]; then sudo install -m 0755 target/release/kubectl-podscope "$plugin_dir/"
-else install -m 0755 target/release/kubectl-podscope "$plugin_dir/"; fi
+if [ "$(id -u)" -ne 0 ]; then sudo install -m 0755 "${CARGO_TARGET_DIR:-target}"/release/kubectl-podscope "$plugin_dir/"
+else install -m 0755 "${CARGO_TARGET_DIR:-target}"/release/kubectl-podscope "$plugin_dir/"; fi
 if [ $# -eq 0 ]; then set -- run; fi
-if [ "$(id -u)" -ne 0 ]; then exec sudo target/release/podscope "$@"; fi
-exec target/release/podscope "$@"
+if [ "$(id -u)" -ne 0 ]; then exec sudo "${CARGO_TARGET_DIR:-target}"/release/podscope "$@"; fi
+exec "${CARGO_TARGET_DIR:-target}"/release/podscope "$@"

@@ -261,6 +261,16 @@ pub struct TopRow {
     pub container: String,
     /// CPU time used per second of wall time (1.0 = one CPU).
     pub cpu_cores: Option<f64>,
+    /// The columns from the eBPF receivers' collections (on the wire beside the others).
+    #[serde(flatten)]
+    pub kernel: KernelColumns,
+}
+
+/// The columns of a [`TopRow`] that come from eBPF probes, over the receivers' last collection
+/// interval. `None`: the probe behind it is off, no receiver collected twice yet, or (for
+/// quantiles) nothing was measured in the interval.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct KernelColumns {
     pub runq_latency_p50_seconds: Option<f64>,
     pub runq_latency_p99_seconds: Option<f64>,
     pub syscalls_per_second: Option<f64>,
@@ -379,6 +389,38 @@ mod tests {
         assert_eq!(back, hello);
         let end: Option<Hello> = read_line(&mut reader, &mut buffer).await.unwrap();
         assert_eq!(end, None);
+    }
+
+    #[test]
+    fn a_top_rows_kernel_columns_are_fields_of_the_row_on_the_wire() {
+        let row = TopRow {
+            namespace: "shop".into(),
+            pod: "web-0".into(),
+            container: String::new(),
+            cpu_cores: Some(0.5),
+            kernel: KernelColumns {
+                syscalls_per_second: Some(120.0),
+                ..Default::default()
+            },
+        };
+        let json = serde_json::to_value(&row).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "namespace": "shop", "pod": "web-0", "container": "", "cpu_cores": 0.5,
+                "runq_latency_p50_seconds": null, "runq_latency_p99_seconds": null,
+                "syscalls_per_second": 120.0, "opens_per_second": null,
+                "tcp_retransmits_per_second": null, "requests_per_second": null,
+                "request_latency_p99_seconds": null,
+            })
+        );
+        assert_eq!(serde_json::from_value::<TopRow>(json).unwrap(), row);
+        // An older agent's row without some columns still reads, those absent.
+        let old: TopRow =
+            serde_json::from_str(r#"{"pod":"web-0","cpu_cores":null,"opens_per_second":3.0}"#)
+                .unwrap();
+        assert_eq!(old.kernel.opens_per_second, Some(3.0));
+        assert_eq!(old.kernel.syscalls_per_second, None);
     }
 
     #[tokio::test]

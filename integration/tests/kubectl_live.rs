@@ -46,56 +46,101 @@ struct Live {
     server: FakeApiServer,
     _agent: AgentProcess,
     dir: tempfile::TempDir,
+    /// The agent's session endpoint on 127.0.0.1 (for `--agent-address`).
+    session_port: u16,
+}
+
+/// What the agent runs beside its session extension.
+#[derive(Default)]
+struct AgentExtras {
+    bpftrace: bool,
+    /// An ebpf receiver with the http probe, reporting to the session extension.
+    http_probe: bool,
+    /// A `k8s_metadata` extension watching the fake API server for node-a, named by the
+    /// session extension.
+    pod_names: bool,
 }
 
 impl Live {
     async fn start(nodes: &[&str], bpftrace: bool) -> Live {
+        Live::start_with(
+            nodes,
+            AgentExtras {
+                bpftrace,
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    async fn start_with(nodes: &[&str], extras: AgentExtras) -> Live {
         let session_port = free_port();
         let telemetry_port = free_port();
         let grpc_port = free_port();
+        let bpftrace = extras.bpftrace;
+        let (k8s_extension, session_names, extensions) = if extras.pod_names {
+            (
+                "  k8s_metadata:\n    auth_type: kubeConfig\n    filter:\n      node: node-a\n",
+                "    k8s_metadata: k8s_metadata\n",
+                "[k8s_metadata, session]",
+            )
+        } else {
+            ("", "", "[session]")
+        };
+        let (ebpf_receiver, metrics_receivers) = if extras.http_probe {
+            (
+                "  ebpf:\n    session: session\n    collection_interval: 1h\n    probes:\n      http: {}\n",
+                "[otlp, ebpf]",
+            )
+        } else {
+            ("", "[otlp]")
+        };
         let config = format!(
             r#"
 extensions:
-  session:
+{k8s_extension}  session:
     endpoint: 127.0.0.1:{session_port}
     max_sessions: 8
     node_name: node-a
     bpftrace: {{ enabled: {bpftrace}, path: bpftrace }}
-receivers:
-  otlp:
+{session_names}receivers:
+{ebpf_receiver}  otlp:
     protocols:
       grpc:
         endpoint: 127.0.0.1:{grpc_port}
 exporters:
   debug: {{}}
 service:
-  extensions: [session]
+  extensions: {extensions}
   telemetry:
     metrics:
       address: 127.0.0.1:{telemetry_port}
   pipelines:
     metrics:
-      receivers: [otlp]
+      receivers: {metrics_receivers}
       exporters: [debug]
 "#
         );
-        let agent = AgentProcess::start(
+        let server = FakeApiServer::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig);
+        let agent = AgentProcess::start_with_env(
             agent_binary().to_str().expect("UTF-8 path"),
             &config,
             telemetry_port,
+            &[("KUBECONFIG", kubeconfig.to_str().expect("UTF-8 path"))],
         )
         .await;
         podscope_testkit::pod_cgroup::wait_listening(session_port);
-        let server = FakeApiServer::start().await;
         for node in nodes {
             server.apply_pod(agent_pod(node, session_port));
         }
-        let dir = tempfile::tempdir().expect("temp dir");
-        server.write_kubeconfig(&dir.path().join("kubeconfig"));
         Live {
             server,
             _agent: agent,
             dir,
+            session_port,
         }
     }
 
@@ -652,8 +697,208 @@ async fn a_probe_the_agent_cannot_run_exits_7_with_its_reason() {
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
         stderr.starts_with(
-            "error: agent on node node-a: probe http is not available from this agent: "
+            "error: agent on node node-a: probe http is not available on node node-a: no ebpf receiver with the http probe reports to this session extension; enable the ebpf receiver's `http` probe"
         ),
         "{stderr}"
     );
+}
+
+/// Runs `sh -c script` in `pod` and waits for it (at most 60 s); its exit status.
+fn run_in(pod: &mut PodCgroup, script: &str) -> i32 {
+    let marker = std::env::temp_dir().join(format!(
+        "podscope-kubectl-{}",
+        podscope_testkit::pod_cgroup::unique_ids().1
+    ));
+    pod.spawn_shell(&format!("{script}; echo $? > {}", marker.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&marker) {
+            if status.ends_with('\n') {
+                let _ = std::fs::remove_file(&marker);
+                return status.trim().parse().expect("an exit status");
+            }
+        }
+        assert!(Instant::now() < deadline, "{script} did not finish in 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `status_server.py` of the receiver's http tests in `pod`, on a free port.
+fn python_server(pod: &mut PodCgroup) -> u16 {
+    let port = free_port();
+    let server =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../receiver/tests/http/status_server.py");
+    pod.spawn_shell(&format!(
+        "exec /usr/bin/python3 {} {port}",
+        server.display()
+    ));
+    podscope_testkit::pod_cgroup::wait_listening(port);
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_pod_http_prints_that_pods_exchanges_and_filters_on_status() {
+    let live = Live::start_with(
+        &["node-a"],
+        AgentExtras {
+            http_probe: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut web = PodCgroup::new();
+    let mut db = PodCgroup::new();
+    let mut client = PodCgroup::new();
+    live.apply_workload_pod("web-0", "node-a", "web", &web);
+    live.apply_workload_pod("db-0", "node-a", "db", &db);
+    let web_port = python_server(&mut web);
+    let db_port = python_server(&mut db);
+    let all =
+        Streaming::start(live.plugin(&["trace", "-n", "shop", "pod/web-0", "http", "-o", "json"]));
+    all.wait_tracing();
+    let errors = Streaming::start(live.plugin(&[
+        "trace",
+        "-n",
+        "shop",
+        "pod/web-0",
+        "http",
+        "-o",
+        "json",
+        "--filter",
+        "status>=400",
+    ]));
+    errors.wait_tracing();
+    let get = |port: u16, path: &str| format!("curl -s -o /dev/null http://127.0.0.1:{port}{path}");
+    let script = [
+        get(web_port, "/ok"),
+        get(web_port, "/ok"),
+        get(web_port, "/status/404"),
+        get(db_port, "/status/500"),
+        get(web_port, "/status/503/end"),
+    ];
+    assert_eq!(run_in(&mut client, &script.join(" && ")), 0);
+    let is_end = |e: &Value| e["fields"]["path"] == "/status/503/end";
+    let summary = |events: Vec<Value>| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}/{}/{} {} {} {} {}",
+                    e["node"].as_str().unwrap_or(""),
+                    e["namespace"].as_str().unwrap_or(""),
+                    e["pod"].as_str().unwrap_or(""),
+                    e["container"].as_str().unwrap_or(""),
+                    e["fields"]["role"].as_str().unwrap_or(""),
+                    e["fields"]["method"].as_str().unwrap_or(""),
+                    e["fields"]["path"].as_str().unwrap_or(""),
+                    e["fields"]["status"].as_str().unwrap_or(""),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        summary(all.events_until(is_end)),
+        [
+            "node-a shop/web-0/app server GET /ok 200",
+            "node-a shop/web-0/app server GET /ok 200",
+            "node-a shop/web-0/app server GET /status/404 404",
+            "node-a shop/web-0/app server GET /status/503/end 503",
+        ]
+    );
+    assert_eq!(
+        summary(errors.events_until(is_end)),
+        [
+            "node-a shop/web-0/app server GET /status/404 404",
+            "node-a shop/web-0/app server GET /status/503/end 503",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_node_top_names_pods_from_the_agents_k8s_metadata() {
+    let live = Live::start_with(
+        &["node-a"],
+        AgentExtras {
+            pod_names: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (uid, container) = podscope_testkit::pod_cgroup::unique_ids();
+    let mut web = PodCgroup::with_ids(&uid, &container);
+    web.spawn_shell("while :; do sleep 0.05; done");
+    let mut pod = pod(
+        "shop",
+        "web-0",
+        "node-a",
+        &[("app", "web")],
+        &[("app", &format!("containerd://{container}"))],
+    );
+    pod.metadata.uid = Some(uid.clone());
+    live.server.apply_pod(pod);
+    let address = format!("127.0.0.1:{}", live.session_port);
+    // Without a target, through --agent-address: the agent labels every container of its node
+    // itself. Its pod cache learns of web-0 through its watch: asked again until it has.
+    let deadline = Instant::now() + PATIENCE;
+    let row = loop {
+        let output = live
+            .run(&[
+                "top",
+                "containers",
+                "--once",
+                "--interval",
+                "200ms",
+                "-o",
+                "json",
+                "--agent-address",
+                &address,
+            ])
+            .await;
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let table: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+        let named = table["rows"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .find(|row| row["pod"] == "web-0")
+            .cloned();
+        if let Some(row) = named {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "no row named web-0 in {table:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        (&row["namespace"], &row["pod"], &row["container"]),
+        (&json!("shop"), &json!("web-0"), &json!("app"))
+    );
+    // A pod the cache does not know keeps its UID and short container id.
+    let (stranger_uid, stranger_container) = podscope_testkit::pod_cgroup::unique_ids();
+    let _stranger = PodCgroup::with_ids(&stranger_uid, &stranger_container);
+    let output = live
+        .run(&[
+            "top",
+            "containers",
+            "--once",
+            "--interval",
+            "200ms",
+            "-o",
+            "json",
+            "--agent-address",
+            &address,
+        ])
+        .await;
+    let table: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let stranger = table["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|row| row["pod"] == stranger_uid.as_str())
+        .unwrap_or_else(|| panic!("no row for the unknown pod in {table:#}"));
+    assert_eq!(stranger["namespace"], "");
+    assert_eq!(stranger["container"], stranger_container[..12]);
 }

@@ -119,7 +119,8 @@ pub struct TraceArgs {
     /// Stop after this long (e.g. 30s, 5m); default: until Ctrl-C.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub duration: Option<Duration>,
-    /// Keep only events whose FIELD equals VALUE (comm, pid or a probe field); repeatable.
+    /// Keep only events whose FIELD equals VALUE (comm, pid or a probe field; also FIELD!=VALUE,
+    /// and FIELD>=N, <=, >, < on numbers, e.g. status>=500); repeatable.
     #[arg(long = "filter", value_name = "FIELD=VALUE")]
     pub filters: Vec<String>,
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]

@@ -124,11 +124,11 @@ impl TopView {
         };
         let value = |row: &TopRow| match self.sort {
             SortKey::Cpu => row.cpu_cores,
-            SortKey::Runq => row.runq_latency_p99_seconds,
-            SortKey::Syscalls => row.syscalls_per_second,
-            SortKey::Opens => row.opens_per_second,
-            SortKey::Retransmits => row.tcp_retransmits_per_second,
-            SortKey::Requests => row.requests_per_second,
+            SortKey::Runq => row.kernel.runq_latency_p99_seconds,
+            SortKey::Syscalls => row.kernel.syscalls_per_second,
+            SortKey::Opens => row.kernel.opens_per_second,
+            SortKey::Retransmits => row.kernel.tcp_retransmits_per_second,
+            SortKey::Requests => row.kernel.requests_per_second,
             SortKey::Name => None,
         };
         rows.sort_by(|a, b| {
@@ -177,13 +177,13 @@ impl TopView {
                 }
                 cells.extend([
                     millicores(row.cpu_cores),
-                    latency(row.runq_latency_p50_seconds),
-                    latency(row.runq_latency_p99_seconds),
-                    rate(row.syscalls_per_second),
-                    rate(row.opens_per_second),
-                    rate(row.tcp_retransmits_per_second),
-                    rate(row.requests_per_second),
-                    latency(row.request_latency_p99_seconds),
+                    latency(row.kernel.runq_latency_p50_seconds),
+                    latency(row.kernel.runq_latency_p99_seconds),
+                    rate(row.kernel.syscalls_per_second),
+                    rate(row.kernel.opens_per_second),
+                    rate(row.kernel.tcp_retransmits_per_second),
+                    rate(row.kernel.requests_per_second),
+                    latency(row.kernel.request_latency_p99_seconds),
                 ]);
                 cells
             })
@@ -387,14 +387,18 @@ impl Drop for Terminal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podscope_core::session::KernelColumns;
 
     fn row(namespace: &str, pod: &str, cpu: Option<f64>, syscalls: f64) -> TopRow {
         TopRow {
             namespace: namespace.into(),
             pod: pod.into(),
             cpu_cores: cpu,
-            syscalls_per_second: Some(syscalls),
-            runq_latency_p99_seconds: Some(0.0021),
+            kernel: KernelColumns {
+                syscalls_per_second: Some(syscalls),
+                runq_latency_p99_seconds: Some(0.0021),
+                ..KernelColumns::default()
+            },
             ..TopRow::default()
         }
     }

@@ -729,7 +729,7 @@ fn top_once_has_the_target_containers_cpu() {
     );
     // A spinning shell uses CPU; how much depends on the machine's load.
     assert!(row.cpu_cores.is_some_and(|cores| cores > 0.0), "{row:?}");
-    assert_eq!(row.syscalls_per_second, None);
+    assert_eq!(row.kernel.syscalls_per_second, None);
     assert!(matches!(client.message(), Some(Message::End { .. })));
 }
 
@@ -858,21 +858,28 @@ fn top_kernel_columns_are_the_pods_opens_syscalls_and_run_queue_latency() {
     let row = top_once(&agent, &pod);
     // Exactly OPENS opens; an open and a close each, plus at most 50 more (the nanosleeps, the
     // exit, the end of the write that moved the child into the cgroup).
-    assert_rate_within(row.opens_per_second, OPENS as f64..=OPENS as f64, interval);
     assert_rate_within(
-        row.syscalls_per_second,
+        row.kernel.opens_per_second,
+        OPENS as f64..=OPENS as f64,
+        interval,
+    );
+    assert_rate_within(
+        row.kernel.syscalls_per_second,
         (2 * OPENS) as f64..=(2 * OPENS + OPENS / 10 + 50) as f64,
         interval,
     );
-    assert_eq!(row.tcp_retransmits_per_second, Some(0.0), "{row:?}");
+    assert_eq!(row.kernel.tcp_retransmits_per_second, Some(0.0), "{row:?}");
     let (p50, p99) = (
-        row.runq_latency_p50_seconds.expect("run-queue p50"),
-        row.runq_latency_p99_seconds.expect("run-queue p99"),
+        row.kernel.runq_latency_p50_seconds.expect("run-queue p50"),
+        row.kernel.runq_latency_p99_seconds.expect("run-queue p99"),
     );
     assert!(0.0 < p50 && p50 <= p99, "{row:?}");
     // The http probe is off.
     assert_eq!(
-        (row.requests_per_second, row.request_latency_p99_seconds),
+        (
+            row.kernel.requests_per_second,
+            row.kernel.request_latency_p99_seconds
+        ),
         (None, None)
     );
     agent.runtime.block_on(receiver.shutdown()).unwrap();
@@ -881,13 +888,17 @@ fn top_kernel_columns_are_the_pods_opens_syscalls_and_run_queue_latency() {
     let receiver = start_receiver(&agent, "ebpf/files_only", serde_json::json!({"files": {}}));
     let interval = open_between_collections(&agent, &receiver, &pod, OPENS);
     let row = top_once(&agent, &pod);
-    assert_rate_within(row.opens_per_second, OPENS as f64..=OPENS as f64, interval);
+    assert_rate_within(
+        row.kernel.opens_per_second,
+        OPENS as f64..=OPENS as f64,
+        interval,
+    );
     assert_eq!(
         (
-            row.runq_latency_p50_seconds,
-            row.runq_latency_p99_seconds,
-            row.syscalls_per_second,
-            row.tcp_retransmits_per_second,
+            row.kernel.runq_latency_p50_seconds,
+            row.kernel.runq_latency_p99_seconds,
+            row.kernel.syscalls_per_second,
+            row.kernel.tcp_retransmits_per_second,
         ),
         (None, None, None, None),
         "{row:?}"
@@ -1117,5 +1128,152 @@ fn trace_tcp_accept_and_close_name_the_server_side_and_durations() {
     assert!(
         events.iter().all(|e| e.fields.contains_key("duration_ns")),
         "{events:?}"
+    );
+}
+
+/// Runs `sh -c script` in `pod` and waits for it (at most 60 s); its exit status.
+fn run_in(pod: &mut PodCgroup, script: &str) -> i32 {
+    let marker = std::env::temp_dir().join(format!(
+        "podscope-session-{}",
+        podscope_testkit::pod_cgroup::unique_ids().1
+    ));
+    pod.spawn_shell(&format!("{script}; echo $? > {}", marker.display()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&marker) {
+            if status.ends_with('\n') {
+                let _ = std::fs::remove_file(&marker);
+                return status.trim().parse().unwrap();
+            }
+        }
+        assert!(Instant::now() < deadline, "{script} did not finish in 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A pod running the http probe tests' `status_server.py` on a free port: its pid and port.
+fn python_server(pod: &mut PodCgroup) -> (u32, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/http/status_server.py");
+    // `exec`: the shell's pid becomes the server's.
+    let pid = pod.spawn_shell(&format!(
+        "exec /usr/bin/python3 {} {port}",
+        server.display()
+    ));
+    podscope_testkit::pod_cgroup::wait_listening(port);
+    (pid, port)
+}
+
+#[test]
+fn trace_http_streams_exactly_the_pods_exchanges_and_filters_on_status() {
+    let agent = Agent::start(|_| {});
+    let mut web = PodCgroup::new();
+    let mut other = PodCgroup::new();
+    let mut client = PodCgroup::new();
+    let receiver = start_receiver(&agent, "ebpf", serde_json::json!({"http": {}}));
+    let (web_pid, web_port) = python_server(&mut web);
+    let (_, other_port) = python_server(&mut other);
+    let mut all = agent.connect();
+    accepted(&all.hello(trace(TraceProbe::Http, vec![target(&web, "web-0")])));
+    let mut not_found = agent.connect();
+    accepted(&not_found.hello(Request::Trace {
+        probe: TraceProbe::Http,
+        targets: vec![target(&web, "web-0")],
+        filters: vec!["status=404".to_string()],
+        duration: None,
+    }));
+    // 5 × 200 and 3 × 404 from web-0, 2 from the other pod, then web-0's marker (a 404 too,
+    // on a path of its own): the exchanges reach a session in the order they were read.
+    let get = |port: u16, path: &str| format!("curl -s -o /dev/null http://127.0.0.1:{port}{path}");
+    let mut script = Vec::new();
+    script.extend((0..5).map(|_| get(web_port, "/ok")));
+    script.extend((0..3).map(|_| get(web_port, "/status/404")));
+    script.extend((0..2).map(|_| get(other_port, "/ok")));
+    script.push(get(web_port, "/status/404/end"));
+    assert_eq!(run_in(&mut client, &script.join(" && ")), 0);
+
+    let is_marker = |e: &Event| e.fields["path"] == "/status/404/end";
+    let events = all.events_until(is_marker);
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}/{} {} {} {} {} {}",
+                e.namespace,
+                e.pod,
+                e.container,
+                e.fields["role"],
+                e.fields["method"],
+                e.fields["path"],
+                e.fields["route"],
+                e.fields["status"]
+            )
+        })
+        .collect();
+    let mut expected = vec!["shop/web-0/app server GET /ok /ok 200".to_string(); 5];
+    expected.extend(vec![
+        "shop/web-0/app server GET /status/404 /status/{id} 404"
+            .to_string();
+        3
+    ]);
+    expected.push("shop/web-0/app server GET /status/404/end /status/{id}/end 404".to_string());
+    assert_eq!(summary, expected);
+    for event in &events {
+        assert_eq!(event.probe, TraceProbe::Http);
+        assert_eq!(event.node, "node-under-test");
+        assert_eq!((event.pid, event.comm.as_str()), (web_pid, "python3"));
+        // The peer is curl's end of the connection.
+        assert!(event.fields["peer"].starts_with("127.0.0.1:"), "{event:?}");
+        assert_ne!(event.fields["peer"], format!("127.0.0.1:{web_port}"));
+        assert!(event.fields["duration_ns"].parse::<u64>().unwrap() > 0);
+        assert_eq!(
+            (
+                event.fields["scheme"].as_str(),
+                event.fields["version"].as_str()
+            ),
+            ("http", "1.1")
+        );
+        assert_eq!(event.fields["trace_id"].len(), 32);
+        assert_eq!(event.fields["span_id"].len(), 16);
+    }
+    let times: Vec<u64> = events.iter().map(|e| e.time_unix_nano).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+
+    let events = not_found.events_until(is_marker);
+    let paths: Vec<(&str, &str)> = events
+        .iter()
+        .map(|e| (e.fields["path"].as_str(), e.fields["status"].as_str()))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("/status/404", "404"),
+            ("/status/404", "404"),
+            ("/status/404", "404"),
+            ("/status/404/end", "404")
+        ]
+    );
+    drop(all);
+    drop(not_found);
+    agent.runtime.block_on(receiver.shutdown()).unwrap();
+}
+
+#[test]
+fn trace_http_without_the_http_probe_names_the_fix() {
+    let agent = Agent::start(|_| {});
+    let pod = PodCgroup::new();
+    let mut client = agent.connect();
+    let message = refused(
+        client.hello(trace(TraceProbe::Http, vec![target(&pod, "web-0")])),
+        ErrorCode::ProbeUnavailable,
+    );
+    assert_eq!(
+        message,
+        "probe http is not available on node node-under-test: no ebpf receiver with the http probe reports to this session extension; enable the ebpf receiver's `http` probe (receivers.ebpf.probes.http) and name this extension in its `session:` setting"
     );
 }

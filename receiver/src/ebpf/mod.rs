@@ -494,6 +494,7 @@ impl Component for EbpfReceiver {
             cgroup_root: root.clone(),
             processes: self.processes.clone(),
             trace_links: self.trace_links(),
+            http_exchanges: session.as_ref().map(|s| s.http_exchanges()),
             // `container:` uprobes attach in new containers as their first process execs.
             new_containers: probes
                 .iter()

@@ -28,6 +28,10 @@ pub struct SessionConfig {
     pub btf_path: PathBuf,
     pub bpftrace: BpftraceConfig,
     pub trace_sessions: TraceSessionsConfig,
+    /// The `k8s_metadata` extension (in `service.extensions`, listed before this one) whose pod
+    /// cache names the pods and containers of what no target named: a whole-node trace, `top`
+    /// without targets. Without it those rows carry the pod UID and a short container id.
+    pub k8s_metadata: Option<String>,
     /// How profiles become files: given by the agent binary, not a setting.
     #[serde(skip)]
     pub profile_encoder: super::profile::ProfileEncoder,
@@ -70,6 +74,7 @@ impl Default for SessionConfig {
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             bpftrace: BpftraceConfig::default(),
             trace_sessions: TraceSessionsConfig::default(),
+            k8s_metadata: None,
             profile_encoder: Default::default(),
         }
     }
@@ -117,6 +122,16 @@ impl ComponentConfig for SessionConfig {
         }
         if self.bpftrace.path.as_os_str().is_empty() {
             errors.push(FieldError::new("bpftrace.path", "must not be empty"));
+        }
+        if let Some(extension) = &self.k8s_metadata {
+            match podscope_core::ComponentId::parse(extension) {
+                Ok(id) if id.type_name() == "k8s_metadata" => {}
+                Ok(_) => errors.push(FieldError::new(
+                    "k8s_metadata",
+                    format!("{extension:?} is not a k8s_metadata extension id"),
+                )),
+                Err(e) => errors.push(FieldError::new("k8s_metadata", e)),
+            }
         }
         if self.bpftrace.max_duration.is_zero() {
             errors.push(FieldError::new(

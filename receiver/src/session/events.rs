@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use podscope_core::session::{Event, TraceProbe};
 use podscope_ebpf::abi::{TraceEvent, TRACE_FLAG_DURATION};
 
+use super::exchanges::HttpExchange;
 use super::targets::CgroupLabels;
 use super::trace::probe_of_index;
 
@@ -33,6 +34,51 @@ pub fn to_event(
         comm: raw.comm(),
         fields: fields(probe, raw),
     })
+}
+
+/// The protocol's event of an http exchange, labelled: at the request's first bytes, with the
+/// process's `comm` as the caller read it.
+pub fn exchange_event(
+    exchange: &HttpExchange,
+    labels: &CgroupLabels,
+    node: &str,
+    clock_offset: u64,
+    comm: String,
+) -> Event {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut fields = BTreeMap::from([
+        ("role".to_string(), exchange.role.as_str().to_string()),
+        ("method".to_string(), exchange.method.clone()),
+        ("path".to_string(), exchange.path.clone()),
+        ("route".to_string(), exchange.route.clone()),
+        ("status".to_string(), exchange.status().to_string()),
+        ("duration_ns".to_string(), exchange.duration_ns.to_string()),
+        ("peer".to_string(), exchange.peer.to_string()),
+        (
+            "scheme".to_string(),
+            if exchange.tls { "https" } else { "http" }.to_string(),
+        ),
+        ("version".to_string(), exchange.version.to_string()),
+        ("trace_id".to_string(), hex(&exchange.trace_id)),
+        ("span_id".to_string(), hex(&exchange.span_id)),
+    ]);
+    if let Some(call) = &exchange.grpc {
+        fields.insert("grpc_service".to_string(), call.service.clone());
+        fields.insert("grpc_method".to_string(), call.method.clone());
+        fields.insert("http_status".to_string(), exchange.http_status.to_string());
+    }
+    Event {
+        time_unix_nano: exchange.start_ns.saturating_add(clock_offset),
+        node: node.to_string(),
+        namespace: labels.namespace.clone(),
+        pod: labels.pod.clone(),
+        container: labels.container.clone(),
+        probe: TraceProbe::Http,
+        pid: exchange.tgid,
+        tid: exchange.tid,
+        comm,
+        fields,
+    }
 }
 
 fn fields(probe: TraceProbe, raw: &TraceEvent) -> BTreeMap<String, String> {

@@ -11,6 +11,7 @@ use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, ExponentialHistogramDataPoint, ResourceMetrics,
 };
+use podscope_core::session::KernelColumns;
 
 /// The data points each column is read from.
 const RUNQ_LATENCY_NS: &str = "podscope.sched.runqueue.latency";
@@ -285,19 +286,6 @@ struct ReceiverFigures {
 /// What every receiver naming the extension handed it.
 #[derive(Debug, Default)]
 pub struct KernelFigures(Mutex<BTreeMap<String, ReceiverFigures>>);
-
-/// The kernel columns of one row (`None`: the probe behind it is off, no receiver collected
-/// twice yet, or — for quantiles — nothing was measured in the interval).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct KernelColumns {
-    pub runq_latency_p50_seconds: Option<f64>,
-    pub runq_latency_p99_seconds: Option<f64>,
-    pub syscalls_per_second: Option<f64>,
-    pub opens_per_second: Option<f64>,
-    pub tcp_retransmits_per_second: Option<f64>,
-    pub requests_per_second: Option<f64>,
-    pub request_latency_p99_seconds: Option<f64>,
-}
 
 impl KernelFigures {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ReceiverFigures>> {

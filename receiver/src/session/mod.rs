@@ -18,6 +18,7 @@
 mod bpftrace;
 mod config;
 mod events;
+mod exchanges;
 mod figures;
 mod filters;
 mod profile;
@@ -39,6 +40,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{BpftraceConfig, SessionConfig, TraceSessionsConfig};
 pub use events::signal_name;
+pub use exchanges::{ExchangeRole, ExchangeTap, GrpcCall, HttpExchange, PublisherGuard};
 pub use figures::{Distribution, Snapshot as KernelSnapshot};
 pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
@@ -54,7 +56,7 @@ pub const FACTORY: ExtensionFactory = ExtensionFactory {
 
 impl ExtensionBuilder for SessionConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>> {
-        let metadata = match self.trace_sessions.extension.as_deref() {
+        let trace_sessions = match self.trace_sessions.extension.as_deref() {
             Some(id) => {
                 let id = podscope_core::ComponentId::parse(id).map_err(anyhow::Error::msg)?;
                 Some(ctx.extensions.get::<podscope_k8s::K8sMetadata>(&id).with_context(|| {
@@ -66,24 +68,48 @@ impl ExtensionBuilder for SessionConfig {
             }
             None => None,
         };
-        let mut extension = SessionExtension::new(*self, &ctx);
-        extension.trace_sessions = metadata;
+        let pod_names = match &self.k8s_metadata {
+            None => None,
+            Some(extension) => {
+                let id =
+                    podscope_core::ComponentId::parse(extension).map_err(anyhow::Error::msg)?;
+                Some(
+                    ctx.extensions
+                        .get::<podscope_k8s::K8sMetadata>(&id)
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "extension {}: k8s_metadata: {e} (list it before {} in service.extensions)",
+                                ctx.id,
+                                ctx.id
+                            )
+                        })?,
+                )
+            }
+        };
+        let mut extension = SessionExtension::with_pod_names(*self, &ctx, pod_names);
+        extension.trace_sessions = trace_sessions;
         Ok(Arc::new(extension))
     }
 
-    /// `trace_sessions.extension` names the `k8s_metadata` extension it runs TraceSessions from.
+    /// `trace_sessions.extension` and `k8s_metadata` name `k8s_metadata` extensions.
     fn references(&self) -> Vec<podscope_core::ComponentReference> {
-        self.trace_sessions
-            .extension
-            .as_deref()
-            .and_then(|id| podscope_core::ComponentId::parse(id).ok())
-            .map(|id| podscope_core::ComponentReference {
-                field: "trace_sessions.extension".to_string(),
+        [
+            (
+                "trace_sessions.extension",
+                self.trace_sessions.extension.as_deref(),
+            ),
+            ("k8s_metadata", self.k8s_metadata.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| {
+            let id = podscope_core::ComponentId::parse(id?).ok()?;
+            Some(podscope_core::ComponentReference {
+                field: field.to_string(),
                 kind: podscope_core::ComponentKind::Extension,
                 id,
             })
-            .into_iter()
-            .collect()
+        })
+        .collect()
     }
 }
 
@@ -99,8 +125,12 @@ pub(crate) struct Shared {
     /// What eBPF receivers naming this extension reported: `<receiver>/<probe>` → `attached`
     /// or why it was skipped.
     pub reported_probes: Mutex<std::collections::BTreeMap<String, String>>,
+    /// The pod cache that names what no target named (`k8s_metadata`), if configured.
+    pub pod_names: Option<Arc<podscope_k8s::K8sMetadata>>,
     /// Those receivers' per-cgroup figures of their last two collections, for `top`.
     pub kernel_figures: figures::KernelFigures,
+    /// The http probes' exchanges, for `trace … http`.
+    pub http_exchanges: Arc<ExchangeTap>,
 }
 
 struct Running {
@@ -120,6 +150,16 @@ pub struct SessionExtension {
 
 impl SessionExtension {
     pub fn new(config: SessionConfig, ctx: &BuildContext) -> SessionExtension {
+        SessionExtension::with_pod_names(config, ctx, None)
+    }
+
+    /// With a `k8s_metadata` extension's pod cache to name the pods and containers of a
+    /// whole-node trace or `top` without targets.
+    pub fn with_pod_names(
+        config: SessionConfig,
+        ctx: &BuildContext,
+        pod_names: Option<Arc<podscope_k8s::K8sMetadata>>,
+    ) -> SessionExtension {
         let node = config.resolved_node_name(&ctx.host_name);
         let kernel = Arc::new(TraceKernel::new(&config.btf_path));
         let permits = Arc::new(tokio::sync::Semaphore::new(config.max_sessions as usize));
@@ -133,7 +173,9 @@ impl SessionExtension {
                 permits,
                 stopping: CancellationToken::new(),
                 reported_probes: Mutex::default(),
+                pod_names,
                 kernel_figures: figures::KernelFigures::default(),
+                http_exchanges: Arc::default(),
             }),
             running: Mutex::new(None),
             trace_sessions: None,
@@ -154,6 +196,11 @@ impl SessionExtension {
     /// The trace object's state (sessions, attached programs), for tests and status.
     pub fn trace_kernel(&self) -> Arc<TraceKernel> {
         self.shared.kernel.clone()
+    }
+
+    /// Where an eBPF receiver's http probe hands its exchanges to `trace … http` sessions.
+    pub fn http_exchanges(&self) -> Arc<ExchangeTap> {
+        self.shared.http_exchanges.clone()
     }
 
     /// An eBPF receiver's probes (probe → `attached` or `skipped: why`), for status.

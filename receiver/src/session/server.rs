@@ -14,7 +14,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::events::{clock_offset_ns, to_event};
+use super::events::{clock_offset_ns, exchange_event, to_event};
+use super::exchanges::{ExchangeSubscription, HttpExchange};
 use super::filters::EventFilter;
 use super::targets::{node_labels, resolve, CgroupLabels};
 use super::trace::{TraceRefusal, ALL_KERNEL_PROBES};
@@ -22,6 +23,8 @@ use super::Shared;
 
 /// The agent's version, as the plugin shows it.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// What to do when no http probe publishes its exchanges here.
+const HTTP_FIX: &str = "no ebpf receiver with the http probe reports to this session extension; enable the ebpf receiver's `http` probe (receivers.ebpf.probes.http) and name this extension in its `session:` setting";
 /// How often a trace says what it lost, when it lost something.
 const LOST_REPORT: Duration = Duration::from_secs(1);
 
@@ -293,10 +296,15 @@ fn status(shared: &Shared) -> AgentStatus {
             }
         }
     }
-    probes.insert(
-        "trace/http".to_string(),
-        "skipped: not served by the session endpoint yet (the ebpf receiver's http probe makes spans)".to_string(),
-    );
+    if shared.http_exchanges.has_publisher() {
+        trace_probes.push(TraceProbe::Http);
+        probes.insert(
+            "trace/http".to_string(),
+            "available (the exchanges of the ebpf receiver's http probe)".to_string(),
+        );
+    } else {
+        probes.insert("trace/http".to_string(), format!("skipped: {HTTP_FIX}"));
+    }
     for function in shared.kernel.attached() {
         probes.insert(format!("trace program {function}"), "attached".to_string());
     }
@@ -319,6 +327,86 @@ pub fn probe_name(probe: TraceProbe) -> String {
         .unwrap_or_else(|| format!("{probe:?}"))
 }
 
+/// Where a trace's events come from: the trace object's ring buffer, or the http probes'
+/// exchanges.
+enum Feed {
+    Kernel(super::trace::Subscription),
+    Http(ExchangeSubscription),
+}
+
+// Moved once from the channel to its event: boxing the larger kernel event would cost an
+// allocation per event for nothing.
+#[allow(clippy::large_enum_variant)]
+enum FeedItem {
+    Kernel(podscope_ebpf::abi::TraceEvent),
+    Http(HttpExchange),
+}
+
+impl FeedItem {
+    fn cgroup(&self) -> u64 {
+        match self {
+            FeedItem::Kernel(raw) => raw.cgroup_id,
+            FeedItem::Http(exchange) => exchange.cgroup,
+        }
+    }
+}
+
+impl Feed {
+    async fn recv(&mut self) -> Option<FeedItem> {
+        match self {
+            Feed::Kernel(s) => s.events.recv().await.map(FeedItem::Kernel),
+            Feed::Http(s) => s.exchanges.recv().await.map(FeedItem::Http),
+        }
+    }
+
+    fn lost_since(&mut self) -> u64 {
+        match self {
+            Feed::Kernel(s) => s.lost_since(),
+            Feed::Http(s) => s.lost_since(),
+        }
+    }
+
+    fn lost_reason(&self) -> &'static str {
+        match self {
+            Feed::Kernel(_) => "the kernel's ring buffer or this session's queue was full (events came faster than the client read them)",
+            Feed::Http(_) => "this session's queue was full (exchanges came faster than the client read them; the http probe's own losses are its receiver's ebpf_ring_lost)",
+        }
+    }
+
+    fn source_gone(&self) -> &'static str {
+        match self {
+            Feed::Kernel(_) => "the trace object was unloaded",
+            Feed::Http(_) => {
+                "the http probe's exchanges are no longer published (its receiver stopped)"
+            }
+        }
+    }
+}
+
+/// The `comm` of processes, read from `/proc` once per process (http exchanges carry only the
+/// pid).
+#[derive(Default)]
+struct ProcessNames(std::collections::HashMap<u32, String>);
+
+impl ProcessNames {
+    /// Enough for a node's processes; past it the cache starts over rather than grow.
+    const MAX: usize = 8192;
+
+    fn comm(&mut self, tgid: u32) -> String {
+        if self.0.len() >= Self::MAX {
+            self.0.clear();
+        }
+        self.0
+            .entry(tgid)
+            .or_insert_with(|| {
+                std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+                    .map(|c| c.trim_end().to_string())
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn trace(
     write: &mut OwnedWriteHalf,
@@ -329,10 +417,13 @@ async fn trace(
     duration: Option<Duration>,
     gone: &CancellationToken,
 ) -> std::io::Result<Outcome> {
-    if probe == TraceProbe::Http {
+    if probe == TraceProbe::Http && !shared.http_exchanges.has_publisher() {
         return Ok(Outcome::Refused(error(
             ErrorCode::ProbeUnavailable,
-            "probe http is not available from this agent: the session endpoint does not stream HTTP requests yet (the ebpf receiver's http probe exports them as spans)",
+            format!(
+                "probe http is not available on node {}: {HTTP_FIX}",
+                shared.node
+            ),
         )));
     }
     let filter = match EventFilter::parse(filters) {
@@ -357,20 +448,28 @@ async fn trace(
         }
     }
     let cgroups: Vec<u64> = labels.keys().copied().collect();
-    let mut subscription = match shared.kernel.subscribe(probe, cgroups, whole_node) {
-        Ok(subscription) => subscription,
-        Err(TraceRefusal::Unavailable(why)) => {
-            return Ok(Outcome::Refused(error(
-                ErrorCode::ProbeUnavailable,
-                format!(
-                    "probe {} is not available on node {}: {why}",
-                    probe_name(probe),
-                    shared.node
-                ),
-            )))
-        }
-        Err(TraceRefusal::Internal(why)) => {
-            return Ok(Outcome::Refused(error(ErrorCode::Internal, why)))
+    let mut feed = if probe == TraceProbe::Http {
+        Feed::Http(
+            shared
+                .http_exchanges
+                .subscribe((!whole_node).then(|| cgroups.into_iter().collect())),
+        )
+    } else {
+        match shared.kernel.subscribe(probe, cgroups, whole_node) {
+            Ok(subscription) => Feed::Kernel(subscription),
+            Err(TraceRefusal::Unavailable(why)) => {
+                return Ok(Outcome::Refused(error(
+                    ErrorCode::ProbeUnavailable,
+                    format!(
+                        "probe {} is not available on node {}: {why}",
+                        probe_name(probe),
+                        shared.node
+                    ),
+                )))
+            }
+            Err(TraceRefusal::Internal(why)) => {
+                return Ok(Outcome::Refused(error(ErrorCode::Internal, why)))
+            }
         }
     };
     write_welcome(write, shared).await?;
@@ -378,47 +477,58 @@ async fn trace(
     let deadline = duration.map(|d| tokio::time::Instant::now() + d);
     let mut lost_ticker = tokio::time::interval(LOST_REPORT);
     let mut index_refreshed = tokio::time::Instant::now();
+    let mut process_names = ProcessNames::default();
     loop {
-        let event = tokio::select! {
+        let item = tokio::select! {
             _ = gone.cancelled() => return Ok(Outcome::Ended(None)),
             _ = shared.stopping.cancelled() => return Ok(Outcome::Ended(Some(Ending::of(EndReason::AgentStopping)))),
             _ = sleep_until(deadline) => {
-                report_lost(write, &mut subscription).await?;
+                report_lost(write, &mut feed).await?;
                 return Ok(Outcome::Ended(Some(Ending::of(EndReason::Duration))));
             }
             _ = lost_ticker.tick() => {
-                report_lost(write, &mut subscription).await?;
+                report_lost(write, &mut feed).await?;
                 continue;
             }
-            event = subscription.events.recv() => event,
+            item = feed.recv() => item,
         };
-        let Some(raw) = event else {
+        let Some(item) = item else {
             return Ok(Outcome::Ended(Some(Ending {
                 reason: EndReason::Error,
-                error: Some(error(ErrorCode::Internal, "the trace object was unloaded")),
+                error: Some(error(ErrorCode::Internal, feed.source_gone())),
             })));
         };
-        let cgroup_labels = match labels.get(&raw.cgroup_id) {
+        let cgroup = item.cgroup();
+        let cgroup_labels = match labels.get(&cgroup) {
             Some(labels) => labels.clone(),
             None if whole_node => {
                 // A cgroup made since the last walk: walk again, at most once a second.
-                if index.path(raw.cgroup_id).is_none()
+                if index.path(cgroup).is_none()
                     && index_refreshed.elapsed() > Duration::from_secs(1)
                 {
                     index.refresh();
                     index_refreshed = tokio::time::Instant::now();
                 }
                 let found = index
-                    .path(raw.cgroup_id)
-                    .map(node_labels)
+                    .path(cgroup)
+                    .map(|path| node_labels(path, shared.pod_names.as_deref()))
                     .unwrap_or_default();
-                labels.insert(raw.cgroup_id, found.clone());
+                labels.insert(cgroup, found.clone());
                 found
             }
             None => CgroupLabels::default(),
         };
-        let Some(event) = to_event(&raw, &cgroup_labels, &shared.node, clock_offset) else {
-            continue;
+        let event = match item {
+            FeedItem::Kernel(raw) => {
+                let Some(event) = to_event(&raw, &cgroup_labels, &shared.node, clock_offset) else {
+                    continue;
+                };
+                event
+            }
+            FeedItem::Http(exchange) => {
+                let comm = process_names.comm(exchange.tgid);
+                exchange_event(&exchange, &cgroup_labels, &shared.node, clock_offset, comm)
+            }
         };
         if filter.matches(&event) {
             send_event(write, event).await?;
@@ -430,11 +540,8 @@ async fn send_event(write: &mut OwnedWriteHalf, event: Event) -> std::io::Result
     write_line(write, &Message::Event(event)).await
 }
 
-async fn report_lost(
-    write: &mut OwnedWriteHalf,
-    subscription: &mut super::trace::Subscription,
-) -> std::io::Result<()> {
-    let lost = subscription.lost_since();
+async fn report_lost(write: &mut OwnedWriteHalf, feed: &mut Feed) -> std::io::Result<()> {
+    let lost = feed.lost_since();
     if lost == 0 {
         return Ok(());
     }
@@ -442,7 +549,7 @@ async fn report_lost(
         write,
         &Message::Lost {
             count: lost,
-            reason: "the kernel's ring buffer or this session's queue was full (events came faster than the client read them)".to_string(),
+            reason: feed.lost_reason().to_string(),
         },
     )
     .await

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use podscope_core::session::Target;
 use podscope_k8s::cgroup::{parse_container_cgroup, CgroupIndex};
+use podscope_k8s::K8sMetadata;
 
 /// The names an event of a cgroup carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,10 +91,40 @@ pub fn resolve(
     Ok(resolved)
 }
 
-/// The labels of any cgroup of the node (a whole-node trace): pod UID and container id from its
-/// path where it names them (no Kubernetes names are known for cgroups no target named).
-pub fn node_labels(path: &str) -> CgroupLabels {
+/// The labels of any cgroup of the node (a whole-node trace, `top` without targets): the
+/// namespace, pod and container names from `pod_names` (a `k8s_metadata` pod cache) when it
+/// knows the pod UID of the path, else the pod UID and a short container id where the path
+/// names them.
+pub fn node_labels(path: &str, pod_names: Option<&K8sMetadata>) -> CgroupLabels {
     let parsed = parse_container_cgroup(path);
+    let named = pod_names
+        .zip(parsed.as_ref())
+        .and_then(|(metadata, parsed)| {
+            let uid = parsed.pod_uid.as_deref()?;
+            let found = metadata
+                .pods()
+                .by_pod_uid(uid, parsed.container_id.as_deref())?;
+            Some(CgroupLabels {
+                namespace: found.pod.namespace.to_string(),
+                pod: found.pod.name.to_string(),
+                container: found
+                    .container
+                    .map(|i| found.pod.containers[i].name.to_string())
+                    .unwrap_or_default(),
+            })
+        });
+    if let Some(named) = named {
+        // A container the pod's status does not list yet keeps its short id.
+        if named.container.is_empty() {
+            if let Some(id) = parsed.as_ref().and_then(|c| c.container_id.as_deref()) {
+                return CgroupLabels {
+                    container: id[..12.min(id.len())].to_string(),
+                    ..named
+                };
+            }
+        }
+        return named;
+    }
     CgroupLabels {
         namespace: String::new(),
         pod: parsed
@@ -121,13 +152,14 @@ mod tests {
     #[test]
     fn node_labels_name_the_pod_uid_and_short_container_id() {
         let id = "a".repeat(64);
-        let labels = node_labels(&format!(
+        let labels = node_labels(
+            &format!(
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0f1e2d3c_4b5a_6978_8796_a5b4c3d2e1f0.slice/cri-containerd-{id}.scope"
-        ));
+        ), None);
         assert_eq!(labels.pod, "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0");
         assert_eq!(labels.container, "aaaaaaaaaaaa");
         assert_eq!(
-            node_labels("/system.slice/sshd.service"),
+            node_labels("/system.slice/sshd.service", None),
             CgroupLabels::default()
         );
     }

@@ -49,7 +49,7 @@ pub async fn serve(
     }
     let root = cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into());
     let mut index = CgroupIndex::new(root);
-    let mut sources = match row_sources(&mut index, scope, targets, &shared.node) {
+    let mut sources = match row_sources(&mut index, scope, targets, shared) {
         Ok(sources) => sources,
         Err(e) => return Ok(Outcome::Refused(error(ErrorCode::TargetNotFound, e))),
     };
@@ -80,13 +80,7 @@ pub async fn serve(
                         }
                         _ => None,
                     },
-                    runq_latency_p50_seconds: kernel.runq_latency_p50_seconds,
-                    runq_latency_p99_seconds: kernel.runq_latency_p99_seconds,
-                    syscalls_per_second: kernel.syscalls_per_second,
-                    opens_per_second: kernel.opens_per_second,
-                    tcp_retransmits_per_second: kernel.tcp_retransmits_per_second,
-                    requests_per_second: kernel.requests_per_second,
-                    request_latency_p99_seconds: kernel.request_latency_p99_seconds,
+                    kernel,
                 }
             })
             .collect();
@@ -101,7 +95,7 @@ pub async fn serve(
         }
         // Without targets the node's containers come and go: look again.
         if targets.is_empty() && scope != TopScope::Nodes {
-            if let Ok(fresh) = row_sources(&mut index, scope, targets, &shared.node) {
+            if let Ok(fresh) = row_sources(&mut index, scope, targets, shared) {
                 sources = fresh;
             }
         }
@@ -113,7 +107,7 @@ fn row_sources(
     index: &mut CgroupIndex,
     scope: TopScope,
     targets: &[Target],
-    node: &str,
+    shared: &Shared,
 ) -> Result<Vec<RowSource>, String> {
     if scope == TopScope::Nodes {
         return Ok(vec![RowSource {
@@ -123,7 +117,7 @@ fn row_sources(
     }
     index.refresh();
     if !targets.is_empty() {
-        let containers = resolve(index, targets, node)?;
+        let containers = resolve(index, targets, &shared.node)?;
         return Ok(match scope {
             TopScope::Containers => containers
                 .into_iter()
@@ -173,7 +167,7 @@ fn row_sources(
             }
         })
         .map(|(_, path)| {
-            let mut labels = node_labels(path);
+            let mut labels = node_labels(path, shared.pod_names.as_deref());
             if scope == TopScope::Pods {
                 labels.container.clear();
             }

@@ -286,6 +286,9 @@ pub struct StartContext {
     /// the profiling probe's trace link. Only when both run in this receiver and both signals
     /// have pipelines.
     pub trace_links: Option<profiling::trace_link::TraceLinks>,
+    /// Where the http probe hands its exchanges to live `trace … http` sessions: the `session`
+    /// extension the receiver names, if any.
+    pub http_exchanges: Option<Arc<crate::session::ExchangeTap>>,
 }
 
 /// One collection: the data points being built and the cgroups with entries in any map.

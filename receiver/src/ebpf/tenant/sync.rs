@@ -345,6 +345,8 @@ impl TenantSync {
             // A Probe instance's spans and profiles are not linked (its own http and profiling
             // probes would need an index of their own; not done).
             trace_links: None,
+            // A Probe instance reports to no session extension.
+            http_exchanges: None,
         };
         let mut tasks = Vec::new();
         for p in &mut probes {

@@ -29,6 +29,7 @@ use crate::ebpf::probes::profiling::trace_link::{
 };
 use crate::ebpf::probes::StartContext;
 use crate::ebpf::CgroupIndex;
+use crate::session::{ExchangeRole, ExchangeTap, GrpcCall, HttpExchange, PublisherGuard};
 
 /// Spans that make the task send a batch before the next poll.
 const FLUSH_SPANS: usize = 4096;
@@ -56,6 +57,8 @@ pub struct ExchangePipeline {
     pub spans: Vec<(u64, Span)>,
     /// The profiling probe's trace link, when on: what this drain changed in who serves what.
     links: Option<(TraceLinks, Vec<RequestChange>)>,
+    /// The session extension's live `trace … http` sessions, when the receiver names one.
+    tap: Option<Arc<ExchangeTap>>,
 }
 
 impl ExchangePipeline {
@@ -68,7 +71,13 @@ impl ExchangePipeline {
             exchanges: Vec::new(),
             spans: Vec::new(),
             links: None,
+            tap: None,
         }
+    }
+
+    /// Hands every exchange, from now on, to the `trace … http` sessions of `tap` that want it.
+    pub fn tap_exchanges(&mut self, tap: Arc<ExchangeTap>) {
+        self.tap = Some(tap);
     }
 
     /// Publishes to `links`, from now on, which thread serves which request when.
@@ -107,6 +116,8 @@ impl ExchangePipeline {
             return;
         }
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        // One atomic load when no session listens.
+        let live = self.tap.as_deref().and_then(ExchangeTap::publishing);
         for exchange in self.exchanges.drain(..) {
             let path = shared.router.redact(&exchange.request.path);
             let route = match (exchange.kind, &exchange.rpc) {
@@ -118,6 +129,9 @@ impl ExchangePipeline {
             let seconds = exchange.end_ns.saturating_sub(exchange.start_ns) as f64 / 1e9;
             record_red(&mut shared.red, &exchange, &route, seconds);
             let sent = self.sampler.keeps(&exchange.ids.trace_id);
+            if let Some(live) = live.as_ref().filter(|l| l.wants(exchange.cgroup)) {
+                live.publish(&live_exchange(&exchange, &path, &route));
+            }
             if let (Some((_, answered)), SpanKind::Server) = (&mut self.links, exchange.kind) {
                 answered.push(RequestChange::Answered {
                     tgid: exchange.tgid,
@@ -137,6 +151,36 @@ impl ExchangePipeline {
                 self.spans.push((exchange.cgroup, span));
             }
         }
+    }
+}
+
+/// What a `trace … http` session shows of an exchange.
+fn live_exchange(exchange: &Exchange, path: &str, route: &str) -> HttpExchange {
+    let peer = exchange.socket.remote;
+    HttpExchange {
+        cgroup: exchange.cgroup,
+        start_ns: exchange.start_ns,
+        duration_ns: exchange.end_ns.saturating_sub(exchange.start_ns),
+        tgid: exchange.tgid,
+        tid: exchange.tid,
+        role: match exchange.kind {
+            SpanKind::Server => ExchangeRole::Server,
+            SpanKind::Client => ExchangeRole::Client,
+        },
+        method: exchange.request.method.clone(),
+        path: path.to_string(),
+        route: route.to_string(),
+        version: exchange.request.version,
+        tls: exchange.tls,
+        http_status: exchange.status,
+        grpc: exchange.rpc.as_ref().map(|rpc| GrpcCall {
+            service: rpc.service.clone(),
+            method: rpc.method.clone(),
+            status_code: rpc.status_code,
+        }),
+        peer: std::net::SocketAddr::new(peer.address, peer.port),
+        trace_id: exchange.ids.trace_id,
+        span_id: exchange.ids.span_id,
     }
 }
 
@@ -223,6 +267,8 @@ pub struct EventReader {
     counters: ReaderCounters,
     /// Says the trace link's publisher is gone when the reader ends.
     _link_attachment: Option<ReaderAttachment>,
+    /// Says the `trace … http` sessions' publisher is gone when the reader ends.
+    _tap_attachment: Option<PublisherGuard>,
 }
 
 impl EventReader {
@@ -241,6 +287,10 @@ impl EventReader {
             pipeline.link_traces(links.clone());
             links.attach_reader()
         });
+        let tap_attachment = ctx.http_exchanges.as_ref().map(|tap| {
+            pipeline.tap_exchanges(tap.clone());
+            tap.attach_publisher()
+        });
         Ok(EventReader {
             ring,
             pipeline,
@@ -251,6 +301,7 @@ impl EventReader {
             poll: config.event_poll_interval,
             counters,
             _link_attachment: attachment,
+            _tap_attachment: tap_attachment,
         })
     }
 
