@@ -201,6 +201,9 @@ for helm_major in 3 4; do
   # The RBAC is derived from auth_type: a misspelt one must not silently grant nothing.
   check "helm$helm_major refuses an unknown k8sattributes auth_type" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set config.processors.k8sattributes.auth_type=serviceaccount 2>\"$OUT/refusal.log\" && grep -q 'auth_type: .serviceaccount. is not one of serviceAccount, kubeConfig, none' \"$OUT/refusal.log\""
+  # TraceSessions need a k8s_metadata extension that runs and knows every namespace's pods.
+  check "helm$helm_major refuses session.traceSessions.extension naming no running k8s_metadata extension" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set session.traceSessions.extension=k8s_metadata 2>\"$OUT/refusal.log\" && grep -q 'is not a k8s_metadata extension listed in config.service.extensions' \"$OUT/refusal.log\""
   # A Role is created in filter.namespace, which must be a name the chart can see.
   check "helm$helm_major refuses filter.namespace from an env var" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""
