@@ -484,9 +484,16 @@ pub async fn get(context: &mut Context, args: GetArgs) -> Result<(), PluginError
         }
         (objects, args.names.len() == 1)
     };
+    // A list's items come without apiVersion and kind (the list has them): kubectl puts them
+    // back, so each printed object can be applied as it is.
     let values: Vec<Value> = objects
         .into_iter()
-        .map(|o| serde_json::to_value(o).unwrap_or(Value::Null))
+        .map(|o| {
+            let mut value = serde_json::to_value(o).unwrap_or(Value::Null);
+            value["apiVersion"] = json!(format!("{GROUP}/{VERSION}"));
+            value["kind"] = json!("TraceSession");
+            value
+        })
         .collect();
     let now = SystemTime::now();
     match args.output {
