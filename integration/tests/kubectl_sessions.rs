@@ -229,27 +229,72 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
     }));
     let cases: [(&[&str], Value); 5] = [
         (
-            &["run", "s1", "-n", "shop", "deploy/web", "open", "--duration", "90s"],
+            &[
+                "run",
+                "s1",
+                "-n",
+                "shop",
+                "deploy/web",
+                "open",
+                "--duration",
+                "90s",
+            ],
             json!({"targets": {"podSelector": selector}, "probes": ["open"], "duration": "1m 30s"}),
         ),
         (
-            &["run", "s2", "-n", "shop", "sts/db", "tcp_close", "tcp-close", "exit"],
+            &[
+                "run",
+                "s2",
+                "-n",
+                "shop",
+                "sts/db",
+                "tcp_close",
+                "tcp-close",
+                "exit",
+            ],
             json!({"targets": {"podSelector": {"matchLabels": {"app": "db"}}},
                    "probes": ["tcp_close", "exit"], "duration": "5m"}),
         ),
         (
-            &["run", "s3", "-n", "shop", "pod/web-0", "exec", "--deadline", "2099-01-01T00:00:00Z"],
+            &[
+                "run",
+                "s3",
+                "-n",
+                "shop",
+                "pod/web-0",
+                "exec",
+                "--deadline",
+                "2099-01-01T00:00:00Z",
+            ],
             json!({"targets": {"pods": ["web-0"]}, "probes": ["exec"],
                    "deadline": "2099-01-01T00:00:00Z"}),
         ),
         // namespace/name of the session's own namespace, as the CRD's pods accept it.
         (
-            &["run", "s4", "-n", "shop", "pod/shop/web-1", "signal", "--schedule", "*/5 * * * *", "--export"],
+            &[
+                "run",
+                "s4",
+                "-n",
+                "shop",
+                "pod/shop/web-1",
+                "signal",
+                "--schedule",
+                "*/5 * * * *",
+                "--export",
+            ],
             json!({"targets": {"pods": ["web-1"]}, "probes": ["signal"], "duration": "5m",
                    "schedule": "*/5 * * * *", "export": true}),
         ),
         (
-            &["run", "s5", "-n", "shop", "-l", "app=web,tier!=db,canary", "oom-kill"],
+            &[
+                "run",
+                "s5",
+                "-n",
+                "shop",
+                "-l",
+                "app=web,tier!=db,canary",
+                "oom-kill",
+            ],
             json!({"targets": {"podSelector": {
                       "matchLabels": {"app": "web"},
                       "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["db"]},
@@ -275,8 +320,17 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
     // --dry-run=client prints the object and creates nothing.
     let output = cluster
         .run(&[
-            "run", "dry", "-n", "shop", "pod/web-0", "exec", "--duration", "30s",
-            "--dry-run=client", "-o", "yaml",
+            "run",
+            "dry",
+            "-n",
+            "shop",
+            "pod/web-0",
+            "exec",
+            "--duration",
+            "30s",
+            "--dry-run=client",
+            "-o",
+            "yaml",
         ])
         .await;
     exits(&output, 0);
@@ -393,7 +447,9 @@ async fn get_prints_the_crds_columns_like_kubectl() {
          db-opens   <none>   open              <none>         <none>  2d3h\n\
          web-execs  Running  exec,tcp_connect  node-a,node-b  20      3h10m\n"
     );
-    let output = cluster.run(&["get", "-n", "shop", "web-execs", "-o", "wide"]).await;
+    let output = cluster
+        .run(&["get", "-n", "shop", "web-execs", "-o", "wide"])
+        .await;
     exits(&output, 0);
     assert_eq!(
         text(&output.stdout),
@@ -416,7 +472,9 @@ async fn get_prints_the_crds_columns_like_kubectl() {
         "tracesession.podscope.dev/db-opens\ntracesession.podscope.dev/web-execs\n"
     );
     // -o json: the object as the server holds it; several as a List.
-    let output = cluster.run(&["get", "-n", "shop", "web-execs", "-o", "json"]).await;
+    let output = cluster
+        .run(&["get", "-n", "shop", "web-execs", "-o", "json"])
+        .await;
     exits(&output, 0);
     let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON");
     assert_eq!(
@@ -429,13 +487,19 @@ async fn get_prints_the_crds_columns_like_kubectl() {
     assert_eq!(listed["kind"], "List");
     assert_eq!(
         listed["items"],
-        json!([cluster.server.custom("TraceSession", "dev", "api-signals").unwrap()])
+        json!([cluster
+            .server
+            .custom("TraceSession", "dev", "api-signals")
+            .unwrap()])
     );
 
     let output = cluster.run(&["get", "-n", "empty"]).await;
     exits(&output, 0);
     assert_eq!(text(&output.stdout), "");
-    assert_eq!(text(&output.stderr), "No resources found in empty namespace.\n");
+    assert_eq!(
+        text(&output.stderr),
+        "No resources found in empty namespace.\n"
+    );
     let output = cluster.run(&["get", "-n", "shop", "nope"]).await;
     exits(&output, 3);
     assert_eq!(
@@ -447,8 +511,10 @@ async fn get_prints_the_crds_columns_like_kubectl() {
 #[tokio::test]
 async fn describe_shows_the_spec_the_merged_status_and_each_node() {
     let cluster = cluster_with_sessions().await;
-    let created = cluster.server.custom("TraceSession", "shop", "web-execs").unwrap()["metadata"]
-        ["creationTimestamp"]
+    let created = cluster
+        .server
+        .custom("TraceSession", "shop", "web-execs")
+        .unwrap()["metadata"]["creationTimestamp"]
         .as_str()
         .unwrap()
         .to_string();
@@ -493,7 +559,10 @@ async fn describe_shows_the_spec_the_merged_status_and_each_node() {
         ),
         "{described}"
     );
-    assert!(described.ends_with("Nodes:                <none>\n"), "{described}");
+    assert!(
+        described.ends_with("Nodes:                <none>\n"),
+        "{described}"
+    );
     let output = cluster.run(&["describe", "-n", "dev", "web-execs"]).await;
     exits(&output, 3);
     assert_eq!(
@@ -513,9 +582,18 @@ async fn delete_removes_the_session_and_a_missing_one_exits_3() {
         text(&output.stdout),
         "tracesession.podscope.dev \"web-execs\" deleted\ntracesession.podscope.dev \"db-opens\" deleted\n"
     );
-    assert_eq!(cluster.server.custom("TraceSession", "shop", "web-execs"), None);
-    assert_eq!(cluster.server.custom("TraceSession", "shop", "db-opens"), None);
-    assert!(cluster.server.custom("TraceSession", "dev", "api-signals").is_some());
+    assert_eq!(
+        cluster.server.custom("TraceSession", "shop", "web-execs"),
+        None
+    );
+    assert_eq!(
+        cluster.server.custom("TraceSession", "shop", "db-opens"),
+        None
+    );
+    assert!(cluster
+        .server
+        .custom("TraceSession", "dev", "api-signals")
+        .is_some());
     let output = cluster.run(&["delete", "-n", "shop", "web-execs"]).await;
     exits(&output, 3);
     assert_eq!(
@@ -563,7 +641,10 @@ async fn promote_creates_exactly_the_probe_the_session_stands_for() {
     let probes_schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
         ["spec"]["properties"]["probes"]["properties"];
     for name in ["tcp", "files", "http"] {
-        assert!(probes_schema[name].is_object(), "the Probe CRD has no {name}");
+        assert!(
+            probes_schema[name].is_object(),
+            "the Probe CRD has no {name}"
+        );
     }
 
     // The same name again: exit 1, saying how to choose another.
@@ -578,7 +659,15 @@ async fn promote_creates_exactly_the_probe_the_session_stands_for() {
 
     // --dry-run=client: printed, not created; the default name is the session's.
     let output = cluster
-        .run(&["promote", "tsess/web-net", "-n", "shop", "--dry-run=client", "-o", "json"])
+        .run(&[
+            "promote",
+            "tsess/web-net",
+            "-n",
+            "shop",
+            "--dry-run=client",
+            "-o",
+            "json",
+        ])
         .await;
     exits(&output, 0);
     let printed: Value = serde_json::from_slice(&output.stdout).expect("JSON");
@@ -647,10 +736,9 @@ async fn promote_refuses_what_a_probe_cannot_take_naming_it() {
 /// release `podscope` (its template lines are the name and labels only; scripts/test-helm.sh
 /// checks the rendered rules).
 fn chart_tracesession_editor() -> Value {
-    let template = std::fs::read_to_string(chart_file(
-        "templates/clusterrole-tracesession-editor.yaml",
-    ))
-    .expect("the chart's tracesession-editor template");
+    let template =
+        std::fs::read_to_string(chart_file("templates/clusterrole-tracesession-editor.yaml"))
+            .expect("the chart's tracesession-editor template");
     let rendered: String = template
         .lines()
         .filter(|line| !line.trim_start().starts_with("{{"))
@@ -692,7 +780,10 @@ async fn the_tracesession_editor_role_bound_in_a_namespace_runs_sessions_there_o
         let output = cluster.run(args).await;
         exits(&output, 0);
     }
-    assert_eq!(cluster.server.custom("TraceSession", "shop", "web-execs"), None);
+    assert_eq!(
+        cluster.server.custom("TraceSession", "shop", "web-execs"),
+        None
+    );
 
     // Another namespace: exit 5, naming what was refused and the role that grants it.
     let output = cluster
@@ -722,7 +813,9 @@ async fn the_tracesession_editor_role_bound_in_a_namespace_runs_sessions_there_o
         json!({"targets": {"podSelector": {"matchLabels": {"app": "web"}}},
                "probes": ["tcp_connect"], "duration": "10m"}),
     ));
-    let output = cluster.run(&["promote", "session/web-net", "-n", "shop"]).await;
+    let output = cluster
+        .run(&["promote", "session/web-net", "-n", "shop"])
+        .await;
     exits(&output, 5);
     let stderr = text(&output.stderr);
     assert!(

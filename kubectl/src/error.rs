@@ -19,7 +19,9 @@ pub enum PluginError {
         namespace: String,
         selector: String,
     },
-    #[error("RBAC denied: you may not {verb} {resource}{scope}. The API server said: {message}\n{hint}")]
+    #[error(
+        "RBAC denied: you may not {verb} {resource}{scope}. The API server said: {message}\n{hint}"
+    )]
     Forbidden {
         verb: String,
         resource: String,

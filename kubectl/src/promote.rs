@@ -55,7 +55,9 @@ pub fn continuous_probe(trace_probe: &str) -> Result<&'static str, &'static str>
 /// The Probe for `session` (a TraceSession as the server returned it), named `name`.
 pub fn probe_for(session: &Value, name: &str) -> Result<Value, PluginError> {
     let session_name = session["metadata"]["name"].as_str().unwrap_or_default();
-    let namespace = session["metadata"]["namespace"].as_str().unwrap_or_default();
+    let namespace = session["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default();
     let spec = &session["spec"];
     let refuse = |why: String| {
         PluginError::Usage(format!(
@@ -88,7 +90,10 @@ pub fn probe_for(session: &Value, name: &str) -> Result<Value, PluginError> {
         ));
     }
     let targets = &spec["targets"];
-    if targets["pods"].as_array().is_some_and(|pods| !pods.is_empty()) {
+    if targets["pods"]
+        .as_array()
+        .is_some_and(|pods| !pods.is_empty())
+    {
         return Err(refuse(format!(
             "spec.targets.pods ({}): a Probe selects pods by label only (its podSelector); \
              run the session with -l SELECTOR or deploy/NAME to promote it",
@@ -167,7 +172,13 @@ pub async fn promote(context: &mut Context, args: PromoteArgs) -> Result<(), Plu
         .map_err(|e| PluginError::Other(anyhow::anyhow!("reading the TraceSession: {e}")))?;
     let probe = probe_for(&session, &probe_name)?;
     if args.dry_run == DryRun::Client {
-        sessions::print_created(&probe, PROBE_RESOURCE, &probe_name, args.output, " (dry run)");
+        sessions::print_created(
+            &probe,
+            PROBE_RESOURCE,
+            &probe_name,
+            args.output,
+            " (dry run)",
+        );
         return Ok(());
     }
     let resource = ApiResource::from_gvk_with_plural(
@@ -263,6 +274,9 @@ mod tests {
         assert_eq!(session_name("session/web").unwrap(), "web");
         assert_eq!(session_name("tsess/web").unwrap(), "web");
         assert!(matches!(session_name("web"), Err(PluginError::Usage(_))));
-        assert!(matches!(session_name("pod/web"), Err(PluginError::Usage(_))));
+        assert!(matches!(
+            session_name("pod/web"),
+            Err(PluginError::Usage(_))
+        ));
     }
 }

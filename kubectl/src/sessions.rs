@@ -218,7 +218,9 @@ async fn session_targets(
     };
     let spec = TargetSpec::parse(target.as_deref(), selector)?;
     let client = context.client().await?.0;
-    let workload_selector = |selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    let workload_selector = |selector: Option<
+        &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+    >,
                              what: &str| {
         let selector = selector
             .filter(|s| s.match_labels.is_some() || s.match_expressions.is_some())
@@ -269,9 +271,7 @@ async fn session_targets(
 /// `app=web,tier!=db,env in (a,b),canary,!legacy` as a LabelSelector (matchLabels for `=`,
 /// matchExpressions for the rest), as the CRD's podSelector holds it.
 pub fn parse_selector(text: &str) -> Result<Value, PluginError> {
-    let bad = |term: &str, why: &str| {
-        PluginError::Usage(format!("-l {text:?}: {term:?} {why}"))
-    };
+    let bad = |term: &str, why: &str| PluginError::Usage(format!("-l {text:?}: {term:?} {why}"));
     let mut labels = Map::new();
     let mut expressions = Vec::new();
     for term in split_terms(text) {
@@ -293,15 +293,17 @@ pub fn parse_selector(text: &str) -> Result<Value, PluginError> {
         } else if let Some((key, rest)) = term.split_once(" in ") {
             expressions.push(set("In", key, rest)?);
         } else if let Some((key, value)) = term.split_once("!=") {
-            expressions.push(
-                json!({"key": key.trim(), "operator": "NotIn", "values": [value.trim()]}),
-            );
+            expressions
+                .push(json!({"key": key.trim(), "operator": "NotIn", "values": [value.trim()]}));
         } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
             labels.insert(key.trim().to_string(), json!(value.trim()));
         } else if let Some(key) = term.strip_prefix('!') {
             expressions.push(json!({"key": key.trim(), "operator": "DoesNotExist"}));
         } else if term.contains(|c: char| c.is_whitespace() || "()<>".contains(c)) {
-            return Err(bad(term, "is not key=value, key!=value, key in (…), key notin (…), key or !key"));
+            return Err(bad(
+                term,
+                "is not key=value, key!=value, key in (…), key notin (…), key or !key",
+            ));
         } else {
             expressions.push(json!({"key": term, "operator": "Exists"}));
         }
@@ -396,7 +398,9 @@ fn session_object(
 
 pub async fn run(context: &mut Context, args: RunArgs) -> Result<(), PluginError> {
     if args.output == Some(ObjectFormat::Wide) {
-        return Err(PluginError::Usage("-o wide is for get; run prints yaml, json or name".into()));
+        return Err(PluginError::Usage(
+            "-o wide is for get; run prints yaml, json or name".into(),
+        ));
     }
     check_name("session name", &args.name)?;
     let (target, probes) = run_words(&args)?;
@@ -409,7 +413,13 @@ pub async fn run(context: &mut Context, args: RunArgs) -> Result<(), PluginError
     let targets = session_targets(context, target, args.selector.as_deref(), &namespace).await?;
     let object = session_object(&args, &namespace, targets, probes, SystemTime::now())?;
     if args.dry_run == DryRun::Client {
-        print_created(&object, SESSION_RESOURCE, &args.name, args.output, " (dry run)");
+        print_created(
+            &object,
+            SESSION_RESOURCE,
+            &args.name,
+            args.output,
+            " (dry run)",
+        );
         return Ok(());
     }
     let request: DynamicObject = serde_json::from_value(object)
@@ -476,10 +486,9 @@ pub async fn get(context: &mut Context, args: GetArgs) -> Result<(), PluginError
         let api = sessions_api(&client, Some(&namespace));
         let mut objects = Vec::new();
         for name in &args.names {
-            let object = api
-                .get(name)
-                .await
-                .map_err(|e| api_error(e, "get", Some(&namespace), &session_named(name, &namespace)))?;
+            let object = api.get(name).await.map_err(|e| {
+                api_error(e, "get", Some(&namespace), &session_named(name, &namespace))
+            })?;
             objects.push(object);
         }
         (objects, args.names.len() == 1)
@@ -510,7 +519,10 @@ pub async fn get(context: &mut Context, args: GetArgs) -> Result<(), PluginError
         }
         Some(ObjectFormat::Name) => {
             for value in &values {
-                println!("{SESSION_RESOURCE}/{}", value["metadata"]["name"].as_str().unwrap_or(""));
+                println!(
+                    "{SESSION_RESOURCE}/{}",
+                    value["metadata"]["name"].as_str().unwrap_or("")
+                );
             }
         }
         Some(format) => {
@@ -552,7 +564,11 @@ pub fn session_table(sessions: &[Value], namespaces: bool, wide: bool, now: Syst
             row.push(list_or_none(&session["spec"]["probes"], |p| p.as_str()));
             row.push(list_or_none(&status["nodes"], |n| n["node"].as_str()));
             row.push(match status["summary"]["events"].as_object() {
-                Some(events) => events.values().filter_map(Value::as_u64).sum::<u64>().to_string(),
+                Some(events) => events
+                    .values()
+                    .filter_map(Value::as_u64)
+                    .sum::<u64>()
+                    .to_string(),
                 None => "<none>".into(),
             });
             row.push(age(&session["metadata"]["creationTimestamp"], now));
@@ -580,7 +596,12 @@ fn text_or_none(value: &Value) -> String {
 }
 
 fn list_or_none<'a>(value: &'a Value, item: impl Fn(&'a Value) -> Option<&'a str>) -> String {
-    let items: Vec<&str> = value.as_array().into_iter().flatten().filter_map(item).collect();
+    let items: Vec<&str> = value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(item)
+        .collect();
     if items.is_empty() {
         "<none>".into()
     } else {
@@ -645,7 +666,12 @@ pub async fn describe(context: &mut Context, args: DescribeArgs) -> Result<(), P
         .get(&args.name)
         .await
         .map_err(|e| {
-            api_error(e, "get", Some(&namespace), &session_named(&args.name, &namespace))
+            api_error(
+                e,
+                "get",
+                Some(&namespace),
+                &session_named(&args.name, &namespace),
+            )
         })?;
     let value = serde_json::to_value(object)
         .map_err(|e| PluginError::Other(anyhow::anyhow!("reading the TraceSession: {e}")))?;
@@ -664,17 +690,33 @@ pub fn describe_text(session: &Value) -> String {
     out.field(0, "Created", &text_or_none(&metadata["creationTimestamp"]));
     out.section(0, "Targets");
     if let Some(pods) = spec["targets"]["pods"].as_array() {
-        out.field(1, "Pods", &list_or_none(&Value::Array(pods.clone()), Value::as_str));
+        out.field(
+            1,
+            "Pods",
+            &list_or_none(&Value::Array(pods.clone()), Value::as_str),
+        );
     }
     if spec["targets"]["podSelector"].is_object() {
-        out.field(1, "Pod Selector", &selector_text(&spec["targets"]["podSelector"]));
+        out.field(
+            1,
+            "Pod Selector",
+            &selector_text(&spec["targets"]["podSelector"]),
+        );
     }
     out.field(
         0,
         "Probes",
         &list_or_none(&spec["probes"], Value::as_str).replace(',', ", "),
     );
-    let known = ["targets", "probes", "duration", "deadline", "ttlAfterFinished", "schedule", "export"];
+    let known = [
+        "targets",
+        "probes",
+        "duration",
+        "deadline",
+        "ttlAfterFinished",
+        "schedule",
+        "export",
+    ];
     for (key, label) in [
         ("duration", "Duration"),
         ("deadline", "Deadline"),
@@ -706,7 +748,14 @@ pub fn describe_text(session: &Value) -> String {
     }
     // Other merged fields the agents write (newer agents): shown as written.
     let merged_known = [
-        "phase", "reason", "message", "startTime", "endTime", "completionTime", "summary", "nodes",
+        "phase",
+        "reason",
+        "message",
+        "startTime",
+        "endTime",
+        "completionTime",
+        "summary",
+        "nodes",
     ];
     for (key, value) in status.as_object().into_iter().flatten() {
         if !merged_known.contains(&key.as_str()) {
@@ -743,9 +792,20 @@ pub fn describe_text(session: &Value) -> String {
             .collect();
         let counted: BTreeSet<String> = nodes
             .iter()
-            .flat_map(|n| n["events"].as_object().into_iter().flatten().map(|(k, _)| k.clone()))
+            .flat_map(|n| {
+                n["events"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, _)| k.clone())
+            })
             .collect();
-        probes.extend(counted.into_iter().filter(|p| !probes.contains(p)).collect::<Vec<_>>());
+        probes.extend(
+            counted
+                .into_iter()
+                .filter(|p| !probes.contains(p))
+                .collect::<Vec<_>>(),
+        );
         let mut header = vec!["NODE".to_string(), "PHASE".into(), "PODS".into()];
         header.extend(probes.iter().map(|p| p.to_ascii_uppercase()));
         header.extend(["LOST".to_string(), "MESSAGE".into()]);
@@ -789,7 +849,11 @@ fn selector_text(selector: &Value) -> String {
         .flatten()
         .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
         .collect();
-    for expression in selector["matchExpressions"].as_array().into_iter().flatten() {
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
         let key = expression["key"].as_str().unwrap_or("");
         let values: Vec<&str> = expression["values"]
             .as_array()
@@ -837,7 +901,8 @@ impl Describer {
     }
 
     fn section(&mut self, depth: usize, label: &str) {
-        self.text.push_str(&format!("{}{label}:\n", "  ".repeat(depth)));
+        self.text
+            .push_str(&format!("{}{label}:\n", "  ".repeat(depth)));
     }
 }
 
@@ -847,7 +912,14 @@ pub async fn delete(context: &mut Context, args: DeleteArgs) -> Result<(), Plugi
     for name in &args.names {
         api.delete(name, &DeleteParams::default())
             .await
-            .map_err(|e| api_error(e, "delete", Some(&namespace), &session_named(name, &namespace)))?;
+            .map_err(|e| {
+                api_error(
+                    e,
+                    "delete",
+                    Some(&namespace),
+                    &session_named(name, &namespace),
+                )
+            })?;
         println!("{SESSION_RESOURCE} {name:?} deleted");
     }
     Ok(())
@@ -888,7 +960,10 @@ mod tests {
             })
         );
         let error = parse_selector("app=web,,x").unwrap_err();
-        assert_eq!(error.to_string(), "-l \"app=web,,x\": \"\" is an empty term");
+        assert_eq!(
+            error.to_string(),
+            "-l \"app=web,,x\": \"\" is an empty term"
+        );
         assert_eq!(
             selector_text(&parse_selector("app=web,env notin (a,b),!legacy").unwrap()),
             "app=web,env notin (a,b),!legacy"
@@ -900,6 +975,8 @@ mod tests {
         assert!(check_name("session name", "web-execs.v2").is_ok());
         let error = check_name("session name", "Web_Execs").unwrap_err();
         assert_eq!(error.exit_code(), 2);
-        assert!(error.to_string().starts_with("session name \"Web_Execs\" is not a valid name"));
+        assert!(error
+            .to_string()
+            .starts_with("session name \"Web_Execs\" is not a valid name"));
     }
 }
