@@ -204,6 +204,8 @@ for helm_major in 3 4; do
   # TraceSessions need a k8s_metadata extension that runs and knows every namespace's pods.
   check "helm$helm_major refuses session.traceSessions.extension naming no running k8s_metadata extension" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set session.traceSessions.extension=k8s_metadata 2>\"$OUT/refusal.log\" && grep -q 'is not a k8s_metadata extension listed in config.service.extensions' \"$OUT/refusal.log\""
+  check "helm$helm_major refuses session.traceSessions.extension with filter.namespace (sessions are in any namespace)" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" -f \"$CHART/tests/values/trace-sessions.yaml\" --set config.extensions.k8s_metadata.filter.namespace=shop 2>\"$OUT/refusal.log\" && grep -q 'sets filter.namespace, so it knows the pods of one namespace only' \"$OUT/refusal.log\""
   # A Role is created in filter.namespace, which must be a name the chart can see.
   check "helm$helm_major refuses filter.namespace from an env var" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""
