@@ -5,12 +5,13 @@
 //! Built and run as a test of podscope-kubectl (it needs CARGO_BIN_EXE_kubectl-podscope).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, SystemTime};
 
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use podscope_integration::fake_kube::{FakeApiServer, ServiceAccount};
+use podscope_integration::kubectl_plugin;
 use serde_json::{json, Value};
 
 /// How long any single plugin run may take before the test fails.
@@ -48,26 +49,8 @@ impl Cluster {
     /// Runs the plugin to completion (clean environment, this cluster's kubeconfig) off the
     /// runtime the fake server runs on.
     async fn run(&self, args: &[&str]) -> Output {
-        let mut command = Command::new(PLUGIN);
-        command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.dir.path())
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let what = format!("kubectl podscope {}", args.join(" "));
-        tokio::time::timeout(
-            PATIENCE,
-            tokio::task::spawn_blocking(move || command.output()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {PATIENCE:?}"))
-        .expect("join")
-        .expect("run the plugin")
+        let command = kubectl_plugin::command(PLUGIN, self.dir.path(), &self.kubeconfig(), args);
+        kubectl_plugin::output(command, PATIENCE).await
     }
 
     /// Writes a session's status as the agents do: each node's entry under its own field
