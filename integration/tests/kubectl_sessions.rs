@@ -329,7 +329,7 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
 #[tokio::test]
 async fn targets_outside_the_sessions_namespace_are_refused_before_anything_is_created() {
     let cluster = Cluster::start().await;
-    let cases: [(&[&str], i32, &str); 6] = [
+    let cases: [(&[&str], i32, &str); 7] = [
         (
             &["run", "x", "-n", "shop", "pod/prod/web-0", "exec"],
             2,
@@ -362,6 +362,15 @@ async fn targets_outside_the_sessions_namespace_are_refused_before_anything_is_c
             &["run", "x", "-n", "shop", "pod/web-0", "exec", "--deadline", "2001-01-01T00:00:00Z"],
             2,
             "error: --deadline 2001-01-01T00:00:00Z has passed already\n",
+        ),
+        (
+            &[
+                "run", "x", "-n", "shop", "pod/web-0", "exec", "--schedule", "0 * * * *",
+                "--deadline", "2099-01-01T00:00:00Z",
+            ],
+            2,
+            "error: --schedule runs the session for --duration at each firing: give --duration, \
+             not --deadline\n",
         ),
     ];
     for (args, code, stderr) in cases {

@@ -177,7 +177,7 @@ fn run_words(args: &RunArgs) -> Result<(Option<&str>, Vec<String>), PluginError>
             ))
         }
         (false, [target, probes @ ..]) => (Some(*target), probes),
-        (false, []) => unreachable!("clap requires one word"),
+        (false, []) => return Err(PluginError::Usage("run needs TARGET and PROBE…".into())),
     };
     let mut names = Vec::new();
     for probe in probes {
@@ -355,7 +355,12 @@ fn session_object(
                     "--deadline {deadline:?} is not an RFC 3339 time such as 2026-12-03T18:00:00Z ({e})"
                 ))
             })?;
-            if end <= now && args.schedule.is_none() {
+            if args.schedule.is_some() {
+                return Err(PluginError::Usage(
+                    "--schedule runs the session for --duration at each firing: give --duration, not --deadline".into(),
+                ));
+            }
+            if end <= now {
                 return Err(PluginError::Usage(format!(
                     "--deadline {deadline} has passed already"
                 )));
