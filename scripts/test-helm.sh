@@ -228,7 +228,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
     "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
   # The RBAC is exact both ways: each rule is used, and nothing the agent asks for is missing.
-  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension user-programs; do
+  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension user-programs trace-sessions; do
     check "agent [$case]: ready, reads exactly what the chart's RBAC grants" \
       "$PY" "$CHECKER" agent "$OUT/$case.helm3.yaml" "$PODSCOPE"
   done
@@ -268,7 +268,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   check "examples/ebpf-program builds and passes podscope program check" example_program_checks
 else
   echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
-  skipped=$((skipped + 15))
+  skipped=$((skipped + 16))
 fi
 
 # The CRDs: valid for Kubernetes (strict), and the example EbpfProgram valid for its schema.

@@ -597,15 +597,24 @@ def check_api_use(fake, node, grants, peers):
     show = lambda triples: ", ".join(f"{v} {res} ({'cluster-wide' if sc == 'cluster' else 'in ' + sc})" for v, res, sc in sorted(triples))
     if refused:
         problems.append("refused by the chart's RBAC: " + show(refused))
+    used = granting(used, grants)
     if grants - used:
         problems.append("granted but never used: " + show(grants - used))
     return problems
 
 
+def granting(requests, grants):
+    """`requests` (verb, resource, scope) with, for each made in a namespace under a
+    cluster-wide grant only (a ClusterRole's rule for namespaced objects, e.g. deleting one
+    TraceSession), that grant as used too."""
+    return set(requests) | {(v, res, "cluster") for v, res, sc in requests
+                            if (v, res, "cluster") in grants and (v, res, sc) not in grants}
+
+
 def api_settled(fake, grants):
     """Every granted request seen, and every listed resource watched since (a watcher lists,
     then watches): nothing more to wait for."""
-    seen = {(r["verb"], r["resource"], r["scope"]) for r in fake.recorded()}
+    seen = granting({(r["verb"], r["resource"], r["scope"]) for r in fake.recorded()}, grants)
     listed = {(res, sc) for v, res, sc in seen if v == "list"}
     watched = {(res, sc) for v, res, sc in seen if v == "watch"}
     return grants <= seen and listed <= watched
@@ -734,6 +743,14 @@ def run_agent(docs, podscope, without, rbac_edits):
                                     "spec": {"object": {"configMap": {"namespace": namespace, "name": "podscope-programs",
                                                                       "key": "broken.bpf.o"}},
                                              "metrics": {"counters": [{"name": "broken.calls", "map": "calls"}]}}}]
+    if runs_trace_sessions(config):
+        # A TraceSession of a pod whose container has no cgroup here: it never runs on this
+        # node, ends after 2 s (the merged status written) and is deleted 1 s later — every
+        # grant of the sessions' RBAC used.
+        objects["tracesessions"] = [{"apiVersion": "podscope.dev/v1alpha1", "kind": "TraceSession",
+                                     "metadata": {"name": "short", "namespace": "default"},
+                                     "spec": {"targets": {"pods": ["app"]}, "probes": ["exec"],
+                                              "duration": "2s", "ttlAfterFinished": "1s"}}]
     fake = FakeApiServer(work, rbac_docs, namespace, pod_spec["serviceAccountName"], objects)
     grants = fake.grants
     # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, only when the pod
