@@ -201,6 +201,11 @@ for helm_major in 3 4; do
   # The RBAC is derived from auth_type: a misspelt one must not silently grant nothing.
   check "helm$helm_major refuses an unknown k8sattributes auth_type" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set config.processors.k8sattributes.auth_type=serviceaccount 2>\"$OUT/refusal.log\" && grep -q 'auth_type: .serviceaccount. is not one of serviceAccount, kubeConfig, none' \"$OUT/refusal.log\""
+  # TraceSessions need a k8s_metadata extension that runs and knows every namespace's pods.
+  check "helm$helm_major refuses session.traceSessions.extension naming no running k8s_metadata extension" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set session.traceSessions.extension=k8s_metadata 2>\"$OUT/refusal.log\" && grep -q 'is not a k8s_metadata extension listed in config.service.extensions' \"$OUT/refusal.log\""
+  check "helm$helm_major refuses session.traceSessions.extension with filter.namespace (sessions are in any namespace)" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" -f \"$CHART/tests/values/trace-sessions.yaml\" --set config.extensions.k8s_metadata.filter.namespace=shop 2>\"$OUT/refusal.log\" && grep -q 'sets filter.namespace, so it knows the pods of one namespace only' \"$OUT/refusal.log\""
   # A Role is created in filter.namespace, which must be a name the chart can see.
   check "helm$helm_major refuses filter.namespace from an env var" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""
@@ -223,7 +228,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   check "control: without PERFMON the same check fails (probes cannot load)" bash -c \
     "! \"$PY\" \"$CHECKER\" agent \"$OUT/default.helm3.yaml\" \"$PODSCOPE\" PERFMON >\"$OUT/control.log\" 2>&1 && grep -q 'probes attached: \[\]' \"$OUT/control.log\" && grep -q 'Operation not permitted' \"$OUT/control.log\""
   # The RBAC is exact both ways: each rule is used, and nothing the agent asks for is missing.
-  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension user-programs; do
+  for case in k8s-namespace-node k8s-one-namespace k8s-peers k8s-no-api k8s-extension user-programs trace-sessions; do
     check "agent [$case]: ready, reads exactly what the chart's RBAC grants" \
       "$PY" "$CHECKER" agent "$OUT/$case.helm3.yaml" "$PODSCOPE"
   done
@@ -263,7 +268,7 @@ if [ "$(id -u)" -eq 0 ] && command -v setpriv >/dev/null 2>&1; then
   check "examples/ebpf-program builds and passes podscope program check" example_program_checks
 else
   echo "skip agent runs with the chart's capabilities (needs root and setpriv)"
-  skipped=$((skipped + 15))
+  skipped=$((skipped + 16))
 fi
 
 # The CRDs: valid for Kubernetes (strict), and the example EbpfProgram valid for its schema.

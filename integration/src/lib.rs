@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bpf;
 pub mod certs;
 pub mod fake_kube;
+pub mod kubectl_plugin;
 pub mod pprof_format;
 pub mod prometheus;
 pub mod test_programs;

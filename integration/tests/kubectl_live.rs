@@ -13,7 +13,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -145,30 +145,12 @@ service:
     }
 
     fn plugin(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(PLUGIN);
-        command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.dir.path())
-            .arg("--kubeconfig")
-            .arg(self.dir.path().join("kubeconfig"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        command
+        let kubeconfig = self.dir.path().join("kubeconfig");
+        podscope_integration::kubectl_plugin::command(PLUGIN, self.dir.path(), &kubeconfig, args)
     }
 
     async fn run(&self, args: &[&str]) -> std::process::Output {
-        let mut command = self.plugin(args);
-        tokio::time::timeout(
-            PATIENCE,
-            tokio::task::spawn_blocking(move || command.output()),
-        )
-        .await
-        .expect("the plugin finished in time")
-        .expect("join")
-        .expect("run the plugin")
+        podscope_integration::kubectl_plugin::output(self.plugin(args), PATIENCE).await
     }
 
     /// A pod in the fake API for `cgroup`'s container (one container, `app`).

@@ -12,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Pod;
 use podscope_integration::fake_kube::pods::{self, running_pod as pod};
 use podscope_integration::fake_kube::{FakeApiServer, ServiceAccount};
+use podscope_integration::kubectl_plugin;
 use serde_json::{json, Value};
 
 /// How long any single expected thing may take before the test fails.
@@ -50,32 +51,12 @@ impl Cluster {
 
     /// The plugin with this cluster's kubeconfig and a clean environment.
     fn plugin(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(PLUGIN);
-        command
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("HOME", self.dir.path())
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        command
+        kubectl_plugin::command(PLUGIN, self.dir.path(), &self.kubeconfig(), args)
     }
 
     /// Runs the plugin to completion off the runtime the fake server runs on.
     async fn run(&self, args: &[&str]) -> Output {
-        let mut command = self.plugin(args);
-        let what = format!("kubectl podscope {}", args.join(" "));
-        tokio::time::timeout(
-            PATIENCE,
-            tokio::task::spawn_blocking(move || command.output()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {PATIENCE:?}"))
-        .expect("join")
-        .expect("run the plugin")
+        kubectl_plugin::output(self.plugin(args), PATIENCE).await
     }
 }
 

@@ -96,6 +96,30 @@ pub enum Command {
     Profile(ProfileArgs),
     /// Every agent: its node, version, probes attached or skipped and why, health.
     Status(StatusArgs),
+    // TraceSession objects (docs/kubectl.md, "Trace sessions"): written and read through the
+    // API server in the session's namespace; the agents run them.
+    /// Create a TraceSession: the agents trace TARGET's pods of the namespace with PROBE… for a while.
+    #[command(
+        after_help = "TARGET is pod/NAME, deploy/NAME, sts/NAME, ds/NAME or job/NAME of the \
+                      session's namespace (a workload stands for its pod selector), or none with \
+                      -l SELECTOR.\n\nExamples:\n  \
+                      kubectl podscope run web-execs -n shop deploy/web exec tcp-connect --duration 10m --ttl 1h\n  \
+                      kubectl podscope run opens -n shop -l app=web open --deadline 2026-12-03T18:00:00Z\n  \
+                      kubectl podscope run web-execs -n shop pod/web-0 exec --dry-run=client -o yaml"
+    )]
+    Run(crate::sessions::RunArgs),
+    /// List TraceSessions (or show some by name): phase, probes, nodes, events, age.
+    Get(crate::sessions::GetArgs),
+    /// One TraceSession in full: its spec, phase and reason, the merged summary, each node's entry.
+    Describe(crate::sessions::DescribeArgs),
+    /// Delete TraceSessions: their traces stop on every node.
+    Delete(crate::sessions::DeleteArgs),
+    /// Turn a TraceSession's probes and targets into a Probe, measured continuously by the agents.
+    #[command(
+        after_help = "Examples:\n  kubectl podscope promote session/web-execs -n shop\n  \
+                      kubectl podscope promote session/web-execs -n shop --name web --dry-run=client -o yaml"
+    )]
+    Promote(crate::promote::PromoteArgs),
 }
 
 /// TARGET and the selection flags every verb that takes one shares.

@@ -20,14 +20,15 @@ pub enum PluginError {
         selector: String,
     },
     #[error(
-        "RBAC denied: you may not {verb} {resource}{scope}. The API server said: {message}\n\
-         The chart's ClusterRole podscope-kubectl grants what the plugin needs (docs/kubectl.md)."
+        "RBAC denied: you may not {verb} {resource}{scope}. The API server said: {message}\n{hint}"
     )]
     Forbidden {
         verb: String,
         resource: String,
         scope: String,
         message: String,
+        /// Which of the chart's roles grants it.
+        hint: &'static str,
     },
     #[error("{0}")]
     ProtocolMismatch(String),
@@ -81,11 +82,22 @@ impl PluginError {
                 // The real server names the verb and resource it refused; ours are what we asked.
                 let (verb, resource) = refused_verb_and_resource(&status.message)
                     .unwrap_or_else(|| (verb.to_string(), resource.to_string()));
+                // TraceSessions and Probes are the namespace's own objects, not the agents'.
+                let hint = if resource.starts_with("tracesessions") {
+                    "The chart's ClusterRole podscope-tracesession-editor, bound with a RoleBinding \
+                     in the namespace, grants what sessions need (docs/kubectl.md, \"Trace sessions\")."
+                } else if resource.starts_with("probes") {
+                    "The chart's ClusterRole podscope-probe-editor (aggregated into admin and edit) \
+                     grants writing Probes in a namespace (docs/programs.md, \"RBAC\")."
+                } else {
+                    "The chart's ClusterRole podscope-kubectl grants what the plugin needs (docs/kubectl.md)."
+                };
                 PluginError::Forbidden {
                     verb,
                     resource,
                     scope,
                     message: status.message.clone(),
+                    hint,
                 }
             }
             kube::Error::Api(status) if status.code == 404 => {

@@ -10,6 +10,8 @@ mod cli;
 mod error;
 mod merge;
 mod output;
+mod promote;
+mod sessions;
 mod targets;
 mod top;
 mod transport;
@@ -60,6 +62,11 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
         Command::Bpftrace(args) => verbs::bpftrace(&mut context, args).await,
         Command::Profile(args) => verbs::profile(&mut context, args).await,
         Command::Status(args) => verbs::status(&mut context, args).await,
+        Command::Run(args) => sessions::run(&mut context, args).await,
+        Command::Get(args) => sessions::get(&mut context, args).await,
+        Command::Describe(args) => sessions::describe(&mut context, args).await,
+        Command::Delete(args) => sessions::delete(&mut context, args).await,
+        Command::Promote(args) => promote::promote(&mut context, args).await,
     }
 }
 

@@ -142,7 +142,7 @@ pub async fn resolve(
 }
 
 /// A namespaced object by name, and how errors name it (`statefulset "db" in namespace "shop"`).
-async fn get_named<K>(
+pub(crate) async fn get_named<K>(
     client: &Client,
     namespace: &str,
     name: &str,

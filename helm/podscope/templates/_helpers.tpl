@@ -146,6 +146,7 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- $namespaced := dict }}
 {{- $programs := eq (include "podscope.userPrograms" .) "true" }}
 {{- $probes := eq (include "podscope.tenantProbes" .) "true" }}
+{{- $sessions := eq (include "podscope.traceSessions" .) "true" }}
 {{- if $programs }}
 {{- /* EbpfProgram nodeSelectors read this node's labels. */}}
 {{- $cluster = append $cluster "nodes" }}
@@ -180,7 +181,7 @@ index). A cluster-wide pods grant makes namespaced ones redundant.
 {{- if has "pods" $cluster }}
 {{- $namespaced = dict }}
 {{- end }}
-{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced "programs" $programs "probes" $probes) }}
+{{- toYaml (dict "cluster" ($cluster | uniq | sortAlpha) "namespaced" $namespaced "programs" $programs "probes" $probes "sessions" $sessions) }}
 {{- end }}
 
 {{/*
@@ -200,6 +201,28 @@ namespace (docs/programs.md, "RBAC").
 {{- $used := get $inUse (printf "extensions.%s" $extension) }}
 {{- if and $extension (kindIs "map" $used) (eq (toString (default "serviceAccount" $used.auth_type)) "serviceAccount") }}true{{ end }}
 {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Whether the agents run TraceSession objects with the pod's service account: "true" or "".
+session.traceSessions.extension names a k8s_metadata extension that runs (listed in
+service.extensions), reads every namespace's pods and the API server with the service account.
+The session extension then lists and watches tracesessions (podscope.dev) in every namespace,
+patches tracesessions/status (each node its entry, and the merged fields) and deletes a session
+once its ttlAfterFinished has passed (docs/sessions-agent.md, "TraceSession objects").
+*/}}
+{{- define "podscope.traceSessions" -}}
+{{- $extension := toString (default "" (default dict .Values.session.traceSessions).extension) }}
+{{- if and .Values.session.enabled $extension }}
+{{- $used := get (include "podscope.k8sMetadataInUse" . | fromJson) (printf "extensions.%s" $extension) }}
+{{- if not (and (hasPrefix "k8s_metadata" $extension) (kindIs "map" $used)) }}
+{{- fail (printf "session.traceSessions.extension: %q is not a k8s_metadata extension listed in config.service.extensions (it watches the TraceSessions and knows the node's pods)" $extension) }}
+{{- end }}
+{{- if (default dict $used.filter).namespace }}
+{{- fail (printf "session.traceSessions.extension: %q sets filter.namespace, so it knows the pods of one namespace only; TraceSessions are in any namespace: name an extension without it" $extension) }}
+{{- end }}
+{{- if eq (toString (default "serviceAccount" $used.auth_type)) "serviceAccount" }}true{{ end }}
 {{- end }}
 {{- end }}
 

@@ -91,6 +91,8 @@ EXACT_API_ACCESS = {
     "user-programs": ({"pods", "nodes"}, {}),
     # Probes for namespace owners: their rules apart.
     "tenant-probes": ({"pods"}, {}),
+    # TraceSessions: their rules apart; the extension needs every namespace's pods.
+    "trace-sessions": ({"pods"}, {}),
 }
 # Cases whose agents run users' EbpfProgram objects (the rules apart from list + watch).
 PROGRAM_CASES = {"user-programs"}
@@ -108,6 +110,19 @@ PROBE_RULES = [
 PROBE_EDITOR_RULES = [
     {"apiGroups": ["podscope.dev"], "resources": ["probes"],
      "verbs": ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"]},
+]
+# Cases whose agents run TraceSession objects (the rules after the Probes' ones): their watch,
+# their status (server-side apply) and their deletion after ttlAfterFinished; never get.
+SESSION_CASES = {"trace-sessions"}
+SESSION_RULES = [
+    {"apiGroups": ["podscope.dev"], "resources": ["tracesessions"], "verbs": ["list", "watch", "delete"]},
+    {"apiGroups": ["podscope.dev"], "resources": ["tracesessions/status"], "verbs": ["patch"]},
+]
+# Namespace owners' ClusterRole for `kubectl podscope run|get|describe|delete` (bound by a
+# RoleBinding in their namespace; integration/tests/kubectl_sessions.rs runs the plugin with it).
+TRACESESSION_EDITOR_RULES = [
+    {"apiGroups": ["podscope.dev"], "resources": ["tracesessions"], "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": ["podscope.dev"], "resources": ["tracesessions/status"], "verbs": ["get"]},
 ]
 # `kubectl podscope` users' ClusterRole (their targets) and Role in the release's namespace (the
 # agents' session endpoint), never bound by the chart (docs/kubectl.md, "Access").
@@ -258,6 +273,15 @@ def runs_tenant_probes(config):
         if used is not None and used.get("auth_type", "serviceAccount") == "serviceAccount":
             return True
     return False
+
+
+def runs_trace_sessions(config):
+    """Whether the session extension's trace_sessions.extension names a running k8s_metadata
+    extension that reads the API server with the service account."""
+    session = ((config.get("extensions") or {}).get("session") or {})
+    extension = (session.get("trace_sessions") or {}).get("extension")
+    used = k8s_metadata_in_use(config).get(f"extensions.{extension}") if extension else None
+    return used is not None and used.get("auth_type", "serviceAccount") == "serviceAccount"
 
 
 def expected_api_access(config):
@@ -434,8 +458,10 @@ def check_invariants(docs, case):
     expect(programs == (case in PROGRAM_CASES), f"users' programs run: {programs}, expected for {sorted(PROGRAM_CASES)}")
     probes = runs_tenant_probes(config)
     expect(probes == (case in PROBE_CASES), f"Probes acted on: {probes}, expected for {sorted(PROBE_CASES)}")
-    # Roles checked apart: the programs' Roles, the Probe editors' aggregated ClusterRole.
-    programs_role = lambda d: d["metadata"]["name"].endswith(("-programs", "-probe-editor"))
+    sessions = runs_trace_sessions(config)
+    expect(sessions == (case in SESSION_CASES), f"TraceSessions run: {sessions}, expected for {sorted(SESSION_CASES)}")
+    # Roles checked apart: the programs' Roles, the Probe and TraceSession editors' ClusterRoles.
+    programs_role = lambda d: d["metadata"]["name"].endswith(("-programs", "-probe-editor", "-tracesession-editor"))
     kubectl_role = lambda d: d["metadata"]["name"].endswith("-kubectl")
     # The session endpoint on the pod's loopback only, and the plugin users' roles beside it.
     session = (config.get("extensions") or {}).get("session")
@@ -468,6 +494,15 @@ def check_invariants(docs, case):
     else:
         expect(not editors, f"no probe-editor ClusterRole without Probes, got {editors}")
 
+    session_editors = [d for d in docs if d.get("kind") == "ClusterRole" and d["metadata"]["name"].endswith("-tracesession-editor")]
+    if sessions:
+        expect(len(session_editors) == 1 and session_editors[0]["rules"] == TRACESESSION_EDITOR_RULES,
+               f"one tracesession-editor ClusterRole with {TRACESESSION_EDITOR_RULES}, got {session_editors}")
+        expect(not [d for d in docs if d.get("kind") in ("ClusterRoleBinding", "RoleBinding") and d["roleRef"]["name"].endswith("-tracesession-editor")],
+               "the tracesession-editor ClusterRole is for namespace owners' RoleBindings, never bound by the chart")
+    else:
+        expect(not session_editors, f"no tracesession-editor ClusterRole without TraceSessions, got {session_editors}")
+
     def check_role(role_kind, binding_kind, namespace, resources):
         roles = [d for d in docs if d.get("kind") == role_kind and d["metadata"].get("namespace") == namespace and not programs_role(d) and not kubectl_role(d)]
         bindings = [d for d in docs if d.get("kind") == binding_kind and d["metadata"].get("namespace") == namespace and not programs_role(d)]
@@ -478,7 +513,7 @@ def check_invariants(docs, case):
         if len(roles) != 1 or len(bindings) != 1:
             return problems.append(f"one {where} and one {binding_kind} expected for {sorted(resources)}")
         (role,), (binding,) = roles, bindings
-        extra = (PROGRAM_RULES if programs else []) + (PROBE_RULES if probes else []) if role_kind == "ClusterRole" else []
+        extra = (PROGRAM_RULES if programs else []) + (PROBE_RULES if probes else []) + (SESSION_RULES if sessions else []) if role_kind == "ClusterRole" else []
         expect(role["rules"][1:] == extra, f"{where}: rules after the first {role['rules'][1:]}, want {extra}")
         rule = role["rules"][0]
         expect(rule["apiGroups"] == [""], f"{where}: apiGroups {rule['apiGroups']}")
@@ -562,15 +597,24 @@ def check_api_use(fake, node, grants, peers):
     show = lambda triples: ", ".join(f"{v} {res} ({'cluster-wide' if sc == 'cluster' else 'in ' + sc})" for v, res, sc in sorted(triples))
     if refused:
         problems.append("refused by the chart's RBAC: " + show(refused))
+    used = granting(used, grants)
     if grants - used:
         problems.append("granted but never used: " + show(grants - used))
     return problems
 
 
+def granting(requests, grants):
+    """`requests` (verb, resource, scope) with, for each made in a namespace under a
+    cluster-wide grant only (a ClusterRole's rule for namespaced objects, e.g. deleting one
+    TraceSession), that grant as used too."""
+    return set(requests) | {(v, res, "cluster") for v, res, sc in requests
+                            if (v, res, "cluster") in grants and (v, res, sc) not in grants}
+
+
 def api_settled(fake, grants):
     """Every granted request seen, and every listed resource watched since (a watcher lists,
     then watches): nothing more to wait for."""
-    seen = {(r["verb"], r["resource"], r["scope"]) for r in fake.recorded()}
+    seen = granting({(r["verb"], r["resource"], r["scope"]) for r in fake.recorded()}, grants)
     listed = {(res, sc) for v, res, sc in seen if v == "list"}
     watched = {(res, sc) for v, res, sc in seen if v == "watch"}
     return grants <= seen and listed <= watched
@@ -699,6 +743,14 @@ def run_agent(docs, podscope, without, rbac_edits):
                                     "spec": {"object": {"configMap": {"namespace": namespace, "name": "podscope-programs",
                                                                       "key": "broken.bpf.o"}},
                                              "metrics": {"counters": [{"name": "broken.calls", "map": "calls"}]}}}]
+    if runs_trace_sessions(config):
+        # A TraceSession of a pod whose container has no cgroup here: it never runs on this
+        # node, ends after 2 s (the merged status written) and is deleted 1 s later — every
+        # grant of the sessions' RBAC used.
+        objects["tracesessions"] = [{"apiVersion": "podscope.dev/v1alpha1", "kind": "TraceSession",
+                                     "metadata": {"name": "short", "namespace": "default"},
+                                     "spec": {"targets": {"pods": ["app"]}, "probes": ["exec"],
+                                              "duration": "2s", "ttlAfterFinished": "1s"}}]
     fake = FakeApiServer(work, rbac_docs, namespace, pod_spec["serviceAccountName"], objects)
     grants = fake.grants
     # What the kubelet mounts at /var/run/secrets/kubernetes.io/serviceaccount, only when the pod

@@ -10,7 +10,7 @@
 //!
 //! - `--rbac`: a JSON list of ClusterRole, ClusterRoleBinding, Role and RoleBinding objects;
 //! - `--objects`: a JSON object of lists `pods`, `services`, `namespaces`, `nodes`,
-//!   `configmaps`, `ebpfprograms`, `workloads` (Deployments, ReplicaSets, StatefulSets,
+//!   `configmaps`, `ebpfprograms`, `tracesessions`, `workloads` (Deployments, ReplicaSets, StatefulSets,
 //!   DaemonSets, Jobs), served as they are (uids kept, resourceVersions the
 //!   server's);
 //! - `--secrets`: where to write what the kubelet mounts for the service account (`token`,
@@ -89,7 +89,10 @@ fn apply_objects(server: &FakeApiServer, objects: &Value) -> Result<(), String> 
         server
             .apply_config_map(serde_json::from_value(object).map_err(|e| typed("configmaps", e))?);
     }
-    for object in list("ebpfprograms") {
+    for object in list("ebpfprograms")
+        .into_iter()
+        .chain(list("tracesessions"))
+    {
         server.apply_custom(object);
     }
     for object in list("workloads") {
