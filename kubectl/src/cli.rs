@@ -96,6 +96,18 @@ pub enum Command {
     Profile(ProfileArgs),
     /// Every agent: its node, version, probes attached or skipped and why, health.
     Status(StatusArgs),
+    /// Follow a TraceSession's events from every node that runs it (from now, or --from-start).
+    #[command(after_help = "Needs `get` on tracesessions in the session's namespace (the token                       in its status opens the agents' logs).
+
+Examples:
+                        kubectl podscope attach web-execs -n shop
+                        kubectl podscope attach web-execs --from-start -o json")]
+    Attach(crate::attach::AttachArgs),
+    /// Print what a TraceSession recorded (kept by the agents until it is deleted), -f to follow.
+    #[command(after_help = "Examples:
+  kubectl podscope logs web-execs -n shop
+                        kubectl podscope logs web-execs -f")]
+    Logs(crate::attach::LogsArgs),
 }
 
 /// TARGET and the selection flags every verb that takes one shares.

@@ -45,6 +45,11 @@ impl TimeMerger {
         self.events.insert(sequence, (event, arrived));
     }
 
+    /// A node whose stream joins later (a session's pods appeared on another node).
+    pub fn add_node(&mut self, node: &str) {
+        self.open.entry(node.to_string()).or_insert(0);
+    }
+
     /// `node`'s stream ended: it no longer holds others back.
     pub fn finish(&mut self, node: &str) {
         self.open.remove(node);
