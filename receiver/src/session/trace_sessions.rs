@@ -623,7 +623,8 @@ impl TraceSessionRunner {
             .as_object()
             .map(|s| {
                 s.iter()
-                    .filter(|(k, _)| k.as_str() != "nodes")
+                    // Not the merge's: the nodes' entries, and the token (its own manager's).
+                    .filter(|(k, _)| !matches!(k.as_str(), "nodes" | "attachToken"))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()
             })
