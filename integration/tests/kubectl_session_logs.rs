@@ -133,8 +133,73 @@ fn filenames(stdout: &str) -> Vec<String> {
         .collect()
 }
 
+/// A pod `name` of team-a (label app=web) on `node`, its container in a cgroup of its own.
+fn workload_pod(api: &FakeApiServer, name: &str, node: &str) -> PodCgroup {
+    let (pod_uid, container_id) = unique_ids();
+    let cgroup = PodCgroup::with_ids(&pod_uid, &container_id);
+    let mut pod = serde_json::to_value(pods::running_pod(
+        "team-a",
+        name,
+        node,
+        &[("app", "web")],
+        &[("app", &format!("containerd://{container_id}"))],
+    ))
+    .unwrap();
+    pod["metadata"]["uid"] = json!(pod_uid);
+    api.apply_pod(serde_json::from_value(pod).unwrap());
+    cgroup
+}
+
+/// A real agent for `node` running its TraceSessions from `api`, and its agent pod in the
+/// fake API (the plugin port-forwards to it); returns it with its session port.
+async fn start_agent(api: &FakeApiServer, dir: &Path, node: &str) -> (AgentProcess, u16) {
+    let session_port = free_port();
+    let telemetry_port = free_port();
+    let grpc_port = free_port();
+    let config = format!(
+        r#"
+extensions:
+  k8s_metadata:
+    auth_type: kubeConfig
+    filter: {{ node: {node} }}
+  session:
+    endpoint: 127.0.0.1:{session_port}
+    node_name: {node}
+    trace_sessions: {{ extension: k8s_metadata, log_per_session_mib: 1, log_total_mib: 4 }}
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:{grpc_port}
+exporters:
+  nop: {{}}
+service:
+  extensions: [k8s_metadata, session]
+  telemetry: {{ metrics: {{ address: "127.0.0.1:{telemetry_port}" }} }}
+  pipelines:
+    metrics: {{ receivers: [otlp], exporters: [nop] }}
+"#
+    );
+    let kubeconfig = dir.join("kubeconfig");
+    let agent = AgentProcess::start_with_env(
+        agent_binary().to_str().unwrap(),
+        &config,
+        telemetry_port,
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
+    .await;
+    podscope_testkit::pod_cgroup::wait_listening(session_port);
+    api.apply_pod(pods::agent_pod("observability", node, session_port));
+    (agent, session_port)
+}
+
 /// What the agent answers a `session_log` request for team-a/execs with `token`.
 async fn welcome_for(session_port: u16, token: &str) -> Welcome {
+    welcome_of(session_port, "execs", token).await
+}
+
+/// What the agent answers a `session_log` request for team-a/`name` with `token`.
+async fn welcome_of(session_port: u16, name: &str, token: &str) -> Welcome {
     let stream = tokio::net::TcpStream::connect(("127.0.0.1", session_port))
         .await
         .expect("connect to the session endpoint");
@@ -144,7 +209,7 @@ async fn welcome_for(session_port: u16, token: &str) -> Welcome {
         client_version: "test".into(),
         request: Request::SessionLog {
             namespace: "team-a".into(),
-            name: "execs".into(),
+            name: name.into(),
             token: token.into(),
             from: Some(1),
             follow: false,
@@ -162,59 +227,11 @@ async fn welcome_for(session_port: u16, token: &str) -> Welcome {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sessions_execs_are_read_by_attach_then_logs_after_a_restart_until_its_ttl() {
     let dir = tempfile::tempdir().unwrap();
-    let (pod_uid, container_id) = unique_ids();
-    let web = PodCgroup::with_ids(&pod_uid, &container_id);
-
     let api = FakeApiServer::start().await;
     api.write_kubeconfig(&dir.path().join("kubeconfig"));
-    let mut pod = serde_json::to_value(pods::running_pod(
-        "team-a",
-        "web-0",
-        NODE,
-        &[("app", "web")],
-        &[("app", &format!("containerd://{container_id}"))],
-    ))
-    .unwrap();
-    pod["metadata"]["uid"] = json!(pod_uid);
-    api.apply_pod(serde_json::from_value(pod).unwrap());
+    let web = workload_pod(&api, "web-0", NODE);
 
-    let session_port = free_port();
-    let telemetry_port = free_port();
-    let grpc_port = free_port();
-    let config = format!(
-        r#"
-extensions:
-  k8s_metadata:
-    auth_type: kubeConfig
-    filter: {{ node: {NODE} }}
-  session:
-    endpoint: 127.0.0.1:{session_port}
-    node_name: {NODE}
-    trace_sessions: {{ extension: k8s_metadata, log_per_session_mib: 1, log_total_mib: 4 }}
-receivers:
-  otlp:
-    protocols:
-      grpc:
-        endpoint: 127.0.0.1:{grpc_port}
-exporters:
-  nop: {{}}
-service:
-  extensions: [k8s_metadata, session]
-  telemetry: {{ metrics: {{ address: "127.0.0.1:{telemetry_port}" }} }}
-  pipelines:
-    metrics: {{ receivers: [otlp], exporters: [nop] }}
-"#
-    );
-    let kubeconfig = dir.path().join("kubeconfig");
-    let _agent = AgentProcess::start_with_env(
-        agent_binary().to_str().unwrap(),
-        &config,
-        telemetry_port,
-        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-    )
-    .await;
-    podscope_testkit::pod_cgroup::wait_listening(session_port);
-    api.apply_pod(pods::agent_pod("observability", NODE, session_port));
+    let (_agent, session_port) = start_agent(&api, dir.path(), NODE).await;
 
     api.apply_custom(json!({
         "apiVersion": "podscope.dev/v1alpha1",
@@ -245,9 +262,12 @@ service:
     );
 
     // attach follows from now: the three execs that follow, as they happen.
-    let mut attached = plugin(dir.path(), &["-n", "team-a", "attach", "execs", "-o", "json"])
-        .spawn()
-        .expect("start the plugin");
+    let mut attached = plugin(
+        dir.path(),
+        &["-n", "team-a", "attach", "execs", "-o", "json"],
+    )
+    .spawn()
+    .expect("start the plugin");
     let (stdout, stderr) = (
         attached.stdout.take().unwrap(),
         attached.stderr.take().unwrap(),
@@ -291,7 +311,13 @@ service:
     );
     assert_eq!(
         filenames(&String::from_utf8_lossy(&logs.stdout)),
-        ["/bin/true", "/bin/true", "/bin/true", "/bin/sleep", "/bin/sleep"]
+        [
+            "/bin/true",
+            "/bin/true",
+            "/bin/true",
+            "/bin/sleep",
+            "/bin/sleep"
+        ]
     );
 
     // Completed at its duration: the events are still there, as a table with a NODE column.
@@ -341,4 +367,87 @@ service:
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     drop(web);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_racing_share_one_token_and_logs_merges_their_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start().await;
+    api.write_kubeconfig(&dir.path().join("kubeconfig"));
+    let (node_a, node_b) = ("node-race-a", "node-race-b");
+    let web_a = workload_pod(&api, "web-a", node_a);
+    let web_b = workload_pod(&api, "web-b", node_b);
+    let (_agent_a, port_a) = start_agent(&api, dir.path(), node_a).await;
+    let (_agent_b, port_b) = start_agent(&api, dir.path(), node_b).await;
+
+    // Both agents see it at once and neither finds a token: they race to write one.
+    api.apply_custom(json!({
+        "apiVersion": "podscope.dev/v1alpha1",
+        "kind": "TraceSession",
+        "metadata": {"name": "both", "namespace": "team-a"},
+        "spec": {"targets": {"podSelector": {"matchLabels": {"app": "web"}}}, "probes": ["exec"], "duration": "20s"},
+    }));
+    let status = until("both nodes run it, with a token", || {
+        let status = api.custom("TraceSession", "team-a", "both")?["status"].clone();
+        let running = status["nodes"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["phase"] == "Running")
+            .count();
+        (running == 2 && status["attachToken"].is_string()).then_some(status)
+    })
+    .await;
+    let token = status["attachToken"].as_str().unwrap().to_string();
+    // Each agent reads the session's log with that one token (the loser took the winner's).
+    for port in [port_a, port_b] {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match welcome_of(port, "both", &token).await {
+                Welcome::Accepted { .. } => break,
+                Welcome::Refused(error) => assert!(
+                    Instant::now() < deadline,
+                    "the agent at port {port} refuses the session's token: {}",
+                    error.message
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    execs(&web_a, "/bin/true", &[], 2);
+    execs(&web_b, "/bin/sleep", &["0"], 3);
+    until("5 execs counted on the two nodes", || {
+        let status = api.custom("TraceSession", "team-a", "both")?["status"].clone();
+        (status["summary"]["events"]["exec"] == 5).then_some(())
+    })
+    .await;
+    let logs = run_plugin(dir.path(), &["-n", "team-a", "logs", "both", "-o", "json"]).await;
+    assert!(
+        logs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&logs.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&logs.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON event"))
+        .collect();
+    let by_node = |node: &str| -> Vec<&str> {
+        events
+            .iter()
+            .filter(|e| e["node"] == node)
+            .map(|e| e["fields"]["filename"].as_str().unwrap_or(""))
+            .collect()
+    };
+    assert_eq!(by_node(node_a), ["/bin/true"; 2]);
+    assert_eq!(by_node(node_b), ["/bin/sleep"; 3]);
+    assert_eq!(events.len(), 5);
+    let times: Vec<u64> = events
+        .iter()
+        .map(|e| e["time_unix_nano"].as_u64().unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "merged by time: {times:?}"
+    );
+    drop((web_a, web_b));
 }

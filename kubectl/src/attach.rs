@@ -380,7 +380,9 @@ impl NodeReader {
             });
         }
         let client = self.client.as_ref().ok_or_else(|| {
-            PluginError::Other(anyhow::anyhow!("finding an agent pod needs the cluster's API"))
+            PluginError::Other(anyhow::anyhow!(
+                "finding an agent pod needs the cluster's API"
+            ))
         })?;
         let agent = targets::agent_on_node(
             client,

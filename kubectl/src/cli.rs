@@ -97,11 +97,13 @@ pub enum Command {
     /// Every agent: its node, version, probes attached or skipped and why, health.
     Status(StatusArgs),
     /// Follow a TraceSession's events from every node that runs it (from now, or --from-start).
-    #[command(after_help = "Needs `get` on tracesessions in the session's namespace (the token                       in its status opens the agents' logs).
+    #[command(
+        after_help = "Needs `get` on tracesessions in the session's namespace (the token                       in its status opens the agents' logs).
 
 Examples:
                         kubectl podscope attach web-execs -n shop
-                        kubectl podscope attach web-execs --from-start -o json")]
+                        kubectl podscope attach web-execs --from-start -o json"
+    )]
     Attach(crate::attach::AttachArgs),
     /// Print what a TraceSession recorded (kept by the agents until it is deleted), -f to follow.
     #[command(after_help = "Examples:

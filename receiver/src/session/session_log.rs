@@ -124,11 +124,20 @@ impl SessionLog {
     pub fn read(&self, from: u64, limit: usize) -> Slice {
         let state = self.lock();
         let from = from.max(1);
-        let first = state.records.front().map_or(state.next.max(1), |r| r.sequence);
+        let first = state
+            .records
+            .front()
+            .map_or(state.next.max(1), |r| r.sequence);
         let gap = first.saturating_sub(from);
         let start = from.max(first);
         let skip = (start - first) as usize;
-        let records: Vec<Record> = state.records.iter().skip(skip).take(limit).cloned().collect();
+        let records: Vec<Record> = state
+            .records
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .cloned()
+            .collect();
         let next = records.last().map_or(start, |r| r.sequence + 1);
         Slice {
             records,

@@ -383,7 +383,14 @@ impl TraceSessionRunner {
         // Start, follow pods, or finish this node's run. A node where it failed to start does
         // not try again: its entry says why, and the session is Failed.
         if running && known.run.is_none() && known.failed_at.is_none() && !cgroups.is_empty() {
-            match self.start(session, &resolved, pods.clone(), cgroups.clone(), index, now) {
+            match self.start(
+                session,
+                &resolved,
+                pods.clone(),
+                cgroups.clone(),
+                index,
+                now,
+            ) {
                 Ok(run) => {
                     tracing::info!(session = %session.key(), pods = ?run.pods, "TraceSession running on this node");
                     known.run = Some(run);
