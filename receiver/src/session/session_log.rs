@@ -49,6 +49,8 @@ struct LogState {
     dropped: u64,
     /// The session's run on this node ended: followers stop after the last record.
     ended: bool,
+    /// The session object is gone and the records with it (not a loss to report).
+    released: bool,
 }
 
 /// One session's log on this node.
@@ -128,7 +130,11 @@ impl SessionLog {
             .records
             .front()
             .map_or(state.next.max(1), |r| r.sequence);
-        let gap = first.saturating_sub(from);
+        let gap = if state.released {
+            0
+        } else {
+            first.saturating_sub(from)
+        };
         let start = from.max(first);
         let skip = (start - first) as usize;
         let records: Vec<Record> = state
@@ -289,6 +295,7 @@ fn release(log: &SessionLog) {
     state.bytes = 0;
     state.records.clear();
     state.ended = true;
+    state.released = true;
     let next = state.next;
     drop(state);
     log.changed.send_replace(next);
@@ -387,7 +394,9 @@ mod tests {
         assert_eq!(pids(&big.read(1, 100)), [11, 12, 13]);
         logs.remove(&key("big"));
         assert_eq!(logs.total_bytes(), 2 * cost_of(10) as u64);
-        assert!(big.read(1, 100).ended, "followers of a freed log stop");
+        let freed = big.read(1, 100);
+        assert!(freed.ended, "followers of a freed log stop");
+        assert_eq!(freed.gap, 0, "what a deleted session kept is not reported lost");
         // A new object of the same name starts a new log.
         let again = logs.open(&key("small"), "uid-3");
         assert_eq!(again.next_sequence(), 1);
