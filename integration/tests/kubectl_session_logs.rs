@@ -13,7 +13,6 @@
 //! Built and run as a test of podscope-kubectl (it needs CARGO_BIN_EXE_kubectl-podscope); the
 //! agent is the `podscope` binary beside it, or $PODSCOPE_BINARY.
 
-use std::ffi::CString;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,15 +34,7 @@ const NODE: &str = "node-logs";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn agent_binary() -> PathBuf {
-    let binary = std::env::var_os("PODSCOPE_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(PLUGIN).with_file_name("podscope"));
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo build --bin podscope` (or set PODSCOPE_BINARY)",
-        binary.display()
-    );
-    binary
+    podscope_integration::agent::agent_binary_beside(PLUGIN)
 }
 
 /// Waits (at most [`PATIENCE`]) for `condition` to hold, returning its value.
@@ -60,30 +51,10 @@ async fn until<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
 
 /// Runs `program args…` `n` times from inside `pod`, one exec each, each exiting 0.
 fn execs(pod: &PodCgroup, program: &str, args: &[&str], n: usize) {
-    let path = CString::new(program).unwrap();
-    let args: Vec<CString> = args.iter().map(|a| CString::new(*a).unwrap()).collect();
-    let mut argv = vec![path.as_ptr()];
-    argv.extend(args.iter().map(|a| a.as_ptr()));
-    argv.push(std::ptr::null());
-    let exit = pod.run(|| {
-        for _ in 0..n {
-            // SAFETY: fork, execv, _exit and waitpid on memory prepared before the fork (see
-            // PodCgroup::run): no allocation in the children.
-            unsafe {
-                let child = libc::fork();
-                if child == 0 {
-                    libc::execv(path.as_ptr(), argv.as_ptr());
-                    libc::_exit(127);
-                }
-                let mut status = 0;
-                if child < 0 || libc::waitpid(child, &mut status, 0) != child || status != 0 {
-                    return 1;
-                }
-            }
-        }
-        0
-    });
-    assert_eq!(exit, 0, "an exec of {program} failed");
+    assert!(
+        pod.exec_times(program, args, n),
+        "an exec of {program} failed"
+    );
 }
 
 /// The plugin with the test's kubeconfig.

@@ -10,14 +10,13 @@
 //! `run --watch` calls to follow it.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, Client};
 use podscope_core::session::{Event, Message, Request};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::cli::{ClusterArgs, Format};
@@ -188,7 +187,7 @@ pub async fn attach(
         }
     };
     let (sender, mut items) = mpsc::channel(1024);
-    let readers = NodeReaders {
+    let readers = NodeReader {
         client: context.made_client().cloned(),
         cluster: context.cluster.clone(),
         namespace: namespace.clone(),
@@ -196,6 +195,7 @@ pub async fn attach(
         token,
         options,
         sender,
+        node: String::new(),
     };
     for node in &nodes {
         readers.spawn(node);
@@ -208,7 +208,6 @@ pub async fn attach(
     let mut failure = None;
     let mut poll = tokio::time::interval(STATUS_POLL);
     poll.tick().await;
-    let stdout = std::io::stdout();
     loop {
         let deadline = merger
             .next_deadline()
@@ -261,23 +260,11 @@ pub async fn attach(
             }
             _ = &mut interrupted => false,
         };
-        let ready = if open {
-            merger.ready(Instant::now())
-        } else {
-            merger.ready(Instant::now() + Duration::from_secs(3600))
-        };
-        let mut out = stdout.lock();
-        for event in &ready {
-            let text = match options.output {
-                Format::Table => table.lines(event),
-                format => output::object(format, &json!(event)),
-            };
-            if out.write_all(text.as_bytes()).is_err() {
-                // The reader went away (`| head`): done, not failed.
-                return Ok(());
-            }
+        let ready = merger.release(open);
+        if !output::print_events(&mut table, options.output, &ready) {
+            // The reader went away (`| head`): done, not failed.
+            return Ok(());
         }
-        let _ = out.flush();
         if !open {
             break;
         }
@@ -302,34 +289,8 @@ enum NodeItem {
     Done(Result<(), PluginError>),
 }
 
-/// Starts one reader per node.
-struct NodeReaders {
-    client: Option<Client>,
-    cluster: ClusterArgs,
-    namespace: String,
-    name: String,
-    token: String,
-    options: AttachOptions,
-    sender: mpsc::Sender<(String, NodeItem)>,
-}
-
-impl NodeReaders {
-    fn spawn(&self, node: &str) {
-        let reader = NodeReader {
-            client: self.client.clone(),
-            cluster: self.cluster.clone(),
-            namespace: self.namespace.clone(),
-            name: self.name.clone(),
-            token: self.token.clone(),
-            options: self.options,
-            sender: self.sender.clone(),
-            node: node.to_string(),
-        };
-        tokio::spawn(reader.run());
-    }
-}
-
 /// Reads one node's records, opening the connection again when it is cut while following.
+#[derive(Clone)]
 struct NodeReader {
     client: Option<Client>,
     cluster: ClusterArgs,
@@ -342,6 +303,15 @@ struct NodeReader {
 }
 
 impl NodeReader {
+    /// Starts reading `node` (`self` is the template every node's reader is made from).
+    fn spawn(&self, node: &str) {
+        let reader = NodeReader {
+            node: node.to_string(),
+            ..self.clone()
+        };
+        tokio::spawn(reader.run());
+    }
+
     async fn run(self) {
         // The sequence to read from next: 1 from the start, unknown (the agent's "now") else.
         let mut next = self.options.from_start.then_some(1);
@@ -440,6 +410,7 @@ impl NodeReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_status_gives_the_token_and_the_nodes_that_ran_the_session() {

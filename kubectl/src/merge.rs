@@ -73,6 +73,16 @@ impl TimeMerger {
         ready
     }
 
+    /// What can be printed now; every waiting event once nothing more will come.
+    pub fn release(&mut self, more_coming: bool) -> Vec<Event> {
+        let now = Instant::now();
+        if more_coming {
+            self.ready(now)
+        } else {
+            self.ready(now + self.lateness)
+        }
+    }
+
     /// When the oldest waiting event will be released by its lateness, if any waits.
     pub fn next_deadline(&self) -> Option<Instant> {
         let Reverse((_, sequence)) = self.waiting.peek()?;

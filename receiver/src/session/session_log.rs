@@ -396,7 +396,10 @@ mod tests {
         assert_eq!(logs.total_bytes(), 2 * cost_of(10) as u64);
         let freed = big.read(1, 100);
         assert!(freed.ended, "followers of a freed log stop");
-        assert_eq!(freed.gap, 0, "what a deleted session kept is not reported lost");
+        assert_eq!(
+            freed.gap, 0,
+            "what a deleted session kept is not reported lost"
+        );
         // A new object of the same name starts a new log.
         let again = logs.open(&key("small"), "uid-3");
         assert_eq!(again.next_sequence(), 1);
