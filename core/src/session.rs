@@ -89,6 +89,18 @@ pub enum Request {
     },
     /// The agent's state: version, probes attached or skipped and why, health.
     Status,
+    /// Read what a `TraceSession` recorded on this node: its [`Message::Record`]s from
+    /// sequence `from` on (none: only those recorded from now), then, with `follow`, each new
+    /// one until the session ends. Allowed with the session's `status.attachToken`.
+    SessionLog {
+        namespace: String,
+        name: String,
+        token: String,
+        #[serde(default)]
+        from: Option<u64>,
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 /// The built-in event probes a trace can stream.
@@ -181,6 +193,8 @@ pub enum ErrorCode {
     /// The agent's limits (concurrent sessions) are reached.
     Busy,
     Internal,
+    /// A `TraceSession`'s log was asked for without its attach token (or with another).
+    Forbidden,
 }
 
 /// What the agent streams after [`Welcome::Accepted`].
@@ -188,6 +202,19 @@ pub enum ErrorCode {
 #[serde(rename_all = "snake_case")]
 pub enum Message {
     Event(Event),
+    /// One event a `TraceSession` recorded, with its place in that session's log on this
+    /// node (sequences start at 1 and grow by one per event; a reader resumes after the last
+    /// one it saw).
+    Record {
+        sequence: u64,
+        event: Event,
+    },
+    /// The first line of a `SessionLog` answer: the sequence its records start from (with
+    /// `from` unset, the next one the session records), so a reader that is cut off before any
+    /// record came resumes there.
+    LogStart {
+        sequence: u64,
+    },
     Top(TopTable),
     /// A chunk of bpftrace's standard output (or error, `stream: "stderr"`).
     Output {

@@ -14,6 +14,20 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The `podscope` binary beside the test's `kubectl-podscope` (`plugin`: its
+/// CARGO_BIN_EXE path; `cargo build --bin podscope` puts it there), or $PODSCOPE_BINARY.
+pub fn agent_binary_beside(plugin: &str) -> std::path::PathBuf {
+    let binary = std::env::var_os("PODSCOPE_BINARY")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(plugin).with_file_name("podscope"));
+    assert!(
+        binary.exists(),
+        "{} is missing: `cargo build --bin podscope` (or set PODSCOPE_BINARY)",
+        binary.display()
+    );
+    binary
+}
+
 /// A podscope process; killed on drop if still running.
 pub struct AgentProcess {
     child: Child,

@@ -29,15 +29,7 @@ const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-podscope");
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn agent_binary() -> PathBuf {
-    let binary = std::env::var_os("PODSCOPE_BINARY")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(PLUGIN).with_file_name("podscope"));
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo build --bin podscope` (or set PODSCOPE_BINARY)",
-        binary.display()
-    );
-    binary
+    podscope_integration::agent::agent_binary_beside(PLUGIN)
 }
 
 /// The fake API server, a real agent whose session endpoint the agent pods of `nodes` forward

@@ -120,6 +120,20 @@ pub enum Command {
                       kubectl podscope promote session/web-execs -n shop --name web --dry-run=client -o yaml"
     )]
     Promote(crate::promote::PromoteArgs),
+    /// Follow a TraceSession's events from every node that runs it (from now, or --from-start).
+    #[command(
+        after_help = "Needs `get` on tracesessions in the session's namespace (the token in its \
+                      status opens the agents' logs).\n\nExamples:\n  \
+                      kubectl podscope attach web-execs -n shop\n  \
+                      kubectl podscope attach web-execs --from-start -o json"
+    )]
+    Attach(crate::attach::AttachArgs),
+    /// Print what a TraceSession recorded (kept by the agents until it is deleted), -f to follow.
+    #[command(
+        after_help = "Examples:\n  kubectl podscope logs web-execs -n shop\n  \
+                      kubectl podscope logs web-execs -f"
+    )]
+    Logs(crate::attach::LogsArgs),
 }
 
 /// TARGET and the selection flags every verb that takes one shares.

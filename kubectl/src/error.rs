@@ -57,6 +57,7 @@ impl PluginError {
                 ErrorCode::ProbeUnavailable => 7,
                 ErrorCode::BpftraceDisabled => 8,
                 ErrorCode::Busy => 9,
+                ErrorCode::Forbidden => 5,
                 ErrorCode::BadRequest | ErrorCode::Internal => 11,
             },
             PluginError::Unreachable { .. } => 10,

@@ -6,6 +6,7 @@
 //! (`podscope_core::session`) to each of them through a port-forward, one connection per node,
 //! concurrently. It must not schedule anything in the cluster: the agents already run there.
 
+mod attach;
 mod cli;
 mod error;
 mod merge;
@@ -67,6 +68,8 @@ async fn run(cli: Cli) -> Result<(), PluginError> {
         Command::Describe(args) => sessions::describe(&mut context, args).await,
         Command::Delete(args) => sessions::delete(&mut context, args).await,
         Command::Promote(args) => promote::promote(&mut context, args).await,
+        Command::Attach(args) => attach::attach_verb(&mut context, args).await,
+        Command::Logs(args) => attach::logs(&mut context, args).await,
     }
 }
 

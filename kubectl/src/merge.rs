@@ -45,6 +45,11 @@ impl TimeMerger {
         self.events.insert(sequence, (event, arrived));
     }
 
+    /// A node whose stream joins later (a session's pods appeared on another node).
+    pub fn add_node(&mut self, node: &str) {
+        self.open.entry(node.to_string()).or_insert(0);
+    }
+
     /// `node`'s stream ended: it no longer holds others back.
     pub fn finish(&mut self, node: &str) {
         self.open.remove(node);
@@ -66,6 +71,16 @@ impl TimeMerger {
             }
         }
         ready
+    }
+
+    /// What can be printed now; every waiting event once nothing more will come.
+    pub fn release(&mut self, more_coming: bool) -> Vec<Event> {
+        let now = Instant::now();
+        if more_coming {
+            self.ready(now)
+        } else {
+            self.ready(now + self.lateness)
+        }
     }
 
     /// When the oldest waiting event will be released by its lateness, if any waits.

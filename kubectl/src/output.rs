@@ -44,6 +44,25 @@ pub fn object(format: Format, value: &Value) -> String {
     }
 }
 
+/// Prints events (a table's rows, or one object each in `format`) to stdout; false when its
+/// reader went away (`| head`).
+pub fn print_events(table: &mut EventTable, format: Format, events: &[Event]) -> bool {
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for event in events {
+        let text = match format {
+            Format::Table => table.lines(event),
+            format => object(format, &serde_json::json!(event)),
+        };
+        if out.write_all(text.as_bytes()).is_err() {
+            return false;
+        }
+    }
+    let _ = out.flush();
+    true
+}
+
 /// `HH:MM:SS.mmmmmm` UTC of a Unix time in nanoseconds (a trace spans seconds, not days).
 pub fn clock_time(unix_nano: u64) -> String {
     let seconds = unix_nano / 1_000_000_000;

@@ -82,7 +82,6 @@ pub async fn trace(context: &mut Context, args: TraceArgs) -> Result<(), PluginE
     let mut messages = stream_all(sessions);
     let mut table = EventTable::default();
     let mut failure = None;
-    let stdout = std::io::stdout();
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
@@ -118,23 +117,11 @@ pub async fn trace(context: &mut Context, args: TraceArgs) -> Result<(), PluginE
             _ = tokio::time::sleep_until(deadline) => true,
             _ = &mut interrupted => false,
         };
-        let ready = if open {
-            merger.ready(Instant::now())
-        } else {
-            merger.ready(Instant::now() + Duration::from_secs(3600))
-        };
-        let mut out = stdout.lock();
-        for event in &ready {
-            let text = match args.output {
-                Format::Table => table.lines(event),
-                format => output::object(format, &json!(event)),
-            };
-            if out.write_all(text.as_bytes()).is_err() {
-                // The reader went away (`| head`): done, not failed.
-                return Ok(());
-            }
+        let ready = merger.release(open);
+        if !output::print_events(&mut table, args.output, &ready) {
+            // The reader went away (`| head`): done, not failed.
+            return Ok(());
         }
-        let _ = out.flush();
         if !open {
             break;
         }

@@ -154,6 +154,38 @@ impl PodCgroup {
         run_in_cgroup(&self.leaf, work)
     }
 
+    /// Runs `program args…` `n` times, one after the other, each a fork and an exec from
+    /// inside the cgroup (exactly `n` execs of it there); true when every run exited 0.
+    pub fn exec_times(&self, program: &str, args: &[&str], n: usize) -> bool {
+        let path = CString::new(program).expect("a program path without NUL");
+        let args: Vec<CString> = args
+            .iter()
+            .map(|a| CString::new(*a).expect("an argument without NUL"))
+            .collect();
+        let mut argv = vec![path.as_ptr()];
+        argv.extend(args.iter().map(|a| a.as_ptr()));
+        argv.push(std::ptr::null());
+        let exit = self.run(|| {
+            for _ in 0..n {
+                // SAFETY: fork, execv, _exit and waitpid on memory prepared before the fork: no
+                // allocation in the children.
+                unsafe {
+                    let child = libc::fork();
+                    if child == 0 {
+                        libc::execv(path.as_ptr(), argv.as_ptr());
+                        libc::_exit(127);
+                    }
+                    let mut status = 0;
+                    if child < 0 || libc::waitpid(child, &mut status, 0) != child || status != 0 {
+                        return 1;
+                    }
+                }
+            }
+            0
+        });
+        exit == 0
+    }
+
     /// Starts `sh -c script` inside the cgroup (it joins before exec, so everything it runs is
     /// the container's). Ended when the cgroup is dropped.
     pub fn spawn_shell(&mut self, script: &str) -> u32 {

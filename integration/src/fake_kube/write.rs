@@ -10,7 +10,8 @@
 //! other managers' entries are left alone), an entry owned by another manager is a 409 conflict
 //! unless `force=true` (which takes it over), and `metadata.managedFields` says who owns what in
 //! the real server's FieldsV1 form. Other status fields are owned by the last applier; an apply
-//! of the object itself replaces its spec, labels and annotations.
+//! of the object itself replaces its spec, labels and annotations. A `metadata.resourceVersion`
+//! in an apply is a precondition (409 Conflict when the object changed since).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -188,6 +189,26 @@ pub(super) fn apply_patch(
     }
     let mut state = shared.state.lock().expect("fake API state poisoned");
     let before = state.objects.get(&key).map(|o| o.as_ref().clone());
+    // A resourceVersion in the applied object is a precondition, as the real server has it:
+    // the write fails when the object changed since that version.
+    if let (Some(wanted), Some(existing)) = (
+        patch["metadata"]["resourceVersion"].as_str(),
+        before.as_ref(),
+    ) {
+        if existing["metadata"]["resourceVersion"].as_str() != Some(wanted) {
+            return status_response(
+                StatusCode::CONFLICT,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {}.{} \"{}\": the object has been modified; please apply your changes to the latest version and try again",
+                    kind.plural(),
+                    kind.group(),
+                    key.2
+                ),
+                None,
+            );
+        }
+    }
     if status {
         let Some(mut object) = before else {
             return status_response(

@@ -9,7 +9,6 @@
 //! the one with `ttlAfterFinished` is then deleted by the agent.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
@@ -95,27 +94,10 @@ fn node_entry(status: &Value) -> Option<&Value> {
 
 /// Runs `/bin/true` `n` times from inside `pod`, one exec each.
 fn execs(pod: &PodCgroup, n: usize) {
-    let path = CString::new("/bin/true").unwrap();
-    let argv = [path.as_ptr(), std::ptr::null()];
-    let exit = pod.run(|| {
-        for _ in 0..n {
-            // SAFETY: fork, execv, _exit and waitpid on memory prepared before the fork (see
-            // PodCgroup::run): no allocation in the children.
-            unsafe {
-                let child = libc::fork();
-                if child == 0 {
-                    libc::execv(path.as_ptr(), argv.as_ptr());
-                    libc::_exit(127);
-                }
-                let mut status = 0;
-                if child < 0 || libc::waitpid(child, &mut status, 0) != child || status != 0 {
-                    return 1;
-                }
-            }
-        }
-        0
-    });
-    assert_eq!(exit, 0, "an exec of /bin/true failed");
+    assert!(
+        pod.exec_times("/bin/true", &[], n),
+        "an exec of /bin/true failed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

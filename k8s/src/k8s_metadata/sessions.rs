@@ -25,6 +25,9 @@ pub const TRACE_SESSION_PLURAL: &str = "tracesessions";
 /// The field manager of the merged part of a session's status: every node's agent writes the
 /// same merge of the nodes' entries, so they share it.
 pub const MERGED_STATUS_MANAGER: &str = "podscope/merged";
+/// The field manager of `status.attachToken`: written once, by the first agent to run the
+/// session, and never again.
+pub const ATTACH_TOKEN_MANAGER: &str = "podscope/attach-token";
 
 /// A `TraceSession` as the agent keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +36,9 @@ pub struct TraceSessionObject {
     pub name: String,
     pub uid: String,
     pub generation: i64,
+    /// `metadata.resourceVersion` as last seen: the precondition of a write that must not
+    /// overwrite what another agent wrote meanwhile.
+    pub resource_version: String,
     /// `metadata.creationTimestamp`: a `duration` counts from here, on every node alike.
     pub created: Option<std::time::SystemTime>,
     pub spec: Value,
@@ -176,6 +182,41 @@ impl TraceSessions {
             .await
     }
 
+    /// Puts `token` in the session's `status.attachToken` unless the object changed since
+    /// `session` was read (the resource version is the apply's precondition): of two agents
+    /// racing to give a session its token, one wins and the other gets `Ok(false)` and reads
+    /// the winner's from the watch. Nothing overwrites a token once written.
+    pub async fn claim_attach_token(
+        &self,
+        session: &TraceSessionObject,
+        token: &str,
+    ) -> Result<bool, String> {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &session.namespace, &resource());
+        let patch = json!({
+            "apiVersion": format!("{GROUP}/{VERSION}"),
+            "kind": TRACE_SESSION_KIND,
+            "metadata": {
+                "name": session.name,
+                "namespace": session.namespace,
+                "resourceVersion": session.resource_version,
+            },
+            "status": {"attachToken": token},
+        });
+        let params = PatchParams::apply(ATTACH_TOKEN_MANAGER);
+        match api
+            .patch_status(&session.name, &params, &Patch::Apply(&patch))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(format!(
+                "attach token of TraceSession {}: {e}",
+                session.key()
+            )),
+        }
+    }
+
     async fn apply_status(
         &self,
         session: &TraceSessionObject,
@@ -231,6 +272,7 @@ fn trim(object: DynamicObject) -> Option<TraceSessionObject> {
         name: object.metadata.name?,
         uid: object.metadata.uid.unwrap_or_default(),
         generation: object.metadata.generation.unwrap_or(0),
+        resource_version: object.metadata.resource_version.unwrap_or_default(),
         spec: object.data.get("spec").cloned().unwrap_or(Value::Null),
         status: object.data.get("status").cloned().unwrap_or(Value::Null),
     })

@@ -55,13 +55,29 @@ pub struct BpftraceConfig {
 }
 
 /// `trace_sessions:` — running the cluster's `TraceSession` objects whose pods are on this node.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TraceSessionsConfig {
     /// The `k8s_metadata` extension that watches `TraceSession` objects and whose pod cache
     /// says which of their pods run here. It must come before this extension in
     /// `service.extensions`. Unset (the default): TraceSessions are not run.
     pub extension: Option<String>,
+    /// The memory one session's log of events (for `attach` and `logs`) may keep on this node,
+    /// in MiB; past it the oldest events are dropped and counted. Default 16.
+    pub log_per_session_mib: u64,
+    /// The memory every session log of this node may keep together, in MiB; past it the
+    /// largest log drops its oldest events. Default 128.
+    pub log_total_mib: u64,
+}
+
+impl Default for TraceSessionsConfig {
+    fn default() -> Self {
+        TraceSessionsConfig {
+            extension: None,
+            log_per_session_mib: 16,
+            log_total_mib: 128,
+        }
+    }
 }
 
 impl Default for SessionConfig {
@@ -137,6 +153,21 @@ impl ComponentConfig for SessionConfig {
             errors.push(FieldError::new(
                 "bpftrace.max_duration",
                 "must be more than 0s",
+            ));
+        }
+        if self.trace_sessions.log_per_session_mib == 0 {
+            errors.push(FieldError::new(
+                "trace_sessions.log_per_session_mib",
+                "must be at least 1",
+            ));
+        }
+        if self.trace_sessions.log_total_mib < self.trace_sessions.log_per_session_mib {
+            errors.push(FieldError::new(
+                "trace_sessions.log_total_mib",
+                format!(
+                    "must be at least trace_sessions.log_per_session_mib ({})",
+                    self.trace_sessions.log_per_session_mib
+                ),
             ));
         }
         if let Some(Err(e)) = self

@@ -9,7 +9,9 @@
 //!   receivers naming this extension collected (`top`, `figures`);
 //! - bpftrace: the real bpftrace, when the agent's config enables it (`bpftrace`);
 //! - profile: the profiling probe for the targets, the result sent as one file (`profile`);
-//! - status: version, protocol, readiness, the trace probes this kernel has.
+//! - status: version, protocol, readiness, the trace probes this kernel has;
+//! - session_log: what a `TraceSession` recorded on this node (`session_log`), for `attach`
+//!   and `logs`, given the session's attach token.
 //!
 //! It must not crash on what a client sends: every bad request is answered with a
 //! `SessionError` and the connection closed; a client that goes away ends its session and frees
@@ -21,8 +23,10 @@ mod events;
 mod exchanges;
 mod figures;
 mod filters;
+mod log_reader;
 mod profile;
 mod server;
+mod session_log;
 mod targets;
 mod top;
 mod trace;
@@ -131,6 +135,8 @@ pub(crate) struct Shared {
     pub kernel_figures: figures::KernelFigures,
     /// The http probes' exchanges, for `trace … http`.
     pub http_exchanges: Arc<ExchangeTap>,
+    /// What this node's `TraceSession`s recorded, for `attach` and `logs`.
+    pub session_logs: Arc<session_log::SessionLogs>,
 }
 
 struct Running {
@@ -163,6 +169,10 @@ impl SessionExtension {
         let node = config.resolved_node_name(&ctx.host_name);
         let kernel = Arc::new(TraceKernel::new(&config.btf_path));
         let permits = Arc::new(tokio::sync::Semaphore::new(config.max_sessions as usize));
+        let session_logs = Arc::new(session_log::SessionLogs::new(
+            mib(config.trace_sessions.log_per_session_mib),
+            mib(config.trace_sessions.log_total_mib),
+        ));
         SessionExtension {
             id: ctx.id.to_string(),
             shared: Arc::new(Shared {
@@ -176,6 +186,7 @@ impl SessionExtension {
                 pod_names,
                 kernel_figures: figures::KernelFigures::default(),
                 http_exchanges: Arc::default(),
+                session_logs,
             }),
             running: Mutex::new(None),
             trace_sessions: None,
@@ -266,6 +277,8 @@ impl Component for SessionExtension {
                         sessions,
                         metadata: metadata.clone(),
                         kernel: self.shared.kernel.clone(),
+                        logs: self.shared.session_logs.clone(),
+                        node: self.shared.node.clone(),
                         cgroup_root: podscope_k8s::cgroup::cgroup2_mount()
                             .unwrap_or_else(|| "/sys/fs/cgroup".into()),
                     };
@@ -299,3 +312,8 @@ impl Component for SessionExtension {
 }
 
 impl Extension for SessionExtension {}
+
+/// `mib` MiB in bytes (saturating: the setting is validated, not trusted).
+fn mib(mib: u64) -> usize {
+    usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+}

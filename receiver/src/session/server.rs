@@ -181,6 +181,22 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             )
             .await?
         }
+        Request::SessionLog {
+            namespace,
+            name,
+            token,
+            from,
+            follow,
+        } => {
+            let request = super::log_reader::LogRequest {
+                namespace: &namespace,
+                name: &name,
+                token: &token,
+                from,
+                follow,
+            };
+            super::log_reader::serve(&mut write, shared, request, &gone).await?
+        }
         Request::Profile {
             targets,
             duration,
@@ -222,6 +238,7 @@ fn request_kind(request: &Request) -> &'static str {
         Request::Bpftrace { .. } => "bpftrace",
         Request::Profile { .. } => "profile",
         Request::Status => "status",
+        Request::SessionLog { .. } => "session_log",
     }
 }
 
@@ -599,6 +616,10 @@ mod tests {
     fn every_request_kind_parses_from_the_plugins_json() {
         let kinds = [
             (r#"{"kind":"status"}"#, "status"),
+            (
+                r#"{"kind":"session_log","namespace":"team-a","name":"s","token":"ab","from":1,"follow":true}"#,
+                "session_log",
+            ),
             (
                 r#"{"kind":"trace","probe":"tcp_connect","targets":[],"duration":"30s"}"#,
                 "trace",

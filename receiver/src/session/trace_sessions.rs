@@ -7,7 +7,10 @@
 //!
 //! Each agent writes its node's entry of `status.nodes` (events per probe, lost, pods, times) and
 //! the merged status (phase, reason, the nodes' sums), the same merge on every node; and deletes
-//! a finished session once `ttlAfterFinished` has passed. It refuses, with the reason in the
+//! a finished session once `ttlAfterFinished` has passed. Each event is also kept in the
+//! session's log on this node ([`SessionLogs`]) until the session object is gone, for `attach`
+//! and `logs`; the first agent to run a session gives it the attach token that reads those
+//! logs (`status.attachToken`). It refuses, with the reason in the
 //! status, a session naming a pod outside its namespace, a probe it cannot run, or what is not
 //! implemented yet (`schedule`, `export`).
 //!
@@ -16,7 +19,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use podscope_core::session::TraceProbe;
@@ -29,7 +32,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::events::{clock_offset_ns, to_event};
 use super::server::probe_name;
+use super::session_log::{SessionLog, SessionLogs};
+use super::targets::{node_labels, CgroupLabels};
 use super::trace::{Subscription, TraceKernel, TraceRefusal};
 use crate::ebpf::programs::spec::LabelSelectorSpec;
 
@@ -233,8 +239,15 @@ pub struct TraceSessionRunner {
     pub sessions: TraceSessions,
     pub metadata: Arc<K8sMetadata>,
     pub kernel: Arc<TraceKernel>,
+    /// Where each session's events are kept for `attach` and `logs`.
+    pub logs: Arc<SessionLogs>,
+    /// The node name on the kept events.
+    pub node: String,
     pub cgroup_root: std::path::PathBuf,
 }
+
+/// Names (namespace, pod, container) of a run's cgroups, shared with its probes' tasks.
+type CgroupNames = Arc<RwLock<HashMap<u64, CgroupLabels>>>;
 
 /// A session running on this node.
 struct Run {
@@ -245,6 +258,9 @@ struct Run {
     cgroups: Vec<u64>,
     lost: u64,
     started: SystemTime,
+    /// Where its events are kept (outlives the run, until the session object goes).
+    log: Arc<SessionLog>,
+    names: CgroupNames,
 }
 
 struct ProbeRun {
@@ -264,6 +280,8 @@ struct Known {
     merged: Option<Map<String, Value>>,
     /// When this node first saw the session fail (its completion time).
     failed_at: Option<SystemTime>,
+    /// This node wrote the session's attach token.
+    token_claimed: bool,
 }
 
 impl TraceSessionRunner {
@@ -309,6 +327,12 @@ impl TraceSessionRunner {
             if let Some(run) = known.remove(&key).and_then(|k| k.run) {
                 tracing::info!(session = %format!("{}/{}", key.0, key.1), "TraceSession deleted: its trace stops");
                 finish(run).await;
+            }
+        }
+        // A session object gone (deleted, or its TTL passed): its kept events go too.
+        for key in self.logs.keys() {
+            if !present.contains(&key) {
+                self.logs.remove(&key);
             }
         }
         let now = SystemTime::now();
@@ -359,7 +383,14 @@ impl TraceSessionRunner {
         // Start, follow pods, or finish this node's run. A node where it failed to start does
         // not try again: its entry says why, and the session is Failed.
         if running && known.run.is_none() && known.failed_at.is_none() && !cgroups.is_empty() {
-            match self.start(session, &resolved, pods.clone(), cgroups.clone(), now) {
+            match self.start(
+                session,
+                &resolved,
+                pods.clone(),
+                cgroups.clone(),
+                index,
+                now,
+            ) {
                 Ok(run) => {
                     tracing::info!(session = %session.key(), pods = ?run.pods, "TraceSession running on this node");
                     known.run = Some(run);
@@ -375,6 +406,8 @@ impl TraceSessionRunner {
             }
         } else if let Some(run) = known.run.as_mut().filter(|_| running) {
             if run.cgroups != cgroups && !cgroups.is_empty() {
+                *run.names.write().unwrap_or_else(|e| e.into_inner()) =
+                    self.names_of(&cgroups, index);
                 for probe in &run.probes {
                     if let Err(e) = probe.subscription.retarget(cgroups.clone()) {
                         tracing::warn!(session = %session.key(), error = ?e, "TraceSession: cannot follow its pods' cgroups");
@@ -384,6 +417,7 @@ impl TraceSessionRunner {
                 run.pods = pods;
             }
         }
+        self.attach_token(session, known).await;
         if let Some(run) = known.run.as_mut() {
             for probe in &mut run.probes {
                 run.lost += probe.subscription.lost_since();
@@ -396,6 +430,19 @@ impl TraceSessionRunner {
                 let (mut node, _) = finish(run).await;
                 node.insert("endTime".into(), json!(rfc3339(resolved.end)));
                 self.write_node(session, known, node, true).await;
+            }
+        } else if let Some((last, _)) = &known.node_entry {
+            // The run ended but its log is kept: the node's total bound may still push
+            // events out of it, and the entry says so.
+            let dropped = self
+                .logs
+                .get(&(session.namespace.clone(), session.name.clone()))
+                .filter(|log| log.uid == session.uid)
+                .map(|log| log.dropped());
+            if let Some(dropped) = dropped.filter(|d| last.get("logDropped") != Some(&json!(d))) {
+                let mut node = last.clone();
+                node.insert("logDropped".into(), json!(dropped));
+                self.write_node(session, known, node, false).await;
             }
         }
         let merged = merge(session, known, &resolved, now, self.sessions.node());
@@ -440,14 +487,59 @@ impl TraceSessionRunner {
         (pods.into_iter().collect(), cgroups)
     }
 
+    /// The names of `cgroups` (their pods are in the pod cache: [`Self::pods_here`] found them).
+    fn names_of(&self, cgroups: &[u64], index: &CgroupIndex) -> HashMap<u64, CgroupLabels> {
+        cgroups
+            .iter()
+            .filter_map(|id| {
+                let path = index.path(*id)?;
+                Some((*id, node_labels(path, Some(&self.metadata))))
+            })
+            .collect()
+    }
+
+    /// Gives the session its attach token when it has none (the first agent to run it does),
+    /// and tells its log here the token that reads it.
+    async fn attach_token(&self, session: &TraceSessionObject, known: &mut Known) {
+        let key = (session.namespace.clone(), session.name.clone());
+        let Some(log) = self.logs.get(&key).filter(|log| log.uid == session.uid) else {
+            return;
+        };
+        match session.status["attachToken"].as_str() {
+            Some(token) if !token.is_empty() => log.set_token(token),
+            _ if known.run.is_some() && !known.token_claimed => {
+                let token = new_attach_token();
+                match self.sessions.claim_attach_token(session, &token).await {
+                    Ok(true) => {
+                        log.set_token(&token);
+                        known.token_claimed = true;
+                    }
+                    // Another agent's token (or a newer object): the watch brings it.
+                    Ok(false) => {
+                        tracing::debug!(session = %session.key(), "TraceSession changed while its attach token was written; reading it again")
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %session.key(), error = %e, "cannot write the TraceSession's attach token")
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn start(
         &self,
         session: &TraceSessionObject,
         resolved: &ResolvedSession,
         pods: Vec<String>,
         cgroups: Vec<u64>,
+        index: &CgroupIndex,
         now: SystemTime,
     ) -> Result<Run, String> {
+        let names: CgroupNames = Arc::new(RwLock::new(self.names_of(&cgroups, index)));
+        let key = (session.namespace.clone(), session.name.clone());
+        let log = self.logs.open(&key, &session.uid);
+        let clock_offset = clock_offset_ns();
         let mut probes = Vec::new();
         for probe in &resolved.probes {
             let mut subscription = self
@@ -464,9 +556,25 @@ impl TraceSessionRunner {
             let mut events = std::mem::replace(&mut subscription.events, idle);
             let counted = count.clone();
             let key = session.key();
+            let (log, logs, names, node) = (
+                log.clone(),
+                self.logs.clone(),
+                names.clone(),
+                self.node.clone(),
+            );
             let counter = tokio::spawn(async move {
-                while events.recv().await.is_some() {
+                while let Some(raw) = events.recv().await {
                     counted.fetch_add(1, Ordering::Relaxed);
+                    let labels = names
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&raw.cgroup_id)
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Some(event) = to_event(&raw, &labels, &node, clock_offset) {
+                        log.append(&event);
+                        logs.enforce_total();
+                    }
                 }
                 tracing::debug!(session = %key, "TraceSession: a probe's events ended");
             });
@@ -484,6 +592,8 @@ impl TraceSessionRunner {
             cgroups,
             lost: 0,
             started: now,
+            log,
+            names,
         })
     }
 
@@ -520,7 +630,8 @@ impl TraceSessionRunner {
             .as_object()
             .map(|s| {
                 s.iter()
-                    .filter(|(k, _)| k.as_str() != "nodes")
+                    // Not the merge's: the nodes' entries, and the token (its own manager's).
+                    .filter(|(k, _)| !matches!(k.as_str(), "nodes" | "attachToken"))
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect()
             })
@@ -548,6 +659,8 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         let _ = (&mut probe.counter).await;
         counts.push((probe.probe, probe.count.load(Ordering::Relaxed)));
     }
+    // Every event is in the log now: followers read to the end and stop.
+    run.log.end();
     let summary = Run {
         uid: run.uid,
         probes: Vec::new(),
@@ -555,6 +668,8 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         cgroups: run.cgroups,
         lost,
         started: run.started,
+        log: run.log,
+        names: run.names,
     };
     (node_entry(&summary, "Completed", Some(&counts)), lost)
 }
@@ -583,8 +698,18 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> M
     entry.insert("pods".into(), json!(run.pods));
     entry.insert("events".into(), Value::Object(events));
     entry.insert("lost".into(), json!(run.lost));
+    // Events pushed out of the node's log of the session by its memory bounds.
+    entry.insert("logDropped".into(), json!(run.log.dropped()));
     entry.insert("startTime".into(), json!(rfc3339(run.started)));
     entry
+}
+
+/// 128 random bits in hex: who holds it may read the session's events (`attach`, `logs`).
+fn new_attach_token() -> String {
+    rand::random::<[u8; 16]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The merged status: every node's entry (this node's, `node`, as last written) summed, and
