@@ -16,12 +16,15 @@
 //! what it held in the kernel.
 
 mod bpftrace;
+mod bpftrace_run;
+mod caps;
 mod config;
 mod events;
 mod exchanges;
 mod figures;
 mod filters;
 mod profile;
+mod schedule;
 mod server;
 mod targets;
 mod top;
@@ -268,6 +271,8 @@ impl Component for SessionExtension {
                         kernel: self.shared.kernel.clone(),
                         cgroup_root: podscope_k8s::cgroup::cgroup2_mount()
                             .unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                        config: self.shared.config.trace_sessions.clone(),
+                        bpftrace_path: self.shared.config.bpftrace.path.clone(),
                     };
                     tasks.spawn(runner.run(self.shared.stopping.clone()));
                     tracing::info!(extension = %self.id, "running this node's TraceSessions");

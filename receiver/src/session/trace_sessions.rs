@@ -8,8 +8,13 @@
 //! Each agent writes its node's entry of `status.nodes` (events per probe, lost, pods, times) and
 //! the merged status (phase, reason, the nodes' sums), the same merge on every node; and deletes
 //! a finished session once `ttlAfterFinished` has passed. It refuses, with the reason in the
-//! status, a session naming a pod outside its namespace, a probe it cannot run, or what is not
-//! implemented yet (`schedule`, `export`).
+//! status, a session naming a pod outside its namespace, a probe it cannot run, a bpftrace
+//! program the agent does not allow, or what is not implemented yet (`export`).
+//!
+//! A namespace's sessions run up to the cap of `trace_sessions.max_running_per_namespace`, the
+//! others wait (`caps`); a session counts at most `max_events_per_second` events, the others
+//! are dropped and counted. A `spec.bpftrace` program runs beside the probes (`bpftrace_run`);
+//! a `spec.schedule` makes runs of `duration` at each firing (`schedule`).
 //!
 //! It must not reach past the session's namespace: pods are matched in that namespace only,
 //! whatever the spec says.
@@ -29,10 +34,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::bpftrace_run::{self, BpftraceRun};
+use super::caps::{admitted, Candidate, RateCap};
+use super::config::TraceSessionsConfig;
+use super::schedule::{RunWindow, Schedule};
 use super::server::probe_name;
 use super::trace::{Subscription, TraceKernel, TraceRefusal};
 use crate::ebpf::programs::spec::LabelSelectorSpec;
 
+/// The key of a `spec.bpftrace` program's output lines among a status's `events`.
+const BPFTRACE: &str = "bpftrace";
 /// How often running sessions' counts are written and deadlines and TTLs checked.
 const TICK: Duration = Duration::from_secs(1);
 /// How long changes are gathered before acting on them (a rollout changes many pods at once).
@@ -45,8 +56,13 @@ pub struct TraceSessionSpec {
     /// The pods to trace, of the session's own namespace only.
     pub targets: SessionTargets,
     /// The built-in trace probes (as `kubectl podscope trace` names them: exec, exit, open,
-    /// tcp_connect, …).
+    /// tcp_connect, …); may be left out with a `bpftrace` program.
+    #[serde(default)]
     pub probes: Vec<TraceProbe>,
+    /// A bpftrace program, its output lines counted; `$session_cgroups` in it is the predicate
+    /// over the session's pods' cgroups. Run only where the agent allows it.
+    #[serde(default)]
+    pub bpftrace: Option<String>,
     /// How long it runs, counted from the object's creation (`30s`, `5m`); or `deadline`.
     #[serde(default, with = "humantime_serde")]
     pub duration: Option<Duration>,
@@ -57,7 +73,8 @@ pub struct TraceSessionSpec {
     /// unset: kept until someone deletes it.
     #[serde(default, with = "humantime_serde")]
     pub ttl_after_finished: Option<Duration>,
-    /// Accepted by the schema, refused until implemented.
+    /// A cron pattern (UTC; five fields, or six with seconds first): each firing runs the
+    /// session for `duration`.
     #[serde(default)]
     pub schedule: Option<String>,
     /// Accepted by the schema, refused until implemented.
@@ -98,11 +115,29 @@ pub struct ResolvedSession {
     pub pod_names: Vec<String>,
     pub selector: Option<podscope_k8s::labels::Selector>,
     pub probes: Vec<TraceProbe>,
+    pub bpftrace: Option<String>,
+    /// When it ends; for a scheduled session, when its current or last run ends (see
+    /// [`ResolvedSession::run_window`]).
     pub end: SystemTime,
+    pub created: SystemTime,
+    /// `spec.schedule` and the duration of each run.
+    pub schedule: Option<(Schedule, Duration)>,
     pub ttl_after_finished: Option<Duration>,
 }
 
 impl ResolvedSession {
+    /// The run current or last at `now`: the whole session's, or for a scheduled session the
+    /// last firing's (`None` before the first).
+    pub fn run_window(&self, now: SystemTime) -> Option<RunWindow> {
+        match &self.schedule {
+            Some((schedule, duration)) => schedule.last_run(self.created, now, *duration),
+            None => Some(RunWindow {
+                start: self.created,
+                end: self.end,
+            }),
+        }
+    }
+
     fn selects(&self, pod: &podscope_k8s::k8s_metadata::PodMeta) -> bool {
         if *pod.namespace != *self.namespace {
             return false;
@@ -174,19 +209,26 @@ impl TraceSessionSpec {
                 "spec.targets: names no pod (give pods, a podSelector, or both)",
             ));
         }
-        if self.probes.is_empty() {
-            return Err(refusal("InvalidSpec", "spec.probes: names no probe"));
+        if self.probes.is_empty() && self.bpftrace.is_none() {
+            return Err(refusal(
+                "InvalidSpec",
+                "spec.probes: names no probe (give probes, a bpftrace program, or both)",
+            ));
+        }
+        if self
+            .bpftrace
+            .as_deref()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err(refusal(
+                "InvalidSpec",
+                "spec.bpftrace: the program is empty",
+            ));
         }
         if let Some(i) = self.probes.iter().position(|p| *p == TraceProbe::Http) {
             return Err(refusal(
                 "ProbeUnavailable",
                 format!("spec.probes[{i}]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)"),
-            ));
-        }
-        if self.schedule.is_some() {
-            return Err(refusal(
-                "NotImplemented",
-                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
             ));
         }
         if self.export == Some(true) {
@@ -195,6 +237,24 @@ impl TraceSessionSpec {
                 "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
             ));
         }
+        let schedule = match &self.schedule {
+            None => None,
+            Some(pattern) => {
+                let schedule = Schedule::parse(pattern).map_err(|e| {
+                    refusal(
+                        "InvalidSpec",
+                        format!("spec.schedule: {pattern:?} is not a cron pattern ({e})"),
+                    )
+                })?;
+                let Some(duration) = self.duration.filter(|_| self.deadline.is_none()) else {
+                    return Err(refusal(
+                        "InvalidSpec",
+                        "spec: a scheduled session runs for its duration from each firing: give duration (such as 5m), not deadline",
+                    ));
+                };
+                Some((schedule, duration))
+            }
+        };
         let end = match (self.duration, &self.deadline) {
             (Some(_), Some(_)) => {
                 return Err(refusal(
@@ -222,7 +282,11 @@ impl TraceSessionSpec {
             pod_names,
             selector,
             probes: self.probes.clone(),
-            end,
+            bpftrace: self.bpftrace.clone(),
+            // A scheduled session's runs have their own ends.
+            end: if schedule.is_some() { created } else { end },
+            created,
+            schedule,
             ttl_after_finished: self.ttl_after_finished,
         })
     }
@@ -234,6 +298,10 @@ pub struct TraceSessionRunner {
     pub metadata: Arc<K8sMetadata>,
     pub kernel: Arc<TraceKernel>,
     pub cgroup_root: std::path::PathBuf,
+    /// The caps (`max_running_per_namespace`, `max_events_per_second`) and `allow_bpftrace`.
+    pub config: TraceSessionsConfig,
+    /// The bpftrace binary (`bpftrace.path`).
+    pub bpftrace_path: std::path::PathBuf,
 }
 
 /// A session running on this node.
@@ -244,7 +312,14 @@ struct Run {
     pods: Vec<String>,
     cgroups: Vec<u64>,
     lost: u64,
+    /// The session's events-per-second cap here; what it dropped.
+    rate: Arc<RateCap>,
+    /// Its `spec.bpftrace` program, running.
+    bpftrace: Option<BpftraceRun>,
     started: SystemTime,
+    /// The run of the session it is: its window and, for a scheduled session, its number.
+    window: RunWindow,
+    number: Option<u64>,
 }
 
 struct ProbeRun {
@@ -264,6 +339,21 @@ struct Known {
     merged: Option<Map<String, Value>>,
     /// When this node first saw the session fail (its completion time).
     failed_at: Option<SystemTime>,
+    /// A scheduled session's firings counted so far: up to which, and how many.
+    firings: Option<(SystemTime, u64)>,
+}
+
+impl Known {
+    /// The number of the scheduled run that started at `start` (the first is 1).
+    fn run_number(&mut self, schedule: &Schedule, created: SystemTime, start: SystemTime) -> u64 {
+        let (from, counted) = self
+            .firings
+            .filter(|(at, _)| *at <= start)
+            .unwrap_or((created, 0));
+        let number = counted + schedule.firings(from, start);
+        self.firings = Some((start, number));
+        number
+    }
 }
 
 impl TraceSessionRunner {
@@ -312,7 +402,28 @@ impl TraceSessionRunner {
             }
         }
         let now = SystemTime::now();
-        for session in sessions {
+        // Which sessions may run, decided alike on every node: those whose time has come, that
+        // have not failed, the oldest first in each namespace.
+        let candidates: Vec<Candidate> = sessions
+            .iter()
+            .filter(|s| s.status["phase"] != "Failed")
+            .filter_map(|s| {
+                let resolved = self.resolve(s, now).ok()?;
+                let window = resolved.run_window(now)?;
+                (now < window.end).then_some(Candidate {
+                    namespace: &s.namespace,
+                    name: &s.name,
+                    uid: &s.uid,
+                    created: s.created.unwrap_or(now),
+                })
+            })
+            .collect();
+        let may_run: std::collections::HashSet<String> =
+            admitted(&candidates, self.config.max_running_per_namespace)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+        for session in &sessions {
             let entry = known
                 .entry((session.namespace.clone(), session.name.clone()))
                 .or_default();
@@ -323,7 +434,9 @@ impl TraceSessionRunner {
                 }
                 *entry = Known::default();
             }
-            self.reconcile_one(&session, entry, index, now).await;
+            let admitted = may_run.contains(&session.uid);
+            self.reconcile_one(session, entry, index, now, admitted)
+                .await;
         }
     }
 
@@ -333,11 +446,9 @@ impl TraceSessionRunner {
         known: &mut Known,
         index: &CgroupIndex,
         now: SystemTime,
+        admitted: bool,
     ) {
-        let created = session.created.unwrap_or(now);
-        let resolved = TraceSessionSpec::parse(&session.spec)
-            .and_then(|spec| spec.resolve(&session.namespace, created));
-        let resolved = match resolved {
+        let mut resolved = match self.resolve(session, now) {
             Ok(resolved) => resolved,
             Err(refused) => {
                 if let Some(run) = known.run.take() {
@@ -354,12 +465,41 @@ impl TraceSessionRunner {
                 return;
             }
         };
+        // The run this is (a scheduled session's last firing's; before its first, none).
+        let window = resolved.run_window(now);
+        let number = match (&resolved.schedule, window) {
+            (Some((schedule, _)), Some(window)) => {
+                Some(known.run_number(schedule, resolved.created, window.start))
+            }
+            _ => None,
+        };
+        resolved.end = window.map_or(resolved.created, |w| w.end);
+        // A run of an earlier firing (cut at this one) ends.
+        if let Some(run) = known.run.take_if(|run| Some(run.window) != window) {
+            let end = run.window.end;
+            let (mut node, _) = finish(run).await;
+            node.insert("endTime".into(), json!(rfc3339(end)));
+            self.write_node(session, known, node, true).await;
+        }
         let (pods, cgroups) = self.pods_here(&resolved, index);
-        let running = now < resolved.end;
+        let running = window.is_some_and(|w| w.start <= now && now < w.end);
         // Start, follow pods, or finish this node's run. A node where it failed to start does
         // not try again: its entry says why, and the session is Failed.
-        if running && known.run.is_none() && known.failed_at.is_none() && !cgroups.is_empty() {
-            match self.start(session, &resolved, pods.clone(), cgroups.clone(), now) {
+        if running
+            && admitted
+            && known.run.is_none()
+            && known.failed_at.is_none()
+            && !cgroups.is_empty()
+        {
+            let window = window.expect("running: a window");
+            match self.start(
+                session,
+                &resolved,
+                pods.clone(),
+                cgroups.clone(),
+                now,
+                (window, number),
+            ) {
                 Ok(run) => {
                     tracing::info!(session = %session.key(), pods = ?run.pods, "TraceSession running on this node");
                     known.run = Some(run);
@@ -384,6 +524,18 @@ impl TraceSessionRunner {
                 run.pods = pods;
             }
         }
+        let bpftrace_failure = known
+            .run
+            .as_ref()
+            .and_then(|run| run.bpftrace.as_ref()?.failure());
+        if let Some(message) = bpftrace_failure {
+            let run = known.run.take().expect("checked above");
+            let (mut node, _) = finish(run).await;
+            known.failed_at.get_or_insert(now);
+            node.insert("phase".into(), json!("Failed"));
+            node.insert("message".into(), json!(message));
+            self.write_node(session, known, node, true).await;
+        }
         if let Some(run) = known.run.as_mut() {
             for probe in &mut run.probes {
                 run.lost += probe.subscription.lost_since();
@@ -398,7 +550,21 @@ impl TraceSessionRunner {
                 self.write_node(session, known, node, true).await;
             }
         }
-        let merged = merge(session, known, &resolved, now, self.sessions.node());
+        let waiting = (running && !admitted && known.run.is_none())
+            .then_some(self.config.max_running_per_namespace);
+        let scheduled = resolved.schedule.as_ref().map(|(schedule, _)| Scheduled {
+            last: window.zip(number),
+            next: schedule.next_firing(now),
+        });
+        let merged = merge(
+            session,
+            known,
+            &resolved,
+            now,
+            self.sessions.node(),
+            waiting,
+            scheduled,
+        );
         let finished_at = merged
             .get("completionTime")
             .and_then(Value::as_str)
@@ -417,6 +583,27 @@ impl TraceSessionRunner {
                 }
             }
         }
+    }
+
+    /// The session's spec checked, and what this agent allows of it.
+    fn resolve(
+        &self,
+        session: &TraceSessionObject,
+        now: SystemTime,
+    ) -> Result<ResolvedSession, Refusal> {
+        let created = session.created.unwrap_or(now);
+        let resolved = TraceSessionSpec::parse(&session.spec)
+            .and_then(|spec| spec.resolve(&session.namespace, created))?;
+        if resolved.bpftrace.is_some() && !self.config.allow_bpftrace {
+            return Err(refusal(
+                "BpftraceDisabled",
+                format!(
+                    "spec.bpftrace: the agent on node {} does not run bpftrace programs of TraceSessions; the cluster admin allows them with extensions.session.trace_sessions.allow_bpftrace: true (a bpftrace program is arbitrary kernel code run as root)",
+                    self.sessions.node()
+                ),
+            ));
+        }
+        Ok(resolved)
     }
 
     /// The session's pods on this node (names, sorted) and every cgroup of theirs.
@@ -447,8 +634,10 @@ impl TraceSessionRunner {
         pods: Vec<String>,
         cgroups: Vec<u64>,
         now: SystemTime,
+        (window, number): (RunWindow, Option<u64>),
     ) -> Result<Run, String> {
         let mut probes = Vec::new();
+        let rate = Arc::new(RateCap::new(self.config.max_events_per_second));
         for probe in &resolved.probes {
             let mut subscription = self
                 .kernel
@@ -464,9 +653,12 @@ impl TraceSessionRunner {
             let mut events = std::mem::replace(&mut subscription.events, idle);
             let counted = count.clone();
             let key = session.key();
+            let cap = rate.clone();
             let counter = tokio::spawn(async move {
-                while events.recv().await.is_some() {
-                    counted.fetch_add(1, Ordering::Relaxed);
+                while let Some(event) = events.recv().await {
+                    if cap.admit(event.timestamp_ns) {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 tracing::debug!(session = %key, "TraceSession: a probe's events ended");
             });
@@ -477,13 +669,26 @@ impl TraceSessionRunner {
                 counter,
             });
         }
+        let bpftrace = match &resolved.bpftrace {
+            Some(program) => Some(BpftraceRun::start(
+                &self.bpftrace_path,
+                &bpftrace_run::substitute(program, &cgroups),
+                rate.clone(),
+                session.key(),
+            )?),
+            None => None,
+        };
         Ok(Run {
             uid: session.uid.clone(),
             probes,
             pods,
             cgroups,
             lost: 0,
+            rate,
+            bpftrace,
             started: now,
+            window,
+            number,
         })
     }
 
@@ -546,7 +751,10 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         lost += probe.subscription.lost_since();
         drop(probe.subscription);
         let _ = (&mut probe.counter).await;
-        counts.push((probe.probe, probe.count.load(Ordering::Relaxed)));
+        counts.push((probe_name(probe.probe), probe.count.load(Ordering::Relaxed)));
+    }
+    if let Some(bpftrace) = run.bpftrace {
+        counts.push((BPFTRACE.to_string(), bpftrace.finish().await));
     }
     let summary = Run {
         uid: run.uid,
@@ -554,19 +762,23 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         pods: run.pods,
         cgroups: run.cgroups,
         lost,
+        rate: run.rate,
+        bpftrace: None,
         started: run.started,
+        window: run.window,
+        number: run.number,
     };
     (node_entry(&summary, "Completed", Some(&counts)), lost)
 }
 
 /// A node's status entry (without `node`) for `run` in `phase`; `counts` when the probes are
 /// gone already.
-fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> Map<String, Value> {
+fn node_entry(run: &Run, phase: &str, counts: Option<&[(String, u64)]>) -> Map<String, Value> {
     let mut events = Map::new();
     match counts {
         Some(counts) => {
             for (probe, count) in counts {
-                events.insert(probe_name(*probe), json!(count));
+                events.insert(probe.clone(), json!(count));
             }
         }
         None => {
@@ -576,6 +788,9 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> M
                     json!(probe.count.load(Ordering::Relaxed)),
                 );
             }
+            if let Some(bpftrace) = &run.bpftrace {
+                events.insert(BPFTRACE.into(), json!(bpftrace.lines()));
+            }
         }
     }
     let mut entry = Map::new();
@@ -583,18 +798,32 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> M
     entry.insert("pods".into(), json!(run.pods));
     entry.insert("events".into(), Value::Object(events));
     entry.insert("lost".into(), json!(run.lost));
+    entry.insert("dropped".into(), json!(run.rate.dropped()));
     entry.insert("startTime".into(), json!(rfc3339(run.started)));
+    if let Some(number) = run.number {
+        entry.insert("run".into(), json!(number));
+    }
     entry
 }
 
+/// Where a scheduled session is in its schedule.
+struct Scheduled {
+    /// Its last (or current) run: its window and number.
+    last: Option<(RunWindow, u64)>,
+    next: Option<SystemTime>,
+}
+
 /// The merged status: every node's entry (this node's, `node`, as last written) summed, and
-/// the phase.
+/// the phase. `waiting`: the session waits for a slot of its namespace (the cap, for the
+/// message).
 fn merge(
     session: &TraceSessionObject,
     known: &Known,
     resolved: &ResolvedSession,
     now: SystemTime,
     node: &str,
+    waiting: Option<u32>,
+    scheduled: Option<Scheduled>,
 ) -> Map<String, Value> {
     let mut nodes: BTreeMap<String, Value> = session.status["nodes"]
         .as_array()
@@ -605,12 +834,20 @@ fn merge(
     if let Some((own, _)) = &known.node_entry {
         nodes.insert(node.to_string(), Value::Object(own.clone()));
     }
+    // A scheduled session's summary is its last run's: the entries of that run.
+    if let Some(scheduled) = &scheduled {
+        let last = scheduled.last.map(|(_, number)| number);
+        nodes.retain(|_, entry| entry["run"].as_u64() == last || entry["phase"] == "Failed");
+    }
     let mut events: BTreeMap<String, u64> = resolved
         .probes
         .iter()
-        .map(|p| (probe_name(*p), 0))
+        .map(|p| probe_name(*p))
+        .chain(resolved.bpftrace.as_ref().map(|_| BPFTRACE.to_string()))
+        .map(|name| (name, 0))
         .collect();
     let mut lost = 0;
+    let mut dropped = 0;
     let mut failed = None;
     let mut running = false;
     for (node, entry) in &nodes {
@@ -618,6 +855,7 @@ fn merge(
             *events.entry(probe.clone()).or_default() += count.as_u64().unwrap_or(0);
         }
         lost += entry["lost"].as_u64().unwrap_or(0);
+        dropped += entry["dropped"].as_u64().unwrap_or(0);
         match entry["phase"].as_str() {
             Some("Failed") if failed.is_none() => {
                 failed = Some(format!(
@@ -640,6 +878,25 @@ fn merge(
             format!("tracing on {} node(s)", nodes.len()),
             None,
         )
+    } else if let Some(cap) = waiting {
+        (
+            "Pending",
+            "NamespaceSessionLimit",
+            format!(
+                "namespace {} runs {cap} TraceSession(s) already, the most the agents allow (trace_sessions.max_running_per_namespace); this one starts when one of them ends",
+                session.namespace
+            ),
+            None,
+        )
+    } else if let Some(scheduled) = &scheduled {
+        let next = scheduled.next.map_or("no next run".to_string(), |at| {
+            format!("next run at {}", rfc3339(at))
+        });
+        let message = match scheduled.last {
+            Some((_, number)) => format!("run {number} ended; {next}"),
+            None => format!("no run yet; {next}"),
+        };
+        ("Scheduled", "Scheduled", message, None)
     } else if now >= resolved.end {
         let message = if nodes.is_empty() {
             "the session ended; no pod of its targets ran on any node meanwhile".to_string()
@@ -658,17 +915,30 @@ fn merge(
     merged.insert("phase".into(), json!(phase));
     merged.insert("reason".into(), json!(reason));
     merged.insert("message".into(), json!(message));
-    merged.insert(
-        "startTime".into(),
-        json!(rfc3339(session.created.unwrap_or(now))),
-    );
-    merged.insert("endTime".into(), json!(rfc3339(resolved.end)));
+    match scheduled.as_ref().map(|s| s.last) {
+        // A scheduled session: the times of its last run, and how many there were.
+        Some(last) => {
+            if let Some((window, number)) = last {
+                merged.insert("startTime".into(), json!(rfc3339(window.start)));
+                merged.insert("endTime".into(), json!(rfc3339(window.end)));
+                merged.insert("lastScheduleTime".into(), json!(rfc3339(window.start)));
+                merged.insert("runs".into(), json!(number));
+            }
+        }
+        None => {
+            merged.insert(
+                "startTime".into(),
+                json!(rfc3339(session.created.unwrap_or(now))),
+            );
+            merged.insert("endTime".into(), json!(rfc3339(resolved.end)));
+        }
+    }
     if let Some(at) = completion {
         merged.insert("completionTime".into(), json!(rfc3339(at)));
     }
     merged.insert(
         "summary".into(),
-        json!({"nodes": nodes.len(), "events": events, "lost": lost}),
+        json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped}),
     );
     merged
 }
@@ -786,9 +1056,24 @@ mod tests {
     fn what_is_not_implemented_or_not_valid_is_refused_with_its_path() {
         let cases = [
             (
-                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 * * * *"}),
-                "NotImplemented",
-                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "deadline": "2027-01-01T00:00:00Z", "schedule": "0 * * * *"}),
+                "InvalidSpec",
+                "spec: a scheduled session runs for its duration from each firing: give duration (such as 5m), not deadline",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 25 * * *"}),
+                "InvalidSpec",
+                "spec.schedule: \"0 25 * * *\" is not a cron pattern (Component error: Position 25 is out of bounds for the current range (0-23).)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": [], "duration": "1m"}),
+                "InvalidSpec",
+                "spec.probes: names no probe (give probes, a bpftrace program, or both)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "bpftrace": " ", "duration": "1m"}),
+                "InvalidSpec",
+                "spec.bpftrace: the program is empty",
             ),
             (
                 json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "export": true}),
