@@ -211,6 +211,12 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
         "by-label",
         json!({"targets": {"podSelector": {"matchLabels": {"app": "web"}}}, "probes": ["exec"], "deadline": deadline.to_string()}),
     ));
+    // Summaries: the commands executed and the processes' lifetimes.
+    api.apply_custom(session(
+        "team-a",
+        "summaries",
+        json!({"targets": {"pods": ["web-a1"]}, "probes": ["exec", "exit"], "duration": "60s"}),
+    ));
     // A pod of another namespace: refused.
     api.apply_custom(session(
         "team-a",
@@ -230,7 +236,7 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
     assert!(node_entry(&refused).is_none(), "nothing ran: {refused}");
 
     // Both run here on web-a1: the kernel filter holds its cgroup before the status says so.
-    for name in ["one-pod", "by-label"] {
+    for name in ["one-pod", "by-label", "summaries"] {
         let running = status_when(&api, "team-a", name, "Running here", |s| {
             node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"
         })
@@ -240,6 +246,40 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
 
     execs(&a1, 3);
     execs(&b, 4);
+    // The top commands, and the exits: the three /bin/true processes (and the test's own child
+    // that ran them in the pod), with their lifetimes' quantiles.
+    let summarized = status_when(
+        &api,
+        "team-a",
+        "summaries",
+        "3 execs and their exits",
+        |s| {
+            node_entry(s).is_some_and(|e| {
+                e["top"]["exec"] == json!([{"key": "/bin/true", "count": 3}])
+                    && e["top"]["exit"][0] == json!({"key": "true", "count": 3})
+            })
+        },
+    )
+    .await;
+    let entry = node_entry(&summarized).unwrap();
+    let exits: u64 = entry["top"]["exit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(entry["events"]["exit"], exits, "{summarized}");
+    let lifetimes = &entry["durations"]["exit"];
+    assert_eq!(lifetimes["count"], exits, "{summarized}");
+    let (p50, p90, p99) = (
+        lifetimes["p50"].as_u64().unwrap(),
+        lifetimes["p90"].as_u64().unwrap(),
+        lifetimes["p99"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p90 && p90 <= p99, "{lifetimes}");
+    // One node: the merged summary is its entry's.
+    assert_eq!(summarized["summary"]["top"], entry["top"]);
+    assert_eq!(summarized["summary"]["durations"], entry["durations"]);
     // A pod appearing under the selector joins the running session.
     api.apply_pod(pod("team-a", "web-a2", &a2_uid, &a2_container));
     status_when(&api, "team-a", "by-label", "web-a2 joined", |s| {
@@ -267,7 +307,7 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
     assert_eq!(entry["pods"], json!(["web-a1"]));
     assert_eq!(
         completed["summary"],
-        json!({"nodes": 1, "events": {"exec": 3}, "lost": 0, "dropped": 0})
+        json!({"nodes": 1, "events": {"exec": 3}, "lost": 0, "dropped": 0, "top": {"exec": [{"key": "/bin/true", "count": 3}]}, "durations": {}})
     );
     assert_eq!(completed["reason"], "Ended");
     assert_eq!(completed["completionTime"], completed["endTime"]);
@@ -291,7 +331,7 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
     assert_eq!(completed["endTime"], deadline.to_string());
     assert_eq!(
         completed["summary"],
-        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0, "dropped": 0})
+        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0, "dropped": 0, "top": {"exec": [{"key": "/bin/true", "count": 5}]}, "durations": {}})
     );
     drop((a1, a2, b));
 }
@@ -370,7 +410,7 @@ async fn a_namespace_runs_at_most_its_cap_of_sessions_and_each_counts_at_most_it
     .await;
     assert_eq!(
         ended["summary"],
-        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0, "dropped": 3})
+        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0, "dropped": 3, "top": {"exec": [{"key": "/bin/true", "count": 5}]}, "durations": {}})
     );
     status_when(&api, "team-a", "c-third", "Running here", |s| {
         node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"
@@ -390,7 +430,7 @@ async fn a_namespace_runs_at_most_its_cap_of_sessions_and_each_counts_at_most_it
     .await;
     assert_eq!(
         second["summary"],
-        json!({"nodes": 1, "events": {"exec": 7}, "lost": 0, "dropped": 3})
+        json!({"nodes": 1, "events": {"exec": 7}, "lost": 0, "dropped": 3, "top": {"exec": [{"key": "/bin/true", "count": 7}]}, "durations": {}})
     );
     drop((a, b));
 }
@@ -448,7 +488,7 @@ async fn a_bpftrace_session_runs_only_where_allowed_and_counts_its_programs_line
     assert_eq!(entry["events"], json!({"bpftrace": 5}), "{completed}");
     assert_eq!(
         completed["summary"],
-        json!({"nodes": 1, "events": {"bpftrace": 5}, "lost": 0, "dropped": 0})
+        json!({"nodes": 1, "events": {"bpftrace": 5}, "lost": 0, "dropped": 0, "top": {}, "durations": {}})
     );
     drop((a, other));
 }
@@ -491,7 +531,7 @@ async fn a_scheduled_session_runs_at_each_firing_and_counts_each_runs_execs() {
         assert_eq!(ended["reason"], "Scheduled", "{ended}");
         assert_eq!(
             ended["summary"],
-            json!({"nodes": 1, "events": {"exec": n}, "lost": 0, "dropped": 0})
+            json!({"nodes": 1, "events": {"exec": n}, "lost": 0, "dropped": 0, "top": {"exec": [{"key": "/bin/true", "count": n}]}, "durations": {}})
         );
         let last: k8s_openapi::jiff::Timestamp =
             ended["lastScheduleTime"].as_str().unwrap().parse().unwrap();

@@ -26,6 +26,7 @@ mod filters;
 mod profile;
 mod schedule;
 mod server;
+mod summary;
 mod targets;
 mod top;
 mod trace;

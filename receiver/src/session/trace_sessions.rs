@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use podscope_core::session::TraceProbe;
@@ -39,6 +39,7 @@ use super::caps::{admitted, Candidate, RateCap};
 use super::config::TraceSessionsConfig;
 use super::schedule::{RunWindow, Schedule};
 use super::server::probe_name;
+use super::summary::{self, RunSummary};
 use super::trace::{Subscription, TraceKernel, TraceRefusal};
 use crate::ebpf::programs::spec::LabelSelectorSpec;
 
@@ -314,6 +315,8 @@ struct Run {
     lost: u64,
     /// The session's events-per-second cap here; what it dropped.
     rate: Arc<RateCap>,
+    /// Top keys and durations of its counted events.
+    summary: Arc<Mutex<RunSummary>>,
     /// Its `spec.bpftrace` program, running.
     bpftrace: Option<BpftraceRun>,
     started: SystemTime,
@@ -638,6 +641,7 @@ impl TraceSessionRunner {
     ) -> Result<Run, String> {
         let mut probes = Vec::new();
         let rate = Arc::new(RateCap::new(self.config.max_events_per_second));
+        let summary = Arc::new(Mutex::new(RunSummary::default()));
         for probe in &resolved.probes {
             let mut subscription = self
                 .kernel
@@ -654,10 +658,16 @@ impl TraceSessionRunner {
             let counted = count.clone();
             let key = session.key();
             let cap = rate.clone();
+            let summarized = summary.clone();
+            let traced = *probe;
             let counter = tokio::spawn(async move {
                 while let Some(event) = events.recv().await {
                     if cap.admit(event.timestamp_ns) {
                         counted.fetch_add(1, Ordering::Relaxed);
+                        summarized
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .add(traced, &event);
                     }
                 }
                 tracing::debug!(session = %key, "TraceSession: a probe's events ended");
@@ -685,6 +695,7 @@ impl TraceSessionRunner {
             cgroups,
             lost: 0,
             rate,
+            summary,
             bpftrace,
             started: now,
             window,
@@ -763,6 +774,7 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         cgroups: run.cgroups,
         lost,
         rate: run.rate,
+        summary: run.summary,
         bpftrace: None,
         started: run.started,
         window: run.window,
@@ -799,6 +811,13 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(String, u64)]>) -> Map<S
     entry.insert("events".into(), Value::Object(events));
     entry.insert("lost".into(), json!(run.lost));
     entry.insert("dropped".into(), json!(run.rate.dropped()));
+    let (top, durations) = run
+        .summary
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .to_status();
+    entry.insert("top".into(), top);
+    entry.insert("durations".into(), durations);
     entry.insert("startTime".into(), json!(rfc3339(run.started)));
     if let Some(number) = run.number {
         entry.insert("run".into(), json!(number));
@@ -936,9 +955,10 @@ fn merge(
     if let Some(at) = completion {
         merged.insert("completionTime".into(), json!(rfc3339(at)));
     }
+    let (top, durations) = summary::merge(nodes.values());
     merged.insert(
         "summary".into(),
-        json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped}),
+        json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped, "top": top, "durations": durations}),
     );
     merged
 }
@@ -961,6 +981,8 @@ mod tests {
     const CRD: &str = include_str!("../../../helm/podscope/crds/tracesessions.podscope.dev.yaml");
     const EXAMPLE: &str =
         include_str!("../../../helm/podscope/examples/trace-session/web-execs.yaml");
+    const SCHEDULED_EXAMPLE: &str =
+        include_str!("../../../helm/podscope/examples/trace-session/hourly-execs.yaml");
 
     fn yaml_to_json(yaml: &yaml_rust2::Yaml) -> Value {
         use yaml_rust2::Yaml;
@@ -1006,6 +1028,26 @@ mod tests {
         );
         assert_eq!(resolved.end, created() + Duration::from_secs(600));
         assert_eq!(resolved.ttl_after_finished, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_charts_scheduled_example_runs_five_minutes_at_each_hour() {
+        let example = load(SCHEDULED_EXAMPLE);
+        let resolved = TraceSessionSpec::parse(&example["spec"])
+            .unwrap()
+            .resolve("shop", created())
+            .unwrap();
+        assert_eq!(resolved.probes, vec![TraceProbe::Exec, TraceProbe::Exit]);
+        // created() is 1_800_000_000 s: 08:00:00 UTC, on the hour; its first run is the next.
+        let hour = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_003_600);
+        assert_eq!(resolved.run_window(hour - Duration::from_secs(1)), None);
+        assert_eq!(
+            resolved.run_window(hour + Duration::from_secs(60)),
+            Some(RunWindow {
+                start: hour,
+                end: hour + Duration::from_secs(300)
+            })
+        );
     }
 
     #[test]
