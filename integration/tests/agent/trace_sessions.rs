@@ -49,6 +49,13 @@ fn pod(namespace: &str, name: &str, uid: &str, container_id: &str) -> Pod {
     }
 }
 
+/// A kubelet-style pod cgroup made for the test (removed when dropped), with the pod's uid and
+/// its container's id.
+fn pod_cgroup() -> (PodCgroup, String, String) {
+    let (uid, container) = unique_ids();
+    (PodCgroup::with_ids(&uid, &container), uid, container)
+}
+
 fn session(namespace: &str, name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "podscope.dev/v1alpha1",
@@ -182,12 +189,9 @@ async fn at_start_of_a_monotonic_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_deleted_after_ttl() {
     let dir = tempfile::tempdir().unwrap();
-    let (a1_uid, a1_container) = unique_ids();
-    let a1 = PodCgroup::with_ids(&a1_uid, &a1_container);
-    let (a2_uid, a2_container) = unique_ids();
-    let a2 = PodCgroup::with_ids(&a2_uid, &a2_container);
-    let (b_uid, b_container) = unique_ids();
-    let b = PodCgroup::with_ids(&b_uid, &b_container);
+    let (a1, a1_uid, a1_container) = pod_cgroup();
+    let (a2, a2_uid, a2_container) = pod_cgroup();
+    let (b, b_uid, b_container) = pod_cgroup();
 
     let api = FakeApiServer::start().await;
     api.apply_pod(pod("team-a", "web-a1", &a1_uid, &a1_container));
@@ -343,10 +347,8 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_runs_at_most_its_cap_of_sessions_and_each_counts_at_most_its_event_rate() {
     let dir = tempfile::tempdir().unwrap();
-    let (a_uid, a_container) = unique_ids();
-    let a = PodCgroup::with_ids(&a_uid, &a_container);
-    let (b_uid, b_container) = unique_ids();
-    let b = PodCgroup::with_ids(&b_uid, &b_container);
+    let (a, a_uid, a_container) = pod_cgroup();
+    let (b, b_uid, b_container) = pod_cgroup();
     let api = FakeApiServer::start().await;
     api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
     api.apply_pod(pod("team-b", "web-b", &b_uid, &b_container));
@@ -442,10 +444,8 @@ async fn a_namespace_runs_at_most_its_cap_of_sessions_and_each_counts_at_most_it
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bpftrace_session_runs_only_where_allowed_and_counts_its_programs_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let (a_uid, a_container) = unique_ids();
-    let a = PodCgroup::with_ids(&a_uid, &a_container);
-    let (other_uid, other_container) = unique_ids();
-    let other = PodCgroup::with_ids(&other_uid, &other_container);
+    let (a, a_uid, a_container) = pod_cgroup();
+    let (other, other_uid, other_container) = pod_cgroup();
     let api = FakeApiServer::start().await;
     api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
     api.apply_pod(pod("team-a", "db", &other_uid, &other_container));
@@ -499,8 +499,7 @@ async fn a_bpftrace_session_runs_only_where_allowed_and_counts_its_programs_line
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduled_session_runs_at_each_firing_and_counts_each_runs_execs() {
     let dir = tempfile::tempdir().unwrap();
-    let (uid, container) = unique_ids();
-    let web = PodCgroup::with_ids(&uid, &container);
+    let (web, uid, container) = pod_cgroup();
     let api = FakeApiServer::start().await;
     api.apply_pod(pod("team-a", "web-a", &uid, &container));
     let _agent = start_agent(&api, dir.path(), "").await;

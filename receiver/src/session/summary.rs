@@ -63,9 +63,9 @@ pub fn bucket_of(value: u64) -> u64 {
         return value;
     }
     let shift = 63 - value.leading_zeros() - SUB_BUCKETS_LOG2;
-    let upper = ((value >> shift) + 1).checked_shl(shift);
-    // The last bucket of the u64 range is bounded by the range itself.
-    upper.map_or(u64::MAX, |u| u - 1)
+    // In u128: the last buckets' bounds pass u64::MAX, which then bounds them.
+    let upper = (u128::from(value >> shift) + 1) << shift;
+    u64::try_from(upper - 1).unwrap_or(u64::MAX)
 }
 
 /// The value at quantile `q` (nearest rank) of a histogram: the upper bound of its bucket.
@@ -212,7 +212,7 @@ mod tests {
         assert_eq!(bucket_of(17), 17);
         assert_eq!(bucket_of(18), 19);
         assert_eq!(bucket_of(1000), 1023);
-        assert_eq!(bucket_of(1_000_000), 1_015_807);
+        assert_eq!(bucket_of(1_000_000), 1_048_575);
         assert_eq!(bucket_of(u64::MAX), u64::MAX);
     }
 

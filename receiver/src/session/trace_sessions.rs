@@ -478,7 +478,12 @@ impl TraceSessionRunner {
         };
         resolved.end = window.map_or(resolved.created, |w| w.end);
         // A run of an earlier firing (cut at this one) ends.
-        if let Some(run) = known.run.take_if(|run| Some(run.window) != window) {
+        // (An unscheduled session keeps its run when its spec changes its end.)
+        let firing = window.map(|w| w.start);
+        if let Some(run) = known
+            .run
+            .take_if(|run| resolved.schedule.is_some() && Some(run.window.start) != firing)
+        {
             let end = run.window.end;
             let (mut node, _) = finish(run).await;
             node.insert("endTime".into(), json!(rfc3339(end)));
@@ -1105,7 +1110,7 @@ mod tests {
             (
                 json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 25 * * *"}),
                 "InvalidSpec",
-                "spec.schedule: \"0 25 * * *\" is not a cron pattern (Component error: Position 25 is out of bounds for the current range (0-23).)",
+                "spec.schedule: \"0 25 * * *\" is not a cron pattern (Component error: Number out of bounds.)",
             ),
             (
                 json!({"targets": {"pods": ["a"]}, "probes": [], "duration": "1m"}),
