@@ -106,7 +106,8 @@ mod tests {
     fn each_firing_after_creation_runs_for_the_duration_cut_at_the_next_one() {
         // Every 15 s, with a seconds field; created at :07 of a minute.
         let every_15s = Schedule::parse("*/15 * * * * *").unwrap();
-        let minute = 1_800_000_000 - 1_800_000_000 % 60;
+        // 1_800_000_000 s is 08:00:00 UTC, a whole minute and hour.
+        let minute = 1_800_000_000;
         let created = at(minute + 7);
         let ten = Duration::from_secs(10);
         assert_eq!(every_15s.last_run(created, at(minute + 14), ten), None);
@@ -142,7 +143,7 @@ mod tests {
     #[test]
     fn five_fields_are_minutes_and_nicknames_work() {
         let hourly = Schedule::parse("@hourly").unwrap();
-        let hour = 1_800_000_000 - 1_800_000_000 % 3600;
+        let hour = 1_800_000_000;
         assert_eq!(hourly.next_firing(at(hour + 1)), Some(at(hour + 3600)));
         let five_minutes = Schedule::parse("*/5 * * * *").unwrap();
         assert_eq!(five_minutes.next_firing(at(hour + 1)), Some(at(hour + 300)));

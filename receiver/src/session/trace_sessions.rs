@@ -347,10 +347,26 @@ struct Known {
 }
 
 impl Known {
-    /// The number of the scheduled run that started at `start` (the first is 1).
-    fn run_number(&mut self, schedule: &Schedule, created: SystemTime, start: SystemTime) -> u64 {
+    /// The number of the scheduled run that started at `start` (the first is 1). Counted on
+    /// from what `status` says (`lastScheduleTime`, `runs`) when this agent has not counted yet,
+    /// so that a restarted agent does not walk every firing since the session's creation.
+    fn run_number(
+        &mut self,
+        schedule: &Schedule,
+        created: SystemTime,
+        status: &Value,
+        start: SystemTime,
+    ) -> u64 {
+        let written = || {
+            let at = humantime_serde::re::humantime::parse_rfc3339_weak(
+                status["lastScheduleTime"].as_str()?,
+            )
+            .ok()?;
+            Some((at, status["runs"].as_u64()?))
+        };
         let (from, counted) = self
             .firings
+            .or_else(written)
             .filter(|(at, _)| *at <= start)
             .unwrap_or((created, 0));
         let number = counted + schedule.firings(from, start);
@@ -472,7 +488,7 @@ impl TraceSessionRunner {
         let window = resolved.run_window(now);
         let number = match (&resolved.schedule, window) {
             (Some((schedule, _)), Some(window)) => {
-                Some(known.run_number(schedule, resolved.created, window.start))
+                Some(known.run_number(schedule, resolved.created, &session.status, window.start))
             }
             _ => None,
         };
@@ -917,6 +933,9 @@ fn merge(
             format!("next run at {}", rfc3339(at))
         });
         let message = match scheduled.last {
+            Some((window, number)) if now < window.end => {
+                format!("run {number}: no pod of its targets runs; {next}")
+            }
             Some((_, number)) => format!("run {number} ended; {next}"),
             None => format!("no run yet; {next}"),
         };
