@@ -450,11 +450,17 @@ async fn a_bpftrace_session_runs_only_where_allowed_and_counts_its_programs_line
     api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
     api.apply_pod(pod("team-a", "db", &other_uid, &other_container));
     let program = r#"BEGIN { printf("ready\n"); } tracepoint:sched:sched_process_exec /$session_cgroups/ { printf("%s\n", comm); }"#;
-    let bpftrace_session = |duration: &str| json!({"targets": {"pods": ["web-a"]}, "bpftrace": program, "duration": duration});
+    let bpftrace_session = |pod: &str, duration: &str| json!({"targets": {"pods": [pod]}, "bpftrace": program, "duration": duration});
 
     {
         let _refusing = start_agent(&api, dir.path(), "").await;
-        api.apply_custom(session("team-a", "refused", bpftrace_session("60s")));
+        // Refused before its pods are looked at: it names none that runs, so that the allowing
+        // agent below has nothing of it to run.
+        api.apply_custom(session(
+            "team-a",
+            "refused",
+            bpftrace_session("not-running", "60s"),
+        ));
         let refused = status_when(&api, "team-a", "refused", "Failed", |s| {
             s["phase"] == "Failed"
         })
@@ -468,7 +474,7 @@ async fn a_bpftrace_session_runs_only_where_allowed_and_counts_its_programs_line
     }
 
     let _allowing = start_agent(&api, dir.path(), "allow_bpftrace: true").await;
-    api.apply_custom(session("team-a", "execs", bpftrace_session("20s")));
+    api.apply_custom(session("team-a", "execs", bpftrace_session("web-a", "20s")));
     // BEGIN runs once every probe is attached: its line says the program is ready.
     status_when(&api, "team-a", "execs", "bpftrace ready", |s| {
         node_entry(s).is_some_and(|e| e["phase"] == "Running" && e["events"]["bpftrace"] == 1)

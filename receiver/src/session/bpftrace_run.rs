@@ -88,6 +88,15 @@ impl BpftraceRun {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // SAFETY: prctl(2) only, between fork and exec: async-signal-safe, no allocation.
+        unsafe {
+            command.pre_exec(|| {
+                // Killed with the agent, even when the agent is killed (SIGKILL, a crash) and
+                // cannot interrupt it: it would otherwise run on, orphaned, in the kernel.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot run bpftrace ({}): {e}", binary.display()))?;
