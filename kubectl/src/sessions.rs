@@ -79,6 +79,11 @@ pub struct RunArgs {
     pub dry_run: DryRun,
     #[arg(short = 'o', long, value_enum)]
     pub output: Option<ObjectFormat>,
+    /// Then print its events as `attach --from-start` does (with -o json|yaml, as JSON or YAML
+    /// records); a cut connection resumes where it stopped, and Ctrl-C leaves the session
+    /// running in the cluster.
+    #[arg(short = 'w', long, conflicts_with = "dry_run")]
+    pub watch: bool,
 }
 
 #[derive(Debug, Args)]
@@ -444,8 +449,24 @@ pub async fn run(context: &mut Context, args: RunArgs) -> Result<(), PluginError
         })?;
     let created = serde_json::to_value(created)
         .map_err(|e| PluginError::Other(anyhow::anyhow!("reading the TraceSession: {e}")))?;
-    print_created(&created, SESSION_RESOURCE, &args.name, args.output, "");
-    Ok(())
+    if !args.watch {
+        print_created(&created, SESSION_RESOURCE, &args.name, args.output, "");
+        return Ok(());
+    }
+    // The events follow on stdout: the object's line goes to stderr so that a JSON or YAML
+    // stream stays one format.
+    eprintln!("{SESSION_RESOURCE}/{} created", args.name);
+    let format = match args.output {
+        Some(ObjectFormat::Json) => cli::Format::Json,
+        Some(ObjectFormat::Yaml) => cli::Format::Yaml,
+        None | Some(ObjectFormat::Wide) | Some(ObjectFormat::Name) => cli::Format::Table,
+    };
+    let options = crate::attach::AttachOptions {
+        from_start: true,
+        follow: true,
+        output: format,
+    };
+    crate::attach::attach(context, &args.name, options).await
 }
 
 /// What kubectl prints for an object it created: `KIND.GROUP/NAME created`, or the object.

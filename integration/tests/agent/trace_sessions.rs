@@ -48,6 +48,13 @@ fn pod(namespace: &str, name: &str, uid: &str, container_id: &str) -> Pod {
     }
 }
 
+/// A kubelet-style pod cgroup made for the test (removed when dropped), with the pod's uid and
+/// its container's id.
+fn pod_cgroup() -> (PodCgroup, String, String) {
+    let (uid, container) = unique_ids();
+    (PodCgroup::with_ids(&uid, &container), uid, container)
+}
+
 fn session(namespace: &str, name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "podscope.dev/v1alpha1",
@@ -100,23 +107,20 @@ fn execs(pod: &PodCgroup, n: usize) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_deleted_after_ttl() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a1_uid, a1_container) = unique_ids();
-    let a1 = PodCgroup::with_ids(&a1_uid, &a1_container);
-    let (a2_uid, a2_container) = unique_ids();
-    let a2 = PodCgroup::with_ids(&a2_uid, &a2_container);
-    let (b_uid, b_container) = unique_ids();
-    let b = PodCgroup::with_ids(&b_uid, &b_container);
-
-    let api = FakeApiServer::start().await;
-    api.apply_pod(pod("team-a", "web-a1", &a1_uid, &a1_container));
-    api.apply_pod(pod("team-b", "web-b", &b_uid, &b_container));
-
-    let kubeconfig = dir.path().join("kubeconfig");
+/// The real agent, running the fake API server's TraceSessions on [`NODE`]; `trace_sessions`:
+/// more settings of `extensions.session.trace_sessions` (`key: value, …`).
+async fn start_agent(
+    api: &FakeApiServer,
+    dir: &std::path::Path,
+    trace_sessions: &str,
+) -> AgentProcess {
+    let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let telemetry_port = free_port();
+    let trace_sessions = match trace_sessions {
+        "" => String::new(),
+        more => format!(", {more}"),
+    };
     let config = format!(
         r#"
 extensions:
@@ -126,7 +130,7 @@ extensions:
   session:
     endpoint: 127.0.0.1:0
     node_name: {NODE}
-    trace_sessions: {{ extension: k8s_metadata }}
+    trace_sessions: {{ extension: k8s_metadata{trace_sessions} }}
 receivers:
   ebpf:
     collection_interval: 1s
@@ -141,13 +145,41 @@ service:
     metrics: {{ receivers: [ebpf], exporters: [nop] }}
 "#
     );
-    let _agent = AgentProcess::start_with_env(
+    AgentProcess::start_with_env(
         env!("CARGO_BIN_EXE_podscope"),
         &config,
         telemetry_port,
         &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
     )
-    .await;
+    .await
+}
+
+/// Waits until just after the kernel's monotonic clock (what trace events are stamped with)
+/// starts a new second, so that a short burst of events falls in one second of the rate cap.
+/// Not a readiness wait: the cap counts per second of the events' own timestamps.
+async fn at_start_of_a_monotonic_second() {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    let to_next = 1_000_000_000 - now.tv_nsec as u64 + 20_000_000;
+    tokio::time::sleep(Duration::from_nanos(to_next)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_deleted_after_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a1, a1_uid, a1_container) = pod_cgroup();
+    let (a2, a2_uid, a2_container) = pod_cgroup();
+    let (b, b_uid, b_container) = pod_cgroup();
+
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a1", &a1_uid, &a1_container));
+    api.apply_pod(pod("team-b", "web-b", &b_uid, &b_container));
+
+    let _agent = start_agent(&api, dir.path(), "").await;
 
     // One pod by name, ended by its duration, deleted 2 s after.
     api.apply_custom(session(
@@ -164,6 +196,12 @@ service:
         "team-a",
         "by-label",
         json!({"targets": {"podSelector": {"matchLabels": {"app": "web"}}}, "probes": ["exec"], "deadline": deadline.to_string()}),
+    ));
+    // Summaries: the commands executed and the processes' lifetimes.
+    api.apply_custom(session(
+        "team-a",
+        "summaries",
+        json!({"targets": {"pods": ["web-a1"]}, "probes": ["exec", "exit"], "duration": "60s"}),
     ));
     // A pod of another namespace: refused.
     api.apply_custom(session(
@@ -184,7 +222,7 @@ service:
     assert!(node_entry(&refused).is_none(), "nothing ran: {refused}");
 
     // Both run here on web-a1: the kernel filter holds its cgroup before the status says so.
-    for name in ["one-pod", "by-label"] {
+    for name in ["one-pod", "by-label", "summaries"] {
         let running = status_when(&api, "team-a", name, "Running here", |s| {
             node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"
         })
@@ -194,6 +232,40 @@ service:
 
     execs(&a1, 3);
     execs(&b, 4);
+    // The top commands, and the exits: the three /bin/true processes (and the test's own child
+    // that ran them in the pod), with their lifetimes' quantiles.
+    let summarized = status_when(
+        &api,
+        "team-a",
+        "summaries",
+        "3 execs and their exits",
+        |s| {
+            node_entry(s).is_some_and(|e| {
+                e["top"]["exec"] == json!([{"key": "/bin/true", "count": 3}])
+                    && e["top"]["exit"][0] == json!({"key": "true", "count": 3})
+            })
+        },
+    )
+    .await;
+    let entry = node_entry(&summarized).unwrap();
+    let exits: u64 = entry["top"]["exit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(entry["events"]["exit"], exits, "{summarized}");
+    let lifetimes = &entry["durations"]["exit"];
+    assert_eq!(lifetimes["count"], exits, "{summarized}");
+    let (p50, p90, p99) = (
+        lifetimes["p50"].as_u64().unwrap(),
+        lifetimes["p90"].as_u64().unwrap(),
+        lifetimes["p99"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p90 && p90 <= p99, "{lifetimes}");
+    // One node: the merged summary is its entry's.
+    assert_eq!(summarized["summary"]["top"], entry["top"]);
+    assert_eq!(summarized["summary"]["durations"], entry["durations"]);
     // A pod appearing under the selector joins the running session.
     api.apply_pod(pod("team-a", "web-a2", &a2_uid, &a2_container));
     status_when(&api, "team-a", "by-label", "web-a2 joined", |s| {
@@ -221,7 +293,7 @@ service:
     assert_eq!(entry["pods"], json!(["web-a1"]));
     assert_eq!(
         completed["summary"],
-        json!({"nodes": 1, "events": {"exec": 3}, "lost": 0})
+        json!({"nodes": 1, "events": {"exec": 3}, "lost": 0, "dropped": 0, "top": {"exec": [{"key": "/bin/true", "count": 3}]}, "durations": {}})
     );
     assert_eq!(completed["reason"], "Ended");
     assert_eq!(completed["completionTime"], completed["endTime"]);
@@ -245,7 +317,219 @@ service:
     assert_eq!(completed["endTime"], deadline.to_string());
     assert_eq!(
         completed["summary"],
-        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0})
+        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0, "dropped": 0, "top": {"exec": [{"key": "/bin/true", "count": 5}]}, "durations": {}})
     );
     drop((a1, a2, b));
+}
+
+/// The caps of `trace_sessions` (here 2 running sessions per namespace, 5 events per second):
+/// team-a's third session waits, Pending with the reason, while team-b's runs; it starts when
+/// team-a's first ends. Each session counts at most 5 execs per second and counts the rest as
+/// dropped, per node and merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_runs_at_most_its_cap_of_sessions_and_each_counts_at_most_its_event_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_uid, a_container) = pod_cgroup();
+    let (b, b_uid, b_container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
+    api.apply_pod(pod("team-b", "web-b", &b_uid, &b_container));
+    let _agent = start_agent(
+        &api,
+        dir.path(),
+        "max_running_per_namespace: 2, max_events_per_second: 5",
+    )
+    .await;
+
+    // Created in this order (and named so: sessions created in the same second run by name).
+    let execs_of = |pod: &str, duration: &str| json!({"targets": {"pods": [pod]}, "probes": ["exec"], "duration": duration});
+    api.apply_custom(session("team-a", "a-first", execs_of("web-a", "25s")));
+    api.apply_custom(session("team-a", "b-second", execs_of("web-a", "90s")));
+    api.apply_custom(session("team-a", "c-third", execs_of("web-a", "90s")));
+    api.apply_custom(session("team-b", "other", execs_of("web-b", "90s")));
+
+    for (namespace, name) in [
+        ("team-a", "a-first"),
+        ("team-a", "b-second"),
+        ("team-b", "other"),
+    ] {
+        status_when(&api, namespace, name, "Running here", |s| {
+            node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"
+        })
+        .await;
+    }
+    let waiting = status_when(&api, "team-a", "c-third", "Pending", |s| {
+        s["phase"] == "Pending"
+    })
+    .await;
+    assert_eq!(waiting["reason"], "NamespaceSessionLimit", "{waiting}");
+    assert_eq!(
+        waiting["message"],
+        "namespace team-a runs 2 TraceSession(s) already, the most the agents allow (trace_sessions.max_running_per_namespace); this one starts when one of them ends"
+    );
+    assert!(node_entry(&waiting).is_none(), "it runs nowhere: {waiting}");
+
+    // 8 execs in one second: 5 counted, 3 dropped, by each session of the pod.
+    at_start_of_a_monotonic_second().await;
+    execs(&a, 8);
+    for name in ["a-first", "b-second"] {
+        let capped = status_when(&api, "team-a", name, "8 execs seen", |s| {
+            node_entry(s).is_some_and(|e| e["dropped"] == 3 && e["events"]["exec"] == 5)
+        })
+        .await;
+        assert_eq!(capped["summary"]["dropped"], 3, "{capped}");
+        assert_eq!(capped["summary"]["events"], json!({"exec": 5}), "{capped}");
+    }
+    // The other namespace's session is not capped by team-a's.
+    execs(&b, 1);
+    status_when(&api, "team-b", "other", "1 exec", |s| {
+        node_entry(s).is_some_and(|e| e["events"]["exec"] == 1 && e["dropped"] == 0)
+    })
+    .await;
+
+    // a-first ends: its slot goes to c-third.
+    let ended = status_when(&api, "team-a", "a-first", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    assert_eq!(
+        ended["summary"],
+        json!({"nodes": 1, "events": {"exec": 5}, "lost": 0, "dropped": 3, "top": {"exec": [{"key": "/bin/true", "count": 5}]}, "durations": {}})
+    );
+    status_when(&api, "team-a", "c-third", "Running here", |s| {
+        node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"
+    })
+    .await;
+    at_start_of_a_monotonic_second().await;
+    execs(&a, 2);
+    let third = status_when(&api, "team-a", "c-third", "2 execs", |s| {
+        node_entry(s).is_some_and(|e| e["events"]["exec"] == 2)
+    })
+    .await;
+    assert_eq!(node_entry(&third).unwrap()["dropped"], 0, "{third}");
+    // A new second: b-second keeps these 2 as well, 7 in all, 3 dropped.
+    let second = status_when(&api, "team-a", "b-second", "7 execs", |s| {
+        node_entry(s).is_some_and(|e| e["events"]["exec"] == 7)
+    })
+    .await;
+    assert_eq!(
+        second["summary"],
+        json!({"nodes": 1, "events": {"exec": 7}, "lost": 0, "dropped": 3, "top": {"exec": [{"key": "/bin/true", "count": 7}]}, "durations": {}})
+    );
+    drop((a, b));
+}
+
+/// `spec.bpftrace`: refused (Failed, `BpftraceDisabled`, naming the setting) by an agent that
+/// does not allow it, whatever `bpftrace.enabled` says; run by one with
+/// `trace_sessions.allow_bpftrace`, filtered to the session's pod by `$session_cgroups`, its
+/// output lines counted: its BEGIN line and one per exec in the pod, none for the other pod's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bpftrace_session_runs_only_where_allowed_and_counts_its_programs_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_uid, a_container) = pod_cgroup();
+    let (other, other_uid, other_container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
+    api.apply_pod(pod("team-a", "db", &other_uid, &other_container));
+    let program = r#"BEGIN { printf("ready\n"); } tracepoint:sched:sched_process_exec /$session_cgroups/ { printf("%s\n", comm); }"#;
+    let bpftrace_session = |pod: &str, duration: &str| json!({"targets": {"pods": [pod]}, "bpftrace": program, "duration": duration});
+
+    {
+        let _refusing = start_agent(&api, dir.path(), "").await;
+        // Refused before its pods are looked at: it names none that runs, so that the allowing
+        // agent below has nothing of it to run.
+        api.apply_custom(session(
+            "team-a",
+            "refused",
+            bpftrace_session("not-running", "60s"),
+        ));
+        let refused = status_when(&api, "team-a", "refused", "Failed", |s| {
+            s["phase"] == "Failed"
+        })
+        .await;
+        assert_eq!(refused["reason"], "BpftraceDisabled", "{refused}");
+        assert_eq!(
+            refused["message"],
+            format!("spec.bpftrace: the agent on node {NODE} does not run bpftrace programs of TraceSessions; the cluster admin allows them with extensions.session.trace_sessions.allow_bpftrace: true (a bpftrace program is arbitrary kernel code run as root)")
+        );
+        assert!(node_entry(&refused).is_none(), "nothing ran: {refused}");
+    }
+
+    let _allowing = start_agent(&api, dir.path(), "allow_bpftrace: true").await;
+    api.apply_custom(session("team-a", "execs", bpftrace_session("web-a", "20s")));
+    // BEGIN runs once every probe is attached: its line says the program is ready.
+    status_when(&api, "team-a", "execs", "bpftrace ready", |s| {
+        node_entry(s).is_some_and(|e| e["phase"] == "Running" && e["events"]["bpftrace"] == 1)
+    })
+    .await;
+    execs(&a, 4);
+    execs(&other, 3);
+    status_when(&api, "team-a", "execs", "4 exec lines", |s| {
+        node_entry(s).is_some_and(|e| e["events"]["bpftrace"] == 5)
+    })
+    .await;
+    let completed = status_when(&api, "team-a", "execs", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    let entry = node_entry(&completed).unwrap();
+    assert_eq!(entry["events"], json!({"bpftrace": 5}), "{completed}");
+    assert_eq!(
+        completed["summary"],
+        json!({"nodes": 1, "events": {"bpftrace": 5}, "lost": 0, "dropped": 0, "top": {}, "durations": {}})
+    );
+    drop((a, other));
+}
+
+/// `spec.schedule`: every 15 s (a seconds field) a run of 10 s. Each run counts its own execs
+/// (2 in the first, 3 in the second); between runs the session is Scheduled with its last run's
+/// summary, `lastScheduleTime` and `runs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_session_runs_at_each_firing_and_counts_each_runs_execs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (web, uid, container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a", &uid, &container));
+    let _agent = start_agent(&api, dir.path(), "").await;
+    api.apply_custom(session(
+        "team-a",
+        "every-15s",
+        json!({"targets": {"pods": ["web-a"]}, "probes": ["exec"], "schedule": "*/15 * * * * *", "duration": "10s"}),
+    ));
+
+    let mut schedule_times = Vec::new();
+    for (run, n) in [(1, 2), (2, 3)] {
+        status_when(&api, "team-a", "every-15s", "running its next run", |s| {
+            node_entry(s).is_some_and(|e| e["phase"] == "Running" && e["run"] == run)
+        })
+        .await;
+        execs(&web, n);
+        let ended = status_when(&api, "team-a", "every-15s", "that run ended", |s| {
+            node_entry(s).is_some_and(|e| e["phase"] == "Completed" && e["run"] == run)
+                && s["phase"] == "Scheduled"
+        })
+        .await;
+        assert_eq!(
+            node_entry(&ended).unwrap()["events"],
+            json!({"exec": n}),
+            "{ended}"
+        );
+        assert_eq!(ended["runs"], run, "{ended}");
+        assert_eq!(ended["reason"], "Scheduled", "{ended}");
+        assert_eq!(
+            ended["summary"],
+            json!({"nodes": 1, "events": {"exec": n}, "lost": 0, "dropped": 0, "top": {"exec": [{"key": "/bin/true", "count": n}]}, "durations": {}})
+        );
+        let last: k8s_openapi::jiff::Timestamp =
+            ended["lastScheduleTime"].as_str().unwrap().parse().unwrap();
+        assert_eq!(last.as_second() % 15, 0, "{ended}");
+        assert_eq!(ended["startTime"], ended["lastScheduleTime"]);
+        assert_eq!(
+            ended["endTime"],
+            (last + k8s_openapi::jiff::SignedDuration::from_secs(10)).to_string()
+        );
+        schedule_times.push(last.as_second());
+    }
+    assert_eq!(schedule_times[1] - schedule_times[0], 15);
+    drop(web);
 }

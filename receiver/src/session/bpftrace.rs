@@ -64,7 +64,7 @@ fn uses_target(program: &str) -> bool {
     substitute(program, 0, 0) != program
 }
 
-fn kill_group(pgid: Option<u32>, signal: i32) {
+pub(super) fn kill_group(pgid: Option<u32>, signal: i32) {
     if let Some(pgid) = pgid {
         // SAFETY: kill(2) with a negative pid signals the process group bpftrace leads (it was
         // started in a group of its own).
@@ -217,7 +217,7 @@ pub async fn serve(
 
 /// The next line of an open stream (with its newline); `None` at its end. A closed stream
 /// (`None`) never yields.
-async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
+pub(super) async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(
     lines: &mut Option<tokio::io::Lines<R>>,
 ) -> Option<String> {
     match lines {

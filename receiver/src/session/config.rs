@@ -68,6 +68,18 @@ pub struct TraceSessionsConfig {
     /// The memory every session log of this node may keep together, in MiB; past it the
     /// largest log drops its oldest events. Default 128.
     pub log_total_mib: u64,
+    /// A namespace's TraceSessions that run at once; the next ones wait (Pending, reason
+    /// `NamespaceSessionLimit`) in creation order until one ends. Default 3. Every agent must
+    /// have the same value for them to agree on which sessions run.
+    pub max_running_per_namespace: u32,
+    /// The events a session counts per second on a node (all its probes together); those over
+    /// it are dropped and counted as `dropped` in its status. Default 10000.
+    pub max_events_per_second: u64,
+    /// Run the `spec.bpftrace` programs of TraceSessions. Default false: such a program is
+    /// arbitrary kernel code run as root, written by whoever may create TraceSessions in any
+    /// namespace; separate from `bpftrace.enabled` (who may port-forward into the agent). Off,
+    /// such a session is Failed with reason `BpftraceDisabled`.
+    pub allow_bpftrace: bool,
 }
 
 impl Default for TraceSessionsConfig {
@@ -76,6 +88,9 @@ impl Default for TraceSessionsConfig {
             extension: None,
             log_per_session_mib: 16,
             log_total_mib: 128,
+            max_running_per_namespace: 3,
+            max_events_per_second: 10_000,
+            allow_bpftrace: false,
         }
     }
 }
@@ -177,6 +192,18 @@ impl ComponentConfig for SessionConfig {
             .map(podscope_core::ComponentId::parse)
         {
             errors.push(FieldError::new("trace_sessions.extension", e.to_string()));
+        }
+        if self.trace_sessions.max_running_per_namespace == 0 {
+            errors.push(FieldError::new(
+                "trace_sessions.max_running_per_namespace",
+                "must be at least 1",
+            ));
+        }
+        if self.trace_sessions.max_events_per_second == 0 {
+            errors.push(FieldError::new(
+                "trace_sessions.max_events_per_second",
+                "must be at least 1",
+            ));
         }
         errors
     }

@@ -146,7 +146,7 @@ fn fields(probe: TraceProbe, raw: &TraceEvent) -> BTreeMap<String, String> {
     fields
 }
 
-fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
+pub(super) fn address(family: u16, bytes: &[u8; 16]) -> IpAddr {
     if family == 10 {
         IpAddr::V6(Ipv6Addr::from(*bytes))
     } else {

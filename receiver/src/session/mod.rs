@@ -18,6 +18,8 @@
 //! what it held in the kernel.
 
 mod bpftrace;
+mod bpftrace_run;
+mod caps;
 mod config;
 mod events;
 mod exchanges;
@@ -25,8 +27,10 @@ mod figures;
 mod filters;
 mod log_reader;
 mod profile;
+mod schedule;
 mod server;
 mod session_log;
+mod summary;
 mod targets;
 mod top;
 mod trace;
@@ -281,6 +285,8 @@ impl Component for SessionExtension {
                         node: self.shared.node.clone(),
                         cgroup_root: podscope_k8s::cgroup::cgroup2_mount()
                             .unwrap_or_else(|| "/sys/fs/cgroup".into()),
+                        config: self.shared.config.trace_sessions.clone(),
+                        bpftrace_path: self.shared.config.bpftrace.path.clone(),
                     };
                     tasks.spawn(runner.run(self.shared.stopping.clone()));
                     tracing::info!(extension = %self.id, "running this node's TraceSessions");

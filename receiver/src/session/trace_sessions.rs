@@ -10,16 +10,21 @@
 //! a finished session once `ttlAfterFinished` has passed. Each event is also kept in the
 //! session's log on this node ([`SessionLogs`]) until the session object is gone, for `attach`
 //! and `logs`; the first agent to run a session gives it the attach token that reads those
-//! logs (`status.attachToken`). It refuses, with the reason in the
-//! status, a session naming a pod outside its namespace, a probe it cannot run, or what is not
-//! implemented yet (`schedule`, `export`).
+//! logs (`status.attachToken`). It refuses, with the reason in the status, a session naming a
+//! pod outside its namespace, a probe it cannot run, a bpftrace program the agent does not
+//! allow, or what is not implemented yet (`export`).
+//!
+//! A namespace's sessions run up to the cap of `trace_sessions.max_running_per_namespace`, the
+//! others wait (`caps`); a session counts at most `max_events_per_second` events, the others
+//! are dropped and counted. A `spec.bpftrace` program runs beside the probes (`bpftrace_run`);
+//! a `spec.schedule` makes runs of `duration` at each firing (`schedule`).
 //!
 //! It must not reach past the session's namespace: pods are matched in that namespace only,
 //! whatever the spec says.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use podscope_core::session::TraceProbe;
@@ -32,13 +37,20 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::bpftrace_run::{self, BpftraceRun};
+use super::caps::{admitted, Candidate, RateCap};
+use super::config::TraceSessionsConfig;
 use super::events::{clock_offset_ns, to_event};
+use super::schedule::{RunWindow, Schedule};
 use super::server::probe_name;
 use super::session_log::{SessionLog, SessionLogs};
+use super::summary::{self, RunSummary};
 use super::targets::{node_labels, CgroupLabels};
 use super::trace::{Subscription, TraceKernel, TraceRefusal};
 use crate::ebpf::programs::spec::LabelSelectorSpec;
 
+/// The key of a `spec.bpftrace` program's output lines among a status's `events`.
+const BPFTRACE: &str = "bpftrace";
 /// How often running sessions' counts are written and deadlines and TTLs checked.
 const TICK: Duration = Duration::from_secs(1);
 /// How long changes are gathered before acting on them (a rollout changes many pods at once).
@@ -51,8 +63,13 @@ pub struct TraceSessionSpec {
     /// The pods to trace, of the session's own namespace only.
     pub targets: SessionTargets,
     /// The built-in trace probes (as `kubectl podscope trace` names them: exec, exit, open,
-    /// tcp_connect, …).
+    /// tcp_connect, …); may be left out with a `bpftrace` program.
+    #[serde(default)]
     pub probes: Vec<TraceProbe>,
+    /// A bpftrace program, its output lines counted; `$session_cgroups` in it is the predicate
+    /// over the session's pods' cgroups. Run only where the agent allows it.
+    #[serde(default)]
+    pub bpftrace: Option<String>,
     /// How long it runs, counted from the object's creation (`30s`, `5m`); or `deadline`.
     #[serde(default, with = "humantime_serde")]
     pub duration: Option<Duration>,
@@ -63,7 +80,8 @@ pub struct TraceSessionSpec {
     /// unset: kept until someone deletes it.
     #[serde(default, with = "humantime_serde")]
     pub ttl_after_finished: Option<Duration>,
-    /// Accepted by the schema, refused until implemented.
+    /// A cron pattern (UTC; five fields, or six with seconds first): each firing runs the
+    /// session for `duration`.
     #[serde(default)]
     pub schedule: Option<String>,
     /// Accepted by the schema, refused until implemented.
@@ -104,11 +122,29 @@ pub struct ResolvedSession {
     pub pod_names: Vec<String>,
     pub selector: Option<podscope_k8s::labels::Selector>,
     pub probes: Vec<TraceProbe>,
+    pub bpftrace: Option<String>,
+    /// When it ends; for a scheduled session, when its current or last run ends (see
+    /// [`ResolvedSession::run_window`]).
     pub end: SystemTime,
+    pub created: SystemTime,
+    /// `spec.schedule` and the duration of each run.
+    pub schedule: Option<(Schedule, Duration)>,
     pub ttl_after_finished: Option<Duration>,
 }
 
 impl ResolvedSession {
+    /// The run current or last at `now`: the whole session's, or for a scheduled session the
+    /// last firing's (`None` before the first).
+    pub fn run_window(&self, now: SystemTime) -> Option<RunWindow> {
+        match &self.schedule {
+            Some((schedule, duration)) => schedule.last_run(self.created, now, *duration),
+            None => Some(RunWindow {
+                start: self.created,
+                end: self.end,
+            }),
+        }
+    }
+
     fn selects(&self, pod: &podscope_k8s::k8s_metadata::PodMeta) -> bool {
         if *pod.namespace != *self.namespace {
             return false;
@@ -180,19 +216,26 @@ impl TraceSessionSpec {
                 "spec.targets: names no pod (give pods, a podSelector, or both)",
             ));
         }
-        if self.probes.is_empty() {
-            return Err(refusal("InvalidSpec", "spec.probes: names no probe"));
+        if self.probes.is_empty() && self.bpftrace.is_none() {
+            return Err(refusal(
+                "InvalidSpec",
+                "spec.probes: names no probe (give probes, a bpftrace program, or both)",
+            ));
+        }
+        if self
+            .bpftrace
+            .as_deref()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err(refusal(
+                "InvalidSpec",
+                "spec.bpftrace: the program is empty",
+            ));
         }
         if let Some(i) = self.probes.iter().position(|p| *p == TraceProbe::Http) {
             return Err(refusal(
                 "ProbeUnavailable",
                 format!("spec.probes[{i}]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)"),
-            ));
-        }
-        if self.schedule.is_some() {
-            return Err(refusal(
-                "NotImplemented",
-                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
             ));
         }
         if self.export == Some(true) {
@@ -201,6 +244,24 @@ impl TraceSessionSpec {
                 "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
             ));
         }
+        let schedule = match &self.schedule {
+            None => None,
+            Some(pattern) => {
+                let schedule = Schedule::parse(pattern).map_err(|e| {
+                    refusal(
+                        "InvalidSpec",
+                        format!("spec.schedule: {pattern:?} is not a cron pattern ({e})"),
+                    )
+                })?;
+                let Some(duration) = self.duration.filter(|_| self.deadline.is_none()) else {
+                    return Err(refusal(
+                        "InvalidSpec",
+                        "spec: a scheduled session runs for its duration from each firing: give duration (such as 5m), not deadline",
+                    ));
+                };
+                Some((schedule, duration))
+            }
+        };
         let end = match (self.duration, &self.deadline) {
             (Some(_), Some(_)) => {
                 return Err(refusal(
@@ -228,7 +289,11 @@ impl TraceSessionSpec {
             pod_names,
             selector,
             probes: self.probes.clone(),
-            end,
+            bpftrace: self.bpftrace.clone(),
+            // A scheduled session's runs have their own ends.
+            end: if schedule.is_some() { created } else { end },
+            created,
+            schedule,
             ttl_after_finished: self.ttl_after_finished,
         })
     }
@@ -244,6 +309,10 @@ pub struct TraceSessionRunner {
     /// The node name on the kept events.
     pub node: String,
     pub cgroup_root: std::path::PathBuf,
+    /// The caps (`max_running_per_namespace`, `max_events_per_second`) and `allow_bpftrace`.
+    pub config: TraceSessionsConfig,
+    /// The bpftrace binary (`bpftrace.path`).
+    pub bpftrace_path: std::path::PathBuf,
 }
 
 /// Names (namespace, pod, container) of a run's cgroups, shared with its probes' tasks.
@@ -257,10 +326,19 @@ struct Run {
     pods: Vec<String>,
     cgroups: Vec<u64>,
     lost: u64,
+    /// The session's events-per-second cap here; what it dropped.
+    rate: Arc<RateCap>,
+    /// Top keys and durations of its counted events.
+    summary: Arc<Mutex<RunSummary>>,
+    /// Its `spec.bpftrace` program, running.
+    bpftrace: Option<BpftraceRun>,
     started: SystemTime,
     /// Where its events are kept (outlives the run, until the session object goes).
     log: Arc<SessionLog>,
     names: CgroupNames,
+    /// The run of the session it is: its window and, for a scheduled session, its number.
+    window: RunWindow,
+    number: Option<u64>,
 }
 
 struct ProbeRun {
@@ -282,6 +360,37 @@ struct Known {
     failed_at: Option<SystemTime>,
     /// This node wrote the session's attach token.
     token_claimed: bool,
+    /// A scheduled session's firings counted so far: up to which, and how many.
+    firings: Option<(SystemTime, u64)>,
+}
+
+impl Known {
+    /// The number of the scheduled run that started at `start` (the first is 1). Counted on
+    /// from what `status` says (`lastScheduleTime`, `runs`) when this agent has not counted yet,
+    /// so that a restarted agent does not walk every firing since the session's creation.
+    fn run_number(
+        &mut self,
+        schedule: &Schedule,
+        created: SystemTime,
+        status: &Value,
+        start: SystemTime,
+    ) -> u64 {
+        let written = || {
+            let at = humantime_serde::re::humantime::parse_rfc3339_weak(
+                status["lastScheduleTime"].as_str()?,
+            )
+            .ok()?;
+            Some((at, status["runs"].as_u64()?))
+        };
+        let (from, counted) = self
+            .firings
+            .or_else(written)
+            .filter(|(at, _)| *at <= start)
+            .unwrap_or((created, 0));
+        let number = counted + schedule.firings(from, start);
+        self.firings = Some((start, number));
+        number
+    }
 }
 
 impl TraceSessionRunner {
@@ -336,7 +445,28 @@ impl TraceSessionRunner {
             }
         }
         let now = SystemTime::now();
-        for session in sessions {
+        // Which sessions may run, decided alike on every node: those whose time has come, that
+        // have not failed, the oldest first in each namespace.
+        let candidates: Vec<Candidate> = sessions
+            .iter()
+            .filter(|s| s.status["phase"] != "Failed")
+            .filter_map(|s| {
+                let resolved = self.resolve(s, now).ok()?;
+                let window = resolved.run_window(now)?;
+                (now < window.end).then_some(Candidate {
+                    namespace: &s.namespace,
+                    name: &s.name,
+                    uid: &s.uid,
+                    created: s.created.unwrap_or(now),
+                })
+            })
+            .collect();
+        let may_run: std::collections::HashSet<String> =
+            admitted(&candidates, self.config.max_running_per_namespace)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+        for session in &sessions {
             let entry = known
                 .entry((session.namespace.clone(), session.name.clone()))
                 .or_default();
@@ -347,7 +477,9 @@ impl TraceSessionRunner {
                 }
                 *entry = Known::default();
             }
-            self.reconcile_one(&session, entry, index, now).await;
+            let admitted = may_run.contains(&session.uid);
+            self.reconcile_one(session, entry, index, now, admitted)
+                .await;
         }
     }
 
@@ -357,11 +489,9 @@ impl TraceSessionRunner {
         known: &mut Known,
         index: &CgroupIndex,
         now: SystemTime,
+        admitted: bool,
     ) {
-        let created = session.created.unwrap_or(now);
-        let resolved = TraceSessionSpec::parse(&session.spec)
-            .and_then(|spec| spec.resolve(&session.namespace, created));
-        let resolved = match resolved {
+        let mut resolved = match self.resolve(session, now) {
             Ok(resolved) => resolved,
             Err(refused) => {
                 if let Some(run) = known.run.take() {
@@ -378,11 +508,38 @@ impl TraceSessionRunner {
                 return;
             }
         };
+        // The run this is (a scheduled session's last firing's; before its first, none).
+        let window = resolved.run_window(now);
+        let number = match (&resolved.schedule, window) {
+            (Some((schedule, _)), Some(window)) => {
+                Some(known.run_number(schedule, resolved.created, &session.status, window.start))
+            }
+            _ => None,
+        };
+        resolved.end = window.map_or(resolved.created, |w| w.end);
+        // A run of an earlier firing (cut at this one) ends.
+        // (An unscheduled session keeps its run when its spec changes its end.)
+        let firing = window.map(|w| w.start);
+        if let Some(run) = known
+            .run
+            .take_if(|run| resolved.schedule.is_some() && Some(run.window.start) != firing)
+        {
+            let end = run.window.end;
+            let (mut node, _) = finish(run).await;
+            node.insert("endTime".into(), json!(rfc3339(end)));
+            self.write_node(session, known, node, true).await;
+        }
         let (pods, cgroups) = self.pods_here(&resolved, index);
-        let running = now < resolved.end;
+        let running = window.is_some_and(|w| w.start <= now && now < w.end);
         // Start, follow pods, or finish this node's run. A node where it failed to start does
         // not try again: its entry says why, and the session is Failed.
-        if running && known.run.is_none() && known.failed_at.is_none() && !cgroups.is_empty() {
+        if running
+            && admitted
+            && known.run.is_none()
+            && known.failed_at.is_none()
+            && !cgroups.is_empty()
+        {
+            let window = window.expect("running: a window");
             match self.start(
                 session,
                 &resolved,
@@ -390,6 +547,7 @@ impl TraceSessionRunner {
                 cgroups.clone(),
                 index,
                 now,
+                (window, number),
             ) {
                 Ok(run) => {
                     tracing::info!(session = %session.key(), pods = ?run.pods, "TraceSession running on this node");
@@ -418,6 +576,18 @@ impl TraceSessionRunner {
             }
         }
         self.attach_token(session, known).await;
+        let bpftrace_failure = known
+            .run
+            .as_ref()
+            .and_then(|run| run.bpftrace.as_ref()?.failure());
+        if let Some(message) = bpftrace_failure {
+            let run = known.run.take().expect("checked above");
+            let (mut node, _) = finish(run).await;
+            known.failed_at.get_or_insert(now);
+            node.insert("phase".into(), json!("Failed"));
+            node.insert("message".into(), json!(message));
+            self.write_node(session, known, node, true).await;
+        }
         if let Some(run) = known.run.as_mut() {
             for probe in &mut run.probes {
                 run.lost += probe.subscription.lost_since();
@@ -445,7 +615,21 @@ impl TraceSessionRunner {
                 self.write_node(session, known, node, false).await;
             }
         }
-        let merged = merge(session, known, &resolved, now, self.sessions.node());
+        let waiting = (running && !admitted && known.run.is_none())
+            .then_some(self.config.max_running_per_namespace);
+        let scheduled = resolved.schedule.as_ref().map(|(schedule, _)| Scheduled {
+            last: window.zip(number),
+            next: schedule.next_firing(now),
+        });
+        let merged = merge(
+            session,
+            known,
+            &resolved,
+            now,
+            self.sessions.node(),
+            waiting,
+            scheduled,
+        );
         let finished_at = merged
             .get("completionTime")
             .and_then(Value::as_str)
@@ -464,6 +648,27 @@ impl TraceSessionRunner {
                 }
             }
         }
+    }
+
+    /// The session's spec checked, and what this agent allows of it.
+    fn resolve(
+        &self,
+        session: &TraceSessionObject,
+        now: SystemTime,
+    ) -> Result<ResolvedSession, Refusal> {
+        let created = session.created.unwrap_or(now);
+        let resolved = TraceSessionSpec::parse(&session.spec)
+            .and_then(|spec| spec.resolve(&session.namespace, created))?;
+        if resolved.bpftrace.is_some() && !self.config.allow_bpftrace {
+            return Err(refusal(
+                "BpftraceDisabled",
+                format!(
+                    "spec.bpftrace: the agent on node {} does not run bpftrace programs of TraceSessions; the cluster admin allows them with extensions.session.trace_sessions.allow_bpftrace: true (a bpftrace program is arbitrary kernel code run as root)",
+                    self.sessions.node()
+                ),
+            ));
+        }
+        Ok(resolved)
     }
 
     /// The session's pods on this node (names, sorted) and every cgroup of theirs.
@@ -535,12 +740,15 @@ impl TraceSessionRunner {
         cgroups: Vec<u64>,
         index: &CgroupIndex,
         now: SystemTime,
+        (window, number): (RunWindow, Option<u64>),
     ) -> Result<Run, String> {
         let names: CgroupNames = Arc::new(RwLock::new(self.names_of(&cgroups, index)));
         let key = (session.namespace.clone(), session.name.clone());
         let log = self.logs.open(&key, &session.uid);
         let clock_offset = clock_offset_ns();
         let mut probes = Vec::new();
+        let rate = Arc::new(RateCap::new(self.config.max_events_per_second));
+        let summary = Arc::new(Mutex::new(RunSummary::default()));
         for probe in &resolved.probes {
             let mut subscription = self
                 .kernel
@@ -556,6 +764,9 @@ impl TraceSessionRunner {
             let mut events = std::mem::replace(&mut subscription.events, idle);
             let counted = count.clone();
             let key = session.key();
+            let cap = rate.clone();
+            let summarized = summary.clone();
+            let traced = *probe;
             let (log, logs, names, node) = (
                 log.clone(),
                 self.logs.clone(),
@@ -564,7 +775,14 @@ impl TraceSessionRunner {
             );
             let counter = tokio::spawn(async move {
                 while let Some(raw) = events.recv().await {
+                    if !cap.admit(raw.timestamp_ns) {
+                        continue;
+                    }
                     counted.fetch_add(1, Ordering::Relaxed);
+                    summarized
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .add(traced, &raw);
                     let labels = names
                         .read()
                         .unwrap_or_else(|e| e.into_inner())
@@ -585,15 +803,29 @@ impl TraceSessionRunner {
                 counter,
             });
         }
+        let bpftrace = match &resolved.bpftrace {
+            Some(program) => Some(BpftraceRun::start(
+                &self.bpftrace_path,
+                &bpftrace_run::substitute(program, &cgroups),
+                rate.clone(),
+                session.key(),
+            )?),
+            None => None,
+        };
         Ok(Run {
             uid: session.uid.clone(),
             probes,
             pods,
             cgroups,
             lost: 0,
+            rate,
+            summary,
+            bpftrace,
             started: now,
             log,
             names,
+            window,
+            number,
         })
     }
 
@@ -657,7 +889,10 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         lost += probe.subscription.lost_since();
         drop(probe.subscription);
         let _ = (&mut probe.counter).await;
-        counts.push((probe.probe, probe.count.load(Ordering::Relaxed)));
+        counts.push((probe_name(probe.probe), probe.count.load(Ordering::Relaxed)));
+    }
+    if let Some(bpftrace) = run.bpftrace {
+        counts.push((BPFTRACE.to_string(), bpftrace.finish().await));
     }
     // Every event is in the log now: followers read to the end and stop.
     run.log.end();
@@ -667,21 +902,26 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         pods: run.pods,
         cgroups: run.cgroups,
         lost,
+        rate: run.rate,
+        summary: run.summary,
+        bpftrace: None,
         started: run.started,
         log: run.log,
         names: run.names,
+        window: run.window,
+        number: run.number,
     };
     (node_entry(&summary, "Completed", Some(&counts)), lost)
 }
 
 /// A node's status entry (without `node`) for `run` in `phase`; `counts` when the probes are
 /// gone already.
-fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> Map<String, Value> {
+fn node_entry(run: &Run, phase: &str, counts: Option<&[(String, u64)]>) -> Map<String, Value> {
     let mut events = Map::new();
     match counts {
         Some(counts) => {
             for (probe, count) in counts {
-                events.insert(probe_name(*probe), json!(count));
+                events.insert(probe.clone(), json!(count));
             }
         }
         None => {
@@ -690,6 +930,9 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> M
                     probe_name(probe.probe),
                     json!(probe.count.load(Ordering::Relaxed)),
                 );
+            }
+            if let Some(bpftrace) = &run.bpftrace {
+                events.insert(BPFTRACE.into(), json!(bpftrace.lines()));
             }
         }
     }
@@ -700,7 +943,18 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(TraceProbe, u64)]>) -> M
     entry.insert("lost".into(), json!(run.lost));
     // Events pushed out of the node's log of the session by its memory bounds.
     entry.insert("logDropped".into(), json!(run.log.dropped()));
+    entry.insert("dropped".into(), json!(run.rate.dropped()));
+    let (top, durations) = run
+        .summary
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .to_status();
+    entry.insert("top".into(), top);
+    entry.insert("durations".into(), durations);
     entry.insert("startTime".into(), json!(rfc3339(run.started)));
+    if let Some(number) = run.number {
+        entry.insert("run".into(), json!(number));
+    }
     entry
 }
 
@@ -712,14 +966,24 @@ fn new_attach_token() -> String {
         .collect()
 }
 
+/// Where a scheduled session is in its schedule.
+struct Scheduled {
+    /// Its last (or current) run: its window and number.
+    last: Option<(RunWindow, u64)>,
+    next: Option<SystemTime>,
+}
+
 /// The merged status: every node's entry (this node's, `node`, as last written) summed, and
-/// the phase.
+/// the phase. `waiting`: the session waits for a slot of its namespace (the cap, for the
+/// message).
 fn merge(
     session: &TraceSessionObject,
     known: &Known,
     resolved: &ResolvedSession,
     now: SystemTime,
     node: &str,
+    waiting: Option<u32>,
+    scheduled: Option<Scheduled>,
 ) -> Map<String, Value> {
     let mut nodes: BTreeMap<String, Value> = session.status["nodes"]
         .as_array()
@@ -730,12 +994,20 @@ fn merge(
     if let Some((own, _)) = &known.node_entry {
         nodes.insert(node.to_string(), Value::Object(own.clone()));
     }
+    // A scheduled session's summary is its last run's: the entries of that run.
+    if let Some(scheduled) = &scheduled {
+        let last = scheduled.last.map(|(_, number)| number);
+        nodes.retain(|_, entry| entry["run"].as_u64() == last || entry["phase"] == "Failed");
+    }
     let mut events: BTreeMap<String, u64> = resolved
         .probes
         .iter()
-        .map(|p| (probe_name(*p), 0))
+        .map(|p| probe_name(*p))
+        .chain(resolved.bpftrace.as_ref().map(|_| BPFTRACE.to_string()))
+        .map(|name| (name, 0))
         .collect();
     let mut lost = 0;
+    let mut dropped = 0;
     let mut failed = None;
     let mut running = false;
     for (node, entry) in &nodes {
@@ -743,6 +1015,7 @@ fn merge(
             *events.entry(probe.clone()).or_default() += count.as_u64().unwrap_or(0);
         }
         lost += entry["lost"].as_u64().unwrap_or(0);
+        dropped += entry["dropped"].as_u64().unwrap_or(0);
         match entry["phase"].as_str() {
             Some("Failed") if failed.is_none() => {
                 failed = Some(format!(
@@ -765,6 +1038,28 @@ fn merge(
             format!("tracing on {} node(s)", nodes.len()),
             None,
         )
+    } else if let Some(cap) = waiting {
+        (
+            "Pending",
+            "NamespaceSessionLimit",
+            format!(
+                "namespace {} runs {cap} TraceSession(s) already, the most the agents allow (trace_sessions.max_running_per_namespace); this one starts when one of them ends",
+                session.namespace
+            ),
+            None,
+        )
+    } else if let Some(scheduled) = &scheduled {
+        let next = scheduled.next.map_or("no next run".to_string(), |at| {
+            format!("next run at {}", rfc3339(at))
+        });
+        let message = match scheduled.last {
+            Some((window, number)) if now < window.end => {
+                format!("run {number}: no pod of its targets runs; {next}")
+            }
+            Some((_, number)) => format!("run {number} ended; {next}"),
+            None => format!("no run yet; {next}"),
+        };
+        ("Scheduled", "Scheduled", message, None)
     } else if now >= resolved.end {
         let message = if nodes.is_empty() {
             "the session ended; no pod of its targets ran on any node meanwhile".to_string()
@@ -783,17 +1078,31 @@ fn merge(
     merged.insert("phase".into(), json!(phase));
     merged.insert("reason".into(), json!(reason));
     merged.insert("message".into(), json!(message));
-    merged.insert(
-        "startTime".into(),
-        json!(rfc3339(session.created.unwrap_or(now))),
-    );
-    merged.insert("endTime".into(), json!(rfc3339(resolved.end)));
+    match scheduled.as_ref().map(|s| s.last) {
+        // A scheduled session: the times of its last run, and how many there were.
+        Some(last) => {
+            if let Some((window, number)) = last {
+                merged.insert("startTime".into(), json!(rfc3339(window.start)));
+                merged.insert("endTime".into(), json!(rfc3339(window.end)));
+                merged.insert("lastScheduleTime".into(), json!(rfc3339(window.start)));
+                merged.insert("runs".into(), json!(number));
+            }
+        }
+        None => {
+            merged.insert(
+                "startTime".into(),
+                json!(rfc3339(session.created.unwrap_or(now))),
+            );
+            merged.insert("endTime".into(), json!(rfc3339(resolved.end)));
+        }
+    }
     if let Some(at) = completion {
         merged.insert("completionTime".into(), json!(rfc3339(at)));
     }
+    let (top, durations) = summary::merge(nodes.values());
     merged.insert(
         "summary".into(),
-        json!({"nodes": nodes.len(), "events": events, "lost": lost}),
+        json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped, "top": top, "durations": durations}),
     );
     merged
 }
@@ -816,6 +1125,8 @@ mod tests {
     const CRD: &str = include_str!("../../../helm/podscope/crds/tracesessions.podscope.dev.yaml");
     const EXAMPLE: &str =
         include_str!("../../../helm/podscope/examples/trace-session/web-execs.yaml");
+    const SCHEDULED_EXAMPLE: &str =
+        include_str!("../../../helm/podscope/examples/trace-session/hourly-execs.yaml");
 
     fn yaml_to_json(yaml: &yaml_rust2::Yaml) -> Value {
         use yaml_rust2::Yaml;
@@ -861,6 +1172,26 @@ mod tests {
         );
         assert_eq!(resolved.end, created() + Duration::from_secs(600));
         assert_eq!(resolved.ttl_after_finished, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_charts_scheduled_example_runs_five_minutes_at_each_hour() {
+        let example = load(SCHEDULED_EXAMPLE);
+        let resolved = TraceSessionSpec::parse(&example["spec"])
+            .unwrap()
+            .resolve("shop", created())
+            .unwrap();
+        assert_eq!(resolved.probes, vec![TraceProbe::Exec, TraceProbe::Exit]);
+        // created() is 1_800_000_000 s: 08:00:00 UTC, on the hour; its first run is the next.
+        let hour = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_003_600);
+        assert_eq!(resolved.run_window(hour - Duration::from_secs(1)), None);
+        assert_eq!(
+            resolved.run_window(hour + Duration::from_secs(60)),
+            Some(RunWindow {
+                start: hour,
+                end: hour + Duration::from_secs(300)
+            })
+        );
     }
 
     #[test]
@@ -911,9 +1242,24 @@ mod tests {
     fn what_is_not_implemented_or_not_valid_is_refused_with_its_path() {
         let cases = [
             (
-                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 * * * *"}),
-                "NotImplemented",
-                "spec.schedule: scheduled sessions are not implemented yet; leave schedule out",
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "deadline": "2027-01-01T00:00:00Z", "schedule": "0 * * * *"}),
+                "InvalidSpec",
+                "spec: a scheduled session runs for its duration from each firing: give duration (such as 5m), not deadline",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "schedule": "0 25 * * *"}),
+                "InvalidSpec",
+                "spec.schedule: \"0 25 * * *\" is not a cron pattern (Component error: Number out of bounds.)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "probes": [], "duration": "1m"}),
+                "InvalidSpec",
+                "spec.probes: names no probe (give probes, a bpftrace program, or both)",
+            ),
+            (
+                json!({"targets": {"pods": ["a"]}, "bpftrace": " ", "duration": "1m"}),
+                "InvalidSpec",
+                "spec.bpftrace: the program is empty",
             ),
             (
                 json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "export": true}),
