@@ -14,31 +14,51 @@ fn config(json: serde_json::Value) -> Result<MemoryLimiterConfig, Vec<String>> {
         .map_err(|errors| errors.iter().map(ToString::to_string).collect())
 }
 
-/// A memory_limiter with 80 MiB soft / 100 MiB hard whose memory use the test sets.
+/// A memory_limiter with 80 MiB soft / 100 MiB hard whose memory use the test sets, and which
+/// never trims.
 fn limiter_with_usage(
     ctx: BuildContext,
     next: Arc<Recorder>,
 ) -> (Arc<dyn Processor>, Arc<AtomicU64>, Arc<MemoryLimiter>) {
-    let config = config(serde_json::json!({"limit_mib": 100, "spike_limit_mib": 20})).unwrap();
     let usage = Arc::new(AtomicU64::new(0));
+    let (processor, limiter) = limiter_with_heap(ctx, next, usage.clone(), None);
+    (processor, usage, limiter)
+}
+
+/// The same limiter with `heap` as its allocator.
+fn limiter_with_heap(
+    ctx: BuildContext,
+    next: Arc<Recorder>,
+    usage: Arc<AtomicU64>,
+    heap: Option<Arc<dyn FreeHeap>>,
+) -> (Arc<dyn Processor>, Arc<MemoryLimiter>) {
+    let config = config(serde_json::json!({"limit_mib": 100, "spike_limit_mib": 20})).unwrap();
     let source: UsageSource = {
         let usage = usage.clone();
         Arc::new(move || Ok(usage.load(Ordering::SeqCst)))
     };
     let limits = config.limits(None).unwrap();
-    let processor =
-        build_processor(&config, limits, source, ctx.clone(), Signal::Traces, next).unwrap();
+    let processor = build_processor(
+        &config,
+        limits,
+        source,
+        heap,
+        ctx.clone(),
+        Signal::Traces,
+        next,
+    )
+    .unwrap();
     let limiter = ctx
         .shared
         .get_or_insert::<MemoryLimiter>(&ctx.id, || unreachable!("built above"))
         .unwrap();
-    (processor, usage, limiter)
+    (processor, limiter)
 }
 
 fn counter(telemetry: &AgentTelemetry, name: &str) -> u64 {
     let text = telemetry.encode_text();
     text.lines()
-        .find(|line| line.starts_with(name))
+        .find(|line| line.starts_with(name) && !line[name.len()..].starts_with('_'))
         .and_then(|line| line.rsplit(' ').next())
         .map(|value| value.parse::<f64>().unwrap() as u64)
         .unwrap_or(0)
@@ -208,4 +228,211 @@ async fn one_measurement_serves_every_pipeline_of_an_id() {
 fn resident_set_is_read_from_proc() {
     let bytes = resident_set_bytes().unwrap();
     assert!(bytes > MIB && bytes < 64 * 1024 * MIB, "{bytes}");
+}
+
+/// An allocator whose freed heap the test sets; a trim gives it back from the usage the limiter
+/// measures, as glibc's would.
+struct TestHeap {
+    usage: Arc<AtomicU64>,
+    free: AtomicU64,
+    trims: AtomicU64,
+}
+
+impl TestHeap {
+    fn new(usage: Arc<AtomicU64>) -> Arc<Self> {
+        Arc::new(TestHeap {
+            usage,
+            free: AtomicU64::new(0),
+            trims: AtomicU64::new(0),
+        })
+    }
+}
+
+impl FreeHeap for TestHeap {
+    fn free_bytes(&self) -> Option<u64> {
+        Some(self.free.load(Ordering::SeqCst))
+    }
+
+    fn trim(&self) {
+        self.trims.fetch_add(1, Ordering::SeqCst);
+        let free = self.free.swap(0, Ordering::SeqCst);
+        self.usage.fetch_sub(free, Ordering::SeqCst);
+    }
+}
+
+/// A limiter with a test heap: `(processor, usage, heap, limiter)`.
+fn limiter_with_test_heap(
+    ctx: BuildContext,
+) -> (
+    Arc<dyn Processor>,
+    Arc<AtomicU64>,
+    Arc<TestHeap>,
+    Arc<MemoryLimiter>,
+) {
+    let usage = Arc::new(AtomicU64::new(0));
+    let heap = TestHeap::new(usage.clone());
+    let (processor, limiter) = limiter_with_heap(
+        ctx,
+        Arc::new(Recorder::default()),
+        usage.clone(),
+        Some(heap.clone() as Arc<dyn FreeHeap>),
+    );
+    (processor, usage, heap, limiter)
+}
+
+fn trims(telemetry: &AgentTelemetry, reason: &str) -> u64 {
+    let text = telemetry.encode_text();
+    let prefix = format!(
+        "podscope_memory_limiter_heap_trims_total{{component=\"memory_limiter\",reason=\"{reason}\"}} "
+    );
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .map_or(0, |value| value.parse().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn freed_heap_is_given_back_before_refusing() {
+    let ctx = BuildContext::for_tests("memory_limiter");
+    let telemetry = ctx.telemetry.clone();
+    let (processor, usage, heap, limiter) = limiter_with_test_heap(ctx);
+    let admission = processor.admission().unwrap();
+
+    // 90 MiB is above the 80 MiB soft limit, but 30 MiB of it is freed heap: trimmed, measured
+    // again at 60 MiB, and nothing is refused.
+    usage.store(90 * MIB, Ordering::SeqCst);
+    heap.free.store(30 * MIB, Ordering::SeqCst);
+    limiter.check();
+    admission.admit(&fake_otlp::spans(2, &[])).unwrap();
+    assert_eq!(trims(&telemetry, "soft_limit"), 1);
+    assert_eq!(trims(&telemetry, "free_heap"), 0);
+    assert_eq!(
+        counter(
+            &telemetry,
+            "podscope_memory_limiter_heap_trimmed_bytes_total"
+        ),
+        30 * MIB
+    );
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
+        60 * MIB
+    );
+
+    // Above the soft limit with nothing to give back: refused. Within 10 s of the last
+    // pressure trim no other is made; after it, one more (it does not help either).
+    usage.store(95 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert!(admission.admit(&fake_otlp::spans(3, &[])).is_err());
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 1);
+    tokio::time::advance(PRESSURE_TRIM_GAP - Duration::from_millis(1)).await;
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 1);
+    tokio::time::advance(Duration::from_millis(1)).await;
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 2);
+    assert!(admission.admit(&fake_otlp::spans(3, &[])).is_err());
+    assert_eq!(trims(&telemetry, "soft_limit"), 2);
+    assert_eq!(
+        counter(
+            &telemetry,
+            "podscope_memory_limiter_heap_trimmed_bytes_total"
+        ),
+        30 * MIB
+    );
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_refused_items_total"),
+        6
+    );
+}
+
+#[tokio::test]
+async fn freed_heap_is_given_back_when_resident_memory_grows_with_it() {
+    let ctx = BuildContext::for_tests("memory_limiter");
+    let telemetry = ctx.telemetry.clone();
+    let (_processor, usage, heap, limiter) = limiter_with_test_heap(ctx);
+
+    // The default trim_free_heap_mib is 4: the low point is 40 MiB.
+    usage.store(40 * MIB, Ordering::SeqCst);
+    heap.free.store(10 * MIB, Ordering::SeqCst);
+    limiter.check();
+    usage.store(43 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 0, "grown by 3 MiB only");
+
+    // Grown by 4 MiB but only 2 MiB freed: the growth is data, counted from 44 MiB on.
+    usage.store(44 * MIB, Ordering::SeqCst);
+    heap.free.store(2 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 0);
+    usage.store(47 * MIB, Ordering::SeqCst);
+    heap.free.store(6 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 0, "3 MiB above 44");
+
+    // 4 MiB above 44 with 6 MiB freed: given back, and the low point is now 42 MiB.
+    usage.store(48 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 1);
+    assert_eq!(trims(&telemetry, "free_heap"), 1);
+    assert_eq!(trims(&telemetry, "soft_limit"), 0);
+    assert_eq!(
+        counter(
+            &telemetry,
+            "podscope_memory_limiter_heap_trimmed_bytes_total"
+        ),
+        6 * MIB
+    );
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
+        42 * MIB
+    );
+    usage.store(45 * MIB, Ordering::SeqCst);
+    heap.free.store(8 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 1, "3 MiB above 42");
+    usage.store(46 * MIB, Ordering::SeqCst);
+    limiter.check();
+    assert_eq!(heap.trims.load(Ordering::SeqCst), 2);
+    assert_eq!(trims(&telemetry, "free_heap"), 2);
+}
+
+#[test]
+fn trimming_only_under_pressure_when_the_growth_setting_is_0() {
+    let parsed = config(serde_json::json!({"limit_mib": 100, "trim_free_heap_mib": 0})).unwrap();
+    assert_eq!(parsed.trim_free_heap_mib, 0);
+    assert_eq!(
+        config(serde_json::json!({"limit_mib": 100}))
+            .unwrap()
+            .trim_free_heap_mib,
+        4
+    );
+}
+
+/// The real allocator: memory freed in the middle of the heap (kept from the top by a live
+/// allocation after it) stays resident until trimmed, and the trim gives it back.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+fn glibc_gives_freed_heap_back_when_trimmed() {
+    let heap = process_heap().expect("glibc trims");
+    // 64 MiB in 4 KiB blocks (below glibc's mmap threshold, above its per-thread caches),
+    // written so that they are resident; every 64th is kept so the free ones are not at the top.
+    let mut blocks: Vec<Option<Box<[u8]>>> = (0..16_384)
+        .map(|i| Some(vec![(i % 251) as u8 + 1; 4096].into_boxed_slice()))
+        .collect();
+    std::hint::black_box(&blocks);
+    for (i, block) in blocks.iter_mut().enumerate() {
+        if i % 64 != 63 {
+            *block = None;
+        }
+    }
+    let free = heap.free_bytes().unwrap();
+    assert!(free >= 60 * MIB, "glibc holds {free} freed bytes");
+    let before = resident_set_bytes().unwrap();
+    heap.trim();
+    let after = resident_set_bytes().unwrap();
+    // Other tests of this binary allocate meanwhile: most, not all, of the 63 MiB.
+    assert!(
+        before.saturating_sub(after) >= 32 * MIB,
+        "resident {before} before the trim, {after} after"
+    );
+    std::hint::black_box(&blocks);
 }
