@@ -2,9 +2,10 @@
 # The soak (issue 17 point 6): the agent with the default config's probes and pipelines
 # (configs/default.yaml, its listeners moved to free loopback ports) under steady OTLP load, for
 # a while, with its resident memory (anonymous and file-backed apart), kernel map memory, open fds
-# and threads sampled every 10 s into a CSV with the machine's load average; at the end the slope
-# of each after warm-up (the first fifth of the run, at least 2 minutes) is printed. The target
-# is flat after warm-up.
+# and threads sampled every 10 s into a CSV with the machine's load average and the
+# memory_limiter's heap trims (count, bytes given back, seconds spent); at the end the slope of
+# each after warm-up (the first fifth of the run, at least 2 minutes) and the trims' cost are
+# printed. The target is flat after warm-up.
 #
 #   scripts/soak.sh [minutes]          default 30
 #
