@@ -25,9 +25,10 @@ pub struct MemoryLimiterConfig {
     /// The gap between the limits as a percentage of the container's memory limit; must be
     /// below `limit_percentage`. Default (0): 20% of the hard limit.
     pub spike_limit_percentage: u64,
-    /// Give freed heap back to the kernel (glibc's `malloc_trim`) when the resident set has grown
-    /// by this many MiB since its low point after the last trim and the allocator holds at least
-    /// as much freed heap. Default 4. 0 = only before refusing (above the soft limit).
+    /// Give freed heap back to the kernel (glibc's `malloc_trim`) when the allocator's freed heap
+    /// has grown by this many MiB since its low point after the last trim (asked every minute,
+    /// and at once when the resident set grew by as much). Default 4. 0 = only before refusing
+    /// (above the soft limit).
     pub trim_free_heap_mib: u64,
 }
 

@@ -12,8 +12,9 @@
 //!
 //! - Freed heap is given back to the kernel (glibc's `malloc_trim`) before the limiter decides
 //!   it is above its soft limit (at most once per [`PRESSURE_TRIM_GAP`]), as the Collector forces
-//!   a garbage collection, and whenever the resident set has grown by `trim_free_heap_mib` since
-//!   its low point after the last trim while the allocator holds at least as much freed heap.
+//!   a garbage collection, and whenever the allocator's freed heap has grown by
+//!   `trim_free_heap_mib` since its low point after the last trim (asked every minute, and at
+//!   once when the resident set grew by as much).
 //!   Otherwise glibc keeps what the agent freed, and RSS (what this limiter and the container's
 //!   limit count) grows with memory the agent does not use (BENCHMARKS.md, issue 17, soak).
 //!
@@ -53,6 +54,11 @@ pub use heap::{process_heap, FreeHeap};
 /// that did not bring it below would not do better a second later (the Collector waits 10 s
 /// between forced collections too).
 pub const PRESSURE_TRIM_GAP: Duration = Duration::from_secs(10);
+
+/// How often the allocator is asked how much freed heap it holds, when the resident set has not
+/// grown by `trim_free_heap_mib` meanwhile: memory freed without new growth (after start-up,
+/// after a burst) is given back within about this time.
+pub const FREE_HEAP_POLL: Duration = Duration::from_secs(60);
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "memory_limiter",
@@ -269,6 +275,12 @@ struct TrimState {
     /// The lowest resident set measured since the last trim (or the last time its growth was
     /// found to be data rather than freed heap).
     low: u64,
+    /// The allocator's lowest freed-heap figure since the last trim (0 before the first: what
+    /// was freed at start counts). A trim does not change the figure (the chunks stay free,
+    /// their pages are released), so it is growth above this point that may be resident.
+    free_low: u64,
+    /// When the allocator was last asked how much it holds freed.
+    last_free_poll: Option<tokio::time::Instant>,
     /// When the last trim for the soft limit ran.
     last_pressure_trim: Option<tokio::time::Instant>,
 }
@@ -308,6 +320,8 @@ impl MemoryLimiter {
             checker: Mutex::new(None),
             trim_state: Mutex::new(TrimState {
                 low: u64::MAX,
+                free_low: 0,
+                last_free_poll: None,
                 last_pressure_trim: None,
             }),
         }
@@ -344,26 +358,48 @@ impl MemoryLimiter {
     }
 
     /// Gives freed heap back to the kernel before the agent is judged above its soft limit, or
-    /// when the resident set grew by `trim_free_heap_mib` with at least as much freed heap held;
-    /// returns the resident set to judge by (measured again after a trim).
+    /// when the allocator's freed heap grew by `trim_free_heap_mib` since its low point after
+    /// the last trim (asked every [`FREE_HEAP_POLL`], and at once when the resident set grew by
+    /// as much); returns the resident set to judge by (measured again after a trim).
     fn trim_when_worthwhile(&self, resident: u64) -> u64 {
         let Some(trimming) = &self.trimming else {
             return resident;
         };
         let mut state = self.trim_state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free_after = None;
         let reason = if resident > self.limits.soft {
             let due = state
                 .last_pressure_trim
                 .is_none_or(|at| at.elapsed() >= PRESSURE_TRIM_GAP);
             due.then_some(TrimReason::soft_limit)
-        } else if trimming.growth > 0 && resident >= state.low.saturating_add(trimming.growth) {
-            // mallinfo2 walks the free lists: asked only once the resident set has grown.
-            let free = trimming.heap.free_bytes().unwrap_or(0);
-            if free < trimming.growth {
-                // The growth is data the agent holds, not freed heap: count from here.
-                state.low = resident;
+        } else if trimming.growth > 0 {
+            let grown = resident >= state.low.saturating_add(trimming.growth);
+            let poll_due = state
+                .last_free_poll
+                .is_none_or(|at| at.elapsed() >= FREE_HEAP_POLL);
+            // mallinfo2 walks the free lists (up to milliseconds): asked once a minute, or when
+            // the resident set has grown.
+            let free = if grown || poll_due {
+                state.last_free_poll = Some(tokio::time::Instant::now());
+                trimming.heap.free_bytes()
+            } else {
+                None
+            };
+            match free {
+                Some(free) if free.saturating_sub(state.free_low) >= trimming.growth => {
+                    free_after = Some(free);
+                    Some(TrimReason::free_heap)
+                }
+                Some(free) => {
+                    state.free_low = state.free_low.min(free);
+                    if grown {
+                        // The growth is data the agent holds, not freed heap: count from here.
+                        state.low = resident;
+                    }
+                    None
+                }
+                None => None,
             }
-            (free >= trimming.growth).then_some(TrimReason::free_heap)
         } else {
             None
         };
@@ -405,6 +441,9 @@ impl MemoryLimiter {
             state.last_pressure_trim = Some(tokio::time::Instant::now());
         }
         state.low = after;
+        if let Some(free) = free_after {
+            state.free_low = free;
+        }
         after
     }
 

@@ -230,11 +230,13 @@ fn resident_set_is_read_from_proc() {
     assert!(bytes > MIB && bytes < 64 * 1024 * MIB, "{bytes}");
 }
 
-/// An allocator whose freed heap the test sets; a trim gives it back from the usage the limiter
-/// measures, as glibc's would.
+/// An allocator whose freed heap the test sets. As glibc's, a trim takes the resident part of it
+/// off the usage the limiter measures, and leaves the freed-heap figure as it was (the chunks
+/// stay free; their pages are released).
 struct TestHeap {
     usage: Arc<AtomicU64>,
     free: AtomicU64,
+    resident_free: AtomicU64,
     trims: AtomicU64,
 }
 
@@ -243,6 +245,7 @@ impl TestHeap {
         Arc::new(TestHeap {
             usage,
             free: AtomicU64::new(0),
+            resident_free: AtomicU64::new(0),
             trims: AtomicU64::new(0),
         })
     }
@@ -255,8 +258,8 @@ impl FreeHeap for TestHeap {
 
     fn trim(&self) {
         self.trims.fetch_add(1, Ordering::SeqCst);
-        let free = self.free.swap(0, Ordering::SeqCst);
-        self.usage.fetch_sub(free, Ordering::SeqCst);
+        let resident = self.resident_free.swap(0, Ordering::SeqCst);
+        self.usage.fetch_sub(resident, Ordering::SeqCst);
     }
 }
 
@@ -301,6 +304,7 @@ async fn freed_heap_is_given_back_before_refusing() {
     // again at 60 MiB, and nothing is refused.
     usage.store(90 * MIB, Ordering::SeqCst);
     heap.free.store(30 * MIB, Ordering::SeqCst);
+    heap.resident_free.store(30 * MIB, Ordering::SeqCst);
     limiter.check();
     admission.admit(&fake_otlp::spans(2, &[])).unwrap();
     assert_eq!(trims(&telemetry, "soft_limit"), 1);
@@ -344,34 +348,38 @@ async fn freed_heap_is_given_back_before_refusing() {
     );
 }
 
-#[tokio::test]
-async fn freed_heap_is_given_back_when_resident_memory_grows_with_it() {
+#[tokio::test(start_paused = true)]
+async fn freed_heap_is_given_back_once_it_grew_by_the_setting() {
     let ctx = BuildContext::for_tests("memory_limiter");
     let telemetry = ctx.telemetry.clone();
     let (_processor, usage, heap, limiter) = limiter_with_test_heap(ctx);
+    let trim_count = || heap.trims.load(Ordering::SeqCst);
+    let set_heap = |free: u64, resident_free: u64| {
+        heap.free.store(free * MIB, Ordering::SeqCst);
+        heap.resident_free
+            .store(resident_free * MIB, Ordering::SeqCst);
+    };
 
-    // The default trim_free_heap_mib is 4: the low point is 40 MiB.
+    // The default trim_free_heap_mib is 4. At the first check 3 MiB is freed: not enough.
     usage.store(40 * MIB, Ordering::SeqCst);
-    heap.free.store(10 * MIB, Ordering::SeqCst);
+    set_heap(3, 3);
     limiter.check();
-    usage.store(43 * MIB, Ordering::SeqCst);
-    limiter.check();
-    assert_eq!(heap.trims.load(Ordering::SeqCst), 0, "grown by 3 MiB only");
+    assert_eq!(trim_count(), 0);
 
-    // Grown by 4 MiB but only 2 MiB freed: the growth is data, counted from 44 MiB on.
+    // 4 MiB more resident, still 3 MiB freed: the growth is data, counted from 44 MiB on.
     usage.store(44 * MIB, Ordering::SeqCst);
-    heap.free.store(2 * MIB, Ordering::SeqCst);
     limiter.check();
-    assert_eq!(heap.trims.load(Ordering::SeqCst), 0);
-    usage.store(47 * MIB, Ordering::SeqCst);
-    heap.free.store(6 * MIB, Ordering::SeqCst);
-    limiter.check();
-    assert_eq!(heap.trims.load(Ordering::SeqCst), 0, "3 MiB above 44");
+    assert_eq!(trim_count(), 0);
 
-    // 4 MiB above 44 with 6 MiB freed: given back, and the low point is now 42 MiB.
-    usage.store(48 * MIB, Ordering::SeqCst);
+    // 6 MiB freed, but the allocator is asked only once a minute unless the resident set grew
+    // by 4 MiB (47 is 3 above 44).
+    usage.store(47 * MIB, Ordering::SeqCst);
+    set_heap(6, 6);
     limiter.check();
-    assert_eq!(heap.trims.load(Ordering::SeqCst), 1);
+    assert_eq!(trim_count(), 0);
+    tokio::time::advance(FREE_HEAP_POLL).await;
+    limiter.check();
+    assert_eq!(trim_count(), 1);
     assert_eq!(trims(&telemetry, "free_heap"), 1);
     assert_eq!(trims(&telemetry, "soft_limit"), 0);
     assert_eq!(
@@ -383,16 +391,41 @@ async fn freed_heap_is_given_back_when_resident_memory_grows_with_it() {
     );
     assert_eq!(
         counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
-        42 * MIB
+        41 * MIB
     );
+
+    // After the trim the allocator still counts 6 MiB freed (released pages): only what is
+    // freed beyond that low point counts. The resident set grows by 4 MiB to 45 with 8 MiB
+    // freed: 2 above the low point, no trim.
     usage.store(45 * MIB, Ordering::SeqCst);
-    heap.free.store(8 * MIB, Ordering::SeqCst);
+    set_heap(8, 2);
     limiter.check();
-    assert_eq!(heap.trims.load(Ordering::SeqCst), 1, "3 MiB above 42");
-    usage.store(46 * MIB, Ordering::SeqCst);
+    assert_eq!(trim_count(), 1);
+    // Some freed chunks are used again (5 MiB freed: the new low point), then 4 MiB more are
+    // freed: given back at the next minute's question.
+    set_heap(5, 0);
+    tokio::time::advance(FREE_HEAP_POLL).await;
     limiter.check();
-    assert_eq!(heap.trims.load(Ordering::SeqCst), 2);
+    assert_eq!(trim_count(), 1);
+    set_heap(9, 4);
+    tokio::time::advance(FREE_HEAP_POLL - Duration::from_millis(1)).await;
+    limiter.check();
+    assert_eq!(trim_count(), 1, "not asked again before a minute passed");
+    tokio::time::advance(Duration::from_millis(1)).await;
+    limiter.check();
+    assert_eq!(trim_count(), 2);
     assert_eq!(trims(&telemetry, "free_heap"), 2);
+    assert_eq!(
+        counter(
+            &telemetry,
+            "podscope_memory_limiter_heap_trimmed_bytes_total"
+        ),
+        10 * MIB
+    );
+    assert_eq!(
+        counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
+        41 * MIB
+    );
 }
 
 #[test]
