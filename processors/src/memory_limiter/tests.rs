@@ -293,6 +293,29 @@ fn trims(telemetry: &AgentTelemetry, reason: &str) -> u64 {
         .map_or(0, |value| value.parse().unwrap())
 }
 
+/// The trims by reason, the bytes they gave back and the memory measured after the last check.
+fn assert_trim_figures(
+    telemetry: &AgentTelemetry,
+    soft_limit: u64,
+    free_heap: u64,
+    trimmed_bytes: u64,
+    memory_bytes: u64,
+) {
+    assert_eq!(trims(telemetry, "soft_limit"), soft_limit);
+    assert_eq!(trims(telemetry, "free_heap"), free_heap);
+    assert_eq!(
+        counter(
+            telemetry,
+            "podscope_memory_limiter_heap_trimmed_bytes_total"
+        ),
+        trimmed_bytes
+    );
+    assert_eq!(
+        counter(telemetry, "podscope_memory_limiter_memory_bytes"),
+        memory_bytes
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn freed_heap_is_given_back_before_refusing() {
     let ctx = BuildContext::for_tests("memory_limiter");
@@ -307,19 +330,7 @@ async fn freed_heap_is_given_back_before_refusing() {
     heap.resident_free.store(30 * MIB, Ordering::SeqCst);
     limiter.check();
     admission.admit(&fake_otlp::spans(2, &[])).unwrap();
-    assert_eq!(trims(&telemetry, "soft_limit"), 1);
-    assert_eq!(trims(&telemetry, "free_heap"), 0);
-    assert_eq!(
-        counter(
-            &telemetry,
-            "podscope_memory_limiter_heap_trimmed_bytes_total"
-        ),
-        30 * MIB
-    );
-    assert_eq!(
-        counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
-        60 * MIB
-    );
+    assert_trim_figures(&telemetry, 1, 0, 30 * MIB, 60 * MIB);
 
     // Above the soft limit with nothing to give back: refused. Within 10 s of the last
     // pressure trim no other is made; after it, one more (it does not help either).
@@ -334,14 +345,7 @@ async fn freed_heap_is_given_back_before_refusing() {
     limiter.check();
     assert_eq!(heap.trims.load(Ordering::SeqCst), 2);
     assert!(admission.admit(&fake_otlp::spans(3, &[])).is_err());
-    assert_eq!(trims(&telemetry, "soft_limit"), 2);
-    assert_eq!(
-        counter(
-            &telemetry,
-            "podscope_memory_limiter_heap_trimmed_bytes_total"
-        ),
-        30 * MIB
-    );
+    assert_trim_figures(&telemetry, 2, 0, 30 * MIB, 95 * MIB);
     assert_eq!(
         counter(&telemetry, "podscope_memory_limiter_refused_items_total"),
         6
@@ -380,19 +384,7 @@ async fn freed_heap_is_given_back_once_it_grew_by_the_setting() {
     tokio::time::advance(FREE_HEAP_POLL).await;
     limiter.check();
     assert_eq!(trim_count(), 1);
-    assert_eq!(trims(&telemetry, "free_heap"), 1);
-    assert_eq!(trims(&telemetry, "soft_limit"), 0);
-    assert_eq!(
-        counter(
-            &telemetry,
-            "podscope_memory_limiter_heap_trimmed_bytes_total"
-        ),
-        6 * MIB
-    );
-    assert_eq!(
-        counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
-        41 * MIB
-    );
+    assert_trim_figures(&telemetry, 0, 1, 6 * MIB, 41 * MIB);
 
     // After the trim the allocator still counts 6 MiB freed (released pages): only what is
     // freed beyond that low point counts. The resident set grows by 4 MiB to 45 with 8 MiB
@@ -414,18 +406,7 @@ async fn freed_heap_is_given_back_once_it_grew_by_the_setting() {
     tokio::time::advance(Duration::from_millis(1)).await;
     limiter.check();
     assert_eq!(trim_count(), 2);
-    assert_eq!(trims(&telemetry, "free_heap"), 2);
-    assert_eq!(
-        counter(
-            &telemetry,
-            "podscope_memory_limiter_heap_trimmed_bytes_total"
-        ),
-        10 * MIB
-    );
-    assert_eq!(
-        counter(&telemetry, "podscope_memory_limiter_memory_bytes"),
-        41 * MIB
-    );
+    assert_trim_figures(&telemetry, 0, 2, 10 * MIB, 41 * MIB);
 }
 
 #[test]
