@@ -28,7 +28,11 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 cd fuzz
 targets=${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}
 mkdir -p logs
-cargo +nightly fuzz build --sanitizer none $targets >&2
+# `cargo fuzz build` takes one target (or none: all of them); the first build compiles the whole
+# agent, the others only link.
+for target in $targets; do
+  cargo +nightly fuzz build --sanitizer none "$target" >&2
+done
 summary=()
 status=0
 for target in $targets; do

@@ -2,9 +2,10 @@
 # The soak (issue 17 point 6): the agent with the default config's probes and pipelines
 # (configs/default.yaml, its listeners moved to free loopback ports) under steady OTLP load, for
 # a while, with its resident memory (anonymous and file-backed apart), kernel map memory, open fds
-# and threads sampled every 10 s into a CSV with the machine's load average; at the end the slope
-# of each after warm-up (the first fifth of the run, at least 2 minutes) is printed. The target
-# is flat after warm-up.
+# and threads sampled every 10 s into a CSV with the machine's load average and the
+# memory_limiter's heap trims (count, bytes given back, seconds spent); at the end the slope of
+# each after warm-up (the first fifth of the run, at least 2 minutes) and the trims' cost are
+# printed. The target is flat after warm-up.
 #
 #   scripts/soak.sh [minutes]          default 30
 #
@@ -83,11 +84,16 @@ import json, sys
 ids = {int(i) for i in sys.argv[1].split(",")}
 print(sum(m.get("bytes_memlock", 0) for m in json.load(sys.stdin) if m["id"] in ids))' "$ids"
 }
-accepted() { # OTLP items the agent accepted so far
-  curl -fsS "http://127.0.0.1:$telemetry_port/metrics" | awk '/^podscope_receiver_accepted_items_total\{component="otlp"/ {s += $2} END {printf "%d", s}'
+telemetry() { # OTLP items accepted, and the memory_limiter's heap trims, bytes and seconds so far
+  curl -fsS "http://127.0.0.1:$telemetry_port/metrics" | awk '
+    /^podscope_receiver_accepted_items_total\{component="otlp"/ {a += $2}
+    /^podscope_memory_limiter_heap_trims_total\{/ {t += $2}
+    /^podscope_memory_limiter_heap_trimmed_bytes_total\{/ {b += $2}
+    /^podscope_memory_limiter_heap_trim_seconds_total\{/ {s += $2}
+    END {printf "%d,%d,%d,%.6f", a, t, b, s}'
 }
 
-echo "elapsed_s,rss_kib,rss_anon_kib,rss_file_kib,map_memlock_bytes,fds,tasks,otlp_accepted_items,load_1m" >"$out/samples.csv"
+echo "elapsed_s,rss_kib,rss_anon_kib,rss_file_kib,map_memlock_bytes,fds,tasks,otlp_accepted_items,heap_trims,heap_trimmed_bytes,heap_trim_seconds,load_1m" >"$out/samples.csv"
 echo "soak: $minutes min, agent pid $agent_pid ($bin), load $rate req/s x $items items per signal, samples in $out/samples.csv" >&2
 start=$(date +%s)
 end=$((start + minutes * 60))
@@ -102,7 +108,7 @@ while :; do
   tasks=$(find /proc/"$agent_pid"/task -mindepth 1 -maxdepth 1 | wc -l)
   # A Prometheus-style scrape of the agent's exporter each sample, as a server would.
   curl -fsS -o /dev/null "http://127.0.0.1:$prom_port/metrics" || true
-  echo "$((now - start)),$rss,$(map_memlock),$fds,$tasks,$(accepted),$(cut -d' ' -f1 /proc/loadavg)" >>"$out/samples.csv"
+  echo "$((now - start)),$rss,$(map_memlock),$fds,$tasks,$(telemetry),$(cut -d' ' -f1 /proc/loadavg)" >>"$out/samples.csv"
   # Every 5 minutes the agent's mappings in full, to tell which one grew (the heap's arenas, a
   # thread's stack, the binary's pages).
   [ $(( (now - start) % 300 )) -lt 10 ] && cp /proc/"$agent_pid"/smaps "$out/smaps-$(printf '%05d' $((now - start)))s.txt"
@@ -135,6 +141,12 @@ for column, unit, scale in [("rss_kib", "MiB", 1024), ("rss_anon_kib", "MiB", 10
 accepted = rows[-1]["otlp_accepted_items"]
 loads = [r["load_1m"] for r in rows]
 print(f"  load average (1 min) over the run: {min(loads):.2f} .. {max(loads):.2f}, mean {sum(loads) / len(loads):.2f}")
+trims = rows[-1]["heap_trims"]
+if trims:
+    print(f"  memory_limiter heap trims: {int(trims)}, {rows[-1]['heap_trimmed_bytes'] / (1 << 20):.2f} MiB given back, "
+          f"{rows[-1]['heap_trim_seconds'] * 1e6 / trims:.0f} us per trim")
+else:
+    print("  memory_limiter heap trims: none")
 print(f"  OTLP items accepted {int(accepted)} ({accepted / duration:.0f}/s); load generator: {load[-1] if load else 'no totals'}")
 EOF
 echo "soak: done, $out" >&2

@@ -422,3 +422,92 @@ async fn two_agents_racing_share_one_token_and_logs_merges_their_nodes() {
     );
     drop((web_a, web_b));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_watch_creates_the_session_and_prints_its_events_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start().await;
+    api.write_kubeconfig(&dir.path().join("kubeconfig"));
+    let node = "node-watch";
+    let web = workload_pod(&api, "web-0", node);
+    let (_agent, _) = start_agent(&api, dir.path(), node).await;
+
+    let mut watching = plugin(
+        dir.path(),
+        &[
+            "-n",
+            "team-a",
+            "run",
+            "watched",
+            "pod/web-0",
+            "exec",
+            "--duration",
+            "12s",
+            "--watch",
+            "-o",
+            "json",
+        ],
+    )
+    .spawn()
+    .expect("start the plugin");
+    let (stdout, stderr) = (
+        watching.stdout.take().unwrap(),
+        watching.stderr.take().unwrap(),
+    );
+    let (line_sender, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // What it says on stderr until it is attached: the object created, then (maybe) waiting
+    // for an agent to run it.
+    let mut stderr = BufReader::new(stderr);
+    let mut said = Vec::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).expect("the plugin's stderr") > 0,
+            "the plugin ended before attaching: {said:?}"
+        );
+        let attached = line.starts_with("attached to TraceSession team-a/watched");
+        said.push(line.trim_end().to_string());
+        if attached {
+            break;
+        }
+    }
+    assert_eq!(said[0], "tracesession.podscope.dev/watched created");
+    let spec = api.custom("TraceSession", "team-a", "watched").expect("created")["spec"].clone();
+    assert_eq!(
+        spec,
+        json!({"targets": {"pods": ["web-0"]}, "probes": ["exec"], "duration": "12s"})
+    );
+
+    execs(&web, "/bin/true", &[], 2);
+    let printed: Vec<String> = (0..2)
+        .map(|_| lines.recv_timeout(PATIENCE).expect("an exec printed"))
+        .collect();
+    let events: Vec<Value> = printed
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a JSON event"))
+        .collect();
+    assert!(events.iter().all(|e| e["node"] == node && e["pod"] == "web-0"));
+    assert!(events
+        .iter()
+        .all(|e| e["fields"]["filename"] == "/bin/true"));
+
+    // The session ends at its duration, and so does the plugin, having printed nothing more.
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = watching.try_wait().expect("the plugin's state") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "run --watch did not end with the session");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(lines.recv_timeout(Duration::from_secs(5)).ok(), None);
+    drop(web);
+}

@@ -25,6 +25,11 @@ pub struct MemoryLimiterConfig {
     /// The gap between the limits as a percentage of the container's memory limit; must be
     /// below `limit_percentage`. Default (0): 20% of the hard limit.
     pub spike_limit_percentage: u64,
+    /// Give freed heap back to the kernel (glibc's `malloc_trim`) when the allocator's freed heap
+    /// has grown by this many MiB since its low point after the last trim (asked every minute,
+    /// and at once when the resident set grew by as much). Default 4. 0 = only before refusing
+    /// (above the soft limit).
+    pub trim_free_heap_mib: u64,
 }
 
 impl Default for MemoryLimiterConfig {
@@ -35,6 +40,7 @@ impl Default for MemoryLimiterConfig {
             spike_limit_mib: 0,
             limit_percentage: 0,
             spike_limit_percentage: 0,
+            trim_free_heap_mib: 4,
         }
     }
 }

@@ -10,17 +10,26 @@
 //! - Above the **hard** limit, data reaching the processor is dropped and counted
 //!   (`podscope_memory_limiter_dropped_items_total`): holding it would grow memory further.
 //!
+//! - Freed heap is given back to the kernel (glibc's `malloc_trim`) before the limiter decides
+//!   it is above its soft limit (at most once per [`PRESSURE_TRIM_GAP`]), as the Collector forces
+//!   a garbage collection, and whenever the allocator's freed heap has grown by
+//!   `trim_free_heap_mib` since its low point after the last trim (asked every minute, and at
+//!   once when the resident set grew by as much).
+//!   Otherwise glibc keeps what the agent freed, and RSS (what this limiter and the container's
+//!   limit count) grows with memory the agent does not use (BENCHMARKS.md, issue 17, soak).
+//!
 //! One measurement serves every pipeline the processor is in (the state is shared by id). It
 //! must be the first processor of a pipeline, as in the Collector.
 
 mod cgroup_limit;
 mod config;
+mod heap;
 #[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use podscope_core::admission::Admission;
@@ -30,7 +39,7 @@ use podscope_core::{
     Batch, BuildContext, Capabilities, Component, ComponentId, ConsumeError, Consumer, Processor,
     ProcessorBuilder, ProcessorFactory, Signal,
 };
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -39,6 +48,17 @@ use tokio_util::sync::CancellationToken;
 
 pub use cgroup_limit::{memory_limit, own_memory_limit, CgroupMemoryLimit};
 pub use config::{Limits, MemoryLimiterConfig};
+pub use heap::{process_heap, FreeHeap};
+
+/// The shortest time between two trims made because the agent is above its soft limit: a trim
+/// that did not bring it below would not do better a second later (the Collector waits 10 s
+/// between forced collections too).
+pub const PRESSURE_TRIM_GAP: Duration = Duration::from_secs(10);
+
+/// How often the allocator is asked how much freed heap it holds, when the resident set has not
+/// grown by `trim_free_heap_mib` meanwhile: memory freed without new growth (after start-up,
+/// after a burst) is given back within about this time.
+pub const FREE_HEAP_POLL: Duration = Duration::from_secs(60);
 
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "memory_limiter",
@@ -80,7 +100,7 @@ impl ProcessorBuilder for MemoryLimiterConfig {
             .limits(container_limit)
             .map_err(|e| anyhow::anyhow!("processors.{}: {e}", ctx.id))?;
         let usage: UsageSource = Arc::new(resident_set_bytes);
-        build_processor(self, limits, usage, ctx, signal, next)
+        build_processor(self, limits, usage, process_heap(), ctx, signal, next)
     }
 }
 
@@ -88,6 +108,7 @@ fn build_processor(
     config: &MemoryLimiterConfig,
     limits: Limits,
     usage: UsageSource,
+    heap: Option<Arc<dyn FreeHeap>>,
     ctx: BuildContext,
     signal: Signal,
     next: Arc<dyn Consumer>,
@@ -101,6 +122,10 @@ fn build_processor(
             limits,
             config.check_interval,
             usage,
+            heap.map(|heap| HeapTrimming {
+                heap,
+                growth: config.trim_free_heap_mib * 1024 * 1024,
+            }),
             metrics.as_ref().clone(),
         ))
     })?;
@@ -137,12 +162,31 @@ struct LimitLabels {
     limit: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrimLabels {
+    component: String,
+    reason: TrimReason,
+}
+
+/// Why freed heap was given back (the variants are the label values).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum TrimReason {
+    /// The agent measured above its soft limit: trimmed before refusing.
+    soft_limit,
+    /// The resident set grew by `trim_free_heap_mib` with as much freed heap held.
+    free_heap,
+}
+
 #[derive(Clone)]
 struct LimiterMetrics {
     refused: Family<ItemLabels, Counter>,
     dropped: Family<ItemLabels, Counter>,
     memory: Family<ComponentLabels, Gauge>,
     limit: Family<LimitLabels, Gauge>,
+    trims: Family<TrimLabels, Counter>,
+    trimmed_bytes: Family<ComponentLabels, Counter>,
+    trim_seconds: Family<ComponentLabels, Counter<f64, AtomicU64>>,
 }
 
 impl LimiterMetrics {
@@ -152,6 +196,9 @@ impl LimiterMetrics {
             dropped: Family::default(),
             memory: Family::default(),
             limit: Family::default(),
+            trims: Family::default(),
+            trimmed_bytes: Family::default(),
+            trim_seconds: Family::default(),
         };
         telemetry.register(
             "memory_limiter_refused_items",
@@ -174,6 +221,22 @@ impl LimiterMetrics {
             "The memory_limiter's soft and hard limits",
             metrics.limit.clone(),
         );
+        telemetry.register(
+            "memory_limiter_heap_trims",
+            "Times the memory_limiter gave freed heap back to the kernel (malloc_trim), by reason: \
+             soft_limit (before refusing), free_heap (resident memory grew with freed heap held)",
+            metrics.trims.clone(),
+        );
+        telemetry.register(
+            "memory_limiter_heap_trimmed_bytes",
+            "Resident memory the memory_limiter's heap trims gave back (before minus after)",
+            metrics.trimmed_bytes.clone(),
+        );
+        telemetry.register(
+            "memory_limiter_heap_trim_seconds",
+            "Time spent in the memory_limiter's heap trims",
+            metrics.trim_seconds.clone(),
+        );
         metrics
     }
 }
@@ -192,11 +255,34 @@ struct MemoryLimiter {
     limits: Limits,
     check_interval: Duration,
     usage: UsageSource,
+    /// `None` where the allocator cannot trim (not glibc).
+    trimming: Option<HeapTrimming>,
     /// Bytes at the last check.
     current: AtomicU64,
     metrics: LimiterMetrics,
     /// The checking task and how many started processors use it.
     checker: Mutex<Option<Checker>>,
+    trim_state: Mutex<TrimState>,
+}
+
+struct HeapTrimming {
+    heap: Arc<dyn FreeHeap>,
+    /// `trim_free_heap_mib` in bytes; 0 = only under pressure.
+    growth: u64,
+}
+
+struct TrimState {
+    /// The lowest resident set measured since the last trim (or the last time its growth was
+    /// found to be data rather than freed heap).
+    low: u64,
+    /// The allocator's lowest freed-heap figure since the last trim (0 before the first: what
+    /// was freed at start counts). A trim does not change the figure (the chunks stay free,
+    /// their pages are released), so it is growth above this point that may be resident.
+    free_low: u64,
+    /// When the allocator was last asked how much it holds freed.
+    last_free_poll: Option<tokio::time::Instant>,
+    /// When the last trim for the soft limit ran.
+    last_pressure_trim: Option<tokio::time::Instant>,
 }
 
 struct Checker {
@@ -211,6 +297,7 @@ impl MemoryLimiter {
         limits: Limits,
         check_interval: Duration,
         usage: UsageSource,
+        trimming: Option<HeapTrimming>,
         metrics: LimiterMetrics,
     ) -> Self {
         for (limit, bytes) in [("soft", limits.soft), ("hard", limits.hard)] {
@@ -227,16 +314,25 @@ impl MemoryLimiter {
             limits,
             check_interval,
             usage,
+            trimming,
             current: AtomicU64::new(0),
             metrics,
             checker: Mutex::new(None),
+            trim_state: Mutex::new(TrimState {
+                low: u64::MAX,
+                free_low: 0,
+                last_free_poll: None,
+                last_pressure_trim: None,
+            }),
         }
     }
 
-    /// Measures now. A failed measurement keeps the last figure (and is logged).
+    /// Measures now, after giving freed heap back if the policy says so. A failed measurement
+    /// keeps the last figure (and is logged).
     fn check(&self) {
         match (self.usage)() {
             Ok(bytes) => {
+                let bytes = self.trim_when_worthwhile(bytes);
                 let before = self.pressure();
                 self.current.store(bytes, Ordering::Relaxed);
                 self.metrics
@@ -259,6 +355,96 @@ impl MemoryLimiter {
             }
             Err(e) => tracing::warn!(processor = %self.id, error = %e, "cannot measure memory"),
         }
+    }
+
+    /// Gives freed heap back to the kernel before the agent is judged above its soft limit, or
+    /// when the allocator's freed heap grew by `trim_free_heap_mib` since its low point after
+    /// the last trim (asked every [`FREE_HEAP_POLL`], and at once when the resident set grew by
+    /// as much); returns the resident set to judge by (measured again after a trim).
+    fn trim_when_worthwhile(&self, resident: u64) -> u64 {
+        let Some(trimming) = &self.trimming else {
+            return resident;
+        };
+        let mut state = self.trim_state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut free_after = None;
+        let reason = if resident > self.limits.soft {
+            let due = state
+                .last_pressure_trim
+                .is_none_or(|at| at.elapsed() >= PRESSURE_TRIM_GAP);
+            due.then_some(TrimReason::soft_limit)
+        } else if trimming.growth > 0 {
+            let grown = resident >= state.low.saturating_add(trimming.growth);
+            let poll_due = state
+                .last_free_poll
+                .is_none_or(|at| at.elapsed() >= FREE_HEAP_POLL);
+            // mallinfo2 walks the free lists (up to milliseconds): asked once a minute, or when
+            // the resident set has grown.
+            let free = if grown || poll_due {
+                state.last_free_poll = Some(tokio::time::Instant::now());
+                trimming.heap.free_bytes()
+            } else {
+                None
+            };
+            match free {
+                Some(free) if free.saturating_sub(state.free_low) >= trimming.growth => {
+                    free_after = Some(free);
+                    Some(TrimReason::free_heap)
+                }
+                Some(free) => {
+                    state.free_low = state.free_low.min(free);
+                    if grown {
+                        // The growth is data the agent holds, not freed heap: count from here.
+                        state.low = resident;
+                    }
+                    None
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        let Some(reason) = reason else {
+            state.low = state.low.min(resident);
+            return resident;
+        };
+        let started = Instant::now();
+        trimming.heap.trim();
+        let spent = started.elapsed();
+        let after = (self.usage)().unwrap_or(resident);
+        let component = ComponentLabels {
+            component: self.id.clone(),
+        };
+        self.metrics
+            .trims
+            .get_or_create(&TrimLabels {
+                component: self.id.clone(),
+                reason,
+            })
+            .inc();
+        self.metrics
+            .trimmed_bytes
+            .get_or_create(&component)
+            .inc_by(resident.saturating_sub(after));
+        self.metrics
+            .trim_seconds
+            .get_or_create(&component)
+            .inc_by(spent.as_secs_f64());
+        tracing::debug!(
+            processor = %self.id,
+            ?reason,
+            before_bytes = resident,
+            after_bytes = after,
+            micros = spent.as_micros() as u64,
+            "gave freed heap back to the kernel"
+        );
+        if reason == TrimReason::soft_limit {
+            state.last_pressure_trim = Some(tokio::time::Instant::now());
+        }
+        state.low = after;
+        if let Some(free) = free_after {
+            state.free_low = free;
+        }
+        after
     }
 
     fn pressure(&self) -> Pressure {

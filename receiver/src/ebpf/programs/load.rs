@@ -153,6 +153,10 @@ pub struct ObjectInfo {
     pub globals: HashMap<String, usize>,
 }
 
+/// The largest `.bss` section an object may declare: the kernel's largest map value (an array
+/// map's value is one kmalloc, at most 4 MiB with 4 KiB pages).
+const MAX_UNINITIALIZED_SECTION: u64 = 4 << 20;
+
 /// Reads an object's programs, maps and BTF.
 pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, String> {
     let file = object::File::parse(bytes).map_err(|e| format!("not an ELF object: {e}"))?;
@@ -193,6 +197,19 @@ pub fn inspect(bytes: &[u8]) -> Result<ObjectInfo, String> {
             "program {}: {}",
             p.function,
             p.kind.clone().unwrap_err()
+        ));
+    }
+    // aya-obj 0.3 allocates a zeroed buffer of a `.bss` section's declared size: a size no
+    // kernel would take as a map value would abort the agent (an allocation failure is not a
+    // panic, so the catch below cannot help). Found by fuzzing.
+    if let Some(section) = file.sections().find(|s| {
+        s.kind() == object::SectionKind::UninitializedData && s.size() > MAX_UNINITIALIZED_SECTION
+    }) {
+        return Err(format!(
+            "section {}: {} bytes of uninitialized data, more than a map value can hold ({} bytes)",
+            section.name().unwrap_or("?"),
+            section.size(),
+            MAX_UNINITIALIZED_SECTION
         ));
     }
     let btf = match file.section_by_name(".BTF") {
