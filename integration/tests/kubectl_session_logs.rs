@@ -479,7 +479,10 @@ async fn run_watch_creates_the_session_and_prints_its_events_until_it_ends() {
         }
     }
     assert_eq!(said[0], "tracesession.podscope.dev/watched created");
-    let spec = api.custom("TraceSession", "team-a", "watched").expect("created")["spec"].clone();
+    let spec = api
+        .custom("TraceSession", "team-a", "watched")
+        .expect("created")["spec"]
+        .clone();
     assert_eq!(
         spec,
         json!({"targets": {"pods": ["web-0"]}, "probes": ["exec"], "duration": "12s"})
@@ -493,7 +496,9 @@ async fn run_watch_creates_the_session_and_prints_its_events_until_it_ends() {
         .iter()
         .map(|line| serde_json::from_str(line).expect("a JSON event"))
         .collect();
-    assert!(events.iter().all(|e| e["node"] == node && e["pod"] == "web-0"));
+    assert!(events
+        .iter()
+        .all(|e| e["node"] == node && e["pod"] == "web-0"));
     assert!(events
         .iter()
         .all(|e| e["fields"]["filename"] == "/bin/true"));
@@ -504,7 +509,10 @@ async fn run_watch_creates_the_session_and_prints_its_events_until_it_ends() {
         if let Some(status) = watching.try_wait().expect("the plugin's state") {
             break status;
         }
-        assert!(Instant::now() < deadline, "run --watch did not end with the session");
+        assert!(
+            Instant::now() < deadline,
+            "run --watch did not end with the session"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(status.success(), "{status:?}");
