@@ -369,6 +369,16 @@ async fn two_agents_racing_share_one_token_and_logs_merges_their_nodes() {
     })
     .await;
     let token = status["attachToken"].as_str().unwrap().to_string();
+    // The plugin at once, as a user would: the agent whose token write lost may not know the
+    // winner's yet (its watch brings it about a second later) and answer forbidden; the plugin
+    // reads the token again and retries rather than exit 5. Nothing was recorded yet.
+    let early = run_plugin(dir.path(), &["-n", "team-a", "logs", "both", "-o", "json"]).await;
+    assert!(
+        early.status.success(),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&early.stdout), "");
     // Each agent reads the session's log with that one token (the loser took the winner's).
     for port in [port_a, port_b] {
         let deadline = Instant::now() + PATIENCE;
