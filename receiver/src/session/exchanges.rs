@@ -281,7 +281,8 @@ mod tests {
         drop(publishing);
         assert_eq!(pod.lost_since(), 5);
         assert_eq!(pod.lost_since(), 0);
-        // Retargeted: the other cgroup's exchanges from now on.
+        // Retargeted (its queue read empty first): the other cgroup's exchanges from now on.
+        while pod.exchanges.try_recv().is_ok() {}
         pod.retarget(HashSet::from([8]));
         let publishing = tap.publishing().unwrap();
         publishing.publish(&exchange(7, 200));

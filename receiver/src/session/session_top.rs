@@ -50,24 +50,19 @@ struct PodTotals {
 
 impl PodTotals {
     fn new(namespace: String, dirs: Vec<PathBuf>) -> PodTotals {
+        let cpu = cpu_usec(&dirs);
         PodTotals {
             namespace,
-            cpu_start_usec: cpu_usec(&dirs),
-            cpu_last_usec: None,
             dirs,
             joined: Instant::now(),
             joined_unix_ns: unix_ns(SystemTime::now()),
             samples: 0,
+            cpu_start_usec: cpu,
+            cpu_last_usec: cpu,
             kernel_base: None,
             kernel_last: None,
             probes: ProbesOn::default(),
         }
-        .with_cpu_last()
-    }
-
-    fn with_cpu_last(mut self) -> PodTotals {
-        self.cpu_last_usec = self.cpu_start_usec;
-        self
     }
 
     /// A pod's status row: totals and the mean CPU since it joined.
