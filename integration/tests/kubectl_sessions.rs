@@ -210,7 +210,7 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
         "metadata": {"name": "db", "namespace": "shop"},
         "spec": {"selector": {"matchLabels": {"app": "db"}}, "serviceName": "db", "template": {}}
     }));
-    let cases: [(&[&str], Value); 5] = [
+    let cases: [(&[&str], Value); 6] = [
         (
             &[
                 "run",
@@ -283,6 +283,12 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
                       "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["db"]},
                                            {"key": "canary", "operator": "Exists"}]}},
                    "probes": ["oom_kill"], "duration": "5m"}),
+        ),
+        // The probes only a session runs, beside a trace probe.
+        (
+            &["run", "s6", "-n", "shop", "pod/web-0", "top", "profile", "http"],
+            json!({"targets": {"pods": ["web-0"]}, "probes": ["top", "profile", "http"],
+                   "duration": "5m"}),
         ),
     ];
     for (args, spec) in cases {
