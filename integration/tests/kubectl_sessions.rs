@@ -286,7 +286,16 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
         ),
         // The probes only a session runs, beside a trace probe.
         (
-            &["run", "s6", "-n", "shop", "pod/web-0", "top", "profile", "http"],
+            &[
+                "run",
+                "s6",
+                "-n",
+                "shop",
+                "pod/web-0",
+                "top",
+                "profile",
+                "http",
+            ],
             json!({"targets": {"pods": ["web-0"]}, "probes": ["top", "profile", "http"],
                    "duration": "5m"}),
         ),
