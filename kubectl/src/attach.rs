@@ -92,6 +92,10 @@ pub struct LogsArgs {
     pub follow: bool,
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+    /// Print only the `profile` probe's stacks, folded (`POD;thread;…;leaf SAMPLES` a line):
+    /// a flame graph's input (`inferno-flamegraph`, `flamegraph.pl`).
+    #[arg(long, conflicts_with = "output")]
+    pub folded: bool,
 }
 
 /// What [`attach`] reads and how it prints it.
@@ -102,6 +106,8 @@ pub struct AttachOptions {
     /// Keep reading new records until the session's runs end (else stop after those kept).
     pub follow: bool,
     pub output: Format,
+    /// Only the profile probe's stacks, as folded lines (instead of `output`).
+    pub folded: bool,
 }
 
 /// `attach NAME`: follow from now (or `--from-start`).
@@ -110,6 +116,7 @@ pub async fn attach_verb(context: &mut Context, args: AttachArgs) -> Result<(), 
         from_start: args.from_start,
         follow: true,
         output: args.output,
+        folded: false,
     };
     attach(context, &args.name, options).await
 }
@@ -120,6 +127,7 @@ pub async fn logs(context: &mut Context, args: LogsArgs) -> Result<(), PluginErr
         from_start: true,
         follow: args.follow,
         output: args.output,
+        folded: args.folded,
     };
     attach(context, &args.name, options).await
 }
@@ -298,7 +306,12 @@ pub async fn attach(
             _ = &mut interrupted => false,
         };
         let ready = merger.release(open);
-        if !output::print_events(&mut table, options.output, &ready) {
+        let printed = if options.folded {
+            output::print_folded(&ready)
+        } else {
+            output::print_events(&mut table, options.output, &ready)
+        };
+        if !printed {
             // The reader went away (`| head`): done, not failed.
             return Ok(());
         }

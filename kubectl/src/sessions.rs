@@ -465,6 +465,7 @@ pub async fn run(context: &mut Context, args: RunArgs) -> Result<(), PluginError
         from_start: true,
         follow: true,
         output: format,
+        folded: false,
     };
     crate::attach::attach(context, &args.name, options).await
 }

@@ -5,8 +5,7 @@
 //! under [`OTHER_STACK`]); the status's `top.profile` is the functions most often on CPU (the
 //! leaf frame of each sample: the summary's bounded table), `events.profile` the samples. When
 //! the run ends each pod's folded stacks go to the session's log, one event each (`stack`,
-//! `samples`), which `kubectl podscope logs NAME -o json` prints (docs/kubectl.md turns them
-//! into a folded file for a flame graph).
+//! `samples`), which `kubectl podscope logs NAME --folded` prints as a folded file.
 //!
 //! It needs the agent binary's profile encoder (which folds); without one it does not start.
 
