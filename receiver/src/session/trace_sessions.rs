@@ -341,6 +341,8 @@ struct Run {
     /// Lines its bpftrace programs printed before the last restart (one per change of the
     /// run's cgroups: `$session_cgroups` is written into the program).
     bpftrace_lines_before: u64,
+    /// Why its bpftrace program could not be started again (the run then fails).
+    bpftrace_restart_failure: Option<String>,
     started: SystemTime,
     /// Where its events are kept (outlives the run, until the session object goes).
     log: Arc<SessionLog>,
@@ -597,10 +599,11 @@ impl TraceSessionRunner {
             }
         }
         self.attach_token(session, known).await;
-        let bpftrace_failure = known
-            .run
-            .as_ref()
-            .and_then(|run| run.bpftrace.as_ref()?.failure());
+        let bpftrace_failure = known.run.as_ref().and_then(|run| {
+            run.bpftrace_restart_failure
+                .clone()
+                .or_else(|| run.bpftrace.as_ref()?.failure())
+        });
         if let Some(message) = bpftrace_failure {
             let run = known.run.take().expect("checked above");
             let (mut node, _) = finish(run).await;
@@ -881,6 +884,7 @@ impl TraceSessionRunner {
             summary,
             bpftrace,
             bpftrace_lines_before: 0,
+            bpftrace_restart_failure: None,
             started: now,
             log,
             names,
@@ -913,7 +917,10 @@ impl TraceSessionRunner {
                 run.bpftrace = Some(restarted);
             }
             Err(e) => {
-                tracing::warn!(session = %session.key(), error = %e, "TraceSession: cannot run its bpftrace program again")
+                tracing::warn!(session = %session.key(), error = %e, "TraceSession: cannot run its bpftrace program again");
+                run.bpftrace_restart_failure = Some(format!(
+                    "its pods changed and its bpftrace program could not run again: {e}"
+                ));
             }
         }
     }
@@ -986,9 +993,16 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         lost += others_lost;
         counts.push((name, count));
     }
-    if let Some(bpftrace) = run.bpftrace {
-        let lines = run.bpftrace_lines_before + bpftrace.finish().await;
-        counts.push((BPFTRACE.to_string(), lines));
+    match run.bpftrace {
+        Some(bpftrace) => {
+            let lines = run.bpftrace_lines_before + bpftrace.finish().await;
+            counts.push((BPFTRACE.to_string(), lines));
+        }
+        // Not started again after its pods changed: what the earlier ones printed.
+        None if run.bpftrace_restart_failure.is_some() => {
+            counts.push((BPFTRACE.to_string(), run.bpftrace_lines_before));
+        }
+        None => {}
     }
     // Every event is in the log now: followers read to the end and stop.
     run.log.end();
@@ -1003,6 +1017,7 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         summary: run.summary,
         bpftrace: None,
         bpftrace_lines_before: run.bpftrace_lines_before,
+        bpftrace_restart_failure: None,
         started: run.started,
         log: run.log,
         names: run.names,
