@@ -542,12 +542,7 @@ async fn logs_folded_prints_a_profile_sessions_stacks_as_a_folded_file() {
     api.write_kubeconfig(&dir.path().join("kubeconfig"));
     let node = "node-folded";
     let mut busy = workload_pod(&api, "busy-0", node);
-    let burn = podscope_integration::test_programs::compile_c(
-        dir.path(),
-        "burn",
-        podscope_integration::test_programs::BURN_C,
-        &["-O2", "-fomit-frame-pointer"],
-    );
+    let burn = podscope_integration::test_programs::compile_burn(dir.path());
     busy.spawn_shell(&format!("exec {} 600", burn.display()));
     let (_agent, _) = start_agent(&api, dir.path(), node).await;
     let created = run_plugin(

@@ -731,12 +731,7 @@ async fn a_profile_session_finds_the_function_its_pod_spins_in() {
     let (mut busy, uid, container) = pod_cgroup();
     let api = FakeApiServer::start().await;
     api.apply_pod(pod("team-a", "busy", &uid, &container));
-    let burn = podscope_integration::test_programs::compile_c(
-        dir.path(),
-        "burn",
-        podscope_integration::test_programs::BURN_C,
-        &["-O2", "-fomit-frame-pointer"],
-    );
+    let burn = podscope_integration::test_programs::compile_burn(dir.path());
     busy.spawn_shell(&format!("exec {} 600", burn.display()));
     let _agent = start_agent(&api, dir.path(), "").await;
     api.apply_custom(session(

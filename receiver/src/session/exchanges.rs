@@ -233,10 +233,11 @@ impl Drop for ExchangeSubscription {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn exchange(cgroup: u64, status: u16) -> HttpExchange {
+    /// A GET of `/` served in `cgroup`, answered `status`.
+    pub(in crate::session) fn exchange(cgroup: u64, status: u16) -> HttpExchange {
         HttpExchange {
             cgroup,
             start_ns: 1,

@@ -99,28 +99,13 @@ impl HttpRun {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::exchanges::ExchangeRole;
+    use crate::session::exchanges::tests::exchange;
 
     #[test]
     fn the_summary_key_is_the_route_when_known_else_the_path() {
-        let mut exchange = HttpExchange {
-            cgroup: 1,
-            start_ns: 1,
-            duration_ns: 2,
-            tgid: 3,
-            tid: 3,
-            role: ExchangeRole::Server,
-            method: "GET".into(),
-            path: "/users/7".into(),
-            route: "/users/{id}".into(),
-            version: "1.1",
-            tls: false,
-            http_status: 404,
-            grpc: None,
-            peer: "127.0.0.1:9".parse().unwrap(),
-            trace_id: [0; 16],
-            span_id: [0; 8],
-        };
+        let mut exchange = exchange(1, 404);
+        exchange.path = "/users/7".into();
+        exchange.route = "/users/{id}".into();
         assert_eq!(summary_key(&exchange), "GET /users/{id} 404");
         exchange.route.clear();
         assert_eq!(summary_key(&exchange), "GET /users/7 404");
