@@ -103,7 +103,8 @@ pub enum Request {
     },
 }
 
-/// The built-in event probes a trace can stream.
+/// The built-in event probes: those a trace can stream, and those only a `TraceSession` runs
+/// ([`TraceProbe::is_streamed`]).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum TraceProbe {
@@ -117,6 +118,19 @@ pub enum TraceProbe {
     Http,
     OomKill,
     Signal,
+    /// A `TraceSession` probe only (never a `trace` stream): its pods' `top` counters each
+    /// interval, one event per pod.
+    Top,
+    /// A `TraceSession` probe only (never a `trace` stream): an on-CPU profile of its pods,
+    /// one event per folded stack when the run ends.
+    Profile,
+}
+
+impl TraceProbe {
+    /// Whether `kubectl podscope trace` can stream it (else only a `TraceSession` runs it).
+    pub fn is_streamed(self) -> bool {
+        !matches!(self, TraceProbe::Top | TraceProbe::Profile)
+    }
 }
 
 /// One pod the plugin resolved from the user's TARGET, with the containers selected in it. The

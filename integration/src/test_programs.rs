@@ -59,6 +59,11 @@ pub fn compile_c(dir: &Path, name: &str, source: &str, flags: &[&str]) -> PathBu
     out
 }
 
+/// [`BURN_C`] built as distributions build (optimized, no frame pointers) into `dir/burn`.
+pub fn compile_burn(dir: &Path) -> PathBuf {
+    compile_c(dir, "burn", BURN_C, &["-O2", "-fomit-frame-pointer"])
+}
+
 /// Blocks in a known chain — main → wait_outer → wait_in_sleep → nanosleep — for argv[1]
 /// sleeps of argv[2] ms each, and burns no CPU.
 pub const SLEEPER_C: &str = r#"

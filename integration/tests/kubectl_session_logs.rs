@@ -8,7 +8,9 @@
 //! plugin's `attach` prints each exec as it happens; killed, then started again as `logs`, it
 //! prints every exec the session recorded meanwhile too, exactly; after the session Completed
 //! `logs` still works; once its `ttlAfterFinished` passed the session and its events are gone.
-//! A reader with another token is refused.
+//! A reader with another token is refused; a reader right after two agents raced to write the
+//! token is not (the plugin retries). A profile session's stacks come back as a folded file
+//! (`logs --folded`).
 //!
 //! Built and run as a test of podscope-kubectl (it needs CARGO_BIN_EXE_kubectl-podscope); the
 //! agent is the `podscope` binary beside it, or $PODSCOPE_BINARY.
@@ -369,6 +371,16 @@ async fn two_agents_racing_share_one_token_and_logs_merges_their_nodes() {
     })
     .await;
     let token = status["attachToken"].as_str().unwrap().to_string();
+    // The plugin at once, as a user would: the agent whose token write lost may not know the
+    // winner's yet (its watch brings it about a second later) and answer forbidden; the plugin
+    // reads the token again and retries rather than exit 5. Nothing was recorded yet.
+    let early = run_plugin(dir.path(), &["-n", "team-a", "logs", "both", "-o", "json"]).await;
+    assert!(
+        early.status.success(),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&early.stdout), "");
     // Each agent reads the session's log with that one token (the loser took the winner's).
     for port in [port_a, port_b] {
         let deadline = Instant::now() + PATIENCE;
@@ -518,4 +530,64 @@ async fn run_watch_creates_the_session_and_prints_its_events_until_it_ends() {
     assert!(status.success(), "{status:?}");
     assert_eq!(lines.recv_timeout(Duration::from_secs(5)).ok(), None);
     drop(web);
+}
+
+/// A `profile` session's stacks, read back with `logs --folded` once it ended: folded lines
+/// under the pod's name, the process's hot function as a leaf, their samples summing to the
+/// status's count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_folded_prints_a_profile_sessions_stacks_as_a_folded_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let api = FakeApiServer::start().await;
+    api.write_kubeconfig(&dir.path().join("kubeconfig"));
+    let node = "node-folded";
+    let mut busy = workload_pod(&api, "busy-0", node);
+    let burn = podscope_integration::test_programs::compile_burn(dir.path());
+    busy.spawn_shell(&format!("exec {} 600", burn.display()));
+    let (_agent, _) = start_agent(&api, dir.path(), node).await;
+    let created = run_plugin(
+        dir.path(),
+        &[
+            "-n",
+            "team-a",
+            "run",
+            "cpu",
+            "pod/busy-0",
+            "profile",
+            "--duration",
+            "6s",
+        ],
+    )
+    .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let status = until("the profile session Completed", || {
+        let status = api.custom("TraceSession", "team-a", "cpu")?["status"].clone();
+        (status["phase"] == "Completed").then_some(status)
+    })
+    .await;
+    let samples = status["summary"]["events"]["profile"].as_u64().unwrap();
+    assert!(samples > 0, "{status}");
+
+    let folded = run_plugin(dir.path(), &["-n", "team-a", "logs", "cpu", "--folded"]).await;
+    assert!(
+        folded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&folded.stderr)
+    );
+    let text = String::from_utf8(folded.stdout).unwrap();
+    let mut summed = 0;
+    let mut leaves = Vec::new();
+    for line in text.lines() {
+        let (stack, count) = line.rsplit_once(' ').expect("`stack samples`");
+        assert!(stack.starts_with("busy-0;"), "{line}");
+        summed += count.parse::<u64>().expect("a count");
+        leaves.push(stack.rsplit(';').next().unwrap().to_string());
+    }
+    assert_eq!(summed, samples, "{text}");
+    assert!(leaves.iter().any(|leaf| leaf == "burn_leaf"), "{text}");
+    drop(busy);
 }

@@ -210,7 +210,7 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
         "metadata": {"name": "db", "namespace": "shop"},
         "spec": {"selector": {"matchLabels": {"app": "db"}}, "serviceName": "db", "template": {}}
     }));
-    let cases: [(&[&str], Value); 5] = [
+    let cases: [(&[&str], Value); 6] = [
         (
             &[
                 "run",
@@ -284,6 +284,21 @@ async fn run_turns_each_kind_of_target_into_the_sessions_targets() {
                                            {"key": "canary", "operator": "Exists"}]}},
                    "probes": ["oom_kill"], "duration": "5m"}),
         ),
+        // The probes only a session runs, beside a trace probe.
+        (
+            &[
+                "run",
+                "s6",
+                "-n",
+                "shop",
+                "pod/web-0",
+                "top",
+                "profile",
+                "http",
+            ],
+            json!({"targets": {"pods": ["web-0"]}, "probes": ["top", "profile", "http"],
+                   "duration": "5m"}),
+        ),
     ];
     for (args, spec) in cases {
         let output = cluster.run(args).await;
@@ -356,7 +371,8 @@ async fn targets_outside_the_sessions_namespace_are_refused_before_anything_is_c
             &["run", "x", "-n", "shop", "pod/web-0", "kprobe"],
             2,
             "error: unknown probe \"kprobe\": one of exec, exit, open, tcp-connect, tcp-accept, \
-             tcp-close, tcp-retransmit, http, oom-kill, signal\n",
+             tcp-close, tcp-retransmit, http, oom-kill, signal; or, for a session, top or \
+             profile\n",
         ),
         (
             &["run", "x", "-n", "shop", "pod/web-0", "exec", "--deadline", "2001-01-01T00:00:00Z"],
@@ -691,7 +707,7 @@ async fn promote_refuses_what_a_probe_cannot_take_naming_it() {
             "error: tracesession \"web-execs\" in namespace \"shop\" cannot become a Probe: \
              spec.probes[0] exec: execs and exits are counted by the agent's own process probe, \
              which a Probe cannot enable (a Probe takes tcp_connect, tcp_accept, tcp_close, \
-             tcp_retransmit, open and http)\n",
+             tcp_retransmit, open, http and profile)\n",
         ),
         (
             &["promote", "session/one-pod", "-n", "shop"],

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::{Api, Client};
-use podscope_core::session::{Event, Message, Request};
+use podscope_core::session::{ErrorCode, Event, Message, Request};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -34,6 +34,43 @@ const MERGE_LATENESS: Duration = Duration::from_millis(250);
 const STATUS_POLL: Duration = Duration::from_secs(2);
 /// How long to wait before opening a cut connection again.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// How long an agent's `forbidden` is taken for the attach token's race (two agents wrote
+/// `status.attachToken` at once; the loser learns the winner's through its watch, about a
+/// second later), the token read again and the request retried, before it is the answer.
+const TOKEN_RACE: Duration = Duration::from_secs(10);
+/// Between those retries.
+const TOKEN_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// Whether a node's `forbidden` may still be the attach token's race: retried (after the
+/// token is read again) until [`TOKEN_RACE`] has passed since the first one.
+#[derive(Debug)]
+struct TokenRetry {
+    limit: Duration,
+    first: Option<Instant>,
+}
+
+impl TokenRetry {
+    fn new(limit: Duration) -> TokenRetry {
+        TokenRetry { limit, first: None }
+    }
+
+    /// True to retry after `error` at `now`; false when it is not an agent's `forbidden`, or
+    /// the race had its time.
+    fn retry(&mut self, error: &PluginError, now: Instant) -> bool {
+        let forbidden =
+            matches!(error, PluginError::Agent { error, .. } if error.code == ErrorCode::Forbidden);
+        if !forbidden {
+            return false;
+        }
+        let first = *self.first.get_or_insert(now);
+        now.duration_since(first) < self.limit
+    }
+
+    /// The agent accepted the token: a later `forbidden` starts a new race.
+    fn accepted(&mut self) {
+        self.first = None;
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct AttachArgs {
@@ -55,6 +92,10 @@ pub struct LogsArgs {
     pub follow: bool,
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table)]
     pub output: Format,
+    /// Print only the `profile` probe's stacks, folded (`POD;thread;…;leaf SAMPLES` a line):
+    /// a flame graph's input (`inferno-flamegraph`, `flamegraph.pl`).
+    #[arg(long, conflicts_with = "output")]
+    pub folded: bool,
 }
 
 /// What [`attach`] reads and how it prints it.
@@ -65,6 +106,8 @@ pub struct AttachOptions {
     /// Keep reading new records until the session's runs end (else stop after those kept).
     pub follow: bool,
     pub output: Format,
+    /// Only the profile probe's stacks, as folded lines (instead of `output`).
+    pub folded: bool,
 }
 
 /// `attach NAME`: follow from now (or `--from-start`).
@@ -73,6 +116,7 @@ pub async fn attach_verb(context: &mut Context, args: AttachArgs) -> Result<(), 
         from_start: args.from_start,
         follow: true,
         output: args.output,
+        folded: false,
     };
     attach(context, &args.name, options).await
 }
@@ -83,6 +127,7 @@ pub async fn logs(context: &mut Context, args: LogsArgs) -> Result<(), PluginErr
         from_start: true,
         follow: args.follow,
         output: args.output,
+        folded: args.folded,
     };
     attach(context, &args.name, options).await
 }
@@ -261,7 +306,12 @@ pub async fn attach(
             _ = &mut interrupted => false,
         };
         let ready = merger.release(open);
-        if !output::print_events(&mut table, options.output, &ready) {
+        let printed = if options.folded {
+            output::print_folded(&ready)
+        } else {
+            output::print_events(&mut table, options.output, &ready)
+        };
+        if !printed {
             // The reader went away (`| head`): done, not failed.
             return Ok(());
         }
@@ -312,13 +362,22 @@ impl NodeReader {
         tokio::spawn(reader.run());
     }
 
-    async fn run(self) {
+    async fn run(mut self) {
         // The sequence to read from next: 1 from the start, unknown (the agent's "now") else.
         let mut next = self.options.from_start.then_some(1);
         let mut opened = false;
+        let mut token_retry = TokenRetry::new(TOKEN_RACE);
         let result = loop {
-            let result = self.read(&mut next, &mut opened).await;
+            let mut accepted = false;
+            let result = self.read(&mut next, &mut opened, &mut accepted).await;
+            if accepted {
+                token_retry.accepted();
+            }
             match result {
+                Err(error) if token_retry.retry(&error, Instant::now()) => {
+                    tokio::time::sleep(TOKEN_RETRY_DELAY).await;
+                    self.reread_token().await;
+                }
                 Err(error @ PluginError::Unreachable { .. }) if self.options.follow && opened => {
                     let item = NodeItem::Reconnecting {
                         reason: error.to_string(),
@@ -333,6 +392,21 @@ impl NodeReader {
             }
         };
         let _ = self.send(NodeItem::Done(result)).await;
+    }
+
+    /// The session's token as its status says now (another agent's claim may have won).
+    async fn reread_token(&mut self) {
+        let Some(client) = &self.client else {
+            return;
+        };
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &self.namespace, &resource());
+        if let Ok(SessionView {
+            token: Some(token), ..
+        }) = read_status(&api, &self.namespace, &self.name).await
+        {
+            self.token = token;
+        }
     }
 
     async fn send(&self, item: NodeItem) -> Result<(), ()> {
@@ -365,7 +439,13 @@ impl NodeReader {
     }
 
     /// One connection: records from `next` until the agent ends the stream.
-    async fn read(&self, next: &mut Option<u64>, opened: &mut bool) -> Result<(), PluginError> {
+    /// `accepted`: the agent took the token this time.
+    async fn read(
+        &self,
+        next: &mut Option<u64>,
+        opened: &mut bool,
+        accepted: &mut bool,
+    ) -> Result<(), PluginError> {
         let route = self.route().await?;
         let request = Request::SessionLog {
             namespace: self.namespace.clone(),
@@ -375,6 +455,7 @@ impl NodeReader {
             follow: self.options.follow,
         };
         let mut session = Session::open(self.client.as_ref(), &route, request).await?;
+        *accepted = true;
         if !*opened {
             *opened = true;
             let _ = self.send(NodeItem::Opened).await;
@@ -411,6 +492,34 @@ impl NodeReader {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn agent_error(code: ErrorCode) -> PluginError {
+        PluginError::Agent {
+            node: "node-a".into(),
+            error: podscope_core::session::SessionError {
+                code,
+                message: "the attach token given is not the session's".into(),
+                protocol: podscope_core::session::PROTOCOL_VERSION,
+                agent_version: "0.1.0".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_forbidden_is_retried_for_the_token_race_then_is_the_answer() {
+        let mut retry = TokenRetry::new(Duration::from_secs(10));
+        let start = Instant::now();
+        let forbidden = agent_error(ErrorCode::Forbidden);
+        assert!(retry.retry(&forbidden, start));
+        assert!(retry.retry(&forbidden, start + Duration::from_secs(9)));
+        assert!(!retry.retry(&forbidden, start + Duration::from_secs(10)));
+        // Other errors are never the race.
+        assert!(!TokenRetry::new(Duration::from_secs(10))
+            .retry(&agent_error(ErrorCode::TargetNotFound), start));
+        // Once the token was accepted, a later forbidden has its own time.
+        retry.accepted();
+        assert!(retry.retry(&forbidden, start + Duration::from_secs(60)));
+    }
 
     #[test]
     fn the_status_gives_the_token_and_the_nodes_that_ran_the_session() {

@@ -267,6 +267,15 @@ pub enum SortKey {
 }
 
 /// PROBE as typed: `tcp-connect`, `tcp_connect` and `tcpconnect` are the same probe.
+/// A probe `run` accepts: a trace probe, or `top` or `profile` (TraceSessions only).
+pub fn parse_session_probe(text: &str) -> Result<TraceProbe, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "top" => Ok(TraceProbe::Top),
+        "profile" => Ok(TraceProbe::Profile),
+        _ => parse_probe(text).map_err(|e| format!("{e}; or, for a session, top or profile")),
+    }
+}
+
 pub fn parse_probe(text: &str) -> Result<TraceProbe, String> {
     let squashed: String = text
         .chars()
@@ -307,6 +316,19 @@ mod tests {
         let error = parse_probe("kprobe").unwrap_err();
         assert!(
             error.starts_with("unknown probe \"kprobe\": one of exec,"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_session_also_takes_top_and_profile_which_trace_does_not() {
+        assert_eq!(parse_session_probe("top"), Ok(TraceProbe::Top));
+        assert_eq!(parse_session_probe("Profile"), Ok(TraceProbe::Profile));
+        assert_eq!(parse_session_probe("http"), Ok(TraceProbe::Http));
+        assert!(parse_probe("top").is_err());
+        let error = parse_session_probe("flame").unwrap_err();
+        assert!(
+            error.ends_with("signal; or, for a session, top or profile"),
             "{error}"
         );
     }

@@ -63,6 +63,32 @@ pub fn print_events(table: &mut EventTable, format: Format, events: &[Event]) ->
     true
 }
 
+/// A `profile` event (one folded stack of a session's pod) as a folded line with the pod as
+/// its root frame, `POD;thread;…;leaf SAMPLES`; `None` for other events.
+pub fn folded_line(event: &Event) -> Option<String> {
+    if event.probe != podscope_core::session::TraceProbe::Profile {
+        return None;
+    }
+    let stack = event.fields.get("stack")?;
+    let samples = event.fields.get("samples")?;
+    Some(format!("{};{stack} {samples}\n", event.pod))
+}
+
+/// Prints the `profile` events among `events` as folded lines; false when stdout's reader
+/// went away.
+pub fn print_folded(events: &[Event]) -> bool {
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for line in events.iter().filter_map(folded_line) {
+        if out.write_all(line.as_bytes()).is_err() {
+            return false;
+        }
+    }
+    let _ = out.flush();
+    true
+}
+
 /// `HH:MM:SS.mmmmmm` UTC of a Unix time in nanoseconds (a trace spans seconds, not days).
 pub fn clock_time(unix_nano: u64) -> String {
     let seconds = unix_nano / 1_000_000_000;
@@ -210,6 +236,21 @@ mod tests {
             comm: "sh".into(),
             fields,
         }
+    }
+
+    #[test]
+    fn a_profile_stack_is_folded_under_its_pod_and_other_events_are_left_out() {
+        let mut stack = exec("busy-0", "", None);
+        stack.probe = TraceProbe::Profile;
+        stack.fields = BTreeMap::from([
+            ("stack".to_string(), "burn;main;burn_leaf".to_string()),
+            ("samples".to_string(), "42".to_string()),
+        ]);
+        assert_eq!(
+            folded_line(&stack).as_deref(),
+            Some("busy-0;burn;main;burn_leaf 42\n")
+        );
+        assert_eq!(folded_line(&exec("web-0", "/bin/true", None)), None);
     }
 
     #[test]

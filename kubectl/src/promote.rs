@@ -7,7 +7,9 @@
 //! `tcp` (connections opened, closed, failed, retransmits), `open` to `files` (opens and their
 //! errors), `http` to `http` (requests' spans and RED metrics). Exec/exit are the agent's own
 //! `process` probe and OOM kills and signals have no continuous probe: a Probe cannot take
-//! them, so a session with one is refused, naming it, rather than promoted in part.
+//! them, so a session with one is refused, naming it, rather than promoted in part. `profile`
+//! becomes the continuous `profiling` probe; `top` (cgroup CPU and several probes' counters at
+//! once) has no single Probe equivalent and is refused the same way.
 
 use clap::Args;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
@@ -44,6 +46,10 @@ pub fn continuous_probe(trace_probe: &str) -> Result<&'static str, &'static str>
         "tcp_connect" | "tcp_accept" | "tcp_close" | "tcp_retransmit" => Ok("tcp"),
         "open" => Ok("files"),
         "http" => Ok("http"),
+        "profile" => Ok("profiling"),
+        "top" => Err(
+            "top's counters come from the pods' cgroups and several probes at once; a Probe names the probes it runs (syscalls, files, sched, tcp, http): write one with those you need",
+        ),
         "exec" | "exit" => Err(
             "execs and exits are counted by the agent's own process probe, which a Probe cannot enable",
         ),
@@ -77,7 +83,7 @@ pub fn probe_for(session: &Value, name: &str) -> Result<Value, PluginError> {
     }
     if !refused.is_empty() {
         return Err(refuse(format!(
-            "{} (a Probe takes tcp_connect, tcp_accept, tcp_close, tcp_retransmit, open and http)",
+            "{} (a Probe takes tcp_connect, tcp_accept, tcp_close, tcp_retransmit, open, http and profile)",
             refused.join("; ")
         )));
     }
@@ -219,7 +225,7 @@ mod tests {
         let probe = probe_for(
             &session(json!({
                 "targets": {"podSelector": {"matchLabels": {"app": "web"}}},
-                "probes": ["tcp_connect", "tcp_retransmit", "open", "http"],
+                "probes": ["tcp_connect", "tcp_retransmit", "open", "http", "profile"],
                 "duration": "10m"
             })),
             "web",
@@ -232,7 +238,7 @@ mod tests {
                 "metadata": {"name": "web", "namespace": "shop",
                              "annotations": {"podscope.dev/promoted-from": "tracesession/web-execs"}},
                 "spec": {"podSelector": {"matchLabels": {"app": "web"}},
-                         "probes": {"tcp": {}, "files": {}, "http": {}}}
+                         "probes": {"tcp": {}, "files": {}, "http": {}, "profiling": {}}}
             })
         );
     }
@@ -242,7 +248,7 @@ mod tests {
         let error = probe_for(
             &session(json!({
                 "targets": {"podSelector": {"matchLabels": {"app": "web"}}},
-                "probes": ["exec", "tcp_connect", "signal"]
+                "probes": ["exec", "tcp_connect", "signal", "top"]
             })),
             "web",
         )
@@ -252,8 +258,11 @@ mod tests {
             error.to_string(),
             "tracesession \"web-execs\" in namespace \"shop\" cannot become a Probe: spec.probes[0] exec: \
              execs and exits are counted by the agent's own process probe, which a Probe cannot enable; \
-             spec.probes[2] signal: no continuous probe counts them (a Probe takes tcp_connect, \
-             tcp_accept, tcp_close, tcp_retransmit, open and http)"
+             spec.probes[2] signal: no continuous probe counts them; spec.probes[3] top: top's \
+             counters come from the pods' cgroups and several probes at once; a Probe names the \
+             probes it runs (syscalls, files, sched, tcp, http): write one with those you need \
+             (a Probe takes tcp_connect, tcp_accept, tcp_close, tcp_retransmit, open, http and \
+             profile)"
         );
         let error = probe_for(
             &session(json!({"targets": {"pods": ["web-0"]}, "probes": ["open"]})),

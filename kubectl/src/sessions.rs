@@ -52,7 +52,7 @@ pub struct RunArgs {
     /// The session's name (metadata.name).
     pub name: String,
     /// TARGET then PROBE… (PROBE… alone with -l): pod/NAME, deploy/NAME, sts/NAME, ds/NAME or
-    /// job/NAME of the session's namespace (-n).
+    /// job/NAME of the session's namespace (-n); the probes of `trace`, or top, or profile.
     #[arg(value_name = "TARGET PROBE", num_args = 1.., required = true)]
     pub words: Vec<String>,
     /// Trace the namespace's pods whose labels match (e.g. app=web,tier!=db) instead of TARGET.
@@ -186,7 +186,7 @@ fn run_words(args: &RunArgs) -> Result<(Option<&str>, Vec<String>), PluginError>
     };
     let mut names = Vec::new();
     for probe in probes {
-        let probe = cli::parse_probe(probe).map_err(PluginError::Usage)?;
+        let probe = cli::parse_session_probe(probe).map_err(PluginError::Usage)?;
         let name = json!(probe).as_str().unwrap_or_default().to_string();
         if !names.contains(&name) {
             names.push(name);
@@ -465,6 +465,7 @@ pub async fn run(context: &mut Context, args: RunArgs) -> Result<(), PluginError
         from_start: true,
         follow: true,
         output: format,
+        folded: false,
     };
     crate::attach::attach(context, &args.name, options).await
 }

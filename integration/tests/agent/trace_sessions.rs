@@ -84,11 +84,21 @@ async fn status_when(
     what: &str,
     check: impl Fn(&Value) -> bool,
 ) -> Value {
-    until(&format!("TraceSession {namespace}/{name}: {what}"), || {
-        let status = api.custom("TraceSession", namespace, name)?["status"].clone();
-        check(&status).then_some(status)
-    })
-    .await
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let status = api
+            .custom("TraceSession", namespace, name)
+            .map(|s| s["status"].clone())
+            .unwrap_or_default();
+        if check(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TraceSession {namespace}/{name}: {what}: not within 90 s; last status: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// This node's entry of a status.
@@ -114,6 +124,17 @@ async fn start_agent(
     dir: &std::path::Path,
     trace_sessions: &str,
 ) -> AgentProcess {
+    start_agent_with_probes(api, dir, trace_sessions, "sched: {}").await
+}
+
+/// As [`start_agent`], its eBPF receiver running `probes` (`name: {…}, …`) and reporting to
+/// the session extension (the http exchanges, `top`'s counters).
+async fn start_agent_with_probes(
+    api: &FakeApiServer,
+    dir: &std::path::Path,
+    trace_sessions: &str,
+    probes: &str,
+) -> AgentProcess {
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let telemetry_port = free_port();
@@ -134,8 +155,9 @@ extensions:
 receivers:
   ebpf:
     collection_interval: 1s
-    cgroup_filter: {{ include: ["/"] }}
-    probes: {{ sched: {{}} }}
+    session: session
+    cgroup_filter: {{ include: ["/kubepods.slice/**"] }}
+    probes: {{ {probes} }}
 exporters:
   nop: {{}}
 service:
@@ -373,8 +395,10 @@ async fn a_namespace_runs_at_most_its_cap_of_sessions_and_each_counts_at_most_it
     at_start_of_a_monotonic_second().await;
     execs(&a, 8);
     for name in ["a-first", "b-second"] {
+        // The merged summary is written after the node's entry, in a patch of its own.
         let capped = status_when(&api, "team-a", name, "8 execs seen", |s| {
             node_entry(s).is_some_and(|e| e["dropped"] == 3 && e["events"]["exec"] == 5)
+                && s["summary"]["events"]["exec"] == 5
         })
         .await;
         assert_eq!(capped["summary"]["dropped"], 3, "{capped}");
@@ -532,4 +556,260 @@ async fn a_scheduled_session_runs_at_each_firing_and_counts_each_runs_execs() {
     }
     assert_eq!(schedule_times[1] - schedule_times[0], 15);
     drop(web);
+}
+
+/// `status_server.py` of the receiver's http tests in `pod`, on a free port.
+fn python_server(pod: &mut PodCgroup) -> u16 {
+    let port = free_port();
+    let server = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("receiver/tests/http/status_server.py");
+    pod.spawn_shell(&format!(
+        "exec /usr/bin/python3 {} {port}",
+        server.display()
+    ));
+    podscope_testkit::pod_cgroup::wait_listening(port);
+    port
+}
+
+/// `probes: [http]`: refused (Failed, naming what to enable) by an agent without the http
+/// probe; run by one with it: one event per request the pod served (none of another pod's),
+/// the top `METHOD ROUTE STATUS` keys (the route the probe inferred) and the latencies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_session_counts_its_pods_requests_by_route_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut web, web_uid, web_container) = pod_cgroup();
+    let (mut db, db_uid, db_container) = pod_cgroup();
+    let (mut client, _, _) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web", &web_uid, &web_container));
+    api.apply_pod(pod("team-a", "db", &db_uid, &db_container));
+    let http_session = |duration: &str| json!({"targets": {"pods": ["web"]}, "probes": ["http"], "duration": duration});
+    {
+        let _without_http = start_agent(&api, dir.path(), "").await;
+        api.apply_custom(session("team-a", "refused", http_session("60s")));
+        let refused = status_when(&api, "team-a", "refused", "Failed", |s| {
+            s["phase"] == "Failed"
+        })
+        .await;
+        assert_eq!(refused["reason"], "NodeFailed", "{refused}");
+        assert_eq!(
+            refused["message"],
+            format!("node {NODE}: probe http: no ebpf receiver with the http probe reports to this session extension; enable the ebpf receiver's `http` probe (receivers.ebpf.probes.http) and name this extension in its `session:` setting")
+        );
+    }
+    let _agent = start_agent_with_probes(&api, dir.path(), "", "http: {}").await;
+    let web_port = python_server(&mut web);
+    let db_port = python_server(&mut db);
+    api.apply_custom(session("team-a", "requests", http_session("25s")));
+    status_when(&api, "team-a", "requests", "Running here", |s| {
+        node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"
+    })
+    .await;
+    let get = |port: u16, path: &str| format!("curl -s -o /dev/null http://127.0.0.1:{port}{path}");
+    let script = [
+        get(web_port, "/ok"),
+        get(web_port, "/ok"),
+        get(web_port, "/status/404"),
+        get(db_port, "/status/500"),
+        get(web_port, "/status/503"),
+    ]
+    .join(" && ");
+    assert_eq!(run_in(&mut client, &script).await, 0, "curl failed");
+    let counted = status_when(&api, "team-a", "requests", "4 requests", |s| {
+        node_entry(s).is_some_and(|e| e["events"]["http"] == 4)
+    })
+    .await;
+    let entry = node_entry(&counted).unwrap();
+    assert_eq!(
+        entry["top"]["http"],
+        json!([
+            {"key": "GET /ok 200", "count": 2},
+            {"key": "GET /status/{id} 404", "count": 1},
+            {"key": "GET /status/{id} 503", "count": 1},
+        ]),
+        "{counted}"
+    );
+    let latencies = &entry["durations"]["http"];
+    assert_eq!(latencies["count"], 4, "{counted}");
+    let (p50, p99) = (
+        latencies["p50"].as_u64().unwrap(),
+        latencies["p99"].as_u64().unwrap(),
+    );
+    assert!(0 < p50 && p50 <= p99, "{latencies}");
+    let completed = status_when(&api, "team-a", "requests", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    assert_eq!(
+        completed["summary"]["events"],
+        json!({"http": 4}),
+        "{completed}"
+    );
+    assert_eq!(completed["summary"]["top"], entry["top"]);
+    assert_eq!(completed["summary"]["lost"], 0);
+    drop((web, db, client));
+}
+
+/// Runs `script` with sh inside `pod` (everything it starts is the pod's); its exit status.
+async fn run_in(pod: &mut PodCgroup, script: &str) -> i32 {
+    let marker = std::env::temp_dir().join(format!("podscope-sessions-{}", unique_ids().1));
+    pod.spawn_shell(&format!("{script}; echo $? > {}", marker.display()));
+    let status = until(&format!("{script} finished"), || {
+        std::fs::read_to_string(&marker)
+            .ok()
+            .filter(|status| status.ends_with('\n'))
+    })
+    .await;
+    let _ = std::fs::remove_file(&marker);
+    status.trim().parse().expect("an exit status")
+}
+
+/// `probes: [top]`: each interval a row per pod; the status's `podCounters` has the pod's
+/// totals since its first collection: exactly the 7 opens its process made then, CPU seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_session_totals_its_pods_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut web, uid, container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web", &uid, &container));
+    let _agent = start_agent_with_probes(&api, dir.path(), "", "files: {}, syscalls: {}").await;
+    // Started (its own opens done) before the session: it then opens /dev/null 7 times when
+    // told to. Waiting is stat() and sleep, no open.
+    let ready = dir.path().join("ready");
+    let go = dir.path().join("go");
+    web.spawn_shell(&format!(
+        "exec /usr/bin/python3 -c 'import os, time\nopen(\"{ready}\", \"w\").close()\nwhile not os.path.exists(\"{go}\"): time.sleep(0.05)\nfor _ in range(7): os.close(os.open(\"/dev/null\", os.O_RDONLY))\nwhile True: time.sleep(1)'",
+        ready = ready.display(),
+        go = go.display()
+    ));
+    until("the workload started", || ready.exists().then_some(())).await;
+    api.apply_custom(session(
+        "team-a",
+        "counters",
+        json!({"targets": {"pods": ["web"]}, "probes": ["top"], "duration": "30s"}),
+    ));
+    // Its totals start at the first collection after it joined: `opens` appears then.
+    let started = status_when(&api, "team-a", "counters", "the pod's totals start", |s| {
+        node_entry(s).is_some_and(|e| e["podCounters"][0]["opens"].is_u64())
+    })
+    .await;
+    assert_eq!(
+        node_entry(&started).unwrap()["podCounters"][0]["opens"],
+        0,
+        "{started}"
+    );
+    std::fs::write(&go, "").unwrap();
+    let counted = status_when(&api, "team-a", "counters", "7 opens", |s| {
+        node_entry(s).is_some_and(|e| e["podCounters"][0]["opens"] == 7)
+    })
+    .await;
+    let row = &node_entry(&counted).unwrap()["podCounters"][0];
+    assert_eq!(row["pod"], "web", "{counted}");
+    assert!(row["syscalls"].as_u64().unwrap() > 0, "{row}");
+    assert!(row["cpuSeconds"].as_f64().unwrap() >= 0.0, "{row}");
+    let completed = status_when(&api, "team-a", "counters", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    let pods = &completed["summary"]["podCounters"];
+    assert_eq!(pods.as_array().unwrap().len(), 1, "{completed}");
+    assert_eq!(pods[0]["opens"], 7, "{completed}");
+    // One event per pod and interval: as many as the pod's samples.
+    assert_eq!(
+        completed["summary"]["events"]["top"], pods[0]["samples"],
+        "{completed}"
+    );
+    assert!(pods[0]["samples"].as_u64().unwrap() >= 3, "{completed}");
+    drop(web);
+}
+
+/// `probes: [profile]`: the pod's process spends its time in `burn_leaf`; the summary's
+/// functions by samples have it first, and the samples are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_session_finds_the_function_its_pod_spins_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut busy, uid, container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "busy", &uid, &container));
+    let burn = podscope_integration::test_programs::compile_burn(dir.path());
+    busy.spawn_shell(&format!("exec {} 600", burn.display()));
+    let _agent = start_agent(&api, dir.path(), "").await;
+    api.apply_custom(session(
+        "team-a",
+        "cpu",
+        json!({"targets": {"pods": ["busy"]}, "probes": ["profile"], "duration": "8s"}),
+    ));
+    let completed = status_when(&api, "team-a", "cpu", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    let summary = &completed["summary"];
+    let samples = summary["events"]["profile"].as_u64().unwrap();
+    assert!(samples > 0, "{completed}");
+    assert_eq!(
+        summary["top"]["profile"][0]["key"], "burn_leaf",
+        "{completed}"
+    );
+    let by_function: u64 = summary["top"]["profile"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["count"].as_u64().unwrap())
+        .sum();
+    assert!(by_function <= samples, "{completed}");
+    drop(busy);
+}
+
+/// A bpftrace session over a selector: a pod that joins later is added to `$session_cgroups`
+/// (the program runs again over both pods' cgroups, printing its BEGIN line again), and the
+/// lines are counted across: each pod's execs, none of a pod outside the selector.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bpftrace_session_follows_a_pod_that_joins_late_and_keeps_its_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_uid, a_container) = pod_cgroup();
+    let (late, late_uid, late_container) = pod_cgroup();
+    let (other, other_uid, other_container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
+    let mut db = pod("team-a", "db", &other_uid, &other_container);
+    db.metadata.labels = Some(BTreeMap::from([("app".into(), "db".into())]));
+    api.apply_pod(db);
+    let _agent = start_agent(&api, dir.path(), "allow_bpftrace: true").await;
+    let program = r#"BEGIN { printf("ready\n"); } tracepoint:sched:sched_process_exec /$session_cgroups/ { printf("%s\n", comm); }"#;
+    api.apply_custom(session(
+        "team-a",
+        "web-execs",
+        json!({"targets": {"podSelector": {"matchLabels": {"app": "web"}}}, "bpftrace": program, "duration": "40s"}),
+    ));
+    let lines =
+        |n: u64| move |s: &Value| node_entry(s).is_some_and(|e| e["events"]["bpftrace"] == n);
+    status_when(&api, "team-a", "web-execs", "bpftrace ready", lines(1)).await;
+    execs(&a, 2);
+    status_when(&api, "team-a", "web-execs", "web-a's 2 execs", lines(3)).await;
+    // The late pod joins: the program runs again (its BEGIN line once more) over both pods.
+    api.apply_pod(pod("team-a", "web-late", &late_uid, &late_container));
+    let joined = status_when(
+        &api,
+        "team-a",
+        "web-execs",
+        "restarted with web-late",
+        |s| node_entry(s).is_some_and(|e| e["pods"] == json!(["web-a", "web-late"])) && lines(4)(s),
+    )
+    .await;
+    assert_eq!(joined["phase"], "Running", "{joined}");
+    execs(&late, 3);
+    execs(&a, 1);
+    execs(&other, 2);
+    status_when(&api, "team-a", "web-execs", "4 more exec lines", lines(8)).await;
+    let completed = status_when(&api, "team-a", "web-execs", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    assert_eq!(
+        node_entry(&completed).unwrap()["events"],
+        json!({"bpftrace": 8}),
+        "{completed}"
+    );
+    assert_eq!(completed["summary"]["events"], json!({"bpftrace": 8}));
+    drop((a, late, other));
 }

@@ -141,7 +141,8 @@ fn fields(probe: TraceProbe, raw: &TraceEvent) -> BTreeMap<String, String> {
             put("sender_comm", raw.sender_comm());
             put("result", raw.result.to_string());
         }
-        TraceProbe::Http => {}
+        // Not the trace object's: their events are made where they are measured.
+        TraceProbe::Http | TraceProbe::Top | TraceProbe::Profile => {}
     }
     fields
 }

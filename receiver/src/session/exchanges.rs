@@ -206,6 +206,13 @@ pub struct ExchangeSubscription {
 }
 
 impl ExchangeSubscription {
+    /// From now on delivers the exchanges of `cgroups` (a TraceSession's pods came or went).
+    pub fn retarget(&self, cgroups: HashSet<u64>) {
+        if let Some(subscriber) = self.tap.lock().get_mut(&self.id) {
+            subscriber.cgroups = Some(cgroups);
+        }
+    }
+
     /// Exchanges this session's queue could not take since the last call.
     pub fn lost_since(&mut self) -> u64 {
         let total = self.dropped.load(Ordering::Relaxed);
@@ -226,10 +233,11 @@ impl Drop for ExchangeSubscription {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn exchange(cgroup: u64, status: u16) -> HttpExchange {
+    /// A GET of `/` served in `cgroup`, answered `status`.
+    pub(in crate::session) fn exchange(cgroup: u64, status: u16) -> HttpExchange {
         HttpExchange {
             cgroup,
             start_ns: 1,
@@ -274,6 +282,15 @@ mod tests {
         drop(publishing);
         assert_eq!(pod.lost_since(), 5);
         assert_eq!(pod.lost_since(), 0);
+        // Retargeted (its queue read empty first): the other cgroup's exchanges from now on.
+        while pod.exchanges.try_recv().is_ok() {}
+        pod.retarget(HashSet::from([8]));
+        let publishing = tap.publishing().unwrap();
+        publishing.publish(&exchange(7, 200));
+        publishing.publish(&exchange(8, 201));
+        drop(publishing);
+        assert_eq!(pod.exchanges.try_recv().unwrap().http_status, 201);
+        assert!(pod.exchanges.try_recv().is_err());
         drop(pod);
         assert!(tap.publishing().is_none());
     }

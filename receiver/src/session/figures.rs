@@ -167,7 +167,7 @@ pub struct CgroupFigures {
 
 impl CgroupFigures {
     /// What was added between `earlier` and `self`; a counter that went down restarted.
-    fn since(&self, earlier: &CgroupFigures) -> CgroupFigures {
+    pub fn since(&self, earlier: &CgroupFigures) -> CgroupFigures {
         let counter = |later: u64, earlier: u64| later.checked_sub(earlier).unwrap_or(later);
         CgroupFigures {
             runq_latency_ns: self.runq_latency_ns.since(&earlier.runq_latency_ns),
@@ -313,6 +313,38 @@ impl KernelFigures {
         let figures = all.entry(receiver.to_string()).or_default();
         figures.previous = figures.latest.take();
         figures.latest = Some(Arc::new(snapshot));
+    }
+
+    /// The cumulative figures of the cgroups at or below `dirs` (absolute, under
+    /// `cgroup_root`) as of each receiver's latest collection, summed over the receivers; the
+    /// probes behind them and the newest collection's time. `None` before any collection.
+    pub fn cumulative(
+        &self,
+        cgroup_root: &Path,
+        dirs: &[PathBuf],
+    ) -> Option<(u64, ProbesOn, CgroupFigures)> {
+        let all = self.lock();
+        let mut newest = None;
+        let mut probes = ProbesOn::default();
+        let mut sum = CgroupFigures::default();
+        for figures in all.values().filter(|f| f.probes.any()) {
+            let Some(latest) = &figures.latest else {
+                continue;
+            };
+            newest = newest.max(Some(latest.time_unix_nano));
+            probes.sched |= figures.probes.sched;
+            probes.syscalls |= figures.probes.syscalls;
+            probes.files |= figures.probes.files;
+            probes.tcp |= figures.probes.tcp;
+            probes.http |= figures.probes.http;
+            for (path, cumulative) in &latest.cgroups {
+                let dir = cgroup_root.join(path.trim_start_matches('/'));
+                if dirs.iter().any(|d| dir.starts_with(d)) {
+                    sum.add(cumulative);
+                }
+            }
+        }
+        Some((newest?, probes, sum))
     }
 
     /// The columns of a row summing the cgroups at or below `dirs` (absolute, under

@@ -29,7 +29,11 @@ mod log_reader;
 mod profile;
 mod schedule;
 mod server;
+mod session_http;
 mod session_log;
+mod session_probes;
+mod session_profile;
+mod session_top;
 mod summary;
 mod targets;
 mod top;
@@ -287,6 +291,7 @@ impl Component for SessionExtension {
                             .unwrap_or_else(|| "/sys/fs/cgroup".into()),
                         config: self.shared.config.trace_sessions.clone(),
                         bpftrace_path: self.shared.config.bpftrace.path.clone(),
+                        shared: self.shared.clone(),
                     };
                     tasks.spawn(runner.run(self.shared.stopping.clone()));
                     tracing::info!(extension = %self.id, "running this node's TraceSessions");

@@ -24,7 +24,7 @@ use super::Shared;
 /// The agent's version, as the plugin shows it.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// What to do when no http probe publishes its exchanges here.
-const HTTP_FIX: &str = "no ebpf receiver with the http probe reports to this session extension; enable the ebpf receiver's `http` probe (receivers.ebpf.probes.http) and name this extension in its `session:` setting";
+pub(super) const HTTP_FIX: &str = "no ebpf receiver with the http probe reports to this session extension; enable the ebpf receiver's `http` probe (receivers.ebpf.probes.http) and name this extension in its `session:` setting";
 /// How often a trace says what it lost, when it lost something.
 const LOST_REPORT: Duration = Duration::from_secs(1);
 
@@ -403,13 +403,13 @@ impl Feed {
 /// The `comm` of processes, read from `/proc` once per process (http exchanges carry only the
 /// pid).
 #[derive(Default)]
-struct ProcessNames(std::collections::HashMap<u32, String>);
+pub(super) struct ProcessNames(std::collections::HashMap<u32, String>);
 
 impl ProcessNames {
     /// Enough for a node's processes; past it the cache starts over rather than grow.
     const MAX: usize = 8192;
 
-    fn comm(&mut self, tgid: u32) -> String {
+    pub(super) fn comm(&mut self, tgid: u32) -> String {
         if self.0.len() >= Self::MAX {
             self.0.clear();
         }
@@ -434,6 +434,13 @@ async fn trace(
     duration: Option<Duration>,
     gone: &CancellationToken,
 ) -> std::io::Result<Outcome> {
+    if !probe.is_streamed() {
+        let name = probe_name(probe);
+        return Ok(Outcome::Refused(error(
+            ErrorCode::BadRequest,
+            format!("probe {name} runs in TraceSessions only (`kubectl podscope run NAME TARGET {name}`); `kubectl podscope {name}` shows it live"),
+        )));
+    }
     if probe == TraceProbe::Http && !shared.http_exchanges.has_publisher() {
         return Ok(Outcome::Refused(error(
             ErrorCode::ProbeUnavailable,

@@ -42,7 +42,7 @@ fn key_of(probe: TraceProbe, event: &TraceEvent) -> Option<String> {
             format!("{}:{}", address(event.family, &event.daddr), event.dport)
         }
         TraceProbe::Signal => signal_name(event.signal),
-        TraceProbe::Http => return None,
+        TraceProbe::Http | TraceProbe::Top | TraceProbe::Profile => return None,
     })
 }
 
@@ -93,6 +93,8 @@ struct ProbeTable {
 #[derive(Debug, Default)]
 pub struct RunSummary {
     probes: BTreeMap<String, ProbeTable>,
+    /// `top`'s per-pod totals (already bounded), when the run has that probe.
+    pod_counters: Option<Value>,
 }
 
 impl RunSummary {
@@ -101,16 +103,44 @@ impl RunSummary {
         let Some(key) = key_of(probe, event) else {
             return;
         };
+        self.add_keyed(probe, key, duration_of(probe, event));
+    }
+
+    /// Adds `count` to `key` of `probe` (a probe whose events are not the trace object's: an
+    /// http exchange's `GET /users/{id} 200`, a profile's function), with the event's
+    /// duration when it has one.
+    pub fn add_keyed(&mut self, probe: TraceProbe, key: String, duration_ns: Option<u64>) {
+        self.add_counted(probe, key, 1, duration_ns);
+    }
+
+    /// As [`Self::add_keyed`], `count` times at once (a profile's samples of one function).
+    pub fn add_counted(
+        &mut self,
+        probe: TraceProbe,
+        key: String,
+        count: u64,
+        duration_ns: Option<u64>,
+    ) {
         let table = self.probes.entry(probe_name(probe)).or_default();
         let key = if table.keys.len() >= MAX_KEYS && !table.keys.contains_key(&key) {
             OTHER.to_string()
         } else {
             key
         };
-        *table.keys.entry(key).or_default() += 1;
-        if let Some(duration) = duration_of(probe, event) {
-            *table.histogram.entry(bucket_of(duration)).or_default() += 1;
+        *table.keys.entry(key).or_default() += count;
+        if let Some(duration) = duration_ns {
+            *table.histogram.entry(bucket_of(duration)).or_default() += count;
         }
+    }
+
+    /// `top`'s per-pod totals as of its last sample.
+    pub fn set_pod_counters(&mut self, pods: Value) {
+        self.pod_counters = Some(pods);
+    }
+
+    /// The `podCounters` of a status entry (runs with `top` only).
+    pub fn pod_counters(&self) -> Option<Value> {
+        self.pod_counters.clone()
     }
 
     /// `top` and `durations` of a status entry.

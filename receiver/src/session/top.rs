@@ -201,7 +201,7 @@ fn sample(sources: &[RowSource]) -> Vec<Option<u64>> {
 }
 
 /// `usage_usec` of a cgroup's `cpu.stat`.
-fn cgroup_cpu_usec(dir: &Path) -> Option<u64> {
+pub(super) fn cgroup_cpu_usec(dir: &Path) -> Option<u64> {
     let text = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
     text.lines()
         .find_map(|line| line.strip_prefix("usage_usec "))

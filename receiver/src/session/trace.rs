@@ -96,7 +96,7 @@ pub fn programs_of(probe: TraceProbe) -> Option<&'static [KernelProgram]> {
         TraceProbe::TcpRetransmit => RETRANSMIT,
         TraceProbe::OomKill => OOM,
         TraceProbe::Signal => SIGNAL,
-        TraceProbe::Http => return None,
+        TraceProbe::Http | TraceProbe::Top | TraceProbe::Profile => return None,
     })
 }
 
@@ -112,7 +112,7 @@ pub fn kernel_index(probe: TraceProbe) -> Option<u32> {
         TraceProbe::TcpRetransmit => abi::TRACE_TCP_RETRANSMIT,
         TraceProbe::OomKill => abi::TRACE_OOM_KILL,
         TraceProbe::Signal => abi::TRACE_SIGNAL,
-        TraceProbe::Http => return None,
+        TraceProbe::Http | TraceProbe::Top | TraceProbe::Profile => return None,
     })
 }
 

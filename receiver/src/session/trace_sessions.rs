@@ -16,8 +16,10 @@
 //!
 //! A namespace's sessions run up to the cap of `trace_sessions.max_running_per_namespace`, the
 //! others wait (`caps`); a session counts at most `max_events_per_second` events, the others
-//! are dropped and counted. A `spec.bpftrace` program runs beside the probes (`bpftrace_run`);
-//! a `spec.schedule` makes runs of `duration` at each firing (`schedule`).
+//! are dropped and counted. A `spec.bpftrace` program runs beside the probes (`bpftrace_run`),
+//! started again over the new cgroups when pods join or leave (its lines counted across); the
+//! probes that are not the trace object's (`http`, `top`, `profile`) run beside them too
+//! (`session_probes`); a `spec.schedule` makes runs of `duration` at each firing (`schedule`).
 //!
 //! It must not reach past the session's namespace: pods are matched in that namespace only,
 //! whatever the spec says.
@@ -43,7 +45,11 @@ use super::config::TraceSessionsConfig;
 use super::events::{clock_offset_ns, to_event};
 use super::schedule::{RunWindow, Schedule};
 use super::server::probe_name;
+use super::session_http::HttpRun;
 use super::session_log::{SessionLog, SessionLogs};
+use super::session_probes::{CgroupNames, RunSink, SessionProbeRun};
+use super::session_profile::ProfileRun;
+use super::session_top::TopRun;
 use super::summary::{self, RunSummary};
 use super::targets::{node_labels, CgroupLabels};
 use super::trace::{Subscription, TraceKernel, TraceRefusal};
@@ -55,6 +61,9 @@ const BPFTRACE: &str = "bpftrace";
 const TICK: Duration = Duration::from_secs(1);
 /// How long changes are gathered before acting on them (a rollout changes many pods at once).
 const SETTLE: Duration = Duration::from_millis(100);
+/// How long the first pass waits for the agent to be ready: the receivers start after the
+/// extensions, and a session's `http` and `top` need theirs.
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
 
 /// `spec` of a `TraceSession` (`podscope.dev/v1alpha1`).
 #[derive(Debug, Clone, Deserialize)]
@@ -62,8 +71,9 @@ const SETTLE: Duration = Duration::from_millis(100);
 pub struct TraceSessionSpec {
     /// The pods to trace, of the session's own namespace only.
     pub targets: SessionTargets,
-    /// The built-in trace probes (as `kubectl podscope trace` names them: exec, exit, open,
-    /// tcp_connect, …); may be left out with a `bpftrace` program.
+    /// The built-in probes: the trace probes (as `kubectl podscope trace` names them: exec,
+    /// exit, open, tcp_connect, …, http) and `top` and `profile` (`session_probes`); may be
+    /// left out with a `bpftrace` program.
     #[serde(default)]
     pub probes: Vec<TraceProbe>,
     /// A bpftrace program, its output lines counted; `$session_cgroups` in it is the predicate
@@ -232,12 +242,6 @@ impl TraceSessionSpec {
                 "spec.bpftrace: the program is empty",
             ));
         }
-        if let Some(i) = self.probes.iter().position(|p| *p == TraceProbe::Http) {
-            return Err(refusal(
-                "ProbeUnavailable",
-                format!("spec.probes[{i}]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)"),
-            ));
-        }
         if self.export == Some(true) {
             return Err(refusal(
                 "NotImplemented",
@@ -313,16 +317,18 @@ pub struct TraceSessionRunner {
     pub config: TraceSessionsConfig,
     /// The bpftrace binary (`bpftrace.path`).
     pub bpftrace_path: std::path::PathBuf,
+    /// The extension's state: the http probes' exchanges, the receivers' figures (`top`), the
+    /// profile encoder.
+    pub(super) shared: Arc<super::Shared>,
 }
-
-/// Names (namespace, pod, container) of a run's cgroups, shared with its probes' tasks.
-type CgroupNames = Arc<RwLock<HashMap<u64, CgroupLabels>>>;
 
 /// A session running on this node.
 struct Run {
     uid: String,
     /// Per probe: its subscription (dropped at the end) and the task counting its events.
     probes: Vec<ProbeRun>,
+    /// Its probes that are not the trace object's (`http`, `top`, `profile`).
+    others: Vec<SessionProbeRun>,
     pods: Vec<String>,
     cgroups: Vec<u64>,
     lost: u64,
@@ -332,6 +338,11 @@ struct Run {
     summary: Arc<Mutex<RunSummary>>,
     /// Its `spec.bpftrace` program, running.
     bpftrace: Option<BpftraceRun>,
+    /// Lines its bpftrace programs printed before the last restart (one per change of the
+    /// run's cgroups: `$session_cgroups` is written into the program).
+    bpftrace_lines_before: u64,
+    /// Why its bpftrace program could not be started again (the run then fails).
+    bpftrace_restart_failure: Option<String>,
     started: SystemTime,
     /// Where its events are kept (outlives the run, until the session object goes).
     log: Arc<SessionLog>,
@@ -400,6 +411,13 @@ impl TraceSessionRunner {
         let mut session_changes = self.sessions.changes();
         let mut pod_changes = self.metadata.changes();
         let mut ticker = tokio::time::interval(TICK);
+        let started = tokio::time::Instant::now();
+        while self.shared.readiness.check().is_err() && started.elapsed() < STARTUP_WAIT {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(SETTLE) => {}
+            }
+        }
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -570,15 +588,22 @@ impl TraceSessionRunner {
                         tracing::warn!(session = %session.key(), error = ?e, "TraceSession: cannot follow its pods' cgroups");
                     }
                 }
+                for probe in &mut run.others {
+                    probe.retarget(&cgroups, index);
+                }
+                if let Some(program) = &resolved.bpftrace {
+                    self.restart_bpftrace(session, run, program, &cgroups).await;
+                }
                 run.cgroups = cgroups;
                 run.pods = pods;
             }
         }
         self.attach_token(session, known).await;
-        let bpftrace_failure = known
-            .run
-            .as_ref()
-            .and_then(|run| run.bpftrace.as_ref()?.failure());
+        let bpftrace_failure = known.run.as_ref().and_then(|run| {
+            run.bpftrace_restart_failure
+                .clone()
+                .or_else(|| run.bpftrace.as_ref()?.failure())
+        });
         if let Some(message) = bpftrace_failure {
             let run = known.run.take().expect("checked above");
             let (mut node, _) = finish(run).await;
@@ -590,6 +615,9 @@ impl TraceSessionRunner {
         if let Some(run) = known.run.as_mut() {
             for probe in &mut run.probes {
                 run.lost += probe.subscription.lost_since();
+            }
+            for probe in &mut run.others {
+                run.lost += probe.lost_since();
             }
             if running {
                 let node = node_entry(run, "Running", None);
@@ -747,7 +775,42 @@ impl TraceSessionRunner {
         let mut probes = Vec::new();
         let rate = Arc::new(RateCap::new(self.config.max_events_per_second));
         let summary = Arc::new(Mutex::new(RunSummary::default()));
+        let sink = RunSink {
+            log: log.clone(),
+            logs: self.logs.clone(),
+            names: names.clone(),
+            node: self.node.clone(),
+            rate: rate.clone(),
+            summary: summary.clone(),
+            clock_offset,
+            session: session.key(),
+        };
+        let mut others = Vec::new();
         for probe in &resolved.probes {
+            let other = match probe {
+                TraceProbe::Http => Some(SessionProbeRun::Http(HttpRun::start(
+                    &self.shared.http_exchanges,
+                    &cgroups,
+                    sink.clone(),
+                )?)),
+                TraceProbe::Top => Some(SessionProbeRun::Top(TopRun::start(
+                    self.shared.clone(),
+                    &cgroups,
+                    index,
+                    sink.clone(),
+                ))),
+                TraceProbe::Profile => Some(SessionProbeRun::Profile(ProfileRun::start(
+                    self.shared.config.profile_encoder,
+                    &cgroups,
+                    index,
+                    sink.clone(),
+                )?)),
+                _ => None,
+            };
+            if let Some(other) = other {
+                others.push(other);
+                continue;
+            }
             let mut subscription = self
                 .kernel
                 .subscribe(*probe, cgroups.clone(), false)
@@ -813,18 +876,53 @@ impl TraceSessionRunner {
         Ok(Run {
             uid: session.uid.clone(),
             probes,
+            others,
             pods,
             cgroups,
             lost: 0,
             rate,
             summary,
             bpftrace,
+            bpftrace_lines_before: 0,
+            bpftrace_restart_failure: None,
             started: now,
             log,
             names,
             window,
             number,
         })
+    }
+
+    /// Runs the session's bpftrace program again over `cgroups` (its pods changed): the
+    /// running one is interrupted (it prints its maps), its lines kept in the count, and the
+    /// program started with the new `$session_cgroups`. Events between the two are not seen.
+    async fn restart_bpftrace(
+        &self,
+        session: &TraceSessionObject,
+        run: &mut Run,
+        program: &str,
+        cgroups: &[u64],
+    ) {
+        if let Some(running) = run.bpftrace.take() {
+            run.bpftrace_lines_before += running.finish().await;
+        }
+        match BpftraceRun::start(
+            &self.bpftrace_path,
+            &bpftrace_run::substitute(program, cgroups),
+            run.rate.clone(),
+            session.key(),
+        ) {
+            Ok(restarted) => {
+                tracing::info!(session = %session.key(), "TraceSession: its pods changed; bpftrace runs again over their cgroups");
+                run.bpftrace = Some(restarted);
+            }
+            Err(e) => {
+                tracing::warn!(session = %session.key(), error = %e, "TraceSession: cannot run its bpftrace program again");
+                run.bpftrace_restart_failure = Some(format!(
+                    "its pods changed and its bpftrace program could not run again: {e}"
+                ));
+            }
+        }
     }
 
     /// Writes this node's entry when it changed: at once with `now`, else at most once a tick.
@@ -889,20 +987,37 @@ async fn finish(run: Run) -> (Map<String, Value>, u64) {
         let _ = (&mut probe.counter).await;
         counts.push((probe_name(probe.probe), probe.count.load(Ordering::Relaxed)));
     }
-    if let Some(bpftrace) = run.bpftrace {
-        counts.push((BPFTRACE.to_string(), bpftrace.finish().await));
+    for probe in run.others {
+        let name = probe_name(probe.probe());
+        let (count, others_lost) = probe.finish().await;
+        lost += others_lost;
+        counts.push((name, count));
+    }
+    match run.bpftrace {
+        Some(bpftrace) => {
+            let lines = run.bpftrace_lines_before + bpftrace.finish().await;
+            counts.push((BPFTRACE.to_string(), lines));
+        }
+        // Not started again after its pods changed: what the earlier ones printed.
+        None if run.bpftrace_restart_failure.is_some() => {
+            counts.push((BPFTRACE.to_string(), run.bpftrace_lines_before));
+        }
+        None => {}
     }
     // Every event is in the log now: followers read to the end and stop.
     run.log.end();
     let summary = Run {
         uid: run.uid,
         probes: Vec::new(),
+        others: Vec::new(),
         pods: run.pods,
         cgroups: run.cgroups,
         lost,
         rate: run.rate,
         summary: run.summary,
         bpftrace: None,
+        bpftrace_lines_before: run.bpftrace_lines_before,
+        bpftrace_restart_failure: None,
         started: run.started,
         log: run.log,
         names: run.names,
@@ -929,8 +1044,14 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(String, u64)]>) -> Map<S
                     json!(probe.count.load(Ordering::Relaxed)),
                 );
             }
+            for probe in &run.others {
+                events.insert(probe_name(probe.probe()), json!(probe.count()));
+            }
             if let Some(bpftrace) = &run.bpftrace {
-                events.insert(BPFTRACE.into(), json!(bpftrace.lines()));
+                events.insert(
+                    BPFTRACE.into(),
+                    json!(run.bpftrace_lines_before + bpftrace.lines()),
+                );
             }
         }
     }
@@ -942,13 +1063,14 @@ fn node_entry(run: &Run, phase: &str, counts: Option<&[(String, u64)]>) -> Map<S
     // Events pushed out of the node's log of the session by its memory bounds.
     entry.insert("logDropped".into(), json!(run.log.dropped()));
     entry.insert("dropped".into(), json!(run.rate.dropped()));
-    let (top, durations) = run
-        .summary
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .to_status();
+    let summary = run.summary.lock().unwrap_or_else(|e| e.into_inner());
+    let (top, durations) = summary.to_status();
     entry.insert("top".into(), top);
     entry.insert("durations".into(), durations);
+    if let Some(pods) = summary.pod_counters() {
+        entry.insert("podCounters".into(), pods);
+    }
+    drop(summary);
     entry.insert("startTime".into(), json!(rfc3339(run.started)));
     if let Some(number) = run.number {
         entry.insert("run".into(), json!(number));
@@ -1098,10 +1220,11 @@ fn merge(
         merged.insert("completionTime".into(), json!(rfc3339(at)));
     }
     let (top, durations) = summary::merge(nodes.values());
-    merged.insert(
-        "summary".into(),
-        json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped, "top": top, "durations": durations}),
-    );
+    let mut summary = json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped, "top": top, "durations": durations});
+    if let Some(pods) = super::session_top::merge_pod_counters(nodes.values()) {
+        summary["podCounters"] = pods;
+    }
+    merged.insert("summary".into(), summary);
     merged
 }
 
@@ -1204,7 +1327,7 @@ mod tests {
             .collect();
         let mut every: Vec<String> = super::super::trace::ALL_KERNEL_PROBES
             .iter()
-            .chain([TraceProbe::Http].iter())
+            .chain([TraceProbe::Http, TraceProbe::Top, TraceProbe::Profile].iter())
             .map(|p| probe_name(*p))
             .collect();
         let mut listed_sorted = listed.clone();
@@ -1280,11 +1403,6 @@ mod tests {
                 "spec.targets: names no pod (give pods, a podSelector, or both)",
             ),
             (
-                json!({"targets": {"pods": ["a"]}, "probes": ["http"], "duration": "1m"}),
-                "ProbeUnavailable",
-                "spec.probes[0]: http is not available to trace sessions yet (the eBPF receiver's http probe exports requests as spans)",
-            ),
-            (
                 json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "deadline": "soon"}),
                 "InvalidSpec",
                 "spec.deadline: \"soon\" is not an RFC 3339 time (timestamp format is invalid)",
@@ -1307,6 +1425,20 @@ mod tests {
                 .starts_with("spec.probes[0]: unknown variant `syscalls`"),
             "{}",
             unknown.message
+        );
+    }
+
+    #[test]
+    fn http_top_and_profile_are_session_probes() {
+        let resolved = TraceSessionSpec::parse(&json!({
+            "targets": {"pods": ["a"]}, "probes": ["http", "top", "profile"], "duration": "1m"
+        }))
+        .unwrap()
+        .resolve("team-a", created())
+        .unwrap();
+        assert_eq!(
+            resolved.probes,
+            vec![TraceProbe::Http, TraceProbe::Top, TraceProbe::Profile]
         );
     }
 
