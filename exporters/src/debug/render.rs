@@ -610,6 +610,41 @@ mod tests {
     }
 
     #[test]
+    fn logs_are_one_line_per_record() {
+        use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+        let logs = Batch::logs(vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![LogRecord {
+                    time_unix_nano: 1_000,
+                    severity_text: "INFO".into(),
+                    body: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue("exec sh[7]".into())),
+                    }),
+                    attributes: vec![kv("podscope.session.name", "execs")],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]);
+        assert_eq!(
+            render(&logs, Verbosity::Normal),
+            vec![
+                "logs: 1 resource logs, 1 log records",
+                "1000 INFO exec sh[7] {podscope.session.name=execs}",
+            ]
+        );
+        let detailed = render(&logs, Verbosity::Detailed);
+        assert_eq!(
+            detailed[detailed.len() - 2..],
+            [
+                "LogRecord #0 time=1000 severity=0 exec sh[7]",
+                "    -> podscope.session.name: execs"
+            ]
+        );
+    }
+
+    #[test]
     fn detailed_shows_resources_and_every_point() {
         let lines = render(&metrics(), Verbosity::Detailed);
         assert_eq!(
