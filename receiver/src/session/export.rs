@@ -114,3 +114,69 @@ impl SessionExports {
         self.sinks.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use podscope_core::session::TraceProbe;
+
+    use super::*;
+
+    fn event() -> Event {
+        Event {
+            time_unix_nano: 1,
+            node: "node-1".into(),
+            namespace: "team-a".into(),
+            pod: "web-1".into(),
+            container: "app".into(),
+            probe: TraceProbe::Exec,
+            pid: 7,
+            tid: 7,
+            comm: "sh".into(),
+            fields: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn without_a_sink_export_is_unavailable_and_what_does_not_fit_is_counted() {
+        let exports = SessionExports::default();
+        assert!(exports.unavailable().is_some());
+        // Nothing to hand to: no panic, nothing kept.
+        exports.event("execs", &event());
+
+        let telemetry = AgentTelemetry::new();
+        let (events, mut queued) = mpsc::channel(2);
+        exports.register(Arc::new(SessionExportSink {
+            receiver: "trace_sessions".into(),
+            events: Some(events),
+            summaries: None,
+            telemetry: telemetry.clone(),
+        }));
+        assert_eq!(exports.unavailable(), None);
+        for _ in 0..5 {
+            exports.event("execs", &event());
+        }
+        let refused = telemetry
+            .receiver_refused
+            .get_or_create(&AgentTelemetry::items("trace_sessions", Signal::Logs))
+            .get();
+        assert_eq!(refused, 3, "two fit the queue, three are counted");
+        let first = queued.try_recv().unwrap();
+        assert_eq!((first.session.as_str(), first.event.pid), ("execs", 7));
+        // In no metrics pipeline: summaries are not this sink's, and not counted as refused.
+        exports.summary(ExportedSummary {
+            namespace: "team-a".into(),
+            session: "execs".into(),
+            node: "node-1".into(),
+            start: SystemTime::UNIX_EPOCH,
+            time: SystemTime::UNIX_EPOCH,
+            entry: Map::new(),
+        });
+        let refused_points = telemetry
+            .receiver_refused
+            .get_or_create(&AgentTelemetry::items("trace_sessions", Signal::Metrics))
+            .get();
+        assert_eq!(refused_points, 0);
+    }
+}
