@@ -539,87 +539,56 @@ fn split_metrics(rms: Vec<ResourceMetrics>, max_items: usize) -> Vec<Vec<Resourc
 }
 
 fn split_traces(rss: Vec<ResourceSpans>, max_items: usize) -> Vec<Vec<ResourceSpans>> {
-    let mut out: Vec<Vec<ResourceSpans>> = Vec::new();
-    let mut current: Vec<ResourceSpans> = Vec::new();
-    let mut room = max_items;
-    for rs in rss {
-        let mut rs_part = ResourceSpans {
-            resource: rs.resource.clone(),
-            scope_spans: Vec::new(),
-            schema_url: rs.schema_url.clone(),
-        };
-        for ss in rs.scope_spans {
-            let mut spans = ss.spans.into_iter().peekable();
-            while spans.peek().is_some() {
-                let chunk: Vec<_> = spans.by_ref().take(room).collect();
-                room -= chunk.len();
-                rs_part.scope_spans.push(ScopeSpans {
-                    scope: ss.scope.clone(),
-                    spans: chunk,
-                    schema_url: ss.schema_url.clone(),
-                });
-                if room == 0 {
-                    let full_resource = std::mem::replace(
-                        &mut rs_part,
-                        ResourceSpans {
-                            resource: rs.resource.clone(),
-                            scope_spans: Vec::new(),
-                            schema_url: rs.schema_url.clone(),
-                        },
-                    );
-                    current.push(full_resource);
-                    out.push(std::mem::take(&mut current));
-                    room = max_items;
-                }
-            }
-        }
-        if !rs_part.scope_spans.is_empty() {
-            current.push(rs_part);
-        }
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
+    split_scoped(
+        rss,
+        max_items,
+        |rs: &mut ResourceSpans| &mut rs.scope_spans,
+        |ss: &mut ScopeSpans| &mut ss.spans,
+    )
 }
 
 fn split_logs(rls: Vec<ResourceLogs>, max_items: usize) -> Vec<Vec<ResourceLogs>> {
-    let mut out: Vec<Vec<ResourceLogs>> = Vec::new();
-    let mut current: Vec<ResourceLogs> = Vec::new();
+    split_scoped(
+        rls,
+        max_items,
+        |rl: &mut ResourceLogs| &mut rl.scope_logs,
+        |sl: &mut ScopeLogs| &mut sl.log_records,
+    )
+}
+
+/// Resources of scopes of items (spans, log records) in groups of at most `max_items` items,
+/// each piece under a copy of its resource and scope. `scopes` and `items` reach a resource's
+/// scopes and a scope's items.
+fn split_scoped<R: Clone, S: Clone, I>(
+    resources: Vec<R>,
+    max_items: usize,
+    scopes: impl Fn(&mut R) -> &mut Vec<S>,
+    items: impl Fn(&mut S) -> &mut Vec<I>,
+) -> Vec<Vec<R>> {
+    let mut out: Vec<Vec<R>> = Vec::new();
+    let mut current: Vec<R> = Vec::new();
     let mut room = max_items;
-    for rl in rls {
-        let mut rl_part = ResourceLogs {
-            resource: rl.resource.clone(),
-            scope_logs: Vec::new(),
-            schema_url: rl.schema_url.clone(),
-        };
-        for sl in rl.scope_logs {
-            let mut records = sl.log_records.into_iter().peekable();
-            while records.peek().is_some() {
-                let chunk: Vec<_> = records.by_ref().take(room).collect();
+    for mut resource in resources {
+        // `resource` keeps its description, without scopes: each piece starts as a copy.
+        let resource_scopes = std::mem::take(scopes(&mut resource));
+        let mut part = resource.clone();
+        for mut scope in resource_scopes {
+            let mut scope_items = std::mem::take(items(&mut scope)).into_iter().peekable();
+            while scope_items.peek().is_some() {
+                let chunk: Vec<I> = scope_items.by_ref().take(room).collect();
                 room -= chunk.len();
-                rl_part.scope_logs.push(ScopeLogs {
-                    scope: sl.scope.clone(),
-                    log_records: chunk,
-                    schema_url: sl.schema_url.clone(),
-                });
+                let mut piece = scope.clone();
+                *items(&mut piece) = chunk;
+                scopes(&mut part).push(piece);
                 if room == 0 {
-                    let full_resource = std::mem::replace(
-                        &mut rl_part,
-                        ResourceLogs {
-                            resource: rl.resource.clone(),
-                            scope_logs: Vec::new(),
-                            schema_url: rl.schema_url.clone(),
-                        },
-                    );
-                    current.push(full_resource);
+                    current.push(std::mem::replace(&mut part, resource.clone()));
                     out.push(std::mem::take(&mut current));
                     room = max_items;
                 }
             }
         }
-        if !rl_part.scope_logs.is_empty() {
-            current.push(rl_part);
+        if !scopes(&mut part).is_empty() {
+            current.push(part);
         }
     }
     if !current.is_empty() {
