@@ -284,6 +284,7 @@ async fn receiver(config: EbpfReceiverConfig) -> (EbpfReceiver, Duration) {
             metrics: Some(Arc::new(Discard)),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

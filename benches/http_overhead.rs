@@ -224,6 +224,7 @@ async fn probe() -> (EbpfReceiver, podscope_core::telemetry::AgentTelemetry) {
             metrics: Some(Arc::new(Discard)),
             traces: Some(Arc::new(Discard)),
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

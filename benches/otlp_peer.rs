@@ -400,7 +400,9 @@ async fn main() {
         let batch = match signal {
             Signal::Traces => fake_otlp::service_spans(ITEMS_PER_REQUEST),
             Signal::Metrics => fake_otlp::service_points(ITEMS_PER_REQUEST),
-            Signal::Profiles => unreachable!("rotel has no profiles intake: no row of this signal"),
+            Signal::Profiles | Signal::Logs => {
+                unreachable!("no row of this signal: the comparison is of traces and metrics")
+            }
         };
         otlp(signal).encode_request(&batch, Encoding::Protobuf)
     };

@@ -130,6 +130,7 @@ async fn receiver(probes: serde_json::Value) -> EbpfReceiver {
             metrics: Some(Arc::new(Discard)),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

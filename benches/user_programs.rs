@@ -114,6 +114,7 @@ async fn start(programs: serde_json::Value) -> (EbpfReceiver, Arc<LastBatch>) {
             metrics: Some(last.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

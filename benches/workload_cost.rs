@@ -320,6 +320,7 @@ impl State {
                 metrics: Some(Arc::new(Discard)),
                 traces: None,
                 profiles: None,
+                logs: None,
             },
         )
         .unwrap();

@@ -206,6 +206,11 @@ for helm_major in 3 4; do
     "! \"$helm\" template podscope \"$CHART\" --set session.traceSessions.extension=k8s_metadata 2>\"$OUT/refusal.log\" && grep -q 'is not a k8s_metadata extension listed in config.service.extensions' \"$OUT/refusal.log\""
   check "helm$helm_major refuses session.traceSessions.extension with filter.namespace (sessions are in any namespace)" bash -c \
     "! \"$helm\" template podscope \"$CHART\" -f \"$CHART/tests/values/trace-sessions.yaml\" --set config.extensions.k8s_metadata.filter.namespace=shop 2>\"$OUT/refusal.log\" && grep -q 'sets filter.namespace, so it knows the pods of one namespace only' \"$OUT/refusal.log\""
+  # Exported TraceSessions: only with TraceSessions on, to an exporter the config has.
+  check "helm$helm_major refuses session.traceSessions.export.exporter without session.traceSessions.extension" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" --set session.traceSessions.export.exporter=otlp 2>\"$OUT/refusal.log\" && grep -q 'set session.traceSessions.extension too' \"$OUT/refusal.log\""
+  check "helm$helm_major refuses session.traceSessions.export.exporter naming no exporter of the config" bash -c \
+    "! \"$helm\" template podscope \"$CHART\" -f \"$CHART/tests/values/trace-sessions.yaml\" --set session.traceSessions.export.exporter=otlp 2>\"$OUT/refusal.log\" && grep -q 'otlp is not an exporter of config.exporters' \"$OUT/refusal.log\""
   # A Role is created in filter.namespace, which must be a name the chart can see.
   check "helm$helm_major refuses filter.namespace from an env var" bash -c \
     "! \"$helm\" template podscope \"$CHART\" --set 'config.processors.k8sattributes.filter.namespace=\${env:POD_NAMESPACE}' 2>\"$OUT/refusal.log\" && grep -q 'grants read access to pods by namespace name' \"$OUT/refusal.log\""

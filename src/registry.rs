@@ -10,6 +10,7 @@ pub fn receivers() -> Vec<&'static ReceiverFactory> {
     vec![
         &podscope_receiver::ebpf::FACTORY,
         &podscope_receiver::otlp::FACTORY,
+        &podscope_receiver::trace_sessions::FACTORY,
     ]
 }
 

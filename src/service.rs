@@ -232,6 +232,7 @@ impl Service {
                     Signal::Metrics => consumers.metrics = Some(observed),
                     Signal::Traces => consumers.traces = Some(observed),
                     Signal::Profiles => consumers.profiles = Some(observed),
+                    Signal::Logs => consumers.logs = Some(observed),
                 }
             }
             let builder = config

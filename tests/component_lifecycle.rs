@@ -82,6 +82,7 @@ fn sample(signal: Signal) -> Batch {
             ..Default::default()
         }]),
         Signal::Profiles => podscope_testkit::fake_otlp::cpu_profile(3, &[]),
+        Signal::Logs => podscope_testkit::fake_otlp::service_logs(3),
     }
 }
 
@@ -107,14 +108,41 @@ async fn every_receiver_starts_and_shuts_down() {
                     Signal::Metrics => c.metrics = Some(collected),
                     Signal::Traces => c.traces = Some(collected),
                     Signal::Profiles => c.profiles = Some(collected),
+                    Signal::Logs => c.logs = Some(collected),
                 }
             }
             c
         };
+        // The extensions its settings name, built from their own test settings (not started).
+        let mut ctx = BuildContext::for_tests(name);
+        let references = (factory.create)(settings.clone())
+            .unwrap_or_else(|e| panic!("receiver {name}: test settings refused: {e:?}"))
+            .references();
+        for reference in references {
+            if reference.kind != ComponentKind::Extension {
+                continue;
+            }
+            let type_name = reference.id.type_name();
+            let extension = registry::extensions()
+                .into_iter()
+                .find(|f| f.type_name == type_name)
+                .and_then(|f| {
+                    (f.create)(settings_for(
+                        ComponentKind::Extension,
+                        type_name,
+                        dir.path(),
+                    ))
+                    .ok()
+                })
+                .unwrap_or_else(|| panic!("receiver {name}: extension {type_name} not available"))
+                .build(BuildContext::for_tests(&reference.id.to_string()))
+                .unwrap_or_else(|e| panic!("receiver {name}: its extension: {e:#}"));
+            ctx.extensions.insert(reference.id, extension);
+        }
         let build = || {
             (factory.create)(settings.clone())
                 .unwrap_or_else(|e| panic!("receiver {name}: test settings refused: {e:?}"))
-                .build(BuildContext::for_tests(name), consumers())
+                .build(ctx.clone(), consumers())
                 .unwrap_or_else(|e| panic!("receiver {name}: build failed: {e:#}"))
         };
         let never_started = build();

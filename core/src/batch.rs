@@ -1,5 +1,5 @@
-//! The unit of data that flows through a pipeline: a list of OTLP `ResourceMetrics` or
-//! `ResourceSpans`, or one OTLP profiles message (its resources and their one dictionary),
+//! The unit of data that flows through a pipeline: a list of OTLP `ResourceMetrics`,
+//! `ResourceSpans` or `ResourceLogs`, or one OTLP profiles message (its resources and their one dictionary),
 //! shared copy-on-write so that fan-out to several consumers costs a reference count, and only a
 //! consumer that mutates pays for a copy.
 //!
@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Buf, Bytes};
 use prost::Message;
 
+use opentelemetry_proto::tonic::logs::v1::{ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric::Data, Metric, ResourceMetrics, ScopeMetrics,
 };
@@ -28,10 +29,17 @@ pub enum Signal {
     Traces,
     /// OTLP profiles, the development version of the protocol (experimental).
     Profiles,
+    /// OTLP log records.
+    Logs,
 }
 
 impl Signal {
-    pub const ALL: [Signal; 3] = [Signal::Metrics, Signal::Traces, Signal::Profiles];
+    pub const ALL: [Signal; 4] = [
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ];
 
     /// The name used in configuration (`service.pipelines.metrics`) and in metric labels.
     pub fn as_str(self) -> &'static str {
@@ -39,6 +47,7 @@ impl Signal {
             Signal::Metrics => "metrics",
             Signal::Traces => "traces",
             Signal::Profiles => "profiles",
+            Signal::Logs => "logs",
         }
     }
 
@@ -48,6 +57,7 @@ impl Signal {
             Signal::Metrics => "data points",
             Signal::Traces => "spans",
             Signal::Profiles => "samples",
+            Signal::Logs => "log records",
         }
     }
 
@@ -62,7 +72,7 @@ impl fmt::Display for Signal {
     }
 }
 
-/// The items of a batch (`ResourceSpans`, `ResourceMetrics`), read as a `Vec`.
+/// The items of a batch (`ResourceSpans`, `ResourceMetrics`, `ResourceLogs`), read as a `Vec`.
 ///
 /// Items that arrived as OTLP protobuf and were checked (`otlp::scan`) keep those bytes, and are
 /// decoded only when first read; an exporter sending protobuf sends the bytes as they came.
@@ -209,13 +219,14 @@ impl<T: Message + Default + fmt::Debug> fmt::Debug for Items<T> {
 /// A batch of OTLP data of one signal.
 ///
 /// Cloning is cheap (reference count). Use [`Batch::metrics_mut`] / [`Batch::traces_mut`] /
-/// [`Batch::profiles_mut`] to mutate: they copy the data only when another consumer still holds
+/// [`Batch::profiles_mut`] / [`Batch::logs_mut`] to mutate: they copy the data only when another consumer still holds
 /// it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Batch {
     Metrics(Arc<Items<ResourceMetrics>>),
     Traces(Arc<Items<ResourceSpans>>),
     Profiles(Arc<ProfilesData>),
+    Logs(Arc<Items<ResourceLogs>>),
 }
 
 impl Batch {
@@ -227,6 +238,10 @@ impl Batch {
         Batch::Traces(Arc::new(Items::from(resource_spans)))
     }
 
+    pub fn logs(resource_logs: Vec<ResourceLogs>) -> Batch {
+        Batch::Logs(Arc::new(Items::from(resource_logs)))
+    }
+
     /// A batch still as the protobuf export request `body` of `signal` (checked by
     /// `otlp::scan`, made only of its `repeated` items field) holds it, with its item count;
     /// `None` for profiles, whose items share the request's dictionary and so cannot be joined as
@@ -235,6 +250,7 @@ impl Batch {
         match signal {
             Signal::Metrics => Some(Batch::Metrics(Arc::new(Items::encoded(body, items)))),
             Signal::Traces => Some(Batch::Traces(Arc::new(Items::encoded(body, items)))),
+            Signal::Logs => Some(Batch::Logs(Arc::new(Items::encoded(body, items)))),
             Signal::Profiles => None,
         }
     }
@@ -245,6 +261,7 @@ impl Batch {
         match self {
             Batch::Metrics(rms) => rms.encoded_bodies(),
             Batch::Traces(rss) => rss.encoded_bodies(),
+            Batch::Logs(rls) => rls.encoded_bodies(),
             Batch::Profiles(_) => None,
         }
     }
@@ -258,6 +275,7 @@ impl Batch {
             Signal::Metrics => Batch::metrics(Vec::new()),
             Signal::Traces => Batch::traces(Vec::new()),
             Signal::Profiles => Batch::profiles(ProfilesData::default()),
+            Signal::Logs => Batch::logs(Vec::new()),
         }
     }
 
@@ -266,11 +284,12 @@ impl Batch {
             Batch::Metrics(_) => Signal::Metrics,
             Batch::Traces(_) => Signal::Traces,
             Batch::Profiles(_) => Signal::Profiles,
+            Batch::Logs(_) => Signal::Logs,
         }
     }
 
     /// Items as the Collector counts them: data points for metrics, spans for traces, samples
-    /// for profiles.
+    /// for profiles, log records for logs.
     pub fn item_count(&self) -> usize {
         match self {
             Batch::Metrics(rms) => rms
@@ -280,6 +299,9 @@ impl Batch {
                 .encoded_items()
                 .unwrap_or_else(|| rss.iter().map(resource_spans_count).sum()),
             Batch::Profiles(data) => profiles::sample_count(data),
+            Batch::Logs(rls) => rls
+                .encoded_items()
+                .unwrap_or_else(|| rls.iter().map(resource_logs_count).sum()),
         }
     }
 
@@ -299,6 +321,15 @@ impl Batch {
     pub fn traces_mut(&mut self) -> Option<&mut Vec<ResourceSpans>> {
         match self {
             Batch::Traces(rss) => Some(Arc::make_mut(rss).deref_mut()),
+            _ => None,
+        }
+    }
+
+    /// Mutable access to log records; copies only if the data is shared. `None` for another
+    /// signal.
+    pub fn logs_mut(&mut self) -> Option<&mut Vec<ResourceLogs>> {
+        match self {
+            Batch::Logs(rls) => Some(Arc::make_mut(rls).deref_mut()),
             _ => None,
         }
     }
@@ -323,6 +354,10 @@ impl Batch {
                 Arc::make_mut(a).append(take_or_clone(b));
                 Ok(())
             }
+            (Batch::Logs(a), Batch::Logs(b)) => {
+                Arc::make_mut(a).append(take_or_clone(b));
+                Ok(())
+            }
             (Batch::Profiles(a), Batch::Profiles(b)) => {
                 let b = Arc::try_unwrap(b).unwrap_or_else(|shared| (*shared).clone());
                 profiles::append(Arc::make_mut(a), b);
@@ -332,7 +367,8 @@ impl Batch {
         }
     }
 
-    /// Splits into batches of at most `max_items` items each (data points, spans or samples),
+    /// Splits into batches of at most `max_items` items each (data points, spans, samples or
+    /// log records),
     /// keeping resource, scope and metric (profile) descriptions on every piece. `max_items == 0` means no limit.
     pub fn split(self, max_items: usize) -> Vec<Batch> {
         if max_items == 0 || self.item_count() <= max_items {
@@ -346,6 +382,10 @@ impl Batch {
             Batch::Traces(rss) => split_traces(take_or_clone(rss).into_vec(), max_items)
                 .into_iter()
                 .map(Batch::traces)
+                .collect(),
+            Batch::Logs(rls) => split_logs(take_or_clone(rls).into_vec(), max_items)
+                .into_iter()
+                .map(Batch::logs)
                 .collect(),
             Batch::Profiles(data) => {
                 let data = Arc::try_unwrap(data).unwrap_or_else(|shared| (*shared).clone());
@@ -372,6 +412,10 @@ fn resource_metrics_points(rm: &ResourceMetrics) -> usize {
 
 fn resource_spans_count(rs: &ResourceSpans) -> usize {
     rs.scope_spans.iter().map(|ss| ss.spans.len()).sum()
+}
+
+fn resource_logs_count(rl: &ResourceLogs) -> usize {
+    rl.scope_logs.iter().map(|sl| sl.log_records.len()).sum()
 }
 
 /// Number of data points in one metric.
@@ -495,42 +539,56 @@ fn split_metrics(rms: Vec<ResourceMetrics>, max_items: usize) -> Vec<Vec<Resourc
 }
 
 fn split_traces(rss: Vec<ResourceSpans>, max_items: usize) -> Vec<Vec<ResourceSpans>> {
-    let mut out: Vec<Vec<ResourceSpans>> = Vec::new();
-    let mut current: Vec<ResourceSpans> = Vec::new();
+    split_scoped(
+        rss,
+        max_items,
+        |rs: &mut ResourceSpans| &mut rs.scope_spans,
+        |ss: &mut ScopeSpans| &mut ss.spans,
+    )
+}
+
+fn split_logs(rls: Vec<ResourceLogs>, max_items: usize) -> Vec<Vec<ResourceLogs>> {
+    split_scoped(
+        rls,
+        max_items,
+        |rl: &mut ResourceLogs| &mut rl.scope_logs,
+        |sl: &mut ScopeLogs| &mut sl.log_records,
+    )
+}
+
+/// Resources of scopes of items (spans, log records) in groups of at most `max_items` items,
+/// each piece under a copy of its resource and scope. `scopes` and `items` reach a resource's
+/// scopes and a scope's items.
+fn split_scoped<R: Clone, S: Clone, I>(
+    resources: Vec<R>,
+    max_items: usize,
+    scopes: impl Fn(&mut R) -> &mut Vec<S>,
+    items: impl Fn(&mut S) -> &mut Vec<I>,
+) -> Vec<Vec<R>> {
+    let mut out: Vec<Vec<R>> = Vec::new();
+    let mut current: Vec<R> = Vec::new();
     let mut room = max_items;
-    for rs in rss {
-        let mut rs_part = ResourceSpans {
-            resource: rs.resource.clone(),
-            scope_spans: Vec::new(),
-            schema_url: rs.schema_url.clone(),
-        };
-        for ss in rs.scope_spans {
-            let mut spans = ss.spans.into_iter().peekable();
-            while spans.peek().is_some() {
-                let chunk: Vec<_> = spans.by_ref().take(room).collect();
+    for mut resource in resources {
+        // `resource` keeps its description, without scopes: each piece starts as a copy.
+        let resource_scopes = std::mem::take(scopes(&mut resource));
+        let mut part = resource.clone();
+        for mut scope in resource_scopes {
+            let mut scope_items = std::mem::take(items(&mut scope)).into_iter().peekable();
+            while scope_items.peek().is_some() {
+                let chunk: Vec<I> = scope_items.by_ref().take(room).collect();
                 room -= chunk.len();
-                rs_part.scope_spans.push(ScopeSpans {
-                    scope: ss.scope.clone(),
-                    spans: chunk,
-                    schema_url: ss.schema_url.clone(),
-                });
+                let mut piece = scope.clone();
+                *items(&mut piece) = chunk;
+                scopes(&mut part).push(piece);
                 if room == 0 {
-                    let full_resource = std::mem::replace(
-                        &mut rs_part,
-                        ResourceSpans {
-                            resource: rs.resource.clone(),
-                            scope_spans: Vec::new(),
-                            schema_url: rs.schema_url.clone(),
-                        },
-                    );
-                    current.push(full_resource);
+                    current.push(std::mem::replace(&mut part, resource.clone()));
                     out.push(std::mem::take(&mut current));
                     room = max_items;
                 }
             }
         }
-        if !rs_part.scope_spans.is_empty() {
-            current.push(rs_part);
+        if !scopes(&mut part).is_empty() {
+            current.push(part);
         }
     }
     if !current.is_empty() {
@@ -638,6 +696,42 @@ mod tests {
         ]);
         let sizes: Vec<usize> = batch.split(4).iter().map(Batch::item_count).collect();
         assert_eq!(sizes, vec![4, 4, 2]);
+    }
+
+    #[test]
+    fn log_records_are_counted_split_and_appended_like_spans() {
+        use opentelemetry_proto::tonic::logs::v1::LogRecord;
+        let records = |n: u64| ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: (0..n)
+                    .map(|i| LogRecord {
+                        time_unix_nano: i,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut batch = Batch::logs(vec![records(5), records(3)]);
+        assert_eq!((batch.signal(), batch.item_count()), (Signal::Logs, 8));
+        batch.append(Batch::logs(vec![records(2)])).unwrap();
+        assert!(batch.append(Batch::traces(vec![])).is_err());
+        let parts = batch.split(4);
+        let sizes: Vec<usize> = parts.iter().map(Batch::item_count).collect();
+        assert_eq!(sizes, vec![4, 4, 2]);
+        let times: Vec<u64> = parts
+            .iter()
+            .flat_map(|b| {
+                let Batch::Logs(rls) = b else { unreachable!() };
+                rls.iter()
+                    .flat_map(|rl| &rl.scope_logs)
+                    .flat_map(|sl| sl.log_records.iter().map(|r| r.time_unix_nano))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(times, vec![0, 1, 2, 3, 4, 0, 1, 2, 0, 1]);
+        assert_eq!(Signal::parse("logs"), Some(Signal::Logs));
     }
 
     #[test]

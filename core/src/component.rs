@@ -272,6 +272,7 @@ pub struct ReceiverConsumers {
     pub metrics: Option<Arc<dyn Consumer>>,
     pub traces: Option<Arc<dyn Consumer>>,
     pub profiles: Option<Arc<dyn Consumer>>,
+    pub logs: Option<Arc<dyn Consumer>>,
 }
 
 impl ReceiverConsumers {
@@ -280,6 +281,7 @@ impl ReceiverConsumers {
             Signal::Metrics => self.metrics.as_ref(),
             Signal::Traces => self.traces.as_ref(),
             Signal::Profiles => self.profiles.as_ref(),
+            Signal::Logs => self.logs.as_ref(),
         }
     }
 }

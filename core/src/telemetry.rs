@@ -20,6 +20,7 @@ pub enum SignalLabel {
     metrics,
     traces,
     profiles,
+    logs,
 }
 
 impl From<Signal> for SignalLabel {
@@ -28,6 +29,7 @@ impl From<Signal> for SignalLabel {
             Signal::Metrics => SignalLabel::metrics,
             Signal::Traces => SignalLabel::traces,
             Signal::Profiles => SignalLabel::profiles,
+            Signal::Logs => SignalLabel::logs,
         }
     }
 }

@@ -1,11 +1,13 @@
 //! `podscope_core::otlp::scan` held to prost: what the check accepts, prost decodes to the same
 //! item count, on every field of the schema and on randomly damaged requests.
 
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{
     any_value, AnyValue, ArrayValue, EntityRef, KeyValue, KeyValueList,
 };
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
     exemplar, exponential_histogram_data_point::Buckets, metric, summary_data_point, Exemplar,
     ExponentialHistogram, ExponentialHistogramDataPoint, Gauge, Metric, NumberDataPoint,
@@ -14,7 +16,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{span, ResourceSpans, ScopeSpans, Span};
 use podscope_core::otlp::scan::{
-    count_request_items, MessageSchema, Unchecked, RESOURCE_METRICS, RESOURCE_SPANS,
+    count_request_items, MessageSchema, Unchecked, RESOURCE_LOGS, RESOURCE_METRICS, RESOURCE_SPANS,
 };
 use podscope_core::otlp::{otlp, Encoding};
 use podscope_core::{Batch, Signal};
@@ -138,6 +140,44 @@ fn every_span_field() -> Batch {
     ])
 }
 
+/// Log records using every field of the logs schema.
+fn every_log_record_field() -> Batch {
+    let records = (0..4)
+        .map(|i| LogRecord {
+            time_unix_nano: 1,
+            observed_time_unix_nano: 2,
+            severity_number: 9,
+            severity_text: "INFO".into(),
+            body: Some(nested_value(3)),
+            attributes: attributes(),
+            dropped_attributes_count: 1,
+            flags: 1,
+            trace_id: vec![i; 16],
+            span_id: vec![i; 8],
+            event_name: format!("event {i}"),
+        })
+        .collect();
+    Batch::logs(vec![
+        ResourceLogs {
+            resource: resource(),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(
+                    opentelemetry_proto::tonic::common::v1::InstrumentationScope {
+                        name: "n".into(),
+                        version: "v".into(),
+                        attributes: attributes(),
+                        dropped_attributes_count: 1,
+                    },
+                ),
+                log_records: records,
+                schema_url: "u".into(),
+            }],
+            schema_url: "u".into(),
+        },
+        ResourceLogs::default(),
+    ])
+}
+
 /// Data points of every type, using every field of the metrics schema.
 fn every_point_field() -> Batch {
     let exemplars = vec![
@@ -248,6 +288,7 @@ fn schema(signal: Signal) -> &'static MessageSchema {
     match signal {
         Signal::Traces => &RESOURCE_SPANS,
         Signal::Metrics => &RESOURCE_METRICS,
+        Signal::Logs => &RESOURCE_LOGS,
         Signal::Profiles => unreachable!("profiles are decoded, never scanned"),
     }
 }
@@ -263,6 +304,7 @@ fn prost_items(signal: Signal, body: &[u8]) -> Option<usize> {
                 .ok()?
                 .resource_metrics,
         ),
+        Signal::Logs => Batch::logs(ExportLogsServiceRequest::decode(body).ok()?.resource_logs),
         Signal::Profiles => unreachable!("profiles are decoded, never scanned"),
     };
     Some(batch.item_count())
@@ -274,6 +316,7 @@ fn batches() -> Vec<Batch> {
         service_points(21),
         every_span_field(),
         every_point_field(),
+        every_log_record_field(),
         Batch::empty(Signal::Traces),
     ]
 }

@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
 };
@@ -153,6 +154,44 @@ fn points(tag: &str) -> Batch {
     }])
 }
 
+fn records(tag: &str) -> Batch {
+    Batch::logs(vec![ResourceLogs {
+        resource: Some(Resource {
+            attributes: vec![string("k8s.node.name", "node-1")],
+            ..Default::default()
+        }),
+        scope_logs: vec![ScopeLogs {
+            log_records: vec![LogRecord {
+                time_unix_nano: 1_700_000_000_000_000_030,
+                severity_number: SeverityNumber::Warn as i32,
+                severity_text: "WARN".into(),
+                body: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(format!(
+                        "disk almost full {tag}"
+                    ))),
+                }),
+                attributes: vec![string("podscope.session.name", "execs")],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+fn expected_records(tag: &str) -> Value {
+    json!({"resourceLogs": [{
+        "resource": {"attributes": [{"key": "k8s.node.name", "value": {"stringValue": "node-1"}}]},
+        "scopeLogs": [{"logRecords": [{
+            "timeUnixNano": "1700000000000000030",
+            "severityNumber": "SEVERITY_NUMBER_WARN",
+            "severityText": "WARN",
+            "body": {"stringValue": format!("disk almost full {tag}")},
+            "attributes": [{"key": "podscope.session.name", "value": {"stringValue": "execs"}}]
+        }]}]
+    }]})
+}
+
 /// What protobuf's JSON mapping (in the sink) makes of `spans(tag)`: 64-bit integers as strings,
 /// bytes in base64, enums by name.
 ///
@@ -198,7 +237,8 @@ async fn export(exporter: std::sync::Arc<dyn podscope_core::Exporter>, tag: &str
     exporter.start().await.unwrap();
     exporter.consume(spans(tag)).await.unwrap();
     exporter.consume(points(tag)).await.unwrap();
-    // Shutdown drains the sending queue: both requests were answered by then.
+    exporter.consume(records(tag)).await.unwrap();
+    // Shutdown drains the sending queue: every request was answered by then.
     exporter.shutdown().await.unwrap();
 }
 
@@ -242,11 +282,11 @@ async fn a_third_party_otlp_receiver_decodes_exactly_what_was_exported() {
 
     let mut received: Vec<Value> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while received.len() < 6 {
+    while received.len() < 9 {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = sink.lines.recv_timeout(left).unwrap_or_else(|_| {
             panic!(
-                "only {} of 6 requests reached the sink: {received:#?}",
+                "only {} of 9 requests reached the sink: {received:#?}",
                 received.len()
             )
         });
@@ -276,6 +316,8 @@ async fn a_third_party_otlp_receiver_decodes_exactly_what_was_exported() {
             expected_points(tag),
             "{transport} {tag}"
         );
+        let logs = find(transport, "logs", tag);
+        assert_eq!(logs["request"], expected_records(tag), "{transport} {tag}");
     }
     let json_traces = find("http", "traces", "http-json");
     assert_eq!(json_traces["headers"]["content-type"], "application/json");

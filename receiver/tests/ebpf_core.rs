@@ -260,6 +260,7 @@ async fn the_cgroup_filter_drops_unselected_cgroups_in_the_kernel() {
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();
@@ -308,6 +309,7 @@ async fn a_probe_whose_kernel_feature_is_missing_is_skipped_with_a_clear_line_or
         metrics: Some(Arc::new(Recorder::default())),
         traces: None,
         profiles: None,
+        logs: None,
     };
     let receiver =
         EbpfReceiver::new(config(false), BuildContext::for_tests("ebpf"), consumers()).unwrap();

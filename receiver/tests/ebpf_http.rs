@@ -170,6 +170,7 @@ async fn start(http: serde_json::Value) -> Started {
             metrics: Some(metrics.clone()),
             traces: Some(spans.clone()),
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

@@ -265,6 +265,7 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();
@@ -1509,6 +1510,7 @@ async fn uprobes_capture_integer_and_string_arguments_on_entry() {
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();
@@ -1604,6 +1606,7 @@ async fn a_container_uprobe_traces_the_binary_inside_the_containers_root() {
                 metrics: Some(collected.clone()),
                 traces: None,
                 profiles: None,
+                logs: None,
             },
         )
         .unwrap(),
@@ -2188,6 +2191,7 @@ async fn a_uprobe_on_a_shared_library_counts_calls_exactly() {
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

@@ -563,6 +563,7 @@ async fn started_receiver(
             metrics: None,
             traces,
             profiles: Some(profiles),
+            logs: None,
         },
     )
     .unwrap();

@@ -147,6 +147,7 @@ async fn start(config: serde_json::Value) -> (EbpfReceiver, Arc<Collected>) {
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();
@@ -586,6 +587,7 @@ async fn uprobes_perf_events_iterators_array_maps_and_linear_histograms() {
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

@@ -754,6 +754,7 @@ fn start_receiver(agent: &Agent, id: &str, probes: serde_json::Value) -> EbpfRec
             metrics: Some(Arc::new(Recorder::default())),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();

@@ -216,15 +216,14 @@ impl Loader<'_> {
         let signal = match Signal::parse(signal_name) {
             Some(s) => Some(s),
             None => {
-                let hint = if signal_name == "logs" {
-                    " (logs are not supported yet)"
-                } else {
-                    ""
-                };
+                let signals: Vec<&str> = Signal::ALL.iter().map(|s| s.as_str()).collect();
                 self.error(
                     key.position,
                     path.clone(),
-                    format!("unknown signal {signal_name:?}{hint}; a pipeline id is metrics[/name] or traces[/name]"),
+                    format!(
+                        "unknown signal {signal_name:?}; a pipeline id is <signal>[/name] with a signal of {}",
+                        signals.join(", ")
+                    ),
                 );
                 None
             }

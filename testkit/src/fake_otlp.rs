@@ -6,6 +6,7 @@
 //! of the OTLP path use them, so that costs per item are the ones users see.
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
 use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
     Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
@@ -182,6 +183,40 @@ pub fn service_spans(n: usize) -> Batch {
         scope_spans: vec![ScopeSpans {
             scope: service_scope(),
             spans,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }])
+}
+
+/// `n` log records as a service writes them: times and bodies from the index, a severity, 2
+/// attributes (method, route); the service's resource and scope.
+pub fn service_logs(n: usize) -> Batch {
+    let records = (0..n)
+        .map(|i| {
+            let (route, method) = (ROUTES[i % ROUTES.len()], METHODS[i % METHODS.len()]);
+            LogRecord {
+                time_unix_nano: 1_700_000_000_000_000_000 + i as u64 * 1_000_000,
+                severity_number: SeverityNumber::Info as i32,
+                severity_text: "INFO".into(),
+                body: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(format!(
+                        "{method} {route} handled (request {i})"
+                    ))),
+                }),
+                attributes: vec![
+                    string_kv("http.request.method", method),
+                    string_kv("http.route", route),
+                ],
+                ..Default::default()
+            }
+        })
+        .collect();
+    Batch::logs(vec![ResourceLogs {
+        resource: service_resource(),
+        scope_logs: vec![ScopeLogs {
+            scope: service_scope(),
+            log_records: records,
             ..Default::default()
         }],
         ..Default::default()

@@ -11,6 +11,9 @@ pub mod json;
 pub mod scan;
 
 use bytes::{Buf, BufMut, Bytes};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
@@ -20,6 +23,7 @@ use opentelemetry_proto::tonic::collector::profiles::v1development::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::logs::v1::ResourceLogs;
 use opentelemetry_proto::tonic::metrics::v1::ResourceMetrics;
 use opentelemetry_proto::tonic::profiles::v1development::ProfilesData;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
@@ -92,6 +96,7 @@ pub fn otlp(signal: Signal) -> &'static dyn OtlpSignal {
         Signal::Metrics => &Wire::<Metrics>(std::marker::PhantomData),
         Signal::Traces => &Wire::<Traces>(std::marker::PhantomData),
         Signal::Profiles => &Profiles,
+        Signal::Logs => &Wire::<Logs>(std::marker::PhantomData),
     }
 }
 
@@ -118,6 +123,7 @@ pub trait SignalMessages: Send + Sync + 'static {
 
 pub struct Metrics;
 pub struct Traces;
+pub struct Logs;
 
 impl SignalMessages for Metrics {
     const SIGNAL: Signal = Signal::Metrics;
@@ -192,6 +198,45 @@ impl SignalMessages for Traces {
         ExportTraceServiceResponse {
             partial_success: partial.map(|p| ExportTracePartialSuccess {
                 rejected_spans: p.rejected,
+                error_message: p.message.clone(),
+            }),
+        }
+    }
+}
+
+impl SignalMessages for Logs {
+    const SIGNAL: Signal = Signal::Logs;
+    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const EXPORT_PATH: &'static str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+    const HTTP_PATH: &'static str = "/v1/logs";
+    const JSON_FIELD: &'static str = "resourceLogs";
+    type Item = ResourceLogs;
+    const ITEM_SCHEMA: &'static scan::MessageSchema = &scan::RESOURCE_LOGS;
+    type Request = ExportLogsServiceRequest;
+    type Response = ExportLogsServiceResponse;
+
+    fn items(batch: &Batch) -> &[ResourceLogs] {
+        match batch {
+            Batch::Logs(rls) => rls,
+            _ => &[],
+        }
+    }
+
+    fn into_batch(request: Self::Request) -> Batch {
+        Batch::logs(request.resource_logs)
+    }
+
+    fn partial(response: &Self::Response) -> Option<PartialSuccess> {
+        response.partial_success.as_ref().map(|p| PartialSuccess {
+            rejected: p.rejected_log_records,
+            message: p.error_message.clone(),
+        })
+    }
+
+    fn response(partial: Option<&PartialSuccess>) -> Self::Response {
+        ExportLogsServiceResponse {
+            partial_success: partial.map(|p| ExportLogsPartialSuccess {
+                rejected_log_records: p.rejected,
                 error_message: p.message.clone(),
             }),
         }

@@ -296,6 +296,38 @@ static EXEMPLAR: MessageSchema = MessageSchema {
     ],
 };
 
+// logs/v1
+/// `ResourceLogs`: one element of a logs export request.
+pub static RESOURCE_LOGS: MessageSchema = MessageSchema {
+    fields: &[
+        field(1, Message(&RESOURCE)),
+        field(2, Message(&SCOPE_LOGS)),
+        field(3, Str),
+    ],
+};
+static SCOPE_LOGS: MessageSchema = MessageSchema {
+    fields: &[
+        field(1, Message(&SCOPE)),
+        item(2, &LOG_RECORD),
+        field(3, Str),
+    ],
+};
+static LOG_RECORD: MessageSchema = MessageSchema {
+    fields: &[
+        field(1, Fixed64),
+        field(11, Fixed64),
+        field(2, Varint),
+        field(3, Str),
+        field(5, Message(&ANY_VALUE)),
+        field(6, Message(&KEY_VALUE)),
+        field(7, Varint),
+        field(8, Fixed32),
+        field(9, Bytes),
+        field(10, Bytes),
+        field(12, Str),
+    ],
+};
+
 /// Nesting deeper than this is left to prost (whose own limit is 100).
 const MAX_DEPTH: u32 = 64;
 

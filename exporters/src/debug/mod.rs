@@ -23,7 +23,12 @@ pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "debug",
     description:
         "Writes a summary (basic), one line per item (normal) or everything (detailed) to the log",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    signals: &[
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ],
     create: create_exporter::<DebugConfig>,
 };
 

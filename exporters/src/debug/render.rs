@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use podscope_core::batch::metric_points;
@@ -55,6 +56,11 @@ fn summary(batch: &Batch) -> String {
                 .flat_map(|rp| &rp.scope_profiles)
                 .map(|sp| sp.profiles.len())
                 .sum::<usize>(),
+            batch.item_count()
+        ),
+        Batch::Logs(rls) => format!(
+            "logs: {} resource logs, {} log records",
+            rls.len(),
             batch.item_count()
         ),
     }
@@ -125,8 +131,38 @@ fn normal(batch: &Batch) -> Vec<String> {
                 }
             }
         }
+        Batch::Logs(rls) => {
+            for record in rls
+                .iter()
+                .flat_map(|rl| &rl.scope_logs)
+                .flat_map(|sl| &sl.log_records)
+            {
+                lines.push(log_line(record));
+            }
+        }
     }
     lines
+}
+
+/// `time severity body {attributes}` of one log record.
+fn log_line(record: &LogRecord) -> String {
+    let severity = if record.severity_text.is_empty() {
+        record.severity_number.to_string()
+    } else {
+        record.severity_text.clone()
+    };
+    let attributes = attributes_inline(&record.attributes);
+    format!(
+        "{} {} {}{}",
+        record.time_unix_nano,
+        severity,
+        value_text(record.body.as_ref()),
+        if attributes.is_empty() {
+            String::new()
+        } else {
+            format!(" {{{attributes}}}")
+        }
+    )
 }
 
 /// `type/unit` of a profile's values.
@@ -283,6 +319,37 @@ fn detailed(batch: &Batch) -> Vec<String> {
                             sample.values,
                             stack_line(&dictionary, sample.stack_index)
                         );
+                    }
+                }
+            }
+        }
+        Batch::Logs(rls) => {
+            for (i, rl) in rls.iter().enumerate() {
+                let _ = writeln!(out, "ResourceLog #{i}");
+                resource_block(
+                    &mut out,
+                    rl.resource.as_ref().map(|r| r.attributes.as_slice()),
+                );
+                for (j, sl) in rl.scope_logs.iter().enumerate() {
+                    let scope = sl.scope.as_ref();
+                    let _ = writeln!(
+                        out,
+                        "ScopeLogs #{j} {} {}",
+                        scope.map(|s| s.name.as_str()).unwrap_or(""),
+                        scope.map(|s| s.version.as_str()).unwrap_or("")
+                    );
+                    for (k, record) in sl.log_records.iter().enumerate() {
+                        let _ = writeln!(
+                            out,
+                            "LogRecord #{k} time={} severity={} {}",
+                            record.time_unix_nano,
+                            record.severity_number,
+                            value_text(record.body.as_ref())
+                        );
+                        for a in &record.attributes {
+                            let _ =
+                                writeln!(out, "    -> {}: {}", a.key, value_text(a.value.as_ref()));
+                        }
                     }
                 }
             }
@@ -538,6 +605,41 @@ mod tests {
                     "GET / trace={} span=0101010101010101 duration=2.500ms",
                     "ab".repeat(16)
                 ),
+            ]
+        );
+    }
+
+    #[test]
+    fn logs_are_one_line_per_record() {
+        use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+        let logs = Batch::logs(vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![LogRecord {
+                    time_unix_nano: 1_000,
+                    severity_text: "INFO".into(),
+                    body: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue("exec sh[7]".into())),
+                    }),
+                    attributes: vec![kv("podscope.session.name", "execs")],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]);
+        assert_eq!(
+            render(&logs, Verbosity::Normal),
+            vec![
+                "logs: 1 resource logs, 1 log records",
+                "1000 INFO exec sh[7] {podscope.session.name=execs}",
+            ]
+        );
+        let detailed = render(&logs, Verbosity::Detailed);
+        assert_eq!(
+            detailed[detailed.len() - 2..],
+            [
+                "LogRecord #0 time=1000 severity=0 exec sh[7]",
+                "    -> podscope.session.name: execs"
             ]
         );
     }

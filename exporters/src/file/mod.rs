@@ -27,7 +27,12 @@ pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "file",
     description:
         "Appends OTLP-JSON export requests, one per line, to a file with optional rotation",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    signals: &[
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ],
     create: create_exporter::<FileConfig>,
 };
 

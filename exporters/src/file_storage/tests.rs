@@ -39,6 +39,21 @@ fn requests_come_back_after_a_reopen_in_the_order_they_were_written() {
 }
 
 #[test]
+fn every_signal_comes_back_as_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = queue_in(dir.path(), 1 << 20);
+    for signal in Signal::ALL {
+        queue
+            .append(signal, 2, 1, signal.as_str().as_bytes())
+            .unwrap();
+    }
+    drop(queue);
+    let reopened = queue_in(dir.path(), 1 << 20);
+    let signals: Vec<Signal> = reopened.take_recovered().iter().map(|r| r.signal).collect();
+    assert_eq!(signals, Signal::ALL);
+}
+
+#[test]
 fn removed_requests_are_gone_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let queue = queue_in(dir.path(), 1 << 20);

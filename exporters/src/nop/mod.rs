@@ -15,7 +15,12 @@ use serde::Deserialize;
 pub const FACTORY: ExporterFactory = ExporterFactory {
     type_name: "nop",
     description: "Discards everything it receives (counted as sent)",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    signals: &[
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ],
     create: create_exporter::<NopConfig>,
 };
 

@@ -92,7 +92,8 @@ impl ComponentConfig for OtlpGrpcConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OtlpHttpConfig {
-    /// Base URL; `/v1/metrics`, `/v1/traces` and `/v1development/profiles` are appended.
+    /// Base URL; `/v1/metrics`, `/v1/traces`, `/v1/logs` and `/v1development/profiles` are
+    /// appended.
     /// Default `http://localhost:4318`.
     pub endpoint: String,
     /// Full URL for metrics, instead of `<endpoint>/v1/metrics`.
@@ -101,6 +102,8 @@ pub struct OtlpHttpConfig {
     pub traces_endpoint: Option<String>,
     /// Full URL for profiles, instead of `<endpoint>/v1development/profiles`.
     pub profiles_endpoint: Option<String>,
+    /// Full URL for logs, instead of `<endpoint>/v1/logs`.
+    pub logs_endpoint: Option<String>,
     /// `proto` (default) or `json`.
     pub encoding: HttpEncoding,
     pub headers: BTreeMap<String, String>,
@@ -131,6 +134,7 @@ impl Default for OtlpHttpConfig {
             metrics_endpoint: None,
             traces_endpoint: None,
             profiles_endpoint: None,
+            logs_endpoint: None,
             encoding: HttpEncoding::Proto,
             headers: BTreeMap::new(),
             compression: Compression::Gzip,
@@ -150,6 +154,7 @@ impl OtlpHttpConfig {
             Signal::Metrics => &self.metrics_endpoint,
             Signal::Traces => &self.traces_endpoint,
             Signal::Profiles => &self.profiles_endpoint,
+            Signal::Logs => &self.logs_endpoint,
         };
         explicit.clone().unwrap_or_else(|| {
             format!(
@@ -169,6 +174,7 @@ impl ComponentConfig for OtlpHttpConfig {
             ("metrics_endpoint", self.metrics_endpoint.clone()),
             ("traces_endpoint", self.traces_endpoint.clone()),
             ("profiles_endpoint", self.profiles_endpoint.clone()),
+            ("logs_endpoint", self.logs_endpoint.clone()),
         ] {
             if let Some(url) = url {
                 let ok = reqwest::Url::parse(&url)

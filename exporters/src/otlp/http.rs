@@ -19,6 +19,7 @@ pub struct HttpSender {
     metrics_url: String,
     traces_url: String,
     profiles_url: String,
+    logs_url: String,
     encoding: Encoding,
     compression: Compression,
 }
@@ -31,6 +32,7 @@ impl HttpSender {
             metrics_url: config.signal_url(Signal::Metrics),
             traces_url: config.signal_url(Signal::Traces),
             profiles_url: config.signal_url(Signal::Profiles),
+            logs_url: config.signal_url(Signal::Logs),
             encoding: match config.encoding {
                 HttpEncoding::Proto => Encoding::Protobuf,
                 HttpEncoding::Json => Encoding::Json,
@@ -54,6 +56,7 @@ impl HttpSender {
             Signal::Metrics => &self.metrics_url,
             Signal::Traces => &self.traces_url,
             Signal::Profiles => &self.profiles_url,
+            Signal::Logs => &self.logs_url,
         }
     }
 }

@@ -34,16 +34,16 @@ use crate::helper::{QueuedExporter, Request, Sent};
 pub const OTLP: ExporterFactory = ExporterFactory {
     type_name: "otlp",
     description:
-        "Sends metrics, traces and profiles over OTLP/gRPC (gzip, TLS, retries, sending queue)",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+        "Sends metrics, traces, logs and profiles over OTLP/gRPC (gzip, TLS, retries, sending queue)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles, Signal::Logs],
     create: create_exporter::<OtlpGrpcConfig>,
 };
 
 pub const OTLP_HTTP: ExporterFactory = ExporterFactory {
     type_name: "otlphttp",
     description:
-        "Sends metrics, traces and profiles over OTLP/HTTP, protobuf or JSON (gzip, TLS, retries)",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+        "Sends metrics, traces, logs and profiles over OTLP/HTTP, protobuf or JSON (gzip, TLS, retries)",
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles, Signal::Logs],
     create: create_exporter::<OtlpHttpConfig>,
 };
 

@@ -111,6 +111,7 @@ async fn receiver() -> (OtlpReceiver, Arc<Recorder>, Arc<Recorder>) {
             metrics: Some(m.clone()),
             traces: Some(t.clone()),
             profiles: None,
+            logs: None,
         },
     );
     r.start().await.unwrap();
@@ -185,6 +186,7 @@ async fn a_backend_down_at_start_gets_the_queued_data_once_it_is_up() {
             metrics: None,
             traces: Some(collected.clone()),
             profiles: None,
+            logs: None,
         },
     );
     r.start().await.unwrap();
@@ -518,6 +520,7 @@ async fn grpc_receiver_on(port: u16) -> (OtlpReceiver, Arc<Recorder>) {
             metrics: None,
             traces: Some(collected.clone()),
             profiles: None,
+            logs: None,
         },
     );
     r.start().await.unwrap();

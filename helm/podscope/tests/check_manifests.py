@@ -93,6 +93,8 @@ EXACT_API_ACCESS = {
     "tenant-probes": ({"pods"}, {}),
     # TraceSessions: their rules apart; the extension needs every namespace's pods.
     "trace-sessions": ({"pods"}, {}),
+    # Exported TraceSessions: the same RBAC (export adds a receiver and pipelines, no rules).
+    "trace-sessions-export": ({"pods"}, {}),
 }
 # Cases whose agents run users' EbpfProgram objects (the rules apart from list + watch).
 PROGRAM_CASES = {"user-programs"}
@@ -113,7 +115,7 @@ PROBE_EDITOR_RULES = [
 ]
 # Cases whose agents run TraceSession objects (the rules after the Probes' ones): their watch,
 # their status (server-side apply) and their deletion after ttlAfterFinished; never get.
-SESSION_CASES = {"trace-sessions"}
+SESSION_CASES = {"trace-sessions", "trace-sessions-export"}
 SESSION_RULES = [
     {"apiGroups": ["podscope.dev"], "resources": ["tracesessions"], "verbs": ["list", "watch", "delete"]},
     {"apiGroups": ["podscope.dev"], "resources": ["tracesessions/status"], "verbs": ["patch"]},

@@ -4,65 +4,16 @@
 //! the trace is checked: one trace, the expected tree. Root only (eBPF, pod cgroups).
 
 use std::collections::HashMap;
-use std::io::BufRead as _;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use podscope_integration::agent::{free_port, AgentProcess};
+use podscope_integration::oteltest::OteltestSink;
 use podscope_testkit::pod_cgroup::{unique_ids, wait_listening, PodCgroup};
 use serde_json::Value;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-struct Sink {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_sink(grpc_port: u16) -> Sink {
-    let python = root().join(".cache/oteltest/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/install-deps.sh",
-        python.display()
-    );
-    let mut child = Command::new(python)
-        .arg(root().join("exporters/tests/oteltest_sink.py"))
-        .args([grpc_port.to_string(), free_port().to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the oteltest sink");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let sink = Sink { child, lines };
-    assert_eq!(
-        sink.lines
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the sink starts within 30 s"),
-        "ready"
-    );
-    sink
 }
 
 fn python_server(pod: &mut PodCgroup) -> u16 {
@@ -120,7 +71,7 @@ fn spans_of(request: &Value) -> Vec<SinkSpan> {
 async fn a_chain_of_local_services_reaches_a_third_party_otlp_receiver_through_the_jaeger_preset_as_one_trace(
 ) {
     let sink_port = free_port();
-    let sink = start_sink(sink_port);
+    let sink = OteltestSink::start(sink_port);
     let (mut front, mut back, mut client) = (PodCgroup::new(), PodCgroup::new(), PodCgroup::new());
     let telemetry_port = free_port();
     let config = format!(

@@ -124,7 +124,7 @@ async fn start_agent(
     dir: &std::path::Path,
     trace_sessions: &str,
 ) -> AgentProcess {
-    start_agent_with_probes(api, dir, trace_sessions, "sched: {}").await
+    start_agent_configured(api, dir, trace_sessions, "sched: {}", None).await
 }
 
 /// As [`start_agent`], its eBPF receiver running `probes` (`name: {…}, …`) and reporting to
@@ -135,6 +135,50 @@ async fn start_agent_with_probes(
     trace_sessions: &str,
     probes: &str,
 ) -> AgentProcess {
+    start_agent_configured(api, dir, trace_sessions, probes, None).await
+}
+
+/// Where an agent exports sessions: the OTLP/gRPC port of a sink, and the port of the agent's
+/// own OTLP/HTTP receiver, whose logs go to that sink too.
+struct ExportPorts {
+    sink_grpc: u16,
+    otlp_http: u16,
+}
+
+/// [`start_agent`], with `export`: a `trace_sessions` receiver in a logs and a metrics
+/// pipeline to an `otlp` exporter, and an `otlp` receiver in the logs pipeline.
+async fn start_agent_exporting(
+    api: &FakeApiServer,
+    dir: &std::path::Path,
+    trace_sessions: &str,
+    export: Option<&ExportPorts>,
+) -> AgentProcess {
+    start_agent_configured(api, dir, trace_sessions, "sched: {}", export).await
+}
+
+/// The agent of [`start_agent`] with its eBPF receiver's `probes` and, with `export`, the
+/// pipelines of [`start_agent_exporting`].
+async fn start_agent_configured(
+    api: &FakeApiServer,
+    dir: &std::path::Path,
+    trace_sessions: &str,
+    probes: &str,
+    export: Option<&ExportPorts>,
+) -> AgentProcess {
+    let (receivers, exporters, pipelines) = match export {
+        None => Default::default(),
+        Some(ports) => (
+            format!(
+                "  trace_sessions: {{ extension: session }}\n  otlp: {{ protocols: {{ http: {{ endpoint: \"127.0.0.1:{}\" }} }} }}\n",
+                ports.otlp_http
+            ),
+            format!(
+                "  otlp: {{ endpoint: \"127.0.0.1:{}\", tls: {{ insecure: true }} }}\n",
+                ports.sink_grpc
+            ),
+            "    logs: { receivers: [trace_sessions, otlp], exporters: [otlp] }\n    metrics/sessions: { receivers: [trace_sessions], exporters: [otlp] }\n".to_string(),
+        ),
+    };
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig);
     let telemetry_port = free_port();
@@ -158,14 +202,14 @@ receivers:
     session: session
     cgroup_filter: {{ include: ["/kubepods.slice/**"] }}
     probes: {{ {probes} }}
-exporters:
+{receivers}exporters:
   nop: {{}}
-service:
+{exporters}service:
   extensions: [k8s_metadata, session]
   telemetry: {{ metrics: {{ address: "127.0.0.1:{telemetry_port}" }} }}
   pipelines:
     metrics: {{ receivers: [ebpf], exporters: [nop] }}
-"#
+{pipelines}"#
     );
     AgentProcess::start_with_env(
         env!("CARGO_BIN_EXE_podscope"),
@@ -240,6 +284,22 @@ async fn trace_sessions_count_their_pods_execs_exactly_end_on_time_and_are_delet
     assert_eq!(
         refused["message"],
         "spec.targets.pods[0]: pod team-b/web-b is in namespace team-b, outside the session's namespace team-a; a TraceSession traces pods of its own namespace only"
+    );
+    assert!(node_entry(&refused).is_none(), "nothing ran: {refused}");
+    // Export asked of an agent with no trace_sessions receiver: refused, not run unexported.
+    api.apply_custom(session(
+        "team-a",
+        "exported",
+        json!({"targets": {"pods": ["web-a1"]}, "probes": ["exec"], "duration": "30s", "export": true}),
+    ));
+    let refused = status_when(&api, "team-a", "exported", "Failed", |s| {
+        s["phase"] == "Failed"
+    })
+    .await;
+    assert_eq!(refused["reason"], "ExportUnavailable", "{refused}");
+    assert_eq!(
+        refused["message"],
+        format!("spec.export: the agent on node {NODE} cannot export this session: no trace_sessions receiver naming this session extension is in a logs or metrics pipeline of the agent")
     );
     assert!(node_entry(&refused).is_none(), "nothing ran: {refused}");
 
@@ -812,4 +872,225 @@ async fn a_bpftrace_session_follows_a_pod_that_joins_late_and_keeps_its_count() 
     );
     assert_eq!(completed["summary"]["events"], json!({"bpftrace": 8}));
     drop((a, late, other));
+}
+
+/// Attribute `key` of an OTLP attribute list in protobuf's JSON mapping, as text.
+fn attribute(attributes: &Value, key: &str) -> Option<String> {
+    let value = &attributes.as_array()?.iter().find(|kv| kv["key"] == key)?["value"];
+    value["stringValue"]
+        .as_str()
+        .map(str::to_string)
+        .or_else(|| value["intValue"].as_str().map(str::to_string))
+}
+
+/// What the sink decoded: log records, and the data points of `podscope.session.*` metrics
+/// (name, attributes, value as text).
+#[derive(Default)]
+struct Decoded {
+    records: Vec<Value>,
+    points: Vec<(String, Value, String)>,
+}
+
+impl Decoded {
+    fn take(&mut self, line: &str) {
+        let decoded: Value = serde_json::from_str(line).expect("a JSON line");
+        assert_eq!(decoded["transport"], "grpc", "{decoded}");
+        let request = &decoded["request"];
+        match decoded["signal"].as_str() {
+            Some("logs") => {
+                for rl in request["resourceLogs"].as_array().into_iter().flatten() {
+                    for sl in rl["scopeLogs"].as_array().into_iter().flatten() {
+                        for record in sl["logRecords"].as_array().into_iter().flatten() {
+                            let mut record = record.clone();
+                            record["resource"] = rl["resource"].clone();
+                            self.records.push(record);
+                        }
+                    }
+                }
+            }
+            Some("metrics") => {
+                for rm in request["resourceMetrics"].as_array().into_iter().flatten() {
+                    for sm in rm["scopeMetrics"].as_array().into_iter().flatten() {
+                        for metric in sm["metrics"].as_array().into_iter().flatten() {
+                            let name = metric["name"].as_str().unwrap_or_default();
+                            let data = if metric["sum"].is_object() {
+                                &metric["sum"]
+                            } else {
+                                &metric["gauge"]
+                            };
+                            for point in data["dataPoints"].as_array().into_iter().flatten() {
+                                let value = point["asInt"].as_str().unwrap_or_default();
+                                self.points.push((
+                                    name.to_string(),
+                                    point["attributes"].clone(),
+                                    value.to_string(),
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            other => panic!("unexpected signal {other:?}: {decoded}"),
+        }
+    }
+
+    /// The values of `metric`'s points of session `session`, in the order they came.
+    fn values(&self, metric: &str, session: &str, probe: Option<&str>) -> Vec<String> {
+        self.points
+            .iter()
+            .filter(|(name, attributes, _)| {
+                name == metric
+                    && attribute(attributes, "podscope.session.name").as_deref() == Some(session)
+                    && attribute(attributes, "podscope.probe").as_deref() == probe
+            })
+            .map(|(_, _, value)| value.clone())
+            .collect()
+    }
+
+    fn records_of(&self, session: &str) -> Vec<&Value> {
+        self.records
+            .iter()
+            .filter(|r| {
+                attribute(&r["attributes"], "podscope.session.name").as_deref() == Some(session)
+            })
+            .collect()
+    }
+}
+
+/// Issue 16's export path, checked at a receiver this project did not write (the oteltest sink:
+/// grpcio and the official Python OTLP bindings): a session with `export: true` counting a
+/// pod's execs exactly sends each exec as one log record (its session, pod and fields as
+/// attributes) and its summary as metrics whose event count is the same; the agent's OTLP
+/// receiver takes logs into the same pipeline. An agent with no `trace_sessions` receiver
+/// refuses such a session (the other tests' agents).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_record_per_event_and_its_counts(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let sink_port = free_port();
+    let sink = podscope_integration::oteltest::OteltestSink::start(sink_port);
+    let (a1, a1_uid, a1_container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a1", &a1_uid, &a1_container));
+    let ports = ExportPorts {
+        sink_grpc: sink_port,
+        otlp_http: free_port(),
+    };
+    let agent = start_agent_exporting(&api, dir.path(), "", Some(&ports)).await;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+
+    api.apply_custom(session(
+        "team-a",
+        "exported",
+        json!({"targets": {"pods": ["web-a1"]}, "probes": ["exec"], "duration": "20s", "export": true}),
+    ));
+    status_when(&api, "team-a", "exported", "Running here", |s| {
+        node_entry(s).is_some_and(|e| e["phase"] == "Running")
+    })
+    .await;
+    execs(&a1, 3);
+    // A client's log record through the agent's OTLP/HTTP receiver, to the same sink.
+    let response = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}/v1/logs", ports.otlp_http))
+        .header("content-type", "application/json")
+        .body(r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":"1800000000000000000","body":{"stringValue":"hello from a client"}}]}]}]}"#)
+        .send()
+        .await
+        .expect("the OTLP receiver answers");
+    assert_eq!(response.status(), 200);
+
+    let completed = status_when(&api, "team-a", "exported", "Completed", |s| {
+        s["phase"] == "Completed"
+    })
+    .await;
+    assert_eq!(
+        node_entry(&completed).unwrap()["events"],
+        json!({"exec": 3})
+    );
+
+    // Until the sink has the three records, the client's and the final count; then the agent
+    // stops (sending what it holds) and the rest is read: nothing more of the session.
+    let mut decoded = Decoded::default();
+    until(
+        "the sink decoded the session's records and final count",
+        || {
+            while let Ok(line) = sink.lines.try_recv() {
+                decoded.take(&line);
+            }
+            let counts = decoded.values("podscope.session.events", "exported", Some("exec"));
+            let client = decoded
+                .records
+                .iter()
+                .any(|r| r["body"]["stringValue"] == "hello from a client");
+            (decoded.records_of("exported").len() >= 3
+                && client
+                && counts.last().map(String::as_str) == Some("3"))
+            .then_some(())
+        },
+    )
+    .await;
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(20)).await.success());
+    while let Ok(line) = sink.lines.recv_timeout(Duration::from_millis(500)) {
+        decoded.take(&line);
+    }
+
+    let records = decoded.records_of("exported");
+    assert_eq!(records.len(), 3, "one record per exec: {records:#?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    for record in &records {
+        let a = &record["attributes"];
+        assert_eq!(
+            attribute(a, "k8s.namespace.name").as_deref(),
+            Some("team-a")
+        );
+        assert_eq!(attribute(a, "k8s.pod.name").as_deref(), Some("web-a1"));
+        assert_eq!(attribute(a, "podscope.probe").as_deref(), Some("exec"));
+        assert_eq!(
+            attribute(a, "podscope.event.filename").as_deref(),
+            Some("/bin/true"),
+            "{record}"
+        );
+        assert_eq!(
+            attribute(&record["resource"]["attributes"], "k8s.node.name").as_deref(),
+            Some(NODE)
+        );
+        let body = record["body"]["stringValue"].as_str().unwrap();
+        assert!(
+            body.starts_with("exec ") && body.contains(" filename=/bin/true"),
+            "{body}"
+        );
+        // Wall-clock time of the exec (the kernel's clock moved to the epoch).
+        let time: u64 = record["timeUnixNano"].as_str().unwrap().parse().unwrap();
+        assert!(
+            started <= time && time <= now,
+            "{time} not in [{started}, {now}]"
+        );
+    }
+    // The summaries: cumulative, ending at the status's count; nothing dropped or lost.
+    let counts = decoded.values("podscope.session.events", "exported", Some("exec"));
+    assert_eq!(counts.last().map(String::as_str), Some("3"), "{counts:?}");
+    assert!(
+        counts.iter().all(|c| c.parse::<u64>().unwrap() <= 3),
+        "{counts:?}"
+    );
+    let last = |metric: &str| decoded.values(metric, "exported", None).last().cloned();
+    assert_eq!(last("podscope.session.dropped").as_deref(), Some("0"));
+    assert_eq!(last("podscope.session.lost").as_deref(), Some("0"));
+    let (_, attributes, _) = decoded
+        .points
+        .iter()
+        .find(|(name, _, _)| name == "podscope.session.events")
+        .unwrap();
+    assert_eq!(
+        attribute(attributes, "k8s.namespace.name").as_deref(),
+        Some("team-a")
+    );
+    drop(a1);
 }

@@ -31,7 +31,12 @@ pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "batch",
     description:
         "Groups data into batches of send_batch_size items (data points or spans) or per timeout",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    signals: &[
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ],
     create: create_processor::<BatchConfig>,
 };
 

@@ -38,7 +38,7 @@ pub use processor::{K8sAttributesProcessor, PodEnricher};
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "k8sattributes",
     description: "Adds Kubernetes pod, container and workload attributes (cgroup → container → pod → workload)",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles, Signal::Logs],
     create: create_processor::<K8sAttributesConfig>,
 };
 

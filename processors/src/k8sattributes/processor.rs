@@ -251,6 +251,17 @@ impl Consumer for K8sAttributesProcessor {
                     }
                 }
             }
+        } else if let Some(logs) = batch.logs_mut() {
+            // Like spans: the resource, and peers named in a record's attributes.
+            for rl in logs {
+                let resource = rl.resource.get_or_insert_with(Default::default);
+                self.enricher.enrich(&mut resource.attributes);
+                if peers {
+                    for record in rl.scope_logs.iter_mut().flat_map(|s| &mut s.log_records) {
+                        self.enricher.enrich_peer(&mut record.attributes);
+                    }
+                }
+            }
         } else if let Some(profiles) = batch.profiles_mut() {
             // Profiles have no peer addresses: only their resources are enriched.
             for rp in &mut profiles.resource_profiles {

@@ -63,7 +63,12 @@ pub const FREE_HEAP_POLL: Duration = Duration::from_secs(60);
 pub const FACTORY: ProcessorFactory = ProcessorFactory {
     type_name: "memory_limiter",
     description: "Refuses data above a soft memory limit and drops it above a hard one",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    signals: &[
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ],
     create: create_processor::<MemoryLimiterConfig>,
 };
 

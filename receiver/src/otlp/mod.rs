@@ -40,8 +40,14 @@ pub use config::{GrpcSettings, HttpSettings, OtlpReceiverConfig, Protocols};
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "otlp",
-    description: "Receives OTLP metrics, traces and profiles over gRPC and HTTP (protobuf or JSON)",
-    signals: &[Signal::Metrics, Signal::Traces, Signal::Profiles],
+    description:
+        "Receives OTLP metrics, traces, logs and profiles over gRPC and HTTP (protobuf or JSON)",
+    signals: &[
+        Signal::Metrics,
+        Signal::Traces,
+        Signal::Profiles,
+        Signal::Logs,
+    ],
     create: create_receiver::<OtlpReceiverConfig>,
 };
 

@@ -108,6 +108,7 @@ async fn start(signals: &[&str]) -> Running {
             .contains(&"traces")
             .then(|| traces.clone() as Arc<dyn Consumer>),
         profiles: None,
+        logs: None,
     };
     let receiver = OtlpReceiver::new(config, &BuildContext::for_tests("otlp"), next);
     receiver.start().await.unwrap();

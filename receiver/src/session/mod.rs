@@ -11,7 +11,9 @@
 //! - profile: the profiling probe for the targets, the result sent as one file (`profile`);
 //! - status: version, protocol, readiness, the trace probes this kernel has;
 //! - session_log: what a `TraceSession` recorded on this node (`session_log`), for `attach`
-//!   and `logs`, given the session's attach token.
+//!   and `logs`, given the session's attach token;
+//! - export: what `TraceSession`s with `export: true` record, handed to the `trace_sessions`
+//!   receivers that name this extension (`export`).
 //!
 //! It must not crash on what a client sends: every bad request is answered with a
 //! `SessionError` and the connection closed; a client that goes away ends its session and frees
@@ -23,6 +25,7 @@ mod caps;
 mod config;
 mod events;
 mod exchanges;
+mod export;
 mod figures;
 mod filters;
 mod log_reader;
@@ -53,9 +56,11 @@ use tokio_util::task::TaskTracker;
 pub use config::{BpftraceConfig, SessionConfig, TraceSessionsConfig};
 pub use events::signal_name;
 pub use exchanges::{ExchangeRole, ExchangeTap, GrpcCall, HttpExchange, PublisherGuard};
+pub use export::{ExportedEvent, ExportedSummary, SessionExportSink, SessionExports};
 pub use figures::{Distribution, Snapshot as KernelSnapshot};
 pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
+pub use server::probe_name;
 pub use trace::TraceKernel;
 pub use trace_sessions::{Refusal, ResolvedSession, SessionTargets, TraceSessionSpec};
 
@@ -145,6 +150,8 @@ pub(crate) struct Shared {
     pub http_exchanges: Arc<ExchangeTap>,
     /// What this node's `TraceSession`s recorded, for `attach` and `logs`.
     pub session_logs: Arc<session_log::SessionLogs>,
+    /// Where exported `TraceSession`s hand what they record.
+    pub session_exports: Arc<SessionExports>,
 }
 
 struct Running {
@@ -195,6 +202,7 @@ impl SessionExtension {
                 kernel_figures: figures::KernelFigures::default(),
                 http_exchanges: Arc::default(),
                 session_logs,
+                session_exports: Arc::default(),
             }),
             running: Mutex::new(None),
             trace_sessions: None,
@@ -220,6 +228,11 @@ impl SessionExtension {
     /// Where an eBPF receiver's http probe hands its exchanges to `trace … http` sessions.
     pub fn http_exchanges(&self) -> Arc<ExchangeTap> {
         self.shared.http_exchanges.clone()
+    }
+
+    /// Where a `trace_sessions` receiver takes what exported `TraceSession`s record.
+    pub fn register_export(&self, sink: Arc<SessionExportSink>) {
+        self.shared.session_exports.register(sink);
     }
 
     /// An eBPF receiver's probes (probe → `attached` or `skipped: why`), for status.
@@ -292,6 +305,7 @@ impl Component for SessionExtension {
                         config: self.shared.config.trace_sessions.clone(),
                         bpftrace_path: self.shared.config.bpftrace.path.clone(),
                         shared: self.shared.clone(),
+                        export: self.shared.session_exports.clone(),
                     };
                     tasks.spawn(runner.run(self.shared.stopping.clone()));
                     tracing::info!(extension = %self.id, "running this node's TraceSessions");

@@ -14,6 +14,7 @@ use podscope_core::session::{Event, TraceProbe};
 use podscope_k8s::cgroup::CgroupIndex;
 
 use super::caps::RateCap;
+use super::export::SessionExports;
 use super::session_http::HttpRun;
 use super::session_log::{SessionLog, SessionLogs};
 use super::session_profile::ProfileRun;
@@ -38,6 +39,8 @@ pub struct RunSink {
     pub clock_offset: u64,
     /// `namespace/name`, for the agent's own log lines.
     pub session: String,
+    /// With `export: true`: where the events go besides the log, and the session's name.
+    pub export: Option<(Arc<SessionExports>, String)>,
 }
 
 impl RunSink {
@@ -52,9 +55,13 @@ impl RunSink {
     }
 
     /// Keeps `event` in the session's log (the node's total bound may push old ones out).
+    /// An exported session's event is handed to the pipelines too.
     pub fn keep(&self, event: &Event) {
         self.log.append(event);
         self.logs.enforce_total();
+        if let Some((export, name)) = &self.export {
+            export.event(name, event);
+        }
     }
 
     pub fn summary(&self) -> std::sync::MutexGuard<'_, RunSummary> {

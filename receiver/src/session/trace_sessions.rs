@@ -12,7 +12,8 @@
 //! and `logs`; the first agent to run a session gives it the attach token that reads those
 //! logs (`status.attachToken`). It refuses, with the reason in the status, a session naming a
 //! pod outside its namespace, a probe it cannot run, a bpftrace program the agent does not
-//! allow, or what is not implemented yet (`export`).
+//! allow, or `export: true` where no `trace_sessions` receiver takes what it records. An
+//! exported session's events and summaries also go to that receiver ([`SessionExports`]).
 //!
 //! A namespace's sessions run up to the cap of `trace_sessions.max_running_per_namespace`, the
 //! others wait (`caps`); a session counts at most `max_events_per_second` events, the others
@@ -43,6 +44,7 @@ use super::bpftrace_run::{self, BpftraceRun};
 use super::caps::{admitted, Candidate, RateCap};
 use super::config::TraceSessionsConfig;
 use super::events::{clock_offset_ns, to_event};
+use super::export::{ExportedSummary, SessionExports};
 use super::schedule::{RunWindow, Schedule};
 use super::server::probe_name;
 use super::session_http::HttpRun;
@@ -94,7 +96,8 @@ pub struct TraceSessionSpec {
     /// session for `duration`.
     #[serde(default)]
     pub schedule: Option<String>,
-    /// Accepted by the schema, refused until implemented.
+    /// Its events and summaries also go to the agent's pipelines, through the
+    /// `trace_sessions` receiver (refused where the agent has none).
     #[serde(default)]
     pub export: Option<bool>,
 }
@@ -140,6 +143,8 @@ pub struct ResolvedSession {
     /// `spec.schedule` and the duration of each run.
     pub schedule: Option<(Schedule, Duration)>,
     pub ttl_after_finished: Option<Duration>,
+    /// `spec.export`.
+    pub export: bool,
 }
 
 impl ResolvedSession {
@@ -242,12 +247,6 @@ impl TraceSessionSpec {
                 "spec.bpftrace: the program is empty",
             ));
         }
-        if self.export == Some(true) {
-            return Err(refusal(
-                "NotImplemented",
-                "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
-            ));
-        }
         let schedule = match &self.schedule {
             None => None,
             Some(pattern) => {
@@ -299,6 +298,7 @@ impl TraceSessionSpec {
             created,
             schedule,
             ttl_after_finished: self.ttl_after_finished,
+            export: self.export == Some(true),
         })
     }
 }
@@ -320,6 +320,8 @@ pub struct TraceSessionRunner {
     /// The extension's state: the http probes' exchanges, the receivers' figures (`top`), the
     /// profile encoder.
     pub(super) shared: Arc<super::Shared>,
+    /// Where sessions with `export: true` hand their events and summaries.
+    pub export: Arc<SessionExports>,
 }
 
 /// A session running on this node.
@@ -545,6 +547,7 @@ impl TraceSessionRunner {
             let end = run.window.end;
             let (mut node, _) = finish(run).await;
             node.insert("endTime".into(), json!(rfc3339(end)));
+            self.export_summary(session, &resolved, &node);
             self.write_node(session, known, node, true).await;
         }
         let (pods, cgroups) = self.pods_here(&resolved, index);
@@ -621,11 +624,13 @@ impl TraceSessionRunner {
             }
             if running {
                 let node = node_entry(run, "Running", None);
+                self.export_summary(session, &resolved, &node);
                 self.write_node(session, known, node, false).await;
             } else {
                 let run = known.run.take().expect("checked above");
                 let (mut node, _) = finish(run).await;
                 node.insert("endTime".into(), json!(rfc3339(resolved.end)));
+                self.export_summary(session, &resolved, &node);
                 self.write_node(session, known, node, true).await;
             }
         } else if let Some((last, _)) = &known.node_entry {
@@ -686,6 +691,15 @@ impl TraceSessionRunner {
         let created = session.created.unwrap_or(now);
         let resolved = TraceSessionSpec::parse(&session.spec)
             .and_then(|spec| spec.resolve(&session.namespace, created))?;
+        if let Some(lacking) = self.export.unavailable().filter(|_| resolved.export) {
+            return Err(refusal(
+                "ExportUnavailable",
+                format!(
+                    "spec.export: the agent on node {} cannot export this session: {lacking}",
+                    self.sessions.node()
+                ),
+            ));
+        }
         if resolved.bpftrace.is_some() && !self.config.allow_bpftrace {
             return Err(refusal(
                 "BpftraceDisabled",
@@ -696,6 +710,31 @@ impl TraceSessionRunner {
             ));
         }
         Ok(resolved)
+    }
+
+    /// Hands this node's status entry of an exported session to the pipelines.
+    fn export_summary(
+        &self,
+        session: &TraceSessionObject,
+        resolved: &ResolvedSession,
+        entry: &Map<String, Value>,
+    ) {
+        if !resolved.export {
+            return;
+        }
+        let start = entry
+            .get("startTime")
+            .and_then(Value::as_str)
+            .and_then(|t| humantime_serde::re::humantime::parse_rfc3339_weak(t).ok())
+            .unwrap_or(resolved.created);
+        self.export.summary(ExportedSummary {
+            namespace: session.namespace.clone(),
+            session: session.name.clone(),
+            node: self.node.clone(),
+            start,
+            time: SystemTime::now(),
+            entry: entry.clone(),
+        });
     }
 
     /// The session's pods on this node (names, sorted) and every cgroup of theirs.
@@ -784,6 +823,9 @@ impl TraceSessionRunner {
             summary: summary.clone(),
             clock_offset,
             session: session.key(),
+            export: resolved
+                .export
+                .then(|| (self.export.clone(), session.name.clone())),
         };
         let mut others = Vec::new();
         for probe in &resolved.probes {
@@ -834,6 +876,9 @@ impl TraceSessionRunner {
                 names.clone(),
                 self.node.clone(),
             );
+            let export = resolved
+                .export
+                .then(|| (self.export.clone(), session.name.clone()));
             let counter = tokio::spawn(async move {
                 while let Some(raw) = events.recv().await {
                     if !cap.admit(raw.timestamp_ns) {
@@ -853,6 +898,9 @@ impl TraceSessionRunner {
                     if let Some(event) = to_event(&raw, &labels, &node, clock_offset) {
                         log.append(&event);
                         logs.enforce_total();
+                        if let Some((export, name)) = &export {
+                            export.event(name, &event);
+                        }
                     }
                 }
                 tracing::debug!(session = %key, "TraceSession: a probe's events ended");
@@ -1383,11 +1431,6 @@ mod tests {
                 "spec.bpftrace: the program is empty",
             ),
             (
-                json!({"targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "export": true}),
-                "NotImplemented",
-                "spec.export: exporting a session's results through the agent's pipelines is not implemented yet; leave export out",
-            ),
-            (
                 json!({"targets": {"pods": ["a"]}, "probes": ["exec"]}),
                 "InvalidSpec",
                 "spec: give a duration (such as 5m) or a deadline (RFC 3339)",
@@ -1440,6 +1483,22 @@ mod tests {
             resolved.probes,
             vec![TraceProbe::Http, TraceProbe::Top, TraceProbe::Profile]
         );
+    }
+
+    #[test]
+    fn export_is_part_of_a_valid_spec() {
+        let spec = |export: Value| {
+            TraceSessionSpec::parse(&json!({
+                "targets": {"pods": ["a"]}, "probes": ["exec"], "duration": "1m", "export": export
+            }))
+            .unwrap()
+            .resolve("team-a", created())
+            .unwrap()
+            .export
+        };
+        assert!(spec(json!(true)));
+        assert!(!spec(json!(false)));
+        assert!(!spec(Value::Null));
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub async fn start_config(
             metrics: Some(collected.clone()),
             traces: None,
             profiles: None,
+            logs: None,
         },
     )
     .unwrap();
