@@ -166,6 +166,30 @@ fn dist_order(key: &TcpDistKey) -> (u64, u8, u16) {
     (key.cgroup_id, key.role, key.server_port)
 }
 
+/// The distribution series of one collection, in output order.
+type DistSeries = BTreeMap<(u64, u8, u16), (TcpDistKey, TcpDists)>;
+
+/// Adds `dists` to the series of (`cgroup_id`, `role`, `server_port`).
+fn add_to_series(
+    series: &mut DistSeries,
+    cgroup_id: u64,
+    role: u8,
+    server_port: u16,
+    dists: &TcpDists,
+) {
+    let key = TcpDistKey {
+        cgroup_id,
+        server_port,
+        role,
+        ..Default::default()
+    };
+    series
+        .entry(dist_order(&key))
+        .or_insert((key, TcpDists::default()))
+        .1
+        .merge(dists);
+}
+
 impl Probe for Loaded {
     fn objects_mut(&mut self) -> Vec<&mut ProbeObject> {
         vec![&mut self.object]
@@ -182,23 +206,12 @@ impl Probe for Loaded {
         // Distributions are series per cgroup, role and server port: the peers' added up. A
         // series exists once a connection of it closed (a peer whose connections are all still
         // open adds none).
-        let mut by_series: BTreeMap<(u64, u8, u16), (TcpDistKey, TcpDists)> = BTreeMap::new();
+        let mut by_series = DistSeries::new();
         for (key, stats) in peers {
             metrics::add_counts(&mut out.metrics, &metrics::Peer::of(key), &stats.counts);
-            if stats.dists.is_empty() {
-                continue;
+            if !stats.dists.is_empty() {
+                add_to_series(&mut by_series, key.cgroup_id, key.role, key.server_port, &stats.dists);
             }
-            let series = TcpDistKey {
-                cgroup_id: key.cgroup_id,
-                server_port: key.server_port,
-                role: key.role,
-                ..Default::default()
-            };
-            by_series
-                .entry(dist_order(&series))
-                .or_insert((series, TcpDists::default()))
-                .1
-                .merge(&stats.dists);
         }
         // A cgroup's `other` distributions have no server port: both address families' entries
         // are one series.
@@ -206,17 +219,7 @@ impl Probe for Loaded {
         others.sort_by_key(|(k, _)| (k.cgroup_id, k.family, k.role));
         for (key, other) in others {
             metrics::add_counts(&mut out.metrics, &metrics::Peer::other(key), &other.counts);
-            let series = TcpDistKey {
-                cgroup_id: key.cgroup_id,
-                server_port: 0,
-                role: key.role,
-                ..Default::default()
-            };
-            by_series
-                .entry(dist_order(&series))
-                .or_insert((series, TcpDists::default()))
-                .1
-                .merge(&other.dists);
+            add_to_series(&mut by_series, key.cgroup_id, key.role, 0, &other.dists);
         }
         for (key, dists) in by_series.values() {
             metrics::add_dists(&mut out.metrics, key, dists);
