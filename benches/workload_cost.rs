@@ -4,10 +4,14 @@
 //! attached, with `configs/default.yaml`'s eBPF receiver, and with every probe on, and its
 //! throughput loss in % reported.
 //!
-//! Paired and interleaved, because this shared VM drifts: for each workload, the three states
-//! alternate with "nothing attached" runs between them (none, default, none, all, none), each
-//! loss is against the mean of the two runs around it, workloads take turns over the rounds, and
-//! every figure is the median over the rounds. Each workload runs in a process of its own (this
+//! Paired and interleaved, because this shared VM drifts: for each workload, the states alternate
+//! with "nothing attached" runs between them (none, default, none, every, none, …), each loss is
+//! against the mean of the two "nothing attached" runs around it, and workloads take turns over
+//! the rounds (with a single workload, a round's last "nothing attached" run is the next round's
+//! first). Every figure is the median over the rounds, with its interquartile range and a 95 %
+//! bootstrap interval of the median (the rounds resampled): on this VM a single round's
+//! throughput swings by tens of percent, so many short rounds (`--rounds 30 --seconds 1`) pin the
+//! median down where a few long ones cannot. Each workload runs in a process of its own (this
 //! binary again, `--workload NAME SECONDS`), which the receiver observes like any other.
 //!
 //! Besides throughput, which other processes on the machine disturb, each run reports figures
@@ -18,8 +22,13 @@
 //! statistics.
 //!
 //! Run: `cargo bench --bench workload_cost` (root; needs wrk and bpftool, which
-//! `scripts/install-deps.sh` installs); `cargo bench --bench workload_cost -- --workloads tcp,http`
-//! runs only those. Under `cargo test` it is a quick smoke run.
+//! `scripts/install-deps.sh` installs): 5 rounds of 3 s runs, both states. Knobs, after `--`:
+//! - `--workloads tcp,http`: only those workloads;
+//! - `--rounds N`, `--seconds S`: N rounds of S-second runs (the TCP row on this VM:
+//!   `-- --workloads tcp --states default --rounds 30 --seconds 1`, about 2 minutes);
+//! - `--states default` (or `every`): only that state besides "nothing attached".
+//!
+//! Under `cargo test` it is a quick smoke run (one round of 0.2 s runs).
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -274,7 +283,7 @@ fn run_in_child(name: &str, seconds: f64) -> (f64, f64) {
 }
 
 /// The receivers the workloads run under.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum State {
     Default,
     Every,
@@ -285,6 +294,14 @@ impl State {
         match self {
             State::Default => "default config",
             State::Every => "every probe",
+        }
+    }
+
+    /// Its name in `--states`.
+    fn flag(self) -> &'static str {
+        match self {
+            State::Default => "default",
+            State::Every => "every",
         }
     }
 
@@ -334,9 +351,80 @@ impl State {
     }
 }
 
-fn median_of(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+fn median_of(v: Vec<f64>) -> f64 {
+    quantile(&sorted(v), 0.5)
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// The `q` quantile of `sorted` (not empty), interpolated between its two nearest values.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let at = q * (sorted.len() - 1) as f64;
+    let (low, high) = (at.floor() as usize, at.ceil() as usize);
+    sorted[low] + (sorted[high] - sorted[low]) * (at - low as f64)
+}
+
+/// The rounds' figures of one comparison, summarized: median, interquartile range and a 95 %
+/// bootstrap interval of the median.
+struct Spread {
+    median: f64,
+    quartiles: (f64, f64),
+    interval: (f64, f64),
+}
+
+impl Spread {
+    /// Resamples the rounds 2,000 times (a fixed seed: the same rounds give the same interval).
+    fn of(values: &[f64]) -> Spread {
+        let values = sorted(values.to_vec());
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        // splitmix64: uniform enough for resampling, and no dependency.
+        let mut next = move || {
+            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = seed;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let medians = sorted(
+            (0..2000)
+                .map(|_| {
+                    let sample: Vec<f64> = (0..values.len())
+                        .map(|_| values[(next() % values.len() as u64) as usize])
+                        .collect();
+                    median_of(sample)
+                })
+                .collect(),
+        );
+        Spread {
+            median: quantile(&values, 0.5),
+            quartiles: (quantile(&values, 0.25), quantile(&values, 0.75)),
+            interval: (quantile(&medians, 0.025), quantile(&medians, 0.975)),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.1} % (IQR {:.1} to {:.1}; 95 % interval of the median {:.1} to {:.1})",
+            self.median, self.quartiles.0, self.quartiles.1, self.interval.0, self.interval.1
+        )
+    }
+}
+
+/// The value after `flag` in the arguments, parsed; `default` without the flag.
+fn knob<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a value")),
+        None => default,
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -352,7 +440,12 @@ async fn main() {
         return;
     }
     let full = args.iter().any(|a| a == "--bench");
-    let (seconds, rounds) = if full { (3.0, 5) } else { (0.2, 1) };
+    let seconds: f64 = knob(&args, "--seconds", if full { 3.0 } else { 0.2 });
+    let rounds: usize = knob(&args, "--rounds", if full { 5 } else { 1 });
+    assert!(
+        seconds > 0.0 && rounds > 0,
+        "--seconds and --rounds must be positive"
+    );
     // `-- --workloads tcp,http` runs only those.
     let chosen: Vec<&str> = args
         .iter()
@@ -363,17 +456,38 @@ async fn main() {
         .into_iter()
         .filter(|(name, _)| chosen.contains(name))
         .collect();
-    let states = [State::Default, State::Every];
+    // `--states default` (or `every`) measures only that state against "nothing attached".
+    let states: Vec<State> = {
+        let chosen: String = knob(&args, "--states", "default,every".to_string());
+        let states: Vec<State> = [State::Default, State::Every]
+            .into_iter()
+            .filter(|s| chosen.split(',').any(|c| c == s.flag()))
+            .collect();
+        assert!(
+            !states.is_empty(),
+            "--states takes default, every or both (default,every), not {chosen:?}"
+        );
+        states
+    };
     // Per workload: the "nothing attached" runs, and per state its runs with the pair of
     // "nothing attached" runs around each.
     let mut baselines: Vec<Vec<Run>> = vec![Vec::new(); workloads.len()];
-    let mut paired: Vec<[Vec<(Run, Run, Run)>; 2]> =
-        vec![[Vec::new(), Vec::new()]; workloads.len()];
+    let mut paired: Vec<Vec<Vec<(Run, Run, Run)>>> =
+        vec![vec![Vec::new(); states.len()]; workloads.len()];
+    // With one workload, a round's last "nothing attached" run is the one just before the next
+    // round's first state: it opens that round too.
+    let mut previous: Option<Run> = None;
     for _ in 0..rounds {
         for (w, (name, _)) in workloads.iter().enumerate() {
-            let mut before = measure(name, seconds);
-            baselines[w].push(before);
-            for (s, state) in states.into_iter().enumerate() {
+            let mut before = match previous.take() {
+                Some(run) => run,
+                None => {
+                    let run = measure(name, seconds);
+                    baselines[w].push(run);
+                    run
+                }
+            };
+            for (s, state) in states.iter().copied().enumerate() {
                 let receiver = state.attach().await;
                 let with = measure(name, seconds);
                 receiver.shutdown().await.unwrap();
@@ -381,6 +495,9 @@ async fn main() {
                 baselines[w].push(after);
                 paired[w][s].push((before, with, after));
                 before = after;
+            }
+            if workloads.len() == 1 {
+                previous = Some(before);
             }
         }
     }
@@ -399,74 +516,53 @@ async fn main() {
             .join(", ")
     };
     println!(
-        "throughput loss per workload ({seconds} s per run, median of {rounds} paired rounds):"
-    );
-    println!(
-        "  {:<10} {:>14} {:<18} {:>16} {:>16}",
-        "workload", "nothing", "", "default config", "every probe"
+        "per workload and state ({seconds} s per run, {rounds} paired rounds, each against the mean of the \"nothing attached\" runs around it): throughput loss, and the change of the workload's CPU time per operation (user + system of its own processes, their eBPF programs' time included); medians, interquartile ranges, 95 % bootstrap intervals of the medians"
     );
     for (w, (name, unit)) in workloads.iter().enumerate() {
-        let loss = |s: usize| -> Vec<f64> {
-            change(&paired[w][s], Run::rate)
+        println!(
+            "  {name}: nothing attached {:.0} {unit}, {:.2} µs CPU per operation",
+            median_of(baselines[w].iter().map(Run::rate).collect()),
+            median_of(baselines[w].iter().map(Run::workload_us).collect()),
+        );
+        for (s, state) in states.iter().enumerate() {
+            let loss: Vec<f64> = change(&paired[w][s], Run::rate)
                 .into_iter()
                 .map(|c| -c)
-                .collect()
-        };
-        println!(
-            "  {:<10} {:>14.0} {:<18} {:>15.1}% {:>15.1}%   (rounds: default {}; every {})",
-            name,
-            median_of(baselines[w].iter().map(Run::rate).collect()),
-            unit,
-            median_of(loss(0)),
-            median_of(loss(1)),
-            list(&loss(0)),
-            list(&loss(1)),
-        );
-    }
-    println!(
-        "CPU time per operation, µs (user + system; median of {rounds} paired rounds): the workload's own processes (their eBPF programs' time included), its change against the runs around it, and the agent's (this process, where the receiver runs):"
-    );
-    println!(
-        "  {:<10} {:>9} {:>10} {:>9} {:>10} {:>9} {:>13} {:>13}",
-        "workload",
-        "nothing",
-        "default",
-        "change",
-        "every",
-        "change",
-        "agent default",
-        "agent every"
-    );
-    for (w, (name, _)) in workloads.iter().enumerate() {
-        let with = |s: usize, figure: fn(&Run) -> f64| -> f64 {
-            median_of(
-                paired[w][s]
-                    .iter()
-                    .map(|(_, with, _)| figure(with))
-                    .collect(),
-            )
-        };
-        let cpu_change = |s: usize| change(&paired[w][s], Run::workload_us);
-        println!(
-            "  {:<10} {:>9.2} {:>10.2} {:>8.1}% {:>10.2} {:>8.1}% {:>13.3} {:>13.3}   (change rounds: default {}; every {})",
-            name,
-            median_of(baselines[w].iter().map(Run::workload_us).collect()),
-            with(0, Run::workload_us),
-            median_of(cpu_change(0)),
-            with(1, Run::workload_us),
-            median_of(cpu_change(1)),
-            with(0, Run::agent_us),
-            with(1, Run::agent_us),
-            list(&cpu_change(0)),
-            list(&cpu_change(1)),
-        );
+                .collect();
+            let cpu = change(&paired[w][s], Run::workload_us);
+            let with = |figure: fn(&Run) -> f64| -> f64 {
+                median_of(
+                    paired[w][s]
+                        .iter()
+                        .map(|(_, with, _)| figure(with))
+                        .collect(),
+                )
+            };
+            println!(
+                "    {:<15} throughput loss {}",
+                state.name(),
+                Spread::of(&loss)
+            );
+            println!(
+                "    {:<15} CPU per operation {:.2} µs, change {}; agent (this process) {:.3} µs per operation",
+                "",
+                with(Run::workload_us),
+                Spread::of(&cpu),
+                with(Run::agent_us),
+            );
+            println!(
+                "    {:<15} rounds: loss {}; CPU change {}",
+                "",
+                list(&loss),
+                list(&cpu)
+            );
+        }
     }
     let nothing_agent: Vec<f64> = baselines.iter().flatten().map(Run::agent_us).collect();
     println!(
         "  (this process with nothing attached: {:.3} µs per operation at most)",
         nothing_agent.iter().cloned().fold(0.0, f64::max)
     );
-
     // Not timed: the statistics slow every program on the machine a little.
     let Some(_stats) = bpf_stats::StatsOn::enable() else {
         return;
@@ -475,7 +571,7 @@ async fn main() {
         "each program's runs per operation and ns per run (kernel BPF statistics, one {seconds} s run per workload and state):"
     );
     for (name, _) in &workloads {
-        for state in states {
+        for state in states.iter().copied() {
             let receiver = state.attach().await;
             let before = bpf_stats::snapshot();
             let run = measure(name, seconds);

@@ -12,7 +12,8 @@
 # and the median of each round's change from the first build to the second.
 #
 # Usage (root, from the repository): benches/tcp_state/cost.sh [ROUNDS] [N] [REV...]
-#   REV: a git revision whose ebpf/src/bpf is built, or `.` for the working tree.
+#   REV: a git revision whose ebpf/src/bpf is built, `.` for the working tree, or the path of a
+#   .bpf.c file (a variant of tcp.bpf.c, built with the working tree's headers).
 #   Default: 5 rounds of 20000 connections, `main` against `.`.
 set -euo pipefail
 ROUNDS=${1:-5}
@@ -103,10 +104,11 @@ OBJS=()
 for i in "${!REVS[@]}"; do
     src="$WORK/src$i"
     mkdir -p "$src"
-    if [ "${REVS[$i]}" = . ]; then
+    if [ "${REVS[$i]}" = . ] || [[ "${REVS[$i]}" == *.bpf.c ]]; then
         mkdir -p "$src/src"
         cp -r "$REPO/ebpf/src/bpf" "$src/src/"
         cp -r "$REPO/ebpf/include" "$src/"
+        [ "${REVS[$i]}" = . ] || cp "${REVS[$i]}" "$src/src/bpf/tcp.bpf.c"
     else
         git -C "$REPO" archive "${REVS[$i]}" ebpf/src/bpf ebpf/include | tar -x -C "$src" --strip-components=1
     fi

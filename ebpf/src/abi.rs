@@ -39,13 +39,14 @@ pub type MappedFile = podscope_mapped_file;
 /// A TCP peer's key: the socket's cgroup, the peer, the server port, the role.
 pub type TcpKey = podscope_tcp_key;
 pub type TcpCounts = podscope_tcp_counts;
-/// TCP distributions' key: the socket's cgroup, the role, the server port.
+/// TCP distributions' series: the socket's cgroup, the role, the server port.
 pub type TcpDistKey = podscope_tcp_dist_key;
 pub type TcpDists = podscope_tcp_dists;
 /// A cgroup's TCP connections beyond its `max_peers` peers (or refused by a full map), per
 /// address family and role.
 pub type TcpOtherKey = podscope_tcp_other_key;
-pub type TcpOther = podscope_tcp_other;
+/// A peer's (or a cgroup's other peers') counters and distributions.
+pub type TcpStats = podscope_tcp_stats;
 /// A removed cgroup's path, as the kernel recorded it when the directory went.
 pub type RemovedCgroup = removed_cgroup;
 /// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
@@ -197,10 +198,16 @@ impl UprobeKey {
 }
 
 impl TcpDists {
-    /// Adds `other`'s samples (the `other` entries of two address families share a series).
+    /// Adds `other`'s samples (the peers of one cgroup, role and server port share a series, and
+    /// so do the `other` entries of two address families).
     pub fn merge(&mut self, other: &TcpDists) {
         self.duration_ns.merge(&other.duration_ns);
         self.srtt_ns.merge(&other.srtt_ns);
+    }
+
+    /// No connection was recorded: a peer's connections are all still open.
+    pub fn is_empty(&self) -> bool {
+        self.duration_ns.count() == 0
     }
 }
 
@@ -227,7 +234,7 @@ unsafe impl aya::Pod for TcpCounts {}
 unsafe impl aya::Pod for TcpDistKey {}
 unsafe impl aya::Pod for TcpDists {}
 unsafe impl aya::Pod for TcpOtherKey {}
-unsafe impl aya::Pod for TcpOther {}
+unsafe impl aya::Pod for TcpStats {}
 unsafe impl aya::Pod for HttpEventHead {}
 unsafe impl aya::Pod for BlockStats {}
 unsafe impl aya::Pod for RemovedCgroup {}

@@ -149,10 +149,11 @@ struct podscope_mapped_file {
 	__u32 _pad;
 };
 
-/* tcp probe. Counters per cgroup (the socket's) and peer, for at most max_peers peers per
- * cgroup; the cgroup's other peers, and what a full map refuses, go to its tcp_other entry (per
- * address family and role). Distributions per cgroup, role and server port: 800 bytes each, per
- * peer they would dominate the probe's memory. */
+/* tcp probe. Counters and distributions per cgroup (the socket's) and peer, for at most max_peers
+ * peers per cgroup; the cgroup's other peers, and what a full map refuses, go to its tcp_other
+ * entry (per address family and role). The agent adds the peers' distributions up per cgroup,
+ * role and server port: kept beside each peer's counters, a closing connection finds both with
+ * one hash lookup (BENCHMARKS.md, issue 11). */
 enum tcp_role {
 	TCP_ROLE_CLIENT = 1,  /* active open: connect() */
 	TCP_ROLE_SERVER = 2,  /* passive open: accept() */
@@ -211,7 +212,8 @@ struct podscope_tcp_other_key {
 	__u8 _pad[6];
 };
 
-struct podscope_tcp_other {
+/* The value of tcp_conn_stats (a peer) and of tcp_other (a cgroup's other peers). */
+struct podscope_tcp_stats {
 	struct podscope_tcp_counts counts;
 	struct podscope_tcp_dists dists;
 };
@@ -465,9 +467,8 @@ enum tcp_map_slot {
 	TCP_MAP_CONN_STATS = 0,
 	TCP_MAP_LIVE = 1,
 	TCP_MAP_LIVE_RTT = 2,
-	TCP_MAP_CONN_DISTS = 3,
-	TCP_MAP_OTHER = 4,
-	TCP_MAP_CGROUP_PEERS = 5,
+	TCP_MAP_OTHER = 3,
+	TCP_MAP_CGROUP_PEERS = 4,
 };
 
 enum uprobes_map_slot {

@@ -7,10 +7,12 @@
  * kernel's TCP sockets (iter/tcp), run by the agent at every collection, samples the smoothed
  * RTT of connections still open.
  *
- * Counters are kept per peer, for at most max_peers peers per cgroup (the first seen); a cgroup's
- * other connections, and any a full map refuses, are counted in its tcp_other entry, so the
- * series always add up to what happened. Distributions (800 bytes each) are kept per cgroup, role
- * and server port, not per peer.
+ * Counters and distributions are kept per peer, for at most max_peers peers per cgroup (the first
+ * seen); a cgroup's other connections, and any a full map refuses, are counted in its tcp_other
+ * entry, so the series always add up to what happened. The agent adds the peers' distributions
+ * up per cgroup, role and server port; kept beside the counters they cost a closing connection
+ * no second hash lookup (a map of their own keyed by cgroup, role and port did: about 13 % of
+ * the program's time per loopback connection, BENCHMARKS.md).
  *
  * The state-change program runs five to seven times per connection, in the default config: it
  * leaves at once on the transitions no metric reads; it reads the socket with direct loads from
@@ -40,23 +42,14 @@
 /* Set by the loader (probes.tcp.max_peers). */
 const volatile __u32 max_peers = 100;
 
-/* peer → counters, at most max_peers peers per cgroup */
+/* peer → counters, and duration and RTT at close; at most max_peers peers per cgroup */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 16384);
 	__type(key, struct podscope_tcp_key);
-	__type(value, struct podscope_tcp_counts);
+	__type(value, struct podscope_tcp_stats);
 } tcp_conn_stats SEC(".maps");
-
-/* (cgroup, role, server port) → duration and RTT at close */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 2048);
-	__type(key, struct podscope_tcp_dist_key);
-	__type(value, struct podscope_tcp_dists);
-} tcp_conn_dists SEC(".maps");
 
 /* (cgroup, family, role) → counters and distributions of the peers beyond max_peers and of what
  * the maps above refused */
@@ -65,7 +58,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 2048);
 	__type(key, struct podscope_tcp_other_key);
-	__type(value, struct podscope_tcp_other);
+	__type(value, struct podscope_tcp_stats);
 } tcp_other SEC(".maps");
 
 /* cgroup → its peers in tcp_conn_stats */
@@ -105,9 +98,7 @@ struct {
 	__type(value, struct podscope_hist);
 } tcp_live_rtt SEC(".maps");
 
-static struct podscope_tcp_counts zero_counts;
-static struct podscope_tcp_dists zero_dists;
-static struct podscope_tcp_other zero_other;
+static struct podscope_tcp_stats zero_stats;
 static struct podscope_hist zero_hist;
 static __u64 zero_peers;
 
@@ -149,26 +140,14 @@ static __always_inline int make_key(const struct sock *sk, __u32 role, __u16 ser
 }
 
 /* `key`'s cgroup's entry in tcp_other; NULL (counted) when that map is full. */
-static __always_inline struct podscope_tcp_other *other_of(const struct podscope_tcp_key *key)
+static __always_inline struct podscope_tcp_stats *other_of(const struct podscope_tcp_key *key)
 {
 	struct podscope_tcp_other_key other_key = {
 		.cgroup_id = key->cgroup_id,
 		.family = key->family,
 		.role = key->role,
 	};
-	return podscope_lookup_or_init(&tcp_other, TCP_MAP_OTHER, &other_key, &zero_other);
-}
-
-/* The distributions of `key`'s cgroup's tcp_other entry; NULL (counted) when that map is full. */
-static __always_inline struct podscope_tcp_dists *other_dists(const struct podscope_tcp_key *key)
-{
-	struct podscope_tcp_other *o = other_of(key);
-	if (!o)
-		return 0;
-	/* Keeps the offset after the null check: the verifier refuses arithmetic on a pointer
-	 * that may be null, which is what clang emits for `o ? &o->dists : 0`. */
-	barrier_var(o);
-	return &o->dists;
+	return podscope_lookup_or_init(&tcp_other, TCP_MAP_OTHER, &other_key, &zero_stats);
 }
 
 /* Takes room for one more peer of `cgroup_id` under max_peers. Several CPUs may take the last
@@ -191,44 +170,25 @@ static __always_inline void release_peer(__u64 cgroup_id)
 		__sync_fetch_and_sub(peers, 1);
 }
 
-/* The counters of `key`'s peer: its own entry while its cgroup has room under max_peers, else
- * (or when tcp_conn_stats is full) its cgroup's tcp_other entry, and *other says so; NULL
- * (counted) only when tcp_other is full as well. */
-static __always_inline struct podscope_tcp_counts *counts_for(const struct podscope_tcp_key *key, __u8 *other)
+/* The counters and distributions of `key`'s peer: its own entry while its cgroup has room under
+ * max_peers, else (or when tcp_conn_stats is full) its cgroup's tcp_other entry, and *other says
+ * so; NULL (counted) only when tcp_other is full as well. */
+static __always_inline struct podscope_tcp_stats *stats_for(const struct podscope_tcp_key *key, __u8 *other)
 {
 	*other = 0;
-	struct podscope_tcp_counts *counts = bpf_map_lookup_elem(&tcp_conn_stats, key);
-	if (counts)
-		return counts;
+	struct podscope_tcp_stats *stats = bpf_map_lookup_elem(&tcp_conn_stats, key);
+	if (stats)
+		return stats;
 	if (reserve_peer(key->cgroup_id)) {
 		/* -EEXIST: another CPU made the entry first, and took its own room for it. */
-		if (podscope_insert(&tcp_conn_stats, TCP_MAP_CONN_STATS, key, &zero_counts, BPF_NOEXIST) != 0)
+		if (podscope_insert(&tcp_conn_stats, TCP_MAP_CONN_STATS, key, &zero_stats, BPF_NOEXIST) != 0)
 			release_peer(key->cgroup_id);
-		counts = bpf_map_lookup_elem(&tcp_conn_stats, key);
-		if (counts)
-			return counts;
+		stats = bpf_map_lookup_elem(&tcp_conn_stats, key);
+		if (stats)
+			return stats;
 	}
 	*other = 1;
-	struct podscope_tcp_other *o = other_of(key);
-	return o ? &o->counts : 0;
-}
-
-/* The distributions a closing connection of `key` goes to: its cgroup, role and server port, or
- * its cgroup's tcp_other entry when it is counted there or tcp_conn_dists is full. */
-static __always_inline struct podscope_tcp_dists *dists_for(const struct podscope_tcp_key *key, __u8 other)
-{
-	if (!other) {
-		struct podscope_tcp_dist_key dist_key = {
-			.cgroup_id = key->cgroup_id,
-			.server_port = key->server_port,
-			.role = key->role,
-		};
-		struct podscope_tcp_dists *dists =
-			podscope_lookup_or_init(&tcp_conn_dists, TCP_MAP_CONN_DISTS, &dist_key, &zero_dists);
-		if (dists)
-			return dists;
-	}
-	return other_dists(key);
+	return other_of(key);
 }
 
 /* The role of a connection this probe did not see established (open before it loaded, or
@@ -309,7 +269,7 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (sk->sk_protocol != IPPROTO_TCP)
 		return 0;
 	struct podscope_tcp_key key;
-	struct podscope_tcp_counts *counts;
+	struct podscope_tcp_stats *stats;
 	__u8 other;
 
 	if (newstate == TCP_ESTABLISHED) {
@@ -318,9 +278,9 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
 		if (make_key(sk, role, server_port_of(sk, role), &key) || podscope_skip_cgroup(key.cgroup_id))
 			return 0;
-		counts = counts_for(&key, &other);
-		if (counts)
-			__sync_fetch_and_add(&counts->opened, 1);
+		stats = stats_for(&key, &other);
+		if (stats)
+			__sync_fetch_and_add(&stats->counts.opened, 1);
 		struct podscope_tcp_live *live = live_claim(sk);
 		if (!live)
 			return 0;
@@ -337,18 +297,18 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 		if (make_key(sk, TCP_ROLE_CLIENT, server_port_of(sk, TCP_ROLE_CLIENT), &key) ||
 		    podscope_skip_cgroup(key.cgroup_id))
 			return 0;
-		counts = counts_for(&key, &other);
-		if (!counts)
+		stats = stats_for(&key, &other);
+		if (!stats)
 			return 0;
 		int err = sk->sk_err;
 		if (err == ECONNREFUSED)
-			__sync_fetch_and_add(&counts->failed_refused, 1);
+			__sync_fetch_and_add(&stats->counts.failed_refused, 1);
 		else if (err == ETIMEDOUT)
-			__sync_fetch_and_add(&counts->failed_timeout, 1);
+			__sync_fetch_and_add(&stats->counts.failed_timeout, 1);
 		else if (err == ECONNRESET)
-			__sync_fetch_and_add(&counts->failed_reset, 1);
+			__sync_fetch_and_add(&stats->counts.failed_reset, 1);
 		else
-			__sync_fetch_and_add(&counts->failed_other, 1);
+			__sync_fetch_and_add(&stats->counts.failed_other, 1);
 		return 0;
 	}
 
@@ -364,40 +324,32 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (make_key(sk, live.role, live.server_port, &key) || podscope_skip_cgroup(key.cgroup_id))
 		return 0;
 	/* Where it was counted when it opened: its peer's entry, or its cgroup's tcp_other. */
-	other = live.other;
-	if (other) {
-		struct podscope_tcp_other *o = other_of(&key);
-		counts = o ? &o->counts : 0;
-	} else {
-		counts = counts_for(&key, &other);
-	}
+	stats = live.other ? other_of(&key) : stats_for(&key, &other);
+	if (!stats)
+		return 0;
 	/* A checked cast: the verifier knows `tp` as a tcp_sock (a plain cast would leave it a sock,
 	 * whose bounds the tcp_sock fields are beyond). Never NULL for a socket seen established. */
 	const struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
-	if (counts) {
-		__sync_fetch_and_add(&counts->closed, 1);
-		if (tp) {
-			/* bytes_acked and bytes_received count sequence space: a FIN in either
-			 * direction takes one, and so does the client's SYN in bytes_acked (the passive
-			 * side's SYN-ACK is not in it: the accepted socket starts with it
-			 * acknowledged). Payload only. */
-			__u64 acked = tp->bytes_acked;
-			__u64 received = tp->bytes_received;
-			__u8 shutdown = sk->sk_shutdown;
-			int fin_acked = (shutdown & SEND_SHUTDOWN) && tp->snd_una == tp->write_seq;
-			__u64 control_out = (live.role == TCP_ROLE_CLIENT ? 1 : 0) + (fin_acked ? 1 : 0);
-			__u64 control_in = (shutdown & RCV_SHUTDOWN) ? 1 : 0;
-			__sync_fetch_and_add(&counts->bytes_sent, acked > control_out ? acked - control_out : 0);
-			__sync_fetch_and_add(&counts->bytes_received,
-					     received > control_in ? received - control_in : 0);
-		}
-	}
-	struct podscope_tcp_dists *dists = dists_for(&key, other);
-	if (dists) {
-		podscope_hist_add(&dists->duration_ns, duration);
+	__sync_fetch_and_add(&stats->counts.closed, 1);
+	podscope_hist_add(&stats->dists.duration_ns, duration);
+	if (tp) {
+		/* bytes_acked and bytes_received count sequence space: a FIN in either direction
+		 * takes one, and so does the client's SYN in bytes_acked (the passive side's SYN-ACK
+		 * is not in it: the accepted socket starts with it acknowledged). Payload only, and
+		 * added only when there is some (a connection without payload spares two atomic
+		 * adds). */
+		__u64 acked = tp->bytes_acked;
+		__u64 received = tp->bytes_received;
+		__u8 shutdown = sk->sk_shutdown;
+		int fin_acked = (shutdown & SEND_SHUTDOWN) && tp->snd_una == tp->write_seq;
+		__u64 control_out = (live.role == TCP_ROLE_CLIENT ? 1 : 0) + (fin_acked ? 1 : 0);
+		__u64 control_in = (shutdown & RCV_SHUTDOWN) ? 1 : 0;
+		if (acked > control_out)
+			__sync_fetch_and_add(&stats->counts.bytes_sent, acked - control_out);
+		if (received > control_in)
+			__sync_fetch_and_add(&stats->counts.bytes_received, received - control_in);
 		/* srtt_us holds 8 × the smoothed RTT in µs. */
-		if (tp)
-			podscope_hist_add(&dists->srtt_ns, (__u64)(tp->srtt_us >> 3) * 1000);
+		podscope_hist_add(&stats->dists.srtt_ns, (__u64)(tp->srtt_us >> 3) * 1000);
 	}
 	return 0;
 }
@@ -411,16 +363,10 @@ int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buf
 	struct podscope_tcp_key key;
 	if (make_key(sk, role, server_port, &key) || podscope_skip_cgroup(key.cgroup_id))
 		return 0;
-	struct podscope_tcp_counts *counts;
 	__u8 other;
-	if (live && live->other) {
-		struct podscope_tcp_other *o = other_of(&key);
-		counts = o ? &o->counts : 0;
-	} else {
-		counts = counts_for(&key, &other);
-	}
-	if (counts)
-		__sync_fetch_and_add(&counts->retransmits, 1);
+	struct podscope_tcp_stats *stats = live && live->other ? other_of(&key) : stats_for(&key, &other);
+	if (stats)
+		__sync_fetch_and_add(&stats->counts.retransmits, 1);
 	return 0;
 }
 

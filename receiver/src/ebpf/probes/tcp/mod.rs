@@ -2,9 +2,11 @@
 //! retransmissions per cgroup (the socket's) and peer, and the RTT of open connections sampled at
 //! every collection by an iterator over the kernel's TCP sockets (`iter/tcp`, optional).
 //!
-//! The kernel keeps counters for at most `max_peers` peers per cgroup and counts the rest (and
-//! whatever a full map refused) in the cgroup's `other` entry; distributions are per cgroup, role
-//! and server port. This module reads the maps as they are: it caps nothing itself.
+//! The kernel keeps counters and distributions for at most `max_peers` peers per cgroup and counts
+//! the rest (and whatever a full map refused) in the cgroup's `other` entry. Distributions are
+//! series per cgroup, role and server port: this module adds the peers' up (the kernel keeps them
+//! beside each peer's counters so that a closing connection costs one hash lookup). It caps
+//! nothing itself.
 
 mod config;
 mod metrics;
@@ -13,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use aya::programs::Iter;
 use podscope_core::FieldError;
-use podscope_ebpf::abi::{Hist, TcpCounts, TcpDistKey, TcpDists, TcpKey, TcpOther, TcpOtherKey};
+use podscope_ebpf::abi::{Hist, TcpDistKey, TcpDists, TcpKey, TcpOtherKey, TcpStats};
 use podscope_ebpf::{abi, objects};
 
 pub use config::TcpProbeConfig;
@@ -33,20 +35,16 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_tcp_state", "inet_sock_set_state"),
         tp_btf("podscope_tcp_retransmit", "tcp_retransmit_skb"),
     ],
-    maps: &[CONN_STATS, CONN_DISTS, OTHER, CGROUP_PEERS, LIVE, OPEN_RTT],
+    maps: &[CONN_STATS, OTHER, CGROUP_PEERS, LIVE, OPEN_RTT],
 };
 
 /// The iterator program sampling open connections' RTT.
 const OPEN_RTT_ITERATOR: &str = "podscope_tcp_live_rtt";
 
-/// Peer → counters, at most `max_peers` peers per cgroup.
+/// Peer → counters, and duration and RTT at close; at most `max_peers` peers per cgroup.
 const CONN_STATS: MapDef = MapDef::entries("tcp_conn_stats")
     .counted(abi::TCP_MAP_CONN_STATS)
     .typically(Typical::PerCgroup(10));
-/// (cgroup, role, server port) → duration and RTT at close.
-const CONN_DISTS: MapDef = MapDef::entries("tcp_conn_dists")
-    .counted(abi::TCP_MAP_CONN_DISTS)
-    .typically(Typical::PerCgroup(2));
 /// (cgroup, address family, role) → counters and distributions of peer `other` (entries only
 /// where a cgroup has more than `max_peers` peers; one per cgroup bounds it from above).
 const OTHER: MapDef = MapDef::entries("tcp_other").counted(abi::TCP_MAP_OTHER);
@@ -114,8 +112,7 @@ impl SingleObjectProbe for Tcp {
             }
         };
         Ok(Box::new(Loaded {
-            counts: object.hash(&CONN_STATS)?,
-            dists: object.hash(&CONN_DISTS)?,
+            peers: object.hash(&CONN_STATS)?,
             other: object.hash(&OTHER)?,
             cgroup_peers: object.hash(&CGROUP_PEERS)?,
             open_rtt: object.hash(&OPEN_RTT)?,
@@ -127,9 +124,8 @@ impl SingleObjectProbe for Tcp {
 
 struct Loaded {
     object: ProbeObject,
-    counts: HashTable<TcpKey, TcpCounts>,
-    dists: HashTable<TcpDistKey, TcpDists>,
-    other: HashTable<TcpOtherKey, TcpOther>,
+    peers: HashTable<TcpKey, TcpStats>,
+    other: HashTable<TcpOtherKey, TcpStats>,
     cgroup_peers: HashTable<u64, u64>,
     open_rtt: HashTable<TcpDistKey, Hist>,
     /// The iterator over open connections is loaded.
@@ -170,45 +166,60 @@ fn dist_order(key: &TcpDistKey) -> (u64, u8, u16) {
     (key.cgroup_id, key.role, key.server_port)
 }
 
+/// The distribution series of one collection, in output order.
+type DistSeries = BTreeMap<(u64, u8, u16), (TcpDistKey, TcpDists)>;
+
+/// Adds `dists` to the series of (`cgroup_id`, `role`, `server_port`).
+fn add_to_series(
+    series: &mut DistSeries,
+    cgroup_id: u64,
+    role: u8,
+    server_port: u16,
+    dists: &TcpDists,
+) {
+    let key = TcpDistKey {
+        cgroup_id,
+        server_port,
+        role,
+        ..Default::default()
+    };
+    series
+        .entry(dist_order(&key))
+        .or_insert((key, TcpDists::default()))
+        .1
+        .merge(dists);
+}
+
 impl Probe for Loaded {
     fn objects_mut(&mut self) -> Vec<&mut ProbeObject> {
         vec![&mut self.object]
     }
 
     fn collect(&mut self, out: &mut Collection<'_>) {
-        let counts = self.counts.entries();
-        let dists = self.dists.entries();
+        let peers = self.peers.entries();
         let other = self.other.entries();
-        out.saw(counts.keys().map(|k| k.cgroup_id));
-        out.saw(dists.keys().map(|k| k.cgroup_id));
+        out.saw(peers.keys().map(|k| k.cgroup_id));
         out.saw(other.keys().map(|k| k.cgroup_id));
 
-        let mut peers: Vec<(&TcpKey, &TcpCounts)> = counts.iter().collect();
+        let mut peers: Vec<(&TcpKey, &TcpStats)> = peers.iter().collect();
         peers.sort_by_key(|(k, _)| (k.cgroup_id, k.peer, k.server_port, k.family, k.role));
-        for (key, counts) in peers {
-            metrics::add_counts(&mut out.metrics, &metrics::Peer::of(key), counts);
+        // Distributions are series per cgroup, role and server port: the peers' added up. A
+        // series exists once a connection of it closed (a peer whose connections are all still
+        // open adds none).
+        let mut by_series = DistSeries::new();
+        for (key, stats) in peers {
+            metrics::add_counts(&mut out.metrics, &metrics::Peer::of(key), &stats.counts);
+            if !stats.dists.is_empty() {
+                add_to_series(&mut by_series, key.cgroup_id, key.role, key.server_port, &stats.dists);
+            }
         }
         // A cgroup's `other` distributions have no server port: both address families' entries
         // are one series.
-        let mut by_series: BTreeMap<(u64, u8, u16), (TcpDistKey, TcpDists)> = dists
-            .into_iter()
-            .map(|(key, dists)| (dist_order(&key), (key, dists)))
-            .collect();
-        let mut others: Vec<(&TcpOtherKey, &TcpOther)> = other.iter().collect();
+        let mut others: Vec<(&TcpOtherKey, &TcpStats)> = other.iter().collect();
         others.sort_by_key(|(k, _)| (k.cgroup_id, k.family, k.role));
         for (key, other) in others {
             metrics::add_counts(&mut out.metrics, &metrics::Peer::other(key), &other.counts);
-            let series = TcpDistKey {
-                cgroup_id: key.cgroup_id,
-                server_port: 0,
-                role: key.role,
-                ..Default::default()
-            };
-            by_series
-                .entry(dist_order(&series))
-                .or_insert((series, TcpDists::default()))
-                .1
-                .merge(&other.dists);
+            add_to_series(&mut by_series, key.cgroup_id, key.role, 0, &other.dists);
         }
         for (key, dists) in by_series.values() {
             metrics::add_dists(&mut out.metrics, key, dists);
@@ -231,8 +242,7 @@ impl Probe for Loaded {
     }
 
     fn forget(&mut self, gone: &HashSet<u64>) {
-        self.counts.forget(gone, |k| k.cgroup_id);
-        self.dists.forget(gone, |k| k.cgroup_id);
+        self.peers.forget(gone, |k| k.cgroup_id);
         self.other.forget(gone, |k| k.cgroup_id);
         self.cgroup_peers.forget(gone, |k| *k);
     }
