@@ -121,3 +121,79 @@ impl SessionProbeRun {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use podscope_core::telemetry::AgentTelemetry;
+    use tokio::sync::mpsc;
+
+    use super::super::export::SessionExportSink;
+    use super::*;
+
+    fn sink(export: Option<(Arc<SessionExports>, String)>) -> RunSink {
+        let logs = Arc::new(SessionLogs::new(1 << 20, 1 << 20));
+        RunSink {
+            log: logs.open(&("team-a".into(), "requests".into()), "uid-1"),
+            logs,
+            names: CgroupNames::default(),
+            node: "node-1".into(),
+            rate: Arc::new(RateCap::new(100)),
+            summary: Arc::default(),
+            clock_offset: 0,
+            session: "team-a/requests".into(),
+            export,
+        }
+    }
+
+    fn http_event(pid: u32) -> Event {
+        Event {
+            time_unix_nano: 1,
+            node: "node-1".into(),
+            namespace: "team-a".into(),
+            pod: "web-0".into(),
+            container: "app".into(),
+            probe: TraceProbe::Http,
+            pid,
+            tid: pid,
+            comm: "python3".into(),
+            fields: BTreeMap::from([("status".into(), "404".into())]),
+        }
+    }
+
+    /// The session probes (http, top, profile) keep their events through `keep`: an exported
+    /// session's events reach the `trace_sessions` receiver as the trace probes' do, and are
+    /// kept in the log either way.
+    #[test]
+    fn kept_events_of_an_exported_session_reach_the_export_sink_too() {
+        let exports = Arc::new(SessionExports::default());
+        let (events, mut exported) = mpsc::channel(8);
+        exports.register(Arc::new(SessionExportSink {
+            receiver: "trace_sessions".into(),
+            events: Some(events),
+            summaries: None,
+            telemetry: AgentTelemetry::new(),
+        }));
+
+        let not_exported = sink(None);
+        not_exported.keep(&http_event(1));
+        assert_eq!(not_exported.log.read(1, 10).records.len(), 1);
+        assert!(
+            exported.try_recv().is_err(),
+            "export: false hands nothing over"
+        );
+
+        let exporting = sink(Some((exports.clone(), "requests".into())));
+        exporting.keep(&http_event(2));
+        exporting.keep(&http_event(3));
+        assert_eq!(exporting.log.read(1, 10).records.len(), 2);
+        let handed: Vec<(String, u32)> = std::iter::from_fn(|| exported.try_recv().ok())
+            .map(|e| (e.session, e.event.pid))
+            .collect();
+        assert_eq!(
+            handed,
+            [("requests".to_string(), 2), ("requests".to_string(), 3)]
+        );
+    }
+}

@@ -249,7 +249,7 @@ pub fn summary_metrics(summary: &ExportedSummary) -> ResourceMetrics {
         metrics.push(Metric {
             name: "podscope.session.duration".to_string(),
             description:
-                "Quantiles of the durations a TraceSession's probe measured on this node (exit: process lifetime, tcp_close: connection lifetime)"
+                "Quantiles of the durations a TraceSession's probe measured on this node (exit: process lifetime, tcp_close: connection lifetime, http: request latency)"
                     .to_string(),
             unit: "ns".to_string(),
             data: Some(metric::Data::Gauge(Gauge {
