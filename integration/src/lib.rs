@@ -5,6 +5,7 @@ pub mod bpf;
 pub mod certs;
 pub mod fake_kube;
 pub mod kubectl_plugin;
+pub mod lines;
 pub mod oteltest;
 pub mod pprof_format;
 pub mod prometheus;

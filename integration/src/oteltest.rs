@@ -3,7 +3,6 @@
 //! dropped. Each request it decodes comes as one JSON line (`transport`, `signal`, `headers`,
 //! `request` in protobuf's JSON mapping).
 
-use std::io::BufRead as _;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -45,17 +44,7 @@ impl OteltestSink {
             .spawn()
             .expect("start the oteltest sink");
         let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = crate::lines::lines_of(stdout);
         let sink = OteltestSink { child, lines };
         assert_eq!(
             sink.lines

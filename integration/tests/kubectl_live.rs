@@ -11,7 +11,6 @@
 //! agent is the `podscope` binary beside it (`cargo build --bin podscope`, which `cargo test
 //! --workspace` does), or $PODSCOPE_BINARY.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::mpsc;
@@ -21,6 +20,7 @@ use k8s_openapi::api::core::v1::Pod;
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::pods::{self, running_pod as pod};
 use podscope_integration::fake_kube::FakeApiServer;
+use podscope_integration::lines::lines_of;
 use podscope_testkit::pod_cgroup::PodCgroup;
 use serde_json::{json, Value};
 
@@ -174,26 +174,10 @@ impl Streaming {
         let mut child = command.spawn().expect("start the plugin");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        let (out_sender, out_lines) = mpsc::channel();
-        let (line_sender, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if out_sender.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line_sender.send(line).is_err() {
-                    return;
-                }
-            }
-        });
         Streaming {
             child,
-            stdout: out_lines,
-            stderr: lines,
+            stdout: lines_of(stdout),
+            stderr: lines_of(stderr),
         }
     }
 

@@ -18,7 +18,6 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use podscope_core::session::{
@@ -27,6 +26,7 @@ use podscope_core::session::{
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::pods;
 use podscope_integration::fake_kube::FakeApiServer;
+use podscope_integration::lines::lines_of;
 use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 use serde_json::{json, Value};
 
@@ -245,14 +245,7 @@ async fn a_sessions_execs_are_read_by_attach_then_logs_after_a_restart_until_its
         attached.stdout.take().unwrap(),
         attached.stderr.take().unwrap(),
     );
-    let (line_sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line_sender.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = lines_of(stdout);
     let mut stderr = BufReader::new(stderr);
     let mut said = String::new();
     stderr.read_line(&mut said).expect("the plugin's stderr");
@@ -466,14 +459,7 @@ async fn run_watch_creates_the_session_and_prints_its_events_until_it_ends() {
         watching.stdout.take().unwrap(),
         watching.stderr.take().unwrap(),
     );
-    let (line_sender, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line_sender.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = lines_of(stdout);
     // What it says on stderr until it is attached: the object created, then (maybe) waiting
     // for an agent to run it.
     let mut stderr = BufReader::new(stderr);

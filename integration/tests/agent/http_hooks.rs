@@ -3,9 +3,8 @@
 //! tracepoints are used; tracefs that cannot be mounted gives the raw sys_enter/sys_exit hooks.
 //! The start-up line says which.
 
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use podscope_integration::agent::free_port;
@@ -34,17 +33,7 @@ fn hooks_line(prepare: &str, btf_path: &str) -> String {
         .spawn()
         .expect("unshare (util-linux)");
     let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = podscope_integration::lines::lines_of(stdout);
     let mut seen = Vec::new();
     let found = loop {
         match lines.recv_timeout(Duration::from_secs(60)) {
