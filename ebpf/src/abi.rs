@@ -205,9 +205,10 @@ impl TcpDists {
         self.srtt_ns.merge(&other.srtt_ns);
     }
 
-    /// No connection was recorded: a peer's connections are all still open.
+    /// No connection closed: a peer's connections are all still open. (Every close records its
+    /// RTT; only sampled ones their duration.)
     pub fn is_empty(&self) -> bool {
-        self.duration_ns.count() == 0
+        self.srtt_ns.count() == 0
     }
 }
 

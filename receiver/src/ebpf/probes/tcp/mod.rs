@@ -56,6 +56,8 @@ const CGROUP_PEERS: MapDef =
 const LIVE: MapDef = MapDef::entries("tcp_live")
     .counted(abi::TCP_MAP_LIVE)
     .typically(Typical::Full);
+/// The sparsest duration sampling `duration_sample_one_in` takes.
+const MAX_DURATION_SAMPLE_ONE_IN: u32 = 1 << 16;
 /// `tcp_live`'s size compiled into the object, when `max_entries` does not set it.
 const LIVE_SLOTS: u32 = 65_536;
 /// Filled by the iterator, emptied before each run.
@@ -77,6 +79,15 @@ impl SingleObjectProbe for Tcp {
                 "must be at least 1",
             ));
         }
+        let one_in = config.duration_sample_one_in;
+        if !one_in.is_power_of_two() || one_in > MAX_DURATION_SAMPLE_ONE_IN {
+            errors.push(FieldError::new(
+                format!("{prefix}.duration_sample_one_in"),
+                format!(
+                    "must be a power of two from 1 to {MAX_DURATION_SAMPLE_ONE_IN} (one connection in that many is timed), not {one_in}"
+                ),
+            ));
+        }
     }
 
     fn open(
@@ -86,6 +97,11 @@ impl SingleObjectProbe for Tcp {
         let settings = ObjectSettings {
             globals: vec![
                 Global::U32("max_peers", config.max_peers),
+                // The kernel keeps a socket when its hash has these bits clear.
+                Global::U32(
+                    "duration_sample_mask",
+                    config.duration_sample_one_in - 1,
+                ),
                 // The programs hash sockets into the table at its size.
                 Global::U32(
                     "live_slots",
@@ -118,6 +134,7 @@ impl SingleObjectProbe for Tcp {
             open_rtt: object.hash(&OPEN_RTT)?,
             object,
             samples_open_rtt,
+            duration_sample_one_in: config.duration_sample_one_in,
         }))
     }
 }
@@ -130,6 +147,8 @@ struct Loaded {
     open_rtt: HashTable<TcpDistKey, Hist>,
     /// The iterator over open connections is loaded.
     samples_open_rtt: bool,
+    /// One connection in this many is timed (`podscope.sampling.one_in` on the durations).
+    duration_sample_one_in: u32,
 }
 
 impl Loaded {
@@ -222,7 +241,7 @@ impl Probe for Loaded {
             add_to_series(&mut by_series, key.cgroup_id, key.role, 0, &other.dists);
         }
         for (key, dists) in by_series.values() {
-            metrics::add_dists(&mut out.metrics, key, dists);
+            metrics::add_dists(&mut out.metrics, key, dists, self.duration_sample_one_in);
         }
 
         if self.samples_open_rtt {
