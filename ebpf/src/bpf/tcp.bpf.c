@@ -88,11 +88,11 @@ struct {
  * probe's time per loopback connection here (BENCHMARKS.md, issue 11). A socket that finds its
  * slots taken is refused and counted, as a full map's insert is. Sized by the loader: `live_slots`
  * is the array's max_entries. */
-const volatile __u32 live_slots = 65536;
+const volatile __u32 live_slots = 8192;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 8192);
 	__type(key, __u32);
 	__type(value, struct podscope_tcp_live);
 } tcp_live SEC(".maps");

@@ -51,15 +51,16 @@ const OTHER: MapDef = MapDef::entries("tcp_other").counted(abi::TCP_MAP_OTHER);
 /// Cgroup → its peers in `tcp_conn_stats`.
 const CGROUP_PEERS: MapDef =
     MapDef::entries("tcp_cgroup_peers").counted(abi::TCP_MAP_CGROUP_PEERS);
-/// Open sockets → when each was established, its role and server port: a table of slots (an
-/// array, all of it allocated at load), sized by `max_entries.tcp_live`.
+/// Open sockets being timed (one in `duration_sample_one_in`) → when each was established, its
+/// role and server port: a table of slots (an array, all of it allocated at load), sized by
+/// `max_entries.tcp_live`.
 const LIVE: MapDef = MapDef::entries("tcp_live")
     .counted(abi::TCP_MAP_LIVE)
     .typically(Typical::Full);
 /// The sparsest duration sampling `duration_sample_one_in` takes.
 const MAX_DURATION_SAMPLE_ONE_IN: u32 = 1 << 16;
 /// `tcp_live`'s size compiled into the object, when `max_entries` does not set it.
-const LIVE_SLOTS: u32 = 65_536;
+const LIVE_SLOTS: u32 = 8_192;
 /// Filled by the iterator, emptied before each run.
 const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt")
     .counted(abi::TCP_MAP_LIVE_RTT)
