@@ -318,7 +318,8 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     use std::io::Read as _;
-    let (receiver, collected) = start(serde_json::json!({"tcp": {"duration_sample_one_in": 1}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"tcp": {"duration_sample_one_in": 1}})).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
@@ -1097,14 +1098,7 @@ async fn tcp_times_one_connection_in_sixteen_by_default_and_counts_every_one() {
     const CONNECTIONS: usize = 256;
     let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
     let server_pod = PodCgroup::new();
-    let server = PodServer::start(
-        &server_pod,
-        None,
-        Some([127, 0, 0, 1]),
-        0,
-        CONNECTIONS,
-        10,
-    );
+    let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, CONNECTIONS, 10);
     let port = server.port;
     for _ in 0..CONNECTIONS {
         assert!(exchange(None, [127, 0, 0, 1], port, 5, 10));
@@ -1123,9 +1117,12 @@ async fn tcp_times_one_connection_in_sixteen_by_default_and_counts_every_one() {
         CONNECTIONS as i64
     );
     let port = port.to_string();
-    let server_series = [("server.port", port.as_str()), ("podscope.tcp.role", "server")];
-    let rtt = distribution(&rms, Some(id), "podscope.tcp.rtt", &server_series)
-        .expect("RTTs at close");
+    let server_series = [
+        ("server.port", port.as_str()),
+        ("podscope.tcp.role", "server"),
+    ];
+    let rtt =
+        distribution(&rms, Some(id), "podscope.tcp.rtt", &server_series).expect("RTTs at close");
     assert_eq!(rtt.count, CONNECTIONS as u64, "an RTT per close");
     let mut sampled = server_series.to_vec();
     sampled.push(("podscope.sampling.one_in", "16"));
@@ -1144,7 +1141,8 @@ async fn tcp_times_one_connection_in_sixteen_by_default_and_counts_every_one() {
 /// recorded when the connection was established.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_server_series_keep_the_listening_port_after_close() {
-    let (receiver, collected) = start(serde_json::json!({"tcp": {"duration_sample_one_in": 1}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"tcp": {"duration_sample_one_in": 1}})).await;
     let server_pod = PodCgroup::new();
     let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, 2, 10);
     let port = server.port;
@@ -1340,7 +1338,11 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
             "network.peer.port"
         };
         let series = format!("network.transport=tcp,network.type=ipv4,network.peer.address={peer},server.port={PORT},{side}={PORT},podscope.tcp.role={role}");
-        for metric in ["podscope.tcp.retransmits", "podscope.tcp.connections.closed"] {
+        for metric in [
+            "podscope.tcp.retransmits",
+            "podscope.tcp.connections.opened",
+            "podscope.tcp.connections.closed",
+        ] {
             let found: Vec<&String> = c
                 .keys()
                 .filter(|(name, _)| name == metric)
@@ -1348,7 +1350,17 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
                 .collect();
             assert_eq!(found, [&series], "{role}, {metric}: {c:#?}");
         }
-        assert_eq!(c[&("podscope.tcp.connections.closed".to_string(), series)], 1);
+        // Open when the agent started: counted opened once (by the iterator), and closed.
+        for metric in [
+            "podscope.tcp.connections.opened",
+            "podscope.tcp.connections.closed",
+        ] {
+            assert_eq!(
+                c[&(metric.to_string(), series.clone())],
+                1,
+                "{role}, {metric}"
+            );
+        }
     }
     receiver.shutdown().await.unwrap();
 }
@@ -1361,7 +1373,8 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
 async fn tcp_a_server_with_more_clients_than_max_peers_keeps_exact_totals() {
     use std::os::fd::AsRawFd as _;
     const CLIENTS: u8 = 10;
-    let (receiver, collected) = start(serde_json::json!({"tcp": {"max_peers": 4, "duration_sample_one_in": 1}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"tcp": {"max_peers": 4, "duration_sample_one_in": 1}})).await;
     let net = NetnsPair::new("m");
     // Ten client hosts: ten addresses on namespace a's side of the link.
     for host in 0..CLIENTS {
@@ -2139,7 +2152,8 @@ async fn a_container_uprobe_counts_each_call_once_across_containers_of_one_image
 }
 
 /// The RTT of a connection that stays open is sampled at every collection (one sample per open
-/// connection), not only when it closes.
+/// connection), not only when it closes; and it is counted opened while open (by the iterator:
+/// the state-change program counts no opens), once, before and after its close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
     use std::io::Read as _;
@@ -2185,13 +2199,23 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
             &[("server.port", &port_text), ("podscope.tcp.role", "client")],
         )
     };
+    let client_counts = |rms: &[ResourceMetrics]| {
+        let c = counters(rms, pod_id);
+        let role = ["podscope.tcp.role=client"];
+        (
+            sum_where(&c, "podscope.tcp.connections.opened", &role),
+            sum_where(&c, "podscope.tcp.connections.closed", &role),
+        )
+    };
     for _ in 0..2 {
         receiver.collect_now().await.unwrap();
-        let sample = open_rtt(&collected.last_metrics()).expect("the open connection is sampled");
+        let rms = collected.last_metrics();
+        let sample = open_rtt(&rms).expect("the open connection is sampled");
         assert_eq!(
             sample.count, 1,
             "one open connection, one sample per collection"
         );
+        assert_eq!(client_counts(&rms), (1, 0), "opened, closed");
     }
     release_tx.send(()).unwrap();
     server.join().unwrap();
@@ -2215,6 +2239,7 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
                 open_rtt(&rms).is_none(),
                 "a closed connection is not sampled"
             );
+            assert_eq!(client_counts(&rms), (1, 1), "opened, closed");
             break;
         }
         assert!(

@@ -187,11 +187,24 @@ struct podscope_tcp_counts {
 	__u64 failed_reset;
 	__u64 failed_other;
 	__u64 retransmits;
+	/* Connections established, counted when they open only without the iterator (see
+	 * tcp_open_mode in tcp.bpf.c); with it the agent counts them as closed + open. */
 	__u64 opened;
-	__u64 _opened_line[7]; /* the rest of opened's cache line */
+	/* The peer's connections open when the iterator's run open_generation went by them: written
+	 * by the iterator only, once per collection. */
+	__u64 open_now;
+	__u64 open_generation;
+	__u64 _opened_line[5]; /* the rest of opened's cache line */
 	__u64 closed;
 	__u64 bytes_sent;
 	__u64 bytes_received;
+};
+
+/* tcp_open_mode's one value, written by the agent. */
+struct podscope_tcp_open_mode {
+	/* The iterator's run now (the agent counts one up before each); 0 while the probe has no
+	 * iterator, and then the state-change program counts connections as they open. */
+	__u64 generation;
 };
 
 /* tcp_live: a slot of the table of open sockets (tcp.bpf.c). */

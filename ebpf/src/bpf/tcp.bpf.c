@@ -97,6 +97,19 @@ struct {
 	__type(value, struct podscope_tcp_live);
 } tcp_live SEC(".maps");
 
+/* How connections are counted as opened, set by the agent. With the iterator below (generation
+ * not 0), not when they open: the agent takes a peer's connections opened as those closed plus
+ * those open, which the iterator counts at each collection (open_now). So a connection's open
+ * costs nothing here but for the ones timed (duration_sample_mask): each of the two sockets of a
+ * loopback connection skipped a hash lookup and an atomic add on a line its close does not
+ * write (BENCHMARKS.md, issue 11). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct podscope_tcp_open_mode);
+} tcp_open_mode SEC(".maps");
+
 /* (cgroup, role, server port) → smoothed RTTs of its open connections, sampled by the iterator
  * below; emptied by the agent before each run */
 struct {
@@ -310,13 +323,19 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (newstate == TCP_ESTABLISHED) {
 		if (oldstate != TCP_SYN_SENT && oldstate != TCP_SYN_RECV)
 			return 0;
+		__u32 zero = 0;
+		const struct podscope_tcp_open_mode *mode = bpf_map_lookup_elem(&tcp_open_mode, &zero);
+		int counted_at_collection = mode && mode->generation;
+		int sampled = duration_sampled(sk);
+		if (counted_at_collection && !sampled)
+			return 0;
 		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
 		if (make_key(sk, role, server_port_of(sk, role), &key) || podscope_skip_cgroup(key.cgroup_id))
 			return 0;
 		stats = stats_for(&key, &other);
-		if (stats)
+		if (stats && !counted_at_collection)
 			__sync_fetch_and_add(&stats->counts.opened, 1);
-		if (!duration_sampled(sk))
+		if (!sampled)
 			return 0;
 		struct podscope_tcp_live *live = live_claim(sk);
 		if (!live)
@@ -421,20 +440,25 @@ int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buf
 	return 0;
 }
 
-/* Runs once per TCP socket when the agent reads the iterator (once per collection): the smoothed
- * RTT of every established connection whose role is known: from its slot for the sockets timed
- * (duration_sample_mask), else from the socket (role_from_socket; open connections still hold
- * their port), which also covers connections open before the probe loaded. Writes nothing to the
- * seq file. */
+/* Runs once per TCP socket when the agent reads the iterator (once per collection). Counts each
+ * peer's open connections (established and not yet closed: FIN and close-wait states included)
+ * for this run (tcp_open_mode's generation), and samples the smoothed RTT of those established.
+ * The role of a connection comes from its slot for the sockets timed (duration_sample_mask),
+ * else from the socket (role_from_socket; open connections still hold their port), which also
+ * covers connections open before the probe loaded; a connection of unknown role is neither
+ * counted open nor sampled (its close counts it). Writes nothing to the seq file. */
 SEC("iter/tcp")
 int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 {
 	struct sock_common *skc = ctx->sk_common;
 	if (!skc)
 		return 0;
-	if (BPF_CORE_READ(skc, skc_state) != TCP_ESTABLISHED)
+	int state = BPF_CORE_READ(skc, skc_state);
+	if (state != TCP_ESTABLISHED && state != TCP_FIN_WAIT1 && state != TCP_FIN_WAIT2 &&
+	    state != TCP_CLOSE_WAIT && state != TCP_LAST_ACK && state != TCP_CLOSING)
 		return 0;
-	/* A trusted tcp_sock (an established socket is a full one): direct loads, as at close. */
+	/* A trusted tcp_sock (a time-wait socket is not one, and its close was counted): direct
+	 * loads, as at close. */
 	const struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
 	if (!tp)
 		return 0;
@@ -443,24 +467,34 @@ int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 	struct podscope_tcp_key peer;
 	__u32 role;
 	__u16 server_port;
-	__u8 other;
 	if (live) {
 		role = live->role;
 		server_port = live->server_port;
-		other = live->other;
-		if (make_key(sk, role, server_port, &peer))
-			return 0;
 	} else {
 		role = role_from_socket(sk);
 		if (role == TCP_ROLE_UNKNOWN)
 			return 0;
 		server_port = server_port_of(sk, role);
-		if (make_key(sk, role, server_port, &peer))
-			return 0;
-		/* Counted in tcp_other when it opened if its peer has no entry. */
-		other = bpf_map_lookup_elem(&tcp_conn_stats, &peer) == 0;
 	}
-	if (podscope_skip_cgroup(peer.cgroup_id))
+	if (make_key(sk, role, server_port, &peer) || podscope_skip_cgroup(peer.cgroup_id))
+		return 0;
+	/* Where its close will count it: as the state-change program decides. */
+	__u8 other;
+	struct podscope_tcp_stats *stats = live && live->other ? other_of(&peer) : stats_for(&peer, &other);
+	if (!stats)
+		return 0;
+	if (live)
+		other = live->other;
+	__u32 zero = 0;
+	const struct podscope_tcp_open_mode *mode = bpf_map_lookup_elem(&tcp_open_mode, &zero);
+	__u64 generation = mode ? mode->generation : 0;
+	/* Only this program writes these, one run at a time. */
+	if (stats->counts.open_generation != generation) {
+		stats->counts.open_generation = generation;
+		stats->counts.open_now = 0;
+	}
+	stats->counts.open_now++;
+	if (state != TCP_ESTABLISHED)
 		return 0;
 	/* Connections counted in tcp_other are sampled without their server port, as their
 	 * distributions at close are. */

@@ -45,7 +45,7 @@ pub const TCP_OPENED: MetricDoc = MetricDoc {
     name: "podscope.tcp.connections.opened",
     kind: MetricKind::Counter,
     unit: "{connection}",
-    description: "TCP connections established, as client (connect) or server (accept), by peer",
+    description: "TCP connections established, as client (connect) or server (accept), by peer; those open when the probe loaded count once",
     attributes: PEER_ATTRIBUTES,
 };
 pub const TCP_CLOSED: MetricDoc = MetricDoc {
