@@ -47,6 +47,8 @@ pub type TcpDists = podscope_tcp_dists;
 pub type TcpOtherKey = podscope_tcp_other_key;
 /// A peer's (or a cgroup's other peers') counters and distributions.
 pub type TcpStats = podscope_tcp_stats;
+/// How the tcp probe counts connections opened (the iterator's run, or 0: as they open).
+pub type TcpOpenMode = podscope_tcp_open_mode;
 /// A removed cgroup's path, as the kernel recorded it when the directory went.
 pub type RemovedCgroup = removed_cgroup;
 /// The fixed part of an http probe event; its captured bytes follow it on the ring buffer.
@@ -205,9 +207,10 @@ impl TcpDists {
         self.srtt_ns.merge(&other.srtt_ns);
     }
 
-    /// No connection was recorded: a peer's connections are all still open.
+    /// No connection closed: a peer's connections are all still open. (Every close records its
+    /// RTT; only sampled ones their duration.)
     pub fn is_empty(&self) -> bool {
-        self.duration_ns.count() == 0
+        self.srtt_ns.count() == 0
     }
 }
 
@@ -235,6 +238,7 @@ unsafe impl aya::Pod for TcpDistKey {}
 unsafe impl aya::Pod for TcpDists {}
 unsafe impl aya::Pod for TcpOtherKey {}
 unsafe impl aya::Pod for TcpStats {}
+unsafe impl aya::Pod for TcpOpenMode {}
 unsafe impl aya::Pod for HttpEventHead {}
 unsafe impl aya::Pod for BlockStats {}
 unsafe impl aya::Pod for RemovedCgroup {}

@@ -318,7 +318,8 @@ async fn uprobes_count_bash_commands_like_the_talk_and_a_missing_symbol_spares_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_counts_connections_bytes_and_refusals_for_the_client_cgroup() {
     use std::io::Read as _;
-    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"tcp": {"duration_sample_one_in": 1}})).await;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
@@ -1086,12 +1087,62 @@ async fn tcp_counts_payload_bytes_exactly_on_the_client_and_the_server() {
     receiver.shutdown().await.unwrap();
 }
 
+/// By default one connection in 16 is timed (issue 11: timing costs a record per connection from
+/// open to close), and every one is still counted: opened, closed and RTT at close are exact,
+/// and the durations say how they were sampled (`podscope.sampling.one_in`). Which connections
+/// are timed follows the kernel's hash of their addresses and ports (keyed by a secret drawn at
+/// boot), so the count is about 16 of 256, never none of them (a chance of 7 in 10^8) nor a
+/// quarter (far less).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_times_one_connection_in_sixteen_by_default_and_counts_every_one() {
+    const CONNECTIONS: usize = 256;
+    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let server_pod = PodCgroup::new();
+    let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, CONNECTIONS, 10);
+    let port = server.port;
+    for _ in 0..CONNECTIONS {
+        assert!(exchange(None, [127, 0, 0, 1], port, 5, 10));
+    }
+    assert_eq!(server.wait(), 0, "server workload");
+    let id = server_pod.id();
+    let count = |rms: &[ResourceMetrics], name: &str| {
+        sum_where(&counters(rms, id), name, &["podscope.tcp.role=server"])
+    };
+    let rms = collect_until(&receiver, &collected, |rms| {
+        count(rms, "podscope.tcp.connections.closed") == CONNECTIONS as i64
+    })
+    .await;
+    assert_eq!(
+        count(&rms, "podscope.tcp.connections.opened"),
+        CONNECTIONS as i64
+    );
+    let port = port.to_string();
+    let server_series = [
+        ("server.port", port.as_str()),
+        ("podscope.tcp.role", "server"),
+    ];
+    let rtt =
+        distribution(&rms, Some(id), "podscope.tcp.rtt", &server_series).expect("RTTs at close");
+    assert_eq!(rtt.count, CONNECTIONS as u64, "an RTT per close");
+    let mut sampled = server_series.to_vec();
+    sampled.push(("podscope.sampling.one_in", "16"));
+    let duration = distribution(&rms, Some(id), "podscope.tcp.connection.duration", &sampled)
+        .expect("durations, stating their sampling");
+    assert!(
+        (1..=(CONNECTIONS / 4) as u64).contains(&duration.count),
+        "{} of {CONNECTIONS} connections timed",
+        duration.count
+    );
+    receiver.shutdown().await.unwrap();
+}
+
 /// Every series of a server carries its listening port, closes, bytes, durations and RTTs
 /// included: at close the kernel has already released the port (issue 21), so it is the one
 /// recorded when the connection was established.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_server_series_keep_the_listening_port_after_close() {
-    let (receiver, collected) = start(serde_json::json!({"tcp": {}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"tcp": {"duration_sample_one_in": 1}})).await;
     let server_pod = PodCgroup::new();
     let server = PodServer::start(&server_pod, None, Some([127, 0, 0, 1]), 0, 2, 10);
     let port = server.port;
@@ -1173,7 +1224,8 @@ async fn tcp_ipv4_clients_of_a_dual_stack_listener_are_ipv4_peers() {
 /// Retransmissions on a connection that was open before the agent started: its role comes from
 /// the socket (a local port the kernel picked for connect() is a client's, one a listener bound
 /// is a server's), so neither side ever labels the client's ephemeral port as `server.port`
-/// (issue 21).
+/// (issue 21). Its close is counted under the same series (issue 11: a close needs no record
+/// from the connection's open).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() {
     use std::os::fd::AsRawFd as _;
@@ -1267,28 +1319,48 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
     link(&net.b, &net.veth_b, "up");
     assert_eq!(server.join().unwrap(), 0, "server workload");
     assert_eq!(client.join().unwrap(), 0, "client workload");
-    receiver.collect_now().await.unwrap();
-    let rms = collected.last_metrics();
+    // Their closes count too, with the same roles and ports, read from the sockets at close.
+    let closed = |rms: &[ResourceMetrics], id: u64| {
+        sum_where(&counters(rms, id), "podscope.tcp.connections.closed", &[])
+    };
+    let rms = collect_until(&receiver, &collected, |rms| {
+        closed(rms, server_id) == 1 && closed(rms, client_id) == 1
+    })
+    .await;
     for (id, role, peer) in [
         (server_id, "server", "10.251.0.1"),
         (client_id, "client", "10.251.0.2"),
     ] {
         let c = counters(&rms, id);
-        let retransmits: Vec<&String> = c
-            .keys()
-            .filter(|(name, _)| name == "podscope.tcp.retransmits")
-            .map(|(_, attrs)| attrs)
-            .collect();
         let side = if role == "server" {
             "network.local.port"
         } else {
             "network.peer.port"
         };
-        assert_eq!(
-            retransmits,
-            [&format!("network.transport=tcp,network.type=ipv4,network.peer.address={peer},server.port={PORT},{side}={PORT},podscope.tcp.role={role}")],
-            "{role}: {c:#?}"
-        );
+        let series = format!("network.transport=tcp,network.type=ipv4,network.peer.address={peer},server.port={PORT},{side}={PORT},podscope.tcp.role={role}");
+        for metric in [
+            "podscope.tcp.retransmits",
+            "podscope.tcp.connections.opened",
+            "podscope.tcp.connections.closed",
+        ] {
+            let found: Vec<&String> = c
+                .keys()
+                .filter(|(name, _)| name == metric)
+                .map(|(_, attrs)| attrs)
+                .collect();
+            assert_eq!(found, [&series], "{role}, {metric}: {c:#?}");
+        }
+        // Open when the agent started: counted opened once (by the iterator), and closed.
+        for metric in [
+            "podscope.tcp.connections.opened",
+            "podscope.tcp.connections.closed",
+        ] {
+            assert_eq!(
+                c[&(metric.to_string(), series.clone())],
+                1,
+                "{role}, {metric}"
+            );
+        }
     }
     receiver.shutdown().await.unwrap();
 }
@@ -1301,7 +1373,8 @@ async fn tcp_retransmits_on_connections_older_than_the_agent_keep_their_roles() 
 async fn tcp_a_server_with_more_clients_than_max_peers_keeps_exact_totals() {
     use std::os::fd::AsRawFd as _;
     const CLIENTS: u8 = 10;
-    let (receiver, collected) = start(serde_json::json!({"tcp": {"max_peers": 4}})).await;
+    let (receiver, collected) =
+        start(serde_json::json!({"tcp": {"max_peers": 4, "duration_sample_one_in": 1}})).await;
     let net = NetnsPair::new("m");
     // Ten client hosts: ten addresses on namespace a's side of the link.
     for host in 0..CLIENTS {
@@ -1405,14 +1478,16 @@ async fn tcp_a_server_with_more_clients_than_max_peers_keeps_exact_totals() {
 }
 
 /// A TCP map configured too small for the peers seen: what does not fit is counted in the
-/// cgroup's `other` entry, never lost, and each refused insert is counted (issue 11).
+/// cgroup's `other` entry, never lost, and each refused insert is counted (issue 11). Every
+/// connection is timed here, so each close finds where its open was counted in its record; an
+/// untimed one's close tries its peer's entry again, and a refusal then counts once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_tcp_map_loses_no_connection_and_counts_the_refused_inserts() {
     use std::io::Read as _;
     let pod = PodCgroup::new();
     let (receiver, collected, telemetry) = start_config(seeing_only(
         &pod,
-        serde_json::json!({"tcp": {"max_entries": {"tcp_conn_stats": 3}}}),
+        serde_json::json!({"tcp": {"max_entries": {"tcp_conn_stats": 3}, "duration_sample_one_in": 1}}),
     ))
     .await;
     // The kernel filter lists the pod once a collection ran.
@@ -2077,7 +2152,8 @@ async fn a_container_uprobe_counts_each_call_once_across_containers_of_one_image
 }
 
 /// The RTT of a connection that stays open is sampled at every collection (one sample per open
-/// connection), not only when it closes.
+/// connection), not only when it closes; and it is counted opened while open (by the iterator:
+/// the state-change program counts no opens), once, before and after its close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
     use std::io::Read as _;
@@ -2123,13 +2199,23 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
             &[("server.port", &port_text), ("podscope.tcp.role", "client")],
         )
     };
+    let client_counts = |rms: &[ResourceMetrics]| {
+        let c = counters(rms, pod_id);
+        let role = ["podscope.tcp.role=client"];
+        (
+            sum_where(&c, "podscope.tcp.connections.opened", &role),
+            sum_where(&c, "podscope.tcp.connections.closed", &role),
+        )
+    };
     for _ in 0..2 {
         receiver.collect_now().await.unwrap();
-        let sample = open_rtt(&collected.last_metrics()).expect("the open connection is sampled");
+        let rms = collected.last_metrics();
+        let sample = open_rtt(&rms).expect("the open connection is sampled");
         assert_eq!(
             sample.count, 1,
             "one open connection, one sample per collection"
         );
+        assert_eq!(client_counts(&rms), (1, 0), "opened, closed");
     }
     release_tx.send(()).unwrap();
     server.join().unwrap();
@@ -2153,6 +2239,7 @@ async fn tcp_samples_the_rtt_of_open_connections_at_each_collection() {
                 open_rtt(&rms).is_none(),
                 "a closed connection is not sampled"
             );
+            assert_eq!(client_counts(&rms), (1, 1), "opened, closed");
             break;
         }
         assert!(

@@ -169,16 +169,42 @@ struct podscope_tcp_key {
 	__u32 _pad;
 };
 
+/* A peer's counters, laid out by the CPU that writes them. A connection usually opens on one CPU
+ * (the connecting thread's, where loopback and softirq processing of the handshake run) and
+ * closes on another (the thread that closes it, or the one that processes the peer's FIN or RST):
+ * with `opened` and `closed` in one cache line, every connection moved that line, and the key
+ * beside it that each lookup compares, from CPU to CPU, and a run waited for it (about 60 ns of
+ * the state-change program's time per run on this VM, BENCHMARKS.md). So the rarely written
+ * counters come first, where the entry's first bytes share a cache line with the key, then
+ * `opened` in a line of its own, then what closing writes. The value starts 24 bytes into a cache
+ * line in both tcp maps (a hash element is allocated whole from a power-of-two size class, with
+ * bpf_mem_alloc's 8-byte header and the 48-byte struct htab_elem before the 32-byte key): the 40
+ * bytes of rare counters fill that line. Elsewhere (another kernel's header size) only the
+ * speed-up is lost. */
 struct podscope_tcp_counts {
-	__u64 opened;
-	__u64 closed;
 	__u64 failed_refused;
 	__u64 failed_timeout;
 	__u64 failed_reset;
 	__u64 failed_other;
+	__u64 retransmits;
+	/* Connections established, counted when they open only without the iterator (see
+	 * tcp_open_mode in tcp.bpf.c); with it the agent counts them as closed + open. */
+	__u64 opened;
+	/* The peer's connections open when the iterator's run open_generation went by them: written
+	 * by the iterator only, once per collection. */
+	__u64 open_now;
+	__u64 open_generation;
+	__u64 _opened_line[5]; /* the rest of opened's cache line */
+	__u64 closed;
 	__u64 bytes_sent;
 	__u64 bytes_received;
-	__u64 retransmits;
+};
+
+/* tcp_open_mode's one value, written by the agent. */
+struct podscope_tcp_open_mode {
+	/* The iterator's run now (the agent counts one up before each); 0 while the probe has no
+	 * iterator, and then the state-change program counts connections as they open. */
+	__u64 generation;
 };
 
 /* tcp_live: a slot of the table of open sockets (tcp.bpf.c). */
@@ -209,7 +235,7 @@ struct podscope_tcp_other_key {
 	__u64 cgroup_id;
 	__u8 family;
 	__u8 role;
-	__u8 _pad[6];
+	__u8 _pad[22]; /* the size of podscope_tcp_key, so that the values of both maps share a layout */
 };
 
 /* The value of tcp_conn_stats (a peer) and of tcp_other (a cgroup's other peers). */

@@ -42,6 +42,11 @@
 /* Set by the loader (probes.tcp.max_peers). */
 const volatile __u32 max_peers = 100;
 
+/* Set by the loader (probes.tcp.duration_sample_one_in, a power of two, less one): the sockets
+ * whose kernel hash has these bits clear are timed from established to closed; the others are
+ * counted (opened, closed, bytes, RTT at close) without any record of their own. */
+const volatile __u32 duration_sample_mask = 15;
+
 /* peer → counters, and duration and RTT at close; at most max_peers peers per cgroup */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -70,23 +75,40 @@ struct {
 	__type(value, __u64);
 } tcp_cgroup_peers SEC(".maps");
 
-/* Open sockets this probe saw established: when, their role, their server port (recorded then:
- * at close the kernel has already released the local port, skc_num reads 0) and whether they are
- * counted in tcp_other. A table of slots: a socket claims the first free one of the
+/* Open sockets sampled for their duration (duration_sample_mask), which this probe saw
+ * established: when, their role, their server port and whether they are counted in tcp_other.
+ * Keeping that for every socket cost the most of the state-change program's time per loopback
+ * connection: the record is written on the CPU that opens the connection and read and freed on
+ * the one that closes it, two cache-line moves per socket, and the clock is read at close
+ * (BENCHMARKS.md, issue 11); sockets not sampled need none of it at close (see closing_role).
+ * A table of slots: a socket claims the first free one of the
  * PODSCOPE_TCP_LIVE_PROBES slots from a place hashed from its addresses and ports, with a
  * compare-and-swap of its address, and frees it with a store at close. A hash map's insert and
  * delete per connection (bucket locks, an allocation, a deferred free) cost about a fifth of the
  * probe's time per loopback connection here (BENCHMARKS.md, issue 11). A socket that finds its
  * slots taken is refused and counted, as a full map's insert is. Sized by the loader: `live_slots`
  * is the array's max_entries. */
-const volatile __u32 live_slots = 65536;
+const volatile __u32 live_slots = 8192;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 8192);
 	__type(key, __u32);
 	__type(value, struct podscope_tcp_live);
 } tcp_live SEC(".maps");
+
+/* How connections are counted as opened, set by the agent. With the iterator below (generation
+ * not 0), not when they open: the agent takes a peer's connections opened as those closed plus
+ * those open, which the iterator counts at each collection (open_now). So a connection's open
+ * costs nothing here but for the ones timed (duration_sample_mask): each of the two sockets of a
+ * loopback connection skipped a hash lookup and an atomic add on a line its close does not
+ * write (BENCHMARKS.md, issue 11). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct podscope_tcp_open_mode);
+} tcp_open_mode SEC(".maps");
 
 /* (cgroup, role, server port) → smoothed RTTs of its open connections, sampled by the iterator
  * below; emptied by the agent before each run */
@@ -191,6 +213,32 @@ static __always_inline struct podscope_tcp_stats *stats_for(const struct podscop
 	return other_of(key);
 }
 
+/* Whether `sk` is one of the sockets timed from established to closed: from the kernel's hash of
+ * its addresses and ports (skc_hash, set when the socket is hashed, before it is established, and
+ * kept until it is freed), so the same answer when it opens and when it closes. */
+static __always_inline int duration_sampled(const struct sock *sk)
+{
+	return (sk->__sk_common.skc_hash & duration_sample_mask) == 0;
+}
+
+/* The role of a closing socket that has no slot: an accepted socket is a copy of its listener and
+ * keeps the listen() backlog, a connecting one never listened. (At close the kernel has released
+ * the local port: the bind bucket role_from_socket reads is gone.) A server whose backlog is 0
+ * (listen(fd, 0)) reads as a client here. */
+static __always_inline __u32 closing_role(const struct sock *sk)
+{
+	return sk->sk_max_ack_backlog > 0 ? TCP_ROLE_SERVER : TCP_ROLE_CLIENT;
+}
+
+/* The server's port of a closing socket: the peer's for a client; for a server the local port,
+ * from inet_sport, which the kernel keeps when it releases the port (skc_num then reads 0). */
+static __always_inline __u16 closing_server_port(const struct tcp_sock *tp, __u32 role)
+{
+	if (role == TCP_ROLE_CLIENT)
+		return __builtin_bswap16(tp->inet_conn.icsk_inet.sk.__sk_common.skc_dport);
+	return __builtin_bswap16(tp->inet_conn.icsk_inet.inet_sport);
+}
+
 /* The role of a connection this probe did not see established (open before it loaded, or
  * still sending its SYN), from its socket: an accepted socket is a copy of its listener and keeps
  * the listen() backlog (a socket that connects never listened), so it is a server's; a SYN still
@@ -275,12 +323,20 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 	if (newstate == TCP_ESTABLISHED) {
 		if (oldstate != TCP_SYN_SENT && oldstate != TCP_SYN_RECV)
 			return 0;
+		__u32 zero = 0;
+		const struct podscope_tcp_open_mode *mode = bpf_map_lookup_elem(&tcp_open_mode, &zero);
+		int counted_at_collection = mode && mode->generation;
+		int sampled = duration_sampled(sk);
+		if (counted_at_collection && !sampled)
+			return 0;
 		__u32 role = oldstate == TCP_SYN_SENT ? TCP_ROLE_CLIENT : TCP_ROLE_SERVER;
 		if (make_key(sk, role, server_port_of(sk, role), &key) || podscope_skip_cgroup(key.cgroup_id))
 			return 0;
 		stats = stats_for(&key, &other);
-		if (stats)
+		if (stats && !counted_at_collection)
 			__sync_fetch_and_add(&stats->counts.opened, 1);
+		if (!sampled)
+			return 0;
 		struct podscope_tcp_live *live = live_claim(sk);
 		if (!live)
 			return 0;
@@ -312,27 +368,41 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 		return 0;
 	}
 
-	struct podscope_tcp_live *found = live_find(sk);
-	if (!found)
+	/* A close of an established connection (not a listener's, nor a socket that never got
+	 * past the handshake). */
+	if (oldstate == TCP_LISTEN || oldstate == TCP_SYN_RECV || oldstate == TCP_CLOSE)
 		return 0;
-	struct podscope_tcp_live live = *found;
-	/* Freed: no role first (readers skip it), then no socket (claimable). */
-	found->role = 0;
-	barrier();
-	found->sk = 0;
-	__u64 duration = bpf_ktime_get_ns() - live.since_ns;
+	/* A checked cast: the verifier knows `tp` as a tcp_sock (a plain cast would leave it a sock,
+	 * whose bounds the tcp_sock fields are beyond). */
+	const struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+	if (!tp)
+		return 0;
+	struct podscope_tcp_live *found = duration_sampled(sk) ? live_find(sk) : 0;
+	struct podscope_tcp_live live = {};
+	__u64 duration = 0;
+	if (found) {
+		live = *found;
+		/* Freed: no role first (readers skip it), then no socket (claimable). */
+		found->role = 0;
+		barrier();
+		found->sk = 0;
+		duration = bpf_ktime_get_ns() - live.since_ns;
+	} else {
+		/* Not timed (not sampled, open before the probe loaded, or refused a slot): counted
+		 * all the same, its role and server port read from the socket. */
+		live.role = closing_role(sk);
+		live.server_port = closing_server_port(tp, live.role);
+	}
 	if (make_key(sk, live.role, live.server_port, &key) || podscope_skip_cgroup(key.cgroup_id))
 		return 0;
 	/* Where it was counted when it opened: its peer's entry, or its cgroup's tcp_other. */
 	stats = live.other ? other_of(&key) : stats_for(&key, &other);
 	if (!stats)
 		return 0;
-	/* A checked cast: the verifier knows `tp` as a tcp_sock (a plain cast would leave it a sock,
-	 * whose bounds the tcp_sock fields are beyond). Never NULL for a socket seen established. */
-	const struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
 	__sync_fetch_and_add(&stats->counts.closed, 1);
-	podscope_hist_add(&stats->dists.duration_ns, duration);
-	if (tp) {
+	if (found)
+		podscope_hist_add(&stats->dists.duration_ns, duration);
+	{
 		/* bytes_acked and bytes_received count sequence space: a FIN in either direction
 		 * takes one, and so does the client's SYN in bytes_acked (the passive side's SYN-ACK
 		 * is not in it: the accepted socket starts with it acknowledged). Payload only, and
@@ -357,7 +427,7 @@ int BPF_PROG(podscope_tcp_state, const struct sock *sk, const int oldstate, cons
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buff *skb)
 {
-	struct podscope_tcp_live *live = live_find(sk);
+	struct podscope_tcp_live *live = duration_sampled(sk) ? live_find(sk) : 0;
 	__u32 role = live ? live->role : role_from_socket(sk);
 	__u16 server_port = live ? live->server_port : role == TCP_ROLE_UNKNOWN ? 0 : server_port_of(sk, role);
 	struct podscope_tcp_key key;
@@ -370,37 +440,73 @@ int BPF_PROG(podscope_tcp_retransmit, const struct sock *sk, const struct sk_buf
 	return 0;
 }
 
-/* Runs once per TCP socket when the agent reads the iterator (once per collection): the smoothed
- * RTT of every established connection this probe saw open. Writes nothing to the seq file. */
+/* Runs once per TCP socket when the agent reads the iterator (once per collection). Counts each
+ * peer's open connections (established and not yet closed: FIN and close-wait states included)
+ * for this run (tcp_open_mode's generation), and samples the smoothed RTT of those established.
+ * The role of a connection comes from its slot for the sockets timed (duration_sample_mask),
+ * else from the socket (role_from_socket; open connections still hold their port), which also
+ * covers connections open before the probe loaded; a connection of unknown role is neither
+ * counted open nor sampled (its close counts it). Writes nothing to the seq file. */
 SEC("iter/tcp")
 int podscope_tcp_live_rtt(struct bpf_iter__tcp *ctx)
 {
 	struct sock_common *skc = ctx->sk_common;
 	if (!skc)
 		return 0;
-	if (BPF_CORE_READ(skc, skc_state) != TCP_ESTABLISHED)
+	int state = BPF_CORE_READ(skc, skc_state);
+	if (state != TCP_ESTABLISHED && state != TCP_FIN_WAIT1 && state != TCP_FIN_WAIT2 &&
+	    state != TCP_CLOSE_WAIT && state != TCP_LAST_ACK && state != TCP_CLOSING)
 		return 0;
-	/* Established sockets are full sockets: struct sock begins with its sock_common. */
-	const struct sock *sk = (const struct sock *)skc;
-	struct podscope_tcp_live *live = live_find(sk);
-	/* Connections opened before the probe was loaded were not seen established: not sampled. */
-	if (!live)
+	/* A trusted tcp_sock (a time-wait socket is not one, and its close was counted): direct
+	 * loads, as at close. */
+	const struct tcp_sock *tp = bpf_skc_to_tcp_sock(skc);
+	if (!tp)
 		return 0;
-	__u64 cgroup_id = BPF_CORE_READ(sk, sk_cgrp_data.cgroup, kn, id);
-	if (podscope_skip_cgroup(cgroup_id))
+	const struct sock *sk = (const struct sock *)tp;
+	struct podscope_tcp_live *live = duration_sampled(sk) ? live_find(sk) : 0;
+	struct podscope_tcp_key peer;
+	__u32 role;
+	__u16 server_port;
+	if (live) {
+		role = live->role;
+		server_port = live->server_port;
+	} else {
+		role = role_from_socket(sk);
+		if (role == TCP_ROLE_UNKNOWN)
+			return 0;
+		server_port = server_port_of(sk, role);
+	}
+	if (make_key(sk, role, server_port, &peer) || podscope_skip_cgroup(peer.cgroup_id))
+		return 0;
+	/* Where its close will count it: as the state-change program decides. */
+	__u8 other;
+	struct podscope_tcp_stats *stats = live && live->other ? other_of(&peer) : stats_for(&peer, &other);
+	if (!stats)
+		return 0;
+	if (live)
+		other = live->other;
+	__u32 zero = 0;
+	const struct podscope_tcp_open_mode *mode = bpf_map_lookup_elem(&tcp_open_mode, &zero);
+	__u64 generation = mode ? mode->generation : 0;
+	/* Only this program writes these, one run at a time. */
+	if (stats->counts.open_generation != generation) {
+		stats->counts.open_generation = generation;
+		stats->counts.open_now = 0;
+	}
+	stats->counts.open_now++;
+	if (state != TCP_ESTABLISHED)
 		return 0;
 	/* Connections counted in tcp_other are sampled without their server port, as their
 	 * distributions at close are. */
 	struct podscope_tcp_dist_key key = {
-		.cgroup_id = cgroup_id,
-		.server_port = live->other ? 0 : live->server_port,
-		.role = live->role,
+		.cgroup_id = peer.cgroup_id,
+		.server_port = other ? 0 : server_port,
+		.role = role,
 	};
 	struct podscope_hist *hist = podscope_lookup_or_init(&tcp_live_rtt, TCP_MAP_LIVE_RTT, &key, &zero_hist);
 	if (!hist)
 		return 0;
-	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
-	podscope_hist_add(hist, (__u64)(BPF_CORE_READ(tp, srtt_us) >> 3) * 1000);
+	podscope_hist_add(hist, (__u64)(tp->srtt_us >> 3) * 1000);
 	return 0;
 }
 

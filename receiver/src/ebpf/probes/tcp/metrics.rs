@@ -31,18 +31,28 @@ const DISTRIBUTION_ATTRIBUTES: &[&str] = &[
     "podscope.tcp.role",
 ];
 
+/// Durations are per role and server port too, and say how many connections they sample.
+const DURATION_ATTRIBUTES: &[&str] = &[
+    "network.transport",
+    "server.port",
+    "network.peer.port",
+    "network.local.port",
+    "podscope.tcp.role",
+    "podscope.sampling.one_in",
+];
+
 pub const TCP_OPENED: MetricDoc = MetricDoc {
     name: "podscope.tcp.connections.opened",
     kind: MetricKind::Counter,
     unit: "{connection}",
-    description: "TCP connections established, as client (connect) or server (accept), by peer",
+    description: "TCP connections established, as client (connect) or server (accept), by peer; those open when the probe loaded count once",
     attributes: PEER_ATTRIBUTES,
 };
 pub const TCP_CLOSED: MetricDoc = MetricDoc {
     name: "podscope.tcp.connections.closed",
     kind: MetricKind::Counter,
     unit: "{connection}",
-    description: "Established TCP connections that closed, by peer",
+    description: "Established TCP connections that closed (also those open before the probe loaded), by peer",
     attributes: PEER_ATTRIBUTES,
 };
 pub const TCP_FAILED: MetricDoc = MetricDoc {
@@ -88,8 +98,8 @@ pub const TCP_DURATION: MetricDoc = MetricDoc {
     name: "podscope.tcp.connection.duration",
     kind: MetricKind::Distribution,
     unit: "ns",
-    description: "Lifetime of TCP connections from established to closed, by role and server port",
-    attributes: DISTRIBUTION_ATTRIBUTES,
+    description: "Lifetime of TCP connections from established to closed, by role and server port, of one connection in `podscope.sampling.one_in` (`duration_sample_one_in`, default 16)",
+    attributes: DURATION_ATTRIBUTES,
 };
 pub const TCP_RTT: MetricDoc = MetricDoc {
     name: "podscope.tcp.rtt",
@@ -243,18 +253,26 @@ pub fn add_counts(b: &mut MetricsBuilder<'_>, peer: &Peer, counts: &TcpCounts) {
     }
 }
 
-/// Durations and RTTs at close of one (cgroup, role, server port).
-pub fn add_dists(b: &mut MetricsBuilder<'_>, key: &TcpDistKey, dists: &TcpDists) {
-    if dists.duration_ns.count() == 0 {
+/// Durations (of the connections sampled, one in `duration_sample_one_in`) and RTTs at close
+/// (of every connection) of one (cgroup, role, server port).
+pub fn add_dists(
+    b: &mut MetricsBuilder<'_>,
+    key: &TcpDistKey,
+    dists: &TcpDists,
+    duration_sample_one_in: u32,
+) {
+    let owner = Owner::Cgroup(key.cgroup_id);
+    if dists.duration_ns.count() > 0 {
+        let mut attributes = distribution_attributes(key);
+        attributes.push(int_attr(
+            "podscope.sampling.one_in",
+            duration_sample_one_in.into(),
+        ));
+        b.distribution(owner, &TCP_DURATION, attributes, &dists.duration_ns);
+    }
+    if dists.srtt_ns.count() == 0 {
         return;
     }
-    let owner = Owner::Cgroup(key.cgroup_id);
-    b.distribution(
-        owner,
-        &TCP_DURATION,
-        distribution_attributes(key),
-        &dists.duration_ns,
-    );
     b.distribution(
         owner,
         &TCP_RTT,

@@ -13,9 +13,12 @@ mod metrics;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use aya::maps::{Array, MapData};
 use aya::programs::Iter;
 use podscope_core::FieldError;
-use podscope_ebpf::abi::{Hist, TcpDistKey, TcpDists, TcpKey, TcpOtherKey, TcpStats};
+use podscope_ebpf::abi::{
+    Hist, TcpDistKey, TcpDists, TcpKey, TcpOpenMode, TcpOtherKey, TcpStats,
+};
 use podscope_ebpf::{abi, objects};
 
 pub use config::TcpProbeConfig;
@@ -35,7 +38,7 @@ const SPEC: ProbeSpec = ProbeSpec {
         tp_btf("podscope_tcp_state", "inet_sock_set_state"),
         tp_btf("podscope_tcp_retransmit", "tcp_retransmit_skb"),
     ],
-    maps: &[CONN_STATS, OTHER, CGROUP_PEERS, LIVE, OPEN_RTT],
+    maps: &[CONN_STATS, OTHER, CGROUP_PEERS, LIVE, OPEN_RTT, OPEN_MODE],
 };
 
 /// The iterator program sampling open connections' RTT.
@@ -51,13 +54,18 @@ const OTHER: MapDef = MapDef::entries("tcp_other").counted(abi::TCP_MAP_OTHER);
 /// Cgroup → its peers in `tcp_conn_stats`.
 const CGROUP_PEERS: MapDef =
     MapDef::entries("tcp_cgroup_peers").counted(abi::TCP_MAP_CGROUP_PEERS);
-/// Open sockets → when each was established, its role and server port: a table of slots (an
-/// array, all of it allocated at load), sized by `max_entries.tcp_live`.
+/// Open sockets being timed (one in `duration_sample_one_in`) → when each was established, its
+/// role and server port: a table of slots (an array, all of it allocated at load), sized by
+/// `max_entries.tcp_live`.
 const LIVE: MapDef = MapDef::entries("tcp_live")
     .counted(abi::TCP_MAP_LIVE)
     .typically(Typical::Full);
+/// The sparsest duration sampling `duration_sample_one_in` takes.
+const MAX_DURATION_SAMPLE_ONE_IN: u32 = 1 << 16;
 /// `tcp_live`'s size compiled into the object, when `max_entries` does not set it.
-const LIVE_SLOTS: u32 = 65_536;
+const LIVE_SLOTS: u32 = 8_192;
+/// How connections are counted as opened: the iterator's run, or 0 (as they open).
+const OPEN_MODE: MapDef = MapDef::fixed("tcp_open_mode");
 /// Filled by the iterator, emptied before each run.
 const OPEN_RTT: MapDef = MapDef::entries("tcp_live_rtt")
     .counted(abi::TCP_MAP_LIVE_RTT)
@@ -77,6 +85,15 @@ impl SingleObjectProbe for Tcp {
                 "must be at least 1",
             ));
         }
+        let one_in = config.duration_sample_one_in;
+        if !one_in.is_power_of_two() || one_in > MAX_DURATION_SAMPLE_ONE_IN {
+            errors.push(FieldError::new(
+                format!("{prefix}.duration_sample_one_in"),
+                format!(
+                    "must be a power of two from 1 to {MAX_DURATION_SAMPLE_ONE_IN} (one connection in that many is timed), not {one_in}"
+                ),
+            ));
+        }
     }
 
     fn open(
@@ -86,6 +103,11 @@ impl SingleObjectProbe for Tcp {
         let settings = ObjectSettings {
             globals: vec![
                 Global::U32("max_peers", config.max_peers),
+                // The kernel keeps a socket when its hash has these bits clear.
+                Global::U32(
+                    "duration_sample_mask",
+                    config.duration_sample_one_in - 1,
+                ),
                 // The programs hash sockets into the table at its size.
                 Global::U32(
                     "live_slots",
@@ -100,8 +122,21 @@ impl SingleObjectProbe for Tcp {
             skip: &[],
         };
         let mut object = ctx.object(&SPEC, &settings)?;
+        let mut open_mode: Array<MapData, TcpOpenMode> = object.array(&OPEN_MODE)?;
         let samples_open_rtt = match load_iterator(&mut object, ctx.features) {
-            Ok(()) => true,
+            // From now on the state-change program leaves opens to the iterator; what it
+            // counted before this is never read (see `Loaded::open_generation`).
+            Ok(()) => match open_mode.set(0, TcpOpenMode { generation: 1 }, 0) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::info!(
+                        receiver = %ctx.receiver,
+                        error = %error_chain(&e),
+                        "tcp: cannot hand the counting of opened connections to the iterator; the RTT of open connections is not sampled"
+                    );
+                    false
+                }
+            },
             Err(reason) => {
                 tracing::info!(
                     receiver = %ctx.receiver,
@@ -112,32 +147,62 @@ impl SingleObjectProbe for Tcp {
             }
         };
         Ok(Box::new(Loaded {
+            open_mode,
+            open_generation: 1,
+            reported_opened: HashMap::new(),
+            reported_other_opened: HashMap::new(),
             peers: object.hash(&CONN_STATS)?,
             other: object.hash(&OTHER)?,
             cgroup_peers: object.hash(&CGROUP_PEERS)?,
             open_rtt: object.hash(&OPEN_RTT)?,
             object,
             samples_open_rtt,
+            duration_sample_one_in: config.duration_sample_one_in,
         }))
     }
 }
 
 struct Loaded {
     object: ProbeObject,
+    /// `tcp_open_mode`: the iterator's run (`open_generation`), set before each.
+    open_mode: Array<MapData, TcpOpenMode>,
+    /// The iterator's run now. With the iterator (`samples_open_rtt`), a peer's connections
+    /// opened are those closed (read before the run) plus those the run found open: the
+    /// state-change program does not count opens then, which spares every connection's open a
+    /// hash lookup and a write (BENCHMARKS.md, issue 11).
+    open_generation: u64,
+    /// The opened counts last reported, per peer and per `other` entry: a connection that closes
+    /// between the read of `closed` and the iterator's visit is in neither that collection's
+    /// closed nor its open, so the sum can dip by a few for one collection; the counter never
+    /// does (it is never above the connections that opened, as no connection is in both).
+    reported_opened: HashMap<TcpKey, u64>,
+    reported_other_opened: HashMap<TcpOtherKey, u64>,
     peers: HashTable<TcpKey, TcpStats>,
     other: HashTable<TcpOtherKey, TcpStats>,
     cgroup_peers: HashTable<u64, u64>,
     open_rtt: HashTable<TcpDistKey, Hist>,
-    /// The iterator over open connections is loaded.
+    /// The iterator over open connections is loaded (and counts them).
     samples_open_rtt: bool,
+    /// One connection in this many is timed (`podscope.sampling.one_in` on the durations).
+    duration_sample_one_in: u32,
 }
 
 impl Loaded {
-    /// Runs the iterator once: the smoothed RTT of every open connection the probe saw
-    /// established, per (cgroup, role, server port). The map is emptied first, so it holds
-    /// exactly this run's samples.
+    /// Runs the iterator once, as run `open_generation + 1`: it counts each peer's open
+    /// connections (`open_now`) and returns the smoothed RTT of the established ones per (cgroup,
+    /// role, server port). The RTT map is emptied first, so it holds exactly this run's samples.
     fn sample_open_rtt(&mut self) -> Result<HashMap<TcpDistKey, Hist>, String> {
         self.open_rtt.remove(self.open_rtt.entries().into_keys());
+        self.open_generation += 1;
+        self.open_mode
+            .set(
+                0,
+                TcpOpenMode {
+                    generation: self.open_generation,
+                },
+                0,
+            )
+            .map_err(|e| error_chain(&e))?;
         let program: &mut Iter = self
             .object
             .program_mut(OPEN_RTT_ITERATOR)?
@@ -159,6 +224,15 @@ fn load_iterator(object: &mut ProbeObject, features: &KernelFeatures) -> Result<
         .try_into()
         .map_err(|e: aya::programs::ProgramError| error_chain(&e))?;
     program.load("tcp", btf).map_err(|e| error_chain(&e))
+}
+
+/// The connections of an entry that iterator run `run` found open (0 if it found none, or did
+/// not run).
+fn open_count(run: Option<u64>, stats: Option<&TcpStats>) -> u64 {
+    match (run, stats) {
+        (Some(run), Some(stats)) if stats.counts.open_generation == run => stats.counts.open_now,
+        _ => 0,
+    }
 }
 
 /// A distribution series' identity, in output order.
@@ -196,8 +270,50 @@ impl Probe for Loaded {
     }
 
     fn collect(&mut self, out: &mut Collection<'_>) {
-        let peers = self.peers.entries();
-        let other = self.other.entries();
+        // Closed first, then the iterator's count of those open: no connection is in both.
+        let mut peers = self.peers.entries();
+        let mut other = self.other.entries();
+        let open_rtt = if self.samples_open_rtt {
+            match self.sample_open_rtt() {
+                Ok(samples) => Some(samples),
+                Err(e) => {
+                    tracing::warn!(receiver = %out.receiver, error = %e, "cannot sample the RTT and count the open TCP connections");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if self.samples_open_rtt {
+            // Without a run this collection (None), only the closed count: the report keeps the
+            // last value until that is passed.
+            let run = open_rtt.as_ref().map(|_| self.open_generation);
+            let open_peers = self.peers.entries();
+            let open_other = self.other.entries();
+            // Entries the run made (peers of connections it found open, whose opens wrote
+            // nothing): nothing of them was closed at the first read, and the rest of their
+            // figures wait for the next collection.
+            if run.is_some() {
+                for key in open_peers.keys() {
+                    peers.entry(*key).or_default();
+                }
+                for key in open_other.keys() {
+                    other.entry(*key).or_default();
+                }
+            }
+            for (key, stats) in &mut peers {
+                let open = open_count(run, open_peers.get(key));
+                let opened = self.reported_opened.entry(*key).or_default();
+                *opened = (*opened).max(stats.counts.closed + open);
+                stats.counts.opened = *opened;
+            }
+            for (key, stats) in &mut other {
+                let open = open_count(run, open_other.get(key));
+                let opened = self.reported_other_opened.entry(*key).or_default();
+                *opened = (*opened).max(stats.counts.closed + open);
+                stats.counts.opened = *opened;
+            }
+        }
         out.saw(peers.keys().map(|k| k.cgroup_id));
         out.saw(other.keys().map(|k| k.cgroup_id));
 
@@ -222,26 +338,22 @@ impl Probe for Loaded {
             add_to_series(&mut by_series, key.cgroup_id, key.role, 0, &other.dists);
         }
         for (key, dists) in by_series.values() {
-            metrics::add_dists(&mut out.metrics, key, dists);
+            metrics::add_dists(&mut out.metrics, key, dists, self.duration_sample_one_in);
         }
 
-        if self.samples_open_rtt {
-            match self.sample_open_rtt() {
-                Ok(samples) => {
-                    let mut samples: Vec<_> = samples.into_iter().collect();
-                    samples.sort_by_key(|(key, _)| dist_order(key));
-                    for (key, hist) in &samples {
-                        metrics::add_open_rtt(&mut out.metrics, key, hist);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(receiver = %out.receiver, error = %e, "cannot sample the RTT of open TCP connections")
-                }
+        if let Some(samples) = open_rtt {
+            let mut samples: Vec<_> = samples.into_iter().collect();
+            samples.sort_by_key(|(key, _)| dist_order(key));
+            for (key, hist) in &samples {
+                metrics::add_open_rtt(&mut out.metrics, key, hist);
             }
         }
     }
 
     fn forget(&mut self, gone: &HashSet<u64>) {
+        self.reported_opened.retain(|k, _| !gone.contains(&k.cgroup_id));
+        self.reported_other_opened
+            .retain(|k, _| !gone.contains(&k.cgroup_id));
         self.peers.forget(gone, |k| k.cgroup_id);
         self.other.forget(gone, |k| k.cgroup_id);
         self.cgroup_peers.forget(gone, |k| *k);
