@@ -118,14 +118,7 @@ impl ExtensionBuilder for SessionConfig {
             ("k8s_metadata", self.k8s_metadata.as_deref()),
         ]
         .into_iter()
-        .filter_map(|(field, id)| {
-            let id = podscope_core::ComponentId::parse(id?).ok()?;
-            Some(podscope_core::ComponentReference {
-                field: field.to_string(),
-                kind: podscope_core::ComponentKind::Extension,
-                id,
-            })
-        })
+        .filter_map(|(field, id)| podscope_core::ComponentReference::extension_setting(field, id))
         .collect()
     }
 }
