@@ -96,14 +96,7 @@ impl ProcessorBuilder for UserConfig {
     }
 
     fn references(&self) -> Vec<ComponentReference> {
-        self.extension
-            .as_deref()
-            .and_then(|e| ComponentId::parse(e).ok())
-            .map(|id| ComponentReference {
-                field: "extension".into(),
-                kind: ComponentKind::Extension,
-                id,
-            })
+        ComponentReference::extension_setting("extension", self.extension.as_deref())
             .into_iter()
             .collect()
     }

@@ -298,6 +298,33 @@ pub struct ComponentReference {
     pub id: ComponentId,
 }
 
+impl ComponentReference {
+    /// The setting `field` names the extension `id`.
+    pub fn extension(field: &str, id: ComponentId) -> Self {
+        ComponentReference {
+            field: field.to_string(),
+            kind: ComponentKind::Extension,
+            id,
+        }
+    }
+
+    /// The setting `field` names the processor `id`.
+    pub fn processor(field: &str, id: ComponentId) -> Self {
+        ComponentReference {
+            field: field.to_string(),
+            kind: ComponentKind::Processor,
+            id,
+        }
+    }
+
+    /// The optional setting `field` (`value` as written) as a reference to an extension: none
+    /// when unset or not a valid id, which the component's `validate` reports instead.
+    pub fn extension_setting(field: &str, value: Option<&str>) -> Option<Self> {
+        let id = ComponentId::parse(value?).ok()?;
+        Some(Self::extension(field, id))
+    }
+}
+
 pub trait ReceiverBuilder: Send + std::any::Any {
     fn build(
         self: Box<Self>,

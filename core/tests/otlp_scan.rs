@@ -5,7 +5,7 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{
-    any_value, AnyValue, ArrayValue, EntityRef, KeyValue, KeyValueList,
+    any_value, AnyValue, ArrayValue, EntityRef, InstrumentationScope, KeyValue, KeyValueList,
 };
 use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::metrics::v1::{
@@ -82,6 +82,16 @@ fn resource() -> Option<Resource> {
     })
 }
 
+/// An instrumentation scope using every field of its schema.
+fn scope() -> Option<InstrumentationScope> {
+    Some(InstrumentationScope {
+        name: "n".into(),
+        version: "v".into(),
+        attributes: attributes(),
+        dropped_attributes_count: 1,
+    })
+}
+
 /// Spans using every field of the trace schema.
 fn every_span_field() -> Batch {
     let spans = (0..3)
@@ -123,14 +133,7 @@ fn every_span_field() -> Batch {
         ResourceSpans {
             resource: resource(),
             scope_spans: vec![ScopeSpans {
-                scope: Some(
-                    opentelemetry_proto::tonic::common::v1::InstrumentationScope {
-                        name: "n".into(),
-                        version: "v".into(),
-                        attributes: attributes(),
-                        dropped_attributes_count: 1,
-                    },
-                ),
+                scope: scope(),
                 spans,
                 schema_url: "u".into(),
             }],
@@ -161,14 +164,7 @@ fn every_log_record_field() -> Batch {
         ResourceLogs {
             resource: resource(),
             scope_logs: vec![ScopeLogs {
-                scope: Some(
-                    opentelemetry_proto::tonic::common::v1::InstrumentationScope {
-                        name: "n".into(),
-                        version: "v".into(),
-                        attributes: attributes(),
-                        dropped_attributes_count: 1,
-                    },
-                ),
+                scope: scope(),
                 log_records: records,
                 schema_url: "u".into(),
             }],

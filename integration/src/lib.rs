@@ -9,4 +9,5 @@ pub mod lines;
 pub mod oteltest;
 pub mod pprof_format;
 pub mod prometheus;
+pub mod status_server;
 pub mod test_programs;

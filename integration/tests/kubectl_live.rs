@@ -11,7 +11,7 @@
 //! agent is the `podscope` binary beside it (`cargo build --bin podscope`, which `cargo test
 //! --workspace` does), or $PODSCOPE_BINARY.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::pods::{self, running_pod as pod};
 use podscope_integration::fake_kube::FakeApiServer;
 use podscope_integration::lines::lines_of;
+use podscope_integration::status_server;
 use podscope_testkit::pod_cgroup::PodCgroup;
 use serde_json::{json, Value};
 
@@ -681,19 +682,6 @@ fn run_in(pod: &mut PodCgroup, script: &str) -> i32 {
     }
 }
 
-/// `status_server.py` of the receiver's http tests in `pod`, on a free port.
-fn python_server(pod: &mut PodCgroup) -> u16 {
-    let port = free_port();
-    let server =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../receiver/tests/http/status_server.py");
-    pod.spawn_shell(&format!(
-        "exec /usr/bin/python3 {} {port}",
-        server.display()
-    ));
-    podscope_testkit::pod_cgroup::wait_listening(port);
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_pod_http_prints_that_pods_exchanges_and_filters_on_status() {
     let live = Live::start_with(
@@ -709,8 +697,8 @@ async fn trace_pod_http_prints_that_pods_exchanges_and_filters_on_status() {
     let mut client = PodCgroup::new();
     live.apply_workload_pod("web-0", "node-a", "web", &web);
     live.apply_workload_pod("db-0", "node-a", "db", &db);
-    let web_port = python_server(&mut web);
-    let db_port = python_server(&mut db);
+    let web_port = status_server::start_in(&mut web);
+    let db_port = status_server::start_in(&mut db);
     let all =
         Streaming::start(live.plugin(&["trace", "-n", "shop", "pod/web-0", "http", "-o", "json"]));
     all.wait_tracing();

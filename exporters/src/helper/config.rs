@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use podscope_core::config::{join_path, WhenFull};
-use podscope_core::{ComponentId, ComponentKind, ComponentReference, FieldError};
+use podscope_core::{ComponentId, ComponentReference, FieldError};
 use serde::Deserialize;
 
 /// `sending_queue:` — the bounded queue in front of an exporter's sender.
@@ -46,12 +46,7 @@ impl SendingQueueSettings {
     /// `storage` as a reference the config loader checks (defined, of type `file_storage`,
     /// running).
     pub fn storage_reference(&self) -> Option<ComponentReference> {
-        let id = ComponentId::parse(self.storage.as_deref()?).ok()?;
-        Some(ComponentReference {
-            field: "sending_queue.storage".to_string(),
-            kind: ComponentKind::Extension,
-            id,
-        })
+        ComponentReference::extension_setting("sending_queue.storage", self.storage.as_deref())
     }
 }
 

@@ -4,29 +4,13 @@
 //! the trace is checked: one trace, the expected tree. Root only (eBPF, pod cgroups).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::oteltest::OteltestSink;
-use podscope_testkit::pod_cgroup::{unique_ids, wait_listening, PodCgroup};
+use podscope_integration::status_server;
+use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 use serde_json::Value;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn python_server(pod: &mut PodCgroup) -> u16 {
-    let port = free_port();
-    pod.spawn_shell(&format!(
-        "exec /usr/bin/python3 {} {port}",
-        root()
-            .join("receiver/tests/http/status_server.py")
-            .display()
-    ));
-    wait_listening(port);
-    port
-}
 
 /// A span as the sink decoded it, with its resource's container id.
 #[derive(Debug, Clone)]
@@ -81,8 +65,8 @@ async fn a_chain_of_local_services_reaches_a_third_party_otlp_receiver_through_t
          service:\n  telemetry:\n    metrics:\n      address: 127.0.0.1:{telemetry_port}\n  pipelines:\n    traces:\n      receivers: [ebpf]\n      processors: [batch]\n      exporters: [jaeger]\n"
     );
     let agent = AgentProcess::start(env!("CARGO_BIN_EXE_podscope"), &config, telemetry_port).await;
-    let front_port = python_server(&mut front);
-    let back_port = python_server(&mut back);
+    let front_port = status_server::start_in(&mut front);
+    let back_port = status_server::start_in(&mut back);
     let done = std::env::temp_dir().join(format!("podscope-jaeger-{}", unique_ids().1));
     client.spawn_shell(&format!(
         "curl -s -o /dev/null http://127.0.0.1:{front_port}/call/{back_port}/items/7; touch {}",

@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use podscope_integration::agent::{free_port, AgentProcess};
 use podscope_integration::fake_kube::FakeApiServer;
+use podscope_integration::status_server;
 use podscope_testkit::pod_cgroup::{unique_ids, PodCgroup};
 use serde_json::{json, Value};
 
@@ -618,19 +619,6 @@ async fn a_scheduled_session_runs_at_each_firing_and_counts_each_runs_execs() {
     drop(web);
 }
 
-/// `status_server.py` of the receiver's http tests in `pod`, on a free port.
-fn python_server(pod: &mut PodCgroup) -> u16 {
-    let port = free_port();
-    let server = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("receiver/tests/http/status_server.py");
-    pod.spawn_shell(&format!(
-        "exec /usr/bin/python3 {} {port}",
-        server.display()
-    ));
-    podscope_testkit::pod_cgroup::wait_listening(port);
-    port
-}
-
 /// `probes: [http]`: refused (Failed, naming what to enable) by an agent without the http
 /// probe; run by one with it: one event per request the pod served (none of another pod's),
 /// the top `METHOD ROUTE STATUS` keys (the route the probe inferred) and the latencies.
@@ -658,8 +646,8 @@ async fn an_http_session_counts_its_pods_requests_by_route_and_status() {
         );
     }
     let _agent = start_agent_with_probes(&api, dir.path(), "", "http: {}").await;
-    let web_port = python_server(&mut web);
-    let db_port = python_server(&mut db);
+    let web_port = status_server::start_in(&mut web);
+    let db_port = status_server::start_in(&mut db);
     api.apply_custom(session("team-a", "requests", http_session("25s")));
     status_when(&api, "team-a", "requests", "Running here", |s| {
         node_entry(s).is_some_and(|e| e["phase"] == "Running") && s["phase"] == "Running"

@@ -65,11 +65,7 @@ impl ProcessorBuilder for K8sAttributesConfig {
     /// `extension` names the `k8s_metadata` extension whose pods it reads.
     fn references(&self) -> Vec<ComponentReference> {
         self.extension_id()
-            .map(|id| ComponentReference {
-                field: "extension".to_string(),
-                kind: ComponentKind::Extension,
-                id,
-            })
+            .map(|id| ComponentReference::extension("extension", id))
             .into_iter()
             .collect()
     }

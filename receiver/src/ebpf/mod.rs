@@ -80,64 +80,37 @@ impl ReceiverBuilder for EbpfReceiverConfig {
     /// `cgroup_filter.pods` names the `k8s_metadata` extension whose pod cache it selects from
     /// (`extension`), or the `k8sattributes` processor whose extension that is (`processor`).
     fn references(&self) -> Vec<podscope_core::ComponentReference> {
-        let mut references = Vec::new();
+        use podscope_core::ComponentReference;
         let source = self.cgroup_filter.pods.as_ref().map(|pods| pods.source());
-        match source {
-            Some(Ok(config::PodSource::Extension(id))) => {
-                references.push(podscope_core::ComponentReference {
-                    field: "cgroup_filter.pods.extension".to_string(),
-                    kind: podscope_core::ComponentKind::Extension,
-                    id,
-                })
-            }
-            Some(Ok(config::PodSource::Processor(id))) => {
-                references.push(podscope_core::ComponentReference {
-                    field: "cgroup_filter.pods.processor".to_string(),
-                    kind: podscope_core::ComponentKind::Processor,
-                    id,
-                })
-            }
-            _ => {}
-        }
-        // User programs: their EbpfProgram objects and pod selections.
-        if let Some(Ok(id)) = self
-            .user_programs
-            .extension
-            .as_deref()
-            .map(podscope_core::ComponentId::parse)
-        {
-            references.push(podscope_core::ComponentReference {
-                field: "user_programs.extension".to_string(),
-                kind: podscope_core::ComponentKind::Extension,
+        let pods = match source {
+            Some(Ok(config::PodSource::Extension(id))) => Some(ComponentReference::extension(
+                "cgroup_filter.pods.extension",
                 id,
-            });
-        }
-        // The session extension it reports its probes to.
-        if let Some(Ok(id)) = self
-            .session
-            .as_deref()
-            .map(podscope_core::ComponentId::parse)
-        {
-            references.push(podscope_core::ComponentReference {
-                field: "session".to_string(),
-                kind: podscope_core::ComponentKind::Extension,
+            )),
+            Some(Ok(config::PodSource::Processor(id))) => Some(ComponentReference::processor(
+                "cgroup_filter.pods.processor",
                 id,
-            });
-        }
-        // Namespaced Probe objects and the pods they select.
-        if let Some(Ok(id)) = self
-            .tenant_probes
-            .extension
-            .as_deref()
-            .map(podscope_core::ComponentId::parse)
-        {
-            references.push(podscope_core::ComponentReference {
-                field: "tenant_probes.extension".to_string(),
-                kind: podscope_core::ComponentKind::Extension,
-                id,
-            });
-        }
-        references
+            )),
+            _ => None,
+        };
+        [
+            pods,
+            // User programs: their EbpfProgram objects and pod selections.
+            ComponentReference::extension_setting(
+                "user_programs.extension",
+                self.user_programs.extension.as_deref(),
+            ),
+            // The session extension it reports its probes to.
+            ComponentReference::extension_setting("session", self.session.as_deref()),
+            // Namespaced Probe objects and the pods they select.
+            ComponentReference::extension_setting(
+                "tenant_probes.extension",
+                self.tenant_probes.extension.as_deref(),
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
     }
 }
 

@@ -41,7 +41,8 @@ mod summary;
 mod targets;
 mod top;
 mod trace;
-mod trace_sessions;
+mod trace_session_runs;
+mod trace_session_status;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -62,7 +63,7 @@ pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
 pub use server::probe_name;
 pub use trace::TraceKernel;
-pub use trace_sessions::{Refusal, ResolvedSession, SessionTargets, TraceSessionSpec};
+pub use trace_session_runs::{Refusal, ResolvedSession, SessionTargets, TraceSessionSpec};
 
 pub const FACTORY: ExtensionFactory = ExtensionFactory {
     type_name: "session",
@@ -118,14 +119,7 @@ impl ExtensionBuilder for SessionConfig {
             ("k8s_metadata", self.k8s_metadata.as_deref()),
         ]
         .into_iter()
-        .filter_map(|(field, id)| {
-            let id = podscope_core::ComponentId::parse(id?).ok()?;
-            Some(podscope_core::ComponentReference {
-                field: field.to_string(),
-                kind: podscope_core::ComponentKind::Extension,
-                id,
-            })
-        })
+        .filter_map(|(field, id)| podscope_core::ComponentReference::extension_setting(field, id))
         .collect()
     }
 }
@@ -294,7 +288,7 @@ impl Component for SessionExtension {
             // Host mode (no API server) has no TraceSessions to run.
             match metadata.trace_sessions().await {
                 Some(sessions) => {
-                    let runner = trace_sessions::TraceSessionRunner {
+                    let runner = trace_session_runs::TraceSessionRunner {
                         sessions,
                         metadata: metadata.clone(),
                         kernel: self.shared.kernel.clone(),

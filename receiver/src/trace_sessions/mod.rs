@@ -19,8 +19,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use podscope_core::component::create_receiver;
 use podscope_core::{
-    Batch, BuildContext, Component, ComponentKind, ComponentReference, Consumer, Receiver,
-    ReceiverBuilder, ReceiverConsumers, ReceiverFactory, Signal,
+    Batch, BuildContext, Component, ComponentReference, Consumer, Receiver, ReceiverBuilder,
+    ReceiverConsumers, ReceiverFactory, Signal,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -86,11 +86,7 @@ impl ReceiverBuilder for TraceSessionsReceiverConfig {
     /// `extension` names the `session` extension.
     fn references(&self) -> Vec<ComponentReference> {
         self.extension_id()
-            .map(|id| ComponentReference {
-                field: "extension".to_string(),
-                kind: ComponentKind::Extension,
-                id,
-            })
+            .map(|id| ComponentReference::extension("extension", id))
             .into_iter()
             .collect()
     }

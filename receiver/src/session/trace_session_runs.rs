@@ -6,14 +6,15 @@
 //! session's pods on this node, retargeted when pods come or go under its selector.
 //!
 //! Each agent writes its node's entry of `status.nodes` (events per probe, lost, pods, times) and
-//! the merged status (phase, reason, the nodes' sums), the same merge on every node; and deletes
-//! a finished session once `ttlAfterFinished` has passed. Each event is also kept in the
-//! session's log on this node ([`SessionLogs`]) until the session object is gone, for `attach`
-//! and `logs`; the first agent to run a session gives it the attach token that reads those
-//! logs (`status.attachToken`). It refuses, with the reason in the status, a session naming a
-//! pod outside its namespace, a probe it cannot run, a bpftrace program the agent does not
-//! allow, or `export: true` where no `trace_sessions` receiver takes what it records. An
-//! exported session's events and summaries also go to that receiver ([`SessionExports`]).
+//! the merged status (phase, reason, the nodes' sums: `trace_session_status`, the same merge on
+//! every node); and deletes a finished session once `ttlAfterFinished` has passed. Each event
+//! is also kept in the session's log on this node ([`SessionLogs`]) until the session object is
+//! gone, for `attach` and `logs`; the first agent to run a session gives it the attach token
+//! that reads those logs (`status.attachToken`). It refuses, with the reason in the status, a
+//! session naming a pod outside its namespace, a probe it cannot run, a bpftrace program the
+//! agent does not allow, or `export: true` where no `trace_sessions` receiver takes what it
+//! records. An exported session's events and summaries also go to that receiver
+//! ([`SessionExports`]).
 //!
 //! A namespace's sessions run up to the cap of `trace_sessions.max_running_per_namespace`, the
 //! others wait (`caps`); a session counts at most `max_events_per_second` events, the others
@@ -25,7 +26,7 @@
 //! It must not reach past the session's namespace: pods are matched in that namespace only,
 //! whatever the spec says.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -52,13 +53,12 @@ use super::session_log::{SessionLog, SessionLogs};
 use super::session_probes::{CgroupNames, RunSink, SessionProbeRun};
 use super::session_profile::ProfileRun;
 use super::session_top::TopRun;
-use super::summary::{self, RunSummary};
+use super::summary::RunSummary;
 use super::targets::{node_labels, CgroupLabels};
 use super::trace::{Subscription, TraceKernel, TraceRefusal};
+use super::trace_session_status::{merge, refused_status, rfc3339, Scheduled, BPFTRACE};
 use crate::ebpf::programs::spec::LabelSelectorSpec;
 
-/// The key of a `spec.bpftrace` program's output lines among a status's `events`.
-const BPFTRACE: &str = "bpftrace";
 /// How often running sessions' counts are written and deadlines and TTLs checked.
 const TICK: Duration = Duration::from_secs(1);
 /// How long changes are gathered before acting on them (a rollout changes many pods at once).
@@ -518,11 +518,7 @@ impl TraceSessionRunner {
                     finish(run).await;
                 }
                 let failed_at = *known.failed_at.get_or_insert(now);
-                let mut merged = Map::new();
-                merged.insert("phase".into(), json!("Failed"));
-                merged.insert("reason".into(), json!(refused.reason));
-                merged.insert("message".into(), json!(refused.message));
-                merged.insert("completionTime".into(), json!(rfc3339(failed_at)));
+                let merged = refused_status(&refused, failed_at);
                 self.write_merged(session, known, merged).await;
                 // Without a readable spec there is no TTL to honour.
                 return;
@@ -653,12 +649,16 @@ impl TraceSessionRunner {
             last: window.zip(number),
             next: schedule.next_firing(now),
         });
+        let own_entry = known
+            .node_entry
+            .as_ref()
+            .map(|(entry, _)| (self.sessions.node(), entry));
         let merged = merge(
             session,
-            known,
+            own_entry,
+            known.failed_at,
             &resolved,
             now,
-            self.sessions.node(),
             waiting,
             scheduled,
         );
@@ -1132,159 +1132,6 @@ fn new_attach_token() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Where a scheduled session is in its schedule.
-struct Scheduled {
-    /// Its last (or current) run: its window and number.
-    last: Option<(RunWindow, u64)>,
-    next: Option<SystemTime>,
-}
-
-/// The merged status: every node's entry (this node's, `node`, as last written) summed, and
-/// the phase. `waiting`: the session waits for a slot of its namespace (the cap, for the
-/// message).
-fn merge(
-    session: &TraceSessionObject,
-    known: &Known,
-    resolved: &ResolvedSession,
-    now: SystemTime,
-    node: &str,
-    waiting: Option<u32>,
-    scheduled: Option<Scheduled>,
-) -> Map<String, Value> {
-    let mut nodes: BTreeMap<String, Value> = session.status["nodes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| Some((e["node"].as_str()?.to_string(), e.clone())))
-        .collect();
-    if let Some((own, _)) = &known.node_entry {
-        nodes.insert(node.to_string(), Value::Object(own.clone()));
-    }
-    // A scheduled session's summary is its last run's: the entries of that run.
-    if let Some(scheduled) = &scheduled {
-        let last = scheduled.last.map(|(_, number)| number);
-        nodes.retain(|_, entry| entry["run"].as_u64() == last || entry["phase"] == "Failed");
-    }
-    let mut events: BTreeMap<String, u64> = resolved
-        .probes
-        .iter()
-        .map(|p| probe_name(*p))
-        .chain(resolved.bpftrace.as_ref().map(|_| BPFTRACE.to_string()))
-        .map(|name| (name, 0))
-        .collect();
-    let mut lost = 0;
-    let mut dropped = 0;
-    let mut failed = None;
-    let mut running = false;
-    for (node, entry) in &nodes {
-        for (probe, count) in entry["events"].as_object().into_iter().flatten() {
-            *events.entry(probe.clone()).or_default() += count.as_u64().unwrap_or(0);
-        }
-        lost += entry["lost"].as_u64().unwrap_or(0);
-        dropped += entry["dropped"].as_u64().unwrap_or(0);
-        match entry["phase"].as_str() {
-            Some("Failed") if failed.is_none() => {
-                failed = Some(format!(
-                    "node {node}: {}",
-                    entry["message"].as_str().unwrap_or("failed")
-                ))
-            }
-            Some("Running") => running = true,
-            _ => {}
-        }
-    }
-    let mut merged = Map::new();
-    let (phase, reason, message, completion) = if let Some(message) = failed {
-        let at = known.failed_at.unwrap_or(now);
-        ("Failed", "NodeFailed", message, Some(at))
-    } else if running {
-        (
-            "Running",
-            "Tracing",
-            format!("tracing on {} node(s)", nodes.len()),
-            None,
-        )
-    } else if let Some(cap) = waiting {
-        (
-            "Pending",
-            "NamespaceSessionLimit",
-            format!(
-                "namespace {} runs {cap} TraceSession(s) already, the most the agents allow (trace_sessions.max_running_per_namespace); this one starts when one of them ends",
-                session.namespace
-            ),
-            None,
-        )
-    } else if let Some(scheduled) = &scheduled {
-        let next = scheduled.next.map_or("no next run".to_string(), |at| {
-            format!("next run at {}", rfc3339(at))
-        });
-        let message = match scheduled.last {
-            Some((window, number)) if now < window.end => {
-                format!("run {number}: no pod of its targets runs; {next}")
-            }
-            Some((_, number)) => format!("run {number} ended; {next}"),
-            None => format!("no run yet; {next}"),
-        };
-        ("Scheduled", "Scheduled", message, None)
-    } else if now >= resolved.end {
-        let message = if nodes.is_empty() {
-            "the session ended; no pod of its targets ran on any node meanwhile".to_string()
-        } else {
-            format!("the session ended; traced on {} node(s)", nodes.len())
-        };
-        ("Completed", "Ended", message, Some(resolved.end))
-    } else {
-        (
-            "Pending",
-            "NoTargetPods",
-            "no pod of its targets runs yet".to_string(),
-            None,
-        )
-    };
-    merged.insert("phase".into(), json!(phase));
-    merged.insert("reason".into(), json!(reason));
-    merged.insert("message".into(), json!(message));
-    match scheduled.as_ref().map(|s| s.last) {
-        // A scheduled session: the times of its last run, and how many there were.
-        Some(last) => {
-            if let Some((window, number)) = last {
-                merged.insert("startTime".into(), json!(rfc3339(window.start)));
-                merged.insert("endTime".into(), json!(rfc3339(window.end)));
-                merged.insert("lastScheduleTime".into(), json!(rfc3339(window.start)));
-                merged.insert("runs".into(), json!(number));
-            }
-        }
-        None => {
-            merged.insert(
-                "startTime".into(),
-                json!(rfc3339(session.created.unwrap_or(now))),
-            );
-            merged.insert("endTime".into(), json!(rfc3339(resolved.end)));
-        }
-    }
-    if let Some(at) = completion {
-        merged.insert("completionTime".into(), json!(rfc3339(at)));
-    }
-    let (top, durations) = summary::merge(nodes.values());
-    let mut summary = json!({"nodes": nodes.len(), "events": events, "lost": lost, "dropped": dropped, "top": top, "durations": durations});
-    if let Some(pods) = super::session_top::merge_pod_counters(nodes.values()) {
-        summary["podCounters"] = pods;
-    }
-    merged.insert("summary".into(), summary);
-    merged
-}
-
-/// RFC 3339 in whole seconds, as Kubernetes writes times.
-fn rfc3339(time: SystemTime) -> String {
-    let seconds = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    humantime_serde::re::humantime::format_rfc3339_seconds(
-        SystemTime::UNIX_EPOCH + Duration::from_secs(seconds),
-    )
-    .to_string()
 }
 
 #[cfg(test)]
