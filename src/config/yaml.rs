@@ -145,11 +145,14 @@ fn path_segments(path: &str) -> Vec<PathSegment<'_>> {
         if !key.is_empty() {
             out.push(PathSegment::Key(key));
         }
-        while let Some(end) = rest.find(']') {
-            if let Ok(i) = rest[1..end].parse() {
+        // Only `[N]` after `[N]`: a key may hold brackets of its own (`a]]`, `b[]]`), which end
+        // the walk rather than index anything.
+        while let Some(inner) = rest.strip_prefix('[') {
+            let Some(end) = inner.find(']') else { break };
+            if let Ok(i) = inner[..end].parse() {
                 out.push(PathSegment::Index(i));
             }
-            rest = &rest[end + 1..];
+            rest = &inner[end + 1..];
         }
     }
     out
@@ -351,6 +354,20 @@ mod tests {
         // A missing key points at the deepest existing one, or the fallback.
         assert_eq!(root.locate("a.nope.deeper", none), at(1, 1));
         assert_eq!(root.locate("nope", none), none);
+    }
+
+    /// Keys with stray brackets (the config fuzzer's crash: a `]` right after `[]` sliced
+    /// `[1..0]`) locate what they can and never panic.
+    #[test]
+    fn keys_with_stray_brackets_are_located_without_panicking() {
+        let root = parse("a:\n  b: [x]\n").unwrap();
+        let none = Position::default();
+        let at = |line, column| Position { line, column };
+        for path in ["a.b]][]]]]", "a.b[]]]", "a.b[", "a.b]", "a.b[0]]", "a.[]]x"] {
+            assert!(root.locate(path, none).line <= 2, "{path}");
+        }
+        assert_eq!(root.locate("a.b[0]]", none), at(2, 7));
+        assert_eq!(root.locate("a.b]][]]]]", none), at(1, 1));
     }
 
     #[test]
