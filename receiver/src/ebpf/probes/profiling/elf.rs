@@ -118,14 +118,23 @@ pub fn demangle(name: &str) -> String {
         }
     }
     if name.starts_with("_Z") {
-        if let Ok(symbol) = cpp_demangle::Symbol::new(name) {
-            if let Ok(demangled) = symbol.demangle() {
+        // The C++ demangler recurses once per nesting level of the name, up to its limits (96
+        // to parse, 128 to print by default): deep enough, in a debug build's larger frames, to
+        // overflow a 2 MiB thread stack on a crafted name (found by fuzzing). Real names nest
+        // far less; past these limits a name stays as it is.
+        let parse = cpp_demangle::ParseOptions::default().recursion_limit(CPP_DEMANGLE_DEPTH);
+        let print = cpp_demangle::DemangleOptions::default().recursion_limit(CPP_DEMANGLE_DEPTH);
+        if let Ok(symbol) = cpp_demangle::Symbol::new_with_options(name, &parse) {
+            if let Ok(demangled) = symbol.demangle_with_options(&print) {
                 return demangled;
             }
         }
     }
     name.to_string()
 }
+
+/// How deep a C++ name may nest for [`demangle`].
+const CPP_DEMANGLE_DEPTH: u32 = 48;
 
 /// Legacy Rust symbols end in a hash path segment: `17h<16 hex digits>E`.
 fn is_rust_legacy_hash(name: &str) -> bool {
