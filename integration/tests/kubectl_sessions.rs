@@ -12,6 +12,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use podscope_integration::fake_kube::{FakeApiServer, ServiceAccount};
 use podscope_integration::kubectl_plugin;
+use podscope_testkit::yaml::document_as_json;
 use serde_json::{json, Value};
 
 /// How long any single plugin run may take before the test fails.
@@ -107,27 +108,6 @@ fn exits(output: &Output, code: i32) {
     );
 }
 
-fn yaml_to_json(yaml: &yaml_rust2::Yaml) -> Value {
-    use yaml_rust2::Yaml;
-    match yaml {
-        Yaml::Hash(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), yaml_to_json(v)))
-                .collect(),
-        ),
-        Yaml::Array(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
-        Yaml::String(s) => json!(s),
-        Yaml::Integer(i) => json!(i),
-        Yaml::Boolean(b) => json!(b),
-        Yaml::Real(r) => json!(r.parse::<f64>().unwrap_or_default()),
-        _ => Value::Null,
-    }
-}
-
-fn load_yaml(text: &str) -> Value {
-    yaml_to_json(&yaml_rust2::YamlLoader::load_from_str(text).expect("YAML")[0])
-}
-
 /// RFC 3339 of `ago` before now, in whole seconds as the API server writes times.
 fn time_ago(ago: Duration) -> String {
     let at = SystemTime::now() - ago;
@@ -171,7 +151,7 @@ async fn run_creates_the_session_of_the_charts_example() {
     );
     // Exactly the spec of helm/podscope/examples/trace-session/web-execs.yaml, which the
     // agent's own tests run.
-    let example = load_yaml(
+    let example = document_as_json(
         &std::fs::read_to_string(chart_file("examples/trace-session/web-execs.yaml"))
             .expect("the chart's example"),
     );
@@ -491,7 +471,7 @@ async fn get_prints_the_crds_columns_like_kubectl() {
     );
     let output = cluster.run(&["get", "-n", "dev", "-o", "yaml"]).await;
     exits(&output, 0);
-    let listed = load_yaml(&text(&output.stdout));
+    let listed = document_as_json(&text(&output.stdout));
     assert_eq!(listed["kind"], "List");
     assert_eq!(
         listed["items"],
@@ -643,7 +623,7 @@ async fn promote_creates_exactly_the_probe_the_session_stands_for() {
         json!({"podscope.dev/promoted-from": "tracesession/web-net"})
     );
     // The chart's Probe schema takes it (tcp, files and http are among its probes).
-    let crd = load_yaml(
+    let crd = document_as_json(
         &std::fs::read_to_string(chart_file("crds/probes.podscope.dev.yaml")).expect("the CRD"),
     );
     let probes_schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
@@ -753,7 +733,7 @@ fn chart_tracesession_editor() -> Value {
         .map(|line| line.replace("{{ include \"podscope.fullname\" . }}", "podscope"))
         .collect::<Vec<_>>()
         .join("\n");
-    let role = load_yaml(&rendered);
+    let role = document_as_json(&rendered);
     assert_eq!(role["metadata"]["name"], "podscope-tracesession-editor");
     role
 }

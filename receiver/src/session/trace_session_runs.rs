@@ -1137,33 +1137,13 @@ fn new_attach_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use podscope_testkit::yaml::document_as_json;
 
     const CRD: &str = include_str!("../../../helm/podscope/crds/tracesessions.podscope.dev.yaml");
     const EXAMPLE: &str =
         include_str!("../../../helm/podscope/examples/trace-session/web-execs.yaml");
     const SCHEDULED_EXAMPLE: &str =
         include_str!("../../../helm/podscope/examples/trace-session/hourly-execs.yaml");
-
-    fn yaml_to_json(yaml: &yaml_rust2::Yaml) -> Value {
-        use yaml_rust2::Yaml;
-        match yaml {
-            Yaml::Hash(map) => Value::Object(
-                map.iter()
-                    .map(|(k, v)| (k.as_str().unwrap_or_default().to_string(), yaml_to_json(v)))
-                    .collect(),
-            ),
-            Yaml::Array(items) => Value::Array(items.iter().map(yaml_to_json).collect()),
-            Yaml::String(s) => json!(s),
-            Yaml::Integer(i) => json!(i),
-            Yaml::Boolean(b) => json!(b),
-            Yaml::Real(r) => json!(r.parse::<f64>().unwrap()),
-            _ => Value::Null,
-        }
-    }
-
-    fn load(text: &str) -> Value {
-        yaml_to_json(&yaml_rust2::YamlLoader::load_from_str(text).unwrap()[0])
-    }
 
     fn created() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
@@ -1177,7 +1157,7 @@ mod tests {
 
     #[test]
     fn the_charts_example_is_a_session_this_agent_runs() {
-        let example = load(EXAMPLE);
+        let example = document_as_json(EXAMPLE);
         let resolved = TraceSessionSpec::parse(&example["spec"])
             .unwrap()
             .resolve("shop", created())
@@ -1192,7 +1172,7 @@ mod tests {
 
     #[test]
     fn the_charts_scheduled_example_runs_five_minutes_at_each_hour() {
-        let example = load(SCHEDULED_EXAMPLE);
+        let example = document_as_json(SCHEDULED_EXAMPLE);
         let resolved = TraceSessionSpec::parse(&example["spec"])
             .unwrap()
             .resolve("shop", created())
@@ -1212,7 +1192,7 @@ mod tests {
 
     #[test]
     fn the_crd_lists_every_trace_probe_by_the_protocols_name() {
-        let crd = load(CRD);
+        let crd = document_as_json(CRD);
         let listed: Vec<String> = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
             ["properties"]["spec"]["properties"]["probes"]["items"]["enum"]
             .as_array()
