@@ -184,3 +184,184 @@ pub(super) fn rfc3339(time: SystemTime) -> String {
     )
     .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::trace_session_runs::TraceSessionSpec;
+
+    /// 2027-01-15T08:00:00Z: the sessions' creation.
+    fn created() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn at(seconds_after_creation: u64) -> SystemTime {
+        created() + Duration::from_secs(seconds_after_creation)
+    }
+
+    /// A ten-minute session of exec and exit events whose status holds `nodes`.
+    fn session(nodes: Value) -> (TraceSessionObject, ResolvedSession) {
+        let spec =
+            json!({"targets": {"pods": ["web-1"]}, "probes": ["exec", "exit"], "duration": "10m"});
+        let resolved = TraceSessionSpec::parse(&spec)
+            .and_then(|s| s.resolve("shop", created()))
+            .expect("a valid session");
+        let object = TraceSessionObject {
+            namespace: "shop".into(),
+            name: "web-execs".into(),
+            uid: "7f1c".into(),
+            generation: 1,
+            resource_version: "42".into(),
+            created: Some(created()),
+            spec,
+            status: json!({"nodes": nodes}),
+        };
+        (object, resolved)
+    }
+
+    fn entry(node: &str, phase: &str, exec: u64, lost: u64, dropped: u64) -> Value {
+        json!({"node": node, "phase": phase, "events": {"exec": exec}, "lost": lost, "dropped": dropped,
+               "top": {"exec": [{"key": "/bin/sh", "count": exec}]},
+               "durations": {}})
+    }
+
+    #[test]
+    fn nodes_are_summed_with_this_nodes_own_entry_replacing_its_stale_copy() {
+        let (object, resolved) = session(json!([
+            entry("node-a", "Running", 5, 1, 0),
+            entry("node-b", "Running", 7, 0, 2),
+        ]));
+        // node-a wrote 5 exec events last time; it has seen 9 since.
+        let own = entry("node-a", "Running", 9, 1, 0);
+        let merged = merge(
+            &object,
+            Some(("node-a", own.as_object().unwrap())),
+            None,
+            &resolved,
+            at(60),
+            None,
+            None,
+        );
+        assert_eq!(merged["phase"], "Running");
+        assert_eq!(merged["reason"], "Tracing");
+        assert_eq!(merged["message"], "tracing on 2 node(s)");
+        assert_eq!(merged["startTime"], "2027-01-15T08:00:00Z");
+        assert_eq!(merged["endTime"], "2027-01-15T08:10:00Z");
+        assert!(!merged.contains_key("completionTime"));
+        let summary = &merged["summary"];
+        assert_eq!(summary["nodes"], 2);
+        // exit was asked for and no node saw one: it is listed with 0.
+        assert_eq!(summary["events"], json!({"exec": 16, "exit": 0}));
+        assert_eq!(summary["lost"], 1);
+        assert_eq!(summary["dropped"], 2);
+        assert_eq!(
+            summary["top"]["exec"],
+            json!([{"key": "/bin/sh", "count": 16}])
+        );
+    }
+
+    #[test]
+    fn one_failed_node_fails_the_session_naming_it_and_when_it_was_seen() {
+        let mut failed = entry("node-b", "Failed", 0, 0, 0);
+        failed["message"] = json!("the exec probe could not load: permission denied");
+        let (object, resolved) = session(json!([entry("node-a", "Running", 3, 0, 0), failed]));
+        let merged = merge(&object, None, Some(at(30)), &resolved, at(45), None, None);
+        assert_eq!(merged["phase"], "Failed");
+        assert_eq!(merged["reason"], "NodeFailed");
+        assert_eq!(
+            merged["message"],
+            "node node-b: the exec probe could not load: permission denied"
+        );
+        assert_eq!(merged["completionTime"], "2027-01-15T08:00:30Z");
+        // What the running node counted is still summed.
+        assert_eq!(merged["summary"]["events"]["exec"], 3);
+    }
+
+    #[test]
+    fn a_session_past_its_end_completes_saying_whether_it_traced() {
+        let (object, resolved) = session(json!([]));
+        let merged = merge(&object, None, None, &resolved, at(600), None, None);
+        assert_eq!(merged["phase"], "Completed");
+        assert_eq!(merged["reason"], "Ended");
+        assert_eq!(
+            merged["message"],
+            "the session ended; no pod of its targets ran on any node meanwhile"
+        );
+        assert_eq!(merged["completionTime"], "2027-01-15T08:10:00Z");
+
+        let (object, resolved) = session(json!([entry("node-a", "Completed", 4, 0, 0)]));
+        let merged = merge(&object, None, None, &resolved, at(601), None, None);
+        assert_eq!(merged["message"], "the session ended; traced on 1 node(s)");
+        assert_eq!(merged["summary"]["events"]["exec"], 4);
+    }
+
+    #[test]
+    fn before_any_target_runs_a_session_is_pending_or_waits_for_its_namespaces_slot() {
+        let (object, resolved) = session(json!([]));
+        let merged = merge(&object, None, None, &resolved, at(10), None, None);
+        assert_eq!(merged["phase"], "Pending");
+        assert_eq!(merged["reason"], "NoTargetPods");
+
+        let merged = merge(&object, None, None, &resolved, at(10), Some(2), None);
+        assert_eq!(merged["reason"], "NamespaceSessionLimit");
+        assert_eq!(
+            merged["message"],
+            "namespace shop runs 2 TraceSession(s) already, the most the agents allow (trace_sessions.max_running_per_namespace); this one starts when one of them ends"
+        );
+    }
+
+    #[test]
+    fn a_scheduled_session_sums_only_its_last_runs_entries_and_keeps_failures() {
+        let mut run_2 = entry("node-a", "Completed", 50, 0, 0);
+        run_2["run"] = json!(2);
+        let mut run_3 = entry("node-b", "Completed", 8, 0, 0);
+        run_3["run"] = json!(3);
+        let mut failed = entry("node-c", "Failed", 0, 0, 0);
+        failed["run"] = json!(1);
+        failed["message"] = json!("no BTF");
+        let (object, resolved) = session(json!([run_2, run_3.clone()]));
+        let window = RunWindow {
+            start: at(7200),
+            end: at(7500),
+        };
+        let scheduled = || Scheduled {
+            last: Some((window, 3)),
+            next: Some(at(10_800)),
+        };
+        let merged = merge(
+            &object,
+            None,
+            None,
+            &resolved,
+            at(7600),
+            None,
+            Some(scheduled()),
+        );
+        assert_eq!(merged["phase"], "Scheduled");
+        assert_eq!(
+            merged["message"],
+            "run 3 ended; next run at 2027-01-15T11:00:00Z"
+        );
+        assert_eq!(merged["runs"], 3);
+        assert_eq!(merged["startTime"], "2027-01-15T10:00:00Z");
+        assert_eq!(merged["endTime"], "2027-01-15T10:05:00Z");
+        assert_eq!(merged["lastScheduleTime"], "2027-01-15T10:00:00Z");
+        // Run 2's 50 events are not this run's.
+        assert_eq!(merged["summary"]["nodes"], 1);
+        assert_eq!(merged["summary"]["events"]["exec"], 8);
+
+        // A node that failed, in whichever run, fails the session.
+        let (object, resolved) = session(json!([run_3, failed]));
+        let merged = merge(
+            &object,
+            None,
+            Some(at(3700)),
+            &resolved,
+            at(7600),
+            None,
+            Some(scheduled()),
+        );
+        assert_eq!(merged["phase"], "Failed");
+        assert_eq!(merged["message"], "node node-c: no BTF");
+    }
+}
