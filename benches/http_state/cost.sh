@@ -26,11 +26,16 @@
 # Usage (root, from the repository): benches/http_state/cost.sh [ROUNDS] [REQUESTS] [REV...]
 #   REV: a git revision whose ebpf/src/bpf is built, `.` for the working tree, or the path of a
 #   .bpf.c file (a variant of http.bpf.c, built with the working tree's headers).
-#   Default: 5 rounds of 20000 requests, `main` against `.`. Needs nginx, clang-19, libbpf-dev,
+#   Default: 5 rounds of 20000 requests, `main` against `.`. Env CPU: the CPU nginx and the
+#   client run on (default the last). Needs nginx, clang-19, libbpf-dev,
 #   bpftool, tracefs (mounted here if missing).
 set -euo pipefail
 ROUNDS=${1:-5}
 REQUESTS=${2:-20000}
+# nginx and the client share one CPU (env CPU, default the last): in lockstep they take turns,
+# and a shared CPU spares the figures the cross-CPU wake-ups and migrations that made rounds
+# differ by 20 % or more on the shared VM.
+CPU=${CPU:-$(($(nproc) - 1))}
 shift 2 2>/dev/null || shift $#
 REVS=("$@")
 [ ${#REVS[@]} -gt 0 ] || REVS=(main .)
@@ -88,7 +93,7 @@ http { access_log off; keepalive_requests 100000000; client_body_temp_path $WORK
   fastcgi_temp_path $WORK/nginx; uwsgi_temp_path $WORK/nginx; scgi_temp_path $WORK/nginx;
   server { listen 127.0.0.1:$PORT; location / { return 200 "ok\n"; } } }
 CONF
-nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" < /dev/null &
+taskset -c "$CPU" nginx -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" < /dev/null &
 NGINX_PID=$!
 deadline=$((SECONDS + 10))
 until WORKER=$(pgrep -P "$NGINX_PID") && $PY -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null; do
@@ -101,7 +106,7 @@ nginx_ns() { awk '{print $1}' /proc/"$WORKER"/schedstat; }
 workload() {
     local before after cpu made
     before=$(nginx_ns)
-    read -r cpu made <<< "$("$WORK/client" "$PORT" "$REQUESTS")"
+    read -r cpu made <<< "$(taskset -c "$CPU" "$WORK/client" "$PORT" "$REQUESTS")"
     after=$(nginx_ns)
     [ "$made" = "$REQUESTS" ] || { echo "the client made $made of $REQUESTS requests" >&2; exit 1; }
     $PY -c "print(round(($cpu * 1e9 + $after - $before) / $made), $made)"

@@ -262,28 +262,8 @@ struct source {
 	/* A write through iovecs: `len` is not known before the first copy, which sums the iovecs
 	 * as it reads them (each iovec is read once, and only for tracked connections). */
 	__u8 sum_len;
-	__u16 iov_next; /* with sum_len: the first iovec the copy did not read */
+	__u16 iov_next; /* copy_iovecs: the first iovec the copy did not read */
 };
-
-/* With `sum_len`, after the first copy_source: adds the lengths of the iovecs it did not read to
- * `len`, up to MAX_IOVECS_SUMMED of them (more and the length is unknown: 0xffffffff). */
-static __always_inline void sum_rest(struct source *src)
-{
-	__u64 total = src->len;
-	for (int k = 0; k < MAX_IOVECS_SUMMED; k++) {
-		int i = src->iov_next + k;
-		if (i >= src->iovcnt || i >= MAX_IOVECS_SUMMED)
-			break;
-		struct iovec vec;
-		if (bpf_probe_read_user(&vec, sizeof(vec), &((const struct iovec *)src->ptr)[i]))
-			break;
-		total += vec.iov_len;
-	}
-	if (src->iovcnt > MAX_IOVECS_SUMMED)
-		total = 0xffffffff;
-	src->len = total > 0xffffffff ? 0xffffffff : total;
-	src->sum_len = 0;
-}
 
 /* The scratch an event being built is in (the event is its first member). */
 static __always_inline struct http_scratch *scratch_of(struct http_event *e)
@@ -291,12 +271,17 @@ static __always_inline struct http_scratch *scratch_of(struct http_event *e)
 	return (struct http_scratch *)e;
 }
 
+/* iovecs read in one bpf_probe_read_user at the start of a copy (writev from a server is
+ * typically a head and a body: two). */
+#define IOV_BATCH 4
+
 /* Copies up to `want` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the bytes of `src`'s iovecs into
  * `scratch`'s event data; returns how many. With `sum_len`, also sets `len` to the sum of the
- * lengths of the iovecs it read, and `iov_next` to the first it did not (sum_rest adds the
- * others). A global function: the verifier checks it once, not once per place it is called
- * with every state of the caller (inlined, the loop took writev's program past the verifier's
- * million instructions). */
+ * iovecs' lengths (of the first MAX_IOVECS_SUMMED; more and it is unknown: 0xffffffff) from the
+ * same reads. Each iovec is read once, the first IOV_BATCH together (one by one if that read
+ * fails, so an unreadable one ends the copy and the sum where it is, as before). A global
+ * function: the verifier checks it once, not once per place it is called with every state of
+ * the caller (inlined, writev's program went past the verifier's million instructions). */
 __attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratch *scratch, __u32 want)
 {
 	if (!src || !scratch)
@@ -304,15 +289,23 @@ __attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratc
 	if (want > PODSCOPE_HTTP_CAPTURE_MAX)
 		want = PODSCOPE_HTTP_CAPTURE_MAX;
 	__u8 *dst = scratch->event.data;
+	const struct iovec *iov = src->ptr;
+	struct iovec batch[IOV_BATCH] = {};
+	__u32 batched = src->iovcnt < IOV_BATCH ? src->iovcnt : IOV_BATCH;
+	if (batched == 0 || bpf_probe_read_user(batch, batched * sizeof(struct iovec), iov))
+		batched = 0;
+	/* Two loops, the copy and then the rest of the sum: one loop doing both took the verifier
+	 * past its million instructions. */
 	__u32 done = 0;
 	__u64 total = 0;
 	int next = 0, unreadable = 0;
-	const struct iovec *iov = src->ptr;
 	for (int i = 0; i < MAX_IOVECS; i++) {
 		if (i >= src->iovcnt || done >= want)
 			break;
 		struct iovec vec;
-		if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i])) {
+		if (i < batched) {
+			vec = batch[i & (IOV_BATCH - 1)];
+		} else if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i])) {
 			unreadable = 1;
 			break;
 		}
@@ -326,15 +319,34 @@ __attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratc
 			break;
 		done += n;
 	}
+	if (!src->sum_len || unreadable)
+		goto summed;
+	/* Through memory the verifier does not follow: the sum's loop is then checked once, not
+	 * once for every way the copy's loop ended. */
+	src->iov_next = next;
+	for (int k = 0; k < MAX_IOVECS_SUMMED; k++) {
+		int i = src->iov_next + k;
+		if (i >= src->iovcnt || i >= MAX_IOVECS_SUMMED)
+			break;
+		struct iovec vec;
+		if (i < batched)
+			vec = batch[i & (IOV_BATCH - 1)];
+		else if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i]))
+			break;
+		total += vec.iov_len;
+	}
+summed:
 	if (src->sum_len) {
+		if (src->iovcnt > MAX_IOVECS_SUMMED)
+			total = 0xffffffff;
 		src->len = total > 0xffffffff ? 0xffffffff : total;
-		src->iov_next = unreadable ? MAX_IOVECS_SUMMED : next;
+		src->sum_len = 0;
 	}
 	return done;
 }
 
 /* Copies up to `max` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the call's first bytes into the event
- * data of `scratch`; returns how many. With `sum_len` see copy_iovecs. */
+ * data of `scratch`; returns how many. With `sum_len`, also sums the iovecs' lengths (copy_iovecs). */
 static __always_inline __u32 copy_source(struct source *src, struct http_scratch *scratch, __u32 max)
 {
 	__u32 want = !src->sum_len && src->len < max ? src->len : max;
@@ -488,8 +500,6 @@ static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 dir
 	if (conn->protocol == HTTP_PROTO_HTTP2 || direction == conn->head_next)
 		first = capture_bytes;
 	__u32 got = copy_source(src, scratch_of(e), first);
-	if (src->sum_len)
-		sum_rest(src);
 	if (src->len == 0)
 		return; /* a write of empty iovecs */
 	e->head.total_len = src->len;
