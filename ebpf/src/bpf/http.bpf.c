@@ -281,7 +281,8 @@ static __always_inline struct http_scratch *scratch_of(struct http_event *e)
  * same reads. Each iovec is read once, the first IOV_BATCH together (one by one if that read
  * fails, so an unreadable one ends the copy and the sum where it is, as before). A global
  * function: the verifier checks it once, not once per place it is called with every state of
- * the caller (inlined, writev's program went past the verifier's million instructions). */
+ * the caller (inlined, writev's program went past the verifier's million instructions). Its
+ * pointer arguments need Linux 5.12; the probe needs 5.15 anyway (bpf_task_pt_regs). */
 __attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratch *scratch, __u32 want)
 {
 	if (!src || !scratch)
