@@ -117,7 +117,8 @@ echo "# $REQUESTS requests per row, $ROUNDS rounds; rows: none, ${REVS[*]}"
 echo "# load: $(uptime)"
 echo "round row cpu_ns_per_request runs_per_request ns_per_run programs_ns_per_request events_per_request lost data"
 for r in $(seq "$ROUNDS"); do
-    read -r cpu _ <<< "$(workload)"
+    out=$(workload)
+    read -r cpu _ <<< "$out"
     echo "$r none $cpu - - - - - -"
     order=("${!OBJS[@]}")
     if [ $((r % 2)) -eq 0 ]; then
@@ -134,7 +135,8 @@ for r in $(seq "$ROUNDS"); do
         done
         kill -USR1 "$LOADER_PID"
         until grep -q begun "$WORK/loader.out"; do sleep 0.01; done
-        read -r cpu _ <<< "$(workload)"
+        out=$(workload)
+        read -r cpu _ <<< "$out"
         kill -TERM "$LOADER_PID"
         wait "$LOADER_PID" || { echo "${REVS[$i]}: the loader failed" >&2; exit 1; }
         LOADER_PID=""
