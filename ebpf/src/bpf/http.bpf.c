@@ -262,7 +262,6 @@ struct source {
 	/* A write through iovecs: `len` is not known before the first copy, which sums the iovecs
 	 * as it reads them (each iovec is read once, and only for tracked connections). */
 	__u8 sum_len;
-	__u16 iov_next; /* copy_iovecs: the first iovec the copy did not read */
 };
 
 /* The scratch an event being built is in (the event is its first member). */
@@ -275,24 +274,35 @@ static __always_inline struct http_scratch *scratch_of(struct http_event *e)
  * typically a head and a body: two). */
 #define IOV_BATCH 4
 
-/* Copies up to `want` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the bytes of `src`'s iovecs into
- * `scratch`'s event data; returns how many. With `sum_len`, also sets `len` to the sum of the
- * iovecs' lengths (of the first MAX_IOVECS_SUMMED; more and it is unknown: 0xffffffff) from the
- * same reads. Each iovec is read once, the first IOV_BATCH together (one by one if that read
- * fails, so an unreadable one ends the copy and the sum where it is, as before). A global
- * function: the verifier checks it once, not once per place it is called with every state of
- * the caller (inlined, writev's program went past the verifier's million instructions). Its
- * pointer arguments need Linux 5.12; the probe needs 5.15 anyway (bpf_task_pt_regs). */
-__attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratch *scratch, __u32 want)
+/* What copy_iovecs found besides the bytes: the iovecs' summed length, and (its own scratch)
+ * the first iovec its copy did not read. */
+struct iov_sum {
+	__u64 len;
+	__u32 next;
+	__u32 _pad;
+};
+
+/* Copies up to `want` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the bytes of the `iovcnt` iovecs at
+ * user address `iov_addr` into `scratch`'s event data; returns how many. With `sum`, also sets
+ * `sum->len` to the sum of the iovecs' lengths (of the first MAX_IOVECS_SUMMED; more and it is
+ * unknown: 0xffffffff) from the same reads. Each iovec is read once, the first IOV_BATCH together
+ * (one by one if that read fails, so an unreadable one ends the copy and the sum where it is,
+ * as before). A global function: the verifier checks it once, not once per place it is called
+ * with every state of the caller (inlined, writev's program went past the verifier's million
+ * instructions); its arguments are values, not the caller's `struct source`, so that the
+ * compiler still sees which callers never get here (write, read: no iovecs). Its pointer
+ * arguments need Linux 5.12; the probe needs 5.15 anyway (bpf_task_pt_regs). */
+__attribute__((noinline)) int copy_iovecs(__u64 iov_addr, __u64 iovcnt, __u32 want, struct iov_sum *sum,
+					  struct http_scratch *scratch)
 {
-	if (!src || !scratch)
+	if (!scratch)
 		return 0;
 	if (want > PODSCOPE_HTTP_CAPTURE_MAX)
 		want = PODSCOPE_HTTP_CAPTURE_MAX;
 	__u8 *dst = scratch->event.data;
-	const struct iovec *iov = src->ptr;
+	const struct iovec *iov = (const struct iovec *)iov_addr;
 	struct iovec batch[IOV_BATCH] = {};
-	__u32 batched = src->iovcnt < IOV_BATCH ? src->iovcnt : IOV_BATCH;
+	__u32 batched = iovcnt < IOV_BATCH ? iovcnt : IOV_BATCH;
 	if (batched == 0 || bpf_probe_read_user(batch, batched * sizeof(struct iovec), iov))
 		batched = 0;
 	/* Two loops, the copy and then the rest of the sum: one loop doing both took the verifier
@@ -301,7 +311,7 @@ __attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratc
 	__u64 total = 0;
 	int next = 0, unreadable = 0;
 	for (int i = 0; i < MAX_IOVECS; i++) {
-		if (i >= src->iovcnt || done >= want)
+		if (i >= iovcnt || done >= want)
 			break;
 		struct iovec vec;
 		if (i < batched) {
@@ -320,34 +330,33 @@ __attribute__((noinline)) int copy_iovecs(struct source *src, struct http_scratc
 			break;
 		done += n;
 	}
-	if (!src->sum_len || unreadable)
-		goto summed;
-	/* Through memory the verifier does not follow: the sum's loop is then checked once, not
-	 * once for every way the copy's loop ended. */
-	src->iov_next = next;
-	for (int k = 0; k < MAX_IOVECS_SUMMED; k++) {
-		int i = src->iov_next + k;
-		if (i >= src->iovcnt || i >= MAX_IOVECS_SUMMED)
-			break;
-		struct iovec vec;
-		if (i < batched)
-			vec = batch[i & (IOV_BATCH - 1)];
-		else if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i]))
-			break;
-		total += vec.iov_len;
+	if (!sum)
+		return done;
+	if (!unreadable) {
+		/* Through memory the verifier does not follow: the sum's loop is then checked once, not
+		 * once for every way the copy's loop ended. */
+		sum->next = next;
+		for (int k = 0; k < MAX_IOVECS_SUMMED; k++) {
+			int i = sum->next + k;
+			if (i >= iovcnt || i >= MAX_IOVECS_SUMMED)
+				break;
+			struct iovec vec;
+			if (i < batched)
+				vec = batch[i & (IOV_BATCH - 1)];
+			else if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i]))
+				break;
+			total += vec.iov_len;
+		}
 	}
-summed:
-	if (src->sum_len) {
-		if (src->iovcnt > MAX_IOVECS_SUMMED)
-			total = 0xffffffff;
-		src->len = total > 0xffffffff ? 0xffffffff : total;
-		src->sum_len = 0;
-	}
+	if (iovcnt > MAX_IOVECS_SUMMED)
+		total = 0xffffffff;
+	sum->len = total > 0xffffffff ? 0xffffffff : total;
 	return done;
 }
 
 /* Copies up to `max` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the call's first bytes into the event
- * data of `scratch`; returns how many. With `sum_len`, also sums the iovecs' lengths (copy_iovecs). */
+ * data of `scratch`; returns how many. With `sum_len`, also sets `len` to the iovecs' summed
+ * length (copy_iovecs). */
 static __always_inline __u32 copy_source(struct source *src, struct http_scratch *scratch, __u32 max)
 {
 	__u32 want = !src->sum_len && src->len < max ? src->len : max;
@@ -358,7 +367,13 @@ static __always_inline __u32 copy_source(struct source *src, struct http_scratch
 			return 0;
 		return want;
 	}
-	return copy_iovecs(src, scratch, want);
+	if (!src->sum_len)
+		return copy_iovecs((__u64)src->ptr, src->iovcnt, want, 0, scratch);
+	struct iov_sum sum = {};
+	__u32 done = copy_iovecs((__u64)src->ptr, src->iovcnt, want, &sum, scratch);
+	src->len = sum.len;
+	src->sum_len = 0;
+	return done;
 }
 
 static __always_inline int starts_with(const __u8 *b, const char *token, int n)
