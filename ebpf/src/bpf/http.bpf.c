@@ -45,8 +45,6 @@
 #define NR_RECVMSG 47
 #define NR_ACCEPT4 288
 
-/* Bytes of a response kept: the status line is all userspace reads. */
-#define RESPONSE_CAPTURE 32
 /* iovecs copied from per readv/writev/recvmsg/sendmsg, and summed for a write's length (more
  * and the length is unknown: HTTP/2 userspace then gives the direction up). */
 #define MAX_IOVECS 32
@@ -69,7 +67,13 @@ struct http_conn {
 	/* HTTP/1: head bytes still to capture in `budget_dir` (a head split over several reads). */
 	__u8 budget_dir;
 	__u32 budget;
-	__u32 tls; /* bound to an SSL object: its syscalls carry ciphertext, the uprobes plaintext */
+	__u8 tls; /* bound to an SSL object: its syscalls carry ciphertext, the uprobes plaintext */
+	/* HTTP/1: the direction whose next bytes are most likely a request head (requests go the
+	 * other way from the last response; the first one by the role), 0 when a request head was
+	 * the last thing that went that way (its body may follow). Decides only how much is read
+	 * at once, never what is sent. */
+	__u8 head_next;
+	__u8 _pad[2];
 };
 
 struct {
@@ -129,6 +133,18 @@ struct {
 	__type(key, __u64);
 	__type(value, struct ssl_call);
 } http_ssl_calls SEC(".maps");
+
+/* Entries of http_ssl_calls that the uprobes made and have not deleted yet: while there are none,
+ * no socket syscall can be part of an SSL call and the lookup in http_ssl_calls is skipped (it
+ * cost every read and write a second hash lookup). A thread that ends inside an SSL call leaves
+ * its entry, and this count above zero: that only loses the saving. */
+__u64 ssl_calls_in_flight = 0;
+
+static __always_inline void ssl_call_done(__u64 *id)
+{
+	if (bpf_map_delete_elem(&http_ssl_calls, id) == 0)
+		__sync_fetch_and_add(&ssl_calls_in_flight, -1);
+}
 
 /* (tgid, SSL object) → the socket it was seen on (NO_FD until then), and the protocol its first
  * plaintext showed. */
@@ -214,7 +230,11 @@ static __always_inline void track(__u32 fd, __u8 role)
 	struct sock *sk = tcp_sock_of(fd);
 	if (!sk)
 		return;
-	struct http_conn conn = { .cgroup_id = cgroup_id, .role = role };
+	struct http_conn conn = {
+		.cgroup_id = cgroup_id,
+		.role = role,
+		.head_next = role == HTTP_ROLE_SERVER ? HTTP_DIR_IN : HTTP_DIR_OUT,
+	};
 	conn.family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	conn.local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	conn.remote_port = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
@@ -237,28 +257,71 @@ struct source {
 	__u64 iovcnt; /* 0: `ptr` is the buffer itself */
 	__u64 ssl;    /* the SSL object whose plaintext this is, or 0 */
 	__u32 len;    /* bytes read, or asked to be written */
+	/* `ptr` is a sendmsg/recvmsg message header, not read yet: read for tracked connections only. */
+	__u8 msghdr;
+	/* A write through iovecs: `len` is not known before the first copy, which sums the iovecs
+	 * as it reads them (each iovec is read once, and only for tracked connections). */
+	__u8 sum_len;
 };
 
-/* Copies up to `max` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the call's first bytes into `dst`;
- * returns how many. */
-static __always_inline __u32 copy_source(const struct source *src, __u8 *dst, __u32 max)
+/* The scratch an event being built is in (the event is its first member). */
+static __always_inline struct http_scratch *scratch_of(struct http_event *e)
 {
-	__u32 want = src->len < max ? src->len : max;
+	return (struct http_scratch *)e;
+}
+
+/* iovecs read in one bpf_probe_read_user at the start of a copy (writev from a server is
+ * typically a head and a body: two). */
+#define IOV_BATCH 4
+
+/* What copy_iovecs found besides the bytes: the iovecs' summed length, and (its own scratch)
+ * the first iovec its copy did not read. */
+struct iov_sum {
+	__u64 len;
+	__u32 next;
+	__u32 _pad;
+};
+
+/* Copies up to `want` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the bytes of the `iovcnt` iovecs at
+ * user address `iov_addr` into `scratch`'s event data; returns how many. With `sum`, also sets
+ * `sum->len` to the sum of the iovecs' lengths (of the first MAX_IOVECS_SUMMED; more and it is
+ * unknown: 0xffffffff) from the same reads. Each iovec is read once, the first IOV_BATCH together
+ * (one by one if that read fails, so an unreadable one ends the copy and the sum where it is,
+ * as before). A global function: the verifier checks it once, not once per place it is called
+ * with every state of the caller (inlined, writev's program went past the verifier's million
+ * instructions); its arguments are values, not the caller's `struct source`, so that the
+ * compiler still sees which callers never get here (write, read: no iovecs). Its pointer
+ * arguments need Linux 5.12; the probe needs 5.15 anyway (bpf_task_pt_regs). */
+__attribute__((noinline)) int copy_iovecs(__u64 iov_addr, __u64 iovcnt, __u32 want, struct iov_sum *sum,
+					  struct http_scratch *scratch)
+{
+	if (!scratch)
+		return 0;
 	if (want > PODSCOPE_HTTP_CAPTURE_MAX)
 		want = PODSCOPE_HTTP_CAPTURE_MAX;
-	if (src->iovcnt == 0) {
-		if (want == 0 || bpf_probe_read_user(dst, want, src->ptr))
-			return 0;
-		return want;
-	}
+	__u8 *dst = scratch->event.data;
+	const struct iovec *iov = (const struct iovec *)iov_addr;
+	struct iovec batch[IOV_BATCH] = {};
+	__u32 batched = iovcnt < IOV_BATCH ? iovcnt : IOV_BATCH;
+	if (batched == 0 || bpf_probe_read_user(batch, batched * sizeof(struct iovec), iov))
+		batched = 0;
+	/* Two loops, the copy and then the rest of the sum: one loop doing both took the verifier
+	 * past its million instructions. */
 	__u32 done = 0;
-	const struct iovec *iov = src->ptr;
+	__u64 total = 0;
+	int next = 0, unreadable = 0;
 	for (int i = 0; i < MAX_IOVECS; i++) {
-		if (i >= src->iovcnt || done >= want)
+		if (i >= iovcnt || done >= want)
 			break;
 		struct iovec vec;
-		if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i]))
+		if (i < batched) {
+			vec = batch[i & (IOV_BATCH - 1)];
+		} else if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i])) {
+			unreadable = 1;
 			break;
+		}
+		total += vec.iov_len;
+		next = i + 1;
 		__u32 n = vec.iov_len < want - done ? vec.iov_len : want - done;
 		if (n > PODSCOPE_HTTP_CAPTURE_MAX)
 			n = PODSCOPE_HTTP_CAPTURE_MAX;
@@ -267,6 +330,49 @@ static __always_inline __u32 copy_source(const struct source *src, __u8 *dst, __
 			break;
 		done += n;
 	}
+	if (!sum)
+		return done;
+	if (!unreadable) {
+		/* Through memory the verifier does not follow: the sum's loop is then checked once, not
+		 * once for every way the copy's loop ended. */
+		sum->next = next;
+		for (int k = 0; k < MAX_IOVECS_SUMMED; k++) {
+			int i = sum->next + k;
+			if (i >= iovcnt || i >= MAX_IOVECS_SUMMED)
+				break;
+			struct iovec vec;
+			if (i < batched)
+				vec = batch[i & (IOV_BATCH - 1)];
+			else if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i]))
+				break;
+			total += vec.iov_len;
+		}
+	}
+	if (iovcnt > MAX_IOVECS_SUMMED)
+		total = 0xffffffff;
+	sum->len = total > 0xffffffff ? 0xffffffff : total;
+	return done;
+}
+
+/* Copies up to `max` (at most PODSCOPE_HTTP_CAPTURE_MAX) of the call's first bytes into the event
+ * data of `scratch`; returns how many. With `sum_len`, also sets `len` to the iovecs' summed
+ * length (copy_iovecs). */
+static __always_inline __u32 copy_source(struct source *src, struct http_scratch *scratch, __u32 max)
+{
+	__u32 want = !src->sum_len && src->len < max ? src->len : max;
+	if (want > PODSCOPE_HTTP_CAPTURE_MAX)
+		want = PODSCOPE_HTTP_CAPTURE_MAX;
+	if (src->iovcnt == 0) {
+		if (want == 0 || bpf_probe_read_user(scratch->event.data, want, src->ptr))
+			return 0;
+		return want;
+	}
+	if (!src->sum_len)
+		return copy_iovecs((__u64)src->ptr, src->iovcnt, want, 0, scratch);
+	struct iov_sum sum = {};
+	__u32 done = copy_iovecs((__u64)src->ptr, src->iovcnt, want, &sum, scratch);
+	src->len = sum.len;
+	src->sum_len = 0;
 	return done;
 }
 
@@ -376,11 +482,25 @@ static __always_inline int ends_head(const __u8 *data, __u32 captured)
 	return data[at] == '\r' && data[at + 1] == '\n' && data[at + 2] == '\r' && data[at + 3] == '\n';
 }
 
+/* The iovecs of a sendmsg/recvmsg message header (`src->ptr`); nonzero if unreadable. */
+static __always_inline int from_msghdr(struct source *src)
+{
+	struct user_msghdr msg;
+	if (bpf_probe_read_user(&msg, sizeof(msg), src->ptr))
+		return -1;
+	src->ptr = msg.msg_iov;
+	src->iovcnt = msg.msg_iovlen;
+	src->msghdr = 0;
+	return 0;
+}
+
 /* Application bytes a process read from or wrote to connection `fd`: what its syscall carried,
  * or the plaintext of an SSL call on it (`tls`). */
-static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 direction, const struct source *src, int tls)
+static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 direction, struct source *src, int tls)
 {
-	if (src->len == 0 || conn->protocol == HTTP_PROTO_OTHER || conn->protocol == HTTP_PROTO_TLS)
+	if ((src->len == 0 && !src->sum_len) || conn->protocol == HTTP_PROTO_OTHER || conn->protocol == HTTP_PROTO_TLS)
+		return;
+	if (src->msghdr && from_msghdr(src))
 		return;
 	struct http_event *e = start_event(conn, fd, HTTP_EVENT_DATA, direction);
 	if (!e)
@@ -389,8 +509,16 @@ static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 dir
 		e->head.flags |= HTTP_FLAG_TLS;
 		e->head.ssl = src->ssl;
 	}
+	/* One read where the call most likely carries what is sent: a request head (HTTP/1, in the
+	 * direction requests go), every HTTP/2 call; else the bytes detection needs, and a second
+	 * read only when they say the call starts a request. What is sent does not depend on it. */
+	__u32 first = DETECT_BYTES;
+	if (conn->protocol == HTTP_PROTO_HTTP2 || direction == conn->head_next)
+		first = capture_bytes;
+	__u32 got = copy_source(src, scratch_of(e), first);
+	if (src->len == 0)
+		return; /* a write of empty iovecs */
 	e->head.total_len = src->len;
-	__u32 got = copy_source(src, e->data, DETECT_BYTES);
 	if (got < DETECT_BYTES) {
 		/* Short calls decide nothing; fill the rest so stale bytes match no token. */
 		for (int i = 0; i < DETECT_BYTES; i++)
@@ -416,25 +544,40 @@ static __always_inline void on_stream(struct http_conn *conn, __u32 fd, __u8 dir
 		}
 		e->head.protocol = conn->protocol;
 	}
-	__u32 captured;
+	/* What this call sends: the bytes it needs (one copy site for all cases: the verifier
+	 * explores each inlined copy loop again). */
+	enum { BODY, HTTP2, REQUEST, RESPONSE, CONTINUATION } what = BODY;
+	__u32 need = 0;
 	if (conn->protocol == HTTP_PROTO_HTTP2) {
-		captured = copy_source(src, e->data, capture_bytes);
+		what = HTTP2;
+		need = capture_bytes;
 	} else if (is_request_start(e->data)) {
-		captured = copy_source(src, e->data, capture_bytes);
-		conn->budget_dir = direction;
-		conn->budget = ends_head(e->data, captured) ? 0 : capture_bytes - captured;
+		what = REQUEST;
+		need = capture_bytes;
 	} else if (is_response_start(e->data)) {
-		captured = got < RESPONSE_CAPTURE ? got : copy_source(src, e->data, RESPONSE_CAPTURE);
-		conn->budget = 0;
+		/* The status line's first DETECT_BYTES ("HTTP/1.1 200 OK\r"): what userspace reads. */
+		what = RESPONSE;
+		need = DETECT_BYTES;
 	} else if (conn->budget > 0 && conn->budget_dir == direction) {
 		/* The rest of a head begun by the last event. */
-		captured = copy_source(src, e->data, conn->budget);
-		e->head.flags |= HTTP_FLAG_CONTINUATION;
-		conn->budget = ends_head(e->data, captured) || captured >= conn->budget ? 0 : conn->budget - captured;
+		what = CONTINUATION;
+		need = conn->budget;
 	} else {
 		/* A body, or data after the message head: nothing to read. */
 		conn->budget = 0;
 		return;
+	}
+	__u32 captured = first >= need ? (got < need ? got : need) : copy_source(src, scratch_of(e), need);
+	if (what == REQUEST) {
+		conn->budget_dir = direction;
+		conn->budget = ends_head(e->data, captured) ? 0 : capture_bytes - captured;
+		conn->head_next = 0;
+	} else if (what == RESPONSE) {
+		conn->budget = 0;
+		conn->head_next = direction == HTTP_DIR_IN ? HTTP_DIR_OUT : HTTP_DIR_IN;
+	} else if (what == CONTINUATION) {
+		e->head.flags |= HTTP_FLAG_CONTINUATION;
+		conn->budget = ends_head(e->data, captured) || captured >= need ? 0 : need - captured;
 	}
 	submit(e, captured);
 }
@@ -466,6 +609,8 @@ static __always_inline void bind_ssl(struct http_conn *conn, __u32 fd, __u64 ssl
  * plaintext of an SSL_write it belongs to. Returns whether the syscall belongs to an SSL call. */
 static __always_inline int ssl_call_syscall(struct http_conn *conn, __u32 fd, __u8 direction)
 {
+	if (*(volatile __u64 *)&ssl_calls_in_flight == 0)
+		return 0;
 	__u64 id = bpf_get_current_pid_tgid();
 	struct ssl_call *call = bpf_map_lookup_elem(&http_ssl_calls, &id);
 	if (!call)
@@ -505,7 +650,7 @@ static __always_inline void tls_io_outside_ssl(struct http_conn *conn, __u32 fd,
 }
 
 /* Bytes a process read from or wrote to descriptor `fd` with a syscall. */
-static __always_inline void on_data(__u32 fd, __u8 direction, const struct source *src)
+static __always_inline void on_data(__u32 fd, __u8 direction, struct source *src)
 {
 	__u64 key = conn_key(bpf_get_current_pid_tgid() >> 32, fd);
 	struct http_conn *conn = bpf_map_lookup_elem(&http_conns, &key);
@@ -540,17 +685,6 @@ static __always_inline void on_close(__u32 fd)
 
 /* ---- the handlers, by syscall ---- */
 
-/* The iovecs of a sendmsg/recvmsg message header; nonzero if unreadable. */
-static __always_inline int from_msghdr(struct source *src, __u64 msg_ptr)
-{
-	struct user_msghdr msg;
-	if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msg_ptr))
-		return -1;
-	src->ptr = msg.msg_iov;
-	src->iovcnt = msg.msg_iovlen;
-	return 0;
-}
-
 static __always_inline void on_enter(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3)
 {
 	struct source src = { .ptr = (const void *)arg2 };
@@ -561,32 +695,17 @@ static __always_inline void on_enter(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3)
 		break;
 	case NR_WRITEV:
 		src.iovcnt = arg3;
+		src.sum_len = 1;
 		break;
 	case NR_SENDMSG:
-		if (from_msghdr(&src, arg2))
-			return;
+		src.msghdr = 1;
+		src.sum_len = 1;
 		break;
 	case NR_CLOSE:
 		on_close(fd);
 		return;
 	default:
 		return;
-	}
-	if (src.iovcnt) {
-		/* The bytes asked to be written: the sum of the iovecs looked at. */
-		const struct iovec *iov = src.ptr;
-		__u64 total = 0;
-		for (int i = 0; i < MAX_IOVECS_SUMMED; i++) {
-			if (i >= src.iovcnt)
-				break;
-			struct iovec vec;
-			if (bpf_probe_read_user(&vec, sizeof(vec), &iov[i]))
-				break;
-			total += vec.iov_len;
-		}
-		if (src.iovcnt > MAX_IOVECS_SUMMED)
-			total = 0xffffffff;
-		src.len = total > 0xffffffff ? 0xffffffff : total;
 	}
 	on_data(fd, HTTP_DIR_OUT, &src);
 }
@@ -617,8 +736,7 @@ static __always_inline void on_exit(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3, 
 		src.iovcnt = arg3;
 		break;
 	case NR_RECVMSG:
-		if (from_msghdr(&src, arg2))
-			return;
+		src.msghdr = 1;
 		break;
 	default:
 		return;
@@ -629,13 +747,14 @@ static __always_inline void on_exit(__u64 nr, __u64 fd, __u64 arg2, __u64 arg3, 
 /* ---- per-syscall tracepoints (tracefs) ---- */
 
 /* At syscall exit only the return value is in the tracepoint's record; the arguments are still
- * in the registers saved at entry. */
+ * in the registers saved at entry. bpf_task_pt_regs gives a BTF pointer: loads through it are
+ * plain loads (the verifier guards them), three bpf_probe_read_kernel calls fewer per call. */
 static __always_inline void exit_with_regs(__u64 nr, long ret)
 {
 	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
 	if (!regs)
 		return;
-	on_exit(nr, BPF_CORE_READ(regs, di), BPF_CORE_READ(regs, si), BPF_CORE_READ(regs, dx), ret);
+	on_exit(nr, regs->di, regs->si, regs->dx, ret);
 }
 
 /* Whether an exit is worth the register reads: a connection made, or bytes read. */
@@ -749,7 +868,12 @@ static __always_inline int ssl_enter(__u64 ssl, __u64 buf, __u32 num, __u64 read
 		.direction = direction, .is_ex = is_ex, .fd = NO_FD,
 	};
 	__u64 id = bpf_get_current_pid_tgid();
-	podscope_insert(&http_ssl_calls, HTTP_MAP_SSL_CALLS, &id, &call, BPF_ANY);
+	long err = podscope_insert(&http_ssl_calls, HTTP_MAP_SSL_CALLS, &id, &call, BPF_NOEXIST);
+	if (err == 0)
+		__sync_fetch_and_add(&ssl_calls_in_flight, 1);
+	else if (err == -PODSCOPE_EEXIST)
+		/* This thread's earlier call left its entry (it ended in the call): take it over. */
+		bpf_map_update_elem(&http_ssl_calls, &id, &call, BPF_EXIST);
 	return 0;
 }
 
@@ -792,7 +916,7 @@ static __always_inline void unbound_plaintext(__u64 ssl, __u64 buf, __u32 len, _
 	e->head.ssl = ssl;
 	e->head.total_len = len;
 	struct source plain = { .ptr = (const void *)buf, .len = len };
-	submit(e, copy_source(&plain, e->data, capture_bytes));
+	submit(e, copy_source(&plain, scratch_of(e), capture_bytes));
 }
 
 /* SSL_write and SSL_write_ex return: the call is over. Plaintext that no syscall of the call
@@ -806,7 +930,7 @@ int BPF_KRETPROBE(podscope_http_ssl_write_return)
 		return 0;
 	__u64 ssl = call->ssl, buf = call->buf;
 	__u32 num = call->num, consumed = call->consumed;
-	bpf_map_delete_elem(&http_ssl_calls, &id);
+	ssl_call_done(&id);
 	__u32 fd;
 	if (consumed || conn_of_ssl(ssl, &fd))
 		return 0;
@@ -852,7 +976,7 @@ int BPF_KRETPROBE(podscope_http_ssl_read_return, long ret)
 	__u32 fd = call->fd;
 	__u64 buf = call->buf;
 	__u64 ssl = call->ssl;
-	bpf_map_delete_elem(&http_ssl_calls, &id);
+	ssl_call_done(&id);
 	if (got == 0)
 		return 0;
 	struct http_conn *conn;
