@@ -1,8 +1,10 @@
 //! What the http probe costs an HTTP server, measured side by side in one run: wrk against nginx
 //! (one worker, keep-alive, a 3-byte body) with nothing attached and with the http probe
 //! (default settings, both ends traced, spans and RED built and discarded), rows interleaved
-//! over rounds; each probe row is compared with the mean of the baselines right before and
-//! after it, and medians are reported: throughput loss and added latency per request. Also the
+//! over many short rounds; each probe row is compared with the mean of the baselines right
+//! before and after it. Reported: the throughput loss and the CPU per request added (median,
+//! interquartile range and a bootstrap interval of the median over the rounds: this VM's
+//! baseline moves by tens of % between rounds), and the added latency per request. Also the
 //! probe's kernel map memory, and the events it lost (a full ring buffer) at that load.
 //!
 //! Throughput on a machine shared with other work is noisy, so each row also says where the CPU
@@ -13,7 +15,10 @@
 //! (`kernel.bpf_stats_enabled`, which itself adds a little to each program run).
 //!
 //! Run: `cargo bench --bench http_overhead` (root; nginx and wrk from scripts/install-deps.sh;
-//! env BENCH_ROUNDS (5), BENCH_SECONDS (5)). Under `cargo test` it is a quick smoke run.
+//! env BENCH_ROUNDS (20), BENCH_SECONDS (2), BENCH_BPF_STATS (0), BENCH_SCOPE (`both`: every
+//! process traced; `server`: nginx in a kubelet-style pod cgroup and only pods traced, wrk
+//! outside), BENCH_SAMPLING (`spans.sampling_ratio`, 1)). Under `cargo test` it is a quick smoke
+//! run.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -23,23 +28,46 @@ use podscope_core::config::parse_component_config;
 use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_integration::agent::free_port;
 use podscope_receiver::ebpf::{EbpfReceiver, EbpfReceiverConfig};
-use podscope_testkit::{BuildContextForTests as _, Discard};
+use podscope_testkit::{BuildContextForTests as _, Discard, PodCgroup};
+
+mod spread;
+use spread::{median, Spread};
+
+/// nginx's master: our child, or a process of the pod cgroup it runs in (the cgroup ends it).
+enum Master {
+    Child(Child),
+    /// The cgroup is held only to be dropped with the server: that ends nginx and removes it.
+    InPod { _pod: PodCgroup, pid: u32 },
+}
 
 struct Nginx {
-    child: Child,
+    master: Master,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child: SIGQUIT is nginx's graceful stop of its workers.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
-        let _ = self.child.wait();
+impl Nginx {
+    fn master_pid(&self) -> u32 {
+        match &self.master {
+            Master::Child(child) => child.id(),
+            Master::InPod { pid, .. } => *pid,
+        }
     }
 }
 
-fn nginx() -> Nginx {
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Master::Child(child) = &mut self.master {
+            // SAFETY: kill(2) on our own child: SIGQUIT is nginx's graceful stop of its workers.
+            unsafe { libc::kill(child.id() as i32, libc::SIGQUIT) };
+            let _ = child.wait();
+        }
+        // In a pod: dropping the PodCgroup kills what runs in it and removes it.
+    }
+}
+
+/// nginx with one worker on a free port; inside a kubelet-style pod cgroup when `pod` is given.
+fn nginx(pod: Option<PodCgroup>) -> Nginx {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = format!(
@@ -50,21 +78,33 @@ fn nginx() -> Nginx {
         dir.path().display()
     );
     std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-    let child = Command::new("nginx")
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(dir.path().join("nginx.conf"))
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("nginx (scripts/install-deps.sh installs it)");
+    let master = match pod {
+        None => Master::Child(
+            Command::new("nginx")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(dir.path().join("nginx.conf"))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("nginx (scripts/install-deps.sh installs it)"),
+        ),
+        Some(mut pod) => {
+            // `exec`: the shell becomes nginx's master, in the pod's cgroup from the start.
+            let pid = pod.spawn_shell(&format!(
+                "exec nginx -p {0} -c {0}/nginx.conf",
+                dir.path().display()
+            ));
+            Master::InPod { _pod: pod, pid }
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nginx did not listen");
         std::thread::sleep(Duration::from_millis(20));
     }
     Nginx {
-        child,
+        master,
         port,
         _dir: dir,
     }
@@ -209,11 +249,31 @@ fn micros(text: &str) -> Option<f64> {
     None
 }
 
+/// Which ends of the requests the probe sees.
+#[derive(Clone, Copy, PartialEq)]
+enum Scope {
+    /// Every process of the machine, so wrk's requests and nginx's exchanges both.
+    Both,
+    /// Only pods' containers (`cgroup_filter` on kubepods, as configs/http-spans.yaml), nginx
+    /// running in one and wrk outside: what a node pays for a service it runs whose clients
+    /// are elsewhere.
+    Server,
+}
+
 /// A started receiver with the http probe, and the telemetry it counts into.
-async fn probe() -> (EbpfReceiver, podscope_core::telemetry::AgentTelemetry) {
-    let config: EbpfReceiverConfig = parse_component_config(
-        serde_json::json!({"collection_interval": "1h", "probes": {"http": {}}}),
-    )
+async fn probe(
+    scope: Scope,
+    sampling_ratio: f64,
+) -> (EbpfReceiver, podscope_core::telemetry::AgentTelemetry) {
+    let http = serde_json::json!({"spans": {"sampling_ratio": sampling_ratio}});
+    let config: EbpfReceiverConfig = parse_component_config(match scope {
+        Scope::Both => serde_json::json!({"collection_interval": "1h", "probes": {"http": http}}),
+        Scope::Server => serde_json::json!({
+            "collection_interval": "1h",
+            "cgroup_filter": {"include": ["/kubepods.slice/**"]},
+            "probes": {"http": http},
+        }),
+    })
     .unwrap();
     let ctx = BuildContext::for_tests("ebpf");
     let telemetry = ctx.telemetry.clone();
@@ -246,11 +306,6 @@ fn counter(telemetry: &podscope_core::telemetry::AgentTelemetry, series: &str) -
         .unwrap_or(0.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // SAFETY: geteuid has no preconditions.
@@ -268,15 +323,27 @@ async fn main() {
     let (rounds, seconds) = if quick {
         (1, 1)
     } else {
-        (env("BENCH_ROUNDS", 5), env("BENCH_SECONDS", 5))
+        (env("BENCH_ROUNDS", 20), env("BENCH_SECONDS", 2))
     };
     let bpf_stats = std::env::var("BENCH_BPF_STATS").is_ok_and(|v| v == "1");
+    let scope = match std::env::var("BENCH_SCOPE").as_deref() {
+        Ok("server") => Scope::Server,
+        Ok("both") | Err(_) => Scope::Both,
+        Ok(other) => panic!("BENCH_SCOPE={other}: expected `both` or `server`"),
+    };
+    let sampling_ratio: f64 = std::env::var("BENCH_SAMPLING")
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("BENCH_SAMPLING={v}: expected a ratio"))
+        })
+        .unwrap_or(1.0);
     if bpf_stats {
         std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("bpf_stats_enabled");
     }
-    let server = nginx();
-    let worker = nginx_worker(server.child.id());
+    let server = nginx((scope == Scope::Server).then(PodCgroup::new));
+    let worker = nginx_worker(server.master_pid());
     let mut losses = Vec::new();
+    let mut cpu_changes = Vec::new();
     let mut added_latency = Vec::new();
     let (mut workload_base, mut workload_with, mut agent) = (Vec::new(), Vec::new(), Vec::new());
     let (mut kernel_per_request, mut kernel_per_run) = (Vec::new(), Vec::new());
@@ -285,7 +352,7 @@ async fn main() {
     let (mut events, mut lost) = (0.0, 0.0);
     let mut previous = wrk(server.port, seconds, worker);
     for round in 0..rounds {
-        let (receiver, telemetry) = probe().await;
+        let (receiver, telemetry) = probe(scope, sampling_ratio).await;
         let programs_before = bpf_program_time();
         let with = wrk(server.port, seconds, worker);
         let programs_after = bpf_program_time();
@@ -313,6 +380,9 @@ async fn main() {
         added_latency.push(with.latency - base_latency);
         let base_cpu = (previous.workload_per_request() + after.workload_per_request()) / 2.0;
         workload_base.push(base_cpu);
+        cpu_changes.push(
+            (with.workload_per_request() + with.agent_per_request() - base_cpu) / base_cpu * 100.0,
+        );
         workload_with.push(with.workload_per_request());
         agent.push(with.agent_per_request());
         let (program_ns, program_runs) = (
@@ -353,8 +423,13 @@ async fn main() {
     }
     let (base, with, agent) = (median(workload_base), median(workload_with), median(agent));
     println!(
-        "http probe, wrk -t1 -c8 against nginx (keep-alive): median throughput loss {:.1} % (target ≤ 5 %), median added latency {:.1} µs per request, kernel map memory {:.1} KiB, events read {events:.0}, lost {lost:.0} ({:.2} %)",
-        median(losses),
+        "http probe ({}, spans.sampling_ratio {sampling_ratio}), wrk -t1 -c8 against nginx (keep-alive), {rounds} rounds of {seconds} s: throughput loss {} (target ≤ 5 %); CPU per request added (workload and agent) {}; median added latency {:.1} µs per request, kernel map memory {:.1} KiB, events read {events:.0}, lost {lost:.0} ({:.2} %)",
+        match scope {
+            Scope::Both => "both ends traced",
+            Scope::Server => "nginx in a pod, only pods traced",
+        },
+        Spread::of(&losses),
+        Spread::of(&cpu_changes),
         median(added_latency),
         memory as f64 / 1024.0,
         lost / (events + lost).max(1.0) * 100.0

@@ -44,6 +44,7 @@ use podscope_testkit::Discard;
 
 mod bpf_stats;
 mod cpu;
+mod spread;
 
 /// The workloads: name, unit of what they count.
 const WORKLOADS: [(&str, &str); 6] = [
@@ -351,71 +352,6 @@ impl State {
     }
 }
 
-fn median_of(v: Vec<f64>) -> f64 {
-    quantile(&sorted(v), 0.5)
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v
-}
-
-/// The `q` quantile of `sorted` (not empty), interpolated between its two nearest values.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let at = q * (sorted.len() - 1) as f64;
-    let (low, high) = (at.floor() as usize, at.ceil() as usize);
-    sorted[low] + (sorted[high] - sorted[low]) * (at - low as f64)
-}
-
-/// The rounds' figures of one comparison, summarized: median, interquartile range and a 95 %
-/// bootstrap interval of the median.
-struct Spread {
-    median: f64,
-    quartiles: (f64, f64),
-    interval: (f64, f64),
-}
-
-impl Spread {
-    /// Resamples the rounds 2,000 times (a fixed seed: the same rounds give the same interval).
-    fn of(values: &[f64]) -> Spread {
-        let values = sorted(values.to_vec());
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        // splitmix64: uniform enough for resampling, and no dependency.
-        let mut next = move || {
-            seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = seed;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
-        let medians = sorted(
-            (0..2000)
-                .map(|_| {
-                    let sample: Vec<f64> = (0..values.len())
-                        .map(|_| values[(next() % values.len() as u64) as usize])
-                        .collect();
-                    median_of(sample)
-                })
-                .collect(),
-        );
-        Spread {
-            median: quantile(&values, 0.5),
-            quartiles: (quantile(&values, 0.25), quantile(&values, 0.75)),
-            interval: (quantile(&medians, 0.025), quantile(&medians, 0.975)),
-        }
-    }
-}
-
-impl std::fmt::Display for Spread {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{:.1} % (IQR {:.1} to {:.1}; 95 % interval of the median {:.1} to {:.1})",
-            self.median, self.quartiles.0, self.quartiles.1, self.interval.0, self.interval.1
-        )
-    }
-}
-
 /// The value after `flag` in the arguments, parsed; `default` without the flag.
 fn knob<T: std::str::FromStr>(args: &[String], flag: &str, default: T) -> T {
     match args.iter().position(|a| a == flag) {
@@ -521,8 +457,8 @@ async fn main() {
     for (w, (name, unit)) in workloads.iter().enumerate() {
         println!(
             "  {name}: nothing attached {:.0} {unit}, {:.2} µs CPU per operation",
-            median_of(baselines[w].iter().map(Run::rate).collect()),
-            median_of(baselines[w].iter().map(Run::workload_us).collect()),
+            spread::median(baselines[w].iter().map(Run::rate).collect()),
+            spread::median(baselines[w].iter().map(Run::workload_us).collect()),
         );
         for (s, state) in states.iter().enumerate() {
             let loss: Vec<f64> = change(&paired[w][s], Run::rate)
@@ -531,7 +467,7 @@ async fn main() {
                 .collect();
             let cpu = change(&paired[w][s], Run::workload_us);
             let with = |figure: fn(&Run) -> f64| -> f64 {
-                median_of(
+                spread::median(
                     paired[w][s]
                         .iter()
                         .map(|(_, with, _)| figure(with))
@@ -541,13 +477,13 @@ async fn main() {
             println!(
                 "    {:<15} throughput loss {}",
                 state.name(),
-                Spread::of(&loss)
+                spread::Spread::of(&loss)
             );
             println!(
                 "    {:<15} CPU per operation {:.2} µs, change {}; agent (this process) {:.3} µs per operation",
                 "",
                 with(Run::workload_us),
-                Spread::of(&cpu),
+                spread::Spread::of(&cpu),
                 with(Run::agent_us),
             );
             println!(
