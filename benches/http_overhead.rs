@@ -37,7 +37,10 @@ use spread::{median, Spread};
 enum Master {
     Child(Child),
     /// The cgroup is held only to be dropped with the server: that ends nginx and removes it.
-    InPod { _pod: PodCgroup, pid: u32 },
+    InPod {
+        _pod: PodCgroup,
+        pid: u32,
+    },
 }
 
 struct Nginx {
