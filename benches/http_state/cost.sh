@@ -65,23 +65,9 @@ cc -O2 -Wall -o "$WORK/client" "$HERE/client.c"
 cc -O2 -Wall -I "$REPO/ebpf/src/bpf" -o "$WORK/loader" "$HERE/loader.c" -lbpf
 
 # One object per revision, compiled as ebpf/build.rs does.
-OBJS=()
-for i in "${!REVS[@]}"; do
-    src="$WORK/src$i"
-    mkdir -p "$src"
-    if [ "${REVS[$i]}" = . ] || [[ "${REVS[$i]}" == *.bpf.c ]]; then
-        mkdir -p "$src/src"
-        cp -r "$REPO/ebpf/src/bpf" "$src/src/"
-        cp -r "$REPO/ebpf/include" "$src/"
-        [ "${REVS[$i]}" = . ] || cp "${REVS[$i]}" "$src/src/bpf/http.bpf.c"
-    else
-        git -C "$REPO" archive "${REVS[$i]}" ebpf/src/bpf ebpf/include | tar -x -C "$src" --strip-components=1
-    fi
-    clang-19 -g -O2 -target bpf -Wall -D__TARGET_ARCH_x86 -I "$src/include/x86_64" -I "$src/src/bpf" \
-        -c "$src/src/bpf/http.bpf.c" -o "$WORK/http$i.o"
-    llvm-strip-19 -g "$WORK/http$i.o"
-    OBJS+=("$WORK/http$i.o")
-done
+# shellcheck source=../bpf_objects.sh
+source "$REPO/benches/bpf_objects.sh"
+build_objects http "$WORK" "$REPO" "${REVS[@]}"
 
 # nginx as benches/http_overhead.rs runs it, on a port the kernel chose free.
 PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

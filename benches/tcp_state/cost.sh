@@ -100,23 +100,9 @@ C
 cc -O2 -o "$WORK/loader" "$WORK/loader.c" -lbpf
 
 # One object per revision, compiled as ebpf/build.rs does.
-OBJS=()
-for i in "${!REVS[@]}"; do
-    src="$WORK/src$i"
-    mkdir -p "$src"
-    if [ "${REVS[$i]}" = . ] || [[ "${REVS[$i]}" == *.bpf.c ]]; then
-        mkdir -p "$src/src"
-        cp -r "$REPO/ebpf/src/bpf" "$src/src/"
-        cp -r "$REPO/ebpf/include" "$src/"
-        [ "${REVS[$i]}" = . ] || cp "${REVS[$i]}" "$src/src/bpf/tcp.bpf.c"
-    else
-        git -C "$REPO" archive "${REVS[$i]}" ebpf/src/bpf ebpf/include | tar -x -C "$src" --strip-components=1
-    fi
-    clang-19 -g -O2 -target bpf -Wall -D__TARGET_ARCH_x86 -I "$src/include/x86_64" -I "$src/src/bpf" \
-        -c "$src/src/bpf/tcp.bpf.c" -o "$WORK/tcp$i.o"
-    llvm-strip-19 -g "$WORK/tcp$i.o"
-    OBJS+=("$WORK/tcp$i.o")
-done
+# shellcheck source=../bpf_objects.sh
+source "$REPO/benches/bpf_objects.sh"
+build_objects tcp "$WORK" "$REPO" "${REVS[@]}"
 
 # podscope_tcp_state's runs and run time, of the programs `pid` holds.
 state_stats() {
