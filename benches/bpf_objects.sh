@@ -29,3 +29,38 @@ build_objects() {
         OBJS+=("$work/$probe$i.o")
     done
 }
+
+# The http probe's hooks with nothing in them: writes to OUT the working tree's http.bpf.c with
+# the per-syscall tracepoint programs' bodies removed (the two statements of its EXIT_/
+# ENTER_TRACEPOINT macros), so each is `return 0` on the same tracepoint, with the same maps
+# and names. Loaded instead of the probe, it measures what any program on these hooks pays
+# before it does any work. Sets HTTP_TRACEPOINT_PROGRAMS to the programs' names, read from the
+# source so that the list follows the probe.
+#
+#   http_empty_hooks REPO OUT
+http_empty_hooks() {
+    local source="$1/ebpf/src/bpf/http.bpf.c" out=$2
+    mapfile -t HTTP_TRACEPOINT_PROGRAMS < <(sed -n \
+        -e 's/^EXIT_TRACEPOINT(\([a-z0-9]*\),.*/podscope_http_exit_\1/p' \
+        -e 's/^ENTER_TRACEPOINT(\([a-z0-9]*\),.*/podscope_http_enter_\1/p' "$source")
+    # The helpers the bodies called are left unused: expected, so not warned about.
+    {
+        echo '#pragma clang diagnostic ignored "-Wunused-function"'
+        sed -e '/if (exit_matters(nr, ctx->ret))/d' -e '/exit_with_regs(nr, ctx->ret);/d' \
+            -e '/on_enter(nr, ctx->args\[0\], ctx->args\[1\], ctx->args\[2\]);/d' "$source"
+    } > "$out"
+}
+
+# Fails unless every program of PROGRAM... in OBJECT is the two instructions of `return 0`
+# (checks that http_empty_hooks' object is a floor, should the macros change).
+#
+#   check_empty_programs OBJECT PROGRAM...
+check_empty_programs() {
+    local object=$1 program size
+    shift
+    for program in "$@"; do
+        size=$(llvm-objdump-19 -d --no-show-raw-insn "$object" |
+            awk -v p="<$program>:" '$2 == p { on = 1; next } on && /^$/ { on = 0 } on && NF { n++ } END { print n + 0 }')
+        [ "$size" = 2 ] || { echo "$program has $size instructions in $object, expected 2 (return 0)" >&2; return 1; }
+    done
+}

@@ -6,7 +6,10 @@
 # the row (and warmed up by one second of the same load) and stopped after it. Each agent row is compared with the mean of the two baselines
 # around it. Figures: throughput loss; CPU per request of the workload (wrk + nginx's worker:
 # the probe's programs run in their time) and of the agent (/proc/PID/stat), medians and
-# quartiles over the rounds.
+# quartiles over the rounds. With HOOKS=1, each round also has a row with the probe's hooks and
+# nothing in them: its per-syscall tracepoints attached with programs that return at once (this
+# tree's http.bpf.c with the programs' bodies removed, loaded by loader.c), i.e. what any probe on
+# these hooks pays before it does any work: the floor under the agent row.
 #
 # Usage (root, from the repository, after `cargo build --release --bin podscope`):
 #   benches/http_state/agent.sh [SCOPE] [SAMPLING] [ROUNDS] [SECONDS]
@@ -15,6 +18,7 @@
 #             configs/http-spans.yaml), wrk outside: a node serving clients that run elsewhere
 #   SAMPLING  spans.sampling_ratio (default 1); RED metrics count every request regardless
 #   ROUNDS    default 15;  SECONDS per row, default 2
+#   env HOOKS=1 adds the empty-hooks row (needs clang-19, libbpf-dev; tracefs, mounted if missing)
 # Leaves no process, cgroup or eBPF program behind.
 set -euo pipefail
 SCOPE=${1:-both}
@@ -29,8 +33,10 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 CGROUP=""
 MASTER=""
 AGENT=""
+LOADER=""
 cleanup() {
     [ -n "$AGENT" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null
+    [ -n "$LOADER" ] && kill "$LOADER" 2>/dev/null && wait "$LOADER" 2>/dev/null
     [ -n "$MASTER" ] && kill -QUIT "$MASTER" 2>/dev/null && wait "$MASTER" 2>/dev/null
     if [ -n "$CGROUP" ] && [ -d "$CGROUP" ]; then
         echo 1 > "$CGROUP/cgroup.kill" 2>/dev/null || true
@@ -67,6 +73,17 @@ service:
     traces: {receivers: [ebpf], processors: [batch], exporters: [nop]}
     metrics: {receivers: [ebpf], processors: [batch], exporters: [nop]}
 YAML
+if [ "${HOOKS:-0}" = 1 ]; then
+    [ -d /sys/kernel/tracing/events/syscalls ] || mount -t tracefs tracefs /sys/kernel/tracing
+    # shellcheck source=../bpf_objects.sh
+    source "$REPO/benches/bpf_objects.sh"
+    http_empty_hooks "$REPO" "$WORK/http.bpf.c"
+    PROGRAMS=("${HTTP_TRACEPOINT_PROGRAMS[@]}")
+    build_objects http "$WORK" "$REPO" "$WORK/http.bpf.c" 2> /dev/null
+    HOOKS_OBJECT=${OBJS[0]}
+    check_empty_programs "$HOOKS_OBJECT" "${PROGRAMS[@]}"
+    cc -O2 -Wall -I "$REPO/ebpf/src/bpf" -o "$WORK/loader" "$REPO/benches/http_state/loader.c" -lbpf
+fi
 cat > "$WORK/nginx.conf" <<CONF
 user root; worker_processes 1; daemon off; master_process on; pid $WORK/nginx.pid; error_log $WORK/error.log;
 events { worker_connections 1024; }
@@ -107,6 +124,21 @@ row warmup > /dev/null
 {
     for _ in $(seq "$ROUNDS"); do
         row base
+        if [ "${HOOKS:-0}" = 1 ]; then
+            rm -f "$WORK/loader.out"
+            "$WORK/loader" "$HOOKS_OBJECT" "$PORT" "${PROGRAMS[@]}" > "$WORK/loader.out" &
+            LOADER=$!
+            until grep -q ready "$WORK/loader.out" 2> /dev/null; do
+                kill -0 "$LOADER" 2> /dev/null || { echo "the empty-hooks object did not load" >&2; exit 1; }
+                sleep 0.05
+            done
+            # The loader counts from SIGUSR1 and ends at SIGTERM only after it.
+            kill -USR1 "$LOADER"
+            until grep -q begun "$WORK/loader.out"; do sleep 0.01; done
+            row hooks
+            kill -TERM "$LOADER"; wait "$LOADER" || true; LOADER=""
+            row base
+        fi
         "$BIN" run --config "$WORK/agent.yaml" > "$WORK/agent.log" 2>&1 &
         AGENT=$!
         until grep -q "everything is ready" "$WORK/agent.log"; do
@@ -123,21 +155,30 @@ row warmup > /dev/null
 } > "$WORK/rows"
 cat "$WORK/rows"
 python3 - "$WORK/rows" "$SCOPE" "$SAMPLING" <<'PY'
-import statistics as st, sys
+import collections, statistics as st, sys
 rows = [line.split() for line in open(sys.argv[1])]
-loss, workload, agent, base = [], [], [], [float(r[3]) for r in rows if r[0] == "base"]
+base = [float(r[3]) for r in rows if r[0] == "base"]
+# Each measured row against the mean of the baselines on either side of it.
+loss, workload, agent = (collections.defaultdict(list) for _ in range(3))
 for i, r in enumerate(rows):
-    if r[0] == "agent":
+    if r[0] != "base":
         before, after = rows[i - 1], rows[i + 1]
         b_rps = (float(before[1]) + float(after[1])) / 2
         b_cpu = (float(before[3]) + float(after[3])) / 2
-        loss.append((b_rps - float(r[1])) / b_rps * 100)
-        workload.append(float(r[3]) - b_cpu)
-        agent.append(float(r[4]))
+        loss[r[0]].append((b_rps - float(r[1])) / b_rps * 100)
+        workload[r[0]].append(float(r[3]) - b_cpu)
+        agent[r[0]].append(float(r[4]))
 q = lambda v: "median %.2f (quartiles %.2f to %.2f)" % (st.median(v), *st.quantiles(v, n=4)[::2])
-print(f"http probe end to end, scope {sys.argv[2]}, spans.sampling_ratio {sys.argv[3]}, {len(loss)} rounds:")
-print(f"  throughput loss %: {q(loss)}  (target <= 5 %)")
-print(f"  workload CPU per request: {st.median(base):.2f} us without the agent; added {q(workload)} us")
-print(f"  agent CPU per request: {q(agent)} us")
-print(f"  CPU added per request, workload + agent: {(st.median(workload) + st.median(agent)) / st.median(base) * 100:.1f} % of the workload's")
+print(f"http probe end to end, scope {sys.argv[2]}, spans.sampling_ratio {sys.argv[3]}, {len(loss['agent'])} rounds;")
+print(f"  workload CPU per request without anything attached: median {st.median(base):.2f} us")
+titles = {"hooks": "the probe's hooks, empty programs", "agent": "the agent (http probe)"}
+for kind in ("hooks", "agent"):
+    if loss[kind]:
+        print(f"  {titles[kind]}:")
+        print(f"    throughput loss %: {q(loss[kind])}  (target <= 5 %)")
+        print(f"    workload CPU added per request: {q(workload[kind])} us")
+        if kind == "agent":
+            print(f"    agent CPU per request: {q(agent[kind])} us")
+        added = st.median(workload[kind]) + st.median(agent[kind])
+        print(f"    CPU added per request, workload + agent: {added / st.median(base) * 100:.1f} % of the workload's")
 PY

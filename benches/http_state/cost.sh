@@ -24,8 +24,9 @@
 # programs too (counted in the runs, usually a few per thousand requests on an idle machine).
 #
 # Usage (root, from the repository): benches/http_state/cost.sh [ROUNDS] [REQUESTS] [REV...]
-#   REV: a git revision whose ebpf/src/bpf is built, `.` for the working tree, or the path of a
-#   .bpf.c file (a variant of http.bpf.c, built with the working tree's headers).
+#   REV: a git revision whose ebpf/src/bpf is built, `.` for the working tree, the path of a
+#   .bpf.c file (a variant of http.bpf.c, built with the working tree's headers), or `hooks`:
+#   the working tree's tracepoints with empty programs (the floor any program there pays).
 #   Default: 5 rounds of 20000 requests, `main` against `.`. Env CPU: the CPU nginx and the
 #   client run on (default the last). Needs nginx, clang-19, libbpf-dev,
 #   bpftool, tracefs (mounted here if missing).
@@ -56,10 +57,6 @@ cleanup() {
 trap cleanup EXIT
 
 [ -d /sys/kernel/tracing/events/syscalls ] || mount -t tracefs tracefs /sys/kernel/tracing
-PROGRAMS=(podscope_http_exit_read podscope_http_exit_readv podscope_http_exit_recvfrom
-    podscope_http_exit_recvmsg podscope_http_exit_accept podscope_http_exit_accept4
-    podscope_http_exit_connect podscope_http_enter_write podscope_http_enter_writev
-    podscope_http_enter_sendto podscope_http_enter_sendmsg podscope_http_enter_close)
 
 cc -O2 -Wall -o "$WORK/client" "$HERE/client.c"
 cc -O2 -Wall -I "$REPO/ebpf/src/bpf" -o "$WORK/loader" "$HERE/loader.c" -lbpf
@@ -67,7 +64,17 @@ cc -O2 -Wall -I "$REPO/ebpf/src/bpf" -o "$WORK/loader" "$HERE/loader.c" -lbpf
 # One object per revision, compiled as ebpf/build.rs does.
 # shellcheck source=../bpf_objects.sh
 source "$REPO/benches/bpf_objects.sh"
-build_objects http "$WORK" "$REPO" "${REVS[@]}"
+# The programs to attach, named from the working tree's source (also writes the empty variant).
+http_empty_hooks "$REPO" "$WORK/hooks.bpf.c"
+PROGRAMS=("${HTTP_TRACEPOINT_PROGRAMS[@]}")
+SOURCES=()
+for rev in "${REVS[@]}"; do
+    if [ "$rev" = hooks ]; then SOURCES+=("$WORK/hooks.bpf.c"); else SOURCES+=("$rev"); fi
+done
+build_objects http "$WORK" "$REPO" "${SOURCES[@]}"
+for i in "${!REVS[@]}"; do
+    [ "${REVS[$i]}" != hooks ] || check_empty_programs "${OBJS[$i]}" "${PROGRAMS[@]}"
+done
 
 # nginx as benches/http_overhead.rs runs it, on a port the kernel chose free.
 PORT=$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
