@@ -64,3 +64,23 @@ check_empty_programs() {
         [ "$size" = 2 ] || { echo "$program has $size instructions in $object, expected 2 (return 0)" >&2; return 1; }
     done
 }
+
+# The http probe without its ring buffer: writes to OUT the working tree's http.bpf.c whose
+# submit() bumps a per-CPU counter (http_counters' spare slots 2 and 3) instead of querying the
+# ring and writing the event. Everything before it (hooks, lookups, clock, user reads, the event
+# built in scratch) stays: what a design that kept RED counts in the kernel and sent nothing up
+# for unsampled requests would still pay, about. Fails if submit() no longer has the lines.
+#
+#   http_without_ring_buffer REPO OUT
+http_without_ring_buffer() {
+    local source="$1/ebpf/src/bpf/http.bpf.c" out=$2
+    awk '
+        /__u64 size = offsetof\(struct http_event, data\) \+ captured;/ { skipping = 1; replaced++ }
+        skipping && /count\(HTTP_COUNTER_EVENTS_LOST\);/ {
+            print "\tcount(2 + (e->head.kind & 1)); /* bench variant: no ring buffer */"
+            skipping = 0; next
+        }
+        !skipping { print }
+        END { if (replaced != 1 || skipping) exit 1 }' "$source" > "$out" ||
+        { echo "http.bpf.c: submit() is not as http_without_ring_buffer expects" >&2; return 1; }
+}

@@ -25,8 +25,9 @@
 #
 # Usage (root, from the repository): benches/http_state/cost.sh [ROUNDS] [REQUESTS] [REV...]
 #   REV: a git revision whose ebpf/src/bpf is built, `.` for the working tree, the path of a
-#   .bpf.c file (a variant of http.bpf.c, built with the working tree's headers), or `hooks`:
-#   the working tree's tracepoints with empty programs (the floor any program there pays).
+#   .bpf.c file (a variant of http.bpf.c, built with the working tree's headers), `hooks`:
+#   the working tree's tracepoints with empty programs (the floor any program there pays), or
+#   `no-ring`: the working tree's programs with a counter bump instead of the ring buffer.
 #   Default: 5 rounds of 20000 requests, `main` against `.`. Env CPU: the CPU nginx and the
 #   client run on (default the last). Needs nginx, clang-19, libbpf-dev,
 #   bpftool, tracefs (mounted here if missing).
@@ -69,7 +70,14 @@ http_empty_hooks "$REPO" "$WORK/hooks.bpf.c"
 PROGRAMS=("${HTTP_TRACEPOINT_PROGRAMS[@]}")
 SOURCES=()
 for rev in "${REVS[@]}"; do
-    if [ "$rev" = hooks ]; then SOURCES+=("$WORK/hooks.bpf.c"); else SOURCES+=("$rev"); fi
+    case $rev in
+    hooks) SOURCES+=("$WORK/hooks.bpf.c") ;;
+    no-ring)
+        http_without_ring_buffer "$REPO" "$WORK/no-ring.bpf.c"
+        SOURCES+=("$WORK/no-ring.bpf.c")
+        ;;
+    *) SOURCES+=("$rev") ;;
+    esac
 done
 build_objects http "$WORK" "$REPO" "${SOURCES[@]}"
 for i in "${!REVS[@]}"; do
