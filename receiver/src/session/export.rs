@@ -224,4 +224,35 @@ mod tests {
             .get();
         assert_eq!(refused_points, 0);
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_receiver_ends_the_runs_and_waits_for_the_runner_until_its_bound() {
+        let exports = SessionExports::default();
+        // No runner (no API server): nothing to wait for.
+        assert!(exports.end_runs(Duration::from_secs(5)).await);
+
+        let agent = CancellationToken::new();
+        let (stop, ended) = exports.runner_started(&agent);
+        let runner = tokio::spawn(async move {
+            stop.cancelled().await;
+            // Ending its runs (a bpftrace program printing its maps) takes a while.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(ended);
+        });
+        let asked = tokio::time::Instant::now();
+        assert!(exports.end_runs(Duration::from_secs(5)).await);
+        assert_eq!(
+            asked.elapsed(),
+            Duration::from_secs(2),
+            "waited for the runner"
+        );
+        assert!(!agent.is_cancelled(), "the extension itself still runs");
+        runner.await.unwrap();
+
+        // A runner that does not end in time: the receiver goes on after the bound.
+        let (_stop, _never_dropped) = exports.runner_started(&agent);
+        let asked = tokio::time::Instant::now();
+        assert!(!exports.end_runs(Duration::from_secs(5)).await);
+        assert_eq!(asked.elapsed(), Duration::from_secs(5));
+    }
 }
