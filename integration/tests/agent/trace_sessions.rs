@@ -1082,3 +1082,191 @@ async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_reco
     );
     drop(a1);
 }
+
+impl Decoded {
+    /// The values of session `session`'s `podscope.session.phase` points of `phase`, in the
+    /// order they came (one per summary).
+    fn phase_values(&self, session: &str, phase: &str) -> Vec<String> {
+        self.points
+            .iter()
+            .filter(|(name, attributes, _)| {
+                name == "podscope.session.phase"
+                    && attribute(attributes, "podscope.session.name").as_deref() == Some(session)
+                    && attribute(attributes, "phase").as_deref() == Some(phase)
+            })
+            .map(|(_, _, value)| value.clone())
+            .collect()
+    }
+
+    /// Reads what the sink has decoded so far.
+    fn read(&mut self, sink: &podscope_integration::oteltest::OteltestSink) {
+        while let Ok(line) = sink.lines.try_recv() {
+            self.take(&line);
+        }
+    }
+}
+
+/// The pid of the `bpftrace` the agent `agent` runs (its child).
+fn bpftrace_child_of(agent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid …`: comm may hold spaces, so split after its ')'.
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let parent: i32 = rest.split(' ').nth(1)?.parse().ok()?;
+            (comm == "bpftrace" && parent == agent).then_some(pid)
+        })
+}
+
+/// A run that fails exports its end: an exported bpftrace session whose program dies
+/// (killed here, after its BEGIN line and one line per exec of 2) is Failed on the node with the
+/// reason, and its final summary reaches the OTLP sink once: phase Failed (1, the other phases
+/// 0) and the run's 3 lines, and nothing of the session after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summary_as_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink_port = free_port();
+    let sink = podscope_integration::oteltest::OteltestSink::start(sink_port);
+    let (a, a_uid, a_container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
+    let ports = ExportPorts {
+        sink_grpc: sink_port,
+        otlp_http: free_port(),
+    };
+    let agent = start_agent_exporting(&api, dir.path(), "allow_bpftrace: true", Some(&ports)).await;
+    let program = r#"BEGIN { printf("ready\n"); } tracepoint:sched:sched_process_exec /$session_cgroups/ { printf("%s\n", comm); }"#;
+    api.apply_custom(session(
+        "team-a",
+        "failing",
+        json!({"targets": {"pods": ["web-a"]}, "bpftrace": program, "duration": "120s", "export": true}),
+    ));
+    let lines = |n: u64| {
+        move |s: &Value| {
+            node_entry(s).is_some_and(|e| e["phase"] == "Running" && e["events"]["bpftrace"] == n)
+        }
+    };
+    status_when(&api, "team-a", "failing", "bpftrace ready", lines(1)).await;
+    execs(&a, 2);
+    status_when(&api, "team-a", "failing", "2 exec lines", lines(3)).await;
+
+    let bpftrace = until("the agent's bpftrace process", || {
+        bpftrace_child_of(agent.pid())
+    })
+    .await;
+    // SAFETY: kill sends a signal to the test's own agent's child.
+    assert_eq!(unsafe { libc::kill(bpftrace, libc::SIGKILL) }, 0);
+
+    let failed = status_when(&api, "team-a", "failing", "Failed", |s| {
+        s["phase"] == "Failed"
+    })
+    .await;
+    let entry = node_entry(&failed).unwrap();
+    assert_eq!(entry["phase"], "Failed", "{failed}");
+    assert_eq!(entry["events"], json!({"bpftrace": 3}), "{failed}");
+    let message = entry["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("bpftrace exited with signal: 9 (SIGKILL)"),
+        "{message}"
+    );
+
+    let mut decoded = Decoded::default();
+    until("the sink decoded the Failed summary", || {
+        decoded.read(&sink);
+        decoded
+            .phase_values("failing", "Failed")
+            .contains(&"1".to_string())
+            .then_some(())
+    })
+    .await;
+    // Later ticks would have come within a second: none may, the run is over.
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(20)).await.success());
+    while let Ok(line) = sink.lines.recv_timeout(Duration::from_millis(500)) {
+        decoded.take(&line);
+    }
+    let failed_phase = decoded.phase_values("failing", "Failed");
+    assert_eq!(
+        failed_phase.iter().filter(|v| *v == "1").count(),
+        1,
+        "one final summary: {failed_phase:?}"
+    );
+    assert_eq!(failed_phase.last().map(String::as_str), Some("1"));
+    for other in ["Running", "Completed", "AgentStopped"] {
+        let values = decoded.phase_values("failing", other);
+        assert_eq!(values.len(), failed_phase.len(), "{other}: {values:?}");
+        assert_eq!(values.last().map(String::as_str), Some("0"), "{other}");
+    }
+    let counts = decoded.values("podscope.session.events", "failing", Some("bpftrace"));
+    assert_eq!(counts.last().map(String::as_str), Some("3"), "{counts:?}");
+    drop(a);
+}
+
+/// The agent's stop exports a run's end: SIGTERM to an agent running an exported
+/// session (3 execs counted): before its pipelines drain, the run's final summary reaches the
+/// OTLP sink once, its counts (3 execs, nothing dropped or lost) with phase AgentStopped; the
+/// status keeps the last tick's entry (the session runs again when an agent is back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopping_exports_its_running_sessions_final_counts_as_agent_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink_port = free_port();
+    let sink = podscope_integration::oteltest::OteltestSink::start(sink_port);
+    let (a, a_uid, a_container) = pod_cgroup();
+    let api = FakeApiServer::start().await;
+    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
+    let ports = ExportPorts {
+        sink_grpc: sink_port,
+        otlp_http: free_port(),
+    };
+    let agent = start_agent_exporting(&api, dir.path(), "", Some(&ports)).await;
+    api.apply_custom(session(
+        "team-a",
+        "stopped",
+        json!({"targets": {"pods": ["web-a"]}, "probes": ["exec"], "duration": "300s", "export": true}),
+    ));
+    status_when(&api, "team-a", "stopped", "Running here", |s| {
+        node_entry(s).is_some_and(|e| e["phase"] == "Running")
+    })
+    .await;
+    execs(&a, 3);
+    status_when(&api, "team-a", "stopped", "3 execs", |s| {
+        node_entry(s).is_some_and(|e| e["events"]["exec"] == 3)
+    })
+    .await;
+
+    let mut decoded = Decoded::default();
+    until("a tick's summary at the sink", || {
+        decoded.read(&sink);
+        (!decoded.phase_values("stopped", "Running").is_empty()).then_some(())
+    })
+    .await;
+    agent.sigterm();
+    assert!(agent.wait(Duration::from_secs(20)).await.success());
+    while let Ok(line) = sink.lines.recv_timeout(Duration::from_millis(500)) {
+        decoded.take(&line);
+    }
+
+    let stopped = decoded.phase_values("stopped", "AgentStopped");
+    assert_eq!(
+        stopped.iter().filter(|v| *v == "1").count(),
+        1,
+        "one final summary: {stopped:?}"
+    );
+    assert_eq!(stopped.last().map(String::as_str), Some("1"), "the last");
+    let running = decoded.phase_values("stopped", "Running");
+    assert_eq!(running.last().map(String::as_str), Some("0"), "{running:?}");
+    let counts = decoded.values("podscope.session.events", "stopped", Some("exec"));
+    assert_eq!(counts.last().map(String::as_str), Some("3"), "{counts:?}");
+    let last = |metric: &str| decoded.values(metric, "stopped", None).last().cloned();
+    assert_eq!(last("podscope.session.dropped").as_deref(), Some("0"));
+    assert_eq!(last("podscope.session.lost").as_deref(), Some("0"));
+    // The status is not written at the stop: its entry is the last tick's.
+    let status = api.custom("TraceSession", "team-a", "stopped").unwrap()["status"].clone();
+    let entry = node_entry(&status).unwrap();
+    assert_eq!(entry["phase"], "Running", "{status}");
+    assert_eq!(entry["events"], json!({"exec": 3}), "{status}");
+    drop(a);
+}

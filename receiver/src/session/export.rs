@@ -7,15 +7,21 @@
 //! Handing over never waits: a session's probe task must keep up with the kernel. What does not
 //! fit a sink's bounded channel is counted as refused by that receiver, as the pipelines'
 //! refusals are (`podscope_receiver_refused_items_total`).
+//!
+//! When the agent stops, its receivers stop first, then the pipelines drain, and extensions
+//! stop last. The runs' last summaries must reach the pipelines before they drain, so the first
+//! `trace_sessions` receiver to stop ends the runs here ([`SessionExports::end_runs`]) and waits
+//! for their last summaries before it sends what its queue holds.
 
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use podscope_core::session::Event;
 use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::Signal;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// One event of an exported session.
 #[derive(Debug, Clone)]
@@ -57,13 +63,52 @@ impl SessionExportSink {
     }
 }
 
+/// The `TraceSession` runner as the receivers see it: how to end its runs, and whether it has.
+struct RunnerStop {
+    /// Cancelled to end the runs (and the runner).
+    stop: CancellationToken,
+    /// Cancelled once the runner has ended its runs and handed their last summaries over.
+    ended: CancellationToken,
+}
+
 /// The sinks of this extension's `trace_sessions` receivers.
 #[derive(Default)]
 pub struct SessionExports {
     sinks: Mutex<Vec<Arc<SessionExportSink>>>,
+    runner: Mutex<Option<RunnerStop>>,
 }
 
 impl SessionExports {
+    /// The runner starts: it ends its runs when the returned token is cancelled (by `agent`,
+    /// the extension's stop, or by [`Self::end_runs`]), and drops the guard once their last
+    /// summaries are handed over.
+    pub fn runner_started(&self, agent: &CancellationToken) -> (CancellationToken, DropGuard) {
+        let stop = agent.child_token();
+        let ended = CancellationToken::new();
+        *self.runner.lock().unwrap_or_else(|e| e.into_inner()) = Some(RunnerStop {
+            stop: stop.clone(),
+            ended: ended.clone(),
+        });
+        (stop, ended.drop_guard())
+    }
+
+    /// Ends this node's `TraceSession` runs and waits, at most `within`, until the runner has
+    /// handed their last summaries to the sinks. Returns whether it did in time (no runner:
+    /// nothing to wait for).
+    pub async fn end_runs(&self, within: Duration) -> bool {
+        let ended = {
+            let runner = self.runner.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(runner) = runner.as_ref() else {
+                return true;
+            };
+            runner.stop.cancel();
+            runner.ended.clone()
+        };
+        tokio::time::timeout(within, ended.cancelled())
+            .await
+            .is_ok()
+    }
+
     pub fn register(&self, sink: Arc<SessionExportSink>) {
         self.lock().push(sink);
     }
@@ -178,5 +223,36 @@ mod tests {
             .get_or_create(&AgentTelemetry::items("trace_sessions", Signal::Metrics))
             .get();
         assert_eq!(refused_points, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stopping_receiver_ends_the_runs_and_waits_for_the_runner_until_its_bound() {
+        let exports = SessionExports::default();
+        // No runner (no API server): nothing to wait for.
+        assert!(exports.end_runs(Duration::from_secs(5)).await);
+
+        let agent = CancellationToken::new();
+        let (stop, ended) = exports.runner_started(&agent);
+        let runner = tokio::spawn(async move {
+            stop.cancelled().await;
+            // Ending its runs (a bpftrace program printing its maps) takes a while.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(ended);
+        });
+        let asked = tokio::time::Instant::now();
+        assert!(exports.end_runs(Duration::from_secs(5)).await);
+        assert_eq!(
+            asked.elapsed(),
+            Duration::from_secs(2),
+            "waited for the runner"
+        );
+        assert!(!agent.is_cancelled(), "the extension itself still runs");
+        runner.await.unwrap();
+
+        // A runner that does not end in time: the receiver goes on after the bound.
+        let (_stop, _never_dropped) = exports.runner_started(&agent);
+        let asked = tokio::time::Instant::now();
+        assert!(!exports.end_runs(Duration::from_secs(5)).await);
+        assert_eq!(asked.elapsed(), Duration::from_secs(5));
     }
 }

@@ -63,7 +63,9 @@ pub use filters::EventFilter;
 pub use profile::{file_name as profile_file_name, EncodeProfiles, ProfileEncoder};
 pub use server::probe_name;
 pub use trace::TraceKernel;
-pub use trace_session_runs::{Refusal, ResolvedSession, SessionTargets, TraceSessionSpec};
+pub use trace_session_runs::{
+    Refusal, ResolvedSession, SessionTargets, TraceSessionSpec, AGENT_STOPPED,
+};
 
 pub const FACTORY: ExtensionFactory = ExtensionFactory {
     type_name: "session",
@@ -229,6 +231,12 @@ impl SessionExtension {
         self.shared.session_exports.register(sink);
     }
 
+    /// Where exported `TraceSession`s hand what they record, for a `trace_sessions` receiver's
+    /// stop ([`SessionExports::end_runs`]).
+    pub fn session_exports(&self) -> Arc<SessionExports> {
+        self.shared.session_exports.clone()
+    }
+
     /// An eBPF receiver's probes (probe → `attached` or `skipped: why`), for status.
     pub fn report_probes(
         &self,
@@ -301,7 +309,16 @@ impl Component for SessionExtension {
                         shared: self.shared.clone(),
                         export: self.shared.session_exports.clone(),
                     };
-                    tasks.spawn(runner.run(self.shared.stopping.clone()));
+                    // Ended by the extension's stop, or earlier by the first `trace_sessions`
+                    // receiver to stop, so that the runs' last summaries reach the pipelines.
+                    let (stop, ended) = self
+                        .shared
+                        .session_exports
+                        .runner_started(&self.shared.stopping);
+                    tasks.spawn(async move {
+                        runner.run(stop).await;
+                        drop(ended);
+                    });
                     tracing::info!(extension = %self.id, "running this node's TraceSessions");
                 }
                 None => {

@@ -59,6 +59,9 @@ use super::trace::{Subscription, TraceKernel, TraceRefusal};
 use super::trace_session_status::{merge, refused_status, rfc3339, Scheduled, BPFTRACE};
 use crate::ebpf::programs::spec::LabelSelectorSpec;
 
+/// The phase of an exported summary of a run the agent's stop ended (never a status's: the
+/// session runs again when the agent is back).
+pub const AGENT_STOPPED: &str = "AgentStopped";
 /// How often running sessions' counts are written and deadlines and TTLs checked.
 const TICK: Duration = Duration::from_secs(1);
 /// How long changes are gathered before acting on them (a rollout changes many pods at once).
@@ -432,12 +435,42 @@ impl TraceSessionRunner {
             index.refresh();
             self.reconcile(&mut known, &index).await;
         }
-        // The agent stops: runs end without a last status (their entries keep the last counts).
-        for (_, entry) in known.drain() {
-            if let Some(run) = entry.run {
-                finish(run).await;
-            }
-        }
+        // The agent stops (its `trace_sessions` receivers end the runs before the pipelines
+        // drain: `SessionExports::end_runs`). An exported run hands its final counts over, phase
+        // AgentStopped; its status entry keeps the last tick's counts (the session runs again,
+        // a new run, when the agent is back).
+        let sessions = self.sessions.sessions();
+        let ending = known.drain().filter_map(|((namespace, name), entry)| {
+            let run = entry.run?;
+            let session = sessions
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name && s.uid == run.uid)
+                .cloned();
+            Some(self.end_at_stop(run, session))
+        });
+        // At once: each may wait for its bpftrace program to print its maps.
+        futures::future::join_all(ending).await;
+    }
+
+    /// Ends `run` of `session` as the agent stops; exports its final summary when the session
+    /// asks for export.
+    async fn end_at_stop(&self, run: Run, session: Option<TraceSessionObject>) {
+        let (mut node, _) = finish(run).await;
+        let now = SystemTime::now();
+        let Some((session, resolved)) =
+            session.and_then(|s| self.resolve(&s, now).ok().map(|r| (s, r)))
+        else {
+            return;
+        };
+        node.insert("phase".into(), json!(AGENT_STOPPED));
+        node.insert(
+            "message".into(),
+            json!(format!(
+                "the agent on node {} stopped before the run ended; these are its counts until then",
+                self.sessions.node()
+            )),
+        );
+        self.export_summary(&session, &resolved, &node);
     }
 
     async fn reconcile(&self, known: &mut HashMap<(String, String), Known>, index: &CgroupIndex) {
@@ -609,6 +642,7 @@ impl TraceSessionRunner {
             known.failed_at.get_or_insert(now);
             node.insert("phase".into(), json!("Failed"));
             node.insert("message".into(), json!(message));
+            self.export_summary(session, &resolved, &node);
             self.write_node(session, known, node, true).await;
         }
         if let Some(run) = known.run.as_mut() {

@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use serde_json::{Map, Value};
 
-use crate::session::{probe_name, ExportedEvent, ExportedSummary};
+use crate::session::{probe_name, ExportedEvent, ExportedSummary, AGENT_STOPPED};
 
 /// The attribute naming the session of a record or data point.
 pub const SESSION_NAME: &str = "podscope.session.name";
@@ -19,6 +19,12 @@ pub const SESSION_NAME: &str = "podscope.session.name";
 pub const PROBE: &str = "podscope.probe";
 /// Prefix of an event's own fields (`podscope.event.filename`).
 pub const EVENT_FIELD_PREFIX: &str = "podscope.event.";
+
+/// The attribute naming the phase of a `podscope.session.phase` point.
+pub const PHASE: &str = "phase";
+/// The phases of a summary, one `podscope.session.phase` point each: a node's status phases and,
+/// for a run the agent's stop ended, [`AGENT_STOPPED`].
+pub const PHASES: [&str; 4] = ["Running", "Completed", "Failed", AGENT_STOPPED];
 
 /// The quantiles a status entry's `durations` carries, by key.
 const QUANTILES: [(&str, &str); 3] = [("p50", "0.5"), ("p90", "0.9"), ("p99", "0.99")];
@@ -151,13 +157,15 @@ pub fn summary_points(entry: &Map<String, Value>) -> usize {
                 .map(|q| QUANTILES.iter().filter(|(k, _)| q[*k].is_u64()).count())
                 .sum()
         });
-    probes + 2 + durations
+    probes + 2 + PHASES.len() + durations
 }
 
 /// A node's summary of a session as metrics: events per probe, dropped (over the event-rate
 /// cap) and lost (the kernel's ring buffer was full) as cumulative sums from the run's start;
-/// the duration quantiles of probes that measure one (exit: process lifetime, tcp_close:
-/// connection lifetime) as gauges in nanoseconds.
+/// the run's phase as a gauge per phase of [`PHASES`], 1 for the entry's and 0 for the others
+/// (so a dashboard sees a run end, whichever way); the duration quantiles of probes that
+/// measure one (exit: process lifetime, tcp_close: connection lifetime) as gauges in
+/// nanoseconds.
 pub fn summary_metrics(summary: &ExportedSummary) -> ResourceMetrics {
     let common = || {
         vec![
@@ -223,6 +231,30 @@ pub fn summary_metrics(summary: &ExportedSummary) -> ResourceMetrics {
             )],
         ),
     ];
+    let phase = summary.entry.get("phase").and_then(Value::as_str);
+    let phases = PHASES
+        .iter()
+        .map(|name| {
+            let mut attributes = common();
+            attributes.push(string_kv(PHASE, *name));
+            NumberDataPoint {
+                start_time_unix_nano: 0,
+                ..point(
+                    attributes,
+                    number_data_point::Value::AsInt(i64::from(phase == Some(*name))),
+                )
+            }
+        })
+        .collect();
+    metrics.push(Metric {
+        name: "podscope.session.phase".to_string(),
+        description: "The phase of a TraceSession's run on this node: 1 for its phase, 0 for the others (AgentStopped: the agent stopped before the run ended)".to_string(),
+        unit: "1".to_string(),
+        data: Some(metric::Data::Gauge(Gauge {
+            data_points: phases,
+        })),
+        ..Default::default()
+    });
     let quantiles: Vec<NumberDataPoint> = summary
         .entry
         .get("durations")
@@ -386,6 +418,7 @@ mod tests {
                 "podscope.session.events",
                 "podscope.session.dropped",
                 "podscope.session.lost",
+                "podscope.session.phase",
                 "podscope.session.duration"
             ]
         );
@@ -417,7 +450,7 @@ mod tests {
             attribute(&point.attributes, "k8s.namespace.name"),
             text("team-a")
         );
-        let Some(metric::Data::Gauge(durations)) = &metrics[3].data else {
+        let Some(metric::Data::Gauge(durations)) = &metrics[4].data else {
             panic!("duration is a gauge")
         };
         let quantiles: Vec<(Option<any_value::Value>, Option<number_data_point::Value>)> =
@@ -434,14 +467,65 @@ mod tests {
                 (text("0.99"), Some(number_data_point::Value::AsInt(3000))),
             ]
         );
+        assert_eq!(phases_of(&summary), [1, 0, 0, 0], "Running");
         // No durations measured: no duration metric.
         let mut plain = summary.clone();
         plain.entry.remove("durations");
         let rm = summary_metrics(&plain);
-        assert_eq!(rm.scope_metrics[0].metrics.len(), 3);
+        assert_eq!(rm.scope_metrics[0].metrics.len(), 4);
         assert_eq!(
             Batch::metrics(vec![rm]).item_count(),
             summary_points(&plain.entry)
+        );
+    }
+
+    /// The `podscope.session.phase` values of `summary`, in the order of [`PHASES`].
+    fn phases_of(summary: &ExportedSummary) -> Vec<i64> {
+        let rm = summary_metrics(summary);
+        let phase = rm.scope_metrics[0]
+            .metrics
+            .iter()
+            .find(|m| m.name == "podscope.session.phase")
+            .expect("a phase metric");
+        let Some(metric::Data::Gauge(gauge)) = &phase.data else {
+            panic!("phase is a gauge")
+        };
+        let names: Vec<Option<any_value::Value>> = gauge
+            .data_points
+            .iter()
+            .map(|p| attribute(&p.attributes, PHASE))
+            .collect();
+        assert_eq!(names, PHASES.map(text));
+        gauge
+            .data_points
+            .iter()
+            .map(|p| match p.value {
+                Some(number_data_point::Value::AsInt(v)) => v,
+                other => panic!("an integer: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_that_failed_or_that_the_agents_stop_ended_says_so_in_its_phase() {
+        let summary = |phase: &str| ExportedSummary {
+            namespace: "team-a".into(),
+            session: "execs".into(),
+            node: "node-1".into(),
+            start: SystemTime::UNIX_EPOCH,
+            time: SystemTime::UNIX_EPOCH,
+            entry: json!({"phase": phase, "events": {"bpftrace": 0}, "message": "bpftrace exited"})
+                .as_object()
+                .unwrap()
+                .clone(),
+        };
+        assert_eq!(phases_of(&summary("Completed")), [0, 1, 0, 0]);
+        assert_eq!(phases_of(&summary("Failed")), [0, 0, 1, 0]);
+        assert_eq!(phases_of(&summary("AgentStopped")), [0, 0, 0, 1]);
+        let failed = summary("Failed");
+        assert_eq!(
+            Batch::metrics(vec![summary_metrics(&failed)]).item_count(),
+            summary_points(&failed.entry)
         );
     }
 }

@@ -6,6 +6,9 @@
 //!
 //! It registers with the extension when built, so that the extension's sessions know export is
 //! possible (without such a receiver a session asking for it is refused, `ExportUnavailable`).
+//! When the agent stops, it ends the extension's session runs before it sends what it holds:
+//! receivers stop before the pipelines drain and extensions stop after, so the runs' last
+//! summaries (phase `AgentStopped`) would otherwise come too late for the pipelines.
 //! It must not slow the sessions down: they hand over without waiting, into a bounded queue per
 //! signal whose overflow is dropped and counted as refused items of this receiver
 //! (`podscope_receiver_refused_items_total`), like the batches its pipelines refuse.
@@ -14,7 +17,7 @@ mod config;
 mod encode;
 
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use podscope_core::component::create_receiver;
@@ -27,9 +30,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::TraceSessionsReceiverConfig;
-pub use encode::{log_records, summary_metrics, summary_points, PROBE, SESSION_NAME};
+pub use encode::{
+    log_records, summary_metrics, summary_points, PHASE, PHASES, PROBE, SESSION_NAME,
+};
 
-use crate::session::{ExportedEvent, ExportedSummary, SessionExportSink, SessionExtension};
+use crate::session::{
+    ExportedEvent, ExportedSummary, SessionExportSink, SessionExports, SessionExtension,
+};
 
 pub const FACTORY: ReceiverFactory = ReceiverFactory {
     type_name: "trace_sessions",
@@ -40,6 +47,9 @@ pub const FACTORY: ReceiverFactory = ReceiverFactory {
 
 /// Log records sent in one batch at most (what was queued when the first arrived).
 const MAX_RECORDS_PER_BATCH: usize = 1024;
+/// How long a stopping receiver waits for the session runs to end and hand their last summaries
+/// over (a run's bpftrace program prints its maps first); later ones are refused and counted.
+const RUNS_END_WITHIN: Duration = Duration::from_secs(5);
 
 impl ReceiverBuilder for TraceSessionsReceiverConfig {
     fn build(
@@ -74,6 +84,7 @@ impl ReceiverBuilder for TraceSessionsReceiverConfig {
         }));
         Ok(Box::new(TraceSessionsReceiver {
             id: ctx.id.to_string(),
+            exports: extension.session_exports(),
             waiting: Mutex::new(Some(Waiting {
                 events: events_rx.zip(next.logs),
                 summaries: summaries_rx.zip(next.metrics),
@@ -100,6 +111,8 @@ struct Waiting {
 
 pub struct TraceSessionsReceiver {
     id: String,
+    /// The extension's exports, whose session runs it ends when it stops.
+    exports: Arc<SessionExports>,
     waiting: Mutex<Option<Waiting>>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -135,8 +148,12 @@ impl Component for TraceSessionsReceiver {
         Ok(())
     }
 
-    /// Sends what is queued, then stops.
+    /// Ends the session runs (the first receiver of the extension to stop does), so that their
+    /// last summaries are queued; sends what is queued, then stops.
     async fn shutdown(&self) -> anyhow::Result<()> {
+        if !self.exports.end_runs(RUNS_END_WITHIN).await {
+            tracing::warn!(receiver = %self.id, within = ?RUNS_END_WITHIN, "TraceSession runs still ending; their last summaries will be refused and counted");
+        }
         self.stop.cancel();
         self.tasks.close();
         self.tasks.wait().await;
