@@ -1,13 +1,17 @@
 //! The `prometheus` exporter's endpoint behind TLS (client certificates required) and
 //! authentication, scraped by a real Prometheus with `tls_config`, `basic_auth` and
-//! `authorization` in its scrape configs, and refused to curl without credentials.
+//! `authorization` in its scrape configs, and refused to curl without credentials; its
+//! certificate rotated (`reload_interval`) and checked with rustls clients.
 
 use std::time::Duration;
 
 use podscope_core::config::parse_component_config;
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{BuildContext, Component as _, Consumer as _};
 use podscope_exporters::prometheus::{PrometheusConfig, PrometheusExporter};
-use podscope_integration::certs::TestPki;
+use podscope_integration::certs::{
+    leaf_certificate, presented_certificate, KeptHttpsConnection, SecretVolume, TestPki,
+};
 use podscope_integration::prometheus::PrometheusServer;
 use podscope_testkit::{fake_otlp, BuildContextForTests as _};
 
@@ -125,4 +129,103 @@ async fn a_real_prometheus_scrapes_with_client_certificates_basic_auth_and_a_bea
     );
     basic.shutdown().await.unwrap();
     bearer.shutdown().await.unwrap();
+}
+
+/// The value of the agent metric `series` (name and labels as the text format writes them).
+fn metric_value(telemetry: &AgentTelemetry, series: &str) -> Option<f64> {
+    telemetry.encode_text().lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_to_new_scrapes_and_a_mismatched_key_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let (b_cert_file, b_key_file) = pki.server_pair("server-b");
+    let (a, b) = (
+        leaf_certificate(&pki.server_cert_file),
+        leaf_certificate(&b_cert_file),
+    );
+    let mut volume = SecretVolume::new(
+        &dir.path().join("secret"),
+        &std::fs::read(&pki.server_cert_file).unwrap(),
+        &std::fs::read(&pki.server_key_file).unwrap(),
+    );
+    let config = serde_json::json!({
+        "endpoint": "127.0.0.1:0",
+        "tls": {
+            "cert_file": volume.cert_file(),
+            "key_file": volume.key_file(),
+            "reload_interval": "100ms",
+        },
+    });
+    let config = parse_component_config::<PrometheusConfig>(config).expect("valid config");
+    let ctx = BuildContext::for_tests("prometheus");
+    let telemetry = ctx.telemetry.clone();
+    let exporter = PrometheusExporter::new(config, &ctx);
+    exporter.start().await.unwrap();
+    exporter
+        .consume(fake_otlp::service_points(4))
+        .await
+        .unwrap();
+    let addr = exporter.local_addr().unwrap();
+    let presented = || async {
+        presented_certificate(addr, &pki.ca_file, b"http/1.1")
+            .await
+            .unwrap()
+    };
+    let reloads = "podscope_server_tls_reloads_total{endpoint=\"exporters.prometheus\"}";
+    let failures = "podscope_server_tls_reload_failures_total{endpoint=\"exporters.prometheus\"}";
+
+    assert_eq!(presented().await, a);
+    let mut kept = KeptHttpsConnection::open(addr, &pki.ca_file).await.unwrap();
+    assert_eq!(kept.certificate, a);
+    let (status, page) = kept
+        .request("GET", "/metrics", "text/plain", b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let page = String::from_utf8(page).unwrap();
+    assert_eq!(metric_value(&telemetry, reloads), Some(0.0));
+
+    // Rotated to B, both files at once: new handshakes get B, once reloaded.
+    volume.replace(
+        &std::fs::read(&b_cert_file).unwrap(),
+        &std::fs::read(&b_key_file).unwrap(),
+    );
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while presented().await != b {
+        assert!(tokio::time::Instant::now() < give_up, "B never presented");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric_value(&telemetry, reloads), Some(1.0));
+
+    // B's certificate with A's key: refused by the key check, counted once, B stays.
+    volume.replace(
+        &std::fs::read(&b_cert_file).unwrap(),
+        &std::fs::read(&pki.server_key_file).unwrap(),
+    );
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+    while metric_value(&telemetry, failures) == Some(0.0) {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the mismatched key was never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(presented().await, b);
+    assert_eq!(metric_value(&telemetry, failures), Some(1.0));
+    assert_eq!(metric_value(&telemetry, reloads), Some(1.0));
+
+    // The connection from before the rotation still scrapes, the same page.
+    let (status, again) = kept
+        .request("GET", "/metrics", "text/plain", b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(String::from_utf8(again).unwrap(), page);
+    exporter.shutdown().await.unwrap();
 }

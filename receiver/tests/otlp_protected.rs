@@ -1,6 +1,7 @@
 //! The `otlp` receiver behind TLS with client certificates and authentication, driven by clients
 //! we did not write: tonic's TLS channel with the generated OTLP client (and a bearer token),
-//! and curl over HTTPS (with basic auth). Certificates are made per test (rcgen).
+//! and curl over HTTPS (with basic auth). Certificates are made per test (rcgen); rotating them
+//! (`reload_interval`) is checked with rustls clients that compare the certificate presented.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,8 +13,11 @@ use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
 };
 use podscope_core::config::parse_component_config;
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
-use podscope_integration::certs::TestPki;
+use podscope_integration::certs::{
+    leaf_certificate, presented_certificate, KeptHttpsConnection, SecretVolume, TestPki,
+};
 use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
 use podscope_testkit::{BuildContextForTests as _, Recorder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -285,4 +289,148 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_setting_and_file() {
         ),
         "{error}"
     );
+}
+
+/// The value of the agent metric `series` (name and labels as the text format writes them).
+fn metric_value(telemetry: &AgentTelemetry, series: &str) -> Option<f64> {
+    telemetry.encode_text().lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+    })
+}
+
+/// Polls `condition` every 50 ms until it holds, failing the test after `deadline`.
+async fn until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    deadline: Duration,
+    mut condition: impl FnMut() -> F,
+) {
+    let give_up = tokio::time::Instant::now() + deadline;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::generate(dir.path());
+    let (b_cert_file, b_key_file) = pki.server_pair("server-b");
+    let (a, b) = (
+        leaf_certificate(&pki.server_cert_file),
+        leaf_certificate(&b_cert_file),
+    );
+    assert_ne!(a, b);
+    let mut volume = SecretVolume::new(
+        &dir.path().join("secret"),
+        &std::fs::read(&pki.server_cert_file).unwrap(),
+        &std::fs::read(&pki.server_key_file).unwrap(),
+    );
+    let rotating = serde_json::json!({
+        "cert_file": volume.cert_file(),
+        "key_file": volume.key_file(),
+        "reload_interval": "100ms",
+    });
+    let config = serde_json::json!({"protocols": {
+        "grpc": {"endpoint": "127.0.0.1:0", "tls": rotating},
+        "http": {"endpoint": "127.0.0.1:0", "tls": rotating},
+    }});
+    let config = parse_component_config::<OtlpReceiverConfig>(config).expect("valid config");
+    let ctx = BuildContext::for_tests("otlp");
+    let telemetry = ctx.telemetry.clone();
+    let metrics = Arc::new(Recorder::default());
+    let next = ReceiverConsumers {
+        metrics: Some(metrics.clone()),
+        ..Default::default()
+    };
+    let receiver = OtlpReceiver::new(config, &ctx, next);
+    receiver.start().await.unwrap();
+    let bound = receiver.bound_addresses();
+    let endpoints = [
+        (
+            bound.grpc.unwrap(),
+            &b"h2"[..],
+            "receivers.otlp.protocols.grpc",
+        ),
+        (
+            bound.http.unwrap(),
+            &b"http/1.1"[..],
+            "receivers.otlp.protocols.http",
+        ),
+    ];
+    let presented = |addr, alpn: &'static [u8]| {
+        let ca = pki.ca_file.clone();
+        async move { presented_certificate(addr, &ca, alpn).await.unwrap() }
+    };
+    for (addr, alpn, _) in endpoints {
+        assert_eq!(presented(addr, alpn).await, a);
+    }
+    let body = br#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"m","gauge":{"dataPoints":[{"asInt":"1"},{"asInt":"2"}]}}]}]}]}"#;
+    let mut kept = KeptHttpsConnection::open(bound.http.unwrap(), &pki.ca_file)
+        .await
+        .unwrap();
+    assert_eq!(kept.certificate, a);
+    let (status, _) = kept
+        .request("POST", "/v1/metrics", "application/json", body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(metrics.items(), 2);
+
+    // Both files replaced at once, as a Secret update does: new handshakes get B.
+    volume.replace(
+        &std::fs::read(&b_cert_file).unwrap(),
+        &std::fs::read(&b_key_file).unwrap(),
+    );
+    for (addr, alpn, endpoint) in endpoints {
+        until(
+            &format!("{endpoint} to present the new certificate"),
+            Duration::from_secs(20),
+            || async { presented(addr, alpn).await == b },
+        )
+        .await;
+        let reloads = format!("podscope_server_tls_reloads_total{{endpoint=\"{endpoint}\"}}");
+        assert_eq!(metric_value(&telemetry, &reloads), Some(1.0), "{endpoint}");
+    }
+    // gRPC is served with B: a new channel, trusting the CA, exports.
+    let channel = connect(bound.grpc.unwrap().port(), tls(&pki, None))
+        .await
+        .unwrap();
+    MetricsServiceClient::new(channel)
+        .export(request(3))
+        .await
+        .unwrap();
+    assert_eq!(metrics.items(), 5);
+
+    // A broken pair (the certificate file is not PEM): logged, counted once, B stays.
+    volume.replace(b"not a certificate\n", &std::fs::read(&b_key_file).unwrap());
+    for (addr, alpn, endpoint) in endpoints {
+        let failures =
+            format!("podscope_server_tls_reload_failures_total{{endpoint=\"{endpoint}\"}}");
+        until(
+            &format!("{endpoint} to count the broken pair"),
+            Duration::from_secs(20),
+            || async { metric_value(&telemetry, &failures) != Some(0.0) },
+        )
+        .await;
+        assert_eq!(presented(addr, alpn).await, b, "{endpoint}");
+        assert_eq!(metric_value(&telemetry, &failures), Some(1.0), "{endpoint}");
+        let reloads = format!("podscope_server_tls_reloads_total{{endpoint=\"{endpoint}\"}}");
+        assert_eq!(metric_value(&telemetry, &reloads), Some(1.0), "{endpoint}");
+    }
+
+    // The connection made before both changes still serves requests, with its certificate A.
+    let (status, _) = kept
+        .request("POST", "/v1/metrics", "application/json", body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(kept.certificate, a);
+    assert_eq!(metrics.items(), 7);
+    receiver.shutdown().await.unwrap();
 }
