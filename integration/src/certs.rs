@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -157,8 +157,52 @@ impl SecretVolume {
     }
 }
 
-/// A rustls client trusting `ca_file`, offering `alpn`.
-fn client(ca_file: &Path, alpn: &[u8]) -> TlsConnector {
+/// What a certificate-rotation test starts from: a PKI whose server pair (A) is in a
+/// [`SecretVolume`], and a second server pair (B) from the same CA to rotate to.
+pub struct CertificateRotation {
+    pub pki: TestPki,
+    pub volume: SecretVolume,
+    /// The leaf certificates (DER) of A and B, as a client sees them.
+    pub a: Vec<u8>,
+    pub b: Vec<u8>,
+    pub b_cert_file: PathBuf,
+    pub b_key_file: PathBuf,
+}
+
+impl CertificateRotation {
+    /// Generates it all in `dir`; the volume is `dir/secret`.
+    pub fn new(dir: &Path) -> CertificateRotation {
+        let pki = TestPki::generate(dir);
+        let (b_cert_file, b_key_file) = pki.server_pair("server-b");
+        let read = |path: &Path| std::fs::read(path).expect("PEM file");
+        let volume = SecretVolume::new(
+            &dir.join("secret"),
+            &read(&pki.server_cert_file),
+            &read(&pki.server_key_file),
+        );
+        CertificateRotation {
+            a: leaf_certificate(&pki.server_cert_file),
+            b: leaf_certificate(&b_cert_file),
+            pki,
+            volume,
+            b_cert_file,
+            b_key_file,
+        }
+    }
+
+    /// Puts pair B in the volume.
+    pub fn rotate_to_b(&mut self) {
+        let read = |path: &Path| std::fs::read(path).expect("PEM file");
+        self.volume
+            .replace(&read(&self.b_cert_file), &read(&self.b_key_file));
+    }
+}
+
+/// A client certificate and its key (PEM files).
+pub type ClientIdentity<'a> = (&'a Path, &'a Path);
+
+/// A rustls client trusting `ca_file`, offering `alpn`, presenting `identity` when given.
+fn client(ca_file: &Path, alpn: &[u8], identity: Option<ClientIdentity<'_>>) -> TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca_file).expect("CA file") {
         roots
@@ -166,11 +210,23 @@ fn client(ca_file: &Path, alpn: &[u8]) -> TlsConnector {
             .expect("CA accepted");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert_file, key_file)) => {
+            let chain = CertificateDer::pem_file_iter(cert_file)
+                .expect("client certificate file")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("client certificate");
+            let key = PrivateKeyDer::from_pem_file(key_file).expect("client key");
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("client identity")
+        }
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![alpn.to_vec()];
     TlsConnector::from(Arc::new(config))
 }
@@ -179,10 +235,11 @@ async fn handshake(
     addr: SocketAddr,
     ca_file: &Path,
     alpn: &[u8],
+    identity: Option<ClientIdentity<'_>>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from("localhost").expect("server name");
-    client(ca_file, alpn).connect(name, tcp).await
+    client(ca_file, alpn, identity).connect(name, tcp).await
 }
 
 fn peer_leaf(tls: &TlsStream<TcpStream>) -> Vec<u8> {
@@ -201,7 +258,7 @@ pub async fn presented_certificate(
     ca_file: &Path,
     alpn: &[u8],
 ) -> std::io::Result<Vec<u8>> {
-    let tls = handshake(addr, ca_file, alpn).await?;
+    let tls = handshake(addr, ca_file, alpn, None).await?;
     Ok(peer_leaf(&tls))
 }
 
@@ -215,7 +272,17 @@ pub struct KeptHttpsConnection {
 
 impl KeptHttpsConnection {
     pub async fn open(addr: SocketAddr, ca_file: &Path) -> std::io::Result<Self> {
-        let tls = handshake(addr, ca_file, b"http/1.1").await?;
+        Self::open_as(addr, ca_file, None).await
+    }
+
+    /// The same, presenting a client certificate. With TLS 1.3 a server refuses the certificate
+    /// after the client's handshake is done: the refusal shows at the first request.
+    pub async fn open_as(
+        addr: SocketAddr,
+        ca_file: &Path,
+        identity: Option<ClientIdentity<'_>>,
+    ) -> std::io::Result<Self> {
+        let tls = handshake(addr, ca_file, b"http/1.1", identity).await?;
         let certificate = peer_leaf(&tls);
         Ok(KeptHttpsConnection { tls, certificate })
     }

@@ -13,13 +13,12 @@ use opentelemetry_proto::tonic::metrics::v1::{
     metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics,
 };
 use podscope_core::config::parse_component_config;
-use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
 use podscope_integration::certs::{
-    leaf_certificate, presented_certificate, KeptHttpsConnection, SecretVolume, TestPki,
+    presented_certificate, CertificateRotation, KeptHttpsConnection, TestPki,
 };
 use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
-use podscope_testkit::{BuildContextForTests as _, Recorder};
+use podscope_testkit::{agent_metric, BuildContextForTests as _, Recorder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const TOKEN: &str = "otlp-token-1234";
@@ -291,15 +290,6 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_setting_and_file() {
     );
 }
 
-/// The value of the agent metric `series` (name and labels as the text format writes them).
-fn metric_value(telemetry: &AgentTelemetry, series: &str) -> Option<f64> {
-    telemetry.encode_text().lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.parse().ok())
-    })
-}
-
 /// Polls `condition` every 50 ms until it holds, failing the test after `deadline`.
 async fn until<F: std::future::Future<Output = bool>>(
     what: &str,
@@ -319,21 +309,13 @@ async fn until<F: std::future::Future<Output = bool>>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = TestPki::generate(dir.path());
-    let (b_cert_file, b_key_file) = pki.server_pair("server-b");
-    let (a, b) = (
-        leaf_certificate(&pki.server_cert_file),
-        leaf_certificate(&b_cert_file),
-    );
+    let mut rotation = CertificateRotation::new(dir.path());
+    let (a, b) = (rotation.a.clone(), rotation.b.clone());
     assert_ne!(a, b);
-    let mut volume = SecretVolume::new(
-        &dir.path().join("secret"),
-        &std::fs::read(&pki.server_cert_file).unwrap(),
-        &std::fs::read(&pki.server_key_file).unwrap(),
-    );
+    let ca_file = rotation.pki.ca_file.clone();
     let rotating = serde_json::json!({
-        "cert_file": volume.cert_file(),
-        "key_file": volume.key_file(),
+        "cert_file": rotation.volume.cert_file(),
+        "key_file": rotation.volume.key_file(),
         "reload_interval": "100ms",
     });
     let config = serde_json::json!({"protocols": {
@@ -364,14 +346,14 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_
         ),
     ];
     let presented = |addr, alpn: &'static [u8]| {
-        let ca = pki.ca_file.clone();
+        let ca = ca_file.clone();
         async move { presented_certificate(addr, &ca, alpn).await.unwrap() }
     };
     for (addr, alpn, _) in endpoints {
         assert_eq!(presented(addr, alpn).await, a);
     }
     let body = br#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"m","gauge":{"dataPoints":[{"asInt":"1"},{"asInt":"2"}]}}]}]}]}"#;
-    let mut kept = KeptHttpsConnection::open(bound.http.unwrap(), &pki.ca_file)
+    let mut kept = KeptHttpsConnection::open(bound.http.unwrap(), &ca_file)
         .await
         .unwrap();
     assert_eq!(kept.certificate, a);
@@ -383,10 +365,7 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_
     assert_eq!(metrics.items(), 2);
 
     // Both files replaced at once, as a Secret update does: new handshakes get B.
-    volume.replace(
-        &std::fs::read(&b_cert_file).unwrap(),
-        &std::fs::read(&b_key_file).unwrap(),
-    );
+    rotation.rotate_to_b();
     for (addr, alpn, endpoint) in endpoints {
         until(
             &format!("{endpoint} to present the new certificate"),
@@ -395,10 +374,10 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_
         )
         .await;
         let reloads = format!("podscope_server_tls_reloads_total{{endpoint=\"{endpoint}\"}}");
-        assert_eq!(metric_value(&telemetry, &reloads), Some(1.0), "{endpoint}");
+        assert_eq!(agent_metric(&telemetry, &reloads), Some(1.0), "{endpoint}");
     }
     // gRPC is served with B: a new channel, trusting the CA, exports.
-    let channel = connect(bound.grpc.unwrap().port(), tls(&pki, None))
+    let channel = connect(bound.grpc.unwrap().port(), tls(&rotation.pki, None))
         .await
         .unwrap();
     MetricsServiceClient::new(channel)
@@ -408,20 +387,21 @@ async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_
     assert_eq!(metrics.items(), 5);
 
     // A broken pair (the certificate file is not PEM): logged, counted once, B stays.
-    volume.replace(b"not a certificate\n", &std::fs::read(&b_key_file).unwrap());
+    let b_key = std::fs::read(&rotation.b_key_file).unwrap();
+    rotation.volume.replace(b"not a certificate\n", &b_key);
     for (addr, alpn, endpoint) in endpoints {
         let failures =
             format!("podscope_server_tls_reload_failures_total{{endpoint=\"{endpoint}\"}}");
         until(
             &format!("{endpoint} to count the broken pair"),
             Duration::from_secs(20),
-            || async { metric_value(&telemetry, &failures) != Some(0.0) },
+            || async { agent_metric(&telemetry, &failures) != Some(0.0) },
         )
         .await;
         assert_eq!(presented(addr, alpn).await, b, "{endpoint}");
-        assert_eq!(metric_value(&telemetry, &failures), Some(1.0), "{endpoint}");
+        assert_eq!(agent_metric(&telemetry, &failures), Some(1.0), "{endpoint}");
         let reloads = format!("podscope_server_tls_reloads_total{{endpoint=\"{endpoint}\"}}");
-        assert_eq!(metric_value(&telemetry, &reloads), Some(1.0), "{endpoint}");
+        assert_eq!(agent_metric(&telemetry, &reloads), Some(1.0), "{endpoint}");
     }
 
     // The connection made before both changes still serves requests, with its certificate A.

@@ -257,6 +257,7 @@ impl CertificateReloader {
         let start = tokio::time::Instant::now() + self.interval;
         let mut ticks = tokio::time::interval_at(start, self.interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let where_ = self.where_.clone();
         loop {
             ticks.tick().await;
             // A few small reads, but blocking ones (a slow volume): off the async workers.
@@ -266,6 +267,7 @@ impl CertificateReloader {
             })
             .await;
             let Ok((reloader, config)) = checked else {
+                tracing::error!(tls = %where_, "the TLS certificate check panicked; certificates are no longer reloaded");
                 return;
             };
             self = reloader;
