@@ -281,10 +281,43 @@ async fn nothing_acknowledged_is_lost_across_a_backend_outage_and_a_sigkill() {
         assert!(backlog > 0, "the kill left nothing queued on disk");
         agent = AgentProcess::start(binary, &config, telemetry_port).await;
     }
+    // The backlog found at start is in the agent's gauges (the backend is down: none sent yet,
+    // and new requests add to it).
+    let metrics_url = format!("http://127.0.0.1:{telemetry_port}/metrics");
+    let held = "podscope_file_storage_requests{storage=\"file_storage\",queue=\"exporter/otlp\",signal=\"traces\"} ";
+    let metrics = reqwest::get(&metrics_url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        counter(&metrics, held) >= backlog as u64,
+        "{backlog} requests on disk at start: {metrics}"
+    );
     let _sink = start_sink(sink_port, &received);
     load.wait_for_more(200).await;
     let acked = load.finish().await;
     wait_received(&received, &acked, "after the SIGKILL and restart").await;
+    // Everything sent: the queue is empty on disk and in the gauges.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = reqwest::get(&metrics_url)
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if counter(&metrics, held) == 0 && queued_requests(storage.path()) == 0 {
+            assert!(metrics.contains(held), "{metrics}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue never emptied: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     agent.sigterm();
     assert!(agent.wait(Duration::from_secs(20)).await.success());
