@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use podscope_core::config::parse_component_config;
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{BuildContext, Component as _, Consumer as _};
 use podscope_exporters::prometheus::{PrometheusConfig, PrometheusExporter};
 use podscope_integration::certs::{
@@ -131,25 +132,28 @@ async fn a_real_prometheus_scrapes_with_client_certificates_basic_auth_and_a_bea
     bearer.shutdown().await.unwrap();
 }
 
+/// An exporter on a free port with `tls` settings, started, and its agent telemetry.
+async fn reloading_exporter(tls: serde_json::Value) -> (PrometheusExporter, AgentTelemetry) {
+    let config = serde_json::json!({"endpoint": "127.0.0.1:0", "tls": tls});
+    let config = parse_component_config::<PrometheusConfig>(config).expect("valid config");
+    let ctx = BuildContext::for_tests("prometheus");
+    let exporter = PrometheusExporter::new(config, &ctx);
+    exporter.start().await.unwrap();
+    (exporter, ctx.telemetry)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_served_to_new_scrapes_and_a_mismatched_key_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut rotation = CertificateRotation::new(dir.path());
     let (a, b) = (rotation.a.clone(), rotation.b.clone());
     let ca_file = rotation.pki.ca_file.clone();
-    let config = serde_json::json!({
-        "endpoint": "127.0.0.1:0",
-        "tls": {
-            "cert_file": rotation.volume.cert_file(),
-            "key_file": rotation.volume.key_file(),
-            "reload_interval": "100ms",
-        },
-    });
-    let config = parse_component_config::<PrometheusConfig>(config).expect("valid config");
-    let ctx = BuildContext::for_tests("prometheus");
-    let telemetry = ctx.telemetry.clone();
-    let exporter = PrometheusExporter::new(config, &ctx);
-    exporter.start().await.unwrap();
+    let (exporter, telemetry) = reloading_exporter(serde_json::json!({
+        "cert_file": rotation.volume.cert_file(),
+        "key_file": rotation.volume.key_file(),
+        "reload_interval": "100ms",
+    }))
+    .await;
     exporter
         .consume(fake_otlp::service_points(4))
         .await
@@ -236,20 +240,13 @@ async fn a_rotated_client_ca_decides_which_client_certificates_new_connections_a
     // Replaced by a rename, as a Secret volume does.
     let client_ca_file = dir.path().join("client-ca.pem");
     std::fs::copy(&ours.ca_file, &client_ca_file).unwrap();
-    let config = serde_json::json!({
-        "endpoint": "127.0.0.1:0",
-        "tls": {
-            "cert_file": ours.server_cert_file,
-            "key_file": ours.server_key_file,
-            "client_ca_file": client_ca_file,
-            "reload_interval": "100ms",
-        },
-    });
-    let config = parse_component_config::<PrometheusConfig>(config).expect("valid config");
-    let ctx = BuildContext::for_tests("prometheus");
-    let telemetry = ctx.telemetry.clone();
-    let exporter = PrometheusExporter::new(config, &ctx);
-    exporter.start().await.unwrap();
+    let (exporter, telemetry) = reloading_exporter(serde_json::json!({
+        "cert_file": ours.server_cert_file,
+        "key_file": ours.server_key_file,
+        "client_ca_file": client_ca_file,
+        "reload_interval": "100ms",
+    }))
+    .await;
     let addr = exporter.local_addr().unwrap();
     let our_client = (
         ours.client_cert_file.as_path(),
