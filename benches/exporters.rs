@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use podscope_core::config::parse_component_config;
 use podscope_core::{Batch, BuildContext, ComponentId, ComponentKind, Exporter, ExporterBuilder};
-use podscope_exporters::file_storage::{FileStorage, FileStorageConfig};
+use podscope_exporters::file_storage::{FileStorage, FileStorageConfig, StorageMetrics};
 use podscope_exporters::otlp::OtlpGrpcConfig;
 use podscope_exporters::prometheus::{PrometheusConfig, Settings, Store};
 use podscope_exporters::prometheusremotewrite::RemoteWriteConfig;
@@ -71,6 +71,7 @@ fn stored_otlp(port: u16, dir: &std::path::Path, fsync: bool) -> Arc<dyn Exporte
             ..Default::default()
         },
         "file_storage",
+        StorageMetrics::default(),
     )
     .unwrap();
     let mut ctx = BuildContext::for_tests("otlp");

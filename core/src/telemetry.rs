@@ -69,6 +69,13 @@ pub struct QueueItemLabels {
     pub signal: SignalLabel,
 }
 
+/// A server endpoint, by its settings' key path (`receivers.otlp.protocols.grpc`,
+/// `exporters.prometheus`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Handles to every agent metric. Cloning shares the same instruments.
@@ -92,6 +99,10 @@ pub struct AgentTelemetry {
     /// Failed export attempts, by reason (each retry counts).
     pub exporter_send_failures: Family<ReasonLabels, Counter>,
     pub exporter_send_duration: HistogramFamily<ComponentLabels>,
+    /// TLS configurations a server endpoint reloaded from changed files (`reload_interval`).
+    pub server_tls_reloads: Family<EndpointLabels, Counter>,
+    /// Changed TLS files a server endpoint could not use (it kept its previous certificate).
+    pub server_tls_reload_failures: Family<EndpointLabels, Counter>,
 }
 
 impl Default for AgentTelemetry {
@@ -117,6 +128,8 @@ impl AgentTelemetry {
                 // 1 ms … ~16 s
                 Histogram::new(exponential_buckets(0.001, 2.0, 15))
             }),
+            server_tls_reloads: Family::default(),
+            server_tls_reload_failures: Family::default(),
             registry: Arc::new(Mutex::new(Registry::default())),
         };
         registry.register(
@@ -168,6 +181,16 @@ impl AgentTelemetry {
             "exporter_send_duration_seconds",
             "Duration of export attempts",
             t.exporter_send_duration.clone(),
+        );
+        registry.register(
+            "server_tls_reloads",
+            "TLS certificates a server endpoint reloaded from changed files (reload_interval)",
+            t.server_tls_reloads.clone(),
+        );
+        registry.register(
+            "server_tls_reload_failures",
+            "Changed TLS files a server endpoint could not use; it kept its previous certificate",
+            t.server_tls_reload_failures.clone(),
         );
         *t.registry.lock().expect("new registry") = registry;
         t

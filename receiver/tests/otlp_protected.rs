@@ -1,6 +1,7 @@
 //! The `otlp` receiver behind TLS with client certificates and authentication, driven by clients
 //! we did not write: tonic's TLS channel with the generated OTLP client (and a bearer token),
-//! and curl over HTTPS (with basic auth). Certificates are made per test (rcgen).
+//! and curl over HTTPS (with basic auth). Certificates are made per test (rcgen); rotating them
+//! (`reload_interval`) is checked with rustls clients that compare the certificate presented.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,9 +14,11 @@ use opentelemetry_proto::tonic::metrics::v1::{
 };
 use podscope_core::config::parse_component_config;
 use podscope_core::{BuildContext, Component as _, ReceiverConsumers};
-use podscope_integration::certs::TestPki;
+use podscope_integration::certs::{
+    presented_certificate, CertificateRotation, KeptHttpsConnection, TestPki,
+};
 use podscope_receiver::otlp::{OtlpReceiver, OtlpReceiverConfig};
-use podscope_testkit::{BuildContextForTests as _, Recorder};
+use podscope_testkit::{agent_metric, BuildContextForTests as _, Recorder};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const TOKEN: &str = "otlp-token-1234";
@@ -285,4 +288,129 @@ async fn a_bad_certificate_file_stops_the_start_naming_the_setting_and_file() {
         ),
         "{error}"
     );
+}
+
+/// Polls `condition` every 50 ms until it holds, failing the test after `deadline`.
+async fn until<F: std::future::Future<Output = bool>>(
+    what: &str,
+    deadline: Duration,
+    mut condition: impl FnMut() -> F,
+) {
+    let give_up = tokio::time::Instant::now() + deadline;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_presented_to_new_connections_and_a_broken_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rotation = CertificateRotation::new(dir.path());
+    let (a, b) = (rotation.a.clone(), rotation.b.clone());
+    assert_ne!(a, b);
+    let ca_file = rotation.pki.ca_file.clone();
+    let rotating = serde_json::json!({
+        "cert_file": rotation.volume.cert_file(),
+        "key_file": rotation.volume.key_file(),
+        "reload_interval": "100ms",
+    });
+    let config = serde_json::json!({"protocols": {
+        "grpc": {"endpoint": "127.0.0.1:0", "tls": rotating},
+        "http": {"endpoint": "127.0.0.1:0", "tls": rotating},
+    }});
+    let config = parse_component_config::<OtlpReceiverConfig>(config).expect("valid config");
+    let ctx = BuildContext::for_tests("otlp");
+    let telemetry = ctx.telemetry.clone();
+    let metrics = Arc::new(Recorder::default());
+    let next = ReceiverConsumers {
+        metrics: Some(metrics.clone()),
+        ..Default::default()
+    };
+    let receiver = OtlpReceiver::new(config, &ctx, next);
+    receiver.start().await.unwrap();
+    let bound = receiver.bound_addresses();
+    let endpoints = [
+        (
+            bound.grpc.unwrap(),
+            &b"h2"[..],
+            "receivers.otlp.protocols.grpc",
+        ),
+        (
+            bound.http.unwrap(),
+            &b"http/1.1"[..],
+            "receivers.otlp.protocols.http",
+        ),
+    ];
+    let presented = |addr, alpn: &'static [u8]| {
+        let ca = ca_file.clone();
+        async move { presented_certificate(addr, &ca, alpn).await.unwrap() }
+    };
+    for (addr, alpn, _) in endpoints {
+        assert_eq!(presented(addr, alpn).await, a);
+    }
+    let body = br#"{"resourceMetrics":[{"scopeMetrics":[{"metrics":[{"name":"m","gauge":{"dataPoints":[{"asInt":"1"},{"asInt":"2"}]}}]}]}]}"#;
+    let mut kept = KeptHttpsConnection::open(bound.http.unwrap(), &ca_file)
+        .await
+        .unwrap();
+    assert_eq!(kept.certificate, a);
+    let (status, _) = kept
+        .request("POST", "/v1/metrics", "application/json", body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(metrics.items(), 2);
+
+    // Both files replaced at once, as a Secret update does: new handshakes get B.
+    rotation.rotate_to_b();
+    for (addr, alpn, endpoint) in endpoints {
+        until(
+            &format!("{endpoint} to present the new certificate"),
+            Duration::from_secs(20),
+            || async { presented(addr, alpn).await == b },
+        )
+        .await;
+        let reloads = format!("podscope_server_tls_reloads_total{{endpoint=\"{endpoint}\"}}");
+        assert_eq!(agent_metric(&telemetry, &reloads), Some(1.0), "{endpoint}");
+    }
+    // gRPC is served with B: a new channel, trusting the CA, exports.
+    let channel = connect(bound.grpc.unwrap().port(), tls(&rotation.pki, None))
+        .await
+        .unwrap();
+    MetricsServiceClient::new(channel)
+        .export(request(3))
+        .await
+        .unwrap();
+    assert_eq!(metrics.items(), 5);
+
+    // A broken pair (the certificate file is not PEM): logged, counted once, B stays.
+    let b_key = std::fs::read(&rotation.b_key_file).unwrap();
+    rotation.volume.replace(b"not a certificate\n", &b_key);
+    for (addr, alpn, endpoint) in endpoints {
+        let failures =
+            format!("podscope_server_tls_reload_failures_total{{endpoint=\"{endpoint}\"}}");
+        until(
+            &format!("{endpoint} to count the broken pair"),
+            Duration::from_secs(20),
+            || async { agent_metric(&telemetry, &failures) != Some(0.0) },
+        )
+        .await;
+        assert_eq!(presented(addr, alpn).await, b, "{endpoint}");
+        assert_eq!(agent_metric(&telemetry, &failures), Some(1.0), "{endpoint}");
+        let reloads = format!("podscope_server_tls_reloads_total{{endpoint=\"{endpoint}\"}}");
+        assert_eq!(agent_metric(&telemetry, &reloads), Some(1.0), "{endpoint}");
+    }
+
+    // The connection made before both changes still serves requests, with its certificate A.
+    let (status, _) = kept
+        .request("POST", "/v1/metrics", "application/json", body)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(kept.certificate, a);
+    assert_eq!(metrics.items(), 7);
+    receiver.shutdown().await.unwrap();
 }

@@ -25,3 +25,13 @@ impl BuildContextForTests for BuildContext {
         }
     }
 }
+
+/// The value of one series of the agent's own metrics, written as the text format writes it
+/// (`podscope_queue_size{queue="exporter/otlp"}`); `None` while the series does not exist.
+pub fn agent_metric(telemetry: &AgentTelemetry, series: &str) -> Option<f64> {
+    telemetry.encode_text().lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+    })
+}

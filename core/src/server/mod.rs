@@ -9,4 +9,4 @@ pub mod auth;
 pub mod tls;
 
 pub use auth::{AuthSettings, Authenticator, Unauthorized};
-pub use tls::{ServerTlsSettings, TlsListener};
+pub use tls::{ServerTls, ServerTlsSettings, TlsListener};

@@ -22,6 +22,8 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use podscope_core::Signal;
 
+use super::metrics::QueueMetrics;
+
 const MAGIC: &[u8; 4] = b"PSQ1";
 const HEADER: usize = 4 + 4 + 4 + 8;
 
@@ -87,11 +89,19 @@ pub struct DiskQueue {
     next_sequence: AtomicU64,
     /// What an earlier run left, oldest first, until taken.
     recovered: Mutex<Vec<StoredRequest>>,
+    /// What the folder holds, in the agent's telemetry.
+    metrics: QueueMetrics,
 }
 
 impl DiskQueue {
     /// Opens (creating it) the folder and lists what an earlier run left.
-    pub fn open(dir: PathBuf, fsync: bool, limit: u64, used: Arc<AtomicU64>) -> io::Result<Self> {
+    pub fn open(
+        dir: PathBuf,
+        fsync: bool,
+        limit: u64,
+        used: Arc<AtomicU64>,
+        metrics: QueueMetrics,
+    ) -> io::Result<Self> {
         fs::create_dir_all(&dir)?;
         let mut recovered = Vec::new();
         for entry in fs::read_dir(&dir)? {
@@ -126,6 +136,9 @@ impl DiskQueue {
         recovered.sort_by_key(|r| r.sequence);
         let next = recovered.last().map_or(1, |r| r.sequence + 1);
         used.fetch_add(recovered.iter().map(|r| r.bytes).sum(), Ordering::Relaxed);
+        for request in &recovered {
+            metrics.held(request);
+        }
         Ok(DiskQueue {
             dir,
             fsync,
@@ -133,6 +146,7 @@ impl DiskQueue {
             used,
             next_sequence: AtomicU64::new(next),
             recovered: Mutex::new(recovered),
+            metrics,
         })
     }
 
@@ -184,13 +198,15 @@ impl DiskQueue {
             let _ = fs::remove_file(&tmp);
             return Err(StoreError::Io { path, error });
         }
-        Ok(StoredRequest {
+        let stored = StoredRequest {
             path,
             sequence,
             signal,
             items,
             bytes: needed,
-        })
+        };
+        self.metrics.held(&stored);
+        Ok(stored)
     }
 
     fn write_file(&self, path: &Path, format: u8, payload: &[u8]) -> io::Result<()> {
@@ -224,6 +240,7 @@ impl DiskQueue {
             tracing::warn!(path = %request.path.display(), %error, "cannot rename a corrupt queue file");
         }
         self.used.fetch_sub(request.bytes, Ordering::Relaxed);
+        self.metrics.set_aside(request);
     }
 
     /// Deletes a request the backend took (or the exporter gave up).
@@ -231,6 +248,7 @@ impl DiskQueue {
         match fs::remove_file(&request.path) {
             Ok(()) => {
                 self.used.fetch_sub(request.bytes, Ordering::Relaxed);
+                self.metrics.released(request);
             }
             Err(error) => {
                 // It will be sent again at the next start: at least once, never lost.

@@ -7,9 +7,13 @@
 //! with `fsync`, flushed to the device) before the batch is acknowledged upstream, deleted once
 //! the backend took it or the exporter gave it up. Why one file per request and not an embedded
 //! store: see ARCHITECTURE.md ("The persistent sending queue").
+//!
+//! What each queue holds (bytes, requests, items) and the corrupt files it set aside are in the
+//! agent's telemetry ([`metrics`]).
 
 mod config;
 mod disk_queue;
+pub mod metrics;
 #[cfg(test)]
 mod tests;
 
@@ -25,6 +29,7 @@ use podscope_core::{BuildContext, Component, Extension, ExtensionBuilder, Extens
 
 pub use config::FileStorageConfig;
 pub use disk_queue::{CorruptRecord, DiskQueue, StoreError, StoredRequest};
+pub use metrics::StorageMetrics;
 
 pub const FACTORY: ExtensionFactory = ExtensionFactory {
     type_name: "file_storage",
@@ -35,7 +40,12 @@ pub const FACTORY: ExtensionFactory = ExtensionFactory {
 
 impl ExtensionBuilder for FileStorageConfig {
     fn build(self: Box<Self>, ctx: BuildContext) -> anyhow::Result<Arc<dyn Extension>> {
-        Ok(Arc::new(FileStorage::open(*self, &ctx.id.to_string())?))
+        let metrics = StorageMetrics::shared(&ctx.shared, &ctx.telemetry)?;
+        Ok(Arc::new(FileStorage::open(
+            *self,
+            &ctx.id.to_string(),
+            metrics,
+        )?))
     }
 }
 
@@ -47,10 +57,15 @@ pub struct FileStorage {
     used_bytes: Arc<AtomicU64>,
     /// Components holding a queue here: one owner per folder.
     owners: Mutex<BTreeSet<String>>,
+    metrics: StorageMetrics,
 }
 
 impl FileStorage {
-    pub fn open(config: FileStorageConfig, id: &str) -> anyhow::Result<FileStorage> {
+    pub fn open(
+        config: FileStorageConfig,
+        id: &str,
+        metrics: StorageMetrics,
+    ) -> anyhow::Result<FileStorage> {
         let dir = &config.directory;
         if config.create_directory {
             std::fs::create_dir_all(dir).with_context(|| {
@@ -69,6 +84,7 @@ impl FileStorage {
             config,
             used_bytes: Arc::new(AtomicU64::new(0)),
             owners: Mutex::new(BTreeSet::new()),
+            metrics,
         })
     }
 
@@ -87,6 +103,7 @@ impl FileStorage {
             self.config.fsync,
             self.config.max_size_mib.saturating_mul(1024 * 1024),
             self.used_bytes.clone(),
+            self.metrics.for_queue(&self.id, owner),
         )
         .with_context(|| format!("extension {}: opening the queue of {owner}", self.id))
     }

@@ -1,12 +1,128 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use podscope_core::component::SharedState;
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::Signal;
 
 use super::*;
 
 fn queue_in(dir: &std::path::Path, limit: u64) -> DiskQueue {
-    DiskQueue::open(dir.join("q"), false, limit, Arc::new(AtomicU64::new(0))).unwrap()
+    DiskQueue::open(
+        dir.join("q"),
+        false,
+        limit,
+        Arc::new(AtomicU64::new(0)),
+        StorageMetrics::default().for_queue("file_storage", "otlp"),
+    )
+    .unwrap()
+}
+
+/// A `file_storage` over `dir` whose metrics are in `telemetry`, as the agent builds it.
+fn storage_in(dir: &std::path::Path, telemetry: &AgentTelemetry) -> FileStorage {
+    let metrics = StorageMetrics::shared(&SharedState::default(), telemetry).unwrap();
+    let config = FileStorageConfig {
+        directory: dir.to_path_buf(),
+        fsync: false,
+        ..Default::default()
+    };
+    FileStorage::open(config, "file_storage/disk", metrics).unwrap()
+}
+
+/// The agent-telemetry lines of the `file_storage` metrics, sorted.
+fn storage_lines(telemetry: &AgentTelemetry) -> Vec<String> {
+    let mut lines: Vec<String> = telemetry
+        .encode_text()
+        .lines()
+        .filter(|l| l.starts_with("podscope_file_storage_"))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn on_disk(requests: &[&StoredRequest]) -> u64 {
+    requests
+        .iter()
+        .map(|r| std::fs::metadata(&r.path).unwrap().len())
+        .sum()
+}
+
+#[test]
+fn what_a_queue_holds_is_in_gauges_through_writes_removals_a_restart_and_a_corrupt_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let telemetry = AgentTelemetry::new();
+    let storage = storage_in(dir.path(), &telemetry);
+    let queue = storage.open_queue("otlp/a").unwrap();
+    let traces: Vec<StoredRequest> = [100usize, 250, 40]
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            queue
+                .append(Signal::Traces, 10 * (i + 1), 1, &vec![7u8; size])
+                .unwrap()
+        })
+        .collect();
+    let metrics = queue.append(Signal::Metrics, 5, 1, &[1u8; 60]).unwrap();
+    // A file is the 20-byte header and the payload.
+    assert_eq!(on_disk(&traces.iter().collect::<Vec<_>>()), 3 * 20 + 390);
+    assert_eq!(on_disk(&[&metrics]), 80);
+    let series = |signal: &str, bytes: u64, requests: u64, items: u64| {
+        let labels =
+            format!(r#"{{storage="file_storage/disk",queue="exporter/otlp/a",signal="{signal}"}}"#);
+        vec![
+            format!("podscope_file_storage_bytes{labels} {bytes}"),
+            format!("podscope_file_storage_items{labels} {items}"),
+            format!("podscope_file_storage_requests{labels} {requests}"),
+        ]
+    };
+    let expected = |lines: Vec<Vec<String>>| {
+        let mut lines: Vec<String> = lines.into_iter().flatten().collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(
+        storage_lines(&telemetry),
+        expected(vec![
+            series("traces", 450, 3, 60),
+            series("metrics", 80, 1, 5)
+        ])
+    );
+
+    // The backend took the first traces request and the metrics one: deleted, released.
+    queue.remove(&traces[0]);
+    queue.remove(&metrics);
+    let left = on_disk(&[&traces[1], &traces[2]]);
+    assert_eq!(left, 330);
+    assert_eq!(
+        storage_lines(&telemetry),
+        expected(vec![
+            series("traces", 330, 2, 50),
+            series("metrics", 0, 0, 0)
+        ])
+    );
+    drop((queue, storage));
+
+    // A restart over the same directory: the recovered files, counted before any is sent.
+    let telemetry = AgentTelemetry::new();
+    let storage = storage_in(dir.path(), &telemetry);
+    let queue = storage.open_queue("otlp/a").unwrap();
+    assert_eq!(
+        storage_lines(&telemetry),
+        expected(vec![series("traces", 330, 2, 50)])
+    );
+    let recovered = queue.take_recovered();
+    assert_eq!(recovered.len(), 2);
+    // One of them fails its checks when read: set aside, no longer held, counted.
+    queue.quarantine(&recovered[0]);
+    let mut lines = expected(vec![series("traces", 60, 1, 30)]);
+    lines.push(
+        r#"podscope_file_storage_corrupt_requests_total{storage="file_storage/disk",queue="exporter/otlp/a",signal="traces"} 1"#
+            .to_string(),
+    );
+    lines.sort();
+    assert_eq!(storage_lines(&telemetry), lines);
+    assert_eq!(on_disk(&[&recovered[1]]), 60);
 }
 
 #[test]
@@ -144,6 +260,7 @@ fn each_component_gets_its_own_folder_once() {
             ..Default::default()
         },
         "file_storage",
+        StorageMetrics::default(),
     )
     .unwrap();
     let a = storage.open_queue("otlp/a").unwrap();
@@ -168,6 +285,7 @@ fn a_directory_that_cannot_be_made_is_a_clear_error() {
             ..Default::default()
         },
         "file_storage/q",
+        StorageMetrics::default(),
     )
     .err()
     .unwrap();

@@ -829,7 +829,7 @@ mod persistent_queue {
     use std::path::{Path, PathBuf};
 
     use super::*;
-    use crate::file_storage::{FileStorage, FileStorageConfig};
+    use crate::file_storage::{FileStorage, FileStorageConfig, StorageMetrics};
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
     };
@@ -890,6 +890,7 @@ mod persistent_queue {
         dir: &Path,
         max_size_mib: u64,
     ) -> (Arc<dyn Exporter>, AgentTelemetry) {
+        let mut ctx = BuildContext::for_tests("otlp");
         let storage = FileStorage::open(
             FileStorageConfig {
                 directory: dir.to_path_buf(),
@@ -897,9 +898,9 @@ mod persistent_queue {
                 ..Default::default()
             },
             "file_storage",
+            StorageMetrics::shared(&ctx.shared, &ctx.telemetry).unwrap(),
         )
         .unwrap();
-        let mut ctx = BuildContext::for_tests("otlp");
         let storage_id = ComponentId::parse("file_storage").unwrap();
         let mut extensions = Extensions::default();
         extensions.insert(storage_id.clone(), Arc::new(storage));
@@ -927,10 +928,11 @@ mod persistent_queue {
         files
     }
 
-    /// Accepts `sizes` batches with the backend down, then dies without shutdown.
-    fn accept_and_crash(port: u16, dir: &Path, sizes: &[usize]) {
+    /// Accepts `sizes` batches with the backend down, then dies without shutdown; returns its
+    /// metrics just before.
+    fn accept_and_crash(port: u16, dir: &Path, sizes: &[usize]) -> String {
         let crashing = runtime();
-        crashing.block_on(async {
+        let metrics = crashing.block_on(async {
             let (exporter, telemetry) = stored_exporter(port, dir, 1024).await;
             for &n in sizes {
                 exporter.consume(spans_n(n)).await.unwrap();
@@ -941,8 +943,23 @@ mod persistent_queue {
             while !telemetry.encode_text().contains(failed) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            telemetry.encode_text()
         });
         drop(crashing);
+        metrics
+    }
+
+    /// The `file_storage` gauges of the `otlp` exporter's traces in `metrics`: bytes, requests,
+    /// items.
+    fn held(metrics: &str) -> [Option<u64>; 3] {
+        let labels = r#"{storage="file_storage",queue="exporter/otlp",signal="traces"} "#;
+        ["bytes", "requests", "items"].map(|gauge| {
+            let series = format!("podscope_file_storage_{gauge}{labels}");
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map(|value| value.parse().unwrap())
+        })
     }
 
     /// Starts the exporter again with the backend up; returns what the backend got once it
@@ -975,10 +992,15 @@ mod persistent_queue {
     fn a_crash_with_the_backend_down_loses_nothing_and_the_next_start_sends_it_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        accept_and_crash(port, dir.path(), &[1, 2, 3, 4, 5]);
-        assert_eq!(queue_files(dir.path(), "req").len(), 5);
+        let before = accept_and_crash(port, dir.path(), &[1, 2, 3, 4, 5]);
+        let files = queue_files(dir.path(), "req");
+        assert_eq!(files.len(), 5);
+        let bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+        assert_eq!(held(&before), [Some(bytes), Some(5), Some(15)]);
 
         let (received, metrics) = restart_and_collect(port, dir.path(), 15);
+        // Counted from the files found at start, then released as each was sent.
+        assert_eq!(held(&metrics), [Some(0), Some(0), Some(0)], "{metrics}");
         assert_eq!(received, vec![1, 2, 3, 4, 5], "each once, oldest first");
         assert!(metrics.contains(
             "podscope_exporter_sent_items_total{component=\"otlp\",signal=\"traces\"} 15"
@@ -1013,6 +1035,18 @@ mod persistent_queue {
             queue_files(dir.path(), "corrupt"),
             vec![files[1].with_extension("corrupt")]
         );
+        let labels = r#"{storage="file_storage",queue="exporter/otlp",signal="traces"}"#;
+        for expected in [
+            format!("podscope_file_storage_corrupt_requests_total{labels} 1"),
+            // The other two sent and deleted: nothing held.
+            format!("podscope_file_storage_requests{labels} 0"),
+            format!("podscope_file_storage_bytes{labels} 0"),
+        ] {
+            assert!(
+                metrics.lines().any(|l| l == expected),
+                "{expected}: {metrics}"
+            );
+        }
     }
 
     #[test]
@@ -1043,6 +1077,15 @@ mod persistent_queue {
                 .map(|f| f.metadata().unwrap().len())
                 .sum();
             assert!(used <= 1024 * 1024, "{used} bytes on disk");
+            let labels = r#"{storage="file_storage",queue="exporter/otlp",signal="traces"}"#;
+            let files = queue_files(dir.path(), "req").len();
+            for expected in [
+                format!("podscope_file_storage_bytes{labels} {used}"),
+                format!("podscope_file_storage_requests{labels} {files}"),
+                format!("podscope_file_storage_items{labels} {stored}"),
+            ] {
+                assert!(metrics.lines().any(|l| l == expected), "{expected}: {metrics}");
+            }
 
             // Still running: the backend comes up and gets exactly what was stored.
             serve(&server, port, backend.clone());

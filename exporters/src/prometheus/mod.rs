@@ -147,7 +147,13 @@ impl Component for PrometheusExporter {
         let tls = self
             .tls
             .as_ref()
-            .map(|tls| tls.server_config(&format!("exporters.{}.tls", self.id), &[b"http/1.1"]))
+            .map(|tls| {
+                tls.load(
+                    &format!("exporters.{}.tls", self.id),
+                    &[b"http/1.1"],
+                    &self.telemetry,
+                )
+            })
             .transpose()?;
         let auth = self
             .auth

@@ -281,10 +281,33 @@ async fn nothing_acknowledged_is_lost_across_a_backend_outage_and_a_sigkill() {
         assert!(backlog > 0, "the kill left nothing queued on disk");
         agent = AgentProcess::start(binary, &config, telemetry_port).await;
     }
+    // The backlog found at start is in the agent's gauges (the backend is down: none sent yet,
+    // and new requests add to it).
+    let metrics_url = format!("http://127.0.0.1:{telemetry_port}/metrics");
+    let held = "podscope_file_storage_requests{storage=\"file_storage\",queue=\"exporter/otlp\",signal=\"traces\"} ";
+    let metrics = scrape(&metrics_url).await;
+    assert!(
+        counter(&metrics, held) >= backlog as u64,
+        "{backlog} requests on disk at start: {metrics}"
+    );
     let _sink = start_sink(sink_port, &received);
     load.wait_for_more(200).await;
     let acked = load.finish().await;
     wait_received(&received, &acked, "after the SIGKILL and restart").await;
+    // Everything sent: the queue is empty on disk and in the gauges.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let metrics = scrape(&metrics_url).await;
+        if counter(&metrics, held) == 0 && queued_requests(storage.path()) == 0 {
+            assert!(metrics.contains(held), "{metrics}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue never emptied: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     agent.sigterm();
     assert!(agent.wait(Duration::from_secs(20)).await.success());
@@ -345,6 +368,11 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The agent's own metrics page.
+async fn scrape(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
 fn counter(metrics: &str, prefix: &str) -> u64 {
     metrics
         .lines()
@@ -367,12 +395,7 @@ async fn a_full_disk_drops_and_counts_and_the_agent_keeps_running() {
     let load = Load::start(grpc_port);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let metrics = reqwest::get(&metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = scrape(&metrics_url).await;
         if counter(&metrics, full) >= 200 {
             break;
         }
@@ -388,12 +411,7 @@ async fn a_full_disk_drops_and_counts_and_the_agent_keeps_running() {
 
     let received: Received = Arc::default();
     let _sink = start_sink(sink_port, &received);
-    let metrics = reqwest::get(&metrics_url)
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = scrape(&metrics_url).await;
     let dropped = counter(&metrics, full) as usize;
     let stored = acked.len() - dropped;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -28,7 +28,10 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use podscope_core::component::create_receiver;
-use podscope_core::server::{AuthSettings, Authenticator, ServerTlsSettings, TlsListener};
+use podscope_core::server::{
+    AuthSettings, Authenticator, ServerTls, ServerTlsSettings, TlsListener,
+};
+use podscope_core::telemetry::AgentTelemetry;
 use podscope_core::{
     BuildContext, Component, Receiver, ReceiverBuilder, ReceiverConsumers, ReceiverFactory, Signal,
 };
@@ -75,6 +78,8 @@ pub struct OtlpReceiver {
     stop: CancellationToken,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     bound: Mutex<BoundAddresses>,
+    /// Where TLS reloads are counted.
+    telemetry: AgentTelemetry,
 }
 
 impl OtlpReceiver {
@@ -87,6 +92,7 @@ impl OtlpReceiver {
             stop: CancellationToken::new(),
             tasks: tokio::sync::Mutex::new(Vec::new()),
             bound: Mutex::new(BoundAddresses::default()),
+            telemetry: ctx.telemetry.clone(),
         }
     }
 
@@ -96,15 +102,13 @@ impl OtlpReceiver {
     }
 }
 
-/// A protocol's TLS configuration and authenticator, when set.
-type Protection = (
-    Option<Arc<rustls::ServerConfig>>,
-    Option<Arc<Authenticator>>,
-);
+/// A protocol's TLS and authenticator, when set.
+type Protection = (Option<ServerTls>, Option<Arc<Authenticator>>);
 
-/// A protocol's TLS configuration and authenticator, loaded now so that a bad file stops the
-/// start with its setting and path named.
+/// A protocol's TLS and authenticator, loaded now so that a bad file stops the start with its
+/// setting and path named.
 fn protection(
+    telemetry: &AgentTelemetry,
     id: &str,
     protocol: &str,
     tls: Option<&ServerTlsSettings>,
@@ -118,7 +122,7 @@ fn protection(
         &[b"http/1.1"]
     };
     let tls = tls
-        .map(|tls| tls.server_config(&format!("{prefix}.tls"), alpn))
+        .map(|tls| tls.load(&format!("{prefix}.tls"), alpn, telemetry))
         .transpose()?;
     let auth = auth
         .map(|auth| Authenticator::new(auth, &format!("{prefix}.auth")).map(Arc::new))
@@ -138,6 +142,7 @@ impl Component for OtlpReceiver {
         let mut tasks = self.tasks.lock().await;
         if let Some(settings) = &self.config.protocols.grpc {
             let (tls, auth) = protection(
+                &self.telemetry,
                 &self.id,
                 "grpc",
                 settings.tls.as_ref(),
@@ -183,6 +188,7 @@ impl Component for OtlpReceiver {
         }
         if let Some(settings) = &self.config.protocols.http {
             let (tls, auth) = protection(
+                &self.telemetry,
                 &self.id,
                 "http",
                 settings.tls.as_ref(),
