@@ -84,3 +84,24 @@ http_without_ring_buffer() {
         END { if (replaced != 1 || skipping) exit 1 }' "$source" > "$out" ||
         { echo "http.bpf.c: submit() is not as http_without_ring_buffer expects" >&2; return 1; }
 }
+
+# Starts benches/http_state/loader.c's binary LOADER on OBJECT (the programs PROGRAM...
+# attached, output in OUT) and returns once it counts, i.e. after its "begun" line; sets
+# LOADER_PID. Stop it with SIGTERM, then read OUT.
+#
+#   start_http_loader LOADER OBJECT PORT OUT PROGRAM...
+start_http_loader() {
+    local loader=$1 object=$2 port=$3 out=$4
+    shift 4
+    # A fresh file each time: the old one's "ready" must not be read before the redirection.
+    rm -f "$out"
+    "$loader" "$object" "$port" "$@" > "$out" &
+    LOADER_PID=$!
+    until grep -q ready "$out" 2> /dev/null; do
+        kill -0 "$LOADER_PID" 2> /dev/null || { echo "$object did not load" >&2; return 1; }
+        sleep 0.05
+    done
+    # The loader counts from SIGUSR1, and SIGTERM ends it only after that.
+    kill -USR1 "$LOADER_PID"
+    until grep -q begun "$out"; do sleep 0.01; done
+}

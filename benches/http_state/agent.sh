@@ -33,10 +33,10 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 CGROUP=""
 MASTER=""
 AGENT=""
-LOADER=""
+LOADER_PID=""
 cleanup() {
     [ -n "$AGENT" ] && kill "$AGENT" 2>/dev/null && wait "$AGENT" 2>/dev/null
-    [ -n "$LOADER" ] && kill "$LOADER" 2>/dev/null && wait "$LOADER" 2>/dev/null
+    [ -n "$LOADER_PID" ] && kill "$LOADER_PID" 2>/dev/null && wait "$LOADER_PID" 2>/dev/null
     [ -n "$MASTER" ] && kill -QUIT "$MASTER" 2>/dev/null && wait "$MASTER" 2>/dev/null
     if [ -n "$CGROUP" ] && [ -d "$CGROUP" ]; then
         echo 1 > "$CGROUP/cgroup.kill" 2>/dev/null || true
@@ -125,18 +125,9 @@ row warmup > /dev/null
     for _ in $(seq "$ROUNDS"); do
         row base
         if [ "${HOOKS:-0}" = 1 ]; then
-            rm -f "$WORK/loader.out"
-            "$WORK/loader" "$HOOKS_OBJECT" "$PORT" "${PROGRAMS[@]}" > "$WORK/loader.out" &
-            LOADER=$!
-            until grep -q ready "$WORK/loader.out" 2> /dev/null; do
-                kill -0 "$LOADER" 2> /dev/null || { echo "the empty-hooks object did not load" >&2; exit 1; }
-                sleep 0.05
-            done
-            # The loader counts from SIGUSR1 and ends at SIGTERM only after it.
-            kill -USR1 "$LOADER"
-            until grep -q begun "$WORK/loader.out"; do sleep 0.01; done
+            start_http_loader "$WORK/loader" "$HOOKS_OBJECT" "$PORT" "$WORK/loader.out" "${PROGRAMS[@]}" || exit 1
             row hooks
-            kill -TERM "$LOADER"; wait "$LOADER" || true; LOADER=""
+            kill -TERM "$LOADER_PID"; wait "$LOADER_PID" || true; LOADER_PID=""
             row base
         fi
         "$BIN" run --config "$WORK/agent.yaml" > "$WORK/agent.log" 2>&1 &

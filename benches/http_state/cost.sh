@@ -126,16 +126,8 @@ for r in $(seq "$ROUNDS"); do
         mapfile -t order < <(printf '%s\n' "${order[@]}" | tac)
     fi
     for i in "${order[@]}"; do
-        # A fresh file each time: the old one's "ready" must not be read before the redirection.
-        rm -f "$WORK/loader.out"
-        "$WORK/loader" "${OBJS[$i]}" "$PORT" "${PROGRAMS[@]}" > "$WORK/loader.out" &
-        LOADER_PID=$!
-        until grep -q ready "$WORK/loader.out" 2>/dev/null; do
-            kill -0 "$LOADER_PID" 2>/dev/null || { echo "${REVS[$i]}: the object did not load" >&2; exit 1; }
-            sleep 0.05
-        done
-        kill -USR1 "$LOADER_PID"
-        until grep -q begun "$WORK/loader.out"; do sleep 0.01; done
+        start_http_loader "$WORK/loader" "${OBJS[$i]}" "$PORT" "$WORK/loader.out" "${PROGRAMS[@]}" ||
+            { echo "${REVS[$i]}: the object did not load" >&2; exit 1; }
         out=$(workload)
         read -r cpu _ <<< "$out"
         kill -TERM "$LOADER_PID"

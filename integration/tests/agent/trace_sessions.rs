@@ -146,6 +146,52 @@ struct ExportPorts {
     otlp_http: u16,
 }
 
+/// What the export tests share: a pod `team-a/POD` in a kubelet-style cgroup, the fake API
+/// server, an oteltest sink (a receiver this project did not write) and an agent exporting
+/// sessions to it. Fields drop in order: the pod's processes first, the temporary files last.
+struct ExportingAgent {
+    pod: PodCgroup,
+    agent: AgentProcess,
+    api: FakeApiServer,
+    sink: podscope_integration::oteltest::OteltestSink,
+    ports: ExportPorts,
+    _dir: tempfile::TempDir,
+}
+
+impl ExportingAgent {
+    async fn start(pod_name: &str, trace_sessions: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = ExportPorts {
+            sink_grpc: free_port(),
+            otlp_http: free_port(),
+        };
+        let sink = podscope_integration::oteltest::OteltestSink::start(ports.sink_grpc);
+        let (pod_cgroup, uid, container) = pod_cgroup();
+        let api = FakeApiServer::start().await;
+        api.apply_pod(pod("team-a", pod_name, &uid, &container));
+        let agent = start_agent_exporting(&api, dir.path(), trace_sessions, Some(&ports)).await;
+        ExportingAgent {
+            pod: pod_cgroup,
+            agent,
+            api,
+            sink,
+            ports,
+            _dir: dir,
+        }
+    }
+
+    /// Stops the agent (SIGTERM: it sends what it holds) and reads what the sink decodes until
+    /// it has been quiet for half a second. The API server stays, for the status.
+    async fn stop_and_read(self, decoded: &mut Decoded) -> FakeApiServer {
+        self.agent.sigterm();
+        assert!(self.agent.wait(Duration::from_secs(20)).await.success());
+        while let Ok(line) = self.sink.lines.recv_timeout(Duration::from_millis(500)) {
+            decoded.take(&line);
+        }
+        self.api
+    }
+}
+
 /// [`start_agent`], with `export`: a `trace_sessions` receiver in a logs and a metrics
 /// pipeline to an `otlp` exporter, and an `otlp` receiver in the logs pipeline.
 async fn start_agent_exporting(
@@ -954,17 +1000,8 @@ impl Decoded {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_record_per_event_and_its_counts(
 ) {
-    let dir = tempfile::tempdir().unwrap();
-    let sink_port = free_port();
-    let sink = podscope_integration::oteltest::OteltestSink::start(sink_port);
-    let (a1, a1_uid, a1_container) = pod_cgroup();
-    let api = FakeApiServer::start().await;
-    api.apply_pod(pod("team-a", "web-a1", &a1_uid, &a1_container));
-    let ports = ExportPorts {
-        sink_grpc: sink_port,
-        otlp_http: free_port(),
-    };
-    let agent = start_agent_exporting(&api, dir.path(), "", Some(&ports)).await;
+    let setup = ExportingAgent::start("web-a1", "").await;
+    let api = &setup.api;
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -975,14 +1012,14 @@ async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_reco
         "exported",
         json!({"targets": {"pods": ["web-a1"]}, "probes": ["exec"], "duration": "20s", "export": true}),
     ));
-    status_when(&api, "team-a", "exported", "Running here", |s| {
+    status_when(api, "team-a", "exported", "Running here", |s| {
         node_entry(s).is_some_and(|e| e["phase"] == "Running")
     })
     .await;
-    execs(&a1, 3);
+    execs(&setup.pod, 3);
     // A client's log record through the agent's OTLP/HTTP receiver, to the same sink.
     let response = reqwest::Client::new()
-        .post(format!("http://127.0.0.1:{}/v1/logs", ports.otlp_http))
+        .post(format!("http://127.0.0.1:{}/v1/logs", setup.ports.otlp_http))
         .header("content-type", "application/json")
         .body(r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":"1800000000000000000","body":{"stringValue":"hello from a client"}}]}]}]}"#)
         .send()
@@ -990,7 +1027,7 @@ async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_reco
         .expect("the OTLP receiver answers");
     assert_eq!(response.status(), 200);
 
-    let completed = status_when(&api, "team-a", "exported", "Completed", |s| {
+    let completed = status_when(api, "team-a", "exported", "Completed", |s| {
         s["phase"] == "Completed"
     })
     .await;
@@ -1005,9 +1042,7 @@ async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_reco
     until(
         "the sink decoded the session's records and final count",
         || {
-            while let Ok(line) = sink.lines.try_recv() {
-                decoded.take(&line);
-            }
+            decoded.read(&setup.sink);
             let counts = decoded.values("podscope.session.events", "exported", Some("exec"));
             let client = decoded
                 .records
@@ -1020,11 +1055,7 @@ async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_reco
         },
     )
     .await;
-    agent.sigterm();
-    assert!(agent.wait(Duration::from_secs(20)).await.success());
-    while let Ok(line) = sink.lines.recv_timeout(Duration::from_millis(500)) {
-        decoded.take(&line);
-    }
+    setup.stop_and_read(&mut decoded).await;
 
     let records = decoded.records_of("exported");
     assert_eq!(records.len(), 3, "one record per exec: {records:#?}");
@@ -1080,7 +1111,6 @@ async fn an_exported_session_reaches_a_third_party_otlp_receiver_as_one_log_reco
         attribute(attributes, "k8s.namespace.name").as_deref(),
         Some("team-a")
     );
-    drop(a1);
 }
 
 impl Decoded {
@@ -1127,17 +1157,8 @@ fn bpftrace_child_of(agent: i32) -> Option<i32> {
 /// 0) and the run's 3 lines, and nothing of the session after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summary_as_failed() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink_port = free_port();
-    let sink = podscope_integration::oteltest::OteltestSink::start(sink_port);
-    let (a, a_uid, a_container) = pod_cgroup();
-    let api = FakeApiServer::start().await;
-    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
-    let ports = ExportPorts {
-        sink_grpc: sink_port,
-        otlp_http: free_port(),
-    };
-    let agent = start_agent_exporting(&api, dir.path(), "allow_bpftrace: true", Some(&ports)).await;
+    let setup = ExportingAgent::start("web-a", "allow_bpftrace: true").await;
+    let api = &setup.api;
     let program = r#"BEGIN { printf("ready\n"); } tracepoint:sched:sched_process_exec /$session_cgroups/ { printf("%s\n", comm); }"#;
     api.apply_custom(session(
         "team-a",
@@ -1149,18 +1170,18 @@ async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summ
             node_entry(s).is_some_and(|e| e["phase"] == "Running" && e["events"]["bpftrace"] == n)
         }
     };
-    status_when(&api, "team-a", "failing", "bpftrace ready", lines(1)).await;
-    execs(&a, 2);
-    status_when(&api, "team-a", "failing", "2 exec lines", lines(3)).await;
+    status_when(api, "team-a", "failing", "bpftrace ready", lines(1)).await;
+    execs(&setup.pod, 2);
+    status_when(api, "team-a", "failing", "2 exec lines", lines(3)).await;
 
     let bpftrace = until("the agent's bpftrace process", || {
-        bpftrace_child_of(agent.pid())
+        bpftrace_child_of(setup.agent.pid())
     })
     .await;
     // SAFETY: kill sends a signal to the test's own agent's child.
     assert_eq!(unsafe { libc::kill(bpftrace, libc::SIGKILL) }, 0);
 
-    let failed = status_when(&api, "team-a", "failing", "Failed", |s| {
+    let failed = status_when(api, "team-a", "failing", "Failed", |s| {
         s["phase"] == "Failed"
     })
     .await;
@@ -1175,7 +1196,7 @@ async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summ
 
     let mut decoded = Decoded::default();
     until("the sink decoded the Failed summary", || {
-        decoded.read(&sink);
+        decoded.read(&setup.sink);
         decoded
             .phase_values("failing", "Failed")
             .contains(&"1".to_string())
@@ -1183,11 +1204,7 @@ async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summ
     })
     .await;
     // Later ticks would have come within a second: none may, the run is over.
-    agent.sigterm();
-    assert!(agent.wait(Duration::from_secs(20)).await.success());
-    while let Ok(line) = sink.lines.recv_timeout(Duration::from_millis(500)) {
-        decoded.take(&line);
-    }
+    setup.stop_and_read(&mut decoded).await;
     let failed_phase = decoded.phase_values("failing", "Failed");
     assert_eq!(
         failed_phase.iter().filter(|v| *v == "1").count(),
@@ -1202,7 +1219,6 @@ async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summ
     }
     let counts = decoded.values("podscope.session.events", "failing", Some("bpftrace"));
     assert_eq!(counts.last().map(String::as_str), Some("3"), "{counts:?}");
-    drop(a);
 }
 
 /// The agent's stop exports a run's end: SIGTERM to an agent running an exported
@@ -1211,43 +1227,30 @@ async fn an_exported_session_whose_bpftrace_program_fails_exports_its_final_summ
 /// status keeps the last tick's entry (the session runs again when an agent is back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_stopping_exports_its_running_sessions_final_counts_as_agent_stopped() {
-    let dir = tempfile::tempdir().unwrap();
-    let sink_port = free_port();
-    let sink = podscope_integration::oteltest::OteltestSink::start(sink_port);
-    let (a, a_uid, a_container) = pod_cgroup();
-    let api = FakeApiServer::start().await;
-    api.apply_pod(pod("team-a", "web-a", &a_uid, &a_container));
-    let ports = ExportPorts {
-        sink_grpc: sink_port,
-        otlp_http: free_port(),
-    };
-    let agent = start_agent_exporting(&api, dir.path(), "", Some(&ports)).await;
+    let setup = ExportingAgent::start("web-a", "").await;
+    let api = &setup.api;
     api.apply_custom(session(
         "team-a",
         "stopped",
         json!({"targets": {"pods": ["web-a"]}, "probes": ["exec"], "duration": "300s", "export": true}),
     ));
-    status_when(&api, "team-a", "stopped", "Running here", |s| {
+    status_when(api, "team-a", "stopped", "Running here", |s| {
         node_entry(s).is_some_and(|e| e["phase"] == "Running")
     })
     .await;
-    execs(&a, 3);
-    status_when(&api, "team-a", "stopped", "3 execs", |s| {
+    execs(&setup.pod, 3);
+    status_when(api, "team-a", "stopped", "3 execs", |s| {
         node_entry(s).is_some_and(|e| e["events"]["exec"] == 3)
     })
     .await;
 
     let mut decoded = Decoded::default();
     until("a tick's summary at the sink", || {
-        decoded.read(&sink);
+        decoded.read(&setup.sink);
         (!decoded.phase_values("stopped", "Running").is_empty()).then_some(())
     })
     .await;
-    agent.sigterm();
-    assert!(agent.wait(Duration::from_secs(20)).await.success());
-    while let Ok(line) = sink.lines.recv_timeout(Duration::from_millis(500)) {
-        decoded.take(&line);
-    }
+    let api = setup.stop_and_read(&mut decoded).await;
 
     let stopped = decoded.phase_values("stopped", "AgentStopped");
     assert_eq!(
@@ -1268,5 +1271,4 @@ async fn an_agent_stopping_exports_its_running_sessions_final_counts_as_agent_st
     let entry = node_entry(&status).unwrap();
     assert_eq!(entry["phase"], "Running", "{status}");
     assert_eq!(entry["events"], json!({"exec": 3}), "{status}");
-    drop(a);
 }
